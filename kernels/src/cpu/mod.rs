@@ -1,0 +1,16 @@
+//! CPU implementations of every kernel, in f32. These are the reference the CUDA kernels are
+//! tested against, and what tests, CI and the embedded mode run on.
+
+pub mod activation;
+pub mod attention;
+pub mod embedding;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+pub use activation::{apply_activation, Activation};
+pub use attention::{attention, merge_partials, AttentionShape};
+pub use embedding::timestep_embedding;
+pub use matmul::{gemm_into, linear, MatRef, Threads};
+pub use norm::{layer_norm, rms_norm, LayerNormParams};
+pub use rope::{Rope3d, RopeTable};

@@ -1,0 +1,15 @@
+//! Tessera's compute layer: a small tensor type and the operations the Wan models need
+//! (matrix products, tiled attention with log-sum-exp, norms, 3-D RoPE, activations),
+//! implemented on the CPU in f32. Every later device kernel is tested against these.
+
+pub mod cpu;
+mod error;
+pub mod simd;
+mod tensor;
+pub mod threads;
+
+pub use error::KernelError;
+pub use tensor::{Device, Tensor};
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, KernelError>;

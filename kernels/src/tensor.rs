@@ -1,0 +1,134 @@
+//! The tensor type: a row-major f32 array with a shape, on a device.
+
+use crate::{KernelError, Result};
+
+/// Where a tensor's data lives and where the operations on it run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// Host memory, computed by the kernels in [`crate::cpu`].
+    #[default]
+    Cpu,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+        }
+    }
+}
+
+/// A dense, contiguous, row-major f32 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Tensor {
+    /// Wraps `data` with `shape`; the element count must match.
+    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self> {
+        let shape = shape.into();
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds {n} elements, data has {}", data.len())));
+        }
+        Ok(Self { shape, data })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: impl Into<Vec<usize>>) -> Self {
+        let shape = shape.into();
+        let n = shape.iter().product();
+        Self { shape, data: vec![0.0; n] }
+    }
+
+    /// The shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Size of dimension `i` (negative counts from the end, as in PyTorch).
+    pub fn dim(&self, i: isize) -> usize {
+        let r = self.shape.len() as isize;
+        self.shape[if i < 0 { (r + i) as usize } else { i as usize }]
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True when the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The device holding the data.
+    pub fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The elements, row-major, mutable.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// Takes the elements out.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// Same data, another shape with the same element count.
+    pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Self> {
+        let shape = shape.into();
+        let n: usize = shape.iter().product();
+        if n != self.data.len() {
+            return Err(KernelError::shape("Tensor::reshape", format!("{:?} -> {shape:?}", self.shape)));
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    /// Checks that the shape is exactly `want`, naming `what` in the error.
+    pub fn expect_shape(&self, what: &str, want: &[usize]) -> Result<()> {
+        if self.shape != want {
+            return Err(KernelError::shape("expect_shape", format!("{what}: expected {want:?}, got {:?}", self.shape)));
+        }
+        Ok(())
+    }
+
+    /// Rows `[start, end)` along the first dimension, copied.
+    pub fn rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        let n0 = *self.shape.first().unwrap_or(&0);
+        if start > end || end > n0 {
+            return Err(KernelError::shape("Tensor::rows", format!("rows {start}..{end} of {:?}", self.shape)));
+        }
+        let inner: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = end - start;
+        Ok(Tensor { shape, data: self.data[start * inner..end * inner].to_vec() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_checks() {
+        assert!(Tensor::new([2, 3], vec![0.0; 5]).is_err());
+        let t = Tensor::new([2, 3], (0..6).map(|x| x as f32).collect()).unwrap();
+        assert_eq!(t.dim(-1), 3);
+        assert_eq!(t.rows(1, 2).unwrap().data(), &[3.0, 4.0, 5.0]);
+        assert!(t.rows(1, 3).is_err());
+        let r = t.reshape([3, 2]).unwrap();
+        assert_eq!(r.shape(), &[3, 2]);
+        assert!(r.expect_shape("x", &[2, 3]).is_err());
+    }
+}
