@@ -4,6 +4,7 @@
 
 pub mod cpu;
 mod error;
+pub mod random;
 pub mod simd;
 mod tensor;
 pub mod threads;

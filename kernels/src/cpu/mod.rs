@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
 pub mod norm;
@@ -10,6 +11,7 @@ pub mod rope;
 
 pub use activation::{apply_activation, Activation};
 pub use attention::{attention, merge_partials, AttentionShape};
+pub use elementwise::{gated_residual_add, residual_add};
 pub use embedding::timestep_embedding;
 pub use matmul::{gemm_into, linear, MatRef, Threads};
 pub use norm::{layer_norm, rms_norm, LayerNormParams};

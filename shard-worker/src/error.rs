@@ -1,0 +1,73 @@
+//! The error type of the worker library.
+
+use std::path::PathBuf;
+
+/// Everything the worker library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A configuration file is malformed or describes an unsupported model.
+    #[error("config {path}: {detail}")]
+    Config {
+        /// The file (or preset name).
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A safetensors file is malformed.
+    #[error("safetensors {path}: {detail}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tensor the model needs is absent from the weights.
+    #[error("missing tensor `{name}` in {source_desc}")]
+    MissingTensor {
+        /// The tensor name.
+        name: String,
+        /// Where it was looked for.
+        source_desc: String,
+    },
+    /// The weights hold tensors the model does not use.
+    #[error("unexpected tensors in {source_desc}: {names:?}")]
+    UnexpectedTensors {
+        /// Their names (first few).
+        names: Vec<String>,
+        /// Where they were found.
+        source_desc: String,
+    },
+    /// A tensor has the wrong shape or an unsupported dtype.
+    #[error("tensor `{name}`: {detail}")]
+    BadTensor {
+        /// The tensor name.
+        name: String,
+        /// Expected versus found.
+        detail: String,
+    },
+    /// Inputs of a forward pass do not fit the model.
+    #[error("invalid input `{field}`: {detail}")]
+    InvalidInput {
+        /// The input that is wrong.
+        field: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// A compute kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] tessera_kernels::KernelError),
+}
+
+impl WorkerError {
+    pub(crate) fn input(field: &'static str, detail: impl Into<String>) -> Self {
+        Self::InvalidInput { field, detail: detail.into() }
+    }
+}

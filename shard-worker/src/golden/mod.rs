@@ -1,0 +1,205 @@
+//! Golden reference cases: folders laid out like `shared/golden` (`<kind>/<case>/` with
+//! `case.json`, `io.safetensors` and the component's own files), computed by the upstream Python
+//! implementations. This module finds the cases under any number of roots, runs each through the
+//! same code users run, and compares with the stated tolerance.
+
+mod compare;
+mod dit;
+
+pub use compare::{Comparison, Tolerance};
+
+use crate::weights::SafetensorsFile;
+use crate::{Result, WorkerError};
+use std::path::{Path, PathBuf};
+use tessera_kernels::Tensor;
+
+/// The component a case exercises (its top-level folder).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CaseKind {
+    /// `WanTransformer3DModel`.
+    Dit,
+    /// `AutoencoderKLWan`.
+    Vae,
+    /// `UMT5EncoderModel`.
+    Umt5,
+    /// Flow-matching samplers.
+    Scheduler,
+    /// The whole text-to-video pipeline.
+    Pipeline,
+}
+
+impl CaseKind {
+    /// All kinds, in run order.
+    pub const ALL: [CaseKind; 5] = [Self::Dit, Self::Vae, Self::Umt5, Self::Scheduler, Self::Pipeline];
+
+    /// The folder name (and command-line name) of the kind.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dit => "dit",
+            Self::Vae => "vae",
+            Self::Umt5 => "umt5",
+            Self::Scheduler => "scheduler",
+            Self::Pipeline => "pipeline",
+        }
+    }
+
+    /// Parses a kind name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// One case folder.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Its component.
+    pub kind: CaseKind,
+    /// `<kind>/<folder>`, for reports.
+    pub name: String,
+    /// The folder.
+    pub dir: PathBuf,
+}
+
+/// Finds the cases of `kinds` under `root`, which is laid out like `shared/golden`
+/// (or is itself one `<kind>` folder of such a layout). Sorted by kind, then name.
+pub fn discover(root: &Path, kinds: &[CaseKind]) -> Result<Vec<Case>> {
+    let io = |source| WorkerError::Io { path: root.into(), source };
+    if !root.is_dir() {
+        return Err(io(std::io::Error::new(std::io::ErrorKind::NotFound, "golden root is not a folder")));
+    }
+    let own_kind = root.file_name().and_then(|n| n.to_str()).and_then(CaseKind::from_name);
+    let mut cases = Vec::new();
+    for &kind in kinds {
+        let kind_dir = match own_kind {
+            Some(k) if k == kind => root.to_path_buf(),
+            Some(_) => continue,
+            None => root.join(kind.name()),
+        };
+        if !kind_dir.is_dir() {
+            continue;
+        }
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&kind_dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("case.json").is_file())
+            .collect();
+        dirs.sort();
+        for dir in dirs {
+            let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            cases.push(Case { kind, name: format!("{}/{folder}", kind.name()), dir });
+        }
+    }
+    Ok(cases)
+}
+
+/// How to run cases (sharding options join here).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {}
+
+/// What running a case gave.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Every compared output is within tolerance.
+    Pass(Vec<(String, Comparison)>),
+    /// Some output is outside tolerance.
+    Fail(Vec<(String, Comparison)>),
+    /// The project cannot run this kind of case yet.
+    Unsupported(String),
+    /// The case could not be run (bad files, load failure): counts as a failure.
+    Error(String),
+}
+
+impl Outcome {
+    /// PASS, FAIL, UNSUPPORTED or ERROR.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Pass(_) => "PASS",
+            Outcome::Fail(_) => "FAIL",
+            Outcome::Unsupported(_) => "UNSUPPORTED",
+            Outcome::Error(_) => "ERROR",
+        }
+    }
+
+    /// True only for a pass.
+    pub fn passed(&self) -> bool {
+        matches!(self, Outcome::Pass(_))
+    }
+
+    /// The comparison with the largest relative error, if any.
+    pub fn worst(&self) -> Option<&(String, Comparison)> {
+        match self {
+            Outcome::Pass(c) | Outcome::Fail(c) => c.iter().max_by(|a, b| a.1.rel_l2.total_cmp(&b.1.rel_l2)),
+            _ => None,
+        }
+    }
+}
+
+/// Runs one case.
+pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
+    let result = match case.kind {
+        CaseKind::Dit => dit::run(case, opts),
+        other => return Outcome::Unsupported(format!("{} cases are not implemented yet", other.name())),
+    };
+    match result {
+        Ok(outcome) => outcome,
+        Err(e) => Outcome::Error(e.to_string()),
+    }
+}
+
+/// `case.json`: what a case checks and its tolerance.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct CaseMeta {
+    /// A sentence saying what the case is.
+    #[serde(default)]
+    pub what: String,
+    /// The tolerance outputs are held to.
+    pub tolerance: Tolerance,
+}
+
+impl CaseMeta {
+    /// Reads `case.json` from a case folder.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("case.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| WorkerError::Config { path: path.display().to_string(), detail: e.to_string() })
+    }
+}
+
+/// Reads a tensor of `io.safetensors` as an f32 [`Tensor`].
+pub(crate) fn read_tensor(io: &SafetensorsFile, name: &str) -> Result<Tensor> {
+    let (shape, data) = io.read_f32(name)?;
+    Ok(Tensor::new(shape, data)?)
+}
+
+/// Compares `got` with the reference `name` of `io` under `tol`.
+pub(crate) fn compare(io: &SafetensorsFile, name: &str, got: &Tensor, tol: &Tolerance) -> Result<(String, Comparison)> {
+    let want = read_tensor(io, name)?;
+    if want.shape() != got.shape() {
+        return Err(WorkerError::BadTensor { name: name.into(), detail: format!("reference shape {:?}, computed {:?}", want.shape(), got.shape()) });
+    }
+    Ok((name.to_string(), Comparison::new(got.data(), want.data(), tol)))
+}
+
+/// Collects comparisons into an outcome.
+pub(crate) fn outcome(comparisons: Vec<(String, Comparison)>) -> Outcome {
+    if comparisons.iter().all(|(_, c)| c.passed) {
+        Outcome::Pass(comparisons)
+    } else {
+        Outcome::Fail(comparisons)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_dit_cases_pass() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden");
+        let cases = discover(&root, &[CaseKind::Dit]).unwrap();
+        for c in &cases {
+            let o = run_case(c, &RunOptions::default());
+            eprintln!("{} {} {:?}", c.name, o.label(), o.worst());
+        }
+    }
+}

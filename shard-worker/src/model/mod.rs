@@ -1,0 +1,14 @@
+//! The Wan 2.1 diffusion transformer (diffusers `WanTransformer3DModel`), text- and image-to-video.
+
+mod attention;
+mod block;
+mod embedding;
+mod layers;
+mod patch;
+mod transformer;
+
+pub use attention::{LocalAttention, SelfAttention};
+pub use embedding::Conditions;
+pub use layers::Linear;
+pub use patch::{patchify, unpatchify, PatchGrid};
+pub use transformer::{DitInputs, WanTransformer};
