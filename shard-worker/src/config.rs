@@ -135,6 +135,23 @@ impl TransformerConfig {
         self.image_dim.is_some()
     }
 
+    /// Floating-point operations (multiply and add counted separately) of one forward pass of
+    /// one sample with `tokens` video tokens, `text_len` text rows and `image_len` image tokens.
+    pub fn forward_flops(&self, tokens: usize, text_len: usize, image_len: usize) -> f64 {
+        let (s, l, li, d, f) = (tokens as f64, text_len as f64, image_len as f64, self.inner_dim() as f64, self.ffn_dim as f64);
+        let lin = |rows: f64, i: f64, o: f64| 2.0 * rows * i * o;
+        let mut block = 4.0 * lin(s, d, d) // self-attention q, k, v, out
+            + 4.0 * s * s * d // q·kᵀ and p·v
+            + 2.0 * lin(s, d, d) + 2.0 * lin(l, d, d) // cross-attention q, out; k, v of the text
+            + 4.0 * s * l * d
+            + lin(s, d, f) + lin(s, f, d); // feed-forward
+        if self.is_i2v() {
+            block += 2.0 * lin(li, d, d) + 4.0 * s * li * d;
+        }
+        let embed = lin(s, self.patch_in() as f64, d) + lin(l, self.text_dim as f64, d) + lin(l, d, d) + lin(s, d, self.patch_out() as f64);
+        embed + self.num_layers as f64 * block
+    }
+
     /// Number of parameters the weights hold.
     pub fn parameter_count(&self) -> usize {
         let (d, f) = (self.inner_dim(), self.ffn_dim);

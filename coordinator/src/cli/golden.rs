@@ -1,0 +1,62 @@
+//! `tessera golden`: runs every golden case under the given roots and prints one line per case.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions};
+
+/// Arguments of `tessera golden`.
+#[derive(Args)]
+pub struct GoldenArgs {
+    /// Kinds of case to run (dit, vae, umt5, scheduler, pipeline); all when not given.
+    #[arg(long = "kind", env = "TESSERA_GOLDEN_KIND", value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Folders laid out like `shared/golden` (`<kind>/<case>/case.json`), or one `<kind>` folder.
+    #[arg(required = true, env = "TESSERA_GOLDEN_ROOTS", value_delimiter = ',')]
+    roots: Vec<PathBuf>,
+}
+
+/// Runs the cases; exit status 1 if any selected case fails, errors or is unsupported.
+pub fn run(args: GoldenArgs) -> Result<ExitCode> {
+    let kinds = if args.kinds.is_empty() {
+        CaseKind::ALL.to_vec()
+    } else {
+        args.kinds
+            .iter()
+            .map(|k| CaseKind::from_name(k).ok_or_else(|| anyhow::anyhow!("--kind {k}: unknown kind (dit, vae, umt5, scheduler, pipeline)")))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut cases = Vec::new();
+    for root in &args.roots {
+        let found = discover(root, &kinds).map_err(|e| anyhow::anyhow!("golden root {}: {e}", root.display()))?;
+        if found.is_empty() {
+            bail!("golden root {}: no cases of kind {:?} found", root.display(), kinds.iter().map(|k| k.name()).collect::<Vec<_>>());
+        }
+        cases.extend(found.into_iter().map(|c| (root.clone(), c)));
+    }
+    let opts = RunOptions::default();
+    let (mut passed, mut failed) = (0usize, 0usize);
+    println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
+    for (root, case) in &cases {
+        let outcome = run_case(case, &opts);
+        let (rel, abs) = outcome.worst().map(|(_, c)| (format!("{:.3e}", c.rel_l2), format!("{:.3e}", c.max_abs))).unwrap_or(("-".into(), "-".into()));
+        let name = if args.roots.len() > 1 { format!("{}:{}", root.display(), case.name) } else { case.name.clone() };
+        let detail = match &outcome {
+            tessera_worker::golden::Outcome::Unsupported(why) | tessera_worker::golden::Outcome::Error(why) => format!(" ({why})"),
+            tessera_worker::golden::Outcome::Fail(cs) => {
+                let bad: Vec<String> = cs.iter().filter(|(_, c)| !c.passed).map(|(n, c)| format!("{n}: rel_l2 {:.3e}, max_abs {:.3e}", c.rel_l2, c.max_abs)).collect();
+                format!(" ({})", bad.join("; "))
+            }
+            _ => String::new(),
+        };
+        println!("{:<10} {:<40} {:>10} {:>10}  {}{}", case.kind.name(), name, rel, abs, outcome.label(), detail);
+        if outcome.passed() {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,4 @@
+//! The subcommands of `tessera`.
+
+pub mod bench;
+pub mod golden;
