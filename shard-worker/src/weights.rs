@@ -274,3 +274,100 @@ impl WeightSource for RandomWeights {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WanTransformer;
+    use safetensors::tensor::TensorView;
+
+    fn golden_case(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/dit").join(name)
+    }
+
+    /// All tensors of a file as (name, dtype, shape, bytes).
+    fn read_all(path: &Path) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn write(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView<'_>)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    /// The model in `dir` on the inputs of golden case t2v-a.
+    fn forward_of(dir: &Path) -> Vec<f32> {
+        let model = WanTransformer::load(dir).unwrap();
+        let io = SafetensorsFile::open(&golden_case("t2v-a").join("io.safetensors")).unwrap();
+        let t = |n: &str| {
+            let (s, d) = io.read_f32(n).unwrap();
+            tessera_kernels::Tensor::new(s, d).unwrap()
+        };
+        let (x, ctx) = (t("hidden_states"), t("encoder_hidden_states"));
+        let (_, ts) = io.read_f32("timestep").unwrap();
+        let inputs = crate::DitInputs { hidden_states: &x, timesteps: &ts, encoder_hidden_states: &ctx, encoder_hidden_states_image: None };
+        model.forward(&inputs).unwrap().into_data()
+    }
+
+    #[test]
+    fn sharded_folder_loads_the_same_model() {
+        let src = golden_case("t2v-a");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let all = read_all(&src.join("diffusion_pytorch_model.safetensors"));
+        let (a, b) = all.split_at(all.len() / 2);
+        write(&tmp.path().join("diffusion_pytorch_model-00001-of-00002.safetensors"), a);
+        write(&tmp.path().join("diffusion_pytorch_model-00002-of-00002.safetensors"), b);
+        let mut map = serde_json::Map::new();
+        for (part, file) in [(a, "diffusion_pytorch_model-00001-of-00002.safetensors"), (b, "diffusion_pytorch_model-00002-of-00002.safetensors")] {
+            for t in part {
+                map.insert(t.0.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(tmp.path().join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+        assert_eq!(forward_of(tmp.path()), forward_of(&src));
+
+        // an index naming a tensor that its shard does not hold is an error naming the tensor
+        map.insert("blocks.9.attn1.to_q.weight".into(), "diffusion_pytorch_model-00001-of-00002.safetensors".into());
+        let index = serde_json::json!({"weight_map": map});
+        std::fs::write(tmp.path().join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+        let err = WeightStore::open_dir(tmp.path()).err().expect("must fail").to_string();
+        assert!(err.contains("blocks.9.attn1.to_q.weight"), "{err}");
+    }
+
+    #[test]
+    fn f16_weights_are_widened() {
+        let src = golden_case("t2v-a");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let all: Vec<_> = read_all(&src.join("diffusion_pytorch_model.safetensors"))
+            .into_iter()
+            .map(|(n, _, s, b)| {
+                let h: Vec<u8> = b.chunks_exact(4).flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()).collect();
+                (n, Dtype::F16, s, h)
+            })
+            .collect();
+        write(&tmp.path().join("diffusion_pytorch_model.safetensors"), &all);
+        let store = WeightStore::open_dir(tmp.path()).unwrap();
+        let w = store.tensor("proj_out.bias", &[16]).unwrap();
+        let (_, exact) = SafetensorsFile::open(&src.join("diffusion_pytorch_model.safetensors")).unwrap().read_f32("proj_out.bias").unwrap();
+        for (a, b) in w.iter().zip(&exact) {
+            assert_eq!(*a, half::f16::from_f32(*b).to_f32());
+        }
+        let (f16_out, f32_out) = (forward_of(tmp.path()), forward_of(&src));
+        let err = f16_out.iter().zip(&f32_out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err > 0.0 && err < 0.05, "f16 rounding should change the output a little: {err}");
+    }
+
+    #[test]
+    fn empty_folder_says_what_it_looked_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = WeightStore::open_dir(tmp.path()).err().expect("must fail").to_string();
+        assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    }
+}

@@ -194,12 +194,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shared_dit_cases_pass() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden");
-        let cases = discover(&root, &[CaseKind::Dit]).unwrap();
-        for c in &cases {
-            let o = run_case(c, &RunOptions::default());
-            eprintln!("{} {} {:?}", c.name, o.label(), o.worst());
-        }
+    fn discovers_cases_by_kind_from_a_root_or_a_kind_folder() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+        let dit = discover(&root, &[CaseKind::Dit]).unwrap();
+        assert!(dit.iter().any(|c| c.name == "dit/t2v-a"));
+        assert!(dit.iter().all(|c| c.kind == CaseKind::Dit));
+        let from_kind_dir = discover(&root.join("dit"), &[CaseKind::Dit, CaseKind::Vae]).unwrap();
+        assert_eq!(from_kind_dir.len(), dit.len());
+        assert!(discover(&root.join("nope"), &[CaseKind::Dit]).is_err());
     }
 }
