@@ -36,6 +36,25 @@ pub fn fill_normal(seed: u64, stream: u64, index: u64, out: &mut [f32]) {
     }
 }
 
+/// Uniform samples in [−1, 1) at `index .. index + out.len()` of the stream `(seed, stream)`;
+/// four samples per Philox block (cheaper than [`fill_normal`], for bulk random weights).
+pub fn fill_uniform(seed: u64, stream: u64, index: u64, out: &mut [f32]) {
+    let key = [seed as u32, (seed >> 32) as u32];
+    let mut i = 0;
+    while i < out.len() {
+        let idx = index + i as u64;
+        let block = idx / 4;
+        let r = philox4x32([block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32], key);
+        for lane in (idx % 4) as usize..4 {
+            if i == out.len() {
+                break;
+            }
+            out[i] = ((r[lane] >> 8) as f32) * (2.0 / (1u32 << 24) as f32) - 1.0;
+            i += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +72,18 @@ mod tests {
         let mut other = vec![0.0; 10];
         fill_normal(43, 3, 0, &mut other);
         assert_ne!(&all[..10], &other[..]);
+    }
+
+    #[test]
+    fn uniform_slices_agree_and_cover_the_range() {
+        let mut all = vec![0.0; 4099];
+        fill_uniform(5, 1, 0, &mut all);
+        let mut part = vec![0.0; 1001];
+        fill_uniform(5, 1, 1233, &mut part);
+        assert_eq!(&all[1233..2234], &part[..]);
+        assert!(all.iter().all(|&x| (-1.0..1.0).contains(&x)));
+        let mean = all.iter().map(|&x| x as f64).sum::<f64>() / all.len() as f64;
+        let var = all.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / all.len() as f64;
+        assert!(mean.abs() < 0.05 && (var - 1.0 / 3.0).abs() < 0.03, "mean {mean} var {var}");
     }
 }

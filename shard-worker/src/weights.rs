@@ -251,10 +251,11 @@ impl WeightSource for RandomWeights {
         let n: usize = shape.iter().product();
         let mut v = vec![0.0f32; n];
         v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
-            tessera_kernels::random::fill_normal(self.seed, fnv1a(name), (i << 16) as u64, c);
+            tessera_kernels::random::fill_uniform(self.seed, fnv1a(name), (i << 16) as u64, c);
         });
-        // Scales that keep activations O(1) through many layers: 1/sqrt(fan_in) for matrices,
-        // 1 ± small for norm weights, small for biases and modulation tables.
+        // Uniform on [-1, 1) has standard deviation 1/sqrt(3); the scales below are standard
+        // deviations that keep activations O(1) through many layers: 1/sqrt(fan_in) for
+        // matrices, 1 ± small for norm weights, small for biases and modulation tables.
         let (scale, offset) = if name.contains("norm") && name.ends_with(".weight") {
             (0.05, 1.0)
         } else if shape.len() >= 2 && !name.contains("scale_shift_table") && !name.contains("pos_embed") {
@@ -262,6 +263,7 @@ impl WeightSource for RandomWeights {
         } else {
             (0.05, 0.0)
         };
+        let scale = scale * 3f32.sqrt();
         v.par_iter_mut().for_each(|x| *x = *x * scale + offset);
         Ok(v)
     }

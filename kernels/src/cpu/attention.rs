@@ -9,9 +9,9 @@ use crate::{KernelError, Result};
 use rayon::prelude::*;
 
 /// Query rows per tile.
-const BLOCK_Q: usize = 64;
+const BLOCK_Q: usize = 256;
 /// Key rows per tile.
-const BLOCK_K: usize = 256;
+const BLOCK_K: usize = 512;
 
 /// Geometry of one attention call. Queries, keys and values are token-major: row `i` of `q`
 /// starts at `i·q_stride`, and head `h` occupies the `head_dim` elements from `h·head_dim`.
@@ -141,18 +141,12 @@ multiversion! {
     fn online_softmax_block(scores: &mut [f32], ld: usize, rows: usize, nk: usize, row_max: &mut [f32], row_sum: &mut [f32], acc: &mut [f32], d: usize) {
         for r in 0..rows {
             let row = &mut scores[r * ld..r * ld + nk];
-            let block_max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let new_max = row_max[r].max(block_max);
+            let new_max = row_max[r].max(lanes_max(row));
             if new_max == f32::NEG_INFINITY {
                 row.iter_mut().for_each(|x| *x = 0.0);
                 continue;
             }
-            let mut sum = 0.0f32;
-            for x in row.iter_mut() {
-                let p = exp(*x - new_max);
-                *x = p;
-                sum += p;
-            }
+            let sum = exp_sub_in_place(row, new_max);
             let corr = exp(row_max[r] - new_max);
             if corr != 1.0 {
                 acc[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
@@ -161,6 +155,43 @@ multiversion! {
             row_max[r] = new_max;
         }
     }
+}
+
+/// Lanes for reductions: independent accumulators let the compiler keep them in one vector
+/// register (a single running f32 sum or max cannot be reordered, so it would stay scalar).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes_max(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    m.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// `x ← exp(x − m)` for the whole row; returns the sum of the new values.
+#[inline(always)]
+fn exp_sub_in_place(row: &mut [f32], m: f32) -> f32 {
+    let mut s = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let p = exp(c[i] - m);
+            c[i] = p;
+            s[i] += p;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - m);
+        tail += *x;
+    }
+    s.iter().sum::<f32>() + tail
 }
 
 /// Merges the partial result `(out_b, lse_b)` of attention over one key set into `(out_a, lse_a)`
