@@ -44,7 +44,7 @@ pub struct DitArgs {
     #[arg(long, env = "TESSERA_BENCH_MODEL", conflicts_with = "preset")]
     model: Option<std::path::PathBuf>,
     /// Latent shape C,F,H,W (C must equal the model's in_channels).
-    #[arg(long, env = "TESSERA_BENCH_LATENT", value_delimiter = ',', num_args = 4, default_value = "16,5,30,52")]
+    #[arg(long, env = "TESSERA_BENCH_LATENT", value_delimiter = ',', default_value = "16,5,30,52")]
     latent: Vec<usize>,
     /// Text rows of the context.
     #[arg(long, env = "TESSERA_BENCH_TEXT_LEN", default_value_t = 512)]
@@ -115,7 +115,9 @@ fn bench_dit(a: DitArgs) -> Result<()> {
         }
     };
     let cfg = model.config().clone();
-    let [c, f, h, w] = [a.latent[0], a.latent[1], a.latent[2], a.latent[3]];
+    let &[c, f, h, w] = a.latent.as_slice() else {
+        bail!("--latent takes four sizes C,F,H,W, got {:?}", a.latent);
+    };
     if c != cfg.in_channels {
         bail!("--latent: {c} channels, the model takes {}", cfg.in_channels);
     }
