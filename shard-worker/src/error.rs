@@ -61,6 +61,9 @@ pub enum WorkerError {
         /// Why.
         detail: String,
     },
+    /// A collective operation failed: a peer vanished, sent garbage, or never answered.
+    #[error("collective: {0}")]
+    Collective(String),
     /// A compute kernel failed.
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),

@@ -5,6 +5,7 @@ pub mod config;
 mod error;
 pub mod golden;
 pub mod model;
+pub mod parallel;
 pub mod weights;
 
 pub use config::{TransformerConfig, TransformerPreset};

@@ -12,6 +12,12 @@ pub struct GoldenArgs {
     /// Kinds of case to run (dit, vae, umt5, scheduler, pipeline); all when not given.
     #[arg(long = "kind", env = "TESSERA_GOLDEN_KIND", value_delimiter = ',')]
     kinds: Vec<String>,
+    /// Run transformer cases sharded over this many in-process ranks (sequence parallelism).
+    #[arg(long, env = "TESSERA_GOLDEN_RANKS", default_value_t = 1)]
+    ranks: usize,
+    /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
+    #[arg(long, env = "TESSERA_GOLDEN_ULYSSES", default_value_t = 1)]
+    ulysses: usize,
     /// Folders laid out like `shared/golden` (`<kind>/<case>/case.json`), or one `<kind>` folder.
     #[arg(required = true, env = "TESSERA_GOLDEN_ROOTS", value_delimiter = ',')]
     roots: Vec<PathBuf>,
@@ -35,7 +41,10 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
         }
         cases.extend(found.into_iter().map(|c| (root.clone(), c)));
     }
-    let opts = RunOptions::default();
+    if args.ranks == 0 || args.ulysses == 0 || args.ranks % args.ulysses != 0 {
+        bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
+    }
+    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses };
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {

@@ -3,11 +3,13 @@
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, RunOptions};
 use crate::model::WanTransformer;
+use crate::parallel::{run_in_process, ParallelPlan};
 use crate::weights::SafetensorsFile;
 use crate::{DitInputs, Result};
 
-/// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) and runs it.
-pub(super) fn run(case: &Case, _opts: &RunOptions) -> Result<Outcome> {
+/// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) and runs it,
+/// on one device or sharded over `opts.ranks` in-process ranks (every rank's output is compared).
+pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let model = WanTransformer::load(&case.dir)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
@@ -17,6 +19,19 @@ pub(super) fn run(case: &Case, _opts: &RunOptions) -> Result<Outcome> {
     let text = read_tensor(&io, "encoder_hidden_states")?;
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
     let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
-    let out = model.forward(&inputs)?;
-    Ok(outcome(vec![compare(&io, "output", &out, &meta.tolerance)?]))
+    if opts.ranks <= 1 && opts.ulysses <= 1 {
+        let out = model.forward(&inputs)?;
+        return Ok(outcome(vec![compare(&io, "output", &out, &meta.tolerance)?]));
+    }
+    let plan = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
+        Ok(p) => p,
+        Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
+    };
+    let outs = run_in_process(plan, |ctx| ctx.forward(&model, &inputs))?;
+    let comparisons = outs
+        .iter()
+        .enumerate()
+        .map(|(rank, out)| compare(&io, "output", out, &meta.tolerance).map(|(n, c)| (format!("{n}@rank{rank}"), c)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(outcome(comparisons))
 }

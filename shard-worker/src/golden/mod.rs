@@ -92,9 +92,20 @@ pub fn discover(root: &Path, kinds: &[CaseKind]) -> Result<Vec<Case>> {
     Ok(cases)
 }
 
-/// How to run cases (sharding options join here).
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {}
+/// How to run cases.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Sequence-parallel ranks for transformer cases (in-process threads); 1 = one device.
+    pub ranks: usize,
+    /// Ulysses degree among those ranks (the rest is ring): must divide the ranks and the heads.
+    pub ulysses: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { ranks: 1, ulysses: 1 }
+    }
+}
 
 /// What running a case gave.
 #[derive(Clone, Debug)]

@@ -1,0 +1,15 @@
+//! Sequence parallelism: the token sequence of a job is split into contiguous ranges over ranks,
+//! and self-attention joins the shards by ring, Ulysses or both (USP). Collectives run over a
+//! transport: in-process threads (tests) or TCP between worker processes.
+
+mod attention;
+mod comm;
+mod forward;
+mod plan;
+mod transport;
+
+pub use attention::{AttentionTimings, ShardedAttention};
+pub use comm::{bytes_to_f32, f32_to_bytes, CommCounts, Communicator, PendingRecv};
+pub use forward::{run_in_process, ShardContext};
+pub use plan::{shard_ranges, ParallelPlan};
+pub use transport::{InProcessTransport, Transport};
