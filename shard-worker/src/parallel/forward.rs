@@ -91,3 +91,44 @@ pub fn run_in_process<T: Send>(plan: ParallelPlan, job: impl Fn(&ShardContext) -
         handles.into_iter().map(|h| h.join().map_err(|_| WorkerError::Collective("a rank thread panicked".into()))?).collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TransformerPreset;
+    use tessera_kernels::random::fill_normal;
+
+    fn random(shape: &[usize], stream: u64) -> Tensor {
+        let mut d = vec![0.0; shape.iter().product()];
+        fill_normal(3, stream, 0, &mut d);
+        Tensor::new(shape.to_vec(), d).unwrap()
+    }
+
+    /// Bytes each rank sends per forward, against `reference/parallelism.md`: ring moves the K and
+    /// V blocks of the other P−1 ranks (2·(P−1)·N/P·h values per layer, ≈ 2·N·h); Ulysses moves
+    /// q, k, v and the output through all-to-alls (4·N/P·h·(U−1)/U values per layer).
+    #[test]
+    fn bytes_moved_match_the_formulas() {
+        let model = WanTransformer::preset(TransformerPreset::Tiny, 1).unwrap();
+        let cfg = model.config().clone();
+        let (f, hh, ww) = (2, 6, 8); // 2·3·4 = 24 tokens, divisible by 2, 3 and 4
+        let hidden = random(&[1, cfg.in_channels, f, hh, ww], 1);
+        let text = random(&[1, 5, cfg.text_dim], 2);
+        let x = DitInputs { hidden_states: &hidden, timesteps: &[500.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let (n, h, layers, f32b) = (24u64, cfg.inner_dim() as u64, cfg.num_layers as u64, 4u64);
+        let out_rows = n * cfg.patch_out() as u64;
+        for (ranks, ulysses) in [(2usize, 1usize), (3, 1), (4, 1), (2, 2), (4, 2)] {
+            let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
+            let counts = run_in_process(plan, |ctx| ctx.forward(&model, &x).map(|_| ctx.world().stats())).unwrap();
+            let (p, u, r) = (ranks as u64, ulysses as u64, plan.ring as u64);
+            for c in counts {
+                // Inside a Ulysses group every member holds N/R tokens of h/U channels for the ring.
+                let ring = layers * 2 * (r - 1) * (n / r) * (h / u) * f32b;
+                let a2a = layers * 4 * (n / p) * h * (u - 1) / u * f32b;
+                assert_eq!(c.ring, ring, "P={p} U={u}");
+                assert_eq!(c.all_to_all, a2a, "P={p} U={u}");
+                assert_eq!(c.all_gather, (p - 1) * out_rows / p * f32b, "output gather, P={p}");
+            }
+        }
+    }
+}

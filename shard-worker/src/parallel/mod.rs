@@ -6,10 +6,12 @@ mod attention;
 mod comm;
 mod forward;
 mod plan;
+mod tcp;
 mod transport;
 
 pub use attention::{AttentionTimings, ShardedAttention};
 pub use comm::{bytes_to_f32, f32_to_bytes, CommCounts, Communicator, PendingRecv};
 pub use forward::{run_in_process, ShardContext};
 pub use plan::{shard_ranges, ParallelPlan};
+pub use tcp::{TcpOptions, TcpTransport, PROTOCOL_VERSION};
 pub use transport::{InProcessTransport, Transport};

@@ -1,0 +1,500 @@
+//! The TCP transport between worker processes: one connection per pair of ranks, a versioned
+//! handshake that checks every peer belongs to the same job group, and length-prefixed frames.
+//! Sends are queued to a per-peer writer task and return at once, so a transfer runs while the
+//! caller computes; a reader task per peer files incoming frames in the rank's mailbox.
+//!
+//! Wire format (all integers little-endian):
+//! - handshake, both ways, first on each connection: magic `TSRT`, version u16, reserved u16,
+//!   world u32, rank u32, session u64 (24 bytes);
+//! - frames: kind u8 (1 = data, 2 = goodbye), 7 reserved zero bytes, tag u64, length u64,
+//!   then `length` payload bytes (24-byte header).
+
+use super::transport::{Mailbox, Transport};
+use crate::{Result, WorkerError};
+use bytes::{Buf, Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, FramedRead};
+
+/// Protocol magic: the first bytes every connection carries.
+const MAGIC: [u8; 4] = *b"TSRT";
+/// Protocol version; peers with another version are refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+const HANDSHAKE_LEN: usize = 24;
+const HEADER_LEN: usize = 24;
+const KIND_DATA: u8 = 1;
+const KIND_GOODBYE: u8 = 2;
+
+/// Settings of a TCP group.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// Identifies the job group: a peer presenting another session is refused.
+    pub session: u64,
+    /// How long to keep trying to reach peers that have not started listening yet.
+    pub connect_timeout: Duration,
+    /// How long a receive waits for its message.
+    pub recv_timeout: Duration,
+    /// Largest payload accepted in one frame; a larger length is treated as garbage.
+    pub max_frame_bytes: u64,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self { session: 0, connect_timeout: Duration::from_secs(30), recv_timeout: Duration::from_secs(300), max_frame_bytes: 16 << 30 }
+    }
+}
+
+/// Who a connection is with, as its handshake says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hello {
+    version: u16,
+    world: u32,
+    rank: u32,
+    session: u64,
+}
+
+impl Hello {
+    fn encode(&self) -> [u8; HANDSHAKE_LEN] {
+        let mut b = [0u8; HANDSHAKE_LEN];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[8..12].copy_from_slice(&self.world.to_le_bytes());
+        b[12..16].copy_from_slice(&self.rank.to_le_bytes());
+        b[16..24].copy_from_slice(&self.session.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; HANDSHAKE_LEN]) -> std::result::Result<Self, String> {
+        if b[..4] != MAGIC {
+            return Err(format!("not a Tessera collective peer (first bytes {:02x?})", &b[..4]));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[16..24]);
+        Ok(Self { version: u16::from_le_bytes([b[4], b[5]]), world: u32_at(8), rank: u32_at(12), session: u64::from_le_bytes(s) })
+    }
+
+    /// Checks that `peer` belongs to the same group as `self`.
+    fn check_peer(&self, peer: &Hello) -> std::result::Result<(), String> {
+        if peer.version != self.version {
+            return Err(format!("peer speaks protocol version {}, this rank {}", peer.version, self.version));
+        }
+        if peer.session != self.session {
+            return Err(format!("peer belongs to session {:#x}, this rank to {:#x}", peer.session, self.session));
+        }
+        if peer.world != self.world {
+            return Err(format!("peer thinks the group has {} ranks, this rank {}", peer.world, self.world));
+        }
+        if peer.rank >= self.world || peer.rank == self.rank {
+            return Err(format!("peer claims rank {} in a group of {} (this is rank {})", peer.rank, self.world, self.rank));
+        }
+        Ok(())
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, PartialEq)]
+enum Frame {
+    Data { tag: u64, payload: Bytes },
+    Goodbye,
+}
+
+/// Splits the byte stream of a connection into frames, rejecting garbage.
+struct FrameDecoder {
+    max_frame_bytes: u64,
+}
+
+impl Decoder for FrameDecoder {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> std::io::Result<Option<Frame>> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let garbage = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+        let kind = src[0];
+        if src[1..8].iter().any(|&b| b != 0) {
+            return Err(garbage(format!("frame header has non-zero reserved bytes {:02x?}", &src[1..8])));
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&src[8..16]);
+        let tag = u64::from_le_bytes(word);
+        word.copy_from_slice(&src[16..24]);
+        let len = u64::from_le_bytes(word);
+        match kind {
+            KIND_DATA => {}
+            KIND_GOODBYE if len == 0 => {
+                src.advance(HEADER_LEN);
+                return Ok(Some(Frame::Goodbye));
+            }
+            _ => return Err(garbage(format!("unknown frame kind {kind} (length {len})"))),
+        }
+        if len > self.max_frame_bytes {
+            return Err(garbage(format!("frame of {len} bytes exceeds the limit of {}", self.max_frame_bytes)));
+        }
+        let len = len as usize;
+        if src.len() < HEADER_LEN + len {
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        Ok(Some(Frame::Data { tag, payload: src.split_to(len).freeze() }))
+    }
+}
+
+fn header(kind: u8, tag: u64, len: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = kind;
+    h[8..16].copy_from_slice(&tag.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// The sending side of one peer connection.
+struct PeerLink {
+    queue: Option<mpsc::UnboundedSender<(u64, Bytes)>>,
+    /// Set when the connection failed: later sends report it.
+    broken: Arc<Mutex<Option<String>>>,
+    /// Set by the writer task when it has flushed everything and said goodbye.
+    done: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// Ranks in separate processes (or machines) connected by TCP.
+pub struct TcpTransport {
+    rank: usize,
+    world: usize,
+    mailbox: Arc<Mailbox>,
+    /// `None` at this rank's own index.
+    peers: Vec<Option<PeerLink>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn err(rank: usize, detail: impl std::fmt::Display) -> WorkerError {
+    WorkerError::Collective(format!("rank {rank}: {detail}"))
+}
+
+impl TcpTransport {
+    /// Binds `addrs[rank]` and connects the group: each rank dials the ranks below it and
+    /// accepts the ranks above it. Blocks until every peer has shaken hands or
+    /// `connect_timeout` has passed. Call from a blocking thread, not from async code.
+    pub fn establish(rank: usize, addrs: &[SocketAddr], opts: TcpOptions) -> Result<Self> {
+        let std_listener = std::net::TcpListener::bind(addrs.get(rank).ok_or_else(|| err(rank, format!("no address for rank {rank} among {} addresses", addrs.len())))?)
+            .map_err(|e| err(rank, format!("cannot listen on {}: {e}", addrs[rank])))?;
+        Self::establish_with_listener(rank, addrs, std_listener, opts)
+    }
+
+    /// Like [`TcpTransport::establish`], with this rank's listening socket already bound (so a
+    /// caller can bind port 0 and publish the port it got).
+    pub fn establish_with_listener(rank: usize, addrs: &[SocketAddr], listener: std::net::TcpListener, opts: TcpOptions) -> Result<Self> {
+        let world = addrs.len();
+        if rank >= world {
+            return Err(err(rank, format!("rank outside a group of {world}")));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("tessera-tcp-r{rank}"))
+            .enable_all()
+            .build()
+            .map_err(|e| err(rank, format!("cannot start the network runtime: {e}")))?;
+        let me = Hello { version: PROTOCOL_VERSION, world: world as u32, rank: rank as u32, session: opts.session };
+        listener.set_nonblocking(true).map_err(|e| err(rank, e))?;
+        let streams = runtime.block_on(async {
+            let listener = TcpListener::from_std(listener).map_err(|e| err(rank, e))?;
+            tokio::time::timeout(opts.connect_timeout, connect_all(me, addrs, listener))
+                .await
+                .map_err(|_| err(rank, format!("group of {world} not connected within {:?}", opts.connect_timeout)))?
+        })?;
+        let mailbox = Arc::new(Mailbox::new(opts.recv_timeout));
+        let mut peers: Vec<Option<PeerLink>> = (0..world).map(|_| None).collect();
+        for (peer, stream) in streams.into_iter().enumerate() {
+            let Some(stream) = stream else { continue };
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            let broken = Arc::new(Mutex::new(None));
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (done_tx, done) = std::sync::mpsc::channel();
+            runtime.spawn(write_loop(write, rx, mailbox.clone(), broken.clone(), peer, done_tx));
+            runtime.spawn(read_loop(read, mailbox.clone(), broken.clone(), peer, opts.max_frame_bytes));
+            peers[peer] = Some(PeerLink { queue: Some(tx), broken, done: Mutex::new(done) });
+        }
+        Ok(Self { rank, world, mailbox, peers, runtime: Some(runtime) })
+    }
+}
+
+/// Dials lower ranks and accepts higher ranks; returns the stream to each peer by rank.
+async fn connect_all(me: Hello, addrs: &[SocketAddr], listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+    let rank = me.rank as usize;
+    let mut streams: Vec<Option<TcpStream>> = (0..addrs.len()).map(|_| None).collect();
+    for (peer, addr) in addrs.iter().enumerate().take(rank) {
+        let mut stream = dial(rank, *addr).await?;
+        stream.write_all(&me.encode()).await.map_err(|e| err(rank, format!("handshake to rank {peer} at {addr}: {e}")))?;
+        let theirs = read_hello(&mut stream).await.map_err(|e| err(rank, format!("handshake from rank {peer} at {addr}: {e}")))?;
+        me.check_peer(&theirs).map_err(|e| err(rank, format!("{addr}: {e}")))?;
+        if theirs.rank as usize != peer {
+            return Err(err(rank, format!("{addr} answered as rank {}, expected rank {peer}", theirs.rank)));
+        }
+        streams[peer] = Some(stream);
+    }
+    let mut waiting = addrs.len() - rank - 1;
+    while waiting > 0 {
+        let (mut stream, from) = listener.accept().await.map_err(|e| err(rank, format!("accept: {e}")))?;
+        let theirs = match read_hello(&mut stream).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(rank, %from, "dropping a connection with a bad handshake: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = me.check_peer(&theirs) {
+            // A stray or misconfigured process: refuse it and keep waiting for the real peer.
+            tracing::warn!(rank, %from, "refusing a peer: {e}");
+            continue;
+        }
+        let peer = theirs.rank as usize;
+        if peer < rank || streams[peer].is_some() {
+            tracing::warn!(rank, %from, peer, "refusing an unexpected or duplicate connection");
+            continue;
+        }
+        stream.write_all(&me.encode()).await.map_err(|e| err(rank, format!("handshake to rank {peer}: {e}")))?;
+        streams[peer] = Some(stream);
+        waiting -= 1;
+    }
+    Ok(streams)
+}
+
+/// Connects to `addr`, retrying while the peer is not listening yet (the caller bounds the time).
+async fn dial(rank: usize, addr: SocketAddr) -> Result<TcpStream> {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::TimedOut) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            Err(e) => return Err(err(rank, format!("cannot connect to {addr}: {e}"))),
+        }
+    }
+}
+
+async fn read_hello(stream: &mut TcpStream) -> std::result::Result<Hello, String> {
+    let mut b = [0u8; HANDSHAKE_LEN];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut b))
+        .await
+        .map_err(|_| "no handshake within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    Hello::decode(&b)
+}
+
+/// Writes queued messages to one peer, then a goodbye once the queue is closed.
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<(u64, Bytes)>,
+    mailbox: Arc<Mailbox>,
+    broken: Arc<Mutex<Option<String>>>,
+    peer: usize,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    let result: std::io::Result<()> = async {
+        while let Some((tag, payload)) = queue.recv().await {
+            write.write_all(&header(KIND_DATA, tag, payload.len() as u64)).await?;
+            write.write_all(&payload).await?;
+        }
+        write.write_all(&header(KIND_GOODBYE, 0, 0)).await?;
+        write.flush().await?;
+        write.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        let why = format!("sending failed: {e}");
+        broken.lock().expect("peer state lock").get_or_insert(why.clone());
+        mailbox.fail(peer, why);
+    }
+    let _ = done.send(());
+}
+
+/// Files frames from one peer in the mailbox until it says goodbye or the connection breaks.
+async fn read_loop(read: OwnedReadHalf, mailbox: Arc<Mailbox>, broken: Arc<Mutex<Option<String>>>, peer: usize, max_frame_bytes: u64) {
+    use futures_util::StreamExt;
+    let mut frames = FramedRead::new(read, FrameDecoder { max_frame_bytes });
+    let why = loop {
+        match frames.next().await {
+            Some(Ok(Frame::Data { tag, payload })) => mailbox.put(peer, tag, payload),
+            Some(Ok(Frame::Goodbye)) => break "it closed its end of the group".to_string(),
+            Some(Err(e)) => break format!("it sent garbage or the connection broke: {e}"),
+            None => break "the connection closed without a goodbye (process died?)".to_string(),
+        }
+    };
+    if !why.starts_with("it closed") {
+        broken.lock().expect("peer state lock").get_or_insert(why.clone());
+    }
+    mailbox.fail(peer, why);
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn send(&self, dst: usize, tag: u64, data: Bytes) -> Result<()> {
+        if dst == self.rank {
+            self.mailbox.put(self.rank, tag, data);
+            return Ok(());
+        }
+        let link = self.peers.get(dst).and_then(Option::as_ref).ok_or_else(|| err(self.rank, format!("send to rank {dst} of {}", self.world)))?;
+        if let Some(why) = link.broken.lock().expect("peer state lock").as_ref() {
+            return Err(err(self.rank, format!("peer rank {dst} is gone: {why}")));
+        }
+        let queue = link.queue.as_ref().ok_or_else(|| err(self.rank, "transport is closing"))?;
+        queue.send((tag, data)).map_err(|_| err(self.rank, format!("peer rank {dst}: writer stopped")))
+    }
+
+    fn recv(&self, src: usize, tag: u64) -> Result<Bytes> {
+        if src >= self.world {
+            return Err(err(self.rank, format!("receive from rank {src} of {}", self.world)));
+        }
+        self.mailbox.take(self.rank, src, tag)
+    }
+}
+
+impl Drop for TcpTransport {
+    /// Flushes what was queued, says goodbye to every peer (waiting at most a few seconds), and
+    /// stops the network tasks.
+    fn drop(&mut self) {
+        for link in self.peers.iter_mut().flatten() {
+            link.queue = None;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for link in self.peers.iter().flatten() {
+            let _ = link.done.lock().expect("peer state lock").recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_addrs(n: usize) -> Vec<SocketAddr> {
+        let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        ls.iter().map(|l| l.local_addr().unwrap()).collect()
+    }
+
+    fn group(n: usize, session: u64) -> Vec<TcpTransport> {
+        let addrs = free_addrs(n);
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let addrs = addrs.clone();
+                    s.spawn(move || TcpTransport::establish(r, &addrs, TcpOptions { session, recv_timeout: Duration::from_secs(5), ..Default::default() }))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn three_ranks_exchange_tagged_messages_in_any_order() {
+        let g = group(3, 7);
+        g[2].send(0, 9, Bytes::from_static(b"nine")).unwrap();
+        g[2].send(0, 4, Bytes::from(vec![5u8; 1 << 20])).unwrap();
+        g[0].send(1, 1, Bytes::from_static(b"one")).unwrap();
+        assert_eq!(g[0].recv(2, 4).unwrap().len(), 1 << 20);
+        assert_eq!(&g[0].recv(2, 9).unwrap()[..], b"nine");
+        assert_eq!(&g[1].recv(0, 1).unwrap()[..], b"one");
+    }
+
+    #[test]
+    fn a_peer_that_leaves_is_reported_not_waited_for() {
+        let mut g = group(2, 1);
+        g[1].send(0, 3, Bytes::from_static(b"last words")).unwrap();
+        drop(g.remove(1));
+        // What it sent before leaving is still delivered; anything more is a clear error.
+        assert_eq!(&g[0].recv(1, 3).unwrap()[..], b"last words");
+        let e = g[0].recv(1, 4).unwrap_err().to_string();
+        assert!(e.contains("peer rank 1 is gone") && e.contains("closed"), "{e}");
+    }
+
+    #[test]
+    fn garbage_and_strangers_are_refused() {
+        let addrs = free_addrs(2);
+        let a = addrs.clone();
+        let rank0 = std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 5, connect_timeout: Duration::from_secs(10), ..Default::default() }));
+        // A stray client speaking another protocol, then a peer of another session: both are
+        // turned away, and the real rank 1 still gets in.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut stray = std::net::TcpStream::connect(addrs[0]).unwrap();
+        std::io::Write::write_all(&mut stray, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let other = Hello { version: PROTOCOL_VERSION, world: 2, rank: 1, session: 6 };
+        let mut wrong = std::net::TcpStream::connect(addrs[0]).unwrap();
+        std::io::Write::write_all(&mut wrong, &other.encode()).unwrap();
+        let r1 = TcpTransport::establish(1, &addrs, TcpOptions { session: 5, ..Default::default() }).unwrap();
+        let r0 = rank0.join().unwrap().unwrap();
+        r1.send(0, 2, Bytes::from_static(b"ok")).unwrap();
+        assert_eq!(&r0.recv(1, 2).unwrap()[..], b"ok");
+
+        let me = Hello { version: 1, world: 4, rank: 0, session: 9 };
+        assert!(me.check_peer(&Hello { version: 2, ..me }).unwrap_err().contains("version 2"));
+        assert!(me.check_peer(&Hello { rank: 4, ..me }).unwrap_err().contains("rank 4"));
+        assert!(Hello::decode(&[0u8; HANDSHAKE_LEN]).is_err());
+    }
+
+    #[test]
+    fn the_decoder_rejects_bad_frames() {
+        let mut d = FrameDecoder { max_frame_bytes: 100 };
+        let mut buf = BytesMut::from(&header(KIND_DATA, 3, 4)[..]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None, "waits for the payload");
+        buf.extend_from_slice(b"abcd");
+        assert_eq!(d.decode(&mut buf).unwrap(), Some(Frame::Data { tag: 3, payload: Bytes::from_static(b"abcd") }));
+        assert!(d.decode(&mut BytesMut::from(&header(9, 0, 0)[..])).is_err());
+        assert!(d.decode(&mut BytesMut::from(&header(KIND_DATA, 0, 101)[..])).is_err());
+        let mut reserved = header(KIND_DATA, 0, 0);
+        reserved[3] = 1;
+        assert!(d.decode(&mut BytesMut::from(&reserved[..])).is_err());
+    }
+
+    #[test]
+    fn a_peer_that_dies_without_goodbye_is_named() {
+        let addrs = free_addrs(2);
+        let a = addrs.clone();
+        let rank0 = std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 3, recv_timeout: Duration::from_secs(20), ..Default::default() }));
+        // A rank 1 that shakes hands, sends half a frame and vanishes, as a killed process would.
+        let mut s = loop {
+            match std::net::TcpStream::connect(addrs[0]) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        std::io::Write::write_all(&mut s, &Hello { version: PROTOCOL_VERSION, world: 2, rank: 1, session: 3 }.encode()).unwrap();
+        let mut theirs = [0u8; HANDSHAKE_LEN];
+        std::io::Read::read_exact(&mut s, &mut theirs).unwrap();
+        std::io::Write::write_all(&mut s, &header(KIND_DATA, 1, 100)[..]).unwrap();
+        drop(s);
+        let r0 = rank0.join().unwrap().unwrap();
+        let t = Instant::now();
+        let e = r0.recv(1, 1).unwrap_err().to_string();
+        assert!(e.contains("peer rank 1 is gone"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "noticed only after {:?}", t.elapsed());
+        assert!(r0.send(1, 2, Bytes::from_static(b"x")).is_err() || r0.recv(1, 2).is_err());
+    }
+
+    #[test]
+    fn nobody_listening_times_out_with_the_group_size() {
+        let addrs = free_addrs(2);
+        let e = TcpTransport::establish(1, &addrs, TcpOptions { connect_timeout: Duration::from_millis(300), ..Default::default() }).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("not connected within"), "{e}");
+    }
+}
