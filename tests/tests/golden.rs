@@ -3,6 +3,7 @@
 
 use tessera_tests::golden_roots;
 use tessera_worker::golden::{discover, run_case, CaseKind, Outcome, RunOptions};
+use tessera_worker::parallel::LocalTransport;
 
 fn run_kind(kind: CaseKind) {
     let mut ran = 0;
@@ -47,7 +48,7 @@ fn dit_cases_pass_sharded() {
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Dit]).unwrap() {
             for &(ranks, ulysses) in &plans {
-                let outcome = run_case(&case, &RunOptions { ranks, ulysses });
+                let outcome = run_case(&case, &RunOptions { ranks, ulysses, ..Default::default() });
                 eprintln!("{} ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
                 match outcome {
                     Outcome::Pass(_) => ran += 1,
@@ -55,6 +56,13 @@ fn dit_cases_pass_sharded() {
                     other => panic!("{} ranks {ranks} ulysses {ulysses}: {other:?}", case.name),
                 }
             }
+        }
+    }
+    // Real sockets: every case over 3 ranks talking TCP on loopback.
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Dit]).unwrap() {
+            let outcome = run_case(&case, &RunOptions { ranks: 3, ulysses: 1, transport: LocalTransport::TcpLoopback });
+            assert!(outcome.passed(), "{} over TCP: {outcome:?}", case.name);
         }
     }
     // The project's four cases: 3 ring-only plans each; the three 2-head cases also run

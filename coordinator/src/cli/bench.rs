@@ -9,6 +9,8 @@ use std::time::Instant;
 use tessera_kernels::cpu::{attention, AttentionShape};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
+use super::bench_sharded;
+use tessera_worker::parallel::{LocalTransport, ParallelPlan};
 use tessera_worker::{DitInputs, TransformerPreset, WanTransformer};
 
 /// Benchmarks.
@@ -25,13 +27,13 @@ pub enum BenchCommand {
 pub struct Timing {
     /// Untimed runs before measuring.
     #[arg(long, env = "TESSERA_BENCH_WARMUP", default_value_t = 1)]
-    warmup: usize,
+    pub(super) warmup: usize,
     /// Timed runs.
     #[arg(long, env = "TESSERA_BENCH_ITERS", default_value_t = 5)]
-    iters: usize,
+    pub(super) iters: usize,
     /// Print one JSON object instead of text.
     #[arg(long, env = "TESSERA_BENCH_JSON")]
-    json: bool,
+    pub(super) json: bool,
 }
 
 /// Arguments of `tessera bench dit`.
@@ -49,6 +51,16 @@ pub struct DitArgs {
     /// Text rows of the context.
     #[arg(long, env = "TESSERA_BENCH_TEXT_LEN", default_value_t = 512)]
     text_len: usize,
+    /// Also run the forward sequence-parallel over this many ranks (threads of this process) and
+    /// compare with the one-rank forward of the same run.
+    #[arg(long, env = "TESSERA_BENCH_RANKS", default_value_t = 1)]
+    ranks: usize,
+    /// Ulysses (all-to-all) degree among the ranks; the rest is ring.
+    #[arg(long, env = "TESSERA_BENCH_ULYSSES", default_value_t = 1)]
+    ulysses: usize,
+    /// How the ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
+    #[arg(long, env = "TESSERA_BENCH_TRANSPORT", default_value = "tcp")]
+    transport: String,
     #[command(flatten)]
     timing: Timing,
 }
@@ -144,6 +156,14 @@ fn bench_dit(a: DitArgs) -> Result<()> {
     } else {
         println!("dit forward  model {name}  latent {:?}  tokens {tokens}  text {}  threads {threads}", a.latent, a.text_len);
         println!("  median {:.1} ms  min {:.1} ms  {:.0} tokens/s  {:.1} GFLOP/s ({:.1} GFLOP)  peak RSS {:.0} MiB", stats.median_ms, stats.min_ms, tok_s, gflops, flops / 1e9, sys::mib(peak));
+    }
+    if a.ranks > 1 {
+        let plan = ParallelPlan::new(a.ranks, a.ulysses, cfg.num_attention_heads).map_err(|e| anyhow::anyhow!("--ranks {} --ulysses {}: {e}", a.ranks, a.ulysses))?;
+        let transport = LocalTransport::from_name(&a.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", a.transport))?;
+        let figures = bench_sharded::measure(&model, &inputs, plan, transport, &a.timing)?;
+        bench_sharded::report(&figures, plan, transport, stats.median_ms, tokens, a.timing.json);
+    } else if a.ulysses != 1 {
+        bail!("--ulysses {} needs --ranks above 1", a.ulysses);
     }
     Ok(())
 }

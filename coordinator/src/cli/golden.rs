@@ -5,6 +5,7 @@ use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions};
+use tessera_worker::parallel::LocalTransport;
 
 /// Arguments of `tessera golden`.
 #[derive(Args)]
@@ -18,6 +19,9 @@ pub struct GoldenArgs {
     /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
     #[arg(long, env = "TESSERA_GOLDEN_ULYSSES", default_value_t = 1)]
     ulysses: usize,
+    /// How the sharded ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
+    #[arg(long, env = "TESSERA_GOLDEN_TRANSPORT", default_value = "inproc")]
+    transport: String,
     /// Folders laid out like `shared/golden` (`<kind>/<case>/case.json`), or one `<kind>` folder.
     #[arg(required = true, env = "TESSERA_GOLDEN_ROOTS", value_delimiter = ',')]
     roots: Vec<PathBuf>,
@@ -44,7 +48,8 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     if args.ranks == 0 || args.ulysses == 0 || args.ranks % args.ulysses != 0 {
         bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
     }
-    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses };
+    let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
+    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport };
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {

@@ -1,4 +1,5 @@
 //! The subcommands of `tessera`.
 
 pub mod bench;
+mod bench_sharded;
 pub mod golden;

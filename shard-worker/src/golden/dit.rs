@@ -3,12 +3,13 @@
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, RunOptions};
 use crate::model::WanTransformer;
-use crate::parallel::{run_in_process, ParallelPlan};
+use crate::parallel::{run_local_group, ParallelPlan};
 use crate::weights::SafetensorsFile;
 use crate::{DitInputs, Result};
 
 /// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) and runs it,
-/// on one device or sharded over `opts.ranks` in-process ranks (every rank's output is compared).
+/// on one device or sharded over `opts.ranks` ranks of this process, connected in-process or by
+/// TCP on loopback (every rank's output is compared).
 pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let model = WanTransformer::load(&case.dir)?;
@@ -27,7 +28,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
         Ok(p) => p,
         Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
     };
-    let outs = run_in_process(plan, |ctx| ctx.forward(&model, &inputs))?;
+    let outs = run_local_group(opts.transport, plan, |ctx| ctx.forward(&model, &inputs))?;
     let comparisons = outs
         .iter()
         .enumerate()

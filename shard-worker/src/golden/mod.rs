@@ -8,6 +8,7 @@ mod dit;
 
 pub use compare::{Comparison, Tolerance};
 
+use crate::parallel::LocalTransport;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
@@ -99,11 +100,13 @@ pub struct RunOptions {
     pub ranks: usize,
     /// Ulysses degree among those ranks (the rest is ring): must divide the ranks and the heads.
     pub ulysses: usize,
+    /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
+    pub transport: LocalTransport,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { ranks: 1, ulysses: 1 }
+        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess }
     }
 }
 

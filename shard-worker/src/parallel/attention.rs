@@ -48,6 +48,16 @@ impl ShardedAttention {
         &self.timings
     }
 
+    /// The ring group (ranks holding the other sequence shards of the same heads).
+    pub fn ring(&self) -> &Communicator {
+        &self.ring
+    }
+
+    /// The Ulysses group (ranks exchanging heads by all-to-all).
+    pub fn ulysses(&self) -> &Communicator {
+        &self.ulysses
+    }
+
     /// Ring attention of local queries over the keys/values of every ring member.
     fn ring_attend(&self, q: &[f32], k: &[f32], v: &[f32], heads: usize, d: usize) -> Result<Vec<f32>> {
         let hd = heads * d;

@@ -5,6 +5,7 @@
 use super::attention::ShardedAttention;
 use super::comm::Communicator;
 use super::plan::{shard_ranges, ParallelPlan};
+use super::tcp::{TcpOptions, TcpTransport};
 use super::transport::{InProcessTransport, Transport};
 use crate::model::{unpatchify, WanTransformer};
 use crate::{DitInputs, Result, WorkerError};
@@ -76,20 +77,66 @@ impl ShardContext {
     }
 }
 
+/// How the ranks of a group that lives in one process talk to each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalTransport {
+    /// Messages move between threads' mailboxes.
+    #[default]
+    InProcess,
+    /// Real TCP connections on loopback, exactly as between worker processes.
+    TcpLoopback,
+}
+
+impl LocalTransport {
+    /// Parses `inproc` or `tcp`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "inproc" => Some(Self::InProcess),
+            "tcp" => Some(Self::TcpLoopback),
+            _ => None,
+        }
+    }
+}
+
 /// Runs `job` on `plan.ranks()` threads of this process connected in-process, and returns each
 /// rank's result in rank order (the first error, if any rank failed).
 pub fn run_in_process<T: Send>(plan: ParallelPlan, job: impl Fn(&ShardContext) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let transports = InProcessTransport::group(plan.ranks(), Duration::from_secs(300));
+    run_local_group(LocalTransport::InProcess, plan, job)
+}
+
+/// Runs `job` on `plan.ranks()` threads of this process connected by `transport`, and returns
+/// each rank's result in rank order (the first error, if any rank failed).
+pub fn run_local_group<T: Send>(transport: LocalTransport, plan: ParallelPlan, job: impl Fn(&ShardContext) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let ranks = plan.ranks();
+    let (inproc, addrs) = match transport {
+        LocalTransport::InProcess => (InProcessTransport::group(ranks, Duration::from_secs(300)), Vec::new()),
+        LocalTransport::TcpLoopback => (Vec::new(), loopback_addrs(ranks)?),
+    };
+    let mut inproc = inproc.into_iter();
     std::thread::scope(|s| {
-        let handles: Vec<_> = transports
-            .into_iter()
-            .map(|t| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
                 let job = &job;
-                s.spawn(move || ShardContext::new(Arc::new(t), plan).and_then(|ctx| job(&ctx)))
+                let t = inproc.next();
+                let addrs = &addrs;
+                s.spawn(move || {
+                    let t: Arc<dyn Transport> = match t {
+                        Some(t) => Arc::new(t),
+                        None => Arc::new(TcpTransport::establish(rank, addrs, TcpOptions::default())?),
+                    };
+                    ShardContext::new(t, plan).and_then(|ctx| job(&ctx))
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().map_err(|_| WorkerError::Collective("a rank thread panicked".into()))?).collect()
     })
+}
+
+/// `n` loopback addresses with ports free at the time of asking.
+fn loopback_addrs(n: usize) -> Result<Vec<std::net::SocketAddr>> {
+    let io = |e: std::io::Error| WorkerError::Collective(format!("cannot find a free loopback port: {e}"));
+    let listeners = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(io)).collect::<Result<Vec<_>>>()?;
+    listeners.iter().map(|l| l.local_addr().map_err(io)).collect()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod transport;
 
 pub use attention::{AttentionTimings, ShardedAttention};
 pub use comm::{bytes_to_f32, f32_to_bytes, CommCounts, Communicator, PendingRecv};
-pub use forward::{run_in_process, ShardContext};
+pub use forward::{run_in_process, run_local_group, LocalTransport, ShardContext};
 pub use plan::{shard_ranges, ParallelPlan};
 pub use tcp::{TcpOptions, TcpTransport, PROTOCOL_VERSION};
 pub use transport::{InProcessTransport, Transport};
