@@ -1,0 +1,230 @@
+//! Validation of a public `GenerateRequest`: every field is checked against the limits documented
+//! in `proto/tessera/v1/generate.proto`, defaults are applied, and the first problem is reported as
+//! an error naming the field (mapped to gRPC `INVALID_ARGUMENT`), before any work is queued.
+
+use crate::error::CoordinatorError;
+use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
+
+/// Longest prompt or negative prompt accepted, in characters.
+pub const MAX_PROMPT_CHARS: usize = 2_000;
+/// Longest client label, in characters.
+pub const MAX_LABEL_CHARS: usize = 128;
+/// Largest input video accepted for video-to-video, in bytes.
+pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
+/// Frame sides must be multiples of this (VAE stride 8 × patch 2).
+pub const SIDE_MULTIPLE: u32 = 16;
+/// Largest frame side.
+pub const MAX_SIDE: u32 = 4096;
+/// Most frames in one video (90 s at 16 fps).
+pub const MAX_FRAMES: u32 = 1441;
+/// Most denoising steps.
+pub const MAX_STEPS: u32 = 1000;
+
+/// Defaults of the served model family (Wan 2.1, as upstream's pipelines).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestDefaults {
+    /// Model used when the request names none.
+    pub model: String,
+    /// Frame width.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// Number of frames.
+    pub num_frames: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f32,
+    /// Video-to-video strength.
+    pub strength: f32,
+}
+
+impl Default for RequestDefaults {
+    fn default() -> Self {
+        Self { model: String::new(), width: 832, height: 480, num_frames: 81, fps: 16, steps: 50, guidance_scale: 5.0, strength: 0.8 }
+    }
+}
+
+/// A request that passed validation, with every default applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidRequest {
+    /// The request as it will run (defaults filled in; `seed` set).
+    pub request: GenerateRequest,
+    /// Latent grid `[frames, height, width]` after the VAE (÷4 in time after the first frame, ÷8 in space).
+    pub latent_fhw: [usize; 3],
+    /// Video tokens per forward (patch 1×2×2).
+    pub tokens: usize,
+}
+
+fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::InvalidArgument { field, detail: detail.into() }
+}
+
+fn side(field: &'static str, value: u32, default: u32) -> Result<u32, CoordinatorError> {
+    let v = if value == 0 { default } else { value };
+    if v % SIDE_MULTIPLE != 0 || v > MAX_SIDE {
+        return Err(invalid(field, format!("{v} must be a multiple of {SIDE_MULTIPLE} between {SIDE_MULTIPLE} and {MAX_SIDE}")));
+    }
+    Ok(v)
+}
+
+/// Checks every field of `req` and applies `defaults`; `known_models` are the models some worker
+/// serves (an empty list skips that check, for a coordinator that has not seen its workers yet),
+/// `max_tokens` the largest token count the cluster accepts, and `draw_seed` supplies a seed
+/// when the request has none.
+pub fn validate(
+    mut req: GenerateRequest,
+    defaults: &RequestDefaults,
+    known_models: &[String],
+    max_tokens: usize,
+    draw_seed: impl FnOnce() -> u64,
+) -> Result<ValidRequest, CoordinatorError> {
+    if req.prompt.trim().is_empty() {
+        return Err(invalid("prompt", "is required and must not be blank"));
+    }
+    for (field, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
+        let n = text.chars().count();
+        if n > MAX_PROMPT_CHARS {
+            return Err(invalid(field, format!("has {n} characters, at most {MAX_PROMPT_CHARS} are accepted")));
+        }
+        if text.contains('\0') {
+            return Err(invalid(field, "contains a NUL character"));
+        }
+    }
+    req.width = side("width", req.width, defaults.width)?;
+    req.height = side("height", req.height, defaults.height)?;
+    req.num_frames = if req.num_frames == 0 { defaults.num_frames } else { req.num_frames };
+    if req.num_frames % 4 != 1 || req.num_frames > MAX_FRAMES {
+        return Err(invalid("num_frames", format!("{} must be 4k+1 (1, 5, 9, ... {MAX_FRAMES})", req.num_frames)));
+    }
+    req.fps = if req.fps == 0 { defaults.fps } else { req.fps };
+    if req.fps > 120 {
+        return Err(invalid("fps", format!("{} must be between 1 and 120", req.fps)));
+    }
+    req.steps = if req.steps == 0 { defaults.steps } else { req.steps };
+    if req.steps > MAX_STEPS {
+        return Err(invalid("steps", format!("{} must be between 1 and {MAX_STEPS}", req.steps)));
+    }
+    let g = req.guidance_scale.unwrap_or(defaults.guidance_scale);
+    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
+        return Err(invalid("guidance_scale", format!("{g} must be between 0 and 50")));
+    }
+    req.guidance_scale = Some(g);
+    if let Some(s) = req.flow_shift {
+        if !s.is_finite() || s <= 0.0 || s > 100.0 {
+            return Err(invalid("flow_shift", format!("{s} must be greater than 0 and at most 100")));
+        }
+    }
+    if Sampler::try_from(req.sampler).is_err() {
+        return Err(invalid("sampler", format!("{} is not a known sampler", req.sampler)));
+    }
+    match OutputFormat::try_from(req.output_format) {
+        Ok(OutputFormat::Unspecified) => req.output_format = OutputFormat::Mp4 as i32,
+        Ok(_) => {}
+        Err(_) => return Err(invalid("output_format", format!("{} is not a known output format", req.output_format))),
+    }
+    if req.input_video.is_empty() {
+        if req.strength.is_some() {
+            return Err(invalid("strength", "applies only to video-to-video: set input_video or leave strength unset"));
+        }
+    } else {
+        if req.input_video.len() > MAX_INPUT_VIDEO_BYTES {
+            return Err(invalid("input_video", format!("is {} bytes, at most {MAX_INPUT_VIDEO_BYTES} are accepted", req.input_video.len())));
+        }
+        let s = req.strength.unwrap_or(defaults.strength);
+        if !s.is_finite() || s <= 0.0 || s > 1.0 {
+            return Err(invalid("strength", format!("{s} must be in (0, 1]")));
+        }
+        req.strength = Some(s);
+    }
+    if !(-100..=100).contains(&req.priority) {
+        return Err(invalid("priority", format!("{} must be between -100 and 100", req.priority)));
+    }
+    if req.model.is_empty() {
+        req.model = defaults.model.clone();
+    }
+    if !known_models.is_empty() && !known_models.iter().any(|m| *m == req.model) {
+        return Err(invalid("model", format!("{:?} is not served here (served: {})", req.model, known_models.join(", "))));
+    }
+    let n = req.client_label.chars().count();
+    if n > MAX_LABEL_CHARS {
+        return Err(invalid("client_label", format!("has {n} characters, at most {MAX_LABEL_CHARS} are accepted")));
+    }
+    let latent_fhw = [(req.num_frames as usize - 1) / 4 + 1, req.height as usize / 8, req.width as usize / 8];
+    let tokens = latent_fhw[0] * (latent_fhw[1] / 2) * (latent_fhw[2] / 2);
+    if tokens > max_tokens {
+        return Err(invalid("num_frames", format!("{}x{} with {} frames is {tokens} tokens; this cluster accepts at most {max_tokens}", req.width, req.height, req.num_frames)));
+    }
+    req.seed = Some(req.seed.unwrap_or_else(draw_seed));
+    Ok(ValidRequest { request: req, latent_fhw, tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_request() -> GenerateRequest {
+        GenerateRequest { prompt: "a red ball".into(), ..Default::default() }
+    }
+
+    fn check(req: GenerateRequest) -> Result<ValidRequest, CoordinatorError> {
+        validate(req, &RequestDefaults { model: "wan-tiny".into(), ..Default::default() }, &["wan-tiny".into()], 100_000, || 42)
+    }
+
+    fn field_of(req: GenerateRequest) -> &'static str {
+        match check(req) {
+            Err(CoordinatorError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let v = check(ok_request()).unwrap();
+        let r = &v.request;
+        assert_eq!((r.width, r.height, r.num_frames, r.fps, r.steps), (832, 480, 81, 16, 50));
+        assert_eq!(r.guidance_scale, Some(5.0));
+        assert_eq!(r.seed, Some(42));
+        assert_eq!(r.model, "wan-tiny");
+        assert_eq!(r.output_format, OutputFormat::Mp4 as i32);
+        assert_eq!(v.latent_fhw, [21, 60, 104]);
+        assert_eq!(v.tokens, 32_760);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let r = ok_request;
+        assert_eq!(field_of(GenerateRequest { prompt: " ".into(), ..r() }), "prompt");
+        assert_eq!(field_of(GenerateRequest { prompt: "x".repeat(2001), ..r() }), "prompt");
+        assert_eq!(field_of(GenerateRequest { negative_prompt: "x".repeat(2001), ..r() }), "negative_prompt");
+        assert_eq!(field_of(GenerateRequest { width: 100, ..r() }), "width");
+        assert_eq!(field_of(GenerateRequest { width: 8192, ..r() }), "width");
+        assert_eq!(field_of(GenerateRequest { height: 17, ..r() }), "height");
+        assert_eq!(field_of(GenerateRequest { num_frames: 8, ..r() }), "num_frames");
+        assert_eq!(field_of(GenerateRequest { num_frames: 1445, ..r() }), "num_frames");
+        assert_eq!(field_of(GenerateRequest { fps: 500, ..r() }), "fps");
+        assert_eq!(field_of(GenerateRequest { steps: 1001, ..r() }), "steps");
+        assert_eq!(field_of(GenerateRequest { guidance_scale: Some(-1.0), ..r() }), "guidance_scale");
+        assert_eq!(field_of(GenerateRequest { guidance_scale: Some(f32::NAN), ..r() }), "guidance_scale");
+        assert_eq!(field_of(GenerateRequest { flow_shift: Some(0.0), ..r() }), "flow_shift");
+        assert_eq!(field_of(GenerateRequest { sampler: 9, ..r() }), "sampler");
+        assert_eq!(field_of(GenerateRequest { output_format: 9, ..r() }), "output_format");
+        assert_eq!(field_of(GenerateRequest { strength: Some(0.5), ..r() }), "strength");
+        assert_eq!(field_of(GenerateRequest { input_video: vec![1, 2, 3], strength: Some(1.5), ..r() }), "strength");
+        assert_eq!(field_of(GenerateRequest { priority: 101, ..r() }), "priority");
+        assert_eq!(field_of(GenerateRequest { model: "nope".into(), ..r() }), "model");
+        assert_eq!(field_of(GenerateRequest { client_label: "x".repeat(129), ..r() }), "client_label");
+        // 4096 x 4096 x 1441 frames is far past the token budget.
+        assert_eq!(field_of(GenerateRequest { width: 4096, height: 4096, num_frames: 1441, ..r() }), "num_frames");
+    }
+
+    #[test]
+    fn video_to_video_gets_its_default_strength() {
+        let v = check(GenerateRequest { input_video: vec![0; 16], ..ok_request() }).unwrap();
+        assert_eq!(v.request.strength, Some(0.8));
+        let seeded = check(GenerateRequest { seed: Some(7), ..ok_request() }).unwrap();
+        assert_eq!(seeded.request.seed, Some(7));
+    }
+}
