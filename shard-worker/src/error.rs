@@ -64,6 +64,14 @@ pub enum WorkerError {
     /// A collective operation failed: a peer vanished, sent garbage, or never answered.
     #[error("collective: {0}")]
     Collective(String),
+    /// A tokenizer file could not be read or a text could not be tokenized.
+    #[error("tokenizer {path}: {detail}")]
+    Tokenizer {
+        /// The tokenizer file (or folder).
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// A compute kernel failed.
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),

@@ -5,6 +5,7 @@
 
 mod compare;
 mod dit;
+mod umt5;
 
 pub use compare::{Comparison, Tolerance};
 
@@ -152,6 +153,7 @@ impl Outcome {
 pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts),
+        CaseKind::Umt5 => umt5::run(case),
         other => return Outcome::Unsupported(format!("{} cases are not implemented yet", other.name())),
     };
     match result {
