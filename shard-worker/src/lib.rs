@@ -7,11 +7,13 @@ pub mod golden;
 pub mod model;
 pub mod parallel;
 pub mod text;
+pub mod vae;
 pub mod weights;
 
 pub use config::{TransformerConfig, TransformerPreset};
 pub use error::WorkerError;
 pub use model::{DitInputs, WanTransformer};
+pub use vae::{VaeConfig, VaePreset, WanVae};
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, WorkerError>;

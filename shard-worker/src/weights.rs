@@ -255,8 +255,10 @@ impl WeightSource for RandomWeights {
         });
         // Uniform on [-1, 1) has standard deviation 1/sqrt(3); the scales below are standard
         // deviations that keep activations O(1) through many layers: 1/sqrt(fan_in) for
-        // matrices, 1 ± small for norm weights, small for biases and modulation tables.
-        let (scale, offset) = if name.contains("norm") && name.ends_with(".weight") {
+        // matrices and convolution kernels (fan-in = every dimension after the first), 1 ± small
+        // for norm weights, small for biases and modulation tables.
+        // VAE RMS norms name their weight `gamma` (shaped [C, 1, 1, 1]): treated like norm weights.
+        let (scale, offset) = if (name.contains("norm") && name.ends_with(".weight")) || name.ends_with(".gamma") {
             (0.05, 1.0)
         } else if shape.len() >= 2 && !name.contains("scale_shift_table") && !name.contains("pos_embed") {
             (1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt(), 0.0)

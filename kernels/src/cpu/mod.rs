@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
@@ -11,6 +12,7 @@ pub mod rope;
 
 pub use activation::{apply_activation, Activation};
 pub use attention::{attention, merge_partials, AttentionShape};
+pub use conv::{conv2d, conv3d, Conv2dParams, Conv3dParams};
 pub use elementwise::{gated_residual_add, residual_add};
 pub use embedding::timestep_embedding;
 pub use matmul::{gemm_into, linear, MatRef, Threads};

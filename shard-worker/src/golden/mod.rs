@@ -6,6 +6,7 @@
 mod compare;
 mod dit;
 mod umt5;
+mod vae;
 
 pub use compare::{Comparison, Tolerance};
 
@@ -154,6 +155,7 @@ pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts),
         CaseKind::Umt5 => umt5::run(case),
+        CaseKind::Vae => vae::run(case),
         other => return Outcome::Unsupported(format!("{} cases are not implemented yet", other.name())),
     };
     match result {

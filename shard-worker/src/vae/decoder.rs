@@ -1,0 +1,94 @@
+//! `WanDecoder3d`: latent frames to video frames, one chunk at a time with causal state, so that
+//! decoding chunk by chunk equals one pass over the whole sequence.
+
+use super::blocks::{MidBlock, MidState, ResampleMode, Resample, ResampleState, ResidualBlock, ResidualState};
+use super::clip::{Clip, FrameCache};
+use super::config::VaeConfig;
+use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
+use crate::weights::WeightSource;
+use crate::Result;
+
+/// One decoder stage: residual blocks, then an optional upsampler.
+struct UpBlock {
+    resnets: Vec<ResidualBlock>,
+    upsampler: Option<Resample>,
+}
+
+/// The decoder (without `post_quant_conv`, which the VAE applies first).
+pub(crate) struct Decoder {
+    conv_in: CausalConv3d,
+    mid: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    norm_out: ChannelRmsNorm,
+    conv_out: CausalConv3d,
+}
+
+/// Everything the decoder remembers between chunks of one sample.
+pub(crate) struct DecoderState {
+    conv_in: FrameCache,
+    mid: MidState,
+    up_blocks: Vec<(Vec<ResidualState>, ResampleState)>,
+    conv_out: FrameCache,
+}
+
+impl Decoder {
+    /// Loads `decoder.*` for `cfg`: widths `base_dim · [m_last, reversed dim_mult]`; stages after
+    /// the first take half the previous width (the upsampler halves it); every stage but the last
+    /// upsamples, in time too where `temperal_downsample` reversed says so.
+    pub fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+        let dims = cfg.decoder_dims();
+        let temporal = cfg.decoder_temporal_upsample();
+        let stages = cfg.dim_mult.len();
+        let mut up_blocks = Vec::with_capacity(stages);
+        for i in 0..stages {
+            let prefix = format!("decoder.up_blocks.{i}");
+            let (mut cin, cout) = (if i > 0 { dims[i] / 2 } else { dims[i] }, dims[i + 1]);
+            let mut resnets = Vec::with_capacity(cfg.num_res_blocks + 1);
+            for r in 0..=cfg.num_res_blocks {
+                resnets.push(ResidualBlock::load(src, &format!("{prefix}.resnets.{r}"), cin, cout)?);
+                cin = cout;
+            }
+            let upsampler = if i + 1 < stages {
+                let mode = if temporal[i] { ResampleMode::Upsample3d } else { ResampleMode::Upsample2d };
+                Some(Resample::load(src, &format!("{prefix}.upsamplers.0"), cout, mode)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsampler });
+        }
+        let last = dims[stages];
+        Ok(Self {
+            conv_in: CausalConv3d::load3(src, "decoder.conv_in", cfg.z_dim, dims[0])?,
+            mid: MidBlock::load(src, "decoder.mid_block", dims[0])?,
+            up_blocks,
+            norm_out: ChannelRmsNorm::load(src, "decoder.norm_out", last, false)?,
+            conv_out: CausalConv3d::load3(src, "decoder.conv_out", last, cfg.out_channels)?,
+        })
+    }
+
+    /// A fresh state: the start of a sequence.
+    pub fn new_state(&self) -> DecoderState {
+        DecoderState {
+            conv_in: FrameCache::default(),
+            mid: MidState::default(),
+            up_blocks: self.up_blocks.iter().map(|b| (b.resnets.iter().map(|_| ResidualState::default()).collect(), ResampleState::default())).collect(),
+            conv_out: FrameCache::default(),
+        }
+    }
+
+    /// Decodes the next chunk of latent frames `[z_dim, n, h, w]` (after `post_quant_conv`) into
+    /// video frames `[out_channels, n', 8h, 8w]` (not clamped).
+    pub fn forward(&self, z: &Clip, state: &mut DecoderState) -> Result<Clip> {
+        let x = self.conv_in.forward_cached(z, &mut state.conv_in)?;
+        let mut x = self.mid.forward(x, &mut state.mid)?;
+        for (block, (res_states, up_state)) in self.up_blocks.iter().zip(state.up_blocks.iter_mut()) {
+            for (res, st) in block.resnets.iter().zip(res_states.iter_mut()) {
+                x = res.forward(x, st)?;
+            }
+            if let Some(up) = &block.upsampler {
+                x = up.forward(x, up_state)?;
+            }
+        }
+        norm_silu_conv(&self.norm_out, &self.conv_out, &x, &mut state.conv_out)
+    }
+}

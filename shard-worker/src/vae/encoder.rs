@@ -1,0 +1,102 @@
+//! `WanEncoder3d`: video frames to the latent distribution's parameters, one chunk at a time with
+//! causal state, so that encoding chunk by chunk equals one pass over the whole sequence.
+
+use super::blocks::{MidBlock, MidState, ResampleMode, Resample, ResampleState, ResidualBlock, ResidualState};
+use super::clip::{Clip, FrameCache};
+use super::config::VaeConfig;
+use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
+use crate::weights::WeightSource;
+use crate::Result;
+
+/// An entry of the encoder's flat `down_blocks` list.
+enum DownLayer {
+    Residual(ResidualBlock),
+    Resample(Resample),
+}
+
+/// The encoder (without `quant_conv`, which the VAE applies last).
+pub(crate) struct Encoder {
+    conv_in: CausalConv3d,
+    down_blocks: Vec<DownLayer>,
+    mid: MidBlock,
+    norm_out: ChannelRmsNorm,
+    conv_out: CausalConv3d,
+}
+
+/// The state of one entry of `down_blocks`.
+enum DownState {
+    Residual(ResidualState),
+    Resample(ResampleState),
+}
+
+/// Everything the encoder remembers between chunks of one sample.
+pub(crate) struct EncoderState {
+    conv_in: FrameCache,
+    down_blocks: Vec<DownState>,
+    mid: MidState,
+    conv_out: FrameCache,
+}
+
+impl Encoder {
+    /// Loads `encoder.*` for `cfg`: widths `base_dim · [1, dim_mult…]`, `num_res_blocks` residual
+    /// blocks per stage, and a downsampler after every stage but the last (in time too where
+    /// `temperal_downsample` says so), all in one flat list as upstream numbers them.
+    pub fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+        let dims = cfg.encoder_dims();
+        let stages = cfg.dim_mult.len();
+        let mut down_blocks = Vec::new();
+        for i in 0..stages {
+            let (mut cin, cout) = (dims[i], dims[i + 1]);
+            for _ in 0..cfg.num_res_blocks {
+                let prefix = format!("encoder.down_blocks.{}", down_blocks.len());
+                down_blocks.push(DownLayer::Residual(ResidualBlock::load(src, &prefix, cin, cout)?));
+                cin = cout;
+            }
+            if i + 1 < stages {
+                let prefix = format!("encoder.down_blocks.{}", down_blocks.len());
+                let mode = if cfg.temperal_downsample[i] { ResampleMode::Downsample3d } else { ResampleMode::Downsample2d };
+                down_blocks.push(DownLayer::Resample(Resample::load(src, &prefix, cout, mode)?));
+            }
+        }
+        let top = dims[stages];
+        Ok(Self {
+            conv_in: CausalConv3d::load3(src, "encoder.conv_in", cfg.in_channels, dims[0])?,
+            down_blocks,
+            mid: MidBlock::load(src, "encoder.mid_block", top)?,
+            norm_out: ChannelRmsNorm::load(src, "encoder.norm_out", top, false)?,
+            conv_out: CausalConv3d::load3(src, "encoder.conv_out", top, 2 * cfg.z_dim)?,
+        })
+    }
+
+    /// A fresh state: the start of a sequence.
+    pub fn new_state(&self) -> EncoderState {
+        EncoderState {
+            conv_in: FrameCache::default(),
+            down_blocks: self
+                .down_blocks
+                .iter()
+                .map(|l| match l {
+                    DownLayer::Residual(_) => DownState::Residual(ResidualState::default()),
+                    DownLayer::Resample(_) => DownState::Resample(ResampleState::default()),
+                })
+                .collect(),
+            mid: MidState::default(),
+            conv_out: FrameCache::default(),
+        }
+    }
+
+    /// Encodes the next chunk of video frames `[in_channels, n, H, W]` into `[2·z_dim, n', H/8, W/8]`
+    /// (before `quant_conv`).
+    pub fn forward(&self, video: &Clip, state: &mut EncoderState) -> Result<Clip> {
+        let mut x = self.conv_in.forward_cached(video, &mut state.conv_in)?;
+        for (layer, st) in self.down_blocks.iter().zip(state.down_blocks.iter_mut()) {
+            x = match (layer, st) {
+                (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(x, s)?,
+                (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(x, s)?,
+                _ => unreachable!("states are built from the layers"),
+            };
+        }
+        let x = self.mid.forward(x, &mut state.mid)?;
+        norm_silu_conv(&self.norm_out, &self.conv_out, &x, &mut state.conv_out)
+    }
+}

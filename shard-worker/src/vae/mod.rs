@@ -1,0 +1,202 @@
+//! The Wan 2.1 VAE (diffusers `AutoencoderKLWan`) on the CPU: decode latents to video chunk by
+//! chunk (one latent frame per step, with causal frame caches, so memory does not grow with the
+//! video's length) and encode video to the latent distribution, plus the latent normalisation the
+//! pipelines apply around them. Reference: `wan2.1.md` §4.
+
+mod blocks;
+mod clip;
+mod config;
+mod decoder;
+mod encoder;
+mod layers;
+
+pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
+
+use crate::weights::{RandomWeights, WeightSource, WeightStore};
+use crate::{Result, WorkerError};
+use clip::Clip;
+use decoder::Decoder;
+use encoder::Encoder;
+use layers::CausalConv3d;
+use rayon::prelude::*;
+use std::path::Path;
+use tessera_kernels::Tensor;
+
+/// Video frames per encoder chunk after the first, one-frame chunk (upstream's fixed 4).
+const ENCODE_CHUNK: usize = 4;
+
+/// A loaded Wan 2.1 VAE.
+pub struct WanVae {
+    cfg: VaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: CausalConv3d,
+    post_quant_conv: CausalConv3d,
+}
+
+impl WanVae {
+    /// Loads a diffusers `vae/` folder (`config.json` and safetensors weights).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
+        Self::from_source(cfg, &WeightStore::open_dir(dir)?)
+    }
+
+    /// A built-in configuration with deterministic random weights.
+    pub fn preset(preset: VaePreset, seed: u64) -> Result<Self> {
+        Self::from_source(preset.config(), &RandomWeights::new(seed))
+    }
+
+    /// Builds the VAE from any weight source; every parameter is checked by name and shape, and
+    /// tensors the VAE does not use are an error.
+    pub fn from_source(cfg: VaeConfig, src: &dyn WeightSource) -> Result<Self> {
+        cfg.validate().map_err(|detail| WorkerError::Config { path: "vae config".into(), detail })?;
+        let z = cfg.z_dim;
+        let vae = Self {
+            encoder: Encoder::load(src, &cfg)?,
+            decoder: Decoder::load(src, &cfg)?,
+            quant_conv: CausalConv3d::load1(src, "quant_conv", 2 * z, 2 * z)?,
+            post_quant_conv: CausalConv3d::load1(src, "post_quant_conv", z, z)?,
+            cfg,
+        };
+        src.finish()?;
+        Ok(vae)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Decodes `latent` `[B, z_dim, T, h, w]` (already de-normalised, see
+    /// [`denormalize_latent`](Self::denormalize_latent)) one latent frame at a time, handing each
+    /// piece of video `[B, out_channels, n, 8h, 8w]`, clamped to [−1, 1], to `on_frames` as soon as
+    /// it is ready: 1 frame for the first latent frame, 4 for each later one. Memory stays that of
+    /// one step, whatever T is.
+    pub fn decode_with(&self, latent: &Tensor, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        self.decode_chunks(latent, 1, on_frames)
+    }
+
+    /// Decodes the whole latent: `[B, out_channels, 1 + 4(T − 1), 8h, 8w]`, clamped to [−1, 1].
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        let mut pieces = Vec::new();
+        self.decode_with(latent, &mut |t| {
+            pieces.push(t);
+            Ok(())
+        })?;
+        concat_frames(&pieces)
+    }
+
+    /// Decodes `chunk` latent frames per step (1 is upstream's scheme; any size gives the same video).
+    fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let s = latent.shape();
+        if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) {
+            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w] with no empty dimension, got {s:?}", self.cfg.z_dim)));
+        }
+        let (batch, frames) = (s[0], s[2]);
+        let mut states: Vec<_> = (0..batch).map(|_| self.decoder.new_state()).collect();
+        let mut start = 0;
+        while start < frames {
+            let end = frames.min(start + chunk.max(1));
+            let mut clips = Vec::with_capacity(batch);
+            for (b, state) in states.iter_mut().enumerate() {
+                let z = self.post_quant_conv.forward(&Clip::from_batch(latent, b, start, end))?;
+                clips.push(self.decoder.forward(&z, state)?);
+            }
+            let mut video = Clip::stack(clips)?;
+            video.data_mut().par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0)));
+            on_frames(video)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Encodes `video` `[B, in_channels, F, H, W]` (values in [−1, 1], F = 1 + 4k, H and W
+    /// multiples of 8) into the latent distribution: mean and log-variance (clamped to [−30, 20]),
+    /// each `[B, z_dim, 1 + k, H/8, W/8]`. Pipelines use the mean, normalised with
+    /// [`normalize_latent`](Self::normalize_latent). Frames go through in chunks of 1, 4, 4, ….
+    pub fn encode(&self, video: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode_chunks(video, 1, ENCODE_CHUNK)
+    }
+
+    /// Encodes with a first chunk of `first` frames and then chunks of `rest` (upstream: 1 and 4).
+    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize) -> Result<(Tensor, Tensor)> {
+        let s = video.shape();
+        let c = &self.cfg;
+        let sf = c.spatial_factor();
+        if s.len() != 5 || s[1] != c.in_channels || s.contains(&0) {
+            return Err(WorkerError::input("video", format!("expected [B, {}, F, H, W] with no empty dimension, got {s:?}", c.in_channels)));
+        }
+        if (s[2] - 1) % ENCODE_CHUNK != 0 {
+            return Err(WorkerError::input("video", format!("{} frames: the encoder takes 1 + {ENCODE_CHUNK}k frames", s[2])));
+        }
+        if s[3] % sf != 0 || s[4] % sf != 0 {
+            return Err(WorkerError::input("video", format!("{}x{} pixels: height and width must be multiples of {sf}", s[3], s[4])));
+        }
+        let (batch, frames, z) = (s[0], s[2], c.z_dim);
+        let (mut means, mut logvars) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        for b in 0..batch {
+            let mut state = self.encoder.new_state();
+            let mut outs = Vec::new();
+            let mut start = 0;
+            while start < frames {
+                let end = frames.min(start + if start == 0 { first } else { rest });
+                outs.push(self.encoder.forward(&Clip::from_batch(video, b, start, end), &mut state)?);
+                start = end;
+            }
+            let enc = self.quant_conv.forward(&Clip::concat_time(&outs.iter().collect::<Vec<_>>()))?;
+            let per_channel = enc.positions();
+            let (mean, logvar) = enc.data.split_at(z * per_channel);
+            means.push(Clip::new([z, enc.t, enc.h, enc.w], mean.to_vec()));
+            logvars.push(Clip::new([z, enc.t, enc.h, enc.w], logvar.iter().map(|v| v.clamp(-30.0, 20.0)).collect()));
+        }
+        Ok((Clip::stack(means)?, Clip::stack(logvars)?))
+    }
+
+    /// `(μ − mean) / std` per channel, as the pipelines compute it (`(μ − mean)·(1/std)` in f32).
+    pub fn normalize_latent(&self, mu: &Tensor) -> Result<Tensor> {
+        self.per_channel(mu, |v, mean, inv_std| (v - mean) * inv_std)
+    }
+
+    /// `z·std + mean` per channel, as the pipelines compute it (`z / (1/std) + mean` in f32): the
+    /// transformer's latents back into the decoder's range.
+    pub fn denormalize_latent(&self, z: &Tensor) -> Result<Tensor> {
+        self.per_channel(z, |v, mean, inv_std| v / inv_std + mean)
+    }
+
+    fn per_channel(&self, x: &Tensor, f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Result<Tensor> {
+        let s = x.shape();
+        if s.len() != 5 || s[1] != self.cfg.z_dim {
+            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w], got {s:?}", self.cfg.z_dim)));
+        }
+        let per_channel: usize = s[2..].iter().product();
+        let z = self.cfg.z_dim;
+        let mut out = x.clone();
+        if per_channel > 0 {
+            out.data_mut().par_chunks_mut(per_channel).enumerate().for_each(|(i, row)| {
+                let ch = i % z;
+                let (mean, inv_std) = (self.cfg.latents_mean[ch] as f32, 1.0 / self.cfg.latents_std[ch] as f32);
+                row.iter_mut().for_each(|v| *v = f(*v, mean, inv_std));
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Joins `[B, C, n_i, H, W]` pieces along time.
+fn concat_frames(pieces: &[Tensor]) -> Result<Tensor> {
+    let first = pieces.first().ok_or_else(|| WorkerError::input("latent", "no frames were decoded"))?;
+    let s = first.shape().to_vec();
+    let (batch, channels, plane) = (s[0], s[1], s[3] * s[4]);
+    let frames: usize = pieces.iter().map(|p| p.dim(2)).sum();
+    let mut data = Vec::with_capacity(batch * channels * frames * plane);
+    for row in 0..batch * channels {
+        for p in pieces {
+            let n = p.dim(2) * plane;
+            data.extend_from_slice(&p.data()[row * n..(row + 1) * n]);
+        }
+    }
+    Ok(Tensor::new([batch, channels, frames, s[3], s[4]], data)?)
+}
+
+#[cfg(test)]
+mod tests;
