@@ -6,6 +6,7 @@ mod error;
 pub mod golden;
 pub mod model;
 pub mod parallel;
+pub mod sampler;
 pub mod weights;
 
 pub use config::{TransformerConfig, TransformerPreset};

@@ -5,6 +5,7 @@
 
 mod compare;
 mod dit;
+mod scheduler;
 
 pub use compare::{Comparison, Tolerance};
 
@@ -152,6 +153,7 @@ impl Outcome {
 pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts),
+        CaseKind::Scheduler => scheduler::run(case, opts),
         other => return Outcome::Unsupported(format!("{} cases are not implemented yet", other.name())),
     };
     match result {
