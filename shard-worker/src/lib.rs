@@ -1,11 +1,14 @@
-//! Tessera's shard worker library: the Wan 2.1 diffusion transformer (text- and image-to-video),
-//! loading diffusers weight folders, and the pieces a worker process runs.
+//! Tessera's shard worker library: the Wan 2.1 models (diffusion transformer, UMT5 text encoder,
+//! VAE), the flow-matching samplers and the whole pipeline, loading diffusers snapshot folders,
+//! sequence-parallel attention, and the pieces a worker process runs.
 
 pub mod config;
 mod error;
 pub mod golden;
 pub mod model;
 pub mod parallel;
+pub mod pipeline;
+pub mod sampler;
 pub mod text;
 pub mod vae;
 pub mod weights;

@@ -5,8 +5,10 @@
 
 mod compare;
 mod dit;
+mod pipeline;
 mod umt5;
 mod vae;
+mod scheduler;
 
 pub use compare::{Comparison, Tolerance};
 
@@ -156,7 +158,8 @@ pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
         CaseKind::Dit => dit::run(case, opts),
         CaseKind::Umt5 => umt5::run(case),
         CaseKind::Vae => vae::run(case),
-        other => return Outcome::Unsupported(format!("{} cases are not implemented yet", other.name())),
+        CaseKind::Scheduler => scheduler::run(case, opts),
+        CaseKind::Pipeline => pipeline::run(case),
     };
     match result {
         Ok(outcome) => outcome,

@@ -1,0 +1,277 @@
+//! The Wan 2.1 text-to-video pipeline (and video-to-video) on one device, numerically what
+//! diffusers' `WanPipeline` computes (reference/wan2.1.md §5.5, §6.2): prompt and negative prompt →
+//! UMT5 embeddings → initial noise → guided denoising steps → VAE decode → frames in [0, 1].
+//! Each stage is a public method, so that a caller (the golden runner, a shard worker) can run,
+//! observe or replace any of them; [`WanPipeline::generate`] chains them.
+
+mod noise;
+mod params;
+mod snapshot;
+
+pub use noise::{initial_noise, noise_slice, NOISE_STREAM, VIDEO_NOISE_STREAM};
+pub use params::{GenerationParams, VideoInput};
+pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
+
+use crate::model::{DitInputs, WanTransformer};
+use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, SamplerState, Schedule};
+use crate::text::TextEncoder;
+use crate::vae::WanVae;
+use crate::{Result, WorkerError};
+use std::path::Path;
+use tessera_kernels::Tensor;
+
+/// The prompt side of a generation: token ids and embeddings of the prompt and, with guidance, of
+/// the negative prompt.
+#[derive(Clone, Debug)]
+pub struct TextConditions {
+    /// Token ids of the prompt (up to and including `</s>`).
+    pub prompt_ids: Vec<u32>,
+    /// Token ids of the negative prompt (guidance only).
+    pub negative_ids: Option<Vec<u32>>,
+    /// `[1, 512, text_dim]`, zero past the prompt.
+    pub prompt_embeds: Tensor,
+    /// `[1, 512, text_dim]`, zero past the negative prompt (guidance only).
+    pub negative_embeds: Option<Tensor>,
+}
+
+/// Watches a generation stage by stage; every method may stop the run by returning an error
+/// (to cancel, for instance). All methods default to doing nothing.
+pub trait PipelineObserver {
+    /// The prompts were tokenized and encoded.
+    fn on_text(&mut self, _text: &TextConditions) -> Result<()> {
+        Ok(())
+    }
+    /// The starting latent (noise, or noised input video) is ready.
+    fn on_initial_latents(&mut self, _latents: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Step `step` (0-based, of `total` run) finished; `latents` is the sample after it.
+    fn on_step(&mut self, _step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Decoded frames `[1, 3, n, H, W]` in [0, 1], in order, as the VAE produces them.
+    fn on_frames(&mut self, _frames: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that watches nothing.
+pub struct NoObserver;
+
+impl PipelineObserver for NoObserver {}
+
+/// A loaded pipeline: text encoder, transformer, VAE and sampler configuration.
+pub struct WanPipeline {
+    text: TextEncoder,
+    transformer: WanTransformer,
+    vae: WanVae,
+    sampler: SamplerConfig,
+}
+
+impl WanPipeline {
+    /// Loads a diffusers snapshot folder (`model_index.json`, `transformer/`, `vae/`,
+    /// `text_encoder/`, `tokenizer/`, `scheduler/`).
+    pub fn load(root: &Path) -> Result<Self> {
+        let snap = Snapshot::open(root)?;
+        let sampler = SamplerConfig::from_path(&snap.component("scheduler").join("scheduler_config.json"))?;
+        Self::from_parts(TextEncoder::load(root)?, WanTransformer::load(&snap.component("transformer"))?, WanVae::load(&snap.component("vae"))?, sampler)
+    }
+
+    /// Assembles a pipeline from loaded components, checking that they fit together.
+    pub fn from_parts(text: TextEncoder, transformer: WanTransformer, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
+        let (tc, vc) = (transformer.config(), vae.config());
+        let bad = |detail: String| WorkerError::Config { path: "pipeline".into(), detail };
+        if tc.is_i2v() {
+            return Err(bad("the transformer is an image-to-video model; this pipeline runs text- and video-to-video".into()));
+        }
+        if tc.in_channels != vc.z_dim || tc.out_channels != vc.z_dim {
+            return Err(bad(format!("transformer channels in/out {}/{} do not match the VAE's z_dim {}", tc.in_channels, tc.out_channels, vc.z_dim)));
+        }
+        let d_model = text.encoder().config().d_model;
+        if tc.text_dim != d_model {
+            return Err(bad(format!("transformer text_dim {} does not match the text encoder's d_model {d_model}", tc.text_dim)));
+        }
+        Ok(Self { text, transformer, vae, sampler })
+    }
+
+    /// The transformer.
+    pub fn transformer(&self) -> &WanTransformer {
+        &self.transformer
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &WanVae {
+        &self.vae
+    }
+
+    /// The text encoder.
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text
+    }
+
+    /// The scheduler configuration of the snapshot.
+    pub fn sampler_config(&self) -> &SamplerConfig {
+        &self.sampler
+    }
+
+    /// The sampler configuration with the request's overrides applied.
+    pub fn sampler_for(&self, params: &GenerationParams) -> SamplerConfig {
+        let mut cfg = self.sampler.clone();
+        if let Some(kind) = params.sampler {
+            cfg = cfg.with_kind(kind);
+        }
+        if let Some(shift) = params.flow_shift {
+            cfg = cfg.with_shift(shift);
+        }
+        cfg
+    }
+
+    /// The schedule of a run: all steps, or for video-to-video those that `strength` keeps.
+    pub fn schedule_for(&self, params: &GenerationParams) -> Result<Schedule> {
+        let full = Schedule::new(&self.sampler_for(params), params.num_inference_steps)?;
+        match &params.video {
+            Some(v) => full.for_strength(v.strength),
+            None => Ok(full),
+        }
+    }
+
+    /// Stage 1: tokenizes and encodes the prompt, and the negative prompt when guidance is on.
+    pub fn encode_text(&self, prompt: &str, negative_prompt: &str, guidance_scale: f32) -> Result<TextConditions> {
+        let cfg = guidance_enabled(guidance_scale);
+        let prompts: Vec<&str> = if cfg { vec![prompt, negative_prompt] } else { vec![prompt] };
+        let tokens = self.text.tokenize(&prompts)?;
+        let embeds = self.text.encode_tokenized(&tokens)?;
+        let (len, d) = (embeds.dim(1), embeds.dim(2));
+        let row = |i: usize| Tensor::new([1, len, d], embeds.data()[i * len * d..(i + 1) * len * d].to_vec());
+        Ok(TextConditions {
+            prompt_ids: tokens.tokens(0).to_vec(),
+            negative_ids: cfg.then(|| tokens.tokens(1).to_vec()),
+            prompt_embeds: row(0)?,
+            negative_embeds: if cfg { Some(row(1)?) } else { None },
+        })
+    }
+
+    /// Stage 2: the starting latent `[1, C, T, h, w]`: the given or seeded noise; for
+    /// video-to-video, the encoded, normalised input video noised to the schedule's first σ.
+    pub fn initial_latents(&self, params: &GenerationParams, schedule: &Schedule) -> Result<Tensor> {
+        let vc = self.vae.config();
+        let fhw = params.latent_fhw(vc.spatial_factor(), vc.temporal_factor());
+        let shape = [1, vc.z_dim, fhw[0], fhw[1], fhw[2]];
+        let noise = match &params.initial_noise {
+            Some(n) if n.shape() == shape => n.clone(),
+            Some(n) => return Err(WorkerError::input("initial_noise", format!("expected {shape:?}, got {:?}", n.shape()))),
+            None => initial_noise(params.seed, NOISE_STREAM, vc.z_dim, fhw),
+        };
+        let Some(input) = &params.video else { return Ok(noise) };
+        let (mean, _logvar) = self.vae.encode(&input.video)?;
+        let mut latents = self.vae.normalize_latent(&mean)?;
+        latents.expect_shape("encoded input video", &shape)?;
+        let sigma = schedule.sigmas()[schedule.first_step()];
+        add_noise(latents.data_mut(), noise.data(), sigma)?;
+        Ok(latents)
+    }
+
+    /// One guided velocity: the transformer on `latents` at timestep `t`, conditional and (with
+    /// guidance) unconditional in one batch of two, combined as `u + g·(c − u)`.
+    pub fn velocity(&self, latents: &Tensor, t: f32, text: &TextConditions, guidance_scale: f32) -> Result<Tensor> {
+        let Some(negative) = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale)) else {
+            let x = DitInputs { hidden_states: latents, timesteps: &[t], encoder_hidden_states: &text.prompt_embeds, encoder_hidden_states_image: None };
+            return self.transformer.forward(&x);
+        };
+        let pair = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            let mut shape = a.shape().to_vec();
+            shape[0] = 2;
+            let mut data = Vec::with_capacity(a.len() * 2);
+            data.extend_from_slice(a.data());
+            data.extend_from_slice(b.data());
+            Ok(Tensor::new(shape, data)?)
+        };
+        let hidden = pair(latents, latents)?;
+        let context = pair(&text.prompt_embeds, negative)?;
+        let x = DitInputs { hidden_states: &hidden, timesteps: &[t, t], encoder_hidden_states: &context, encoder_hidden_states_image: None };
+        let out = self.transformer.forward(&x)?;
+        let n = out.len() / 2;
+        let mut data = out.into_data();
+        let (cond, uncond) = data.split_at_mut(n);
+        apply_guidance(cond, uncond, guidance_scale)?;
+        data.truncate(n);
+        Ok(Tensor::new(latents.shape().to_vec(), data)?)
+    }
+
+    /// Stage 3: runs every step of `schedule` on `latents` in place.
+    pub fn denoise(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver) -> Result<()> {
+        let mut state = SamplerState::new(schedule.config().kind, latents.len());
+        let steps = schedule.first_step()..schedule.num_steps();
+        let total = steps.len();
+        for (k, i) in steps.enumerate() {
+            let t = schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
+            let v = self.velocity(latents, t, text, guidance_scale)?;
+            state.step(schedule, i, v.data(), latents.data_mut())?;
+            observer.on_step(k, total, latents)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 4: de-normalises the latent and decodes it frame-chunk by frame-chunk, handing frames
+    /// `[1, 3, n, H, W]` in [0, 1] to the observer as they come.
+    pub fn decode(&self, latents: &Tensor, observer: &mut dyn PipelineObserver) -> Result<()> {
+        let z = self.vae.denormalize_latent(latents)?;
+        self.vae.decode_with(&z, &mut |mut frames| {
+            frames.data_mut().iter_mut().for_each(|v| *v = (*v + 1.0) * 0.5);
+            observer.on_frames(&frames)
+        })
+    }
+
+    /// The whole generation; returns the final latent (frames went to the observer).
+    pub fn generate(&self, params: &GenerationParams, observer: &mut dyn PipelineObserver) -> Result<Tensor> {
+        let vc = self.vae.config();
+        params.validate(vc.spatial_factor(), vc.temporal_factor())?;
+        let text = self.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
+        observer.on_text(&text)?;
+        let schedule = self.schedule_for(params)?;
+        let mut latents = self.initial_latents(params, &schedule)?;
+        observer.on_initial_latents(&latents)?;
+        self.denoise(&mut latents, &text, params.guidance_scale, &schedule, observer)?;
+        self.decode(&latents, observer)?;
+        Ok(latents)
+    }
+}
+
+/// Collects every decoded frame chunk into one `[1, 3, F, H, W]` tensor.
+#[derive(Default)]
+pub struct FrameCollector {
+    chunks: Vec<Tensor>,
+}
+
+impl FrameCollector {
+    /// The frames so far, concatenated along time.
+    pub fn frames(&self) -> Result<Tensor> {
+        concat_time(&self.chunks)
+    }
+}
+
+impl PipelineObserver for FrameCollector {
+    fn on_frames(&mut self, frames: &Tensor) -> Result<()> {
+        self.chunks.push(frames.clone());
+        Ok(())
+    }
+}
+
+/// Concatenates `[B, C, n_i, H, W]` tensors along the time axis.
+pub fn concat_time(chunks: &[Tensor]) -> Result<Tensor> {
+    let Some(first) = chunks.first() else { return Err(WorkerError::input("frames", "no frames were decoded")) };
+    let s = first.shape().to_vec();
+    if s.len() != 5 || chunks.iter().any(|c| c.shape().len() != 5 || c.shape()[..2] != s[..2] || c.shape()[3..] != s[3..]) {
+        return Err(WorkerError::input("frames", "chunks differ in batch, channels or size"));
+    }
+    let frames: usize = chunks.iter().map(|c| c.dim(2)).sum();
+    let plane = s[3] * s[4];
+    let mut out = Vec::with_capacity(s[0] * s[1] * frames * plane);
+    for bc in 0..s[0] * s[1] {
+        for c in chunks {
+            let n = c.dim(2) * plane;
+            out.extend_from_slice(&c.data()[bc * n..(bc + 1) * n]);
+        }
+    }
+    Ok(Tensor::new([s[0], s[1], frames, s[3], s[4]], out)?)
+}

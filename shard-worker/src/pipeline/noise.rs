@@ -1,0 +1,44 @@
+//! The initial noise of a generation: standard normal values from the counter-based generator,
+//! indexed by each element's position in the flattened `[C, T, h, w]` latent, so any slice of it
+//! can be drawn on any worker and the whole is the same whatever the number of workers.
+
+use tessera_kernels::random::fill_normal;
+use tessera_kernels::Tensor;
+
+/// Generator stream of the initial latent noise.
+pub const NOISE_STREAM: u64 = 0x6e6f_6973_6530; // "noise0"
+/// Generator stream of the noise mixed into a video-to-video input.
+pub const VIDEO_NOISE_STREAM: u64 = 0x6e6f_6973_6531; // "noise1"
+
+/// Elements `range` of the flattened latent noise of `seed` on `stream`.
+pub fn noise_slice(seed: u64, stream: u64, range: std::ops::Range<usize>) -> Vec<f32> {
+    let mut out = vec![0.0; range.len()];
+    fill_normal(seed, stream, range.start as u64, &mut out);
+    out
+}
+
+/// The whole latent noise `[1, channels, T, h, w]`.
+pub fn initial_noise(seed: u64, stream: u64, channels: usize, fhw: [usize; 3]) -> Tensor {
+    let shape = [1, channels, fhw[0], fhw[1], fhw[2]];
+    let n = shape.iter().product();
+    Tensor::new(shape, noise_slice(seed, stream, 0..n)).expect("shape and length agree")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_drawn_apart_equal_the_whole() {
+        let whole = initial_noise(9, NOISE_STREAM, 4, [3, 4, 6]);
+        let n = whole.len();
+        let mut pieces = Vec::new();
+        for r in [0..7, 7..50, 50..n] {
+            pieces.extend(noise_slice(9, NOISE_STREAM, r));
+        }
+        assert_eq!(pieces, whole.data());
+        let mean = whole.data().iter().sum::<f32>() / n as f32;
+        assert!(mean.abs() < 0.3, "mean {mean}");
+        assert_ne!(initial_noise(10, NOISE_STREAM, 4, [3, 4, 6]).data(), whole.data());
+    }
+}

@@ -1,0 +1,133 @@
+//! What one generation asks for, checked against the loaded models before any work starts.
+
+use crate::sampler::SamplerKind;
+use crate::{Result, WorkerError};
+use tessera_kernels::Tensor;
+
+/// Video-to-video input: a video already resized to the output size, and how much of the
+/// denoising schedule to run on it.
+#[derive(Clone, Debug)]
+pub struct VideoInput {
+    /// `[1, 3, F, H, W]`, values in [−1, 1], F = 4k + 1.
+    pub video: Tensor,
+    /// Share of the schedule that is run, in (0, 1] (upstream's default 0.8).
+    pub strength: f64,
+}
+
+/// The parameters of one generation (diffusers `WanPipeline.__call__` names).
+#[derive(Clone, Debug)]
+pub struct GenerationParams {
+    /// What the video shows.
+    pub prompt: String,
+    /// What it should not show (the unconditional branch of guidance); "" as upstream's default.
+    pub negative_prompt: String,
+    /// Frame height in pixels (multiple of 16).
+    pub height: usize,
+    /// Frame width in pixels (multiple of 16).
+    pub width: usize,
+    /// Frames, 4k + 1.
+    pub num_frames: usize,
+    /// Denoising steps of the full schedule.
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale; at most 1 disables guidance (one forward per step).
+    pub guidance_scale: f32,
+    /// σ shift; `None` keeps the scheduler config's.
+    pub flow_shift: Option<f64>,
+    /// Sampler; `None` keeps the scheduler config's.
+    pub sampler: Option<SamplerKind>,
+    /// Seed of the initial noise (a counter-based generator indexed by element position).
+    pub seed: u64,
+    /// Starting noise instead of the seeded one (`[1, C, T, h, w]`), e.g. to reproduce a reference.
+    pub initial_noise: Option<Tensor>,
+    /// Video-to-video input.
+    pub video: Option<VideoInput>,
+}
+
+impl GenerationParams {
+    /// Upstream's defaults for `prompt` (480×832, 81 frames, 50 steps, guidance 5).
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            height: 480,
+            width: 832,
+            num_frames: 81,
+            num_inference_steps: 50,
+            guidance_scale: 5.0,
+            flow_shift: None,
+            sampler: None,
+            seed: 0,
+            initial_noise: None,
+            video: None,
+        }
+    }
+
+    /// Checks the sizes against the VAE's factors (`spatial` × the patch size for the sides,
+    /// `temporal` for the frames) and the ranges of the scalar settings.
+    pub fn validate(&self, spatial: usize, temporal: usize) -> Result<()> {
+        let side = spatial * 2;
+        for (field, v) in [("height", self.height), ("width", self.width)] {
+            if v == 0 || v % side != 0 {
+                return Err(WorkerError::input(field, format!("{v} must be a positive multiple of {side}")));
+            }
+        }
+        if self.num_frames == 0 || (self.num_frames - 1) % temporal != 0 {
+            return Err(WorkerError::input("num_frames", format!("{} must be {temporal}k + 1", self.num_frames)));
+        }
+        if self.num_inference_steps == 0 {
+            return Err(WorkerError::input("num_inference_steps", "at least one step is needed"));
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
+            return Err(WorkerError::input("guidance_scale", format!("{} must be a finite number ≥ 0", self.guidance_scale)));
+        }
+        if let Some(s) = self.flow_shift {
+            if !s.is_finite() || s <= 0.0 {
+                return Err(WorkerError::input("flow_shift", format!("{s} must be a finite number > 0")));
+            }
+        }
+        if let Some(v) = &self.video {
+            if !(v.strength > 0.0 && v.strength <= 1.0) {
+                return Err(WorkerError::input("strength", format!("{} must be in (0, 1]", v.strength)));
+            }
+            let want = [1, 3, self.num_frames, self.height, self.width];
+            if v.video.shape() != want {
+                return Err(WorkerError::input("video", format!("expected {want:?} (resized to the output size), got {:?}", v.video.shape())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Latent grid `[T, h, w]` for these sizes.
+    pub fn latent_fhw(&self, spatial: usize, temporal: usize) -> [usize; 3] {
+        [(self.num_frames - 1) / temporal + 1, self.height / spatial, self.width / spatial]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(p: &GenerationParams) -> &'static str {
+        match p.validate(8, 4) {
+            Err(WorkerError::InvalidInput { field, .. }) => field,
+            other => panic!("expected an invalid input, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_and_settings_are_checked_by_name() {
+        let ok = GenerationParams::new("x");
+        ok.validate(8, 4).unwrap();
+        assert_eq!(ok.latent_fhw(8, 4), [21, 60, 104]);
+        assert_eq!(field(&GenerationParams { height: 40, ..ok.clone() }), "height");
+        assert_eq!(field(&GenerationParams { width: 0, ..ok.clone() }), "width");
+        assert_eq!(field(&GenerationParams { num_frames: 8, ..ok.clone() }), "num_frames");
+        assert_eq!(field(&GenerationParams { num_inference_steps: 0, ..ok.clone() }), "num_inference_steps");
+        assert_eq!(field(&GenerationParams { guidance_scale: -1.0, ..ok.clone() }), "guidance_scale");
+        assert_eq!(field(&GenerationParams { flow_shift: Some(0.0), ..ok.clone() }), "flow_shift");
+        let video = Tensor::zeros([1, 3, 81, 480, 832]);
+        assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: video.clone(), strength: 0.0 }), ..ok.clone() }), "strength");
+        assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: Tensor::zeros([1, 3, 5, 480, 832]), strength: 0.5 }), ..ok.clone() }), "video");
+        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(8, 4).unwrap();
+    }
+}

@@ -1,0 +1,79 @@
+//! A diffusers snapshot folder: `model_index.json` names the pipeline class and, for each
+//! component folder, the library and class that wrote it. Checked before anything is loaded, so a
+//! wrong folder fails with a message naming the component.
+
+use crate::{Result, WorkerError};
+use std::path::{Path, PathBuf};
+
+/// Pipeline classes whose components this crate loads (text-to-video and video-to-video share them).
+pub const SUPPORTED_PIPELINES: [&str; 2] = ["WanPipeline", "WanVideoToVideoPipeline"];
+
+/// The components of a checked snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// The snapshot folder.
+    pub root: PathBuf,
+    /// `_class_name` of `model_index.json`.
+    pub pipeline_class: String,
+}
+
+impl Snapshot {
+    /// Reads and checks `root/model_index.json`.
+    pub fn open(root: &Path) -> Result<Self> {
+        let path = root.join("model_index.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
+        let bad = |detail: String| WorkerError::Config { path: path.display().to_string(), detail };
+        let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let class = index.get("_class_name").and_then(|v| v.as_str()).ok_or_else(|| bad("no _class_name".into()))?;
+        if !SUPPORTED_PIPELINES.contains(&class) {
+            return Err(bad(format!("pipeline {class} is not supported (supported: {})", SUPPORTED_PIPELINES.join(", "))));
+        }
+        let expect = [
+            ("transformer", "WanTransformer3DModel"),
+            ("vae", "AutoencoderKLWan"),
+            ("text_encoder", "UMT5EncoderModel"),
+            ("scheduler", ""),
+            ("tokenizer", ""),
+        ];
+        for (component, want_class) in expect {
+            let entry = index.get(component).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("component `{component}` is missing")))?;
+            let got = entry.get(1).and_then(|v| v.as_str()).unwrap_or_default();
+            if !want_class.is_empty() && got != want_class {
+                return Err(bad(format!("component `{component}` is {got:?}, expected {want_class}")));
+            }
+            if !root.join(component).is_dir() {
+                return Err(bad(format!("component folder `{component}/` is missing")));
+            }
+        }
+        // Wan 2.2 adds a second, low-noise transformer; not served by this pipeline.
+        if index.get("transformer_2").and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(|x| !x.is_null())) {
+            return Err(bad("a second transformer (`transformer_2`, Wan 2.2) is not supported".into()));
+        }
+        Ok(Self { root: root.to_path_buf(), pipeline_class: class.to_string() })
+    }
+
+    /// The folder of `component`.
+    pub fn component(&self, component: &str) -> PathBuf {
+        self.root.join(component)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_snapshot_opens_and_bad_ones_are_named() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/t2v-a");
+        let s = Snapshot::open(&root).unwrap();
+        assert_eq!(s.pipeline_class, "WanPipeline");
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Snapshot::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("model_index.json"), "{err}");
+        std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": "WanPipeline", "vae": ["diffusers", "AutoencoderKLWan"]}"#).unwrap();
+        let err = Snapshot::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("`transformer`"), "{err}");
+        std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": "FluxPipeline"}"#).unwrap();
+        assert!(Snapshot::open(tmp.path()).unwrap_err().to_string().contains("FluxPipeline"));
+    }
+}
