@@ -341,4 +341,26 @@ mod tests {
         let empty = model.encode_unpadded(&[&[]]).unwrap();
         assert_eq!(empty[0].shape(), &[0, 32]);
     }
+
+    /// One layer at UMT5-XXL width (d_model 4096, 64 heads of 64, d_ff 10240) with random
+    /// weights: prints the time per layer for a few prompt lengths (×24 for the whole encoder).
+    /// `cargo test -p tessera-worker --lib umt5_xxl_layer_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing; allocates ~2 GB"]
+    fn umt5_xxl_layer_timing() {
+        let cfg = Umt5Config { num_layers: 1, vocab_size: 1000, ..Umt5Config::umt5_xxl() };
+        let model = Umt5EncoderModel::from_source(cfg, &crate::weights::RandomWeights::new(7)).unwrap();
+        for len in [25usize, 100, 512] {
+            let ids: Vec<u32> = (0..len as u32).map(|i| (i * 37) % 1000).collect();
+            model.encode_unpadded(&[&ids]).unwrap(); // warm-up
+            let runs = 3;
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                let out = model.encode_unpadded(&[&ids]).unwrap();
+                assert!(out[0].data().iter().all(|x| x.is_finite()));
+            }
+            let per_layer = start.elapsed().as_secs_f64() / runs as f64;
+            eprintln!("UMT5-XXL width, {len} tokens: {:.1} ms per layer, ~{:.2} s for 24 layers", per_layer * 1e3, per_layer * 24.0);
+        }
+    }
 }
