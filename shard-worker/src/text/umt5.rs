@@ -152,7 +152,7 @@ impl Umt5EncoderModel {
     /// `[batch, len, d_model]`. Rows of padding tokens are computed as upstream does, but
     /// nothing downstream should use them.
     pub fn forward(&self, input_ids: &[u32], attention_mask: &[bool], batch: usize) -> Result<Tensor> {
-        if batch == 0 || input_ids.len() % batch != 0 {
+        if input_ids.len().checked_rem(batch) != Some(0) {
             return Err(WorkerError::input("input_ids", format!("{} ids are not {batch} rows", input_ids.len())));
         }
         if attention_mask.len() != input_ids.len() {
