@@ -35,11 +35,14 @@ impl Umt5Block {
         let (d, inner, ff) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
         let p = format!("encoder.block.{i}.layer");
         let attn = format!("{p}.0.SelfAttention");
-        let mut qkv = src.tensor(&format!("{attn}.q.weight"), &[inner, d])?;
-        qkv.extend(src.tensor(&format!("{attn}.k.weight"), &[inner, d])?);
-        qkv.extend(src.tensor(&format!("{attn}.v.weight"), &[inner, d])?);
-        let mut wi = src.tensor(&format!("{p}.1.DenseReluDense.wi_0.weight"), &[ff, d])?;
-        wi.extend(src.tensor(&format!("{p}.1.DenseReluDense.wi_1.weight"), &[ff, d])?);
+        let mut qkv = Vec::with_capacity(3 * inner * d);
+        for name in ["q", "k", "v"] {
+            qkv.extend(src.tensor(&format!("{attn}.{name}.weight"), &[inner, d])?);
+        }
+        let mut wi = Vec::with_capacity(2 * ff * d);
+        for name in ["wi_0", "wi_1"] {
+            wi.extend(src.tensor(&format!("{p}.1.DenseReluDense.{name}.weight"), &[ff, d])?);
+        }
         Ok(Self {
             attn_norm: src.tensor(&format!("{p}.0.layer_norm.weight"), &[d])?,
             qkv: Linear::from_parts(qkv, None, d, 3 * inner),
