@@ -95,7 +95,7 @@ impl Umt5Config {
             return Err(format!("feed_forward_proj {:?} is not supported (only \"gated-gelu\", GELU with the tanh approximation)", self.feed_forward_proj));
         }
         // Bidirectional buckets: half per direction, and half of those exact.
-        if self.relative_attention_num_buckets < 4 || self.relative_attention_num_buckets % 4 != 0 {
+        if self.relative_attention_num_buckets < 4 || self.relative_attention_num_buckets.checked_rem(4) != Some(0) {
             return Err(format!("relative_attention_num_buckets {} must be a positive multiple of 4", self.relative_attention_num_buckets));
         }
         if self.relative_attention_max_distance <= self.relative_attention_num_buckets / 4 {
@@ -151,7 +151,7 @@ mod tests {
     }
 
     fn error_of(text: &str) -> String {
-        Umt5Config::from_json(text).err().expect("must be rejected").to_string()
+        Umt5Config::from_json(text).expect_err("must be rejected").to_string()
     }
 
     #[test]

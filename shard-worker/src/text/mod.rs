@@ -15,6 +15,5 @@ pub use config::Umt5Config;
 pub use ftfy::fix_text;
 pub use html::html_unescape;
 pub use prompt::TextEncoder;
-pub use relative::relative_position_bucket;
 pub use tokenizer::{PromptTokenizer, TokenizedPrompts, TEXT_LEN};
 pub use umt5::Umt5EncoderModel;

@@ -13,8 +13,9 @@ use tessera_kernels::simd::exp;
 ///
 /// The logarithm is evaluated in f32 in upstream's order of operations, so that the distances
 /// where it lands exactly on an integer (16, 32, 64 for the usual 32 buckets and 128) fall in
-/// the same bucket as in transformers' `UMT5Attention._relative_position_bucket`.
-pub fn relative_position_bucket(rel: i64, num_buckets: usize, max_distance: usize) -> usize {
+/// the same bucket as in transformers' `UMT5Attention._relative_position_bucket`. `num_buckets`
+/// must be a multiple of 4 and `max_distance` above a quarter of it ([`super::Umt5Config`] checks).
+pub(crate) fn relative_position_bucket(rel: i64, num_buckets: usize, max_distance: usize) -> usize {
     let half = num_buckets / 2;
     let base = if rel > 0 { half } else { 0 };
     let distance = rel.unsigned_abs();

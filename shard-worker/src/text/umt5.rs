@@ -35,11 +35,14 @@ impl Umt5Block {
         let (d, inner, ff) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
         let p = format!("encoder.block.{i}.layer");
         let attn = format!("{p}.0.SelfAttention");
-        let mut qkv = src.tensor(&format!("{attn}.q.weight"), &[inner, d])?;
-        qkv.extend(src.tensor(&format!("{attn}.k.weight"), &[inner, d])?);
-        qkv.extend(src.tensor(&format!("{attn}.v.weight"), &[inner, d])?);
-        let mut wi = src.tensor(&format!("{p}.1.DenseReluDense.wi_0.weight"), &[ff, d])?;
-        wi.extend(src.tensor(&format!("{p}.1.DenseReluDense.wi_1.weight"), &[ff, d])?);
+        let mut qkv = Vec::with_capacity(3 * inner * d);
+        for name in ["q", "k", "v"] {
+            qkv.extend(src.tensor(&format!("{attn}.{name}.weight"), &[inner, d])?);
+        }
+        let mut wi = Vec::with_capacity(2 * ff * d);
+        for name in ["wi_0", "wi_1"] {
+            wi.extend(src.tensor(&format!("{p}.1.DenseReluDense.{name}.weight"), &[ff, d])?);
+        }
         Ok(Self {
             attn_norm: src.tensor(&format!("{p}.0.layer_norm.weight"), &[d])?,
             qkv: Linear::from_parts(qkv, None, d, 3 * inner),
@@ -152,7 +155,7 @@ impl Umt5EncoderModel {
     /// `[batch, len, d_model]`. Rows of padding tokens are computed as upstream does, but
     /// nothing downstream should use them.
     pub fn forward(&self, input_ids: &[u32], attention_mask: &[bool], batch: usize) -> Result<Tensor> {
-        if batch == 0 || input_ids.len() % batch != 0 {
+        if input_ids.len().checked_rem(batch) != Some(0) {
             return Err(WorkerError::input("input_ids", format!("{} ids are not {batch} rows", input_ids.len())));
         }
         if attention_mask.len() != input_ids.len() {
@@ -259,12 +262,16 @@ mod tests {
         let model = Umt5EncoderModel::load(&golden_case()).unwrap();
         let (ids, mask) = golden_inputs();
         let len = ids.len() / 2;
+        let start = std::time::Instant::now();
         let padded = model.forward(&ids, &mask, 2).unwrap();
+        let padded_time = start.elapsed();
         let d = model.config().d_model;
         let lengths: Vec<usize> = mask.chunks(len).map(|m| m.iter().filter(|&&k| k).count()).collect();
         assert_eq!(lengths, vec![11, 6]);
         let seqs: Vec<&[u32]> = ids.chunks(len).zip(&lengths).map(|(row, &n)| &row[..n]).collect();
+        let start = std::time::Instant::now();
         let alone = model.encode_unpadded(&seqs).unwrap();
+        eprintln!("umt5/enc-a: padded + masked forward {padded_time:?}, unpadded {:?}", start.elapsed());
         for (b, t) in alone.iter().enumerate() {
             assert_eq!(t.shape(), &[lengths[b], d]);
             let kept = &padded.data()[b * len * d..(b * len + lengths[b]) * d];
@@ -340,5 +347,27 @@ mod tests {
         assert!(err.contains("token id 200"), "{err}");
         let empty = model.encode_unpadded(&[&[]]).unwrap();
         assert_eq!(empty[0].shape(), &[0, 32]);
+    }
+
+    /// One layer at UMT5-XXL width (d_model 4096, 64 heads of 64, d_ff 10240) with random
+    /// weights: prints the time per layer for a few prompt lengths (×24 for the whole encoder).
+    /// `cargo test -p tessera-worker --lib umt5_xxl_layer_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing; allocates ~2 GB"]
+    fn umt5_xxl_layer_timing() {
+        let cfg = Umt5Config { num_layers: 1, vocab_size: 1000, ..Umt5Config::umt5_xxl() };
+        let model = Umt5EncoderModel::from_source(cfg, &crate::weights::RandomWeights::new(7)).unwrap();
+        for len in [25usize, 100, 512] {
+            let ids: Vec<u32> = (0..len as u32).map(|i| (i * 37) % 1000).collect();
+            model.encode_unpadded(&[&ids]).unwrap(); // warm-up
+            let runs = 3;
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                let out = model.encode_unpadded(&[&ids]).unwrap();
+                assert!(out[0].data().iter().all(|x| x.is_finite()));
+            }
+            let per_layer = start.elapsed().as_secs_f64() / runs as f64;
+            eprintln!("UMT5-XXL width, {len} tokens: {:.1} ms per layer, ~{:.2} s for 24 layers", per_layer * 1e3, per_layer * 24.0);
+        }
     }
 }
