@@ -1,5 +1,7 @@
 //! The error type of the coordinator library, and its exhaustive mapping onto gRPC status codes.
 
+use std::path::PathBuf;
+
 /// Everything the coordinator library can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -11,9 +13,43 @@ pub enum CoordinatorError {
         /// Why it was refused.
         detail: String,
     },
+    /// Writing or creating a file or folder failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Frames or video settings are unusable (size, frame rate, sample count, values).
+    #[error("invalid video `{field}`: {detail}")]
+    InvalidVideo {
+        /// The setting or input that is wrong.
+        field: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// An encoder or muxer failed.
+    #[error("{format} encoding: {detail}")]
+    Encode {
+        /// The output format (`mp4`, `gif`, `png`).
+        format: &'static str,
+        /// What the encoder reported.
+        detail: String,
+    },
     /// The model code failed (load, forward, decode).
     #[error(transparent)]
     Worker(#[from] tessera_worker::WorkerError),
+}
+
+impl CoordinatorError {
+    pub(crate) fn invalid_video(field: &'static str, detail: impl Into<String>) -> Self {
+        Self::InvalidVideo { field, detail: detail.into() }
+    }
+
+    pub(crate) fn encode(format: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self::Encode { format, detail: detail.to_string() }
+    }
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -21,7 +57,23 @@ impl From<CoordinatorError> for tonic::Status {
         let msg = e.to_string();
         match e {
             CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
-            CoordinatorError::Worker(_) => tonic::Status::internal(msg),
+            // A bad frame size or frame count reaching the encoder is the request's fault only if
+            // validation missed it; report it as a failed precondition, not a server crash.
+            CoordinatorError::InvalidVideo { .. } => tonic::Status::failed_precondition(msg),
+            CoordinatorError::Io { .. } | CoordinatorError::Encode { .. } => tonic::Status::internal(msg),
+            CoordinatorError::Worker(w) => worker_status(w, msg),
+        }
+    }
+}
+
+/// Maps a model-side failure: bad inputs are the caller's, everything else is ours.
+fn worker_status(e: tessera_worker::WorkerError, msg: String) -> tonic::Status {
+    use tessera_worker::WorkerError as W;
+    match e {
+        W::InvalidInput { .. } => tonic::Status::invalid_argument(msg),
+        W::Collective(_) => tonic::Status::aborted(msg),
+        W::Io { .. } | W::Config { .. } | W::Safetensors { .. } | W::MissingTensor { .. } | W::UnexpectedTensors { .. } | W::BadTensor { .. } | W::Tokenizer { .. } | W::Kernel(_) => {
+            tonic::Status::internal(msg)
         }
     }
 }

@@ -1,7 +1,11 @@
-//! Tessera's coordinator library: the public API's request handling, job planning and video
-//! output. The `tessera` binary (src/main.rs) is its command-line front end.
+//! Tessera's coordinator library: what the `tessera` command and the coordinator server share —
+//! validation of public requests, and writing decoded frames as video files (MP4, GIF, PNG frames).
 
 pub mod error;
 pub mod request;
+pub mod video;
 
 pub use error::CoordinatorError;
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, CoordinatorError>;
