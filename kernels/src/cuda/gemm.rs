@@ -198,6 +198,7 @@ pub fn linear<O: OutputElem>(
     if k == 0 {
         return Err(KernelError::invalid(OP, "k = 0"));
     }
+    dev.context().bind_to_thread().map_err(|e| KernelError::cuda(OP, e))?;
     let mut blas = dev
         .blas()?
         .lock()
