@@ -268,7 +268,7 @@ fn conversions_round_like_half() {
     let Some(dev) = gpu("convert") else { return };
     let mut r = rng("convert");
     let mut x = uniform(&mut r, 50_000, -1e4, 1e4);
-    x.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, 3.0e38, 1.0e-40, 1.00390625, 1.01171875]);
+    x.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, 3.0e38, 1.0e-40, 1.003_906_2, 1.011_718_8]);
     let xd = dev.upload(&x).unwrap();
     let mut b = dev.zeros::<bf16>(x.len()).unwrap();
     cuda::elementwise::f32_to_bf16(&dev, &xd, &mut b, x.len()).unwrap();
@@ -372,6 +372,6 @@ fn device_choice_resolves_to_the_gpu() {
     let Some(dev) = gpu("device_choice") else { return };
     assert_eq!(cuda::DeviceChoice::Auto.resolve().unwrap(), tessera_kernels::Device::Cuda(0));
     assert_eq!(cuda::DeviceChoice::Cuda(0).resolve().unwrap(), tessera_kernels::Device::Cuda(0));
-    println!("device 0: {} ({}), {} SMs", dev.name(), dev.arch(), dev.multiprocessors().unwrap());
+    println!("device 0: {} ({}), {} SMs", dev.name(), dev.arch(), dev.multiprocessors());
     dev.warm_up().unwrap();
 }

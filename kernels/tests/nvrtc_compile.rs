@@ -1,5 +1,5 @@
-//! Compiles every CUDA kernel source with NVRTC for sm_80 and sm_90 and assembles the PTX with
-//! `ptxas -v`, with no GPU: fails on any compile or assembly error, on an entry point missing from
+//! Compiles every CUDA kernel source with NVRTC for sm_80 and sm_90, to machine code (what the
+//! device cache loads) and to PTX, and assembles the PTX with `ptxas -v`, with no GPU: fails on any compile or assembly error, on an entry point missing from
 //! the PTX, and when an attention kernel spills registers; prints registers and spills per kernel.
 //!
 //! Needs `libnvrtc.so` on `LD_LIBRARY_PATH` and `ptxas` on `PATH` (or in `TESSERA_PTXAS`), of the
@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tessera_kernels::cuda::source::{compile_ptx, nvrtc_available, KernelSource};
+use tessera_kernels::cuda::source::{compile_cubin, compile_ptx, nvrtc_available, KernelSource};
 use tessera_kernels::cuda::Arch;
 
 const ARCHS: [Arch; 2] = [Arch { major: 8, minor: 0 }, Arch { major: 9, minor: 0 }];
@@ -100,6 +100,12 @@ fn every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
                     continue;
                 }
             };
+            // What the device cache loads: machine code straight from NVRTC, an ELF image.
+            match compile_cubin(src, arch) {
+                Ok(cubin) if cubin.starts_with(b"\x7fELF") => {}
+                Ok(_) => failures.push(format!("{arch} {}: NVRTC's cubin is not an ELF image", src.file_name())),
+                Err(e) => failures.push(format!("{arch} {}: cubin: {e}", src.file_name())),
+            }
             let path = dir.join(format!("{}.{arch}.ptx", src.file_name().trim_end_matches(".cu")));
             std::fs::write(&path, ptx.to_src()).expect("write ptx");
             let (ok, log) = assemble(&ptxas, &path, arch);

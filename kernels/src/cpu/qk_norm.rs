@@ -19,7 +19,7 @@ pub fn qk_norm_rope(
     rope: Option<&RopeTable>,
 ) -> Result<()> {
     let dim = weight.len();
-    if dim == 0 || heads == 0 || dim % heads != 0 || stride < dim {
+    if dim == 0 || heads == 0 || !dim.is_multiple_of(heads) || stride < dim {
         return Err(KernelError::shape(
             "qk_norm_rope",
             format!("dim {dim}, heads {heads}, stride {stride}"),

@@ -68,7 +68,7 @@ pub fn flash_attention<O: OutputElem>(
     if q_stride < hd || kv_stride < hd || out_stride < hd {
         return Err(KernelError::shape(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
     }
-    if q_stride % 8 != 0 || kv_stride % 8 != 0 || out_stride % 2 != 0 {
+    if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
         return Err(KernelError::invalid(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
     }
     let need = |rows: usize, stride: usize| {

@@ -2,7 +2,7 @@
 //! architecture, the compiled-module cache and the cuBLASLt handle.
 
 use super::gemm::BlasLt;
-use super::source::{cached_ptx, nvrtc_available, KernelSource};
+use super::source::{cached_image, nvrtc_available, KernelSource};
 use crate::{Device, KernelError, Result};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
@@ -183,6 +183,7 @@ pub struct CudaDevice {
     ordinal: usize,
     arch: Arch,
     name: String,
+    multiprocessors: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<KernelSource, Arc<CudaModule>>>,
@@ -214,10 +215,14 @@ impl CudaDevice {
             .new_stream()
             .map_err(|e| KernelError::cuda("new_stream", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| KernelError::cuda("device attribute", e))? as usize;
         Ok(Arc::new(Self {
             ordinal,
             arch,
             name,
+            multiprocessors,
             ctx,
             stream,
             modules: Default::default(),
@@ -252,11 +257,8 @@ impl CudaDevice {
     }
 
     /// Number of streaming multiprocessors.
-    pub fn multiprocessors(&self) -> Result<usize> {
-        self.ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map(|n| n as usize)
-            .map_err(|e| KernelError::cuda("attribute", e))
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     /// Waits until all queued work is done (and reports an asynchronous error if one happened).
@@ -320,8 +322,8 @@ impl CudaDevice {
         if let Some(m) = self.modules.lock().expect("module cache lock").get(&source) {
             return Ok(m.clone());
         }
-        let ptx = cached_ptx(source, self.arch)?;
-        let module = self.ctx.load_module(ptx).map_err(|e| {
+        let image = cached_image(source, self.arch)?;
+        let module = self.ctx.load_module(image).map_err(|e| {
             KernelError::cuda("load_module", format!("{}: {e}", source.file_name()))
         })?;
         self.modules
@@ -385,11 +387,17 @@ mod tests {
     }
 
     #[test]
-    fn a_device_past_the_count_is_named() {
+    fn missing_cuda_is_named_and_never_panics() {
+        // SAFETY: only tries to dlopen the driver library.
+        let driver = unsafe { cudarc::driver::sys::is_culib_present() };
         match DeviceChoice::Cuda(1000).resolve() {
-            Err(KernelError::CudaUnavailable(CudaMissing::NoDevice { ordinal: 1000, .. }))
-            | Err(KernelError::CudaUnavailable(_)) => {}
+            Err(KernelError::CudaUnavailable(CudaMissing::DriverLibrary)) => assert!(!driver),
+            Err(KernelError::CudaUnavailable(CudaMissing::NoDevice { ordinal: 1000, .. } | CudaMissing::DriverInit(_))) => assert!(driver),
             other => panic!("cuda:1000 must be unavailable, got {other:?}"),
+        }
+        if !driver {
+            let err = CudaDevice::open(0).unwrap_err().to_string();
+            assert!(err.contains("libcuda.so"), "{err}");
         }
     }
 }

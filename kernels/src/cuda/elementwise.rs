@@ -21,7 +21,7 @@ pub fn gated_residual_add<Y: OutputElem>(
     dim: usize,
 ) -> Result<()> {
     const OP: &str = "cuda::gated_residual_add";
-    if dim == 0 || n % dim != 0 {
+    if dim == 0 || !n.is_multiple_of(dim) {
         return Err(KernelError::shape(
             OP,
             format!("{n} elements are not rows of {dim}"),

@@ -10,7 +10,7 @@ pub(crate) const THREADS: u32 = 256;
 
 /// A grid-stride launch over `n` elements: enough blocks to fill the device, no more than needed.
 pub(crate) fn elementwise(dev: &CudaDevice, n: usize) -> Result<LaunchConfig> {
-    let fill = dev.multiprocessors()? * 8;
+    let fill = dev.multiprocessors() * 8;
     let blocks = n.div_ceil(THREADS as usize).clamp(1, fill.max(1));
     Ok(LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -47,7 +47,7 @@ pub(crate) fn check_len(op: &'static str, name: &str, have: usize, need: usize) 
 
 /// Fails unless the device address of `name` is a multiple of `bytes`.
 pub(crate) fn check_aligned(op: &'static str, name: &str, ptr: u64, bytes: u64) -> Result<()> {
-    if ptr % bytes != 0 {
+    if !ptr.is_multiple_of(bytes) {
         return Err(KernelError::invalid(
             op,
             format!("{name} must start at a multiple of {bytes} bytes (address {ptr:#x})"),

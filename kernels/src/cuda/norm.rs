@@ -123,7 +123,7 @@ pub fn qk_norm_rope(
 ) -> Result<()> {
     const OP: &str = "cuda::qk_norm_rope";
     let dim = heads * head_dim;
-    if dim == 0 || head_dim % 2 != 0 || stride < dim || stride % 2 != 0 {
+    if dim == 0 || !head_dim.is_multiple_of(2) || stride < dim || !stride.is_multiple_of(2) {
         return Err(KernelError::shape(OP, format!("heads {heads} x head_dim {head_dim} (even), stride {stride} (even, at least their product)")));
     }
     check_len(OP, "weight", weight.len(), dim)?;

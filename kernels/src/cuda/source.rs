@@ -1,10 +1,13 @@
-//! The CUDA C kernel sources (embedded from `kernels/cuda/`) and their compilation by NVRTC to PTX
-//! for one architecture, cached per (kernel source, architecture) for the life of the process.
+//! The CUDA C kernel sources (embedded from `kernels/cuda/`) and their compilation by NVRTC for one
+//! architecture (machine code, or PTX), cached per (kernel source, architecture) for the process.
 
 use super::device::{Arch, CudaMissing};
 use crate::{KernelError, Result};
+use cudarc::nvrtc::result as nvrtc;
+use cudarc::nvrtc::sys as nvrtc_sys;
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::sync::{Mutex, OnceLock};
 
 /// Helpers every kernel source starts with (bf16 conversions, reductions, fast exp2).
@@ -148,21 +151,71 @@ pub fn compile_ptx(source: KernelSource, arch: Arch) -> Result<Ptx> {
     })
 }
 
-/// [`compile_ptx`] through the process-wide cache: each (source, arch) is compiled once.
-pub fn cached_ptx(source: KernelSource, arch: Arch) -> Result<Ptx> {
+/// An NVRTC program, destroyed on drop.
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_program`, destroyed once, here.
+        let _ = unsafe { nvrtc::destroy_program(self.0) };
+    }
+}
+
+/// Compiles `source` to machine code (cubin) for `arch` with NVRTC. Machine code built by a newer
+/// CUDA 13.x NVRTC loads on an older 13.x driver, where PTX from it would not JIT.
+pub fn compile_cubin(source: KernelSource, arch: Arch) -> Result<Vec<u8>> {
+    if !nvrtc_available() {
+        return Err(KernelError::CudaUnavailable(CudaMissing::Nvrtc));
+    }
+    let fail = |e: &dyn std::fmt::Display| KernelError::KernelCompile { kernel: source.file_name(), arch: arch.to_string(), log: e.to_string() };
+    let text = CString::new(source.full_source()).map_err(|e| fail(&e))?;
+    let name = CString::new(source.file_name()).map_err(|e| fail(&e))?;
+    let prog = Program(nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(&format!("{e:?}")))?);
+    let o = compile_options(arch);
+    let opts: Vec<String> = o.include_paths.iter().map(|p| format!("--include-path={p}")).chain(o.options).collect();
+    // SAFETY: `prog` is a live program (destroyed only when the guard drops, after these calls);
+    // the size query precedes the copy into a buffer of that size.
+    unsafe {
+        if let Err(e) = nvrtc::compile_program(prog.0, &opts) {
+            let log = nvrtc::get_program_log(prog.0).map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+            return Err(fail(&format!("{e:?}: {log}")));
+        }
+        let mut size = 0usize;
+        nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size).result().map_err(|e| fail(&format!("nvrtcGetCUBINSize: {e:?}")))?;
+        let mut cubin = vec![0u8; size];
+        nvrtc_sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()).result().map_err(|e| fail(&format!("nvrtcGetCUBIN: {e:?}")))?;
+        if cubin.is_empty() {
+            return Err(fail(&"NVRTC produced no machine code"));
+        }
+        Ok(cubin)
+    }
+}
+
+/// The loadable image of `source` for a device of architecture `arch`, compiled once per
+/// (source, arch) for the whole process: machine code for `arch`, or, when this NVRTC does not
+/// know `arch` (a device newer than the compiler), PTX for the newest architecture the kernels
+/// are tuned for, which the driver compiles when it loads it.
+pub fn cached_image(source: KernelSource, arch: Arch) -> Result<Ptx> {
     static CACHE: OnceLock<Mutex<HashMap<(KernelSource, Arch), Ptx>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(ptx) = cache.lock().expect("ptx cache lock").get(&(source, arch)) {
-        return Ok(ptx.clone());
+    if let Some(image) = cache.lock().expect("kernel image cache lock").get(&(source, arch)) {
+        return Ok(image.clone());
     }
     // Compiled outside the lock: two threads may both compile a source once; both results are equal.
-    let ptx = compile_ptx(source, arch)?;
-    cache
-        .lock()
-        .expect("ptx cache lock")
-        .insert((source, arch), ptx.clone());
-    Ok(ptx)
+    let image = match compile_cubin(source, arch) {
+        Ok(cubin) => Ptx::from_binary(cubin),
+        Err(KernelError::KernelCompile { log, .. }) if log.contains("INVALID_OPTION") && arch > PTX_FALLBACK => {
+            tracing::warn!(%arch, kernel = source.file_name(), "NVRTC does not know this architecture; loading {PTX_FALLBACK} PTX instead");
+            compile_ptx(source, PTX_FALLBACK)?
+        }
+        Err(e) => return Err(e),
+    };
+    cache.lock().expect("kernel image cache lock").insert((source, arch), image.clone());
+    Ok(image)
 }
+
+/// The architecture of the PTX loaded on devices newer than NVRTC knows.
+const PTX_FALLBACK: Arch = Arch { major: 9, minor: 0 };
 
 #[cfg(test)]
 mod tests {
