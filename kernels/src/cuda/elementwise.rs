@@ -46,14 +46,15 @@ pub fn gated_residual_add<Y: OutputElem>(
         "gated_residual_add_f32"
     };
     let f = dev.function(KernelSource::Residual, name)?;
-    let cfg = launch::elementwise(dev, n)?;
+    let rows = n / dim;
+    let cfg = launch::row_stride(dev, rows);
     let s = dev.stream();
     let (xp, _gx) = ptr_mut(x, s);
     let (yp, _gy) = ptr(y, s);
     let (gp, _gg) = opt_ptr(gate, s);
-    let (n_i, dim_i) = (n as i64, launch::as_i32(OP, "dim", dim)?);
+    let (rows_i, dim_i) = (rows as i64, launch::as_i32(OP, "dim", dim)?);
     let mut b = s.launch_builder(&f);
-    b.arg(&xp).arg(&yp).arg(&gp).arg(&n_i).arg(&dim_i);
+    b.arg(&xp).arg(&yp).arg(&gp).arg(&rows_i).arg(&dim_i);
     launch::launch(OP, b, cfg)
 }
 

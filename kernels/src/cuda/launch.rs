@@ -19,6 +19,12 @@ pub(crate) fn elementwise(dev: &CudaDevice, n: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Blocks striding over `rows` rows (as many as fill the device), threads over a row.
+pub(crate) fn row_stride(dev: &CudaDevice, rows: usize) -> LaunchConfig {
+    let blocks = rows.clamp(1, (dev.multiprocessors() * 8).max(1));
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// One block per row.
 pub(crate) fn per_row(op: &'static str, rows: usize) -> Result<LaunchConfig> {
     let r = u32::try_from(rows)
