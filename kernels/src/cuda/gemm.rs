@@ -36,7 +36,7 @@ struct GemmKey {
 
 /// A cuBLASLt handle with its workspace and the algorithms chosen so far. Used under the device's
 /// mutex, on the device's stream.
-pub struct BlasLt {
+pub(crate) struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
