@@ -1,6 +1,7 @@
 //! The error type of the compute layer.
 
-/// Everything that can go wrong in a kernel call: shapes that do not fit, bad parameters.
+/// Everything that can go wrong in a kernel call: shapes that do not fit, bad parameters, a CUDA
+/// device that is missing or fails.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// Two tensors (or a tensor and a declared shape) disagree.
@@ -22,6 +23,27 @@ pub enum KernelError {
     /// The thread pool could not be configured.
     #[error("thread pool: {0}")]
     Threads(String),
+    /// A CUDA device was asked for and cannot be used; names what is missing.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(crate::cuda::CudaMissing),
+    /// A CUDA driver or cuBLASLt call failed.
+    #[error("CUDA error in {op}: {detail}")]
+    Cuda {
+        /// The operation that was running.
+        op: &'static str,
+        /// The driver's or library's error.
+        detail: String,
+    },
+    /// NVRTC rejected a kernel source; `log` is the compiler's message.
+    #[error("NVRTC could not compile {kernel} for {arch}: {log}")]
+    KernelCompile {
+        /// The kernel source file.
+        kernel: &'static str,
+        /// The target architecture (`sm_90`, ...).
+        arch: String,
+        /// The compiler log.
+        log: String,
+    },
 }
 
 impl KernelError {
@@ -30,5 +52,8 @@ impl KernelError {
     }
     pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
         Self::Invalid { op, detail: detail.into() }
+    }
+    pub(crate) fn cuda(op: &'static str, err: impl std::fmt::Display) -> Self {
+        Self::Cuda { op, detail: err.to_string() }
     }
 }

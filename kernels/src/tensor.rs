@@ -1,4 +1,4 @@
-//! The tensor type: a row-major f32 array with a shape, on a device.
+//! The tensor type: a row-major f32 array with a shape, in host memory; and the device enum.
 
 use crate::{KernelError, Result};
 
@@ -8,12 +8,16 @@ pub enum Device {
     /// Host memory, computed by the kernels in [`crate::cpu`].
     #[default]
     Cpu,
+    /// The CUDA GPU with this ordinal, computed by the kernels in [`crate::cuda`]. Chosen at run
+    /// time ([`crate::cuda::DeviceChoice::resolve`]) only when the driver and the device are there.
+    Cuda(usize),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
         }
     }
 }
@@ -64,7 +68,8 @@ impl Tensor {
         self.data.is_empty()
     }
 
-    /// The device holding the data.
+    /// The device holding the data (always host memory: device buffers are `cudarc` slices
+    /// handled by [`crate::cuda`]).
     pub fn device(&self) -> Device {
         Device::Cpu
     }

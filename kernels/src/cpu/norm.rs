@@ -54,7 +54,7 @@ multiversion! {
 }
 
 multiversion! {
-    fn rms_norm_row(x: &mut [f32], eps: f32, w: &[f32]) {
+    pub(crate) fn rms_norm_row(x: &mut [f32], eps: f32, w: &[f32]) {
         let mut acc = [0.0f32; 16];
         let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {

@@ -87,6 +87,21 @@ multiversion! {
 }
 
 impl RopeTable {
+    /// Cosines `[tokens, pairs]`, row-major.
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// Sines `[tokens, pairs]`, row-major.
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
+
+    /// Channel pairs per head (`head_dim / 2`).
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
     /// Number of tokens covered.
     pub fn tokens(&self) -> usize {
         self.cos.len() / self.pairs.max(1)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU suite of the CUDA backend, in one script: every CUDA kernel against its CPU twin
+# (kernels/tests/gpu_kernels.rs, TESSERA_REQUIRE_GPU=1 so nothing skips), the NVRTC/ptxas compile
+# check with the GPU machine's own CUDA, a compute-sanitizer memcheck of the kernel tests, the
+# kernel benchmark (tessera-gpu-bench: attention TFLOP/s at 32,760 tokens, GEMMs, norms) and
+# PyTorch SDPA on the same GPU (bench/sdpa_attention.py). Prints everything, then a summary.
+#
+# The GPU machine has the CUDA 13 driver, nvcc, PyTorch, no Rust and no network, so the binaries
+# are built here and carried there:
+#
+#   bench/gpu_suite.sh build        # here: release test + bench binaries -> .gpu-bin/ (git-ignored)
+#   bench/gpu_suite.sh run          # there, from the repository root, with .gpu-bin/ beside it
+#
+# With this workplace's device tool: build here, then
+#   run(command="bash bench/gpu_suite.sh run", carry=[".gpu-bin"], timeout_s=600)
+# Options for `run` (environment): SANITIZE=0 skips the memcheck, ITERS=n sets timed iterations,
+# TOKENS=n the benchmark sequence length. Exit status: non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=.gpu-bin
+
+build() {
+  set -e
+  rm -rf "$BIN" && mkdir -p "$BIN"
+  # Test binaries: cargo prints their paths in its JSON messages.
+  cargo test -p tessera-kernels --release --no-run --tests --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] in ("gpu_kernels", "nvrtc_compile"):
+        shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"]); print("test binary", m["target"]["name"], "<-", exe)
+' "$BIN"
+  cargo build -p tessera-kernels --release --bin tessera-gpu-bench
+  cp target/release/tessera-gpu-bench "$BIN/"
+  strip "$BIN"/* 2>/dev/null || true
+  ls -la "$BIN"
+  echo "now run on the GPU machine: bash bench/gpu_suite.sh run (carry $BIN)"
+}
+
+# Finds the CUDA user-space libraries cudarc loads (NVRTC, cuBLASLt, NCCL) among the CUDA toolkit
+# and the pip wheels of PyTorch's environment, and links them under the names cudarc looks for.
+setup_libs() {
+  LIBDIR=$(mktemp -d /tmp/tessera-cuda-libs.XXXX)
+  python3 - "$LIBDIR" <<'PY'
+import glob, os, site, sys
+out = sys.argv[1]
+roots = [os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/lib64", "/usr/local/cuda/lib64",
+         "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/lib/x86_64-linux-gnu"]
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    roots += glob.glob(sp + "/nvidia/*/lib") + glob.glob(sp + "/nvidia/cu*/lib")
+dirs = []
+for name in ("nvrtc", "cublasLt", "nccl"):
+    found = None
+    for r in roots:
+        hits = sorted(h for h in glob.glob(f"{r}/lib{name}.so*") if "builtins" not in h and ".alt." not in h)
+        if hits:
+            found = hits[-1]
+            break
+    if found:
+        os.symlink(found, f"{out}/lib{name}.so")
+        dirs.append(os.path.dirname(found))
+        print(f"lib{name}: {found}")
+    else:
+        print(f"lib{name}: not found")
+open(out + "/dirs", "w").write(":".join(dict.fromkeys(dirs)))
+PY
+  export LD_LIBRARY_PATH="$LIBDIR:$(cat "$LIBDIR/dirs"):/usr/local/nvidia/lib64:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export PATH="/usr/local/cuda/bin:$PATH"
+  [ -d /usr/local/cuda/include ] && export TESSERA_CUDA_INCLUDE=/usr/local/cuda/include
+}
+
+declare -a SUMMARY=()
+step() {  # step NAME COMMAND...: runs, records pass/fail
+  local name=$1; shift
+  echo; echo "===== $name: $*"
+  local t0=$SECONDS
+  if "$@"; then SUMMARY+=("PASS  $name ($((SECONDS - t0)) s)"); else SUMMARY+=("FAIL  $name ($((SECONDS - t0)) s)"); fi
+}
+
+run() {
+  for b in gpu_kernels nvrtc_compile tessera-gpu-bench; do
+    [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: run 'bench/gpu_suite.sh build' on the build machine and carry $BIN"; exit 2; }
+  done
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  setup_libs
+  export TESSERA_REQUIRE_GPU=1 RUST_BACKTRACE=1
+  step "kernels vs CPU twins" "$BIN/gpu_kernels" --test-threads=1 --nocapture
+  step "NVRTC + ptxas compile check (this machine's CUDA)" "$BIN/nvrtc_compile" --nocapture
+  if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    step "compute-sanitizer memcheck (kernel tests, GEMMs skipped)" compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$BIN/gpu_kernels" --test-threads=1 --skip linear
+  fi
+  step "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "${TOKENS:-32760}" --iters "${ITERS:-10}"
+  step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
+  step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
+  echo; echo "===== summary"
+  printf '%s\n' "${SUMMARY[@]}"
+  ! printf '%s\n' "${SUMMARY[@]}" | grep -q '^FAIL'
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
+esac

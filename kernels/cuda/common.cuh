@@ -1,0 +1,68 @@
+// Tessera CUDA kernels: shared helpers, prepended to every kernel source before NVRTC compiles it
+// (kernels/src/cuda/source.rs). Self-contained: no CUDA header is needed at run time, so a worker
+// image with only the driver and libnvrtc can compile the kernels. Requires sm_80 or newer
+// (bf16 conversions, mma.sync with bf16 operands, cp.async).
+
+typedef unsigned short bf16;      // raw bfloat16 bits
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define NEG_INF (__int_as_float(0xff800000))
+#define LOG2E 1.4426950408889634f
+
+// ---- bf16 <-> f32 -------------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_to_f32(bf16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even, NaN preserved (PTX cvt.rn.bf16.f32, sm_80+).
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+
+// Two floats to one 32-bit word of two bf16: `lo` in the low half (the lower address / column).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Element stores of an output that is either bf16 or f32.
+__device__ __forceinline__ void store_elem(bf16* p, float v) { *p = f32_to_bf16(v); }
+__device__ __forceinline__ void store_elem(float* p, float v) { *p = v; }
+__device__ __forceinline__ float load_elem(const bf16* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ float load_elem(const float* p) { return *p; }
+
+// Two adjacent elements (the address is 4-byte aligned for bf16, 8-byte for f32).
+__device__ __forceinline__ void store_pair(bf16* p, float a, float b) { *reinterpret_cast<u32*>(p) = pack_bf16x2(a, b); }
+__device__ __forceinline__ void store_pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+
+// ---- reductions ---------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` holds 32 floats of shared memory; the call synchronises the block.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// ---- fast exp2 ----------------------------------------------------------------------------------
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}

@@ -1,0 +1,15 @@
+// GELU with the tanh approximation (PyTorch `approximate="tanh"`), in place:
+// 0.5·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)·(x + 0.044715·x³) (no cancellation near 0).
+// Contract = the CPU twin `cpu::apply_activation(.., Activation::GeluTanh)`. Grid-stride.
+
+template <typename T>
+__device__ __forceinline__ void gelu_tanh(T* __restrict__ x, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const float v = load_elem(x + i);
+        const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        store_elem(x + i, v / (1.0f + expf(-2.0f * u)));
+    }
+}
+
+extern "C" __global__ void gelu_tanh_bf16(bf16* x, i64 n) { gelu_tanh(x, n); }
+extern "C" __global__ void gelu_tanh_f32(float* x, i64 n) { gelu_tanh(x, n); }

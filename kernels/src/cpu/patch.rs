@@ -1,0 +1,176 @@
+//! Spacetime patches: a latent video `[C, F, H, W]` cut into token rows, and per-token outputs put
+//! back into a latent. Token `s` of the patch grid (F', H', W') sits at
+//! (s / (H'·W'), (s / W') mod H', s mod W'); each patch is p_t × p_h × p_w latent cells.
+
+use crate::{KernelError, Result};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// The patch grid of a latent video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchGeometry {
+    /// Latent channels C.
+    pub channels: usize,
+    /// Patches along time, rows, columns (F', H', W').
+    pub grid: [usize; 3],
+    /// Patch size along time, rows, columns.
+    pub patch: [usize; 3],
+}
+
+impl PatchGeometry {
+    /// Number of tokens F'·H'·W'.
+    pub fn tokens(&self) -> usize {
+        self.grid.iter().product()
+    }
+
+    /// Features per token, C·p_t·p_h·p_w.
+    pub fn features(&self) -> usize {
+        self.channels * self.patch.iter().product::<usize>()
+    }
+
+    /// Latent extent `[F, H, W]`.
+    pub fn latent_fhw(&self) -> [usize; 3] {
+        [
+            self.grid[0] * self.patch[0],
+            self.grid[1] * self.patch[1],
+            self.grid[2] * self.patch[2],
+        ]
+    }
+
+    /// Elements of the latent, C·F·H·W.
+    pub fn latent_len(&self) -> usize {
+        self.channels * self.latent_fhw().iter().product::<usize>()
+    }
+
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.channels == 0 || self.grid.contains(&0) || self.patch.contains(&0) {
+            return Err(KernelError::invalid(
+                op,
+                format!("{self:?} has an empty dimension"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Rows for tokens `tokens` of `latent`: row `i` holds token `tokens.start + i`, features ordered
+/// (channel, p_t, p_h, p_w), the order of the patch-embedding Conv3d weight.
+pub fn patchify(latent: &[f32], g: &PatchGeometry, tokens: Range<usize>) -> Result<Vec<f32>> {
+    g.check("patchify")?;
+    if latent.len() != g.latent_len() || tokens.start > tokens.end || tokens.end > g.tokens() {
+        return Err(KernelError::shape(
+            "patchify",
+            format!(
+                "latent of {} elements for {g:?}, tokens {tokens:?}",
+                latent.len()
+            ),
+        ));
+    }
+    let [_, gh, gw] = g.grid;
+    let [pt, ph, pw] = g.patch;
+    let [fl, hl, wl] = g.latent_fhw();
+    let feat = g.features();
+    let mut out = vec![0.0f32; tokens.len() * feat];
+    out.par_chunks_mut(feat).enumerate().for_each(|(row, dst)| {
+        let s = tokens.start + row;
+        let (f, h, w) = (s / (gh * gw), (s / gw) % gh, s % gw);
+        let mut j = 0;
+        for c in 0..g.channels {
+            for a in 0..pt {
+                for b in 0..ph {
+                    let base = ((c * fl + f * pt + a) * hl + h * ph + b) * wl + w * pw;
+                    dst[j..j + pw].copy_from_slice(&latent[base..base + pw]);
+                    j += pw;
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// The latent `[C, F, H, W]` from all tokens' rows `[S, p_t·p_h·p_w·C]`, features ordered
+/// (p_t, p_h, p_w, channel), the order of the output projection.
+pub fn unpatchify(rows: &[f32], g: &PatchGeometry) -> Result<Vec<f32>> {
+    g.check("unpatchify")?;
+    let feat = g.features();
+    if rows.len() != g.tokens() * feat {
+        return Err(KernelError::shape(
+            "unpatchify",
+            format!(
+                "{} elements, {} tokens x {feat} features expected",
+                rows.len(),
+                g.tokens()
+            ),
+        ));
+    }
+    let [_, gh, gw] = g.grid;
+    let [pt, ph, pw] = g.patch;
+    let [fl, hl, wl] = g.latent_fhw();
+    let c_n = g.channels;
+    let mut out = vec![0.0f32; g.latent_len()];
+    // One latent frame-row (fixed channel, frame, latent row) per task: a gather from the rows.
+    out.par_chunks_mut(wl).enumerate().for_each(|(line, dst)| {
+        let (y, z, c) = (line % hl, (line / hl) % fl, line / (hl * fl));
+        let (f, a, h, b) = (z / pt, z % pt, y / ph, y % ph);
+        for (x, d) in dst.iter_mut().enumerate() {
+            let (w, e) = (x / pw, x % pw);
+            let s = (f * gh + h) * gw + w;
+            *d = rows[s * feat + ((a * ph + b) * pw + e) * c_n + c];
+        }
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_ranges_and_round_trip() {
+        let g = PatchGeometry {
+            channels: 3,
+            grid: [2, 2, 3],
+            patch: [1, 2, 2],
+        };
+        let latent: Vec<f32> = (0..g.latent_len()).map(|i| i as f32).collect();
+        let all = patchify(&latent, &g, 0..g.tokens()).unwrap();
+        let part = patchify(&latent, &g, 5..9).unwrap();
+        assert_eq!(&all[5 * 12..9 * 12], &part[..]);
+        // token 0, channel 0: latent[0, 0, 0:2, 0:2] = 0, 1, 6, 7 (W = 6)
+        assert_eq!(&all[..4], &[0.0, 1.0, 6.0, 7.0]);
+        // reorder features (c, p) -> (p, c) and unpatchify: gives back the latent
+        let mut swapped = vec![0.0; all.len()];
+        for (t, row) in all.chunks(12).enumerate() {
+            for c in 0..3 {
+                for p in 0..4 {
+                    swapped[t * 12 + p * 3 + c] = row[c * 4 + p];
+                }
+            }
+        }
+        assert_eq!(unpatchify(&swapped, &g).unwrap(), latent);
+        assert!(patchify(&latent, &g, 0..13).is_err());
+        assert!(unpatchify(&swapped[1..], &g).is_err());
+    }
+
+    #[test]
+    fn temporal_patches_round_trip() {
+        let g = PatchGeometry {
+            channels: 2,
+            grid: [2, 1, 2],
+            patch: [2, 1, 3],
+        };
+        let latent: Vec<f32> = (0..g.latent_len()).map(|i| i as f32 * 0.5).collect();
+        let rows = patchify(&latent, &g, 0..g.tokens()).unwrap();
+        let feat = g.features();
+        let per = feat / g.channels;
+        let mut swapped = vec![0.0; rows.len()];
+        for (t, row) in rows.chunks(feat).enumerate() {
+            for c in 0..g.channels {
+                for p in 0..per {
+                    swapped[t * feat + p * g.channels + c] = row[c * per + p];
+                }
+            }
+        }
+        assert_eq!(unpatchify(&swapped, &g).unwrap(), latent);
+    }
+}

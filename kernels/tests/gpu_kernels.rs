@@ -1,0 +1,377 @@
+//! The GPU suite: every CUDA kernel against its CPU twin on fresh random inputs (the seed is
+//! printed; `TESSERA_TEST_SEED=n` repeats a run). bf16 inputs are given to both sides rounded the
+//! same way, so the tolerances below measure only what the GPU path adds: bf16 rounding of
+//! outputs and of attention probabilities, and f32 summation order.
+//!
+//! Without a usable GPU every test skips with the reason printed; with `TESSERA_REQUIRE_GPU=1`
+//! they fail instead. `bench/gpu_suite.sh` runs this binary on a GPU machine.
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::{Arc, OnceLock};
+use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, Rope3d};
+use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
+use tessera_kernels::cuda::{self, CudaDevice};
+
+/// The device shared by all tests, or `None` (skip) with the reason printed.
+fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
+    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
+    match DEV.get_or_init(|| CudaDevice::open(0).map_err(|e| e.to_string())) {
+        Ok(d) => Some(d.clone()),
+        Err(why) => {
+            if std::env::var("TESSERA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TESSERA_REQUIRE_GPU=1 and no usable GPU: {why}");
+            }
+            eprintln!("SKIPPED {test}: no usable GPU ({why})");
+            None
+        }
+    }
+}
+
+fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("TESSERA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    println!("{test}: seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Rounds to bf16: the values both sides see.
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+fn widen(x: &[bf16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Fails with the worst element unless |got − want| ≤ atol + rtol·|want| everywhere.
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = if g == w { 0.0 } else { (g - w).abs() - (atol + rtol * w.abs()) };
+        if excess.is_nan() || excess > worst.1 {
+            worst = (i, if excess.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    let (i, ex) = worst;
+    assert!(ex <= 0.0, "{what}: element {i}: got {}, want {} (atol {atol}, rtol {rtol})", got[i], want[i]);
+    let max_abs = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    println!("{what}: {} elements within atol {atol} + rtol {rtol}; max |diff| {max_abs:.3e}", got.len());
+}
+
+#[test]
+fn flash_attention_matches_cpu_attention() {
+    let Some(dev) = gpu("flash_attention") else { return };
+    let mut r = rng("flash_attention");
+    // (heads, head_dim, q_len, kv_len, interleaved qkv): tails in both lengths, single rows,
+    // several key tiles, no keys at all, and q/k/v strided inside one fused projection.
+    let cases = [
+        (2, 64, 1, 1, false),
+        (3, 64, 130, 513, false),
+        (2, 64, 300, 64, true),
+        (2, 128, 65, 300, false),
+        (1, 128, 64, 1000, true),
+        (2, 128, 200, 77, false),
+        (1, 128, 5, 0, false),
+    ];
+    for (heads, d, ql, kl, fused) in cases {
+        let hd = heads * d;
+        let (q_stride, kv_stride) = if fused { (3 * hd, 3 * hd) } else { (hd, hd) };
+        let q_buf = to_bf16(&uniform(&mut r, ql.max(kl) * q_stride, -2.0, 2.0));
+        let (k_buf, v_buf) = if fused { (q_buf.clone(), q_buf.clone()) } else { (to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -2.0, 2.0)), to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -1.0, 1.0))) };
+        let (k_off, v_off) = if fused { (hd, 2 * hd) } else { (0, 0) };
+        let shape = AttentionShape { heads, head_dim: d, q_len: ql, kv_len: kl, q_stride, kv_stride };
+        let scale = 1.0 / (d as f32).sqrt();
+        let (qf, kf, vf) = (widen(&q_buf), widen(&k_buf), widen(&v_buf));
+        let want = cpu::attention(&qf, &kf[k_off..], &vf[v_off..], shape, scale).unwrap();
+
+        let (q_dev, k_dev, v_dev) = (dev.upload(&q_buf).unwrap(), dev.upload(&k_buf).unwrap(), dev.upload(&v_buf).unwrap());
+        let k_view = k_dev.slice(k_off..);
+        let v_view = v_dev.slice(v_off..);
+        let mut out32 = dev.zeros::<f32>(ql * hd).unwrap();
+        let mut out16 = dev.zeros::<bf16>(ql * hd).unwrap();
+        let mut lse = dev.zeros::<f32>(heads * ql).unwrap();
+        cuda::attention::flash_attention(&dev, &q_dev, &k_view, &v_view, shape, scale, &mut out32, hd, &mut lse).unwrap();
+        let got32 = dev.download(&out32).unwrap();
+        let got_lse = dev.download(&lse).unwrap();
+        cuda::attention::flash_attention(&dev, &q_dev, &k_view, &v_view, shape, scale, &mut out16, hd, &mut lse).unwrap();
+        let got16 = widen(&dev.download(&out16).unwrap());
+        let what = format!("attention {heads}x{d} q {ql} kv {kl}{}", if fused { " fused" } else { "" });
+        // P is rounded to bf16 before P·V: a relative error of 2⁻⁹ per probability.
+        assert_close(&format!("{what} f32 out"), &got32, &want.out, 4e-3, 1e-2);
+        assert_close(&format!("{what} bf16 out"), &got16, &want.out, 6e-3, 1.5e-2);
+        if kl == 0 {
+            assert!(got_lse.iter().all(|&x| x == f32::NEG_INFINITY), "{what}: lse of no keys is −∞");
+        } else {
+            assert_close(&format!("{what} lse"), &got_lse, &want.lse, 1e-4, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn attention_rejects_unsupported_shapes() {
+    let Some(dev) = gpu("attention_rejects") else { return };
+    let b = dev.zeros::<bf16>(4096).unwrap();
+    let mut o = dev.zeros::<f32>(4096).unwrap();
+    let mut l = dev.zeros::<f32>(64).unwrap();
+    let bad_dim = AttentionShape::packed(1, 96, 4, 4);
+    assert!(cuda::attention::flash_attention(&dev, &b, &b, &b, bad_dim, 1.0, &mut o, 96, &mut l).is_err());
+    let short = AttentionShape::packed(2, 64, 64, 64);
+    assert!(cuda::attention::flash_attention(&dev, &b, &b, &b, short, 1.0, &mut o, 128, &mut l).is_err());
+    let odd_stride = AttentionShape { heads: 1, head_dim: 64, q_len: 4, kv_len: 4, q_stride: 68, kv_stride: 64 };
+    assert!(cuda::attention::flash_attention(&dev, &b, &b, &b, odd_stride, 1.0, &mut o, 64, &mut l).is_err());
+}
+
+#[test]
+fn lse_merge_matches_cpu_and_full_attention() {
+    let Some(dev) = gpu("lse_merge") else { return };
+    let mut r = rng("lse_merge");
+    let (heads, d, ql, kl, split) = (3, 64, 97, 400, 150);
+    let hd = heads * d;
+    let q = to_bf16(&uniform(&mut r, ql * hd, -2.0, 2.0));
+    let k = to_bf16(&uniform(&mut r, kl * hd, -2.0, 2.0));
+    let v = to_bf16(&uniform(&mut r, kl * hd, -1.0, 1.0));
+    let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
+    let scale = 0.125;
+    let mut a = cpu::attention(&qf, &kf[..split * hd], &vf[..split * hd], AttentionShape::packed(heads, d, ql, split), scale).unwrap();
+    let b = cpu::attention(&qf, &kf[split * hd..], &vf[split * hd..], AttentionShape::packed(heads, d, ql, kl - split), scale).unwrap();
+    // One row of a has no keys (as a rank whose block is empty would): lse −∞, output 0.
+    a.lse[heads * ql - 1] = f32::NEG_INFINITY;
+    a.out[ql * hd - d..].iter_mut().for_each(|x| *x = 0.0);
+    let (mut oa, mut la) = (dev.upload(&a.out).unwrap(), dev.upload(&a.lse).unwrap());
+    let (ob, lb) = (dev.upload(&b.out).unwrap(), dev.upload(&b.lse).unwrap());
+    cuda::attention::merge_partials(&dev, &mut oa, &mut la, &ob, &lb, ql, heads, d).unwrap();
+    let (got_out, got_lse) = (dev.download(&oa).unwrap(), dev.download(&la).unwrap());
+    let (mut want_out, mut want_lse) = (a.out.clone(), a.lse.clone());
+    cpu::merge_partials(&mut want_out, &mut want_lse, &b.out, &b.lse, heads, d).unwrap();
+    assert_close("merged out", &got_out, &want_out, 1e-6, 1e-5);
+    assert_close("merged lse", &got_lse, &want_lse, 1e-6, 1e-6);
+
+    // GPU halves merged on the GPU equal GPU attention over all keys.
+    let (qd, kd, vd) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
+    let run = |k0: usize, k1: usize| {
+        let mut o = dev.zeros::<f32>(ql * hd).unwrap();
+        let mut l = dev.zeros::<f32>(heads * ql).unwrap();
+        let shape = AttentionShape::packed(heads, d, ql, k1 - k0);
+        cuda::attention::flash_attention(&dev, &qd, &kd.slice(k0 * hd..k1 * hd), &vd.slice(k0 * hd..k1 * hd), shape, scale, &mut o, hd, &mut l).unwrap();
+        (o, l)
+    };
+    let (mut o1, mut l1) = run(0, split);
+    let (o2, l2) = run(split, kl);
+    let (of, lf) = run(0, kl);
+    cuda::attention::merge_partials(&dev, &mut o1, &mut l1, &o2, &l2, ql, heads, d).unwrap();
+    assert_close("ring of two on the GPU", &dev.download(&o1).unwrap(), &dev.download(&of).unwrap(), 2e-3, 1e-2);
+    assert_close("ring lse on the GPU", &dev.download(&l1).unwrap(), &dev.download(&lf).unwrap(), 1e-4, 1e-4);
+}
+
+#[test]
+fn layer_norm_modulated_matches_cpu() {
+    let Some(dev) = gpu("layer_norm") else { return };
+    let mut r = rng("layer_norm");
+    for (rows, dim, affine) in [(37, 1536, false), (5, 5120, true), (300, 100, true)] {
+        let x: Vec<f32> = uniform(&mut r, rows * dim, -3.0, 5.0);
+        let params: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut r, dim, -0.5, 0.5)).collect();
+        let p = LayerNormParams {
+            eps: 1e-6,
+            weight: affine.then_some(&params[0][..]),
+            bias: affine.then_some(&params[1][..]),
+            scale: Some(&params[2]),
+            shift: Some(&params[3]),
+        };
+        let want = cpu::layer_norm(&x, dim, &p).unwrap();
+        let xd = dev.upload(&x).unwrap();
+        let pd: Vec<_> = params.iter().map(|v| dev.upload(v).unwrap()).collect();
+        let dp = LayerNormDevParams {
+            eps: 1e-6,
+            weight: affine.then(|| pd[0].as_view()),
+            bias: affine.then(|| pd[1].as_view()),
+            scale: Some(pd[2].as_view()),
+            shift: Some(pd[3].as_view()),
+        };
+        let mut y = dev.zeros::<bf16>(rows * dim).unwrap();
+        cuda::norm::layer_norm_modulated(&dev, &xd, rows, dim, &dp, &mut y).unwrap();
+        // One rounding to bf16: relative 2⁻⁹.
+        assert_close(&format!("layer norm {rows}x{dim} affine {affine}"), &widen(&dev.download(&y).unwrap()), &want, 1e-4, 4e-3);
+    }
+}
+
+#[test]
+fn qk_norm_rope_matches_cpu() {
+    let Some(dev) = gpu("qk_norm_rope") else { return };
+    let mut r = rng("qk_norm_rope");
+    let (heads, hd, rows, grid) = (12, 128, 90, [3, 6, 10]);
+    let dim = heads * hd;
+    for (stride, offset, rope) in [(dim, 0, true), (3 * dim, dim, true), (dim, 0, false)] {
+        let buf = to_bf16(&uniform(&mut r, rows * stride, -4.0, 4.0));
+        let w = uniform(&mut r, dim, 0.5, 1.5);
+        let table = Rope3d::wan(hd, 1024, 10000.0).unwrap().table(grid, 40..40 + rows).unwrap();
+        let mut want = widen(&buf);
+        cpu::qk_norm_rope(&mut want[offset..], rows, stride, &w, 1e-6, heads, rope.then_some(&table)).unwrap();
+        let mut xd = dev.upload(&buf).unwrap();
+        let wd = dev.upload(&w).unwrap();
+        let td = DeviceRopeTable::upload(&dev, &table).unwrap();
+        let mut view = xd.slice_mut(offset..);
+        cuda::norm::qk_norm_rope(&dev, &mut view, rows, stride, heads, hd, &wd, 1e-6, rope.then_some(&td)).unwrap();
+        let got = widen(&dev.download(&xd).unwrap());
+        assert_close(&format!("qk norm rope stride {stride} rope {rope}"), &got, &want, 1e-4, 4e-3);
+    }
+}
+
+#[test]
+fn gated_residual_add_matches_cpu() {
+    let Some(dev) = gpu("gated_residual") else { return };
+    let mut r = rng("gated_residual");
+    let (rows, dim) = (333, 1536);
+    let x = uniform(&mut r, rows * dim, -3.0, 3.0);
+    let y = to_bf16(&uniform(&mut r, rows * dim, -2.0, 2.0));
+    let gate = uniform(&mut r, dim, -1.0, 1.0);
+    let mut want = x.clone();
+    cpu::gated_residual_add(&mut want, &widen(&y), &gate).unwrap();
+    let mut xd = dev.upload(&x).unwrap();
+    let (yd, gd) = (dev.upload(&y).unwrap(), dev.upload(&gate).unwrap());
+    cuda::elementwise::gated_residual_add(&dev, &mut xd, &yd, Some(&gd), rows * dim, dim).unwrap();
+    assert_close("gated residual (bf16 y)", &dev.download(&xd).unwrap(), &want, 1e-6, 1e-6);
+    let yf = uniform(&mut r, rows * dim, -2.0, 2.0);
+    cpu::residual_add(&mut want, &yf).unwrap();
+    let yfd = dev.upload(&yf).unwrap();
+    cuda::elementwise::gated_residual_add(&dev, &mut xd, &yfd, None::<&cuda::CudaSlice<f32>>, rows * dim, dim).unwrap();
+    assert_close("plain residual (f32 y)", &dev.download(&xd).unwrap(), &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn gelu_tanh_matches_cpu() {
+    let Some(dev) = gpu("gelu") else { return };
+    let mut r = rng("gelu");
+    let x = uniform(&mut r, 100_003, -8.0, 8.0);
+    let mut want = x.clone();
+    cpu::apply_activation(&mut want, Activation::GeluTanh);
+    let mut xf = dev.upload(&x).unwrap();
+    cuda::elementwise::gelu_tanh(&dev, &mut xf, x.len()).unwrap();
+    assert_close("gelu f32", &dev.download(&xf).unwrap(), &want, 1e-6, 1e-5);
+    let xb = to_bf16(&x);
+    let mut want_b = widen(&xb);
+    cpu::apply_activation(&mut want_b, Activation::GeluTanh);
+    let mut xbd = dev.upload(&xb).unwrap();
+    cuda::elementwise::gelu_tanh(&dev, &mut xbd, x.len()).unwrap();
+    assert_close("gelu bf16", &widen(&dev.download(&xbd).unwrap()), &want_b, 1e-6, 4e-3);
+}
+
+#[test]
+fn conversions_round_like_half() {
+    let Some(dev) = gpu("convert") else { return };
+    let mut r = rng("convert");
+    let mut x = uniform(&mut r, 50_000, -1e4, 1e4);
+    x.extend([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, 3.0e38, 1.0e-40, 1.003_906_2, 1.011_718_8]);
+    let xd = dev.upload(&x).unwrap();
+    let mut b = dev.zeros::<bf16>(x.len()).unwrap();
+    cuda::elementwise::f32_to_bf16(&dev, &xd, &mut b, x.len()).unwrap();
+    let got = dev.download(&b).unwrap();
+    let want = to_bf16(&x);
+    let mismatch = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+    assert!(mismatch.is_none(), "f32 -> bf16 differs at {mismatch:?}");
+    let mut back = dev.zeros::<f32>(x.len()).unwrap();
+    cuda::elementwise::bf16_to_f32(&dev, &b, &mut back, x.len()).unwrap();
+    assert_eq!(dev.download(&back).unwrap(), widen(&want));
+}
+
+#[test]
+fn sampler_updates_match_cpu() {
+    let Some(dev) = gpu("sampler") else { return };
+    let mut r = rng("sampler");
+    let n = 16 * 21 * 60 * 104 + 5;
+    let ins: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut r, n, -3.0, 3.0)).collect();
+    let dev_ins: Vec<_> = ins.iter().map(|v| dev.upload(v).unwrap()).collect();
+    let mut out = dev.zeros::<f32>(n).unwrap();
+    cuda::sampler::cfg_combine(&dev, &dev_ins[0], &dev_ins[1], 5.0, &mut out, n).unwrap();
+    assert_close("cfg", &dev.download(&out).unwrap(), &cpu::cfg_combine(&ins[0], &ins[1], 5.0).unwrap(), 1e-5, 1e-6);
+    let coefs = [0.93f32, -0.41, 0.27, -0.05];
+    for terms in 1..=4 {
+        let dev_terms: Vec<_> = (0..terms).map(|t| (coefs[t], dev_ins[t].as_view())).collect();
+        let cpu_terms: Vec<(f32, &[f32])> = (0..terms).map(|t| (coefs[t], &ins[t][..])).collect();
+        cuda::sampler::weighted_sum(&dev, &dev_terms, &mut out, n).unwrap();
+        assert_close(&format!("weighted sum of {terms}"), &dev.download(&out).unwrap(), &cpu::weighted_sum(&cpu_terms).unwrap(), 1e-6, 1e-6);
+    }
+    let mut x = dev.upload(&ins[2]).unwrap();
+    cuda::sampler::euler_step(&dev, &mut x, &dev_ins[3], -0.0375, n).unwrap();
+    let mut want = ins[2].clone();
+    cpu::euler_step(&mut want, &ins[3], -0.0375).unwrap();
+    assert_close("euler", &dev.download(&x).unwrap(), &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn patchify_and_unpatchify_match_cpu() {
+    let Some(dev) = gpu("patch") else { return };
+    let mut r = rng("patch");
+    for g in [PatchGeometry { channels: 16, grid: [3, 6, 10], patch: [1, 2, 2] }, PatchGeometry { channels: 3, grid: [2, 3, 4], patch: [2, 1, 3] }] {
+        let latent = uniform(&mut r, g.latent_len(), -3.0, 3.0);
+        let ld = dev.upload(&latent).unwrap();
+        for tokens in [0..g.tokens(), 7..g.tokens() - 5] {
+            let want = cpu::patchify(&latent, &g, tokens.clone()).unwrap();
+            let mut out = dev.zeros::<bf16>(tokens.len() * g.features()).unwrap();
+            cuda::patch::patchify(&dev, &ld, &g, tokens.clone(), &mut out).unwrap();
+            assert_eq!(dev.download(&out).unwrap(), to_bf16(&want), "patchify {g:?} {tokens:?}");
+        }
+        let rows = uniform(&mut r, g.tokens() * g.features(), -3.0, 3.0);
+        let mut lat = dev.zeros::<f32>(g.latent_len()).unwrap();
+        cuda::patch::unpatchify(&dev, &dev.upload(&rows).unwrap(), &g, &mut lat).unwrap();
+        assert_eq!(dev.download(&lat).unwrap(), cpu::unpatchify(&rows, &g).unwrap(), "unpatchify {g:?}");
+    }
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(dev) = gpu("linear") else { return };
+    let mut r = rng("linear");
+    for (m, k, n, act) in [(1, 16, 8, Activation::None), (257, 1536, 1536, Activation::None), (300, 1536, 8960, Activation::GeluTanh), (77, 4096, 1536, Activation::GeluTanh)] {
+        let x = to_bf16(&uniform(&mut r, m * k, -1.0, 1.0));
+        let w = to_bf16(&uniform(&mut r, n * k, -0.05, 0.05));
+        let bias = uniform(&mut r, n, -0.5, 0.5);
+        let want = cpu::linear(&widen(&x), m, k, &widen(&w), n, Some(&bias), act).unwrap();
+        let (xd, wd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+        let mut y32 = dev.zeros::<f32>(m * n).unwrap();
+        cuda::gemm::linear(&dev, &xd, m, k, &wd, n, Some(&dev.upload(&bias).unwrap()), act, &mut y32).unwrap();
+        // f32 accumulation in another order: error grows like √k·|x||w|.
+        assert_close(&format!("linear {m}x{k}x{n} {act:?} f32"), &dev.download(&y32).unwrap(), &want, 2e-4, 1e-4);
+        let mut y16 = dev.zeros::<bf16>(m * n).unwrap();
+        cuda::gemm::linear(&dev, &xd, m, k, &wd, n, Some(&dev.upload(&to_bf16(&bias)).unwrap()), act, &mut y16).unwrap();
+        let want16 = cpu::linear(&widen(&x), m, k, &widen(&w), n, Some(&widen(&to_bf16(&bias))), act).unwrap();
+        assert_close(&format!("linear {m}x{k}x{n} {act:?} bf16"), &widen(&dev.download(&y16).unwrap()), &want16, 2e-4, 4e-3);
+    }
+}
+
+#[test]
+fn linear_gelu_epilogue_is_the_tanh_approximation() {
+    let Some(dev) = gpu("linear_gelu") else { return };
+    // x·wᵀ is exact (one product per output): pre-activations -3, -2.5, ..., 3 where GELU-tanh and
+    // exact GELU differ by up to 4e-4.
+    let pre: Vec<f32> = (0..13).map(|i| -3.0 + 0.5 * i as f32).collect();
+    let x = to_bf16(&[1.0]);
+    let w = to_bf16(&pre);
+    let mut y = dev.zeros::<f32>(pre.len()).unwrap();
+    cuda::gemm::linear(&dev, &dev.upload(&x).unwrap(), 1, 1, &dev.upload(&w).unwrap(), pre.len(), None::<&cuda::CudaSlice<f32>>, Activation::GeluTanh, &mut y).unwrap();
+    let got = dev.download(&y).unwrap();
+    let mut tanh = pre.clone();
+    cpu::apply_activation(&mut tanh, Activation::GeluTanh);
+    let mut erf = pre.clone();
+    cpu::apply_activation(&mut erf, Activation::Gelu);
+    let d_tanh = got.iter().zip(&tanh).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let d_erf = got.iter().zip(&erf).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    println!("cuBLASLt GELU epilogue: max |diff| to GELU-tanh {d_tanh:.2e}, to exact GELU {d_erf:.2e}");
+    assert!(d_tanh < 1e-4 && d_tanh < d_erf, "the fused GELU is not GELU-tanh: {got:?}");
+}
+
+#[test]
+fn device_choice_resolves_to_the_gpu() {
+    let Some(dev) = gpu("device_choice") else { return };
+    assert_eq!(cuda::DeviceChoice::Auto.resolve().unwrap(), tessera_kernels::Device::Cuda(0));
+    assert_eq!(cuda::DeviceChoice::Cuda(0).resolve().unwrap(), tessera_kernels::Device::Cuda(0));
+    println!("device 0: {} ({}), {} SMs", dev.name(), dev.arch(), dev.multiprocessors());
+    dev.warm_up().unwrap();
+}
