@@ -1,5 +1,5 @@
-//! `tessera`: the command-line entry point (golden checks and benchmarks today; `generate`,
-//! `serve` and `status` as the cluster lands).
+//! `tessera`: the command-line entry point: `generate` (a video on this machine), golden checks
+//! and benchmarks (`serve` and `status` as the cluster lands).
 
 mod cli;
 mod sys;
@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate a video from a prompt on this machine (CPU), writing MP4, GIF or PNG frames.
+    Generate(cli::generate::GenerateArgs),
     /// Run golden reference cases and compare with their stated tolerance.
     Golden(cli::golden::GoldenArgs),
     /// Benchmarks that print figures.
@@ -33,6 +35,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
+        Command::Generate(args) => cli::generate::run(args),
         Command::Golden(args) => cli::golden::run(args),
         Command::Bench(cmd) => cli::bench::run(cmd),
     };

@@ -2,4 +2,5 @@
 
 pub mod bench;
 mod bench_sharded;
+pub mod generate;
 pub mod golden;

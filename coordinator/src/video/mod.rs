@@ -6,11 +6,13 @@
 //! clamped to [0, 1]; 8-bit samples are `round(255·x)` as diffusers' post-processing makes them.
 
 mod color;
+mod file;
 mod gif;
 mod mp4;
 mod png;
 
 pub use color::{rgb_to_yuv420, ColorMatrix, Yuv420};
+pub use file::{push_channel_major, VideoFile};
 pub use gif::{GifOptions, GifWriter};
 pub use mp4::{Mp4Options, Mp4Summary, Mp4Writer, RateControl};
 pub use png::{write_png, PngFramesWriter};

@@ -53,15 +53,26 @@ impl PromptTokenizer {
     /// As [`Self::load`], with another fixed length.
     pub fn with_max_length(dir: &Path, max_length: usize) -> Result<Self> {
         let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(WorkerError::Io { path: path.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the tokenizer folder") });
+        }
+        let inner = Tokenizer::from_file(&path).map_err(|e| WorkerError::Tokenizer { path: path.display().to_string(), detail: e.to_string() })?;
+        Self::configure(inner, pad_token_of(dir)?, max_length, path)
+    }
+
+    /// A tokenizer from the contents of a `tokenizer.json` (e.g. one built into the binary);
+    /// `desc` names it in errors.
+    pub fn from_json_bytes(json: &[u8], pad_token: Option<&str>, max_length: usize, desc: &str) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(json).map_err(|e| WorkerError::Tokenizer { path: desc.to_string(), detail: e.to_string() })?;
+        Self::configure(inner, pad_token.map(String::from), max_length, PathBuf::from(desc))
+    }
+
+    fn configure(mut inner: Tokenizer, pad_token: Option<String>, max_length: usize, path: PathBuf) -> Result<Self> {
         let err = |detail: String| WorkerError::Tokenizer { path: path.display().to_string(), detail };
         if max_length == 0 {
             return Err(err("the fixed length must be positive".into()));
         }
-        if !path.is_file() {
-            return Err(WorkerError::Io { path: path.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the tokenizer folder") });
-        }
-        let mut inner = Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
-        let pad_token = pad_token_of(dir)?.or_else(|| inner.get_padding().map(|p| p.pad_token.clone())).unwrap_or_else(|| "<pad>".into());
+        let pad_token = pad_token.or_else(|| inner.get_padding().map(|p| p.pad_token.clone())).unwrap_or_else(|| "<pad>".into());
         let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| err(format!("the pad token {pad_token:?} is not in the vocabulary")))?;
         inner
             .with_truncation(Some(TruncationParams { direction: TruncationDirection::Right, max_length, strategy: TruncationStrategy::LongestFirst, stride: 0 }))
@@ -75,6 +86,11 @@ impl PromptTokenizer {
             pad_token,
         }));
         Ok(Self { inner, path, max_length, pad_id })
+    }
+
+    /// Size of the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// The fixed length of every row.

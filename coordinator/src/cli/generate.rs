@@ -1,0 +1,200 @@
+//! `tessera generate`: text (or a video) in, a video file out, on this machine. Runs the Wan
+//! pipeline in-process on the CPU — a diffusers snapshot folder given with `--model`, or a
+//! built-in model with random weights — shows a progress bar, writes MP4, GIF or PNG frames, and
+//! says where the file went and how long each phase took.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
+use tessera_kernels::cuda::DeviceChoice;
+use tessera_kernels::{Device, Tensor};
+use tessera_worker::pipeline::{GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::sampler::SamplerKind;
+
+/// Arguments of `tessera generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// What the video shows.
+    #[arg(long, env = "TESSERA_PROMPT")]
+    prompt: String,
+    /// What it should not show (guidance's unconditional branch).
+    #[arg(long, env = "TESSERA_NEGATIVE_PROMPT", default_value = "")]
+    negative_prompt: String,
+    /// A diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/,
+    /// tokenizer/, scheduler/). Without it, the built-in model of --preset runs.
+    #[arg(long, env = "TESSERA_MODEL")]
+    model: Option<PathBuf>,
+    /// Built-in model with random weights, used when --model is not given.
+    #[arg(long, env = "TESSERA_PRESET", default_value = "tiny")]
+    preset: String,
+    /// Output file: `.mp4`, `.gif`, or a folder for PNG frames.
+    #[arg(short, long, env = "TESSERA_OUTPUT", default_value = "tessera.mp4")]
+    output: PathBuf,
+    /// Output format (mp4, gif, png); by default from the output's extension.
+    #[arg(long, env = "TESSERA_FORMAT")]
+    format: Option<String>,
+    /// Frame height in pixels, a multiple of 16 (default: the model's, 480 for Wan 2.1).
+    #[arg(long, env = "TESSERA_HEIGHT")]
+    height: Option<usize>,
+    /// Frame width in pixels, a multiple of 16 (default: the model's, 832 for Wan 2.1).
+    #[arg(long, env = "TESSERA_WIDTH")]
+    width: Option<usize>,
+    /// Number of frames, 4k+1 (default: the model's, 81 for Wan 2.1).
+    #[arg(long, env = "TESSERA_FRAMES")]
+    frames: Option<usize>,
+    /// Denoising steps (default: the model's, 50 for Wan 2.1).
+    #[arg(long, env = "TESSERA_STEPS")]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; at most 1 turns guidance off.
+    #[arg(long, env = "TESSERA_GUIDANCE", default_value_t = 5.0)]
+    guidance: f32,
+    /// Flow-matching σ shift (default: the scheduler config's).
+    #[arg(long, env = "TESSERA_SHIFT")]
+    shift: Option<f64>,
+    /// Sampler: unipc or euler (default: the scheduler config's).
+    #[arg(long, env = "TESSERA_SAMPLER")]
+    sampler: Option<String>,
+    /// Seed of the initial noise (default: a random one, printed).
+    #[arg(long, env = "TESSERA_SEED")]
+    seed: Option<u64>,
+    /// Frames per second of the file.
+    #[arg(long, env = "TESSERA_FPS", default_value_t = 16.0)]
+    fps: f64,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
+    device: String,
+    /// No progress bar.
+    #[arg(long, env = "TESSERA_QUIET")]
+    quiet: bool,
+}
+
+/// Streams decoded frames into the file and drives the progress bar.
+struct CliObserver {
+    bar: ProgressBar,
+    file: Option<VideoFile>,
+    decode_started: Option<Instant>,
+    encode_time: Duration,
+    denoise_started: Option<Instant>,
+    denoise_time: Duration,
+}
+
+impl PipelineObserver for CliObserver {
+    fn on_text(&mut self, _text: &TextConditions) -> tessera_worker::Result<()> {
+        self.bar.set_message("denoising");
+        self.denoise_started = Some(Instant::now());
+        Ok(())
+    }
+
+    fn on_step(&mut self, step: usize, total: usize, _latents: &Tensor) -> tessera_worker::Result<()> {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(step as u64 + 1);
+        if step + 1 == total {
+            self.denoise_time = self.denoise_started.map(|t| t.elapsed()).unwrap_or_default();
+            self.bar.set_message("decoding");
+            self.decode_started = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn on_frames(&mut self, frames: &Tensor) -> tessera_worker::Result<()> {
+        let t = Instant::now();
+        let file = self.file.as_mut().expect("the file is open until the run ends");
+        push_channel_major(file, frames.data(), frames.dim(2)).map_err(|e| tessera_worker::WorkerError::InvalidInput { field: "output", detail: e.to_string() })?;
+        self.encode_time += t.elapsed();
+        Ok(())
+    }
+}
+
+fn pick_defaults(args: &GenerateArgs) -> Result<(WanPipeline, PipelineDefaults, String)> {
+    match &args.model {
+        Some(dir) => {
+            let pipe = WanPipeline::load(dir).with_context(|| format!("--model {}", dir.display()))?;
+            Ok((pipe, WAN_DEFAULTS, dir.display().to_string()))
+        }
+        None => {
+            let preset = PipelinePreset::from_name(&args.preset).map_err(|e| anyhow!("--preset {}: {e}", args.preset))?;
+            Ok((preset.build(0)?, preset.defaults(), format!("built-in `{}` (random weights)", preset.name())))
+        }
+    }
+}
+
+/// Runs one generation and writes the file.
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let choice: DeviceChoice = args.device.parse().map_err(|e| anyhow!("--device {}: {e}", args.device))?;
+    match choice.resolve().map_err(|e| anyhow!("--device {}: {e}", args.device))? {
+        Device::Cpu => {}
+        Device::Cuda(n) if choice == DeviceChoice::Auto => eprintln!("note: CUDA device {n} found, but the model runs on the CPU in this version"),
+        Device::Cuda(n) => bail!("--device cuda:{n}: the CUDA kernels are built but the pipeline does not run on CUDA yet; use --device cpu"),
+    }
+    let format = match &args.format {
+        Some(f) => tessera_coordinator::video::VideoFormat::from_name(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif or png"))?,
+        None => VideoFile::format_of(&args.output).ok_or_else(|| anyhow!("--output {}: unknown extension (use .mp4, .gif or a folder for PNG frames, or --format)", args.output.display()))?,
+    };
+    let sampler = match &args.sampler {
+        Some(s) => Some(SamplerKind::from_name(s).ok_or_else(|| anyhow!("--sampler {s}: expected unipc or euler"))?),
+        None => None,
+    };
+    if !(args.fps.is_finite() && args.fps > 0.0 && args.fps <= 120.0) {
+        bail!("--fps {}: must be greater than 0 and at most 120", args.fps);
+    }
+    let (pipe, defaults, model_desc) = pick_defaults(&args)?;
+    let load_time = started.elapsed();
+    let seed = args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    let params = GenerationParams {
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.height.unwrap_or(defaults.height),
+        width: args.width.unwrap_or(defaults.width),
+        num_frames: args.frames.unwrap_or(defaults.num_frames),
+        num_inference_steps: args.steps.unwrap_or(defaults.num_inference_steps),
+        guidance_scale: args.guidance,
+        flow_shift: args.shift,
+        sampler,
+        seed,
+        ..GenerationParams::new(args.prompt.clone())
+    };
+    let vc = pipe.vae().config();
+    // Name the flag, not the library's field.
+    params.validate(vc.spatial_factor(), vc.temporal_factor()).map_err(|e| {
+        let msg = e.to_string();
+        let flag = [("height", "--height"), ("width", "--width"), ("num_frames", "--frames"), ("num_inference_steps", "--steps"), ("guidance_scale", "--guidance"), ("flow_shift", "--shift")]
+            .into_iter()
+            .find(|(field, _)| msg.contains(&format!("`{field}`")))
+            .map(|(_, flag)| flag)
+            .unwrap_or("input");
+        anyhow!("{flag}: {msg}")
+    })?;
+    let spec = VideoSpec::new(params.width as u32, params.height as u32, args.fps)?;
+    let file = VideoFile::create(format, &args.output, spec).with_context(|| format!("--output {}", args.output.display()))?;
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(params.num_inference_steps as u64) };
+    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}").expect("valid template").progress_chars("=> "));
+    bar.set_message("encoding prompt");
+    let mut obs = CliObserver { bar, file: Some(file), decode_started: None, encode_time: Duration::ZERO, denoise_started: None, denoise_time: Duration::ZERO };
+    let text_started = Instant::now();
+    let run = pipe.generate(&params, &mut obs);
+    obs.bar.finish_and_clear();
+    run.with_context(|| format!("generating with {model_desc}"))?;
+    let decode_and_encode = obs.decode_started.map(|t| t.elapsed()).unwrap_or_default();
+    let frames = {
+        use tessera_coordinator::video::FrameSink;
+        obs.file.as_ref().map(|f| f.frames_written()).unwrap_or(0)
+    };
+    let written = obs.file.take().expect("the file is still open").finish()?;
+    let text_time = text_started.elapsed().saturating_sub(obs.denoise_time + decode_and_encode);
+    println!("wrote {} ({} frames, {}x{} at {} fps, {})", args.output.display(), frames, spec.width, spec.height, args.fps, if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() });
+    println!("model {model_desc}, seed {seed}, {} steps, guidance {}", params.num_inference_steps, params.guidance_scale);
+    println!(
+        "time: load {:.2}s, text {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",
+        load_time.as_secs_f64(),
+        text_time.as_secs_f64(),
+        obs.denoise_time.as_secs_f64(),
+        decode_and_encode.saturating_sub(obs.encode_time).as_secs_f64(),
+        obs.encode_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
