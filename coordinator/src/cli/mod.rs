@@ -2,4 +2,5 @@
 
 pub mod bench;
 mod bench_sharded;
+mod bench_vae;
 pub mod golden;

@@ -183,6 +183,11 @@ impl Resample {
         Ok(Self { mode, conv, time_conv, dim })
     }
 
+    /// Whether this layer also resamples time.
+    pub fn is_temporal(&self) -> bool {
+        self.time_conv.is_some()
+    }
+
     /// Runs on the next chunk of frames.
     pub fn forward(&self, x: Clip, state: &mut ResampleState) -> Result<Clip> {
         match (self.mode, &self.time_conv) {
