@@ -149,8 +149,16 @@ fn conv3d_tiled(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32
         }
     }
     let positions: usize = out.iter().product();
-    let mut y = vec![0.0f32; co * positions];
     let out_shape = [co, out[0], out[1], out[2]];
+    if let Some(active) = time_taps_needed(p, t, out[0]) {
+        if active.is_empty() {
+            // every tap reads padding: the output is the bias alone
+            let y = bias.map_or_else(|| vec![0.0; co * positions], |b| b.iter().flat_map(|&v| std::iter::repeat_n(v, positions)).collect());
+            return Ok((y, out_shape));
+        }
+        return conv3d_time_taps(x, shape, weight, bias, co, p, tile, active, out_shape);
+    }
+    let mut y = vec![0.0f32; co * positions];
     if positions == 0 {
         return Ok((y, out_shape));
     }
@@ -174,6 +182,49 @@ fn conv3d_tiled(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32
         q0 += n;
     }
     Ok((y, out_shape))
+}
+
+/// The time taps that read a real frame for at least one output frame, when that is fewer than
+/// all of them (a causal convolution's first chunk reads mostly padding); `None` when all are.
+fn time_taps_needed(p: &Conv3dParams, t: usize, t_out: usize) -> Option<std::ops::Range<usize>> {
+    let (kt, st, pt) = (p.kernel[0], p.stride[0], p.padding[0][0]);
+    // Output frame j reads input frame j·st + dt − pt: the last output frame needs the smallest dt,
+    // the first the largest.
+    let lo = pt.saturating_sub(t_out.saturating_sub(1) * st);
+    let hi = (t + pt).min(kt);
+    (lo > 0 || hi < kt).then(|| lo..hi.max(lo))
+}
+
+/// [`conv3d_tiled`] with only the time taps `active`: the other taps multiply zero padding, so
+/// they are dropped from the kernel (and the GEMM), with the padding shifted to match.
+#[allow(clippy::too_many_arguments)]
+fn conv3d_time_taps(
+    x: &[f32],
+    shape: [usize; 4],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    p: &Conv3dParams,
+    tile: usize,
+    active: std::ops::Range<usize>,
+    out_shape: [usize; 4],
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let [kt, kh, kw] = p.kernel;
+    let (plane, n) = (kh * kw, active.len());
+    let mut sub = Vec::with_capacity(co * shape[0] * n * plane);
+    for filter in weight.chunks_exact(kt * plane) {
+        sub.extend_from_slice(&filter[active.start * plane..active.end * plane]);
+    }
+    // Same output frames: input frame j·st + dt − pt = j·st + (dt − lo) − (pt − lo).
+    let before = p.padding[0][0] - active.start;
+    let span = (out_shape[1] - 1) * p.stride[0] + n;
+    let after = span.saturating_sub(shape[1] + before);
+    let mut padding = p.padding;
+    padding[0] = [before, after];
+    let reduced = Conv3dParams { kernel: [n, kh, kw], padding, ..*p };
+    let (y, s) = conv3d_tiled(x, shape, &sub, bias, co, &reduced, tile)?;
+    debug_assert_eq!(s, out_shape, "dropping time taps must keep the output frames");
+    Ok((y, s))
 }
 
 /// Fills im2col row `r` (one (input channel, dt, dh, dw) tap) for output positions `q0 ..`
@@ -296,6 +347,16 @@ mod tests {
             check([3, 2, 6, 7], 3, Conv2dParams::new([3, 3]).with_stride([2, 2]).with_padding([[0, 1], [0, 1]]).per_frame(), true, tile);
             // odd strides and paddings on every axis
             check([2, 5, 7, 6], 3, Conv3dParams::new([2, 3, 2]).with_stride([2, 3, 2]).with_padding([[1, 2], [0, 2], [3, 1]]), true, tile);
+            // first chunks of causal convs: taps that only read padding are dropped
+            check([3, 1, 4, 5], 4, causal, true, tile);
+            check([3, 2, 4, 5], 4, causal, true, tile);
+            check([2, 3, 2, 3], 3, Conv3dParams::new([3, 1, 1]).with_padding([[5, 1], [0, 0], [0, 0]]), true, tile);
+            check([2, 3, 2, 3], 3, Conv3dParams::new([3, 2, 1]).with_stride([2, 1, 1]).with_padding([[3, 4], [1, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([2, 1, 1]).with_padding([[4, 0], [0, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([3, 1, 1]).with_padding([[0, 2], [0, 0], [0, 0]]), true, tile);
+            // no tap ever reads a frame: bias only
+            check([2, 1, 2, 3], 3, Conv3dParams::new([1, 1, 1]).with_stride([5, 1, 1]).with_padding([[2, 0], [0, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([1, 1, 1]).with_stride([5, 1, 1]).with_padding([[2, 0], [0, 0], [0, 0]]), false, tile);
             // pointwise (plain GEMM path)
             check([7, 2, 3, 4], 5, Conv3dParams::new([1, 1, 1]), true, tile);
         }
