@@ -54,7 +54,7 @@ pub fn run(a: VaeArgs) -> Result<()> {
     };
     let cfg = vae.config().clone();
     let sf = cfg.spatial_factor();
-    if a.height == 0 || a.width == 0 || a.height % sf != 0 || a.width % sf != 0 {
+    if a.height == 0 || a.width == 0 || !a.height.is_multiple_of(sf) || !a.width.is_multiple_of(sf) {
         bail!("--height {} --width {}: both must be positive multiples of {sf}", a.height, a.width);
     }
     if a.latent_frames.is_empty() || a.latent_frames.contains(&0) {

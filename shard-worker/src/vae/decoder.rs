@@ -96,7 +96,7 @@ impl Decoder {
             for i in self.per_frame_from..self.up_blocks.len() {
                 y = self.up_block(i, y, state)?;
             }
-            frames.push(norm_silu_conv(&self.norm_out, &self.conv_out, &y, &mut state.conv_out)?);
+            frames.push(norm_silu_conv(&self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
         }
         Ok(Clip::concat_time(&frames.iter().collect::<Vec<_>>()))
     }

@@ -109,7 +109,7 @@ impl Encoder {
             x = self.down_layer(i, x, state)?;
         }
         let x = self.mid.forward(x, &mut state.mid)?;
-        norm_silu_conv(&self.norm_out, &self.conv_out, &x, &mut state.conv_out)
+        norm_silu_conv(&self.norm_out, &self.conv_out, x, &mut state.conv_out)
     }
 
     /// Runs entry `i` of `down_blocks` on the next frames.
