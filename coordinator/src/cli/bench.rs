@@ -20,6 +20,8 @@ pub enum BenchCommand {
     Dit(DitArgs),
     /// Attention alone (tiled, with log-sum-exp) on random inputs.
     Attention(AttentionArgs),
+    /// VAE decode (chunked, streaming) at several video lengths: time and peak memory per run.
+    Vae(super::bench_vae::VaeArgs),
 }
 
 /// Shared timing options.
@@ -86,6 +88,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Dit(a) => bench_dit(a),
         BenchCommand::Attention(a) => bench_attention(a),
+        BenchCommand::Vae(a) => super::bench_vae::run(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }

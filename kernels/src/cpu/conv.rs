@@ -104,20 +104,68 @@ impl Conv2dParams {
 }
 
 /// Geometry of one call, with everything the im2col fill needs.
-#[derive(Clone, Copy)]
-struct Geometry {
-    input: [usize; 4],
+struct Geometry<'a> {
+    input: &'a Frames<'a>,
     kernel: [usize; 3],
     stride: [usize; 3],
     pad_before: [usize; 3],
     output: [usize; 3],
 }
 
+/// A `[C, T, H, W]` input held as consecutive pieces along time, each `[C, T_i, H, W]`, read in place.
+struct Frames<'a> {
+    pieces: &'a [&'a [f32]],
+    /// For each input frame: (piece, frame within the piece, frames in the piece).
+    index: Vec<(usize, usize, usize)>,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl<'a> Frames<'a> {
+    fn new(pieces: &'a [&'a [f32]], [c, h, w]: [usize; 3]) -> Result<Self> {
+        let frame = c * h * w;
+        if frame == 0 {
+            return Err(KernelError::invalid("conv3d", format!("input frames of [{c}, {h}, {w}] have no elements")));
+        }
+        let mut index = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            if p.len() % frame != 0 {
+                return Err(KernelError::shape("conv3d", format!("input piece {i} has {} elements, not whole frames of [{c}, {h}, {w}]", p.len())));
+            }
+            let t = p.len() / frame;
+            index.extend((0..t).map(|f| (i, f, t)));
+        }
+        Ok(Self { pieces, index, c, h, w })
+    }
+
+    fn frames(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Row `hr` of channel `ci` in input frame `ti`.
+    fn row(&self, ci: usize, ti: usize, hr: usize) -> &'a [f32] {
+        let (piece, f, t) = self.index[ti];
+        &self.pieces[piece][((ci * t + f) * self.h + hr) * self.w..][..self.w]
+    }
+}
+
 /// 3-D convolution of `x` `[C_in, T, H, W]` (row-major) with `weight` `[C_out, C_in, kt, kh, kw]`
 /// and optional `bias` `[C_out]`. Returns the output `[C_out, T', H', W']` and its shape.
 pub fn conv3d(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32]>, out_channels: usize, p: &Conv3dParams) -> Result<(Vec<f32>, [usize; 4])> {
-    let taps = shape[0] * p.kernel.iter().product::<usize>();
-    conv3d_tiled(x, shape, weight, bias, out_channels, p, (COL_BUDGET / taps.max(1)).max(MIN_TILE))
+    let [c, t, h, w] = shape;
+    if x.len() != c * t * h * w {
+        return Err(KernelError::shape("conv3d", format!("input has {} elements for shape {shape:?}", x.len())));
+    }
+    conv3d_pieces(&[x], [c, h, w], weight, bias, out_channels, p)
+}
+
+/// [`conv3d`] of an input given as consecutive pieces along time, each `[C_in, T_i, H, W]` with
+/// `chw = [C_in, H, W]` (for example a causal convolution's cached frames followed by the new
+/// ones): the pieces are read in place, never joined.
+pub fn conv3d_pieces(pieces: &[&[f32]], chw: [usize; 3], weight: &[f32], bias: Option<&[f32]>, out_channels: usize, p: &Conv3dParams) -> Result<(Vec<f32>, [usize; 4])> {
+    let taps = chw[0] * p.kernel.iter().product::<usize>();
+    conv3d_tiled(&Frames::new(pieces, chw)?, weight, bias, out_channels, p, (COL_BUDGET / taps.max(1)).max(MIN_TILE))
 }
 
 /// 2-D convolution of `x` `[C_in, H, W]` with `weight` `[C_out, C_in, kh, kw]` and optional `bias`
@@ -129,14 +177,11 @@ pub fn conv2d(x: &[f32], shape: [usize; 3], weight: &[f32], bias: Option<&[f32]>
     Ok((y, [co, ho, wo]))
 }
 
-/// [`conv3d`] with at most `tile` output positions per GEMM.
-fn conv3d_tiled(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32]>, co: usize, p: &Conv3dParams, tile: usize) -> Result<(Vec<f32>, [usize; 4])> {
-    let [c, t, h, w] = shape;
-    if x.len() != c * t * h * w {
-        return Err(KernelError::shape("conv3d", format!("input has {} elements for shape {shape:?}", x.len())));
-    }
-    if c == 0 || co == 0 {
-        return Err(KernelError::invalid("conv3d", format!("{c} input and {co} output channels: both must be positive")));
+/// The convolution with at most `tile` output positions per GEMM.
+fn conv3d_tiled(x: &Frames<'_>, weight: &[f32], bias: Option<&[f32]>, co: usize, p: &Conv3dParams, tile: usize) -> Result<(Vec<f32>, [usize; 4])> {
+    let (c, t, h, w) = (x.c, x.frames(), x.h, x.w);
+    if co == 0 {
+        return Err(KernelError::invalid("conv3d", "output channels must be positive"));
     }
     let out = p.output_size([t, h, w])?;
     let k = c * p.kernel.iter().product::<usize>();
@@ -149,37 +194,90 @@ fn conv3d_tiled(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32
         }
     }
     let positions: usize = out.iter().product();
-    let mut y = vec![0.0f32; co * positions];
     let out_shape = [co, out[0], out[1], out[2]];
-    if positions == 0 {
-        return Ok((y, out_shape));
+    if let Some(active) = time_taps_needed(p, t, out[0]) {
+        if active.is_empty() {
+            // every tap reads padding: the output is the bias alone
+            let y = bias.map_or_else(|| vec![0.0; co * positions], |b| b.iter().flat_map(|&v| std::iter::repeat_n(v, positions)).collect());
+            return Ok((y, out_shape));
+        }
+        return conv3d_time_taps(x, weight, bias, co, p, tile, active, out_shape);
     }
+    let mut y = vec![0.0f32; co * positions];
     if let Some(b) = bias {
         y.par_chunks_mut(positions).zip(b.par_iter()).for_each(|(row, &b)| row.fill(b));
     }
     let a = MatRef::row_major(weight, co, k, k)?;
     if p.is_pointwise() {
-        gemm_into(&mut y, positions, bias.is_some(), a, MatRef::row_major(x, c, positions, positions)?, Threads::Pool)?;
+        // Each piece is a [C, T_i·H·W] matrix: one product per piece, into its output frames.
+        let mut start = 0;
+        for piece in x.pieces.iter().filter(|p| !p.is_empty()) {
+            let n = piece.len() / c;
+            gemm_into(&mut y[start..], positions, bias.is_some(), a, MatRef::row_major(piece, c, n, n)?, Threads::Pool)?;
+            start += n;
+        }
         return Ok((y, out_shape));
     }
-    let g = Geometry { input: shape, kernel: p.kernel, stride: p.stride, pad_before: p.padding.map(|[b, _]| b), output: out };
+    let g = Geometry { input: x, kernel: p.kernel, stride: p.stride, pad_before: p.padding.map(|[b, _]| b), output: out };
     let tile = tile.clamp(1, positions);
     let mut col = vec![0.0f32; k * tile];
     let mut q0 = 0;
     while q0 < positions {
         let n = tile.min(positions - q0);
         let cols = &mut col[..k * n];
-        cols.par_chunks_mut(n).enumerate().with_min_len(4).for_each(|(r, row)| fill_row(row, x, &g, r, q0));
+        cols.par_chunks_mut(n).enumerate().with_min_len(4).for_each(|(r, row)| fill_row(row, &g, r, q0));
         gemm_into(&mut y[q0..], positions, bias.is_some(), a, MatRef::row_major(cols, k, n, n)?, Threads::Pool)?;
         q0 += n;
     }
     Ok((y, out_shape))
 }
 
+/// The time taps that read a real frame for at least one output frame, when that is fewer than
+/// all of them (a causal convolution's first chunk reads mostly padding); `None` when all are.
+fn time_taps_needed(p: &Conv3dParams, t: usize, t_out: usize) -> Option<std::ops::Range<usize>> {
+    let (kt, st, pt) = (p.kernel[0], p.stride[0], p.padding[0][0]);
+    // Output frame j reads input frame j·st + dt − pt: the last output frame needs the smallest dt,
+    // the first the largest.
+    let lo = pt.saturating_sub(t_out.saturating_sub(1) * st);
+    let hi = (t + pt).min(kt);
+    (lo > 0 || hi < kt).then(|| lo..hi.max(lo))
+}
+
+/// [`conv3d_tiled`] with only the time taps `active`: the other taps multiply zero padding, so
+/// they are dropped from the kernel (and the GEMM), with the padding shifted to match.
+#[allow(clippy::too_many_arguments)]
+fn conv3d_time_taps(
+    x: &Frames<'_>,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    p: &Conv3dParams,
+    tile: usize,
+    active: std::ops::Range<usize>,
+    out_shape: [usize; 4],
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let [kt, kh, kw] = p.kernel;
+    let (plane, n) = (kh * kw, active.len());
+    let mut sub = Vec::with_capacity(co * x.c * n * plane);
+    for filter in weight.chunks_exact(kt * plane) {
+        sub.extend_from_slice(&filter[active.start * plane..active.end * plane]);
+    }
+    // Same output frames: input frame j·st + dt − pt = j·st + (dt − lo) − (pt − lo).
+    let before = p.padding[0][0] - active.start;
+    let span = (out_shape[1] - 1) * p.stride[0] + n;
+    let after = span.saturating_sub(x.frames() + before);
+    let mut padding = p.padding;
+    padding[0] = [before, after];
+    let reduced = Conv3dParams { kernel: [n, kh, kw], padding, ..*p };
+    let (y, s) = conv3d_tiled(x, &sub, bias, co, &reduced, tile)?;
+    debug_assert_eq!(s, out_shape, "dropping time taps must keep the output frames");
+    Ok((y, s))
+}
+
 /// Fills im2col row `r` (one (input channel, dt, dh, dw) tap) for output positions `q0 ..`
 /// `q0 + row.len()` (flattened over (t, h, w) of the output), with zeros where the tap reads padding.
-fn fill_row(row: &mut [f32], x: &[f32], g: &Geometry, r: usize, q0: usize) {
-    let [_, t, h, w] = g.input;
+fn fill_row(row: &mut [f32], g: &Geometry<'_>, r: usize, q0: usize) {
+    let (t, h, w) = (g.input.frames(), g.input.h, g.input.w);
     let [kt, kh, kw] = g.kernel;
     let [st, sh, sw] = g.stride;
     let [pt, ph, pw] = g.pad_before;
@@ -207,7 +305,7 @@ fn fill_row(row: &mut [f32], x: &[f32], g: &Geometry, r: usize, q0: usize) {
         let (a, b) = (lo.clamp(wo_s, wo_e), hi.max(lo).clamp(wo_s, wo_e));
         seg[..a - wo_s].fill(0.0);
         seg[b - wo_s..].fill(0.0);
-        let src = &x[((ci * t + ti) * h + hr) * w..][..w];
+        let src = g.input.row(ci, ti, hr);
         let dst = &mut seg[a - wo_s..b - wo_s];
         if sw == 1 {
             dst.copy_from_slice(&src[a + dw - pw..b + dw - pw]);
@@ -273,7 +371,13 @@ mod tests {
         let wt = rand_vec(&mut rng, co * k);
         let b = rand_vec(&mut rng, co);
         let bias = with_bias.then_some(b.as_slice());
-        let (got, gs) = conv3d_tiled(&x, shape, &wt, bias, co, &p, tile).unwrap();
+        let [c, t, h, w] = shape;
+        let (got, gs) = conv3d_tiled(&Frames::new(&[&x], [c, h, w]).unwrap(), &wt, bias, co, &p, tile).unwrap();
+        // the same input split into pieces along time (first frame, the rest) gives the same output
+        let frames = |a: usize, b: usize| -> Vec<f32> { (0..c).flat_map(|ci| x[(ci * t + a) * h * w..(ci * t + b) * h * w].to_vec()).collect() };
+        let (first, rest) = (frames(0, t.min(1)), frames(t.min(1), t));
+        let (pieces, _) = conv3d_tiled(&Frames::new(&[&first, &[], &rest], [c, h, w]).unwrap(), &wt, bias, co, &p, tile).unwrap();
+        assert_eq!(pieces, got, "{shape:?} {p:?} in pieces");
         let (want, ws) = naive(&x, shape, &wt, bias, co, &p);
         assert_eq!(gs, ws, "{shape:?} {p:?}");
         for (i, (a, e)) in got.iter().zip(&want).enumerate() {
@@ -296,6 +400,16 @@ mod tests {
             check([3, 2, 6, 7], 3, Conv2dParams::new([3, 3]).with_stride([2, 2]).with_padding([[0, 1], [0, 1]]).per_frame(), true, tile);
             // odd strides and paddings on every axis
             check([2, 5, 7, 6], 3, Conv3dParams::new([2, 3, 2]).with_stride([2, 3, 2]).with_padding([[1, 2], [0, 2], [3, 1]]), true, tile);
+            // first chunks of causal convs: taps that only read padding are dropped
+            check([3, 1, 4, 5], 4, causal, true, tile);
+            check([3, 2, 4, 5], 4, causal, true, tile);
+            check([2, 3, 2, 3], 3, Conv3dParams::new([3, 1, 1]).with_padding([[5, 1], [0, 0], [0, 0]]), true, tile);
+            check([2, 3, 2, 3], 3, Conv3dParams::new([3, 2, 1]).with_stride([2, 1, 1]).with_padding([[3, 4], [1, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([2, 1, 1]).with_padding([[4, 0], [0, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([3, 1, 1]).with_padding([[0, 2], [0, 0], [0, 0]]), true, tile);
+            // no tap ever reads a frame: bias only
+            check([2, 1, 2, 3], 3, Conv3dParams::new([1, 1, 1]).with_stride([5, 1, 1]).with_padding([[2, 0], [0, 0], [0, 0]]), true, tile);
+            check([2, 1, 2, 3], 3, Conv3dParams::new([1, 1, 1]).with_stride([5, 1, 1]).with_padding([[2, 0], [0, 0], [0, 0]]), false, tile);
             // pointwise (plain GEMM path)
             check([7, 2, 3, 4], 5, Conv3dParams::new([1, 1, 1]), true, tile);
         }
@@ -325,5 +439,8 @@ mod tests {
         assert!(conv3d(&[0.0; 8], [1, 2, 2, 2], &[0.0; 27], Some(&[0.0; 2]), 1, &padded).is_err()); // bias length
         assert!(conv3d(&[0.0; 8], [1, 2, 2, 2], &[0.0; 27], None, 1, &padded.with_stride([0, 1, 1])).is_err());
         assert!(conv3d(&[0.0; 8], [1, 2, 2, 2], &[0.0; 27], None, 1, &padded).is_ok());
+        assert!(conv3d_pieces(&[&[0.0; 8], &[0.0; 3]], [1, 2, 2], &[0.0; 27], None, 1, &padded).is_err()); // not whole frames
+        assert!(conv3d_pieces(&[&[0.0; 8], &[0.0; 4]], [1, 2, 2], &[0.0; 27], None, 1, &padded).is_ok());
+        assert!(conv3d(&[], [0, 2, 2, 2], &[], None, 1, &padded).is_err()); // no channels
     }
 }

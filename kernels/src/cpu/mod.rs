@@ -15,7 +15,7 @@ pub mod sampler;
 
 pub use activation::{apply_activation, Activation};
 pub use attention::{attention, merge_partials, AttentionOutput, AttentionShape};
-pub use conv::{conv2d, conv3d, Conv2dParams, Conv3dParams};
+pub use conv::{conv2d, conv3d, conv3d_pieces, Conv2dParams, Conv3dParams};
 pub use elementwise::{gated_residual_add, residual_add};
 pub use embedding::timestep_embedding;
 pub use matmul::{gemm_into, linear, MatRef, Threads};

@@ -40,8 +40,8 @@ impl ResidualBlock {
 
     /// Runs on the next chunk of frames.
     pub fn forward(&self, x: Clip, state: &mut ResidualState) -> Result<Clip> {
-        let h = norm_silu_conv(&self.norm1, &self.conv1, &x, &mut state.conv1)?;
-        let h = norm_silu_conv(&self.norm2, &self.conv2, &h, &mut state.conv2)?;
+        let h = norm_silu_conv(&self.norm1, &self.conv1, x.clone(), &mut state.conv1)?;
+        let h = norm_silu_conv(&self.norm2, &self.conv2, h, &mut state.conv2)?;
         let mut out = match &self.shortcut {
             Some(s) => s.forward(&x)?,
             None => x,
@@ -79,7 +79,7 @@ impl AttentionBlock {
         let (c, hw, t) = (self.dim, x.plane(), x.t);
         for f in 0..t {
             let mut n = x.frames(f, f + 1);
-            self.norm.apply(&mut n, 0, false);
+            self.norm.apply(&mut n, false);
             // qkv[p, j] = Σ_i n[i, p]·W[j, i] + b[j]: token-major rows of q | k | v.
             let mut qkv: Vec<f32> = self.qkv_bias.iter().copied().cycle().take(hw * 3 * c).collect();
             gemm_into(&mut qkv, 3 * c, true, MatRef::transposed(&n.data, hw, c, hw)?, MatRef::transposed(&self.qkv_weight, c, 3 * c, c)?, Threads::Pool)?;
@@ -183,6 +183,11 @@ impl Resample {
         Ok(Self { mode, conv, time_conv, dim })
     }
 
+    /// Whether this layer also resamples time.
+    pub fn is_temporal(&self) -> bool {
+        self.time_conv.is_some()
+    }
+
     /// Runs on the next chunk of frames.
     pub fn forward(&self, x: Clip, state: &mut ResampleState) -> Result<Clip> {
         match (self.mode, &self.time_conv) {
@@ -245,10 +250,10 @@ impl Resample {
             return Ok(x);
         }
         match &state.last {
-            None if x.t % 2 == 0 => {
+            None if x.t.is_multiple_of(2) => {
                 return Err(WorkerError::input("video", format!("a temporal downsample got a first chunk of {} frames; it needs an odd count", x.t)))
             }
-            Some(_) if x.t % 2 != 0 => {
+            Some(_) if !x.t.is_multiple_of(2) => {
                 return Err(WorkerError::input("video", format!("a temporal downsample got a chunk of {} frames after the first; it needs an even count", x.t)))
             }
             _ => {}
@@ -263,7 +268,7 @@ impl Resample {
                     Clip::concat_time(&[&x.frames(0, 1), &y])
                 }
             }
-            Some(prev) => tc.forward(&Clip::concat_time(&[&prev, &x]))?,
+            Some(prev) => tc.forward_after(Some(&prev), &x)?,
         };
         state.last = Some(last);
         Ok(out)

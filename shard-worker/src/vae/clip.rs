@@ -111,7 +111,7 @@ impl Clip {
     }
 }
 
-/// The last input frames a causal convolution has seen (at most [`CACHE_T`]), prepended to the
+/// The last input frames a causal convolution has seen (at most [`CACHE_T`]), read before the
 /// next chunk so that chunked processing equals one pass over the whole sequence.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FrameCache {
@@ -122,24 +122,35 @@ pub(crate) struct FrameCache {
 pub(crate) const CACHE_T: usize = 2;
 
 impl FrameCache {
-    /// Number of cached frames.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.frames.as_ref().map_or(0, |f| f.t)
+    /// The cached frames, oldest first.
+    pub fn frames(&self) -> Option<&Clip> {
+        self.frames.as_ref()
     }
 
-    /// The cached frames followed by `x`, and how many cached frames lead.
-    pub fn join(&self, x: &Clip) -> (Clip, usize) {
-        match &self.frames {
-            Some(f) => (Clip::concat_time(&[f, x]), f.t),
-            None => (x.clone(), 0),
+    /// Records that `x` followed the cached frames: keeps the last [`CACHE_T`] frames of both,
+    /// in place once the cache is full (no allocation in the steady state).
+    pub fn push(&mut self, x: &Clip) {
+        if x.t == 0 {
+            return;
         }
-    }
-
-    /// Keeps the last [`CACHE_T`] frames of `joined` (cached frames followed by the new chunk).
-    pub fn keep_tail(&mut self, joined: &Clip) {
-        let start = joined.t.saturating_sub(CACHE_T);
-        self.frames = Some(joined.frames(start, joined.t));
+        let p = x.plane();
+        match &mut self.frames {
+            Some(f) if f.t == CACHE_T && (f.c, f.h, f.w) == (x.c, x.h, x.w) => {
+                let keep = CACHE_T.saturating_sub(x.t); // cached frames that stay, moved to the front
+                let take = CACHE_T - keep; // newest frames of x
+                f.data.par_chunks_mut(CACHE_T * p).zip(x.data.par_chunks(x.t * p)).for_each(|(dst, src)| {
+                    dst.copy_within((CACHE_T - keep) * p..CACHE_T * p, 0);
+                    dst[keep * p..].copy_from_slice(&src[(x.t - take) * p..]);
+                });
+            }
+            cached => {
+                let joined = match cached.as_ref() {
+                    Some(f) => Clip::concat_time(&[f, x]),
+                    None => x.clone(),
+                };
+                *cached = Some(joined.frames(joined.t.saturating_sub(CACHE_T), joined.t));
+            }
+        }
     }
 }
 
@@ -162,18 +173,20 @@ mod tests {
 
     #[test]
     fn cache_keeps_the_last_two_frames_across_chunks() {
-        let x = ramp([2, 4, 1, 3]);
+        let x = ramp([2, 7, 1, 3]);
         let mut cache = FrameCache::default();
-        let (j, n) = cache.join(&x.frames(0, 1));
-        assert_eq!((n, j.t), (0, 1));
-        cache.keep_tail(&j);
-        assert_eq!(cache.len(), 1);
-        let (j, n) = cache.join(&x.frames(1, 2));
-        assert_eq!((n, &j), (1, &x.frames(0, 2)));
-        cache.keep_tail(&j);
-        let (j, n) = cache.join(&x.frames(2, 4));
-        assert_eq!((n, &j), (2, &x.frames(0, 4)));
-        cache.keep_tail(&j);
-        assert_eq!(cache.join(&x.frames(0, 0)).0, x.frames(2, 4));
+        assert!(cache.frames().is_none());
+        cache.push(&x.frames(0, 1));
+        assert_eq!(cache.frames(), Some(&x.frames(0, 1)));
+        cache.push(&x.frames(1, 2));
+        assert_eq!(cache.frames(), Some(&x.frames(0, 2)));
+        cache.push(&x.frames(2, 3)); // in place: one new frame
+        assert_eq!(cache.frames(), Some(&x.frames(1, 3)));
+        cache.push(&x.frames(3, 6)); // in place: several new frames
+        assert_eq!(cache.frames(), Some(&x.frames(4, 6)));
+        cache.push(&x.frames(6, 6));
+        assert_eq!(cache.frames(), Some(&x.frames(4, 6)));
+        cache.push(&x.frames(6, 7));
+        assert_eq!(cache.frames(), Some(&x.frames(5, 7)));
     }
 }

@@ -100,7 +100,7 @@ impl VaeConfig {
         }
         // Upsampling halves the width of each stage's output; the next stage must have an even width.
         let dec = self.decoder_dims();
-        if dec[1..dec.len() - 1].iter().any(|d| d % 2 != 0) {
+        if dec[1..dec.len() - 1].iter().any(|d| !d.is_multiple_of(2)) {
             return Err(format!("base_dim {} and dim_mult {:?} give an odd decoder width, which cannot be halved", self.base_dim, self.dim_mult));
         }
         for (name, v) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {

@@ -21,6 +21,10 @@ pub(crate) struct Decoder {
     up_blocks: Vec<UpBlock>,
     norm_out: ChannelRmsNorm,
     conv_out: CausalConv3d,
+    /// The first stage after the last temporal upsampler: from there on every layer maps frame t
+    /// to frame t, so those stages run one frame at a time (same output, a fraction of the memory
+    /// at the highest resolutions).
+    per_frame_from: usize,
 }
 
 /// Everything the decoder remembers between chunks of one sample.
@@ -57,7 +61,9 @@ impl Decoder {
             up_blocks.push(UpBlock { resnets, upsampler });
         }
         let last = dims[stages];
+        let per_frame_from = temporal.iter().rposition(|&t| t).map_or(0, |i| i + 1);
         Ok(Self {
+            per_frame_from,
             conv_in: CausalConv3d::load3(src, "decoder.conv_in", cfg.z_dim, dims[0])?,
             mid: MidBlock::load(src, "decoder.mid_block", dims[0])?,
             up_blocks,
@@ -81,14 +87,29 @@ impl Decoder {
     pub fn forward(&self, z: &Clip, state: &mut DecoderState) -> Result<Clip> {
         let x = self.conv_in.forward_cached(z, &mut state.conv_in)?;
         let mut x = self.mid.forward(x, &mut state.mid)?;
-        for (block, (res_states, up_state)) in self.up_blocks.iter().zip(state.up_blocks.iter_mut()) {
-            for (res, st) in block.resnets.iter().zip(res_states.iter_mut()) {
-                x = res.forward(x, st)?;
-            }
-            if let Some(up) = &block.upsampler {
-                x = up.forward(x, up_state)?;
-            }
+        for i in 0..self.per_frame_from {
+            x = self.up_block(i, x, state)?;
         }
-        norm_silu_conv(&self.norm_out, &self.conv_out, &x, &mut state.conv_out)
+        let mut frames = Vec::with_capacity(x.t);
+        for f in 0..x.t {
+            let mut y = x.frames(f, f + 1);
+            for i in self.per_frame_from..self.up_blocks.len() {
+                y = self.up_block(i, y, state)?;
+            }
+            frames.push(norm_silu_conv(&self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
+        }
+        Ok(Clip::concat_time(&frames.iter().collect::<Vec<_>>()))
+    }
+
+    /// Runs stage `i` on the next frames.
+    fn up_block(&self, i: usize, mut x: Clip, state: &mut DecoderState) -> Result<Clip> {
+        let (block, (res_states, up_state)) = (&self.up_blocks[i], &mut state.up_blocks[i]);
+        for (res, st) in block.resnets.iter().zip(res_states.iter_mut()) {
+            x = res.forward(x, st)?;
+        }
+        match &block.upsampler {
+            Some(up) => up.forward(x, up_state),
+            None => Ok(x),
+        }
     }
 }

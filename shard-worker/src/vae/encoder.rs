@@ -21,6 +21,10 @@ pub(crate) struct Encoder {
     mid: MidBlock,
     norm_out: ChannelRmsNorm,
     conv_out: CausalConv3d,
+    /// Index of the first temporal downsampler in `down_blocks`: every layer before it maps frame t
+    /// to frame t, so those run one frame at a time (same output, a fraction of the memory at full
+    /// resolution).
+    per_frame_until: usize,
 }
 
 /// The state of one entry of `down_blocks`.
@@ -59,7 +63,9 @@ impl Encoder {
             }
         }
         let top = dims[stages];
+        let per_frame_until = down_blocks.iter().position(|l| matches!(l, DownLayer::Resample(r) if r.is_temporal())).unwrap_or(down_blocks.len());
         Ok(Self {
+            per_frame_until,
             conv_in: CausalConv3d::load3(src, "encoder.conv_in", cfg.in_channels, dims[0])?,
             down_blocks,
             mid: MidBlock::load(src, "encoder.mid_block", top)?,
@@ -88,15 +94,30 @@ impl Encoder {
     /// Encodes the next chunk of video frames `[in_channels, n, H, W]` into `[2·z_dim, n', H/8, W/8]`
     /// (before `quant_conv`).
     pub fn forward(&self, video: &Clip, state: &mut EncoderState) -> Result<Clip> {
-        let mut x = self.conv_in.forward_cached(video, &mut state.conv_in)?;
-        for (layer, st) in self.down_blocks.iter().zip(state.down_blocks.iter_mut()) {
-            x = match (layer, st) {
-                (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(x, s)?,
-                (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(x, s)?,
-                _ => unreachable!("states are built from the layers"),
-            };
+        let split = self.per_frame_until;
+        let mut frames = Vec::with_capacity(video.t);
+        for f in 0..video.t {
+            let mut x = self.conv_in.forward_cached(&video.frames(f, f + 1), &mut state.conv_in)?;
+            for i in 0..split {
+                x = self.down_layer(i, x, state)?;
+            }
+            frames.push(x);
+        }
+        let mut x = Clip::concat_time(&frames.iter().collect::<Vec<_>>());
+        drop(frames);
+        for i in split..self.down_blocks.len() {
+            x = self.down_layer(i, x, state)?;
         }
         let x = self.mid.forward(x, &mut state.mid)?;
-        norm_silu_conv(&self.norm_out, &self.conv_out, &x, &mut state.conv_out)
+        norm_silu_conv(&self.norm_out, &self.conv_out, x, &mut state.conv_out)
+    }
+
+    /// Runs entry `i` of `down_blocks` on the next frames.
+    fn down_layer(&self, i: usize, x: Clip, state: &mut EncoderState) -> Result<Clip> {
+        match (&self.down_blocks[i], &mut state.down_blocks[i]) {
+            (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(x, s),
+            (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(x, s),
+            _ => unreachable!("states are built from the layers"),
+        }
     }
 }

@@ -5,7 +5,7 @@ use super::clip::{Clip, FrameCache};
 use crate::weights::WeightSource;
 use crate::Result;
 use rayon::prelude::*;
-use tessera_kernels::cpu::{conv3d, Conv2dParams, Conv3dParams};
+use tessera_kernels::cpu::{conv3d, conv3d_pieces, Conv2dParams, Conv3dParams};
 use tessera_kernels::multiversion;
 use tessera_kernels::simd::sigmoid;
 
@@ -52,19 +52,17 @@ impl ChannelRmsNorm {
         Ok(Self { gamma: src.tensor(&format!("{prefix}.gamma"), shape)?, scale: (dim as f32).sqrt() })
     }
 
-    /// Normalises frames `from_frame ..` of `x` in place (earlier frames are left alone), then
-    /// applies SiLU when `silu` is set.
-    pub fn apply(&self, x: &mut Clip, from_frame: usize, silu: bool) {
+    /// Normalises every position of `x` in place, then applies SiLU when `silu` is set.
+    pub fn apply(&self, x: &mut Clip, silu: bool) {
         debug_assert_eq!(x.c, self.gamma.len());
         let n = x.positions();
-        let p0 = from_frame * x.plane();
-        if p0 >= n {
+        if n == 0 {
             return;
         }
         let data = &x.data;
-        let mut inv = vec![0.0f32; n - p0];
+        let mut inv = vec![0.0f32; n];
         inv.par_chunks_mut(NORM_CHUNK).enumerate().for_each(|(i, out)| {
-            let start = p0 + i * NORM_CHUNK;
+            let start = i * NORM_CHUNK;
             for row in data.chunks_exact(n) {
                 add_squares(out, &row[start..start + out.len()]);
             }
@@ -74,9 +72,9 @@ impl ChannelRmsNorm {
         });
         x.data.par_chunks_mut(n).zip(self.gamma.par_iter()).for_each(|(row, &g)| {
             if silu {
-                scale_row_silu(&mut row[p0..], &inv, g);
+                scale_row_silu(row, &inv, g);
             } else {
-                scale_row(&mut row[p0..], &inv, g);
+                scale_row(row, &inv, g);
             }
         });
     }
@@ -118,20 +116,23 @@ impl CausalConv3d {
         2 * self.padding[0]
     }
 
-    /// Runs on `joined`, whose first `cached` frames come from the previous chunk; zero frames make
-    /// up the rest of the causal context. The output has one frame per new input frame (stride 1).
-    pub fn forward_joined(&self, joined: &Clip, cached: usize) -> Result<Clip> {
+    /// Runs on `x` preceded by the frames `before` (the previous chunk's, read in place); zero
+    /// frames make up the rest of the causal context. With stride 1 the output has one frame per
+    /// frame of `x`.
+    pub fn forward_after(&self, before: Option<&Clip>, x: &Clip) -> Result<Clip> {
         let [_, ph, pw] = self.padding;
+        let cached = before.map_or(0, |b| b.t);
         let params = Conv3dParams::new(self.kernel)
             .with_stride(self.stride)
             .with_padding([[self.causal_frames().saturating_sub(cached), 0], [ph, ph], [pw, pw]]);
-        let (y, shape) = conv3d(&joined.data, joined.shape(), &self.weight, Some(&self.bias), self.out_channels, &params)?;
+        let pieces: Vec<&[f32]> = before.map(|b| b.data.as_slice()).into_iter().chain([x.data.as_slice()]).collect();
+        let (y, shape) = conv3d_pieces(&pieces, [x.c, x.h, x.w], &self.weight, Some(&self.bias), self.out_channels, &params)?;
         Ok(Clip::new(shape, y))
     }
 
     /// Runs on `x` alone (no earlier frames).
     pub fn forward(&self, x: &Clip) -> Result<Clip> {
-        self.forward_joined(x, 0)
+        self.forward_after(None, x)
     }
 
     /// Runs on `x` preceded by the frames in `cache`, and updates the cache. A convolution without
@@ -140,19 +141,17 @@ impl CausalConv3d {
         if self.causal_frames() == 0 {
             return self.forward(x);
         }
-        let (joined, cached) = cache.join(x);
-        cache.keep_tail(&joined);
-        self.forward_joined(&joined, cached)
+        let y = self.forward_after(cache.frames(), x)?;
+        cache.push(x);
+        Ok(y)
     }
 }
 
 /// `RMS → SiLU → CausalConv3d` with the convolution's cache: the residual blocks' two halves and the
 /// encoder and decoder heads. The cache holds the convolution's inputs (after norm and SiLU).
-pub(crate) fn norm_silu_conv(norm: &ChannelRmsNorm, conv: &CausalConv3d, x: &Clip, cache: &mut FrameCache) -> Result<Clip> {
-    let (mut joined, cached) = cache.join(x);
-    norm.apply(&mut joined, cached, true);
-    cache.keep_tail(&joined);
-    conv.forward_joined(&joined, cached)
+pub(crate) fn norm_silu_conv(norm: &ChannelRmsNorm, conv: &CausalConv3d, mut x: Clip, cache: &mut FrameCache) -> Result<Clip> {
+    norm.apply(&mut x, true);
+    conv.forward_cached(&x, cache)
 }
 
 /// An `nn.Conv2d` applied to every frame of a clip.
@@ -195,12 +194,8 @@ mod tests {
         let norm = ChannelRmsNorm::load(&src, "n", 3, false).unwrap();
         let x = Clip::new([3, 2, 1, 2], vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0, 2.0, 0.0, 0.0, 0.0]);
         let mut y = x.clone();
-        norm.apply(&mut y, 1, true);
-        // frame 0 untouched
-        for c in 0..3 {
-            assert_eq!(y.data[c * 4..c * 4 + 2], x.data[c * 4..c * 4 + 2]);
-        }
-        for p in 2..4 {
+        norm.apply(&mut y, true);
+        for p in 0..4 {
             let l2 = (0..3).map(|c| (x.data[c * 4 + p] as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
             for c in 0..3 {
                 let v = x.data[c * 4 + p] as f64 / l2 * 3f64.sqrt() * norm.gamma[c] as f64;
@@ -210,7 +205,7 @@ mod tests {
         }
         // an all-zero position stays zero (the 1e-12 floor, no NaN)
         let mut z = Clip::zeros([3, 1, 1, 1]);
-        norm.apply(&mut z, 0, false);
+        norm.apply(&mut z, false);
         assert!(z.data.iter().all(|&v| v == 0.0));
     }
 

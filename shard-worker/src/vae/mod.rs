@@ -126,10 +126,10 @@ impl WanVae {
         if s.len() != 5 || s[1] != c.in_channels || s.contains(&0) {
             return Err(WorkerError::input("video", format!("expected [B, {}, F, H, W] with no empty dimension, got {s:?}", c.in_channels)));
         }
-        if (s[2] - 1) % ENCODE_CHUNK != 0 {
+        if !(s[2] - 1).is_multiple_of(ENCODE_CHUNK) {
             return Err(WorkerError::input("video", format!("{} frames: the encoder takes 1 + {ENCODE_CHUNK}k frames", s[2])));
         }
-        if s[3] % sf != 0 || s[4] % sf != 0 {
+        if !s[3].is_multiple_of(sf) || !s[4].is_multiple_of(sf) {
             return Err(WorkerError::input("video", format!("{}x{} pixels: height and width must be multiples of {sf}", s[3], s[4])));
         }
         let (batch, frames, z) = (s[0], s[2], c.z_dim);
