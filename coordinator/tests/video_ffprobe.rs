@@ -2,9 +2,10 @@
 //! and rate written, and ffmpeg must decode them back to pixels close to the input.
 //! Needs `ffprobe` and `ffmpeg` on PATH (Debian: `apt-get install -y ffmpeg`; CI installs it).
 
-use serde_json::Value;
+mod common;
+
+use common::{probe, run};
 use std::path::Path;
-use std::process::Command;
 use tessera_coordinator::video::{planar_to_rgb8, FrameSink, GifOptions, GifWriter, Mp4Options, Mp4Writer, PngFramesWriter, VideoSpec};
 
 const FRAMES: usize = 9;
@@ -26,27 +27,6 @@ fn pattern(spec: &VideoSpec, t: usize) -> Vec<f32> {
         }
     }
     f
-}
-
-/// Runs a tool, failing the test with an install hint if it is missing.
-fn run(tool: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("{tool} could not be run ({e}): install ffmpeg (`apt-get update && apt-get install -y ffmpeg`); CI installs it in .ci/run")
-    });
-    assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
-}
-
-/// `ffprobe -count_frames -show_streams -of json` on `input` (extra args before it); returns the
-/// first stream, after printing the whole answer.
-fn probe(input: &Path, before: &[&str]) -> Value {
-    let path = input.to_str().unwrap();
-    let mut args = vec!["-v", "error", "-count_frames", "-show_streams", "-of", "json"];
-    args.extend_from_slice(before);
-    args.push(path);
-    let json: Value = serde_json::from_slice(&run("ffprobe", &args)).expect("ffprobe prints JSON");
-    eprintln!("ffprobe {}:\n{}", input.display(), serde_json::to_string_pretty(&json).unwrap());
-    json["streams"][0].clone()
 }
 
 /// Decodes `input` with ffmpeg to 8-bit RGB (extra filter arguments before the output).

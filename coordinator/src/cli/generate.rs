@@ -50,7 +50,7 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_STEPS")]
     steps: Option<usize>,
     /// Classifier-free guidance scale; at most 1 turns guidance off.
-    #[arg(long, env = "TESSERA_GUIDANCE", default_value_t = 5.0)]
+    #[arg(long, env = "TESSERA_GUIDANCE", default_value_t = 5.0, allow_negative_numbers = true)]
     guidance: f32,
     /// Flow-matching σ shift (default: the scheduler config's).
     #[arg(long, env = "TESSERA_SHIFT")]

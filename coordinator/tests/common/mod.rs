@@ -1,0 +1,29 @@
+//! Helpers shared by the coordinator's integration tests: running ffprobe/ffmpeg, which must be
+//! installed (Debian: `apt-get install -y ffmpeg`; CI installs it in .ci/run).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs a tool, failing the test with an install hint if it is missing.
+pub fn run(tool: &str, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} could not be run ({e}): install ffmpeg (`apt-get update && apt-get install -y ffmpeg`); CI installs it in .ci/run")
+    });
+    assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// `ffprobe -count_frames -show_streams -of json` on `input` (extra args before it); returns the
+/// first stream, after printing the whole answer.
+pub fn probe(input: &Path, before: &[&str]) -> Value {
+    let path = input.to_str().unwrap();
+    let mut args = vec!["-v", "error", "-count_frames", "-show_streams", "-of", "json"];
+    args.extend_from_slice(before);
+    args.push(path);
+    let json: Value = serde_json::from_slice(&run("ffprobe", &args)).expect("ffprobe prints JSON");
+    eprintln!("ffprobe {}:\n{}", input.display(), serde_json::to_string_pretty(&json).unwrap());
+    json["streams"][0].clone()
+}
+

@@ -1,0 +1,104 @@
+//! `tessera generate` end to end: the project's own pipeline output written as MP4/GIF/PNG and
+//! checked by a real decoder (ffprobe must count the requested frames, size and rate), with the
+//! built-in model and with a diffusers snapshot folder; same seed, same file; bad flags named.
+
+mod common;
+
+use common::probe;
+use std::path::Path;
+use std::process::Command;
+
+fn tessera(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("tessera runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn snapshot() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/t2v-a").display().to_string()
+}
+
+fn check_stream(file: &Path, frames: usize, width: u64, height: u64, rate: &str) {
+    let s = probe(file, &[]);
+    assert_eq!(s["nb_read_frames"].as_str(), Some(frames.to_string().as_str()), "{s}");
+    assert_eq!((s["width"].as_u64(), s["height"].as_u64()), (Some(width), Some(height)), "{s}");
+    assert_eq!(s["r_frame_rate"].as_str(), Some(rate), "{s}");
+}
+
+#[test]
+fn built_in_model_writes_a_playable_mp4_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let common = ["generate", "--prompt", "a red ball bouncing on a wooden floor", "--frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--quiet"];
+    let (code, stdout, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("a.mp4")]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("wrote") && stdout.contains("9 frames") && stdout.contains("denoise"), "{stdout}");
+    check_stream(&dir.path().join("a.mp4"), 9, 96, 64, "16/1");
+    let (code, _, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("b.mp4")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    let (a, b) = (std::fs::read(dir.path().join("a.mp4")).unwrap(), std::fs::read(dir.path().join("b.mp4")).unwrap());
+    assert_eq!(a, b, "same seed and request must give the same file");
+    let (code, _, stderr) = tessera(&[&common[..], &["--seed", "6", "-o", &out("c.mp4")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_ne!(a, std::fs::read(dir.path().join("c.mp4")).unwrap(), "another seed must give another video");
+    // GIF and PNG frames, at another frame rate.
+    let (code, _, stderr) = tessera(&[&common[..], &["--seed", "5", "--fps", "8", "-o", &out("a.gif")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    check_stream(&dir.path().join("a.gif"), 9, 96, 64, "8/1");
+    let (code, _, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("frames")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path().join("frames")).unwrap().count(), 9);
+}
+
+#[test]
+fn a_diffusers_snapshot_folder_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("snap.mp4");
+    let (code, stdout, stderr) = tessera(&[
+        "generate", "--model", &snapshot(), "--prompt", "a red ball", "--frames", "5", "--height", "32", "--width", "32", "--steps", "3", "--seed", "1", "--quiet", "-o", file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    check_stream(&file, 5, 32, 32, "16/1");
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.mp4").display().to_string();
+    for (flags, named) in [
+        (vec!["--frames", "8"], "--frames"),
+        (vec!["--height", "40"], "--height"),
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--guidance", "-2"], "--guidance"),
+        (vec!["--sampler", "ddim"], "--sampler"),
+        (vec!["--fps", "0"], "--fps"),
+        (vec!["--preset", "huge"], "--preset"),
+        (vec!["--model", "/nonexistent/snapshot"], "--model"),
+        (vec!["--device", "tpu"], "--device"),
+        (vec!["--format", "avi"], "--format"),
+    ] {
+        let args: Vec<&str> = ["generate", "--prompt", "x", "--quiet", "-o", &out].into_iter().chain(flags.iter().copied()).collect();
+        let (code, _, stderr) = tessera(&args);
+        assert_ne!(code, 0, "{flags:?} was accepted");
+        assert!(stderr.contains(named), "{flags:?}: {stderr}");
+    }
+    let (code, _, stderr) = tessera(&["generate", "--prompt", "x", "--quiet", "-o", &dir.path().join("x.avi").display().to_string()]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--output"), "{stderr}");
+}
+
+/// On a machine without a GPU (CI), `--device cuda` is refused with the reason; `auto` runs.
+#[test]
+fn device_cuda_without_a_gpu_is_a_clear_error() {
+    if Path::new("/dev/nvidia0").exists() {
+        eprintln!("a GPU is present: this check is for machines without one");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.mp4").display().to_string();
+    let base = ["generate", "--prompt", "x", "--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--quiet", "-o", &out];
+    let (code, _, stderr) = tessera(&[&base[..], &["--device", "cuda"]].concat());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--device cuda") && stderr.contains("CUDA"), "{stderr}");
+    let (code, _, stderr) = tessera(&[&base[..], &["--device", "auto"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+}
