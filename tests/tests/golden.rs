@@ -56,7 +56,7 @@ fn scheduler_cases_pass_sliced() {
     }
 }
 
-/// The whole text-to-video pipeline, stage by stage (token ids, embeddings, the latent after every
+/// The whole text- and video-to-video pipeline, stage by stage (token ids, embeddings, the latent after every
 /// step, frames).
 #[test]
 fn pipeline_cases_pass() {

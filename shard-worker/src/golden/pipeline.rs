@@ -1,11 +1,18 @@
 //! Whole-pipeline cases (`pipeline/*`): a diffusers snapshot folder plus the prompt and settings in
 //! `case.json`. Matched stage by stage, so a mismatch is located by the report, not guessed: token
 //! ids (exactly), prompt and negative-prompt embeddings, the latent after every denoising step
-//! (starting from the reference's own initial noise, which came from torch's generator), and the
-//! decoded frames.
+//! (starting from the reference's own noise, which came from torch's generator), and the decoded
+//! frames.
+//!
+//! A case whose `case.json` has a `strength` is video-to-video (`WanVideoToVideoPipeline`): its
+//! `io.safetensors` holds the preprocessed input `video` and the `noise` drawn for it, and two more
+//! stages are matched before denoising: `init_latents` (the encoded, normalised video) and
+//! `latents` (that noised at the first kept step); `timesteps`, when present, must equal the kept
+//! model timesteps exactly. Otherwise the case is text-to-video and `latents` is its initial noise.
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, Tolerance};
-use crate::pipeline::{FrameCollector, GenerationParams, PipelineObserver, WanPipeline};
+use crate::sampler::Timesteps;
+use crate::pipeline::{FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -23,6 +30,9 @@ struct PipelineSettings {
     height: usize,
     width: usize,
     num_frames: usize,
+    /// Video-to-video: the share of the schedule run on the noised input video.
+    #[serde(default)]
+    strength: Option<f64>,
 }
 
 /// Keeps the latent after every step.
@@ -42,16 +52,23 @@ impl PipelineObserver for StepRecorder {
     }
 }
 
-/// Compares token ids exactly (any difference fails, whatever the case tolerance).
-fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
+/// The bound of integer outputs: any difference fails, whatever the case tolerance.
+const EXACT: Tolerance = Tolerance { rel_l2: 0.0, max_abs: Some(0.0), max_abs_over_max_ref: None };
+
+/// Compares integers (token ids, timesteps) exactly.
+fn compare_ints(io: &SafetensorsFile, name: &str, got: &[i64]) -> Result<(String, Comparison)> {
     let (_, want) = io.read_i64(name)?;
-    let exact = Tolerance { rel_l2: 0.0, max_abs: Some(0.0), max_abs_over_max_ref: None };
     if want.len() != got.len() {
         let c = Comparison { rel_l2: f64::INFINITY, max_abs: f64::INFINITY, max_ref: 0.0, passed: false };
         return Ok((format!("{name} (length {} vs reference {})", got.len(), want.len()), c));
     }
     let (g, w): (Vec<f32>, Vec<f32>) = got.iter().zip(&want).map(|(&a, &b)| (a as f32, b as f32)).unzip();
-    Ok((name.to_string(), Comparison::new(&g, &w, &exact)))
+    Ok((name.to_string(), Comparison::new(&g, &w, &EXACT)))
+}
+
+/// Compares token ids exactly.
+fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
+    compare_ints(io, name, &got.iter().map(|&id| i64::from(id)).collect::<Vec<_>>())
 }
 
 /// `[B, C, F, H, W]` → `[B, F, C, H, W]` (diffusers' `output_type="pt"` frame layout).
@@ -81,6 +98,15 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
     let tol = &meta.tolerance;
     let mut comparisons = Vec::new();
 
+    // Video-to-video cases start from the input video and the noise drawn for it; text-to-video
+    // cases from their initial noise.
+    let (video, noise_name) = match s.strength {
+        Some(strength) => (Some(VideoInput { video: read_tensor(&io, "video")?, strength }), "noise"),
+        None if io.contains("video") => {
+            return Err(WorkerError::Config { path: path.display().to_string(), detail: "io.safetensors has an input `video` but case.json no `strength`".into() });
+        }
+        None => (None, "latents"),
+    };
     let params = GenerationParams {
         negative_prompt: s.negative_prompt.clone(),
         height: s.height,
@@ -89,7 +115,8 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
         num_inference_steps: s.num_inference_steps,
         guidance_scale: s.guidance_scale,
         flow_shift: s.flow_shift,
-        initial_noise: Some(read_tensor(&io, "latents")?),
+        initial_noise: Some(read_tensor(&io, noise_name)?),
+        video,
         ..GenerationParams::new(s.prompt.clone())
     };
     let vc = pipe.vae().config();
@@ -104,9 +131,23 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
         comparisons.push(compare(&io, "negative_prompt_embeds", embeds, tol)?);
     }
 
-    // Stage 2–3: denoising from the reference noise, every step compared.
+    // Stage 2: the schedule and the starting latent (for video-to-video: the encoded video, then
+    // that noised at the first kept step).
     let schedule = pipe.schedule_for(&params)?;
+    if io.contains("timesteps") {
+        let first = schedule.first_step();
+        comparisons.push(match schedule.timesteps() {
+            Timesteps::Int(t) => compare_ints(&io, "timesteps", &t[first..])?,
+            Timesteps::Float(t) => compare(&io, "timesteps", &Tensor::new([t.len() - first], t[first..].to_vec())?, &EXACT)?,
+        });
+    }
     let mut latents = pipe.initial_latents(&params, &schedule)?;
+    if let Some(input) = &params.video {
+        comparisons.push(compare(&io, "init_latents", &pipe.encode_video(&input.video)?, tol)?);
+        comparisons.push(compare(&io, "latents", &latents, tol)?);
+    }
+
+    // Stage 3: denoising, every step compared.
     let mut rec = StepRecorder::default();
     pipe.denoise(&mut latents, &text, params.guidance_scale, &schedule, &mut rec)?;
     let after = read_tensor(&io, "latents_after_step")?;
@@ -126,4 +167,71 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
     pipe.decode(&latents, &mut rec)?;
     comparisons.push(compare(&io, "frames", &frames_major(&rec.frames.frames()?)?, tol)?);
     Ok(outcome(comparisons))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::golden::CaseKind;
+    use std::path::Path;
+
+    fn project_case(name: &str) -> Case {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline").join(name);
+        Case { kind: CaseKind::Pipeline, name: format!("pipeline/{name}"), dir }
+    }
+
+    /// A copy of a case folder whose `case.json` is edited by `edit`.
+    fn edited_copy(case: &Case, edit: impl FnOnce(&mut serde_json::Value)) -> (tempfile::TempDir, Case) {
+        fn copy_dir(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let path = entry.unwrap().path();
+                let dest = to.join(path.file_name().unwrap());
+                if path.is_dir() {
+                    copy_dir(&path, &dest);
+                } else {
+                    std::fs::copy(&path, &dest).unwrap();
+                }
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        copy_dir(&case.dir, tmp.path());
+        let path = tmp.path().join("case.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let copy = Case { kind: case.kind, name: case.name.clone(), dir: tmp.path().to_path_buf() };
+        (tmp, copy)
+    }
+
+    #[test]
+    fn video_to_video_case_is_matched_stage_by_stage() {
+        let Outcome::Pass(stages) = run(&project_case("v2v-a")).unwrap() else { panic!("pipeline/v2v-a does not pass") };
+        for (name, c) in &stages {
+            eprintln!("{name:<26} rel_l2 {:.3e} max_abs {:.3e}", c.rel_l2, c.max_abs);
+        }
+        let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+        let want = [
+            "prompt_ids", "prompt_embeds", "negative_prompt_ids", "negative_prompt_embeds", "timesteps", "init_latents", "latents",
+            "latents_after_step[0]", "latents_after_step[1]", "latents_after_step[2]", "frames",
+        ];
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn video_to_video_with_another_strength_fails() {
+        // 0.9 of 5 steps keeps 4 (from timestep 999), not the reference's 3.
+        let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| j["strength"] = 0.9.into());
+        let outcome = run(&case);
+        assert!(!matches!(outcome, Ok(Outcome::Pass(_))), "{:?}", outcome.map(|o| o.label()));
+    }
+
+    #[test]
+    fn an_input_video_without_strength_is_refused() {
+        let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| {
+            j.as_object_mut().unwrap().remove("strength");
+        });
+        let err = run(&case).expect_err("refused").to_string();
+        assert!(err.contains("strength"), "{err}");
+    }
 }

@@ -154,23 +154,44 @@ impl WanPipeline {
     }
 
     /// Stage 2: the starting latent `[1, C, T, h, w]`: the given or seeded noise; for
-    /// video-to-video, the encoded, normalised input video noised to the schedule's first σ.
+    /// video-to-video, the encoded, normalised input video noised to the schedule's first σ
+    /// ([`Self::encode_video`] then [`Self::noise_latents`]).
     pub fn initial_latents(&self, params: &GenerationParams, schedule: &Schedule) -> Result<Tensor> {
+        let noise = self.noise_for(params)?;
+        let Some(input) = &params.video else { return Ok(noise) };
+        let clean = self.encode_video(&input.video)?;
+        self.noise_latents(clean, &noise, schedule)
+    }
+
+    /// The noise of a run, `[1, C, T, h, w]`: `params.initial_noise` (shape checked) or drawn
+    /// from `params.seed`.
+    pub fn noise_for(&self, params: &GenerationParams) -> Result<Tensor> {
         let vc = self.vae.config();
         let fhw = params.latent_fhw(vc.spatial_factor(), vc.temporal_factor());
         let shape = [1, vc.z_dim, fhw[0], fhw[1], fhw[2]];
-        let noise = match &params.initial_noise {
-            Some(n) if n.shape() == shape => n.clone(),
-            Some(n) => return Err(WorkerError::input("initial_noise", format!("expected {shape:?}, got {:?}", n.shape()))),
-            None => initial_noise(params.seed, NOISE_STREAM, vc.z_dim, fhw),
-        };
-        let Some(input) = &params.video else { return Ok(noise) };
-        let (mean, _logvar) = self.vae.encode(&input.video)?;
-        let mut latents = self.vae.normalize_latent(&mean)?;
-        latents.expect_shape("encoded input video", &shape)?;
-        let sigma = schedule.sigmas()[schedule.first_step()];
-        add_noise(latents.data_mut(), noise.data(), sigma)?;
-        Ok(latents)
+        match &params.initial_noise {
+            Some(n) if n.shape() == shape => Ok(n.clone()),
+            Some(n) => Err(WorkerError::input("initial_noise", format!("expected {shape:?}, got {:?}", n.shape()))),
+            None => Ok(initial_noise(params.seed, NOISE_STREAM, vc.z_dim, fhw)),
+        }
+    }
+
+    /// Stage 2a (video-to-video): the input video `[1, 3, F, H, W]` in [−1, 1] VAE-encoded (the
+    /// posterior mean, diffusers' `sample_mode="argmax"`) and normalised with the VAE's
+    /// `latents_mean`/`latents_std`: the clean latents `[1, C, T, h, w]`.
+    pub fn encode_video(&self, video: &Tensor) -> Result<Tensor> {
+        let (mean, _logvar) = self.vae.encode(video)?;
+        self.vae.normalize_latent(&mean)
+    }
+
+    /// Stage 2b (video-to-video): clean latents noised to σ of the schedule's first step,
+    /// `(1 − σ)·clean + σ·noise` (diffusers' `scheduler.add_noise` at the first kept timestep).
+    pub fn noise_latents(&self, mut clean: Tensor, noise: &Tensor, schedule: &Schedule) -> Result<Tensor> {
+        clean.expect_shape("encoded input video", noise.shape())?;
+        let first = schedule.first_step();
+        let sigma = schedule.sigma(first).ok_or_else(|| WorkerError::input("schedule", format!("no σ for step {first}")))?;
+        add_noise(clean.data_mut(), noise.data(), sigma)?;
+        Ok(clean)
     }
 
     /// One guided velocity: the transformer on `latents` at timestep `t`, conditional and (with
