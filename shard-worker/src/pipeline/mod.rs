@@ -9,7 +9,7 @@ mod params;
 mod preset;
 mod snapshot;
 
-pub use noise::{initial_noise, noise_slice, NOISE_STREAM, VIDEO_NOISE_STREAM};
+pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};

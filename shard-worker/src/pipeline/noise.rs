@@ -5,10 +5,9 @@
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
 
-/// Generator stream of the initial latent noise.
+/// Generator stream of the initial latent noise (for video-to-video, the noise mixed into the
+/// encoded input: upstream draws one noise tensor either way).
 pub const NOISE_STREAM: u64 = 0x6e6f_6973_6530; // "noise0"
-/// Generator stream of the noise mixed into a video-to-video input.
-pub const VIDEO_NOISE_STREAM: u64 = 0x6e6f_6973_6531; // "noise1"
 
 /// Elements `range` of the flattened latent noise of `seed` on `stream`.
 pub fn noise_slice(seed: u64, stream: u64, range: std::ops::Range<usize>) -> Vec<f32> {
