@@ -4,12 +4,14 @@
 //! Each stage is a public method, so that a caller (the golden runner, a shard worker) can run,
 //! observe or replace any of them; [`WanPipeline::generate`] chains them.
 
+mod denoiser;
 mod noise;
 mod params;
 mod preset;
 mod sharded;
 mod snapshot;
 
+pub use denoiser::Denoiser;
 pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
 pub use sharded::{denoise_sharded, generate_sharded};
@@ -17,7 +19,7 @@ pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
 use crate::model::{DitInputs, WanTransformer};
-use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, SamplerState, Schedule};
+use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
 use crate::{Result, WorkerError};
@@ -244,15 +246,15 @@ impl WanPipeline {
 
     /// [`Self::denoise`] with the transformer run by `forward` (e.g. sharded over ranks).
     pub fn denoise_with(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver, forward: Forward<'_>) -> Result<()> {
-        let mut state = SamplerState::new(schedule.config().kind, latents.len());
-        let steps = schedule.first_step()..schedule.num_steps();
-        let total = steps.len();
-        for (k, i) in steps.enumerate() {
-            let t = schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
-            let v = self.velocity_with(latents, t, text, guidance_scale, forward)?;
-            state.step(schedule, i, v.data(), latents.data_mut())?;
-            observer.on_step(k, total, latents)?;
+        let start = std::mem::replace(latents, Tensor::zeros([0]));
+        let mut run = Denoiser::new(start, text.clone(), guidance_scale, schedule.clone());
+        while !run.is_finished() {
+            if let Err(e) = run.step(self, forward).and_then(|_| observer.on_step(run.steps_done() - 1, run.total_steps(), run.latents())) {
+                *latents = run.into_latents();
+                return Err(e);
+            }
         }
+        *latents = run.into_latents();
         Ok(())
     }
 
