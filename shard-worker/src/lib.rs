@@ -9,6 +9,7 @@ pub mod model;
 pub mod parallel;
 pub mod pipeline;
 pub mod sampler;
+pub mod server;
 pub mod text;
 pub mod vae;
 pub mod weights;
