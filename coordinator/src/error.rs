@@ -72,6 +72,7 @@ fn worker_status(e: tessera_worker::WorkerError, msg: String) -> tonic::Status {
     match e {
         W::InvalidInput { .. } => tonic::Status::invalid_argument(msg),
         W::Collective(_) => tonic::Status::aborted(msg),
+        W::Membership(_) => tonic::Status::unavailable(msg),
         W::Io { .. } | W::Config { .. } | W::Safetensors { .. } | W::MissingTensor { .. } | W::UnexpectedTensors { .. } | W::BadTensor { .. } | W::Tokenizer { .. } | W::Kernel(_) => {
             tonic::Status::internal(msg)
         }
