@@ -1,7 +1,9 @@
 //! Membership in etcd: each worker's record under `/tessera/<cluster>/workers/<id>`, attached to
 //! a lease that a background task keeps alive; a prefix get for the list and a prefix watch from
 //! the list's revision for the changes. Every call is bounded by the heartbeat's request timeout,
-//! and the gRPC connection sends HTTP/2 pings every heartbeat, so a dead etcd surfaces as an error.
+//! and a watch that stays quiet for a heartbeat asks etcd for a progress report, so a dead or
+//! unreachable etcd surfaces as an error within a lease TTL rather than a hang. (No HTTP/2 pings:
+//! etcd closes connections that ping more often than its `--grpc-keepalive-min-time`, 5 s.)
 
 use super::{
     validate_id, worker_key, workers_prefix, Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent,
@@ -108,11 +110,7 @@ impl EtcdMembership {
         }
         let timeout = heartbeat.request_timeout();
         let keys = Arc::new(KeySpace { cluster: cluster.to_string(), prefix: workers_prefix(cluster), endpoints: endpoints.join(","), timeout });
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(heartbeat.period(), timeout)
-            .with_keep_alive_while_idle(true);
+        let options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
         let client = keys.call("connect", Client::connect(endpoints, Some(options))).await?;
         let membership = Self { client, keys, heartbeat };
         membership.list().await?;
@@ -161,23 +159,41 @@ impl EtcdMembership {
     }
 
     /// Forwards the events of `stream` (whose first response is `first`) until it breaks, then
-    /// sends the error and ends.
-    async fn pump(keys: Arc<KeySpace>, mut stream: WatchStream, first: WatchResponse, tx: mpsc::UnboundedSender<WatchItem>) {
+    /// sends the error and ends. After a quiet heartbeat it requests a progress report, and an
+    /// etcd that does not answer within the request timeout counts as gone.
+    async fn pump(keys: Arc<KeySpace>, heartbeat: Heartbeat, mut stream: WatchStream, first: WatchResponse, tx: mpsc::UnboundedSender<WatchItem>) {
         let mut next = Some(first);
         loop {
-            let response = match next.take() {
-                Some(r) => r,
-                None => match stream.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => {
-                        let _ = tx.send(Err(keys.error("watch", "etcd closed the watch stream")));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(keys.error("watch broken", e)));
-                        return;
+            let received = match next.take() {
+                Some(r) => Ok(Some(r)),
+                None => match tokio::time::timeout(heartbeat.period(), stream.message()).await {
+                    Ok(received) => received,
+                    Err(_quiet) => {
+                        if let Err(e) = stream.request_progress().await {
+                            let _ = tx.send(Err(keys.error("watch broken", e)));
+                            return;
+                        }
+                        match tokio::time::timeout(heartbeat.request_timeout(), stream.message()).await {
+                            Ok(received) => received,
+                            Err(_) => {
+                                let detail = format!("no answer to a progress request within {:?}", heartbeat.request_timeout());
+                                let _ = tx.send(Err(keys.error("watch broken", detail)));
+                                return;
+                            }
+                        }
                     }
                 },
+            };
+            let response = match received {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    let _ = tx.send(Err(keys.error("watch", "etcd closed the watch stream")));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(keys.error("watch broken", e)));
+                    return;
+                }
             };
             if response.canceled() {
                 let _ = tx.send(Err(watch_canceled(&keys, &response)));
@@ -336,7 +352,7 @@ impl Membership for EtcdMembership {
             None => return Err(keys.error("watch", "etcd closed the watch stream at once")),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(Self::pump(self.keys.clone(), stream, first, tx));
+        let pump = tokio::spawn(Self::pump(self.keys.clone(), self.heartbeat, stream, first, tx));
         Ok(MembershipWatch::new(rx, revision, Some(pump)))
     }
 
