@@ -166,11 +166,14 @@ async fn two_workers_register_list_watch_update_and_revoke() {
     assert!(start.workers.is_empty());
     let mut watch = coordinator.watch_from(start.revision).await.unwrap();
 
-    // Each worker has its own connection, as separate processes would.
-    let (m0, m1) = (connect(&etcd, "test").await, connect(&etcd, "test").await);
+    // Each worker has its own connection, as separate processes would, on a slower heartbeat so
+    // that a prompt revoke is told apart from a lapsed lease even on a loaded machine.
+    let slow = Heartbeat::new(Duration::from_secs(1)).unwrap();
+    let m0 = EtcdMembership::connect(&etcd.endpoints(), "test", slow).await.unwrap();
+    let m1 = EtcdMembership::connect(&etcd.endpoints(), "test", slow).await.unwrap();
     let mut w0 = m0.register(record("w0", 7000)).await.unwrap();
     let w1 = m1.register(record("w1", 7001)).await.unwrap();
-    assert!(w0.lease_ttl() >= heartbeat().lease_ttl(), "granted {:?}", w0.lease_ttl());
+    assert_eq!(w0.lease_ttl(), slow.lease_ttl(), "granted TTL");
 
     let snap = coordinator.list().await.unwrap();
     assert_eq!(ids(&snap.workers), ["w0", "w1"]);
@@ -197,7 +200,7 @@ async fn two_workers_register_list_watch_update_and_revoke() {
     let revoked = Instant::now();
     w1.revoke().await.unwrap();
     assert_eq!(next_event(&mut watch, PROMPTLY).await, MembershipEvent::Left("w1".into()));
-    assert!(revoked.elapsed() < Duration::from_millis(900), "revoke took {:?}", revoked.elapsed());
+    assert!(revoked.elapsed() < slow.lease_ttl() - Duration::from_secs(1), "revoke took {:?}", revoked.elapsed());
     let snap = coordinator.list().await.unwrap();
     assert_eq!(ids(&snap.workers), ["w0"]);
     assert_eq!(snap.workers[0].job_id.as_deref(), Some("job-42"));
@@ -223,9 +226,9 @@ async fn a_killed_worker_disappears_within_its_lease_ttl_while_a_live_one_stays(
     assert_eq!(next_event(&mut watch, ttl + PROMPTLY).await, MembershipEvent::Left("doomed".into()));
     let gone_after = killed.elapsed();
     eprintln!("killed worker left after {gone_after:?} (granted lease TTL {ttl:?})");
-    // The lease was renewed at most one heartbeat before the kill, and etcd checks expiry
-    // every 500 ms.
-    assert!(gone_after >= ttl.saturating_sub(heartbeat().period() * 2), "gone after {gone_after:?}: before the lease could lapse");
+    // The lease was renewed about one heartbeat before the kill (allow for a starved task), and
+    // etcd checks expiry every 500 ms.
+    assert!(gone_after >= ttl / 4, "gone after {gone_after:?}: before the lease could lapse");
     assert!(gone_after <= ttl + Duration::from_secs(2), "gone after {gone_after:?}, lease TTL {ttl:?}");
 
     // The live worker has kept its lease alive through several TTLs.
@@ -404,10 +407,10 @@ async fn a_frozen_etcd_is_detected_by_timeouts_and_the_expired_lease_reported_af
     let list = m.list().await;
     let list_took = listing.elapsed();
     etcd.signal("-CONT");
-    assert!(list_took < heartbeat().request_timeout() + Duration::from_secs(1), "list took {list_took:?}");
+    assert!(list_took < heartbeat().request_timeout() + Duration::from_secs(3), "list took {list_took:?}");
     eprintln!("frozen etcd: watch error after {detected:?}: {err}");
     assert!(err.contains("progress request"), "{err}");
-    let bound = heartbeat().period() * 2 + heartbeat().request_timeout() + Duration::from_secs(1);
+    let bound = heartbeat().period() * 2 + heartbeat().request_timeout() + Duration::from_secs(3);
     assert!(detected <= bound, "detected after {detected:?}, expected within {bound:?}");
     let list_err = list.unwrap_err().to_string();
     // tonic's request timeout or ours, whichever fires first: both are the heartbeat's.
