@@ -75,6 +75,10 @@ pub enum WorkerError {
         /// What went wrong.
         detail: String,
     },
+    /// Worker membership failed: the store (etcd) is unreachable or timed out, a lease was lost,
+    /// a worker id is taken, or a watch broke.
+    #[error("membership: {0}")]
+    Membership(String),
     /// A compute kernel failed.
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),

@@ -5,6 +5,7 @@
 pub mod config;
 mod error;
 pub mod golden;
+pub mod membership;
 pub mod model;
 pub mod parallel;
 pub mod pipeline;

@@ -1,5 +1,6 @@
 //! Every worker error as a gRPC status: bad inputs are the caller's (INVALID_ARGUMENT), a broken
-//! collective group ABORTED (the job lost a peer), a stop CANCELLED, everything else INTERNAL.
+//! collective group ABORTED (the job lost a peer), a stop CANCELLED, membership (etcd) trouble
+//! UNAVAILABLE, everything else INTERNAL.
 
 use crate::WorkerError;
 
@@ -10,6 +11,7 @@ impl From<WorkerError> for tonic::Status {
             WorkerError::InvalidInput { .. } => tonic::Status::invalid_argument(msg),
             WorkerError::Collective(_) => tonic::Status::aborted(msg),
             WorkerError::Cancelled(_) => tonic::Status::cancelled(msg),
+            WorkerError::Membership(_) => tonic::Status::unavailable(msg),
             WorkerError::Io { .. }
             | WorkerError::Config { .. }
             | WorkerError::Safetensors { .. }
