@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
-use tessera_proto::v1::{Job, JobState, PhaseTimings};
+use tessera_proto::v1::{Job, JobState, Phase, PhaseTimings};
 use tokio::sync::Notify;
 
 /// Why a job is being stopped before it finished.
@@ -196,6 +196,7 @@ impl JobTable {
     pub fn finish(&self, id: &str, state: JobState, error: Option<String>, timings: &Timings) {
         if let Some(e) = self.lock().get_mut(id).filter(|e| e.finished_at.is_none()) {
             e.job.state = state as i32;
+            e.job.progress.get_or_insert_with(Default::default).phase = Phase::Done as i32;
             e.job.error = error.unwrap_or_default();
             e.job.timings = Some(timings.to_pb());
             e.job.finished = Some(pb_timestamp(SystemTime::now()));
@@ -258,6 +259,7 @@ mod tests {
         let rec = table.get(&a).unwrap();
         assert_eq!(rec.state, JobState::Succeeded as i32);
         assert!(rec.finished.is_some());
+        assert_eq!(rec.progress.unwrap().phase, Phase::Done as i32);
         assert_eq!(rec.timings.unwrap().total.unwrap().seconds, 2);
         table.finish(&a, JobState::Failed, Some("late".into()), &Timings::default());
         assert_eq!(table.get(&a).unwrap().state, JobState::Succeeded as i32, "the first end stays");
