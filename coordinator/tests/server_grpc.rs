@@ -348,7 +348,7 @@ async fn sigterm_drains_and_exits_within_the_grace_period() {
     };
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
     assert!(signalled.elapsed() >= Duration::from_millis(1800), "the job had its grace period: {:?}", signalled.elapsed());
-    let status = server.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| panic!("still running 5 s after the grace period:\n{}", server.log()));
+    let status = server.wait_exit(Duration::from_secs(5)).await.unwrap_or_else(|| panic!("still running 5 s after the grace period:\n{}", server.log()));
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(signalled.elapsed() < Duration::from_secs(6), "{:?}", signalled.elapsed());
 }

@@ -104,8 +104,9 @@ impl Server {
         assert!(ok, "kill -TERM {}", self.pid());
     }
 
-    /// Waits for the process to exit, at most `within`.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+    /// Waits for the process to exit, at most `within` (asynchronously, so that this test's
+    /// client connections keep answering the server's graceful-shutdown pings).
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let until = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
@@ -114,7 +115,7 @@ impl Server {
             if Instant::now() > until {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
