@@ -248,6 +248,46 @@ async fn a_full_queue_is_resource_exhausted_and_cancel_job_stops_queued_and_runn
 }
 
 #[tokio::test]
+async fn higher_priorities_leave_the_queue_first_and_a_queued_job_meets_its_deadline() {
+    let server = Server::start_serving(&["--max-queue", "4"]).await;
+    let mut client = server.client().await;
+    let accept = |c: &mut tessera_proto::v1::tessera_client::TesseraClient<tonic::transport::Channel>, priority: i32| {
+        let mut c = c.clone();
+        async move {
+            let mut s = c.generate(GenerateRequest { priority, ..long_request() }).await.unwrap().into_inner();
+            let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!() };
+            (acc, s)
+        }
+    };
+    let (running, _s0) = accept(&mut client, 0).await;
+    wait_job_state(&mut client, &running.job_id, JobState::Running, Duration::from_secs(10)).await;
+    let (low, _s1) = accept(&mut client, -5).await;
+    let (high, _s2) = accept(&mut client, 50).await;
+    let (mid, _s3) = accept(&mut client, 0).await;
+    assert_eq!((low.queue_position, high.queue_position, mid.queue_position), (0, 0, 1));
+    // A queued job whose deadline passes ends with DEADLINE_EXCEEDED and leaves the queue.
+    let mut late = tonic::Request::new(long_request());
+    late.set_timeout(Duration::from_millis(300));
+    let got = generate(&mut client, late).await;
+    assert_eq!(got.status.as_ref().map(|s| s.code()), Some(Code::DeadlineExceeded), "{:?}", got.status);
+    let Some(Event::Accepted(late)) = &got.events[0].event else { panic!() };
+    assert_eq!(client.get_job(GetJobRequest { job_id: late.job_id.clone() }).await.unwrap().into_inner().state, JobState::Failed as i32);
+    // The running job goes; the highest priority runs next, the others wait in order.
+    client.cancel_job(CancelJobRequest { job_id: running.job_id.clone() }).await.unwrap();
+    wait_job_state(&mut client, &high.job_id, JobState::Running, Duration::from_secs(10)).await;
+    for j in [&low, &mid] {
+        assert_eq!(client.get_job(GetJobRequest { job_id: j.job_id.clone() }).await.unwrap().into_inner().state, JobState::Queued as i32);
+    }
+    client.cancel_job(CancelJobRequest { job_id: high.job_id.clone() }).await.unwrap();
+    wait_job_state(&mut client, &mid.job_id, JobState::Running, Duration::from_secs(10)).await;
+    let queued = client.list_jobs(ListJobsRequest { states: vec![JobState::Queued as i32], limit: 0 }).await.unwrap().into_inner().jobs;
+    assert_eq!(queued.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [low.job_id.as_str()]);
+    for j in [&mid, &low] {
+        client.cancel_job(CancelJobRequest { job_id: j.job_id.clone() }).await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_deadline_ends_the_job_with_deadline_exceeded() {
     let server = Server::start_serving(&[]).await;
     let mut client = server.client().await;
