@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Generate a video from a prompt on this machine (CPU) or through a coordinator (--server),
     /// writing MP4, GIF or PNG frames.
-    Generate(cli::generate::GenerateArgs),
+    Generate(Box<cli::generate::GenerateArgs>),
     /// Serve the public gRPC API (Generate, GetJob, CancelJob, ListWorkers, ListJobs; health,
     /// reflection) with jobs on in-process workers.
     Serve(cli::serve::ServeArgs),
@@ -42,7 +42,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Generate(args) => cli::generate::run(args),
+        Command::Generate(args) => cli::generate::run(*args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Golden(args) => cli::golden::run(args),

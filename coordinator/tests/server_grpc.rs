@@ -38,7 +38,7 @@ async fn generate_streams_accepted_progress_chunks_done_and_a_playable_mp4() {
     assert_eq!((eff.width, eff.height, eff.num_frames, eff.steps, eff.fps), (96, 64, 9, 4, 16));
     assert_eq!((eff.model.as_str(), eff.output_format, eff.guidance_scale), ("tiny", OutputFormat::Mp4 as i32, Some(5.0)));
 
-    let progress: Vec<_> = got.events.iter().filter_map(|e| if let Some(Event::Progress(p)) = &e.event { Some(p.clone()) } else { None }).collect();
+    let progress: Vec<_> = got.events.iter().filter_map(|e| if let Some(Event::Progress(p)) = &e.event { Some(*p) } else { None }).collect();
     let steps: Vec<u32> = progress.iter().filter(|p| p.phase == Phase::Denoising as i32 && p.step > 0).map(|p| p.step).collect();
     assert_eq!(steps, [1, 2, 3, 4], "a Progress for every step");
     assert!(progress.iter().all(|p| p.total_steps == 4 && p.elapsed.is_some()));

@@ -102,7 +102,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.ranks == 0 {
         bail!("--ranks {}: at least one rank is needed", args.ranks);
     }
-    if args.ulysses == 0 || args.ranks % args.ulysses != 0 {
+    if args.ulysses == 0 || !args.ranks.is_multiple_of(args.ulysses) {
         bail!("--ulysses {}: must be positive and divide --ranks {}", args.ulysses, args.ranks);
     }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;

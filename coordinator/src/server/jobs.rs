@@ -253,8 +253,8 @@ mod tests {
         table.update(&b, |j| j.state = JobState::Running as i32);
         let ids = |v: Vec<Job>| v.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
         assert_eq!(ids(table.list(&[], 10)), [b.clone(), a.clone()]);
-        assert_eq!(ids(table.list(&[JobState::Running], 10)), [b.clone()]);
-        assert_eq!(ids(table.list(&[], 1)), [b.clone()]);
+        assert_eq!(ids(table.list(&[JobState::Running], 10)), std::slice::from_ref(&b));
+        assert_eq!(ids(table.list(&[], 1)), std::slice::from_ref(&b));
         table.finish(&a, JobState::Succeeded, None, &Timings { total: Duration::from_secs(2), ..Default::default() });
         let rec = table.get(&a).unwrap();
         assert_eq!(rec.state, JobState::Succeeded as i32);
@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(rec.timings.unwrap().total.unwrap().seconds, 2);
         table.finish(&a, JobState::Failed, Some("late".into()), &Timings::default());
         assert_eq!(table.get(&a).unwrap().state, JobState::Succeeded as i32, "the first end stays");
-        assert_eq!(table.unfinished(), [b.clone()]);
+        assert_eq!(table.unfinished(), std::slice::from_ref(&b));
         assert_eq!(table.sweep(Instant::now()), 0, "kept during the retention time");
         assert_eq!(table.sweep(Instant::now() + Duration::from_millis(60)), 1);
         assert!(table.get(&a).is_none());

@@ -82,7 +82,7 @@ impl LocalExecutor {
         if config.model_name.trim().is_empty() {
             return Err(CoordinatorError::invalid_argument("model_name", "must not be empty"));
         }
-        if config.ranks == 0 || config.ulysses == 0 || config.ranks % config.ulysses != 0 {
+        if config.ranks == 0 || config.ulysses == 0 || !config.ranks.is_multiple_of(config.ulysses) {
             return Err(CoordinatorError::invalid_argument("ulysses", format!("{} must be positive and divide ranks ({})", config.ulysses, config.ranks)));
         }
         if config.max_tokens == 0 {

@@ -47,7 +47,7 @@ impl FrameSink for PngBytes {
 }
 
 enum Encoder {
-    Mp4(Mp4Writer<Vec<u8>>),
+    Mp4(Box<Mp4Writer<Vec<u8>>>),
     Gif(GifWriter<Vec<u8>>),
     Png(PngBytes),
 }
@@ -62,7 +62,7 @@ impl FrameEncoder {
     /// An encoder for `format` (not raw latents) and frames of `spec`.
     pub fn new(format: OutputFormat, spec: VideoSpec) -> Result<Self> {
         let encoder = match format {
-            OutputFormat::Unspecified | OutputFormat::Mp4 => Encoder::Mp4(Mp4Writer::new(Vec::new(), spec, Mp4Options::default())?),
+            OutputFormat::Unspecified | OutputFormat::Mp4 => Encoder::Mp4(Box::new(Mp4Writer::new(Vec::new(), spec, Mp4Options::default())?)),
             OutputFormat::Gif => Encoder::Gif(GifWriter::new(Vec::new(), spec, GifOptions::default())?),
             OutputFormat::PngFrames => Encoder::Png(PngBytes { spec, done: Vec::new(), frames: 0 }),
             OutputFormat::RawLatents => return Err(CoordinatorError::invalid_video("output_format", "raw latents are not encoded from frames")),
@@ -72,7 +72,7 @@ impl FrameEncoder {
 
     fn sink(&mut self) -> &mut dyn FrameSink {
         match &mut self.encoder {
-            Encoder::Mp4(w) => w,
+            Encoder::Mp4(w) => w.as_mut(),
             Encoder::Gif(w) => w,
             Encoder::Png(w) => w,
         }
@@ -110,7 +110,7 @@ impl FrameEncoder {
     pub fn finish(self) -> Result<(Vec<OutputFile>, Duration)> {
         let started = Instant::now();
         let files = match self.encoder {
-            Encoder::Mp4(w) => vec![OutputFile { content_type: "video/mp4", frame_index: 0, bytes: w.finish()?.1 }],
+            Encoder::Mp4(w) => vec![OutputFile { content_type: "video/mp4", frame_index: 0, bytes: (*w).finish()?.1 }],
             Encoder::Gif(w) => vec![OutputFile { content_type: "image/gif", frame_index: 0, bytes: w.finish()? }],
             Encoder::Png(p) if p.frames == 0 => return Err(CoordinatorError::invalid_video("frames", "no frame was decoded")),
             Encoder::Png(_) => Vec::new(),

@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(q.position("b"), Some(0));
         q.push("c", 0, 3).unwrap();
         assert!(matches!(q.push("b", 1, 4), Err(CoordinatorError::InvalidArgument { field: "job_id", .. })), "an id queued twice is refused");
-        assert_eq!(q.drain().into_iter().map(|(id, v)| (id, v)).collect::<Vec<_>>(), [("b".to_string(), 2), ("c".to_string(), 3)]);
+        assert_eq!(q.drain(), [("b".to_string(), 2), ("c".to_string(), 3)]);
         assert_eq!(q.len(), 0);
         assert_eq!(q.position("b"), None);
     }

@@ -199,7 +199,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
             }
         };
         if let Some(Event::Progress(p)) = &message {
-            let p = p.clone();
+            let p = *p;
             state.jobs.update(&d.job.id, |j| j.progress = Some(p));
         }
         if let Some(m) = message {
