@@ -392,3 +392,33 @@ async fn sigterm_drains_and_exits_within_the_grace_period() {
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(signalled.elapsed() < Duration::from_secs(6), "{:?}", signalled.elapsed());
 }
+
+#[test]
+fn serve_flags_are_checked_at_start_up() {
+    let empty = tempfile::tempdir().unwrap();
+    let empty = empty.path().to_str().unwrap().to_string();
+    for (flags, named) in [
+        (vec!["--preset", "tiny", "--ranks", "2", "--ulysses", "3"], "--ulysses"),
+        (vec!["--preset", "tiny", "--ranks", "0"], "--ranks"),
+        (vec!["--preset", "tiny", "--max-queue", "0"], "--max-queue"),
+        (vec!["--preset", "tiny", "--max-tokens", "0"], "--max-tokens"),
+        (vec!["--preset", "tiny", "--job-retention", "5 parsecs"], "--job-retention"),
+        (vec!["--preset", "tiny", "--grace-period", "soon"], "--grace-period"),
+        (vec!["--preset", "tiny", "--chunk-size", "10"], "--chunk-size"),
+        (vec!["--preset", "tiny", "--transport", "carrier-pigeon"], "--transport"),
+        (vec!["--preset", "tiny", "--listen", "nowhere"], "--listen"),
+        (vec!["--preset", "huge"], "--preset"),
+        (vec![], "--model"),
+        (vec!["--model", "/nonexistent/snapshot"], "--model"),
+        // A folder that is not a snapshot fails while loading, after the port is bound.
+        (vec!["--model", &empty], "--model"),
+        // The tiny transformer has 2 heads: Ulysses 3 cannot split them (found once loaded).
+        (vec!["--preset", "tiny", "--ranks", "3", "--ulysses", "3"], "ulysses"),
+    ] {
+        let listen: &[&str] = if flags.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera")).arg("serve").args(listen).args(&flags).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(stderr.contains(named), "{flags:?}: {named} not named in {stderr}");
+    }
+}
