@@ -40,11 +40,40 @@ pub enum CoordinatorError {
     /// The model code failed (load, forward, decode).
     #[error(transparent)]
     Worker(#[from] tessera_worker::WorkerError),
+    /// The job queue is full.
+    #[error("the job queue is full ({limit} jobs waiting); retry later")]
+    QueueFull {
+        /// The queue's capacity.
+        limit: usize,
+    },
+    /// Something named by the caller does not exist (or no longer: finished jobs expire).
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked up, e.g. `job "j-12"`.
+        what: String,
+    },
+    /// The job was cancelled (by CancelJob, or because its client went away).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// The client's deadline passed before the job finished.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// The service cannot take or finish the work now (starting, shutting down, no workers).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or broken invariant on the server side (a job thread panicked, ...).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl CoordinatorError {
     pub(crate) fn invalid_video(field: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidVideo { field, detail: detail.into() }
+    }
+
+    /// An invalid request field.
+    pub fn invalid_argument(field: &'static str, detail: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, detail: detail.into() }
     }
 
     pub(crate) fn encode(format: &'static str, detail: impl std::fmt::Display) -> Self {
@@ -64,6 +93,12 @@ impl From<CoordinatorError> for tonic::Status {
             // The worker crate's own mapping: bad inputs are the caller's, a lost peer ABORTED, a
             // stop CANCELLED, membership UNAVAILABLE, the rest INTERNAL.
             CoordinatorError::Worker(w) => tonic::Status::from(w),
+            CoordinatorError::QueueFull { .. } => tonic::Status::resource_exhausted(msg),
+            CoordinatorError::NotFound { .. } => tonic::Status::not_found(msg),
+            CoordinatorError::Cancelled(_) => tonic::Status::cancelled(msg),
+            CoordinatorError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
+            CoordinatorError::Unavailable(_) => tonic::Status::unavailable(msg),
+            CoordinatorError::Internal(_) => tonic::Status::internal(msg),
         }
     }
 }

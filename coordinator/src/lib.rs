@@ -1,8 +1,10 @@
 //! Tessera's coordinator library: what the `tessera` command and the coordinator server share —
-//! validation of public requests, and writing decoded frames as video files (MP4, GIF, PNG frames).
+//! validation of public requests, writing decoded frames as video files (MP4, GIF, PNG frames), and
+//! the public gRPC server.
 
 pub mod error;
 pub mod request;
+pub mod server;
 pub mod video;
 
 pub use error::CoordinatorError;

@@ -1,5 +1,6 @@
-//! `tessera`: the command-line entry point: `generate` (a video on this machine), golden checks
-//! and benchmarks (`serve` and `status` as the cluster lands).
+//! `tessera`: the command-line entry point: `generate` (a video on this machine, or through a
+//! coordinator), `serve` (the coordinator's public gRPC server), `status`, golden checks and
+//! benchmarks.
 
 mod cli;
 mod sys;
@@ -19,8 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a video from a prompt on this machine (CPU), writing MP4, GIF or PNG frames.
-    Generate(cli::generate::GenerateArgs),
+    /// Generate a video from a prompt on this machine (CPU) or through a coordinator (--server),
+    /// writing MP4, GIF or PNG frames.
+    Generate(Box<cli::generate::GenerateArgs>),
+    /// Serve the public gRPC API (Generate, GetJob, CancelJob, ListWorkers, ListJobs; health,
+    /// reflection) with jobs on in-process workers.
+    Serve(cli::serve::ServeArgs),
+    /// Show a coordinator's health, workers and jobs.
+    Status(cli::status::StatusArgs),
     /// Run golden reference cases and compare with their stated tolerance.
     Golden(cli::golden::GoldenArgs),
     /// Benchmarks that print figures.
@@ -35,7 +42,9 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Generate(args) => cli::generate::run(args),
+        Command::Generate(args) => cli::generate::run(*args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Status(args) => cli::status::run(args),
         Command::Golden(args) => cli::golden::run(args),
         Command::Bench(cmd) => cli::bench::run(cmd),
     };

@@ -1,7 +1,8 @@
 //! `tessera generate`: text (or a video) in, a video file out, on this machine. Runs the Wan
 //! pipeline in-process on the CPU — a diffusers snapshot folder given with `--model`, or a
 //! built-in model with random weights — shows a progress bar, writes MP4, GIF or PNG frames, and
-//! says where the file went and how long each phase took.
+//! says where the file went and how long each phase took. With `--server`, the same request goes
+//! to a coordinator (`tessera serve`) instead, and the streamed file is written.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -26,16 +27,17 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_NEGATIVE_PROMPT", default_value = "")]
     negative_prompt: String,
     /// A diffusers snapshot folder (model_index.json, transformer/, vae/, text_encoder/,
-    /// tokenizer/, scheduler/). Without it, the built-in model of --preset runs.
+    /// tokenizer/, scheduler/). Without it, the built-in model of --preset runs. Local mode only.
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
     /// Built-in model with random weights, used when --model is not given.
     #[arg(long, env = "TESSERA_PRESET", default_value = "tiny")]
     preset: String,
-    /// Output file: `.mp4`, `.gif`, or a folder for PNG frames.
+    /// Output file: `.mp4`, `.gif`, or a folder for PNG frames (with --server also
+    /// `.safetensors` for the raw latents).
     #[arg(short, long, env = "TESSERA_OUTPUT", default_value = "tessera.mp4")]
     output: PathBuf,
-    /// Output format (mp4, gif, png); by default from the output's extension.
+    /// Output format (mp4, gif, png; with --server also latents); by default from the output's extension.
     #[arg(long, env = "TESSERA_FORMAT")]
     format: Option<String>,
     /// Frame height in pixels, a multiple of 16 (default: the model's, 480 for Wan 2.1).
@@ -80,6 +82,64 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long, env = "TESSERA_QUIET")]
     quiet: bool,
+    /// Send the request to this coordinator (`HOST:PORT` or a URL) instead of running it here.
+    #[arg(long, env = "TESSERA_SERVER")]
+    server: Option<String>,
+    /// With --server: the model to use, as the server names it (default: the server's).
+    #[arg(long, env = "TESSERA_MODEL_NAME")]
+    model_name: Option<String>,
+    /// With --server: queue priority, -100 to 100 (higher runs first).
+    #[arg(long, env = "TESSERA_PRIORITY", default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// With --server: the deadline of the whole generation (e.g. 90s, 10m); past it the server
+    /// stops the job.
+    #[arg(long, env = "TESSERA_TIMEOUT")]
+    timeout: Option<String>,
+}
+
+/// The public API request that the flags describe (client mode).
+fn remote_request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
+    use super::remote::{format_named, format_of, RemoteGenerate};
+    use tessera_proto::v1::{GenerateRequest, Sampler};
+    let format = match &args.format {
+        Some(f) => format_named(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif, png or latents"))?,
+        None => format_of(&args.output).ok_or_else(|| anyhow!("--output {}: unknown extension (use .mp4, .gif, .safetensors or a folder for PNG frames, or --format)", args.output.display()))?,
+    };
+    let sampler = match args.sampler.as_deref() {
+        None => Sampler::Unspecified,
+        Some("unipc") => Sampler::Unipc,
+        Some("euler") => Sampler::Euler,
+        Some(s) => bail!("--sampler {s}: expected unipc or euler"),
+    };
+    if !(args.fps.fract() == 0.0 && (1.0..=120.0).contains(&args.fps)) {
+        bail!("--fps {}: with --server, a whole number from 1 to 120", args.fps);
+    }
+    let size = |v: Option<usize>, flag: &str| -> Result<u32> { v.map_or(Ok(0), |v| u32::try_from(v).map_err(|_| anyhow!("{flag} {v}: too large"))) };
+    let timeout = match &args.timeout {
+        Some(t) => Some(super::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
+        None => None,
+    };
+    if args.model.is_some() {
+        bail!("--model is a local snapshot folder; with --server, name the server's model with --model-name");
+    }
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: size(args.width, "--width")?,
+        height: size(args.height, "--height")?,
+        num_frames: size(args.frames, "--frames")?,
+        fps: args.fps as u32,
+        steps: size(args.steps, "--steps")?,
+        guidance_scale: Some(args.guidance),
+        flow_shift: args.shift.map(|s| s as f32),
+        sampler: sampler as i32,
+        seed: args.seed,
+        output_format: format as i32,
+        priority: args.priority,
+        model: args.model_name.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet })
 }
 
 /// Streams decoded frames into the file and drives the progress bar.
@@ -134,6 +194,9 @@ fn pick_defaults(args: &GenerateArgs) -> Result<(WanPipeline, PipelineDefaults, 
 
 /// Runs one generation and writes the file.
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    if args.server.is_some() {
+        return super::remote::generate(remote_request(&args)?);
+    }
     let started = Instant::now();
     let choice: DeviceChoice = args.device.parse().map_err(|e| anyhow!("--device {}: {e}", args.device))?;
     match choice.resolve().map_err(|e| anyhow!("--device {}: {e}", args.device))? {

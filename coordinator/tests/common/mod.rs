@@ -1,6 +1,9 @@
 //! Helpers shared by the coordinator's integration tests: running ffprobe/ffmpeg, which must be
-//! installed (Debian: `apt-get install -y ffmpeg`; CI installs it in .ci/run).
+//! installed (Debian: `apt-get install -y ffmpeg`; CI installs it in .ci/run), and (`server`) a
+//! `tessera serve` child process with gRPC clients.
 #![allow(dead_code)]
+
+pub mod server;
 
 use serde_json::Value;
 use std::path::Path;
@@ -27,3 +30,7 @@ pub fn probe(input: &Path, before: &[&str]) -> Value {
     json["streams"][0].clone()
 }
 
+/// Decodes a video with ffmpeg to raw 8-bit RGB frames, concatenated.
+pub fn decode_rgb24(input: &Path) -> Vec<u8> {
+    run("ffmpeg", &["-v", "error", "-i", input.to_str().unwrap(), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+}

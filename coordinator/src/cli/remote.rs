@@ -1,0 +1,292 @@
+//! The client side of the public API, for `tessera generate --server` and `tessera status`:
+//! connecting, naming status codes, and writing a Generate stream's chunks to files.
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tessera_proto::v1::tessera_client::TesseraClient;
+use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, Plan, PhaseTimings};
+use tonic::transport::Channel;
+
+/// A client mode generation.
+pub struct RemoteGenerate {
+    /// Server address (`HOST:PORT` or a URL).
+    pub server: String,
+    /// The request.
+    pub request: GenerateRequest,
+    /// Output file (or folder for PNG frames).
+    pub output: PathBuf,
+    /// The client's deadline.
+    pub timeout: Option<Duration>,
+    /// No progress bar.
+    pub quiet: bool,
+}
+
+/// The gRPC name of a status code (`INVALID_ARGUMENT`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A status as an error: `CODE: message`.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+/// The server's endpoint URL (`http://` added to a bare `HOST:PORT`).
+pub fn endpoint(server: &str) -> String {
+    if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+/// Connects to the public API (`flag` names the option in errors).
+pub async fn connect(server: &str, flag: &str) -> Result<Channel> {
+    let ep = tonic::transport::Endpoint::from_shared(endpoint(server)).map_err(|e| anyhow!("{flag} {server}: {e}"))?.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true);
+    ep.connect().await.map_err(|e| anyhow!("{flag} {server}: cannot connect: {e}"))
+}
+
+/// The format a client-mode output path asks for by its extension.
+pub fn format_of(path: &Path) -> Option<OutputFormat> {
+    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("mp4") => Some(OutputFormat::Mp4),
+        Some("gif") => Some(OutputFormat::Gif),
+        Some("safetensors") => Some(OutputFormat::RawLatents),
+        Some("png") | None => Some(OutputFormat::PngFrames),
+        Some(_) => None,
+    }
+}
+
+/// Parses `--format` in client mode.
+pub fn format_named(name: &str) -> Option<OutputFormat> {
+    match name {
+        "mp4" => Some(OutputFormat::Mp4),
+        "gif" => Some(OutputFormat::Gif),
+        "png" => Some(OutputFormat::PngFrames),
+        "latents" => Some(OutputFormat::RawLatents),
+        _ => None,
+    }
+}
+
+/// One file being received: bytes must arrive in order.
+struct Incoming {
+    path: PathBuf,
+    part: PathBuf,
+    file: File,
+    written: u64,
+}
+
+/// Writes the chunks of a stream: one file, or one PNG per frame in a folder.
+struct ChunkWriter {
+    output: PathBuf,
+    frames: bool,
+    open: Option<(u32, Incoming)>,
+    written: Vec<PathBuf>,
+    bytes: u64,
+}
+
+impl ChunkWriter {
+    fn new(output: &Path, format: OutputFormat) -> Result<Self> {
+        let frames = format == OutputFormat::PngFrames;
+        if frames {
+            std::fs::create_dir_all(output).with_context(|| format!("--output {}", output.display()))?;
+        }
+        Ok(Self { output: output.into(), frames, open: None, written: Vec::new(), bytes: 0 })
+    }
+
+    fn push(&mut self, c: Chunk) -> Result<()> {
+        if self.open.as_ref().is_some_and(|(i, _)| *i != c.frame_index) {
+            bail!("the server started frame {} before finishing the previous file", c.frame_index);
+        }
+        if self.open.is_none() {
+            let path = if self.frames { self.output.join(format!("frame_{:05}.png", c.frame_index)) } else { self.output.clone() };
+            let mut part = path.clone().into_os_string();
+            part.push(".part");
+            let part = PathBuf::from(part);
+            let file = File::create(&part).with_context(|| format!("--output {}", part.display()))?;
+            self.open = Some((c.frame_index, Incoming { path, part, file, written: 0 }));
+        }
+        let (_, f) = self.open.as_mut().expect("opened above");
+        if c.offset != f.written {
+            bail!("chunk at offset {} of {} arrived after {} bytes", c.offset, f.path.display(), f.written);
+        }
+        f.file.write_all(&c.data).with_context(|| format!("writing {}", f.part.display()))?;
+        f.written += c.data.len() as u64;
+        self.bytes += c.data.len() as u64;
+        if c.last {
+            let (_, f) = self.open.take().expect("open");
+            f.file.sync_all().with_context(|| format!("writing {}", f.part.display()))?;
+            std::fs::rename(&f.part, &f.path).with_context(|| format!("renaming {} to {}", f.part.display(), f.path.display()))?;
+            self.written.push(f.path);
+        }
+        Ok(())
+    }
+
+    /// Removes a file left half-written.
+    fn abandon(&mut self) {
+        if let Some((_, f)) = self.open.take() {
+            let _ = std::fs::remove_file(&f.part);
+        }
+    }
+}
+
+fn plan_text(p: &Plan) -> String {
+    let workers = if p.worker_ids.is_empty() { String::new() } else { format!(" on {}", p.worker_ids.join(", ")) };
+    format!("{} ranks (ulysses {} x ring {}){workers}, {} tokens, {} forwards/step", p.ranks, p.ulysses, p.ring, p.tokens, p.forwards_per_step)
+}
+
+fn secs(d: &Option<prost_types::Duration>) -> f64 {
+    d.as_ref().map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 * 1e-9)
+}
+
+fn timings_text(t: &PhaseTimings) -> String {
+    format!(
+        "time: queued {:.2}s, preparing {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",
+        secs(&t.queued),
+        secs(&t.preparing),
+        secs(&t.denoising),
+        secs(&t.decoding),
+        secs(&t.encoding),
+        secs(&t.total)
+    )
+}
+
+fn phase_name(p: i32) -> &'static str {
+    match Phase::try_from(p) {
+        Ok(Phase::Queued) => "queued",
+        Ok(Phase::Preparing) => "preparing",
+        Ok(Phase::Denoising) => "denoising",
+        Ok(Phase::Decoding) => "decoding",
+        Ok(Phase::Encoding) => "encoding",
+        Ok(Phase::Done) => "done",
+        _ => "",
+    }
+}
+
+/// Sends the request, shows progress, writes the streamed file(s).
+pub fn generate(job: RemoteGenerate) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(generate_async(job))
+}
+
+async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
+    let format = OutputFormat::try_from(job.request.output_format).unwrap_or(OutputFormat::Mp4);
+    let mut client = TesseraClient::new(connect(&job.server, "--server").await?).max_decoding_message_size(64 << 20).max_encoding_message_size(300 << 20);
+    let mut request = tonic::Request::new(job.request.clone());
+    if let Some(t) = job.timeout {
+        request.set_timeout(t);
+    }
+    let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
+    let mut writer = ChunkWriter::new(&job.output, format)?;
+    let bar = if job.quiet { ProgressBar::hidden() } else { ProgressBar::new(job.request.steps.max(1) as u64) };
+    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}").expect("valid template").progress_chars("=> "));
+    bar.set_message("queued");
+    let result: Result<_> = async {
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(e)) => e,
+                Ok(None) => bail!("the server ended the stream without Done"),
+                Err(s) => return Err(status_error(s)),
+            };
+            match event.event {
+                Some(Event::Accepted(a)) => {
+                    bar.suspend(|| {
+                        println!("job {} accepted (queue position {}, seed {})", a.job_id, a.queue_position, a.seed);
+                        if let Some(p) = &a.plan {
+                            println!("plan: {}", plan_text(p));
+                        }
+                    });
+                    if let Some(r) = &a.effective_request {
+                        bar.set_length(r.steps as u64);
+                    }
+                }
+                Some(Event::Progress(p)) => {
+                    bar.set_message(phase_name(p.phase));
+                    if p.total_steps > 0 {
+                        bar.set_length(p.total_steps as u64);
+                    }
+                    bar.set_position(p.step as u64);
+                }
+                Some(Event::Chunk(c)) => writer.push(c)?,
+                Some(Event::Done(d)) => return Ok(d),
+                None => {}
+            }
+        }
+    }
+    .await;
+    bar.finish_and_clear();
+    let done = match result {
+        Ok(d) => d,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
+    if writer.open.is_some() {
+        writer.abandon();
+        bail!("the server sent Done before the last chunk of a file");
+    }
+    let what = match format {
+        OutputFormat::PngFrames => format!("{} PNG files", writer.written.len()),
+        OutputFormat::RawLatents => "latents".into(),
+        OutputFormat::Gif => "gif".into(),
+        _ => "mp4".into(),
+    };
+    println!("wrote {} ({} frames, {}x{}, {what}, {} bytes)", job.output.display(), done.num_frames, done.width, done.height, writer.bytes);
+    println!("job {} done; {}", done.job_id, done.timings.as_ref().map(timings_text).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_become_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("v.mp4");
+        let mut w = ChunkWriter::new(&out, OutputFormat::Mp4).unwrap();
+        let chunk = |offset: u64, data: &[u8], last: bool| Chunk { offset, data: data.to_vec(), content_type: "video/mp4".into(), frame_index: 0, last };
+        w.push(chunk(0, b"abc", false)).unwrap();
+        assert!(!out.exists(), "the file appears only when complete");
+        assert!(w.push(chunk(5, b"x", false)).is_err(), "a gap is refused");
+        w.push(chunk(3, b"de", true)).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"abcde");
+
+        let frames = dir.path().join("frames");
+        let mut w = ChunkWriter::new(&frames, OutputFormat::PngFrames).unwrap();
+        for i in 0..3 {
+            w.push(Chunk { offset: 0, data: vec![i as u8], content_type: "image/png".into(), frame_index: i, last: true }).unwrap();
+        }
+        assert_eq!(w.written.len(), 3);
+        assert_eq!(std::fs::read(frames.join("frame_00002.png")).unwrap(), [2]);
+        assert_eq!(format_of(Path::new("a.safetensors")), Some(OutputFormat::RawLatents));
+        assert_eq!(format_named("latents"), Some(OutputFormat::RawLatents));
+        assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(endpoint("127.0.0.1:5"), "http://127.0.0.1:5");
+    }
+}

@@ -1,0 +1,142 @@
+//! `tessera serve`: the coordinator's public gRPC server, with jobs on in-process workers (a
+//! diffusers snapshot or a built-in model). Prints `listening on ADDR` once bound; health turns
+//! SERVING when the model is loaded. SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
+//! running job gets `--grace-period` to finish and is then stopped between steps.
+
+use super::duration::parse_duration;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tessera_coordinator::server::{serve, LocalExecutor, LocalExecutorConfig, ModelSource, ServerConfig};
+use tessera_worker::parallel::LocalTransport;
+use tessera_worker::pipeline::PipelinePreset;
+
+/// Arguments of `tessera serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address of the public gRPC API (port 0 picks a free port; the address is printed).
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// A diffusers snapshot folder to serve.
+    #[arg(long, env = "TESSERA_MODEL", conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A built-in model with random weights to serve instead (tiny).
+    #[arg(long, env = "TESSERA_PRESET")]
+    preset: Option<String>,
+    /// The model name requests use (default: wan2.1-t2v-1.3b for a snapshot, the preset's name).
+    #[arg(long, env = "TESSERA_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Sequence-parallel ranks per job (in-process workers).
+    #[arg(long, env = "TESSERA_RANKS", default_value_t = 1)]
+    ranks: usize,
+    /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
+    #[arg(long, env = "TESSERA_ULYSSES", default_value_t = 1)]
+    ulysses: usize,
+    /// How the in-process ranks talk: `inproc` or `tcp` (loopback sockets).
+    #[arg(long, env = "TESSERA_TRANSPORT", default_value = "inproc")]
+    transport: String,
+    /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
+    max_queue: usize,
+    /// Largest job in video tokens (latent frames x patch rows x patch columns); 75,600 is 1280x720 with 81 frames.
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = 75_600)]
+    max_tokens: usize,
+    /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
+    #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]
+    job_retention: String,
+    /// At shutdown, how long the running job may go on before it is stopped.
+    #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
+    grace_period: String,
+    /// Bytes of output per Chunk message (1 KiB to 4 MiB).
+    #[arg(long, env = "TESSERA_CHUNK_SIZE", default_value_t = 1 << 20)]
+    chunk_size: usize,
+}
+
+/// What `--model`/`--preset` asked for, and the default model name.
+fn model_source(args: &ServeArgs) -> Result<(ModelSource, String, String)> {
+    match (&args.model, &args.preset) {
+        (Some(dir), None) => {
+            if !dir.is_dir() {
+                bail!("--model {}: not a folder (expected a diffusers snapshot)", dir.display());
+            }
+            Ok((ModelSource::Snapshot(dir.clone()), "wan2.1-t2v-1.3b".into(), format!("--model {}", dir.display())))
+        }
+        (None, Some(name)) => {
+            let preset = PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
+            Ok((ModelSource::Preset(preset), preset.name().into(), format!("--preset {name}")))
+        }
+        (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny"),
+        (Some(_), Some(_)) => bail!("--model and --preset: give one of them"),
+    }
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives (handlers installed before this returns).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        let term = term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
+            _ = term => tracing::info!("SIGTERM received"),
+        }
+    })
+}
+
+/// Runs the server until it is told to stop.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let listen: SocketAddr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e} (expected HOST:PORT, e.g. 0.0.0.0:50051)", args.listen))?;
+    let (source, default_name, source_flag) = model_source(&args)?;
+    let model_name = args.model_name.clone().unwrap_or(default_name);
+    if model_name.trim().is_empty() {
+        bail!("--model-name: must not be empty");
+    }
+    if args.ranks == 0 {
+        bail!("--ranks {}: at least one rank is needed", args.ranks);
+    }
+    if args.ulysses == 0 || !args.ranks.is_multiple_of(args.ulysses) {
+        bail!("--ulysses {}: must be positive and divide --ranks {}", args.ulysses, args.ranks);
+    }
+    let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
+    if args.max_queue == 0 {
+        bail!("--max-queue 0: the queue must hold at least one job");
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens 0: must be positive");
+    }
+    let job_retention = parse_duration(&args.job_retention).map_err(|e| anyhow!("--job-retention: {e}"))?;
+    let grace_period = parse_duration(&args.grace_period).map_err(|e| anyhow!("--grace-period: {e}"))?;
+    if !(1024..=4 << 20).contains(&args.chunk_size) {
+        bail!("--chunk-size {}: must be from 1024 to 4194304 bytes", args.chunk_size);
+    }
+    let config = ServerConfig { max_queue: args.max_queue, job_retention, grace_period, chunk_size: args.chunk_size };
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-io").enable_all().build().context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
+        let bound = listener.local_addr().with_context(|| format!("--listen {listen}"))?;
+        println!("tessera serve: listening on {bound}");
+        std::io::stdout().flush().ok();
+        let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks, ulysses: args.ulysses, transport, max_tokens: args.max_tokens })
+            .map_err(|e| anyhow!("{e}"))?;
+        tracing::info!(%bound, model = %model_name, ranks = args.ranks, ulysses = args.ulysses, "loading the model");
+        serve(listener, Arc::new(executor), config, shutdown).await.map_err(|e| anyhow!("{source_flag}: {e}"))
+    });
+    // A job thread that ignored its stop must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

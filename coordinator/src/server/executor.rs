@@ -1,0 +1,107 @@
+//! The seam between the public service and whatever runs the jobs: [`JobExecutor`]. The service
+//! validates, queues and streams; an executor knows its models and workers, plans a job, runs it
+//! (reporting phases, steps and output files) and stops it between steps when asked. Today's
+//! implementation is [`super::LocalExecutor`] (in-process ranks); remote shard workers over the
+//! internal API will be another.
+
+use super::jobs::StopSignal;
+use crate::request::{RequestDefaults, ValidRequest};
+use crate::CoordinatorError;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tessera_proto::v1::{Phase, Plan, Worker};
+use tokio::sync::{mpsc, watch};
+
+/// A job handed to an executor.
+#[derive(Clone, Debug)]
+pub struct ExecJob {
+    /// The job's id.
+    pub id: String,
+    /// The validated request, defaults applied, seed set (with any input video bytes).
+    pub request: ValidRequest,
+}
+
+/// One encoded output file (a whole MP4 or GIF, one PNG frame, the latents).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputFile {
+    /// Its MIME type.
+    pub content_type: &'static str,
+    /// For PNG frames, the frame (0-based); 0 otherwise.
+    pub frame_index: u32,
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// What an executor reports while a job runs, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExecEvent {
+    /// A phase began (preparing, denoising, decoding, encoding).
+    Phase(Phase),
+    /// `done` of `total` denoising steps are complete.
+    Step {
+        /// Steps completed.
+        done: u32,
+        /// Steps of the run.
+        total: u32,
+    },
+    /// An output file is complete (PNG frames come one by one as they are decoded).
+    File(OutputFile),
+}
+
+/// How a finished job went, as the executor measured it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecReport {
+    /// Frames in the video (the requested count for raw latents).
+    pub frames: u32,
+    /// Frame width.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// Text encoding and initial latents.
+    pub preparing: Duration,
+    /// Denoising steps.
+    pub denoising: Duration,
+    /// VAE decode (without the time the encoder took meanwhile).
+    pub decoding: Duration,
+    /// Encoding the output files.
+    pub encoding: Duration,
+}
+
+/// The future of a running job.
+pub type ExecFuture = Pin<Box<dyn Future<Output = Result<ExecReport, CoordinatorError>> + Send>>;
+
+/// Runs jobs for the public service.
+pub trait JobExecutor: Send + Sync + 'static {
+    /// Model names served (what `GenerateRequest.model` may name).
+    fn models(&self) -> Vec<String>;
+
+    /// Request defaults for the served model (sizes, frames, steps; `model` set to the default model).
+    fn defaults(&self) -> RequestDefaults;
+
+    /// Largest token count a job may have.
+    fn max_tokens(&self) -> usize;
+
+    /// Refuses, before queueing, a valid request this executor cannot run (e.g. conditioning
+    /// media it cannot read); errors name the field.
+    fn check(&self, request: &ValidRequest) -> Result<(), CoordinatorError>;
+
+    /// How the job would run (workers may be left empty until it is scheduled).
+    fn plan(&self, request: &ValidRequest) -> Plan;
+
+    /// Jobs that may run at once now, published as it changes (0 until ready or while draining).
+    fn slots(&self) -> watch::Receiver<usize>;
+
+    /// The workers, with their state.
+    fn workers(&self) -> Vec<Worker>;
+
+    /// Resolves when the executor can run jobs (models loaded), or with why it never will.
+    fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), CoordinatorError>> + Send + '_>>;
+
+    /// Runs one job to its end, sending events on `events`; stops at the next step boundary once
+    /// `stop` is set (ending with that reason's error). A closed `events` counts as a stop.
+    fn run(&self, job: ExecJob, events: mpsc::Sender<ExecEvent>, stop: StopSignal) -> ExecFuture;
+
+    /// Takes no new jobs from now on (workers report DRAINING); running jobs go on.
+    fn drain(&self);
+}

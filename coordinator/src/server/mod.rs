@@ -1,0 +1,187 @@
+//! The coordinator's public gRPC server (`tessera serve`): the `tessera.v1.Tessera` service with
+//! standard health and reflection beside it. Requests are validated, queued by priority and run
+//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers); progress and the encoded video
+//! stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
+//! period and is then stopped at a step boundary.
+
+mod executor;
+mod jobs;
+mod local;
+mod output;
+mod queue;
+mod runner;
+mod scheduler;
+mod service;
+
+pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
+pub use jobs::{JobTable, StopReason, StopSignal, Timings};
+pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSource};
+pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
+pub use queue::JobQueue;
+pub use scheduler::{Scheduler, SlotGuard};
+pub use service::{grpc_timeout, TesseraService};
+
+use crate::request::MAX_INPUT_VIDEO_BYTES;
+use crate::CoordinatorError;
+use runner::Estimator;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_proto::v1::tessera_server::TesseraServer;
+use tokio_stream::StreamExt;
+use tonic_health::ServingStatus;
+
+/// The service's name in the health service.
+pub const SERVICE_NAME: &str = "tessera.v1.Tessera";
+
+/// Settings of the server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Most jobs waiting in the queue.
+    pub max_queue: usize,
+    /// How long finished jobs' records are kept.
+    pub job_retention: Duration,
+    /// How long a running job may go on once shutdown begins before it is stopped.
+    pub grace_period: Duration,
+    /// Bytes per Chunk message.
+    pub chunk_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { max_queue: 64, job_retention: Duration::from_secs(3600), grace_period: Duration::from_secs(30), chunk_size: 1 << 20 }
+    }
+}
+
+/// What the service's handlers and job drivers share.
+pub struct ServiceState {
+    jobs: JobTable,
+    scheduler: Arc<Scheduler>,
+    executor: Arc<dyn JobExecutor>,
+    estimator: Estimator,
+    chunk_size: usize,
+    draining: AtomicBool,
+}
+
+impl ServiceState {
+    /// State for a service running jobs on `executor`.
+    pub fn new(executor: Arc<dyn JobExecutor>, config: &ServerConfig) -> Arc<Self> {
+        Arc::new(Self {
+            jobs: JobTable::new(config.job_retention),
+            scheduler: Scheduler::new(config.max_queue),
+            executor,
+            estimator: Estimator::default(),
+            chunk_size: config.chunk_size.max(1),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// How long a stopped job may take to reach its step boundary at shutdown, and the server to
+/// close its connections, before the process goes on without them.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Serves on `listener` until `shutdown` resolves (or the executor fails to load: then the error),
+/// then drains as the module docs say.
+pub async fn serve(listener: tokio::net::TcpListener, executor: Arc<dyn JobExecutor>, config: ServerConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), CoordinatorError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    let state = ServiceState::new(executor.clone(), &config);
+    let dispatcher = tokio::spawn(state.scheduler.clone().dispatch(executor.slots()));
+    let sweeper = tokio::spawn(sweep(state.clone(), config.job_retention));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
+    // Room for the largest input video the API accepts, so validation can name it.
+    let tessera = TesseraServer::new(TesseraService::new(state.clone())).max_decoding_message_size(MAX_INPUT_VIDEO_BYTES + (1 << 20));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(tessera).serve_with_incoming_shutdown(incoming, async {
+            let _ = close_rx.await;
+        }),
+    );
+
+    tokio::pin!(shutdown);
+    let outcome = tokio::select! {
+        ready = executor.wait_ready() => match ready {
+            Ok(()) => {
+                health.set_service_status("", ServingStatus::Serving).await;
+                health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+                tracing::info!("model loaded; serving");
+                (&mut shutdown).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        _ = &mut shutdown => Ok(()),
+    };
+    tracing::info!("shutting down: draining");
+    drain(&state, &health, config.grace_period).await;
+    let _ = close_tx.send(());
+    match tokio::time::timeout(STOP_WAIT, server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
+        Err(_) => tracing::warn!("connections still open after {STOP_WAIT:?}; exiting anyway"),
+        _ => {}
+    }
+    dispatcher.abort();
+    sweeper.abort();
+    outcome
+}
+
+/// Shutdown's first part: NOT_SERVING, no new jobs, queued jobs ended (UNAVAILABLE), the running
+/// ones given `grace` and then stopped.
+async fn drain(state: &ServiceState, health: &tonic_health::server::HealthReporter, grace: Duration) {
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    state.draining.store(true, Ordering::SeqCst);
+    state.executor.drain();
+    for id in state.scheduler.close() {
+        if let Some(stop) = state.jobs.stop_signal(&id) {
+            stop.stop(StopReason::Shutdown);
+        }
+    }
+    let until = Instant::now() + grace;
+    while state.scheduler.running() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if state.scheduler.running() > 0 {
+        tracing::warn!(grace_s = grace.as_secs_f64(), "grace period over: stopping the running jobs");
+    }
+    for id in state.jobs.unfinished() {
+        if let Some(stop) = state.jobs.stop_signal(&id) {
+            stop.stop(StopReason::Shutdown);
+        }
+    }
+    // Let the stopped jobs reach a step boundary and their drivers end the streams.
+    let until = Instant::now() + STOP_WAIT;
+    while !state.jobs.unfinished().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Drops expired job records now and then.
+async fn sweep(state: Arc<ServiceState>, retention: Duration) {
+    let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(every).await;
+        let gone = state.jobs.sweep(Instant::now());
+        if gone > 0 {
+            tracing::debug!(gone, "expired job records dropped");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! A job's driver: one task per accepted job, owning its Generate stream. It waits for a slot (or
+//! for a cancel, the client going away, the deadline), runs the job on the executor, turns the
+//! executor's events into Progress and Chunk messages and the record's updates, and ends the
+//! stream with Done or the job's error status.
+
+use super::executor::{ExecEvent, ExecJob, ExecReport, OutputFile};
+use super::jobs::{pb_duration, StopReason, StopSignal, Timings};
+use super::scheduler::Admission;
+use super::ServiceState;
+use crate::CoordinatorError;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tessera_proto::v1::{generate_event::Event, Chunk, Done, GenerateEvent, JobState, Phase, Progress};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// The sending half of a Generate stream.
+pub type ClientSender = mpsc::Sender<Result<GenerateEvent, Status>>;
+
+/// Learns how long decoding and encoding take per output pixel-frame, to estimate the time left
+/// after the last step.
+#[derive(Debug, Default)]
+pub struct Estimator {
+    secs_per_pixel_frame: Mutex<Option<f64>>,
+}
+
+impl Estimator {
+    /// Records a finished job's decode + encode time for `pixel_frames` = width·height·frames.
+    pub fn record(&self, after_denoise: Duration, pixel_frames: u64) {
+        if pixel_frames == 0 {
+            return;
+        }
+        let rate = after_denoise.as_secs_f64() / pixel_frames as f64;
+        let mut r = self.secs_per_pixel_frame.lock().unwrap_or_else(|e| e.into_inner());
+        // An exponential average: recent jobs count most, one odd job does not dominate.
+        *r = Some(r.map_or(rate, |old| 0.7 * old + 0.3 * rate));
+    }
+
+    /// Expected decode + encode time for `pixel_frames` (zero before any job finished).
+    pub fn after_denoise(&self, pixel_frames: u64) -> Duration {
+        let r = *self.secs_per_pixel_frame.lock().unwrap_or_else(|e| e.into_inner());
+        r.map_or(Duration::ZERO, |r| Duration::from_secs_f64(r * pixel_frames as f64))
+    }
+}
+
+/// Everything the driver needs besides the shared state.
+pub struct DriverJob {
+    /// The job for the executor.
+    pub job: ExecJob,
+    /// When it was accepted.
+    pub accepted: Instant,
+    /// Its Generate stream.
+    pub client: ClientSender,
+    /// Its stop switch.
+    pub stop: StopSignal,
+    /// The client's deadline.
+    pub deadline: Option<Instant>,
+}
+
+/// Progress bookkeeping of a running job.
+struct Tracker {
+    accepted: Instant,
+    phase: Phase,
+    done: u32,
+    total: u32,
+    denoise_started: Option<Instant>,
+    after_denoise: Duration,
+}
+
+impl Tracker {
+    fn progress(&self) -> Progress {
+        let estimate = match self.denoise_started {
+            Some(t) if self.done > 0 && self.phase == Phase::Denoising => {
+                let per_step = t.elapsed() / self.done;
+                Some(pb_duration(per_step * self.total.saturating_sub(self.done) + self.after_denoise))
+            }
+            _ => None,
+        };
+        Progress { phase: self.phase as i32, step: self.done, total_steps: self.total, elapsed: Some(pb_duration(self.accepted.elapsed())), estimated_remaining: estimate }
+    }
+}
+
+/// Drives one job from the queue (its slot arrives on `admission`) to its end.
+pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission) {
+    let id = d.job.id.clone();
+    // Watchers turn the client's disconnect and its deadline into stop reasons.
+    let watch_client = tokio::spawn({
+        let (client, stop) = (d.client.clone(), d.stop.clone());
+        async move {
+            client.closed().await;
+            stop.stop(StopReason::ClientGone);
+        }
+    });
+    let watch_deadline = d.deadline.map(|at| {
+        let stop = d.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            stop.stop(StopReason::Deadline);
+        })
+    });
+
+    let slot = tokio::select! {
+        slot = admission => slot.ok(),
+        _ = d.stop.stopped() => None,
+    };
+    let outcome = match slot {
+        // A job stopped just as its slot came does not start.
+        Some(slot) if !d.stop.is_stopped() => {
+            let r = run(&state, &d).await;
+            drop(slot);
+            r
+        }
+        _ => {
+            state.scheduler.remove(&id);
+            let reason = d.stop.reason().unwrap_or(StopReason::Shutdown);
+            let timings = Timings { queued: d.accepted.elapsed(), total: d.accepted.elapsed(), ..Default::default() };
+            Outcome { result: Err(reason.error()), timings, total_bytes: 0 }
+        }
+    };
+    watch_client.abort();
+    if let Some(w) = watch_deadline {
+        w.abort();
+    }
+    finish(&state, &d, outcome).await;
+}
+
+/// How long the last message of a stream may wait for a slow client.
+const FINAL_SEND: Duration = Duration::from_secs(10);
+
+struct Outcome {
+    result: Result<ExecReport, CoordinatorError>,
+    timings: Timings,
+    total_bytes: u64,
+}
+
+/// Records the end and tells the client (the record first, so a client that reads the stream's
+/// end and then calls GetJob sees the final state).
+async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
+    let id = &d.job.id;
+    match o.result {
+        Ok(report) => {
+            state.jobs.finish(id, JobState::Succeeded, None, &o.timings);
+            tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
+            let done = Done { job_id: id.clone(), timings: Some(o.timings.to_pb()), total_bytes: o.total_bytes, num_frames: report.frames, width: report.width, height: report.height };
+            let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Ok(event(Event::Done(done))))).await;
+        }
+        Err(e) => {
+            let job_state = match &e {
+                CoordinatorError::Cancelled(_) | CoordinatorError::Unavailable(_) => JobState::Cancelled,
+                _ => JobState::Failed,
+            };
+            let job_state = d.stop.reason().map_or(job_state, StopReason::final_state);
+            state.jobs.finish(id, job_state, Some(e.to_string()), &o.timings);
+            tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
+            // The client may be gone: that is fine.
+            let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Err(Status::from(e)))).await;
+        }
+    }
+}
+
+fn event(e: Event) -> GenerateEvent {
+    GenerateEvent { event: Some(e) }
+}
+
+/// Runs the job on the executor, forwarding its events.
+async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
+    let started = Instant::now();
+    let queued = started - d.accepted;
+    let req = &d.job.request.request;
+    let pixel_frames = req.width as u64 * req.height as u64 * req.num_frames as u64;
+    let mut tracker = Tracker { accepted: d.accepted, phase: Phase::Preparing, done: 0, total: req.steps, denoise_started: None, after_denoise: state.estimator.after_denoise(pixel_frames) };
+    state.jobs.update(&d.job.id, |j| {
+        j.state = JobState::Running as i32;
+        j.progress = Some(tracker.progress());
+    });
+    tracing::info!(job = %d.job.id, queued_s = queued.as_secs_f64(), "job started");
+
+    let (tx, mut rx) = mpsc::channel(64);
+    let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()));
+    let mut total_bytes = 0u64;
+    // Every sender is dropped when the executor is done, which ends this loop.
+    while let Some(ev) = rx.recv().await {
+        let message = match ev {
+            ExecEvent::Phase(p) => {
+                tracker.phase = p;
+                if p == Phase::Denoising {
+                    tracker.denoise_started = Some(Instant::now());
+                }
+                Some(Event::Progress(tracker.progress()))
+            }
+            ExecEvent::Step { done, total } => {
+                (tracker.done, tracker.total) = (done, total);
+                Some(Event::Progress(tracker.progress()))
+            }
+            ExecEvent::File(file) => {
+                total_bytes += file.bytes.len() as u64;
+                send_file(d, file, state.chunk_size).await;
+                None
+            }
+        };
+        if let Some(Event::Progress(p)) = &message {
+            let p = *p;
+            state.jobs.update(&d.job.id, |j| j.progress = Some(p));
+        }
+        if let Some(m) = message {
+            send(d, event(m)).await;
+        }
+    }
+    let result = match exec.await {
+        Ok(r) => r,
+        Err(e) => Err(CoordinatorError::Internal(format!("the job's task failed: {e}"))),
+    };
+    // A stop that came after the last event still wins: the client may not have everything.
+    let result = match (result, d.stop.reason()) {
+        (_, Some(reason)) => Err(reason.error()),
+        (r, None) => r,
+    };
+    let mut timings = Timings { queued, total: d.accepted.elapsed(), ..Default::default() };
+    if let Ok(report) = &result {
+        (timings.preparing, timings.denoising, timings.decoding, timings.encoding) = (report.preparing, report.denoising, report.decoding, report.encoding);
+        state.estimator.record(report.decoding + report.encoding, pixel_frames);
+    }
+    Outcome { result, timings, total_bytes }
+}
+
+/// Sends one message unless the job is stopping; a client that is gone stops the job.
+async fn send(d: &DriverJob, message: GenerateEvent) {
+    if d.stop.is_stopped() {
+        return;
+    }
+    tokio::select! {
+        sent = d.client.send(Ok(message)) => if sent.is_err() { d.stop.stop(StopReason::ClientGone); },
+        _ = d.stop.stopped() => {}
+    }
+}
+
+/// Sends a file as chunks of at most `chunk_size` bytes.
+async fn send_file(d: &DriverJob, file: OutputFile, chunk_size: usize) {
+    let n = file.bytes.len();
+    let mut offset = 0;
+    loop {
+        let end = (offset + chunk_size).min(n);
+        let chunk = Chunk { offset: offset as u64, data: file.bytes[offset..end].to_vec(), content_type: file.content_type.to_string(), frame_index: file.frame_index, last: end == n };
+        send(d, event(Event::Chunk(chunk))).await;
+        if end == n || d.stop.is_stopped() {
+            return;
+        }
+        offset = end;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimator_learns_the_time_after_the_last_step() {
+        let e = Estimator::default();
+        assert_eq!(e.after_denoise(1000), Duration::ZERO);
+        e.record(Duration::from_secs(2), 1000);
+        assert_eq!(e.after_denoise(2000), Duration::from_secs(4));
+        e.record(Duration::from_secs(4), 1000);
+        let t = e.after_denoise(1000).as_secs_f64();
+        assert!((t - (0.7 * 2.0 + 0.3 * 4.0)).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn remaining_time_is_estimated_once_a_step_is_done() {
+        let mut t = Tracker { accepted: Instant::now(), phase: Phase::Denoising, done: 0, total: 10, denoise_started: Some(Instant::now() - Duration::from_secs(2)), after_denoise: Duration::from_secs(1) };
+        assert!(t.progress().estimated_remaining.is_none());
+        t.done = 2;
+        let left = t.progress().estimated_remaining.unwrap();
+        // 8 steps at about a second each, plus a second after the last step.
+        assert!((8..=10).contains(&left.seconds), "{left:?}");
+        assert_eq!(t.progress().step, 2);
+    }
+}

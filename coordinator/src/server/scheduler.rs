@@ -1,0 +1,149 @@
+//! Admission: jobs wait in the bounded priority queue and leave it when the executor has a free
+//! slot. A slot is a [`SlotGuard`] handed to the job's driver; dropping it frees the slot.
+
+use super::queue::JobQueue;
+use crate::CoordinatorError;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{oneshot, watch, Notify};
+
+/// A running job's claim on an executor slot; dropping it frees the slot.
+#[derive(Debug)]
+pub struct SlotGuard {
+    scheduler: Arc<Scheduler>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.scheduler.running.fetch_sub(1, Ordering::SeqCst);
+        self.scheduler.wake.notify_one();
+    }
+}
+
+/// Where a queued job's slot arrives; an error means the job left the queue without one
+/// (cancelled, or the server is shutting down).
+pub type Admission = oneshot::Receiver<SlotGuard>;
+
+/// The queue and the count of running jobs.
+#[derive(Debug)]
+pub struct Scheduler {
+    queue: Mutex<JobQueue<oneshot::Sender<SlotGuard>>>,
+    running: AtomicUsize,
+    wake: Notify,
+    closed: AtomicBool,
+}
+
+impl Scheduler {
+    /// A scheduler whose queue holds at most `max_queue` jobs.
+    pub fn new(max_queue: usize) -> Arc<Self> {
+        Arc::new(Self { queue: Mutex::new(JobQueue::new(max_queue)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false) })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, JobQueue<oneshot::Sender<SlotGuard>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues job `id`; returns how many queued jobs go before it and where its slot will arrive.
+    pub fn enqueue(&self, id: &str, priority: i32) -> Result<(usize, Admission), CoordinatorError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        let ahead = self.queue().push(id, priority, tx)?;
+        self.wake.notify_one();
+        Ok((ahead, rx))
+    }
+
+    /// Takes job `id` out of the queue; false if it was not waiting there.
+    pub fn remove(&self, id: &str) -> bool {
+        self.queue().remove(id).is_some()
+    }
+
+    /// Queued jobs that go before job `id`.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.queue().position(id)
+    }
+
+    /// Jobs waiting.
+    pub fn queued(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// Jobs holding a slot.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Takes no more jobs; empties the queue and returns the ids that were waiting (their
+    /// admissions fail).
+    pub fn close(&self) -> Vec<String> {
+        self.closed.store(true, Ordering::SeqCst);
+        self.queue().drain().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Hands slots to queued jobs, best first, while fewer than `slots` jobs run; returns when
+    /// the slot publisher goes away.
+    pub async fn dispatch(self: Arc<Self>, mut slots: watch::Receiver<usize>) {
+        loop {
+            let limit = *slots.borrow_and_update();
+            while self.running.load(Ordering::SeqCst) < limit {
+                let Some((_, admission)) = self.queue().pop() else { break };
+                self.running.fetch_add(1, Ordering::SeqCst);
+                // A job whose driver is gone drops the guard here, which frees the slot again.
+                let _ = admission.send(SlotGuard { scheduler: self.clone() });
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                changed = slots.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn jobs_leave_the_queue_as_slots_free_best_first() {
+        let sched = Scheduler::new(4);
+        let (slots_tx, slots_rx) = watch::channel(0usize);
+        let (_, mut low) = sched.enqueue("low", -1).unwrap();
+        let (_, mut high) = sched.enqueue("high", 10).unwrap();
+        let (_, mut gone) = sched.enqueue("gone", 0).unwrap();
+        assert_eq!(sched.position("low"), Some(2));
+        tokio::spawn(sched.clone().dispatch(slots_rx));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(high.try_recv().is_err(), "no slot before the executor is ready");
+        slots_tx.send(1).unwrap();
+        let guard = tokio::time::timeout(Duration::from_secs(1), &mut high).await.unwrap().unwrap();
+        assert_eq!(sched.running(), 1);
+        assert!(sched.remove("gone"));
+        assert!(gone.try_recv().is_err());
+        assert_eq!(sched.queued(), 1);
+        drop(guard);
+        let guard = tokio::time::timeout(Duration::from_secs(1), &mut low).await.unwrap().unwrap();
+        assert_eq!(sched.running(), 1);
+        drop(guard);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(sched.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_frees_its_slot_and_closing_refuses_new_jobs() {
+        let sched = Scheduler::new(4);
+        let (slots_tx, slots_rx) = watch::channel(1usize);
+        let (_, dropped) = sched.enqueue("a", 0).unwrap();
+        drop(dropped);
+        let (_, mut next) = sched.enqueue("b", 0).unwrap();
+        tokio::spawn(sched.clone().dispatch(slots_rx));
+        let _guard = tokio::time::timeout(Duration::from_secs(1), &mut next).await.unwrap().unwrap();
+        let (_, mut waiting) = sched.enqueue("c", 0).unwrap();
+        assert_eq!(sched.close(), ["c"]);
+        assert!(waiting.try_recv().is_err());
+        let err = sched.enqueue("d", 0).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+        drop(slots_tx);
+    }
+}
