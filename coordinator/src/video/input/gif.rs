@@ -1,7 +1,8 @@
 //! GIF input: frames decoded by the `gif` crate (RGBA, the transparent index as alpha 0,
 //! interlacing undone) and composed on the logical screen with their disposal methods.
 //! "Restore to background" clears to transparent, as browsers do (the background colour index
-//! is ignored); transparent areas end up black. The frame rate is the first frame's delay.
+//! is ignored); transparent areas end up black. Opening the file first walks its frames without
+//! decoding their pixels, for the frame count and the frame rate (from the mean delay).
 
 use super::canvas::{Blend, Canvas, Dispose, Rect};
 use super::{corrupt, InputFormat, InputInfo, InputLimits};
@@ -23,7 +24,6 @@ fn gif_error(e: ::gif::DecodingError) -> CoordinatorError {
 struct FrameHeader {
     rect: Rect,
     dispose: Dispose,
-    delay: u16,
 }
 
 impl FrameHeader {
@@ -33,7 +33,7 @@ impl FrameHeader {
             ::gif::DisposalMethod::Background => Dispose::Clear,
             ::gif::DisposalMethod::Previous => Dispose::Restore,
         };
-        Self { rect: Rect { x: f.left as u32, y: f.top as u32, w: f.width as u32, h: f.height as u32 }, dispose, delay: f.delay }
+        Self { rect: Rect { x: f.left as u32, y: f.top as u32, w: f.width as u32, h: f.height as u32 }, dispose }
     }
 }
 
@@ -43,24 +43,57 @@ pub(super) struct GifSource<'a> {
     canvas: Canvas,
     info: InputInfo,
     limits: InputLimits,
-    /// The first frame's header, read at open for the frame rate.
+    /// The first frame's header, read at open.
     first: Option<FrameHeader>,
     pixels: Vec<u8>,
 }
 
+/// Decoder options: RGBA output, memory bounded by one largest frame.
+fn options(limits: &InputLimits) -> ::gif::DecodeOptions {
+    let mut options = ::gif::DecodeOptions::new();
+    options.set_color_output(::gif::ColorOutput::RGBA);
+    let frame_bytes = 4 * limits.max_width as u64 * limits.max_height as u64;
+    options.set_memory_limit(::gif::MemoryLimit::Bytes(NonZeroU64::new(frame_bytes.max(1)).expect("at least 1")));
+    options
+}
+
+/// Walks the frames (up to `max_frames`) without decoding pixels: (frames, total delay in
+/// centiseconds, whether the end was reached).
+fn scan(bytes: &[u8], limits: &InputLimits) -> Result<(usize, u64, bool)> {
+    let mut options = options(limits);
+    options.skip_frame_decoding(true);
+    let mut decoder = options.read_info(bytes).map_err(gif_error)?;
+    let (mut frames, mut delay) = (0usize, 0u64);
+    while frames < limits.max_frames {
+        match decoder.read_next_frame().map_err(gif_error)? {
+            Some(f) => {
+                frames += 1;
+                delay += f.delay as u64;
+            }
+            None => return Ok((frames, delay, true)),
+        }
+    }
+    Ok((frames, delay, false))
+}
+
 impl<'a> GifSource<'a> {
-    /// Reads the header and the first frame's placement; decodes no pixels yet.
+    /// Reads the header, checks the screen size, and walks the frames for their count and rate;
+    /// decodes no pixels yet.
     pub fn open(bytes: &'a [u8], limits: &InputLimits) -> Result<Self> {
-        let mut options = ::gif::DecodeOptions::new();
-        options.set_color_output(::gif::ColorOutput::RGBA);
-        let frame_bytes = 4 * limits.max_width as u64 * limits.max_height as u64;
-        options.set_memory_limit(::gif::MemoryLimit::Bytes(NonZeroU64::new(frame_bytes.max(1)).expect("at least 1")));
-        let mut decoder = options.read_info(bytes).map_err(gif_error)?;
+        // The logical screen size follows the 6-byte signature; check it before anything else.
+        if let Some(s) = bytes.get(6..10) {
+            limits.check_size("the GIF screen", u16::from_le_bytes([s[0], s[1]]) as u64, u16::from_le_bytes([s[2], s[3]]) as u64)?;
+        }
+        let mut decoder = options(limits).read_info(bytes).map_err(gif_error)?;
         let (width, height) = (decoder.width() as u32, decoder.height() as u32);
         limits.check_size("the GIF screen", width as u64, height as u64)?;
+        let (frames, delay, complete) = scan(bytes, limits)?;
+        if frames == 0 {
+            return Err(corrupt(FORMAT, "the file holds no frame"));
+        }
+        let fps = (delay > 0).then(|| 100.0 * frames as f64 / delay as f64);
         let first = decoder.next_frame_info().map_err(gif_error)?.map(FrameHeader::of).ok_or_else(|| corrupt(FORMAT, "the file holds no frame"))?;
-        let fps = (first.delay > 0).then(|| 100.0 / first.delay as f64);
-        let info = InputInfo { format: InputFormat::Gif, width, height, fps, declared_frames: None };
+        let info = InputInfo { format: InputFormat::Gif, width, height, fps, declared_frames: complete.then_some(frames) };
         Ok(Self { decoder, canvas: Canvas::new(width, height), info, limits: *limits, first: Some(first), pixels: Vec::new() })
     }
 
@@ -139,7 +172,7 @@ mod tests {
             ],
         );
         let (info, frames) = read_all(&bytes);
-        assert_eq!((info.width, info.height, info.fps, info.declared_frames), (3, 1, Some(10.0), None));
+        assert_eq!((info.width, info.height, info.fps, info.declared_frames), (3, 1, Some(10.0), Some(4)));
         let px = |f: usize, i: usize| rgb(&frames[f], 3, i);
         let (red, green, blue, black) = ([255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0]);
         assert_eq!([px(0, 0), px(0, 1), px(0, 2)], [red, red, red]);
@@ -171,7 +204,7 @@ mod tests {
         let err = s.next_frame().unwrap_err();
         assert!(matches!(err, CoordinatorError::InvalidInputVideo { problem: InputVideoProblem::TooLarge, .. }), "{err}");
         // Truncated in the pixel data.
-        let mut s = GifSource::open(&bytes[..bytes.len() - 6], &InputLimits::default()).unwrap();
-        assert!((0..3).map(|_| s.next_frame()).any(|r| r.is_err()));
+        let cut = GifSource::open(&bytes[..bytes.len() - 6], &InputLimits::default());
+        assert!(cut.is_err_and(|e| e.to_string().contains("gif: ")), "the frame walk at open finds the cut");
     }
 }

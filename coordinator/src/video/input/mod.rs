@@ -22,8 +22,8 @@ mod resize;
 mod sps;
 mod yuv;
 
-// #[cfg(test)]
-// mod round_trip_tests;
+#[cfg(test)]
+mod round_trip_tests;
 
 pub use prepare::{frames_for, prepare_video, FrameSelection, PreparedVideo};
 pub use resize::Resizer;
@@ -118,11 +118,11 @@ pub struct InputInfo {
     pub width: u32,
     /// Frame height in pixels.
     pub height: u32,
-    /// Frames per second, when the file says: MP4 from its sample durations, GIF and APNG from
-    /// the first frame's delay; `None` for a still PNG or a zero delay.
+    /// Frames per second, when the file says: MP4 from its sample durations, GIF from the mean
+    /// frame delay, APNG from the first frame's delay; `None` for a still PNG or zero delays.
     pub fps: Option<f64>,
-    /// Frames the container declares (MP4 sample count, APNG frame count, 1 for a still PNG);
-    /// `None` for GIF, which declares none.
+    /// Frames the container declares (MP4 sample count, APNG frame count, 1 for a still PNG,
+    /// the frames a GIF holds); `None` for a GIF longer than `max_frames`.
     pub declared_frames: Option<usize>,
 }
 

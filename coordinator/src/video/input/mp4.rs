@@ -466,3 +466,4 @@ mod tests {
         assert_eq!(t.fps(), None);
     }
 }
+

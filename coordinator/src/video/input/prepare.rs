@@ -66,11 +66,11 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         }
         FrameSelection::Longest => limits.max_frames,
     };
-    let resizer = Resizer::new(source.width as usize, source.height as usize, width, height);
+    let resizer = Resizer::new(source.width as usize, source.height as usize, width, height)?;
     let mut frames = Vec::new();
     while frames.len() < wanted {
         match reader.next_frame()? {
-            Some(frame) => frames.push(resizer.resize(&frame)),
+            Some(frame) => frames.push(resizer.resize(&frame)?),
             None => break,
         }
     }

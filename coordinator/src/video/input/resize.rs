@@ -6,6 +6,7 @@
 //! PIL clips to 8 bits. Values stay float32 (PIL rounds to 8 bits after each pass), so results
 //! match PIL's to within about one 8-bit step.
 
+use crate::{CoordinatorError, Result};
 use rayon::prelude::*;
 
 /// The taps of a 1-D resampling: output `i` reads `weights[i·width..][..count[i]]` from inputs
@@ -71,20 +72,24 @@ pub struct Resizer {
 impl Resizer {
     /// A resizer from `in_w`×`in_h` to `out_w`×`out_h` (all sides at least 1; a side that does
     /// not change is copied, not filtered).
-    pub fn new(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> Self {
-        assert!(in_w > 0 && in_h > 0 && out_w > 0 && out_h > 0, "sides must be positive");
-        Self {
+    pub fn new(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> Result<Self> {
+        if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
+            return Err(CoordinatorError::invalid_video("size", format!("cannot resize {in_w}x{in_h} to {out_w}x{out_h}")));
+        }
+        Ok(Self {
             in_size: (in_w, in_h),
             out_size: (out_w, out_h),
             horizontal: (in_w != out_w).then(|| Taps::new(in_w, out_w)),
             vertical: (in_h != out_h).then(|| Taps::new(in_h, out_h)),
-        }
+        })
     }
 
     /// Resizes one planar frame (`3·in_h·in_w` values) into `3·out_h·out_w` values.
-    pub fn resize(&self, frame: &[f32]) -> Vec<f32> {
+    pub fn resize(&self, frame: &[f32]) -> Result<Vec<f32>> {
         let ((iw, ih), (ow, oh)) = (self.in_size, self.out_size);
-        assert_eq!(frame.len(), 3 * iw * ih, "frame size");
+        if frame.len() != 3 * iw * ih {
+            return Err(CoordinatorError::invalid_video("frame", format!("{} values, expected 3×{ih}×{iw}", frame.len())));
+        }
         let wide: Vec<f32> = match &self.horizontal {
             None => frame.to_vec(),
             Some(taps) => {
@@ -98,7 +103,7 @@ impl Resizer {
                 out
             }
         };
-        match &self.vertical {
+        Ok(match &self.vertical {
             None => wide,
             Some(taps) => {
                 let mut out = vec![0.0f32; 3 * oh * ow];
@@ -114,7 +119,7 @@ impl Resizer {
                 });
                 out
             }
-        }
+        })
     }
 }
 
@@ -148,7 +153,7 @@ mod tests {
         for (w, h) in [(16, 10), (53, 31)] {
             let want = &PIL[offset..offset + 3 * w * h];
             offset += 3 * w * h;
-            let got = Resizer::new(37, 23, w, h).resize(&src);
+            let got = Resizer::new(37, 23, w, h).unwrap().resize(&src).unwrap();
             let diffs: Vec<f32> = got.iter().zip(want).map(|(&g, &p)| (g * 255.0 - p as f32).abs()).collect();
             let max = diffs.iter().cloned().fold(0.0, f32::max);
             let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
@@ -162,12 +167,14 @@ mod tests {
     fn flat_frames_stay_flat_and_same_size_is_a_copy() {
         let flat = vec![0.25f32; 3 * 7 * 5];
         for (w, h) in [(3, 2), (20, 11), (7, 9)] {
-            let out = Resizer::new(7, 5, w, h).resize(&flat);
+            let out = Resizer::new(7, 5, w, h).unwrap().resize(&flat).unwrap();
             assert_eq!(out.len(), 3 * w * h);
             assert!(out.iter().all(|&v| (v - 0.25).abs() < 1e-6), "{w}x{h}");
         }
         let src: Vec<f32> = (0..3 * 4 * 3).map(|i| i as f32 / 36.0).collect();
-        assert_eq!(Resizer::new(4, 3, 4, 3).resize(&src), src);
+        assert_eq!(Resizer::new(4, 3, 4, 3).unwrap().resize(&src).unwrap(), src);
+        assert!(Resizer::new(0, 3, 4, 3).is_err());
+        assert!(Resizer::new(4, 3, 2, 2).unwrap().resize(&src[1..]).is_err());
     }
 
     #[test]
@@ -175,7 +182,7 @@ mod tests {
         // A one-pixel checkerboard averages to grey when shrunk 4×, instead of aliasing.
         let (w, h) = (32, 32);
         let board: Vec<f32> = (0..3).flat_map(|_| (0..w * h).map(|i| ((i % w + i / w) % 2) as f32)).collect();
-        let out = Resizer::new(w, h, 8, 8).resize(&board);
+        let out = Resizer::new(w, h, 8, 8).unwrap().resize(&board).unwrap();
         assert!(out.iter().all(|&v| (v - 0.5).abs() < 0.02), "{:?}", &out[..8]);
     }
 }
