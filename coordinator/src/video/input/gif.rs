@@ -129,9 +129,11 @@ mod tests {
     use super::*;
     use std::borrow::Cow;
 
-    /// A GIF with a 4-colour global palette (black, red, green, blue) built frame by frame:
-    /// (left, top, width, height, indices, transparent index, disposal, delay).
-    fn gif(width: u16, height: u16, frames: &[(u16, u16, u16, u16, Vec<u8>, Option<u8>, ::gif::DisposalMethod, u16)]) -> Vec<u8> {
+    /// A test frame: (left, top, width, height, indices, transparent index, disposal, delay).
+    type TestFrame = (u16, u16, u16, u16, Vec<u8>, Option<u8>, ::gif::DisposalMethod, u16);
+
+    /// A GIF with a 4-colour global palette (black, red, green, blue) built frame by frame.
+    fn gif(width: u16, height: u16, frames: &[TestFrame]) -> Vec<u8> {
         let palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255];
         let mut out = Vec::new();
         {

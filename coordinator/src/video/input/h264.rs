@@ -144,7 +144,6 @@ impl H264Decoder {
         for &nal in &config.sps {
             checked_sps(nal, limits)?;
         }
-        this.annex_b.clear();
         for &nal in config.sps.iter().chain(&config.pps) {
             this.annex_b.extend_from_slice(&START_CODE);
             this.annex_b.extend_from_slice(nal);
