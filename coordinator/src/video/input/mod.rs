@@ -81,7 +81,8 @@ pub struct InputLimits {
     pub max_height: u32,
     /// Most frames read: a longer video is read up to here and no further.
     pub max_frames: usize,
-    /// Most pixels decoded in all (frames × width × height), a bound on decoding time.
+    /// Most pixels decoded in all (frames × width × height), a bound on decoding time;
+    /// [`prepare_video`] counts its resized frames against it too, a bound on memory.
     pub max_decoded_pixels: u64,
 }
 
@@ -242,8 +243,10 @@ mod tests {
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
-        let err = VideoReader::open(b"not a video at all", InputLimits::default()).err().unwrap().to_string();
-        assert!(err.contains("input_video") && err.contains("no MP4, GIF or PNG signature"), "{err}");
+        let err = VideoReader::open(b"not a video at all", InputLimits::default()).err().unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains("input_video") && msg.contains("no MP4, GIF or PNG signature"), "{msg}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::InvalidArgument, "the request's fault");
     }
 
     #[test]

@@ -294,7 +294,7 @@ impl<'a> Samples<'a> {
                 }
             }
             self.left_in_chunk = per_chunk;
-            self.offset = self.track.chunks.get(self.chunk as usize - 1).expect("chunk index checked above");
+            self.offset = self.track.chunks.get(self.chunk as usize - 1).ok_or_else(|| corrupt(FORMAT, "a chunk offset is missing"))?;
             if per_chunk > 0 {
                 return Ok(());
             }
@@ -311,10 +311,13 @@ impl<'a> Samples<'a> {
         }
         let size = match self.track.sizes {
             SampleSizes::Constant(s) => s,
-            SampleSizes::Table(t) => u32_at(t, self.sample as usize).expect("table length checked against the count"),
+            SampleSizes::Table(t) => u32_at(t, self.sample as usize).ok_or_else(|| corrupt(FORMAT, "`stsz` is shorter than its count"))?,
         } as u64;
+        if size == 0 {
+            return Err(corrupt(FORMAT, format!("sample {} is empty", self.sample)));
+        }
         let end = self.offset.saturating_add(size);
-        if size == 0 || end > self.file.len() as u64 {
+        if end > self.file.len() as u64 {
             return Err(corrupt(FORMAT, format!("sample {} at bytes {}..{end} lies outside the {}-byte file (truncated?)", self.sample, self.offset, self.file.len())));
         }
         let bytes = &self.file[self.offset as usize..end as usize];

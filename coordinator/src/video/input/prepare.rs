@@ -9,6 +9,7 @@
 //! order at the input's own rate: there is no temporal resampling.
 
 use super::{InputInfo, InputLimits, Resizer, VideoReader};
+use crate::video::VideoSpec;
 use crate::error::InputVideoProblem;
 use crate::{CoordinatorError, Result};
 use tessera_kernels::Tensor;
@@ -48,8 +49,8 @@ fn too_few(detail: String) -> CoordinatorError {
 /// `width`×`height` and returns them as `[1, 3, F, H, W]` in [−1, 1].
 pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: FrameSelection, limits: &InputLimits) -> Result<PreparedVideo> {
     for (field, side) in [("width", width), ("height", height)] {
-        if side == 0 {
-            return Err(CoordinatorError::InvalidArgument { field, detail: "must be positive".into() });
+        if side == 0 || side > VideoSpec::MAX_SIDE as usize {
+            return Err(CoordinatorError::InvalidArgument { field, detail: format!("{side} is outside 1..={}", VideoSpec::MAX_SIDE) });
         }
     }
     if selection == FrameSelection::First(0) {
@@ -69,6 +70,13 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
     let resizer = Resizer::new(source.width as usize, source.height as usize, width, height)?;
     let mut frames = Vec::new();
     while frames.len() < wanted {
+        // The resized frames count against the same pixel budget as the decoded ones.
+        if (frames.len() as u64 + 1) * (width * height) as u64 > limits.max_decoded_pixels {
+            return Err(CoordinatorError::input_video(
+                InputVideoProblem::TooLarge,
+                format!("{} frames of {width}x{height} exceed the budget of {} pixels", frames.len() + 1, limits.max_decoded_pixels),
+            ));
+        }
         match reader.next_frame()? {
             Some(frame) => frames.push(resizer.resize(&frame)?),
             None => break,

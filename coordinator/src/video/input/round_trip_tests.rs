@@ -279,6 +279,9 @@ fn prepared_video_follows_the_frame_rules() {
     let p = prepare_video(&gif(spec, 7), 16, 16, FrameSelection::Longest, &limits).unwrap();
     assert_eq!(p.frames, 5);
     assert!(prepare_video(&bytes, 0, 16, FrameSelection::Longest, &limits).unwrap_err().to_string().contains("width"));
+    assert!(prepare_video(&bytes, 16, 20_000, FrameSelection::Longest, &limits).unwrap_err().to_string().contains("height"));
+    let budget = InputLimits { max_decoded_pixels: 4 * 256 * 256, ..limits };
+    let err = prepare_video(&bytes, 256, 256, FrameSelection::Longest, &budget).unwrap_err();
+    assert_eq!(problem(&err), Some(InputVideoProblem::TooLarge), "{err}");
     assert!(prepare_video(&bytes, 16, 16, FrameSelection::First(0), &limits).is_err());
 }
-
