@@ -102,19 +102,9 @@ impl From<CoordinatorError> for tonic::Status {
             // validation missed it; report it as a failed precondition, not a server crash.
             CoordinatorError::InvalidVideo { .. } => tonic::Status::failed_precondition(msg),
             CoordinatorError::Io { .. } | CoordinatorError::Encode { .. } => tonic::Status::internal(msg),
-            CoordinatorError::Worker(w) => worker_status(w, msg),
-        }
-    }
-}
-
-/// Maps a model-side failure: bad inputs are the caller's, everything else is ours.
-fn worker_status(e: tessera_worker::WorkerError, msg: String) -> tonic::Status {
-    use tessera_worker::WorkerError as W;
-    match e {
-        W::InvalidInput { .. } => tonic::Status::invalid_argument(msg),
-        W::Collective(_) => tonic::Status::aborted(msg),
-        W::Io { .. } | W::Config { .. } | W::Safetensors { .. } | W::MissingTensor { .. } | W::UnexpectedTensors { .. } | W::BadTensor { .. } | W::Tokenizer { .. } | W::Kernel(_) => {
-            tonic::Status::internal(msg)
+            // The worker crate's own mapping: bad inputs are the caller's, a lost peer ABORTED, a
+            // stop CANCELLED, membership UNAVAILABLE, the rest INTERNAL.
+            CoordinatorError::Worker(w) => tonic::Status::from(w),
         }
     }
 }

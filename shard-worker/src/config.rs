@@ -169,6 +169,19 @@ impl TransformerConfig {
     }
 }
 
+/// Looks `name` up in a table of built-in presets; the error lists the known names.
+pub(crate) fn preset_by_name<T: Copy>(table: &[(&'static str, T)], name: &str, what: &str) -> Result<T> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, p)| *p).ok_or_else(|| WorkerError::Config {
+        path: name.into(),
+        detail: format!("unknown {what}; known: {}", table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")),
+    })
+}
+
+/// The name of `value` in a table of built-in presets.
+pub(crate) fn preset_name<T: Copy + PartialEq>(table: &[(&'static str, T)], value: T) -> &'static str {
+    table.iter().find(|(_, p)| *p == value).map(|(n, _)| *n).unwrap_or("?")
+}
+
 /// Built-in configurations, used with deterministic random weights for tests, benchmarks and
 /// the embedded default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,15 +207,12 @@ impl TransformerPreset {
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p).ok_or_else(|| WorkerError::Config {
-            path: name.into(),
-            detail: format!("unknown preset; known: {}", Self::ALL.map(|(n, _)| n).join(", ")),
-        })
+        preset_by_name(&Self::ALL, name, "preset")
     }
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, p)| *p == self).map(|(n, _)| *n).unwrap_or("?")
+        preset_name(&Self::ALL, self)
     }
 
     /// The configuration.

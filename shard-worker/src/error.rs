@@ -64,6 +64,9 @@ pub enum WorkerError {
     /// A collective operation failed: a peer vanished, sent garbage, or never answered.
     #[error("collective: {0}")]
     Collective(String),
+    /// The run was stopped between two steps on request (cancel, deadline, client gone).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A tokenizer file could not be read or a text could not be tokenized.
     #[error("tokenizer {path}: {detail}")]
     Tokenizer {
@@ -72,6 +75,10 @@ pub enum WorkerError {
         /// What went wrong.
         detail: String,
     },
+    /// Worker membership failed: the store (etcd) is unreachable or timed out, a lease was lost,
+    /// a worker id is taken, or a watch broke.
+    #[error("membership: {0}")]
+    Membership(String),
     /// A compute kernel failed.
     #[error(transparent)]
     Kernel(#[from] tessera_kernels::KernelError),

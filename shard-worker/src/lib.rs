@@ -5,10 +5,12 @@
 pub mod config;
 mod error;
 pub mod golden;
+pub mod membership;
 pub mod model;
 pub mod parallel;
 pub mod pipeline;
 pub mod sampler;
+pub mod server;
 pub mod text;
 pub mod vae;
 pub mod weights;

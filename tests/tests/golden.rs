@@ -63,6 +63,24 @@ fn pipeline_cases_pass() {
     run_kind(CaseKind::Pipeline);
 }
 
+/// The pipeline cases with the denoising sequence-parallel: ring over 2 and 3 ranks (3 over TCP),
+/// Ulysses over 2 (the cases' transformers have 2 heads).
+#[test]
+fn pipeline_cases_pass_sharded() {
+    let mut ran = 0;
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
+            for (ranks, ulysses, transport) in [(2, 1, LocalTransport::InProcess), (3, 1, LocalTransport::TcpLoopback), (2, 2, LocalTransport::InProcess)] {
+                let outcome = run_case(&case, &RunOptions { ranks, ulysses, transport });
+                eprintln!("{} ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
+                assert!(outcome.passed(), "{} ranks {ranks} ulysses {ulysses}: {outcome:?}", case.name);
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran >= 6, "only {ran} sharded pipeline runs");
+}
+
 /// Every transformer case sharded over in-process ranks: ring-only with 2, 3 and 4 ranks,
 /// Ulysses-only and USP (2 × 2) wherever the case's head count allows (a Ulysses degree that does
 /// not divide the heads must be refused, not run).

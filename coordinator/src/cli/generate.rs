@@ -15,7 +15,8 @@ use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
 use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::{Device, Tensor};
-use tessera_worker::pipeline::{GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::parallel::{LocalTransport, ParallelPlan};
+use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::sampler::SamplerKind;
 
 /// Arguments of `tessera generate`.
@@ -80,6 +81,15 @@ pub struct GenerateArgs {
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
+    /// Sequence-parallel ranks for the denoising (in-process workers, threads of this process).
+    #[arg(long, env = "TESSERA_RANKS", default_value_t = 1)]
+    ranks: usize,
+    /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
+    #[arg(long, env = "TESSERA_ULYSSES", default_value_t = 1)]
+    ulysses: usize,
+    /// How the ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
+    #[arg(long, env = "TESSERA_TRANSPORT", default_value = "inproc")]
+    transport: String,
     /// No progress bar.
     #[arg(long, env = "TESSERA_QUIET")]
     quiet: bool,
@@ -180,6 +190,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if !(args.fps.is_finite() && args.fps > 0.0 && args.fps <= 120.0) {
         bail!("--fps {}: must be greater than 0 and at most 120", args.fps);
     }
+    let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
     let strength = match (&args.input_video, args.strength) {
         (None, Some(s)) => bail!("--strength {s}: applies only to video-to-video; give --input-video too"),
         (_, Some(s)) if !(s > 0.0 && s <= 1.0) => bail!("--strength {s}: must be greater than 0 and at most 1"),
@@ -187,6 +198,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let input_bytes = args.input_video.as_deref().map(read_input_video).transpose()?;
     let (pipe, defaults, model_desc) = pick_defaults(&args)?;
+    let plan = if args.ranks == 1 && args.ulysses == 1 {
+        None
+    } else {
+        let heads = pipe.transformer().config().num_attention_heads;
+        Some(ParallelPlan::new(args.ranks, args.ulysses, heads).map_err(|e| anyhow!("--ranks {} --ulysses {}: {e}", args.ranks, args.ulysses))?)
+    };
     let load_time = started.elapsed();
     let seed = args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
     let mut params = GenerationParams {
@@ -255,7 +272,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     bar.set_message("encoding prompt");
     let mut obs = CliObserver { bar, file: Some(file), decode_started: None, encode_time: Duration::ZERO, denoise_started: None, denoise_time: Duration::ZERO };
     let text_started = Instant::now();
-    let run = pipe.generate(&params, &mut obs);
+    let run = match plan {
+        None => pipe.generate(&params, &mut obs),
+        Some(plan) => generate_sharded(&pipe, &params, transport, plan, &mut obs),
+    };
     obs.bar.finish_and_clear();
     run.with_context(|| format!("generating with {model_desc}"))?;
     let decode_and_encode = obs.decode_started.map(|t| t.elapsed()).unwrap_or_default();
@@ -266,7 +286,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let written = obs.file.take().expect("the file is still open").finish()?;
     let text_time = text_started.elapsed().saturating_sub(obs.denoise_time + decode_and_encode);
     println!("wrote {} ({} frames, {}x{} at {} fps, {})", args.output.display(), frames, spec.width, spec.height, args.fps, if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() });
-    println!("model {model_desc}, seed {seed}, {} steps, guidance {}", params.num_inference_steps, params.guidance_scale);
+    let ranks = plan.map(|p| format!(", {} ranks (ulysses {} x ring {}, {})", p.ranks(), p.ulysses, p.ring, args.transport)).unwrap_or_default();
+    println!("model {model_desc}, seed {seed}, {} steps, guidance {}{ranks}", params.num_inference_steps, params.guidance_scale);
     println!(
         "time: load {:.2}s, text {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",
         load_time.as_secs_f64(),

@@ -159,7 +159,7 @@ pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
         CaseKind::Umt5 => umt5::run(case),
         CaseKind::Vae => vae::run(case),
         CaseKind::Scheduler => scheduler::run(case, opts),
-        CaseKind::Pipeline => pipeline::run(case),
+        CaseKind::Pipeline => pipeline::run(case, opts),
     };
     match result {
         Ok(outcome) => outcome,

@@ -10,9 +10,10 @@
 //! `latents` (that noised at the first kept step); `timesteps`, when present, must equal the kept
 //! model timesteps exactly. Otherwise the case is text-to-video and `latents` is its initial noise.
 
-use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, Tolerance};
+use super::{compare, RunOptions, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, Tolerance};
 use crate::sampler::Timesteps;
-use crate::pipeline::{FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
+use crate::parallel::ParallelPlan;
+use crate::pipeline::{denoise_sharded, FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -88,7 +89,9 @@ fn frames_major(t: &Tensor) -> Result<Tensor> {
     Ok(Tensor::new([b, f, c, s[3], s[4]], out)?)
 }
 
-pub(super) fn run(case: &Case) -> Result<Outcome> {
+/// Runs a pipeline case; with `opts.ranks > 1` the denoising runs sequence-parallel over that many
+/// ranks of this process (the other stages are the same code either way).
+pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let path = case.dir.join("case.json");
     let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
@@ -149,7 +152,15 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
 
     // Stage 3: denoising, every step compared.
     let mut rec = StepRecorder::default();
-    pipe.denoise(&mut latents, &text, params.guidance_scale, &schedule, &mut rec)?;
+    if opts.ranks <= 1 && opts.ulysses <= 1 {
+        pipe.denoise(&mut latents, &text, params.guidance_scale, &schedule, &mut rec)?;
+    } else {
+        let plan = match ParallelPlan::new(opts.ranks, opts.ulysses, pipe.transformer().config().num_attention_heads) {
+            Ok(p) => p,
+            Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
+        };
+        denoise_sharded(&pipe, &mut latents, &text, params.guidance_scale, &schedule, opts.transport, plan, &mut rec)?;
+    }
     let after = read_tensor(&io, "latents_after_step")?;
     let per_step = after.len() / after.dim(0).max(1);
     if after.dim(0) != rec.steps.len() {
@@ -206,7 +217,7 @@ mod tests {
 
     #[test]
     fn video_to_video_case_is_matched_stage_by_stage() {
-        let Outcome::Pass(stages) = run(&project_case("v2v-a")).unwrap() else { panic!("pipeline/v2v-a does not pass") };
+        let Outcome::Pass(stages) = run(&project_case("v2v-a"), &RunOptions::default()).unwrap() else { panic!("pipeline/v2v-a does not pass") };
         for (name, c) in &stages {
             eprintln!("{name:<26} rel_l2 {:.3e} max_abs {:.3e}", c.rel_l2, c.max_abs);
         }
@@ -222,7 +233,7 @@ mod tests {
     fn video_to_video_with_another_strength_fails() {
         // 0.9 of 5 steps keeps 4 (from timestep 999), not the reference's 3.
         let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| j["strength"] = 0.9.into());
-        let outcome = run(&case);
+        let outcome = run(&case, &RunOptions::default());
         assert!(!matches!(outcome, Ok(Outcome::Pass(_))), "{:?}", outcome.map(|o| o.label()));
     }
 
@@ -231,7 +242,7 @@ mod tests {
         let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| {
             j.as_object_mut().unwrap().remove("strength");
         });
-        let err = run(&case).expect_err("refused").to_string();
+        let err = run(&case, &RunOptions::default()).expect_err("refused").to_string();
         assert!(err.contains("strength"), "{err}");
     }
 }

@@ -4,23 +4,31 @@
 //! Each stage is a public method, so that a caller (the golden runner, a shard worker) can run,
 //! observe or replace any of them; [`WanPipeline::generate`] chains them.
 
+mod denoiser;
 mod noise;
 mod params;
 mod preset;
+mod sharded;
 mod snapshot;
 
+pub use denoiser::Denoiser;
 pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
+pub use sharded::{denoise_sharded, generate_sharded};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
 use crate::model::{DitInputs, WanTransformer};
-use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, SamplerState, Schedule};
+use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
 use crate::{Result, WorkerError};
 use std::path::Path;
 use tessera_kernels::Tensor;
+
+/// How the denoising loop runs the transformer: on this device ([`WanPipeline::local_forward`]) or
+/// sharded over sequence-parallel ranks (see [`generate_sharded`]).
+pub type Forward<'a> = &'a (dyn Fn(&DitInputs<'_>) -> Result<Tensor> + Sync);
 
 /// The prompt side of a generation: token ids and embeddings of the prompt and, with guidance, of
 /// the negative prompt.
@@ -194,12 +202,22 @@ impl WanPipeline {
         Ok(clean)
     }
 
+    /// The transformer on this device, as a [`Forward`].
+    pub fn local_forward(&self) -> impl Fn(&DitInputs<'_>) -> Result<Tensor> + Sync + '_ {
+        |x| self.transformer.forward(x)
+    }
+
     /// One guided velocity: the transformer on `latents` at timestep `t`, conditional and (with
     /// guidance) unconditional in one batch of two, combined as `u + g·(c − u)`.
     pub fn velocity(&self, latents: &Tensor, t: f32, text: &TextConditions, guidance_scale: f32) -> Result<Tensor> {
+        self.velocity_with(latents, t, text, guidance_scale, &self.local_forward())
+    }
+
+    /// [`Self::velocity`] with the transformer run by `forward` (e.g. sharded over ranks).
+    pub fn velocity_with(&self, latents: &Tensor, t: f32, text: &TextConditions, guidance_scale: f32, forward: Forward<'_>) -> Result<Tensor> {
         let Some(negative) = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale)) else {
             let x = DitInputs { hidden_states: latents, timesteps: &[t], encoder_hidden_states: &text.prompt_embeds, encoder_hidden_states_image: None };
-            return self.transformer.forward(&x);
+            return forward(&x);
         };
         let pair = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
             let mut shape = a.shape().to_vec();
@@ -212,7 +230,7 @@ impl WanPipeline {
         let hidden = pair(latents, latents)?;
         let context = pair(&text.prompt_embeds, negative)?;
         let x = DitInputs { hidden_states: &hidden, timesteps: &[t, t], encoder_hidden_states: &context, encoder_hidden_states_image: None };
-        let out = self.transformer.forward(&x)?;
+        let out = forward(&x)?;
         let n = out.len() / 2;
         let mut data = out.into_data();
         let (cond, uncond) = data.split_at_mut(n);
@@ -223,15 +241,20 @@ impl WanPipeline {
 
     /// Stage 3: runs every step of `schedule` on `latents` in place.
     pub fn denoise(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver) -> Result<()> {
-        let mut state = SamplerState::new(schedule.config().kind, latents.len());
-        let steps = schedule.first_step()..schedule.num_steps();
-        let total = steps.len();
-        for (k, i) in steps.enumerate() {
-            let t = schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
-            let v = self.velocity(latents, t, text, guidance_scale)?;
-            state.step(schedule, i, v.data(), latents.data_mut())?;
-            observer.on_step(k, total, latents)?;
+        self.denoise_with(latents, text, guidance_scale, schedule, observer, &self.local_forward())
+    }
+
+    /// [`Self::denoise`] with the transformer run by `forward` (e.g. sharded over ranks).
+    pub fn denoise_with(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver, forward: Forward<'_>) -> Result<()> {
+        let start = std::mem::replace(latents, Tensor::zeros([0]));
+        let mut run = Denoiser::new(start, text.clone(), guidance_scale, schedule.clone());
+        while !run.is_finished() {
+            if let Err(e) = run.step(self, forward).and_then(|_| observer.on_step(run.steps_done() - 1, run.total_steps(), run.latents())) {
+                *latents = run.into_latents();
+                return Err(e);
+            }
         }
+        *latents = run.into_latents();
         Ok(())
     }
 

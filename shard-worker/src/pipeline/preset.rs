@@ -10,7 +10,7 @@ use crate::sampler::SamplerConfig;
 use crate::text::{PromptTokenizer, TextEncoder, Umt5Config, Umt5EncoderModel, TEXT_LEN};
 use crate::vae::{VaeConfig, VaePreset, WanVae};
 use crate::weights::RandomWeights;
-use crate::{Result, WorkerError};
+use crate::Result;
 
 /// A small Unigram tokenizer of UMT5's kind (72 pieces), built into the binary.
 const TINY_TOKENIZER: &[u8] = include_bytes!("../../assets/tiny-pipeline/tokenizer.json");
@@ -47,15 +47,12 @@ impl PipelinePreset {
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p).ok_or_else(|| WorkerError::Config {
-            path: name.into(),
-            detail: format!("unknown built-in pipeline; known: {}", Self::ALL.map(|(n, _)| n).join(", ")),
-        })
+        crate::config::preset_by_name(&Self::ALL, name, "built-in pipeline")
     }
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, p)| *p == self).map(|(n, _)| *n).unwrap_or("?")
+        crate::config::preset_name(&Self::ALL, self)
     }
 
     /// Sizes and steps that suit the preset.

@@ -26,7 +26,7 @@ pub use state::{SamplerHistory, SamplerState};
 pub use unipc::{UniPcCorrector, UniPcPredictor, UniPcStep};
 
 /// Which update rule a sampler applies (and which diffusers scheduler it reproduces).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum SamplerKind {
     /// `UniPCMultistepScheduler` (bh2 predictor-corrector, data prediction): Wan's default.
     UniPc,

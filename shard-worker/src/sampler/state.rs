@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 /// A slice's sampler history, as plain data (for checkpoints: restore with
 /// [`SamplerState::from_history`]).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplerHistory {
     /// The sampler kind.
     pub kind: SamplerKind,

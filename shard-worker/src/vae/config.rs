@@ -215,15 +215,12 @@ impl VaePreset {
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p).ok_or_else(|| WorkerError::Config {
-            path: name.into(),
-            detail: format!("unknown VAE preset; known: {}", Self::ALL.map(|(n, _)| n).join(", ")),
-        })
+        crate::config::preset_by_name(&Self::ALL, name, "VAE preset")
     }
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, p)| *p == self).map(|(n, _)| *n).unwrap_or("?")
+        crate::config::preset_name(&Self::ALL, self)
     }
 
     /// The configuration.

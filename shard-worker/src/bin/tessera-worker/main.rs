@@ -1,5 +1,8 @@
-//! `tessera-worker`: a shard worker process. Today it runs one rank of a sequence-parallel
-//! transformer forward over TCP (`forward`); the worker server joins it with the cluster.
+//! `tessera-worker`: a shard worker process: `serve` runs the internal gRPC API that the
+//! coordinator drives; `forward` runs one rank of a sequence-parallel transformer forward over TCP
+//! on saved inputs.
+
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the internal gRPC API (jobs prepared, stepped and decoded by the coordinator).
+    Serve(serve::ServeArgs),
     /// One transformer forward on saved inputs, alone or as one rank of a TCP group.
     Forward(ForwardArgs),
 }
@@ -65,6 +70,7 @@ fn main() -> std::process::ExitCode {
         .with_context(|| format!("--threads {}", cli.threads))
         .and_then(|()| match cli.command {
             Command::Forward(a) => forward(a),
+            Command::Serve(a) => serve::serve(a),
         });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

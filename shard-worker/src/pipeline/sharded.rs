@@ -1,0 +1,209 @@
+//! The denoising loop sequence-parallel over ranks of this process (the embedded mode's in-process
+//! workers): every rank runs the same loop on the replicated latent, the transformer's tokens
+//! sharded across ranks (ring, Ulysses or USP attention; in-process or TCP transport). Rank 0
+//! reports each step to the caller's observer; a stop requested by the observer is broadcast from
+//! rank 0 at the step boundary, so every rank stops at the same step.
+
+use super::{GenerationParams, PipelineObserver, TextConditions, WanPipeline};
+use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
+use crate::sampler::Schedule;
+use crate::{Result, WorkerError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use tessera_kernels::Tensor;
+
+/// A rank's observer: rank 0 forwards every step to the caller; all ranks then agree, through a
+/// broadcast from rank 0, whether to go on.
+struct RankObserver<'a> {
+    ctx: &'a ShardContext,
+    steps: Option<mpsc::Sender<(usize, usize, Tensor)>>,
+    stop: &'a AtomicBool,
+}
+
+impl PipelineObserver for RankObserver<'_> {
+    fn on_step(&mut self, step: usize, total: usize, latents: &Tensor) -> Result<()> {
+        if let Some(tx) = &self.steps {
+            // The receiver is gone only when the caller stopped listening: treat it as a stop.
+            if tx.send((step, total, latents.clone())).is_err() {
+                self.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        let flag = if self.ctx.rank() == 0 && self.stop.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        };
+        let agreed = self.ctx.world().broadcast(0, &[flag])?;
+        if agreed.first().copied().unwrap_or(0.0) != 0.0 && step + 1 < total {
+            return Err(WorkerError::Cancelled(format!(
+                "stopped after step {} of {total}",
+                step + 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// [`WanPipeline::denoise`] over `plan.ranks()` ranks of this process; `latents` ends as rank 0's
+/// result (every rank holds the same one).
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_sharded(
+    pipe: &WanPipeline,
+    latents: &mut Tensor,
+    text: &TextConditions,
+    guidance_scale: f32,
+    schedule: &Schedule,
+    transport: LocalTransport,
+    plan: ParallelPlan,
+    observer: &mut dyn PipelineObserver,
+) -> Result<()> {
+    let stop = AtomicBool::new(false);
+    let start = latents.clone();
+    let (tx, rx) = mpsc::channel();
+    let mut observer_error = None;
+    let outcome = std::thread::scope(|s| {
+        let ranks = s.spawn(|| {
+            let tx = tx;
+            run_local_group(transport, plan, |ctx| {
+                let mut lat = start.clone();
+                let mut obs = RankObserver {
+                    ctx,
+                    steps: (ctx.rank() == 0).then(|| tx.clone()),
+                    stop: &stop,
+                };
+                let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
+                pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
+                Ok(lat)
+            })
+        });
+        // Every sender is dropped when the ranks finish, which ends this loop.
+        for (step, total, lat) in rx {
+            if observer_error.is_none() {
+                if let Err(e) = observer.on_step(step, total, &lat) {
+                    observer_error = Some(e);
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        ranks
+            .join()
+            .map_err(|_| WorkerError::Collective("the rank group panicked".into()))?
+    });
+    if let Some(e) = observer_error {
+        return Err(e);
+    }
+    let mut results = outcome?;
+    *latents = results.swap_remove(0);
+    Ok(())
+}
+
+/// [`WanPipeline::generate`] with the denoising sequence-parallel over ranks of this process
+/// (text encoding and VAE decode run once, here).
+pub fn generate_sharded(
+    pipe: &WanPipeline,
+    params: &GenerationParams,
+    transport: LocalTransport,
+    plan: ParallelPlan,
+    observer: &mut dyn PipelineObserver,
+) -> Result<Tensor> {
+    let vc = pipe.vae().config();
+    params.validate(vc.spatial_factor(), vc.temporal_factor())?;
+    let text = pipe.encode_text(
+        &params.prompt,
+        &params.negative_prompt,
+        params.guidance_scale,
+    )?;
+    observer.on_text(&text)?;
+    let schedule = pipe.schedule_for(params)?;
+    let mut latents = pipe.initial_latents(params, &schedule)?;
+    observer.on_initial_latents(&latents)?;
+    denoise_sharded(
+        pipe,
+        &mut latents,
+        &text,
+        params.guidance_scale,
+        &schedule,
+        transport,
+        plan,
+        observer,
+    )?;
+    pipe.decode(&latents, observer)?;
+    Ok(latents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::golden::{Comparison, Tolerance};
+    use crate::pipeline::{FrameCollector, PipelinePreset};
+
+    fn params() -> GenerationParams {
+        GenerationParams {
+            height: 32,
+            width: 48,
+            num_frames: 9,
+            num_inference_steps: 3,
+            seed: 4,
+            ..GenerationParams::new("a red ball")
+        }
+    }
+
+    #[test]
+    fn sharded_generation_equals_one_device() {
+        let pipe = PipelinePreset::Tiny.build(2).unwrap();
+        let mut one = FrameCollector::default();
+        pipe.generate(&params(), &mut one).unwrap();
+        let one = one.frames().unwrap();
+        let tol = Tolerance {
+            rel_l2: 1e-5,
+            max_abs: Some(1e-4),
+            max_abs_over_max_ref: None,
+        };
+        let heads = pipe.transformer().config().num_attention_heads;
+        for (ranks, ulysses, transport) in [
+            (2, 1, LocalTransport::InProcess),
+            (3, 1, LocalTransport::TcpLoopback),
+            (2, 2, LocalTransport::InProcess),
+        ] {
+            let plan = ParallelPlan::new(ranks, ulysses, heads).unwrap();
+            let mut got = FrameCollector::default();
+            generate_sharded(&pipe, &params(), transport, plan, &mut got).unwrap();
+            let c = Comparison::new(got.frames().unwrap().data(), one.data(), &tol);
+            assert!(c.passed, "P={ranks} U={ulysses}: {c:?}");
+        }
+    }
+
+    /// An observer that stops the run after two steps: every rank stops at the same boundary and
+    /// the caller's error comes back.
+    #[test]
+    fn a_stop_from_the_observer_stops_every_rank() {
+        struct StopAfter(usize, usize);
+        impl PipelineObserver for StopAfter {
+            fn on_step(&mut self, step: usize, _total: usize, _latents: &Tensor) -> Result<()> {
+                self.1 += 1;
+                if step + 1 == self.0 {
+                    return Err(WorkerError::Cancelled("by the test".into()));
+                }
+                Ok(())
+            }
+        }
+        let pipe = PipelinePreset::Tiny.build(2).unwrap();
+        let plan = ParallelPlan::new(2, 1, 2).unwrap();
+        let mut obs = StopAfter(2, 0);
+        let p = GenerationParams {
+            num_inference_steps: 6,
+            ..params()
+        };
+        let err =
+            generate_sharded(&pipe, &p, LocalTransport::InProcess, plan, &mut obs).unwrap_err();
+        assert!(
+            matches!(err, WorkerError::Cancelled(ref m) if m.contains("by the test")),
+            "{err}"
+        );
+        assert!(
+            obs.1 <= 3,
+            "the ranks ran on after the stop: {} steps seen",
+            obs.1
+        );
+    }
+}

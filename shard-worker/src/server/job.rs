@@ -1,0 +1,178 @@
+//! One job on one worker: a thread that owns the rank's state (its place in the job's collective
+//! group, the pipeline run) and executes the coordinator's commands in order. Collectives block, so
+//! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
+
+use crate::parallel::{shard_ranges, ParallelPlan, ShardContext, TcpOptions, TcpTransport};
+use crate::pipeline::{Denoiser, GenerationParams, WanPipeline};
+use crate::{Result, WorkerError};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_kernels::Tensor;
+
+/// What a rank needs to join a job.
+pub struct JobSetup {
+    /// The job.
+    pub job_id: String,
+    /// This worker's rank.
+    pub rank: usize,
+    /// The collective address of every rank, in rank order.
+    pub peers: Vec<SocketAddr>,
+    /// Ulysses degree (ranks = ulysses × ring).
+    pub ulysses: usize,
+    /// Identifies the group on the wire.
+    pub session: u64,
+    /// How long to wait for the other ranks.
+    pub connect_timeout: Duration,
+    /// The generation.
+    pub params: GenerationParams,
+}
+
+/// What one step cost this rank.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepReport {
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// Of which waiting on collectives (ring blocks and all-to-alls).
+    pub communication_seconds: f64,
+    /// Bytes this rank sent during the step.
+    pub bytes_sent: u64,
+}
+
+/// A checkpoint of the run.
+pub struct JobCheckpoint {
+    /// Steps completed.
+    pub steps_done: usize,
+    /// The latent `[1, C, T, h, w]` (every rank holds all of it).
+    pub latents: Tensor,
+    /// The sampler history, as JSON.
+    pub sampler_state: Vec<u8>,
+}
+
+/// Commands to a job thread; each carries its reply channel.
+pub enum Command {
+    /// Runs step `index` (must be the next one).
+    Step(usize, mpsc::Sender<Result<StepReport>>),
+    /// Copies the state out.
+    Checkpoint(mpsc::Sender<Result<JobCheckpoint>>),
+    /// The latent now.
+    Latents(mpsc::Sender<Result<Tensor>>),
+    /// Decodes the final latent, sending frame chunks `[1, 3, n, H, W]` in [0, 1] as they come.
+    Decode(tokio::sync::mpsc::Sender<Result<Tensor>>),
+}
+
+/// The handle the service keeps for a running job.
+pub struct JobHandle {
+    /// This rank's token range of the flattened sequence.
+    pub tokens: std::ops::Range<usize>,
+    /// The rank.
+    pub rank: usize,
+    commands: mpsc::Sender<Command>,
+}
+
+impl JobHandle {
+    /// Sends a command; fails if the job thread has ended.
+    pub fn send(&self, c: Command) -> Result<()> {
+        self.commands.send(c).map_err(|_| WorkerError::Collective("the job's thread has ended (a peer failed earlier)".into()))
+    }
+}
+
+/// Joins the job's group (blocking until every rank is connected), prepares the run and starts
+/// the job thread. `listener` is this worker's collective socket.
+pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> Result<JobHandle> {
+    let world = setup.peers.len();
+    let heads = pipe.transformer().config().num_attention_heads;
+    let plan = ParallelPlan::new(world, setup.ulysses, heads)?;
+    if setup.rank >= world {
+        return Err(WorkerError::input("rank", format!("{} is outside a group of {world}", setup.rank)));
+    }
+    let (spatial, temporal) = (pipe.vae().config().spatial_factor(), pipe.vae().config().temporal_factor());
+    setup.params.validate(spatial, temporal)?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel::<Command>();
+    let rank = setup.rank;
+    std::thread::Builder::new()
+        .name(format!("job-{}-r{rank}", setup.job_id))
+        .spawn(move || {
+            let prepared = prepare(&pipe, &setup, plan, listener);
+            let (ctx, run) = match prepared {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let [f, h, w] = setup.params.latent_fhw(spatial, temporal);
+            let tokens = f * (h / 2) * (w / 2);
+            let _ = ready_tx.send(Ok(shard_ranges(tokens, world)[rank].clone()));
+            serve(&pipe, &ctx, run, rx);
+        })
+        .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;
+    let tokens = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
+    Ok(JobHandle { tokens, rank, commands: tx })
+}
+
+fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
+    let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, ..TcpOptions::default() };
+    let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
+    let ctx = ShardContext::new(Arc::new(transport), plan)?;
+    let p = &setup.params;
+    // Every rank encodes the prompt and draws the same seeded noise: nothing but the seed travels.
+    let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale)?;
+    let schedule = pipe.schedule_for(p)?;
+    let latents = pipe.initial_latents(p, &schedule)?;
+    Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
+}
+
+fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<Command>) {
+    let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
+    for command in commands {
+        match command {
+            Command::Step(index, reply) => {
+                let result = if index != run.steps_done() {
+                    Err(WorkerError::input("step", format!("step {index} asked, step {} is next", run.steps_done())))
+                } else {
+                    let (sent0, timings0) = (ctx.world().stats().sent(), ctx.attention().timings().seconds());
+                    let t = Instant::now();
+                    run.step(pipe, &forward).map(|_| {
+                        let timings = ctx.attention().timings().seconds();
+                        StepReport {
+                            seconds: t.elapsed().as_secs_f64(),
+                            communication_seconds: (timings.1 - timings0.1) + (timings.2 - timings0.2),
+                            bytes_sent: ctx.world().stats().sent() - sent0,
+                        }
+                    })
+                };
+                let failed = result.is_err();
+                let _ = reply.send(result);
+                if failed && index == run.steps_done() {
+                    // A failed collective leaves the group unusable: end the job here.
+                    return;
+                }
+            }
+            Command::Checkpoint(reply) => {
+                let cp = serde_json::to_vec(run.history()).map_err(|e| WorkerError::Collective(e.to_string()));
+                let _ = reply.send(cp.map(|sampler_state| JobCheckpoint { steps_done: run.steps_done(), latents: run.latents().clone(), sampler_state }));
+            }
+            Command::Latents(reply) => {
+                let _ = reply.send(Ok(run.latents().clone()));
+            }
+            Command::Decode(frames) => {
+                if !run.is_finished() {
+                    let _ = frames.blocking_send(Err(WorkerError::input("decode", format!("{} of {} steps have run", run.steps_done(), run.total_steps()))));
+                    continue;
+                }
+                struct Sink<'a>(&'a tokio::sync::mpsc::Sender<Result<Tensor>>);
+                impl crate::pipeline::PipelineObserver for Sink<'_> {
+                    fn on_frames(&mut self, frames: &Tensor) -> Result<()> {
+                        self.0.blocking_send(Ok(frames.clone())).map_err(|_| WorkerError::Cancelled("the decode stream was closed".into()))
+                    }
+                }
+                if let Err(e) = pipe.decode(run.latents(), &mut Sink(&frames)) {
+                    let _ = frames.blocking_send(Err(e));
+                }
+            }
+        }
+    }
+}

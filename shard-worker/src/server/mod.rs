@@ -1,0 +1,236 @@
+//! The shard worker's internal gRPC service (`tessera.worker.v1.ShardWorker`): the coordinator
+//! prepares a job on every rank, sends each denoising step to all of them, checkpoints, and has
+//! rank 0 decode and stream the frames. The ranks of a job talk to each other directly over the TCP
+//! collective transport, on the collective address each worker advertises.
+
+mod job;
+mod request;
+mod status;
+
+pub use job::{JobCheckpoint, JobSetup, StepReport};
+pub use request::params_from_request;
+
+use crate::pipeline::WanPipeline;
+use crate::WorkerError;
+use job::{Command, JobHandle};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+use tessera_proto::v1::{Worker, WorkerState};
+use tessera_proto::worker::v1 as pb;
+use tessera_proto::worker::v1::shard_worker_server::ShardWorker;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// How a worker describes itself and joins job groups.
+#[derive(Clone, Debug)]
+pub struct WorkerIdentity {
+    /// Unique worker id.
+    pub worker_id: String,
+    /// The model name requests use.
+    pub model: String,
+    /// Internal gRPC address (what the coordinator dials).
+    pub address: String,
+    /// Address the job's other ranks connect to for collectives.
+    pub collective: SocketAddr,
+    /// Compute devices, e.g. "cpu".
+    pub devices: Vec<String>,
+    /// Memory available for jobs, bytes.
+    pub memory_bytes: u64,
+    /// How long PrepareJob waits for the other ranks.
+    pub connect_timeout: Duration,
+}
+
+/// The service: one loaded pipeline, at most one job at a time.
+pub struct WorkerService {
+    pipe: Arc<WanPipeline>,
+    me: WorkerIdentity,
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+}
+
+impl WorkerService {
+    /// A service running `pipe` as `me`.
+    pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity) -> Self {
+        Self { pipe, me, jobs: Mutex::new(HashMap::new()) }
+    }
+
+    fn job(&self, id: &str) -> Result<Arc<JobHandle>, Status> {
+        self.jobs.lock().expect("job table").get(id).cloned().ok_or_else(|| Status::not_found(format!("job {id:?} is not on this worker")))
+    }
+
+    /// The worker's record, as `ListWorkers` shows it.
+    pub fn describe(&self) -> Worker {
+        let jobs = self.jobs.lock().expect("job table");
+        let job_id = jobs.keys().next().cloned().unwrap_or_default();
+        Worker {
+            worker_id: self.me.worker_id.clone(),
+            address: self.me.address.clone(),
+            model: self.me.model.clone(),
+            devices: self.me.devices.clone(),
+            memory_bytes: self.me.memory_bytes,
+            state: if jobs.is_empty() { WorkerState::Idle } else { WorkerState::Busy } as i32,
+            job_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// Runs `f` on a blocking thread and maps its error.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))?.map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl ShardWorker for WorkerService {
+    async fn prepare_job(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
+        let r = request.into_inner();
+        if r.job_id.is_empty() {
+            return Err(Status::invalid_argument("job_id: required"));
+        }
+        {
+            let jobs = self.jobs.lock().expect("job table");
+            if let Some(other) = jobs.keys().next() {
+                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", self.me.worker_id)));
+            }
+        }
+        if !r.init_latents.is_empty() || r.resume.is_some() {
+            return Err(Status::unimplemented("video-to-video and resuming from a checkpoint are not supported by remote workers yet"));
+        }
+        let req = r.request.ok_or_else(|| Status::invalid_argument("request: required"))?;
+        let params = params_from_request(&req, r.seed).map_err(Status::from)?;
+        let peers = r
+            .peers
+            .iter()
+            .map(|p| p.parse::<SocketAddr>().map_err(|e| Status::invalid_argument(format!("peers: {p:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        if r.world as usize != peers.len() {
+            return Err(Status::invalid_argument(format!("world: {} but {} peers", r.world, peers.len())));
+        }
+        let setup = JobSetup {
+            job_id: r.job_id.clone(),
+            rank: r.rank as usize,
+            peers,
+            ulysses: r.ulysses.max(1) as usize,
+            session: r.session,
+            connect_timeout: self.me.connect_timeout,
+            params,
+        };
+        let collective = self.me.collective;
+        let pipe = self.pipe.clone();
+        let started = std::time::Instant::now();
+        let handle = blocking(move || {
+            let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
+            job::start(pipe, setup, listener)
+        })
+        .await?;
+        let tokens = handle.tokens.clone();
+        self.jobs.lock().expect("job table").insert(r.job_id, Arc::new(handle));
+        Ok(Response::new(pb::PrepareJobResponse { token_start: tokens.start as u64, token_end: tokens.end as u64, seconds: started.elapsed().as_secs_f64() }))
+    }
+
+    async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+        let r = request.into_inner();
+        let job = self.job(&r.job_id)?;
+        let index = r.step as usize;
+        let report = blocking(move || {
+            let (tx, rx) = mpsc::channel();
+            job.send(Command::Step(index, tx))?;
+            rx.recv().map_err(|_| WorkerError::Collective("the job ended during the step".into()))?
+        })
+        .await?;
+        Ok(Response::new(pb::StepResponse { step: r.step, seconds: report.seconds, communication_seconds: report.communication_seconds, bytes_sent: report.bytes_sent }))
+    }
+
+    async fn checkpoint(&self, request: Request<pb::CheckpointRequest>) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let job = self.job(&r.job_id)?;
+        let (rank, tokens) = (job.rank, job.tokens.clone());
+        let cp = blocking(move || {
+            let (tx, rx) = mpsc::channel();
+            job.send(Command::Checkpoint(tx))?;
+            rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
+        })
+        .await?;
+        Ok(Response::new(pb::CheckpointResponse {
+            steps_done: cp.steps_done as u32,
+            rank: rank as u32,
+            latents: f32_bytes(cp.latents.data()),
+            sampler_state: cp.sampler_state,
+            token_start: tokens.start as u64,
+            token_end: tokens.end as u64,
+        }))
+    }
+
+    type DecodeStream = ReceiverStream<Result<pb::DecodedFrames, Status>>;
+
+    async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<Self::DecodeStream>, Status> {
+        let r = request.into_inner();
+        let job = self.job(&r.job_id)?;
+        if job.rank != 0 {
+            return Err(Status::failed_precondition(format!("decode runs on rank 0; this worker is rank {}", job.rank)));
+        }
+        let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(2);
+        job.send(Command::Decode(frames_tx)).map_err(Status::from)?;
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut first = 0u32;
+            while let Some(chunk) = frames_rx.recv().await {
+                let msg = chunk.map_err(Status::from).map(|t| {
+                    let m = rgb8_frames(&t, first);
+                    first += m.count;
+                    m
+                });
+                if out_tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn fetch_latents(&self, request: Request<pb::FetchLatentsRequest>) -> Result<Response<pb::LatentSlice>, Status> {
+        let r = request.into_inner();
+        let job = self.job(&r.job_id)?;
+        let latents = blocking(move || {
+            let (tx, rx) = mpsc::channel();
+            job.send(Command::Latents(tx))?;
+            rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
+        })
+        .await?;
+        let s = latents.shape();
+        let tokens = s[2] * (s[3] / 2) * (s[4] / 2);
+        // Every rank holds the whole latent (replicated), so the slice is all of it.
+        Ok(Response::new(pb::LatentSlice { shape: s[1..].iter().map(|&d| d as u32).collect(), token_start: 0, token_end: tokens as u64, data: f32_bytes(latents.data()) }))
+    }
+
+    async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
+        // Dropping the handle closes the command channel; the job thread ends after its current command.
+        self.jobs.lock().expect("job table").remove(&request.into_inner().job_id);
+        Ok(Response::new(pb::ReleaseJobResponse {}))
+    }
+
+    async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
+        Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.me.collective.to_string() }))
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Frames `[1, 3, n, H, W]` in [0, 1] as interleaved 8-bit RGB.
+fn rgb8_frames(t: &tessera_kernels::Tensor, first_frame: u32) -> pb::DecodedFrames {
+    let s = t.shape();
+    let (n, h, w) = (s[2], s[3], s[4]);
+    let plane = h * w;
+    let mut rgb = Vec::with_capacity(n * plane * 3);
+    for f in 0..n {
+        for p in 0..plane {
+            for c in 0..3 {
+                rgb.push((t.data()[(c * n + f) * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
+        }
+    }
+    pb::DecodedFrames { first_frame, count: n as u32, width: w as u32, height: h as u32, rgb }
+}
