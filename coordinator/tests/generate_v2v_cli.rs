@@ -62,6 +62,12 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     let (code, _, stderr) = tessera(&[&base[..], &["--strength", "0.3", "-o", other.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(&other).unwrap());
+    // Sequence-parallel denoising takes the same input.
+    let sharded = dir.path().join("sharded.mp4");
+    let (code, stdout, stderr) = tessera(&[&base[..], &["--strength", "0.6", "--ranks", "2", "-o", sharded.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 ranks"), "{stdout}");
+    check_stream(&sharded, 9, 96, 64);
     // --frames takes the first frames (the default strength, 0.8, applies).
     let five = dir.path().join("five.mp4");
     let (code, stdout, stderr) = tessera(&[&base[..], &["--frames", "5", "-o", five.to_str().unwrap()]].concat());
