@@ -29,6 +29,16 @@ pub enum CoordinatorError {
         /// Why.
         detail: String,
     },
+    /// An input video (request field `input_video`, `tessera generate --input-video`) cannot be
+    /// used: unknown format, unsupported content, corrupt or truncated data, beyond the decoding
+    /// limits, or too few frames.
+    #[error("invalid input_video ({problem}): {detail}")]
+    InvalidInputVideo {
+        /// The kind of problem.
+        problem: InputVideoProblem,
+        /// What exactly is wrong.
+        detail: String,
+    },
     /// An encoder or muxer failed.
     #[error("{format} encoding: {detail}")]
     Encode {
@@ -66,7 +76,38 @@ pub enum CoordinatorError {
     Internal(String),
 }
 
+/// What is wrong with an input video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputVideoProblem {
+    /// The bytes start with no signature of a supported format (MP4, GIF, PNG).
+    UnknownFormat,
+    /// A known format whose content cannot be decoded here (codec, profile, feature).
+    Unsupported,
+    /// Damaged or truncated data.
+    Corrupt,
+    /// Beyond the decoding limits (frame size, decoded pixels).
+    TooLarge,
+    /// Fewer frames than needed.
+    TooFewFrames,
+}
+
+impl std::fmt::Display for InputVideoProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::UnknownFormat => "unknown format",
+            Self::Unsupported => "unsupported",
+            Self::Corrupt => "corrupt",
+            Self::TooLarge => "too large",
+            Self::TooFewFrames => "too few frames",
+        })
+    }
+}
+
 impl CoordinatorError {
+    pub(crate) fn input_video(problem: InputVideoProblem, detail: impl Into<String>) -> Self {
+        Self::InvalidInputVideo { problem, detail: detail.into() }
+    }
+
     pub(crate) fn invalid_video(field: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidVideo { field, detail: detail.into() }
     }
@@ -85,7 +126,7 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
         let msg = e.to_string();
         match e {
-            CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+            CoordinatorError::InvalidArgument { .. } | CoordinatorError::InvalidInputVideo { .. } => tonic::Status::invalid_argument(msg),
             // A bad frame size or frame count reaching the encoder is the request's fault only if
             // validation missed it; report it as a failed precondition, not a server crash.
             CoordinatorError::InvalidVideo { .. } => tonic::Status::failed_precondition(msg),

@@ -7,7 +7,7 @@ pub mod request;
 pub mod server;
 pub mod video;
 
-pub use error::CoordinatorError;
+pub use error::{CoordinatorError, InputVideoProblem};
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

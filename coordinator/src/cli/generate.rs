@@ -1,5 +1,5 @@
-//! `tessera generate`: text (or a video) in, a video file out, on this machine. Runs the Wan
-//! pipeline in-process on the CPU — a diffusers snapshot folder given with `--model`, or a
+//! `tessera generate`: text (and, for video-to-video, an input video) in, a video file out, on
+//! this machine. Runs the Wan pipeline in-process on the CPU — a diffusers snapshot folder given with `--model`, or a
 //! built-in model with random weights — shows a progress bar, writes MP4, GIF or PNG frames, and
 //! says where the file went and how long each phase took. With `--server`, the same request goes
 //! to a coordinator (`tessera serve`) instead, and the streamed file is written.
@@ -7,14 +7,17 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use tessera_coordinator::request::MAX_INPUT_VIDEO_BYTES;
+use tessera_coordinator::video::input::{prepare_video, FrameSelection, InputLimits, PreparedVideo};
 use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
+use tessera_coordinator::{CoordinatorError, InputVideoProblem};
 use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::{Device, Tensor};
 use tessera_worker::parallel::{LocalTransport, ParallelPlan};
-use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::sampler::SamplerKind;
 
 /// Arguments of `tessera generate`.
@@ -46,9 +49,19 @@ pub struct GenerateArgs {
     /// Frame width in pixels, a multiple of 16 (default: the model's, 832 for Wan 2.1).
     #[arg(long, env = "TESSERA_WIDTH")]
     width: Option<usize>,
-    /// Number of frames, 4k+1 (default: the model's, 81 for Wan 2.1).
+    /// Number of frames, 4k+1 (default: the model's, 81 for Wan 2.1; with --input-video, as
+    /// many as the input has, cut to the largest 4k+1).
     #[arg(long, env = "TESSERA_FRAMES")]
     frames: Option<usize>,
+    /// Video-to-video: the input video (MP4 with H.264, GIF, PNG or APNG, recognised by its
+    /// contents). Its frames are resized to --width x --height (Lanczos, stretched) and taken in
+    /// order: the first --frames of them, or all of them cut to the largest 4k+1.
+    #[arg(long, env = "TESSERA_INPUT_VIDEO")]
+    input_video: Option<PathBuf>,
+    /// Video-to-video: the share of the denoising schedule run from the noised input, in (0, 1];
+    /// lower keeps more of the input. Default 0.8; only with --input-video.
+    #[arg(long, env = "TESSERA_STRENGTH")]
+    strength: Option<f64>,
     /// Denoising steps (default: the model's, 50 for Wan 2.1).
     #[arg(long, env = "TESSERA_STEPS")]
     steps: Option<usize>,
@@ -192,6 +205,31 @@ fn pick_defaults(args: &GenerateArgs) -> Result<(WanPipeline, PipelineDefaults, 
     }
 }
 
+/// Upstream's default video-to-video strength.
+const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// Reads an input video file, refusing one larger than a request may carry.
+fn read_input_video(path: &Path) -> Result<Vec<u8>> {
+    let flag = || format!("--input-video {}", path.display());
+    let len = std::fs::metadata(path).with_context(flag)?.len();
+    if len > MAX_INPUT_VIDEO_BYTES as u64 {
+        bail!("{}: {len} bytes; at most {MAX_INPUT_VIDEO_BYTES} are accepted", flag());
+    }
+    std::fs::read(path).with_context(flag)
+}
+
+/// Decodes and prepares the input video for `params`' size: the first `frames` frames, or the
+/// longest 4k+1 prefix. Errors name the flag at fault.
+fn prepare_input_video(bytes: &[u8], path: &Path, params: &GenerationParams, frames: Option<usize>) -> Result<PreparedVideo> {
+    let selection = frames.map_or(FrameSelection::Longest, FrameSelection::First);
+    prepare_video(bytes, params.width, params.height, selection, &InputLimits::default()).map_err(|e| match (&e, frames) {
+        (CoordinatorError::InvalidInputVideo { problem: InputVideoProblem::TooFewFrames, .. }, Some(n)) => {
+            anyhow!("--frames {n}: the input video {} is too short: {e}", path.display())
+        }
+        _ => anyhow!("--input-video {}: {e}", path.display()),
+    })
+}
+
 /// Runs one generation and writes the file.
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.server.is_some() {
@@ -216,6 +254,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         bail!("--fps {}: must be greater than 0 and at most 120", args.fps);
     }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
+    let strength = match (&args.input_video, args.strength) {
+        (None, Some(s)) => bail!("--strength {s}: applies only to video-to-video; give --input-video too"),
+        (_, Some(s)) if !(s > 0.0 && s <= 1.0) => bail!("--strength {s}: must be greater than 0 and at most 1"),
+        (_, s) => s.unwrap_or(DEFAULT_STRENGTH),
+    };
+    let input_bytes = args.input_video.as_deref().map(read_input_video).transpose()?;
     let (pipe, defaults, model_desc) = pick_defaults(&args)?;
     let plan = if args.ranks == 1 && args.ulysses == 1 {
         None
@@ -225,11 +269,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let load_time = started.elapsed();
     let seed = args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
-    let params = GenerationParams {
+    let mut params = GenerationParams {
         negative_prompt: args.negative_prompt.clone(),
         height: args.height.unwrap_or(defaults.height),
         width: args.width.unwrap_or(defaults.width),
-        num_frames: args.frames.unwrap_or(defaults.num_frames),
+        // With an input video and no --frames, the count comes from the video (set below).
+        num_frames: args.frames.unwrap_or(if input_bytes.is_some() { 1 } else { defaults.num_frames }),
         num_inference_steps: args.steps.unwrap_or(defaults.num_inference_steps),
         guidance_scale: args.guidance,
         flow_shift: args.shift,
@@ -239,15 +284,50 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let vc = pipe.vae().config();
     // Name the flag, not the library's field.
-    params.validate(vc.spatial_factor(), vc.temporal_factor()).map_err(|e| {
-        let msg = e.to_string();
-        let flag = [("height", "--height"), ("width", "--width"), ("num_frames", "--frames"), ("num_inference_steps", "--steps"), ("guidance_scale", "--guidance"), ("flow_shift", "--shift")]
+    let validate = |params: &GenerationParams| {
+        params.validate(vc.spatial_factor(), vc.temporal_factor()).map_err(|e| {
+            let msg = e.to_string();
+            let flag = [
+                ("height", "--height"),
+                ("width", "--width"),
+                ("num_frames", "--frames"),
+                ("num_inference_steps", "--steps"),
+                ("guidance_scale", "--guidance"),
+                ("flow_shift", "--shift"),
+                ("strength", "--strength"),
+                ("video", "--input-video"),
+            ]
             .into_iter()
             .find(|(field, _)| msg.contains(&format!("`{field}`")))
             .map(|(_, flag)| flag)
             .unwrap_or("input");
-        anyhow!("{flag}: {msg}")
-    })?;
+            anyhow!("{flag}: {msg}")
+        })
+    };
+    validate(&params)?;
+    if let (Some(bytes), Some(path)) = (&input_bytes, &args.input_video) {
+        let prepare_started = Instant::now();
+        let prepared = prepare_input_video(bytes, path, &params, args.frames)?;
+        let src = &prepared.source;
+        let used = match src.declared_frames {
+            Some(total) => format!("{} of its {total} frames", prepared.frames),
+            None => format!("{} of the first {} frames", prepared.frames, prepared.frames_read),
+        };
+        println!(
+            "input {}: {} {}x{}{}, {used} resized to {}x{} in {:.2}s, strength {strength}",
+            path.display(),
+            src.format.name(),
+            src.width,
+            src.height,
+            src.fps.map(|f| format!(" at {f:.2} fps")).unwrap_or_default(),
+            params.width,
+            params.height,
+            prepare_started.elapsed().as_secs_f64(),
+        );
+        params.num_frames = prepared.frames;
+        params.video = Some(VideoInput { video: prepared.video, strength });
+        validate(&params)?;
+    }
     let spec = VideoSpec::new(params.width as u32, params.height as u32, args.fps)?;
     let file = VideoFile::create(format, &args.output, spec).with_context(|| format!("--output {}", args.output.display()))?;
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(params.num_inference_steps as u64) };

@@ -1,5 +1,6 @@
 //! Video output: decoded frames (planar RGB float32 in [0, 1], the VAE's output after
-//! post-processing) written as MP4 (H.264), animated GIF or one PNG per frame.
+//! post-processing) written as MP4 (H.264), animated GIF or one PNG per frame. Video input (for
+//! video-to-video) is in [`input`].
 //!
 //! Every writer is streaming: frames are pushed one at a time (or a chunk of frames at a time, as
 //! the VAE decodes them) through [`FrameSink`], and `finish` completes the file. Values are
@@ -10,6 +11,7 @@ mod file;
 mod gif;
 mod mp4;
 mod png;
+pub mod input;
 
 pub use color::{rgb_to_yuv420, ColorMatrix, Yuv420};
 pub use file::{push_channel_major, VideoFile};

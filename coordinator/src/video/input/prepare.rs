@@ -1,0 +1,120 @@
+//! An input video prepared for the Wan video-to-video pipeline, as diffusers'
+//! `WanVideoToVideoPipeline` preprocesses it: every frame resized to the output size (stretched,
+//! Lanczos-3 as PIL, see [`super::Resizer`]), mapped from [0, 1] to [−1, 1] (`2x − 1`), stacked
+//! as `[1, 3, F, H, W]`.
+//!
+//! Frame count: the VAE takes 4k+1 frames. Either the caller asks for exactly F frames (the first
+//! F of the input, which must have that many), or the longest 4k+1 prefix of the input is used
+//! (the largest 4k+1 not above the frames available; the rest are dropped). Frames are taken in
+//! order at the input's own rate: there is no temporal resampling.
+
+use super::{InputInfo, InputLimits, Resizer, VideoReader};
+use crate::video::VideoSpec;
+use crate::error::InputVideoProblem;
+use crate::{CoordinatorError, Result};
+use tessera_kernels::Tensor;
+
+/// Which frames of the input to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameSelection {
+    /// The first `n` frames; the input must have at least `n`.
+    First(usize),
+    /// The longest prefix of 4k+1 frames (at most [`InputLimits::max_frames`] are read).
+    Longest,
+}
+
+/// An input video ready for `GenerationParams.video`.
+#[derive(Clone, Debug)]
+pub struct PreparedVideo {
+    /// `[1, 3, F, H, W]`, values in [−1, 1].
+    pub video: Tensor,
+    /// F.
+    pub frames: usize,
+    /// What the input was.
+    pub source: InputInfo,
+    /// Frames decoded from the input (at least F).
+    pub frames_read: usize,
+}
+
+/// The largest 4k+1 not above `available` (`None` for no frame).
+pub fn frames_for(available: usize) -> Option<usize> {
+    (available >= 1).then(|| (available - 1) / 4 * 4 + 1)
+}
+
+fn too_few(detail: String) -> CoordinatorError {
+    CoordinatorError::input_video(InputVideoProblem::TooFewFrames, detail)
+}
+
+/// Decodes `bytes` (format sniffed), takes the frames `selection` asks for, resizes each to
+/// `width`×`height` and returns them as `[1, 3, F, H, W]` in [−1, 1].
+pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: FrameSelection, limits: &InputLimits) -> Result<PreparedVideo> {
+    for (field, side) in [("width", width), ("height", height)] {
+        if side == 0 || side > VideoSpec::MAX_SIDE as usize {
+            return Err(CoordinatorError::InvalidArgument { field, detail: format!("{side} is outside 1..={}", VideoSpec::MAX_SIDE) });
+        }
+    }
+    if selection == FrameSelection::First(0) {
+        return Err(CoordinatorError::InvalidArgument { field: "num_frames", detail: "at least one frame is needed".into() });
+    }
+    let mut reader = VideoReader::open(bytes, *limits)?;
+    let source = *reader.info();
+    let wanted = match selection {
+        FrameSelection::First(n) => {
+            if let Some(declared) = source.declared_frames.filter(|&d| d < n) {
+                return Err(too_few(format!("the {} declares {declared} frames, {n} are needed", source.format.name())));
+            }
+            n
+        }
+        FrameSelection::Longest => limits.max_frames,
+    };
+    let resizer = Resizer::new(source.width as usize, source.height as usize, width, height)?;
+    let mut frames = Vec::new();
+    while frames.len() < wanted {
+        // The resized frames count against the same pixel budget as the decoded ones.
+        if (frames.len() as u64 + 1) * (width * height) as u64 > limits.max_decoded_pixels {
+            return Err(CoordinatorError::input_video(
+                InputVideoProblem::TooLarge,
+                format!("{} frames of {width}x{height} exceed the budget of {} pixels", frames.len() + 1, limits.max_decoded_pixels),
+            ));
+        }
+        match reader.next_frame()? {
+            Some(frame) => frames.push(resizer.resize(&frame)?),
+            None => break,
+        }
+    }
+    let frames_read = frames.len();
+    let f = match selection {
+        FrameSelection::First(n) if frames_read < n => {
+            let why = if reader.stopped_at_limit() { format!(" (at most {} frames are read)", limits.max_frames) } else { String::new() };
+            return Err(too_few(format!("{frames_read} frames could be read, {n} are needed{why}")));
+        }
+        FrameSelection::First(n) => n,
+        FrameSelection::Longest => frames_for(frames_read).ok_or_else(|| too_few("the video has no frame".into()))?,
+    };
+    frames.truncate(f);
+    let plane = width * height;
+    // Zeroed memory is mapped lazily, and each frame is freed once copied: the peak is about one
+    // copy of the video.
+    let mut data = vec![0.0f32; 3 * f * plane];
+    for (t, frame) in frames.into_iter().enumerate() {
+        for c in 0..3 {
+            let dst = &mut data[(c * f + t) * plane..][..plane];
+            dst.iter_mut().zip(&frame[c * plane..(c + 1) * plane]).for_each(|(d, &x)| *d = 2.0 * x - 1.0);
+        }
+    }
+    let video = Tensor::new([1, 3, f, height, width], data).map_err(|e| CoordinatorError::InvalidArgument { field: "input_video", detail: e.to_string() })?;
+    Ok(PreparedVideo { video, frames: f, source, frames_read })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_counts_follow_the_4k_plus_1_rule() {
+        let cases = [(0, None), (1, Some(1)), (4, Some(1)), (5, Some(5)), (8, Some(5)), (9, Some(9)), (12, Some(9)), (81, Some(81)), (84, Some(81)), (85, Some(85))];
+        for (available, want) in cases {
+            assert_eq!(frames_for(available), want, "{available}");
+        }
+    }
+}
