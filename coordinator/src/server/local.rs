@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tessera_kernels::Tensor;
-use tessera_proto::v1::{OutputFormat, Phase, Plan, Sampler, Worker, WorkerState};
+use tessera_proto::v1::{OutputFormat, Phase, Plan, Worker, WorkerState};
 use tessera_worker::parallel::{LocalTransport, ParallelPlan};
 use tessera_worker::pipeline::{denoise_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, WanPipeline, WAN_DEFAULTS};
-use tessera_worker::sampler::{guidance_enabled, SamplerKind};
+use tessera_worker::sampler::guidance_enabled;
 use tessera_worker::WorkerError;
 use tokio::sync::{mpsc, watch};
 
@@ -247,25 +247,9 @@ impl JobExecutor for LocalExecutor {
 }
 
 /// The request as pipeline parameters.
-pub fn generation_params(request: &ValidRequest) -> GenerationParams {
+pub fn generation_params(request: &ValidRequest) -> Result<GenerationParams, CoordinatorError> {
     let r = &request.request;
-    let sampler = match Sampler::try_from(r.sampler) {
-        Ok(Sampler::Unipc) => Some(SamplerKind::UniPc),
-        Ok(Sampler::Euler) => Some(SamplerKind::Euler),
-        _ => None,
-    };
-    GenerationParams {
-        negative_prompt: r.negative_prompt.clone(),
-        height: r.height as usize,
-        width: r.width as usize,
-        num_frames: r.num_frames as usize,
-        num_inference_steps: r.steps as usize,
-        guidance_scale: r.guidance_scale.unwrap_or(RequestDefaults::default().guidance_scale),
-        flow_shift: r.flow_shift.map(f64::from),
-        sampler,
-        seed: r.seed.unwrap_or(0),
-        ..GenerationParams::new(r.prompt.clone())
-    }
+    Ok(tessera_worker::server::params_from_request(r, r.seed.unwrap_or(0))?)
 }
 
 /// Sends events from the job's thread and turns a stop request into the pipeline's `Cancelled`.
@@ -323,7 +307,7 @@ fn run_job(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, events: &m
 fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut JobObserver<'_>) -> Result<ExecReport, CoordinatorError> {
     let pipe = &loaded.pipe;
     let r = &job.request.request;
-    let params = generation_params(&job.request);
+    let params = generation_params(&job.request)?;
     let vc = pipe.vae().config();
     params.validate(vc.spatial_factor(), vc.temporal_factor())?;
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
