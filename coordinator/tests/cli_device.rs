@@ -29,7 +29,7 @@ fn golden_device_cuda_without_a_gpu_is_refused_and_auto_runs_the_cpu() {
         assert!(err.contains("--device cuda") && err.contains("CUDA unavailable"), "{err}");
         let (code, out, err) = tessera(&["golden", "--device", "auto", &cases]);
         assert_eq!(code, 0, "{out}\n{err}");
-        assert!(out.contains("4 passed, 0 failed") && !out.contains("bf16"), "{out}");
+        assert!(out.contains("4 passed, 0 failed") && !out.contains("in bf16"), "{out}");
     }
     let (code, _, err) = tessera(&["golden", "--device", "tpu", &cases]);
     assert_ne!(code, 0);

@@ -109,8 +109,11 @@ pub(crate) fn attention<O: Elem>(q: (usize, usize), k: (usize, usize), v: (usize
     ])
 }
 
+/// Regions of a residual add's x, y and (optional) gate.
+pub(crate) type AddRegions = (Range<usize>, Range<usize>, Option<Range<usize>>);
+
 /// `cuda::elementwise::gated_residual_add`: returns the regions of x, y and the gate.
-pub(crate) fn add(x: (usize, usize), y: (usize, usize), gate: Option<(usize, usize)>, n: usize, dim: usize) -> Result<(Range<usize>, Range<usize>, Option<Range<usize>>)> {
+pub(crate) fn add(x: (usize, usize), y: (usize, usize), gate: Option<(usize, usize)>, n: usize, dim: usize) -> Result<AddRegions> {
     const OP: &str = "gated_residual_add";
     if dim == 0 || !n.is_multiple_of(dim) {
         return Err(shape_err(OP, format!("{n} elements are not rows of {dim}")));
