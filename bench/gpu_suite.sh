@@ -3,7 +3,10 @@
 # (kernels/tests/gpu_kernels.rs, TESSERA_REQUIRE_GPU=1 so nothing skips), the NVRTC/ptxas compile
 # check with the GPU machine's own CUDA, a compute-sanitizer memcheck of the kernel tests, the
 # kernel benchmark (tessera-gpu-bench: attention TFLOP/s at 32,760 tokens, GEMMs, norms) and
-# PyTorch SDPA on the same GPU (bench/sdpa_attention.py). Prints everything, then a summary.
+# PyTorch SDPA on the same GPU (bench/sdpa_attention.py); then the whole bf16 transformer
+# (shard-worker/tests/gpu_transformer.rs: golden cases, CUDA vs CPU and vs the host emulation) and
+# its forward benchmark at Wan 2.1-1.3B width, `tessera bench dit --device cuda` beside diffusers'
+# WanTransformer3DModel in bf16 (bench/diffusers_dit_gpu.py). Prints everything, then a summary.
 #
 # The GPU machine has the CUDA 13 driver, nvcc, PyTorch, no Rust and no network, so the binaries
 # are built here and carried there:
@@ -14,7 +17,8 @@
 # With this workplace's device tool: build here, then
 #   run(command="bash bench/gpu_suite.sh run", carry=[".gpu-bin"], timeout_s=600)
 # Options for `run` (environment): SANITIZE=0 skips the memcheck, ITERS=n sets timed iterations,
-# TOKENS=n the benchmark sequence length. Exit status: non-zero if any step failed.
+# TOKENS=n the benchmark sequence length, DIT_LATENT=C,F,H,W the transformer benchmark's latent
+# (default 16,21,60,104: 32,760 tokens). Exit status: non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu-bin
@@ -32,8 +36,18 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] in ("gpu_kernels", "nvrtc_compile"):
         shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"]); print("test binary", m["target"]["name"], "<-", exe)
 ' "$BIN"
+  cargo test -p tessera-worker --release --no-run --test gpu_transformer --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] == "gpu_transformer":
+        shutil.copy(exe, sys.argv[1] + "/gpu_transformer"); print("test binary gpu_transformer <-", exe)
+' "$BIN"
   cargo build -p tessera-kernels --release --bin tessera-gpu-bench
-  cp target/release/tessera-gpu-bench "$BIN/"
+  cargo build -p tessera-coordinator --release --bin tessera
+  cp target/release/tessera-gpu-bench target/release/tessera "$BIN/"
   strip "$BIN"/* 2>/dev/null || true
   ls -la "$BIN"
   echo "now run on the GPU machine: bash bench/gpu_suite.sh run (carry $BIN)"
@@ -80,7 +94,7 @@ step() {  # step NAME COMMAND...: runs, records pass/fail
 }
 
 run() {
-  for b in gpu_kernels nvrtc_compile tessera-gpu-bench; do
+  for b in gpu_kernels nvrtc_compile tessera-gpu-bench gpu_transformer tessera; do
     [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: run 'bench/gpu_suite.sh build' on the build machine and carry $BIN"; exit 2; }
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -95,6 +109,12 @@ run() {
   step "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "${TOKENS:-32760}" --iters "${ITERS:-10}"
   step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
   step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
+  step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" env TESSERA_GOLDEN_ROOTS="$PWD/tests/golden" \
+    "$BIN/gpu_transformer" --test-threads=1 --nocapture
+  step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
+    --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
+  step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
+    --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   echo; echo "===== summary"
   printf '%s\n' "${SUMMARY[@]}"
   ! printf '%s\n' "${SUMMARY[@]}" | grep -q '^FAIL'
@@ -103,5 +123,5 @@ run() {
 case "${1:-}" in
   build) build ;;
   run) run ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

@@ -71,7 +71,7 @@ fn pipeline_cases_pass_sharded() {
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
             for (ranks, ulysses, transport) in [(2, 1, LocalTransport::InProcess), (3, 1, LocalTransport::TcpLoopback), (2, 2, LocalTransport::InProcess)] {
-                let outcome = run_case(&case, &RunOptions { ranks, ulysses, transport });
+                let outcome = run_case(&case, &RunOptions { ranks, ulysses, transport, ..Default::default() });
                 eprintln!("{} ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
                 assert!(outcome.passed(), "{} ranks {ranks} ulysses {ulysses}: {outcome:?}", case.name);
                 ran += 1;
@@ -104,7 +104,7 @@ fn dit_cases_pass_sharded() {
     // Real sockets: every case over 3 ranks talking TCP on loopback.
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Dit]).unwrap() {
-            let outcome = run_case(&case, &RunOptions { ranks: 3, ulysses: 1, transport: LocalTransport::TcpLoopback });
+            let outcome = run_case(&case, &RunOptions { ranks: 3, ulysses: 1, transport: LocalTransport::TcpLoopback, ..Default::default() });
             assert!(outcome.passed(), "{} over TCP: {outcome:?}", case.name);
         }
     }

@@ -11,7 +11,9 @@ use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
 use super::bench_sharded;
 use tessera_worker::parallel::{LocalTransport, ParallelPlan};
-use tessera_worker::{DitInputs, TransformerPreset, WanTransformer};
+use tessera_kernels::Device;
+use tessera_worker::model::DitModel;
+use tessera_worker::{DitInputs, TransformerPreset};
 
 /// Benchmarks.
 #[derive(Subcommand)]
@@ -63,6 +65,9 @@ pub struct DitArgs {
     /// How the ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
     #[arg(long, env = "TESSERA_BENCH_TRANSPORT", default_value = "tcp")]
     transport: String,
+    /// Compute device: auto (a usable CUDA GPU, else the CPU), cpu (f32), cuda or cuda:N (bf16).
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     timing: Timing,
 }
@@ -122,11 +127,15 @@ fn random_tensor(shape: &[usize], stream: u64) -> Tensor {
 }
 
 fn bench_dit(a: DitArgs) -> Result<()> {
+    let device = super::golden::resolve_device(&a.device)?;
+    if a.ranks > 1 && device != Device::Cpu {
+        bail!("--ranks {}: the sequence-parallel forward runs on the CPU only for now; use --device cpu", a.ranks);
+    }
     let (model, name) = match &a.model {
-        Some(dir) => (WanTransformer::load(dir).with_context(|| format!("--model {}", dir.display()))?, dir.display().to_string()),
+        Some(dir) => (DitModel::load(dir, device).with_context(|| format!("--model {}", dir.display()))?, dir.display().to_string()),
         None => {
             let p = TransformerPreset::from_name(&a.preset).map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
-            (WanTransformer::preset(p, 0)?, a.preset.clone())
+            (DitModel::preset(p, 0, device)?, a.preset.clone())
         }
     };
     let cfg = model.config().clone();
@@ -150,20 +159,22 @@ fn bench_dit(a: DitArgs) -> Result<()> {
     let tok_s = tokens as f64 / (stats.median_ms / 1e3);
     let gflops = flops / (stats.median_ms / 1e3) / 1e9;
     let threads = tessera_kernels::threads::num_threads();
+    let on = model.describe();
     if a.timing.json {
         println!(
             "{}",
-            serde_json::json!({"bench": "dit", "model": name, "latent": a.latent, "tokens": tokens, "text_len": a.text_len, "threads": threads,
+            serde_json::json!({"bench": "dit", "model": name, "device": on, "latent": a.latent, "tokens": tokens, "text_len": a.text_len, "threads": threads,
                 "median_ms": stats.median_ms, "min_ms": stats.min_ms, "tokens_per_s": tok_s, "gflop": flops / 1e9, "gflops": gflops, "peak_rss_mib": sys::mib(peak)})
         );
     } else {
-        println!("dit forward  model {name}  latent {:?}  tokens {tokens}  text {}  threads {threads}", a.latent, a.text_len);
+        println!("dit forward  model {name}  on {on}  latent {:?}  tokens {tokens}  text {}  threads {threads}", a.latent, a.text_len);
         println!("  median {:.1} ms  min {:.1} ms  {:.0} tokens/s  {:.1} GFLOP/s ({:.1} GFLOP)  peak RSS {:.0} MiB", stats.median_ms, stats.min_ms, tok_s, gflops, flops / 1e9, sys::mib(peak));
     }
     if a.ranks > 1 {
+        let cpu = model.as_cpu().ok_or_else(|| anyhow::anyhow!("--ranks needs the CPU model"))?;
         let plan = ParallelPlan::new(a.ranks, a.ulysses, cfg.num_attention_heads).map_err(|e| anyhow::anyhow!("--ranks {} --ulysses {}: {e}", a.ranks, a.ulysses))?;
         let transport = LocalTransport::from_name(&a.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", a.transport))?;
-        let figures = bench_sharded::measure(&model, &inputs, plan, transport, &a.timing)?;
+        let figures = bench_sharded::measure(cpu, &inputs, plan, transport, &a.timing)?;
         bench_sharded::report(&figures, plan, transport, stats.median_ms, tokens, a.timing.json);
     } else if a.ulysses != 1 {
         bail!("--ulysses {} needs --ranks above 1", a.ulysses);

@@ -4,7 +4,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions};
+use tessera_kernels::cuda::DeviceChoice;
+use tessera_kernels::Device;
+use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
 
 /// Arguments of `tessera golden`.
@@ -22,6 +24,11 @@ pub struct GoldenArgs {
     /// How the sharded ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
     #[arg(long, env = "TESSERA_GOLDEN_TRANSPORT", default_value = "inproc")]
     transport: String,
+    /// Where transformer (dit) cases run: auto (a usable CUDA GPU, else the CPU), cpu, cuda or
+    /// cuda:N. On CUDA they run in bf16 and are held to the bf16 tolerance, not the cases' f32
+    /// one; the other kinds always run on the CPU.
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
+    device: String,
     /// Folders laid out like `shared/golden` (`<kind>/<case>/case.json`), or one `<kind>` folder.
     #[arg(required = true, env = "TESSERA_GOLDEN_ROOTS", value_delimiter = ',')]
     roots: Vec<PathBuf>,
@@ -49,7 +56,16 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
         bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
     }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
-    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport };
+    let device = resolve_device(&args.device)?;
+    if let Device::Cuda(_) = device {
+        let t = CUDA_BF16_TOLERANCE;
+        println!(
+            "transformer cases on {device} in bf16: held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
+            t.rel_l2,
+            t.max_abs_over_max_ref.unwrap_or(f64::NAN)
+        );
+    }
+    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport, device };
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {
@@ -73,4 +89,11 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     }
     println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Parses and resolves a `--device` value on this machine: `cuda` without a usable GPU is an
+/// error naming what is missing; `auto` falls back to the CPU.
+pub(crate) fn resolve_device(arg: &str) -> Result<Device> {
+    let choice: DeviceChoice = arg.parse().map_err(|e| anyhow::anyhow!("--device {arg}: {e}"))?;
+    choice.resolve().map_err(|e| anyhow::anyhow!("--device {arg}: {e}"))
 }

@@ -11,12 +11,13 @@ mod vae;
 mod scheduler;
 
 pub use compare::{Comparison, Tolerance};
+pub use dit::CUDA_BF16_TOLERANCE;
 
 use crate::parallel::LocalTransport;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
-use tessera_kernels::Tensor;
+use tessera_kernels::{Device, Tensor};
 
 /// The component a case exercises (its top-level folder).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,11 +107,14 @@ pub struct RunOptions {
     pub ulysses: usize,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
+    /// Where transformer cases run: the CPU (f32, the cases' tolerances) or a CUDA GPU (bf16,
+    /// [`CUDA_BF16_TOLERANCE`]). Other kinds run on the CPU.
+    pub device: Device,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess }
+        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess, device: Device::Cpu }
     }
 }
 

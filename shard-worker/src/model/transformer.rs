@@ -41,9 +41,7 @@ pub struct WanTransformer {
 impl WanTransformer {
     /// Loads a diffusers `transformer/` folder (`config.json` and safetensors weights).
     pub fn load(dir: &Path) -> Result<Self> {
-        let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
-        // Early diffusers versions wrote an unused `norm_added_q` for image-to-video models.
-        let store = WeightStore::open_dir(dir)?.ignore_unused(&["attn2.norm_added_q.weight"]);
+        let (cfg, store) = open_transformer_dir(dir)?;
         Self::from_source(cfg, &store)
     }
 
@@ -80,35 +78,7 @@ impl WanTransformer {
 
     /// Checks the inputs against the model and returns (batch, patch grid).
     pub fn check_inputs(&self, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
-        let c = &self.cfg;
-        let hs = x.hidden_states.shape();
-        if hs.len() != 5 || hs[1] != c.in_channels || hs[0] == 0 {
-            return Err(WorkerError::input("hidden_states", format!("expected [B, {}, F, H, W], got {hs:?}", c.in_channels)));
-        }
-        let b = hs[0];
-        let grid = PatchGrid::new([hs[2], hs[3], hs[4]], c.patch_size)?;
-        if x.timesteps.len() != b {
-            return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", x.timesteps.len())));
-        }
-        if let Some(t) = x.timesteps.iter().find(|t| !t.is_finite()) {
-            return Err(WorkerError::input("timestep", format!("{t} is not finite")));
-        }
-        let es = x.encoder_hidden_states.shape();
-        if es.len() != 3 || es[0] != b || es[2] != c.text_dim || es[1] == 0 {
-            return Err(WorkerError::input("encoder_hidden_states", format!("expected [{b}, L, {}], got {es:?}", c.text_dim)));
-        }
-        match (c.image_dim, x.encoder_hidden_states_image) {
-            (Some(dim), Some(img)) => {
-                let is = img.shape();
-                if is.len() != 3 || is[0] != b || is[2] != dim || is[1] == 0 {
-                    return Err(WorkerError::input("encoder_hidden_states_image", format!("expected [{b}, L_img, {dim}], got {is:?}")));
-                }
-            }
-            (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
-            (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
-            (None, None) => {}
-        }
-        Ok((b, grid))
+        check_dit_inputs(&self.cfg, x)
     }
 
     /// Time, text and image embeddings of the whole batch (replicated on every shard).
@@ -161,4 +131,44 @@ impl WanTransformer {
         let [f, h, w] = grid.latent();
         Ok(Tensor::new([b, self.cfg.out_channels, f, h, w], out)?)
     }
+}
+
+/// A diffusers `transformer/` folder: its `config.json` and its weights (single or sharded).
+pub(crate) fn open_transformer_dir(dir: &Path) -> Result<(TransformerConfig, WeightStore)> {
+    let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+    // Early diffusers versions wrote an unused `norm_added_q` for image-to-video models.
+    let store = WeightStore::open_dir(dir)?.ignore_unused(&["attn2.norm_added_q.weight"]);
+    Ok((cfg, store))
+}
+
+/// Checks forward inputs against a transformer configuration; returns (batch, patch grid).
+pub(crate) fn check_dit_inputs(c: &TransformerConfig, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
+    let hs = x.hidden_states.shape();
+    if hs.len() != 5 || hs[1] != c.in_channels || hs[0] == 0 {
+        return Err(WorkerError::input("hidden_states", format!("expected [B, {}, F, H, W], got {hs:?}", c.in_channels)));
+    }
+    let b = hs[0];
+    let grid = PatchGrid::new([hs[2], hs[3], hs[4]], c.patch_size)?;
+    if x.timesteps.len() != b {
+        return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", x.timesteps.len())));
+    }
+    if let Some(t) = x.timesteps.iter().find(|t| !t.is_finite()) {
+        return Err(WorkerError::input("timestep", format!("{t} is not finite")));
+    }
+    let es = x.encoder_hidden_states.shape();
+    if es.len() != 3 || es[0] != b || es[2] != c.text_dim || es[1] == 0 {
+        return Err(WorkerError::input("encoder_hidden_states", format!("expected [{b}, L, {}], got {es:?}", c.text_dim)));
+    }
+    match (c.image_dim, x.encoder_hidden_states_image) {
+        (Some(dim), Some(img)) => {
+            let is = img.shape();
+            if is.len() != 3 || is[0] != b || is[2] != dim || is[1] == 0 {
+                return Err(WorkerError::input("encoder_hidden_states_image", format!("expected [{b}, L_img, {dim}], got {is:?}")));
+            }
+        }
+        (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
+        (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
+        (None, None) => {}
+    }
+    Ok((b, grid))
 }

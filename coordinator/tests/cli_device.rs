@@ -1,0 +1,54 @@
+//! `--device` of `tessera golden` and `tessera bench dit`: `cuda` without a usable GPU is refused
+//! with the reason the device check gives, `auto` falls back to the CPU, bad values are named.
+//! (With a GPU, `bench/gpu_suite.sh` runs the CUDA side.)
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn tessera(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env_remove("TESSERA_DEVICE").env_remove("TESSERA_GOLDEN_ROOTS").output().expect("tessera runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn dit_cases() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/dit").display().to_string()
+}
+
+fn gpu_usable() -> bool {
+    tessera_kernels::cuda::cuda_status(0).is_ok()
+}
+
+#[test]
+fn golden_device_cuda_without_a_gpu_is_refused_and_auto_runs_the_cpu() {
+    let cases = dit_cases();
+    if gpu_usable() {
+        eprintln!("a usable GPU is present: the refusal is for machines without one");
+    } else {
+        let (code, out, err) = tessera(&["golden", "--device", "cuda", &cases]);
+        assert_ne!(code, 0, "{out}");
+        assert!(err.contains("--device cuda") && err.contains("CUDA unavailable"), "{err}");
+        let (code, out, err) = tessera(&["golden", "--device", "auto", &cases]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert!(out.contains("4 passed, 0 failed") && !out.contains("in bf16"), "{out}");
+    }
+    let (code, _, err) = tessera(&["golden", "--device", "tpu", &cases]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--device tpu") && err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+}
+
+#[test]
+fn bench_dit_device_is_checked() {
+    let tiny = ["bench", "dit", "--preset", "tiny", "--latent", "16,1,4,4", "--text-len", "4", "--warmup", "0", "--iters", "1"];
+    let run = |extra: &[&str]| tessera(&[&tiny[..], extra].concat());
+    if !gpu_usable() {
+        let (code, _, err) = run(&["--device", "cuda"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("--device cuda") && err.contains("CUDA unavailable"), "{err}");
+        let (code, out, err) = run(&["--device", "auto"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("on cpu (f32)"), "{out}");
+    }
+    let (code, _, err) = run(&["--device", "cuda:x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--device cuda:x"), "{err}");
+}

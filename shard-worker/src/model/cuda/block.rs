@@ -1,0 +1,218 @@
+//! One transformer block in bf16 on the device (diffusers `WanTransformerBlock` with the model in
+//! bf16, wan2.1.md §1.3f, §1.4): f32 LayerNorms with f32 modulation written as bf16, bf16 matrix
+//! products (q, k, v fused into one), fused q/k RMSNorm + RoPE, flash attention, f32 gated
+//! residual adds, and the residual stream rounded to bf16 after every add as diffusers stores it.
+
+use super::attention::{flash, DeviceSelfAttention, QkvRows};
+use super::ops::{at, at_mut, At, NormArgs, Ops};
+use super::weights::{load_bf16_as_f32, load_f32, DeviceLinear};
+use crate::config::TransformerConfig;
+use crate::weights::WeightSource;
+use crate::{Result, WorkerError};
+use half::bf16;
+use tessera_kernels::cpu::{Activation, AttentionShape};
+
+/// Sizes every block shares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    /// Hidden size D.
+    pub d: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Feed-forward width.
+    pub ffn: usize,
+    /// Epsilon of every norm in the blocks.
+    pub eps: f32,
+}
+
+impl Dims {
+    pub(crate) fn of(cfg: &TransformerConfig) -> Self {
+        Self { d: cfg.inner_dim(), heads: cfg.num_attention_heads, head_dim: cfg.attention_head_dim, ffn: cfg.ffn_dim, eps: cfg.eps as f32 }
+    }
+}
+
+/// Device buffers of one forward over `rows` token rows, reused by every block.
+pub(crate) struct Workspace<O: Ops> {
+    /// Token rows.
+    pub rows: usize,
+    /// The residual stream `[rows, D]`, f32 holding bf16 values.
+    pub x: O::Buf<f32>,
+    /// Normalised input of the next matrix product `[rows, D]`; also the rounding scratch.
+    pub h: O::Buf<bf16>,
+    /// Wide rows `[rows, max(3D, F, patch features)]`: fused q|k|v, cross-attention q, FFN hidden.
+    pub wide: O::Buf<bf16>,
+    /// Attention output `[rows, D]`.
+    pub attn: O::Buf<bf16>,
+    /// Output projection `[rows, D]`.
+    pub out: O::Buf<bf16>,
+    /// Log-sum-exps `[heads, rows]`.
+    pub lse: O::Buf<f32>,
+    /// Cross-attention keys and values `[context rows, 2·D]`.
+    pub kv: O::Buf<bf16>,
+    /// Image-to-video: the text attention in f32 `[rows, D]`, before the image attention is added.
+    pub attn_sum: Option<O::Buf<f32>>,
+}
+
+impl<O: Ops> Workspace<O> {
+    /// Buffers for `rows` rows, a context of up to `context` rows, `wide` channels of wide rows.
+    pub(crate) fn new(ops: &O, dims: &Dims, rows: usize, context: usize, wide: usize, image: bool) -> Result<Self> {
+        let d = dims.d;
+        Ok(Self {
+            rows,
+            x: ops.zeros(rows * d)?,
+            h: ops.zeros(rows * d)?,
+            wide: ops.zeros(rows * wide.max(3 * d).max(dims.ffn))?,
+            attn: ops.zeros(rows * d)?,
+            out: ops.zeros(rows * d)?,
+            lse: ops.zeros(dims.heads * rows)?,
+            kv: ops.zeros(context * 2 * d)?,
+            attn_sum: if image { Some(ops.zeros(rows * d)?) } else { None },
+        })
+    }
+
+    /// Rounds the residual stream to bf16 in place (diffusers' `.type_as(hidden_states)`).
+    fn round_residual(&mut self, ops: &O, n: usize) -> Result<()> {
+        ops.to_bf16(at(&self.x, 0), at_mut(&mut self.h, 0), n)?;
+        ops.to_f32(at(&self.h, 0), at_mut(&mut self.x, 0), n)
+    }
+}
+
+/// Image-to-video key/value projections of cross-attention (fused `add_k_proj | add_v_proj`).
+struct ImageKv<O: Ops> {
+    kv: DeviceLinear<O>,
+    norm_k: O::Buf<f32>,
+}
+
+/// A block's parameters on the device.
+pub(crate) struct DeviceBlock<O: Ops> {
+    /// `scale_shift_table` `[6·D]`, f32.
+    pub(crate) table: O::Buf<f32>,
+    qkv: DeviceLinear<O>,
+    norm_q: O::Buf<f32>,
+    norm_k: O::Buf<f32>,
+    out1: DeviceLinear<O>,
+    norm2: Option<(O::Buf<f32>, O::Buf<f32>)>,
+    q2: DeviceLinear<O>,
+    kv2: DeviceLinear<O>,
+    norm_q2: O::Buf<f32>,
+    norm_k2: O::Buf<f32>,
+    out2: DeviceLinear<O>,
+    image: Option<ImageKv<O>>,
+    ffn1: DeviceLinear<O>,
+    ffn2: DeviceLinear<O>,
+}
+
+impl<O: Ops> DeviceBlock<O> {
+    /// Loads `blocks.{index}.*`: the same tensors, names and shapes as the CPU block.
+    pub(crate) fn load(ops: &O, src: &dyn WeightSource, cfg: &TransformerConfig, index: usize) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let p = format!("blocks.{index}");
+        let image = match cfg.added_kv_proj_dim {
+            None => None,
+            Some(kv) if kv != d => {
+                return Err(WorkerError::Config { path: "transformer config".into(), detail: format!("added_kv_proj_dim {kv} differs from the hidden size {d}: the image context the block projects has width {d}") })
+            }
+            Some(kv) => Some(ImageKv {
+                kv: DeviceLinear::load_stacked(ops, src, &[&format!("{p}.attn2.add_k_proj"), &format!("{p}.attn2.add_v_proj")], kv, d)?,
+                norm_k: load_bf16_as_f32(ops, src, &format!("{p}.attn2.norm_added_k.weight"), &[d])?,
+            }),
+        };
+        let a1 = format!("{p}.attn1");
+        let a2 = format!("{p}.attn2");
+        Ok(Self {
+            table: load_f32(ops, src, &format!("{p}.scale_shift_table"), &[1, 6, d])?,
+            qkv: DeviceLinear::load_stacked(ops, src, &[&format!("{a1}.to_q"), &format!("{a1}.to_k"), &format!("{a1}.to_v")], d, d)?,
+            norm_q: load_bf16_as_f32(ops, src, &format!("{a1}.norm_q.weight"), &[d])?,
+            norm_k: load_bf16_as_f32(ops, src, &format!("{a1}.norm_k.weight"), &[d])?,
+            out1: DeviceLinear::load(ops, src, &format!("{a1}.to_out.0"), d, d)?,
+            norm2: if cfg.cross_attn_norm {
+                Some((load_f32(ops, src, &format!("{p}.norm2.weight"), &[d])?, load_f32(ops, src, &format!("{p}.norm2.bias"), &[d])?))
+            } else {
+                None
+            },
+            q2: DeviceLinear::load(ops, src, &format!("{a2}.to_q"), d, d)?,
+            kv2: DeviceLinear::load_stacked(ops, src, &[&format!("{a2}.to_k"), &format!("{a2}.to_v")], d, d)?,
+            norm_q2: load_bf16_as_f32(ops, src, &format!("{a2}.norm_q.weight"), &[d])?,
+            norm_k2: load_bf16_as_f32(ops, src, &format!("{a2}.norm_k.weight"), &[d])?,
+            out2: DeviceLinear::load(ops, src, &format!("{a2}.to_out.0"), d, d)?,
+            image,
+            ffn1: DeviceLinear::load(ops, src, &format!("{p}.ffn.net.0.proj"), d, cfg.ffn_dim)?,
+            ffn2: DeviceLinear::load(ops, src, &format!("{p}.ffn.net.2"), cfg.ffn_dim, d)?,
+        })
+    }
+
+    /// Runs the block on the workspace's residual stream. `mods` is this block's `[6·D]`
+    /// modulation for the sample (shift, scale, gate of attention, then of the FFN); `text` the
+    /// sample's `[text_len, D]` context; `image` its image context and length (image-to-video).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, mods: At<'_, O::Buf<f32>>, text: (&O::Buf<bf16>, usize), image: Option<(&O::Buf<bf16>, usize)>, rope: &O::Rope, attn: &dyn DeviceSelfAttention<O>) -> Result<()> {
+        let Dims { d, heads, head_dim, eps, .. } = *dims;
+        let n = ws.rows;
+        let chunk = |i: usize| Some(at(mods.buf, mods.offset + i * d));
+        let none = || NormArgs { eps, weight: None, bias: None, scale: None, shift: None };
+
+        // 1. Self-attention on the modulated, normalised tokens; gated residual.
+        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(1), shift: chunk(0), ..none() }, &mut ws.h)?;
+        self.qkv.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, 0), n, 3 * d, heads, head_dim, &self.norm_q, eps, Some(rope))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, d), n, 3 * d, heads, head_dim, &self.norm_k, eps, Some(rope))?;
+        attn.attend(ops, QkvRows { buf: &ws.wide, rows: n, stride: 3 * d, heads, head_dim }, &mut ws.attn, &mut ws.lse)?;
+        self.out1.forward(ops, at(&ws.attn, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(2), n * d, d)?;
+        ws.round_residual(ops, n * d)?;
+
+        // 2. Cross-attention to the text (and image) context: no modulation, plain residual.
+        match &self.norm2 {
+            Some((w, b)) => ops.layer_norm(&ws.x, n, d, &NormArgs { weight: Some(at(w, 0)), bias: Some(at(b, 0)), ..none() }, &mut ws.h)?,
+            None => ops.to_bf16(at(&ws.x, 0), at_mut(&mut ws.h, 0), n * d)?,
+        }
+        self.cross_attention(ops, dims, ws, text, image)?;
+        self.out2.forward(ops, at(&ws.attn, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), None, n * d, d)?;
+        ws.round_residual(ops, n * d)?;
+
+        // 3. Feed-forward on the modulated, normalised tokens (GELU-tanh fused); gated residual.
+        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(4), shift: chunk(3), ..none() }, &mut ws.h)?;
+        self.ffn1.forward(ops, at(&ws.h, 0), n, Activation::GeluTanh, at_mut(&mut ws.wide, 0))?;
+        self.ffn2.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(5), n * d, d)?;
+        ws.round_residual(ops, n * d)
+    }
+
+    /// Queries from `ws.h`; writes the attention output (before `to_out`) to `ws.attn`. For
+    /// image-to-video, diffusers' `attn(q, text) + attn(q, image)` (the same queries).
+    fn cross_attention(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, text: (&O::Buf<bf16>, usize), image: Option<(&O::Buf<bf16>, usize)>) -> Result<()> {
+        let Dims { d, heads, head_dim, eps, .. } = *dims;
+        let n = ws.rows;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        self.q2.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, 0), n, d, heads, head_dim, &self.norm_q2, eps, None)?;
+        // Keys and values of a context: fused projection [k | v], RMSNorm on k; no RoPE.
+        let project = |ws: &mut Workspace<O>, proj: &DeviceLinear<O>, norm: &O::Buf<f32>, ctx: &O::Buf<bf16>, len: usize| -> Result<AttentionShape> {
+            proj.forward(ops, at(ctx, 0), len, Activation::None, at_mut(&mut ws.kv, 0))?;
+            ops.qk_norm_rope(at_mut(&mut ws.kv, 0), len, 2 * d, heads, head_dim, norm, eps, None)?;
+            Ok(AttentionShape { heads, head_dim, q_len: n, kv_len: len, q_stride: d, kv_stride: 2 * d })
+        };
+        let shape = project(ws, &self.kv2, &self.norm_k2, text.0, text.1)?;
+        match (image, &self.image) {
+            (None, _) => flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut ws.attn, 0), d, &mut ws.lse),
+            (Some((img, len)), Some(ik)) => {
+                let Some(mut sum) = ws.attn_sum.take() else {
+                    return Err(WorkerError::input("encoder_hidden_states_image", "the workspace has no buffer for the image attention"));
+                };
+                let result = (|| {
+                    flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut sum, 0), d, &mut ws.lse)?;
+                    let shape = project(ws, &ik.kv, &ik.norm_k, img, len)?;
+                    flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut ws.attn, 0), d, &mut ws.lse)?;
+                    ops.add(at_mut(&mut sum, 0), at(&ws.attn, 0), None, n * d, d)?;
+                    ops.to_bf16(at(&sum, 0), at_mut(&mut ws.attn, 0), n * d)
+                })();
+                ws.attn_sum = Some(sum);
+                result
+            }
+            (Some(_), None) => Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
+        }
+    }
+}

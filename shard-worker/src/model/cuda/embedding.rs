@@ -1,0 +1,175 @@
+//! The conditions of the bf16 forward (diffusers `WanTimeTextImageEmbedding` as it runs with the
+//! transformer in bf16, wan2.1.md §1.4): the time embedder in f32, its output rounded to bf16,
+//! `time_proj` and the text embedder as bf16 matrix products on the device, the modulation
+//! `scale_shift_table + timestep_proj` in f32; the image embedder (exact-erf GELU, which the device
+//! does not fuse) on the host with diffusers' bf16 roundings.
+//!
+//! Host-side parts and why: the time embedder runs B rows through two f32 layers (the device's
+//! matrix products take bf16 operands; diffusers keeps this module in f32), and the image embedder
+//! runs once per forward on 257 rows. Neither touches the token sequence.
+
+use super::super::layers::{AffineLayerNorm, Linear};
+use super::ops::{at, at_mut, Ops};
+use super::weights::{round_bf16, to_bf16, DeviceLinear};
+use crate::config::TransformerConfig;
+use crate::weights::WeightSource;
+use crate::{Result, WorkerError};
+use half::bf16;
+use tessera_kernels::cpu::{self, Activation};
+
+/// Everything a block needs besides the tokens, for the whole batch, on the device.
+pub struct DeviceConditions<O: Ops> {
+    /// `scale_shift_table + timestep_proj` of every block, `[B, blocks, 6·D]` f32.
+    pub(crate) block_mods: O::Buf<f32>,
+    /// The output head's `[shift | scale]` = its table + the bf16 time embedding, `[B, 2·D]` f32.
+    pub(crate) head_mods: O::Buf<f32>,
+    /// Projected text, per sample `[text_len, D]` bf16.
+    pub(crate) text: Vec<O::Buf<bf16>>,
+    /// Rows of text context.
+    pub(crate) text_len: usize,
+    /// Projected image tokens, per sample `[image_len, D]` bf16, and their count (image-to-video).
+    pub(crate) image: Option<(Vec<O::Buf<bf16>>, usize)>,
+}
+
+/// `time_embedder` (f32, on the host): sinusoid → Linear → SiLU → Linear.
+pub(crate) struct HostTimeEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+    freq_dim: usize,
+}
+
+impl HostTimeEmbedder {
+    /// Loads `condition_embedder.time_embedder.*` in f32.
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<Self> {
+        let (p, d) = ("condition_embedder.time_embedder", cfg.inner_dim());
+        Ok(Self {
+            linear_1: Linear::load(src, &format!("{p}.linear_1"), cfg.freq_dim, d)?,
+            linear_2: Linear::load(src, &format!("{p}.linear_2"), d, d)?,
+            freq_dim: cfg.freq_dim,
+        })
+    }
+
+    /// The raw time embedding `[B, D]` in f32.
+    pub(crate) fn forward(&self, timesteps: &[f32]) -> Result<Vec<f32>> {
+        let b = timesteps.len();
+        let sinus = cpu::timestep_embedding(timesteps, self.freq_dim, 0.0, 10000.0)?;
+        let h = self.linear_1.forward(&sinus, b, Activation::Silu)?;
+        self.linear_2.forward(&h, b, Activation::None)
+    }
+}
+
+/// `image_embedder` on the host, rounding to bf16 where diffusers stores a bf16 tensor: its
+/// matrices and `pos_embed` are bf16, its two LayerNorms f32 (`norm1`/`norm2` are kept in f32).
+pub(crate) struct HostImageEmbedder {
+    pos_embed: Option<Vec<f32>>,
+    norm1: AffineLayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    norm2: AffineLayerNorm,
+    image_dim: usize,
+}
+
+/// A bf16 `nn.Linear` emulated on the host: parameters rounded to bf16, f32 arithmetic.
+fn bf16_linear(src: &dyn WeightSource, prefix: &str, in_f: usize, out_f: usize) -> Result<Linear> {
+    let mut w = src.tensor(&format!("{prefix}.weight"), &[out_f, in_f])?;
+    let mut b = src.tensor(&format!("{prefix}.bias"), &[out_f])?;
+    round_bf16(&mut w);
+    round_bf16(&mut b);
+    Ok(Linear::from_parts(w, Some(b), in_f, out_f))
+}
+
+impl HostImageEmbedder {
+    /// Loads `condition_embedder.image_embedder.*` (image-to-video configurations).
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &TransformerConfig, image_dim: usize) -> Result<Self> {
+        let (p, d) = ("condition_embedder.image_embedder", cfg.inner_dim());
+        let pos_embed = match cfg.pos_embed_seq_len {
+            Some(n) => {
+                let mut v = src.tensor(&format!("{p}.pos_embed"), &[1, n, image_dim])?;
+                round_bf16(&mut v);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Self {
+            pos_embed,
+            norm1: AffineLayerNorm::load(src, &format!("{p}.norm1"), image_dim, 1e-5)?,
+            ff1: bf16_linear(src, &format!("{p}.ff.net.0.proj"), image_dim, image_dim)?,
+            ff2: bf16_linear(src, &format!("{p}.ff.net.2"), image_dim, d)?,
+            norm2: AffineLayerNorm::load(src, &format!("{p}.norm2"), d, 1e-5)?,
+            image_dim,
+        })
+    }
+
+    /// The image context `[n, D]` of one sample's `n` image tokens, as bf16.
+    pub(crate) fn forward(&self, img: &[f32], n: usize) -> Result<Vec<bf16>> {
+        let mut x = img.to_vec();
+        round_bf16(&mut x);
+        if let Some(pos) = &self.pos_embed {
+            if pos.len() != x.len() {
+                return Err(WorkerError::input("encoder_hidden_states_image", format!("{n} tokens, the model's position embedding has {}", pos.len() / self.image_dim)));
+            }
+            x.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
+            round_bf16(&mut x);
+        }
+        let mut h = self.norm1.forward(&x)?;
+        round_bf16(&mut h);
+        let mut h = self.ff1.forward(&h, n, Activation::None)?;
+        round_bf16(&mut h);
+        cpu::apply_activation(&mut h, Activation::Gelu);
+        round_bf16(&mut h);
+        let mut h = self.ff2.forward(&h, n, Activation::None)?;
+        round_bf16(&mut h);
+        Ok(to_bf16(&self.norm2.forward(&h)?))
+    }
+}
+
+/// The device parts of the condition embedder: `time_proj` and the text embedder.
+pub(crate) struct DeviceEmbedders<O: Ops> {
+    pub(crate) time: HostTimeEmbedder,
+    pub(crate) time_proj: DeviceLinear<O>,
+    pub(crate) text_1: DeviceLinear<O>,
+    pub(crate) text_2: DeviceLinear<O>,
+    pub(crate) image: Option<HostImageEmbedder>,
+}
+
+impl<O: Ops> DeviceEmbedders<O> {
+    /// Loads every `condition_embedder.*` parameter.
+    pub(crate) fn load(ops: &O, src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<Self> {
+        let (p, d) = ("condition_embedder", cfg.inner_dim());
+        let image = match cfg.image_dim {
+            Some(img) => Some(HostImageEmbedder::load(src, cfg, img)?),
+            None => None,
+        };
+        Ok(Self {
+            time: HostTimeEmbedder::load(src, cfg)?,
+            time_proj: DeviceLinear::load(ops, src, &format!("{p}.time_proj"), d, 6 * d)?,
+            text_1: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_1"), cfg.text_dim, d)?,
+            text_2: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_2"), d, d)?,
+            image,
+        })
+    }
+
+    /// The projected time embedding `[B, 6·D]` (f32 holding diffusers' bf16 values) and the raw
+    /// time embedding rounded to bf16 `[B, D]` (host): `time_proj(SiLU(bf16(temb)))` in bf16.
+    pub(crate) fn time(&self, ops: &O, timesteps: &[f32]) -> Result<(O::Buf<f32>, Vec<f32>)> {
+        let b = timesteps.len();
+        let mut temb = self.time.forward(timesteps)?;
+        round_bf16(&mut temb);
+        // SiLU of a bf16 tensor: f32 arithmetic, a bf16 result.
+        let mut act = temb.clone();
+        cpu::apply_activation(&mut act, Activation::Silu);
+        let act = ops.upload(&to_bf16(&act))?;
+        let proj = self.time_proj.forward_new(ops, at(&act, 0), b, Activation::None)?;
+        let n = b * self.time_proj.out_features();
+        let mut out = ops.zeros::<f32>(n)?;
+        ops.to_f32(at(&proj, 0), at_mut(&mut out, 0), n)?;
+        Ok((out, temb))
+    }
+
+    /// One sample's text context `[len, D]`: `Linear → GELU(tanh) → Linear` in bf16.
+    pub(crate) fn text(&self, ops: &O, text: &[f32], len: usize) -> Result<O::Buf<bf16>> {
+        let x = ops.upload(&to_bf16(text))?;
+        let h = self.text_1.forward_new(ops, at(&x, 0), len, Activation::GeluTanh)?;
+        self.text_2.forward_new(ops, at(&h, 0), len, Activation::None)
+    }
+}

@@ -1,0 +1,182 @@
+//! [`Ops`] emulated on the host: buffers are `Vec`s, every operation checks the CUDA kernel's
+//! contract ([`super::contract`]) and computes with the kernel's CPU twin on widened inputs, then
+//! rounds what it stores exactly where the kernel stores bf16. It runs the bf16 transformer's
+//! orchestration on any machine (the golden cases prove layouts and data flow without a GPU), and
+//! is the yardstick the CUDA forward is compared with on a GPU. Not fast: a test tool.
+
+use super::contract;
+use super::ops::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use crate::Result;
+use half::bf16;
+use std::ops::Range;
+use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
+
+/// The host emulation of the CUDA operations.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostOps;
+
+fn widen<T: Elem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+fn store<T: Elem>(dst: &mut [T], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f32(s));
+}
+
+impl Ops for HostOps {
+    type Buf<T: Elem> = Vec<T>;
+    type Rope = RopeTable;
+
+    fn describe(&self) -> String {
+        "host emulation of the CUDA kernels (bf16)".into()
+    }
+
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); n])
+    }
+
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+
+    fn upload_rope(&self, table: &RopeTable) -> Result<RopeTable> {
+        Ok(table.clone())
+    }
+
+    fn copy_rows<T: Elem>(&self, src: At<'_, Vec<T>>, src_pitch: usize, dst: AtMut<'_, Vec<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
+        contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
+        for r in 0..rows {
+            let (s, d) = (src.offset + r * src_pitch, dst.offset + r * dst_pitch);
+            dst.buf[d..d + width].copy_from_slice(&src.buf[s..s + width]);
+        }
+        Ok(())
+    }
+
+    fn linear(&self, x: At<'_, Vec<bf16>>, m: usize, k: usize, w: &Vec<bf16>, n: usize, bias: Option<&Vec<bf16>>, act: Activation, y: AtMut<'_, Vec<bf16>>) -> Result<()> {
+        let (xr, yr) = contract::linear((x.buf.len(), x.offset), m, k, w.len(), n, bias.map(|b| b.len()), act, (y.buf.len(), y.offset))?;
+        if m == 0 {
+            return Ok(());
+        }
+        let bias = bias.map(|b| widen(b));
+        let out = cpu::linear(&widen(&x.buf[xr]), m, k, &widen(w), n, bias.as_deref(), act)?;
+        store(&mut y.buf[yr], &out);
+        Ok(())
+    }
+
+    fn layer_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: &mut Vec<bf16>) -> Result<()> {
+        let parts = [p.weight, p.bias, p.scale, p.shift];
+        let ranges = contract::layer_norm(x.len(), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), y.len())?;
+        let slice = |i: usize| -> Option<&[f32]> { parts[i].zip(ranges[i].clone()).map(|(a, r)| &a.buf[r]) };
+        let params = LayerNormParams { eps: p.eps, weight: slice(0), bias: slice(1), scale: slice(2), shift: slice(3) };
+        let out = cpu::layer_norm(&x[..rows * dim], dim, &params)?;
+        store(&mut y[..rows * dim], &out);
+        Ok(())
+    }
+
+    fn qk_norm_rope(&self, x: AtMut<'_, Vec<bf16>>, rows: usize, stride: usize, heads: usize, head_dim: usize, weight: &Vec<f32>, eps: f32, rope: Option<&RopeTable>) -> Result<()> {
+        let r = contract::qk_norm_rope((x.buf.len(), x.offset), rows, stride, heads, head_dim, weight.len(), rope.map(|t| (t.tokens(), t.pairs())))?;
+        let mut wide = widen(&x.buf[r.clone()]);
+        cpu::qk_norm_rope(&mut wide, rows, stride, weight, eps, heads, rope)?;
+        // Channels between rows (the rest of a fused projection) come back unchanged: a bf16
+        // value widened and rounded again is itself.
+        store(&mut x.buf[r], &wide);
+        Ok(())
+    }
+
+    fn attention<O: Elem>(&self, q: At<'_, Vec<bf16>>, k: At<'_, Vec<bf16>>, v: At<'_, Vec<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, Vec<O>>, out_stride: usize, lse: &mut Vec<f32>) -> Result<()> {
+        let len_off = |a: &At<'_, Vec<bf16>>| (a.buf.len(), a.offset);
+        let [qr, kr, vr, or] = contract::attention::<O>(len_off(&q), len_off(&k), len_off(&v), &shape, (out.buf.len(), out.offset), out_stride, lse.len())?;
+        if shape.q_len == 0 {
+            return Ok(());
+        }
+        let res = cpu::attention(&widen(&q.buf[qr]), &widen(&k.buf[kr]), &widen(&v.buf[vr]), shape, scale)?;
+        let hd = shape.heads * shape.head_dim;
+        let dst = &mut out.buf[or];
+        for (i, row) in res.out.chunks_exact(hd).enumerate() {
+            store(&mut dst[i * out_stride..i * out_stride + hd], row);
+        }
+        lse[..res.lse.len()].copy_from_slice(&res.lse);
+        Ok(())
+    }
+
+    fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
+        let (xr, yr, gr) = contract::add((x.buf.len(), x.offset), (y.buf.len(), y.offset), gate.map(|g| (g.buf.len(), g.offset)), n, dim)?;
+        let yw = widen(&y.buf[yr]);
+        match gate.zip(gr) {
+            Some((g, r)) => cpu::gated_residual_add(&mut x.buf[xr], &yw, &g.buf[r])?,
+            None => cpu::residual_add(&mut x.buf[xr], &yw)?,
+        }
+        Ok(())
+    }
+
+    fn to_bf16(&self, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<bf16>>, n: usize) -> Result<()> {
+        let (xr, or) = (range("f32_to_bf16", "input", x.buf.len(), x.offset, n)?, range("f32_to_bf16", "output", out.buf.len(), out.offset, n)?);
+        store(&mut out.buf[or], &x.buf[xr]);
+        Ok(())
+    }
+
+    fn to_f32(&self, x: At<'_, Vec<bf16>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
+        let (xr, or) = (range("bf16_to_f32", "input", x.buf.len(), x.offset, n)?, range("bf16_to_f32", "output", out.buf.len(), out.offset, n)?);
+        out.buf[or].iter_mut().zip(&x.buf[xr]).for_each(|(o, v)| *o = v.to_f32());
+        Ok(())
+    }
+
+    fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<bf16>) -> Result<()> {
+        if latent.len() < g.latent_len() {
+            return Err(shape_err("patchify", format!("latent has {} elements, needs {}", latent.len(), g.latent_len())));
+        }
+        let n = tokens.len() * g.features();
+        let r = range("patchify", "out", out.len(), 0, n)?;
+        let rows = cpu::patchify(&latent[..g.latent_len()], g, tokens)?;
+        store(&mut out[r], &rows);
+        Ok(())
+    }
+
+    fn unpatchify(&self, rows: &Vec<f32>, g: &PatchGeometry, latent: &mut Vec<f32>) -> Result<()> {
+        let r = range("unpatchify", "rows", rows.len(), 0, g.tokens() * g.features())?;
+        let lr = range("unpatchify", "latent", latent.len(), 0, g.latent_len())?;
+        let out = cpu::unpatchify(&rows[r], g)?;
+        latent[lr].copy_from_slice(&out);
+        Ok(())
+    }
+}
+
+fn range(op: &'static str, what: &str, have: usize, offset: usize, len: usize) -> Result<Range<usize>> {
+    super::ops::region(op, what, have, offset, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cuda::ops::{at, at_mut};
+
+    #[test]
+    fn linear_rounds_its_output_to_bf16() {
+        let ops = HostOps;
+        let x: Vec<bf16> = [1.0f32, 2.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let w: Vec<bf16> = [1.0f32 / 3.0, 1.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut y = vec![bf16::ZERO; 3];
+        ops.linear(at(&x, 0), 1, 2, &w, 1, None, Activation::None, at_mut(&mut y, 1)).unwrap();
+        let exact = bf16::from_f32(1.0 / 3.0).to_f32() + 2.0;
+        assert_eq!(y[1], bf16::from_f32(exact));
+        assert_eq!((y[0], y[2]), (bf16::ZERO, bf16::ZERO), "only the region is written");
+    }
+
+    #[test]
+    fn copy_rows_moves_runs_between_pitches() {
+        let src: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let mut dst = vec![0.0f32; 20];
+        HostOps.copy_rows(at(&src, 1), 4, at_mut(&mut dst, 2), 8, 2, 3).unwrap();
+        assert_eq!(&dst[2..4], &[1.0, 2.0]);
+        assert_eq!(&dst[10..12], &[5.0, 6.0]);
+        assert_eq!(dst.iter().filter(|&&v| v != 0.0).count(), 6);
+    }
+}

@@ -1,0 +1,224 @@
+//! The whole bf16 transformer on a device: parameters uploaded from the same [`WeightSource`] as
+//! the CPU model, `forward` with the same [`DitInputs`] contract returning the f32 velocity on the
+//! host, and `forward_tokens` for one shard's token range behind [`DeviceSelfAttention`] (the
+//! sequence-parallel seam, as on the CPU).
+
+use super::attention::{kernel_head_dim, DeviceSelfAttention, LocalDeviceAttention};
+use super::block::{DeviceBlock, Dims, Workspace};
+use super::embedding::{DeviceConditions, DeviceEmbedders};
+use super::ops::{at, at_mut, NormArgs, Ops};
+use super::weights::{load_f32, DeviceLinear};
+use super::{CudaOps, HostOps};
+use crate::config::{TransformerConfig, TransformerPreset};
+use crate::model::patch::PatchGrid;
+use crate::model::transformer::{check_dit_inputs, open_transformer_dir};
+use crate::weights::{RandomWeights, WeightSource};
+use crate::{DitInputs, Result, WorkerError};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tessera_kernels::cpu::{Activation, PatchGeometry, Rope3d};
+use tessera_kernels::Tensor;
+
+/// The transformer in bf16 on a CUDA GPU.
+pub type CudaWanTransformer = DeviceTransformer<CudaOps>;
+
+/// The same bf16 computation emulated on the host (tests; the yardstick of the CUDA forward).
+pub type EmulatedWanTransformer = DeviceTransformer<HostOps>;
+
+/// Which RoPE rows a cached table holds: (grid, token range).
+type RopeKey = ([usize; 3], Range<usize>);
+
+/// A Wan 2.1 transformer whose parameters live on a device, run in bf16 as diffusers runs it.
+pub struct DeviceTransformer<O: Ops> {
+    ops: O,
+    cfg: TransformerConfig,
+    dims: Dims,
+    embedders: DeviceEmbedders<O>,
+    patch_embedding: DeviceLinear<O>,
+    blocks: Vec<DeviceBlock<O>>,
+    head_table: O::Buf<f32>,
+    proj_out: DeviceLinear<O>,
+    rope: Rope3d,
+    rope_cache: Mutex<Option<(RopeKey, Arc<O::Rope>)>>,
+}
+
+impl CudaWanTransformer {
+    /// Loads a diffusers `transformer/` folder onto CUDA device `ordinal`.
+    pub fn load_on(dir: &Path, ordinal: usize) -> Result<Self> {
+        Self::load(CudaOps::open(ordinal)?, dir)
+    }
+}
+
+impl<O: Ops> DeviceTransformer<O> {
+    /// Loads a diffusers `transformer/` folder (`config.json` and safetensors weights).
+    pub fn load(ops: O, dir: &Path) -> Result<Self> {
+        let (cfg, store) = open_transformer_dir(dir)?;
+        Self::from_source(ops, cfg, &store)
+    }
+
+    /// A built-in configuration with the deterministic random weights of
+    /// [`crate::WanTransformer::preset`] (same seed, same parameters).
+    pub fn preset(ops: O, preset: TransformerPreset, seed: u64) -> Result<Self> {
+        Self::from_source(ops, preset.config(), &RandomWeights::new(seed))
+    }
+
+    /// Builds the model from any weight source, uploading each parameter as it is read; every
+    /// parameter is checked by name and shape, and unused tensors are an error, as on the CPU.
+    pub fn from_source(ops: O, cfg: TransformerConfig, src: &dyn WeightSource) -> Result<Self> {
+        cfg.validate().map_err(|detail| WorkerError::Config { path: "transformer config".into(), detail })?;
+        let hd = cfg.attention_head_dim;
+        if kernel_head_dim(hd).is_none() {
+            return Err(WorkerError::Config { path: "transformer config".into(), detail: format!("attention_head_dim {hd}: the CUDA attention kernel takes even head dims up to 128") });
+        }
+        let d = cfg.inner_dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let pe_w = src.tensor("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?;
+        let pe_b = src.tensor("patch_embedding.bias", &[d])?;
+        let model = Self {
+            patch_embedding: DeviceLinear::from_host(&ops, &pe_w, &pe_b, cfg.patch_in(), d)?,
+            embedders: DeviceEmbedders::load(&ops, src, &cfg)?,
+            blocks: (0..cfg.num_layers).map(|i| DeviceBlock::load(&ops, src, &cfg, i)).collect::<Result<_>>()?,
+            head_table: load_f32(&ops, src, "scale_shift_table", &[1, 2, d])?,
+            proj_out: DeviceLinear::load(&ops, src, "proj_out", d, cfg.patch_out())?,
+            rope: Rope3d::wan(hd, cfg.rope_max_seq_len, 10000.0)?,
+            rope_cache: Mutex::new(None),
+            dims: Dims::of(&cfg),
+            cfg,
+            ops,
+        };
+        src.finish()?;
+        Ok(model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    /// The device operations (for their description).
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// Checks the inputs against the model and returns (batch, patch grid).
+    pub fn check_inputs(&self, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
+        check_dit_inputs(&self.cfg, x)
+    }
+
+    /// Time, text and image embeddings and every block's modulation, for the whole batch
+    /// (replicated on every shard).
+    pub fn embed_conditions(&self, x: &DitInputs<'_>) -> Result<DeviceConditions<O>> {
+        let (ops, d, e) = (&self.ops, self.dims.d, &self.embedders);
+        let b = x.timesteps.len();
+        let (tproj, temb) = e.time(ops, x.timesteps)?;
+        // Blocks: scale_shift_table + timestep_proj in f32 (0 + a + b is exactly a + b).
+        let per_sample = self.blocks.len() * 6 * d;
+        let mut block_mods = ops.zeros::<f32>(b * per_sample)?;
+        for i in 0..b {
+            for (l, block) in self.blocks.iter().enumerate() {
+                let off = i * per_sample + l * 6 * d;
+                ops.add(at_mut(&mut block_mods, off), at(&tproj, i * 6 * d), None, 6 * d, 6 * d)?;
+                ops.add(at_mut(&mut block_mods, off), at(&block.table, 0), None, 6 * d, 6 * d)?;
+            }
+        }
+        // Head: its table + the bf16 time embedding, for shift and for scale.
+        let doubled: Vec<f32> = temb.chunks_exact(d).flat_map(|t| t.iter().chain(t).copied()).collect();
+        let mut head_mods = ops.upload(&doubled)?;
+        for i in 0..b {
+            ops.add(at_mut(&mut head_mods, i * 2 * d), at(&self.head_table, 0), None, 2 * d, 2 * d)?;
+        }
+        let text_len = x.encoder_hidden_states.dim(1);
+        let per_text = text_len * self.cfg.text_dim;
+        let text_data = x.encoder_hidden_states.data();
+        let text = (0..b).map(|i| e.text(ops, &text_data[i * per_text..(i + 1) * per_text], text_len)).collect::<Result<Vec<_>>>()?;
+        let image = match (&e.image, x.encoder_hidden_states_image) {
+            (Some(emb), Some(img)) => {
+                let (n, width) = (img.dim(1), img.dim(2));
+                let ctx = (0..b).map(|i| ops.upload(&emb.forward(&img.data()[i * n * width..(i + 1) * n * width], n)?)).collect::<Result<Vec<_>>>()?;
+                Some((ctx, n))
+            }
+            (None, None) => None,
+            (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
+            (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
+        };
+        Ok(DeviceConditions { block_mods, head_mods, text, text_len, image })
+    }
+
+    /// The RoPE rows of `tokens` of `grid`, on the device (the last table is kept for the next call).
+    fn rope_for(&self, grid: &PatchGrid, tokens: Range<usize>) -> Result<Arc<O::Rope>> {
+        let key = (grid.dims, tokens.clone());
+        let mut cache = self.rope_cache.lock().map_err(|_| WorkerError::input("rope", "cache lock poisoned"))?;
+        if let Some((k, t)) = cache.as_ref() {
+            if *k == key {
+                return Ok(t.clone());
+            }
+        }
+        let table = Arc::new(self.ops.upload_rope(&self.rope.table(grid.dims, tokens)?)?);
+        *cache = Some((key, table.clone()));
+        Ok(table)
+    }
+
+    /// Runs tokens `tokens` (global indices into the flattened (frame, row, column) grid) of
+    /// sample `b` through the model, with `attn` joining them to the rest of the sequence.
+    /// Returns the head's output rows `[tokens.len(), p_t·p_h·p_w·C_out]` (f32 holding bf16 values)
+    /// on the device.
+    pub fn forward_tokens(&self, x: &DitInputs<'_>, cond: &DeviceConditions<O>, b: usize, grid: &PatchGrid, tokens: Range<usize>, attn: &dyn DeviceSelfAttention<O>) -> Result<O::Buf<f32>> {
+        let (ops, c, dims) = (&self.ops, &self.cfg, &self.dims);
+        let (d, n) = (dims.d, tokens.len());
+        if tokens.start > tokens.end || tokens.end > grid.tokens() || cond.text.len() <= b {
+            return Err(WorkerError::input("tokens", format!("tokens {tokens:?} of sample {b}: the grid has {} tokens, the batch {} samples", grid.tokens(), cond.text.len())));
+        }
+        let per_sample = c.in_channels * grid.latent().iter().product::<usize>();
+        let latent = ops.upload(x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?)?;
+        let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
+        let context = cond.text_len.max(cond.image.as_ref().map_or(0, |(_, n)| *n));
+        let wide = c.patch_in().max(c.patch_out());
+        let mut ws = Workspace::new(ops, dims, n, context, wide, cond.image.is_some())?;
+
+        // Patch embedding (Conv3d as a matrix product on bf16 patches) into the residual stream.
+        ops.patchify(&latent, &geometry, tokens.clone(), &mut ws.wide)?;
+        self.patch_embedding.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.h, 0))?;
+        ops.to_f32(at(&ws.h, 0), at_mut(&mut ws.x, 0), n * d)?;
+
+        let rope = self.rope_for(grid, tokens)?;
+        let image = cond.image.as_ref().map(|(ctx, len)| (&ctx[b], *len));
+        let per_mods = self.blocks.len() * 6 * d;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let mods = at(&cond.block_mods, b * per_mods + l * 6 * d);
+            block.forward(ops, dims, &mut ws, mods, (&cond.text[b], cond.text_len), image, &rope, attn)?;
+        }
+
+        // Output head: LayerNorm without affine, modulated by the raw time embedding; bf16 out.
+        let head = |i: usize| Some(at(&cond.head_mods, b * 2 * d + i * d));
+        ops.layer_norm(&ws.x, n, d, &NormArgs { eps: dims.eps, weight: None, bias: None, scale: head(1), shift: head(0) }, &mut ws.h)?;
+        let po = c.patch_out();
+        self.proj_out.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        let mut rows = ops.zeros::<f32>(n * po)?;
+        ops.to_f32(at(&ws.wide, 0), at_mut(&mut rows, 0), n * po)?;
+        Ok(rows)
+    }
+
+    /// The velocity `[B, C_out, F, H, W]` for `x`, all tokens on this device; f32 on the host
+    /// (diffusers' bf16 output, widened).
+    pub fn forward(&self, x: &DitInputs<'_>) -> Result<Tensor> {
+        self.forward_with(x, &LocalDeviceAttention)
+    }
+
+    /// As [`forward`](Self::forward), with a chosen self-attention over the full sequence.
+    pub fn forward_with(&self, x: &DitInputs<'_>, attn: &dyn DeviceSelfAttention<O>) -> Result<Tensor> {
+        let (b, grid) = self.check_inputs(x)?;
+        let cond = self.embed_conditions(x)?;
+        let c = &self.cfg;
+        let geometry = PatchGeometry { channels: c.out_channels, grid: grid.dims, patch: grid.patch };
+        let mut latent = self.ops.zeros::<f32>(geometry.latent_len())?;
+        let mut out = Vec::with_capacity(b * geometry.latent_len());
+        for i in 0..b {
+            let rows = self.forward_tokens(x, &cond, i, &grid, 0..grid.tokens(), attn)?;
+            self.ops.unpatchify(&rows, &geometry, &mut latent)?;
+            out.extend(self.ops.download(&latent)?);
+        }
+        let [f, h, w] = grid.latent();
+        Ok(Tensor::new([b, c.out_channels, f, h, w], out)?)
+    }
+}

@@ -1,0 +1,135 @@
+//! One transformer type for callers that pick the device at run time: the f32 CPU model or the
+//! bf16 CUDA model behind one enum, loaded from the same files and presets, with one `forward`.
+
+use super::cuda::{CudaOps, CudaWanTransformer, Ops};
+use super::patch::PatchGrid;
+use super::transformer::{open_transformer_dir, DitInputs, WanTransformer};
+use crate::config::{TransformerConfig, TransformerPreset};
+use crate::weights::{RandomWeights, WeightSource};
+use crate::Result;
+use std::path::Path;
+use tessera_kernels::cuda::DeviceChoice;
+use tessera_kernels::{Device, Tensor};
+
+/// A Wan 2.1 transformer on the device chosen at run time.
+pub enum DitModel {
+    /// f32 on the CPU (the reference).
+    Cpu(Box<WanTransformer>),
+    /// bf16 on a CUDA GPU.
+    Cuda(Box<CudaWanTransformer>),
+}
+
+impl DitModel {
+    /// Builds the model on `device` (resolve a user's choice first with [`DeviceChoice::resolve`]).
+    pub fn from_source(cfg: TransformerConfig, src: &dyn WeightSource, device: Device) -> Result<Self> {
+        Ok(match device {
+            Device::Cpu => Self::Cpu(Box::new(WanTransformer::from_source(cfg, src)?)),
+            Device::Cuda(n) => Self::Cuda(Box::new(CudaWanTransformer::from_source(CudaOps::open(n)?, cfg, src)?)),
+        })
+    }
+
+    /// Loads a diffusers `transformer/` folder onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let (cfg, store) = open_transformer_dir(dir)?;
+        Self::from_source(cfg, &store, device)
+    }
+
+    /// A built-in configuration with deterministic random weights (the same on every device).
+    pub fn preset(preset: TransformerPreset, seed: u64, device: Device) -> Result<Self> {
+        Self::from_source(preset.config(), &RandomWeights::new(seed), device)
+    }
+
+    /// Resolves `choice` on this machine (`auto`: a usable GPU, else the CPU; `cuda` without one:
+    /// the error naming what is missing) and loads `dir` there.
+    pub fn load_on(dir: &Path, choice: DeviceChoice) -> Result<Self> {
+        Self::load(dir, choice.resolve()?)
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Cpu(_) => Device::Cpu,
+            Self::Cuda(m) => Device::Cuda(m.ops().device().ordinal()),
+        }
+    }
+
+    /// A line saying where and in which precision the model runs.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Cpu(_) => "cpu (f32)".into(),
+            Self::Cuda(m) => format!("{} (bf16)", m.ops().describe()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransformerConfig {
+        match self {
+            Self::Cpu(m) => m.config(),
+            Self::Cuda(m) => m.config(),
+        }
+    }
+
+    /// The CPU model, when that is where it runs (sequence-parallel runs use it today).
+    pub fn as_cpu(&self) -> Option<&WanTransformer> {
+        match self {
+            Self::Cpu(m) => Some(m.as_ref()),
+            Self::Cuda(_) => None,
+        }
+    }
+
+    /// Checks the inputs against the model and returns (batch, patch grid).
+    pub fn check_inputs(&self, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
+        match self {
+            Self::Cpu(m) => m.check_inputs(x),
+            Self::Cuda(m) => m.check_inputs(x),
+        }
+    }
+
+    /// The velocity `[B, C_out, F, H, W]` (f32, on the host) for `x`, all tokens on this device.
+    pub fn forward(&self, x: &DitInputs<'_>) -> Result<Tensor> {
+        match self {
+            Self::Cpu(m) => m.forward(x),
+            Self::Cuda(m) => m.forward(x),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Forward;
+    use tessera_kernels::cuda::cuda_status;
+    use tessera_kernels::random::fill_normal;
+
+    fn random(shape: &[usize], stream: u64) -> Tensor {
+        let mut d = vec![0.0; shape.iter().product()];
+        fill_normal(9, stream, 0, &mut d);
+        Tensor::new(shape.to_vec(), d).unwrap()
+    }
+
+    #[test]
+    fn cpu_dispatch_is_the_cpu_model_and_serves_as_a_pipeline_forward() {
+        let model = DitModel::preset(TransformerPreset::Tiny, 4, Device::Cpu).unwrap();
+        assert_eq!((model.device(), model.describe().as_str()), (Device::Cpu, "cpu (f32)"));
+        let (hidden, text) = (random(&[1, 16, 2, 4, 6], 1), random(&[1, 5, 32], 2));
+        let x = DitInputs { hidden_states: &hidden, timesteps: &[321.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let run = |x: &DitInputs<'_>| model.forward(x);
+        let forward: Forward<'_> = &run;
+        let want = WanTransformer::preset(TransformerPreset::Tiny, 4).unwrap().forward(&x).unwrap();
+        assert_eq!(forward(&x).unwrap(), want);
+        assert!(model.as_cpu().is_some());
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_names_what_is_missing() {
+        let Err(why) = cuda_status(0) else {
+            eprintln!("a usable GPU is present: this check is for machines without one");
+            return;
+        };
+        let err = DitModel::preset(TransformerPreset::Tiny, 0, Device::Cuda(0)).err().expect("no GPU").to_string();
+        assert!(err.contains(&why.to_string()), "{err}");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/dit/t2v-a");
+        assert!(matches!(DitModel::load_on(&dir, DeviceChoice::Auto).unwrap(), DitModel::Cpu(_)));
+        assert!(DitModel::load_on(&dir, DeviceChoice::Cuda(0)).is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! The GPU suite of the bf16 transformer: every golden transformer case on CUDA against its f32
+//! reference at the stated bf16 tolerance (`golden::CUDA_BF16_TOLERANCE`), through the same path
+//! as `tessera golden --device cuda`; and the CUDA forward against the f32 CPU forward and against
+//! the host emulation of the same bf16 computation, on random presets (padded and native head
+//! widths, batch of two, image-to-video, the Wan 2.1-1.3B width).
+//!
+//! Without a usable GPU every test skips with the reason printed; with `TESSERA_REQUIRE_GPU=1`
+//! they fail instead. Golden cases: the project's `tests/golden` (found from the working folder,
+//! as `bench/gpu_suite.sh run` starts this binary, or from the source tree) plus any roots in
+//! `TESSERA_GOLDEN_ROOTS` (comma-separated).
+
+use std::path::{Path, PathBuf};
+use tessera_kernels::random::fill_normal;
+use tessera_kernels::{Device, Tensor};
+use tessera_worker::config::{TransformerConfig, TransformerPreset};
+use tessera_worker::golden::{discover, run_case, CaseKind, Comparison, RunOptions, CUDA_BF16_TOLERANCE};
+use tessera_worker::model::cuda::{CudaOps, HostOps};
+use tessera_worker::model::{CudaWanTransformer, DitModel, EmulatedWanTransformer, WanTransformer};
+use tessera_worker::weights::{RandomWeights, SafetensorsFile, WeightSource};
+use tessera_worker::DitInputs;
+
+/// CUDA device 0 when it is usable; otherwise `None` with the reason printed (or a failure under
+/// `TESSERA_REQUIRE_GPU=1`).
+fn gpu(test: &str) -> Option<CudaOps> {
+    match CudaOps::open(0) {
+        Ok(ops) => Some(ops),
+        Err(why) => {
+            if std::env::var("TESSERA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TESSERA_REQUIRE_GPU=1 and no usable GPU: {why}");
+            }
+            eprintln!("SKIPPED {test}: no usable GPU ({why})");
+            None
+        }
+    }
+}
+
+fn golden_roots() -> Vec<PathBuf> {
+    let own = [PathBuf::from("tests/golden"), Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")];
+    let mut roots: Vec<PathBuf> = own.into_iter().filter(|p| p.join("dit").is_dir()).take(1).collect();
+    if let Ok(extra) = std::env::var("TESSERA_GOLDEN_ROOTS") {
+        roots.extend(extra.split(',').filter(|s| !s.is_empty()).map(PathBuf::from));
+    }
+    roots
+}
+
+fn read(io: &SafetensorsFile, name: &str) -> Tensor {
+    let (shape, data) = io.read_f32(name).unwrap();
+    Tensor::new(shape, data).unwrap()
+}
+
+fn compare(what: &str, got: &Tensor, want: &Tensor) -> Comparison {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes");
+    let c = Comparison::new(got.data(), want.data(), &CUDA_BF16_TOLERANCE);
+    println!("{what}: rel_l2 {:.3e}  max_abs {:.3e}  max|ref| {:.3}  {}", c.rel_l2, c.max_abs, c.max_ref, if c.passed { "PASS" } else { "FAIL" });
+    c
+}
+
+#[test]
+fn golden_dit_cases_pass_on_cuda_in_bf16() {
+    let Some(ops) = gpu("golden_dit_cases_pass_on_cuda_in_bf16") else { return };
+    println!("device {}", tessera_worker::model::cuda::Ops::describe(&ops));
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Dit]).unwrap_or_else(|e| panic!("{}: {e}", root.display())) {
+            // 1. As `tessera golden --device cuda` runs it.
+            let outcome = run_case(&case, &RunOptions { device: Device::Cuda(0), ..Default::default() });
+            println!("{} on cuda: {} {:?}", case.name, outcome.label(), outcome.worst());
+            if !outcome.passed() {
+                failures.push(format!("{} ({}): {outcome:?}", case.name, root.display()));
+            }
+            // 2. The same forward against the host emulation of the bf16 computation: a layout or
+            //    launch bug shows here as an O(1) error even where the reference comparison is close.
+            let io = SafetensorsFile::open(&case.dir.join("io.safetensors")).unwrap();
+            let (hidden, text) = (read(&io, "hidden_states"), read(&io, "encoder_hidden_states"));
+            let image = io.contains("encoder_hidden_states_image").then(|| read(&io, "encoder_hidden_states_image"));
+            let (_, timesteps) = io.read_f32("timestep").unwrap();
+            let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+            let cuda = CudaWanTransformer::load(ops.clone(), &case.dir).unwrap().forward(&x).unwrap();
+            let emulated = EmulatedWanTransformer::load(HostOps, &case.dir).unwrap().forward(&x).unwrap();
+            compare(&format!("{} cuda vs f32 reference", case.name), &cuda, &read(&io, "output"));
+            if !compare(&format!("{} cuda vs host emulation", case.name), &cuda, &emulated).passed {
+                failures.push(format!("{}: CUDA differs from the host emulation of the same bf16 computation", case.name));
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 4, "found {ran} dit cases under {:?}", golden_roots());
+    assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+}
+
+fn random(shape: &[usize], stream: u64) -> Tensor {
+    let mut d = vec![0.0; shape.iter().product()];
+    fill_normal(17, stream, 0, &mut d);
+    Tensor::new(shape.to_vec(), d).unwrap()
+}
+
+/// CUDA vs f32 CPU vs host emulation on one configuration with random weights and inputs.
+fn three_ways(ops: &CudaOps, name: &str, cfg: TransformerConfig, latent: [usize; 3], batch: usize, text_len: usize) {
+    let src = RandomWeights::new(7);
+    let hidden = random(&[batch, cfg.in_channels, latent[0], latent[1], latent[2]], 1);
+    let text = random(&[batch, text_len, cfg.text_dim], 2);
+    let image = cfg.image_dim.map(|d| random(&[batch, 257, d], 3));
+    let timesteps: Vec<f32> = (0..batch).map(|i| 999.0 - 400.0 * i as f32).collect();
+    let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    let cuda = CudaWanTransformer::from_source(ops.clone(), cfg.clone(), &src).unwrap().forward(&x).unwrap();
+    let cpu = WanTransformer::from_source(cfg.clone(), &src).unwrap().forward(&x).unwrap();
+    let emulated = EmulatedWanTransformer::from_source(HostOps, cfg, &src).unwrap().forward(&x).unwrap();
+    let vs_cpu = compare(&format!("{name}: cuda bf16 vs cpu f32"), &cuda, &cpu);
+    let vs_emu = compare(&format!("{name}: cuda vs host emulation"), &cuda, &emulated);
+    assert!(vs_cpu.passed && vs_emu.passed, "{name}: {vs_cpu:?} {vs_emu:?}");
+}
+
+#[test]
+fn cuda_forward_matches_cpu_on_random_presets() {
+    let Some(ops) = gpu("cuda_forward_matches_cpu_on_random_presets") else { return };
+    // Heads of 16 (zero-padded to the kernel's 64), a batch of two timesteps (CFG), full text.
+    three_ways(&ops, "tiny", TransformerPreset::Tiny.config(), [3, 8, 10], 2, 512);
+    // Native head widths 64 and 128, image-to-video (257 image tokens + 512 text rows).
+    let small = |head_dim: usize, image: bool| TransformerConfig {
+        num_attention_heads: 4,
+        attention_head_dim: head_dim,
+        ffn_dim: 6 * head_dim,
+        text_dim: 256,
+        image_dim: image.then_some(320),
+        added_kv_proj_dim: image.then_some(4 * head_dim),
+        in_channels: if image { 36 } else { 16 },
+        ..TransformerPreset::Tiny.config()
+    };
+    three_ways(&ops, "4x64", small(64, false), [2, 12, 14], 1, 512);
+    three_ways(&ops, "4x128 i2v", small(128, true), [2, 10, 8], 1, 512);
+    // Wan 2.1-1.3B width: 12 heads of 128, FFN 8960, 2 blocks, 192 tokens.
+    three_ways(&ops, "wan-1.3b-2l", TransformerPreset::Wan13bTwoLayers.config(), [3, 16, 16], 1, 512);
+}
+
+#[test]
+fn device_model_dispatch_and_errors() {
+    let Some(_ops) = gpu("device_model_dispatch_and_errors") else { return };
+    let cuda = DitModel::preset(TransformerPreset::Tiny, 0, Device::Cuda(0)).unwrap();
+    assert_eq!(cuda.device(), Device::Cuda(0));
+    assert!(cuda.describe().contains("bf16"), "{}", cuda.describe());
+    let hidden = random(&[1, 16, 1, 4, 4], 1);
+    let text = random(&[1, 8, 32], 2);
+    let bad_text = random(&[1, 8, 31], 2);
+    let x = DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+    assert_eq!(cuda.forward(&x).unwrap().shape(), &[1, 16, 1, 4, 4]);
+    let bad = DitInputs { encoder_hidden_states: &bad_text, ..x };
+    let err = cuda.forward(&bad).unwrap_err().to_string();
+    assert!(err.contains("encoder_hidden_states"), "{err}");
+    // A head the kernel cannot take is refused at load, naming the field.
+    let wide = TransformerConfig { attention_head_dim: 192, ..TransformerPreset::Tiny.config() };
+    let err = DitModel::from_source(wide, &RandomWeights::new(0) as &dyn WeightSource, Device::Cuda(0)).err().expect("refused").to_string();
+    assert!(err.contains("attention_head_dim 192"), "{err}");
+}
