@@ -109,8 +109,7 @@ run() {
   step "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "${TOKENS:-32760}" --iters "${ITERS:-10}"
   step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
   step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
-  step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" env TESSERA_GOLDEN_ROOTS="$PWD/tests/golden" \
-    "$BIN/gpu_transformer" --test-threads=1 --nocapture
+  step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \

@@ -40,6 +40,9 @@ fn golden_roots() -> Vec<PathBuf> {
     if let Ok(extra) = std::env::var("TESSERA_GOLDEN_ROOTS") {
         roots.extend(extra.split(',').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
+    // The same folder named twice runs once.
+    let mut seen = std::collections::HashSet::new();
+    roots.retain(|r| seen.insert(r.canonicalize().unwrap_or_else(|_| r.clone())));
     roots
 }
 

@@ -52,7 +52,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
         }
         cases.extend(found.into_iter().map(|c| (root.clone(), c)));
     }
-    if args.ranks == 0 || args.ulysses == 0 || args.ranks % args.ulysses != 0 {
+    if args.ranks == 0 || args.ulysses == 0 || !args.ranks.is_multiple_of(args.ulysses) {
         bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
     }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
