@@ -16,7 +16,7 @@ use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
 use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::{Device, Tensor};
-use tessera_worker::parallel::{LocalTransport, ParallelPlan};
+use tessera_worker::parallel::ParallelPlan;
 use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::sampler::SamplerKind;
 
@@ -83,15 +83,9 @@ pub struct GenerateArgs {
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
-    /// Sequence-parallel ranks for the denoising (in-process workers, threads of this process).
-    #[arg(long, env = "TESSERA_RANKS", default_value_t = 1)]
-    ranks: usize,
-    /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
-    #[arg(long, env = "TESSERA_ULYSSES", default_value_t = 1)]
-    ulysses: usize,
-    /// How the ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
-    #[arg(long, env = "TESSERA_TRANSPORT", default_value = "inproc")]
-    transport: String,
+    /// How the denoising is spread over in-process ranks.
+    #[command(flatten)]
+    ranks: super::RankArgs,
     /// No progress bar.
     #[arg(long, env = "TESSERA_QUIET")]
     quiet: bool,
@@ -253,7 +247,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if !(args.fps.is_finite() && args.fps > 0.0 && args.fps <= 120.0) {
         bail!("--fps {}: must be greater than 0 and at most 120", args.fps);
     }
-    let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
+    let transport = args.ranks.transport()?;
     let strength = match (&args.input_video, args.strength) {
         (None, Some(s)) => bail!("--strength {s}: applies only to video-to-video; give --input-video too"),
         (_, Some(s)) if !(s > 0.0 && s <= 1.0) => bail!("--strength {s}: must be greater than 0 and at most 1"),
@@ -261,11 +255,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let input_bytes = args.input_video.as_deref().map(read_input_video).transpose()?;
     let (pipe, defaults, model_desc) = pick_defaults(&args)?;
-    let plan = if args.ranks == 1 && args.ulysses == 1 {
+    let plan = if args.ranks.ranks == 1 && args.ranks.ulysses == 1 {
         None
     } else {
         let heads = pipe.transformer().config().num_attention_heads;
-        Some(ParallelPlan::new(args.ranks, args.ulysses, heads).map_err(|e| anyhow!("--ranks {} --ulysses {}: {e}", args.ranks, args.ulysses))?)
+        Some(ParallelPlan::new(args.ranks.ranks, args.ranks.ulysses, heads).map_err(|e| anyhow!("--ranks {} --ulysses {}: {e}", args.ranks.ranks, args.ranks.ulysses))?)
     };
     let load_time = started.elapsed();
     let seed = args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
@@ -349,7 +343,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let written = obs.file.take().expect("the file is still open").finish()?;
     let text_time = text_started.elapsed().saturating_sub(obs.denoise_time + decode_and_encode);
     println!("wrote {} ({} frames, {}x{} at {} fps, {})", args.output.display(), frames, spec.width, spec.height, args.fps, if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() });
-    let ranks = plan.map(|p| format!(", {} ranks (ulysses {} x ring {}, {})", p.ranks(), p.ulysses, p.ring, args.transport)).unwrap_or_default();
+    let ranks = plan.map(|p| format!(", {} ranks (ulysses {} x ring {}, {})", p.ranks(), p.ulysses, p.ring, args.ranks.transport)).unwrap_or_default();
     println!("model {model_desc}, seed {seed}, {} steps, guidance {}{ranks}", params.num_inference_steps, params.guidance_scale);
     println!(
         "time: load {:.2}s, text {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",

@@ -13,7 +13,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_coordinator::server::{serve, LocalExecutor, LocalExecutorConfig, ModelSource, ServerConfig};
-use tessera_worker::parallel::LocalTransport;
 use tessera_worker::pipeline::PipelinePreset;
 
 /// Arguments of `tessera serve`.
@@ -31,15 +30,9 @@ pub struct ServeArgs {
     /// The model name requests use (default: wan2.1-t2v-1.3b for a snapshot, the preset's name).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
     model_name: Option<String>,
-    /// Sequence-parallel ranks per job (in-process workers).
-    #[arg(long, env = "TESSERA_RANKS", default_value_t = 1)]
-    ranks: usize,
-    /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
-    #[arg(long, env = "TESSERA_ULYSSES", default_value_t = 1)]
-    ulysses: usize,
-    /// How the in-process ranks talk: `inproc` or `tcp` (loopback sockets).
-    #[arg(long, env = "TESSERA_TRANSPORT", default_value = "inproc")]
-    transport: String,
+    /// How the denoising is spread over in-process ranks.
+    #[command(flatten)]
+    ranks: super::RankArgs,
     /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
@@ -99,13 +92,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if model_name.trim().is_empty() {
         bail!("--model-name: must not be empty");
     }
-    if args.ranks == 0 {
-        bail!("--ranks {}: at least one rank is needed", args.ranks);
+    if args.ranks.ranks == 0 {
+        bail!("--ranks {}: at least one rank is needed", args.ranks.ranks);
     }
-    if args.ulysses == 0 || !args.ranks.is_multiple_of(args.ulysses) {
-        bail!("--ulysses {}: must be positive and divide --ranks {}", args.ulysses, args.ranks);
+    if args.ranks.ulysses == 0 || !args.ranks.ranks.is_multiple_of(args.ranks.ulysses) {
+        bail!("--ulysses {}: must be positive and divide --ranks {}", args.ranks.ulysses, args.ranks.ranks);
     }
-    let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
+    let transport = args.ranks.transport()?;
     if args.max_queue == 0 {
         bail!("--max-queue 0: the queue must hold at least one job");
     }
@@ -129,9 +122,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         let bound = listener.local_addr().with_context(|| format!("--listen {listen}"))?;
         println!("tessera serve: listening on {bound}");
         std::io::stdout().flush().ok();
-        let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks, ulysses: args.ulysses, transport, max_tokens: args.max_tokens })
+        let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks.ranks, ulysses: args.ranks.ulysses, transport, max_tokens: args.max_tokens })
             .map_err(|e| anyhow!("{e}"))?;
-        tracing::info!(%bound, model = %model_name, ranks = args.ranks, ulysses = args.ulysses, "loading the model");
+        tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
         serve(listener, Arc::new(executor), config, shutdown).await.map_err(|e| anyhow!("{source_flag}: {e}"))
     });
     // A job thread that ignored its stop must not keep the process alive.
