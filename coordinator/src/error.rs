@@ -68,6 +68,18 @@ pub enum CoordinatorError {
     /// The client's deadline passed before the job finished.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
+    /// A remote shard worker failed the job's call (it died, lost a peer, timed out or refused).
+    #[error("worker {worker} failed during {during}: {detail}")]
+    WorkerFailed {
+        /// The worker's id and address.
+        worker: String,
+        /// What the job was doing (prepare, step N, decode...).
+        during: String,
+        /// The worker's gRPC status code.
+        code: tonic::Code,
+        /// The worker's message, or the transport error.
+        detail: String,
+    },
     /// The service cannot take or finish the work now (starting, shutting down, no workers).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -134,6 +146,10 @@ impl From<CoordinatorError> for tonic::Status {
             // The worker crate's own mapping: bad inputs are the caller's, a lost peer ABORTED, a
             // stop CANCELLED, membership UNAVAILABLE, the rest INTERNAL.
             CoordinatorError::Worker(w) => tonic::Status::from(w),
+            // A worker refusing the request itself is the caller's fault; anything else means the
+            // cluster lost the job (a worker died or timed out): retrying may succeed.
+            CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. } => tonic::Status::invalid_argument(msg),
+            CoordinatorError::WorkerFailed { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::QueueFull { .. } => tonic::Status::resource_exhausted(msg),
             CoordinatorError::NotFound { .. } => tonic::Status::not_found(msg),
             CoordinatorError::Cancelled(_) => tonic::Status::cancelled(msg),

@@ -3,6 +3,7 @@
 //! sequence-parallel attention, and the pieces a worker process runs.
 
 pub mod config;
+pub mod duration;
 mod error;
 pub mod golden;
 pub mod membership;

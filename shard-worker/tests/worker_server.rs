@@ -34,6 +34,7 @@ async fn start_workers(n: usize) -> (Vec<ShardWorkerClient<Channel>>, Vec<String
             devices: vec!["cpu".into()],
             memory_bytes: 1 << 30,
             connect_timeout: Duration::from_secs(20),
+            job_idle_timeout: Duration::from_secs(600),
         };
         let svc = WorkerService::new(pipe.clone(), me);
         tokio::spawn(tonic::transport::Server::builder().add_service(ShardWorkerServer::new(svc)).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));

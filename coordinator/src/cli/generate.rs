@@ -123,7 +123,7 @@ fn remote_request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> 
     }
     let size = |v: Option<usize>, flag: &str| -> Result<u32> { v.map_or(Ok(0), |v| u32::try_from(v).map_err(|_| anyhow!("{flag} {v}: too large"))) };
     let timeout = match &args.timeout {
-        Some(t) => Some(super::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
+        Some(t) => Some(tessera_worker::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
         None => None,
     };
     if args.model.is_some() {

@@ -3,7 +3,6 @@
 pub mod bench;
 mod bench_sharded;
 mod bench_vae;
-mod duration;
 pub mod generate;
 pub mod golden;
 mod remote;

@@ -1,9 +1,10 @@
-//! `tessera serve`: the coordinator's public gRPC server, with jobs on in-process workers (a
-//! diffusers snapshot or a built-in model). Prints `listening on ADDR` once bound; health turns
-//! SERVING when the model is loaded. SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
+//! `tessera serve`: the coordinator's public gRPC server. With `--etcd`, jobs run on the
+//! `tessera-worker` processes registered there; without it, on in-process workers (a diffusers
+//! snapshot or a built-in model). Prints `listening on ADDR` once bound; health turns SERVING when
+//! the model is loaded (embedded) or the workers are listed (cluster). SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
 //! running job gets `--grace-period` to finish and is then stopped between steps.
 
-use super::duration::parse_duration;
+use tessera_worker::duration::parse_duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -12,7 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_coordinator::server::{serve, LocalExecutor, LocalExecutorConfig, ModelSource, ServerConfig};
+use tessera_coordinator::server::{serve, DriveLimits, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig};
+use tessera_worker::membership::{EtcdMembership, Heartbeat};
 use tessera_worker::pipeline::PipelinePreset;
 
 /// Arguments of `tessera serve`.
@@ -21,6 +23,21 @@ pub struct ServeArgs {
     /// Address of the public gRPC API (port 0 picks a free port; the address is printed).
     #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:50051")]
     listen: String,
+    /// etcd endpoints (comma-separated URLs): run jobs on the workers registered there.
+    #[arg(long, env = "TESSERA_ETCD_ENDPOINTS", value_delimiter = ',', conflicts_with_all = ["model", "preset"])]
+    etcd: Vec<String>,
+    /// The cluster's name in etcd (records under /tessera/<cluster>/workers/).
+    #[arg(long, env = "TESSERA_CLUSTER", default_value = "tessera")]
+    cluster: String,
+    /// Membership heartbeat (must match the workers'): how fast a lapsed worker is noticed.
+    #[arg(long, env = "TESSERA_HEARTBEAT", default_value = "2s")]
+    heartbeat: String,
+    /// Most workers one job uses (0 = every free worker serving its model).
+    #[arg(long, env = "TESSERA_MAX_RANKS", default_value_t = 0)]
+    max_ranks: usize,
+    /// Longest a denoising step may take on the workers before the job is failed.
+    #[arg(long, env = "TESSERA_STEP_TIMEOUT", default_value = "10m")]
+    step_timeout: String,
     /// A diffusers snapshot folder to serve.
     #[arg(long, env = "TESSERA_MODEL", conflicts_with = "preset")]
     model: Option<PathBuf>,
@@ -52,6 +69,7 @@ pub struct ServeArgs {
 
 /// What `--model`/`--preset` asked for, and the default model name.
 fn model_source(args: &ServeArgs) -> Result<(ModelSource, String, String)> {
+    let hint = " (or --etcd URLS to run jobs on registered workers)";
     match (&args.model, &args.preset) {
         (Some(dir), None) => {
             if !dir.is_dir() {
@@ -63,7 +81,7 @@ fn model_source(args: &ServeArgs) -> Result<(ModelSource, String, String)> {
             let preset = PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
             Ok((ModelSource::Preset(preset), preset.name().into(), format!("--preset {name}")))
         }
-        (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny"),
+        (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny{hint}"),
         (Some(_), Some(_)) => bail!("--model and --preset: give one of them"),
     }
 }
@@ -84,10 +102,29 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Runs the server until it is told to stop.
-pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    let listen: SocketAddr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e} (expected HOST:PORT, e.g. 0.0.0.0:50051)", args.listen))?;
-    let (source, default_name, source_flag) = model_source(&args)?;
+/// How jobs run: on in-process workers, or on the workers registered in etcd.
+enum Mode {
+    Embedded { source: ModelSource, model_name: String, source_flag: String, transport: tessera_worker::parallel::LocalTransport },
+    Cluster { heartbeat: Heartbeat, limits: DriveLimits },
+}
+
+fn mode(args: &ServeArgs) -> Result<Mode> {
+    if !args.etcd.is_empty() {
+        if args.cluster.is_empty() || args.cluster.contains('/') {
+            bail!("--cluster {:?}: must be a non-empty name without '/'", args.cluster);
+        }
+        let heartbeat = parse_duration(&args.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+        let heartbeat = Heartbeat::new(heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+        let step = parse_duration(&args.step_timeout).map_err(|e| anyhow!("--step-timeout: {e}"))?;
+        if step < Duration::from_secs(1) {
+            bail!("--step-timeout {}: must be at least 1s", args.step_timeout);
+        }
+        if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
+            bail!("--ranks/--ulysses set the in-process ranks; with --etcd the group and plan follow the workers (limit them with --max-ranks)");
+        }
+        return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() } });
+    }
+    let (source, default_name, source_flag) = model_source(args)?;
     let model_name = args.model_name.clone().unwrap_or(default_name);
     if model_name.trim().is_empty() {
         bail!("--model-name: must not be empty");
@@ -99,6 +136,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         bail!("--ulysses {}: must be positive and divide --ranks {}", args.ranks.ulysses, args.ranks.ranks);
     }
     let transport = args.ranks.transport()?;
+    Ok(Mode::Embedded { source, model_name, source_flag, transport })
+}
+
+/// Runs the server until it is told to stop.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    let listen: SocketAddr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e} (expected HOST:PORT, e.g. 0.0.0.0:50051)", args.listen))?;
+    let mode = mode(&args)?;
     if args.max_queue == 0 {
         bail!("--max-queue 0: the queue must hold at least one job");
     }
@@ -122,10 +166,24 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         let bound = listener.local_addr().with_context(|| format!("--listen {listen}"))?;
         println!("tessera serve: listening on {bound}");
         std::io::stdout().flush().ok();
-        let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks.ranks, ulysses: args.ranks.ulysses, transport, max_tokens: args.max_tokens })
-            .map_err(|e| anyhow!("{e}"))?;
-        tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
-        serve(listener, Arc::new(executor), config, shutdown).await.map_err(|e| anyhow!("{source_flag}: {e}"))
+        let (executor, what): (Arc<dyn JobExecutor>, String) = match mode {
+            Mode::Embedded { source, model_name, source_flag, transport } => {
+                let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks.ranks, ulysses: args.ranks.ulysses, transport, max_tokens: args.max_tokens })
+                    .map_err(|e| anyhow!("{e}"))?;
+                tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
+                (Arc::new(executor), source_flag)
+            }
+            Mode::Cluster { heartbeat, limits } => {
+                let endpoints = args.etcd.join(",");
+                let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
+                let default_model = args.model_name.clone();
+                let executor = RemoteExecutor::start(RemoteExecutorConfig { membership: Arc::new(membership), max_ranks: args.max_ranks, max_tokens: args.max_tokens, default_model, limits })
+                    .map_err(|e| anyhow!("{e}"))?;
+                tracing::info!(%bound, etcd = %endpoints, cluster = %args.cluster, "following the workers in etcd");
+                (Arc::new(executor), format!("--etcd {endpoints}"))
+            }
+        };
+        serve(listener, executor, config, shutdown).await.map_err(|e| anyhow!("{what}: {e}"))
     });
     // A job thread that ignored its stop must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -166,10 +166,7 @@ impl JobExecutor for LocalExecutor {
         self.config.max_tokens
     }
 
-    fn check(&self, request: &ValidRequest) -> Result<(), CoordinatorError> {
-        if !request.request.input_video.is_empty() {
-            return Err(CoordinatorError::invalid_argument("input_video", "not supported by this server yet"));
-        }
+    fn check(&self, _request: &ValidRequest) -> Result<(), CoordinatorError> {
         Ok(())
     }
 
@@ -307,7 +304,11 @@ fn run_job(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, events: &m
 fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut JobObserver<'_>) -> Result<ExecReport, CoordinatorError> {
     let pipe = &loaded.pipe;
     let r = &job.request.request;
-    let params = generation_params(&job.request)?;
+    let mut params = generation_params(&job.request)?;
+    if let Some(video) = super::input::prepare_request_video(r)? {
+        let strength = r.strength.ok_or_else(|| CoordinatorError::invalid_argument("strength", "required with input_video"))?;
+        params.video = Some(tessera_worker::pipeline::VideoInput { video, strength: strength as f64 });
+    }
     let vc = pipe.vae().config();
     params.validate(vc.spatial_factor(), vc.temporal_factor())?;
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);

@@ -1,23 +1,28 @@
 //! The coordinator's public gRPC server (`tessera serve`): the `tessera.v1.Tessera` service with
 //! standard health and reflection beside it. Requests are validated, queued by priority and run
-//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers); progress and the encoded video
+//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers; [`RemoteExecutor`]: `tessera-worker`
+//! processes found through etcd); progress and the encoded video
 //! stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
 //! period and is then stopped at a step boundary.
 
 mod executor;
+mod input;
 mod jobs;
 mod local;
 mod output;
 mod queue;
+mod remote;
 mod runner;
 mod scheduler;
 mod service;
 
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
+pub use input::{prepare_request_video, prepare_request_video_blocking};
 pub use jobs::{JobTable, StopReason, StopSignal, Timings};
 pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSource};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use queue::JobQueue;
+pub use remote::{ulysses_degree, DriveLimits, Group, RemoteExecutor, RemoteExecutorConfig, WorkerTable};
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
 

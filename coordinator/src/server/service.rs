@@ -94,6 +94,8 @@ impl Tessera for TesseraService {
         let exec = &state.executor;
         let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
         exec.check(&valid)?;
+        // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
+        super::input::prepare_request_video_blocking(&valid.request).await?;
         let plan = exec.plan(&valid);
         let id = state.jobs.new_id();
         let stop = StopSignal::default();

@@ -12,7 +12,7 @@ mod record;
 
 pub use etcd::EtcdMembership;
 pub use memory::MemoryMembership;
-pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, WorkerRecord, WorkerState, MAX_ID_LEN};
+pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};
 
 use crate::{Result, WorkerError};
 use std::pin::Pin;
@@ -218,13 +218,22 @@ impl Registration {
     /// Rewrites the record with a new state and job, under the same lease. Fails (and keeps the
     /// old record) when the state and job disagree or the lease was lost.
     pub async fn update(&mut self, state: WorkerState, job_id: Option<String>) -> Result<()> {
-        check_state_and_job(state, job_id.as_deref())?;
-        if let Some(reason) = self.lost_reason() {
-            return Err(WorkerError::Membership(format!("worker `{}`: cannot update, {reason}", self.record.worker_id)));
-        }
         let mut next = self.record.clone();
         next.state = state;
         next.job_id = job_id;
+        self.replace(next).await
+    }
+
+    /// Rewrites the whole record under the same lease (the worker id must stay the same). Fails
+    /// (and keeps the old record) when the record is invalid or the lease was lost.
+    pub async fn replace(&mut self, next: WorkerRecord) -> Result<()> {
+        next.validate()?;
+        if next.worker_id != self.record.worker_id {
+            return Err(WorkerError::input("worker_id", format!("a registration of `{}` cannot store `{}`", self.record.worker_id, next.worker_id)));
+        }
+        if let Some(reason) = self.lost_reason() {
+            return Err(WorkerError::Membership(format!("worker `{}`: cannot update, {reason}", self.record.worker_id)));
+        }
         self.lease.put(&next).await?;
         self.record = next;
         Ok(())

@@ -61,6 +61,24 @@ pub struct WorkerRecord {
     /// The job it runs (set when busy, possibly when draining).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// What the coordinator needs to know of the model to plan and default a job.
+    #[serde(default)]
+    pub model_info: ModelInfo,
+}
+
+/// The served model's facts that planning needs (all zero when a worker did not say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Attention heads of the transformer (a Ulysses degree must divide them).
+    pub attention_heads: u32,
+    /// Default frame width of a request.
+    pub width: u32,
+    /// Default frame height.
+    pub height: u32,
+    /// Default number of frames.
+    pub num_frames: u32,
+    /// Default denoising steps.
+    pub steps: u32,
 }
 
 impl WorkerRecord {
@@ -83,6 +101,7 @@ impl WorkerRecord {
             version: env!("CARGO_PKG_VERSION").to_string(),
             state: WorkerState::Starting,
             job_id: None,
+            model_info: ModelInfo::default(),
         }
     }
 

@@ -25,6 +25,8 @@ pub struct JobSetup {
     pub session: u64,
     /// How long to wait for the other ranks.
     pub connect_timeout: Duration,
+    /// The job ends when no command comes for this long (its coordinator is gone).
+    pub idle_timeout: Duration,
     /// The generation.
     pub params: GenerationParams,
 }
@@ -68,10 +70,28 @@ pub struct JobHandle {
     pub tokens: std::ops::Range<usize>,
     /// The rank.
     pub rank: usize,
+    /// Denoising steps of the run.
+    pub total_steps: usize,
     commands: mpsc::Sender<Command>,
+    ended: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Tells watchers that the job thread ended, however it ends (return or panic).
+struct EndedGuard(tokio::sync::watch::Sender<bool>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl JobHandle {
+    /// Turns true when the job's thread has ended (the group failed, the job idled out, or it
+    /// was released).
+    pub fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ended.clone()
+    }
+
     /// Sends a command; fails if the job thread has ended.
     pub fn send(&self, c: Command) -> Result<()> {
         self.commands.send(c).map_err(|_| WorkerError::Collective("the job's thread has ended (a peer failed earlier)".into()))
@@ -91,10 +111,12 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     setup.params.validate(spatial, temporal)?;
     let (ready_tx, ready_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel::<Command>();
+    let (ended_tx, ended) = tokio::sync::watch::channel(false);
     let rank = setup.rank;
     std::thread::Builder::new()
         .name(format!("job-{}-r{rank}", setup.job_id))
         .spawn(move || {
+            let _ended = EndedGuard(ended_tx);
             let prepared = prepare(&pipe, &setup, plan, listener);
             let (ctx, run) = match prepared {
                 Ok(p) => p,
@@ -105,12 +127,12 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
             };
             let [f, h, w] = setup.params.latent_fhw(spatial, temporal);
             let tokens = f * (h / 2) * (w / 2);
-            let _ = ready_tx.send(Ok(shard_ranges(tokens, world)[rank].clone()));
-            serve(&pipe, &ctx, run, rx);
+            let _ = ready_tx.send(Ok((shard_ranges(tokens, world)[rank].clone(), run.total_steps())));
+            serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;
-    let tokens = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
-    Ok(JobHandle { tokens, rank, commands: tx })
+    let (tokens, total_steps) = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
+    Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended })
 }
 
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
@@ -125,9 +147,17 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
 }
 
-fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<Command>) {
+fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<Command>, idle_timeout: Duration, job_id: &str) {
     let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
-    for command in commands {
+    loop {
+        let command = match commands.recv_timeout(idle_timeout) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(job_id, idle_s = idle_timeout.as_secs_f64(), "no command for the job: dropping it (its coordinator is gone?)");
+                return;
+            }
+        };
         match command {
             Command::Step(index, reply) => {
                 let result = if index != run.steps_done() {

@@ -10,13 +10,15 @@ mod status;
 pub use job::{JobCheckpoint, JobSetup, StepReport};
 pub use request::params_from_request;
 
-use crate::pipeline::WanPipeline;
+use crate::pipeline::{VideoInput, WanPipeline};
 use crate::WorkerError;
 use job::{Command, JobHandle};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorker;
@@ -40,40 +42,111 @@ pub struct WorkerIdentity {
     pub memory_bytes: u64,
     /// How long PrepareJob waits for the other ranks.
     pub connect_timeout: Duration,
+    /// A job that gets no command for this long is dropped (its coordinator is gone).
+    pub job_idle_timeout: Duration,
 }
 
-/// The service: one loaded pipeline, at most one job at a time.
+/// The service: one loaded pipeline, at most one job at a time. Cheap to clone (shared state).
+#[derive(Clone)]
 pub struct WorkerService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pipe: Arc<WanPipeline>,
     me: WorkerIdentity,
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    /// The job this worker runs now, published for membership.
+    running: watch::Sender<Option<String>>,
+    draining: AtomicBool,
+}
+
+impl Inner {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the job now running (if any) after the table changed.
+    fn publish(&self, jobs: &HashMap<String, Arc<JobHandle>>) {
+        let now = jobs.keys().next().cloned();
+        self.running.send_if_modified(|v| {
+            let changed = *v != now;
+            *v = now;
+            changed
+        });
+    }
+
+    /// Drops job `id` if it is still the handle `which` (not a later job of the same id).
+    fn forget(&self, id: &str, which: &std::sync::Weak<JobHandle>) {
+        let mut jobs = self.table();
+        if jobs.get(id).is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), which.as_ptr())) {
+            jobs.remove(id);
+            self.publish(&jobs);
+        }
+    }
 }
 
 impl WorkerService {
     /// A service running `pipe` as `me`.
     pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity) -> Self {
-        Self { pipe, me, jobs: Mutex::new(HashMap::new()) }
+        let inner = Inner { pipe, me, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false) };
+        Self { inner: Arc::new(inner) }
     }
 
     fn job(&self, id: &str) -> Result<Arc<JobHandle>, Status> {
-        self.jobs.lock().expect("job table").get(id).cloned().ok_or_else(|| Status::not_found(format!("job {id:?} is not on this worker")))
+        self.inner.table().get(id).cloned().ok_or_else(|| Status::not_found(format!("job {id:?} is not on this worker")))
+    }
+
+    /// The job running now (`None` when idle), updated as jobs start and end.
+    pub fn running(&self) -> watch::Receiver<Option<String>> {
+        self.inner.running.subscribe()
+    }
+
+    /// From now on PrepareJob is refused (UNAVAILABLE); the running job goes on.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The worker's identity.
+    pub fn identity(&self) -> &WorkerIdentity {
+        &self.inner.me
     }
 
     /// The worker's record, as `ListWorkers` shows it.
     pub fn describe(&self) -> Worker {
-        let jobs = self.jobs.lock().expect("job table");
+        let me = &self.inner.me;
+        let jobs = self.inner.table();
         let job_id = jobs.keys().next().cloned().unwrap_or_default();
+        let state = match (jobs.is_empty(), self.inner.draining.load(Ordering::SeqCst)) {
+            (false, _) => WorkerState::Busy,
+            (true, true) => WorkerState::Draining,
+            (true, false) => WorkerState::Idle,
+        };
         Worker {
-            worker_id: self.me.worker_id.clone(),
-            address: self.me.address.clone(),
-            model: self.me.model.clone(),
-            devices: self.me.devices.clone(),
-            memory_bytes: self.me.memory_bytes,
-            state: if jobs.is_empty() { WorkerState::Idle } else { WorkerState::Busy } as i32,
+            worker_id: me.worker_id.clone(),
+            address: me.address.clone(),
+            model: me.model.clone(),
+            devices: me.devices.clone(),
+            memory_bytes: me.memory_bytes,
+            state: state as i32,
             job_id,
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
+}
+
+/// Resolves `host:port` peers (names or IPs) to socket addresses.
+async fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Status> {
+    let mut out = Vec::with_capacity(peers.len());
+    for p in peers {
+        if let Ok(a) = p.parse::<SocketAddr>() {
+            out.push(a);
+            continue;
+        }
+        let mut found = tokio::net::lookup_host(p.as_str()).await.map_err(|e| Status::invalid_argument(format!("peers: {p:?}: {e}")))?;
+        out.push(found.next().ok_or_else(|| Status::invalid_argument(format!("peers: {p:?} resolves to no address")))?);
+    }
+    Ok(out)
 }
 
 /// Runs `f` on a blocking thread and maps its error.
@@ -85,25 +158,29 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WorkerError> 
 impl ShardWorker for WorkerService {
     async fn prepare_job(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
         let r = request.into_inner();
+        let me = &self.inner.me;
         if r.job_id.is_empty() {
             return Err(Status::invalid_argument("job_id: required"));
         }
+        if self.inner.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("worker {} is shutting down and takes no new job", me.worker_id)));
+        }
         {
-            let jobs = self.jobs.lock().expect("job table");
+            let jobs = self.inner.table();
             if let Some(other) = jobs.keys().next() {
-                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", self.me.worker_id)));
+                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
             }
         }
         if !r.init_latents.is_empty() || r.resume.is_some() {
-            return Err(Status::unimplemented("video-to-video and resuming from a checkpoint are not supported by remote workers yet"));
+            return Err(Status::unimplemented("init_latents and resume: resuming from a checkpoint is not supported by remote workers yet (send input_frames for video-to-video)"));
         }
-        let req = r.request.ok_or_else(|| Status::invalid_argument("request: required"))?;
-        let params = params_from_request(&req, r.seed).map_err(Status::from)?;
-        let peers = r
-            .peers
-            .iter()
-            .map(|p| p.parse::<SocketAddr>().map_err(|e| Status::invalid_argument(format!("peers: {p:?}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let req = r.request.as_ref().ok_or_else(|| Status::invalid_argument("request: required"))?;
+        let mut params = params_from_request(req, r.seed).map_err(Status::from)?;
+        if let Some(frames) = &r.input_frames {
+            let strength = req.strength.ok_or_else(|| Status::invalid_argument("request.strength: required with input_frames"))?;
+            params.video = Some(VideoInput { video: input_video(frames).map_err(Status::from)?, strength: strength as f64 });
+        }
+        let peers = resolve_peers(&r.peers).await?;
         if r.world as usize != peers.len() {
             return Err(Status::invalid_argument(format!("world: {} but {} peers", r.world, peers.len())));
         }
@@ -113,20 +190,43 @@ impl ShardWorker for WorkerService {
             peers,
             ulysses: r.ulysses.max(1) as usize,
             session: r.session,
-            connect_timeout: self.me.connect_timeout,
+            connect_timeout: me.connect_timeout,
+            idle_timeout: me.job_idle_timeout,
             params,
         };
-        let collective = self.me.collective;
-        let pipe = self.pipe.clone();
+        let collective = me.collective;
+        let pipe = self.inner.pipe.clone();
         let started = std::time::Instant::now();
         let handle = blocking(move || {
             let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
             job::start(pipe, setup, listener)
         })
         .await?;
-        let tokens = handle.tokens.clone();
-        self.jobs.lock().expect("job table").insert(r.job_id, Arc::new(handle));
-        Ok(Response::new(pb::PrepareJobResponse { token_start: tokens.start as u64, token_end: tokens.end as u64, seconds: started.elapsed().as_secs_f64() }))
+        let (tokens, total_steps) = (handle.tokens.clone(), handle.total_steps);
+        let mut ended = handle.ended();
+        let handle = Arc::new(handle);
+        {
+            let mut jobs = self.inner.table();
+            if let Some(other) = jobs.keys().next() {
+                // Another PrepareJob won the race; this one's thread ends with the dropped handle.
+                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
+            }
+            jobs.insert(r.job_id.clone(), handle.clone());
+            self.inner.publish(&jobs);
+        }
+        // The job leaves the table when its thread ends (failed peer, idle timeout) or at ReleaseJob.
+        // (A weak reference: the task must not keep the command channel open after ReleaseJob.)
+        let (inner, handle) = (self.inner.clone(), Arc::downgrade(&handle));
+        tokio::spawn(async move {
+            let _ = ended.wait_for(|e| *e).await;
+            inner.forget(&r.job_id, &handle);
+        });
+        Ok(Response::new(pb::PrepareJobResponse {
+            token_start: tokens.start as u64,
+            token_end: tokens.end as u64,
+            seconds: started.elapsed().as_secs_f64(),
+            total_steps: total_steps as u32,
+        }))
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
@@ -206,13 +306,33 @@ impl ShardWorker for WorkerService {
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         // Dropping the handle closes the command channel; the job thread ends after its current command.
-        self.jobs.lock().expect("job table").remove(&request.into_inner().job_id);
+        let mut jobs = self.inner.table();
+        jobs.remove(&request.into_inner().job_id);
+        self.inner.publish(&jobs);
         Ok(Response::new(pb::ReleaseJobResponse {}))
     }
 
     async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
-        Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.me.collective.to_string() }))
+        Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.inner.me.collective.to_string() }))
     }
+}
+
+/// Input frames (8-bit RGB, interleaved) as the pipeline's video `[1, 3, F, H, W]` in [−1, 1].
+fn input_video(m: &pb::InputFrames) -> Result<tessera_kernels::Tensor, WorkerError> {
+    let (f, h, w) = (m.frames as usize, m.height as usize, m.width as usize);
+    let plane = h * w;
+    if f == 0 || m.rgb.len() != f * plane * 3 {
+        return Err(WorkerError::input("input_frames", format!("{} bytes are not {f} frames of {w}x{h} RGB", m.rgb.len())));
+    }
+    let mut data = vec![0.0f32; m.rgb.len()];
+    for t in 0..f {
+        for p in 0..plane {
+            for c in 0..3 {
+                data[(c * f + t) * plane + p] = m.rgb[(t * plane + p) * 3 + c] as f32 / 127.5 - 1.0;
+            }
+        }
+    }
+    tessera_kernels::Tensor::new([1, 3, f, h, w], data).map_err(|e| WorkerError::input("input_frames", e.to_string()))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

@@ -1,25 +1,48 @@
-//! `tessera-worker serve`: loads the model and serves the internal gRPC API until SIGTERM or
-//! Ctrl-C; the job's ranks meet on the collective address.
+//! `tessera-worker serve`: loads the model, registers in etcd under a lease (when `--etcd` is
+//! given) and serves the internal gRPC API (with grpc.health.v1 beside it) until SIGTERM or Ctrl-C.
+//! The record's state follows the worker: starting while the model loads, idle, busy with a job,
+//! draining at shutdown. Shutdown: health NOT_SERVING and no new job, the running job gets
+//! `--grace-period` to end, the lease is revoked (the coordinator sees the worker leave at once),
+//! then the process exits.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
-use tessera_worker::pipeline::{PipelinePreset, WanPipeline};
+use tessera_worker::duration::parse_duration;
+use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership, ModelInfo, Registration, WorkerRecord, WorkerState};
+use tessera_worker::pipeline::{PipelinePreset, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
+use tonic_health::ServingStatus;
+
+/// The health service name of the internal API.
+const SERVICE_NAME: &str = "tessera.worker.v1.ShardWorker";
 
 /// Arguments of `tessera-worker serve`.
 #[derive(Args)]
 pub struct ServeArgs {
     /// Address of the internal gRPC API (must not be reachable from outside the cluster).
-    #[arg(long, env = "TESSERA_WORKER_LISTEN", default_value = "127.0.0.1:50061")]
+    #[arg(long, env = "TESSERA_WORKER_LISTEN", default_value = "0.0.0.0:50061")]
     listen: SocketAddr,
     /// Address the other ranks of a job connect to for collectives (TCP).
-    #[arg(long, env = "TESSERA_WORKER_COLLECTIVE", default_value = "127.0.0.1:50062")]
+    #[arg(long, env = "TESSERA_WORKER_COLLECTIVE", default_value = "0.0.0.0:50062")]
     collective: SocketAddr,
+    /// Host name or IP the coordinator and the other workers reach this worker at (default: the
+    /// listen IP, or this machine's host name when listening on all interfaces).
+    #[arg(long, env = "TESSERA_WORKER_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
+    /// etcd endpoints (comma-separated URLs) to register in; without them the worker only serves.
+    #[arg(long, env = "TESSERA_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The cluster's name: records live under /tessera/<cluster>/workers/.
+    #[arg(long, env = "TESSERA_CLUSTER", default_value = "tessera")]
+    cluster: String,
+    /// Membership heartbeat: the lease is renewed this often and lapses after 3 missed beats.
+    #[arg(long, env = "TESSERA_HEARTBEAT", default_value = "2s")]
+    heartbeat: String,
     /// A diffusers snapshot folder; without it the built-in model of --preset is served.
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
@@ -35,50 +58,276 @@ pub struct ServeArgs {
     /// Seconds PrepareJob waits for the other ranks of a job.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT_S", default_value_t = 30)]
     connect_timeout_s: u64,
+    /// A job that receives no command for this long is dropped (its coordinator went away).
+    #[arg(long, env = "TESSERA_JOB_IDLE_TIMEOUT", default_value = "10m")]
+    job_idle_timeout: String,
+    /// At shutdown, how long the running job may go on before the worker exits anyway.
+    #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
+    grace_period: String,
+}
+
+/// Largest internal message (decoded frames, latents, video-to-video inputs).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// Settings checked at start-up.
+struct Settings {
+    identity: WorkerIdentity,
+    collective_address: String,
+    heartbeat: Heartbeat,
+    grace_period: Duration,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
+}
+
+/// `host:port` as others dial it.
+fn advertised(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => SocketAddr::from((ip, port)).to_string(),
+        _ => format!("{host}:{port}"),
+    }
+}
+
+fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
+    if a.connect_timeout_s == 0 {
+        bail!("--connect-timeout-s 0: must be at least 1");
+    }
+    let heartbeat = parse_duration(&a.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+    let heartbeat = Heartbeat::new(heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+    let job_idle_timeout = parse_duration(&a.job_idle_timeout).map_err(|e| anyhow!("--job-idle-timeout: {e}"))?;
+    if job_idle_timeout < Duration::from_secs(1) {
+        bail!("--job-idle-timeout {}: must be at least 1s", a.job_idle_timeout);
+    }
+    let grace_period = parse_duration(&a.grace_period).map_err(|e| anyhow!("--grace-period: {e}"))?;
+    let host = match &a.advertise_host {
+        Some(h) if h.trim().is_empty() => bail!("--advertise-host: must not be empty"),
+        Some(h) => h.trim().to_string(),
+        None if a.listen.ip().is_unspecified() => hostname(),
+        None => a.listen.ip().to_string(),
+    };
+    if a.cluster.is_empty() || a.cluster.contains('/') {
+        bail!("--cluster {:?}: must be a non-empty name without '/'", a.cluster);
+    }
+    let worker_id = a.worker_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    tessera_worker::membership::validate_id("worker_id", &worker_id).map_err(|e| anyhow!("--worker-id: {e}"))?;
+    if model_name.trim().is_empty() {
+        bail!("--model-name: must not be empty");
+    }
+    let identity = WorkerIdentity {
+        worker_id,
+        model: model_name,
+        address: advertised(&host, a.listen.port()),
+        collective: a.collective,
+        devices: vec!["cpu".into()],
+        memory_bytes: memory_available().unwrap_or(0),
+        connect_timeout: Duration::from_secs(a.connect_timeout_s),
+        job_idle_timeout,
+    };
+    let collective_address = advertised(&host, a.collective.port());
+    Ok(Settings { identity, collective_address, heartbeat, grace_period })
+}
+
+/// Memory available to jobs (Linux `MemAvailable`), if known.
+fn memory_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
+fn load(model: Option<PathBuf>, preset: &str) -> Result<(WanPipeline, ModelInfo)> {
+    let (pipe, defaults) = match &model {
+        Some(dir) => (WanPipeline::load(dir).with_context(|| format!("--model {}", dir.display()))?, WAN_DEFAULTS),
+        None => {
+            let p = PipelinePreset::from_name(preset).map_err(|e| anyhow!("--preset {preset}: {e}"))?;
+            (p.build(0)?, p.defaults())
+        }
+    };
+    let info = ModelInfo {
+        attention_heads: pipe.transformer().config().num_attention_heads as u32,
+        width: defaults.width as u32,
+        height: defaults.height as u32,
+        num_frames: defaults.num_frames as u32,
+        steps: defaults.num_inference_steps as u32,
+    };
+    Ok((pipe, info))
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler; only Ctrl-C stops the worker");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
+    }
 }
 
 /// Runs the server until a shutdown signal.
 pub fn serve(a: ServeArgs) -> Result<()> {
-    if a.connect_timeout_s == 0 {
-        return Err(anyhow!("--connect-timeout-s 0: must be at least 1"));
-    }
-    let (pipe, default_name) = match &a.model {
-        Some(dir) => {
-            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-            (WanPipeline::load(dir).with_context(|| format!("--model {}", dir.display()))?, name)
-        }
-        None => {
-            let p = PipelinePreset::from_name(&a.preset).map_err(|e| anyhow!("--preset {}: {e}", a.preset))?;
-            (p.build(0)?, p.name().to_string())
-        }
-    };
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
-    let me = WorkerIdentity {
-        worker_id: a.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
-        model: a.model_name.clone().unwrap_or(default_name),
-        address: a.listen.to_string(),
-        collective: a.collective,
-        devices: vec!["cpu".into()],
-        memory_bytes: 0,
-        connect_timeout: Duration::from_secs(a.connect_timeout_s),
-    };
-    let service = WorkerService::new(Arc::new(pipe), me.clone());
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
-        eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, a.listen, a.collective);
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-worker-io").enable_all().build()?;
+    let result = runtime.block_on(run(a));
+    // A job thread stuck in a collective must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// What happened while serving.
+enum Event {
+    Shutdown,
+    Running(Option<String>),
+    LeaseLost(String),
+    Retry,
+}
+
+/// The worker's membership: the record it wants stored, and its live registration (if any).
+struct Presence {
+    membership: Option<Arc<dyn Membership>>,
+    registration: Option<Registration>,
+    record: WorkerRecord,
+}
+
+impl Presence {
+    /// Stores `state`/`job` (registering again when the lease was lost); on failure the
+    /// registration is dropped and retried at the next heartbeat.
+    async fn set(&mut self, state: WorkerState, job: Option<String>) {
+        self.record.state = state;
+        self.record.job_id = job;
+        let Some(m) = &self.membership else { return };
+        if let Some(r) = self.registration.as_mut() {
+            match r.replace(self.record.clone()).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "updating the etcd record failed; registering again"),
             }
-            eprintln!("shutting down: no new requests; running calls finish");
-        };
+        }
+        self.registration = None;
+        match m.register(self.record.clone()).await {
+            Ok(r) => self.registration = Some(r),
+            Err(e) => tracing::warn!(error = %e, "registering in etcd failed; retrying at the next heartbeat"),
+        }
+    }
+
+    /// Resolves when the lease is lost (never without a registration).
+    async fn lost(&mut self) -> String {
+        match self.registration.as_mut() {
+            Some(r) => r.lost().await.to_string(),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn needs_retry(&self) -> bool {
+        self.membership.is_some() && self.registration.is_none()
+    }
+}
+
+async fn run(a: ServeArgs) -> Result<()> {
+    // Bind first: a port in use is reported before minutes of model loading.
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
+    drop(std::net::TcpListener::bind(a.collective).with_context(|| format!("--collective {}", a.collective))?);
+    let default_name = match &a.model {
+        Some(dir) => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        None => PipelinePreset::from_name(&a.preset).map_err(|e| anyhow!("--preset {}: {e}", a.preset))?.name().to_string(),
+    };
+    let s = settings(&a, a.model_name.clone().unwrap_or(default_name))?;
+    let me = s.identity.clone();
+
+    let record = WorkerRecord::starting(&me.worker_id, &me.address, &s.collective_address, &me.model, me.devices.clone(), me.memory_bytes);
+    let mut presence = Presence { membership: None, registration: None, record };
+    if a.etcd.is_empty() {
+        tracing::warn!("no --etcd: this worker is not registered anywhere (coordinators will not find it)");
+    } else {
+        let m = EtcdMembership::connect(&a.etcd, &a.cluster, s.heartbeat).await.map_err(|e| anyhow!("--etcd {}: {e}", a.etcd.join(",")))?;
+        let m: Arc<dyn Membership> = Arc::new(m);
+        presence.registration = Some(m.register(presence.record.clone()).await.map_err(|e| anyhow!("registering in etcd: {e}"))?);
+        presence.membership = Some(m);
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    tracing::info!(worker_id = %me.worker_id, model = %me.model, "loading the model");
+    let (model, preset) = (a.model.clone(), a.preset.clone());
+    let (pipe, info) = tokio::task::spawn_blocking(move || load(model, &preset)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
+    presence.record.model_info = info;
+    let service = WorkerService::new(Arc::new(pipe), me.clone());
+    let mut running = service.running();
+    presence.set(WorkerState::Idle, None).await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, me.address, s.collective_address);
+
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(ShardWorkerServer::new(service))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-            .await
-            .context("serving")
-    })
+            .add_service(health_service)
+            .add_service(ShardWorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = close_rx.await;
+            }),
+    );
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut retry = tokio::time::interval(s.heartbeat.period());
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => Event::Shutdown,
+            changed = running.changed() => match changed {
+                Ok(()) => Event::Running(running.borrow_and_update().clone()),
+                Err(_) => Event::Shutdown,
+            },
+            reason = presence.lost() => Event::LeaseLost(reason),
+            _ = retry.tick(), if presence.needs_retry() => Event::Retry,
+        };
+        match event {
+            Event::Shutdown => break,
+            Event::Running(job) => {
+                let state = if job.is_some() { WorkerState::Busy } else { WorkerState::Idle };
+                presence.set(state, job).await;
+            }
+            Event::LeaseLost(reason) => {
+                tracing::warn!(%reason, "the etcd lease was lost; registering again");
+                presence.registration = None;
+                let (state, job) = (presence.record.state, presence.record.job_id.clone());
+                presence.set(state, job).await;
+            }
+            Event::Retry => {
+                let (state, job) = (presence.record.state, presence.record.job_id.clone());
+                presence.set(state, job).await;
+            }
+        }
+    }
+
+    // Drain: not ready, no new job, the running one gets the grace period, then leave etcd.
+    tracing::info!(grace_s = s.grace_period.as_secs_f64(), "shutting down: draining");
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    service.drain();
+    let job = running.borrow().clone();
+    presence.set(WorkerState::Draining, job).await;
+    let finished = tokio::time::timeout(s.grace_period, running.wait_for(Option::is_none)).await.is_ok();
+    if !finished {
+        tracing::warn!(job = ?running.borrow().clone(), "grace period over with a job still running: leaving anyway");
+    }
+    if let Some(r) = presence.registration.take() {
+        match r.revoke().await {
+            Ok(()) => tracing::info!("etcd lease revoked"),
+            Err(e) => tracing::warn!(error = %e, "revoking the etcd lease failed (it lapses by itself)"),
+        }
+    }
+    let _ = close_tx.send(());
+    if tokio::time::timeout(Duration::from_secs(2), server).await.is_err() {
+        tracing::warn!("connections still open; exiting anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! Durations on the command line: `90` (seconds), `90s`, `500ms`, `10m`, `2h`, `1.5s`.
+//! Durations in settings and on the command line: `90` (seconds), `90s`, `500ms`, `10m`, `2h`, `1.5s`.
 
 use std::time::Duration;
 

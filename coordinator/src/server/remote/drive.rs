@@ -1,0 +1,335 @@
+//! One job on a group of remote workers, over the internal API: PrepareJob on every rank at once
+//! (they meet on their collective addresses), each Step on every rank at once, then Decode
+//! streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank however the job
+//! ends. The first failing call ends the job with the worker named; a worker leaving membership
+//! mid-step ends it too, without waiting for the step.
+
+use super::super::executor::{ExecEvent, ExecJob, ExecReport};
+use super::super::jobs::StopSignal;
+use super::super::output::{latents_file, FrameEncoder};
+use super::table::Group;
+use crate::video::VideoSpec;
+use crate::CoordinatorError;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tessera_kernels::Tensor;
+use tessera_proto::v1::{OutputFormat, Phase};
+use tessera_proto::worker::v1 as pb;
+use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
+use tessera_worker::membership::WorkerRecord;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest internal message (decoded frames, latents, video-to-video inputs).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Time limits of a remote job.
+#[derive(Clone, Copy, Debug)]
+pub struct DriveLimits {
+    /// Connecting to a worker's internal API.
+    pub connect: Duration,
+    /// PrepareJob (the ranks meet, encode the prompt, draw noise; v2v: encode the video).
+    pub prepare: Duration,
+    /// One denoising step on every rank.
+    pub step: Duration,
+    /// The whole decode.
+    pub decode: Duration,
+}
+
+/// The live worker ids, as the executor publishes them.
+pub type LiveWorkers = watch::Receiver<BTreeSet<String>>;
+
+/// What a job needs besides its group.
+pub struct DriveContext<'a> {
+    /// The job.
+    pub job: &'a ExecJob,
+    /// Video-to-video: the prepared input `[1, 3, F, H, W]` in [−1, 1].
+    pub input_frames: Option<Tensor>,
+    /// Where progress goes.
+    pub events: &'a mpsc::Sender<ExecEvent>,
+    /// The job's stop switch.
+    pub stop: &'a StopSignal,
+    /// Membership's live workers.
+    pub live: LiveWorkers,
+    /// Time limits.
+    pub limits: DriveLimits,
+    /// W3C trace context of the job span, passed to every call.
+    pub trace_context: std::collections::HashMap<String, String>,
+}
+
+/// A connected rank.
+struct Rank {
+    record: WorkerRecord,
+    client: ShardWorkerClient<Channel>,
+}
+
+impl Rank {
+    fn failed(&self, during: impl Into<String>, status: tonic::Status) -> CoordinatorError {
+        CoordinatorError::WorkerFailed { worker: format!("{} ({})", self.record.worker_id, self.record.address), during: during.into(), code: status.code(), detail: status.message().to_string() }
+    }
+}
+
+async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, CoordinatorError> {
+    let fail = |detail: String| CoordinatorError::WorkerFailed {
+        worker: format!("{} ({})", record.worker_id, record.address),
+        during: "connect".into(),
+        code: tonic::Code::Unavailable,
+        detail,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{}", record.address)).map_err(|e| fail(format!("bad address: {e}")))?.connect_timeout(timeout).tcp_nodelay(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect()).await.map_err(|_| fail(format!("no connection within {timeout:?}")))?.map_err(|e| fail(e.to_string()))?;
+    let client = ShardWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    Ok(Rank { record: record.clone(), client })
+}
+
+/// Runs `call` on every rank at once; the first failure (or the limit, or a rank leaving
+/// membership) ends the wait with that error.
+async fn on_every_rank<T, F, Fut>(ranks: &[Rank], during: &str, limit: Duration, live: &mut LiveWorkers, call: F) -> Result<Vec<T>, CoordinatorError>
+where
+    F: Fn(usize, ShardWorkerClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let calls = ranks.iter().enumerate().map(|(i, r)| {
+        let fut = call(i, r.client.clone());
+        async move { fut.await.map(tonic::Response::into_inner).map_err(|s| r.failed(during, s)) }
+    });
+    let ids: Vec<String> = ranks.iter().map(|r| r.record.worker_id.clone()).collect();
+    let gone = live.wait_for(|live| ids.iter().any(|id| !live.contains(id)));
+    tokio::select! {
+        all = tokio::time::timeout(limit, futures_util::future::try_join_all(calls)) => match all {
+            Ok(r) => r,
+            Err(_) => Err(CoordinatorError::WorkerFailed {
+                worker: ids.join(", "),
+                during: during.into(),
+                code: tonic::Code::DeadlineExceeded,
+                detail: format!("not every rank answered within {limit:?}"),
+            }),
+        },
+        set = gone => {
+            let detail = match set {
+                Ok(live) => format!("left the cluster (lease lapsed or revoked): {}", ids.iter().filter(|id| !live.contains(*id)).cloned().collect::<Vec<_>>().join(", ")),
+                Err(_) => "membership stopped".into(),
+            };
+            Err(CoordinatorError::WorkerFailed { worker: ids.join(", "), during: during.into(), code: tonic::Code::Unavailable, detail })
+        }
+    }
+}
+
+async fn send(events: &mpsc::Sender<ExecEvent>, event: ExecEvent) -> Result<(), CoordinatorError> {
+    events.send(event).await.map_err(|_| CoordinatorError::Cancelled("nobody listens to the job any more".into()))
+}
+
+fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
+    match stop.reason() {
+        Some(r) => Err(r.error()),
+        None => Ok(()),
+    }
+}
+
+/// Input frames `[1, 3, F, H, W]` in [−1, 1] as 8-bit RGB, frame by frame, interleaved.
+fn input_frames_message(video: &Tensor) -> pb::InputFrames {
+    let s = video.shape();
+    let (f, h, w) = (s[2], s[3], s[4]);
+    let plane = h * w;
+    let mut rgb = Vec::with_capacity(f * plane * 3);
+    for t in 0..f {
+        for p in 0..plane {
+            for c in 0..3 {
+                let x = video.data()[(c * f + t) * plane + p];
+                rgb.push((((x + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
+        }
+    }
+    pb::InputFrames { frames: f as u32, width: w as u32, height: h as u32, rgb }
+}
+
+/// Decoded RGB8 frames as a chunk `[1, 3, n, H, W]` in [0, 1] for the frame encoder.
+fn frames_tensor(m: &pb::DecodedFrames) -> Result<Tensor, CoordinatorError> {
+    let (n, h, w) = (m.count as usize, m.height as usize, m.width as usize);
+    let plane = h * w;
+    if m.rgb.len() != n * plane * 3 || n == 0 {
+        return Err(CoordinatorError::Internal(format!("rank 0 sent {} bytes for {n} frames of {w}x{h}", m.rgb.len())));
+    }
+    let mut data = vec![0.0f32; m.rgb.len()];
+    for f in 0..n {
+        for p in 0..plane {
+            for c in 0..3 {
+                data[(c * n + f) * plane + p] = m.rgb[(f * plane + p) * 3 + c] as f32 / 255.0;
+            }
+        }
+    }
+    Tensor::new([1, 3, n, h, w], data).map_err(|e| CoordinatorError::Internal(e.to_string()))
+}
+
+/// Runs the job on `group` (see the module docs). ReleaseJob is sent to every rank at the end,
+/// whatever the outcome.
+pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
+    let mut ranks = Vec::with_capacity(group.workers.len());
+    for w in &group.workers {
+        ranks.push(connect(w, cx.limits.connect).await?);
+    }
+    let result = stages(group, &ranks, &cx).await;
+    // Release everywhere (best effort, briefly: a dead worker must not hold the job up).
+    let releases = ranks.iter().map(|r| {
+        let mut c = r.client.clone();
+        let job_id = cx.job.id.clone();
+        async move { tokio::time::timeout(Duration::from_secs(5), c.release_job(pb::ReleaseJobRequest { job_id })).await }
+    });
+    for (r, outcome) in ranks.iter().zip(futures_util::future::join_all(releases).await) {
+        if !matches!(outcome, Ok(Ok(_))) {
+            tracing::debug!(worker = %r.record.worker_id, job = %cx.job.id, "ReleaseJob did not go through (the worker may be gone)");
+        }
+    }
+    // A stop wins over the error it provoked.
+    match (result, cx.stop.reason()) {
+        (Err(_), Some(reason)) => Err(reason.error()),
+        (r, _) => r,
+    }
+}
+
+async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
+    let r = &cx.job.request.request;
+    let mut live = cx.live.clone();
+    let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
+    let world = ranks.len() as u32;
+    let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
+    let session: u64 = rand_session();
+    let input_frames = cx.input_frames.as_ref().map(input_frames_message);
+
+    send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
+    let started = Instant::now();
+    let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {
+        let req = pb::PrepareJobRequest {
+            job_id: cx.job.id.clone(),
+            rank: rank as u32,
+            world,
+            ulysses: group.ulysses as u32,
+            peers: peers.clone(),
+            session,
+            request: Some(tessera_proto::v1::GenerateRequest { input_video: Vec::new(), ..r.clone() }),
+            seed: r.seed.unwrap_or(0),
+            input_frames: input_frames.clone(),
+            trace_context: cx.trace_context.clone(),
+            ..Default::default()
+        };
+        async move { c.prepare_job(req).await }
+    })
+    .await?;
+    let total = prepared.first().map_or(0, |p| p.total_steps);
+    check_stop(cx.stop)?;
+    let preparing = started.elapsed();
+
+    send(cx.events, ExecEvent::Phase(Phase::Denoising)).await?;
+    let started = Instant::now();
+    for step in 0..total {
+        let during = format!("step {}", step + 1);
+        on_every_rank(ranks, &during, cx.limits.step, &mut live, |_, mut c| {
+            let req = pb::StepRequest { job_id: cx.job.id.clone(), step, trace_context: cx.trace_context.clone() };
+            async move { c.step(req).await }
+        })
+        .await?;
+        send(cx.events, ExecEvent::Step { done: step + 1, total }).await?;
+        check_stop(cx.stop)?;
+    }
+    let denoising = started.elapsed();
+    let mut report = ExecReport { frames: r.num_frames, width: r.width, height: r.height, preparing, denoising, ..Default::default() };
+
+    let rank0 = &ranks[0];
+    if format == OutputFormat::RawLatents {
+        send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
+        let started = Instant::now();
+        let slice = rank0.client.clone().fetch_latents(pb::FetchLatentsRequest { job_id: cx.job.id.clone() }).await.map_err(|s| rank0.failed("fetch latents", s))?.into_inner();
+        let mut shape = vec![1usize];
+        shape.extend(slice.shape.iter().map(|&d| d as usize));
+        let data: Vec<f32> = slice.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let latents = Tensor::new(shape, data).map_err(|e| CoordinatorError::Internal(format!("latents from rank 0: {e}")))?;
+        let file = latents_file(&latents)?;
+        report.encoding = started.elapsed();
+        send(cx.events, ExecEvent::File(file)).await?;
+        return Ok(report);
+    }
+
+    send(cx.events, ExecEvent::Phase(Phase::Decoding)).await?;
+    let started = Instant::now();
+    let mut encoder = FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?;
+    let mut stream = rank0
+        .client
+        .clone()
+        .decode(pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context: cx.trace_context.clone() })
+        .await
+        .map_err(|s| rank0.failed("decode", s))?
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + cx.limits.decode;
+    loop {
+        let next = tokio::select! {
+            m = tokio::time::timeout_at(deadline, stream.message()) => m.map_err(|_| CoordinatorError::WorkerFailed {
+                worker: rank0.record.worker_id.clone(),
+                during: "decode".into(),
+                code: tonic::Code::DeadlineExceeded,
+                detail: format!("the decode took longer than {:?}", cx.limits.decode),
+            })?,
+            reason = cx.stop.stopped() => return Err(reason.error()),
+        };
+        let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { break };
+        let frames = frames_tensor(&chunk)?;
+        let (back, files) = tokio::task::spawn_blocking(move || {
+            let files = encoder.push_chunk(&frames);
+            (encoder, files)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))?;
+        encoder = back;
+        let files = files?;
+        for f in files {
+            send(cx.events, ExecEvent::File(f)).await?;
+        }
+    }
+    report.decoding = started.elapsed().saturating_sub(encoder.busy());
+    report.frames = encoder.frames() as u32;
+    if report.frames != r.num_frames {
+        return Err(CoordinatorError::WorkerFailed {
+            worker: rank0.record.worker_id.clone(),
+            during: "decode".into(),
+            code: tonic::Code::DataLoss,
+            detail: format!("{} of {} frames arrived", report.frames, r.num_frames),
+        });
+    }
+
+    send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
+    let (files, encoding) = tokio::task::spawn_blocking(move || encoder.finish()).await.map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))??;
+    report.encoding = encoding;
+    for f in files {
+        send(cx.events, ExecEvent::File(f)).await?;
+    }
+    Ok(report)
+}
+
+/// A fresh group session id (peers presenting another are refused on the collective wire).
+fn rand_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_frames_round_trip_through_rgb8() {
+        let (f, h, w) = (2, 3, 4);
+        let data: Vec<f32> = (0..3 * f * h * w).map(|i| (i % 255) as f32 / 127.5 - 1.0).collect();
+        let video = Tensor::new([1, 3, f, h, w], data.clone()).unwrap();
+        let m = input_frames_message(&video);
+        assert_eq!((m.frames, m.width, m.height, m.rgb.len()), (2, 4, 3, 72));
+        // Frame 0, pixel 0, channel 1 sits at plane offset (1 * f + 0) * h * w.
+        assert_eq!(m.rgb[1], ((data[f * h * w] + 1.0) * 127.5).round() as u8);
+        let back = frames_tensor(&pb::DecodedFrames { first_frame: 0, count: 2, width: 4, height: 3, rgb: m.rgb }).unwrap();
+        for (a, b) in back.data().iter().zip(&data) {
+            assert!((a * 2.0 - 1.0 - b).abs() <= 1.0 / 255.0 + 1e-6, "{a} vs {b}");
+        }
+        assert!(frames_tensor(&pb::DecodedFrames { first_frame: 0, count: 2, width: 4, height: 3, rgb: vec![0; 5] }).is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! [`RemoteExecutor`]: jobs run on `tessera-worker` processes found through membership (etcd in
+//! a cluster). A background task lists the workers and follows membership from the listed
+//! revision (listing again after any break), keeping a [`WorkerTable`]. A job waits for a group
+//! of free workers serving its model, reserves it, runs over the internal API ([`drive`]) and
+//! frees it. Slots (jobs that may start) follow the free workers; a worker that joins is used by
+//! the next job, one that leaves ends the job it was in.
+
+mod drive;
+mod table;
+
+pub use drive::DriveLimits;
+pub use table::{ulysses_degree, Group, WorkerTable};
+
+use super::executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor};
+use super::input::prepare_request_video_blocking;
+use super::jobs::StopSignal;
+use crate::request::{RequestDefaults, ValidRequest};
+use crate::CoordinatorError;
+use drive::{run_on_group, DriveContext};
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tessera_proto::v1::{Plan, Worker};
+use tessera_worker::membership::Membership;
+use tessera_worker::sampler::guidance_enabled;
+use tokio::sync::{mpsc, watch};
+
+/// Settings of a [`RemoteExecutor`].
+#[derive(Clone)]
+pub struct RemoteExecutorConfig {
+    /// Where the workers register.
+    pub membership: Arc<dyn Membership>,
+    /// Most workers one job uses (0 = every free worker of its model).
+    pub max_ranks: usize,
+    /// Largest token count a job may have.
+    pub max_tokens: usize,
+    /// The model of requests that name none (default: the first served, by name).
+    pub default_model: Option<String>,
+    /// Time limits of the calls to workers.
+    pub limits: DriveLimits,
+}
+
+struct Shared {
+    table: Mutex<WorkerTable>,
+    /// Bumped at every table change (jobs waiting for workers watch it).
+    version: watch::Sender<u64>,
+    live: watch::Sender<BTreeSet<String>>,
+    slots: watch::Sender<usize>,
+    /// Jobs holding a group.
+    running: AtomicUsize,
+    /// Set once the first listing arrived.
+    ready: watch::Sender<bool>,
+    draining: AtomicBool,
+    max_ranks: usize,
+}
+
+impl Shared {
+    fn table(&self) -> MutexGuard<'_, WorkerTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the table's consequences: live ids, slots, the change counter.
+    fn publish(&self) {
+        let (live, formable) = {
+            let t = self.table();
+            (t.records().map(|w| w.worker_id.clone()).collect::<BTreeSet<_>>(), t.formable_groups(self.max_ranks))
+        };
+        self.live.send_if_modified(|l| {
+            let changed = *l != live;
+            *l = live;
+            changed
+        });
+        let slots = if self.draining.load(Ordering::SeqCst) { 0 } else { self.running.load(Ordering::SeqCst) + formable };
+        self.slots.send_if_modified(|s| {
+            let changed = *s != slots;
+            *s = slots;
+            changed
+        });
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// Runs jobs on remote workers (see the module docs).
+pub struct RemoteExecutor {
+    config: RemoteExecutorConfig,
+    shared: Arc<Shared>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl RemoteExecutor {
+    /// Checks the settings and starts following membership (on the current tokio runtime).
+    pub fn start(config: RemoteExecutorConfig) -> Result<Self, CoordinatorError> {
+        if config.max_tokens == 0 {
+            return Err(CoordinatorError::invalid_argument("max_tokens", "must be positive"));
+        }
+        if config.default_model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+            return Err(CoordinatorError::invalid_argument("model", "the default model name must not be empty"));
+        }
+        let shared = Arc::new(Shared {
+            table: Mutex::new(WorkerTable::default()),
+            version: watch::channel(0).0,
+            live: watch::channel(BTreeSet::new()).0,
+            slots: watch::channel(0).0,
+            running: AtomicUsize::new(0),
+            ready: watch::channel(false).0,
+            draining: AtomicBool::new(false),
+            max_ranks: config.max_ranks,
+        });
+        let follower = tokio::spawn(follow(config.membership.clone(), shared.clone()));
+        Ok(Self { config, shared, follower })
+    }
+
+    fn default_model(&self) -> Option<String> {
+        self.config.default_model.clone().or_else(|| self.shared.table().models().into_iter().next())
+    }
+}
+
+impl Drop for RemoteExecutor {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// Keeps the table in step with membership: list, then watch from the listed revision; after a
+/// break (store unreachable, history compacted), wait a heartbeat and list again.
+async fn follow(membership: Arc<dyn Membership>, shared: Arc<Shared>) {
+    let pause = membership.heartbeat().period();
+    loop {
+        let listed = async {
+            let snapshot = membership.list().await?;
+            let watch = membership.watch_from(snapshot.revision).await?;
+            Ok::<_, tessera_worker::WorkerError>((snapshot, watch))
+        };
+        match listed.await {
+            Ok((snapshot, mut watch)) => {
+                tracing::info!(workers = snapshot.workers.len(), revision = snapshot.revision, "membership listed");
+                shared.table().reset(&snapshot);
+                shared.publish();
+                shared.ready.send_replace(true);
+                while let Some(event) = watch.next().await {
+                    match event {
+                        Ok(event) => {
+                            tracing::info!(?event, "membership changed");
+                            shared.table().apply(&event);
+                            shared.publish();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "membership watch broke; listing again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the workers; retrying"),
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+impl JobExecutor for RemoteExecutor {
+    fn models(&self) -> Vec<String> {
+        self.shared.table().models()
+    }
+
+    fn defaults(&self) -> RequestDefaults {
+        let model = self.default_model().unwrap_or_default();
+        let base = RequestDefaults { model: model.clone(), ..RequestDefaults::default() };
+        let table = self.shared.table();
+        match table.any_serving(&model).map(|w| w.model_info) {
+            Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => {
+                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, ..base }
+            }
+            _ => base,
+        }
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.config.max_tokens
+    }
+
+    fn check(&self, request: &ValidRequest) -> Result<(), CoordinatorError> {
+        if request.request.model.is_empty() {
+            return Err(CoordinatorError::Unavailable("no worker has registered yet, so there is no default model; name the model or retry later".into()));
+        }
+        Ok(())
+    }
+
+    fn plan(&self, request: &ValidRequest) -> Plan {
+        let table = self.shared.table();
+        let model = &request.request.model;
+        let serving: Vec<_> = table.records().filter(|w| &w.model == model).collect();
+        let limit = if self.config.max_ranks == 0 { usize::MAX } else { self.config.max_ranks };
+        let ranks = serving.len().min(limit).min(request.tokens.max(1)).max(1);
+        let heads = serving.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
+        let ulysses = ulysses_degree(ranks, heads) as u32;
+        Plan {
+            // The group is chosen when the job starts.
+            worker_ids: Vec::new(),
+            ranks: ranks as u32,
+            ulysses,
+            ring: ranks as u32 / ulysses,
+            tokens: request.tokens as u64,
+            forwards_per_step: if guidance_enabled(request.request.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 },
+        }
+    }
+
+    fn slots(&self) -> watch::Receiver<usize> {
+        self.shared.slots.subscribe()
+    }
+
+    fn workers(&self) -> Vec<Worker> {
+        self.shared.table().records().map(Worker::from).collect()
+    }
+
+    fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), CoordinatorError>> + Send + '_>> {
+        let mut ready = self.shared.ready.subscribe();
+        Box::pin(async move {
+            ready.wait_for(|r| *r).await.map_err(|_| CoordinatorError::Internal("the membership follower went away".into()))?;
+            Ok(())
+        })
+    }
+
+    fn run(&self, job: ExecJob, events: mpsc::Sender<ExecEvent>, stop: StopSignal) -> ExecFuture {
+        let shared = self.shared.clone();
+        let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
+        Box::pin(async move {
+            let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
+            shared.running.fetch_add(1, Ordering::SeqCst);
+            shared.publish();
+            let ids: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).collect();
+            tracing::info!(job = %job.id, workers = ?ids, ulysses = group.ulysses, "job starts on its group");
+            let result = run_reserved(&shared, &job, &group, events, &stop, limits).await;
+            shared.table().release(&job.id);
+            shared.running.fetch_sub(1, Ordering::SeqCst);
+            shared.publish();
+            result
+        })
+    }
+
+    fn drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        self.shared.publish();
+    }
+}
+
+async fn run_reserved(shared: &Shared, job: &ExecJob, group: &Group, events: mpsc::Sender<ExecEvent>, stop: &StopSignal, limits: DriveLimits) -> Result<ExecReport, CoordinatorError> {
+    let input_frames = prepare_request_video_blocking(&job.request.request).await?;
+    let cx = DriveContext { job, input_frames, events: &events, stop, live: shared.live.subscribe(), limits, trace_context: HashMap::new() };
+    run_on_group(group, cx).await
+}
+
+/// Waits until a group of free workers serving the job's model can be reserved (or the job is
+/// stopped); fails at once when no live worker serves the model at all.
+async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: &StopSignal) -> Result<Group, CoordinatorError> {
+    let model = &job.request.request.model;
+    let mut version = shared.version.subscribe();
+    loop {
+        {
+            let mut table = shared.table();
+            if !table.models().iter().any(|m| m == model) {
+                return Err(CoordinatorError::Unavailable(format!("no live worker serves model {model:?}")));
+            }
+            if let Some(group) = table.reserve(&job.id, model, max_ranks, job.request.tokens) {
+                return Ok(group);
+            }
+        }
+        tokio::select! {
+            changed = version.changed() => if changed.is_err() {
+                return Err(CoordinatorError::Internal("the worker table went away".into()));
+            },
+            reason = stop.stopped() => return Err(reason.error()),
+        }
+    }
+}
+
+/// The default time limits of remote calls.
+impl Default for DriveLimits {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(10), prepare: Duration::from_secs(600), step: Duration::from_secs(600), decode: Duration::from_secs(1800) }
+    }
+}

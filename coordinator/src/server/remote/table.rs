@@ -1,0 +1,202 @@
+//! The coordinator's view of the workers: the records membership reports, the workers this
+//! coordinator has reserved for its running jobs, and the choice of a job's group and parallel
+//! plan. Pure bookkeeping, no I/O: the executor feeds it membership events and asks it questions.
+
+use std::collections::{BTreeMap, HashMap};
+use tessera_worker::membership::{MembershipEvent, MembershipSnapshot, WorkerRecord, WorkerState};
+
+/// The workers as membership last reported them, and this coordinator's reservations.
+#[derive(Debug, Default)]
+pub struct WorkerTable {
+    workers: BTreeMap<String, WorkerRecord>,
+    /// Worker id → the job it was reserved for.
+    reserved: HashMap<String, String>,
+}
+
+/// A job's group: its workers in rank order and the Ulysses degree among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    /// The workers, rank 0 first.
+    pub workers: Vec<WorkerRecord>,
+    /// Ulysses degree (ranks = ulysses × ring).
+    pub ulysses: usize,
+}
+
+impl WorkerTable {
+    /// Replaces the table's records with a fresh listing (reservations are kept).
+    pub fn reset(&mut self, snapshot: &MembershipSnapshot) {
+        self.workers = snapshot.workers.iter().map(|w| (w.worker_id.clone(), w.clone())).collect();
+    }
+
+    /// Applies one membership change.
+    pub fn apply(&mut self, event: &MembershipEvent) {
+        match event {
+            MembershipEvent::Joined(w) | MembershipEvent::Updated(w) => {
+                self.workers.insert(w.worker_id.clone(), w.clone());
+            }
+            MembershipEvent::Left(id) => {
+                self.workers.remove(id);
+            }
+        }
+    }
+
+    /// Every registered worker, sorted by id.
+    pub fn records(&self) -> impl Iterator<Item = &WorkerRecord> {
+        self.workers.values()
+    }
+
+    /// Whether worker `id` is registered.
+    pub fn contains(&self, id: &str) -> bool {
+        self.workers.contains_key(id)
+    }
+
+    /// Models some registered worker serves, sorted, each once.
+    pub fn models(&self) -> Vec<String> {
+        let mut m: Vec<String> = self.workers.values().map(|w| w.model.clone()).collect();
+        m.sort();
+        m.dedup();
+        m
+    }
+
+    /// A worker serving `model` (the first by id), for its model facts.
+    pub fn any_serving(&self, model: &str) -> Option<&WorkerRecord> {
+        self.workers.values().find(|w| w.model == model)
+    }
+
+    fn is_free(&self, w: &WorkerRecord) -> bool {
+        w.state == WorkerState::Idle && !self.reserved.contains_key(&w.worker_id)
+    }
+
+    /// Idle, unreserved workers (of every model).
+    pub fn free_count(&self) -> usize {
+        self.workers.values().filter(|w| self.is_free(w)).count()
+    }
+
+    /// How many new jobs could start now: groups of at most `max_ranks` workers (0 = no limit:
+    /// one group of all the free workers) out of the free ones.
+    pub fn formable_groups(&self, max_ranks: usize) -> usize {
+        let free = self.free_count();
+        match max_ranks {
+            0 => usize::from(free > 0),
+            k => free.div_ceil(k),
+        }
+    }
+
+    /// Reserves a group for `job` among the free workers serving `model`: as many as
+    /// `max_ranks` allows (0 = all of them), never more than the job's `tokens`, in id order. The
+    /// Ulysses degree is the largest that divides both the group size and the model's attention
+    /// heads (all-to-all moves less than the ring once there are more than two ranks); the rest
+    /// of the group forms rings. `None` when no worker of the model is free.
+    pub fn reserve(&mut self, job: &str, model: &str, max_ranks: usize, tokens: usize) -> Option<Group> {
+        let limit = if max_ranks == 0 { usize::MAX } else { max_ranks }.min(tokens.max(1));
+        let workers: Vec<WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).take(limit).cloned().collect();
+        if workers.is_empty() {
+            return None;
+        }
+        for w in &workers {
+            self.reserved.insert(w.worker_id.clone(), job.to_string());
+        }
+        let heads = workers.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
+        let ulysses = ulysses_degree(workers.len(), heads);
+        Some(Group { workers, ulysses })
+    }
+
+    /// Frees the workers reserved for `job`.
+    pub fn release(&mut self, job: &str) {
+        self.reserved.retain(|_, j| j != job);
+    }
+
+    /// The job a worker is reserved for by this coordinator.
+    pub fn reserved_for(&self, worker: &str) -> Option<&str> {
+        self.reserved.get(worker).map(String::as_str)
+    }
+}
+
+/// The largest Ulysses degree dividing both `ranks` and `heads` (1 when heads are unknown).
+pub fn ulysses_degree(ranks: usize, heads: usize) -> usize {
+    if heads == 0 {
+        return 1;
+    }
+    (1..=ranks).rev().find(|u| ranks.is_multiple_of(*u) && heads.is_multiple_of(*u)).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_worker::membership::ModelInfo;
+
+    fn worker(id: &str, model: &str, state: WorkerState) -> WorkerRecord {
+        let mut w = WorkerRecord::starting(id, format!("{id}:1"), format!("{id}:2"), model, vec!["cpu".into()], 0);
+        w.state = state;
+        if state == WorkerState::Busy {
+            w.job_id = Some("other".into());
+        }
+        w.model_info = ModelInfo { attention_heads: 12, ..Default::default() };
+        w
+    }
+
+    fn table(workers: &[WorkerRecord]) -> WorkerTable {
+        let mut t = WorkerTable::default();
+        t.reset(&MembershipSnapshot { workers: workers.to_vec(), revision: 1 });
+        t
+    }
+
+    #[test]
+    fn groups_take_free_workers_of_the_model_in_id_order() {
+        let mut t = table(&[
+            worker("c", "tiny", WorkerState::Idle),
+            worker("a", "tiny", WorkerState::Idle),
+            worker("b", "tiny", WorkerState::Busy),
+            worker("d", "wan", WorkerState::Idle),
+            worker("e", "tiny", WorkerState::Starting),
+        ]);
+        assert_eq!(t.models(), ["tiny", "wan"]);
+        assert_eq!(t.free_count(), 3);
+        let g = t.reserve("j1", "tiny", 0, 1000).unwrap();
+        let ids: Vec<_> = g.workers.iter().map(|w| w.worker_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(g.ulysses, 2);
+        assert_eq!(t.reserved_for("a"), Some("j1"));
+        assert!(t.reserve("j2", "tiny", 0, 1000).is_none(), "every free tiny worker is taken");
+        assert_eq!(t.formable_groups(0), 1, "the wan worker is still free");
+        t.release("j1");
+        assert_eq!(t.reserve("j3", "tiny", 1, 1000).unwrap().workers.len(), 1);
+    }
+
+    #[test]
+    fn max_ranks_splits_the_free_workers_into_groups() {
+        let t = table(&(0..5).map(|i| worker(&format!("w{i}"), "tiny", WorkerState::Idle)).collect::<Vec<_>>());
+        assert_eq!(t.formable_groups(0), 1);
+        assert_eq!(t.formable_groups(2), 3);
+        assert_eq!(t.formable_groups(5), 1);
+        assert_eq!(table(&[]).formable_groups(2), 0);
+    }
+
+    #[test]
+    fn a_group_is_never_larger_than_the_job_has_tokens() {
+        let mut t = table(&(0..4).map(|i| worker(&format!("w{i}"), "tiny", WorkerState::Idle)).collect::<Vec<_>>());
+        assert_eq!(t.reserve("j", "tiny", 0, 3).unwrap().workers.len(), 3);
+    }
+
+    #[test]
+    fn membership_events_update_the_table() {
+        let mut t = table(&[worker("a", "tiny", WorkerState::Idle)]);
+        t.apply(&MembershipEvent::Joined(worker("b", "tiny", WorkerState::Idle)));
+        assert_eq!(t.free_count(), 2);
+        t.apply(&MembershipEvent::Updated(worker("a", "tiny", WorkerState::Busy)));
+        assert_eq!(t.free_count(), 1);
+        t.apply(&MembershipEvent::Left("b".into()));
+        assert_eq!(t.free_count(), 0);
+        assert!(!t.contains("b") && t.contains("a"));
+    }
+
+    #[test]
+    fn ulysses_degree_divides_ranks_and_heads() {
+        assert_eq!(ulysses_degree(1, 12), 1);
+        assert_eq!(ulysses_degree(3, 12), 3);
+        assert_eq!(ulysses_degree(4, 2), 2);
+        assert_eq!(ulysses_degree(5, 12), 1);
+        assert_eq!(ulysses_degree(8, 12), 4);
+        assert_eq!(ulysses_degree(4, 0), 1);
+    }
+}
