@@ -1,8 +1,8 @@
 //! The seam between the public service and whatever runs the jobs: [`JobExecutor`]. The service
 //! validates, queues and streams; an executor knows its models and workers, plans a job, runs it
-//! (reporting phases, steps and output files) and stops it between steps when asked. Today's
-//! implementation is [`super::LocalExecutor`] (in-process ranks); remote shard workers over the
-//! internal API will be another.
+//! (reporting phases, steps and output files) and stops it between steps when asked:
+//! [`super::LocalExecutor`] (in-process ranks) and [`super::RemoteExecutor`] (shard worker
+//! processes over the internal API).
 
 use super::jobs::StopSignal;
 use crate::request::{RequestDefaults, ValidRequest};
@@ -45,6 +45,8 @@ pub enum ExecEvent {
         /// Steps of the run.
         total: u32,
     },
+    /// The job's actual plan, once its workers are chosen (the record's plan is replaced).
+    Plan(Plan),
     /// An output file is complete (PNG frames come one by one as they are decoded).
     File(OutputFile),
 }

@@ -192,6 +192,10 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 (tracker.done, tracker.total) = (done, total);
                 Some(Event::Progress(tracker.progress()))
             }
+            ExecEvent::Plan(plan) => {
+                state.jobs.update(&d.job.id, |j| j.plan = Some(plan));
+                None
+            }
             ExecEvent::File(file) => {
                 total_bytes += file.bytes.len() as u64;
                 send_file(d, file, state.chunk_size).await;

@@ -22,9 +22,17 @@ impl Server {
     /// Starts `tessera serve --preset tiny --listen 127.0.0.1:0` with `extra` flags and waits
     /// until it prints its address.
     pub fn start(extra: &[&str]) -> Self {
+        let mut args = vec!["--preset", "tiny"];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    /// Starts `tessera serve --listen 127.0.0.1:0` with `extra` flags (no model flag added) and
+    /// waits until it prints its address.
+    pub fn start_with(extra: &[&str]) -> Self {
         let log = tempfile::Builder::new().prefix("tessera-serve-").suffix(".log").tempfile().expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--preset", "tiny", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

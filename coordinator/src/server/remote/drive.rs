@@ -66,7 +66,7 @@ struct Rank {
 
 impl Rank {
     fn failed(&self, during: impl Into<String>, status: tonic::Status) -> CoordinatorError {
-        CoordinatorError::WorkerFailed { worker: format!("{} ({})", self.record.worker_id, self.record.address), during: during.into(), code: status.code(), detail: status.message().to_string() }
+        CoordinatorError::WorkerFailed { worker: format!("{} ({})", self.record.worker_id, self.record.address), during: during.into(), code: status.code(), detail: format!("{} ({:?})", status.message(), status.code()) }
     }
 }
 
@@ -197,6 +197,16 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let session: u64 = rand_session();
     let input_frames = cx.input_frames.as_ref().map(input_frames_message);
 
+    let ranks_n = ranks.len() as u32;
+    send(cx.events, ExecEvent::Plan(tessera_proto::v1::Plan {
+        worker_ids: group.workers.iter().map(|w| w.worker_id.clone()).collect(),
+        ranks: ranks_n,
+        ulysses: group.ulysses as u32,
+        ring: ranks_n / group.ulysses as u32,
+        tokens: cx.job.request.tokens as u64,
+        forwards_per_step: if tessera_worker::sampler::guidance_enabled(r.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 },
+    }))
+    .await?;
     send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
     let started = Instant::now();
     let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {

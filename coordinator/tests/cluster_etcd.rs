@@ -1,0 +1,264 @@
+//! The cluster for real: an etcd server, a `tessera serve --etcd` coordinator and
+//! `tessera-worker serve --etcd` processes on loopback, driven through the generated gRPC client.
+//! The workers register under leases, the coordinator follows membership, plans a group over the
+//! free workers and drives them over the internal API; the workers meet on their TCP collective
+//! ports. Checked: an MP4 from 3 workers that ffprobe decodes with the requested frames and size;
+//! the same frames from 1 and 3 workers; a worker that joins later is used by the next job; a
+//! worker killed (SIGKILL) mid-job ends that job promptly with UNAVAILABLE naming it and the next
+//! job runs on the workers left; a cancelled job frees its workers; video-to-video through the
+//! cluster; garbage input video refused with INVALID_ARGUMENT.
+//!
+//! Needs `etcd` (Debian's `etcd-server`) and ffprobe; without them the tests skip, except under
+//! CI=true, where they fail.
+
+mod common;
+#[path = "../../shard-worker/tests/common/etcd.rs"]
+mod etcd;
+
+use common::server::{generate, wait_job_state, Collected, Server};
+use etcd::Etcd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tessera_proto::v1::tessera_client::TesseraClient;
+use tessera_proto::v1::{generate_event::Event, CancelJobRequest, GenerateRequest, JobState, ListWorkersRequest, OutputFormat, WorkerState};
+use tonic::transport::Channel;
+
+/// Membership heartbeat of every process: a killed worker's lease lapses within about a second.
+const HEARTBEAT: &str = "250ms";
+
+/// The `tessera-worker` binary, built beside `tessera` by `cargo test --workspace`.
+fn worker_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_tessera")).with_file_name("tessera-worker");
+    if !path.is_file() {
+        let ok = Command::new(env!("CARGO")).args(["build", "-p", "tessera-worker", "--bin", "tessera-worker"]).status().is_ok_and(|s| s.success());
+        assert!(ok && path.is_file(), "{} is missing: run `cargo build -p tessera-worker` (or `cargo test --workspace`)", path.display());
+    }
+    path
+}
+
+/// A `tessera-worker serve` process (SIGKILLed when dropped).
+struct Worker {
+    id: String,
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Worker {
+    fn start(etcd: &Etcd, cluster: &str, id: &str) -> Self {
+        let log = tempfile::Builder::new().prefix(&format!("tessera-worker-{id}-")).suffix(".log").tempfile().unwrap();
+        let (listen, collective) = (etcd::free_port(), etcd::free_port());
+        let child = Command::new(worker_binary())
+            .args(["--threads", "1", "serve", "--preset", "tiny"])
+            .args(["--listen", &format!("127.0.0.1:{listen}"), "--collective", &format!("127.0.0.1:{collective}")])
+            .args(["--etcd", &etcd.endpoint(), "--cluster", cluster, "--heartbeat", HEARTBEAT, "--worker-id", id, "--connect-timeout-s", "10"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("tessera-worker starts");
+        Self { id: id.into(), child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// etcd and a coordinator following it; `None` when etcd is missing outside CI.
+async fn cluster(name: &str) -> Option<(Etcd, Server)> {
+    let etcd = Etcd::start().await?;
+    let server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", name, "--heartbeat", HEARTBEAT, "--step-timeout", "60s"]);
+    server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    Some((etcd, server))
+}
+
+/// Waits until ListWorkers shows exactly `ids` (sorted), all idle.
+async fn wait_idle(client: &mut TesseraClient<Channel>, ids: &[&str], workers: &[&Worker]) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = client.list_workers(ListWorkersRequest::default()).await.unwrap().into_inner().workers;
+        let got: Vec<(&str, i32)> = list.iter().map(|w| (w.worker_id.as_str(), w.state)).collect();
+        let want: Vec<(&str, i32)> = ids.iter().map(|id| (*id, WorkerState::Idle as i32)).collect();
+        if got == want {
+            return;
+        }
+        if Instant::now() > until {
+            let logs: Vec<String> = workers.iter().map(|w| format!("--- {}:\n{}", w.id, w.log())).collect();
+            panic!("workers never became {want:?}; ListWorkers says {got:?}\n{}", logs.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn request(format: OutputFormat) -> GenerateRequest {
+    GenerateRequest { prompt: "a red ball bouncing on a wooden floor".into(), width: 96, height: 64, num_frames: 9, steps: 4, seed: Some(11), output_format: format as i32, ..Default::default() }
+}
+
+/// The job id from the Accepted event.
+fn job_id(c: &Collected) -> String {
+    match c.events.first().and_then(|e| e.event.as_ref()) {
+        Some(Event::Accepted(a)) => a.job_id.clone(),
+        other => panic!("the first event is not Accepted: {other:?} (status {:?})", c.status),
+    }
+}
+
+/// Every PNG frame of a job, decoded to RGB8.
+fn png_frames(c: &Collected, frames: u32) -> Vec<Vec<u8>> {
+    (0..frames)
+        .map(|i| {
+            let bytes = c.file(i);
+            let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().expect("a PNG");
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            buf
+        })
+        .collect()
+}
+
+async fn ok(server: &Server, client: &mut TesseraClient<Channel>, req: GenerateRequest, workers: &[&Worker]) -> Collected {
+    let c = generate(client, req).await;
+    if let Some(s) = &c.status {
+        let logs: Vec<String> = workers.iter().map(|w| format!("--- {}:\n{}", w.id, w.log())).collect();
+        panic!("the job failed: {s:?}\ncoordinator:\n{}\n{}", server.log(), logs.join("\n"));
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_give_the_frames_of_one_and_a_late_joiner_is_used() {
+    let Some((etcd, server)) = cluster("same-frames").await else { return };
+    let mut client = server.client().await;
+    let w0 = Worker::start(&etcd, "same-frames", "w0");
+    wait_idle(&mut client, &["w0"], &[&w0]).await;
+
+    let one = ok(&server, &mut client, request(OutputFormat::PngFrames), &[&w0]).await;
+    let id = job_id(&one);
+    let job = client.get_job(tessera_proto::v1::GetJobRequest { job_id: id }).await.unwrap().into_inner();
+    assert_eq!(job.plan.as_ref().unwrap().worker_ids, ["w0"]);
+
+    // Two workers join later: the next job uses all three.
+    let w1 = Worker::start(&etcd, "same-frames", "w1");
+    let w2 = Worker::start(&etcd, "same-frames", "w2");
+    let all = [&w0, &w1, &w2];
+    wait_idle(&mut client, &["w0", "w1", "w2"], &all).await;
+    let three = ok(&server, &mut client, request(OutputFormat::PngFrames), &all).await;
+    let job = client.get_job(tessera_proto::v1::GetJobRequest { job_id: job_id(&three) }).await.unwrap().into_inner();
+    let plan = job.plan.unwrap();
+    assert_eq!(plan.worker_ids, ["w0", "w1", "w2"], "the late joiners take part");
+    assert_eq!((plan.ranks, plan.ring * plan.ulysses), (3, 3));
+
+    // Same frames within float32 tolerance: 8-bit frames at most one level apart.
+    let (a, b) = (png_frames(&one, 9), png_frames(&three, 9));
+    let mut worst = 0u8;
+    for (fa, fb) in a.iter().zip(&b) {
+        assert_eq!(fa.len(), 96 * 64 * 3);
+        worst = worst.max(fa.iter().zip(fb).map(|(x, y)| x.abs_diff(*y)).max().unwrap());
+    }
+    eprintln!("1 worker vs 3 workers: largest difference {worst} levels of 255");
+    assert!(worst <= 1, "1 and 3 workers differ by {worst} levels");
+
+    // An MP4 from the three workers that ffprobe decodes with the requested frames and size.
+    let mp4 = ok(&server, &mut client, request(OutputFormat::Mp4), &all).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.mp4");
+    std::fs::write(&path, mp4.file(0)).unwrap();
+    let stream = common::probe(&path, &[]);
+    assert_eq!((stream["width"].as_u64(), stream["height"].as_u64()), (Some(96), Some(64)));
+    assert_eq!(stream["nb_read_frames"].as_str(), Some("9"));
+    drop(etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_ends_its_job_promptly_and_the_rest_go_on() {
+    let Some((etcd, server)) = cluster("kill").await else { return };
+    let mut client = server.client().await;
+    let mut workers = vec![Worker::start(&etcd, "kill", "k0"), Worker::start(&etcd, "kill", "k1"), Worker::start(&etcd, "kill", "k2")];
+    wait_idle(&mut client, &["k0", "k1", "k2"], &workers.iter().collect::<Vec<_>>()).await;
+
+    // A long job; once two steps are done, k1 is killed.
+    let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(Event::Progress(p)) if p.step >= 2 => break,
+            Some(_) => {}
+            None => panic!("the job ended before two steps"),
+        }
+    }
+    let killed = Instant::now();
+    workers[1].kill();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the job succeeded without k1"),
+            Err(s) => break s,
+        }
+    };
+    let took = killed.elapsed();
+    eprintln!("the job ended {took:?} after the kill: {status:?}");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("worker"), "the status names the failed worker: {}", status.message());
+    assert!(took < Duration::from_secs(10), "the job took {took:?} to end");
+
+    // The coordinator goes on: once k1's lease lapses, the next job runs on k0 and k2.
+    wait_idle(&mut client, &["k0", "k2"], &workers.iter().collect::<Vec<_>>()).await;
+    let next = ok(&server, &mut client, request(OutputFormat::PngFrames), &workers.iter().collect::<Vec<_>>()).await;
+    let job = client.get_job(tessera_proto::v1::GetJobRequest { job_id: job_id(&next) }).await.unwrap().into_inner();
+    assert_eq!(job.plan.unwrap().worker_ids, ["k0", "k2"]);
+    drop(etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_frees_the_workers_and_video_to_video_runs_on_the_cluster() {
+    let Some((etcd, server)) = cluster("cancel").await else { return };
+    let mut client = server.client().await;
+    let workers = [Worker::start(&etcd, "cancel", "c0"), Worker::start(&etcd, "cancel", "c1")];
+    let refs: Vec<&Worker> = workers.iter().collect();
+    wait_idle(&mut client, &["c0", "c1"], &refs).await;
+
+    let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    let id = match stream.message().await.unwrap().and_then(|e| e.event) {
+        Some(Event::Accepted(a)) => a.job_id,
+        other => panic!("expected Accepted, got {other:?}"),
+    };
+    wait_job_state(&mut client, &id, JobState::Running, Duration::from_secs(30)).await;
+    client.cancel_job(CancelJobRequest { job_id: id.clone() }).await.unwrap();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("a cancelled job succeeded"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    // Both workers are idle again and take the next job.
+    wait_idle(&mut client, &["c0", "c1"], &refs).await;
+
+    // Video-to-video on the cluster, from a video the cluster made.
+    let source = ok(&server, &mut client, request(OutputFormat::Mp4), &refs).await.file(0);
+    let v2v = GenerateRequest { input_video: source, strength: Some(0.6), ..request(OutputFormat::PngFrames) };
+    let out = ok(&server, &mut client, v2v, &refs).await;
+    assert_eq!(png_frames(&out, 9).len(), 9);
+
+    // Garbage as input video is refused before the job is accepted, naming the field.
+    let garbage = GenerateRequest { input_video: b"\x00\x00\x00\x18ftypmp42 certainly not a video".to_vec(), strength: Some(0.5), ..request(OutputFormat::Mp4) };
+    let status = client.generate(garbage).await.err().expect("garbage input video is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("input_video"), "{}", status.message());
+    drop(etcd);
+}

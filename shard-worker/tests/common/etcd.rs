@@ -1,0 +1,124 @@
+//! A private etcd server for tests (Debian's `etcd-server`): started on free loopback ports with
+//! a data folder on tmpfs, killed when dropped. Shared by the worker's membership tests and the
+//! coordinator's cluster tests (included there by path).
+//!
+//! Without `etcd` on PATH, [`Etcd::start`] says why and returns `None` (the test skips), except
+//! under `CI=true`, where it fails with an install hint.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tessera_worker::membership::{EtcdMembership, Heartbeat};
+
+/// A short heartbeat keeps the suite fast: lease TTL 750 ms, which etcd rounds up to 1 s.
+pub fn heartbeat() -> Heartbeat {
+    Heartbeat::new(Duration::from_millis(250)).unwrap()
+}
+
+/// Generous bound for anything that should happen "promptly" on a loaded machine.
+pub const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// A private etcd process.
+pub struct Etcd {
+    binary: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `etcd` binary, or `None` (after saying why) when it is missing outside CI.
+fn etcd_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(found) = std::env::split_paths(&path).map(|d| d.join("etcd")).find(|p| p.is_file()) {
+        return Some(found);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("etcd is not installed but CI=true requires the etcd membership tests: apt-get install -y etcd-server");
+    }
+    eprintln!("skipping the etcd membership test: no `etcd` on PATH (apt-get install etcd-server)");
+    None
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers; `None` when etcd is not installed (outside CI).
+    pub async fn start() -> Option<Self> {
+        let binary = etcd_binary()?;
+        // Data on tmpfs where there is one: etcd fsyncs every write.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
+        let mut etcd = Self { binary, child: None, dir, client_port: free_port(), peer_port: free_port() };
+        etcd.spawn().await;
+        Some(etcd)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+
+    async fn spawn(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::options().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint(), "--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            // Short raft timings lower etcd's minimum lease TTL to 1 s.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if EtcdMembership::connect(&self.endpoints(), "probe", heartbeat()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        panic!("etcd at {} not ready after 20 s; its log:\n{log}", self.endpoint());
+    }
+
+    /// Kills etcd (SIGKILL) and reaps it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) etcd: its connections stay open but nothing answers.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("etcd running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+

@@ -1,0 +1,3 @@
+//! Helpers shared by the worker's integration tests.
+
+pub mod etcd;
