@@ -678,7 +678,13 @@ fn schema_rejects_bad_values_naming_the_field() {
     let ok = helm_template(
         &t,
         None,
-        &["worker.replicaCount=0", "worker.ports.collective=65535", "worker.gpu.count=2", "etcd.replicaCount=5"],
+        &[
+            "worker.replicaCount=0",
+            "worker.ports.collective=65535",
+            "worker.gpu.count=2",
+            "etcd.replicaCount=5",
+            "worker.gpu.resourceName=nvidia.com/mig-3g.40gb",
+        ],
     );
     assert!(ok.status.success(), "{}", text(&ok));
 }
