@@ -347,6 +347,7 @@ fn check_common(r: &Rendered) {
     assert_eq!(wenv["TESSERA_WORKER_ADVERTISE_HOST"], dns);
     assert_eq!(wenv["TESSERA_ETCD_ENDPOINTS"], env["TESSERA_ETCD_ENDPOINTS"], "one etcd for all");
     assert_eq!(wenv["TESSERA_CLUSTER"], env["TESSERA_CLUSTER"]);
+    assert_eq!(wenv["TESSERA_HEARTBEAT"], env["TESSERA_HEARTBEAT"], "one heartbeat for the lease and its watcher");
 
     for (doc, component) in [(coord, "coordinator"), (worker, "worker")] {
         let labels = map(doc, "spec.template.metadata.labels");
