@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A whole Tessera cluster on this machine, on loopback: a private etcd, N `tessera-worker serve`
+# processes (built-in tiny model unless TESSERA_MODEL names a diffusers snapshot) registering in
+# it, and a `tessera serve --etcd` coordinator. Ctrl-C (or SIGTERM) stops everything, workers
+# first (they drain and revoke their leases).
+#
+#   bash deploy/local-cluster.sh [WORKERS]        (default 3)
+#
+# Then, from another shell:
+#   cargo run --release --bin tessera -- status --server http://127.0.0.1:50051
+#   cargo run --release --bin tessera -- generate --server http://127.0.0.1:50051 --prompt "a red ball" -o out.mp4
+#
+# Settings (environment): TESSERA_PORT (coordinator, default 50051), TESSERA_WORKER_BASE_PORT
+# (default 50061: worker i listens on BASE+2i, collectives on BASE+2i+1), TESSERA_ETCD_PORT (default
+# 23790), TESSERA_MODEL / TESSERA_PRESET, TESSERA_THREADS (per worker), TESSERA_MAX_RANKS,
+# TESSERA_BIN_DIR (use the binaries there instead of building release ones).
+# Logs and etcd data go to a temporary folder, printed at start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+workers="${1:-3}"
+if ! [[ "$workers" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [WORKERS]  (WORKERS: a positive number, got '$workers')" >&2
+  exit 2
+fi
+port="${TESSERA_PORT:-50051}"
+base="${TESSERA_WORKER_BASE_PORT:-50061}"
+etcd_port="${TESSERA_ETCD_PORT:-23790}"
+threads="${TESSERA_THREADS:-1}"
+command -v etcd >/dev/null || { echo "etcd is not installed: apt-get install -y etcd-server" >&2; exit 1; }
+
+bin="${TESSERA_BIN_DIR:-}"
+if [[ -z "$bin" ]]; then
+  echo "building the binaries (release)..."
+  cargo build --release --locked --bin tessera --bin tessera-worker
+  bin="target/release"
+fi
+dir="$(mktemp -d -t tessera-cluster-XXXXXX)"
+echo "logs and etcd data in $dir"
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo "stopping: workers, then the coordinator, then etcd"
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+}
+trap "stop; exit 0" INT TERM
+trap stop EXIT
+
+etcd_url="http://127.0.0.1:$etcd_port"
+peer_url="http://127.0.0.1:$((etcd_port + 1))"
+etcd --name local --data-dir "$dir/etcd" \
+  --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+  --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
+  --initial-cluster "local=$peer_url" >"$dir/etcd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$etcd_port") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+echo "etcd on $etcd_url"
+
+model_flags=()
+if [[ -n "${TESSERA_MODEL:-}" ]]; then model_flags=(--model "$TESSERA_MODEL"); else model_flags=(--preset "${TESSERA_PRESET:-tiny}"); fi
+
+"$bin/tessera" serve --listen "127.0.0.1:$port" --etcd "$etcd_url" --cluster local \
+  --max-ranks "${TESSERA_MAX_RANKS:-0}" >"$dir/coordinator.log" 2>&1 &
+pids+=($!)
+
+worker_pids=()
+for ((i = 0; i < workers; i++)); do
+  listen=$((base + 2 * i))
+  "$bin/tessera-worker" --threads "$threads" serve "${model_flags[@]}" \
+    --listen "127.0.0.1:$listen" --collective "127.0.0.1:$((listen + 1))" \
+    --etcd "$etcd_url" --cluster local --worker-id "worker-$i" >"$dir/worker-$i.log" 2>&1 &
+  pids+=($!)
+  worker_pids+=($!)
+  echo "worker-$i on 127.0.0.1:$listen (collectives on $((listen + 1)))"
+done
+
+echo "coordinator on 127.0.0.1:$port; Ctrl-C stops the cluster"
+# Exit (and stop the rest) if any process dies.
+while true; do
+  for pid in "${pids[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "process $pid exited; see the logs in $dir" >&2
+      exit 1
+    fi
+  done
+  sleep 1
+done
