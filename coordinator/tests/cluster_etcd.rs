@@ -46,12 +46,20 @@ struct Worker {
 
 impl Worker {
     fn start(etcd: &Etcd, cluster: &str, id: &str) -> Self {
+        Self::start_with(etcd, cluster, id, &[])
+    }
+
+    /// A worker with extra `serve` flags (`--heartbeat` among them replaces the default).
+    fn start_with(etcd: &Etcd, cluster: &str, id: &str, extra: &[&str]) -> Self {
         let log = tempfile::Builder::new().prefix(&format!("tessera-worker-{id}-")).suffix(".log").tempfile().unwrap();
         let (listen, collective) = (etcd::free_port(), etcd::free_port());
+        let heartbeat: &[&str] = if extra.contains(&"--heartbeat") { &[] } else { &["--heartbeat", HEARTBEAT] };
         let child = Command::new(worker_binary())
             .args(["--threads", "1", "serve", "--preset", "tiny"])
             .args(["--listen", &format!("127.0.0.1:{listen}"), "--collective", &format!("127.0.0.1:{collective}")])
-            .args(["--etcd", &etcd.endpoint(), "--cluster", cluster, "--heartbeat", HEARTBEAT, "--worker-id", id, "--connect-timeout-s", "10"])
+            .args(["--etcd", &etcd.endpoint(), "--cluster", cluster, "--worker-id", id, "--connect-timeout-s", "10"])
+            .args(heartbeat)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -63,6 +71,23 @@ impl Worker {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().is_ok_and(|s| s.success());
+        assert!(ok, "kill -TERM {}", self.child.id());
+    }
+
+    /// Waits for the process to exit, at most `within`; returns how long it took.
+    async fn wait_exit(&mut self, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.child.try_wait().unwrap().is_some() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     fn kill(&mut self) {
@@ -260,5 +285,77 @@ async fn cancelling_frees_the_workers_and_video_to_video_runs_on_the_cluster() {
     let status = client.generate(garbage).await.err().expect("garbage input video is refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("input_video"), "{}", status.message());
+    drop(etcd);
+}
+
+/// The worker ids registered in etcd now.
+async fn registered(etcd: &Etcd, cluster: &str) -> Vec<String> {
+    use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership};
+    let m = EtcdMembership::connect(&etcd.endpoints(), cluster, Heartbeat::default()).await.unwrap();
+    m.list().await.unwrap().workers.into_iter().map(|w| w.worker_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
+    let Some((etcd, server)) = cluster("drain").await else { return };
+    let mut client = server.client().await;
+    // A slow heartbeat (lease TTL 6 s): a record gone within a second of the exit was revoked,
+    // not left to lapse.
+    let mut d0 = Worker::start_with(&etcd, "drain", "d0", &["--heartbeat", "2s", "--grace-period", "30s"]);
+    let d1 = Worker::start(&etcd, "drain", "d1");
+    wait_idle(&mut client, &["d0", "d1"], &[&d0, &d1]).await;
+
+    let job = GenerateRequest { steps: 40, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
+    let mut stream = client.generate(job).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(Event::Progress(p)) if p.step >= 2 => break,
+            Some(_) => {}
+            None => panic!("the job ended before two steps"),
+        }
+    }
+    d0.sigterm();
+    // The job goes on to the end on both workers.
+    let mut done = false;
+    while let Some(e) = stream.message().await.unwrap_or_else(|s| panic!("the job failed while d0 drained: {s:?}\n{}", d0.log())) {
+        done |= matches!(e.event, Some(Event::Done(_)));
+    }
+    assert!(done, "the job finished");
+    let exited = d0.wait_exit(Duration::from_secs(30)).await.unwrap_or_else(|| panic!("d0 did not exit within its grace period:\n{}", d0.log()));
+    eprintln!("d0 exited {exited:?} after the job's end");
+    let log = d0.log();
+    assert!(log.contains("etcd lease revoked"), "{log}");
+    let gone = Instant::now();
+    while registered(&etcd, "drain").await.contains(&"d0".to_string()) {
+        assert!(gone.elapsed() < Duration::from_secs(1), "d0's record outlived its exit: the lease was not revoked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_idle(&mut client, &["d1"], &[&d1]).await;
+
+    // A job longer than the grace period: the worker leaves at the end of it, the job fails.
+    let mut d2 = Worker::start_with(&etcd, "drain", "d2", &["--grace-period", "1s"]);
+    wait_idle(&mut client, &["d1", "d2"], &[&d1, &d2]).await;
+    let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(Event::Progress(p)) if p.step >= 2 => break,
+            Some(_) => {}
+            None => panic!("the job ended before two steps"),
+        }
+    }
+    d2.sigterm();
+    let exited = d2.wait_exit(Duration::from_secs(10)).await.unwrap_or_else(|| panic!("d2 did not exit:\n{}", d2.log()));
+    eprintln!("d2 (grace 1 s) exited {exited:?} after SIGTERM");
+    assert!(exited < Duration::from_secs(4), "{exited:?}");
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the job finished without d2"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(!registered(&etcd, "drain").await.contains(&"d2".to_string()));
     drop(etcd);
 }
