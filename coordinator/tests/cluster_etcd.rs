@@ -324,7 +324,7 @@ async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
     let exited = d0.wait_exit(Duration::from_secs(30)).await.unwrap_or_else(|| panic!("d0 did not exit within its grace period:\n{}", d0.log()));
     eprintln!("d0 exited {exited:?} after the job's end");
     let log = d0.log();
-    assert!(log.contains("etcd lease revoked"), "{log}");
+    assert!(log.contains("membership lease revoked"), "{log}");
     let gone = Instant::now();
     while registered(&etcd, "drain").await.contains(&"d0".to_string()) {
         assert!(gone.elapsed() < Duration::from_secs(1), "d0's record outlived its exit: the lease was not revoked");

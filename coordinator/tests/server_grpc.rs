@@ -110,39 +110,49 @@ async fn png_frames_gif_and_raw_latents_come_back_as_asked() {
     assert_eq!(latents.dtype(), safetensors::Dtype::F32);
 }
 
-/// Same request on a 1-rank and a 2-rank server: the frames agree to float rounding. PNG frames
-/// (lossless) decode to within one 8-bit level; the MP4s, where H.264's mode decisions can turn a
-/// one-level rounding flip into a different block, agree to a high PSNR.
+/// Same request on a 1-rank server, a 2-rank server and a server with 2 in-process workers driven
+/// through the cluster's code path (internal gRPC, TCP collectives, in-memory membership): the
+/// frames agree to float rounding. PNG frames (lossless) decode to within one 8-bit level; the
+/// MP4s, where H.264's mode decisions can turn a one-level rounding flip into a different block,
+/// agree to a high PSNR.
 #[tokio::test]
-async fn two_ranks_give_the_frames_of_one() {
-    let (one, two) = tokio::join!(Server::start_serving(&["--ranks", "1"]), Server::start_serving(&["--ranks", "2"]));
-    let (mut c1, mut c2) = (one.client().await, two.client().await);
-    let dir = tempfile::tempdir().unwrap();
-    let mut decoded = Vec::new();
-    for (name, format) in [("png", OutputFormat::PngFrames), ("mp4", OutputFormat::Mp4)] {
-        let req = GenerateRequest { steps: 3, output_format: format as i32, ..small_request(11) };
-        let (a, b) = tokio::join!(generate(&mut c1, req.clone()), generate(&mut c2, req));
-        assert!(a.status.is_none() && b.status.is_none(), "{:?} {:?}", a.status, b.status);
-        let Some(Event::Accepted(acc)) = &b.events[0].event else { panic!() };
-        let plan = acc.plan.as_ref().unwrap();
-        assert_eq!((plan.ranks, plan.ring), (2, 2));
-        assert_eq!(plan.worker_ids, ["local-0", "local-1"]);
-        let files = if format == OutputFormat::PngFrames { 9 } else { 1 };
-        let rgb = |c: &common::server::Collected, tag: &str| -> Vec<u8> {
-            (0..files).flat_map(|i| decode_rgb24(&write_temp(&dir, &format!("{tag}-{i}.{name}"), &c.file(i)))).collect()
-        };
-        decoded.push((name, rgb(&a, "one"), rgb(&b, "two")));
-    }
-    for (name, fa, fb) in decoded {
-        assert_eq!(fa.len(), 9 * 96 * 64 * 3, "{name}");
-        assert_eq!(fa.len(), fb.len(), "{name}");
-        let max = fa.iter().zip(&fb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-        let mse = fa.iter().zip(&fb).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / fa.len() as f64;
-        let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
-        eprintln!("{name}: 1 rank vs 2 ranks: max difference {max} levels, PSNR {psnr:.1} dB");
-        match name {
-            "png" => assert!(max <= 1, "PNG frames differ by up to {max} levels"),
-            _ => assert!(psnr >= 40.0, "MP4 frames differ: PSNR {psnr:.1} dB, max {max} levels"),
+async fn two_ranks_and_two_workers_give_the_frames_of_one() {
+    let (one, two, workers) = tokio::join!(
+        Server::start_serving(&["--ranks", "1"]),
+        Server::start_serving(&["--ranks", "2"]),
+        Server::start_serving(&["--workers", "2"])
+    );
+    let mut c1 = one.client().await;
+    for (other, ids, tag) in [(&two, ["local-0", "local-1"], "2 ranks"), (&workers, ["local-0", "local-1"], "2 workers")] {
+        let mut c2 = other.client().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut decoded = Vec::new();
+        for (name, format) in [("png", OutputFormat::PngFrames), ("mp4", OutputFormat::Mp4)] {
+            let req = GenerateRequest { steps: 3, output_format: format as i32, ..small_request(11) };
+            let (a, b) = tokio::join!(generate(&mut c1, req.clone()), generate(&mut c2, req));
+            assert!(a.status.is_none() && b.status.is_none(), "{:?} {:?}", a.status, b.status);
+            let Some(Event::Accepted(acc)) = &b.events[0].event else { panic!() };
+            let plan = acc.plan.as_ref().unwrap();
+            assert_eq!(plan.ranks, 2, "{tag}");
+            let job = c2.get_job(tessera_proto::v1::GetJobRequest { job_id: acc.job_id.clone() }).await.unwrap().into_inner();
+            assert_eq!(job.plan.unwrap().worker_ids, ids, "{tag}");
+            let files = if format == OutputFormat::PngFrames { 9 } else { 1 };
+            let rgb = |c: &common::server::Collected, which: &str| -> Vec<u8> {
+                (0..files).flat_map(|i| decode_rgb24(&write_temp(&dir, &format!("{which}-{i}.{name}"), &c.file(i)))).collect()
+            };
+            decoded.push((name, rgb(&a, "one"), rgb(&b, "two")));
+        }
+        for (name, fa, fb) in decoded {
+            assert_eq!(fa.len(), 9 * 96 * 64 * 3, "{name}");
+            assert_eq!(fa.len(), fb.len(), "{name}");
+            let max = fa.iter().zip(&fb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+            let mse = fa.iter().zip(&fb).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>() / fa.len() as f64;
+            let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+            eprintln!("{name}: 1 rank vs {tag}: max difference {max} levels, PSNR {psnr:.1} dB");
+            match name {
+                "png" => assert!(max <= 1, "{tag}: PNG frames differ by up to {max} levels"),
+                _ => assert!(psnr >= 40.0, "{tag}: MP4 frames differ: PSNR {psnr:.1} dB, max {max} levels"),
+            }
         }
     }
 }
@@ -414,6 +424,11 @@ fn serve_flags_are_checked_at_start_up() {
         (vec!["--model", &empty], "--model"),
         // The tiny transformer has 2 heads: Ulysses 3 cannot split them (found once loaded).
         (vec!["--preset", "tiny", "--ranks", "3", "--ulysses", "3"], "ulysses"),
+        (vec!["--preset", "tiny", "--workers", "2", "--ranks", "2"], "--workers"),
+        (vec!["--preset", "tiny", "--etcd", "http://127.0.0.1:1"], "--etcd"),
+        (vec!["--etcd", "http://127.0.0.1:1", "--heartbeat", "1ms"], "--heartbeat"),
+        (vec!["--etcd", "http://127.0.0.1:1", "--step-timeout", "0s"], "--step-timeout"),
+        (vec!["--etcd", "http://127.0.0.1:1", "--cluster", "a/b"], "--cluster"),
     ] {
         let listen: &[&str] = if flags.contains(&"--listen") { &[] } else { &["--listen", "127.0.0.1:0"] };
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera")).arg("serve").args(listen).args(&flags).output().unwrap();

@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_coordinator::server::{serve, DriveLimits, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig};
-use tessera_worker::membership::{EtcdMembership, Heartbeat};
+use tessera_coordinator::server::{serve, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig};
+use tessera_worker::membership::{EtcdMembership, Heartbeat, ModelInfo};
+use tessera_worker::pipeline::{WanPipeline, WAN_DEFAULTS};
 use tessera_worker::pipeline::PipelinePreset;
 
 /// Arguments of `tessera serve`.
@@ -47,6 +48,10 @@ pub struct ServeArgs {
     /// The model name requests use (default: wan2.1-t2v-1.3b for a snapshot, the preset's name).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
     model_name: Option<String>,
+    /// In-process workers driven through the cluster's code path (internal gRPC and TCP
+    /// collectives on loopback, in-memory membership) instead of in-process ranks; 0 = ranks.
+    #[arg(long, env = "TESSERA_WORKERS", default_value_t = 0, conflicts_with = "etcd")]
+    workers: usize,
     /// How the denoising is spread over in-process ranks.
     #[command(flatten)]
     ranks: super::RankArgs,
@@ -105,6 +110,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 /// How jobs run: on in-process workers, or on the workers registered in etcd.
 enum Mode {
     Embedded { source: ModelSource, model_name: String, source_flag: String, transport: tessera_worker::parallel::LocalTransport },
+    EmbeddedWorkers { source: ModelSource, model_name: String, source_flag: String, workers: usize },
     Cluster { heartbeat: Heartbeat, limits: DriveLimits },
 }
 
@@ -136,6 +142,12 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         bail!("--ulysses {}: must be positive and divide --ranks {}", args.ranks.ulysses, args.ranks.ranks);
     }
     let transport = args.ranks.transport()?;
+    if args.workers > 0 {
+        if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
+            bail!("--workers {} and --ranks/--ulysses: give one of them (with --workers the plan follows the workers; limit them with --max-ranks)", args.workers);
+        }
+        return Ok(Mode::EmbeddedWorkers { source, model_name, source_flag, workers: args.workers });
+    }
     Ok(Mode::Embedded { source, model_name, source_flag, transport })
 }
 
@@ -166,11 +178,34 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         let bound = listener.local_addr().with_context(|| format!("--listen {listen}"))?;
         println!("tessera serve: listening on {bound}");
         std::io::stdout().flush().ok();
+        let mut embedded_workers = None;
         let (executor, what): (Arc<dyn JobExecutor>, String) = match mode {
             Mode::Embedded { source, model_name, source_flag, transport } => {
                 let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks.ranks, ulysses: args.ranks.ulysses, transport, max_tokens: args.max_tokens })
                     .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
+                (Arc::new(executor), source_flag)
+            }
+            Mode::EmbeddedWorkers { source, model_name, source_flag, workers } => {
+                tracing::info!(%bound, model = %model_name, workers, "loading the model for the in-process workers");
+                let (pipe, defaults) = tokio::task::spawn_blocking(move || match &source {
+                    ModelSource::Snapshot(dir) => WanPipeline::load(dir).map(|p| (p, WAN_DEFAULTS)),
+                    ModelSource::Preset(p) => p.build(0).map(|pipe| (pipe, p.defaults())),
+                })
+                .await
+                .context("the loading thread failed")?
+                .map_err(|e| anyhow!("{source_flag}: {e}"))?;
+                let info = ModelInfo::of(&pipe, defaults);
+                let embedded = EmbeddedWorkers::start(Arc::new(pipe), &model_name, info, workers).await.map_err(|e| anyhow!("--workers {workers}: {e}"))?;
+                let executor = RemoteExecutor::start(RemoteExecutorConfig {
+                    membership: embedded.membership(),
+                    max_ranks: args.max_ranks,
+                    max_tokens: args.max_tokens,
+                    default_model: Some(model_name),
+                    limits: DriveLimits::default(),
+                })
+                .map_err(|e| anyhow!("{e}"))?;
+                embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }
             Mode::Cluster { heartbeat, limits } => {
@@ -183,7 +218,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 (Arc::new(executor), format!("--etcd {endpoints}"))
             }
         };
-        serve(listener, executor, config, shutdown).await.map_err(|e| anyhow!("{what}: {e}"))
+        let served = serve(listener, executor, config, shutdown).await.map_err(|e| anyhow!("{what}: {e}"));
+        drop(embedded_workers);
+        served
     });
     // A job thread that ignored its stop must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -5,6 +5,7 @@
 //! stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
 //! period and is then stopped at a step boundary.
 
+mod embedded;
 mod executor;
 mod input;
 mod jobs;
@@ -16,6 +17,7 @@ mod runner;
 mod scheduler;
 mod service;
 
+pub use embedded::EmbeddedWorkers;
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
 pub use input::{prepare_request_video, prepare_request_video_blocking};
 pub use jobs::{JobTable, StopReason, StopSignal, Timings};

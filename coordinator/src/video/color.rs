@@ -48,7 +48,9 @@ pub fn rgb_to_yuv420(spec: &VideoSpec, frame: &[f32], matrix: ColorMatrix) -> Re
     let (kr, kb) = matrix.weights();
     let kg = 1.0 - kr - kb;
     let n = w * h;
-    let at = |plane: usize, x: usize, y: usize| frame[plane * n + y.min(h - 1) * w + x.min(w - 1)].clamp(0.0, 1.0);
+    // Samples are first rounded to 8-bit RGB, as every output format stores them: a video encodes
+    // the same whether its frames arrive as floats (in-process decode) or as bytes (from a worker).
+    let at = |plane: usize, x: usize, y: usize| (frame[plane * n + y.min(h - 1) * w + x.min(w - 1)].clamp(0.0, 1.0) * 255.0).round() / 255.0;
     let luma = |r: f32, g: f32, b: f32| kr * r + kg * g + kb * b;
     let byte = |x: f32| x.round().clamp(0.0, 255.0) as u8;
 

@@ -8,10 +8,12 @@
 
 mod etcd;
 mod memory;
+mod presence;
 mod record;
 
 pub use etcd::EtcdMembership;
 pub use memory::MemoryMembership;
+pub use presence::Presence;
 pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};
 
 use crate::{Result, WorkerError};

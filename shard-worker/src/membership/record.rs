@@ -81,6 +81,19 @@ pub struct ModelInfo {
     pub steps: u32,
 }
 
+impl ModelInfo {
+    /// The facts of a loaded pipeline with its request defaults.
+    pub fn of(pipe: &crate::pipeline::WanPipeline, defaults: crate::pipeline::PipelineDefaults) -> Self {
+        Self {
+            attention_heads: pipe.transformer().config().num_attention_heads as u32,
+            width: defaults.width as u32,
+            height: defaults.height as u32,
+            num_frames: defaults.num_frames as u32,
+            steps: defaults.num_inference_steps as u32,
+        }
+    }
+}
+
 impl WorkerRecord {
     /// A record in state `Starting` with no job, on the local crate version.
     pub fn starting(

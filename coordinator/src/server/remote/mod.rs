@@ -9,6 +9,7 @@ mod drive;
 mod table;
 
 pub use drive::DriveLimits;
+pub(crate) use drive::MAX_MESSAGE;
 pub use table::{ulysses_degree, Group, WorkerTable};
 
 use super::executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::duration::parse_duration;
-use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership, ModelInfo, Registration, WorkerRecord, WorkerState};
+use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::{PipelinePreset, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
 use tonic_health::ServingStatus;
@@ -144,13 +144,7 @@ fn load(model: Option<PathBuf>, preset: &str) -> Result<(WanPipeline, ModelInfo)
             (p.build(0)?, p.defaults())
         }
     };
-    let info = ModelInfo {
-        attention_heads: pipe.transformer().config().num_attention_heads as u32,
-        width: defaults.width as u32,
-        height: defaults.height as u32,
-        num_frames: defaults.num_frames as u32,
-        steps: defaults.num_inference_steps as u32,
-    };
+    let info = ModelInfo::of(&pipe, defaults);
     Ok((pipe, info))
 }
 
@@ -181,54 +175,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     result
 }
 
-/// What happened while serving.
-enum Event {
-    Shutdown,
-    Running(Option<String>),
-    LeaseLost(String),
-    Retry,
-}
-
-/// The worker's membership: the record it wants stored, and its live registration (if any).
-struct Presence {
-    membership: Option<Arc<dyn Membership>>,
-    registration: Option<Registration>,
-    record: WorkerRecord,
-}
-
-impl Presence {
-    /// Stores `state`/`job` (registering again when the lease was lost); on failure the
-    /// registration is dropped and retried at the next heartbeat.
-    async fn set(&mut self, state: WorkerState, job: Option<String>) {
-        self.record.state = state;
-        self.record.job_id = job;
-        let Some(m) = &self.membership else { return };
-        if let Some(r) = self.registration.as_mut() {
-            match r.replace(self.record.clone()).await {
-                Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, "updating the etcd record failed; registering again"),
-            }
-        }
-        self.registration = None;
-        match m.register(self.record.clone()).await {
-            Ok(r) => self.registration = Some(r),
-            Err(e) => tracing::warn!(error = %e, "registering in etcd failed; retrying at the next heartbeat"),
-        }
-    }
-
-    /// Resolves when the lease is lost (never without a registration).
-    async fn lost(&mut self) -> String {
-        match self.registration.as_mut() {
-            Some(r) => r.lost().await.to_string(),
-            None => std::future::pending().await,
-        }
-    }
-
-    fn needs_retry(&self) -> bool {
-        self.membership.is_some() && self.registration.is_none()
-    }
-}
-
 async fn run(a: ServeArgs) -> Result<()> {
     // Bind first: a port in use is reported before minutes of model loading.
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
@@ -241,15 +187,14 @@ async fn run(a: ServeArgs) -> Result<()> {
     let me = s.identity.clone();
 
     let record = WorkerRecord::starting(&me.worker_id, &me.address, &s.collective_address, &me.model, me.devices.clone(), me.memory_bytes);
-    let mut presence = Presence { membership: None, registration: None, record };
-    if a.etcd.is_empty() {
+    let membership: Option<Arc<dyn Membership>> = if a.etcd.is_empty() {
         tracing::warn!("no --etcd: this worker is not registered anywhere (coordinators will not find it)");
+        None
     } else {
         let m = EtcdMembership::connect(&a.etcd, &a.cluster, s.heartbeat).await.map_err(|e| anyhow!("--etcd {}: {e}", a.etcd.join(",")))?;
-        let m: Arc<dyn Membership> = Arc::new(m);
-        presence.registration = Some(m.register(presence.record.clone()).await.map_err(|e| anyhow!("registering in etcd: {e}"))?);
-        presence.membership = Some(m);
-    }
+        Some(Arc::new(m))
+    };
+    let mut presence = Presence::register(membership, record).await.map_err(|e| anyhow!("registering in etcd: {e}"))?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
@@ -257,10 +202,14 @@ async fn run(a: ServeArgs) -> Result<()> {
     tracing::info!(worker_id = %me.worker_id, model = %me.model, "loading the model");
     let (model, preset) = (a.model.clone(), a.preset.clone());
     let (pipe, info) = tokio::task::spawn_blocking(move || load(model, &preset)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
-    presence.record.model_info = info;
     let service = WorkerService::new(Arc::new(pipe), me.clone());
     let mut running = service.running();
-    presence.set(WorkerState::Idle, None).await;
+    presence
+        .set(|r| {
+            r.model_info = info;
+            r.state = WorkerState::Idle;
+        })
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
     eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, me.address, s.collective_address);
@@ -275,37 +224,7 @@ async fn run(a: ServeArgs) -> Result<()> {
             }),
     );
 
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    let mut retry = tokio::time::interval(s.heartbeat.period());
-    loop {
-        let event = tokio::select! {
-            _ = &mut shutdown => Event::Shutdown,
-            changed = running.changed() => match changed {
-                Ok(()) => Event::Running(running.borrow_and_update().clone()),
-                Err(_) => Event::Shutdown,
-            },
-            reason = presence.lost() => Event::LeaseLost(reason),
-            _ = retry.tick(), if presence.needs_retry() => Event::Retry,
-        };
-        match event {
-            Event::Shutdown => break,
-            Event::Running(job) => {
-                let state = if job.is_some() { WorkerState::Busy } else { WorkerState::Idle };
-                presence.set(state, job).await;
-            }
-            Event::LeaseLost(reason) => {
-                tracing::warn!(%reason, "the etcd lease was lost; registering again");
-                presence.registration = None;
-                let (state, job) = (presence.record.state, presence.record.job_id.clone());
-                presence.set(state, job).await;
-            }
-            Event::Retry => {
-                let (state, job) = (presence.record.state, presence.record.job_id.clone());
-                presence.set(state, job).await;
-            }
-        }
-    }
+    presence.follow(&mut running, shutdown_signal()).await;
 
     // Drain: not ready, no new job, the running one gets the grace period, then leave etcd.
     tracing::info!(grace_s = s.grace_period.as_secs_f64(), "shutting down: draining");
@@ -313,17 +232,12 @@ async fn run(a: ServeArgs) -> Result<()> {
     health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
     service.drain();
     let job = running.borrow().clone();
-    presence.set(WorkerState::Draining, job).await;
+    presence.set_state(WorkerState::Draining, job).await;
     let finished = tokio::time::timeout(s.grace_period, running.wait_for(Option::is_none)).await.is_ok();
     if !finished {
         tracing::warn!(job = ?running.borrow().clone(), "grace period over with a job still running: leaving anyway");
     }
-    if let Some(r) = presence.registration.take() {
-        match r.revoke().await {
-            Ok(()) => tracing::info!("etcd lease revoked"),
-            Err(e) => tracing::warn!(error = %e, "revoking the etcd lease failed (it lapses by itself)"),
-        }
-    }
+    presence.leave().await;
     let _ = close_tx.send(());
     if tokio::time::timeout(Duration::from_secs(2), server).await.is_err() {
         tracing::warn!("connections still open; exiting anyway");
