@@ -76,6 +76,47 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     check_stream(&five, 5, 96, 64);
 }
 
+/// PNG frames of a folder written by `tessera generate --format png`, decoded to RGB8.
+fn png_folder(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let mut reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            buf
+        })
+        .collect()
+}
+
+/// The same text-to-video and video-to-video generations in this process and through an
+/// embedded coordinator with 2 in-process workers (the cluster's code path): the same frames.
+#[test]
+fn workers_mode_gives_the_frames_of_local_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.mp4");
+    write_input(&input, 80, 56, 11);
+    let t2v = ["generate", "--prompt", "a yellow square sliding right", "--height", "64", "--width", "96", "--frames", "9", "--steps", "4", "--seed", "7", "--quiet", "--format", "png"];
+    let v2v = [&t2v[..], &["--input-video", input.to_str().unwrap(), "--strength", "0.6"]].concat();
+    for (name, base) in [("t2v", t2v.to_vec()), ("v2v", v2v)] {
+        let local = dir.path().join(format!("{name}-local"));
+        let workers = dir.path().join(format!("{name}-workers"));
+        let (code, stdout, stderr) = tessera(&[&base[..], &["-o", local.to_str().unwrap()]].concat());
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let (code, stdout, stderr) = tessera(&[&base[..], &["--workers", "2", "-o", workers.to_str().unwrap()]].concat());
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
+        let (a, b) = (png_folder(&local), png_folder(&workers));
+        assert_eq!((a.len(), b.len()), (9, 9), "{name}");
+        let worst = a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
+        eprintln!("{name}: local vs 2 in-process workers: largest difference {worst} levels");
+        assert!(worst <= 1, "{name}: local and workers mode differ by {worst} levels");
+    }
+}
+
 #[test]
 fn bad_video_to_video_flags_are_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tessera_coordinator::request::MAX_INPUT_VIDEO_BYTES;
+use tessera_coordinator::server::ModelSource;
 use tessera_coordinator::video::input::{prepare_video, FrameSelection, InputLimits, PreparedVideo};
 use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
@@ -86,6 +87,11 @@ pub struct GenerateArgs {
     /// How the denoising is spread over in-process ranks.
     #[command(flatten)]
     ranks: super::RankArgs,
+    /// Run through an embedded coordinator with this many in-process workers (internal gRPC and
+    /// TCP collectives on loopback, in-memory membership: the cluster's code path); 0 = run the
+    /// pipeline in this process directly.
+    #[arg(long, env = "TESSERA_WORKERS", default_value_t = 0, conflicts_with = "server")]
+    workers: usize,
     /// No progress bar.
     #[arg(long, env = "TESSERA_QUIET")]
     quiet: bool,
@@ -126,15 +132,29 @@ fn remote_request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> 
         Some(t) => Some(tessera_worker::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
         None => None,
     };
-    if args.model.is_some() {
+    if args.model.is_some() && args.server.is_some() {
         bail!("--model is a local snapshot folder; with --server, name the server's model with --model-name");
     }
+    let (input_video, strength, frames) = match (&args.input_video, args.strength) {
+        (None, Some(s)) => bail!("--strength {s}: applies only to video-to-video; give --input-video too"),
+        (_, Some(s)) if !(s > 0.0 && s <= 1.0) => bail!("--strength {s}: must be greater than 0 and at most 1"),
+        (None, None) => (Vec::new(), None, size(args.frames, "--frames")?),
+        (Some(path), s) => {
+            let bytes = read_input_video(path)?;
+            // Without --frames, the longest 4k+1 prefix of the input (as in local mode).
+            let frames = match args.frames {
+                Some(_) => size(args.frames, "--frames")?,
+                None => input_frame_count(&bytes).map_err(|e| anyhow!("--input-video {}: {e}", path.display()))?,
+            };
+            (bytes, Some(s.unwrap_or(DEFAULT_STRENGTH) as f32), frames)
+        }
+    };
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         width: size(args.width, "--width")?,
         height: size(args.height, "--height")?,
-        num_frames: size(args.frames, "--frames")?,
+        num_frames: frames,
         fps: args.fps as u32,
         steps: size(args.steps, "--steps")?,
         guidance_scale: Some(args.guidance),
@@ -144,9 +164,53 @@ fn remote_request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> 
         output_format: format as i32,
         priority: args.priority,
         model: args.model_name.clone().unwrap_or_default(),
+        input_video,
+        strength,
         ..Default::default()
     };
     Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet })
+}
+
+/// The longest 4k+1 prefix of an input video's frames (decoding it to count when the container
+/// does not say).
+fn input_frame_count(bytes: &[u8]) -> Result<u32> {
+    let limits = InputLimits::default();
+    let mut reader = tessera_coordinator::video::input::VideoReader::open(bytes, limits)?;
+    let count = match reader.info().declared_frames {
+        Some(n) => n.min(limits.max_frames),
+        None => {
+            while reader.next_frame()?.is_some() {}
+            reader.frames_read()
+        }
+    };
+    let usable = tessera_coordinator::video::input::frames_for(count).ok_or_else(|| anyhow!("the video has no frame"))?;
+    Ok(u32::try_from(usable)?)
+}
+
+/// `--workers N`: an embedded coordinator and N in-process workers, then the `--server` client
+/// path against it.
+fn generate_embedded(args: &GenerateArgs) -> Result<ExitCode> {
+    let (source, name) = match &args.model {
+        Some(dir) => (ModelSource::Snapshot(dir.clone()), "wan2.1-t2v-1.3b".to_string()),
+        None => {
+            let preset = PipelinePreset::from_name(&args.preset).map_err(|e| anyhow!("--preset {}: {e}", args.preset))?;
+            (ModelSource::Preset(preset), preset.name().to_string())
+        }
+    };
+    if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
+        bail!("--workers {} and --ranks/--ulysses: give one of them", args.workers);
+    }
+    let model_name = args.model_name.clone().unwrap_or(name);
+    let started = Instant::now();
+    let server = super::embedded::EmbeddedServer::start(source, model_name, args.workers, usize::MAX).with_context(|| format!("--workers {}", args.workers))?;
+    if !args.quiet {
+        eprintln!("embedded coordinator on {} with {} in-process workers (loaded in {:.2}s)", server.addr, args.workers, started.elapsed().as_secs_f64());
+    }
+    let mut job = remote_request(args)?;
+    job.server = server.addr.to_string();
+    let code = super::remote::generate(job);
+    drop(server);
+    code
 }
 
 /// Streams decoded frames into the file and drives the progress bar.
@@ -228,6 +292,9 @@ fn prepare_input_video(bytes: &[u8], path: &Path, params: &GenerationParams, fra
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.server.is_some() {
         return super::remote::generate(remote_request(&args)?);
+    }
+    if args.workers > 0 {
+        return generate_embedded(&args);
     }
     let started = Instant::now();
     let choice: DeviceChoice = args.device.parse().map_err(|e| anyhow!("--device {}: {e}", args.device))?;

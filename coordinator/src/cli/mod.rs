@@ -3,6 +3,7 @@
 pub mod bench;
 mod bench_sharded;
 mod bench_vae;
+mod embedded;
 pub mod generate;
 pub mod golden;
 mod remote;

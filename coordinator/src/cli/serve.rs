@@ -14,8 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_coordinator::server::{serve, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig};
-use tessera_worker::membership::{EtcdMembership, Heartbeat, ModelInfo};
-use tessera_worker::pipeline::{WanPipeline, WAN_DEFAULTS};
+use tessera_worker::membership::{EtcdMembership, Heartbeat};
 use tessera_worker::pipeline::PipelinePreset;
 
 /// Arguments of `tessera serve`.
@@ -188,23 +187,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             }
             Mode::EmbeddedWorkers { source, model_name, source_flag, workers } => {
                 tracing::info!(%bound, model = %model_name, workers, "loading the model for the in-process workers");
-                let (pipe, defaults) = tokio::task::spawn_blocking(move || match &source {
-                    ModelSource::Snapshot(dir) => WanPipeline::load(dir).map(|p| (p, WAN_DEFAULTS)),
-                    ModelSource::Preset(p) => p.build(0).map(|pipe| (pipe, p.defaults())),
-                })
-                .await
-                .context("the loading thread failed")?
-                .map_err(|e| anyhow!("{source_flag}: {e}"))?;
-                let info = ModelInfo::of(&pipe, defaults);
-                let embedded = EmbeddedWorkers::start(Arc::new(pipe), &model_name, info, workers).await.map_err(|e| anyhow!("--workers {workers}: {e}"))?;
-                let executor = RemoteExecutor::start(RemoteExecutorConfig {
-                    membership: embedded.membership(),
-                    max_ranks: args.max_ranks,
-                    max_tokens: args.max_tokens,
-                    default_model: Some(model_name),
-                    limits: DriveLimits::default(),
-                })
-                .map_err(|e| anyhow!("{e}"))?;
+                let (embedded, executor) = EmbeddedWorkers::with_executor(source, &model_name, workers, args.max_ranks, args.max_tokens).await.map_err(|e| anyhow!("{source_flag}: {e}"))?;
                 embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }

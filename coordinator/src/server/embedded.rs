@@ -3,6 +3,7 @@
 //! ports, and registered in an in-memory membership instead of etcd. A [`super::RemoteExecutor`]
 //! over that membership drives them exactly as it drives `tessera-worker` processes.
 
+use super::{DriveLimits, ModelSource, RemoteExecutor, RemoteExecutorConfig};
 use crate::CoordinatorError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +85,26 @@ impl EmbeddedWorkers {
     /// Where the workers are registered.
     pub fn membership(&self) -> Arc<dyn Membership> {
         self.membership.clone()
+    }
+
+    /// Loads `source` (on a blocking thread), starts `workers` in-process workers serving it as
+    /// `model_name`, and a [`RemoteExecutor`] over them (jobs of at most `max_ranks` workers, 0 =
+    /// all, and `max_tokens` tokens). Keep the returned workers alive as long as the executor.
+    pub async fn with_executor(source: ModelSource, model_name: &str, workers: usize, max_ranks: usize, max_tokens: usize) -> Result<(Self, RemoteExecutor), CoordinatorError> {
+        let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load())
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?
+            .map_err(CoordinatorError::Unavailable)?;
+        let info = ModelInfo::of(&pipe, defaults);
+        let embedded = Self::start(Arc::new(pipe), model_name, info, workers).await?;
+        let executor = RemoteExecutor::start(RemoteExecutorConfig {
+            membership: embedded.membership(),
+            max_ranks,
+            max_tokens,
+            default_model: Some(model_name.to_string()),
+            limits: DriveLimits::default(),
+        })?;
+        Ok((embedded, executor))
     }
 }
 

@@ -125,11 +125,18 @@ impl LocalExecutor {
     }
 }
 
+impl ModelSource {
+    /// Loads (or builds) the pipeline, with its request defaults; the error says what failed.
+    pub fn load(&self) -> Result<(WanPipeline, PipelineDefaults), String> {
+        match self {
+            ModelSource::Snapshot(dir) => WanPipeline::load(dir).map(|p| (p, WAN_DEFAULTS)).map_err(|e| format!("loading {}: {e}", dir.display())),
+            ModelSource::Preset(p) => p.build(0).map(|pipe| (pipe, p.defaults())).map_err(|e| format!("building the `{}` preset: {e}", p.name())),
+        }
+    }
+}
+
 fn load(source: &ModelSource, ranks: usize, ulysses: usize) -> Result<Loaded, String> {
-    let pipe = match source {
-        ModelSource::Snapshot(dir) => WanPipeline::load(dir).map_err(|e| format!("loading {}: {e}", dir.display()))?,
-        ModelSource::Preset(p) => p.build(0).map_err(|e| format!("building the `{}` preset: {e}", p.name()))?,
-    };
+    let (pipe, _) = source.load()?;
     let plan = if ranks == 1 {
         None
     } else {

@@ -46,7 +46,7 @@ fn too_few(detail: String) -> CoordinatorError {
 }
 
 /// Decodes `bytes` (format sniffed), takes the frames `selection` asks for, resizes each to
-/// `width`×`height` and returns them as `[1, 3, F, H, W]` in [−1, 1].
+/// `width`×`height`, rounds them to 8 bits and returns them as `[1, 3, F, H, W]` in [−1, 1].
 pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: FrameSelection, limits: &InputLimits) -> Result<PreparedVideo> {
     for (field, side) in [("width", width), ("height", height)] {
         if side == 0 || side > VideoSpec::MAX_SIDE as usize {
@@ -99,7 +99,9 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
     for (t, frame) in frames.into_iter().enumerate() {
         for c in 0..3 {
             let dst = &mut data[(c * f + t) * plane..][..plane];
-            dst.iter_mut().zip(&frame[c * plane..(c + 1) * plane]).for_each(|(d, &x)| *d = 2.0 * x - 1.0);
+            // Rounded to 8 bits, as the resized PIL images upstream's pipeline normalises (and
+            // as the frames travel to remote workers): every path sees the same input.
+            dst.iter_mut().zip(&frame[c * plane..(c + 1) * plane]).for_each(|(d, &x)| *d = 2.0 * ((x.clamp(0.0, 1.0) * 255.0).round() / 255.0) - 1.0);
         }
     }
     let video = Tensor::new([1, 3, f, height, width], data).map_err(|e| CoordinatorError::InvalidArgument { field: "input_video", detail: e.to_string() })?;
