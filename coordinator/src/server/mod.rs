@@ -10,6 +10,7 @@ mod executor;
 mod input;
 mod jobs;
 mod local;
+mod metrics;
 mod output;
 mod queue;
 mod remote;
@@ -23,6 +24,7 @@ pub use input::{prepare_request_video, prepare_request_video_blocking};
 pub use jobs::{JobTable, StopReason, StopSignal, Timings};
 pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSource};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
+pub use metrics::{cause, CoordinatorMetrics};
 pub use queue::JobQueue;
 pub use remote::{ulysses_degree, DriveLimits, Group, RemoteExecutor, RemoteExecutorConfig, WorkerTable};
 pub use scheduler::{Scheduler, SlotGuard};
@@ -69,6 +71,7 @@ pub struct ServiceState {
     estimator: Estimator,
     chunk_size: usize,
     draining: AtomicBool,
+    metrics: CoordinatorMetrics,
 }
 
 impl ServiceState {
@@ -81,6 +84,7 @@ impl ServiceState {
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),
             draining: AtomicBool::new(false),
+            metrics: CoordinatorMetrics::global(),
         })
     }
 

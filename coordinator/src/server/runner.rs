@@ -103,18 +103,22 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         slot = admission => slot.ok(),
         _ = d.stop.stopped() => None,
     };
+    state.metrics.set_queue_depth(state.scheduler.queued());
     let outcome = match slot {
         // A job stopped just as its slot came does not start.
         Some(slot) if !d.stop.is_stopped() => {
+            state.metrics.job_started();
             let r = run(&state, &d).await;
+            state.metrics.job_done();
             drop(slot);
             r
         }
         _ => {
             state.scheduler.remove(&id);
+            state.metrics.set_queue_depth(state.scheduler.queued());
             let reason = d.stop.reason().unwrap_or(StopReason::Shutdown);
             let timings = Timings { queued: d.accepted.elapsed(), total: d.accepted.elapsed(), ..Default::default() };
-            Outcome { result: Err(reason.error()), timings, total_bytes: 0 }
+            Outcome { result: Err(reason.error()), timings, total_bytes: 0, steps: 0 }
         }
     };
     watch_client.abort();
@@ -131,6 +135,8 @@ struct Outcome {
     result: Result<ExecReport, CoordinatorError>,
     timings: Timings,
     total_bytes: u64,
+    /// Denoising steps run.
+    steps: u32,
 }
 
 /// Records the end and tells the client (the record first, so a client that reads the stream's
@@ -140,6 +146,11 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
     match o.result {
         Ok(report) => {
             state.jobs.finish(id, JobState::Succeeded, None, &o.timings);
+            let t = &o.timings;
+            let phases = [("queued", t.queued), ("preparing", t.preparing), ("denoising", t.denoising), ("decoding", t.decoding), ("encoding", t.encoding)];
+            let r = &d.job.request;
+            let forwards = if tessera_worker::sampler::guidance_enabled(r.request.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 };
+            state.metrics.succeeded(t.total, phases, r.tokens as u64 * forwards * o.steps as u64, t.denoising);
             tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
             let done = Done { job_id: id.clone(), timings: Some(o.timings.to_pb()), total_bytes: o.total_bytes, num_frames: report.frames, width: report.width, height: report.height };
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Ok(event(Event::Done(done))))).await;
@@ -151,6 +162,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             };
             let job_state = d.stop.reason().map_or(job_state, StopReason::final_state);
             state.jobs.finish(id, job_state, Some(e.to_string()), &o.timings);
+            state.metrics.ended_badly(o.timings.total, &e, job_state == JobState::Cancelled);
             tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
             // The client may be gone: that is fine.
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Err(Status::from(e)))).await;
@@ -178,6 +190,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     let (tx, mut rx) = mpsc::channel(64);
     let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()));
     let mut total_bytes = 0u64;
+    let mut last_step = Instant::now();
     // Every sender is dropped when the executor is done, which ends this loop.
     while let Some(ev) = rx.recv().await {
         let message = match ev {
@@ -185,10 +198,13 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 tracker.phase = p;
                 if p == Phase::Denoising {
                     tracker.denoise_started = Some(Instant::now());
+                    last_step = Instant::now();
                 }
                 Some(Event::Progress(tracker.progress()))
             }
             ExecEvent::Step { done, total } => {
+                state.metrics.step(last_step.elapsed());
+                last_step = Instant::now();
                 (tracker.done, tracker.total) = (done, total);
                 Some(Event::Progress(tracker.progress()))
             }
@@ -224,7 +240,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         (timings.preparing, timings.denoising, timings.decoding, timings.encoding) = (report.preparing, report.denoising, report.decoding, report.encoding);
         state.estimator.record(report.decoding + report.encoding, pixel_frames);
     }
-    Outcome { result, timings, total_bytes }
+    Outcome { result, timings, total_bytes, steps: tracker.done }
 }
 
 /// Sends one message unless the job is stopping; a client that is gone stops the job.

@@ -92,10 +92,14 @@ impl Tessera for TesseraService {
         let accepted = Instant::now();
         let deadline = grpc_timeout(request.metadata()).map(|d| accepted + d);
         let exec = &state.executor;
-        let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
-        exec.check(&valid)?;
-        // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
-        super::input::prepare_request_video_blocking(&valid.request).await?;
+        let admitted = async {
+            let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
+            exec.check(&valid)?;
+            // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
+            super::input::prepare_request_video_blocking(&valid.request).await?;
+            Ok::<_, CoordinatorError>(valid)
+        };
+        let valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
         let plan = exec.plan(&valid);
         let id = state.jobs.new_id();
         let stop = StopSignal::default();
@@ -117,9 +121,11 @@ impl Tessera for TesseraService {
             Ok(q) => q,
             Err(e) => {
                 state.jobs.remove(&id);
+                state.metrics.rejected(&e);
                 return Err(e.into());
             }
         };
+        state.metrics.set_queue_depth(state.scheduler.queued());
         tracing::info!(job = %id, position, tokens = valid.tokens, steps = valid.request.steps, "job accepted");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let accepted_msg = Accepted { job_id: id.clone(), plan: Some(plan), queue_position: position as u32, seed, effective_request: Some(recorded) };
