@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tessera_proto::v1::{generate_event::Event, Chunk, Done, GenerateEvent, JobState, Phase, Progress};
 use tokio::sync::mpsc;
 use tonic::Status;
+use tracing::Instrument;
 
 /// The sending half of a Generate stream.
 pub type ClientSender = mpsc::Sender<Result<GenerateEvent, Status>>;
@@ -99,10 +100,14 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         })
     });
 
-    let slot = tokio::select! {
-        slot = admission => slot.ok(),
-        _ = d.stop.stopped() => None,
-    };
+    let slot = async {
+        tokio::select! {
+            slot = admission => slot.ok(),
+            _ = d.stop.stopped() => None,
+        }
+    }
+    .instrument(tracing::info_span!("queued"))
+    .await;
     let outcome = match slot {
         // A job stopped just as its slot came does not start.
         Some(slot) if !d.stop.is_stopped() => {
@@ -176,7 +181,8 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     tracing::info!(job = %d.job.id, queued_s = queued.as_secs_f64(), "job started");
 
     let (tx, mut rx) = mpsc::channel(64);
-    let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()));
+    // In the job's span: what the executor does (and asks of workers) belongs to the job's trace.
+    let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()).in_current_span());
     let mut total_bytes = 0u64;
     // Every sender is dropped when the executor is done, which ends this loop.
     while let Some(ev) = rx.recv().await {

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Seconds PrepareJob waits for the other ranks of a job.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT_S", default_value_t = 30)]
     connect_timeout_s: u64,
+    /// Span export (OTLP) and sampling.
+    #[command(flatten)]
+    telemetry: tessera_telemetry::TelemetryArgs,
 }
 
 /// Runs the server until a shutdown signal.
@@ -42,6 +45,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if a.connect_timeout_s == 0 {
         return Err(anyhow!("--connect-timeout-s 0: must be at least 1"));
     }
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    let worker_id = a.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    // Dropped last (after the runtime): flushes the spans to the collector.
+    let _telemetry = tessera_telemetry::init("tessera-worker", &a.telemetry, &[("tessera.worker_id", worker_id.clone()), ("service.version", env!("CARGO_PKG_VERSION").to_string())])?;
     let (pipe, default_name) = match &a.model {
         Some(dir) => {
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
@@ -52,9 +59,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             (p.build(0)?, p.name().to_string())
         }
     };
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
     let me = WorkerIdentity {
-        worker_id: a.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        worker_id,
         model: a.model_name.clone().unwrap_or(default_name),
         address: a.listen.to_string(),
         collective: a.collective,
