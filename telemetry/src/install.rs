@@ -58,7 +58,8 @@ impl Drop for TelemetryGuard {
             }
         }
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(1));
+            // Nothing is left to run on it; not waiting also makes the drop safe in async code.
+            rt.shutdown_background();
         }
     }
 }
