@@ -142,7 +142,7 @@ async fn the_sample_ratio_applies_to_new_traces_and_a_callers_decision_is_kept()
     let sampled = run(Some("01"), 13).await;
     client.get_job(tessera_proto::v1::GetJobRequest { job_id: "j-none".into() }).await.unwrap_err();
     let spans = stop_and_collect(server, &receiver).await;
-    let traces: std::collections::BTreeSet<_> = spans.iter().map(|s| s.trace_id.clone()).collect();
-    assert_eq!(traces.into_iter().collect::<Vec<_>>(), [sampled.clone()], "only the caller-sampled job was recorded (not {unsampled})");
+    let traces: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
+    assert_eq!(traces.into_iter().collect::<Vec<_>>(), [sampled.as_str()], "only the caller-sampled job was recorded (not {unsampled})");
     assert_eq!(TraceTree::new(&spans, &sampled).named("step").len(), 4);
 }

@@ -113,9 +113,12 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
-    /// Keeps the ended spans' (name, trace id, span id, parent span id) in memory.
+    /// An ended span: name, trace id, span id, parent span id.
+    type EndedSpan = (String, TraceId, SpanId, SpanId);
+
+    /// Keeps the ended spans in memory.
     #[derive(Clone, Debug, Default)]
-    struct Ended(Arc<Mutex<Vec<(String, TraceId, SpanId, SpanId)>>>);
+    struct Ended(Arc<Mutex<Vec<EndedSpan>>>);
 
     impl SpanProcessor for Ended {
         fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
