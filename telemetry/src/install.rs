@@ -133,6 +133,7 @@ fn install(service_name: &str, args: &TelemetryArgs, attributes: &[(&str, String
                 .build()
                 .map_err(|e| TelemetryError::Exporter { endpoint: url.clone(), reason: e.to_string() })?
         };
+        let exporter = crate::export::ReportingExporter::new(exporter, url.clone());
         let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_sampler(sampler).with_resource(resource).build();
         guard = TelemetryGuard { provider: Some(provider), runtime: Some(runtime), exporting: true };
     } else if mode.record_without_export {

@@ -10,6 +10,7 @@
 
 mod args;
 mod error;
+mod export;
 mod install;
 mod propagation;
 #[cfg(feature = "test-receiver")]
