@@ -140,9 +140,20 @@ async fn the_sample_ratio_applies_to_new_traces_and_a_callers_decision_is_kept()
     let _unparented = run(None, 11).await;
     let unsampled = run(Some("00"), 12).await;
     let sampled = run(Some("01"), 13).await;
-    client.get_job(tessera_proto::v1::GetJobRequest { job_id: "j-none".into() }).await.unwrap_err();
+    // A sampled job that fails (its deadline passes): its span says so.
+    let (failed, caller) = caller_context(14);
+    let mut request = tonic::Request::new(small_request(14));
+    request.metadata_mut().insert("traceparent", format!("00-{failed}-{caller}-01").parse().unwrap());
+    request.metadata_mut().insert("grpc-timeout", "1m".parse().unwrap());
+    let got = generate(&mut client, request).await;
+    assert!(got.status.is_some(), "the 1 ms deadline passed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let spans = stop_and_collect(server, &receiver).await;
     let traces: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.trace_id.as_str()).collect();
-    assert_eq!(traces.into_iter().collect::<Vec<_>>(), [sampled.as_str()], "only the caller-sampled job was recorded (not {unsampled})");
-    assert_eq!(TraceTree::new(&spans, &sampled).named("step").len(), 4);
+    assert_eq!(traces, [sampled.as_str(), failed.as_str()].into(), "only the caller-sampled jobs were recorded (not {unsampled})");
+    let ok = TraceTree::new(&spans, &sampled);
+    assert_eq!(ok.named("step").len(), 4);
+    assert!(spans.iter().filter(|s| s.trace_id == sampled).all(|s| s.error.is_none()));
+    let job = TraceTree::new(&spans, &failed).named("job")[0].clone();
+    assert!(job.error.as_deref().is_some_and(|e| e.to_lowercase().contains("deadline")), "the failed job's span has status ERROR: {job:?}");
 }

@@ -97,6 +97,9 @@ async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job
     for r in futures_util::future::join_all(prepares).await {
         r.unwrap();
     }
+    // A step out of order is refused; its span on that worker says why.
+    let err = clients[0].clone().step(pb::StepRequest { job_id: job.into(), step: 1, trace_context: trace_context.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     for step in 0..STEPS {
         let steps = clients.iter().map(|c| {
             let mut c = c.clone();
@@ -147,7 +150,13 @@ async fn each_workers_spans_join_the_coordinators_trace() {
     assert_eq!(job.service_name, "telemetry-test-coordinator");
     for (rank, id) in ["w0", "w1"].iter().enumerate() {
         let mine = |name: &str| -> Vec<_> { tree.named(name).into_iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(*id)).collect() };
-        let steps = mine("step");
+        let (failed, steps): (Vec<_>, Vec<_>) = mine("step").into_iter().partition(|s| s.error.is_some());
+        if rank == 0 {
+            assert_eq!(failed.len(), 1, "the refused step");
+            assert!(failed[0].error.as_deref().is_some_and(|e| e.contains("step 0 is next")) && failed[0].attr("step") == Some("1"), "{:?}", failed[0]);
+        } else {
+            assert!(failed.is_empty(), "{failed:?}");
+        }
         assert_eq!(steps.iter().map(|s| s.attr("step").unwrap()).collect::<Vec<_>>(), ["0", "1", "2"], "worker {id}: one step span per step");
         for s in &steps {
             assert_eq!(s.service_name, "tessera-worker");

@@ -92,6 +92,12 @@ pub fn set_parent_from_metadata(span: &Span, metadata: &MetadataMap) -> bool {
     adopt(span, TraceContextPropagator::new().extract_with_context(&Context::new(), &Metadata(metadata)))
 }
 
+/// Marks `span` as failed (status ERROR with `message`), as trace viewers show it; nothing when
+/// the span records nothing.
+pub fn mark_error(span: &Span, message: impl std::fmt::Display) {
+    span.set_status(opentelemetry::trace::Status::error(message.to_string()));
+}
+
 /// `span`'s trace id in hex (as trace viewers show it), if it records one.
 pub fn trace_id(span: &Span) -> Option<String> {
     let cx = span_context(span);

@@ -7,6 +7,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,8 @@ pub struct ReceivedSpan {
     pub start_unix_nano: u64,
     /// End, nanoseconds since the Unix epoch.
     pub end_unix_nano: u64,
+    /// The status message when the span's status is ERROR.
+    pub error: Option<String>,
 }
 
 impl ReceivedSpan {
@@ -80,6 +83,7 @@ fn flatten(request: &ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
                     attributes: attributes(&s.attributes),
                     start_unix_nano: s.start_time_unix_nano,
                     end_unix_nano: s.end_time_unix_nano,
+                    error: s.status.as_ref().filter(|st| st.code == StatusCode::Error as i32).map(|st| st.message.clone()),
                 });
             }
         }

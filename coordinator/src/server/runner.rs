@@ -157,6 +157,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             let job_state = d.stop.reason().map_or(job_state, StopReason::final_state);
             state.jobs.finish(id, job_state, Some(e.to_string()), &o.timings);
             tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
+            tessera_telemetry::mark_error(&tracing::Span::current(), &e);
             // The client may be gone: that is fine.
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Err(Status::from(e)))).await;
         }

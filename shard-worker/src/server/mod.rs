@@ -131,11 +131,12 @@ impl ShardWorker for WorkerService {
         let pipe = self.pipe.clone();
         let started = std::time::Instant::now();
         let span = traced(tracing::info_span!("prepare_job", job_id = %r.job_id, rank = r.rank, world = r.world, ulysses = r.ulysses), &r.trace_context);
-        let handle = blocking_in(span, move || {
+        let handle = blocking_in(span.clone(), move || {
             let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
             job::start(pipe, setup, listener)
         })
-        .await?;
+        .await
+        .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
         let tokens = handle.tokens.clone();
         self.jobs.lock().expect("job table").insert(r.job_id, Arc::new(handle));
         Ok(Response::new(pb::PrepareJobResponse { token_start: tokens.start as u64, token_end: tokens.end as u64, seconds: started.elapsed().as_secs_f64() }))
@@ -151,7 +152,8 @@ impl ShardWorker for WorkerService {
             job.send(Command::Step(index, tx))?;
             rx.recv().map_err(|_| WorkerError::Collective("the job ended during the step".into()))?
         })
-        .await?;
+        .await
+        .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
         span.record("communication_s", report.communication_seconds);
         span.record("bytes_sent", report.bytes_sent);
         Ok(Response::new(pb::StepResponse { step: r.step, seconds: report.seconds, communication_seconds: report.communication_seconds, bytes_sent: report.bytes_sent }))
