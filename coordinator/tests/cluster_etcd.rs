@@ -359,3 +359,63 @@ async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
     assert!(!registered(&etcd, "drain").await.contains(&"d2".to_string()));
     drop(etcd);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_holds_the_job_span_and_every_workers_step_spans() {
+    use tessera_telemetry::receiver::{TestReceiver, TraceTree};
+    let Some(etcd) = Etcd::start().await else { return };
+    let receiver = TestReceiver::start().unwrap();
+    let otlp = receiver.endpoint();
+    let mut server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "trace", "--heartbeat", HEARTBEAT, "--otlp-endpoint", &otlp]);
+    server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    let mut client = server.client().await;
+    let mut workers = [Worker::start_with(&etcd, "trace", "t0", &["--otlp-endpoint", &otlp]), Worker::start_with(&etcd, "trace", "t1", &["--otlp-endpoint", &otlp])];
+    wait_idle(&mut client, &["t0", "t1"], &workers.iter().collect::<Vec<_>>()).await;
+
+    // The caller's own trace context.
+    let trace = format!("{:032x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() | 1);
+    let caller = "00f067aa0ba902b7";
+    let mut call = tonic::Request::new(request(OutputFormat::Mp4));
+    call.metadata_mut().insert("traceparent", format!("00-{trace}-{caller}-01").parse().unwrap());
+    let got = generate(&mut client, call).await;
+    assert!(got.status.is_none(), "{:?}\n{}", got.status, server.log());
+
+    // Every process flushes its spans when it stops.
+    for w in &workers {
+        w.sigterm();
+    }
+    for w in &mut workers {
+        w.wait_exit(Duration::from_secs(30)).await.unwrap_or_else(|| panic!("{} did not exit:\n{}", w.id, w.log()));
+    }
+    server.sigterm();
+    server.wait_exit(Duration::from_secs(30)).await.expect("the coordinator exits");
+    let spans = receiver.spans();
+    let tree = TraceTree::new(&spans, &trace);
+    eprintln!("trace {trace}: {} spans: {:?}", tree.len(), tree.counts());
+
+    let jobs = tree.named("job");
+    assert_eq!(jobs.len(), 1, "{:?}", tree.counts());
+    let job = jobs[0];
+    assert_eq!((job.parent_span_id.as_str(), job.service_name.as_str()), (caller, "tessera-coordinator"));
+    // The coordinator's step spans hang under the job; each worker's step spans under them.
+    let coordinator_steps: Vec<_> = tree.named("step").into_iter().filter(|s| s.service_name == "tessera-coordinator").collect();
+    assert_eq!(coordinator_steps.len(), 4, "{:?}", tree.counts());
+    for s in &coordinator_steps {
+        assert!(tree.descends_from(s, &job.span_id), "coordinator step {s:?} is outside the job");
+    }
+    for id in ["t0", "t1"] {
+        let steps: Vec<_> = tree.named("step").into_iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(id)).collect();
+        assert_eq!(steps.len(), 4, "worker {id}: {:?}", tree.counts());
+        for s in &steps {
+            assert_eq!(s.service_name, "tessera-worker");
+            let parent = tree.parent(s).unwrap_or_else(|| panic!("worker {id}'s step has no parent in the trace"));
+            assert_eq!((parent.name.as_str(), parent.service_name.as_str()), ("step", "tessera-coordinator"), "worker {id}'s step parent");
+            assert_eq!(parent.attr("step"), s.attr("step"), "the same step");
+            assert!(tree.descends_from(s, &job.span_id));
+        }
+        assert_eq!(tree.named("prepare_job").iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(id)).count(), 1, "{id}");
+    }
+    assert_eq!(tree.named("decode").iter().filter(|s| s.service_name == "tessera-worker").count(), 1, "rank 0 decodes");
+    assert_eq!(tree.named("encode").len(), 1);
+    drop(etcd);
+}

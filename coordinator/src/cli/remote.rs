@@ -11,6 +11,7 @@ use std::time::Duration;
 use tessera_proto::v1::tessera_client::TesseraClient;
 use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, Plan, PhaseTimings};
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 /// A client mode generation.
 pub struct RemoteGenerate {
@@ -187,10 +188,16 @@ fn phase_name(p: i32) -> &'static str {
     }
 }
 
-/// Sends the request, shows progress, writes the streamed file(s).
+/// Sends the request, shows progress, writes the streamed file(s). The call is the root of the
+/// job's trace: a `generate` span whose context travels in the request's `traceparent` (exported
+/// too when OTEL_EXPORTER_OTLP_ENDPOINT is set).
 pub fn generate(job: RemoteGenerate) -> Result<ExitCode> {
+    let telemetry = tessera_telemetry::TelemetryArgs::from_env().and_then(|t| tessera_telemetry::init_client("tessera-client", &t, &[("service.version", env!("CARGO_PKG_VERSION").to_string())]))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(generate_async(job))
+    let span = tracing::info_span!("generate", server = %job.server, model = %job.request.model, steps = job.request.steps);
+    let result = runtime.block_on(generate_async(job).instrument(span));
+    drop(telemetry);
+    result
 }
 
 async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
@@ -200,6 +207,7 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     if let Some(t) = job.timeout {
         request.set_timeout(t);
     }
+    tessera_telemetry::inject_metadata(request.metadata_mut());
     let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
     let mut writer = ChunkWriter::new(&job.output, format)?;
     let bar = if job.quiet { ProgressBar::hidden() } else { ProgressBar::new(job.request.steps.max(1) as u64) };
@@ -216,6 +224,9 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                 Some(Event::Accepted(a)) => {
                     bar.suspend(|| {
                         println!("job {} accepted (queue position {}, seed {})", a.job_id, a.queue_position, a.seed);
+                        if let Some(trace) = tessera_telemetry::current_trace_id() {
+                            println!("trace {trace}");
+                        }
                         if let Some(p) = &a.plan {
                             println!("plan: {}", plan_text(p));
                         }

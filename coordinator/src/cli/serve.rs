@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Bytes of output per Chunk message (1 KiB to 4 MiB).
     #[arg(long, env = "TESSERA_CHUNK_SIZE", default_value_t = 1 << 20)]
     chunk_size: usize,
+    /// Span export (OTLP) and sampling.
+    #[command(flatten)]
+    telemetry: tessera_telemetry::TelemetryArgs,
 }
 
 /// What `--model`/`--preset` asked for, and the default model name.
@@ -167,9 +170,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     }
     let config = ServerConfig { max_queue: args.max_queue, job_retention, grace_period, chunk_size: args.chunk_size };
 
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
+    let _telemetry = tessera_telemetry::init("tessera-coordinator", &args.telemetry, &[("service.version", env!("CARGO_PKG_VERSION").to_string())])?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-io").enable_all().build().context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal()?;

@@ -238,7 +238,8 @@ impl JobExecutor for LocalExecutor {
         Box::pin(async move {
             let loaded = loaded.ok_or_else(|| CoordinatorError::Unavailable("the model is not loaded yet".into()))?;
             *shared.busy_with.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.id.clone());
-            let outcome = tokio::task::spawn_blocking(move || run_job(&loaded, transport, &job, &events, &stop)).await;
+            let span = tracing::Span::current();
+            let outcome = tokio::task::spawn_blocking(move || span.in_scope(|| run_job(&loaded, transport, &job, &events, &stop))).await;
             *shared.busy_with.lock().unwrap_or_else(|e| e.into_inner()) = None;
             outcome.map_err(|e| CoordinatorError::Internal(format!("the job's thread failed: {e}")))?
         })
@@ -322,9 +323,12 @@ fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut J
 
     obs.emit(ExecEvent::Phase(Phase::Preparing))?;
     let started = Instant::now();
-    let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
-    let schedule = pipe.schedule_for(&params)?;
-    let mut latents = pipe.initial_latents(&params, &schedule)?;
+    let (text, schedule, mut latents) = tracing::info_span!("prepare").in_scope(|| -> Result<_, CoordinatorError> {
+        let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
+        let schedule = pipe.schedule_for(&params)?;
+        let latents = pipe.initial_latents(&params, &schedule)?;
+        Ok((text, schedule, latents))
+    })?;
     obs.check_stop()?;
     let preparing = started.elapsed();
 
@@ -340,7 +344,7 @@ fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut J
     if format == OutputFormat::RawLatents {
         obs.emit(ExecEvent::Phase(Phase::Encoding))?;
         let started = Instant::now();
-        let file = latents_file(&latents)?;
+        let file = tracing::info_span!("encode", format = "latents").in_scope(|| latents_file(&latents))?;
         report.encoding = started.elapsed();
         obs.emit(ExecEvent::File(file))?;
         return Ok(report);
@@ -349,14 +353,15 @@ fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut J
     obs.emit(ExecEvent::Phase(Phase::Decoding))?;
     let started = Instant::now();
     obs.encoder = Some(FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?);
-    pipe.decode(&latents, obs)?;
+    tracing::info_span!("decode", frames = r.num_frames, width = r.width, height = r.height).in_scope(|| pipe.decode(&latents, obs))?;
     let encoder = obs.encoder.take().ok_or_else(|| CoordinatorError::Internal("the frame encoder vanished".into()))?;
     let during_decode = encoder.busy();
     report.decoding = started.elapsed().saturating_sub(during_decode);
     report.frames = encoder.frames() as u32;
 
     obs.emit(ExecEvent::Phase(Phase::Encoding))?;
-    let (files, encoding) = encoder.finish()?;
+    // Frames were encoded as they were decoded (`encode_during_decode_s`); this completes the file.
+    let (files, encoding) = tracing::info_span!("encode", format = ?format, frames = report.frames, encode_during_decode_s = during_decode.as_secs_f64()).in_scope(|| encoder.finish())?;
     report.encoding = encoding;
     for f in files {
         obs.emit(ExecEvent::File(f))?;

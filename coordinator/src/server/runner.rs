@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tessera_proto::v1::{generate_event::Event, Chunk, Done, GenerateEvent, JobState, Phase, Progress};
 use tokio::sync::mpsc;
 use tonic::Status;
+use tracing::Instrument;
 
 /// The sending half of a Generate stream.
 pub type ClientSender = mpsc::Sender<Result<GenerateEvent, Status>>;
@@ -99,10 +100,14 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         })
     });
 
-    let slot = tokio::select! {
-        slot = admission => slot.ok(),
-        _ = d.stop.stopped() => None,
-    };
+    let slot = async {
+        tokio::select! {
+            slot = admission => slot.ok(),
+            _ = d.stop.stopped() => None,
+        }
+    }
+    .instrument(tracing::info_span!("queued"))
+    .await;
     state.metrics.set_queue_depth(state.scheduler.queued());
     let outcome = match slot {
         // A job stopped just as its slot came does not start.
@@ -164,6 +169,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             state.jobs.finish(id, job_state, Some(e.to_string()), &o.timings);
             state.metrics.ended_badly(o.timings.total, &e, job_state == JobState::Cancelled);
             tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
+            tessera_telemetry::mark_error(&tracing::Span::current(), &e);
             // The client may be gone: that is fine.
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Err(Status::from(e)))).await;
         }
@@ -188,7 +194,8 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     tracing::info!(job = %d.job.id, queued_s = queued.as_secs_f64(), "job started");
 
     let (tx, mut rx) = mpsc::channel(64);
-    let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()));
+    // In the job's span: what the executor does (and asks of workers) belongs to the job's trace.
+    let exec = tokio::spawn(state.executor.run(d.job.clone(), tx, d.stop.clone()).in_current_span());
     let mut total_bytes = 0u64;
     let mut last_step = Instant::now();
     // Every sender is dropped when the executor is done, which ends this loop.

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Messages buffered per Generate stream before the job waits for its client.
 const STREAM_BUFFER: usize = 16;
@@ -91,6 +92,7 @@ impl Tessera for TesseraService {
         }
         let accepted = Instant::now();
         let deadline = grpc_timeout(request.metadata()).map(|d| accepted + d);
+        let caller = request.metadata().clone();
         let exec = &state.executor;
         let admitted = async {
             let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
@@ -126,12 +128,15 @@ impl Tessera for TesseraService {
             }
         };
         state.metrics.set_queue_depth(state.scheduler.queued());
-        tracing::info!(job = %id, position, tokens = valid.tokens, steps = valid.request.steps, "job accepted");
+        // The job's span (child of the caller's, from `traceparent`) covers its queueing and run.
+        let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, tokens = valid.tokens, steps = valid.request.steps, ranks = plan.ranks, ulysses = plan.ulysses, ring = plan.ring);
+        tessera_telemetry::set_parent_from_metadata(&span, &caller);
+        span.in_scope(|| tracing::info!(job = %id, position, tokens = valid.tokens, steps = valid.request.steps, "job accepted"));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let accepted_msg = Accepted { job_id: id.clone(), plan: Some(plan), queue_position: position as u32, seed, effective_request: Some(recorded) };
         tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) })).map_err(|_| Status::internal("a new stream refused its first message"))?;
         let job = super::executor::ExecJob { id, request: valid };
-        tokio::spawn(drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline }, admission));
+        tokio::spawn(drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline }, admission).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

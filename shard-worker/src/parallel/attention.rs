@@ -60,6 +60,18 @@ impl ShardedAttention {
 
     /// Ring attention of local queries over the keys/values of every ring member.
     fn ring_attend(&self, q: &[f32], k: &[f32], v: &[f32], heads: usize, d: usize) -> Result<Vec<f32>> {
+        // Per layer: DEBUG (RUST_LOG=tessera_worker::parallel=debug), or a job's trace would hold thousands.
+        let span = (self.ring.size() > 1).then(|| tracing::debug_span!("ring_attention", hops = self.ring.size() - 1, wait_s = tracing::field::Empty));
+        let _in = span.as_ref().map(|s| s.enter());
+        let waited = self.timings.ring_wait_ns.load(Ordering::Relaxed);
+        let out = self.ring_passes(q, k, v, heads, d);
+        if let Some(s) = &span {
+            s.record("wait_s", (self.timings.ring_wait_ns.load(Ordering::Relaxed) - waited) as f64 * 1e-9);
+        }
+        out
+    }
+
+    fn ring_passes(&self, q: &[f32], k: &[f32], v: &[f32], heads: usize, d: usize) -> Result<Vec<f32>> {
         let hd = heads * d;
         let nq = q.len() / hd;
         let scale = 1.0 / (d as f32).sqrt();
@@ -124,7 +136,7 @@ impl SelfAttention for ShardedAttention {
                 p
             })
             .collect();
-        let got = self.ulysses.all_to_all(parts)?;
+        let got = tracing::debug_span!("all_to_all", direction = "sequence_to_heads").in_scope(|| self.ulysses.all_to_all(parts))?;
         since(t, &self.timings.all_to_all_ns);
         let rows: Vec<usize> = got.iter().map(|p| p.len() / (3 * w)).collect();
         if got.iter().zip(&rows).any(|(p, &r)| p.len() != 3 * r * w) {
@@ -149,7 +161,7 @@ impl SelfAttention for ShardedAttention {
                 p
             })
             .collect();
-        let mine = self.ulysses.all_to_all(back)?;
+        let mine = tracing::debug_span!("all_to_all", direction = "heads_to_sequence").in_scope(|| self.ulysses.all_to_all(back))?;
         since(t, &self.timings.all_to_all_ns);
         let mut o = vec![0.0f32; n * hd];
         for (j, p) in mine.iter().enumerate() {

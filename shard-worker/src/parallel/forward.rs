@@ -54,7 +54,24 @@ impl ShardContext {
 
     /// The model's velocity for the whole batch; every rank computes its own token range and
     /// ends with the full output. Equals [`WanTransformer::forward`] to float32 rounding.
+    ///
+    /// Traced as a `forward` span (INFO) with what its collectives cost in attributes
+    /// (`bytes_sent`, `ring_wait_s`, `all_to_all_s`) and an `all_gather` span for the output; the
+    /// per-layer collectives are DEBUG spans (`ring_attention`, `all_to_all`), thousands a job.
     pub fn forward(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
+        use tracing::field::Empty;
+        let span = tracing::info_span!("forward", rank = self.rank(), ranks = self.world.size(), ulysses = self.plan.ulysses, ring = self.plan.ring, batch = x.hidden_states.dim(0), tokens = Empty, bytes_sent = Empty, ring_wait_s = Empty, all_to_all_s = Empty);
+        let _in = span.enter();
+        let (sent, (_, ring_wait, all_to_all)) = (self.world.stats().sent(), self.attention.timings().seconds());
+        let out = self.forward_ranks(model, x);
+        let now = self.attention.timings().seconds();
+        span.record("bytes_sent", self.world.stats().sent() - sent);
+        span.record("ring_wait_s", now.1 - ring_wait);
+        span.record("all_to_all_s", now.2 - all_to_all);
+        out
+    }
+
+    fn forward_ranks(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
         let cfg = model.config();
         if cfg.num_attention_heads % self.plan.ulysses != 0 {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {} heads", self.plan.ulysses, cfg.num_attention_heads)));
@@ -63,10 +80,11 @@ impl ShardContext {
         let cond = model.embed_conditions(x)?;
         let ranges = shard_ranges(grid.tokens(), self.world.size());
         let mine = ranges[self.rank()].clone();
+        tracing::Span::current().record("tokens", mine.len());
         let mut out = Vec::with_capacity(b * cfg.out_channels * grid.latent().iter().product::<usize>());
         for i in 0..b {
             let rows = model.forward_tokens(x, &cond, i, &grid, mine.clone(), &self.attention)?;
-            let all: Vec<f32> = self.world.all_gather(&rows)?.concat();
+            let all: Vec<f32> = tracing::info_span!("all_gather", values = rows.len()).in_scope(|| self.world.all_gather(&rows))?.concat();
             if all.len() != grid.tokens() * cfg.patch_out() {
                 return Err(WorkerError::Collective(format!("gathered {} output values, expected {}", all.len(), grid.tokens() * cfg.patch_out())));
             }
@@ -113,6 +131,8 @@ pub fn run_local_group<T: Send>(transport: LocalTransport, plan: ParallelPlan, j
         LocalTransport::TcpLoopback => (Vec::new(), loopback_addrs(ranks)?),
     };
     let mut inproc = inproc.into_iter();
+    // Each rank's spans belong to the caller's.
+    let parent = &tracing::Span::current();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|rank| {
@@ -120,6 +140,7 @@ pub fn run_local_group<T: Send>(transport: LocalTransport, plan: ParallelPlan, j
                 let t = inproc.next();
                 let addrs = &addrs;
                 s.spawn(move || {
+                    let _in = parent.enter();
                     let t: Arc<dyn Transport> = match t {
                         Some(t) => Arc::new(t),
                         None => Arc::new(TcpTransport::establish(rank, addrs, TcpOptions::default())?),

@@ -204,7 +204,7 @@ impl WanPipeline {
 
     /// The transformer on this device, as a [`Forward`].
     pub fn local_forward(&self) -> impl Fn(&DitInputs<'_>) -> Result<Tensor> + Sync + '_ {
-        |x| self.transformer.forward(x)
+        |x| tracing::info_span!("forward", rank = 0, ranks = 1, batch = x.hidden_states.dim(0)).in_scope(|| self.transformer.forward(x))
     }
 
     /// One guided velocity: the transformer on `latents` at timestep `t`, conditional and (with
@@ -249,7 +249,8 @@ impl WanPipeline {
         let start = std::mem::replace(latents, Tensor::zeros([0]));
         let mut run = Denoiser::new(start, text.clone(), guidance_scale, schedule.clone());
         while !run.is_finished() {
-            if let Err(e) = run.step(self, forward).and_then(|_| observer.on_step(run.steps_done() - 1, run.total_steps(), run.latents())) {
+            let step = tracing::info_span!("step", step = run.steps_done(), steps = run.total_steps());
+            if let Err(e) = step.in_scope(|| run.step(self, forward)).and_then(|_| observer.on_step(run.steps_done() - 1, run.total_steps(), run.latents())) {
                 *latents = run.into_latents();
                 return Err(e);
             }

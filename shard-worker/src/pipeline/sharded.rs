@@ -61,9 +61,12 @@ pub fn denoise_sharded(
     let start = latents.clone();
     let (tx, rx) = mpsc::channel();
     let mut observer_error = None;
+    // The ranks' spans (steps, forwards) belong to the caller's.
+    let span = tracing::Span::current();
     let outcome = std::thread::scope(|s| {
         let ranks = s.spawn(|| {
             let tx = tx;
+            let _in = span.enter();
             run_local_group(transport, plan, |ctx| {
                 let mut lat = start.clone();
                 let mut obs = RankObserver {

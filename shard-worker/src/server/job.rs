@@ -72,7 +72,7 @@ pub struct JobHandle {
     pub rank: usize,
     /// Denoising steps of the run.
     pub total_steps: usize,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<(tracing::Span, Command)>,
     ended: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -92,9 +92,10 @@ impl JobHandle {
         self.ended.clone()
     }
 
-    /// Sends a command; fails if the job thread has ended.
+    /// Sends a command; fails if the job thread has ended. The command runs in the current span
+    /// (the request's), which stays open until the command is done.
     pub fn send(&self, c: Command) -> Result<()> {
-        self.commands.send(c).map_err(|_| WorkerError::Collective("the job's thread has ended (a peer failed earlier)".into()))
+        self.commands.send((tracing::Span::current(), c)).map_err(|_| WorkerError::Collective("the job's thread has ended (a peer failed earlier)".into()))
     }
 }
 
@@ -110,14 +111,16 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     let (spatial, temporal) = (pipe.vae().config().spatial_factor(), pipe.vae().config().temporal_factor());
     setup.params.validate(spatial, temporal)?;
     let (ready_tx, ready_rx) = mpsc::channel();
-    let (tx, rx) = mpsc::channel::<Command>();
+    let (tx, rx) = mpsc::channel::<(tracing::Span, Command)>();
     let (ended_tx, ended) = tokio::sync::watch::channel(false);
     let rank = setup.rank;
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name(format!("job-{}-r{rank}", setup.job_id))
         .spawn(move || {
             let _ended = EndedGuard(ended_tx);
-            let prepared = prepare(&pipe, &setup, plan, listener);
+            let prepared = span.in_scope(|| prepare(&pipe, &setup, plan, listener));
+            drop(span);
             let (ctx, run) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
@@ -147,10 +150,10 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
 }
 
-fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<Command>, idle_timeout: Duration, job_id: &str) {
+fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
     let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
     loop {
-        let command = match commands.recv_timeout(idle_timeout) {
+        let (span, command) = match commands.recv_timeout(idle_timeout) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -158,6 +161,7 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                 return;
             }
         };
+        let _in = span.enter();
         match command {
             Command::Step(index, reply) => {
                 let result = if index != run.steps_done() {

@@ -154,6 +154,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WorkerError> 
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))?.map_err(Status::from)
 }
 
+/// [`blocking`] inside `span` (so the job thread's work for it is in the span too).
+async fn blocking_in<T: Send + 'static>(span: tracing::Span, f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static) -> Result<T, Status> {
+    blocking(move || span.in_scope(f)).await
+}
+
+/// A request's span, child of the coordinator's span named in the request's `trace_context`.
+fn traced(span: tracing::Span, trace_context: &HashMap<String, String>) -> tracing::Span {
+    tessera_telemetry::set_parent_from_map(&span, trace_context);
+    span
+}
+
 #[tonic::async_trait]
 impl ShardWorker for WorkerService {
     async fn prepare_job(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
@@ -197,11 +208,13 @@ impl ShardWorker for WorkerService {
         let collective = me.collective;
         let pipe = self.inner.pipe.clone();
         let started = std::time::Instant::now();
-        let handle = blocking(move || {
+        let span = traced(tracing::info_span!("prepare_job", job_id = %r.job_id, rank = r.rank, world = r.world, ulysses = r.ulysses), &r.trace_context);
+        let handle = blocking_in(span.clone(), move || {
             let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
             job::start(pipe, setup, listener)
         })
-        .await?;
+        .await
+        .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
         let (tokens, total_steps) = (handle.tokens.clone(), handle.total_steps);
         let mut ended = handle.ended();
         let handle = Arc::new(handle);
@@ -233,12 +246,16 @@ impl ShardWorker for WorkerService {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
         let index = r.step as usize;
-        let report = blocking(move || {
+        let span = traced(tracing::info_span!("step", job_id = %r.job_id, rank = job.rank, step = r.step, communication_s = tracing::field::Empty, bytes_sent = tracing::field::Empty), &r.trace_context);
+        let report = blocking_in(span.clone(), move || {
             let (tx, rx) = mpsc::channel();
             job.send(Command::Step(index, tx))?;
             rx.recv().map_err(|_| WorkerError::Collective("the job ended during the step".into()))?
         })
-        .await?;
+        .await
+        .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
+        span.record("communication_s", report.communication_seconds);
+        span.record("bytes_sent", report.bytes_sent);
         Ok(Response::new(pb::StepResponse { step: r.step, seconds: report.seconds, communication_seconds: report.communication_seconds, bytes_sent: report.bytes_sent }))
     }
 
@@ -271,7 +288,8 @@ impl ShardWorker for WorkerService {
             return Err(Status::failed_precondition(format!("decode runs on rank 0; this worker is rank {}", job.rank)));
         }
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(2);
-        job.send(Command::Decode(frames_tx)).map_err(Status::from)?;
+        let span = traced(tracing::info_span!("decode", job_id = %r.job_id, rank = job.rank), &r.trace_context);
+        span.in_scope(|| job.send(Command::Decode(frames_tx))).map_err(Status::from)?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             let mut first = 0u32;

@@ -20,6 +20,7 @@ use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_worker::membership::WorkerRecord;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -54,8 +55,6 @@ pub struct DriveContext<'a> {
     pub live: LiveWorkers,
     /// Time limits.
     pub limits: DriveLimits,
-    /// W3C trace context of the job span, passed to every call.
-    pub trace_context: std::collections::HashMap<String, String>,
 }
 
 /// A connected rank.
@@ -209,6 +208,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     .await?;
     send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
     let started = Instant::now();
+    let span = tracing::info_span!("prepare", ranks = ranks.len(), ulysses = group.ulysses);
+    let trace_context = span.in_scope(tessera_telemetry::current_context_map);
     let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {
         let req = pb::PrepareJobRequest {
             job_id: cx.job.id.clone(),
@@ -220,11 +221,12 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             request: Some(tessera_proto::v1::GenerateRequest { input_video: Vec::new(), ..r.clone() }),
             seed: r.seed.unwrap_or(0),
             input_frames: input_frames.clone(),
-            trace_context: cx.trace_context.clone(),
+            trace_context: trace_context.clone(),
             ..Default::default()
         };
         async move { c.prepare_job(req).await }
     })
+    .instrument(span)
     .await?;
     let total = prepared.first().map_or(0, |p| p.total_steps);
     check_stop(cx.stop)?;
@@ -234,10 +236,14 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let started = Instant::now();
     for step in 0..total {
         let during = format!("step {}", step + 1);
+        // The coordinator's step span is the parent of every rank's step span.
+        let span = tracing::info_span!("step", step, total);
+        let trace_context = span.in_scope(tessera_telemetry::current_context_map);
         on_every_rank(ranks, &during, cx.limits.step, &mut live, |_, mut c| {
-            let req = pb::StepRequest { job_id: cx.job.id.clone(), step, trace_context: cx.trace_context.clone() };
+            let req = pb::StepRequest { job_id: cx.job.id.clone(), step, trace_context: trace_context.clone() };
             async move { c.step(req).await }
         })
+        .instrument(span)
         .await?;
         send(cx.events, ExecEvent::Step { done: step + 1, total }).await?;
         check_stop(cx.stop)?;
@@ -262,11 +268,39 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
 
     send(cx.events, ExecEvent::Phase(Phase::Decoding)).await?;
     let started = Instant::now();
-    let mut encoder = FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?;
+    let decode_span = tracing::info_span!("decode", frames = r.num_frames);
+    let encoder = decode_on_rank0(rank0, cx, FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?, &decode_span).instrument(decode_span.clone()).await?;
+    report.decoding = started.elapsed().saturating_sub(encoder.busy());
+    report.frames = encoder.frames() as u32;
+    if report.frames != r.num_frames {
+        return Err(CoordinatorError::WorkerFailed {
+            worker: rank0.record.worker_id.clone(),
+            during: "decode".into(),
+            code: tonic::Code::DataLoss,
+            detail: format!("{} of {} frames arrived", report.frames, r.num_frames),
+        });
+    }
+
+    send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
+    let encode_span = tracing::info_span!("encode");
+    let (files, encoding) = tokio::task::spawn_blocking(move || encode_span.in_scope(|| encoder.finish()))
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))??;
+    report.encoding = encoding;
+    for f in files {
+        send(cx.events, ExecEvent::File(f)).await?;
+    }
+    Ok(report)
+}
+
+/// Streams the decoded frames from rank 0 into `encoder` (PNG frames are handed out as they
+/// come); returns the encoder with every frame in.
+async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: FrameEncoder, span: &tracing::Span) -> Result<FrameEncoder, CoordinatorError> {
+    let trace_context = span.in_scope(tessera_telemetry::current_context_map);
     let mut stream = rank0
         .client
         .clone()
-        .decode(pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context: cx.trace_context.clone() })
+        .decode(pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context })
         .await
         .map_err(|s| rank0.failed("decode", s))?
         .into_inner();
@@ -281,7 +315,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             })?,
             reason = cx.stop.stopped() => return Err(reason.error()),
         };
-        let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { break };
+        let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { return Ok(encoder) };
         let frames = frames_tensor(&chunk)?;
         let (back, files) = tokio::task::spawn_blocking(move || {
             let files = encoder.push_chunk(&frames);
@@ -290,29 +324,10 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         .await
         .map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))?;
         encoder = back;
-        let files = files?;
-        for f in files {
+        for f in files? {
             send(cx.events, ExecEvent::File(f)).await?;
         }
     }
-    report.decoding = started.elapsed().saturating_sub(encoder.busy());
-    report.frames = encoder.frames() as u32;
-    if report.frames != r.num_frames {
-        return Err(CoordinatorError::WorkerFailed {
-            worker: rank0.record.worker_id.clone(),
-            during: "decode".into(),
-            code: tonic::Code::DataLoss,
-            detail: format!("{} of {} frames arrived", report.frames, r.num_frames),
-        });
-    }
-
-    send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
-    let (files, encoding) = tokio::task::spawn_blocking(move || encoder.finish()).await.map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))??;
-    report.encoding = encoding;
-    for f in files {
-        send(cx.events, ExecEvent::File(f)).await?;
-    }
-    Ok(report)
 }
 
 /// A fresh group session id (peers presenting another are refused on the collective wire).

@@ -18,7 +18,7 @@ use super::jobs::StopSignal;
 use crate::request::{RequestDefaults, ValidRequest};
 use crate::CoordinatorError;
 use drive::{run_on_group, DriveContext};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -249,7 +249,7 @@ impl JobExecutor for RemoteExecutor {
 
 async fn run_reserved(shared: &Shared, job: &ExecJob, group: &Group, events: mpsc::Sender<ExecEvent>, stop: &StopSignal, limits: DriveLimits) -> Result<ExecReport, CoordinatorError> {
     let input_frames = prepare_request_video_blocking(&job.request.request).await?;
-    let cx = DriveContext { job, input_frames, events: &events, stop, live: shared.live.subscribe(), limits, trace_context: HashMap::new() };
+    let cx = DriveContext { job, input_frames, events: &events, stop, live: shared.live.subscribe(), limits };
     run_on_group(group, cx).await
 }
 

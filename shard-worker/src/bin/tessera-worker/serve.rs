@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// At shutdown, how long the running job may go on before the worker exits anyway.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
+    /// Span export (OTLP) and sampling.
+    #[command(flatten)]
+    telemetry: tessera_telemetry::TelemetryArgs,
 }
 
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
@@ -166,8 +169,11 @@ async fn shutdown_signal() {
 
 /// Runs the server until a shutdown signal.
 pub fn serve(a: ServeArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let mut a = a;
+    let worker_id = a.worker_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    a.worker_id = Some(worker_id.clone());
+    // Dropped last (after the runtime): flushes the spans to the collector.
+    let _telemetry = tessera_telemetry::init("tessera-worker", &a.telemetry, &[("tessera.worker_id", worker_id), ("service.version", env!("CARGO_PKG_VERSION").to_string())])?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-worker-io").enable_all().build()?;
     let result = runtime.block_on(run(a));
     // A job thread stuck in a collective must not keep the process alive.
