@@ -55,7 +55,7 @@ impl Worker {
         let (listen, collective) = (etcd::free_port(), etcd::free_port());
         let heartbeat: &[&str] = if extra.contains(&"--heartbeat") { &[] } else { &["--heartbeat", HEARTBEAT] };
         let child = Command::new(worker_binary())
-            .args(["--threads", "1", "serve", "--preset", "tiny"])
+            .args(["--threads", "1", "serve", "--preset", "tiny", "--metrics-listen", "127.0.0.1:0"])
             .args(["--listen", &format!("127.0.0.1:{listen}"), "--collective", &format!("127.0.0.1:{collective}")])
             .args(["--etcd", &etcd.endpoint(), "--cluster", cluster, "--worker-id", id, "--connect-timeout-s", "10"])
             .args(heartbeat)

@@ -437,3 +437,66 @@ fn serve_flags_are_checked_at_start_up() {
         assert!(stderr.contains(named), "{flags:?}: {named} not named in {stderr}");
     }
 }
+
+/// The value of one sample in a Prometheus text exposition (`name` or `name{labels}` exactly).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} is not in the metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `/metrics` scraped before and after a job: the job, step and phase histograms, the token
+/// counters and the worker gauges moved; a refused request is counted by cause; the in-process
+/// workers of `--workers` report their steps and collective bytes.
+#[tokio::test]
+async fn metrics_move_with_a_job() {
+    let server = Server::start_serving(&["--workers", "2"]).await;
+    let mut client = server.client().await;
+    let before = server.scrape().await;
+    for (series, value) in [
+        ("tessera_jobs_total{outcome=\"succeeded\"}", 0.0),
+        ("tessera_queue_depth", 0.0),
+        ("tessera_jobs_running", 0.0),
+        ("tessera_step_duration_seconds_count", 0.0),
+        ("tessera_workers{state=\"idle\"}", 2.0),
+        ("tessera_collective_bytes_total{worker=\"local-1\"}", 0.0),
+    ] {
+        assert_eq!(sample(&before, series), value, "{series} before the job");
+    }
+    let req = GenerateRequest { steps: 3, ..small_request(2) };
+    let got = generate(&mut client, req).await;
+    assert!(got.status.is_none(), "{:?}", got.status);
+    let bad = client.generate(GenerateRequest { width: 7, ..small_request(2) }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    let after = server.scrape().await;
+    assert_eq!(sample(&after, "tessera_jobs_total{outcome=\"succeeded\"}"), 1.0);
+    assert_eq!(sample(&after, "tessera_job_duration_seconds_count{outcome=\"succeeded\"}"), 1.0);
+    assert!(sample(&after, "tessera_job_duration_seconds_sum{outcome=\"succeeded\"}") > 0.0);
+    assert_eq!(sample(&after, "tessera_step_duration_seconds_count"), 3.0);
+    assert_eq!(sample(&after, "tessera_phase_duration_seconds_count{phase=\"denoising\"}"), 1.0);
+    // 72 tokens, guidance on (2 forwards), 3 steps.
+    assert_eq!(sample(&after, "tessera_tokens_total"), (72 * 2 * 3) as f64);
+    assert!(sample(&after, "tessera_tokens_per_second") > 0.0);
+    assert_eq!(sample(&after, "tessera_requests_rejected_total{cause=\"invalid_argument\"}"), 1.0);
+    assert_eq!(sample(&after, "tessera_workers{state=\"idle\"}"), 2.0);
+    for w in ["local-0", "local-1"] {
+        assert_eq!(sample(&after, &format!("tessera_worker_step_duration_seconds_count{{worker=\"{w}\"}}")), 3.0, "{w}");
+        assert!(sample(&after, &format!("tessera_collective_bytes_total{{worker=\"{w}\"}}")) > 0.0, "{w} sent nothing");
+        assert_eq!(sample(&after, &format!("tessera_worker_jobs_total{{outcome=\"prepared\",worker=\"{w}\"}}")), 1.0, "{w}");
+    }
+    // Each metric is described once, with its unit.
+    let helps: Vec<&str> = after.lines().filter(|l| l.starts_with("# HELP tessera_")).collect();
+    let mut names: Vec<&str> = helps.iter().map(|h| h.split_whitespace().nth(2).unwrap()).collect();
+    names.sort();
+    let n = names.len();
+    names.dedup();
+    assert_eq!(n, names.len(), "a metric is described twice: {helps:#?}");
+    for name in ["tessera_queue_depth", "tessera_job_duration_seconds", "tessera_step_duration_seconds", "tessera_tokens_per_second", "tessera_workers", "tessera_requests_rejected_total", "tessera_collective_bytes_total", "tessera_worker_step_duration_seconds"] {
+        assert!(names.contains(&name), "{name} is not described: {helps:#?}");
+    }
+    assert!(helps.iter().all(|h| h.ends_with(").")), "a description without its unit: {helps:#?}");
+}

@@ -34,7 +34,7 @@ impl Worker {
         let (addr, collective) = (free_addr(), free_addr());
         let log = tempfile::Builder::new().prefix("tessera-worker-").suffix(".log").tempfile().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
-            .args(["serve", "--preset", "tiny", "--listen", &addr.to_string(), "--collective", &collective.to_string(), "--worker-id", id, "--otlp-endpoint", endpoint])
+            .args(["serve", "--preset", "tiny", "--metrics-listen", "off", "--listen", &addr.to_string(), "--collective", &collective.to_string(), "--worker-id", id, "--otlp-endpoint", endpoint])
             .env("TESSERA_THREADS", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

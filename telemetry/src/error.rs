@@ -27,6 +27,14 @@ pub enum TelemetryError {
         /// The exporter's error.
         reason: String,
     },
+    /// The metrics address is not `HOST:PORT` (or `off`), or cannot be bound.
+    #[error("--metrics-listen {value}: {reason}")]
+    InvalidMetricsAddress {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `RUST_LOG` is not a valid filter.
     #[error("RUST_LOG {value:?}: {reason}")]
     InvalidLogFilter {

@@ -72,6 +72,9 @@ pub struct ServeArgs {
     /// Span export (OTLP) and sampling.
     #[command(flatten)]
     telemetry: tessera_telemetry::TelemetryArgs,
+    /// The Prometheus endpoint.
+    #[command(flatten)]
+    metrics: tessera_telemetry::MetricsArgs,
 }
 
 /// What `--model`/`--preset` asked for, and the default model name.
@@ -177,6 +180,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
         let bound = listener.local_addr().with_context(|| format!("--listen {listen}"))?;
+        let metrics = args.metrics.bind().await?;
+        if let Some(m) = &metrics {
+            println!("tessera serve: metrics on http://{}/metrics", m.local_addr().context("--metrics-listen")?);
+        }
         println!("tessera serve: listening on {bound}");
         std::io::stdout().flush().ok();
         let mut embedded_workers = None;
@@ -203,7 +210,14 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 (Arc::new(executor), format!("--etcd {endpoints}"))
             }
         };
+        let exporter = metrics.map(|m| {
+            let (executor, metrics) = (executor.clone(), tessera_coordinator::server::CoordinatorMetrics::global());
+            tessera_telemetry::serve_metrics(m, Arc::new(move || metrics.refresh_workers(&executor.workers())))
+        });
         let served = serve(listener, executor, config, shutdown).await.map_err(|e| anyhow!("{what}: {e}"));
+        if let Some(e) = exporter {
+            e.abort();
+        }
         drop(embedded_workers);
         served
     });

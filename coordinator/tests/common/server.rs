@@ -15,6 +15,8 @@ pub struct Server {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The metrics URL (`http://127.0.0.1:PORT/metrics`), unless metrics are off.
+    pub metrics: Option<String>,
     log: tempfile::NamedTempFile,
 }
 
@@ -33,6 +35,7 @@ impl Server {
         let log = tempfile::Builder::new().prefix("tessera-serve-").suffix(".log").tempfile().expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--metrics-listen") { &[][..] } else { &["--metrics-listen", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -41,10 +44,14 @@ impl Server {
             .expect("tessera serve starts");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut line = String::new();
+        let mut metrics = None;
         let addr = loop {
             line.clear();
             if stdout.read_line(&mut line).expect("reading the server's stdout") == 0 {
                 panic!("tessera serve {extra:?} exited before listening: {}", std::fs::read_to_string(log.path()).unwrap_or_default());
+            }
+            if let Some(m) = line.trim().strip_prefix("tessera serve: metrics on ") {
+                metrics = Some(m.to_string());
             }
             if let Some(a) = line.trim().strip_prefix("tessera serve: listening on ") {
                 break a.to_string();
@@ -54,7 +61,7 @@ impl Server {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         });
-        Self { child, addr, log }
+        Self { child, addr, metrics, log }
     }
 
     /// Starts a server and waits until its health is SERVING.
@@ -62,6 +69,19 @@ impl Server {
         let s = Self::start(extra);
         s.wait_health(ServingStatus::Serving, Duration::from_secs(60)).await;
         s
+    }
+
+    /// Scrapes the metrics endpoint (plain HTTP/1.1) and returns the exposition text.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = self.metrics.as_deref().expect("metrics are on");
+        let hostport = url.trim_start_matches("http://").trim_end_matches("/metrics");
+        let mut s = tokio::net::TcpStream::connect(hostport).await.expect("metrics endpoint");
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
     }
 
     /// The server's log so far (stderr).

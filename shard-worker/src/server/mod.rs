@@ -4,10 +4,12 @@
 //! collective transport, on the collective address each worker advertises.
 
 mod job;
+mod metrics;
 mod request;
 mod status;
 
 pub use job::{JobCheckpoint, JobSetup, StepReport};
+pub use metrics::WorkerMetrics;
 pub use request::params_from_request;
 
 use crate::pipeline::{VideoInput, WanPipeline};
@@ -59,6 +61,7 @@ struct Inner {
     /// The job this worker runs now, published for membership.
     running: watch::Sender<Option<String>>,
     draining: AtomicBool,
+    metrics: WorkerMetrics,
 }
 
 impl Inner {
@@ -69,6 +72,7 @@ impl Inner {
     /// Publishes the job now running (if any) after the table changed.
     fn publish(&self, jobs: &HashMap<String, Arc<JobHandle>>) {
         let now = jobs.keys().next().cloned();
+        self.metrics.set_busy(&self.me.worker_id, now.is_some());
         self.running.send_if_modified(|v| {
             let changed = *v != now;
             *v = now;
@@ -89,7 +93,9 @@ impl Inner {
 impl WorkerService {
     /// A service running `pipe` as `me`.
     pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity) -> Self {
-        let inner = Inner { pipe, me, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false) };
+        let metrics = WorkerMetrics::global();
+        metrics.introduce(&me.worker_id);
+        let inner = Inner { pipe, me, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false), metrics };
         Self { inner: Arc::new(inner) }
     }
 
@@ -165,9 +171,9 @@ fn traced(span: tracing::Span, trace_context: &HashMap<String, String>) -> traci
     span
 }
 
-#[tonic::async_trait]
-impl ShardWorker for WorkerService {
-    async fn prepare_job(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
+impl WorkerService {
+    /// PrepareJob's work (see the trait method, which counts the outcome).
+    async fn prepare(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
         let r = request.into_inner();
         let me = &self.inner.me;
         if r.job_id.is_empty() {
@@ -242,6 +248,16 @@ impl ShardWorker for WorkerService {
         }))
     }
 
+}
+
+#[tonic::async_trait]
+impl ShardWorker for WorkerService {
+    async fn prepare_job(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
+        let result = self.prepare(request).await;
+        self.inner.metrics.prepare(&self.inner.me.worker_id, result.is_ok());
+        result
+    }
+
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
@@ -256,6 +272,7 @@ impl ShardWorker for WorkerService {
         .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
         span.record("communication_s", report.communication_seconds);
         span.record("bytes_sent", report.bytes_sent);
+        self.inner.metrics.step(&self.inner.me.worker_id, report.seconds, report.communication_seconds, report.bytes_sent);
         Ok(Response::new(pb::StepResponse { step: r.step, seconds: report.seconds, communication_seconds: report.communication_seconds, bytes_sent: report.bytes_sent }))
     }
 

@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// Span export (OTLP) and sampling.
     #[command(flatten)]
     telemetry: tessera_telemetry::TelemetryArgs,
+    /// The Prometheus endpoint.
+    #[command(flatten)]
+    metrics: tessera_telemetry::MetricsArgs,
 }
 
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
@@ -184,6 +187,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 async fn run(a: ServeArgs) -> Result<()> {
     // Bind first: a port in use is reported before minutes of model loading.
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
+    let metrics = a.metrics.bind().await?;
+    if let Some(m) = &metrics {
+        println!("tessera-worker: metrics on http://{}/metrics", m.local_addr().context("--metrics-listen")?);
+    }
     drop(std::net::TcpListener::bind(a.collective).with_context(|| format!("--collective {}", a.collective))?);
     let default_name = match &a.model {
         Some(dir) => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
@@ -219,6 +226,7 @@ async fn run(a: ServeArgs) -> Result<()> {
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
     eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, me.address, s.collective_address);
+    let exporter = metrics.map(|m| tessera_telemetry::serve_metrics(m, Arc::new(|| {})));
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -247,6 +255,9 @@ async fn run(a: ServeArgs) -> Result<()> {
     let _ = close_tx.send(());
     if tokio::time::timeout(Duration::from_secs(2), server).await.is_err() {
         tracing::warn!("connections still open; exiting anyway");
+    }
+    if let Some(e) = exporter {
+        e.abort();
     }
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,104 @@
+//! Prometheus metrics over HTTP: [`MetricsArgs`] (`--metrics-listen`) and [`serve_metrics`],
+//! which answers `GET /metrics` with the text exposition of Prometheus' default registry (where
+//! every Tessera metric of the process is registered), after running a refresh hook that brings
+//! state-mirroring gauges up to date.
+
+use crate::TelemetryError;
+use clap::Args;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Where the process serves its metrics; flattened into both servers.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct MetricsArgs {
+    /// Address of the Prometheus endpoint (`GET /metrics`); `off` serves none. Port 0 picks a
+    /// free port (the address is printed).
+    #[arg(long = "metrics-listen", env = "TESSERA_METRICS_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: String,
+}
+
+impl MetricsArgs {
+    /// The address to listen on (`None`: metrics off); the error names the flag.
+    pub fn address(&self) -> Result<Option<SocketAddr>, TelemetryError> {
+        let v = self.metrics_listen.trim();
+        if v.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        v.parse().map(Some).map_err(|e| TelemetryError::InvalidMetricsAddress { value: v.to_string(), reason: format!("{e} (expected HOST:PORT or off)") })
+    }
+
+    /// Binds the metrics listener (`None`: metrics off).
+    pub async fn bind(&self) -> Result<Option<tokio::net::TcpListener>, TelemetryError> {
+        let Some(addr) = self.address()? else { return Ok(None) };
+        tokio::net::TcpListener::bind(addr).await.map(Some).map_err(|e| TelemetryError::InvalidMetricsAddress { value: addr.to_string(), reason: e.to_string() })
+    }
+}
+
+/// The text exposition of every metric in Prometheus' default registry.
+pub fn metrics_text() -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    // Encoding a gathered family into memory fails only for malformed families, which the
+    // registry never holds; an empty answer is the fallback.
+    let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted; `refresh` runs before each
+/// scrape.
+pub fn serve_metrics(listener: tokio::net::TcpListener, refresh: Arc<dyn Fn() + Send + Sync>) -> tokio::task::JoinHandle<()> {
+    use axum::http::header::CONTENT_TYPE;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let refresh = refresh.clone();
+            async move {
+                refresh();
+                ([(CONTENT_TYPE, prometheus::TEXT_FORMAT)], metrics_text())
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "the metrics endpoint stopped");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_is_checked_and_off_turns_metrics_off() {
+        let args = |v: &str| MetricsArgs { metrics_listen: v.into() };
+        assert_eq!(args("off").address().unwrap(), None);
+        assert_eq!(args("127.0.0.1:9464").address().unwrap(), Some("127.0.0.1:9464".parse().unwrap()));
+        let err = args("nowhere").address().unwrap_err().to_string();
+        assert!(err.contains("--metrics-listen") && err.contains("nowhere"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_as_prometheus_text_after_the_refresh() {
+        let gauge = prometheus::IntGauge::new("tessera_test_refreshes", "Scrapes seen by the test (scrapes).").unwrap();
+        prometheus::register(Box::new(gauge.clone())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let g = gauge.clone();
+        let server = serve_metrics(listener, Arc::new(move || g.inc()));
+        let scrape = || async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            body
+        };
+        let first = scrape().await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(first.contains("text/plain; version=0.0.4"), "{first}");
+        assert!(first.contains("tessera_test_refreshes 1"), "{first}");
+        assert!(scrape().await.contains("tessera_test_refreshes 2"));
+        server.abort();
+    }
+}
