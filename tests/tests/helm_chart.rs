@@ -513,7 +513,7 @@ fn rendered_manifests_hold_the_deployment_contract() {
     assert_eq!(w.get("spec.replicas"), Some("8"));
     let wenv = g.container_env(w, C0);
     assert_eq!(wenv.get("NCCL_SOCKET_IFNAME").map(String::as_str), Some("eth0"));
-    assert_eq!(wenv.get("TESSERA_DEVICE").map(String::as_str), Some("cuda"));
+    assert_eq!(wenv.get("TESSERA_DEVICE").map(String::as_str), Some("auto"));
     assert_eq!(wenv.get("TESSERA_MODEL").map(String::as_str), Some("/models/Wan2.1-T2V-14B-Diffusers"));
     assert!(!wenv.contains_key("TESSERA_PRESET"));
     let shm = (0..w.len(&format!("{POD}.volumes")))

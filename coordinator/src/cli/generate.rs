@@ -15,8 +15,7 @@ use tessera_coordinator::server::ModelSource;
 use tessera_coordinator::video::input::{prepare_video, FrameSelection, InputLimits, PreparedVideo};
 use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
-use tessera_kernels::cuda::DeviceChoice;
-use tessera_kernels::{Device, Tensor};
+use tessera_kernels::Tensor;
 use tessera_worker::parallel::ParallelPlan;
 use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::sampler::SamplerKind;
@@ -297,11 +296,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         return generate_embedded(&args);
     }
     let started = Instant::now();
-    let choice: DeviceChoice = args.device.parse().map_err(|e| anyhow!("--device {}: {e}", args.device))?;
-    match choice.resolve().map_err(|e| anyhow!("--device {}: {e}", args.device))? {
-        Device::Cpu => {}
-        Device::Cuda(n) if choice == DeviceChoice::Auto => eprintln!("note: CUDA device {n} found, but the model runs on the CPU in this version"),
-        Device::Cuda(n) => bail!("--device cuda:{n}: the CUDA kernels are built but the pipeline does not run on CUDA yet; use --device cpu"),
+    if let Some(note) = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))? {
+        eprintln!("note: {note}");
     }
     let format = match &args.format {
         Some(f) => tessera_coordinator::video::VideoFormat::from_name(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif or png"))?,

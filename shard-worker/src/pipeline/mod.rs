@@ -5,6 +5,7 @@
 //! observe or replace any of them; [`WanPipeline::generate`] chains them.
 
 mod denoiser;
+mod device;
 mod noise;
 mod params;
 mod preset;
@@ -13,6 +14,7 @@ mod snapshot;
 
 pub use denoiser::Denoiser;
 pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
+pub use device::resolve_pipeline_device;
 pub use params::{GenerationParams, VideoInput};
 pub use sharded::{denoise_sharded, generate_sharded};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};

@@ -255,12 +255,13 @@ fn prepared_video_follows_the_frame_rules() {
     let p = prepare_video(&bytes, 32, 16, FrameSelection::Longest, &limits).unwrap();
     assert_eq!((p.frames, p.frames_read, p.video.shape()), (9, 11, &[1, 3, 9, 16, 32][..]));
     assert!(p.video.data().iter().all(|v| (-1.0..=1.0).contains(v)));
-    // Frame t of the tensor is 2·resize(decoded frame t) − 1; and close to the resized pattern.
+    // Frame t of the tensor is 2·q(resize(decoded frame t)) − 1, q rounding to 8 bits; and close
+    // to the resized pattern.
     let (_, decoded) = read_all(&bytes, limits).unwrap();
     let resizer = Resizer::new(64, 48, 32, 16).unwrap();
     let small = VideoSpec::new(32, 16, 16.0).unwrap();
     for t in [0, 4, 8] {
-        let want = resizer.resize(&decoded[t]).unwrap();
+        let want: Vec<f32> = resizer.resize(&decoded[t]).unwrap().iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() / 255.0).collect();
         let got: Vec<f32> = (0..3).flat_map(|c| p.video.data()[(c * 9 + t) * 512..][..512].iter().map(|v| (v + 1.0) / 2.0)).collect();
         assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-6), "frame {t}");
         let pattern = resizer.resize(&moving_pattern(&spec, t)).unwrap();

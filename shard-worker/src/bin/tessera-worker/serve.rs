@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// At shutdown, how long the running job may go on before the worker exits anyway.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
+    /// Compute device: auto, cpu, cuda or cuda:N (the pipeline runs on the CPU in this version:
+    /// auto picks it, cuda is refused with the reason).
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
+    device: String,
     /// Span export (OTLP) and sampling.
     #[command(flatten)]
     telemetry: tessera_telemetry::TelemetryArgs,
@@ -96,6 +100,9 @@ fn advertised(host: &str, port: u16) -> String {
 }
 
 fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
+    if let Some(note) = tessera_worker::pipeline::resolve_pipeline_device(&a.device).map_err(|e| anyhow!("--device {}: {e}", a.device))? {
+        tracing::warn!("{note}");
+    }
     if a.connect_timeout_s == 0 {
         bail!("--connect-timeout-s 0: must be at least 1");
     }
