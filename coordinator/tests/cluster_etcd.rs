@@ -102,6 +102,31 @@ impl Drop for Worker {
     }
 }
 
+/// A Generate stream.
+type Events = tonic::Streaming<tessera_proto::v1::GenerateEvent>;
+
+/// Reads the stream until `step` steps are done.
+async fn until_step(stream: &mut Events, step: u32) {
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(Event::Progress(p)) if p.step >= step => return,
+            Some(_) => {}
+            None => panic!("the job ended before {step} steps"),
+        }
+    }
+}
+
+/// Reads the stream to its end, which must be an error status.
+async fn failure(stream: &mut Events) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the job succeeded"),
+            Err(s) => return s,
+        }
+    }
+}
+
 /// etcd and a coordinator following it; `None` when etcd is missing outside CI.
 async fn cluster(name: &str) -> Option<(Etcd, Server)> {
     let etcd = Etcd::start().await?;
@@ -217,22 +242,10 @@ async fn a_killed_worker_ends_its_job_promptly_and_the_rest_go_on() {
     // A long job; once two steps are done, k1 is killed.
     let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
     let mut stream = client.generate(long).await.unwrap().into_inner();
-    loop {
-        match stream.message().await.unwrap().and_then(|e| e.event) {
-            Some(Event::Progress(p)) if p.step >= 2 => break,
-            Some(_) => {}
-            None => panic!("the job ended before two steps"),
-        }
-    }
+    until_step(&mut stream, 2).await;
     let killed = Instant::now();
     workers[1].kill();
-    let status = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the job succeeded without k1"),
-            Err(s) => break s,
-        }
-    };
+    let status = failure(&mut stream).await;
     let took = killed.elapsed();
     eprintln!("the job ended {took:?} after the kill: {status:?}");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
@@ -263,13 +276,7 @@ async fn cancelling_frees_the_workers_and_video_to_video_runs_on_the_cluster() {
     };
     wait_job_state(&mut client, &id, JobState::Running, Duration::from_secs(30)).await;
     client.cancel_job(CancelJobRequest { job_id: id.clone() }).await.unwrap();
-    let status = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("a cancelled job succeeded"),
-            Err(s) => break s,
-        }
-    };
+    let status = failure(&mut stream).await;
     assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
     // Both workers are idle again and take the next job.
     wait_idle(&mut client, &["c0", "c1"], &refs).await;
@@ -307,13 +314,7 @@ async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
 
     let job = GenerateRequest { steps: 40, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
     let mut stream = client.generate(job).await.unwrap().into_inner();
-    loop {
-        match stream.message().await.unwrap().and_then(|e| e.event) {
-            Some(Event::Progress(p)) if p.step >= 2 => break,
-            Some(_) => {}
-            None => panic!("the job ended before two steps"),
-        }
-    }
+    until_step(&mut stream, 2).await;
     d0.sigterm();
     // The job goes on to the end on both workers.
     let mut done = false;
@@ -337,24 +338,12 @@ async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
     wait_idle(&mut client, &["d1", "d2"], &[&d1, &d2]).await;
     let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
     let mut stream = client.generate(long).await.unwrap().into_inner();
-    loop {
-        match stream.message().await.unwrap().and_then(|e| e.event) {
-            Some(Event::Progress(p)) if p.step >= 2 => break,
-            Some(_) => {}
-            None => panic!("the job ended before two steps"),
-        }
-    }
+    until_step(&mut stream, 2).await;
     d2.sigterm();
     let exited = d2.wait_exit(Duration::from_secs(10)).await.unwrap_or_else(|| panic!("d2 did not exit:\n{}", d2.log()));
     eprintln!("d2 (grace 1 s) exited {exited:?} after SIGTERM");
     assert!(exited < Duration::from_secs(4), "{exited:?}");
-    let status = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the job finished without d2"),
-            Err(s) => break s,
-        }
-    };
+    let status = failure(&mut stream).await;
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(!registered(&etcd, "drain").await.contains(&"d2".to_string()));
     drop(etcd);
