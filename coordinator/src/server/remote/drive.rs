@@ -82,37 +82,88 @@ async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, Coord
     Ok(Rank { record: record.clone(), client })
 }
 
-/// Runs `call` on every rank at once; the first failure (or the limit, or a rank leaving
-/// membership) ends the wait with that error.
+/// How long after a rank's failure the others may still report theirs: a dead worker's own call
+/// fails at once (connection lost), its peers' a moment later (collective broken); the report
+/// should name the one that died, not a survivor that noticed.
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// Runs `call` on every rank at once; a failure (or the limit, or a rank leaving membership)
+/// ends the wait with an error naming the failed rank (a rank that could not be reached comes
+/// before ranks that lost a peer).
 async fn on_every_rank<T, F, Fut>(ranks: &[Rank], during: &str, limit: Duration, live: &mut LiveWorkers, call: F) -> Result<Vec<T>, CoordinatorError>
 where
     F: Fn(usize, ShardWorkerClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let calls = ranks.iter().enumerate().map(|(i, r)| {
-        let fut = call(i, r.client.clone());
-        async move { fut.await.map(tonic::Response::into_inner).map_err(|s| r.failed(during, s)) }
-    });
+    use futures_util::StreamExt;
+    let mut calls: futures_util::stream::FuturesUnordered<_> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let fut = call(i, r.client.clone());
+            async move { (i, fut.await.map(tonic::Response::into_inner)) }
+        })
+        .collect();
     let ids: Vec<String> = ranks.iter().map(|r| r.record.worker_id.clone()).collect();
     let gone = live.wait_for(|live| ids.iter().any(|id| !live.contains(id)));
-    tokio::select! {
-        all = tokio::time::timeout(limit, futures_util::future::try_join_all(calls)) => match all {
-            Ok(r) => r,
-            Err(_) => Err(CoordinatorError::WorkerFailed {
-                worker: ids.join(", "),
-                during: during.into(),
-                code: tonic::Code::DeadlineExceeded,
-                detail: format!("not every rank answered within {limit:?}"),
-            }),
-        },
-        set = gone => {
-            let detail = match set {
-                Ok(live) => format!("left the cluster (lease lapsed or revoked): {}", ids.iter().filter(|id| !live.contains(*id)).cloned().collect::<Vec<_>>().join(", ")),
-                Err(_) => "membership stopped".into(),
-            };
-            Err(CoordinatorError::WorkerFailed { worker: ids.join(", "), during: during.into(), code: tonic::Code::Unavailable, detail })
+    tokio::pin!(gone);
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let mut answers: Vec<Option<T>> = (0..ranks.len()).map(|_| None).collect();
+    let mut failures: Vec<(usize, tonic::Status)> = Vec::new();
+    let mut settle: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        let settled = async {
+            match settle.as_mut() {
+                Some(s) => s.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            next = calls.next() => match next {
+                Some((i, Ok(answer))) => answers[i] = Some(answer),
+                Some((i, Err(status))) => {
+                    failures.push((i, status));
+                    settle.get_or_insert_with(|| Box::pin(tokio::time::sleep(SETTLE)));
+                }
+                None => break,
+            },
+            _ = settled => break,
+            _ = &mut deadline => {
+                if failures.is_empty() {
+                    return Err(CoordinatorError::WorkerFailed {
+                        worker: ids.join(", "),
+                        during: during.into(),
+                        code: tonic::Code::DeadlineExceeded,
+                        detail: format!("not every rank answered within {limit:?}"),
+                    });
+                }
+                break;
+            }
+            set = &mut gone, if failures.is_empty() => {
+                let detail = match set {
+                    Ok(live) => format!("left the cluster (lease lapsed or revoked): {}", ids.iter().filter(|id| !live.contains(*id)).cloned().collect::<Vec<_>>().join(", ")),
+                    Err(_) => "membership stopped".into(),
+                };
+                return Err(CoordinatorError::WorkerFailed { worker: ids.join(", "), during: during.into(), code: tonic::Code::Unavailable, detail });
+            }
         }
     }
+    if failures.is_empty() {
+        return Ok(answers.into_iter().map(|a| a.expect("every rank answered")).collect());
+    }
+    // A rank that failed by itself (unreachable, dead) is the cause; ranks whose collective broke
+    // (ABORTED: they lost a peer) report its absence, so they come after.
+    failures.sort_by_key(|(i, s)| (s.code() == tonic::Code::Aborted, *i));
+    let (first, status) = &failures[0];
+    let mut error = ranks[*first].failed(during, status.clone());
+    if let CoordinatorError::WorkerFailed { detail, .. } = &mut error {
+        let others: Vec<String> = failures[1..].iter().map(|(i, s)| format!("{}: {}", ranks[*i].record.worker_id, s.message())).collect();
+        if !others.is_empty() {
+            detail.push_str(&format!("; then {}", others.join("; ")));
+        }
+    }
+    Err(error)
 }
 
 async fn send(events: &mpsc::Sender<ExecEvent>, event: ExecEvent) -> Result<(), CoordinatorError> {
