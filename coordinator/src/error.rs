@@ -80,6 +80,13 @@ pub enum CoordinatorError {
         /// The worker's message, or the transport error.
         detail: String,
     },
+    /// Workers chosen for a job refused it because they run another job (one another coordinator
+    /// gave them after this one's view of membership was taken).
+    #[error("workers {} are busy with another job", workers.join(", "))]
+    WorkersBusy {
+        /// Their ids.
+        workers: Vec<String>,
+    },
     /// The service cannot take or finish the work now (starting, shutting down, no workers).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -149,7 +156,7 @@ impl From<CoordinatorError> for tonic::Status {
             // A worker refusing the request itself is the caller's fault; anything else means the
             // cluster lost the job (a worker died or timed out): retrying may succeed.
             CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. } => tonic::Status::invalid_argument(msg),
-            CoordinatorError::WorkerFailed { .. } => tonic::Status::unavailable(msg),
+            CoordinatorError::WorkerFailed { .. } | CoordinatorError::WorkersBusy { .. } => tonic::Status::unavailable(msg),
             CoordinatorError::QueueFull { .. } => tonic::Status::resource_exhausted(msg),
             CoordinatorError::NotFound { .. } => tonic::Status::not_found(msg),
             CoordinatorError::Cancelled(_) => tonic::Status::cancelled(msg),

@@ -408,3 +408,25 @@ async fn one_trace_holds_the_job_span_and_every_workers_step_spans() {
     assert_eq!(tree.named("encode").len(), 1);
     drop(etcd);
 }
+
+/// Two coordinators share one worker: each sends a job at the same moment; both see the worker
+/// idle, one wins it, the other is refused as busy, waits and runs after: both jobs succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_a_worker_without_losing_a_job() {
+    let Some((etcd, first)) = cluster("shared").await else { return };
+    let second = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "shared", "--heartbeat", HEARTBEAT]);
+    second.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    let (mut c1, mut c2) = (first.client().await, second.client().await);
+    let w = Worker::start(&etcd, "shared", "s0");
+    wait_idle(&mut c1, &["s0"], &[&w]).await;
+    wait_idle(&mut c2, &["s0"], &[&w]).await;
+    for round in 0..3 {
+        let req = GenerateRequest { steps: 6, ..request(OutputFormat::Mp4) };
+        let (a, b) = tokio::join!(generate(&mut c1, req.clone()), generate(&mut c2, req));
+        assert!(a.status.is_none() && b.status.is_none(), "round {round}: {:?} / {:?}\n{}\n{}\n{}", a.status, b.status, first.log(), second.log(), w.log());
+        assert_eq!(a.file(0), b.file(0), "round {round}: the same request gives the same video on either coordinator");
+    }
+    let retries = first.log().matches("choosing again").count() + second.log().matches("choosing again").count();
+    eprintln!("jobs that found the worker taken by the other coordinator and chose again: {retries}");
+    drop(etcd);
+}

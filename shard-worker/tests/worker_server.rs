@@ -133,3 +133,28 @@ async fn misuse_gets_clear_status_codes() {
     let d = c.describe(pb::DescribeRequest {}).await.unwrap().into_inner();
     assert_eq!(d.worker.unwrap().job_id, "a");
 }
+
+/// A job released while its rank still waits for the other ranks is abandoned at once (not after
+/// the connect timeout), and the worker takes the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
+    let (mut clients, peers) = start_workers(2).await;
+    let waiting = {
+        let mut c = clients[0].clone();
+        let req = pb::PrepareJobRequest { job_id: "lonely".into(), rank: 0, world: 2, ulysses: 1, peers: peers.clone(), session: 9, request: Some(request()), seed: 5, ..Default::default() };
+        tokio::spawn(async move { c.prepare_job(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While it joins, the worker is taken.
+    let second = pb::PrepareJobRequest { job_id: "other".into(), rank: 0, world: 1, ulysses: 1, peers: vec![peers[0].clone()], session: 10, request: Some(request()), seed: 5, ..Default::default() };
+    let err = clients[0].prepare_job(second).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let released = std::time::Instant::now();
+    clients[0].release_job(pb::ReleaseJobRequest { job_id: "lonely".into() }).await.unwrap();
+    let status = waiting.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status}");
+    assert!(released.elapsed() < Duration::from_secs(5), "the joining ended {:?} after the release (connect timeout 20 s)", released.elapsed());
+    // The worker (and its collective port) is free for the next job.
+    let video = run_job(&mut clients, &peers, 1, "next").await;
+    assert!(!video.is_empty());
+}

@@ -154,6 +154,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::InvalidVideo { .. } | CoordinatorError::Encode { .. } | CoordinatorError::Io { .. } => "output",
         CoordinatorError::Worker(_) => "model",
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
+        CoordinatorError::WorkersBusy { .. } => "workers_busy",
         CoordinatorError::QueueFull { .. } => "queue_full",
         CoordinatorError::NotFound { .. } => "not_found",
         CoordinatorError::Cancelled(_) => "cancelled",

@@ -41,11 +41,19 @@ pub struct TcpOptions {
     pub recv_timeout: Duration,
     /// Largest payload accepted in one frame; a larger length is treated as garbage.
     pub max_frame_bytes: u64,
+    /// Cancelling it abandons a group still connecting (its job was released meanwhile).
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        Self { session: 0, connect_timeout: Duration::from_secs(30), recv_timeout: Duration::from_secs(300), max_frame_bytes: 16 << 30 }
+        Self {
+            session: 0,
+            connect_timeout: Duration::from_secs(30),
+            recv_timeout: Duration::from_secs(300),
+            max_frame_bytes: 16 << 30,
+            cancel: tokio_util::sync::CancellationToken::new(),
+        }
     }
 }
 
@@ -206,9 +214,12 @@ impl TcpTransport {
         listener.set_nonblocking(true).map_err(|e| err(rank, e))?;
         let streams = runtime.block_on(async {
             let listener = TcpListener::from_std(listener).map_err(|e| err(rank, e))?;
-            tokio::time::timeout(opts.connect_timeout, connect_all(me, addrs, listener))
-                .await
-                .map_err(|_| err(rank, format!("group of {world} not connected within {:?}", opts.connect_timeout)))?
+            tokio::select! {
+                connected = tokio::time::timeout(opts.connect_timeout, connect_all(me, addrs, listener)) => {
+                    connected.map_err(|_| err(rank, format!("group of {world} not connected within {:?}", opts.connect_timeout)))?
+                }
+                _ = opts.cancel.cancelled() => Err(WorkerError::Cancelled(format!("rank {rank}: the group was abandoned while connecting"))),
+            }
         })?;
         let mailbox = Arc::new(Mailbox::new(opts.recv_timeout));
         let mut peers: Vec<Option<PeerLink>> = (0..world).map(|_| None).collect();

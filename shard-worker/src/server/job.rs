@@ -27,6 +27,8 @@ pub struct JobSetup {
     pub connect_timeout: Duration,
     /// The job ends when no command comes for this long (its coordinator is gone).
     pub idle_timeout: Duration,
+    /// Cancelled when the job is released while its group is still connecting.
+    pub cancel: tokio_util::sync::CancellationToken,
     /// The generation.
     pub params: GenerationParams,
 }
@@ -139,7 +141,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
 }
 
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
-    let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, ..TcpOptions::default() };
+    let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, cancel: setup.cancel.clone(), ..TcpOptions::default() };
     let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
     let ctx = ShardContext::new(Arc::new(transport), plan)?;
     let p = &setup.params;

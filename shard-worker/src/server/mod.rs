@@ -54,10 +54,17 @@ pub struct WorkerService {
     inner: Arc<Inner>,
 }
 
+/// A job in the worker's table: still joining its group (cancellable), or running.
+enum Slot {
+    Preparing(tokio_util::sync::CancellationToken),
+    Ready(Arc<JobHandle>),
+}
+
 struct Inner {
     pipe: Arc<WanPipeline>,
     me: WorkerIdentity,
-    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    /// At most one job; it claims the worker from the moment PrepareJob accepts it.
+    jobs: Mutex<HashMap<String, Slot>>,
     /// The job this worker runs now, published for membership.
     running: watch::Sender<Option<String>>,
     draining: AtomicBool,
@@ -65,12 +72,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JobHandle>>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publishes the job now running (if any) after the table changed.
-    fn publish(&self, jobs: &HashMap<String, Arc<JobHandle>>) {
+    fn publish(&self, jobs: &HashMap<String, Slot>) {
         let now = jobs.keys().next().cloned();
         self.metrics.set_busy(&self.me.worker_id, now.is_some());
         self.running.send_if_modified(|v| {
@@ -83,7 +90,7 @@ impl Inner {
     /// Drops job `id` if it is still the handle `which` (not a later job of the same id).
     fn forget(&self, id: &str, which: &std::sync::Weak<JobHandle>) {
         let mut jobs = self.table();
-        if jobs.get(id).is_some_and(|h| std::ptr::eq(Arc::as_ptr(h), which.as_ptr())) {
+        if matches!(jobs.get(id), Some(Slot::Ready(h)) if std::ptr::eq(Arc::as_ptr(h), which.as_ptr())) {
             jobs.remove(id);
             self.publish(&jobs);
         }
@@ -100,7 +107,11 @@ impl WorkerService {
     }
 
     fn job(&self, id: &str) -> Result<Arc<JobHandle>, Status> {
-        self.inner.table().get(id).cloned().ok_or_else(|| Status::not_found(format!("job {id:?} is not on this worker")))
+        match self.inner.table().get(id) {
+            Some(Slot::Ready(h)) => Ok(h.clone()),
+            Some(Slot::Preparing(_)) => Err(Status::failed_precondition(format!("job {id:?} is still joining its group"))),
+            None => Err(Status::not_found(format!("job {id:?} is not on this worker"))),
+        }
     }
 
     /// The job running now (`None` when idle), updated as jobs start and end.
@@ -182,12 +193,6 @@ impl WorkerService {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!("worker {} is shutting down and takes no new job", me.worker_id)));
         }
-        {
-            let jobs = self.inner.table();
-            if let Some(other) = jobs.keys().next() {
-                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
-            }
-        }
         if !r.init_latents.is_empty() || r.resume.is_some() {
             return Err(Status::unimplemented("init_latents and resume: resuming from a checkpoint is not supported by remote workers yet (send input_frames for video-to-video)"));
         }
@@ -201,6 +206,17 @@ impl WorkerService {
         if r.world as usize != peers.len() {
             return Err(Status::invalid_argument(format!("world: {} but {} peers", r.world, peers.len())));
         }
+        // Claim the worker now: a second PrepareJob is refused while this one joins its group,
+        // and ReleaseJob can abandon the joining.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        {
+            let mut jobs = self.inner.table();
+            if let Some(other) = jobs.keys().next() {
+                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
+            }
+            jobs.insert(r.job_id.clone(), Slot::Preparing(cancel.clone()));
+            self.inner.publish(&jobs);
+        }
         let setup = JobSetup {
             job_id: r.job_id.clone(),
             rank: r.rank as usize,
@@ -209,6 +225,7 @@ impl WorkerService {
             session: r.session,
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,
+            cancel: cancel.clone(),
             params,
         };
         let collective = me.collective;
@@ -219,20 +236,32 @@ impl WorkerService {
             let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
             job::start(pipe, setup, listener)
         })
-        .await
-        .inspect_err(|s| tessera_telemetry::mark_error(&span, s.message()))?;
+        .await;
+        let mut jobs = self.inner.table();
+        let claimed = matches!(jobs.get(&r.job_id), Some(Slot::Preparing(c)) if !c.is_cancelled());
+        let handle = match handle {
+            Ok(h) if claimed => h,
+            Ok(_) => {
+                // Released while joining: the handle is dropped here, which ends its thread.
+                let status = Status::cancelled(format!("job {:?} was released while it joined its group", r.job_id));
+                tessera_telemetry::mark_error(&span, status.message());
+                return Err(status);
+            }
+            Err(status) => {
+                if claimed {
+                    jobs.remove(&r.job_id);
+                    self.inner.publish(&jobs);
+                }
+                tessera_telemetry::mark_error(&span, status.message());
+                return Err(status);
+            }
+        };
         let (tokens, total_steps) = (handle.tokens.clone(), handle.total_steps);
         let mut ended = handle.ended();
         let handle = Arc::new(handle);
-        {
-            let mut jobs = self.inner.table();
-            if let Some(other) = jobs.keys().next() {
-                // Another PrepareJob won the race; this one's thread ends with the dropped handle.
-                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
-            }
-            jobs.insert(r.job_id.clone(), handle.clone());
-            self.inner.publish(&jobs);
-        }
+        jobs.insert(r.job_id.clone(), Slot::Ready(handle.clone()));
+        self.inner.publish(&jobs);
+        drop(jobs);
         // The job leaves the table when its thread ends (failed peer, idle timeout) or at ReleaseJob.
         // (A weak reference: the task must not keep the command channel open after ReleaseJob.)
         let (inner, handle) = (self.inner.clone(), Arc::downgrade(&handle));
@@ -342,7 +371,9 @@ impl ShardWorker for WorkerService {
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         // Dropping the handle closes the command channel; the job thread ends after its current command.
         let mut jobs = self.inner.table();
-        jobs.remove(&request.into_inner().job_id);
+        if let Some(Slot::Preparing(cancel)) = jobs.remove(&request.into_inner().job_id) {
+            cancel.cancel();
+        }
         self.inner.publish(&jobs);
         Ok(Response::new(pb::ReleaseJobResponse {}))
     }

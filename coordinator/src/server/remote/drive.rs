@@ -152,6 +152,12 @@ where
     if failures.is_empty() {
         return Ok(answers.into_iter().map(|a| a.expect("every rank answered")).collect());
     }
+    // Refusals because a worker already runs a job (another coordinator's): the caller may try
+    // another group.
+    let busy: Vec<String> = failures.iter().filter(|(_, s)| s.code() == tonic::Code::FailedPrecondition && s.message().contains("is busy with job")).map(|(i, _)| ranks[*i].record.worker_id.clone()).collect();
+    if !busy.is_empty() {
+        return Err(CoordinatorError::WorkersBusy { workers: busy });
+    }
     // A rank that failed by itself (unreachable, dead) is the cause; ranks whose collective broke
     // (ABORTED: they lost a peer) report its absence, so they come after.
     failures.sort_by_key(|(i, s)| (s.code() == tonic::Code::Aborted, *i));

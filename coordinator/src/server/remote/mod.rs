@@ -29,6 +29,9 @@ use tessera_worker::membership::Membership;
 use tessera_worker::sampler::guidance_enabled;
 use tokio::sync::{mpsc, watch};
 
+/// How often a job chooses a group again after workers refused it as busy.
+const BUSY_RETRIES: u32 = 5;
+
 /// Settings of a [`RemoteExecutor`].
 #[derive(Clone)]
 pub struct RemoteExecutorConfig {
@@ -228,16 +231,29 @@ impl JobExecutor for RemoteExecutor {
         let shared = self.shared.clone();
         let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
         Box::pin(async move {
-            let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
-            shared.running.fetch_add(1, Ordering::SeqCst);
-            shared.publish();
-            let ids: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).collect();
-            tracing::info!(job = %job.id, workers = ?ids, ulysses = group.ulysses, "job starts on its group");
-            let result = run_reserved(&shared, &job, &group, events, &stop, limits).await;
-            shared.table().release(&job.id);
-            shared.running.fetch_sub(1, Ordering::SeqCst);
-            shared.publish();
-            result
+            let mut attempts = 0;
+            loop {
+                let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
+                shared.running.fetch_add(1, Ordering::SeqCst);
+                shared.publish();
+                let ids: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).collect();
+                tracing::info!(job = %job.id, workers = ?ids, ulysses = group.ulysses, "job starts on its group");
+                let result = run_reserved(&shared, &job, &group, events.clone(), &stop, limits).await;
+                shared.table().release(&job.id);
+                shared.running.fetch_sub(1, Ordering::SeqCst);
+                shared.publish();
+                match result {
+                    // Another coordinator took some of the workers first: leave them out until
+                    // their records change, and choose again.
+                    Err(CoordinatorError::WorkersBusy { workers }) if attempts < BUSY_RETRIES && !stop.is_stopped() => {
+                        attempts += 1;
+                        tracing::info!(job = %job.id, ?workers, attempts, "workers busy with another job; choosing again");
+                        shared.table().hold(&workers);
+                        shared.publish();
+                    }
+                    r => return r,
+                }
+            }
         })
     }
 

@@ -5,6 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 use tessera_worker::membership::{MembershipEvent, MembershipSnapshot, WorkerRecord, WorkerState};
 
+/// The reservation of a held worker (no job of this coordinator has that id: job ids are `j-…`).
+const HELD: &str = "(held: busy elsewhere)";
+
 /// The workers as membership last reported them, and this coordinator's reservations.
 #[derive(Debug, Default)]
 pub struct WorkerTable {
@@ -28,15 +31,28 @@ impl WorkerTable {
         self.workers = snapshot.workers.iter().map(|w| (w.worker_id.clone(), w.clone())).collect();
     }
 
-    /// Applies one membership change.
+    /// Applies one membership change (a held worker's change lifts the hold).
     pub fn apply(&mut self, event: &MembershipEvent) {
-        match event {
+        let id = match event {
             MembershipEvent::Joined(w) | MembershipEvent::Updated(w) => {
                 self.workers.insert(w.worker_id.clone(), w.clone());
+                &w.worker_id
             }
             MembershipEvent::Left(id) => {
                 self.workers.remove(id);
+                id
             }
+        };
+        if self.reserved.get(id).is_some_and(|j| j == HELD) {
+            self.reserved.remove(id);
+        }
+    }
+
+    /// Leaves `workers` out of groups until their records change (they refused a job as busy
+    /// while membership still showed them idle).
+    pub fn hold(&mut self, workers: &[String]) {
+        for w in workers {
+            self.reserved.entry(w.clone()).or_insert_with(|| HELD.to_string());
         }
     }
 
@@ -188,6 +204,20 @@ mod tests {
         t.apply(&MembershipEvent::Left("b".into()));
         assert_eq!(t.free_count(), 0);
         assert!(!t.contains("b") && t.contains("a"));
+    }
+
+    #[test]
+    fn a_held_worker_is_left_out_until_its_record_changes() {
+        let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Idle)]);
+        t.hold(&["a".into()]);
+        let g = t.reserve("j1", "tiny", 0, 100).unwrap();
+        assert_eq!(g.workers.len(), 1);
+        assert_eq!(g.workers[0].worker_id, "b");
+        t.release("j1");
+        assert_eq!(t.free_count(), 1, "releasing a job does not lift a hold");
+        t.apply(&MembershipEvent::Updated(worker("a", "tiny", WorkerState::Busy)));
+        t.apply(&MembershipEvent::Updated(worker("a", "tiny", WorkerState::Idle)));
+        assert_eq!(t.free_count(), 2);
     }
 
     #[test]
