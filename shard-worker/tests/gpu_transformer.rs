@@ -155,3 +155,40 @@ fn device_model_dispatch_and_errors() {
     let err = DitModel::from_source(wide, &RandomWeights::new(0) as &dyn WeightSource, Device::Cuda(0)).err().expect("refused").to_string();
     assert!(err.contains("attention_head_dim 192"), "{err}");
 }
+
+/// The whole pipeline with its transformer on the GPU (what `tessera generate --device cuda`
+/// runs): the denoised latents of the tiny preset against the CPU pipeline's, and the decoded
+/// frames, within the bf16 tolerance; the golden pipeline cases too.
+#[test]
+fn the_pipeline_runs_its_transformer_on_cuda() {
+    use tessera_worker::pipeline::{FrameCollector, GenerationParams, NoObserver, PipelinePreset, WanPipeline};
+    let Some(_ops) = gpu("the_pipeline_runs_its_transformer_on_cuda") else { return };
+    let cpu = PipelinePreset::Tiny.build(3).unwrap();
+    let cuda = PipelinePreset::Tiny.build_on(3, Device::Cuda(0)).unwrap();
+    assert!(cuda.transformer().describe().contains("bf16"));
+    let params = GenerationParams { height: 64, width: 96, num_frames: 9, num_inference_steps: 4, seed: 7, ..GenerationParams::new("a red ball bouncing") };
+    let latents = |pipe: &WanPipeline| {
+        let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale).unwrap();
+        let schedule = pipe.schedule_for(&params).unwrap();
+        let mut lat = pipe.initial_latents(&params, &schedule).unwrap();
+        pipe.denoise(&mut lat, &text, params.guidance_scale, &schedule, &mut NoObserver).unwrap();
+        lat
+    };
+    let c = compare("tiny pipeline latents, 4 steps", &latents(&cuda), &latents(&cpu));
+    assert!(c.rel_l2 < CUDA_BF16_TOLERANCE.rel_l2, "{c:?}");
+    let mut frames = FrameCollector::default();
+    cuda.generate(&params, &mut frames).unwrap();
+    assert_eq!(frames.frames().unwrap().shape(), &[1, 3, 9, 64, 96]);
+    // The golden pipeline cases (diffusers' WanPipeline, WanVideoToVideoPipeline) with the
+    // transformer on the GPU, at the bf16 tolerance.
+    let mut ran = 0;
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
+            let out = run_case(&case, &RunOptions { device: Device::Cuda(0), ..RunOptions::default() });
+            eprintln!("{} on cuda: {out:?}", case.name);
+            assert!(out.passed(), "{}: {out:?}", case.name);
+            ran += 1;
+        }
+    }
+    assert!(ran > 0, "no golden pipeline case found");
+}

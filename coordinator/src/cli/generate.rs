@@ -15,7 +15,7 @@ use tessera_coordinator::server::ModelSource;
 use tessera_coordinator::video::input::{prepare_video, FrameSelection, InputLimits, PreparedVideo};
 use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
-use tessera_kernels::Tensor;
+use tessera_kernels::{Device, Tensor};
 use tessera_worker::parallel::ParallelPlan;
 use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::sampler::SamplerKind;
@@ -249,15 +249,16 @@ impl PipelineObserver for CliObserver {
     }
 }
 
-fn pick_defaults(args: &GenerateArgs) -> Result<(WanPipeline, PipelineDefaults, String)> {
+fn pick_defaults(args: &GenerateArgs, device: Device) -> Result<(WanPipeline, PipelineDefaults, String)> {
     match &args.model {
         Some(dir) => {
-            let pipe = WanPipeline::load(dir).with_context(|| format!("--model {}", dir.display()))?;
+            let pipe = WanPipeline::load_on(dir, device).with_context(|| format!("--model {}", dir.display()))?;
             Ok((pipe, WAN_DEFAULTS, dir.display().to_string()))
         }
         None => {
             let preset = PipelinePreset::from_name(&args.preset).map_err(|e| anyhow!("--preset {}: {e}", args.preset))?;
-            Ok((preset.build(0)?, preset.defaults(), format!("built-in `{}` (random weights)", preset.name())))
+            let pipe = preset.build_on(0, device).with_context(|| format!("--device {}", args.device))?;
+            Ok((pipe, preset.defaults(), format!("built-in `{}` (random weights)", preset.name())))
         }
     }
 }
@@ -296,8 +297,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         return generate_embedded(&args);
     }
     let started = Instant::now();
-    if let Some(note) = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))? {
-        eprintln!("note: {note}");
+    let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
+    if device != Device::Cpu && (args.ranks.ranks > 1 || args.ranks.ulysses > 1) {
+        bail!("--ranks {} with --device {}: sequence-parallel runs use the CPU model in this version (NCCL is not built yet); use --device cpu or one rank", args.ranks.ranks, args.device);
     }
     let format = match &args.format {
         Some(f) => tessera_coordinator::video::VideoFormat::from_name(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif or png"))?,
@@ -317,7 +319,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         (_, s) => s.unwrap_or(DEFAULT_STRENGTH),
     };
     let input_bytes = args.input_video.as_deref().map(read_input_video).transpose()?;
-    let (pipe, defaults, model_desc) = pick_defaults(&args)?;
+    let (pipe, defaults, model_desc) = pick_defaults(&args, device)?;
     let plan = if args.ranks.ranks == 1 && args.ranks.ulysses == 1 {
         None
     } else {
@@ -407,7 +409,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let text_time = text_started.elapsed().saturating_sub(obs.denoise_time + decode_and_encode);
     println!("wrote {} ({} frames, {}x{} at {} fps, {})", args.output.display(), frames, spec.width, spec.height, args.fps, if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() });
     let ranks = plan.map(|p| format!(", {} ranks (ulysses {} x ring {}, {})", p.ranks(), p.ulysses, p.ring, args.ranks.transport)).unwrap_or_default();
-    println!("model {model_desc}, seed {seed}, {} steps, guidance {}{ranks}", params.num_inference_steps, params.guidance_scale);
+    println!("model {model_desc}, transformer on {}, seed {seed}, {} steps, guidance {}{ranks}", pipe.transformer().describe(), params.num_inference_steps, params.guidance_scale);
     println!(
         "time: load {:.2}s, text {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",
         load_time.as_secs_f64(),

@@ -4,7 +4,6 @@ use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::Device;
 use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
@@ -60,7 +59,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     if let Device::Cuda(_) = device {
         let t = CUDA_BF16_TOLERANCE;
         println!(
-            "transformer cases on {device} in bf16: held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
+            "transformer and pipeline cases with the transformer on {device} in bf16: held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
             t.rel_l2,
             t.max_abs_over_max_ref.unwrap_or(f64::NAN)
         );
@@ -94,6 +93,5 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
 /// Parses and resolves a `--device` value on this machine: `cuda` without a usable GPU is an
 /// error naming what is missing; `auto` falls back to the CPU.
 pub(crate) fn resolve_device(arg: &str) -> Result<Device> {
-    let choice: DeviceChoice = arg.parse().map_err(|e| anyhow::anyhow!("--device {arg}: {e}"))?;
-    choice.resolve().map_err(|e| anyhow::anyhow!("--device {arg}: {e}"))
+    tessera_worker::pipeline::resolve_pipeline_device(arg).map_err(|e| anyhow::anyhow!("--device {arg}: {e}"))
 }

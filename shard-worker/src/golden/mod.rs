@@ -107,8 +107,8 @@ pub struct RunOptions {
     pub ulysses: usize,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
-    /// Where transformer cases run: the CPU (f32, the cases' tolerances) or a CUDA GPU (bf16,
-    /// [`CUDA_BF16_TOLERANCE`]). Other kinds run on the CPU.
+    /// Where the transformer of transformer and pipeline cases runs: the CPU (f32, the cases'
+    /// tolerances) or a CUDA GPU (bf16, [`CUDA_BF16_TOLERANCE`]). Other kinds run on the CPU.
     pub device: Device,
 }
 

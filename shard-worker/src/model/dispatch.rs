@@ -1,7 +1,7 @@
 //! One transformer type for callers that pick the device at run time: the f32 CPU model or the
 //! bf16 CUDA model behind one enum, loaded from the same files and presets, with one `forward`.
 
-use super::cuda::{CudaOps, CudaWanTransformer, Ops};
+use super::cuda::{CudaOps, CudaWanTransformer, EmulatedWanTransformer, HostOps, Ops};
 use super::patch::PatchGrid;
 use super::transformer::{open_transformer_dir, DitInputs, WanTransformer};
 use crate::config::{TransformerConfig, TransformerPreset};
@@ -17,6 +17,10 @@ pub enum DitModel {
     Cpu(Box<WanTransformer>),
     /// bf16 on a CUDA GPU.
     Cuda(Box<CudaWanTransformer>),
+    /// The CUDA model's bf16 data flow run on the host with emulated kernels: slow, for checking
+    /// on machines without a GPU that code driving the CUDA model (the pipeline, the golden
+    /// runners) gives what the CPU model gives, within bf16 tolerance.
+    Emulated(Box<EmulatedWanTransformer>),
 }
 
 impl DitModel {
@@ -26,6 +30,11 @@ impl DitModel {
             Device::Cpu => Self::Cpu(Box::new(WanTransformer::from_source(cfg, src)?)),
             Device::Cuda(n) => Self::Cuda(Box::new(CudaWanTransformer::from_source(CudaOps::open(n)?, cfg, src)?)),
         })
+    }
+
+    /// The emulated CUDA model (see [`DitModel::Emulated`]) of a built-in configuration.
+    pub fn emulated_preset(preset: TransformerPreset, seed: u64) -> Result<Self> {
+        Ok(Self::Emulated(Box::new(EmulatedWanTransformer::from_source(HostOps, preset.config(), &RandomWeights::new(seed))?)))
     }
 
     /// Loads a diffusers `transformer/` folder onto `device`.
@@ -50,6 +59,7 @@ impl DitModel {
         match self {
             Self::Cpu(_) => Device::Cpu,
             Self::Cuda(m) => Device::Cuda(m.ops().device().ordinal()),
+            Self::Emulated(_) => Device::Cpu,
         }
     }
 
@@ -58,6 +68,7 @@ impl DitModel {
         match self {
             Self::Cpu(_) => "cpu (f32)".into(),
             Self::Cuda(m) => format!("{} (bf16)", m.ops().describe()),
+            Self::Emulated(_) => "cpu emulating the CUDA model (bf16)".into(),
         }
     }
 
@@ -66,6 +77,7 @@ impl DitModel {
         match self {
             Self::Cpu(m) => m.config(),
             Self::Cuda(m) => m.config(),
+            Self::Emulated(m) => m.config(),
         }
     }
 
@@ -73,7 +85,7 @@ impl DitModel {
     pub fn as_cpu(&self) -> Option<&WanTransformer> {
         match self {
             Self::Cpu(m) => Some(m.as_ref()),
-            Self::Cuda(_) => None,
+            Self::Cuda(_) | Self::Emulated(_) => None,
         }
     }
 
@@ -82,6 +94,7 @@ impl DitModel {
         match self {
             Self::Cpu(m) => m.check_inputs(x),
             Self::Cuda(m) => m.check_inputs(x),
+            Self::Emulated(m) => m.check_inputs(x),
         }
     }
 
@@ -90,6 +103,7 @@ impl DitModel {
         match self {
             Self::Cpu(m) => m.forward(x),
             Self::Cuda(m) => m.forward(x),
+            Self::Emulated(m) => m.forward(x),
         }
     }
 }

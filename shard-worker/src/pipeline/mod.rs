@@ -20,13 +20,13 @@ pub use sharded::{denoise_sharded, generate_sharded};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
-use crate::model::{DitInputs, WanTransformer};
+use crate::model::{DitInputs, DitModel, WanTransformer};
 use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
 use crate::{Result, WorkerError};
 use std::path::Path;
-use tessera_kernels::Tensor;
+use tessera_kernels::{Device, Tensor};
 
 /// How the denoising loop runs the transformer: on this device ([`WanPipeline::local_forward`]) or
 /// sharded over sequence-parallel ranks (see [`generate_sharded`]).
@@ -75,7 +75,7 @@ impl PipelineObserver for NoObserver {}
 /// A loaded pipeline: text encoder, transformer, VAE and sampler configuration.
 pub struct WanPipeline {
     text: TextEncoder,
-    transformer: WanTransformer,
+    transformer: DitModel,
     vae: WanVae,
     sampler: SamplerConfig,
 }
@@ -84,13 +84,24 @@ impl WanPipeline {
     /// Loads a diffusers snapshot folder (`model_index.json`, `transformer/`, `vae/`,
     /// `text_encoder/`, `tokenizer/`, `scheduler/`).
     pub fn load(root: &Path) -> Result<Self> {
+        Self::load_on(root, Device::Cpu)
+    }
+
+    /// [`Self::load`] with the transformer on `device` (the text encoder, the VAE and the
+    /// sampler stay on the CPU).
+    pub fn load_on(root: &Path, device: Device) -> Result<Self> {
         let snap = Snapshot::open(root)?;
         let sampler = SamplerConfig::from_path(&snap.component("scheduler").join("scheduler_config.json"))?;
-        Self::from_parts(TextEncoder::load(root)?, WanTransformer::load(&snap.component("transformer"))?, WanVae::load(&snap.component("vae"))?, sampler)
+        Self::from_parts_on(TextEncoder::load(root)?, DitModel::load(&snap.component("transformer"), device)?, WanVae::load(&snap.component("vae"))?, sampler)
     }
 
     /// Assembles a pipeline from loaded components, checking that they fit together.
     pub fn from_parts(text: TextEncoder, transformer: WanTransformer, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
+        Self::from_parts_on(text, DitModel::Cpu(Box::new(transformer)), vae, sampler)
+    }
+
+    /// [`Self::from_parts`] with the transformer on whatever device it was loaded on.
+    pub fn from_parts_on(text: TextEncoder, transformer: DitModel, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
         let (tc, vc) = (transformer.config(), vae.config());
         let bad = |detail: String| WorkerError::Config { path: "pipeline".into(), detail };
         if tc.is_i2v() {
@@ -106,9 +117,17 @@ impl WanPipeline {
         Ok(Self { text, transformer, vae, sampler })
     }
 
-    /// The transformer.
-    pub fn transformer(&self) -> &WanTransformer {
+    /// The transformer (on the device it was loaded on).
+    pub fn transformer(&self) -> &DitModel {
         &self.transformer
+    }
+
+    /// The transformer as the CPU model, which sequence-parallel runs need (their collectives
+    /// move host tensors); an error naming the device otherwise.
+    pub fn cpu_transformer(&self) -> Result<&WanTransformer> {
+        self.transformer.as_cpu().ok_or_else(|| {
+            WorkerError::input("device", format!("sequence-parallel runs use the CPU model (NCCL collectives are not built yet); this pipeline's transformer runs on {}", self.transformer.describe()))
+        })
     }
 
     /// The VAE.

@@ -5,7 +5,8 @@
 
 use super::WanPipeline;
 use crate::config::TransformerPreset;
-use crate::model::WanTransformer;
+use crate::model::DitModel;
+use tessera_kernels::Device;
 use crate::sampler::SamplerConfig;
 use crate::text::{PromptTokenizer, TextEncoder, Umt5Config, Umt5EncoderModel, TEXT_LEN};
 use crate::vae::{VaeConfig, VaePreset, WanVae};
@@ -64,15 +65,32 @@ impl PipelinePreset {
 
     /// Builds the pipeline; weights depend only on `seed` and the tensor names.
     pub fn build(self, seed: u64) -> Result<WanPipeline> {
+        self.build_on(seed, Device::Cpu)
+    }
+
+    /// [`Self::build`] with the transformer on `device` (the same weights on every device).
+    pub fn build_on(self, seed: u64, device: Device) -> Result<WanPipeline> {
+        self.build_with(seed, DitModel::preset(self.transformer_preset(), seed, device)?)
+    }
+
+    /// The transformer configuration of the preset.
+    pub fn transformer_preset(self) -> TransformerPreset {
+        match self {
+            Self::Tiny => TransformerPreset::Tiny,
+        }
+    }
+
+    /// [`Self::build`] around a transformer built elsewhere (e.g. the emulated CUDA model of
+    /// [`Self::transformer_preset`]); the other components are the preset's, from `seed`.
+    pub fn build_with(self, seed: u64, transformer: DitModel) -> Result<WanPipeline> {
         match self {
             Self::Tiny => {
                 let tokenizer = PromptTokenizer::from_json_bytes(TINY_TOKENIZER, Some("<pad>"), TEXT_LEN, "built-in tiny tokenizer")?;
                 let cfg = Umt5Config::from_json(TINY_TEXT_ENCODER)?;
                 let encoder = Umt5EncoderModel::from_source(cfg, &RandomWeights::new(seed ^ 0x7465_7874))?;
-                let transformer = WanTransformer::preset(TransformerPreset::Tiny, seed)?;
                 let vae_cfg = VaeConfig { base_dim: 4, ..VaePreset::Wan21.config() };
                 let vae = WanVae::from_source(vae_cfg, &RandomWeights::new(seed ^ 0x7661_6500))?;
-                WanPipeline::from_parts(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
+                WanPipeline::from_parts_on(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
             }
         }
     }
@@ -82,6 +100,31 @@ impl PipelinePreset {
 mod tests {
     use super::*;
     use crate::pipeline::{FrameCollector, GenerationParams};
+
+    /// The pipeline driving the CUDA model's bf16 data flow (emulated on the host) denoises to
+    /// the CPU pipeline's latents within bf16 tolerance: the seam `--device cuda` uses.
+    #[test]
+    fn the_cuda_models_data_flow_drives_the_pipeline_to_the_cpu_result() {
+        let cpu = PipelinePreset::Tiny.build(3).unwrap();
+        let emulated = PipelinePreset::Tiny.build_with(3, DitModel::emulated_preset(TransformerPreset::Tiny, 3).unwrap()).unwrap();
+        assert!(emulated.transformer().describe().contains("emulating"));
+        assert!(emulated.cpu_transformer().err().expect("no CPU model").to_string().contains("sequence-parallel"));
+        let params = GenerationParams { height: 32, width: 48, num_frames: 5, num_inference_steps: 4, seed: 7, ..GenerationParams::new("a red ball bouncing") };
+        let latents = |pipe: &WanPipeline| {
+            let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale).unwrap();
+            let schedule = pipe.schedule_for(&params).unwrap();
+            let mut lat = pipe.initial_latents(&params, &schedule).unwrap();
+            pipe.denoise(&mut lat, &text, params.guidance_scale, &schedule, &mut crate::pipeline::NoObserver).unwrap();
+            lat
+        };
+        let (a, b) = (latents(&cpu), latents(&emulated));
+        let num: f64 = a.data().iter().zip(b.data()).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = a.data().iter().map(|x| (*x as f64).powi(2)).sum();
+        let rel_l2 = (num / den).sqrt();
+        eprintln!("tiny pipeline, 4 steps: emulated CUDA model vs CPU model, latents rel_l2 {rel_l2:.2e}");
+        assert!(rel_l2 < crate::golden::CUDA_BF16_TOLERANCE.rel_l2, "rel_l2 {rel_l2}");
+        assert!(rel_l2 > 0.0, "bf16 must differ from f32 somewhere");
+    }
 
     #[test]
     fn tiny_pipeline_generates_finite_frames_deterministically() {

@@ -63,6 +63,7 @@ pub fn denoise_sharded(
     let mut observer_error = None;
     // The ranks' spans (steps, forwards) belong to the caller's.
     let span = tracing::Span::current();
+    let cpu = pipe.cpu_transformer()?;
     let outcome = std::thread::scope(|s| {
         let ranks = s.spawn(|| {
             let tx = tx;
@@ -74,7 +75,7 @@ pub fn denoise_sharded(
                     steps: (ctx.rank() == 0).then(|| tx.clone()),
                     stop: &stop,
                 };
-                let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
+                let forward = |x: &crate::DitInputs<'_>| ctx.forward(cpu, x);
                 pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
                 Ok(lat)
             })

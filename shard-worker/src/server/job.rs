@@ -105,6 +105,9 @@ impl JobHandle {
 /// the job thread. `listener` is this worker's collective socket.
 pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> Result<JobHandle> {
     let world = setup.peers.len();
+    if world > 1 {
+        pipe.cpu_transformer()?;
+    }
     let heads = pipe.transformer().config().num_attention_heads;
     let plan = ParallelPlan::new(world, setup.ulysses, heads)?;
     if setup.rank >= world {
@@ -153,7 +156,11 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
-    let forward = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
+    // One rank runs the transformer where it was loaded (a GPU too); a group runs the CPU model
+    // sharded (checked in `start`).
+    let local = pipe.local_forward();
+    let sharded = |x: &crate::DitInputs<'_>| ctx.forward(pipe.cpu_transformer()?, x);
+    let forward: crate::pipeline::Forward<'_> = if ctx.plan().ranks() == 1 { &local } else { &sharded };
     loop {
         let (span, command) = match commands.recv_timeout(idle_timeout) {
             Ok(c) => c,

@@ -64,8 +64,8 @@ pub struct ServeArgs {
     /// At shutdown, how long the running job may go on before the worker exits anyway.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
-    /// Compute device: auto, cpu, cuda or cuda:N (the pipeline runs on the CPU in this version:
-    /// auto picks it, cuda is refused with the reason).
+    /// Compute device of the transformer: auto (a usable GPU, else the CPU), cpu, cuda or cuda:N.
+    /// Sequence-parallel jobs (more than one worker) use the CPU model in this version.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
     /// Span export (OTLP) and sampling.
@@ -82,6 +82,7 @@ const MAX_MESSAGE: usize = 256 << 20;
 /// Settings checked at start-up.
 struct Settings {
     identity: WorkerIdentity,
+    device: tessera_kernels::Device,
     collective_address: String,
     heartbeat: Heartbeat,
     grace_period: Duration,
@@ -100,9 +101,7 @@ fn advertised(host: &str, port: u16) -> String {
 }
 
 fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
-    if let Some(note) = tessera_worker::pipeline::resolve_pipeline_device(&a.device).map_err(|e| anyhow!("--device {}: {e}", a.device))? {
-        tracing::warn!("{note}");
-    }
+    let device = tessera_worker::pipeline::resolve_pipeline_device(&a.device).map_err(|e| anyhow!("--device {}: {e}", a.device))?;
     if a.connect_timeout_s == 0 {
         bail!("--connect-timeout-s 0: must be at least 1");
     }
@@ -132,13 +131,16 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
         model: model_name,
         address: advertised(&host, a.listen.port()),
         collective: a.collective,
-        devices: vec!["cpu".into()],
+        devices: vec![match device {
+            tessera_kernels::Device::Cpu => "cpu".to_string(),
+            tessera_kernels::Device::Cuda(n) => format!("cuda:{n}"),
+        }],
         memory_bytes: memory_available().unwrap_or(0),
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         job_idle_timeout,
     };
     let collective_address = advertised(&host, a.collective.port());
-    Ok(Settings { identity, collective_address, heartbeat, grace_period })
+    Ok(Settings { identity, device, collective_address, heartbeat, grace_period })
 }
 
 /// Memory available to jobs (Linux `MemAvailable`), if known.
@@ -149,12 +151,12 @@ fn memory_available() -> Option<u64> {
 }
 
 /// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
-fn load(model: Option<PathBuf>, preset: &str) -> Result<(WanPipeline, ModelInfo)> {
+fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo)> {
     let (pipe, defaults) = match &model {
-        Some(dir) => (WanPipeline::load(dir).with_context(|| format!("--model {}", dir.display()))?, WAN_DEFAULTS),
+        Some(dir) => (WanPipeline::load_on(dir, device).with_context(|| format!("--model {}", dir.display()))?, WAN_DEFAULTS),
         None => {
             let p = PipelinePreset::from_name(preset).map_err(|e| anyhow!("--preset {preset}: {e}"))?;
-            (p.build(0)?, p.defaults())
+            (p.build_on(0, device)?, p.defaults())
         }
     };
     let info = ModelInfo::of(&pipe, defaults);
@@ -221,7 +223,8 @@ async fn run(a: ServeArgs) -> Result<()> {
     health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
     tracing::info!(worker_id = %me.worker_id, model = %me.model, "loading the model");
     let (model, preset) = (a.model.clone(), a.preset.clone());
-    let (pipe, info) = tokio::task::spawn_blocking(move || load(model, &preset)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
+    let device = s.device;
+    let (pipe, info) = tokio::task::spawn_blocking(move || load(model, &preset, device)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
     let service = WorkerService::new(Arc::new(pipe), me.clone());
     let mut running = service.running();
     presence
