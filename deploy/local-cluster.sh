@@ -13,6 +13,7 @@
 # Settings (environment): TESSERA_PORT (coordinator, default 50051), TESSERA_WORKER_BASE_PORT
 # (default 50061: worker i listens on BASE+2i, collectives on BASE+2i+1), TESSERA_ETCD_PORT (default
 # 23790), TESSERA_MODEL / TESSERA_PRESET, TESSERA_THREADS (per worker), TESSERA_MAX_RANKS,
+# TESSERA_METRICS_BASE_PORT (default 9464: the coordinator's /metrics, worker i on BASE+1+i),
 # TESSERA_BIN_DIR (use the binaries there instead of building release ones).
 # Logs and etcd data go to a temporary folder, printed at start.
 set -euo pipefail
@@ -26,6 +27,7 @@ fi
 port="${TESSERA_PORT:-50051}"
 base="${TESSERA_WORKER_BASE_PORT:-50061}"
 etcd_port="${TESSERA_ETCD_PORT:-23790}"
+metrics="${TESSERA_METRICS_BASE_PORT:-9464}"
 threads="${TESSERA_THREADS:-1}"
 command -v etcd >/dev/null || { echo "etcd is not installed: apt-get install -y etcd-server" >&2; exit 1; }
 
@@ -67,6 +69,7 @@ model_flags=()
 if [[ -n "${TESSERA_MODEL:-}" ]]; then model_flags=(--model "$TESSERA_MODEL"); else model_flags=(--preset "${TESSERA_PRESET:-tiny}"); fi
 
 "$bin/tessera" serve --listen "127.0.0.1:$port" --etcd "$etcd_url" --cluster local \
+  --metrics-listen "127.0.0.1:$metrics" \
   --max-ranks "${TESSERA_MAX_RANKS:-0}" >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 
@@ -75,13 +78,14 @@ for ((i = 0; i < workers; i++)); do
   listen=$((base + 2 * i))
   "$bin/tessera-worker" --threads "$threads" serve "${model_flags[@]}" \
     --listen "127.0.0.1:$listen" --collective "127.0.0.1:$((listen + 1))" \
-    --etcd "$etcd_url" --cluster local --worker-id "worker-$i" >"$dir/worker-$i.log" 2>&1 &
+    --etcd "$etcd_url" --cluster local --worker-id "worker-$i" \
+    --metrics-listen "127.0.0.1:$((metrics + 1 + i))" >"$dir/worker-$i.log" 2>&1 &
   pids+=($!)
   worker_pids+=($!)
   echo "worker-$i on 127.0.0.1:$listen (collectives on $((listen + 1)))"
 done
 
-echo "coordinator on 127.0.0.1:$port; Ctrl-C stops the cluster"
+echo "coordinator on 127.0.0.1:$port (metrics: http://127.0.0.1:$metrics/metrics); Ctrl-C stops the cluster"
 # Exit (and stop the rest) if any process dies.
 while true; do
   for pid in "${pids[@]}"; do

@@ -430,3 +430,60 @@ async fn two_coordinators_share_a_worker_without_losing_a_job() {
     eprintln!("jobs that found the worker taken by the other coordinator and chose again: {retries}");
     drop(etcd);
 }
+
+/// `deploy/local-cluster.sh 2` (with this build's binaries) starts a working cluster: etcd, 2
+/// workers and a coordinator on loopback, each with its own metrics port; SIGTERM stops it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_script_starts_a_working_cluster() {
+    use std::io::{BufRead, BufReader};
+    if Etcd::start().await.is_none() {
+        return;
+    }
+    worker_binary();
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_tessera")).parent().unwrap().to_path_buf();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster.sh");
+    let (port, base, etcd_port, metrics) = (etcd::free_port(), etcd::free_port(), etcd::free_port(), etcd::free_port());
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .arg("2")
+        .env("TESSERA_BIN_DIR", &bin_dir)
+        .env("TESSERA_PORT", port.to_string())
+        .env("TESSERA_WORKER_BASE_PORT", base.to_string())
+        .env("TESSERA_ETCD_PORT", etcd_port.to_string())
+        .env("TESSERA_METRICS_BASE_PORT", metrics.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("bash runs the script");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("the script printed its addresses").unwrap();
+        eprintln!("{line}");
+        if line.starts_with("coordinator on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut client = loop {
+        if let Ok(c) = TesseraClient::connect(addr.clone()).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_idle(&mut client, &["worker-0", "worker-1"], &[]).await;
+    let got = generate(&mut client, request(OutputFormat::Mp4)).await;
+    assert!(got.status.is_none(), "{:?}", got.status);
+    let job = client.get_job(tessera_proto::v1::GetJobRequest { job_id: job_id(&got) }).await.unwrap().into_inner();
+    assert_eq!(job.plan.unwrap().worker_ids, ["worker-0", "worker-1"]);
+
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+    let stopped = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(stopped.elapsed() < Duration::from_secs(30), "the script did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Everything it started is gone: the coordinator's port no longer answers.
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "the coordinator outlived the script");
+}
