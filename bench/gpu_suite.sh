@@ -114,6 +114,9 @@ run() {
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
+  step "tessera generate, transformer on cuda vs cpu (tiny preset, 256x256, 33 frames, 20 steps)" bash -c \
+    "'$BIN/tessera' generate --device cuda --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cuda.mp4 \
+     && '$BIN/tessera' generate --device cpu --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cpu.mp4"
   echo; echo "===== summary"
   printf '%s\n' "${SUMMARY[@]}"
   ! printf '%s\n' "${SUMMARY[@]}" | grep -q '^FAIL'
