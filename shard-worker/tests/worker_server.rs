@@ -158,3 +158,27 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
     let video = run_job(&mut clients, &peers, 1, "next").await;
     assert!(!video.is_empty());
 }
+
+/// A caller that hangs up while its rank still waits for the others (here: its deadline passes)
+/// frees the worker: the joining is abandoned and the next job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
+    let (mut clients, peers) = start_workers(2).await;
+    let req = pb::PrepareJobRequest { job_id: "abandoned".into(), rank: 0, world: 2, ulysses: 1, peers: peers.clone(), session: 11, request: Some(request()), seed: 5, ..Default::default() };
+    let mut call = tonic::Request::new(req);
+    call.set_timeout(Duration::from_millis(300));
+    let err = clients[0].prepare_job(call).await.unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{err}");
+    // The worker soon takes a new job (no ReleaseJob was sent).
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = clients[0].describe(pb::DescribeRequest {}).await.unwrap().into_inner();
+        if d.worker.unwrap().job_id.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the abandoned job still holds the worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let video = run_job(&mut clients, &peers, 1, "after").await;
+    assert!(!video.is_empty());
+}

@@ -152,6 +152,31 @@ impl WorkerService {
     }
 }
 
+/// A PrepareJob's claim on the worker: if the request goes away before the joining ends (its
+/// caller hung up), dropping this abandons the joining and frees the worker.
+struct Claim {
+    inner: Arc<Inner>,
+    job_id: String,
+    cancel: tokio_util::sync::CancellationToken,
+    /// Set once PrepareJob settles the slot itself.
+    settled: bool,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.cancel.cancel();
+        let mut jobs = self.inner.table();
+        // Only this claim's slot: it is the one whose token was just cancelled.
+        if matches!(jobs.get(&self.job_id), Some(Slot::Preparing(c)) if c.is_cancelled()) {
+            jobs.remove(&self.job_id);
+            self.inner.publish(&jobs);
+        }
+    }
+}
+
 /// Resolves `host:port` peers (names or IPs) to socket addresses.
 async fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Status> {
     let mut out = Vec::with_capacity(peers.len());
@@ -217,6 +242,7 @@ impl WorkerService {
             jobs.insert(r.job_id.clone(), Slot::Preparing(cancel.clone()));
             self.inner.publish(&jobs);
         }
+        let mut claim = Claim { inner: self.inner.clone(), job_id: r.job_id.clone(), cancel: cancel.clone(), settled: false };
         let setup = JobSetup {
             job_id: r.job_id.clone(),
             rank: r.rank as usize,
@@ -237,6 +263,7 @@ impl WorkerService {
             job::start(pipe, setup, listener)
         })
         .await;
+        claim.settled = true;
         let mut jobs = self.inner.table();
         let claimed = matches!(jobs.get(&r.job_id), Some(Slot::Preparing(c)) if !c.is_cancelled());
         let handle = match handle {
