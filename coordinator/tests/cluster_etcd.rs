@@ -487,3 +487,52 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
     // Everything it started is gone: the coordinator's port no longer answers.
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "the coordinator outlived the script");
 }
+
+/// With `--recover-attempts 1`, a job whose worker is killed mid-run goes on from its last
+/// checkpoint on the workers left, and its frames are those of an undisturbed run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "recover", "--heartbeat", HEARTBEAT, "--recover-attempts", "1", "--checkpoint-every", "1"]);
+    server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    let mut client = server.client().await;
+    let mut workers = [Worker::start(&etcd, "recover", "r0"), Worker::start(&etcd, "recover", "r1"), Worker::start(&etcd, "recover", "r2")];
+    wait_idle(&mut client, &["r0", "r1", "r2"], &workers.iter().collect::<Vec<_>>()).await;
+    let req = GenerateRequest { steps: 60, width: 128, height: 128, num_frames: 9, ..request(OutputFormat::PngFrames) };
+
+    // Undisturbed, on all three.
+    let undisturbed = ok(&server, &mut client, req.clone(), &workers.iter().collect::<Vec<_>>()).await;
+    wait_idle(&mut client, &["r0", "r1", "r2"], &workers.iter().collect::<Vec<_>>()).await;
+
+    // The same job; r1 is killed after step 3.
+    let mut call = client.clone();
+    let job = tokio::spawn(async move { generate(&mut call, req).await });
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = client.list_jobs(tessera_proto::v1::ListJobsRequest { states: Vec::new(), limit: 1 }).await.unwrap().into_inner().jobs;
+        if jobs.first().and_then(|j| j.progress.as_ref()).is_some_and(|p| p.step >= 3 && j_running(&jobs[0])) {
+            break;
+        }
+        assert!(Instant::now() < until, "the second job never reached step 3");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workers[1].kill();
+    let recovered = job.await.unwrap();
+    assert!(recovered.status.is_none(), "the job did not recover: {:?}\n{}", recovered.status, server.log());
+    let record = client.get_job(tessera_proto::v1::GetJobRequest { job_id: job_id(&recovered) }).await.unwrap().into_inner();
+    assert_eq!(record.plan.unwrap().worker_ids, ["r0", "r2"], "the job finished on the workers left");
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("recovering on a new group")).unwrap_or_else(|| panic!("no recovery in the log:\n{log}"));
+    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step in the recovery line");
+    eprintln!("resumed from the checkpoint after step {from}");
+    assert!(from >= 3, "the job restarted instead of resuming: {line}");
+    let (a, b) = (png_frames(&undisturbed, 9), png_frames(&recovered, 9));
+    let worst = a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
+    eprintln!("recovered run vs undisturbed run: largest difference {worst} levels");
+    assert!(worst <= 1, "the recovered job's frames differ by {worst} levels");
+    drop(etcd);
+}
+
+fn j_running(j: &tessera_proto::v1::Job) -> bool {
+    j.state == JobState::Running as i32
+}

@@ -35,6 +35,13 @@ pub struct ServeArgs {
     /// Most workers one job uses (0 = every free worker serving its model).
     #[arg(long, env = "TESSERA_MAX_RANKS", default_value_t = 0)]
     max_ranks: usize,
+    /// How often a job whose group loses a worker goes on, on a new group of free workers, from
+    /// its last checkpoint (0: a lost worker ends the job with UNAVAILABLE).
+    #[arg(long, env = "TESSERA_RECOVER_ATTEMPTS", default_value_t = 0)]
+    recover_attempts: u32,
+    /// With recovery on, copy the run out of rank 0 every this many steps (at least 1).
+    #[arg(long, env = "TESSERA_CHECKPOINT_EVERY", default_value_t = 1)]
+    checkpoint_every: u32,
     /// Longest a denoising step may take on the workers before the job is failed.
     #[arg(long, env = "TESSERA_STEP_TIMEOUT", default_value = "10m")]
     step_timeout: String,
@@ -130,6 +137,9 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         if step < Duration::from_secs(1) {
             bail!("--step-timeout {}: must be at least 1s", args.step_timeout);
         }
+        if args.recover_attempts > 0 && args.checkpoint_every == 0 {
+            bail!("--checkpoint-every 0: recovery (--recover-attempts {}) needs a checkpoint at least every step count N >= 1", args.recover_attempts);
+        }
         if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
             bail!("--ranks/--ulysses set the in-process ranks; with --etcd the group and plan follow the workers (limit them with --max-ranks)");
         }
@@ -204,7 +214,15 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 let endpoints = args.etcd.join(",");
                 let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                 let default_model = args.model_name.clone();
-                let executor = RemoteExecutor::start(RemoteExecutorConfig { membership: Arc::new(membership), max_ranks: args.max_ranks, max_tokens: args.max_tokens, default_model, limits })
+                let executor = RemoteExecutor::start(RemoteExecutorConfig {
+                    membership: Arc::new(membership),
+                    max_ranks: args.max_ranks,
+                    max_tokens: args.max_tokens,
+                    default_model,
+                    limits,
+                    recover_attempts: args.recover_attempts,
+                    checkpoint_every: args.checkpoint_every,
+                })
                     .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, etcd = %endpoints, cluster = %args.cluster, "following the workers in etcd");
                 (Arc::new(executor), format!("--etcd {endpoints}"))

@@ -103,6 +103,8 @@ impl EmbeddedWorkers {
             max_tokens,
             default_model: Some(model_name.to_string()),
             limits: DriveLimits::default(),
+            recover_attempts: 0,
+            checkpoint_every: 0,
         })?;
         Ok((embedded, executor))
     }

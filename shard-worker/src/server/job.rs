@@ -31,6 +31,18 @@ pub struct JobSetup {
     pub cancel: tokio_util::sync::CancellationToken,
     /// The generation.
     pub params: GenerationParams,
+    /// Resume from a checkpoint of the run (another group's) instead of starting it.
+    pub resume: Option<Resume>,
+}
+
+/// Where a resumed run starts: the latent after `steps_done` steps and the sampler history then.
+pub struct Resume {
+    /// Steps already run.
+    pub steps_done: usize,
+    /// The latent `[1, C, T, h, w]`.
+    pub latents: Tensor,
+    /// The sampler history (the checkpoint's JSON, parsed).
+    pub history: crate::sampler::SamplerHistory,
 }
 
 /// What one step cost this rank.
@@ -151,8 +163,18 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // Every rank encodes the prompt and draws the same seeded noise: nothing but the seed travels.
     let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale)?;
     let schedule = pipe.schedule_for(p)?;
-    let latents = pipe.initial_latents(p, &schedule)?;
-    Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
+    match &setup.resume {
+        None => {
+            let latents = pipe.initial_latents(p, &schedule)?;
+            Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
+        }
+        Some(r) => {
+            // The checkpoint's latent must be this run's shape.
+            let expected = pipe.noise_for(p)?;
+            r.latents.expect_shape("checkpoint latents", expected.shape())?;
+            Ok((ctx, Denoiser::resume(r.latents.clone(), r.history.clone(), r.steps_done, text, p.guidance_scale, schedule)?))
+        }
+    }
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {

@@ -218,8 +218,8 @@ impl WorkerService {
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!("worker {} is shutting down and takes no new job", me.worker_id)));
         }
-        if !r.init_latents.is_empty() || r.resume.is_some() {
-            return Err(Status::unimplemented("init_latents and resume: resuming from a checkpoint is not supported by remote workers yet (send input_frames for video-to-video)"));
+        if !r.init_latents.is_empty() {
+            return Err(Status::unimplemented("init_latents: send input_frames for video-to-video"));
         }
         let req = r.request.as_ref().ok_or_else(|| Status::invalid_argument("request: required"))?;
         let mut params = params_from_request(req, r.seed).map_err(Status::from)?;
@@ -252,6 +252,7 @@ impl WorkerService {
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,
             cancel: cancel.clone(),
+            resume: r.resume.as_ref().map(resume_from).transpose().map_err(Status::from)?,
             params,
         };
         let collective = me.collective;
@@ -345,6 +346,7 @@ impl ShardWorker for WorkerService {
         Ok(Response::new(pb::CheckpointResponse {
             steps_done: cp.steps_done as u32,
             rank: rank as u32,
+            latent_shape: cp.latents.shape().iter().map(|&d| d as u32).collect(),
             latents: f32_bytes(cp.latents.data()),
             sampler_state: cp.sampler_state,
             token_start: tokens.start as u64,
@@ -408,6 +410,18 @@ impl ShardWorker for WorkerService {
     async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
         Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.inner.me.collective.to_string() }))
     }
+}
+
+/// A checkpoint (another group's) as the place a run resumes from.
+fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> {
+    let history: crate::sampler::SamplerHistory = serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
+    if cp.latents.len() % 4 != 0 || cp.latent_shape.len() != 5 {
+        return Err(WorkerError::input("resume.latents", format!("{} bytes with shape {:?}", cp.latents.len(), cp.latent_shape)));
+    }
+    let data: Vec<f32> = cp.latents.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let shape: Vec<usize> = cp.latent_shape.iter().map(|&d| d as usize).collect();
+    let latents = tessera_kernels::Tensor::new(shape, data).map_err(|e| WorkerError::input("resume.latents", e.to_string()))?;
+    Ok(job::Resume { steps_done: cp.steps_done as usize, latents, history })
 }
 
 /// Input frames (8-bit RGB, interleaved) as the pipeline's video `[1, 3, F, H, W]` in [−1, 1].

@@ -55,6 +55,12 @@ pub struct DriveContext<'a> {
     pub live: LiveWorkers,
     /// Time limits.
     pub limits: DriveLimits,
+    /// Resume from this checkpoint (of an earlier group) instead of starting the run.
+    pub resume: Option<pb::CheckpointResponse>,
+    /// Copy the run out of rank 0 every this many steps (0: never).
+    pub checkpoint_every: u32,
+    /// Where the latest checkpoint goes.
+    pub last_checkpoint: &'a std::sync::Mutex<Option<pb::CheckpointResponse>>,
 }
 
 /// A connected rank.
@@ -279,6 +285,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             seed: r.seed.unwrap_or(0),
             input_frames: input_frames.clone(),
             trace_context: trace_context.clone(),
+            resume: cx.resume.clone(),
             ..Default::default()
         };
         async move { c.prepare_job(req).await }
@@ -291,7 +298,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
 
     send(cx.events, ExecEvent::Phase(Phase::Denoising)).await?;
     let started = Instant::now();
-    for step in 0..total {
+    let first = cx.resume.as_ref().map_or(0, |c| c.steps_done).min(total);
+    for step in first..total {
         let during = format!("step {}", step + 1);
         // The coordinator's step span is the parent of every rank's step span.
         let span = tracing::info_span!("step", step, total);
@@ -304,6 +312,16 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         .await?;
         send(cx.events, ExecEvent::Step { done: step + 1, total }).await?;
         check_stop(cx.stop)?;
+        if cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 && step + 1 < total {
+            let cp = ranks[0]
+                .client
+                .clone()
+                .checkpoint(pb::CheckpointRequest { job_id: cx.job.id.clone() })
+                .await
+                .map_err(|s| ranks[0].failed(format!("checkpoint after step {}", step + 1), s))?
+                .into_inner();
+            *cx.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(cp);
+        }
     }
     let denoising = started.elapsed();
     let mut report = ExecReport { frames: r.num_frames, width: r.width, height: r.height, preparing, denoising, ..Default::default() };

@@ -45,6 +45,11 @@ pub struct RemoteExecutorConfig {
     pub default_model: Option<String>,
     /// Time limits of the calls to workers.
     pub limits: DriveLimits,
+    /// How many times a job whose group lost a worker goes on, on a new group, from its last
+    /// checkpoint (0: a lost worker ends the job).
+    pub recover_attempts: u32,
+    /// With recovery on, how often (in steps) the run is checkpointed from rank 0.
+    pub checkpoint_every: u32,
 }
 
 struct Shared {
@@ -230,26 +235,37 @@ impl JobExecutor for RemoteExecutor {
     fn run(&self, job: ExecJob, events: mpsc::Sender<ExecEvent>, stop: StopSignal) -> ExecFuture {
         let shared = self.shared.clone();
         let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
+        let (recover_attempts, every) = (self.config.recover_attempts, if self.config.recover_attempts > 0 { self.config.checkpoint_every.max(1) } else { 0 });
         Box::pin(async move {
-            let mut attempts = 0;
+            let (mut busy_retries, mut recoveries) = (0, 0);
+            let last_checkpoint = std::sync::Mutex::new(None);
+            let mut resume = None;
             loop {
                 let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
                 shared.running.fetch_add(1, Ordering::SeqCst);
                 shared.publish();
                 let ids: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).collect();
                 tracing::info!(job = %job.id, workers = ?ids, ulysses = group.ulysses, "job starts on its group");
-                let result = run_reserved(&shared, &job, &group, events.clone(), &stop, limits).await;
+                let attempt = Attempt { group: &group, resume: resume.take(), checkpoint_every: every, last_checkpoint: &last_checkpoint };
+                let result = run_reserved(&shared, &job, attempt, events.clone(), &stop, limits).await;
                 shared.table().release(&job.id);
                 shared.running.fetch_sub(1, Ordering::SeqCst);
                 shared.publish();
                 match result {
                     // Another coordinator took some of the workers first: leave them out until
                     // their records change, and choose again.
-                    Err(CoordinatorError::WorkersBusy { workers }) if attempts < BUSY_RETRIES && !stop.is_stopped() => {
-                        attempts += 1;
-                        tracing::info!(job = %job.id, ?workers, attempts, "workers busy with another job; choosing again");
+                    Err(CoordinatorError::WorkersBusy { workers }) if busy_retries < BUSY_RETRIES && !stop.is_stopped() => {
+                        busy_retries += 1;
+                        tracing::info!(job = %job.id, ?workers, busy_retries, "workers busy with another job; choosing again");
                         shared.table().hold(&workers);
                         shared.publish();
+                    }
+                    // The group lost a worker: go on from the last checkpoint on a new group.
+                    Err(e @ CoordinatorError::WorkerFailed { .. }) if recoveries < recover_attempts && !stop.is_stopped() && !matches!(&e, CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. }) => {
+                        recoveries += 1;
+                        resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let from = resume.as_ref().map_or(0, |c: &tessera_proto::worker::v1::CheckpointResponse| c.steps_done);
+                        tracing::warn!(job = %job.id, error = %e, recoveries, from_step = from, "the job's group failed; recovering on a new group");
                     }
                     r => return r,
                 }
@@ -263,10 +279,28 @@ impl JobExecutor for RemoteExecutor {
     }
 }
 
-async fn run_reserved(shared: &Shared, job: &ExecJob, group: &Group, events: mpsc::Sender<ExecEvent>, stop: &StopSignal, limits: DriveLimits) -> Result<ExecReport, CoordinatorError> {
+/// One try of a job on one group.
+struct Attempt<'a> {
+    group: &'a Group,
+    resume: Option<tessera_proto::worker::v1::CheckpointResponse>,
+    checkpoint_every: u32,
+    last_checkpoint: &'a std::sync::Mutex<Option<tessera_proto::worker::v1::CheckpointResponse>>,
+}
+
+async fn run_reserved(shared: &Shared, job: &ExecJob, attempt: Attempt<'_>, events: mpsc::Sender<ExecEvent>, stop: &StopSignal, limits: DriveLimits) -> Result<ExecReport, CoordinatorError> {
     let input_frames = prepare_request_video_blocking(&job.request.request).await?;
-    let cx = DriveContext { job, input_frames, events: &events, stop, live: shared.live.subscribe(), limits };
-    run_on_group(group, cx).await
+    let cx = DriveContext {
+        job,
+        input_frames,
+        events: &events,
+        stop,
+        live: shared.live.subscribe(),
+        limits,
+        resume: attempt.resume,
+        checkpoint_every: attempt.checkpoint_every,
+        last_checkpoint: attempt.last_checkpoint,
+    };
+    run_on_group(attempt.group, cx).await
 }
 
 /// Waits until a group of free workers serving the job's model can be reserved (or the job is
