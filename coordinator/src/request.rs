@@ -58,6 +58,17 @@ pub struct ValidRequest {
     pub tokens: usize,
 }
 
+impl ValidRequest {
+    /// Transformer forwards per denoising step: 2 with classifier-free guidance, else 1.
+    pub fn forwards_per_step(&self) -> u32 {
+        if tessera_worker::sampler::guidance_enabled(self.request.guidance_scale.unwrap_or(0.0)) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
 fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
     CoordinatorError::InvalidArgument { field, detail: detail.into() }
 }

@@ -128,11 +128,8 @@ enum Mode {
 
 fn mode(args: &ServeArgs) -> Result<Mode> {
     if !args.etcd.is_empty() {
-        if args.cluster.is_empty() || args.cluster.contains('/') {
-            bail!("--cluster {:?}: must be a non-empty name without '/'", args.cluster);
-        }
-        let heartbeat = parse_duration(&args.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
-        let heartbeat = Heartbeat::new(heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+        tessera_worker::membership::validate_id("cluster", &args.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", args.cluster))?;
+        let heartbeat = Heartbeat::parse(&args.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
         let step = parse_duration(&args.step_timeout).map_err(|e| anyhow!("--step-timeout: {e}"))?;
         if step < Duration::from_secs(1) {
             bail!("--step-timeout {}: must be at least 1s", args.step_timeout);

@@ -20,7 +20,6 @@ use tessera_kernels::Tensor;
 use tessera_proto::v1::{OutputFormat, Phase, Plan, Worker, WorkerState};
 use tessera_worker::parallel::{LocalTransport, ParallelPlan};
 use tessera_worker::pipeline::{denoise_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, WanPipeline, WAN_DEFAULTS};
-use tessera_worker::sampler::guidance_enabled;
 use tessera_worker::WorkerError;
 use tokio::sync::{mpsc, watch};
 
@@ -146,13 +145,6 @@ fn load(source: &ModelSource, ranks: usize, ulysses: usize) -> Result<Loaded, St
     Ok(Loaded { pipe, plan })
 }
 
-/// Memory available to this machine's jobs (Linux `MemAvailable`), if known.
-fn memory_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 impl JobExecutor for LocalExecutor {
     fn models(&self) -> Vec<String> {
         vec![self.config.model_name.clone()]
@@ -185,7 +177,7 @@ impl JobExecutor for LocalExecutor {
             ulysses,
             ring: ranks / ulysses,
             tokens: request.tokens as u64,
-            forwards_per_step: if guidance_enabled(request.request.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 },
+            forwards_per_step: request.forwards_per_step(),
         }
     }
 
@@ -201,7 +193,7 @@ impl JobExecutor for LocalExecutor {
             (_, None, true) => WorkerState::Draining,
             (_, None, false) => WorkerState::Idle,
         };
-        let memory = memory_available().unwrap_or(0) / self.config.ranks as u64;
+        let memory = tessera_worker::server::memory_available().unwrap_or(0) / self.config.ranks as u64;
         (0..self.config.ranks)
             .map(|i| Worker {
                 worker_id: format!("local-{i}"),

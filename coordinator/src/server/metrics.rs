@@ -6,12 +6,11 @@
 use crate::CoordinatorError;
 use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::time::Duration;
+use tessera_worker::server::STEP_BUCKETS;
 use tessera_proto::v1::{Worker, WorkerState};
 
 /// Latency buckets in seconds, from a fast tiny job to a long high-resolution one.
 const JOB_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
-/// Step latency buckets in seconds.
-const STEP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// The metrics (cheap to clone: every field is a handle).
 #[derive(Clone)]

@@ -154,8 +154,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             let t = &o.timings;
             let phases = [("queued", t.queued), ("preparing", t.preparing), ("denoising", t.denoising), ("decoding", t.decoding), ("encoding", t.encoding)];
             let r = &d.job.request;
-            let forwards = if tessera_worker::sampler::guidance_enabled(r.request.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 };
-            state.metrics.succeeded(t.total, phases, r.tokens as u64 * forwards * o.steps as u64, t.denoising);
+            state.metrics.succeeded(t.total, phases, r.tokens as u64 * u64::from(r.forwards_per_step()) * o.steps as u64, t.denoising);
             tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
             let done = Done { job_id: id.clone(), timings: Some(o.timings.to_pb()), total_bytes: o.total_bytes, num_frames: report.frames, width: report.width, height: report.height };
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Ok(event(Event::Done(done))))).await;

@@ -47,6 +47,11 @@ impl Heartbeat {
         Ok(Self { period })
     }
 
+    /// A heartbeat from a duration setting (`2s`, `250ms`; see [`crate::duration`]).
+    pub fn parse(value: &str) -> Result<Self> {
+        Self::new(crate::duration::parse_duration(value).map_err(|e| WorkerError::input("heartbeat", e))?)
+    }
+
     /// The heartbeat itself.
     pub fn period(self) -> Duration {
         self.period

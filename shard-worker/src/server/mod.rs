@@ -9,7 +9,7 @@ mod request;
 mod status;
 
 pub use job::{JobCheckpoint, JobSetup, StepReport};
-pub use metrics::WorkerMetrics;
+pub use metrics::{WorkerMetrics, STEP_BUCKETS};
 pub use request::params_from_request;
 
 use crate::pipeline::{VideoInput, WanPipeline};
@@ -175,6 +175,13 @@ impl Drop for Claim {
             self.inner.publish(&jobs);
         }
     }
+}
+
+/// Memory available to this machine's jobs (Linux `MemAvailable`), if known.
+pub fn memory_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Resolves `host:port` peers (names or IPs) to socket addresses.

@@ -266,7 +266,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         ulysses: group.ulysses as u32,
         ring: ranks_n / group.ulysses as u32,
         tokens: cx.job.request.tokens as u64,
-        forwards_per_step: if tessera_worker::sampler::guidance_enabled(r.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 },
+        forwards_per_step: cx.job.request.forwards_per_step(),
     }))
     .await?;
     send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;

@@ -10,7 +10,7 @@ mod table;
 
 pub use drive::DriveLimits;
 pub(crate) use drive::MAX_MESSAGE;
-pub use table::{ulysses_degree, Group, WorkerTable};
+pub use table::{group_limit, ulysses_degree, Group, WorkerTable};
 
 use super::executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor};
 use super::input::prepare_request_video_blocking;
@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tessera_proto::v1::{Plan, Worker};
 use tessera_worker::membership::Membership;
-use tessera_worker::sampler::guidance_enabled;
 use tokio::sync::{mpsc, watch};
 
 /// How often a job chooses a group again after workers refused it as busy.
@@ -201,8 +200,7 @@ impl JobExecutor for RemoteExecutor {
         let table = self.shared.table();
         let model = &request.request.model;
         let serving: Vec<_> = table.records().filter(|w| &w.model == model).collect();
-        let limit = if self.config.max_ranks == 0 { usize::MAX } else { self.config.max_ranks };
-        let ranks = serving.len().min(limit).min(request.tokens.max(1)).max(1);
+        let ranks = serving.len().min(group_limit(self.config.max_ranks, request.tokens)).max(1);
         let heads = serving.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
         let ulysses = ulysses_degree(ranks, heads) as u32;
         Plan {
@@ -212,7 +210,7 @@ impl JobExecutor for RemoteExecutor {
             ulysses,
             ring: ranks as u32 / ulysses,
             tokens: request.tokens as u64,
-            forwards_per_step: if guidance_enabled(request.request.guidance_scale.unwrap_or(0.0)) { 2 } else { 1 },
+            forwards_per_step: request.forwards_per_step(),
         }
     }
 

@@ -104,7 +104,7 @@ impl WorkerTable {
     /// heads (all-to-all moves less than the ring once there are more than two ranks); the rest
     /// of the group forms rings. `None` when no worker of the model is free.
     pub fn reserve(&mut self, job: &str, model: &str, max_ranks: usize, tokens: usize) -> Option<Group> {
-        let limit = if max_ranks == 0 { usize::MAX } else { max_ranks }.min(tokens.max(1));
+        let limit = group_limit(max_ranks, tokens);
         let workers: Vec<WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).take(limit).cloned().collect();
         if workers.is_empty() {
             return None;
@@ -126,6 +126,12 @@ impl WorkerTable {
     pub fn reserved_for(&self, worker: &str) -> Option<&str> {
         self.reserved.get(worker).map(String::as_str)
     }
+}
+
+/// Most workers a job of `tokens` tokens may use: `max_ranks` (0 = no limit), never more ranks
+/// than tokens.
+pub fn group_limit(max_ranks: usize, tokens: usize) -> usize {
+    if max_ranks == 0 { usize::MAX } else { max_ranks }.min(tokens.max(1))
 }
 
 /// The largest Ulysses degree dividing both `ranks` and `heads` (1 when heads are unknown).

@@ -105,8 +105,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
     if a.connect_timeout_s == 0 {
         bail!("--connect-timeout-s 0: must be at least 1");
     }
-    let heartbeat = parse_duration(&a.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
-    let heartbeat = Heartbeat::new(heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
+    let heartbeat = Heartbeat::parse(&a.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
     let job_idle_timeout = parse_duration(&a.job_idle_timeout).map_err(|e| anyhow!("--job-idle-timeout: {e}"))?;
     if job_idle_timeout < Duration::from_secs(1) {
         bail!("--job-idle-timeout {}: must be at least 1s", a.job_idle_timeout);
@@ -118,9 +117,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
         None if a.listen.ip().is_unspecified() => hostname(),
         None => a.listen.ip().to_string(),
     };
-    if a.cluster.is_empty() || a.cluster.contains('/') {
-        bail!("--cluster {:?}: must be a non-empty name without '/'", a.cluster);
-    }
+    tessera_worker::membership::validate_id("cluster", &a.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", a.cluster))?;
     let worker_id = a.worker_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     tessera_worker::membership::validate_id("worker_id", &worker_id).map_err(|e| anyhow!("--worker-id: {e}"))?;
     if model_name.trim().is_empty() {
@@ -135,7 +132,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
             tessera_kernels::Device::Cpu => "cpu".to_string(),
             tessera_kernels::Device::Cuda(n) => format!("cuda:{n}"),
         }],
-        memory_bytes: memory_available().unwrap_or(0),
+        memory_bytes: tessera_worker::server::memory_available().unwrap_or(0),
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         job_idle_timeout,
     };
@@ -143,12 +140,6 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
     Ok(Settings { identity, device, collective_address, heartbeat, grace_period })
 }
 
-/// Memory available to jobs (Linux `MemAvailable`), if known.
-fn memory_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
 
 /// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
 fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo)> {
