@@ -55,6 +55,9 @@ pub enum CudaMissing {
     Nvrtc,
     /// The matrix-product library `libcublasLt.so` is not installed or not on the library path.
     CublasLt,
+    /// The collectives library `libnccl.so` is not installed or not on the library path (needed
+    /// only by groups of more than one GPU).
+    Nccl,
 }
 
 impl std::fmt::Display for CudaMissing {
@@ -66,6 +69,7 @@ impl std::fmt::Display for CudaMissing {
             Self::OldDevice { ordinal, arch } => write!(f, "CUDA device {ordinal} is {arch}; the kernels need {MIN_ARCH} or newer"),
             Self::Nvrtc => f.write_str("the CUDA runtime compiler (libnvrtc.so) is not installed or not on LD_LIBRARY_PATH"),
             Self::CublasLt => f.write_str("cuBLASLt (libcublasLt.so) is not installed or not on LD_LIBRARY_PATH"),
+            Self::Nccl => f.write_str("NCCL (libnccl.so) is not installed or not on LD_LIBRARY_PATH; a group of several GPUs needs it (pip's nvidia-nccl-cu12 ships libnccl.so.2: link it as libnccl.so)"),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The CUDA backend: device selection at run time, kernels written in CUDA C (`kernels/cuda/*.cu`)
 //! compiled by NVRTC for the device's architecture on first use and cached, their launch
-//! wrappers, and matrix products through cuBLASLt.
+//! wrappers, matrix products through cuBLASLt, and NCCL between the GPUs of a group.
 //!
 //! `cudarc` is loaded dynamically, so this module always compiles and links without CUDA; every
 //! entry point checks first that the libraries and a device are there ([`DeviceChoice::resolve`],
@@ -17,6 +17,7 @@ mod elem;
 pub mod elementwise;
 pub mod gemm;
 mod launch;
+pub mod nccl;
 pub mod norm;
 pub mod patch;
 pub mod sampler;
