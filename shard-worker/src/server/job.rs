@@ -33,6 +33,9 @@ pub struct JobSetup {
     pub params: GenerationParams,
     /// Resume from a checkpoint of the run (another group's) instead of starting it.
     pub resume: Option<Resume>,
+    /// The NCCL id of the group's GPUs (made by rank 0's worker, carried by the coordinator);
+    /// needed when the transformer runs on a GPU in a group of more than one rank.
+    pub nccl_id: Option<tessera_kernels::cuda::nccl::NcclId>,
 }
 
 /// Where a resumed run starts: the latent after `steps_done` steps and the sampler history then.

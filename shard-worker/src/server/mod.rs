@@ -260,6 +260,7 @@ impl WorkerService {
             idle_timeout: me.job_idle_timeout,
             cancel: cancel.clone(),
             resume: r.resume.as_ref().map(resume_from).transpose().map_err(Status::from)?,
+            nccl_id: None,
             params,
         };
         let collective = me.collective;
