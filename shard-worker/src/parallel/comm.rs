@@ -53,7 +53,36 @@ impl std::ops::Sub for CommCounts {
     }
 }
 
+/// The kind of a transfer, for the byte counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// All-gathers (every member's part to every member).
+    AllGather,
+    /// All-to-alls (a part per member).
+    AllToAll,
+    /// Ring hops.
+    Ring,
+    /// Broadcasts.
+    Broadcast,
+}
+
 impl CommStats {
+    fn counter(&self, kind: Traffic) -> &AtomicU64 {
+        match kind {
+            Traffic::AllGather => &self.all_gather,
+            Traffic::AllToAll => &self.all_to_all,
+            Traffic::Ring => &self.ring,
+            Traffic::Broadcast => &self.broadcast,
+        }
+    }
+
+    /// Counts a transfer made outside a [`Communicator`] (e.g. by NCCL on a GPU): `sent` bytes of
+    /// kind `kind` and `received` bytes.
+    pub fn record(&self, kind: Traffic, sent: u64, received: u64) {
+        self.counter(kind).fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
+    }
+
     /// The counts so far.
     pub fn snapshot(&self) -> CommCounts {
         CommCounts {
@@ -130,52 +159,75 @@ impl Communicator {
         self.stats.snapshot()
     }
 
+    /// The shared byte counters (transfers made beside this communicator count there too).
+    pub fn stats_handle(&self) -> Arc<CommStats> {
+        self.stats.clone()
+    }
+
     fn next_tag(&self) -> u64 {
         (self.group_id << 48) | self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn send(&self, to: usize, tag: u64, data: Bytes, counter: &AtomicU64) -> Result<()> {
-        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+    fn send(&self, to: usize, tag: u64, data: Bytes, kind: Traffic) -> Result<()> {
+        self.stats.counter(kind).fetch_add(data.len() as u64, Ordering::Relaxed);
         self.transport.send(self.members[to], tag, data)
     }
 
-    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+    fn recv_bytes(&self, from: usize, tag: u64) -> Result<Bytes> {
         let b = self.transport.recv(self.members[from], tag)?;
         self.stats.received.fetch_add(b.len() as u64, Ordering::Relaxed);
-        bytes_to_f32(&b)
+        Ok(b)
+    }
+
+    fn recv(&self, from: usize, tag: u64) -> Result<Vec<f32>> {
+        bytes_to_f32(&self.recv_bytes(from, tag)?)
+    }
+
+    /// Sends `parts[i]` to member `i` and returns what each member sent here, in group order
+    /// (this member's own part comes back without travelling). Counted as `kind`.
+    pub fn exchange_bytes(&self, mut parts: Vec<Bytes>, kind: Traffic) -> Result<Vec<Bytes>> {
+        if parts.len() != self.size() {
+            return Err(WorkerError::Collective(format!("exchange with {} parts in a group of {}", parts.len(), self.size())));
+        }
+        let tag = self.next_tag();
+        for (i, p) in parts.iter().enumerate().filter(|(i, _)| *i != self.index) {
+            self.send(i, tag, p.clone(), kind)?;
+        }
+        let mut own = Some(std::mem::take(&mut parts[self.index]));
+        (0..self.size()).map(|i| if i == self.index { Ok(own.take().unwrap_or_default()) } else { self.recv_bytes(i, tag) }).collect()
     }
 
     /// Every member's `data` (sizes may differ), in group order.
     pub fn all_gather(&self, data: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let tag = self.next_tag();
         let bytes = f32_to_bytes(data);
-        for i in (0..self.size()).filter(|&i| i != self.index) {
-            self.send(i, tag, bytes.clone(), &self.stats.all_gather)?;
-        }
-        (0..self.size()).map(|i| if i == self.index { Ok(data.to_vec()) } else { self.recv(i, tag) }).collect()
+        self.exchange_bytes(vec![bytes; self.size()], Traffic::AllGather)?.iter().map(|b| bytes_to_f32(b)).collect()
     }
 
     /// Sends `parts[i]` to member `i` and returns what each member sent here, in group order.
-    pub fn all_to_all(&self, mut parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
-        if parts.len() != self.size() {
-            return Err(WorkerError::Collective(format!("all_to_all with {} parts in a group of {}", parts.len(), self.size())));
-        }
-        let tag = self.next_tag();
-        for (i, p) in parts.iter().enumerate().filter(|(i, _)| *i != self.index) {
-            self.send(i, tag, f32_to_bytes(p), &self.stats.all_to_all)?;
-        }
-        let own = std::mem::take(&mut parts[self.index]);
-        let mut own = Some(own);
-        (0..self.size()).map(|i| if i == self.index { Ok(own.take().unwrap_or_default()) } else { self.recv(i, tag) }).collect()
+    pub fn all_to_all(&self, parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        let parts = parts.iter().map(|p| f32_to_bytes(p)).collect();
+        self.exchange_bytes(parts, Traffic::AllToAll)?.iter().map(|b| bytes_to_f32(b)).collect()
     }
 
     /// Starts one hop of a ring: sends `data` to the next member and returns a handle that
     /// receives the previous member's block. The transfer proceeds while the caller computes.
     pub fn ring_shift(&self, data: &[f32]) -> Result<PendingRecv<'_>> {
+        let ticket = self.ring_post(f32_to_bytes(data))?;
+        Ok(PendingRecv { comm: self, ticket })
+    }
+
+    /// Sends `data` to the next member of the ring; the previous member's block is then taken
+    /// with [`ring_take`](Self::ring_take) and the ticket.
+    pub fn ring_post(&self, data: Bytes) -> Result<RingTicket> {
         let tag = self.next_tag();
         let n = self.size();
-        self.send((self.index + 1) % n, tag, f32_to_bytes(data), &self.stats.ring)?;
-        Ok(PendingRecv { comm: self, from: (self.index + n - 1) % n, tag })
+        self.send((self.index + 1) % n, tag, data, Traffic::Ring)?;
+        Ok(RingTicket { from: (self.index + n - 1) % n, tag })
+    }
+
+    /// Waits for the block of the hop that `ticket` was posted for.
+    pub fn ring_take(&self, ticket: RingTicket) -> Result<Bytes> {
+        self.recv_bytes(ticket.from, ticket.tag)
     }
 
     /// Member `root`'s `data` on every member.
@@ -184,7 +236,7 @@ impl Communicator {
         if self.index == root {
             let bytes = f32_to_bytes(data);
             for i in (0..self.size()).filter(|&i| i != root) {
-                self.send(i, tag, bytes.clone(), &self.stats.broadcast)?;
+                self.send(i, tag, bytes.clone(), Traffic::Broadcast)?;
             }
             Ok(data.to_vec())
         } else {
@@ -198,17 +250,23 @@ impl Communicator {
     }
 }
 
+/// A ring hop in flight: whom its block comes from, and its tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingTicket {
+    from: usize,
+    tag: u64,
+}
+
 /// A receive posted by [`Communicator::ring_shift`].
 pub struct PendingRecv<'a> {
     comm: &'a Communicator,
-    from: usize,
-    tag: u64,
+    ticket: RingTicket,
 }
 
 impl PendingRecv<'_> {
     /// Waits for the block.
     pub fn wait(self) -> Result<Vec<f32>> {
-        self.comm.recv(self.from, self.tag)
+        bytes_to_f32(&self.comm.ring_take(self.ticket)?)
     }
 }
 

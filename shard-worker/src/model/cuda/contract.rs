@@ -131,6 +131,22 @@ pub(crate) fn copy_rows(src: (usize, usize), src_pitch: usize, dst: (usize, usiz
     Ok((region(OP, "src", src.0, src.1, span(rows, src_pitch, width))?, region(OP, "dst", dst.0, dst.1, span(rows, dst_pitch, width))?))
 }
 
+/// `cuda::attention::merge_partials`: `out_a`/`out_b` hold exactly `q_len·heads·head_dim` values,
+/// `lse_a`/`lse_b` exactly `heads·q_len` (each pair given as (out length, lse length)).
+pub(crate) fn merge_partials(a: (usize, usize), b: (usize, usize), q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
+    const OP: &str = "merge_partials";
+    if heads == 0 || head_dim == 0 {
+        return Err(super::ops::invalid_err(OP, "heads and head_dim must be positive"));
+    }
+    let want = (q_len * heads * head_dim, q_len * heads);
+    for (what, got) in [("a", a), ("b", b)] {
+        if got != want {
+            return Err(shape_err(OP, format!("partial {what}: out {} and lse {} values, expected {} and {}", got.0, got.1, want.0, want.1)));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +184,8 @@ mod tests {
         assert!(copy_rows((10, 0), 2, (20, 0), 4, 3, 2).is_err(), "width above the source pitch");
         assert_eq!(copy_rows((10, 0), 4, (20, 1), 8, 3, 2).unwrap(), (0..7, 1..12));
         assert!(layer_norm(8, 2, 4, [Some((4, 1)), None, None, None], 8).is_err());
+        assert!(merge_partials((24, 6), (24, 6), 3, 2, 4).is_ok());
+        assert!(merge_partials((24, 6), (24, 5), 3, 2, 4).is_err(), "short lse of b");
+        assert!(merge_partials((0, 0), (0, 0), 0, 0, 4).is_err(), "no heads");
     }
 }

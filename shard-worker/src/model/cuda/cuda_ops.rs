@@ -212,6 +212,11 @@ impl Ops for CudaOps {
         Ok(cuda::patch::patchify(&self.dev, latent, g, tokens, out)?)
     }
 
+    fn merge_partials(&self, out_a: &mut CudaSlice<f32>, lse_a: &mut CudaSlice<f32>, out_b: &CudaSlice<f32>, lse_b: &CudaSlice<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
+        contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
+        Ok(cuda::attention::merge_partials(&self.dev, out_a, lse_a, out_b, lse_b, q_len, heads, head_dim)?)
+    }
+
     fn unpatchify(&self, rows: &CudaSlice<f32>, g: &PatchGeometry, latent: &mut CudaSlice<f32>) -> Result<()> {
         Ok(cuda::patch::unpatchify(&self.dev, rows, g, latent)?)
     }

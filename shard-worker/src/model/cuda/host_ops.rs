@@ -107,6 +107,11 @@ impl Ops for HostOps {
         Ok(())
     }
 
+    fn merge_partials(&self, out_a: &mut Vec<f32>, lse_a: &mut Vec<f32>, out_b: &Vec<f32>, lse_b: &Vec<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
+        contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
+        Ok(cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)?)
+    }
+
     fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
         let (xr, yr, gr) = contract::add((x.buf.len(), x.offset), (y.buf.len(), y.offset), gate.map(|g| (g.buf.len(), g.offset)), n, dim)?;
         let yw = widen(&y.buf[yr]);

@@ -20,6 +20,7 @@ mod ops;
 mod transformer;
 mod weights;
 
+pub(crate) use attention::flash;
 pub use attention::{DeviceSelfAttention, LocalDeviceAttention, QkvRows};
 pub use cuda_ops::CudaOps;
 pub use embedding::DeviceConditions;

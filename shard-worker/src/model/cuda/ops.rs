@@ -8,25 +8,43 @@ use crate::{Result, WorkerError};
 use half::bf16;
 use std::ops::Range;
 use tessera_kernels::cpu::{Activation, AttentionShape, PatchGeometry, RopeTable};
+use tessera_kernels::cuda::nccl::NcclType;
 use tessera_kernels::cuda::OutputElem;
 use tessera_kernels::KernelError;
 
 /// Element type of a buffer: bf16 (matrix-product operands, attention inputs, the model's
 /// activations) or f32 (residual stream, modulation, norm parameters, latents, log-sum-exps).
-pub trait Elem: OutputElem {
+/// Both travel between ranks: through NCCL on GPUs, as little-endian bytes between hosts.
+pub trait Elem: OutputElem + NcclType {
     /// From f32, rounded to nearest even for bf16 (what the kernels' stores do).
     fn from_f32(v: f32) -> Self;
+    /// Appends the values' little-endian bytes to `out`.
+    fn put_le(values: &[Self], out: &mut Vec<u8>);
+    /// The values of little-endian `bytes` (a whole number of elements; checked by the caller).
+    fn get_le(bytes: &[u8]) -> Vec<Self>;
 }
 
 impl Elem for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
+    fn put_le(values: &[Self], out: &mut Vec<u8>) {
+        values.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes()));
+    }
+    fn get_le(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+    }
 }
 
 impl Elem for f32 {
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn put_le(values: &[Self], out: &mut Vec<u8>) {
+        values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    }
+    fn get_le(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 }
 
@@ -116,6 +134,10 @@ pub trait Ops: Send + Sync + Sized {
     /// softmax(scale·q·kᵀ)·v per head (flash attention): `head_dim` 64 or 128, strides multiples of
     /// 8, 16-byte aligned q/k/v starts. Writes `out` rows `out_stride` apart and `lse` `[heads, q_len]`.
     fn attention<O: Elem>(&self, q: At<'_, Self::Buf<bf16>>, k: At<'_, Self::Buf<bf16>>, v: At<'_, Self::Buf<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, Self::Buf<O>>, out_stride: usize, lse: &mut Self::Buf<f32>) -> Result<()>;
+    /// Merges the partial attention `(out_b, lse_b)` over one key set into `(out_a, lse_a)` over a
+    /// disjoint one (ring attention): out `[q_len, heads·head_dim]` f32 packed, lse
+    /// `[heads, q_len]`, each buffer exactly that long.
+    fn merge_partials(&self, out_a: &mut Self::Buf<f32>, lse_a: &mut Self::Buf<f32>, out_b: &Self::Buf<f32>, lse_b: &Self::Buf<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()>;
     /// `x[r, c] += y[r, c]·gate[c]` over `n` elements in rows of `dim` (no gate: `x += y`), in f32.
     fn add<Y: Elem>(&self, x: AtMut<'_, Self::Buf<f32>>, y: At<'_, Self::Buf<Y>>, gate: Option<At<'_, Self::Buf<f32>>>, n: usize, dim: usize) -> Result<()>;
     /// `out[i] = bf16(x[i])` for `n` elements.
@@ -167,5 +189,12 @@ mod tests {
         assert_eq!(span(0, 9, 4), 0);
         assert_eq!(span(3, 9, 4), 22);
         assert_eq!(<bf16 as Elem>::from_f32(1.0 + 1.0 / 512.0).to_f32(), 1.0, "ties round to even");
+        let (h, f) = ([bf16::from_f32(-1.5), bf16::from_f32(3.0e-3)], [1.25f32, -7.0e9]);
+        let mut b = Vec::new();
+        Elem::put_le(&h, &mut b);
+        assert_eq!((b.len(), <bf16 as Elem>::get_le(&b)), (4, h.to_vec()));
+        b.clear();
+        Elem::put_le(&f, &mut b);
+        assert_eq!((b.len(), <f32 as Elem>::get_le(&b)), (8, f.to_vec()));
     }
 }

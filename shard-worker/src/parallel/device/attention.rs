@@ -1,0 +1,171 @@
+//! Sequence-parallel self-attention of the bf16 model on device buffers: Ulysses (all-to-all from
+//! sequence- to head-sharding and back), ring (key/value blocks passed around the ring group with
+//! the next hop in flight while flash attention runs on the current block, partial results merged
+//! by log-sum-exp in f32) and both together (USP), as on the CPU (`parallel::attention`).
+
+use super::comm::DeviceComm;
+use crate::model::cuda::{at, at_mut, flash, At, DeviceSelfAttention, Ops, QkvRows};
+use crate::parallel::comm::Traffic;
+use crate::parallel::plan::{shard_ranges, ParallelPlan};
+use crate::{Result, WorkerError};
+use half::bf16;
+use std::marker::PhantomData;
+use std::ops::Range;
+use tessera_kernels::cpu::AttentionShape;
+
+/// Attention of one rank's token rows over the whole sequence, through its Ulysses and ring groups.
+pub struct ShardedDeviceAttention<'a, O: Ops, C: DeviceComm<O>> {
+    ulysses: &'a C,
+    ring: &'a C,
+    /// Token rows of every member of the Ulysses group, in group order.
+    ulysses_rows: Vec<usize>,
+    /// Token rows each member of the ring group attends after its all-to-all (the rows of its
+    /// Ulysses group), in ring order.
+    ring_rows: Vec<usize>,
+    ops: PhantomData<fn(&O)>,
+}
+
+/// Prefix sums: where each part starts when the parts are laid end to end.
+fn starts(sizes: &[usize]) -> Vec<usize> {
+    sizes.iter().scan(0, |s, &n| Some(std::mem::replace(s, *s + n))).collect()
+}
+
+/// `sizes` as consecutive ranges, each scaled by `unit`, from `base`.
+fn ranges(sizes: &[usize], unit: usize, base: usize) -> Vec<Range<usize>> {
+    starts(sizes).iter().zip(sizes).map(|(&s, &n)| base + s * unit..base + (s + n) * unit).collect()
+}
+
+impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
+    /// Attention for global rank `rank` of `plan` over a sequence of `tokens` tokens, sharded as
+    /// [`shard_ranges`] shards it; `ulysses` and `ring` are this rank's groups.
+    pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, tokens: usize) -> Result<Self> {
+        if ulysses.size() != plan.ulysses || ring.size() != plan.ring || rank >= plan.ranks() {
+            return Err(WorkerError::Collective(format!("rank {rank} of a {}x{} plan with groups of {} and {}", plan.ulysses, plan.ring, ulysses.size(), ring.size())));
+        }
+        let sizes: Vec<usize> = shard_ranges(tokens, plan.ranks()).iter().map(|r| r.len()).collect();
+        let group_rows = |r: usize| plan.ulysses_group(r).iter().map(|&g| sizes[g]).sum::<usize>();
+        Ok(Self {
+            ulysses,
+            ring,
+            ulysses_rows: plan.ulysses_group(rank).iter().map(|&g| sizes[g]).collect(),
+            ring_rows: plan.ring_group(rank).iter().map(|&g| group_rows(g)).collect(),
+            ops: PhantomData,
+        })
+    }
+
+    /// Ring attention of `nq` query rows (`q`, rows `q_stride` apart) over the key/value blocks of
+    /// every ring member; `own_kv` holds this member's rows `[k | v]`, `2·heads·head_dim` apart, in
+    /// a buffer long enough for the largest block. Returns the f32 output `[nq, heads·head_dim]`.
+    fn ring_attend(&self, ops: &O, q: At<'_, O::Buf<bf16>>, q_stride: usize, nq: usize, heads: usize, head_dim: usize, own_kv: O::Buf<bf16>) -> Result<O::Buf<f32>> {
+        let (wd, r, me) = (heads * head_dim, self.ring.size(), self.ring.rank());
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // After `s` hops this member holds the block of ring member `me - s`.
+        let rows_at = |s: usize| self.ring_rows[(me + r - s % r) % r];
+        let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
+        let (mut cur, mut next) = (own_kv, ops.zeros::<bf16>(max_rows * 2 * wd)?);
+        let (mut acc, mut acc_lse) = (ops.zeros::<f32>(nq * wd)?, ops.zeros::<f32>(heads * nq)?);
+        let mut part = if r > 1 { Some((ops.zeros::<f32>(nq * wd)?, ops.zeros::<f32>(heads * nq)?)) } else { None };
+        for s in 0..r {
+            let rows = rows_at(s);
+            // Hand the current block on before computing on it.
+            if s + 1 < r {
+                self.ring.ring_start(ops, &cur, rows * 2 * wd, &mut next, rows_at(s + 1) * 2 * wd)?;
+            }
+            let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: rows, q_stride, kv_stride: 2 * wd };
+            let (k, v) = (at(&cur, 0), at(&cur, wd));
+            match (s, part.as_mut()) {
+                (0, _) | (_, None) => flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse)?,
+                (_, Some((out, lse))) => {
+                    flash(ops, q, k, v, shape, scale, at_mut(out, 0), wd, lse)?;
+                    ops.merge_partials(&mut acc, &mut acc_lse, out, lse, nq, heads, head_dim)?;
+                }
+            }
+            if s + 1 < r {
+                self.ring.ring_wait(ops, &mut next, rows_at(s + 1) * 2 * wd)?;
+                std::mem::swap(&mut cur, &mut next);
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Attention of `nq` rows whose q, k and v (`heads` heads each, `w = heads·head_dim` wide) sit
+    /// at columns 0, w and 2w of rows `stride` apart in `buf`, over the rows of the whole ring
+    /// group; written as bf16 rows of `w` to `out`, `out_stride` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_heads(&self, ops: &O, buf: &O::Buf<bf16>, stride: usize, nq: usize, heads: usize, head_dim: usize, out: &mut O::Buf<bf16>, out_stride: usize) -> Result<()> {
+        let w = heads * head_dim;
+        if self.ring.size() == 1 {
+            let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: nq, q_stride: stride, kv_stride: stride };
+            let mut lse = ops.zeros::<f32>(heads * nq)?;
+            return flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, 1.0 / (head_dim as f32).sqrt(), at_mut(out, 0), out_stride, &mut lse);
+        }
+        let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
+        let mut kv = ops.zeros::<bf16>(max_rows * 2 * w)?;
+        // k and v are adjacent in each row: one 2-D copy packs the block.
+        ops.copy_rows(at(buf, w), stride, at_mut(&mut kv, 0), 2 * w, 2 * w, nq)?;
+        let acc = self.ring_attend(ops, at(buf, 0), stride, nq, heads, head_dim, kv)?;
+        if out_stride == w {
+            return ops.to_bf16(at(&acc, 0), at_mut(out, 0), nq * w);
+        }
+        let mut packed = ops.zeros::<bf16>(nq * w)?;
+        ops.to_bf16(at(&acc, 0), at_mut(&mut packed, 0), nq * w)?;
+        ops.copy_rows(at(&packed, 0), w, at_mut(out, 0), out_stride, w, nq)
+    }
+}
+
+impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention<'_, O, C> {
+    fn attend(&self, ops: &O, qkv: QkvRows<'_, O::Buf<bf16>>, out: &mut O::Buf<bf16>, _lse: &mut O::Buf<f32>) -> Result<()> {
+        let QkvRows { buf, rows: n, stride, heads, head_dim } = qkv;
+        let (u, me) = (self.ulysses.size(), self.ulysses.rank());
+        if n != self.ulysses_rows[me] {
+            return Err(WorkerError::Collective(format!("{n} token rows on a rank whose shard has {}", self.ulysses_rows[me])));
+        }
+        if u == 1 {
+            return self.attend_heads(ops, buf, stride, n, heads, head_dim, out, heads * head_dim);
+        }
+        if heads % u != 0 {
+            return Err(WorkerError::input("parallel plan", format!("ulysses degree {u} does not divide {heads} heads")));
+        }
+        let (d, local) = (heads * head_dim, heads / u);
+        let w = local * head_dim;
+        // Sequence-sharded → head-sharded: member j gets [q | k | v] of this shard's rows for its
+        // heads, each a packed [n, w] block.
+        let mut send = ops.zeros::<bf16>(u * 3 * n * w)?;
+        for j in 0..u {
+            for x in 0..3 {
+                ops.copy_rows(at(buf, x * d + j * w), stride, at_mut(&mut send, (3 * j + x) * n * w), w, w, n)?;
+            }
+        }
+        let rows = &self.ulysses_rows;
+        let total: usize = rows.iter().sum();
+        let mut got = ops.zeros::<bf16>(3 * total * w)?;
+        self.ulysses.exchange(ops, Traffic::AllToAll, &send, &ranges(&[3 * n; 1].repeat(u), w, 0), &mut got, &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0))?;
+        // Rows of the whole group for these heads, [q | k | v] per row, in sequence order.
+        let mut group = ops.zeros::<bf16>(total * 3 * w)?;
+        for (&start, &ri) in starts(rows).iter().zip(rows) {
+            for x in 0..3 {
+                ops.copy_rows(at(&got, 3 * start * w + x * ri * w), w, at_mut(&mut group, start * 3 * w + x * w), 3 * w, w, ri)?;
+            }
+        }
+        let mut heads_out = ops.zeros::<bf16>(total * w)?;
+        self.attend_heads(ops, &group, 3 * w, total, local, head_dim, &mut heads_out, w)?;
+        // Head-sharded → sequence-sharded: member i gets back its rows of these heads.
+        let mut back = ops.zeros::<bf16>(u * n * w)?;
+        self.ulysses.exchange(ops, Traffic::AllToAll, &heads_out, &ranges(rows, w, 0), &mut back, &ranges(&[n; 1].repeat(u), w, 0))?;
+        for j in 0..u {
+            ops.copy_rows(at(&back, j * n * w), w, at_mut(out, j * w), d, w, n)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_laid_end_to_end() {
+        assert_eq!(starts(&[3, 0, 2]), vec![0, 3, 3]);
+        assert_eq!(ranges(&[3, 0, 2], 4, 1), vec![1..13, 13..13, 13..21]);
+    }
+}

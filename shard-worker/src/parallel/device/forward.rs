@@ -1,0 +1,62 @@
+//! The bf16 transformer's forward on one rank of a sequence-parallel group, on device buffers:
+//! this rank's token range goes through every block (self-attention joins the other ranks through
+//! the device collectives), then the output head's rows are all-gathered on the device and
+//! unpatchified, so every rank holds the whole velocity — the device twin of
+//! `parallel::ShardContext::forward`.
+
+use super::attention::ShardedDeviceAttention;
+use super::comm::DeviceComm;
+use crate::model::cuda::{DeviceTransformer, Ops};
+use crate::parallel::comm::Traffic;
+use crate::parallel::plan::{shard_ranges, ParallelPlan};
+use crate::{DitInputs, Result, WorkerError};
+use tessera_kernels::cpu::PatchGeometry;
+use tessera_kernels::Tensor;
+
+/// One rank's communicators for the device forward: the world and its two attention groups.
+pub struct DeviceShard<'a, C> {
+    /// All ranks (the output all-gather).
+    pub world: &'a C,
+    /// This rank's Ulysses group.
+    pub ulysses: &'a C,
+    /// This rank's ring group.
+    pub ring: &'a C,
+    /// The layout of the ranks.
+    pub plan: ParallelPlan,
+}
+
+impl<C> DeviceShard<'_, C> {
+    /// The velocity `[B, C_out, F, H, W]` (f32, on the host) of `model` for the whole batch; every
+    /// rank computes its token range and ends with the full output.
+    pub fn forward<O: Ops>(&self, model: &DeviceTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor>
+    where
+        C: DeviceComm<O>,
+    {
+        let (ops, cfg) = (model.ops(), model.config());
+        let (p, rank) = (self.world.size(), self.world.rank());
+        if p != self.plan.ranks() {
+            return Err(WorkerError::Collective(format!("a world of {p} ranks for a plan of {}", self.plan.ranks())));
+        }
+        let (b, grid) = model.check_inputs(x)?;
+        let cond = model.embed_conditions(x)?;
+        let ranges = shard_ranges(grid.tokens(), p);
+        let mine = ranges[rank].clone();
+        tracing::Span::current().record("tokens", mine.len());
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, grid.tokens())?;
+        let po = cfg.patch_out();
+        let geometry = PatchGeometry { channels: cfg.out_channels, grid: grid.dims, patch: grid.patch };
+        let mut all = ops.zeros::<f32>(grid.tokens() * po)?;
+        let mut latent = ops.zeros::<f32>(geometry.latent_len())?;
+        let mut out = Vec::with_capacity(b * geometry.latent_len());
+        let send_parts = vec![0..mine.len() * po; p];
+        let recv_parts: Vec<_> = ranges.iter().map(|r| r.start * po..r.end * po).collect();
+        for i in 0..b {
+            let rows = model.forward_tokens(x, &cond, i, &grid, mine.clone(), &attention)?;
+            tracing::info_span!("all_gather", values = mine.len() * po).in_scope(|| self.world.exchange(ops, Traffic::AllGather, &rows, &send_parts, &mut all, &recv_parts))?;
+            ops.unpatchify(&all, &geometry, &mut latent)?;
+            out.extend(ops.download(&latent)?);
+        }
+        let [f, h, w] = grid.latent();
+        Ok(Tensor::new([b, cfg.out_channels, f, h, w], out)?)
+    }
+}
