@@ -299,7 +299,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
     if device != Device::Cpu && (args.ranks.ranks > 1 || args.ranks.ulysses > 1) {
-        bail!("--ranks {} with --device {}: sequence-parallel runs use the CPU model in this version (NCCL is not built yet); use --device cpu or one rank", args.ranks.ranks, args.device);
+        bail!("--ranks {} with --device {}: the ranks of one process share one model on one GPU, and NCCL needs a GPU per rank; run a `tessera-worker serve --device cuda:N` per GPU (`tessera serve --etcd`), or use --device cpu or one rank", args.ranks.ranks, args.device);
     }
     let format = match &args.format {
         Some(f) => tessera_coordinator::video::VideoFormat::from_name(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif or png"))?,

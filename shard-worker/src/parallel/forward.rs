@@ -4,20 +4,23 @@
 
 use super::attention::ShardedAttention;
 use super::comm::Communicator;
+use super::device::{DeviceShard, HostDeviceComm, NcclGroup};
 use super::plan::{shard_ranges, ParallelPlan};
 use super::tcp::{TcpOptions, TcpTransport};
 use super::transport::{InProcessTransport, Transport};
-use crate::model::{unpatchify, WanTransformer};
+use crate::model::{unpatchify, DitModel, WanTransformer};
 use crate::{DitInputs, Result, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_kernels::Tensor;
 
-/// One rank's view of a sequence-parallel job: the world group and the attention strategy.
+/// One rank's view of a sequence-parallel job: the world group and the attention strategy, and
+/// when the transformer runs on a GPU, the NCCL communicators of the same groups.
 pub struct ShardContext {
     world: Communicator,
     plan: ParallelPlan,
     attention: ShardedAttention,
+    nccl: Option<NcclGroup>,
 }
 
 impl ShardContext {
@@ -29,7 +32,26 @@ impl ShardContext {
         let world = Communicator::world(transport);
         let rank = world.rank();
         let attention = ShardedAttention::new(world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
-        Ok(Self { world, plan, attention })
+        Ok(Self { world, plan, attention, nccl: None })
+    }
+
+    /// Joins the job's NCCL group named by `id` when `model` runs on a GPU (blocks until every rank
+    /// has joined); nothing to do for a model on the host. The transport's connections stay for
+    /// the step agreement and the byte counts.
+    pub fn join_gpu_group(&mut self, model: &DitModel, id: &tessera_kernels::cuda::nccl::NcclId) -> Result<()> {
+        if let DitModel::Cuda(m) = model {
+            let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks()).in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
+            self.nccl = Some(group);
+        }
+        Ok(())
+    }
+
+    /// Whether `model` can run sharded here: a GPU model needs the NCCL group joined.
+    pub fn check_model(&self, model: &DitModel) -> Result<()> {
+        match (model, &self.nccl) {
+            (DitModel::Cuda(_), None) if self.plan.ranks() > 1 => Err(WorkerError::input("nccl_unique_id", format!("the transformer runs on {}: a group of {} GPUs needs the NCCL id of the group (made by rank 0's worker, sent by the coordinator)", model.describe(), self.plan.ranks()))),
+            _ => Ok(()),
+        }
     }
 
     /// This rank.
@@ -59,11 +81,34 @@ impl ShardContext {
     /// (`bytes_sent`, `ring_wait_s`, `all_to_all_s`) and an `all_gather` span for the output; the
     /// per-layer collectives are DEBUG spans (`ring_attention`, `all_to_all`), thousands a job.
     pub fn forward(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
+        self.traced(x, || self.forward_ranks(model, x))
+    }
+
+    /// [`forward`](Self::forward) for the model on whichever device it was loaded: the CPU model
+    /// as above; the CUDA model with its data on the GPU and NCCL between the ranks (after
+    /// [`join_gpu_group`](Self::join_gpu_group)); the host emulation of the CUDA model with the
+    /// same device-side strategies over this context's transport.
+    pub fn forward_dit(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
+        self.check_model(model)?;
+        let plan = self.plan;
+        self.traced(x, || match (model, &self.nccl) {
+            (DitModel::Cpu(m), _) => self.forward_ranks(m, x),
+            (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan }.forward(m, x),
+            (DitModel::Cuda(m), None) => m.forward(x),
+            (DitModel::Emulated(m), _) => {
+                let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(self.attention.ulysses()), HostDeviceComm::new(self.attention.ring()));
+                DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan }.forward(m, x)
+            }
+        })
+    }
+
+    /// Runs `forward` in a `forward` span carrying what its collectives cost.
+    fn traced(&self, x: &DitInputs<'_>, forward: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
         use tracing::field::Empty;
         let span = tracing::info_span!("forward", rank = self.rank(), ranks = self.world.size(), ulysses = self.plan.ulysses, ring = self.plan.ring, batch = x.hidden_states.dim(0), tokens = Empty, bytes_sent = Empty, ring_wait_s = Empty, all_to_all_s = Empty);
         let _in = span.enter();
         let (sent, (_, ring_wait, all_to_all)) = (self.world.stats().sent(), self.attention.timings().seconds());
-        let out = self.forward_ranks(model, x);
+        let out = forward();
         let now = self.attention.timings().seconds();
         span.record("bytes_sent", self.world.stats().sent() - sent);
         span.record("ring_wait_s", now.1 - ring_wait);

@@ -122,14 +122,6 @@ impl WanPipeline {
         &self.transformer
     }
 
-    /// The transformer as the CPU model, which sequence-parallel runs need (their collectives
-    /// move host tensors); an error naming the device otherwise.
-    pub fn cpu_transformer(&self) -> Result<&WanTransformer> {
-        self.transformer.as_cpu().ok_or_else(|| {
-            WorkerError::input("device", format!("sequence-parallel runs use the CPU model (NCCL collectives are not built yet); this pipeline's transformer runs on {}", self.transformer.describe()))
-        })
-    }
-
     /// The VAE.
     pub fn vae(&self) -> &WanVae {
         &self.vae

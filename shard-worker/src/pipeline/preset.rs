@@ -108,7 +108,6 @@ mod tests {
         let cpu = PipelinePreset::Tiny.build(3).unwrap();
         let emulated = PipelinePreset::Tiny.build_with(3, DitModel::emulated_preset(TransformerPreset::Tiny, 3).unwrap()).unwrap();
         assert!(emulated.transformer().describe().contains("emulating"));
-        assert!(emulated.cpu_transformer().err().expect("no CPU model").to_string().contains("sequence-parallel"));
         let params = GenerationParams { height: 32, width: 48, num_frames: 5, num_inference_steps: 4, seed: 7, ..GenerationParams::new("a red ball bouncing") };
         let latents = |pipe: &WanPipeline| {
             let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale).unwrap();

@@ -63,7 +63,10 @@ pub fn denoise_sharded(
     let mut observer_error = None;
     // The ranks' spans (steps, forwards) belong to the caller's.
     let span = tracing::Span::current();
-    let cpu = pipe.cpu_transformer()?;
+    let model = pipe.transformer();
+    if matches!(model, crate::model::DitModel::Cuda(_)) {
+        return Err(WorkerError::input("device", format!("the ranks of one process share one model, and this one runs on {}: NCCL needs one GPU per rank, so run one worker per GPU (embedded or cluster workers) instead", model.describe())));
+    }
     let outcome = std::thread::scope(|s| {
         let ranks = s.spawn(|| {
             let tx = tx;
@@ -75,7 +78,7 @@ pub fn denoise_sharded(
                     steps: (ctx.rank() == 0).then(|| tx.clone()),
                     stop: &stop,
                 };
-                let forward = |x: &crate::DitInputs<'_>| ctx.forward(cpu, x);
+                let forward = |x: &crate::DitInputs<'_>| ctx.forward_dit(model, x);
                 pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
                 Ok(lat)
             })
@@ -174,6 +177,33 @@ mod tests {
             generate_sharded(&pipe, &params(), transport, plan, &mut got).unwrap();
             let c = Comparison::new(got.frames().unwrap().data(), one.data(), &tol);
             assert!(c.passed, "P={ranks} U={ulysses}: {c:?}");
+        }
+    }
+
+    /// The host emulation of the CUDA model, sharded with the device-side strategies (the code
+    /// a GPU group runs, with host collectives in place of NCCL), over TCP on loopback: the
+    /// frames of the one-rank emulated pipeline. Ulysses alone is bit-identical; a ring merges
+    /// partial softmaxes in f32 before the bf16 rounding, held to 4e-3 rel-L2 (see
+    /// `parallel::device::tests`).
+    #[test]
+    fn the_device_strategies_generate_the_one_rank_frames() {
+        let model = crate::model::DitModel::emulated_preset(crate::TransformerPreset::Tiny, 2).unwrap();
+        let pipe = PipelinePreset::Tiny.build_with(2, model).unwrap();
+        let mut one = FrameCollector::default();
+        pipe.generate(&params(), &mut one).unwrap();
+        let one = one.frames().unwrap();
+        for (ranks, ulysses, rel_l2) in [(2, 2, 0.0), (2, 1, 4e-3)] {
+            let plan = ParallelPlan::new(ranks, ulysses, 2).unwrap();
+            let mut got = FrameCollector::default();
+            generate_sharded(&pipe, &params(), LocalTransport::TcpLoopback, plan, &mut got).unwrap();
+            let got = got.frames().unwrap();
+            let c = Comparison::new(got.data(), one.data(), &Tolerance { rel_l2, max_abs: None, max_abs_over_max_ref: None });
+            eprintln!("emulated CUDA model, P={ranks} U={ulysses}: {c:?}");
+            if rel_l2 == 0.0 {
+                assert_eq!(got.data(), one.data(), "P={ranks} U={ulysses}");
+            } else {
+                assert!(c.passed, "P={ranks} U={ulysses}: {c:?}");
+            }
         }
     }
 

@@ -120,8 +120,8 @@ impl JobHandle {
 /// the job thread. `listener` is this worker's collective socket.
 pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> Result<JobHandle> {
     let world = setup.peers.len();
-    if world > 1 {
-        pipe.cpu_transformer()?;
+    if world > 1 && setup.nccl_id.is_none() && matches!(pipe.transformer(), crate::model::DitModel::Cuda(_)) {
+        return Err(WorkerError::input("nccl_unique_id", format!("required: this worker's transformer runs on {}, and a group of {world} GPUs talks through NCCL", pipe.transformer().describe())));
     }
     let heads = pipe.transformer().config().num_attention_heads;
     let plan = ParallelPlan::new(world, setup.ulysses, heads)?;
@@ -161,7 +161,10 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
     let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, cancel: setup.cancel.clone(), ..TcpOptions::default() };
     let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
-    let ctx = ShardContext::new(Arc::new(transport), plan)?;
+    let mut ctx = ShardContext::new(Arc::new(transport), plan)?;
+    if let (Some(id), true) = (&setup.nccl_id, plan.ranks() > 1) {
+        ctx.join_gpu_group(pipe.transformer(), id)?;
+    }
     let p = &setup.params;
     // Every rank encodes the prompt and draws the same seeded noise: nothing but the seed travels.
     let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale)?;
@@ -181,10 +184,10 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
-    // One rank runs the transformer where it was loaded (a GPU too); a group runs the CPU model
-    // sharded (checked in `start`).
+    // One rank runs the transformer where it was loaded; a group runs it sharded on the same
+    // device (GPUs through NCCL, joined in `prepare`).
     let local = pipe.local_forward();
-    let sharded = |x: &crate::DitInputs<'_>| ctx.forward(pipe.cpu_transformer()?, x);
+    let sharded = |x: &crate::DitInputs<'_>| ctx.forward_dit(pipe.transformer(), x);
     let forward: crate::pipeline::Forward<'_> = if ctx.plan().ranks() == 1 { &local } else { &sharded };
     loop {
         let (span, command) = match commands.recv_timeout(idle_timeout) {
