@@ -6,7 +6,10 @@
 # PyTorch SDPA on the same GPU (bench/sdpa_attention.py); then the whole bf16 transformer
 # (shard-worker/tests/gpu_transformer.rs: golden cases, CUDA vs CPU and vs the host emulation) and
 # its forward benchmark at Wan 2.1-1.3B width, `tessera bench dit --device cuda` beside diffusers'
-# WanTransformer3DModel in bf16 (bench/diffusers_dit_gpu.py). Prints everything, then a summary.
+# WanTransformer3DModel in bf16 (bench/diffusers_dit_gpu.py). On a machine with two GPUs or more,
+# sequence parallelism over NCCL (shard-worker/tests/gpu_sequence_parallel.rs: the collectives,
+# every ring/Ulysses/USP plan against one GPU); with one GPU that step says it skipped.
+# Prints everything, then a summary.
 #
 # The GPU machine has the CUDA 13 driver, nvcc, PyTorch, no Rust and no network, so the binaries
 # are built here and carried there:
@@ -36,14 +39,14 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] in ("gpu_kernels", "nvrtc_compile"):
         shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"]); print("test binary", m["target"]["name"], "<-", exe)
 ' "$BIN"
-  cargo test -p tessera-worker --release --no-run --test gpu_transformer --message-format=json 2>/dev/null \
+  cargo test -p tessera-worker --release --no-run --test gpu_transformer --test gpu_sequence_parallel --message-format=json 2>/dev/null \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
     exe = m.get("executable")
-    if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] == "gpu_transformer":
-        shutil.copy(exe, sys.argv[1] + "/gpu_transformer"); print("test binary gpu_transformer <-", exe)
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["name"] in ("gpu_transformer", "gpu_sequence_parallel"):
+        shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"]); print("test binary", m["target"]["name"], "<-", exe)
 ' "$BIN"
   cargo build -p tessera-kernels --release --bin tessera-gpu-bench
   cargo build -p tessera-coordinator --release --bin tessera
@@ -94,7 +97,7 @@ step() {  # step NAME COMMAND...: runs, records pass/fail
 }
 
 run() {
-  for b in gpu_kernels nvrtc_compile tessera-gpu-bench gpu_transformer tessera; do
+  for b in gpu_kernels nvrtc_compile tessera-gpu-bench gpu_transformer gpu_sequence_parallel tessera; do
     [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: run 'bench/gpu_suite.sh build' on the build machine and carry $BIN"; exit 2; }
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -110,6 +113,8 @@ run() {
   step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
   step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
   step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
+  # Skips (and says so) on a machine with one GPU: NCCL needs a GPU per rank.
+  step "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
