@@ -56,6 +56,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
     /// Ring attention of `nq` query rows (`q`, rows `q_stride` apart) over the key/value blocks of
     /// every ring member; `own_kv` holds this member's rows `[k | v]`, `2·heads·head_dim` apart, in
     /// a buffer long enough for the largest block. Returns the f32 output `[nq, heads·head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn ring_attend(&self, ops: &O, q: At<'_, O::Buf<bf16>>, q_stride: usize, nq: usize, heads: usize, head_dim: usize, own_kv: O::Buf<bf16>) -> Result<O::Buf<f32>> {
         let (wd, r, me) = (heads * head_dim, self.ring.size(), self.ring.rank());
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -123,7 +124,7 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
         if u == 1 {
             return self.attend_heads(ops, buf, stride, n, heads, head_dim, out, heads * head_dim);
         }
-        if heads % u != 0 {
+        if !heads.is_multiple_of(u) {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {u} does not divide {heads} heads")));
         }
         let (d, local) = (heads * head_dim, heads / u);
