@@ -417,7 +417,7 @@ fn check_common(r: &Rendered) {
     assert!(args.contains(&"--prompt"));
 
     if r.find("NetworkPolicy", "worker").is_some() {
-        check_network_policies(r, &wgrpc, &collective, &grpc);
+        check_network_policies(r, &wgrpc, &collective, &grpc, gpu_request(r).0.is_some());
     }
 }
 
@@ -448,9 +448,9 @@ fn rules_for(np: &FlatDoc, port: &str) -> Vec<Option<Vec<BTreeMap<String, String
         .collect()
 }
 
-/// Workers' internal port: coordinator and workers only; collective port: workers only; the
-/// coordinator's public port stays reachable.
-fn check_network_policies(r: &Rendered, wgrpc: &str, collective: &str, public: &str) {
+/// Workers' internal port: coordinator and workers only; collective port: workers only; with
+/// GPUs, every port from workers only (NCCL); the coordinator's public port stays reachable.
+fn check_network_policies(r: &Rendered, wgrpc: &str, collective: &str, public: &str, gpus: bool) {
     let pods = |kind: &str, c: &str| map(r.one(kind, c), "spec.template.metadata.labels");
     let coordinator_pods = pods("Deployment", "coordinator");
     let worker_pods = pods("StatefulSet", "worker");
@@ -469,6 +469,14 @@ fn check_network_policies(r: &Rendered, wgrpc: &str, collective: &str, public: &
     assert_eq!(coll.len(), 1, "one rule for the collective port");
     let peers = coll[0].as_ref().expect("the collective port must not be open to everyone");
     assert!(admits(peers, &worker_pods) && !admits(peers, &coordinator_pods) && peers.len() == 1, "{peers:?}");
+    let any_port: Vec<_> = (0..np.len("spec.ingress")).filter(|i| !np.has(&format!("spec.ingress[{i}].ports"))).map(|i| rule_peers(np, i)).collect();
+    if gpus {
+        assert_eq!(any_port.len(), 1, "{}: one all-ports rule for NCCL between GPU workers", r.name);
+        let peers = any_port[0].as_ref().expect("NCCL's ports must not be open to everyone");
+        assert!(admits(peers, &worker_pods) && !admits(peers, &coordinator_pods) && peers.len() == 1, "{peers:?}");
+    } else {
+        assert!(any_port.is_empty(), "{}: no all-ports rule without GPUs", r.name);
+    }
 
     let np = r.one("NetworkPolicy", "coordinator");
     assert_selects(&map(np, "spec.podSelector.matchLabels"), &coordinator_pods, &np.id());

@@ -40,6 +40,9 @@ impl ShardContext {
     /// the step agreement and the byte counts.
     pub fn join_gpu_group(&mut self, model: &DitModel, id: &tessera_kernels::cuda::nccl::NcclId) -> Result<()> {
         if let DitModel::Cuda(m) = model {
+            // NCCL's init waits for every rank with no timeout: meet on the transport first, which
+            // fails promptly when a rank is gone.
+            self.world.barrier()?;
             let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks()).in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
             self.nccl = Some(group);
         }
