@@ -11,6 +11,7 @@ use crate::{KernelError, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use cudarc::nccl::NcclType;
@@ -89,10 +90,46 @@ unsafe impl Send for RawComm {}
 /// the same calls in the same order.
 pub struct NcclComm {
     comm: Mutex<RawComm>,
+    /// The same handle, for [`NcclAbort`] (which must not wait for the lock).
+    abort: NcclAbort,
     dev: Arc<CudaDevice>,
     side: Arc<CudaStream>,
     rank: usize,
     size: usize,
+}
+
+/// Aborts a communicator from any thread: its pending and running operations end (a transfer
+/// waiting for a dead peer never would), later calls on it fail, and it is freed. For a job that
+/// is released or whose group has failed.
+#[derive(Clone)]
+pub struct NcclAbort {
+    raw: usize,
+    aborted: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for NcclAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclAbort(aborted: {})", self.aborted.load(Ordering::SeqCst))
+    }
+}
+
+impl NcclAbort {
+    /// Aborts the communicator (once; later calls do nothing).
+    pub fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: the handle is live (it is freed only here or, when never aborted, by the
+            // owner's Drop, which checks the same flag); NCCL allows aborting a communicator whose
+            // operations another thread is blocked on.
+            unsafe {
+                let _ = sys::ncclCommAbort(self.raw as sys::ncclComm_t);
+            }
+        }
+    }
+
+    /// Whether the communicator was aborted.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -130,7 +167,8 @@ impl NcclComm {
 
     fn wrap(dev: Arc<CudaDevice>, comm: sys::ncclComm_t, rank: usize, size: usize) -> Result<Self> {
         let side = dev.context().new_stream().map_err(|e| KernelError::cuda("new_stream", e))?;
-        Ok(Self { comm: Mutex::new(RawComm(comm)), dev, side, rank, size })
+        let abort = NcclAbort { raw: comm as usize, aborted: Arc::new(AtomicBool::new(false)) };
+        Ok(Self { comm: Mutex::new(RawComm(comm)), abort, dev, side, rank, size })
     }
 
     /// A subgroup: the members that give the same `color` form one communicator, ranked by `key`
@@ -167,7 +205,15 @@ impl NcclComm {
         &self.dev
     }
 
+    /// A handle that aborts this communicator from another thread.
+    pub fn abort_handle(&self) -> NcclAbort {
+        self.abort.clone()
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RawComm>> {
+        if self.abort.is_aborted() {
+            return Err(KernelError::cuda("nccl", "the communicator was aborted (its job was released or its group failed)"));
+        }
         self.comm.lock().map_err(|_| KernelError::cuda("nccl", "communicator lock poisoned"))
     }
 
@@ -264,13 +310,19 @@ fn unsafe_group_end() -> sys::ncclResult_t {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if let Ok(c) = self.comm.get_mut() {
-            let _ = self.dev.synchronize();
-            let _ = self.side.synchronize();
-            // SAFETY: the communicator is live and no call on it is in flight (both streams are
-            // drained); it is not used after this.
-            unsafe {
-                let _ = sys::ncclCommDestroy(c.0);
+        if self.abort.is_aborted() {
+            return;
+        }
+        let _ = self.dev.synchronize();
+        let _ = self.side.synchronize();
+        // Claims the handle: a concurrent abort now does nothing.
+        if !self.abort.aborted.swap(true, Ordering::SeqCst) {
+            if let Ok(c) = self.comm.get_mut() {
+                // SAFETY: the communicator is live and no call on it is in flight (both streams
+                // are drained); it is not used after this.
+                unsafe {
+                    let _ = sys::ncclCommDestroy(c.0);
+                }
             }
         }
     }

@@ -49,6 +49,12 @@ impl ShardContext {
         Ok(())
     }
 
+    /// Handles that abort this rank's NCCL communicators from another thread (none on the host):
+    /// a released job's rank stuck waiting for a dead peer then ends.
+    pub fn collective_aborts(&self) -> Vec<tessera_kernels::cuda::nccl::NcclAbort> {
+        self.nccl.as_ref().map(NcclGroup::abort_handles).unwrap_or_default()
+    }
+
     /// Whether `model` can run sharded here: a GPU model needs the NCCL group joined.
     pub fn check_model(&self, model: &DitModel) -> Result<()> {
         match (model, &self.nccl) {

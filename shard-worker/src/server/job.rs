@@ -91,6 +91,8 @@ pub struct JobHandle {
     pub total_steps: usize,
     commands: mpsc::Sender<(tracing::Span, Command)>,
     ended: tokio::sync::watch::Receiver<bool>,
+    /// Aborts the job's NCCL communicators (GPU groups only).
+    aborts: Vec<tessera_kernels::cuda::nccl::NcclAbort>,
 }
 
 /// Tells watchers that the job thread ended, however it ends (return or panic).
@@ -103,6 +105,13 @@ impl Drop for EndedGuard {
 }
 
 impl JobHandle {
+    /// Ends the job's collectives now: a GPU rank blocked on a peer that will never answer (the
+    /// group failed, the job was released) gets an error instead of waiting forever. The TCP
+    /// transport needs nothing: its connections fail by themselves.
+    pub fn abort_collectives(&self) {
+        self.aborts.iter().for_each(|a| a.abort());
+    }
+
     /// Turns true when the job's thread has ended (the group failed, the job idled out, or it
     /// was released).
     pub fn ended(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -150,12 +159,12 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
             };
             let [f, h, w] = setup.params.latent_fhw(spatial, temporal);
             let tokens = f * (h / 2) * (w / 2);
-            let _ = ready_tx.send(Ok((shard_ranges(tokens, world)[rank].clone(), run.total_steps())));
+            let _ = ready_tx.send(Ok((shard_ranges(tokens, world)[rank].clone(), run.total_steps(), ctx.collective_aborts())));
             serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;
-    let (tokens, total_steps) = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
-    Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended })
+    let (tokens, total_steps, aborts) = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
+    Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended, aborts })
 }
 
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {

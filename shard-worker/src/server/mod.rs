@@ -408,8 +408,11 @@ impl ShardWorker for WorkerService {
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         // Dropping the handle closes the command channel; the job thread ends after its current command.
         let mut jobs = self.inner.table();
-        if let Some(Slot::Preparing(cancel)) = jobs.remove(&request.into_inner().job_id) {
-            cancel.cancel();
+        match jobs.remove(&request.into_inner().job_id) {
+            Some(Slot::Preparing(cancel)) => cancel.cancel(),
+            // A GPU rank may be blocked in NCCL on a peer that is gone: end that wait too.
+            Some(Slot::Ready(handle)) => handle.abort_collectives(),
+            None => {}
         }
         self.inner.publish(&jobs);
         Ok(Response::new(pb::ReleaseJobResponse {}))

@@ -10,7 +10,7 @@ use crate::{Result, WorkerError};
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use tessera_kernels::cuda::nccl::{NcclComm, NcclId};
+use tessera_kernels::cuda::nccl::{NcclAbort, NcclComm, NcclId};
 use tessera_kernels::cuda::CudaSlice;
 
 /// The collectives of one group of ranks on device buffers of `O`. Every member makes the same
@@ -185,5 +185,10 @@ impl NcclGroup {
         let ring = world.split(rank % plan.ulysses, rank / plan.ulysses)?;
         let wrap = |c| NcclDeviceComm::new(c, stats.clone());
         Ok(Self { world: wrap(world), ulysses: wrap(ulysses), ring: wrap(ring) })
+    }
+
+    /// Handles that abort all three communicators from another thread (see [`NcclAbort`]).
+    pub fn abort_handles(&self) -> Vec<NcclAbort> {
+        [&self.world, &self.ulysses, &self.ring].iter().map(|c| c.comm.abort_handle()).collect()
     }
 }
