@@ -14,6 +14,7 @@
 # (default 50061: worker i listens on BASE+2i, collectives on BASE+2i+1), TESSERA_ETCD_PORT (default
 # 23790), TESSERA_MODEL / TESSERA_PRESET, TESSERA_THREADS (per worker), TESSERA_MAX_RANKS,
 # TESSERA_METRICS_BASE_PORT (default 9464: the coordinator's /metrics, worker i on BASE+1+i),
+# TESSERA_DEVICE (cpu, the default, or cuda: worker i on GPU i, the group talking through NCCL),
 # TESSERA_BIN_DIR (use the binaries there instead of building release ones).
 # Logs and etcd data go to a temporary folder, printed at start.
 set -euo pipefail
@@ -29,6 +30,11 @@ base="${TESSERA_WORKER_BASE_PORT:-50061}"
 etcd_port="${TESSERA_ETCD_PORT:-23790}"
 metrics="${TESSERA_METRICS_BASE_PORT:-9464}"
 threads="${TESSERA_THREADS:-1}"
+device="${TESSERA_DEVICE:-cpu}"
+if [[ "$device" != cpu && "$device" != cuda ]]; then
+  echo "TESSERA_DEVICE: cpu or cuda (worker i then takes GPU i), got '$device'" >&2
+  exit 2
+fi
 command -v etcd >/dev/null || { echo "etcd is not installed: apt-get install -y etcd-server" >&2; exit 1; }
 
 bin="${TESSERA_BIN_DIR:-}"
@@ -76,13 +82,15 @@ pids+=($!)
 worker_pids=()
 for ((i = 0; i < workers; i++)); do
   listen=$((base + 2 * i))
-  "$bin/tessera-worker" --threads "$threads" serve "${model_flags[@]}" \
+  worker_device="cpu"
+  [[ "$device" == cuda ]] && worker_device="cuda:$i"
+  "$bin/tessera-worker" --threads "$threads" serve "${model_flags[@]}" --device "$worker_device" \
     --listen "127.0.0.1:$listen" --collective "127.0.0.1:$((listen + 1))" \
     --etcd "$etcd_url" --cluster local --worker-id "worker-$i" \
     --metrics-listen "127.0.0.1:$((metrics + 1 + i))" >"$dir/worker-$i.log" 2>&1 &
   pids+=($!)
   worker_pids+=($!)
-  echo "worker-$i on 127.0.0.1:$listen (collectives on $((listen + 1)))"
+  echo "worker-$i on 127.0.0.1:$listen (collectives on $((listen + 1)), device $worker_device)"
 done
 
 echo "coordinator on 127.0.0.1:$port (metrics: http://127.0.0.1:$metrics/metrics); Ctrl-C stops the cluster"

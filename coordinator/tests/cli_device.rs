@@ -1,5 +1,6 @@
 //! `--device` of `tessera golden` and `tessera bench dit`: `cuda` without a usable GPU is refused
-//! with the reason the device check gives, `auto` falls back to the CPU, bad values are named.
+//! with the reason the device check gives, `auto` falls back to the CPU, bad values are named;
+//! `generate` refuses several ranks on one GPU.
 //! (With a GPU, `bench/gpu_suite.sh` runs the CUDA side.)
 
 use std::path::PathBuf;
@@ -51,4 +52,18 @@ fn bench_dit_device_is_checked() {
     let (code, _, err) = run(&["--device", "cuda:x"]);
     assert_ne!(code, 0);
     assert!(err.contains("--device cuda:x"), "{err}");
+}
+
+/// GPUs for several ranks need a process per GPU: `generate` refuses to put in-process ranks or
+/// workers on one GPU, and says what to run instead — before loading anything, GPU or not.
+#[test]
+fn generate_refuses_several_ranks_on_one_gpu() {
+    let (code, _, err) = tessera(&["generate", "--workers", "2", "--device", "cuda", "--prompt", "x", "-o", "/nonexistent/x.mp4"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--device cuda with --workers 2") && err.contains("deploy/local-cluster.sh"), "{err}");
+    if gpu_usable() {
+        let (code, _, err) = tessera(&["generate", "--ranks", "2", "--device", "cuda", "--prompt", "x", "-o", "/nonexistent/x.mp4"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("--ranks 2 with --device cuda") && err.contains("NCCL needs a GPU per rank"), "{err}");
+    }
 }

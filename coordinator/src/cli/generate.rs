@@ -80,7 +80,8 @@ pub struct GenerateArgs {
     /// Frames per second of the file.
     #[arg(long, env = "TESSERA_FPS", default_value_t = 16.0)]
     fps: f64,
-    /// Compute device: auto, cpu, cuda or cuda:N.
+    /// Compute device of the transformer: auto, cpu, cuda or cuda:N (`--workers` runs its
+    /// in-process workers on the CPU).
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
     /// How the denoising is spread over in-process ranks.
@@ -198,6 +199,9 @@ fn generate_embedded(args: &GenerateArgs) -> Result<ExitCode> {
     };
     if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
         bail!("--workers {} and --ranks/--ulysses: give one of them", args.workers);
+    }
+    if args.device.starts_with("cuda") {
+        bail!("--device {} with --workers {}: in-process workers share one model on the CPU; for GPUs run one worker process per GPU (TESSERA_DEVICE=cuda bash deploy/local-cluster.sh {} starts them, then use --server)", args.device, args.workers, args.workers);
     }
     let model_name = args.model_name.clone().unwrap_or(name);
     let started = Instant::now();
