@@ -113,6 +113,10 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
         let text = random(&[2, 7, cfg.text_dim], 2);
         let x = DitInputs { hidden_states: &hidden, timesteps: &[900.0, 40.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
         let want = reference.forward(&x).unwrap();
+        let t = Instant::now();
+        reference.forward(&x).unwrap();
+        let one_gpu = t.elapsed().as_secs_f64();
+        println!("{preset:?} latent {latent:?}, one GPU: forward {:.1} ms", one_gpu * 1e3);
         drop(reference);
         let mut plans = vec![(2, 1), (2, 2)];
         if gpus.len() >= 4 {
@@ -132,7 +136,7 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
             });
             for (rank, (got, secs)) in outs.iter().enumerate() {
                 let err = rel_l2(got.data(), want.data());
-                println!("{preset:?} latent {latent:?}, P={ranks} U={ulysses}, rank {rank}: rel-L2 {err:.2e}, forward {:.1} ms", secs * 1e3);
+                println!("{preset:?} latent {latent:?}, P={ranks} U={ulysses}, rank {rank}: rel-L2 {err:.2e}, forward {:.1} ms ({:.2}x one GPU)", secs * 1e3, one_gpu / secs);
                 if plan.ring == 1 {
                     assert_eq!(got.data(), want.data(), "{preset:?} P={ranks} U={ulysses}: Ulysses alone must be bit-identical");
                 } else {
