@@ -191,7 +191,8 @@ fn group_needs_nccl(workers: &[WorkerRecord]) -> bool {
 /// it lacks libnccl.so); the call gets the connect limit, as it only asks NCCL for an id.
 async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Result<Vec<u8>, CoordinatorError> {
     const DURING: &str = "create the NCCL id";
-    let call = rank0.client.clone().create_nccl_id(pb::CreateNcclIdRequest { job_id: job_id.to_string() });
+    let mut client = rank0.client.clone();
+    let call = client.create_nccl_id(pb::CreateNcclIdRequest { job_id: job_id.to_string() });
     let answer = tokio::time::timeout(limit, call).await.map_err(|_| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", rank0.record.worker_id, rank0.record.address),
         during: DURING.into(),
