@@ -182,3 +182,40 @@ async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
     let video = run_job(&mut clients, &peers, 1, "after").await;
     assert!(!video.is_empty());
 }
+
+/// Rank 0's worker makes a GPU group's NCCL unique id: 128 fresh bytes per call where libnccl.so
+/// is on the library path (CI must have it), FAILED_PRECONDITION naming the library where not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn create_nccl_id_makes_a_fresh_id_or_names_the_missing_library() {
+    let (mut clients, _) = start_workers(1).await;
+    let ask = |job: &str| pb::CreateNcclIdRequest { job_id: job.into() };
+    if !tessera_kernels::cuda::nccl::nccl_available() {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide libnccl.so (see .ci/run)");
+        eprintln!("libnccl.so is not on the library path: checking the refusal only");
+        let err = clients[0].create_nccl_id(ask("g")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("libnccl.so"), "{err}");
+        return;
+    }
+    let a = clients[0].create_nccl_id(ask("g1")).await.unwrap().into_inner().nccl_unique_id;
+    let b = clients[0].create_nccl_id(ask("g2")).await.unwrap().into_inner().nccl_unique_id;
+    assert_eq!((a.len(), b.len()), (128, 128));
+    assert_ne!(a, b, "every group gets its own id");
+    assert!(tessera_kernels::cuda::nccl::NcclId::from_bytes(&a).is_ok());
+}
+
+/// A PrepareJob whose NCCL id is not an id's 128 bytes is refused naming the field, before the
+/// worker is claimed: the next job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_nccl_id_is_refused_and_leaves_the_worker_free() {
+    let (mut clients, peers) = start_workers(1).await;
+    let bad = pb::PrepareJobRequest { job_id: "bad-id".into(), rank: 0, world: 1, ulysses: 1, peers: peers.clone(), session: 12, nccl_unique_id: vec![1, 2, 3, 4, 5], request: Some(request()), seed: 5, ..Default::default() };
+    let err = clients[0].prepare_job(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("nccl_unique_id"), "{err}");
+    assert!(err.message().contains("5 bytes"), "{err}");
+    let d = clients[0].describe(pb::DescribeRequest {}).await.unwrap().into_inner();
+    assert!(d.worker.unwrap().job_id.is_empty(), "the refused job does not hold the worker");
+    let video = run_job(&mut clients, &peers, 1, "after-bad-id").await;
+    assert_eq!(video.len(), 48 * 32 * 3 * 9);
+}

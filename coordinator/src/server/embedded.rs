@@ -10,7 +10,7 @@ use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::membership::{Heartbeat, Membership, MemoryMembership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::WanPipeline;
-use tessera_worker::server::{WorkerIdentity, WorkerService};
+use tessera_worker::server::{device_name, WorkerIdentity, WorkerService};
 use tokio::sync::watch;
 
 /// The running in-process workers; dropping this stops them (their servers close and they
@@ -33,6 +33,8 @@ impl EmbeddedWorkers {
             return Err(CoordinatorError::invalid_argument("workers", "at least one worker is needed"));
         }
         let membership = Arc::new(MemoryMembership::new(Heartbeat::default()));
+        // Advertised as the transformer runs: GPU groups get an NCCL id from the coordinator.
+        let device = device_name(pipe.transformer().device());
         let (shutdown, _) = watch::channel(false);
         for i in 0..n {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Internal(format!("worker {i}: {e}")))?;
@@ -43,7 +45,7 @@ impl EmbeddedWorkers {
                 model: model.to_string(),
                 address: address.to_string(),
                 collective,
-                devices: vec!["cpu".into()],
+                devices: vec![device.clone()],
                 memory_bytes: 0,
                 connect_timeout: Duration::from_secs(30),
                 job_idle_timeout: Duration::from_secs(600),

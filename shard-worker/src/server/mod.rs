@@ -1,10 +1,12 @@
 //! The shard worker's internal gRPC service (`tessera.worker.v1.ShardWorker`): the coordinator
 //! prepares a job on every rank, sends each denoising step to all of them, checkpoints, and has
 //! rank 0 decode and stream the frames. The ranks of a job talk to each other directly over the TCP
-//! collective transport, on the collective address each worker advertises.
+//! collective transport, on the collective address each worker advertises, or, on GPUs, through
+//! NCCL with the unique id that rank 0's worker made (CreateNcclId).
 
 mod job;
 mod metrics;
+mod nccl_id;
 mod request;
 mod status;
 
@@ -38,7 +40,7 @@ pub struct WorkerIdentity {
     pub address: String,
     /// Address the job's other ranks connect to for collectives.
     pub collective: SocketAddr,
-    /// Compute devices, e.g. "cpu".
+    /// Compute devices: "cpu", or "cuda:N" when the transformer runs on a GPU ([`device_name`]).
     pub devices: Vec<String>,
     /// Memory available for jobs, bytes.
     pub memory_bytes: u64,
@@ -177,6 +179,15 @@ impl Drop for Claim {
     }
 }
 
+/// How a worker's record names the device its transformer runs on: `cpu` or `cuda:N` (the
+/// coordinator gives groups with a `cuda...` device an NCCL id).
+pub fn device_name(device: tessera_kernels::Device) -> String {
+    match device {
+        tessera_kernels::Device::Cpu => "cpu".to_string(),
+        tessera_kernels::Device::Cuda(n) => format!("cuda:{n}"),
+    }
+}
+
 /// Memory available to this machine's jobs (Linux `MemAvailable`), if known.
 pub fn memory_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -234,6 +245,7 @@ impl WorkerService {
             let strength = req.strength.ok_or_else(|| Status::invalid_argument("request.strength: required with input_frames"))?;
             params.video = Some(VideoInput { video: input_video(frames).map_err(Status::from)?, strength: strength as f64 });
         }
+        let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;
         let peers = resolve_peers(&r.peers).await?;
         if r.world as usize != peers.len() {
             return Err(Status::invalid_argument(format!("world: {} but {} peers", r.world, peers.len())));
@@ -260,7 +272,7 @@ impl WorkerService {
             idle_timeout: me.job_idle_timeout,
             cancel: cancel.clone(),
             resume: r.resume.as_ref().map(resume_from).transpose().map_err(Status::from)?,
-            nccl_id: None,
+            nccl_id,
             params,
         };
         let collective = me.collective;
@@ -321,6 +333,11 @@ impl ShardWorker for WorkerService {
         let result = self.prepare(request).await;
         self.inner.metrics.prepare(&self.inner.me.worker_id, result.is_ok());
         result
+    }
+
+    async fn create_nccl_id(&self, request: Request<pb::CreateNcclIdRequest>) -> Result<Response<pb::CreateNcclIdResponse>, Status> {
+        let nccl_unique_id = nccl_id::create_nccl_id(&request.into_inner().job_id).await?;
+        Ok(Response::new(pb::CreateNcclIdResponse { nccl_unique_id }))
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {

@@ -1,5 +1,6 @@
-//! One job on a group of remote workers, over the internal API: PrepareJob on every rank at once
-//! (they meet on their collective addresses), each Step on every rank at once, then Decode
+//! One job on a group of remote workers, over the internal API: for a GPU group of several ranks,
+//! CreateNcclId on rank 0 first (the NCCL unique id every rank gets); PrepareJob on every rank at
+//! once (they meet on their collective addresses, or through NCCL), each Step on every rank at once, then Decode
 //! streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank however the job
 //! ends. The first failing call ends the job with the worker named; a worker leaving membership
 //! mid-step ends it too, without waiting for the step.
@@ -178,6 +179,33 @@ where
     Err(error)
 }
 
+/// Whether a group's ranks talk through NCCL, so that rank 0 must make the group's unique id before
+/// PrepareJob: more than one rank, and a rank whose model runs on a CUDA GPU (its record lists a
+/// `cuda...` device). CPU groups and single ranks need none.
+fn group_needs_nccl(workers: &[WorkerRecord]) -> bool {
+    workers.len() > 1 && workers.iter().any(|w| w.devices.iter().any(|d| d.starts_with("cuda")))
+}
+
+/// Has rank 0 make the group's NCCL unique id (its process then hosts NCCL's rendezvous). A
+/// failure ends the job naming the worker, with the worker's status code (FAILED_PRECONDITION when
+/// it lacks libnccl.so); the call gets the connect limit, as it only asks NCCL for an id.
+async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Result<Vec<u8>, CoordinatorError> {
+    const DURING: &str = "create the NCCL id";
+    let mut client = rank0.client.clone();
+    let call = client.create_nccl_id(pb::CreateNcclIdRequest { job_id: job_id.to_string() });
+    let answer = tokio::time::timeout(limit, call).await.map_err(|_| CoordinatorError::WorkerFailed {
+        worker: format!("{} ({})", rank0.record.worker_id, rank0.record.address),
+        during: DURING.into(),
+        code: tonic::Code::DeadlineExceeded,
+        detail: format!("no NCCL id within {limit:?}"),
+    })?;
+    let id = answer.map_err(|s| rank0.failed(DURING, s))?.into_inner().nccl_unique_id;
+    if id.len() != tessera_kernels::cuda::nccl::NCCL_ID_BYTES {
+        return Err(rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_kernels::cuda::nccl::NCCL_ID_BYTES))));
+    }
+    Ok(id)
+}
+
 async fn send(events: &mpsc::Sender<ExecEvent>, event: ExecEvent) -> Result<(), CoordinatorError> {
     events.send(event).await.map_err(|_| CoordinatorError::Cancelled("nobody listens to the job any more".into()))
 }
@@ -273,6 +301,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let started = Instant::now();
     let span = tracing::info_span!("prepare", ranks = ranks.len(), ulysses = group.ulysses);
     let trace_context = span.in_scope(tessera_telemetry::current_context_map);
+    let nccl_unique_id = if group_needs_nccl(&group.workers) { nccl_id_from_rank0(&ranks[0], &cx.job.id, cx.limits.connect).instrument(span.clone()).await? } else { Vec::new() };
     let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {
         let req = pb::PrepareJobRequest {
             job_id: cx.job.id.clone(),
@@ -286,6 +315,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             input_frames: input_frames.clone(),
             trace_context: trace_context.clone(),
             resume: cx.resume.clone(),
+            nccl_unique_id: nccl_unique_id.clone(),
             ..Default::default()
         };
         async move { c.prepare_job(req).await }
@@ -416,6 +446,18 @@ fn rand_session() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_gpu_groups_of_several_ranks_need_an_nccl_id() {
+        let worker = |id: &str, device: &str| WorkerRecord::starting(id, "h:1", "h:2", "m", vec![device.to_string()], 0);
+        let (cpu, gpu) = (worker("a", "cpu"), worker("b", "cuda:0 NVIDIA H100 80GB HBM3"));
+        assert!(!group_needs_nccl(&[cpu.clone()]));
+        assert!(!group_needs_nccl(&[cpu.clone(), cpu.clone(), cpu.clone()]), "CPU groups talk over TCP");
+        assert!(!group_needs_nccl(&[gpu.clone()]), "one GPU rank has nobody to talk to");
+        assert!(group_needs_nccl(&[gpu.clone(), worker("c", "cuda:1")]));
+        assert!(group_needs_nccl(&[cpu, gpu]), "any rank on a GPU");
+        assert!(!group_needs_nccl(&[]));
+    }
 
     #[test]
     fn input_frames_round_trip_through_rgb8() {

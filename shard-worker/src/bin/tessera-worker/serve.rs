@@ -128,10 +128,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
         model: model_name,
         address: advertised(&host, a.listen.port()),
         collective: a.collective,
-        devices: vec![match device {
-            tessera_kernels::Device::Cpu => "cpu".to_string(),
-            tessera_kernels::Device::Cuda(n) => format!("cuda:{n}"),
-        }],
+        devices: vec![tessera_worker::server::device_name(device)],
         memory_bytes: tessera_worker::server::memory_available().unwrap_or(0),
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         job_idle_timeout,
