@@ -1,8 +1,8 @@
 //! One job on a group of remote workers, over the internal API: for a GPU group of several ranks,
 //! CreateNcclId on rank 0 first (the NCCL unique id every rank gets); PrepareJob on every rank at
-//! once (they meet on their collective addresses, or through NCCL), each Step on every rank at once, then Decode
-//! streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank however the job
-//! ends. The first failing call ends the job with the worker named; a worker leaving membership
+//! once (they meet on their collective addresses, or through NCCL), each Step on every rank at
+//! once, then Decode streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank
+//! however the job ends. The first failing call ends the job with the worker named; a worker leaving membership
 //! mid-step ends it too, without waiting for the step.
 
 use super::super::executor::{ExecEvent, ExecJob, ExecReport};
