@@ -443,7 +443,7 @@ impl ShardWorker for WorkerService {
 /// A checkpoint (another group's) as the place a run resumes from.
 fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> {
     let history: crate::sampler::SamplerHistory = serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
-    if cp.latents.len() % 4 != 0 || cp.latent_shape.len() != 5 {
+    if !cp.latents.len().is_multiple_of(4) || cp.latent_shape.len() != 5 {
         return Err(WorkerError::input("resume.latents", format!("{} bytes with shape {:?}", cp.latents.len(), cp.latent_shape)));
     }
     let data: Vec<f32> = cp.latents.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();

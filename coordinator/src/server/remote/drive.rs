@@ -1,8 +1,8 @@
 //! One job on a group of remote workers, over the internal API: for a GPU group of several ranks,
 //! CreateNcclId on rank 0 first (the NCCL unique id every rank gets); PrepareJob on every rank at
-//! once (they meet on their collective addresses, or through NCCL), each Step on every rank at once, then Decode
-//! streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank however the job
-//! ends. The first failing call ends the job with the worker named; a worker leaving membership
+//! once (they meet on their collective addresses, or through NCCL), each Step on every rank at
+//! once, then Decode streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank
+//! however the job ends. The first failing call ends the job with the worker named; a worker leaving membership
 //! mid-step ends it too, without waiting for the step.
 
 use super::super::executor::{ExecEvent, ExecJob, ExecReport};
@@ -451,9 +451,9 @@ mod tests {
     fn only_gpu_groups_of_several_ranks_need_an_nccl_id() {
         let worker = |id: &str, device: &str| WorkerRecord::starting(id, "h:1", "h:2", "m", vec![device.to_string()], 0);
         let (cpu, gpu) = (worker("a", "cpu"), worker("b", "cuda:0 NVIDIA H100 80GB HBM3"));
-        assert!(!group_needs_nccl(&[cpu.clone()]));
+        assert!(!group_needs_nccl(std::slice::from_ref(&cpu)));
         assert!(!group_needs_nccl(&[cpu.clone(), cpu.clone(), cpu.clone()]), "CPU groups talk over TCP");
-        assert!(!group_needs_nccl(&[gpu.clone()]), "one GPU rank has nobody to talk to");
+        assert!(!group_needs_nccl(std::slice::from_ref(&gpu)), "one GPU rank has nobody to talk to");
         assert!(group_needs_nccl(&[gpu.clone(), worker("c", "cuda:1")]));
         assert!(group_needs_nccl(&[cpu, gpu]), "any rank on a GPU");
         assert!(!group_needs_nccl(&[]));
