@@ -20,7 +20,7 @@ pub struct ShardContext {
     world: Communicator,
     plan: ParallelPlan,
     attention: ShardedAttention,
-    nccl: Option<NcclGroup>,
+    nccl: std::sync::OnceLock<NcclGroup>,
 }
 
 impl ShardContext {
@@ -32,32 +32,46 @@ impl ShardContext {
         let world = Communicator::world(transport);
         let rank = world.rank();
         let attention = ShardedAttention::new(world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
-        Ok(Self { world, plan, attention, nccl: None })
+        Ok(Self { world, plan, attention, nccl: std::sync::OnceLock::new() })
     }
 
-    /// Joins the job's NCCL group named by `id` when `model` runs on a GPU (blocks until every rank
-    /// has joined); nothing to do for a model on the host. The transport's connections stay for
-    /// the step agreement and the byte counts.
-    pub fn join_gpu_group(&mut self, model: &DitModel, id: &tessera_kernels::cuda::nccl::NcclId) -> Result<()> {
-        if let DitModel::Cuda(m) = model {
-            // NCCL's init waits for every rank with no timeout: meet on the transport first, which
-            // fails promptly when a rank is gone.
-            self.world.barrier()?;
-            let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks()).in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
-            self.nccl = Some(group);
+    /// Makes the group ready to run `model` on its device: every rank states where its model runs
+    /// (a group mixing kinds is refused on every rank, naming them: their collectives would not
+    /// match); GPU ranks then join the job's NCCL group named by `id` (blocking until every rank
+    /// has joined). Nothing more for host models. The transport stays for the step agreement and
+    /// the byte counts.
+    pub fn join_device_group(&self, model: &DitModel, id: Option<&tessera_kernels::cuda::nccl::NcclId>) -> Result<()> {
+        const KINDS: [&str; 3] = ["the CPU (f32)", "the host emulation of the CUDA model", "a GPU"];
+        let kind = match model {
+            DitModel::Cpu(_) => 0usize,
+            DitModel::Emulated(_) => 1,
+            DitModel::Cuda(_) => 2,
+        };
+        // Also a barrier: NCCL's init waits for every rank with no timeout, the transport fails
+        // promptly when a rank is gone.
+        let kinds: Vec<usize> = self.world.all_gather(&[kind as f32])?.iter().map(|k| k.first().map_or(usize::MAX, |&v| v as usize)).collect();
+        if kinds.iter().any(|&k| k != kind) {
+            let each: Vec<String> = kinds.iter().enumerate().map(|(r, &k)| format!("rank {r} on {}", KINDS.get(k).unwrap_or(&"an unknown device"))).collect();
+            return Err(WorkerError::input("group", format!("{}: a group runs its model on one kind of device", each.join(", "))));
         }
-        Ok(())
+        let DitModel::Cuda(m) = model else { return Ok(()) };
+        let id = id.ok_or_else(|| WorkerError::input("nccl_unique_id", format!("required: the transformer runs on {}, and a group of {} GPUs talks through NCCL", model.describe(), self.plan.ranks())))?;
+        if self.nccl.get().is_some() {
+            return Err(WorkerError::Collective("this rank has joined its NCCL group already".into()));
+        }
+        let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks()).in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
+        self.nccl.set(group).map_err(|_| WorkerError::Collective("this rank joined its NCCL group twice".into()))
     }
 
     /// Handles that abort this rank's NCCL communicators from another thread (none on the host):
     /// a released job's rank stuck waiting for a dead peer then ends.
     pub fn collective_aborts(&self) -> Vec<tessera_kernels::cuda::nccl::NcclAbort> {
-        self.nccl.as_ref().map(NcclGroup::abort_handles).unwrap_or_default()
+        self.nccl.get().map(NcclGroup::abort_handles).unwrap_or_default()
     }
 
     /// Whether `model` can run sharded here: a GPU model needs the NCCL group joined.
     pub fn check_model(&self, model: &DitModel) -> Result<()> {
-        match (model, &self.nccl) {
+        match (model, self.nccl.get()) {
             (DitModel::Cuda(_), None) if self.plan.ranks() > 1 => Err(WorkerError::input("nccl_unique_id", format!("the transformer runs on {}: a group of {} GPUs needs the NCCL id of the group (made by rank 0's worker, sent by the coordinator)", model.describe(), self.plan.ranks()))),
             _ => Ok(()),
         }
@@ -95,12 +109,12 @@ impl ShardContext {
 
     /// [`forward`](Self::forward) for the model on whichever device it was loaded: the CPU model
     /// as above; the CUDA model with its data on the GPU and NCCL between the ranks (after
-    /// [`join_gpu_group`](Self::join_gpu_group)); the host emulation of the CUDA model with the
+    /// [`join_device_group`](Self::join_device_group)); the host emulation of the CUDA model with the
     /// same device-side strategies over this context's transport.
     pub fn forward_dit(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
         self.check_model(model)?;
         let plan = self.plan;
-        self.traced(x, || match (model, &self.nccl) {
+        self.traced(x, || match (model, self.nccl.get()) {
             (DitModel::Cpu(m), _) => self.forward_ranks(m, x),
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan }.forward(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),
@@ -224,6 +238,26 @@ mod tests {
         let mut d = vec![0.0; shape.iter().product()];
         fill_normal(3, stream, 0, &mut d);
         Tensor::new(shape.to_vec(), d).unwrap()
+    }
+
+    /// Ranks whose models run on different kinds of device would exchange different things: the
+    /// group is refused on every rank, naming each rank's device. Same kinds pass.
+    #[test]
+    fn a_group_mixing_devices_is_refused_on_every_rank() {
+        let cpu = DitModel::preset(TransformerPreset::Tiny, 1, tessera_kernels::Device::Cpu).unwrap();
+        let emulated = DitModel::emulated_preset(TransformerPreset::Tiny, 1).unwrap();
+        let plan = ParallelPlan::new(2, 1, 2).unwrap();
+        let errs = run_in_process(plan, |ctx| {
+            let model = if ctx.rank() == 0 { &cpu } else { &emulated };
+            Ok(ctx.join_device_group(model, None).err().map(|e| e.to_string()))
+        })
+        .unwrap();
+        for e in errs {
+            let e = e.expect("refused");
+            assert!(e.contains("rank 0 on the CPU (f32), rank 1 on the host emulation of the CUDA model"), "{e}");
+        }
+        let same = run_in_process(plan, |ctx| ctx.join_device_group(&emulated, None));
+        assert!(same.is_ok(), "{:?}", same.err());
     }
 
     /// Bytes each rank sends per forward, against `reference/parallelism.md`: ring moves the K and

@@ -170,9 +170,9 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
     let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, cancel: setup.cancel.clone(), ..TcpOptions::default() };
     let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
-    let mut ctx = ShardContext::new(Arc::new(transport), plan)?;
-    if let (Some(id), true) = (&setup.nccl_id, plan.ranks() > 1) {
-        ctx.join_gpu_group(pipe.transformer(), id)?;
+    let ctx = ShardContext::new(Arc::new(transport), plan)?;
+    if plan.ranks() > 1 {
+        ctx.join_device_group(pipe.transformer(), setup.nccl_id.as_ref())?;
     }
     let p = &setup.params;
     // Every rank encodes the prompt and draws the same seeded noise: nothing but the seed travels.

@@ -183,7 +183,7 @@ where
 /// PrepareJob: more than one rank, and a rank whose model runs on a CUDA GPU (its record lists a
 /// `cuda...` device). CPU groups and single ranks need none.
 fn group_needs_nccl(workers: &[WorkerRecord]) -> bool {
-    workers.len() > 1 && workers.iter().any(|w| w.devices.iter().any(|d| d.starts_with("cuda")))
+    workers.len() > 1 && workers.iter().any(super::table::on_gpu)
 }
 
 /// Has rank 0 make the group's NCCL unique id (its process then hosts NCCL's rendezvous). A

@@ -102,10 +102,13 @@ impl WorkerTable {
     /// `max_ranks` allows (0 = all of them), never more than the job's `tokens`, in id order. The
     /// Ulysses degree is the largest that divides both the group size and the model's attention
     /// heads (all-to-all moves less than the ring once there are more than two ranks); the rest
-    /// of the group forms rings. `None` when no worker of the model is free.
+    /// of the group forms rings. A group runs on one kind of device: GPU workers when any is free
+    /// (they talk through NCCL), else CPU workers. `None` when no worker of the model is free.
     pub fn reserve(&mut self, job: &str, model: &str, max_ranks: usize, tokens: usize) -> Option<Group> {
         let limit = group_limit(max_ranks, tokens);
-        let workers: Vec<WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).take(limit).cloned().collect();
+        let free: Vec<&WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).collect();
+        let gpus = free.iter().any(|w| on_gpu(w));
+        let workers: Vec<WorkerRecord> = free.into_iter().filter(|w| on_gpu(w) == gpus).take(limit).cloned().collect();
         if workers.is_empty() {
             return None;
         }
@@ -126,6 +129,11 @@ impl WorkerTable {
     pub fn reserved_for(&self, worker: &str) -> Option<&str> {
         self.reserved.get(worker).map(String::as_str)
     }
+}
+
+/// Whether a worker runs its model on a GPU (its record lists a `cuda…` device).
+pub fn on_gpu(w: &WorkerRecord) -> bool {
+    w.devices.iter().any(|d| d.starts_with("cuda"))
 }
 
 /// Most workers a job of `tokens` tokens may use: `max_ranks` (0 = no limit), never more ranks
@@ -183,6 +191,19 @@ mod tests {
         assert_eq!(t.formable_groups(0), 1, "the wan worker is still free");
         t.release("j1");
         assert_eq!(t.reserve("j3", "tiny", 1, 1000).unwrap().workers.len(), 1);
+    }
+
+    #[test]
+    fn a_group_runs_on_one_kind_of_device_gpus_first() {
+        let on = |id: &str, device: &str| {
+            let mut w = worker(id, "tiny", WorkerState::Idle);
+            w.devices = vec![device.into()];
+            w
+        };
+        let mut t = table(&[on("a", "cpu"), on("b", "cuda:0"), on("c", "cpu"), on("d", "cuda:1 NVIDIA H100")]);
+        let ids = |g: Group| g.workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(t.reserve("j1", "tiny", 0, 1000).unwrap()), ["b", "d"]);
+        assert_eq!(ids(t.reserve("j2", "tiny", 0, 1000).unwrap()), ["a", "c"], "the CPU workers form the next group");
     }
 
     #[test]
