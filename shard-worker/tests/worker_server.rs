@@ -1,7 +1,9 @@
 //! The shard worker's internal gRPC service with real sockets: 2 and 3 worker services on
 //! loopback, driven like the coordinator drives them (PrepareJob on every rank at once, each Step on
 //! every rank at once, Decode streamed from rank 0), must give the frames of the one-process
-//! pipeline; misuse gets the right status codes.
+//! pipeline; misuse gets the right status codes. Workers running the bf16 model (its host
+//! emulation: the GPU model's data flow and device-side strategies) give the one-process frames of
+//! that model; a group mixing devices is refused.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -10,7 +12,9 @@ use tessera_proto::v1::GenerateRequest;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
-use tessera_worker::pipeline::{FrameCollector, PipelinePreset};
+use tessera_worker::config::TransformerPreset;
+use tessera_worker::model::DitModel;
+use tessera_worker::pipeline::{FrameCollector, PipelinePreset, WanPipeline};
 use tessera_worker::server::{params_from_request, WorkerIdentity, WorkerService};
 use tonic::transport::Channel;
 
@@ -21,8 +25,18 @@ fn free_addr() -> SocketAddr {
 /// Starts `n` workers (each with the same built-in pipeline); returns clients and collective addresses.
 async fn start_workers(n: usize) -> (Vec<ShardWorkerClient<Channel>>, Vec<String>) {
     let pipe = Arc::new(PipelinePreset::Tiny.build(0).unwrap());
+    start_workers_with(vec![pipe; n]).await
+}
+
+/// The built-in pipeline with the host emulation of the CUDA model as its transformer.
+fn emulated_pipeline() -> WanPipeline {
+    PipelinePreset::Tiny.build_with(0, DitModel::emulated_preset(TransformerPreset::Tiny, 0).unwrap()).unwrap()
+}
+
+/// Starts a worker per pipeline; returns clients and collective addresses.
+async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerClient<Channel>>, Vec<String>) {
     let (mut clients, mut collectives) = (Vec::new(), Vec::new());
-    for i in 0..n {
+    for (i, pipe) in pipes.into_iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let collective = free_addr();
@@ -89,7 +103,11 @@ async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], u
 
 /// The one-process pipeline's frames as interleaved RGB8.
 fn reference_rgb() -> Vec<u8> {
-    let pipe = PipelinePreset::Tiny.build(0).unwrap();
+    rgb_of(&PipelinePreset::Tiny.build(0).unwrap())
+}
+
+/// `pipe`'s frames for [`request`] in one process, as interleaved RGB8.
+fn rgb_of(pipe: &WanPipeline) -> Vec<u8> {
     let mut frames = FrameCollector::default();
     pipe.generate(&params_from_request(&request(), 5).unwrap(), &mut frames).unwrap();
     let t = frames.frames().unwrap();
@@ -109,6 +127,42 @@ async fn workers_over_grpc_and_tcp_compute_the_one_process_video() {
         // The workers are free again: a second job runs on the same group.
         let again = run_job(&mut clients, &peers, ulysses, "second").await;
         assert_eq!(again, got, "same request, same workers, same frames");
+    }
+}
+
+/// The bf16 model's device-side strategies (host collectives in place of NCCL) through the worker
+/// service, as a GPU group runs them: Ulysses alone gives the one-process frames exactly, a ring
+/// within one level (its partial softmaxes are merged in f32 before the bf16 rounding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_running_the_bf16_model_compute_its_one_process_video() {
+    let pipe = Arc::new(emulated_pipeline());
+    let want = rgb_of(&pipe);
+    let (mut clients, peers) = start_workers_with(vec![pipe.clone(), pipe]).await;
+    for (ulysses, levels) in [(2u32, 0u8), (1, 1)] {
+        let got = run_job(&mut clients, &peers, ulysses, &format!("bf16-{ulysses}")).await;
+        let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= levels, "ulysses {ulysses}: frames differ by up to {worst} levels from one process");
+    }
+}
+
+/// Ranks whose models run on different kinds of device are refused by name on every rank, and
+/// the workers are free afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_mixing_devices_is_refused_on_every_rank() {
+    let (mut clients, peers) = start_workers_with(vec![Arc::new(PipelinePreset::Tiny.build(0).unwrap()), Arc::new(emulated_pipeline())]).await;
+    let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
+        let req = pb::PrepareJobRequest { job_id: "mixed".into(), rank: rank as u32, world: 2, ulysses: 1, peers: peers.clone(), session: 78, request: Some(request()), seed: 5, ..Default::default() };
+        let mut c = c.clone();
+        async move { c.prepare_job(req).await }
+    });
+    for r in futures_util::future::join_all(prepares).await {
+        let err = r.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("rank 0 on the CPU (f32), rank 1 on the host emulation of the CUDA model"), "{err}");
+    }
+    for c in clients.iter_mut() {
+        let d = c.describe(pb::DescribeRequest {}).await.unwrap().into_inner();
+        assert_eq!(d.worker.unwrap().job_id, "", "the worker is free again");
     }
 }
 
