@@ -23,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tessera_proto::v1::{Plan, Worker};
 use tessera_worker::membership::Membership;
 use tokio::sync::{mpsc, watch};
@@ -264,6 +264,13 @@ impl JobExecutor for RemoteExecutor {
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         let from = resume.as_ref().map_or(0, |c: &tessera_proto::worker::v1::CheckpointResponse| c.steps_done);
                         tracing::warn!(job = %job.id, error = %e, recoveries, from_step = from, "the job's group failed; recovering on a new group");
+                        // The ranks that lost their peer were released and come back idle within
+                        // a heartbeat or so: give them that long, so the job goes on with all of them.
+                        if let CoordinatorError::WorkerFailed { worker, .. } = &e {
+                            let failed = worker.split(" (").next().unwrap_or_default();
+                            let survivors: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).filter(|id| *id != failed).collect();
+                            wait_until_free(&shared, &survivors, SURVIVOR_WAIT, &stop).await;
+                        }
                     }
                     r => return r,
                 }
@@ -274,6 +281,21 @@ impl JobExecutor for RemoteExecutor {
     fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
         self.shared.publish();
+    }
+}
+
+/// How long a recovering job waits for the surviving ranks of its failed group to be free again.
+const SURVIVOR_WAIT: Duration = Duration::from_secs(3);
+
+/// Returns once every worker of `ids` still in membership is free (idle and unreserved), after
+/// `limit`, or when the job is stopped.
+async fn wait_until_free(shared: &Shared, ids: &[&str], limit: Duration, stop: &StopSignal) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until && !stop.is_stopped() {
+        if shared.table().all_free_or_gone(ids) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

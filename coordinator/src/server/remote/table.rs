@@ -83,6 +83,11 @@ impl WorkerTable {
         w.state == WorkerState::Idle && !self.reserved.contains_key(&w.worker_id)
     }
 
+    /// Whether each of `ids` is free or no longer a member.
+    pub fn all_free_or_gone(&self, ids: &[&str]) -> bool {
+        ids.iter().all(|id| self.workers.get(*id).is_none_or(|w| self.is_free(w)))
+    }
+
     /// Idle, unreserved workers (of every model).
     pub fn free_count(&self) -> usize {
         self.workers.values().filter(|w| self.is_free(w)).count()
@@ -204,6 +209,15 @@ mod tests {
         let ids = |g: Group| g.workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(t.reserve("j1", "tiny", 0, 1000).unwrap()), ["b", "d"]);
         assert_eq!(ids(t.reserve("j2", "tiny", 0, 1000).unwrap()), ["a", "c"], "the CPU workers form the next group");
+    }
+
+    #[test]
+    fn survivors_count_as_back_when_free_or_gone() {
+        let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Busy)]);
+        assert!(t.all_free_or_gone(&["a", "gone"]));
+        assert!(!t.all_free_or_gone(&["a", "b"]), "b is busy");
+        t.reserve("j", "tiny", 0, 1000).unwrap();
+        assert!(!t.all_free_or_gone(&["a"]), "a is reserved");
     }
 
     #[test]
