@@ -33,6 +33,22 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The first of `n` consecutive loopback ports that are all free now (for programs that take a
+/// base port and count up from it).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn free_ports_in_a_row(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if first.checked_add(n).is_none() {
+            continue;
+        }
+        let held: Vec<_> = (first..first + n).map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok()).collect();
+        if held.len() == n as usize {
+            return first;
+        }
+    }
+}
+
 /// The `etcd` binary, or `None` (after saying why) when it is missing outside CI.
 fn etcd_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
