@@ -49,8 +49,27 @@ impl Worker {
         Self::start_with(etcd, cluster, id, &[])
     }
 
-    /// A worker with extra `serve` flags (`--heartbeat` among them replaces the default).
+    /// A worker with extra `serve` flags (`--heartbeat` among them replaces the default). Ports
+    /// are picked free and bound by the worker a moment later; when another test took one in
+    /// between, the worker exits saying so and is started again on new ports.
     fn start_with(etcd: &Etcd, cluster: &str, id: &str, extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let mut w = Self::spawn(etcd, cluster, id, extra);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) && !w.log().contains("serving model") {
+                if w.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !(w.child.try_wait().unwrap().is_some() && w.log().contains("Address already in use")) {
+                return w;
+            }
+        }
+        panic!("worker {id}: its ports were taken five times in a row");
+    }
+
+    fn spawn(etcd: &Etcd, cluster: &str, id: &str, extra: &[&str]) -> Self {
         let log = tempfile::Builder::new().prefix(&format!("tessera-worker-{id}-")).suffix(".log").tempfile().unwrap();
         let (listen, collective) = (etcd::free_port(), etcd::free_port());
         let heartbeat: &[&str] = if extra.contains(&"--heartbeat") { &[] } else { &["--heartbeat", HEARTBEAT] };
@@ -500,7 +519,9 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
     let mut client = server.client().await;
     let mut workers = [Worker::start(&etcd, "recover", "r0"), Worker::start(&etcd, "recover", "r1"), Worker::start(&etcd, "recover", "r2")];
     wait_idle(&mut client, &["r0", "r1", "r2"], &workers.iter().collect::<Vec<_>>()).await;
-    let req = GenerateRequest { steps: 60, width: 128, height: 128, num_frames: 9, ..request(OutputFormat::PngFrames) };
+    // Long enough (about 2 s alone) that the poll below sees it running past step 3 even when the
+    // other tests load both cores.
+    let req = GenerateRequest { steps: 120, width: 128, height: 128, num_frames: 9, ..request(OutputFormat::PngFrames) };
 
     // Undisturbed, on all three.
     let undisturbed = ok(&server, &mut client, req.clone(), &workers.iter().collect::<Vec<_>>()).await;
@@ -514,6 +535,10 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
         let jobs = client.list_jobs(tessera_proto::v1::ListJobsRequest { states: Vec::new(), limit: 1 }).await.unwrap().into_inner().jobs;
         if jobs.first().and_then(|j| j.progress.as_ref()).is_some_and(|p| p.step >= 3 && j_running(&jobs[0])) {
             break;
+        }
+        let first_job = job_id(&undisturbed);
+        if jobs.first().is_some_and(|j| j.job_id != first_job && (j.state == JobState::Succeeded as i32 || j.state == JobState::Failed as i32)) {
+            panic!("the second job ended before it could be disturbed: {:?}", jobs[0].state);
         }
         assert!(Instant::now() < until, "the second job never reached step 3");
         tokio::time::sleep(Duration::from_millis(5)).await;
