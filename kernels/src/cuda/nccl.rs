@@ -138,7 +138,7 @@ impl std::fmt::Debug for NcclComm {
     }
 }
 
-/// Pointer and element count of `range` of `buf`, checked.
+/// Fails unless `r` lies inside a buffer of `len` elements.
 fn region(op: &'static str, what: &str, len: usize, r: &Range<usize>) -> Result<()> {
     if r.start > r.end || r.end > len {
         return Err(KernelError::shape(op, format!("{what} {r:?} of a buffer of {len}")));

@@ -55,7 +55,7 @@ impl ShardContext {
             return Err(WorkerError::input("group", format!("{}: a group runs its model on one kind of device", each.join(", "))));
         }
         let DitModel::Cuda(m) = model else { return Ok(()) };
-        let id = id.ok_or_else(|| WorkerError::input("nccl_unique_id", format!("required: the transformer runs on {}, and a group of {} GPUs talks through NCCL", model.describe(), self.plan.ranks())))?;
+        let id = id.ok_or_else(|| missing_nccl_id(model, self.plan.ranks()))?;
         if self.nccl.get().is_some() {
             return Err(WorkerError::Collective("this rank has joined its NCCL group already".into()));
         }
@@ -72,7 +72,7 @@ impl ShardContext {
     /// Whether `model` can run sharded here: a GPU model needs the NCCL group joined.
     pub fn check_model(&self, model: &DitModel) -> Result<()> {
         match (model, self.nccl.get()) {
-            (DitModel::Cuda(_), None) if self.plan.ranks() > 1 => Err(WorkerError::input("nccl_unique_id", format!("the transformer runs on {}: a group of {} GPUs needs the NCCL id of the group (made by rank 0's worker, sent by the coordinator)", model.describe(), self.plan.ranks()))),
+            (DitModel::Cuda(_), None) if self.plan.ranks() > 1 => Err(missing_nccl_id(model, self.plan.ranks())),
             _ => Ok(()),
         }
     }
@@ -161,6 +161,11 @@ impl ShardContext {
         let [f, h, w] = grid.latent();
         Ok(Tensor::new([b, cfg.out_channels, f, h, w], out)?)
     }
+}
+
+/// The error of a GPU group of `ranks` ranks without the NCCL id of the group.
+pub fn missing_nccl_id(model: &DitModel, ranks: usize) -> WorkerError {
+    WorkerError::input("nccl_unique_id", format!("required: the transformer runs on {}, and a group of {ranks} GPUs talks through NCCL (rank 0's worker makes the id, the coordinator sends it)", model.describe()))
 }
 
 /// How the ranks of a group that lives in one process talk to each other.

@@ -130,7 +130,7 @@ impl JobHandle {
 pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> Result<JobHandle> {
     let world = setup.peers.len();
     if world > 1 && setup.nccl_id.is_none() && matches!(pipe.transformer(), crate::model::DitModel::Cuda(_)) {
-        return Err(WorkerError::input("nccl_unique_id", format!("required: this worker's transformer runs on {}, and a group of {world} GPUs talks through NCCL", pipe.transformer().describe())));
+        return Err(crate::parallel::missing_nccl_id(pipe.transformer(), world));
     }
     let heads = pipe.transformer().config().num_attention_heads;
     let plan = ParallelPlan::new(world, setup.ulysses, heads)?;

@@ -91,26 +91,21 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
 
     /// Attention of `nq` rows whose q, k and v (`heads` heads each, `w = heads·head_dim` wide) sit
     /// at columns 0, w and 2w of rows `stride` apart in `buf`, over the rows of the whole ring
-    /// group; written as bf16 rows of `w` to `out`, `out_stride` apart.
+    /// group; written to `out` as packed bf16 rows of `w`.
     #[allow(clippy::too_many_arguments)]
-    fn attend_heads(&self, ops: &O, buf: &O::Buf<bf16>, stride: usize, nq: usize, heads: usize, head_dim: usize, out: &mut O::Buf<bf16>, out_stride: usize) -> Result<()> {
+    fn attend_heads(&self, ops: &O, buf: &O::Buf<bf16>, stride: usize, nq: usize, heads: usize, head_dim: usize, out: &mut O::Buf<bf16>) -> Result<()> {
         let w = heads * head_dim;
         if self.ring.size() == 1 {
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: nq, q_stride: stride, kv_stride: stride };
             let mut lse = ops.zeros::<f32>(heads * nq)?;
-            return flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, 1.0 / (head_dim as f32).sqrt(), at_mut(out, 0), out_stride, &mut lse);
+            return flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, 1.0 / (head_dim as f32).sqrt(), at_mut(out, 0), w, &mut lse);
         }
         let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
         let mut kv = ops.zeros::<bf16>(max_rows * 2 * w)?;
         // k and v are adjacent in each row: one 2-D copy packs the block.
         ops.copy_rows(at(buf, w), stride, at_mut(&mut kv, 0), 2 * w, 2 * w, nq)?;
         let acc = self.ring_attend(ops, at(buf, 0), stride, nq, heads, head_dim, kv)?;
-        if out_stride == w {
-            return ops.to_bf16(at(&acc, 0), at_mut(out, 0), nq * w);
-        }
-        let mut packed = ops.zeros::<bf16>(nq * w)?;
-        ops.to_bf16(at(&acc, 0), at_mut(&mut packed, 0), nq * w)?;
-        ops.copy_rows(at(&packed, 0), w, at_mut(out, 0), out_stride, w, nq)
+        ops.to_bf16(at(&acc, 0), at_mut(out, 0), nq * w)
     }
 }
 
@@ -122,7 +117,7 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
             return Err(WorkerError::Collective(format!("{n} token rows on a rank whose shard has {}", self.ulysses_rows[me])));
         }
         if u == 1 {
-            return self.attend_heads(ops, buf, stride, n, heads, head_dim, out, heads * head_dim);
+            return self.attend_heads(ops, buf, stride, n, heads, head_dim, out);
         }
         if !heads.is_multiple_of(u) {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {u} does not divide {heads} heads")));
@@ -140,7 +135,7 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
         let rows = &self.ulysses_rows;
         let total: usize = rows.iter().sum();
         let mut got = ops.zeros::<bf16>(3 * total * w)?;
-        self.ulysses.exchange(ops, Traffic::AllToAll, &send, &ranges(&[3 * n; 1].repeat(u), w, 0), &mut got, &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0))?;
+        self.ulysses.exchange(ops, Traffic::AllToAll, &send, &ranges(&vec![3 * n; u], w, 0), &mut got, &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0))?;
         // Rows of the whole group for these heads, [q | k | v] per row, in sequence order.
         let mut group = ops.zeros::<bf16>(total * 3 * w)?;
         for (&start, &ri) in starts(rows).iter().zip(rows) {
@@ -149,10 +144,10 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
             }
         }
         let mut heads_out = ops.zeros::<bf16>(total * w)?;
-        self.attend_heads(ops, &group, 3 * w, total, local, head_dim, &mut heads_out, w)?;
+        self.attend_heads(ops, &group, 3 * w, total, local, head_dim, &mut heads_out)?;
         // Head-sharded → sequence-sharded: member i gets back its rows of these heads.
         let mut back = ops.zeros::<bf16>(u * n * w)?;
-        self.ulysses.exchange(ops, Traffic::AllToAll, &heads_out, &ranges(rows, w, 0), &mut back, &ranges(&[n; 1].repeat(u), w, 0))?;
+        self.ulysses.exchange(ops, Traffic::AllToAll, &heads_out, &ranges(rows, w, 0), &mut back, &ranges(&vec![n; u], w, 0))?;
         for j in 0..u {
             ops.copy_rows(at(&back, j * n * w), w, at_mut(out, j * w), d, w, n)?;
         }
