@@ -166,7 +166,10 @@ pub fn validate(
     let latent_fhw = [(req.num_frames as usize - 1) / 4 + 1, req.height as usize / 8, req.width as usize / 8];
     let tokens = latent_fhw[0] * (latent_fhw[1] / 2) * (latent_fhw[2] / 2);
     if tokens > max_tokens {
-        return Err(invalid("num_frames", format!("{}x{} with {} frames is {tokens} tokens; this cluster accepts at most {max_tokens}", req.width, req.height, req.num_frames)));
+        return Err(invalid(
+            "num_frames",
+            format!("{}x{} with {} frames is {tokens} tokens; this cluster accepts at most {max_tokens}", req.width, req.height, req.num_frames),
+        ));
     }
     req.seed = Some(req.seed.unwrap_or_else(draw_seed));
     Ok(ValidRequest { request: req, latent_fhw, tokens })

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn tessera(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env_remove("TESSERA_DEVICE").env_remove("TESSERA_GOLDEN_ROOTS").output().expect("tessera runs");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env_remove("TESSERA_DEVICE").env_remove("TESSERA_GOLDEN_ROOTS").output().expect("tessera runs");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -173,7 +173,16 @@ async fn wait_idle(client: &mut TesseraClient<Channel>, ids: &[&str], workers: &
 }
 
 fn request(format: OutputFormat) -> GenerateRequest {
-    GenerateRequest { prompt: "a red ball bouncing on a wooden floor".into(), width: 96, height: 64, num_frames: 9, steps: 4, seed: Some(11), output_format: format as i32, ..Default::default() }
+    GenerateRequest {
+        prompt: "a red ball bouncing on a wooden floor".into(),
+        width: 96,
+        height: 64,
+        num_frames: 9,
+        steps: 4,
+        seed: Some(11),
+        output_format: format as i32,
+        ..Default::default()
+    }
 }
 
 /// The job id from the Accepted event.
@@ -307,7 +316,8 @@ async fn cancelling_frees_the_workers_and_video_to_video_runs_on_the_cluster() {
     assert_eq!(png_frames(&out, 9).len(), 9);
 
     // Garbage as input video is refused before the job is accepted, naming the field.
-    let garbage = GenerateRequest { input_video: b"\x00\x00\x00\x18ftypmp42 certainly not a video".to_vec(), strength: Some(0.5), ..request(OutputFormat::Mp4) };
+    let garbage =
+        GenerateRequest { input_video: b"\x00\x00\x00\x18ftypmp42 certainly not a video".to_vec(), strength: Some(0.5), ..request(OutputFormat::Mp4) };
     let Err(status) = client.generate(garbage).await else { panic!("garbage input video was accepted") };
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("input_video"), "{}", status.message());
@@ -377,7 +387,8 @@ async fn one_trace_holds_the_job_span_and_every_workers_step_spans() {
     let mut server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "trace", "--heartbeat", HEARTBEAT, "--otlp-endpoint", &otlp]);
     server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
     let mut client = server.client().await;
-    let mut workers = [Worker::start_with(&etcd, "trace", "t0", &["--otlp-endpoint", &otlp]), Worker::start_with(&etcd, "trace", "t1", &["--otlp-endpoint", &otlp])];
+    let mut workers =
+        [Worker::start_with(&etcd, "trace", "t0", &["--otlp-endpoint", &otlp]), Worker::start_with(&etcd, "trace", "t1", &["--otlp-endpoint", &otlp])];
     wait_idle(&mut client, &["t0", "t1"], &workers.iter().collect::<Vec<_>>()).await;
 
     // The caller's own trace context.
@@ -514,7 +525,18 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
     let Some(etcd) = Etcd::start().await else { return };
-    let server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "recover", "--heartbeat", HEARTBEAT, "--recover-attempts", "1", "--checkpoint-every", "1"]);
+    let server = Server::start_with(&[
+        "--etcd",
+        &etcd.endpoint(),
+        "--cluster",
+        "recover",
+        "--heartbeat",
+        HEARTBEAT,
+        "--recover-attempts",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]);
     server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
     let mut client = server.client().await;
     let mut workers = [Worker::start(&etcd, "recover", "r0"), Worker::start(&etcd, "recover", "r1"), Worker::start(&etcd, "recover", "r2")];
@@ -550,7 +572,8 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
     assert_eq!(record.plan.unwrap().worker_ids, ["r0", "r2"], "the job finished on the workers left");
     let log = server.log();
     let line = log.lines().find(|l| l.contains("recovering on a new group")).unwrap_or_else(|| panic!("no recovery in the log:\n{log}"));
-    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step in the recovery line");
+    let from: u32 =
+        line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step in the recovery line");
     eprintln!("resumed from the checkpoint after step {from}");
     assert!(from >= 3, "the job restarted instead of resuming: {line}");
     let (a, b) = (png_frames(&undisturbed, 9), png_frames(&recovered, 9));

@@ -28,7 +28,8 @@ fn check_stream(file: &Path, frames: usize, width: u64, height: u64, rate: &str)
 fn built_in_model_writes_a_playable_mp4_and_is_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let out = |name: &str| dir.path().join(name).display().to_string();
-    let common = ["generate", "--prompt", "a red ball bouncing on a wooden floor", "--frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--quiet"];
+    let common =
+        ["generate", "--prompt", "a red ball bouncing on a wooden floor", "--frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--quiet"];
     let (code, stdout, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("a.mp4")]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("wrote") && stdout.contains("9 frames") && stdout.contains("denoise"), "{stdout}");
@@ -54,7 +55,24 @@ fn a_diffusers_snapshot_folder_runs() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("snap.mp4");
     let (code, stdout, stderr) = tessera(&[
-        "generate", "--model", &snapshot(), "--prompt", "a red ball", "--frames", "5", "--height", "32", "--width", "32", "--steps", "3", "--seed", "1", "--quiet", "-o", file.to_str().unwrap(),
+        "generate",
+        "--model",
+        &snapshot(),
+        "--prompt",
+        "a red ball",
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--quiet",
+        "-o",
+        file.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     check_stream(&file, 5, 32, 32, "16/1");

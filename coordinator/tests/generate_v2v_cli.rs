@@ -51,7 +51,22 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     // 11 frames of 80×56: the output takes the first 9 (the largest 4k+1), resized to 96×64.
     write_input(&input, 80, 56, 11);
     let out = dir.path().join("v2v.mp4");
-    let base = ["generate", "--prompt", "a yellow square sliding right", "--input-video", input.to_str().unwrap(), "--height", "64", "--width", "96", "--steps", "4", "--seed", "7", "--quiet"];
+    let base = [
+        "generate",
+        "--prompt",
+        "a yellow square sliding right",
+        "--input-video",
+        input.to_str().unwrap(),
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--quiet",
+    ];
     let (code, stdout, stderr) = tessera(&[&base[..], &["--strength", "0.6", "-o", out.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("input ") && stdout.contains("9 of its 11 frames") && stdout.contains("strength 0.6"), "{stdout}");
@@ -99,7 +114,24 @@ fn workers_mode_gives_the_frames_of_local_mode() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.mp4");
     write_input(&input, 80, 56, 11);
-    let t2v = ["generate", "--prompt", "a yellow square sliding right", "--height", "64", "--width", "96", "--frames", "9", "--steps", "4", "--seed", "7", "--quiet", "--format", "png"];
+    let t2v = [
+        "generate",
+        "--prompt",
+        "a yellow square sliding right",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--frames",
+        "9",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--quiet",
+        "--format",
+        "png",
+    ];
     let v2v = [&t2v[..], &["--input-video", input.to_str().unwrap(), "--strength", "0.6"]].concat();
     for (name, base) in [("t2v", t2v.to_vec()), ("v2v", v2v)] {
         let local = dir.path().join(format!("{name}-local"));
@@ -139,7 +171,10 @@ fn bad_video_to_video_flags_are_named() {
         (vec!["--input-video", truncated], "--input-video", "truncated"),
         (vec!["--input-video", "/nonexistent/input.mp4"], "--input-video", "/nonexistent/input.mp4"),
     ] {
-        let args: Vec<&str> = ["generate", "--prompt", "x", "--height", "32", "--width", "32", "--steps", "2", "--quiet", "-o", &out].into_iter().chain(flags.iter().copied()).collect();
+        let args: Vec<&str> = ["generate", "--prompt", "x", "--height", "32", "--width", "32", "--steps", "2", "--quiet", "-o", &out]
+            .into_iter()
+            .chain(flags.iter().copied())
+            .collect();
         let (code, _, stderr) = tessera(&args);
         assert_ne!(code, 0, "{flags:?} was accepted");
         assert!(stderr.contains(named) && stderr.contains(why), "{flags:?}: {stderr}");

@@ -42,7 +42,10 @@ async fn generate_streams_accepted_progress_chunks_done_and_a_playable_mp4() {
     let steps: Vec<u32> = progress.iter().filter(|p| p.phase == Phase::Denoising as i32 && p.step > 0).map(|p| p.step).collect();
     assert_eq!(steps, [1, 2, 3, 4], "a Progress for every step");
     assert!(progress.iter().all(|p| p.total_steps == 4 && p.elapsed.is_some()));
-    assert!(progress.iter().filter(|p| p.step > 0 && p.phase == Phase::Denoising as i32).all(|p| p.estimated_remaining.is_some()), "an estimate once a step is done");
+    assert!(
+        progress.iter().filter(|p| p.step > 0 && p.phase == Phase::Denoising as i32).all(|p| p.estimated_remaining.is_some()),
+        "an estimate once a step is done"
+    );
     let mut phases: Vec<i32> = progress.iter().map(|p| p.phase).collect();
     phases.dedup();
     assert_eq!(phases, [Phase::Preparing as i32, Phase::Denoising as i32, Phase::Decoding as i32, Phase::Encoding as i32]);
@@ -117,11 +120,8 @@ async fn png_frames_gif_and_raw_latents_come_back_as_asked() {
 /// agree to a high PSNR.
 #[tokio::test]
 async fn two_ranks_and_two_workers_give_the_frames_of_one() {
-    let (one, two, workers) = tokio::join!(
-        Server::start_serving(&["--ranks", "1"]),
-        Server::start_serving(&["--ranks", "2"]),
-        Server::start_serving(&["--workers", "2"])
-    );
+    let (one, two, workers) =
+        tokio::join!(Server::start_serving(&["--ranks", "1"]), Server::start_serving(&["--ranks", "2"]), Server::start_serving(&["--workers", "2"]));
     let mut c1 = one.client().await;
     for (other, ids, tag) in [(&two, ["local-0", "local-1"], "2 ranks"), (&workers, ["local-0", "local-1"], "2 workers")] {
         let mut c2 = other.client().await;
@@ -329,7 +329,9 @@ async fn a_client_that_drops_its_stream_cancels_its_job() {
 
 #[tokio::test]
 async fn health_and_reflection_are_served() {
-    use tonic_reflection::pb::v1::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest, ServerReflectionResponse};
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest, ServerReflectionResponse,
+    };
     let server = Server::start_serving(&[]).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     let r = health.check(tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Tessera".into() }).await.unwrap().into_inner();
@@ -363,7 +365,11 @@ async fn the_cli_client_writes_what_the_local_mode_writes_and_status_lists_the_j
     assert_eq!(s["nb_read_frames"].as_str(), Some("9"), "{s}");
     let (code, _, stderr) = tessera(&[&flags[..], &["-o", &path("local.mp4")]].concat());
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(std::fs::read(dir.path().join("remote.mp4")).unwrap(), std::fs::read(dir.path().join("local.mp4")).unwrap(), "the server's file is the local one");
+    assert_eq!(
+        std::fs::read(dir.path().join("remote.mp4")).unwrap(),
+        std::fs::read(dir.path().join("local.mp4")).unwrap(),
+        "the server's file is the local one"
+    );
 
     let (code, _, stderr) = tessera(&["generate", "--server", &server.addr, "--prompt", "x", "--width", "40", "-o", &path("bad.mp4")]);
     assert_ne!(code, 0);
@@ -495,7 +501,16 @@ async fn metrics_move_with_a_job() {
     let n = names.len();
     names.dedup();
     assert_eq!(n, names.len(), "a metric is described twice: {helps:#?}");
-    for name in ["tessera_queue_depth", "tessera_job_duration_seconds", "tessera_step_duration_seconds", "tessera_tokens_per_second", "tessera_workers", "tessera_requests_rejected_total", "tessera_collective_bytes_total", "tessera_worker_step_duration_seconds"] {
+    for name in [
+        "tessera_queue_depth",
+        "tessera_job_duration_seconds",
+        "tessera_step_duration_seconds",
+        "tessera_tokens_per_second",
+        "tessera_workers",
+        "tessera_requests_rejected_total",
+        "tessera_collective_bytes_total",
+        "tessera_worker_step_duration_seconds",
+    ] {
         assert!(names.contains(&name), "{name} is not described: {helps:#?}");
     }
     assert!(helps.iter().all(|h| h.ends_with(").")), "a description without its unit: {helps:#?}");

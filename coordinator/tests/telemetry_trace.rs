@@ -81,7 +81,24 @@ async fn the_cli_client_roots_the_trace_and_every_rank_thread_joins_it() {
     let server = Server::start_serving(&["--otlp-endpoint", &receiver.endpoint(), "--ranks", "2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["generate", "--server", &server.addr, "--prompt", "a red ball", "--width", "96", "--height", "64", "--frames", "9", "--steps", "3", "--seed", "2", "--quiet"])
+        .args([
+            "generate",
+            "--server",
+            &server.addr,
+            "--prompt",
+            "a red ball",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--frames",
+            "9",
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--quiet",
+        ])
         .arg("-o")
         .arg(dir.path().join("v.mp4"))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())

@@ -137,5 +137,3 @@ fn ffmpeg_gif_and_apng_compose_like_ffmpeg() {
     let theirs = ffmpeg_rgb(&apng, &["-f", "apng"], 96 * 64 * 3);
     same_frames("apng", &frames, &theirs, 60.0);
 }
-
-

@@ -57,9 +57,7 @@ pub fn level() -> Level {
                 "avx512dq" => std::is_x86_feature_detected!("avx512dq"),
                 _ => false,
             };
-            let v3 = std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("bmi2");
+            let v3 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("bmi2");
             if v3 && v4.iter().all(|f| has(f)) {
                 return Level::V4;
             }
@@ -85,11 +83,7 @@ pub fn exp(x: f32) -> f32 {
     // Cody-Waite reduction: r = x − n·ln2 in two parts, |r| ≤ ln2/2.
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Minimax-style Taylor polynomial of e^r on [−ln2/2, ln2/2], degree 7 (error < 1e-8 relative).
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n: n is in [−126, 128]; split so that 2^n never overflows the exponent field.
     let ni = n as i32;
     let half = ni >> 1;

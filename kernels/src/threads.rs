@@ -9,10 +9,7 @@ pub fn init_threads(threads: usize) -> Result<()> {
     match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
         Ok(()) => Ok(()),
         Err(_) if rayon::current_num_threads() == n => Ok(()),
-        Err(e) => Err(KernelError::Threads(format!(
-            "cannot set {n} threads, the pool already has {}: {e}",
-            rayon::current_num_threads()
-        ))),
+        Err(e) => Err(KernelError::Threads(format!("cannot set {n} threads, the pool already has {}: {e}", rayon::current_num_threads()))),
     }
 }
 

@@ -30,9 +30,10 @@ fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
 }
 
 fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("TESSERA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("TESSERA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
     println!("{test}: seed {seed}");
     StdRng::seed_from_u64(seed)
 }
@@ -85,7 +86,11 @@ fn flash_attention_matches_cpu_attention() {
         let hd = heads * d;
         let (q_stride, kv_stride) = if fused { (3 * hd, 3 * hd) } else { (hd, hd) };
         let q_buf = to_bf16(&uniform(&mut r, ql.max(kl) * q_stride, -2.0, 2.0));
-        let (k_buf, v_buf) = if fused { (q_buf.clone(), q_buf.clone()) } else { (to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -2.0, 2.0)), to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -1.0, 1.0))) };
+        let (k_buf, v_buf) = if fused {
+            (q_buf.clone(), q_buf.clone())
+        } else {
+            (to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -2.0, 2.0)), to_bf16(&uniform(&mut r, kl.max(1) * kv_stride, -1.0, 1.0)))
+        };
         let (k_off, v_off) = if fused { (hd, 2 * hd) } else { (0, 0) };
         let shape = AttentionShape { heads, head_dim: d, q_len: ql, kv_len: kl, q_stride, kv_stride };
         let scale = 1.0 / (d as f32).sqrt();
@@ -329,7 +334,9 @@ fn patchify_and_unpatchify_match_cpu() {
 fn linear_matches_cpu() {
     let Some(dev) = gpu("linear") else { return };
     let mut r = rng("linear");
-    for (m, k, n, act) in [(1, 16, 8, Activation::None), (257, 1536, 1536, Activation::None), (300, 1536, 8960, Activation::GeluTanh), (77, 4096, 1536, Activation::GeluTanh)] {
+    for (m, k, n, act) in
+        [(1, 16, 8, Activation::None), (257, 1536, 1536, Activation::None), (300, 1536, 8960, Activation::GeluTanh), (77, 4096, 1536, Activation::GeluTanh)]
+    {
         let x = to_bf16(&uniform(&mut r, m * k, -1.0, 1.0));
         let w = to_bf16(&uniform(&mut r, n * k, -0.05, 0.05));
         let bias = uniform(&mut r, n, -0.5, 0.5);
@@ -355,7 +362,8 @@ fn linear_gelu_epilogue_is_the_tanh_approximation() {
     let x = to_bf16(&[1.0]);
     let w = to_bf16(&pre);
     let mut y = dev.zeros::<f32>(pre.len()).unwrap();
-    cuda::gemm::linear(&dev, &dev.upload(&x).unwrap(), 1, 1, &dev.upload(&w).unwrap(), pre.len(), None::<&cuda::CudaSlice<f32>>, Activation::GeluTanh, &mut y).unwrap();
+    cuda::gemm::linear(&dev, &dev.upload(&x).unwrap(), 1, 1, &dev.upload(&w).unwrap(), pre.len(), None::<&cuda::CudaSlice<f32>>, Activation::GeluTanh, &mut y)
+        .unwrap();
     let got = dev.download(&y).unwrap();
     let mut tanh = pre.clone();
     cpu::apply_activation(&mut tanh, Activation::GeluTanh);

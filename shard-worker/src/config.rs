@@ -198,12 +198,8 @@ pub enum TransformerPreset {
 
 impl TransformerPreset {
     /// Every preset, with its name.
-    pub const ALL: [(&'static str, TransformerPreset); 4] = [
-        ("tiny", Self::Tiny),
-        ("wan-1.3b-2l", Self::Wan13bTwoLayers),
-        ("wan-1.3b", Self::Wan13b),
-        ("wan-14b-2l", Self::Wan14bTwoLayers),
-    ];
+    pub const ALL: [(&'static str, TransformerPreset); 4] =
+        [("tiny", Self::Tiny), ("wan-1.3b-2l", Self::Wan13bTwoLayers), ("wan-1.3b", Self::Wan13b), ("wan-14b-2l", Self::Wan14bTwoLayers)];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -236,7 +232,16 @@ impl TransformerPreset {
             pos_embed_seq_len: None,
         };
         match self {
-            Self::Tiny => TransformerConfig { num_attention_heads: 2, attention_head_dim: 16, text_dim: 32, freq_dim: 32, ffn_dim: 64, in_channels: 16, out_channels: 16, ..wan(2, 64, 2) },
+            Self::Tiny => TransformerConfig {
+                num_attention_heads: 2,
+                attention_head_dim: 16,
+                text_dim: 32,
+                freq_dim: 32,
+                ffn_dim: 64,
+                in_channels: 16,
+                out_channels: 16,
+                ..wan(2, 64, 2)
+            },
             Self::Wan13bTwoLayers => wan(12, 8960, 2),
             Self::Wan13b => wan(12, 8960, 30),
             Self::Wan14bTwoLayers => wan(40, 13824, 2),

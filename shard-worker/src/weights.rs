@@ -26,8 +26,8 @@ impl SafetensorsFile {
         // SAFETY: the mapping is read-only and private to this process; weight files are not
         // modified while a model is loaded (the same contract as every mmap-based loader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap[..])
-            .map_err(|e| WorkerError::Safetensors { path: path.into(), detail: e.to_string() })?;
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| WorkerError::Safetensors { path: path.into(), detail: e.to_string() })?;
         let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         Ok(Self { path: path.into(), mmap, data_start: 8 + header_len, tensors })
     }
@@ -155,7 +155,10 @@ impl WeightStore {
     pub fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|source| WorkerError::Io { path: index.into(), source })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| WorkerError::Safetensors { path: index.into(), detail: e.to_string() })?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| WorkerError::Safetensors { path: index.into(), detail: "no weight_map object".into() })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| WorkerError::Safetensors { path: index.into(), detail: "no weight_map object".into() })?;
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect::<BTreeSet<_>>().into_iter().collect();
         shards.sort();
@@ -202,7 +205,10 @@ impl WeightSource for WeightStore {
         let &i = self.owner.get(name).ok_or_else(|| WorkerError::MissingTensor { name: name.into(), source_desc: self.desc.clone() })?;
         let (got, data) = self.files[i].read_f32(name)?;
         if got != shape {
-            return Err(WorkerError::BadTensor { name: name.into(), detail: format!("expected shape {shape:?}, found {got:?} in {}", self.files[i].path.display()) });
+            return Err(WorkerError::BadTensor {
+                name: name.into(),
+                detail: format!("expected shape {shape:?}, found {got:?} in {}", self.files[i].path.display()),
+            });
         }
         self.taken.lock().expect("weight bookkeeping").insert(name.to_string());
         Ok(data)
@@ -214,12 +220,8 @@ impl WeightSource for WeightStore {
 
     fn finish(&self) -> Result<()> {
         let taken = self.taken.lock().expect("weight bookkeeping");
-        let mut extra: Vec<String> = self
-            .owner
-            .keys()
-            .filter(|k| !taken.contains(*k) && !self.ignored.iter().any(|s| k.ends_with(s.as_str())))
-            .cloned()
-            .collect();
+        let mut extra: Vec<String> =
+            self.owner.keys().filter(|k| !taken.contains(*k) && !self.ignored.iter().any(|s| k.ends_with(s.as_str()))).cloned().collect();
         if extra.is_empty() {
             return Ok(());
         }

@@ -145,7 +145,7 @@ async fn a_lease_lost_in_etcd_is_reported_to_the_worker() {
     assert!(err.contains("cannot update"), "{err}");
     assert!(members.list().await.unwrap().workers.is_empty(), "no resurrection");
     reg.revoke().await.unwrap(); // revoking a lease already gone is fine
-    // The worker can register again.
+                                 // The worker can register again.
     members.register(record("w0", 7000)).await.unwrap().revoke().await.unwrap();
 }
 
@@ -164,8 +164,7 @@ async fn watch_from_the_list_revision_misses_nothing_and_repeats_nothing() {
     let mut watch = m.watch_from(snap.revision).await.unwrap();
     let late = m.register(record("w9", 7009)).await.unwrap();
 
-    let mut replay: std::collections::BTreeMap<String, WorkerRecord> =
-        snap.workers.into_iter().map(|r| (r.worker_id.clone(), r)).collect();
+    let mut replay: std::collections::BTreeMap<String, WorkerRecord> = snap.workers.into_iter().map(|r| (r.worker_id.clone(), r)).collect();
     let mut seen = Vec::new();
     for _ in 0..3 {
         let event = next_event(&mut watch, PROMPTLY).await;

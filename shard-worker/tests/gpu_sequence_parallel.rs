@@ -42,10 +42,12 @@ fn gpus(test: &str) -> Option<Vec<CudaOps>> {
 /// Runs `job(rank, ops)` on one thread per rank, each bound to its own GPU.
 fn on_gpus<T: Send>(gpus: &[CudaOps], ranks: usize, job: impl Fn(usize, &CudaOps) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
-        let hs: Vec<_> = (0..ranks).map(|r| {
-            let (job, ops) = (&job, &gpus[r]);
-            s.spawn(move || job(r, ops))
-        }).collect();
+        let hs: Vec<_> = (0..ranks)
+            .map(|r| {
+                let (job, ops) = (&job, &gpus[r]);
+                s.spawn(move || job(r, ops))
+            })
+            .collect();
         hs.into_iter().map(|h| h.join().expect("rank thread")).collect()
     })
 }
@@ -61,7 +63,13 @@ fn nccl_exchanges_and_ring_hops_move_what_they_should() {
         // Uneven all-to-all: rank r sends j + 1 values `1000·r + j` to member j.
         let send_host: Vec<f32> = (0..p).flat_map(|j| std::iter::repeat_n((1000 * rank + j) as f32, j + 1)).collect();
         let mut off = 0;
-        let send_parts: Vec<_> = (0..p).map(|j| { let r = off..off + j + 1; off += j + 1; r }).collect();
+        let send_parts: Vec<_> = (0..p)
+            .map(|j| {
+                let r = off..off + j + 1;
+                off += j + 1;
+                r
+            })
+            .collect();
         let recv_parts: Vec<_> = (0..p).map(|i| i * (rank + 1)..(i + 1) * (rank + 1)).collect();
         let send = ops.device().upload(&send_host).unwrap();
         let mut recv = ops.device().zeros::<f32>(p * (rank + 1)).unwrap();
@@ -131,7 +139,12 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
             });
             for (rank, (got, secs)) in outs.iter().enumerate() {
                 let c = Comparison::new(got.data(), want.data(), &RING);
-                println!("{preset:?} latent {latent:?}, P={ranks} U={ulysses}, rank {rank}: rel-L2 {:.2e}, forward {:.1} ms ({:.2}x one GPU)", c.rel_l2, secs * 1e3, one_gpu / secs);
+                println!(
+                    "{preset:?} latent {latent:?}, P={ranks} U={ulysses}, rank {rank}: rel-L2 {:.2e}, forward {:.1} ms ({:.2}x one GPU)",
+                    c.rel_l2,
+                    secs * 1e3,
+                    one_gpu / secs
+                );
                 if plan.ring == 1 {
                     assert_eq!(got.data(), want.data(), "{preset:?} P={ranks} U={ulysses}: Ulysses alone must be bit-identical");
                 } else {

@@ -69,16 +69,34 @@ fn worker_processes_over_tcp_compute_the_one_process_forward() {
         let dir = tmp.path().join(case.name.replace('/', "_"));
         std::fs::create_dir_all(&dir).unwrap();
         let single = dir.join("single.safetensors");
-        check(worker().args(["forward", "--model"]).arg(&case.dir).arg("--inputs").arg(case.dir.join("io.safetensors")).arg("--output").arg(&single).output().unwrap(), "one process");
+        check(
+            worker()
+                .args(["forward", "--model"])
+                .arg(&case.dir)
+                .arg("--inputs")
+                .arg(case.dir.join("io.safetensors"))
+                .arg("--output")
+                .arg(&single)
+                .output()
+                .unwrap(),
+            "one process",
+        );
         let one = read_output(&single);
-        let heads = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(case.dir.join("config.json")).unwrap()).unwrap()["num_attention_heads"].as_u64().unwrap() as usize;
+        let heads = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(case.dir.join("config.json")).unwrap()).unwrap()["num_attention_heads"]
+            .as_u64()
+            .unwrap() as usize;
         let mut plans = vec![(2, 1), (3, 1)];
         plans.extend([(2, 2), (3, 3)].into_iter().filter(|&(_, u)| heads % u == 0));
         for (ranks, ulysses) in plans {
             for (rank, (out, report)) in run_group(&case.dir, ranks, ulysses, &dir).into_iter().enumerate() {
                 let got = read_output(&out);
                 let vs_one = Comparison::new(&got, &one, &meta.tolerance);
-                assert!(vs_one.rel_l2 <= SHARDED_VS_ONE_REL_L2, "{} P={ranks} U={ulysses} rank {rank}: rel_l2 {} against one process", case.name, vs_one.rel_l2);
+                assert!(
+                    vs_one.rel_l2 <= SHARDED_VS_ONE_REL_L2,
+                    "{} P={ranks} U={ulysses} rank {rank}: rel_l2 {} against one process",
+                    case.name,
+                    vs_one.rel_l2
+                );
                 let vs_ref = Comparison::new(&got, &reference, &meta.tolerance);
                 assert!(vs_ref.passed, "{} P={ranks} U={ulysses} rank {rank}: {vs_ref:?} against the reference", case.name);
                 let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
@@ -114,7 +132,14 @@ fn a_rank_whose_peers_never_come_fails_with_a_clear_message() {
 #[test]
 fn bad_flags_are_named() {
     let case = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/dit/t2v-a");
-    let out = worker().args(["forward", "--model"]).arg(&case).arg("--inputs").arg(case.join("io.safetensors")).args(["--output", "/tmp/x", "--rank", "3", "--peers", "127.0.0.1:1,127.0.0.1:2"]).output().unwrap();
+    let out = worker()
+        .args(["forward", "--model"])
+        .arg(&case)
+        .arg("--inputs")
+        .arg(case.join("io.safetensors"))
+        .args(["--output", "/tmp/x", "--rank", "3", "--peers", "127.0.0.1:1,127.0.0.1:2"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rank 3 is outside"));
     let out = worker().args(["forward", "--model", "/nonexistent", "--inputs", "/x", "--output", "/y"]).output().unwrap();

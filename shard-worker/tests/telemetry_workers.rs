@@ -34,7 +34,21 @@ impl Worker {
         let (addr, collective) = (free_addr(), free_addr());
         let log = tempfile::Builder::new().prefix("tessera-worker-").suffix(".log").tempfile().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
-            .args(["serve", "--preset", "tiny", "--metrics-listen", "off", "--listen", &addr.to_string(), "--collective", &collective.to_string(), "--worker-id", id, "--otlp-endpoint", endpoint])
+            .args([
+                "serve",
+                "--preset",
+                "tiny",
+                "--metrics-listen",
+                "off",
+                "--listen",
+                &addr.to_string(),
+                "--collective",
+                &collective.to_string(),
+                "--worker-id",
+                id,
+                "--otlp-endpoint",
+                endpoint,
+            ])
             .env("TESSERA_THREADS", "1")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -87,10 +101,22 @@ const STEPS: u32 = 3;
 async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job: &str) {
     let trace_context: HashMap<String, String> = current_context_map();
     assert!(trace_context.contains_key("traceparent"), "{trace_context:?}");
-    let request = GenerateRequest { prompt: "a red ball".into(), width: 48, height: 32, num_frames: 9, steps: STEPS, guidance_scale: Some(5.0), ..Default::default() };
+    let request =
+        GenerateRequest { prompt: "a red ball".into(), width: 48, height: 32, num_frames: 9, steps: STEPS, guidance_scale: Some(5.0), ..Default::default() };
     let world = clients.len() as u32;
     let prepares = clients.iter().enumerate().map(|(rank, c)| {
-        let req = pb::PrepareJobRequest { job_id: job.into(), rank: rank as u32, world, ulysses: 1, peers: peers.to_vec(), session: 9, request: Some(request.clone()), seed: 3, trace_context: trace_context.clone(), ..Default::default() };
+        let req = pb::PrepareJobRequest {
+            job_id: job.into(),
+            rank: rank as u32,
+            world,
+            ulysses: 1,
+            peers: peers.to_vec(),
+            session: 9,
+            request: Some(request.clone()),
+            seed: 3,
+            trace_context: trace_context.clone(),
+            ..Default::default()
+        };
         let mut c = c.clone();
         async move { c.prepare_job(req).await }
     });
@@ -132,7 +158,9 @@ async fn each_workers_spans_join_the_coordinators_trace() {
     let peers: Vec<String> = workers.iter().map(|w| w.collective.to_string()).collect();
 
     // This test stands in for the coordinator: its job span is exported to the same receiver.
-    let guard = tessera_telemetry::init("telemetry-test-coordinator", &TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0 }, &[]).unwrap();
+    let guard =
+        tessera_telemetry::init("telemetry-test-coordinator", &TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0 }, &[])
+            .unwrap();
     let span = tracing::info_span!("job", job_id = "tj-1");
     let trace = tessera_telemetry::trace_id(&span).unwrap();
     drive(&mut clients, &peers, "tj-1").instrument(span).await;
@@ -149,7 +177,8 @@ async fn each_workers_spans_join_the_coordinators_trace() {
     let job = job[0];
     assert_eq!(job.service_name, "telemetry-test-coordinator");
     for (rank, id) in ["w0", "w1"].iter().enumerate() {
-        let mine = |name: &str| -> Vec<_> { tree.named(name).into_iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(*id)).collect() };
+        let mine =
+            |name: &str| -> Vec<_> { tree.named(name).into_iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(*id)).collect() };
         let (failed, steps): (Vec<_>, Vec<_>) = mine("step").into_iter().partition(|s| s.error.is_some());
         if rank == 0 {
             assert_eq!(failed.len(), 1, "the refused step");

@@ -51,7 +51,11 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
             job_idle_timeout: Duration::from_secs(600),
         };
         let svc = WorkerService::new(pipe.clone(), me);
-        tokio::spawn(tonic::transport::Server::builder().add_service(ShardWorkerServer::new(svc)).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ShardWorkerServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
         clients.push(ShardWorkerClient::connect(format!("http://{addr}")).await.unwrap());
         collectives.push(collective.to_string());
     }
@@ -65,7 +69,17 @@ fn request() -> GenerateRequest {
 async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, job: &str) -> Vec<u8> {
     let world = clients.len() as u32;
     let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
-        let req = pb::PrepareJobRequest { job_id: job.into(), rank: rank as u32, world, ulysses, peers: peers.to_vec(), session: 77, request: Some(request()), seed: 5, ..Default::default() };
+        let req = pb::PrepareJobRequest {
+            job_id: job.into(),
+            rank: rank as u32,
+            world,
+            ulysses,
+            peers: peers.to_vec(),
+            session: 77,
+            request: Some(request()),
+            seed: 5,
+            ..Default::default()
+        };
         let mut c = c.clone();
         async move { c.prepare_job(req).await }
     });
@@ -112,7 +126,10 @@ fn rgb_of(pipe: &WanPipeline) -> Vec<u8> {
     pipe.generate(&params_from_request(&request(), 5).unwrap(), &mut frames).unwrap();
     let t = frames.frames().unwrap();
     let (n, plane) = (t.dim(2), t.dim(3) * t.dim(4));
-    (0..n).flat_map(|f| (0..plane).flat_map(move |p| (0..3).map(move |c| (f, p, c)))).map(|(f, p, c)| (t.data()[(c * n + f) * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8).collect()
+    (0..n)
+        .flat_map(|f| (0..plane).flat_map(move |p| (0..3).map(move |c| (f, p, c))))
+        .map(|(f, p, c)| (t.data()[(c * n + f) * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -151,7 +168,17 @@ async fn workers_running_the_bf16_model_compute_its_one_process_video() {
 async fn a_group_mixing_devices_is_refused_on_every_rank() {
     let (mut clients, peers) = start_workers_with(vec![Arc::new(PipelinePreset::Tiny.build(0).unwrap()), Arc::new(emulated_pipeline())]).await;
     let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
-        let req = pb::PrepareJobRequest { job_id: "mixed".into(), rank: rank as u32, world: 2, ulysses: 1, peers: peers.clone(), session: 78, request: Some(request()), seed: 5, ..Default::default() };
+        let req = pb::PrepareJobRequest {
+            job_id: "mixed".into(),
+            rank: rank as u32,
+            world: 2,
+            ulysses: 1,
+            peers: peers.clone(),
+            session: 78,
+            request: Some(request()),
+            seed: 5,
+            ..Default::default()
+        };
         let mut c = c.clone();
         async move { c.prepare_job(req).await }
     });
@@ -172,7 +199,16 @@ async fn misuse_gets_clear_status_codes() {
     let c = &mut clients[0];
     let err = c.step(pb::StepRequest { job_id: "nope".into(), step: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
-    let prepare = |job: &str, req: GenerateRequest| pb::PrepareJobRequest { job_id: job.into(), rank: 0, world: 1, ulysses: 1, peers: peers.clone(), request: Some(req), seed: 1, ..Default::default() };
+    let prepare = |job: &str, req: GenerateRequest| pb::PrepareJobRequest {
+        job_id: job.into(),
+        rank: 0,
+        world: 1,
+        ulysses: 1,
+        peers: peers.clone(),
+        request: Some(req),
+        seed: 1,
+        ..Default::default()
+    };
     let err = c.prepare_job(prepare("bad", GenerateRequest { num_frames: 8, ..request() })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("num_frames"), "{err}");
@@ -195,12 +231,32 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
     let (mut clients, peers) = start_workers(2).await;
     let waiting = {
         let mut c = clients[0].clone();
-        let req = pb::PrepareJobRequest { job_id: "lonely".into(), rank: 0, world: 2, ulysses: 1, peers: peers.clone(), session: 9, request: Some(request()), seed: 5, ..Default::default() };
+        let req = pb::PrepareJobRequest {
+            job_id: "lonely".into(),
+            rank: 0,
+            world: 2,
+            ulysses: 1,
+            peers: peers.clone(),
+            session: 9,
+            request: Some(request()),
+            seed: 5,
+            ..Default::default()
+        };
         tokio::spawn(async move { c.prepare_job(req).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     // While it joins, the worker is taken.
-    let second = pb::PrepareJobRequest { job_id: "other".into(), rank: 0, world: 1, ulysses: 1, peers: vec![peers[0].clone()], session: 10, request: Some(request()), seed: 5, ..Default::default() };
+    let second = pb::PrepareJobRequest {
+        job_id: "other".into(),
+        rank: 0,
+        world: 1,
+        ulysses: 1,
+        peers: vec![peers[0].clone()],
+        session: 10,
+        request: Some(request()),
+        seed: 5,
+        ..Default::default()
+    };
     let err = clients[0].prepare_job(second).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     let released = std::time::Instant::now();
@@ -218,7 +274,17 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
     let (mut clients, peers) = start_workers(2).await;
-    let req = pb::PrepareJobRequest { job_id: "abandoned".into(), rank: 0, world: 2, ulysses: 1, peers: peers.clone(), session: 11, request: Some(request()), seed: 5, ..Default::default() };
+    let req = pb::PrepareJobRequest {
+        job_id: "abandoned".into(),
+        rank: 0,
+        world: 2,
+        ulysses: 1,
+        peers: peers.clone(),
+        session: 11,
+        request: Some(request()),
+        seed: 5,
+        ..Default::default()
+    };
     let mut call = tonic::Request::new(req);
     call.set_timeout(Duration::from_millis(300));
     let err = clients[0].prepare_job(call).await.unwrap_err();
@@ -263,7 +329,18 @@ async fn create_nccl_id_makes_a_fresh_id_or_names_the_missing_library() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_malformed_nccl_id_is_refused_and_leaves_the_worker_free() {
     let (mut clients, peers) = start_workers(1).await;
-    let bad = pb::PrepareJobRequest { job_id: "bad-id".into(), rank: 0, world: 1, ulysses: 1, peers: peers.clone(), session: 12, nccl_unique_id: vec![1, 2, 3, 4, 5], request: Some(request()), seed: 5, ..Default::default() };
+    let bad = pb::PrepareJobRequest {
+        job_id: "bad-id".into(),
+        rank: 0,
+        world: 1,
+        ulysses: 1,
+        peers: peers.clone(),
+        session: 12,
+        nccl_unique_id: vec![1, 2, 3, 4, 5],
+        request: Some(request()),
+        seed: 5,
+        ..Default::default()
+    };
     let err = clients[0].prepare_job(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("nccl_unique_id"), "{err}");

@@ -89,7 +89,9 @@ struct Mode {
 /// The log filter: `RUST_LOG`, or `default` when it is unset or empty.
 fn log_filter(default: &str) -> Result<EnvFilter> {
     match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::builder().parse(&v).map_err(|e| TelemetryError::InvalidLogFilter { value: v.clone(), reason: e.to_string() }),
+        Ok(v) if !v.trim().is_empty() => {
+            EnvFilter::builder().parse(&v).map_err(|e| TelemetryError::InvalidLogFilter { value: v.clone(), reason: e.to_string() })
+        }
         _ => Ok(EnvFilter::new(default)),
     }
 }
@@ -119,7 +121,10 @@ fn install(service_name: &str, args: &TelemetryArgs, attributes: &[(&str, String
     // `tessera_worker::parallel=debug` for the per-layer collective spans).
     let export_filter = LevelFilter::INFO.or(log_filter(mode.default_log)?);
 
-    let resource = Resource::builder().with_service_name(service_name.to_string()).with_attributes(attributes.iter().map(|(k, v)| KeyValue::new(k.to_string(), v.clone()))).build();
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attributes(attributes.iter().map(|(k, v)| KeyValue::new(k.to_string(), v.clone())))
+        .build();
     let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(args.trace_sample_ratio)));
     let mut guard = TelemetryGuard { provider: None, runtime: None, exporting: false };
     if let Some(url) = &endpoint {

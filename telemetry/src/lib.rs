@@ -22,9 +22,12 @@ pub mod receiver;
 
 pub use args::{parse_sample_ratio, TelemetryArgs};
 pub use error::TelemetryError;
-pub use metrics::{metrics_text, serve_metrics, MetricsArgs};
 pub use install::{init, init_client, TelemetryGuard, TRACER_NAME};
-pub use propagation::{context_map, current_context_map, current_trace_id, inject_metadata, mark_error, set_parent_from_map, set_parent_from_metadata, trace_id, TRACEPARENT, TRACESTATE};
+pub use metrics::{metrics_text, serve_metrics, MetricsArgs};
+pub use propagation::{
+    context_map, current_context_map, current_trace_id, inject_metadata, mark_error, set_parent_from_map, set_parent_from_metadata, trace_id, TRACEPARENT,
+    TRACESTATE,
+};
 
 /// Results of this crate.
 pub type Result<T> = std::result::Result<T, TelemetryError>;

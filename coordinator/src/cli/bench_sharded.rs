@@ -59,7 +59,13 @@ pub fn measure(model: &WanTransformer, inputs: &DitInputs<'_>, plan: ParallelPla
     let per = |x: u64| (x as f64 / iters).round() as u64;
     Ok(ShardedFigures {
         median_ms: walls[walls.len() / 2],
-        per_rank: CommCounts { all_gather: per(counts.all_gather), all_to_all: per(counts.all_to_all), ring: per(counts.ring), broadcast: per(counts.broadcast), received: per(counts.received) },
+        per_rank: CommCounts {
+            all_gather: per(counts.all_gather),
+            all_to_all: per(counts.all_to_all),
+            ring: per(counts.ring),
+            broadcast: per(counts.broadcast),
+            received: per(counts.received),
+        },
         exposed_comm_s: results.iter().map(|r| r.2).sum::<f64>() / results.len() as f64 / iters,
         standalone_comm_s: *standalone,
         attention_s: attention / iters,
@@ -75,7 +81,8 @@ fn standalone_comm(ctx: &ShardContext, layers: usize, tokens: usize, hidden: usi
     let ulysses = ctx.attention().ulysses();
     let rows = shard_ranges(tokens, plan.ranks())[ctx.rank()].len();
     let heads_w = hidden / plan.ulysses;
-    let ring_rows: usize = shard_ranges(tokens, plan.ranks()).iter().enumerate().filter(|(r, _)| plan.ulysses_group(ctx.rank()).contains(r)).map(|(_, r)| r.len()).sum();
+    let ring_rows: usize =
+        shard_ranges(tokens, plan.ranks()).iter().enumerate().filter(|(r, _)| plan.ulysses_group(ctx.rank()).contains(r)).map(|(_, r)| r.len()).sum();
     ctx.world().barrier()?;
     let t = Instant::now();
     for _ in 0..layers {
@@ -111,7 +118,15 @@ pub fn report(figures: &ShardedFigures, plan: ParallelPlan, transport: LocalTran
                 "attention_s": figures.attention_s, "exposed_comm_s": figures.exposed_comm_s, "standalone_comm_s": figures.standalone_comm_s, "comm_hidden_share": hidden_share})
         );
     } else {
-        println!("  sharded over {} ranks (ulysses {} x ring {}, {transport}): median {:.1} ms against {:.1} ms on one rank ({:.2}x)", plan.ranks(), plan.ulysses, plan.ring, figures.median_ms, one_rank_ms, one_rank_ms / figures.median_ms);
+        println!(
+            "  sharded over {} ranks (ulysses {} x ring {}, {transport}): median {:.1} ms against {:.1} ms on one rank ({:.2}x)",
+            plan.ranks(),
+            plan.ulysses,
+            plan.ring,
+            figures.median_ms,
+            one_rank_ms,
+            one_rank_ms / figures.median_ms
+        );
         println!(
             "  per rank per forward: ring {:.2} MiB, all-to-all {:.2} MiB, output gather {:.2} MiB; attention {:.1} ms; communication {:.1} ms alone, {:.1} ms exposed ({:.0}% hidden)",
             c.ring as f64 / 1048576.0,

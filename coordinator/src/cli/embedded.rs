@@ -34,7 +34,8 @@ impl EmbeddedServer {
                 };
                 runtime.block_on(async move {
                     let started = async {
-                        let (embedded, executor) = EmbeddedWorkers::with_executor(source, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
+                        let (embedded, executor) =
+                            EmbeddedWorkers::with_executor(source, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
                         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the embedded coordinator to loopback")?;
                         let addr = listener.local_addr()?;
                         Ok::<_, anyhow::Error>((embedded, executor, listener, addr))

@@ -17,7 +17,9 @@ use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
 use tessera_kernels::{Device, Tensor};
 use tessera_worker::parallel::ParallelPlan;
-use tessera_worker::pipeline::{generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::pipeline::{
+    generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS,
+};
 use tessera_worker::sampler::SamplerKind;
 
 /// Arguments of `tessera generate`.
@@ -116,7 +118,9 @@ fn remote_request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> 
     use tessera_proto::v1::{GenerateRequest, Sampler};
     let format = match &args.format {
         Some(f) => format_named(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif, png or latents"))?,
-        None => format_of(&args.output).ok_or_else(|| anyhow!("--output {}: unknown extension (use .mp4, .gif, .safetensors or a folder for PNG frames, or --format)", args.output.display()))?,
+        None => format_of(&args.output).ok_or_else(|| {
+            anyhow!("--output {}: unknown extension (use .mp4, .gif, .safetensors or a folder for PNG frames, or --format)", args.output.display())
+        })?,
     };
     let sampler = match args.sampler.as_deref() {
         None => Sampler::Unspecified,
@@ -247,7 +251,8 @@ impl PipelineObserver for CliObserver {
     fn on_frames(&mut self, frames: &Tensor) -> tessera_worker::Result<()> {
         let t = Instant::now();
         let file = self.file.as_mut().expect("the file is open until the run ends");
-        push_channel_major(file, frames.data(), frames.dim(2)).map_err(|e| tessera_worker::WorkerError::InvalidInput { field: "output", detail: e.to_string() })?;
+        push_channel_major(file, frames.data(), frames.dim(2))
+            .map_err(|e| tessera_worker::WorkerError::InvalidInput { field: "output", detail: e.to_string() })?;
         self.encode_time += t.elapsed();
         Ok(())
     }
@@ -307,7 +312,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     let format = match &args.format {
         Some(f) => tessera_coordinator::video::VideoFormat::from_name(f).ok_or_else(|| anyhow!("--format {f}: expected mp4, gif or png"))?,
-        None => VideoFile::format_of(&args.output).ok_or_else(|| anyhow!("--output {}: unknown extension (use .mp4, .gif or a folder for PNG frames, or --format)", args.output.display()))?,
+        None => VideoFile::format_of(&args.output)
+            .ok_or_else(|| anyhow!("--output {}: unknown extension (use .mp4, .gif or a folder for PNG frames, or --format)", args.output.display()))?,
     };
     let sampler = match &args.sampler {
         Some(s) => Some(SamplerKind::from_name(s).ok_or_else(|| anyhow!("--sampler {s}: expected unipc or euler"))?),
@@ -328,7 +334,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         None
     } else {
         let heads = pipe.transformer().config().num_attention_heads;
-        Some(ParallelPlan::new(args.ranks.ranks, args.ranks.ulysses, heads).map_err(|e| anyhow!("--ranks {} --ulysses {}: {e}", args.ranks.ranks, args.ranks.ulysses))?)
+        Some(
+            ParallelPlan::new(args.ranks.ranks, args.ranks.ulysses, heads)
+                .map_err(|e| anyhow!("--ranks {} --ulysses {}: {e}", args.ranks.ranks, args.ranks.ulysses))?,
+        )
     };
     let load_time = started.elapsed();
     let seed = args.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
@@ -394,7 +403,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let spec = VideoSpec::new(params.width as u32, params.height as u32, args.fps)?;
     let file = VideoFile::create(format, &args.output, spec).with_context(|| format!("--output {}", args.output.display()))?;
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(params.num_inference_steps as u64) };
-    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.set_message("encoding prompt");
     let mut obs = CliObserver { bar, file: Some(file), decode_started: None, encode_time: Duration::ZERO, denoise_started: None, denoise_time: Duration::ZERO };
     let text_started = Instant::now();
@@ -411,9 +424,22 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let written = obs.file.take().expect("the file is still open").finish()?;
     let text_time = text_started.elapsed().saturating_sub(obs.denoise_time + decode_and_encode);
-    println!("wrote {} ({} frames, {}x{} at {} fps, {})", args.output.display(), frames, spec.width, spec.height, args.fps, if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() });
+    println!(
+        "wrote {} ({} frames, {}x{} at {} fps, {})",
+        args.output.display(),
+        frames,
+        spec.width,
+        spec.height,
+        args.fps,
+        if written.len() > 1 { format!("{} PNG files", written.len()) } else { format.name().to_string() }
+    );
     let ranks = plan.map(|p| format!(", {} ranks (ulysses {} x ring {}, {})", p.ranks(), p.ulysses, p.ring, args.ranks.transport)).unwrap_or_default();
-    println!("model {model_desc}, transformer on {}, seed {seed}, {} steps, guidance {}{ranks}", pipe.transformer().describe(), params.num_inference_steps, params.guidance_scale);
+    println!(
+        "model {model_desc}, transformer on {}, seed {seed}, {} steps, guidance {}{ranks}",
+        pipe.transformer().describe(),
+        params.num_inference_steps,
+        params.guidance_scale
+    );
     println!(
         "time: load {:.2}s, text {:.2}s, denoise {:.2}s, decode {:.2}s, encode {:.2}s, total {:.2}s",
         load_time.as_secs_f64(),

@@ -74,7 +74,8 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
         let detail = match &outcome {
             tessera_worker::golden::Outcome::Unsupported(why) | tessera_worker::golden::Outcome::Error(why) => format!(" ({why})"),
             tessera_worker::golden::Outcome::Fail(cs) => {
-                let bad: Vec<String> = cs.iter().filter(|(_, c)| !c.passed).map(|(n, c)| format!("{n}: rel_l2 {:.3e}, max_abs {:.3e}", c.rel_l2, c.max_abs)).collect();
+                let bad: Vec<String> =
+                    cs.iter().filter(|(_, c)| !c.passed).map(|(n, c)| format!("{n}: rel_l2 {:.3e}, max_abs {:.3e}", c.rel_l2, c.max_abs)).collect();
                 format!(" ({})", bad.join("; "))
             }
             _ => String::new(),

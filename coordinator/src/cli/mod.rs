@@ -27,6 +27,7 @@ pub struct RankArgs {
 impl RankArgs {
     /// The transport named by `--transport`.
     pub fn transport(&self) -> anyhow::Result<tessera_worker::parallel::LocalTransport> {
-        tessera_worker::parallel::LocalTransport::from_name(&self.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", self.transport))
+        tessera_worker::parallel::LocalTransport::from_name(&self.transport)
+            .ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", self.transport))
     }
 }

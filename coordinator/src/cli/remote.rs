@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, Plan, PhaseTimings};
+use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -67,7 +67,10 @@ pub fn endpoint(server: &str) -> String {
 
 /// Connects to the public API (`flag` names the option in errors).
 pub async fn connect(server: &str, flag: &str) -> Result<Channel> {
-    let ep = tonic::transport::Endpoint::from_shared(endpoint(server)).map_err(|e| anyhow!("{flag} {server}: {e}"))?.connect_timeout(Duration::from_secs(10)).tcp_nodelay(true);
+    let ep = tonic::transport::Endpoint::from_shared(endpoint(server))
+        .map_err(|e| anyhow!("{flag} {server}: {e}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
     ep.connect().await.map_err(|e| anyhow!("{flag} {server}: cannot connect: {e}"))
 }
 
@@ -192,7 +195,8 @@ fn phase_name(p: i32) -> &'static str {
 /// job's trace: a `generate` span whose context travels in the request's `traceparent` (exported
 /// too when OTEL_EXPORTER_OTLP_ENDPOINT is set).
 pub fn generate(job: RemoteGenerate) -> Result<ExitCode> {
-    let telemetry = tessera_telemetry::TelemetryArgs::from_env().and_then(|t| tessera_telemetry::init_client("tessera-client", &t, &[("service.version", env!("CARGO_PKG_VERSION").to_string())]))?;
+    let telemetry = tessera_telemetry::TelemetryArgs::from_env()
+        .and_then(|t| tessera_telemetry::init_client("tessera-client", &t, &[("service.version", env!("CARGO_PKG_VERSION").to_string())]))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     let span = tracing::info_span!("generate", server = %job.server, model = %job.request.model, steps = job.request.steps);
     let result = runtime.block_on(generate_async(job).instrument(span));
@@ -211,7 +215,11 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
     let mut writer = ChunkWriter::new(&job.output, format)?;
     let bar = if job.quiet { ProgressBar::hidden() } else { ProgressBar::new(job.request.steps.max(1) as u64) };
-    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.set_message("queued");
     let result: Result<_> = async {
         loop {

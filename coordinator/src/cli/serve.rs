@@ -4,7 +4,6 @@
 //! the model is loaded (embedded) or the workers are listed (cluster). SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
 //! running job gets `--grace-period` to finish and is then stopped between steps.
 
-use tessera_worker::duration::parse_duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -13,7 +12,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_coordinator::server::{serve, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig};
+use tessera_coordinator::server::{
+    serve, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig,
+};
+use tessera_worker::duration::parse_duration;
 use tessera_worker::membership::{EtcdMembership, Heartbeat};
 use tessera_worker::pipeline::PipelinePreset;
 
@@ -156,7 +158,10 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
     let transport = args.ranks.transport()?;
     if args.workers > 0 {
         if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
-            bail!("--workers {} and --ranks/--ulysses: give one of them (with --workers the plan follows the workers; limit them with --max-ranks)", args.workers);
+            bail!(
+                "--workers {} and --ranks/--ulysses: give one of them (with --workers the plan follows the workers; limit them with --max-ranks)",
+                args.workers
+            );
         }
         return Ok(Mode::EmbeddedWorkers { source, model_name, source_flag, workers: args.workers });
     }
@@ -182,7 +187,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
     let _telemetry = tessera_telemetry::init("tessera-coordinator", &args.telemetry, &[("service.version", env!("CARGO_PKG_VERSION").to_string())])?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-io").enable_all().build().context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-io").enable_all().build().context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}"))?;
@@ -196,14 +202,23 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         let mut embedded_workers = None;
         let (executor, what): (Arc<dyn JobExecutor>, String) = match mode {
             Mode::Embedded { source, model_name, source_flag, transport } => {
-                let executor = LocalExecutor::start(LocalExecutorConfig { source, model_name: model_name.clone(), ranks: args.ranks.ranks, ulysses: args.ranks.ulysses, transport, max_tokens: args.max_tokens })
-                    .map_err(|e| anyhow!("{e}"))?;
+                let executor = LocalExecutor::start(LocalExecutorConfig {
+                    source,
+                    model_name: model_name.clone(),
+                    ranks: args.ranks.ranks,
+                    ulysses: args.ranks.ulysses,
+                    transport,
+                    max_tokens: args.max_tokens,
+                })
+                .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
                 (Arc::new(executor), source_flag)
             }
             Mode::EmbeddedWorkers { source, model_name, source_flag, workers } => {
                 tracing::info!(%bound, model = %model_name, workers, "loading the model for the in-process workers");
-                let (embedded, executor) = EmbeddedWorkers::with_executor(source, &model_name, workers, args.max_ranks, args.max_tokens).await.map_err(|e| anyhow!("{source_flag}: {e}"))?;
+                let (embedded, executor) = EmbeddedWorkers::with_executor(source, &model_name, workers, args.max_ranks, args.max_tokens)
+                    .await
+                    .map_err(|e| anyhow!("{source_flag}: {e}"))?;
                 embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }
@@ -220,7 +235,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                     recover_attempts: args.recover_attempts,
                     checkpoint_every: args.checkpoint_every,
                 })
-                    .map_err(|e| anyhow!("{e}"))?;
+                .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, etcd = %endpoints, cluster = %args.cluster, "following the workers in etcd");
                 (Arc::new(executor), format!("--etcd {endpoints}"))
             }

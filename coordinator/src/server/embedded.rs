@@ -56,7 +56,9 @@ impl EmbeddedWorkers {
                 let service = service.clone();
                 async move {
                     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                    let server = ShardWorkerServer::new(service).max_decoding_message_size(super::remote::MAX_MESSAGE).max_encoding_message_size(super::remote::MAX_MESSAGE);
+                    let server = ShardWorkerServer::new(service)
+                        .max_decoding_message_size(super::remote::MAX_MESSAGE)
+                        .max_encoding_message_size(super::remote::MAX_MESSAGE);
                     let ended = tonic::transport::Server::builder().add_service(server).serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop.wait_for(|s| *s).await;
                     });
@@ -92,7 +94,13 @@ impl EmbeddedWorkers {
     /// Loads `source` (on a blocking thread), starts `workers` in-process workers serving it as
     /// `model_name`, and a [`RemoteExecutor`] over them (jobs of at most `max_ranks` workers, 0 =
     /// all, and `max_tokens` tokens). Keep the returned workers alive as long as the executor.
-    pub async fn with_executor(source: ModelSource, model_name: &str, workers: usize, max_ranks: usize, max_tokens: usize) -> Result<(Self, RemoteExecutor), CoordinatorError> {
+    pub async fn with_executor(
+        source: ModelSource,
+        model_name: &str,
+        workers: usize,
+        max_ranks: usize,
+        max_tokens: usize,
+    ) -> Result<(Self, RemoteExecutor), CoordinatorError> {
         let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load())
             .await
             .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?

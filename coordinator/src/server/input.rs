@@ -14,7 +14,13 @@ pub fn prepare_request_video(request: &GenerateRequest) -> Result<Option<Tensor>
     if request.input_video.is_empty() {
         return Ok(None);
     }
-    let prepared = prepare_video(&request.input_video, request.width as usize, request.height as usize, FrameSelection::First(request.num_frames as usize), &InputLimits::default())?;
+    let prepared = prepare_video(
+        &request.input_video,
+        request.width as usize,
+        request.height as usize,
+        FrameSelection::First(request.num_frames as usize),
+        &InputLimits::default(),
+    )?;
     Ok(Some(prepared.video))
 }
 
@@ -24,5 +30,7 @@ pub async fn prepare_request_video_blocking(request: &GenerateRequest) -> Result
         return Ok(None);
     }
     let request = request.clone();
-    tokio::task::spawn_blocking(move || prepare_request_video(&request)).await.map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))?
+    tokio::task::spawn_blocking(move || prepare_request_video(&request))
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))?
 }

@@ -211,11 +211,8 @@ impl JobExecutor for LocalExecutor {
     fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), CoordinatorError>> + Send + '_>> {
         let mut rx = self.shared.load.subscribe();
         Box::pin(async move {
-            let state = rx
-                .wait_for(|s| !matches!(**s, LoadState::Loading))
-                .await
-                .map_err(|_| CoordinatorError::Internal("the loader went away".into()))?
-                .clone();
+            let state =
+                rx.wait_for(|s| !matches!(**s, LoadState::Loading)).await.map_err(|_| CoordinatorError::Internal("the loader went away".into()))?.clone();
             match &*state {
                 LoadState::Failed(e) => Err(CoordinatorError::Unavailable(format!("the model did not load: {e}"))),
                 _ => Ok(()),
@@ -290,7 +287,13 @@ impl PipelineObserver for JobObserver<'_> {
 }
 
 /// Runs one job on the job's thread.
-fn run_job(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, events: &mpsc::Sender<ExecEvent>, stop: &StopSignal) -> Result<ExecReport, CoordinatorError> {
+fn run_job(
+    loaded: &Loaded,
+    transport: LocalTransport,
+    job: &ExecJob,
+    events: &mpsc::Sender<ExecEvent>,
+    stop: &StopSignal,
+) -> Result<ExecReport, CoordinatorError> {
     let mut obs = JobObserver { events, stop, encoder: None, encode_error: None };
     let result = stages(loaded, transport, job, &mut obs);
     // A stop wins over whatever error it provoked; an encoder failure over the abort it caused.
@@ -353,7 +356,8 @@ fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut J
 
     obs.emit(ExecEvent::Phase(Phase::Encoding))?;
     // Frames were encoded as they were decoded (`encode_during_decode_s`); this completes the file.
-    let (files, encoding) = tracing::info_span!("encode", format = ?format, frames = report.frames, encode_during_decode_s = during_decode.as_secs_f64()).in_scope(|| encoder.finish())?;
+    let (files, encoding) = tracing::info_span!("encode", format = ?format, frames = report.frames, encode_during_decode_s = during_decode.as_secs_f64())
+        .in_scope(|| encoder.finish())?;
     report.encoding = encoding;
     for f in files {
         obs.emit(ExecEvent::File(f))?;

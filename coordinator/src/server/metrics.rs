@@ -6,8 +6,8 @@
 use crate::CoordinatorError;
 use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::time::Duration;
-use tessera_worker::server::STEP_BUCKETS;
 use tessera_proto::v1::{Worker, WorkerState};
+use tessera_worker::server::STEP_BUCKETS;
 
 /// Latency buckets in seconds, from a fast tiny job to a long high-resolution one.
 const JOB_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
@@ -38,23 +38,41 @@ impl CoordinatorMetrics {
         let m = Self {
             queue_depth: IntGauge::new("tessera_queue_depth", "Jobs waiting in the queue (jobs).").map_err(metric_error)?,
             jobs_running: IntGauge::new("tessera_jobs_running", "Jobs running now (jobs).").map_err(metric_error)?,
-            jobs: IntCounterVec::new(Opts::new("tessera_jobs_total", "Jobs ended, by outcome (succeeded, failed, cancelled) (jobs)."), &["outcome"]).map_err(metric_error)?,
+            jobs: IntCounterVec::new(Opts::new("tessera_jobs_total", "Jobs ended, by outcome (succeeded, failed, cancelled) (jobs)."), &["outcome"])
+                .map_err(metric_error)?,
             job_duration: HistogramVec::new(
-                HistogramOpts::new("tessera_job_duration_seconds", "Time from a job's acceptance to its end, by outcome (seconds).").buckets(JOB_BUCKETS.to_vec()),
+                HistogramOpts::new("tessera_job_duration_seconds", "Time from a job's acceptance to its end, by outcome (seconds).")
+                    .buckets(JOB_BUCKETS.to_vec()),
                 &["outcome"],
             )
             .map_err(metric_error)?,
             phase_duration: HistogramVec::new(
-                HistogramOpts::new("tessera_phase_duration_seconds", "Time a succeeded job spent in each phase: queued, preparing, denoising, decoding, encoding (seconds).").buckets(JOB_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "tessera_phase_duration_seconds",
+                    "Time a succeeded job spent in each phase: queued, preparing, denoising, decoding, encoding (seconds).",
+                )
+                .buckets(JOB_BUCKETS.to_vec()),
                 &["phase"],
             )
             .map_err(metric_error)?,
-            step_duration: Histogram::with_opts(HistogramOpts::new("tessera_step_duration_seconds", "Wall time of one denoising step across the job's ranks (seconds).").buckets(STEP_BUCKETS.to_vec())).map_err(metric_error)?,
-            tokens: IntCounter::new("tessera_tokens_total", "Video tokens through the transformer: tokens x forwards per step x steps (tokens).").map_err(metric_error)?,
-            tokens_per_second: Gauge::new("tessera_tokens_per_second", "Denoising throughput of the last succeeded job (tokens per second).").map_err(metric_error)?,
-            workers: IntGaugeVec::new(Opts::new("tessera_workers", "Workers known to the coordinator, by state (workers)."), &["state"]).map_err(metric_error)?,
-            failures: IntCounterVec::new(Opts::new("tessera_job_failures_total", "Accepted jobs that did not succeed, by cause (jobs)."), &["cause"]).map_err(metric_error)?,
-            rejected: IntCounterVec::new(Opts::new("tessera_requests_rejected_total", "Generate requests refused before acceptance, by cause (requests)."), &["cause"]).map_err(metric_error)?,
+            step_duration: Histogram::with_opts(
+                HistogramOpts::new("tessera_step_duration_seconds", "Wall time of one denoising step across the job's ranks (seconds).")
+                    .buckets(STEP_BUCKETS.to_vec()),
+            )
+            .map_err(metric_error)?,
+            tokens: IntCounter::new("tessera_tokens_total", "Video tokens through the transformer: tokens x forwards per step x steps (tokens).")
+                .map_err(metric_error)?,
+            tokens_per_second: Gauge::new("tessera_tokens_per_second", "Denoising throughput of the last succeeded job (tokens per second).")
+                .map_err(metric_error)?,
+            workers: IntGaugeVec::new(Opts::new("tessera_workers", "Workers known to the coordinator, by state (workers)."), &["state"])
+                .map_err(metric_error)?,
+            failures: IntCounterVec::new(Opts::new("tessera_job_failures_total", "Accepted jobs that did not succeed, by cause (jobs)."), &["cause"])
+                .map_err(metric_error)?,
+            rejected: IntCounterVec::new(
+                Opts::new("tessera_requests_rejected_total", "Generate requests refused before acceptance, by cause (requests)."),
+                &["cause"],
+            )
+            .map_err(metric_error)?,
         };
         registry.register(Box::new(m.queue_depth.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.jobs_running.clone())).map_err(metric_error)?;
@@ -144,7 +162,8 @@ impl CoordinatorMetrics {
 }
 
 /// Worker states and their label values.
-const STATES: [(WorkerState, &str); 4] = [(WorkerState::Starting, "starting"), (WorkerState::Idle, "idle"), (WorkerState::Busy, "busy"), (WorkerState::Draining, "draining")];
+const STATES: [(WorkerState, &str); 4] =
+    [(WorkerState::Starting, "starting"), (WorkerState::Idle, "idle"), (WorkerState::Busy, "busy"), (WorkerState::Draining, "draining")];
 
 /// A short, stable label for what went wrong.
 pub fn cause(e: &CoordinatorError) -> &'static str {
@@ -182,9 +201,18 @@ mod tests {
         assert!(before.contains("tessera_jobs_total{outcome=\"succeeded\"} 0"), "{before}");
         m.set_queue_depth(3);
         m.job_started();
-        m.refresh_workers(&[Worker { state: WorkerState::Idle as i32, ..Default::default() }, Worker { state: WorkerState::Busy as i32, ..Default::default() }]);
+        m.refresh_workers(&[
+            Worker { state: WorkerState::Idle as i32, ..Default::default() },
+            Worker { state: WorkerState::Busy as i32, ..Default::default() },
+        ]);
         m.step(Duration::from_millis(40));
-        let phases = [("queued", Duration::ZERO), ("preparing", Duration::from_millis(5)), ("denoising", Duration::from_secs(2)), ("decoding", Duration::from_millis(50)), ("encoding", Duration::from_millis(5))];
+        let phases = [
+            ("queued", Duration::ZERO),
+            ("preparing", Duration::from_millis(5)),
+            ("denoising", Duration::from_secs(2)),
+            ("decoding", Duration::from_millis(50)),
+            ("encoding", Duration::from_millis(5)),
+        ];
         m.succeeded(Duration::from_secs(3), phases, 1000, Duration::from_secs(2));
         m.ended_badly(Duration::from_secs(1), &CoordinatorError::Cancelled("x".into()), true);
         m.rejected(&CoordinatorError::invalid_argument("width", "bad"));

@@ -23,8 +23,8 @@ pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, Outp
 pub use input::{prepare_request_video, prepare_request_video_blocking};
 pub use jobs::{JobTable, StopReason, StopSignal, Timings};
 pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSource};
-pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use metrics::{cause, CoordinatorMetrics};
+pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use queue::JobQueue;
 pub use remote::{ulysses_degree, DriveLimits, Group, RemoteExecutor, RemoteExecutorConfig, WorkerTable};
 pub use scheduler::{Scheduler, SlotGuard};
@@ -100,7 +100,12 @@ const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves on `listener` until `shutdown` resolves (or the executor fails to load: then the error),
 /// then drains as the module docs say.
-pub async fn serve(listener: tokio::net::TcpListener, executor: Arc<dyn JobExecutor>, config: ServerConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), CoordinatorError> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    executor: Arc<dyn JobExecutor>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), CoordinatorError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
@@ -122,9 +127,12 @@ pub async fn serve(listener: tokio::net::TcpListener, executor: Arc<dyn JobExecu
     });
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(tessera).serve_with_incoming_shutdown(incoming, async {
-            let _ = close_rx.await;
-        }),
+        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(tessera).serve_with_incoming_shutdown(
+            incoming,
+            async {
+                let _ = close_rx.await;
+            },
+        ),
     );
 
     tokio::pin!(shutdown);

@@ -99,7 +99,9 @@ impl FrameEncoder {
         let first = self.frames();
         push_channel_major(self.sink(), chunk.data(), chunk.dim(2))?;
         let files = match &mut self.encoder {
-            Encoder::Png(p) => p.done.drain(..).enumerate().map(|(i, bytes)| OutputFile { content_type: "image/png", frame_index: (first + i) as u32, bytes }).collect(),
+            Encoder::Png(p) => {
+                p.done.drain(..).enumerate().map(|(i, bytes)| OutputFile { content_type: "image/png", frame_index: (first + i) as u32, bytes }).collect()
+            }
             _ => Vec::new(),
         };
         self.busy += started.elapsed();
@@ -122,7 +124,8 @@ impl FrameEncoder {
 /// The latents `[1, C, T, h, w]` as a safetensors file holding one float32 tensor `latents`.
 pub fn latents_file(latents: &Tensor) -> Result<OutputFile> {
     let bytes: Vec<u8> = latents.data().iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.shape().to_vec(), &bytes).map_err(|e| CoordinatorError::encode("safetensors", e))?;
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, latents.shape().to_vec(), &bytes)
+        .map_err(|e| CoordinatorError::encode("safetensors", e))?;
     let file = safetensors::tensor::serialize([("latents", view)], None).map_err(|e| CoordinatorError::encode("safetensors", e))?;
     Ok(OutputFile { content_type: LATENTS_CONTENT_TYPE, frame_index: 0, bytes: file })
 }

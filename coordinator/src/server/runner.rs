@@ -77,7 +77,13 @@ impl Tracker {
             }
             _ => None,
         };
-        Progress { phase: self.phase as i32, step: self.done, total_steps: self.total, elapsed: Some(pb_duration(self.accepted.elapsed())), estimated_remaining: estimate }
+        Progress {
+            phase: self.phase as i32,
+            step: self.done,
+            total_steps: self.total,
+            elapsed: Some(pb_duration(self.accepted.elapsed())),
+            estimated_remaining: estimate,
+        }
     }
 }
 
@@ -156,7 +162,14 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             let r = &d.job.request;
             state.metrics.succeeded(t.total, phases, r.tokens as u64 * u64::from(r.forwards_per_step()) * o.steps as u64, t.denoising);
             tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
-            let done = Done { job_id: id.clone(), timings: Some(o.timings.to_pb()), total_bytes: o.total_bytes, num_frames: report.frames, width: report.width, height: report.height };
+            let done = Done {
+                job_id: id.clone(),
+                timings: Some(o.timings.to_pb()),
+                total_bytes: o.total_bytes,
+                num_frames: report.frames,
+                width: report.width,
+                height: report.height,
+            };
             let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Ok(event(Event::Done(done))))).await;
         }
         Err(e) => {
@@ -185,7 +198,14 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     let queued = started - d.accepted;
     let req = &d.job.request.request;
     let pixel_frames = req.width as u64 * req.height as u64 * req.num_frames as u64;
-    let mut tracker = Tracker { accepted: d.accepted, phase: Phase::Preparing, done: 0, total: req.steps, denoise_started: None, after_denoise: state.estimator.after_denoise(pixel_frames) };
+    let mut tracker = Tracker {
+        accepted: d.accepted,
+        phase: Phase::Preparing,
+        done: 0,
+        total: req.steps,
+        denoise_started: None,
+        after_denoise: state.estimator.after_denoise(pixel_frames),
+    };
     state.jobs.update(&d.job.id, |j| {
         j.state = JobState::Running as i32;
         j.progress = Some(tracker.progress());
@@ -266,7 +286,13 @@ async fn send_file(d: &DriverJob, file: OutputFile, chunk_size: usize) {
     let mut offset = 0;
     loop {
         let end = (offset + chunk_size).min(n);
-        let chunk = Chunk { offset: offset as u64, data: file.bytes[offset..end].to_vec(), content_type: file.content_type.to_string(), frame_index: file.frame_index, last: end == n };
+        let chunk = Chunk {
+            offset: offset as u64,
+            data: file.bytes[offset..end].to_vec(),
+            content_type: file.content_type.to_string(),
+            frame_index: file.frame_index,
+            last: end == n,
+        };
         send(d, event(Event::Chunk(chunk))).await;
         if end == n || d.stop.is_stopped() {
             return;
@@ -292,7 +318,14 @@ mod tests {
 
     #[test]
     fn remaining_time_is_estimated_once_a_step_is_done() {
-        let mut t = Tracker { accepted: Instant::now(), phase: Phase::Denoising, done: 0, total: 10, denoise_started: Some(Instant::now() - Duration::from_secs(2)), after_denoise: Duration::from_secs(1) };
+        let mut t = Tracker {
+            accepted: Instant::now(),
+            phase: Phase::Denoising,
+            done: 0,
+            total: 10,
+            denoise_started: Some(Instant::now() - Duration::from_secs(2)),
+            after_denoise: Duration::from_secs(1),
+        };
         assert!(t.progress().estimated_remaining.is_none());
         t.done = 2;
         let left = t.progress().estimated_remaining.unwrap();

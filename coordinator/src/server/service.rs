@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tessera_proto::v1::tessera_server::Tessera;
 use tessera_proto::v1::{
-    generate_event::Event, Accepted, CancelJobRequest, CancelJobResponse, GenerateEvent, GenerateRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
-    ListWorkersResponse, Phase, Progress,
+    generate_event::Event, Accepted, CancelJobRequest, CancelJobResponse, GenerateEvent, GenerateRequest, GetJobRequest, Job, JobState, ListJobsRequest,
+    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, Phase, Progress,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -134,7 +134,8 @@ impl Tessera for TesseraService {
         span.in_scope(|| tracing::info!(job = %id, position, tokens = valid.tokens, steps = valid.request.steps, "job accepted"));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let accepted_msg = Accepted { job_id: id.clone(), plan: Some(plan), queue_position: position as u32, seed, effective_request: Some(recorded) };
-        tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) })).map_err(|_| Status::internal("a new stream refused its first message"))?;
+        tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) }))
+            .map_err(|_| Status::internal("a new stream refused its first message"))?;
         let job = super::executor::ExecJob { id, request: valid };
         tokio::spawn(drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline }, admission).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -157,7 +158,9 @@ impl Tessera for TesseraService {
         stop.stop(StopReason::Cancelled);
         let state = if self.state.scheduler.remove(id) {
             // Out of the queue at once; its driver ends the stream.
-            let waited = record.created.and_then(|c| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|now| now.saturating_sub(Duration::new(c.seconds as u64, c.nanos as u32))));
+            let waited = record.created.and_then(|c| {
+                SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|now| now.saturating_sub(Duration::new(c.seconds as u64, c.nanos as u32)))
+            });
             let t = Timings { queued: waited.unwrap_or_default(), total: waited.unwrap_or_default(), ..Default::default() };
             jobs.finish(id, JobState::Cancelled, Some(StopReason::Cancelled.error().to_string()), &t);
             JobState::Cancelled

@@ -25,9 +25,8 @@ enum Output {
 impl VideoFile {
     /// Creates `path` (a file, or for PNG frames a folder) for frames of `spec`.
     pub fn create(format: VideoFormat, path: &Path, spec: VideoSpec) -> Result<Self> {
-        let file = || -> Result<BufWriter<File>> {
-            File::create(path).map(BufWriter::new).map_err(|source| CoordinatorError::Io { path: path.into(), source })
-        };
+        let file =
+            || -> Result<BufWriter<File>> { File::create(path).map(BufWriter::new).map_err(|source| CoordinatorError::Io { path: path.into(), source }) };
         let inner = match format {
             VideoFormat::Mp4 => Output::Mp4(Mp4Writer::new(file()?, spec, Mp4Options::default())?),
             VideoFormat::Gif => Output::Gif(GifWriter::new(file()?, spec, GifOptions::default())?),

@@ -9,9 +9,9 @@
 mod color;
 mod file;
 mod gif;
+pub mod input;
 mod mp4;
 mod png;
-pub mod input;
 
 pub use color::{rgb_to_yuv420, ColorMatrix, Yuv420};
 pub use file::{push_channel_major, VideoFile};
@@ -176,7 +176,8 @@ mod tests {
     #[test]
     fn specs_are_checked_naming_the_field() {
         assert!(VideoSpec::new(64, 48, 16.0).is_ok());
-        for (w, h, fps, field) in [(0, 48, 16.0, "width"), (64, 0, 16.0, "height"), (64, 48, 0.0, "fps"), (64, 48, f64::NAN, "fps"), (20000, 48, 16.0, "width")] {
+        for (w, h, fps, field) in [(0, 48, 16.0, "width"), (64, 0, 16.0, "height"), (64, 48, 0.0, "fps"), (64, 48, f64::NAN, "fps"), (20000, 48, 16.0, "width")]
+        {
             let err = VideoSpec::new(w, h, fps).unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }

@@ -11,9 +11,10 @@ use std::process::Command;
 
 /// Runs a tool, failing the test with an install hint if it is missing.
 pub fn run(tool: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("{tool} could not be run ({e}): install ffmpeg (`apt-get update && apt-get install -y ffmpeg`); CI installs it in .ci/run")
-    });
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} could not be run ({e}): install ffmpeg (`apt-get update && apt-get install -y ffmpeg`); CI installs it in .ci/run"));
     assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }

@@ -91,7 +91,11 @@ impl Server {
 
     /// A connected channel.
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.addr, self.log()))
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", self.addr, self.log()))
     }
 
     /// A client of the public API.
@@ -159,7 +163,15 @@ impl Drop for Server {
 
 /// A small, fast request for the tiny model.
 pub fn small_request(seed: u64) -> GenerateRequest {
-    GenerateRequest { prompt: "a red ball bouncing on a wooden floor".into(), width: 96, height: 64, num_frames: 9, steps: 4, seed: Some(seed), ..Default::default() }
+    GenerateRequest {
+        prompt: "a red ball bouncing on a wooden floor".into(),
+        width: 96,
+        height: 64,
+        num_frames: 9,
+        steps: 4,
+        seed: Some(seed),
+        ..Default::default()
+    }
 }
 
 /// A request that runs for long (1000 steps, about 45 ms each): to cancel, time out or drain.

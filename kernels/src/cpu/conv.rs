@@ -163,7 +163,14 @@ pub fn conv3d(x: &[f32], shape: [usize; 4], weight: &[f32], bias: Option<&[f32]>
 /// [`conv3d`] of an input given as consecutive pieces along time, each `[C_in, T_i, H, W]` with
 /// `chw = [C_in, H, W]` (for example a causal convolution's cached frames followed by the new
 /// ones): the pieces are read in place, never joined.
-pub fn conv3d_pieces(pieces: &[&[f32]], chw: [usize; 3], weight: &[f32], bias: Option<&[f32]>, out_channels: usize, p: &Conv3dParams) -> Result<(Vec<f32>, [usize; 4])> {
+pub fn conv3d_pieces(
+    pieces: &[&[f32]],
+    chw: [usize; 3],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out_channels: usize,
+    p: &Conv3dParams,
+) -> Result<(Vec<f32>, [usize; 4])> {
     let taps = chw[0] * p.kernel.iter().product::<usize>();
     conv3d_tiled(&Frames::new(pieces, chw)?, weight, bias, out_channels, p, (COL_BUDGET / taps.max(1)).max(MIN_TILE))
 }

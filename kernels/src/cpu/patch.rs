@@ -30,11 +30,7 @@ impl PatchGeometry {
 
     /// Latent extent `[F, H, W]`.
     pub fn latent_fhw(&self) -> [usize; 3] {
-        [
-            self.grid[0] * self.patch[0],
-            self.grid[1] * self.patch[1],
-            self.grid[2] * self.patch[2],
-        ]
+        [self.grid[0] * self.patch[0], self.grid[1] * self.patch[1], self.grid[2] * self.patch[2]]
     }
 
     /// Elements of the latent, C·F·H·W.
@@ -44,10 +40,7 @@ impl PatchGeometry {
 
     fn check(&self, op: &'static str) -> Result<()> {
         if self.channels == 0 || self.grid.contains(&0) || self.patch.contains(&0) {
-            return Err(KernelError::invalid(
-                op,
-                format!("{self:?} has an empty dimension"),
-            ));
+            return Err(KernelError::invalid(op, format!("{self:?} has an empty dimension")));
         }
         Ok(())
     }
@@ -58,13 +51,7 @@ impl PatchGeometry {
 pub fn patchify(latent: &[f32], g: &PatchGeometry, tokens: Range<usize>) -> Result<Vec<f32>> {
     g.check("patchify")?;
     if latent.len() != g.latent_len() || tokens.start > tokens.end || tokens.end > g.tokens() {
-        return Err(KernelError::shape(
-            "patchify",
-            format!(
-                "latent of {} elements for {g:?}, tokens {tokens:?}",
-                latent.len()
-            ),
-        ));
+        return Err(KernelError::shape("patchify", format!("latent of {} elements for {g:?}, tokens {tokens:?}", latent.len())));
     }
     let [_, gh, gw] = g.grid;
     let [pt, ph, pw] = g.patch;
@@ -94,14 +81,7 @@ pub fn unpatchify(rows: &[f32], g: &PatchGeometry) -> Result<Vec<f32>> {
     g.check("unpatchify")?;
     let feat = g.features();
     if rows.len() != g.tokens() * feat {
-        return Err(KernelError::shape(
-            "unpatchify",
-            format!(
-                "{} elements, {} tokens x {feat} features expected",
-                rows.len(),
-                g.tokens()
-            ),
-        ));
+        return Err(KernelError::shape("unpatchify", format!("{} elements, {} tokens x {feat} features expected", rows.len(), g.tokens())));
     }
     let [_, gh, gw] = g.grid;
     let [pt, ph, pw] = g.patch;
@@ -127,11 +107,7 @@ mod tests {
 
     #[test]
     fn patchify_ranges_and_round_trip() {
-        let g = PatchGeometry {
-            channels: 3,
-            grid: [2, 2, 3],
-            patch: [1, 2, 2],
-        };
+        let g = PatchGeometry { channels: 3, grid: [2, 2, 3], patch: [1, 2, 2] };
         let latent: Vec<f32> = (0..g.latent_len()).map(|i| i as f32).collect();
         let all = patchify(&latent, &g, 0..g.tokens()).unwrap();
         let part = patchify(&latent, &g, 5..9).unwrap();
@@ -154,11 +130,7 @@ mod tests {
 
     #[test]
     fn temporal_patches_round_trip() {
-        let g = PatchGeometry {
-            channels: 2,
-            grid: [2, 1, 2],
-            patch: [2, 1, 3],
-        };
+        let g = PatchGeometry { channels: 2, grid: [2, 1, 2], patch: [2, 1, 3] };
         let latent: Vec<f32> = (0..g.latent_len()).map(|i| i as f32 * 0.5).collect();
         let rows = patchify(&latent, &g, 0..g.tokens()).unwrap();
         let feat = g.features();

@@ -10,37 +10,27 @@ const CHUNK: usize = 1 << 14;
 /// `uncond + g·(cond − uncond)`.
 pub fn cfg_combine(uncond: &[f32], cond: &[f32], g: f32) -> Result<Vec<f32>> {
     if uncond.len() != cond.len() {
-        return Err(KernelError::shape(
-            "cfg_combine",
-            format!("uncond {}, cond {}", uncond.len(), cond.len()),
-        ));
+        return Err(KernelError::shape("cfg_combine", format!("uncond {}, cond {}", uncond.len(), cond.len())));
     }
     let mut out = vec![0.0f32; uncond.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(uncond.par_chunks(CHUNK).zip(cond.par_chunks(CHUNK)))
-        .for_each(|(o, (u, c))| {
-            for ((o, &u), &c) in o.iter_mut().zip(u).zip(c) {
-                *o = u + g * (c - u);
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(uncond.par_chunks(CHUNK).zip(cond.par_chunks(CHUNK))).for_each(|(o, (u, c))| {
+        for ((o, &u), &c) in o.iter_mut().zip(u).zip(c) {
+            *o = u + g * (c - u);
+        }
+    });
     Ok(out)
 }
 
 /// `x += dt·v` in place (flow-matching Euler step, dt = σ_next − σ).
 pub fn euler_step(x: &mut [f32], v: &[f32], dt: f32) -> Result<()> {
     if x.len() != v.len() {
-        return Err(KernelError::shape(
-            "euler_step",
-            format!("x {}, v {}", x.len(), v.len()),
-        ));
+        return Err(KernelError::shape("euler_step", format!("x {}, v {}", x.len(), v.len())));
     }
-    x.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(x, v)| {
-            for (x, &v) in x.iter_mut().zip(v) {
-                *x += dt * v;
-            }
-        });
+    x.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(x, v)| {
+        for (x, &v) in x.iter_mut().zip(v) {
+            *x += dt * v;
+        }
+    });
     Ok(())
 }
 
@@ -52,10 +42,7 @@ pub fn weighted_sum(terms: &[(f32, &[f32])]) -> Result<Vec<f32>> {
     let n = terms.first().map(|t| t.1.len()).unwrap_or(0);
     if terms.is_empty() || terms.len() > MAX_TERMS || terms.iter().any(|t| t.1.len() != n) {
         let lens: Vec<usize> = terms.iter().map(|t| t.1.len()).collect();
-        return Err(KernelError::shape(
-            "weighted_sum",
-            format!("1 to {MAX_TERMS} equally long inputs, got lengths {lens:?}"),
-        ));
+        return Err(KernelError::shape("weighted_sum", format!("1 to {MAX_TERMS} equally long inputs, got lengths {lens:?}")));
     }
     let mut out = vec![0.0f32; n];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
@@ -85,10 +72,7 @@ mod tests {
         let mut x = vec![1.0, 1.0, 1.0];
         euler_step(&mut x, &c, -0.5).unwrap();
         assert_eq!(x, vec![-0.5, 0.0, 0.5]);
-        assert_eq!(
-            weighted_sum(&[(2.0, &u), (-1.0, &c)]).unwrap(),
-            vec![-1.0, 2.0, -3.0]
-        );
+        assert_eq!(weighted_sum(&[(2.0, &u), (-1.0, &c)]).unwrap(), vec![-1.0, 2.0, -3.0]);
         assert!(weighted_sum(&[]).is_err());
         assert!(weighted_sum(&[(1.0, &u), (1.0, &c[..2])]).is_err());
         assert!(cfg_combine(&u, &c[..1], 1.0).is_err());

@@ -50,19 +50,9 @@ pub fn flash_attention<O: OutputElem>(
     lse: &mut impl DevicePtrMut<f32>,
 ) -> Result<()> {
     const OP: &str = "cuda::flash_attention";
-    let AttentionShape {
-        heads,
-        head_dim,
-        q_len,
-        kv_len,
-        q_stride,
-        kv_stride,
-    } = shape;
+    let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = shape;
     if !HEAD_DIMS.contains(&head_dim) || heads == 0 {
-        return Err(KernelError::invalid(
-            OP,
-            format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}"),
-        ));
+        return Err(KernelError::invalid(OP, format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}")));
     }
     let hd = heads * head_dim;
     if q_stride < hd || kv_stride < hd || out_stride < hd {
@@ -87,10 +77,7 @@ pub fn flash_attention<O: OutputElem>(
         return Ok(());
     }
     let (q_len_i, kv_len_i) = (as_i32(OP, "q_len", q_len)?, as_i32(OP, "kv_len", kv_len)?);
-    let heads_u = u32::try_from(heads)
-        .ok()
-        .filter(|&h| h <= 65_535)
-        .ok_or_else(|| KernelError::invalid(OP, format!("{heads} heads")))?;
+    let heads_u = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| KernelError::invalid(OP, format!("{heads} heads")))?;
     let f = dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?;
     let s = dev.stream();
     let (qp, _gq) = ptr(q, s);
@@ -103,23 +90,9 @@ pub fn flash_attention<O: OutputElem>(
     }
     check_aligned(OP, "out", op, 2 * O::BYTES)?;
     let (qs, kvs, os) = (q_stride as i64, kv_stride as i64, out_stride as i64);
-    let cfg = LaunchConfig {
-        grid_dim: (q_len.div_ceil(block_rows(head_dim)) as u32, heads_u, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(block_rows(head_dim)) as u32, heads_u, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     let mut b = s.launch_builder(&f);
-    b.arg(&qp)
-        .arg(&kp)
-        .arg(&vp)
-        .arg(&op)
-        .arg(&lp)
-        .arg(&q_len_i)
-        .arg(&kv_len_i)
-        .arg(&qs)
-        .arg(&kvs)
-        .arg(&os)
-        .arg(&scale);
+    b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os).arg(&scale);
     launch::launch(OP, b, cfg)
 }
 
@@ -140,10 +113,7 @@ pub fn merge_partials(
     const OP: &str = "cuda::merge_partials";
     let hd = heads * head_dim;
     if hd == 0 {
-        return Err(KernelError::invalid(
-            OP,
-            "heads and head_dim must be positive",
-        ));
+        return Err(KernelError::invalid(OP, "heads and head_dim must be positive"));
     }
     check_len(OP, "out_a", out_a.len(), q_len * hd)?;
     check_len(OP, "out_b", out_b.len(), q_len * hd)?;
@@ -152,11 +122,7 @@ pub fn merge_partials(
     if q_len == 0 {
         return Ok(());
     }
-    let (q_len_i, heads_i, hd_i) = (
-        as_i32(OP, "q_len", q_len)?,
-        as_i32(OP, "heads", heads)?,
-        as_i32(OP, "head_dim", head_dim)?,
-    );
+    let (q_len_i, heads_i, hd_i) = (as_i32(OP, "q_len", q_len)?, as_i32(OP, "heads", heads)?, as_i32(OP, "head_dim", head_dim)?);
     as_i32(OP, "heads·head_dim", hd)?;
     let f = dev.function(KernelSource::LseMerge, "lse_merge_f32")?;
     let s = dev.stream();
@@ -165,13 +131,7 @@ pub fn merge_partials(
     let (bp, _gb) = ptr(out_b, s);
     let (lbp, _glb) = ptr(lse_b, s);
     let mut b = s.launch_builder(&f);
-    b.arg(&ap)
-        .arg(&lap)
-        .arg(&bp)
-        .arg(&lbp)
-        .arg(&q_len_i)
-        .arg(&heads_i)
-        .arg(&hd_i);
+    b.arg(&ap).arg(&lap).arg(&bp).arg(&lbp).arg(&q_len_i).arg(&heads_i).arg(&hd_i);
     launch::launch(OP, b, launch::per_row(OP, q_len)?)
 }
 

@@ -5,10 +5,7 @@ use super::gemm::BlasLt;
 use super::source::{cached_image, nvrtc_available, KernelSource};
 use crate::{Device, KernelError, Result};
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{
-    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DeviceRepr, ValidAsZeroBits,
-};
+use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -87,17 +84,14 @@ pub fn cuda_status(ordinal: usize) -> std::result::Result<Arch, CudaMissing> {
         }
         return Err(CudaMissing::DriverInit(e.to_string()));
     }
-    let count =
-        drv::device::get_count().map_err(|e| CudaMissing::DriverInit(e.to_string()))? as usize;
+    let count = drv::device::get_count().map_err(|e| CudaMissing::DriverInit(e.to_string()))? as usize;
     if ordinal >= count {
         return Err(CudaMissing::NoDevice { ordinal, count });
     }
-    let dev =
-        drv::device::get(ordinal as i32).map_err(|e| CudaMissing::DriverInit(e.to_string()))?;
+    let dev = drv::device::get(ordinal as i32).map_err(|e| CudaMissing::DriverInit(e.to_string()))?;
     let attr = |a| {
         // SAFETY: `dev` is a valid device handle returned by the initialised driver.
-        unsafe { drv::device::get_attribute(dev, a) }
-            .map_err(|e| CudaMissing::DriverInit(e.to_string()))
+        unsafe { drv::device::get_attribute(dev, a) }.map_err(|e| CudaMissing::DriverInit(e.to_string()))
     };
     let arch = Arch {
         major: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
@@ -139,10 +133,7 @@ impl std::str::FromStr for DeviceChoice {
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(KernelError::invalid(
-                    "DeviceChoice",
-                    format!("device {s:?}: expected auto, cpu, cuda or cuda:N"),
-                )),
+                _ => Err(KernelError::invalid("DeviceChoice", format!("device {s:?}: expected auto, cpu, cuda or cuda:N"))),
             },
         }
     }
@@ -164,9 +155,7 @@ impl DeviceChoice {
     pub fn resolve(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => cuda_status(n)
-                .map(|_| Device::Cuda(n))
-                .map_err(KernelError::CudaUnavailable),
+            Self::Cuda(n) => cuda_status(n).map(|_| Device::Cuda(n)).map_err(KernelError::CudaUnavailable),
             Self::Auto => match cuda_status(0) {
                 Ok(arch) => {
                     tracing::info!(device = "cuda:0", %arch, "using CUDA device 0");
@@ -197,11 +186,7 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice")
-            .field("ordinal", &self.ordinal)
-            .field("arch", &self.arch)
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("CudaDevice").field("ordinal", &self.ordinal).field("arch", &self.arch).field("name", &self.name).finish()
     }
 }
 
@@ -210,18 +195,14 @@ impl CudaDevice {
     /// ([`cuda_status`]); never panics when CUDA is missing.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
         let arch = cuda_status(ordinal).map_err(KernelError::CudaUnavailable)?;
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| KernelError::cuda("CudaContext::new", e))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| KernelError::cuda("CudaContext::new", e))?;
         // SAFETY: every buffer and kernel of this device is used on its one stream, so stream
         // order already orders all reads and writes; per-buffer events would only add overhead.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| KernelError::cuda("new_stream", e))?;
+        let stream = ctx.new_stream().map_err(|e| KernelError::cuda("new_stream", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let multiprocessors = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| KernelError::cuda("device attribute", e))? as usize;
+        let multiprocessors =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| KernelError::cuda("device attribute", e))? as usize;
         Ok(Arc::new(Self {
             ordinal,
             arch,
@@ -267,57 +248,32 @@ impl CudaDevice {
 
     /// Waits until all queued work is done (and reports an asynchronous error if one happened).
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| KernelError::cuda("synchronize", e))
+        self.stream.synchronize().map_err(|e| KernelError::cuda("synchronize", e))
     }
 
     /// Copies host data into a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| KernelError::cuda("upload", e))
+        self.stream.clone_htod(host).map_err(|e| KernelError::cuda("upload", e))
     }
 
     /// Copies a device buffer back to the host (waits for the copy).
-    pub fn download<T: DeviceRepr + Default + Clone>(
-        &self,
-        dev: &impl DevicePtr<T>,
-    ) -> Result<Vec<T>> {
-        self.stream
-            .clone_dtoh(dev)
-            .map_err(|e| KernelError::cuda("download", e))
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &impl DevicePtr<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(dev).map_err(|e| KernelError::cuda("download", e))
     }
 
     /// A new zero-filled device buffer of `n` elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros(n)
-            .map_err(|e| KernelError::cuda("alloc_zeros", e))
+        self.stream.alloc_zeros(n).map_err(|e| KernelError::cuda("alloc_zeros", e))
     }
 
     /// The kernel `name` of `source`, compiling and loading the module on first use.
-    pub(crate) fn function(
-        &self,
-        source: KernelSource,
-        name: &'static str,
-    ) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .expect("function cache lock")
-            .get(name)
-        {
+    pub(crate) fn function(&self, source: KernelSource, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().expect("function cache lock").get(name) {
             return Ok(f.clone());
         }
         let module = self.module(source)?;
-        let f = module
-            .load_function(name)
-            .map_err(|e| KernelError::cuda("load_function", format!("{name}: {e}")))?;
-        self.functions
-            .lock()
-            .expect("function cache lock")
-            .insert(name, f.clone());
+        let f = module.load_function(name).map_err(|e| KernelError::cuda("load_function", format!("{name}: {e}")))?;
+        self.functions.lock().expect("function cache lock").insert(name, f.clone());
         Ok(f)
     }
 
@@ -327,21 +283,14 @@ impl CudaDevice {
             return Ok(m.clone());
         }
         let image = cached_image(source, self.arch)?;
-        let module = self.ctx.load_module(image).map_err(|e| {
-            KernelError::cuda("load_module", format!("{}: {e}", source.file_name()))
-        })?;
-        self.modules
-            .lock()
-            .expect("module cache lock")
-            .insert(source, module.clone());
+        let module = self.ctx.load_module(image).map_err(|e| KernelError::cuda("load_module", format!("{}: {e}", source.file_name())))?;
+        self.modules.lock().expect("module cache lock").insert(source, module.clone());
         Ok(module)
     }
 
     /// Compiles and loads every kernel source now (start-up), instead of on first use.
     pub fn warm_up(&self) -> Result<()> {
-        KernelSource::ALL
-            .iter()
-            .try_for_each(|&s| self.module(s).map(drop))
+        KernelSource::ALL.iter().try_for_each(|&s| self.module(s).map(drop))
     }
 
     /// This device's cuBLASLt handle (created on first use).
@@ -360,12 +309,7 @@ mod tests {
 
     #[test]
     fn choices_parse_and_print() {
-        for (s, c) in [
-            ("auto", DeviceChoice::Auto),
-            ("CPU", DeviceChoice::Cpu),
-            ("cuda", DeviceChoice::Cuda(0)),
-            ("cuda:3", DeviceChoice::Cuda(3)),
-        ] {
+        for (s, c) in [("auto", DeviceChoice::Auto), ("CPU", DeviceChoice::Cpu), ("cuda", DeviceChoice::Cuda(0)), ("cuda:3", DeviceChoice::Cuda(3))] {
             assert_eq!(s.parse::<DeviceChoice>().unwrap(), c);
         }
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");

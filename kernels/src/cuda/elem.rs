@@ -5,9 +5,7 @@ use half::bf16;
 
 /// An output element type: bf16 (operands of the next matrix product) or f32 (the residual
 /// stream, partial attention results that are merged later, latents).
-pub trait OutputElem:
-    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static
-{
+pub trait OutputElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
     /// Suffix of the kernel variant writing this type (`bf16`, `f32`).
     const NAME: &'static str;
     /// Size in bytes.

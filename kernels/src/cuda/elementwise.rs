@@ -22,29 +22,19 @@ pub fn gated_residual_add<Y: OutputElem>(
 ) -> Result<()> {
     const OP: &str = "cuda::gated_residual_add";
     if dim == 0 || !n.is_multiple_of(dim) {
-        return Err(KernelError::shape(
-            OP,
-            format!("{n} elements are not rows of {dim}"),
-        ));
+        return Err(KernelError::shape(OP, format!("{n} elements are not rows of {dim}")));
     }
     check_len(OP, "x", x.len(), n)?;
     check_len(OP, "y", y.len(), n)?;
     if let Some(g) = gate {
         if g.len() != dim {
-            return Err(KernelError::shape(
-                OP,
-                format!("gate has {} elements, rows have {dim}", g.len()),
-            ));
+            return Err(KernelError::shape(OP, format!("gate has {} elements, rows have {dim}", g.len())));
         }
     }
     if n == 0 {
         return Ok(());
     }
-    let name = if Y::NAME == "bf16" {
-        "gated_residual_add_bf16"
-    } else {
-        "gated_residual_add_f32"
-    };
+    let name = if Y::NAME == "bf16" { "gated_residual_add_bf16" } else { "gated_residual_add_f32" };
     let f = dev.function(KernelSource::Residual, name)?;
     let rows = n / dim;
     let cfg = launch::row_stride(dev, rows);
@@ -59,21 +49,13 @@ pub fn gated_residual_add<Y: OutputElem>(
 }
 
 /// GELU (tanh approximation) in place on the first `n` elements of `x` (bf16 or f32).
-pub fn gelu_tanh<T: OutputElem>(
-    dev: &CudaDevice,
-    x: &mut impl DevicePtrMut<T>,
-    n: usize,
-) -> Result<()> {
+pub fn gelu_tanh<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, n: usize) -> Result<()> {
     const OP: &str = "cuda::gelu_tanh";
     check_len(OP, "x", x.len(), n)?;
     if n == 0 {
         return Ok(());
     }
-    let name = if T::NAME == "bf16" {
-        "gelu_tanh_bf16"
-    } else {
-        "gelu_tanh_f32"
-    };
+    let name = if T::NAME == "bf16" { "gelu_tanh_bf16" } else { "gelu_tanh_f32" };
     let f = dev.function(KernelSource::Gelu, name)?;
     let cfg = launch::elementwise(dev, n)?;
     let s = dev.stream();
@@ -85,33 +67,16 @@ pub fn gelu_tanh<T: OutputElem>(
 }
 
 /// `out[i] = bf16(x[i])` (round to nearest even) for the first `n` elements.
-pub fn f32_to_bf16(
-    dev: &CudaDevice,
-    x: &impl DevicePtr<f32>,
-    out: &mut impl DevicePtrMut<bf16>,
-    n: usize,
-) -> Result<()> {
+pub fn f32_to_bf16(dev: &CudaDevice, x: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<bf16>, n: usize) -> Result<()> {
     convert(dev, "cuda::f32_to_bf16", "f32_to_bf16_kernel", x, out, n)
 }
 
 /// `out[i] = f32(x[i])` for the first `n` elements.
-pub fn bf16_to_f32(
-    dev: &CudaDevice,
-    x: &impl DevicePtr<bf16>,
-    out: &mut impl DevicePtrMut<f32>,
-    n: usize,
-) -> Result<()> {
+pub fn bf16_to_f32(dev: &CudaDevice, x: &impl DevicePtr<bf16>, out: &mut impl DevicePtrMut<f32>, n: usize) -> Result<()> {
     convert(dev, "cuda::bf16_to_f32", "bf16_to_f32_kernel", x, out, n)
 }
 
-fn convert<A, B>(
-    dev: &CudaDevice,
-    op: &'static str,
-    kernel: &'static str,
-    x: &impl DevicePtr<A>,
-    out: &mut impl DevicePtrMut<B>,
-    n: usize,
-) -> Result<()> {
+fn convert<A, B>(dev: &CudaDevice, op: &'static str, kernel: &'static str, x: &impl DevicePtr<A>, out: &mut impl DevicePtrMut<B>, n: usize) -> Result<()> {
     check_len(op, "input", x.len(), n)?;
     check_len(op, "output", out.len(), n)?;
     if n == 0 {

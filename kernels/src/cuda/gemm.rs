@@ -61,15 +61,8 @@ impl BlasLt {
             return Err(KernelError::CudaUnavailable(super::CudaMissing::CublasLt));
         }
         let handle = lt::create_handle().map_err(|e| KernelError::cuda("cublasLtCreate", e))?;
-        let workspace = stream
-            .alloc_zeros::<u8>(WORKSPACE_BYTES)
-            .map_err(|e| KernelError::cuda("cuBLASLt workspace", e))?;
-        Ok(Self {
-            handle,
-            workspace,
-            stream,
-            algos: HashMap::new(),
-        })
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| KernelError::cuda("cuBLASLt workspace", e))?;
+        Ok(Self { handle, workspace, stream, algos: HashMap::new() })
     }
 }
 
@@ -77,9 +70,7 @@ impl BlasLt {
 struct Layout(sys::cublasLtMatrixLayout_t);
 impl Layout {
     fn new(ty: sys::cudaDataType, rows: usize, cols: usize, ld: usize) -> Result<Self> {
-        lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
-            .map(Self)
-            .map_err(|e| KernelError::cuda("cublasLtMatrixLayoutCreate", e))
+        lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map(Self).map_err(|e| KernelError::cuda("cublasLtMatrixLayoutCreate", e))
     }
 }
 impl Drop for Layout {
@@ -94,15 +85,8 @@ struct Desc(sys::cublasLtMatmulDesc_t);
 impl Desc {
     fn set<T>(&self, attr: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<()> {
         // SAFETY: `value` is a live, correctly sized value of the type cuBLASLt documents for `attr`.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                self.0,
-                attr,
-                value as *const T as *const c_void,
-                std::mem::size_of::<T>(),
-            )
-        }
-        .map_err(|e| KernelError::cuda("cublasLtMatmulDescSetAttribute", e))
+        unsafe { lt::set_matmul_desc_attribute(self.0, attr, value as *const T as *const c_void, std::mem::size_of::<T>()) }
+            .map_err(|e| KernelError::cuda("cublasLtMatmulDescSetAttribute", e))
     }
 }
 impl Drop for Desc {
@@ -117,15 +101,8 @@ struct Pref(sys::cublasLtMatmulPreference_t);
 impl Pref {
     fn set<T>(&self, attr: sys::cublasLtMatmulPreferenceAttributes_t, value: &T) -> Result<()> {
         // SAFETY: as for `Desc::set`.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                self.0,
-                attr,
-                value as *const T as *const c_void,
-                std::mem::size_of::<T>(),
-            )
-        }
-        .map_err(|e| KernelError::cuda("cublasLtMatmulPreferenceSetAttribute", e))
+        unsafe { lt::set_matmul_pref_attribute(self.0, attr, value as *const T as *const c_void, std::mem::size_of::<T>()) }
+            .map_err(|e| KernelError::cuda("cublasLtMatmulPreferenceSetAttribute", e))
     }
 }
 impl Drop for Pref {
@@ -173,10 +150,7 @@ pub fn linear<O: OutputElem>(
     check_len(OP, "y", y.len(), m * n)?;
     if let Some(b) = bias {
         if b.len() != n {
-            return Err(KernelError::shape(
-                OP,
-                format!("bias has {} elements, out features {n}", b.len()),
-            ));
+            return Err(KernelError::shape(OP, format!("bias has {} elements, out features {n}", b.len())));
         }
     }
     use sys::cublasLtEpilogue_t as E;
@@ -185,12 +159,7 @@ pub fn linear<O: OutputElem>(
         (Activation::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
         (Activation::GeluTanh, false) => E::CUBLASLT_EPILOGUE_GELU,
         (Activation::GeluTanh, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
-        (other, _) => {
-            return Err(KernelError::invalid(
-                OP,
-                format!("activation {other:?} is not fused on the GPU (None and GeluTanh are)"),
-            ))
-        }
+        (other, _) => return Err(KernelError::invalid(OP, format!("activation {other:?} is not fused on the GPU (None and GeluTanh are)"))),
     };
     if m == 0 || n == 0 {
         return Ok(());
@@ -199,10 +168,7 @@ pub fn linear<O: OutputElem>(
         return Err(KernelError::invalid(OP, "k = 0"));
     }
     dev.context().bind_to_thread().map_err(|e| KernelError::cuda(OP, e))?;
-    let mut blas = dev
-        .blas()?
-        .lock()
-        .map_err(|_| KernelError::cuda(OP, "cuBLASLt handle lock poisoned"))?;
+    let mut blas = dev.blas()?.lock().map_err(|_| KernelError::cuda(OP, "cuBLASLt handle lock poisoned"))?;
     let blas = &mut *blas;
     let s = blas.stream.clone();
     let (xp, _gx) = ptr(x, &s);
@@ -216,74 +182,31 @@ pub fn linear<O: OutputElem>(
     let b_layout = Layout::new(bf, k, m, k)?;
     let c_layout = Layout::new(data_type::<O>(), n, m, n)?;
     let desc = Desc(
-        lt::create_matmul_desc(
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cudaDataType::CUDA_R_32F,
-        )
-        .map_err(|e| KernelError::cuda("cublasLtMatmulDescCreate", e))?,
+        lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+            .map_err(|e| KernelError::cuda("cublasLtMatmulDescCreate", e))?,
     );
-    desc.set(
-        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-        &CUBLAS_OP_T,
-    )?;
-    desc.set(
-        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
-        &CUBLAS_OP_N,
-    )?;
-    desc.set(
-        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-        &(epilogue as u32),
-    )?;
+    desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &CUBLAS_OP_T)?;
+    desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &CUBLAS_OP_N)?;
+    desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epilogue as u32))?;
     if bias.is_some() {
-        desc.set(
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-            &bp,
-        )?;
+        desc.set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
     }
 
     let align = [alignment(wp), alignment(xp), alignment(yp)];
-    let key = GemmKey {
-        m,
-        n,
-        k,
-        out: O::NAME,
-        epilogue: epilogue as u32,
-        align,
-    };
+    let key = GemmKey { m, n, k, out: O::NAME, epilogue: epilogue as u32, align };
     let heuristic = match blas.algos.get(&key) {
         Some(h) => *h,
         None => {
-            let pref = Pref(
-                lt::create_matmul_pref()
-                    .map_err(|e| KernelError::cuda("cublasLtMatmulPreferenceCreate", e))?,
-            );
+            let pref = Pref(lt::create_matmul_pref().map_err(|e| KernelError::cuda("cublasLtMatmulPreferenceCreate", e))?);
             use sys::cublasLtMatmulPreferenceAttributes_t as P;
-            pref.set(
-                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &WORKSPACE_BYTES,
-            )?;
+            pref.set(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &WORKSPACE_BYTES)?;
             pref.set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0])?;
             pref.set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1])?;
             pref.set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2])?;
             pref.set(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2])?;
             // SAFETY: every descriptor is live (owned above) and describes these operands.
-            let h = unsafe {
-                lt::get_matmul_algo_heuristic(
-                    blas.handle,
-                    desc.0,
-                    a_layout.0,
-                    b_layout.0,
-                    c_layout.0,
-                    c_layout.0,
-                    pref.0,
-                )
-            }
-            .map_err(|e| {
-                KernelError::cuda(
-                    "cublasLtMatmulAlgoGetHeuristic",
-                    format!("{m}x{k} · ({n}x{k})ᵀ -> {}: {e}", O::NAME),
-                )
-            })?;
+            let h = unsafe { lt::get_matmul_algo_heuristic(blas.handle, desc.0, a_layout.0, b_layout.0, c_layout.0, c_layout.0, pref.0) }
+                .map_err(|e| KernelError::cuda("cublasLtMatmulAlgoGetHeuristic", format!("{m}x{k} · ({n}x{k})ᵀ -> {}: {e}", O::NAME)))?;
             blas.algos.insert(key, h);
             h
         }
@@ -313,10 +236,5 @@ pub fn linear<O: OutputElem>(
             s.cu_stream() as *mut _,
         )
     }
-    .map_err(|e| {
-        KernelError::cuda(
-            "cublasLtMatmul",
-            format!("{m}x{k} · ({n}x{k})ᵀ -> {}: {e}", O::NAME),
-        )
-    })
+    .map_err(|e| KernelError::cuda("cublasLtMatmul", format!("{m}x{k} · ({n}x{k})ᵀ -> {}: {e}", O::NAME)))
 }

@@ -65,7 +65,9 @@ impl NcclId {
 
     /// An id received as bytes; anything but 128 bytes is refused.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let raw: [u8; NCCL_ID_BYTES] = bytes.try_into().map_err(|_| KernelError::invalid("NcclId::from_bytes", format!("an NCCL unique id is {NCCL_ID_BYTES} bytes, not {}", bytes.len())))?;
+        let raw: [u8; NCCL_ID_BYTES] = bytes
+            .try_into()
+            .map_err(|_| KernelError::invalid("NcclId::from_bytes", format!("an NCCL unique id is {NCCL_ID_BYTES} bytes, not {}", bytes.len())))?;
         Ok(Self(sys::ncclUniqueId { internal: raw.map(|b| b as std::ffi::c_char) }))
     }
 }
@@ -221,7 +223,13 @@ impl NcclComm {
     /// `recv[recv_parts[j]]`, for every member at once (one NCCL group call; this member's own part
     /// is a device copy). Part lengths must agree pairwise between members. Queued on the device's
     /// stream.
-    pub fn exchange<T: NcclType + cudarc::driver::DeviceRepr>(&self, send: &CudaSlice<T>, send_parts: &[Range<usize>], recv: &mut CudaSlice<T>, recv_parts: &[Range<usize>]) -> Result<()> {
+    pub fn exchange<T: NcclType + cudarc::driver::DeviceRepr>(
+        &self,
+        send: &CudaSlice<T>,
+        send_parts: &[Range<usize>],
+        recv: &mut CudaSlice<T>,
+        recv_parts: &[Range<usize>],
+    ) -> Result<()> {
         const OP: &str = "nccl exchange";
         if send_parts.len() != self.size || recv_parts.len() != self.size {
             return Err(KernelError::shape(OP, format!("{} send and {} receive parts in a group of {}", send_parts.len(), recv_parts.len(), self.size)));
@@ -255,11 +263,15 @@ impl NcclComm {
                 // SAFETY: the region lies inside `send` (checked above), which outlives the
                 // queued transfer: the caller's buffer is borrowed and stream work precedes any
                 // later write or free on the same stream.
-                result = result.and(check("ncclSend", unsafe { sys::ncclSend((sp + s.start as u64 * size) as *const _, s.len(), T::as_nccl_type(), peer as i32, comm.0, stream.cu_stream() as _) }));
+                result = result.and(check("ncclSend", unsafe {
+                    sys::ncclSend((sp + s.start as u64 * size) as *const _, s.len(), T::as_nccl_type(), peer as i32, comm.0, stream.cu_stream() as _)
+                }));
             }
             if !r.is_empty() {
                 // SAFETY: as above, for the region of `recv`.
-                result = result.and(check("ncclRecv", unsafe { sys::ncclRecv((rp + r.start as u64 * size) as *mut _, r.len(), T::as_nccl_type(), peer as i32, comm.0, stream.cu_stream() as _) }));
+                result = result.and(check("ncclRecv", unsafe {
+                    sys::ncclRecv((rp + r.start as u64 * size) as *mut _, r.len(), T::as_nccl_type(), peer as i32, comm.0, stream.cu_stream() as _)
+                }));
             }
         }
         let end = check("ncclGroupEnd", unsafe_group_end());
@@ -270,7 +282,13 @@ impl NcclComm {
     /// receives the previous member's block into `recv[..recv_len]`, after the work already queued
     /// on the device's stream. The device goes on computing; [`ring_wait`](Self::ring_wait) makes
     /// its stream wait for the hop. Neither buffer may be written before then.
-    pub fn ring_start<T: NcclType + cudarc::driver::DeviceRepr>(&self, send: &CudaSlice<T>, send_len: usize, recv: &mut CudaSlice<T>, recv_len: usize) -> Result<()> {
+    pub fn ring_start<T: NcclType + cudarc::driver::DeviceRepr>(
+        &self,
+        send: &CudaSlice<T>,
+        send_len: usize,
+        recv: &mut CudaSlice<T>,
+        recv_len: usize,
+    ) -> Result<()> {
         const OP: &str = "nccl ring hop";
         region(OP, "send", send.len(), &(0..send_len))?;
         region(OP, "receive", recv.len(), &(0..recv_len))?;

@@ -40,18 +40,10 @@ pub fn layer_norm_modulated(
     }
     check_len(OP, "x", x.len(), rows * dim)?;
     check_len(OP, "y", y.len(), rows * dim)?;
-    for (name, v) in [
-        ("weight", &p.weight),
-        ("bias", &p.bias),
-        ("scale", &p.scale),
-        ("shift", &p.shift),
-    ] {
+    for (name, v) in [("weight", &p.weight), ("bias", &p.bias), ("scale", &p.scale), ("shift", &p.shift)] {
         if let Some(v) = v {
             if v.len() != dim {
-                return Err(KernelError::shape(
-                    OP,
-                    format!("{name} has {} elements, rows have {dim}", v.len()),
-                ));
+                return Err(KernelError::shape(OP, format!("{name} has {} elements, rows have {dim}", v.len())));
             }
         }
     }
@@ -68,15 +60,7 @@ pub fn layer_norm_modulated(
     let (sp, _gs) = opt_ptr(p.scale.as_ref(), s);
     let (hp, _gh) = opt_ptr(p.shift.as_ref(), s);
     let mut b = s.launch_builder(&f);
-    b.arg(&yp)
-        .arg(&xp)
-        .arg(&rows_i)
-        .arg(&dim_i)
-        .arg(&p.eps)
-        .arg(&wp)
-        .arg(&bp)
-        .arg(&sp)
-        .arg(&hp);
+    b.arg(&yp).arg(&xp).arg(&rows_i).arg(&dim_i).arg(&p.eps).arg(&wp).arg(&bp).arg(&sp).arg(&hp);
     launch::launch(OP, b, launch::per_row(OP, rows)?)
 }
 
@@ -92,12 +76,7 @@ pub struct DeviceRopeTable {
 impl DeviceRopeTable {
     /// Uploads `table`.
     pub fn upload(dev: &CudaDevice, table: &RopeTable) -> Result<Self> {
-        Ok(Self {
-            cos: dev.upload(table.cos())?,
-            sin: dev.upload(table.sin())?,
-            pairs: table.pairs(),
-            tokens: table.tokens(),
-        })
+        Ok(Self { cos: dev.upload(table.cos())?, sin: dev.upload(table.sin())?, pairs: table.pairs(), tokens: table.tokens() })
     }
 
     /// Number of tokens (rows) covered.
@@ -128,40 +107,18 @@ pub fn qk_norm_rope(
     }
     check_len(OP, "weight", weight.len(), dim)?;
     if weight.len() != dim {
-        return Err(KernelError::shape(
-            OP,
-            format!("weight has {} elements, rows have {dim}", weight.len()),
-        ));
+        return Err(KernelError::shape(OP, format!("weight has {} elements, rows have {dim}", weight.len())));
     }
-    check_len(
-        OP,
-        "x",
-        x.len(),
-        if rows == 0 {
-            0
-        } else {
-            (rows - 1) * stride + dim
-        },
-    )?;
+    check_len(OP, "x", x.len(), if rows == 0 { 0 } else { (rows - 1) * stride + dim })?;
     if let Some(t) = rope {
         if t.tokens != rows || 2 * t.pairs != head_dim {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "rope table of {} tokens x {} pairs for {rows} rows, head_dim {head_dim}",
-                    t.tokens, t.pairs
-                ),
-            ));
+            return Err(KernelError::shape(OP, format!("rope table of {} tokens x {} pairs for {rows} rows, head_dim {head_dim}", t.tokens, t.pairs)));
         }
     }
     if rows == 0 {
         return Ok(());
     }
-    let (rows_i, heads_i, hd_i) = (
-        as_i32(OP, "rows", rows)?,
-        as_i32(OP, "heads", heads)?,
-        as_i32(OP, "head_dim", head_dim)?,
-    );
+    let (rows_i, heads_i, hd_i) = (as_i32(OP, "rows", rows)?, as_i32(OP, "heads", heads)?, as_i32(OP, "head_dim", head_dim)?);
     as_i32(OP, "heads·head_dim", dim)?;
     let stride_i = stride as i64;
     let f = dev.function(KernelSource::QkNormRope, "qk_norm_rope_bf16")?;
@@ -172,14 +129,6 @@ pub fn qk_norm_rope(
     let (cp, _gc) = opt_ptr(rope.map(|t| &t.cos), s);
     let (sp, _gs) = opt_ptr(rope.map(|t| &t.sin), s);
     let mut b = s.launch_builder(&f);
-    b.arg(&xp)
-        .arg(&rows_i)
-        .arg(&stride_i)
-        .arg(&heads_i)
-        .arg(&hd_i)
-        .arg(&wp)
-        .arg(&eps)
-        .arg(&cp)
-        .arg(&sp);
+    b.arg(&xp).arg(&rows_i).arg(&stride_i).arg(&heads_i).arg(&hd_i).arg(&wp).arg(&eps).arg(&cp).arg(&sp);
     launch::launch(OP, b, launch::per_row(OP, rows)?)
 }

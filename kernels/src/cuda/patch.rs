@@ -12,10 +12,7 @@ use std::ops::Range;
 
 fn geometry_args(op: &'static str, g: &PatchGeometry) -> Result<[i32; 7]> {
     if g.channels == 0 || g.grid.contains(&0) || g.patch.contains(&0) {
-        return Err(KernelError::invalid(
-            op,
-            format!("{g:?} has an empty dimension"),
-        ));
+        return Err(KernelError::invalid(op, format!("{g:?} has an empty dimension")));
     }
     as_i32(op, "features", g.features())?;
     Ok([
@@ -31,20 +28,11 @@ fn geometry_args(op: &'static str, g: &PatchGeometry) -> Result<[i32; 7]> {
 
 /// Rows for tokens `tokens` of the f32 `latent` `[C, F, H, W]`, features ordered
 /// (channel, p_t, p_h, p_w), written as bf16 to `out` `[tokens, features]`.
-pub fn patchify(
-    dev: &CudaDevice,
-    latent: &impl DevicePtr<f32>,
-    g: &PatchGeometry,
-    tokens: Range<usize>,
-    out: &mut impl DevicePtrMut<bf16>,
-) -> Result<()> {
+pub fn patchify(dev: &CudaDevice, latent: &impl DevicePtr<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut impl DevicePtrMut<bf16>) -> Result<()> {
     const OP: &str = "cuda::patchify";
     let a = geometry_args(OP, g)?;
     if tokens.start > tokens.end || tokens.end > g.tokens() {
-        return Err(KernelError::shape(
-            OP,
-            format!("tokens {tokens:?} of a grid of {}", g.tokens()),
-        ));
+        return Err(KernelError::shape(OP, format!("tokens {tokens:?} of a grid of {}", g.tokens())));
     }
     check_len(OP, "latent", latent.len(), g.latent_len())?;
     let n = tokens.len() * g.features();
@@ -69,12 +57,7 @@ pub fn patchify(
 
 /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows `[S, features]` ordered
 /// (p_t, p_h, p_w, channel).
-pub fn unpatchify(
-    dev: &CudaDevice,
-    rows: &impl DevicePtr<f32>,
-    g: &PatchGeometry,
-    latent: &mut impl DevicePtrMut<f32>,
-) -> Result<()> {
+pub fn unpatchify(dev: &CudaDevice, rows: &impl DevicePtr<f32>, g: &PatchGeometry, latent: &mut impl DevicePtrMut<f32>) -> Result<()> {
     const OP: &str = "cuda::unpatchify";
     let a = geometry_args(OP, g)?;
     check_len(OP, "rows", rows.len(), g.tokens() * g.features())?;

@@ -38,13 +38,7 @@ pub fn cfg_combine(
 }
 
 /// `x += dt·v` over `n` elements, in place.
-pub fn euler_step(
-    dev: &CudaDevice,
-    x: &mut impl DevicePtrMut<f32>,
-    v: &impl DevicePtr<f32>,
-    dt: f32,
-    n: usize,
-) -> Result<()> {
+pub fn euler_step(dev: &CudaDevice, x: &mut impl DevicePtrMut<f32>, v: &impl DevicePtr<f32>, dt: f32, n: usize) -> Result<()> {
     const OP: &str = "cuda::euler_step";
     check_len(OP, "x", x.len(), n)?;
     check_len(OP, "v", v.len(), n)?;
@@ -63,18 +57,10 @@ pub fn euler_step(
 }
 
 /// `out = Σ_t c_t·in_t` over `n` elements, 1 to 4 terms, summed in the order given.
-pub fn weighted_sum(
-    dev: &CudaDevice,
-    terms: &[(f32, CudaView<'_, f32>)],
-    out: &mut impl DevicePtrMut<f32>,
-    n: usize,
-) -> Result<()> {
+pub fn weighted_sum(dev: &CudaDevice, terms: &[(f32, CudaView<'_, f32>)], out: &mut impl DevicePtrMut<f32>, n: usize) -> Result<()> {
     const OP: &str = "cuda::weighted_sum";
     if terms.is_empty() || terms.len() > MAX_TERMS {
-        return Err(KernelError::invalid(
-            OP,
-            format!("1 to {MAX_TERMS} terms, got {}", terms.len()),
-        ));
+        return Err(KernelError::invalid(OP, format!("1 to {MAX_TERMS} terms, got {}", terms.len())));
     }
     for (i, (_, t)) in terms.iter().enumerate() {
         check_len(OP, &format!("term {i}"), t.len(), n)?;
@@ -95,16 +81,6 @@ pub fn weighted_sum(
     let (c0, c1, c2, c3) = (c(0), c(1), c(2), c(3));
     let (count, n_i) = (terms.len() as i32, n as i64);
     let mut b = s.launch_builder(&f);
-    b.arg(&op)
-        .arg(&count)
-        .arg(&p0)
-        .arg(&c0)
-        .arg(&p1)
-        .arg(&c1)
-        .arg(&p2)
-        .arg(&c2)
-        .arg(&p3)
-        .arg(&c3)
-        .arg(&n_i);
+    b.arg(&op).arg(&count).arg(&p0).arg(&c0).arg(&p1).arg(&c1).arg(&p2).arg(&c2).arg(&p3).arg(&c3).arg(&n_i);
     launch::launch(OP, b, cfg)
 }

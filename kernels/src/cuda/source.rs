@@ -38,17 +38,8 @@ pub enum KernelSource {
 
 impl KernelSource {
     /// Every source, in a fixed order.
-    pub const ALL: [KernelSource; 9] = [
-        Self::FlashAttention,
-        Self::LseMerge,
-        Self::AdalnNorm,
-        Self::QkNormRope,
-        Self::Residual,
-        Self::Gelu,
-        Self::Convert,
-        Self::Sampler,
-        Self::Patch,
-    ];
+    pub const ALL: [KernelSource; 9] =
+        [Self::FlashAttention, Self::LseMerge, Self::AdalnNorm, Self::QkNormRope, Self::Residual, Self::Gelu, Self::Convert, Self::Sampler, Self::Patch];
 
     /// The file name under `kernels/cuda/`.
     pub fn file_name(self) -> &'static str {
@@ -83,12 +74,7 @@ impl KernelSource {
     /// The kernels (`extern "C"` entry points) the file defines.
     pub fn entry_points(self) -> &'static [&'static str] {
         match self {
-            Self::FlashAttention => &[
-                "flash_attention_d64_bf16",
-                "flash_attention_d64_f32",
-                "flash_attention_d128_bf16",
-                "flash_attention_d128_f32",
-            ],
+            Self::FlashAttention => &["flash_attention_d64_bf16", "flash_attention_d64_f32", "flash_attention_d128_bf16", "flash_attention_d128_f32"],
             Self::LseMerge => &["lse_merge_f32"],
             Self::AdalnNorm => &["layer_norm_modulated_bf16"],
             Self::QkNormRope => &["qk_norm_rope_bf16"],
@@ -103,27 +89,15 @@ impl KernelSource {
     /// What NVRTC compiles: the common helpers, then the file (with `#line` so that compiler
     /// messages name the file and its own line numbers).
     pub fn full_source(self) -> String {
-        format!(
-            "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{}",
-            self.file_name(),
-            self.body()
-        )
+        format!("#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}\"\n{}", self.file_name(), self.body())
     }
 }
 
 /// NVRTC options for `arch`. The sources include no header, so no include path is needed; one given
 /// in `TESSERA_CUDA_INCLUDE` (the CUDA headers) is passed on for kernels that may want one.
 pub fn compile_options(arch: Arch) -> CompileOptions {
-    let include_paths = std::env::var("TESSERA_CUDA_INCLUDE")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .into_iter()
-        .collect();
-    CompileOptions {
-        include_paths,
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
-        ..Default::default()
-    }
+    let include_paths = std::env::var("TESSERA_CUDA_INCLUDE").ok().filter(|p| !p.is_empty()).into_iter().collect();
+    CompileOptions { include_paths, options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()], ..Default::default() }
 }
 
 /// True when the NVRTC library can be loaded (from the library path).
@@ -143,11 +117,7 @@ pub fn compile_ptx(source: KernelSource, arch: Arch) -> Result<Ptx> {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
             other => other.to_string(),
         };
-        KernelError::KernelCompile {
-            kernel: source.file_name(),
-            arch: arch.to_string(),
-            log,
-        }
+        KernelError::KernelCompile { kernel: source.file_name(), arch: arch.to_string(), log }
     })
 }
 
@@ -224,14 +194,9 @@ mod tests {
     #[test]
     fn every_entry_point_is_defined_in_its_source() {
         for src in KernelSource::ALL {
-            assert!(
-                src.body().starts_with("//"),
-                "{} starts with a comment saying what it holds",
-                src.file_name()
-            );
+            assert!(src.body().starts_with("//"), "{} starts with a comment saying what it holds", src.file_name());
             for name in src.entry_points() {
-                let defined = src.body().contains(&format!("void {name}("))
-                    || src.body().contains(&format!("({name},"));
+                let defined = src.body().contains(&format!("void {name}(")) || src.body().contains(&format!("({name},"));
                 assert!(defined, "{name} is not defined in {}", src.file_name());
             }
         }

@@ -6,9 +6,9 @@
 mod compare;
 mod dit;
 mod pipeline;
+mod scheduler;
 mod umt5;
 mod vae;
-mod scheduler;
 
 pub use compare::{Comparison, Tolerance};
 pub use dit::CUDA_BF16_TOLERANCE;
@@ -84,11 +84,8 @@ pub fn discover(root: &Path, kinds: &[CaseKind]) -> Result<Vec<Case>> {
         if !kind_dir.is_dir() {
             continue;
         }
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&kind_dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("case.json").is_file())
-            .collect();
+        let mut dirs: Vec<PathBuf> =
+            std::fs::read_dir(&kind_dir).map_err(io)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("case.json").is_file()).collect();
         dirs.sort();
         for dir in dirs {
             let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -10,10 +10,10 @@
 //! `latents` (that noised at the first kept step); `timesteps`, when present, must equal the kept
 //! model timesteps exactly. Otherwise the case is text-to-video and `latents` is its initial noise.
 
-use super::{compare, RunOptions, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, Tolerance};
-use crate::sampler::Timesteps;
+use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::ParallelPlan;
 use crate::pipeline::{denoise_sharded, FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
+use crate::sampler::Timesteps;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -109,7 +109,10 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let (video, noise_name) = match s.strength {
         Some(strength) => (Some(VideoInput { video: read_tensor(&io, "video")?, strength }), "noise"),
         None if io.contains("video") => {
-            return Err(WorkerError::Config { path: path.display().to_string(), detail: "io.safetensors has an input `video` but case.json no `strength`".into() });
+            return Err(WorkerError::Config {
+                path: path.display().to_string(),
+                detail: "io.safetensors has an input `video` but case.json no `strength`".into(),
+            });
         }
         None => (None, "latents"),
     };
@@ -167,7 +170,10 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let after = read_tensor(&io, "latents_after_step")?;
     let per_step = after.len() / after.dim(0).max(1);
     if after.dim(0) != rec.steps.len() {
-        return Err(WorkerError::BadTensor { name: "latents_after_step".into(), detail: format!("{} steps in the reference, {} run", after.dim(0), rec.steps.len()) });
+        return Err(WorkerError::BadTensor {
+            name: "latents_after_step".into(),
+            detail: format!("{} steps in the reference, {} run", after.dim(0), rec.steps.len()),
+        });
     }
     for (i, got) in rec.steps.iter().enumerate() {
         let want = &after.data()[i * per_step..(i + 1) * per_step];
@@ -226,8 +232,17 @@ mod tests {
         }
         let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
         let want = [
-            "prompt_ids", "prompt_embeds", "negative_prompt_ids", "negative_prompt_embeds", "timesteps", "init_latents", "latents",
-            "latents_after_step[0]", "latents_after_step[1]", "latents_after_step[2]", "frames",
+            "prompt_ids",
+            "prompt_embeds",
+            "negative_prompt_ids",
+            "negative_prompt_embeds",
+            "timesteps",
+            "init_latents",
+            "latents",
+            "latents_after_step[0]",
+            "latents_after_step[1]",
+            "latents_after_step[2]",
+            "frames",
         ];
         assert_eq!(names, want);
     }

@@ -17,7 +17,10 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let config = SamplerConfig::from_path(&case.dir.join("scheduler_config.json"))?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
-    let steps = io.shape("timesteps").map(|s| s.iter().product::<usize>()).ok_or_else(|| WorkerError::MissingTensor { name: "timesteps".into(), source_desc: io.path().display().to_string() })?;
+    let steps = io
+        .shape("timesteps")
+        .map(|s| s.iter().product::<usize>())
+        .ok_or_else(|| WorkerError::MissingTensor { name: "timesteps".into(), source_desc: io.path().display().to_string() })?;
     let schedule = Schedule::new(&config, steps)?;
     let tol = &meta.tolerance;
     let mut comparisons = Vec::with_capacity(steps + 2);
@@ -44,7 +47,10 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let model_outputs = read_tensor(&io, "model_outputs")?;
     let len = sample_0.data().len();
     if model_outputs.data().len() != steps * len {
-        return Err(WorkerError::BadTensor { name: "model_outputs".into(), detail: format!("shape {:?} is not {steps} outputs of shape {:?}", model_outputs.shape(), sample_0.shape()) });
+        return Err(WorkerError::BadTensor {
+            name: "model_outputs".into(),
+            detail: format!("shape {:?} is not {steps} outputs of shape {:?}", model_outputs.shape(), sample_0.shape()),
+        });
     }
     let slices = shard_ranges(len, opts.ranks.max(1));
     let mut states: Vec<SamplerState> = slices.iter().map(|r| SamplerState::new(schedule.kind(), r.len())).collect();
@@ -59,7 +65,10 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     }
     let want = read_tensor(&io, "samples")?;
     if want.data().len() != samples.len() {
-        return Err(WorkerError::BadTensor { name: "samples".into(), detail: format!("reference shape {:?}, computed {steps} samples of {len}", want.shape()) });
+        return Err(WorkerError::BadTensor {
+            name: "samples".into(),
+            detail: format!("reference shape {:?}, computed {steps} samples of {len}", want.shape()),
+        });
     }
     for i in 0..steps {
         let range = i * len..(i + 1) * len;

@@ -15,7 +15,10 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
     let (shape, ids) = io.read_i64("input_ids")?;
     let (mask_shape, mask) = io.read_i64("attention_mask")?;
     if shape.len() != 2 || mask_shape != shape {
-        return Err(WorkerError::BadTensor { name: "attention_mask".into(), detail: format!("input_ids {shape:?} and attention_mask {mask_shape:?} must be the same [batch, len]") });
+        return Err(WorkerError::BadTensor {
+            name: "attention_mask".into(),
+            detail: format!("input_ids {shape:?} and attention_mask {mask_shape:?} must be the same [batch, len]"),
+        });
     }
     let ids = ids
         .iter()
@@ -25,7 +28,10 @@ pub(super) fn run(case: &Case) -> Result<Outcome> {
     let got = model.forward(&ids, &keep, shape[0])?;
     let want = read_tensor(&io, "last_hidden_state")?;
     if want.shape() != got.shape() {
-        return Err(WorkerError::BadTensor { name: "last_hidden_state".into(), detail: format!("reference shape {:?}, computed {:?}", want.shape(), got.shape()) });
+        return Err(WorkerError::BadTensor {
+            name: "last_hidden_state".into(),
+            detail: format!("reference shape {:?}, computed {:?}", want.shape(), got.shape()),
+        });
     }
     let d = model.config().d_model;
     let kept_rows = |t: &[f32]| -> Vec<f32> { t.chunks_exact(d).zip(&keep).filter(|(_, &k)| k).flat_map(|(row, _)| row.iter().copied()).collect() };

@@ -6,13 +6,13 @@
 //! etcd closes connections that ping more often than its `--grpc-keepalive-min-time`, 5 s.)
 
 use super::{
-    validate_id, worker_key, workers_prefix, Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent,
-    MembershipSnapshot, MembershipWatch, Registration, WatchItem, WorkerRecord,
+    validate_id, worker_key, workers_prefix, Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent, MembershipSnapshot, MembershipWatch,
+    Registration, WatchItem, WorkerRecord,
 };
 use crate::{Result, WorkerError};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
-    TxnOp, WatchOptions, WatchResponse, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchResponse, WatchStream,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +73,9 @@ impl KeySpace {
         let kv = event.kv()?;
         let revision = u64::try_from(kv.mod_revision()).unwrap_or(0);
         let change = match event.event_type() {
-            EventType::Put => self.record(kv.key(), kv.value()).map(|r| if kv.version() == 1 { MembershipEvent::Joined(r) } else { MembershipEvent::Updated(r) }),
+            EventType::Put => {
+                self.record(kv.key(), kv.value()).map(|r| if kv.version() == 1 { MembershipEvent::Joined(r) } else { MembershipEvent::Updated(r) })
+            }
             EventType::Delete => self.worker_id(kv.key()).map(|id| MembershipEvent::Left(id.to_string())),
         };
         match change {
@@ -292,20 +294,23 @@ impl Membership for EtcdMembership {
         let lease = grant.id();
         let handle = EtcdLease { client: self.client.clone(), keys: self.keys.clone(), key: key.clone(), lease };
         // Create the key only if no live worker holds it.
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), value, Some(PutOptions::new().with_lease(lease)))]);
+        let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
         let mut kv = self.client.kv_client();
         let what = format!("register worker `{}`", record.worker_id);
         let created = self.keys.call(&what, kv.txn(txn)).await;
-        let refused = match created {
-            Ok(r) if r.succeeded() => None,
-            Ok(_) => Some(self.keys.error(
-                &what,
-                format!("already registered (its lease is alive; a restarted worker can register once it lapses, within {:?})", hb.lease_ttl()),
-            )),
-            Err(e) => Some(e),
-        };
+        let refused =
+            match created {
+                Ok(r) if r.succeeded() => None,
+                Ok(_) => Some(self.keys.error(
+                    &what,
+                    format!("already registered (its lease is alive; a restarted worker can register once it lapses, within {:?})", hb.lease_ttl()),
+                )),
+                Err(e) => Some(e),
+            };
         if let Some(e) = refused {
             // Best effort: an unrevoked lease holds nothing and lapses on its own.
             let _ = handle.revoke().await;
@@ -334,7 +339,8 @@ impl Membership for EtcdMembership {
     }
 
     async fn watch_from(&self, revision: u64) -> Result<MembershipWatch> {
-        let start = i64::try_from(revision).ok().and_then(|r| r.checked_add(1)).ok_or_else(|| WorkerError::input("revision", format!("{revision} is out of range")))?;
+        let start =
+            i64::try_from(revision).ok().and_then(|r| r.checked_add(1)).ok_or_else(|| WorkerError::input("revision", format!("{revision} is out of range")))?;
         let options = WatchOptions::new().with_prefix().with_start_revision(start);
         let mut watches = self.client.watch_client();
         let keys = &self.keys;

@@ -2,10 +2,7 @@
 //! leases that lapse when their keep-alive stops, list then watch without a gap) on a mutex-held
 //! map and the tokio clock.
 
-use super::{
-    Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent, MembershipSnapshot, MembershipWatch, Registration,
-    WatchItem, WorkerRecord,
-};
+use super::{Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent, MembershipSnapshot, MembershipWatch, Registration, WatchItem, WorkerRecord};
 use crate::{Result, WorkerError};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -202,10 +199,7 @@ impl Membership for MemoryMembership {
     async fn watch_from(&self, revision: u64) -> Result<MembershipWatch> {
         let mut s = lock(&self.store);
         if revision < s.compacted {
-            return Err(WorkerError::Membership(format!(
-                "watch from revision {revision}: history up to revision {} was compacted; list again",
-                s.compacted
-            )));
+            return Err(WorkerError::Membership(format!("watch from revision {revision}: history up to revision {} was compacted; list again", s.compacted)));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         // Past events and the live subscription are taken under one lock: no gap, no repeat.
@@ -350,12 +344,7 @@ mod tests {
         idle.state = WorkerState::Idle;
         assert_eq!(
             seen,
-            [
-                MembershipEvent::Updated(idle),
-                MembershipEvent::Left("w2".into()),
-                MembershipEvent::Joined(record("w9")),
-                MembershipEvent::Left("w9".into())
-            ]
+            [MembershipEvent::Updated(idle), MembershipEvent::Left("w2".into()), MembershipEvent::Joined(record("w9")), MembershipEvent::Left("w9".into())]
         );
         assert!(tokio::time::timeout(Duration::from_secs(1), w.next()).await.is_err(), "no repeated events");
 

@@ -84,7 +84,16 @@ impl Block {
     /// `timestep_proj` is the sample's `[6·D]` time projection, `text` its `[L, D]` context,
     /// `image` its `[L_img, D]` image context, `rope` the rotations of these rows.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, x: &mut [f32], n: usize, timestep_proj: &[f32], text: &[f32], image: Option<&[f32]>, rope: &RopeTable, attn: &dyn SelfAttention) -> Result<()> {
+    pub fn forward(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        timestep_proj: &[f32],
+        text: &[f32],
+        image: Option<&[f32]>,
+        rope: &RopeTable,
+        attn: &dyn SelfAttention,
+    ) -> Result<()> {
         let d = self.heads * self.head_dim;
         let m: Vec<f32> = self.scale_shift_table.iter().zip(timestep_proj).map(|(a, b)| a + b).collect();
         let chunk = |i: usize| &m[i * d..(i + 1) * d];

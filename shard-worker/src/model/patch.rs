@@ -20,7 +20,10 @@ impl PatchGrid {
         let mut dims = [0; 3];
         for i in 0..3 {
             if latent_fhw[i] == 0 || latent_fhw[i] % patch[i] != 0 {
-                return Err(WorkerError::input("hidden_states", format!("latent {} {} is not a positive multiple of the patch size {}", names[i], latent_fhw[i], patch[i])));
+                return Err(WorkerError::input(
+                    "hidden_states",
+                    format!("latent {} {} is not a positive multiple of the patch size {}", names[i], latent_fhw[i], patch[i]),
+                ));
             }
             dims[i] = latent_fhw[i] / patch[i];
         }

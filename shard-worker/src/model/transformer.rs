@@ -91,7 +91,15 @@ impl WanTransformer {
     /// Runs tokens `tokens` (global indices into the flattened (frame, row, column) grid) of
     /// sample `b` through the model, with `attn` joining them to the rest of the sequence.
     /// Returns the head's output `[tokens.len(), p_t·p_h·p_w·C_out]` for those tokens.
-    pub fn forward_tokens(&self, x: &DitInputs<'_>, cond: &Conditions, b: usize, grid: &PatchGrid, tokens: Range<usize>, attn: &dyn SelfAttention) -> Result<Vec<f32>> {
+    pub fn forward_tokens(
+        &self,
+        x: &DitInputs<'_>,
+        cond: &Conditions,
+        b: usize,
+        grid: &PatchGrid,
+        tokens: Range<usize>,
+        attn: &dyn SelfAttention,
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let d = c.inner_dim();
         let n = tokens.len();

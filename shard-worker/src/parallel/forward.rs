@@ -59,7 +59,8 @@ impl ShardContext {
         if self.nccl.get().is_some() {
             return Err(WorkerError::Collective("this rank has joined its NCCL group already".into()));
         }
-        let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks()).in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
+        let group = tracing::info_span!("nccl_init", rank = self.rank(), ranks = self.plan.ranks())
+            .in_scope(|| NcclGroup::join(m.ops(), id, self.rank(), self.plan, self.world.stats_handle()))?;
         self.nccl.set(group).map_err(|_| WorkerError::Collective("this rank joined its NCCL group twice".into()))
     }
 
@@ -119,7 +120,8 @@ impl ShardContext {
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan }.forward(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),
             (DitModel::Emulated(m), _) => {
-                let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(self.attention.ulysses()), HostDeviceComm::new(self.attention.ring()));
+                let (world, ulysses, ring) =
+                    (HostDeviceComm::new(&self.world), HostDeviceComm::new(self.attention.ulysses()), HostDeviceComm::new(self.attention.ring()));
                 DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan }.forward(m, x)
             }
         })
@@ -128,7 +130,18 @@ impl ShardContext {
     /// Runs `forward` in a `forward` span carrying what its collectives cost.
     fn traced(&self, x: &DitInputs<'_>, forward: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
         use tracing::field::Empty;
-        let span = tracing::info_span!("forward", rank = self.rank(), ranks = self.world.size(), ulysses = self.plan.ulysses, ring = self.plan.ring, batch = x.hidden_states.dim(0), tokens = Empty, bytes_sent = Empty, ring_wait_s = Empty, all_to_all_s = Empty);
+        let span = tracing::info_span!(
+            "forward",
+            rank = self.rank(),
+            ranks = self.world.size(),
+            ulysses = self.plan.ulysses,
+            ring = self.plan.ring,
+            batch = x.hidden_states.dim(0),
+            tokens = Empty,
+            bytes_sent = Empty,
+            ring_wait_s = Empty,
+            all_to_all_s = Empty
+        );
         let _in = span.enter();
         let (sent, (_, ring_wait, all_to_all)) = (self.world.stats().sent(), self.attention.timings().seconds());
         let out = forward();
@@ -142,7 +155,10 @@ impl ShardContext {
     fn forward_ranks(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
         let cfg = model.config();
         if cfg.num_attention_heads % self.plan.ulysses != 0 {
-            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {} heads", self.plan.ulysses, cfg.num_attention_heads)));
+            return Err(WorkerError::input(
+                "parallel plan",
+                format!("ulysses degree {} does not divide the model's {} heads", self.plan.ulysses, cfg.num_attention_heads),
+            ));
         }
         let (b, grid) = model.check_inputs(x)?;
         let cond = model.embed_conditions(x)?;
@@ -165,7 +181,13 @@ impl ShardContext {
 
 /// The error of a GPU group of `ranks` ranks without the NCCL id of the group.
 pub fn missing_nccl_id(model: &DitModel, ranks: usize) -> WorkerError {
-    WorkerError::input("nccl_unique_id", format!("required: the transformer runs on {}, and a group of {ranks} GPUs talks through NCCL (rank 0's worker makes the id, the coordinator sends it)", model.describe()))
+    WorkerError::input(
+        "nccl_unique_id",
+        format!(
+            "required: the transformer runs on {}, and a group of {ranks} GPUs talks through NCCL (rank 0's worker makes the id, the coordinator sends it)",
+            model.describe()
+        ),
+    )
 }
 
 /// How the ranks of a group that lives in one process talk to each other.

@@ -192,8 +192,9 @@ impl TcpTransport {
     /// accepts the ranks above it. Blocks until every peer has shaken hands or
     /// `connect_timeout` has passed. Call from a blocking thread, not from async code.
     pub fn establish(rank: usize, addrs: &[SocketAddr], opts: TcpOptions) -> Result<Self> {
-        let std_listener = std::net::TcpListener::bind(addrs.get(rank).ok_or_else(|| err(rank, format!("no address for rank {rank} among {} addresses", addrs.len())))?)
-            .map_err(|e| err(rank, format!("cannot listen on {}: {e}", addrs[rank])))?;
+        let std_listener =
+            std::net::TcpListener::bind(addrs.get(rank).ok_or_else(|| err(rank, format!("no address for rank {rank} among {} addresses", addrs.len())))?)
+                .map_err(|e| err(rank, format!("cannot listen on {}: {e}", addrs[rank])))?;
         Self::establish_with_listener(rank, addrs, std_listener, opts)
     }
 
@@ -443,7 +444,9 @@ mod tests {
     fn garbage_and_strangers_are_refused() {
         let addrs = free_addrs(2);
         let a = addrs.clone();
-        let rank0 = std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 5, connect_timeout: Duration::from_secs(10), ..Default::default() }));
+        let rank0 = std::thread::spawn(move || {
+            TcpTransport::establish(0, &a, TcpOptions { session: 5, connect_timeout: Duration::from_secs(10), ..Default::default() })
+        });
         // A stray client speaking another protocol, then a peer of another session: both are
         // turned away, and the real rank 1 still gets in.
         std::thread::sleep(Duration::from_millis(100));
@@ -481,7 +484,8 @@ mod tests {
     fn a_peer_that_dies_without_goodbye_is_named() {
         let addrs = free_addrs(2);
         let a = addrs.clone();
-        let rank0 = std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 3, recv_timeout: Duration::from_secs(20), ..Default::default() }));
+        let rank0 =
+            std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 3, recv_timeout: Duration::from_secs(20), ..Default::default() }));
         // A rank 1 that shakes hands, sends half a frame and vanishes, as a killed process would.
         let mut s = loop {
             match std::net::TcpStream::connect(addrs[0]) {
@@ -505,7 +509,10 @@ mod tests {
     #[test]
     fn nobody_listening_times_out_with_the_group_size() {
         let addrs = free_addrs(2);
-        let e = TcpTransport::establish(1, &addrs, TcpOptions { connect_timeout: Duration::from_millis(300), ..Default::default() }).map(|_| ()).unwrap_err().to_string();
+        let e = TcpTransport::establish(1, &addrs, TcpOptions { connect_timeout: Duration::from_millis(300), ..Default::default() })
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not connected within"), "{e}");
     }
 }

@@ -30,7 +30,10 @@ impl Denoiser {
         let state = SamplerState::from_history(history)?;
         let total = schedule.num_steps() - schedule.first_step();
         if steps_done > total || state.len() != latents.len() {
-            return Err(WorkerError::input("checkpoint", format!("{steps_done} steps done of {total}, history of {} values for a latent of {}", state.len(), latents.len())));
+            return Err(WorkerError::input(
+                "checkpoint",
+                format!("{steps_done} steps done of {total}, history of {} values for a latent of {}", state.len(), latents.len()),
+            ));
         }
         Ok(Self { latents, state, schedule, text, guidance_scale, done: steps_done })
     }

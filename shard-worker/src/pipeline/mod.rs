@@ -13,11 +13,11 @@ mod sharded;
 mod snapshot;
 
 pub use denoiser::Denoiser;
-pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use device::resolve_pipeline_device;
+pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
-pub use sharded::{denoise_sharded, generate_sharded};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
+pub use sharded::{denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
 use crate::model::{DitInputs, DitModel, WanTransformer};
@@ -253,12 +253,27 @@ impl WanPipeline {
     }
 
     /// Stage 3: runs every step of `schedule` on `latents` in place.
-    pub fn denoise(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver) -> Result<()> {
+    pub fn denoise(
+        &self,
+        latents: &mut Tensor,
+        text: &TextConditions,
+        guidance_scale: f32,
+        schedule: &Schedule,
+        observer: &mut dyn PipelineObserver,
+    ) -> Result<()> {
         self.denoise_with(latents, text, guidance_scale, schedule, observer, &self.local_forward())
     }
 
     /// [`Self::denoise`] with the transformer run by `forward` (e.g. sharded over ranks).
-    pub fn denoise_with(&self, latents: &mut Tensor, text: &TextConditions, guidance_scale: f32, schedule: &Schedule, observer: &mut dyn PipelineObserver, forward: Forward<'_>) -> Result<()> {
+    pub fn denoise_with(
+        &self,
+        latents: &mut Tensor,
+        text: &TextConditions,
+        guidance_scale: f32,
+        schedule: &Schedule,
+        observer: &mut dyn PipelineObserver,
+        forward: Forward<'_>,
+    ) -> Result<()> {
         let start = std::mem::replace(latents, Tensor::zeros([0]));
         let mut run = Denoiser::new(start, text.clone(), guidance_scale, schedule.clone());
         while !run.is_finished() {

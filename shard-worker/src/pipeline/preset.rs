@@ -6,12 +6,12 @@
 use super::WanPipeline;
 use crate::config::TransformerPreset;
 use crate::model::DitModel;
-use tessera_kernels::Device;
 use crate::sampler::SamplerConfig;
 use crate::text::{PromptTokenizer, TextEncoder, Umt5Config, Umt5EncoderModel, TEXT_LEN};
 use crate::vae::{VaeConfig, VaePreset, WanVae};
 use crate::weights::RandomWeights;
 use crate::Result;
+use tessera_kernels::Device;
 
 /// A small Unigram tokenizer of UMT5's kind (72 pieces), built into the binary.
 const TINY_TOKENIZER: &[u8] = include_bytes!("../../assets/tiny-pipeline/tokenizer.json");
@@ -128,7 +128,8 @@ mod tests {
     #[test]
     fn tiny_pipeline_generates_finite_frames_deterministically() {
         let pipe = PipelinePreset::Tiny.build(1).unwrap();
-        let params = GenerationParams { height: 32, width: 48, num_frames: 5, num_inference_steps: 3, seed: 11, ..GenerationParams::new("a red ball bouncing") };
+        let params =
+            GenerationParams { height: 32, width: 48, num_frames: 5, num_inference_steps: 3, seed: 11, ..GenerationParams::new("a red ball bouncing") };
         let run = || {
             let mut frames = FrameCollector::default();
             pipe.generate(&params, &mut frames).unwrap();

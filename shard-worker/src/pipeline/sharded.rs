@@ -28,17 +28,10 @@ impl PipelineObserver for RankObserver<'_> {
                 self.stop.store(true, Ordering::SeqCst);
             }
         }
-        let flag = if self.ctx.rank() == 0 && self.stop.load(Ordering::SeqCst) {
-            1.0
-        } else {
-            0.0
-        };
+        let flag = if self.ctx.rank() == 0 && self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 };
         let agreed = self.ctx.world().broadcast(0, &[flag])?;
         if agreed.first().copied().unwrap_or(0.0) != 0.0 && step + 1 < total {
-            return Err(WorkerError::Cancelled(format!(
-                "stopped after step {} of {total}",
-                step + 1
-            )));
+            return Err(WorkerError::Cancelled(format!("stopped after step {} of {total}", step + 1)));
         }
         Ok(())
     }
@@ -73,11 +66,7 @@ pub fn denoise_sharded(
             let _in = span.enter();
             run_local_group(transport, plan, |ctx| {
                 let mut lat = start.clone();
-                let mut obs = RankObserver {
-                    ctx,
-                    steps: (ctx.rank() == 0).then(|| tx.clone()),
-                    stop: &stop,
-                };
+                let mut obs = RankObserver { ctx, steps: (ctx.rank() == 0).then(|| tx.clone()), stop: &stop };
                 let forward = |x: &crate::DitInputs<'_>| ctx.forward_dit(model, x);
                 pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
                 Ok(lat)
@@ -92,9 +81,7 @@ pub fn denoise_sharded(
                 }
             }
         }
-        ranks
-            .join()
-            .map_err(|_| WorkerError::Collective("the rank group panicked".into()))?
+        ranks.join().map_err(|_| WorkerError::Collective("the rank group panicked".into()))?
     });
     if let Some(e) = observer_error {
         return Err(e);
@@ -115,25 +102,12 @@ pub fn generate_sharded(
 ) -> Result<Tensor> {
     let vc = pipe.vae().config();
     params.validate(vc.spatial_factor(), vc.temporal_factor())?;
-    let text = pipe.encode_text(
-        &params.prompt,
-        &params.negative_prompt,
-        params.guidance_scale,
-    )?;
+    let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
     observer.on_text(&text)?;
     let schedule = pipe.schedule_for(params)?;
     let mut latents = pipe.initial_latents(params, &schedule)?;
     observer.on_initial_latents(&latents)?;
-    denoise_sharded(
-        pipe,
-        &mut latents,
-        &text,
-        params.guidance_scale,
-        &schedule,
-        transport,
-        plan,
-        observer,
-    )?;
+    denoise_sharded(pipe, &mut latents, &text, params.guidance_scale, &schedule, transport, plan, observer)?;
     pipe.decode(&latents, observer)?;
     Ok(latents)
 }
@@ -145,14 +119,7 @@ mod tests {
     use crate::pipeline::{FrameCollector, PipelinePreset};
 
     fn params() -> GenerationParams {
-        GenerationParams {
-            height: 32,
-            width: 48,
-            num_frames: 9,
-            num_inference_steps: 3,
-            seed: 4,
-            ..GenerationParams::new("a red ball")
-        }
+        GenerationParams { height: 32, width: 48, num_frames: 9, num_inference_steps: 3, seed: 4, ..GenerationParams::new("a red ball") }
     }
 
     #[test]
@@ -161,17 +128,9 @@ mod tests {
         let mut one = FrameCollector::default();
         pipe.generate(&params(), &mut one).unwrap();
         let one = one.frames().unwrap();
-        let tol = Tolerance {
-            rel_l2: 1e-5,
-            max_abs: Some(1e-4),
-            max_abs_over_max_ref: None,
-        };
+        let tol = Tolerance { rel_l2: 1e-5, max_abs: Some(1e-4), max_abs_over_max_ref: None };
         let heads = pipe.transformer().config().num_attention_heads;
-        for (ranks, ulysses, transport) in [
-            (2, 1, LocalTransport::InProcess),
-            (3, 1, LocalTransport::TcpLoopback),
-            (2, 2, LocalTransport::InProcess),
-        ] {
+        for (ranks, ulysses, transport) in [(2, 1, LocalTransport::InProcess), (3, 1, LocalTransport::TcpLoopback), (2, 2, LocalTransport::InProcess)] {
             let plan = ParallelPlan::new(ranks, ulysses, heads).unwrap();
             let mut got = FrameCollector::default();
             generate_sharded(&pipe, &params(), transport, plan, &mut got).unwrap();
@@ -224,20 +183,9 @@ mod tests {
         let pipe = PipelinePreset::Tiny.build(2).unwrap();
         let plan = ParallelPlan::new(2, 1, 2).unwrap();
         let mut obs = StopAfter(2, 0);
-        let p = GenerationParams {
-            num_inference_steps: 6,
-            ..params()
-        };
-        let err =
-            generate_sharded(&pipe, &p, LocalTransport::InProcess, plan, &mut obs).unwrap_err();
-        assert!(
-            matches!(err, WorkerError::Cancelled(ref m) if m.contains("by the test")),
-            "{err}"
-        );
-        assert!(
-            obs.1 <= 3,
-            "the ranks ran on after the stop: {} steps seen",
-            obs.1
-        );
+        let p = GenerationParams { num_inference_steps: 6, ..params() };
+        let err = generate_sharded(&pipe, &p, LocalTransport::InProcess, plan, &mut obs).unwrap_err();
+        assert!(matches!(err, WorkerError::Cancelled(ref m) if m.contains("by the test")), "{err}");
+        assert!(obs.1 <= 3, "the ranks ran on after the stop: {} steps seen", obs.1);
     }
 }

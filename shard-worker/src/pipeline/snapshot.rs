@@ -28,13 +28,8 @@ impl Snapshot {
         if !SUPPORTED_PIPELINES.contains(&class) {
             return Err(bad(format!("pipeline {class} is not supported (supported: {})", SUPPORTED_PIPELINES.join(", "))));
         }
-        let expect = [
-            ("transformer", "WanTransformer3DModel"),
-            ("vae", "AutoencoderKLWan"),
-            ("text_encoder", "UMT5EncoderModel"),
-            ("scheduler", ""),
-            ("tokenizer", ""),
-        ];
+        let expect =
+            [("transformer", "WanTransformer3DModel"), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
         for (component, want_class) in expect {
             let entry = index.get(component).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("component `{component}` is missing")))?;
             let got = entry.get(1).and_then(|v| v.as_str()).unwrap_or_default();

@@ -116,9 +116,7 @@ impl SamplerConfig {
             "UniPCMultistepScheduler" => SamplerKind::UniPc,
             "FlowMatchEulerDiscreteScheduler" => SamplerKind::Euler,
             other => {
-                return Err(config_error(format!(
-                    "`_class_name` {other:?} is not supported (UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler)"
-                )))
+                return Err(config_error(format!("`_class_name` {other:?} is not supported (UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler)")))
             }
         };
         let num_train_timesteps = fields.uint("num_train_timesteps")?.unwrap_or(1000);
@@ -284,8 +282,10 @@ mod tests {
     fn reads_wan_unipc_and_euler_configs() {
         let c = SamplerConfig::from_json(WAN_UNIPC).unwrap();
         assert_eq!(c, SamplerConfig::unipc(3.0));
-        let e = SamplerConfig::from_json(r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0, "num_train_timesteps": 1000,
-            "use_dynamic_shifting": false, "base_shift": 0.5, "max_shift": 1.15, "invert_sigmas": false, "shift_terminal": null}"#)
+        let e = SamplerConfig::from_json(
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0, "num_train_timesteps": 1000,
+            "use_dynamic_shifting": false, "base_shift": 0.5, "max_shift": 1.15, "invert_sigmas": false, "shift_terminal": null}"#,
+        )
         .unwrap();
         assert_eq!(e, SamplerConfig::euler(5.0));
         let overridden = c.with_shift(5.0).with_kind(SamplerKind::Euler);

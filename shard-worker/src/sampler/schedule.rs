@@ -110,7 +110,10 @@ impl Schedule {
             StepCoefficients::UniPc(s) => !s.is_finite(),
         });
         match bad {
-            Some(k) => Err(WorkerError::input("num_steps", format!("step {} of {} has non-finite sampler coefficients (too many steps for this grid?)", first_step + k, self.num_steps()))),
+            Some(k) => Err(WorkerError::input(
+                "num_steps",
+                format!("step {} of {} has non-finite sampler coefficients (too many steps for this grid?)", first_step + k, self.num_steps()),
+            )),
             None => Ok(coefficients),
         }
     }

@@ -95,7 +95,8 @@ impl SamplerState {
         if i != expected {
             return Err(WorkerError::input("step", format!("step {i} requested, step {expected} is next")));
         }
-        let coefficients = schedule.coefficients(i).ok_or_else(|| WorkerError::input("step", format!("step {i} is past the schedule's {} steps", schedule.num_steps())))?;
+        let coefficients =
+            schedule.coefficients(i).ok_or_else(|| WorkerError::input("step", format!("step {i} is past the schedule's {} steps", schedule.num_steps())))?;
         let parallel = h.len >= PARALLEL_MIN;
         match coefficients {
             StepCoefficients::Euler { dt } => {

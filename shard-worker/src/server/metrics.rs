@@ -22,14 +22,27 @@ impl WorkerMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
-            jobs: IntCounterVec::new(Opts::new("tessera_worker_jobs_total", "Jobs this worker was asked to prepare, by outcome: prepared or refused (jobs)."), &["worker", "outcome"])?,
+            jobs: IntCounterVec::new(
+                Opts::new("tessera_worker_jobs_total", "Jobs this worker was asked to prepare, by outcome: prepared or refused (jobs)."),
+                &["worker", "outcome"],
+            )?,
             busy: IntGaugeVec::new(Opts::new("tessera_worker_busy", "Whether the worker runs a job now (0 or 1)."), &["worker"])?,
             step_duration: HistogramVec::new(
-                HistogramOpts::new("tessera_worker_step_duration_seconds", "Wall time of one denoising step on this rank (seconds).").buckets(STEP_BUCKETS.to_vec()),
+                HistogramOpts::new("tessera_worker_step_duration_seconds", "Wall time of one denoising step on this rank (seconds).")
+                    .buckets(STEP_BUCKETS.to_vec()),
                 &["worker"],
             )?,
-            collective_wait: prometheus::CounterVec::new(Opts::new("tessera_collective_wait_seconds_total", "Time this rank spent waiting on collectives (ring passes, all-to-alls) during steps (seconds)."), &["worker"])?,
-            collective_bytes: IntCounterVec::new(Opts::new("tessera_collective_bytes_total", "Bytes this rank sent to the other ranks of its jobs (bytes)."), &["worker"])?,
+            collective_wait: prometheus::CounterVec::new(
+                Opts::new(
+                    "tessera_collective_wait_seconds_total",
+                    "Time this rank spent waiting on collectives (ring passes, all-to-alls) during steps (seconds).",
+                ),
+                &["worker"],
+            )?,
+            collective_bytes: IntCounterVec::new(
+                Opts::new("tessera_collective_bytes_total", "Bytes this rank sent to the other ranks of its jobs (bytes)."),
+                &["worker"],
+            )?,
         };
         registry.register(Box::new(m.jobs.clone()))?;
         registry.register(Box::new(m.busy.clone()))?;

@@ -22,10 +22,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorker;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -324,7 +324,6 @@ impl WorkerService {
             total_steps: total_steps as u32,
         }))
     }
-
 }
 
 #[tonic::async_trait]
@@ -344,7 +343,10 @@ impl ShardWorker for WorkerService {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
         let index = r.step as usize;
-        let span = traced(tracing::info_span!("step", job_id = %r.job_id, rank = job.rank, step = r.step, communication_s = tracing::field::Empty, bytes_sent = tracing::field::Empty), &r.trace_context);
+        let span = traced(
+            tracing::info_span!("step", job_id = %r.job_id, rank = job.rank, step = r.step, communication_s = tracing::field::Empty, bytes_sent = tracing::field::Empty),
+            &r.trace_context,
+        );
         let report = blocking_in(span.clone(), move || {
             let (tx, rx) = mpsc::channel();
             job.send(Command::Step(index, tx))?;
@@ -355,7 +357,12 @@ impl ShardWorker for WorkerService {
         span.record("communication_s", report.communication_seconds);
         span.record("bytes_sent", report.bytes_sent);
         self.inner.metrics.step(&self.inner.me.worker_id, report.seconds, report.communication_seconds, report.bytes_sent);
-        Ok(Response::new(pb::StepResponse { step: r.step, seconds: report.seconds, communication_seconds: report.communication_seconds, bytes_sent: report.bytes_sent }))
+        Ok(Response::new(pb::StepResponse {
+            step: r.step,
+            seconds: report.seconds,
+            communication_seconds: report.communication_seconds,
+            bytes_sent: report.bytes_sent,
+        }))
     }
 
     async fn checkpoint(&self, request: Request<pb::CheckpointRequest>) -> Result<Response<pb::CheckpointResponse>, Status> {
@@ -419,7 +426,12 @@ impl ShardWorker for WorkerService {
         let s = latents.shape();
         let tokens = s[2] * (s[3] / 2) * (s[4] / 2);
         // Every rank holds the whole latent (replicated), so the slice is all of it.
-        Ok(Response::new(pb::LatentSlice { shape: s[1..].iter().map(|&d| d as u32).collect(), token_start: 0, token_end: tokens as u64, data: f32_bytes(latents.data()) }))
+        Ok(Response::new(pb::LatentSlice {
+            shape: s[1..].iter().map(|&d| d as u32).collect(),
+            token_start: 0,
+            token_end: tokens as u64,
+            data: f32_bytes(latents.data()),
+        }))
     }
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
@@ -442,7 +454,8 @@ impl ShardWorker for WorkerService {
 
 /// A checkpoint (another group's) as the place a run resumes from.
 fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> {
-    let history: crate::sampler::SamplerHistory = serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
+    let history: crate::sampler::SamplerHistory =
+        serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
     if !cp.latents.len().is_multiple_of(4) || cp.latent_shape.len() != 5 {
         return Err(WorkerError::input("resume.latents", format!("{} bytes with shape {:?}", cp.latents.len(), cp.latent_shape)));
     }

@@ -28,7 +28,9 @@ pub(super) fn parse_nccl_id(bytes: &[u8]) -> Result<Option<NcclId>, Status> {
     if bytes.is_empty() {
         return Ok(None);
     }
-    NcclId::from_bytes(bytes).map(Some).map_err(|_| Status::invalid_argument(format!("nccl_unique_id: {} bytes, but an NCCL unique id is {NCCL_ID_BYTES} bytes", bytes.len())))
+    NcclId::from_bytes(bytes)
+        .map(Some)
+        .map_err(|_| Status::invalid_argument(format!("nccl_unique_id: {} bytes, but an NCCL unique id is {NCCL_ID_BYTES} bytes", bytes.len())))
 }
 
 #[cfg(test)]

@@ -154,10 +154,37 @@ mod tests {
     /// Where the bucket changes, for 32 buckets and max distance 128, as computed by hand from
     /// the definition (and as transformers 5.24 gives): `(first relative position, bucket)`.
     const CHANGES: &[(i64, usize)] = &[
-        (-600, 15), (-90, 14), (-63, 13), (-45, 12), (-31, 11), (-22, 10), (-15, 9), (-11, 8),
-        (-7, 7), (-6, 6), (-5, 5), (-4, 4), (-3, 3), (-2, 2), (-1, 1), (0, 0),
-        (1, 17), (2, 18), (3, 19), (4, 20), (5, 21), (6, 22), (7, 23), (8, 24), (12, 25),
-        (16, 26), (23, 27), (32, 28), (46, 29), (64, 30), (91, 31),
+        (-600, 15),
+        (-90, 14),
+        (-63, 13),
+        (-45, 12),
+        (-31, 11),
+        (-22, 10),
+        (-15, 9),
+        (-11, 8),
+        (-7, 7),
+        (-6, 6),
+        (-5, 5),
+        (-4, 4),
+        (-3, 3),
+        (-2, 2),
+        (-1, 1),
+        (0, 0),
+        (1, 17),
+        (2, 18),
+        (3, 19),
+        (4, 20),
+        (5, 21),
+        (6, 22),
+        (7, 23),
+        (8, 24),
+        (12, 25),
+        (16, 26),
+        (23, 27),
+        (32, 28),
+        (46, 29),
+        (64, 30),
+        (91, 31),
     ];
 
     #[test]
@@ -197,7 +224,11 @@ mod tests {
                     .map(|j| {
                         let dot: f64 = (0..dk).map(|c| qkv[i * 3 * inner + h * dk + c] as f64 * qkv[j * 3 * inner + inner + h * dk + c] as f64).sum();
                         let b = bias[h * span + (j + max_len - 1 - i)] as f64;
-                        if mask[j] { dot + b } else { f64::NEG_INFINITY }
+                        if mask[j] {
+                            dot + b
+                        } else {
+                            f64::NEG_INFINITY
+                        }
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

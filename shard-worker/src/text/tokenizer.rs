@@ -54,7 +54,10 @@ impl PromptTokenizer {
     pub fn with_max_length(dir: &Path, max_length: usize) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(WorkerError::Io { path: path.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the tokenizer folder") });
+            return Err(WorkerError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the tokenizer folder"),
+            });
         }
         let inner = Tokenizer::from_file(&path).map_err(|e| WorkerError::Tokenizer { path: path.display().to_string(), detail: e.to_string() })?;
         Self::configure(inner, pad_token_of(dir)?, max_length, path)
@@ -75,7 +78,12 @@ impl PromptTokenizer {
         let pad_token = pad_token.or_else(|| inner.get_padding().map(|p| p.pad_token.clone())).unwrap_or_else(|| "<pad>".into());
         let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| err(format!("the pad token {pad_token:?} is not in the vocabulary")))?;
         inner
-            .with_truncation(Some(TruncationParams { direction: TruncationDirection::Right, max_length, strategy: TruncationStrategy::LongestFirst, stride: 0 }))
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
             .map_err(|e| err(e.to_string()))?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
@@ -105,12 +113,23 @@ impl PromptTokenizer {
 
     /// Tokenizes texts as they are (no cleaning): special tokens added, truncated, padded.
     pub fn tokenize(&self, texts: &[&str]) -> Result<TokenizedPrompts> {
-        let mut out = TokenizedPrompts { ids: Vec::with_capacity(texts.len() * self.max_length), attention_mask: Vec::new(), lengths: Vec::new(), max_length: self.max_length };
+        let mut out = TokenizedPrompts {
+            ids: Vec::with_capacity(texts.len() * self.max_length),
+            attention_mask: Vec::new(),
+            lengths: Vec::new(),
+            max_length: self.max_length,
+        };
         out.attention_mask.reserve(texts.len() * self.max_length);
         for &text in texts {
-            let enc = self.inner.encode(text, true).map_err(|e| WorkerError::Tokenizer { path: self.path.display().to_string(), detail: format!("{text:?}: {e}") })?;
+            let enc = self
+                .inner
+                .encode(text, true)
+                .map_err(|e| WorkerError::Tokenizer { path: self.path.display().to_string(), detail: format!("{text:?}: {e}") })?;
             if enc.get_ids().len() != self.max_length || enc.get_attention_mask().len() != self.max_length {
-                return Err(WorkerError::Tokenizer { path: self.path.display().to_string(), detail: format!("{text:?} gave {} tokens, not {}", enc.get_ids().len(), self.max_length) });
+                return Err(WorkerError::Tokenizer {
+                    path: self.path.display().to_string(),
+                    detail: format!("{text:?} gave {} tokens, not {}", enc.get_ids().len(), self.max_length),
+                });
             }
             out.ids.extend_from_slice(enc.get_ids());
             out.attention_mask.extend_from_slice(enc.get_attention_mask());

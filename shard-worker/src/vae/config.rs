@@ -81,7 +81,12 @@ impl VaeConfig {
             return Err(format!("dim_mult {:?} must have at least two positive entries", self.dim_mult));
         }
         if self.temperal_downsample.len() != self.dim_mult.len() - 1 {
-            return Err(format!("temperal_downsample has {} entries, dim_mult {:?} needs {}", self.temperal_downsample.len(), self.dim_mult, self.dim_mult.len() - 1));
+            return Err(format!(
+                "temperal_downsample has {} entries, dim_mult {:?} needs {}",
+                self.temperal_downsample.len(),
+                self.dim_mult,
+                self.dim_mult.len() - 1
+            ));
         }
         if self.temporal_downsamples() > 2 {
             return Err(format!("temperal_downsample {:?}: at most two temporal downsamples are supported (chunks of 4 frames)", self.temperal_downsample));
@@ -115,7 +120,11 @@ impl VaeConfig {
             return Err("latents_mean must be finite".into());
         }
         if let Some(t) = self.scale_factor_temporal.filter(|&t| t != self.temporal_factor()) {
-            return Err(format!("scale_factor_temporal {t} disagrees with temperal_downsample {:?} (factor {})", self.temperal_downsample, self.temporal_factor()));
+            return Err(format!(
+                "scale_factor_temporal {t} disagrees with temperal_downsample {:?} (factor {})",
+                self.temperal_downsample,
+                self.temporal_factor()
+            ));
         }
         if let Some(s) = self.scale_factor_spatial.filter(|&s| s != self.spatial_factor()) {
             return Err(format!("scale_factor_spatial {s} disagrees with dim_mult {:?} (factor {})", self.dim_mult, self.spatial_factor()));

@@ -1,7 +1,7 @@
 //! `WanDecoder3d`: latent frames to video frames, one chunk at a time with causal state, so that
 //! decoding chunk by chunk equals one pass over the whole sequence.
 
-use super::blocks::{MidBlock, MidState, ResampleMode, Resample, ResampleState, ResidualBlock, ResidualState};
+use super::blocks::{MidBlock, MidState, Resample, ResampleMode, ResampleState, ResidualBlock, ResidualState};
 use super::clip::{Clip, FrameCache};
 use super::config::VaeConfig;
 use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};

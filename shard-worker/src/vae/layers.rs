@@ -122,9 +122,8 @@ impl CausalConv3d {
     pub fn forward_after(&self, before: Option<&Clip>, x: &Clip) -> Result<Clip> {
         let [_, ph, pw] = self.padding;
         let cached = before.map_or(0, |b| b.t);
-        let params = Conv3dParams::new(self.kernel)
-            .with_stride(self.stride)
-            .with_padding([[self.causal_frames().saturating_sub(cached), 0], [ph, ph], [pw, pw]]);
+        let params =
+            Conv3dParams::new(self.kernel).with_stride(self.stride).with_padding([[self.causal_frames().saturating_sub(cached), 0], [ph, ph], [pw, pw]]);
         let pieces: Vec<&[f32]> = before.map(|b| b.data.as_slice()).into_iter().chain([x.data.as_slice()]).collect();
         let (y, shape) = conv3d_pieces(&pieces, [x.c, x.h, x.w], &self.weight, Some(&self.bias), self.out_channels, &params)?;
         Ok(Clip::new(shape, y))

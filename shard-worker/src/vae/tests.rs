@@ -127,10 +127,13 @@ fn latent_normalisation_round_trips() {
 /// All tensors of the golden case's weights file, as (name, shape, f32 values).
 fn golden_weights() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let f = SafetensorsFile::open(&golden_case().join("diffusion_pytorch_model.safetensors")).unwrap();
-    f.names().into_iter().map(|n| {
-        let (s, d) = f.read_f32(&n).unwrap();
-        (n, s, d)
-    }).collect()
+    f.names()
+        .into_iter()
+        .map(|n| {
+            let (s, d) = f.read_f32(&n).unwrap();
+            (n, s, d)
+        })
+        .collect()
 }
 
 fn write_case(dir: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {

@@ -137,4 +137,3 @@ impl Drop for Etcd {
         self.stop();
     }
 }
-

@@ -30,10 +30,7 @@ impl FlatDoc {
     /// `.` removed: `under("metadata.labels")` gives `[("app.kubernetes.io/name", "tessera"), ...]`.
     pub fn under(&self, prefix: &str) -> Vec<(String, String)> {
         let dotted = format!("{prefix}.");
-        self.entries
-            .iter()
-            .filter_map(|(p, v)| p.strip_prefix(&dotted).map(|rest| (rest.to_string(), v.clone())))
-            .collect()
+        self.entries.iter().filter_map(|(p, v)| p.strip_prefix(&dotted).map(|rest| (rest.to_string(), v.clone()))).collect()
     }
 
     /// Number of items of the sequence at `path` (0 when absent).
@@ -43,9 +40,7 @@ impl FlatDoc {
 
     /// True when `path` is a scalar or has anything beneath it.
     pub fn has(&self, path: &str) -> bool {
-        self.entries.iter().any(|(p, _)| {
-            p == path || p.strip_prefix(path).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
-        })
+        self.entries.iter().any(|(p, _)| p == path || p.strip_prefix(path).is_some_and(|rest| rest.starts_with('.') || rest.starts_with('[')))
     }
 }
 
@@ -100,10 +95,7 @@ pub fn parse_document(text: &str) -> Result<FlatDoc, String> {
         let at = |e: String| format!("line {}: {e}: {raw:?}", number + 1);
         if let Some(rest) = trimmed.strip_prefix('-').filter(|r| r.is_empty() || r.starts_with(' ')) {
             // A sequence item: its parent is the nearest open key at or left of this column.
-            while stack
-                .last()
-                .is_some_and(|top| top.col() > col || matches!(top, Open::Item { col: c, .. } if *c == col))
-            {
+            while stack.last().is_some_and(|top| top.col() > col || matches!(top, Open::Item { col: c, .. } if *c == col)) {
                 stack.pop();
             }
             let path = match stack.last_mut() {
@@ -260,10 +252,7 @@ kind: Service
         assert_eq!(d.get("spec.template.spec.volumes[0].emptyDir"), Some("{}"));
         assert_eq!(d.get("spec.template.spec.args[1]"), Some("two"));
         assert_eq!(d.len("spec.template.spec.args"), 2);
-        assert_eq!(
-            d.under(&format!("{c}[0].env[0]")),
-            vec![("name".into(), "A".into()), ("value".into(), "x: y".into())]
-        );
+        assert_eq!(d.under(&format!("{c}[0].env[0]")), vec![("name".into(), "A".into()), ("value".into(), "x: y".into())]);
         assert_eq!(docs[1].get("kind"), Some("Service"));
     }
 

@@ -72,7 +72,12 @@ struct Rank {
 
 impl Rank {
     fn failed(&self, during: impl Into<String>, status: tonic::Status) -> CoordinatorError {
-        CoordinatorError::WorkerFailed { worker: format!("{} ({})", self.record.worker_id, self.record.address), during: during.into(), code: status.code(), detail: format!("{} ({:?})", status.message(), status.code()) }
+        CoordinatorError::WorkerFailed {
+            worker: format!("{} ({})", self.record.worker_id, self.record.address),
+            during: during.into(),
+            code: status.code(),
+            detail: format!("{} ({:?})", status.message(), status.code()),
+        }
     }
 }
 
@@ -83,8 +88,12 @@ async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, Coord
         code: tonic::Code::Unavailable,
         detail,
     };
-    let endpoint = Endpoint::from_shared(format!("http://{}", record.address)).map_err(|e| fail(format!("bad address: {e}")))?.connect_timeout(timeout).tcp_nodelay(true);
-    let channel = tokio::time::timeout(timeout, endpoint.connect()).await.map_err(|_| fail(format!("no connection within {timeout:?}")))?.map_err(|e| fail(e.to_string()))?;
+    let endpoint =
+        Endpoint::from_shared(format!("http://{}", record.address)).map_err(|e| fail(format!("bad address: {e}")))?.connect_timeout(timeout).tcp_nodelay(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| fail(format!("no connection within {timeout:?}")))?
+        .map_err(|e| fail(e.to_string()))?;
     let client = ShardWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     Ok(Rank { record: record.clone(), client })
 }
@@ -161,7 +170,11 @@ where
     }
     // Refusals because a worker already runs a job (another coordinator's): the caller may try
     // another group.
-    let busy: Vec<String> = failures.iter().filter(|(_, s)| s.code() == tonic::Code::FailedPrecondition && s.message().contains("is busy with job")).map(|(i, _)| ranks[*i].record.worker_id.clone()).collect();
+    let busy: Vec<String> = failures
+        .iter()
+        .filter(|(_, s)| s.code() == tonic::Code::FailedPrecondition && s.message().contains("is busy with job"))
+        .map(|(i, _)| ranks[*i].record.worker_id.clone())
+        .collect();
     if !busy.is_empty() {
         return Err(CoordinatorError::WorkersBusy { workers: busy });
     }
@@ -201,7 +214,9 @@ async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Resu
     })?;
     let id = answer.map_err(|s| rank0.failed(DURING, s))?.into_inner().nccl_unique_id;
     if id.len() != tessera_kernels::cuda::nccl::NCCL_ID_BYTES {
-        return Err(rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_kernels::cuda::nccl::NCCL_ID_BYTES))));
+        return Err(
+            rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_kernels::cuda::nccl::NCCL_ID_BYTES)))
+        );
     }
     Ok(id)
 }
@@ -288,20 +303,27 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let input_frames = cx.input_frames.as_ref().map(input_frames_message);
 
     let ranks_n = ranks.len() as u32;
-    send(cx.events, ExecEvent::Plan(tessera_proto::v1::Plan {
-        worker_ids: group.workers.iter().map(|w| w.worker_id.clone()).collect(),
-        ranks: ranks_n,
-        ulysses: group.ulysses as u32,
-        ring: ranks_n / group.ulysses as u32,
-        tokens: cx.job.request.tokens as u64,
-        forwards_per_step: cx.job.request.forwards_per_step(),
-    }))
+    send(
+        cx.events,
+        ExecEvent::Plan(tessera_proto::v1::Plan {
+            worker_ids: group.workers.iter().map(|w| w.worker_id.clone()).collect(),
+            ranks: ranks_n,
+            ulysses: group.ulysses as u32,
+            ring: ranks_n / group.ulysses as u32,
+            tokens: cx.job.request.tokens as u64,
+            forwards_per_step: cx.job.request.forwards_per_step(),
+        }),
+    )
     .await?;
     send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
     let started = Instant::now();
     let span = tracing::info_span!("prepare", ranks = ranks.len(), ulysses = group.ulysses);
     let trace_context = span.in_scope(tessera_telemetry::current_context_map);
-    let nccl_unique_id = if group_needs_nccl(&group.workers) { nccl_id_from_rank0(&ranks[0], &cx.job.id, cx.limits.connect).instrument(span.clone()).await? } else { Vec::new() };
+    let nccl_unique_id = if group_needs_nccl(&group.workers) {
+        nccl_id_from_rank0(&ranks[0], &cx.job.id, cx.limits.connect).instrument(span.clone()).await?
+    } else {
+        Vec::new()
+    };
     let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {
         let req = pb::PrepareJobRequest {
             job_id: cx.job.id.clone(),
@@ -360,7 +382,13 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     if format == OutputFormat::RawLatents {
         send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
         let started = Instant::now();
-        let slice = rank0.client.clone().fetch_latents(pb::FetchLatentsRequest { job_id: cx.job.id.clone() }).await.map_err(|s| rank0.failed("fetch latents", s))?.into_inner();
+        let slice = rank0
+            .client
+            .clone()
+            .fetch_latents(pb::FetchLatentsRequest { job_id: cx.job.id.clone() })
+            .await
+            .map_err(|s| rank0.failed("fetch latents", s))?
+            .into_inner();
         let mut shape = vec![1usize];
         shape.extend(slice.shape.iter().map(|&d| d as usize));
         let data: Vec<f32> = slice.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
@@ -374,7 +402,9 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     send(cx.events, ExecEvent::Phase(Phase::Decoding)).await?;
     let started = Instant::now();
     let decode_span = tracing::info_span!("decode", frames = r.num_frames);
-    let encoder = decode_on_rank0(rank0, cx, FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?, &decode_span).instrument(decode_span.clone()).await?;
+    let encoder = decode_on_rank0(rank0, cx, FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?, &decode_span)
+        .instrument(decode_span.clone())
+        .await?;
     report.decoding = started.elapsed().saturating_sub(encoder.busy());
     report.frames = encoder.frames() as u32;
     if report.frames != r.num_frames {
@@ -402,13 +432,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
 /// come); returns the encoder with every frame in.
 async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: FrameEncoder, span: &tracing::Span) -> Result<FrameEncoder, CoordinatorError> {
     let trace_context = span.in_scope(tessera_telemetry::current_context_map);
-    let mut stream = rank0
-        .client
-        .clone()
-        .decode(pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context })
-        .await
-        .map_err(|s| rank0.failed("decode", s))?
-        .into_inner();
+    let mut stream =
+        rank0.client.clone().decode(pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context }).await.map_err(|s| rank0.failed("decode", s))?.into_inner();
     let deadline = tokio::time::Instant::now() + cx.limits.decode;
     loop {
         let next = tokio::select! {

@@ -259,7 +259,11 @@ impl JobExecutor for RemoteExecutor {
                         shared.publish();
                     }
                     // The group lost a worker: go on from the last checkpoint on a new group.
-                    Err(e @ CoordinatorError::WorkerFailed { .. }) if recoveries < recover_attempts && !stop.is_stopped() && !matches!(&e, CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. }) => {
+                    Err(e @ CoordinatorError::WorkerFailed { .. })
+                        if recoveries < recover_attempts
+                            && !stop.is_stopped()
+                            && !matches!(&e, CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. }) =>
+                    {
                         recoveries += 1;
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         let from = resume.as_ref().map_or(0, |c: &tessera_proto::worker::v1::CheckpointResponse| c.steps_done);
@@ -307,7 +311,14 @@ struct Attempt<'a> {
     last_checkpoint: &'a std::sync::Mutex<Option<tessera_proto::worker::v1::CheckpointResponse>>,
 }
 
-async fn run_reserved(shared: &Shared, job: &ExecJob, attempt: Attempt<'_>, events: mpsc::Sender<ExecEvent>, stop: &StopSignal, limits: DriveLimits) -> Result<ExecReport, CoordinatorError> {
+async fn run_reserved(
+    shared: &Shared,
+    job: &ExecJob,
+    attempt: Attempt<'_>,
+    events: mpsc::Sender<ExecEvent>,
+    stop: &StopSignal,
+    limits: DriveLimits,
+) -> Result<ExecReport, CoordinatorError> {
     let input_frames = prepare_request_video_blocking(&job.request.request).await?;
     let cx = DriveContext {
         job,

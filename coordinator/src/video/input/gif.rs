@@ -139,7 +139,17 @@ mod tests {
         {
             let mut e = ::gif::Encoder::new(&mut out, width, height, &palette).unwrap();
             for (left, top, w, h, indices, transparent, dispose, delay) in frames {
-                let f = ::gif::Frame { left: *left, top: *top, width: *w, height: *h, buffer: Cow::Borrowed(indices), transparent: *transparent, dispose: *dispose, delay: *delay, ..Default::default() };
+                let f = ::gif::Frame {
+                    left: *left,
+                    top: *top,
+                    width: *w,
+                    height: *h,
+                    buffer: Cow::Borrowed(indices),
+                    transparent: *transparent,
+                    dispose: *dispose,
+                    delay: *delay,
+                    ..Default::default()
+                };
                 e.write_frame(&f).unwrap();
             }
         }

@@ -139,7 +139,8 @@ impl H264Decoder {
         // Frames are taken when the decoder gives them (in display order, B-frames reordered)
         // and the rest at the end, never by flushing early.
         let decoder_config = DecoderConfig::new().flush_after_decode(Flush::NoFlush);
-        let decoder = Decoder::with_api_config(OpenH264API::from_source(), decoder_config).map_err(|e| corrupt(FORMAT, format!("the decoder did not start: {e}")))?;
+        let decoder =
+            Decoder::with_api_config(OpenH264API::from_source(), decoder_config).map_err(|e| corrupt(FORMAT, format!("the decoder did not start: {e}")))?;
         let mut this = Self { decoder, nal_length_size: config.nal_length_size, limits: *limits, sps, annex_b: Vec::new(), frames_out: 0 };
         for &nal in &config.sps {
             checked_sps(nal, limits)?;
@@ -170,7 +171,10 @@ impl H264Decoder {
             if nal[0] & 0x1f == NAL_SPS {
                 let sps = checked_sps(nal, &self.limits)?;
                 if (sps.width, sps.height) != (self.sps.width, self.sps.height) {
-                    return Err(unsupported(FORMAT, format!("the frame size changes mid-stream from {}x{} to {}x{}", self.sps.width, self.sps.height, sps.width, sps.height)));
+                    return Err(unsupported(
+                        FORMAT,
+                        format!("the frame size changes mid-stream from {}x{} to {}x{}", self.sps.width, self.sps.height, sps.width, sps.height),
+                    ));
                 }
                 self.sps = sps;
             }

@@ -196,7 +196,10 @@ impl<'a> VideoReader<'a> {
         if self.pixels_decoded + pixels > self.limits.max_decoded_pixels {
             return Err(CoordinatorError::input_video(
                 InputVideoProblem::TooLarge,
-                format!("decoding frame {} of {}x{} would exceed the budget of {} decoded pixels", self.frames_read, self.info.width, self.info.height, self.limits.max_decoded_pixels),
+                format!(
+                    "decoding frame {} of {}x{} would exceed the budget of {} decoded pixels",
+                    self.frames_read, self.info.width, self.info.height, self.limits.max_decoded_pixels
+                ),
             ));
         }
         self.pixels_decoded += pixels;
@@ -208,7 +211,10 @@ impl<'a> VideoReader<'a> {
         if let Some(f) = &frame {
             let want = 3 * pixels as usize;
             if f.len() != want {
-                return Err(CoordinatorError::input_video(InputVideoProblem::Corrupt, format!("frame {} has {} values, expected {want}", self.frames_read, f.len())));
+                return Err(CoordinatorError::input_video(
+                    InputVideoProblem::Corrupt,
+                    format!("frame {} has {} values, expected {want}", self.frames_read, f.len()),
+                ));
             }
             self.frames_read += 1;
         }

@@ -262,7 +262,9 @@ impl<'a> Samples<'a> {
 
     /// `stsc` entry `i`: (first chunk, samples per chunk).
     fn stsc(&self, i: usize) -> Result<Option<(u64, u64)>> {
-        let (Some(first), Some(per_chunk), Some(description)) = (u32_at(self.track.stsc, 3 * i), u32_at(self.track.stsc, 3 * i + 1), u32_at(self.track.stsc, 3 * i + 2)) else {
+        let (Some(first), Some(per_chunk), Some(description)) =
+            (u32_at(self.track.stsc, 3 * i), u32_at(self.track.stsc, 3 * i + 1), u32_at(self.track.stsc, 3 * i + 2))
+        else {
             return Ok(None);
         };
         if description != 1 {
@@ -318,7 +320,10 @@ impl<'a> Samples<'a> {
         }
         let end = self.offset.saturating_add(size);
         if end > self.file.len() as u64 {
-            return Err(corrupt(FORMAT, format!("sample {} at bytes {}..{end} lies outside the {}-byte file (truncated?)", self.sample, self.offset, self.file.len())));
+            return Err(corrupt(
+                FORMAT,
+                format!("sample {} at bytes {}..{end} lies outside the {}-byte file (truncated?)", self.sample, self.offset, self.file.len()),
+            ));
         }
         let bytes = &self.file[self.offset as usize..end as usize];
         self.offset = end;
@@ -451,7 +456,11 @@ mod tests {
         let two = words(&[1, 2, 2]);
         assert!(Samples::new(&file, track(&two, SampleSizes::Constant(1), 1, &chunks)).next_sample().unwrap_err().to_string().contains("sample description 2"));
         let backwards = words(&[1, 1, 1, 1, 1, 1]);
-        assert!(Samples::new(&file, track(&backwards, SampleSizes::Constant(1), 2, &chunks)).next_sample().unwrap_err().to_string().contains("do not increase"));
+        assert!(Samples::new(&file, track(&backwards, SampleSizes::Constant(1), 2, &chunks))
+            .next_sample()
+            .unwrap_err()
+            .to_string()
+            .contains("do not increase"));
         // A billion samples declared with a constant size: nothing is allocated, the walk stops
         // at the first sample outside the file.
         let huge = words(&[1, u32::MAX, 1]);
@@ -469,4 +478,3 @@ mod tests {
         assert_eq!(t.fps(), None);
     }
 }
-

@@ -59,9 +59,20 @@ impl<'a> PngSource<'a> {
             (true, Some(fc)) if fc.delay_num > 0 => Some(if fc.delay_den == 0 { 100.0 } else { fc.delay_den as f64 } / fc.delay_num as f64),
             _ => None,
         };
-        let buffer_len = reader.output_buffer_size().ok_or_else(|| CoordinatorError::input_video(InputVideoProblem::TooLarge, "png: the image is too large to address"))?;
+        let buffer_len =
+            reader.output_buffer_size().ok_or_else(|| CoordinatorError::input_video(InputVideoProblem::TooLarge, "png: the image is too large to address"))?;
         let info = InputInfo { format: InputFormat::Png, width, height, fps, declared_frames: Some(frames as usize) };
-        Ok(Self { reader, canvas: Canvas::new(width, height), info, animated, left: frames, skip_default, frames_drawn: 0, buffer: vec![0; buffer_len], rgba: Vec::new() })
+        Ok(Self {
+            reader,
+            canvas: Canvas::new(width, height),
+            info,
+            animated,
+            left: frames,
+            skip_default,
+            frames_drawn: 0,
+            buffer: vec![0; buffer_len],
+            rgba: Vec::new(),
+        })
     }
 
     /// What the video is.

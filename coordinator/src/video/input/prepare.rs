@@ -9,8 +9,8 @@
 //! order at the input's own rate: there is no temporal resampling.
 
 use super::{InputInfo, InputLimits, Resizer, VideoReader};
-use crate::video::VideoSpec;
 use crate::error::InputVideoProblem;
+use crate::video::VideoSpec;
 use crate::{CoordinatorError, Result};
 use tessera_kernels::Tensor;
 
@@ -114,7 +114,8 @@ mod tests {
 
     #[test]
     fn frame_counts_follow_the_4k_plus_1_rule() {
-        let cases = [(0, None), (1, Some(1)), (4, Some(1)), (5, Some(5)), (8, Some(5)), (9, Some(9)), (12, Some(9)), (81, Some(81)), (84, Some(81)), (85, Some(85))];
+        let cases =
+            [(0, None), (1, Some(1)), (4, Some(1)), (5, Some(5)), (8, Some(5)), (9, Some(9)), (12, Some(9)), (81, Some(81)), (84, Some(81)), (85, Some(85))];
         for (available, want) in cases {
             assert_eq!(frames_for(available), want, "{available}");
         }

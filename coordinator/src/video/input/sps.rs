@@ -159,7 +159,7 @@ pub(super) fn parse_sps(nal: &[u8]) -> Result<Sps> {
     }
     r.ue_max(16, "max_num_ref_frames")?;
     r.u1()?; // gaps_in_frame_num_value_allowed_flag
-    // Sizes in macroblocks: anything beyond 2¹⁶ macroblocks a side is corrupt whatever the limits.
+             // Sizes in macroblocks: anything beyond 2¹⁶ macroblocks a side is corrupt whatever the limits.
     let width_mbs = r.ue_max(u16::MAX as u32, "pic_width_in_mbs_minus1")? as u64 + 1;
     let height_units = r.ue_max(u16::MAX as u32, "pic_height_in_map_units_minus1")? as u64 + 1;
     let frame_mbs_only = r.flag()?;

@@ -137,7 +137,6 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
     Ok(Settings { identity, device, collective_address, heartbeat, grace_period })
 }
 
-
 /// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
 fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo)> {
     let (pipe, defaults) = match &model {
@@ -173,7 +172,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let worker_id = a.worker_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     a.worker_id = Some(worker_id.clone());
     // Dropped last (after the runtime): flushes the spans to the collector.
-    let _telemetry = tessera_telemetry::init("tessera-worker", &a.telemetry, &[("tessera.worker_id", worker_id), ("service.version", env!("CARGO_PKG_VERSION").to_string())])?;
+    let _telemetry = tessera_telemetry::init(
+        "tessera-worker",
+        &a.telemetry,
+        &[("tessera.worker_id", worker_id), ("service.version", env!("CARGO_PKG_VERSION").to_string())],
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tessera-worker-io").enable_all().build()?;
     let result = runtime.block_on(run(a));
     // A job thread stuck in a collective must not keep the process alive.

@@ -57,7 +57,17 @@ pub(crate) fn kernel_head_dim(head_dim: usize) -> Option<usize> {
 /// supported width, attended, and the output copied back (queries and keys gain only zero
 /// channels, so every score, probability, log-sum-exp and output channel is unchanged).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn flash<O: Ops, E: Elem>(ops: &O, q: At<'_, O::Buf<bf16>>, k: At<'_, O::Buf<bf16>>, v: At<'_, O::Buf<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, O::Buf<E>>, out_stride: usize, lse: &mut O::Buf<f32>) -> Result<()> {
+pub(crate) fn flash<O: Ops, E: Elem>(
+    ops: &O,
+    q: At<'_, O::Buf<bf16>>,
+    k: At<'_, O::Buf<bf16>>,
+    v: At<'_, O::Buf<bf16>>,
+    shape: AttentionShape,
+    scale: f32,
+    out: AtMut<'_, O::Buf<E>>,
+    out_stride: usize,
+    lse: &mut O::Buf<f32>,
+) -> Result<()> {
     let hd = shape.head_dim;
     let Some(p) = kernel_head_dim(hd) else {
         return Err(invalid_err("flash_attention", format!("head_dim {hd}: the CUDA attention kernel takes even head dims up to 128")));
@@ -89,8 +99,8 @@ pub(crate) fn flash<O: Ops, E: Elem>(ops: &O, q: At<'_, O::Buf<bf16>>, k: At<'_,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cuda::HostOps;
     use crate::model::cuda::weights::to_bf16;
+    use crate::model::cuda::HostOps;
     use tessera_kernels::cpu;
 
     #[test]

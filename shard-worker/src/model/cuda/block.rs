@@ -112,7 +112,10 @@ impl<O: Ops> DeviceBlock<O> {
         let image = match cfg.added_kv_proj_dim {
             None => None,
             Some(kv) if kv != d => {
-                return Err(WorkerError::Config { path: "transformer config".into(), detail: format!("added_kv_proj_dim {kv} differs from the hidden size {d}: the image context the block projects has width {d}") })
+                return Err(WorkerError::Config {
+                    path: "transformer config".into(),
+                    detail: format!("added_kv_proj_dim {kv} differs from the hidden size {d}: the image context the block projects has width {d}"),
+                })
             }
             Some(kv) => Some(ImageKv {
                 kv: DeviceLinear::load_stacked(ops, src, &[&format!("{p}.attn2.add_k_proj"), &format!("{p}.attn2.add_v_proj")], kv, d)?,
@@ -147,7 +150,17 @@ impl<O: Ops> DeviceBlock<O> {
     /// modulation for the sample (shift, scale, gate of attention, then of the FFN); `text` the
     /// sample's `[text_len, D]` context; `image` its image context and length (image-to-video).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, mods: At<'_, O::Buf<f32>>, text: (&O::Buf<bf16>, usize), image: Option<(&O::Buf<bf16>, usize)>, rope: &O::Rope, attn: &dyn DeviceSelfAttention<O>) -> Result<()> {
+    pub(crate) fn forward(
+        &self,
+        ops: &O,
+        dims: &Dims,
+        ws: &mut Workspace<O>,
+        mods: At<'_, O::Buf<f32>>,
+        text: (&O::Buf<bf16>, usize),
+        image: Option<(&O::Buf<bf16>, usize)>,
+        rope: &O::Rope,
+        attn: &dyn DeviceSelfAttention<O>,
+    ) -> Result<()> {
         let Dims { d, heads, head_dim, eps, .. } = *dims;
         let n = ws.rows;
         let chunk = |i: usize| Some(at(mods.buf, mods.offset + i * d));

@@ -23,7 +23,16 @@ pub(crate) fn aligned(op: &'static str, what: &str, offset: usize, bytes: usize,
 
 /// `cuda::gemm::linear`: returns the regions of `x` `[m, k]` and `y` `[m, n]`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn linear(x: (usize, usize), m: usize, k: usize, w_len: usize, n: usize, bias_len: Option<usize>, act: Activation, y: (usize, usize)) -> Result<(Range<usize>, Range<usize>)> {
+pub(crate) fn linear(
+    x: (usize, usize),
+    m: usize,
+    k: usize,
+    w_len: usize,
+    n: usize,
+    bias_len: Option<usize>,
+    act: Activation,
+    y: (usize, usize),
+) -> Result<(Range<usize>, Range<usize>)> {
     const OP: &str = "linear";
     if !matches!(act, Activation::None | Activation::GeluTanh) {
         return Err(super::ops::invalid_err(OP, format!("activation {act:?} is not fused on the GPU (None and GeluTanh are)")));
@@ -61,7 +70,15 @@ pub(crate) fn layer_norm(x_len: usize, rows: usize, dim: usize, params: [Option<
 /// `cuda::norm::qk_norm_rope`: returns the region of `x` the rows span. `rope_tokens_pairs` is the
 /// table's (tokens, pairs) when rotating.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn qk_norm_rope(x: (usize, usize), rows: usize, stride: usize, heads: usize, head_dim: usize, weight_len: usize, rope_tokens_pairs: Option<(usize, usize)>) -> Result<Range<usize>> {
+pub(crate) fn qk_norm_rope(
+    x: (usize, usize),
+    rows: usize,
+    stride: usize,
+    heads: usize,
+    head_dim: usize,
+    weight_len: usize,
+    rope_tokens_pairs: Option<(usize, usize)>,
+) -> Result<Range<usize>> {
     const OP: &str = "qk_norm_rope";
     let dim = heads * head_dim;
     if dim == 0 || !head_dim.is_multiple_of(2) || stride < dim || !stride.is_multiple_of(2) {
@@ -82,7 +99,15 @@ pub(crate) fn qk_norm_rope(x: (usize, usize), rows: usize, stride: usize, heads:
 
 /// `cuda::attention::flash_attention`: returns the regions of q, k, v and out (lengths as
 /// `(buffer length, offset)` pairs); `out_bytes` is the output element size.
-pub(crate) fn attention<O: Elem>(q: (usize, usize), k: (usize, usize), v: (usize, usize), shape: &AttentionShape, out: (usize, usize), out_stride: usize, lse_len: usize) -> Result<[Range<usize>; 4]> {
+pub(crate) fn attention<O: Elem>(
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    shape: &AttentionShape,
+    out: (usize, usize),
+    out_stride: usize,
+    lse_len: usize,
+) -> Result<[Range<usize>; 4]> {
     const OP: &str = "flash_attention";
     let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = *shape;
     if !HEAD_DIMS.contains(&head_dim) || heads == 0 {
@@ -93,7 +118,10 @@ pub(crate) fn attention<O: Elem>(q: (usize, usize), k: (usize, usize), v: (usize
         return Err(shape_err(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
     }
     if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
-        return Err(super::ops::invalid_err(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
+        return Err(super::ops::invalid_err(
+            OP,
+            format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even"),
+        ));
     }
     for (name, (_, off)) in [("q", q), ("k", k), ("v", v)] {
         aligned(OP, name, off, 2, 16)?;
@@ -123,7 +151,14 @@ pub(crate) fn add(x: (usize, usize), y: (usize, usize), gate: Option<(usize, usi
 }
 
 /// A 2-D copy of `rows` runs of `width` elements: returns the source and destination regions.
-pub(crate) fn copy_rows(src: (usize, usize), src_pitch: usize, dst: (usize, usize), dst_pitch: usize, width: usize, rows: usize) -> Result<(Range<usize>, Range<usize>)> {
+pub(crate) fn copy_rows(
+    src: (usize, usize),
+    src_pitch: usize,
+    dst: (usize, usize),
+    dst_pitch: usize,
+    width: usize,
+    rows: usize,
+) -> Result<(Range<usize>, Range<usize>)> {
     const OP: &str = "copy_rows";
     if width > src_pitch || width > dst_pitch {
         return Err(shape_err(OP, format!("runs of {width} elements with pitches {src_pitch} and {dst_pitch}")));

@@ -91,7 +91,15 @@ impl Ops for CudaOps {
         Ok(DeviceRopeTable::upload(&self.dev, table)?)
     }
 
-    fn copy_rows<T: Elem>(&self, src: At<'_, CudaSlice<T>>, src_pitch: usize, dst: AtMut<'_, CudaSlice<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
+    fn copy_rows<T: Elem>(
+        &self,
+        src: At<'_, CudaSlice<T>>,
+        src_pitch: usize,
+        dst: AtMut<'_, CudaSlice<T>>,
+        dst_pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<()> {
         const OP: &str = "copy_rows";
         let (sr, dr) = contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
         if rows == 0 || width == 0 {
@@ -129,7 +137,17 @@ impl Ops for CudaOps {
         Ok(())
     }
 
-    fn linear(&self, x: At<'_, CudaSlice<bf16>>, m: usize, k: usize, w: &CudaSlice<bf16>, n: usize, bias: Option<&CudaSlice<bf16>>, act: Activation, y: AtMut<'_, CudaSlice<bf16>>) -> Result<()> {
+    fn linear(
+        &self,
+        x: At<'_, CudaSlice<bf16>>,
+        m: usize,
+        k: usize,
+        w: &CudaSlice<bf16>,
+        n: usize,
+        bias: Option<&CudaSlice<bf16>>,
+        act: Activation,
+        y: AtMut<'_, CudaSlice<bf16>>,
+    ) -> Result<()> {
         const OP: &str = "linear";
         let (xr, yr) = contract::linear((x.buf.len(), x.offset), m, k, w.len(), n, bias.map(|b| b.len()), act, (y.buf.len(), y.offset))?;
         if m == 0 {
@@ -154,7 +172,17 @@ impl Ops for CudaOps {
         Ok(cuda::norm::layer_norm_modulated(&self.dev, x, rows, dim, &params, y)?)
     }
 
-    fn qk_norm_rope(&self, x: AtMut<'_, CudaSlice<bf16>>, rows: usize, stride: usize, heads: usize, head_dim: usize, weight: &CudaSlice<f32>, eps: f32, rope: Option<&DeviceRopeTable>) -> Result<()> {
+    fn qk_norm_rope(
+        &self,
+        x: AtMut<'_, CudaSlice<bf16>>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        head_dim: usize,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        rope: Option<&DeviceRopeTable>,
+    ) -> Result<()> {
         const OP: &str = "qk_norm_rope";
         // The device table does not expose its width; the wrapper checks it against head_dim.
         let r = contract::qk_norm_rope((x.buf.len(), x.offset), rows, stride, heads, head_dim, weight.len(), rope.map(|t| (t.tokens(), head_dim / 2)))?;
@@ -165,7 +193,17 @@ impl Ops for CudaOps {
         Ok(cuda::norm::qk_norm_rope(&self.dev, &mut xv, rows, stride, heads, head_dim, weight, eps, rope)?)
     }
 
-    fn attention<O: Elem>(&self, q: At<'_, CudaSlice<bf16>>, k: At<'_, CudaSlice<bf16>>, v: At<'_, CudaSlice<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, CudaSlice<O>>, out_stride: usize, lse: &mut CudaSlice<f32>) -> Result<()> {
+    fn attention<O: Elem>(
+        &self,
+        q: At<'_, CudaSlice<bf16>>,
+        k: At<'_, CudaSlice<bf16>>,
+        v: At<'_, CudaSlice<bf16>>,
+        shape: AttentionShape,
+        scale: f32,
+        out: AtMut<'_, CudaSlice<O>>,
+        out_stride: usize,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         const OP: &str = "flash_attention";
         let len_off = |a: &At<'_, CudaSlice<bf16>>| (a.buf.len(), a.offset);
         let [qr, kr, vr, or] = contract::attention::<O>(len_off(&q), len_off(&k), len_off(&v), &shape, (out.buf.len(), out.offset), out_stride, lse.len())?;
@@ -212,7 +250,16 @@ impl Ops for CudaOps {
         Ok(cuda::patch::patchify(&self.dev, latent, g, tokens, out)?)
     }
 
-    fn merge_partials(&self, out_a: &mut CudaSlice<f32>, lse_a: &mut CudaSlice<f32>, out_b: &CudaSlice<f32>, lse_b: &CudaSlice<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
+    fn merge_partials(
+        &self,
+        out_a: &mut CudaSlice<f32>,
+        lse_a: &mut CudaSlice<f32>,
+        out_b: &CudaSlice<f32>,
+        lse_b: &CudaSlice<f32>,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
         Ok(cuda::attention::merge_partials(&self.dev, out_a, lse_a, out_b, lse_b, q_len, heads, head_dim)?)
     }

@@ -106,7 +106,10 @@ impl HostImageEmbedder {
         round_bf16(&mut x);
         if let Some(pos) = &self.pos_embed {
             if pos.len() != x.len() {
-                return Err(WorkerError::input("encoder_hidden_states_image", format!("{n} tokens, the model's position embedding has {}", pos.len() / self.image_dim)));
+                return Err(WorkerError::input(
+                    "encoder_hidden_states_image",
+                    format!("{n} tokens, the model's position embedding has {}", pos.len() / self.image_dim),
+                ));
             }
             x.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
             round_bf16(&mut x);

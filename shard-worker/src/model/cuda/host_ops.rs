@@ -60,7 +60,17 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn linear(&self, x: At<'_, Vec<bf16>>, m: usize, k: usize, w: &Vec<bf16>, n: usize, bias: Option<&Vec<bf16>>, act: Activation, y: AtMut<'_, Vec<bf16>>) -> Result<()> {
+    fn linear(
+        &self,
+        x: At<'_, Vec<bf16>>,
+        m: usize,
+        k: usize,
+        w: &Vec<bf16>,
+        n: usize,
+        bias: Option<&Vec<bf16>>,
+        act: Activation,
+        y: AtMut<'_, Vec<bf16>>,
+    ) -> Result<()> {
         let (xr, yr) = contract::linear((x.buf.len(), x.offset), m, k, w.len(), n, bias.map(|b| b.len()), act, (y.buf.len(), y.offset))?;
         if m == 0 {
             return Ok(());
@@ -81,7 +91,17 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn qk_norm_rope(&self, x: AtMut<'_, Vec<bf16>>, rows: usize, stride: usize, heads: usize, head_dim: usize, weight: &Vec<f32>, eps: f32, rope: Option<&RopeTable>) -> Result<()> {
+    fn qk_norm_rope(
+        &self,
+        x: AtMut<'_, Vec<bf16>>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        head_dim: usize,
+        weight: &Vec<f32>,
+        eps: f32,
+        rope: Option<&RopeTable>,
+    ) -> Result<()> {
         let r = contract::qk_norm_rope((x.buf.len(), x.offset), rows, stride, heads, head_dim, weight.len(), rope.map(|t| (t.tokens(), t.pairs())))?;
         let mut wide = widen(&x.buf[r.clone()]);
         cpu::qk_norm_rope(&mut wide, rows, stride, weight, eps, heads, rope)?;
@@ -91,7 +111,17 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn attention<O: Elem>(&self, q: At<'_, Vec<bf16>>, k: At<'_, Vec<bf16>>, v: At<'_, Vec<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, Vec<O>>, out_stride: usize, lse: &mut Vec<f32>) -> Result<()> {
+    fn attention<O: Elem>(
+        &self,
+        q: At<'_, Vec<bf16>>,
+        k: At<'_, Vec<bf16>>,
+        v: At<'_, Vec<bf16>>,
+        shape: AttentionShape,
+        scale: f32,
+        out: AtMut<'_, Vec<O>>,
+        out_stride: usize,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
         let len_off = |a: &At<'_, Vec<bf16>>| (a.buf.len(), a.offset);
         let [qr, kr, vr, or] = contract::attention::<O>(len_off(&q), len_off(&k), len_off(&v), &shape, (out.buf.len(), out.offset), out_stride, lse.len())?;
         if shape.q_len == 0 {
@@ -107,7 +137,16 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn merge_partials(&self, out_a: &mut Vec<f32>, lse_a: &mut Vec<f32>, out_b: &Vec<f32>, lse_b: &Vec<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
+    fn merge_partials(
+        &self,
+        out_a: &mut Vec<f32>,
+        lse_a: &mut Vec<f32>,
+        out_b: &Vec<f32>,
+        lse_b: &Vec<f32>,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
         contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
         Ok(cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)?)
     }

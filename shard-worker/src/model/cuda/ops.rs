@@ -122,22 +122,69 @@ pub trait Ops: Send + Sync + Sized {
     fn upload_rope(&self, table: &RopeTable) -> Result<Self::Rope>;
     /// Copies `rows` runs of `width` elements, `src_pitch` apart in `src`, to runs `dst_pitch` apart
     /// in `dst` (a 2-D copy; `width` ≤ both pitches).
-    fn copy_rows<T: Elem>(&self, src: At<'_, Self::Buf<T>>, src_pitch: usize, dst: AtMut<'_, Self::Buf<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()>;
+    fn copy_rows<T: Elem>(
+        &self,
+        src: At<'_, Self::Buf<T>>,
+        src_pitch: usize,
+        dst: AtMut<'_, Self::Buf<T>>,
+        dst_pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<()>;
     /// `y[m, n] = act(x[m, k]·w[n, k]ᵀ + bias[n])`, bf16 operands, f32 accumulation, bf16 out
     /// (`act`: `None` or `GeluTanh`, fused in the epilogue). Rows are packed from the offsets.
-    fn linear(&self, x: At<'_, Self::Buf<bf16>>, m: usize, k: usize, w: &Self::Buf<bf16>, n: usize, bias: Option<&Self::Buf<bf16>>, act: Activation, y: AtMut<'_, Self::Buf<bf16>>) -> Result<()>;
+    fn linear(
+        &self,
+        x: At<'_, Self::Buf<bf16>>,
+        m: usize,
+        k: usize,
+        w: &Self::Buf<bf16>,
+        n: usize,
+        bias: Option<&Self::Buf<bf16>>,
+        act: Activation,
+        y: AtMut<'_, Self::Buf<bf16>>,
+    ) -> Result<()>;
     /// LayerNorm of `rows` f32 rows of `dim` (packed from the start of `x`), written as bf16.
     fn layer_norm(&self, x: &Self::Buf<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Self::Buf<f32>>, y: &mut Self::Buf<bf16>) -> Result<()>;
     /// In place on `rows` bf16 rows `stride` apart: RMSNorm over `heads·head_dim` channels with
     /// `weight` (`[heads·head_dim]` f32), then the rotations of `rope` (one table row per row).
-    fn qk_norm_rope(&self, x: AtMut<'_, Self::Buf<bf16>>, rows: usize, stride: usize, heads: usize, head_dim: usize, weight: &Self::Buf<f32>, eps: f32, rope: Option<&Self::Rope>) -> Result<()>;
+    fn qk_norm_rope(
+        &self,
+        x: AtMut<'_, Self::Buf<bf16>>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        head_dim: usize,
+        weight: &Self::Buf<f32>,
+        eps: f32,
+        rope: Option<&Self::Rope>,
+    ) -> Result<()>;
     /// softmax(scale·q·kᵀ)·v per head (flash attention): `head_dim` 64 or 128, strides multiples of
     /// 8, 16-byte aligned q/k/v starts. Writes `out` rows `out_stride` apart and `lse` `[heads, q_len]`.
-    fn attention<O: Elem>(&self, q: At<'_, Self::Buf<bf16>>, k: At<'_, Self::Buf<bf16>>, v: At<'_, Self::Buf<bf16>>, shape: AttentionShape, scale: f32, out: AtMut<'_, Self::Buf<O>>, out_stride: usize, lse: &mut Self::Buf<f32>) -> Result<()>;
+    fn attention<O: Elem>(
+        &self,
+        q: At<'_, Self::Buf<bf16>>,
+        k: At<'_, Self::Buf<bf16>>,
+        v: At<'_, Self::Buf<bf16>>,
+        shape: AttentionShape,
+        scale: f32,
+        out: AtMut<'_, Self::Buf<O>>,
+        out_stride: usize,
+        lse: &mut Self::Buf<f32>,
+    ) -> Result<()>;
     /// Merges the partial attention `(out_b, lse_b)` over one key set into `(out_a, lse_a)` over a
     /// disjoint one (ring attention): out `[q_len, heads·head_dim]` f32 packed, lse
     /// `[heads, q_len]`, each buffer exactly that long.
-    fn merge_partials(&self, out_a: &mut Self::Buf<f32>, lse_a: &mut Self::Buf<f32>, out_b: &Self::Buf<f32>, lse_b: &Self::Buf<f32>, q_len: usize, heads: usize, head_dim: usize) -> Result<()>;
+    fn merge_partials(
+        &self,
+        out_a: &mut Self::Buf<f32>,
+        lse_a: &mut Self::Buf<f32>,
+        out_b: &Self::Buf<f32>,
+        lse_b: &Self::Buf<f32>,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
     /// `x[r, c] += y[r, c]·gate[c]` over `n` elements in rows of `dim` (no gate: `x += y`), in f32.
     fn add<Y: Elem>(&self, x: AtMut<'_, Self::Buf<f32>>, y: At<'_, Self::Buf<Y>>, gate: Option<At<'_, Self::Buf<f32>>>, n: usize, dim: usize) -> Result<()>;
     /// `out[i] = bf16(x[i])` for `n` elements.

@@ -69,7 +69,10 @@ impl<O: Ops> DeviceTransformer<O> {
         cfg.validate().map_err(|detail| WorkerError::Config { path: "transformer config".into(), detail })?;
         let hd = cfg.attention_head_dim;
         if kernel_head_dim(hd).is_none() {
-            return Err(WorkerError::Config { path: "transformer config".into(), detail: format!("attention_head_dim {hd}: the CUDA attention kernel takes even head dims up to 128") });
+            return Err(WorkerError::Config {
+                path: "transformer config".into(),
+                detail: format!("attention_head_dim {hd}: the CUDA attention kernel takes even head dims up to 128"),
+            });
         }
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
@@ -163,14 +166,27 @@ impl<O: Ops> DeviceTransformer<O> {
     /// sample `b` through the model, with `attn` joining them to the rest of the sequence.
     /// Returns the head's output rows `[tokens.len(), p_t·p_h·p_w·C_out]` (f32 holding bf16 values)
     /// on the device.
-    pub fn forward_tokens(&self, x: &DitInputs<'_>, cond: &DeviceConditions<O>, b: usize, grid: &PatchGrid, tokens: Range<usize>, attn: &dyn DeviceSelfAttention<O>) -> Result<O::Buf<f32>> {
+    pub fn forward_tokens(
+        &self,
+        x: &DitInputs<'_>,
+        cond: &DeviceConditions<O>,
+        b: usize,
+        grid: &PatchGrid,
+        tokens: Range<usize>,
+        attn: &dyn DeviceSelfAttention<O>,
+    ) -> Result<O::Buf<f32>> {
         let (ops, c, dims) = (&self.ops, &self.cfg, &self.dims);
         let (d, n) = (dims.d, tokens.len());
         if tokens.start > tokens.end || tokens.end > grid.tokens() || cond.text.len() <= b {
-            return Err(WorkerError::input("tokens", format!("tokens {tokens:?} of sample {b}: the grid has {} tokens, the batch {} samples", grid.tokens(), cond.text.len())));
+            return Err(WorkerError::input(
+                "tokens",
+                format!("tokens {tokens:?} of sample {b}: the grid has {} tokens, the batch {} samples", grid.tokens(), cond.text.len()),
+            ));
         }
         let per_sample = c.in_channels * grid.latent().iter().product::<usize>();
-        let latent = ops.upload(x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?)?;
+        let latent = ops.upload(
+            x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?,
+        )?;
         let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
         let context = cond.text_len.max(cond.image.as_ref().map_or(0, |(_, n)| *n));
         let wide = c.patch_in().max(c.patch_out());

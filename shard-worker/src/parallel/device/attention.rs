@@ -40,7 +40,13 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
     /// [`shard_ranges`] shards it; `ulysses` and `ring` are this rank's groups.
     pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, tokens: usize) -> Result<Self> {
         if ulysses.size() != plan.ulysses || ring.size() != plan.ring || rank >= plan.ranks() {
-            return Err(WorkerError::Collective(format!("rank {rank} of a {}x{} plan with groups of {} and {}", plan.ulysses, plan.ring, ulysses.size(), ring.size())));
+            return Err(WorkerError::Collective(format!(
+                "rank {rank} of a {}x{} plan with groups of {} and {}",
+                plan.ulysses,
+                plan.ring,
+                ulysses.size(),
+                ring.size()
+            )));
         }
         let sizes: Vec<usize> = shard_ranges(tokens, plan.ranks()).iter().map(|r| r.len()).collect();
         let group_rows = |r: usize| plan.ulysses_group(r).iter().map(|&g| sizes[g]).sum::<usize>();
@@ -57,7 +63,16 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
     /// every ring member; `own_kv` holds this member's rows `[k | v]`, `2·heads·head_dim` apart, in
     /// a buffer long enough for the largest block. Returns the f32 output `[nq, heads·head_dim]`.
     #[allow(clippy::too_many_arguments)]
-    fn ring_attend(&self, ops: &O, q: At<'_, O::Buf<bf16>>, q_stride: usize, nq: usize, heads: usize, head_dim: usize, own_kv: O::Buf<bf16>) -> Result<O::Buf<f32>> {
+    fn ring_attend(
+        &self,
+        ops: &O,
+        q: At<'_, O::Buf<bf16>>,
+        q_stride: usize,
+        nq: usize,
+        heads: usize,
+        head_dim: usize,
+        own_kv: O::Buf<bf16>,
+    ) -> Result<O::Buf<f32>> {
         let (wd, r, me) = (heads * head_dim, self.ring.size(), self.ring.rank());
         let scale = 1.0 / (head_dim as f32).sqrt();
         // After `s` hops this member holds the block of ring member `me - s`.
@@ -135,7 +150,14 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
         let rows = &self.ulysses_rows;
         let total: usize = rows.iter().sum();
         let mut got = ops.zeros::<bf16>(3 * total * w)?;
-        self.ulysses.exchange(ops, Traffic::AllToAll, &send, &ranges(&vec![3 * n; u], w, 0), &mut got, &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0))?;
+        self.ulysses.exchange(
+            ops,
+            Traffic::AllToAll,
+            &send,
+            &ranges(&vec![3 * n; u], w, 0),
+            &mut got,
+            &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0),
+        )?;
         // Rows of the whole group for these heads, [q | k | v] per row, in sequence order.
         let mut group = ops.zeros::<bf16>(total * 3 * w)?;
         for (&start, &ri) in starts(rows).iter().zip(rows) {

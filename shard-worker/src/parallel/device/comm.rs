@@ -24,7 +24,15 @@ pub trait DeviceComm<O: Ops>: Send + Sync {
     /// `recv[recv_parts[j]]`, for every `j` (own part included, as a copy). Part lengths must
     /// agree pairwise; `traffic` says how to count the bytes.
     #[allow(clippy::too_many_arguments)]
-    fn exchange<T: Elem>(&self, ops: &O, traffic: Traffic, send: &O::Buf<T>, send_parts: &[Range<usize>], recv: &mut O::Buf<T>, recv_parts: &[Range<usize>]) -> Result<()>;
+    fn exchange<T: Elem>(
+        &self,
+        ops: &O,
+        traffic: Traffic,
+        send: &O::Buf<T>,
+        send_parts: &[Range<usize>],
+        recv: &mut O::Buf<T>,
+        recv_parts: &[Range<usize>],
+    ) -> Result<()>;
     /// Starts a ring hop: `send[..send_len]` to the next member, the previous member's block into
     /// `recv[..recv_len]`. The caller computes meanwhile, touching neither buffer's regions for
     /// writing, then calls [`ring_wait`](Self::ring_wait) with the same receive buffer.
@@ -89,7 +97,15 @@ impl DeviceComm<HostOps> for HostDeviceComm<'_> {
         self.comm.size()
     }
 
-    fn exchange<T: Elem>(&self, _ops: &HostOps, traffic: Traffic, send: &Vec<T>, send_parts: &[Range<usize>], recv: &mut Vec<T>, recv_parts: &[Range<usize>]) -> Result<()> {
+    fn exchange<T: Elem>(
+        &self,
+        _ops: &HostOps,
+        traffic: Traffic,
+        send: &Vec<T>,
+        send_parts: &[Range<usize>],
+        recv: &mut Vec<T>,
+        recv_parts: &[Range<usize>],
+    ) -> Result<()> {
         check_parts("send", send_parts, self.size(), send.len())?;
         check_parts("receive", recv_parts, self.size(), recv.len())?;
         let parts = send_parts.iter().map(|r| encode(&send[r.clone()])).collect();
@@ -102,7 +118,11 @@ impl DeviceComm<HostOps> for HostDeviceComm<'_> {
 
     fn ring_start<T: Elem>(&self, _ops: &HostOps, send: &Vec<T>, send_len: usize, recv: &mut Vec<T>, recv_len: usize) -> Result<()> {
         let (Some(data), true) = (send.get(..send_len), recv_len <= recv.len()) else {
-            return Err(WorkerError::Collective(format!("ring hop of {send_len} values from a buffer of {}, {recv_len} into one of {}", send.len(), recv.len())));
+            return Err(WorkerError::Collective(format!(
+                "ring hop of {send_len} values from a buffer of {}, {recv_len} into one of {}",
+                send.len(),
+                recv.len()
+            )));
         };
         let mut pending = self.pending()?;
         if pending.is_some() {
@@ -144,7 +164,15 @@ impl DeviceComm<CudaOps> for NcclDeviceComm {
         self.comm.size()
     }
 
-    fn exchange<T: Elem>(&self, _ops: &CudaOps, traffic: Traffic, send: &CudaSlice<T>, send_parts: &[Range<usize>], recv: &mut CudaSlice<T>, recv_parts: &[Range<usize>]) -> Result<()> {
+    fn exchange<T: Elem>(
+        &self,
+        _ops: &CudaOps,
+        traffic: Traffic,
+        send: &CudaSlice<T>,
+        send_parts: &[Range<usize>],
+        recv: &mut CudaSlice<T>,
+        recv_parts: &[Range<usize>],
+    ) -> Result<()> {
         self.comm.exchange(send, send_parts, recv, recv_parts)?;
         let me = self.rank();
         let others = |parts: &[Range<usize>]| parts.iter().enumerate().filter(|(j, _)| *j != me).map(|(_, r)| r.len()).sum::<usize>();

@@ -52,7 +52,8 @@ impl<C> DeviceShard<'_, C> {
         let recv_parts: Vec<_> = ranges.iter().map(|r| r.start * po..r.end * po).collect();
         for i in 0..b {
             let rows = model.forward_tokens(x, &cond, i, &grid, mine.clone(), &attention)?;
-            tracing::info_span!("all_gather", values = mine.len() * po).in_scope(|| self.world.exchange(ops, Traffic::AllGather, &rows, &send_parts, &mut all, &recv_parts))?;
+            tracing::info_span!("all_gather", values = mine.len() * po)
+                .in_scope(|| self.world.exchange(ops, Traffic::AllGather, &rows, &send_parts, &mut all, &recv_parts))?;
             ops.unpatchify(&all, &geometry, &mut latent)?;
             out.extend(ops.download(&latent)?);
         }

@@ -2,9 +2,9 @@
 //! every plan against the one-device forward, and the bytes each rank moves.
 
 use super::{DeviceShard, HostDeviceComm};
+use crate::golden::{Comparison, Tolerance};
 use crate::model::cuda::{EmulatedWanTransformer, HostOps};
 use crate::parallel::{run_in_process, CommCounts, ParallelPlan, ShardContext};
-use crate::golden::{Comparison, Tolerance};
 use crate::{DitInputs, TransformerPreset};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
@@ -17,7 +17,8 @@ fn random(shape: &[usize], stream: u64) -> Tensor {
 
 /// The emulated device forward of rank `ctx` with host collectives over `ctx`'s groups.
 fn device_forward(ctx: &ShardContext, model: &EmulatedWanTransformer, x: &DitInputs<'_>) -> (Tensor, CommCounts) {
-    let (world, ulysses, ring) = (HostDeviceComm::new(ctx.world()), HostDeviceComm::new(ctx.attention().ulysses()), HostDeviceComm::new(ctx.attention().ring()));
+    let (world, ulysses, ring) =
+        (HostDeviceComm::new(ctx.world()), HostDeviceComm::new(ctx.attention().ulysses()), HostDeviceComm::new(ctx.attention().ring()));
     let shard = DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: ctx.plan() };
     let before = ctx.world().stats();
     let out = shard.forward(model, x).unwrap();
