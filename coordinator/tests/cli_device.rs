@@ -1,4 +1,4 @@
-//! `--device` of `tessera golden` and `tessera bench dit`: `cuda` without a usable GPU is refused
+//! `--backend` of `tessera golden` and `--device` of `tessera bench dit`: `cuda` without a usable GPU is refused
 //! with the reason the device check gives, `auto` falls back to the CPU, bad values are named;
 //! `generate` refuses several ranks on one GPU.
 //! (With a GPU, `bench/gpu_suite.sh` runs the CUDA side.)
@@ -26,16 +26,25 @@ fn golden_device_cuda_without_a_gpu_is_refused_and_auto_runs_the_cpu() {
     if gpu_usable() {
         eprintln!("a usable GPU is present: the refusal is for machines without one");
     } else {
-        let (code, out, err) = tessera(&["golden", "--device", "cuda", &cases]);
+        let (code, out, err) = tessera(&["golden", "--backend", "cuda", &cases]);
         assert_ne!(code, 0, "{out}");
-        assert!(err.contains("--device cuda") && err.contains("CUDA unavailable"), "{err}");
-        let (code, out, err) = tessera(&["golden", "--device", "auto", &cases]);
+        assert!(err.contains("--backend cuda") && err.contains("CUDA unavailable"), "{err}");
+        let (code, out, err) = tessera(&["golden", "--backend", "auto", &cases]);
         assert_eq!(code, 0, "{out}\n{err}");
-        assert!(out.contains("4 passed, 0 failed") && !out.contains("in bf16"), "{out}");
+        assert!(out.contains("4 passed, 0 failed") && out.contains("backend cpu: f32") && !out.contains("in bf16"), "{out}");
     }
-    let (code, _, err) = tessera(&["golden", "--device", "tpu", &cases]);
+    let (code, _, err) = tessera(&["golden", "--backend", "tpu", &cases]);
     assert_ne!(code, 0);
-    assert!(err.contains("--device tpu") && err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    assert!(err.contains("--backend tpu") && err.contains("expected auto, cpu, cuda or cuda:N") && err.contains("bf16-host"), "{err}");
+}
+
+/// The bf16 twin of the CUDA path runs every transformer case at the bf16 tolerance, and says so.
+#[test]
+fn golden_backend_bf16_host_runs_every_dit_case_in_bf16() {
+    let (code, out, err) = tessera(&["golden", "--backend", "bf16-host", "--kind", "dit", &dit_cases()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("backend bf16-host: transformer and pipeline cases in bf16, held to rel_l2 <= 2e-2"), "{out}");
+    assert!(out.contains("4 passed, 0 failed"), "{out}");
 }
 
 #[test]

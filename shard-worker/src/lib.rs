@@ -18,7 +18,7 @@ pub mod weights;
 
 pub use config::{TransformerConfig, TransformerPreset};
 pub use error::WorkerError;
-pub use model::{DitInputs, WanTransformer};
+pub use model::{DitInputs, DitModel, WanTransformer};
 pub use vae::{VaeConfig, VaePreset, WanVae};
 
 /// Result type of this crate.

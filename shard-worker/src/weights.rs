@@ -284,7 +284,6 @@ impl WeightSource for RandomWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::WanTransformer;
     use safetensors::tensor::TensorView;
 
     fn golden_case(name: &str) -> PathBuf {
@@ -307,7 +306,7 @@ mod tests {
 
     /// The model in `dir` on the inputs of golden case t2v-a.
     fn forward_of(dir: &Path) -> Vec<f32> {
-        let model = WanTransformer::load(dir).unwrap();
+        let model = crate::model::CpuWanTransformer::load(tessera_kernels::backend::CpuOps, dir).unwrap();
         let io = SafetensorsFile::open(&golden_case("t2v-a").join("io.safetensors")).unwrap();
         let t = |n: &str| {
             let (s, d) = io.read_f32(n).unwrap();

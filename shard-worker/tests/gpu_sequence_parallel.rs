@@ -11,12 +11,12 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tessera_kernels::backend::CudaOps;
 use tessera_kernels::cuda::nccl::{NcclComm, NcclId};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
 use tessera_worker::config::TransformerPreset;
 use tessera_worker::golden::{Comparison, Tolerance};
-use tessera_worker::model::cuda::CudaOps;
 use tessera_worker::model::CudaWanTransformer;
 use tessera_worker::parallel::device::{DeviceComm, DeviceShard, NcclDeviceComm, NcclGroup};
 use tessera_worker::parallel::{CommStats, ParallelPlan, Traffic};
@@ -131,7 +131,8 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
             let outs = on_gpus(&gpus, ranks, |rank, ops| {
                 let model = CudaWanTransformer::preset(ops.clone(), preset, 5).unwrap();
                 let group = NcclGroup::join(ops, &id, rank, plan, Arc::new(CommStats::default())).unwrap();
-                let shard = DeviceShard { world: &group.world, ulysses: &group.ulysses, ring: &group.ring, plan };
+                let timings = tessera_worker::parallel::AttentionTimings::default();
+                let shard = DeviceShard { world: &group.world, ulysses: &group.ulysses, ring: &group.ring, plan, timings: &timings };
                 shard.forward(&model, &x).unwrap(); // warm-up (kernel compilation, NCCL channels)
                 let t = Instant::now();
                 let out = shard.forward(&model, &x).unwrap();

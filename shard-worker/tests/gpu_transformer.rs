@@ -10,11 +10,11 @@
 //! `TESSERA_GOLDEN_ROOTS` (comma-separated).
 
 use std::path::{Path, PathBuf};
+use tessera_kernels::backend::{CpuOps, CudaOps, HostOps};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::{Device, Tensor};
 use tessera_worker::config::{TransformerConfig, TransformerPreset};
 use tessera_worker::golden::{discover, run_case, CaseKind, Comparison, RunOptions, CUDA_BF16_TOLERANCE};
-use tessera_worker::model::cuda::{CudaOps, HostOps};
 use tessera_worker::model::{CudaWanTransformer, DitModel, EmulatedWanTransformer, WanTransformer};
 use tessera_worker::weights::{RandomWeights, SafetensorsFile, WeightSource};
 use tessera_worker::DitInputs;
@@ -61,13 +61,13 @@ fn compare(what: &str, got: &Tensor, want: &Tensor) -> Comparison {
 #[test]
 fn golden_dit_cases_pass_on_cuda_in_bf16() {
     let Some(ops) = gpu("golden_dit_cases_pass_on_cuda_in_bf16") else { return };
-    println!("device {}", tessera_worker::model::cuda::Ops::describe(&ops));
+    println!("device {}", tessera_kernels::backend::Ops::describe(&ops));
     let mut failures = Vec::new();
     let mut ran = 0;
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Dit]).unwrap_or_else(|e| panic!("{}: {e}", root.display())) {
             // 1. As `tessera golden --device cuda` runs it.
-            let outcome = run_case(&case, &RunOptions { device: Device::Cuda(0), ..Default::default() });
+            let outcome = run_case(&case, &RunOptions { backend: tessera_kernels::backend::Backend::Cuda(0), ..Default::default() });
             println!("{} on cuda: {} {:?}", case.name, outcome.label(), outcome.worst());
             if !outcome.passed() {
                 failures.push(format!("{} ({}): {outcome:?}", case.name, root.display()));
@@ -107,7 +107,7 @@ fn three_ways(ops: &CudaOps, name: &str, cfg: TransformerConfig, latent: [usize;
     let timesteps: Vec<f32> = (0..batch).map(|i| 999.0 - 400.0 * i as f32).collect();
     let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
     let cuda = CudaWanTransformer::from_source(ops.clone(), cfg.clone(), &src).unwrap().forward(&x).unwrap();
-    let cpu = WanTransformer::from_source(cfg.clone(), &src).unwrap().forward(&x).unwrap();
+    let cpu = WanTransformer::from_source(CpuOps, cfg.clone(), &src).unwrap().forward(&x).unwrap();
     let emulated = EmulatedWanTransformer::from_source(HostOps, cfg, &src).unwrap().forward(&x).unwrap();
     let vs_cpu = compare(&format!("{name}: cuda bf16 vs cpu f32"), &cuda, &cpu);
     let vs_emu = compare(&format!("{name}: cuda vs host emulation"), &cuda, &emulated);
@@ -184,7 +184,7 @@ fn the_pipeline_runs_its_transformer_on_cuda() {
     let mut ran = 0;
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
-            let out = run_case(&case, &RunOptions { device: Device::Cuda(0), ..RunOptions::default() });
+            let out = run_case(&case, &RunOptions { backend: tessera_kernels::backend::Backend::Cuda(0), ..RunOptions::default() });
             eprintln!("{} on cuda: {out:?}", case.name);
             assert!(out.passed(), "{}: {out:?}", case.name);
             ran += 1;

@@ -179,11 +179,10 @@ fn bench_dit(a: DitArgs) -> Result<()> {
         );
     }
     if a.ranks > 1 {
-        let cpu = model.as_cpu().ok_or_else(|| anyhow::anyhow!("--ranks needs the CPU model"))?;
         let plan =
             ParallelPlan::new(a.ranks, a.ulysses, cfg.num_attention_heads).map_err(|e| anyhow::anyhow!("--ranks {} --ulysses {}: {e}", a.ranks, a.ulysses))?;
         let transport = LocalTransport::from_name(&a.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", a.transport))?;
-        let figures = bench_sharded::measure(cpu, &inputs, plan, transport, &a.timing)?;
+        let figures = bench_sharded::measure(&model, &inputs, plan, transport, &a.timing)?;
         bench_sharded::report(&figures, plan, transport, stats.median_ms, tokens, a.timing.json);
     } else if a.ulysses != 1 {
         bail!("--ulysses {} needs --ranks above 1", a.ulysses);

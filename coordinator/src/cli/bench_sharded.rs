@@ -6,8 +6,9 @@
 use super::bench::Timing;
 use anyhow::{bail, Result};
 use std::time::Instant;
+use tessera_worker::model::DitModel;
 use tessera_worker::parallel::{run_local_group, shard_ranges, CommCounts, LocalTransport, ParallelPlan, ShardContext};
-use tessera_worker::{DitInputs, WanTransformer};
+use tessera_worker::DitInputs;
 
 /// What one sharded run measured.
 pub struct ShardedFigures {
@@ -25,7 +26,7 @@ pub struct ShardedFigures {
 
 /// Runs the forward on `plan` over `transport`, timed like the one-rank benchmark, then times the
 /// same ring and all-to-all transfers alone to tell how much communication the overlap hid.
-pub fn measure(model: &WanTransformer, inputs: &DitInputs<'_>, plan: ParallelPlan, transport: LocalTransport, timing: &Timing) -> Result<ShardedFigures> {
+pub fn measure(model: &DitModel, inputs: &DitInputs<'_>, plan: ParallelPlan, transport: LocalTransport, timing: &Timing) -> Result<ShardedFigures> {
     let cfg = model.config();
     let (_, grid) = model.check_inputs(inputs)?;
     let runs = timing.warmup + timing.iters;
@@ -38,7 +39,7 @@ pub fn measure(model: &WanTransformer, inputs: &DitInputs<'_>, plan: ParallelPla
         let mut before = None;
         for i in 0..runs {
             if i == timing.warmup {
-                before = Some((ctx.world().stats(), ctx.attention().timings().seconds()));
+                before = Some((ctx.world().stats(), ctx.timings().seconds()));
             }
             ctx.world().barrier()?;
             let t = Instant::now();
@@ -46,7 +47,7 @@ pub fn measure(model: &WanTransformer, inputs: &DitInputs<'_>, plan: ParallelPla
             times.push(t.elapsed().as_secs_f64());
         }
         let (c0, (a0, w0, x0)) = before.unwrap_or_default();
-        let (a1, w1, x1) = ctx.attention().timings().seconds();
+        let (a1, w1, x1) = ctx.timings().seconds();
         let counts = ctx.world().stats() - c0;
         // The same transfers with no compute: every layer's ring hops and all-to-alls.
         let standalone = standalone_comm(ctx, cfg.num_layers, grid.tokens(), cfg.inner_dim())?;
@@ -77,8 +78,8 @@ pub fn measure(model: &WanTransformer, inputs: &DitInputs<'_>, plan: ParallelPla
 /// once.
 fn standalone_comm(ctx: &ShardContext, layers: usize, tokens: usize, hidden: usize) -> tessera_worker::Result<f64> {
     let plan = ctx.plan();
-    let ring = ctx.attention().ring();
-    let ulysses = ctx.attention().ulysses();
+    let ring = ctx.ring();
+    let ulysses = ctx.ulysses();
     let rows = shard_ranges(tokens, plan.ranks())[ctx.rank()].len();
     let heads_w = hidden / plan.ulysses;
     let ring_rows: usize =

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tessera_kernels::backend::Backend;
 use tessera_kernels::Device;
 use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
@@ -23,11 +24,12 @@ pub struct GoldenArgs {
     /// How the sharded ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
     #[arg(long, env = "TESSERA_GOLDEN_TRANSPORT", default_value = "inproc")]
     transport: String,
-    /// Where transformer (dit) cases run: auto (a usable CUDA GPU, else the CPU), cpu, cuda or
-    /// cuda:N. On CUDA they run in bf16 and are held to the bf16 tolerance, not the cases' f32
-    /// one; the other kinds always run on the CPU.
-    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
-    device: String,
+    /// The backend transformer (dit) and pipeline cases run their transformer on: cpu (f32, held
+    /// to each case's own tolerance), bf16-host (the CUDA path's bf16 contract on the CPU), cuda
+    /// or cuda:N (bf16 on a GPU), or auto (a usable GPU, else the CPU). The bf16 backends are
+    /// held to the bf16 tolerance; the other kinds always run on the CPU.
+    #[arg(long, alias = "device", env = "TESSERA_GOLDEN_BACKEND", default_value = "cpu")]
+    backend: String,
     /// Folders laid out like `shared/golden` (`<kind>/<case>/case.json`), or one `<kind>` folder.
     #[arg(required = true, env = "TESSERA_GOLDEN_ROOTS", value_delimiter = ',')]
     roots: Vec<PathBuf>,
@@ -55,16 +57,19 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
         bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
     }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
-    let device = resolve_device(&args.device)?;
-    if let Device::Cuda(_) = device {
+    let backend = resolve_backend(&args.backend)?;
+    if backend.is_bf16() {
         let t = CUDA_BF16_TOLERANCE;
         println!(
-            "transformer and pipeline cases with the transformer on {device} in bf16: held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
+            "backend {}: transformer and pipeline cases in bf16, held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
+            backend.name(),
             t.rel_l2,
             t.max_abs_over_max_ref.unwrap_or(f64::NAN)
         );
+    } else {
+        println!("backend {}: f32, every case held to its own tolerance (its case.json)", backend.name());
     }
-    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport, device };
+    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport, backend };
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {
@@ -89,6 +94,15 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     }
     println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Parses and resolves a `--backend` value on this machine: `bf16-host`, or a device as
+/// [`resolve_device`] resolves it.
+fn resolve_backend(arg: &str) -> Result<Backend> {
+    if arg == "bf16-host" {
+        return Ok(Backend::Bf16Host);
+    }
+    tessera_worker::pipeline::resolve_pipeline_device(arg).map(Backend::from).map_err(|e| anyhow::anyhow!("--backend {arg}: {e} (or bf16-host)"))
 }
 
 /// Parses and resolves a `--device` value on this machine: `cuda` without a usable GPU is an

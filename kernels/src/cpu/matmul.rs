@@ -104,10 +104,17 @@ pub fn gemm_into(dst: &mut [f32], ld_dst: usize, accumulate: bool, a: MatRef<'_>
 
 /// `nn.Linear`: `y[m, n] = act(x[m, k] · w[n, k]ᵀ + bias[n])`, with PyTorch's weight layout.
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, act: Activation) -> Result<Vec<f32>> {
-    if x.len() != m * k || w.len() != n * k {
-        return Err(KernelError::shape("linear", format!("x has {} elements for {m}x{k}, w has {} for {n}x{k}", x.len(), w.len())));
-    }
     let mut y = vec![0.0f32; m * n];
+    linear_into(x, m, k, w, n, bias, act, &mut y)?;
+    Ok(y)
+}
+
+/// [`linear`] into `y` (exactly `m·n` elements, packed rows).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> Result<()> {
+    if x.len() != m * k || w.len() != n * k || y.len() != m * n {
+        return Err(KernelError::shape("linear", format!("x has {} elements for {m}x{k}, w {} for {n}x{k}, y {} for {m}x{n}", x.len(), w.len(), y.len())));
+    }
     let accumulate = match bias {
         Some(b) => {
             if b.len() != n {
@@ -120,9 +127,9 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&
         }
         None => false,
     };
-    gemm_into(&mut y, n, accumulate, MatRef::row_major(x, m, k, k)?, MatRef::transposed(w, k, n, k)?, Threads::Pool)?;
-    apply_activation(&mut y, act);
-    Ok(y)
+    gemm_into(y, n, accumulate, MatRef::row_major(x, m, k, k)?, MatRef::transposed(w, k, n, k)?, Threads::Pool)?;
+    apply_activation(y, act);
+    Ok(())
 }
 
 #[cfg(test)]

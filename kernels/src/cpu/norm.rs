@@ -93,17 +93,23 @@ fn check_param(op: &'static str, name: &str, p: Option<&[f32]>, dim: usize) -> R
 
 /// LayerNorm over the last dimension (`dim`) of `x`, one row at a time, in parallel.
 pub fn layer_norm(x: &[f32], dim: usize, p: &LayerNormParams<'_>) -> Result<Vec<f32>> {
-    if dim == 0 || x.len() % dim != 0 {
-        return Err(KernelError::shape("layer_norm", format!("{} elements are not rows of {dim}", x.len())));
+    let mut y = vec![0.0f32; x.len()];
+    layer_norm_into(x, dim, p, &mut y)?;
+    Ok(y)
+}
+
+/// [`layer_norm`] into `y` (as long as `x`).
+pub fn layer_norm_into(x: &[f32], dim: usize, p: &LayerNormParams<'_>, y: &mut [f32]) -> Result<()> {
+    if dim == 0 || x.len() % dim != 0 || y.len() != x.len() {
+        return Err(KernelError::shape("layer_norm", format!("{} elements are not rows of {dim}, or y has {}", x.len(), y.len())));
     }
     for (name, v) in [("weight", p.weight), ("bias", p.bias), ("scale", p.scale), ("shift", p.shift)] {
         check_param("layer_norm", name, v, dim)?;
     }
-    let mut y = vec![0.0f32; x.len()];
     y.par_chunks_mut(dim).zip(x.par_chunks(dim)).with_min_len(16).for_each(|(yr, xr)| {
         layer_norm_row(xr, yr, p.eps, p.weight, p.bias, p.scale, p.shift);
     });
-    Ok(y)
+    Ok(())
 }
 
 /// RMSNorm over the last dimension: `y = x / sqrt(mean(x²) + eps) · weight`, in place.

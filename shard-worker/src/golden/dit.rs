@@ -2,29 +2,30 @@
 //! image-to-video, `encoder_hidden_states_image` in; `output` out.
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, RunOptions, Tolerance};
-use crate::model::{CudaWanTransformer, WanTransformer};
+use crate::model::DitModel;
 use crate::parallel::{run_local_group, ParallelPlan};
 use crate::weights::SafetensorsFile;
 use crate::{DitInputs, Result};
-use tessera_kernels::Device;
+use tessera_kernels::backend::Backend;
 
 /// The tolerance of transformer cases run on CUDA, in bf16 as diffusers runs the model there
 /// (wan2.1.md §1.4), instead of the case's own f32 tolerance. Why these numbers: diffusers itself,
 /// loaded in bf16 (`_keep_in_fp32_modules` in f32), lands at rel_l2 4.9e-3 to 6.2e-3 and
 /// max_abs / max|ref| 4.8e-3 to 7.3e-3 from the f32 references of the project's dit cases
 /// (t2v-a, t2v-b, t2v-bf16, i2v-a; measured with diffusers 0.42.1 / torch 2.15 on the CPU), and
-/// Tessera's bf16 data flow (its host emulation, `model::cuda::HostOps`) at rel_l2 4.9e-3 to
+/// Tessera's bf16 data flow (the `bf16-host` backend, `tessera_kernels::backend::HostOps`) at rel_l2 4.9e-3 to
 /// 6.2e-3 and max_abs / max|ref| 4.6e-3 to 8.7e-3.
 /// bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 2e-3 per stored value) and every
 /// layer stores several values, so errors of that size are the precision, not a bug; the bound
 /// allows about three times diffusers' own error and stays two orders of magnitude below what a
-/// wrong layout, head split or modulation chunk gives (rel_l2 of order 1). Applied only on CUDA.
+/// wrong layout, head split or modulation chunk gives (rel_l2 of order 1). Applied to the bf16
+/// backends (`cuda`, `bf16-host`).
 pub const CUDA_BF16_TOLERANCE: Tolerance = Tolerance { rel_l2: 2e-2, max_abs: None, max_abs_over_max_ref: Some(2e-2) };
 
-/// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) and runs it,
-/// on one device or sharded over `opts.ranks` ranks of this process, connected in-process or by
-/// TCP on loopback (every rank's output is compared). On CUDA (`opts.device`) it runs in bf16 on
-/// one GPU and is held to [`CUDA_BF16_TOLERANCE`].
+/// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) onto
+/// `opts.backend` and runs it, on one device or sharded over `opts.ranks` ranks of this process,
+/// connected in-process or by TCP on loopback (every rank's output is compared). The bf16
+/// backends are held to [`CUDA_BF16_TOLERANCE`], the f32 CPU to the case's own tolerance.
 pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
@@ -34,17 +35,15 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let text = read_tensor(&io, "encoder_hidden_states")?;
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
     let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
-    if let Device::Cuda(ordinal) = opts.device {
-        if opts.ranks > 1 || opts.ulysses > 1 {
-            return Ok(Outcome::Unsupported("sequence parallelism on CUDA is not implemented yet (one GPU per forward)".into()));
-        }
-        let out = CudaWanTransformer::load_on(&case.dir, ordinal)?.forward(&inputs)?;
-        return Ok(outcome(vec![compare(&io, "output", &out, &CUDA_BF16_TOLERANCE)?]));
+    let sharded = opts.ranks > 1 || opts.ulysses > 1;
+    if sharded && matches!(opts.backend, Backend::Cuda(_)) {
+        return Ok(Outcome::Unsupported("sequence parallelism of one process's ranks on one GPU is not implemented yet (one GPU per forward)".into()));
     }
-    let model = WanTransformer::load(&case.dir)?;
-    if opts.ranks <= 1 && opts.ulysses <= 1 {
+    let tolerance = opts.tolerance(&meta.tolerance);
+    let model = DitModel::load_backend(&case.dir, opts.backend)?;
+    if !sharded {
         let out = model.forward(&inputs)?;
-        return Ok(outcome(vec![compare(&io, "output", &out, &meta.tolerance)?]));
+        return Ok(outcome(vec![compare(&io, "output", &out, &tolerance)?]));
     }
     let plan = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
         Ok(p) => p,
@@ -54,7 +53,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let comparisons = outs
         .iter()
         .enumerate()
-        .map(|(rank, out)| compare(&io, "output", out, &meta.tolerance).map(|(n, c)| (format!("{n}@rank{rank}"), c)))
+        .map(|(rank, out)| compare(&io, "output", out, &tolerance).map(|(n, c)| (format!("{n}@rank{rank}"), c)))
         .collect::<Result<Vec<_>>>()?;
     Ok(outcome(comparisons))
 }

@@ -17,7 +17,8 @@ use crate::parallel::LocalTransport;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
-use tessera_kernels::{Device, Tensor};
+use tessera_kernels::backend::Backend;
+use tessera_kernels::Tensor;
 
 /// The component a case exercises (its top-level folder).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,14 +105,26 @@ pub struct RunOptions {
     pub ulysses: usize,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
-    /// Where the transformer of transformer and pipeline cases runs: the CPU (f32, the cases'
-    /// tolerances) or a CUDA GPU (bf16, [`CUDA_BF16_TOLERANCE`]). Other kinds run on the CPU.
-    pub device: Device,
+    /// Where the transformer of transformer and pipeline cases runs: `cpu` (f32, the cases'
+    /// tolerances), `bf16-host` or `cuda` (bf16, [`CUDA_BF16_TOLERANCE`]). Other kinds run on the
+    /// CPU.
+    pub backend: Backend,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess, device: Device::Cpu }
+        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess, backend: Backend::Cpu }
+    }
+}
+
+impl RunOptions {
+    /// The tolerance a case whose own (f32) tolerance is `case` is held to on this backend.
+    pub fn tolerance(&self, case: &Tolerance) -> Tolerance {
+        if self.backend.is_bf16() {
+            CUDA_BF16_TOLERANCE
+        } else {
+            case.clone()
+        }
     }
 }
 

@@ -91,17 +91,17 @@ fn frames_major(t: &Tensor) -> Result<Tensor> {
 
 /// Runs a pipeline case; with `opts.ranks > 1` the denoising runs sequence-parallel over that many
 /// ranks of this process (the other stages are the same code either way); the transformer runs on
-/// `opts.device`.
+/// `opts.backend`.
 pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let path = case.dir.join("case.json");
     let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
     let s: PipelineSettings = serde_json::from_str(&text).map_err(|e| WorkerError::Config { path: path.display().to_string(), detail: e.to_string() })?;
-    // The transformer runs on `opts.device` (the text encoder and the VAE on the CPU); a GPU run
-    // is held to the bf16 tolerance, integer outputs stay exact.
-    let pipe = WanPipeline::load_on(&case.dir, opts.device)?;
+    // The transformer runs on `opts.backend` (the text encoder and the VAE on the CPU); a bf16
+    // run is held to the bf16 tolerance, integer outputs stay exact.
+    let pipe = WanPipeline::load_on(&case.dir, opts.backend)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
-    let tol = if opts.device == tessera_kernels::Device::Cpu { &meta.tolerance } else { &super::CUDA_BF16_TOLERANCE };
+    let tol = &opts.tolerance(&meta.tolerance);
     let mut comparisons = Vec::new();
 
     // Video-to-video cases start from the input video and the noise drawn for it; text-to-video

@@ -1,158 +1,242 @@
-//! One transformer block (diffusers `WanTransformerBlock`): adaLN-modulated self-attention with
-//! 3-D RoPE, cross-attention to the text (and image) context, and a gated GELU feed-forward.
+//! One transformer block (diffusers `WanTransformerBlock`, wan2.1.md §1.3f) over any backend: f32
+//! LayerNorms with f32 modulation written as `Act`, matrix products (q, k, v fused into one),
+//! fused q/k RMSNorm + RoPE, flash attention, f32 gated residual adds. In bf16 this is diffusers
+//! with the model in bf16 (§1.4), the residual stream rounded to bf16 after every add as diffusers
+//! stores it; in f32 nothing is rounded.
 
-use super::attention::SelfAttention;
-use super::layers::{AffineLayerNorm, Linear, RmsNorm};
+use super::attention::{QkvRows, SelfAttention};
+use super::weights::{load_f32, load_rounded, DeviceLinear};
 use crate::config::TransformerConfig;
 use crate::weights::WeightSource;
-use crate::Result;
-use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, RopeTable};
+use crate::{Result, WorkerError};
+use tessera_kernels::backend::{at, at_mut, flash, stores_f32, At, NormArgs, Ops};
+use tessera_kernels::cpu::{Activation, AttentionShape};
 
-/// The q/k/v/out projections and q/k norms of one attention layer.
-struct AttentionLayer {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+/// Sizes every block shares.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    /// Hidden size D.
+    pub d: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Feed-forward width.
+    pub ffn: usize,
+    /// Epsilon of every norm in the blocks.
+    pub eps: f32,
 }
 
-impl AttentionLayer {
-    fn load(src: &dyn WeightSource, prefix: &str, d: usize, eps: f32) -> Result<Self> {
-        Ok(Self {
-            to_q: Linear::load(src, &format!("{prefix}.to_q"), d, d)?,
-            to_k: Linear::load(src, &format!("{prefix}.to_k"), d, d)?,
-            to_v: Linear::load(src, &format!("{prefix}.to_v"), d, d)?,
-            to_out: Linear::load(src, &format!("{prefix}.to_out.0"), d, d)?,
-            norm_q: RmsNorm::load(src, &format!("{prefix}.norm_q"), d, eps)?,
-            norm_k: RmsNorm::load(src, &format!("{prefix}.norm_k"), d, eps)?,
-        })
+impl Dims {
+    pub(crate) fn of(cfg: &TransformerConfig) -> Self {
+        Self { d: cfg.inner_dim(), heads: cfg.num_attention_heads, head_dim: cfg.attention_head_dim, ffn: cfg.ffn_dim, eps: cfg.eps as f32 }
     }
 }
 
-/// Image key/value projections of image-to-video cross-attention.
-struct ImageKv {
-    add_k: Linear,
-    add_v: Linear,
-    norm_added_k: RmsNorm,
+/// Device buffers of one forward over `rows` token rows, reused by every block.
+pub(crate) struct Workspace<O: Ops> {
+    /// Token rows.
+    pub rows: usize,
+    /// The residual stream `[rows, D]`, f32 (holding `Act` values).
+    pub x: O::Buf<f32>,
+    /// Normalised input of the next matrix product `[rows, D]`; also the rounding scratch.
+    pub h: O::Buf<O::Act>,
+    /// Wide rows `[rows, max(3D, F, patch features)]`: fused q|k|v, cross-attention q, FFN hidden.
+    pub wide: O::Buf<O::Act>,
+    /// Attention output `[rows, D]`.
+    pub attn: O::Buf<O::Act>,
+    /// Output projection `[rows, D]`.
+    pub out: O::Buf<O::Act>,
+    /// Log-sum-exps `[heads, rows]`.
+    pub lse: O::Buf<f32>,
+    /// Cross-attention keys and values `[context rows, 2·D]`.
+    pub kv: O::Buf<O::Act>,
+    /// Image-to-video: the text attention in f32 `[rows, D]`, before the image attention is added.
+    pub attn_sum: Option<O::Buf<f32>>,
 }
 
-/// A transformer block's parameters.
-pub struct Block {
-    scale_shift_table: Vec<f32>,
-    attn1: AttentionLayer,
-    norm2: Option<AffineLayerNorm>,
-    attn2: AttentionLayer,
-    image_kv: Option<ImageKv>,
-    ffn1: Linear,
-    ffn2: Linear,
-    heads: usize,
-    head_dim: usize,
-    eps: f32,
+impl<O: Ops> Workspace<O> {
+    /// Buffers for `rows` rows, a context of up to `context` rows, `wide` channels of wide rows.
+    pub(crate) fn new(ops: &O, dims: &Dims, rows: usize, context: usize, wide: usize, image: bool) -> Result<Self> {
+        let d = dims.d;
+        Ok(Self {
+            rows,
+            x: ops.zeros(rows * d)?,
+            h: ops.zeros(rows * d)?,
+            wide: ops.zeros(rows * wide.max(3 * d).max(dims.ffn))?,
+            attn: ops.zeros(rows * d)?,
+            out: ops.zeros(rows * d)?,
+            lse: ops.zeros(dims.heads * rows)?,
+            kv: ops.zeros(context * 2 * d)?,
+            attn_sum: if image { Some(ops.zeros(rows * d)?) } else { None },
+        })
+    }
+
+    /// Rounds the residual stream to `Act` in place (diffusers' `.type_as(hidden_states)`; nothing
+    /// to do in f32).
+    fn round_residual(&mut self, ops: &O, n: usize) -> Result<()> {
+        if stores_f32::<O>() {
+            return Ok(());
+        }
+        ops.narrow(at(&self.x, 0), at_mut(&mut self.h, 0), n)?;
+        Ok(ops.widen(at(&self.h, 0), at_mut(&mut self.x, 0), n)?)
+    }
 }
 
-impl Block {
-    /// Loads `blocks.{index}.*`.
-    pub fn load(src: &dyn WeightSource, cfg: &TransformerConfig, index: usize) -> Result<Self> {
+/// Image-to-video key/value projections of cross-attention (fused `add_k_proj | add_v_proj`).
+struct ImageKv<O: Ops> {
+    kv: DeviceLinear<O>,
+    norm_k: O::Buf<f32>,
+}
+
+/// A block's parameters on the device.
+pub(crate) struct Block<O: Ops> {
+    /// `scale_shift_table` `[6·D]`, f32.
+    pub(crate) table: O::Buf<f32>,
+    qkv: DeviceLinear<O>,
+    norm_q: O::Buf<f32>,
+    norm_k: O::Buf<f32>,
+    out1: DeviceLinear<O>,
+    norm2: Option<(O::Buf<f32>, O::Buf<f32>)>,
+    q2: DeviceLinear<O>,
+    kv2: DeviceLinear<O>,
+    norm_q2: O::Buf<f32>,
+    norm_k2: O::Buf<f32>,
+    out2: DeviceLinear<O>,
+    image: Option<ImageKv<O>>,
+    ffn1: DeviceLinear<O>,
+    ffn2: DeviceLinear<O>,
+}
+
+impl<O: Ops> Block<O> {
+    /// Loads `blocks.{index}.*`: the same tensors, names and shapes as the CPU block.
+    pub(crate) fn load(ops: &O, src: &dyn WeightSource, cfg: &TransformerConfig, index: usize) -> Result<Self> {
         let d = cfg.inner_dim();
-        let eps = cfg.eps as f32;
         let p = format!("blocks.{index}");
-        let image_kv = match cfg.added_kv_proj_dim {
+        let image = match cfg.added_kv_proj_dim {
             None => None,
+            Some(kv) if kv != d => {
+                return Err(WorkerError::Config {
+                    path: "transformer config".into(),
+                    detail: format!("added_kv_proj_dim {kv} differs from the hidden size {d}: the image context the block projects has width {d}"),
+                })
+            }
             Some(kv) => Some(ImageKv {
-                add_k: Linear::load(src, &format!("{p}.attn2.add_k_proj"), kv, d)?,
-                add_v: Linear::load(src, &format!("{p}.attn2.add_v_proj"), kv, d)?,
-                norm_added_k: RmsNorm::load(src, &format!("{p}.attn2.norm_added_k"), d, eps)?,
+                kv: DeviceLinear::load_stacked(ops, src, &[&format!("{p}.attn2.add_k_proj"), &format!("{p}.attn2.add_v_proj")], kv, d)?,
+                norm_k: load_rounded(ops, src, &format!("{p}.attn2.norm_added_k.weight"), &[d])?,
             }),
         };
+        let a1 = format!("{p}.attn1");
+        let a2 = format!("{p}.attn2");
         Ok(Self {
-            scale_shift_table: src.tensor(&format!("{p}.scale_shift_table"), &[1, 6, d])?,
-            attn1: AttentionLayer::load(src, &format!("{p}.attn1"), d, eps)?,
-            norm2: if cfg.cross_attn_norm { Some(AffineLayerNorm::load(src, &format!("{p}.norm2"), d, eps)?) } else { None },
-            attn2: AttentionLayer::load(src, &format!("{p}.attn2"), d, eps)?,
-            image_kv,
-            ffn1: Linear::load(src, &format!("{p}.ffn.net.0.proj"), d, cfg.ffn_dim)?,
-            ffn2: Linear::load(src, &format!("{p}.ffn.net.2"), cfg.ffn_dim, d)?,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.attention_head_dim,
-            eps,
+            table: load_f32(ops, src, &format!("{p}.scale_shift_table"), &[1, 6, d])?,
+            qkv: DeviceLinear::load_stacked(ops, src, &[&format!("{a1}.to_q"), &format!("{a1}.to_k"), &format!("{a1}.to_v")], d, d)?,
+            norm_q: load_rounded(ops, src, &format!("{a1}.norm_q.weight"), &[d])?,
+            norm_k: load_rounded(ops, src, &format!("{a1}.norm_k.weight"), &[d])?,
+            out1: DeviceLinear::load(ops, src, &format!("{a1}.to_out.0"), d, d)?,
+            norm2: if cfg.cross_attn_norm {
+                Some((load_f32(ops, src, &format!("{p}.norm2.weight"), &[d])?, load_f32(ops, src, &format!("{p}.norm2.bias"), &[d])?))
+            } else {
+                None
+            },
+            q2: DeviceLinear::load(ops, src, &format!("{a2}.to_q"), d, d)?,
+            kv2: DeviceLinear::load_stacked(ops, src, &[&format!("{a2}.to_k"), &format!("{a2}.to_v")], d, d)?,
+            norm_q2: load_rounded(ops, src, &format!("{a2}.norm_q.weight"), &[d])?,
+            norm_k2: load_rounded(ops, src, &format!("{a2}.norm_k.weight"), &[d])?,
+            out2: DeviceLinear::load(ops, src, &format!("{a2}.to_out.0"), d, d)?,
+            image,
+            ffn1: DeviceLinear::load(ops, src, &format!("{p}.ffn.net.0.proj"), d, cfg.ffn_dim)?,
+            ffn2: DeviceLinear::load(ops, src, &format!("{p}.ffn.net.2"), cfg.ffn_dim, d)?,
         })
     }
 
-    /// Runs the block on this shard's `n` token rows `x` (`[n, D]`, updated in place).
-    /// `timestep_proj` is the sample's `[6·D]` time projection, `text` its `[L, D]` context,
-    /// `image` its `[L_img, D]` image context, `rope` the rotations of these rows.
+    /// Runs the block on the workspace's residual stream. `mods` is this block's `[6·D]`
+    /// modulation for the sample (shift, scale, gate of attention, then of the FFN); `text` the
+    /// sample's `[text_len, D]` context; `image` its image context and length (image-to-video).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub(crate) fn forward(
         &self,
-        x: &mut [f32],
-        n: usize,
-        timestep_proj: &[f32],
-        text: &[f32],
-        image: Option<&[f32]>,
-        rope: &RopeTable,
-        attn: &dyn SelfAttention,
+        ops: &O,
+        dims: &Dims,
+        ws: &mut Workspace<O>,
+        mods: At<'_, O::Buf<f32>>,
+        text: (&O::Buf<O::Act>, usize),
+        image: Option<(&O::Buf<O::Act>, usize)>,
+        rope: &O::Rope,
+        attn: &dyn SelfAttention<O>,
     ) -> Result<()> {
-        let d = self.heads * self.head_dim;
-        let m: Vec<f32> = self.scale_shift_table.iter().zip(timestep_proj).map(|(a, b)| a + b).collect();
-        let chunk = |i: usize| &m[i * d..(i + 1) * d];
-        let (shift_msa, scale_msa, gate_msa) = (chunk(0), chunk(1), chunk(2));
-        let (c_shift, c_scale, c_gate) = (chunk(3), chunk(4), chunk(5));
+        let Dims { d, heads, head_dim, eps, .. } = *dims;
+        let n = ws.rows;
+        let chunk = |i: usize| Some(at(mods.buf, mods.offset + i * d));
+        let none = || NormArgs { eps, weight: None, bias: None, scale: None, shift: None };
 
-        // 1. Self-attention on the modulated, normalised tokens.
-        let h = cpu::layer_norm(x, d, &LayerNormParams { eps: self.eps, scale: Some(scale_msa), shift: Some(shift_msa), ..Default::default() })?;
-        let a = &self.attn1;
-        let mut q = a.to_q.forward(&h, n, Activation::None)?;
-        let mut k = a.to_k.forward(&h, n, Activation::None)?;
-        let v = a.to_v.forward(&h, n, Activation::None)?;
-        drop(h);
-        a.norm_q.forward(&mut q)?;
-        a.norm_k.forward(&mut k)?;
-        rope.apply(&mut q, self.heads, d)?;
-        rope.apply(&mut k, self.heads, d)?;
-        let o = attn.attend(&q, &k, &v, self.heads, self.head_dim)?;
-        drop((q, k, v));
-        let o = a.to_out.forward(&o, n, Activation::None)?;
-        cpu::gated_residual_add(x, &o, gate_msa)?;
+        // 1. Self-attention on the modulated, normalised tokens; gated residual.
+        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(1), shift: chunk(0), ..none() }, &mut ws.h)?;
+        self.qkv.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, 0), n, 3 * d, heads, head_dim, &self.norm_q, eps, Some(rope))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, d), n, 3 * d, heads, head_dim, &self.norm_k, eps, Some(rope))?;
+        attn.attend(ops, QkvRows { buf: &ws.wide, rows: n, stride: 3 * d, heads, head_dim }, &mut ws.attn, &mut ws.lse)?;
+        self.out1.forward(ops, at(&ws.attn, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(2), n * d, d)?;
+        ws.round_residual(ops, n * d)?;
 
-        // 2. Cross-attention to the text (and image) context: no modulation, no gate.
-        let h = match &self.norm2 {
-            Some(norm) => norm.forward(x)?,
-            None => x.to_vec(),
-        };
-        let o = self.cross_attention(&h, n, text, image)?;
-        cpu::residual_add(x, &o)?;
+        // 2. Cross-attention to the text (and image) context: no modulation, plain residual.
+        match &self.norm2 {
+            Some((w, b)) => ops.layer_norm(&ws.x, n, d, &NormArgs { weight: Some(at(w, 0)), bias: Some(at(b, 0)), ..none() }, &mut ws.h)?,
+            None => ops.narrow(at(&ws.x, 0), at_mut(&mut ws.h, 0), n * d)?,
+        }
+        self.cross_attention(ops, dims, ws, text, image)?;
+        self.out2.forward(ops, at(&ws.attn, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), None, n * d, d)?;
+        ws.round_residual(ops, n * d)?;
 
-        // 3. Feed-forward on the modulated, normalised tokens, gated.
-        let h = cpu::layer_norm(x, d, &LayerNormParams { eps: self.eps, scale: Some(c_scale), shift: Some(c_shift), ..Default::default() })?;
-        let f = self.ffn1.forward(&h, n, Activation::GeluTanh)?;
-        drop(h);
-        let f = self.ffn2.forward(&f, n, Activation::None)?;
-        cpu::gated_residual_add(x, &f, c_gate)?;
-        Ok(())
+        // 3. Feed-forward on the modulated, normalised tokens (GELU-tanh fused); gated residual.
+        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(4), shift: chunk(3), ..none() }, &mut ws.h)?;
+        self.ffn1.forward(ops, at(&ws.h, 0), n, Activation::GeluTanh, at_mut(&mut ws.wide, 0))?;
+        self.ffn2.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
+        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(5), n * d, d)?;
+        ws.round_residual(ops, n * d)
     }
 
-    fn cross_attention(&self, h: &[f32], n: usize, text: &[f32], image: Option<&[f32]>) -> Result<Vec<f32>> {
-        let d = self.heads * self.head_dim;
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let a = &self.attn2;
-        let mut q = a.to_q.forward(h, n, Activation::None)?;
-        a.norm_q.forward(&mut q)?;
-        let l = text.len() / d;
-        let mut k = a.to_k.forward(text, l, Activation::None)?;
-        a.norm_k.forward(&mut k)?;
-        let v = a.to_v.forward(text, l, Activation::None)?;
-        let mut o = cpu::attention(&q, &k, &v, AttentionShape::packed(self.heads, self.head_dim, n, l), scale)?.out;
-        if let (Some(kv), Some(img)) = (&self.image_kv, image) {
-            let li = img.len() / d;
-            let mut ki = kv.add_k.forward(img, li, Activation::None)?;
-            kv.norm_added_k.forward(&mut ki)?;
-            let vi = kv.add_v.forward(img, li, Activation::None)?;
-            let oi = cpu::attention(&q, &ki, &vi, AttentionShape::packed(self.heads, self.head_dim, n, li), scale)?.out;
-            // diffusers adds the text result to the image result: out = attn_img + attn_txt
-            o.iter_mut().zip(&oi).for_each(|(a, b)| *a = b + *a);
+    /// Queries from `ws.h`; writes the attention output (before `to_out`) to `ws.attn`. For
+    /// image-to-video, diffusers' `attn(q, text) + attn(q, image)` (the same queries).
+    fn cross_attention(
+        &self,
+        ops: &O,
+        dims: &Dims,
+        ws: &mut Workspace<O>,
+        text: (&O::Buf<O::Act>, usize),
+        image: Option<(&O::Buf<O::Act>, usize)>,
+    ) -> Result<()> {
+        let Dims { d, heads, head_dim, eps, .. } = *dims;
+        let n = ws.rows;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        self.q2.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        ops.qk_norm_rope(at_mut(&mut ws.wide, 0), n, d, heads, head_dim, &self.norm_q2, eps, None)?;
+        // Keys and values of a context: fused projection [k | v], RMSNorm on k; no RoPE.
+        let project = |ws: &mut Workspace<O>, proj: &DeviceLinear<O>, norm: &O::Buf<f32>, ctx: &O::Buf<O::Act>, len: usize| -> Result<AttentionShape> {
+            proj.forward(ops, at(ctx, 0), len, Activation::None, at_mut(&mut ws.kv, 0))?;
+            ops.qk_norm_rope(at_mut(&mut ws.kv, 0), len, 2 * d, heads, head_dim, norm, eps, None)?;
+            Ok(AttentionShape { heads, head_dim, q_len: n, kv_len: len, q_stride: d, kv_stride: 2 * d })
+        };
+        let shape = project(ws, &self.kv2, &self.norm_k2, text.0, text.1)?;
+        match (image, &self.image) {
+            (None, _) => Ok(flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut ws.attn, 0), d, &mut ws.lse)?),
+            (Some((img, len)), Some(ik)) => {
+                let Some(mut sum) = ws.attn_sum.take() else {
+                    return Err(WorkerError::input("encoder_hidden_states_image", "the workspace has no buffer for the image attention"));
+                };
+                let result = (|| -> Result<()> {
+                    flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut sum, 0), d, &mut ws.lse)?;
+                    let shape = project(ws, &ik.kv, &ik.norm_k, img, len)?;
+                    flash(ops, at(&ws.wide, 0), at(&ws.kv, 0), at(&ws.kv, d), shape, scale, at_mut(&mut ws.attn, 0), d, &mut ws.lse)?;
+                    ops.add(at_mut(&mut sum, 0), at(&ws.attn, 0), None, n * d, d)?;
+                    Ok(ops.narrow(at(&sum, 0), at_mut(&mut ws.attn, 0), n * d)?)
+                })();
+                ws.attn_sum = Some(sum);
+                result
+            }
+            (Some(_), None) => Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
         }
-        a.to_out.forward(&o, n, Activation::None)
     }
 }

@@ -1,20 +1,21 @@
-//! One transformer type for callers that pick the device at run time: the f32 CPU model or the
-//! bf16 CUDA model behind one enum, loaded from the same files and presets, with one `forward`.
+//! One transformer type for callers that pick the backend at run time: the one model
+//! ([`super::WanTransformer`]) on each backend behind one enum, loaded from the same files and
+//! presets, with one `forward`.
 
-use super::cuda::{CudaOps, CudaWanTransformer, EmulatedWanTransformer, HostOps, Ops};
 use super::patch::PatchGrid;
-use super::transformer::{open_transformer_dir, DitInputs, WanTransformer};
+use super::transformer::{open_transformer_dir, CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer};
 use crate::config::{TransformerConfig, TransformerPreset};
 use crate::weights::{RandomWeights, WeightSource};
 use crate::Result;
 use std::path::Path;
+use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::{Device, Tensor};
 
 /// A Wan 2.1 transformer on the device chosen at run time.
 pub enum DitModel {
     /// f32 on the CPU (the reference).
-    Cpu(Box<WanTransformer>),
+    Cpu(Box<CpuWanTransformer>),
     /// bf16 on a CUDA GPU.
     Cuda(Box<CudaWanTransformer>),
     /// The CUDA model's bf16 data flow run on the host with emulated kernels: slow, for checking
@@ -26,21 +27,41 @@ pub enum DitModel {
 impl DitModel {
     /// Builds the model on `device` (resolve a user's choice first with [`DeviceChoice::resolve`]).
     pub fn from_source(cfg: TransformerConfig, src: &dyn WeightSource, device: Device) -> Result<Self> {
-        Ok(match device {
-            Device::Cpu => Self::Cpu(Box::new(WanTransformer::from_source(cfg, src)?)),
-            Device::Cuda(n) => Self::Cuda(Box::new(CudaWanTransformer::from_source(CudaOps::open(n)?, cfg, src)?)),
+        Self::from_source_on(cfg, src, device.into())
+    }
+
+    /// Builds the model on `backend`.
+    pub fn from_source_on(cfg: TransformerConfig, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
+        Ok(match backend {
+            Backend::Cpu => Self::Cpu(Box::new(CpuWanTransformer::from_source(CpuOps, cfg, src)?)),
+            Backend::Bf16Host => Self::Emulated(Box::new(EmulatedWanTransformer::from_source(HostOps, cfg, src)?)),
+            Backend::Cuda(n) => Self::Cuda(Box::new(CudaWanTransformer::from_source(CudaOps::open(n)?, cfg, src)?)),
         })
+    }
+
+    /// Loads a diffusers `transformer/` folder onto `backend`.
+    pub fn load_backend(dir: &Path, backend: Backend) -> Result<Self> {
+        let (cfg, store) = open_transformer_dir(dir)?;
+        Self::from_source_on(cfg, &store, backend)
+    }
+
+    /// The backend it runs on.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Cpu(_) => Backend::Cpu,
+            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
+            Self::Emulated(_) => Backend::Bf16Host,
+        }
     }
 
     /// The emulated CUDA model (see [`DitModel::Emulated`]) of a built-in configuration.
     pub fn emulated_preset(preset: TransformerPreset, seed: u64) -> Result<Self> {
-        Ok(Self::Emulated(Box::new(EmulatedWanTransformer::from_source(HostOps, preset.config(), &RandomWeights::new(seed))?)))
+        Self::from_source_on(preset.config(), &RandomWeights::new(seed), Backend::Bf16Host)
     }
 
     /// Loads a diffusers `transformer/` folder onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let (cfg, store) = open_transformer_dir(dir)?;
-        Self::from_source(cfg, &store, device)
+        Self::load_backend(dir, device.into())
     }
 
     /// A built-in configuration with deterministic random weights (the same on every device).
@@ -56,17 +77,13 @@ impl DitModel {
 
     /// Where the model runs.
     pub fn device(&self) -> Device {
-        match self {
-            Self::Cpu(_) => Device::Cpu,
-            Self::Cuda(m) => Device::Cuda(m.ops().device().ordinal()),
-            Self::Emulated(_) => Device::Cpu,
-        }
+        self.backend().device()
     }
 
     /// A line saying where and in which precision the model runs.
     pub fn describe(&self) -> String {
         match self {
-            Self::Cpu(_) => "cpu (f32)".into(),
+            Self::Cpu(m) => m.ops().describe(),
             Self::Cuda(m) => format!("{} (bf16)", m.ops().describe()),
             Self::Emulated(_) => "cpu emulating the CUDA model (bf16)".into(),
         }
@@ -78,14 +95,6 @@ impl DitModel {
             Self::Cpu(m) => m.config(),
             Self::Cuda(m) => m.config(),
             Self::Emulated(m) => m.config(),
-        }
-    }
-
-    /// The CPU model, when that is where it runs (sequence-parallel runs use it today).
-    pub fn as_cpu(&self) -> Option<&WanTransformer> {
-        match self {
-            Self::Cpu(m) => Some(m.as_ref()),
-            Self::Cuda(_) | Self::Emulated(_) => None,
         }
     }
 
@@ -129,9 +138,8 @@ mod tests {
         let x = DitInputs { hidden_states: &hidden, timesteps: &[321.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
         let run = |x: &DitInputs<'_>| model.forward(x);
         let forward: Forward<'_> = &run;
-        let want = WanTransformer::preset(TransformerPreset::Tiny, 4).unwrap().forward(&x).unwrap();
+        let want = CpuWanTransformer::preset(CpuOps, TransformerPreset::Tiny, 4).unwrap().forward(&x).unwrap();
         assert_eq!(forward(&x).unwrap(), want);
-        assert!(model.as_cpu().is_some());
     }
 
     #[test]

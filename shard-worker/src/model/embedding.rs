@@ -1,110 +1,112 @@
-//! The condition embedder: timestep → modulation vectors, text states → context, image tokens →
-//! image context (diffusers `WanTimeTextImageEmbedding`).
+//! The conditions of the forward (diffusers `WanTimeTextImageEmbedding`; in bf16 as it runs with
+//! the transformer in bf16, wan2.1.md §1.4): the time embedder in f32, its output rounded to
+//! `Act`, `time_proj` and the text embedder as matrix products on the device, the modulation
+//! `scale_shift_table + timestep_proj` in f32; the image embedder (exact-erf GELU, which the device
+//! does not fuse) on the host with diffusers' roundings to `Act`.
+//!
+//! Host-side parts and why: the time embedder runs B rows through two f32 layers (the device's
+//! matrix products take `Act` operands; diffusers keeps this module in f32), and the image embedder
+//! runs once per forward on 257 rows. Neither touches the token sequence.
 
 use super::layers::{AffineLayerNorm, Linear};
+use super::weights::{convert, round_to, DeviceLinear};
 use crate::config::TransformerConfig;
 use crate::weights::WeightSource;
 use crate::{Result, WorkerError};
+use std::marker::PhantomData;
+use tessera_kernels::backend::{at, at_mut, Elem, Ops};
 use tessera_kernels::cpu::{self, Activation};
 
-/// Everything a block needs besides the tokens, replicated on every shard.
-pub struct Conditions {
-    /// Raw time embedding `[B, D]` (the output head's modulation input).
-    pub temb: Vec<f32>,
-    /// Projected time embedding `[B, 6·D]` (the blocks' modulation input).
-    pub timestep_proj: Vec<f32>,
-    /// Projected text context, per sample `[L, D]`.
-    pub text: Vec<Vec<f32>>,
-    /// Projected image context, per sample `[L_img, D]` (image-to-video only).
-    pub image: Option<Vec<Vec<f32>>>,
+/// Everything a block needs besides the tokens, for the whole batch, on the device.
+pub struct Conditions<O: Ops> {
+    /// `scale_shift_table + timestep_proj` of every block, `[B, blocks, 6·D]` f32.
+    pub(crate) block_mods: O::Buf<f32>,
+    /// The output head's `[shift | scale]` = its table + the `Act` time embedding, `[B, 2·D]` f32.
+    pub(crate) head_mods: O::Buf<f32>,
+    /// Projected text, per sample `[text_len, D]` (`Act`).
+    pub(crate) text: Vec<O::Buf<O::Act>>,
+    /// Rows of text context.
+    pub(crate) text_len: usize,
+    /// Projected image tokens, per sample `[image_len, D]` (`Act`), and their count (image-to-video).
+    pub(crate) image: Option<(Vec<O::Buf<O::Act>>, usize)>,
 }
 
-struct ImageEmbedder {
+/// `time_embedder` (f32, on the host): sinusoid → Linear → SiLU → Linear.
+pub(crate) struct HostTimeEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+    freq_dim: usize,
+}
+
+impl HostTimeEmbedder {
+    /// Loads `condition_embedder.time_embedder.*` in f32.
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<Self> {
+        let (p, d) = ("condition_embedder.time_embedder", cfg.inner_dim());
+        Ok(Self {
+            linear_1: Linear::load(src, &format!("{p}.linear_1"), cfg.freq_dim, d)?,
+            linear_2: Linear::load(src, &format!("{p}.linear_2"), d, d)?,
+            freq_dim: cfg.freq_dim,
+        })
+    }
+
+    /// The raw time embedding `[B, D]` in f32.
+    pub(crate) fn forward(&self, timesteps: &[f32]) -> Result<Vec<f32>> {
+        let b = timesteps.len();
+        let sinus = cpu::timestep_embedding(timesteps, self.freq_dim, 0.0, 10000.0)?;
+        let h = self.linear_1.forward(&sinus, b, Activation::Silu)?;
+        self.linear_2.forward(&h, b, Activation::None)
+    }
+}
+
+/// `image_embedder` on the host, rounding to `A` where diffusers stores a tensor of the model's
+/// type: its matrices and `pos_embed` are `A`, its two LayerNorms f32 (`norm1`/`norm2` are kept in
+/// f32).
+pub(crate) struct HostImageEmbedder<A: Elem> {
     pos_embed: Option<Vec<f32>>,
     norm1: AffineLayerNorm,
     ff1: Linear,
     ff2: Linear,
     norm2: AffineLayerNorm,
     image_dim: usize,
+    elem: PhantomData<A>,
 }
 
-/// Time, text and image embedders.
-pub struct ConditionEmbedder {
-    time1: Linear,
-    time2: Linear,
-    time_proj: Linear,
-    text1: Linear,
-    text2: Linear,
-    image: Option<ImageEmbedder>,
-    freq_dim: usize,
-    text_dim: usize,
-    dim: usize,
+/// An `nn.Linear` of element type `A` emulated on the host: parameters rounded to `A`, f32 arithmetic.
+fn rounded_linear<A: Elem>(src: &dyn WeightSource, prefix: &str, in_f: usize, out_f: usize) -> Result<Linear> {
+    let mut w = src.tensor(&format!("{prefix}.weight"), &[out_f, in_f])?;
+    let mut b = src.tensor(&format!("{prefix}.bias"), &[out_f])?;
+    round_to::<A>(&mut w);
+    round_to::<A>(&mut b);
+    Ok(Linear::from_parts(w, Some(b), in_f, out_f))
 }
 
-impl ConditionEmbedder {
-    /// Loads the `condition_embedder.*` parameters.
-    pub fn load(src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<Self> {
-        let d = cfg.inner_dim();
-        let p = "condition_embedder";
-        let image = match cfg.image_dim {
+impl<A: Elem> HostImageEmbedder<A> {
+    /// Loads `condition_embedder.image_embedder.*` (image-to-video configurations).
+    pub(crate) fn load(src: &dyn WeightSource, cfg: &TransformerConfig, image_dim: usize) -> Result<Self> {
+        let (p, d) = ("condition_embedder.image_embedder", cfg.inner_dim());
+        let pos_embed = match cfg.pos_embed_seq_len {
+            Some(n) => {
+                let mut v = src.tensor(&format!("{p}.pos_embed"), &[1, n, image_dim])?;
+                round_to::<A>(&mut v);
+                Some(v)
+            }
             None => None,
-            Some(img) => Some(ImageEmbedder {
-                pos_embed: match cfg.pos_embed_seq_len {
-                    Some(n) => Some(src.tensor(&format!("{p}.image_embedder.pos_embed"), &[1, n, img])?),
-                    None => None,
-                },
-                norm1: AffineLayerNorm::load(src, &format!("{p}.image_embedder.norm1"), img, 1e-5)?,
-                ff1: Linear::load(src, &format!("{p}.image_embedder.ff.net.0.proj"), img, img)?,
-                ff2: Linear::load(src, &format!("{p}.image_embedder.ff.net.2"), img, d)?,
-                norm2: AffineLayerNorm::load(src, &format!("{p}.image_embedder.norm2"), d, 1e-5)?,
-                image_dim: img,
-            }),
         };
         Ok(Self {
-            time1: Linear::load(src, &format!("{p}.time_embedder.linear_1"), cfg.freq_dim, d)?,
-            time2: Linear::load(src, &format!("{p}.time_embedder.linear_2"), d, d)?,
-            time_proj: Linear::load(src, &format!("{p}.time_proj"), d, 6 * d)?,
-            text1: Linear::load(src, &format!("{p}.text_embedder.linear_1"), cfg.text_dim, d)?,
-            text2: Linear::load(src, &format!("{p}.text_embedder.linear_2"), d, d)?,
-            image,
-            freq_dim: cfg.freq_dim,
-            text_dim: cfg.text_dim,
-            dim: d,
+            pos_embed,
+            norm1: AffineLayerNorm::load(src, &format!("{p}.norm1"), image_dim, 1e-5)?,
+            ff1: rounded_linear::<A>(src, &format!("{p}.ff.net.0.proj"), image_dim, image_dim)?,
+            ff2: rounded_linear::<A>(src, &format!("{p}.ff.net.2"), image_dim, d)?,
+            norm2: AffineLayerNorm::load(src, &format!("{p}.norm2"), d, 1e-5)?,
+            image_dim,
+            elem: PhantomData,
         })
     }
 
-    /// Embeds timesteps `[B]`, text states `[B, L, text_dim]` and optional image tokens `[B, L_img, image_dim]`.
-    pub fn forward(&self, timesteps: &[f32], text: &[f32], text_len: usize, image: Option<(&[f32], usize)>) -> Result<Conditions> {
-        let b = timesteps.len();
-        let sinus = cpu::timestep_embedding(timesteps, self.freq_dim, 0.0, 10000.0)?;
-        let h = self.time1.forward(&sinus, b, Activation::Silu)?;
-        let temb = self.time2.forward(&h, b, Activation::None)?;
-        let mut act = temb.clone();
-        cpu::apply_activation(&mut act, Activation::Silu);
-        let timestep_proj = self.time_proj.forward(&act, b, Activation::None)?;
-
-        let per_text = text_len * self.text_dim;
-        let text = (0..b)
-            .map(|i| {
-                let h = self.text1.forward(&text[i * per_text..(i + 1) * per_text], text_len, Activation::GeluTanh)?;
-                self.text2.forward(&h, text_len, Activation::None)
-            })
-            .collect::<Result<Vec<_>>>()?;
-
-        let image = match (&self.image, image) {
-            (None, None) => None,
-            (Some(e), Some((img, n))) => Some((0..b).map(|i| e.forward(&img[i * n * e.image_dim..(i + 1) * n * e.image_dim], n)).collect::<Result<Vec<_>>>()?),
-            (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
-            (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
-        };
-        debug_assert!(text.iter().all(|t| t.len() == text_len * self.dim));
-        Ok(Conditions { temb, timestep_proj, text, image })
-    }
-}
-
-impl ImageEmbedder {
-    fn forward(&self, img: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// The image context `[n, D]` of one sample's `n` image tokens, as `A`.
+    pub(crate) fn forward(&self, img: &[f32], n: usize) -> Result<Vec<A>> {
         let mut x = img.to_vec();
+        round_to::<A>(&mut x);
         if let Some(pos) = &self.pos_embed {
             if pos.len() != x.len() {
                 return Err(WorkerError::input(
@@ -113,10 +115,67 @@ impl ImageEmbedder {
                 ));
             }
             x.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
+            round_to::<A>(&mut x);
         }
-        let h = self.norm1.forward(&x)?;
-        let h = self.ff1.forward(&h, n, Activation::Gelu)?;
-        let h = self.ff2.forward(&h, n, Activation::None)?;
-        self.norm2.forward(&h)
+        let mut h = self.norm1.forward(&x)?;
+        round_to::<A>(&mut h);
+        let mut h = self.ff1.forward(&h, n, Activation::None)?;
+        round_to::<A>(&mut h);
+        cpu::apply_activation(&mut h, Activation::Gelu);
+        round_to::<A>(&mut h);
+        let mut h = self.ff2.forward(&h, n, Activation::None)?;
+        round_to::<A>(&mut h);
+        Ok(convert::<A>(&self.norm2.forward(&h)?))
+    }
+}
+
+/// The device parts of the condition embedder: `time_proj` and the text embedder.
+pub(crate) struct Embedders<O: Ops> {
+    pub(crate) time: HostTimeEmbedder,
+    pub(crate) time_proj: DeviceLinear<O>,
+    pub(crate) text_1: DeviceLinear<O>,
+    pub(crate) text_2: DeviceLinear<O>,
+    pub(crate) image: Option<HostImageEmbedder<O::Act>>,
+}
+
+impl<O: Ops> Embedders<O> {
+    /// Loads every `condition_embedder.*` parameter.
+    pub(crate) fn load(ops: &O, src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<Self> {
+        let (p, d) = ("condition_embedder", cfg.inner_dim());
+        let image = match cfg.image_dim {
+            Some(img) => Some(HostImageEmbedder::load(src, cfg, img)?),
+            None => None,
+        };
+        Ok(Self {
+            time: HostTimeEmbedder::load(src, cfg)?,
+            time_proj: DeviceLinear::load(ops, src, &format!("{p}.time_proj"), d, 6 * d)?,
+            text_1: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_1"), cfg.text_dim, d)?,
+            text_2: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_2"), d, d)?,
+            image,
+        })
+    }
+
+    /// The projected time embedding `[B, 6·D]` (f32 holding diffusers' `Act` values) and the raw
+    /// time embedding rounded to `Act` `[B, D]` (host): `time_proj(SiLU(Act(temb)))` in `Act`.
+    pub(crate) fn time(&self, ops: &O, timesteps: &[f32]) -> Result<(O::Buf<f32>, Vec<f32>)> {
+        let b = timesteps.len();
+        let mut temb = self.time.forward(timesteps)?;
+        round_to::<O::Act>(&mut temb);
+        // SiLU of an `Act` tensor: f32 arithmetic, an `Act` result.
+        let mut act = temb.clone();
+        cpu::apply_activation(&mut act, Activation::Silu);
+        let act = ops.upload(&convert::<O::Act>(&act))?;
+        let proj = self.time_proj.forward_new(ops, at(&act, 0), b, Activation::None)?;
+        let n = b * self.time_proj.out_features();
+        let mut out = ops.zeros::<f32>(n)?;
+        ops.widen(at(&proj, 0), at_mut(&mut out, 0), n)?;
+        Ok((out, temb))
+    }
+
+    /// One sample's text context `[len, D]`: `Linear → GELU(tanh) → Linear` in `Act`.
+    pub(crate) fn text(&self, ops: &O, text: &[f32], len: usize) -> Result<O::Buf<O::Act>> {
+        let x = ops.upload(&convert::<O::Act>(text))?;
+        let h = self.text_1.forward_new(ops, at(&x, 0), len, Activation::GeluTanh)?;
+        self.text_2.forward_new(ops, at(&h, 0), len, Activation::None)
     }
 }

@@ -1,4 +1,5 @@
-//! Parameterised layers shared by the model's parts (PyTorch `nn.Linear` layout).
+//! Host-side f32 layers (PyTorch `nn.Linear` layout): the time and image embedders' small host
+//! parts and the UMT5 text encoder.
 
 use crate::weights::WeightSource;
 use crate::Result;
@@ -34,24 +35,6 @@ impl Linear {
     /// Applies the layer to `rows` rows of `x` (`[rows, in]`), then `act`.
     pub fn forward(&self, x: &[f32], rows: usize, act: Activation) -> Result<Vec<f32>> {
         Ok(cpu::linear(x, rows, self.in_features, &self.weight, self.out_features, self.bias.as_deref(), act)?)
-    }
-}
-
-/// RMSNorm weight over the full hidden size.
-pub struct RmsNorm {
-    weight: Vec<f32>,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// Loads `{prefix}.weight` `[dim]`.
-    pub fn load(src: &dyn WeightSource, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
-        Ok(Self { weight: src.tensor(&format!("{prefix}.weight"), &[dim])?, eps })
-    }
-
-    /// Normalises every row of `x` in place.
-    pub fn forward(&self, x: &mut [f32]) -> Result<()> {
-        Ok(cpu::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 

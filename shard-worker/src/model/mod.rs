@@ -1,18 +1,21 @@
-//! The Wan 2.1 diffusion transformer (diffusers `WanTransformer3DModel`), text- and image-to-video.
+//! The Wan 2.1 diffusion transformer (diffusers `WanTransformer3DModel`), text- and image-to-video,
+//! written once over the backend seam `tessera_kernels::backend::Ops`: f32 on the CPU, bf16 on a
+//! CUDA GPU, and bf16 under the GPU path's host twin (reference/wan2.1.md §1.3, §1.4).
 
 mod attention;
 mod block;
-pub mod cuda;
 mod dispatch;
 mod embedding;
+#[cfg(test)]
+mod emulation_tests;
 mod layers;
 mod patch;
 mod transformer;
+mod weights;
 
-pub use attention::{LocalAttention, SelfAttention};
-pub use cuda::{CudaWanTransformer, EmulatedWanTransformer};
+pub use attention::{LocalAttention, QkvRows, SelfAttention};
 pub use dispatch::DitModel;
 pub use embedding::Conditions;
 pub use layers::Linear;
 pub use patch::{patchify, unpatchify, PatchGrid};
-pub use transformer::{DitInputs, WanTransformer};
+pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, WanTransformer};

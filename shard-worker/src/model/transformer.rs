@@ -1,17 +1,22 @@
-//! The whole transformer: patch embedding, condition embedding, the blocks, the output head and
-//! unpatchify. `forward` runs one device; `forward_tokens` runs one shard of the token sequence.
+//! The Wan 2.1 transformer (diffusers `WanTransformer3DModel`), written once over the backend
+//! seam [`Ops`]: parameters uploaded from a [`WeightSource`], `forward` returning the f32 velocity
+//! on the host, and `forward_tokens` for one shard's token range behind [`SelfAttention`]
+//! (the sequence-parallel seam). The same code runs in f32 on the CPU, in bf16 on a GPU, and in
+//! bf16 under the host twin of the GPU path.
 
 use super::attention::{LocalAttention, SelfAttention};
-use super::block::Block;
-use super::embedding::{ConditionEmbedder, Conditions};
-use super::layers::Linear;
-use super::patch::{patchify, unpatchify, PatchGrid};
+use super::block::{Block, Dims, Workspace};
+use super::embedding::{Conditions, Embedders};
+use super::weights::{load_f32, DeviceLinear};
 use crate::config::{TransformerConfig, TransformerPreset};
+use crate::model::patch::PatchGrid;
 use crate::weights::{RandomWeights, WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::ops::Range;
 use std::path::Path;
-use tessera_kernels::cpu::{self, Activation, LayerNormParams, Rope3d};
+use std::sync::{Arc, Mutex};
+use tessera_kernels::backend::{at, at_mut, CpuOps, CudaOps, HostOps, NormArgs, Ops};
+use tessera_kernels::cpu::{Activation, PatchGeometry, Rope3d};
 use tessera_kernels::Tensor;
 
 /// Inputs of a forward pass, as diffusers names them.
@@ -27,45 +32,77 @@ pub struct DitInputs<'a> {
     pub encoder_hidden_states_image: Option<&'a Tensor>,
 }
 
-/// A loaded Wan 2.1 transformer.
-pub struct WanTransformer {
+/// The transformer in f32 on the CPU (the reference).
+pub type CpuWanTransformer = WanTransformer<CpuOps>;
+
+/// The transformer in bf16 on a CUDA GPU.
+pub type CudaWanTransformer = WanTransformer<CudaOps>;
+
+/// The same bf16 computation emulated on the host (tests; the yardstick of the CUDA forward).
+pub type EmulatedWanTransformer = WanTransformer<HostOps>;
+
+/// Which RoPE rows a cached table holds: (grid, token range).
+type RopeKey = ([usize; 3], Range<usize>);
+
+/// A Wan 2.1 transformer whose parameters live on the backend `O`'s device, stored as `O::Act`
+/// (bf16 as diffusers runs it in bf16, or f32).
+pub struct WanTransformer<O: Ops> {
+    ops: O,
     cfg: TransformerConfig,
-    patch_embedding: Linear,
-    condition_embedder: ConditionEmbedder,
-    blocks: Vec<Block>,
-    scale_shift_table: Vec<f32>,
-    proj_out: Linear,
+    dims: Dims,
+    embedders: Embedders<O>,
+    patch_embedding: DeviceLinear<O>,
+    blocks: Vec<Block<O>>,
+    head_table: O::Buf<f32>,
+    proj_out: DeviceLinear<O>,
     rope: Rope3d,
+    rope_cache: Mutex<Option<(RopeKey, Arc<O::Rope>)>>,
 }
 
-impl WanTransformer {
+impl CudaWanTransformer {
+    /// Loads a diffusers `transformer/` folder onto CUDA device `ordinal`.
+    pub fn load_on(dir: &Path, ordinal: usize) -> Result<Self> {
+        Self::load(CudaOps::open(ordinal)?, dir)
+    }
+}
+
+impl<O: Ops> WanTransformer<O> {
     /// Loads a diffusers `transformer/` folder (`config.json` and safetensors weights).
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn load(ops: O, dir: &Path) -> Result<Self> {
         let (cfg, store) = open_transformer_dir(dir)?;
-        Self::from_source(cfg, &store)
+        Self::from_source(ops, cfg, &store)
     }
 
-    /// A built-in configuration with deterministic random weights.
-    pub fn preset(preset: TransformerPreset, seed: u64) -> Result<Self> {
-        Self::from_source(preset.config(), &RandomWeights::new(seed))
+    /// A built-in configuration with deterministic random weights (same seed, same parameters on
+    /// every backend).
+    pub fn preset(ops: O, preset: TransformerPreset, seed: u64) -> Result<Self> {
+        Self::from_source(ops, preset.config(), &RandomWeights::new(seed))
     }
 
-    /// Builds the model from any weight source; every parameter is checked by name and shape,
-    /// and tensors the model does not use are an error.
-    pub fn from_source(cfg: TransformerConfig, src: &dyn WeightSource) -> Result<Self> {
+    /// Builds the model from any weight source, uploading each parameter as it is read; every
+    /// parameter is checked by name and shape, and unused tensors are an error, as on the CPU.
+    pub fn from_source(ops: O, cfg: TransformerConfig, src: &dyn WeightSource) -> Result<Self> {
         cfg.validate().map_err(|detail| WorkerError::Config { path: "transformer config".into(), detail })?;
+        let hd = cfg.attention_head_dim;
+        if ops.attention_width(hd).is_none() {
+            let detail = format!("attention_head_dim {hd}: {} takes even head dims up to 128", ops.describe());
+            return Err(WorkerError::Config { path: "transformer config".into(), detail });
+        }
         let d = cfg.inner_dim();
         let [pt, ph, pw] = cfg.patch_size;
         let pe_w = src.tensor("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?;
         let pe_b = src.tensor("patch_embedding.bias", &[d])?;
         let model = Self {
-            patch_embedding: Linear::from_parts(pe_w, Some(pe_b), cfg.patch_in(), d),
-            condition_embedder: ConditionEmbedder::load(src, &cfg)?,
-            blocks: (0..cfg.num_layers).map(|i| Block::load(src, &cfg, i)).collect::<Result<_>>()?,
-            scale_shift_table: src.tensor("scale_shift_table", &[1, 2, d])?,
-            proj_out: Linear::load(src, "proj_out", d, cfg.patch_out())?,
-            rope: Rope3d::wan(cfg.attention_head_dim, cfg.rope_max_seq_len, 10000.0)?,
+            patch_embedding: DeviceLinear::from_host(&ops, &pe_w, &pe_b, cfg.patch_in(), d)?,
+            embedders: Embedders::load(&ops, src, &cfg)?,
+            blocks: (0..cfg.num_layers).map(|i| Block::load(&ops, src, &cfg, i)).collect::<Result<_>>()?,
+            head_table: load_f32(&ops, src, "scale_shift_table", &[1, 2, d])?,
+            proj_out: DeviceLinear::load(&ops, src, "proj_out", d, cfg.patch_out())?,
+            rope: Rope3d::wan(hd, cfg.rope_max_seq_len, 10000.0)?,
+            rope_cache: Mutex::new(None),
+            dims: Dims::of(&cfg),
             cfg,
+            ops,
         };
         src.finish()?;
         Ok(model)
@@ -76,68 +113,143 @@ impl WanTransformer {
         &self.cfg
     }
 
+    /// The device operations (for their description).
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
     /// Checks the inputs against the model and returns (batch, patch grid).
     pub fn check_inputs(&self, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
         check_dit_inputs(&self.cfg, x)
     }
 
-    /// Time, text and image embeddings of the whole batch (replicated on every shard).
-    pub fn embed_conditions(&self, x: &DitInputs<'_>) -> Result<Conditions> {
+    /// Time, text and image embeddings and every block's modulation, for the whole batch
+    /// (replicated on every shard).
+    pub fn embed_conditions(&self, x: &DitInputs<'_>) -> Result<Conditions<O>> {
+        let (ops, d, e) = (&self.ops, self.dims.d, &self.embedders);
+        let b = x.timesteps.len();
+        let (tproj, temb) = e.time(ops, x.timesteps)?;
+        // Blocks: scale_shift_table + timestep_proj in f32 (0 + a + b is exactly a + b).
+        let per_sample = self.blocks.len() * 6 * d;
+        let mut block_mods = ops.zeros::<f32>(b * per_sample)?;
+        for i in 0..b {
+            for (l, block) in self.blocks.iter().enumerate() {
+                let off = i * per_sample + l * 6 * d;
+                ops.add(at_mut(&mut block_mods, off), at(&tproj, i * 6 * d), None, 6 * d, 6 * d)?;
+                ops.add(at_mut(&mut block_mods, off), at(&block.table, 0), None, 6 * d, 6 * d)?;
+            }
+        }
+        // Head: its table + the bf16 time embedding, for shift and for scale.
+        let doubled: Vec<f32> = temb.chunks_exact(d).flat_map(|t| t.iter().chain(t).copied()).collect();
+        let mut head_mods = ops.upload(&doubled)?;
+        for i in 0..b {
+            ops.add(at_mut(&mut head_mods, i * 2 * d), at(&self.head_table, 0), None, 2 * d, 2 * d)?;
+        }
         let text_len = x.encoder_hidden_states.dim(1);
-        let image = x.encoder_hidden_states_image.map(|t| (t.data(), t.dim(1)));
-        self.condition_embedder.forward(x.timesteps, x.encoder_hidden_states.data(), text_len, image)
+        let per_text = text_len * self.cfg.text_dim;
+        let text_data = x.encoder_hidden_states.data();
+        let text = (0..b).map(|i| e.text(ops, &text_data[i * per_text..(i + 1) * per_text], text_len)).collect::<Result<Vec<_>>>()?;
+        let image = match (&e.image, x.encoder_hidden_states_image) {
+            (Some(emb), Some(img)) => {
+                let (n, width) = (img.dim(1), img.dim(2));
+                let ctx = (0..b).map(|i| Ok(ops.upload(&emb.forward(&img.data()[i * n * width..(i + 1) * n * width], n)?)?)).collect::<Result<Vec<_>>>()?;
+                Some((ctx, n))
+            }
+            (None, None) => None,
+            (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
+            (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
+        };
+        Ok(Conditions { block_mods, head_mods, text, text_len, image })
+    }
+
+    /// The RoPE rows of `tokens` of `grid`, on the device (the last table is kept for the next call).
+    fn rope_for(&self, grid: &PatchGrid, tokens: Range<usize>) -> Result<Arc<O::Rope>> {
+        let key = (grid.dims, tokens.clone());
+        let mut cache = self.rope_cache.lock().map_err(|_| WorkerError::input("rope", "cache lock poisoned"))?;
+        if let Some((k, t)) = cache.as_ref() {
+            if *k == key {
+                return Ok(t.clone());
+            }
+        }
+        let table = Arc::new(self.ops.upload_rope(&self.rope.table(grid.dims, tokens)?)?);
+        *cache = Some((key, table.clone()));
+        Ok(table)
     }
 
     /// Runs tokens `tokens` (global indices into the flattened (frame, row, column) grid) of
     /// sample `b` through the model, with `attn` joining them to the rest of the sequence.
-    /// Returns the head's output `[tokens.len(), p_t·p_h·p_w·C_out]` for those tokens.
+    /// Returns the head's output rows `[tokens.len(), p_t·p_h·p_w·C_out]` (f32 holding `Act` values)
+    /// on the device.
     pub fn forward_tokens(
         &self,
         x: &DitInputs<'_>,
-        cond: &Conditions,
+        cond: &Conditions<O>,
         b: usize,
         grid: &PatchGrid,
         tokens: Range<usize>,
-        attn: &dyn SelfAttention,
-    ) -> Result<Vec<f32>> {
-        let c = &self.cfg;
-        let d = c.inner_dim();
-        let n = tokens.len();
-        let per_sample = c.in_channels * grid.latent().iter().product::<usize>();
-        let latent = &x.hidden_states.data()[b * per_sample..(b + 1) * per_sample];
-        let patches = patchify(latent, c.in_channels, grid, tokens.clone());
-        let mut h = self.patch_embedding.forward(&patches, n, Activation::None)?;
-        drop(patches);
-        let rope = self.rope.table(grid.dims, tokens)?;
-        let tproj = &cond.timestep_proj[b * 6 * d..(b + 1) * 6 * d];
-        let image = cond.image.as_ref().map(|v| v[b].as_slice());
-        for block in &self.blocks {
-            block.forward(&mut h, n, tproj, &cond.text[b], image, &rope, attn)?;
+        attn: &dyn SelfAttention<O>,
+    ) -> Result<O::Buf<f32>> {
+        let (ops, c, dims) = (&self.ops, &self.cfg, &self.dims);
+        let (d, n) = (dims.d, tokens.len());
+        if tokens.start > tokens.end || tokens.end > grid.tokens() || cond.text.len() <= b {
+            return Err(WorkerError::input(
+                "tokens",
+                format!("tokens {tokens:?} of sample {b}: the grid has {} tokens, the batch {} samples", grid.tokens(), cond.text.len()),
+            ));
         }
-        // Output head: LN without affine, modulated by the raw time embedding.
-        let temb = &cond.temb[b * d..(b + 1) * d];
-        let shift: Vec<f32> = self.scale_shift_table[..d].iter().zip(temb).map(|(a, t)| a + t).collect();
-        let scale: Vec<f32> = self.scale_shift_table[d..].iter().zip(temb).map(|(a, t)| a + t).collect();
-        let y = cpu::layer_norm(&h, d, &LayerNormParams { eps: c.eps as f32, scale: Some(&scale), shift: Some(&shift), ..Default::default() })?;
-        self.proj_out.forward(&y, n, Activation::None)
+        let per_sample = c.in_channels * grid.latent().iter().product::<usize>();
+        let latent = ops.upload(
+            x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?,
+        )?;
+        let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
+        let context = cond.text_len.max(cond.image.as_ref().map_or(0, |(_, n)| *n));
+        let wide = c.patch_in().max(c.patch_out());
+        let mut ws = Workspace::new(ops, dims, n, context, wide, cond.image.is_some())?;
+
+        // Patch embedding (Conv3d as a matrix product on the patches) into the residual stream.
+        ops.patchify(&latent, &geometry, tokens.clone(), &mut ws.wide)?;
+        self.patch_embedding.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.h, 0))?;
+        ops.widen(at(&ws.h, 0), at_mut(&mut ws.x, 0), n * d)?;
+
+        let rope = self.rope_for(grid, tokens)?;
+        let image = cond.image.as_ref().map(|(ctx, len)| (&ctx[b], *len));
+        let per_mods = self.blocks.len() * 6 * d;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let mods = at(&cond.block_mods, b * per_mods + l * 6 * d);
+            block.forward(ops, dims, &mut ws, mods, (&cond.text[b], cond.text_len), image, &rope, attn)?;
+        }
+
+        // Output head: LayerNorm without affine, modulated by the raw time embedding; `Act` out.
+        let head = |i: usize| Some(at(&cond.head_mods, b * 2 * d + i * d));
+        ops.layer_norm(&ws.x, n, d, &NormArgs { eps: dims.eps, weight: None, bias: None, scale: head(1), shift: head(0) }, &mut ws.h)?;
+        let po = c.patch_out();
+        self.proj_out.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
+        let mut rows = ops.zeros::<f32>(n * po)?;
+        ops.widen(at(&ws.wide, 0), at_mut(&mut rows, 0), n * po)?;
+        Ok(rows)
     }
 
-    /// The velocity `[B, C_out, F, H, W]` for `x`, all tokens on this device.
+    /// The velocity `[B, C_out, F, H, W]` for `x`, all tokens on this device; f32 on the host
+    /// (in bf16: diffusers' bf16 output, widened).
     pub fn forward(&self, x: &DitInputs<'_>) -> Result<Tensor> {
         self.forward_with(x, &LocalAttention)
     }
 
-    /// As [`forward`](Self::forward), with a chosen self-attention strategy over the full sequence.
-    pub fn forward_with(&self, x: &DitInputs<'_>, attn: &dyn SelfAttention) -> Result<Tensor> {
+    /// As [`forward`](Self::forward), with a chosen self-attention over the full sequence.
+    pub fn forward_with(&self, x: &DitInputs<'_>, attn: &dyn SelfAttention<O>) -> Result<Tensor> {
         let (b, grid) = self.check_inputs(x)?;
         let cond = self.embed_conditions(x)?;
-        let mut out = Vec::with_capacity(b * self.cfg.out_channels * grid.latent().iter().product::<usize>());
+        let c = &self.cfg;
+        let geometry = PatchGeometry { channels: c.out_channels, grid: grid.dims, patch: grid.patch };
+        let mut latent = self.ops.zeros::<f32>(geometry.latent_len())?;
+        let mut out = Vec::with_capacity(b * geometry.latent_len());
         for i in 0..b {
-            let tokens = self.forward_tokens(x, &cond, i, &grid, 0..grid.tokens(), attn)?;
-            out.extend(unpatchify(&tokens, self.cfg.out_channels, &grid));
+            let rows = self.forward_tokens(x, &cond, i, &grid, 0..grid.tokens(), attn)?;
+            self.ops.unpatchify(&rows, &geometry, &mut latent)?;
+            out.extend(self.ops.download(&latent)?);
         }
         let [f, h, w] = grid.latent();
-        Ok(Tensor::new([b, self.cfg.out_channels, f, h, w], out)?)
+        Ok(Tensor::new([b, c.out_channels, f, h, w], out)?)
     }
 }
 

@@ -1,25 +1,30 @@
-//! The transformer forward on one rank of a sequence-parallel group: this rank's contiguous
-//! token range goes through every block (self-attention joins the other ranks), and the output
-//! head's rows are all-gathered and unpatchified so every rank holds the whole velocity.
+//! One rank of a sequence-parallel group: its communicators (the world, its Ulysses and ring
+//! groups over the job's transport, and NCCL's when the model is on a GPU) and the transformer
+//! forward on them: this rank's contiguous token range goes through every block (self-attention
+//! joins the other ranks), and the output head's rows are all-gathered and unpatchified so every
+//! rank holds the whole velocity ([`DeviceShard`], one code for every backend).
 
-use super::attention::ShardedAttention;
 use super::comm::Communicator;
 use super::device::{DeviceShard, HostDeviceComm, NcclGroup};
-use super::plan::{shard_ranges, ParallelPlan};
+use super::plan::ParallelPlan;
 use super::tcp::{TcpOptions, TcpTransport};
+use super::timings::AttentionTimings;
 use super::transport::{InProcessTransport, Transport};
-use crate::model::{unpatchify, DitModel, WanTransformer};
-use crate::{DitInputs, Result, WorkerError};
+use crate::model::{DitInputs, DitModel, WanTransformer};
+use crate::{Result, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_kernels::backend::HostBackend;
 use tessera_kernels::Tensor;
 
 /// One rank's view of a sequence-parallel job: the world group and the attention strategy, and
 /// when the transformer runs on a GPU, the NCCL communicators of the same groups.
 pub struct ShardContext {
     world: Communicator,
+    ulysses: Communicator,
+    ring: Communicator,
     plan: ParallelPlan,
-    attention: ShardedAttention,
+    timings: AttentionTimings,
     nccl: std::sync::OnceLock<NcclGroup>,
 }
 
@@ -31,8 +36,8 @@ impl ShardContext {
         }
         let world = Communicator::world(transport);
         let rank = world.rank();
-        let attention = ShardedAttention::new(world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
-        Ok(Self { world, plan, attention, nccl: std::sync::OnceLock::new() })
+        let (ulysses, ring) = (world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
+        Ok(Self { world, ulysses, ring, plan, timings: AttentionTimings::default(), nccl: std::sync::OnceLock::new() })
     }
 
     /// Makes the group ready to run `model` on its device: every rank states where its model runs
@@ -88,9 +93,19 @@ impl ShardContext {
         &self.world
     }
 
-    /// The sharded attention (for its timings).
-    pub fn attention(&self) -> &ShardedAttention {
-        &self.attention
+    /// This rank's Ulysses group (ranks exchanging heads by all-to-all).
+    pub fn ulysses(&self) -> &Communicator {
+        &self.ulysses
+    }
+
+    /// This rank's ring group (ranks holding the other sequence shards of the same heads).
+    pub fn ring(&self) -> &Communicator {
+        &self.ring
+    }
+
+    /// Where this rank's attention time went, summed over its forwards.
+    pub fn timings(&self) -> &AttentionTimings {
+        &self.timings
     }
 
     /// The plan.
@@ -98,33 +113,31 @@ impl ShardContext {
         self.plan
     }
 
-    /// The model's velocity for the whole batch; every rank computes its own token range and
-    /// ends with the full output. Equals [`WanTransformer::forward`] to float32 rounding.
+    /// The model's velocity for the whole batch, on whichever backend it was loaded; every rank
+    /// computes its own token range and ends with the full output, equal to the one-device
+    /// forward to rounding. The CUDA model keeps its data on the GPU and talks through NCCL
+    /// (after [`join_device_group`](Self::join_device_group)); host backends (the f32 CPU model,
+    /// the bf16 twin) talk through this context's transport.
     ///
     /// Traced as a `forward` span (INFO) with what its collectives cost in attributes
     /// (`bytes_sent`, `ring_wait_s`, `all_to_all_s`) and an `all_gather` span for the output; the
     /// per-layer collectives are DEBUG spans (`ring_attention`, `all_to_all`), thousands a job.
-    pub fn forward(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
-        self.traced(x, || self.forward_ranks(model, x))
+    pub fn forward(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
+        self.check_model(model)?;
+        let (plan, timings) = (self.plan, &self.timings);
+        self.traced(x, || match (model, self.nccl.get()) {
+            (DitModel::Cpu(m), _) => self.forward_host(m, x),
+            (DitModel::Emulated(m), _) => self.forward_host(m, x),
+            (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
+            (DitModel::Cuda(m), None) => m.forward(x),
+        })
     }
 
-    /// [`forward`](Self::forward) for the model on whichever device it was loaded: the CPU model
-    /// as above; the CUDA model with its data on the GPU and NCCL between the ranks (after
-    /// [`join_device_group`](Self::join_device_group)); the host emulation of the CUDA model with the
-    /// same device-side strategies over this context's transport.
-    pub fn forward_dit(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
-        self.check_model(model)?;
-        let plan = self.plan;
-        self.traced(x, || match (model, self.nccl.get()) {
-            (DitModel::Cpu(m), _) => self.forward_ranks(m, x),
-            (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan }.forward(m, x),
-            (DitModel::Cuda(m), None) => m.forward(x),
-            (DitModel::Emulated(m), _) => {
-                let (world, ulysses, ring) =
-                    (HostDeviceComm::new(&self.world), HostDeviceComm::new(self.attention.ulysses()), HostDeviceComm::new(self.attention.ring()));
-                DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan }.forward(m, x)
-            }
-        })
+    /// The sharded forward of a model whose buffers live in host memory, over this context's
+    /// transport.
+    fn forward_host<O: HostBackend>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor> {
+        let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
+        DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: self.plan, timings: &self.timings }.forward(model, x)
     }
 
     /// Runs `forward` in a `forward` span carrying what its collectives cost.
@@ -143,39 +156,13 @@ impl ShardContext {
             all_to_all_s = Empty
         );
         let _in = span.enter();
-        let (sent, (_, ring_wait, all_to_all)) = (self.world.stats().sent(), self.attention.timings().seconds());
+        let (sent, (_, ring_wait, all_to_all)) = (self.world.stats().sent(), self.timings.seconds());
         let out = forward();
-        let now = self.attention.timings().seconds();
+        let now = self.timings.seconds();
         span.record("bytes_sent", self.world.stats().sent() - sent);
         span.record("ring_wait_s", now.1 - ring_wait);
         span.record("all_to_all_s", now.2 - all_to_all);
         out
-    }
-
-    fn forward_ranks(&self, model: &WanTransformer, x: &DitInputs<'_>) -> Result<Tensor> {
-        let cfg = model.config();
-        if cfg.num_attention_heads % self.plan.ulysses != 0 {
-            return Err(WorkerError::input(
-                "parallel plan",
-                format!("ulysses degree {} does not divide the model's {} heads", self.plan.ulysses, cfg.num_attention_heads),
-            ));
-        }
-        let (b, grid) = model.check_inputs(x)?;
-        let cond = model.embed_conditions(x)?;
-        let ranges = shard_ranges(grid.tokens(), self.world.size());
-        let mine = ranges[self.rank()].clone();
-        tracing::Span::current().record("tokens", mine.len());
-        let mut out = Vec::with_capacity(b * cfg.out_channels * grid.latent().iter().product::<usize>());
-        for i in 0..b {
-            let rows = model.forward_tokens(x, &cond, i, &grid, mine.clone(), &self.attention)?;
-            let all: Vec<f32> = tracing::info_span!("all_gather", values = rows.len()).in_scope(|| self.world.all_gather(&rows))?.concat();
-            if all.len() != grid.tokens() * cfg.patch_out() {
-                return Err(WorkerError::Collective(format!("gathered {} output values, expected {}", all.len(), grid.tokens() * cfg.patch_out())));
-            }
-            out.extend(unpatchify(&all, cfg.out_channels, &grid));
-        }
-        let [f, h, w] = grid.latent();
-        Ok(Tensor::new([b, cfg.out_channels, f, h, w], out)?)
     }
 }
 
@@ -259,13 +246,6 @@ fn loopback_addrs(n: usize) -> Result<Vec<std::net::SocketAddr>> {
 mod tests {
     use super::*;
     use crate::TransformerPreset;
-    use tessera_kernels::random::fill_normal;
-
-    fn random(shape: &[usize], stream: u64) -> Tensor {
-        let mut d = vec![0.0; shape.iter().product()];
-        fill_normal(3, stream, 0, &mut d);
-        Tensor::new(shape.to_vec(), d).unwrap()
-    }
 
     /// Ranks whose models run on different kinds of device would exchange different things: the
     /// group is refused on every rank, naming each rank's device. Same kinds pass.
@@ -285,33 +265,5 @@ mod tests {
         }
         let same = run_in_process(plan, |ctx| ctx.join_device_group(&emulated, None));
         assert!(same.is_ok(), "{:?}", same.err());
-    }
-
-    /// Bytes each rank sends per forward, against `reference/parallelism.md`: ring moves the K and
-    /// V blocks of the other P−1 ranks (2·(P−1)·N/P·h values per layer, ≈ 2·N·h); Ulysses moves
-    /// q, k, v and the output through all-to-alls (4·N/P·h·(U−1)/U values per layer).
-    #[test]
-    fn bytes_moved_match_the_formulas() {
-        let model = WanTransformer::preset(TransformerPreset::Tiny, 1).unwrap();
-        let cfg = model.config().clone();
-        let (f, hh, ww) = (2, 6, 8); // 2·3·4 = 24 tokens, divisible by 2, 3 and 4
-        let hidden = random(&[1, cfg.in_channels, f, hh, ww], 1);
-        let text = random(&[1, 5, cfg.text_dim], 2);
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[500.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
-        let (n, h, layers, f32b) = (24u64, cfg.inner_dim() as u64, cfg.num_layers as u64, 4u64);
-        let out_rows = n * cfg.patch_out() as u64;
-        for (ranks, ulysses) in [(2usize, 1usize), (3, 1), (4, 1), (2, 2), (4, 2)] {
-            let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
-            let counts = run_in_process(plan, |ctx| ctx.forward(&model, &x).map(|_| ctx.world().stats())).unwrap();
-            let (p, u, r) = (ranks as u64, ulysses as u64, plan.ring as u64);
-            for c in counts {
-                // Inside a Ulysses group every member holds N/R tokens of h/U channels for the ring.
-                let ring = layers * 2 * (r - 1) * (n / r) * (h / u) * f32b;
-                let a2a = layers * 4 * (n / p) * h * (u - 1) / u * f32b;
-                assert_eq!(c.ring, ring, "P={p} U={u}");
-                assert_eq!(c.all_to_all, a2a, "P={p} U={u}");
-                assert_eq!(c.all_gather, (p - 1) * out_rows / p * f32b, "output gather, P={p}");
-            }
-        }
     }
 }

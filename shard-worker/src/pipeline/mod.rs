@@ -20,7 +20,7 @@ pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use sharded::{denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
-use crate::model::{DitInputs, DitModel, WanTransformer};
+use crate::model::{DitInputs, DitModel};
 use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
@@ -87,21 +87,23 @@ impl WanPipeline {
         Self::load_on(root, Device::Cpu)
     }
 
-    /// [`Self::load`] with the transformer on `device` (the text encoder, the VAE and the
-    /// sampler stay on the CPU).
-    pub fn load_on(root: &Path, device: Device) -> Result<Self> {
+    /// [`Self::load`] with the transformer on `backend` (a [`Device`] or a
+    /// [`tessera_kernels::backend::Backend`]; the text encoder, the VAE and the sampler stay on the
+    /// CPU).
+    pub fn load_on(root: &Path, backend: impl Into<tessera_kernels::backend::Backend>) -> Result<Self> {
         let snap = Snapshot::open(root)?;
         let sampler = SamplerConfig::from_path(&snap.component("scheduler").join("scheduler_config.json"))?;
-        Self::from_parts_on(TextEncoder::load(root)?, DitModel::load(&snap.component("transformer"), device)?, WanVae::load(&snap.component("vae"))?, sampler)
+        Self::from_parts(
+            TextEncoder::load(root)?,
+            DitModel::load_backend(&snap.component("transformer"), backend.into())?,
+            WanVae::load(&snap.component("vae"))?,
+            sampler,
+        )
     }
 
-    /// Assembles a pipeline from loaded components, checking that they fit together.
-    pub fn from_parts(text: TextEncoder, transformer: WanTransformer, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
-        Self::from_parts_on(text, DitModel::Cpu(Box::new(transformer)), vae, sampler)
-    }
-
-    /// [`Self::from_parts`] with the transformer on whatever device it was loaded on.
-    pub fn from_parts_on(text: TextEncoder, transformer: DitModel, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
+    /// Assembles a pipeline from loaded components (the transformer on whatever backend it was
+    /// loaded on), checking that they fit together.
+    pub fn from_parts(text: TextEncoder, transformer: DitModel, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
         let (tc, vc) = (transformer.config(), vae.config());
         let bad = |detail: String| WorkerError::Config { path: "pipeline".into(), detail };
         if tc.is_i2v() {

@@ -90,7 +90,7 @@ impl PipelinePreset {
                 let encoder = Umt5EncoderModel::from_source(cfg, &RandomWeights::new(seed ^ 0x7465_7874))?;
                 let vae_cfg = VaeConfig { base_dim: 4, ..VaePreset::Wan21.config() };
                 let vae = WanVae::from_source(vae_cfg, &RandomWeights::new(seed ^ 0x7661_6500))?;
-                WanPipeline::from_parts_on(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
+                WanPipeline::from_parts(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
             }
         }
     }

@@ -67,7 +67,7 @@ pub fn denoise_sharded(
             run_local_group(transport, plan, |ctx| {
                 let mut lat = start.clone();
                 let mut obs = RankObserver { ctx, steps: (ctx.rank() == 0).then(|| tx.clone()), stop: &stop };
-                let forward = |x: &crate::DitInputs<'_>| ctx.forward_dit(model, x);
+                let forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
                 pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
                 Ok(lat)
             })

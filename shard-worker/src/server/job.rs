@@ -196,7 +196,7 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
     // One rank runs the transformer where it was loaded; a group runs it sharded on the same
     // device (GPUs through NCCL, joined in `prepare`).
     let local = pipe.local_forward();
-    let sharded = |x: &crate::DitInputs<'_>| ctx.forward_dit(pipe.transformer(), x);
+    let sharded = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
     let forward: crate::pipeline::Forward<'_> = if ctx.plan().ranks() == 1 { &local } else { &sharded };
     loop {
         let (span, command) = match commands.recv_timeout(idle_timeout) {
@@ -213,10 +213,10 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                 let result = if index != run.steps_done() {
                     Err(WorkerError::input("step", format!("step {index} asked, step {} is next", run.steps_done())))
                 } else {
-                    let (sent0, timings0) = (ctx.world().stats().sent(), ctx.attention().timings().seconds());
+                    let (sent0, timings0) = (ctx.world().stats().sent(), ctx.timings().seconds());
                     let t = Instant::now();
                     run.step(pipe, &forward).map(|_| {
-                        let timings = ctx.attention().timings().seconds();
+                        let timings = ctx.timings().seconds();
                         StepReport {
                             seconds: t.elapsed().as_secs_f64(),
                             communication_seconds: (timings.1 - timings0.1) + (timings.2 - timings0.2),

@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_kernels::Tensor;
+use tessera_worker::model::DitModel;
 use tessera_worker::parallel::{ParallelPlan, ShardContext, TcpOptions, TcpTransport};
 use tessera_worker::weights::SafetensorsFile;
-use tessera_worker::{DitInputs, WanTransformer};
+use tessera_worker::DitInputs;
 
 /// Tessera shard worker.
 #[derive(Parser)]
@@ -85,7 +86,7 @@ fn read_tensor(io: &SafetensorsFile, name: &str) -> Result<Tensor> {
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    let model = WanTransformer::load(&a.model).with_context(|| format!("--model {}", a.model.display()))?;
+    let model = DitModel::load(&a.model, tessera_kernels::Device::Cpu).with_context(|| format!("--model {}", a.model.display()))?;
     let io = SafetensorsFile::open(&a.inputs).with_context(|| format!("--inputs {}", a.inputs.display()))?;
     let hidden = read_tensor(&io, "hidden_states").context("--inputs")?;
     let (_, timesteps) = io.read_f32("timestep").context("--inputs")?;
@@ -109,7 +110,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         let ctx = ShardContext::new(Arc::new(transport), plan)?;
         let out = ctx.forward(&model, &inputs)?;
         let c = ctx.world().stats();
-        let (compute, ring_wait, all_to_all) = ctx.attention().timings().seconds();
+        let (compute, ring_wait, all_to_all) = ctx.timings().seconds();
         let report = serde_json::json!({
             "ranks": plan.ranks(), "ulysses": plan.ulysses, "ring": plan.ring, "rank": a.rank,
             "bytes_sent": { "ring": c.ring, "all_to_all": c.all_to_all, "all_gather": c.all_gather, "broadcast": c.broadcast },

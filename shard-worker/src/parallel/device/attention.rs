@@ -1,16 +1,18 @@
-//! Sequence-parallel self-attention of the bf16 model on device buffers: Ulysses (all-to-all from
-//! sequence- to head-sharding and back), ring (key/value blocks passed around the ring group with
-//! the next hop in flight while flash attention runs on the current block, partial results merged
-//! by log-sum-exp in f32) and both together (USP), as on the CPU (`parallel::attention`).
+//! Sequence-parallel self-attention on the backend's buffers: Ulysses (all-to-all from sequence-
+//! to head-sharding and back), ring (key/value blocks passed around the ring group with the next
+//! hop in flight while flash attention runs on the current block, partial results merged by
+//! log-sum-exp in f32, the result stored as `Act` once) and both together (USP). Written once for
+//! every backend and every communicator.
 
 use super::comm::DeviceComm;
-use crate::model::cuda::{at, at_mut, flash, At, DeviceSelfAttention, Ops, QkvRows};
+use crate::model::{QkvRows, SelfAttention};
 use crate::parallel::comm::Traffic;
 use crate::parallel::plan::{shard_ranges, ParallelPlan};
+use crate::parallel::timings::{AttentionTimings, Phase};
 use crate::{Result, WorkerError};
-use half::bf16;
 use std::marker::PhantomData;
 use std::ops::Range;
+use tessera_kernels::backend::{at, at_mut, flash, At, Ops};
 use tessera_kernels::cpu::AttentionShape;
 
 /// Attention of one rank's token rows over the whole sequence, through its Ulysses and ring groups.
@@ -22,6 +24,7 @@ pub struct ShardedDeviceAttention<'a, O: Ops, C: DeviceComm<O>> {
     /// Token rows each member of the ring group attends after its all-to-all (the rows of its
     /// Ulysses group), in ring order.
     ring_rows: Vec<usize>,
+    timings: &'a AttentionTimings,
     ops: PhantomData<fn(&O)>,
 }
 
@@ -37,8 +40,9 @@ fn ranges(sizes: &[usize], unit: usize, base: usize) -> Vec<Range<usize>> {
 
 impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
     /// Attention for global rank `rank` of `plan` over a sequence of `tokens` tokens, sharded as
-    /// [`shard_ranges`] shards it; `ulysses` and `ring` are this rank's groups.
-    pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, tokens: usize) -> Result<Self> {
+    /// [`shard_ranges`] shards it; `ulysses` and `ring` are this rank's groups; time spent is
+    /// added to `timings`.
+    pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, tokens: usize, timings: &'a AttentionTimings) -> Result<Self> {
         if ulysses.size() != plan.ulysses || ring.size() != plan.ring || rank >= plan.ranks() {
             return Err(WorkerError::Collective(format!(
                 "rank {rank} of a {}x{} plan with groups of {} and {}",
@@ -55,6 +59,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
             ring,
             ulysses_rows: plan.ulysses_group(rank).iter().map(|&g| sizes[g]).collect(),
             ring_rows: plan.ring_group(rank).iter().map(|&g| group_rows(g)).collect(),
+            timings,
             ops: PhantomData,
         })
     }
@@ -66,19 +71,19 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
     fn ring_attend(
         &self,
         ops: &O,
-        q: At<'_, O::Buf<bf16>>,
+        q: At<'_, O::Buf<O::Act>>,
         q_stride: usize,
         nq: usize,
         heads: usize,
         head_dim: usize,
-        own_kv: O::Buf<bf16>,
+        own_kv: O::Buf<O::Act>,
     ) -> Result<O::Buf<f32>> {
         let (wd, r, me) = (heads * head_dim, self.ring.size(), self.ring.rank());
         let scale = 1.0 / (head_dim as f32).sqrt();
         // After `s` hops this member holds the block of ring member `me - s`.
         let rows_at = |s: usize| self.ring_rows[(me + r - s % r) % r];
         let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
-        let (mut cur, mut next) = (own_kv, ops.zeros::<bf16>(max_rows * 2 * wd)?);
+        let (mut cur, mut next) = (own_kv, ops.zeros::<O::Act>(max_rows * 2 * wd)?);
         let (mut acc, mut acc_lse) = (ops.zeros::<f32>(nq * wd)?, ops.zeros::<f32>(heads * nq)?);
         let mut part = if r > 1 { Some((ops.zeros::<f32>(nq * wd)?, ops.zeros::<f32>(heads * nq)?)) } else { None };
         for s in 0..r {
@@ -89,15 +94,18 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
             }
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: rows, q_stride, kv_stride: 2 * wd };
             let (k, v) = (at(&cur, 0), at(&cur, wd));
-            match (s, part.as_mut()) {
-                (0, _) | (_, None) => flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse)?,
-                (_, Some((out, lse))) => {
-                    flash(ops, q, k, v, shape, scale, at_mut(out, 0), wd, lse)?;
-                    ops.merge_partials(&mut acc, &mut acc_lse, out, lse, nq, heads, head_dim)?;
+            self.timings.time(Phase::Compute, || -> Result<()> {
+                match (s, part.as_mut()) {
+                    (0, _) | (_, None) => flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse)?,
+                    (_, Some((out, lse))) => {
+                        flash(ops, q, k, v, shape, scale, at_mut(out, 0), wd, lse)?;
+                        ops.merge_partials(&mut acc, &mut acc_lse, out, lse, nq, heads, head_dim)?;
+                    }
                 }
-            }
+                Ok(())
+            })?;
             if s + 1 < r {
-                self.ring.ring_wait(ops, &mut next, rows_at(s + 1) * 2 * wd)?;
+                self.timings.time(Phase::RingWait, || self.ring.ring_wait(ops, &mut next, rows_at(s + 1) * 2 * wd))?;
                 std::mem::swap(&mut cur, &mut next);
             }
         }
@@ -106,26 +114,29 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
 
     /// Attention of `nq` rows whose q, k and v (`heads` heads each, `w = heads·head_dim` wide) sit
     /// at columns 0, w and 2w of rows `stride` apart in `buf`, over the rows of the whole ring
-    /// group; written to `out` as packed bf16 rows of `w`.
+    /// group; written to `out` as packed `Act` rows of `w`.
     #[allow(clippy::too_many_arguments)]
-    fn attend_heads(&self, ops: &O, buf: &O::Buf<bf16>, stride: usize, nq: usize, heads: usize, head_dim: usize, out: &mut O::Buf<bf16>) -> Result<()> {
+    fn attend_heads(&self, ops: &O, buf: &O::Buf<O::Act>, stride: usize, nq: usize, heads: usize, head_dim: usize, out: &mut O::Buf<O::Act>) -> Result<()> {
         let w = heads * head_dim;
         if self.ring.size() == 1 {
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: nq, q_stride: stride, kv_stride: stride };
             let mut lse = ops.zeros::<f32>(heads * nq)?;
-            return flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, 1.0 / (head_dim as f32).sqrt(), at_mut(out, 0), w, &mut lse);
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            return self.timings.time(Phase::Compute, || Ok(flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, scale, at_mut(out, 0), w, &mut lse)?));
         }
         let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
-        let mut kv = ops.zeros::<bf16>(max_rows * 2 * w)?;
+        let mut kv = ops.zeros::<O::Act>(max_rows * 2 * w)?;
         // k and v are adjacent in each row: one 2-D copy packs the block.
         ops.copy_rows(at(buf, w), stride, at_mut(&mut kv, 0), 2 * w, 2 * w, nq)?;
-        let acc = self.ring_attend(ops, at(buf, 0), stride, nq, heads, head_dim, kv)?;
-        ops.to_bf16(at(&acc, 0), at_mut(out, 0), nq * w)
+        // Per layer: DEBUG (RUST_LOG=tessera_worker::parallel=debug), or a job's trace would hold thousands.
+        let acc = tracing::debug_span!("ring_attention", hops = self.ring.size() - 1)
+            .in_scope(|| self.ring_attend(ops, at(buf, 0), stride, nq, heads, head_dim, kv))?;
+        Ok(ops.narrow(at(&acc, 0), at_mut(out, 0), nq * w)?)
     }
 }
 
-impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention<'_, O, C> {
-    fn attend(&self, ops: &O, qkv: QkvRows<'_, O::Buf<bf16>>, out: &mut O::Buf<bf16>, _lse: &mut O::Buf<f32>) -> Result<()> {
+impl<O: Ops, C: DeviceComm<O>> SelfAttention<O> for ShardedDeviceAttention<'_, O, C> {
+    fn attend(&self, ops: &O, qkv: QkvRows<'_, O::Buf<O::Act>>, out: &mut O::Buf<O::Act>, _lse: &mut O::Buf<f32>) -> Result<()> {
         let QkvRows { buf, rows: n, stride, heads, head_dim } = qkv;
         let (u, me) = (self.ulysses.size(), self.ulysses.rank());
         if n != self.ulysses_rows[me] {
@@ -141,7 +152,7 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
         let w = local * head_dim;
         // Sequence-sharded → head-sharded: member j gets [q | k | v] of this shard's rows for its
         // heads, each a packed [n, w] block.
-        let mut send = ops.zeros::<bf16>(u * 3 * n * w)?;
+        let mut send = ops.zeros::<O::Act>(u * 3 * n * w)?;
         for j in 0..u {
             for x in 0..3 {
                 ops.copy_rows(at(buf, x * d + j * w), stride, at_mut(&mut send, (3 * j + x) * n * w), w, w, n)?;
@@ -149,7 +160,7 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
         }
         let rows = &self.ulysses_rows;
         let total: usize = rows.iter().sum();
-        let mut got = ops.zeros::<bf16>(3 * total * w)?;
+        let mut got = ops.zeros::<O::Act>(3 * total * w)?;
         self.ulysses.exchange(
             ops,
             Traffic::AllToAll,
@@ -159,17 +170,20 @@ impl<O: Ops, C: DeviceComm<O>> DeviceSelfAttention<O> for ShardedDeviceAttention
             &ranges(&rows.iter().map(|r| 3 * r).collect::<Vec<_>>(), w, 0),
         )?;
         // Rows of the whole group for these heads, [q | k | v] per row, in sequence order.
-        let mut group = ops.zeros::<bf16>(total * 3 * w)?;
+        let mut group = ops.zeros::<O::Act>(total * 3 * w)?;
         for (&start, &ri) in starts(rows).iter().zip(rows) {
             for x in 0..3 {
                 ops.copy_rows(at(&got, 3 * start * w + x * ri * w), w, at_mut(&mut group, start * 3 * w + x * w), 3 * w, w, ri)?;
             }
         }
-        let mut heads_out = ops.zeros::<bf16>(total * w)?;
+        let mut heads_out = ops.zeros::<O::Act>(total * w)?;
         self.attend_heads(ops, &group, 3 * w, total, local, head_dim, &mut heads_out)?;
         // Head-sharded → sequence-sharded: member i gets back its rows of these heads.
-        let mut back = ops.zeros::<bf16>(u * n * w)?;
-        self.ulysses.exchange(ops, Traffic::AllToAll, &heads_out, &ranges(rows, w, 0), &mut back, &ranges(&vec![n; u], w, 0))?;
+        let mut back = ops.zeros::<O::Act>(u * n * w)?;
+        let (send_parts, recv_parts) = (ranges(rows, w, 0), ranges(&vec![n; u], w, 0));
+        tracing::debug_span!("all_to_all", direction = "heads_to_sequence").in_scope(|| {
+            self.timings.time(Phase::AllToAll, || self.ulysses.exchange(ops, Traffic::AllToAll, &heads_out, &send_parts, &mut back, &recv_parts))
+        })?;
         for j in 0..u {
             ops.copy_rows(at(&back, j * n * w), w, at_mut(out, j * w), d, w, n)?;
         }

@@ -1,15 +1,15 @@
-//! Collectives on device buffers, one trait for the bf16 model's sequence parallelism: NCCL
-//! between GPUs ([`NcclDeviceComm`]), and the same operations over a host [`Communicator`] for the
-//! host emulation of the CUDA model ([`HostDeviceComm`]), so the device-side strategies run, and
-//! are tested, on machines without a GPU, over in-process or TCP transports.
+//! Collectives on the backend's buffers, one trait for sequence parallelism: NCCL between GPUs
+//! ([`NcclDeviceComm`]), and the same operations over a host [`Communicator`] for the backends
+//! whose buffers live in host memory ([`HostDeviceComm`]: the f32 CPU model and the host twin of
+//! the CUDA model), over in-process or TCP transports.
 
 use super::super::comm::{CommStats, Communicator, RingTicket, Traffic};
 use super::super::plan::ParallelPlan;
-use crate::model::cuda::{CudaOps, Elem, HostOps, Ops};
 use crate::{Result, WorkerError};
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use tessera_kernels::backend::{CudaOps, Elem, HostBackend, Ops};
 use tessera_kernels::cuda::nccl::{NcclAbort, NcclComm, NcclId};
 use tessera_kernels::cuda::CudaSlice;
 
@@ -56,7 +56,7 @@ fn bytes_of<T: Elem>(count: usize) -> u64 {
     count as u64 * T::BYTES
 }
 
-/// A host [`Communicator`] carrying the host emulation's buffers (values as little-endian bytes).
+/// A host [`Communicator`] carrying a host backend's buffers (values as little-endian bytes).
 pub struct HostDeviceComm<'a> {
     comm: &'a Communicator,
     pending: Mutex<Option<RingTicket>>,
@@ -88,7 +88,7 @@ fn decode_into<T: Elem>(what: &str, bytes: &[u8], dst: &mut [T]) -> Result<()> {
     Ok(())
 }
 
-impl DeviceComm<HostOps> for HostDeviceComm<'_> {
+impl<O: HostBackend> DeviceComm<O> for HostDeviceComm<'_> {
     fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -99,15 +99,17 @@ impl DeviceComm<HostOps> for HostDeviceComm<'_> {
 
     fn exchange<T: Elem>(
         &self,
-        _ops: &HostOps,
+        _ops: &O,
         traffic: Traffic,
-        send: &Vec<T>,
+        send: &O::Buf<T>,
         send_parts: &[Range<usize>],
-        recv: &mut Vec<T>,
+        recv: &mut O::Buf<T>,
         recv_parts: &[Range<usize>],
     ) -> Result<()> {
-        check_parts("send", send_parts, self.size(), send.len())?;
-        check_parts("receive", recv_parts, self.size(), recv.len())?;
+        let (send, recv) = (O::host(send), O::host_mut(recv));
+        let size = self.comm.size();
+        check_parts("send", send_parts, size, send.len())?;
+        check_parts("receive", recv_parts, size, recv.len())?;
         let parts = send_parts.iter().map(|r| encode(&send[r.clone()])).collect();
         let got = self.comm.exchange_bytes(parts, traffic)?;
         for (j, (bytes, r)) in got.iter().zip(recv_parts).enumerate() {
@@ -116,7 +118,8 @@ impl DeviceComm<HostOps> for HostDeviceComm<'_> {
         Ok(())
     }
 
-    fn ring_start<T: Elem>(&self, _ops: &HostOps, send: &Vec<T>, send_len: usize, recv: &mut Vec<T>, recv_len: usize) -> Result<()> {
+    fn ring_start<T: Elem>(&self, _ops: &O, send: &O::Buf<T>, send_len: usize, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
+        let (send, recv) = (O::host(send), O::host(recv));
         let (Some(data), true) = (send.get(..send_len), recv_len <= recv.len()) else {
             return Err(WorkerError::Collective(format!(
                 "ring hop of {send_len} values from a buffer of {}, {recv_len} into one of {}",
@@ -132,7 +135,8 @@ impl DeviceComm<HostOps> for HostDeviceComm<'_> {
         Ok(())
     }
 
-    fn ring_wait<T: Elem>(&self, _ops: &HostOps, recv: &mut Vec<T>, recv_len: usize) -> Result<()> {
+    fn ring_wait<T: Elem>(&self, _ops: &O, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
+        let recv = O::host_mut(recv);
         let ticket = self.pending()?.take().ok_or_else(|| WorkerError::Collective("ring wait without a hop in flight".into()))?;
         let bytes = self.comm.ring_take(ticket)?;
         let have = recv.len();

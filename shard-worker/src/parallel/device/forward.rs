@@ -1,15 +1,16 @@
-//! The bf16 transformer's forward on one rank of a sequence-parallel group, on device buffers:
+//! The transformer's forward on one rank of a sequence-parallel group, on the backend's buffers:
 //! this rank's token range goes through every block (self-attention joins the other ranks through
 //! the device collectives), then the output head's rows are all-gathered on the device and
-//! unpatchified, so every rank holds the whole velocity — the device twin of
-//! `parallel::ShardContext::forward`.
+//! unpatchified, so every rank holds the whole velocity.
 
 use super::attention::ShardedDeviceAttention;
 use super::comm::DeviceComm;
-use crate::model::cuda::{DeviceTransformer, Ops};
+use crate::model::{DitInputs, WanTransformer};
 use crate::parallel::comm::Traffic;
 use crate::parallel::plan::{shard_ranges, ParallelPlan};
-use crate::{DitInputs, Result, WorkerError};
+use crate::parallel::timings::AttentionTimings;
+use crate::{Result, WorkerError};
+use tessera_kernels::backend::Ops;
 use tessera_kernels::cpu::PatchGeometry;
 use tessera_kernels::Tensor;
 
@@ -23,12 +24,14 @@ pub struct DeviceShard<'a, C> {
     pub ring: &'a C,
     /// The layout of the ranks.
     pub plan: ParallelPlan,
+    /// Where the attention's time goes.
+    pub timings: &'a AttentionTimings,
 }
 
 impl<C> DeviceShard<'_, C> {
     /// The velocity `[B, C_out, F, H, W]` (f32, on the host) of `model` for the whole batch; every
     /// rank computes its token range and ends with the full output.
-    pub fn forward<O: Ops>(&self, model: &DeviceTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor>
+    pub fn forward<O: Ops>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor>
     where
         C: DeviceComm<O>,
     {
@@ -42,7 +45,11 @@ impl<C> DeviceShard<'_, C> {
         let ranges = shard_ranges(grid.tokens(), p);
         let mine = ranges[rank].clone();
         tracing::Span::current().record("tokens", mine.len());
-        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, grid.tokens())?;
+        let heads = cfg.num_attention_heads;
+        if !heads.is_multiple_of(self.plan.ulysses) {
+            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", self.plan.ulysses)));
+        }
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, grid.tokens(), self.timings)?;
         let po = cfg.patch_out();
         let geometry = PatchGeometry { channels: cfg.out_channels, grid: grid.dims, patch: grid.patch };
         let mut all = ops.zeros::<f32>(grid.tokens() * po)?;

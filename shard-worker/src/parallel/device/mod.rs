@@ -1,6 +1,6 @@
-//! Sequence parallelism of the bf16 model on device buffers: the collectives (NCCL between GPUs,
-//! or a host communicator under the host emulation), ring/Ulysses/USP attention, and the sharded
-//! forward. The same strategies as the CPU model's, with the data staying on the device.
+//! Sequence parallelism on the backend's buffers: the collectives (NCCL between GPUs, or a host
+//! communicator for the host backends), ring/Ulysses/USP attention, and the sharded forward; the
+//! data stays where the model runs.
 
 mod attention;
 mod comm;

@@ -1,20 +1,20 @@
 //! [`Ops`] on a CUDA device: each operation checks its kernel's contract on (length, offset)
 //! pairs ([`super::contract`]), cuts the views the contract names, and calls the launch wrapper of
-//! `tessera_kernels::cuda`. Everything is queued on the device's one stream. The only code of the
+//! `crate::cuda`. Everything is queued on the device's one stream. The only code of the
 //! bf16 transformer that needs a GPU to run.
 
 use super::contract;
-use super::ops::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use super::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use crate::cpu::{Activation, AttentionShape, PatchGeometry, RopeTable};
+use crate::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
+use crate::cuda::{self, CudaDevice, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use crate::KernelError;
 use crate::Result;
 use cudarc::driver::sys;
 use half::bf16;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
-use tessera_kernels::cpu::{Activation, AttentionShape, PatchGeometry, RopeTable};
-use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
-use tessera_kernels::cuda::{self, CudaDevice, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
-use tessera_kernels::KernelError;
 
 /// The CUDA kernels as [`Ops`], on one open device.
 #[derive(Clone, Debug)]
@@ -66,6 +66,7 @@ fn view_mut<'a, T>(op: &'static str, buf: &'a mut CudaSlice<T>, r: Range<usize>)
 impl Ops for CudaOps {
     type Buf<T: Elem> = CudaSlice<T>;
     type Rope = DeviceRopeTable;
+    type Act = bf16;
 
     fn describe(&self) -> String {
         format!("cuda:{} ({}, {})", self.dev.ordinal(), self.dev.name(), self.dev.arch())
@@ -230,18 +231,18 @@ impl Ops for CudaOps {
         Ok(cuda::elementwise::gated_residual_add::<Y>(&self.dev, &mut xv, &yv, gv.as_ref(), n, dim)?)
     }
 
-    fn to_bf16(&self, x: At<'_, CudaSlice<f32>>, out: AtMut<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
+    fn narrow(&self, x: At<'_, CudaSlice<f32>>, out: AtMut<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
         const OP: &str = "f32_to_bf16";
-        let xv = view(OP, x.buf, super::ops::region(OP, "input", x.buf.len(), x.offset, n)?)?;
-        let r = super::ops::region(OP, "output", out.buf.len(), out.offset, n)?;
+        let xv = view(OP, x.buf, super::region(OP, "input", x.buf.len(), x.offset, n)?)?;
+        let r = super::region(OP, "output", out.buf.len(), out.offset, n)?;
         let mut ov = view_mut(OP, out.buf, r)?;
         Ok(cuda::elementwise::f32_to_bf16(&self.dev, &xv, &mut ov, n)?)
     }
 
-    fn to_f32(&self, x: At<'_, CudaSlice<bf16>>, out: AtMut<'_, CudaSlice<f32>>, n: usize) -> Result<()> {
+    fn widen(&self, x: At<'_, CudaSlice<bf16>>, out: AtMut<'_, CudaSlice<f32>>, n: usize) -> Result<()> {
         const OP: &str = "bf16_to_f32";
-        let xv = view(OP, x.buf, super::ops::region(OP, "input", x.buf.len(), x.offset, n)?)?;
-        let r = super::ops::region(OP, "output", out.buf.len(), out.offset, n)?;
+        let xv = view(OP, x.buf, super::region(OP, "input", x.buf.len(), x.offset, n)?)?;
+        let r = super::region(OP, "output", out.buf.len(), out.offset, n)?;
         let mut ov = view_mut(OP, out.buf, r)?;
         Ok(cuda::elementwise::bf16_to_f32(&self.dev, &xv, &mut ov, n)?)
     }

@@ -2,13 +2,13 @@
 //! golden transformer case at the CUDA bf16 tolerance, and agreement with the f32 CPU model on
 //! configurations at the kernel's native head widths (no padding), text- and image-to-video.
 
-use super::{EmulatedWanTransformer, HostOps, LocalDeviceAttention};
+use super::{CpuWanTransformer, EmulatedWanTransformer, LocalAttention};
 use crate::config::TransformerConfig;
 use crate::golden::{Comparison, CUDA_BF16_TOLERANCE};
-use crate::model::WanTransformer;
 use crate::weights::{RandomWeights, SafetensorsFile};
 use crate::DitInputs;
 use std::path::{Path, PathBuf};
+use tessera_kernels::backend::{CpuOps, HostOps};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
 
@@ -76,7 +76,7 @@ fn config(head_dim: usize, image_dim: Option<usize>) -> TransformerConfig {
 
 fn compare_with_cpu(cfg: TransformerConfig, latent: [usize; 3], batch: usize) {
     let src = RandomWeights::new(5);
-    let cpu = WanTransformer::from_source(cfg.clone(), &src).unwrap();
+    let cpu = CpuWanTransformer::from_source(CpuOps, cfg.clone(), &src).unwrap();
     let emu = EmulatedWanTransformer::from_source(HostOps, cfg.clone(), &src).unwrap();
     let hidden = random(&[batch, cfg.in_channels, latent[0], latent[1], latent[2]], 1);
     let text = random(&[batch, 20, cfg.text_dim], 2);
@@ -84,7 +84,7 @@ fn compare_with_cpu(cfg: TransformerConfig, latent: [usize; 3], batch: usize) {
     let timesteps: Vec<f32> = (0..batch).map(|i| 900.0 - 350.0 * i as f32).collect();
     let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
     let want = cpu.forward(&x).unwrap();
-    let got = emu.forward_with(&x, &LocalDeviceAttention).unwrap();
+    let got = emu.forward_with(&x, &LocalAttention).unwrap();
     let c = Comparison::new(got.data(), want.data(), &CUDA_BF16_TOLERANCE);
     println!("head_dim {} image {:?}: emulated bf16 vs CPU f32 rel_l2 {:.3e}, max_abs {:.3e}", cfg.attention_head_dim, cfg.image_dim, c.rel_l2, c.max_abs);
     assert!(c.passed && c.rel_l2 > 1e-4, "{c:?}");
@@ -106,9 +106,9 @@ fn bad_token_ranges_and_head_dims_are_errors() {
     let x = DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
     let (_, grid) = emu.check_inputs(&x).unwrap();
     let cond = emu.embed_conditions(&x).unwrap();
-    assert!(emu.forward_tokens(&x, &cond, 0, &grid, 2..5, &LocalDeviceAttention).is_err(), "past the 4 tokens");
-    assert!(emu.forward_tokens(&x, &cond, 1, &grid, 0..4, &LocalDeviceAttention).is_err(), "no sample 1");
-    let rows = emu.forward_tokens(&x, &cond, 0, &grid, 1..3, &LocalDeviceAttention).unwrap();
+    assert!(emu.forward_tokens(&x, &cond, 0, &grid, 2..5, &LocalAttention).is_err(), "past the 4 tokens");
+    assert!(emu.forward_tokens(&x, &cond, 1, &grid, 0..4, &LocalAttention).is_err(), "no sample 1");
+    let rows = emu.forward_tokens(&x, &cond, 0, &grid, 1..3, &LocalAttention).unwrap();
     assert_eq!(rows.len(), 2 * cfg.patch_out());
     let err = EmulatedWanTransformer::from_source(HostOps, config(160, None), &src).err().expect("head_dim 160 refused").to_string();
     assert!(err.contains("attention_head_dim 160"), "{err}");

@@ -5,11 +5,11 @@
 //! is the yardstick the CUDA forward is compared with on a GPU. Not fast: a test tool.
 
 use super::contract;
-use super::ops::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use super::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use crate::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
 use crate::Result;
 use half::bf16;
 use std::ops::Range;
-use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
 
 /// The host emulation of the CUDA operations.
 #[derive(Clone, Copy, Debug, Default)]
@@ -26,6 +26,7 @@ fn store<T: Elem>(dst: &mut [T], src: &[f32]) {
 impl Ops for HostOps {
     type Buf<T: Elem> = Vec<T>;
     type Rope = RopeTable;
+    type Act = bf16;
 
     fn describe(&self) -> String {
         "host emulation of the CUDA kernels (bf16)".into()
@@ -161,13 +162,13 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn to_bf16(&self, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<bf16>>, n: usize) -> Result<()> {
+    fn narrow(&self, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<bf16>>, n: usize) -> Result<()> {
         let (xr, or) = (range("f32_to_bf16", "input", x.buf.len(), x.offset, n)?, range("f32_to_bf16", "output", out.buf.len(), out.offset, n)?);
         store(&mut out.buf[or], &x.buf[xr]);
         Ok(())
     }
 
-    fn to_f32(&self, x: At<'_, Vec<bf16>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
+    fn widen(&self, x: At<'_, Vec<bf16>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
         let (xr, or) = (range("bf16_to_f32", "input", x.buf.len(), x.offset, n)?, range("bf16_to_f32", "output", out.buf.len(), out.offset, n)?);
         out.buf[or].iter_mut().zip(&x.buf[xr]).for_each(|(o, v)| *o = v.to_f32());
         Ok(())
@@ -194,13 +195,13 @@ impl Ops for HostOps {
 }
 
 fn range(op: &'static str, what: &str, have: usize, offset: usize, len: usize) -> Result<Range<usize>> {
-    super::ops::region(op, what, have, offset, len)
+    super::region(op, what, have, offset, len)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::{at, at_mut};
     use super::*;
-    use crate::model::cuda::ops::{at, at_mut};
 
     #[test]
     fn linear_rounds_its_output_to_bf16() {

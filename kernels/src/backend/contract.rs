@@ -1,5 +1,5 @@
 //! The kernels' contracts as host-side checks, shared by both [`super::Ops`] implementations:
-//! what each CUDA wrapper in `tessera_kernels::cuda` requires of shapes, strides, lengths and
+//! what each CUDA wrapper in `crate::cuda` requires of shapes, strides, lengths and
 //! alignments, restated on (buffer length, offset) pairs. The CUDA adapter calls them before every
 //! launch (so a bad layout is an error naming the operand, never a fault), and the host emulation
 //! calls the same functions, so a layout the GPU would refuse fails the tests on any machine.
@@ -7,16 +7,16 @@
 //! Alignment: device buffers start 256-byte aligned (the CUDA allocator's guarantee), so the
 //! alignment of a region is that of its offset in bytes.
 
-use super::ops::{region, shape_err, span, Elem};
+use super::{region, shape_err, span, Elem};
+use crate::cpu::{Activation, AttentionShape};
+use crate::cuda::attention::HEAD_DIMS;
 use crate::Result;
 use std::ops::Range;
-use tessera_kernels::cpu::{Activation, AttentionShape};
-use tessera_kernels::cuda::attention::HEAD_DIMS;
 
 /// Fails unless a region starting `offset` elements of `bytes` each into a buffer is `align`-byte aligned.
 pub(crate) fn aligned(op: &'static str, what: &str, offset: usize, bytes: usize, align: usize) -> Result<()> {
     if !(offset * bytes).is_multiple_of(align) {
-        return Err(super::ops::invalid_err(op, format!("{what} starts at element {offset}, not {align}-byte aligned")));
+        return Err(super::invalid_err(op, format!("{what} starts at element {offset}, not {align}-byte aligned")));
     }
     Ok(())
 }
@@ -35,10 +35,10 @@ pub(crate) fn linear(
 ) -> Result<(Range<usize>, Range<usize>)> {
     const OP: &str = "linear";
     if !matches!(act, Activation::None | Activation::GeluTanh) {
-        return Err(super::ops::invalid_err(OP, format!("activation {act:?} is not fused on the GPU (None and GeluTanh are)")));
+        return Err(super::invalid_err(OP, format!("activation {act:?} is not fused on the GPU (None and GeluTanh are)")));
     }
     if k == 0 || n == 0 {
-        return Err(super::ops::invalid_err(OP, format!("k = {k}, n = {n}")));
+        return Err(super::invalid_err(OP, format!("k = {k}, n = {n}")));
     }
     if w_len != n * k {
         return Err(shape_err(OP, format!("weight has {w_len} elements, [{n}, {k}] needs {}", n * k)));
@@ -53,7 +53,7 @@ pub(crate) fn linear(
 pub(crate) fn layer_norm(x_len: usize, rows: usize, dim: usize, params: [Option<(usize, usize)>; 4], y_len: usize) -> Result<[Option<Range<usize>>; 4]> {
     const OP: &str = "layer_norm";
     if dim == 0 {
-        return Err(super::ops::invalid_err(OP, "dim must be positive"));
+        return Err(super::invalid_err(OP, "dim must be positive"));
     }
     region(OP, "x", x_len, 0, rows * dim)?;
     region(OP, "y", y_len, 0, rows * dim)?;
@@ -98,7 +98,7 @@ pub(crate) fn qk_norm_rope(
 }
 
 /// `cuda::attention::flash_attention`: returns the regions of q, k, v and out (lengths as
-/// `(buffer length, offset)` pairs); `out_bytes` is the output element size.
+/// `(buffer length, offset)` pairs); `O` is the output element type.
 pub(crate) fn attention<O: Elem>(
     q: (usize, usize),
     k: (usize, usize),
@@ -109,25 +109,41 @@ pub(crate) fn attention<O: Elem>(
     lse_len: usize,
 ) -> Result<[Range<usize>; 4]> {
     const OP: &str = "flash_attention";
-    let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = *shape;
+    let AttentionShape { heads, head_dim, q_stride, kv_stride, .. } = *shape;
     if !HEAD_DIMS.contains(&head_dim) || heads == 0 {
-        return Err(super::ops::invalid_err(OP, format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}")));
-    }
-    let hd = heads * head_dim;
-    if q_stride < hd || kv_stride < hd || out_stride < hd {
-        return Err(shape_err(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
+        return Err(super::invalid_err(OP, format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}")));
     }
     if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
-        return Err(super::ops::invalid_err(
-            OP,
-            format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even"),
-        ));
+        return Err(super::invalid_err(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
     }
     for (name, (_, off)) in [("q", q), ("k", k), ("v", v)] {
         aligned(OP, name, off, 2, 16)?;
     }
     let ob = O::BYTES as usize;
     aligned(OP, "out", out.1, ob, 2 * ob)?;
+    attention_regions(q, k, v, shape, out, out_stride, lse_len)
+}
+
+/// What any attention needs of its operands, whatever the device: positive heads, rows at least
+/// `heads·head_dim` apart, every region inside its buffer. Returns the regions of q, k, v and out.
+pub(crate) fn attention_regions(
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    shape: &AttentionShape,
+    out: (usize, usize),
+    out_stride: usize,
+    lse_len: usize,
+) -> Result<[Range<usize>; 4]> {
+    const OP: &str = "attention";
+    let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = *shape;
+    if heads == 0 || head_dim == 0 {
+        return Err(super::invalid_err(OP, format!("heads {heads}, head_dim {head_dim}")));
+    }
+    let hd = heads * head_dim;
+    if q_stride < hd || kv_stride < hd || out_stride < hd {
+        return Err(shape_err(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
+    }
     region(OP, "lse", lse_len, 0, heads * q_len)?;
     Ok([
         region(OP, "q", q.0, q.1, span(q_len, q_stride, hd))?,
@@ -171,7 +187,7 @@ pub(crate) fn copy_rows(
 pub(crate) fn merge_partials(a: (usize, usize), b: (usize, usize), q_len: usize, heads: usize, head_dim: usize) -> Result<()> {
     const OP: &str = "merge_partials";
     if heads == 0 || head_dim == 0 {
-        return Err(super::ops::invalid_err(OP, "heads and head_dim must be positive"));
+        return Err(super::invalid_err(OP, "heads and head_dim must be positive"));
     }
     let want = (q_len * heads * head_dim, q_len * heads);
     for (what, got) in [("a", a), ("b", b)] {

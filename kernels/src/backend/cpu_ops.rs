@@ -1,0 +1,222 @@
+//! [`Ops`] on the CPU in f32: the `cpu` backend, fast and exact. Buffers are `Vec`s, activations
+//! are f32 (`Act = f32`, so nothing is rounded), and every operation runs the multi-threaded
+//! kernels of [`crate::cpu`] in place on the buffers' regions. Each call checks the regions it
+//! touches (an error naming the operand, never a panic), but none of the CUDA kernels' layout
+//! restrictions: any head width, any stride at least as wide as the rows.
+
+use super::contract;
+use super::{region, shape_err, At, AtMut, Elem, NormArgs, Ops};
+use crate::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
+use crate::Result;
+use std::ops::Range;
+
+/// The f32 CPU kernels as [`Ops`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOps;
+
+/// `x` as f32 values: borrowed when `T` is f32, widened otherwise.
+fn as_f32<T: Elem>(x: &[T]) -> std::borrow::Cow<'_, [f32]> {
+    match T::as_f32s(x) {
+        Some(f) => std::borrow::Cow::Borrowed(f),
+        None => std::borrow::Cow::Owned(x.iter().map(|v| v.to_f32()).collect()),
+    }
+}
+
+impl Ops for CpuOps {
+    type Buf<T: Elem> = Vec<T>;
+    type Rope = RopeTable;
+    type Act = f32;
+
+    fn describe(&self) -> String {
+        "cpu (f32)".into()
+    }
+
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); n])
+    }
+
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
+        Ok(buf.clone())
+    }
+
+    fn upload_rope(&self, table: &RopeTable) -> Result<RopeTable> {
+        Ok(table.clone())
+    }
+
+    fn attention_width(&self, head_dim: usize) -> Option<usize> {
+        Some(head_dim).filter(|&h| h > 0 && h.is_multiple_of(2))
+    }
+
+    fn copy_rows<T: Elem>(&self, src: At<'_, Vec<T>>, src_pitch: usize, dst: AtMut<'_, Vec<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
+        contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
+        for r in 0..rows {
+            let (s, d) = (src.offset + r * src_pitch, dst.offset + r * dst_pitch);
+            dst.buf[d..d + width].copy_from_slice(&src.buf[s..s + width]);
+        }
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        x: At<'_, Vec<f32>>,
+        m: usize,
+        k: usize,
+        w: &Vec<f32>,
+        n: usize,
+        bias: Option<&Vec<f32>>,
+        act: Activation,
+        y: AtMut<'_, Vec<f32>>,
+    ) -> Result<()> {
+        let (xr, yr) = contract::linear((x.buf.len(), x.offset), m, k, w.len(), n, bias.map(|b| b.len()), act, (y.buf.len(), y.offset))?;
+        cpu::linear_into(&x.buf[xr], m, k, w, n, bias.map(|b| b.as_slice()), act, &mut y.buf[yr])
+    }
+
+    fn layer_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: &mut Vec<f32>) -> Result<()> {
+        let parts = [p.weight, p.bias, p.scale, p.shift];
+        let ranges = contract::layer_norm(x.len(), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), y.len())?;
+        let slice = |i: usize| -> Option<&[f32]> { parts[i].zip(ranges[i].clone()).map(|(a, r)| &a.buf[r]) };
+        let params = LayerNormParams { eps: p.eps, weight: slice(0), bias: slice(1), scale: slice(2), shift: slice(3) };
+        cpu::layer_norm_into(&x[..rows * dim], dim, &params, &mut y[..rows * dim])
+    }
+
+    fn qk_norm_rope(
+        &self,
+        x: AtMut<'_, Vec<f32>>,
+        rows: usize,
+        stride: usize,
+        heads: usize,
+        head_dim: usize,
+        weight: &Vec<f32>,
+        eps: f32,
+        rope: Option<&RopeTable>,
+    ) -> Result<()> {
+        let dim = heads * head_dim;
+        if weight.len() != dim {
+            return Err(shape_err("qk_norm_rope", format!("weight has {} elements, rows have {dim}", weight.len())));
+        }
+        let r = region("qk_norm_rope", "x", x.buf.len(), x.offset, super::span(rows, stride, dim))?;
+        cpu::qk_norm_rope(&mut x.buf[r], rows, stride, weight, eps, heads, rope)
+    }
+
+    fn attention<O: Elem>(
+        &self,
+        q: At<'_, Vec<f32>>,
+        k: At<'_, Vec<f32>>,
+        v: At<'_, Vec<f32>>,
+        shape: AttentionShape,
+        scale: f32,
+        out: AtMut<'_, Vec<O>>,
+        out_stride: usize,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
+        let lo = |a: &At<'_, Vec<f32>>| (a.buf.len(), a.offset);
+        let [qr, kr, vr, or] = contract::attention_regions(lo(&q), lo(&k), lo(&v), &shape, (out.buf.len(), out.offset), out_stride, lse.len())?;
+        if shape.q_len == 0 {
+            return Ok(());
+        }
+        let res = cpu::attention(&q.buf[qr], &k.buf[kr], &v.buf[vr], shape, scale)?;
+        let hd = shape.heads * shape.head_dim;
+        let dst = &mut out.buf[or];
+        for (i, row) in res.out.chunks_exact(hd).enumerate() {
+            dst[i * out_stride..i * out_stride + hd].iter_mut().zip(row).for_each(|(d, &s)| *d = O::from_f32(s));
+        }
+        lse[..res.lse.len()].copy_from_slice(&res.lse);
+        Ok(())
+    }
+
+    fn merge_partials(
+        &self,
+        out_a: &mut Vec<f32>,
+        lse_a: &mut Vec<f32>,
+        out_b: &Vec<f32>,
+        lse_b: &Vec<f32>,
+        q_len: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
+        cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)
+    }
+
+    fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
+        let (xr, yr, gr) = contract::add((x.buf.len(), x.offset), (y.buf.len(), y.offset), gate.map(|g| (g.buf.len(), g.offset)), n, dim)?;
+        let yv = as_f32(&y.buf[yr]);
+        match gate.zip(gr) {
+            Some((g, r)) => cpu::gated_residual_add(&mut x.buf[xr], &yv, &g.buf[r]),
+            None => cpu::residual_add(&mut x.buf[xr], &yv),
+        }
+    }
+
+    fn narrow(&self, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
+        copy("narrow", x, out, n)
+    }
+
+    fn widen(&self, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
+        copy("widen", x, out, n)
+    }
+
+    fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
+        if latent.len() < g.latent_len() {
+            return Err(shape_err("patchify", format!("latent has {} elements, needs {}", latent.len(), g.latent_len())));
+        }
+        let r = region("patchify", "out", out.len(), 0, tokens.len() * g.features())?;
+        let rows = cpu::patchify(&latent[..g.latent_len()], g, tokens)?;
+        out[r].copy_from_slice(&rows);
+        Ok(())
+    }
+
+    fn unpatchify(&self, rows: &Vec<f32>, g: &PatchGeometry, latent: &mut Vec<f32>) -> Result<()> {
+        let r = region("unpatchify", "rows", rows.len(), 0, g.tokens() * g.features())?;
+        let lr = region("unpatchify", "latent", latent.len(), 0, g.latent_len())?;
+        let out = cpu::unpatchify(&rows[r], g)?;
+        latent[lr].copy_from_slice(&out);
+        Ok(())
+    }
+}
+
+/// `out[..n] = x[..n]` from their offsets.
+fn copy(op: &'static str, x: At<'_, Vec<f32>>, out: AtMut<'_, Vec<f32>>, n: usize) -> Result<()> {
+    let (xr, or) = (region(op, "input", x.buf.len(), x.offset, n)?, region(op, "output", out.buf.len(), out.offset, n)?);
+    out.buf[or].copy_from_slice(&x.buf[xr]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{at, at_mut, flash};
+    use super::*;
+
+    /// Heads of any even width run unpadded, and a region past the buffer is an error, not a panic.
+    #[test]
+    fn attention_takes_any_even_head_and_checks_regions() {
+        let (heads, hd, n) = (3, 6, 5);
+        let d = heads * hd;
+        let qkv: Vec<f32> = (0..n * 3 * d).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let shape = AttentionShape { heads, head_dim: hd, q_len: n, kv_len: n, q_stride: 3 * d, kv_stride: 3 * d };
+        let want = cpu::attention(&qkv, &qkv[d..], &qkv[2 * d..], shape, 0.4).unwrap();
+        let (mut out, mut lse) = (vec![0.0f32; 1 + n * d], vec![0.0f32; heads * n]);
+        flash(&CpuOps, at(&qkv, 0), at(&qkv, d), at(&qkv, 2 * d), shape, 0.4, at_mut(&mut out, 1), d, &mut lse).unwrap();
+        assert_eq!(&out[1..], &want.out[..], "bit-identical to the kernel");
+        assert_eq!(lse, want.lse);
+        let err = CpuOps.attention(at(&qkv, 0), at(&qkv, d), at(&qkv, 2 * d), shape, 0.4, at_mut(&mut out, 2), d, &mut lse).unwrap_err();
+        assert!(err.to_string().contains("out"), "{err}");
+    }
+
+    #[test]
+    fn linear_writes_its_region_only() {
+        let x = vec![1.0f32, 2.0, 3.0, 4.0];
+        let (w, b) = (vec![1.0f32, -1.0], vec![0.5f32]);
+        let mut y = vec![9.0f32; 4];
+        CpuOps.linear(at(&x, 0), 2, 2, &w, 1, Some(&b), Activation::None, at_mut(&mut y, 1)).unwrap();
+        assert_eq!(y, vec![9.0, -0.5, -0.5, 9.0]);
+        assert!(CpuOps.linear(at(&x, 0), 2, 2, &w, 1, Some(&b), Activation::None, at_mut(&mut y, 3)).is_err());
+    }
+}
