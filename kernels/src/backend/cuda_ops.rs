@@ -77,19 +77,19 @@ impl Ops for CudaOps {
     }
 
     fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
-        Ok(self.dev.zeros(n)?)
+        self.dev.zeros(n)
     }
 
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        Ok(self.dev.upload(host)?)
+        self.dev.upload(host)
     }
 
     fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
-        Ok(self.dev.download(buf)?)
+        self.dev.download(buf)
     }
 
     fn upload_rope(&self, table: &RopeTable) -> Result<DeviceRopeTable> {
-        Ok(DeviceRopeTable::upload(&self.dev, table)?)
+        DeviceRopeTable::upload(&self.dev, table)
     }
 
     fn copy_rows<T: Elem>(
@@ -156,7 +156,7 @@ impl Ops for CudaOps {
         }
         let xv = view(OP, x.buf, xr)?;
         let mut yv = view_mut(OP, y.buf, yr)?;
-        Ok(cuda::gemm::linear(&self.dev, &xv, m, k, w, n, bias, act, &mut yv)?)
+        cuda::gemm::linear(&self.dev, &xv, m, k, w, n, bias, act, &mut yv)
     }
 
     fn layer_norm(&self, x: &CudaSlice<f32>, rows: usize, dim: usize, p: &NormArgs<'_, CudaSlice<f32>>, y: &mut CudaSlice<bf16>) -> Result<()> {
@@ -170,7 +170,7 @@ impl Ops for CudaOps {
             }
         };
         let params = LayerNormDevParams { eps: p.eps, weight: part(0)?, bias: part(1)?, scale: part(2)?, shift: part(3)? };
-        Ok(cuda::norm::layer_norm_modulated(&self.dev, x, rows, dim, &params, y)?)
+        cuda::norm::layer_norm_modulated(&self.dev, x, rows, dim, &params, y)
     }
 
     fn qk_norm_rope(
@@ -191,7 +191,7 @@ impl Ops for CudaOps {
             return Ok(());
         }
         let mut xv = view_mut(OP, x.buf, r)?;
-        Ok(cuda::norm::qk_norm_rope(&self.dev, &mut xv, rows, stride, heads, head_dim, weight, eps, rope)?)
+        cuda::norm::qk_norm_rope(&self.dev, &mut xv, rows, stride, heads, head_dim, weight, eps, rope)
     }
 
     fn attention<O: Elem>(
@@ -213,7 +213,7 @@ impl Ops for CudaOps {
         }
         let (qv, kv, vv) = (view(OP, q.buf, qr)?, view(OP, k.buf, kr)?, view(OP, v.buf, vr)?);
         let mut ov = view_mut(OP, out.buf, or)?;
-        Ok(cuda::attention::flash_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse)?)
+        cuda::attention::flash_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse)
     }
 
     fn add<Y: Elem>(&self, x: AtMut<'_, CudaSlice<f32>>, y: At<'_, CudaSlice<Y>>, gate: Option<At<'_, CudaSlice<f32>>>, n: usize, dim: usize) -> Result<()> {
@@ -228,7 +228,7 @@ impl Ops for CudaOps {
             None => None,
         };
         let mut xv = view_mut(OP, x.buf, xr)?;
-        Ok(cuda::elementwise::gated_residual_add::<Y>(&self.dev, &mut xv, &yv, gv.as_ref(), n, dim)?)
+        cuda::elementwise::gated_residual_add::<Y>(&self.dev, &mut xv, &yv, gv.as_ref(), n, dim)
     }
 
     fn narrow(&self, x: At<'_, CudaSlice<f32>>, out: AtMut<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
@@ -236,7 +236,7 @@ impl Ops for CudaOps {
         let xv = view(OP, x.buf, super::region(OP, "input", x.buf.len(), x.offset, n)?)?;
         let r = super::region(OP, "output", out.buf.len(), out.offset, n)?;
         let mut ov = view_mut(OP, out.buf, r)?;
-        Ok(cuda::elementwise::f32_to_bf16(&self.dev, &xv, &mut ov, n)?)
+        cuda::elementwise::f32_to_bf16(&self.dev, &xv, &mut ov, n)
     }
 
     fn widen(&self, x: At<'_, CudaSlice<bf16>>, out: AtMut<'_, CudaSlice<f32>>, n: usize) -> Result<()> {
@@ -244,11 +244,11 @@ impl Ops for CudaOps {
         let xv = view(OP, x.buf, super::region(OP, "input", x.buf.len(), x.offset, n)?)?;
         let r = super::region(OP, "output", out.buf.len(), out.offset, n)?;
         let mut ov = view_mut(OP, out.buf, r)?;
-        Ok(cuda::elementwise::bf16_to_f32(&self.dev, &xv, &mut ov, n)?)
+        cuda::elementwise::bf16_to_f32(&self.dev, &xv, &mut ov, n)
     }
 
     fn patchify(&self, latent: &CudaSlice<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut CudaSlice<bf16>) -> Result<()> {
-        Ok(cuda::patch::patchify(&self.dev, latent, g, tokens, out)?)
+        cuda::patch::patchify(&self.dev, latent, g, tokens, out)
     }
 
     fn merge_partials(
@@ -262,10 +262,10 @@ impl Ops for CudaOps {
         head_dim: usize,
     ) -> Result<()> {
         contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
-        Ok(cuda::attention::merge_partials(&self.dev, out_a, lse_a, out_b, lse_b, q_len, heads, head_dim)?)
+        cuda::attention::merge_partials(&self.dev, out_a, lse_a, out_b, lse_b, q_len, heads, head_dim)
     }
 
     fn unpatchify(&self, rows: &CudaSlice<f32>, g: &PatchGeometry, latent: &mut CudaSlice<f32>) -> Result<()> {
-        Ok(cuda::patch::unpatchify(&self.dev, rows, g, latent)?)
+        cuda::patch::unpatchify(&self.dev, rows, g, latent)
     }
 }

@@ -149,7 +149,7 @@ impl Ops for HostOps {
         head_dim: usize,
     ) -> Result<()> {
         contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
-        Ok(cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)?)
+        cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)
     }
 
     fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
