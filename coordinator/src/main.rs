@@ -25,7 +25,7 @@ enum Command {
     Generate(Box<cli::generate::GenerateArgs>),
     /// Serve the public gRPC API (Generate, GetJob, CancelJob, ListWorkers, ListJobs; health,
     /// reflection) with jobs on in-process workers.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Show a coordinator's health, workers and jobs.
     Status(cli::status::StatusArgs),
     /// Run golden reference cases and compare with their stated tolerance.
@@ -43,7 +43,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(*args),
-        Command::Serve(args) => cli::serve::run(args),
+        Command::Serve(args) => cli::serve::run(*args),
         Command::Status(args) => cli::status::run(args),
         Command::Golden(args) => cli::golden::run(args),
         Command::Bench(cmd) => cli::bench::run(cmd),

@@ -156,7 +156,7 @@ pub fn validate(
     if req.model.is_empty() {
         req.model = defaults.model.clone();
     }
-    if !known_models.is_empty() && !known_models.iter().any(|m| *m == req.model) {
+    if !known_models.is_empty() && !known_models.contains(&req.model) {
         return Err(invalid("model", format!("{:?} is not served here (served: {})", req.model, known_models.join(", "))));
     }
     let n = req.client_label.chars().count();

@@ -32,7 +32,7 @@ pub fn fill_normal(seed: u64, stream: u64, index: u64, out: &mut [f32]) {
         let u2 = (r[1] >> 8) as f64 / (1u64 << 24) as f64;
         let rad = (-2.0 * u1.ln()).sqrt();
         let ang = 2.0 * std::f64::consts::PI * u2;
-        *o = (if idx % 2 == 0 { rad * ang.cos() } else { rad * ang.sin() }) as f32;
+        *o = (if idx.is_multiple_of(2) { rad * ang.cos() } else { rad * ang.sin() }) as f32;
     }
 }
 
@@ -45,11 +45,11 @@ pub fn fill_uniform(seed: u64, stream: u64, index: u64, out: &mut [f32]) {
         let idx = index + i as u64;
         let block = idx / 4;
         let r = philox4x32([block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32], key);
-        for lane in (idx % 4) as usize..4 {
+        for word in &r[(idx % 4) as usize..] {
             if i == out.len() {
                 break;
             }
-            out[i] = ((r[lane] >> 8) as f32) * (2.0 / (1u32 << 24) as f32) - 1.0;
+            out[i] = ((word >> 8) as f32) * (2.0 / (1u32 << 24) as f32) - 1.0;
             i += 1;
         }
     }

@@ -86,7 +86,7 @@ fn worker_processes_over_tcp_compute_the_one_process_forward() {
             .as_u64()
             .unwrap() as usize;
         let mut plans = vec![(2, 1), (3, 1)];
-        plans.extend([(2, 2), (3, 3)].into_iter().filter(|&(_, u)| heads % u == 0));
+        plans.extend([(2, 2), (3, 3)].into_iter().filter(|&(_, u)| heads.is_multiple_of(u)));
         for (ranks, ulysses) in plans {
             for (rank, (out, report)) in run_group(&case.dir, ranks, ulysses, &dir).into_iter().enumerate() {
                 let got = read_output(&out);

@@ -14,8 +14,8 @@ pub struct VideoFile {
 }
 
 enum Output {
-    /// H.264 in MP4.
-    Mp4(Mp4Writer<BufWriter<File>>),
+    /// H.264 in MP4 (boxed: the encoder's state is large).
+    Mp4(Box<Mp4Writer<BufWriter<File>>>),
     /// Animated GIF.
     Gif(GifWriter<BufWriter<File>>),
     /// PNG frames in a folder.
@@ -28,7 +28,7 @@ impl VideoFile {
         let file =
             || -> Result<BufWriter<File>> { File::create(path).map(BufWriter::new).map_err(|source| CoordinatorError::Io { path: path.into(), source }) };
         let inner = match format {
-            VideoFormat::Mp4 => Output::Mp4(Mp4Writer::new(file()?, spec, Mp4Options::default())?),
+            VideoFormat::Mp4 => Output::Mp4(Box::new(Mp4Writer::new(file()?, spec, Mp4Options::default())?)),
             VideoFormat::Gif => Output::Gif(GifWriter::new(file()?, spec, GifOptions::default())?),
             VideoFormat::PngFrames => Output::Png(PngFramesWriter::new(path, spec)?),
         };

@@ -316,6 +316,9 @@ impl HostBackend for HostOps {
     }
 }
 
+/// A buffer of `O`'s activation type.
+pub type ActBuf<O> = <O as Ops>::Buf<<O as Ops>::Act>;
+
 /// Whether `O` stores activations in f32 (then rounding them to `Act` changes nothing).
 pub fn stores_f32<O: Ops>() -> bool {
     O::Act::BYTES == 4

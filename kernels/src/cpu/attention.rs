@@ -199,7 +199,7 @@ fn exp_sub_in_place(row: &mut [f32], m: f32) -> f32 {
 /// [`attention`]: out `[q_len, heads·head_dim]`, lse `[heads, q_len]`.
 pub fn merge_partials(out_a: &mut [f32], lse_a: &mut [f32], out_b: &[f32], lse_b: &[f32], heads: usize, head_dim: usize) -> Result<()> {
     let hd = heads * head_dim;
-    if hd == 0 || out_a.len() != out_b.len() || lse_a.len() != lse_b.len() || out_a.len() % hd != 0 || lse_a.len() * head_dim != out_a.len() {
+    if hd == 0 || out_a.len() != out_b.len() || lse_a.len() != lse_b.len() || !out_a.len().is_multiple_of(hd) || lse_a.len() * head_dim != out_a.len() {
         return Err(KernelError::shape(
             "merge_partials",
             format!("out {} / {}, lse {} / {}, heads {heads} x {head_dim}", out_a.len(), out_b.len(), lse_a.len(), lse_b.len()),

@@ -23,7 +23,7 @@ multiversion! {
 /// `x[r, :] += y[r, :] ⊙ gate` for every row `r` (rows of `gate.len()`), the gated residual of adaLN blocks.
 pub fn gated_residual_add(x: &mut [f32], y: &[f32], gate: &[f32]) -> Result<()> {
     let dim = gate.len();
-    if dim == 0 || x.len() != y.len() || x.len() % dim != 0 {
+    if dim == 0 || x.len() != y.len() || !x.len().is_multiple_of(dim) {
         return Err(KernelError::shape("gated_residual_add", format!("x {}, y {}, gate {dim}", x.len(), y.len())));
     }
     x.par_chunks_mut(dim).zip(y.par_chunks(dim)).with_min_len(16).for_each(|(xr, yr)| gated_add_row(xr, yr, gate));

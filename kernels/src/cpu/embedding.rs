@@ -6,7 +6,7 @@ use crate::{KernelError, Result};
 /// `flip_sin_to_cos=True`), ω_k = max_period^(−k/(half − shift)), k < half = dim/2.
 /// Computed in f32 as upstream does. Returns `[timesteps.len(), dim]`.
 pub fn timestep_embedding(timesteps: &[f32], dim: usize, downscale_freq_shift: f32, max_period: f32) -> Result<Vec<f32>> {
-    if dim < 2 || dim % 2 != 0 {
+    if dim < 2 || !dim.is_multiple_of(2) {
         return Err(KernelError::invalid("timestep_embedding", format!("dim {dim} must be even and positive")));
     }
     let half = dim / 2;

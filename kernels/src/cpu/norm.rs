@@ -100,7 +100,7 @@ pub fn layer_norm(x: &[f32], dim: usize, p: &LayerNormParams<'_>) -> Result<Vec<
 
 /// [`layer_norm`] into `y` (as long as `x`).
 pub fn layer_norm_into(x: &[f32], dim: usize, p: &LayerNormParams<'_>, y: &mut [f32]) -> Result<()> {
-    if dim == 0 || x.len() % dim != 0 || y.len() != x.len() {
+    if dim == 0 || !x.len().is_multiple_of(dim) || y.len() != x.len() {
         return Err(KernelError::shape("layer_norm", format!("{} elements are not rows of {dim}, or y has {}", x.len(), y.len())));
     }
     for (name, v) in [("weight", p.weight), ("bias", p.bias), ("scale", p.scale), ("shift", p.shift)] {
@@ -115,7 +115,7 @@ pub fn layer_norm_into(x: &[f32], dim: usize, p: &LayerNormParams<'_>, y: &mut [
 /// RMSNorm over the last dimension: `y = x / sqrt(mean(x²) + eps) · weight`, in place.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) -> Result<()> {
     let dim = weight.len();
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(KernelError::shape("rms_norm", format!("{} elements are not rows of {dim}", x.len())));
     }
     x.par_chunks_mut(dim).with_min_len(16).for_each(|row| rms_norm_row(row, eps, weight));

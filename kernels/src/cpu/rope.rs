@@ -19,7 +19,7 @@ impl Rope3d {
     /// Wan's split: rows and columns get 2·⌊d/6⌋ channels each, frames the rest.
     /// Positions must stay below `max_positions` (the model's `rope_max_seq_len`).
     pub fn wan(head_dim: usize, max_positions: usize, theta: f64) -> Result<Self> {
-        if head_dim % 2 != 0 || head_dim < 6 {
+        if !head_dim.is_multiple_of(2) || head_dim < 6 {
             return Err(KernelError::invalid("Rope3d", format!("head_dim {head_dim} must be even and at least 6")));
         }
         let hw = 2 * (head_dim / 6);

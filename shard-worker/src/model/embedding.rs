@@ -14,7 +14,7 @@ use crate::config::TransformerConfig;
 use crate::weights::WeightSource;
 use crate::{Result, WorkerError};
 use std::marker::PhantomData;
-use tessera_kernels::backend::{at, at_mut, Elem, Ops};
+use tessera_kernels::backend::{at, at_mut, ActBuf, Elem, Ops};
 use tessera_kernels::cpu::{self, Activation};
 
 /// Everything a block needs besides the tokens, for the whole batch, on the device.
@@ -28,7 +28,7 @@ pub struct Conditions<O: Ops> {
     /// Rows of text context.
     pub(crate) text_len: usize,
     /// Projected image tokens, per sample `[image_len, D]` (`Act`), and their count (image-to-video).
-    pub(crate) image: Option<(Vec<O::Buf<O::Act>>, usize)>,
+    pub(crate) image: Option<(Vec<ActBuf<O>>, usize)>,
 }
 
 /// `time_embedder` (f32, on the host): sinusoid → Linear → SiLU → Linear.

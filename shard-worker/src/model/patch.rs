@@ -19,7 +19,7 @@ impl PatchGrid {
         let names = ["frames", "height", "width"];
         let mut dims = [0; 3];
         for i in 0..3 {
-            if latent_fhw[i] == 0 || latent_fhw[i] % patch[i] != 0 {
+            if latent_fhw[i] == 0 || !latent_fhw[i].is_multiple_of(patch[i]) {
                 return Err(WorkerError::input(
                     "hidden_states",
                     format!("latent {} {} is not a positive multiple of the patch size {}", names[i], latent_fhw[i], patch[i]),

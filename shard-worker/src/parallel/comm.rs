@@ -106,7 +106,7 @@ pub fn f32_to_bytes(v: &[f32]) -> Bytes {
 
 /// Little-endian bytes back to f32 values; a length that is not a multiple of 4 is garbage.
 pub fn bytes_to_f32(b: &[u8]) -> Result<Vec<f32>> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(WorkerError::Collective(format!("message of {} bytes is not a whole number of f32 values", b.len())));
     }
     Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -38,10 +38,10 @@ impl ParallelPlan {
         if ranks == 0 || ulysses == 0 {
             return Err(bad(format!("ranks ({ranks}) and ulysses degree ({ulysses}) must be positive")));
         }
-        if ranks % ulysses != 0 {
+        if !ranks.is_multiple_of(ulysses) {
             return Err(bad(format!("ulysses degree {ulysses} does not divide the {ranks} ranks")));
         }
-        if heads % ulysses != 0 {
+        if !heads.is_multiple_of(ulysses) {
             return Err(bad(format!("ulysses degree {ulysses} does not divide the model's {heads} attention heads")));
         }
         Ok(Self { ulysses, ring: ranks / ulysses })

@@ -71,7 +71,7 @@ impl GenerationParams {
                 return Err(WorkerError::input(field, format!("{v} must be a positive multiple of {side}")));
             }
         }
-        if self.num_frames == 0 || (self.num_frames - 1) % temporal != 0 {
+        if self.num_frames == 0 || !(self.num_frames - 1).is_multiple_of(temporal) {
             return Err(WorkerError::input("num_frames", format!("{} must be {temporal}k + 1", self.num_frames)));
         }
         if self.num_inference_steps == 0 {

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the internal gRPC API (jobs prepared, stepped and decoded by the coordinator).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// One transformer forward on saved inputs, alone or as one rank of a TCP group.
     Forward(ForwardArgs),
 }
@@ -69,7 +69,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = tessera_kernels::threads::init_threads(cli.threads).with_context(|| format!("--threads {}", cli.threads)).and_then(|()| match cli.command {
         Command::Forward(a) => forward(a),
-        Command::Serve(a) => serve::serve(a),
+        Command::Serve(a) => serve::serve(*a),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
