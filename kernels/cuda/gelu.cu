@@ -13,3 +13,17 @@ __device__ __forceinline__ void gelu_tanh(T* __restrict__ x, i64 n) {
 
 extern "C" __global__ void gelu_tanh_bf16(bf16* x, i64 n) { gelu_tanh(x, n); }
 extern "C" __global__ void gelu_tanh_f32(float* x, i64 n) { gelu_tanh(x, n); }
+
+// Elementwise product in place, x[i] ← x[i]·y[i]: f32 arithmetic, one rounding to x's type. The
+// gate of T5's gated-GELU feed-forward (gelu(wi_0·h) ⊙ wi_1·h). Contract = the CPU twin
+// `cpu::mul_in_place`. Grid-stride.
+
+template <typename T>
+__device__ __forceinline__ void mul(T* __restrict__ x, const T* __restrict__ y, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        store_elem(x + i, load_elem(x + i) * load_elem(y + i));
+    }
+}
+
+extern "C" __global__ void mul_bf16(bf16* x, const bf16* y, i64 n) { mul(x, y, n); }
+extern "C" __global__ void mul_f32(float* x, const float* y, i64 n) { mul(x, y, n); }

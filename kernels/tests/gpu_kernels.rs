@@ -251,6 +251,53 @@ fn gated_residual_add_matches_cpu() {
 }
 
 #[test]
+fn mul_matches_cpu() {
+    let Some(dev) = gpu("mul") else { return };
+    let mut r = rng("mul");
+    let (x, y) = (uniform(&mut r, 100_003, -8.0, 8.0), uniform(&mut r, 100_003, -2.0, 2.0));
+    let mut want = x.clone();
+    cpu::mul_in_place(&mut want, &y).unwrap();
+    let mut xd = dev.upload(&x).unwrap();
+    cuda::elementwise::mul(&dev, &mut xd, &dev.upload(&y).unwrap(), x.len()).unwrap();
+    // One f32 product each side: identical.
+    assert_close("mul f32", &dev.download(&xd).unwrap(), &want, 0.0, 0.0);
+    let (xb, yb) = (to_bf16(&x), to_bf16(&y));
+    let mut want_b = widen(&xb);
+    cpu::mul_in_place(&mut want_b, &widen(&yb)).unwrap();
+    let mut xbd = dev.upload(&xb).unwrap();
+    cuda::elementwise::mul(&dev, &mut xbd, &dev.upload(&yb).unwrap(), x.len()).unwrap();
+    // The same f32 product rounded once to bf16 (2⁻⁹ relative); the twin keeps it in f32.
+    assert_close("mul bf16", &widen(&dev.download(&xbd).unwrap()), &want_b, 0.0, 2e-3);
+}
+
+#[test]
+fn biased_attention_matches_cpu() {
+    let Some(dev) = gpu("biased_attention") else { return };
+    let mut r = rng("biased_attention");
+    // (heads, head_dim, q_len, kv_len, masked keys): UMT5-XXL's heads (64 × 64) on a short prompt,
+    // odd sizes, more keys than threads, a single row.
+    for (heads, d, ql, kl, masked) in [(64, 64, 23, 23, 0), (3, 40, 37, 300, 5), (2, 64, 1, 1, 0), (4, 128, 130, 130, 17)] {
+        let hd = heads * d;
+        let qkv = to_bf16(&uniform(&mut r, ql.max(kl) * 3 * hd, -2.0, 2.0));
+        let shape = AttentionShape { heads, head_dim: d, q_len: ql, kv_len: kl, q_stride: 3 * hd, kv_stride: 3 * hd };
+        let pitch = ql + kl + 3;
+        let rel = uniform(&mut r, heads * pitch, -4.0, 4.0);
+        let mask: Vec<f32> = (0..kl).map(|j| if j + masked >= kl { f32::MIN } else { 0.0 }).collect();
+        let qf = widen(&qkv);
+        let bias = cpu::RelativeBias { table: &rel, pitch };
+        let want = cpu::biased_attention(&qf, &qf[hd..], &qf[2 * hd..], shape, 1.0, bias, (masked > 0).then_some(&mask[..])).unwrap();
+        let qd = dev.upload(&qkv).unwrap();
+        let (reld, maskd) = (dev.upload(&rel).unwrap(), dev.upload(&mask).unwrap());
+        let mut out = dev.zeros::<bf16>(ql * hd).unwrap();
+        let (kv, vv) = (qd.slice(hd..), qd.slice(2 * hd..));
+        cuda::biased_attention::biased_attention(&dev, &qd, &kv, &vv, shape, 1.0, &reld, pitch, (masked > 0).then_some(&maskd), &mut out, hd).unwrap();
+        // f32 scores and sums in another order (a few f32 ulps), then one rounding of each
+        // output to bf16 (2⁻⁹ relative): outputs are convex combinations of v in [−2, 2].
+        assert_close(&format!("biased attention {heads}x{d} q {ql} kv {kl}"), &widen(&dev.download(&out).unwrap()), &want, 1e-4, 4e-3);
+    }
+}
+
+#[test]
 fn gelu_tanh_matches_cpu() {
     let Some(dev) = gpu("gelu") else { return };
     let mut r = rng("gelu");

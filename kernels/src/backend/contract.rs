@@ -153,6 +153,48 @@ pub(crate) fn attention_regions(
     ])
 }
 
+/// The regions a biased attention touches.
+pub(crate) struct BiasedRegions {
+    /// q, k, v and out.
+    pub qkvo: [Range<usize>; 4],
+    /// The bias table, from the first head's first bias to the last head's last.
+    pub rel: Range<usize>,
+    /// The key mask.
+    pub key_add: Option<Range<usize>>,
+}
+
+/// `cuda::biased_attention::biased_attention` (with `on_gpu`, its key and channel limits) and its
+/// CPU twin: the regions of q, k, v, out, the bias rows (`pitch` apart, `q_len + kv_len − 1` each)
+/// and the key mask.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn biased_attention(
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    shape: &AttentionShape,
+    out: (usize, usize),
+    out_stride: usize,
+    rel: (usize, usize),
+    pitch: usize,
+    key_add: Option<(usize, usize)>,
+    on_gpu: bool,
+) -> Result<BiasedRegions> {
+    const OP: &str = "biased_attention";
+    let AttentionShape { heads, head_dim, q_len, kv_len, .. } = *shape;
+    if on_gpu && (kv_len > crate::cuda::biased_attention::MAX_KEYS || head_dim > 1024) {
+        let max = crate::cuda::biased_attention::MAX_KEYS;
+        return Err(super::invalid_err(OP, format!("{kv_len} keys of head_dim {head_dim}: the GPU kernel takes at most {max} keys and 1024 channels")));
+    }
+    let qkvo = attention_regions(q, k, v, shape, out, out_stride, heads * q_len)?;
+    let span = (q_len + kv_len).saturating_sub(1);
+    if span > pitch && heads > 1 {
+        return Err(shape_err(OP, format!("bias rows of {span} values only {pitch} apart")));
+    }
+    let rel = region(OP, "rel", rel.0, rel.1, if span == 0 { 0 } else { (heads - 1) * pitch + span })?;
+    let key_add = key_add.map(|(len, off)| region(OP, "key_add", len, off, kv_len)).transpose()?;
+    Ok(BiasedRegions { qkvo, rel, key_add })
+}
+
 /// Regions of a residual add's x, y and (optional) gate.
 pub(crate) type AddRegions = (Range<usize>, Range<usize>, Option<Range<usize>>);
 

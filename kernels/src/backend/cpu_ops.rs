@@ -132,6 +132,49 @@ impl Ops for CpuOps {
         Ok(())
     }
 
+    fn biased_attention(
+        &self,
+        q: At<'_, Vec<f32>>,
+        k: At<'_, Vec<f32>>,
+        v: At<'_, Vec<f32>>,
+        shape: AttentionShape,
+        scale: f32,
+        rel: At<'_, Vec<f32>>,
+        pitch: usize,
+        key_add: Option<At<'_, Vec<f32>>>,
+        out: AtMut<'_, Vec<f32>>,
+        out_stride: usize,
+    ) -> Result<()> {
+        let lo = |a: &At<'_, Vec<f32>>| (a.buf.len(), a.offset);
+        let r = contract::biased_attention(
+            lo(&q),
+            lo(&k),
+            lo(&v),
+            &shape,
+            (out.buf.len(), out.offset),
+            out_stride,
+            lo(&rel),
+            pitch,
+            key_add.as_ref().map(lo),
+            false,
+        )?;
+        let [qr, kr, vr, or] = r.qkvo;
+        let bias = cpu::RelativeBias { table: &rel.buf[r.rel], pitch };
+        let mask = key_add.zip(r.key_add).map(|(m, range)| &m.buf[range]);
+        let res = cpu::biased_attention(&q.buf[qr], &k.buf[kr], &v.buf[vr], shape, scale, bias, mask)?;
+        let hd = shape.heads * shape.head_dim;
+        let dst = &mut out.buf[or];
+        for (i, row) in res.chunks_exact(hd).enumerate() {
+            dst[i * out_stride..i * out_stride + hd].copy_from_slice(row);
+        }
+        Ok(())
+    }
+
+    fn mul(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<f32>>, n: usize) -> Result<()> {
+        let (xr, yr) = (region("mul", "x", x.buf.len(), x.offset, n)?, region("mul", "y", y.buf.len(), y.offset, n)?);
+        cpu::mul_in_place(&mut x.buf[xr], &y.buf[yr])
+    }
+
     fn merge_partials(
         &self,
         out_a: &mut Vec<f32>,
@@ -218,5 +261,46 @@ mod tests {
         CpuOps.linear(at(&x, 0), 2, 2, &w, 1, Some(&b), Activation::None, at_mut(&mut y, 1)).unwrap();
         assert_eq!(y, vec![9.0, -0.5, -0.5, 9.0]);
         assert!(CpuOps.linear(at(&x, 0), 2, 2, &w, 1, Some(&b), Activation::None, at_mut(&mut y, 3)).is_err());
+    }
+
+    /// The provided `rms_norm` (stored, then normalised as one head) is T5's layer norm.
+    #[test]
+    fn rms_norm_is_the_kernel_on_stored_rows() {
+        let (rows, dim) = (3, 10);
+        let x: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let mut want = x.clone();
+        cpu::rms_norm(&mut want, &w, 1e-6).unwrap();
+        let mut y = vec![0.0f32; rows * dim];
+        CpuOps.rms_norm(&x, rows, dim, &w, 1e-6, &mut y).unwrap();
+        assert_eq!(y, want);
+    }
+
+    /// Biased attention through the seam: the f32 backend is the kernel; the bf16 twin rounds its
+    /// inputs and outputs to bf16 (2⁻⁹ relative each) and nothing else.
+    #[test]
+    fn biased_attention_on_both_host_backends() {
+        use half::bf16;
+        let (heads, dk, n) = (2, 8, 6);
+        let hd = heads * dk;
+        let qkv: Vec<f32> = (0..n * 3 * hd).map(|i| bf16::from_f32(((i * 7919 % 1000) as f32 / 500.0) - 1.0).to_f32()).collect();
+        let shape = AttentionShape { heads, head_dim: dk, q_len: n, kv_len: n, q_stride: 3 * hd, kv_stride: 3 * hd };
+        let rel: Vec<f32> = (0..2 + heads * 13).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mask: Vec<f32> = (0..n).map(|j| if j == 4 { f32::MIN } else { 0.0 }).collect();
+        let want = cpu::biased_attention(&qkv, &qkv[hd..], &qkv[2 * hd..], shape, 1.0, cpu::RelativeBias { table: &rel[2..], pitch: 13 }, Some(&mask)).unwrap();
+        let mut out = vec![0.0f32; n * hd];
+        CpuOps.biased_attention(at(&qkv, 0), at(&qkv, hd), at(&qkv, 2 * hd), shape, 1.0, at(&rel, 2), 13, Some(at(&mask, 0)), at_mut(&mut out, 0), hd).unwrap();
+        assert_eq!(out, want);
+        let qb: Vec<bf16> = qkv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut ob = vec![bf16::ZERO; n * hd];
+        super::super::HostOps
+            .biased_attention(at(&qb, 0), at(&qb, hd), at(&qb, 2 * hd), shape, 1.0, at(&rel, 2), 13, Some(at(&mask, 0)), at_mut(&mut ob, 0), hd)
+            .unwrap();
+        for (g, w) in ob.iter().zip(&want) {
+            assert_eq!(*g, bf16::from_f32(*w), "one rounding of the f32 result");
+        }
+        let err =
+            CpuOps.biased_attention(at(&qkv, 0), at(&qkv, hd), at(&qkv, 2 * hd), shape, 1.0, at(&rel, 20), 13, None, at_mut(&mut out, 0), hd).unwrap_err();
+        assert!(err.to_string().contains("rel"), "{err}");
     }
 }

@@ -251,6 +251,51 @@ impl Ops for CudaOps {
         cuda::patch::patchify(&self.dev, latent, g, tokens, out)
     }
 
+    fn biased_attention(
+        &self,
+        q: At<'_, CudaSlice<bf16>>,
+        k: At<'_, CudaSlice<bf16>>,
+        v: At<'_, CudaSlice<bf16>>,
+        shape: AttentionShape,
+        scale: f32,
+        rel: At<'_, CudaSlice<f32>>,
+        pitch: usize,
+        key_add: Option<At<'_, CudaSlice<f32>>>,
+        out: AtMut<'_, CudaSlice<bf16>>,
+        out_stride: usize,
+    ) -> Result<()> {
+        const OP: &str = "biased_attention";
+        let r = contract::biased_attention(
+            (q.buf.len(), q.offset),
+            (k.buf.len(), k.offset),
+            (v.buf.len(), v.offset),
+            &shape,
+            (out.buf.len(), out.offset),
+            out_stride,
+            (rel.buf.len(), rel.offset),
+            pitch,
+            key_add.as_ref().map(|m| (m.buf.len(), m.offset)),
+            true,
+        )?;
+        let [qr, kr, vr, or] = r.qkvo;
+        let (qv, kv, vv) = (view(OP, q.buf, qr)?, view(OP, k.buf, kr)?, view(OP, v.buf, vr)?);
+        let rv = view(OP, rel.buf, r.rel)?;
+        let mv = match key_add.zip(r.key_add) {
+            Some((m, range)) => Some(view(OP, m.buf, range)?),
+            None => None,
+        };
+        let mut ov = view_mut(OP, out.buf, or)?;
+        cuda::biased_attention::biased_attention(&self.dev, &qv, &kv, &vv, shape, scale, &rv, pitch, mv.as_ref(), &mut ov, out_stride)
+    }
+
+    fn mul(&self, x: AtMut<'_, CudaSlice<bf16>>, y: At<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
+        const OP: &str = "mul";
+        let (xr, yr) = (super::region(OP, "x", x.buf.len(), x.offset, n)?, super::region(OP, "y", y.buf.len(), y.offset, n)?);
+        let yv = view(OP, y.buf, yr)?;
+        let mut xv = view_mut(OP, x.buf, xr)?;
+        cuda::elementwise::mul(&self.dev, &mut xv, &yv, n)
+    }
+
     fn merge_partials(
         &self,
         out_a: &mut CudaSlice<f32>,

@@ -138,6 +138,51 @@ impl Ops for HostOps {
         Ok(())
     }
 
+    fn biased_attention(
+        &self,
+        q: At<'_, Vec<bf16>>,
+        k: At<'_, Vec<bf16>>,
+        v: At<'_, Vec<bf16>>,
+        shape: AttentionShape,
+        scale: f32,
+        rel: At<'_, Vec<f32>>,
+        pitch: usize,
+        key_add: Option<At<'_, Vec<f32>>>,
+        out: AtMut<'_, Vec<bf16>>,
+        out_stride: usize,
+    ) -> Result<()> {
+        let r = contract::biased_attention(
+            (q.buf.len(), q.offset),
+            (k.buf.len(), k.offset),
+            (v.buf.len(), v.offset),
+            &shape,
+            (out.buf.len(), out.offset),
+            out_stride,
+            (rel.buf.len(), rel.offset),
+            pitch,
+            key_add.as_ref().map(|m| (m.buf.len(), m.offset)),
+            true,
+        )?;
+        let [qr, kr, vr, or] = r.qkvo;
+        let bias = cpu::RelativeBias { table: &rel.buf[r.rel], pitch };
+        let mask = key_add.zip(r.key_add).map(|(m, range)| &m.buf[range]);
+        let res = cpu::biased_attention(&widen(&q.buf[qr]), &widen(&k.buf[kr]), &widen(&v.buf[vr]), shape, scale, bias, mask)?;
+        let hd = shape.heads * shape.head_dim;
+        let dst = &mut out.buf[or];
+        for (i, row) in res.chunks_exact(hd).enumerate() {
+            store(&mut dst[i * out_stride..i * out_stride + hd], row);
+        }
+        Ok(())
+    }
+
+    fn mul(&self, x: AtMut<'_, Vec<bf16>>, y: At<'_, Vec<bf16>>, n: usize) -> Result<()> {
+        let (xr, yr) = (range("mul", "x", x.buf.len(), x.offset, n)?, range("mul", "y", y.buf.len(), y.offset, n)?);
+        let mut xw = widen(&x.buf[xr.clone()]);
+        cpu::mul_in_place(&mut xw, &widen(&y.buf[yr]))?;
+        store(&mut x.buf[xr], &xw);
+        Ok(())
+    }
+
     fn merge_partials(
         &self,
         out_a: &mut Vec<f32>,

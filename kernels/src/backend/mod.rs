@@ -277,6 +277,34 @@ pub trait Ops: Send + Sync + Sized {
         heads: usize,
         head_dim: usize,
     ) -> Result<()>;
+    /// Attention with a bias by query-key distance and an additive key mask (T5's relative
+    /// position attention): `softmax_j(scale·q_i·k_j + rel[h·pitch + j + q_len − 1 − i] +
+    /// key_add[j])·v` per head, written to `out` rows `out_stride` apart. `rel` holds each head's
+    /// `q_len + kv_len − 1` biases (f32) from its offset, `pitch` apart; `key_add` one f32 per
+    /// key (0 to attend, a large negative value to mask). On a GPU at most 8,192 keys.
+    fn biased_attention(
+        &self,
+        q: At<'_, Self::Buf<Self::Act>>,
+        k: At<'_, Self::Buf<Self::Act>>,
+        v: At<'_, Self::Buf<Self::Act>>,
+        shape: AttentionShape,
+        scale: f32,
+        rel: At<'_, Self::Buf<f32>>,
+        pitch: usize,
+        key_add: Option<At<'_, Self::Buf<f32>>>,
+        out: AtMut<'_, Self::Buf<Self::Act>>,
+        out_stride: usize,
+    ) -> Result<()>;
+    /// `x[i] ← x[i]·y[i]` for `n` elements (f32 arithmetic, stored as `Act`).
+    fn mul(&self, x: AtMut<'_, Self::Buf<Self::Act>>, y: At<'_, Self::Buf<Self::Act>>, n: usize) -> Result<()>;
+    /// RMSNorm of `rows` f32 rows of `dim` (packed from the start of `x`; no mean, T5's layer
+    /// norm): `y = x / sqrt(mean(x²) + eps) · weight`, written as `Act`. The rows are stored as
+    /// `Act` first (exact when they hold `Act` values, as residual streams do), then normalised
+    /// in place by [`qk_norm_rope`](Self::qk_norm_rope) as one head without rotation.
+    fn rms_norm(&self, x: &Self::Buf<f32>, rows: usize, dim: usize, weight: &Self::Buf<f32>, eps: f32, y: &mut Self::Buf<Self::Act>) -> Result<()> {
+        self.narrow(at(x, 0), at_mut(y, 0), rows * dim)?;
+        self.qk_norm_rope(at_mut(y, 0), rows, dim, 1, dim, weight, eps, None)
+    }
     /// `x[r, c] += y[r, c]·gate[c]` over `n` elements in rows of `dim` (no gate: `x += y`), in f32.
     fn add<Y: Elem>(&self, x: AtMut<'_, Self::Buf<f32>>, y: At<'_, Self::Buf<Y>>, gate: Option<At<'_, Self::Buf<f32>>>, n: usize, dim: usize) -> Result<()>;
     /// `out[i] = Act(x[i])` for `n` elements (rounded to bf16, or copied).

@@ -1,4 +1,4 @@
-//! Per-element residual updates: gated residual add and scaled accumulation.
+//! Per-element updates: gated residual add, residual add, and the elementwise product.
 
 use crate::multiversion;
 use crate::{KernelError, Result};
@@ -39,9 +39,34 @@ pub fn residual_add(x: &mut [f32], y: &[f32]) -> Result<()> {
     Ok(())
 }
 
+multiversion! {
+    fn mul_row(x: &mut [f32], y: &[f32]) {
+        for (x, &y) in x.iter_mut().zip(y) {
+            *x *= y;
+        }
+    }
+}
+
+/// `x ⊙= y`, element by element (the gate of T5's gated-GELU feed-forward).
+pub fn mul_in_place(x: &mut [f32], y: &[f32]) -> Result<()> {
+    if x.len() != y.len() {
+        return Err(KernelError::shape("mul", format!("x {}, y {}", x.len(), y.len())));
+    }
+    x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(a, b)| mul_row(a, b));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mul_multiplies_element_by_element() {
+        let mut x = vec![1.5f32, -2.0, 0.0, 3.0];
+        mul_in_place(&mut x, &[2.0, 0.5, 7.0, -1.0]).unwrap();
+        assert_eq!(x, vec![3.0, -1.0, 0.0, -3.0]);
+        assert!(mul_in_place(&mut x, &[1.0]).is_err());
+    }
 
     #[test]
     fn gated_and_plain_adds() {

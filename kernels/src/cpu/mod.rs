@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod biased_attention;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
@@ -15,8 +16,9 @@ pub mod sampler;
 
 pub use activation::{apply_activation, Activation};
 pub use attention::{attention, merge_partials, AttentionOutput, AttentionShape};
+pub use biased_attention::{biased_attention, RelativeBias};
 pub use conv::{conv2d, conv3d, conv3d_pieces, Conv2dParams, Conv3dParams};
-pub use elementwise::{gated_residual_add, residual_add};
+pub use elementwise::{gated_residual_add, mul_in_place, residual_add};
 pub use embedding::timestep_embedding;
 pub use matmul::{gemm_into, linear, linear_into, MatRef, Threads};
 pub use norm::{layer_norm, layer_norm_into, rms_norm, LayerNormParams};

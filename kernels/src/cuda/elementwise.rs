@@ -66,6 +66,27 @@ pub fn gelu_tanh<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, 
     launch::launch(OP, b, cfg)
 }
 
+/// `x[i] ← x[i]·y[i]` for the first `n` elements (bf16 or f32; f32 arithmetic, one rounding).
+/// Twin: [`crate::cpu::mul_in_place`].
+pub fn mul<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &impl DevicePtr<T>, n: usize) -> Result<()> {
+    const OP: &str = "cuda::mul";
+    check_len(OP, "x", x.len(), n)?;
+    check_len(OP, "y", y.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = if T::NAME == "bf16" { "mul_bf16" } else { "mul_f32" };
+    let f = dev.function(KernelSource::Gelu, name)?;
+    let cfg = launch::elementwise(dev, n)?;
+    let s = dev.stream();
+    let (xp, _gx) = ptr_mut(x, s);
+    let (yp, _gy) = ptr(y, s);
+    let n_i = n as i64;
+    let mut b = s.launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&n_i);
+    launch::launch(OP, b, cfg)
+}
+
 /// `out[i] = bf16(x[i])` (round to nearest even) for the first `n` elements.
 pub fn f32_to_bf16(dev: &CudaDevice, x: &impl DevicePtr<f32>, out: &mut impl DevicePtrMut<bf16>, n: usize) -> Result<()> {
     convert(dev, "cuda::f32_to_bf16", "f32_to_bf16_kernel", x, out, n)

@@ -12,6 +12,7 @@
 //! (`kernels/tests/gpu_kernels.rs`) compares them on random inputs.
 
 pub mod attention;
+pub mod biased_attention;
 mod device;
 mod elem;
 pub mod elementwise;

@@ -26,7 +26,7 @@ pub enum KernelSource {
     QkNormRope,
     /// `residual.cu`: gated residual add.
     Residual,
-    /// `gelu.cu`: GELU (tanh approximation).
+    /// `gelu.cu`: GELU (tanh approximation) and the elementwise product of gated feed-forwards.
     Gelu,
     /// `convert.cu`: f32 <-> bf16.
     Convert,
@@ -34,12 +34,24 @@ pub enum KernelSource {
     Sampler,
     /// `patch.cu`: patchify / unpatchify.
     Patch,
+    /// `biased_attention.cu`: attention with a bias by query-key distance (T5).
+    BiasedAttention,
 }
 
 impl KernelSource {
     /// Every source, in a fixed order.
-    pub const ALL: [KernelSource; 9] =
-        [Self::FlashAttention, Self::LseMerge, Self::AdalnNorm, Self::QkNormRope, Self::Residual, Self::Gelu, Self::Convert, Self::Sampler, Self::Patch];
+    pub const ALL: [KernelSource; 10] = [
+        Self::FlashAttention,
+        Self::LseMerge,
+        Self::AdalnNorm,
+        Self::QkNormRope,
+        Self::Residual,
+        Self::Gelu,
+        Self::Convert,
+        Self::Sampler,
+        Self::Patch,
+        Self::BiasedAttention,
+    ];
 
     /// The file name under `kernels/cuda/`.
     pub fn file_name(self) -> &'static str {
@@ -53,6 +65,7 @@ impl KernelSource {
             Self::Convert => "convert.cu",
             Self::Sampler => "sampler.cu",
             Self::Patch => "patch.cu",
+            Self::BiasedAttention => "biased_attention.cu",
         }
     }
 
@@ -68,6 +81,7 @@ impl KernelSource {
             Self::Convert => include_str!("../../cuda/convert.cu"),
             Self::Sampler => include_str!("../../cuda/sampler.cu"),
             Self::Patch => include_str!("../../cuda/patch.cu"),
+            Self::BiasedAttention => include_str!("../../cuda/biased_attention.cu"),
         }
     }
 
@@ -79,10 +93,11 @@ impl KernelSource {
             Self::AdalnNorm => &["layer_norm_modulated_bf16"],
             Self::QkNormRope => &["qk_norm_rope_bf16"],
             Self::Residual => &["gated_residual_add_bf16", "gated_residual_add_f32"],
-            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32"],
+            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "mul_bf16", "mul_f32"],
             Self::Convert => &["f32_to_bf16_kernel", "bf16_to_f32_kernel"],
             Self::Sampler => &["cfg_combine_f32", "euler_step_f32", "weighted_sum_f32"],
             Self::Patch => &["patchify_bf16", "unpatchify_f32"],
+            Self::BiasedAttention => &["biased_attention_bf16"],
         }
     }
 
