@@ -1,16 +1,24 @@
 //! Every golden case of the implemented kinds, in the project's copy and in any root named by
 //! `TESSERA_GOLDEN_ROOTS`, must pass through the same code path as `tessera golden`.
 
+use tessera_kernels::backend::Backend;
 use tessera_tests::golden_roots;
 use tessera_worker::golden::{discover, run_case, CaseKind, Outcome, RunOptions};
 use tessera_worker::parallel::LocalTransport;
 
 fn run_kind(kind: CaseKind) {
+    run_kind_with(kind, &RunOptions::default());
+}
+
+/// Every case of `kind` under every root, run with `opts`, must pass; returns the worst rel-L2.
+fn run_kind_with(kind: CaseKind, opts: &RunOptions) -> f64 {
     let mut ran = 0;
     let mut failures = Vec::new();
+    let mut worst = 0.0f64;
     for root in golden_roots() {
         for case in discover(&root, &[kind]).unwrap_or_else(|e| panic!("{}: {e}", root.display())) {
-            let outcome = run_case(&case, &RunOptions::default());
+            let outcome = run_case(&case, opts);
+            worst = worst.max(outcome.worst().map_or(0.0, |(_, c)| c.rel_l2));
             eprintln!("{} {} {:?}", case.name, outcome.label(), outcome.worst());
             if !outcome.passed() {
                 failures.push(format!("{} ({}): {:?}", case.name, root.display(), outcome));
@@ -20,6 +28,43 @@ fn run_kind(kind: CaseKind) {
     }
     assert!(ran > 0, "no {} cases found", kind.name());
     assert!(failures.is_empty(), "failing cases:\n{}", failures.join("\n"));
+    worst
+}
+
+fn bf16_host() -> RunOptions {
+    RunOptions { backend: Backend::Bf16Host, ..Default::default() }
+}
+
+/// The bf16 twin of the GPU path runs every transformer, text-encoder and pipeline case within
+/// the bf16 tolerance (rel_l2 ≤ 2e-2; `golden::CUDA_BF16_TOLERANCE` says why), and really rounds:
+/// an f32-exact result (rel_l2 at f32 level, ~1e-7) would mean the bf16 data flow is gone.
+#[test]
+fn dit_umt5_and_pipeline_cases_pass_on_bf16_host() {
+    for kind in [CaseKind::Dit, CaseKind::Umt5, CaseKind::Pipeline] {
+        let worst = run_kind_with(kind, &bf16_host());
+        eprintln!("bf16-host {}: worst rel_l2 {worst:.3e}", kind.name());
+        assert!(worst > 1e-4, "{}: worst rel_l2 {worst:.3e} is f32-level: nothing was rounded to bf16", kind.name());
+    }
+}
+
+/// Every transformer case on the bf16 twin, sharded: ring over 2 and 3 ranks, USP 4 = 2 × 2.
+#[test]
+fn dit_cases_pass_sharded_on_bf16_host() {
+    for (ranks, ulysses) in [(2, 1), (3, 1), (4, 2)] {
+        let mut ran = 0;
+        for root in golden_roots() {
+            for case in discover(&root, &[CaseKind::Dit]).unwrap() {
+                let outcome = run_case(&case, &RunOptions { ranks, ulysses, ..bf16_host() });
+                eprintln!("bf16-host {} ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
+                match outcome {
+                    Outcome::Pass(_) => ran += 1,
+                    Outcome::Unsupported(why) if why.contains("does not divide") => {}
+                    other => panic!("{} ranks {ranks} ulysses {ulysses}: {other:?}", case.name),
+                }
+            }
+        }
+        assert!(ran >= 3, "ranks {ranks} ulysses {ulysses}: only {ran} cases ran");
+    }
 }
 
 #[test]

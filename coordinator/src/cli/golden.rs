@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_kernels::backend::Backend;
 use tessera_kernels::Device;
-use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, CUDA_BF16_TOLERANCE};
+use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
 
 /// Arguments of `tessera golden`.
@@ -59,12 +59,14 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
     let backend = resolve_backend(&args.backend)?;
     if backend.is_bf16() {
-        let t = CUDA_BF16_TOLERANCE;
+        let (t, v) = (CUDA_BF16_TOLERANCE, BF16_VIDEO_TOLERANCE);
         println!(
-            "backend {}: transformer and pipeline cases in bf16, held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| instead of their f32 tolerances",
+            "backend {}: transformer, text-encoder and pipeline cases in bf16, held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| (decoded frames: {:e} and {:e}) instead of their f32 tolerances",
             backend.name(),
             t.rel_l2,
-            t.max_abs_over_max_ref.unwrap_or(f64::NAN)
+            t.max_abs_over_max_ref.unwrap_or(f64::NAN),
+            v.rel_l2,
+            v.max_abs_over_max_ref.unwrap_or(f64::NAN)
         );
     } else {
         println!("backend {}: f32, every case held to its own tolerance (its case.json)", backend.name());

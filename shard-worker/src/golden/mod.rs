@@ -11,7 +11,7 @@ mod umt5;
 mod vae;
 
 pub use compare::{Comparison, Tolerance};
-pub use dit::CUDA_BF16_TOLERANCE;
+pub use dit::{BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
 
 use crate::parallel::LocalTransport;
 use crate::weights::SafetensorsFile;
@@ -105,9 +105,9 @@ pub struct RunOptions {
     pub ulysses: usize,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
-    /// Where the transformer of transformer and pipeline cases runs: `cpu` (f32, the cases'
-    /// tolerances), `bf16-host` or `cuda` (bf16, [`CUDA_BF16_TOLERANCE`]). Other kinds run on the
-    /// CPU.
+    /// Where the models of transformer, text-encoder and pipeline cases run: `cpu` (f32, the
+    /// cases' tolerances), `bf16-host` or `cuda` (bf16, [`CUDA_BF16_TOLERANCE`]). The VAE runs on
+    /// the CPU.
     pub backend: Backend,
 }
 
@@ -122,6 +122,16 @@ impl RunOptions {
     pub fn tolerance(&self, case: &Tolerance) -> Tolerance {
         if self.backend.is_bf16() {
             CUDA_BF16_TOLERANCE
+        } else {
+            case.clone()
+        }
+    }
+
+    /// [`tolerance`](Self::tolerance) for a pipeline's decoded video: [`BF16_VIDEO_TOLERANCE`] on
+    /// the bf16 backends.
+    pub fn video_tolerance(&self, case: &Tolerance) -> Tolerance {
+        if self.backend.is_bf16() {
+            BF16_VIDEO_TOLERANCE
         } else {
             case.clone()
         }
@@ -170,7 +180,7 @@ impl Outcome {
 pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts),
-        CaseKind::Umt5 => umt5::run(case),
+        CaseKind::Umt5 => umt5::run(case, opts),
         CaseKind::Vae => vae::run(case),
         CaseKind::Scheduler => scheduler::run(case, opts),
         CaseKind::Pipeline => pipeline::run(case, opts),

@@ -185,7 +185,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
 
     // Stage 4: decode.
     pipe.decode(&latents, &mut rec)?;
-    comparisons.push(compare(&io, "frames", &frames_major(&rec.frames.frames()?)?, tol)?);
+    comparisons.push(compare(&io, "frames", &frames_major(&rec.frames.frames()?)?, &opts.video_tolerance(&meta.tolerance))?);
     Ok(outcome(comparisons))
 }
 

@@ -21,10 +21,10 @@ pub(crate) fn round_to<T: Elem>(x: &mut [f32]) {
     }
 }
 
-/// `nn.Linear` on the device: weight `[out, in]` and bias `[out]`, both `Act`.
+/// `nn.Linear` on the device: weight `[out, in]` and bias `[out]` (if the layer has one), both `Act`.
 pub(crate) struct DeviceLinear<O: Ops> {
     weight: O::Buf<O::Act>,
-    bias: O::Buf<O::Act>,
+    bias: Option<O::Buf<O::Act>>,
     in_features: usize,
     out_features: usize,
 }
@@ -45,12 +45,22 @@ impl<O: Ops> DeviceLinear<O> {
             weight.extend(convert::<O::Act>(&src.tensor(&format!("{p}.weight"), &[out_features, in_features])?));
             bias.extend(convert::<O::Act>(&src.tensor(&format!("{p}.bias"), &[out_features])?));
         }
-        Ok(Self { weight: ops.upload(&weight)?, bias: ops.upload(&bias)?, in_features, out_features: prefixes.len() * out_features })
+        Ok(Self { weight: ops.upload(&weight)?, bias: Some(ops.upload(&bias)?), in_features, out_features: prefixes.len() * out_features })
+    }
+
+    /// Loads bias-free layers (`nn.Linear(bias=False)`) that read the same input, stacked as
+    /// [`load_stacked`](Self::load_stacked) stacks them; `weights` are the tensors' full names.
+    pub(crate) fn load_unbiased(ops: &O, src: &dyn WeightSource, weights: &[&str], in_features: usize, out_features: usize) -> Result<Self> {
+        let mut weight = Vec::with_capacity(weights.len() * out_features * in_features);
+        for name in weights {
+            weight.extend(convert::<O::Act>(&src.tensor(name, &[out_features, in_features])?));
+        }
+        Ok(Self { weight: ops.upload(&weight)?, bias: None, in_features, out_features: weights.len() * out_features })
     }
 
     /// A layer from host parameters `[out, in]` and `[out]` (stored as `Act`).
     pub(crate) fn from_host(ops: &O, weight: &[f32], bias: &[f32], in_features: usize, out_features: usize) -> Result<Self> {
-        Ok(Self { weight: ops.upload(&convert::<O::Act>(weight))?, bias: ops.upload(&convert::<O::Act>(bias))?, in_features, out_features })
+        Ok(Self { weight: ops.upload(&convert::<O::Act>(weight))?, bias: Some(ops.upload(&convert::<O::Act>(bias))?), in_features, out_features })
     }
 
     /// Output width.
@@ -60,7 +70,7 @@ impl<O: Ops> DeviceLinear<O> {
 
     /// `y = act(x·Wᵀ + b)` for `rows` packed rows of `x` (from its offset) into packed rows of `y`.
     pub(crate) fn forward(&self, ops: &O, x: At<'_, O::Buf<O::Act>>, rows: usize, act: Activation, y: AtMut<'_, O::Buf<O::Act>>) -> Result<()> {
-        Ok(ops.linear(x, rows, self.in_features, &self.weight, self.out_features, Some(&self.bias), act, y)?)
+        Ok(ops.linear(x, rows, self.in_features, &self.weight, self.out_features, self.bias.as_ref(), act, y)?)
     }
 
     /// As [`forward`](Self::forward), into a new buffer `[rows, out]`.

@@ -87,15 +87,15 @@ impl WanPipeline {
         Self::load_on(root, Device::Cpu)
     }
 
-    /// [`Self::load`] with the transformer on `backend` (a [`Device`] or a
-    /// [`tessera_kernels::backend::Backend`]; the text encoder, the VAE and the sampler stay on the
-    /// CPU).
+    /// [`Self::load`] with the text encoder and the transformer on `backend` (a [`Device`] or a
+    /// [`tessera_kernels::backend::Backend`]; the VAE and the sampler stay on the CPU).
     pub fn load_on(root: &Path, backend: impl Into<tessera_kernels::backend::Backend>) -> Result<Self> {
+        let backend = backend.into();
         let snap = Snapshot::open(root)?;
         let sampler = SamplerConfig::from_path(&snap.component("scheduler").join("scheduler_config.json"))?;
         Self::from_parts(
-            TextEncoder::load(root)?,
-            DitModel::load_backend(&snap.component("transformer"), backend.into())?,
+            TextEncoder::load_on(root, backend)?,
+            DitModel::load_backend(&snap.component("transformer"), backend)?,
             WanVae::load(&snap.component("vae"))?,
             sampler,
         )

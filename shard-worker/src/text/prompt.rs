@@ -6,6 +6,7 @@ use super::tokenizer::{PromptTokenizer, TokenizedPrompts};
 use super::umt5::Umt5EncoderModel;
 use crate::{Result, WorkerError};
 use std::path::Path;
+use tessera_kernels::backend::Backend;
 use tessera_kernels::Tensor;
 
 /// The tokenizer and the UMT5 encoder of a Wan pipeline.
@@ -15,14 +16,20 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Loads `tokenizer/` and `text_encoder/` of a diffusers snapshot folder.
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers snapshot folder, the encoder on the
+    /// CPU.
     pub fn load(snapshot: &Path) -> Result<Self> {
-        Self::load_parts(&snapshot.join("tokenizer"), &snapshot.join("text_encoder"))
+        Self::load_on(snapshot, Backend::Cpu)
     }
 
-    /// Loads a tokenizer folder and an encoder folder given separately.
-    pub fn load_parts(tokenizer_dir: &Path, encoder_dir: &Path) -> Result<Self> {
-        Ok(Self::new(PromptTokenizer::load(tokenizer_dir)?, Umt5EncoderModel::load(encoder_dir)?))
+    /// [`load`](Self::load) with the encoder on `backend`.
+    pub fn load_on(snapshot: &Path, backend: Backend) -> Result<Self> {
+        Self::load_parts(&snapshot.join("tokenizer"), &snapshot.join("text_encoder"), backend)
+    }
+
+    /// Loads a tokenizer folder and an encoder folder given separately, the encoder on `backend`.
+    pub fn load_parts(tokenizer_dir: &Path, encoder_dir: &Path, backend: Backend) -> Result<Self> {
+        Ok(Self::new(PromptTokenizer::load(tokenizer_dir)?, Umt5EncoderModel::load_on(encoder_dir, backend)?))
     }
 
     /// Pairs an already-loaded tokenizer and encoder.

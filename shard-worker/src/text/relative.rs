@@ -1,10 +1,5 @@
-//! UMT5 self-attention: bidirectional relative-position buckets, the per-layer learned bias they
-//! index, and attention `softmax(q·kᵀ + bias + mask)·v` without the 1/√d scaling.
-
-use rayon::prelude::*;
-use tessera_kernels::cpu::{gemm_into, MatRef, Threads};
-use tessera_kernels::multiversion;
-use tessera_kernels::simd::exp;
+//! UMT5's relative positions: bidirectional relative-position buckets and the per-layer learned
+//! bias they index (the attention itself is the backend's `biased_attention`).
 
 /// The bucket of relative position `rel = key_position − query_position` in a bidirectional
 /// (encoder) T5 bias: half of the buckets for keys after the query, half for the rest; within a
@@ -56,95 +51,6 @@ pub(crate) struct Segment {
     pub start: usize,
     /// Number of rows.
     pub len: usize,
-}
-
-/// Geometry of [`biased_attention`]: `qkv` rows hold `[q | k | v]`, each `heads·d_kv` wide.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct QkvLayout {
-    /// Attention heads.
-    pub heads: usize,
-    /// Channels per head.
-    pub d_kv: usize,
-}
-
-impl QkvLayout {
-    fn inner(&self) -> usize {
-        self.heads * self.d_kv
-    }
-}
-
-/// UMT5 attention over each segment separately: for head `h`, query `i` and key `j` of a
-/// segment, the score is `q_i·k_j + bias[h][(j − i) + max_len − 1] + mask_add[j]` (no scaling),
-/// softmax over `j` in f32, times `v`. `bias` is [`bias_by_head`]'s layout for `max_len`;
-/// `mask_add` (per row of `qkv`) is 0 for keys to attend to and `f32::MIN` for masked keys, as
-/// upstream adds `finfo.min`. Returns `[rows, heads·d_kv]`, token-major.
-pub(crate) fn biased_attention(qkv: &[f32], layout: QkvLayout, segments: &[Segment], bias: &[f32], max_len: usize, mask_add: Option<&[f32]>) -> Vec<f32> {
-    let (heads, dk, inner) = (layout.heads, layout.d_kv, layout.inner());
-    let ld = 3 * inner;
-    let rows: usize = segments.iter().map(|s| s.start + s.len).max().unwrap_or(0);
-    let span = 2 * max_len - 1;
-    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..segments.len() * heads)
-        .into_par_iter()
-        .map(|task| {
-            let (seg, h) = (segments[task / heads], task % heads);
-            let n = seg.len;
-            let mut scores = vec![0.0f32; n * n];
-            let mut out = vec![0.0f32; n * dk];
-            if n == 0 {
-                return (seg.start, h, out);
-            }
-            let base = seg.start * ld + h * dk;
-            let q = MatRef::row_major(&qkv[base..], n, dk, ld).expect("segment inside qkv");
-            let kt = MatRef::transposed(&qkv[base + inner..], dk, n, ld).expect("segment inside qkv");
-            gemm_into(&mut scores, n, false, q, kt, Threads::One).expect("tile shapes");
-            let head_bias = &bias[h * span..(h + 1) * span];
-            let zeros;
-            let keys_add = match mask_add {
-                Some(m) => &m[seg.start..seg.start + n],
-                None => {
-                    zeros = vec![0.0f32; n];
-                    &zeros[..]
-                }
-            };
-            for (i, row) in scores.chunks_exact_mut(n).enumerate() {
-                // Key j sits at relative position j − i: index j − i + max_len − 1.
-                let offset = max_len - 1 - i;
-                softmax_row(row, &head_bias[offset..offset + n], keys_add);
-            }
-            let p = MatRef::row_major(&scores, n, n, n).expect("tile view");
-            let v = MatRef::row_major(&qkv[base + 2 * inner..], n, dk, ld).expect("segment inside qkv");
-            gemm_into(&mut out, dk, false, p, v, Threads::One).expect("tile shapes");
-            (seg.start, h, out)
-        })
-        .collect();
-    let mut out = vec![0.0f32; rows * inner];
-    for (start, h, tile) in tiles {
-        for (r, src) in tile.chunks_exact(dk).enumerate() {
-            let dst = (start + r) * inner + h * dk;
-            out[dst..dst + dk].copy_from_slice(src);
-        }
-    }
-    out
-}
-
-multiversion! {
-    /// `row ← softmax(row + bias + mask_add)` (the additions in upstream's order).
-    fn softmax_row(row: &mut [f32], bias: &[f32], mask_add: &[f32]) {
-        let mut max = f32::NEG_INFINITY;
-        for ((x, &b), &m) in row.iter_mut().zip(bias).zip(mask_add) {
-            *x = (*x + b) + m;
-            max = if *x > max { *x } else { max };
-        }
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            *x = exp(*x - max);
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -211,60 +117,5 @@ mod tests {
         let bias = bias_by_head(&table, heads, &buckets);
         assert_eq!(&bias[..5], &[4.0, 2.0, 0.0, 34.0, 36.0]);
         assert_eq!(&bias[5..], &[5.0, 3.0, 1.0, 35.0, 37.0]);
-    }
-
-    /// Straightforward f64 reference of `biased_attention` for one segment.
-    fn naive(qkv: &[f32], heads: usize, dk: usize, n: usize, bias: &[f32], max_len: usize, mask: &[bool]) -> Vec<f32> {
-        let inner = heads * dk;
-        let span = 2 * max_len - 1;
-        let mut out = vec![0.0f32; n * inner];
-        for h in 0..heads {
-            for i in 0..n {
-                let s: Vec<f64> = (0..n)
-                    .map(|j| {
-                        let dot: f64 = (0..dk).map(|c| qkv[i * 3 * inner + h * dk + c] as f64 * qkv[j * 3 * inner + inner + h * dk + c] as f64).sum();
-                        let b = bias[h * span + (j + max_len - 1 - i)] as f64;
-                        if mask[j] {
-                            dot + b
-                        } else {
-                            f64::NEG_INFINITY
-                        }
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for c in 0..dk {
-                    let v: f64 = (0..n).map(|j| e[j] / z * qkv[j * 3 * inner + 2 * inner + h * dk + c] as f64).sum();
-                    out[i * inner + h * dk + c] = v as f32;
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn attention_matches_a_naive_reference_with_bias_and_mask() {
-        let (heads, dk, n) = (3, 5, 13);
-        let inner = heads * dk;
-        let qkv: Vec<f32> = (0..n * 3 * inner).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 2.0).collect();
-        let table: Vec<f32> = (0..32 * heads).map(|i| ((i * 31 % 17) as f32 - 8.0) / 4.0).collect();
-        let max_len = 16; // longer than the segment: the table is indexed from its middle
-        let bias = bias_by_head(&table, heads, &bucket_table(max_len, 32, 128));
-        let mask: Vec<bool> = (0..n).map(|j| j % 4 != 3).collect();
-        let mask_add: Vec<f32> = mask.iter().map(|&m| if m { 0.0 } else { f32::MIN }).collect();
-        let layout = QkvLayout { heads, d_kv: dk };
-        let got = biased_attention(&qkv, layout, &[Segment { start: 0, len: n }], &bias, max_len, Some(&mask_add));
-        let want = naive(&qkv, heads, dk, n, &bias, max_len, &mask);
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
-        }
-        // two segments in one call equal each run alone
-        let (a, b) = (6, n - 6);
-        let both = biased_attention(&qkv, layout, &[Segment { start: 0, len: a }, Segment { start: a, len: b }], &bias, max_len, None);
-        let first = biased_attention(&qkv[..a * 3 * inner], layout, &[Segment { start: 0, len: a }], &bias, max_len, None);
-        let second = biased_attention(&qkv[a * 3 * inner..], layout, &[Segment { start: 0, len: b }], &bias, max_len, None);
-        assert_eq!(&both[..a * inner], &first[..]);
-        assert_eq!(&both[a * inner..], &second[..]);
     }
 }

@@ -1,14 +1,17 @@
 //! transformers' `UMT5EncoderModel`: token embedding, pre-norm blocks of relative-position
-//! self-attention and a gated-GELU feed-forward, final RMSNorm (reference §3).
+//! self-attention and a gated-GELU feed-forward, final RMSNorm (reference §3). Written once over
+//! the backend seam ([`Ops`]): f32 on the CPU, bf16 on a GPU and under its host twin (as
+//! transformers runs the encoder in bf16: the residual stream stored in bf16, norms and softmax in
+//! f32).
 
 use super::config::Umt5Config;
-use super::relative::{bias_by_head, biased_attention, bucket_table, QkvLayout, Segment};
-use crate::model::Linear;
+use super::relative::{bias_by_head, bucket_table, Segment};
+use crate::model::{load_rounded, round_to, DeviceLinear};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
-use rayon::prelude::*;
 use std::path::Path;
-use tessera_kernels::cpu::{self, Activation};
+use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, CpuOps, CudaOps, HostOps, Ops};
+use tessera_kernels::cpu::{Activation, AttentionShape};
 use tessera_kernels::Tensor;
 
 /// The input embedding's name in transformers' checkpoints.
@@ -16,138 +19,153 @@ const SHARED: &str = "shared.weight";
 /// The encoder's own, tied copy of it, which some checkpoints also store.
 const ENCODER_EMBED: &str = "encoder.embed_tokens.weight";
 
-/// One encoder block (`encoder.block.{i}`).
-struct Umt5Block {
-    attn_norm: Vec<f32>,
+/// One encoder block (`encoder.block.{i}`) on the backend's device.
+struct Umt5Block<O: Ops> {
+    attn_norm: O::Buf<f32>,
     /// q, k and v stacked: `[3·inner, d_model]`.
-    qkv: Linear,
-    out: Linear,
-    /// `relative_attention_bias.weight` `[num_buckets, heads]`.
+    qkv: DeviceLinear<O>,
+    out: DeviceLinear<O>,
+    /// `relative_attention_bias.weight` `[num_buckets, heads]` (host; values as `Act` holds them).
     position_bias: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    /// `wi_0` (GELU branch) and `wi_1` stacked: `[2·d_ff, d_model]`.
-    wi: Linear,
-    wo: Linear,
+    ffn_norm: O::Buf<f32>,
+    /// `wi_0`, whose output goes through GELU (fused in the product).
+    wi_gelu: DeviceLinear<O>,
+    /// `wi_1`, the linear branch.
+    wi_linear: DeviceLinear<O>,
+    wo: DeviceLinear<O>,
 }
 
-impl Umt5Block {
-    fn load(src: &dyn WeightSource, cfg: &Umt5Config, i: usize) -> Result<Self> {
+impl<O: Ops> Umt5Block<O> {
+    fn load(ops: &O, src: &dyn WeightSource, cfg: &Umt5Config, i: usize) -> Result<Self> {
         let (d, inner, ff) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
         let p = format!("encoder.block.{i}.layer");
         let attn = format!("{p}.0.SelfAttention");
-        let mut qkv = Vec::with_capacity(3 * inner * d);
-        for name in ["q", "k", "v"] {
-            qkv.extend(src.tensor(&format!("{attn}.{name}.weight"), &[inner, d])?);
-        }
-        let mut wi = Vec::with_capacity(2 * ff * d);
-        for name in ["wi_0", "wi_1"] {
-            wi.extend(src.tensor(&format!("{p}.1.DenseReluDense.{name}.weight"), &[ff, d])?);
-        }
+        let dense = format!("{p}.1.DenseReluDense");
+        let qkv = ["q", "k", "v"].map(|n| format!("{attn}.{n}.weight"));
+        let mut position_bias = src.tensor(&format!("{attn}.relative_attention_bias.weight"), &[cfg.relative_attention_num_buckets, cfg.num_heads])?;
+        round_to::<O::Act>(&mut position_bias);
         Ok(Self {
-            attn_norm: src.tensor(&format!("{p}.0.layer_norm.weight"), &[d])?,
-            qkv: Linear::from_parts(qkv, None, d, 3 * inner),
-            out: Linear::from_parts(src.tensor(&format!("{attn}.o.weight"), &[d, inner])?, None, inner, d),
-            position_bias: src.tensor(&format!("{attn}.relative_attention_bias.weight"), &[cfg.relative_attention_num_buckets, cfg.num_heads])?,
-            ffn_norm: src.tensor(&format!("{p}.1.layer_norm.weight"), &[d])?,
-            wi: Linear::from_parts(wi, None, d, 2 * ff),
-            wo: Linear::from_parts(src.tensor(&format!("{p}.1.DenseReluDense.wo.weight"), &[d, ff])?, None, ff, d),
+            attn_norm: load_rounded(ops, src, &format!("{p}.0.layer_norm.weight"), &[d])?,
+            qkv: DeviceLinear::load_unbiased(ops, src, &qkv.each_ref().map(String::as_str), d, inner)?,
+            out: DeviceLinear::load_unbiased(ops, src, &[&format!("{attn}.o.weight")], inner, d)?,
+            position_bias,
+            ffn_norm: load_rounded(ops, src, &format!("{p}.1.layer_norm.weight"), &[d])?,
+            wi_gelu: DeviceLinear::load_unbiased(ops, src, &[&format!("{dense}.wi_0.weight")], d, ff)?,
+            wi_linear: DeviceLinear::load_unbiased(ops, src, &[&format!("{dense}.wi_1.weight")], d, ff)?,
+            wo: DeviceLinear::load_unbiased(ops, src, &[&format!("{dense}.wo.weight")], ff, d)?,
         })
     }
 
     /// `h ← h + o(attn(norm(h)))`, then `h ← h + wo(gelu(wi_0·x) ⊙ wi_1·x)` with `x = norm(h)`.
-    fn forward(&self, h: &mut [f32], cfg: &Umt5Config, run: &SegmentRun<'_>) -> Result<()> {
-        let (rows, eps) = (h.len() / cfg.d_model, cfg.layer_norm_epsilon as f32);
-        let mut x = h.to_vec();
-        cpu::rms_norm(&mut x, &self.attn_norm, eps)?;
-        let qkv = self.qkv.forward(&x, rows, Activation::None)?;
-        let bias = bias_by_head(&self.position_bias, cfg.num_heads, &run.buckets);
-        let layout = QkvLayout { heads: cfg.num_heads, d_kv: cfg.d_kv };
-        let attn = biased_attention(&qkv, layout, run.segments, &bias, run.max_len, run.mask_add.as_deref());
-        drop(qkv);
-        cpu::residual_add(h, &self.out.forward(&attn, rows, Activation::None)?)?;
+    fn forward(&self, ops: &O, cfg: &Umt5Config, run: &SegmentRun<'_, O>, ws: &mut Workspace<O>) -> Result<()> {
+        let (d, inner, ff) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
+        let (rows, eps) = (ws.rows, cfg.layer_norm_epsilon as f32);
+        ops.rms_norm(&ws.x, rows, d, &self.attn_norm, eps, &mut ws.h)?;
+        self.qkv.forward(ops, at(&ws.h, 0), rows, Activation::None, at_mut(&mut ws.wide, 0))?;
+        let bias = ops.upload(&bias_by_head(&self.position_bias, cfg.num_heads, &run.buckets))?;
+        let pitch = 2 * run.max_len - 1;
+        for seg in run.segments.iter().filter(|s| s.len > 0) {
+            let (n, qkv) = (seg.len, seg.start * 3 * inner);
+            let shape = AttentionShape { heads: cfg.num_heads, head_dim: cfg.d_kv, q_len: n, kv_len: n, q_stride: 3 * inner, kv_stride: 3 * inner };
+            // Bias index j − i + n − 1 of this segment is j − i + max_len − 1 of the table.
+            let (rel, mask) = (at(&bias, run.max_len - n), run.mask.as_ref().map(|m| at(m, seg.start)));
+            let (q, k, v) = (at(&ws.wide, qkv), at(&ws.wide, qkv + inner), at(&ws.wide, qkv + 2 * inner));
+            ops.biased_attention(q, k, v, shape, 1.0, rel, pitch, mask, at_mut(&mut ws.attn, seg.start * inner), inner)?;
+        }
+        self.out.forward(ops, at(&ws.attn, 0), rows, Activation::None, at_mut(&mut ws.h, 0))?;
+        ws.add_residual(ops, rows * d)?;
 
-        x.copy_from_slice(h);
-        cpu::rms_norm(&mut x, &self.ffn_norm, eps)?;
-        let both = self.wi.forward(&x, rows, Activation::None)?;
-        drop(x);
-        let ff = cfg.d_ff;
-        let mut gated = vec![0.0f32; rows * ff];
-        gated.par_chunks_mut(ff).zip(both.par_chunks(2 * ff)).for_each(|(g, row)| {
-            g.copy_from_slice(&row[..ff]);
-            cpu::apply_activation(g, Activation::GeluTanh);
-            for (a, &b) in g.iter_mut().zip(&row[ff..]) {
-                *a *= b;
-            }
-        });
-        drop(both);
-        cpu::residual_add(h, &self.wo.forward(&gated, rows, Activation::None)?)?;
+        ops.rms_norm(&ws.x, rows, d, &self.ffn_norm, eps, &mut ws.h)?;
+        self.wi_gelu.forward(ops, at(&ws.h, 0), rows, Activation::GeluTanh, at_mut(&mut ws.wide, 0))?;
+        self.wi_linear.forward(ops, at(&ws.h, 0), rows, Activation::None, at_mut(&mut ws.attn_wide, 0))?;
+        ops.mul(at_mut(&mut ws.wide, 0), at(&ws.attn_wide, 0), rows * ff)?;
+        self.wo.forward(ops, at(&ws.wide, 0), rows, Activation::None, at_mut(&mut ws.h, 0))?;
+        ws.add_residual(ops, rows * d)
+    }
+}
+
+/// Buffers of one forward over `rows` token rows, reused by every block.
+struct Workspace<O: Ops> {
+    rows: usize,
+    /// The residual stream `[rows, d_model]`, f32 (holding `Act` values).
+    x: O::Buf<f32>,
+    /// Normalised rows `[rows, d_model]`, also the output of each branch.
+    h: ActBuf<O>,
+    /// q|k|v `[rows, 3·inner]`, then the GELU branch `[rows, d_ff]`.
+    wide: ActBuf<O>,
+    /// Attention output `[rows, inner]`, then the linear branch `[rows, d_ff]`.
+    attn_wide: ActBuf<O>,
+    /// The attention output `[rows, inner]`.
+    attn: ActBuf<O>,
+}
+
+impl<O: Ops> Workspace<O> {
+    fn new(ops: &O, cfg: &Umt5Config, rows: usize) -> Result<Self> {
+        let (d, inner, ff) = (cfg.d_model, cfg.inner_dim(), cfg.d_ff);
+        Ok(Self {
+            rows,
+            x: ops.zeros(rows * d)?,
+            h: ops.zeros(rows * d)?,
+            wide: ops.zeros(rows * (3 * inner).max(ff))?,
+            attn_wide: ops.zeros(rows * ff)?,
+            attn: ops.zeros(rows * inner)?,
+        })
+    }
+
+    /// `x ← Act(x + h)` over `n` values (transformers adds in the model's dtype).
+    fn add_residual(&mut self, ops: &O, n: usize) -> Result<()> {
+        ops.add(at_mut(&mut self.x, 0), at(&self.h, 0), None, n, n)?;
+        if !stores_f32::<O>() {
+            ops.narrow(at(&self.x, 0), at_mut(&mut self.h, 0), n)?;
+            ops.widen(at(&self.h, 0), at_mut(&mut self.x, 0), n)?;
+        }
         Ok(())
     }
 }
 
 /// What every layer of one forward pass shares: the segments, their relative buckets, the mask.
-struct SegmentRun<'a> {
+struct SegmentRun<'a, O: Ops> {
     segments: &'a [Segment],
     max_len: usize,
     buckets: Vec<usize>,
     /// 0 for keys to attend to, `f32::MIN` for padding (per token row); `None`: no padding.
-    mask_add: Option<Vec<f32>>,
+    mask: Option<O::Buf<f32>>,
 }
 
-/// The UMT5 encoder (transformers `UMT5EncoderModel`), in f32 on the CPU.
-pub struct Umt5EncoderModel {
+/// The UMT5 encoder on the backend `O` (transformers `UMT5EncoderModel`).
+pub struct Umt5Encoder<O: Ops> {
+    ops: O,
     cfg: Umt5Config,
     /// `[vocab, d_model]`.
-    embedding: Vec<f32>,
-    blocks: Vec<Umt5Block>,
-    final_norm: Vec<f32>,
+    embedding: ActBuf<O>,
+    blocks: Vec<Umt5Block<O>>,
+    final_norm: O::Buf<f32>,
 }
 
-impl Umt5EncoderModel {
-    /// Loads a transformers folder: `config.json` and `model.safetensors` (or shards with
-    /// `model.safetensors.index.json`). Every tensor in the files must be used.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let cfg = Umt5Config::from_file(&dir.join("config.json"))?;
-        let store = WeightStore::open_dir(dir)?;
-        Self::from_source(cfg, &store)
-    }
-
-    /// Builds the encoder from any weight source (files, or random weights for benchmarks),
-    /// then checks that the source holds nothing else.
+impl<O: Ops> Umt5Encoder<O> {
+    /// Builds the encoder on `ops` from any weight source (files, or random weights for
+    /// benchmarks), then checks that the source holds nothing else.
     ///
     /// The embedding is `shared.weight`; checkpoints may also hold the encoder's tied copy
     /// `encoder.embed_tokens.weight`, which is then used to fill in for a missing `shared.weight`
     /// or must be identical to it (two different tables would make the model ambiguous).
-    pub fn from_source(cfg: Umt5Config, src: &dyn WeightSource) -> Result<Self> {
+    pub fn from_source(ops: O, cfg: Umt5Config, src: &dyn WeightSource) -> Result<Self> {
         cfg.validate().map_err(|detail| WorkerError::Config { path: "UMT5 config".into(), detail })?;
-        let embedding = Self::load_embedding(&cfg, src)?;
-        let blocks = (0..cfg.num_layers).map(|i| Umt5Block::load(src, &cfg, i)).collect::<Result<Vec<_>>>()?;
-        let final_norm = src.tensor("encoder.final_layer_norm.weight", &[cfg.d_model])?;
+        let embedding = ops.upload(&crate::model::convert::<O::Act>(&load_embedding(&cfg, src)?))?;
+        let blocks = (0..cfg.num_layers).map(|i| Umt5Block::load(&ops, src, &cfg, i)).collect::<Result<Vec<_>>>()?;
+        let final_norm = load_rounded(&ops, src, "encoder.final_layer_norm.weight", &[cfg.d_model])?;
         src.finish()?;
-        Ok(Self { cfg, embedding, blocks, final_norm })
-    }
-
-    fn load_embedding(cfg: &Umt5Config, src: &dyn WeightSource) -> Result<Vec<f32>> {
-        let shape = [cfg.vocab_size, cfg.d_model];
-        if !src.contains(SHARED) && src.contains(ENCODER_EMBED) {
-            return src.tensor(ENCODER_EMBED, &shape);
-        }
-        let shared = src.tensor(SHARED, &shape)?;
-        if src.contains(ENCODER_EMBED) {
-            let tied = src.tensor(ENCODER_EMBED, &shape)?;
-            if tied != shared {
-                return Err(WorkerError::BadTensor {
-                    name: ENCODER_EMBED.into(),
-                    detail: format!("differs from {SHARED}; the two are tied in UMT5EncoderModel and must be equal"),
-                });
-            }
-        }
-        Ok(shared)
+        Ok(Self { ops, cfg, embedding, blocks, final_norm })
     }
 
     /// The configuration.
     pub fn config(&self) -> &Umt5Config {
         &self.cfg
+    }
+
+    /// The backend.
+    pub fn ops(&self) -> &O {
+        &self.ops
     }
 
     /// transformers' forward: `input_ids` `[batch, len]` (row-major) with `attention_mask`
@@ -163,8 +181,8 @@ impl Umt5EncoderModel {
         }
         let len = input_ids.len() / batch;
         let segments: Vec<Segment> = (0..batch).map(|b| Segment { start: b * len, len }).collect();
-        let mask_add = attention_mask.iter().map(|&keep| if keep { 0.0 } else { f32::MIN }).collect();
-        let hidden = self.run(input_ids, &segments, Some(mask_add))?;
+        let mask: Vec<f32> = attention_mask.iter().map(|&keep| if keep { 0.0 } else { f32::MIN }).collect();
+        let hidden = self.run(input_ids, &segments, Some(mask))?;
         Ok(Tensor::new([batch, len, self.cfg.d_model], hidden)?)
     }
 
@@ -184,31 +202,125 @@ impl Umt5EncoderModel {
     }
 
     /// The encoder on token rows grouped into segments that attend only within themselves.
-    fn run(&self, ids: &[u32], segments: &[Segment], mask_add: Option<Vec<f32>>) -> Result<Vec<f32>> {
-        let d = self.cfg.d_model;
-        let mut h = vec![0.0f32; ids.len() * d];
-        for (row, &id) in h.chunks_exact_mut(d).zip(ids) {
-            let id = id as usize;
-            if id >= self.cfg.vocab_size {
-                return Err(WorkerError::input("input_ids", format!("token id {id} is outside the vocabulary of {}", self.cfg.vocab_size)));
-            }
-            row.copy_from_slice(&self.embedding[id * d..(id + 1) * d]);
+    fn run(&self, ids: &[u32], segments: &[Segment], mask: Option<Vec<f32>>) -> Result<Vec<f32>> {
+        let (ops, d) = (&self.ops, self.cfg.d_model);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(WorkerError::input("input_ids", format!("token id {id} is outside the vocabulary of {}", self.cfg.vocab_size)));
         }
         if ids.is_empty() {
-            return Ok(h);
+            return Ok(Vec::new());
         }
+        let mut ws = Workspace::new(ops, &self.cfg, ids.len())?;
+        for (row, &id) in ids.iter().enumerate() {
+            ops.copy_rows(at(&self.embedding, id as usize * d), d, at_mut(&mut ws.h, row * d), d, d, 1)?;
+        }
+        ops.widen(at(&ws.h, 0), at_mut(&mut ws.x, 0), ids.len() * d)?;
         let max_len = segments.iter().map(|s| s.len).max().unwrap_or(0).max(1);
         let run = SegmentRun {
             segments,
             max_len,
             buckets: bucket_table(max_len, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance),
-            mask_add,
+            mask: mask.map(|m| ops.upload(&m)).transpose()?,
         };
         for block in &self.blocks {
-            block.forward(&mut h, &self.cfg, &run)?;
+            block.forward(ops, &self.cfg, &run, &mut ws)?;
         }
-        cpu::rms_norm(&mut h, &self.final_norm, self.cfg.layer_norm_epsilon as f32)?;
-        Ok(h)
+        ops.rms_norm(&ws.x, ids.len(), d, &self.final_norm, self.cfg.layer_norm_epsilon as f32, &mut ws.h)?;
+        ops.widen(at(&ws.h, 0), at_mut(&mut ws.x, 0), ids.len() * d)?;
+        Ok(ops.download(&ws.x)?)
+    }
+}
+
+/// `shared.weight`, or the encoder's tied copy (see [`Umt5Encoder::from_source`]).
+fn load_embedding(cfg: &Umt5Config, src: &dyn WeightSource) -> Result<Vec<f32>> {
+    let shape = [cfg.vocab_size, cfg.d_model];
+    if !src.contains(SHARED) && src.contains(ENCODER_EMBED) {
+        return src.tensor(ENCODER_EMBED, &shape);
+    }
+    let shared = src.tensor(SHARED, &shape)?;
+    if src.contains(ENCODER_EMBED) {
+        let tied = src.tensor(ENCODER_EMBED, &shape)?;
+        if tied != shared {
+            return Err(WorkerError::BadTensor {
+                name: ENCODER_EMBED.into(),
+                detail: format!("differs from {SHARED}; the two are tied in UMT5EncoderModel and must be equal"),
+            });
+        }
+    }
+    Ok(shared)
+}
+
+/// The UMT5 encoder on the backend chosen at run time.
+pub enum Umt5EncoderModel {
+    /// f32 on the CPU.
+    Cpu(Box<Umt5Encoder<CpuOps>>),
+    /// bf16 under the host twin of the GPU path.
+    Bf16Host(Box<Umt5Encoder<HostOps>>),
+    /// bf16 on a CUDA GPU.
+    Cuda(Box<Umt5Encoder<CudaOps>>),
+}
+
+/// Runs `$body` with `$m` bound to the encoder, whatever its backend.
+macro_rules! on_backend {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            Umt5EncoderModel::Cpu($m) => $body,
+            Umt5EncoderModel::Bf16Host($m) => $body,
+            Umt5EncoderModel::Cuda($m) => $body,
+        }
+    };
+}
+
+impl Umt5EncoderModel {
+    /// Loads a transformers folder (`config.json` and `model.safetensors`, or shards with
+    /// `model.safetensors.index.json`) onto the CPU in f32. Every tensor in the files must be used.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, Backend::Cpu)
+    }
+
+    /// [`load`](Self::load) onto `backend`.
+    pub fn load_on(dir: &Path, backend: Backend) -> Result<Self> {
+        let cfg = Umt5Config::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open_dir(dir)?;
+        Self::from_source_on(cfg, &store, backend)
+    }
+
+    /// The encoder on the CPU from any weight source (see [`Umt5Encoder::from_source`]).
+    pub fn from_source(cfg: Umt5Config, src: &dyn WeightSource) -> Result<Self> {
+        Self::from_source_on(cfg, src, Backend::Cpu)
+    }
+
+    /// The encoder on `backend` from any weight source.
+    pub fn from_source_on(cfg: Umt5Config, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
+        Ok(match backend {
+            Backend::Cpu => Self::Cpu(Box::new(Umt5Encoder::from_source(CpuOps, cfg, src)?)),
+            Backend::Bf16Host => Self::Bf16Host(Box::new(Umt5Encoder::from_source(HostOps, cfg, src)?)),
+            Backend::Cuda(n) => Self::Cuda(Box::new(Umt5Encoder::from_source(CudaOps::open(n)?, cfg, src)?)),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Umt5Config {
+        on_backend!(self, m => m.config())
+    }
+
+    /// The backend it runs on.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Cpu(_) => Backend::Cpu,
+            Self::Bf16Host(_) => Backend::Bf16Host,
+            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
+        }
+    }
+
+    /// See [`Umt5Encoder::forward`].
+    pub fn forward(&self, input_ids: &[u32], attention_mask: &[bool], batch: usize) -> Result<Tensor> {
+        on_backend!(self, m => m.forward(input_ids, attention_mask, batch))
+    }
+
+    /// See [`Umt5Encoder::encode_unpadded`].
+    pub fn encode_unpadded(&self, sequences: &[&[u32]]) -> Result<Vec<Tensor>> {
+        on_backend!(self, m => m.encode_unpadded(sequences))
     }
 }
 
