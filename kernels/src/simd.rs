@@ -78,14 +78,18 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(-87.336_54, 88.722_83);
-    // n = round(x / ln 2) with the 1.5·2^23 trick (round to nearest even, no libm call).
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x / ln 2) with the 1.5·2^23 trick (round to nearest even, no libm call): after the
+    // add, the low mantissa bits of `t` hold n as an integer (|n| ≤ 128 < 2^22), so n is read
+    // from the bits. (A float-to-int `as` cast saturates and maps NaN to 0, which the compiler
+    // cannot vectorise; this keeps the whole function in vector registers.)
+    let t = xc * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let ni = t.to_bits() as i32 - 0x4B40_0000;
     // Cody-Waite reduction: r = x − n·ln2 in two parts, |r| ≤ ln2/2.
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Minimax-style Taylor polynomial of e^r on [−ln2/2, ln2/2], degree 7 (error < 1e-8 relative).
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n: n is in [−126, 128]; split so that 2^n never overflows the exponent field.
-    let ni = n as i32;
     let half = ni >> 1;
     let s1 = f32::from_bits(((half + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - half + 127) as u32) << 23);

@@ -24,6 +24,8 @@ pub enum BenchCommand {
     Attention(AttentionArgs),
     /// VAE decode (chunked, streaming) at several video lengths: time and peak memory per run.
     Vae(super::bench_vae::VaeArgs),
+    /// The UMT5 text encoder at several prompt lengths: time and peak memory per length.
+    Text(super::bench_text::TextArgs),
 }
 
 /// Shared timing options.
@@ -94,6 +96,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Dit(a) => bench_dit(a),
         BenchCommand::Attention(a) => bench_attention(a),
         BenchCommand::Vae(a) => super::bench_vae::run(a),
+        BenchCommand::Text(a) => super::bench_text::run(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod bench_sharded;
+mod bench_text;
 mod bench_vae;
 mod embedded;
 pub mod generate;

@@ -90,6 +90,10 @@ pub trait Elem: OutputElem + NcclType {
     fn round(v: f32) -> f32 {
         Self::from_f32(v).to_f32()
     }
+    /// f32 values as this type: rounded into a new vector for bf16, the same vector for f32.
+    fn vec_from_f32(values: Vec<f32>) -> Vec<Self> {
+        values.into_iter().map(Self::from_f32).collect()
+    }
     /// The values themselves when this type is f32 (no copy), else None.
     fn as_f32s(values: &[Self]) -> Option<&[f32]> {
         let _ = values;
@@ -116,6 +120,9 @@ impl Elem for bf16 {
 impl Elem for f32 {
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn vec_from_f32(values: Vec<f32>) -> Vec<Self> {
+        values
     }
     fn as_f32s(values: &[Self]) -> Option<&[f32]> {
         Some(values)
@@ -201,6 +208,10 @@ pub trait Ops: Send + Sync + Sized {
     fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>>;
     /// A new buffer holding `host`.
     fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    /// A new buffer taking `host` (host backends keep the vector itself: no copy of large weights).
+    fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Self::Buf<T>> {
+        self.upload(&host)
+    }
     /// The whole buffer, copied to the host (waits for the queued work).
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     /// A RoPE table, copied to the device.

@@ -19,4 +19,4 @@ pub use embedding::Conditions;
 pub use layers::Linear;
 pub use patch::{patchify, unpatchify, PatchGrid};
 pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, WanTransformer};
-pub(crate) use weights::{convert, load_rounded, round_to, DeviceLinear};
+pub(crate) use weights::{load_rounded, round_to, DeviceLinear};

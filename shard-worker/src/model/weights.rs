@@ -5,7 +5,7 @@
 
 use crate::weights::WeightSource;
 use crate::Result;
-use tessera_kernels::backend::{at_mut, At, AtMut, Elem, Ops};
+use tessera_kernels::backend::{at_mut, ActBuf, At, AtMut, Elem, Ops};
 use tessera_kernels::cpu::Activation;
 
 /// Each value as `T` holds it (rounded to nearest even for bf16), returning the `T` values.
@@ -39,23 +39,18 @@ impl<O: Ops> DeviceLinear<O> {
     /// their outputs side by side, in the order given: `to_q`, `to_k`, `to_v` become one fused
     /// projection writing `[q | k | v]` rows.
     pub(crate) fn load_stacked(ops: &O, src: &dyn WeightSource, prefixes: &[&str], in_features: usize, out_features: usize) -> Result<Self> {
-        let mut weight = Vec::with_capacity(prefixes.len() * out_features * in_features);
-        let mut bias = Vec::with_capacity(prefixes.len() * out_features);
-        for p in prefixes {
-            weight.extend(convert::<O::Act>(&src.tensor(&format!("{p}.weight"), &[out_features, in_features])?));
-            bias.extend(convert::<O::Act>(&src.tensor(&format!("{p}.bias"), &[out_features])?));
-        }
-        Ok(Self { weight: ops.upload(&weight)?, bias: Some(ops.upload(&bias)?), in_features, out_features: prefixes.len() * out_features })
+        let weights: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
+        let biases: Vec<String> = prefixes.iter().map(|p| format!("{p}.bias")).collect();
+        let weight = stacked::<O>(ops, src, &weights, &[out_features, in_features])?;
+        let bias = stacked::<O>(ops, src, &biases, &[out_features])?;
+        Ok(Self { weight, bias: Some(bias), in_features, out_features: prefixes.len() * out_features })
     }
 
     /// Loads bias-free layers (`nn.Linear(bias=False)`) that read the same input, stacked as
     /// [`load_stacked`](Self::load_stacked) stacks them; `weights` are the tensors' full names.
     pub(crate) fn load_unbiased(ops: &O, src: &dyn WeightSource, weights: &[&str], in_features: usize, out_features: usize) -> Result<Self> {
-        let mut weight = Vec::with_capacity(weights.len() * out_features * in_features);
-        for name in weights {
-            weight.extend(convert::<O::Act>(&src.tensor(name, &[out_features, in_features])?));
-        }
-        Ok(Self { weight: ops.upload(&weight)?, bias: None, in_features, out_features: weights.len() * out_features })
+        let weight = stacked::<O>(ops, src, weights, &[out_features, in_features])?;
+        Ok(Self { weight, bias: None, in_features, out_features: weights.len() * out_features })
     }
 
     /// A layer from host parameters `[out, in]` and `[out]` (stored as `Act`).
@@ -81,9 +76,26 @@ impl<O: Ops> DeviceLinear<O> {
     }
 }
 
+/// Tensors `names` (each of `shape`) one after the other, stored as `Act` on the device. A single
+/// tensor is moved, not copied, into a host backend's storage (weights as large as UMT5's 4 GB
+/// embedding are held once).
+fn stacked<O: Ops>(ops: &O, src: &dyn WeightSource, names: &[impl AsRef<str>], shape: &[usize]) -> Result<ActBuf<O>> {
+    let values = match names {
+        [one] => src.tensor(one.as_ref(), shape)?,
+        _ => {
+            let mut all = Vec::with_capacity(names.len() * shape.iter().product::<usize>());
+            for name in names {
+                all.extend(src.tensor(name.as_ref(), shape)?);
+            }
+            all
+        }
+    };
+    Ok(ops.upload_vec(O::Act::vec_from_f32(values))?)
+}
+
 /// An f32 parameter uploaded as is (`_keep_in_fp32_modules`: modulation tables, `norm2`).
 pub(crate) fn load_f32<O: Ops>(ops: &O, src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O::Buf<f32>> {
-    Ok(ops.upload(&src.tensor(name, shape)?)?)
+    Ok(ops.upload_vec(src.tensor(name, shape)?)?)
 }
 
 /// A parameter diffusers holds as `Act` that a kernel reads as f32 (the q/k RMSNorm weights):
@@ -91,7 +103,7 @@ pub(crate) fn load_f32<O: Ops>(ops: &O, src: &dyn WeightSource, name: &str, shap
 pub(crate) fn load_rounded<O: Ops>(ops: &O, src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<O::Buf<f32>> {
     let mut v = src.tensor(name, shape)?;
     round_to::<O::Act>(&mut v);
-    Ok(ops.upload(&v)?)
+    Ok(ops.upload_vec(v)?)
 }
 
 #[cfg(test)]

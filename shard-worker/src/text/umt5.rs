@@ -10,7 +10,7 @@ use crate::model::{load_rounded, round_to, DeviceLinear};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::path::Path;
-use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, CpuOps, CudaOps, HostOps, Ops};
+use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, CpuOps, CudaOps, Elem, HostOps, Ops};
 use tessera_kernels::cpu::{Activation, AttentionShape};
 use tessera_kernels::Tensor;
 
@@ -151,7 +151,7 @@ impl<O: Ops> Umt5Encoder<O> {
     /// or must be identical to it (two different tables would make the model ambiguous).
     pub fn from_source(ops: O, cfg: Umt5Config, src: &dyn WeightSource) -> Result<Self> {
         cfg.validate().map_err(|detail| WorkerError::Config { path: "UMT5 config".into(), detail })?;
-        let embedding = ops.upload(&crate::model::convert::<O::Act>(&load_embedding(&cfg, src)?))?;
+        let embedding = ops.upload_vec(O::Act::vec_from_f32(load_embedding(&cfg, src)?))?;
         let blocks = (0..cfg.num_layers).map(|i| Umt5Block::load(&ops, src, &cfg, i)).collect::<Result<Vec<_>>>()?;
         let final_norm = load_rounded(&ops, src, "encoder.final_layer_norm.weight", &[cfg.d_model])?;
         src.finish()?;
