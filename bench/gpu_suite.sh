@@ -52,6 +52,25 @@ for line in sys.stdin:
   cargo build -p tessera-coordinator --release --bin tessera
   cp target/release/tessera-gpu-bench target/release/tessera "$BIN/"
   strip "$BIN"/* 2>/dev/null || true
+  # diffusers and its dependencies as wheels (the GPU machine has PyTorch but no network; its
+  # Python version is unknown, so binary wheels for 3.10-3.13); `run` installs them offline when
+  # diffusers is missing there. Carried only if everything stays within the 64 MiB carry limit.
+  local wheels
+  wheels=$(mktemp -d)
+  for py in 3.10 3.11 3.12 3.13; do
+    python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps -d "$wheels" \
+      --python-version "$py" --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+      diffusers huggingface_hub safetensors regex filelock fsspec tqdm pyyaml packaging typing_extensions \
+      importlib_metadata zipp requests urllib3 idna certifi charset_normalizer hf_xet \
+      || echo "warning: could not download the diffusers wheels for Python $py"
+  done
+  if [ $(( $(du -sm "$BIN" | cut -f1) + $(du -sm "$wheels" | cut -f1) )) -le 64 ]; then
+    mv "$wheels" "$BIN/wheels"
+  else
+    echo "warning: the diffusers wheels would take $BIN over 64 MiB: not carried (the GPU machine needs diffusers installed)"
+  fi
+  du -sh "$BIN"
+  [ "$(du -sm "$BIN" | cut -f1)" -le 64 ] || { echo "$BIN is over the 64 MiB the device tool carries"; exit 1; }
   ls -la "$BIN"
   echo "now run on the GPU machine: bash bench/gpu_suite.sh run (carry $BIN)"
 }
@@ -102,17 +121,26 @@ run() {
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   setup_libs
+  if ! python3 -c "import diffusers" 2>/dev/null && [ -d "$BIN/wheels" ]; then
+    python3 -m pip install --quiet --no-index --find-links "$BIN/wheels" diffusers || echo "warning: diffusers could not be installed offline"
+  fi
   export TESSERA_REQUIRE_GPU=1 RUST_BACKTRACE=1
   step "kernels vs CPU twins" "$BIN/gpu_kernels" --test-threads=1 --nocapture
   step "NVRTC + ptxas compile check (this machine's CUDA)" "$BIN/nvrtc_compile" --nocapture
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     step "compute-sanitizer memcheck (kernel tests, GEMMs skipped)" compute-sanitizer --tool memcheck --error-exitcode 1 \
       "$BIN/gpu_kernels" --test-threads=1 --skip linear
+    # Shared-memory races: the kernels that share tiles or reduce through shared memory.
+    step "compute-sanitizer racecheck (attention, norms, biased attention)" compute-sanitizer --tool racecheck --error-exitcode 1 \
+      "$BIN/gpu_kernels" --test-threads=1 flash_attention biased_attention layer_norm qk_norm lse_merge
   fi
   step "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "${TOKENS:-32760}" --iters "${ITERS:-10}"
   step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
   step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
   step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
+  # Every golden kind with its models on the GPU (dit, umt5 and pipeline in bf16; vae and
+  # scheduler on the CPU), at the bf16 tolerances the CLI prints.
+  step "tessera golden --backend cuda, every kind" "$BIN/tessera" golden --backend cuda tests/golden
   # Skips (and says so) on a machine with one GPU: NCCL needs a GPU per rank.
   step "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
