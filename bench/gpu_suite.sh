@@ -141,6 +141,8 @@ run() {
   # Every golden kind with its models on the GPU (dit, umt5 and pipeline in bf16; vae and
   # scheduler on the CPU), at the bf16 tolerances the CLI prints.
   step "tessera golden --backend cuda, every kind" "$BIN/tessera" golden --backend cuda tests/golden
+  step "tessera golden --backend cuda, dit over 4 ranks on this GPU (USP 2x2, staged collectives)" \
+    "$BIN/tessera" golden --backend cuda --kind dit --ranks 4 --ulysses 2 tests/golden
   # Skips (and says so) on a machine with one GPU: NCCL needs a GPU per rank.
   step "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \

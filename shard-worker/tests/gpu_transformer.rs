@@ -58,6 +58,30 @@ fn compare(what: &str, got: &Tensor, want: &Tensor) -> Comparison {
     c
 }
 
+/// Every parallel plan on ONE GPU: the ranks are threads sharing the device, their collectives
+/// staged through the in-process transport; every golden transformer case and every rank within
+/// the bf16 tolerance (ring, Ulysses and USP on device buffers, before NCCL and a second GPU).
+#[test]
+fn golden_dit_cases_pass_sharded_on_one_gpu() {
+    let Some(_ops) = gpu("golden_dit_cases_pass_sharded_on_one_gpu") else { return };
+    let mut ran = 0;
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Dit]).unwrap() {
+            for (ranks, ulysses) in [(2, 1), (2, 2), (3, 1), (4, 2)] {
+                let opts = RunOptions { ranks, ulysses, backend: tessera_kernels::backend::Backend::Cuda(0), ..Default::default() };
+                let outcome = run_case(&case, &opts);
+                println!("{} on cuda, ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
+                match outcome {
+                    tessera_worker::golden::Outcome::Pass(_) => ran += 1,
+                    tessera_worker::golden::Outcome::Unsupported(why) if why.contains("does not divide") => {}
+                    other => panic!("{} ranks {ranks} ulysses {ulysses}: {other:?}", case.name),
+                }
+            }
+        }
+    }
+    assert!(ran >= 8, "only {ran} sharded runs");
+}
+
 #[test]
 fn golden_dit_cases_pass_on_cuda_in_bf16() {
     let Some(ops) = gpu("golden_dit_cases_pass_on_cuda_in_bf16") else { return };

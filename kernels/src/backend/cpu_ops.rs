@@ -47,6 +47,16 @@ impl Ops for CpuOps {
         Ok(host)
     }
 
+    fn upload_into<T: Elem>(&self, host: &[T], dst: AtMut<'_, Vec<T>>) -> Result<()> {
+        let r = super::region("upload_into", "dst", dst.buf.len(), dst.offset, host.len())?;
+        dst.buf[r].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn host_view<'b, T: Elem>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
+        Some(buf)
+    }
+
     fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         Ok(buf.clone())
     }

@@ -214,6 +214,21 @@ pub trait Ops: Send + Sync + Sized {
     }
     /// The whole buffer, copied to the host (waits for the queued work).
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
+    /// Writes `host` into `dst` from its offset (a staging upload, then a device copy; host
+    /// backends copy directly).
+    fn upload_into<T: Elem>(&self, host: &[T], dst: AtMut<'_, Self::Buf<T>>) -> Result<()> {
+        if host.is_empty() {
+            return region("upload_into", "dst", self.len(dst.buf), dst.offset, 0).map(drop);
+        }
+        let staged = self.upload(host)?;
+        self.copy_rows(at(&staged, 0), host.len(), dst, host.len(), host.len(), 1)
+    }
+    /// The buffer's values in place when it lives in host memory (`cpu`, `bf16-host`), else None:
+    /// host collectives then read them without a copy.
+    fn host_view<'b, T: Elem>(&self, buf: &'b Self::Buf<T>) -> Option<&'b [T]> {
+        let _ = buf;
+        None
+    }
     /// A RoPE table, copied to the device.
     fn upload_rope(&self, table: &RopeTable) -> Result<Self::Rope>;
     /// The head width [`attention`](Self::attention) runs heads of `head_dim` channels at: the
@@ -326,33 +341,6 @@ pub trait Ops: Send + Sync + Sized {
     fn patchify(&self, latent: &Self::Buf<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Self::Buf<Self::Act>) -> Result<()>;
     /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows, features (p_t, p_h, p_w, c).
     fn unpatchify(&self, rows: &Self::Buf<f32>, g: &PatchGeometry, latent: &mut Self::Buf<f32>) -> Result<()>;
-}
-
-/// A backend whose buffers live in host memory (`Vec`s): the `cpu` backend and the `bf16-host`
-/// twin. Host collectives carry their buffers directly.
-pub trait HostBackend: Ops {
-    /// The buffer's values.
-    fn host<T: Elem>(buf: &Self::Buf<T>) -> &[T];
-    /// The buffer's values, writable.
-    fn host_mut<T: Elem>(buf: &mut Self::Buf<T>) -> &mut [T];
-}
-
-impl HostBackend for CpuOps {
-    fn host<T: Elem>(buf: &Vec<T>) -> &[T] {
-        buf
-    }
-    fn host_mut<T: Elem>(buf: &mut Vec<T>) -> &mut [T] {
-        buf
-    }
-}
-
-impl HostBackend for HostOps {
-    fn host<T: Elem>(buf: &Vec<T>) -> &[T] {
-        buf
-    }
-    fn host_mut<T: Elem>(buf: &mut Vec<T>) -> &mut [T] {
-        buf
-    }
 }
 
 /// A buffer of `O`'s activation type.

@@ -6,7 +6,6 @@ use crate::model::DitModel;
 use crate::parallel::{run_local_group, ParallelPlan};
 use crate::weights::SafetensorsFile;
 use crate::{DitInputs, Result};
-use tessera_kernels::backend::Backend;
 
 /// The tolerance of transformer cases run on CUDA, in bf16 as diffusers runs the model there
 /// (wan2.1.md §1.4), instead of the case's own f32 tolerance. Why these numbers: diffusers itself,
@@ -34,7 +33,8 @@ pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: N
 
 /// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) onto
 /// `opts.backend` and runs it, on one device or sharded over `opts.ranks` ranks of this process,
-/// connected in-process or by TCP on loopback (every rank's output is compared). The bf16
+/// connected in-process or by TCP on loopback (every rank's output is compared; on CUDA the ranks
+/// share the GPU and stage their collectives through the transport). The bf16
 /// backends are held to [`CUDA_BF16_TOLERANCE`], the f32 CPU to the case's own tolerance.
 pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
@@ -46,9 +46,6 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
     let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
     let sharded = opts.ranks > 1 || opts.ulysses > 1;
-    if sharded && matches!(opts.backend, Backend::Cuda(_)) {
-        return Ok(Outcome::Unsupported("sequence parallelism of one process's ranks on one GPU is not implemented yet (one GPU per forward)".into()));
-    }
     let tolerance = opts.tolerance(&meta.tolerance);
     let model = DitModel::load_backend(&case.dir, opts.backend)?;
     if !sharded {

@@ -14,7 +14,7 @@ use crate::model::{DitInputs, DitModel, WanTransformer};
 use crate::{Result, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_kernels::backend::HostBackend;
+use tessera_kernels::backend::Ops;
 use tessera_kernels::Tensor;
 
 /// One rank's view of a sequence-parallel job: the world group and the attention strategy, and
@@ -26,6 +26,9 @@ pub struct ShardContext {
     plan: ParallelPlan,
     timings: AttentionTimings,
     nccl: std::sync::OnceLock<NcclGroup>,
+    /// The ranks are threads of one process: a GPU model may stage its collectives through the
+    /// transport instead of NCCL (every plan on one GPU, for checking, not for speed).
+    in_process: bool,
 }
 
 impl ShardContext {
@@ -37,7 +40,7 @@ impl ShardContext {
         let world = Communicator::world(transport);
         let rank = world.rank();
         let (ulysses, ring) = (world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
-        Ok(Self { world, ulysses, ring, plan, timings: AttentionTimings::default(), nccl: std::sync::OnceLock::new() })
+        Ok(Self { world, ulysses, ring, plan, timings: AttentionTimings::default(), nccl: std::sync::OnceLock::new(), in_process: false })
     }
 
     /// Makes the group ready to run `model` on its device: every rank states where its model runs
@@ -78,7 +81,7 @@ impl ShardContext {
     /// Whether `model` can run sharded here: a GPU model needs the NCCL group joined.
     pub fn check_model(&self, model: &DitModel) -> Result<()> {
         match (model, self.nccl.get()) {
-            (DitModel::Cuda(_), None) if self.plan.ranks() > 1 => Err(missing_nccl_id(model, self.plan.ranks())),
+            (DitModel::Cuda(_), None) if self.plan.ranks() > 1 && !self.in_process => Err(missing_nccl_id(model, self.plan.ranks())),
             _ => Ok(()),
         }
     }
@@ -116,8 +119,9 @@ impl ShardContext {
     /// The model's velocity for the whole batch, on whichever backend it was loaded; every rank
     /// computes its own token range and ends with the full output, equal to the one-device
     /// forward to rounding. The CUDA model keeps its data on the GPU and talks through NCCL
-    /// (after [`join_device_group`](Self::join_device_group)); host backends (the f32 CPU model,
-    /// the bf16 twin) talk through this context's transport.
+    /// (after [`join_device_group`](Self::join_device_group)), or, for ranks that are threads of
+    /// one process ([`run_local_group`]), stages it through this context's transport; host
+    /// backends (the f32 CPU model, the bf16 twin) talk through the transport in place.
     ///
     /// Traced as a `forward` span (INFO) with what its collectives cost in attributes
     /// (`bytes_sent`, `ring_wait_s`, `all_to_all_s`) and an `all_gather` span for the output; the
@@ -129,13 +133,13 @@ impl ShardContext {
             (DitModel::Cpu(m), _) => self.forward_host(m, x),
             (DitModel::Emulated(m), _) => self.forward_host(m, x),
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
+            (DitModel::Cuda(m), None) if plan.ranks() > 1 => self.forward_host(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),
         })
     }
 
-    /// The sharded forward of a model whose buffers live in host memory, over this context's
-    /// transport.
-    fn forward_host<O: HostBackend>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor> {
+    /// The sharded forward over this context's transport (device buffers staged through the host).
+    fn forward_host<O: Ops>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor> {
         let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
         DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: self.plan, timings: &self.timings }.forward(model, x)
     }
@@ -227,7 +231,10 @@ pub fn run_local_group<T: Send>(transport: LocalTransport, plan: ParallelPlan, j
                         Some(t) => Arc::new(t),
                         None => Arc::new(TcpTransport::establish(rank, addrs, TcpOptions::default())?),
                     };
-                    ShardContext::new(t, plan).and_then(|ctx| job(&ctx))
+                    ShardContext::new(t, plan).and_then(|mut ctx| {
+                        ctx.in_process = true;
+                        job(&ctx)
+                    })
                 })
             })
             .collect();

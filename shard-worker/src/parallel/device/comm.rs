@@ -1,7 +1,8 @@
 //! Collectives on the backend's buffers, one trait for sequence parallelism: NCCL between GPUs
-//! ([`NcclDeviceComm`]), and the same operations over a host [`Communicator`] for the backends
-//! whose buffers live in host memory ([`HostDeviceComm`]: the f32 CPU model and the host twin of
-//! the CUDA model), over in-process or TCP transports.
+//! ([`NcclDeviceComm`]), and the same operations over a host [`Communicator`] for any backend
+//! ([`HostDeviceComm`], over in-process or TCP transports): host backends' buffers (the f32 CPU
+//! model, the bf16 twin) are read in place, device buffers are staged through host memory — so
+//! every parallel plan also runs with its ranks as threads sharing one GPU.
 
 use super::super::comm::{CommStats, Communicator, RingTicket, Traffic};
 use super::super::plan::ParallelPlan;
@@ -9,7 +10,7 @@ use crate::{Result, WorkerError};
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use tessera_kernels::backend::{CudaOps, Elem, HostBackend, Ops};
+use tessera_kernels::backend::{at_mut, CudaOps, Elem, Ops};
 use tessera_kernels::cuda::nccl::{NcclAbort, NcclComm, NcclId};
 use tessera_kernels::cuda::CudaSlice;
 
@@ -56,20 +57,46 @@ fn bytes_of<T: Elem>(count: usize) -> u64 {
     count as u64 * T::BYTES
 }
 
-/// A host [`Communicator`] carrying a host backend's buffers (values as little-endian bytes).
+/// A host [`Communicator`] carrying a backend's buffers (values as little-endian bytes): read in
+/// place when they live in host memory ([`Ops::host_view`]), else downloaded first; what arrives is
+/// written into the destination region ([`Ops::upload_into`]).
 pub struct HostDeviceComm<'a> {
     comm: &'a Communicator,
     pending: Mutex<Option<RingTicket>>,
+    /// Stage every buffer through a download, even host ones (tests the device path on the CPU).
+    always_stage: bool,
 }
 
 impl<'a> HostDeviceComm<'a> {
     /// Device collectives over `comm`.
     pub fn new(comm: &'a Communicator) -> Self {
-        Self { comm, pending: Mutex::new(None) }
+        Self { comm, pending: Mutex::new(None), always_stage: false }
+    }
+
+    /// As [`new`](Self::new), staging host buffers through downloads and uploads as device
+    /// buffers are: the path a GPU takes, for tests on machines without one.
+    pub fn staged(comm: &'a Communicator) -> Self {
+        Self { always_stage: true, ..Self::new(comm) }
     }
 
     fn pending(&self) -> Result<std::sync::MutexGuard<'_, Option<RingTicket>>> {
         self.pending.lock().map_err(|_| WorkerError::Collective("ring state lock poisoned".into()))
+    }
+
+    /// The values of `buf[..len]` on the host: in place, or downloaded.
+    fn read<'b, O: Ops, T: Elem>(&self, ops: &O, buf: &'b O::Buf<T>, len: usize) -> Result<std::borrow::Cow<'b, [T]>> {
+        let have = ops.len(buf);
+        if len > have {
+            return Err(WorkerError::Collective(format!("{len} values of a buffer of {have}")));
+        }
+        Ok(match ops.host_view(buf).filter(|_| !self.always_stage) {
+            Some(v) => std::borrow::Cow::Borrowed(&v[..len]),
+            None => {
+                let mut all = ops.download(buf)?;
+                all.truncate(len);
+                std::borrow::Cow::Owned(all)
+            }
+        })
     }
 }
 
@@ -79,16 +106,15 @@ fn encode<T: Elem>(values: &[T]) -> Bytes {
     Bytes::from(out)
 }
 
-/// Writes the values of `bytes` into `dst`, which they must fill exactly.
-fn decode_into<T: Elem>(what: &str, bytes: &[u8], dst: &mut [T]) -> Result<()> {
-    if bytes.len() as u64 != bytes_of::<T>(dst.len()) {
-        return Err(WorkerError::Collective(format!("{what}: {} bytes arrived for {} values of {} bytes", bytes.len(), dst.len(), T::BYTES)));
+/// Writes the values of `bytes` into `dst[range]` on the device, which they must fill exactly.
+fn decode_into<O: Ops, T: Elem>(ops: &O, what: &str, bytes: &[u8], dst: &mut O::Buf<T>, range: Range<usize>) -> Result<()> {
+    if bytes.len() as u64 != bytes_of::<T>(range.len()) {
+        return Err(WorkerError::Collective(format!("{what}: {} bytes arrived for {} values of {} bytes", bytes.len(), range.len(), T::BYTES)));
     }
-    dst.copy_from_slice(&T::get_le(bytes));
-    Ok(())
+    Ok(ops.upload_into(&T::get_le(bytes), at_mut(dst, range.start))?)
 }
 
-impl<O: HostBackend> DeviceComm<O> for HostDeviceComm<'_> {
+impl<O: Ops> DeviceComm<O> for HostDeviceComm<'_> {
     fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -99,49 +125,49 @@ impl<O: HostBackend> DeviceComm<O> for HostDeviceComm<'_> {
 
     fn exchange<T: Elem>(
         &self,
-        _ops: &O,
+        ops: &O,
         traffic: Traffic,
         send: &O::Buf<T>,
         send_parts: &[Range<usize>],
         recv: &mut O::Buf<T>,
         recv_parts: &[Range<usize>],
     ) -> Result<()> {
-        let (send, recv) = (O::host(send), O::host_mut(recv));
         let size = self.comm.size();
-        check_parts("send", send_parts, size, send.len())?;
-        check_parts("receive", recv_parts, size, recv.len())?;
-        let parts = send_parts.iter().map(|r| encode(&send[r.clone()])).collect();
+        check_parts("send", send_parts, size, ops.len(send))?;
+        check_parts("receive", recv_parts, size, ops.len(recv))?;
+        let host = self.read(ops, send, send_parts.iter().map(|r| r.end).max().unwrap_or(0))?;
+        let parts = send_parts.iter().map(|r| encode(&host[r.clone()])).collect();
         let got = self.comm.exchange_bytes(parts, traffic)?;
         for (j, (bytes, r)) in got.iter().zip(recv_parts).enumerate() {
-            decode_into(&format!("part from member {j}"), bytes, &mut recv[r.clone()])?;
+            decode_into(ops, &format!("part from member {j}"), bytes, recv, r.clone())?;
         }
         Ok(())
     }
 
-    fn ring_start<T: Elem>(&self, _ops: &O, send: &O::Buf<T>, send_len: usize, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
-        let (send, recv) = (O::host(send), O::host(recv));
-        let (Some(data), true) = (send.get(..send_len), recv_len <= recv.len()) else {
+    fn ring_start<T: Elem>(&self, ops: &O, send: &O::Buf<T>, send_len: usize, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
+        if send_len > ops.len(send) || recv_len > ops.len(recv) {
             return Err(WorkerError::Collective(format!(
                 "ring hop of {send_len} values from a buffer of {}, {recv_len} into one of {}",
-                send.len(),
-                recv.len()
+                ops.len(send),
+                ops.len(recv)
             )));
-        };
+        }
         let mut pending = self.pending()?;
         if pending.is_some() {
             return Err(WorkerError::Collective("a ring hop started before the last one was waited for".into()));
         }
-        *pending = Some(self.comm.ring_post(encode(data))?);
+        *pending = Some(self.comm.ring_post(encode(&self.read(ops, send, send_len)?))?);
         Ok(())
     }
 
-    fn ring_wait<T: Elem>(&self, _ops: &O, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
-        let recv = O::host_mut(recv);
+    fn ring_wait<T: Elem>(&self, ops: &O, recv: &mut O::Buf<T>, recv_len: usize) -> Result<()> {
         let ticket = self.pending()?.take().ok_or_else(|| WorkerError::Collective("ring wait without a hop in flight".into()))?;
         let bytes = self.comm.ring_take(ticket)?;
-        let have = recv.len();
-        let dst = recv.get_mut(..recv_len).ok_or_else(|| WorkerError::Collective(format!("ring block of {recv_len} values into a buffer of {have}")))?;
-        decode_into("ring block", &bytes, dst)
+        let have = ops.len(recv);
+        if recv_len > have {
+            return Err(WorkerError::Collective(format!("ring block of {recv_len} values into a buffer of {have}")));
+        }
+        decode_into(ops, "ring block", &bytes, recv, 0..recv_len)
     }
 }
 

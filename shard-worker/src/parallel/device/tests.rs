@@ -2,6 +2,7 @@
 //! the CUDA model), over in-process ranks: every plan against the one-device forward, and the
 //! bytes each rank moves.
 
+use super::{DeviceShard, HostDeviceComm};
 use crate::golden::{Comparison, Tolerance};
 use crate::model::DitModel;
 use crate::parallel::{run_in_process, CommCounts, ParallelPlan, ShardContext};
@@ -102,6 +103,39 @@ fn bytes_match(model: &DitModel, act: u64) {
             assert_eq!(c.all_to_all, layers * 4 * (n / p) * hd * (u - 1) / u * act, "P={p} U={u}");
             assert_eq!(c.all_gather, (p - 1) * (n / p) * cfg.patch_out() as u64 * f32b, "P={p}");
             assert_eq!(c.received, c.sent(), "P={p} U={u}: even shards receive what they send");
+        }
+    }
+}
+
+/// Device buffers are staged through host memory (download, send, upload into the region) where
+/// host buffers are read in place: the same values arrive either way, so the staged path (what
+/// a GPU's in-process ranks take) gives bit-identical forwards and moves the same bytes.
+#[test]
+fn staged_collectives_give_the_in_place_results() {
+    for model in both_backends(7) {
+        let cfg = model.config().clone();
+        let hidden = random(&[2, cfg.in_channels, 1, 6, 10], 5);
+        let text = random(&[2, 5, cfg.text_dim], 6);
+        let x = DitInputs { hidden_states: &hidden, timesteps: &[600.0, 80.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        for (ranks, ulysses) in [(2, 1), (2, 2), (4, 2), (3, 1)] {
+            let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
+            let runs = run_in_process(plan, |ctx| {
+                let in_place = device_forward(ctx, &model, &x);
+                let (world, ulysses, ring) = (HostDeviceComm::staged(ctx.world()), HostDeviceComm::staged(ctx.ulysses()), HostDeviceComm::staged(ctx.ring()));
+                let shard = DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: ctx.plan(), timings: ctx.timings() };
+                let before = ctx.world().stats();
+                let staged = match &model {
+                    DitModel::Cpu(m) => shard.forward(m, &x),
+                    DitModel::Emulated(m) => shard.forward(m, &x),
+                    DitModel::Cuda(_) => unreachable!("host backends only"),
+                }?;
+                Ok((in_place, (staged, ctx.world().stats() - before)))
+            })
+            .unwrap();
+            for (rank, ((a, bytes_a), (b, bytes_b))) in runs.iter().enumerate() {
+                assert!(a.data() == b.data(), "{}: P={ranks} U={ulysses} rank {rank}: staged differs", model.describe());
+                assert_eq!(bytes_a.sent(), bytes_b.sent(), "P={ranks} U={ulysses} rank {rank}: bytes");
+            }
         }
     }
 }
