@@ -430,3 +430,39 @@ fn device_choice_resolves_to_the_gpu() {
     println!("device 0: {} ({}), {} SMs", dev.name(), dev.arch(), dev.multiprocessors());
     dev.warm_up().unwrap();
 }
+
+/// NCCL on one GPU, a group of one: init (with its timeout), an exchange (the all-gather and
+/// all-to-all of one member: its own part), a ring hop to itself on the side stream, a split, and
+/// abort: a second abort does nothing, later calls fail cleanly, dropping after abort is safe.
+#[test]
+fn nccl_group_of_one_smoke() {
+    use tessera_kernels::cuda::nccl::{nccl_available, NcclComm, NcclId};
+    let Some(dev) = gpu("nccl_group_of_one") else { return };
+    if !nccl_available() {
+        assert!(std::env::var("TESSERA_REQUIRE_GPU").map_or(true, |v| v != "1"), "TESSERA_REQUIRE_GPU=1 and libnccl.so is missing");
+        eprintln!("SKIPPED nccl_group_of_one: libnccl.so not found");
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let comm = NcclComm::init_timeout(dev.clone(), &id, 0, 1, std::time::Duration::from_secs(60)).unwrap();
+    let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+    let whole = std::slice::from_ref(&(0..1000));
+    let send = dev.upload(&x).unwrap();
+    let mut recv = dev.zeros::<f32>(1000).unwrap();
+    comm.exchange(&send, whole, &mut recv, whole).unwrap();
+    assert_eq!(dev.download(&recv).unwrap(), x, "own part of an exchange");
+    let mut hop = dev.zeros::<f32>(1000).unwrap();
+    comm.ring_start(&send, 1000, &mut hop, 1000).unwrap();
+    comm.ring_wait().unwrap();
+    assert_eq!(dev.download(&hop).unwrap(), x, "a ring hop to itself");
+    let sub = comm.split(0, 0).unwrap();
+    assert_eq!((sub.rank(), sub.size()), (0, 1));
+    let abort = comm.abort_handle();
+    abort.abort();
+    abort.abort();
+    assert!(abort.is_aborted());
+    let err = comm.exchange(&send, whole, &mut recv, whole).unwrap_err().to_string();
+    assert!(err.contains("aborted"), "{err}");
+    drop(comm);
+    drop(sub);
+}

@@ -84,16 +84,23 @@ fn check(op: &'static str, r: sys::ncclResult_t) -> Result<()> {
 struct RawComm(sys::ncclComm_t);
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not overlap;
-// every call goes through the `Mutex` in `NcclComm`.
+// every call goes through the `Mutex` in `Shared`.
 unsafe impl Send for RawComm {}
+
+/// What a communicator and its abort handles share: the handle under its lock, and whether it was
+/// aborted (then NCCL has freed it and nobody may use it again).
+struct Shared {
+    comm: Mutex<RawComm>,
+    /// The same handle, for an abort that cannot take the lock (a call blocked inside NCCL).
+    raw: usize,
+    aborted: AtomicBool,
+}
 
 /// One member of an NCCL group on a [`CudaDevice`]. Exchanges run on the device's stream, in order
 /// with its kernels; ring hops run on a side stream of this communicator. Every member must make
 /// the same calls in the same order.
 pub struct NcclComm {
-    comm: Mutex<RawComm>,
-    /// The same handle, for [`NcclAbort`] (which must not wait for the lock).
-    abort: NcclAbort,
+    shared: Arc<Shared>,
     dev: Arc<CudaDevice>,
     side: Arc<CudaStream>,
     rank: usize,
@@ -105,32 +112,52 @@ pub struct NcclComm {
 /// is released or whose group has failed.
 #[derive(Clone)]
 pub struct NcclAbort {
-    raw: usize,
-    aborted: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for NcclAbort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NcclAbort(aborted: {})", self.aborted.load(Ordering::SeqCst))
+        write!(f, "NcclAbort(aborted: {})", self.is_aborted())
     }
 }
 
+/// How long an abort waits for a call in progress to finish queueing its work (queueing returns at
+/// once; only a call blocked inside NCCL, which the abort is there to end, takes longer).
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl NcclAbort {
-    /// Aborts the communicator (once; later calls do nothing).
+    /// Aborts the communicator (once; later calls, and calls racing this one, do nothing).
+    ///
+    /// Safe against a concurrent call on the communicator: the flag is set first, then the abort
+    /// takes the call lock, so no call can start on the freed handle (every call checks the flag
+    /// under the lock). A call already blocked inside NCCL holds the lock; after [`ABORT_GRACE`]
+    /// the abort proceeds without it, which is what `ncclCommAbort` exists for: the blocked call
+    /// returns an error and its thread, holding the lock, touches the handle no more.
     pub fn abort(&self) {
-        if !self.aborted.swap(true, Ordering::SeqCst) {
-            // SAFETY: the handle is live (it is freed only here or, when never aborted, by the
-            // owner's Drop, which checks the same flag); NCCL allows aborting a communicator whose
-            // operations another thread is blocked on.
-            unsafe {
-                let _ = sys::ncclCommAbort(self.raw as sys::ncclComm_t);
-            }
+        if self.shared.aborted.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let deadline = std::time::Instant::now() + ABORT_GRACE;
+        let guard = loop {
+            match self.shared.comm.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        // SAFETY: the handle is live: only the first abort (this one, by the flag) or the owner's
+        // Drop (which claims the same flag first) frees it. With the lock held no other call is in
+        // flight; without it, the holder is blocked inside NCCL, which `ncclCommAbort` ends.
+        unsafe {
+            let _ = sys::ncclCommAbort(self.shared.raw as sys::ncclComm_t);
+        }
+        drop(guard);
     }
 
     /// Whether the communicator was aborted.
     pub fn is_aborted(&self) -> bool {
-        self.aborted.load(Ordering::SeqCst)
+        self.shared.aborted.load(Ordering::SeqCst)
     }
 }
 
@@ -167,10 +194,39 @@ impl NcclComm {
         Self::wrap(dev, comm, rank, size)
     }
 
+    /// [`init`](Self::init) with a bound on the wait: NCCL's init has no timeout and blocks until
+    /// every member has joined, so it runs on a thread of its own and this call gives up after
+    /// `timeout` with an error naming it. (The abandoned thread stays blocked in NCCL until its
+    /// rendezvous fails; if the group forms after all, the communicator it makes is freed.)
+    pub fn init_timeout(dev: Arc<CudaDevice>, id: &NcclId, rank: usize, size: usize, timeout: std::time::Duration) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let id = *id;
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{rank}"))
+            .spawn(move || {
+                // A receiver gone (timed out) drops the communicator, which frees it.
+                let _ = tx.send(Self::init(dev, &id, rank, size));
+            })
+            .map_err(|e| KernelError::cuda("ncclCommInitRank", format!("cannot start the init thread: {e}")))?;
+        match rx.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(_) => Err(KernelError::cuda(
+                "ncclCommInitRank",
+                format!("rank {rank} of {size}: the group did not form within {:.0} s (a member never joined)", timeout.as_secs_f64()),
+            )),
+        }
+    }
+
     fn wrap(dev: Arc<CudaDevice>, comm: sys::ncclComm_t, rank: usize, size: usize) -> Result<Self> {
-        let side = dev.context().new_stream().map_err(|e| KernelError::cuda("new_stream", e))?;
-        let abort = NcclAbort { raw: comm as usize, aborted: Arc::new(AtomicBool::new(false)) };
-        Ok(Self { comm: Mutex::new(RawComm(comm)), abort, dev, side, rank, size })
+        let shared = Arc::new(Shared { comm: Mutex::new(RawComm(comm)), raw: comm as usize, aborted: AtomicBool::new(false) });
+        let side = match dev.context().new_stream() {
+            Ok(s) => s,
+            Err(e) => {
+                NcclAbort { shared }.abort();
+                return Err(KernelError::cuda("new_stream", e));
+            }
+        };
+        Ok(Self { shared, dev, side, rank, size })
     }
 
     /// A subgroup: the members that give the same `color` form one communicator, ranked by `key`
@@ -209,14 +265,17 @@ impl NcclComm {
 
     /// A handle that aborts this communicator from another thread.
     pub fn abort_handle(&self) -> NcclAbort {
-        self.abort.clone()
+        NcclAbort { shared: self.shared.clone() }
     }
 
+    /// The handle, for one call: the lock is taken first and the abort flag checked under it, so
+    /// an abort (which sets the flag, then takes the lock) never frees a handle a call is using.
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RawComm>> {
-        if self.abort.is_aborted() {
+        let guard = self.shared.comm.lock().map_err(|_| KernelError::cuda("nccl", "communicator lock poisoned"))?;
+        if self.shared.aborted.load(Ordering::SeqCst) {
             return Err(KernelError::cuda("nccl", "the communicator was aborted (its job was released or its group failed)"));
         }
-        self.comm.lock().map_err(|_| KernelError::cuda("nccl", "communicator lock poisoned"))
+        Ok(guard)
     }
 
     /// Sends `send[send_parts[j]]` to member `j` and receives member `j`'s part into
@@ -328,19 +387,19 @@ fn unsafe_group_end() -> sys::ncclResult_t {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.abort.is_aborted() {
+        if self.shared.aborted.load(Ordering::SeqCst) {
             return;
         }
         let _ = self.dev.synchronize();
         let _ = self.side.synchronize();
-        // Claims the handle: a concurrent abort now does nothing.
-        if !self.abort.aborted.swap(true, Ordering::SeqCst) {
-            if let Ok(c) = self.comm.get_mut() {
-                // SAFETY: the communicator is live and no call on it is in flight (both streams
-                // are drained); it is not used after this.
-                unsafe {
-                    let _ = sys::ncclCommDestroy(c.0);
-                }
+        // Claims the handle under the call lock: a concurrent abort now does nothing.
+        let guard = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.shared.aborted.swap(true, Ordering::SeqCst) {
+            // SAFETY: the communicator is live (not aborted, by the flag just claimed) and no call
+            // on it is in flight (both streams are drained, and this holds the call lock); it is
+            // not used after this.
+            unsafe {
+                let _ = sys::ncclCommDestroy(guard.0);
             }
         }
     }

@@ -94,7 +94,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
             }
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: rows, q_stride, kv_stride: 2 * wd };
             let (k, v) = (at(&cur, 0), at(&cur, wd));
-            self.timings.time(Phase::Compute, || -> Result<()> {
+            let computed = self.timings.time(Phase::Compute, || -> Result<()> {
                 match (s, part.as_mut()) {
                     (0, _) | (_, None) => flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse)?,
                     (_, Some((out, lse))) => {
@@ -103,10 +103,16 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
                     }
                 }
                 Ok(())
-            })?;
+            });
             if s + 1 < r {
-                self.timings.time(Phase::RingWait, || self.ring.ring_wait(ops, &mut next, rows_at(s + 1) * 2 * wd))?;
+                // The hop in flight reads `cur` and writes `next`: wait for it even when the
+                // compute failed, so neither buffer is freed under a running transfer.
+                let waited = self.timings.time(Phase::RingWait, || self.ring.ring_wait(ops, &mut next, rows_at(s + 1) * 2 * wd));
+                computed?;
+                waited?;
                 std::mem::swap(&mut cur, &mut next);
+            } else {
+                computed?;
             }
         }
         Ok(acc)

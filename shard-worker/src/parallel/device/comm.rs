@@ -171,6 +171,11 @@ impl<O: Ops> DeviceComm<O> for HostDeviceComm<'_> {
     }
 }
 
+/// How long a rank waits for its NCCL group to form. Every rank has passed a barrier on the job's
+/// transport just before (`ShardContext::join_device_group`), so this only runs out when a member
+/// dies in between; NCCL's own init would wait forever.
+pub const NCCL_INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// NCCL between the GPUs of a group: exchanges on the device's stream, ring hops on a side stream
 /// overlapping the attention kernels. Bytes are counted in the job's shared counters.
 pub struct NcclDeviceComm {
@@ -236,7 +241,7 @@ impl NcclGroup {
     /// Joins the group named by `id` as `rank` of `plan` on the model's device (blocks until all
     /// ranks have joined); bytes are counted in `stats`.
     pub fn join(ops: &CudaOps, id: &NcclId, rank: usize, plan: ParallelPlan, stats: Arc<CommStats>) -> Result<Self> {
-        let world = NcclComm::init(ops.device().clone(), id, rank, plan.ranks())?;
+        let world = NcclComm::init_timeout(ops.device().clone(), id, rank, plan.ranks(), NCCL_INIT_TIMEOUT)?;
         // Ulysses groups are runs of `ulysses` consecutive ranks; ring groups take every
         // `ulysses`-th rank (ParallelPlan's layout), each ranked by position.
         let ulysses = world.split(rank / plan.ulysses, rank % plan.ulysses)?;
