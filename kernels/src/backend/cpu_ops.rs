@@ -27,24 +27,10 @@ impl Ops for CpuOps {
     type Rope = RopeTable;
     type Act = f32;
 
+    super::host_vec::vec_buffers!();
+
     fn describe(&self) -> String {
         "cpu (f32)".into()
-    }
-
-    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
-        buf.len()
-    }
-
-    fn zeros<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); n])
-    }
-
-    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
-        Ok(host.to_vec())
-    }
-
-    fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Vec<T>> {
-        Ok(host)
     }
 
     fn upload_into<T: Elem>(&self, host: &[T], dst: AtMut<'_, Vec<T>>) -> Result<()> {
@@ -53,29 +39,8 @@ impl Ops for CpuOps {
         Ok(())
     }
 
-    fn host_view<'b, T: Elem>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
-        Some(buf)
-    }
-
-    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
-        Ok(buf.clone())
-    }
-
-    fn upload_rope(&self, table: &RopeTable) -> Result<RopeTable> {
-        Ok(table.clone())
-    }
-
     fn attention_width(&self, head_dim: usize) -> Option<usize> {
         Some(head_dim).filter(|&h| h > 0 && h.is_multiple_of(2))
-    }
-
-    fn copy_rows<T: Elem>(&self, src: At<'_, Vec<T>>, src_pitch: usize, dst: AtMut<'_, Vec<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
-        contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
-        for r in 0..rows {
-            let (s, d) = (src.offset + r * src_pitch, dst.offset + r * dst_pitch);
-            dst.buf[d..d + width].copy_from_slice(&src.buf[s..s + width]);
-        }
-        Ok(())
     }
 
     fn linear(
@@ -137,11 +102,7 @@ impl Ops for CpuOps {
             return Ok(());
         }
         let res = cpu::attention(&q.buf[qr], &k.buf[kr], &v.buf[vr], shape, scale)?;
-        let hd = shape.heads * shape.head_dim;
-        let dst = &mut out.buf[or];
-        for (i, row) in res.out.chunks_exact(hd).enumerate() {
-            dst[i * out_stride..i * out_stride + hd].iter_mut().zip(row).for_each(|(d, &s)| *d = O::from_f32(s));
-        }
+        super::host_vec::store_rows(&mut out.buf[or], &res.out, shape.heads * shape.head_dim, out_stride);
         lse[..res.lse.len()].copy_from_slice(&res.lse);
         Ok(())
     }
@@ -176,31 +137,13 @@ impl Ops for CpuOps {
         let bias = cpu::RelativeBias { table: &rel.buf[r.rel], pitch };
         let mask = key_add.zip(r.key_add).map(|(m, range)| &m.buf[range]);
         let res = cpu::biased_attention(&q.buf[qr], &k.buf[kr], &v.buf[vr], shape, scale, bias, mask)?;
-        let hd = shape.heads * shape.head_dim;
-        let dst = &mut out.buf[or];
-        for (i, row) in res.chunks_exact(hd).enumerate() {
-            dst[i * out_stride..i * out_stride + hd].copy_from_slice(row);
-        }
+        super::host_vec::store_rows(&mut out.buf[or], &res, shape.heads * shape.head_dim, out_stride);
         Ok(())
     }
 
     fn mul(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<f32>>, n: usize) -> Result<()> {
         let (xr, yr) = (region("mul", "x", x.buf.len(), x.offset, n)?, region("mul", "y", y.buf.len(), y.offset, n)?);
         cpu::mul_in_place(&mut x.buf[xr], &y.buf[yr])
-    }
-
-    fn merge_partials(
-        &self,
-        out_a: &mut Vec<f32>,
-        lse_a: &mut Vec<f32>,
-        out_b: &Vec<f32>,
-        lse_b: &Vec<f32>,
-        q_len: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
-        cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)
     }
 
     fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
@@ -221,21 +164,7 @@ impl Ops for CpuOps {
     }
 
     fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
-        if latent.len() < g.latent_len() {
-            return Err(shape_err("patchify", format!("latent has {} elements, needs {}", latent.len(), g.latent_len())));
-        }
-        let r = region("patchify", "out", out.len(), 0, tokens.len() * g.features())?;
-        let rows = cpu::patchify(&latent[..g.latent_len()], g, tokens)?;
-        out[r].copy_from_slice(&rows);
-        Ok(())
-    }
-
-    fn unpatchify(&self, rows: &Vec<f32>, g: &PatchGeometry, latent: &mut Vec<f32>) -> Result<()> {
-        let r = region("unpatchify", "rows", rows.len(), 0, g.tokens() * g.features())?;
-        let lr = region("unpatchify", "latent", latent.len(), 0, g.latent_len())?;
-        let out = cpu::unpatchify(&rows[r], g)?;
-        latent[lr].copy_from_slice(&out);
-        Ok(())
+        super::host_vec::patchify(latent, g, tokens, out)
     }
 }
 

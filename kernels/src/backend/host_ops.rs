@@ -5,7 +5,7 @@
 //! is the yardstick the CUDA forward is compared with on a GPU. Not fast: a test tool.
 
 use super::contract;
-use super::{shape_err, At, AtMut, Elem, NormArgs, Ops};
+use super::{At, AtMut, Elem, NormArgs, Ops};
 use crate::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
 use crate::Result;
 use half::bf16;
@@ -28,48 +28,13 @@ impl Ops for HostOps {
     type Rope = RopeTable;
     type Act = bf16;
 
+    super::host_vec::vec_buffers!();
+
     fn describe(&self) -> String {
         "host emulation of the CUDA kernels (bf16)".into()
     }
 
-    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
-        buf.len()
-    }
-
-    fn zeros<T: Elem>(&self, n: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); n])
-    }
-
-    fn upload<T: Elem>(&self, host: &[T]) -> Result<Vec<T>> {
-        Ok(host.to_vec())
-    }
-
-    fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Vec<T>> {
-        Ok(host)
-    }
-
     // `upload_into` is the trait's staging upload + device copy, as on the GPU.
-
-    fn host_view<'b, T: Elem>(&self, buf: &'b Vec<T>) -> Option<&'b [T]> {
-        Some(buf)
-    }
-
-    fn download<T: Elem>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
-        Ok(buf.clone())
-    }
-
-    fn upload_rope(&self, table: &RopeTable) -> Result<RopeTable> {
-        Ok(table.clone())
-    }
-
-    fn copy_rows<T: Elem>(&self, src: At<'_, Vec<T>>, src_pitch: usize, dst: AtMut<'_, Vec<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
-        contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
-        for r in 0..rows {
-            let (s, d) = (src.offset + r * src_pitch, dst.offset + r * dst_pitch);
-            dst.buf[d..d + width].copy_from_slice(&src.buf[s..s + width]);
-        }
-        Ok(())
-    }
 
     fn linear(
         &self,
@@ -139,11 +104,7 @@ impl Ops for HostOps {
             return Ok(());
         }
         let res = cpu::attention(&widen(&q.buf[qr]), &widen(&k.buf[kr]), &widen(&v.buf[vr]), shape, scale)?;
-        let hd = shape.heads * shape.head_dim;
-        let dst = &mut out.buf[or];
-        for (i, row) in res.out.chunks_exact(hd).enumerate() {
-            store(&mut dst[i * out_stride..i * out_stride + hd], row);
-        }
+        super::host_vec::store_rows(&mut out.buf[or], &res.out, shape.heads * shape.head_dim, out_stride);
         lse[..res.lse.len()].copy_from_slice(&res.lse);
         Ok(())
     }
@@ -177,11 +138,7 @@ impl Ops for HostOps {
         let bias = cpu::RelativeBias { table: &rel.buf[r.rel], pitch };
         let mask = key_add.zip(r.key_add).map(|(m, range)| &m.buf[range]);
         let res = cpu::biased_attention(&widen(&q.buf[qr]), &widen(&k.buf[kr]), &widen(&v.buf[vr]), shape, scale, bias, mask)?;
-        let hd = shape.heads * shape.head_dim;
-        let dst = &mut out.buf[or];
-        for (i, row) in res.chunks_exact(hd).enumerate() {
-            store(&mut dst[i * out_stride..i * out_stride + hd], row);
-        }
+        super::host_vec::store_rows(&mut out.buf[or], &res, shape.heads * shape.head_dim, out_stride);
         Ok(())
     }
 
@@ -191,20 +148,6 @@ impl Ops for HostOps {
         cpu::mul_in_place(&mut xw, &widen(&y.buf[yr]))?;
         store(&mut x.buf[xr], &xw);
         Ok(())
-    }
-
-    fn merge_partials(
-        &self,
-        out_a: &mut Vec<f32>,
-        lse_a: &mut Vec<f32>,
-        out_b: &Vec<f32>,
-        lse_b: &Vec<f32>,
-        q_len: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        contract::merge_partials((out_a.len(), lse_a.len()), (out_b.len(), lse_b.len()), q_len, heads, head_dim)?;
-        cpu::merge_partials(out_a, lse_a, out_b, lse_b, heads, head_dim)
     }
 
     fn add<Y: Elem>(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<Y>>, gate: Option<At<'_, Vec<f32>>>, n: usize, dim: usize) -> Result<()> {
@@ -230,22 +173,7 @@ impl Ops for HostOps {
     }
 
     fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<bf16>) -> Result<()> {
-        if latent.len() < g.latent_len() {
-            return Err(shape_err("patchify", format!("latent has {} elements, needs {}", latent.len(), g.latent_len())));
-        }
-        let n = tokens.len() * g.features();
-        let r = range("patchify", "out", out.len(), 0, n)?;
-        let rows = cpu::patchify(&latent[..g.latent_len()], g, tokens)?;
-        store(&mut out[r], &rows);
-        Ok(())
-    }
-
-    fn unpatchify(&self, rows: &Vec<f32>, g: &PatchGeometry, latent: &mut Vec<f32>) -> Result<()> {
-        let r = range("unpatchify", "rows", rows.len(), 0, g.tokens() * g.features())?;
-        let lr = range("unpatchify", "latent", latent.len(), 0, g.latent_len())?;
-        let out = cpu::unpatchify(&rows[r], g)?;
-        latent[lr].copy_from_slice(&out);
-        Ok(())
+        super::host_vec::patchify(latent, g, tokens, out)
     }
 }
 

@@ -9,6 +9,7 @@ mod contract;
 mod cpu_ops;
 mod cuda_ops;
 mod host_ops;
+mod host_vec;
 
 pub use cpu_ops::CpuOps;
 pub use cuda_ops::CudaOps;
