@@ -147,6 +147,7 @@ run() {
   step "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
+  step "tessera bench text --backend cuda, UMT5-XXL width (2 layers)" "$BIN/tessera" bench text --backend cuda --layers 2 --tokens 25,512 --iters "${ITERS:-10}"
   step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "tessera generate, transformer on cuda vs cpu (tiny preset, 256x256, 33 frames, 20 steps)" bash -c \

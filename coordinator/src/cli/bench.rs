@@ -156,7 +156,15 @@ fn bench_dit(a: DitArgs) -> Result<()> {
     let (_, grid) = model.check_inputs(&inputs)?;
     let tokens = grid.tokens();
     sys::reset_peak_rss();
-    let stats = time_runs(&a.timing, || model.forward(&inputs).map(|_| ()).map_err(Into::into))?;
+    // GPU memory is sampled after every run (the driver has no peak counter).
+    let mut device_mem: Option<(u64, u64)> = None;
+    let stats = time_runs(&a.timing, || {
+        model.forward(&inputs)?;
+        if let Some((used, total)) = model.device_memory() {
+            device_mem = Some((device_mem.map_or(used, |(u, _)| u.max(used)), total));
+        }
+        Ok(())
+    })?;
     let peak = sys::peak_rss_bytes().unwrap_or(0);
     let flops = cfg.forward_flops(tokens, a.text_len, image.as_ref().map_or(0, |_| 257));
     let tok_s = tokens as f64 / (stats.median_ms / 1e3);
@@ -167,7 +175,8 @@ fn bench_dit(a: DitArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"bench": "dit", "model": name, "device": on, "latent": a.latent, "tokens": tokens, "text_len": a.text_len, "threads": threads,
-                "median_ms": stats.median_ms, "min_ms": stats.min_ms, "tokens_per_s": tok_s, "gflop": flops / 1e9, "gflops": gflops, "peak_rss_mib": sys::mib(peak)})
+                "median_ms": stats.median_ms, "min_ms": stats.min_ms, "tokens_per_s": tok_s, "gflop": flops / 1e9, "gflops": gflops, "peak_rss_mib": sys::mib(peak),
+                "device_memory_mib": device_mem.map(|(u, _)| sys::mib(u)), "device_memory_total_mib": device_mem.map(|(_, t)| sys::mib(t))})
         );
     } else {
         println!("dit forward  model {name}  on {on}  latent {:?}  tokens {tokens}  text {}  threads {threads}", a.latent, a.text_len);
@@ -180,6 +189,9 @@ fn bench_dit(a: DitArgs) -> Result<()> {
             flops / 1e9,
             sys::mib(peak)
         );
+        if let Some((used, total)) = device_mem {
+            println!("  device memory in use {:.0} MiB of {:.0} MiB (the most seen after a run)", sys::mib(used), sys::mib(total));
+        }
     }
     if a.ranks > 1 {
         let plan =

@@ -76,15 +76,17 @@ pub fn run(a: TextArgs) -> Result<()> {
         }
         times.sort_by(f64::total_cmp);
         let (median, min, peak) = (times[times.len() / 2], times[0], sys::peak_rss_bytes().unwrap_or(0));
+        let device_mem = model.device_memory();
         if a.timing.json {
             println!(
                 "{}",
                 serde_json::json!({"bench": "text-encoder", "model": name, "backend": backend.name(), "threads": threads, "tokens": n,
                     "layers": cfg.num_layers, "median_ms": median, "min_ms": min, "ms_per_layer": median / cfg.num_layers as f64,
-                    "peak_rss_mib": sys::mib(peak)})
+                    "peak_rss_mib": sys::mib(peak), "device_memory_mib": device_mem.map(|(u, _)| sys::mib(u))})
             );
         } else {
-            println!("{n:>7} {median:>11.1} {min:>11.1} {:>13.1} {:>13.0}", median / cfg.num_layers as f64, sys::mib(peak));
+            let gpu = device_mem.map_or(String::new(), |(u, t)| format!("  (device memory in use {:.0} of {:.0} MiB)", sys::mib(u), sys::mib(t)));
+            println!("{n:>7} {median:>11.1} {min:>11.1} {:>13.1} {:>13.0}{gpu}", median / cfg.num_layers as f64, sys::mib(peak));
         }
     }
     Ok(())

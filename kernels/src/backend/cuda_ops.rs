@@ -72,6 +72,10 @@ impl Ops for CudaOps {
         format!("cuda:{} ({}, {})", self.dev.ordinal(), self.dev.name(), self.dev.arch())
     }
 
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        self.dev.memory_in_use().ok()
+    }
+
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
     }

@@ -213,6 +213,11 @@ pub trait Ops: Send + Sync + Sized {
     fn upload_vec<T: Elem>(&self, host: Vec<T>) -> Result<Self::Buf<T>> {
         self.upload(&host)
     }
+    /// Device memory in use and in total, in bytes, for devices with memory of their own (None on
+    /// the host backends, whose memory is the process's).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// The whole buffer, copied to the host (waits for the queued work).
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
     /// Writes `host` into `dst` from its offset (a staging upload, then a device copy; host

@@ -246,6 +246,14 @@ impl CudaDevice {
         self.multiprocessors
     }
 
+    /// Device memory in use and in total, in bytes, as the driver reports them (every process's
+    /// allocations and this one's memory pools included).
+    pub fn memory_in_use(&self) -> Result<(u64, u64)> {
+        self.ctx.bind_to_thread().map_err(|e| KernelError::cuda("cuMemGetInfo", e))?;
+        let (free, total) = self.ctx.mem_get_info().map_err(|e| KernelError::cuda("cuMemGetInfo", e))?;
+        Ok(((total - free) as u64, total as u64))
+    }
+
     /// Waits until all queued work is done (and reports an asynchronous error if one happened).
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| KernelError::cuda("synchronize", e))

@@ -80,6 +80,14 @@ impl DitModel {
         self.backend().device()
     }
 
+    /// Device memory in use and in total (bytes) where the model runs on a GPU.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        match self {
+            Self::Cuda(m) => m.ops().device_memory(),
+            Self::Cpu(_) | Self::Emulated(_) => None,
+        }
+    }
+
     /// A line saying where and in which precision the model runs.
     pub fn describe(&self) -> String {
         match self {

@@ -313,6 +313,11 @@ impl Umt5EncoderModel {
         }
     }
 
+    /// Device memory in use and in total (bytes) where the encoder runs on a GPU.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        on_backend!(self, m => m.ops().device_memory())
+    }
+
     /// See [`Umt5Encoder::forward`].
     pub fn forward(&self, input_ids: &[u32], attention_mask: &[bool], batch: usize) -> Result<Tensor> {
         on_backend!(self, m => m.forward(input_ids, attention_mask, batch))
