@@ -2,11 +2,11 @@
 //! peak memory) for the transformer forward and for attention alone.
 
 use super::bench_sharded;
+use super::bench_timing::{time_runs, Timing};
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::process::ExitCode;
-use std::time::Instant;
 use tessera_kernels::cpu::{attention, AttentionShape};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Device;
@@ -26,20 +26,6 @@ pub enum BenchCommand {
     Vae(super::bench_vae::VaeArgs),
     /// The UMT5 text encoder at several prompt lengths: time and peak memory per length.
     Text(super::bench_text::TextArgs),
-}
-
-/// Shared timing options.
-#[derive(Args, Clone)]
-pub struct Timing {
-    /// Untimed runs before measuring.
-    #[arg(long, env = "TESSERA_BENCH_WARMUP", default_value_t = 1)]
-    pub(super) warmup: usize,
-    /// Timed runs.
-    #[arg(long, env = "TESSERA_BENCH_ITERS", default_value_t = 5)]
-    pub(super) iters: usize,
-    /// Print one JSON object instead of text.
-    #[arg(long, env = "TESSERA_BENCH_JSON")]
-    pub(super) json: bool,
 }
 
 /// Arguments of `tessera bench dit`.
@@ -99,28 +85,6 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Text(a) => super::bench_text::run(a),
     }
     .map(|()| ExitCode::SUCCESS)
-}
-
-struct Stats {
-    median_ms: f64,
-    min_ms: f64,
-}
-
-fn time_runs(t: &Timing, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
-    if t.iters == 0 {
-        bail!("--iters must be at least 1");
-    }
-    for _ in 0..t.warmup {
-        f()?;
-    }
-    let mut ms = Vec::with_capacity(t.iters);
-    for _ in 0..t.iters {
-        let start = Instant::now();
-        f()?;
-        ms.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok(Stats { median_ms: ms[ms.len() / 2], min_ms: ms[0] })
 }
 
 fn random_tensor(shape: &[usize], stream: u64) -> Tensor {

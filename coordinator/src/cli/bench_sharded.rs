@@ -3,7 +3,7 @@
 //! the same run, with the bytes each rank moves and how much of the communication was hidden
 //! behind compute.
 
-use super::bench::Timing;
+use super::bench_timing::Timing;
 use anyhow::{bail, Result};
 use std::time::Instant;
 use tessera_worker::model::DitModel;

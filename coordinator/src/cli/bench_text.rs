@@ -2,7 +2,7 @@
 //! on a chosen backend, with random weights at UMT5-XXL width (a few layers by default: the whole
 //! encoder needs ~23 GB in f32) or a transformers folder.
 
-use super::bench::Timing;
+use super::bench_timing::{time_runs, Timing};
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -38,9 +38,6 @@ pub fn run(a: TextArgs) -> Result<()> {
     if a.tokens.is_empty() || a.tokens.contains(&0) {
         bail!("--tokens {:?}: give one or more positive lengths", a.tokens);
     }
-    if a.timing.iters == 0 {
-        bail!("--iters must be at least 1");
-    }
     sys::reset_peak_rss();
     let load = Instant::now();
     let (model, name) = match &a.model {
@@ -63,19 +60,14 @@ pub fn run(a: TextArgs) -> Result<()> {
     for &n in &a.tokens {
         let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 7919 + 13) % cfg.vocab_size as u64) as u32).collect();
         sys::reset_peak_rss();
-        let mut times = Vec::with_capacity(a.timing.iters);
-        for i in 0..a.timing.warmup + a.timing.iters {
-            let t = Instant::now();
+        let stats = time_runs(&a.timing, || {
             let out = model.encode_unpadded(&[&ids])?;
-            if i >= a.timing.warmup {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
             if !out[0].data().iter().all(|v| v.is_finite()) {
                 bail!("{n} tokens: the encoder gave non-finite values");
             }
-        }
-        times.sort_by(f64::total_cmp);
-        let (median, min, peak) = (times[times.len() / 2], times[0], sys::peak_rss_bytes().unwrap_or(0));
+            Ok(())
+        })?;
+        let (median, min, peak) = (stats.median_ms, stats.min_ms, sys::peak_rss_bytes().unwrap_or(0));
         let device_mem = model.device_memory();
         if a.timing.json {
             println!(

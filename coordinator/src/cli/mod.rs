@@ -3,6 +3,7 @@
 pub mod bench;
 mod bench_sharded;
 mod bench_text;
+mod bench_timing;
 mod bench_vae;
 mod embedded;
 pub mod generate;

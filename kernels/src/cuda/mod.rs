@@ -11,6 +11,7 @@
 //! Every kernel has a CPU twin in [`crate::cpu`] with the same contract; the GPU test suite
 //! (`kernels/tests/gpu_kernels.rs`) compares them on random inputs.
 
+mod arch;
 pub mod attention;
 pub mod biased_attention;
 mod device;
@@ -24,7 +25,8 @@ pub mod patch;
 pub mod sampler;
 pub mod source;
 
+pub use arch::{Arch, CudaMissing, MIN_ARCH};
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
-pub use device::{cuda_status, Arch, CudaDevice, CudaMissing, DeviceChoice, MIN_ARCH};
+pub use device::{cuda_status, CudaDevice, DeviceChoice};
 pub use elem::OutputElem;
 pub use half::bf16;

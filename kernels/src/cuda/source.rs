@@ -1,7 +1,7 @@
 //! The CUDA C kernel sources (embedded from `kernels/cuda/`) and their compilation by NVRTC for one
 //! architecture (machine code, or PTX), cached per (kernel source, architecture) for the process.
 
-use super::device::{Arch, CudaMissing};
+use super::arch::{Arch, CudaMissing};
 use crate::{KernelError, Result};
 use cudarc::nvrtc::result as nvrtc;
 use cudarc::nvrtc::sys as nvrtc_sys;
