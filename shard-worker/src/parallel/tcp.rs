@@ -187,14 +187,27 @@ fn err(rank: usize, detail: impl std::fmt::Display) -> WorkerError {
     WorkerError::Collective(format!("rank {rank}: {detail}"))
 }
 
+/// How long a collective port found in use is tried again before the error.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl TcpTransport {
     /// Binds `addrs[rank]` and connects the group: each rank dials the ranks below it and
     /// accepts the ranks above it. Blocks until every peer has shaken hands or
     /// `connect_timeout` has passed. Call from a blocking thread, not from async code.
     pub fn establish(rank: usize, addrs: &[SocketAddr], opts: TcpOptions) -> Result<Self> {
-        let std_listener =
-            std::net::TcpListener::bind(addrs.get(rank).ok_or_else(|| err(rank, format!("no address for rank {rank} among {} addresses", addrs.len())))?)
-                .map_err(|e| err(rank, format!("cannot listen on {}: {e}", addrs[rank])))?;
+        let addr = *addrs.get(rank).ok_or_else(|| err(rank, format!("no address for rank {rank} among {} addresses", addrs.len())))?;
+        // A worker's collective port is fixed, and its previous job's listener may still be
+        // closing (a job abandoned while joining): a port in use is tried again for a moment.
+        let deadline = std::time::Instant::now() + BIND_RETRY.min(opts.connect_timeout);
+        let std_listener = loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => return Err(err(rank, format!("cannot listen on {addr}: {e}"))),
+            }
+        };
         Self::establish_with_listener(rank, addrs, std_listener, opts)
     }
 
@@ -514,5 +527,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not connected within"), "{e}");
+    }
+
+    /// A collective port still held for a moment (a previous job's listener closing) is waited
+    /// for; one held for good is an error naming it, once the retry is over.
+    #[test]
+    fn a_port_in_use_is_tried_again_for_a_moment() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        assert!(TcpTransport::establish(0, &[addr], TcpOptions::default()).is_ok(), "bound once the port was free");
+        release.join().unwrap();
+        let kept = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = kept.local_addr().unwrap();
+        let e = TcpTransport::establish(0, &[addr], TcpOptions { connect_timeout: Duration::from_millis(100), ..Default::default() })
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("cannot listen on {addr}")), "{e}");
     }
 }
