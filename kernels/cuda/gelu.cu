@@ -27,3 +27,17 @@ __device__ __forceinline__ void mul(T* __restrict__ x, const T* __restrict__ y, 
 
 extern "C" __global__ void mul_bf16(bf16* x, const bf16* y, i64 n) { mul(x, y, n); }
 extern "C" __global__ void mul_f32(float* x, const float* y, i64 n) { mul(x, y, n); }
+
+// Elementwise sum in place, x[i] ← x[i] + y[i]: f32 arithmetic, one rounding to x's type (the
+// VAE's residual connections on bf16 activations). Contract = the twin `HostOps::accumulate`
+// (`bf16(f32(x) + f32(y))`). Grid-stride.
+
+template <typename T>
+__device__ __forceinline__ void add(T* __restrict__ x, const T* __restrict__ y, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        store_elem(x + i, load_elem(x + i) + load_elem(y + i));
+    }
+}
+
+extern "C" __global__ void add_bf16(bf16* x, const bf16* y, i64 n) { add(x, y, n); }
+extern "C" __global__ void add_f32(float* x, const float* y, i64 n) { add(x, y, n); }

@@ -466,3 +466,251 @@ fn nccl_group_of_one_smoke() {
     drop(comm);
     drop(sub);
 }
+
+// ---- The VAE's operations and the wide attention: CudaOps against HostOps (the bf16 twin) ----
+//
+// Both backends get the same bf16 inputs and round their f32 results to bf16 at the same points,
+// so what differs is f32 arithmetic order (summation, fused multiply-adds, exp/sqrt
+// implementations) before the rounding. Two f32 results that differ by δ round to bf16 values at
+// most δ plus one bf16 ulp apart, and one ulp is at most 2⁻⁷ of the value (8 significant bits):
+// hence rtol 8e-3 on rounded outputs, with atol covering δ. Operations that only move values
+// (upsampling, transpose) or do one f32 operation before the rounding (add) must match bit for bit.
+
+use tessera_kernels::backend::{at, at_mut, ConvShape, CudaOps, Elem, HostOps, Ops, Piece};
+use tessera_kernels::cpu::Conv3dParams;
+use tessera_kernels::cuda::OutputElem;
+
+/// One bf16 ulp relative to the value (see above).
+const BF16_ULP: f32 = 8e-3;
+
+fn widen_any<T: OutputElem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// The convolution on `ops` of pieces holding `frames` frames each (their buffers may be longer).
+#[allow(clippy::too_many_arguments)]
+fn conv_on<B: Ops<Act = bf16>>(
+    ops: &B,
+    pieces: &[Vec<bf16>],
+    frames: &[usize],
+    chw: [usize; 3],
+    shape: ConvShape,
+    weight: &[f32],
+    bias: &[f32],
+    p: &Conv3dParams,
+) -> (Vec<f32>, [usize; 4]) {
+    let w = ops.conv_weight(shape, weight.to_vec(), bias.to_vec()).unwrap();
+    let bufs: Vec<B::Buf<bf16>> = pieces.iter().map(|x| ops.upload(x).unwrap()).collect();
+    let input: Vec<Piece<'_, B::Buf<bf16>>> = bufs.iter().zip(frames).map(|(buf, &frames)| Piece { buf, frames }).collect();
+    let (y, s) = ops.conv3d(&input, chw, &w, p).unwrap();
+    (widen(&ops.download(&y).unwrap()), s)
+}
+
+#[test]
+fn conv3d_matches_host_ops() {
+    let Some(dev) = gpu("conv3d") else { return };
+    let mut r = rng("conv3d");
+    let ops = CudaOps::new(dev.clone());
+    // (in, out channels, kernel, stride, padding [before, after] per axis, frames per piece, h, w):
+    // two pieces with stride 2 and asymmetric padding (135 taps: not a multiple of 8), an empty
+    // cache piece, a pointwise conv, the spatial downsample (pad right/bottom, stride 2), the
+    // time downsample over a cached frame, a deeper conv over more positions, and a causal cache
+    // of two one-frame pieces before the new frames (three pieces: joined on the device first).
+    type Case = (usize, usize, [usize; 3], [usize; 3], [[usize; 2]; 3], &'static [usize], usize, usize);
+    let cases: [Case; 7] = [
+        (5, 7, [3, 3, 3], [1, 2, 2], [[2, 0], [1, 0], [0, 1]], &[2, 3], 9, 11),
+        (4, 3, [3, 3, 3], [2, 1, 1], [[2, 0], [1, 1], [1, 1]], &[0, 5], 6, 7),
+        (6, 5, [1, 1, 1], [1, 1, 1], [[0, 0], [0, 0], [0, 0]], &[4], 5, 6),
+        (3, 4, [1, 3, 3], [1, 2, 2], [[0, 0], [0, 1], [0, 1]], &[2], 10, 9),
+        (8, 6, [3, 1, 1], [2, 1, 1], [[0, 0], [0, 0], [0, 0]], &[1, 4], 4, 5),
+        (16, 32, [3, 3, 3], [1, 1, 1], [[2, 0], [1, 1], [1, 1]], &[2, 4], 24, 40),
+        (6, 5, [3, 3, 3], [1, 1, 1], [[0, 0], [1, 1], [1, 1]], &[1, 1, 2], 7, 9),
+    ];
+    for (c, co, kernel, stride, padding, frames, h, w) in cases {
+        let p = Conv3dParams::new(kernel).with_stride(stride).with_padding(padding);
+        let shape = ConvShape { out_channels: co, in_channels: c, kernel };
+        let weight = uniform(&mut r, co * shape.taps(), -0.25, 0.25);
+        let bias = uniform(&mut r, co, -0.5, 0.5);
+        // Each piece's buffer has 5 values past its frames: the convolution reads from the start.
+        let pieces: Vec<Vec<bf16>> = frames.iter().map(|&f| to_bf16(&uniform(&mut r, c * f * h * w + 5, -1.0, 1.0))).collect();
+        let (want, want_shape) = conv_on(&HostOps, &pieces, frames, [c, h, w], shape, &weight, &bias, &p);
+        let (got, got_shape) = conv_on(&ops, &pieces, frames, [c, h, w], shape, &weight, &bias, &p);
+        assert_eq!(got_shape, want_shape, "output shape");
+        // Per output: ≤ taps products of |x| ≤ 1, |w| ≤ 0.25 summed in f32 in another order:
+        // δ ≤ taps·2⁻²⁴·Σ|x·w| ≲ 432·6e-8·54 ≈ 1.4e-3 at worst, ~1e-5 in practice (random signs);
+        // then one bf16 rounding on each side.
+        let what = format!("conv3d {c}->{co} k {kernel:?} s {stride:?} pad {padding:?} frames {frames:?} {h}x{w}");
+        assert_close(&what, &got, &want, 5e-4, BF16_ULP);
+        // Small tiles (37 output positions, crossing rows, frames and the pieces' boundary), on
+        // the wrapper itself (which reads at most two pieces).
+        if frames.len() > 2 {
+            continue;
+        }
+        let positions: usize = want_shape[1..].iter().product();
+        assert!(positions > 37, "{what}: {positions} positions");
+        let dw = ops.conv_weight(shape, weight.clone(), bias.clone()).unwrap();
+        assert_eq!(dw.k_pitch(), shape.taps().next_multiple_of(8));
+        let bufs: Vec<_> = pieces.iter().map(|x| dev.upload(x).unwrap()).collect();
+        let refs: Vec<(&cuda::CudaSlice<bf16>, usize)> = bufs.iter().zip(frames).map(|(b, &f)| (b, f)).collect();
+        let (small, small_shape) = cuda::video::conv3d_with_tile(&dev, &refs, [c, h, w], &dw, &p, 37).unwrap();
+        assert_eq!(small_shape, want_shape);
+        assert_close(&format!("{what} tiles of 37"), &widen(&dev.download(&small).unwrap()), &want, 5e-4, BF16_ULP);
+    }
+    // The contract's checks run before any launch: a kernel other than the weight's is refused.
+    let shape = ConvShape { out_channels: 2, in_channels: 3, kernel: [3, 3, 3] };
+    let dw = ops.conv_weight(shape, vec![0.0; 2 * 81], vec![0.0; 2]).unwrap();
+    let x = dev.zeros::<bf16>(3 * 3 * 4 * 4).unwrap();
+    assert!(ops.conv3d(&[Piece { buf: &x, frames: 3 }], [3, 4, 4], &dw, &Conv3dParams::new([1, 3, 3])).is_err());
+    assert!(ops.conv3d(&[Piece { buf: &x, frames: 4 }], [3, 4, 4], &dw, &Conv3dParams::new([3, 3, 3])).is_err(), "piece overruns its buffer");
+}
+
+fn channel_norm_on<B: Ops<Act = bf16>>(ops: &B, x: &[bf16], channels: usize, positions: usize, gamma: &[f32], silu: bool) -> Vec<f32> {
+    let mut xb = ops.upload(x).unwrap();
+    ops.channel_norm(&mut xb, channels, positions, &ops.upload(gamma).unwrap(), silu).unwrap();
+    widen(&ops.download(&xb).unwrap())
+}
+
+#[test]
+fn channel_norm_matches_host_ops() {
+    let Some(dev) = gpu("channel_norm") else { return };
+    let mut r = rng("channel_norm");
+    let ops = CudaOps::new(dev);
+    for (channels, positions) in [(37, 1003), (96, 4099), (1, 5)] {
+        // Three values past the region stay as they are; position 2 is all zeros (stays zero).
+        let mut xf = uniform(&mut r, channels * positions + 3, -3.0, 3.0);
+        (0..channels).for_each(|c| xf[c * positions + 2] = 0.0);
+        let x = to_bf16(&xf);
+        let gamma = uniform(&mut r, channels, 0.5, 1.5);
+        for silu in [false, true] {
+            let want = channel_norm_on(&HostOps, &x, channels, positions, &gamma, silu);
+            let got = channel_norm_on(&ops, &x, channels, positions, &gamma, silu);
+            // The same f32 sums in the same channel order (a fused multiply-add aside), sqrt,
+            // division and exp to an ulp or two: δ ~1e-6 relative, then one rounding each side.
+            assert_close(&format!("channel norm {channels}x{positions} silu {silu}"), &got, &want, 1e-6, BF16_ULP);
+            assert!((0..channels).all(|c| got[c * positions + 2] == 0.0), "a zero position stays zero");
+        }
+    }
+}
+
+#[test]
+fn upsample_transpose_and_accumulate_match_host_ops_exactly() {
+    let Some(dev) = gpu("video_layout") else { return };
+    let mut r = rng("video_layout");
+    let ops = CudaOps::new(dev);
+    fn upsample_on<B: Ops<Act = bf16>>(ops: &B, x: &[bf16], planes: usize, h: usize, w: usize, out: &[bf16]) -> Vec<bf16> {
+        let mut o = ops.upload(out).unwrap();
+        ops.upsample_nearest2x(&ops.upload(x).unwrap(), planes, h, w, &mut o).unwrap();
+        ops.download(&o).unwrap()
+    }
+    for (planes, h, w) in [(7, 5, 13), (1, 1, 1), (3, 17, 32)] {
+        let n = planes * h * w;
+        // Buffers longer than the regions: what lies past them is left alone.
+        let x = to_bf16(&uniform(&mut r, n + 3, -5.0, 5.0));
+        let out = to_bf16(&uniform(&mut r, 4 * n + 2, -5.0, 5.0));
+        assert_eq!(upsample_on(&ops, &x, planes, h, w, &out), upsample_on(&HostOps, &x, planes, h, w, &out), "upsample {planes}x{h}x{w}");
+    }
+    fn transpose_on<B: Ops<Act = bf16>>(ops: &B, x: &[bf16], xo: usize, rows: usize, cols: usize, out: &[bf16], oo: usize) -> Vec<bf16> {
+        let mut o = ops.upload(out).unwrap();
+        ops.transpose(at(&ops.upload(x).unwrap(), xo), rows, cols, at_mut(&mut o, oo)).unwrap();
+        ops.download(&o).unwrap()
+    }
+    // Shapes that are not multiples of 32, odd offsets (no alignment), one row, one column.
+    for (rows, cols, xo, oo) in [(45, 70, 3, 5), (1, 33, 0, 1), (96, 32, 7, 0), (1000, 3, 1, 2), (33, 1, 0, 0), (300, 257, 5, 3)] {
+        let x = to_bf16(&uniform(&mut r, xo + rows * cols + 4, -5.0, 5.0));
+        let out = to_bf16(&uniform(&mut r, oo + rows * cols + 3, -5.0, 5.0));
+        assert_eq!(transpose_on(&ops, &x, xo, rows, cols, &out, oo), transpose_on(&HostOps, &x, xo, rows, cols, &out, oo), "transpose {rows}x{cols}");
+    }
+    fn accumulate_on<B: Ops<Act = bf16>>(ops: &B, x: &[bf16], xo: usize, y: &[bf16], yo: usize, n: usize) -> Vec<bf16> {
+        let mut xb = ops.upload(x).unwrap();
+        ops.accumulate(at_mut(&mut xb, xo), at(&ops.upload(y).unwrap(), yo), n).unwrap();
+        ops.download(&xb).unwrap()
+    }
+    let n = 100_003;
+    let x = to_bf16(&uniform(&mut r, n + 4, -8.0, 8.0));
+    let y = to_bf16(&uniform(&mut r, n + 2, -8.0, 8.0));
+    // One f32 sum of two bf16 values, rounded to nearest even on both sides: bit for bit.
+    assert_eq!(accumulate_on(&ops, &x, 1, &y, 2, n), accumulate_on(&HostOps, &x, 1, &y, 2, n), "accumulate");
+    // The f32 variant: exact sums.
+    let dev = ops.device();
+    let mut xd = dev.upload(&[1.5f32, -2.0, 3.25]).unwrap();
+    cuda::elementwise::add(dev, &mut xd, &dev.upload(&[0.25f32, 0.5, -3.25]).unwrap(), 3).unwrap();
+    assert_eq!(dev.download(&xd).unwrap(), vec![1.75, -1.5, 0.0], "f32 add");
+}
+
+/// Attention on `ops` of q/k/v regions at `offs` of the three buffers, into an `O` output region
+/// at `out_off` with rows `out_stride` apart; returns the whole output buffer and the lse.
+#[allow(clippy::too_many_arguments)]
+fn attend_on<B: Ops<Act = bf16>, O: Elem>(
+    ops: &B,
+    qkv: [&[bf16]; 3],
+    offs: [usize; 3],
+    shape: AttentionShape,
+    scale: f32,
+    out_len: usize,
+    out_off: usize,
+    out_stride: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let [q, k, v] = qkv.map(|b| ops.upload(b).unwrap());
+    let mut out = ops.zeros::<O>(out_len).unwrap();
+    let mut lse = ops.zeros::<f32>(shape.heads * shape.q_len).unwrap();
+    ops.attention(at(&q, offs[0]), at(&k, offs[1]), at(&v, offs[2]), shape, scale, at_mut(&mut out, out_off), out_stride, &mut lse).unwrap();
+    (widen_any(&ops.download(&out).unwrap()), ops.download(&lse).unwrap())
+}
+
+#[test]
+fn wide_attention_matches_host_ops() {
+    let Some(dev) = gpu("wide_attention") else { return };
+    let mut r = rng("wide_attention");
+    let ops = CudaOps::new(dev);
+    // (heads, head_dim, q_len, kv_len, fused qkv): the VAE's head of 384 with q_len ≠ kv_len and
+    // key tails, 136 (the narrowest wide head, pairs past the lanes' first round), 512 with
+    // several heads, q/k/v interleaved in one projection, strided rows, no keys at all.
+    let cases =
+        [(1, 384, 70, 100, false), (2, 136, 33, 65, true), (1, 384, 200, 37, true), (3, 512, 9, 40, false), (1, 136, 5, 0, false), (2, 256, 1, 1, false)];
+    for (heads, d, ql, kl, fused) in cases {
+        assert_eq!(ops.attention_width(d), Some(d), "served unpadded");
+        let hd = heads * d;
+        // Strided rows: fused q|k|v rows of 3·hd, or rows longer than the heads.
+        let (q_stride, kv_stride) = if fused { (3 * hd, 3 * hd) } else { (hd + 8, hd + 16) };
+        let rows = ql.max(kl).max(1);
+        let q = to_bf16(&uniform(&mut r, rows * q_stride, -1.0, 1.0));
+        let (k, v) = if fused {
+            (q.clone(), q.clone())
+        } else {
+            (to_bf16(&uniform(&mut r, rows * kv_stride, -1.0, 1.0)), to_bf16(&uniform(&mut r, rows * kv_stride, -1.0, 1.0)))
+        };
+        let offs = if fused { [0, hd, 2 * hd] } else { [0, 0, 0] };
+        let shape = AttentionShape { heads, head_dim: d, q_len: ql, kv_len: kl, q_stride, kv_stride };
+        let scale = 1.0 / (d as f32).sqrt();
+        let (out_stride, out_off) = (hd + 8, 2);
+        let out_len = out_off + ql * out_stride + 3;
+        let what = format!("wide attention {heads}x{d} q {ql} kv {kl}{}", if fused { " fused" } else { "" });
+        // Scores: d products of |q|, |k| ≤ 1 in f32 in another order, δ ≤ d·2⁻²⁴·Σ|q·k|·scale
+        // ≲ 512·6e-8·128·0.044 ≈ 2e-4 at worst (exp2 approximations add ~2⁻²² relative to the
+        // probabilities); outputs are convex combinations of v in [−1, 1], so they move by at most
+        // ~2δ, the log-sum-exps by δ. bf16 outputs add one ulp (each side rounds once).
+        let (want32, want_lse) = attend_on::<_, f32>(&HostOps, [&q, &k, &v], offs, shape, scale, out_len, out_off, out_stride);
+        let (got32, got_lse) = attend_on::<_, f32>(&ops, [&q, &k, &v], offs, shape, scale, out_len, out_off, out_stride);
+        assert_close(&format!("{what} f32 out"), &got32, &want32, 5e-4, 1e-3);
+        if kl == 0 {
+            assert!(got_lse.iter().all(|&x| x == f32::NEG_INFINITY), "{what}: lse of no keys is −∞");
+            assert!(got32.iter().all(|&x| x == 0.0), "{what}: no keys, zero output");
+        } else {
+            assert_close(&format!("{what} lse"), &got_lse, &want_lse, 3e-4, 1e-5);
+        }
+        let (want16, _) = attend_on::<_, bf16>(&HostOps, [&q, &k, &v], offs, shape, scale, out_len, out_off, out_stride);
+        let (got16, got_lse16) = attend_on::<_, bf16>(&ops, [&q, &k, &v], offs, shape, scale, out_len, out_off, out_stride);
+        assert_close(&format!("{what} bf16 out"), &got16, &want16, 5e-4, BF16_ULP);
+        if kl > 0 {
+            assert_close(&format!("{what} lse (bf16 run)"), &got_lse16, &want_lse, 3e-4, 1e-5);
+        }
+    }
+    // Heads the wide kernel does not take: not a multiple of 8, wider than 512.
+    let b = ops.device().zeros::<bf16>(4096).unwrap();
+    let mut o = ops.device().zeros::<f32>(4096).unwrap();
+    let mut l = ops.device().zeros::<f32>(8).unwrap();
+    for d in [132, 520] {
+        let shape = AttentionShape::packed(1, d, 4, 4);
+        assert!(cuda::attention::wide_attention(ops.device(), &b, &b, &b, shape, 1.0, &mut o, d, &mut l).is_err(), "head_dim {d}");
+    }
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_kernels::backend::Backend;
 use tessera_kernels::Device;
-use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
+use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, Tolerance, BF16_VAE_TOLERANCE, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
 
 /// Arguments of `tessera golden`.
@@ -59,14 +59,13 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
     let backend = resolve_backend(&args.backend)?;
     if backend.is_bf16() {
-        let (t, v) = (CUDA_BF16_TOLERANCE, BF16_VIDEO_TOLERANCE);
+        let bound = |t: Tolerance| format!("rel_l2 <= {:e}, max_abs <= {:e}·max|ref|", t.rel_l2, t.max_abs_over_max_ref.unwrap_or(f64::NAN));
         println!(
-            "backend {}: transformer, text-encoder and pipeline cases in bf16, held to rel_l2 <= {:e} and max_abs <= {:e}·max|ref| (decoded frames: {:e} and {:e}) instead of their f32 tolerances",
+            "backend {}: every model in bf16; instead of the cases' f32 tolerances, transformer and text-encoder cases are held to {}, VAE cases to {}, pipelines' decoded frames to {}",
             backend.name(),
-            t.rel_l2,
-            t.max_abs_over_max_ref.unwrap_or(f64::NAN),
-            v.rel_l2,
-            v.max_abs_over_max_ref.unwrap_or(f64::NAN)
+            bound(CUDA_BF16_TOLERANCE),
+            bound(BF16_VAE_TOLERANCE),
+            bound(BF16_VIDEO_TOLERANCE)
         );
     } else {
         println!("backend {}: f32, every case held to its own tolerance (its case.json)", backend.name());

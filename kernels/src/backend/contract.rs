@@ -7,9 +7,9 @@
 //! Alignment: device buffers start 256-byte aligned (the CUDA allocator's guarantee), so the
 //! alignment of a region is that of its offset in bytes.
 
-use super::{region, shape_err, span, Elem};
-use crate::cpu::{Activation, AttentionShape};
-use crate::cuda::attention::HEAD_DIMS;
+use super::{region, shape_err, span, ConvShape, Elem};
+use crate::cpu::{Activation, AttentionShape, Conv3dParams};
+use crate::cuda::attention::serves_head_dim;
 use crate::Result;
 use std::ops::Range;
 
@@ -110,8 +110,8 @@ pub(crate) fn attention<O: Elem>(
 ) -> Result<[Range<usize>; 4]> {
     const OP: &str = "flash_attention";
     let AttentionShape { heads, head_dim, q_stride, kv_stride, .. } = *shape;
-    if !HEAD_DIMS.contains(&head_dim) || heads == 0 {
-        return Err(super::invalid_err(OP, format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}")));
+    if !serves_head_dim(head_dim) || heads == 0 {
+        return Err(super::invalid_err(OP, format!("head_dim {head_dim} (supported: {}), heads {heads}", crate::cuda::attention::SERVED_HEAD_DIMS)));
     }
     if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
         return Err(super::invalid_err(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
@@ -193,6 +193,57 @@ pub(crate) fn biased_attention(
     let rel = region(OP, "rel", rel.0, rel.1, if span == 0 { 0 } else { (heads - 1) * pitch + span })?;
     let key_add = key_add.map(|(len, off)| region(OP, "key_add", len, off, kv_len)).transpose()?;
     Ok(BiasedRegions { qkvo, rel, key_add })
+}
+
+/// [`super::Ops::conv3d`]: one to [`MAX_PIECES`] pieces (given as (buffer length, frames)), each
+/// holding its frames; input channels and kernel those of the weight. Returns the output shape
+/// `[co, T', H', W']`.
+/// Most input pieces of a convolution: a causal cache's two frames, then the new ones.
+pub(crate) const MAX_PIECES: usize = 3;
+
+pub(crate) fn conv3d(pieces: &[(usize, usize)], chw: [usize; 3], shape: &ConvShape, p: &Conv3dParams) -> Result<[usize; 4]> {
+    const OP: &str = "conv3d";
+    let [c, h, w] = chw;
+    if pieces.is_empty() || pieces.len() > MAX_PIECES {
+        return Err(super::invalid_err(OP, format!("{} input pieces (1 to {MAX_PIECES}: cached frames, then new ones)", pieces.len())));
+    }
+    if c != shape.in_channels || p.kernel != shape.kernel {
+        return Err(shape_err(OP, format!("input of {c} channels and kernel {:?} for a weight {shape:?}", p.kernel)));
+    }
+    let mut frames = 0usize;
+    for (i, &(len, f)) in pieces.iter().enumerate() {
+        let need = c.checked_mul(f).and_then(|v| v.checked_mul(h)).and_then(|v| v.checked_mul(w));
+        match need {
+            Some(n) if n <= len => frames += f,
+            _ => return Err(shape_err(OP, format!("piece {i}: {f} frames of [{c}, {h}, {w}] overrun a buffer of {len}"))),
+        }
+    }
+    let [t, ho, wo] = p.output_size([frames, h, w])?;
+    Ok([shape.out_channels, t, ho, wo])
+}
+
+/// `cuda::video::channel_rms_norm`: `x` holds `channels·positions` values, `gamma` `channels`.
+pub(crate) fn channel_norm(x_len: usize, channels: usize, positions: usize, gamma_len: usize) -> Result<Range<usize>> {
+    const OP: &str = "channel_rms_norm";
+    if channels == 0 || gamma_len != channels {
+        return Err(shape_err(OP, format!("gamma has {gamma_len} values for {channels} channels")));
+    }
+    region(OP, "x", x_len, 0, channels.checked_mul(positions).ok_or_else(|| shape_err(OP, "size overflows"))?)
+}
+
+/// `cuda::video::upsample_nearest2x`: the regions of `x` (`planes` planes of `h × w`) and `out`
+/// (four times as many values).
+pub(crate) fn upsample(x_len: usize, planes: usize, h: usize, w: usize, out_len: usize) -> Result<(Range<usize>, Range<usize>)> {
+    const OP: &str = "upsample_nearest2x";
+    let n = planes.checked_mul(h).and_then(|v| v.checked_mul(w)).filter(|v| v.checked_mul(4).is_some()).ok_or_else(|| shape_err(OP, "size overflows"))?;
+    Ok((region(OP, "x", x_len, 0, n)?, region(OP, "out", out_len, 0, 4 * n)?))
+}
+
+/// `cuda::video::transpose`: the regions of `x` and `out`, `rows·cols` values each.
+pub(crate) fn transpose(x: (usize, usize), rows: usize, cols: usize, out: (usize, usize)) -> Result<(Range<usize>, Range<usize>)> {
+    const OP: &str = "transpose";
+    let n = rows.checked_mul(cols).ok_or_else(|| shape_err(OP, "size overflows"))?;
+    Ok((region(OP, "x", x.0, x.1, n)?, region(OP, "out", out.0, out.1, n)?))
 }
 
 /// Regions of a residual add's x, y and (optional) gate.

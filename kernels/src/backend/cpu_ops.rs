@@ -5,8 +5,8 @@
 //! restrictions: any head width, any stride at least as wide as the rows.
 
 use super::contract;
-use super::{region, shape_err, At, AtMut, Elem, NormArgs, Ops};
-use crate::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
+use super::{region, shape_err, At, AtMut, ConvShape, Elem, HostConv, NormArgs, Ops, Piece};
+use crate::cpu::{self, Activation, AttentionShape, Conv3dParams, LayerNormParams, PatchGeometry, RopeTable};
 use crate::Result;
 use std::ops::Range;
 
@@ -165,6 +165,39 @@ impl Ops for CpuOps {
 
     fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
         super::host_vec::patchify(latent, g, tokens, out)
+    }
+
+    type ConvWeight = HostConv;
+
+    fn conv_weight(&self, shape: ConvShape, weight: Vec<f32>, bias: Vec<f32>) -> Result<HostConv> {
+        HostConv::new(shape, weight, bias)
+    }
+
+    fn conv3d(&self, input: &[Piece<'_, Vec<f32>>], chw: [usize; 3], w: &HostConv, p: &Conv3dParams) -> Result<(Vec<f32>, [usize; 4])> {
+        contract::conv3d(&input.iter().map(|x| (x.buf.len(), x.frames)).collect::<Vec<_>>(), chw, &w.shape, p)?;
+        let plane = chw.iter().product::<usize>();
+        let pieces: Vec<&[f32]> = input.iter().map(|x| &x.buf[..x.frames * plane]).collect();
+        w.run(&pieces, chw, p)
+    }
+
+    fn channel_norm(&self, x: &mut Vec<f32>, channels: usize, positions: usize, gamma: &Vec<f32>, silu: bool) -> Result<()> {
+        let r = contract::channel_norm(x.len(), channels, positions, gamma.len())?;
+        cpu::channel_rms_norm(&mut x[r], positions, gamma, silu)
+    }
+
+    fn upsample_nearest2x(&self, x: &Vec<f32>, planes: usize, h: usize, w: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (xr, or) = contract::upsample(x.len(), planes, h, w, out.len())?;
+        cpu::upsample_nearest2x(&x[xr], planes, h, w, &mut out[or])
+    }
+
+    fn accumulate(&self, x: AtMut<'_, Vec<f32>>, y: At<'_, Vec<f32>>, n: usize) -> Result<()> {
+        let (xr, yr) = (region("accumulate", "x", x.buf.len(), x.offset, n)?, region("accumulate", "y", y.buf.len(), y.offset, n)?);
+        cpu::residual_add(&mut x.buf[xr], &y.buf[yr])
+    }
+
+    fn transpose(&self, x: At<'_, Vec<f32>>, rows: usize, cols: usize, out: AtMut<'_, Vec<f32>>) -> Result<()> {
+        let (xr, or) = contract::transpose((x.buf.len(), x.offset), rows, cols, (out.buf.len(), out.offset))?;
+        cpu::transpose(&x.buf[xr], rows, cols, &mut out.buf[or])
     }
 }
 

@@ -4,9 +4,10 @@
 //! bf16 transformer that needs a GPU to run.
 
 use super::contract;
-use super::{shape_err, At, AtMut, Elem, NormArgs, Ops};
-use crate::cpu::{Activation, AttentionShape, PatchGeometry, RopeTable};
+use super::{shape_err, At, AtMut, ConvShape, Elem, NormArgs, Ops, Piece};
+use crate::cpu::{Activation, AttentionShape, Conv3dParams, PatchGeometry, RopeTable};
 use crate::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
+use crate::cuda::video::DeviceConv;
 use crate::cuda::{self, CudaDevice, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use crate::KernelError;
 use crate::Result;
@@ -217,6 +218,9 @@ impl Ops for CudaOps {
         }
         let (qv, kv, vv) = (view(OP, q.buf, qr)?, view(OP, k.buf, kr)?, view(OP, v.buf, vr)?);
         let mut ov = view_mut(OP, out.buf, or)?;
+        if shape.head_dim > cuda::attention::HEAD_DIMS[cuda::attention::HEAD_DIMS.len() - 1] {
+            return cuda::attention::wide_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse);
+        }
         cuda::attention::flash_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse)
     }
 
@@ -316,5 +320,87 @@ impl Ops for CudaOps {
 
     fn unpatchify(&self, rows: &CudaSlice<f32>, g: &PatchGeometry, latent: &mut CudaSlice<f32>) -> Result<()> {
         cuda::patch::unpatchify(&self.dev, rows, g, latent)
+    }
+
+    // The VAE's operations.
+    type ConvWeight = cuda::video::DeviceConv;
+
+    /// The weight rounded to bf16 and zero-padded to rows of a multiple of 8 elements, the bias
+    /// kept in f32 (as `HostOps` keeps them).
+    fn conv_weight(&self, shape: ConvShape, weight: Vec<f32>, bias: Vec<f32>) -> Result<DeviceConv> {
+        DeviceConv::new(&self.dev, shape, &weight, &bias)
+    }
+
+    fn conv3d(&self, input: &[Piece<'_, CudaSlice<bf16>>], chw: [usize; 3], w: &DeviceConv, p: &Conv3dParams) -> Result<(CudaSlice<bf16>, [usize; 4])> {
+        let want = contract::conv3d(&input.iter().map(|x| (x.buf.len(), x.frames)).collect::<Vec<_>>(), chw, w.shape(), p)?;
+        // The im2col kernel reads two pieces: more are joined first (a device copy of the
+        // cached frames, small beside the convolution).
+        let plane = chw.iter().product::<usize>();
+        let joined_frames: usize = input.iter().take(input.len().saturating_sub(1)).map(|x| x.frames).sum();
+        let joined = match input.len() {
+            3 => {
+                let mut j = self.zeros::<bf16>(joined_frames * plane)?;
+                let mut off = 0;
+                for x in &input[..2] {
+                    let n = x.frames * plane / chw[0];
+                    if n > 0 {
+                        self.copy_rows(super::at(x.buf, 0), n, super::at_mut(&mut j, off), joined_frames * plane / chw[0], n, chw[0])?;
+                    }
+                    off += n;
+                }
+                Some(j)
+            }
+            _ => None,
+        };
+        let pieces: Vec<(&CudaSlice<bf16>, usize)> = match &joined {
+            Some(j) => vec![(j, joined_frames), (input[2].buf, input[2].frames)],
+            None => input.iter().map(|x| (x.buf, x.frames)).collect(),
+        };
+        let (y, shape) = cuda::video::conv3d(&self.dev, &pieces, chw, w, p)?;
+        debug_assert_eq!(shape, want, "the wrapper's output shape is the contract's");
+        Ok((y, shape))
+    }
+
+    fn channel_norm(&self, x: &mut CudaSlice<bf16>, channels: usize, positions: usize, gamma: &CudaSlice<f32>, silu: bool) -> Result<()> {
+        const OP: &str = "channel_rms_norm";
+        let r = contract::channel_norm(x.len(), channels, positions, gamma.len())?;
+        if positions == 0 {
+            return Ok(());
+        }
+        let mut xv = view_mut(OP, x, r)?;
+        cuda::video::channel_rms_norm(&self.dev, &mut xv, channels, positions, gamma, silu)
+    }
+
+    fn upsample_nearest2x(&self, x: &CudaSlice<bf16>, planes: usize, h: usize, w: usize, out: &mut CudaSlice<bf16>) -> Result<()> {
+        const OP: &str = "upsample_nearest2x";
+        let (xr, or) = contract::upsample(x.len(), planes, h, w, out.len())?;
+        if xr.is_empty() {
+            return Ok(());
+        }
+        let xv = view(OP, x, xr)?;
+        let mut ov = view_mut(OP, out, or)?;
+        cuda::video::upsample_nearest2x(&self.dev, &xv, planes, h, w, &mut ov)
+    }
+
+    fn accumulate(&self, x: AtMut<'_, CudaSlice<bf16>>, y: At<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
+        const OP: &str = "accumulate";
+        let (xr, yr) = (super::region(OP, "x", x.buf.len(), x.offset, n)?, super::region(OP, "y", y.buf.len(), y.offset, n)?);
+        if n == 0 {
+            return Ok(());
+        }
+        let yv = view(OP, y.buf, yr)?;
+        let mut xv = view_mut(OP, x.buf, xr)?;
+        cuda::elementwise::add(&self.dev, &mut xv, &yv, n)
+    }
+
+    fn transpose(&self, x: At<'_, CudaSlice<bf16>>, rows: usize, cols: usize, out: AtMut<'_, CudaSlice<bf16>>) -> Result<()> {
+        const OP: &str = "transpose";
+        let (xr, or) = contract::transpose((x.buf.len(), x.offset), rows, cols, (out.buf.len(), out.offset))?;
+        if xr.is_empty() {
+            return Ok(());
+        }
+        let xv = view(OP, x.buf, xr)?;
+        let mut ov = view_mut(OP, out.buf, or)?;
+        cuda::video::transpose(&self.dev, &xv, rows, cols, &mut ov)
     }
 }

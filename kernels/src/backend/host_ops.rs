@@ -5,8 +5,8 @@
 //! is the yardstick the CUDA forward is compared with on a GPU. Not fast: a test tool.
 
 use super::contract;
-use super::{At, AtMut, Elem, NormArgs, Ops};
-use crate::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, RopeTable};
+use super::{At, AtMut, ConvShape, Elem, HostConv, NormArgs, Ops, Piece};
+use crate::cpu::{self, Activation, AttentionShape, Conv3dParams, LayerNormParams, PatchGeometry, RopeTable};
 use crate::Result;
 use half::bf16;
 use std::ops::Range;
@@ -174,6 +174,46 @@ impl Ops for HostOps {
 
     fn patchify(&self, latent: &Vec<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Vec<bf16>) -> Result<()> {
         super::host_vec::patchify(latent, g, tokens, out)
+    }
+
+    type ConvWeight = HostConv;
+
+    /// The weight rounded to bf16 (what the GPU stores), the bias kept in f32 (the GPU adds it
+    /// in f32 before its one rounding).
+    fn conv_weight(&self, shape: ConvShape, weight: Vec<f32>, bias: Vec<f32>) -> Result<HostConv> {
+        HostConv::new(shape, weight.into_iter().map(<bf16 as Elem>::round).collect(), bias)
+    }
+
+    fn conv3d(&self, input: &[Piece<'_, Vec<bf16>>], chw: [usize; 3], w: &HostConv, p: &Conv3dParams) -> Result<(Vec<bf16>, [usize; 4])> {
+        contract::conv3d(&input.iter().map(|x| (x.buf.len(), x.frames)).collect::<Vec<_>>(), chw, &w.shape, p)?;
+        let plane = chw.iter().product::<usize>();
+        let wide: Vec<Vec<f32>> = input.iter().map(|x| widen(&x.buf[..x.frames * plane])).collect();
+        let (y, shape) = w.run(&wide.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), chw, p)?;
+        Ok((<bf16 as Elem>::vec_from_f32(y), shape))
+    }
+
+    fn channel_norm(&self, x: &mut Vec<bf16>, channels: usize, positions: usize, gamma: &Vec<f32>, silu: bool) -> Result<()> {
+        let r = contract::channel_norm(x.len(), channels, positions, gamma.len())?;
+        let mut wide = widen(&x[r.clone()]);
+        cpu::channel_rms_norm(&mut wide, positions, gamma, silu)?;
+        store(&mut x[r], &wide);
+        Ok(())
+    }
+
+    fn upsample_nearest2x(&self, x: &Vec<bf16>, planes: usize, h: usize, w: usize, out: &mut Vec<bf16>) -> Result<()> {
+        let (xr, or) = contract::upsample(x.len(), planes, h, w, out.len())?;
+        cpu::upsample_nearest2x(&x[xr], planes, h, w, &mut out[or])
+    }
+
+    fn accumulate(&self, x: AtMut<'_, Vec<bf16>>, y: At<'_, Vec<bf16>>, n: usize) -> Result<()> {
+        let (xr, yr) = (range("accumulate", "x", x.buf.len(), x.offset, n)?, range("accumulate", "y", y.buf.len(), y.offset, n)?);
+        x.buf[xr].iter_mut().zip(&y.buf[yr]).for_each(|(a, b)| *a = bf16::from_f32(a.to_f32() + b.to_f32()));
+        Ok(())
+    }
+
+    fn transpose(&self, x: At<'_, Vec<bf16>>, rows: usize, cols: usize, out: AtMut<'_, Vec<bf16>>) -> Result<()> {
+        let (xr, or) = contract::transpose((x.buf.len(), x.offset), rows, cols, (out.buf.len(), out.offset))?;
+        cpu::transpose(&x.buf[xr], rows, cols, &mut out.buf[or])
     }
 }
 

@@ -5,7 +5,11 @@
 use super::{contract, region, shape_err, At, AtMut, Elem};
 use crate::cpu::{self, PatchGeometry};
 use crate::Result;
+use rayon::prelude::*;
 use std::ops::Range;
+
+/// Elements from which a host copy is split among the threads.
+const PARALLEL_COPY: usize = 1 << 16;
 
 /// The `Ops` methods of a backend whose buffers are `Vec`s and whose RoPE tables are host
 /// `RopeTable`s: length, allocation, uploads (taking a vector without copying it), in-place
@@ -67,10 +71,20 @@ pub(super) use vec_buffers;
 
 /// Copies `rows` runs of `width` elements, `src_pitch` apart, to runs `dst_pitch` apart.
 pub(super) fn copy_rows<T: Elem>(src: At<'_, Vec<T>>, src_pitch: usize, dst: AtMut<'_, Vec<T>>, dst_pitch: usize, width: usize, rows: usize) -> Result<()> {
-    contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
-    for r in 0..rows {
-        let (s, d) = (src.offset + r * src_pitch, dst.offset + r * dst_pitch);
-        dst.buf[d..d + width].copy_from_slice(&src.buf[s..s + width]);
+    let (sr, dr) = contract::copy_rows((src.buf.len(), src.offset), src_pitch, (dst.buf.len(), dst.offset), dst_pitch, width, rows)?;
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let (src, dst) = (&src.buf[sr], &mut dst.buf[dr]);
+    if rows * width < PARALLEL_COPY {
+        for r in 0..rows {
+            dst[r * dst_pitch..r * dst_pitch + width].copy_from_slice(&src[r * src_pitch..r * src_pitch + width]);
+        }
+    } else if rows == 1 {
+        dst.par_chunks_mut(PARALLEL_COPY).zip(src.par_chunks(PARALLEL_COPY)).for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        // Row r of dst starts chunk r (the last chunk may be only `width` long: the span).
+        dst.par_chunks_mut(dst_pitch).enumerate().for_each(|(r, d)| d[..width].copy_from_slice(&src[r * src_pitch..r * src_pitch + width]));
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ pub use cpu_ops::CpuOps;
 pub use cuda_ops::CudaOps;
 pub use host_ops::HostOps;
 
-use crate::cpu::{Activation, AttentionShape, PatchGeometry, RopeTable};
+use crate::cpu::{Activation, AttentionShape, Conv3dParams, PatchGeometry, RopeTable};
 use crate::cuda::attention::HEAD_DIMS;
 use crate::cuda::nccl::NcclType;
 use crate::cuda::OutputElem;
@@ -192,7 +192,7 @@ pub struct NormArgs<'a, B> {
 /// stored as [`Ops::Act`]: bf16 on the CUDA path and its host twin, f32 on the CPU; what the
 /// models keep in f32 (the residual stream, modulation, norm parameters, latents, log-sum-exps)
 /// is f32 everywhere.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub trait Ops: Send + Sync + Sized {
     /// A buffer of `T` on the device.
     type Buf<T: Elem>: Send + Sync;
@@ -238,9 +238,13 @@ pub trait Ops: Send + Sync + Sized {
     /// A RoPE table, copied to the device.
     fn upload_rope(&self, table: &RopeTable) -> Result<Self::Rope>;
     /// The head width [`attention`](Self::attention) runs heads of `head_dim` channels at: the
-    /// CUDA kernel is built for 64 and 128 (smaller even heads are zero-padded by [`flash`]); the
-    /// CPU takes any width. None when no width serves.
+    /// CUDA flash kernel is built for 64 and 128 (smaller even heads are zero-padded by
+    /// [`flash`]), and wider heads (multiples of 8 up to 512, the VAE's one head of 384) run on
+    /// the wide kernel at their own width; the CPU takes any even width. None when no width serves.
     fn attention_width(&self, head_dim: usize) -> Option<usize> {
+        if head_dim > HEAD_DIMS[HEAD_DIMS.len() - 1] {
+            return Some(head_dim).filter(|&h| crate::cuda::attention::serves_head_dim(h));
+        }
         HEAD_DIMS.iter().copied().find(|&p| p >= head_dim).filter(|_| head_dim > 0 && head_dim.is_multiple_of(2))
     }
     /// Copies `rows` runs of `width` elements, `src_pitch` apart in `src`, to runs `dst_pitch` apart
@@ -347,6 +351,97 @@ pub trait Ops: Send + Sync + Sized {
     fn patchify(&self, latent: &Self::Buf<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Self::Buf<Self::Act>) -> Result<()>;
     /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows, features (p_t, p_h, p_w, c).
     fn unpatchify(&self, rows: &Self::Buf<f32>, g: &PatchGeometry, latent: &mut Self::Buf<f32>) -> Result<()>;
+
+    // The VAE's operations, on channel-major frames `[C, T, H, W]` stored as `Act`.
+
+    /// A convolution's weights and bias in the backend's storage (see [`ConvShape`]).
+    type ConvWeight: Send + Sync;
+    /// Takes a 3-D convolution's weight `[co, ci, kt, kh, kw]` and bias `[co]` (f32, PyTorch's
+    /// layouts) into the backend's storage: as they are on the CPU, rounded to bf16 (the bias kept
+    /// in f32) on the bf16 backends.
+    fn conv_weight(&self, shape: ConvShape, weight: Vec<f32>, bias: Vec<f32>) -> Result<Self::ConvWeight>;
+    /// PyTorch's `Conv3d` (cross-correlation, no dilation or groups) over the frames the pieces
+    /// hold one after another in time (one to three pieces: a causal convolution's cached frames,
+    /// then the new ones; each `[C, frames, H, W]` from its buffer's start, read in place), with
+    /// `p`'s stride and zero padding (`p.kernel` must be the weight's). f32 accumulation over bf16
+    /// products, plus the f32 bias, stored once as `Act`. Returns the output and its shape
+    /// `[co, T', H', W']`.
+    fn conv3d(
+        &self,
+        input: &[Piece<'_, Self::Buf<Self::Act>>],
+        chw: [usize; 3],
+        w: &Self::ConvWeight,
+        p: &Conv3dParams,
+    ) -> Result<(Self::Buf<Self::Act>, [usize; 4])>;
+    /// In place on the channel-major `x` `[channels, positions]` (from its start):
+    /// `F.normalize(x, dim=channels)·√channels·γ` (`γ` `[channels]` f32), then SiLU when `silu`;
+    /// f32 arithmetic, one rounding to `Act` at the end.
+    fn channel_norm(&self, x: &mut Self::Buf<Self::Act>, channels: usize, positions: usize, gamma: &Self::Buf<f32>, silu: bool) -> Result<()>;
+    /// The `planes` planes of `h × w` packed at the start of `x`, nearest ×2 in both axes, written
+    /// packed (`planes` planes of `2h × 2w`) at the start of `out`.
+    fn upsample_nearest2x(&self, x: &Self::Buf<Self::Act>, planes: usize, h: usize, w: usize, out: &mut Self::Buf<Self::Act>) -> Result<()>;
+    /// `x[i] ← x[i] + y[i]` for `n` elements (f32 arithmetic, stored as `Act`).
+    fn accumulate(&self, x: AtMut<'_, Self::Buf<Self::Act>>, y: At<'_, Self::Buf<Self::Act>>, n: usize) -> Result<()>;
+    /// `out[j, i] = x[i, j]` for the packed `[rows, cols]` matrix at `x`'s offset, written packed
+    /// (`[cols, rows]`) at `out`'s.
+    fn transpose(&self, x: At<'_, Self::Buf<Self::Act>>, rows: usize, cols: usize, out: AtMut<'_, Self::Buf<Self::Act>>) -> Result<()>;
+}
+
+/// The weight shape of a 3-D convolution, `[out_channels, in_channels, kt, kh, kw]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Output channels.
+    pub out_channels: usize,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Kernel extent `[kt, kh, kw]`.
+    pub kernel: [usize; 3],
+}
+
+impl ConvShape {
+    /// Weights per output channel: `in_channels·kt·kh·kw` (the GEMM's depth).
+    pub fn taps(&self) -> usize {
+        self.in_channels * self.kernel.iter().product::<usize>()
+    }
+}
+
+/// A run of channel-major frames `[C, frames, H, W]` at the start of a buffer.
+pub struct Piece<'a, B> {
+    /// The buffer.
+    pub buf: &'a B,
+    /// Frames it holds.
+    pub frames: usize,
+}
+
+// Manual impls: `B` itself need not be `Copy`.
+impl<B> Clone for Piece<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Piece<'_, B> {}
+
+/// A convolution's weights on a host backend: f32 values (bf16-rounded on `bf16-host`).
+pub struct HostConv {
+    shape: ConvShape,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl HostConv {
+    /// Checks the lengths against `shape`.
+    fn new(shape: ConvShape, weight: Vec<f32>, bias: Vec<f32>) -> Result<Self> {
+        let want = shape.out_channels * shape.taps();
+        if weight.len() != want || bias.len() != shape.out_channels || want == 0 {
+            return Err(shape_err("conv_weight", format!("weight {} and bias {} values for {shape:?}", weight.len(), bias.len())));
+        }
+        Ok(Self { shape, weight, bias })
+    }
+
+    /// The f32 convolution of checked pieces.
+    fn run(&self, pieces: &[&[f32]], chw: [usize; 3], p: &Conv3dParams) -> Result<(Vec<f32>, [usize; 4])> {
+        crate::cpu::conv3d_pieces(pieces, chw, &self.weight, Some(&self.bias), self.shape.out_channels, p)
+    }
 }
 
 /// A buffer of `O`'s activation type.
@@ -376,7 +471,7 @@ pub fn flash<O: Ops, E: Elem>(
 ) -> Result<()> {
     let hd = shape.head_dim;
     let Some(p) = ops.attention_width(hd) else {
-        return Err(invalid_err("flash_attention", format!("head_dim {hd}: {} takes even head dims up to 128", ops.describe())));
+        return Err(invalid_err("flash_attention", format!("head_dim {hd}: {} takes even head dims up to 128 and multiples of 8 up to 512", ops.describe())));
     };
     if p == hd {
         return ops.attention(q, k, v, shape, scale, out, out_stride, lse);

@@ -13,6 +13,7 @@ pub mod patch;
 pub mod qk_norm;
 pub mod rope;
 pub mod sampler;
+pub mod video;
 
 pub use activation::{apply_activation, Activation};
 pub use attention::{attention, merge_partials, AttentionOutput, AttentionShape};
@@ -26,3 +27,4 @@ pub use patch::{patchify, unpatchify, PatchGeometry};
 pub use qk_norm::qk_norm_rope;
 pub use rope::{Rope3d, RopeTable};
 pub use sampler::{cfg_combine, euler_step, weighted_sum};
+pub use video::{channel_rms_norm, transpose, upsample_nearest2x};

@@ -1,5 +1,7 @@
-//! Flash attention (forward, with log-sum-exp) and the merge of partial results, on the GPU.
-//! Twins: [`crate::cpu::attention`] and [`crate::cpu::merge_partials`], same layouts.
+//! Flash attention (forward, with log-sum-exp) for heads of 64 and 128, the wide attention for
+//! heads above 128 (`attention_wide.cu`), and the merge of partial results, on the GPU.
+//! Twins: [`crate::cpu::attention`] (both attentions) and [`crate::cpu::merge_partials`], same
+//! layouts.
 
 use super::elem::OutputElem;
 use super::launch::{self, as_i32, check_aligned, check_len, ptr, ptr_mut};
@@ -12,6 +14,18 @@ use half::bf16;
 
 /// Head dimensions the attention kernel is built for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Widest head the wide attention kernel takes (heads above 128 channels, multiples of 8).
+pub const WIDE_HEAD_MAX: usize = 512;
+
+/// The head widths attention serves on the GPU, for messages.
+pub const SERVED_HEAD_DIMS: &str = "64, 128, or a multiple of 8 from 136 to 512";
+
+/// Whether the GPU attention takes heads of `head_dim` channels unpadded: the flash kernel's 64
+/// and 128, or the wide kernel's multiples of 8 above 128 up to [`WIDE_HEAD_MAX`].
+pub fn serves_head_dim(head_dim: usize) -> bool {
+    HEAD_DIMS.contains(&head_dim) || (head_dim > 128 && head_dim <= WIDE_HEAD_MAX && head_dim.is_multiple_of(8))
+}
 
 /// Query rows per block of the kernel for `head_dim` (4 warps of 16 rows, two row tiles each at 64).
 fn block_rows(head_dim: usize) -> usize {
@@ -93,6 +107,69 @@ pub fn flash_attention<O: OutputElem>(
     let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(block_rows(head_dim)) as u32, heads_u, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     let mut b = s.launch_builder(&f);
     b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os).arg(&scale);
+    launch::launch(OP, b, cfg)
+}
+
+/// Query rows per block of the wide kernel (one warp each).
+const WIDE_BLOCK_ROWS: usize = 8;
+
+/// [`flash_attention`] for heads wider than 128 channels (`head_dim` a multiple of 8 from 136 to
+/// [`WIDE_HEAD_MAX`]; the VAE's one head of 384), same layouts and requirements: bf16 `q`, `k`,
+/// `v` rows at `shape`'s strides (multiples of 8, 16-byte aligned starts), `out` rows
+/// `out_stride` apart (even; bf16 or f32, starting at an even element) and `lse` `[heads, q_len]`.
+/// f32 scores, softmax and accumulation (probabilities are not rounded), one rounding of the
+/// output to `O`. Twin: [`crate::cpu::attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn wide_attention<O: OutputElem>(
+    dev: &CudaDevice,
+    q: &impl DevicePtr<bf16>,
+    k: &impl DevicePtr<bf16>,
+    v: &impl DevicePtr<bf16>,
+    shape: AttentionShape,
+    scale: f32,
+    out: &mut impl DevicePtrMut<O>,
+    out_stride: usize,
+    lse: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    const OP: &str = "cuda::wide_attention";
+    let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = shape;
+    if head_dim <= HEAD_DIMS[HEAD_DIMS.len() - 1] || !serves_head_dim(head_dim) || heads == 0 {
+        return Err(KernelError::invalid(OP, format!("head_dim {head_dim} (supported: multiples of 8 from 136 to {WIDE_HEAD_MAX}), heads {heads}")));
+    }
+    let hd = heads * head_dim;
+    if q_stride < hd || kv_stride < hd || out_stride < hd {
+        return Err(KernelError::shape(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
+    }
+    if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
+        return Err(KernelError::invalid(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
+    }
+    let need = |rows: usize, stride: usize| if rows == 0 { 0 } else { (rows - 1) * stride + hd };
+    check_len(OP, "q", q.len(), need(q_len, q_stride))?;
+    check_len(OP, "k", k.len(), need(kv_len, kv_stride))?;
+    check_len(OP, "v", v.len(), need(kv_len, kv_stride))?;
+    check_len(OP, "out", out.len(), need(q_len, out_stride))?;
+    check_len(OP, "lse", lse.len(), heads * q_len)?;
+    if q_len == 0 {
+        return Ok(());
+    }
+    let (q_len_i, kv_len_i, hd_i) = (as_i32(OP, "q_len", q_len)?, as_i32(OP, "kv_len", kv_len)?, as_i32(OP, "head_dim", head_dim)?);
+    let heads_u = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| KernelError::invalid(OP, format!("{heads} heads")))?;
+    let name = if O::NAME == "bf16" { "wide_attention_bf16" } else { "wide_attention_f32" };
+    let f = dev.function(KernelSource::WideAttention, name)?;
+    let s = dev.stream();
+    let (qp, _gq) = ptr(q, s);
+    let (kp, _gk) = ptr(k, s);
+    let (vp, _gv) = ptr(v, s);
+    let (op, _go) = ptr_mut(out, s);
+    let (lp, _gl) = ptr_mut(lse, s);
+    for (name, p) in [("q", qp), ("k", kp), ("v", vp)] {
+        check_aligned(OP, name, p, 16)?;
+    }
+    check_aligned(OP, "out", op, 2 * O::BYTES)?;
+    let (qs, kvs, os) = (q_stride as i64, kv_stride as i64, out_stride as i64);
+    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(WIDE_BLOCK_ROWS) as u32, heads_u, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut b = s.launch_builder(&f);
+    b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os).arg(&hd_i).arg(&scale);
     launch::launch(OP, b, cfg)
 }
 

@@ -1,6 +1,7 @@
-//! Element-wise kernels on the GPU: gated residual add, GELU (tanh), f32 <-> bf16 conversion.
-//! Twins: [`crate::cpu::gated_residual_add`] / [`crate::cpu::residual_add`],
-//! [`crate::cpu::apply_activation`] with `GeluTanh`, `half::bf16::from_f32` / `to_f32`.
+//! Element-wise kernels on the GPU: gated residual add, GELU (tanh), product, sum, f32 <-> bf16
+//! conversion. Twins: [`crate::cpu::gated_residual_add`] / [`crate::cpu::residual_add`],
+//! [`crate::cpu::apply_activation`] with `GeluTanh`, [`crate::cpu::mul_in_place`],
+//! `HostOps::accumulate`, `half::bf16::from_f32` / `to_f32`.
 
 use super::elem::OutputElem;
 use super::launch::{self, check_len, opt_ptr, ptr, ptr_mut};
@@ -76,6 +77,27 @@ pub fn mul<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &im
         return Ok(());
     }
     let name = if T::NAME == "bf16" { "mul_bf16" } else { "mul_f32" };
+    let f = dev.function(KernelSource::Gelu, name)?;
+    let cfg = launch::elementwise(dev, n)?;
+    let s = dev.stream();
+    let (xp, _gx) = ptr_mut(x, s);
+    let (yp, _gy) = ptr(y, s);
+    let n_i = n as i64;
+    let mut b = s.launch_builder(&f);
+    b.arg(&xp).arg(&yp).arg(&n_i);
+    launch::launch(OP, b, cfg)
+}
+
+/// `x[i] ← x[i] + y[i]` for the first `n` elements (bf16 or f32; f32 arithmetic, one rounding).
+/// Twin: `HostOps::accumulate` (`bf16(f32(x) + f32(y))`).
+pub fn add<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &impl DevicePtr<T>, n: usize) -> Result<()> {
+    const OP: &str = "cuda::add";
+    check_len(OP, "x", x.len(), n)?;
+    check_len(OP, "y", y.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = if T::NAME == "bf16" { "add_bf16" } else { "add_f32" };
     let f = dev.function(KernelSource::Gelu, name)?;
     let cfg = launch::elementwise(dev, n)?;
     let s = dev.stream();

@@ -24,6 +24,7 @@ pub mod norm;
 pub mod patch;
 pub mod sampler;
 pub mod source;
+pub mod video;
 
 pub use arch::{Arch, CudaMissing, MIN_ARCH};
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};

@@ -26,7 +26,8 @@ pub enum KernelSource {
     QkNormRope,
     /// `residual.cu`: gated residual add.
     Residual,
-    /// `gelu.cu`: GELU (tanh approximation) and the elementwise product of gated feed-forwards.
+    /// `gelu.cu`: GELU (tanh approximation), the elementwise product of gated feed-forwards and
+    /// the elementwise sum.
     Gelu,
     /// `convert.cu`: f32 <-> bf16.
     Convert,
@@ -36,11 +37,15 @@ pub enum KernelSource {
     Patch,
     /// `biased_attention.cu`: attention with a bias by query-key distance (T5).
     BiasedAttention,
+    /// `attention_wide.cu`: attention for heads wider than 128 channels (the VAE's).
+    WideAttention,
+    /// `video.cu`: the VAE's channel norm, upsampling, transpose and convolution halves.
+    Video,
 }
 
 impl KernelSource {
     /// Every source, in a fixed order.
-    pub const ALL: [KernelSource; 10] = [
+    pub const ALL: [KernelSource; 12] = [
         Self::FlashAttention,
         Self::LseMerge,
         Self::AdalnNorm,
@@ -51,6 +56,8 @@ impl KernelSource {
         Self::Sampler,
         Self::Patch,
         Self::BiasedAttention,
+        Self::WideAttention,
+        Self::Video,
     ];
 
     /// The file name under `kernels/cuda/`.
@@ -66,6 +73,8 @@ impl KernelSource {
             Self::Sampler => "sampler.cu",
             Self::Patch => "patch.cu",
             Self::BiasedAttention => "biased_attention.cu",
+            Self::WideAttention => "attention_wide.cu",
+            Self::Video => "video.cu",
         }
     }
 
@@ -82,6 +91,8 @@ impl KernelSource {
             Self::Sampler => include_str!("../../cuda/sampler.cu"),
             Self::Patch => include_str!("../../cuda/patch.cu"),
             Self::BiasedAttention => include_str!("../../cuda/biased_attention.cu"),
+            Self::WideAttention => include_str!("../../cuda/attention_wide.cu"),
+            Self::Video => include_str!("../../cuda/video.cu"),
         }
     }
 
@@ -93,11 +104,13 @@ impl KernelSource {
             Self::AdalnNorm => &["layer_norm_modulated_bf16"],
             Self::QkNormRope => &["qk_norm_rope_bf16"],
             Self::Residual => &["gated_residual_add_bf16", "gated_residual_add_f32"],
-            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "mul_bf16", "mul_f32"],
+            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "mul_bf16", "mul_f32", "add_bf16", "add_f32"],
             Self::Convert => &["f32_to_bf16_kernel", "bf16_to_f32_kernel"],
             Self::Sampler => &["cfg_combine_f32", "euler_step_f32", "weighted_sum_f32"],
             Self::Patch => &["patchify_bf16", "unpatchify_f32"],
             Self::BiasedAttention => &["biased_attention_bf16"],
+            Self::WideAttention => &["wide_attention_bf16", "wide_attention_f32"],
+            Self::Video => &["channel_rms_norm_bf16", "upsample_nearest2x_bf16", "transpose_bf16", "im2col_conv3d_bf16", "conv_bias_store_bf16"],
         }
     }
 

@@ -27,15 +27,16 @@ use crate::{DitInputs, Result};
 /// (A 30-layer model would predict 1.7e-2: real-size checks need their own bound, √L-scaled.)
 pub const CUDA_BF16_TOLERANCE: Tolerance = Tolerance { rel_l2: 2e-2, max_abs: None, max_abs_over_max_ref: Some(2e-2) };
 
-/// The tolerance of a pipeline's decoded frames when its text encoder and transformer run in
-/// bf16. The latent after each step carries the bf16 error of every step before it (rel_l2 grows
-/// from 5e-3 after the first step to 1.0e-2–1.1e-2 after the last on the project's pipeline cases,
-/// `bf16-host`), and the f32 VAE maps it onto pixels: frames land at rel_l2 6.8e-3–8.4e-3 with
-/// single pixels off by up to 0.032 (8 levels of 255). The per-tensor bound of
-/// [`CUDA_BF16_TOLERANCE`] (2e-2) is for one forward; after 2–3 steps and a decoder, 5e-2 on
-/// both rel_l2 and max_abs / max|ref| is the budget, still far below what a wrong step or layout
-/// gives (rel_l2 of order 1).
-pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: None, max_abs_over_max_ref: Some(5e-2) };
+/// The tolerance of a pipeline's decoded frames when every model (text encoder, transformer,
+/// VAE) runs in bf16. The latent after each step carries the bf16 error of every step before it
+/// (rel_l2 grows from 5e-3 after the first step to 1.0e-2–1.1e-2 after the last on the project's
+/// pipeline cases, `bf16-host`), and the decoder adds its own (see
+/// [`super::vae::BF16_VAE_TOLERANCE`]): frames land at rel_l2 1.1e-2–1.3e-2, with single pixels
+/// off by up to 4.7e-2 of the largest (the VAE in f32 gave 6.8e-3–8.4e-3 and 3.2e-2). rel_l2 5e-2
+/// is the budget of 2–3 steps and a decoder; the largest pixel error is bounded as the bf16 VAE's
+/// own (8e-2, diffusers' bf16 decoder's error rounded up). A wrong step or layout gives rel_l2 of
+/// order 1.
+pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: None, max_abs_over_max_ref: Some(8e-2) };
 
 /// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) onto
 /// `opts.backend` and runs it, on one device or sharded over `opts.ranks` ranks of this process,

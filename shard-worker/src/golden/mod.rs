@@ -12,6 +12,7 @@ mod vae;
 
 pub use compare::{Comparison, Tolerance};
 pub use dit::{BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
+pub use vae::BF16_VAE_TOLERANCE;
 
 use crate::parallel::LocalTransport;
 use crate::weights::SafetensorsFile;
@@ -105,9 +106,9 @@ pub struct RunOptions {
     pub ulysses: usize,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
-    /// Where the models of transformer, text-encoder and pipeline cases run: `cpu` (f32, the
-    /// cases' tolerances), `bf16-host` or `cuda` (bf16, [`CUDA_BF16_TOLERANCE`]). The VAE runs on
-    /// the CPU.
+    /// Where the models of every case run: `cpu` (f32, the cases' tolerances), `bf16-host` or
+    /// `cuda` (bf16, [`CUDA_BF16_TOLERANCE`]; the VAE at [`BF16_VAE_TOLERANCE`], a pipeline's
+    /// video at [`BF16_VIDEO_TOLERANCE`]).
     pub backend: Backend,
 }
 
@@ -181,7 +182,7 @@ pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts),
         CaseKind::Umt5 => umt5::run(case, opts),
-        CaseKind::Vae => vae::run(case),
+        CaseKind::Vae => vae::run(case, opts),
         CaseKind::Scheduler => scheduler::run(case, opts),
         CaseKind::Pipeline => pipeline::run(case, opts),
     };

@@ -87,8 +87,9 @@ impl WanPipeline {
         Self::load_on(root, Device::Cpu)
     }
 
-    /// [`Self::load`] with the text encoder and the transformer on `backend` (a [`Device`] or a
-    /// [`tessera_kernels::backend::Backend`]; the VAE and the sampler stay on the CPU).
+    /// [`Self::load`] with every model (text encoder, transformer, VAE) on `backend` (a [`Device`]
+    /// or a [`tessera_kernels::backend::Backend`]); the sampler's arithmetic on latents stays on
+    /// the host.
     pub fn load_on(root: &Path, backend: impl Into<tessera_kernels::backend::Backend>) -> Result<Self> {
         let backend = backend.into();
         let snap = Snapshot::open(root)?;
@@ -96,7 +97,7 @@ impl WanPipeline {
         Self::from_parts(
             TextEncoder::load_on(root, backend)?,
             DitModel::load_backend(&snap.component("transformer"), backend)?,
-            WanVae::load(&snap.component("vae"))?,
+            WanVae::load_on(&snap.component("vae"), backend)?,
             sampler,
         )
     }

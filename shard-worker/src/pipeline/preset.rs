@@ -82,7 +82,7 @@ impl PipelinePreset {
 
     /// [`Self::build`] around a transformer built elsewhere (e.g. the emulated CUDA model of
     /// [`Self::transformer_preset`]); the other components are the preset's, from `seed`, the
-    /// text encoder on the transformer's backend.
+    /// text encoder and the VAE on the transformer's backend.
     pub fn build_with(self, seed: u64, transformer: DitModel) -> Result<WanPipeline> {
         match self {
             Self::Tiny => {
@@ -90,7 +90,7 @@ impl PipelinePreset {
                 let cfg = Umt5Config::from_json(TINY_TEXT_ENCODER)?;
                 let encoder = Umt5EncoderModel::from_source_on(cfg, &RandomWeights::new(seed ^ 0x7465_7874), transformer.backend())?;
                 let vae_cfg = VaeConfig { base_dim: 4, ..VaePreset::Wan21.config() };
-                let vae = WanVae::from_source(vae_cfg, &RandomWeights::new(seed ^ 0x7661_6500))?;
+                let vae = WanVae::from_source_on(vae_cfg, &RandomWeights::new(seed ^ 0x7661_6500), transformer.backend())?;
                 WanPipeline::from_parts(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
             }
         }

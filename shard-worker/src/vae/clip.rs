@@ -1,31 +1,55 @@
-//! One sample's activations inside the VAE, `[C, T, H, W]` row-major (PyTorch's layout with the
-//! batch dimension taken off), and the frame operations the causal blocks need.
+//! One sample's activations inside the VAE, `[C, T, H, W]` channel-major (PyTorch's layout with
+//! the batch dimension taken off) in a buffer of the backend, and the frame operations the causal
+//! blocks need: cutting frames out, joining runs of frames in time, the convolutions' frame cache.
 
 use crate::{Result, WorkerError};
-use rayon::prelude::*;
+use tessera_kernels::backend::{at, at_mut, ActBuf, Elem, Ops, Piece};
+use tessera_kernels::cuda::OutputElem;
 use tessera_kernels::Tensor;
 
-/// A `[C, T, H, W]` block of frames.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Clip {
+/// A layout mistake inside the VAE (a bug, reported rather than a panic).
+fn layout_err(detail: String) -> WorkerError {
+    tessera_kernels::KernelError::Shape { op: "vae clip", detail }.into()
+}
+
+/// A `[C, T, H, W]` block of frames on the backend `O`, stored as `O::Act`.
+pub(crate) struct Clip<O: Ops> {
     pub c: usize,
     pub t: usize,
     pub h: usize,
     pub w: usize,
-    pub data: Vec<f32>,
+    pub buf: ActBuf<O>,
 }
 
-impl Clip {
-    /// Wraps `data`, which must hold `c·t·h·w` elements.
-    pub fn new(shape: [usize; 4], data: Vec<f32>) -> Self {
+impl<O: Ops> Clip<O> {
+    /// Wraps `buf`, which must hold at least `c·t·h·w` elements.
+    pub fn new(ops: &O, shape: [usize; 4], buf: ActBuf<O>) -> Result<Self> {
         let [c, t, h, w] = shape;
-        debug_assert_eq!(data.len(), c * t * h * w, "clip {shape:?}");
-        Self { c, t, h, w, data }
+        let need = c * t * h * w;
+        if ops.len(&buf) < need {
+            return Err(layout_err(format!("a clip of shape {shape:?} in a buffer of {} elements", ops.len(&buf))));
+        }
+        Ok(Self { c, t, h, w, buf })
     }
 
     /// A clip of zeros.
-    pub fn zeros(shape: [usize; 4]) -> Self {
-        Self::new(shape, vec![0.0; shape.iter().product()])
+    pub fn zeros(ops: &O, shape: [usize; 4]) -> Result<Self> {
+        Self::new(ops, shape, ops.zeros(shape.iter().product())?)
+    }
+
+    /// f32 host values, stored as `O::Act` on the backend.
+    pub fn upload(ops: &O, shape: [usize; 4], data: Vec<f32>) -> Result<Self> {
+        Self::new(ops, shape, ops.upload_vec(O::Act::vec_from_f32(data))?)
+    }
+
+    /// The values, widened to f32 on the host.
+    pub fn download(&self, ops: &O) -> Result<Vec<f32>> {
+        let mut v = ops.download(&self.buf)?;
+        v.truncate(self.len());
+        Ok(match <O::Act as Elem>::as_f32s(&v) {
+            Some(f) => f.to_vec(),
+            None => v.iter().map(|x| x.to_f32()).collect(),
+        })
     }
 
     /// `[C, T, H, W]`.
@@ -43,43 +67,54 @@ impl Clip {
         self.t * self.h * self.w
     }
 
+    /// Elements (C·T·H·W).
+    pub fn len(&self) -> usize {
+        self.c * self.positions()
+    }
+
+    /// The frames as a convolution's input piece.
+    pub fn piece(&self) -> Piece<'_, ActBuf<O>> {
+        Piece { buf: &self.buf, frames: self.t }
+    }
+
     /// Frames `start .. end` (copied).
-    pub fn frames(&self, start: usize, end: usize) -> Clip {
+    pub fn frames(&self, ops: &O, start: usize, end: usize) -> Result<Self> {
         debug_assert!(start <= end && end <= self.t);
         let (p, n) = (self.plane(), end - start);
-        let mut out = Clip::zeros([self.c, n, self.h, self.w]);
-        if n > 0 {
-            out.data.par_chunks_mut(n * p).zip(self.data.par_chunks(self.positions())).for_each(|(dst, src)| {
-                dst.copy_from_slice(&src[start * p..end * p]);
-            });
+        let mut out = Self::zeros(ops, [self.c, n, self.h, self.w])?;
+        if n * p * self.c > 0 {
+            ops.copy_rows(at(&self.buf, start * p), self.t * p, at_mut(&mut out.buf, 0), n * p, n * p, self.c)?;
         }
-        out
+        Ok(out)
+    }
+
+    /// A copy of the whole clip.
+    pub fn duplicate(&self, ops: &O) -> Result<Self> {
+        self.frames(ops, 0, self.t)
     }
 
     /// The clips one after the other in time (same channels and frame size).
-    pub fn concat_time(parts: &[&Clip]) -> Clip {
-        let first = parts[0];
+    pub fn concat_time(ops: &O, parts: &[&Self]) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| layout_err("no frames to join".into()))?;
         let (c, h, w) = (first.c, first.h, first.w);
-        debug_assert!(parts.iter().all(|p| p.c == c && p.h == h && p.w == w));
-        let t: usize = parts.iter().map(|p| p.t).sum();
-        let mut out = Clip::zeros([c, t, h, w]);
-        if t == 0 {
-            return out;
+        if let Some(p) = parts.iter().find(|p| (p.c, p.h, p.w) != (c, h, w)) {
+            return Err(layout_err(format!("joining frames of {:?} to frames of {:?}", p.shape(), first.shape())));
         }
+        let t: usize = parts.iter().map(|p| p.t).sum();
         let plane = h * w;
-        out.data.par_chunks_mut(t * plane).enumerate().for_each(|(ch, dst)| {
-            let mut off = 0;
-            for p in parts {
-                let n = p.t * plane;
-                dst[off..off + n].copy_from_slice(&p.data[ch * n..(ch + 1) * n]);
-                off += n;
+        let mut out = Self::zeros(ops, [c, t, h, w])?;
+        let mut off = 0;
+        for p in parts {
+            if p.len() > 0 {
+                ops.copy_rows(at(&p.buf, 0), p.t * plane, at_mut(&mut out.buf, off * plane), t * plane, p.t * plane, c)?;
             }
-        });
-        out
+            off += p.t;
+        }
+        Ok(out)
     }
 
-    /// Sample `b` of a `[B, C, T, H, W]` tensor, frames `start .. end`.
-    pub fn from_batch(x: &Tensor, b: usize, start: usize, end: usize) -> Clip {
+    /// Sample `b` of a host `[B, C, T, H, W]` tensor, frames `start .. end`, on the backend.
+    pub fn from_batch(ops: &O, x: &Tensor, b: usize, start: usize, end: usize) -> Result<Self> {
         let s = x.shape();
         let (c, t, h, w) = (s[1], s[2], s[3], s[4]);
         let (p, n) = (h * w, end - start);
@@ -88,105 +123,104 @@ impl Clip {
         for ch in 0..c {
             data.extend_from_slice(&sample[(ch * t + start) * p..(ch * t + end) * p]);
         }
-        Clip::new([c, n, h, w], data)
-    }
-
-    /// Stacks one clip per sample into a `[B, C, T, H, W]` tensor.
-    pub fn stack(clips: Vec<Clip>) -> Result<Tensor> {
-        let first = clips.first().ok_or_else(|| WorkerError::input("batch", "no samples"))?;
-        let shape = [clips.len(), first.c, first.t, first.h, first.w];
-        let mut data = Vec::with_capacity(shape.iter().product());
-        for c in clips {
-            data.extend_from_slice(&c.data);
-        }
-        Ok(Tensor::new(shape, data)?)
-    }
-
-    /// `self += other`, element by element (same shape).
-    pub fn add_assign(&mut self, other: &Clip) {
-        debug_assert_eq!(self.shape(), other.shape());
-        self.data.par_chunks_mut(1 << 14).zip(other.data.par_chunks(1 << 14)).for_each(|(a, b)| {
-            a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-        });
+        Self::upload(ops, [c, n, h, w], data)
     }
 }
 
+/// Stacks one host sample `[C, T, H, W]` per batch entry into a `[B, C, T, H, W]` tensor.
+pub(crate) fn stack(shape: [usize; 4], samples: Vec<Vec<f32>>) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(samples.len() * shape.iter().product::<usize>());
+    let batch = samples.len();
+    for s in samples {
+        data.extend_from_slice(&s);
+    }
+    Ok(Tensor::new([batch, shape[0], shape[1], shape[2], shape[3]], data)?)
+}
+
 /// The last input frames a causal convolution has seen (at most [`CACHE_T`]), read before the
-/// next chunk so that chunked processing equals one pass over the whole sequence.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct FrameCache {
-    frames: Option<Clip>,
+/// next chunk so that chunked processing equals one pass over the whole sequence. Each frame has
+/// its own buffer: a new frame takes over the buffer of the frame it evicts, so a full cache
+/// allocates nothing and never holds more than its frames.
+pub(crate) struct FrameCache<O: Ops> {
+    frames: Vec<Clip<O>>,
+}
+
+impl<O: Ops> Default for FrameCache<O> {
+    fn default() -> Self {
+        Self { frames: Vec::new() }
+    }
 }
 
 /// Frames kept per causal convolution (upstream's `CACHE_T`).
 pub(crate) const CACHE_T: usize = 2;
 
-impl FrameCache {
-    /// The cached frames, oldest first.
-    pub fn frames(&self) -> Option<&Clip> {
-        self.frames.as_ref()
+impl<O: Ops> FrameCache<O> {
+    /// The cached frames, oldest first, one clip each.
+    pub fn frames(&self) -> &[Clip<O>] {
+        &self.frames
     }
 
-    /// Records that `x` followed the cached frames: keeps the last [`CACHE_T`] frames of both,
-    /// in place once the cache is full (no allocation in the steady state).
-    pub fn push(&mut self, x: &Clip) {
-        if x.t == 0 {
-            return;
+    /// Records that `x` followed the cached frames: keeps the last [`CACHE_T`] frames of both.
+    pub fn push(&mut self, ops: &O, x: &Clip<O>) -> Result<()> {
+        if self.frames.first().is_some_and(|f| (f.c, f.h, f.w) != (x.c, x.h, x.w)) {
+            self.frames.clear();
         }
         let p = x.plane();
-        match &mut self.frames {
-            Some(f) if f.t == CACHE_T && (f.c, f.h, f.w) == (x.c, x.h, x.w) => {
-                let keep = CACHE_T.saturating_sub(x.t); // cached frames that stay, moved to the front
-                let take = CACHE_T - keep; // newest frames of x
-                f.data.par_chunks_mut(CACHE_T * p).zip(x.data.par_chunks(x.t * p)).for_each(|(dst, src)| {
-                    dst.copy_within((CACHE_T - keep) * p..CACHE_T * p, 0);
-                    dst[keep * p..].copy_from_slice(&src[(x.t - take) * p..]);
-                });
+        for f in x.t.saturating_sub(CACHE_T)..x.t {
+            let mut slot = if self.frames.len() == CACHE_T { self.frames.remove(0) } else { Clip::zeros(ops, [x.c, 1, x.h, x.w])? };
+            if x.len() > 0 {
+                ops.copy_rows(at(&x.buf, f * p), x.t * p, at_mut(&mut slot.buf, 0), p, p, x.c)?;
             }
-            cached => {
-                let joined = match cached.as_ref() {
-                    Some(f) => Clip::concat_time(&[f, x]),
-                    None => x.clone(),
-                };
-                *cached = Some(joined.frames(joined.t.saturating_sub(CACHE_T), joined.t));
-            }
+            self.frames.push(slot);
         }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_kernels::backend::CpuOps;
 
-    fn ramp(shape: [usize; 4]) -> Clip {
-        Clip::new(shape, (0..shape.iter().product::<usize>()).map(|i| i as f32).collect())
+    fn ramp(shape: [usize; 4]) -> Clip<CpuOps> {
+        Clip::upload(&CpuOps, shape, (0..shape.iter().product::<usize>()).map(|i| i as f32).collect()).unwrap()
+    }
+
+    fn frames(x: &Clip<CpuOps>, a: usize, b: usize) -> Vec<f32> {
+        x.frames(&CpuOps, a, b).unwrap().buf
+    }
+
+    /// The cached frames' values, oldest first.
+    fn cached(cache: &FrameCache<CpuOps>) -> Option<Vec<f32>> {
+        let f = cache.frames();
+        (!f.is_empty()).then(|| Clip::concat_time(&CpuOps, &f.iter().collect::<Vec<_>>()).unwrap().buf)
     }
 
     #[test]
     fn frames_and_concat_are_inverse() {
+        let ops = CpuOps;
         let x = ramp([3, 5, 2, 2]);
-        let (a, b, c) = (x.frames(0, 1), x.frames(1, 4), x.frames(4, 5));
+        let (a, b, c) = (x.frames(&ops, 0, 1).unwrap(), x.frames(&ops, 1, 4).unwrap(), x.frames(&ops, 4, 5).unwrap());
         assert_eq!(b.shape(), [3, 3, 2, 2]);
-        assert_eq!(b.data[..4], [4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(Clip::concat_time(&[&a, &b, &c]), x);
+        assert_eq!(b.buf[..4], [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(Clip::concat_time(&ops, &[&a, &b, &c]).unwrap().buf, x.buf);
     }
 
     #[test]
     fn cache_keeps_the_last_two_frames_across_chunks() {
+        let ops = CpuOps;
         let x = ramp([2, 7, 1, 3]);
         let mut cache = FrameCache::default();
-        assert!(cache.frames().is_none());
-        cache.push(&x.frames(0, 1));
-        assert_eq!(cache.frames(), Some(&x.frames(0, 1)));
-        cache.push(&x.frames(1, 2));
-        assert_eq!(cache.frames(), Some(&x.frames(0, 2)));
-        cache.push(&x.frames(2, 3)); // in place: one new frame
-        assert_eq!(cache.frames(), Some(&x.frames(1, 3)));
-        cache.push(&x.frames(3, 6)); // in place: several new frames
-        assert_eq!(cache.frames(), Some(&x.frames(4, 6)));
-        cache.push(&x.frames(6, 6));
-        assert_eq!(cache.frames(), Some(&x.frames(4, 6)));
-        cache.push(&x.frames(6, 7));
-        assert_eq!(cache.frames(), Some(&x.frames(5, 7)));
+        assert!(cache.frames().is_empty());
+        let mut push = |a, b| {
+            cache.push(&ops, &x.frames(&ops, a, b).unwrap()).unwrap();
+            cached(&cache)
+        };
+        assert_eq!(push(0, 1), Some(frames(&x, 0, 1)));
+        assert_eq!(push(1, 2), Some(frames(&x, 0, 2)));
+        assert_eq!(push(2, 3), Some(frames(&x, 1, 3)));
+        assert_eq!(push(3, 6), Some(frames(&x, 4, 6)));
+        assert_eq!(push(6, 6), Some(frames(&x, 4, 6)));
+        assert_eq!(push(6, 7), Some(frames(&x, 5, 7)));
     }
 }

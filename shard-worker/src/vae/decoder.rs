@@ -7,20 +7,21 @@ use super::config::VaeConfig;
 use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
 use crate::weights::WeightSource;
 use crate::Result;
+use tessera_kernels::backend::Ops;
 
 /// One decoder stage: residual blocks, then an optional upsampler.
-struct UpBlock {
-    resnets: Vec<ResidualBlock>,
-    upsampler: Option<Resample>,
+struct UpBlock<O: Ops> {
+    resnets: Vec<ResidualBlock<O>>,
+    upsampler: Option<Resample<O>>,
 }
 
 /// The decoder (without `post_quant_conv`, which the VAE applies first).
-pub(crate) struct Decoder {
-    conv_in: CausalConv3d,
-    mid: MidBlock,
-    up_blocks: Vec<UpBlock>,
-    norm_out: ChannelRmsNorm,
-    conv_out: CausalConv3d,
+pub(crate) struct Decoder<O: Ops> {
+    conv_in: CausalConv3d<O>,
+    mid: MidBlock<O>,
+    up_blocks: Vec<UpBlock<O>>,
+    norm_out: ChannelRmsNorm<O>,
+    conv_out: CausalConv3d<O>,
     /// The first stage after the last temporal upsampler: from there on every layer maps frame t
     /// to frame t, so those stages run one frame at a time (same output, a fraction of the memory
     /// at the highest resolutions).
@@ -28,18 +29,18 @@ pub(crate) struct Decoder {
 }
 
 /// Everything the decoder remembers between chunks of one sample.
-pub(crate) struct DecoderState {
-    conv_in: FrameCache,
-    mid: MidState,
-    up_blocks: Vec<(Vec<ResidualState>, ResampleState)>,
-    conv_out: FrameCache,
+pub(crate) struct DecoderState<O: Ops> {
+    conv_in: FrameCache<O>,
+    mid: MidState<O>,
+    up_blocks: Vec<(Vec<ResidualState<O>>, ResampleState<O>)>,
+    conv_out: FrameCache<O>,
 }
 
-impl Decoder {
+impl<O: Ops> Decoder<O> {
     /// Loads `decoder.*` for `cfg`: widths `base_dim · [m_last, reversed dim_mult]`; stages after
     /// the first take half the previous width (the upsampler halves it); every stage but the last
     /// upsamples, in time too where `temperal_downsample` reversed says so.
-    pub fn load(src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
+    pub fn load(ops: &O, src: &dyn WeightSource, cfg: &VaeConfig) -> Result<Self> {
         let dims = cfg.decoder_dims();
         let temporal = cfg.decoder_temporal_upsample();
         let stages = cfg.dim_mult.len();
@@ -49,12 +50,12 @@ impl Decoder {
             let (mut cin, cout) = (if i > 0 { dims[i] / 2 } else { dims[i] }, dims[i + 1]);
             let mut resnets = Vec::with_capacity(cfg.num_res_blocks + 1);
             for r in 0..=cfg.num_res_blocks {
-                resnets.push(ResidualBlock::load(src, &format!("{prefix}.resnets.{r}"), cin, cout)?);
+                resnets.push(ResidualBlock::load(ops, src, &format!("{prefix}.resnets.{r}"), cin, cout)?);
                 cin = cout;
             }
             let upsampler = if i + 1 < stages {
                 let mode = if temporal[i] { ResampleMode::Upsample3d } else { ResampleMode::Upsample2d };
-                Some(Resample::load(src, &format!("{prefix}.upsamplers.0"), cout, mode)?)
+                Some(Resample::load(ops, src, &format!("{prefix}.upsamplers.0"), cout, mode)?)
             } else {
                 None
             };
@@ -64,16 +65,16 @@ impl Decoder {
         let per_frame_from = temporal.iter().rposition(|&t| t).map_or(0, |i| i + 1);
         Ok(Self {
             per_frame_from,
-            conv_in: CausalConv3d::load3(src, "decoder.conv_in", cfg.z_dim, dims[0])?,
-            mid: MidBlock::load(src, "decoder.mid_block", dims[0])?,
+            conv_in: CausalConv3d::load3(ops, src, "decoder.conv_in", cfg.z_dim, dims[0])?,
+            mid: MidBlock::load(ops, src, "decoder.mid_block", dims[0])?,
             up_blocks,
-            norm_out: ChannelRmsNorm::load(src, "decoder.norm_out", last, false)?,
-            conv_out: CausalConv3d::load3(src, "decoder.conv_out", last, cfg.out_channels)?,
+            norm_out: ChannelRmsNorm::load(ops, src, "decoder.norm_out", last, false)?,
+            conv_out: CausalConv3d::load3(ops, src, "decoder.conv_out", last, cfg.out_channels)?,
         })
     }
 
     /// A fresh state: the start of a sequence.
-    pub fn new_state(&self) -> DecoderState {
+    pub fn new_state(&self) -> DecoderState<O> {
         DecoderState {
             conv_in: FrameCache::default(),
             mid: MidState::default(),
@@ -84,31 +85,34 @@ impl Decoder {
 
     /// Decodes the next chunk of latent frames `[z_dim, n, h, w]` (after `post_quant_conv`) into
     /// video frames `[out_channels, n', 8h, 8w]` (not clamped).
-    pub fn forward(&self, z: &Clip, state: &mut DecoderState) -> Result<Clip> {
-        let x = self.conv_in.forward_cached(z, &mut state.conv_in)?;
-        let mut x = self.mid.forward(x, &mut state.mid)?;
+    pub fn forward(&self, ops: &O, z: &Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
+        let x = self.conv_in.forward_cached(ops, z, &mut state.conv_in)?;
+        let mut x = self.mid.forward(ops, x, &mut state.mid)?;
         for i in 0..self.per_frame_from {
-            x = self.up_block(i, x, state)?;
+            x = self.up_block(ops, i, x, state)?;
         }
-        let mut frames = Vec::with_capacity(x.t);
-        for f in 0..x.t {
-            let mut y = x.frames(f, f + 1);
+        let inputs = if x.t == 1 { vec![x] } else { (0..x.t).map(|f| x.frames(ops, f, f + 1)).collect::<Result<Vec<_>>>()? };
+        let mut frames = Vec::with_capacity(inputs.len());
+        for mut y in inputs {
             for i in self.per_frame_from..self.up_blocks.len() {
-                y = self.up_block(i, y, state)?;
+                y = self.up_block(ops, i, y, state)?;
             }
-            frames.push(norm_silu_conv(&self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
+            frames.push(norm_silu_conv(ops, &self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
         }
-        Ok(Clip::concat_time(&frames.iter().collect::<Vec<_>>()))
+        match frames.len() {
+            1 => Ok(frames.pop().expect("one frame")),
+            _ => Clip::concat_time(ops, &frames.iter().collect::<Vec<_>>()),
+        }
     }
 
     /// Runs stage `i` on the next frames.
-    fn up_block(&self, i: usize, mut x: Clip, state: &mut DecoderState) -> Result<Clip> {
+    fn up_block(&self, ops: &O, i: usize, mut x: Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
         let (block, (res_states, up_state)) = (&self.up_blocks[i], &mut state.up_blocks[i]);
         for (res, st) in block.resnets.iter().zip(res_states.iter_mut()) {
-            x = res.forward(x, st)?;
+            x = res.forward(ops, x, st)?;
         }
         match &block.upsampler {
-            Some(up) => up.forward(x, up_state),
+            Some(up) => up.forward(ops, x, up_state),
             None => Ok(x),
         }
     }

@@ -1,7 +1,8 @@
-//! The Wan 2.1 VAE (diffusers `AutoencoderKLWan`) on the CPU: decode latents to video chunk by
-//! chunk (one latent frame per step, with causal frame caches, so memory does not grow with the
-//! video's length) and encode video to the latent distribution, plus the latent normalisation the
-//! pipelines apply around them. Reference: `wan2.1.md` §4.
+//! The Wan 2.1 VAE (diffusers `AutoencoderKLWan`), written once over the backend seam (`cpu`,
+//! `bf16-host`, `cuda`): decode latents to video chunk by chunk (one latent frame per step, with
+//! causal frame caches, so memory does not grow with the video's length) and encode video to the
+//! latent distribution, plus the latent normalisation the pipelines apply around them (on the
+//! host, in f32). Reference: `wan2.1.md` §4.
 
 mod blocks;
 mod clip;
@@ -20,51 +21,180 @@ use encoder::Encoder;
 use layers::CausalConv3d;
 use rayon::prelude::*;
 use std::path::Path;
+use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::Tensor;
 
 /// Video frames per encoder chunk after the first, one-frame chunk (upstream's fixed 4).
 const ENCODE_CHUNK: usize = 4;
 
-/// A loaded Wan 2.1 VAE.
-pub struct WanVae {
+/// The Wan 2.1 VAE on backend `O`: written once, run by every backend.
+pub struct Vae<O: Ops> {
+    ops: O,
     cfg: VaeConfig,
-    encoder: Encoder,
-    decoder: Decoder,
-    quant_conv: CausalConv3d,
-    post_quant_conv: CausalConv3d,
+    encoder: Encoder<O>,
+    decoder: Decoder<O>,
+    quant_conv: CausalConv3d<O>,
+    post_quant_conv: CausalConv3d<O>,
 }
 
-impl WanVae {
-    /// Loads a diffusers `vae/` folder (`config.json` and safetensors weights).
-    pub fn load(dir: &Path) -> Result<Self> {
-        let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        Self::from_source(cfg, &WeightStore::open_dir(dir)?)
-    }
-
-    /// A built-in configuration with deterministic random weights.
-    pub fn preset(preset: VaePreset, seed: u64) -> Result<Self> {
-        Self::from_source(preset.config(), &RandomWeights::new(seed))
-    }
-
-    /// Builds the VAE from any weight source; every parameter is checked by name and shape, and
-    /// tensors the VAE does not use are an error.
-    pub fn from_source(cfg: VaeConfig, src: &dyn WeightSource) -> Result<Self> {
+impl<O: Ops> Vae<O> {
+    /// Builds the VAE on `ops` from any weight source; every parameter is checked by name and
+    /// shape, and tensors the VAE does not use are an error.
+    pub fn from_source(ops: O, cfg: VaeConfig, src: &dyn WeightSource) -> Result<Self> {
         cfg.validate().map_err(|detail| WorkerError::Config { path: "vae config".into(), detail })?;
         let z = cfg.z_dim;
         let vae = Self {
-            encoder: Encoder::load(src, &cfg)?,
-            decoder: Decoder::load(src, &cfg)?,
-            quant_conv: CausalConv3d::load1(src, "quant_conv", 2 * z, 2 * z)?,
-            post_quant_conv: CausalConv3d::load1(src, "post_quant_conv", z, z)?,
+            encoder: Encoder::load(&ops, src, &cfg)?,
+            decoder: Decoder::load(&ops, src, &cfg)?,
+            quant_conv: CausalConv3d::load1(&ops, src, "quant_conv", 2 * z, 2 * z)?,
+            post_quant_conv: CausalConv3d::load1(&ops, src, "post_quant_conv", z, z)?,
             cfg,
+            ops,
         };
         src.finish()?;
         Ok(vae)
     }
 
+    /// The backend.
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// Decodes `chunk` latent frames per step (1 is upstream's scheme; any size gives the same
+    /// video), handing each piece of video, clamped to [−1, 1], to `on_frames`.
+    fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let s = latent.shape();
+        if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) {
+            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w] with no empty dimension, got {s:?}", self.cfg.z_dim)));
+        }
+        let ops = &self.ops;
+        let (batch, frames) = (s[0], s[2]);
+        let mut states: Vec<_> = (0..batch).map(|_| self.decoder.new_state()).collect();
+        let mut start = 0;
+        while start < frames {
+            let end = frames.min(start + chunk.max(1));
+            let (mut samples, mut shape) = (Vec::with_capacity(batch), [0; 4]);
+            for (b, state) in states.iter_mut().enumerate() {
+                let z = self.post_quant_conv.forward(ops, &Clip::from_batch(ops, latent, b, start, end)?)?;
+                let video = self.decoder.forward(ops, &z, state)?;
+                shape = video.shape();
+                let mut host = video.download(ops)?;
+                host.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0)));
+                samples.push(host);
+            }
+            on_frames(clip::stack(shape, samples)?)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Encodes with a first chunk of `first` frames and then chunks of `rest` (upstream: 1 and 4).
+    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize) -> Result<(Tensor, Tensor)> {
+        let s = video.shape();
+        let c = &self.cfg;
+        let sf = c.spatial_factor();
+        if s.len() != 5 || s[1] != c.in_channels || s.contains(&0) {
+            return Err(WorkerError::input("video", format!("expected [B, {}, F, H, W] with no empty dimension, got {s:?}", c.in_channels)));
+        }
+        if !(s[2] - 1).is_multiple_of(ENCODE_CHUNK) {
+            return Err(WorkerError::input("video", format!("{} frames: the encoder takes 1 + {ENCODE_CHUNK}k frames", s[2])));
+        }
+        if !s[3].is_multiple_of(sf) || !s[4].is_multiple_of(sf) {
+            return Err(WorkerError::input("video", format!("{}x{} pixels: height and width must be multiples of {sf}", s[3], s[4])));
+        }
+        let ops = &self.ops;
+        let (batch, frames, z) = (s[0], s[2], c.z_dim);
+        let (mut means, mut logvars, mut shape) = (Vec::with_capacity(batch), Vec::with_capacity(batch), [0; 4]);
+        for b in 0..batch {
+            let mut state = self.encoder.new_state();
+            let mut outs = Vec::new();
+            let mut start = 0;
+            while start < frames {
+                let end = frames.min(start + if start == 0 { first } else { rest });
+                outs.push(self.encoder.forward(ops, &Clip::from_batch(ops, video, b, start, end)?, &mut state)?);
+                start = end;
+            }
+            let enc = self.quant_conv.forward(ops, &Clip::concat_time(ops, &outs.iter().collect::<Vec<_>>())?)?;
+            shape = [z, enc.t, enc.h, enc.w];
+            let per_channel = enc.positions();
+            let mut host = enc.download(ops)?;
+            let logvar = host.split_off(z * per_channel);
+            means.push(host);
+            logvars.push(logvar.into_iter().map(|v| v.clamp(-30.0, 20.0)).collect());
+        }
+        Ok((clip::stack(shape, means)?, clip::stack(shape, logvars)?))
+    }
+}
+
+/// A loaded Wan 2.1 VAE on the backend chosen at run time.
+pub enum WanVae {
+    /// f32 on the CPU.
+    Cpu(Box<Vae<CpuOps>>),
+    /// bf16 under the host twin of the GPU path.
+    Bf16Host(Box<Vae<HostOps>>),
+    /// bf16 on a CUDA GPU.
+    Cuda(Box<Vae<CudaOps>>),
+}
+
+/// Runs `$body` with `$m` bound to the VAE, whatever its backend.
+macro_rules! on_backend {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            WanVae::Cpu($m) => $body,
+            WanVae::Bf16Host($m) => $body,
+            WanVae::Cuda($m) => $body,
+        }
+    };
+}
+
+impl WanVae {
+    /// Loads a diffusers `vae/` folder (`config.json` and safetensors weights) onto the CPU in f32.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, Backend::Cpu)
+    }
+
+    /// [`load`](Self::load) onto `backend`.
+    pub fn load_on(dir: &Path, backend: Backend) -> Result<Self> {
+        let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
+        Self::from_source_on(cfg, &WeightStore::open_dir(dir)?, backend)
+    }
+
+    /// A built-in configuration with deterministic random weights, on the CPU.
+    pub fn preset(preset: VaePreset, seed: u64) -> Result<Self> {
+        Self::from_source(preset.config(), &RandomWeights::new(seed))
+    }
+
+    /// The VAE on the CPU from any weight source (see [`Vae::from_source`]).
+    pub fn from_source(cfg: VaeConfig, src: &dyn WeightSource) -> Result<Self> {
+        Self::from_source_on(cfg, src, Backend::Cpu)
+    }
+
+    /// The VAE on `backend` from any weight source.
+    pub fn from_source_on(cfg: VaeConfig, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
+        Ok(match backend {
+            Backend::Cpu => Self::Cpu(Box::new(Vae::from_source(CpuOps, cfg, src)?)),
+            Backend::Bf16Host => Self::Bf16Host(Box::new(Vae::from_source(HostOps, cfg, src)?)),
+            Backend::Cuda(n) => Self::Cuda(Box::new(Vae::from_source(CudaOps::open(n)?, cfg, src)?)),
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &VaeConfig {
-        &self.cfg
+        on_backend!(self, m => &m.cfg)
+    }
+
+    /// The backend it runs on.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Cpu(_) => Backend::Cpu,
+            Self::Bf16Host(_) => Backend::Bf16Host,
+            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
+        }
+    }
+
+    /// Device memory in use and in total (bytes) where the VAE runs on a GPU.
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        on_backend!(self, m => m.ops().device_memory())
     }
 
     /// Decodes `latent` `[B, z_dim, T, h, w]` (already de-normalised, see
@@ -86,28 +216,8 @@ impl WanVae {
         concat_frames(&pieces)
     }
 
-    /// Decodes `chunk` latent frames per step (1 is upstream's scheme; any size gives the same video).
     fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
-        let s = latent.shape();
-        if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) {
-            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w] with no empty dimension, got {s:?}", self.cfg.z_dim)));
-        }
-        let (batch, frames) = (s[0], s[2]);
-        let mut states: Vec<_> = (0..batch).map(|_| self.decoder.new_state()).collect();
-        let mut start = 0;
-        while start < frames {
-            let end = frames.min(start + chunk.max(1));
-            let mut clips = Vec::with_capacity(batch);
-            for (b, state) in states.iter_mut().enumerate() {
-                let z = self.post_quant_conv.forward(&Clip::from_batch(latent, b, start, end))?;
-                clips.push(self.decoder.forward(&z, state)?);
-            }
-            let mut video = Clip::stack(clips)?;
-            video.data_mut().par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0)));
-            on_frames(video)?;
-            start = end;
-        }
-        Ok(())
+        on_backend!(self, m => m.decode_chunks(latent, chunk, on_frames))
     }
 
     /// Encodes `video` `[B, in_channels, F, H, W]` (values in [−1, 1], F = 1 + 4k, H and W
@@ -118,38 +228,8 @@ impl WanVae {
         self.encode_chunks(video, 1, ENCODE_CHUNK)
     }
 
-    /// Encodes with a first chunk of `first` frames and then chunks of `rest` (upstream: 1 and 4).
     fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize) -> Result<(Tensor, Tensor)> {
-        let s = video.shape();
-        let c = &self.cfg;
-        let sf = c.spatial_factor();
-        if s.len() != 5 || s[1] != c.in_channels || s.contains(&0) {
-            return Err(WorkerError::input("video", format!("expected [B, {}, F, H, W] with no empty dimension, got {s:?}", c.in_channels)));
-        }
-        if !(s[2] - 1).is_multiple_of(ENCODE_CHUNK) {
-            return Err(WorkerError::input("video", format!("{} frames: the encoder takes 1 + {ENCODE_CHUNK}k frames", s[2])));
-        }
-        if !s[3].is_multiple_of(sf) || !s[4].is_multiple_of(sf) {
-            return Err(WorkerError::input("video", format!("{}x{} pixels: height and width must be multiples of {sf}", s[3], s[4])));
-        }
-        let (batch, frames, z) = (s[0], s[2], c.z_dim);
-        let (mut means, mut logvars) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
-        for b in 0..batch {
-            let mut state = self.encoder.new_state();
-            let mut outs = Vec::new();
-            let mut start = 0;
-            while start < frames {
-                let end = frames.min(start + if start == 0 { first } else { rest });
-                outs.push(self.encoder.forward(&Clip::from_batch(video, b, start, end), &mut state)?);
-                start = end;
-            }
-            let enc = self.quant_conv.forward(&Clip::concat_time(&outs.iter().collect::<Vec<_>>()))?;
-            let per_channel = enc.positions();
-            let (mean, logvar) = enc.data.split_at(z * per_channel);
-            means.push(Clip::new([z, enc.t, enc.h, enc.w], mean.to_vec()));
-            logvars.push(Clip::new([z, enc.t, enc.h, enc.w], logvar.iter().map(|v| v.clamp(-30.0, 20.0)).collect()));
-        }
-        Ok((Clip::stack(means)?, Clip::stack(logvars)?))
+        on_backend!(self, m => m.encode_chunks(video, first, rest))
     }
 
     /// `(μ − mean) / std` per channel, as the pipelines compute it (`(μ − mean)·(1/std)` in f32).
@@ -165,16 +245,17 @@ impl WanVae {
 
     fn per_channel(&self, x: &Tensor, f: impl Fn(f32, f32, f32) -> f32 + Sync) -> Result<Tensor> {
         let s = x.shape();
-        if s.len() != 5 || s[1] != self.cfg.z_dim {
-            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w], got {s:?}", self.cfg.z_dim)));
+        if s.len() != 5 || s[1] != self.config().z_dim {
+            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w], got {s:?}", self.config().z_dim)));
         }
         let per_channel: usize = s[2..].iter().product();
-        let z = self.cfg.z_dim;
+        let z = self.config().z_dim;
         let mut out = x.clone();
+        let cfg = self.config();
         if per_channel > 0 {
             out.data_mut().par_chunks_mut(per_channel).enumerate().for_each(|(i, row)| {
                 let ch = i % z;
-                let (mean, inv_std) = (self.cfg.latents_mean[ch] as f32, 1.0 / self.cfg.latents_std[ch] as f32);
+                let (mean, inv_std) = (cfg.latents_mean[ch] as f32, 1.0 / cfg.latents_std[ch] as f32);
                 row.iter_mut().for_each(|v| *v = f(*v, mean, inv_std));
             });
         }

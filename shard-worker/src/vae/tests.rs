@@ -175,13 +175,15 @@ fn every_tensor_is_used_and_problems_are_named() {
 fn real_width_preset_keeps_activations_finite_and_of_order_one() {
     let vae = WanVae::preset(VaePreset::Wan21, 0).unwrap();
     assert_eq!(vae.config().base_dim, 96);
+    let WanVae::Cpu(m) = &vae else { panic!("presets load on the CPU") };
+    let ops = m.ops();
     let latent = normal(&[1, 16, 2, 2, 3], 5);
-    let z = vae.post_quant_conv.forward(&Clip::from_batch(&latent, 0, 0, 2)).unwrap();
-    let raw = vae.decoder.forward(&z, &mut vae.decoder.new_state()).unwrap();
+    let z = m.post_quant_conv.forward(ops, &Clip::from_batch(ops, &latent, 0, 0, 2).unwrap()).unwrap();
+    let raw = m.decoder.forward(ops, &z, &mut m.decoder.new_state()).unwrap();
     assert_eq!(raw.shape(), [3, 5, 16, 24]);
-    let n = raw.data.len() as f64;
-    let rms = (raw.data.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
-    assert!(raw.data.iter().all(|v| v.is_finite()));
+    let n = raw.buf.len() as f64;
+    let rms = (raw.buf.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(raw.buf.iter().all(|v| v.is_finite()));
     assert!((0.05..20.0).contains(&rms), "decoder output rms {rms}");
     let video = uniform_video(&[1, 3, 5, 16, 24], 6);
     let (mean, logvar) = vae.encode(&video).unwrap();
