@@ -138,8 +138,8 @@ run() {
   step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
   step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
   step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
-  # Every golden kind with its models on the GPU (dit, umt5 and pipeline in bf16; vae and
-  # scheduler on the CPU), at the bf16 tolerances the CLI prints.
+  # Every golden kind with its models on the GPU (dit, umt5, vae and pipeline in bf16; the
+  # scheduler's arithmetic on the host), at the bf16 tolerances the CLI prints.
   step "tessera golden --backend cuda, every kind" "$BIN/tessera" golden --backend cuda tests/golden
   step "tessera golden --backend cuda, dit over 4 ranks on this GPU (USP 2x2, staged collectives)" \
     "$BIN/tessera" golden --backend cuda --kind dit --ranks 4 --ulysses 2 tests/golden
@@ -148,6 +148,9 @@ run() {
   step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "tessera bench text --backend cuda, UMT5-XXL width (2 layers)" "$BIN/tessera" bench text --backend cuda --layers 2 --tokens 25,512 --iters "${ITERS:-10}"
+  step "tessera bench vae --backend cuda, Wan 2.1 VAE, 480x832, 2 and 5 latent frames" "$BIN/tessera" bench vae --backend cuda \
+    --latent-frames 2,5 --height 480 --width 832
+  step "diffusers AutoencoderKLWan bf16 vs f32 on the golden case (the bf16 VAE bound's yardstick)" python3 bench/vae_bf16_error.py tests/golden/vae/decode-a
   step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
     --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
   step "tessera generate, transformer on cuda vs cpu (tiny preset, 256x256, 33 frames, 20 steps)" bash -c \

@@ -711,6 +711,6 @@ fn wide_attention_matches_host_ops() {
     let mut l = ops.device().zeros::<f32>(8).unwrap();
     for d in [132, 520] {
         let shape = AttentionShape::packed(1, d, 4, 4);
-        assert!(cuda::attention::wide_attention(ops.device(), &b, &b, &b, shape, 1.0, &mut o, d, &mut l).is_err(), "head_dim {d}");
+        assert!(cuda::attention::flash_attention(ops.device(), &b, &b, &b, shape, 1.0, &mut o, d, &mut l).is_err(), "head_dim {d}");
     }
 }

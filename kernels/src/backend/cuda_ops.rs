@@ -218,9 +218,6 @@ impl Ops for CudaOps {
         }
         let (qv, kv, vv) = (view(OP, q.buf, qr)?, view(OP, k.buf, kr)?, view(OP, v.buf, vr)?);
         let mut ov = view_mut(OP, out.buf, or)?;
-        if shape.head_dim > cuda::attention::HEAD_DIMS[cuda::attention::HEAD_DIMS.len() - 1] {
-            return cuda::attention::wide_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse);
-        }
         cuda::attention::flash_attention::<O>(&self.dev, &qv, &kv, &vv, shape, scale, &mut ov, out_stride, lse)
     }
 

@@ -49,7 +49,8 @@ fn kernel_name<O: OutputElem>(head_dim: usize) -> &'static str {
 ///
 /// `q`, `k`, `v` are token-major with row strides `shape.q_stride` / `shape.kv_stride` (multiples
 /// of 8, 16-byte aligned starts), head `h` in channels `[h·head_dim, (h+1)·head_dim)`; `head_dim`
-/// is 64 or 128. Writes `out` rows `[q_len, out_stride]` (channels `[0, heads·head_dim)` of each
+/// is 64 or 128 (the tensor-core kernel) or a multiple of 8 up to [`WIDE_HEAD_MAX`] (the wide
+/// kernel: f32 probabilities, for the VAE's one head of 384). Writes `out` rows `[q_len, out_stride]` (channels `[0, heads·head_dim)` of each
 /// row) and `lse` `[heads, q_len]` (ln Σ exp(scale·q·k); −∞ and zero output when `kv_len` is 0).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention<O: OutputElem>(
@@ -65,8 +66,8 @@ pub fn flash_attention<O: OutputElem>(
 ) -> Result<()> {
     const OP: &str = "cuda::flash_attention";
     let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = shape;
-    if !HEAD_DIMS.contains(&head_dim) || heads == 0 {
-        return Err(KernelError::invalid(OP, format!("head_dim {head_dim} (supported: {HEAD_DIMS:?}), heads {heads}")));
+    if !serves_head_dim(head_dim) || heads == 0 {
+        return Err(KernelError::invalid(OP, format!("head_dim {head_dim} (supported: {SERVED_HEAD_DIMS}), heads {heads}")));
     }
     let hd = heads * head_dim;
     if q_stride < hd || kv_stride < hd || out_stride < hd {
@@ -92,7 +93,16 @@ pub fn flash_attention<O: OutputElem>(
     }
     let (q_len_i, kv_len_i) = (as_i32(OP, "q_len", q_len)?, as_i32(OP, "kv_len", kv_len)?);
     let heads_u = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| KernelError::invalid(OP, format!("{heads} heads")))?;
-    let f = dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?;
+    // Heads of 64 and 128: the tensor-core flash kernel; wider heads: the wide kernel (one warp
+    // per query row, f32 probabilities), which also takes the head width.
+    let wide = !HEAD_DIMS.contains(&head_dim);
+    let (f, rows, threads) = if wide {
+        let name = if O::NAME == "bf16" { "wide_attention_bf16" } else { "wide_attention_f32" };
+        (dev.function(KernelSource::WideAttention, name)?, WIDE_BLOCK_ROWS, 256)
+    } else {
+        (dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?, block_rows(head_dim), 128)
+    };
+    let hd_i = as_i32(OP, "head_dim", head_dim)?;
     let s = dev.stream();
     let (qp, _gq) = ptr(q, s);
     let (kp, _gk) = ptr(k, s);
@@ -104,74 +114,18 @@ pub fn flash_attention<O: OutputElem>(
     }
     check_aligned(OP, "out", op, 2 * O::BYTES)?;
     let (qs, kvs, os) = (q_stride as i64, kv_stride as i64, out_stride as i64);
-    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(block_rows(head_dim)) as u32, heads_u, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(rows) as u32, heads_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let mut b = s.launch_builder(&f);
-    b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os).arg(&scale);
+    b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os);
+    if wide {
+        b.arg(&hd_i);
+    }
+    b.arg(&scale);
     launch::launch(OP, b, cfg)
 }
 
 /// Query rows per block of the wide kernel (one warp each).
 const WIDE_BLOCK_ROWS: usize = 8;
-
-/// [`flash_attention`] for heads wider than 128 channels (`head_dim` a multiple of 8 from 136 to
-/// [`WIDE_HEAD_MAX`]; the VAE's one head of 384), same layouts and requirements: bf16 `q`, `k`,
-/// `v` rows at `shape`'s strides (multiples of 8, 16-byte aligned starts), `out` rows
-/// `out_stride` apart (even; bf16 or f32, starting at an even element) and `lse` `[heads, q_len]`.
-/// f32 scores, softmax and accumulation (probabilities are not rounded), one rounding of the
-/// output to `O`. Twin: [`crate::cpu::attention`].
-#[allow(clippy::too_many_arguments)]
-pub fn wide_attention<O: OutputElem>(
-    dev: &CudaDevice,
-    q: &impl DevicePtr<bf16>,
-    k: &impl DevicePtr<bf16>,
-    v: &impl DevicePtr<bf16>,
-    shape: AttentionShape,
-    scale: f32,
-    out: &mut impl DevicePtrMut<O>,
-    out_stride: usize,
-    lse: &mut impl DevicePtrMut<f32>,
-) -> Result<()> {
-    const OP: &str = "cuda::wide_attention";
-    let AttentionShape { heads, head_dim, q_len, kv_len, q_stride, kv_stride } = shape;
-    if head_dim <= HEAD_DIMS[HEAD_DIMS.len() - 1] || !serves_head_dim(head_dim) || heads == 0 {
-        return Err(KernelError::invalid(OP, format!("head_dim {head_dim} (supported: multiples of 8 from 136 to {WIDE_HEAD_MAX}), heads {heads}")));
-    }
-    let hd = heads * head_dim;
-    if q_stride < hd || kv_stride < hd || out_stride < hd {
-        return Err(KernelError::shape(OP, format!("strides q {q_stride}, kv {kv_stride}, out {out_stride} shorter than heads·head_dim = {hd}")));
-    }
-    if !q_stride.is_multiple_of(8) || !kv_stride.is_multiple_of(8) || !out_stride.is_multiple_of(2) {
-        return Err(KernelError::invalid(OP, format!("q/kv strides ({q_stride}, {kv_stride}) must be multiples of 8 and the out stride ({out_stride}) even")));
-    }
-    let need = |rows: usize, stride: usize| if rows == 0 { 0 } else { (rows - 1) * stride + hd };
-    check_len(OP, "q", q.len(), need(q_len, q_stride))?;
-    check_len(OP, "k", k.len(), need(kv_len, kv_stride))?;
-    check_len(OP, "v", v.len(), need(kv_len, kv_stride))?;
-    check_len(OP, "out", out.len(), need(q_len, out_stride))?;
-    check_len(OP, "lse", lse.len(), heads * q_len)?;
-    if q_len == 0 {
-        return Ok(());
-    }
-    let (q_len_i, kv_len_i, hd_i) = (as_i32(OP, "q_len", q_len)?, as_i32(OP, "kv_len", kv_len)?, as_i32(OP, "head_dim", head_dim)?);
-    let heads_u = u32::try_from(heads).ok().filter(|&h| h <= 65_535).ok_or_else(|| KernelError::invalid(OP, format!("{heads} heads")))?;
-    let name = if O::NAME == "bf16" { "wide_attention_bf16" } else { "wide_attention_f32" };
-    let f = dev.function(KernelSource::WideAttention, name)?;
-    let s = dev.stream();
-    let (qp, _gq) = ptr(q, s);
-    let (kp, _gk) = ptr(k, s);
-    let (vp, _gv) = ptr(v, s);
-    let (op, _go) = ptr_mut(out, s);
-    let (lp, _gl) = ptr_mut(lse, s);
-    for (name, p) in [("q", qp), ("k", kp), ("v", vp)] {
-        check_aligned(OP, name, p, 16)?;
-    }
-    check_aligned(OP, "out", op, 2 * O::BYTES)?;
-    let (qs, kvs, os) = (q_stride as i64, kv_stride as i64, out_stride as i64);
-    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(WIDE_BLOCK_ROWS) as u32, heads_u, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut b = s.launch_builder(&f);
-    b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os).arg(&hd_i).arg(&scale);
-    launch::launch(OP, b, cfg)
-}
 
 /// Merges the partial result `(out_b, lse_b)` over one key set into `(out_a, lse_a)` over a
 /// disjoint key set (ring attention). Layouts as [`flash_attention`] writes them with packed rows:

@@ -70,35 +70,31 @@ pub fn gelu_tanh<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, 
 /// `x[i] ← x[i]·y[i]` for the first `n` elements (bf16 or f32; f32 arithmetic, one rounding).
 /// Twin: [`crate::cpu::mul_in_place`].
 pub fn mul<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &impl DevicePtr<T>, n: usize) -> Result<()> {
-    const OP: &str = "cuda::mul";
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "y", y.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let name = if T::NAME == "bf16" { "mul_bf16" } else { "mul_f32" };
-    let f = dev.function(KernelSource::Gelu, name)?;
-    let cfg = launch::elementwise(dev, n)?;
-    let s = dev.stream();
-    let (xp, _gx) = ptr_mut(x, s);
-    let (yp, _gy) = ptr(y, s);
-    let n_i = n as i64;
-    let mut b = s.launch_builder(&f);
-    b.arg(&xp).arg(&yp).arg(&n_i);
-    launch::launch(OP, b, cfg)
+    binary(dev, "cuda::mul", ["mul_bf16", "mul_f32"], x, y, n)
 }
 
 /// `x[i] ← x[i] + y[i]` for the first `n` elements (bf16 or f32; f32 arithmetic, one rounding).
 /// Twin: `HostOps::accumulate` (`bf16(f32(x) + f32(y))`).
 pub fn add<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &impl DevicePtr<T>, n: usize) -> Result<()> {
-    const OP: &str = "cuda::add";
-    check_len(OP, "x", x.len(), n)?;
-    check_len(OP, "y", y.len(), n)?;
+    binary(dev, "cuda::add", ["add_bf16", "add_f32"], x, y, n)
+}
+
+/// Launches the `gelu.cu` kernel of `kernels` (bf16 and f32 variants) on `x[i] ← x[i] ∘ y[i]`
+/// for the first `n` elements.
+fn binary<T: OutputElem>(
+    dev: &CudaDevice,
+    op: &'static str,
+    kernels: [&'static str; 2],
+    x: &mut impl DevicePtrMut<T>,
+    y: &impl DevicePtr<T>,
+    n: usize,
+) -> Result<()> {
+    check_len(op, "x", x.len(), n)?;
+    check_len(op, "y", y.len(), n)?;
     if n == 0 {
         return Ok(());
     }
-    let name = if T::NAME == "bf16" { "add_bf16" } else { "add_f32" };
-    let f = dev.function(KernelSource::Gelu, name)?;
+    let f = dev.function(KernelSource::Gelu, if T::NAME == "bf16" { kernels[0] } else { kernels[1] })?;
     let cfg = launch::elementwise(dev, n)?;
     let s = dev.stream();
     let (xp, _gx) = ptr_mut(x, s);
@@ -106,7 +102,7 @@ pub fn add<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, y: &im
     let n_i = n as i64;
     let mut b = s.launch_builder(&f);
     b.arg(&xp).arg(&yp).arg(&n_i);
-    launch::launch(OP, b, cfg)
+    launch::launch(op, b, cfg)
 }
 
 /// `out[i] = bf16(x[i])` (round to nearest even) for the first `n` elements.
