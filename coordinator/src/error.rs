@@ -1,6 +1,8 @@
-//! The error type of the coordinator library, and its exhaustive mapping onto gRPC status codes.
+//! The error type of the coordinator library, and its exhaustive mapping onto reasons
+//! (`tessera_proto::reason`) and with them gRPC status codes.
 
 use std::path::PathBuf;
+use tessera_proto::reason::{status, Reason};
 
 /// Everything the coordinator library can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +77,9 @@ pub enum CoordinatorError {
         worker: String,
         /// What the job was doing (prepare, step N, decode...).
         during: String,
-        /// The worker's gRPC status code.
-        code: tonic::Code,
+        /// The request field the worker refused (it answered INVALID_FIELD naming it): the
+        /// caller's fault. None when the worker was lost (died, left, timed out, failed).
+        refused_field: Option<String>,
         /// The worker's message, or the transport error.
         detail: String,
     },
@@ -141,28 +144,70 @@ impl CoordinatorError {
     }
 }
 
-impl From<CoordinatorError> for tonic::Status {
-    fn from(e: CoordinatorError) -> Self {
-        let msg = e.to_string();
-        match e {
-            CoordinatorError::InvalidArgument { .. } | CoordinatorError::InvalidInputVideo { .. } => tonic::Status::invalid_argument(msg),
+impl CoordinatorError {
+    /// Why the call failed, as the status's reason, and the request field at fault if any.
+    pub fn reason(&self) -> (Reason, Option<&str>) {
+        match self {
+            Self::InvalidArgument { field, .. } => (Reason::InvalidField, Some(field)),
+            Self::InvalidInputVideo { .. } => (Reason::InvalidField, Some("input_video")),
             // A bad frame size or frame count reaching the encoder is the request's fault only if
             // validation missed it; report it as a failed precondition, not a server crash.
-            CoordinatorError::InvalidVideo { .. } => tonic::Status::failed_precondition(msg),
-            CoordinatorError::Io { .. } | CoordinatorError::Encode { .. } => tonic::Status::internal(msg),
-            // The worker crate's own mapping: bad inputs are the caller's, a lost peer ABORTED, a
-            // stop CANCELLED, membership UNAVAILABLE, the rest INTERNAL.
-            CoordinatorError::Worker(w) => tonic::Status::from(w),
+            Self::InvalidVideo { .. } => (Reason::Precondition, None),
+            Self::Io { .. } | Self::Encode { .. } | Self::Internal(_) => (Reason::Internal, None),
+            Self::Worker(w) => match w {
+                tessera_worker::WorkerError::InvalidInput { field, .. } => (Reason::InvalidField, Some(field)),
+                tessera_worker::WorkerError::Collective(_) => (Reason::WorkerLost, None),
+                tessera_worker::WorkerError::Cancelled(_) => (Reason::Cancelled, None),
+                tessera_worker::WorkerError::Membership(_) => (Reason::Unavailable, None),
+                _ => (Reason::Internal, None),
+            },
             // A worker refusing the request itself is the caller's fault; anything else means the
             // cluster lost the job (a worker died or timed out): retrying may succeed.
-            CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. } => tonic::Status::invalid_argument(msg),
-            CoordinatorError::WorkerFailed { .. } | CoordinatorError::WorkersBusy { .. } => tonic::Status::unavailable(msg),
-            CoordinatorError::QueueFull { .. } => tonic::Status::resource_exhausted(msg),
-            CoordinatorError::NotFound { .. } => tonic::Status::not_found(msg),
-            CoordinatorError::Cancelled(_) => tonic::Status::cancelled(msg),
-            CoordinatorError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
-            CoordinatorError::Unavailable(_) => tonic::Status::unavailable(msg),
-            CoordinatorError::Internal(_) => tonic::Status::internal(msg),
+            Self::WorkerFailed { refused_field: Some(field), .. } => (Reason::InvalidField, Some(field)),
+            Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
+            Self::WorkersBusy { .. } | Self::Unavailable(_) => (Reason::Unavailable, None),
+            Self::QueueFull { .. } => (Reason::QueueFull, None),
+            Self::NotFound { .. } => (Reason::NotFound, None),
+            Self::Cancelled(_) => (Reason::Cancelled, None),
+            Self::DeadlineExceeded(_) => (Reason::DeadlineExceeded, None),
         }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    /// The reason's one code, the message, and the reason (with the field) in the details.
+    fn from(e: CoordinatorError) -> Self {
+        let (reason, field) = e.reason();
+        status(reason, field, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proto::reason::{failure, Failure};
+
+    fn why(e: CoordinatorError) -> (tonic::Code, Option<Failure>) {
+        let s = tonic::Status::from(e);
+        (s.code(), failure(&s))
+    }
+
+    #[test]
+    fn every_error_carries_its_reason_and_the_reasons_code() {
+        let field = |f: &str| Some(f.to_string());
+        assert_eq!(
+            why(CoordinatorError::invalid_argument("num_frames", "18")),
+            (tonic::Code::InvalidArgument, Some(Failure { reason: Reason::InvalidField, field: field("num_frames") }))
+        );
+        let refused = CoordinatorError::WorkerFailed { worker: "w1".into(), during: "prepare".into(), refused_field: field("world"), detail: "x".into() };
+        assert_eq!(why(refused), (tonic::Code::InvalidArgument, Some(Failure { reason: Reason::InvalidField, field: field("world") })));
+        // A lost worker is one code, whichever path lost it.
+        let lost = CoordinatorError::WorkerFailed { worker: "w1".into(), during: "step 3".into(), refused_field: None, detail: "gone".into() };
+        let embedded = CoordinatorError::Worker(tessera_worker::WorkerError::Collective("peer 1 hung up".into()));
+        for e in [lost, embedded] {
+            assert_eq!(why(e), (tonic::Code::Unavailable, Some(Failure { reason: Reason::WorkerLost, field: None })));
+        }
+        assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
+        assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);
     }
 }

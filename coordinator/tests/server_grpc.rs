@@ -373,7 +373,8 @@ async fn the_cli_client_writes_what_the_local_mode_writes_and_status_lists_the_j
 
     let (code, _, stderr) = tessera(&["generate", "--server", &server.addr, "--prompt", "x", "--width", "40", "-o", &path("bad.mp4")]);
     assert_ne!(code, 0);
-    assert!(stderr.contains("INVALID_ARGUMENT") && stderr.contains("width"), "{stderr}");
+    // The flag comes from the status's ErrorInfo field, not from its message.
+    assert!(stderr.contains("--width: INVALID_ARGUMENT") && stderr.contains("width"), "{stderr}");
     assert!(!dir.path().join("bad.mp4").exists());
 
     let (code, stdout, stderr) = tessera(&["status", "--server", &server.addr]);

@@ -1,6 +1,9 @@
 //! Tessera's gRPC interfaces, generated from `proto/tessera/v1/*.proto`: the public API
 //! (`tessera.v1.Tessera`: Generate, GetJob, CancelJob, ListWorkers) served by the coordinator, and
-//! the internal API (`tessera.worker.v1.ShardWorker`) that the coordinator uses to drive workers.
+//! the internal API (`tessera.worker.v1.ShardWorker`) that the coordinator uses to drive workers,
+//! and the machine-readable reasons every error status of both carries ([`reason`]).
+
+pub mod reason;
 
 /// The public API, package `tessera.v1`.
 pub mod v1 {

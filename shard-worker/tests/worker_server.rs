@@ -8,6 +8,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_proto::reason::Reason;
 use tessera_proto::v1::GenerateRequest;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
@@ -212,9 +213,13 @@ async fn misuse_gets_clear_status_codes() {
     let err = c.prepare_job(prepare("bad", GenerateRequest { num_frames: 8, ..request() })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("num_frames"), "{err}");
+    // The reason and the field travel in the status details, for programs to act on.
+    let why = tessera_proto::reason::failure(&err).expect("an ErrorInfo");
+    assert_eq!((why.reason, why.field.as_deref()), (Reason::InvalidField, Some("num_frames")));
     c.prepare_job(prepare("a", request())).await.unwrap();
     let err = c.prepare_job(prepare("b", request())).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a busy worker refuses a second job: {err}");
+    assert!(tessera_proto::reason::has_reason(&err, Reason::WorkerBusy), "{err:?}");
     let err = c.step(pb::StepRequest { job_id: "a".into(), step: 2, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("step 0 is next"), "{err}");

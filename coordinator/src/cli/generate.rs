@@ -355,25 +355,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         ..GenerationParams::new(args.prompt.clone())
     };
     let vc = pipe.vae().config();
-    // Name the flag, not the library's field.
+    // Name the flag, not the library's field: the error's field, typed, through the one table.
     let validate = |params: &GenerationParams| {
         params.validate(vc.spatial_factor(), vc.temporal_factor()).map_err(|e| {
-            let msg = e.to_string();
-            let flag = [
-                ("height", "--height"),
-                ("width", "--width"),
-                ("num_frames", "--frames"),
-                ("num_inference_steps", "--steps"),
-                ("guidance_scale", "--guidance"),
-                ("flow_shift", "--shift"),
-                ("strength", "--strength"),
-                ("video", "--input-video"),
-            ]
-            .into_iter()
-            .find(|(field, _)| msg.contains(&format!("`{field}`")))
-            .map(|(_, flag)| flag)
-            .unwrap_or("input");
-            anyhow!("{flag}: {msg}")
+            let flag = match &e {
+                tessera_worker::WorkerError::InvalidInput { field, .. } => super::flags::flag_for_field(field),
+                _ => None,
+            };
+            anyhow!("{}: {e}", flag.unwrap_or("input"))
         })
     };
     validate(&params)?;

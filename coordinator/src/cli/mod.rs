@@ -6,6 +6,7 @@ mod bench_text;
 mod bench_timing;
 mod bench_vae;
 mod embedded;
+mod flags;
 pub mod generate;
 pub mod golden;
 mod remote;

@@ -51,9 +51,14 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// A status as an error: `CODE: message`.
+/// A status as an error: `CODE: message`, after the flag behind the refused field when the
+/// status names one (its `ErrorInfo`, never its message text).
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow!("{}: {}", code_name(s.code()), s.message())
+    let flag = tessera_proto::reason::failure(&s).and_then(|f| f.field).and_then(|f| super::flags::flag_for_field(&f));
+    match flag {
+        Some(flag) => anyhow!("{flag}: {}: {}", code_name(s.code()), s.message()),
+        None => anyhow!("{}: {}", code_name(s.code()), s.message()),
+    }
 }
 
 /// The server's endpoint URL (`http://` added to a bare `HOST:PORT`).

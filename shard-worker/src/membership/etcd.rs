@@ -93,10 +93,13 @@ fn etcd_ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX).max(1)
 }
 
-/// Whether etcd said the lease does not exist (expired or revoked).
+/// Whether etcd said the lease does not exist (expired or revoked): etcd answers lease calls on an
+/// unknown lease with NOT_FOUND (`ErrGRPCLeaseNotFound`). A keep-alive that finds no lease is
+/// reported by etcd-client itself as `LeaseKeepAliveError` with only a message (no code), the one
+/// place a text is read: the client library's own wording, not a server's.
 fn lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
         etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("not found"),
         _ => false,
     }

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+use tessera_proto::reason::{invalid_field, status, Reason};
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorker;
@@ -111,8 +112,8 @@ impl WorkerService {
     fn job(&self, id: &str) -> Result<Arc<JobHandle>, Status> {
         match self.inner.table().get(id) {
             Some(Slot::Ready(h)) => Ok(h.clone()),
-            Some(Slot::Preparing(_)) => Err(Status::failed_precondition(format!("job {id:?} is still joining its group"))),
-            None => Err(Status::not_found(format!("job {id:?} is not on this worker"))),
+            Some(Slot::Preparing(_)) => Err(status(Reason::Precondition, None, format!("job {id:?} is still joining its group"))),
+            None => Err(status(Reason::NotFound, None, format!("job {id:?} is not on this worker"))),
         }
     }
 
@@ -203,15 +204,15 @@ async fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Status> {
             out.push(a);
             continue;
         }
-        let mut found = tokio::net::lookup_host(p.as_str()).await.map_err(|e| Status::invalid_argument(format!("peers: {p:?}: {e}")))?;
-        out.push(found.next().ok_or_else(|| Status::invalid_argument(format!("peers: {p:?} resolves to no address")))?);
+        let mut found = tokio::net::lookup_host(p.as_str()).await.map_err(|e| invalid_field("peers", format!("peers: {p:?}: {e}")))?;
+        out.push(found.next().ok_or_else(|| invalid_field("peers", format!("peers: {p:?} resolves to no address")))?);
     }
     Ok(out)
 }
 
 /// Runs `f` on a blocking thread and maps its error.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))?.map_err(Status::from)
+    tokio::task::spawn_blocking(f).await.map_err(|e| status(Reason::Internal, None, format!("worker task failed: {e}")))?.map_err(Status::from)
 }
 
 /// [`blocking`] inside `span` (so the job thread's work for it is in the span too).
@@ -231,24 +232,24 @@ impl WorkerService {
         let r = request.into_inner();
         let me = &self.inner.me;
         if r.job_id.is_empty() {
-            return Err(Status::invalid_argument("job_id: required"));
+            return Err(invalid_field("job_id", "job_id: required"));
         }
         if self.inner.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!("worker {} is shutting down and takes no new job", me.worker_id)));
+            return Err(status(Reason::Unavailable, None, format!("worker {} is shutting down and takes no new job", me.worker_id)));
         }
         if !r.init_latents.is_empty() {
-            return Err(Status::unimplemented("init_latents: send input_frames for video-to-video"));
+            return Err(status(Reason::Unimplemented, Some("init_latents"), "init_latents: send input_frames for video-to-video"));
         }
-        let req = r.request.as_ref().ok_or_else(|| Status::invalid_argument("request: required"))?;
+        let req = r.request.as_ref().ok_or_else(|| invalid_field("request", "request: required"))?;
         let mut params = params_from_request(req, r.seed).map_err(Status::from)?;
         if let Some(frames) = &r.input_frames {
-            let strength = req.strength.ok_or_else(|| Status::invalid_argument("request.strength: required with input_frames"))?;
+            let strength = req.strength.ok_or_else(|| invalid_field("request.strength", "request.strength: required with input_frames"))?;
             params.video = Some(VideoInput { video: input_video(frames).map_err(Status::from)?, strength: strength as f64 });
         }
         let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;
         let peers = resolve_peers(&r.peers).await?;
         if r.world as usize != peers.len() {
-            return Err(Status::invalid_argument(format!("world: {} but {} peers", r.world, peers.len())));
+            return Err(invalid_field("world", format!("world: {} but {} peers", r.world, peers.len())));
         }
         // Claim the worker now: a second PrepareJob is refused while this one joins its group,
         // and ReleaseJob can abandon the joining.
@@ -256,7 +257,7 @@ impl WorkerService {
         {
             let mut jobs = self.inner.table();
             if let Some(other) = jobs.keys().next() {
-                return Err(Status::failed_precondition(format!("worker {} is busy with job {other:?}", me.worker_id)));
+                return Err(status(Reason::WorkerBusy, None, format!("worker {} is busy with job {other:?}", me.worker_id)));
             }
             jobs.insert(r.job_id.clone(), Slot::Preparing(cancel.clone()));
             self.inner.publish(&jobs);
@@ -291,9 +292,9 @@ impl WorkerService {
             Ok(h) if claimed => h,
             Ok(_) => {
                 // Released while joining: the handle is dropped here, which ends its thread.
-                let status = Status::cancelled(format!("job {:?} was released while it joined its group", r.job_id));
-                tessera_telemetry::mark_error(&span, status.message());
-                return Err(status);
+                let refused = status(Reason::Cancelled, None, format!("job {:?} was released while it joined its group", r.job_id));
+                tessera_telemetry::mark_error(&span, refused.message());
+                return Err(refused);
             }
             Err(status) => {
                 if claimed {
@@ -392,7 +393,7 @@ impl ShardWorker for WorkerService {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
         if job.rank != 0 {
-            return Err(Status::failed_precondition(format!("decode runs on rank 0; this worker is rank {}", job.rank)));
+            return Err(status(Reason::Precondition, None, format!("decode runs on rank 0; this worker is rank {}", job.rank)));
         }
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(2);
         let span = traced(tracing::info_span!("decode", job_id = %r.job_id, rank = job.rank), &r.trace_context);

@@ -5,20 +5,21 @@
 use tessera_kernels::cuda::nccl::{NcclId, NCCL_ID_BYTES};
 use tessera_kernels::cuda::CudaMissing;
 use tessera_kernels::KernelError;
+use tessera_proto::reason::{invalid_field, status, Reason};
 use tonic::Status;
 
 /// A fresh NCCL unique id as its bytes. A missing NCCL library is FAILED_PRECONDITION (the message
 /// names `libnccl.so`); any other failure of NCCL is INTERNAL.
 pub(super) async fn create_nccl_id(job_id: &str) -> Result<Vec<u8>, Status> {
     // `ncclGetUniqueId` may look at network interfaces and start a thread: off the async threads.
-    let made = tokio::task::spawn_blocking(NcclId::new).await.map_err(|e| Status::internal(format!("the NCCL id task failed: {e}")))?;
+    let made = tokio::task::spawn_blocking(NcclId::new).await.map_err(|e| status(Reason::Internal, None, format!("the NCCL id task failed: {e}")))?;
     match made {
         Ok(id) => {
             tracing::info!(job_id, "made the group's NCCL unique id (this worker hosts the rendezvous)");
             Ok(id.to_bytes())
         }
-        Err(e @ KernelError::CudaUnavailable(CudaMissing::Nccl)) => Err(Status::failed_precondition(e.to_string())),
-        Err(e) => Err(Status::internal(format!("cannot make an NCCL unique id: {e}"))),
+        Err(e @ KernelError::CudaUnavailable(CudaMissing::Nccl)) => Err(status(Reason::Precondition, None, e.to_string())),
+        Err(e) => Err(status(Reason::Internal, None, format!("cannot make an NCCL unique id: {e}"))),
     }
 }
 
@@ -30,7 +31,7 @@ pub(super) fn parse_nccl_id(bytes: &[u8]) -> Result<Option<NcclId>, Status> {
     }
     NcclId::from_bytes(bytes)
         .map(Some)
-        .map_err(|_| Status::invalid_argument(format!("nccl_unique_id: {} bytes, but an NCCL unique id is {NCCL_ID_BYTES} bytes", bytes.len())))
+        .map_err(|_| invalid_field("nccl_unique_id", format!("nccl_unique_id: {} bytes, but an NCCL unique id is {NCCL_ID_BYTES} bytes", bytes.len())))
 }
 
 #[cfg(test)]

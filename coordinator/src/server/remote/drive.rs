@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tessera_kernels::Tensor;
+use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
@@ -75,7 +76,7 @@ impl Rank {
         CoordinatorError::WorkerFailed {
             worker: format!("{} ({})", self.record.worker_id, self.record.address),
             during: during.into(),
-            code: status.code(),
+            refused_field: failure(&status).filter(|f| f.reason == Reason::InvalidField).map(|f| f.field.unwrap_or_default()),
             detail: format!("{} ({:?})", status.message(), status.code()),
         }
     }
@@ -85,7 +86,7 @@ async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, Coord
     let fail = |detail: String| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", record.worker_id, record.address),
         during: "connect".into(),
-        code: tonic::Code::Unavailable,
+        refused_field: None,
         detail,
     };
     let endpoint =
@@ -150,7 +151,7 @@ where
                     return Err(CoordinatorError::WorkerFailed {
                         worker: ids.join(", "),
                         during: during.into(),
-                        code: tonic::Code::DeadlineExceeded,
+                        refused_field: None,
                         detail: format!("not every rank answered within {limit:?}"),
                     });
                 }
@@ -161,7 +162,7 @@ where
                     Ok(live) => format!("left the cluster (lease lapsed or revoked): {}", ids.iter().filter(|id| !live.contains(*id)).cloned().collect::<Vec<_>>().join(", ")),
                     Err(_) => "membership stopped".into(),
                 };
-                return Err(CoordinatorError::WorkerFailed { worker: ids.join(", "), during: during.into(), code: tonic::Code::Unavailable, detail });
+                return Err(CoordinatorError::WorkerFailed { worker: ids.join(", "), during: during.into(), refused_field: None, detail });
             }
         }
     }
@@ -170,17 +171,13 @@ where
     }
     // Refusals because a worker already runs a job (another coordinator's): the caller may try
     // another group.
-    let busy: Vec<String> = failures
-        .iter()
-        .filter(|(_, s)| s.code() == tonic::Code::FailedPrecondition && s.message().contains("is busy with job"))
-        .map(|(i, _)| ranks[*i].record.worker_id.clone())
-        .collect();
+    let busy: Vec<String> = failures.iter().filter(|(_, s)| has_reason(s, Reason::WorkerBusy)).map(|(i, _)| ranks[*i].record.worker_id.clone()).collect();
     if !busy.is_empty() {
         return Err(CoordinatorError::WorkersBusy { workers: busy });
     }
     // A rank that failed by itself (unreachable, dead) is the cause; ranks whose collective broke
-    // (ABORTED: they lost a peer) report its absence, so they come after.
-    failures.sort_by_key(|(i, s)| (s.code() == tonic::Code::Aborted, *i));
+    // (PEER_LOST: their group broke) report its absence, so they come after.
+    failures.sort_by_key(|(i, s)| (has_reason(s, Reason::PeerLost), *i));
     let (first, status) = &failures[0];
     let mut error = ranks[*first].failed(during, status.clone());
     if let CoordinatorError::WorkerFailed { detail, .. } = &mut error {
@@ -209,7 +206,7 @@ async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Resu
     let answer = tokio::time::timeout(limit, call).await.map_err(|_| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", rank0.record.worker_id, rank0.record.address),
         during: DURING.into(),
-        code: tonic::Code::DeadlineExceeded,
+        refused_field: None,
         detail: format!("no NCCL id within {limit:?}"),
     })?;
     let id = answer.map_err(|s| rank0.failed(DURING, s))?.into_inner().nccl_unique_id;
@@ -411,7 +408,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         return Err(CoordinatorError::WorkerFailed {
             worker: rank0.record.worker_id.clone(),
             during: "decode".into(),
-            code: tonic::Code::DataLoss,
+            refused_field: None,
             detail: format!("{} of {} frames arrived", report.frames, r.num_frames),
         });
     }
@@ -440,7 +437,7 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
             m = tokio::time::timeout_at(deadline, stream.message()) => m.map_err(|_| CoordinatorError::WorkerFailed {
                 worker: rank0.record.worker_id.clone(),
                 during: "decode".into(),
-                code: tonic::Code::DeadlineExceeded,
+                refused_field: None,
                 detail: format!("the decode took longer than {:?}", cx.limits.decode),
             })?,
             reason = cx.stop.stopped() => return Err(reason.error()),

@@ -262,7 +262,7 @@ impl JobExecutor for RemoteExecutor {
                     Err(e @ CoordinatorError::WorkerFailed { .. })
                         if recoveries < recover_attempts
                             && !stop.is_stopped()
-                            && !matches!(&e, CoordinatorError::WorkerFailed { code: tonic::Code::InvalidArgument, .. }) =>
+                            && !matches!(&e, CoordinatorError::WorkerFailed { refused_field: Some(_), .. }) =>
                     {
                         recoveries += 1;
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
