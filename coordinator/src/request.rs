@@ -4,6 +4,8 @@
 
 use crate::error::CoordinatorError;
 use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
+use tessera_worker::pipeline::limits::{check_settings, Settings};
+use tessera_worker::WorkerError;
 
 /// Longest prompt or negative prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 2_000;
@@ -11,14 +13,8 @@ pub const MAX_PROMPT_CHARS: usize = 2_000;
 pub const MAX_LABEL_CHARS: usize = 128;
 /// Largest input video accepted for video-to-video, in bytes.
 pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
-/// Frame sides must be multiples of this (VAE stride 8 × patch 2).
-pub const SIDE_MULTIPLE: u32 = 16;
-/// Largest frame side.
-pub const MAX_SIDE: u32 = 4096;
-/// Most frames in one video (90 s at 16 fps).
-pub const MAX_FRAMES: u32 = 1441;
-/// Most denoising steps.
-pub const MAX_STEPS: u32 = 1000;
+/// The size limits, checked by the worker crate's one check (`pipeline::limits`).
+pub use tessera_worker::pipeline::limits::{Limits, SIDE_MULTIPLE};
 
 /// Defaults of the served model family (Wan 2.1, as upstream's pipelines).
 #[derive(Clone, Debug, PartialEq)]
@@ -69,16 +65,21 @@ impl ValidRequest {
     }
 }
 
-fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
-    CoordinatorError::InvalidArgument { field, detail: detail.into() }
+/// The request's sizes and settings as the one check reads them (defaults applied).
+pub fn settings_of(req: &GenerateRequest) -> Settings {
+    Settings {
+        width: req.width.into(),
+        height: req.height.into(),
+        num_frames: req.num_frames.into(),
+        steps: req.steps.into(),
+        guidance_scale: req.guidance_scale.unwrap_or(f32::NAN),
+        flow_shift: req.flow_shift,
+        strength: req.strength,
+    }
 }
 
-fn side(field: &'static str, value: u32, default: u32) -> Result<u32, CoordinatorError> {
-    let v = if value == 0 { default } else { value };
-    if v % SIDE_MULTIPLE != 0 || v > MAX_SIDE {
-        return Err(invalid(field, format!("{v} must be a multiple of {SIDE_MULTIPLE} between {SIDE_MULTIPLE} and {MAX_SIDE}")));
-    }
-    Ok(v)
+fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::InvalidArgument { field, detail: detail.into() }
 }
 
 /// Checks every field of `req` and applies `defaults`; `known_models` are the models some worker
@@ -104,30 +105,16 @@ pub fn validate(
             return Err(invalid(field, "contains a NUL character"));
         }
     }
-    req.width = side("width", req.width, defaults.width)?;
-    req.height = side("height", req.height, defaults.height)?;
-    req.num_frames = if req.num_frames == 0 { defaults.num_frames } else { req.num_frames };
-    if req.num_frames % 4 != 1 || req.num_frames > MAX_FRAMES {
-        return Err(invalid("num_frames", format!("{} must be 4k+1 (1, 5, 9, ... {MAX_FRAMES})", req.num_frames)));
-    }
-    req.fps = if req.fps == 0 { defaults.fps } else { req.fps };
+    let or_default = |v: u32, d: u32| if v == 0 { d } else { v };
+    req.width = or_default(req.width, defaults.width);
+    req.height = or_default(req.height, defaults.height);
+    req.num_frames = or_default(req.num_frames, defaults.num_frames);
+    req.fps = or_default(req.fps, defaults.fps);
     if req.fps > 120 {
         return Err(invalid("fps", format!("{} must be between 1 and 120", req.fps)));
     }
-    req.steps = if req.steps == 0 { defaults.steps } else { req.steps };
-    if req.steps > MAX_STEPS {
-        return Err(invalid("steps", format!("{} must be between 1 and {MAX_STEPS}", req.steps)));
-    }
-    let g = req.guidance_scale.unwrap_or(defaults.guidance_scale);
-    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
-        return Err(invalid("guidance_scale", format!("{g} must be between 0 and 50")));
-    }
-    req.guidance_scale = Some(g);
-    if let Some(s) = req.flow_shift {
-        if !s.is_finite() || s <= 0.0 || s > 100.0 {
-            return Err(invalid("flow_shift", format!("{s} must be greater than 0 and at most 100")));
-        }
-    }
+    req.steps = or_default(req.steps, defaults.steps);
+    req.guidance_scale = Some(req.guidance_scale.unwrap_or(defaults.guidance_scale));
     if Sampler::try_from(req.sampler).is_err() {
         return Err(invalid("sampler", format!("{} is not a known sampler", req.sampler)));
     }
@@ -144,12 +131,13 @@ pub fn validate(
         if req.input_video.len() > MAX_INPUT_VIDEO_BYTES {
             return Err(invalid("input_video", format!("is {} bytes, at most {MAX_INPUT_VIDEO_BYTES} are accepted", req.input_video.len())));
         }
-        let s = req.strength.unwrap_or(defaults.strength);
-        if !s.is_finite() || s <= 0.0 || s > 1.0 {
-            return Err(invalid("strength", format!("{s} must be in (0, 1]")));
-        }
-        req.strength = Some(s);
+        req.strength = Some(req.strength.unwrap_or(defaults.strength));
     }
+    // Sizes, steps, guidance, shift, strength and the token budget: the one check every path runs.
+    let checked = check_settings(&settings_of(&req), &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
+        WorkerError::InvalidInput { field, detail } => invalid(field, detail),
+        other => CoordinatorError::Worker(other),
+    })?;
     if !(-100..=100).contains(&req.priority) {
         return Err(invalid("priority", format!("{} must be between -100 and 100", req.priority)));
     }
@@ -163,16 +151,8 @@ pub fn validate(
     if n > MAX_LABEL_CHARS {
         return Err(invalid("client_label", format!("has {n} characters, at most {MAX_LABEL_CHARS} are accepted")));
     }
-    let latent_fhw = [(req.num_frames as usize - 1) / 4 + 1, req.height as usize / 8, req.width as usize / 8];
-    let tokens = latent_fhw[0] * (latent_fhw[1] / 2) * (latent_fhw[2] / 2);
-    if tokens > max_tokens {
-        return Err(invalid(
-            "num_frames",
-            format!("{}x{} with {} frames is {tokens} tokens; this cluster accepts at most {max_tokens}", req.width, req.height, req.num_frames),
-        ));
-    }
     req.seed = Some(req.seed.unwrap_or_else(draw_seed));
-    Ok(ValidRequest { request: req, latent_fhw, tokens })
+    Ok(ValidRequest { request: req, latent_fhw: checked.latent_fhw, tokens: checked.tokens })
 }
 
 #[cfg(test)]

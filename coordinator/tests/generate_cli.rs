@@ -104,6 +104,32 @@ fn bad_flags_are_named() {
     assert!(stderr.contains("--output"), "{stderr}");
 }
 
+/// A local run is held to the same limits as a server, with the server's words (the one check of
+/// `pipeline::limits`): `--frames 2001`, `--steps 5000` and `--guidance 80` were accepted locally
+/// before, and a size past the token budget is refused before anything is allocated.
+#[test]
+fn local_runs_get_the_servers_limits_and_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.mp4").display().to_string();
+    for (flags, want) in [
+        (vec!["--frames", "2001"], "--frames: invalid num_frames: 2001 must be 4k+1 (1, 5, 9, ... 1441)"),
+        (vec!["--frames", "18"], "--frames: invalid num_frames: 18 must be 4k+1 (1, 5, 9, ... 1441)"),
+        (vec!["--steps", "5000"], "--steps: invalid steps: 5000 must be between 1 and 1000"),
+        (vec!["--guidance", "80"], "--guidance: invalid guidance_scale: 80 must be between 0 and 50"),
+        (vec!["--height", "18446744073709551600"], "--height: invalid height: 18446744073709551600 must be a multiple of 16 between 16 and 4096"),
+        (
+            vec!["--height", "4096", "--width", "4096", "--frames", "1441"],
+            "--frames: invalid num_frames: 4096x4096 with 1441 frames is 23658496 tokens; at most 75600 are accepted",
+        ),
+    ] {
+        let args: Vec<&str> = ["generate", "--prompt", "x", "--quiet", "-o", &out].into_iter().chain(flags.iter().copied()).collect();
+        let (code, _, stderr) = tessera(&args);
+        assert_ne!(code, 0, "{flags:?} was accepted");
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
+    }
+    assert!(!dir.path().join("x.mp4").exists());
+}
+
 /// On a machine without a GPU (CI), `--device cuda` is refused with the reason; `auto` runs.
 #[test]
 fn device_cuda_without_a_gpu_is_a_clear_error() {

@@ -375,6 +375,19 @@ async fn the_cli_client_writes_what_the_local_mode_writes_and_status_lists_the_j
     assert_ne!(code, 0);
     // The flag comes from the status's ErrorInfo field, not from its message.
     assert!(stderr.contains("--width: INVALID_ARGUMENT") && stderr.contains("width"), "{stderr}");
+    // The server refuses with the words a local run uses (generate_cli.rs,
+    // local_runs_get_the_servers_limits_and_messages): one check, one message.
+    for (flags, want) in [
+        (["--frames", "2001"], "--frames: INVALID_ARGUMENT: invalid num_frames: 2001 must be 4k+1 (1, 5, 9, ... 1441)"),
+        (["--steps", "5000"], "--steps: INVALID_ARGUMENT: invalid steps: 5000 must be between 1 and 1000"),
+        (["--guidance", "80"], "--guidance: INVALID_ARGUMENT: invalid guidance_scale: 80 must be between 0 and 50"),
+    ] {
+        let bad = path("bad.mp4");
+        let args: Vec<&str> = ["generate", "--server", &server.addr, "--prompt", "x", "-o", &bad].into_iter().chain(flags).collect();
+        let (code, _, stderr) = tessera(&args);
+        assert_ne!(code, 0, "{flags:?}");
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
+    }
     assert!(!dir.path().join("bad.mp4").exists());
 
     let (code, stdout, stderr) = tessera(&["status", "--server", &server.addr]);

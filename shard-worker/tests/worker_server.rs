@@ -50,6 +50,7 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
             memory_bytes: 1 << 30,
             connect_timeout: Duration::from_secs(20),
             job_idle_timeout: Duration::from_secs(600),
+            limits: tessera_worker::pipeline::limits::Limits::default(),
         };
         let svc = WorkerService::new(pipe.clone(), me);
         tokio::spawn(
@@ -210,6 +211,17 @@ async fn misuse_gets_clear_status_codes() {
         seed: 1,
         ..Default::default()
     };
+    // Hostile sizes over the internal API are refused before anything is allocated, and the
+    // worker goes on serving: a 1,048,576 x 1,048,576 latent, a token count past the budget.
+    for (hostile, field) in [
+        (GenerateRequest { width: 8 << 20, height: 8 << 20, ..request() }, "width"),
+        (GenerateRequest { width: 4096, height: 4096, num_frames: 1441, ..request() }, "num_frames"),
+        (GenerateRequest { steps: u32::MAX, ..request() }, "steps"),
+    ] {
+        let err = c.prepare_job(prepare("hostile", hostile)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert_eq!(tessera_proto::reason::failure(&err).and_then(|f| f.field).as_deref(), Some(field), "{err}");
+    }
     let err = c.prepare_job(prepare("bad", GenerateRequest { num_frames: 8, ..request() })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("num_frames"), "{err}");

@@ -17,6 +17,7 @@ use tessera_coordinator::video::{push_channel_major, VideoFile, VideoSpec};
 use tessera_coordinator::{CoordinatorError, InputVideoProblem};
 use tessera_kernels::{Device, Tensor};
 use tessera_worker::parallel::ParallelPlan;
+use tessera_worker::pipeline::limits::{Limits, DEFAULT_MAX_TOKENS};
 use tessera_worker::pipeline::{
     generate_sharded, GenerationParams, PipelineDefaults, PipelineObserver, PipelinePreset, TextConditions, VideoInput, WanPipeline, WAN_DEFAULTS,
 };
@@ -89,6 +90,10 @@ pub struct GenerateArgs {
     /// How the denoising is spread over in-process ranks.
     #[command(flatten)]
     ranks: super::RankArgs,
+    /// Largest job in video tokens (latent frames x patch rows x patch columns), as `tessera
+    /// serve --max-tokens`: the same limits apply here as on a server.
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    max_tokens: u64,
     /// Run through an embedded coordinator with this many in-process workers (internal gRPC and
     /// TCP collectives on loopback, in-memory membership: the cluster's code path); 0 = run the
     /// pipeline in this process directly.
@@ -209,7 +214,8 @@ fn generate_embedded(args: &GenerateArgs) -> Result<ExitCode> {
     }
     let model_name = args.model_name.clone().unwrap_or(name);
     let started = Instant::now();
-    let server = super::embedded::EmbeddedServer::start(source, model_name, args.workers, usize::MAX).with_context(|| format!("--workers {}", args.workers))?;
+    let server = super::embedded::EmbeddedServer::start(source, model_name, args.workers, usize::try_from(args.max_tokens).unwrap_or(usize::MAX))
+        .with_context(|| format!("--workers {}", args.workers))?;
     if !args.quiet {
         eprintln!("embedded coordinator on {} with {} in-process workers (loaded in {:.2}s)", server.addr, args.workers, started.elapsed().as_secs_f64());
     }
@@ -357,12 +363,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let vc = pipe.vae().config();
     // Name the flag, not the library's field: the error's field, typed, through the one table.
     let validate = |params: &GenerationParams| {
-        params.validate(vc.spatial_factor(), vc.temporal_factor()).map_err(|e| {
-            let flag = match &e {
-                tessera_worker::WorkerError::InvalidInput { field, .. } => super::flags::flag_for_field(field),
-                _ => None,
-            };
-            anyhow!("{}: {e}", flag.unwrap_or("input"))
+        params.validate(vc.spatial_factor(), vc.temporal_factor(), &Limits { max_tokens: args.max_tokens, ..Limits::default() }).map_err(|e| {
+            // The server's words: `FLAG: invalid FIELD: DETAIL`.
+            match &e {
+                tessera_worker::WorkerError::InvalidInput { field, detail } => {
+                    anyhow!("{}: invalid {field}: {detail}", super::flags::flag_for_field(field).unwrap_or("input"))
+                }
+                _ => anyhow!("input: {e}"),
+            }
         })
     };
     validate(&params)?;

@@ -67,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
     /// Largest job in video tokens (latent frames x patch rows x patch columns); 75,600 is 1280x720 with 81 frames.
-    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = 75_600)]
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_worker::pipeline::limits::DEFAULT_MAX_TOKENS as usize)]
     max_tokens: usize,
     /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
     #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::membership::{Heartbeat, Membership, MemoryMembership, ModelInfo, Presence, WorkerRecord, WorkerState};
+use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
 use tessera_worker::pipeline::WanPipeline;
 use tessera_worker::server::{device_name, WorkerIdentity, WorkerService};
 use tokio::sync::watch;
@@ -49,6 +50,7 @@ impl EmbeddedWorkers {
                 memory_bytes: 0,
                 connect_timeout: Duration::from_secs(30),
                 job_idle_timeout: Duration::from_secs(600),
+                limits: Limits { max_tokens: DEFAULT_WORKER_MAX_TOKENS, ..Limits::default() },
             };
             let service = WorkerService::new(pipe.clone(), me.clone());
             let mut stop = shutdown.subscribe();

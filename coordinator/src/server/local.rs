@@ -313,7 +313,7 @@ fn stages(loaded: &Loaded, transport: LocalTransport, job: &ExecJob, obs: &mut J
         params.video = Some(tessera_worker::pipeline::VideoInput { video, strength: strength as f64 });
     }
     let vc = pipe.vae().config();
-    params.validate(vc.spatial_factor(), vc.temporal_factor())?;
+    params.validate(vc.spatial_factor(), vc.temporal_factor(), &tessera_worker::pipeline::limits::Limits::none())?;
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
 
     obs.emit(ExecEvent::Phase(Phase::Preparing))?;

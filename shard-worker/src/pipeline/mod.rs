@@ -6,6 +6,7 @@
 
 mod denoiser;
 mod device;
+pub mod limits;
 mod noise;
 mod params;
 mod preset;
@@ -303,7 +304,7 @@ impl WanPipeline {
     /// The whole generation; returns the final latent (frames went to the observer).
     pub fn generate(&self, params: &GenerationParams, observer: &mut dyn PipelineObserver) -> Result<Tensor> {
         let vc = self.vae.config();
-        params.validate(vc.spatial_factor(), vc.temporal_factor())?;
+        params.validate(vc.spatial_factor(), vc.temporal_factor(), &limits::Limits::none())?;
         let text = self.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
         observer.on_text(&text)?;
         let schedule = self.schedule_for(params)?;

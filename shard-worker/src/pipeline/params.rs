@@ -1,5 +1,6 @@
 //! What one generation asks for, checked against the loaded models before any work starts.
 
+use super::limits::{check_settings, Limits, Settings};
 use crate::sampler::SamplerKind;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -62,9 +63,11 @@ impl GenerationParams {
         }
     }
 
-    /// Checks the sizes against the VAE's factors (`spatial` × the patch size for the sides,
-    /// `temporal` for the frames) and the ranges of the scalar settings.
-    pub fn validate(&self, spatial: usize, temporal: usize) -> Result<()> {
+    /// Checks the sizes and settings against `limits` (the one check every path runs:
+    /// [`check_settings`]), then against the VAE's factors (`spatial` × the patch size for the
+    /// sides, `temporal` for the frames).
+    pub fn validate(&self, spatial: usize, temporal: usize, limits: &Limits) -> Result<()> {
+        check_settings(&self.settings(), limits)?;
         let side = spatial * 2;
         for (field, v) in [("height", self.height), ("width", self.width)] {
             if v == 0 || v % side != 0 {
@@ -74,27 +77,26 @@ impl GenerationParams {
         if self.num_frames == 0 || !(self.num_frames - 1).is_multiple_of(temporal) {
             return Err(WorkerError::input("num_frames", format!("{} must be {temporal}k + 1", self.num_frames)));
         }
-        if self.num_inference_steps == 0 {
-            return Err(WorkerError::input("num_inference_steps", "at least one step is needed"));
-        }
-        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
-            return Err(WorkerError::input("guidance_scale", format!("{} must be a finite number ≥ 0", self.guidance_scale)));
-        }
-        if let Some(s) = self.flow_shift {
-            if !s.is_finite() || s <= 0.0 {
-                return Err(WorkerError::input("flow_shift", format!("{s} must be a finite number > 0")));
-            }
-        }
         if let Some(v) = &self.video {
-            if !(v.strength > 0.0 && v.strength <= 1.0) {
-                return Err(WorkerError::input("strength", format!("{} must be in (0, 1]", v.strength)));
-            }
             let want = [1, 3, self.num_frames, self.height, self.width];
             if v.video.shape() != want {
                 return Err(WorkerError::input("video", format!("expected {want:?} (resized to the output size), got {:?}", v.video.shape())));
             }
         }
         Ok(())
+    }
+
+    /// The sizes and settings as the one check reads them, named as the public request names them.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            width: self.width as u64,
+            height: self.height as u64,
+            num_frames: self.num_frames as u64,
+            steps: self.num_inference_steps as u64,
+            guidance_scale: self.guidance_scale,
+            flow_shift: self.flow_shift.map(|s| s as f32),
+            strength: self.video.as_ref().map(|v| v.strength as f32),
+        }
     }
 
     /// Latent grid `[T, h, w]` for these sizes.
@@ -108,7 +110,7 @@ mod tests {
     use super::*;
 
     fn field(p: &GenerationParams) -> &'static str {
-        match p.validate(8, 4) {
+        match p.validate(8, 4, &Limits::default()) {
             Err(WorkerError::InvalidInput { field, .. }) => field,
             other => panic!("expected an invalid input, got {other:?}"),
         }
@@ -117,17 +119,17 @@ mod tests {
     #[test]
     fn sizes_and_settings_are_checked_by_name() {
         let ok = GenerationParams::new("x");
-        ok.validate(8, 4).unwrap();
+        ok.validate(8, 4, &Limits::default()).unwrap();
         assert_eq!(ok.latent_fhw(8, 4), [21, 60, 104]);
         assert_eq!(field(&GenerationParams { height: 40, ..ok.clone() }), "height");
         assert_eq!(field(&GenerationParams { width: 0, ..ok.clone() }), "width");
         assert_eq!(field(&GenerationParams { num_frames: 8, ..ok.clone() }), "num_frames");
-        assert_eq!(field(&GenerationParams { num_inference_steps: 0, ..ok.clone() }), "num_inference_steps");
+        assert_eq!(field(&GenerationParams { num_inference_steps: 0, ..ok.clone() }), "steps");
         assert_eq!(field(&GenerationParams { guidance_scale: -1.0, ..ok.clone() }), "guidance_scale");
         assert_eq!(field(&GenerationParams { flow_shift: Some(0.0), ..ok.clone() }), "flow_shift");
         let video = Tensor::zeros([1, 3, 81, 480, 832]);
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: video.clone(), strength: 0.0 }), ..ok.clone() }), "strength");
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: Tensor::zeros([1, 3, 5, 480, 832]), strength: 0.5 }), ..ok.clone() }), "video");
-        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(8, 4).unwrap();
+        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(8, 4, &Limits::default()).unwrap();
     }
 }

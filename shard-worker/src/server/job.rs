@@ -137,8 +137,8 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     if setup.rank >= world {
         return Err(WorkerError::input("rank", format!("{} is outside a group of {world}", setup.rank)));
     }
+    // The params were checked by PrepareJob (`GenerationParams::validate`, the worker's limits).
     let (spatial, temporal) = (pipe.vae().config().spatial_factor(), pipe.vae().config().temporal_factor());
-    setup.params.validate(spatial, temporal)?;
     let (ready_tx, ready_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel::<(tracing::Span, Command)>();
     let (ended_tx, ended) = tokio::sync::watch::channel(false);

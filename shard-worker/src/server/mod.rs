@@ -49,6 +49,9 @@ pub struct WorkerIdentity {
     pub connect_timeout: Duration,
     /// A job that gets no command for this long is dropped (its coordinator is gone).
     pub job_idle_timeout: Duration,
+    /// What this worker accepts: PrepareJob checks every request against them (the one check of
+    /// `pipeline::limits`) before anything is allocated.
+    pub limits: crate::pipeline::limits::Limits,
 }
 
 /// The service: one loaded pipeline, at most one job at a time. Cheap to clone (shared state).
@@ -246,6 +249,10 @@ impl WorkerService {
             let strength = req.strength.ok_or_else(|| invalid_field("request.strength", "request.strength: required with input_frames"))?;
             params.video = Some(VideoInput { video: input_video(frames).map_err(Status::from)?, strength: strength as f64 });
         }
+        // The one check of sizes and settings, against this worker's limits, before anything is
+        // allocated or claimed.
+        let vc = self.inner.pipe.vae().config();
+        params.validate(vc.spatial_factor(), vc.temporal_factor(), &me.limits).map_err(Status::from)?;
         let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;
         let peers = resolve_peers(&r.peers).await?;
         if r.world as usize != peers.len() {

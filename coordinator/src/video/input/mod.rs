@@ -87,10 +87,10 @@ pub struct InputLimits {
 }
 
 impl Default for InputLimits {
-    /// 4096×4096 frames, [`crate::request::MAX_FRAMES`] frames, 2³² pixels in all (about 1,000
+    /// 4096×4096 frames, the default limit's frames (`Limits::max_frames`), 2³² pixels in all (about 1,000
     /// 1080p frames or 4,000 frames of 832×480).
     fn default() -> Self {
-        Self { max_width: 4096, max_height: 4096, max_frames: crate::request::MAX_FRAMES as usize, max_decoded_pixels: 1 << 32 }
+        Self { max_width: 4096, max_height: 4096, max_frames: crate::request::Limits::default().max_frames as usize, max_decoded_pixels: 1 << 32 }
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::duration::parse_duration;
 use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership, ModelInfo, Presence, WorkerRecord, WorkerState};
+use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
 use tessera_worker::pipeline::{PipelinePreset, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
 use tonic_health::ServingStatus;
@@ -61,6 +62,10 @@ pub struct ServeArgs {
     /// A job that receives no command for this long is dropped (its coordinator went away).
     #[arg(long, env = "TESSERA_JOB_IDLE_TIMEOUT", default_value = "10m")]
     job_idle_timeout: String,
+    /// Most video tokens per forward this worker accepts (larger requests are refused before
+    /// anything is allocated; the other limits are the documented ones).
+    #[arg(long, env = "TESSERA_WORKER_MAX_TOKENS", default_value_t = DEFAULT_WORKER_MAX_TOKENS)]
+    max_tokens: u64,
     /// At shutdown, how long the running job may go on before the worker exits anyway.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
@@ -102,6 +107,9 @@ fn advertised(host: &str, port: u16) -> String {
 
 fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
     let device = tessera_worker::pipeline::resolve_pipeline_device(&a.device).map_err(|e| anyhow!("--device {}: {e}", a.device))?;
+    if a.max_tokens == 0 {
+        bail!("--max-tokens: must be positive");
+    }
     if a.connect_timeout_s == 0 {
         bail!("--connect-timeout-s 0: must be at least 1");
     }
@@ -132,6 +140,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
         memory_bytes: tessera_worker::server::memory_available().unwrap_or(0),
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         job_idle_timeout,
+        limits: Limits { max_tokens: a.max_tokens, ..Limits::default() },
     };
     let collective_address = advertised(&host, a.collective.port());
     Ok(Settings { identity, device, collective_address, heartbeat, grace_period })

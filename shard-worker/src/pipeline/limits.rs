@@ -1,0 +1,175 @@
+//! The limits every generation is held to, and the one check of a generation's sizes and settings
+//! against them: the coordinator's request validation, `tessera generate` and a worker's
+//! PrepareJob all call [`check_settings`], so a request is refused with the same message wherever it
+//! enters, before anything is allocated. Products of sizes use checked arithmetic: a hostile
+//! request cannot overflow them into a small number.
+
+use crate::{Result, WorkerError};
+
+/// Frame sides must be multiples of this (VAE stride 8 × patch 2).
+pub const SIDE_MULTIPLE: u64 = 16;
+
+/// What a deployment accepts; the defaults are the documented limits of
+/// `proto/tessera/v1/generate.proto`. `tessera serve --max-tokens` sets the token budget.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Largest frame side, in pixels.
+    pub max_side: u64,
+    /// Most frames in one video (90 s at 16 fps).
+    pub max_frames: u64,
+    /// Most denoising steps.
+    pub max_steps: u64,
+    /// Largest classifier-free guidance scale.
+    pub max_guidance: f32,
+    /// Largest σ shift.
+    pub max_flow_shift: f32,
+    /// Most video tokens per forward (patch 1×2×2 of the latent grid).
+    pub max_tokens: u64,
+}
+
+/// The token budget when none is configured: 1280×720 with 81 frames (21 × 45 × 80 tokens).
+pub const DEFAULT_MAX_TOKENS: u64 = 75_600;
+
+/// A worker's own token budget when none is configured (`tessera-worker serve --max-tokens`):
+/// 2²¹, about a minute of 1080p. It guards a worker against hostile internal requests; the
+/// coordinator's budget (usually smaller) decides what a cluster accepts.
+pub const DEFAULT_WORKER_MAX_TOKENS: u64 = 1 << 21;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_side: 4096, max_frames: 1441, max_steps: 1000, max_guidance: 50.0, max_flow_shift: 100.0, max_tokens: DEFAULT_MAX_TOKENS }
+    }
+}
+
+impl Limits {
+    /// No deployment limit, only sanity (positive sizes and steps, finite settings, products that
+    /// fit in 64 bits): for library entry points whose callers applied their own limits.
+    pub fn none() -> Self {
+        Self { max_side: u64::MAX, max_frames: u64::MAX, max_steps: u64::MAX, max_guidance: f32::MAX, max_flow_shift: f32::MAX, max_tokens: u64::MAX }
+    }
+}
+
+/// The sizes and settings of a generation, defaults applied, as the public request names them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    /// Frame width in pixels.
+    pub width: u64,
+    /// Frame height in pixels.
+    pub height: u64,
+    /// Frames.
+    pub num_frames: u64,
+    /// Denoising steps.
+    pub steps: u64,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f32,
+    /// σ shift, if set.
+    pub flow_shift: Option<f32>,
+    /// Video-to-video strength, if the generation has an input video.
+    pub strength: Option<f32>,
+}
+
+/// What the check derives from valid settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// Latent grid `[frames, height, width]` after the VAE (÷4 in time after the first frame, ÷8 in space).
+    pub latent_fhw: [usize; 3],
+    /// Video tokens per forward (patch 1×2×2).
+    pub tokens: usize,
+}
+
+fn invalid(field: &'static str, detail: String) -> WorkerError {
+    WorkerError::input(field, detail)
+}
+
+/// Checks `s` against `limits`, naming the first field at fault; returns the latent grid and the
+/// token count (computed with checked arithmetic, compared with `limits.max_tokens`).
+pub fn check_settings(s: &Settings, limits: &Limits) -> Result<Checked> {
+    for (field, v) in [("width", s.width), ("height", s.height)] {
+        if v == 0 || v % SIDE_MULTIPLE != 0 || v > limits.max_side {
+            return Err(invalid(field, format!("{v} must be a multiple of {SIDE_MULTIPLE} between {SIDE_MULTIPLE} and {}", limits.max_side)));
+        }
+    }
+    if s.num_frames % 4 != 1 || s.num_frames > limits.max_frames {
+        return Err(invalid("num_frames", format!("{} must be 4k+1 (1, 5, 9, ... {})", s.num_frames, limits.max_frames)));
+    }
+    if s.steps == 0 || s.steps > limits.max_steps {
+        return Err(invalid("steps", format!("{} must be between 1 and {}", s.steps, limits.max_steps)));
+    }
+    let g = s.guidance_scale;
+    if !g.is_finite() || !(0.0..=limits.max_guidance).contains(&g) {
+        return Err(invalid("guidance_scale", format!("{g} must be between 0 and {}", limits.max_guidance)));
+    }
+    if let Some(f) = s.flow_shift {
+        if !f.is_finite() || f <= 0.0 || f > limits.max_flow_shift {
+            return Err(invalid("flow_shift", format!("{f} must be greater than 0 and at most {}", limits.max_flow_shift)));
+        }
+    }
+    if let Some(st) = s.strength {
+        if !st.is_finite() || st <= 0.0 || st > 1.0 {
+            return Err(invalid("strength", format!("{st} must be in (0, 1]")));
+        }
+    }
+    // Every size is bounded above, but a configured limit may be huge: the products are checked.
+    let fhw = [(s.num_frames - 1) / 4 + 1, s.height / 8, s.width / 8];
+    let tokens = fhw[0].checked_mul(fhw[1] / 2).and_then(|t| t.checked_mul(fhw[2] / 2));
+    let too_many = |n: String| {
+        invalid("num_frames", format!("{}x{} with {} frames is {n} tokens; at most {} are accepted", s.width, s.height, s.num_frames, limits.max_tokens))
+    };
+    let tokens = match tokens {
+        Some(t) if t <= limits.max_tokens => t,
+        Some(t) => return Err(too_many(t.to_string())),
+        None => return Err(too_many("more than 2^64".into())),
+    };
+    let usize_of = |v: u64| usize::try_from(v).map_err(|_| invalid("num_frames", format!("{v} does not fit this machine's address space")));
+    Ok(Checked { latent_fhw: [usize_of(fhw[0])?, usize_of(fhw[1])?, usize_of(fhw[2])?], tokens: usize_of(tokens)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Settings {
+        Settings { width: 832, height: 480, num_frames: 81, steps: 50, guidance_scale: 5.0, flow_shift: None, strength: None }
+    }
+
+    fn field(s: Settings, limits: &Limits) -> &'static str {
+        match check_settings(&s, limits) {
+            Err(WorkerError::InvalidInput { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_settings_give_the_grid_and_the_tokens() {
+        assert_eq!(check_settings(&ok(), &Limits::default()).unwrap(), Checked { latent_fhw: [21, 60, 104], tokens: 32_760 });
+    }
+
+    #[test]
+    fn each_limit_names_its_field() {
+        let l = Limits::default();
+        assert_eq!(field(Settings { width: 100, ..ok() }, &l), "width");
+        assert_eq!(field(Settings { height: 0, ..ok() }, &l), "height");
+        assert_eq!(field(Settings { width: 8192, ..ok() }, &l), "width");
+        assert_eq!(field(Settings { num_frames: 18, ..ok() }, &l), "num_frames");
+        assert_eq!(field(Settings { num_frames: 2001, ..ok() }, &l), "num_frames");
+        assert_eq!(field(Settings { steps: 5000, ..ok() }, &l), "steps");
+        assert_eq!(field(Settings { steps: 0, ..ok() }, &l), "steps");
+        assert_eq!(field(Settings { guidance_scale: 80.0, ..ok() }, &l), "guidance_scale");
+        assert_eq!(field(Settings { guidance_scale: f32::NAN, ..ok() }, &l), "guidance_scale");
+        assert_eq!(field(Settings { flow_shift: Some(0.0), ..ok() }, &l), "flow_shift");
+        assert_eq!(field(Settings { strength: Some(1.5), ..ok() }, &l), "strength");
+        assert_eq!(field(Settings { width: 4096, height: 4096, num_frames: 1441, ..ok() }, &l), "num_frames");
+    }
+
+    /// A configured limit far past any real size cannot let a product wrap around.
+    #[test]
+    fn hostile_sizes_cannot_overflow() {
+        let open = Limits { max_side: u64::MAX, max_frames: u64::MAX, max_tokens: u64::MAX, ..Limits::default() };
+        let huge = Settings { width: 1 << 63, height: 1 << 63, num_frames: (1 << 62) + 1, ..ok() };
+        let err = check_settings(&huge, &open).unwrap_err().to_string();
+        assert!(err.contains("num_frames") && err.contains("more than 2^64"), "{err}");
+        // The internal API's example: a 1,048,576 × 1,048,576 latent (8,388,608-pixel sides).
+        let wide = Settings { width: 8 << 20, height: 8 << 20, num_frames: 1, ..ok() };
+        assert_eq!(field(wide, &Limits::default()), "width");
+    }
+}
