@@ -33,6 +33,8 @@ fn built_in_model_writes_a_playable_mp4_and_is_reproducible() {
     let (code, stdout, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("a.mp4")]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("wrote") && stdout.contains("9 frames") && stdout.contains("denoise"), "{stdout}");
+    // The encoder's own log goes to `tracing` (target openh264), not to the terminal.
+    assert!(!stdout.contains("OpenH264") && !stderr.contains("OpenH264"), "{stdout}{stderr}");
     check_stream(&dir.path().join("a.mp4"), 9, 96, 64, "16/1");
     let (code, _, stderr) = tessera(&[&common[..], &["--seed", "5", "-o", &out("b.mp4")]].concat());
     assert_eq!(code, 0, "{stderr}");

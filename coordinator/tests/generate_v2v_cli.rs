@@ -166,7 +166,7 @@ fn bad_video_to_video_flags_are_named() {
         (vec!["--input-video", input, "--strength", "1.5"], "--strength", "at most 1"),
         (vec!["--input-video", input, "--strength", "0"], "--strength", "greater than 0"),
         (vec!["--input-video", input, "--frames", "9"], "--frames", "too few frames"),
-        (vec!["--input-video", input, "--frames", "4"], "--frames", "4k + 1"),
+        (vec!["--input-video", input, "--frames", "4"], "--frames", "4k+1"),
         (vec!["--input-video", garbage], "--input-video", "unknown format"),
         (vec!["--input-video", truncated], "--input-video", "truncated"),
         (vec!["--input-video", "/nonexistent/input.mp4"], "--input-video", "/nonexistent/input.mp4"),

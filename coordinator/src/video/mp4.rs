@@ -10,6 +10,8 @@ use muxide::api::{Muxer, MuxerBuilder, VideoCodec};
 use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, FrameType, IntraFramePeriod, QpRange, RateControlMode, UsageType, VuiConfig};
 use openh264::formats::YUVSlices;
 use openh264::OpenH264API;
+use openh264_sys2::{WelsTraceCallback, ENCODER_OPTION_TRACE_CALLBACK, WELS_LOG_ERROR};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::io::Write;
 
 /// How the encoder spends bits.
@@ -131,7 +133,8 @@ impl<W: Write> Mp4Writer<W> {
             .scene_change_detect(false)
             .num_threads(options.threads)
             .vui(vui);
-        let encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(mp4_error)?;
+        let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(mp4_error)?;
+        route_log(&mut encoder)?;
         let muxer = MuxerBuilder::new(out).video(VideoCodec::H264, cw, ch, spec.fps).with_fast_start(true).build().map_err(mp4_error)?;
         let options = Mp4Options { keyframe_interval, ..options };
         Ok(Self { spec, options, encoder, muxer, frames: 0, keyframes: 0, payload_bytes: 0, bitstream: Vec::new() })
@@ -186,6 +189,36 @@ impl<W: Write> FrameSink for Mp4Writer<W> {
 
     fn frames_written(&self) -> usize {
         self.frames
+    }
+}
+
+/// Sends OpenH264's log lines (printed to stdout by default: a warning as the encoder starts) to
+/// `tracing`, target `openh264`: errors at WARN, the rest at DEBUG. Set before the encoder is
+/// initialised (on the first frame), so nothing reaches stdout.
+fn route_log(encoder: &mut Encoder) -> Result<()> {
+    let callback: WelsTraceCallback = Some(openh264_log);
+    // SAFETY: the encoder was created and is not initialised yet; ENCODER_OPTION_TRACE_CALLBACK
+    // reads one `WelsTraceCallback` through the pointer, which is valid for the call (the library
+    // copies the function pointer), and `openh264_log` lives for the whole program.
+    let rc = unsafe { encoder.raw_api().set_option(ENCODER_OPTION_TRACE_CALLBACK, (&raw const callback).cast_mut().cast()) };
+    if rc != 0 {
+        return Err(CoordinatorError::encode("mp4", format!("OpenH264 refused its log callback ({rc})")));
+    }
+    Ok(())
+}
+
+/// OpenH264's trace callback: one message, as a `tracing` event.
+unsafe extern "C" fn openh264_log(_context: *mut c_void, level: c_int, message: *const c_char) {
+    if message.is_null() {
+        return;
+    }
+    // SAFETY: OpenH264 passes a NUL-terminated string that is valid for the duration of the call.
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+    let text = text.trim_end();
+    if level <= WELS_LOG_ERROR as c_int {
+        tracing::warn!(target: "openh264", "{text}");
+    } else {
+        tracing::debug!(target: "openh264", "{text}");
     }
 }
 
