@@ -20,11 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a video from a prompt on this machine (CPU) or through a coordinator (--server),
-    /// writing MP4, GIF or PNG frames.
+    /// Generate a video from a prompt on this machine (CPU or GPU, --device) or through a
+    /// coordinator (--server), writing MP4, GIF or PNG frames.
     Generate(Box<cli::generate::GenerateArgs>),
     /// Serve the public gRPC API (Generate, GetJob, CancelJob, ListWorkers, ListJobs; health,
-    /// reflection) with jobs on in-process workers.
+    /// reflection), with jobs on in-process workers or, with --etcd, on `tessera-worker`
+    /// services found through etcd.
     Serve(Box<cli::serve::ServeArgs>),
     /// Show a coordinator's health, workers and jobs.
     Status(cli::status::StatusArgs),

@@ -2,7 +2,6 @@
 //! VAE), the flow-matching samplers and the whole pipeline, loading diffusers snapshot folders,
 //! sequence-parallel attention, and the pieces a worker process runs.
 
-pub mod config;
 pub mod duration;
 mod error;
 pub mod golden;
@@ -13,12 +12,13 @@ pub mod pipeline;
 pub mod sampler;
 pub mod server;
 pub mod text;
+pub mod transformer_config;
 pub mod vae;
 pub mod weights;
 
-pub use config::{TransformerConfig, TransformerPreset};
 pub use error::WorkerError;
 pub use model::{DitInputs, DitModel, WanTransformer};
+pub use transformer_config::{TransformerConfig, TransformerPreset};
 pub use vae::{VaeConfig, VaePreset, WanVae};
 
 /// Result type of this crate.

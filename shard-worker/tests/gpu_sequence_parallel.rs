@@ -15,11 +15,11 @@ use tessera_kernels::backend::CudaOps;
 use tessera_kernels::cuda::nccl::{NcclComm, NcclId};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
-use tessera_worker::config::TransformerPreset;
 use tessera_worker::golden::{Comparison, Tolerance};
 use tessera_worker::model::CudaWanTransformer;
 use tessera_worker::parallel::device::{DeviceComm, DeviceShard, NcclDeviceComm, NcclGroup};
 use tessera_worker::parallel::{CommStats, ParallelPlan, Traffic};
+use tessera_worker::transformer_config::TransformerPreset;
 use tessera_worker::DitInputs;
 
 /// Every usable GPU when there are at least two; otherwise `None` with the reason printed.

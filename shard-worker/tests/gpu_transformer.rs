@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use tessera_kernels::backend::{CpuOps, CudaOps, HostOps};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::{Device, Tensor};
-use tessera_worker::config::{TransformerConfig, TransformerPreset};
 use tessera_worker::golden::{discover, run_case, CaseKind, Comparison, RunOptions, CUDA_BF16_TOLERANCE};
 use tessera_worker::model::{CudaWanTransformer, DitModel, EmulatedWanTransformer, WanTransformer};
+use tessera_worker::transformer_config::{TransformerConfig, TransformerPreset};
 use tessera_worker::weights::{RandomWeights, SafetensorsFile, WeightSource};
 use tessera_worker::DitInputs;
 

@@ -97,7 +97,7 @@ impl Drop for Worker {
 const STEPS: u32 = 3;
 
 /// PrepareJob on both ranks, every step on both, Decode from rank 0, ReleaseJob; every request
-/// carries `trace_context` (the current span's, as the coordinator's remote executor sends it).
+/// carries `trace_context` (the current span's, as the coordinator's cluster executor sends it).
 async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job: &str) {
     let trace_context: HashMap<String, String> = current_context_map();
     assert!(trace_context.contains_key("traceparent"), "{trace_context:?}");

@@ -13,10 +13,10 @@ use tessera_proto::v1::GenerateRequest;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
-use tessera_worker::config::TransformerPreset;
 use tessera_worker::model::DitModel;
 use tessera_worker::pipeline::{FrameCollector, PipelinePreset, WanPipeline};
 use tessera_worker::server::{params_from_request, WorkerIdentity, WorkerService};
+use tessera_worker::transformer_config::TransformerPreset;
 use tonic::transport::Channel;
 
 fn free_addr() -> SocketAddr {

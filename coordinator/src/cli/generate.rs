@@ -1,6 +1,8 @@
 //! `tessera generate`: text (and, for video-to-video, an input video) in, a video file out, on
-//! this machine. Runs the Wan pipeline in-process on the CPU — a diffusers snapshot folder given with `--model`, or a
-//! built-in model with random weights — shows a progress bar, writes MP4, GIF or PNG frames, and
+//! this machine. Runs the Wan pipeline in-process on the chosen device (`--device`: the CPU, or
+//! every model on a CUDA GPU) — a diffusers snapshot folder given with `--model`, or a built-in
+//! model with random weights — held to the server's limits (`pipeline::limits`), shows a
+//! progress bar, writes MP4, GIF or PNG frames, and
 //! says where the file went and how long each phase took. With `--server`, the same request goes
 //! to a coordinator (`tessera serve`) instead, and the streamed file is written.
 

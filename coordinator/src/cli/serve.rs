@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_coordinator::server::{
-    serve, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, RemoteExecutor, RemoteExecutorConfig, ServerConfig,
+    serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, ServerConfig,
 };
 use tessera_worker::duration::parse_duration;
 use tessera_worker::membership::{EtcdMembership, Heartbeat};
@@ -226,7 +226,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 let endpoints = args.etcd.join(",");
                 let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                 let default_model = args.model_name.clone();
-                let executor = RemoteExecutor::start(RemoteExecutorConfig {
+                let executor = ClusterExecutor::start(ClusterExecutorConfig {
                     membership: Arc::new(membership),
                     max_ranks: args.max_ranks,
                     max_tokens: args.max_tokens,

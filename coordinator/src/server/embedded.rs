@@ -1,9 +1,9 @@
 //! In-process workers behind the cluster's code path: N worker services (sharing one loaded
 //! pipeline) each serving the internal gRPC API on a loopback port, meeting on loopback collective
-//! ports, and registered in an in-memory membership instead of etcd. A [`super::RemoteExecutor`]
+//! ports, and registered in an in-memory membership instead of etcd. A [`super::ClusterExecutor`]
 //! over that membership drives them exactly as it drives `tessera-worker` processes.
 
-use super::{DriveLimits, ModelSource, RemoteExecutor, RemoteExecutorConfig};
+use super::{ClusterExecutor, ClusterExecutorConfig, DriveLimits, ModelSource};
 use crate::CoordinatorError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +59,8 @@ impl EmbeddedWorkers {
                 async move {
                     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                     let server = ShardWorkerServer::new(service)
-                        .max_decoding_message_size(super::remote::MAX_MESSAGE)
-                        .max_encoding_message_size(super::remote::MAX_MESSAGE);
+                        .max_decoding_message_size(super::cluster::MAX_MESSAGE)
+                        .max_encoding_message_size(super::cluster::MAX_MESSAGE);
                     let ended = tonic::transport::Server::builder().add_service(server).serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop.wait_for(|s| *s).await;
                     });
@@ -94,7 +94,7 @@ impl EmbeddedWorkers {
     }
 
     /// Loads `source` (on a blocking thread), starts `workers` in-process workers serving it as
-    /// `model_name`, and a [`RemoteExecutor`] over them (jobs of at most `max_ranks` workers, 0 =
+    /// `model_name`, and a [`ClusterExecutor`] over them (jobs of at most `max_ranks` workers, 0 =
     /// all, and `max_tokens` tokens). Keep the returned workers alive as long as the executor.
     pub async fn with_executor(
         source: ModelSource,
@@ -102,14 +102,14 @@ impl EmbeddedWorkers {
         workers: usize,
         max_ranks: usize,
         max_tokens: usize,
-    ) -> Result<(Self, RemoteExecutor), CoordinatorError> {
+    ) -> Result<(Self, ClusterExecutor), CoordinatorError> {
         let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load())
             .await
             .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?
             .map_err(CoordinatorError::Unavailable)?;
         let info = ModelInfo::of(&pipe, defaults);
         let embedded = Self::start(Arc::new(pipe), model_name, info, workers).await?;
-        let executor = RemoteExecutor::start(RemoteExecutorConfig {
+        let executor = ClusterExecutor::start(ClusterExecutorConfig {
             membership: embedded.membership(),
             max_ranks,
             max_tokens,

@@ -1,7 +1,7 @@
 //! The seam between the public service and whatever runs the jobs: [`JobExecutor`]. The service
 //! validates, queues and streams; an executor knows its models and workers, plans a job, runs it
 //! (reporting phases, steps and output files) and stops it between steps when asked:
-//! [`super::LocalExecutor`] (in-process ranks) and [`super::RemoteExecutor`] (shard worker
+//! [`super::LocalExecutor`] (in-process ranks) and [`super::ClusterExecutor`] (shard worker
 //! processes over the internal API).
 
 use super::jobs::StopSignal;

@@ -1,10 +1,11 @@
 //! The coordinator's public gRPC server (`tessera serve`): the `tessera.v1.Tessera` service with
 //! standard health and reflection beside it. Requests are validated, queued by priority and run
-//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers; [`RemoteExecutor`]: `tessera-worker`
+//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers; [`ClusterExecutor`]: `tessera-worker`
 //! processes found through etcd); progress and the encoded video
 //! stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
 //! period and is then stopped at a step boundary.
 
+mod cluster;
 mod embedded;
 mod executor;
 mod input;
@@ -13,11 +14,11 @@ mod local;
 mod metrics;
 mod output;
 mod queue;
-mod remote;
 mod runner;
 mod scheduler;
 mod service;
 
+pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, WorkerTable};
 pub use embedded::EmbeddedWorkers;
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
 pub use input::{prepare_request_video, prepare_request_video_blocking};
@@ -26,7 +27,6 @@ pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSour
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use queue::JobQueue;
-pub use remote::{ulysses_degree, DriveLimits, Group, RemoteExecutor, RemoteExecutorConfig, WorkerTable};
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
 

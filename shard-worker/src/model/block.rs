@@ -6,7 +6,7 @@
 
 use super::attention::{QkvRows, SelfAttention};
 use super::weights::{load_f32, load_rounded, DeviceLinear};
-use crate::config::TransformerConfig;
+use crate::transformer_config::TransformerConfig;
 use crate::weights::WeightSource;
 use crate::{Result, WorkerError};
 use tessera_kernels::backend::{at, at_mut, flash, stores_f32, At, NormArgs, Ops};

@@ -4,7 +4,7 @@
 
 use super::patch::PatchGrid;
 use super::transformer::{open_transformer_dir, CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer};
-use crate::config::{TransformerConfig, TransformerPreset};
+use crate::transformer_config::{TransformerConfig, TransformerPreset};
 use crate::weights::{RandomWeights, WeightSource};
 use crate::Result;
 use std::path::Path;

@@ -10,7 +10,7 @@
 
 use super::layers::{AffineLayerNorm, Linear};
 use super::weights::{convert, round_to, DeviceLinear};
-use crate::config::TransformerConfig;
+use crate::transformer_config::TransformerConfig;
 use crate::weights::WeightSource;
 use crate::{Result, WorkerError};
 use std::marker::PhantomData;

@@ -3,8 +3,8 @@
 //! configurations at the kernel's native head widths (no padding), text- and image-to-video.
 
 use super::{CpuWanTransformer, EmulatedWanTransformer, LocalAttention};
-use crate::config::TransformerConfig;
 use crate::golden::{Comparison, CUDA_BF16_TOLERANCE};
+use crate::transformer_config::TransformerConfig;
 use crate::weights::{RandomWeights, SafetensorsFile};
 use crate::DitInputs;
 use std::path::{Path, PathBuf};

@@ -4,10 +4,10 @@
 //! transformer, sampler, VAE, encoder) runs the real code at a small size.
 
 use super::WanPipeline;
-use crate::config::TransformerPreset;
 use crate::model::DitModel;
 use crate::sampler::SamplerConfig;
 use crate::text::{PromptTokenizer, TextEncoder, Umt5Config, Umt5EncoderModel, TEXT_LEN};
+use crate::transformer_config::TransformerPreset;
 use crate::vae::{VaeConfig, VaePreset, WanVae};
 use crate::weights::RandomWeights;
 use crate::Result;
@@ -48,12 +48,12 @@ impl PipelinePreset {
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
-        crate::config::preset_by_name(&Self::ALL, name, "built-in pipeline")
+        crate::transformer_config::preset_by_name(&Self::ALL, name, "built-in pipeline")
     }
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
-        crate::config::preset_name(&Self::ALL, self)
+        crate::transformer_config::preset_name(&Self::ALL, self)
     }
 
     /// Sizes and steps that suit the preset.

@@ -422,7 +422,7 @@ impl ShardWorker for WorkerService {
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 
-    async fn fetch_latents(&self, request: Request<pb::FetchLatentsRequest>) -> Result<Response<pb::LatentSlice>, Status> {
+    async fn fetch_latents(&self, request: Request<pb::FetchLatentsRequest>) -> Result<Response<pb::JobLatents>, Status> {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
         let latents = blocking(move || {
@@ -431,15 +431,8 @@ impl ShardWorker for WorkerService {
             rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
         })
         .await?;
-        let s = latents.shape();
-        let tokens = s[2] * (s[3] / 2) * (s[4] / 2);
-        // Every rank holds the whole latent (replicated), so the slice is all of it.
-        Ok(Response::new(pb::LatentSlice {
-            shape: s[1..].iter().map(|&d| d as u32).collect(),
-            token_start: 0,
-            token_end: tokens as u64,
-            data: f32_bytes(latents.data()),
-        }))
+        // Every rank holds the whole latent (replicated).
+        Ok(Response::new(pb::JobLatents { shape: latents.shape()[1..].iter().map(|&d| d as u32).collect(), data: f32_bytes(latents.data()) }))
     }
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {

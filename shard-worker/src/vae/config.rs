@@ -224,12 +224,12 @@ impl VaePreset {
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
-        crate::config::preset_by_name(&Self::ALL, name, "VAE preset")
+        crate::transformer_config::preset_by_name(&Self::ALL, name, "VAE preset")
     }
 
     /// The preset's name.
     pub fn name(self) -> &'static str {
-        crate::config::preset_name(&Self::ALL, self)
+        crate::transformer_config::preset_name(&Self::ALL, self)
     }
 
     /// The configuration.

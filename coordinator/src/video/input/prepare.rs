@@ -100,7 +100,7 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         for c in 0..3 {
             let dst = &mut data[(c * f + t) * plane..][..plane];
             // Rounded to 8 bits, as the resized PIL images upstream's pipeline normalises (and
-            // as the frames travel to remote workers): every path sees the same input.
+            // as the frames travel to the workers): every path sees the same input.
             dst.iter_mut().zip(&frame[c * plane..(c + 1) * plane]).for_each(|(d, &x)| *d = 2.0 * ((x.clamp(0.0, 1.0) * 255.0).round() / 255.0) - 1.0);
         }
     }

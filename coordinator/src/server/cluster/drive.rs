@@ -1,4 +1,4 @@
-//! One job on a group of remote workers, over the internal API: for a GPU group of several ranks,
+//! One job on a group of workers, over the internal API: for a GPU group of several ranks,
 //! CreateNcclId on rank 0 first (the NCCL unique id every rank gets); PrepareJob on every rank at
 //! once (they meet on their collective addresses, or through NCCL), each Step on every rank at
 //! once, then Decode streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank
@@ -27,7 +27,7 @@ use tracing::Instrument;
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
 pub const MAX_MESSAGE: usize = 256 << 20;
 
-/// Time limits of a remote job.
+/// Time limits of a job driven over the internal API.
 #[derive(Clone, Copy, Debug)]
 pub struct DriveLimits {
     /// Connecting to a worker's internal API.
@@ -379,7 +379,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     if format == OutputFormat::RawLatents {
         send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
         let started = Instant::now();
-        let slice = rank0
+        let whole = rank0
             .client
             .clone()
             .fetch_latents(pb::FetchLatentsRequest { job_id: cx.job.id.clone() })
@@ -387,8 +387,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             .map_err(|s| rank0.failed("fetch latents", s))?
             .into_inner();
         let mut shape = vec![1usize];
-        shape.extend(slice.shape.iter().map(|&d| d as usize));
-        let data: Vec<f32> = slice.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        shape.extend(whole.shape.iter().map(|&d| d as usize));
+        let data: Vec<f32> = whole.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let latents = Tensor::new(shape, data).map_err(|e| CoordinatorError::Internal(format!("latents from rank 0: {e}")))?;
         let file = latents_file(&latents)?;
         report.encoding = started.elapsed();

@@ -1,4 +1,4 @@
-//! [`RemoteExecutor`]: jobs run on `tessera-worker` processes found through membership (etcd in
+//! [`ClusterExecutor`]: jobs run on `tessera-worker` processes found through membership (etcd in
 //! a cluster). A background task lists the workers and follows membership from the listed
 //! revision (listing again after any break), keeping a [`WorkerTable`]. A job waits for a group
 //! of free workers serving its model, reserves it, runs over the internal API ([`drive`]) and
@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, watch};
 /// How often a job chooses a group again after workers refused it as busy.
 const BUSY_RETRIES: u32 = 5;
 
-/// Settings of a [`RemoteExecutor`].
+/// Settings of a [`ClusterExecutor`].
 #[derive(Clone)]
-pub struct RemoteExecutorConfig {
+pub struct ClusterExecutorConfig {
     /// Where the workers register.
     pub membership: Arc<dyn Membership>,
     /// Most workers one job uses (0 = every free worker of its model).
@@ -91,16 +91,17 @@ impl Shared {
     }
 }
 
-/// Runs jobs on remote workers (see the module docs).
-pub struct RemoteExecutor {
-    config: RemoteExecutorConfig,
+/// Runs jobs on `tessera-worker` services over the internal API, wherever they run: other hosts,
+/// other processes, or in this one (`EmbeddedWorkers`) (see the module docs).
+pub struct ClusterExecutor {
+    config: ClusterExecutorConfig,
     shared: Arc<Shared>,
     follower: tokio::task::JoinHandle<()>,
 }
 
-impl RemoteExecutor {
+impl ClusterExecutor {
     /// Checks the settings and starts following membership (on the current tokio runtime).
-    pub fn start(config: RemoteExecutorConfig) -> Result<Self, CoordinatorError> {
+    pub fn start(config: ClusterExecutorConfig) -> Result<Self, CoordinatorError> {
         if config.max_tokens == 0 {
             return Err(CoordinatorError::invalid_argument("max_tokens", "must be positive"));
         }
@@ -126,7 +127,7 @@ impl RemoteExecutor {
     }
 }
 
-impl Drop for RemoteExecutor {
+impl Drop for ClusterExecutor {
     fn drop(&mut self) {
         self.follower.abort();
     }
@@ -168,7 +169,7 @@ async fn follow(membership: Arc<dyn Membership>, shared: Arc<Shared>) {
     }
 }
 
-impl JobExecutor for RemoteExecutor {
+impl JobExecutor for ClusterExecutor {
     fn models(&self) -> Vec<String> {
         self.shared.table().models()
     }
@@ -358,7 +359,7 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
     }
 }
 
-/// The default time limits of remote calls.
+/// The default time limits of internal API calls.
 impl Default for DriveLimits {
     fn default() -> Self {
         Self { connect: Duration::from_secs(10), prepare: Duration::from_secs(600), step: Duration::from_secs(600), decode: Duration::from_secs(1800) }
