@@ -7,6 +7,7 @@ mod error;
 pub mod golden;
 pub mod membership;
 pub mod model;
+pub mod on_backend;
 pub mod parallel;
 pub mod pipeline;
 pub mod sampler;

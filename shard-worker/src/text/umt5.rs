@@ -7,10 +7,11 @@
 use super::config::Umt5Config;
 use super::relative::{bias_by_head, bucket_table, Segment};
 use crate::model::{load_rounded, round_to, DeviceLinear};
+use crate::on_backend::{on_backend, ModelFamily, OnBackend};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::path::Path;
-use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, CpuOps, CudaOps, Elem, HostOps, Ops};
+use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, Elem, Ops};
 use tessera_kernels::cpu::{Activation, AttentionShape};
 use tessera_kernels::Tensor;
 
@@ -250,28 +251,25 @@ fn load_embedding(cfg: &Umt5Config, src: &dyn WeightSource) -> Result<Vec<f32>> 
     Ok(shared)
 }
 
-/// The UMT5 encoder on the backend chosen at run time.
-pub enum Umt5EncoderModel {
-    /// f32 on the CPU.
-    Cpu(Box<Umt5Encoder<CpuOps>>),
-    /// bf16 under the host twin of the GPU path.
-    Bf16Host(Box<Umt5Encoder<HostOps>>),
-    /// bf16 on a CUDA GPU.
-    Cuda(Box<Umt5Encoder<CudaOps>>),
+/// The UMT5 encoder as a [`ModelFamily`]: what [`Umt5EncoderModel`] chooses among.
+pub struct Umt5Family;
+
+impl ModelFamily for Umt5Family {
+    type Config = Umt5Config;
+    type On<O: Ops> = Umt5Encoder<O>;
+    fn from_source<O: Ops>(ops: O, cfg: Umt5Config, src: &dyn WeightSource) -> Result<Umt5Encoder<O>> {
+        Umt5Encoder::from_source(ops, cfg, src)
+    }
+    fn ops<O: Ops>(model: &Umt5Encoder<O>) -> &O {
+        model.ops()
+    }
 }
 
-/// Runs `$body` with `$m` bound to the encoder, whatever its backend.
-macro_rules! on_backend {
-    ($self:expr, $m:ident => $body:expr) => {
-        match $self {
-            Umt5EncoderModel::Cpu($m) => $body,
-            Umt5EncoderModel::Bf16Host($m) => $body,
-            Umt5EncoderModel::Cuda($m) => $body,
-        }
-    };
-}
+/// The UMT5 encoder on the backend chosen at run time (`from_source_on`, `backend` and
+/// `device_memory` come with [`OnBackend`]).
+pub type Umt5EncoderModel = OnBackend<Umt5Family>;
 
-impl Umt5EncoderModel {
+impl OnBackend<Umt5Family> {
     /// Loads a transformers folder (`config.json` and `model.safetensors`, or shards with
     /// `model.safetensors.index.json`) onto the CPU in f32. Every tensor in the files must be used.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -290,32 +288,9 @@ impl Umt5EncoderModel {
         Self::from_source_on(cfg, src, Backend::Cpu)
     }
 
-    /// The encoder on `backend` from any weight source.
-    pub fn from_source_on(cfg: Umt5Config, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
-        Ok(match backend {
-            Backend::Cpu => Self::Cpu(Box::new(Umt5Encoder::from_source(CpuOps, cfg, src)?)),
-            Backend::Bf16Host => Self::Bf16Host(Box::new(Umt5Encoder::from_source(HostOps, cfg, src)?)),
-            Backend::Cuda(n) => Self::Cuda(Box::new(Umt5Encoder::from_source(CudaOps::open(n)?, cfg, src)?)),
-        })
-    }
-
     /// The configuration.
     pub fn config(&self) -> &Umt5Config {
         on_backend!(self, m => m.config())
-    }
-
-    /// The backend it runs on.
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Cpu(_) => Backend::Cpu,
-            Self::Bf16Host(_) => Backend::Bf16Host,
-            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
-        }
-    }
-
-    /// Device memory in use and in total (bytes) where the encoder runs on a GPU.
-    pub fn device_memory(&self) -> Option<(u64, u64)> {
-        on_backend!(self, m => m.ops().device_memory())
     }
 
     /// See [`Umt5Encoder::forward`].

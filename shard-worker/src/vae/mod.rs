@@ -13,6 +13,7 @@ mod layers;
 
 pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
 
+use crate::on_backend::{on_backend, ModelFamily, OnBackend};
 use crate::weights::{RandomWeights, WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use clip::Clip;
@@ -21,7 +22,7 @@ use encoder::Encoder;
 use layers::CausalConv3d;
 use rayon::prelude::*;
 use std::path::Path;
-use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
+use tessera_kernels::backend::{Backend, Ops};
 use tessera_kernels::Tensor;
 
 /// Video frames per encoder chunk after the first, one-frame chunk (upstream's fixed 4).
@@ -126,28 +127,25 @@ impl<O: Ops> Vae<O> {
     }
 }
 
-/// A loaded Wan 2.1 VAE on the backend chosen at run time.
-pub enum WanVae {
-    /// f32 on the CPU.
-    Cpu(Box<Vae<CpuOps>>),
-    /// bf16 under the host twin of the GPU path.
-    Bf16Host(Box<Vae<HostOps>>),
-    /// bf16 on a CUDA GPU.
-    Cuda(Box<Vae<CudaOps>>),
+/// The Wan VAE as a [`ModelFamily`]: what [`WanVae`] chooses among.
+pub struct VaeFamily;
+
+impl ModelFamily for VaeFamily {
+    type Config = VaeConfig;
+    type On<O: Ops> = Vae<O>;
+    fn from_source<O: Ops>(ops: O, cfg: VaeConfig, src: &dyn WeightSource) -> Result<Vae<O>> {
+        Vae::from_source(ops, cfg, src)
+    }
+    fn ops<O: Ops>(model: &Vae<O>) -> &O {
+        model.ops()
+    }
 }
 
-/// Runs `$body` with `$m` bound to the VAE, whatever its backend.
-macro_rules! on_backend {
-    ($self:expr, $m:ident => $body:expr) => {
-        match $self {
-            WanVae::Cpu($m) => $body,
-            WanVae::Bf16Host($m) => $body,
-            WanVae::Cuda($m) => $body,
-        }
-    };
-}
+/// A loaded Wan 2.1 VAE on the backend chosen at run time (`from_source_on`, `backend` and
+/// `device_memory` come with [`OnBackend`]).
+pub type WanVae = OnBackend<VaeFamily>;
 
-impl WanVae {
+impl OnBackend<VaeFamily> {
     /// Loads a diffusers `vae/` folder (`config.json` and safetensors weights) onto the CPU in f32.
     pub fn load(dir: &Path) -> Result<Self> {
         Self::load_on(dir, Backend::Cpu)
@@ -169,32 +167,9 @@ impl WanVae {
         Self::from_source_on(cfg, src, Backend::Cpu)
     }
 
-    /// The VAE on `backend` from any weight source.
-    pub fn from_source_on(cfg: VaeConfig, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
-        Ok(match backend {
-            Backend::Cpu => Self::Cpu(Box::new(Vae::from_source(CpuOps, cfg, src)?)),
-            Backend::Bf16Host => Self::Bf16Host(Box::new(Vae::from_source(HostOps, cfg, src)?)),
-            Backend::Cuda(n) => Self::Cuda(Box::new(Vae::from_source(CudaOps::open(n)?, cfg, src)?)),
-        })
-    }
-
     /// The configuration.
     pub fn config(&self) -> &VaeConfig {
         on_backend!(self, m => &m.cfg)
-    }
-
-    /// The backend it runs on.
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Cpu(_) => Backend::Cpu,
-            Self::Bf16Host(_) => Backend::Bf16Host,
-            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
-        }
-    }
-
-    /// Device memory in use and in total (bytes) where the VAE runs on a GPU.
-    pub fn device_memory(&self) -> Option<(u64, u64)> {
-        on_backend!(self, m => m.ops().device_memory())
     }
 
     /// Decodes `latent` `[B, z_dim, T, h, w]` (already de-normalised, see
