@@ -18,6 +18,27 @@ pub trait ModelFamily {
     fn ops<O: Ops>(model: &Self::On<O>) -> &O;
 }
 
+/// Declares `$family`, the [`ModelFamily`] of `$model<O>`, which is built by
+/// `$model::from_source(ops, cfg: $config, src)` and answers `ops()`.
+macro_rules! model_family {
+    ($(#[$doc:meta])* $family:ident, $model:ident, $config:ty) => {
+        $(#[$doc])*
+        pub struct $family;
+
+        impl $crate::on_backend::ModelFamily for $family {
+            type Config = $config;
+            type On<O: tessera_kernels::backend::Ops> = $model<O>;
+            fn from_source<O: tessera_kernels::backend::Ops>(ops: O, cfg: $config, src: &dyn $crate::weights::WeightSource) -> $crate::Result<$model<O>> {
+                $model::from_source(ops, cfg, src)
+            }
+            fn ops<O: tessera_kernels::backend::Ops>(model: &$model<O>) -> &O {
+                model.ops()
+            }
+        }
+    };
+}
+pub(crate) use model_family;
+
 /// The model of family `F` on the backend chosen at run time.
 pub enum OnBackend<F: ModelFamily> {
     /// f32 on the CPU.

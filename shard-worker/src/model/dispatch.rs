@@ -1,42 +1,37 @@
 //! One transformer type for callers that pick the backend at run time: the one model
-//! ([`super::WanTransformer`]) on each backend behind one enum, loaded from the same files and
+//! ([`WanTransformer`]) as a [`ModelFamily`](crate::on_backend::ModelFamily), held by
+//! [`OnBackend`] (the choice the text encoder and the VAE use too), loaded from the same files and
 //! presets, with one `forward`.
 
 use super::patch::PatchGrid;
-use super::transformer::{open_transformer_dir, CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer};
+use super::transformer::{open_transformer_dir, DitInputs, WanTransformer};
+use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::transformer_config::{TransformerConfig, TransformerPreset};
 use crate::weights::{RandomWeights, WeightSource};
 use crate::Result;
 use std::path::Path;
-use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
+use tessera_kernels::backend::{Backend, Ops};
 use tessera_kernels::cuda::DeviceChoice;
 use tessera_kernels::{Device, Tensor};
 
-/// A Wan 2.1 transformer on the device chosen at run time.
-pub enum DitModel {
-    /// f32 on the CPU (the reference).
-    Cpu(Box<CpuWanTransformer>),
-    /// bf16 on a CUDA GPU.
-    Cuda(Box<CudaWanTransformer>),
-    /// The CUDA model's bf16 data flow run on the host with emulated kernels: slow, for checking
-    /// on machines without a GPU that code driving the CUDA model (the pipeline, the golden
-    /// runners) gives what the CPU model gives, within bf16 tolerance.
-    Emulated(Box<EmulatedWanTransformer>),
-}
+model_family!(
+    /// The Wan transformer as a [`ModelFamily`](crate::on_backend::ModelFamily): what [`DitModel`] chooses among.
+    DitFamily,
+    WanTransformer,
+    TransformerConfig
+);
 
-impl DitModel {
+/// A Wan 2.1 transformer on the backend chosen at run time: `Cpu` (f32, the reference), `Cuda`
+/// (bf16 on a GPU), or `Bf16Host`: the CUDA model's bf16 data flow run on the host with emulated
+/// kernels, slow, for checking on machines without a GPU that code driving the CUDA model (the
+/// pipeline, the golden runners) gives what the CPU model gives, within bf16 tolerance.
+/// (`from_source_on`, `backend` and `device_memory` come with [`OnBackend`].)
+pub type DitModel = OnBackend<DitFamily>;
+
+impl OnBackend<DitFamily> {
     /// Builds the model on `device` (resolve a user's choice first with [`DeviceChoice::resolve`]).
     pub fn from_source(cfg: TransformerConfig, src: &dyn WeightSource, device: Device) -> Result<Self> {
         Self::from_source_on(cfg, src, device.into())
-    }
-
-    /// Builds the model on `backend`.
-    pub fn from_source_on(cfg: TransformerConfig, src: &dyn WeightSource, backend: Backend) -> Result<Self> {
-        Ok(match backend {
-            Backend::Cpu => Self::Cpu(Box::new(CpuWanTransformer::from_source(CpuOps, cfg, src)?)),
-            Backend::Bf16Host => Self::Emulated(Box::new(EmulatedWanTransformer::from_source(HostOps, cfg, src)?)),
-            Backend::Cuda(n) => Self::Cuda(Box::new(CudaWanTransformer::from_source(CudaOps::open(n)?, cfg, src)?)),
-        })
     }
 
     /// Loads a diffusers `transformer/` folder onto `backend`.
@@ -45,16 +40,7 @@ impl DitModel {
         Self::from_source_on(cfg, &store, backend)
     }
 
-    /// The backend it runs on.
-    pub fn backend(&self) -> Backend {
-        match self {
-            Self::Cpu(_) => Backend::Cpu,
-            Self::Cuda(m) => Backend::Cuda(m.ops().device().ordinal()),
-            Self::Emulated(_) => Backend::Bf16Host,
-        }
-    }
-
-    /// The emulated CUDA model (see [`DitModel::Emulated`]) of a built-in configuration.
+    /// The emulated CUDA model (`bf16-host`) of a built-in configuration.
     pub fn emulated_preset(preset: TransformerPreset, seed: u64) -> Result<Self> {
         Self::from_source_on(preset.config(), &RandomWeights::new(seed), Backend::Bf16Host)
     }
@@ -80,55 +66,37 @@ impl DitModel {
         self.backend().device()
     }
 
-    /// Device memory in use and in total (bytes) where the model runs on a GPU.
-    pub fn device_memory(&self) -> Option<(u64, u64)> {
-        match self {
-            Self::Cuda(m) => m.ops().device_memory(),
-            Self::Cpu(_) | Self::Emulated(_) => None,
-        }
-    }
-
     /// A line saying where and in which precision the model runs.
     pub fn describe(&self) -> String {
         match self {
             Self::Cpu(m) => m.ops().describe(),
             Self::Cuda(m) => format!("{} (bf16)", m.ops().describe()),
-            Self::Emulated(_) => "cpu emulating the CUDA model (bf16)".into(),
+            Self::Bf16Host(_) => "cpu emulating the CUDA model (bf16)".into(),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &TransformerConfig {
-        match self {
-            Self::Cpu(m) => m.config(),
-            Self::Cuda(m) => m.config(),
-            Self::Emulated(m) => m.config(),
-        }
+        on_backend!(self, m => m.config())
     }
 
     /// Checks the inputs against the model and returns (batch, patch grid).
     pub fn check_inputs(&self, x: &DitInputs<'_>) -> Result<(usize, PatchGrid)> {
-        match self {
-            Self::Cpu(m) => m.check_inputs(x),
-            Self::Cuda(m) => m.check_inputs(x),
-            Self::Emulated(m) => m.check_inputs(x),
-        }
+        on_backend!(self, m => m.check_inputs(x))
     }
 
     /// The velocity `[B, C_out, F, H, W]` (f32, on the host) for `x`, all tokens on this device.
     pub fn forward(&self, x: &DitInputs<'_>) -> Result<Tensor> {
-        match self {
-            Self::Cpu(m) => m.forward(x),
-            Self::Cuda(m) => m.forward(x),
-            Self::Emulated(m) => m.forward(x),
-        }
+        on_backend!(self, m => m.forward(x))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::transformer::CpuWanTransformer;
     use super::*;
     use crate::pipeline::Forward;
+    use tessera_kernels::backend::CpuOps;
     use tessera_kernels::cuda::cuda_status;
     use tessera_kernels::random::fill_normal;
 

@@ -14,7 +14,7 @@ mod transformer;
 mod weights;
 
 pub use attention::{LocalAttention, QkvRows, SelfAttention};
-pub use dispatch::DitModel;
+pub use dispatch::{DitFamily, DitModel};
 pub use embedding::Conditions;
 pub use layers::Linear;
 pub use patch::{patchify, unpatchify, PatchGrid};

@@ -52,7 +52,7 @@ impl ShardContext {
         const KINDS: [&str; 3] = ["the CPU (f32)", "the host emulation of the CUDA model", "a GPU"];
         let kind = match model {
             DitModel::Cpu(_) => 0usize,
-            DitModel::Emulated(_) => 1,
+            DitModel::Bf16Host(_) => 1,
             DitModel::Cuda(_) => 2,
         };
         // Also a barrier: NCCL's init waits for every rank with no timeout, the transport fails
@@ -131,7 +131,7 @@ impl ShardContext {
         let (plan, timings) = (self.plan, &self.timings);
         self.traced(x, || match (model, self.nccl.get()) {
             (DitModel::Cpu(m), _) => self.forward_host(m, x),
-            (DitModel::Emulated(m), _) => self.forward_host(m, x),
+            (DitModel::Bf16Host(m), _) => self.forward_host(m, x),
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
             (DitModel::Cuda(m), None) if plan.ranks() > 1 => self.forward_host(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),

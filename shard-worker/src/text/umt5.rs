@@ -7,7 +7,7 @@
 use super::config::Umt5Config;
 use super::relative::{bias_by_head, bucket_table, Segment};
 use crate::model::{load_rounded, round_to, DeviceLinear};
-use crate::on_backend::{on_backend, ModelFamily, OnBackend};
+use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::path::Path;
@@ -251,19 +251,12 @@ fn load_embedding(cfg: &Umt5Config, src: &dyn WeightSource) -> Result<Vec<f32>> 
     Ok(shared)
 }
 
-/// The UMT5 encoder as a [`ModelFamily`]: what [`Umt5EncoderModel`] chooses among.
-pub struct Umt5Family;
-
-impl ModelFamily for Umt5Family {
-    type Config = Umt5Config;
-    type On<O: Ops> = Umt5Encoder<O>;
-    fn from_source<O: Ops>(ops: O, cfg: Umt5Config, src: &dyn WeightSource) -> Result<Umt5Encoder<O>> {
-        Umt5Encoder::from_source(ops, cfg, src)
-    }
-    fn ops<O: Ops>(model: &Umt5Encoder<O>) -> &O {
-        model.ops()
-    }
-}
+model_family!(
+    /// The UMT5 encoder as a [`ModelFamily`](crate::on_backend::ModelFamily): what [`Umt5EncoderModel`] chooses among.
+    Umt5Family,
+    Umt5Encoder,
+    Umt5Config
+);
 
 /// The UMT5 encoder on the backend chosen at run time (`from_source_on`, `backend` and
 /// `device_memory` come with [`OnBackend`]).

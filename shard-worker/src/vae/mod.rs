@@ -13,7 +13,7 @@ mod layers;
 
 pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
 
-use crate::on_backend::{on_backend, ModelFamily, OnBackend};
+use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{RandomWeights, WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use clip::Clip;
@@ -127,19 +127,12 @@ impl<O: Ops> Vae<O> {
     }
 }
 
-/// The Wan VAE as a [`ModelFamily`]: what [`WanVae`] chooses among.
-pub struct VaeFamily;
-
-impl ModelFamily for VaeFamily {
-    type Config = VaeConfig;
-    type On<O: Ops> = Vae<O>;
-    fn from_source<O: Ops>(ops: O, cfg: VaeConfig, src: &dyn WeightSource) -> Result<Vae<O>> {
-        Vae::from_source(ops, cfg, src)
-    }
-    fn ops<O: Ops>(model: &Vae<O>) -> &O {
-        model.ops()
-    }
-}
+model_family!(
+    /// The Wan VAE as a [`ModelFamily`](crate::on_backend::ModelFamily): what [`WanVae`] chooses among.
+    VaeFamily,
+    Vae,
+    VaeConfig
+);
 
 /// A loaded Wan 2.1 VAE on the backend chosen at run time (`from_source_on`, `backend` and
 /// `device_memory` come with [`OnBackend`]).

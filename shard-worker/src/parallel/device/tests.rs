@@ -126,7 +126,7 @@ fn staged_collectives_give_the_in_place_results() {
                 let before = ctx.world().stats();
                 let staged = match &model {
                     DitModel::Cpu(m) => shard.forward(m, &x),
-                    DitModel::Emulated(m) => shard.forward(m, &x),
+                    DitModel::Bf16Host(m) => shard.forward(m, &x),
                     DitModel::Cuda(_) => unreachable!("host backends only"),
                 }?;
                 Ok((in_place, (staged, ctx.world().stats() - before)))
