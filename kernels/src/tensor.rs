@@ -33,11 +33,13 @@ impl Tensor {
     /// Wraps `data` with `shape`; the element count must match.
     pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self> {
         let shape = shape.into();
-        let n: usize = shape.iter().product();
-        if n != data.len() {
-            return Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds {n} elements, data has {}", data.len())));
+        // Shapes may come from the network: a product past usize is an error, never a wrap.
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        match n {
+            Some(n) if n == data.len() => Ok(Self { shape, data }),
+            Some(n) => Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds {n} elements, data has {}", data.len()))),
+            None => Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds more elements than this machine can address"))),
         }
-        Ok(Self { shape, data })
     }
 
     /// A tensor of zeros.
@@ -92,8 +94,7 @@ impl Tensor {
     /// Same data, another shape with the same element count.
     pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Self> {
         let shape = shape.into();
-        let n: usize = shape.iter().product();
-        if n != self.data.len() {
+        if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(self.data.len()) {
             return Err(KernelError::shape("Tensor::reshape", format!("{:?} -> {shape:?}", self.shape)));
         }
         self.shape = shape;
@@ -135,5 +136,8 @@ mod tests {
         let r = t.reshape([3, 2]).unwrap();
         assert_eq!(r.shape(), &[3, 2]);
         assert!(r.expect_shape("x", &[2, 3]).is_err());
+        // A shape whose product wraps to the data's length (0 here) is refused, not accepted.
+        let err = Tensor::new([1usize << 32, 1 << 32, 1], Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("more elements than this machine can address"), "{err}");
     }
 }

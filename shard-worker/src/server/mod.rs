@@ -469,10 +469,12 @@ fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> 
 /// Input frames (8-bit RGB, interleaved) as the pipeline's video `[1, 3, F, H, W]` in [−1, 1].
 fn input_video(m: &pb::InputFrames) -> Result<tessera_kernels::Tensor, WorkerError> {
     let (f, h, w) = (m.frames as usize, m.height as usize, m.width as usize);
-    let plane = h * w;
-    if f == 0 || m.rgb.len() != f * plane * 3 {
+    // Sizes from the network: the products are checked, and must match the bytes that came.
+    let plane = h.checked_mul(w);
+    if f == 0 || plane.and_then(|p| p.checked_mul(f)).and_then(|n| n.checked_mul(3)) != Some(m.rgb.len()) {
         return Err(WorkerError::input("input_frames", format!("{} bytes are not {f} frames of {w}x{h} RGB", m.rgb.len())));
     }
+    let plane = h * w;
     let mut data = vec![0.0f32; m.rgb.len()];
     for t in 0..f {
         for p in 0..plane {
@@ -502,4 +504,23 @@ fn rgb8_frames(t: &tessera_kernels::Tensor, first_frame: u32) -> pb::DecodedFram
         }
     }
     pb::DecodedFrames { first_frame, count: n as u32, width: w as u32, height: h as u32, rgb }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frame sizes from the internal API whose products overflow are refused naming the field,
+    /// never wrapped into a size that matches the bytes sent.
+    #[test]
+    fn hostile_input_frame_sizes_are_refused() {
+        let max = u32::MAX;
+        for (frames, width, height, bytes) in [(max, max, max, 0), (1, 1 << 31, 1 << 31, 0), (0, 2, 2, 0), (1, 2, 2, 11)] {
+            let m = pb::InputFrames { frames, width, height, rgb: vec![0; bytes] };
+            let err = input_video(&m).unwrap_err();
+            assert!(matches!(err, WorkerError::InvalidInput { field: "input_frames", .. }), "{frames}x{width}x{height}: {err}");
+        }
+        let ok = input_video(&pb::InputFrames { frames: 1, width: 2, height: 2, rgb: vec![255; 12] }).unwrap();
+        assert_eq!((ok.shape(), ok.data()[0]), (&[1usize, 3, 1, 2, 2][..], 1.0));
+    }
 }
