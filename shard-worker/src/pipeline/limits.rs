@@ -9,6 +9,24 @@ use crate::{Result, WorkerError};
 /// Frame sides must be multiples of this (VAE stride 8 × patch 2).
 pub const SIDE_MULTIPLE: u64 = 16;
 
+/// Wan 2.1's VAE compression in space (each side ÷8).
+pub const WAN_SPATIAL: u64 = 8;
+/// Wan 2.1's VAE compression in time (÷4 after the first frame).
+pub const WAN_TEMPORAL: u64 = 4;
+
+/// The latent grid `[frames, height, width]` of `num_frames` frames of `height × width` pixels,
+/// for a VAE compressing `spatial`× in space and `temporal`× in time after the first frame: the
+/// one formula of the grid.
+pub fn latent_grid(num_frames: u64, height: u64, width: u64, spatial: u64, temporal: u64) -> [u64; 3] {
+    [num_frames.saturating_sub(1) / temporal + 1, height / spatial, width / spatial]
+}
+
+/// Video tokens of a latent grid in Wan's 1×2×2 patches (None past 2⁶⁴): the one formula of the
+/// token count.
+pub fn grid_tokens([f, h, w]: [u64; 3]) -> Option<u64> {
+    f.checked_mul(h / 2)?.checked_mul(w / 2)
+}
+
 /// What a deployment accepts; the defaults are the documented limits of
 /// `proto/tessera/v1/generate.proto`. `tessera serve --max-tokens` sets the token budget.
 #[derive(Clone, Debug, PartialEq)]
@@ -110,8 +128,8 @@ pub fn check_settings(s: &Settings, limits: &Limits) -> Result<Checked> {
         }
     }
     // Every size is bounded above, but a configured limit may be huge: the products are checked.
-    let fhw = [(s.num_frames - 1) / 4 + 1, s.height / 8, s.width / 8];
-    let tokens = fhw[0].checked_mul(fhw[1] / 2).and_then(|t| t.checked_mul(fhw[2] / 2));
+    let fhw = latent_grid(s.num_frames, s.height, s.width, WAN_SPATIAL, WAN_TEMPORAL);
+    let tokens = grid_tokens(fhw);
     let too_many = |n: String| {
         invalid("num_frames", format!("{}x{} with {} frames is {n} tokens; at most {} are accepted", s.width, s.height, s.num_frames, limits.max_tokens))
     };

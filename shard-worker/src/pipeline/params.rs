@@ -1,6 +1,6 @@
 //! What one generation asks for, checked against the loaded models before any work starts.
 
-use super::limits::{check_settings, Limits, Settings};
+use super::limits::{check_settings, grid_tokens, latent_grid, Limits, Settings};
 use crate::sampler::SamplerKind;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -99,9 +99,14 @@ impl GenerationParams {
         }
     }
 
-    /// Latent grid `[T, h, w]` for these sizes.
+    /// Latent grid `[T, h, w]` for these sizes ([`latent_grid`]).
     pub fn latent_fhw(&self, spatial: usize, temporal: usize) -> [usize; 3] {
-        [(self.num_frames - 1) / temporal + 1, self.height / spatial, self.width / spatial]
+        latent_grid(self.num_frames as u64, self.height as u64, self.width as u64, spatial as u64, temporal as u64).map(|d| d as usize)
+    }
+
+    /// Video tokens per forward for these sizes ([`grid_tokens`]; None past 2⁶⁴).
+    pub fn tokens(&self, spatial: usize, temporal: usize) -> Option<usize> {
+        grid_tokens(self.latent_fhw(spatial, temporal).map(|d| d as u64)).and_then(|t| usize::try_from(t).ok())
     }
 }
 

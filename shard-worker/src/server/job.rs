@@ -157,8 +157,10 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
                     return;
                 }
             };
-            let [f, h, w] = setup.params.latent_fhw(spatial, temporal);
-            let tokens = f * (h / 2) * (w / 2);
+            let Some(tokens) = setup.params.tokens(spatial, temporal) else {
+                let _ = ready_tx.send(Err(WorkerError::input("num_frames", "the token count overflows")));
+                return;
+            };
             let _ = ready_tx.send(Ok((shard_ranges(tokens, world)[rank].clone(), run.total_steps(), ctx.collective_aborts())));
             serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
         })
