@@ -332,18 +332,17 @@ impl Ops for CudaOps {
         let want = contract::conv3d(&input.iter().map(|x| (x.buf.len(), x.frames)).collect::<Vec<_>>(), chw, w.shape(), p)?;
         // The im2col kernel reads two pieces: more are joined first (a device copy of the
         // cached frames, small beside the convolution).
-        let plane = chw.iter().product::<usize>();
+        let (c, hw) = (chw[0], chw[1] * chw[2]);
         let joined_frames: usize = input.iter().take(input.len().saturating_sub(1)).map(|x| x.frames).sum();
         let joined = match input.len() {
             3 => {
-                let mut j = self.zeros::<bf16>(joined_frames * plane)?;
+                let mut j = self.zeros::<bf16>(c * joined_frames * hw)?;
                 let mut off = 0;
                 for x in &input[..2] {
-                    let n = x.frames * plane / chw[0];
-                    if n > 0 {
-                        self.copy_rows(super::at(x.buf, 0), n, super::at_mut(&mut j, off), joined_frames * plane / chw[0], n, chw[0])?;
+                    if x.frames > 0 {
+                        self.copy_rows(super::at(x.buf, 0), x.frames * hw, super::at_mut(&mut j, off * hw), joined_frames * hw, x.frames * hw, c)?;
                     }
-                    off += n;
+                    off += x.frames;
                 }
                 Some(j)
             }

@@ -95,6 +95,10 @@ pub trait Elem: OutputElem + NcclType {
     fn vec_from_f32(values: Vec<f32>) -> Vec<Self> {
         values.into_iter().map(Self::from_f32).collect()
     }
+    /// The values as f32: widened into a new vector for bf16, the same vector for f32.
+    fn vec_to_f32(values: Vec<Self>) -> Vec<f32> {
+        values.into_iter().map(|v| v.to_f32()).collect()
+    }
     /// The values themselves when this type is f32 (no copy), else None.
     fn as_f32s(values: &[Self]) -> Option<&[f32]> {
         let _ = values;
@@ -123,6 +127,9 @@ impl Elem for f32 {
         v
     }
     fn vec_from_f32(values: Vec<f32>) -> Vec<Self> {
+        values
+    }
+    fn vec_to_f32(values: Vec<f32>) -> Vec<f32> {
         values
     }
     fn as_f32s(values: &[Self]) -> Option<&[f32]> {

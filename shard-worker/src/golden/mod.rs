@@ -128,6 +128,15 @@ impl RunOptions {
         }
     }
 
+    /// [`tolerance`](Self::tolerance) for a VAE case: [`BF16_VAE_TOLERANCE`] on the bf16 backends.
+    pub fn vae_tolerance(&self, case: &Tolerance) -> Tolerance {
+        if self.backend.is_bf16() {
+            BF16_VAE_TOLERANCE
+        } else {
+            case.clone()
+        }
+    }
+
     /// [`tolerance`](Self::tolerance) for a pipeline's decoded video: [`BF16_VIDEO_TOLERANCE`] on
     /// the bf16 backends.
     pub fn video_tolerance(&self, case: &Tolerance) -> Tolerance {

@@ -26,7 +26,7 @@ pub const BF16_VAE_TOLERANCE: Tolerance = Tolerance { rel_l2: 3e-2, max_abs: Non
 /// [`BF16_VAE_TOLERANCE`]).
 pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
-    let tolerance = if opts.backend.is_bf16() { BF16_VAE_TOLERANCE } else { meta.tolerance.clone() };
+    let tolerance = opts.vae_tolerance(&meta.tolerance);
     let vae = WanVae::load_on(&case.dir, opts.backend)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
     let mut comparisons = Vec::new();

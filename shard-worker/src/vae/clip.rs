@@ -4,7 +4,6 @@
 
 use crate::{Result, WorkerError};
 use tessera_kernels::backend::{at, at_mut, ActBuf, Elem, Ops, Piece};
-use tessera_kernels::cuda::OutputElem;
 use tessera_kernels::Tensor;
 
 /// A layout mistake inside the VAE (a bug, reported rather than a panic).
@@ -46,10 +45,7 @@ impl<O: Ops> Clip<O> {
     pub fn download(&self, ops: &O) -> Result<Vec<f32>> {
         let mut v = ops.download(&self.buf)?;
         v.truncate(self.len());
-        Ok(match <O::Act as Elem>::as_f32s(&v) {
-            Some(f) => f.to_vec(),
-            None => v.iter().map(|x| x.to_f32()).collect(),
-        })
+        Ok(O::Act::vec_to_f32(v))
     }
 
     /// `[C, T, H, W]`.
