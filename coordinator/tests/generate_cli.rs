@@ -114,14 +114,15 @@ fn local_runs_get_the_servers_limits_and_messages() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.mp4").display().to_string();
     for (flags, want) in [
-        (vec!["--frames", "2001"], "--frames: invalid num_frames: 2001 must be 4k+1 (1, 5, 9, ... 1441)"),
-        (vec!["--frames", "18"], "--frames: invalid num_frames: 18 must be 4k+1 (1, 5, 9, ... 1441)"),
-        (vec!["--steps", "5000"], "--steps: invalid steps: 5000 must be between 1 and 1000"),
-        (vec!["--guidance", "80"], "--guidance: invalid guidance_scale: 80 must be between 0 and 50"),
-        (vec!["--height", "18446744073709551600"], "--height: invalid height: 18446744073709551600 must be a multiple of 16 between 16 and 4096"),
+        (vec!["--frames", "2001"], "--frames: INVALID_ARGUMENT: invalid num_frames: 2001 must be 4k+1 (1, 5, 9, ... 1441)"),
+        (vec!["--frames", "18"], "--frames: INVALID_ARGUMENT: invalid num_frames: 18 must be 4k+1 (1, 5, 9, ... 1441)"),
+        (vec!["--steps", "5000"], "--steps: INVALID_ARGUMENT: invalid steps: 5000 must be between 1 and 1000"),
+        (vec!["--guidance", "80"], "--guidance: INVALID_ARGUMENT: invalid guidance_scale: 80 must be between 0 and 50"),
+        (vec!["--height", "18446744073709551600"], "'--height <HEIGHT>': number too large to fit in target type"),
+        (vec!["--steps", "0"], "--steps 0: must be at least 1"),
         (
             vec!["--height", "4096", "--width", "4096", "--frames", "1441"],
-            "--frames: invalid num_frames: 4096x4096 with 1441 frames is 23658496 tokens; at most 75600 are accepted",
+            "--frames: INVALID_ARGUMENT: invalid num_frames: 4096x4096 with 1441 frames is 23658496 tokens; at most 75600 are accepted",
         ),
     ] {
         let args: Vec<&str> = ["generate", "--prompt", "x", "--quiet", "-o", &out].into_iter().chain(flags.iter().copied()).collect();

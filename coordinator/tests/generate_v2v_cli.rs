@@ -79,9 +79,9 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(&other).unwrap());
     // Sequence-parallel denoising takes the same input.
     let sharded = dir.path().join("sharded.mp4");
-    let (code, stdout, stderr) = tessera(&[&base[..], &["--strength", "0.6", "--ranks", "2", "-o", sharded.to_str().unwrap()]].concat());
+    let (code, stdout, stderr) = tessera(&[&base[..], &["--strength", "0.6", "--workers", "2", "-o", sharded.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("2 ranks"), "{stdout}");
+    assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
     check_stream(&sharded, 9, 96, 64);
     // --frames takes the first frames (the default strength, 0.8, applies).
     let five = dir.path().join("five.mp4");
@@ -107,10 +107,10 @@ fn png_folder(dir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The same text-to-video and video-to-video generations in this process and through an
-/// embedded coordinator with 2 in-process workers (the cluster's code path): the same frames.
+/// The same text-to-video and video-to-video generations on one in-process worker (the default)
+/// and on 2 sharing the denoising sequence-parallel: the same frames.
 #[test]
-fn workers_mode_gives_the_frames_of_local_mode() {
+fn two_workers_give_the_frames_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("input.mp4");
     write_input(&input, 80, 56, 11);
@@ -134,18 +134,18 @@ fn workers_mode_gives_the_frames_of_local_mode() {
     ];
     let v2v = [&t2v[..], &["--input-video", input.to_str().unwrap(), "--strength", "0.6"]].concat();
     for (name, base) in [("t2v", t2v.to_vec()), ("v2v", v2v)] {
-        let local = dir.path().join(format!("{name}-local"));
+        let one = dir.path().join(format!("{name}-one"));
         let workers = dir.path().join(format!("{name}-workers"));
-        let (code, stdout, stderr) = tessera(&[&base[..], &["-o", local.to_str().unwrap()]].concat());
+        let (code, stdout, stderr) = tessera(&[&base[..], &["-o", one.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{stdout}{stderr}");
         let (code, stdout, stderr) = tessera(&[&base[..], &["--workers", "2", "-o", workers.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{stdout}{stderr}");
         assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
-        let (a, b) = (png_folder(&local), png_folder(&workers));
+        let (a, b) = (png_folder(&one), png_folder(&workers));
         assert_eq!((a.len(), b.len()), (9, 9), "{name}");
         let worst = a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
-        eprintln!("{name}: local vs 2 in-process workers: largest difference {worst} levels");
-        assert!(worst <= 1, "{name}: local and workers mode differ by {worst} levels");
+        eprintln!("{name}: 1 vs 2 in-process workers: largest difference {worst} levels");
+        assert!(worst <= 1, "{name}: 1 and 2 workers differ by {worst} levels");
     }
 }
 
@@ -162,10 +162,10 @@ fn bad_video_to_video_flags_are_named() {
     let out = dir.path().join("x.mp4").display().to_string();
     let (input, garbage, truncated) = (input.to_str().unwrap(), garbage.to_str().unwrap(), truncated.to_str().unwrap());
     for (flags, named, why) in [
-        (vec!["--strength", "0.5"], "--strength", "--input-video"),
-        (vec!["--input-video", input, "--strength", "1.5"], "--strength", "at most 1"),
-        (vec!["--input-video", input, "--strength", "0"], "--strength", "greater than 0"),
-        (vec!["--input-video", input, "--frames", "9"], "--frames", "too few frames"),
+        (vec!["--strength", "0.5"], "--strength", "applies only to video-to-video"),
+        (vec!["--input-video", input, "--strength", "1.5"], "--strength", "1.5 must be in (0, 1]"),
+        (vec!["--input-video", input, "--strength", "0"], "--strength", "0 must be in (0, 1]"),
+        (vec!["--input-video", input, "--frames", "9"], "--input-video", "too few frames"),
         (vec!["--input-video", input, "--frames", "4"], "--frames", "4k+1"),
         (vec!["--input-video", garbage], "--input-video", "unknown format"),
         (vec!["--input-video", truncated], "--input-video", "truncated"),

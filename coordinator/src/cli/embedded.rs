@@ -1,12 +1,13 @@
-//! `tessera generate --workers N`: the whole service in this process. An embedded coordinator
-//! (the public gRPC server on a loopback port) with N in-process workers registered in an
-//! in-memory membership, driven over the internal API exactly as a cluster is; the command is then
-//! its own client, as with `--server`.
+//! `tessera generate` without `--server`: the whole service in this process. An embedded
+//! coordinator (the public gRPC server on a loopback port) with in-process workers registered in
+//! an in-memory membership, driven over the internal API exactly as a cluster is; the command is
+//! then its own client, as with `--server`.
 
 use anyhow::{anyhow, Context, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tessera_coordinator::server::{serve, EmbeddedWorkers, ModelSource, ServerConfig};
+use tessera_kernels::Device;
 use tokio::sync::oneshot;
 
 /// The embedded coordinator's thread; dropping this shuts it down.
@@ -18,8 +19,9 @@ pub struct EmbeddedServer {
 }
 
 impl EmbeddedServer {
-    /// Loads `source`, starts `workers` workers and the coordinator; returns once it serves.
-    pub fn start(source: ModelSource, model_name: String, workers: usize, max_tokens: usize) -> Result<Self> {
+    /// Loads `source` on `device`, starts `workers` workers and the coordinator; returns once it
+    /// serves.
+    pub fn start(source: ModelSource, device: Device, model_name: String, workers: usize, max_tokens: usize) -> Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -35,7 +37,7 @@ impl EmbeddedServer {
                 runtime.block_on(async move {
                     let started = async {
                         let (embedded, executor) =
-                            EmbeddedWorkers::with_executor(source, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
+                            EmbeddedWorkers::with_executor(source, device, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
                         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the embedded coordinator to loopback")?;
                         let addr = listener.local_addr()?;
                         Ok::<_, anyhow::Error>((embedded, executor, listener, addr))

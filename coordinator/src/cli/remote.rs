@@ -168,6 +168,21 @@ fn plan_text(p: &Plan) -> String {
     format!("{} ranks (ulysses {} x ring {}){workers}, {} tokens, {} forwards/step", p.ranks, p.ulysses, p.ring, p.tokens, p.forwards_per_step)
 }
 
+/// The settings a job runs with, once the coordinator applied its defaults.
+fn effective_text(r: &GenerateRequest) -> String {
+    let v2v = r.strength.map(|s| format!(", video-to-video at strength {s}")).unwrap_or_default();
+    format!(
+        "model {}: {}x{}, {} frames at {} fps, {} steps, guidance {}{v2v}",
+        r.model,
+        r.width,
+        r.height,
+        r.num_frames,
+        r.fps,
+        r.steps,
+        r.guidance_scale.unwrap_or_default()
+    )
+}
+
 fn secs(d: &Option<prost_types::Duration>) -> f64 {
     d.as_ref().map_or(0.0, |d| d.seconds as f64 + d.nanos as f64 * 1e-9)
 }
@@ -242,6 +257,9 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                         }
                         if let Some(p) = &a.plan {
                             println!("plan: {}", plan_text(p));
+                        }
+                        if let Some(r) = &a.effective_request {
+                            println!("{}", effective_text(r));
                         }
                     });
                     if let Some(r) = &a.effective_request {

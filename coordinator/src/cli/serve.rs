@@ -1,7 +1,8 @@
 //! `tessera serve`: the coordinator's public gRPC server. With `--etcd`, jobs run on the
 //! `tessera-worker` processes registered there; without it, on in-process workers (a diffusers
-//! snapshot or a built-in model). Prints `listening on ADDR` once bound; health turns SERVING when
-//! the model is loaded (embedded) or the workers are listed (cluster). SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
+//! snapshot or a built-in model) driven through the same cluster code. Prints `listening on ADDR`
+//! once bound; health turns SERVING once the workers are listed (in process: once the model is
+//! loaded). SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
 //! running job gets `--grace-period` to finish and is then stopped between steps.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_coordinator::server::{
-    serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, EmbeddedWorkers, JobExecutor, LocalExecutor, LocalExecutorConfig, ModelSource, ServerConfig,
+    default_workers, serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, EmbeddedWorkers, JobExecutor, ModelSource, ServerConfig,
 };
 use tessera_worker::duration::parse_duration;
 use tessera_worker::membership::{EtcdMembership, Heartbeat};
@@ -56,13 +57,13 @@ pub struct ServeArgs {
     /// The model name requests use (default: wan2.1-t2v-1.3b for a snapshot, the preset's name).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
     model_name: Option<String>,
-    /// In-process workers driven through the cluster's code path (internal gRPC and TCP
-    /// collectives on loopback, in-memory membership) instead of in-process ranks; 0 = ranks.
+    /// In-process workers (internal gRPC and TCP collectives on loopback, in-memory membership:
+    /// the cluster's code path); 0 = as many as the plan gives the device (one).
     #[arg(long, env = "TESSERA_WORKERS", default_value_t = 0, conflicts_with = "etcd")]
     workers: usize,
-    /// How the denoising is spread over in-process ranks.
-    #[command(flatten)]
-    ranks: super::RankArgs,
+    /// Compute device of the in-process workers' model: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto", conflicts_with = "etcd")]
+    device: String,
     /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
@@ -86,19 +87,19 @@ pub struct ServeArgs {
     metrics: tessera_telemetry::MetricsArgs,
 }
 
-/// What `--model`/`--preset` asked for, and the default model name.
-fn model_source(args: &ServeArgs) -> Result<(ModelSource, String, String)> {
+/// What `--model`/`--preset` asked for, and the flag that named it.
+fn model_source(args: &ServeArgs) -> Result<(ModelSource, String)> {
     let hint = " (or --etcd URLS to run jobs on registered workers)";
     match (&args.model, &args.preset) {
         (Some(dir), None) => {
             if !dir.is_dir() {
                 bail!("--model {}: not a folder (expected a diffusers snapshot)", dir.display());
             }
-            Ok((ModelSource::Snapshot(dir.clone()), "wan2.1-t2v-1.3b".into(), format!("--model {}", dir.display())))
+            Ok((ModelSource::Snapshot(dir.clone()), format!("--model {}", dir.display())))
         }
         (None, Some(name)) => {
             let preset = PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
-            Ok((ModelSource::Preset(preset), preset.name().into(), format!("--preset {name}")))
+            Ok((ModelSource::Preset(preset), format!("--preset {name}")))
         }
         (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny{hint}"),
         (Some(_), Some(_)) => bail!("--model and --preset: give one of them"),
@@ -123,8 +124,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 
 /// How jobs run: on in-process workers, or on the workers registered in etcd.
 enum Mode {
-    Embedded { source: ModelSource, model_name: String, source_flag: String, transport: tessera_worker::parallel::LocalTransport },
-    EmbeddedWorkers { source: ModelSource, model_name: String, source_flag: String, workers: usize },
+    Embedded { source: ModelSource, device: tessera_kernels::Device, model_name: String, source_flag: String, workers: usize },
     Cluster { heartbeat: Heartbeat, limits: DriveLimits },
 }
 
@@ -139,33 +139,16 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         if args.recover_attempts > 0 && args.checkpoint_every == 0 {
             bail!("--checkpoint-every 0: recovery (--recover-attempts {}) needs a checkpoint at least every step count N >= 1", args.recover_attempts);
         }
-        if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
-            bail!("--ranks/--ulysses set the in-process ranks; with --etcd the group and plan follow the workers (limit them with --max-ranks)");
-        }
         return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() } });
     }
-    let (source, default_name, source_flag) = model_source(args)?;
-    let model_name = args.model_name.clone().unwrap_or(default_name);
+    let (source, source_flag) = model_source(args)?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
     if model_name.trim().is_empty() {
         bail!("--model-name: must not be empty");
     }
-    if args.ranks.ranks == 0 {
-        bail!("--ranks {}: at least one rank is needed", args.ranks.ranks);
-    }
-    if args.ranks.ulysses == 0 || !args.ranks.ranks.is_multiple_of(args.ranks.ulysses) {
-        bail!("--ulysses {}: must be positive and divide --ranks {}", args.ranks.ulysses, args.ranks.ranks);
-    }
-    let transport = args.ranks.transport()?;
-    if args.workers > 0 {
-        if args.ranks.ranks != 1 || args.ranks.ulysses != 1 {
-            bail!(
-                "--workers {} and --ranks/--ulysses: give one of them (with --workers the plan follows the workers; limit them with --max-ranks)",
-                args.workers
-            );
-        }
-        return Ok(Mode::EmbeddedWorkers { source, model_name, source_flag, workers: args.workers });
-    }
-    Ok(Mode::Embedded { source, model_name, source_flag, transport })
+    let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
+    let workers = if args.workers == 0 { default_workers(device) } else { args.workers };
+    Ok(Mode::Embedded { source, device, model_name, source_flag, workers })
 }
 
 /// Runs the server until it is told to stop.
@@ -201,22 +184,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         std::io::stdout().flush().ok();
         let mut embedded_workers = None;
         let (executor, what): (Arc<dyn JobExecutor>, String) = match mode {
-            Mode::Embedded { source, model_name, source_flag, transport } => {
-                let executor = LocalExecutor::start(LocalExecutorConfig {
-                    source,
-                    model_name: model_name.clone(),
-                    ranks: args.ranks.ranks,
-                    ulysses: args.ranks.ulysses,
-                    transport,
-                    max_tokens: args.max_tokens,
-                })
-                .map_err(|e| anyhow!("{e}"))?;
-                tracing::info!(%bound, model = %model_name, ranks = args.ranks.ranks, ulysses = args.ranks.ulysses, "loading the model");
-                (Arc::new(executor), source_flag)
-            }
-            Mode::EmbeddedWorkers { source, model_name, source_flag, workers } => {
-                tracing::info!(%bound, model = %model_name, workers, "loading the model for the in-process workers");
-                let (embedded, executor) = EmbeddedWorkers::with_executor(source, &model_name, workers, args.max_ranks, args.max_tokens)
+            Mode::Embedded { source, device, model_name, source_flag, workers } => {
+                tracing::info!(%bound, model = %model_name, %device, workers, "loading the model for the in-process workers");
+                let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens)
                     .await
                     .map_err(|e| anyhow!("{source_flag}: {e}"))?;
                 embedded_workers = Some(embedded);

@@ -1,18 +1,78 @@
 //! In-process workers behind the cluster's code path: N worker services (sharing one loaded
 //! pipeline) each serving the internal gRPC API on a loopback port, meeting on loopback collective
 //! ports, and registered in an in-memory membership instead of etcd. A [`super::ClusterExecutor`]
-//! over that membership drives them exactly as it drives `tessera-worker` processes.
+//! over that membership drives them exactly as it drives `tessera-worker` processes: this is how
+//! `tessera generate` and `tessera serve` without `--etcd` run every job, so a generation on a
+//! laptop takes the same path as one on a cluster.
 
-use super::{ClusterExecutor, ClusterExecutorConfig, DriveLimits, ModelSource};
+use super::{ClusterExecutor, ClusterExecutorConfig, DriveLimits};
 use crate::CoordinatorError;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_kernels::Device;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::membership::{Heartbeat, Membership, MemoryMembership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
-use tessera_worker::pipeline::WanPipeline;
+use tessera_worker::pipeline::{PipelineDefaults, PipelinePreset, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::server::{device_name, WorkerIdentity, WorkerService};
 use tokio::sync::watch;
+
+/// Where the in-process workers' pipeline comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    /// A diffusers snapshot folder.
+    Snapshot(PathBuf),
+    /// A built-in pipeline with random weights (seed 0).
+    Preset(PipelinePreset),
+}
+
+impl ModelSource {
+    /// The model name requests use when none is configured: Wan 2.1 T2V 1.3B for a snapshot (the
+    /// only architecture a snapshot loads as today), the preset's own name otherwise.
+    pub fn default_name(&self) -> String {
+        match self {
+            ModelSource::Snapshot(_) => "wan2.1-t2v-1.3b".into(),
+            ModelSource::Preset(p) => p.name().into(),
+        }
+    }
+
+    /// Loads (or builds) the pipeline on `device`, with its request defaults; the error says what
+    /// failed.
+    pub fn load(&self, device: Device) -> Result<(WanPipeline, PipelineDefaults), String> {
+        match self {
+            ModelSource::Snapshot(dir) => {
+                WanPipeline::load_on(dir, device).map(|p| (p, WAN_DEFAULTS)).map_err(|e| format!("loading {} on {device}: {e}", dir.display()))
+            }
+            ModelSource::Preset(p) => {
+                p.build_on(0, device).map(|pipe| (pipe, p.defaults())).map_err(|e| format!("building the `{}` preset on {device}: {e}", p.name()))
+            }
+        }
+    }
+}
+
+/// Whether `workers` in-process workers can share the device: on a GPU only one can (they would
+/// share one model on one GPU, and NCCL needs a GPU per rank). Checked on the device asked for
+/// before anything loads, and again on the device `auto` resolved to.
+pub fn check_workers(gpu: bool, workers: usize) -> Result<(), String> {
+    if workers == 0 {
+        return Err("at least one worker is needed".into());
+    }
+    if gpu && workers > 1 {
+        return Err(format!(
+            "{workers} in-process workers would share one model on one GPU, and NCCL needs a GPU per rank; run a `tessera-worker serve --device cuda:N` per GPU (`tessera serve --etcd`; `TESSERA_DEVICE=cuda bash deploy/local-cluster.sh {workers}` starts them on this machine), or use one worker"
+        ));
+    }
+    Ok(())
+}
+
+/// How many in-process workers a job gets when the caller does not say: one per device. The
+/// workers of one process share one loaded model and one device (this machine's cores, or one
+/// GPU), so a second worker splits the same compute and only adds collectives; more workers are
+/// for checking the sharded path (`--workers N`), and more devices mean more worker processes.
+pub fn default_workers(_device: Device) -> usize {
+    1
+}
 
 /// The running in-process workers; dropping this stops them (their servers close and they
 /// leave membership).
@@ -30,9 +90,7 @@ fn free_loopback() -> Result<std::net::SocketAddr, CoordinatorError> {
 impl EmbeddedWorkers {
     /// Starts `n` workers serving `pipe` as `model` (with `info` for planning), registered idle.
     pub async fn start(pipe: Arc<WanPipeline>, model: &str, info: ModelInfo, n: usize) -> Result<Self, CoordinatorError> {
-        if n == 0 {
-            return Err(CoordinatorError::invalid_argument("workers", "at least one worker is needed"));
-        }
+        check_workers(false, n).map_err(|detail| CoordinatorError::invalid_argument("workers", detail))?;
         let membership = Arc::new(MemoryMembership::new(Heartbeat::default()));
         // Advertised as the transformer runs: GPU groups get an NCCL id from the coordinator.
         let device = device_name(pipe.transformer().device());
@@ -93,17 +151,20 @@ impl EmbeddedWorkers {
         self.membership.clone()
     }
 
-    /// Loads `source` (on a blocking thread), starts `workers` in-process workers serving it as
-    /// `model_name`, and a [`ClusterExecutor`] over them (jobs of at most `max_ranks` workers, 0 =
-    /// all, and `max_tokens` tokens). Keep the returned workers alive as long as the executor.
+    /// Loads `source` on `device` (on a blocking thread), starts `workers` in-process workers
+    /// serving it as `model_name`, and a [`ClusterExecutor`] over them (jobs of at most
+    /// `max_ranks` workers, 0 = all, and `max_tokens` tokens). Keep the returned workers alive as
+    /// long as the executor.
     pub async fn with_executor(
         source: ModelSource,
+        device: Device,
         model_name: &str,
         workers: usize,
         max_ranks: usize,
         max_tokens: usize,
     ) -> Result<(Self, ClusterExecutor), CoordinatorError> {
-        let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load())
+        check_workers(device != Device::Cpu, workers).map_err(|detail| CoordinatorError::invalid_argument("workers", detail))?;
+        let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load(device))
             .await
             .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?
             .map_err(CoordinatorError::Unavailable)?;

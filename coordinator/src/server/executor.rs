@@ -1,8 +1,8 @@
 //! The seam between the public service and whatever runs the jobs: [`JobExecutor`]. The service
 //! validates, queues and streams; an executor knows its models and workers, plans a job, runs it
-//! (reporting phases, steps and output files) and stops it between steps when asked:
-//! [`super::LocalExecutor`] (in-process ranks) and [`super::ClusterExecutor`] (shard worker
-//! processes over the internal API).
+//! (reporting phases, steps and output files) and stops it between steps when asked. The one
+//! executor is [`super::ClusterExecutor`] (shard workers over the internal API, in etcd or in
+//! process); the service is written against this trait, not against the cluster.
 
 use super::jobs::StopSignal;
 use crate::request::{RequestDefaults, ValidRequest};

@@ -1,8 +1,8 @@
 //! The coordinator's public gRPC server (`tessera serve`): the `tessera.v1.Tessera` service with
 //! standard health and reflection beside it. Requests are validated, queued by priority and run
-//! by a [`JobExecutor`] ([`LocalExecutor`]: in-process workers; [`ClusterExecutor`]: `tessera-worker`
-//! processes found through etcd); progress and the encoded video
-//! stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
+//! by a [`JobExecutor`] ([`ClusterExecutor`]: shard workers found through a membership, either
+//! `tessera-worker` processes in etcd or the in-process [`EmbeddedWorkers`]); progress and the
+//! encoded video stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
 //! period and is then stopped at a step boundary.
 
 mod cluster;
@@ -10,7 +10,6 @@ mod embedded;
 mod executor;
 mod input;
 mod jobs;
-mod local;
 mod metrics;
 mod output;
 mod queue;
@@ -19,11 +18,10 @@ mod scheduler;
 mod service;
 
 pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, WorkerTable};
-pub use embedded::EmbeddedWorkers;
+pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
 pub use input::{prepare_request_video, prepare_request_video_blocking};
 pub use jobs::{JobTable, StopReason, StopSignal, Timings};
-pub use local::{generation_params, LocalExecutor, LocalExecutorConfig, ModelSource};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use queue::JobQueue;
