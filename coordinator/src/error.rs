@@ -49,9 +49,10 @@ pub enum CoordinatorError {
         /// What the encoder reported.
         detail: String,
     },
-    /// The model code failed (load, forward, decode).
+    /// The shared layer refused something (a size check, a message from a worker) or membership
+    /// failed.
     #[error(transparent)]
-    Worker(#[from] tessera_worker::WorkerError),
+    Core(#[from] tessera_core::CoreError),
     /// The job queue is full.
     #[error("the job queue is full ({limit} jobs waiting); retry later")]
     QueueFull {
@@ -154,12 +155,10 @@ impl CoordinatorError {
             // validation missed it; report it as a failed precondition, not a server crash.
             Self::InvalidVideo { .. } => (Reason::Precondition, None),
             Self::Io { .. } | Self::Encode { .. } | Self::Internal(_) => (Reason::Internal, None),
-            Self::Worker(w) => match w {
-                tessera_worker::WorkerError::InvalidInput { field, .. } => (Reason::InvalidField, Some(field)),
-                tessera_worker::WorkerError::Collective(_) => (Reason::WorkerLost, None),
-                tessera_worker::WorkerError::Cancelled(_) => (Reason::Cancelled, None),
-                tessera_worker::WorkerError::Membership(_) => (Reason::Unavailable, None),
-                _ => (Reason::Internal, None),
+            Self::Core(c) => match c {
+                tessera_core::CoreError::InvalidInput { field, .. } => (Reason::InvalidField, Some(field)),
+                tessera_core::CoreError::Membership(_) => (Reason::Unavailable, None),
+                tessera_core::CoreError::Shape(_) => (Reason::Internal, None),
             },
             // A worker refusing the request itself is the caller's fault; anything else means the
             // cluster lost the job (a worker died or timed out): retrying may succeed.
@@ -201,12 +200,11 @@ mod tests {
         );
         let refused = CoordinatorError::WorkerFailed { worker: "w1".into(), during: "prepare".into(), refused_field: field("world"), detail: "x".into() };
         assert_eq!(why(refused), (tonic::Code::InvalidArgument, Some(Failure { reason: Reason::InvalidField, field: field("world") })));
-        // A lost worker is one code, whichever path lost it.
+        // A lost worker is one code (every job runs on workers, in process or not).
         let lost = CoordinatorError::WorkerFailed { worker: "w1".into(), during: "step 3".into(), refused_field: None, detail: "gone".into() };
-        let embedded = CoordinatorError::Worker(tessera_worker::WorkerError::Collective("peer 1 hung up".into()));
-        for e in [lost, embedded] {
-            assert_eq!(why(e), (tonic::Code::Unavailable, Some(Failure { reason: Reason::WorkerLost, field: None })));
-        }
+        assert_eq!(why(lost), (tonic::Code::Unavailable, Some(Failure { reason: Reason::WorkerLost, field: None })));
+        let membership = CoordinatorError::Core(tessera_core::CoreError::Membership("etcd timed out".into()));
+        assert_eq!(why(membership).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
         assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);
     }

@@ -1,8 +1,10 @@
 //! `tessera`: the command-line entry point: `generate` (a video on this machine, or through a
 //! coordinator), `serve` (the coordinator's public gRPC server), `status`, golden checks and
-//! benchmarks.
+//! benchmarks. Built without the `embedded` feature (the coordinator image), it has no models:
+//! `serve --etcd`, `status` and `generate --server` only.
 
 mod cli;
+#[cfg(feature = "embedded")]
 mod sys;
 
 use clap::{Parser, Subcommand};
@@ -30,15 +32,17 @@ enum Command {
     /// Show a coordinator's health, workers and jobs.
     Status(cli::status::StatusArgs),
     /// Run golden reference cases and compare with their stated tolerance.
+    #[cfg(feature = "embedded")]
     Golden(cli::golden::GoldenArgs),
     /// Benchmarks that print figures.
+    #[cfg(feature = "embedded")]
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = tessera_kernels::threads::init_threads(cli.threads) {
+    if let Err(e) = tessera_core::threads::init_threads(cli.threads) {
         eprintln!("error: --threads {}: {e}", cli.threads);
         return std::process::ExitCode::from(2);
     }
@@ -46,7 +50,9 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cli::generate::run(*args),
         Command::Serve(args) => cli::serve::run(*args),
         Command::Status(args) => cli::status::run(args),
+        #[cfg(feature = "embedded")]
         Command::Golden(args) => cli::golden::run(args),
+        #[cfg(feature = "embedded")]
         Command::Bench(cmd) => cli::bench::run(cmd),
     };
     match result {

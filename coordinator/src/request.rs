@@ -3,9 +3,9 @@
 //! an error naming the field (mapped to gRPC `INVALID_ARGUMENT`), before any work is queued.
 
 use crate::error::CoordinatorError;
+use tessera_core::limits::{check_settings, guidance_enabled, Settings};
+use tessera_core::CoreError;
 use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
-use tessera_worker::pipeline::limits::{check_settings, Settings};
-use tessera_worker::WorkerError;
 
 /// Longest prompt or negative prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 2_000;
@@ -13,8 +13,8 @@ pub const MAX_PROMPT_CHARS: usize = 2_000;
 pub const MAX_LABEL_CHARS: usize = 128;
 /// Largest input video accepted for video-to-video, in bytes.
 pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
-/// The size limits, checked by the worker crate's one check (`pipeline::limits`).
-pub use tessera_worker::pipeline::limits::{Limits, SIDE_MULTIPLE};
+/// The size limits, checked by the one check every path runs (`tessera_core::limits`).
+pub use tessera_core::limits::{Limits, SIDE_MULTIPLE};
 
 /// Defaults of the served model family (Wan 2.1, as upstream's pipelines).
 #[derive(Clone, Debug, PartialEq)]
@@ -57,7 +57,7 @@ pub struct ValidRequest {
 impl ValidRequest {
     /// Transformer forwards per denoising step: 2 with classifier-free guidance, else 1.
     pub fn forwards_per_step(&self) -> u32 {
-        if tessera_worker::sampler::guidance_enabled(self.request.guidance_scale.unwrap_or(0.0)) {
+        if guidance_enabled(self.request.guidance_scale.unwrap_or(0.0)) {
             2
         } else {
             1
@@ -135,8 +135,8 @@ pub fn validate(
     }
     // Sizes, steps, guidance, shift, strength and the token budget: the one check every path runs.
     let checked = check_settings(&settings_of(&req), &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
-        WorkerError::InvalidInput { field, detail } => invalid(field, detail),
-        other => CoordinatorError::Worker(other),
+        CoreError::InvalidInput { field, detail } => invalid(field, detail),
+        other => CoordinatorError::Core(other),
     })?;
     if !(-100..=100).contains(&req.priority) {
         return Err(invalid("priority", format!("{} must be between -100 and 100", req.priority)));

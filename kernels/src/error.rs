@@ -20,9 +20,6 @@ pub enum KernelError {
         /// What is wrong.
         detail: String,
     },
-    /// The thread pool could not be configured.
-    #[error("thread pool: {0}")]
-    Threads(String),
     /// A CUDA device was asked for and cannot be used; names what is missing.
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(crate::cuda::CudaMissing),
@@ -44,6 +41,12 @@ pub enum KernelError {
         /// The compiler log.
         log: String,
     },
+}
+
+impl From<tessera_core::ShapeError> for KernelError {
+    fn from(e: tessera_core::ShapeError) -> Self {
+        Self::Shape { op: e.op, detail: e.detail }
+    }
 }
 
 impl KernelError {

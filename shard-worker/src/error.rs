@@ -84,6 +84,24 @@ pub enum WorkerError {
     Kernel(#[from] tessera_kernels::KernelError),
 }
 
+impl From<tessera_core::ShapeError> for WorkerError {
+    fn from(e: tessera_core::ShapeError) -> Self {
+        Self::Kernel(e.into())
+    }
+}
+
+/// The shared layer's errors, as the same kinds here (a refused field stays a refused field).
+impl From<tessera_core::CoreError> for WorkerError {
+    fn from(e: tessera_core::CoreError) -> Self {
+        use tessera_core::CoreError;
+        match e {
+            CoreError::InvalidInput { field, detail } => Self::InvalidInput { field, detail },
+            CoreError::Membership(m) => Self::Membership(m),
+            CoreError::Shape(s) => s.into(),
+        }
+    }
+}
+
 impl WorkerError {
     pub(crate) fn input(field: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidInput { field, detail: detail.into() }

@@ -23,7 +23,7 @@ pub mod receiver;
 pub use args::{parse_sample_ratio, TelemetryArgs};
 pub use error::TelemetryError;
 pub use install::{init, init_client, TelemetryGuard, TRACER_NAME};
-pub use metrics::{metrics_text, serve_metrics, MetricsArgs};
+pub use metrics::{metrics_text, serve_metrics, MetricsArgs, STEP_BUCKETS};
 pub use propagation::{
     context_map, current_context_map, current_trace_id, inject_metadata, mark_error, set_parent_from_map, set_parent_from_metadata, trace_id, TRACEPARENT,
     TRACESTATE,

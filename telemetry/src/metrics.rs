@@ -37,6 +37,10 @@ impl MetricsArgs {
     }
 }
 
+/// Step latency buckets in seconds: the workers' and the coordinator's step histograms, so the
+/// two can be read side by side.
+pub const STEP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 /// The text exposition of every metric in Prometheus' default registry.
 pub fn metrics_text() -> String {
     use prometheus::Encoder;

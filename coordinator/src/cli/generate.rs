@@ -10,13 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 use tessera_coordinator::request::MAX_INPUT_VIDEO_BYTES;
-use tessera_coordinator::server::{check_workers, default_workers, ModelSource};
 use tessera_coordinator::video::input::{InputInfo, InputLimits};
-use tessera_kernels::cuda::DeviceChoice;
-use tessera_worker::pipeline::limits::DEFAULT_MAX_TOKENS;
-use tessera_worker::pipeline::PipelinePreset;
+use tessera_core::limits::DEFAULT_MAX_TOKENS;
 
 /// Arguments of `tessera generate`.
 #[derive(Args)]
@@ -134,7 +130,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         }
     }
     let timeout = match &args.timeout {
-        Some(t) => Some(tessera_worker::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
+        Some(t) => Some(tessera_core::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
         None => None,
     };
     if args.server.is_some() {
@@ -209,7 +205,11 @@ fn read_input_video(path: &Path) -> Result<Vec<u8>> {
 
 /// Without `--server`: an embedded coordinator and its in-process workers on `--device`, then
 /// the client path against it.
+#[cfg(feature = "embedded")]
 fn generate_embedded(args: &GenerateArgs, mut job: super::remote::RemoteGenerate) -> Result<ExitCode> {
+    use tessera_coordinator::server::{check_workers, default_workers, ModelSource};
+    use tessera_kernels::cuda::DeviceChoice;
+    use tessera_worker::pipeline::PipelinePreset;
     let (source, desc) = match &args.model {
         Some(dir) => (ModelSource::Snapshot(dir.clone()), dir.display().to_string()),
         None => {
@@ -227,7 +227,7 @@ fn generate_embedded(args: &GenerateArgs, mut job: super::remote::RemoteGenerate
     let workers = if args.workers == 0 { default_workers(device) } else { args.workers };
     let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
     let source_flag = if args.model.is_some() { "--model" } else { "--preset" };
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let server = super::embedded::EmbeddedServer::start(source, device, model_name, workers, usize::try_from(args.max_tokens).unwrap_or(usize::MAX))
         .map_err(|e| anyhow!("{source_flag} {desc} on --device {device} with --workers {workers}: {e:#}"))?;
     if !args.quiet {
@@ -250,5 +250,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.server.is_some() {
         return super::remote::generate(job);
     }
-    generate_embedded(&args, job)
+    #[cfg(feature = "embedded")]
+    return generate_embedded(&args, job);
+    #[cfg(not(feature = "embedded"))]
+    {
+        drop(job);
+        bail!("--server: this build of tessera has no in-process workers (built without the `embedded` feature); give the coordinator to send the request to")
+    }
 }

@@ -13,12 +13,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_coordinator::server::{
-    default_workers, serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, EmbeddedWorkers, JobExecutor, ModelSource, ServerConfig,
-};
-use tessera_worker::duration::parse_duration;
-use tessera_worker::membership::{EtcdMembership, Heartbeat};
-use tessera_worker::pipeline::PipelinePreset;
+#[cfg(feature = "embedded")]
+use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
+use tessera_coordinator::server::{serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, ServerConfig};
+use tessera_core::duration::parse_duration;
+use tessera_core::membership::{EtcdMembership, Heartbeat};
 
 /// Arguments of `tessera serve`.
 #[derive(Args)]
@@ -68,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
     /// Largest job in video tokens (latent frames x patch rows x patch columns); 75,600 is 1280x720 with 81 frames.
-    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_worker::pipeline::limits::DEFAULT_MAX_TOKENS as usize)]
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_core::limits::DEFAULT_MAX_TOKENS as usize)]
     max_tokens: usize,
     /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
     #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]
@@ -88,6 +87,7 @@ pub struct ServeArgs {
 }
 
 /// What `--model`/`--preset` asked for, and the flag that named it.
+#[cfg(feature = "embedded")]
 fn model_source(args: &ServeArgs) -> Result<(ModelSource, String)> {
     let hint = " (or --etcd URLS to run jobs on registered workers)";
     match (&args.model, &args.preset) {
@@ -98,7 +98,7 @@ fn model_source(args: &ServeArgs) -> Result<(ModelSource, String)> {
             Ok((ModelSource::Snapshot(dir.clone()), format!("--model {}", dir.display())))
         }
         (None, Some(name)) => {
-            let preset = PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
+            let preset = tessera_worker::pipeline::PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
             Ok((ModelSource::Preset(preset), format!("--preset {name}")))
         }
         (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny{hint}"),
@@ -124,13 +124,23 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 
 /// How jobs run: on in-process workers, or on the workers registered in etcd.
 enum Mode {
-    Embedded { source: ModelSource, device: tessera_kernels::Device, model_name: String, source_flag: String, workers: usize },
-    Cluster { heartbeat: Heartbeat, limits: DriveLimits },
+    #[cfg(feature = "embedded")]
+    Embedded {
+        source: ModelSource,
+        device: tessera_kernels::Device,
+        model_name: String,
+        source_flag: String,
+        workers: usize,
+    },
+    Cluster {
+        heartbeat: Heartbeat,
+        limits: DriveLimits,
+    },
 }
 
 fn mode(args: &ServeArgs) -> Result<Mode> {
     if !args.etcd.is_empty() {
-        tessera_worker::membership::validate_id("cluster", &args.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", args.cluster))?;
+        tessera_core::membership::validate_id("cluster", &args.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", args.cluster))?;
         let heartbeat = Heartbeat::parse(&args.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
         let step = parse_duration(&args.step_timeout).map_err(|e| anyhow!("--step-timeout: {e}"))?;
         if step < Duration::from_secs(1) {
@@ -141,14 +151,19 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         }
         return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() } });
     }
-    let (source, source_flag) = model_source(args)?;
-    let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
-    if model_name.trim().is_empty() {
-        bail!("--model-name: must not be empty");
+    #[cfg(not(feature = "embedded"))]
+    bail!("--etcd: this build of tessera has no in-process workers (built without the `embedded` feature); give the etcd the workers register in");
+    #[cfg(feature = "embedded")]
+    {
+        let (source, source_flag) = model_source(args)?;
+        let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
+        if model_name.trim().is_empty() {
+            bail!("--model-name: must not be empty");
+        }
+        let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
+        let workers = if args.workers == 0 { default_workers(device) } else { args.workers };
+        Ok(Mode::Embedded { source, device, model_name, source_flag, workers })
     }
-    let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
-    let workers = if args.workers == 0 { default_workers(device) } else { args.workers };
-    Ok(Mode::Embedded { source, device, model_name, source_flag, workers })
 }
 
 /// Runs the server until it is told to stop.
@@ -182,8 +197,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         }
         println!("tessera serve: listening on {bound}");
         std::io::stdout().flush().ok();
+        #[cfg(feature = "embedded")]
         let mut embedded_workers = None;
         let (executor, what): (Arc<dyn JobExecutor>, String) = match mode {
+            #[cfg(feature = "embedded")]
             Mode::Embedded { source, device, model_name, source_flag, workers } => {
                 tracing::info!(%bound, model = %model_name, %device, workers, "loading the model for the in-process workers");
                 let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens)
@@ -218,6 +235,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         if let Some(e) = exporter {
             e.abort();
         }
+        #[cfg(feature = "embedded")]
         drop(embedded_workers);
         served
     });

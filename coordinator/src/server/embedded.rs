@@ -168,7 +168,7 @@ impl EmbeddedWorkers {
             .await
             .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?
             .map_err(CoordinatorError::Unavailable)?;
-        let info = ModelInfo::of(&pipe, defaults);
+        let info = pipe.model_info(defaults);
         let embedded = Self::start(Arc::new(pipe), model_name, info, workers).await?;
         let executor = ClusterExecutor::start(ClusterExecutorConfig {
             membership: embedded.membership(),

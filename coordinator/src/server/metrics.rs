@@ -7,7 +7,7 @@ use crate::CoordinatorError;
 use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::time::Duration;
 use tessera_proto::v1::{Worker, WorkerState};
-use tessera_worker::server::STEP_BUCKETS;
+use tessera_telemetry::STEP_BUCKETS;
 
 /// Latency buckets in seconds, from a fast tiny job to a long high-resolution one.
 const JOB_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0];
@@ -169,8 +169,10 @@ const STATES: [(WorkerState, &str); 4] =
 pub fn cause(e: &CoordinatorError) -> &'static str {
     match e {
         CoordinatorError::InvalidArgument { .. } | CoordinatorError::InvalidInputVideo { .. } => "invalid_argument",
+        CoordinatorError::Core(tessera_core::CoreError::InvalidInput { .. }) => "invalid_argument",
+        CoordinatorError::Core(tessera_core::CoreError::Membership(_)) => "unavailable",
+        CoordinatorError::Core(tessera_core::CoreError::Shape(_)) => "internal",
         CoordinatorError::InvalidVideo { .. } | CoordinatorError::Encode { .. } | CoordinatorError::Io { .. } => "output",
-        CoordinatorError::Worker(_) => "model",
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
         CoordinatorError::WorkersBusy { .. } => "workers_busy",
         CoordinatorError::QueueFull { .. } => "queue_full",

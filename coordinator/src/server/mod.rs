@@ -6,6 +6,7 @@
 //! period and is then stopped at a step boundary.
 
 mod cluster;
+#[cfg(feature = "embedded")]
 mod embedded;
 mod executor;
 mod input;
@@ -18,6 +19,7 @@ mod scheduler;
 mod service;
 
 pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, WorkerTable};
+#[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
 pub use input::{prepare_request_video, prepare_request_video_blocking};

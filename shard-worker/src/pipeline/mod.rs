@@ -6,7 +6,8 @@
 
 mod denoiser;
 mod device;
-pub mod limits;
+/// The limits and the one check of sizes (shared with the coordinator: `tessera_core::limits`).
+pub use tessera_core::limits;
 mod noise;
 mod params;
 mod preset;
@@ -101,6 +102,17 @@ impl WanPipeline {
             WanVae::load_on(&snap.component("vae"), backend)?,
             sampler,
         )
+    }
+
+    /// The facts a worker advertises for planning (head count, request defaults).
+    pub fn model_info(&self, defaults: PipelineDefaults) -> crate::membership::ModelInfo {
+        crate::membership::ModelInfo {
+            attention_heads: self.transformer.config().num_attention_heads as u32,
+            width: defaults.width as u32,
+            height: defaults.height as u32,
+            num_frames: defaults.num_frames as u32,
+            steps: defaults.num_inference_steps as u32,
+        }
     }
 
     /// Assembles a pipeline from loaded components (the transformer on whatever backend it was

@@ -4,10 +4,7 @@
 use crate::{Result, WorkerError};
 use rayon::prelude::*;
 
-/// Whether guidance runs at all: diffusers enables the unconditional pass only for `g > 1`.
-pub fn guidance_enabled(scale: f32) -> bool {
-    scale > 1.0
-}
+pub use tessera_core::limits::guidance_enabled;
 
 /// Combines the conditional and unconditional outputs in place: `cond ← uncond + scale·(cond −
 /// uncond)`. Both slices cover the same elements.

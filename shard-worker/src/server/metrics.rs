@@ -5,8 +5,7 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-/// Step latency buckets in seconds (shared by the coordinator's step histogram).
-pub const STEP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+use tessera_telemetry::STEP_BUCKETS;
 
 /// The metrics (cheap to clone: every field is a handle).
 #[derive(Clone)]

@@ -11,7 +11,7 @@ mod request;
 mod status;
 
 pub use job::{JobCheckpoint, JobSetup, StepReport};
-pub use metrics::{WorkerMetrics, STEP_BUCKETS};
+pub use metrics::WorkerMetrics;
 pub use request::params_from_request;
 
 use crate::pipeline::{VideoInput, WanPipeline};
@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+use tessera_core::codec;
 use tessera_proto::reason::{invalid_field, status, Reason};
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
@@ -247,7 +248,8 @@ impl WorkerService {
         let mut params = params_from_request(req, r.seed).map_err(Status::from)?;
         if let Some(frames) = &r.input_frames {
             let strength = req.strength.ok_or_else(|| invalid_field("request.strength", "request.strength: required with input_frames"))?;
-            params.video = Some(VideoInput { video: input_video(frames).map_err(Status::from)?, strength: strength as f64 });
+            params.video =
+                Some(VideoInput { video: codec::input_frames_video(frames).map_err(WorkerError::from).map_err(Status::from)?, strength: strength as f64 });
         }
         // The one check of sizes and settings, against this worker's limits, before anything is
         // allocated or claimed.
@@ -387,7 +389,7 @@ impl ShardWorker for WorkerService {
             steps_done: cp.steps_done as u32,
             rank: rank as u32,
             latent_shape: cp.latents.shape().iter().map(|&d| d as u32).collect(),
-            latents: f32_bytes(cp.latents.data()),
+            latents: codec::f32_bytes(cp.latents.data()),
             sampler_state: cp.sampler_state,
             token_start: tokens.start as u64,
             token_end: tokens.end as u64,
@@ -409,11 +411,7 @@ impl ShardWorker for WorkerService {
         tokio::spawn(async move {
             let mut first = 0u32;
             while let Some(chunk) = frames_rx.recv().await {
-                let msg = chunk.map_err(Status::from).map(|t| {
-                    let m = rgb8_frames(&t, first);
-                    first += m.count;
-                    m
-                });
+                let msg = chunk.and_then(|t| Ok(codec::decoded_frames_message(&t, first)?)).map_err(Status::from).inspect(|m| first += m.count);
                 if out_tx.send(msg).await.is_err() {
                     break;
                 }
@@ -432,7 +430,7 @@ impl ShardWorker for WorkerService {
         })
         .await?;
         // Every rank holds the whole latent (replicated).
-        Ok(Response::new(pb::JobLatents { shape: latents.shape()[1..].iter().map(|&d| d as u32).collect(), data: f32_bytes(latents.data()) }))
+        Ok(Response::new(codec::latents_message(&latents).map_err(WorkerError::from)?))
     }
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
@@ -457,70 +455,5 @@ impl ShardWorker for WorkerService {
 fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> {
     let history: crate::sampler::SamplerHistory =
         serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
-    if !cp.latents.len().is_multiple_of(4) || cp.latent_shape.len() != 5 {
-        return Err(WorkerError::input("resume.latents", format!("{} bytes with shape {:?}", cp.latents.len(), cp.latent_shape)));
-    }
-    let data: Vec<f32> = cp.latents.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let shape: Vec<usize> = cp.latent_shape.iter().map(|&d| d as usize).collect();
-    let latents = tessera_kernels::Tensor::new(shape, data).map_err(|e| WorkerError::input("resume.latents", e.to_string()))?;
-    Ok(job::Resume { steps_done: cp.steps_done as usize, latents, history })
-}
-
-/// Input frames (8-bit RGB, interleaved) as the pipeline's video `[1, 3, F, H, W]` in [−1, 1].
-fn input_video(m: &pb::InputFrames) -> Result<tessera_kernels::Tensor, WorkerError> {
-    let (f, h, w) = (m.frames as usize, m.height as usize, m.width as usize);
-    // Sizes from the network: the products are checked, and must match the bytes that came.
-    let plane = h.checked_mul(w);
-    if f == 0 || plane.and_then(|p| p.checked_mul(f)).and_then(|n| n.checked_mul(3)) != Some(m.rgb.len()) {
-        return Err(WorkerError::input("input_frames", format!("{} bytes are not {f} frames of {w}x{h} RGB", m.rgb.len())));
-    }
-    let plane = h * w;
-    let mut data = vec![0.0f32; m.rgb.len()];
-    for t in 0..f {
-        for p in 0..plane {
-            for c in 0..3 {
-                data[(c * f + t) * plane + p] = m.rgb[(t * plane + p) * 3 + c] as f32 / 127.5 - 1.0;
-            }
-        }
-    }
-    tessera_kernels::Tensor::new([1, 3, f, h, w], data).map_err(|e| WorkerError::input("input_frames", e.to_string()))
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Frames `[1, 3, n, H, W]` in [0, 1] as interleaved 8-bit RGB.
-fn rgb8_frames(t: &tessera_kernels::Tensor, first_frame: u32) -> pb::DecodedFrames {
-    let s = t.shape();
-    let (n, h, w) = (s[2], s[3], s[4]);
-    let plane = h * w;
-    let mut rgb = Vec::with_capacity(n * plane * 3);
-    for f in 0..n {
-        for p in 0..plane {
-            for c in 0..3 {
-                rgb.push((t.data()[(c * n + f) * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8);
-            }
-        }
-    }
-    pb::DecodedFrames { first_frame, count: n as u32, width: w as u32, height: h as u32, rgb }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Frame sizes from the internal API whose products overflow are refused naming the field,
-    /// never wrapped into a size that matches the bytes sent.
-    #[test]
-    fn hostile_input_frame_sizes_are_refused() {
-        let max = u32::MAX;
-        for (frames, width, height, bytes) in [(max, max, max, 0), (1, 1 << 31, 1 << 31, 0), (0, 2, 2, 0), (1, 2, 2, 11)] {
-            let m = pb::InputFrames { frames, width, height, rgb: vec![0; bytes] };
-            let err = input_video(&m).unwrap_err();
-            assert!(matches!(err, WorkerError::InvalidInput { field: "input_frames", .. }), "{frames}x{width}x{height}: {err}");
-        }
-        let ok = input_video(&pb::InputFrames { frames: 1, width: 2, height: 2, rgb: vec![255; 12] }).unwrap();
-        assert_eq!((ok.shape(), ok.data()[0]), (&[1usize, 3, 1, 2, 2][..], 1.0));
-    }
+    Ok(job::Resume { steps_done: cp.steps_done as usize, latents: codec::checkpoint_latents(cp)?, history })
 }

@@ -14,12 +14,12 @@ use crate::CoordinatorError;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use tessera_kernels::Tensor;
+use tessera_core::membership::WorkerRecord;
+use tessera_core::{codec, Tensor};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
-use tessera_worker::membership::WorkerRecord;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
@@ -210,10 +210,8 @@ async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Resu
         detail: format!("no NCCL id within {limit:?}"),
     })?;
     let id = answer.map_err(|s| rank0.failed(DURING, s))?.into_inner().nccl_unique_id;
-    if id.len() != tessera_kernels::cuda::nccl::NCCL_ID_BYTES {
-        return Err(
-            rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_kernels::cuda::nccl::NCCL_ID_BYTES)))
-        );
+    if id.len() != tessera_core::codec::NCCL_ID_BYTES {
+        return Err(rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_core::codec::NCCL_ID_BYTES))));
     }
     Ok(id)
 }
@@ -227,41 +225,6 @@ fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
         Some(r) => Err(r.error()),
         None => Ok(()),
     }
-}
-
-/// Input frames `[1, 3, F, H, W]` in [−1, 1] as 8-bit RGB, frame by frame, interleaved.
-fn input_frames_message(video: &Tensor) -> pb::InputFrames {
-    let s = video.shape();
-    let (f, h, w) = (s[2], s[3], s[4]);
-    let plane = h * w;
-    let mut rgb = Vec::with_capacity(f * plane * 3);
-    for t in 0..f {
-        for p in 0..plane {
-            for c in 0..3 {
-                let x = video.data()[(c * f + t) * plane + p];
-                rgb.push((((x + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0).round() as u8);
-            }
-        }
-    }
-    pb::InputFrames { frames: f as u32, width: w as u32, height: h as u32, rgb }
-}
-
-/// Decoded RGB8 frames as a chunk `[1, 3, n, H, W]` in [0, 1] for the frame encoder.
-fn frames_tensor(m: &pb::DecodedFrames) -> Result<Tensor, CoordinatorError> {
-    let (n, h, w) = (m.count as usize, m.height as usize, m.width as usize);
-    let plane = h * w;
-    if m.rgb.len() != n * plane * 3 || n == 0 {
-        return Err(CoordinatorError::Internal(format!("rank 0 sent {} bytes for {n} frames of {w}x{h}", m.rgb.len())));
-    }
-    let mut data = vec![0.0f32; m.rgb.len()];
-    for f in 0..n {
-        for p in 0..plane {
-            for c in 0..3 {
-                data[(c * n + f) * plane + p] = m.rgb[(f * plane + p) * 3 + c] as f32 / 255.0;
-            }
-        }
-    }
-    Tensor::new([1, 3, n, h, w], data).map_err(|e| CoordinatorError::Internal(e.to_string()))
 }
 
 /// Runs the job on `group` (see the module docs). ReleaseJob is sent to every rank at the end,
@@ -297,7 +260,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let world = ranks.len() as u32;
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session: u64 = rand_session();
-    let input_frames = cx.input_frames.as_ref().map(input_frames_message);
+    let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
 
     let ranks_n = ranks.len() as u32;
     send(
@@ -386,10 +349,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             .await
             .map_err(|s| rank0.failed("fetch latents", s))?
             .into_inner();
-        let mut shape = vec![1usize];
-        shape.extend(whole.shape.iter().map(|&d| d as usize));
-        let data: Vec<f32> = whole.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let latents = Tensor::new(shape, data).map_err(|e| CoordinatorError::Internal(format!("latents from rank 0: {e}")))?;
+        let latents = codec::latents_from_message(&whole).map_err(|e| CoordinatorError::Internal(format!("latents from rank 0: {e}")))?;
         let file = latents_file(&latents)?;
         report.encoding = started.elapsed();
         send(cx.events, ExecEvent::File(file)).await?;
@@ -443,7 +403,7 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
             reason = cx.stop.stopped() => return Err(reason.error()),
         };
         let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { return Ok(encoder) };
-        let frames = frames_tensor(&chunk)?;
+        let frames = codec::decoded_frames(&chunk).map_err(|e| CoordinatorError::Internal(format!("frames from rank 0: {e}")))?;
         let (back, files) = tokio::task::spawn_blocking(move || {
             let files = encoder.push_chunk(&frames);
             (encoder, files)
@@ -479,21 +439,5 @@ mod tests {
         assert!(group_needs_nccl(&[gpu.clone(), worker("c", "cuda:1")]));
         assert!(group_needs_nccl(&[cpu, gpu]), "any rank on a GPU");
         assert!(!group_needs_nccl(&[]));
-    }
-
-    #[test]
-    fn input_frames_round_trip_through_rgb8() {
-        let (f, h, w) = (2, 3, 4);
-        let data: Vec<f32> = (0..3 * f * h * w).map(|i| (i % 255) as f32 / 127.5 - 1.0).collect();
-        let video = Tensor::new([1, 3, f, h, w], data.clone()).unwrap();
-        let m = input_frames_message(&video);
-        assert_eq!((m.frames, m.width, m.height, m.rgb.len()), (2, 4, 3, 72));
-        // Frame 0, pixel 0, channel 1 sits at plane offset (1 * f + 0) * h * w.
-        assert_eq!(m.rgb[1], ((data[f * h * w] + 1.0) * 127.5).round() as u8);
-        let back = frames_tensor(&pb::DecodedFrames { first_frame: 0, count: 2, width: 4, height: 3, rgb: m.rgb }).unwrap();
-        for (a, b) in back.data().iter().zip(&data) {
-            assert!((a * 2.0 - 1.0 - b).abs() <= 1.0 / 255.0 + 1e-6, "{a} vs {b}");
-        }
-        assert!(frames_tensor(&pb::DecodedFrames { first_frame: 0, count: 2, width: 4, height: 3, rgb: vec![0; 5] }).is_err());
     }
 }

@@ -9,6 +9,7 @@ mod drive;
 mod table;
 
 pub use drive::DriveLimits;
+#[cfg(feature = "embedded")]
 pub(crate) use drive::MAX_MESSAGE;
 pub use table::{group_limit, ulysses_degree, Group, WorkerTable};
 
@@ -24,8 +25,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tessera_core::membership::Membership;
 use tessera_proto::v1::{Plan, Worker};
-use tessera_worker::membership::Membership;
 use tokio::sync::{mpsc, watch};
 
 /// How often a job chooses a group again after workers refused it as busy.
@@ -141,7 +142,7 @@ async fn follow(membership: Arc<dyn Membership>, shared: Arc<Shared>) {
         let listed = async {
             let snapshot = membership.list().await?;
             let watch = membership.watch_from(snapshot.revision).await?;
-            Ok::<_, tessera_worker::WorkerError>((snapshot, watch))
+            Ok::<_, tessera_core::CoreError>((snapshot, watch))
         };
         match listed.await {
             Ok((snapshot, mut watch)) => {

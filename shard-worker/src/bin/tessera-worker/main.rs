@@ -67,10 +67,11 @@ struct ForwardArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = tessera_kernels::threads::init_threads(cli.threads).with_context(|| format!("--threads {}", cli.threads)).and_then(|()| match cli.command {
-        Command::Forward(a) => forward(a),
-        Command::Serve(a) => serve::serve(*a),
-    });
+    let result =
+        tessera_kernels::threads::init_threads(cli.threads).map_err(|e| anyhow::anyhow!("--threads {}: {e}", cli.threads)).and_then(|()| match cli.command {
+            Command::Forward(a) => forward(a),
+            Command::Serve(a) => serve::serve(*a),
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -155,7 +155,7 @@ fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -
             (p.build_on(0, device)?, p.defaults())
         }
     };
-    let info = ModelInfo::of(&pipe, defaults);
+    let info = pipe.model_info(defaults);
     Ok((pipe, info))
 }
 

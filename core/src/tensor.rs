@@ -1,15 +1,17 @@
-//! The tensor type: a row-major f32 array with a shape, in host memory; and the device enum.
+//! The tensor type: a row-major f32 array with a shape, in host memory (what crosses every process
+//! and crate boundary); and the device enum.
 
-use crate::{KernelError, Result};
+use crate::ShapeError;
 
 /// Where a tensor's data lives and where the operations on it run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Device {
-    /// Host memory, computed by the kernels in [`crate::cpu`].
+    /// Host memory, computed by the kernels in `tessera_kernels::cpu`.
     #[default]
     Cpu,
-    /// The CUDA GPU with this ordinal, computed by the kernels in [`crate::cuda`]. Chosen at run
-    /// time ([`crate::cuda::DeviceChoice::resolve`]) only when the driver and the device are there.
+    /// The CUDA GPU with this ordinal, computed by the kernels in `tessera_kernels::cuda`. Chosen
+    /// at run time (`tessera_kernels::cuda::DeviceChoice::resolve`) only when the driver and the
+    /// device are there.
     Cuda(usize),
 }
 
@@ -31,14 +33,14 @@ pub struct Tensor {
 
 impl Tensor {
     /// Wraps `data` with `shape`; the element count must match.
-    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self> {
+    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self, ShapeError> {
         let shape = shape.into();
         // Shapes may come from the network: a product past usize is an error, never a wrap.
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         match n {
             Some(n) if n == data.len() => Ok(Self { shape, data }),
-            Some(n) => Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds {n} elements, data has {}", data.len()))),
-            None => Err(KernelError::shape("Tensor::new", format!("shape {shape:?} holds more elements than this machine can address"))),
+            Some(n) => Err(ShapeError::new("Tensor::new", format!("shape {shape:?} holds {n} elements, data has {}", data.len()))),
+            None => Err(ShapeError::new("Tensor::new", format!("shape {shape:?} holds more elements than this machine can address"))),
         }
     }
 
@@ -71,7 +73,7 @@ impl Tensor {
     }
 
     /// The device holding the data (always host memory: device buffers are `cudarc` slices
-    /// handled by [`crate::cuda`]).
+    /// handled by `tessera_kernels::cuda`).
     pub fn device(&self) -> Device {
         Device::Cpu
     }
@@ -92,28 +94,28 @@ impl Tensor {
     }
 
     /// Same data, another shape with the same element count.
-    pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Self> {
+    pub fn reshape(mut self, shape: impl Into<Vec<usize>>) -> Result<Self, ShapeError> {
         let shape = shape.into();
         if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(self.data.len()) {
-            return Err(KernelError::shape("Tensor::reshape", format!("{:?} -> {shape:?}", self.shape)));
+            return Err(ShapeError::new("Tensor::reshape", format!("{:?} -> {shape:?}", self.shape)));
         }
         self.shape = shape;
         Ok(self)
     }
 
     /// Checks that the shape is exactly `want`, naming `what` in the error.
-    pub fn expect_shape(&self, what: &str, want: &[usize]) -> Result<()> {
+    pub fn expect_shape(&self, what: &str, want: &[usize]) -> Result<(), ShapeError> {
         if self.shape != want {
-            return Err(KernelError::shape("expect_shape", format!("{what}: expected {want:?}, got {:?}", self.shape)));
+            return Err(ShapeError::new("expect_shape", format!("{what}: expected {want:?}, got {:?}", self.shape)));
         }
         Ok(())
     }
 
     /// Rows `[start, end)` along the first dimension, copied.
-    pub fn rows(&self, start: usize, end: usize) -> Result<Tensor> {
+    pub fn rows(&self, start: usize, end: usize) -> Result<Tensor, ShapeError> {
         let n0 = *self.shape.first().unwrap_or(&0);
         if start > end || end > n0 {
-            return Err(KernelError::shape("Tensor::rows", format!("rows {start}..{end} of {:?}", self.shape)));
+            return Err(ShapeError::new("Tensor::rows", format!("rows {start}..{end} of {:?}", self.shape)));
         }
         let inner: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();

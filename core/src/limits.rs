@@ -4,7 +4,7 @@
 //! enters, before anything is allocated. Products of sizes use checked arithmetic: a hostile
 //! request cannot overflow them into a small number.
 
-use crate::{Result, WorkerError};
+use crate::{CoreError, Result};
 
 /// Frame sides must be multiples of this (VAE stride 8 × patch 2).
 pub const SIDE_MULTIPLE: u64 = 16;
@@ -13,6 +13,12 @@ pub const SIDE_MULTIPLE: u64 = 16;
 pub const WAN_SPATIAL: u64 = 8;
 /// Wan 2.1's VAE compression in time (÷4 after the first frame).
 pub const WAN_TEMPORAL: u64 = 4;
+
+/// Whether guidance runs at all: diffusers enables the unconditional pass only for `g > 1` (a
+/// guided step is two transformer forwards).
+pub fn guidance_enabled(scale: f32) -> bool {
+    scale > 1.0
+}
 
 /// The latent grid `[frames, height, width]` of `num_frames` frames of `height × width` pixels,
 /// for a VAE compressing `spatial`× in space and `temporal`× in time after the first frame: the
@@ -95,8 +101,8 @@ pub struct Checked {
     pub tokens: usize,
 }
 
-fn invalid(field: &'static str, detail: String) -> WorkerError {
-    WorkerError::input(field, detail)
+fn invalid(field: &'static str, detail: String) -> CoreError {
+    CoreError::input(field, detail)
 }
 
 /// Checks `s` against `limits`, naming the first field at fault; returns the latent grid and the
@@ -152,7 +158,7 @@ mod tests {
 
     fn field(s: Settings, limits: &Limits) -> &'static str {
         match check_settings(&s, limits) {
-            Err(WorkerError::InvalidInput { field, .. }) => field,
+            Err(CoreError::InvalidInput { field, .. }) => field,
             other => panic!("expected an invalid field, got {other:?}"),
         }
     }
