@@ -3,18 +3,18 @@
 //! an error naming the field (mapped to gRPC `INVALID_ARGUMENT`), before any work is queued.
 
 use crate::error::CoordinatorError;
-use tessera_core::limits::{check_settings, guidance_enabled, Settings};
-use tessera_core::CoreError;
+use tessera_core::limits::ModelFactors;
+use tessera_core::{CoreError, JobRequest, JobSpec};
 use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
 
-/// Longest prompt or negative prompt accepted, in characters.
-pub const MAX_PROMPT_CHARS: usize = 2_000;
+/// Longest prompt or negative prompt accepted, in characters (checked with the job spec).
+pub use tessera_core::job::MAX_PROMPT_CHARS;
 /// Longest client label, in characters.
 pub const MAX_LABEL_CHARS: usize = 128;
 /// Largest input video accepted for video-to-video, in bytes.
 pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
 /// The size limits, checked by the one check every path runs (`tessera_core::limits`).
-pub use tessera_core::limits::{Limits, SIDE_MULTIPLE};
+pub use tessera_core::limits::Limits;
 
 /// Defaults of the served model family (Wan 2.1, as upstream's pipelines).
 #[derive(Clone, Debug, PartialEq)]
@@ -35,47 +35,34 @@ pub struct RequestDefaults {
     pub guidance_scale: f32,
     /// Video-to-video strength.
     pub strength: f32,
+    /// The served model's VAE factors, which every size is checked against.
+    pub factors: ModelFactors,
 }
 
 impl Default for RequestDefaults {
     fn default() -> Self {
-        Self { model: String::new(), width: 832, height: 480, num_frames: 81, fps: 16, steps: 50, guidance_scale: 5.0, strength: 0.8 }
+        Self {
+            model: String::new(),
+            width: 832,
+            height: 480,
+            num_frames: 81,
+            fps: 16,
+            steps: 50,
+            guidance_scale: 5.0,
+            strength: 0.8,
+            factors: ModelFactors::WAN,
+        }
     }
 }
 
 /// A request that passed validation, with every default applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidRequest {
-    /// The request as it will run (defaults filled in; `seed` set).
+    /// The request as it will run (defaults filled in; `seed` set): what is not the job itself
+    /// (output format, priority, model name, input video) is read from here.
     pub request: GenerateRequest,
-    /// Latent grid `[frames, height, width]` after the VAE (÷4 in time after the first frame, ÷8 in space).
-    pub latent_fhw: [usize; 3],
-    /// Video tokens per forward (patch 1×2×2).
-    pub tokens: usize,
-}
-
-impl ValidRequest {
-    /// Transformer forwards per denoising step: 2 with classifier-free guidance, else 1.
-    pub fn forwards_per_step(&self) -> u32 {
-        if guidance_enabled(self.request.guidance_scale.unwrap_or(0.0)) {
-            2
-        } else {
-            1
-        }
-    }
-}
-
-/// The request's sizes and settings as the one check reads them (defaults applied).
-pub fn settings_of(req: &GenerateRequest) -> Settings {
-    Settings {
-        width: req.width.into(),
-        height: req.height.into(),
-        num_frames: req.num_frames.into(),
-        steps: req.steps.into(),
-        guidance_scale: req.guidance_scale.unwrap_or(f32::NAN),
-        flow_shift: req.flow_shift,
-        strength: req.strength,
-    }
+    /// The job, made once: what the workers are sent and check again.
+    pub spec: JobSpec,
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
@@ -93,18 +80,6 @@ pub fn validate(
     max_tokens: usize,
     draw_seed: impl FnOnce() -> u64,
 ) -> Result<ValidRequest, CoordinatorError> {
-    if req.prompt.trim().is_empty() {
-        return Err(invalid("prompt", "is required and must not be blank"));
-    }
-    for (field, text) in [("prompt", &req.prompt), ("negative_prompt", &req.negative_prompt)] {
-        let n = text.chars().count();
-        if n > MAX_PROMPT_CHARS {
-            return Err(invalid(field, format!("has {n} characters, at most {MAX_PROMPT_CHARS} are accepted")));
-        }
-        if text.contains('\0') {
-            return Err(invalid(field, "contains a NUL character"));
-        }
-    }
     let or_default = |v: u32, d: u32| if v == 0 { d } else { v };
     req.width = or_default(req.width, defaults.width);
     req.height = or_default(req.height, defaults.height);
@@ -115,9 +90,9 @@ pub fn validate(
     }
     req.steps = or_default(req.steps, defaults.steps);
     req.guidance_scale = Some(req.guidance_scale.unwrap_or(defaults.guidance_scale));
-    if Sampler::try_from(req.sampler).is_err() {
+    let Ok(sampler) = Sampler::try_from(req.sampler) else {
         return Err(invalid("sampler", format!("{} is not a known sampler", req.sampler)));
-    }
+    };
     match OutputFormat::try_from(req.output_format) {
         Ok(OutputFormat::Unspecified) => req.output_format = OutputFormat::Mp4 as i32,
         Ok(_) => {}
@@ -133,8 +108,23 @@ pub fn validate(
         }
         req.strength = Some(req.strength.unwrap_or(defaults.strength));
     }
-    // Sizes, steps, guidance, shift, strength and the token budget: the one check every path runs.
-    let checked = check_settings(&settings_of(&req), &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
+    req.seed = Some(req.seed.unwrap_or_else(draw_seed));
+    // The job spec: prompts, sizes, steps, guidance, shift, strength and the token budget, for the
+    // model's factors: the one check every path runs (the workers run it again).
+    let job = JobRequest {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        width: req.width,
+        height: req.height,
+        num_frames: req.num_frames,
+        steps: req.steps,
+        guidance_scale: req.guidance_scale.unwrap_or(defaults.guidance_scale),
+        flow_shift: req.flow_shift,
+        sampler,
+        seed: req.seed.unwrap_or_default(),
+        strength: req.strength,
+    };
+    let spec = JobSpec::new(job, defaults.factors, &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
         CoreError::InvalidInput { field, detail } => invalid(field, detail),
         other => CoordinatorError::Core(other),
     })?;
@@ -151,8 +141,7 @@ pub fn validate(
     if n > MAX_LABEL_CHARS {
         return Err(invalid("client_label", format!("has {n} characters, at most {MAX_LABEL_CHARS} are accepted")));
     }
-    req.seed = Some(req.seed.unwrap_or_else(draw_seed));
-    Ok(ValidRequest { request: req, latent_fhw: checked.latent_fhw, tokens: checked.tokens })
+    Ok(ValidRequest { request: req, spec })
 }
 
 #[cfg(test)]
@@ -183,8 +172,8 @@ mod tests {
         assert_eq!(r.seed, Some(42));
         assert_eq!(r.model, "wan-tiny");
         assert_eq!(r.output_format, OutputFormat::Mp4 as i32);
-        assert_eq!(v.latent_fhw, [21, 60, 104]);
-        assert_eq!(v.tokens, 32_760);
+        assert_eq!((v.spec.latent_fhw(), v.spec.tokens()), ([21, 60, 104], 32_760));
+        assert_eq!((v.spec.request().seed, v.spec.request().guidance_scale), (42, 5.0));
     }
 
     #[test]

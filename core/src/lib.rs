@@ -7,12 +7,14 @@
 pub mod codec;
 pub mod duration;
 mod error;
+pub mod job;
 pub mod limits;
 pub mod membership;
 mod tensor;
 pub mod threads;
 
 pub use error::{CoreError, ShapeError};
+pub use job::{JobRequest, JobSpec};
 pub use tensor::{Device, Tensor};
 
 /// Result type of this crate.

@@ -6,13 +6,35 @@
 
 use crate::{CoreError, Result};
 
-/// Frame sides must be multiples of this (VAE stride 8 × patch 2).
-pub const SIDE_MULTIPLE: u64 = 16;
+/// How a model turns video into tokens: its VAE compresses each side `spatial`× and time
+/// `temporal`× after the first frame, and its transformer cuts the latent into 1×2×2 patches. A
+/// worker advertises them in its `ModelInfo`; every size check and formula takes them from there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelFactors {
+    /// VAE compression of each frame side.
+    pub spatial: u64,
+    /// VAE compression in time (after the first frame).
+    pub temporal: u64,
+}
 
-/// Wan 2.1's VAE compression in space (each side ÷8).
-pub const WAN_SPATIAL: u64 = 8;
-/// Wan 2.1's VAE compression in time (÷4 after the first frame).
-pub const WAN_TEMPORAL: u64 = 4;
+/// Largest VAE factor a model may advertise.
+pub const MAX_FACTOR: u64 = 64;
+
+impl ModelFactors {
+    /// Wan 2.1's (and SkyReels-V2's) VAE: ÷8 in space, ÷4 in time.
+    pub const WAN: Self = Self { spatial: 8, temporal: 4 };
+
+    /// Frame sides must be multiples of this (the VAE's stride times the patch's 2).
+    pub fn side_multiple(self) -> u64 {
+        self.spatial * 2
+    }
+}
+
+impl Default for ModelFactors {
+    fn default() -> Self {
+        Self::WAN
+    }
+}
 
 /// Whether guidance runs at all: diffusers enables the unconditional pass only for `g > 1` (a
 /// guided step is two transformer forwards).
@@ -20,11 +42,10 @@ pub fn guidance_enabled(scale: f32) -> bool {
     scale > 1.0
 }
 
-/// The latent grid `[frames, height, width]` of `num_frames` frames of `height × width` pixels,
-/// for a VAE compressing `spatial`× in space and `temporal`× in time after the first frame: the
-/// one formula of the grid.
-pub fn latent_grid(num_frames: u64, height: u64, width: u64, spatial: u64, temporal: u64) -> [u64; 3] {
-    [num_frames.saturating_sub(1) / temporal + 1, height / spatial, width / spatial]
+/// The latent grid `[frames, height, width]` of `num_frames` frames of `height × width` pixels for
+/// a model with `factors`: the one formula of the grid.
+pub fn latent_grid(num_frames: u64, height: u64, width: u64, factors: ModelFactors) -> [u64; 3] {
+    [num_frames.saturating_sub(1) / factors.temporal + 1, height / factors.spatial, width / factors.spatial]
 }
 
 /// Video tokens of a latent grid in Wan's 1×2×2 patches (None past 2⁶⁴): the one formula of the
@@ -95,7 +116,7 @@ pub struct Settings {
 /// What the check derives from valid settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checked {
-    /// Latent grid `[frames, height, width]` after the VAE (÷4 in time after the first frame, ÷8 in space).
+    /// Latent grid `[frames, height, width]` after the VAE (the model's factors).
     pub latent_fhw: [usize; 3],
     /// Video tokens per forward (patch 1×2×2).
     pub tokens: usize,
@@ -105,16 +126,23 @@ fn invalid(field: &'static str, detail: String) -> CoreError {
     CoreError::input(field, detail)
 }
 
-/// Checks `s` against `limits`, naming the first field at fault; returns the latent grid and the
-/// token count (computed with checked arithmetic, compared with `limits.max_tokens`).
-pub fn check_settings(s: &Settings, limits: &Limits) -> Result<Checked> {
+/// Checks `s` against `limits` for a model with `factors`, naming the first field at fault;
+/// returns the latent grid and the token count (computed with checked arithmetic, compared with
+/// `limits.max_tokens`).
+pub fn check_settings(s: &Settings, factors: ModelFactors, limits: &Limits) -> Result<Checked> {
+    // Factors come from a worker's record: a zero or absurd one is refused, never divided by.
+    if !(1..=MAX_FACTOR).contains(&factors.spatial) || !(1..=MAX_FACTOR).contains(&factors.temporal) {
+        return Err(invalid("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
+    }
+    let side = factors.side_multiple();
     for (field, v) in [("width", s.width), ("height", s.height)] {
-        if v == 0 || v % SIDE_MULTIPLE != 0 || v > limits.max_side {
-            return Err(invalid(field, format!("{v} must be a multiple of {SIDE_MULTIPLE} between {SIDE_MULTIPLE} and {}", limits.max_side)));
+        if v == 0 || v % side != 0 || v > limits.max_side {
+            return Err(invalid(field, format!("{v} must be a multiple of {side} between {side} and {}", limits.max_side)));
         }
     }
-    if s.num_frames % 4 != 1 || s.num_frames > limits.max_frames {
-        return Err(invalid("num_frames", format!("{} must be 4k+1 (1, 5, 9, ... {})", s.num_frames, limits.max_frames)));
+    let t = factors.temporal;
+    if s.num_frames % t != 1 % t || s.num_frames == 0 || s.num_frames > limits.max_frames {
+        return Err(invalid("num_frames", format!("{} must be {t}k+1 (1, {}, {}, ... {})", s.num_frames, t + 1, 2 * t + 1, limits.max_frames)));
     }
     if s.steps == 0 || s.steps > limits.max_steps {
         return Err(invalid("steps", format!("{} must be between 1 and {}", s.steps, limits.max_steps)));
@@ -134,7 +162,7 @@ pub fn check_settings(s: &Settings, limits: &Limits) -> Result<Checked> {
         }
     }
     // Every size is bounded above, but a configured limit may be huge: the products are checked.
-    let fhw = latent_grid(s.num_frames, s.height, s.width, WAN_SPATIAL, WAN_TEMPORAL);
+    let fhw = latent_grid(s.num_frames, s.height, s.width, factors);
     let tokens = grid_tokens(fhw);
     let too_many = |n: String| {
         invalid("num_frames", format!("{}x{} with {} frames is {n} tokens; at most {} are accepted", s.width, s.height, s.num_frames, limits.max_tokens))
@@ -157,7 +185,7 @@ mod tests {
     }
 
     fn field(s: Settings, limits: &Limits) -> &'static str {
-        match check_settings(&s, limits) {
+        match check_settings(&s, ModelFactors::WAN, limits) {
             Err(CoreError::InvalidInput { field, .. }) => field,
             other => panic!("expected an invalid field, got {other:?}"),
         }
@@ -165,7 +193,7 @@ mod tests {
 
     #[test]
     fn valid_settings_give_the_grid_and_the_tokens() {
-        assert_eq!(check_settings(&ok(), &Limits::default()).unwrap(), Checked { latent_fhw: [21, 60, 104], tokens: 32_760 });
+        assert_eq!(check_settings(&ok(), ModelFactors::WAN, &Limits::default()).unwrap(), Checked { latent_fhw: [21, 60, 104], tokens: 32_760 });
     }
 
     #[test]
@@ -185,12 +213,29 @@ mod tests {
         assert_eq!(field(Settings { width: 4096, height: 4096, num_frames: 1441, ..ok() }, &l), "num_frames");
     }
 
+    /// The sizes follow the model's factors; factors from a hostile record are refused.
+    #[test]
+    fn the_models_factors_set_the_multiples_and_the_grid() {
+        let l = Limits::default();
+        let other = ModelFactors { spatial: 16, temporal: 8 };
+        assert!(check_settings(&Settings { width: 848, ..ok() }, ModelFactors::WAN, &l).is_ok());
+        let err = check_settings(&Settings { width: 848, ..ok() }, other, &l).unwrap_err();
+        assert!(matches!(err, CoreError::InvalidInput { field: "width", .. }), "848 is a multiple of 16, not of 32: {err}");
+        let s = Settings { width: 832, height: 480, num_frames: 81, ..ok() };
+        assert_eq!(check_settings(&s, other, &l).unwrap().latent_fhw, [11, 30, 52]);
+        let err = check_settings(&Settings { num_frames: 85, ..s }, other, &l).unwrap_err().to_string();
+        assert!(err.contains("must be 8k+1"), "{err}");
+        for bad in [ModelFactors { spatial: 0, temporal: 4 }, ModelFactors { spatial: 8, temporal: 0 }, ModelFactors { spatial: 1 << 40, temporal: 4 }] {
+            assert!(matches!(check_settings(&ok(), bad, &l), Err(CoreError::InvalidInput { field: "model_factors", .. })), "{bad:?}");
+        }
+    }
+
     /// A configured limit far past any real size cannot let a product wrap around.
     #[test]
     fn hostile_sizes_cannot_overflow() {
         let open = Limits { max_side: u64::MAX, max_frames: u64::MAX, max_tokens: u64::MAX, ..Limits::default() };
         let huge = Settings { width: 1 << 63, height: 1 << 63, num_frames: (1 << 62) + 1, ..ok() };
-        let err = check_settings(&huge, &open).unwrap_err().to_string();
+        let err = check_settings(&huge, ModelFactors::WAN, &open).unwrap_err().to_string();
         assert!(err.contains("num_frames") && err.contains("more than 2^64"), "{err}");
         // The internal API's example: a 1,048,576 × 1,048,576 latent (8,388,608-pixel sides).
         let wide = Settings { width: 8 << 20, height: 8 << 20, num_frames: 1, ..ok() };

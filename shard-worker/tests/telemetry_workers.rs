@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tessera_proto::v1::GenerateRequest;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_telemetry::receiver::{TestReceiver, TraceTree};
@@ -101,8 +100,18 @@ const STEPS: u32 = 3;
 async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job: &str) {
     let trace_context: HashMap<String, String> = current_context_map();
     assert!(trace_context.contains_key("traceparent"), "{trace_context:?}");
-    let request =
-        GenerateRequest { prompt: "a red ball".into(), width: 48, height: 32, num_frames: 9, steps: STEPS, guidance_scale: Some(5.0), ..Default::default() };
+    let spec = pb::JobSpec {
+        prompt: "a red ball".into(),
+        width: 48,
+        height: 32,
+        num_frames: 9,
+        steps: STEPS,
+        guidance_scale: 5.0,
+        seed: 3,
+        spatial_factor: 8,
+        temporal_factor: 4,
+        ..Default::default()
+    };
     let world = clients.len() as u32;
     let prepares = clients.iter().enumerate().map(|(rank, c)| {
         let req = pb::PrepareJobRequest {
@@ -112,8 +121,7 @@ async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job
             ulysses: 1,
             peers: peers.to_vec(),
             session: 9,
-            request: Some(request.clone()),
-            seed: 3,
+            spec: Some(spec.clone()),
             trace_context: trace_context.clone(),
             ..Default::default()
         };

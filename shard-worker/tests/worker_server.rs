@@ -9,13 +9,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::reason::Reason;
-use tessera_proto::v1::GenerateRequest;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::model::DitModel;
 use tessera_worker::pipeline::{FrameCollector, PipelinePreset, WanPipeline};
-use tessera_worker::server::{params_from_request, WorkerIdentity, WorkerService};
+use tessera_worker::server::{params_from_spec, WorkerIdentity, WorkerService};
 use tessera_worker::transformer_config::TransformerPreset;
 use tonic::transport::Channel;
 
@@ -64,8 +63,20 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
     (clients, collectives)
 }
 
-fn request() -> GenerateRequest {
-    GenerateRequest { prompt: "a red ball".into(), width: 48, height: 32, num_frames: 9, steps: 3, guidance_scale: Some(5.0), ..Default::default() }
+/// The job every test runs, as the coordinator sends it (seed 5, Wan's factors).
+fn request() -> pb::JobSpec {
+    pb::JobSpec {
+        prompt: "a red ball".into(),
+        width: 48,
+        height: 32,
+        num_frames: 9,
+        steps: 3,
+        guidance_scale: 5.0,
+        seed: 5,
+        spatial_factor: 8,
+        temporal_factor: 4,
+        ..Default::default()
+    }
 }
 
 async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, job: &str) -> Vec<u8> {
@@ -78,8 +89,7 @@ async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], u
             ulysses,
             peers: peers.to_vec(),
             session: 77,
-            request: Some(request()),
-            seed: 5,
+            spec: Some(request()),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -125,7 +135,8 @@ fn reference_rgb() -> Vec<u8> {
 /// `pipe`'s frames for [`request`] in one process, as interleaved RGB8.
 fn rgb_of(pipe: &WanPipeline) -> Vec<u8> {
     let mut frames = FrameCollector::default();
-    pipe.generate(&params_from_request(&request(), 5).unwrap(), &mut frames).unwrap();
+    let spec = tessera_core::JobSpec::from_message(&request(), &tessera_core::limits::Limits::default()).unwrap();
+    pipe.generate(&params_from_spec(&spec), &mut frames).unwrap();
     let t = frames.frames().unwrap();
     let (n, plane) = (t.dim(2), t.dim(3) * t.dim(4));
     (0..n)
@@ -177,8 +188,7 @@ async fn a_group_mixing_devices_is_refused_on_every_rank() {
             ulysses: 1,
             peers: peers.clone(),
             session: 78,
-            request: Some(request()),
-            seed: 5,
+            spec: Some(request()),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -201,33 +211,36 @@ async fn misuse_gets_clear_status_codes() {
     let c = &mut clients[0];
     let err = c.step(pb::StepRequest { job_id: "nope".into(), step: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
-    let prepare = |job: &str, req: GenerateRequest| pb::PrepareJobRequest {
+    let prepare = |job: &str, spec: pb::JobSpec| pb::PrepareJobRequest {
         job_id: job.into(),
         rank: 0,
         world: 1,
         ulysses: 1,
         peers: peers.clone(),
-        request: Some(req),
-        seed: 1,
+        spec: Some(spec),
         ..Default::default()
     };
     // Hostile sizes over the internal API are refused before anything is allocated, and the
-    // worker goes on serving: a 1,048,576 x 1,048,576 latent, a token count past the budget.
+    // worker goes on serving: a 1,048,576 x 1,048,576 latent, a token count past the budget,
+    // sizes whose product overflows 64 bits, factors that would divide by zero.
     for (hostile, field) in [
-        (GenerateRequest { width: 8 << 20, height: 8 << 20, ..request() }, "width"),
-        (GenerateRequest { width: 4096, height: 4096, num_frames: 1441, ..request() }, "num_frames"),
-        (GenerateRequest { steps: u32::MAX, ..request() }, "steps"),
+        (pb::JobSpec { width: 8 << 20, height: 8 << 20, ..request() }, "spec.width"),
+        (pb::JobSpec { width: 4096, height: 4096, num_frames: 1441, ..request() }, "spec.num_frames"),
+        (pb::JobSpec { steps: u32::MAX, ..request() }, "spec.steps"),
+        (pb::JobSpec { spatial_factor: 0, ..request() }, "spec.model_factors"),
+        (pb::JobSpec { spatial_factor: 16, ..request() }, "spec.width"),
+        (pb::JobSpec { spatial_factor: 4, ..request() }, "spec.model_factors"),
     ] {
         let err = c.prepare_job(prepare("hostile", hostile)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
         assert_eq!(tessera_proto::reason::failure(&err).and_then(|f| f.field).as_deref(), Some(field), "{err}");
     }
-    let err = c.prepare_job(prepare("bad", GenerateRequest { num_frames: 8, ..request() })).await.unwrap_err();
+    let err = c.prepare_job(prepare("bad", pb::JobSpec { num_frames: 8, ..request() })).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("num_frames"), "{err}");
     // The reason and the field travel in the status details, for programs to act on.
     let why = tessera_proto::reason::failure(&err).expect("an ErrorInfo");
-    assert_eq!((why.reason, why.field.as_deref()), (Reason::InvalidField, Some("num_frames")));
+    assert_eq!((why.reason, why.field.as_deref()), (Reason::InvalidField, Some("spec.num_frames")));
     c.prepare_job(prepare("a", request())).await.unwrap();
     let err = c.prepare_job(prepare("b", request())).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a busy worker refuses a second job: {err}");
@@ -255,8 +268,7 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
             ulysses: 1,
             peers: peers.clone(),
             session: 9,
-            request: Some(request()),
-            seed: 5,
+            spec: Some(request()),
             ..Default::default()
         };
         tokio::spawn(async move { c.prepare_job(req).await })
@@ -270,8 +282,7 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
         ulysses: 1,
         peers: vec![peers[0].clone()],
         session: 10,
-        request: Some(request()),
-        seed: 5,
+        spec: Some(request()),
         ..Default::default()
     };
     let err = clients[0].prepare_job(second).await.unwrap_err();
@@ -298,8 +309,7 @@ async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
         ulysses: 1,
         peers: peers.clone(),
         session: 11,
-        request: Some(request()),
-        seed: 5,
+        spec: Some(request()),
         ..Default::default()
     };
     let mut call = tonic::Request::new(req);
@@ -354,8 +364,7 @@ async fn a_malformed_nccl_id_is_refused_and_leaves_the_worker_free() {
         peers: peers.clone(),
         session: 12,
         nccl_unique_id: vec![1, 2, 3, 4, 5],
-        request: Some(request()),
-        seed: 5,
+        spec: Some(request()),
         ..Default::default()
     };
     let err = clients[0].prepare_job(bad).await.unwrap_err();

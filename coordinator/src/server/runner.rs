@@ -160,7 +160,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             let t = &o.timings;
             let phases = [("queued", t.queued), ("preparing", t.preparing), ("denoising", t.denoising), ("decoding", t.decoding), ("encoding", t.encoding)];
             let r = &d.job.request;
-            state.metrics.succeeded(t.total, phases, r.tokens as u64 * u64::from(r.forwards_per_step()) * o.steps as u64, t.denoising);
+            state.metrics.succeeded(t.total, phases, r.spec.tokens() as u64 * u64::from(r.spec.forwards_per_step()) * o.steps as u64, t.denoising);
             tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
             let done = Done {
                 job_id: id.clone(),

@@ -129,9 +129,9 @@ impl Tessera for TesseraService {
         };
         state.metrics.set_queue_depth(state.scheduler.queued());
         // The job's span (child of the caller's, from `traceparent`) covers its queueing and run.
-        let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, tokens = valid.tokens, steps = valid.request.steps, ranks = plan.ranks, ulysses = plan.ulysses, ring = plan.ring);
+        let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, tokens = valid.spec.tokens(), steps = valid.request.steps, ranks = plan.ranks, ulysses = plan.ulysses, ring = plan.ring);
         tessera_telemetry::set_parent_from_metadata(&span, &caller);
-        span.in_scope(|| tracing::info!(job = %id, position, tokens = valid.tokens, steps = valid.request.steps, "job accepted"));
+        span.in_scope(|| tracing::info!(job = %id, position, tokens = valid.spec.tokens(), steps = valid.request.steps, "job accepted"));
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let accepted_msg = Accepted { job_id: id.clone(), plan: Some(plan), queue_position: position as u32, seed, effective_request: Some(recorded) };
         tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) }))

@@ -66,7 +66,8 @@ pub struct WorkerRecord {
     pub model_info: ModelInfo,
 }
 
-/// The served model's facts that planning needs (all zero when a worker did not say).
+/// The served model's facts that planning and validation need (sizes zero when a worker did not
+/// say; the factors then Wan's).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// Attention heads of the transformer (a Ulysses degree must divide them).
@@ -79,6 +80,10 @@ pub struct ModelInfo {
     pub num_frames: u32,
     /// Default denoising steps.
     pub steps: u32,
+    /// How the model turns video into tokens (its VAE's factors): every size check of a job for
+    /// this model uses them.
+    #[serde(default)]
+    pub factors: crate::limits::ModelFactors,
 }
 
 impl WorkerRecord {

@@ -128,8 +128,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
         video,
         ..GenerationParams::new(s.prompt.clone())
     };
-    let vc = pipe.vae().config();
-    params.validate(vc.spatial_factor(), vc.temporal_factor(), &crate::pipeline::limits::Limits::default())?;
+    params.validate(pipe.factors(), &crate::pipeline::limits::Limits::default())?;
 
     // Stage 1: tokens and embeddings.
     let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;

@@ -112,7 +112,14 @@ impl WanPipeline {
             height: defaults.height as u32,
             num_frames: defaults.num_frames as u32,
             steps: defaults.num_inference_steps as u32,
+            factors: self.factors(),
         }
+    }
+
+    /// How the loaded model turns video into tokens (its VAE's compression factors).
+    pub fn factors(&self) -> tessera_core::limits::ModelFactors {
+        let vc = self.vae.config();
+        tessera_core::limits::ModelFactors { spatial: vc.spatial_factor() as u64, temporal: vc.temporal_factor() as u64 }
     }
 
     /// Assembles a pipeline from loaded components (the transformer on whatever backend it was
@@ -204,7 +211,7 @@ impl WanPipeline {
     /// from `params.seed`.
     pub fn noise_for(&self, params: &GenerationParams) -> Result<Tensor> {
         let vc = self.vae.config();
-        let fhw = params.latent_fhw(vc.spatial_factor(), vc.temporal_factor());
+        let fhw = params.latent_fhw(self.factors());
         let shape = [1, vc.z_dim, fhw[0], fhw[1], fhw[2]];
         match &params.initial_noise {
             Some(n) if n.shape() == shape => Ok(n.clone()),
@@ -315,8 +322,7 @@ impl WanPipeline {
 
     /// The whole generation; returns the final latent (frames went to the observer).
     pub fn generate(&self, params: &GenerationParams, observer: &mut dyn PipelineObserver) -> Result<Tensor> {
-        let vc = self.vae.config();
-        params.validate(vc.spatial_factor(), vc.temporal_factor(), &limits::Limits::none())?;
+        params.validate(self.factors(), &limits::Limits::none())?;
         let text = self.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
         observer.on_text(&text)?;
         let schedule = self.schedule_for(params)?;

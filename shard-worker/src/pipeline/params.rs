@@ -1,6 +1,6 @@
 //! What one generation asks for, checked against the loaded models before any work starts.
 
-use super::limits::{check_settings, grid_tokens, latent_grid, Limits, Settings};
+use super::limits::{check_settings, grid_tokens, latent_grid, Limits, ModelFactors, Settings};
 use crate::sampler::SamplerKind;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -63,20 +63,10 @@ impl GenerationParams {
         }
     }
 
-    /// Checks the sizes and settings against `limits` (the one check every path runs:
-    /// [`check_settings`]), then against the VAE's factors (`spatial` × the patch size for the
-    /// sides, `temporal` for the frames).
-    pub fn validate(&self, spatial: usize, temporal: usize, limits: &Limits) -> Result<()> {
-        check_settings(&self.settings(), limits)?;
-        let side = spatial * 2;
-        for (field, v) in [("height", self.height), ("width", self.width)] {
-            if v == 0 || v % side != 0 {
-                return Err(WorkerError::input(field, format!("{v} must be a positive multiple of {side}")));
-            }
-        }
-        if self.num_frames == 0 || !(self.num_frames - 1).is_multiple_of(temporal) {
-            return Err(WorkerError::input("num_frames", format!("{} must be {temporal}k + 1", self.num_frames)));
-        }
+    /// Checks the sizes and settings for a model with `factors` against `limits` (the one check
+    /// every path runs: [`check_settings`]), and an input video's shape against the sizes.
+    pub fn validate(&self, factors: ModelFactors, limits: &Limits) -> Result<()> {
+        check_settings(&self.settings(), factors, limits)?;
         if let Some(v) = &self.video {
             let want = [1, 3, self.num_frames, self.height, self.width];
             if v.video.shape() != want {
@@ -100,13 +90,13 @@ impl GenerationParams {
     }
 
     /// Latent grid `[T, h, w]` for these sizes ([`latent_grid`]).
-    pub fn latent_fhw(&self, spatial: usize, temporal: usize) -> [usize; 3] {
-        latent_grid(self.num_frames as u64, self.height as u64, self.width as u64, spatial as u64, temporal as u64).map(|d| d as usize)
+    pub fn latent_fhw(&self, factors: ModelFactors) -> [usize; 3] {
+        latent_grid(self.num_frames as u64, self.height as u64, self.width as u64, factors).map(|d| d as usize)
     }
 
     /// Video tokens per forward for these sizes ([`grid_tokens`]; None past 2⁶⁴).
-    pub fn tokens(&self, spatial: usize, temporal: usize) -> Option<usize> {
-        grid_tokens(self.latent_fhw(spatial, temporal).map(|d| d as u64)).and_then(|t| usize::try_from(t).ok())
+    pub fn tokens(&self, factors: ModelFactors) -> Option<usize> {
+        grid_tokens(self.latent_fhw(factors).map(|d| d as u64)).and_then(|t| usize::try_from(t).ok())
     }
 }
 
@@ -115,7 +105,7 @@ mod tests {
     use super::*;
 
     fn field(p: &GenerationParams) -> &'static str {
-        match p.validate(8, 4, &Limits::default()) {
+        match p.validate(ModelFactors::WAN, &Limits::default()) {
             Err(WorkerError::InvalidInput { field, .. }) => field,
             other => panic!("expected an invalid input, got {other:?}"),
         }
@@ -124,8 +114,8 @@ mod tests {
     #[test]
     fn sizes_and_settings_are_checked_by_name() {
         let ok = GenerationParams::new("x");
-        ok.validate(8, 4, &Limits::default()).unwrap();
-        assert_eq!(ok.latent_fhw(8, 4), [21, 60, 104]);
+        ok.validate(ModelFactors::WAN, &Limits::default()).unwrap();
+        assert_eq!(ok.latent_fhw(ModelFactors::WAN), [21, 60, 104]);
         assert_eq!(field(&GenerationParams { height: 40, ..ok.clone() }), "height");
         assert_eq!(field(&GenerationParams { width: 0, ..ok.clone() }), "width");
         assert_eq!(field(&GenerationParams { num_frames: 8, ..ok.clone() }), "num_frames");
@@ -135,6 +125,6 @@ mod tests {
         let video = Tensor::zeros([1, 3, 81, 480, 832]);
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: video.clone(), strength: 0.0 }), ..ok.clone() }), "strength");
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: Tensor::zeros([1, 3, 5, 480, 832]), strength: 0.5 }), ..ok.clone() }), "video");
-        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(8, 4, &Limits::default()).unwrap();
+        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(ModelFactors::WAN, &Limits::default()).unwrap();
     }
 }

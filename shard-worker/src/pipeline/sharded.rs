@@ -100,8 +100,7 @@ pub fn generate_sharded(
     plan: ParallelPlan,
     observer: &mut dyn PipelineObserver,
 ) -> Result<Tensor> {
-    let vc = pipe.vae().config();
-    params.validate(vc.spatial_factor(), vc.temporal_factor(), &super::limits::Limits::none())?;
+    params.validate(pipe.factors(), &super::limits::Limits::none())?;
     let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
     observer.on_text(&text)?;
     let schedule = pipe.schedule_for(params)?;

@@ -138,7 +138,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
         return Err(WorkerError::input("rank", format!("{} is outside a group of {world}", setup.rank)));
     }
     // The params were checked by PrepareJob (`GenerationParams::validate`, the worker's limits).
-    let (spatial, temporal) = (pipe.vae().config().spatial_factor(), pipe.vae().config().temporal_factor());
+    let factors = pipe.factors();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel::<(tracing::Span, Command)>();
     let (ended_tx, ended) = tokio::sync::watch::channel(false);
@@ -157,7 +157,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
                     return;
                 }
             };
-            let Some(tokens) = setup.params.tokens(spatial, temporal) else {
+            let Some(tokens) = setup.params.tokens(factors) else {
                 let _ = ready_tx.send(Err(WorkerError::input("num_frames", "the token count overflows")));
                 return;
             };

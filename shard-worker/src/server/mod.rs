@@ -12,7 +12,7 @@ mod status;
 
 pub use job::{JobCheckpoint, JobSetup, StepReport};
 pub use metrics::WorkerMetrics;
-pub use request::params_from_request;
+pub use request::params_from_spec;
 
 use crate::pipeline::{VideoInput, WanPipeline};
 use crate::WorkerError;
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
-use tessera_core::codec;
+use tessera_core::{codec, JobSpec};
 use tessera_proto::reason::{invalid_field, status, Reason};
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
@@ -244,17 +244,26 @@ impl WorkerService {
         if !r.init_latents.is_empty() {
             return Err(status(Reason::Unimplemented, Some("init_latents"), "init_latents: send input_frames for video-to-video"));
         }
-        let req = r.request.as_ref().ok_or_else(|| invalid_field("request", "request: required"))?;
-        let mut params = params_from_request(req, r.seed).map_err(Status::from)?;
-        if let Some(frames) = &r.input_frames {
-            let strength = req.strength.ok_or_else(|| invalid_field("request.strength", "request.strength: required with input_frames"))?;
-            params.video =
-                Some(VideoInput { video: codec::input_frames_video(frames).map_err(WorkerError::from).map_err(Status::from)?, strength: strength as f64 });
+        // The job spec, checked with the coordinator's code against this worker's limits, before
+        // anything is allocated or claimed; its factors must be this model's.
+        let spec = r.spec.as_ref().ok_or_else(|| invalid_field("spec", "spec: required"))?;
+        let spec = JobSpec::from_message(spec, &me.limits).map_err(spec_refused)?;
+        if spec.factors() != self.inner.pipe.factors() {
+            let detail = format!("spec.model_factors: {:?}, but this worker's model has {:?}", spec.factors(), self.inner.pipe.factors());
+            return Err(invalid_field("spec.model_factors", detail));
         }
-        // The one check of sizes and settings, against this worker's limits, before anything is
-        // allocated or claimed.
-        let vc = self.inner.pipe.vae().config();
-        params.validate(vc.spatial_factor(), vc.temporal_factor(), &me.limits).map_err(Status::from)?;
+        let mut params = params_from_spec(&spec);
+        match (&r.input_frames, spec.request().strength) {
+            (Some(frames), Some(strength)) => {
+                let video = codec::input_frames_video(frames).map_err(WorkerError::from).map_err(Status::from)?;
+                params.video = Some(VideoInput { video, strength: strength.into() });
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(invalid_field("spec.strength", "spec.strength: required with input_frames")),
+            (None, Some(_)) => return Err(invalid_field("input_frames", "input_frames: required with spec.strength")),
+        }
+        // The input video's shape against the spec's sizes (the sizes were checked above).
+        params.validate(spec.factors(), &me.limits).map_err(Status::from)?;
         let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;
         let peers = resolve_peers(&r.peers).await?;
         if r.world as usize != peers.len() {
@@ -448,6 +457,17 @@ impl ShardWorker for WorkerService {
 
     async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
         Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.inner.me.collective.to_string() }))
+    }
+}
+
+/// A refused spec as INVALID_FIELD naming `spec.FIELD` (the field of the internal request).
+fn spec_refused(e: tessera_core::CoreError) -> Status {
+    match e {
+        tessera_core::CoreError::InvalidInput { field, detail } => {
+            let field = format!("spec.{field}");
+            invalid_field(&field, format!("{field}: {detail}"))
+        }
+        other => Status::from(WorkerError::from(other)),
     }
 }
 

@@ -1,61 +1,56 @@
-//! A validated public request (defaults applied by the coordinator) as the pipeline's parameters.
+//! A job spec (validated by the coordinator, checked again by this worker) as the pipeline's
+//! parameters: no defaults are applied here, the spec carries every setting.
 
 use crate::pipeline::GenerationParams;
 use crate::sampler::SamplerKind;
-use crate::{Result, WorkerError};
-use tessera_proto::v1::{GenerateRequest, Sampler};
+use tessera_core::JobSpec;
+use tessera_proto::v1::Sampler;
 
-/// The generation a request asks for, with `seed`. Sizes must already be set (the coordinator's
-/// validation applies the defaults); zero sizes are refused here, naming the field.
-pub fn params_from_request(req: &GenerateRequest, seed: u64) -> Result<GenerationParams> {
-    let need = |field: &'static str, v: u32| {
-        if v == 0 {
-            Err(WorkerError::input(field, "must be set (defaults are applied by the coordinator)"))
-        } else {
-            Ok(v as usize)
-        }
+/// The generation `spec` asks for (without the input video, which travels beside it).
+pub fn params_from_spec(spec: &JobSpec) -> GenerationParams {
+    let r = spec.request();
+    let sampler = match r.sampler {
+        Sampler::Unspecified => None,
+        Sampler::Unipc => Some(SamplerKind::UniPc),
+        Sampler::Euler => Some(SamplerKind::Euler),
     };
-    let sampler = match Sampler::try_from(req.sampler) {
-        Ok(Sampler::Unspecified) => None,
-        Ok(Sampler::Unipc) => Some(SamplerKind::UniPc),
-        Ok(Sampler::Euler) => Some(SamplerKind::Euler),
-        Err(_) => return Err(WorkerError::input("sampler", format!("{} is not a known sampler", req.sampler))),
-    };
-    Ok(GenerationParams {
-        negative_prompt: req.negative_prompt.clone(),
-        height: need("height", req.height)?,
-        width: need("width", req.width)?,
-        num_frames: need("num_frames", req.num_frames)?,
-        num_inference_steps: need("steps", req.steps)?,
-        guidance_scale: req.guidance_scale.unwrap_or(5.0),
-        flow_shift: req.flow_shift.map(f64::from),
+    GenerationParams {
+        negative_prompt: r.negative_prompt.clone(),
+        height: r.height as usize,
+        width: r.width as usize,
+        num_frames: r.num_frames as usize,
+        num_inference_steps: r.steps as usize,
+        guidance_scale: r.guidance_scale,
+        flow_shift: r.flow_shift.map(f64::from),
         sampler,
-        seed,
-        ..GenerationParams::new(req.prompt.clone())
-    })
+        seed: r.seed,
+        ..GenerationParams::new(r.prompt.clone())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_core::limits::{Limits, ModelFactors};
+    use tessera_core::JobRequest;
 
     #[test]
-    fn fields_map_and_missing_sizes_are_named() {
-        let req = GenerateRequest {
+    fn every_setting_of_the_spec_reaches_the_parameters() {
+        let request = JobRequest {
             prompt: "a".into(),
+            negative_prompt: "b".into(),
             width: 64,
             height: 32,
             num_frames: 9,
             steps: 4,
-            guidance_scale: Some(3.0),
-            flow_shift: Some(5.0),
-            sampler: Sampler::Euler as i32,
-            ..Default::default()
+            guidance_scale: 3.0,
+            flow_shift: Some(2.5),
+            sampler: Sampler::Euler,
+            seed: 7,
+            strength: None,
         };
-        let p = params_from_request(&req, 7).unwrap();
-        assert_eq!((p.width, p.height, p.num_frames, p.num_inference_steps, p.seed), (64, 32, 9, 4, 7));
-        assert_eq!((p.guidance_scale, p.flow_shift, p.sampler), (3.0, Some(5.0), Some(SamplerKind::Euler)));
-        let err = params_from_request(&GenerateRequest { steps: 0, ..req }, 7).unwrap_err();
-        assert!(matches!(err, WorkerError::InvalidInput { field: "steps", .. }), "{err}");
+        let p = params_from_spec(&JobSpec::new(request, ModelFactors::WAN, &Limits::default()).unwrap());
+        assert_eq!((p.prompt.as_str(), p.negative_prompt.as_str(), p.width, p.height, p.num_frames), ("a", "b", 64, 32, 9));
+        assert_eq!((p.num_inference_steps, p.guidance_scale, p.flow_shift, p.sampler, p.seed), (4, 3.0, Some(2.5), Some(SamplerKind::Euler), 7));
     }
 }

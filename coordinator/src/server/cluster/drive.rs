@@ -76,7 +76,11 @@ impl Rank {
         CoordinatorError::WorkerFailed {
             worker: format!("{} ({})", self.record.worker_id, self.record.address),
             during: during.into(),
-            refused_field: failure(&status).filter(|f| f.reason == Reason::InvalidField).map(|f| f.field.unwrap_or_default()),
+            // A refused `spec.FIELD` is the public request's FIELD (the spec names its fields so).
+            refused_field: failure(&status)
+                .filter(|f| f.reason == Reason::InvalidField)
+                .map(|f| f.field.unwrap_or_default())
+                .map(|f| f.strip_prefix("spec.").map(str::to_string).unwrap_or(f)),
             detail: format!("{} ({:?})", status.message(), status.code()),
         }
     }
@@ -261,6 +265,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session: u64 = rand_session();
     let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
+    let spec = cx.job.request.spec.to_message();
 
     let ranks_n = ranks.len() as u32;
     send(
@@ -270,8 +275,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             ranks: ranks_n,
             ulysses: group.ulysses as u32,
             ring: ranks_n / group.ulysses as u32,
-            tokens: cx.job.request.tokens as u64,
-            forwards_per_step: cx.job.request.forwards_per_step(),
+            tokens: cx.job.request.spec.tokens() as u64,
+            forwards_per_step: cx.job.request.spec.forwards_per_step(),
         }),
     )
     .await?;
@@ -292,8 +297,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             ulysses: group.ulysses as u32,
             peers: peers.clone(),
             session,
-            request: Some(tessera_proto::v1::GenerateRequest { input_video: Vec::new(), ..r.clone() }),
-            seed: r.seed.unwrap_or(0),
+            spec: Some(spec.clone()),
             input_frames: input_frames.clone(),
             trace_context: trace_context.clone(),
             resume: cx.resume.clone(),

@@ -181,7 +181,7 @@ impl JobExecutor for ClusterExecutor {
         let table = self.shared.table();
         match table.any_serving(&model).map(|w| w.model_info) {
             Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => {
-                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, ..base }
+                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, factors: i.factors, ..base }
             }
             _ => base,
         }
@@ -202,7 +202,7 @@ impl JobExecutor for ClusterExecutor {
         let table = self.shared.table();
         let model = &request.request.model;
         let serving: Vec<_> = table.records().filter(|w| &w.model == model).collect();
-        let ranks = serving.len().min(group_limit(self.config.max_ranks, request.tokens)).max(1);
+        let ranks = serving.len().min(group_limit(self.config.max_ranks, request.spec.tokens())).max(1);
         let heads = serving.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
         let ulysses = ulysses_degree(ranks, heads) as u32;
         Plan {
@@ -211,8 +211,8 @@ impl JobExecutor for ClusterExecutor {
             ranks: ranks as u32,
             ulysses,
             ring: ranks as u32 / ulysses,
-            tokens: request.tokens as u64,
-            forwards_per_step: request.forwards_per_step(),
+            tokens: request.spec.tokens() as u64,
+            forwards_per_step: request.spec.forwards_per_step(),
         }
     }
 
@@ -347,7 +347,7 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
             if !table.models().iter().any(|m| m == model) {
                 return Err(CoordinatorError::Unavailable(format!("no live worker serves model {model:?}")));
             }
-            if let Some(group) = table.reserve(&job.id, model, max_ranks, job.request.tokens) {
+            if let Some(group) = table.reserve(&job.id, model, max_ranks, job.request.spec.tokens()) {
                 return Ok(group);
             }
         }

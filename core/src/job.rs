@@ -1,0 +1,228 @@
+//! The job spec: one generation as the cluster runs it. The coordinator makes it once from a
+//! public request (the CLI's flags become one) with the served model's factors and the configured
+//! limits; it travels to every worker in PrepareJob, and each worker checks it again with the same
+//! constructor, against its own limits, before it allocates anything.
+
+use crate::limits::{check_settings, Limits, ModelFactors, Settings, MAX_FACTOR};
+use crate::{CoreError, Result};
+use tessera_proto::v1::Sampler;
+use tessera_proto::worker::v1 as pb;
+
+/// Longest prompt or negative prompt accepted, in characters.
+pub const MAX_PROMPT_CHARS: usize = 2_000;
+
+/// What a job asks for, every default applied; not yet checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRequest {
+    /// What the video shows.
+    pub prompt: String,
+    /// What it should not show.
+    pub negative_prompt: String,
+    /// Frame width in pixels.
+    pub width: u32,
+    /// Frame height in pixels.
+    pub height: u32,
+    /// Frames.
+    pub num_frames: u32,
+    /// Denoising steps of the full schedule.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f32,
+    /// σ shift; `None` keeps the model's scheduler config.
+    pub flow_shift: Option<f32>,
+    /// Sampler (`Unspecified`: the model's scheduler config).
+    pub sampler: Sampler,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Video-to-video strength (set exactly when the job has an input video).
+    pub strength: Option<f32>,
+}
+
+impl JobRequest {
+    /// The sizes and settings as the one check reads them.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            width: self.width.into(),
+            height: self.height.into(),
+            num_frames: self.num_frames.into(),
+            steps: self.steps.into(),
+            guidance_scale: self.guidance_scale,
+            flow_shift: self.flow_shift,
+            strength: self.strength,
+        }
+    }
+}
+
+/// A job that passed the one check: its request, the model factors it was checked against, and
+/// what the check derived (the latent grid and the token count, from checked products).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSpec {
+    request: JobRequest,
+    factors: ModelFactors,
+    latent_fhw: [usize; 3],
+    tokens: usize,
+}
+
+impl JobSpec {
+    /// Checks `request` for a model with `factors` against `limits`, naming the first field at
+    /// fault: the prompts (present, bounded, no NUL), then every size and setting
+    /// ([`check_settings`]).
+    pub fn new(request: JobRequest, factors: ModelFactors, limits: &Limits) -> Result<Self> {
+        if request.prompt.trim().is_empty() {
+            return Err(CoreError::input("prompt", "is required and must not be blank"));
+        }
+        for (field, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
+            let n = text.chars().count();
+            if n > MAX_PROMPT_CHARS {
+                return Err(CoreError::input(field, format!("has {n} characters, at most {MAX_PROMPT_CHARS} are accepted")));
+            }
+            if text.contains('\0') {
+                return Err(CoreError::input(field, "contains a NUL character"));
+            }
+        }
+        let checked = check_settings(&request.settings(), factors, limits)?;
+        Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens })
+    }
+
+    /// What the job asks for.
+    pub fn request(&self) -> &JobRequest {
+        &self.request
+    }
+
+    /// The model factors the sizes were checked against.
+    pub fn factors(&self) -> ModelFactors {
+        self.factors
+    }
+
+    /// Latent grid `[frames, height, width]`.
+    pub fn latent_fhw(&self) -> [usize; 3] {
+        self.latent_fhw
+    }
+
+    /// Video tokens per transformer forward.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Transformer forwards per denoising step: 2 with classifier-free guidance, else 1.
+    pub fn forwards_per_step(&self) -> u32 {
+        if crate::limits::guidance_enabled(self.request.guidance_scale) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The spec on the internal API.
+    pub fn to_message(&self) -> pb::JobSpec {
+        let r = &self.request;
+        pb::JobSpec {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            width: r.width,
+            height: r.height,
+            num_frames: r.num_frames,
+            steps: r.steps,
+            guidance_scale: r.guidance_scale,
+            flow_shift: r.flow_shift,
+            sampler: r.sampler as i32,
+            seed: r.seed,
+            strength: r.strength,
+            spatial_factor: self.factors.spatial as u32,
+            temporal_factor: self.factors.temporal as u32,
+        }
+    }
+
+    /// A spec from the internal API, checked with the same constructor against `limits` (a
+    /// worker's own): hostile sizes, settings, prompts or factors are refused naming the field.
+    pub fn from_message(m: &pb::JobSpec, limits: &Limits) -> Result<Self> {
+        let sampler = Sampler::try_from(m.sampler).map_err(|_| CoreError::input("sampler", format!("{} is not a known sampler", m.sampler)))?;
+        let factors = ModelFactors { spatial: m.spatial_factor.into(), temporal: m.temporal_factor.into() };
+        if factors.spatial > MAX_FACTOR || factors.temporal > MAX_FACTOR {
+            return Err(CoreError::input("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
+        }
+        let request = JobRequest {
+            prompt: m.prompt.clone(),
+            negative_prompt: m.negative_prompt.clone(),
+            width: m.width,
+            height: m.height,
+            num_frames: m.num_frames,
+            steps: m.steps,
+            guidance_scale: m.guidance_scale,
+            flow_shift: m.flow_shift,
+            sampler,
+            seed: m.seed,
+            strength: m.strength,
+        };
+        Self::new(request, factors, limits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> JobRequest {
+        JobRequest {
+            prompt: "a red ball".into(),
+            negative_prompt: String::new(),
+            width: 832,
+            height: 480,
+            num_frames: 81,
+            steps: 50,
+            guidance_scale: 5.0,
+            flow_shift: None,
+            sampler: Sampler::Unspecified,
+            seed: 7,
+            strength: None,
+        }
+    }
+
+    fn field(r: Result<JobSpec>) -> &'static str {
+        match r {
+            Err(CoreError::InvalidInput { field, .. }) => field,
+            other => panic!("expected a refused field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_request_gives_the_grid_and_round_trips_through_the_wire() {
+        let spec = JobSpec::new(request(), ModelFactors::WAN, &Limits::default()).unwrap();
+        assert_eq!((spec.latent_fhw(), spec.tokens(), spec.forwards_per_step()), ([21, 60, 104], 32_760, 2));
+        assert_eq!(JobSpec::from_message(&spec.to_message(), &Limits::default()).unwrap(), spec);
+    }
+
+    #[test]
+    fn prompts_are_checked_with_the_sizes() {
+        let l = Limits::default();
+        assert_eq!(field(JobSpec::new(JobRequest { prompt: "  ".into(), ..request() }, ModelFactors::WAN, &l)), "prompt");
+        let long = "x".repeat(MAX_PROMPT_CHARS + 1);
+        assert_eq!(field(JobSpec::new(JobRequest { negative_prompt: long, ..request() }, ModelFactors::WAN, &l)), "negative_prompt");
+        assert_eq!(field(JobSpec::new(JobRequest { prompt: "a\0b".into(), ..request() }, ModelFactors::WAN, &l)), "prompt");
+        assert_eq!(field(JobSpec::new(JobRequest { num_frames: 18, ..request() }, ModelFactors::WAN, &l)), "num_frames");
+    }
+
+    /// A worker given a hostile spec refuses it naming the field, before anything is allocated:
+    /// a 1,048,576 × 1,048,576 latent, sizes whose products overflow, an unknown sampler, factors
+    /// that would divide by zero or that do not fit.
+    #[test]
+    fn hostile_specs_are_refused_by_the_same_check() {
+        let worker = Limits { max_tokens: 1 << 21, ..Limits::default() };
+        let ok = JobSpec::new(request(), ModelFactors::WAN, &worker).unwrap().to_message();
+        let cases: [(pb::JobSpec, &str); 6] = [
+            (pb::JobSpec { width: 8 << 20, height: 8 << 20, ..ok.clone() }, "width"),
+            (pb::JobSpec { width: u32::MAX, height: u32::MAX, num_frames: u32::MAX, ..ok.clone() }, "width"),
+            (pb::JobSpec { sampler: 99, ..ok.clone() }, "sampler"),
+            (pb::JobSpec { spatial_factor: 0, ..ok.clone() }, "model_factors"),
+            (pb::JobSpec { temporal_factor: u32::MAX, ..ok.clone() }, "model_factors"),
+            (pb::JobSpec { width: 4096, height: 4096, num_frames: 1441, ..ok.clone() }, "num_frames"),
+        ];
+        for (m, want) in cases {
+            assert_eq!(field(JobSpec::from_message(&m, &worker)), want, "{m:?}");
+        }
+        // With no deployment limits the products still cannot wrap: 2^30 x 2^28 x 2^28 tokens.
+        let huge = pb::JobSpec { width: u32::MAX - 15, height: u32::MAX - 15, num_frames: u32::MAX - 2, ..ok };
+        let err = JobSpec::from_message(&huge, &Limits::none()).unwrap_err().to_string();
+        assert!(err.contains("num_frames") && err.contains("more than 2^64"), "{err}");
+    }
+}
