@@ -16,7 +16,7 @@ pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
 /// The size limits, checked by the one check every path runs (`tessera_core::limits`).
 pub use tessera_core::limits::Limits;
 
-/// Defaults of the served model family (Wan 2.1, as upstream's pipelines).
+/// Defaults of the served model (`tessera_core::defaults`, or what its workers advertise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestDefaults {
     /// Model used when the request names none.
@@ -41,15 +41,16 @@ pub struct RequestDefaults {
 
 impl Default for RequestDefaults {
     fn default() -> Self {
+        use tessera_core::defaults as d;
         Self {
             model: String::new(),
-            width: 832,
-            height: 480,
-            num_frames: 81,
-            fps: 16,
-            steps: 50,
-            guidance_scale: 5.0,
-            strength: 0.8,
+            width: d::WIDTH,
+            height: d::HEIGHT,
+            num_frames: d::NUM_FRAMES,
+            fps: d::FPS,
+            steps: d::STEPS,
+            guidance_scale: d::GUIDANCE_SCALE,
+            strength: d::STRENGTH,
             factors: ModelFactors::WAN,
         }
     }

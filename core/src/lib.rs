@@ -5,6 +5,7 @@
 //! tokenizer; the workers and the kernels build on it.
 
 pub mod codec;
+pub mod defaults;
 pub mod duration;
 mod error;
 pub mod job;

@@ -52,15 +52,15 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_INPUT_VIDEO")]
     input_video: Option<PathBuf>,
     /// Video-to-video: the share of the denoising schedule run from the noised input, in (0, 1];
-    /// lower keeps more of the input. Default 0.8; only with --input-video.
+    /// lower keeps more of the input (default: 0.8); only with --input-video.
     #[arg(long, env = "TESSERA_STRENGTH")]
     strength: Option<f64>,
     /// Denoising steps (default: the model's, 50 for Wan 2.1).
     #[arg(long, env = "TESSERA_STEPS")]
     steps: Option<u32>,
-    /// Classifier-free guidance scale; at most 1 turns guidance off.
-    #[arg(long, env = "TESSERA_GUIDANCE", default_value_t = 5.0, allow_negative_numbers = true)]
-    guidance: f32,
+    /// Classifier-free guidance scale; at most 1 turns guidance off (default: 5).
+    #[arg(long, env = "TESSERA_GUIDANCE", allow_negative_numbers = true)]
+    guidance: Option<f32>,
     /// Flow-matching σ shift (default: the scheduler config's).
     #[arg(long, env = "TESSERA_SHIFT")]
     shift: Option<f64>,
@@ -70,9 +70,9 @@ pub struct GenerateArgs {
     /// Seed of the initial noise (default: a random one, printed).
     #[arg(long, env = "TESSERA_SEED")]
     seed: Option<u64>,
-    /// Frames per second of the file, a whole number from 1 to 120.
-    #[arg(long, env = "TESSERA_FPS", default_value_t = 16)]
-    fps: u32,
+    /// Frames per second of the file, a whole number from 1 to 120 (default: 16).
+    #[arg(long, env = "TESSERA_FPS")]
+    fps: Option<u32>,
     /// Compute device of the in-process workers' models: auto, cpu, cuda or cuda:N. Not with
     /// --server.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
@@ -124,7 +124,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         Some(s) => bail!("--sampler {s}: expected unipc or euler"),
     };
     // 0 on the wire means "the default"; as a flag it is a mistake.
-    for (flag, value) in [("--width", args.width), ("--height", args.height), ("--frames", args.frames), ("--steps", args.steps), ("--fps", Some(args.fps))] {
+    for (flag, value) in [("--width", args.width), ("--height", args.height), ("--frames", args.frames), ("--steps", args.steps), ("--fps", args.fps)] {
         if value == Some(0) {
             bail!("{flag} 0: must be at least 1 (leave the flag out for the model's default)");
         }
@@ -160,9 +160,9 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         width: args.width.unwrap_or(0),
         height: args.height.unwrap_or(0),
         num_frames: frames,
-        fps: args.fps,
+        fps: args.fps.unwrap_or(0),
         steps: args.steps.unwrap_or(0),
-        guidance_scale: Some(args.guidance),
+        guidance_scale: args.guidance,
         flow_shift: args.shift.map(|s| s as f32),
         sampler: sampler as i32,
         seed: args.seed,

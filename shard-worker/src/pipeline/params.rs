@@ -45,16 +45,18 @@ pub struct GenerationParams {
 }
 
 impl GenerationParams {
-    /// Upstream's defaults for `prompt` (480×832, 81 frames, 50 steps, guidance 5).
+    /// The defaults (`tessera_core::defaults`: 480×832, 81 frames, 50 steps, guidance 5) for
+    /// `prompt`.
     pub fn new(prompt: impl Into<String>) -> Self {
+        use tessera_core::defaults as d;
         Self {
             prompt: prompt.into(),
             negative_prompt: String::new(),
-            height: 480,
-            width: 832,
-            num_frames: 81,
-            num_inference_steps: 50,
-            guidance_scale: 5.0,
+            height: d::HEIGHT as usize,
+            width: d::WIDTH as usize,
+            num_frames: d::NUM_FRAMES as usize,
+            num_inference_steps: d::STEPS as usize,
+            guidance_scale: d::GUIDANCE_SCALE,
             flow_shift: None,
             sampler: None,
             seed: 0,

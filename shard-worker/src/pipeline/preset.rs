@@ -40,7 +40,10 @@ pub struct PipelineDefaults {
 }
 
 /// Upstream Wan 2.1 defaults (480×832, 81 frames, 50 steps).
-pub const WAN_DEFAULTS: PipelineDefaults = PipelineDefaults { height: 480, width: 832, num_frames: 81, num_inference_steps: 50 };
+pub const WAN_DEFAULTS: PipelineDefaults = {
+    use tessera_core::defaults as d;
+    PipelineDefaults { height: d::HEIGHT as usize, width: d::WIDTH as usize, num_frames: d::NUM_FRAMES as usize, num_inference_steps: d::STEPS as usize }
+};
 
 impl PipelinePreset {
     /// Every preset with its name.
