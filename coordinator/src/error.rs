@@ -52,7 +52,7 @@ pub enum CoordinatorError {
     /// The shared layer refused something (a size check, a message from a worker) or membership
     /// failed.
     #[error(transparent)]
-    Core(#[from] tessera_core::CoreError),
+    Cluster(#[from] tessera_cluster::ClusterError),
     /// The job queue is full.
     #[error("the job queue is full ({limit} jobs waiting); retry later")]
     QueueFull {
@@ -155,10 +155,10 @@ impl CoordinatorError {
             // validation missed it; report it as a failed precondition, not a server crash.
             Self::InvalidVideo { .. } => (Reason::Precondition, None),
             Self::Io { .. } | Self::Encode { .. } | Self::Internal(_) => (Reason::Internal, None),
-            Self::Core(c) => match c {
-                tessera_core::CoreError::InvalidInput { field, .. } => (Reason::InvalidField, Some(field)),
-                tessera_core::CoreError::Membership(_) => (Reason::Unavailable, None),
-                tessera_core::CoreError::Shape(_) => (Reason::Internal, None),
+            Self::Cluster(c) => match c {
+                tessera_cluster::ClusterError::InvalidInput { field, .. } => (Reason::InvalidField, Some(field)),
+                tessera_cluster::ClusterError::Membership(_) => (Reason::Unavailable, None),
+                tessera_cluster::ClusterError::Shape(_) => (Reason::Internal, None),
             },
             // A worker refusing the request itself is the caller's fault; anything else means the
             // cluster lost the job (a worker died or timed out): retrying may succeed.
@@ -203,7 +203,7 @@ mod tests {
         // A lost worker is one code (every job runs on workers, in process or not).
         let lost = CoordinatorError::WorkerFailed { worker: "w1".into(), during: "step 3".into(), refused_field: None, detail: "gone".into() };
         assert_eq!(why(lost), (tonic::Code::Unavailable, Some(Failure { reason: Reason::WorkerLost, field: None })));
-        let membership = CoordinatorError::Core(tessera_core::CoreError::Membership("etcd timed out".into()));
+        let membership = CoordinatorError::Cluster(tessera_cluster::ClusterError::Membership("etcd timed out".into()));
         assert_eq!(why(membership).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
         assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);

@@ -42,7 +42,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = tessera_core::threads::init_threads(cli.threads) {
+    if let Err(e) = tessera_cluster::threads::init_threads(cli.threads) {
         eprintln!("error: --threads {}: {e}", cli.threads);
         return std::process::ExitCode::from(2);
     }

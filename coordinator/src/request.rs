@@ -3,20 +3,20 @@
 //! an error naming the field (mapped to gRPC `INVALID_ARGUMENT`), before any work is queued.
 
 use crate::error::CoordinatorError;
-use tessera_core::limits::ModelFactors;
-use tessera_core::{CoreError, JobRequest, JobSpec};
+use tessera_cluster::limits::ModelFactors;
+use tessera_cluster::{ClusterError, JobRequest, JobSpec};
 use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
 
 /// Longest prompt or negative prompt accepted, in characters (checked with the job spec).
-pub use tessera_core::job::MAX_PROMPT_CHARS;
+pub use tessera_cluster::job::MAX_PROMPT_CHARS;
 /// Longest client label, in characters.
 pub const MAX_LABEL_CHARS: usize = 128;
 /// Largest input video accepted for video-to-video, in bytes.
 pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
-/// The size limits, checked by the one check every path runs (`tessera_core::limits`).
-pub use tessera_core::limits::Limits;
+/// The size limits, checked by the one check every path runs (`tessera_cluster::limits`).
+pub use tessera_cluster::limits::Limits;
 
-/// Defaults of the served model (`tessera_core::defaults`, or what its workers advertise).
+/// Defaults of the served model (`tessera_cluster::defaults`, or what its workers advertise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestDefaults {
     /// Model used when the request names none.
@@ -41,7 +41,7 @@ pub struct RequestDefaults {
 
 impl Default for RequestDefaults {
     fn default() -> Self {
-        use tessera_core::defaults as d;
+        use tessera_cluster::defaults as d;
         Self {
             model: String::new(),
             width: d::WIDTH,
@@ -126,8 +126,8 @@ pub fn validate(
         strength: req.strength,
     };
     let spec = JobSpec::new(job, defaults.factors, &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
-        CoreError::InvalidInput { field, detail } => invalid(field, detail),
-        other => CoordinatorError::Core(other),
+        ClusterError::InvalidInput { field, detail } => invalid(field, detail),
+        other => CoordinatorError::Cluster(other),
     })?;
     if !(-100..=100).contains(&req.priority) {
         return Err(invalid("priority", format!("{} must be between -100 and 100", req.priority)));

@@ -43,8 +43,8 @@ pub enum KernelError {
     },
 }
 
-impl From<tessera_core::ShapeError> for KernelError {
-    fn from(e: tessera_core::ShapeError) -> Self {
+impl From<tessera_cluster::ShapeError> for KernelError {
+    fn from(e: tessera_cluster::ShapeError) -> Self {
         Self::Shape { op: e.op, detail: e.detail }
     }
 }

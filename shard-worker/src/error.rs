@@ -84,20 +84,20 @@ pub enum WorkerError {
     Kernel(#[from] tessera_kernels::KernelError),
 }
 
-impl From<tessera_core::ShapeError> for WorkerError {
-    fn from(e: tessera_core::ShapeError) -> Self {
+impl From<tessera_cluster::ShapeError> for WorkerError {
+    fn from(e: tessera_cluster::ShapeError) -> Self {
         Self::Kernel(e.into())
     }
 }
 
-/// The shared layer's errors, as the same kinds here (a refused field stays a refused field).
-impl From<tessera_core::CoreError> for WorkerError {
-    fn from(e: tessera_core::CoreError) -> Self {
-        use tessera_core::CoreError;
+/// The shared cluster layer's errors, as the same kinds here (a refused field stays a refused field).
+impl From<tessera_cluster::ClusterError> for WorkerError {
+    fn from(e: tessera_cluster::ClusterError) -> Self {
+        use tessera_cluster::ClusterError;
         match e {
-            CoreError::InvalidInput { field, detail } => Self::InvalidInput { field, detail },
-            CoreError::Membership(m) => Self::Membership(m),
-            CoreError::Shape(s) => s.into(),
+            ClusterError::InvalidInput { field, detail } => Self::InvalidInput { field, detail },
+            ClusterError::Membership(m) => Self::Membership(m),
+            ClusterError::Shape(s) => s.into(),
         }
     }
 }

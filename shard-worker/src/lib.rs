@@ -2,12 +2,12 @@
 //! VAE), the flow-matching samplers and the whole pipeline, loading diffusers snapshot folders,
 //! sequence-parallel attention, and the pieces a worker process runs.
 
-/// Durations in settings (shared: `tessera_core::duration`).
-pub use tessera_core::duration;
+/// Durations in settings (shared: `tessera_cluster::duration`).
+pub use tessera_cluster::duration;
 mod error;
 pub mod golden;
-/// Worker membership and records (shared with the coordinator: `tessera_core::membership`).
-pub use tessera_core::membership;
+/// Worker membership and records (shared with the coordinator: `tessera_cluster::membership`).
+pub use tessera_cluster::membership;
 pub mod model;
 pub mod on_backend;
 pub mod parallel;

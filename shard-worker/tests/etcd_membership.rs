@@ -227,7 +227,7 @@ async fn etcd_stopped_is_an_error_not_a_hang_and_a_restart_is_survived() {
     assert!(err.contains("list workers"), "{err}");
     assert!(started.elapsed() < heartbeat().request_timeout() + Duration::from_secs(2), "list took {:?}", started.elapsed());
     let err = reg.update(WorkerState::Idle, None).await.unwrap_err();
-    assert!(matches!(err, tessera_core::CoreError::Membership(_)), "{err}");
+    assert!(matches!(err, tessera_cluster::ClusterError::Membership(_)), "{err}");
     assert!(coordinator.watch_from(snap.revision).await.is_err());
     assert!(reg.lost_reason().is_none(), "an unreachable etcd is not a lost lease");
 

@@ -135,7 +135,7 @@ fn reference_rgb() -> Vec<u8> {
 /// `pipe`'s frames for [`request`] in one process, as interleaved RGB8.
 fn rgb_of(pipe: &WanPipeline) -> Vec<u8> {
     let mut frames = FrameCollector::default();
-    let spec = tessera_core::JobSpec::from_message(&request(), &tessera_core::limits::Limits::default()).unwrap();
+    let spec = tessera_cluster::JobSpec::from_message(&request(), &tessera_cluster::limits::Limits::default()).unwrap();
     pipe.generate(&params_from_spec(&spec), &mut frames).unwrap();
     let t = frames.frames().unwrap();
     let (n, plane) = (t.dim(2), t.dim(3) * t.dim(4));

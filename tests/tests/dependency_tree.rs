@@ -25,7 +25,7 @@ fn packages(features: &[&str]) -> BTreeSet<String> {
 fn the_coordinator_server_build_links_no_model_cuda_or_tokenizer_code() {
     let model_code = ["tessera-worker", "tessera-kernels", "cudarc", "gemm", "tokenizers"];
     let server = packages(&["--no-default-features"]);
-    for name in ["tessera-core", "tessera-proto", "tonic", "etcd-client", "openh264"] {
+    for name in ["tessera-cluster", "tessera-proto", "tonic", "etcd-client", "openh264"] {
         assert!(server.contains(name), "the server build needs {name}: {server:?}");
     }
     let linked: Vec<_> = model_code.iter().filter(|n| server.contains(**n)).collect();

@@ -10,9 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tessera_cluster::limits::DEFAULT_MAX_TOKENS;
 use tessera_coordinator::request::MAX_INPUT_VIDEO_BYTES;
 use tessera_coordinator::video::input::{InputInfo, InputLimits};
-use tessera_core::limits::DEFAULT_MAX_TOKENS;
 
 /// Arguments of `tessera generate`.
 #[derive(Args)]
@@ -130,7 +130,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         }
     }
     let timeout = match &args.timeout {
-        Some(t) => Some(tessera_core::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
+        Some(t) => Some(tessera_cluster::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
         None => None,
     };
     if args.server.is_some() {

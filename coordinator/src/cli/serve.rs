@@ -13,11 +13,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_cluster::duration::parse_duration;
+use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
 use tessera_coordinator::server::{serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, ServerConfig};
-use tessera_core::duration::parse_duration;
-use tessera_core::membership::{EtcdMembership, Heartbeat};
 
 /// Arguments of `tessera serve`.
 #[derive(Args)]
@@ -67,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
     /// Largest job in video tokens (latent frames x patch rows x patch columns); 75,600 is 1280x720 with 81 frames.
-    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_core::limits::DEFAULT_MAX_TOKENS as usize)]
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_cluster::limits::DEFAULT_MAX_TOKENS as usize)]
     max_tokens: usize,
     /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
     #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]
@@ -140,7 +140,7 @@ enum Mode {
 
 fn mode(args: &ServeArgs) -> Result<Mode> {
     if !args.etcd.is_empty() {
-        tessera_core::membership::validate_id("cluster", &args.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", args.cluster))?;
+        tessera_cluster::membership::validate_id("cluster", &args.cluster).map_err(|e| anyhow!("--cluster {:?}: {e}", args.cluster))?;
         let heartbeat = Heartbeat::parse(&args.heartbeat).map_err(|e| anyhow!("--heartbeat: {e}"))?;
         let step = parse_duration(&args.step_timeout).map_err(|e| anyhow!("--step-timeout: {e}"))?;
         if step < Duration::from_secs(1) {

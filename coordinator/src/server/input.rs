@@ -4,7 +4,7 @@
 
 use crate::video::input::{prepare_video, FrameSelection, InputLimits};
 use crate::CoordinatorError;
-use tessera_core::Tensor;
+use tessera_cluster::Tensor;
 use tessera_proto::v1::GenerateRequest;
 
 /// The request's input video as `[1, 3, F, H, W]` in [−1, 1] (F = the request's frame count),

@@ -169,9 +169,9 @@ const STATES: [(WorkerState, &str); 4] =
 pub fn cause(e: &CoordinatorError) -> &'static str {
     match e {
         CoordinatorError::InvalidArgument { .. } | CoordinatorError::InvalidInputVideo { .. } => "invalid_argument",
-        CoordinatorError::Core(tessera_core::CoreError::InvalidInput { .. }) => "invalid_argument",
-        CoordinatorError::Core(tessera_core::CoreError::Membership(_)) => "unavailable",
-        CoordinatorError::Core(tessera_core::CoreError::Shape(_)) => "internal",
+        CoordinatorError::Cluster(tessera_cluster::ClusterError::InvalidInput { .. }) => "invalid_argument",
+        CoordinatorError::Cluster(tessera_cluster::ClusterError::Membership(_)) => "unavailable",
+        CoordinatorError::Cluster(tessera_cluster::ClusterError::Shape(_)) => "internal",
         CoordinatorError::InvalidVideo { .. } | CoordinatorError::Encode { .. } | CoordinatorError::Io { .. } => "output",
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
         CoordinatorError::WorkersBusy { .. } => "workers_busy",

@@ -5,7 +5,7 @@ use super::executor::OutputFile;
 use crate::video::{push_channel_major, write_png, FrameSink, GifOptions, GifWriter, Mp4Options, Mp4Writer, VideoSpec};
 use crate::{CoordinatorError, Result};
 use std::time::{Duration, Instant};
-use tessera_core::Tensor;
+use tessera_cluster::Tensor;
 use tessera_proto::v1::OutputFormat;
 
 /// MIME type of the raw latents file.

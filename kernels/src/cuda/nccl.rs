@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 pub use cudarc::nccl::NcclType;
 
 /// Bytes in an NCCL unique id.
-pub use tessera_core::codec::NCCL_ID_BYTES;
+pub use tessera_cluster::codec::NCCL_ID_BYTES;
 
 /// Whether the NCCL library (`libnccl.so`) can be loaded.
 pub fn nccl_available() -> bool {

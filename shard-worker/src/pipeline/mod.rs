@@ -6,8 +6,8 @@
 
 mod denoiser;
 mod device;
-/// The limits and the one check of sizes (shared with the coordinator: `tessera_core::limits`).
-pub use tessera_core::limits;
+/// The limits and the one check of sizes (shared with the coordinator: `tessera_cluster::limits`).
+pub use tessera_cluster::limits;
 mod noise;
 mod params;
 mod preset;
@@ -117,9 +117,9 @@ impl WanPipeline {
     }
 
     /// How the loaded model turns video into tokens (its VAE's compression factors).
-    pub fn factors(&self) -> tessera_core::limits::ModelFactors {
+    pub fn factors(&self) -> tessera_cluster::limits::ModelFactors {
         let vc = self.vae.config();
-        tessera_core::limits::ModelFactors { spatial: vc.spatial_factor() as u64, temporal: vc.temporal_factor() as u64 }
+        tessera_cluster::limits::ModelFactors { spatial: vc.spatial_factor() as u64, temporal: vc.temporal_factor() as u64 }
     }
 
     /// Assembles a pipeline from loaded components (the transformer on whatever backend it was

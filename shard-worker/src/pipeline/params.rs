@@ -45,10 +45,10 @@ pub struct GenerationParams {
 }
 
 impl GenerationParams {
-    /// The defaults (`tessera_core::defaults`: 480×832, 81 frames, 50 steps, guidance 5) for
+    /// The defaults (`tessera_cluster::defaults`: 480×832, 81 frames, 50 steps, guidance 5) for
     /// `prompt`.
     pub fn new(prompt: impl Into<String>) -> Self {
-        use tessera_core::defaults as d;
+        use tessera_cluster::defaults as d;
         Self {
             prompt: prompt.into(),
             negative_prompt: String::new(),

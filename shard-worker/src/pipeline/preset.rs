@@ -41,7 +41,7 @@ pub struct PipelineDefaults {
 
 /// Upstream Wan 2.1 defaults (480×832, 81 frames, 50 steps).
 pub const WAN_DEFAULTS: PipelineDefaults = {
-    use tessera_core::defaults as d;
+    use tessera_cluster::defaults as d;
     PipelineDefaults { height: d::HEIGHT as usize, width: d::WIDTH as usize, num_frames: d::NUM_FRAMES as usize, num_inference_steps: d::STEPS as usize }
 };
 

@@ -4,7 +4,7 @@
 use crate::{Result, WorkerError};
 use rayon::prelude::*;
 
-pub use tessera_core::limits::guidance_enabled;
+pub use tessera_cluster::limits::guidance_enabled;
 
 /// Combines the conditional and unconditional outputs in place: `cond ← uncond + scale·(cond −
 /// uncond)`. Both slices cover the same elements.

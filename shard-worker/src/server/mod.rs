@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
-use tessera_core::{codec, JobSpec};
+use tessera_cluster::{codec, JobSpec};
 use tessera_proto::reason::{invalid_field, status, Reason};
 use tessera_proto::v1::{Worker, WorkerState};
 use tessera_proto::worker::v1 as pb;
@@ -461,9 +461,9 @@ impl ShardWorker for WorkerService {
 }
 
 /// A refused spec as INVALID_FIELD naming `spec.FIELD` (the field of the internal request).
-fn spec_refused(e: tessera_core::CoreError) -> Status {
+fn spec_refused(e: tessera_cluster::ClusterError) -> Status {
     match e {
-        tessera_core::CoreError::InvalidInput { field, detail } => {
+        tessera_cluster::ClusterError::InvalidInput { field, detail } => {
             let field = format!("spec.{field}");
             invalid_field(&field, format!("{field}: {detail}"))
         }

@@ -2,7 +2,7 @@
 //! process when the worker is a job's rank 0 (CreateNcclId; NCCL's rendezvous listener then runs
 //! here), and read back from `PrepareJobRequest.nccl_unique_id` on every rank.
 
-use tessera_core::codec::NCCL_ID_BYTES;
+use tessera_cluster::codec::NCCL_ID_BYTES;
 use tessera_kernels::cuda::nccl::NcclId;
 use tessera_kernels::cuda::CudaMissing;
 use tessera_kernels::KernelError;

@@ -3,7 +3,7 @@
 
 use crate::pipeline::GenerationParams;
 use crate::sampler::SamplerKind;
-use tessera_core::JobSpec;
+use tessera_cluster::JobSpec;
 use tessera_proto::v1::Sampler;
 
 /// The generation `spec` asks for (without the input video, which travels beside it).
@@ -31,8 +31,8 @@ pub fn params_from_spec(spec: &JobSpec) -> GenerationParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_core::limits::{Limits, ModelFactors};
-    use tessera_core::JobRequest;
+    use tessera_cluster::limits::{Limits, ModelFactors};
+    use tessera_cluster::JobRequest;
 
     #[test]
     fn every_setting_of_the_spec_reaches_the_parameters() {

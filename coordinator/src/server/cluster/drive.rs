@@ -14,8 +14,8 @@ use crate::CoordinatorError;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use tessera_core::membership::WorkerRecord;
-use tessera_core::{codec, Tensor};
+use tessera_cluster::membership::WorkerRecord;
+use tessera_cluster::{codec, Tensor};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
@@ -214,8 +214,10 @@ async fn nccl_id_from_rank0(rank0: &Rank, job_id: &str, limit: Duration) -> Resu
         detail: format!("no NCCL id within {limit:?}"),
     })?;
     let id = answer.map_err(|s| rank0.failed(DURING, s))?.into_inner().nccl_unique_id;
-    if id.len() != tessera_core::codec::NCCL_ID_BYTES {
-        return Err(rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_core::codec::NCCL_ID_BYTES))));
+    if id.len() != tessera_cluster::codec::NCCL_ID_BYTES {
+        return Err(
+            rank0.failed(DURING, tonic::Status::data_loss(format!("the NCCL id has {} bytes, not {}", id.len(), tessera_cluster::codec::NCCL_ID_BYTES)))
+        );
     }
     Ok(id)
 }

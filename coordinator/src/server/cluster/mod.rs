@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tessera_core::membership::Membership;
+use tessera_cluster::membership::Membership;
 use tessera_proto::v1::{Plan, Worker};
 use tokio::sync::{mpsc, watch};
 
@@ -142,7 +142,7 @@ async fn follow(membership: Arc<dyn Membership>, shared: Arc<Shared>) {
         let listed = async {
             let snapshot = membership.list().await?;
             let watch = membership.watch_from(snapshot.revision).await?;
-            Ok::<_, tessera_core::CoreError>((snapshot, watch))
+            Ok::<_, tessera_cluster::ClusterError>((snapshot, watch))
         };
         match listed.await {
             Ok((snapshot, mut watch)) => {

@@ -3,7 +3,7 @@
 //! plan. Pure bookkeeping, no I/O: the executor feeds it membership events and asks it questions.
 
 use std::collections::{BTreeMap, HashMap};
-use tessera_core::membership::{MembershipEvent, MembershipSnapshot, WorkerRecord, WorkerState};
+use tessera_cluster::membership::{MembershipEvent, MembershipSnapshot, WorkerRecord, WorkerState};
 
 /// The reservation of a held worker (no job of this coordinator has that id: job ids are `j-…`).
 const HELD: &str = "(held: busy elsewhere)";
@@ -158,7 +158,7 @@ pub fn ulysses_degree(ranks: usize, heads: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_core::membership::ModelInfo;
+    use tessera_cluster::membership::ModelInfo;
 
     fn worker(id: &str, model: &str, state: WorkerState) -> WorkerRecord {
         let mut w = WorkerRecord::starting(id, format!("{id}:1"), format!("{id}:2"), model, vec!["cpu".into()], 0);

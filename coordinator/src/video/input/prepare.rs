@@ -12,7 +12,7 @@ use super::{InputInfo, InputLimits, Resizer, VideoReader};
 use crate::error::InputVideoProblem;
 use crate::video::VideoSpec;
 use crate::{CoordinatorError, Result};
-use tessera_core::Tensor;
+use tessera_cluster::Tensor;
 
 /// Which frames of the input to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! Every decoder treats the message as hostile: sizes are multiplied with checked arithmetic and
 //! must match the bytes that came, before anything is allocated from them.
 
-use crate::{CoreError, Result, Tensor};
+use crate::{ClusterError, Result, Tensor};
 use tessera_proto::worker::v1 as pb;
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`), which rank 0 hands the coordinator and the
@@ -23,24 +23,24 @@ pub fn f32_bytes(data: &[f32]) -> Vec<u8> {
 /// error. The element count is a checked product and must match the bytes exactly.
 pub fn tensor_from_bytes(field: &'static str, shape: &[u32], bytes: &[u8]) -> Result<Tensor> {
     if shape.is_empty() || shape.len() > MAX_RANK {
-        return Err(CoreError::input(field, format!("a shape of {} dimensions (1 to {MAX_RANK} are accepted)", shape.len())));
+        return Err(ClusterError::input(field, format!("a shape of {} dimensions (1 to {MAX_RANK} are accepted)", shape.len())));
     }
     let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize));
     if elements.and_then(|n| n.checked_mul(4)) != Some(bytes.len()) {
-        return Err(CoreError::input(field, format!("{} bytes are not a float32 tensor of shape {shape:?}", bytes.len())));
+        return Err(ClusterError::input(field, format!("{} bytes are not a float32 tensor of shape {shape:?}", bytes.len())));
     }
     let data = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     Ok(Tensor::new(shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), data)?)
 }
 
 fn dims_u32(field: &'static str, dims: &[usize]) -> Result<Vec<u32>> {
-    dims.iter().map(|&d| u32::try_from(d).map_err(|_| CoreError::input(field, format!("dimension {d} does not fit the wire's u32")))).collect()
+    dims.iter().map(|&d| u32::try_from(d).map_err(|_| ClusterError::input(field, format!("dimension {d} does not fit the wire's u32")))).collect()
 }
 
 /// A job's whole latent `[1, C, T, H, W]` as `JobLatents` (shape `[C, T, H, W]`).
 pub fn latents_message(latents: &Tensor) -> Result<pb::JobLatents> {
     if latents.shape().len() != 5 || latents.dim(0) != 1 {
-        return Err(CoreError::input("latents", format!("shape {:?} is not [1, C, T, H, W]", latents.shape())));
+        return Err(ClusterError::input("latents", format!("shape {:?} is not [1, C, T, H, W]", latents.shape())));
     }
     Ok(pb::JobLatents { shape: dims_u32("latents", &latents.shape()[1..])?, data: f32_bytes(latents.data()) })
 }
@@ -48,7 +48,7 @@ pub fn latents_message(latents: &Tensor) -> Result<pb::JobLatents> {
 /// The latent `[1, C, T, H, W]` a `JobLatents` carries.
 pub fn latents_from_message(m: &pb::JobLatents) -> Result<Tensor> {
     if m.shape.len() != 4 {
-        return Err(CoreError::input("latents", format!("shape {:?} is not [C, T, H, W]", m.shape)));
+        return Err(ClusterError::input("latents", format!("shape {:?} is not [C, T, H, W]", m.shape)));
     }
     let t = tensor_from_bytes("latents", &m.shape, &m.data)?;
     let shape = [&[1usize][..], t.shape()].concat();
@@ -58,7 +58,7 @@ pub fn latents_from_message(m: &pb::JobLatents) -> Result<Tensor> {
 /// The latent `[1, C, T, H, W]` of a checkpoint (as a resuming group receives it).
 pub fn checkpoint_latents(cp: &pb::CheckpointResponse) -> Result<Tensor> {
     if cp.latent_shape.len() != 5 {
-        return Err(CoreError::input("resume.latents", format!("shape {:?} is not [1, C, T, H, W]", cp.latent_shape)));
+        return Err(ClusterError::input("resume.latents", format!("shape {:?} is not [1, C, T, H, W]", cp.latent_shape)));
     }
     tensor_from_bytes("resume.latents", &cp.latent_shape, &cp.latents)
 }
@@ -67,7 +67,7 @@ pub fn checkpoint_latents(cp: &pb::CheckpointResponse) -> Result<Tensor> {
 fn video_dims(field: &'static str, t: &Tensor) -> Result<(usize, usize, usize)> {
     match t.shape() {
         &[1, 3, f, h, w] => Ok((f, h, w)),
-        s => Err(CoreError::input(field, format!("shape {s:?} is not [1, 3, F, H, W]"))),
+        s => Err(ClusterError::input(field, format!("shape {s:?} is not [1, 3, F, H, W]"))),
     }
 }
 
@@ -76,7 +76,7 @@ fn check_rgb(field: &'static str, frames: u32, width: u32, height: u32, rgb: &[u
     let (f, h, w) = (frames as usize, height as usize, width as usize);
     let bytes = h.checked_mul(w).and_then(|p| p.checked_mul(f)).and_then(|n| n.checked_mul(3));
     if f == 0 || bytes != Some(rgb.len()) {
-        return Err(CoreError::input(field, format!("{} bytes are not {f} frames of {w}x{h} RGB", rgb.len())));
+        return Err(ClusterError::input(field, format!("{} bytes are not {f} frames of {w}x{h} RGB", rgb.len())));
     }
     Ok((f, h, w))
 }
@@ -142,7 +142,7 @@ mod tests {
 
     fn field_of(r: Result<Tensor>) -> &'static str {
         match r {
-            Err(CoreError::InvalidInput { field, .. }) => field,
+            Err(ClusterError::InvalidInput { field, .. }) => field,
             other => panic!("expected a refused field, got {other:?}"),
         }
     }

@@ -1,4 +1,4 @@
-//! The errors of the shared layer.
+//! The errors of the shared cluster layer.
 
 /// A tensor's shape does not fit its data (or an operation's expectation).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -16,9 +16,9 @@ impl ShapeError {
     }
 }
 
-/// Everything the shared layer refuses or fails at.
+/// Everything the shared cluster layer refuses or fails at.
 #[derive(Debug, thiserror::Error)]
-pub enum CoreError {
+pub enum ClusterError {
     /// A setting, a request field or a message from the network is out of bounds; names it.
     #[error("invalid input `{field}`: {detail}")]
     InvalidInput {
@@ -36,8 +36,8 @@ pub enum CoreError {
     Shape(#[from] ShapeError),
 }
 
-impl CoreError {
-    /// An [`CoreError::InvalidInput`] naming `field`.
+impl ClusterError {
+    /// An [`ClusterError::InvalidInput`] naming `field`.
     pub fn input(field: &'static str, detail: impl Into<String>) -> Self {
         Self::InvalidInput { field, detail: detail.into() }
     }

@@ -9,7 +9,7 @@ use super::{
     validate_id, worker_key, workers_prefix, Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent, MembershipSnapshot, MembershipWatch,
     Registration, WatchItem, WorkerRecord,
 };
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions,
     WatchResponse, WatchStream,
@@ -36,8 +36,8 @@ struct KeySpace {
 }
 
 impl KeySpace {
-    fn error(&self, what: &str, detail: impl std::fmt::Display) -> CoreError {
-        CoreError::Membership(format!("etcd {} (cluster `{}`): {what}: {detail}", self.endpoints, self.cluster))
+    fn error(&self, what: &str, detail: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Membership(format!("etcd {} (cluster `{}`): {what}: {detail}", self.endpoints, self.cluster))
     }
 
     /// Runs one etcd request within the request timeout; `what` names it in errors.
@@ -111,7 +111,7 @@ impl EtcdMembership {
     pub async fn connect(endpoints: &[String], cluster: &str, heartbeat: Heartbeat) -> Result<Self> {
         validate_id("cluster", cluster)?;
         if endpoints.is_empty() {
-            return Err(CoreError::input("etcd_endpoints", "no etcd endpoint given"));
+            return Err(ClusterError::input("etcd_endpoints", "no etcd endpoint given"));
         }
         let timeout = heartbeat.request_timeout();
         let keys = Arc::new(KeySpace { cluster: cluster.to_string(), prefix: workers_prefix(cluster), endpoints: endpoints.join(","), timeout });
@@ -214,7 +214,7 @@ impl EtcdMembership {
 }
 
 /// Why etcd canceled a watch.
-fn watch_canceled(keys: &KeySpace, response: &WatchResponse) -> CoreError {
+fn watch_canceled(keys: &KeySpace, response: &WatchResponse) -> ClusterError {
     if response.compact_revision() > 0 {
         keys.error("watch", format!("history before revision {} was compacted; list again", response.compact_revision()))
     } else {
@@ -342,8 +342,10 @@ impl Membership for EtcdMembership {
     }
 
     async fn watch_from(&self, revision: u64) -> Result<MembershipWatch> {
-        let start =
-            i64::try_from(revision).ok().and_then(|r| r.checked_add(1)).ok_or_else(|| CoreError::input("revision", format!("{revision} is out of range")))?;
+        let start = i64::try_from(revision)
+            .ok()
+            .and_then(|r| r.checked_add(1))
+            .ok_or_else(|| ClusterError::input("revision", format!("{revision} is out of range")))?;
         let options = WatchOptions::new().with_prefix().with_start_revision(start);
         let mut watches = self.client.watch_client();
         let keys = &self.keys;

@@ -3,7 +3,7 @@
 //! map and the tokio clock.
 
 use super::{Heartbeat, LeaseHandle, LostSignal, Membership, MembershipEvent, MembershipSnapshot, MembershipWatch, Registration, WatchItem, WorkerRecord};
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::sync::{mpsc, watch};
@@ -136,7 +136,7 @@ struct MemoryLease {
 
 impl MemoryLease {
     fn store(&self) -> Result<Arc<Mutex<Store>>> {
-        self.store.upgrade().ok_or_else(|| CoreError::Membership("the in-process membership store was dropped".into()))
+        self.store.upgrade().ok_or_else(|| ClusterError::Membership("the in-process membership store was dropped".into()))
     }
 }
 
@@ -147,7 +147,7 @@ impl LeaseHandle for MemoryLease {
         let store = self.store()?;
         let mut s = lock(&store);
         if !s.leases.contains_key(&self.lease) {
-            return Err(CoreError::Membership(format!("worker `{}`: lease {} expired or was revoked", record.worker_id, self.lease)));
+            return Err(ClusterError::Membership(format!("worker `{}`: lease {} expired or was revoked", record.worker_id, self.lease)));
         }
         let entry = Entry { record: record.clone(), lease: self.lease };
         let previous = s.workers.insert(record.worker_id.clone(), entry);
@@ -170,7 +170,7 @@ impl Membership for MemoryMembership {
         let lease = {
             let mut s = lock(&self.store);
             if s.workers.contains_key(&record.worker_id) {
-                return Err(CoreError::Membership(format!(
+                return Err(ClusterError::Membership(format!(
                     "worker `{}` is already registered (its lease is alive; a restarted worker can register once it lapses, within {:?})",
                     record.worker_id,
                     self.heartbeat.lease_ttl()
@@ -199,7 +199,7 @@ impl Membership for MemoryMembership {
     async fn watch_from(&self, revision: u64) -> Result<MembershipWatch> {
         let mut s = lock(&self.store);
         if revision < s.compacted {
-            return Err(CoreError::Membership(format!("watch from revision {revision}: history up to revision {} was compacted; list again", s.compacted)));
+            return Err(ClusterError::Membership(format!("watch from revision {revision}: history up to revision {} was compacted; list again", s.compacted)));
         }
         let (tx, rx) = mpsc::unbounded_channel();
         // Past events and the live subscription are taken under one lock: no gap, no repeat.

@@ -4,7 +4,7 @@
 //! constructor, against its own limits, before it allocates anything.
 
 use crate::limits::{check_settings, Limits, ModelFactors, Settings, MAX_FACTOR};
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 use tessera_proto::v1::Sampler;
 use tessera_proto::worker::v1 as pb;
 
@@ -69,15 +69,15 @@ impl JobSpec {
     /// ([`check_settings`]).
     pub fn new(request: JobRequest, factors: ModelFactors, limits: &Limits) -> Result<Self> {
         if request.prompt.trim().is_empty() {
-            return Err(CoreError::input("prompt", "is required and must not be blank"));
+            return Err(ClusterError::input("prompt", "is required and must not be blank"));
         }
         for (field, text) in [("prompt", &request.prompt), ("negative_prompt", &request.negative_prompt)] {
             let n = text.chars().count();
             if n > MAX_PROMPT_CHARS {
-                return Err(CoreError::input(field, format!("has {n} characters, at most {MAX_PROMPT_CHARS} are accepted")));
+                return Err(ClusterError::input(field, format!("has {n} characters, at most {MAX_PROMPT_CHARS} are accepted")));
             }
             if text.contains('\0') {
-                return Err(CoreError::input(field, "contains a NUL character"));
+                return Err(ClusterError::input(field, "contains a NUL character"));
             }
         }
         let checked = check_settings(&request.settings(), factors, limits)?;
@@ -136,10 +136,10 @@ impl JobSpec {
     /// A spec from the internal API, checked with the same constructor against `limits` (a
     /// worker's own): hostile sizes, settings, prompts or factors are refused naming the field.
     pub fn from_message(m: &pb::JobSpec, limits: &Limits) -> Result<Self> {
-        let sampler = Sampler::try_from(m.sampler).map_err(|_| CoreError::input("sampler", format!("{} is not a known sampler", m.sampler)))?;
+        let sampler = Sampler::try_from(m.sampler).map_err(|_| ClusterError::input("sampler", format!("{} is not a known sampler", m.sampler)))?;
         let factors = ModelFactors { spatial: m.spatial_factor.into(), temporal: m.temporal_factor.into() };
         if factors.spatial > MAX_FACTOR || factors.temporal > MAX_FACTOR {
-            return Err(CoreError::input("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
+            return Err(ClusterError::input("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
         }
         let request = JobRequest {
             prompt: m.prompt.clone(),
@@ -180,7 +180,7 @@ mod tests {
 
     fn field(r: Result<JobSpec>) -> &'static str {
         match r {
-            Err(CoreError::InvalidInput { field, .. }) => field,
+            Err(ClusterError::InvalidInput { field, .. }) => field,
             other => panic!("expected a refused field, got {other:?}"),
         }
     }

@@ -16,7 +16,7 @@ pub use memory::MemoryMembership;
 pub use presence::Presence;
 pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};
 
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,14 +42,14 @@ impl Heartbeat {
     /// A heartbeat of `period` (at least [`Heartbeat::MIN`]).
     pub fn new(period: Duration) -> Result<Self> {
         if period < Self::MIN {
-            return Err(CoreError::input("heartbeat", format!("{period:?} is shorter than the minimum {:?}", Self::MIN)));
+            return Err(ClusterError::input("heartbeat", format!("{period:?} is shorter than the minimum {:?}", Self::MIN)));
         }
         Ok(Self { period })
     }
 
     /// A heartbeat from a duration setting (`2s`, `250ms`; see [`crate::duration`]).
     pub fn parse(value: &str) -> Result<Self> {
-        Self::new(crate::duration::parse_duration(value).map_err(|e| CoreError::input("heartbeat", e))?)
+        Self::new(crate::duration::parse_duration(value).map_err(|e| ClusterError::input("heartbeat", e))?)
     }
 
     /// The heartbeat itself.
@@ -236,10 +236,10 @@ impl Registration {
     pub async fn replace(&mut self, next: WorkerRecord) -> Result<()> {
         next.validate()?;
         if next.worker_id != self.record.worker_id {
-            return Err(CoreError::input("worker_id", format!("a registration of `{}` cannot store `{}`", self.record.worker_id, next.worker_id)));
+            return Err(ClusterError::input("worker_id", format!("a registration of `{}` cannot store `{}`", self.record.worker_id, next.worker_id)));
         }
         if let Some(reason) = self.lost_reason() {
-            return Err(CoreError::Membership(format!("worker `{}`: cannot update, {reason}", self.record.worker_id)));
+            return Err(ClusterError::Membership(format!("worker `{}`: cannot update, {reason}", self.record.worker_id)));
         }
         self.lease.put(&next).await?;
         self.record = next;
@@ -259,11 +259,11 @@ impl Registration {
 
     /// Waits until the lease is lost (the store says it expired) and says why. A worker that
     /// sees this is out of the cluster and must register again.
-    pub async fn lost(&mut self) -> CoreError {
+    pub async fn lost(&mut self) -> ClusterError {
         let id = &self.record.worker_id;
         match self.lost.wait_for(Option::is_some).await {
-            Ok(reason) => CoreError::Membership(format!("worker `{id}`: {}", reason.as_deref().unwrap_or("lease lost"))),
-            Err(_) => CoreError::Membership(format!("worker `{id}`: keep-alive task ended")),
+            Ok(reason) => ClusterError::Membership(format!("worker `{id}`: {}", reason.as_deref().unwrap_or("lease lost"))),
+            Err(_) => ClusterError::Membership(format!("worker `{id}`: keep-alive task ended")),
         }
     }
 }

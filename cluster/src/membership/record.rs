@@ -1,7 +1,7 @@
 //! What a worker publishes about itself in membership: the JSON record stored under
 //! `/tessera/<cluster>/workers/<id>`, its state, and the checks on ids.
 
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 use serde::{Deserialize, Serialize};
 
 /// The longest worker, job or cluster id accepted, in bytes.
@@ -116,7 +116,7 @@ impl WorkerRecord {
         validate_id("worker_id", &self.worker_id)?;
         for (field, value) in [("address", &self.address), ("collective_address", &self.collective_address), ("model", &self.model)] {
             if value.trim().is_empty() {
-                return Err(CoreError::input(field, format!("worker `{}` has an empty {field}", self.worker_id)));
+                return Err(ClusterError::input(field, format!("worker `{}` has an empty {field}", self.worker_id)));
             }
         }
         check_state_and_job(self.state, self.job_id.as_deref())
@@ -124,12 +124,12 @@ impl WorkerRecord {
 
     /// The record as the JSON stored in membership.
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| CoreError::Membership(format!("encoding worker `{}`: {e}", self.worker_id)))
+        serde_json::to_vec(self).map_err(|e| ClusterError::Membership(format!("encoding worker `{}`: {e}", self.worker_id)))
     }
 
     /// Parses and validates a stored record.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        let record: Self = serde_json::from_slice(bytes).map_err(|e| CoreError::Membership(format!("malformed worker record: {e}")))?;
+        let record: Self = serde_json::from_slice(bytes).map_err(|e| ClusterError::Membership(format!("malformed worker record: {e}")))?;
         record.validate()?;
         Ok(record)
     }
@@ -139,9 +139,9 @@ impl WorkerRecord {
 /// a job id is itself a valid id.
 pub fn check_state_and_job(state: WorkerState, job_id: Option<&str>) -> Result<()> {
     match (state, job_id) {
-        (WorkerState::Busy, None) => Err(CoreError::input("job_id", "a busy worker must name its job")),
+        (WorkerState::Busy, None) => Err(ClusterError::input("job_id", "a busy worker must name its job")),
         (WorkerState::Starting | WorkerState::Idle, Some(job)) => {
-            Err(CoreError::input("job_id", format!("a worker in state {state} runs no job, but job `{job}` was given")))
+            Err(ClusterError::input("job_id", format!("a worker in state {state} runs no job, but job `{job}` was given")))
         }
         (_, Some(job)) => validate_id("job_id", job),
         (_, None) => Ok(()),
@@ -152,16 +152,16 @@ pub fn check_state_and_job(state: WorkerState, job_id: Option<&str>) -> Result<(
 /// whitespace or control characters.
 pub fn validate_id(field: &'static str, id: &str) -> Result<()> {
     if id.is_empty() {
-        return Err(CoreError::input(field, "must not be empty"));
+        return Err(ClusterError::input(field, "must not be empty"));
     }
     if id.len() > MAX_ID_LEN {
-        return Err(CoreError::input(field, format!("is {} bytes long, the limit is {MAX_ID_LEN}", id.len())));
+        return Err(ClusterError::input(field, format!("is {} bytes long, the limit is {MAX_ID_LEN}", id.len())));
     }
     if id.contains('/') {
-        return Err(CoreError::input(field, format!("`{id}` contains '/', which separates key segments")));
+        return Err(ClusterError::input(field, format!("`{id}` contains '/', which separates key segments")));
     }
     if let Some(c) = id.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(CoreError::input(field, format!("`{}` contains the character {c:?}", id.escape_debug())));
+        return Err(ClusterError::input(field, format!("`{}` contains the character {c:?}", id.escape_debug())));
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! enters, before anything is allocated. Products of sizes use checked arithmetic: a hostile
 //! request cannot overflow them into a small number.
 
-use crate::{CoreError, Result};
+use crate::{ClusterError, Result};
 
 /// How a model turns video into tokens: its VAE compresses each side `spatial`× and time
 /// `temporal`× after the first frame, and its transformer cuts the latent into 1×2×2 patches. A
@@ -122,8 +122,8 @@ pub struct Checked {
     pub tokens: usize,
 }
 
-fn invalid(field: &'static str, detail: String) -> CoreError {
-    CoreError::input(field, detail)
+fn invalid(field: &'static str, detail: String) -> ClusterError {
+    ClusterError::input(field, detail)
 }
 
 /// Checks `s` against `limits` for a model with `factors`, naming the first field at fault;
@@ -186,7 +186,7 @@ mod tests {
 
     fn field(s: Settings, limits: &Limits) -> &'static str {
         match check_settings(&s, ModelFactors::WAN, limits) {
-            Err(CoreError::InvalidInput { field, .. }) => field,
+            Err(ClusterError::InvalidInput { field, .. }) => field,
             other => panic!("expected an invalid field, got {other:?}"),
         }
     }
@@ -220,13 +220,13 @@ mod tests {
         let other = ModelFactors { spatial: 16, temporal: 8 };
         assert!(check_settings(&Settings { width: 848, ..ok() }, ModelFactors::WAN, &l).is_ok());
         let err = check_settings(&Settings { width: 848, ..ok() }, other, &l).unwrap_err();
-        assert!(matches!(err, CoreError::InvalidInput { field: "width", .. }), "848 is a multiple of 16, not of 32: {err}");
+        assert!(matches!(err, ClusterError::InvalidInput { field: "width", .. }), "848 is a multiple of 16, not of 32: {err}");
         let s = Settings { width: 832, height: 480, num_frames: 81, ..ok() };
         assert_eq!(check_settings(&s, other, &l).unwrap().latent_fhw, [11, 30, 52]);
         let err = check_settings(&Settings { num_frames: 85, ..s }, other, &l).unwrap_err().to_string();
         assert!(err.contains("must be 8k+1"), "{err}");
         for bad in [ModelFactors { spatial: 0, temporal: 4 }, ModelFactors { spatial: 8, temporal: 0 }, ModelFactors { spatial: 1 << 40, temporal: 4 }] {
-            assert!(matches!(check_settings(&ok(), bad, &l), Err(CoreError::InvalidInput { field: "model_factors", .. })), "{bad:?}");
+            assert!(matches!(check_settings(&ok(), bad, &l), Err(ClusterError::InvalidInput { field: "model_factors", .. })), "{bad:?}");
         }
     }
 

@@ -1,0 +1,22 @@
+//! What the coordinator and the workers share, and nothing that computes a model: the job spec
+//! and its one check (`job`, `limits`, `defaults`), worker membership and records (etcd or in
+//! process), the codecs of the internal API (latents, checkpoints, frames), the host tensor and the
+//! CPU thread pool, durations in settings. The coordinator's server links this crate, not the
+//! models, CUDA or the tokenizer; the workers and the kernels build on it.
+
+pub mod codec;
+pub mod defaults;
+pub mod duration;
+mod error;
+pub mod job;
+pub mod limits;
+pub mod membership;
+mod tensor;
+pub mod threads;
+
+pub use error::{ClusterError, ShapeError};
+pub use job::{JobRequest, JobSpec};
+pub use tensor::{Device, Tensor};
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, ClusterError>;
