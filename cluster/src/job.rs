@@ -11,6 +11,26 @@ use tessera_proto::worker::v1 as pb;
 /// Longest prompt or negative prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 2_000;
 
+/// Most sequence-parallel ranks one job may have.
+pub const MAX_RANKS: u32 = 4096;
+
+/// How a job is spread: `ranks` sequence-parallel ranks, `ulysses` of them exchanging heads
+/// (all-to-all) and rings of `ranks / ulysses` passing keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobPlan {
+    /// Ranks of the group.
+    pub ranks: u32,
+    /// Ulysses degree (divides `ranks`; the workers check it also divides their heads).
+    pub ulysses: u32,
+}
+
+impl JobPlan {
+    /// Ring degree: `ranks / ulysses`.
+    pub fn ring(self) -> u32 {
+        self.ranks / self.ulysses.max(1)
+    }
+}
+
 /// What a job asks for, every default applied; not yet checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobRequest {
@@ -61,6 +81,7 @@ pub struct JobSpec {
     factors: ModelFactors,
     latent_fhw: [usize; 3],
     tokens: usize,
+    plan: Option<JobPlan>,
 }
 
 impl JobSpec {
@@ -81,7 +102,26 @@ impl JobSpec {
             }
         }
         let checked = check_settings(&request.settings(), factors, limits)?;
-        Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens })
+        Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens, plan: None })
+    }
+
+    /// The spec with its plan, once the group is chosen: at least one rank and at most
+    /// [`MAX_RANKS`], no more ranks than tokens, a Ulysses degree dividing the ranks.
+    pub fn planned(mut self, plan: JobPlan) -> Result<Self> {
+        if plan.ranks == 0 || plan.ranks > MAX_RANKS || plan.ranks as usize > self.tokens {
+            let most = MAX_RANKS.min(u32::try_from(self.tokens).unwrap_or(u32::MAX));
+            return Err(ClusterError::input("ranks", format!("{} must be between 1 and {most} (the job has {} tokens)", plan.ranks, self.tokens)));
+        }
+        if plan.ulysses == 0 || !plan.ranks.is_multiple_of(plan.ulysses) {
+            return Err(ClusterError::input("ulysses", format!("{} must be positive and divide the {} ranks", plan.ulysses, plan.ranks)));
+        }
+        self.plan = Some(plan);
+        Ok(self)
+    }
+
+    /// The plan, once the coordinator has chosen the group.
+    pub fn plan(&self) -> Option<JobPlan> {
+        self.plan
     }
 
     /// What the job asks for.
@@ -130,6 +170,8 @@ impl JobSpec {
             strength: r.strength,
             spatial_factor: self.factors.spatial as u32,
             temporal_factor: self.factors.temporal as u32,
+            ranks: self.plan.map_or(0, |p| p.ranks),
+            ulysses: self.plan.map_or(0, |p| p.ulysses),
         }
     }
 
@@ -154,7 +196,11 @@ impl JobSpec {
             seed: m.seed,
             strength: m.strength,
         };
-        Self::new(request, factors, limits)
+        let spec = Self::new(request, factors, limits)?;
+        match (m.ranks, m.ulysses) {
+            (0, 0) => Ok(spec),
+            (ranks, ulysses) => spec.planned(JobPlan { ranks, ulysses }),
+        }
     }
 }
 
@@ -190,6 +236,9 @@ mod tests {
         let spec = JobSpec::new(request(), ModelFactors::WAN, &Limits::default()).unwrap();
         assert_eq!((spec.latent_fhw(), spec.tokens(), spec.forwards_per_step()), ([21, 60, 104], 32_760, 2));
         assert_eq!(JobSpec::from_message(&spec.to_message(), &Limits::default()).unwrap(), spec);
+        let planned = spec.planned(JobPlan { ranks: 4, ulysses: 2 }).unwrap();
+        assert_eq!(planned.plan().map(JobPlan::ring), Some(2));
+        assert_eq!(JobSpec::from_message(&planned.to_message(), &Limits::default()).unwrap(), planned);
     }
 
     #[test]
@@ -209,7 +258,11 @@ mod tests {
     fn hostile_specs_are_refused_by_the_same_check() {
         let worker = Limits { max_tokens: 1 << 21, ..Limits::default() };
         let ok = JobSpec::new(request(), ModelFactors::WAN, &worker).unwrap().to_message();
-        let cases: [(pb::JobSpec, &str); 6] = [
+        let cases: [(pb::JobSpec, &str); 10] = [
+            (pb::JobSpec { ranks: 3, ulysses: 2, ..ok.clone() }, "ulysses"),
+            (pb::JobSpec { ranks: 2, ulysses: 0, ..ok.clone() }, "ulysses"),
+            (pb::JobSpec { ranks: u32::MAX, ulysses: 1, ..ok.clone() }, "ranks"),
+            (pb::JobSpec { ranks: 0, ulysses: 1, ..ok.clone() }, "ranks"),
             (pb::JobSpec { width: 8 << 20, height: 8 << 20, ..ok.clone() }, "width"),
             (pb::JobSpec { width: u32::MAX, height: u32::MAX, num_frames: u32::MAX, ..ok.clone() }, "width"),
             (pb::JobSpec { sampler: 99, ..ok.clone() }, "sampler"),

@@ -15,7 +15,7 @@ mod tensor;
 pub mod threads;
 
 pub use error::{ClusterError, ShapeError};
-pub use job::{JobRequest, JobSpec};
+pub use job::{JobPlan, JobRequest, JobSpec};
 pub use tensor::{Device, Tensor};
 
 /// Result type of this crate.

@@ -117,11 +117,9 @@ async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job
         let req = pb::PrepareJobRequest {
             job_id: job.into(),
             rank: rank as u32,
-            world,
-            ulysses: 1,
             peers: peers.to_vec(),
             session: 9,
-            spec: Some(spec.clone()),
+            spec: Some(pb::JobSpec { ranks: world, ulysses: 1, ..spec.clone() }),
             trace_context: trace_context.clone(),
             ..Default::default()
         };

@@ -85,11 +85,9 @@ async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], u
         let req = pb::PrepareJobRequest {
             job_id: job.into(),
             rank: rank as u32,
-            world,
-            ulysses,
             peers: peers.to_vec(),
             session: 77,
-            spec: Some(request()),
+            spec: Some(pb::JobSpec { ranks: world, ulysses, ..request() }),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -184,11 +182,9 @@ async fn a_group_mixing_devices_is_refused_on_every_rank() {
         let req = pb::PrepareJobRequest {
             job_id: "mixed".into(),
             rank: rank as u32,
-            world: 2,
-            ulysses: 1,
             peers: peers.clone(),
             session: 78,
-            spec: Some(request()),
+            spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -214,10 +210,8 @@ async fn misuse_gets_clear_status_codes() {
     let prepare = |job: &str, spec: pb::JobSpec| pb::PrepareJobRequest {
         job_id: job.into(),
         rank: 0,
-        world: 1,
-        ulysses: 1,
         peers: peers.clone(),
-        spec: Some(spec),
+        spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..spec }),
         ..Default::default()
     };
     // Hostile sizes over the internal API are refused before anything is allocated, and the
@@ -264,11 +258,9 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
         let req = pb::PrepareJobRequest {
             job_id: "lonely".into(),
             rank: 0,
-            world: 2,
-            ulysses: 1,
             peers: peers.clone(),
             session: 9,
-            spec: Some(request()),
+            spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
             ..Default::default()
         };
         tokio::spawn(async move { c.prepare_job(req).await })
@@ -278,11 +270,9 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
     let second = pb::PrepareJobRequest {
         job_id: "other".into(),
         rank: 0,
-        world: 1,
-        ulysses: 1,
         peers: vec![peers[0].clone()],
         session: 10,
-        spec: Some(request()),
+        spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..request() }),
         ..Default::default()
     };
     let err = clients[0].prepare_job(second).await.unwrap_err();
@@ -305,11 +295,9 @@ async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
     let req = pb::PrepareJobRequest {
         job_id: "abandoned".into(),
         rank: 0,
-        world: 2,
-        ulysses: 1,
         peers: peers.clone(),
         session: 11,
-        spec: Some(request()),
+        spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
         ..Default::default()
     };
     let mut call = tonic::Request::new(req);
@@ -359,12 +347,10 @@ async fn a_malformed_nccl_id_is_refused_and_leaves_the_worker_free() {
     let bad = pb::PrepareJobRequest {
         job_id: "bad-id".into(),
         rank: 0,
-        world: 1,
-        ulysses: 1,
         peers: peers.clone(),
         session: 12,
         nccl_unique_id: vec![1, 2, 3, 4, 5],
-        spec: Some(request()),
+        spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..request() }),
         ..Default::default()
     };
     let err = clients[0].prepare_job(bad).await.unwrap_err();

@@ -252,6 +252,10 @@ impl WorkerService {
             let detail = format!("spec.model_factors: {:?}, but this worker's model has {:?}", spec.factors(), self.inner.pipe.factors());
             return Err(invalid_field("spec.model_factors", detail));
         }
+        let plan = spec.plan().ok_or_else(|| invalid_field("spec.ranks", "spec.ranks: the plan (ranks, ulysses) is required"))?;
+        if r.rank >= plan.ranks {
+            return Err(invalid_field("rank", format!("rank: {} in a group of {}", r.rank, plan.ranks)));
+        }
         let mut params = params_from_spec(&spec);
         match (&r.input_frames, spec.request().strength) {
             (Some(frames), Some(strength)) => {
@@ -266,8 +270,8 @@ impl WorkerService {
         params.validate(spec.factors(), &me.limits).map_err(Status::from)?;
         let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;
         let peers = resolve_peers(&r.peers).await?;
-        if r.world as usize != peers.len() {
-            return Err(invalid_field("world", format!("world: {} but {} peers", r.world, peers.len())));
+        if plan.ranks as usize != peers.len() {
+            return Err(invalid_field("peers", format!("peers: {} for a group of {} ranks", peers.len(), plan.ranks)));
         }
         // Claim the worker now: a second PrepareJob is refused while this one joins its group,
         // and ReleaseJob can abandon the joining.
@@ -285,7 +289,7 @@ impl WorkerService {
             job_id: r.job_id.clone(),
             rank: r.rank as usize,
             peers,
-            ulysses: r.ulysses.max(1) as usize,
+            ulysses: plan.ulysses as usize,
             session: r.session,
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,
@@ -297,7 +301,7 @@ impl WorkerService {
         let collective = me.collective;
         let pipe = self.inner.pipe.clone();
         let started = std::time::Instant::now();
-        let span = traced(tracing::info_span!("prepare_job", job_id = %r.job_id, rank = r.rank, world = r.world, ulysses = r.ulysses), &r.trace_context);
+        let span = traced(tracing::info_span!("prepare_job", job_id = %r.job_id, rank = r.rank, world = plan.ranks, ulysses = plan.ulysses), &r.trace_context);
         let handle = blocking_in(span.clone(), move || {
             let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
             job::start(pipe, setup, listener)

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tessera_cluster::membership::WorkerRecord;
-use tessera_cluster::{codec, Tensor};
+use tessera_cluster::{codec, JobPlan, Tensor};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
@@ -267,7 +267,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session: u64 = rand_session();
     let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
-    let spec = cx.job.request.spec.to_message();
+    let spec = cx.job.request.spec.clone().planned(JobPlan { ranks: world, ulysses: group.ulysses as u32 })?.to_message();
 
     let ranks_n = ranks.len() as u32;
     send(
@@ -295,8 +295,6 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         let req = pb::PrepareJobRequest {
             job_id: cx.job.id.clone(),
             rank: rank as u32,
-            world,
-            ulysses: group.ulysses as u32,
             peers: peers.clone(),
             session,
             spec: Some(spec.clone()),
