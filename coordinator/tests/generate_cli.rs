@@ -131,6 +131,12 @@ fn local_runs_get_the_servers_limits_and_messages() {
         assert!(stderr.contains(want), "{flags:?}: {stderr}");
     }
     assert!(!dir.path().join("x.mp4").exists());
+    // Past the coordinator's budget (raised here), the worker checks the job spec again with the
+    // same code against its own budget (2^21 tokens) before allocating: the flag is still named.
+    let args = ["generate", "--prompt", "x", "--quiet", "-o", &out, "--height", "4096", "--width", "4096", "--frames", "1441", "--max-tokens", "30000000"];
+    let (code, _, stderr) = tessera(&args);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--frames: INVALID_ARGUMENT") && stderr.contains("spec.num_frames") && stderr.contains("at most 2097152 are accepted"), "{stderr}");
 }
 
 /// On a machine without a GPU (CI), `--device cuda` is refused with the reason; `auto` runs.

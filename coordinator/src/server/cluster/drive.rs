@@ -76,14 +76,17 @@ impl Rank {
         CoordinatorError::WorkerFailed {
             worker: format!("{} ({})", self.record.worker_id, self.record.address),
             during: during.into(),
-            // A refused `spec.FIELD` is the public request's FIELD (the spec names its fields so).
-            refused_field: failure(&status)
-                .filter(|f| f.reason == Reason::InvalidField)
-                .map(|f| f.field.unwrap_or_default())
-                .map(|f| f.strip_prefix("spec.").map(str::to_string).unwrap_or(f)),
+            refused_field: refused_field(&status),
             detail: format!("{} ({:?})", status.message(), status.code()),
         }
     }
+}
+
+/// The field a worker refused, if it refused the request: a refused `spec.FIELD` is the public
+/// request's FIELD (the spec names its fields so).
+fn refused_field(status: &tonic::Status) -> Option<String> {
+    let field = failure(status).filter(|f| f.reason == Reason::InvalidField).map(|f| f.field.unwrap_or_default())?;
+    Some(field.strip_prefix("spec.").map(str::to_string).unwrap_or(field))
 }
 
 async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, CoordinatorError> {
@@ -432,6 +435,14 @@ fn rand_session() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workers_refusal_of_the_spec_names_the_public_field() {
+        use tessera_proto::reason::{invalid_field, status};
+        assert_eq!(refused_field(&invalid_field("spec.num_frames", "too many tokens")).as_deref(), Some("num_frames"));
+        assert_eq!(refused_field(&invalid_field("peers", "3 for 2 ranks")).as_deref(), Some("peers"));
+        assert_eq!(refused_field(&status(Reason::WorkerBusy, None, "busy")), None, "a busy worker refused nothing of the request");
+    }
 
     #[test]
     fn only_gpu_groups_of_several_ranks_need_an_nccl_id() {
