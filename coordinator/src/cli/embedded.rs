@@ -6,7 +6,7 @@
 use anyhow::{anyhow, Context, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tessera_coordinator::server::{serve, EmbeddedWorkers, ModelSource, ServerConfig};
+use tessera_coordinator::server::{serve, EmbeddedWorkers, JobExecutor, ModelSource, ServerConfig};
 use tessera_kernels::Device;
 use tokio::sync::oneshot;
 
@@ -38,6 +38,8 @@ impl EmbeddedServer {
                     let started = async {
                         let (embedded, executor) =
                             EmbeddedWorkers::with_executor(source, device, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
+                        // The client connects once the model is loaded and the workers listed.
+                        executor.wait_ready().await.map_err(|e| anyhow!("{e}"))?;
                         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the embedded coordinator to loopback")?;
                         let addr = listener.local_addr()?;
                         Ok::<_, anyhow::Error>((embedded, executor, listener, addr))

@@ -221,6 +221,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                     limits,
                     recover_attempts: args.recover_attempts,
                     checkpoint_every: args.checkpoint_every,
+                    startup: None,
                 })
                 .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, etcd = %endpoints, cluster = %args.cluster, "following the workers in etcd");

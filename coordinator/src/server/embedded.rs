@@ -5,7 +5,7 @@
 //! `tessera generate` and `tessera serve` without `--etcd` run every job, so a generation on a
 //! laptop takes the same path as one on a cluster.
 
-use super::{ClusterExecutor, ClusterExecutorConfig, DriveLimits};
+use super::{ClusterExecutor, ClusterExecutorConfig, DriveLimits, Startup};
 use crate::CoordinatorError;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -87,74 +87,81 @@ fn free_loopback() -> Result<std::net::SocketAddr, CoordinatorError> {
     l.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))
 }
 
-impl EmbeddedWorkers {
-    /// Starts `n` workers serving `pipe` as `model` (with `info` for planning), registered idle.
-    pub async fn start(pipe: Arc<WanPipeline>, model: &str, info: ModelInfo, n: usize) -> Result<Self, CoordinatorError> {
-        check_workers(false, n).map_err(|detail| CoordinatorError::invalid_argument("workers", detail))?;
-        let membership = Arc::new(MemoryMembership::new(Heartbeat::default()));
-        // Advertised as the transformer runs: GPU groups get an NCCL id from the coordinator.
-        let device = device_name(pipe.transformer().device());
-        let (shutdown, _) = watch::channel(false);
-        for i in 0..n {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Internal(format!("worker {i}: {e}")))?;
-            let address = listener.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-            let collective = free_loopback()?;
-            let me = WorkerIdentity {
-                worker_id: format!("local-{i}"),
-                model: model.to_string(),
-                address: address.to_string(),
-                collective,
-                devices: vec![device.clone()],
-                memory_bytes: 0,
-                connect_timeout: Duration::from_secs(30),
-                job_idle_timeout: Duration::from_secs(600),
-                limits: Limits { max_tokens: DEFAULT_WORKER_MAX_TOKENS, ..Limits::default() },
-            };
-            let service = WorkerService::new(pipe.clone(), me.clone());
-            let mut stop = shutdown.subscribe();
-            tokio::spawn({
-                let service = service.clone();
-                async move {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                    let server = ShardWorkerServer::new(service)
-                        .max_decoding_message_size(super::cluster::MAX_MESSAGE)
-                        .max_encoding_message_size(super::cluster::MAX_MESSAGE);
-                    let ended = tonic::transport::Server::builder().add_service(server).serve_with_incoming_shutdown(incoming, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    });
-                    if let Err(e) = ended.await {
-                        tracing::warn!(error = %e, "an in-process worker's server failed");
-                    }
+/// Starts `n` workers serving `pipe` as `model` (with `info` for planning), registered idle in
+/// `membership`; they stop when `shutdown` turns true.
+async fn spawn_workers(
+    membership: &Arc<MemoryMembership>,
+    shutdown: &watch::Sender<bool>,
+    pipe: Arc<WanPipeline>,
+    model: &str,
+    info: ModelInfo,
+    n: usize,
+) -> Result<(), CoordinatorError> {
+    // Advertised as the transformer runs: GPU groups get an NCCL id from the coordinator.
+    let device = device_name(pipe.transformer().device());
+    for i in 0..n {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Internal(format!("worker {i}: {e}")))?;
+        let address = listener.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+        let collective = free_loopback()?;
+        let me = WorkerIdentity {
+            worker_id: format!("local-{i}"),
+            model: model.to_string(),
+            address: address.to_string(),
+            collective,
+            devices: vec![device.clone()],
+            memory_bytes: 0,
+            connect_timeout: Duration::from_secs(30),
+            job_idle_timeout: Duration::from_secs(600),
+            limits: Limits { max_tokens: DEFAULT_WORKER_MAX_TOKENS, ..Limits::default() },
+        };
+        let service = WorkerService::new(pipe.clone(), me.clone());
+        let mut stop = shutdown.subscribe();
+        tokio::spawn({
+            let service = service.clone();
+            async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let server = ShardWorkerServer::new(service)
+                    .max_decoding_message_size(super::cluster::MAX_MESSAGE)
+                    .max_encoding_message_size(super::cluster::MAX_MESSAGE);
+                let ended = tonic::transport::Server::builder().add_service(server).serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = ended.await {
+                    tracing::warn!(error = %e, "an in-process worker's server failed");
                 }
-            });
-            let mut record = WorkerRecord::starting(&me.worker_id, &me.address, collective.to_string(), model, me.devices.clone(), 0);
-            record.state = WorkerState::Idle;
-            record.model_info = info;
-            let m: Arc<dyn Membership> = membership.clone();
-            let mut presence = Presence::register(Some(m), record).await?;
-            let mut running = service.running();
-            let mut stop = shutdown.subscribe();
-            tokio::spawn(async move {
-                presence
-                    .follow(&mut running, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                presence.leave().await;
-            });
-        }
-        Ok(Self { membership, shutdown })
+            }
+        });
+        let mut record = WorkerRecord::starting(&me.worker_id, &me.address, collective.to_string(), model, me.devices.clone(), 0);
+        record.state = WorkerState::Idle;
+        record.model_info = info;
+        let m: Arc<dyn Membership> = membership.clone();
+        let mut presence = Presence::register(Some(m), record).await?;
+        let mut running = service.running();
+        let mut stop = shutdown.subscribe();
+        tokio::spawn(async move {
+            presence
+                .follow(&mut running, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            presence.leave().await;
+        });
     }
+    Ok(())
+}
 
+impl EmbeddedWorkers {
     /// Where the workers are registered.
     pub fn membership(&self) -> Arc<dyn Membership> {
         self.membership.clone()
     }
 
-    /// Loads `source` on `device` (on a blocking thread), starts `workers` in-process workers
-    /// serving it as `model_name`, and a [`ClusterExecutor`] over them (jobs of at most
-    /// `max_ranks` workers, 0 = all, and `max_tokens` tokens). Keep the returned workers alive as
-    /// long as the executor.
+    /// Starts a [`ClusterExecutor`] over an in-memory membership at once (jobs of at most
+    /// `max_ranks` workers, 0 = all, and `max_tokens` tokens), and in the background loads
+    /// `source` on `device` and registers `workers` in-process workers serving it as
+    /// `model_name`. The executor is ready (`wait_ready`) once they are registered, and fails
+    /// with the reason if the model does not load. Keep the returned workers alive as long as
+    /// the executor.
     pub async fn with_executor(
         source: ModelSource,
         device: Device,
@@ -164,21 +171,35 @@ impl EmbeddedWorkers {
         max_tokens: usize,
     ) -> Result<(Self, ClusterExecutor), CoordinatorError> {
         check_workers(device != Device::Cpu, workers).map_err(|detail| CoordinatorError::invalid_argument("workers", detail))?;
-        let (pipe, defaults) = tokio::task::spawn_blocking(move || source.load(device))
-            .await
-            .map_err(|e| CoordinatorError::Internal(format!("the loading thread failed: {e}")))?
-            .map_err(CoordinatorError::Unavailable)?;
-        let info = pipe.model_info(defaults);
-        let embedded = Self::start(Arc::new(pipe), model_name, info, workers).await?;
+        let membership = Arc::new(MemoryMembership::new(Heartbeat::default()));
+        let (shutdown, _) = watch::channel(false);
+        let (startup, startup_rx) = watch::channel(Startup::Loading);
         let executor = ClusterExecutor::start(ClusterExecutorConfig {
-            membership: embedded.membership(),
+            membership: membership.clone(),
             max_ranks,
             max_tokens,
             default_model: Some(model_name.to_string()),
             limits: DriveLimits::default(),
             recover_attempts: 0,
             checkpoint_every: 0,
+            startup: Some(startup_rx),
         })?;
+        let embedded = Self { membership: membership.clone(), shutdown: shutdown.clone() };
+        let model = model_name.to_string();
+        tokio::spawn(async move {
+            let outcome = match tokio::task::spawn_blocking(move || source.load(device)).await {
+                Ok(Ok((pipe, defaults))) => {
+                    let info = pipe.model_info(defaults);
+                    spawn_workers(&membership, &shutdown, Arc::new(pipe), &model, info, workers).await.map_err(|e| e.to_string())
+                }
+                Ok(Err(why)) => Err(why),
+                Err(e) => Err(format!("the loading thread failed: {e}")),
+            };
+            if let Err(why) = &outcome {
+                tracing::error!(error = %why, "the in-process workers did not start");
+            }
+            startup.send_replace(outcome.map_or_else(Startup::Failed, |()| Startup::Ready(workers)));
+        });
         Ok((embedded, executor))
     }
 }

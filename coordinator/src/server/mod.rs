@@ -18,7 +18,7 @@ mod runner;
 mod scheduler;
 mod service;
 
-pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, WorkerTable};
+pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, Startup, WorkerTable};
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};

@@ -50,6 +50,20 @@ pub struct ClusterExecutorConfig {
     pub recover_attempts: u32,
     /// With recovery on, how often (in steps) the run is checkpointed from rank 0.
     pub checkpoint_every: u32,
+    /// Something the executor waits for, beyond the membership's first listing, before it is
+    /// ready: the in-process workers' model loading (`None` for workers found in etcd).
+    pub startup: Option<watch::Receiver<Startup>>,
+}
+
+/// How the start of the executor's own workers goes (in-process workers load their model first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Startup {
+    /// Still loading.
+    Loading,
+    /// This many workers are registered (the executor is ready once its table lists them).
+    Ready(usize),
+    /// They never will be: why (a model that does not load, a port that cannot be bound).
+    Failed(String),
 }
 
 struct Shared {
@@ -226,8 +240,23 @@ impl JobExecutor for ClusterExecutor {
 
     fn wait_ready(&self) -> Pin<Box<dyn Future<Output = Result<(), CoordinatorError>> + Send + '_>> {
         let mut ready = self.shared.ready.subscribe();
+        let mut startup = self.config.startup.clone();
+        let mut version = self.shared.version.subscribe();
+        let shared = self.shared.clone();
         Box::pin(async move {
             ready.wait_for(|r| *r).await.map_err(|_| CoordinatorError::Internal("the membership follower went away".into()))?;
+            let Some(startup) = &mut startup else { return Ok(()) };
+            let outcome = startup.wait_for(|s| *s != Startup::Loading).await.map(|s| s.clone());
+            let workers = match outcome {
+                Ok(Startup::Ready(n)) => n,
+                Ok(Startup::Failed(why)) => return Err(CoordinatorError::Unavailable(why)),
+                Ok(Startup::Loading) | Err(_) => return Err(CoordinatorError::Internal("the workers' start-up went away".into())),
+            };
+            // Ready once the table lists them, so that the first request gets their model's
+            // defaults and factors.
+            while shared.table().records().count() < workers {
+                version.changed().await.map_err(|_| CoordinatorError::Internal("the membership follower went away".into()))?;
+            }
             Ok(())
         })
     }
