@@ -228,15 +228,14 @@ fn generate_embedded(args: &GenerateArgs, mut job: super::remote::RemoteGenerate
     let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
     let source_flag = if args.model.is_some() { "--model" } else { "--preset" };
     let started = std::time::Instant::now();
+    if !args.quiet {
+        let plural = if workers == 1 { "" } else { "s" };
+        eprintln!("loading model {desc} on {device} for {workers} in-process worker{plural}");
+    }
     let server = super::embedded::EmbeddedServer::start(source, device, model_name, workers, usize::try_from(args.max_tokens).unwrap_or(usize::MAX))
         .map_err(|e| anyhow!("{source_flag} {desc} on --device {device} with --workers {workers}: {e:#}"))?;
     if !args.quiet {
-        let plural = if workers == 1 { "" } else { "s" };
-        eprintln!(
-            "model {desc} on {device}: embedded coordinator on {} with {workers} in-process worker{plural} (loaded in {:.2}s)",
-            server.addr,
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("loaded in {:.2}s; embedded coordinator on {}", started.elapsed().as_secs_f64(), server.addr);
     }
     job.server = server.addr.to_string();
     let code = super::remote::generate(job);

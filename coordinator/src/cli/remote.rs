@@ -4,12 +4,12 @@
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan};
+use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan, Progress};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -199,6 +199,35 @@ fn timings_text(t: &PhaseTimings) -> String {
     )
 }
 
+/// How often a progress line is printed while the phase stays the same.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Progress lines on stderr for a run without a terminal (logs, CI, a job runner).
+#[derive(Default)]
+struct ProgressLines {
+    phase: i32,
+    last: Option<std::time::Instant>,
+}
+
+impl ProgressLines {
+    fn show(&mut self, p: &Progress) {
+        let due = self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if p.phase == self.phase && !due {
+            return;
+        }
+        self.phase = p.phase;
+        self.last = Some(std::time::Instant::now());
+        eprintln!("{}", progress_text(p));
+    }
+}
+
+/// One progress line: the phase, the step, the time so far and the estimate.
+fn progress_text(p: &Progress) -> String {
+    let steps = if p.total_steps > 0 { format!(" step {}/{}", p.step, p.total_steps) } else { String::new() };
+    let eta = p.estimated_remaining.as_ref().map(|d| format!(", eta {:.0}s", secs(&Some(*d)))).unwrap_or_default();
+    format!("{}{steps}, {:.1}s elapsed{eta}", phase_name(p.phase), secs(&p.elapsed))
+}
+
 fn phase_name(p: i32) -> &'static str {
     match Phase::try_from(p) {
         Ok(Phase::Queued) => "queued",
@@ -241,6 +270,9 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
             .progress_chars("=> "),
     );
     bar.set_message("queued");
+    // Without a terminal the bar is hidden: a progress line instead, at each phase and at least
+    // every PROGRESS_EVERY while denoising.
+    let mut lines = (!job.quiet && !std::io::stderr().is_terminal()).then(ProgressLines::default);
     let result: Result<_> = async {
         loop {
             let event = match stream.message().await {
@@ -267,6 +299,9 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                     }
                 }
                 Some(Event::Progress(p)) => {
+                    if let Some(lines) = &mut lines {
+                        lines.show(&p);
+                    }
                     bar.set_message(phase_name(p.phase));
                     if p.total_steps > 0 {
                         bar.set_length(p.total_steps as u64);
@@ -330,5 +365,22 @@ mod tests {
         assert_eq!(format_named("latents"), Some(OutputFormat::RawLatents));
         assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
         assert_eq!(endpoint("127.0.0.1:5"), "http://127.0.0.1:5");
+    }
+
+    #[test]
+    fn progress_lines_say_the_phase_step_and_eta() {
+        let d = |s: i64| Some(prost_types::Duration { seconds: s, nanos: 0 });
+        let p = Progress { phase: Phase::Denoising as i32, step: 3, total_steps: 50, elapsed: d(12), estimated_remaining: d(188) };
+        assert_eq!(progress_text(&p), "denoising step 3/50, 12.0s elapsed, eta 188s");
+        let decoding = Progress { phase: Phase::Decoding as i32, elapsed: d(200), ..Default::default() };
+        assert_eq!(progress_text(&decoding), "decoding, 200.0s elapsed");
+        // A line at every phase change, and within a phase no more than one per PROGRESS_EVERY.
+        let mut lines = ProgressLines::default();
+        lines.show(&p);
+        let first = lines.last;
+        lines.show(&Progress { step: 4, ..p });
+        assert_eq!(lines.last, first, "the same phase within 10 s prints nothing");
+        lines.show(&decoding);
+        assert_eq!(lines.phase, Phase::Decoding as i32, "a new phase prints at once");
     }
 }
