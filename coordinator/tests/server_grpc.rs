@@ -200,6 +200,33 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     assert!(err.code() == Code::InvalidArgument && err.message().contains("job_id"), "{err:?}");
 }
 
+/// Under load the plan a job is accepted with is the plan it runs with: 3 in-process workers,
+/// groups of at most 2; while A holds two, B (accepted with 2 ranks) waits for two free workers
+/// instead of starting on the one left over.
+#[tokio::test]
+async fn a_job_runs_on_the_group_its_plan_said() {
+    let server = Server::start_serving(&["--workers", "3", "--max-ranks", "2"]).await;
+    let mut client = server.client().await;
+    let mut a = client.generate(GenerateRequest { steps: 60, ..long_request() }).await.unwrap().into_inner();
+    let Some(Event::Accepted(acc_a)) = a.message().await.unwrap().unwrap().event else { panic!() };
+    assert_eq!(acc_a.plan.as_ref().map(|p| p.ranks), Some(2));
+    loop {
+        if let Some(Event::Progress(p)) = a.message().await.unwrap().unwrap().event {
+            if p.step >= 1 {
+                break;
+            }
+        }
+    }
+    let b = generate(&mut client, GenerateRequest { steps: 2, ..small_request(3) }).await;
+    assert!(b.status.is_none(), "{:?}", b.status);
+    let Some(Event::Accepted(acc_b)) = &b.events[0].event else { panic!() };
+    let planned = acc_b.plan.clone().unwrap();
+    assert_eq!((planned.ranks, planned.ulysses), (2, 2), "{planned:?}");
+    let ran = client.get_job(GetJobRequest { job_id: acc_b.job_id.clone() }).await.unwrap().into_inner().plan.unwrap();
+    assert_eq!((ran.ranks, ran.ulysses, ran.worker_ids.len()), (2, 2, 2), "B ran as planned: {ran:?}");
+    while a.message().await.unwrap().is_some() {}
+}
+
 #[tokio::test]
 async fn a_full_queue_is_resource_exhausted_and_cancel_job_stops_queued_and_running_jobs() {
     let server = Server::start_serving(&["--max-queue", "1"]).await;

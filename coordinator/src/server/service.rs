@@ -9,6 +9,7 @@ use crate::CoordinatorError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tessera_cluster::JobPlan;
 use tessera_proto::v1::tessera_server::Tessera;
 use tessera_proto::v1::{
     generate_event::Event, Accepted, CancelJobRequest, CancelJobResponse, GenerateEvent, GenerateRequest, GetJobRequest, Job, JobState, ListJobsRequest,
@@ -101,8 +102,10 @@ impl Tessera for TesseraService {
             super::input::prepare_request_video_blocking(&valid.request).await?;
             Ok::<_, CoordinatorError>(valid)
         };
-        let valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
+        let mut valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
+        // The plan joins the job's spec: the group that runs it is the size it says.
         let plan = exec.plan(&valid);
+        valid.spec = valid.spec.clone().planned(JobPlan { ranks: plan.ranks, ulysses: plan.ulysses }).map_err(CoordinatorError::from)?;
         let id = state.jobs.new_id();
         let stop = StopSignal::default();
         let mut recorded = valid.request.clone();

@@ -215,9 +215,8 @@ impl JobExecutor for ClusterExecutor {
     fn plan(&self, request: &ValidRequest) -> Plan {
         let table = self.shared.table();
         let model = &request.request.model;
-        let serving: Vec<_> = table.records().filter(|w| &w.model == model).collect();
-        let ranks = serving.len().min(group_limit(self.config.max_ranks, request.spec.tokens())).max(1);
-        let heads = serving.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
+        let ranks = table.capacity(model).min(group_limit(self.config.max_ranks, request.spec.tokens())).max(1);
+        let heads = table.records().filter(|w| &w.model == model).map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
         let ulysses = ulysses_degree(ranks, heads) as u32;
         Plan {
             // The group is chosen when the job starts.
@@ -376,7 +375,11 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
             if !table.models().iter().any(|m| m == model) {
                 return Err(CoordinatorError::Unavailable(format!("no live worker serves model {model:?}")));
             }
-            if let Some(group) = table.reserve(&job.id, model, max_ranks, job.request.spec.tokens()) {
+            // The group the plan said, unless workers left since (then the largest there is; the
+            // job's record gets the plan that runs).
+            let planned = job.request.spec.plan().map_or_else(|| group_limit(max_ranks, job.request.spec.tokens()), |p| p.ranks as usize);
+            let ranks = planned.min(table.capacity(model)).max(1);
+            if let Some(group) = table.reserve(&job.id, model, ranks) {
                 return Ok(group);
             }
         }

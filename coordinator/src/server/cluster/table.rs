@@ -103,20 +103,26 @@ impl WorkerTable {
         }
     }
 
-    /// Reserves a group for `job` among the free workers serving `model`: as many as
-    /// `max_ranks` allows (0 = all of them), never more than the job's `tokens`, in id order. The
-    /// Ulysses degree is the largest that divides both the group size and the model's attention
-    /// heads (all-to-all moves less than the ring once there are more than two ranks); the rest
-    /// of the group forms rings. A group runs on one kind of device: GPU workers when any is free
-    /// (they talk through NCCL), else CPU workers. `None` when no worker of the model is free.
-    pub fn reserve(&mut self, job: &str, model: &str, max_ranks: usize, tokens: usize) -> Option<Group> {
-        let limit = group_limit(max_ranks, tokens);
+    /// How large a group for `model` can be: its live workers (idle or busy, here or for another
+    /// coordinator) of the device kind that has most of them (a group runs on one kind). The
+    /// plan's ranks are at most this; a job waits for that many to be free.
+    pub fn capacity(&self, model: &str) -> usize {
+        let live = |w: &&WorkerRecord| w.model == model && matches!(w.state, WorkerState::Idle | WorkerState::Busy);
+        let gpus = self.workers.values().filter(live).filter(|w| on_gpu(w)).count();
+        let cpus = self.workers.values().filter(live).filter(|w| !on_gpu(w)).count();
+        gpus.max(cpus)
+    }
+
+    /// Reserves a group of exactly `ranks` free workers serving `model` for `job`, in id order,
+    /// on one kind of device: GPU workers when enough are free (they talk through NCCL), else
+    /// CPU workers. The Ulysses degree is the largest that divides both the group size and the
+    /// model's attention heads (all-to-all moves less than the ring once there are more than two
+    /// ranks); the rest of the group forms rings. `None` until that many are free: the job runs
+    /// on the group its plan said.
+    pub fn reserve(&mut self, job: &str, model: &str, ranks: usize) -> Option<Group> {
         let free: Vec<&WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).collect();
-        let gpus = free.iter().any(|w| on_gpu(w));
-        let workers: Vec<WorkerRecord> = free.into_iter().filter(|w| on_gpu(w) == gpus).take(limit).cloned().collect();
-        if workers.is_empty() {
-            return None;
-        }
+        let kind = |gpu: bool| free.iter().filter(|w| on_gpu(w) == gpu).take(ranks).map(|w| (*w).clone()).collect::<Vec<WorkerRecord>>();
+        let workers = [kind(true), kind(false)].into_iter().find(|g| ranks > 0 && g.len() == ranks)?;
         for w in &workers {
             self.reserved.insert(w.worker_id.clone(), job.to_string());
         }
@@ -187,15 +193,17 @@ mod tests {
         ]);
         assert_eq!(t.models(), ["tiny", "wan"]);
         assert_eq!(t.free_count(), 3);
-        let g = t.reserve("j1", "tiny", 0, 1000).unwrap();
+        assert_eq!(t.capacity("tiny"), 3, "a, b (busy) and c; e is still starting");
+        assert!(t.reserve("j0", "tiny", 3).is_none(), "a group of 3 waits for b");
+        let g = t.reserve("j1", "tiny", 2).unwrap();
         let ids: Vec<_> = g.workers.iter().map(|w| w.worker_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(g.ulysses, 2);
         assert_eq!(t.reserved_for("a"), Some("j1"));
-        assert!(t.reserve("j2", "tiny", 0, 1000).is_none(), "every free tiny worker is taken");
+        assert!(t.reserve("j2", "tiny", 1).is_none(), "every free tiny worker is taken");
         assert_eq!(t.formable_groups(0), 1, "the wan worker is still free");
         t.release("j1");
-        assert_eq!(t.reserve("j3", "tiny", 1, 1000).unwrap().workers.len(), 1);
+        assert_eq!(t.reserve("j3", "tiny", 1).unwrap().workers.len(), 1);
     }
 
     #[test]
@@ -207,8 +215,9 @@ mod tests {
         };
         let mut t = table(&[on("a", "cpu"), on("b", "cuda:0"), on("c", "cpu"), on("d", "cuda:1 NVIDIA H100")]);
         let ids = |g: Group| g.workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>();
-        assert_eq!(ids(t.reserve("j1", "tiny", 0, 1000).unwrap()), ["b", "d"]);
-        assert_eq!(ids(t.reserve("j2", "tiny", 0, 1000).unwrap()), ["a", "c"], "the CPU workers form the next group");
+        assert_eq!(t.capacity("tiny"), 2, "two of each kind: a group has at most 2");
+        assert_eq!(ids(t.reserve("j1", "tiny", 2).unwrap()), ["b", "d"]);
+        assert_eq!(ids(t.reserve("j2", "tiny", 2).unwrap()), ["a", "c"], "the CPU workers form the next group");
     }
 
     #[test]
@@ -216,7 +225,7 @@ mod tests {
         let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Busy)]);
         assert!(t.all_free_or_gone(&["a", "gone"]));
         assert!(!t.all_free_or_gone(&["a", "b"]), "b is busy");
-        t.reserve("j", "tiny", 0, 1000).unwrap();
+        t.reserve("j", "tiny", 1).unwrap();
         assert!(!t.all_free_or_gone(&["a"]), "a is reserved");
     }
 
@@ -231,8 +240,9 @@ mod tests {
 
     #[test]
     fn a_group_is_never_larger_than_the_job_has_tokens() {
-        let mut t = table(&(0..4).map(|i| worker(&format!("w{i}"), "tiny", WorkerState::Idle)).collect::<Vec<_>>());
-        assert_eq!(t.reserve("j", "tiny", 0, 3).unwrap().workers.len(), 3);
+        assert_eq!(group_limit(0, 3), 3);
+        assert_eq!(group_limit(2, 3), 2);
+        assert_eq!(group_limit(0, 0), 1);
     }
 
     #[test]
@@ -251,7 +261,8 @@ mod tests {
     fn a_held_worker_is_left_out_until_its_record_changes() {
         let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Idle)]);
         t.hold(&["a".into()]);
-        let g = t.reserve("j1", "tiny", 0, 100).unwrap();
+        assert!(t.reserve("j0", "tiny", 2).is_none(), "a is held");
+        let g = t.reserve("j1", "tiny", 1).unwrap();
         assert_eq!(g.workers.len(), 1);
         assert_eq!(g.workers[0].worker_id, "b");
         t.release("j1");
