@@ -59,7 +59,15 @@ pub struct JobRequest {
 }
 
 impl JobRequest {
-    /// The sizes and settings as the one check reads them.
+    /// The sizes and settings as the one check reads them, at the size the model generates: the
+    /// asked sides rounded up to multiples of the model's side factor.
+    pub fn generated_settings(&self, factors: ModelFactors) -> Settings {
+        let side = factors.side_multiple().max(1);
+        let up = |v: u32| u64::from(v).div_ceil(side) * side;
+        Settings { width: up(self.width), height: up(self.height), ..self.settings() }
+    }
+
+    /// The sizes and settings as asked.
     pub fn settings(&self) -> Settings {
         Settings {
             width: self.width.into(),
@@ -101,8 +109,29 @@ impl JobSpec {
                 return Err(ClusterError::input(field, "contains a NUL character"));
             }
         }
-        let checked = check_settings(&request.settings(), factors, limits)?;
+        // Sides as asked: any size up to the limit. The model generates at the next multiple of its
+        // side factor, and the frames are center-cropped back (`generated_size`).
+        for (field, v) in [("width", request.width), ("height", request.height)] {
+            if v == 0 || u64::from(v) > limits.max_side {
+                return Err(ClusterError::input(field, format!("{v} must be between 1 and {}", limits.max_side)));
+            }
+        }
+        let generated = request.generated_settings(factors);
+        for (field, v) in [("width", generated.width), ("height", generated.height)] {
+            if u32::try_from(v).is_err() {
+                return Err(ClusterError::input(field, format!("{v} (rounded up to the model's multiple) does not fit 32 bits")));
+            }
+        }
+        let checked = check_settings(&generated, factors, limits)?;
         Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens, plan: None })
+    }
+
+    /// The frame size the model generates at, `(height, width)`: the asked size rounded up to
+    /// multiples of the model's side factor (equal to it for sizes that are multiples already).
+    /// The decoded frames are center-cropped back to [`JobRequest`]'s size.
+    pub fn generated_size(&self) -> (u32, u32) {
+        let s = self.request.generated_settings(self.factors);
+        (s.height as u32, s.width as u32)
     }
 
     /// The spec with its plan, once the group is chosen: at least one rank and at most
@@ -241,6 +270,22 @@ mod tests {
         assert_eq!(JobSpec::from_message(&planned.to_message(), &Limits::default()).unwrap(), planned);
     }
 
+    /// Sizes as users ask for them: 1080 rows are generated as 1088 (a multiple of 16) and
+    /// cropped back; the grid and the tokens are the generated size's.
+    #[test]
+    fn sizes_that_are_not_multiples_are_generated_at_the_next_one() {
+        let hd = JobRequest { width: 1920, height: 1080, num_frames: 961, ..request() };
+        let spec = JobSpec::new(hd, ModelFactors::WAN, &Limits::none()).unwrap();
+        assert_eq!((spec.request().height, spec.generated_size()), (1080, (1088, 1920)));
+        assert_eq!((spec.latent_fhw(), spec.tokens()), ([241, 136, 240], 241 * 68 * 120));
+        let exact = JobSpec::new(request(), ModelFactors::WAN, &Limits::default()).unwrap();
+        assert_eq!(exact.generated_size(), (480, 832));
+        let l = Limits::default();
+        assert_eq!(field(JobSpec::new(JobRequest { width: 4097, ..request() }, ModelFactors::WAN, &l)), "width");
+        assert_eq!(field(JobSpec::new(JobRequest { height: 0, ..request() }, ModelFactors::WAN, &l)), "height");
+        assert_eq!(JobSpec::new(JobRequest { width: 1, height: 17, ..request() }, ModelFactors::WAN, &l).unwrap().generated_size(), (32, 16));
+    }
+
     #[test]
     fn prompts_are_checked_with_the_sizes() {
         let l = Limits::default();
@@ -274,8 +319,11 @@ mod tests {
             assert_eq!(field(JobSpec::from_message(&m, &worker)), want, "{m:?}");
         }
         // With no deployment limits the products still cannot wrap: 2^30 x 2^28 x 2^28 tokens.
-        let huge = pb::JobSpec { width: u32::MAX - 15, height: u32::MAX - 15, num_frames: u32::MAX - 2, ..ok };
+        let huge = pb::JobSpec { width: u32::MAX - 15, height: u32::MAX - 15, num_frames: u32::MAX - 2, ..ok.clone() };
         let err = JobSpec::from_message(&huge, &Limits::none()).unwrap_err().to_string();
         assert!(err.contains("num_frames") && err.contains("more than 2^64"), "{err}");
+        // A side that rounds up past 32 bits is refused, never wrapped to 0.
+        let wraps = pb::JobSpec { width: u32::MAX, ..ok };
+        assert_eq!(field(JobSpec::from_message(&wraps, &Limits::none())), "width");
     }
 }

@@ -86,7 +86,7 @@ fn bad_flags_are_named() {
     let out = dir.path().join("x.mp4").display().to_string();
     for (flags, named) in [
         (vec!["--frames", "8"], "--frames"),
-        (vec!["--height", "40"], "--height"),
+        (vec!["--height", "4100"], "--height"),
         (vec!["--steps", "0"], "--steps"),
         (vec!["--guidance", "-2"], "--guidance"),
         (vec!["--sampler", "ddim"], "--sampler"),
@@ -154,4 +154,44 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
     assert!(stderr.contains("--device cuda") && stderr.contains("CUDA"), "{stderr}");
     let (code, _, stderr) = tessera(&[&base[..], &["--device", "auto"]].concat());
     assert_eq!(code, 0, "{stderr}");
+}
+
+/// Decoded 8-bit RGB frames of a PNG folder, with their size.
+fn png_frames(dir: &Path) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let mut reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            (info.width, info.height, buf)
+        })
+        .collect()
+}
+
+/// Sizes as users ask for them: 72x40 is not a multiple of 16, so the model generates 80x48 and
+/// the frames are center-cropped back; they are exactly the middle of an 80x48 run with the same
+/// seed (same latent grid), and the run says what it did.
+#[test]
+fn sizes_that_are_not_multiples_of_16_are_generated_larger_and_cropped_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["generate", "--prompt", "a red ball", "--frames", "5", "--steps", "2", "--seed", "3", "--format", "png", "--quiet"];
+    let (asked, full) = (dir.path().join("asked"), dir.path().join("full"));
+    let (code, stdout, stderr) = tessera(&[&base[..], &["--width", "72", "--height", "40", "-o", asked.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("generated at 80x48 (the model's multiple), center-cropped to 72x40"), "{stdout}");
+    assert!(stdout.contains("wrote") && stdout.contains("72x40"), "{stdout}");
+    let (code, stdout, stderr) = tessera(&[&base[..], &["--width", "80", "--height", "48", "-o", full.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(!stdout.contains("center-cropped"), "{stdout}");
+    let (a, f) = (png_frames(&asked), png_frames(&full));
+    assert_eq!((a.len(), f.len()), (5, 5));
+    for ((w, h, got), (fw, fh, whole)) in a.iter().zip(&f) {
+        assert_eq!((*w, *h, *fw, *fh), (72, 40, 80, 48));
+        let middle: Vec<u8> = (4..44).flat_map(|row| whole[(row * 80 + 4) * 3..(row * 80 + 76) * 3].to_vec()).collect();
+        assert!(got == &middle, "the 72x40 frame is the middle of the 80x48 one");
+    }
 }

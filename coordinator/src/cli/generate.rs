@@ -36,10 +36,13 @@ pub struct GenerateArgs {
     /// Output format (mp4, gif, png, latents); by default from the output's extension.
     #[arg(long, env = "TESSERA_FORMAT")]
     format: Option<String>,
-    /// Frame height in pixels, a multiple of 16 (default: the model's, 480 for Wan 2.1).
+    /// Frame height in pixels, up to 4096 (default: the model's, 480 for Wan 2.1). Not a multiple
+    /// of 16: generated at the next multiple and center-cropped back (`--height 1080` gives 1080
+    /// rows).
     #[arg(long, env = "TESSERA_HEIGHT")]
     height: Option<u32>,
-    /// Frame width in pixels, a multiple of 16 (default: the model's, 832 for Wan 2.1).
+    /// Frame width in pixels, up to 4096 (default: the model's, 832 for Wan 2.1); cropped back as
+    /// the height.
     #[arg(long, env = "TESSERA_WIDTH")]
     width: Option<u32>,
     /// Number of frames, 4k+1 (default: the model's, 81 for Wan 2.1; with --input-video, as

@@ -292,6 +292,12 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                         }
                         if let Some(r) = &a.effective_request {
                             println!("{}", effective_text(r));
+                            if let Some(p) = a.plan.as_ref().filter(|p| (p.generated_width, p.generated_height) != (r.width, r.height)) {
+                                println!(
+                                    "generated at {}x{} (the model's multiple), center-cropped to {}x{}",
+                                    p.generated_width, p.generated_height, r.width, r.height
+                                );
+                            }
                         }
                     });
                     if let Some(r) = &a.effective_request {

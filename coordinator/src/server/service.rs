@@ -99,7 +99,7 @@ impl Tessera for TesseraService {
             let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
             exec.check(&valid)?;
             // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
-            super::input::prepare_request_video_blocking(&valid.request).await?;
+            super::input::prepare_request_video_blocking(&valid).await?;
             Ok::<_, CoordinatorError>(valid)
         };
         let mut valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;

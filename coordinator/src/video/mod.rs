@@ -169,6 +169,30 @@ pub(crate) mod test_frames {
     }
 }
 
+/// Frames `[1, 3, n, H, W]` center-cropped to `height × width` (the size a request asked for,
+/// when the model generated at the next multiple of its factor). Frames already that size come
+/// back as they are.
+pub fn crop_center(frames: tessera_cluster::Tensor, height: u32, width: u32) -> Result<tessera_cluster::Tensor> {
+    let (h, w) = (height as usize, width as usize);
+    let &[1, 3, n, fh, fw] = frames.shape() else {
+        return Err(CoordinatorError::Internal(format!("frames of shape {:?} are not [1, 3, n, H, W]", frames.shape())));
+    };
+    if (fh, fw) == (h, w) {
+        return Ok(frames);
+    }
+    if h > fh || w > fw {
+        return Err(CoordinatorError::Internal(format!("{fw}x{fh} frames cannot be cropped to {w}x{h}")));
+    }
+    let (top, left) = ((fh - h) / 2, (fw - w) / 2);
+    let mut out = Vec::with_capacity(3 * n * h * w);
+    for plane in frames.data().chunks_exact(fh * fw) {
+        for row in plane[top * fw..(top + h) * fw].chunks_exact(fw) {
+            out.extend_from_slice(&row[left..left + w]);
+        }
+    }
+    tessera_cluster::Tensor::new([1, 3, n, h, w], out).map_err(|e| CoordinatorError::Internal(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +205,20 @@ mod tests {
             let err = VideoSpec::new(w, h, fps).unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn frames_are_center_cropped_to_the_asked_size() {
+        // One frame, 3 planes of 4 rows x 6 columns: value = plane*100 + row*10 + column.
+        let data: Vec<f32> = (0..3).flat_map(|p| (0..4).flat_map(move |r| (0..6).map(move |c| (p * 100 + r * 10 + c) as f32))).collect();
+        let frames = tessera_cluster::Tensor::new([1, 3, 1, 4, 6], data).unwrap();
+        let cropped = crop_center(frames.clone(), 2, 3).unwrap();
+        assert_eq!(cropped.shape(), &[1, 3, 1, 2, 3]);
+        // Rows 1..3, columns 1..4 of each plane.
+        assert_eq!(&cropped.data()[..6], &[11.0, 12.0, 13.0, 21.0, 22.0, 23.0]);
+        assert_eq!(&cropped.data()[12..], &[211.0, 212.0, 213.0, 221.0, 222.0, 223.0]);
+        assert_eq!(crop_center(frames.clone(), 4, 6).unwrap(), frames, "the generated size is returned as it is");
+        assert!(crop_center(frames, 5, 6).is_err());
     }
 
     #[test]

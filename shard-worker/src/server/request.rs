@@ -1,5 +1,6 @@
 //! A job spec (validated by the coordinator, checked again by this worker) as the pipeline's
-//! parameters: no defaults are applied here, the spec carries every setting.
+//! parameters: no defaults are applied here, the spec carries every setting; the frame size is
+//! the generated one.
 
 use crate::pipeline::GenerationParams;
 use crate::sampler::SamplerKind;
@@ -9,6 +10,8 @@ use tessera_proto::v1::Sampler;
 /// The generation `spec` asks for (without the input video, which travels beside it).
 pub fn params_from_spec(spec: &JobSpec) -> GenerationParams {
     let r = spec.request();
+    // The model generates at the spec's generated size (the coordinator crops the frames back).
+    let (height, width) = spec.generated_size();
     let sampler = match r.sampler {
         Sampler::Unspecified => None,
         Sampler::Unipc => Some(SamplerKind::UniPc),
@@ -16,8 +19,8 @@ pub fn params_from_spec(spec: &JobSpec) -> GenerationParams {
     };
     GenerationParams {
         negative_prompt: r.negative_prompt.clone(),
-        height: r.height as usize,
-        width: r.width as usize,
+        height: height as usize,
+        width: width as usize,
         num_frames: r.num_frames as usize,
         num_inference_steps: r.steps as usize,
         guidance_scale: r.guidance_scale,
@@ -34,9 +37,8 @@ mod tests {
     use tessera_cluster::limits::{Limits, ModelFactors};
     use tessera_cluster::JobRequest;
 
-    #[test]
-    fn every_setting_of_the_spec_reaches_the_parameters() {
-        let request = JobRequest {
+    fn spec_request() -> JobRequest {
+        JobRequest {
             prompt: "a".into(),
             negative_prompt: "b".into(),
             width: 64,
@@ -48,9 +50,16 @@ mod tests {
             sampler: Sampler::Euler,
             seed: 7,
             strength: None,
-        };
-        let p = params_from_spec(&JobSpec::new(request, ModelFactors::WAN, &Limits::default()).unwrap());
+        }
+    }
+
+    #[test]
+    fn every_setting_of_the_spec_reaches_the_parameters() {
+        let p = params_from_spec(&JobSpec::new(spec_request(), ModelFactors::WAN, &Limits::default()).unwrap());
         assert_eq!((p.prompt.as_str(), p.negative_prompt.as_str(), p.width, p.height, p.num_frames), ("a", "b", 64, 32, 9));
+        let odd = JobRequest { width: 60, height: 30, ..spec_request() };
+        let p = params_from_spec(&JobSpec::new(odd, ModelFactors::WAN, &Limits::default()).unwrap());
+        assert_eq!((p.width, p.height), (64, 32), "generated at the next multiple of 16");
         assert_eq!((p.num_inference_steps, p.guidance_scale, p.flow_shift, p.sampler, p.seed), (4, 3.0, Some(2.5), Some(SamplerKind::Euler), 7));
     }
 }

@@ -282,6 +282,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             ring: ranks_n / group.ulysses as u32,
             tokens: cx.job.request.spec.tokens() as u64,
             forwards_per_step: cx.job.request.spec.forwards_per_step(),
+            generated_width: cx.job.request.spec.generated_size().1,
+            generated_height: cx.job.request.spec.generated_size().0,
         }),
     )
     .await?;
@@ -411,6 +413,9 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
         };
         let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { return Ok(encoder) };
         let frames = codec::decoded_frames(&chunk).map_err(|e| CoordinatorError::Internal(format!("frames from rank 0: {e}")))?;
+        // Generated at the model's multiple, cropped back to the size asked.
+        let asked = &cx.job.request.request;
+        let frames = crate::video::crop_center(frames, asked.height, asked.width)?;
         let (back, files) = tokio::task::spawn_blocking(move || {
             let files = encoder.push_chunk(&frames);
             (encoder, files)

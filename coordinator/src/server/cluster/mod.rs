@@ -226,6 +226,8 @@ impl JobExecutor for ClusterExecutor {
             ring: ranks as u32 / ulysses,
             tokens: request.spec.tokens() as u64,
             forwards_per_step: request.spec.forwards_per_step(),
+            generated_width: request.spec.generated_size().1,
+            generated_height: request.spec.generated_size().0,
         }
     }
 
@@ -349,7 +351,7 @@ async fn run_reserved(
     stop: &StopSignal,
     limits: DriveLimits,
 ) -> Result<ExecReport, CoordinatorError> {
-    let input_frames = prepare_request_video_blocking(&job.request.request).await?;
+    let input_frames = prepare_request_video_blocking(&job.request).await?;
     let cx = DriveContext {
         job,
         input_frames,
