@@ -1,7 +1,8 @@
 //! What the coordinator and the workers share, and nothing that computes a model: the job spec
 //! and its one check (`job`, `limits`, `defaults`), worker membership and records (etcd or in
 //! process), the codecs of the internal API (latents, checkpoints, frames), the host tensor and the
-//! CPU thread pool, durations in settings. The coordinator's server links this crate, not the
+//! CPU thread pool, durations in settings, the transformer's configuration (its shape, which the
+//! planner sizes jobs with). The coordinator's server links this crate, not the
 //! models, CUDA or the tokenizer; the workers and the kernels build on it.
 
 pub mod codec;
@@ -13,10 +14,12 @@ pub mod limits;
 pub mod membership;
 mod tensor;
 pub mod threads;
+pub mod transformer_config;
 
 pub use error::{ClusterError, ShapeError};
 pub use job::{JobPlan, JobRequest, JobSpec};
 pub use tensor::{Device, Tensor};
+pub use transformer_config::TransformerConfig;
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, ClusterError>;

@@ -1,7 +1,7 @@
 //! `tessera`: the command-line entry point: `generate` (a video on this machine, or through a
-//! coordinator), `serve` (the coordinator's public gRPC server), `status`, golden checks and
+//! coordinator), `serve` (the coordinator's public gRPC server), `status`, `plan`, golden checks and
 //! benchmarks. Built without the `embedded` feature (the coordinator image), it has no models:
-//! `serve --etcd`, `status` and `generate --server` only.
+//! `serve --etcd`, `status`, `plan` and `generate --server` only.
 
 mod cli;
 #[cfg(feature = "embedded")]
@@ -31,6 +31,10 @@ enum Command {
     Serve(Box<cli::serve::ServeArgs>),
     /// Show a coordinator's health, workers and jobs.
     Status(cli::status::StatusArgs),
+    /// Whether a job fits a group of devices and how long it will take: tokens, FLOPs, per-rank
+    /// memory, bytes moved, predicted seconds, the best plan; --calibration against published
+    /// figures.
+    Plan(Box<cli::plan::PlanArgs>),
     /// Run golden reference cases and compare with their stated tolerance.
     #[cfg(feature = "embedded")]
     Golden(cli::golden::GoldenArgs),
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cli::generate::run(*args),
         Command::Serve(args) => cli::serve::run(*args),
         Command::Status(args) => cli::status::run(args),
+        Command::Plan(args) => cli::plan::run(*args),
         #[cfg(feature = "embedded")]
         Command::Golden(args) => cli::golden::run(args),
         #[cfg(feature = "embedded")]

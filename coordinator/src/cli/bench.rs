@@ -130,7 +130,10 @@ fn bench_dit(a: DitArgs) -> Result<()> {
         Ok(())
     })?;
     let peak = sys::peak_rss_bytes().unwrap_or(0);
-    let flops = cfg.forward_flops(tokens, a.text_len, image.as_ref().map_or(0, |_| 257));
+    // the planner's count of the same forward (attention and linear layers)
+    let shape = tessera_coordinator::plan::ModelShape { text_len: a.text_len as u64, ..tessera_coordinator::plan::ModelShape::wan("bench", &cfg) };
+    let work = shape.forward(tokens as u64);
+    let flops = work.attention_flops + work.linear_flops;
     let tok_s = tokens as f64 / (stats.median_ms / 1e3);
     let gflops = flops / (stats.median_ms / 1e3) / 1e9;
     let threads = tessera_kernels::threads::num_threads();

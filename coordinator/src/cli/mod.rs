@@ -17,6 +17,7 @@ mod flags;
 pub mod generate;
 #[cfg(feature = "embedded")]
 pub mod golden;
+pub mod plan;
 mod remote;
 pub mod serve;
 pub mod status;

@@ -255,7 +255,7 @@ impl<O: Ops> WanTransformer<O> {
 
 /// A diffusers `transformer/` folder: its `config.json` and its weights (single or sharded).
 pub(crate) fn open_transformer_dir(dir: &Path) -> Result<(TransformerConfig, WeightStore)> {
-    let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+    let cfg = crate::transformer_config::read_config(&dir.join("config.json"))?;
     // Early diffusers versions wrote an unused `norm_added_q` for image-to-video models.
     let store = WeightStore::open_dir(dir)?.ignore_unused(&["attn2.norm_added_q.weight"]);
     Ok((cfg, store))

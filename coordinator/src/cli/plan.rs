@@ -1,0 +1,425 @@
+//! `tessera plan`: whether a job fits a group of devices, and how long it will take: tokens,
+//! FLOPs per step by part, per-rank peak memory by part, bytes moved, predicted seconds with the
+//! terms, the best layout for each group size; `--calibration` puts the predictions beside the
+//! published figures. A table for people, `--json` for machines.
+
+use super::flags::flag_for_field;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::ExitCode;
+use tessera_cluster::defaults;
+use tessera_cluster::limits::Limits;
+use tessera_cluster::transformer_config::TransformerConfig;
+use tessera_cluster::{ClusterError, JobRequest, JobSpec};
+use tessera_coordinator::plan::calibration::{compare, Comparison, PUBLISHED};
+use tessera_coordinator::plan::cost::gib;
+use tessera_coordinator::plan::gpu::{gpu_kind, EfficiencySource, GPU_NAMES};
+use tessera_coordinator::plan::{best, efficiency, evaluate, model, Capabilities, Evaluation, GpuKind, JobShape, Layout, ModelShape};
+use tessera_proto::v1::Sampler;
+
+/// Arguments of `tessera plan`.
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The model: a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b, hunyuanvideo) or a
+    /// diffusers Wan `transformer/config.json` (or the folder holding it).
+    #[arg(long, env = "TESSERA_PLAN_MODEL", default_value = "wan2.1-t2v-1.3b")]
+    model: String,
+    /// Frame width in pixels (generated at the next multiple of 16, center-cropped back).
+    #[arg(long, env = "TESSERA_WIDTH", default_value_t = defaults::WIDTH)]
+    width: u32,
+    /// Frame height in pixels.
+    #[arg(long, env = "TESSERA_HEIGHT", default_value_t = defaults::HEIGHT)]
+    height: u32,
+    /// Frames (4k+1).
+    #[arg(long, env = "TESSERA_FRAMES", default_value_t = defaults::NUM_FRAMES)]
+    frames: u32,
+    /// Frames per second of the video (its duration only; the work does not depend on it).
+    #[arg(long, env = "TESSERA_FPS", default_value_t = defaults::FPS)]
+    fps: u32,
+    /// Denoising steps.
+    #[arg(long, env = "TESSERA_STEPS", default_value_t = defaults::STEPS)]
+    steps: u32,
+    /// Classifier-free guidance scale (above 1: two forwards per step).
+    #[arg(long, env = "TESSERA_GUIDANCE", default_value_t = defaults::GUIDANCE_SCALE)]
+    guidance: f32,
+    /// Device kind: h100-80gb, h200, h20, a100-80gb, l40s, or cpu (this machine, measured).
+    #[arg(long, env = "TESSERA_PLAN_GPU", default_value = "h100-80gb")]
+    gpu: String,
+    /// Group sizes to plan, comma-separated (`1,8,16,64`).
+    #[arg(long, env = "TESSERA_PLAN_GPUS", value_delimiter = ',', default_value = "1")]
+    gpus: Vec<u32>,
+    /// Ulysses degree of the plan (with --gpus, fixes the plan instead of searching).
+    #[arg(long, env = "TESSERA_PLAN_ULYSSES")]
+    ulysses: Option<u32>,
+    /// Split the devices into conditional and unconditional halves (CFG-parallel).
+    #[arg(long, env = "TESSERA_PLAN_CFG_PARALLEL")]
+    cfg_parallel: bool,
+    /// Plan with the design's capabilities (CFG-parallel, the VAE decoded over every rank), not
+    /// only what Tessera runs today (rank 0 decodes alone, every rank runs both guidance passes).
+    #[arg(long, env = "TESSERA_PLAN_DESIGN")]
+    design: bool,
+    /// Print JSON instead of a table.
+    #[arg(long, env = "TESSERA_PLAN_JSON")]
+    json: bool,
+    /// Print the published figures beside the predictions instead of planning a job.
+    #[arg(long, env = "TESSERA_PLAN_CALIBRATION")]
+    calibration: bool,
+}
+
+/// Plans the job, or prints the calibration; exit status 1 when a planned group cannot run it.
+pub fn run(args: PlanArgs) -> Result<ExitCode> {
+    if args.calibration {
+        let rows = compare();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&json!({ "calibration": rows.iter().map(comparison_json).collect::<Vec<_>>() }))?);
+        } else {
+            print_calibration(&rows);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let model = model_shape(&args.model)?;
+    let gpu = device_kind(&args.gpu)?;
+    let eff = efficiency(&gpu);
+    let spec = job_spec(&args, &model)?;
+    let job = JobShape::of(&spec);
+    if args.gpus.is_empty() || args.gpus.contains(&0) {
+        bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
+    }
+    let caps = if args.design { Capabilities::DESIGN } else { Capabilities::TESSERA };
+    let mut plans = Vec::new();
+    for &n in &args.gpus {
+        let e = match args.ulysses {
+            Some(u) => {
+                let halves = if args.cfg_parallel { 2 } else { 1 };
+                if u == 0 || !n.is_multiple_of(halves) || !(n / halves).is_multiple_of(u) {
+                    bail!(
+                        "--ulysses {u} must divide the {} ranks of each group (--gpus {n}{})",
+                        n / halves,
+                        if args.cfg_parallel { " --cfg-parallel" } else { "" }
+                    );
+                }
+                let layout =
+                    Layout { gpus: n, ulysses: u, ring: n / halves / u, cfg_parallel: args.cfg_parallel, vae_ranks: if caps.distributed_vae { n } else { 1 } };
+                evaluate(&model, &job, &gpu, layout, eff)
+            }
+            None => best(&model, &job, &gpu, n, eff, caps),
+        };
+        plans.push(e);
+    }
+    if args.json {
+        let out = json!({
+            "model": model.name,
+            "job": job_json(&args, &spec, &job),
+            "gpu": gpu_json(&gpu, eff),
+            "capabilities": if args.design { "design" } else { "tessera" },
+            "plans": plans.iter().map(evaluation_json).collect::<Vec<_>>(),
+            "feasible": plans.iter().all(|e| e.infeasible.is_none()),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_human(&args, &model, &gpu, eff, &spec, &job, &plans);
+    }
+    Ok(if plans.iter().all(|e| e.infeasible.is_none()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A preset, or a Wan `config.json` (the file or its folder).
+fn model_shape(name: &str) -> Result<ModelShape> {
+    if let Some(m) = model::preset(name) {
+        return Ok(m);
+    }
+    let path = Path::new(name);
+    let file = if path.is_dir() {
+        [path.join("config.json"), path.join("transformer/config.json")].into_iter().find(|p| p.is_file()).unwrap_or_else(|| path.join("config.json"))
+    } else {
+        path.to_path_buf()
+    };
+    if !file.is_file() {
+        bail!("--model {name}: neither a preset ({}) nor a config.json", model::PRESETS.join(", "));
+    }
+    let text = std::fs::read_to_string(&file).with_context(|| format!("--model {name}: reading {}", file.display()))?;
+    let cfg = TransformerConfig::from_json(&text).map_err(|e| anyhow!("--model {name}: {}: {e}", file.display()))?;
+    Ok(ModelShape::wan(name, &cfg))
+}
+
+/// A named GPU kind, or this machine's CPU measured now.
+fn device_kind(name: &str) -> Result<GpuKind> {
+    if name == "cpu" {
+        return measure_cpu();
+    }
+    gpu_kind(name).ok_or_else(|| anyhow!("--gpu {name}: unknown device kind; known: {}", GPU_NAMES.join(", ")))
+}
+
+/// The job through the one check (the documented limits, without the token budget that
+/// planning replaces); a refused field names its flag.
+fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
+    let request = JobRequest {
+        prompt: "plan".into(),
+        negative_prompt: String::new(),
+        width: args.width,
+        height: args.height,
+        num_frames: args.frames,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        flow_shift: None,
+        sampler: Sampler::Unspecified,
+        seed: 0,
+        strength: None,
+    };
+    if args.fps == 0 {
+        bail!("--fps must be positive");
+    }
+    JobSpec::new(request, model.factors, &Limits { max_tokens: u64::MAX, ..Limits::default() }).map_err(|e| match e {
+        ClusterError::InvalidInput { field, detail } => anyhow!("{}: {detail}", flag_for_field(field).unwrap_or(field)),
+        other => anyhow!("{other}"),
+    })
+}
+
+#[cfg(feature = "embedded")]
+fn measure_cpu() -> Result<GpuKind> {
+    use std::time::Instant;
+    use tessera_kernels::cpu::activation::Activation;
+    use tessera_kernels::cpu::matmul::linear;
+    const N: usize = 1024;
+    let (x, w) = (vec![0.5f32; N * N], vec![0.25f32; N * N]);
+    let mut best_gemm = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        std::hint::black_box(linear(&x, N, N, &w, N, None, Activation::None)?);
+        best_gemm = best_gemm.min(t.elapsed().as_secs_f64());
+    }
+    let src = vec![1u8; 256 << 20];
+    let mut dst = vec![0u8; src.len()];
+    let mut best_copy = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+        best_copy = best_copy.min(t.elapsed().as_secs_f64());
+    }
+    let flops = 2.0 * (N * N * N) as f64 / best_gemm;
+    let bandwidth = 2.0 * src.len() as f64 / best_copy;
+    Ok(GpuKind::cpu(flops, bandwidth, total_memory()?))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn measure_cpu() -> Result<GpuKind> {
+    bail!("--gpu cpu measures this machine with the CPU kernels, which this build (without the `embedded` feature) leaves out")
+}
+
+#[cfg(feature = "embedded")]
+fn total_memory() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("--gpu cpu: reading /proc/meminfo for the memory size")?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("--gpu cpu: /proc/meminfo has no MemTotal"))?;
+    Ok(kib * 1024)
+}
+
+fn efficiency_source(gpu: &GpuKind) -> String {
+    match gpu.efficiency {
+        EfficiencySource::Published(i) => {
+            let p = &PUBLISHED[i];
+            format!("fitted to {} {} on 1 GPU: {} s", p.system, p.model, p.seconds)
+        }
+        EfficiencySource::SameAs(kind) => format!("assumed {kind}'s: no published single-GPU figure"),
+        EfficiencySource::Measured => "measured rates".into(),
+    }
+}
+
+fn job_json(args: &PlanArgs, spec: &JobSpec, job: &JobShape) -> Value {
+    json!({
+        "width": args.width, "height": args.height,
+        "generated_width": job.width, "generated_height": job.height,
+        "frames": args.frames, "fps": args.fps, "video_seconds": f64::from(args.frames) / f64::from(args.fps),
+        "steps": job.steps, "guidance_scale": args.guidance,
+        "latent_fhw": job.latent_fhw, "tokens": spec.tokens(),
+    })
+}
+
+fn gpu_json(gpu: &GpuKind, eff: f64) -> Value {
+    json!({
+        "kind": gpu.name, "label": gpu.label,
+        "peak_flops": gpu.peak_flops, "memory_bytes": gpu.memory_bytes, "usable_bytes": gpu.usable_bytes(),
+        "hbm_bytes_per_s": gpu.hbm_bytes_per_s, "intra_node_bytes_per_s": gpu.intra_bytes_per_s,
+        "network_bytes_per_s": gpu.network_bytes_per_s, "per_node": gpu.per_node,
+        "efficiency": eff, "efficiency_source": efficiency_source(gpu),
+    })
+}
+
+fn evaluation_json(e: &Evaluation) -> Value {
+    let (m, t, b, f) = (&e.memory, &e.timing, &e.traffic, &e.flops);
+    json!({
+        "gpus": e.layout.gpus, "ulysses": e.layout.ulysses, "ring": e.layout.ring,
+        "cfg_parallel": e.layout.cfg_parallel, "vae_ranks": e.layout.vae_ranks,
+        "feasible": e.infeasible.is_none(), "reason": e.infeasible,
+        "tokens": e.tokens,
+        "flops_per_step": { "attention": f.attention, "linear": f.linear, "rest": f.rest },
+        "per_rank_peak_bytes": m.peak,
+        "per_rank_memory_bytes": {
+            "weights": m.weights, "text_encoder": m.text_encoder, "activations": m.activations,
+            "attention_workspace": m.attention_workspace, "ring_buffers": m.ring_buffers,
+            "text_states": m.text_states, "latent_shard": m.latent_shard,
+            "vae_weights": m.vae_weights, "vae_tiles": m.vae_tiles,
+        },
+        "bytes_per_step_per_rank": {
+            "ulysses": b.ulysses, "ring": b.ring, "cfg": b.cfg, "total": b.total(),
+            "intra_node": b.intra_node, "network": b.network,
+        },
+        "links": { "ulysses": e.links.0, "ring": e.links.1, "cfg": e.links.2 },
+        "predicted_seconds": {
+            "text": t.text, "step": t.step, "denoise": t.denoise, "vae": t.vae, "total": t.total,
+            "step_terms": {
+                "attention": t.attention, "linear": t.linear, "rest": t.rest,
+                "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "cfg": t.cfg,
+            },
+        },
+    })
+}
+
+fn comparison_json(c: &Comparison) -> Value {
+    let p = &c.published;
+    json!({
+        "system": p.system, "model": p.model, "gpu": p.gpu, "gpus": p.gpus,
+        "width": p.width, "height": p.height, "frames": p.frames, "steps": p.steps,
+        "dit_only": p.dit_only, "source": p.source,
+        "published_seconds": p.seconds, "predicted_seconds": c.predicted_seconds,
+        "efficiency": c.efficiency,
+        "published_speedup": c.published_speedup, "predicted_speedup": c.predicted_speedup,
+        "error": c.error, "fitted": c.published_speedup.is_none(),
+        "published_serial_seconds": c.published_serial_seconds,
+    })
+}
+
+/// `1.23 h`, `4.5 min`, `12.3 s`.
+fn duration(s: f64) -> String {
+    if s >= 5400.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else if s >= 90.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn bytes(b: f64) -> String {
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spec: &JobSpec, job: &JobShape, plans: &[Evaluation]) {
+    let cropped = if (job.width, job.height) != (u64::from(args.width), u64::from(args.height)) {
+        format!(" (generated at {}x{}, the model's multiple, center-cropped back)", job.width, job.height)
+    } else {
+        String::new()
+    };
+    println!("model   {}: {:.2} B parameters, {} layers, {} heads", model.name, model.params as f64 / 1e9, model.layers, model.heads);
+    println!(
+        "job     {}x{}{cropped} x {} frames ({:.1} s at {} fps), {} steps, guidance {} ({} forward{} per step)",
+        args.width,
+        args.height,
+        args.frames,
+        f64::from(args.frames) / f64::from(args.fps),
+        args.fps,
+        job.steps,
+        args.guidance,
+        model.forwards_per_step(job.guidance),
+        if model.forwards_per_step(job.guidance) == 1 { "" } else { "s" }
+    );
+    let [f, h, w] = job.latent_fhw;
+    println!("tokens  {} (latent {f}x{h}x{w}, patches 1x2x2)", spec.tokens());
+    println!(
+        "device  {} ({}): {:.0} TFLOP/s bf16, {:.1} GiB ({:.1} usable), efficiency {eff:.3} ({})",
+        gpu.name,
+        gpu.label,
+        gpu.peak_flops / 1e12,
+        gib(gpu.memory_bytes),
+        gib(gpu.usable_bytes()),
+        efficiency_source(gpu)
+    );
+    println!(
+        "plans   {}",
+        if args.design {
+            "the design's (CFG-parallel, VAE over every rank)"
+        } else {
+            "what Tessera runs today (rank 0 decodes the VAE; every rank runs both guidance passes); --design for the rest"
+        }
+    );
+    println!("        every stage on the device, the text encoder loaded from host memory per job");
+    for e in plans {
+        let (m, t, b, fl) = (&e.memory, &e.timing, &e.traffic, &e.flops);
+        println!();
+        let verdict = match &e.infeasible {
+            None => "feasible: true".to_string(),
+            Some(why) => format!("feasible: false ({why})"),
+        };
+        println!("{} GPU{}  {}  vae_ranks={}  {verdict}", e.layout.gpus, if e.layout.gpus == 1 { "" } else { "s" }, e.layout.describe(), e.layout.vae_ranks);
+        println!("  FLOPs/step      attention {:.3e}  linear {:.3e}  rest {:.3e}", fl.attention, fl.linear, fl.rest);
+        println!(
+            "  peak/rank       {} = weights {} + max(encode: text encoder {}, denoise: activations {} + attention {} + ring {} + text states {} + latent {}, decode: VAE {} + tiles {})",
+            bytes(m.peak as f64),
+            bytes(m.weights as f64),
+            bytes(m.text_encoder as f64),
+            bytes(m.activations as f64),
+            bytes(m.attention_workspace as f64),
+            bytes(m.ring_buffers as f64),
+            bytes(m.text_states as f64),
+            bytes(m.latent_shard as f64),
+            bytes(m.vae_weights as f64),
+            bytes(m.vae_tiles as f64)
+        );
+        println!(
+            "  bytes/step/rank {} (ulysses {} over {}, ring {} over {}, cfg {} over {}); inside nodes {}, network {}",
+            bytes(b.total()),
+            bytes(b.ulysses),
+            e.links.0,
+            bytes(b.ring),
+            e.links.1,
+            bytes(b.cfg),
+            e.links.2,
+            bytes(b.intra_node),
+            bytes(b.network)
+        );
+        println!(
+            "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + cfg {:.3}",
+            t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.cfg
+        );
+        println!("  predicted       {} = text {} + {} steps x {:.3} s + VAE {}", duration(t.total), duration(t.text), job.steps, t.step, duration(t.vae));
+    }
+}
+
+fn print_calibration(rows: &[Comparison]) {
+    println!(
+        "{:<10} {:<16} {:<10} {:>4}  {:>10}  {:>10}  {:>9}  {:>9}  {:>8}  {:>11}",
+        "system", "model", "gpu", "gpus", "published", "predicted", "pub. x", "pred. x", "error", "pub. serial"
+    );
+    for c in rows {
+        let p = &c.published;
+        let (ps, qs) = match (c.published_speedup, c.predicted_speedup) {
+            (Some(a), Some(b)) => (format!("{a:.2}x"), format!("{b:.2}x")),
+            _ => ("fit".to_string(), "fit".to_string()),
+        };
+        let serial = c.published_serial_seconds.map_or(String::new(), |s| format!("{s:.0} s"));
+        println!(
+            "{:<10} {:<16} {:<10} {:>4}  {:>8.1} s  {:>8.1} s  {:>9}  {:>9}  {:>+7.1}%  {:>11}",
+            p.system,
+            p.model,
+            p.gpu,
+            p.gpus,
+            p.seconds,
+            c.predicted_seconds,
+            ps,
+            qs,
+            100.0 * c.error,
+            serial
+        );
+    }
+    println!("error: predicted/published speedup - 1 (seconds for single-GPU figures, which fix each kind's efficiency factor)");
+    println!("pub. serial: seconds that did not shrink with the GPUs in the published runs (Amdahl, from the 1- and n-GPU figures)");
+}

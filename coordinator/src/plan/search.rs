@@ -1,0 +1,89 @@
+//! The best layout for a group size: every split of the devices into CFG halves, Ulysses and ring
+//! degrees the model allows, evaluated; the fastest that fits wins.
+
+use super::cost::{evaluate, Evaluation, JobShape, Layout};
+use super::gpu::GpuKind;
+use super::model::ModelShape;
+
+/// What the system that runs the plan can do; the search offers nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether the devices may split into conditional and unconditional halves.
+    pub cfg_parallel: bool,
+    /// Whether the VAE decodes over every rank (spatial tiles with halos) rather than on rank 0.
+    pub distributed_vae: bool,
+}
+
+impl Capabilities {
+    /// What Tessera runs today: sequence parallelism (ring, Ulysses, USP); rank 0 decodes the VAE
+    /// alone and every rank runs both guidance passes. The distributed decode and CFG-parallel
+    /// are planned (issue 15) and switch on here when they land.
+    pub const TESSERA: Self = Self { cfg_parallel: false, distributed_vae: false };
+    /// The design: CFG-parallel and the distributed decode as well.
+    pub const DESIGN: Self = Self { cfg_parallel: true, distributed_vae: true };
+}
+
+/// Every layout of `gpus` devices that `caps` allow and the model's heads admit, evaluated,
+/// fastest first (feasible ones before the rest).
+pub fn candidates(model: &ModelShape, job: &JobShape, gpu: &GpuKind, gpus: u32, efficiency: f64, caps: Capabilities) -> Vec<Evaluation> {
+    let mut out = Vec::new();
+    let guided = model.forwards_per_step(job.guidance) == 2;
+    for cfg_parallel in [false, true] {
+        if cfg_parallel && !(caps.cfg_parallel && guided && gpus >= 2 && gpus.is_multiple_of(2)) {
+            continue;
+        }
+        let sp = gpus / if cfg_parallel { 2 } else { 1 };
+        for ulysses in (1..=sp).filter(|u| sp.is_multiple_of(*u) && model.heads.is_multiple_of(u64::from(*u))) {
+            let vae_ranks = if caps.distributed_vae { gpus } else { 1 };
+            let layout = Layout { gpus, ulysses, ring: sp / ulysses, cfg_parallel, vae_ranks };
+            out.push(evaluate(model, job, gpu, layout, efficiency));
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.infeasible.is_some(), a.timing.total, a.traffic.total())
+            .partial_cmp(&(b.infeasible.is_some(), b.timing.total, b.traffic.total()))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    out
+}
+
+/// The fastest feasible layout of `gpus` devices; when none fits, the fastest of the rest, whose
+/// `infeasible` says why.
+pub fn best(model: &ModelShape, job: &JobShape, gpu: &GpuKind, gpus: u32, efficiency: f64, caps: Capabilities) -> Evaluation {
+    candidates(model, job, gpu, gpus, efficiency, caps).into_iter().next().unwrap_or_else(|| {
+        // no layout at all (zero devices): the one-device layout's evaluation says why
+        let layout = Layout { gpus, ulysses: 1, ring: gpus.max(1), cfg_parallel: false, vae_ranks: 1 };
+        evaluate(model, job, gpu, layout, efficiency)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gpu::gpu_kind;
+    use super::super::model::preset;
+    use super::*;
+
+    #[test]
+    fn the_best_layout_is_the_fastest_that_fits_and_respects_the_heads() {
+        let m = preset("wan2.1-t2v-1.3b").unwrap();
+        let job = JobShape { tokens: 21 * 30 * 52, latent_fhw: [21, 60, 104], frames: 81, height: 480, width: 832, steps: 50, guidance: true };
+        let g = gpu_kind("h100-80gb").unwrap();
+        let all = candidates(&m, &job, &g, 8, 0.35, Capabilities::DESIGN);
+        // 12 heads: Ulysses 1, 2, 4 for 8 ranks; 1, 2, 4 for the halves of 4
+        assert_eq!(all.len(), 6);
+        assert!(all.iter().all(|e| 12 % e.layout.ulysses == 0));
+        let b = best(&m, &job, &g, 8, 0.35, Capabilities::DESIGN);
+        assert!(b.infeasible.is_none());
+        assert!(all.iter().all(|e| e.timing.total >= b.timing.total));
+        // today's capabilities never offer what cannot run
+        assert!(candidates(&m, &job, &g, 8, 0.35, Capabilities::TESSERA).iter().all(|e| !e.layout.cfg_parallel && e.layout.vae_ranks == 1));
+    }
+
+    #[test]
+    fn a_job_too_large_for_the_group_says_why() {
+        let m = preset("wan2.1-t2v-14b").unwrap();
+        let job = JobShape { tokens: 241 * 68 * 120, latent_fhw: [241, 136, 240], frames: 961, height: 1088, width: 1920, steps: 50, guidance: true };
+        let why = best(&m, &job, &gpu_kind("h100-80gb").unwrap(), 1, 0.35, Capabilities::TESSERA);
+        assert!(why.infeasible.unwrap().contains("GiB"));
+    }
+}
