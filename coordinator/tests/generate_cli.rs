@@ -156,22 +156,6 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
     assert_eq!(code, 0, "{stderr}");
 }
 
-/// Decoded 8-bit RGB frames of a PNG folder, with their size.
-fn png_frames(dir: &Path) -> Vec<(u32, u32, Vec<u8>)> {
-    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    names.sort();
-    names
-        .iter()
-        .map(|p| {
-            let mut reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
-            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-            let info = reader.next_frame(&mut buf).unwrap();
-            buf.truncate(info.buffer_size());
-            (info.width, info.height, buf)
-        })
-        .collect()
-}
-
 /// Sizes as users ask for them: 72x40 is not a multiple of 16, so the model generates 80x48 and
 /// the frames are center-cropped back; they are exactly the middle of an 80x48 run with the same
 /// seed (same latent grid), and the run says what it did.
@@ -187,7 +171,7 @@ fn sizes_that_are_not_multiples_of_16_are_generated_larger_and_cropped_back() {
     let (code, stdout, stderr) = tessera(&[&base[..], &["--width", "80", "--height", "48", "-o", full.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(!stdout.contains("center-cropped"), "{stdout}");
-    let (a, f) = (png_frames(&asked), png_frames(&full));
+    let (a, f) = (common::png_frames(&asked), common::png_frames(&full));
     assert_eq!((a.len(), f.len()), (5, 5));
     for ((w, h, got), (fw, fh, whole)) in a.iter().zip(&f) {
         assert_eq!((*w, *h, *fw, *fh), (72, 40, 80, 48));

@@ -91,22 +91,6 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     check_stream(&five, 5, 96, 64);
 }
 
-/// PNG frames of a folder written by `tessera generate --format png`, decoded to RGB8.
-fn png_folder(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    names.sort();
-    names
-        .iter()
-        .map(|p| {
-            let mut reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
-            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-            let info = reader.next_frame(&mut buf).unwrap();
-            buf.truncate(info.buffer_size());
-            buf
-        })
-        .collect()
-}
-
 /// The same text-to-video and video-to-video generations on one in-process worker (the default)
 /// and on 2 sharing the denoising sequence-parallel: the same frames.
 #[test]
@@ -141,9 +125,9 @@ fn two_workers_give_the_frames_of_one() {
         let (code, stdout, stderr) = tessera(&[&base[..], &["--workers", "2", "-o", workers.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{stdout}{stderr}");
         assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
-        let (a, b) = (png_folder(&one), png_folder(&workers));
+        let (a, b) = (common::png_frames(&one), common::png_frames(&workers));
         assert_eq!((a.len(), b.len()), (9, 9), "{name}");
-        let worst = a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
         eprintln!("{name}: 1 vs 2 in-process workers: largest difference {worst} levels");
         assert!(worst <= 1, "{name}: 1 and 2 workers differ by {worst} levels");
     }

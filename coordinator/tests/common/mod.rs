@@ -35,3 +35,19 @@ pub fn probe(input: &Path, before: &[&str]) -> Value {
 pub fn decode_rgb24(input: &Path) -> Vec<u8> {
     run("ffmpeg", &["-v", "error", "-i", input.to_str().unwrap(), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
 }
+
+/// Decoded 8-bit RGB frames of a PNG folder, with their size.
+pub fn png_frames(dir: &Path) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let mut reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            (info.width, info.height, buf)
+        })
+        .collect()
+}
