@@ -53,6 +53,10 @@ pub enum CoordinatorError {
     /// failed.
     #[error(transparent)]
     Cluster(#[from] tessera_cluster::ClusterError),
+    /// The job fits no group the cluster's workers could form; the message gives the numbers
+    /// (per-rank peak memory of the best plan on every worker against what a device offers).
+    #[error("the job does not fit: {0}")]
+    DoesNotFit(String),
     /// The job queue is full.
     #[error("the job queue is full ({limit} jobs waiting); retry later")]
     QueueFull {
@@ -166,6 +170,7 @@ impl CoordinatorError {
             Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
             Self::WorkersBusy { .. } | Self::Unavailable(_) => (Reason::Unavailable, None),
             Self::QueueFull { .. } => (Reason::QueueFull, None),
+            Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),
             Self::Cancelled(_) => (Reason::Cancelled, None),
             Self::DeadlineExceeded(_) => (Reason::DeadlineExceeded, None),

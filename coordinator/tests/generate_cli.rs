@@ -120,8 +120,9 @@ fn local_runs_get_the_servers_limits_and_messages() {
         (vec!["--guidance", "80"], "--guidance: INVALID_ARGUMENT: invalid guidance_scale: 80 must be between 0 and 50"),
         (vec!["--height", "18446744073709551600"], "'--height <HEIGHT>': number too large to fit in target type"),
         (vec!["--steps", "0"], "--steps 0: must be at least 1"),
+        // an operator's token budget still refuses before anything is planned
         (
-            vec!["--height", "4096", "--width", "4096", "--frames", "1441"],
+            vec!["--height", "4096", "--width", "4096", "--frames", "1441", "--max-tokens", "75600"],
             "--frames: INVALID_ARGUMENT: invalid num_frames: 4096x4096 with 1441 frames is 23658496 tokens; at most 75600 are accepted",
         ),
     ] {
@@ -131,9 +132,10 @@ fn local_runs_get_the_servers_limits_and_messages() {
         assert!(stderr.contains(want), "{flags:?}: {stderr}");
     }
     assert!(!dir.path().join("x.mp4").exists());
-    // Past the coordinator's budget (raised here), the worker checks the job spec again with the
-    // same code against its own budget (2^21 tokens) before allocating: the flag is still named.
-    let args = ["generate", "--prompt", "x", "--quiet", "-o", &out, "--height", "4096", "--width", "4096", "--frames", "1441", "--max-tokens", "30000000"];
+    // With no budget the job is planned: past what the worker's memory holds it is refused with
+    // the numbers (FAILED_PRECONDITION); past the worker's own budget (2^21 tokens) the worker
+    // checks the spec again with the same code before allocating, and the flag is still named.
+    let args = ["generate", "--prompt", "x", "--quiet", "-o", &out, "--height", "4096", "--width", "4096", "--frames", "129"];
     let (code, _, stderr) = tessera(&args);
     assert_ne!(code, 0);
     assert!(stderr.contains("--frames: INVALID_ARGUMENT") && stderr.contains("spec.num_frames") && stderr.contains("at most 2097152 are accepted"), "{stderr}");

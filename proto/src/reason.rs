@@ -44,13 +44,17 @@ pub enum Reason {
     /// A state of the server, not of the request, prevents the call (a missing library, a job
     /// still joining its group, output the encoder cannot write): FAILED_PRECONDITION.
     Precondition,
+    /// The job fits no group of the cluster's workers (memory per rank, with the best plan on
+    /// every worker that serves the model): FAILED_PRECONDITION. Submitting it again fails the
+    /// same way until larger or more devices join.
+    DoesNotFit,
     /// A fault of the server: INTERNAL.
     Internal,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Self::InvalidField,
         Self::Unimplemented,
         Self::WorkerBusy,
@@ -62,6 +66,7 @@ impl Reason {
         Self::NotFound,
         Self::Unavailable,
         Self::Precondition,
+        Self::DoesNotFit,
         Self::Internal,
     ];
 
@@ -79,6 +84,7 @@ impl Reason {
             Self::NotFound => "NOT_FOUND",
             Self::Unavailable => "UNAVAILABLE",
             Self::Precondition => "PRECONDITION",
+            Self::DoesNotFit => "DOES_NOT_FIT",
             Self::Internal => "INTERNAL",
         }
     }
@@ -93,7 +99,7 @@ impl Reason {
         match self {
             Self::InvalidField => Code::InvalidArgument,
             Self::Unimplemented => Code::Unimplemented,
-            Self::WorkerBusy | Self::Precondition => Code::FailedPrecondition,
+            Self::WorkerBusy | Self::Precondition | Self::DoesNotFit => Code::FailedPrecondition,
             Self::WorkerLost | Self::Unavailable => Code::Unavailable,
             Self::PeerLost => Code::Aborted,
             Self::Cancelled => Code::Cancelled,

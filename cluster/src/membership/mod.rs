@@ -14,7 +14,7 @@ mod record;
 pub use etcd::EtcdMembership;
 pub use memory::MemoryMembership;
 pub use presence::Presence;
-pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};
+pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ComputeFigures, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};
 
 use crate::{ClusterError, Result};
 use std::pin::Pin;
@@ -81,7 +81,7 @@ impl Default for Heartbeat {
 }
 
 /// The workers at one revision of the store.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MembershipSnapshot {
     /// Every registered worker, sorted by id.
     pub workers: Vec<WorkerRecord>,
@@ -90,7 +90,7 @@ pub struct MembershipSnapshot {
 }
 
 /// A change to the set of workers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum MembershipEvent {
     /// A worker registered.
     Joined(WorkerRecord),

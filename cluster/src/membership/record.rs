@@ -40,7 +40,7 @@ impl std::fmt::Display for WorkerState {
 }
 
 /// A worker as registered in membership (the value stored under its key, as JSON).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerRecord {
     /// Unique id within the cluster; the last segment of the key.
     pub worker_id: String,
@@ -64,11 +64,32 @@ pub struct WorkerRecord {
     /// What the coordinator needs to know of the model to plan and default a job.
     #[serde(default)]
     pub model_info: ModelInfo,
+    /// A CPU worker's measured rates, which the planner predicts its jobs with (GPU kinds are
+    /// known by the device's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeFigures>,
 }
+
+/// Rates measured on a worker's CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComputeFigures {
+    /// f32 GEMM FLOP/s.
+    pub flops: f64,
+    /// Memory copy bandwidth, bytes/s (read and write counted).
+    pub bytes_per_s: f64,
+}
+
+/// The largest transformer a record may describe (the planner multiplies these by token counts
+/// in 64 bits): hidden width, feed-forward width, layers, latent channels, text width, patch side.
+const MAX_HIDDEN: usize = 1 << 16;
+const MAX_FFN: usize = 1 << 20;
+const MAX_LAYERS: usize = 1024;
+const MAX_CHANNELS: usize = 1024;
+const MAX_PATCH: usize = 16;
 
 /// The served model's facts that planning and validation need (sizes zero when a worker did not
 /// say; the factors then Wan's).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// Attention heads of the transformer (a Ulysses degree must divide them).
     pub attention_heads: u32,
@@ -84,6 +105,19 @@ pub struct ModelInfo {
     /// this model uses them.
     #[serde(default)]
     pub factors: crate::limits::ModelFactors,
+    /// The transformer's configuration, which the planner sizes jobs with (absent from workers
+    /// that do not say: their jobs are then not planned by memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformer: Option<crate::TransformerConfig>,
+    /// Parameters of the text encoder (0: not said; the planner then assumes UMT5-XXL's).
+    #[serde(default)]
+    pub text_encoder_params: u64,
+    /// Width of the VAE's full-resolution stage (0: not said; Wan's 96).
+    #[serde(default)]
+    pub vae_base_dim: u32,
+    /// Parameters of the VAE (0: not said; Wan's).
+    #[serde(default)]
+    pub vae_params: u64,
 }
 
 impl WorkerRecord {
@@ -107,6 +141,7 @@ impl WorkerRecord {
             state: WorkerState::Starting,
             job_id: None,
             model_info: ModelInfo::default(),
+            compute: None,
         }
     }
 
@@ -119,7 +154,36 @@ impl WorkerRecord {
                 return Err(ClusterError::input(field, format!("worker `{}` has an empty {field}", self.worker_id)));
             }
         }
-        check_state_and_job(self.state, self.job_id.as_deref())
+        check_state_and_job(self.state, self.job_id.as_deref())?;
+        if let Some(t) = &self.model_info.transformer {
+            t.validate().map_err(|e| ClusterError::input("model_info.transformer", e))?;
+            let sizes = [
+                ("hidden width", t.inner_dim(), MAX_HIDDEN),
+                ("ffn_dim", t.ffn_dim, MAX_FFN),
+                ("num_layers", t.num_layers, MAX_LAYERS),
+                ("in_channels", t.in_channels, MAX_CHANNELS),
+                ("out_channels", t.out_channels, MAX_CHANNELS),
+                ("text_dim", t.text_dim, MAX_HIDDEN),
+                ("image_dim", t.image_dim.unwrap_or(0), MAX_HIDDEN),
+                ("patch side", t.patch_size.into_iter().max().unwrap_or(0), MAX_PATCH),
+            ];
+            if let Some((name, v, most)) = sizes.iter().find(|(_, v, most)| v > most) {
+                return Err(ClusterError::input("model_info.transformer", format!("{name} {v} is past {most}")));
+            }
+        }
+        let info = &self.model_info;
+        if info.text_encoder_params > 1 << 40 || info.vae_params > 1 << 40 || info.vae_base_dim as usize > MAX_CHANNELS {
+            return Err(ClusterError::input(
+                "model_info",
+                format!("text encoder {} / VAE {} parameters or VAE width {} out of range", info.text_encoder_params, info.vae_params, info.vae_base_dim),
+            ));
+        }
+        if let Some(c) = self.compute {
+            if ![c.flops, c.bytes_per_s].iter().all(|v| v.is_finite() && *v > 0.0 && *v < 1e18) {
+                return Err(ClusterError::input("compute", format!("rates {c:?} must be positive and finite")));
+            }
+        }
+        Ok(())
     }
 
     /// The record as the JSON stored in membership.
@@ -271,5 +335,21 @@ mod tests {
         let p = tessera_proto::v1::Worker::from(&r);
         assert_eq!(p.state, tessera_proto::v1::WorkerState::Busy as i32);
         assert_eq!((p.worker_id.as_str(), p.job_id.as_str(), p.memory_bytes), ("w-0", "job-1", 8 << 30));
+    }
+
+    #[test]
+    fn a_hostile_model_description_is_refused_naming_the_field() {
+        let mut r = record();
+        r.model_info.transformer = Some(crate::TransformerConfig::wan21_t2v_14b());
+        r.compute = Some(ComputeFigures { flops: 1e11, bytes_per_s: 1e10 });
+        let back = WorkerRecord::from_json(&r.to_json().unwrap()).unwrap();
+        assert_eq!(back, r);
+        let mut huge = r.clone();
+        huge.model_info.transformer.as_mut().unwrap().ffn_dim = usize::MAX / 4;
+        let err = WorkerRecord::from_json(&huge.to_json().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("model_info.transformer") && err.contains("ffn_dim"), "{err}");
+        let mut nan = r.clone();
+        nan.compute = Some(ComputeFigures { flops: -1.0, bytes_per_s: 1e10 });
+        assert!(nan.validate().unwrap_err().to_string().contains("compute"));
     }
 }

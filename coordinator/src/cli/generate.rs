@@ -10,7 +10,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tessera_cluster::limits::DEFAULT_MAX_TOKENS;
 use tessera_coordinator::request::MAX_INPUT_VIDEO_BYTES;
 use tessera_coordinator::video::input::{InputInfo, InputLimits};
 
@@ -81,8 +80,9 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     device: String,
     /// Largest job in video tokens (latent frames x patch rows x patch columns), as `tessera
-    /// serve --max-tokens`: the same limits apply here as on a server.
-    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    /// serve --max-tokens`: 0 = no budget, the job is planned by memory; the same limits apply
+    /// here as on a server.
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = 0)]
     max_tokens: u64,
     /// In-process workers of the embedded coordinator, sharing the denoising sequence-parallel
     /// (internal gRPC and TCP collectives on loopback, in-memory membership); 0 = as many as the

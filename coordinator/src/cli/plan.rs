@@ -4,6 +4,7 @@
 //! published figures. A table for people, `--json` for machines.
 
 use super::flags::flag_for_field;
+use super::remote::human_seconds;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
@@ -178,45 +179,14 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
 
 #[cfg(feature = "embedded")]
 fn measure_cpu() -> Result<GpuKind> {
-    use std::time::Instant;
-    use tessera_kernels::cpu::activation::Activation;
-    use tessera_kernels::cpu::matmul::linear;
-    const N: usize = 1024;
-    let (x, w) = (vec![0.5f32; N * N], vec![0.25f32; N * N]);
-    let mut best_gemm = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        std::hint::black_box(linear(&x, N, N, &w, N, None, Activation::None)?);
-        best_gemm = best_gemm.min(t.elapsed().as_secs_f64());
-    }
-    let src = vec![1u8; 256 << 20];
-    let mut dst = vec![0u8; src.len()];
-    let mut best_copy = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&dst);
-        best_copy = best_copy.min(t.elapsed().as_secs_f64());
-    }
-    let flops = 2.0 * (N * N * N) as f64 / best_gemm;
-    let bandwidth = 2.0 * src.len() as f64 / best_copy;
-    Ok(GpuKind::cpu(flops, bandwidth, total_memory()?))
+    let f = tessera_kernels::cpu::measure::measure()?;
+    let memory = tessera_worker::server::memory_available().ok_or_else(|| anyhow!("--gpu cpu: /proc/meminfo does not say how much memory is available"))?;
+    Ok(GpuKind::cpu(f.flops, f.bytes_per_s, memory))
 }
 
 #[cfg(not(feature = "embedded"))]
 fn measure_cpu() -> Result<GpuKind> {
     bail!("--gpu cpu measures this machine with the CPU kernels, which this build (without the `embedded` feature) leaves out")
-}
-
-#[cfg(feature = "embedded")]
-fn total_memory() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").context("--gpu cpu: reading /proc/meminfo for the memory size")?;
-    let kib = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("--gpu cpu: /proc/meminfo has no MemTotal"))?;
-    Ok(kib * 1024)
 }
 
 fn efficiency_source(gpu: &GpuKind) -> String {
@@ -292,17 +262,6 @@ fn comparison_json(c: &Comparison) -> Value {
         "error": c.error, "fitted": c.published_speedup.is_none(),
         "published_serial_seconds": c.published_serial_seconds,
     })
-}
-
-/// `1.23 h`, `4.5 min`, `12.3 s`.
-fn duration(s: f64) -> String {
-    if s >= 5400.0 {
-        format!("{:.1} h", s / 3600.0)
-    } else if s >= 90.0 {
-        format!("{:.1} min", s / 60.0)
-    } else {
-        format!("{s:.2} s")
-    }
 }
 
 fn bytes(b: f64) -> String {
@@ -390,7 +349,14 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
             "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + cfg {:.3}",
             t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.cfg
         );
-        println!("  predicted       {} = text {} + {} steps x {:.3} s + VAE {}", duration(t.total), duration(t.text), job.steps, t.step, duration(t.vae));
+        println!(
+            "  predicted       {} = text {} + {} steps x {:.3} s + VAE {}",
+            human_seconds(t.total),
+            human_seconds(t.text),
+            job.steps,
+            t.step,
+            human_seconds(t.vae)
+        );
     }
 }
 

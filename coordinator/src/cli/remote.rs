@@ -165,7 +165,22 @@ impl ChunkWriter {
 
 fn plan_text(p: &Plan) -> String {
     let workers = if p.worker_ids.is_empty() { String::new() } else { format!(" on {}", p.worker_ids.join(", ")) };
-    format!("{} ranks (ulysses {} x ring {}){workers}, {} tokens, {} forwards/step", p.ranks, p.ulysses, p.ring, p.tokens, p.forwards_per_step)
+    let predicted = match &p.predicted_duration {
+        Some(d) => format!(", predicted {}, peak {:.1} GiB/rank", human_seconds(secs(&Some(*d))), p.predicted_peak_bytes_per_rank as f64 / (1u64 << 30) as f64),
+        None => String::new(),
+    };
+    format!("{} ranks (ulysses {} x ring {}){workers}, {} tokens, {} forwards/step{predicted}", p.ranks, p.ulysses, p.ring, p.tokens, p.forwards_per_step)
+}
+
+/// `12.3 s`, `4.5 min`, `3.2 h`.
+pub(super) fn human_seconds(s: f64) -> String {
+    if s >= 5400.0 {
+        format!("{:.1} h", s / 3600.0)
+    } else if s >= 90.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
 }
 
 /// The settings a job runs with, once the coordinator applied its defaults.

@@ -66,8 +66,10 @@ pub struct ServeArgs {
     /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     max_queue: usize,
-    /// Largest job in video tokens (latent frames x patch rows x patch columns); 75,600 is 1280x720 with 81 frames.
-    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = tessera_cluster::limits::DEFAULT_MAX_TOKENS as usize)]
+    /// Largest job in video tokens (latent frames x patch rows x patch columns); 0 = no budget:
+    /// every job is planned by memory and refused when it fits no group of the workers (workers
+    /// that do not describe their model and device keep 75,600, 1280x720 with 81 frames).
+    #[arg(long, env = "TESSERA_MAX_TOKENS", default_value_t = 0)]
     max_tokens: usize,
     /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
     #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]
@@ -172,9 +174,6 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let mode = mode(&args)?;
     if args.max_queue == 0 {
         bail!("--max-queue 0: the queue must hold at least one job");
-    }
-    if args.max_tokens == 0 {
-        bail!("--max-tokens 0: must be positive");
     }
     let job_retention = parse_duration(&args.job_retention).map_err(|e| anyhow!("--job-retention: {e}"))?;
     let grace_period = parse_duration(&args.grace_period).map_err(|e| anyhow!("--grace-period: {e}"))?;

@@ -97,6 +97,9 @@ async fn spawn_workers(
     info: ModelInfo,
     n: usize,
 ) -> Result<(), CoordinatorError> {
+    // the workers share this machine: each has its share of the CPU's rates
+    let compute = tessera_worker::server::compute_figures(pipe.transformer().device(), n);
+    let memory = tessera_worker::server::memory_available().unwrap_or(0);
     // Advertised as the transformer runs: GPU groups get an NCCL id from the coordinator.
     let device = device_name(pipe.transformer().device());
     for i in 0..n {
@@ -109,7 +112,7 @@ async fn spawn_workers(
             address: address.to_string(),
             collective,
             devices: vec![device.clone()],
-            memory_bytes: 0,
+            memory_bytes: memory,
             connect_timeout: Duration::from_secs(30),
             job_idle_timeout: Duration::from_secs(600),
             limits: Limits { max_tokens: DEFAULT_WORKER_MAX_TOKENS, ..Limits::default() },
@@ -131,9 +134,10 @@ async fn spawn_workers(
                 }
             }
         });
-        let mut record = WorkerRecord::starting(&me.worker_id, &me.address, collective.to_string(), model, me.devices.clone(), 0);
+        let mut record = WorkerRecord::starting(&me.worker_id, &me.address, collective.to_string(), model, me.devices.clone(), memory);
         record.state = WorkerState::Idle;
-        record.model_info = info;
+        record.model_info = info.clone();
+        record.compute = compute;
         let m: Arc<dyn Membership> = membership.clone();
         let mut presence = Presence::register(Some(m), record).await?;
         let mut running = service.running();

@@ -81,15 +81,18 @@ pub trait JobExecutor: Send + Sync + 'static {
     /// Request defaults for the served model (sizes, frames, steps; `model` set to the default model).
     fn defaults(&self) -> RequestDefaults;
 
-    /// Largest token count a job may have.
+    /// Largest token count a job may have (the operator's budget; `usize::MAX` when jobs are
+    /// planned by memory instead).
     fn max_tokens(&self) -> usize;
 
     /// Refuses, before queueing, a valid request this executor cannot run (e.g. conditioning
     /// media it cannot read); errors name the field.
     fn check(&self, request: &ValidRequest) -> Result<(), CoordinatorError>;
 
-    /// How the job would run (workers may be left empty until it is scheduled).
-    fn plan(&self, request: &ValidRequest) -> Plan;
+    /// Plans the job before it is accepted: how it would run (workers may be left empty until it
+    /// is scheduled) and its predicted duration; refuses a job that fits no group of the workers
+    /// ([`CoordinatorError::DoesNotFit`], with the numbers).
+    fn plan(&self, request: &ValidRequest) -> Result<Plan, CoordinatorError>;
 
     /// Jobs that may run at once now, published as it changes (0 until ready or while draining).
     fn slots(&self) -> watch::Receiver<usize>;

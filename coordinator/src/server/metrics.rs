@@ -176,6 +176,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
         CoordinatorError::WorkersBusy { .. } => "workers_busy",
         CoordinatorError::QueueFull { .. } => "queue_full",
+        CoordinatorError::DoesNotFit(_) => "does_not_fit",
         CoordinatorError::NotFound { .. } => "not_found",
         CoordinatorError::Cancelled(_) => "cancelled",
         CoordinatorError::DeadlineExceeded(_) => "deadline_exceeded",

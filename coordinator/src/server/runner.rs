@@ -66,6 +66,8 @@ struct Tracker {
     total: u32,
     denoise_started: Option<Instant>,
     after_denoise: Duration,
+    /// The planner's duration of the run and when the run started (its Plan event).
+    predicted: Option<(Instant, Duration)>,
 }
 
 impl Tracker {
@@ -75,6 +77,8 @@ impl Tracker {
                 let per_step = t.elapsed() / self.done;
                 Some(pb_duration(per_step * self.total.saturating_sub(self.done) + self.after_denoise))
             }
+            // before the first step: the planner's duration, less what has run
+            _ if self.done == 0 => self.predicted.map(|(since, total)| pb_duration(total.saturating_sub(since.elapsed()))),
             _ => None,
         };
         Progress {
@@ -205,6 +209,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         total: req.steps,
         denoise_started: None,
         after_denoise: state.estimator.after_denoise(pixel_frames),
+        predicted: None,
     };
     state.jobs.update(&d.job.id, |j| {
         j.state = JobState::Running as i32;
@@ -235,6 +240,8 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 Some(Event::Progress(tracker.progress()))
             }
             ExecEvent::Plan(plan) => {
+                let predicted = plan.predicted_duration.and_then(|p| Duration::try_from(p).ok());
+                tracker.predicted = predicted.map(|p| (Instant::now(), p));
                 state.jobs.update(&d.job.id, |j| j.plan = Some(plan));
                 None
             }
@@ -317,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn remaining_time_is_estimated_once_a_step_is_done() {
+    fn remaining_time_is_predicted_then_estimated_once_a_step_is_done() {
         let mut t = Tracker {
             accepted: Instant::now(),
             phase: Phase::Denoising,
@@ -325,8 +332,13 @@ mod tests {
             total: 10,
             denoise_started: Some(Instant::now() - Duration::from_secs(2)),
             after_denoise: Duration::from_secs(1),
+            predicted: None,
         };
         assert!(t.progress().estimated_remaining.is_none());
+        // the planner's prediction stands in before the first step
+        t.predicted = Some((Instant::now() - Duration::from_secs(5), Duration::from_secs(100)));
+        let planned = t.progress().estimated_remaining.unwrap();
+        assert!((94..=95).contains(&planned.seconds), "{planned:?}");
         t.done = 2;
         let left = t.progress().estimated_remaining.unwrap();
         // 8 steps at about a second each, plus a second after the last step.

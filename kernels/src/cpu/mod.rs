@@ -8,6 +8,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
+pub mod measure;
 pub mod norm;
 pub mod patch;
 pub mod qk_norm;

@@ -104,7 +104,8 @@ impl WanPipeline {
         )
     }
 
-    /// The facts a worker advertises for planning (head count, request defaults).
+    /// The facts a worker advertises for planning (the transformer's configuration, head count,
+    /// request defaults).
     pub fn model_info(&self, defaults: PipelineDefaults) -> crate::membership::ModelInfo {
         crate::membership::ModelInfo {
             attention_heads: self.transformer.config().num_attention_heads as u32,
@@ -113,6 +114,10 @@ impl WanPipeline {
             num_frames: defaults.num_frames as u32,
             steps: defaults.num_inference_steps as u32,
             factors: self.factors(),
+            transformer: Some(self.transformer.config().clone()),
+            text_encoder_params: self.text_encoder().encoder().config().encoder_parameter_count() as u64,
+            vae_base_dim: self.vae.config().base_dim as u32,
+            vae_params: self.vae.config().parameter_count() as u64,
         }
     }
 

@@ -200,6 +200,22 @@ pub fn memory_available() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The measured rates of `device` when it is the CPU, split over `sharing` workers that run on it
+/// at once (the planner's figures for CPU workers); `None` for GPUs, whose kinds the planner
+/// knows by name, and when the measurement fails.
+pub fn compute_figures(device: tessera_kernels::Device, sharing: usize) -> Option<tessera_cluster::membership::ComputeFigures> {
+    match device {
+        tessera_kernels::Device::Cpu => tessera_kernels::cpu::measure::measure()
+            .inspect_err(|e| tracing::warn!(error = %e, "could not measure the CPU's rates; jobs are planned without them"))
+            .ok()
+            .map(|f| {
+                let n = sharing.max(1) as f64;
+                tessera_cluster::membership::ComputeFigures { flops: f.flops / n, bytes_per_s: f.bytes_per_s / n }
+            }),
+        tessera_kernels::Device::Cuda(_) => None,
+    }
+}
+
 /// Resolves `host:port` peers (names or IPs) to socket addresses.
 async fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>, Status> {
     let mut out = Vec::with_capacity(peers.len());

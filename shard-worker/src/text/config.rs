@@ -53,6 +53,15 @@ fn default_ff() -> String {
 }
 
 impl Umt5Config {
+    /// Parameters of the encoder: per layer the attention's q, k, v, out, its relative position
+    /// bias, the gated feed-forward (two inputs, one output) and two norms; the embedding and the
+    /// final norm (UMT5-XXL: 5.68 B).
+    pub fn encoder_parameter_count(&self) -> usize {
+        let (d, inner) = (self.d_model, self.num_heads * self.d_kv);
+        let layer = 4 * d * inner + self.relative_attention_num_buckets * self.num_heads + 3 * d * self.d_ff + 2 * d;
+        self.num_layers * layer + self.vocab_size * d + d
+    }
+
     /// Reads and validates a transformers `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| WorkerError::Io { path: path.into(), source })?;

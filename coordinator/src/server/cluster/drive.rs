@@ -273,6 +273,9 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let spec = cx.job.request.spec.clone().planned(JobPlan { ranks: world, ulysses: group.ulysses as u32 })?.to_message();
 
     let ranks_n = ranks.len() as u32;
+    let records: Vec<&WorkerRecord> = group.workers.iter().collect();
+    let (predicted_duration, predicted_peak_bytes_per_rank) =
+        super::predicted_fields(super::evaluate_group(&r.model, &cx.job.request.spec, &records, group.ulysses).as_ref());
     send(
         cx.events,
         ExecEvent::Plan(tessera_proto::v1::Plan {
@@ -284,6 +287,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             forwards_per_step: cx.job.request.spec.forwards_per_step(),
             generated_width: cx.job.request.spec.generated_size().1,
             generated_height: cx.job.request.spec.generated_size().0,
+            predicted_duration,
+            predicted_peak_bytes_per_rank,
         }),
     )
     .await?;

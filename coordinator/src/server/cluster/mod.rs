@@ -5,9 +5,11 @@
 //! frees it. Slots (jobs that may start) follow the free workers; a worker that joins is used by
 //! the next job, one that leaves ends the job it was in.
 
+mod admission;
 mod drive;
 mod table;
 
+pub use admission::{admit, evaluate_group, predicted_fields};
 pub use drive::DriveLimits;
 #[cfg(feature = "embedded")]
 pub(crate) use drive::MAX_MESSAGE;
@@ -39,7 +41,8 @@ pub struct ClusterExecutorConfig {
     pub membership: Arc<dyn Membership>,
     /// Most workers one job uses (0 = every free worker of its model).
     pub max_ranks: usize,
-    /// Largest token count a job may have.
+    /// The operator's token budget of a job (0: none, every job is planned by memory; workers
+    /// that cannot be planned keep `DEFAULT_MAX_TOKENS`).
     pub max_tokens: usize,
     /// The model of requests that name none (default: the first served, by name).
     pub default_model: Option<String>,
@@ -117,9 +120,6 @@ pub struct ClusterExecutor {
 impl ClusterExecutor {
     /// Checks the settings and starts following membership (on the current tokio runtime).
     pub fn start(config: ClusterExecutorConfig) -> Result<Self, CoordinatorError> {
-        if config.max_tokens == 0 {
-            return Err(CoordinatorError::invalid_argument("max_tokens", "must be positive"));
-        }
         if config.default_model.as_deref().is_some_and(|m| m.trim().is_empty()) {
             return Err(CoordinatorError::invalid_argument("model", "the default model name must not be empty"));
         }
@@ -193,7 +193,7 @@ impl JobExecutor for ClusterExecutor {
         let model = self.default_model().unwrap_or_default();
         let base = RequestDefaults { model: model.clone(), ..RequestDefaults::default() };
         let table = self.shared.table();
-        match table.any_serving(&model).map(|w| w.model_info) {
+        match table.any_serving(&model).map(|w| w.model_info.clone()) {
             Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => {
                 RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, factors: i.factors, ..base }
             }
@@ -202,7 +202,10 @@ impl JobExecutor for ClusterExecutor {
     }
 
     fn max_tokens(&self) -> usize {
-        self.config.max_tokens
+        match self.config.max_tokens {
+            0 => usize::MAX,
+            n => n,
+        }
     }
 
     fn check(&self, request: &ValidRequest) -> Result<(), CoordinatorError> {
@@ -212,23 +215,26 @@ impl JobExecutor for ClusterExecutor {
         Ok(())
     }
 
-    fn plan(&self, request: &ValidRequest) -> Plan {
+    fn plan(&self, request: &ValidRequest) -> Result<Plan, CoordinatorError> {
         let table = self.shared.table();
         let model = &request.request.model;
-        let ranks = table.capacity(model).min(group_limit(self.config.max_ranks, request.spec.tokens())).max(1);
-        let heads = table.records().filter(|w| &w.model == model).map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
-        let ulysses = ulysses_degree(ranks, heads) as u32;
-        Plan {
+        let spec = &request.spec;
+        let admitted = admit(model, spec, &table.group_kind(model), self.config.max_ranks, self.config.max_tokens)?;
+        let (ranks, ulysses) = (admitted.ranks as u32, admitted.ulysses as u32);
+        let (predicted_duration, predicted_peak_bytes_per_rank) = predicted_fields(admitted.evaluation.as_ref());
+        Ok(Plan {
             // The group is chosen when the job starts.
             worker_ids: Vec::new(),
-            ranks: ranks as u32,
+            ranks,
             ulysses,
-            ring: ranks as u32 / ulysses,
-            tokens: request.spec.tokens() as u64,
-            forwards_per_step: request.spec.forwards_per_step(),
-            generated_width: request.spec.generated_size().1,
-            generated_height: request.spec.generated_size().0,
-        }
+            ring: ranks / ulysses.max(1),
+            tokens: spec.tokens() as u64,
+            forwards_per_step: spec.forwards_per_step(),
+            generated_width: spec.generated_size().1,
+            generated_height: spec.generated_size().0,
+            predicted_duration,
+            predicted_peak_bytes_per_rank,
+        })
     }
 
     fn slots(&self) -> watch::Receiver<usize> {
@@ -379,9 +385,12 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
             }
             // The group the plan said, unless workers left since (then the largest there is; the
             // job's record gets the plan that runs).
-            let planned = job.request.spec.plan().map_or_else(|| group_limit(max_ranks, job.request.spec.tokens()), |p| p.ranks as usize);
+            let plan = job.request.spec.plan();
+            let planned = plan.map_or_else(|| group_limit(max_ranks, job.request.spec.tokens()), |p| p.ranks as usize);
             let ranks = planned.min(table.capacity(model)).max(1);
-            if let Some(group) = table.reserve(&job.id, model, ranks) {
+            // the plan's layout when the group is the size it said
+            let ulysses = plan.filter(|p| p.ranks as usize == ranks).map(|p| p.ulysses as usize);
+            if let Some(group) = table.reserve(&job.id, model, ranks, ulysses) {
                 return Ok(group);
             }
         }

@@ -107,19 +107,28 @@ impl WorkerTable {
     /// coordinator) of the device kind that has most of them (a group runs on one kind). The
     /// plan's ranks are at most this; a job waits for that many to be free.
     pub fn capacity(&self, model: &str) -> usize {
+        self.group_kind(model).len()
+    }
+
+    /// The live workers of `model` (idle or busy) of the device kind that has most of them, in id
+    /// order: what a job's group is planned on.
+    pub fn group_kind(&self, model: &str) -> Vec<&WorkerRecord> {
         let live = |w: &&WorkerRecord| w.model == model && matches!(w.state, WorkerState::Idle | WorkerState::Busy);
-        let gpus = self.workers.values().filter(live).filter(|w| on_gpu(w)).count();
-        let cpus = self.workers.values().filter(live).filter(|w| !on_gpu(w)).count();
-        gpus.max(cpus)
+        let gpus: Vec<&WorkerRecord> = self.workers.values().filter(live).filter(|w| on_gpu(w)).collect();
+        let cpus: Vec<&WorkerRecord> = self.workers.values().filter(live).filter(|w| !on_gpu(w)).collect();
+        if gpus.len() >= cpus.len() {
+            gpus
+        } else {
+            cpus
+        }
     }
 
     /// Reserves a group of exactly `ranks` free workers serving `model` for `job`, in id order,
     /// on one kind of device: GPU workers when enough are free (they talk through NCCL), else
-    /// CPU workers. The Ulysses degree is the largest that divides both the group size and the
-    /// model's attention heads (all-to-all moves less than the ring once there are more than two
-    /// ranks); the rest of the group forms rings. `None` until that many are free: the job runs
-    /// on the group its plan said.
-    pub fn reserve(&mut self, job: &str, model: &str, ranks: usize) -> Option<Group> {
+    /// CPU workers. The Ulysses degree is the plan's (`ulysses`, when it divides the group and
+    /// the model's heads), else the largest that divides both; the rest of the group forms rings.
+    /// `None` until that many are free: the job runs on the group its plan said.
+    pub fn reserve(&mut self, job: &str, model: &str, ranks: usize, ulysses: Option<usize>) -> Option<Group> {
         let free: Vec<&WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).collect();
         let kind = |gpu: bool| free.iter().filter(|w| on_gpu(w) == gpu).take(ranks).map(|w| (*w).clone()).collect::<Vec<WorkerRecord>>();
         let workers = [kind(true), kind(false)].into_iter().find(|g| ranks > 0 && g.len() == ranks)?;
@@ -127,7 +136,8 @@ impl WorkerTable {
             self.reserved.insert(w.worker_id.clone(), job.to_string());
         }
         let heads = workers.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
-        let ulysses = ulysses_degree(workers.len(), heads);
+        let fits = |u: &usize| *u > 0 && workers.len().is_multiple_of(*u) && (heads == 0 || heads.is_multiple_of(*u));
+        let ulysses = ulysses.filter(fits).unwrap_or_else(|| ulysses_degree(workers.len(), heads));
         Some(Group { workers, ulysses })
     }
 
@@ -194,16 +204,16 @@ mod tests {
         assert_eq!(t.models(), ["tiny", "wan"]);
         assert_eq!(t.free_count(), 3);
         assert_eq!(t.capacity("tiny"), 3, "a, b (busy) and c; e is still starting");
-        assert!(t.reserve("j0", "tiny", 3).is_none(), "a group of 3 waits for b");
-        let g = t.reserve("j1", "tiny", 2).unwrap();
+        assert!(t.reserve("j0", "tiny", 3, None).is_none(), "a group of 3 waits for b");
+        let g = t.reserve("j1", "tiny", 2, None).unwrap();
         let ids: Vec<_> = g.workers.iter().map(|w| w.worker_id.as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(g.ulysses, 2);
         assert_eq!(t.reserved_for("a"), Some("j1"));
-        assert!(t.reserve("j2", "tiny", 1).is_none(), "every free tiny worker is taken");
+        assert!(t.reserve("j2", "tiny", 1, None).is_none(), "every free tiny worker is taken");
         assert_eq!(t.formable_groups(0), 1, "the wan worker is still free");
         t.release("j1");
-        assert_eq!(t.reserve("j3", "tiny", 1).unwrap().workers.len(), 1);
+        assert_eq!(t.reserve("j3", "tiny", 1, None).unwrap().workers.len(), 1);
     }
 
     #[test]
@@ -216,8 +226,8 @@ mod tests {
         let mut t = table(&[on("a", "cpu"), on("b", "cuda:0"), on("c", "cpu"), on("d", "cuda:1 NVIDIA H100")]);
         let ids = |g: Group| g.workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>();
         assert_eq!(t.capacity("tiny"), 2, "two of each kind: a group has at most 2");
-        assert_eq!(ids(t.reserve("j1", "tiny", 2).unwrap()), ["b", "d"]);
-        assert_eq!(ids(t.reserve("j2", "tiny", 2).unwrap()), ["a", "c"], "the CPU workers form the next group");
+        assert_eq!(ids(t.reserve("j1", "tiny", 2, None).unwrap()), ["b", "d"]);
+        assert_eq!(ids(t.reserve("j2", "tiny", 2, None).unwrap()), ["a", "c"], "the CPU workers form the next group");
     }
 
     #[test]
@@ -225,7 +235,7 @@ mod tests {
         let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Busy)]);
         assert!(t.all_free_or_gone(&["a", "gone"]));
         assert!(!t.all_free_or_gone(&["a", "b"]), "b is busy");
-        t.reserve("j", "tiny", 1).unwrap();
+        t.reserve("j", "tiny", 1, None).unwrap();
         assert!(!t.all_free_or_gone(&["a"]), "a is reserved");
     }
 
@@ -261,8 +271,8 @@ mod tests {
     fn a_held_worker_is_left_out_until_its_record_changes() {
         let mut t = table(&[worker("a", "tiny", WorkerState::Idle), worker("b", "tiny", WorkerState::Idle)]);
         t.hold(&["a".into()]);
-        assert!(t.reserve("j0", "tiny", 2).is_none(), "a is held");
-        let g = t.reserve("j1", "tiny", 1).unwrap();
+        assert!(t.reserve("j0", "tiny", 2, None).is_none(), "a is held");
+        let g = t.reserve("j1", "tiny", 1, None).unwrap();
         assert_eq!(g.workers.len(), 1);
         assert_eq!(g.workers[0].worker_id, "b");
         t.release("j1");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::duration::parse_duration;
-use tessera_worker::membership::{EtcdMembership, Heartbeat, Membership, ModelInfo, Presence, WorkerRecord, WorkerState};
+use tessera_worker::membership::{ComputeFigures, EtcdMembership, Heartbeat, Membership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
 use tessera_worker::pipeline::{PipelinePreset, WanPipeline, WAN_DEFAULTS};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
@@ -147,7 +147,7 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
 }
 
 /// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
-fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo)> {
+fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo, Option<ComputeFigures>)> {
     let (pipe, defaults) = match &model {
         Some(dir) => (WanPipeline::load_on(dir, device).with_context(|| format!("--model {}", dir.display()))?, WAN_DEFAULTS),
         None => {
@@ -156,7 +156,8 @@ fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -
         }
     };
     let info = pipe.model_info(defaults);
-    Ok((pipe, info))
+    let compute = tessera_worker::server::compute_figures(pipe.transformer().device(), 1);
+    Ok((pipe, info, compute))
 }
 
 /// Resolves when SIGTERM or Ctrl-C arrives.
@@ -224,12 +225,14 @@ async fn run(a: ServeArgs) -> Result<()> {
     tracing::info!(worker_id = %me.worker_id, model = %me.model, "loading the model");
     let (model, preset) = (a.model.clone(), a.preset.clone());
     let device = s.device;
-    let (pipe, info) = tokio::task::spawn_blocking(move || load(model, &preset, device)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
+    let (pipe, info, compute) =
+        tokio::task::spawn_blocking(move || load(model, &preset, device)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
     let service = WorkerService::new(Arc::new(pipe), me.clone());
     let mut running = service.running();
     presence
         .set(|r| {
             r.model_info = info;
+            r.compute = compute;
             r.state = WorkerState::Idle;
         })
         .await;
