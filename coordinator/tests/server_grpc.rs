@@ -220,9 +220,11 @@ async fn a_job_runs_on_the_group_its_plan_said() {
     assert!(b.status.is_none(), "{:?}", b.status);
     let Some(Event::Accepted(acc_b)) = &b.events[0].event else { panic!() };
     let planned = acc_b.plan.clone().unwrap();
-    assert_eq!((planned.ranks, planned.ulysses), (2, 2), "{planned:?}");
+    assert_eq!(planned.ranks, 2, "{planned:?}");
+    assert!(planned.predicted_duration.is_some() && planned.predicted_peak_bytes_per_rank > 0, "the planner predicted it: {planned:?}");
     let ran = client.get_job(GetJobRequest { job_id: acc_b.job_id.clone() }).await.unwrap().into_inner().plan.unwrap();
-    assert_eq!((ran.ranks, ran.ulysses, ran.worker_ids.len()), (2, 2, 2), "B ran as planned: {ran:?}");
+    // the layout the planner chose (Ulysses x ring) is the one reserved
+    assert_eq!((ran.ranks, ran.ulysses, ran.ring, ran.worker_ids.len()), (2, planned.ulysses, planned.ring, 2), "B ran as planned: {ran:?}");
     while a.message().await.unwrap().is_some() {}
 }
 

@@ -244,7 +244,7 @@ fn evaluation_json(e: &Evaluation) -> Value {
             "text": t.text, "step": t.step, "denoise": t.denoise, "vae": t.vae, "total": t.total,
             "step_terms": {
                 "attention": t.attention, "linear": t.linear, "rest": t.rest,
-                "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "cfg": t.cfg,
+                "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "ring_merge": t.ring_merge, "cfg": t.cfg,
             },
         },
     })
@@ -346,8 +346,8 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
             bytes(b.network)
         );
         println!(
-            "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + cfg {:.3}",
-            t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.cfg
+            "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + ring merge {:.3} + cfg {:.3}",
+            t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.ring_merge, t.cfg
         );
         println!(
             "  predicted       {} = text {} + {} steps x {:.3} s + VAE {}",

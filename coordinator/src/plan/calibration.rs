@@ -219,6 +219,18 @@ mod tests {
             let s = c.predicted_speedup.unwrap();
             // more GPUs never predicted slower, never faster than linear
             assert!(s > 1.0 && s <= f64::from(c.published.gpus) + 1e-9, "{c:?}");
+            // within 20 % of the published speedup, but for xDiT on 8 H100s: there the published
+            // runs keep ~114 s that do not shrink with the GPUs (Amdahl, from their own 1- and
+            // 8-GPU figures; ~127 s on H20, so not bound by FLOP/s), which datasheet figures do
+            // not predict; the model then over-predicts the speedup by about a third. Pinned
+            // here so that a change to the model that explains it updates this note.
+            let outlier = c.published.gpu == "h100-80gb" && c.published.gpus == 8;
+            if outlier {
+                assert!(c.error > 0.2 && c.error < 0.45, "{c:?}");
+                assert!((c.published_serial_seconds.unwrap() - 114.0).abs() < 1.0, "{c:?}");
+            } else {
+                assert!(c.error.abs() <= 0.2, "{c:?}");
+            }
         }
     }
 }

@@ -151,6 +151,9 @@ pub struct Timing {
     pub ulysses: f64,
     /// Per step: ring hops not hidden behind attention.
     pub ring_exposed: f64,
+    /// Per step: merging each hop's partial attention output into the rank's f32 accumulator by
+    /// log-sum-exp (memory-bound: read both, write one).
+    pub ring_merge: f64,
     /// Per step: the CFG-parallel exchange.
     pub cfg: f64,
     /// One step.
@@ -274,11 +277,12 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
         let hop_comm = 2.0 * shard_bytes / r_link + COLLECTIVE_LATENCY_S;
         let hop_compute = work.attention_flops / layers / sp_f / r as f64 / rate;
         t.ring_exposed = rank_forwards * layers * (r - 1) as f64 * (hop_comm - hop_compute).max(0.0);
+        t.ring_merge = rank_forwards * layers * (r - 1) as f64 * (rank_tokens * d * 4 * 3) as f64 / hbm;
     }
     if layout.cfg_parallel {
         t.cfg = cfg_bytes / c_link + COLLECTIVE_LATENCY_S;
     }
-    t.step = t.attention + t.linear + t.rest + t.ulysses + t.ring_exposed + t.cfg;
+    t.step = t.attention + t.linear + t.rest + t.ulysses + t.ring_exposed + t.ring_merge + t.cfg;
     t.denoise = t.step * job.steps as f64;
     let (vae_flops, vae_bytes) = model.vae_decode_work(job.frames, job.height, job.width);
     let vae_ranks = f64::from(layout.vae_ranks.max(1));
