@@ -3,7 +3,7 @@
 
 use tessera_kernels::backend::Backend;
 use tessera_tests::golden_roots;
-use tessera_worker::golden::{discover, run_case, CaseKind, Outcome, RunOptions};
+use tessera_worker::golden::{discover, run_case, run_case_measured, CaseKind, Outcome, Ran, RunOptions};
 use tessera_worker::parallel::LocalTransport;
 
 fn run_kind(kind: CaseKind) {
@@ -56,16 +56,32 @@ fn dit_and_pipeline_cases_pass_sharded_on_bf16_host() {
         let mut ran = 0;
         for root in golden_roots() {
             for case in discover(&root, &[CaseKind::Dit, CaseKind::Pipeline]).unwrap() {
-                let outcome = run_case(&case, &RunOptions { ranks, ulysses, ..bf16_host() });
-                eprintln!("bf16-host {} ranks {ranks} ulysses {ulysses}: {} {:?}", case.name, outcome.label(), outcome.worst());
+                let (outcome, measured) = run_case_measured(&case, &RunOptions { ranks, ulysses, ..bf16_host() });
+                eprintln!("bf16-host {} ranks {ranks} ulysses {ulysses}: {} {:?} {measured:?}", case.name, outcome.label(), outcome.worst());
                 match outcome {
-                    Outcome::Pass(_) => ran += 1,
+                    Outcome::Pass(_) => {
+                        // the ranks asked for computed it, and exchanged bytes
+                        assert!(measured.ranks == ranks && measured.moved > 0, "{}: {measured:?}", case.name);
+                        ran += 1;
+                    }
                     Outcome::Unsupported(why) if why.contains("does not divide") => {}
                     other => panic!("{} ranks {ranks} ulysses {ulysses}: {other:?}", case.name),
                 }
             }
         }
         assert!(ran >= 5, "ranks {ranks} ulysses {ulysses}: only {ran} cases ran");
+    }
+}
+
+/// Kinds that cannot run sharded say so and fail, rather than pass on one device.
+#[test]
+fn kinds_without_sharding_refuse_more_than_one_rank() {
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Vae, CaseKind::Umt5, CaseKind::Scheduler]).unwrap() {
+            let (outcome, measured) = run_case_measured(&case, &RunOptions { ranks: 2, ..RunOptions::default() });
+            assert!(matches!(&outcome, Outcome::Unsupported(why) if why.contains("cannot run sharded")), "{}: {outcome:?}", case.name);
+            assert!(!outcome.passed() && measured == Ran { ranks: 0, moved: 0 }, "{}", case.name);
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_kernels::backend::Backend;
 use tessera_kernels::Device;
-use tessera_worker::golden::{discover, run_case, CaseKind, RunOptions, Tolerance, BF16_VAE_TOLERANCE, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
+use tessera_worker::golden::{discover, run_case_measured, CaseKind, RunOptions, Tolerance, BF16_VAE_TOLERANCE, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
 use tessera_worker::parallel::LocalTransport;
 
 /// Arguments of `tessera golden`.
@@ -74,7 +74,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {
-        let outcome = run_case(case, &opts);
+        let (outcome, ran) = run_case_measured(case, &opts);
         let (rel, abs) = outcome.worst().map(|(_, c)| (format!("{:.3e}", c.rel_l2), format!("{:.3e}", c.max_abs))).unwrap_or(("-".into(), "-".into()));
         let name = if args.roots.len() > 1 { format!("{}:{}", root.display(), case.name) } else { case.name.clone() };
         let detail = match &outcome {
@@ -86,7 +86,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
             }
             _ => String::new(),
         };
-        println!("{:<10} {:<40} {:>10} {:>10}  {}{}", case.kind.name(), name, rel, abs, outcome.label(), detail);
+        println!("{:<10} {:<40} {:>10} {:>10}  {}{}  ranks={} moved={}", case.kind.name(), name, rel, abs, outcome.label(), detail, ran.ranks, ran.moved);
         if outcome.passed() {
             passed += 1;
         } else {

@@ -43,7 +43,7 @@ pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: N
 /// connected in-process or by TCP on loopback (every rank's output is compared; on CUDA the ranks
 /// share the GPU and stage their collectives through the transport). The bf16
 /// backends are held to [`CUDA_BF16_TOLERANCE`], the f32 CPU to the case's own tolerance.
-pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
+pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
     let hidden = read_tensor(&io, "hidden_states")?;
@@ -63,11 +63,12 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
         Ok(p) => p,
         Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
     };
-    let outs = run_local_group(opts.transport, plan, |ctx| ctx.forward(&model, &inputs))?;
+    let outs = run_local_group(opts.transport, plan, |ctx| Ok((ctx.forward(&model, &inputs)?, ctx.world().stats().sent())))?;
+    *ran = super::Ran { ranks: outs.len(), moved: outs.iter().map(|(_, sent)| sent).sum() };
     let comparisons = outs
         .iter()
         .enumerate()
-        .map(|(rank, out)| compare(&io, "output", out, &tolerance).map(|(n, c)| (format!("{n}@rank{rank}"), c)))
+        .map(|(rank, (out, _))| compare(&io, "output", out, &tolerance).map(|(n, c)| (format!("{n}@rank{rank}"), c)))
         .collect::<Result<Vec<_>>>()?;
     Ok(outcome(comparisons))
 }

@@ -186,19 +186,48 @@ impl Outcome {
     }
 }
 
+/// What a case's run used: the ranks that computed it and the bytes they sent one another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ran {
+    /// Ranks that computed the case (1: one device; 0: it did not run).
+    pub ranks: usize,
+    /// Bytes the ranks sent one another (0 on one device).
+    pub moved: u64,
+}
+
 /// Runs one case.
 pub fn run_case(case: &Case, opts: &RunOptions) -> Outcome {
+    run_case_measured(case, opts).0
+}
+
+/// Runs one case and says what ran it. A kind that cannot run sharded says so and fails when
+/// `opts` asks for more than one rank; it never runs quietly on one device.
+pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
+    let mut ran = Ran { ranks: 1, moved: 0 };
+    let sharded = opts.ranks > 1 || opts.ulysses > 1;
     let result = match case.kind {
-        CaseKind::Dit => dit::run(case, opts),
+        CaseKind::Dit => dit::run(case, opts, &mut ran),
+        CaseKind::Pipeline => pipeline::run(case, opts, &mut ran),
+        CaseKind::Umt5 | CaseKind::Vae | CaseKind::Scheduler if sharded => {
+            ran.ranks = 0;
+            Ok(Outcome::Unsupported(format!(
+                "{} cases cannot run sharded yet (only the transformer's denoising is sequence-parallel); --ranks {} would run them on one device",
+                case.kind.name(),
+                opts.ranks
+            )))
+        }
         CaseKind::Umt5 => umt5::run(case, opts),
         CaseKind::Vae => vae::run(case, opts),
         CaseKind::Scheduler => scheduler::run(case, opts),
-        CaseKind::Pipeline => pipeline::run(case, opts),
     };
-    match result {
+    let outcome = match result {
         Ok(outcome) => outcome,
-        Err(e) => Outcome::Error(e.to_string()),
-    }
+        Err(e) => {
+            ran = Ran::default();
+            Outcome::Error(e.to_string())
+        }
+    };
+    (outcome, ran)
 }
 
 /// `case.json`: what a case checks and its tolerance.

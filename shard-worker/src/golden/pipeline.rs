@@ -92,7 +92,7 @@ fn frames_major(t: &Tensor) -> Result<Tensor> {
 /// Runs a pipeline case; with `opts.ranks > 1` the denoising runs sequence-parallel over that many
 /// ranks of this process (the other stages are the same code either way); the transformer runs on
 /// `opts.backend`.
-pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
+pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let path = case.dir.join("case.json");
     let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
@@ -164,7 +164,8 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
         };
-        denoise_sharded(&pipe, &mut latents, &text, params.guidance_scale, &schedule, opts.transport, plan, &mut rec)?;
+        let moved = denoise_sharded(&pipe, &mut latents, &text, params.guidance_scale, &schedule, opts.transport, plan, &mut rec)?;
+        *ran = super::Ran { ranks: plan.ranks(), moved };
     }
     let after = read_tensor(&io, "latents_after_step")?;
     let per_step = after.len() / after.dim(0).max(1);

@@ -38,7 +38,7 @@ impl PipelineObserver for RankObserver<'_> {
 }
 
 /// [`WanPipeline::denoise`] over `plan.ranks()` ranks of this process; `latents` ends as rank 0's
-/// result (every rank holds the same one).
+/// result (every rank holds the same one). Returns the bytes the ranks sent one another.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_sharded(
     pipe: &WanPipeline,
@@ -49,7 +49,7 @@ pub fn denoise_sharded(
     transport: LocalTransport,
     plan: ParallelPlan,
     observer: &mut dyn PipelineObserver,
-) -> Result<()> {
+) -> Result<u64> {
     let stop = AtomicBool::new(false);
     let start = latents.clone();
     let (tx, rx) = mpsc::channel();
@@ -69,7 +69,7 @@ pub fn denoise_sharded(
                 let mut obs = RankObserver { ctx, steps: (ctx.rank() == 0).then(|| tx.clone()), stop: &stop };
                 let forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
                 pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
-                Ok(lat)
+                Ok((lat, ctx.world().stats().sent()))
             })
         });
         // Every sender is dropped when the ranks finish, which ends this loop.
@@ -87,8 +87,9 @@ pub fn denoise_sharded(
         return Err(e);
     }
     let mut results = outcome?;
-    *latents = results.swap_remove(0);
-    Ok(())
+    let moved = results.iter().map(|(_, sent)| sent).sum();
+    *latents = results.swap_remove(0).0;
+    Ok(moved)
 }
 
 /// [`WanPipeline::generate`] with the denoising sequence-parallel over ranks of this process
