@@ -226,7 +226,9 @@ mod tests {
 
     #[test]
     fn video_to_video_case_is_matched_stage_by_stage() {
-        let Outcome::Pass(stages) = run(&project_case("v2v-a"), &RunOptions::default()).unwrap() else { panic!("pipeline/v2v-a does not pass") };
+        let Outcome::Pass(stages) = run(&project_case("v2v-a"), &RunOptions::default(), &mut crate::golden::Ran::default()).unwrap() else {
+            panic!("pipeline/v2v-a does not pass")
+        };
         for (name, c) in &stages {
             eprintln!("{name:<26} rel_l2 {:.3e} max_abs {:.3e}", c.rel_l2, c.max_abs);
         }
@@ -251,7 +253,7 @@ mod tests {
     fn video_to_video_with_another_strength_fails() {
         // 0.9 of 5 steps keeps 4 (from timestep 999), not the reference's 3.
         let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| j["strength"] = 0.9.into());
-        let outcome = run(&case, &RunOptions::default());
+        let outcome = run(&case, &RunOptions::default(), &mut crate::golden::Ran::default());
         assert!(!matches!(outcome, Ok(Outcome::Pass(_))), "{:?}", outcome.map(|o| o.label()));
     }
 
@@ -260,7 +262,7 @@ mod tests {
         let (_tmp, case) = edited_copy(&project_case("v2v-a"), |j| {
             j.as_object_mut().unwrap().remove("strength");
         });
-        let err = run(&case, &RunOptions::default()).expect_err("refused").to_string();
+        let err = run(&case, &RunOptions::default(), &mut crate::golden::Ran::default()).expect_err("refused").to_string();
         assert!(err.contains("strength"), "{err}");
     }
 }
