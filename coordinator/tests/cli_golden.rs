@@ -38,8 +38,27 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize
 fn project_dit_cases_pass_with_one_line_each() {
     let (code, out, err) = tessera(&["golden", "--kind", "dit", golden().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("dit ") && l.trim_end().ends_with("PASS")).count(), 4, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("dit ") && l.trim_end().ends_with("PASS  ranks=1 moved=0")).count(), 4, "{out}");
     assert!(out.contains("4 passed, 0 failed"));
+}
+
+/// Every result line says which ranks computed the case and the bytes they exchanged; a kind that
+/// cannot run sharded says so and fails instead of passing on one device.
+#[test]
+fn sharded_lines_say_the_ranks_and_bytes_and_unshardable_kinds_fail() {
+    let (code, out, err) = tessera(&["golden", "--kind", "dit", "--ranks", "2", golden().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let moved: Vec<u64> = out
+        .lines()
+        .filter(|l| l.starts_with("dit ") && l.contains("PASS  ranks=2 moved="))
+        .map(|l| l.rsplit("moved=").next().unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(moved.len(), 4, "{out}");
+    assert!(moved.iter().all(|m| *m > 0), "{out}");
+    let (code, out, _) = tessera(&["golden", "--kind", "vae", "--ranks", "4", golden().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("vae ") && l.contains("UNSUPPORTED") && l.contains("cannot run sharded") && l.ends_with("ranks=0 moved=0")), "{out}");
+    assert!(!out.contains("PASS"), "{out}");
 }
 
 #[test]
@@ -94,7 +113,7 @@ fn every_kind_passes_and_bad_arguments_fail_clearly() {
     let (code, out, _) = tessera(&["golden", golden().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     for kind in ["dit", "vae", "umt5", "scheduler", "pipeline"] {
-        assert!(out.lines().any(|l| l.starts_with(kind) && l.trim_end().ends_with("PASS")), "no passing {kind} case in:\n{out}");
+        assert!(out.lines().any(|l| l.starts_with(kind) && l.trim_end().ends_with("PASS  ranks=1 moved=0")), "no passing {kind} case in:\n{out}");
     }
     assert!(!out.contains("FAIL") && !out.contains("UNSUPPORTED") && !out.contains("ERROR"), "{out}");
     let (code, _, err) = tessera(&["golden", "--kind", "bogus", golden().to_str().unwrap()]);
