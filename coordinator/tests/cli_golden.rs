@@ -57,7 +57,10 @@ fn sharded_lines_say_the_ranks_and_bytes_and_unshardable_kinds_fail() {
     assert!(moved.iter().all(|m| *m > 0), "{out}");
     let (code, out, _) = tessera(&["golden", "--kind", "vae", "--ranks", "4", golden().to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.lines().any(|l| l.starts_with("vae ") && l.contains("UNSUPPORTED") && l.contains("cannot run sharded") && l.ends_with("ranks=0 moved=0")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("vae ") && l.contains("UNSUPPORTED") && l.contains("cannot run sharded") && l.ends_with("ranks=0 moved=0")),
+        "{out}"
+    );
     assert!(!out.contains("PASS"), "{out}");
 }
 

@@ -509,6 +509,8 @@ fn rendered_manifests_hold_the_deployment_contract() {
     assert!(peers.iter().any(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| test_pod.get(k) == Some(v))), "{peers:?}");
     assert_eq!(e.one("Service", "coordinator").get("spec.ports[0].port"), Some("443"));
 
+    grafana_dashboard_shows_the_metrics_the_servers_export(d);
+
     let c = &sets["cpu-values.yaml"];
     assert_eq!(gpu_request(c), (None, None));
     assert!(c.all("NetworkPolicy").is_empty() && c.all("PodDisruptionBudget").is_empty() && c.all("ServiceAccount").is_empty());
@@ -550,6 +552,41 @@ fn service_monitor_scrapes_both_components(r: &Rendered) {
         })
         .collect();
     assert_eq!(scraped, ["coordinator", "worker"], "the ServiceMonitor selects one Service of each component");
+}
+
+/// The Grafana dashboard ConfigMap: the sidecar's label, valid JSON, and every metric it queries
+/// one that the servers export (named in their source), covering the planner's prediction.
+fn grafana_dashboard_shows_the_metrics_the_servers_export(r: &Rendered) {
+    let cm = r.one("ConfigMap", "dashboard");
+    assert_eq!(cm.get("metadata.labels.grafana_dashboard"), Some("1"));
+    let dashboard: serde_json::Value = serde_json::from_str(cm.req("data.tessera.json")).expect("the dashboard is JSON");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sources: String = ["coordinator/src/server/metrics.rs", "shard-worker/src/server/metrics.rs", "telemetry/src/metrics.rs"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(root.join(f)).ok())
+        .collect();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("tessera_")) {
+                let metric = ["_bucket", "_sum", "_count"].iter().fold(word, |m, suffix| m.strip_suffix(suffix).unwrap_or(m));
+                assert!(sources.contains(&format!("\"{metric}\"")), "the dashboard queries {metric}, which no server exports");
+                queried.insert(metric.to_string());
+            }
+        }
+    }
+    for needed in [
+        "tessera_queue_depth",
+        "tessera_step_duration_seconds",
+        "tessera_tokens_total",
+        "tessera_worker_step_duration_seconds",
+        "tessera_collective_bytes_total",
+        "tessera_job_predicted_seconds",
+        "tessera_job_run_seconds",
+    ] {
+        assert!(queried.contains(needed), "the dashboard does not show {needed}");
+    }
 }
 
 /// The checksum/config annotation of the coordinator and worker pod templates.

@@ -26,7 +26,14 @@ pub struct CoordinatorMetrics {
     workers: IntGaugeVec,
     failures: IntCounterVec,
     rejected: IntCounterVec,
+    predicted_duration: Histogram,
+    run_duration: Histogram,
+    prediction_ratio: Histogram,
+    prediction_error: Gauge,
 }
+
+/// Buckets of actual over predicted run time: within 10 % in the middle, factors out to 100.
+const RATIO_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0, 4.0, 10.0, 100.0];
 
 fn metric_error(e: prometheus::Error) -> CoordinatorError {
     CoordinatorError::Internal(format!("registering a metric: {e}"))
@@ -73,8 +80,35 @@ impl CoordinatorMetrics {
                 &["cause"],
             )
             .map_err(metric_error)?,
+            predicted_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tessera_job_predicted_seconds",
+                    "The planner's run time (preparing, denoising, decoding) of each succeeded job it planned (seconds).",
+                )
+                .buckets(JOB_BUCKETS.to_vec()),
+            )
+            .map_err(metric_error)?,
+            run_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tessera_job_run_seconds",
+                    "Actual run time (preparing, denoising, decoding) of each succeeded job the planner planned (seconds).",
+                )
+                .buckets(JOB_BUCKETS.to_vec()),
+            )
+            .map_err(metric_error)?,
+            prediction_ratio: Histogram::with_opts(
+                HistogramOpts::new("tessera_job_prediction_ratio", "Actual over predicted run time of each succeeded planned job (ratio; 1 is exact).")
+                    .buckets(RATIO_BUCKETS.to_vec()),
+            )
+            .map_err(metric_error)?,
+            prediction_error: Gauge::new("tessera_job_prediction_error", "Actual over predicted run time minus 1, of the last succeeded planned job (ratio).")
+                .map_err(metric_error)?,
         };
         registry.register(Box::new(m.queue_depth.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.predicted_duration.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.run_duration.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.prediction_ratio.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.prediction_error.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.jobs_running.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.jobs.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.job_duration.clone())).map_err(metric_error)?;
@@ -144,6 +178,18 @@ impl CoordinatorMetrics {
         self.tokens.inc_by(tokens);
         if denoising > Duration::ZERO {
             self.tokens_per_second.set(tokens as f64 / denoising.as_secs_f64());
+        }
+    }
+
+    /// A succeeded job the planner had predicted `predicted` for ran `actual` (preparing,
+    /// denoising, decoding).
+    pub fn prediction(&self, predicted: Duration, actual: Duration) {
+        let (p, a) = (predicted.as_secs_f64(), actual.as_secs_f64());
+        self.predicted_duration.observe(p);
+        self.run_duration.observe(a);
+        if p > 0.0 {
+            self.prediction_ratio.observe(a / p);
+            self.prediction_error.set(a / p - 1.0);
         }
     }
 
@@ -219,6 +265,7 @@ mod tests {
         m.succeeded(Duration::from_secs(3), phases, 1000, Duration::from_secs(2));
         m.ended_badly(Duration::from_secs(1), &CoordinatorError::Cancelled("x".into()), true);
         m.rejected(&CoordinatorError::invalid_argument("width", "bad"));
+        m.prediction(Duration::from_secs(2), Duration::from_millis(2500));
         let after = text(&r);
         for line in [
             "tessera_queue_depth 3",
@@ -234,12 +281,17 @@ mod tests {
             "tessera_job_failures_total{cause=\"cancelled\"} 1",
             "tessera_requests_rejected_total{cause=\"invalid_argument\"} 1",
             "tessera_phase_duration_seconds_count{phase=\"denoising\"} 1",
+            "tessera_job_predicted_seconds_sum 2",
+            "tessera_job_run_seconds_sum 2.5",
+            "tessera_job_prediction_ratio_bucket{le=\"1.25\"} 1",
+            "tessera_job_prediction_ratio_bucket{le=\"1.1\"} 0",
+            "tessera_job_prediction_error 0.25",
         ] {
             assert!(after.lines().any(|l| l == line), "{line} missing:\n{after}");
         }
         // One HELP line per metric, each naming its unit.
         let helps: Vec<&str> = after.lines().filter(|l| l.starts_with("# HELP ")).collect();
-        assert_eq!(helps.len(), 11, "{helps:#?}");
+        assert_eq!(helps.len(), 15, "{helps:#?}");
         for h in helps {
             assert!(h.ends_with(").") && h.contains('('), "no unit in {h}");
         }

@@ -133,7 +133,7 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
             state.metrics.set_queue_depth(state.scheduler.queued());
             let reason = d.stop.reason().unwrap_or(StopReason::Shutdown);
             let timings = Timings { queued: d.accepted.elapsed(), total: d.accepted.elapsed(), ..Default::default() };
-            Outcome { result: Err(reason.error()), timings, total_bytes: 0, steps: 0 }
+            Outcome { result: Err(reason.error()), timings, total_bytes: 0, steps: 0, predicted: None }
         }
     };
     watch_client.abort();
@@ -152,6 +152,8 @@ struct Outcome {
     total_bytes: u64,
     /// Denoising steps run.
     steps: u32,
+    /// The planner's duration of the run (preparing, denoising, decoding), when it planned it.
+    predicted: Option<Duration>,
 }
 
 /// Records the end and tells the client (the record first, so a client that reads the stream's
@@ -165,6 +167,9 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             let phases = [("queued", t.queued), ("preparing", t.preparing), ("denoising", t.denoising), ("decoding", t.decoding), ("encoding", t.encoding)];
             let r = &d.job.request;
             state.metrics.succeeded(t.total, phases, r.spec.tokens() as u64 * u64::from(r.spec.forwards_per_step()) * o.steps as u64, t.denoising);
+            if let Some(predicted) = o.predicted {
+                state.metrics.prediction(predicted, t.preparing + t.denoising + t.decoding);
+            }
             tracing::info!(job = %id, total_s = o.timings.total.as_secs_f64(), bytes = o.total_bytes, "job succeeded");
             let done = Done {
                 job_id: id.clone(),
@@ -273,7 +278,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         (timings.preparing, timings.denoising, timings.decoding, timings.encoding) = (report.preparing, report.denoising, report.decoding, report.encoding);
         state.estimator.record(report.decoding + report.encoding, pixel_frames);
     }
-    Outcome { result, timings, total_bytes, steps: tracker.done }
+    Outcome { result, timings, total_bytes, steps: tracker.done, predicted: tracker.predicted.map(|(_, d)| d) }
 }
 
 /// Sends one message unless the job is stopping; a client that is gone stops the job.

@@ -177,11 +177,34 @@ fn push_value(path: &str, value: &str, entries: &mut Vec<(String, String)>) -> R
     Ok(())
 }
 
-/// Removes the quotes of a quoted scalar (with `\"` and `\\` escapes in double quotes, `''` in single).
+/// Removes the quotes of a quoted scalar (double quotes with the escapes `\"`, `\\`, `\/`, `\n`,
+/// `\r`, `\t` and `\uXXXX`, as Helm's `toJson` writes them; `''` in single quotes).
 fn unquote(value: &str) -> Result<String, String> {
     if let Some(inner) = value.strip_prefix('"') {
         let inner = inner.strip_suffix('"').ok_or("unterminated double-quoted scalar")?;
-        Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                out.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('"') => out.push('"'),
+                Some('\\') => out.push('\\'),
+                Some('/') => out.push('/'),
+                Some('n') => out.push('\n'),
+                Some('r') => out.push('\r'),
+                Some('t') => out.push('\t'),
+                Some('u') => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    let code = u32::from_str_radix(&hex, 16).map_err(|_| format!("bad escape \\u{hex}"))?;
+                    out.push(char::from_u32(code).ok_or_else(|| format!("bad escape \\u{hex}"))?);
+                }
+                other => return Err(format!("unsupported escape \\{}", other.map(String::from).unwrap_or_default())),
+            }
+        }
+        Ok(out)
     } else if let Some(inner) = value.strip_prefix('\'') {
         let inner = inner.strip_suffix('\'').ok_or("unterminated single-quoted scalar")?;
         Ok(inner.replace("''", "'"))
@@ -262,5 +285,11 @@ kind: Service
         assert!(err.contains("line 2"), "{err}");
         let err = parse_document("- orphan\n").unwrap_err();
         assert!(err.contains("without a parent key"), "{err}");
+    }
+
+    #[test]
+    fn double_quoted_escapes_are_decoded() {
+        assert_eq!(unquote(r#""a\nb\u0041\"c\\d\/""#).unwrap(), "a\nbA\"c\\d/");
+        assert!(unquote(r#""\q""#).is_err());
     }
 }
