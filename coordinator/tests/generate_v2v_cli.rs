@@ -81,7 +81,7 @@ fn an_input_mp4_becomes_a_video_of_its_frame_count() {
     let sharded = dir.path().join("sharded.mp4");
     let (code, stdout, stderr) = tessera(&[&base[..], &["--strength", "0.6", "--workers", "2", "-o", sharded.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
+    assert!(stderr.contains("plan: 2 ranks"), "{stderr}");
     check_stream(&sharded, 9, 96, 64);
     // --frames takes the first frames (the default strength, 0.8, applies).
     let five = dir.path().join("five.mp4");
@@ -124,7 +124,7 @@ fn two_workers_give_the_frames_of_one() {
         assert_eq!(code, 0, "{stdout}{stderr}");
         let (code, stdout, stderr) = tessera(&[&base[..], &["--workers", "2", "-o", workers.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{stdout}{stderr}");
-        assert!(stdout.contains("plan: 2 ranks"), "{stdout}");
+        assert!(stderr.contains("plan: 2 ranks"), "{stderr}");
         let (a, b) = (common::png_frames(&one), common::png_frames(&workers));
         assert_eq!((a.len(), b.len()), (9, 9), "{name}");
         let worst = a.iter().zip(&b).map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();

@@ -391,7 +391,10 @@ async fn the_cli_client_writes_what_the_local_mode_writes_and_status_lists_the_j
     let flags = ["generate", "--prompt", "a red ball", "--frames", "9", "--height", "64", "--width", "96", "--steps", "3", "--seed", "2", "--quiet"];
     let (code, stdout, stderr) = tessera(&[&flags[..], &["--server", &server.addr, "-o", &path("remote.mp4")]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("job j-") && stdout.contains("plan: 1 ranks") && stdout.contains("time: queued") && stdout.contains("9 frames"), "{stdout}");
+    assert!(
+        stderr.contains("job j-") && stderr.contains("plan: 1 ranks") && stdout.contains("time: queued") && stdout.contains("9 frames"),
+        "{stdout}\n{stderr}"
+    );
     let s = probe(&dir.path().join("remote.mp4"), &[]);
     assert_eq!(s["nb_read_frames"].as_str(), Some("9"), "{s}");
     let (code, _, stderr) = tessera(&[&flags[..], &["-o", &path("local.mp4")]].concat());

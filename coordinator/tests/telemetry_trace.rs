@@ -123,9 +123,9 @@ async fn the_cli_client_roots_the_trace_and_every_worker_joins_it() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    let trace = stdout.lines().find_map(|l| l.strip_prefix("trace ")).unwrap_or_else(|| panic!("no trace id printed:\n{stdout}")).to_string();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let trace = stderr.lines().find_map(|l| l.strip_prefix("trace ")).unwrap_or_else(|| panic!("no trace id printed:\n{stderr}")).to_string();
     let spans = stop_and_collect(server, &receiver).await;
 
     let tree = TraceTree::new(&spans, &trace);

@@ -217,22 +217,51 @@ fn timings_text(t: &PhaseTimings) -> String {
 /// How often a progress line is printed while the phase stays the same.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-/// Progress lines on stderr for a run without a terminal (logs, CI, a job runner).
+/// Progress lines on stderr for a run without a terminal (logs, CI, a job runner): one at each
+/// new phase, and at least every [`PROGRESS_EVERY`] (between the server's messages, the last one
+/// with its elapsed time and estimate moved on by the time since it came).
 #[derive(Default)]
 struct ProgressLines {
     phase: i32,
     last: Option<std::time::Instant>,
+    latest: Option<(Progress, std::time::Instant)>,
 }
 
 impl ProgressLines {
     fn show(&mut self, p: &Progress) {
+        self.latest = Some((*p, std::time::Instant::now()));
         let due = self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
         if p.phase == self.phase && !due {
             return;
         }
+        self.print(p);
+    }
+
+    /// Called every second: prints the latest progress, moved on to now, when a line is due
+    /// (and returns it).
+    fn tick(&mut self) -> Option<String> {
+        let (p, at) = self.latest?;
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+            return None;
+        }
+        let since = at.elapsed();
+        let shift = |d: Option<prost_types::Duration>, later: bool| {
+            d.map(|d| {
+                let d = Duration::try_from(d).unwrap_or_default();
+                let d = if later { d + since } else { d.saturating_sub(since) };
+                prost_types::Duration::try_from(d).unwrap_or_default()
+            })
+        };
+        let moved = Progress { elapsed: shift(p.elapsed, true), estimated_remaining: shift(p.estimated_remaining, false), ..p };
+        Some(self.print(&moved))
+    }
+
+    fn print(&mut self, p: &Progress) -> String {
         self.phase = p.phase;
         self.last = Some(std::time::Instant::now());
-        eprintln!("{}", progress_text(p));
+        let line = progress_text(p);
+        eprintln!("{line}");
+        line
     }
 }
 
@@ -289,26 +318,38 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     // every PROGRESS_EVERY while denoising.
     let mut lines = (!job.quiet && !std::io::stderr().is_terminal()).then(ProgressLines::default);
     let result: Result<_> = async {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            let event = match stream.message().await {
+            // `next` only polls the stream, which keeps its own state: a tick between two
+            // messages loses nothing
+            let message = loop {
+                tokio::select! {
+                    m = futures_util::StreamExt::next(&mut stream) => break m.transpose(),
+                    _ = ticks.tick() => if let Some(lines) = &mut lines { lines.tick(); },
+                }
+            };
+            let event = match message {
                 Ok(Some(e)) => e,
                 Ok(None) => bail!("the server ended the stream without Done"),
                 Err(s) => return Err(status_error(s)),
             };
             match event.event {
                 Some(Event::Accepted(a)) => {
+                    // What the job is, and how it will run, goes with the progress to stderr:
+                    // stdout keeps the results (the file written, the timings).
                     bar.suspend(|| {
-                        println!("job {} accepted (queue position {}, seed {})", a.job_id, a.queue_position, a.seed);
+                        eprintln!("job {} accepted (queue position {}, seed {})", a.job_id, a.queue_position, a.seed);
                         if let Some(trace) = tessera_telemetry::current_trace_id() {
-                            println!("trace {trace}");
+                            eprintln!("trace {trace}");
                         }
                         if let Some(p) = &a.plan {
-                            println!("plan: {}", plan_text(p));
+                            eprintln!("plan: {}", plan_text(p));
                         }
                         if let Some(r) = &a.effective_request {
-                            println!("{}", effective_text(r));
+                            eprintln!("{}", effective_text(r));
                             if let Some(p) = a.plan.as_ref().filter(|p| (p.generated_width, p.generated_height) != (r.width, r.height)) {
-                                println!(
+                                eprintln!(
                                     "generated at {}x{} (the model's multiple), center-cropped to {}x{}",
                                     p.generated_width, p.generated_height, r.width, r.height
                                 );
@@ -403,5 +444,10 @@ mod tests {
         assert_eq!(lines.last, first, "the same phase within 10 s prints nothing");
         lines.show(&decoding);
         assert_eq!(lines.phase, Phase::Decoding as i32, "a new phase prints at once");
+        // With no message for PROGRESS_EVERY, a tick prints the latest progress moved on to now.
+        let ago = std::time::Instant::now() - Duration::from_secs(11);
+        let mut lines = ProgressLines { phase: p.phase, last: Some(ago), latest: Some((p, ago)) };
+        assert_eq!(lines.tick().as_deref(), Some("denoising step 3/50, 23.0s elapsed, eta 177s"));
+        assert_eq!(lines.tick(), None, "then not again for another PROGRESS_EVERY");
     }
 }

@@ -208,17 +208,22 @@ pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts, &mut ran),
         CaseKind::Pipeline => pipeline::run(case, opts, &mut ran),
-        CaseKind::Umt5 | CaseKind::Vae | CaseKind::Scheduler if sharded => {
+        CaseKind::Umt5 | CaseKind::Vae if sharded => {
             ran.ranks = 0;
             Ok(Outcome::Unsupported(format!(
-                "{} cases cannot run sharded yet (only the transformer's denoising is sequence-parallel); --ranks {} would run them on one device",
+                "{} cases cannot run sharded yet (only the transformer's denoising and the sampler are sequence-parallel); --ranks {} would run them on one device",
                 case.kind.name(),
                 opts.ranks
             )))
         }
+        // the latent stepped as `ranks` slices, each with its own state, as ranks step it: no
+        // bytes move between them
+        CaseKind::Scheduler => {
+            ran.ranks = opts.ranks.max(1);
+            scheduler::run(case, opts)
+        }
         CaseKind::Umt5 => umt5::run(case, opts),
         CaseKind::Vae => vae::run(case, opts),
-        CaseKind::Scheduler => scheduler::run(case, opts),
     };
     let outcome = match result {
         Ok(outcome) => outcome,
