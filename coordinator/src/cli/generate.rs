@@ -153,7 +153,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
             let frames = args.frames.unwrap_or(usable);
             let fps = info.fps.map(|f| format!(" at {f:.2} fps")).unwrap_or_default();
             let total = info.declared_frames.map(|n| format!("of its {n} ")).unwrap_or_default();
-            println!("input {}: {} {}x{}{fps}, the first {frames} {total}frames", path.display(), info.format.name(), info.width, info.height);
+            eprintln!("input {}: {} {}x{}{fps}, the first {frames} {total}frames", path.display(), info.format.name(), info.width, info.height);
             (bytes, frames)
         }
     };

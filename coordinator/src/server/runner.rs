@@ -68,6 +68,8 @@ struct Tracker {
     after_denoise: Duration,
     /// The planner's duration of the run and when the run started (its Plan event).
     predicted: Option<(Instant, Duration)>,
+    /// When decoding began (the estimate then counts down `after_denoise`).
+    decode_started: Option<Instant>,
 }
 
 impl Tracker {
@@ -78,8 +80,11 @@ impl Tracker {
                 Some(pb_duration(per_step * self.total.saturating_sub(self.done) + self.after_denoise))
             }
             // before the first step: the planner's duration, less what has run
-            _ if self.done == 0 => self.predicted.map(|(since, total)| pb_duration(total.saturating_sub(since.elapsed()))),
-            _ => None,
+            _ if self.done == 0 && matches!(self.phase, Phase::Queued | Phase::Preparing | Phase::Denoising) => {
+                self.predicted.map(|(since, total)| pb_duration(total.saturating_sub(since.elapsed())))
+            }
+            // decoding and encoding: what they usually take for this many frames, less what ran
+            _ => self.decode_started.map(|t| pb_duration(self.after_denoise.saturating_sub(t.elapsed()))),
         };
         Progress {
             phase: self.phase as i32,
@@ -215,6 +220,7 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         denoise_started: None,
         after_denoise: state.estimator.after_denoise(pixel_frames),
         predicted: None,
+        decode_started: None,
     };
     state.jobs.update(&d.job.id, |j| {
         j.state = JobState::Running as i32;
@@ -235,6 +241,9 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 if p == Phase::Denoising {
                     tracker.denoise_started = Some(Instant::now());
                     last_step = Instant::now();
+                }
+                if p == Phase::Decoding {
+                    tracker.decode_started = Some(Instant::now());
                 }
                 Some(Event::Progress(tracker.progress()))
             }
@@ -338,6 +347,7 @@ mod tests {
             denoise_started: Some(Instant::now() - Duration::from_secs(2)),
             after_denoise: Duration::from_secs(1),
             predicted: None,
+            decode_started: None,
         };
         assert!(t.progress().estimated_remaining.is_none());
         // the planner's prediction stands in before the first step
@@ -349,5 +359,9 @@ mod tests {
         // 8 steps at about a second each, plus a second after the last step.
         assert!((8..=10).contains(&left.seconds), "{left:?}");
         assert_eq!(t.progress().step, 2);
+        // decoding counts down what decode and encode take after the last step
+        (t.phase, t.done, t.decode_started) = (Phase::Decoding, 10, Some(Instant::now()));
+        let left = t.progress().estimated_remaining.unwrap();
+        assert!(left.seconds <= 1 && (left.seconds, left.nanos) != (0, 0), "{left:?}");
     }
 }
