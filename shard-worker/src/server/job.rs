@@ -3,7 +3,7 @@
 //! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
 
 use crate::parallel::{shard_ranges, ParallelPlan, ShardContext, TcpOptions, TcpTransport};
-use crate::pipeline::{Denoiser, GenerationParams, WanPipeline};
+use crate::pipeline::{Denoiser, GenerationParams, TextConditions, WanPipeline};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
@@ -177,8 +177,9 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
         ctx.join_device_group(pipe.transformer(), setup.nccl_id.as_ref())?;
     }
     let p = &setup.params;
-    // Every rank encodes the prompt and draws the same seeded noise: nothing but the seed travels.
-    let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale)?;
+    // Rank 0 encodes the prompt once and sends the embeddings; every rank draws the same seeded
+    // noise, so nothing else travels.
+    let text = encode_once(pipe, &ctx, p)?;
     let schedule = pipe.schedule_for(p)?;
     match &setup.resume {
         None => {
@@ -192,6 +193,57 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
             Ok((ctx, Denoiser::resume(r.latents.clone(), r.history.clone(), r.steps_done, text, p.guidance_scale, schedule)?))
         }
     }
+}
+
+/// The job's text conditions on every rank, encoded once: rank 0 runs the text encoder and
+/// broadcasts the token ids and embeddings (`[n_ids, n_negative_ids or -1, rows, width]`, the ids,
+/// then the embeddings); the others check the message's sizes and rebuild them. One rank encodes
+/// locally.
+pub(crate) fn encode_once(pipe: &WanPipeline, ctx: &ShardContext, p: &GenerationParams) -> Result<TextConditions> {
+    let world = ctx.world();
+    if world.size() <= 1 {
+        return pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale);
+    }
+    if world.rank() == 0 {
+        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale)?;
+        let shape = text.prompt_embeds.shape();
+        let (rows, width) = (shape.get(1).copied().unwrap_or(0), shape.get(2).copied().unwrap_or(0));
+        let negative_len = text.negative_ids.as_ref().map_or(-1.0, |ids| ids.len() as f32);
+        let mut message = vec![text.prompt_ids.len() as f32, negative_len, rows as f32, width as f32];
+        message.extend(text.prompt_ids.iter().chain(text.negative_ids.iter().flatten()).map(|&id| id as f32));
+        message.extend_from_slice(text.prompt_embeds.data());
+        if let Some(n) = &text.negative_embeds {
+            message.extend_from_slice(n.data());
+        }
+        world.broadcast(0, &message)?;
+        return Ok(text);
+    }
+    let message = world.broadcast(0, &[])?;
+    text_from_message(&message)
+}
+
+/// Rebuilds rank 0's text conditions from its broadcast, refusing a message whose sizes do not
+/// add up (ids are exact in f32: vocabularies are far below 2^24).
+fn text_from_message(m: &[f32]) -> Result<TextConditions> {
+    let bad = |why: &str| WorkerError::Collective(format!("rank 0's text embeddings: {why}"));
+    let [n_ids, n_negative, rows, width] = *m.get(..4).ok_or_else(|| bad("a header of fewer than 4 values"))? else { unreachable!() };
+    let count = |v: f32| (v >= 0.0 && v.fract() == 0.0 && v < 16_777_216.0).then_some(v as usize);
+    let (n_ids, rows, width) =
+        (count(n_ids).ok_or_else(|| bad("bad id count"))?, count(rows).ok_or_else(|| bad("bad rows"))?, count(width).ok_or_else(|| bad("bad width"))?);
+    let n_negative = if n_negative == -1.0 { None } else { Some(count(n_negative).ok_or_else(|| bad("bad negative id count"))?) };
+    let embeds = rows.checked_mul(width).ok_or_else(|| bad("embedding size overflows"))?;
+    let ids = n_ids + n_negative.unwrap_or(0);
+    let want = 4 + ids + embeds * if n_negative.is_some() { 2 } else { 1 };
+    if m.len() != want {
+        return Err(bad(&format!("{} values where the header says {want}", m.len())));
+    }
+    let id = |v: &f32| count(*v).map(|v| v as u32).ok_or_else(|| bad("an id is not a whole number"));
+    let prompt_ids = m[4..4 + n_ids].iter().map(id).collect::<Result<Vec<u32>>>()?;
+    let negative_ids = n_negative.map(|n| m[4 + n_ids..4 + n_ids + n].iter().map(id).collect::<Result<Vec<u32>>>()).transpose()?;
+    let at = 4 + ids;
+    let prompt_embeds = Tensor::new([1, rows, width], m[at..at + embeds].to_vec())?;
+    let negative_embeds = n_negative.map(|_| Tensor::new([1, rows, width], m[at + embeds..at + 2 * embeds].to_vec())).transpose()?;
+    Ok(TextConditions { prompt_ids, negative_ids, prompt_embeds, negative_embeds })
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
@@ -256,5 +308,45 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::run_in_process;
+    use crate::pipeline::PipelinePreset;
+
+    /// Two ranks: rank 0 encodes and sends; rank 1 gets exactly its conditions, guided or not.
+    #[test]
+    fn the_text_is_encoded_once_and_sent_to_the_ranks() {
+        let pipe = PipelinePreset::Tiny.build(1).unwrap();
+        for guidance in [5.0, 1.0] {
+            let p = GenerationParams { guidance_scale: guidance, negative_prompt: "blurry".into(), ..GenerationParams::new("a red boat") };
+            let local = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
+            let plan = ParallelPlan::new(2, 1, pipe.transformer().config().num_attention_heads).unwrap();
+            let got = run_in_process(plan, |ctx| Ok((encode_once(&pipe, ctx, &p)?, ctx.world().stats()))).unwrap();
+            for (text, _) in &got {
+                assert_eq!((&text.prompt_ids, &text.negative_ids), (&local.prompt_ids, &local.negative_ids), "guidance {guidance}");
+                assert_eq!(text.prompt_embeds, local.prompt_embeds);
+                assert_eq!(text.negative_embeds, local.negative_embeds);
+            }
+            assert!(got[0].1.broadcast > 0 && got[1].1.broadcast == 0, "rank 0 sends, rank 1 only receives");
+        }
+    }
+
+    #[test]
+    fn a_malformed_text_message_is_refused() {
+        assert!(text_from_message(&[1.0]).is_err());
+        // one id, no negative, 2 x 3 embeddings: 4 + 1 + 6 values
+        let ok = [1.0, -1.0, 2.0, 3.0, 7.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        let t = text_from_message(&ok).unwrap();
+        assert_eq!((t.prompt_ids, t.prompt_embeds.shape().to_vec()), (vec![7], vec![1, 2, 3]));
+        assert!(text_from_message(&ok[..10]).is_err(), "one value short");
+        let mut fractional = ok;
+        fractional[4] = 7.5;
+        assert!(text_from_message(&fractional).is_err());
+        let huge = [1.0, -1.0, 1e7, 1e7, 7.0];
+        assert!(text_from_message(&huge).is_err());
     }
 }
