@@ -5,7 +5,6 @@
 //! emulation: the GPU model's data flow and device-side strategies) give the one-process frames of
 //! that model; a group mixing devices is refused.
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::reason::Reason;
@@ -17,10 +16,6 @@ use tessera_worker::pipeline::{FrameCollector, PipelinePreset, WanPipeline};
 use tessera_worker::server::{params_from_spec, WorkerIdentity, WorkerService};
 use tessera_worker::transformer_config::TransformerPreset;
 use tonic::transport::Channel;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// Starts `n` workers (each with the same built-in pipeline); returns clients and collective addresses.
 async fn start_workers(n: usize) -> (Vec<ShardWorkerClient<Channel>>, Vec<String>) {
@@ -39,7 +34,8 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
     for (i, pipe) in pipes.into_iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let collective = free_addr();
+        let collective_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let collective = collective_listener.local_addr().unwrap();
         let me = WorkerIdentity {
             worker_id: format!("w{i}"),
             model: "tiny".into(),
@@ -51,7 +47,7 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
             job_idle_timeout: Duration::from_secs(600),
             limits: tessera_worker::pipeline::limits::Limits::default(),
         };
-        let svc = WorkerService::new(pipe.clone(), me);
+        let svc = WorkerService::new(pipe.clone(), me, collective_listener);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ShardWorkerServer::new(svc))

@@ -81,10 +81,11 @@ pub struct EmbeddedWorkers {
     shutdown: watch::Sender<bool>,
 }
 
-/// A free loopback port (bound and released: the worker binds it again per job).
-fn free_loopback() -> Result<std::net::SocketAddr, CoordinatorError> {
+/// A listener on a free loopback port, and its address (a worker's collective port, held for its life).
+fn loopback_listener() -> Result<(std::net::TcpListener, std::net::SocketAddr), CoordinatorError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CoordinatorError::Internal(format!("no free loopback port: {e}")))?;
-    l.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))
+    let addr = l.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))?;
+    Ok((l, addr))
 }
 
 /// Starts `n` workers serving `pipe` as `model` (with `info` for planning), registered idle in
@@ -105,7 +106,8 @@ async fn spawn_workers(
     for i in 0..n {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Internal(format!("worker {i}: {e}")))?;
         let address = listener.local_addr().map_err(|e| CoordinatorError::Internal(e.to_string()))?;
-        let collective = free_loopback()?;
+        // the worker holds its collective port for its life
+        let (collective_listener, collective) = loopback_listener()?;
         let me = WorkerIdentity {
             worker_id: format!("local-{i}"),
             model: model.to_string(),
@@ -117,7 +119,7 @@ async fn spawn_workers(
             job_idle_timeout: Duration::from_secs(600),
             limits: Limits { max_tokens: DEFAULT_WORKER_MAX_TOKENS, ..Limits::default() },
         };
-        let service = WorkerService::new(pipe.clone(), me.clone());
+        let service = WorkerService::new(pipe.clone(), me.clone(), collective_listener);
         let mut stop = shutdown.subscribe();
         tokio::spawn({
             let service = service.clone();

@@ -70,6 +70,9 @@ enum Slot {
 struct Inner {
     pipe: Arc<WanPipeline>,
     me: WorkerIdentity,
+    /// The collective port, held for the worker's life (each job accepts on a clone), so that no
+    /// other process can take it between jobs.
+    collective: std::net::TcpListener,
     /// At most one job; it claims the worker from the moment PrepareJob accepts it.
     jobs: Mutex<HashMap<String, Slot>>,
     /// The job this worker runs now, published for membership.
@@ -105,11 +108,13 @@ impl Inner {
 }
 
 impl WorkerService {
-    /// A service running `pipe` as `me`.
-    pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity) -> Self {
+    /// A service running `pipe` as `me`, its jobs' collectives accepted on `collective` (bound
+    /// by the caller at start, on `me.collective`'s port).
+    pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity, collective: std::net::TcpListener) -> Self {
         let metrics = WorkerMetrics::global();
         metrics.introduce(&me.worker_id);
-        let inner = Inner { pipe, me, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false), metrics };
+        let inner =
+            Inner { pipe, me, collective, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false), metrics };
         Self { inner: Arc::new(inner) }
     }
 
@@ -314,12 +319,12 @@ impl WorkerService {
             nccl_id,
             params,
         };
-        let collective = me.collective;
+        let (collective, listener) = (me.collective, self.inner.collective.try_clone());
         let pipe = self.inner.pipe.clone();
         let started = std::time::Instant::now();
         let span = traced(tracing::info_span!("prepare_job", job_id = %r.job_id, rank = r.rank, world = plan.ranks, ulysses = plan.ulysses), &r.trace_context);
         let handle = blocking_in(span.clone(), move || {
-            let listener = std::net::TcpListener::bind(collective).map_err(|e| WorkerError::Collective(format!("cannot listen on {collective}: {e}")))?;
+            let listener = listener.map_err(|e| WorkerError::Collective(format!("the collective port {collective}: {e}")))?;
             job::start(pipe, setup, listener)
         })
         .await;

@@ -201,7 +201,8 @@ async fn run(a: ServeArgs) -> Result<()> {
     if let Some(m) = &metrics {
         println!("tessera-worker: metrics on http://{}/metrics", m.local_addr().context("--metrics-listen")?);
     }
-    drop(std::net::TcpListener::bind(a.collective).with_context(|| format!("--collective {}", a.collective))?);
+    // Held for the worker's life: no other process can take the port between jobs.
+    let collective = std::net::TcpListener::bind(a.collective).with_context(|| format!("--collective {}", a.collective))?;
     let default_name = match &a.model {
         Some(dir) => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
         None => PipelinePreset::from_name(&a.preset).map_err(|e| anyhow!("--preset {}: {e}", a.preset))?.name().to_string(),
@@ -227,7 +228,7 @@ async fn run(a: ServeArgs) -> Result<()> {
     let device = s.device;
     let (pipe, info, compute) =
         tokio::task::spawn_blocking(move || load(model, &preset, device)).await.map_err(|e| anyhow!("the loading thread failed: {e}"))??;
-    let service = WorkerService::new(Arc::new(pipe), me.clone());
+    let service = WorkerService::new(Arc::new(pipe), me.clone(), collective);
     let mut running = service.running();
     presence
         .set(|r| {
