@@ -101,10 +101,12 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
     let id = d.job.id.clone();
     // Watchers turn the client's disconnect and its deadline into stop reasons.
     let watch_client = tokio::spawn({
-        let (client, stop) = (d.client.clone(), d.stop.clone());
+        let (client, stop, deadline) = (d.client.clone(), d.stop.clone(), d.deadline);
         async move {
             client.closed().await;
-            stop.stop(StopReason::ClientGone);
+            // A caller whose deadline has passed goes away because of it: that is the reason.
+            let expired = deadline.is_some_and(|at| Instant::now() >= at);
+            stop.stop(if expired { StopReason::Deadline } else { StopReason::ClientGone });
         }
     });
     let watch_deadline = d.deadline.map(|at| {
