@@ -17,7 +17,7 @@ use tessera_cluster::{ClusterError, JobRequest, JobSpec};
 use tessera_coordinator::plan::calibration::{compare, Comparison, PUBLISHED};
 use tessera_coordinator::plan::cost::gib;
 use tessera_coordinator::plan::gpu::{gpu_kind, EfficiencySource, GPU_NAMES};
-use tessera_coordinator::plan::{best, efficiency, evaluate, model, Capabilities, Evaluation, GpuKind, JobShape, Layout, ModelShape};
+use tessera_coordinator::plan::{best, efficiency, evaluate, model, Capabilities, Evaluation, GpuKind, JobShape, ModelShape};
 use tessera_proto::v1::Sampler;
 
 /// Arguments of `tessera plan`.
@@ -101,9 +101,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
                         if args.cfg_parallel { " --cfg-parallel" } else { "" }
                     );
                 }
-                let layout =
-                    Layout { gpus: n, ulysses: u, ring: n / halves / u, cfg_parallel: args.cfg_parallel, vae_ranks: if caps.distributed_vae { n } else { 1 } };
-                evaluate(&model, &job, &gpu, layout, eff)
+                evaluate(&model, &job, &gpu, caps.layout(n, u, args.cfg_parallel), eff)
             }
             None => best(&model, &job, &gpu, n, eff, caps),
         };

@@ -21,6 +21,15 @@ impl Capabilities {
     pub const TESSERA: Self = Self { cfg_parallel: false, distributed_vae: false };
     /// The design: CFG-parallel and the distributed decode as well.
     pub const DESIGN: Self = Self { cfg_parallel: true, distributed_vae: true };
+
+    /// The layout of `gpus` devices with Ulysses degree `ulysses` in each sequence-parallel group
+    /// (the rest forming rings), split into CFG halves when `cfg_parallel`, the VAE decoded as
+    /// these capabilities allow: the one place a layout is made from a group size.
+    pub fn layout(self, gpus: u32, ulysses: u32, cfg_parallel: bool) -> Layout {
+        let sp = gpus / if cfg_parallel { 2 } else { 1 };
+        let vae_ranks = if self.distributed_vae { gpus } else { 1 };
+        Layout { gpus, ulysses, ring: sp / ulysses.max(1), cfg_parallel, vae_ranks }
+    }
 }
 
 /// Every layout of `gpus` devices that `caps` allow and the model's heads admit, evaluated,
@@ -34,9 +43,7 @@ pub fn candidates(model: &ModelShape, job: &JobShape, gpu: &GpuKind, gpus: u32, 
         }
         let sp = gpus / if cfg_parallel { 2 } else { 1 };
         for ulysses in (1..=sp).filter(|u| sp.is_multiple_of(*u) && model.heads.is_multiple_of(u64::from(*u))) {
-            let vae_ranks = if caps.distributed_vae { gpus } else { 1 };
-            let layout = Layout { gpus, ulysses, ring: sp / ulysses, cfg_parallel, vae_ranks };
-            out.push(evaluate(model, job, gpu, layout, efficiency));
+            out.push(evaluate(model, job, gpu, caps.layout(gpus, ulysses, cfg_parallel), efficiency));
         }
     }
     out.sort_by(|a, b| {

@@ -226,7 +226,7 @@ pub(crate) fn encode_once(pipe: &WanPipeline, ctx: &ShardContext, p: &Generation
 /// add up (ids are exact in f32: vocabularies are far below 2^24).
 fn text_from_message(m: &[f32]) -> Result<TextConditions> {
     let bad = |why: &str| WorkerError::Collective(format!("rank 0's text embeddings: {why}"));
-    let [n_ids, n_negative, rows, width] = *m.get(..4).ok_or_else(|| bad("a header of fewer than 4 values"))? else { unreachable!() };
+    let [n_ids, n_negative, rows, width] = m.get(..4).and_then(|h| <[f32; 4]>::try_from(h).ok()).ok_or_else(|| bad("a header of fewer than 4 values"))?;
     let count = |v: f32| (v >= 0.0 && v.fract() == 0.0 && v < 16_777_216.0).then_some(v as usize);
     let (n_ids, rows, width) =
         (count(n_ids).ok_or_else(|| bad("bad id count"))?, count(rows).ok_or_else(|| bad("bad rows"))?, count(width).ok_or_else(|| bad("bad width"))?);

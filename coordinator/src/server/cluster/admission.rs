@@ -101,9 +101,7 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
 pub fn evaluate_group(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], ulysses: usize) -> Option<Evaluation> {
     let shape = model_shape(model, spec, workers.first()?)?;
     let gpu = device_kind(workers)?;
-    let n = workers.len() as u32;
-    let u = (ulysses as u32).max(1);
-    let layout = plan::Layout { gpus: n, ulysses: u, ring: n / u, cfg_parallel: false, vae_ranks: 1 };
+    let layout = Capabilities::TESSERA.layout(workers.len() as u32, (ulysses as u32).max(1), false);
     Some(plan::evaluate(&shape, &JobShape::of(spec), &gpu, layout, plan::efficiency(&gpu)))
 }
 
