@@ -434,7 +434,11 @@ async fn one_trace_holds_the_job_span_and_every_workers_step_spans() {
         }
         assert_eq!(tree.named("prepare_job").iter().filter(|s| s.resource.get("tessera.worker_id").map(String::as_str) == Some(id)).count(), 1, "{id}");
     }
-    assert_eq!(tree.named("decode").iter().filter(|s| s.service_name == "tessera-worker").count(), 1, "rank 0 decodes");
+    assert_eq!(
+        tree.named("decode").iter().filter(|s| s.service_name == "tessera-worker").count(),
+        2,
+        "every rank takes part in the decode (the others hand their shares of the latent to rank 0)"
+    );
     assert_eq!(tree.named("encode").len(), 1);
     drop(etcd);
 }

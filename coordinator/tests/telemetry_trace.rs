@@ -150,7 +150,7 @@ async fn the_cli_client_roots_the_trace_and_every_worker_joins_it() {
             assert_eq!((f.attr("ranks"), f.attr("tokens")), (Some("2"), Some("36")));
             assert!(f.attr("bytes_sent").and_then(|b| b.parse::<u64>().ok()).is_some_and(|b| b > 0), "the forward's collectives moved bytes: {f:?}");
             let gathers: Vec<_> = tree.named("all_gather").into_iter().filter(|g| g.parent_span_id == f.span_id).collect();
-            assert_eq!(gathers.len(), 2, "the output gathered once per batch item");
+            assert!(gathers.is_empty(), "each rank keeps its share of the velocity: nothing is gathered in a step");
         }
     }
     assert!(tree.named("ring_attention").is_empty(), "per-layer collectives are DEBUG spans");

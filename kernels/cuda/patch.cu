@@ -3,8 +3,9 @@
 // Contract = the CPU twins `cpu::patchify` / `cpu::unpatchify`:
 //   patchify:   rows for tokens [token0, token0 + tokens), features ordered (c, p_t, p_h, p_w)
 //               (the patch-embedding Conv3d weight's order), written as bf16 (a GEMM operand);
-//   unpatchify: all tokens' rows `[S, p_t·p_h·p_w·C]` with features ordered (p_t, p_h, p_w, c)
-//               (the output projection's order), scattered back into an f32 latent.
+//   unpatchify: all tokens' rows `[S, C·p_t·p_h·p_w]` with features ordered (c, p_t, p_h, p_w)
+//               (patchify's order: the transformer loads its output projection in that order),
+//               scattered back into an f32 latent; patchify's inverse.
 // One thread per output element (a gather in both directions).
 
 extern "C" __global__ void patchify_bf16(bf16* __restrict__ out, const float* __restrict__ latent, int channels, int gf, int gh, int gw,
@@ -36,7 +37,7 @@ extern "C" __global__ void unpatchify_f32(float* __restrict__ latent, const floa
         const i64 xw = i % wl, yh = (i / wl) % hl, zf = (i / (wl * hl)) % fl;
         const int c = (int)(i / (wl * hl * fl));
         const i64 s = ((zf / pt) * gh + yh / ph) * gw + xw / pw;
-        const int k = (int)((((zf % pt) * ph + yh % ph) * pw + xw % pw) * channels + c);
+        const int k = (int)(((c * pt + zf % pt) * ph + yh % ph) * pw + xw % pw);
         latent[i] = tokens[s * feat + k];
     }
 }

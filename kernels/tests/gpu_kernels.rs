@@ -333,28 +333,43 @@ fn conversions_round_like_half() {
     assert_eq!(dev.download(&back).unwrap(), widen(&want));
 }
 
+/// Guidance and the sampler steps on the GPU equal their CPU twins bit for bit: both sides round
+/// every operation (no fused multiply-adds), in the same order.
 #[test]
-fn sampler_updates_match_cpu() {
+fn sampler_updates_match_cpu_bit_for_bit() {
+    use tessera_kernels::cpu::{SamplerUpdate, UniPcCorrector, UniPcPredictor, UniPcStep};
     let Some(dev) = gpu("sampler") else { return };
     let mut r = rng("sampler");
     let n = 16 * 21 * 60 * 104 + 5;
-    let ins: Vec<Vec<f32>> = (0..4).map(|_| uniform(&mut r, n, -3.0, 3.0)).collect();
-    let dev_ins: Vec<_> = ins.iter().map(|v| dev.upload(v).unwrap()).collect();
-    let mut out = dev.zeros::<f32>(n).unwrap();
-    cuda::sampler::cfg_combine(&dev, &dev_ins[0], &dev_ins[1], 5.0, &mut out, n).unwrap();
-    assert_close("cfg", &dev.download(&out).unwrap(), &cpu::cfg_combine(&ins[0], &ins[1], 5.0).unwrap(), 1e-5, 1e-6);
-    let coefs = [0.93f32, -0.41, 0.27, -0.05];
-    for terms in 1..=4 {
-        let dev_terms: Vec<_> = (0..terms).map(|t| (coefs[t], dev_ins[t].as_view())).collect();
-        let cpu_terms: Vec<(f32, &[f32])> = (0..terms).map(|t| (coefs[t], &ins[t][..])).collect();
-        cuda::sampler::weighted_sum(&dev, &dev_terms, &mut out, n).unwrap();
-        assert_close(&format!("weighted sum of {terms}"), &dev.download(&out).unwrap(), &cpu::weighted_sum(&cpu_terms).unwrap(), 1e-6, 1e-6);
+    let ins: Vec<Vec<f32>> = (0..5).map(|_| uniform(&mut r, n, -3.0, 3.0)).collect();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut cond = dev.upload(&ins[0]).unwrap();
+    cuda::sampler::guide(&dev, &mut cond, &dev.upload(&ins[1]).unwrap(), 5.0, n).unwrap();
+    let mut want = ins[0].clone();
+    cpu::guide(&mut want, &ins[1], 5.0).unwrap();
+    assert!(bits(&dev.download(&cond).unwrap()) == bits(&want), "guide");
+    let predictor = UniPcPredictor { ratio: 0.87, alpha_phi: -0.113, alpha_b: -0.104, r: Some(-1.21) };
+    let corrector = UniPcCorrector { ratio: 0.91, alpha_phi: -0.097, alpha_b: -0.089, second_order: Some((-0.93, 0.61)), rho_last: 0.39 };
+    let updates = [
+        SamplerUpdate::Euler { dt: -0.0375 },
+        SamplerUpdate::UniPc(UniPcStep { sigma: 0.93, corrector: None, predictor: UniPcPredictor { r: None, ..predictor } }),
+        SamplerUpdate::UniPc(UniPcStep { sigma: 0.81, corrector: Some(UniPcCorrector { second_order: None, rho_last: 0.5, ..corrector }), predictor }),
+        SamplerUpdate::UniPc(UniPcStep { sigma: 0.64, corrector: Some(corrector), predictor }),
+    ];
+    for update in updates {
+        let h = update.history_len();
+        let mut x = dev.upload(&ins[2]).unwrap();
+        let mut history: Vec<_> = (0..h).map(|k| dev.upload(&ins[2 + k]).unwrap()).collect();
+        cuda::sampler::sampler_step(&dev, &update, &dev.upload(&ins[1]).unwrap(), &mut x, &mut history, n).unwrap();
+        let mut want_x = ins[2].clone();
+        let mut want_h: Vec<Vec<f32>> = (0..h).map(|k| ins[2 + k].clone()).collect();
+        let mut views: Vec<&mut [f32]> = want_h.iter_mut().map(|v| v.as_mut_slice()).collect();
+        cpu::sampler_step(&update, &ins[1], &mut want_x, &mut views).unwrap();
+        assert!(bits(&dev.download(&x).unwrap()) == bits(&want_x), "{update:?}: x");
+        for (k, (got, want)) in history.iter().zip(&want_h).enumerate() {
+            assert!(bits(&dev.download(got).unwrap()) == bits(want), "{update:?}: history {k}");
+        }
     }
-    let mut x = dev.upload(&ins[2]).unwrap();
-    cuda::sampler::euler_step(&dev, &mut x, &dev_ins[3], -0.0375, n).unwrap();
-    let mut want = ins[2].clone();
-    cpu::euler_step(&mut want, &ins[3], -0.0375).unwrap();
-    assert_close("euler", &dev.download(&x).unwrap(), &want, 1e-6, 1e-6);
 }
 
 #[test]

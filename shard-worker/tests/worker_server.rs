@@ -105,15 +105,25 @@ async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], u
             }
         }
     }
-    let mut stream = clients[0].decode(pb::DecodeRequest { job_id: job.into(), ..Default::default() }).await.unwrap().into_inner();
-    let mut rgb = Vec::new();
-    let mut next = 0;
-    while let Some(m) = stream.message().await.unwrap() {
-        assert_eq!(m.first_frame, next);
-        assert_eq!((m.width, m.height), (48, 32));
-        next += m.count;
-        rgb.extend(m.rgb);
-    }
+    // Every rank is sent Decode: the others hand rank 0 their shares of the latent and end with
+    // no frames; rank 0 decodes.
+    let decodes = clients.iter().map(|c| {
+        let mut c = c.clone();
+        async move {
+            let mut stream = c.decode(pb::DecodeRequest { job_id: job.into(), ..Default::default() }).await.unwrap().into_inner();
+            let (mut rgb, mut next) = (Vec::new(), 0);
+            while let Some(m) = stream.message().await.unwrap() {
+                assert_eq!(m.first_frame, next);
+                assert_eq!((m.width, m.height), (48, 32));
+                next += m.count;
+                rgb.extend(m.rgb);
+            }
+            (next, rgb)
+        }
+    });
+    let mut decoded = futures_util::future::join_all(decodes).await;
+    assert!(decoded[1..].iter().all(|(n, _)| *n == 0), "only rank 0 sends frames");
+    let (next, rgb) = decoded.swap_remove(0);
     assert_eq!(next, 9, "every frame decoded");
     for c in clients.iter_mut() {
         c.release_job(pb::ReleaseJobRequest { job_id: job.into() }).await.unwrap();

@@ -62,6 +62,7 @@ pub fn measure(model: &DitModel, inputs: &DitInputs<'_>, plan: ParallelPlan, tra
         median_ms: walls[walls.len() / 2],
         per_rank: CommCounts {
             all_gather: per(counts.all_gather),
+            gather: per(counts.gather),
             all_to_all: per(counts.all_to_all),
             ring: per(counts.ring),
             broadcast: per(counts.broadcast),

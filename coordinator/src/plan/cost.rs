@@ -104,7 +104,8 @@ pub struct Memory {
     pub ring_buffers: u64,
     /// Cached cross-attention keys and values of the text (and image).
     pub text_states: u64,
-    /// The rank's latent slice and sampler state (f32).
+    /// The rank's share of the latent, its sampler history and the velocities of a step (f32):
+    /// what `ShardRun` keeps on the device.
     pub latent_shard: u64,
     /// VAE weights.
     pub vae_weights: u64,
@@ -232,8 +233,8 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
         attention_workspace: rank_tokens * model.heads * 4 + if u > 1 { 4 * rank_tokens * d * BF16 } else { 0 },
         ring_buffers: if r > 1 { 2 * 2 * rank_tokens * d * BF16 } else { 0 },
         text_states: if model.text_joint { 0 } else { contexts * model.layers * 2 * (model.text_len + model.image_len) * d * BF16 },
-        // latent, velocity and two steps of sampler history, f32
-        latent_shard: 4 * latent_elems.div_ceil(sp) * 4,
+        // the rank's rows of the latent, three of UniPC history and a velocity per forward, f32
+        latent_shard: (4 + contexts) * latent_elems.div_ceil(sp) * 4,
         vae_weights: model.vae.params * BF16,
         vae_tiles: model.vae_chunk_bytes(vae_pixels) + latent_elems.div_ceil(u64::from(layout.vae_ranks.max(1))) * 4,
         peak: 0,

@@ -378,6 +378,16 @@ impl Ops for CudaOps {
         cuda::video::upsample_nearest2x(&self.dev, &xv, planes, h, w, &mut ov)
     }
 
+    fn guide(&self, cond: &mut CudaSlice<f32>, uncond: &CudaSlice<f32>, g: f32) -> Result<()> {
+        let n = cond.len();
+        cuda::sampler::guide(&self.dev, cond, uncond, g, n)
+    }
+
+    fn sampler_step(&self, update: &crate::cpu::SamplerUpdate, v: &CudaSlice<f32>, x: &mut CudaSlice<f32>, history: &mut [CudaSlice<f32>]) -> Result<()> {
+        let n = x.len();
+        cuda::sampler::sampler_step(&self.dev, update, v, x, history, n)
+    }
+
     fn accumulate(&self, x: AtMut<'_, CudaSlice<bf16>>, y: At<'_, CudaSlice<bf16>>, n: usize) -> Result<()> {
         const OP: &str = "accumulate";
         let (xr, yr) = (super::region(OP, "x", x.buf.len(), x.offset, n)?, super::region(OP, "y", y.buf.len(), y.offset, n)?);

@@ -13,7 +13,8 @@ const PARALLEL_COPY: usize = 1 << 16;
 
 /// The `Ops` methods of a backend whose buffers are `Vec`s and whose RoPE tables are host
 /// `RopeTable`s: length, allocation, uploads (taking a vector without copying it), in-place
-/// host views, downloads, 2-D copies, the log-sum-exp merge and unpatchify.
+/// host views, downloads, 2-D copies, the log-sum-exp merge, unpatchify and the sampler's f32
+/// updates (guidance and the step).
 macro_rules! vec_buffers {
     () => {
         fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
@@ -64,6 +65,15 @@ macro_rules! vec_buffers {
 
         fn unpatchify(&self, rows: &Vec<f32>, g: &PatchGeometry, latent: &mut Vec<f32>) -> Result<()> {
             super::host_vec::unpatchify(rows, g, latent)
+        }
+
+        fn guide(&self, cond: &mut Vec<f32>, uncond: &Vec<f32>, g: f32) -> Result<()> {
+            crate::cpu::guide(cond, uncond, g)
+        }
+
+        fn sampler_step(&self, update: &crate::cpu::SamplerUpdate, v: &Vec<f32>, x: &mut Vec<f32>, history: &mut [Vec<f32>]) -> Result<()> {
+            let mut history: Vec<&mut [f32]> = history.iter_mut().map(Vec::as_mut_slice).collect();
+            crate::cpu::sampler_step(update, v, x, &mut history)
         }
     };
 }

@@ -356,7 +356,7 @@ pub trait Ops: Send + Sync + Sized {
     fn widen(&self, x: At<'_, Self::Buf<Self::Act>>, out: AtMut<'_, Self::Buf<f32>>, n: usize) -> Result<()>;
     /// `Act` rows of tokens `tokens` of the f32 latent `[C, F, H, W]`, features (c, p_t, p_h, p_w).
     fn patchify(&self, latent: &Self::Buf<f32>, g: &PatchGeometry, tokens: Range<usize>, out: &mut Self::Buf<Self::Act>) -> Result<()>;
-    /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows, features (p_t, p_h, p_w, c).
+    /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows, features (c, p_t, p_h, p_w): patchify's inverse.
     fn unpatchify(&self, rows: &Self::Buf<f32>, g: &PatchGeometry, latent: &mut Self::Buf<f32>) -> Result<()>;
 
     // The VAE's operations, on channel-major frames `[C, T, H, W]` stored as `Act`.
@@ -392,6 +392,15 @@ pub trait Ops: Send + Sync + Sized {
     /// `out[j, i] = x[i, j]` for the packed `[rows, cols]` matrix at `x`'s offset, written packed
     /// (`[cols, rows]`) at `out`'s.
     fn transpose(&self, x: At<'_, Self::Buf<Self::Act>>, rows: usize, cols: usize, out: AtMut<'_, Self::Buf<Self::Act>>) -> Result<()>;
+
+    // ---- sampling (f32 latents, bit for bit the CPU kernels on every backend) ----
+    /// Classifier-free guidance in place: `cond ← uncond + g·(cond − uncond)` over the whole
+    /// (equally long) buffers. Twin: [`crate::cpu::guide`].
+    fn guide(&self, cond: &mut Self::Buf<f32>, uncond: &Self::Buf<f32>, g: f32) -> Result<()>;
+    /// One sampler step over the whole (equally long) buffers: `x` and the `history` buffers
+    /// (none for Euler; x̃_{i−1}, m_{i−1}, m_{i−2} for UniPC) advanced in place with model
+    /// output `v`. Twin: [`crate::cpu::sampler_step`].
+    fn sampler_step(&self, update: &crate::cpu::SamplerUpdate, v: &Self::Buf<f32>, x: &mut Self::Buf<f32>, history: &mut [Self::Buf<f32>]) -> Result<()>;
 }
 
 /// The weight shape of a 3-D convolution, `[out_channels, in_channels, kt, kh, kw]`.

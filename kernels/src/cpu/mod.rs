@@ -27,5 +27,5 @@ pub use norm::{layer_norm, layer_norm_into, rms_norm, LayerNormParams};
 pub use patch::{patchify, unpatchify, PatchGeometry};
 pub use qk_norm::qk_norm_rope;
 pub use rope::{Rope3d, RopeTable};
-pub use sampler::{cfg_combine, euler_step, weighted_sum};
+pub use sampler::{guide, sampler_step, SamplerUpdate, UniPcCorrector, UniPcPredictor, UniPcStep};
 pub use video::{channel_rms_norm, transpose, upsample_nearest2x};

@@ -75,8 +75,10 @@ pub fn patchify(latent: &[f32], g: &PatchGeometry, tokens: Range<usize>) -> Resu
     Ok(out)
 }
 
-/// The latent `[C, F, H, W]` from all tokens' rows `[S, p_t·p_h·p_w·C]`, features ordered
-/// (p_t, p_h, p_w, channel), the order of the output projection.
+/// The latent `[C, F, H, W]` from all tokens' rows `[S, C·p_t·p_h·p_w]`, features ordered
+/// (channel, p_t, p_h, p_w) as [`patchify`] writes them: its exact inverse. (The transformer's
+/// output projection is loaded with its rows in this order: a token's velocity row lines up with
+/// its patch row, element by element.)
 pub fn unpatchify(rows: &[f32], g: &PatchGeometry) -> Result<Vec<f32>> {
     g.check("unpatchify")?;
     let feat = g.features();
@@ -86,7 +88,6 @@ pub fn unpatchify(rows: &[f32], g: &PatchGeometry) -> Result<Vec<f32>> {
     let [_, gh, gw] = g.grid;
     let [pt, ph, pw] = g.patch;
     let [fl, hl, wl] = g.latent_fhw();
-    let c_n = g.channels;
     let mut out = vec![0.0f32; g.latent_len()];
     // One latent frame-row (fixed channel, frame, latent row) per task: a gather from the rows.
     out.par_chunks_mut(wl).enumerate().for_each(|(line, dst)| {
@@ -95,7 +96,7 @@ pub fn unpatchify(rows: &[f32], g: &PatchGeometry) -> Result<Vec<f32>> {
         for (x, d) in dst.iter_mut().enumerate() {
             let (w, e) = (x / pw, x % pw);
             let s = (f * gh + h) * gw + w;
-            *d = rows[s * feat + ((a * ph + b) * pw + e) * c_n + c];
+            *d = rows[s * feat + ((c * pt + a) * ph + b) * pw + e];
         }
     });
     Ok(out)
@@ -114,18 +115,10 @@ mod tests {
         assert_eq!(&all[5 * 12..9 * 12], &part[..]);
         // token 0, channel 0: latent[0, 0, 0:2, 0:2] = 0, 1, 6, 7 (W = 6)
         assert_eq!(&all[..4], &[0.0, 1.0, 6.0, 7.0]);
-        // reorder features (c, p) -> (p, c) and unpatchify: gives back the latent
-        let mut swapped = vec![0.0; all.len()];
-        for (t, row) in all.chunks(12).enumerate() {
-            for c in 0..3 {
-                for p in 0..4 {
-                    swapped[t * 12 + p * 3 + c] = row[c * 4 + p];
-                }
-            }
-        }
-        assert_eq!(unpatchify(&swapped, &g).unwrap(), latent);
+        // unpatchify is patchify's inverse
+        assert_eq!(unpatchify(&all, &g).unwrap(), latent);
         assert!(patchify(&latent, &g, 0..13).is_err());
-        assert!(unpatchify(&swapped[1..], &g).is_err());
+        assert!(unpatchify(&all[1..], &g).is_err());
     }
 
     #[test]
@@ -133,16 +126,6 @@ mod tests {
         let g = PatchGeometry { channels: 2, grid: [2, 1, 2], patch: [2, 1, 3] };
         let latent: Vec<f32> = (0..g.latent_len()).map(|i| i as f32 * 0.5).collect();
         let rows = patchify(&latent, &g, 0..g.tokens()).unwrap();
-        let feat = g.features();
-        let per = feat / g.channels;
-        let mut swapped = vec![0.0; rows.len()];
-        for (t, row) in rows.chunks(feat).enumerate() {
-            for c in 0..g.channels {
-                for p in 0..per {
-                    swapped[t * feat + p * g.channels + c] = row[c * per + p];
-                }
-            }
-        }
-        assert_eq!(unpatchify(&swapped, &g).unwrap(), latent);
+        assert_eq!(unpatchify(&rows, &g).unwrap(), latent);
     }
 }

@@ -56,7 +56,7 @@ pub fn patchify(dev: &CudaDevice, latent: &impl DevicePtr<f32>, g: &PatchGeometr
 }
 
 /// The f32 latent `[C, F, H, W]` from all tokens' f32 rows `[S, features]` ordered
-/// (p_t, p_h, p_w, channel).
+/// (channel, p_t, p_h, p_w): patchify's inverse.
 pub fn unpatchify(dev: &CudaDevice, rows: &impl DevicePtr<f32>, g: &PatchGeometry, latent: &mut impl DevicePtrMut<f32>) -> Result<()> {
     const OP: &str = "cuda::unpatchify";
     let a = geometry_args(OP, g)?;

@@ -31,7 +31,7 @@ pub enum KernelSource {
     Gelu,
     /// `convert.cu`: f32 <-> bf16.
     Convert,
-    /// `sampler.cu`: CFG combine, Euler step, weighted sums of latents.
+    /// `sampler.cu`: classifier-free guidance, the Euler and UniPC steps.
     Sampler,
     /// `patch.cu`: patchify / unpatchify.
     Patch,
@@ -106,7 +106,7 @@ impl KernelSource {
             Self::Residual => &["gated_residual_add_bf16", "gated_residual_add_f32"],
             Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "mul_bf16", "mul_f32", "add_bf16", "add_f32"],
             Self::Convert => &["f32_to_bf16_kernel", "bf16_to_f32_kernel"],
-            Self::Sampler => &["cfg_combine_f32", "euler_step_f32", "weighted_sum_f32"],
+            Self::Sampler => &["guide_f32", "euler_step_f32", "unipc_step_f32"],
             Self::Patch => &["patchify_bf16", "unpatchify_f32"],
             Self::BiasedAttention => &["biased_attention_bf16"],
             Self::WideAttention => &["wide_attention_bf16", "wide_attention_f32"],

@@ -2,13 +2,15 @@
 //! (`scheduler_config.json`); `io.safetensors` holds `sigmas`, `timesteps`, `sample_0`,
 //! `model_outputs[i]` and `samples[i]` (the sample after step i). The σ grid, the timesteps and
 //! every step's sample are compared; with `opts.ranks` > 1 the latent is stepped as that many
-//! contiguous slices, each with its own sampler state, the way sequence-parallel ranks step it.
+//! contiguous slices, each with its own sampler state, the way sequence-parallel ranks step it, on
+//! the backend of `opts` (the sampler's f32 kernels).
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::shard_ranges;
 use crate::sampler::{SamplerConfig, SamplerState, Schedule, Timesteps};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
+use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::Tensor;
 
 /// Builds the schedule from the case's `scheduler_config.json` with as many steps as the case has
@@ -53,16 +55,13 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
         });
     }
     let slices = shard_ranges(len, opts.ranks.max(1));
-    let mut states: Vec<SamplerState> = slices.iter().map(|r| SamplerState::new(schedule.kind(), r.len())).collect();
-    let mut x = sample_0.data().to_vec();
-    let mut samples = Vec::with_capacity(steps * len);
-    for i in schedule.steps() {
-        let v = &model_outputs.data()[i * len..(i + 1) * len];
-        for (range, state) in slices.iter().zip(&mut states) {
-            state.step(&schedule, i, &v[range.clone()], &mut x[range.clone()])?;
-        }
-        samples.extend_from_slice(&x);
-    }
+    // The sampler's arithmetic is f32 on every backend (bit for bit the CPU kernels): the case's
+    // own tolerance holds whatever `opts.backend` is.
+    let samples = match opts.backend {
+        Backend::Cpu => replay(&CpuOps, &schedule, &slices, sample_0.data(), model_outputs.data())?,
+        Backend::Bf16Host => replay(&HostOps, &schedule, &slices, sample_0.data(), model_outputs.data())?,
+        Backend::Cuda(n) => replay(&CudaOps::open(n)?, &schedule, &slices, sample_0.data(), model_outputs.data())?,
+    };
     let want = read_tensor(&io, "samples")?;
     if want.data().len() != samples.len() {
         return Err(WorkerError::BadTensor {
@@ -75,4 +74,23 @@ pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
         comparisons.push((format!("samples[{i}]"), Comparison::new(&samples[range.clone()], &want.data()[range], tol)));
     }
     Ok(outcome(comparisons))
+}
+
+/// Steps `x0` through every step of `schedule` with the recorded `outputs`, the latent cut into
+/// `slices` (each with its own state on `ops`' device); returns every step's sample, in order.
+fn replay<O: Ops>(ops: &O, schedule: &Schedule, slices: &[std::ops::Range<usize>], x0: &[f32], outputs: &[f32]) -> Result<Vec<f32>> {
+    let len = x0.len();
+    let mut states = slices.iter().map(|r| SamplerState::new(ops, schedule.kind(), r.len())).collect::<Result<Vec<_>>>()?;
+    let mut xs = slices.iter().map(|r| Ok(ops.upload(&x0[r.clone()])?)).collect::<Result<Vec<_>>>()?;
+    let mut samples = Vec::with_capacity(schedule.num_steps() * len);
+    for i in schedule.steps() {
+        let v = &outputs[i * len..(i + 1) * len];
+        for ((range, state), x) in slices.iter().zip(&mut states).zip(&mut xs) {
+            state.step(ops, schedule, i, &ops.upload(&v[range.clone()])?, x)?;
+        }
+        for x in &xs {
+            samples.extend(ops.download(x)?);
+        }
+    }
+    Ok(samples)
 }

@@ -95,7 +95,6 @@ impl OnBackend<DitFamily> {
 mod tests {
     use super::super::transformer::CpuWanTransformer;
     use super::*;
-    use crate::pipeline::Forward;
     use tessera_kernels::backend::CpuOps;
     use tessera_kernels::cuda::cuda_status;
     use tessera_kernels::random::fill_normal;
@@ -107,15 +106,13 @@ mod tests {
     }
 
     #[test]
-    fn cpu_dispatch_is_the_cpu_model_and_serves_as_a_pipeline_forward() {
+    fn cpu_dispatch_is_the_cpu_model() {
         let model = DitModel::preset(TransformerPreset::Tiny, 4, Device::Cpu).unwrap();
         assert_eq!((model.device(), model.describe().as_str()), (Device::Cpu, "cpu (f32)"));
         let (hidden, text) = (random(&[1, 16, 2, 4, 6], 1), random(&[1, 5, 32], 2));
         let x = DitInputs { hidden_states: &hidden, timesteps: &[321.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
-        let run = |x: &DitInputs<'_>| model.forward(x);
-        let forward: Forward<'_> = &run;
         let want = CpuWanTransformer::preset(CpuOps, TransformerPreset::Tiny, 4).unwrap().forward(&x).unwrap();
-        assert_eq!(forward(&x).unwrap(), want);
+        assert_eq!(model.forward(&x).unwrap(), want);
     }
 
     #[test]

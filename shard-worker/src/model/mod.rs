@@ -17,6 +17,6 @@ pub use attention::{LocalAttention, QkvRows, SelfAttention};
 pub use dispatch::{DitFamily, DitModel};
 pub use embedding::Conditions;
 pub use layers::Linear;
-pub use patch::{patchify, unpatchify, PatchGrid};
-pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, WanTransformer};
+pub use patch::PatchGrid;
+pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, PatchInputs, WanTransformer};
 pub(crate) use weights::{load_rounded, round_to, DeviceLinear};

@@ -1,8 +1,8 @@
 //! The Wan 2.1 transformer (diffusers `WanTransformer3DModel`), written once over the backend
 //! seam [`Ops`]: parameters uploaded from a [`WeightSource`], `forward` returning the f32 velocity
-//! on the host, and `forward_tokens` for one shard's token range behind [`SelfAttention`]
-//! (the sequence-parallel seam). The same code runs in f32 on the CPU, in bf16 on a GPU, and in
-//! bf16 under the host twin of the GPU path.
+//! on the host, `forward_tokens` for one shard's token range and `forward_patches` for a rank's
+//! patch rows kept on the device, behind [`SelfAttention`] (the sequence-parallel seam). The same
+//! code runs in f32 on the CPU, in bf16 on a GPU, and in bf16 under the host twin of the GPU path.
 
 use super::attention::{LocalAttention, SelfAttention};
 use super::block::{Block, Dims, Workspace};
@@ -30,6 +30,33 @@ pub struct DitInputs<'a> {
     pub encoder_hidden_states: &'a Tensor,
     /// Image encoder tokens `[B, L_img, image_dim]` (image-to-video only).
     pub encoder_hidden_states_image: Option<&'a Tensor>,
+}
+
+/// Inputs of a forward pass over one rank's tokens already cut into patch rows: the form in which
+/// a sequence-parallel run keeps its latent between steps (each rank holds only its rows, on its
+/// device). Every sample of the batch shares the same rows (the conditional and unconditional
+/// passes of guidance see the same latent).
+pub struct PatchInputs<'a, O: Ops> {
+    /// The patch rows of `tokens`: `[tokens.len(), C_in·p_t·p_h·p_w]`, f32, on the device.
+    pub patches: &'a O::Buf<f32>,
+    /// The latent's patch grid.
+    pub grid: PatchGrid,
+    /// The global indices of the rows' tokens in the flattened (frame, row, column) grid.
+    pub tokens: Range<usize>,
+    /// One timestep per sample.
+    pub timesteps: &'a [f32],
+    /// Text encoder states `[B, L, text_dim]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// Image encoder tokens `[B, L_img, image_dim]` (image-to-video only).
+    pub encoder_hidden_states_image: Option<&'a Tensor>,
+}
+
+/// Where the patch rows of a forward come from.
+enum TokenSource<'a, O: Ops> {
+    /// One sample of a host latent `[C_in, F, H, W]`: uploaded, then the tokens' patches cut.
+    Latent(&'a [f32]),
+    /// Patch rows already on the device.
+    Patches(&'a O::Buf<f32>),
 }
 
 /// The transformer in f32 on the CPU (the reference).
@@ -97,7 +124,7 @@ impl<O: Ops> WanTransformer<O> {
             embedders: Embedders::load(&ops, src, &cfg)?,
             blocks: (0..cfg.num_layers).map(|i| Block::load(&ops, src, &cfg, i)).collect::<Result<_>>()?,
             head_table: load_f32(&ops, src, "scale_shift_table", &[1, 2, d])?,
-            proj_out: DeviceLinear::load(&ops, src, "proj_out", d, cfg.patch_out())?,
+            proj_out: head_projection(&ops, src, &cfg)?,
             rope: Rope3d::wan(hd, cfg.rope_max_seq_len, 10000.0)?,
             rope_cache: Mutex::new(None),
             dims: Dims::of(&cfg),
@@ -126,9 +153,14 @@ impl<O: Ops> WanTransformer<O> {
     /// Time, text and image embeddings and every block's modulation, for the whole batch
     /// (replicated on every shard).
     pub fn embed_conditions(&self, x: &DitInputs<'_>) -> Result<Conditions<O>> {
+        self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)
+    }
+
+    /// [`embed_conditions`](Self::embed_conditions) from the timesteps, text and image states.
+    fn embed(&self, timesteps: &[f32], encoder_hidden_states: &Tensor, image_states: Option<&Tensor>) -> Result<Conditions<O>> {
         let (ops, d, e) = (&self.ops, self.dims.d, &self.embedders);
-        let b = x.timesteps.len();
-        let (tproj, temb) = e.time(ops, x.timesteps)?;
+        let b = timesteps.len();
+        let (tproj, temb) = e.time(ops, timesteps)?;
         // Blocks: scale_shift_table + timestep_proj in f32 (0 + a + b is exactly a + b).
         let per_sample = self.blocks.len() * 6 * d;
         let mut block_mods = ops.zeros::<f32>(b * per_sample)?;
@@ -145,11 +177,11 @@ impl<O: Ops> WanTransformer<O> {
         for i in 0..b {
             ops.add(at_mut(&mut head_mods, i * 2 * d), at(&self.head_table, 0), None, 2 * d, 2 * d)?;
         }
-        let text_len = x.encoder_hidden_states.dim(1);
+        let text_len = encoder_hidden_states.dim(1);
         let per_text = text_len * self.cfg.text_dim;
-        let text_data = x.encoder_hidden_states.data();
+        let text_data = encoder_hidden_states.data();
         let text = (0..b).map(|i| e.text(ops, &text_data[i * per_text..(i + 1) * per_text], text_len)).collect::<Result<Vec<_>>>()?;
-        let image = match (&e.image, x.encoder_hidden_states_image) {
+        let image = match (&e.image, image_states) {
             (Some(emb), Some(img)) => {
                 let (n, width) = (img.dim(1), img.dim(2));
                 let ctx = (0..b).map(|i| Ok(ops.upload(&emb.forward(&img.data()[i * n * width..(i + 1) * n * width], n)?)?)).collect::<Result<Vec<_>>>()?;
@@ -178,11 +210,46 @@ impl<O: Ops> WanTransformer<O> {
 
     /// Runs tokens `tokens` (global indices into the flattened (frame, row, column) grid) of
     /// sample `b` through the model, with `attn` joining them to the rest of the sequence.
-    /// Returns the head's output rows `[tokens.len(), p_t·p_h·p_w·C_out]` (f32 holding `Act` values)
-    /// on the device.
+    /// Returns the head's output rows `[tokens.len(), C_out·p_t·p_h·p_w]` (f32 holding `Act`
+    /// values, features in the patch rows' order) on the device.
     pub fn forward_tokens(
         &self,
         x: &DitInputs<'_>,
+        cond: &Conditions<O>,
+        b: usize,
+        grid: &PatchGrid,
+        tokens: Range<usize>,
+        attn: &dyn SelfAttention<O>,
+    ) -> Result<O::Buf<f32>> {
+        let per_sample = self.cfg.in_channels * grid.latent().iter().product::<usize>();
+        let sample =
+            x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?;
+        self.run_tokens(TokenSource::Latent(sample), cond, b, grid, tokens, attn)
+    }
+
+    /// The head's output rows `[tokens.len(), C_out·p_t·p_h·p_w]` (f32 holding `Act` values, on the
+    /// device, in the patch rows' feature order) of every sample of `x`'s batch, from the rank's patch rows; `attn` joins them to
+    /// the rest of the sequence. Nothing is gathered: the rows stay where the rank keeps its
+    /// share of the latent.
+    pub fn forward_patches(&self, x: &PatchInputs<'_, O>, attn: &dyn SelfAttention<O>) -> Result<Vec<O::Buf<f32>>> {
+        let b = x.timesteps.len();
+        check_conditions(&self.cfg, b, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
+        let want = x.tokens.len() * self.cfg.patch_in();
+        if x.tokens.start > x.tokens.end || x.tokens.end > x.grid.tokens() || self.ops.len(x.patches) != want {
+            return Err(WorkerError::input(
+                "patches",
+                format!("{} values for tokens {:?} of a grid of {} ({want} expected)", self.ops.len(x.patches), x.tokens, x.grid.tokens()),
+            ));
+        }
+        let cond = self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
+        (0..b).map(|i| self.run_tokens(TokenSource::Patches(x.patches), &cond, i, &x.grid, x.tokens.clone(), attn)).collect()
+    }
+
+    /// The body of [`forward_tokens`](Self::forward_tokens) and
+    /// [`forward_patches`](Self::forward_patches): patch rows in, head rows out.
+    fn run_tokens(
+        &self,
+        source: TokenSource<'_, O>,
         cond: &Conditions<O>,
         b: usize,
         grid: &PatchGrid,
@@ -197,17 +264,19 @@ impl<O: Ops> WanTransformer<O> {
                 format!("tokens {tokens:?} of sample {b}: the grid has {} tokens, the batch {} samples", grid.tokens(), cond.text.len()),
             ));
         }
-        let per_sample = c.in_channels * grid.latent().iter().product::<usize>();
-        let latent = ops.upload(
-            x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?,
-        )?;
-        let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
         let context = cond.text_len.max(cond.image.as_ref().map_or(0, |(_, n)| *n));
         let wide = c.patch_in().max(c.patch_out());
         let mut ws = Workspace::new(ops, dims, n, context, wide, cond.image.is_some())?;
 
         // Patch embedding (Conv3d as a matrix product on the patches) into the residual stream.
-        ops.patchify(&latent, &geometry, tokens.clone(), &mut ws.wide)?;
+        match source {
+            TokenSource::Latent(sample) => {
+                let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
+                ops.patchify(&ops.upload(sample)?, &geometry, tokens.clone(), &mut ws.wide)?;
+            }
+            // The same rounding to `Act` as patchify's.
+            TokenSource::Patches(rows) => ops.narrow(at(rows, 0), at_mut(&mut ws.wide, 0), n * c.patch_in())?,
+        }
         self.patch_embedding.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.h, 0))?;
         ops.widen(at(&ws.h, 0), at_mut(&mut ws.x, 0), n * d)?;
 
@@ -253,6 +322,27 @@ impl<O: Ops> WanTransformer<O> {
     }
 }
 
+/// The output projection `proj_out` with its rows reordered from diffusers' (p_t, p_h, p_w, c) to
+/// (c, p_t, p_h, p_w), the patch embedding's order: a token's head row then lines up with its
+/// patch row element by element (the sampler steps a rank's latent rows with them), and
+/// `unpatchify` is `patchify`'s inverse. Each output is the same dot product as before: only its
+/// place in the row moves.
+fn head_projection<O: Ops>(ops: &O, src: &dyn WeightSource, cfg: &TransformerConfig) -> Result<DeviceLinear<O>> {
+    let (d, po, c) = (cfg.inner_dim(), cfg.patch_out(), cfg.out_channels);
+    let weight = src.tensor("proj_out.weight", &[po, d])?;
+    let bias = src.tensor("proj_out.bias", &[po])?;
+    let per = po / c;
+    let (mut w, mut b) = (vec![0.0f32; weight.len()], vec![0.0f32; po]);
+    for ch in 0..c {
+        for q in 0..per {
+            let (new, old) = (ch * per + q, q * c + ch);
+            w[new * d..(new + 1) * d].copy_from_slice(&weight[old * d..(old + 1) * d]);
+            b[new] = bias[old];
+        }
+    }
+    DeviceLinear::from_host(ops, &w, &b, d, po)
+}
+
 /// A diffusers `transformer/` folder: its `config.json` and its weights (single or sharded).
 pub(crate) fn open_transformer_dir(dir: &Path) -> Result<(TransformerConfig, WeightStore)> {
     let cfg = crate::transformer_config::read_config(&dir.join("config.json"))?;
@@ -269,17 +359,23 @@ pub(crate) fn check_dit_inputs(c: &TransformerConfig, x: &DitInputs<'_>) -> Resu
     }
     let b = hs[0];
     let grid = PatchGrid::new([hs[2], hs[3], hs[4]], c.patch_size)?;
-    if x.timesteps.len() != b {
-        return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", x.timesteps.len())));
+    check_conditions(c, b, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
+    Ok((b, grid))
+}
+
+/// Checks the conditioning inputs of a batch of `b` against a transformer configuration.
+fn check_conditions(c: &TransformerConfig, b: usize, timesteps: &[f32], encoder_hidden_states: &Tensor, image_states: Option<&Tensor>) -> Result<()> {
+    if b == 0 || timesteps.len() != b {
+        return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", timesteps.len())));
     }
-    if let Some(t) = x.timesteps.iter().find(|t| !t.is_finite()) {
+    if let Some(t) = timesteps.iter().find(|t| !t.is_finite()) {
         return Err(WorkerError::input("timestep", format!("{t} is not finite")));
     }
-    let es = x.encoder_hidden_states.shape();
+    let es = encoder_hidden_states.shape();
     if es.len() != 3 || es[0] != b || es[2] != c.text_dim || es[1] == 0 {
         return Err(WorkerError::input("encoder_hidden_states", format!("expected [{b}, L, {}], got {es:?}", c.text_dim)));
     }
-    match (c.image_dim, x.encoder_hidden_states_image) {
+    match (c.image_dim, image_states) {
         (Some(dim), Some(img)) => {
             let is = img.shape();
             if is.len() != 3 || is[0] != b || is[2] != dim || is[1] == 0 {
@@ -290,5 +386,5 @@ pub(crate) fn check_dit_inputs(c: &TransformerConfig, x: &DitInputs<'_>) -> Resu
         (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
         (None, None) => {}
     }
-    Ok((b, grid))
+    Ok(())
 }

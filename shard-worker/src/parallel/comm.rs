@@ -12,6 +12,7 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct CommStats {
     all_gather: AtomicU64,
+    gather: AtomicU64,
     all_to_all: AtomicU64,
     ring: AtomicU64,
     broadcast: AtomicU64,
@@ -23,6 +24,8 @@ pub struct CommStats {
 pub struct CommCounts {
     /// Bytes sent by all-gathers.
     pub all_gather: u64,
+    /// Bytes sent by gathers to one rank (a sharded latent brought to rank 0).
+    pub gather: u64,
     /// Bytes sent by all-to-alls.
     pub all_to_all: u64,
     /// Bytes sent by ring exchanges.
@@ -36,7 +39,7 @@ pub struct CommCounts {
 impl CommCounts {
     /// Everything sent.
     pub fn sent(&self) -> u64 {
-        self.all_gather + self.all_to_all + self.ring + self.broadcast
+        self.all_gather + self.gather + self.all_to_all + self.ring + self.broadcast
     }
 }
 
@@ -45,6 +48,7 @@ impl std::ops::Sub for CommCounts {
     fn sub(self, o: CommCounts) -> CommCounts {
         CommCounts {
             all_gather: self.all_gather - o.all_gather,
+            gather: self.gather - o.gather,
             all_to_all: self.all_to_all - o.all_to_all,
             ring: self.ring - o.ring,
             broadcast: self.broadcast - o.broadcast,
@@ -58,6 +62,8 @@ impl std::ops::Sub for CommCounts {
 pub enum Traffic {
     /// All-gathers (every member's part to every member).
     AllGather,
+    /// Gathers (every member's part to one member).
+    Gather,
     /// All-to-alls (a part per member).
     AllToAll,
     /// Ring hops.
@@ -70,6 +76,7 @@ impl CommStats {
     fn counter(&self, kind: Traffic) -> &AtomicU64 {
         match kind {
             Traffic::AllGather => &self.all_gather,
+            Traffic::Gather => &self.gather,
             Traffic::AllToAll => &self.all_to_all,
             Traffic::Ring => &self.ring,
             Traffic::Broadcast => &self.broadcast,
@@ -87,6 +94,7 @@ impl CommStats {
     pub fn snapshot(&self) -> CommCounts {
         CommCounts {
             all_gather: self.all_gather.load(Ordering::Relaxed),
+            gather: self.gather.load(Ordering::Relaxed),
             all_to_all: self.all_to_all.load(Ordering::Relaxed),
             ring: self.ring.load(Ordering::Relaxed),
             broadcast: self.broadcast.load(Ordering::Relaxed),

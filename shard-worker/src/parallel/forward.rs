@@ -5,16 +5,16 @@
 //! rank holds the whole velocity ([`DeviceShard`], one code for every backend).
 
 use super::comm::Communicator;
-use super::device::{DeviceShard, HostDeviceComm, NcclGroup};
+use super::device::{gather_rows, DeviceShard, HostDeviceComm, NcclGroup};
 use super::plan::ParallelPlan;
 use super::tcp::{TcpOptions, TcpTransport};
 use super::timings::AttentionTimings;
 use super::transport::{InProcessTransport, Transport};
-use crate::model::{DitInputs, DitModel, WanTransformer};
+use crate::model::{DitInputs, DitModel, PatchInputs, WanTransformer};
 use crate::{Result, WorkerError};
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_kernels::backend::Ops;
+use tessera_kernels::backend::{CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::Tensor;
 
 /// One rank's view of a sequence-parallel job: the world group and the attention strategy, and
@@ -129,7 +129,7 @@ impl ShardContext {
     pub fn forward(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
         self.check_model(model)?;
         let (plan, timings) = (self.plan, &self.timings);
-        self.traced(x, || match (model, self.nccl.get()) {
+        self.traced(x.hidden_states.dim(0), || match (model, self.nccl.get()) {
             (DitModel::Cpu(m), _) => self.forward_host(m, x),
             (DitModel::Bf16Host(m), _) => self.forward_host(m, x),
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
@@ -140,12 +140,19 @@ impl ShardContext {
 
     /// The sharded forward over this context's transport (device buffers staged through the host).
     fn forward_host<O: Ops>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor> {
-        let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
-        DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: self.plan, timings: &self.timings }.forward(model, x)
+        self.with_host_shard(|shard| shard.forward(model, x))
     }
 
-    /// Runs `forward` in a `forward` span carrying what its collectives cost.
-    fn traced(&self, x: &DitInputs<'_>, forward: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+    /// Runs `f` with this rank's communicators over the transport (device buffers staged through
+    /// the host).
+    fn with_host_shard<R>(&self, f: impl FnOnce(&DeviceShard<'_, HostDeviceComm<'_>>) -> R) -> R {
+        let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
+        f(&DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: self.plan, timings: &self.timings })
+    }
+
+    /// Runs `forward` (of a batch of `batch`) in a `forward` span carrying what its collectives
+    /// cost.
+    pub(crate) fn traced<T>(&self, batch: usize, forward: impl FnOnce() -> Result<T>) -> Result<T> {
         use tracing::field::Empty;
         let span = tracing::info_span!(
             "forward",
@@ -153,7 +160,7 @@ impl ShardContext {
             ranks = self.world.size(),
             ulysses = self.plan.ulysses,
             ring = self.plan.ring,
-            batch = x.hidden_states.dim(0),
+            batch,
             tokens = Empty,
             bytes_sent = Empty,
             ring_wait_s = Empty,
@@ -170,14 +177,57 @@ impl ShardContext {
     }
 }
 
+/// A backend that a sequence-parallel group can run the denoising loop on: the rank's forward on
+/// its patch rows and the gather of a sharded latent, over the context's collectives (NCCL between
+/// GPUs, the transport's messages otherwise). Implemented by every backend.
+pub trait ShardOps: Ops {
+    /// The head rows of every sample of `x` (this rank's patch rows), the model sharded over
+    /// `ctx`'s ranks.
+    fn forward_patches(ctx: &ShardContext, model: &WanTransformer<Self>, x: &PatchInputs<'_, Self>) -> Result<Vec<Self::Buf<f32>>> {
+        ctx.with_host_shard(|shard| shard.forward_patches(model, x))
+    }
+
+    /// Every rank's `rows` (rank j's are elements `parts[j]` of the whole) to rank 0 of `ctx`,
+    /// which gets the whole on the host (`None` elsewhere).
+    fn gather_rows(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>, parts: &[std::ops::Range<usize>]) -> Result<Option<Vec<f32>>> {
+        gather_rows(&HostDeviceComm::new(&ctx.world), ops, rows, parts)
+    }
+}
+
+impl ShardOps for CpuOps {}
+
+impl ShardOps for HostOps {}
+
+/// GPUs talk through NCCL once the group has joined it; ranks that are threads of one process
+/// (every plan on one GPU, for checking) stage through the transport.
+impl ShardOps for CudaOps {
+    fn forward_patches(ctx: &ShardContext, model: &WanTransformer<Self>, x: &PatchInputs<'_, Self>) -> Result<Vec<Self::Buf<f32>>> {
+        let (plan, timings) = (ctx.plan, &ctx.timings);
+        match ctx.nccl.get() {
+            Some(g) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward_patches(model, x),
+            None if ctx.in_process || plan.ranks() == 1 => ctx.with_host_shard(|shard| shard.forward_patches(model, x)),
+            None => Err(missing_nccl_id_of(&model.ops().describe(), plan.ranks())),
+        }
+    }
+
+    fn gather_rows(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>, parts: &[std::ops::Range<usize>]) -> Result<Option<Vec<f32>>> {
+        match ctx.nccl.get() {
+            Some(g) => gather_rows(&g.world, ops, rows, parts),
+            None if ctx.in_process || ctx.plan.ranks() == 1 => gather_rows(&HostDeviceComm::new(&ctx.world), ops, rows, parts),
+            None => Err(missing_nccl_id_of(&ops.describe(), ctx.plan.ranks())),
+        }
+    }
+}
+
 /// The error of a GPU group of `ranks` ranks without the NCCL id of the group.
 pub fn missing_nccl_id(model: &DitModel, ranks: usize) -> WorkerError {
+    missing_nccl_id_of(&model.describe(), ranks)
+}
+
+fn missing_nccl_id_of(device: &str, ranks: usize) -> WorkerError {
     WorkerError::input(
         "nccl_unique_id",
-        format!(
-            "required: the transformer runs on {}, and a group of {ranks} GPUs talks through NCCL (rank 0's worker makes the id, the coordinator sends it)",
-            model.describe()
-        ),
+        format!("required: the transformer runs on {device}, and a group of {ranks} GPUs talks through NCCL (rank 0's worker makes the id, the coordinator sends it)"),
     )
 }
 

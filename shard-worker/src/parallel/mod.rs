@@ -12,7 +12,7 @@ mod timings;
 mod transport;
 
 pub use comm::{bytes_to_f32, f32_to_bytes, CommCounts, CommStats, Communicator, PendingRecv, RingTicket, Traffic};
-pub use forward::{missing_nccl_id, run_in_process, run_local_group, LocalTransport, ShardContext};
+pub use forward::{missing_nccl_id, run_in_process, run_local_group, LocalTransport, ShardContext, ShardOps};
 pub use plan::{shard_ranges, ParallelPlan};
 pub use tcp::{TcpOptions, TcpTransport, PROTOCOL_VERSION};
 pub use timings::AttentionTimings;

@@ -21,10 +21,15 @@ pub fn shard_ranges(total: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Degrees of sequence parallelism: `ulysses × ring` ranks. Rank `r` sits in Ulysses group
-/// `r / ulysses` (consecutive ranks, e.g. one NVLink domain) and ring group `r % ulysses`.
+/// How a group's ranks share a job: `cfg` halves (CFG-parallel: the conditional and the
+/// unconditional pass of guidance on different ranks, 1 or 2), each a sequence-parallel group of
+/// `ulysses × ring` ranks. Half `h` is ranks `h·sp .. (h+1)·sp` (sp = ulysses × ring); inside it,
+/// sequence rank `q` sits in Ulysses group `q / ulysses` (consecutive ranks, e.g. one NVLink
+/// domain) and ring group `q % ulysses`. Rank `q` of each half holds the same tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ParallelPlan {
+    /// CFG-parallel degree: 1, or 2 (each half runs one guidance branch).
+    pub cfg: usize,
     /// All-to-all (head-sharding) degree; must divide the head count.
     pub ulysses: usize,
     /// Ring degree.
@@ -34,22 +39,52 @@ pub struct ParallelPlan {
 impl ParallelPlan {
     /// Ring-only over `ranks` when `ulysses` is 1; otherwise `ranks / ulysses` ring steps.
     pub fn new(ranks: usize, ulysses: usize, heads: usize) -> Result<Self> {
+        Self::with_cfg(ranks, ulysses, 1, heads)
+    }
+
+    /// `ranks` split into `cfg` halves (1 or 2), each of Ulysses degree `ulysses` and the rest ring.
+    pub fn with_cfg(ranks: usize, ulysses: usize, cfg: usize, heads: usize) -> Result<Self> {
         let bad = |detail: String| WorkerError::input("parallel plan", detail);
         if ranks == 0 || ulysses == 0 {
             return Err(bad(format!("ranks ({ranks}) and ulysses degree ({ulysses}) must be positive")));
         }
-        if !ranks.is_multiple_of(ulysses) {
-            return Err(bad(format!("ulysses degree {ulysses} does not divide the {ranks} ranks")));
+        if !(1..=2).contains(&cfg) || !ranks.is_multiple_of(cfg) {
+            return Err(bad(format!("cfg-parallel degree {cfg}: 1, or 2 with an even number of ranks ({ranks})")));
+        }
+        let sp = ranks / cfg;
+        if !sp.is_multiple_of(ulysses) {
+            return Err(bad(format!("ulysses degree {ulysses} does not divide the {sp} ranks of a sequence-parallel group")));
         }
         if !heads.is_multiple_of(ulysses) {
             return Err(bad(format!("ulysses degree {ulysses} does not divide the model's {heads} attention heads")));
         }
-        Ok(Self { ulysses, ring: ranks / ulysses })
+        Ok(Self { cfg, ulysses, ring: sp / ulysses })
     }
 
     /// Total ranks.
     pub fn ranks(&self) -> usize {
+        self.cfg * self.sequence_ranks()
+    }
+
+    /// Ranks of one sequence-parallel group (a CFG half): `ulysses × ring`.
+    pub fn sequence_ranks(&self) -> usize {
         self.ulysses * self.ring
+    }
+
+    /// The CFG half `rank` is in (0: the conditional pass).
+    pub fn half(&self, rank: usize) -> usize {
+        rank / self.sequence_ranks()
+    }
+
+    /// `rank`'s place in its sequence-parallel group (its share of the tokens).
+    pub fn sequence_rank(&self, rank: usize) -> usize {
+        rank % self.sequence_ranks()
+    }
+
+    /// Global ranks of `rank`'s sequence-parallel group.
+    pub fn sequence_group(&self, rank: usize) -> Vec<usize> {
+        let first = self.half(rank) * self.sequence_ranks();
+        (first..first + self.sequence_ranks()).collect()
     }
 
     /// Global ranks of `rank`'s Ulysses group.
@@ -60,7 +95,13 @@ impl ParallelPlan {
 
     /// Global ranks of `rank`'s ring group.
     pub fn ring_group(&self, rank: usize) -> Vec<usize> {
-        (0..self.ring).map(|j| rank % self.ulysses + j * self.ulysses).collect()
+        let first = self.half(rank) * self.sequence_ranks();
+        (0..self.ring).map(|j| first + self.sequence_rank(rank) % self.ulysses + j * self.ulysses).collect()
+    }
+
+    /// Global ranks of `rank`'s CFG pair (the ranks of every half holding its tokens).
+    pub fn cfg_group(&self, rank: usize) -> Vec<usize> {
+        (0..self.cfg).map(|h| h * self.sequence_ranks() + self.sequence_rank(rank)).collect()
     }
 }
 
@@ -92,5 +133,23 @@ mod tests {
         let e = ParallelPlan::new(3, 3, 2).unwrap_err().to_string();
         assert!(e.contains("does not divide the model's 2 attention heads"), "{e}");
         assert!(ParallelPlan::new(4, 3, 12).is_err());
+        assert_eq!((p.cfg, p.sequence_group(3), p.cfg_group(3)), (1, vec![0, 1, 2, 3], vec![3]));
+    }
+
+    /// Two CFG halves of 2 × 2: each half is its own Ulysses and ring groups; rank q of each half
+    /// pairs with rank q of the other.
+    #[test]
+    fn cfg_halves_hold_their_own_groups() {
+        let p = ParallelPlan::with_cfg(8, 2, 2, 12).unwrap();
+        assert_eq!((p.ranks(), p.sequence_ranks(), p.ring), (8, 4, 2));
+        assert_eq!((p.half(5), p.sequence_rank(5)), (1, 1));
+        assert_eq!(p.sequence_group(5), vec![4, 5, 6, 7]);
+        assert_eq!(p.ulysses_group(5), vec![4, 5]);
+        assert_eq!(p.ring_group(5), vec![5, 7]);
+        assert_eq!(p.ring_group(2), vec![0, 2]);
+        assert_eq!(p.cfg_group(5), vec![1, 5]);
+        assert!(ParallelPlan::with_cfg(3, 1, 2, 12).is_err(), "an odd group cannot halve");
+        assert!(ParallelPlan::with_cfg(4, 1, 3, 12).is_err());
+        assert!(ParallelPlan::with_cfg(4, 4, 2, 12).is_err(), "ulysses must divide a half");
     }
 }

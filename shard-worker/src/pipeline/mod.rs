@@ -11,6 +11,7 @@ pub use tessera_cluster::limits;
 mod noise;
 mod params;
 mod preset;
+mod shard_run;
 mod sharded;
 mod snapshot;
 
@@ -19,20 +20,17 @@ pub use device::resolve_pipeline_device;
 pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
+pub use shard_run::{RankGroup, ShardRun};
 pub use sharded::{denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
-use crate::model::{DitInputs, DitModel};
-use crate::sampler::{add_noise, apply_guidance, guidance_enabled, SamplerConfig, Schedule};
+use crate::model::DitModel;
+use crate::sampler::{add_noise, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
 use crate::{Result, WorkerError};
 use std::path::Path;
 use tessera_kernels::{Device, Tensor};
-
-/// How the denoising loop runs the transformer: on this device ([`WanPipeline::local_forward`]) or
-/// sharded over sequence-parallel ranks (see [`generate_sharded`]).
-pub type Forward<'a> = &'a (dyn Fn(&DitInputs<'_>) -> Result<Tensor> + Sync);
 
 /// The prompt side of a generation: token ids and embeddings of the prompt and, with guidance, of
 /// the negative prompt.
@@ -90,8 +88,7 @@ impl WanPipeline {
     }
 
     /// [`Self::load`] with every model (text encoder, transformer, VAE) on `backend` (a [`Device`]
-    /// or a [`tessera_kernels::backend::Backend`]); the sampler's arithmetic on latents stays on
-    /// the host.
+    /// or a [`tessera_kernels::backend::Backend`]); the sampler runs where the transformer does.
     pub fn load_on(root: &Path, backend: impl Into<tessera_kernels::backend::Backend>) -> Result<Self> {
         let backend = backend.into();
         let snap = Snapshot::open(root)?;
@@ -243,44 +240,9 @@ impl WanPipeline {
         Ok(clean)
     }
 
-    /// The transformer on this device, as a [`Forward`].
-    pub fn local_forward(&self) -> impl Fn(&DitInputs<'_>) -> Result<Tensor> + Sync + '_ {
-        |x| tracing::info_span!("forward", rank = 0, ranks = 1, batch = x.hidden_states.dim(0)).in_scope(|| self.transformer.forward(x))
-    }
-
-    /// One guided velocity: the transformer on `latents` at timestep `t`, conditional and (with
-    /// guidance) unconditional in one batch of two, combined as `u + g·(c − u)`.
-    pub fn velocity(&self, latents: &Tensor, t: f32, text: &TextConditions, guidance_scale: f32) -> Result<Tensor> {
-        self.velocity_with(latents, t, text, guidance_scale, &self.local_forward())
-    }
-
-    /// [`Self::velocity`] with the transformer run by `forward` (e.g. sharded over ranks).
-    pub fn velocity_with(&self, latents: &Tensor, t: f32, text: &TextConditions, guidance_scale: f32, forward: Forward<'_>) -> Result<Tensor> {
-        let Some(negative) = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale)) else {
-            let x = DitInputs { hidden_states: latents, timesteps: &[t], encoder_hidden_states: &text.prompt_embeds, encoder_hidden_states_image: None };
-            return forward(&x);
-        };
-        let pair = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-            let mut shape = a.shape().to_vec();
-            shape[0] = 2;
-            let mut data = Vec::with_capacity(a.len() * 2);
-            data.extend_from_slice(a.data());
-            data.extend_from_slice(b.data());
-            Ok(Tensor::new(shape, data)?)
-        };
-        let hidden = pair(latents, latents)?;
-        let context = pair(&text.prompt_embeds, negative)?;
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[t, t], encoder_hidden_states: &context, encoder_hidden_states_image: None };
-        let out = forward(&x)?;
-        let n = out.len() / 2;
-        let mut data = out.into_data();
-        let (cond, uncond) = data.split_at_mut(n);
-        apply_guidance(cond, uncond, guidance_scale)?;
-        data.truncate(n);
-        Ok(Tensor::new(latents.shape().to_vec(), data)?)
-    }
-
-    /// Stage 3: runs every step of `schedule` on `latents` in place.
+    /// Stage 3: runs every step of `schedule` on `latents` in place, on this device (the latent
+    /// and the sampler's history stay on the transformer's device between steps; the observer
+    /// gets the latent after each).
     pub fn denoise(
         &self,
         latents: &mut Tensor,
@@ -289,29 +251,14 @@ impl WanPipeline {
         schedule: &Schedule,
         observer: &mut dyn PipelineObserver,
     ) -> Result<()> {
-        self.denoise_with(latents, text, guidance_scale, schedule, observer, &self.local_forward())
-    }
-
-    /// [`Self::denoise`] with the transformer run by `forward` (e.g. sharded over ranks).
-    pub fn denoise_with(
-        &self,
-        latents: &mut Tensor,
-        text: &TextConditions,
-        guidance_scale: f32,
-        schedule: &Schedule,
-        observer: &mut dyn PipelineObserver,
-        forward: Forward<'_>,
-    ) -> Result<()> {
-        let start = std::mem::replace(latents, Tensor::zeros([0]));
-        let mut run = Denoiser::new(start, text.clone(), guidance_scale, schedule.clone());
+        let alone = RankGroup::Alone;
+        let mut run = Denoiser::new(self, alone, latents, text.clone(), guidance_scale, schedule.clone())?;
         while !run.is_finished() {
             let step = tracing::info_span!("step", step = run.steps_done(), steps = run.total_steps());
-            if let Err(e) = step.in_scope(|| run.step(self, forward)).and_then(|_| observer.on_step(run.steps_done() - 1, run.total_steps(), run.latents())) {
-                *latents = run.into_latents();
-                return Err(e);
-            }
+            step.in_scope(|| run.step(self, alone))?;
+            *latents = run.latents(self, alone)?.ok_or_else(|| WorkerError::Collective("one rank holds the whole latent".into()))?;
+            observer.on_step(run.steps_done() - 1, run.total_steps(), latents)?;
         }
-        *latents = run.into_latents();
         Ok(())
     }
 

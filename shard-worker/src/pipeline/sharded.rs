@@ -1,10 +1,11 @@
-//! The denoising loop sequence-parallel over ranks of this process (the embedded mode's in-process
-//! workers): every rank runs the same loop on the replicated latent, the transformer's tokens
-//! sharded across ranks (ring, Ulysses or USP attention; in-process or TCP transport). Rank 0
-//! reports each step to the caller's observer; a stop requested by the observer is broadcast from
-//! rank 0 at the step boundary, so every rank stops at the same step.
+//! The denoising loop sequence-parallel over ranks of this process (the golden runner's and the
+//! tests' groups; workers run the same [`Denoiser`] one rank per process): each rank keeps its
+//! share of the latent and steps it, the transformer's attention joining the shares (ring, Ulysses
+//! or USP; in-process or TCP transport). After each step the latent is gathered to rank 0, which
+//! reports it to the caller's observer; a stop requested by the observer is broadcast from rank 0
+//! at the step boundary, so every rank stops at the same step.
 
-use super::{GenerationParams, PipelineObserver, TextConditions, WanPipeline};
+use super::{Denoiser, GenerationParams, PipelineObserver, RankGroup, TextConditions, WanPipeline};
 use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
 use crate::sampler::Schedule;
 use crate::{Result, WorkerError};
@@ -20,11 +21,12 @@ struct RankObserver<'a> {
     stop: &'a AtomicBool,
 }
 
-impl PipelineObserver for RankObserver<'_> {
-    fn on_step(&mut self, step: usize, total: usize, latents: &Tensor) -> Result<()> {
-        if let Some(tx) = &self.steps {
+impl RankObserver<'_> {
+    /// Step `step` of `total` ran; rank 0 has the gathered latent.
+    fn on_step(&mut self, step: usize, total: usize, latents: Option<Tensor>) -> Result<()> {
+        if let (Some(tx), Some(latents)) = (&self.steps, latents) {
             // The receiver is gone only when the caller stopped listening: treat it as a stop.
-            if tx.send((step, total, latents.clone())).is_err() {
+            if tx.send((step, total, latents)).is_err() {
                 self.stop.store(true, Ordering::SeqCst);
             }
         }
@@ -37,8 +39,8 @@ impl PipelineObserver for RankObserver<'_> {
     }
 }
 
-/// [`WanPipeline::denoise`] over `plan.ranks()` ranks of this process; `latents` ends as rank 0's
-/// result (every rank holds the same one). Returns the bytes the ranks sent one another.
+/// [`WanPipeline::denoise`] over `plan.ranks()` ranks of this process; `latents` ends as the
+/// ranks' shares gathered on rank 0. Returns the bytes the ranks sent one another.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise_sharded(
     pipe: &WanPipeline,
@@ -65,11 +67,16 @@ pub fn denoise_sharded(
             let tx = tx;
             let _in = span.enter();
             run_local_group(transport, plan, |ctx| {
-                let mut lat = start.clone();
+                let group = RankGroup::Sharded(ctx);
                 let mut obs = RankObserver { ctx, steps: (ctx.rank() == 0).then(|| tx.clone()), stop: &stop };
-                let forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
-                pipe.denoise_with(&mut lat, text, guidance_scale, schedule, &mut obs, &forward)?;
-                Ok((lat, ctx.world().stats().sent()))
+                let mut run = Denoiser::new(pipe, group, &start, text.clone(), guidance_scale, schedule.clone())?;
+                while !run.is_finished() {
+                    let step = tracing::info_span!("step", step = run.steps_done(), steps = run.total_steps());
+                    step.in_scope(|| run.step(pipe, group))?;
+                    // The observer sees every step's latent: gathered to rank 0.
+                    obs.on_step(run.steps_done() - 1, run.total_steps(), run.latents(pipe, group)?)?;
+                }
+                Ok((run.latents(pipe, group)?, ctx.world().stats().sent()))
             })
         });
         // Every sender is dropped when the ranks finish, which ends this loop.
@@ -88,7 +95,7 @@ pub fn denoise_sharded(
     }
     let mut results = outcome?;
     let moved = results.iter().map(|(_, sent)| sent).sum();
-    *latents = results.swap_remove(0).0;
+    *latents = results.swap_remove(0).0.ok_or_else(|| WorkerError::Collective("rank 0 gathered no latent".into()))?;
     Ok(moved)
 }
 

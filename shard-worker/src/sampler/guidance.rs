@@ -2,7 +2,6 @@
 //! the original Wan code computes it, on any slice of the model outputs.
 
 use crate::{Result, WorkerError};
-use rayon::prelude::*;
 
 pub use tessera_cluster::limits::guidance_enabled;
 
@@ -15,16 +14,7 @@ pub fn apply_guidance(cond: &mut [f32], uncond: &[f32], scale: f32) -> Result<()
     if !scale.is_finite() {
         return Err(WorkerError::input("guidance_scale", format!("{scale} is not finite")));
     }
-    let combine = |c: &mut [f32], u: &[f32]| {
-        for (c, &u) in c.iter_mut().zip(u) {
-            *c = u + scale * (*c - u);
-        }
-    };
-    if cond.len() < super::PARALLEL_MIN {
-        combine(cond, uncond);
-    } else {
-        cond.par_chunks_mut(super::CHUNK).zip(uncond.par_chunks(super::CHUNK)).for_each(|(c, u)| combine(c, u));
-    }
+    tessera_kernels::cpu::guide(cond, uncond, scale)?;
     Ok(())
 }
 
@@ -47,7 +37,7 @@ mod tests {
 
     #[test]
     fn slices_give_the_whole_result() {
-        let n = super::super::PARALLEL_MIN + 123;
+        let n = (1 << 16) + 123;
         let cond: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         let uncond: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut whole = cond.clone();

@@ -7,8 +7,10 @@
 //! - a [`Schedule`] (σ grid, model timesteps and every step's scalar coefficients, in the exact
 //!   float32 arithmetic of diffusers) is computed once from a [`SamplerConfig`] and shared;
 //! - a [`SamplerState`] holds the per-element history (previous data estimates, last corrected
-//!   sample) of one slice and applies [`SamplerState::step`] to it. Every update is elementwise, so
-//!   stepping slices one by one gives bit-for-bit the result of stepping the whole latent.
+//!   sample) of one slice in the backend's buffers and applies [`SamplerState::step`] to it with
+//!   the backend's `sampler_step` (bit for bit the same on every backend). Every update is
+//!   elementwise, so stepping slices one by one gives bit-for-bit the result of stepping the whole
+//!   latent, in any layout (a rank steps its tokens' patch rows).
 
 mod config;
 mod euler;
@@ -22,7 +24,7 @@ pub use config::{FinalSigmas, SamplerConfig, SolverType, UniPcOptions};
 pub use guidance::{apply_guidance, guidance_enabled};
 pub use noising::{add_noise, first_step_for_strength};
 pub use schedule::{Schedule, StepCoefficients, Timesteps};
-pub use state::{SamplerHistory, SamplerState};
+pub use state::{history_from_parts, SamplerHistory, SamplerState};
 pub use unipc::{UniPcCorrector, UniPcPredictor, UniPcStep};
 
 /// Which update rule a sampler applies (and which diffusers scheduler it reproduces).
@@ -57,7 +59,7 @@ impl SamplerKind {
     }
 }
 
-/// Below this many elements a slice is updated on the calling thread.
+/// Below this many elements a noising update runs on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per parallel work item.
 const CHUNK: usize = 1 << 14;

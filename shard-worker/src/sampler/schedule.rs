@@ -43,17 +43,9 @@ impl Timesteps {
     }
 }
 
-/// The scalars of one sampler step, shared by every slice of the latent.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum StepCoefficients {
-    /// `x ← x + dt·v`.
-    Euler {
-        /// σ_{i+1} − σ_i (float32).
-        dt: f32,
-    },
-    /// A UniPC corrector (from the second step of a run) and predictor.
-    UniPc(unipc::UniPcStep),
-}
+/// The scalars of one sampler step, shared by every slice of the latent: the update the backend
+/// kernels apply (`Ops::sampler_step`).
+pub use tessera_kernels::cpu::SamplerUpdate as StepCoefficients;
 
 /// A run's σ grid, model timesteps and per-step coefficients: built once, shared by all slices.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,7 +94,7 @@ impl Schedule {
         let steps = first_step..self.num_steps();
         let coefficients: Vec<StepCoefficients> = match self.config.kind {
             SamplerKind::Euler => steps.map(|i| StepCoefficients::Euler { dt: euler::dt(&self.sigmas, i) }).collect(),
-            SamplerKind::UniPc => steps.map(|i| StepCoefficients::UniPc(unipc::UniPcStep::new(&self.sigmas, &self.config.unipc, first_step, i))).collect(),
+            SamplerKind::UniPc => steps.map(|i| StepCoefficients::UniPc(unipc::step(&self.sigmas, &self.config.unipc, first_step, i))).collect(),
         };
         let finite = |x: f32| x.is_finite();
         let bad = coefficients.iter().position(|c| match c {

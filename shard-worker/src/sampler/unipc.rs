@@ -1,6 +1,6 @@
 //! UniPC (bh1/bh2, data prediction, flow sigmas) as diffusers' `UniPCMultistepScheduler.step`
-//! computes it (reference/wan2.1.md §5.3): scalar coefficients in float32 with torch's order of
-//! operations, and the elementwise corrector + predictor on a slice.
+//! computes it (reference/wan2.1.md §5.3): the scalar coefficients, in float32 with torch's order of
+//! operations (the element-wise corrector + predictor is the backend's `sampler_step`).
 
 use super::config::{SolverType, UniPcOptions};
 
@@ -68,44 +68,7 @@ impl Transition {
     }
 }
 
-/// The UniPC predictor of one step: from σ_i to σ_{i+1}.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct UniPcPredictor {
-    /// σ_{i+1} / σ_i.
-    pub ratio: f32,
-    /// α_{i+1} · expm1(−h).
-    pub alpha_phi: f32,
-    /// α_{i+1} · B(h).
-    pub alpha_b: f32,
-    /// Second order: r = (λ_{i−1} − λ_i)/h, with D₁ = (m_{i−1} − m_i)/r weighted by ρ = 0.5.
-    pub r: Option<f32>,
-}
-
-/// The UniPC corrector applied at step i (re-deriving x_i from x̃_{i−1} with m_i known).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct UniPcCorrector {
-    /// σ_i / σ_{i−1}.
-    pub ratio: f32,
-    /// α_i · expm1(−h).
-    pub alpha_phi: f32,
-    /// α_i · B(h).
-    pub alpha_b: f32,
-    /// Second order: r = (λ_{i−2} − λ_{i−1})/h and ρ₀ (weight of D₁ = (m_{i−2} − m_{i−1})/r).
-    pub second_order: Option<(f32, f32)>,
-    /// ρ of the last difference m_i − m_{i−1} (0.5 at first order).
-    pub rho_last: f32,
-}
-
-/// All scalars of one UniPC step i.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct UniPcStep {
-    /// σ_i, for the data estimate m_i = x_i − σ_i·v_i.
-    pub sigma: f32,
-    /// The corrector (absent at a run's first step and after steps listed in `disable_corrector`).
-    pub corrector: Option<UniPcCorrector>,
-    /// The predictor.
-    pub predictor: UniPcPredictor,
-}
+pub use tessera_kernels::cpu::{UniPcCorrector, UniPcPredictor, UniPcStep};
 
 /// Predictor order at step i of a run started at `first`, as diffusers' warm-up and
 /// `lower_order_final` give it.
@@ -117,72 +80,28 @@ fn predictor_order(opts: &UniPcOptions, n: usize, first: usize, i: usize) -> usi
     order.min(i - first + 1)
 }
 
-impl UniPcStep {
-    /// The coefficients of step `i` over `sigmas` (N+1 values) for a run started at `first`.
-    pub(super) fn new(sigmas: &[f32], opts: &UniPcOptions, first: usize, i: usize) -> Self {
-        let n = sigmas.len() - 1;
-        let p = Transition::new(sigmas[i], sigmas[i + 1], opts.solver_type);
-        let order = predictor_order(opts, n, first, i);
-        let predictor = UniPcPredictor { ratio: p.ratio, alpha_phi: p.alpha_phi, alpha_b: p.alpha_b, r: (order == 2).then(|| p.r(sigmas[i - 1])) };
-        let corrector = (i > first && !opts.disable_corrector.contains(&(i - 1))).then(|| {
-            let c = Transition::new(sigmas[i - 1], sigmas[i], opts.solver_type);
-            let last_order = predictor_order(opts, n, first, i - 1);
-            if last_order == 1 {
-                return UniPcCorrector { ratio: c.ratio, alpha_phi: c.alpha_phi, alpha_b: c.alpha_b, second_order: None, rho_last: 0.5 };
-            }
-            // b_k = h·φ_k(h)·k!/B(h), φ_{k+1} = φ_k/hh − 1/(k+1)! (diffusers' recursion, float32).
-            let r = c.r(sigmas[i - 2]);
-            let phi_k = c.phi_1 / c.hh - 1.0;
-            let b1 = phi_k * 1.0 / c.b_h;
-            let phi_k = phi_k / c.hh - 0.5;
-            let b2 = phi_k * 2.0 / c.b_h;
-            let [rho0, rho1] = solve_2x2(r, [b1, b2]);
-            UniPcCorrector { ratio: c.ratio, alpha_phi: c.alpha_phi, alpha_b: c.alpha_b, second_order: Some((r, rho0)), rho_last: rho1 }
-        });
-        Self { sigma: sigmas[i], corrector, predictor }
-    }
-
-    /// Whether every scalar is finite (a grid with repeated σ would give 0/0).
-    pub(super) fn is_finite(&self) -> bool {
-        let p = &self.predictor;
-        let mut all = vec![self.sigma, p.ratio, p.alpha_phi, p.alpha_b, p.r.unwrap_or(0.0)];
-        if let Some(c) = &self.corrector {
-            let (r, rho0) = c.second_order.unwrap_or((0.0, 0.0));
-            all.extend([c.ratio, c.alpha_phi, c.alpha_b, c.rho_last, r, rho0]);
+/// The coefficients of UniPC step `i` over `sigmas` (N+1 values) for a run started at `first`.
+pub(super) fn step(sigmas: &[f32], opts: &UniPcOptions, first: usize, i: usize) -> UniPcStep {
+    let n = sigmas.len() - 1;
+    let p = Transition::new(sigmas[i], sigmas[i + 1], opts.solver_type);
+    let order = predictor_order(opts, n, first, i);
+    let predictor = UniPcPredictor { ratio: p.ratio, alpha_phi: p.alpha_phi, alpha_b: p.alpha_b, r: (order == 2).then(|| p.r(sigmas[i - 1])) };
+    let corrector = (i > first && !opts.disable_corrector.contains(&(i - 1))).then(|| {
+        let c = Transition::new(sigmas[i - 1], sigmas[i], opts.solver_type);
+        let last_order = predictor_order(opts, n, first, i - 1);
+        if last_order == 1 {
+            return UniPcCorrector { ratio: c.ratio, alpha_phi: c.alpha_phi, alpha_b: c.alpha_b, second_order: None, rho_last: 0.5 };
         }
-        all.iter().all(|x| x.is_finite())
-    }
-
-    /// Applies the step to a slice: `v` the model output, `x` the sample (replaced by the next
-    /// one), `last` the previous corrected sample x̃_{i−1} (replaced by x̃_i), `m1` and `m2` the
-    /// previous data estimates m_{i−1}, m_{i−2} (shifted to m_i, m_{i−1}). Equal lengths.
-    pub(super) fn apply(&self, v: &[f32], x: &mut [f32], last: &mut [f32], m1: &mut [f32], m2: &mut [f32]) {
-        let sigma = self.sigma;
-        let p = self.predictor;
-        let elements = v.iter().zip(x.iter_mut()).zip(last.iter_mut()).zip(m1.iter_mut()).zip(m2.iter_mut());
-        for ((((&v, x), last), m1), m2) in elements {
-            // convert_model_output: m_i = x_i − σ_i·v_i, on the uncorrected sample.
-            let m = *x - sigma * v;
-            let mut xi = *x;
-            if let Some(c) = &self.corrector {
-                let base = c.ratio * *last - c.alpha_phi * *m1;
-                let corr_res = match c.second_order {
-                    Some((r, rho0)) => rho0 * ((*m2 - *m1) / r),
-                    None => 0.0,
-                };
-                let d1_t = m - *m1;
-                xi = base - c.alpha_b * (corr_res + c.rho_last * d1_t);
-            }
-            *last = xi;
-            let mut next = p.ratio * xi - p.alpha_phi * m;
-            if let Some(r) = p.r {
-                next -= p.alpha_b * (0.5f32 * ((*m1 - m) / r));
-            }
-            *x = next;
-            *m2 = *m1;
-            *m1 = m;
-        }
-    }
+        // b_k = h·φ_k(h)·k!/B(h), φ_{k+1} = φ_k/hh − 1/(k+1)! (diffusers' recursion, float32).
+        let r = c.r(sigmas[i - 2]);
+        let phi_k = c.phi_1 / c.hh - 1.0;
+        let b1 = phi_k * 1.0 / c.b_h;
+        let phi_k = phi_k / c.hh - 0.5;
+        let b2 = phi_k * 2.0 / c.b_h;
+        let [rho0, rho1] = solve_2x2(r, [b1, b2]);
+        UniPcCorrector { ratio: c.ratio, alpha_phi: c.alpha_phi, alpha_b: c.alpha_b, second_order: Some((r, rho0)), rho_last: rho1 }
+    });
+    UniPcStep { sigma: sigmas[i], corrector, predictor }
 }
 
 #[cfg(test)]
@@ -214,16 +133,16 @@ mod tests {
     fn first_step_has_no_corrector_and_last_lands_on_the_data_estimate() {
         let sigmas = [0.999999f32, 0.7, 0.3, 0.0];
         let o = UniPcOptions::default();
-        let s0 = UniPcStep::new(&sigmas, &o, 0, 0);
+        let s0 = step(&sigmas, &o, 0, 0);
         assert!(s0.corrector.is_none() && s0.predictor.r.is_none());
-        let s1 = UniPcStep::new(&sigmas, &o, 0, 1);
+        let s1 = step(&sigmas, &o, 0, 1);
         assert!(s1.corrector.unwrap().second_order.is_none() && s1.predictor.r.is_some());
-        let s2 = UniPcStep::new(&sigmas, &o, 0, 2);
+        let s2 = step(&sigmas, &o, 0, 2);
         assert!(s2.corrector.unwrap().second_order.is_some() && s2.predictor.r.is_none());
         assert_eq!(s2.predictor.ratio, 0.0);
         assert_eq!(s2.predictor.alpha_phi, -1.0);
         let disabled = UniPcOptions { disable_corrector: vec![1], ..o };
-        assert!(UniPcStep::new(&sigmas, &disabled, 0, 2).corrector.is_none());
-        assert!(UniPcStep::new(&sigmas, &disabled, 0, 1).corrector.is_some());
+        assert!(step(&sigmas, &disabled, 0, 2).corrector.is_none());
+        assert!(step(&sigmas, &disabled, 0, 1).corrector.is_some());
     }
 }

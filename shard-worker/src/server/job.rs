@@ -3,7 +3,7 @@
 //! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
 
 use crate::parallel::{shard_ranges, ParallelPlan, ShardContext, TcpOptions, TcpTransport};
-use crate::pipeline::{Denoiser, GenerationParams, TextConditions, WanPipeline};
+use crate::pipeline::{Denoiser, GenerationParams, RankGroup, TextConditions, WanPipeline};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
@@ -59,25 +59,25 @@ pub struct StepReport {
     pub bytes_sent: u64,
 }
 
-/// A checkpoint of the run.
+/// A checkpoint of the run, gathered to rank 0.
 pub struct JobCheckpoint {
     /// Steps completed.
     pub steps_done: usize,
-    /// The latent `[1, C, T, h, w]` (every rank holds all of it).
-    pub latents: Tensor,
-    /// The sampler history, as JSON.
-    pub sampler_state: Vec<u8>,
+    /// The whole latent `[1, C, T, h, w]` and the whole sampler history (JSON) on rank 0; `None`
+    /// on the other ranks, which sent their shares.
+    pub state: Option<(Tensor, Vec<u8>)>,
 }
 
 /// Commands to a job thread; each carries its reply channel.
 pub enum Command {
     /// Runs step `index` (must be the next one).
     Step(usize, mpsc::Sender<Result<StepReport>>),
-    /// Copies the state out.
+    /// Gathers the state to rank 0 and copies it out (every rank is sent this).
     Checkpoint(mpsc::Sender<Result<JobCheckpoint>>),
-    /// The latent now.
-    Latents(mpsc::Sender<Result<Tensor>>),
-    /// Decodes the final latent, sending frame chunks `[1, 3, n, H, W]` in [0, 1] as they come.
+    /// Gathers the latent now to rank 0 (`None` on the others; every rank is sent this).
+    Latents(mpsc::Sender<Result<Option<Tensor>>>),
+    /// Gathers the final latent to rank 0, which decodes it, sending frame chunks `[1, 3, n, H, W]`
+    /// in [0, 1] as they come; the other ranks send nothing (every rank is sent this).
     Decode(tokio::sync::mpsc::Sender<Result<Tensor>>),
 }
 
@@ -181,18 +181,19 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // noise, so nothing else travels.
     let text = encode_once(pipe, &ctx, p)?;
     let schedule = pipe.schedule_for(p)?;
-    match &setup.resume {
-        None => {
-            let latents = pipe.initial_latents(p, &schedule)?;
-            Ok((ctx, Denoiser::new(latents, text, p.guidance_scale, schedule)))
-        }
+    // One rank runs alone (the model's local attention); a group shards the sequence: each rank
+    // keeps its share of the latent on its device from here to the decode.
+    let group = if plan.ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(&ctx) };
+    let run = match &setup.resume {
+        None => Denoiser::new(pipe, group, &pipe.initial_latents(p, &schedule)?, text, p.guidance_scale, schedule)?,
         Some(r) => {
             // The checkpoint's latent must be this run's shape.
             let expected = pipe.noise_for(p)?;
             r.latents.expect_shape("checkpoint latents", expected.shape())?;
-            Ok((ctx, Denoiser::resume(r.latents.clone(), r.history.clone(), r.steps_done, text, p.guidance_scale, schedule)?))
+            Denoiser::resume(pipe, group, &r.latents, &r.history, r.steps_done, text, p.guidance_scale, schedule)?
         }
-    }
+    };
+    Ok((ctx, run))
 }
 
 /// The job's text conditions on every rank, encoded once: rank 0 runs the text encoder and
@@ -247,11 +248,7 @@ fn text_from_message(m: &[f32]) -> Result<TextConditions> {
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
-    // One rank runs the transformer where it was loaded; a group runs it sharded on the same
-    // device (GPUs through NCCL, joined in `prepare`).
-    let local = pipe.local_forward();
-    let sharded = |x: &crate::DitInputs<'_>| ctx.forward(pipe.transformer(), x);
-    let forward: crate::pipeline::Forward<'_> = if ctx.plan().ranks() == 1 { &local } else { &sharded };
+    let group = if ctx.plan().ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(ctx) };
     loop {
         let (span, command) = match commands.recv_timeout(idle_timeout) {
             Ok(c) => c,
@@ -262,35 +259,50 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
             }
         };
         let _in = span.enter();
-        match command {
+        // A failed collective leaves the group unusable: a group's job ends with the command that
+        // hit it.
+        let ok = match command {
             Command::Step(index, reply) => {
-                let result = if index != run.steps_done() {
-                    Err(WorkerError::input("step", format!("step {index} asked, step {} is next", run.steps_done())))
-                } else {
-                    let (sent0, timings0) = (ctx.world().stats().sent(), ctx.timings().seconds());
-                    let t = Instant::now();
-                    run.step(pipe, &forward).map(|_| {
-                        let timings = ctx.timings().seconds();
-                        StepReport {
-                            seconds: t.elapsed().as_secs_f64(),
-                            communication_seconds: (timings.1 - timings0.1) + (timings.2 - timings0.2),
-                            bytes_sent: ctx.world().stats().sent() - sent0,
-                        }
-                    })
-                };
+                if index != run.steps_done() {
+                    let _ = reply.send(Err(WorkerError::input("step", format!("step {index} asked, step {} is next", run.steps_done()))));
+                    continue;
+                }
+                let (sent0, timings0) = (ctx.world().stats().sent(), ctx.timings().seconds());
+                let t = Instant::now();
+                let result = run.step(pipe, group).map(|_| {
+                    let timings = ctx.timings().seconds();
+                    StepReport {
+                        seconds: t.elapsed().as_secs_f64(),
+                        communication_seconds: (timings.1 - timings0.1) + (timings.2 - timings0.2),
+                        bytes_sent: ctx.world().stats().sent() - sent0,
+                    }
+                });
                 let failed = result.is_err();
                 let _ = reply.send(result);
-                if failed && index == run.steps_done() {
-                    // A failed collective leaves the group unusable: end the job here.
+                if failed {
+                    // The step may have stopped half way (a collective or a kernel failed).
                     return;
                 }
+                true
             }
             Command::Checkpoint(reply) => {
-                let cp = serde_json::to_vec(run.history()).map_err(|e| WorkerError::Collective(e.to_string()));
-                let _ = reply.send(cp.map(|sampler_state| JobCheckpoint { steps_done: run.steps_done(), latents: run.latents().clone(), sampler_state }));
+                let cp = run.checkpoint(pipe, group).and_then(|state| {
+                    let state = state
+                        .map(|(latents, history)| {
+                            Ok::<_, WorkerError>((latents, serde_json::to_vec(&history).map_err(|e| WorkerError::Collective(e.to_string()))?))
+                        })
+                        .transpose()?;
+                    Ok(JobCheckpoint { steps_done: run.steps_done(), state })
+                });
+                let ok = cp.is_ok();
+                let _ = reply.send(cp);
+                ok
             }
             Command::Latents(reply) => {
-                let _ = reply.send(Ok(run.latents().clone()));
+                let latents = run.latents(pipe, group);
+                let ok = latents.is_ok();
+                let _ = reply.send(latents);
+                ok
             }
             Command::Decode(frames) => {
                 if !run.is_finished() {
@@ -303,10 +315,24 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                         self.0.blocking_send(Ok(frames.clone())).map_err(|_| WorkerError::Cancelled("the decode stream was closed".into()))
                     }
                 }
-                if let Err(e) = pipe.decode(run.latents(), &mut Sink(&frames)) {
-                    let _ = frames.blocking_send(Err(e));
+                match run.latents(pipe, group) {
+                    Ok(Some(latents)) => {
+                        if let Err(e) = pipe.decode(&latents, &mut Sink(&frames)) {
+                            let _ = frames.blocking_send(Err(e));
+                        }
+                        true
+                    }
+                    // This rank's share went to rank 0, which decodes.
+                    Ok(None) => true,
+                    Err(e) => {
+                        let _ = frames.blocking_send(Err(e));
+                        false
+                    }
                 }
             }
+        };
+        if !ok && ctx.plan().ranks() > 1 {
+            return;
         }
     }
 }

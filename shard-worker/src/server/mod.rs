@@ -419,12 +419,17 @@ impl ShardWorker for WorkerService {
             rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
         })
         .await?;
+        // Rank 0 answers with the whole state, gathered from the group; the others with none.
+        let (latent_shape, latents, sampler_state) = match cp.state {
+            Some((latents, state)) => (latents.shape().iter().map(|&d| d as u32).collect(), codec::f32_bytes(latents.data()), state),
+            None => Default::default(),
+        };
         Ok(Response::new(pb::CheckpointResponse {
             steps_done: cp.steps_done as u32,
             rank: rank as u32,
-            latent_shape: cp.latents.shape().iter().map(|&d| d as u32).collect(),
-            latents: codec::f32_bytes(cp.latents.data()),
-            sampler_state: cp.sampler_state,
+            latent_shape,
+            latents,
+            sampler_state,
             token_start: tokens.start as u64,
             token_end: tokens.end as u64,
         }))
@@ -435,9 +440,6 @@ impl ShardWorker for WorkerService {
     async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<Self::DecodeStream>, Status> {
         let r = request.into_inner();
         let job = self.job(&r.job_id)?;
-        if job.rank != 0 {
-            return Err(status(Reason::Precondition, None, format!("decode runs on rank 0; this worker is rank {}", job.rank)));
-        }
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(2);
         let span = traced(tracing::info_span!("decode", job_id = %r.job_id, rank = job.rank), &r.trace_context);
         span.in_scope(|| job.send(Command::Decode(frames_tx))).map_err(Status::from)?;
@@ -463,8 +465,11 @@ impl ShardWorker for WorkerService {
             rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
         })
         .await?;
-        // Every rank holds the whole latent (replicated).
-        Ok(Response::new(codec::latents_message(&latents).map_err(WorkerError::from)?))
+        // Rank 0 answers with the whole latent, gathered from the group; the others with none.
+        match latents {
+            Some(latents) => Ok(Response::new(codec::latents_message(&latents).map_err(WorkerError::from)?)),
+            None => Ok(Response::new(pb::JobLatents::default())),
+        }
     }
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {

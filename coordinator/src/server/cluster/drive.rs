@@ -336,18 +336,21 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         })
         .instrument(span)
         .await?;
+        if cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 && step + 1 < total {
+            // Every rank takes part (the ranks' shares are gathered to rank 0, which answers with
+            // the whole state).
+            let during = format!("checkpoint after step {}", step + 1);
+            let mut cps = on_every_rank(ranks, &during, cx.limits.step, &mut live, |_, mut c| {
+                let req = pb::CheckpointRequest { job_id: cx.job.id.clone() };
+                async move { c.checkpoint(req).await }
+            })
+            .await?;
+            *cx.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(cps.swap_remove(0));
+        }
+        // Reported once the step is also in the checkpoint (when one is due): a recovery goes on
+        // from at least the step a client last saw.
         send(cx.events, ExecEvent::Step { done: step + 1, total }).await?;
         check_stop(cx.stop)?;
-        if cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 && step + 1 < total {
-            let cp = ranks[0]
-                .client
-                .clone()
-                .checkpoint(pb::CheckpointRequest { job_id: cx.job.id.clone() })
-                .await
-                .map_err(|s| ranks[0].failed(format!("checkpoint after step {}", step + 1), s))?
-                .into_inner();
-            *cx.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(cp);
-        }
     }
     let denoising = started.elapsed();
     let mut report = ExecReport { frames: r.num_frames, width: r.width, height: r.height, preparing, denoising, ..Default::default() };
@@ -356,13 +359,13 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     if format == OutputFormat::RawLatents {
         send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
         let started = Instant::now();
-        let whole = rank0
-            .client
-            .clone()
-            .fetch_latents(pb::FetchLatentsRequest { job_id: cx.job.id.clone() })
-            .await
-            .map_err(|s| rank0.failed("fetch latents", s))?
-            .into_inner();
+        // Every rank takes part: the shares are gathered to rank 0, which answers with the whole.
+        let whole = on_every_rank(ranks, "fetch latents", cx.limits.decode, &mut live, |_, mut c| {
+            let req = pb::FetchLatentsRequest { job_id: cx.job.id.clone() };
+            async move { c.fetch_latents(req).await }
+        })
+        .await?
+        .swap_remove(0);
         let latents = codec::latents_from_message(&whole).map_err(|e| CoordinatorError::Internal(format!("latents from rank 0: {e}")))?;
         let file = latents_file(&latents)?;
         report.encoding = started.elapsed();
@@ -373,9 +376,10 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     send(cx.events, ExecEvent::Phase(Phase::Decoding)).await?;
     let started = Instant::now();
     let decode_span = tracing::info_span!("decode", frames = r.num_frames);
-    let encoder = decode_on_rank0(rank0, cx, FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?, &decode_span)
-        .instrument(decode_span.clone())
-        .await?;
+    let encoder = FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?;
+    // Every rank is sent Decode: the others give rank 0 their shares of the latent and end.
+    let (encoder, ()) =
+        tokio::try_join!(decode_on_rank0(rank0, cx, encoder, &decode_span).instrument(decode_span.clone()), hand_over_shares(&ranks[1..], cx, &decode_span))?;
     report.decoding = started.elapsed().saturating_sub(encoder.busy());
     report.frames = encoder.frames() as u32;
     if report.frames != r.num_frames {
@@ -432,6 +436,25 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
             send(cx.events, ExecEvent::File(f)).await?;
         }
     }
+}
+
+/// Sends Decode to the ranks other than 0, which gather their shares of the latent to rank 0 and
+/// answer with an empty stream (frames from them would be a protocol error).
+async fn hand_over_shares(others: &[Rank], cx: &DriveContext<'_>, span: &tracing::Span) -> Result<(), CoordinatorError> {
+    let trace_context = span.in_scope(tessera_telemetry::current_context_map);
+    let calls = others.iter().map(|rank| {
+        let req = pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context: trace_context.clone() };
+        async move {
+            let mut stream = rank.client.clone().decode(req).await.map_err(|s| rank.failed("decode", s))?.into_inner();
+            while let Some(chunk) = stream.message().await.map_err(|s| rank.failed("decode", s))? {
+                if chunk.count > 0 {
+                    return Err(rank.failed("decode", tonic::Status::internal("frames from a rank other than 0")));
+                }
+            }
+            Ok(())
+        }
+    });
+    futures_util::future::try_join_all(calls).await.map(drop)
 }
 
 /// A fresh group session id (peers presenting another are refused on the collective wire).

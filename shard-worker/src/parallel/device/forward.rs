@@ -1,15 +1,18 @@
 //! The transformer's forward on one rank of a sequence-parallel group, on the backend's buffers:
 //! this rank's token range goes through every block (self-attention joins the other ranks through
-//! the device collectives), then the output head's rows are all-gathered on the device and
-//! unpatchified, so every rank holds the whole velocity.
+//! the device collectives). [`DeviceShard::forward_patches`] leaves the head's rows on the rank
+//! (the denoising loop keeps its share of the latent there); [`DeviceShard::forward`] all-gathers
+//! and unpatchifies them, so every rank holds the whole velocity. [`gather_rows`] brings a sharded
+//! latent to rank 0.
 
 use super::attention::ShardedDeviceAttention;
 use super::comm::DeviceComm;
-use crate::model::{DitInputs, WanTransformer};
+use crate::model::{DitInputs, PatchInputs, WanTransformer};
 use crate::parallel::comm::Traffic;
 use crate::parallel::plan::{shard_ranges, ParallelPlan};
 use crate::parallel::timings::AttentionTimings;
 use crate::{Result, WorkerError};
+use std::ops::Range;
 use tessera_kernels::backend::Ops;
 use tessera_kernels::cpu::PatchGeometry;
 use tessera_kernels::Tensor;
@@ -29,6 +32,29 @@ pub struct DeviceShard<'a, C> {
 }
 
 impl<C> DeviceShard<'_, C> {
+    /// The head rows `[tokens, p·C_out]` (f32, on the device) of every sample of `x`, whose
+    /// patch rows must be this rank's share of the sequence ([`shard_ranges`]).
+    pub fn forward_patches<O: Ops>(&self, model: &WanTransformer<O>, x: &PatchInputs<'_, O>) -> Result<Vec<O::Buf<f32>>>
+    where
+        C: DeviceComm<O>,
+    {
+        let (p, rank) = (self.world.size(), self.world.rank());
+        if p != self.plan.ranks() {
+            return Err(WorkerError::Collective(format!("a world of {p} ranks for a plan of {}", self.plan.ranks())));
+        }
+        let mine = shard_ranges(x.grid.tokens(), p)[rank].clone();
+        if x.tokens != mine {
+            return Err(WorkerError::input("tokens", format!("rank {rank} of {p} holds tokens {mine:?}, not {:?}", x.tokens)));
+        }
+        let heads = model.config().num_attention_heads;
+        if !heads.is_multiple_of(self.plan.ulysses) {
+            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", self.plan.ulysses)));
+        }
+        tracing::Span::current().record("tokens", mine.len());
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, x.grid.tokens(), self.timings)?;
+        model.forward_patches(x, &attention)
+    }
+
     /// The velocity `[B, C_out, F, H, W]` (f32, on the host) of `model` for the whole batch; every
     /// rank computes its token range and ends with the full output.
     pub fn forward<O: Ops>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor>
@@ -66,5 +92,32 @@ impl<C> DeviceShard<'_, C> {
         }
         let [f, h, w] = grid.latent();
         Ok(Tensor::new([b, cfg.out_channels, f, h, w], out)?)
+    }
+}
+
+/// Gathers every member's `rows` (member j's are elements `parts[j]` of the whole) to member 0,
+/// which gets the whole on the host; the others get `None`. Counted as [`Traffic::Gather`].
+pub fn gather_rows<O: Ops, C: DeviceComm<O>>(comm: &C, ops: &O, rows: &O::Buf<f32>, parts: &[Range<usize>]) -> Result<Option<Vec<f32>>> {
+    let (p, me) = (comm.size(), comm.rank());
+    let contiguous = parts.first().is_some_and(|r| r.start == 0) && parts.windows(2).all(|w| w[0].end == w[1].start);
+    if parts.len() != p || !contiguous {
+        return Err(WorkerError::Collective(format!("a gather over {p} members of parts {parts:?}")));
+    }
+    let mine = parts[me].len();
+    if ops.len(rows) != mine {
+        return Err(WorkerError::Collective(format!("member {me} holds {} values for a part of {mine}", ops.len(rows))));
+    }
+    let send_parts: Vec<Range<usize>> = (0..p).map(|j| if j == 0 { 0..mine } else { 0..0 }).collect();
+    if me == 0 {
+        let total = parts.last().map_or(0, |r| r.end);
+        let mut whole = ops.zeros::<f32>(total.max(1))?;
+        comm.exchange(ops, Traffic::Gather, rows, &send_parts, &mut whole, parts)?;
+        let mut host = ops.download(&whole)?;
+        host.truncate(total);
+        Ok(Some(host))
+    } else {
+        let mut nothing = ops.zeros::<f32>(1)?;
+        comm.exchange(ops, Traffic::Gather, rows, &send_parts, &mut nothing, &vec![0..0; p])?;
+        Ok(None)
     }
 }

@@ -1,0 +1,247 @@
+//! The denoising run of one rank, written once over the backend: the rank's share of the latent
+//! (the patch rows of its contiguous token range, f32) and the sampler's history for those rows
+//! stay on the rank's device from the first step to the last. A step runs the transformer on the
+//! rows (sharded attention joins the other ranks), combines guidance and applies the sampler there;
+//! nothing of the latent crosses to the host or to another rank. The whole latent exists only
+//! when asked for ([`ShardRun::gather`]: decode, raw output, a checkpoint), gathered to rank 0.
+//!
+//! Every update is element-wise, so stepping rows gives the latent of stepping the whole tensor,
+//! bit for bit, whatever the sharding.
+
+use super::TextConditions;
+use crate::model::{LocalAttention, PatchGrid, PatchInputs, WanTransformer};
+use crate::parallel::{shard_ranges, ShardContext, ShardOps};
+use crate::sampler::{guidance_enabled, history_from_parts, SamplerHistory, SamplerState, Schedule};
+use crate::{Result, WorkerError};
+use std::ops::Range;
+use tessera_kernels::cpu::{self, PatchGeometry};
+use tessera_kernels::Tensor;
+
+/// Where a rank stands in its group: alone (the model's local attention), or a rank of a
+/// sequence-parallel context.
+#[derive(Clone, Copy)]
+pub enum RankGroup<'a> {
+    /// One device, every token.
+    Alone,
+    /// A rank of `ctx`'s group.
+    Sharded(&'a ShardContext),
+}
+
+impl RankGroup<'_> {
+    /// (this rank, ranks).
+    fn position(&self) -> (usize, usize) {
+        match self {
+            Self::Alone => (0, 1),
+            Self::Sharded(ctx) => (ctx.rank(), ctx.plan().ranks()),
+        }
+    }
+}
+
+/// One rank's run of the denoising loop on backend `O`.
+pub struct ShardRun<O: ShardOps> {
+    grid: PatchGrid,
+    geometry: PatchGeometry,
+    /// Every rank's elements of the patch-row layout (rank j: tokens × features).
+    parts: Vec<Range<usize>>,
+    tokens: Range<usize>,
+    rank: usize,
+    rows: O::Buf<f32>,
+    state: SamplerState<O>,
+    schedule: Schedule,
+    /// The text states of the batch: the prompt's, then with guidance the negative prompt's.
+    context: Tensor,
+    guidance_scale: f32,
+    done: usize,
+}
+
+impl<O: ShardOps> ShardRun<O> {
+    /// A run from the whole starting `latents` `[1, C, F, H, W]` (host), of which this rank of
+    /// `group` keeps its tokens' rows.
+    pub fn new(
+        model: &WanTransformer<O>,
+        group: RankGroup<'_>,
+        latents: &Tensor,
+        text: TextConditions,
+        guidance_scale: f32,
+        schedule: Schedule,
+    ) -> Result<Self> {
+        let (rank, ranks) = group.position();
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, rank, ranks)?;
+        let ops = model.ops();
+        let rows = ops.upload_vec(cpu::patchify(latents.data(), &geometry, tokens.clone())?)?;
+        let state = SamplerState::new(ops, schedule.config().kind, parts[rank].len())?;
+        let context = batch_context(&text, guidance_scale)?;
+        Ok(Self { grid, geometry, parts, tokens, rank, rows, state, schedule, context, guidance_scale, done: 0 })
+    }
+
+    /// Resumes from a checkpoint: the whole latent after `steps_done` steps and the whole
+    /// sampler history then (both in the latent's layout, whatever group wrote them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        model: &WanTransformer<O>,
+        group: RankGroup<'_>,
+        latents: &Tensor,
+        history: &SamplerHistory,
+        steps_done: usize,
+        text: TextConditions,
+        guidance_scale: f32,
+        schedule: Schedule,
+    ) -> Result<Self> {
+        let (rank, ranks) = group.position();
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, rank, ranks)?;
+        let total = schedule.num_steps() - schedule.first_step();
+        if steps_done > total || history.len != latents.len() || history.kind != schedule.config().kind {
+            return Err(WorkerError::input(
+                "checkpoint",
+                format!(
+                    "{steps_done} steps done of {total}, a {} history of {} values for a {} run on a latent of {}",
+                    history.kind.name(),
+                    history.len,
+                    schedule.config().kind.name(),
+                    latents.len()
+                ),
+            ));
+        }
+        // Checks the history's buffers, then cuts this rank's rows of each.
+        let whole = SamplerState::from_history(&tessera_kernels::backend::CpuOps, history)?;
+        let ops = model.ops();
+        let cut = |values: &[f32]| -> Result<O::Buf<f32>> { Ok(ops.upload_vec(cpu::patchify(values, &geometry, tokens.clone())?)?) };
+        let buffers = whole.buffers().iter().map(|b| cut(b)).collect::<Result<Vec<_>>>()?;
+        let state = SamplerState::from_buffers(ops, history.kind, parts[rank].len(), history.next_step, buffers)?;
+        let rows = cut(latents.data())?;
+        let context = batch_context(&text, guidance_scale)?;
+        Ok(Self { grid, geometry, parts, tokens, rank, rows, state, schedule, context, guidance_scale, done: steps_done })
+    }
+
+    /// Steps in the run.
+    pub fn total_steps(&self) -> usize {
+        self.schedule.num_steps() - self.schedule.first_step()
+    }
+
+    /// Steps completed.
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    /// This rank's tokens.
+    pub fn tokens(&self) -> Range<usize> {
+        self.tokens.clone()
+    }
+
+    /// Runs the next step: the model on this rank's rows (sharded over `group`), guidance, and
+    /// the sampler, all on the device.
+    pub fn step(&mut self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<()> {
+        if self.done == self.total_steps() {
+            return Err(WorkerError::input("step", format!("all {} steps have run", self.total_steps())));
+        }
+        if group.position() != (self.rank, self.parts.len()) {
+            return Err(WorkerError::input("rank", format!("a run of rank {} of {} stepped as {:?}", self.rank, self.parts.len(), group.position())));
+        }
+        let i = self.schedule.first_step() + self.done;
+        let t = self.schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
+        let timesteps = vec![t; self.context.dim(0)];
+        let x = PatchInputs {
+            patches: &self.rows,
+            grid: self.grid,
+            tokens: self.tokens.clone(),
+            timesteps: &timesteps,
+            encoder_hidden_states: &self.context,
+            encoder_hidden_states_image: None,
+        };
+        let batch = timesteps.len();
+        let mut out = match group {
+            RankGroup::Sharded(ctx) if self.parts.len() > 1 => ctx.traced(batch, || O::forward_patches(ctx, model, &x))?,
+            _ => tracing::info_span!("forward", rank = 0, ranks = 1, batch, tokens = self.tokens.len())
+                .in_scope(|| model.forward_patches(&x, &LocalAttention))?,
+        };
+        let ops = model.ops();
+        let mut v = out.swap_remove(0);
+        if let Some(uncond) = out.first() {
+            ops.guide(&mut v, uncond, self.guidance_scale)?;
+        }
+        self.state.step(ops, &self.schedule, i, &v, &mut self.rows)?;
+        self.done += 1;
+        Ok(())
+    }
+
+    /// The whole latent `[1, C, F, H, W]` on rank 0 (`None` on the others): a collective, every
+    /// rank of the group calls it.
+    pub fn gather(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<Option<Tensor>> {
+        self.gather_buf(model, group, &self.rows)
+    }
+
+    /// The whole latent and the whole sampler history (in the latent's layout) on rank 0 (`None`
+    /// on the others): a collective, every rank of the group calls it.
+    pub fn checkpoint(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<Option<(Tensor, SamplerHistory)>> {
+        let latents = self.gather(model, group)?;
+        let mut history = Vec::new();
+        for b in self.state.buffers() {
+            if let Some(whole) = self.gather_buf(model, group, b)? {
+                history.push(whole.into_data());
+            }
+        }
+        Ok(latents.map(|l| {
+            let len = l.len();
+            (l, history_from_parts(self.state.kind(), len, self.state.next_step(), history))
+        }))
+    }
+
+    /// `buf` (rows of this rank) as the whole latent-shaped tensor on rank 0.
+    fn gather_buf(&self, model: &WanTransformer<O>, group: RankGroup<'_>, buf: &O::Buf<f32>) -> Result<Option<Tensor>> {
+        let ops = model.ops();
+        let rows = match group {
+            RankGroup::Sharded(ctx) if self.parts.len() > 1 => O::gather_rows(ctx, ops, buf, &self.parts)?,
+            _ => Some(ops.download(buf)?),
+        };
+        let Some(rows) = rows else { return Ok(None) };
+        let g = &self.geometry;
+        let [f, h, w] = g.latent_fhw();
+        Ok(Some(Tensor::new([1, g.channels, f, h, w], cpu::unpatchify(&rows, g)?)?))
+    }
+}
+
+/// How a latent is laid out as patch rows over a group.
+struct RowLayout {
+    grid: PatchGrid,
+    geometry: PatchGeometry,
+    /// Every rank's elements of the row layout.
+    parts: Vec<Range<usize>>,
+    /// This rank's tokens.
+    tokens: Range<usize>,
+}
+
+/// The patch geometry of `latents` `[1, C, F, H, W]` for `model`, every rank's element range of
+/// the row layout, and `rank`'s tokens.
+fn layout<O: ShardOps>(model: &WanTransformer<O>, latents: &Tensor, rank: usize, ranks: usize) -> Result<RowLayout> {
+    let c = model.config();
+    let s = latents.shape();
+    if s.len() != 5 || s[0] != 1 || s[1] != c.in_channels || c.in_channels != c.out_channels {
+        return Err(WorkerError::input(
+            "latents",
+            format!("expected [1, {}, F, H, W] for a model of {} in and {} out channels, got {s:?}", c.in_channels, c.in_channels, c.out_channels),
+        ));
+    }
+    let grid = PatchGrid::new([s[2], s[3], s[4]], c.patch_size)?;
+    let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
+    if rank >= ranks {
+        return Err(WorkerError::input("rank", format!("{rank} is outside a group of {ranks}")));
+    }
+    let tokens = shard_ranges(grid.tokens(), ranks);
+    let features = geometry.features();
+    let parts = tokens.iter().map(|r| r.start * features..r.end * features).collect();
+    Ok(RowLayout { grid, geometry, parts, tokens: tokens[rank].clone() })
+}
+
+/// The text states of a step's batch: the prompt's `[1, L, D]`, and with guidance the negative
+/// prompt's after it (`[2, L, D]`: the conditional and unconditional passes in one batch).
+fn batch_context(text: &TextConditions, guidance_scale: f32) -> Result<Tensor> {
+    let a = &text.prompt_embeds;
+    let Some(b) = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale)) else { return Ok(a.clone()) };
+    b.expect_shape("negative_prompt_embeds", a.shape())?;
+    let mut shape = a.shape().to_vec();
+    shape[0] = 2;
+    let mut data = Vec::with_capacity(a.len() * 2);
+    data.extend_from_slice(a.data());
+    data.extend_from_slice(b.data());
+    Ok(Tensor::new(shape, data)?)
+}
