@@ -14,20 +14,30 @@ pub const MAX_PROMPT_CHARS: usize = 2_000;
 /// Most sequence-parallel ranks one job may have.
 pub const MAX_RANKS: u32 = 4096;
 
-/// How a job is spread: `ranks` sequence-parallel ranks, `ulysses` of them exchanging heads
-/// (all-to-all) and rings of `ranks / ulysses` passing keys and values.
+/// How a job is spread: `ranks` ranks, split into two halves when `cfg_parallel` (one runs the
+/// conditional pass of guidance, the other the unconditional), each half (or the whole group) a
+/// sequence-parallel group of `ulysses` ranks exchanging heads (all-to-all) times rings passing
+/// keys and values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobPlan {
     /// Ranks of the group.
     pub ranks: u32,
-    /// Ulysses degree (divides `ranks`; the workers check it also divides their heads).
+    /// Ulysses degree (divides a sequence-parallel group; the workers check it also divides
+    /// their heads).
     pub ulysses: u32,
+    /// Whether the guidance passes run on two halves of the group.
+    pub cfg_parallel: bool,
 }
 
 impl JobPlan {
-    /// Ring degree: `ranks / ulysses`.
+    /// Ranks of one sequence-parallel group: `ranks`, or half of them with CFG-parallel.
+    pub fn sequence_ranks(self) -> u32 {
+        self.ranks / if self.cfg_parallel { 2 } else { 1 }
+    }
+
+    /// Ring degree: the sequence-parallel group over `ulysses`.
     pub fn ring(self) -> u32 {
-        self.ranks / self.ulysses.max(1)
+        self.sequence_ranks() / self.ulysses.max(1)
     }
 }
 
@@ -135,14 +145,24 @@ impl JobSpec {
     }
 
     /// The spec with its plan, once the group is chosen: at least one rank and at most
-    /// [`MAX_RANKS`], no more ranks than tokens, a Ulysses degree dividing the ranks.
+    /// [`MAX_RANKS`], no more sequence-parallel ranks than tokens, a Ulysses degree dividing them;
+    /// CFG-parallel only for a guided job on an even group.
     pub fn planned(mut self, plan: JobPlan) -> Result<Self> {
-        if plan.ranks == 0 || plan.ranks > MAX_RANKS || plan.ranks as usize > self.tokens {
+        if plan.cfg_parallel && (!plan.ranks.is_multiple_of(2) || self.forwards_per_step() != 2) {
+            return Err(ClusterError::input(
+                "cfg_parallel",
+                format!("CFG-parallel needs an even group ({} ranks) and classifier-free guidance (scale {})", plan.ranks, self.request.guidance_scale),
+            ));
+        }
+        if plan.ranks == 0 || plan.ranks > MAX_RANKS || plan.sequence_ranks() as usize > self.tokens {
             let most = MAX_RANKS.min(u32::try_from(self.tokens).unwrap_or(u32::MAX));
             return Err(ClusterError::input("ranks", format!("{} must be between 1 and {most} (the job has {} tokens)", plan.ranks, self.tokens)));
         }
-        if plan.ulysses == 0 || !plan.ranks.is_multiple_of(plan.ulysses) {
-            return Err(ClusterError::input("ulysses", format!("{} must be positive and divide the {} ranks", plan.ulysses, plan.ranks)));
+        if plan.ulysses == 0 || !plan.sequence_ranks().is_multiple_of(plan.ulysses) {
+            return Err(ClusterError::input(
+                "ulysses",
+                format!("{} must be positive and divide the {} sequence-parallel ranks", plan.ulysses, plan.sequence_ranks()),
+            ));
         }
         self.plan = Some(plan);
         Ok(self)
@@ -201,6 +221,7 @@ impl JobSpec {
             temporal_factor: self.factors.temporal as u32,
             ranks: self.plan.map_or(0, |p| p.ranks),
             ulysses: self.plan.map_or(0, |p| p.ulysses),
+            cfg_parallel: self.plan.is_some_and(|p| p.cfg_parallel),
         }
     }
 
@@ -228,7 +249,7 @@ impl JobSpec {
         let spec = Self::new(request, factors, limits)?;
         match (m.ranks, m.ulysses) {
             (0, 0) => Ok(spec),
-            (ranks, ulysses) => spec.planned(JobPlan { ranks, ulysses }),
+            (ranks, ulysses) => spec.planned(JobPlan { ranks, ulysses, cfg_parallel: m.cfg_parallel }),
         }
     }
 }
@@ -265,9 +286,17 @@ mod tests {
         let spec = JobSpec::new(request(), ModelFactors::WAN, &Limits::default()).unwrap();
         assert_eq!((spec.latent_fhw(), spec.tokens(), spec.forwards_per_step()), ([21, 60, 104], 32_760, 2));
         assert_eq!(JobSpec::from_message(&spec.to_message(), &Limits::default()).unwrap(), spec);
-        let planned = spec.planned(JobPlan { ranks: 4, ulysses: 2 }).unwrap();
+        let planned = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: false }).unwrap();
         assert_eq!(planned.plan().map(JobPlan::ring), Some(2));
         assert_eq!(JobSpec::from_message(&planned.to_message(), &Limits::default()).unwrap(), planned);
+        // CFG-parallel: two halves of 2 Ulysses ranks; only on an even group of a guided job
+        let halves = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: true }).unwrap();
+        assert_eq!(halves.plan().map(|p| (p.sequence_ranks(), p.ring())), Some((2, 1)));
+        assert_eq!(JobSpec::from_message(&halves.to_message(), &Limits::default()).unwrap(), halves);
+        assert_eq!(field(spec.clone().planned(JobPlan { ranks: 3, ulysses: 1, cfg_parallel: true })), "cfg_parallel");
+        assert_eq!(field(spec.clone().planned(JobPlan { ranks: 4, ulysses: 4, cfg_parallel: true })), "ulysses");
+        let unguided = JobSpec::new(JobRequest { guidance_scale: 1.0, ..request() }, ModelFactors::WAN, &Limits::default()).unwrap();
+        assert_eq!(field(unguided.planned(JobPlan { ranks: 2, ulysses: 1, cfg_parallel: true })), "cfg_parallel");
     }
 
     /// Sizes as users ask for them: 1080 rows are generated as 1088 (a multiple of 16) and

@@ -132,7 +132,7 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
                 let model = CudaWanTransformer::preset(ops.clone(), preset, 5).unwrap();
                 let group = NcclGroup::join(ops, &id, rank, plan, Arc::new(CommStats::default())).unwrap();
                 let timings = tessera_worker::parallel::AttentionTimings::default();
-                let shard = DeviceShard { world: &group.world, ulysses: &group.ulysses, ring: &group.ring, plan, timings: &timings };
+                let shard = DeviceShard { world: &group.sequence, ulysses: &group.ulysses, ring: &group.ring, plan, timings: &timings };
                 shard.forward(&model, &x).unwrap(); // warm-up (kernel compilation, NCCL channels)
                 let t = Instant::now();
                 let out = shard.forward(&model, &x).unwrap();

@@ -76,6 +76,11 @@ fn request() -> pb::JobSpec {
 }
 
 async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, job: &str) -> Vec<u8> {
+    run_job_with(clients, peers, ulysses, false, job).await
+}
+
+/// [`run_job`], the ranks split into CFG halves when `cfg_parallel`.
+async fn run_job_with(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, cfg_parallel: bool, job: &str) -> Vec<u8> {
     let world = clients.len() as u32;
     let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
         let req = pb::PrepareJobRequest {
@@ -83,7 +88,7 @@ async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], u
             rank: rank as u32,
             peers: peers.to_vec(),
             session: 77,
-            spec: Some(pb::JobSpec { ranks: world, ulysses, ..request() }),
+            spec: Some(pb::JobSpec { ranks: world, ulysses, cfg_parallel, ..request() }),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -152,14 +157,16 @@ fn rgb_of(pipe: &WanPipeline) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_over_grpc_and_tcp_compute_the_one_process_video() {
     let want = reference_rgb();
-    for (n, ulysses) in [(2usize, 1u32), (3, 1), (2, 2)] {
+    // (workers, ulysses, CFG-parallel): ring, ring of 3, Ulysses, one guidance pass per worker,
+    // and two halves of two Ulysses ranks
+    for (n, ulysses, cfg) in [(2usize, 1u32, false), (3, 1, false), (2, 2, false), (2, 1, true), (4, 2, true)] {
         let (mut clients, peers) = start_workers(n).await;
-        let got = run_job(&mut clients, &peers, ulysses, &format!("job-{n}-{ulysses}")).await;
+        let got = run_job_with(&mut clients, &peers, ulysses, cfg, &format!("job-{n}-{ulysses}-{cfg}")).await;
         assert_eq!(got.len(), want.len());
         let worst = got.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        assert!(worst <= 1, "{n} workers (ulysses {ulysses}): frames differ by up to {worst} levels from one process");
+        assert!(worst <= 1, "{n} workers (ulysses {ulysses}, cfg-parallel {cfg}): frames differ by up to {worst} levels from one process");
         // The workers are free again: a second job runs on the same group.
-        let again = run_job(&mut clients, &peers, ulysses, "second").await;
+        let again = run_job_with(&mut clients, &peers, ulysses, cfg, "second").await;
         assert_eq!(again, got, "same request, same workers, same frames");
     }
 }

@@ -63,6 +63,7 @@ pub fn measure(model: &DitModel, inputs: &DitInputs<'_>, plan: ParallelPlan, tra
         per_rank: CommCounts {
             all_gather: per(counts.all_gather),
             gather: per(counts.gather),
+            cfg: per(counts.cfg),
             all_to_all: per(counts.all_to_all),
             ring: per(counts.ring),
             broadcast: per(counts.broadcast),

@@ -105,7 +105,8 @@ impl Tessera for TesseraService {
         let mut valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
         // The plan joins the job's spec: the group that runs it is the size it says.
         let plan = exec.plan(&valid).inspect_err(|e| state.metrics.rejected(e))?;
-        valid.spec = valid.spec.clone().planned(JobPlan { ranks: plan.ranks, ulysses: plan.ulysses }).map_err(CoordinatorError::from)?;
+        let layout = JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel };
+        valid.spec = valid.spec.clone().planned(layout).map_err(CoordinatorError::from)?;
         let id = state.jobs.new_id();
         let stop = StopSignal::default();
         let mut recorded = valid.request.clone();

@@ -13,6 +13,7 @@ use std::sync::Arc;
 pub struct CommStats {
     all_gather: AtomicU64,
     gather: AtomicU64,
+    cfg: AtomicU64,
     all_to_all: AtomicU64,
     ring: AtomicU64,
     broadcast: AtomicU64,
@@ -26,6 +27,8 @@ pub struct CommCounts {
     pub all_gather: u64,
     /// Bytes sent by gathers to one rank (a sharded latent brought to rank 0).
     pub gather: u64,
+    /// Bytes sent to the CFG partner (the other guidance branch's velocity rows).
+    pub cfg: u64,
     /// Bytes sent by all-to-alls.
     pub all_to_all: u64,
     /// Bytes sent by ring exchanges.
@@ -39,7 +42,7 @@ pub struct CommCounts {
 impl CommCounts {
     /// Everything sent.
     pub fn sent(&self) -> u64 {
-        self.all_gather + self.gather + self.all_to_all + self.ring + self.broadcast
+        self.all_gather + self.gather + self.cfg + self.all_to_all + self.ring + self.broadcast
     }
 }
 
@@ -49,6 +52,7 @@ impl std::ops::Sub for CommCounts {
         CommCounts {
             all_gather: self.all_gather - o.all_gather,
             gather: self.gather - o.gather,
+            cfg: self.cfg - o.cfg,
             all_to_all: self.all_to_all - o.all_to_all,
             ring: self.ring - o.ring,
             broadcast: self.broadcast - o.broadcast,
@@ -64,6 +68,8 @@ pub enum Traffic {
     AllGather,
     /// Gathers (every member's part to one member).
     Gather,
+    /// CFG-parallel exchanges (a rank's velocity rows to its partner in the other half).
+    Cfg,
     /// All-to-alls (a part per member).
     AllToAll,
     /// Ring hops.
@@ -77,6 +83,7 @@ impl CommStats {
         match kind {
             Traffic::AllGather => &self.all_gather,
             Traffic::Gather => &self.gather,
+            Traffic::Cfg => &self.cfg,
             Traffic::AllToAll => &self.all_to_all,
             Traffic::Ring => &self.ring,
             Traffic::Broadcast => &self.broadcast,
@@ -95,6 +102,7 @@ impl CommStats {
         CommCounts {
             all_gather: self.all_gather.load(Ordering::Relaxed),
             gather: self.gather.load(Ordering::Relaxed),
+            cfg: self.cfg.load(Ordering::Relaxed),
             all_to_all: self.all_to_all.load(Ordering::Relaxed),
             ring: self.ring.load(Ordering::Relaxed),
             broadcast: self.broadcast.load(Ordering::Relaxed),

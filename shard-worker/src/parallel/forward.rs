@@ -5,7 +5,7 @@
 //! rank holds the whole velocity ([`DeviceShard`], one code for every backend).
 
 use super::comm::Communicator;
-use super::device::{gather_rows, DeviceShard, HostDeviceComm, NcclGroup};
+use super::device::{gather_rows, swap_with_partner, DeviceShard, HostDeviceComm, NcclGroup};
 use super::plan::ParallelPlan;
 use super::tcp::{TcpOptions, TcpTransport};
 use super::timings::AttentionTimings;
@@ -21,8 +21,10 @@ use tessera_kernels::Tensor;
 /// when the transformer runs on a GPU, the NCCL communicators of the same groups.
 pub struct ShardContext {
     world: Communicator,
+    sequence: Communicator,
     ulysses: Communicator,
     ring: Communicator,
+    cfg: Communicator,
     plan: ParallelPlan,
     timings: AttentionTimings,
     nccl: std::sync::OnceLock<NcclGroup>,
@@ -40,7 +42,8 @@ impl ShardContext {
         let world = Communicator::world(transport);
         let rank = world.rank();
         let (ulysses, ring) = (world.subgroup(plan.ulysses_group(rank), 1)?, world.subgroup(plan.ring_group(rank), 2)?);
-        Ok(Self { world, ulysses, ring, plan, timings: AttentionTimings::default(), nccl: std::sync::OnceLock::new(), in_process: false })
+        let (sequence, cfg) = (world.subgroup(plan.sequence_group(rank), 3)?, world.subgroup(plan.cfg_group(rank), 4)?);
+        Ok(Self { world, sequence, ulysses, ring, cfg, plan, timings: AttentionTimings::default(), nccl: std::sync::OnceLock::new(), in_process: false })
     }
 
     /// Makes the group ready to run `model` on its device: every rank states where its model runs
@@ -96,6 +99,11 @@ impl ShardContext {
         &self.world
     }
 
+    /// This rank's sequence-parallel group (its CFG half, or the world).
+    pub fn sequence(&self) -> &Communicator {
+        &self.sequence
+    }
+
     /// This rank's Ulysses group (ranks exchanging heads by all-to-all).
     pub fn ulysses(&self) -> &Communicator {
         &self.ulysses
@@ -128,11 +136,17 @@ impl ShardContext {
     /// per-layer collectives are DEBUG spans (`ring_attention`, `all_to_all`), thousands a job.
     pub fn forward(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
         self.check_model(model)?;
+        if self.plan.cfg > 1 {
+            return Err(WorkerError::input(
+                "parallel plan",
+                "a whole-batch forward runs on one sequence-parallel group; CFG-parallel halves run in the denoising loop",
+            ));
+        }
         let (plan, timings) = (self.plan, &self.timings);
         self.traced(x.hidden_states.dim(0), || match (model, self.nccl.get()) {
             (DitModel::Cpu(m), _) => self.forward_host(m, x),
             (DitModel::Bf16Host(m), _) => self.forward_host(m, x),
-            (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
+            (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.sequence, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
             (DitModel::Cuda(m), None) if plan.ranks() > 1 => self.forward_host(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),
         })
@@ -146,7 +160,7 @@ impl ShardContext {
     /// Runs `f` with this rank's communicators over the transport (device buffers staged through
     /// the host).
     fn with_host_shard<R>(&self, f: impl FnOnce(&DeviceShard<'_, HostDeviceComm<'_>>) -> R) -> R {
-        let (world, ulysses, ring) = (HostDeviceComm::new(&self.world), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
+        let (world, ulysses, ring) = (HostDeviceComm::new(&self.sequence), HostDeviceComm::new(&self.ulysses), HostDeviceComm::new(&self.ring));
         f(&DeviceShard { world: &world, ulysses: &ulysses, ring: &ring, plan: self.plan, timings: &self.timings })
     }
 
@@ -187,10 +201,17 @@ pub trait ShardOps: Ops {
         ctx.with_host_shard(|shard| shard.forward_patches(model, x))
     }
 
-    /// Every rank's `rows` (rank j's are elements `parts[j]` of the whole) to rank 0 of `ctx`,
-    /// which gets the whole on the host (`None` elsewhere).
+    /// Every rank's `rows` in this rank's sequence-parallel group (rank j's are elements
+    /// `parts[j]` of the whole) to the group's first rank, which gets the whole on the host
+    /// (`None` elsewhere).
     fn gather_rows(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>, parts: &[std::ops::Range<usize>]) -> Result<Option<Vec<f32>>> {
-        gather_rows(&HostDeviceComm::new(&ctx.world), ops, rows, parts)
+        gather_rows(&HostDeviceComm::new(&ctx.sequence), ops, rows, parts)
+    }
+
+    /// The velocity rows of this rank's CFG partner (the other guidance branch, same tokens), for
+    /// this rank's `rows`.
+    fn swap_with_partner(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>) -> Result<Self::Buf<f32>> {
+        swap_with_partner(&HostDeviceComm::new(&ctx.cfg), ops, rows)
     }
 }
 
@@ -204,7 +225,7 @@ impl ShardOps for CudaOps {
     fn forward_patches(ctx: &ShardContext, model: &WanTransformer<Self>, x: &PatchInputs<'_, Self>) -> Result<Vec<Self::Buf<f32>>> {
         let (plan, timings) = (ctx.plan, &ctx.timings);
         match ctx.nccl.get() {
-            Some(g) => DeviceShard { world: &g.world, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward_patches(model, x),
+            Some(g) => DeviceShard { world: &g.sequence, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward_patches(model, x),
             None if ctx.in_process || plan.ranks() == 1 => ctx.with_host_shard(|shard| shard.forward_patches(model, x)),
             None => Err(missing_nccl_id_of(&model.ops().describe(), plan.ranks())),
         }
@@ -212,8 +233,16 @@ impl ShardOps for CudaOps {
 
     fn gather_rows(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>, parts: &[std::ops::Range<usize>]) -> Result<Option<Vec<f32>>> {
         match ctx.nccl.get() {
-            Some(g) => gather_rows(&g.world, ops, rows, parts),
-            None if ctx.in_process || ctx.plan.ranks() == 1 => gather_rows(&HostDeviceComm::new(&ctx.world), ops, rows, parts),
+            Some(g) => gather_rows(&g.sequence, ops, rows, parts),
+            None if ctx.in_process || ctx.plan.ranks() == 1 => gather_rows(&HostDeviceComm::new(&ctx.sequence), ops, rows, parts),
+            None => Err(missing_nccl_id_of(&ops.describe(), ctx.plan.ranks())),
+        }
+    }
+
+    fn swap_with_partner(ctx: &ShardContext, ops: &Self, rows: &Self::Buf<f32>) -> Result<Self::Buf<f32>> {
+        match ctx.nccl.get() {
+            Some(g) => swap_with_partner(&g.cfg, ops, rows),
+            None if ctx.in_process => swap_with_partner(&HostDeviceComm::new(&ctx.cfg), ops, rows),
             None => Err(missing_nccl_id_of(&ops.describe(), ctx.plan.ranks())),
         }
     }

@@ -71,6 +71,12 @@ impl ParallelPlan {
         self.ulysses * self.ring
     }
 
+    /// The plan of one CFG half on its own (its ranks numbered from 0): what the sequence-parallel
+    /// attention of a half runs.
+    pub fn sequence_plan(&self) -> ParallelPlan {
+        ParallelPlan { cfg: 1, ..*self }
+    }
+
     /// The CFG half `rank` is in (0: the conditional pass).
     pub fn half(&self, rank: usize) -> usize {
         rank / self.sequence_ranks()

@@ -228,6 +228,50 @@ mod tests {
         }
     }
 
+    /// CFG-parallel: half the ranks run the conditional pass, half the unconditional one, and
+    /// partners swap velocity rows. Two ranks (one each), and four (two halves of two ring
+    /// ranks), gather the one-device latent; the pairs move only velocity rows (no all-gather),
+    /// the second half never gathers, and a job without guidance is refused.
+    #[test]
+    fn cfg_parallel_halves_give_the_one_device_latent() {
+        let pipe = PipelinePreset::Tiny.build(3).unwrap();
+        let p = params();
+        let want = whole_latent_loop(&pipe, &p);
+        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
+        let schedule = pipe.schedule_for(&p).unwrap();
+        let start = pipe.initial_latents(&p, &schedule).unwrap();
+        let heads = pipe.transformer().config().num_attention_heads;
+        for (ranks, ulysses) in [(2, 1), (4, 1), (4, 2)] {
+            let plan = ParallelPlan::with_cfg(ranks, ulysses, 2, heads).unwrap();
+            let out = run_in_process(plan, |ctx| {
+                let g = RankGroup::Sharded(ctx);
+                let mut d = Denoiser::new(&pipe, g, &start, text.clone(), p.guidance_scale, schedule.clone())?;
+                while !d.is_finished() {
+                    d.step(&pipe, g)?;
+                }
+                Ok((d.latents(&pipe, g)?, ctx.world().stats()))
+            })
+            .unwrap();
+            let c = crate::golden::Comparison::new(out[0].0.as_ref().unwrap().data(), want.data(), &tolerance());
+            eprintln!("cfg-parallel over {ranks} ranks, ulysses {ulysses}: {c:?}");
+            assert!(c.passed, "cfg-parallel over {ranks} ranks: {c:?}");
+            assert!(out[ranks / 2..].iter().all(|(l, s)| l.is_none() && s.gather == 0), "the second half holds copies and gathers nothing");
+            // each rank sends its velocity rows once per step: its tokens × 64 features × 4 bytes
+            let rows_bytes = |r: usize| (shard_ranges_of(&want, &pipe, ranks / 2)[r % (ranks / 2)].len() * 64 * 4) as u64;
+            for (r, (_, s)) in out.iter().enumerate() {
+                assert_eq!(s.cfg, rows_bytes(r) * 4, "rank {r}: one swap per step, 4 steps");
+                assert_eq!(s.all_gather, 0);
+            }
+        }
+        let unguided = GenerationParams { guidance_scale: 1.0, ..params() };
+        let text = pipe.encode_text(&unguided.prompt, &unguided.negative_prompt, unguided.guidance_scale).unwrap();
+        let err = run_in_process(ParallelPlan::with_cfg(2, 1, 2, heads).unwrap(), |ctx| {
+            Denoiser::new(&pipe, RankGroup::Sharded(ctx), &start, text.clone(), unguided.guidance_scale, schedule.clone()).map(drop)
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("cfg_parallel"), "{err}");
+    }
+
     /// f32 sums in another order over 4 steps of the tiny model: 1e-5 rel-L2 (measured 1e-7 to
     /// 1e-6; see `pipeline::sharded::tests`).
     fn tolerance() -> crate::golden::Tolerance {

@@ -27,12 +27,28 @@ pub enum RankGroup<'a> {
     Sharded(&'a ShardContext),
 }
 
+/// A rank's place: its share of the tokens among the ranks of its sequence-parallel group, and
+/// its CFG half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Position {
+    /// Place in the sequence-parallel group.
+    rank: usize,
+    /// Ranks of the sequence-parallel group.
+    ranks: usize,
+    /// CFG half (0: the conditional pass; always 0 without CFG-parallel).
+    half: usize,
+    /// CFG-parallel degree (1 or 2).
+    cfg: usize,
+}
+
 impl RankGroup<'_> {
-    /// (this rank, ranks).
-    fn position(&self) -> (usize, usize) {
+    fn position(&self) -> Position {
         match self {
-            Self::Alone => (0, 1),
-            Self::Sharded(ctx) => (ctx.rank(), ctx.plan().ranks()),
+            Self::Alone => Position { rank: 0, ranks: 1, half: 0, cfg: 1 },
+            Self::Sharded(ctx) => {
+                let (plan, rank) = (ctx.plan(), ctx.rank());
+                Position { rank: plan.sequence_rank(rank), ranks: plan.sequence_ranks(), half: plan.half(rank), cfg: plan.cfg }
+            }
         }
     }
 }
@@ -44,11 +60,12 @@ pub struct ShardRun<O: ShardOps> {
     /// Every rank's elements of the patch-row layout (rank j: tokens × features).
     parts: Vec<Range<usize>>,
     tokens: Range<usize>,
-    rank: usize,
+    position: Position,
     rows: O::Buf<f32>,
     state: SamplerState<O>,
     schedule: Schedule,
-    /// The text states of the batch: the prompt's, then with guidance the negative prompt's.
+    /// The text states of the batch: the prompt's, then with guidance the negative prompt's (with
+    /// CFG-parallel, this half's branch alone).
     context: Tensor,
     guidance_scale: f32,
     done: usize,
@@ -65,13 +82,13 @@ impl<O: ShardOps> ShardRun<O> {
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
-        let (rank, ranks) = group.position();
-        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, rank, ranks)?;
+        let position = group.position();
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
         let ops = model.ops();
         let rows = ops.upload_vec(cpu::patchify(latents.data(), &geometry, tokens.clone())?)?;
-        let state = SamplerState::new(ops, schedule.config().kind, parts[rank].len())?;
-        let context = batch_context(&text, guidance_scale)?;
-        Ok(Self { grid, geometry, parts, tokens, rank, rows, state, schedule, context, guidance_scale, done: 0 })
+        let state = SamplerState::new(ops, schedule.config().kind, parts[position.rank].len())?;
+        let context = batch_context(&text, guidance_scale, position)?;
+        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done: 0 })
     }
 
     /// Resumes from a checkpoint: the whole latent after `steps_done` steps and the whole
@@ -87,8 +104,8 @@ impl<O: ShardOps> ShardRun<O> {
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
-        let (rank, ranks) = group.position();
-        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, rank, ranks)?;
+        let position = group.position();
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
         let total = schedule.num_steps() - schedule.first_step();
         if steps_done > total || history.len != latents.len() || history.kind != schedule.config().kind {
             return Err(WorkerError::input(
@@ -107,10 +124,10 @@ impl<O: ShardOps> ShardRun<O> {
         let ops = model.ops();
         let cut = |values: &[f32]| -> Result<O::Buf<f32>> { Ok(ops.upload_vec(cpu::patchify(values, &geometry, tokens.clone())?)?) };
         let buffers = whole.buffers().iter().map(|b| cut(b)).collect::<Result<Vec<_>>>()?;
-        let state = SamplerState::from_buffers(ops, history.kind, parts[rank].len(), history.next_step, buffers)?;
+        let state = SamplerState::from_buffers(ops, history.kind, parts[position.rank].len(), history.next_step, buffers)?;
         let rows = cut(latents.data())?;
-        let context = batch_context(&text, guidance_scale)?;
-        Ok(Self { grid, geometry, parts, tokens, rank, rows, state, schedule, context, guidance_scale, done: steps_done })
+        let context = batch_context(&text, guidance_scale, position)?;
+        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done: steps_done })
     }
 
     /// Steps in the run.
@@ -134,8 +151,8 @@ impl<O: ShardOps> ShardRun<O> {
         if self.done == self.total_steps() {
             return Err(WorkerError::input("step", format!("all {} steps have run", self.total_steps())));
         }
-        if group.position() != (self.rank, self.parts.len()) {
-            return Err(WorkerError::input("rank", format!("a run of rank {} of {} stepped as {:?}", self.rank, self.parts.len(), group.position())));
+        if group.position() != self.position {
+            return Err(WorkerError::input("rank", format!("a run made as {:?} stepped as {:?}", self.position, group.position())));
         }
         let i = self.schedule.first_step() + self.done;
         let t = self.schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
@@ -150,7 +167,7 @@ impl<O: ShardOps> ShardRun<O> {
         };
         let batch = timesteps.len();
         let mut out = match group {
-            RankGroup::Sharded(ctx) if self.parts.len() > 1 => ctx.traced(batch, || O::forward_patches(ctx, model, &x))?,
+            RankGroup::Sharded(ctx) if self.position.ranks > 1 => ctx.traced(batch, || O::forward_patches(ctx, model, &x))?,
             _ => tracing::info_span!("forward", rank = 0, ranks = 1, batch, tokens = self.tokens.len())
                 .in_scope(|| model.forward_patches(&x, &LocalAttention))?,
         };
@@ -159,13 +176,26 @@ impl<O: ShardOps> ShardRun<O> {
         if let Some(uncond) = out.first() {
             ops.guide(&mut v, uncond, self.guidance_scale)?;
         }
+        if let (RankGroup::Sharded(ctx), 2) = (group, self.position.cfg) {
+            // CFG-parallel: this half ran one branch; the partner (same tokens, other half) the
+            // other. Both combine them in the same order and step the same state.
+            let theirs = O::swap_with_partner(ctx, ops, &v)?;
+            if self.position.half == 0 {
+                ops.guide(&mut v, &theirs, self.guidance_scale)?;
+            } else {
+                let mut cond = theirs;
+                ops.guide(&mut cond, &v, self.guidance_scale)?;
+                v = cond;
+            }
+        }
         self.state.step(ops, &self.schedule, i, &v, &mut self.rows)?;
         self.done += 1;
         Ok(())
     }
 
     /// The whole latent `[1, C, F, H, W]` on rank 0 (`None` on the others): a collective, every
-    /// rank of the group calls it.
+    /// rank of the group calls it (the ranks of a second CFG half hold copies of the first's
+    /// shares and take no part).
     pub fn gather(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<Option<Tensor>> {
         self.gather_buf(model, group, &self.rows)
     }
@@ -188,9 +218,12 @@ impl<O: ShardOps> ShardRun<O> {
 
     /// `buf` (rows of this rank) as the whole latent-shaped tensor on rank 0.
     fn gather_buf(&self, model: &WanTransformer<O>, group: RankGroup<'_>, buf: &O::Buf<f32>) -> Result<Option<Tensor>> {
+        if self.position.half != 0 {
+            return Ok(None);
+        }
         let ops = model.ops();
         let rows = match group {
-            RankGroup::Sharded(ctx) if self.parts.len() > 1 => O::gather_rows(ctx, ops, buf, &self.parts)?,
+            RankGroup::Sharded(ctx) if self.position.ranks > 1 => O::gather_rows(ctx, ops, buf, &self.parts)?,
             _ => Some(ops.download(buf)?),
         };
         let Some(rows) = rows else { return Ok(None) };
@@ -233,10 +266,19 @@ fn layout<O: ShardOps>(model: &WanTransformer<O>, latents: &Tensor, rank: usize,
 }
 
 /// The text states of a step's batch: the prompt's `[1, L, D]`, and with guidance the negative
-/// prompt's after it (`[2, L, D]`: the conditional and unconditional passes in one batch).
-fn batch_context(text: &TextConditions, guidance_scale: f32) -> Result<Tensor> {
+/// prompt's after it (`[2, L, D]`: the conditional and unconditional passes in one batch). A
+/// CFG-parallel half runs its own branch alone: the prompt's (half 0) or the negative prompt's.
+fn batch_context(text: &TextConditions, guidance_scale: f32, position: Position) -> Result<Tensor> {
     let a = &text.prompt_embeds;
-    let Some(b) = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale)) else { return Ok(a.clone()) };
+    let negative = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale));
+    if position.cfg == 2 {
+        return match (position.half, negative) {
+            (0, _) => Ok(a.clone()),
+            (_, Some(b)) => Ok(b.clone()),
+            (_, None) => Err(WorkerError::input("cfg_parallel", "CFG-parallel needs classifier-free guidance (a scale above 1)")),
+        };
+    }
+    let Some(b) = negative else { return Ok(a.clone()) };
     b.expect_shape("negative_prompt_embeds", a.shape())?;
     let mut shape = a.shape().to_vec();
     shape[0] = 2;

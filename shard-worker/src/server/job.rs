@@ -19,8 +19,11 @@ pub struct JobSetup {
     pub rank: usize,
     /// The collective address of every rank, in rank order.
     pub peers: Vec<SocketAddr>,
-    /// Ulysses degree (ranks = ulysses × ring).
+    /// Ulysses degree (ranks = cfg × ulysses × ring).
     pub ulysses: usize,
+    /// CFG-parallel degree: 1, or 2 (half the ranks run the conditional pass, half the
+    /// unconditional one).
+    pub cfg: usize,
     /// Identifies the group on the wire.
     pub session: u64,
     /// How long to wait for the other ranks.
@@ -133,7 +136,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
         return Err(crate::parallel::missing_nccl_id(pipe.transformer(), world));
     }
     let heads = pipe.transformer().config().num_attention_heads;
-    let plan = ParallelPlan::new(world, setup.ulysses, heads)?;
+    let plan = ParallelPlan::with_cfg(world, setup.ulysses, setup.cfg, heads)?;
     if setup.rank >= world {
         return Err(WorkerError::input("rank", format!("{} is outside a group of {world}", setup.rank)));
     }
@@ -161,7 +164,8 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
                 let _ = ready_tx.send(Err(WorkerError::input("num_frames", "the token count overflows")));
                 return;
             };
-            let _ = ready_tx.send(Ok((shard_ranges(tokens, world)[rank].clone(), run.total_steps(), ctx.collective_aborts())));
+            let tokens = shard_ranges(tokens, plan.sequence_ranks())[plan.sequence_rank(rank)].clone();
+            let _ = ready_tx.send(Ok((tokens, run.total_steps(), ctx.collective_aborts())));
             serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;

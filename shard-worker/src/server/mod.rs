@@ -311,6 +311,7 @@ impl WorkerService {
             rank: r.rank as usize,
             peers,
             ulysses: plan.ulysses as usize,
+            cfg: if plan.cfg_parallel { 2 } else { 1 },
             session: r.session,
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,

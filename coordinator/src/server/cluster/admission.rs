@@ -17,8 +17,10 @@ use tessera_cluster::JobSpec;
 pub struct Admitted {
     /// Ranks of its group.
     pub ranks: usize,
-    /// Ulysses degree (the rest of the group forms rings).
+    /// Ulysses degree (the rest of a sequence-parallel group forms rings).
     pub ulysses: usize,
+    /// Whether the guidance passes run on two halves of the group.
+    pub cfg_parallel: bool,
     /// The planner's evaluation of that layout (`None` when the workers could not be planned).
     pub evaluation: Option<Evaluation>,
 }
@@ -78,7 +80,7 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
             );
             return Err(CoordinatorError::invalid_argument("num_frames", detail));
         }
-        return Ok(Admitted { ranks, ulysses: ulysses_degree(ranks, heads), evaluation: None });
+        return Ok(Admitted { ranks, ulysses: ulysses_degree(ranks, heads), cfg_parallel: false, evaluation: None });
     };
     let job = JobShape::of(spec);
     let e = plan::best(&shape, &job, &gpu, ranks as u32, plan::efficiency(&gpu), Capabilities::TESSERA);
@@ -93,15 +95,15 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
             e.layout.describe()
         )));
     }
-    Ok(Admitted { ranks, ulysses: e.layout.ulysses as usize, evaluation: Some(e) })
+    Ok(Admitted { ranks, ulysses: e.layout.ulysses as usize, cfg_parallel: e.layout.cfg_parallel, evaluation: Some(e) })
 }
 
 /// The planner's evaluation of the group that actually runs a job: `workers` with Ulysses degree
-/// `ulysses` (`None` when they cannot be planned).
-pub fn evaluate_group(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], ulysses: usize) -> Option<Evaluation> {
+/// `ulysses`, in CFG halves when `cfg_parallel` (`None` when they cannot be planned).
+pub fn evaluate_group(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], ulysses: usize, cfg_parallel: bool) -> Option<Evaluation> {
     let shape = model_shape(model, spec, workers.first()?)?;
     let gpu = device_kind(workers)?;
-    let layout = Capabilities::TESSERA.layout(workers.len() as u32, (ulysses as u32).max(1), false);
+    let layout = Capabilities::TESSERA.layout(workers.len() as u32, (ulysses as u32).max(1), cfg_parallel);
     Some(plan::evaluate(&shape, &JobShape::of(spec), &gpu, layout, plan::efficiency(&gpu)))
 }
 
@@ -183,7 +185,9 @@ mod tests {
         let g = device_kind(&refs).unwrap();
         assert_eq!((g.name.as_str(), g.per_node, g.memory_bytes), ("cpu", 1, 64 << 30), "different hosts");
         let ok = admit("wan", &spec(64, 48, 5), &refs, 0, 0).unwrap();
-        assert_eq!((ok.ranks, ok.evaluation.unwrap().layout.sp()), (2, 2));
+        // two hosts, a guided job: the halves run one guidance pass each and swap only the
+        // velocity (a ring would pass keys and values over the network every layer)
+        assert_eq!((ok.ranks, ok.cfg_parallel, ok.evaluation.unwrap().layout.sp()), (2, true, 1));
         // 1 of the 2 when the operator says so
         assert_eq!(admit("wan", &spec(64, 48, 5), &refs, 1, 0).unwrap().ranks, 1);
     }

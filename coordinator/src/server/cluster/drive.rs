@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tessera_cluster::membership::WorkerRecord;
-use tessera_cluster::{codec, JobPlan, Tensor};
+use tessera_cluster::{codec, Tensor};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
@@ -266,23 +266,23 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let r = &cx.job.request.request;
     let mut live = cx.live.clone();
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
-    let world = ranks.len() as u32;
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session: u64 = rand_session();
     let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
-    let spec = cx.job.request.spec.clone().planned(JobPlan { ranks: world, ulysses: group.ulysses as u32 })?.to_message();
+    let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
 
     let ranks_n = ranks.len() as u32;
     let records: Vec<&WorkerRecord> = group.workers.iter().collect();
     let (predicted_duration, predicted_peak_bytes_per_rank) =
-        super::predicted_fields(super::evaluate_group(&r.model, &cx.job.request.spec, &records, group.ulysses).as_ref());
+        super::predicted_fields(super::evaluate_group(&r.model, &cx.job.request.spec, &records, group.ulysses, group.cfg_parallel).as_ref());
     send(
         cx.events,
         ExecEvent::Plan(tessera_proto::v1::Plan {
             worker_ids: group.workers.iter().map(|w| w.worker_id.clone()).collect(),
             ranks: ranks_n,
             ulysses: group.ulysses as u32,
-            ring: ranks_n / group.ulysses as u32,
+            ring: group.plan().ring(),
+            cfg_parallel: group.cfg_parallel,
             tokens: cx.job.request.spec.tokens() as u64,
             forwards_per_step: cx.job.request.spec.forwards_per_step(),
             generated_width: cx.job.request.spec.generated_size().1,

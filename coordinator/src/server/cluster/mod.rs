@@ -222,12 +222,14 @@ impl JobExecutor for ClusterExecutor {
         let admitted = admit(model, spec, &table.group_kind(model), self.config.max_ranks, self.config.max_tokens)?;
         let (ranks, ulysses) = (admitted.ranks as u32, admitted.ulysses as u32);
         let (predicted_duration, predicted_peak_bytes_per_rank) = predicted_fields(admitted.evaluation.as_ref());
+        let cfg_parallel = admitted.cfg_parallel;
         Ok(Plan {
             // The group is chosen when the job starts.
             worker_ids: Vec::new(),
             ranks,
             ulysses,
-            ring: ranks / ulysses.max(1),
+            ring: ranks / if cfg_parallel { 2 } else { 1 } / ulysses.max(1),
+            cfg_parallel,
             tokens: spec.tokens() as u64,
             forwards_per_step: spec.forwards_per_step(),
             generated_width: spec.generated_size().1,
@@ -389,8 +391,7 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
             let planned = plan.map_or_else(|| group_limit(max_ranks, job.request.spec.tokens()), |p| p.ranks as usize);
             let ranks = planned.min(table.capacity(model)).max(1);
             // the plan's layout when the group is the size it said
-            let ulysses = plan.filter(|p| p.ranks as usize == ranks).map(|p| p.ulysses as usize);
-            if let Some(group) = table.reserve(&job.id, model, ranks, ulysses) {
+            if let Some(group) = table.reserve(&job.id, model, ranks, plan) {
                 return Ok(group);
             }
         }

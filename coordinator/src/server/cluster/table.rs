@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use tessera_cluster::membership::{MembershipEvent, MembershipSnapshot, WorkerRecord, WorkerState};
+use tessera_cluster::JobPlan;
 
 /// The reservation of a held worker (no job of this coordinator has that id: job ids are `j-…`).
 const HELD: &str = "(held: busy elsewhere)";
@@ -16,13 +17,23 @@ pub struct WorkerTable {
     reserved: HashMap<String, String>,
 }
 
-/// A job's group: its workers in rank order and the Ulysses degree among them.
+/// A job's group: its workers in rank order, whether they split into CFG halves, and the Ulysses
+/// degree among the ranks of a sequence-parallel group.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Group {
     /// The workers, rank 0 first.
     pub workers: Vec<WorkerRecord>,
-    /// Ulysses degree (ranks = ulysses × ring).
+    /// Ulysses degree (ranks = ulysses × ring, × 2 with CFG-parallel).
     pub ulysses: usize,
+    /// Whether half the ranks run the conditional pass and half the unconditional one.
+    pub cfg_parallel: bool,
+}
+
+impl Group {
+    /// The group's layout as the job's plan.
+    pub fn plan(&self) -> JobPlan {
+        JobPlan { ranks: self.workers.len() as u32, ulysses: self.ulysses as u32, cfg_parallel: self.cfg_parallel }
+    }
 }
 
 impl WorkerTable {
@@ -125,10 +136,11 @@ impl WorkerTable {
 
     /// Reserves a group of exactly `ranks` free workers serving `model` for `job`, in id order,
     /// on one kind of device: GPU workers when enough are free (they talk through NCCL), else
-    /// CPU workers. The Ulysses degree is the plan's (`ulysses`, when it divides the group and
-    /// the model's heads), else the largest that divides both; the rest of the group forms rings.
+    /// CPU workers. The layout is the plan's (`plan`, when it is for a group of this size and its
+    /// Ulysses degree divides a sequence-parallel group and the model's heads), else no
+    /// CFG-parallel and the largest Ulysses degree that divides both; the rest forms rings.
     /// `None` until that many are free: the job runs on the group its plan said.
-    pub fn reserve(&mut self, job: &str, model: &str, ranks: usize, ulysses: Option<usize>) -> Option<Group> {
+    pub fn reserve(&mut self, job: &str, model: &str, ranks: usize, plan: Option<JobPlan>) -> Option<Group> {
         let free: Vec<&WorkerRecord> = self.workers.values().filter(|w| w.model == model && self.is_free(w)).collect();
         let kind = |gpu: bool| free.iter().filter(|w| on_gpu(w) == gpu).take(ranks).map(|w| (*w).clone()).collect::<Vec<WorkerRecord>>();
         let workers = [kind(true), kind(false)].into_iter().find(|g| ranks > 0 && g.len() == ranks)?;
@@ -136,9 +148,12 @@ impl WorkerTable {
             self.reserved.insert(w.worker_id.clone(), job.to_string());
         }
         let heads = workers.iter().map(|w| w.model_info.attention_heads as usize).min().unwrap_or(0);
-        let fits = |u: &usize| *u > 0 && workers.len().is_multiple_of(*u) && (heads == 0 || heads.is_multiple_of(*u));
-        let ulysses = ulysses.filter(fits).unwrap_or_else(|| ulysses_degree(workers.len(), heads));
-        Some(Group { workers, ulysses })
+        let plan = plan.filter(|p| p.ranks as usize == workers.len() && (!p.cfg_parallel || workers.len().is_multiple_of(2)));
+        let cfg_parallel = plan.is_some_and(|p| p.cfg_parallel);
+        let sp = workers.len() / if cfg_parallel { 2 } else { 1 };
+        let fits = |u: &usize| *u > 0 && sp.is_multiple_of(*u) && (heads == 0 || heads.is_multiple_of(*u));
+        let ulysses = plan.map(|p| p.ulysses as usize).filter(fits).unwrap_or_else(|| ulysses_degree(sp, heads));
+        Some(Group { workers, ulysses, cfg_parallel })
     }
 
     /// Frees the workers reserved for `job`.

@@ -226,15 +226,17 @@ impl DeviceComm<CudaOps> for NcclDeviceComm {
     }
 }
 
-/// The NCCL communicators of one rank of a sequence-parallel job: the world (for the output
-/// all-gather), its Ulysses group and its ring group (split from the world).
+/// The NCCL communicators of one rank of a job: its sequence-parallel group (its CFG half, or
+/// every rank), that group's Ulysses and ring groups, and its CFG pair (split from the world).
 pub struct NcclGroup {
-    /// All ranks.
-    pub world: NcclDeviceComm,
+    /// The rank's sequence-parallel group (output all-gather, the latent's gather to rank 0).
+    pub sequence: NcclDeviceComm,
     /// The ranks exchanging heads by all-to-all.
     pub ulysses: NcclDeviceComm,
     /// The ranks passing key/value blocks around.
     pub ring: NcclDeviceComm,
+    /// The ranks of both halves holding the same tokens (CFG-parallel; alone otherwise).
+    pub cfg: NcclDeviceComm,
 }
 
 impl NcclGroup {
@@ -242,16 +244,21 @@ impl NcclGroup {
     /// ranks have joined); bytes are counted in `stats`.
     pub fn join(ops: &CudaOps, id: &NcclId, rank: usize, plan: ParallelPlan, stats: Arc<CommStats>) -> Result<Self> {
         let world = NcclComm::init_timeout(ops.device().clone(), id, rank, plan.ranks(), NCCL_INIT_TIMEOUT)?;
-        // Ulysses groups are runs of `ulysses` consecutive ranks; ring groups take every
-        // `ulysses`-th rank (ParallelPlan's layout), each ranked by position.
-        let ulysses = world.split(rank / plan.ulysses, rank % plan.ulysses)?;
-        let ring = world.split(rank % plan.ulysses, rank / plan.ulysses)?;
+        // ParallelPlan's layout: a CFG half is a run of sequence-parallel ranks; inside it Ulysses
+        // groups are runs of `ulysses` consecutive ranks and ring groups take every `ulysses`-th
+        // rank; a CFG pair is the ranks of each half at the same place. Each is ranked by position.
+        let (half, q, u) = (plan.half(rank), plan.sequence_rank(rank), plan.ulysses);
+        let sequence = world.split(half, q)?;
+        let ulysses = world.split(rank / u, rank % u)?;
+        let ring = world.split(half * u + q % u, q / u)?;
+        let cfg = world.split(q, half)?;
+        drop(world);
         let wrap = |c| NcclDeviceComm::new(c, stats.clone());
-        Ok(Self { world: wrap(world), ulysses: wrap(ulysses), ring: wrap(ring) })
+        Ok(Self { sequence: wrap(sequence), ulysses: wrap(ulysses), ring: wrap(ring), cfg: wrap(cfg) })
     }
 
     /// Handles that abort all three communicators from another thread (see [`NcclAbort`]).
     pub fn abort_handles(&self) -> Vec<NcclAbort> {
-        [&self.world, &self.ulysses, &self.ring].iter().map(|c| c.comm.abort_handle()).collect()
+        [&self.sequence, &self.ulysses, &self.ring, &self.cfg].iter().map(|c| c.comm.abort_handle()).collect()
     }
 }

@@ -19,7 +19,7 @@ use tessera_kernels::Tensor;
 
 /// One rank's communicators for the device forward: the world and its two attention groups.
 pub struct DeviceShard<'a, C> {
-    /// All ranks (the output all-gather).
+    /// The sequence-parallel group (all ranks, or this rank's CFG half): the output all-gather.
     pub world: &'a C,
     /// This rank's Ulysses group.
     pub ulysses: &'a C,
@@ -38,20 +38,21 @@ impl<C> DeviceShard<'_, C> {
     where
         C: DeviceComm<O>,
     {
-        let (p, rank) = (self.world.size(), self.world.rank());
-        if p != self.plan.ranks() {
-            return Err(WorkerError::Collective(format!("a world of {p} ranks for a plan of {}", self.plan.ranks())));
+        // `world` is the sequence-parallel group (a CFG half): ranks numbered within it.
+        let (p, rank, plan) = (self.world.size(), self.world.rank(), self.plan.sequence_plan());
+        if p != plan.ranks() {
+            return Err(WorkerError::Collective(format!("a sequence group of {p} ranks for a plan of {}", plan.ranks())));
         }
         let mine = shard_ranges(x.grid.tokens(), p)[rank].clone();
         if x.tokens != mine {
             return Err(WorkerError::input("tokens", format!("rank {rank} of {p} holds tokens {mine:?}, not {:?}", x.tokens)));
         }
         let heads = model.config().num_attention_heads;
-        if !heads.is_multiple_of(self.plan.ulysses) {
-            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", self.plan.ulysses)));
+        if !heads.is_multiple_of(plan.ulysses) {
+            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", plan.ulysses)));
         }
         tracing::Span::current().record("tokens", mine.len());
-        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, x.grid.tokens(), self.timings)?;
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, x.grid.tokens(), self.timings)?;
         model.forward_patches(x, &attention)
     }
 
@@ -62,9 +63,10 @@ impl<C> DeviceShard<'_, C> {
         C: DeviceComm<O>,
     {
         let (ops, cfg) = (model.ops(), model.config());
-        let (p, rank) = (self.world.size(), self.world.rank());
-        if p != self.plan.ranks() {
-            return Err(WorkerError::Collective(format!("a world of {p} ranks for a plan of {}", self.plan.ranks())));
+        // `world` is the sequence-parallel group (a CFG half): ranks numbered within it.
+        let (p, rank, plan) = (self.world.size(), self.world.rank(), self.plan.sequence_plan());
+        if p != plan.ranks() {
+            return Err(WorkerError::Collective(format!("a sequence group of {p} ranks for a plan of {}", plan.ranks())));
         }
         let (b, grid) = model.check_inputs(x)?;
         let cond = model.embed_conditions(x)?;
@@ -72,10 +74,10 @@ impl<C> DeviceShard<'_, C> {
         let mine = ranges[rank].clone();
         tracing::Span::current().record("tokens", mine.len());
         let heads = cfg.num_attention_heads;
-        if !heads.is_multiple_of(self.plan.ulysses) {
-            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", self.plan.ulysses)));
+        if !heads.is_multiple_of(plan.ulysses) {
+            return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", plan.ulysses)));
         }
-        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, self.plan, rank, grid.tokens(), self.timings)?;
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, grid.tokens(), self.timings)?;
         let po = cfg.patch_out();
         let geometry = PatchGeometry { channels: cfg.out_channels, grid: grid.dims, patch: grid.patch };
         let mut all = ops.zeros::<f32>(grid.tokens() * po)?;
@@ -120,4 +122,21 @@ pub fn gather_rows<O: Ops, C: DeviceComm<O>>(comm: &C, ops: &O, rows: &O::Buf<f3
         comm.exchange(ops, Traffic::Gather, rows, &send_parts, &mut nothing, &vec![0..0; p])?;
         Ok(None)
     }
+}
+
+/// Swaps `rows` with the other member of a CFG pair (the rank of the other half holding the same
+/// tokens): returns the partner's rows, as long as this member's. Counted as [`Traffic::Cfg`].
+pub fn swap_with_partner<O: Ops, C: DeviceComm<O>>(comm: &C, ops: &O, rows: &O::Buf<f32>) -> Result<O::Buf<f32>> {
+    let (p, me) = (comm.size(), comm.rank());
+    if p != 2 {
+        return Err(WorkerError::Collective(format!("a CFG pair of {p} members")));
+    }
+    let n = ops.len(rows);
+    let parts: Vec<Range<usize>> = (0..2).map(|j| if j == me { 0..0 } else { 0..n }).collect();
+    let mut theirs = ops.zeros::<f32>(n.max(1))?;
+    comm.exchange(ops, Traffic::Cfg, rows, &parts, &mut theirs, &parts)?;
+    if n == 0 {
+        return Ok(ops.zeros::<f32>(0)?);
+    }
+    Ok(theirs)
 }

@@ -10,4 +10,4 @@ mod tests;
 
 pub use attention::ShardedDeviceAttention;
 pub use comm::{DeviceComm, HostDeviceComm, NcclDeviceComm, NcclGroup};
-pub use forward::{gather_rows, DeviceShard};
+pub use forward::{gather_rows, swap_with_partner, DeviceShard};
