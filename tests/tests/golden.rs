@@ -73,6 +73,37 @@ fn dit_and_pipeline_cases_pass_sharded_on_bf16_host() {
     }
 }
 
+/// The pipeline cases with CFG-parallel: two halves of one rank (f32), and two halves of two
+/// ring ranks over TCP; each at the case's own tolerance, with bytes moved. Transformer cases
+/// (one forward of a batch) say they cannot.
+#[test]
+fn pipeline_cases_pass_cfg_parallel() {
+    use tessera_worker::parallel::LocalTransport;
+    for (ranks, transport) in [(2, LocalTransport::InProcess), (4, LocalTransport::TcpLoopback)] {
+        let opts = RunOptions { ranks, cfg_parallel: true, transport, ..RunOptions::default() };
+        let mut ran = 0;
+        for root in golden_roots() {
+            for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
+                if case.name.contains("df-") || case.name.contains("i2v-") {
+                    continue; // issues 16 and 17
+                }
+                let (outcome, measured) = run_case_measured(&case, &opts);
+                eprintln!("cfg-parallel {} over {ranks}: {} {:?} {measured:?}", case.name, outcome.label(), outcome.worst());
+                assert!(outcome.passed(), "{} cfg-parallel over {ranks}: {outcome:?}", case.name);
+                assert!(measured.ranks == ranks && measured.moved > 0, "{}: {measured:?}", case.name);
+                ran += 1;
+            }
+        }
+        assert!(ran >= 2, "only {ran} pipeline cases ran");
+    }
+    for root in golden_roots() {
+        for case in discover(&root, &[CaseKind::Dit]).unwrap() {
+            let (outcome, _) = run_case_measured(&case, &RunOptions { ranks: 2, cfg_parallel: true, ..RunOptions::default() });
+            assert!(matches!(&outcome, Outcome::Unsupported(why) if why.contains("CFG-parallel")), "{}: {outcome:?}", case.name);
+        }
+    }
+}
+
 /// Kinds that cannot run sharded say so and fail, rather than pass on one device.
 #[test]
 fn kinds_without_sharding_refuse_more_than_one_rank() {

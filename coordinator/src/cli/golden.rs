@@ -21,6 +21,10 @@ pub struct GoldenArgs {
     /// Ulysses (all-to-all) degree among the ranks; the rest is ring. Must divide ranks and heads.
     #[arg(long, env = "TESSERA_GOLDEN_ULYSSES", default_value_t = 1)]
     ulysses: usize,
+    /// Pipeline cases: split the ranks into two CFG halves, one guidance pass each (--ranks even;
+    /// --ulysses divides a half). Transformer cases are one forward and say so.
+    #[arg(long, env = "TESSERA_GOLDEN_CFG_PARALLEL")]
+    cfg_parallel: bool,
     /// How the sharded ranks talk: `inproc` (mailboxes) or `tcp` (real sockets on loopback).
     #[arg(long, env = "TESSERA_GOLDEN_TRANSPORT", default_value = "inproc")]
     transport: String,
@@ -56,6 +60,9 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     if args.ranks == 0 || args.ulysses == 0 || !args.ranks.is_multiple_of(args.ulysses) {
         bail!("--ranks {} --ulysses {}: both must be positive and --ulysses must divide --ranks", args.ranks, args.ulysses);
     }
+    if args.cfg_parallel && (!args.ranks.is_multiple_of(2) || !(args.ranks / 2).is_multiple_of(args.ulysses)) {
+        bail!("--cfg-parallel --ranks {} --ulysses {}: the ranks must halve, and --ulysses divide a half", args.ranks, args.ulysses);
+    }
     let transport = LocalTransport::from_name(&args.transport).ok_or_else(|| anyhow::anyhow!("--transport {}: expected inproc or tcp", args.transport))?;
     let backend = resolve_backend(&args.backend)?;
     if backend.is_bf16() {
@@ -70,7 +77,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     } else {
         println!("backend {}: f32, every case held to its own tolerance (its case.json)", backend.name());
     }
-    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, transport, backend };
+    let opts = RunOptions { ranks: args.ranks, ulysses: args.ulysses, cfg_parallel: args.cfg_parallel, transport, backend };
     let (mut passed, mut failed) = (0usize, 0usize);
     println!("{:<10} {:<40} {:>10} {:>10}  result", "kind", "case", "rel_l2", "max_abs");
     for (root, case) in &cases {

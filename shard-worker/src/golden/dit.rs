@@ -53,6 +53,11 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
     let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
     let sharded = opts.ranks > 1 || opts.ulysses > 1;
+    if opts.cfg_parallel {
+        return Ok(Outcome::Unsupported(
+            "a transformer case is one forward of its batch; CFG-parallel splits the guidance passes of a denoising loop (pipeline cases)".into(),
+        ));
+    }
     let tolerance = opts.tolerance(&meta.tolerance);
     let model = DitModel::load_backend(&case.dir, opts.backend)?;
     if !sharded {

@@ -102,8 +102,11 @@ pub fn discover(root: &Path, kinds: &[CaseKind]) -> Result<Vec<Case>> {
 pub struct RunOptions {
     /// Sequence-parallel ranks for transformer cases (in-process threads); 1 = one device.
     pub ranks: usize,
-    /// Ulysses degree among those ranks (the rest is ring): must divide the ranks and the heads.
+    /// Ulysses degree among those ranks (the rest is ring): must divide the ranks (a CFG half's
+    /// with `cfg_parallel`) and the heads.
     pub ulysses: usize,
+    /// Pipeline cases: split the ranks into CFG halves (one guidance pass each).
+    pub cfg_parallel: bool,
     /// How the in-process ranks talk: mailboxes, or real TCP on loopback.
     pub transport: LocalTransport,
     /// Where the models of every case run: `cpu` (f32, the cases' tolerances), `bf16-host` or
@@ -114,7 +117,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { ranks: 1, ulysses: 1, transport: LocalTransport::InProcess, backend: Backend::Cpu }
+        Self { ranks: 1, ulysses: 1, cfg_parallel: false, transport: LocalTransport::InProcess, backend: Backend::Cpu }
     }
 }
 

@@ -157,10 +157,11 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
 
     // Stage 3: denoising, every step compared.
     let mut rec = StepRecorder::default();
-    if opts.ranks <= 1 && opts.ulysses <= 1 {
+    if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {
         pipe.denoise(&mut latents, &text, params.guidance_scale, &schedule, &mut rec)?;
     } else {
-        let plan = match ParallelPlan::new(opts.ranks, opts.ulysses, pipe.transformer().config().num_attention_heads) {
+        let cfg = if opts.cfg_parallel { 2 } else { 1 };
+        let plan = match ParallelPlan::with_cfg(opts.ranks, opts.ulysses, cfg, pipe.transformer().config().num_attention_heads) {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
         };
