@@ -54,14 +54,31 @@ pub fn candidates(model: &ModelShape, job: &JobShape, gpu: &GpuKind, gpus: u32, 
     out
 }
 
-/// The fastest feasible layout of `gpus` devices; when none fits, the fastest of the rest, whose
-/// `infeasible` says why.
+/// Predicted totals within this share of the fastest count as a tie (the model's own error is
+/// larger): of tied layouts, the one sending the least over the network is chosen (a ring that
+/// the model hides behind compute is still the likeliest to miss), then the one with the most
+/// memory to spare.
+pub const TIE: f64 = 0.01;
+
+/// The fastest feasible layout of `gpus` devices (of those within [`TIE`] of it, the one with the
+/// least network traffic, then the lowest peak memory); when none fits, the fastest of the rest,
+/// whose `infeasible` says why.
 pub fn best(model: &ModelShape, job: &JobShape, gpu: &GpuKind, gpus: u32, efficiency: f64, caps: Capabilities) -> Evaluation {
-    candidates(model, job, gpu, gpus, efficiency, caps).into_iter().next().unwrap_or_else(|| {
+    let all = candidates(model, job, gpu, gpus, efficiency, caps);
+    let Some(fastest) = all.first() else {
         // no layout at all (zero devices): the one-device layout's evaluation says why
         let layout = Layout { gpus, ulysses: 1, ring: gpus.max(1), cfg_parallel: false, vae_ranks: 1 };
-        evaluate(model, job, gpu, layout, efficiency)
-    })
+        return evaluate(model, job, gpu, layout, efficiency);
+    };
+    if fastest.infeasible.is_some() {
+        return fastest.clone();
+    }
+    let bound = fastest.timing.total * (1.0 + TIE);
+    let tied = all.iter().filter(|e| e.infeasible.is_none() && e.timing.total <= bound);
+    let order = |a: &&Evaluation, b: &&Evaluation| {
+        a.traffic.network.total_cmp(&b.traffic.network).then(a.memory.peak.cmp(&b.memory.peak)).then(a.timing.total.total_cmp(&b.timing.total))
+    };
+    tied.min_by(order).unwrap_or(fastest).clone()
 }
 
 #[cfg(test)]
@@ -81,7 +98,12 @@ mod tests {
         assert!(all.iter().all(|e| 12 % e.layout.ulysses == 0));
         let b = best(&m, &job, &g, 8, 0.35, Capabilities::DESIGN);
         assert!(b.infeasible.is_none());
-        assert!(all.iter().all(|e| e.timing.total >= b.timing.total));
+        assert!(all.iter().all(|e| e.timing.total * (1.0 + TIE) >= b.timing.total), "within a tie of the fastest");
+        // of the layouts tied with it, the best sends the least over the network, then spares the
+        // most memory
+        let tied = all.iter().filter(|e| e.infeasible.is_none() && e.timing.total <= all[0].timing.total * (1.0 + TIE));
+        assert!(tied.clone().count() >= 1);
+        assert!(tied.into_iter().all(|e| e.traffic.network > b.traffic.network || (e.traffic.network == b.traffic.network && e.memory.peak >= b.memory.peak)));
         // today's capabilities offer CFG-parallel, never what cannot run (the distributed decode)
         let today = candidates(&m, &job, &g, 8, 0.35, Capabilities::TESSERA);
         assert!(today.iter().all(|e| e.layout.vae_ranks == 1) && today.iter().any(|e| e.layout.cfg_parallel));

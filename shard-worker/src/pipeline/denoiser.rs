@@ -122,6 +122,27 @@ mod tests {
     use crate::pipeline::{GenerationParams, PipelinePreset};
     use crate::sampler::{apply_guidance, SamplerState};
 
+    /// The tiny pipeline, the run's settings, its one-device latent ([`whole_latent_loop`]), text
+    /// conditions, schedule and starting latent.
+    struct Fixture {
+        pipe: WanPipeline,
+        p: GenerationParams,
+        want: Tensor,
+        text: TextConditions,
+        schedule: Schedule,
+        start: Tensor,
+    }
+
+    fn fixture() -> Fixture {
+        let pipe = PipelinePreset::Tiny.build(3).unwrap();
+        let p = params();
+        let want = whole_latent_loop(&pipe, &p);
+        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
+        let schedule = pipe.schedule_for(&p).unwrap();
+        let start = pipe.initial_latents(&p, &schedule).unwrap();
+        Fixture { pipe, p, want, text, schedule, start }
+    }
+
     fn params() -> GenerationParams {
         GenerationParams { height: 32, width: 32, num_frames: 5, num_inference_steps: 4, seed: 9, ..GenerationParams::new("a boat") }
     }
@@ -155,12 +176,7 @@ mod tests {
 
     #[test]
     fn the_rows_path_equals_the_whole_latent_loop_bit_for_bit_and_resumes() {
-        let pipe = PipelinePreset::Tiny.build(3).unwrap();
-        let p = params();
-        let want = whole_latent_loop(&pipe, &p);
-        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
-        let schedule = pipe.schedule_for(&p).unwrap();
-        let start = pipe.initial_latents(&p, &schedule).unwrap();
+        let Fixture { pipe, p, want, text, schedule, start } = fixture();
         let mut d = Denoiser::new(&pipe, RankGroup::Alone, &start, text.clone(), p.guidance_scale, schedule.clone()).unwrap();
         d.step(&pipe, RankGroup::Alone).unwrap();
         d.step(&pipe, RankGroup::Alone).unwrap();
@@ -182,12 +198,7 @@ mod tests {
     /// sharded generation test uses.
     #[test]
     fn sharded_runs_gather_the_one_device_latent_and_resume_on_another_group() {
-        let pipe = PipelinePreset::Tiny.build(3).unwrap();
-        let p = params();
-        let want = whole_latent_loop(&pipe, &p);
-        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
-        let schedule = pipe.schedule_for(&p).unwrap();
-        let start = pipe.initial_latents(&p, &schedule).unwrap();
+        let Fixture { pipe, p, want, text, schedule, start } = fixture();
         let heads = pipe.transformer().config().num_attention_heads;
         let pair = run_in_process(ParallelPlan::new(2, 2, heads).unwrap(), |ctx| {
             let g = RankGroup::Sharded(ctx);
@@ -234,12 +245,7 @@ mod tests {
     /// the second half never gathers, and a job without guidance is refused.
     #[test]
     fn cfg_parallel_halves_give_the_one_device_latent() {
-        let pipe = PipelinePreset::Tiny.build(3).unwrap();
-        let p = params();
-        let want = whole_latent_loop(&pipe, &p);
-        let text = pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale).unwrap();
-        let schedule = pipe.schedule_for(&p).unwrap();
-        let start = pipe.initial_latents(&p, &schedule).unwrap();
+        let Fixture { pipe, p, want, text, schedule, start } = fixture();
         let heads = pipe.transformer().config().num_attention_heads;
         for (ranks, ulysses) in [(2, 1), (4, 1), (4, 2)] {
             let plan = ParallelPlan::with_cfg(ranks, ulysses, 2, heads).unwrap();

@@ -82,13 +82,8 @@ impl<O: ShardOps> ShardRun<O> {
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
-        let position = group.position();
-        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
-        let ops = model.ops();
-        let rows = ops.upload_vec(cpu::patchify(latents.data(), &geometry, tokens.clone())?)?;
-        let state = SamplerState::new(ops, schedule.config().kind, parts[position.rank].len())?;
-        let context = batch_context(&text, guidance_scale, position)?;
-        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done: 0 })
+        let kind = schedule.config().kind;
+        Self::build(model, group, latents, &text, guidance_scale, schedule, 0, |ops, _, len| SamplerState::new(ops, kind, len))
     }
 
     /// Resumes from a checkpoint: the whole latent after `steps_done` steps and the whole
@@ -104,8 +99,6 @@ impl<O: ShardOps> ShardRun<O> {
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
-        let position = group.position();
-        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
         let total = schedule.num_steps() - schedule.first_step();
         if steps_done > total || history.len != latents.len() || history.kind != schedule.config().kind {
             return Err(WorkerError::input(
@@ -121,13 +114,34 @@ impl<O: ShardOps> ShardRun<O> {
         }
         // Checks the history's buffers, then cuts this rank's rows of each.
         let whole = SamplerState::from_history(&tessera_kernels::backend::CpuOps, history)?;
+        Self::build(model, group, latents, &text, guidance_scale, schedule, steps_done, |ops, cut, len| {
+            let buffers = whole.buffers().iter().map(|b| cut(b)).collect::<Result<Vec<_>>>()?;
+            SamplerState::from_buffers(ops, history.kind, len, history.next_step, buffers)
+        })
+    }
+
+    /// The run of this rank of `group` from the whole `latents` after `done` steps, its sampler
+    /// state made by `state` (given the backend, what cuts this rank's rows out of a whole
+    /// latent-shaped buffer, and the rows' length).
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        model: &WanTransformer<O>,
+        group: RankGroup<'_>,
+        latents: &Tensor,
+        text: &TextConditions,
+        guidance_scale: f32,
+        schedule: Schedule,
+        done: usize,
+        state: impl FnOnce(&O, &dyn Fn(&[f32]) -> Result<O::Buf<f32>>, usize) -> Result<SamplerState<O>>,
+    ) -> Result<Self> {
+        let position = group.position();
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
         let ops = model.ops();
         let cut = |values: &[f32]| -> Result<O::Buf<f32>> { Ok(ops.upload_vec(cpu::patchify(values, &geometry, tokens.clone())?)?) };
-        let buffers = whole.buffers().iter().map(|b| cut(b)).collect::<Result<Vec<_>>>()?;
-        let state = SamplerState::from_buffers(ops, history.kind, parts[position.rank].len(), history.next_step, buffers)?;
         let rows = cut(latents.data())?;
-        let context = batch_context(&text, guidance_scale, position)?;
-        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done: steps_done })
+        let state = state(ops, &cut, parts[position.rank].len())?;
+        let context = batch_context(text, guidance_scale, position)?;
+        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done })
     }
 
     /// Steps in the run.
