@@ -3,7 +3,7 @@
 //! latent and the sampler's history, on its device: [`ShardRun`]), and what a checkpoint or the
 //! decode gathers to rank 0.
 
-use super::shard_run::{RankGroup, ShardRun};
+use super::shard_run::{RankGroup, ShardRun, Start};
 use super::{TextConditions, WanPipeline};
 use crate::model::DitModel;
 use crate::sampler::{SamplerHistory, Schedule};
@@ -46,13 +46,12 @@ macro_rules! on_run {
 }
 
 impl Denoiser {
-    /// A run from the whole starting `latents` over every step of `schedule`; this rank of
-    /// `group` keeps its share.
-    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, latents: &Tensor, text: TextConditions, guidance_scale: f32, schedule: Schedule) -> Result<Self> {
+    /// A run from `start` over every step of `schedule`; this rank of `group` keeps its share.
+    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, start: Start<'_>, text: TextConditions, guidance_scale: f32, schedule: Schedule) -> Result<Self> {
         Ok(match pipe.transformer() {
-            DitModel::Cpu(m) => Self::Cpu(Box::new(ShardRun::new(m, group, latents, text, guidance_scale, schedule)?)),
-            DitModel::Bf16Host(m) => Self::Bf16Host(Box::new(ShardRun::new(m, group, latents, text, guidance_scale, schedule)?)),
-            DitModel::Cuda(m) => Self::Cuda(Box::new(ShardRun::new(m, group, latents, text, guidance_scale, schedule)?)),
+            DitModel::Cpu(m) => Self::Cpu(Box::new(ShardRun::new(m, group, start, text, guidance_scale, schedule)?)),
+            DitModel::Bf16Host(m) => Self::Bf16Host(Box::new(ShardRun::new(m, group, start, text, guidance_scale, schedule)?)),
+            DitModel::Cuda(m) => Self::Cuda(Box::new(ShardRun::new(m, group, start, text, guidance_scale, schedule)?)),
         })
     }
 
@@ -177,7 +176,7 @@ mod tests {
     #[test]
     fn the_rows_path_equals_the_whole_latent_loop_bit_for_bit_and_resumes() {
         let Fixture { pipe, p, want, text, schedule, start } = fixture();
-        let mut d = Denoiser::new(&pipe, RankGroup::Alone, &start, text.clone(), p.guidance_scale, schedule.clone()).unwrap();
+        let mut d = Denoiser::new(&pipe, RankGroup::Alone, Start::Latents(&start), text.clone(), p.guidance_scale, schedule.clone()).unwrap();
         d.step(&pipe, RankGroup::Alone).unwrap();
         d.step(&pipe, RankGroup::Alone).unwrap();
         let (latents, history) = d.checkpoint(&pipe, RankGroup::Alone).unwrap().unwrap();
@@ -202,7 +201,7 @@ mod tests {
         let heads = pipe.transformer().config().num_attention_heads;
         let pair = run_in_process(ParallelPlan::new(2, 2, heads).unwrap(), |ctx| {
             let g = RankGroup::Sharded(ctx);
-            let mut d = Denoiser::new(&pipe, g, &start, text.clone(), p.guidance_scale, schedule.clone())?;
+            let mut d = Denoiser::new(&pipe, g, Start::Latents(&start), text.clone(), p.guidance_scale, schedule.clone())?;
             d.step(&pipe, g)?;
             let cp = d.checkpoint(&pipe, g)?;
             while !d.is_finished() {
@@ -239,6 +238,31 @@ mod tests {
         }
     }
 
+    /// Seeded noise drawn rank by rank (no rank ever holds the whole) starts the run exactly
+    /// where the whole noise does, sharded or not.
+    #[test]
+    fn noise_drawn_per_rank_equals_the_whole_noise() {
+        let Fixture { pipe, p, text, schedule, start, .. } = fixture();
+        let mut shape = [0usize; 5];
+        shape.copy_from_slice(start.shape());
+        let heads = pipe.transformer().config().num_attention_heads;
+        for ranks in [1, 3] {
+            let run = |from_noise: bool| {
+                run_in_process(ParallelPlan::new(ranks, 1, heads).unwrap(), |ctx| {
+                    let g = if ranks == 1 { RankGroup::Alone } else { RankGroup::Sharded(ctx) };
+                    let origin = if from_noise { Start::Noise { seed: p.seed, stream: crate::pipeline::NOISE_STREAM, shape } } else { Start::Latents(&start) };
+                    let mut d = Denoiser::new(&pipe, g, origin, text.clone(), p.guidance_scale, schedule.clone())?;
+                    d.step(&pipe, g)?;
+                    d.latents(&pipe, g)
+                })
+                .unwrap()
+                .swap_remove(0)
+                .unwrap()
+            };
+            assert_eq!(run(true), run(false), "{ranks} ranks");
+        }
+    }
+
     /// CFG-parallel: half the ranks run the conditional pass, half the unconditional one, and
     /// partners swap velocity rows. Two ranks (one each), and four (two halves of two ring
     /// ranks), gather the one-device latent; the pairs move only velocity rows (no all-gather),
@@ -251,7 +275,7 @@ mod tests {
             let plan = ParallelPlan::with_cfg(ranks, ulysses, 2, heads).unwrap();
             let out = run_in_process(plan, |ctx| {
                 let g = RankGroup::Sharded(ctx);
-                let mut d = Denoiser::new(&pipe, g, &start, text.clone(), p.guidance_scale, schedule.clone())?;
+                let mut d = Denoiser::new(&pipe, g, Start::Latents(&start), text.clone(), p.guidance_scale, schedule.clone())?;
                 while !d.is_finished() {
                     d.step(&pipe, g)?;
                 }
@@ -272,7 +296,7 @@ mod tests {
         let unguided = GenerationParams { guidance_scale: 1.0, ..params() };
         let text = pipe.encode_text(&unguided.prompt, &unguided.negative_prompt, unguided.guidance_scale).unwrap();
         let err = run_in_process(ParallelPlan::with_cfg(2, 1, 2, heads).unwrap(), |ctx| {
-            Denoiser::new(&pipe, RankGroup::Sharded(ctx), &start, text.clone(), unguided.guidance_scale, schedule.clone()).map(drop)
+            Denoiser::new(&pipe, RankGroup::Sharded(ctx), Start::Latents(&start), text.clone(), unguided.guidance_scale, schedule.clone()).map(drop)
         })
         .unwrap_err();
         assert!(err.to_string().contains("cfg_parallel"), "{err}");

@@ -17,10 +17,10 @@ mod snapshot;
 
 pub use denoiser::Denoiser;
 pub use device::resolve_pipeline_device;
-pub use noise::{initial_noise, noise_slice, NOISE_STREAM};
+pub use noise::{initial_noise, noise_rows, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
-pub use shard_run::{RankGroup, ShardRun};
+pub use shard_run::{RankGroup, ShardRun, Start};
 pub use sharded::{denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
@@ -252,7 +252,7 @@ impl WanPipeline {
         observer: &mut dyn PipelineObserver,
     ) -> Result<()> {
         let alone = RankGroup::Alone;
-        let mut run = Denoiser::new(self, alone, latents, text.clone(), guidance_scale, schedule.clone())?;
+        let mut run = Denoiser::new(self, alone, Start::Latents(latents), text.clone(), guidance_scale, schedule.clone())?;
         while !run.is_finished() {
             let step = tracing::info_span!("step", step = run.steps_done(), steps = run.total_steps());
             step.in_scope(|| run.step(self, alone))?;

@@ -53,6 +53,40 @@ impl RankGroup<'_> {
     }
 }
 
+/// Where a run's latent starts.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// The whole starting latent `[1, C, F, H, W]` on the host; each rank cuts its rows.
+    Latents(&'a Tensor),
+    /// Seeded noise of shape `[1, C, F, H, W]` ([`super::initial_noise`]): each rank draws only
+    /// its own rows, and the whole latent never exists on any host.
+    Noise {
+        /// The generation's seed.
+        seed: u64,
+        /// The generator stream.
+        stream: u64,
+        /// The latent's shape.
+        shape: [usize; 5],
+    },
+}
+
+impl Start<'_> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Self::Latents(t) => t.shape(),
+            Self::Noise { shape, .. } => shape,
+        }
+    }
+
+    /// This rank's rows (tokens `tokens` of the latent's patch geometry `g`).
+    fn rows(&self, g: &PatchGeometry, tokens: Range<usize>) -> Result<Vec<f32>> {
+        match self {
+            Self::Latents(t) => Ok(cpu::patchify(t.data(), g, tokens)?),
+            Self::Noise { seed, stream, .. } => Ok(super::noise_rows(*seed, *stream, g, tokens)),
+        }
+    }
+}
+
 /// One rank's run of the denoising loop on backend `O`.
 pub struct ShardRun<O: ShardOps> {
     grid: PatchGrid,
@@ -72,18 +106,18 @@ pub struct ShardRun<O: ShardOps> {
 }
 
 impl<O: ShardOps> ShardRun<O> {
-    /// A run from the whole starting `latents` `[1, C, F, H, W]` (host), of which this rank of
-    /// `group` keeps its tokens' rows.
+    /// A run from the starting latent `start` `[1, C, F, H, W]`, of which this rank of `group`
+    /// keeps its tokens' rows.
     pub fn new(
         model: &WanTransformer<O>,
         group: RankGroup<'_>,
-        latents: &Tensor,
+        start: Start<'_>,
         text: TextConditions,
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
         let kind = schedule.config().kind;
-        Self::build(model, group, latents, &text, guidance_scale, schedule, 0, |ops, _, len| SamplerState::new(ops, kind, len))
+        Self::build(model, group, start, &text, guidance_scale, schedule, 0, |ops, _, len| SamplerState::new(ops, kind, len))
     }
 
     /// Resumes from a checkpoint: the whole latent after `steps_done` steps and the whole
@@ -114,20 +148,20 @@ impl<O: ShardOps> ShardRun<O> {
         }
         // Checks the history's buffers, then cuts this rank's rows of each.
         let whole = SamplerState::from_history(&tessera_kernels::backend::CpuOps, history)?;
-        Self::build(model, group, latents, &text, guidance_scale, schedule, steps_done, |ops, cut, len| {
+        Self::build(model, group, Start::Latents(latents), &text, guidance_scale, schedule, steps_done, |ops, cut, len| {
             let buffers = whole.buffers().iter().map(|b| cut(b)).collect::<Result<Vec<_>>>()?;
             SamplerState::from_buffers(ops, history.kind, len, history.next_step, buffers)
         })
     }
 
-    /// The run of this rank of `group` from the whole `latents` after `done` steps, its sampler
+    /// The run of this rank of `group` from `start` after `done` steps, its sampler
     /// state made by `state` (given the backend, what cuts this rank's rows out of a whole
     /// latent-shaped buffer, and the rows' length).
     #[allow(clippy::too_many_arguments)]
     fn build(
         model: &WanTransformer<O>,
         group: RankGroup<'_>,
-        latents: &Tensor,
+        start: Start<'_>,
         text: &TextConditions,
         guidance_scale: f32,
         schedule: Schedule,
@@ -135,10 +169,10 @@ impl<O: ShardOps> ShardRun<O> {
         state: impl FnOnce(&O, &dyn Fn(&[f32]) -> Result<O::Buf<f32>>, usize) -> Result<SamplerState<O>>,
     ) -> Result<Self> {
         let position = group.position();
-        let RowLayout { grid, geometry, parts, tokens } = layout(model, latents, position.rank, position.ranks)?;
+        let RowLayout { grid, geometry, parts, tokens } = layout(model, start.shape(), position.rank, position.ranks)?;
         let ops = model.ops();
         let cut = |values: &[f32]| -> Result<O::Buf<f32>> { Ok(ops.upload_vec(cpu::patchify(values, &geometry, tokens.clone())?)?) };
-        let rows = cut(latents.data())?;
+        let rows = ops.upload_vec(start.rows(&geometry, tokens.clone())?)?;
         let state = state(ops, &cut, parts[position.rank].len())?;
         let context = batch_context(text, guidance_scale, position)?;
         Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done })
@@ -257,11 +291,10 @@ struct RowLayout {
     tokens: Range<usize>,
 }
 
-/// The patch geometry of `latents` `[1, C, F, H, W]` for `model`, every rank's element range of
+/// The patch geometry of a latent of shape `s` `[1, C, F, H, W]` for `model`, every rank's element range of
 /// the row layout, and `rank`'s tokens.
-fn layout<O: ShardOps>(model: &WanTransformer<O>, latents: &Tensor, rank: usize, ranks: usize) -> Result<RowLayout> {
+fn layout<O: ShardOps>(model: &WanTransformer<O>, s: &[usize], rank: usize, ranks: usize) -> Result<RowLayout> {
     let c = model.config();
-    let s = latents.shape();
     if s.len() != 5 || s[0] != 1 || s[1] != c.in_channels || c.in_channels != c.out_channels {
         return Err(WorkerError::input(
             "latents",

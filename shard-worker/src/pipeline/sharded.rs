@@ -5,7 +5,7 @@
 //! reports it to the caller's observer; a stop requested by the observer is broadcast from rank 0
 //! at the step boundary, so every rank stops at the same step.
 
-use super::{Denoiser, GenerationParams, PipelineObserver, RankGroup, TextConditions, WanPipeline};
+use super::{Denoiser, GenerationParams, PipelineObserver, RankGroup, Start, TextConditions, WanPipeline};
 use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
 use crate::sampler::Schedule;
 use crate::{Result, WorkerError};
@@ -69,7 +69,7 @@ pub fn denoise_sharded(
             run_local_group(transport, plan, |ctx| {
                 let group = RankGroup::Sharded(ctx);
                 let mut obs = RankObserver { ctx, steps: (ctx.rank() == 0).then(|| tx.clone()), stop: &stop };
-                let mut run = Denoiser::new(pipe, group, &start, text.clone(), guidance_scale, schedule.clone())?;
+                let mut run = Denoiser::new(pipe, group, Start::Latents(&start), text.clone(), guidance_scale, schedule.clone())?;
                 while !run.is_finished() {
                     let step = tracing::info_span!("step", step = run.steps_done(), steps = run.total_steps());
                     step.in_scope(|| run.step(pipe, group))?;

@@ -3,7 +3,7 @@
 //! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
 
 use crate::parallel::{shard_ranges, ParallelPlan, ShardContext, TcpOptions, TcpTransport};
-use crate::pipeline::{Denoiser, GenerationParams, RankGroup, TextConditions, WanPipeline};
+use crate::pipeline::{Denoiser, GenerationParams, RankGroup, Start, TextConditions, WanPipeline, NOISE_STREAM};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
@@ -189,7 +189,13 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // keeps its share of the latent on its device from here to the decode.
     let group = if plan.ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(&ctx) };
     let run = match &setup.resume {
-        None => Denoiser::new(pipe, group, &pipe.initial_latents(p, &schedule)?, text, p.guidance_scale, schedule)?,
+        // Seeded text-to-video: each rank draws only its rows of the noise.
+        None if p.video.is_none() && p.initial_noise.is_none() => {
+            let [f, h, w] = p.latent_fhw(pipe.factors());
+            let shape = [1, pipe.vae().config().z_dim, f, h, w];
+            Denoiser::new(pipe, group, Start::Noise { seed: p.seed, stream: NOISE_STREAM, shape }, text, p.guidance_scale, schedule)?
+        }
+        None => Denoiser::new(pipe, group, Start::Latents(&pipe.initial_latents(p, &schedule)?), text, p.guidance_scale, schedule)?,
         Some(r) => {
             // The checkpoint's latent must be this run's shape.
             let expected = pipe.noise_for(p)?;
