@@ -24,7 +24,7 @@ pub use elementwise::{gated_residual_add, mul_in_place, residual_add};
 pub use embedding::timestep_embedding;
 pub use matmul::{gemm_into, linear, linear_into, MatRef, Threads};
 pub use norm::{layer_norm, layer_norm_into, rms_norm, LayerNormParams};
-pub use patch::{patchify, unpatchify, PatchGeometry};
+pub use patch::{patch_rows, patchify, unpatchify, PatchGeometry};
 pub use qk_norm::qk_norm_rope;
 pub use rope::{Rope3d, RopeTable};
 pub use sampler::{guide, sampler_step, SamplerUpdate, UniPcCorrector, UniPcPredictor, UniPcStep};

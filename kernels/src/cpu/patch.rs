@@ -49,9 +49,20 @@ impl PatchGeometry {
 /// Rows for tokens `tokens` of `latent`: row `i` holds token `tokens.start + i`, features ordered
 /// (channel, p_t, p_h, p_w), the order of the patch-embedding Conv3d weight.
 pub fn patchify(latent: &[f32], g: &PatchGeometry, tokens: Range<usize>) -> Result<Vec<f32>> {
-    g.check("patchify")?;
-    if latent.len() != g.latent_len() || tokens.start > tokens.end || tokens.end > g.tokens() {
+    if latent.len() != g.latent_len() {
         return Err(KernelError::shape("patchify", format!("latent of {} elements for {g:?}, tokens {tokens:?}", latent.len())));
+    }
+    patch_rows(g, tokens, |base, run| run.copy_from_slice(&latent[base..base + run.len()]))
+}
+
+/// The rows of tokens `tokens` of a latent of geometry `g` (as [`patchify`] lays them out), each
+/// contiguous run of `p_w` values filled by `fill(index of its first element in the flattened
+/// latent, run)`: the one walk of a token's patch, for a latent in memory or one drawn on the
+/// fly (the initial noise).
+pub fn patch_rows(g: &PatchGeometry, tokens: Range<usize>, fill: impl Fn(usize, &mut [f32]) + Sync) -> Result<Vec<f32>> {
+    g.check("patchify")?;
+    if tokens.start > tokens.end || tokens.end > g.tokens() {
+        return Err(KernelError::shape("patchify", format!("tokens {tokens:?} of {g:?}")));
     }
     let [_, gh, gw] = g.grid;
     let [pt, ph, pw] = g.patch;
@@ -65,8 +76,7 @@ pub fn patchify(latent: &[f32], g: &PatchGeometry, tokens: Range<usize>) -> Resu
         for c in 0..g.channels {
             for a in 0..pt {
                 for b in 0..ph {
-                    let base = ((c * fl + f * pt + a) * hl + h * ph + b) * wl + w * pw;
-                    dst[j..j + pw].copy_from_slice(&latent[base..base + pw]);
+                    fill(((c * fl + f * pt + a) * hl + h * ph + b) * wl + w * pw, &mut dst[j..j + pw]);
                     j += pw;
                 }
             }

@@ -2,8 +2,8 @@
 //! indexed by each element's position in the flattened `[C, T, h, w]` latent, so any slice of it
 //! can be drawn on any worker and the whole is the same whatever the number of workers.
 
-use rayon::prelude::*;
-use tessera_kernels::cpu::PatchGeometry;
+use crate::Result;
+use tessera_kernels::cpu::{patch_rows, PatchGeometry};
 use tessera_kernels::random::fill_normal;
 use tessera_kernels::Tensor;
 
@@ -21,27 +21,8 @@ pub fn noise_slice(seed: u64, stream: u64, range: std::ops::Range<usize>) -> Vec
 /// The patch rows of tokens `tokens` of the latent noise of `seed` on `stream` (the latent's
 /// patch geometry `g`): what `patchify` cuts out of [`initial_noise`], drawn without the rest
 /// of the latent ever existing (each run of `p_w` values is one contiguous draw).
-pub fn noise_rows(seed: u64, stream: u64, g: &PatchGeometry, tokens: std::ops::Range<usize>) -> Vec<f32> {
-    let [_, gh, gw] = g.grid;
-    let [pt, ph, pw] = g.patch;
-    let [fl, hl, wl] = g.latent_fhw();
-    let feat = g.features();
-    let mut out = vec![0.0f32; tokens.len() * feat];
-    out.par_chunks_mut(feat.max(1)).enumerate().for_each(|(row, dst)| {
-        let s = tokens.start + row;
-        let (f, h, w) = (s / (gh * gw), (s / gw) % gh, s % gw);
-        let mut j = 0;
-        for c in 0..g.channels {
-            for a in 0..pt {
-                for b in 0..ph {
-                    let base = ((c * fl + f * pt + a) * hl + h * ph + b) * wl + w * pw;
-                    fill_normal(seed, stream, base as u64, &mut dst[j..j + pw]);
-                    j += pw;
-                }
-            }
-        }
-    });
-    out
+pub fn noise_rows(seed: u64, stream: u64, g: &PatchGeometry, tokens: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    Ok(patch_rows(g, tokens, |base, run| fill_normal(seed, stream, base as u64, run))?)
 }
 
 /// The whole latent noise `[1, channels, T, h, w]`.
@@ -76,7 +57,7 @@ mod tests {
         let whole = initial_noise(9, NOISE_STREAM, 4, g.latent_fhw());
         for tokens in [0..18, 0..5, 5..13, 17..18] {
             let want = tessera_kernels::cpu::patchify(whole.data(), &g, tokens.clone()).unwrap();
-            assert_eq!(noise_rows(9, NOISE_STREAM, &g, tokens.clone()), want, "{tokens:?}");
+            assert_eq!(noise_rows(9, NOISE_STREAM, &g, tokens.clone()).unwrap(), want, "{tokens:?}");
         }
     }
 }

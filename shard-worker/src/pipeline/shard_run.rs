@@ -82,7 +82,7 @@ impl Start<'_> {
     fn rows(&self, g: &PatchGeometry, tokens: Range<usize>) -> Result<Vec<f32>> {
         match self {
             Self::Latents(t) => Ok(cpu::patchify(t.data(), g, tokens)?),
-            Self::Noise { seed, stream, .. } => Ok(super::noise_rows(*seed, *stream, g, tokens)),
+            Self::Noise { seed, stream, .. } => super::noise_rows(*seed, *stream, g, tokens),
         }
     }
 }
