@@ -231,6 +231,26 @@ mod tests {
         assert_eq!(t.reserve("j3", "tiny", 1, None).unwrap().workers.len(), 1);
     }
 
+    /// A plan for the group's size gives its layout, CFG halves included; a plan for another size
+    /// (workers left since) falls back to no halves and the largest Ulysses degree.
+    #[test]
+    fn the_plans_layout_is_reserved_when_the_group_is_its_size() {
+        let ids = ["a", "b", "c", "d"];
+        let mut t = table(&ids.map(|id| worker(id, "tiny", WorkerState::Idle)));
+        let halves = JobPlan { ranks: 4, ulysses: 2, cfg_parallel: true };
+        let g = t.reserve("j1", "tiny", 4, Some(halves)).unwrap();
+        assert_eq!((g.cfg_parallel, g.ulysses, g.plan()), (true, 2, halves));
+        assert_eq!(g.plan().ring(), 1);
+        t.release("j1");
+        // the plan said 4 ranks, 3 are asked: no halves, Ulysses 3 (divides 3 ranks and 12 heads)
+        let g = t.reserve("j2", "tiny", 3, Some(halves)).unwrap();
+        assert_eq!((g.cfg_parallel, g.ulysses), (false, 3));
+        t.release("j2");
+        // a Ulysses degree that does not divide a half is replaced by one that does
+        let g = t.reserve("j3", "tiny", 4, Some(JobPlan { ranks: 4, ulysses: 4, cfg_parallel: true })).unwrap();
+        assert_eq!((g.cfg_parallel, g.ulysses), (true, 2));
+    }
+
     #[test]
     fn a_group_runs_on_one_kind_of_device_gpus_first() {
         let on = |id: &str, device: &str| {
