@@ -2,7 +2,7 @@
 //! group, the pipeline run) and executes the coordinator's commands in order. Collectives block, so
 //! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
 
-use crate::parallel::{shard_ranges, ParallelPlan, ShardContext, TcpOptions, TcpTransport};
+use crate::parallel::{ParallelPlan, ShardContext, TcpOptions, TcpTransport};
 use crate::pipeline::{Denoiser, GenerationParams, RankGroup, Start, TextConditions, WanPipeline, NOISE_STREAM};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
@@ -141,7 +141,6 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
         return Err(WorkerError::input("rank", format!("{} is outside a group of {world}", setup.rank)));
     }
     // The params were checked by PrepareJob (`GenerationParams::validate`, the worker's limits).
-    let factors = pipe.factors();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (tx, rx) = mpsc::channel::<(tracing::Span, Command)>();
     let (ended_tx, ended) = tokio::sync::watch::channel(false);
@@ -160,12 +159,8 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
                     return;
                 }
             };
-            let Some(tokens) = setup.params.tokens(factors) else {
-                let _ = ready_tx.send(Err(WorkerError::input("num_frames", "the token count overflows")));
-                return;
-            };
-            let tokens = shard_ranges(tokens, plan.sequence_ranks())[plan.sequence_rank(rank)].clone();
-            let _ = ready_tx.send(Ok((tokens, run.total_steps(), ctx.collective_aborts())));
+            // The run's own share of the tokens (one formula: `ShardRun`'s layout).
+            let _ = ready_tx.send(Ok((run.tokens(), run.total_steps(), ctx.collective_aborts())));
             serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;

@@ -132,11 +132,12 @@ pub fn swap_with_partner<O: Ops, C: DeviceComm<O>>(comm: &C, ops: &O, rows: &O::
         return Err(WorkerError::Collective(format!("a CFG pair of {p} members")));
     }
     let n = ops.len(rows);
-    let parts: Vec<Range<usize>> = (0..2).map(|j| if j == me { 0..0 } else { 0..n }).collect();
-    let mut theirs = ops.zeros::<f32>(n.max(1))?;
-    comm.exchange(ops, Traffic::Cfg, rows, &parts, &mut theirs, &parts)?;
     if n == 0 {
+        // both partners hold the same (empty) tokens: nothing to swap
         return Ok(ops.zeros::<f32>(0)?);
     }
+    let parts: Vec<Range<usize>> = (0..2).map(|j| if j == me { 0..0 } else { 0..n }).collect();
+    let mut theirs = ops.zeros::<f32>(n)?;
+    comm.exchange(ops, Traffic::Cfg, rows, &parts, &mut theirs, &parts)?;
     Ok(theirs)
 }
