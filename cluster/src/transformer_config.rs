@@ -1,6 +1,7 @@
 //! The Wan 2.1 transformer's hyper-parameters as diffusers writes them (`transformer/config.json`),
 //! validated, with the released models' values: the workers build the model from it, the planner
-//! sizes jobs with it, and worker records carry it to the coordinator.
+//! sizes jobs with it, and worker records carry it to the coordinator. SkyReels-V2 (diffusion
+//! forcing) is the same architecture with two more keys, so it is the same configuration.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,26 @@ pub struct TransformerConfig {
     /// Length of the learned image position embedding (first-last-frame models only).
     #[serde(default)]
     pub pos_embed_seq_len: Option<usize>,
+    /// diffusers' class: `WanTransformer3DModel` or `SkyReelsV2Transformer3DModel` (absent in
+    /// hand-written configurations: Wan).
+    #[serde(rename = "_class_name", default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// SkyReels-V2: whether an fps embedding is added to every block's modulation.
+    #[serde(default)]
+    pub inject_sample_info: bool,
+    /// SkyReels-V2: latent frames per block of the causal block mask (1: no mask).
+    #[serde(default = "default_frames_per_block")]
+    pub num_frame_per_block: usize,
+}
+
+/// diffusers' class of the Wan 2.1 transformer.
+pub const WAN_CLASS: &str = "WanTransformer3DModel";
+/// diffusers' class of the SkyReels-V2 transformer (Wan 2.1 with per-frame timesteps, an fps
+/// embedding and a causal block mask).
+pub const SKYREELS_V2_CLASS: &str = "SkyReelsV2Transformer3DModel";
+
+fn default_frames_per_block() -> usize {
+    1
 }
 
 fn default_patch() -> [usize; 3] {
@@ -110,6 +131,16 @@ impl TransformerConfig {
         if self.pos_embed_seq_len.is_some() && self.image_dim.is_none() {
             return Err("pos_embed_seq_len needs image_dim".into());
         }
+        match self.class_name.as_deref() {
+            None | Some(WAN_CLASS) if self.inject_sample_info || self.num_frame_per_block != 1 => {
+                return Err(format!("inject_sample_info and num_frame_per_block are {SKYREELS_V2_CLASS} keys; _class_name is {:?}", self.class_name))
+            }
+            None | Some(WAN_CLASS) | Some(SKYREELS_V2_CLASS) => {}
+            Some(other) => return Err(format!("_class_name {other:?} is not a model this implementation computes ({WAN_CLASS} or {SKYREELS_V2_CLASS})")),
+        }
+        if self.num_frame_per_block == 0 {
+            return Err("num_frame_per_block must be positive".into());
+        }
         Ok(())
     }
 
@@ -133,6 +164,12 @@ impl TransformerConfig {
         self.image_dim.is_some()
     }
 
+    /// Whether this is a SkyReels-V2 model (diffusion forcing: per-frame timesteps, sinusoids
+    /// computed in float64, the fps embedding when `inject_sample_info`).
+    pub fn is_skyreels_v2(&self) -> bool {
+        self.class_name.as_deref() == Some(SKYREELS_V2_CLASS)
+    }
+
     /// Number of parameters the weights hold.
     pub fn parameter_count(&self) -> usize {
         let (d, f) = (self.inner_dim(), self.ffn_dim);
@@ -145,6 +182,9 @@ impl TransformerConfig {
         if let Some(img) = self.image_dim {
             n += 2 * img + lin(img, img) + lin(img, d) + 2 * d + self.pos_embed_seq_len.map_or(0, |s| s * img);
             block += 2 * lin(d, d) + d;
+        }
+        if self.inject_sample_info {
+            n += 2 * d + lin(d, d) + lin(d, 6 * d);
         }
         n + self.num_layers * block + 2 * d + lin(d, self.patch_out())
     }
@@ -187,6 +227,9 @@ impl TransformerConfig {
             added_kv_proj_dim: None,
             rope_max_seq_len: default_rope_len(),
             pos_embed_seq_len: None,
+            class_name: None,
+            inject_sample_info: false,
+            num_frame_per_block: 1,
         }
     }
 }
@@ -215,5 +258,26 @@ mod tests {
         assert!(TransformerConfig::from_json("{}").is_err());
         let json = serde_json::to_string(&TransformerConfig::wan21_i2v_14b()).unwrap();
         assert_eq!(TransformerConfig::from_json(&json).unwrap(), TransformerConfig::wan21_i2v_14b());
+    }
+
+    #[test]
+    fn skyreels_keys_belong_to_skyreels() {
+        let df = TransformerConfig {
+            class_name: Some(SKYREELS_V2_CLASS.into()),
+            inject_sample_info: true,
+            num_frame_per_block: 2,
+            ..TransformerConfig::wan21_t2v_1_3b()
+        };
+        assert!(df.validate().is_ok() && df.is_skyreels_v2());
+        let json = serde_json::to_string(&df).unwrap();
+        assert!(json.contains("\"_class_name\":\"SkyReelsV2Transformer3DModel\""), "{json}");
+        assert_eq!(TransformerConfig::from_json(&json).unwrap(), df);
+        // The fps embedding and projection: 2·D + (D² + D) + (6D² + 6D).
+        let d = df.inner_dim();
+        assert_eq!(df.parameter_count() - TransformerConfig::wan21_t2v_1_3b().parameter_count(), 2 * d + d * d + d + 6 * d * d + 6 * d);
+        let wan_with_mask = TransformerConfig { num_frame_per_block: 2, ..TransformerConfig::wan21_t2v_1_3b() };
+        assert!(wan_with_mask.validate().unwrap_err().contains("num_frame_per_block"));
+        let other = TransformerConfig { class_name: Some("HunyuanVideoTransformer3DModel".into()), ..TransformerConfig::wan21_t2v_1_3b() };
+        assert!(other.validate().unwrap_err().contains("_class_name"));
     }
 }

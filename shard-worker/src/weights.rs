@@ -314,7 +314,8 @@ mod tests {
         };
         let (x, ctx) = (t("hidden_states"), t("encoder_hidden_states"));
         let (_, ts) = io.read_f32("timestep").unwrap();
-        let inputs = crate::DitInputs { hidden_states: &x, timesteps: &ts, encoder_hidden_states: &ctx, encoder_hidden_states_image: None };
+        let inputs =
+            crate::DitInputs { hidden_states: &x, timesteps: &ts, encoder_hidden_states: &ctx, encoder_hidden_states_image: None, options: Default::default() };
         model.forward(&inputs).unwrap().into_data()
     }
 

@@ -114,7 +114,13 @@ fn every_plan_over_nccl_gives_the_one_gpu_forward() {
         let cfg = reference.config().clone();
         let hidden = random(&[2, cfg.in_channels, latent[0], latent[1], latent[2]], 1);
         let text = random(&[2, 7, cfg.text_dim], 2);
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[900.0, 40.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let x = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &[900.0, 40.0],
+            encoder_hidden_states: &text,
+            encoder_hidden_states_image: None,
+            options: Default::default(),
+        };
         let want = reference.forward(&x).unwrap();
         let t = Instant::now();
         reference.forward(&x).unwrap();

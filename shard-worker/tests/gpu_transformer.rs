@@ -102,7 +102,13 @@ fn golden_dit_cases_pass_on_cuda_in_bf16() {
             let (hidden, text) = (read(&io, "hidden_states"), read(&io, "encoder_hidden_states"));
             let image = io.contains("encoder_hidden_states_image").then(|| read(&io, "encoder_hidden_states_image"));
             let (_, timesteps) = io.read_f32("timestep").unwrap();
-            let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+            let x = DitInputs {
+                hidden_states: &hidden,
+                timesteps: &timesteps,
+                encoder_hidden_states: &text,
+                encoder_hidden_states_image: image.as_ref(),
+                options: Default::default(),
+            };
             let cuda = CudaWanTransformer::load(ops.clone(), &case.dir).unwrap().forward(&x).unwrap();
             let emulated = EmulatedWanTransformer::load(HostOps, &case.dir).unwrap().forward(&x).unwrap();
             compare(&format!("{} cuda vs f32 reference", case.name), &cuda, &read(&io, "output"));
@@ -129,7 +135,13 @@ fn three_ways(ops: &CudaOps, name: &str, cfg: TransformerConfig, latent: [usize;
     let text = random(&[batch, text_len, cfg.text_dim], 2);
     let image = cfg.image_dim.map(|d| random(&[batch, 257, d], 3));
     let timesteps: Vec<f32> = (0..batch).map(|i| 999.0 - 400.0 * i as f32).collect();
-    let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    let x = DitInputs {
+        hidden_states: &hidden,
+        timesteps: &timesteps,
+        encoder_hidden_states: &text,
+        encoder_hidden_states_image: image.as_ref(),
+        options: Default::default(),
+    };
     let cuda = CudaWanTransformer::from_source(ops.clone(), cfg.clone(), &src).unwrap().forward(&x).unwrap();
     let cpu = WanTransformer::from_source(CpuOps, cfg.clone(), &src).unwrap().forward(&x).unwrap();
     let emulated = EmulatedWanTransformer::from_source(HostOps, cfg, &src).unwrap().forward(&x).unwrap();
@@ -169,7 +181,8 @@ fn device_model_dispatch_and_errors() {
     let hidden = random(&[1, 16, 1, 4, 4], 1);
     let text = random(&[1, 8, 32], 2);
     let bad_text = random(&[1, 8, 31], 2);
-    let x = DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+    let x =
+        DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None, options: Default::default() };
     assert_eq!(cuda.forward(&x).unwrap().shape(), &[1, 16, 1, 4, 4]);
     let bad = DitInputs { encoder_hidden_states: &bad_text, ..x };
     let err = cuda.forward(&bad).unwrap_err().to_string();

@@ -116,7 +116,13 @@ fn bench_dit(a: DitArgs) -> Result<()> {
     let text = random_tensor(&[1, a.text_len, cfg.text_dim], 2);
     let image = cfg.image_dim.map(|d| random_tensor(&[1, 257, d], 3));
     let timesteps = [500.0f32];
-    let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    let inputs = DitInputs {
+        hidden_states: &hidden,
+        timesteps: &timesteps,
+        encoder_hidden_states: &text,
+        encoder_hidden_states_image: image.as_ref(),
+        options: Default::default(),
+    };
     let (_, grid) = model.check_inputs(&inputs)?;
     let tokens = grid.tokens();
     sys::reset_peak_rss();

@@ -49,14 +49,21 @@ pub(crate) fn linear(
     Ok((region(OP, "x", x.0, x.1, m * k)?, region(OP, "y", y.0, y.1, m * n)?))
 }
 
-/// `cuda::norm::layer_norm_modulated`: each parameter is a `[dim]` region; returns their ranges.
-pub(crate) fn layer_norm(x_len: usize, rows: usize, dim: usize, params: [Option<(usize, usize)>; 4], y_len: usize) -> Result<[Option<Range<usize>>; 4]> {
+/// `cuda::norm::layer_norm_modulated`: `x` and `y` (length, offset) hold `rows·dim` from their
+/// offsets, each parameter is a `[dim]` region; returns the ranges of x, y and the parameters.
+pub(crate) fn layer_norm(
+    x: (usize, usize),
+    rows: usize,
+    dim: usize,
+    params: [Option<(usize, usize)>; 4],
+    y: (usize, usize),
+) -> Result<(Range<usize>, Range<usize>, [Option<Range<usize>>; 4])> {
     const OP: &str = "layer_norm";
     if dim == 0 {
         return Err(super::invalid_err(OP, "dim must be positive"));
     }
-    region(OP, "x", x_len, 0, rows * dim)?;
-    region(OP, "y", y_len, 0, rows * dim)?;
+    let n = rows.checked_mul(dim).ok_or_else(|| shape_err(OP, "size overflows"))?;
+    let (xr, yr) = (region(OP, "x", x.0, x.1, n)?, region(OP, "y", y.0, y.1, n)?);
     let names = ["weight", "bias", "scale", "shift"];
     let mut out = [None, None, None, None];
     for (i, p) in params.iter().enumerate() {
@@ -64,7 +71,7 @@ pub(crate) fn layer_norm(x_len: usize, rows: usize, dim: usize, params: [Option<
             out[i] = Some(region(OP, names[i], len, off, dim)?);
         }
     }
-    Ok(out)
+    Ok((xr, yr, out))
 }
 
 /// `cuda::norm::qk_norm_rope`: returns the region of `x` the rows span. `rope_tokens_pairs` is the
@@ -327,7 +334,9 @@ mod tests {
         assert!(add((8, 0), (8, 0), Some((4, 1)), 8, 4).is_err(), "gate region overruns");
         assert!(copy_rows((10, 0), 2, (20, 0), 4, 3, 2).is_err(), "width above the source pitch");
         assert_eq!(copy_rows((10, 0), 4, (20, 1), 8, 3, 2).unwrap(), (0..7, 1..12));
-        assert!(layer_norm(8, 2, 4, [Some((4, 1)), None, None, None], 8).is_err());
+        assert!(layer_norm((8, 0), 2, 4, [Some((4, 1)), None, None, None], (8, 0)).is_err());
+        assert!(layer_norm((12, 4), 2, 4, [None; 4], (8, 0)).is_ok());
+        assert!(layer_norm((12, 5), 2, 4, [None; 4], (8, 0)).is_err());
         assert!(merge_partials((24, 6), (24, 6), 3, 2, 4).is_ok());
         assert!(merge_partials((24, 6), (24, 5), 3, 2, 4).is_err(), "short lse of b");
         assert!(merge_partials((0, 0), (0, 0), 0, 0, 4).is_err(), "no heads");

@@ -58,12 +58,13 @@ impl Ops for CpuOps {
         cpu::linear_into(&x.buf[xr], m, k, w, n, bias.map(|b| b.as_slice()), act, &mut y.buf[yr])
     }
 
-    fn layer_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: &mut Vec<f32>) -> Result<()> {
+    fn layer_norm(&self, x: At<'_, Vec<f32>>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: AtMut<'_, Vec<f32>>) -> Result<()> {
         let parts = [p.weight, p.bias, p.scale, p.shift];
-        let ranges = contract::layer_norm(x.len(), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), y.len())?;
+        let (xr, yr, ranges) =
+            contract::layer_norm((x.buf.len(), x.offset), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), (y.buf.len(), y.offset))?;
         let slice = |i: usize| -> Option<&[f32]> { parts[i].zip(ranges[i].clone()).map(|(a, r)| &a.buf[r]) };
         let params = LayerNormParams { eps: p.eps, weight: slice(0), bias: slice(1), scale: slice(2), shift: slice(3) };
-        cpu::layer_norm_into(&x[..rows * dim], dim, &params, &mut y[..rows * dim])
+        cpu::layer_norm_into(&x.buf[xr], dim, &params, &mut y.buf[yr])
     }
 
     fn qk_norm_rope(

@@ -164,10 +164,11 @@ impl Ops for CudaOps {
         cuda::gemm::linear(&self.dev, &xv, m, k, w, n, bias, act, &mut yv)
     }
 
-    fn layer_norm(&self, x: &CudaSlice<f32>, rows: usize, dim: usize, p: &NormArgs<'_, CudaSlice<f32>>, y: &mut CudaSlice<bf16>) -> Result<()> {
+    fn layer_norm(&self, x: At<'_, CudaSlice<f32>>, rows: usize, dim: usize, p: &NormArgs<'_, CudaSlice<f32>>, y: AtMut<'_, CudaSlice<bf16>>) -> Result<()> {
         const OP: &str = "layer_norm";
         let parts = [p.weight, p.bias, p.scale, p.shift];
-        let ranges = contract::layer_norm(x.len(), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), y.len())?;
+        let (xr, yr, ranges) =
+            contract::layer_norm((x.buf.len(), x.offset), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), (y.buf.len(), y.offset))?;
         let part = |i: usize| -> Result<Option<CudaView<'_, f32>>> {
             match (parts[i], ranges[i].clone()) {
                 (Some(a), Some(r)) => Ok(Some(view(OP, a.buf, r)?)),
@@ -175,7 +176,9 @@ impl Ops for CudaOps {
             }
         };
         let params = LayerNormDevParams { eps: p.eps, weight: part(0)?, bias: part(1)?, scale: part(2)?, shift: part(3)? };
-        cuda::norm::layer_norm_modulated(&self.dev, x, rows, dim, &params, y)
+        let xv = view(OP, x.buf, xr)?;
+        let mut yv = view_mut(OP, y.buf, yr)?;
+        cuda::norm::layer_norm_modulated(&self.dev, &xv, rows, dim, &params, &mut yv)
     }
 
     fn qk_norm_rope(

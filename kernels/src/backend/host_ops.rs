@@ -57,13 +57,14 @@ impl Ops for HostOps {
         Ok(())
     }
 
-    fn layer_norm(&self, x: &Vec<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: &mut Vec<bf16>) -> Result<()> {
+    fn layer_norm(&self, x: At<'_, Vec<f32>>, rows: usize, dim: usize, p: &NormArgs<'_, Vec<f32>>, y: AtMut<'_, Vec<bf16>>) -> Result<()> {
         let parts = [p.weight, p.bias, p.scale, p.shift];
-        let ranges = contract::layer_norm(x.len(), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), y.len())?;
+        let (xr, yr, ranges) =
+            contract::layer_norm((x.buf.len(), x.offset), rows, dim, parts.map(|a| a.map(|a| (a.buf.len(), a.offset))), (y.buf.len(), y.offset))?;
         let slice = |i: usize| -> Option<&[f32]> { parts[i].zip(ranges[i].clone()).map(|(a, r)| &a.buf[r]) };
         let params = LayerNormParams { eps: p.eps, weight: slice(0), bias: slice(1), scale: slice(2), shift: slice(3) };
-        let out = cpu::layer_norm(&x[..rows * dim], dim, &params)?;
-        store(&mut y[..rows * dim], &out);
+        let out = cpu::layer_norm(&x.buf[xr], dim, &params)?;
+        store(&mut y.buf[yr], &out);
         Ok(())
     }
 

@@ -278,8 +278,16 @@ pub trait Ops: Send + Sync + Sized {
         act: Activation,
         y: AtMut<'_, Self::Buf<Self::Act>>,
     ) -> Result<()>;
-    /// LayerNorm of `rows` f32 rows of `dim` (packed from the start of `x`), written as `Act`.
-    fn layer_norm(&self, x: &Self::Buf<f32>, rows: usize, dim: usize, p: &NormArgs<'_, Self::Buf<f32>>, y: &mut Self::Buf<Self::Act>) -> Result<()>;
+    /// LayerNorm of `rows` f32 rows of `dim` (packed from `x`'s offset), written as `Act` rows
+    /// packed from `y`'s offset.
+    fn layer_norm(
+        &self,
+        x: At<'_, Self::Buf<f32>>,
+        rows: usize,
+        dim: usize,
+        p: &NormArgs<'_, Self::Buf<f32>>,
+        y: AtMut<'_, Self::Buf<Self::Act>>,
+    ) -> Result<()>;
     /// In place on `rows` rows `stride` apart: RMSNorm over `heads·head_dim` channels with
     /// `weight` (`[heads·head_dim]` f32), then the rotations of `rope` (one table row per row).
     fn qk_norm_rope(

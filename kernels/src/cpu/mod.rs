@@ -21,7 +21,7 @@ pub use attention::{attention, merge_partials, AttentionOutput, AttentionShape};
 pub use biased_attention::{biased_attention, RelativeBias};
 pub use conv::{conv2d, conv3d, conv3d_pieces, Conv2dParams, Conv3dParams};
 pub use elementwise::{gated_residual_add, mul_in_place, residual_add};
-pub use embedding::timestep_embedding;
+pub use embedding::{timestep_embedding, timestep_embedding_f64};
 pub use matmul::{gemm_into, linear, linear_into, MatRef, Threads};
 pub use norm::{layer_norm, layer_norm_into, rms_norm, LayerNormParams};
 pub use patch::{patch_rows, patchify, unpatchify, PatchGeometry};

@@ -1,8 +1,10 @@
 //! Transformer cases (`dit/*`): `hidden_states`, `timestep`, `encoder_hidden_states` and, for
-//! image-to-video, `encoder_hidden_states_image` in; `output` out.
+//! image-to-video, `encoder_hidden_states_image` in; `output` out. Diffusion-forcing cases
+//! (`df-*`, SkyReels-V2) also give `fps` and a timestep per latent frame.
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, RunOptions, Tolerance};
 use crate::model::DitModel;
+use crate::model::ForwardOptions;
 use crate::parallel::{run_local_group, ParallelPlan};
 use crate::weights::SafetensorsFile;
 use crate::{DitInputs, Result};
@@ -51,7 +53,12 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let (_, timesteps) = io.read_f32("timestep")?;
     let text = read_tensor(&io, "encoder_hidden_states")?;
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
-    let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    // Diffusion-forcing cases (`df-*`): `timestep` is [B, F], `fps` one fps index; the causal
+    // block size is the config's `num_frame_per_block`.
+    let fps_index = if io.contains("fps") { io.read_f32("fps")?.1.first().map(|&v| v as usize) } else { None };
+    let options = ForwardOptions { fps_index, causal_block: None };
+    let inputs =
+        DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref(), options };
     let sharded = opts.ranks > 1 || opts.ulysses > 1;
     if opts.cfg_parallel {
         return Ok(Outcome::Unsupported(

@@ -2,14 +2,16 @@
 //! LayerNorms with f32 modulation written as `Act`, matrix products (q, k, v fused into one),
 //! fused q/k RMSNorm + RoPE, flash attention, f32 gated residual adds. In bf16 this is diffusers
 //! with the model in bf16 (§1.4), the residual stream rounded to bf16 after every add as diffusers
-//! stores it; in f32 nothing is rounded.
+//! stores it; in f32 nothing is rounded. The modulation is per run of token rows: one run for
+//! Wan, one per frame for diffusion forcing ([`Modulation`]).
 
-use super::attention::{QkvRows, SelfAttention};
+use super::attention::{QkvRows, SelfAttention, Visibility};
 use super::weights::{load_f32, load_rounded, DeviceLinear};
 use crate::transformer_config::TransformerConfig;
 use crate::weights::WeightSource;
 use crate::{Result, WorkerError};
-use tessera_kernels::backend::{at, at_mut, flash, stores_f32, At, NormArgs, Ops};
+use std::ops::Range;
+use tessera_kernels::backend::{at, at_mut, flash, stores_f32, NormArgs, Ops};
 use tessera_kernels::cpu::{Activation, AttentionShape};
 
 /// Sizes every block shares.
@@ -83,6 +85,36 @@ impl<O: Ops> Workspace<O> {
     }
 }
 
+/// A block's modulation for a forward's token rows: runs of rows, each with the offset in `buf` of
+/// the `[6·D]` vectors (shift, scale, gate of attention, then of the FFN) its rows use.
+pub(crate) struct Modulation<'a, B> {
+    /// The modulation rows (`Conditions::block_mods`).
+    pub buf: &'a B,
+    /// (local rows, offset of their vectors), covering the rows in order.
+    pub runs: Vec<(Range<usize>, usize)>,
+}
+
+impl<B> Modulation<'_, B> {
+    /// `y = LayerNorm(x)·(1 + scale) + shift` of every run, with chunks `scale` and `shift`.
+    fn norm<O: Ops<Buf<f32> = B>>(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, scale: usize, shift: usize) -> Result<()> {
+        let d = dims.d;
+        for (rows, off) in &self.runs {
+            let args =
+                NormArgs { eps: dims.eps, weight: None, bias: None, scale: Some(at(self.buf, off + scale * d)), shift: Some(at(self.buf, off + shift * d)) };
+            ops.layer_norm(at(&ws.x, rows.start * d), rows.len(), d, &args, at_mut(&mut ws.h, rows.start * d))?;
+        }
+        Ok(())
+    }
+
+    /// `x += out·gate` of every run, with chunk `gate`.
+    fn gated_add<O: Ops<Buf<f32> = B>>(&self, ops: &O, d: usize, ws: &mut Workspace<O>, gate: usize) -> Result<()> {
+        for (rows, off) in &self.runs {
+            ops.add::<O::Act>(at_mut(&mut ws.x, rows.start * d), at(&ws.out, rows.start * d), Some(at(self.buf, off + gate * d)), rows.len() * d, d)?;
+        }
+        Ok(())
+    }
+}
+
 /// Image-to-video key/value projections of cross-attention (fused `add_k_proj | add_v_proj`).
 struct ImageKv<O: Ops> {
     kv: DeviceLinear<O>,
@@ -150,39 +182,41 @@ impl<O: Ops> Block<O> {
         })
     }
 
-    /// Runs the block on the workspace's residual stream. `mods` is this block's `[6·D]`
-    /// modulation for the sample (shift, scale, gate of attention, then of the FFN); `text` the
-    /// sample's `[text_len, D]` context; `image` its image context and length (image-to-video).
+    /// Runs the block on the workspace's residual stream. `mods` is this block's modulation of
+    /// the rows; `text` the sample's `[text_len, D]` context; `image` its image context and length
+    /// (image-to-video); `visibility` which keys each token's self-attention sees.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         ops: &O,
         dims: &Dims,
         ws: &mut Workspace<O>,
-        mods: At<'_, O::Buf<f32>>,
+        mods: &Modulation<'_, O::Buf<f32>>,
         text: (&O::Buf<O::Act>, usize),
         image: Option<(&O::Buf<O::Act>, usize)>,
         rope: &O::Rope,
+        visibility: Visibility,
         attn: &dyn SelfAttention<O>,
     ) -> Result<()> {
         let Dims { d, heads, head_dim, eps, .. } = *dims;
         let n = ws.rows;
-        let chunk = |i: usize| Some(at(mods.buf, mods.offset + i * d));
-        let none = || NormArgs { eps, weight: None, bias: None, scale: None, shift: None };
 
         // 1. Self-attention on the modulated, normalised tokens; gated residual.
-        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(1), shift: chunk(0), ..none() }, &mut ws.h)?;
+        mods.norm(ops, dims, ws, 1, 0)?;
         self.qkv.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
         ops.qk_norm_rope(at_mut(&mut ws.wide, 0), n, 3 * d, heads, head_dim, &self.norm_q, eps, Some(rope))?;
         ops.qk_norm_rope(at_mut(&mut ws.wide, d), n, 3 * d, heads, head_dim, &self.norm_k, eps, Some(rope))?;
-        attn.attend(ops, QkvRows { buf: &ws.wide, rows: n, stride: 3 * d, heads, head_dim }, &mut ws.attn, &mut ws.lse)?;
+        attn.attend(ops, QkvRows { buf: &ws.wide, rows: n, stride: 3 * d, heads, head_dim, visibility }, &mut ws.attn, &mut ws.lse)?;
         self.out1.forward(ops, at(&ws.attn, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
-        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(2), n * d, d)?;
+        mods.gated_add(ops, d, ws, 2)?;
         ws.round_residual(ops, n * d)?;
 
         // 2. Cross-attention to the text (and image) context: no modulation, plain residual.
         match &self.norm2 {
-            Some((w, b)) => ops.layer_norm(&ws.x, n, d, &NormArgs { weight: Some(at(w, 0)), bias: Some(at(b, 0)), ..none() }, &mut ws.h)?,
+            Some((w, b)) => {
+                let args = NormArgs { eps, weight: Some(at(w, 0)), bias: Some(at(b, 0)), scale: None, shift: None };
+                ops.layer_norm(at(&ws.x, 0), n, d, &args, at_mut(&mut ws.h, 0))?
+            }
             None => ops.narrow(at(&ws.x, 0), at_mut(&mut ws.h, 0), n * d)?,
         }
         self.cross_attention(ops, dims, ws, text, image)?;
@@ -191,10 +225,10 @@ impl<O: Ops> Block<O> {
         ws.round_residual(ops, n * d)?;
 
         // 3. Feed-forward on the modulated, normalised tokens (GELU-tanh fused); gated residual.
-        ops.layer_norm(&ws.x, n, d, &NormArgs { scale: chunk(4), shift: chunk(3), ..none() }, &mut ws.h)?;
+        mods.norm(ops, dims, ws, 4, 3)?;
         self.ffn1.forward(ops, at(&ws.h, 0), n, Activation::GeluTanh, at_mut(&mut ws.wide, 0))?;
         self.ffn2.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.out, 0))?;
-        ops.add(at_mut(&mut ws.x, 0), at(&ws.out, 0), chunk(5), n * d, d)?;
+        mods.gated_add(ops, d, ws, 5)?;
         ws.round_residual(ops, n * d)
     }
 

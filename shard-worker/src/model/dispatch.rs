@@ -110,7 +110,13 @@ mod tests {
         let model = DitModel::preset(TransformerPreset::Tiny, 4, Device::Cpu).unwrap();
         assert_eq!((model.device(), model.describe().as_str()), (Device::Cpu, "cpu (f32)"));
         let (hidden, text) = (random(&[1, 16, 2, 4, 6], 1), random(&[1, 5, 32], 2));
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[321.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let x = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &[321.0],
+            encoder_hidden_states: &text,
+            encoder_hidden_states_image: None,
+            options: Default::default(),
+        };
         let want = CpuWanTransformer::preset(CpuOps, TransformerPreset::Tiny, 4).unwrap().forward(&x).unwrap();
         assert_eq!(model.forward(&x).unwrap(), want);
     }

@@ -4,9 +4,10 @@
 //! `scale_shift_table + timestep_proj` in f32; the image embedder (exact-erf GELU, which the device
 //! does not fuse) on the host with diffusers' roundings to `Act`.
 //!
-//! Host-side parts and why: the time embedder runs B rows through two f32 layers (the device's
-//! matrix products take `Act` operands; diffusers keeps this module in f32), and the image embedder
-//! runs once per forward on 257 rows. Neither touches the token sequence.
+//! Host-side parts and why: the time embedder runs B rows (B·F with per-frame timesteps) through
+//! two f32 layers (the device's matrix products take `Act` operands; diffusers keeps this module
+//! in f32), the image embedder runs once per forward on 257 rows, and SkyReels-V2's fps projection
+//! on one row. None touches the token sequence.
 
 use super::layers::{AffineLayerNorm, Linear};
 use super::weights::{convert, round_to, DeviceLinear};
@@ -19,9 +20,17 @@ use tessera_kernels::cpu::{self, Activation};
 
 /// Everything a block needs besides the tokens, for the whole batch, on the device.
 pub struct Conditions<O: Ops> {
-    /// `scale_shift_table + timestep_proj` of every block, `[B, blocks, 6·D]` f32.
+    /// Timesteps per sample M: 1, or the latent frames F (diffusion forcing: frame f's tokens
+    /// are modulated by timestep f).
+    pub(crate) rows_per_sample: usize,
+    /// For each (sample, m), `[B, M]`, its row of the modulation tables: one row per distinct
+    /// timestep, so equal timesteps share their vectors (and their bits).
+    pub(crate) row_of: Vec<usize>,
+    /// `scale_shift_table + timestep_proj` of every block, per distinct timestep
+    /// `[rows, blocks, 6·D]` f32.
     pub(crate) block_mods: O::Buf<f32>,
-    /// The output head's `[shift | scale]` = its table + the `Act` time embedding, `[B, 2·D]` f32.
+    /// The output head's `[shift | scale]` = its table + the `Act` time embedding, per distinct
+    /// timestep `[rows, 2·D]` f32.
     pub(crate) head_mods: O::Buf<f32>,
     /// Projected text, per sample `[text_len, D]` (`Act`).
     pub(crate) text: Vec<O::Buf<O::Act>>,
@@ -36,6 +45,8 @@ pub(crate) struct HostTimeEmbedder {
     linear_1: Linear,
     linear_2: Linear,
     freq_dim: usize,
+    /// SkyReels-V2 computes the sinusoid in float64 (Wan in float32).
+    float64: bool,
 }
 
 impl HostTimeEmbedder {
@@ -46,13 +57,18 @@ impl HostTimeEmbedder {
             linear_1: Linear::load(src, &format!("{p}.linear_1"), cfg.freq_dim, d)?,
             linear_2: Linear::load(src, &format!("{p}.linear_2"), d, d)?,
             freq_dim: cfg.freq_dim,
+            float64: cfg.is_skyreels_v2(),
         })
     }
 
-    /// The raw time embedding `[B, D]` in f32.
+    /// The raw time embedding `[B, D]` in f32 (one row per timestep).
     pub(crate) fn forward(&self, timesteps: &[f32]) -> Result<Vec<f32>> {
         let b = timesteps.len();
-        let sinus = cpu::timestep_embedding(timesteps, self.freq_dim, 0.0, 10000.0)?;
+        let sinus = if self.float64 {
+            cpu::timestep_embedding_f64(timesteps, self.freq_dim, 10000.0)?
+        } else {
+            cpu::timestep_embedding(timesteps, self.freq_dim, 0.0, 10000.0)?
+        };
         let h = self.linear_1.forward(&sinus, b, Activation::Silu)?;
         self.linear_2.forward(&h, b, Activation::None)
     }
@@ -129,6 +145,46 @@ impl<A: Elem> HostImageEmbedder<A> {
     }
 }
 
+/// SkyReels-V2's fps embedding (`inject_sample_info`), on the host: `fps_embedding.weight[index]`
+/// → Linear → SiLU → Linear, `[6·D]`, added to every row of `timestep_proj`. Its parameters and
+/// each layer's output are rounded to `A`, as a model of that type stores them.
+pub(crate) struct HostFpsProjection<A: Elem> {
+    table: Vec<f32>,
+    linear_1: Linear,
+    linear_2: Linear,
+    elem: PhantomData<A>,
+}
+
+impl<A: Elem> HostFpsProjection<A> {
+    /// Loads `fps_embedding.weight` `[2, D]` and `fps_projection.net.{0.proj,2}`.
+    pub(crate) fn load(src: &dyn WeightSource, d: usize) -> Result<Self> {
+        let mut table = src.tensor("fps_embedding.weight", &[2, d])?;
+        round_to::<A>(&mut table);
+        Ok(Self {
+            table,
+            linear_1: rounded_linear::<A>(src, "fps_projection.net.0.proj", d, d)?,
+            linear_2: rounded_linear::<A>(src, "fps_projection.net.2", d, 6 * d)?,
+            elem: PhantomData,
+        })
+    }
+
+    /// The `[6·D]` term of fps index `index` (0: 16 fps, 1: any other rate).
+    pub(crate) fn forward(&self, index: usize) -> Result<Vec<f32>> {
+        let d = self.table.len() / 2;
+        let e = self
+            .table
+            .get(index * d..(index + 1) * d)
+            .ok_or_else(|| WorkerError::input("fps", format!("index {index}; the model has 2 (0: 16 fps, 1: other)")))?;
+        let mut h = self.linear_1.forward(e, 1, Activation::None)?;
+        round_to::<A>(&mut h);
+        cpu::apply_activation(&mut h, Activation::Silu);
+        round_to::<A>(&mut h);
+        let mut out = self.linear_2.forward(&h, 1, Activation::None)?;
+        round_to::<A>(&mut out);
+        Ok(out)
+    }
+}
+
 /// The device parts of the condition embedder: `time_proj` and the text embedder.
 pub(crate) struct Embedders<O: Ops> {
     pub(crate) time: HostTimeEmbedder,
@@ -136,6 +192,8 @@ pub(crate) struct Embedders<O: Ops> {
     pub(crate) text_1: DeviceLinear<O>,
     pub(crate) text_2: DeviceLinear<O>,
     pub(crate) image: Option<HostImageEmbedder<O::Act>>,
+    /// SkyReels-V2 with `inject_sample_info`.
+    pub(crate) fps: Option<HostFpsProjection<O::Act>>,
 }
 
 impl<O: Ops> Embedders<O> {
@@ -152,6 +210,7 @@ impl<O: Ops> Embedders<O> {
             text_1: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_1"), cfg.text_dim, d)?,
             text_2: DeviceLinear::load(ops, src, &format!("{p}.text_embedder.linear_2"), d, d)?,
             image,
+            fps: if cfg.inject_sample_info { Some(HostFpsProjection::load(src, d)?) } else { None },
         })
     }
 

@@ -32,7 +32,13 @@ fn every_dit_case_passes_in_emulated_bf16() {
         let (hidden, text) = (read(&io, "hidden_states"), read(&io, "encoder_hidden_states"));
         let image = io.contains("encoder_hidden_states_image").then(|| read(&io, "encoder_hidden_states_image"));
         let (_, timesteps) = io.read_f32("timestep").unwrap();
-        let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+        let x = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &timesteps,
+            encoder_hidden_states: &text,
+            encoder_hidden_states_image: image.as_ref(),
+            options: Default::default(),
+        };
         let model = EmulatedWanTransformer::load(HostOps, &dir).unwrap();
         let out = model.forward(&x).unwrap();
         let want = read(&io, "output");
@@ -71,6 +77,7 @@ fn config(head_dim: usize, image_dim: Option<usize>) -> TransformerConfig {
         added_kv_proj_dim: image_dim.map(|_| d),
         rope_max_seq_len: 64,
         pos_embed_seq_len: None,
+        ..TransformerConfig::wan21(2, 8, 2)
     }
 }
 
@@ -82,7 +89,13 @@ fn compare_with_cpu(cfg: TransformerConfig, latent: [usize; 3], batch: usize) {
     let text = random(&[batch, 20, cfg.text_dim], 2);
     let image = cfg.image_dim.map(|d| random(&[batch, 7, d], 3));
     let timesteps: Vec<f32> = (0..batch).map(|i| 900.0 - 350.0 * i as f32).collect();
-    let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    let x = DitInputs {
+        hidden_states: &hidden,
+        timesteps: &timesteps,
+        encoder_hidden_states: &text,
+        encoder_hidden_states_image: image.as_ref(),
+        options: Default::default(),
+    };
     let want = cpu.forward(&x).unwrap();
     let got = emu.forward_with(&x, &LocalAttention).unwrap();
     let c = Comparison::new(got.data(), want.data(), &CUDA_BF16_TOLERANCE);
@@ -103,7 +116,8 @@ fn bad_token_ranges_and_head_dims_are_errors() {
     let emu = EmulatedWanTransformer::from_source(HostOps, cfg.clone(), &src).unwrap();
     let hidden = random(&[1, cfg.in_channels, 1, 4, 4], 1);
     let text = random(&[1, 3, cfg.text_dim], 2);
-    let x = DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+    let x =
+        DitInputs { hidden_states: &hidden, timesteps: &[10.0], encoder_hidden_states: &text, encoder_hidden_states_image: None, options: Default::default() };
     let (_, grid) = emu.check_inputs(&x).unwrap();
     let cond = emu.embed_conditions(&x).unwrap();
     assert!(emu.forward_tokens(&x, &cond, 0, &grid, 2..5, &LocalAttention).is_err(), "past the 4 tokens");

@@ -13,10 +13,10 @@ mod patch;
 mod transformer;
 mod weights;
 
-pub use attention::{LocalAttention, QkvRows, SelfAttention};
+pub use attention::{visible_flash, LocalAttention, QkvRows, SelfAttention, Visibility};
 pub use dispatch::{DitFamily, DitModel};
 pub use embedding::Conditions;
 pub use layers::Linear;
 pub use patch::PatchGrid;
-pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, PatchInputs, WanTransformer};
+pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, ForwardOptions, PatchInputs, WanTransformer};
 pub(crate) use weights::{load_rounded, round_to, DeviceLinear};

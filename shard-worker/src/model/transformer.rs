@@ -3,9 +3,12 @@
 //! on the host, `forward_tokens` for one shard's token range and `forward_patches` for a rank's
 //! patch rows kept on the device, behind [`SelfAttention`] (the sequence-parallel seam). The same
 //! code runs in f32 on the CPU, in bf16 on a GPU, and in bf16 under the host twin of the GPU path.
+//! SkyReels-V2 (diffusion forcing) is this model with options: one timestep per latent frame
+//! (each frame's tokens modulated by its own vectors), the fps embedding, and the causal block
+//! mask ([`ForwardOptions`]).
 
-use super::attention::{LocalAttention, SelfAttention};
-use super::block::{Block, Dims, Workspace};
+use super::attention::{LocalAttention, SelfAttention, Visibility};
+use super::block::{Block, Dims, Modulation, Workspace};
 use super::embedding::{Conditions, Embedders};
 use super::weights::{load_f32, DeviceLinear};
 use crate::model::patch::PatchGrid;
@@ -19,17 +22,31 @@ use tessera_kernels::backend::{at, at_mut, CpuOps, CudaOps, HostOps, NormArgs, O
 use tessera_kernels::cpu::{Activation, PatchGeometry, Rope3d};
 use tessera_kernels::Tensor;
 
+/// What a forward does beyond Wan 2.1's defaults (SkyReels-V2 diffusion forcing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// The fps index of a model with `inject_sample_info` (0: 16 fps, 1: any other rate);
+    /// required by such a model, ignored by the others.
+    pub fps_index: Option<usize>,
+    /// Latent frames per block of the causal block mask; `None` takes the model's
+    /// `num_frame_per_block` (1: no mask). Must divide the frames.
+    pub causal_block: Option<usize>,
+}
+
 /// Inputs of a forward pass, as diffusers names them.
 #[derive(Clone, Copy)]
 pub struct DitInputs<'a> {
     /// Noisy latents `[B, C_in, F, H, W]`.
     pub hidden_states: &'a Tensor,
-    /// One timestep per sample (the scheduler's integer timesteps, as f32).
+    /// The scheduler's integer timesteps, as f32: one per sample `[B]`, or one per latent frame
+    /// of each sample `[B, F]` row-major (diffusion forcing).
     pub timesteps: &'a [f32],
     /// Text encoder states `[B, L, text_dim]`.
     pub encoder_hidden_states: &'a Tensor,
     /// Image encoder tokens `[B, L_img, image_dim]` (image-to-video only).
     pub encoder_hidden_states_image: Option<&'a Tensor>,
+    /// Diffusion-forcing options.
+    pub options: ForwardOptions,
 }
 
 /// Inputs of a forward pass over one rank's tokens already cut into patch rows: the form in which
@@ -43,12 +60,14 @@ pub struct PatchInputs<'a, O: Ops> {
     pub grid: PatchGrid,
     /// The global indices of the rows' tokens in the flattened (frame, row, column) grid.
     pub tokens: Range<usize>,
-    /// One timestep per sample.
+    /// One timestep per sample `[B]`, or per latent frame of each sample `[B, F]`.
     pub timesteps: &'a [f32],
-    /// Text encoder states `[B, L, text_dim]`.
+    /// Text encoder states `[B, L, text_dim]` (B is the batch).
     pub encoder_hidden_states: &'a Tensor,
     /// Image encoder tokens `[B, L_img, image_dim]` (image-to-video only).
     pub encoder_hidden_states_image: Option<&'a Tensor>,
+    /// Diffusion-forcing options.
+    pub options: ForwardOptions,
 }
 
 /// Where the patch rows of a forward come from.
@@ -153,29 +172,53 @@ impl<O: Ops> WanTransformer<O> {
     /// Time, text and image embeddings and every block's modulation, for the whole batch
     /// (replicated on every shard).
     pub fn embed_conditions(&self, x: &DitInputs<'_>) -> Result<Conditions<O>> {
-        self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)
+        self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image, x.options)
     }
 
-    /// [`embed_conditions`](Self::embed_conditions) from the timesteps, text and image states.
-    fn embed(&self, timesteps: &[f32], encoder_hidden_states: &Tensor, image_states: Option<&Tensor>) -> Result<Conditions<O>> {
+    /// [`embed_conditions`](Self::embed_conditions) from the timesteps (`[B]` or `[B, F]`), text
+    /// and image states (B = the text's batch).
+    fn embed(&self, timesteps: &[f32], encoder_hidden_states: &Tensor, image_states: Option<&Tensor>, options: ForwardOptions) -> Result<Conditions<O>> {
         let (ops, d, e) = (&self.ops, self.dims.d, &self.embedders);
-        let b = timesteps.len();
-        let (tproj, temb) = e.time(ops, timesteps)?;
-        // Blocks: scale_shift_table + timestep_proj in f32 (0 + a + b is exactly a + b).
-        let per_sample = self.blocks.len() * 6 * d;
-        let mut block_mods = ops.zeros::<f32>(b * per_sample)?;
-        for i in 0..b {
+        let b = encoder_hidden_states.dim(0);
+        if b == 0 || !timesteps.len().is_multiple_of(b) {
+            return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", timesteps.len())));
+        }
+        // One modulation row per distinct timestep (guidance's two passes, a block of frames).
+        let mut distinct: Vec<f32> = Vec::new();
+        let row_of = timesteps
+            .iter()
+            .map(|t| match distinct.iter().position(|u| u.to_bits() == t.to_bits()) {
+                Some(i) => i,
+                None => {
+                    distinct.push(*t);
+                    distinct.len() - 1
+                }
+            })
+            .collect();
+        let rows = distinct.len();
+        let (mut tproj, temb) = e.time(ops, &distinct)?;
+        // SkyReels-V2: the fps term joins every row of timestep_proj (not the head's embedding).
+        if let Some(fps) = &e.fps {
+            let index = options.fps_index.ok_or_else(|| WorkerError::input("fps", "required by a model with inject_sample_info"))?;
+            let term = fps.forward(index)?;
+            let all: Vec<f32> = (0..rows).flat_map(|_| term.iter().copied()).collect();
+            ops.add(at_mut(&mut tproj, 0), at(&ops.upload(&all)?, 0), None, rows * 6 * d, 6 * d)?;
+        }
+        // Blocks: scale_shift_table + timestep_proj in f32 (0 + a + b is exactly a + b), per row.
+        let per_row = self.blocks.len() * 6 * d;
+        let mut block_mods = ops.zeros::<f32>(rows * per_row)?;
+        for r in 0..rows {
             for (l, block) in self.blocks.iter().enumerate() {
-                let off = i * per_sample + l * 6 * d;
-                ops.add(at_mut(&mut block_mods, off), at(&tproj, i * 6 * d), None, 6 * d, 6 * d)?;
+                let off = r * per_row + l * 6 * d;
+                ops.add(at_mut(&mut block_mods, off), at(&tproj, r * 6 * d), None, 6 * d, 6 * d)?;
                 ops.add(at_mut(&mut block_mods, off), at(&block.table, 0), None, 6 * d, 6 * d)?;
             }
         }
         // Head: its table + the bf16 time embedding, for shift and for scale.
         let doubled: Vec<f32> = temb.chunks_exact(d).flat_map(|t| t.iter().chain(t).copied()).collect();
         let mut head_mods = ops.upload(&doubled)?;
-        for i in 0..b {
-            ops.add(at_mut(&mut head_mods, i * 2 * d), at(&self.head_table, 0), None, 2 * d, 2 * d)?;
+        for r in 0..rows {
+            ops.add(at_mut(&mut head_mods, r * 2 * d), at(&self.head_table, 0), None, 2 * d, 2 * d)?;
         }
         let text_len = encoder_hidden_states.dim(1);
         let per_text = text_len * self.cfg.text_dim;
@@ -191,7 +234,7 @@ impl<O: Ops> WanTransformer<O> {
             (None, Some(_)) => return Err(WorkerError::input("encoder_hidden_states_image", "given to a text-to-video model")),
             (Some(_), None) => return Err(WorkerError::input("encoder_hidden_states_image", "required by an image-to-video model")),
         };
-        Ok(Conditions { block_mods, head_mods, text, text_len, image })
+        Ok(Conditions { rows_per_sample: timesteps.len() / b, row_of, block_mods, head_mods, text, text_len, image })
     }
 
     /// The RoPE rows of `tokens` of `grid`, on the device (the last table is kept for the next call).
@@ -224,7 +267,8 @@ impl<O: Ops> WanTransformer<O> {
         let per_sample = self.cfg.in_channels * grid.latent().iter().product::<usize>();
         let sample =
             x.hidden_states.data().get(b * per_sample..(b + 1) * per_sample).ok_or_else(|| WorkerError::input("hidden_states", format!("no sample {b}")))?;
-        self.run_tokens(TokenSource::Latent(sample), cond, b, grid, tokens, attn)
+        let visibility = self.visibility(grid, x.options)?;
+        self.run_tokens(TokenSource::Latent(sample), cond, b, grid, tokens, visibility, attn)
     }
 
     /// The head's output rows `[tokens.len(), C_out·p_t·p_h·p_w]` (f32 holding `Act` values, on the
@@ -232,8 +276,8 @@ impl<O: Ops> WanTransformer<O> {
     /// the rest of the sequence. Nothing is gathered: the rows stay where the rank keeps its
     /// share of the latent.
     pub fn forward_patches(&self, x: &PatchInputs<'_, O>, attn: &dyn SelfAttention<O>) -> Result<Vec<O::Buf<f32>>> {
-        let b = x.timesteps.len();
-        check_conditions(&self.cfg, b, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
+        let b = x.encoder_hidden_states.dim(0);
+        check_conditions(&self.cfg, b, &x.grid, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image, x.options)?;
         let want = x.tokens.len() * self.cfg.patch_in();
         if x.tokens.start > x.tokens.end || x.tokens.end > x.grid.tokens() || self.ops.len(x.patches) != want {
             return Err(WorkerError::input(
@@ -241,12 +285,24 @@ impl<O: Ops> WanTransformer<O> {
                 format!("{} values for tokens {:?} of a grid of {} ({want} expected)", self.ops.len(x.patches), x.tokens, x.grid.tokens()),
             ));
         }
-        let cond = self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
-        (0..b).map(|i| self.run_tokens(TokenSource::Patches(x.patches), &cond, i, &x.grid, x.tokens.clone(), attn)).collect()
+        let cond = self.embed(x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image, x.options)?;
+        let visibility = self.visibility(&x.grid, x.options)?;
+        (0..b).map(|i| self.run_tokens(TokenSource::Patches(x.patches), &cond, i, &x.grid, x.tokens.clone(), visibility, attn)).collect()
+    }
+
+    /// Which keys each token sees under `options`: a causal block mask of whole frames, or all.
+    pub fn visibility(&self, grid: &PatchGrid, options: ForwardOptions) -> Result<Visibility> {
+        let [frames, h, w] = grid.dims;
+        let c = options.causal_block.unwrap_or(self.cfg.num_frame_per_block);
+        if c == 0 || !frames.is_multiple_of(c) {
+            return Err(WorkerError::input("causal_block_size", format!("{c} frames per block does not divide the {frames} latent frames")));
+        }
+        Ok(if c == 1 { Visibility::Full } else { Visibility::BlockCausal { block: c * h * w } })
     }
 
     /// The body of [`forward_tokens`](Self::forward_tokens) and
     /// [`forward_patches`](Self::forward_patches): patch rows in, head rows out.
+    #[allow(clippy::too_many_arguments)]
     fn run_tokens(
         &self,
         source: TokenSource<'_, O>,
@@ -254,6 +310,7 @@ impl<O: Ops> WanTransformer<O> {
         b: usize,
         grid: &PatchGrid,
         tokens: Range<usize>,
+        visibility: Visibility,
         attn: &dyn SelfAttention<O>,
     ) -> Result<O::Buf<f32>> {
         let (ops, c, dims) = (&self.ops, &self.cfg, &self.dims);
@@ -280,17 +337,25 @@ impl<O: Ops> WanTransformer<O> {
         self.patch_embedding.forward(ops, at(&ws.wide, 0), n, Activation::None, at_mut(&mut ws.h, 0))?;
         ops.widen(at(&ws.h, 0), at_mut(&mut ws.x, 0), n * d)?;
 
+        // Runs of rows sharing a modulation row: all of them, or runs of frames.
+        let m = cond.rows_per_sample;
+        let sample_rows = cond.row_of.get(b * m..(b + 1) * m).ok_or_else(|| WorkerError::input("timestep", format!("no timesteps for sample {b}")))?;
+        let runs = mod_runs(&tokens, grid, sample_rows)?;
         let rope = self.rope_for(grid, tokens)?;
         let image = cond.image.as_ref().map(|(ctx, len)| (&ctx[b], *len));
-        let per_mods = self.blocks.len() * 6 * d;
+        let per_row = self.blocks.len() * 6 * d;
         for (l, block) in self.blocks.iter().enumerate() {
-            let mods = at(&cond.block_mods, b * per_mods + l * 6 * d);
-            block.forward(ops, dims, &mut ws, mods, (&cond.text[b], cond.text_len), image, &rope, attn)?;
+            let at_row = |row: usize| row * per_row + l * 6 * d;
+            let mods = Modulation { buf: &cond.block_mods, runs: runs.iter().map(|(rows, row)| (rows.clone(), at_row(*row))).collect() };
+            block.forward(ops, dims, &mut ws, &mods, (&cond.text[b], cond.text_len), image, &rope, visibility, attn)?;
         }
 
         // Output head: LayerNorm without affine, modulated by the raw time embedding; `Act` out.
-        let head = |i: usize| Some(at(&cond.head_mods, b * 2 * d + i * d));
-        ops.layer_norm(&ws.x, n, d, &NormArgs { eps: dims.eps, weight: None, bias: None, scale: head(1), shift: head(0) }, &mut ws.h)?;
+        for (rows, row) in &runs {
+            let head = |i: usize| Some(at(&cond.head_mods, row * 2 * d + i * d));
+            let args = NormArgs { eps: dims.eps, weight: None, bias: None, scale: head(1), shift: head(0) };
+            ops.layer_norm(at(&ws.x, rows.start * d), rows.len(), d, &args, at_mut(&mut ws.h, rows.start * d))?;
+        }
         let po = c.patch_out();
         self.proj_out.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
         let mut rows = ops.zeros::<f32>(n * po)?;
@@ -320,6 +385,31 @@ impl<O: Ops> WanTransformer<O> {
         let [f, h, w] = grid.latent();
         Ok(Tensor::new([b, c.out_channels, f, h, w], out)?)
     }
+}
+
+/// The rows of `tokens` (as local row ranges) cut where their modulation row changes, with that
+/// row. `rows` holds the sample's modulation row per timestep: one (every token uses it), or one
+/// per frame of the grid (frame f's tokens use `rows[f]`; neighbouring frames with the same row
+/// are one run).
+fn mod_runs(tokens: &Range<usize>, grid: &PatchGrid, rows: &[usize]) -> Result<Vec<(Range<usize>, usize)>> {
+    let [frames, h, w] = grid.dims;
+    if let [row] = rows {
+        return Ok(vec![(0..tokens.len(), *row)]);
+    }
+    if rows.len() != frames {
+        return Err(WorkerError::input("timestep", format!("{} timesteps per sample for {frames} latent frames", rows.len())));
+    }
+    let per_frame = h * w;
+    let mut runs: Vec<(Range<usize>, usize)> = Vec::new();
+    for f in tokens.start / per_frame..tokens.end.div_ceil(per_frame) {
+        let (s, e) = ((f * per_frame).max(tokens.start) - tokens.start, ((f + 1) * per_frame).min(tokens.end) - tokens.start);
+        match runs.last_mut() {
+            Some((run, row)) if *row == rows[f] => run.end = e,
+            _ if s < e => runs.push((s..e, rows[f])),
+            _ => {}
+        }
+    }
+    Ok(runs)
 }
 
 /// The output projection `proj_out` with its rows reordered from diffusers' (p_t, p_h, p_w, c) to
@@ -359,14 +449,31 @@ pub(crate) fn check_dit_inputs(c: &TransformerConfig, x: &DitInputs<'_>) -> Resu
     }
     let b = hs[0];
     let grid = PatchGrid::new([hs[2], hs[3], hs[4]], c.patch_size)?;
-    check_conditions(c, b, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image)?;
+    check_conditions(c, b, &grid, x.timesteps, x.encoder_hidden_states, x.encoder_hidden_states_image, x.options)?;
     Ok((b, grid))
 }
 
-/// Checks the conditioning inputs of a batch of `b` against a transformer configuration.
-fn check_conditions(c: &TransformerConfig, b: usize, timesteps: &[f32], encoder_hidden_states: &Tensor, image_states: Option<&Tensor>) -> Result<()> {
-    if b == 0 || timesteps.len() != b {
-        return Err(WorkerError::input("timestep", format!("{} values for a batch of {b}", timesteps.len())));
+/// Checks the conditioning inputs of a batch of `b` on `grid` against a transformer
+/// configuration.
+fn check_conditions(
+    c: &TransformerConfig,
+    b: usize,
+    grid: &PatchGrid,
+    timesteps: &[f32],
+    encoder_hidden_states: &Tensor,
+    image_states: Option<&Tensor>,
+    options: ForwardOptions,
+) -> Result<()> {
+    let frames = grid.dims[0];
+    let per_frame = timesteps.len() == b * frames && c.patch_size[0] == 1;
+    if b == 0 || (timesteps.len() != b && !per_frame) {
+        return Err(WorkerError::input(
+            "timestep",
+            format!("{} values for a batch of {b} ({b} or, with temporal patch 1, {b}×{frames} per frame expected)", timesteps.len()),
+        ));
+    }
+    if c.inject_sample_info && !matches!(options.fps_index, Some(0 | 1)) {
+        return Err(WorkerError::input("fps", format!("{:?}: a model with inject_sample_info takes fps index 0 (16 fps) or 1", options.fps_index)));
     }
     if let Some(t) = timesteps.iter().find(|t| !t.is_finite()) {
         return Err(WorkerError::input("timestep", format!("{t} is not finite")));

@@ -161,7 +161,13 @@ mod tests {
             let mut s = x.shape().to_vec();
             s[0] = 2;
             let hidden = Tensor::new(s, [x.data(), x.data()].concat()).unwrap();
-            let inputs = DitInputs { hidden_states: &hidden, timesteps: &[t, t], encoder_hidden_states: &context, encoder_hidden_states_image: None };
+            let inputs = DitInputs {
+                hidden_states: &hidden,
+                timesteps: &[t, t],
+                encoder_hidden_states: &context,
+                encoder_hidden_states_image: None,
+                options: Default::default(),
+            };
             let out = pipe.transformer().forward(&inputs).unwrap().into_data();
             let (cond, uncond) = out.split_at(x.len());
             let mut v = cond.to_vec();

@@ -212,6 +212,7 @@ impl<O: ShardOps> ShardRun<O> {
             timesteps: &timesteps,
             encoder_hidden_states: &self.context,
             encoder_hidden_states_image: None,
+            options: Default::default(),
         };
         let batch = timesteps.len();
         let mut out = match group {

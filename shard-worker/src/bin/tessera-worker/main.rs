@@ -93,7 +93,13 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let (_, timesteps) = io.read_f32("timestep").context("--inputs")?;
     let text = read_tensor(&io, "encoder_hidden_states").context("--inputs")?;
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
-    let inputs = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref() };
+    let inputs = DitInputs {
+        hidden_states: &hidden,
+        timesteps: &timesteps,
+        encoder_hidden_states: &text,
+        encoder_hidden_states_image: image.as_ref(),
+        options: Default::default(),
+    };
 
     let start = Instant::now();
     let (out, report) = if a.peers.len() <= 1 {

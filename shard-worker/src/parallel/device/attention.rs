@@ -2,10 +2,12 @@
 //! to head-sharding and back), ring (key/value blocks passed around the ring group with the next
 //! hop in flight while flash attention runs on the current block, partial results merged by
 //! log-sum-exp in f32, the result stored as `Act` once) and both together (USP). Written once for
-//! every backend and every communicator.
+//! every backend and every communicator. Under a block-causal mask each query attends only its
+//! visible prefix of every block, and a block no query of this rank sees is passed on without
+//! being computed.
 
 use super::comm::DeviceComm;
-use crate::model::{QkvRows, SelfAttention};
+use crate::model::{visible_flash, QkvRows, SelfAttention, Visibility};
 use crate::parallel::comm::Traffic;
 use crate::parallel::plan::{shard_ranges, ParallelPlan};
 use crate::parallel::timings::{AttentionTimings, Phase};
@@ -13,7 +15,7 @@ use crate::{Result, WorkerError};
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Mutex;
-use tessera_kernels::backend::{at, at_mut, flash, ActBuf, At, Ops};
+use tessera_kernels::backend::{at, at_mut, ActBuf, At, Ops};
 use tessera_kernels::cpu::AttentionShape;
 
 /// Attention of one rank's token rows over the whole sequence, through its Ulysses and ring groups.
@@ -25,6 +27,9 @@ pub struct ShardedDeviceAttention<'a, O: Ops, C: DeviceComm<O>> {
     /// Token rows each member of the ring group attends after its all-to-all (the rows of its
     /// Ulysses group), in ring order.
     ring_rows: Vec<usize>,
+    /// The global index of the first of those rows, per ring member (Ulysses groups are
+    /// consecutive ranks, so their rows are a contiguous range of the sequence).
+    ring_starts: Vec<usize>,
     timings: &'a AttentionTimings,
     /// Buffers reused from layer to layer (the calls of one rank are sequential).
     scratch: Mutex<Scratch<O>>,
@@ -123,13 +128,16 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
                 ring.size()
             )));
         }
-        let sizes: Vec<usize> = shard_ranges(tokens, plan.ranks()).iter().map(|r| r.len()).collect();
+        let shards = shard_ranges(tokens, plan.ranks());
+        let sizes: Vec<usize> = shards.iter().map(|r| r.len()).collect();
         let group_rows = |r: usize| plan.ulysses_group(r).iter().map(|&g| sizes[g]).sum::<usize>();
+        let group_start = |r: usize| plan.ulysses_group(r).first().map_or(0, |&g| shards[g].start);
         Ok(Self {
             ulysses,
             ring,
             ulysses_rows: plan.ulysses_group(rank).iter().map(|&g| sizes[g]).collect(),
             ring_rows: plan.ring_group(rank).iter().map(|&g| group_rows(g)).collect(),
+            ring_starts: plan.ring_group(rank).iter().map(|&g| group_start(g)).collect(),
             timings,
             scratch: Mutex::new(Scratch::new()),
             ops: PhantomData,
@@ -151,11 +159,14 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
         heads: usize,
         head_dim: usize,
         own_kv: O::Buf<O::Act>,
+        visibility: Visibility,
     ) -> Result<O::Buf<f32>> {
         let (wd, r, me) = (heads * head_dim, self.ring.size(), self.ring.rank());
         let scale = 1.0 / (head_dim as f32).sqrt();
         // After `s` hops this member holds the block of ring member `me - s`.
-        let rows_at = |s: usize| self.ring_rows[(me + r - s % r) % r];
+        let owner = |s: usize| (me + r - s % r) % r;
+        let rows_at = |s: usize| self.ring_rows[owner(s)];
+        let q_first = self.ring_starts[me];
         let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
         let (mut cur, mut next) = (own_kv, sc.act(ops, ActSlot::Next, max_rows * 2 * wd)?);
         let (mut acc, mut acc_lse) = (sc.f32(ops, F32Slot::Acc, nq * wd)?, sc.f32(ops, F32Slot::AccLse, heads * nq)?);
@@ -167,13 +178,19 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
                 self.ring.ring_start(ops, &cur, rows * 2 * wd, &mut next, rows_at(s + 1) * 2 * wd)?;
             }
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: rows, q_stride, kv_stride: 2 * wd };
-            let (k, v) = (at(&cur, 0), at(&cur, wd));
+            let (k, v, firsts) = (at(&cur, 0), at(&cur, wd), (q_first, self.ring_starts[owner(s)]));
             let computed = self.timings.time(Phase::Compute, || -> Result<()> {
                 match (s, part.as_mut()) {
-                    (0, _) | (_, None) => flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse)?,
+                    (0, _) | (_, None) => {
+                        // A member's own block holds every query's own key: never empty.
+                        if !visible_flash(ops, q, k, v, shape, scale, at_mut(&mut acc, 0), wd, &mut acc_lse, visibility, firsts)? {
+                            return Err(WorkerError::Collective("no query of this rank sees its own keys".into()));
+                        }
+                    }
                     (_, Some((out, lse))) => {
-                        flash(ops, q, k, v, shape, scale, at_mut(out, 0), wd, lse)?;
-                        ops.merge_partials(&mut acc, &mut acc_lse, out, lse, nq, heads, head_dim)?;
+                        if visible_flash(ops, q, k, v, shape, scale, at_mut(out, 0), wd, lse, visibility, firsts)? {
+                            ops.merge_partials(&mut acc, &mut acc_lse, out, lse, nq, heads, head_dim)?;
+                        }
                     }
                 }
                 Ok(())
@@ -202,8 +219,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
 
     /// Attention of `nq` rows whose q, k and v (`heads` heads each, `w = heads·head_dim` wide) sit
     /// at columns 0, w and 2w of rows `stride` apart in `buf`, over the rows of the whole ring
-    /// group; written to `out` as packed `Act` rows of `w`.
-    #[allow(clippy::too_many_arguments)]
+    /// group, each seeing its visible keys; written to `out` as packed `Act` rows of `w`.
     #[allow(clippy::too_many_arguments)]
     fn attend_heads(
         &self,
@@ -215,15 +231,19 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
         heads: usize,
         head_dim: usize,
         out: &mut O::Buf<O::Act>,
+        visibility: Visibility,
     ) -> Result<()> {
         let w = heads * head_dim;
         if self.ring.size() == 1 {
             let shape = AttentionShape { heads, head_dim, q_len: nq, kv_len: nq, q_stride: stride, kv_stride: stride };
             let mut lse = sc.f32(ops, F32Slot::Lse, heads * nq)?;
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let done = self.timings.time(Phase::Compute, || flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, scale, at_mut(out, 0), w, &mut lse));
+            let first = self.ring_starts[0];
+            let done = self.timings.time(Phase::Compute, || {
+                visible_flash(ops, at(buf, 0), at(buf, w), at(buf, 2 * w), shape, scale, at_mut(out, 0), w, &mut lse, visibility, (first, first))
+            });
             sc.put_f32(F32Slot::Lse, lse);
-            return Ok(done?);
+            return done.map(|_| ());
         }
         let max_rows = self.ring_rows.iter().copied().max().unwrap_or(0);
         let mut kv = sc.act(ops, ActSlot::Kv, max_rows * 2 * w)?;
@@ -231,7 +251,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
         ops.copy_rows(at(buf, w), stride, at_mut(&mut kv, 0), 2 * w, 2 * w, nq)?;
         // Per layer: DEBUG (RUST_LOG=tessera_worker::parallel=debug), or a job's trace would hold thousands.
         let acc = tracing::debug_span!("ring_attention", hops = self.ring.size() - 1)
-            .in_scope(|| self.ring_attend(ops, sc, at(buf, 0), stride, nq, heads, head_dim, kv))?;
+            .in_scope(|| self.ring_attend(ops, sc, at(buf, 0), stride, nq, heads, head_dim, kv, visibility))?;
         let narrowed = ops.narrow(at(&acc, 0), at_mut(out, 0), nq * w);
         sc.put_f32(F32Slot::Acc, acc);
         Ok(narrowed?)
@@ -240,7 +260,7 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
 
 impl<O: Ops, C: DeviceComm<O>> SelfAttention<O> for ShardedDeviceAttention<'_, O, C> {
     fn attend(&self, ops: &O, qkv: QkvRows<'_, O::Buf<O::Act>>, out: &mut O::Buf<O::Act>, _lse: &mut O::Buf<f32>) -> Result<()> {
-        let QkvRows { buf, rows: n, stride, heads, head_dim } = qkv;
+        let QkvRows { buf, rows: n, stride, heads, head_dim, visibility } = qkv;
         let (u, me) = (self.ulysses.size(), self.ulysses.rank());
         if n != self.ulysses_rows[me] {
             return Err(WorkerError::Collective(format!("{n} token rows on a rank whose shard has {}", self.ulysses_rows[me])));
@@ -248,7 +268,7 @@ impl<O: Ops, C: DeviceComm<O>> SelfAttention<O> for ShardedDeviceAttention<'_, O
         let mut scratch = self.scratch.lock().map_err(|_| WorkerError::Collective("attention scratch lock poisoned".into()))?;
         let sc = &mut *scratch;
         if u == 1 {
-            return self.attend_heads(ops, sc, buf, stride, n, heads, head_dim, out);
+            return self.attend_heads(ops, sc, buf, stride, n, heads, head_dim, out, visibility);
         }
         if !heads.is_multiple_of(u) {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {u} does not divide {heads} heads")));
@@ -279,7 +299,7 @@ impl<O: Ops, C: DeviceComm<O>> SelfAttention<O> for ShardedDeviceAttention<'_, O
         }
         sc.put_act(ActSlot::Got, got);
         let mut heads_out = sc.act(ops, ActSlot::HeadsOut, total * w)?;
-        self.attend_heads(ops, sc, &group, 3 * w, total, local, head_dim, &mut heads_out)?;
+        self.attend_heads(ops, sc, &group, 3 * w, total, local, head_dim, &mut heads_out, visibility)?;
         sc.put_act(ActSlot::Group, group);
         // Head-sharded → sequence-sharded: member i gets back its rows of these heads.
         let mut back = sc.act(ops, ActSlot::Back, u * n * w)?;

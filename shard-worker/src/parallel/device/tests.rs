@@ -54,7 +54,13 @@ fn every_plan_matches_one_device(model: &DitModel) {
     for (f, h, w) in [(2, 6, 8), (1, 6, 10)] {
         let hidden = random(&[2, cfg.in_channels, f, h, w], 1);
         let text = random(&[2, 5, cfg.text_dim], 2);
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[700.0, 30.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let x = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &[700.0, 30.0],
+            encoder_hidden_states: &text,
+            encoder_hidden_states_image: None,
+            options: Default::default(),
+        };
         let want = model.forward(&x).unwrap();
         for (ranks, ulysses) in [(2, 2), (2, 1), (3, 1), (4, 2), (4, 1)] {
             let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
@@ -91,7 +97,8 @@ fn bytes_match(model: &DitModel, act: u64) {
     let cfg = model.config().clone();
     let hidden = random(&[1, cfg.in_channels, 2, 6, 8], 3);
     let text = random(&[1, 5, cfg.text_dim], 4);
-    let x = DitInputs { hidden_states: &hidden, timesteps: &[500.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+    let x =
+        DitInputs { hidden_states: &hidden, timesteps: &[500.0], encoder_hidden_states: &text, encoder_hidden_states_image: None, options: Default::default() };
     let (n, hd, layers) = (24u64, cfg.inner_dim() as u64, cfg.num_layers as u64);
     let f32b = 4u64;
     for (ranks, ulysses) in [(2usize, 1usize), (3, 1), (4, 1), (2, 2), (4, 2)] {
@@ -116,7 +123,13 @@ fn staged_collectives_give_the_in_place_results() {
         let cfg = model.config().clone();
         let hidden = random(&[2, cfg.in_channels, 1, 6, 10], 5);
         let text = random(&[2, 5, cfg.text_dim], 6);
-        let x = DitInputs { hidden_states: &hidden, timesteps: &[600.0, 80.0], encoder_hidden_states: &text, encoder_hidden_states_image: None };
+        let x = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &[600.0, 80.0],
+            encoder_hidden_states: &text,
+            encoder_hidden_states_image: None,
+            options: Default::default(),
+        };
         for (ranks, ulysses) in [(2, 1), (2, 2), (4, 2), (3, 1)] {
             let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
             let runs = run_in_process(plan, |ctx| {
@@ -137,5 +150,52 @@ fn staged_collectives_give_the_in_place_results() {
                 assert_eq!(bytes_a.sent(), bytes_b.sent(), "P={ranks} U={ulysses} rank {rank}: bytes");
             }
         }
+    }
+}
+
+/// Diffusion forcing (per-frame timesteps, a causal block mask of 2 frames) sharded every way,
+/// on both host backends, against one device. The bounds are the ones above: the mask only
+/// removes keys, so a ring still differs from one device by its f32 merge (f32: reassociation,
+/// 1e-5; bf16: `RING`), Ulysses alone not at all in bf16. Ranks whose tokens see none of a
+/// block skip it; 5 ranks split the 24 tokens unevenly, so shards start mid-frame and mid-block.
+#[test]
+fn diffusion_forcing_plans_give_the_one_device_forward() {
+    use crate::model::ForwardOptions;
+    for model in both_backends(13) {
+        let cfg = model.config().clone();
+        let f32_model = matches!(model, DitModel::Cpu(_));
+        let hidden = random(&[1, cfg.in_channels, 4, 4, 6], 8);
+        let text = random(&[1, 5, cfg.text_dim], 9);
+        let per_frame = [999.0, 733.0, 412.0, 17.0];
+        let options = ForwardOptions { fps_index: None, causal_block: Some(2) };
+        let x = DitInputs { hidden_states: &hidden, timesteps: &per_frame, encoder_hidden_states: &text, encoder_hidden_states_image: None, options };
+        let want = model.forward(&x).unwrap();
+        // The mask and the per-frame timesteps both change the output.
+        let unmasked = model.forward(&DitInputs { options: ForwardOptions::default(), ..x }).unwrap();
+        let one_t = model.forward(&DitInputs { timesteps: &[412.0], ..x }).unwrap();
+        for other in [&unmasked, &one_t] {
+            assert!(Comparison::new(other.data(), want.data(), &RING).rel_l2 > 1e-2, "{}", model.describe());
+        }
+        // A timestep per frame, all equal, is the one timestep: per-frame modulation runs give the same bits.
+        let same = model.forward(&DitInputs { timesteps: &[412.0; 4], ..x }).unwrap();
+        assert!(same.data() == one_t.data(), "{}: per-frame runs of one timestep", model.describe());
+        for (ranks, ulysses) in [(2, 1), (3, 1), (4, 1), (5, 1), (2, 2), (4, 2)] {
+            let plan = ParallelPlan::new(ranks, ulysses, cfg.num_attention_heads).unwrap();
+            let outs = run_in_process(plan, |ctx| Ok(device_forward(ctx, &model, &x).0)).unwrap();
+            for (rank, got) in outs.iter().enumerate() {
+                let c = Comparison::new(got.data(), want.data(), &RING);
+                eprintln!("{} DF: P={ranks} U={ulysses}, rank {rank}: rel-L2 {:.2e}", model.describe(), c.rel_l2);
+                if f32_model {
+                    assert!(c.rel_l2 < 1e-5, "P={ranks} U={ulysses} rank {rank}: {c:?}");
+                } else if plan.ring == 1 {
+                    assert!(got.data() == want.data(), "Ulysses only must be bit-identical in bf16 (P={ranks})");
+                } else {
+                    assert!(c.passed, "P={ranks} U={ulysses} rank {rank}: {c:?}");
+                }
+            }
+        }
+        // A block size that does not divide the frames is refused, naming it.
+        let bad = DitInputs { options: ForwardOptions { causal_block: Some(3), ..options }, ..x };
+        assert!(model.forward(&bad).unwrap_err().to_string().contains("causal_block_size"));
     }
 }
