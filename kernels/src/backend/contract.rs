@@ -49,15 +49,12 @@ pub(crate) fn linear(
     Ok((region(OP, "x", x.0, x.1, m * k)?, region(OP, "y", y.0, y.1, m * n)?))
 }
 
+/// The regions a LayerNorm touches: x, y, and each optional parameter.
+pub(crate) type NormRegions = (Range<usize>, Range<usize>, [Option<Range<usize>>; 4]);
+
 /// `cuda::norm::layer_norm_modulated`: `x` and `y` (length, offset) hold `rows·dim` from their
 /// offsets, each parameter is a `[dim]` region; returns the ranges of x, y and the parameters.
-pub(crate) fn layer_norm(
-    x: (usize, usize),
-    rows: usize,
-    dim: usize,
-    params: [Option<(usize, usize)>; 4],
-    y: (usize, usize),
-) -> Result<(Range<usize>, Range<usize>, [Option<Range<usize>>; 4])> {
+pub(crate) fn layer_norm(x: (usize, usize), rows: usize, dim: usize, params: [Option<(usize, usize)>; 4], y: (usize, usize)) -> Result<NormRegions> {
     const OP: &str = "layer_norm";
     if dim == 0 {
         return Err(super::invalid_err(OP, "dim must be positive"));

@@ -5,6 +5,7 @@
 
 mod compare;
 mod dit;
+mod forcing;
 mod pipeline;
 mod scheduler;
 mod umt5;

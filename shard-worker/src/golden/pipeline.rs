@@ -57,7 +57,7 @@ impl PipelineObserver for StepRecorder {
 const EXACT: Tolerance = Tolerance { rel_l2: 0.0, max_abs: Some(0.0), max_abs_over_max_ref: None };
 
 /// Compares integers (token ids, timesteps) exactly.
-fn compare_ints(io: &SafetensorsFile, name: &str, got: &[i64]) -> Result<(String, Comparison)> {
+pub(super) fn compare_ints(io: &SafetensorsFile, name: &str, got: &[i64]) -> Result<(String, Comparison)> {
     let (_, want) = io.read_i64(name)?;
     if want.len() != got.len() {
         let c = Comparison { rel_l2: f64::INFINITY, max_abs: f64::INFINITY, max_ref: 0.0, passed: false };
@@ -68,12 +68,12 @@ fn compare_ints(io: &SafetensorsFile, name: &str, got: &[i64]) -> Result<(String
 }
 
 /// Compares token ids exactly.
-fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
+pub(super) fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
     compare_ints(io, name, &got.iter().map(|&id| i64::from(id)).collect::<Vec<_>>())
 }
 
 /// `[B, C, F, H, W]` → `[B, F, C, H, W]` (diffusers' `output_type="pt"` frame layout).
-fn frames_major(t: &Tensor) -> Result<Tensor> {
+pub(super) fn frames_major(t: &Tensor) -> Result<Tensor> {
     let s = t.shape();
     let (b, c, f, hw) = (s[0], s[1], s[2], s[3] * s[4]);
     let mut out = vec![0.0; t.len()];
@@ -93,6 +93,9 @@ fn frames_major(t: &Tensor) -> Result<Tensor> {
 /// ranks of this process (the other stages are the same code either way); the transformer runs on
 /// `opts.backend`.
 pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Result<Outcome> {
+    if crate::pipeline::Snapshot::open(&case.dir)?.is_diffusion_forcing() {
+        return super::forcing::run(case, opts, ran);
+    }
     let meta = CaseMeta::read(&case.dir)?;
     let path = case.dir.join("case.json");
     let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;

@@ -401,11 +401,12 @@ fn mod_runs(tokens: &Range<usize>, grid: &PatchGrid, rows: &[usize]) -> Result<V
     }
     let per_frame = h * w;
     let mut runs: Vec<(Range<usize>, usize)> = Vec::new();
-    for f in tokens.start / per_frame..tokens.end.div_ceil(per_frame) {
+    let first = tokens.start / per_frame;
+    for (f, &frame_row) in rows.iter().enumerate().take(tokens.end.div_ceil(per_frame)).skip(first) {
         let (s, e) = ((f * per_frame).max(tokens.start) - tokens.start, ((f + 1) * per_frame).min(tokens.end) - tokens.start);
         match runs.last_mut() {
-            Some((run, row)) if *row == rows[f] => run.end = e,
-            _ if s < e => runs.push((s..e, rows[f])),
+            Some((run, row)) if *row == frame_row => run.end = e,
+            _ if s < e => runs.push((s..e, frame_row)),
             _ => {}
         }
     }

@@ -6,6 +6,7 @@
 
 mod denoiser;
 mod device;
+pub mod forcing;
 /// The limits and the one check of sizes (shared with the coordinator: `tessera_cluster::limits`).
 pub use tessera_cluster::limits;
 mod noise;

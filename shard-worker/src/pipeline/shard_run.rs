@@ -168,6 +168,12 @@ impl<O: ShardOps> ShardRun<O> {
         done: usize,
         state: impl FnOnce(&O, &dyn Fn(&[f32]) -> Result<O::Buf<f32>>, usize) -> Result<SamplerState<O>>,
     ) -> Result<Self> {
+        if model.config().is_skyreels_v2() {
+            return Err(WorkerError::input(
+                "model",
+                "a SkyReels-V2 transformer denoises with a timestep per frame, chunk by chunk (pipeline::forcing); this step-by-step loop runs Wan 2.1",
+            ));
+        }
         let position = group.position();
         let RowLayout { grid, geometry, parts, tokens } = layout(model, start.shape(), position.rank, position.ranks)?;
         let ops = model.ops();

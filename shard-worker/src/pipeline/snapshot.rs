@@ -5,8 +5,12 @@
 use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
 
-/// Pipeline classes whose components this crate loads (text-to-video and video-to-video share them).
-pub const SUPPORTED_PIPELINES: [&str; 2] = ["WanPipeline", "WanVideoToVideoPipeline"];
+/// Pipeline classes whose components this crate loads (text-to-video and video-to-video share
+/// them; SkyReels-V2's diffusion forcing has the same components, its own transformer class).
+pub const SUPPORTED_PIPELINES: [&str; 3] = ["WanPipeline", "WanVideoToVideoPipeline", DIFFUSION_FORCING_PIPELINE];
+
+/// SkyReels-V2's long-video pipeline (diffusion forcing, chunk by chunk).
+pub const DIFFUSION_FORCING_PIPELINE: &str = "SkyReelsV2DiffusionForcingPipeline";
 
 /// The components of a checked snapshot.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,8 +32,8 @@ impl Snapshot {
         if !SUPPORTED_PIPELINES.contains(&class) {
             return Err(bad(format!("pipeline {class} is not supported (supported: {})", SUPPORTED_PIPELINES.join(", "))));
         }
-        let expect =
-            [("transformer", "WanTransformer3DModel"), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
+        let transformer = if class == DIFFUSION_FORCING_PIPELINE { "SkyReelsV2Transformer3DModel" } else { "WanTransformer3DModel" };
+        let expect = [("transformer", transformer), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
         for (component, want_class) in expect {
             let entry = index.get(component).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("component `{component}` is missing")))?;
             let got = entry.get(1).and_then(|v| v.as_str()).unwrap_or_default();
@@ -45,6 +49,11 @@ impl Snapshot {
             return Err(bad("a second transformer (`transformer_2`, Wan 2.2) is not supported".into()));
         }
         Ok(Self { root: root.to_path_buf(), pipeline_class: class.to_string() })
+    }
+
+    /// Whether the snapshot is a diffusion-forcing (long-video) pipeline.
+    pub fn is_diffusion_forcing(&self) -> bool {
+        self.pipeline_class == DIFFUSION_FORCING_PIPELINE
     }
 
     /// The folder of `component`.

@@ -5,7 +5,7 @@
 use super::schedule::Schedule;
 use super::SamplerKind;
 use crate::{Result, WorkerError};
-use tessera_kernels::backend::Ops;
+use tessera_kernels::backend::{at, at_mut, Ops};
 
 /// A slice's sampler history, as plain data (for checkpoints: restore with
 /// [`SamplerState::from_history`]); in the latent's own layout, whatever the slicing of the run.
@@ -127,6 +127,23 @@ impl<O: Ops> SamplerState<O> {
         ops.sampler_step(update, model_output, sample, &mut self.buffers)?;
         self.next_step = Some(i + 1);
         Ok(())
+    }
+}
+
+impl<O: Ops> SamplerState<O> {
+    /// Makes the last corrected sample x̃ the given `sample` (UniPC; nothing for Euler). diffusers'
+    /// diffusion-forcing pipeline needs it: it steps each latent frame through a view of the latent
+    /// and writes the result into that view, so after a frame's first step (which keeps the view
+    /// as x̃) x̃ is the step's output, and the frame's second corrector uses that.
+    pub fn alias_last_sample(&mut self, ops: &O, sample: &O::Buf<f32>) -> Result<()> {
+        let len = self.len;
+        if ops.len(sample) != len {
+            return Err(WorkerError::input("sample", format!("{} values for a sampler slice of {len}", ops.len(sample))));
+        }
+        match self.buffers.first_mut() {
+            Some(last) if len > 0 => Ok(ops.copy_rows(at(sample, 0), len, at_mut(last, 0), len, len, 1)?),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,0 +1,136 @@
+//! How a long video is cut into chunks (diffusers' `SkyReelsV2DiffusionForcingPipeline`, long-video
+//! mode): chunks of at most `base_num_frames` (latent: Bf), each after the first starting with the
+//! last `overlap_history` frames (latent: ov) of the video so far, of which the first `pf` (ov
+//! rounded down to whole causal blocks) are its clean prefix.
+
+use crate::{Result, WorkerError};
+
+/// One chunk of a long video, in latent frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Latent frames of the chunk (prefix included).
+    pub frames: usize,
+    /// Leading frames copied from the video so far (clean, never updated).
+    pub prefix: usize,
+    /// Leading frames dropped when the chunk is appended to the video (the overlap).
+    pub overlap: usize,
+}
+
+impl Chunk {
+    /// Frames the chunk adds to the video.
+    pub fn new_frames(&self) -> usize {
+        self.frames - self.overlap
+    }
+}
+
+/// The chunks of a video of `latent_frames` latent frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Latent frames of the whole video (N).
+    pub latent_frames: usize,
+    /// Latent frames per causal block (c).
+    pub block: usize,
+    /// The chunks in order.
+    pub chunks: Vec<Chunk>,
+}
+
+/// Latent frames of `frames` video frames (the VAE's temporal factor 4: `(frames − 1)/4 + 1`).
+fn latent(frames: usize) -> usize {
+    frames.saturating_sub(1) / 4 + 1
+}
+
+impl ChunkPlan {
+    /// The plan of `num_frames` video frames, chunks of `base_num_frames`, overlapping by
+    /// `overlap_history` (`None`: one chunk), causal blocks of `block` latent frames. Refused
+    /// (naming the field) where upstream would silently compute something else: a chunk or an
+    /// overlap that is not whole blocks.
+    pub fn new(num_frames: usize, base_num_frames: usize, overlap_history: Option<usize>, block: usize) -> Result<Self> {
+        let n = latent(num_frames);
+        if block == 0 {
+            return Err(WorkerError::input("causal_block_size", "must be positive"));
+        }
+        let whole = |field: &'static str, frames: usize| -> Result<()> {
+            if frames.is_multiple_of(block) {
+                Ok(())
+            } else {
+                Err(WorkerError::input(field, format!("{frames} latent frames are not whole causal blocks of {block}")))
+            }
+        };
+        if let Some(overlap) = overlap_history {
+            let (bf, ov) = (latent(base_num_frames), latent(overlap));
+            if num_frames > base_num_frames && ov >= bf {
+                return Err(WorkerError::input(
+                    "overlap_history",
+                    format!("{overlap} frames ({ov} latent) must be fewer than base_num_frames {base_num_frames} ({bf} latent)"),
+                ));
+            }
+            whole("overlap_history", ov)?;
+        }
+        let cut = |frames: usize| cut(frames, base_num_frames, overlap_history);
+        let chunks = cut(num_frames);
+        whole("base_num_frames", chunks[0].frames)?;
+        let misfit = |chunks: &[Chunk]| chunks.iter().find(|c| !c.frames.is_multiple_of(block)).copied();
+        if let Some(last) = misfit(&chunks) {
+            // Upstream would leave the last frames of such a chunk pure noise.
+            let fits = (num_frames + 4..num_frames + 4 * latent(base_num_frames) * block).step_by(4).find(|&f| misfit(&cut(f)).is_none());
+            let hint = fits.map_or(String::new(), |f| format!("; {f} frames fit"));
+            return Err(WorkerError::input(
+                "num_frames",
+                format!("{num_frames} frames leave a chunk of {} latent frames, not whole causal blocks of {block}{hint}", last.frames),
+            ));
+        }
+        debug_assert_eq!(chunks.iter().map(Chunk::new_frames).sum::<usize>(), n);
+        Ok(Self { latent_frames: n, block, chunks })
+    }
+}
+
+/// The chunks of `num_frames` (sizes only; [`ChunkPlan::new`] checks them).
+fn cut(num_frames: usize, base_num_frames: usize, overlap_history: Option<usize>) -> Vec<Chunk> {
+    let n = latent(num_frames);
+    match overlap_history {
+        Some(overlap) if num_frames > base_num_frames && n > latent(base_num_frames) => {
+            let (bf, ov) = (latent(base_num_frames), latent(overlap));
+            let iterations = 1 + (n - bf - 1) / (bf - ov) + 1;
+            let mut chunks = vec![Chunk { frames: bf, prefix: 0, overlap: 0 }];
+            for k in 1..iterations {
+                chunks.push(Chunk { frames: (n + ov - (k * (bf - ov) + ov)).min(bf), prefix: ov, overlap: ov });
+            }
+            chunks
+        }
+        _ => vec![Chunk { frames: n, prefix: 0, overlap: 0 }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worked_example_and_one_chunk() {
+        // pipeline/df-a: 45 frames → 12 latent, chunks of 21 (6), overlap 5 (2), blocks of 2.
+        let p = ChunkPlan::new(45, 21, Some(5), 2).unwrap();
+        let c = |frames, prefix| Chunk { frames, prefix, overlap: prefix };
+        assert_eq!(p.chunks, vec![c(6, 0), c(6, 2), c(4, 2)]);
+        assert_eq!(p.latent_frames, 12);
+        // No overlap, or a video no longer than a chunk: one chunk of every latent frame.
+        assert_eq!(ChunkPlan::new(45, 21, None, 1).unwrap().chunks, vec![c(12, 0)]);
+        assert_eq!(ChunkPlan::new(17, 21, Some(5), 1).unwrap().chunks, vec![c(5, 0)]);
+    }
+
+    #[test]
+    fn chunks_cover_the_video_and_misfits_are_refused() {
+        for (frames, base, overlap, block) in [(257, 97, 17, 1), (961, 97, 17, 1), (257, 97, 17, 5), (77, 37, 13, 2)] {
+            let p = ChunkPlan::new(frames, base, Some(overlap), block).unwrap();
+            assert_eq!(p.chunks.iter().map(Chunk::new_frames).sum::<usize>(), p.latent_frames, "{frames} {base} {overlap}");
+            assert!(p.chunks.iter().all(|c| c.frames <= latent(base) && c.frames > c.overlap));
+        }
+        assert!(ChunkPlan::new(45, 21, Some(5), 4).unwrap_err().to_string().contains("overlap_history"));
+        assert!(ChunkPlan::new(45, 21, Some(21), 1).unwrap_err().to_string().contains("overlap_history"));
+        assert!(ChunkPlan::new(45, 17, Some(5), 5).is_err());
+        // A minute at 16 fps with SkyReels' async settings leaves a last chunk of 21 latent
+        // frames: refused, naming the frame count that fits.
+        let err = ChunkPlan::new(961, 97, Some(17), 5).unwrap_err().to_string();
+        assert!(err.contains("num_frames") && err.contains("21 latent frames") && err.contains("977 frames fit"), "{err}");
+        assert!(ChunkPlan::new(977, 97, Some(17), 5).is_ok());
+    }
+}
