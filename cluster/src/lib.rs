@@ -2,13 +2,14 @@
 //! and its one check (`job`, `limits`, `defaults`), worker membership and records (etcd or in
 //! process), the codecs of the internal API (latents, checkpoints, frames), the host tensor and the
 //! CPU thread pool, durations in settings, the transformer's configuration (its shape, which the
-//! planner sizes jobs with). The coordinator's server links this crate, not the
+//! planner sizes jobs with), the chunking of diffusion-forcing long videos. The coordinator's server links this crate, not the
 //! models, CUDA or the tokenizer; the workers and the kernels build on it.
 
 pub mod codec;
 pub mod defaults;
 pub mod duration;
 mod error;
+pub mod forcing;
 pub mod job;
 pub mod limits;
 pub mod membership;

@@ -4,7 +4,7 @@
 
 /// Request fields (`GenerateRequest` and the worker's generation parameters, which name some of
 /// them differently) and the flag that sets each.
-const FIELD_FLAGS: [(&str, &str); 16] = [
+const FIELD_FLAGS: [(&str, &str); 20] = [
     ("prompt", "--prompt"),
     ("negative_prompt", "--negative-prompt"),
     ("height", "--height"),
@@ -21,6 +21,10 @@ const FIELD_FLAGS: [(&str, &str); 16] = [
     ("strength", "--strength"),
     ("priority", "--priority"),
     ("model", "--model-name"),
+    ("base_num_frames", "--base-frames"),
+    ("overlap_history", "--overlap-frames"),
+    ("ar_step", "--ar-step"),
+    ("causal_block_size", "--causal-block"),
 ];
 
 /// The flag that sets request field `field` (a `request.` prefix, as the internal API names

@@ -1,7 +1,9 @@
 //! `tessera plan`: whether a job fits a group of devices, and how long it will take: tokens,
 //! FLOPs per step by part, per-rank peak memory by part, bytes moved, predicted seconds with the
 //! terms, the best layout for each group size; `--calibration` puts the predictions beside the
-//! published figures. A table for people, `--json` for machines.
+//! published figures. A table for people, `--json` for machines. With `--base-frames`, a
+//! diffusion-forcing model's long video is planned chunk by chunk: time to the first chunk and
+//! in total.
 
 use super::flags::flag_for_field;
 use super::remote::human_seconds;
@@ -11,20 +13,23 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
 use tessera_cluster::defaults;
+use tessera_cluster::forcing::ChunkPlan;
 use tessera_cluster::limits::Limits;
 use tessera_cluster::transformer_config::TransformerConfig;
 use tessera_cluster::{ClusterError, JobRequest, JobSpec};
 use tessera_coordinator::plan::calibration::{compare, Comparison, PUBLISHED};
 use tessera_coordinator::plan::cost::gib;
 use tessera_coordinator::plan::gpu::{gpu_kind, EfficiencySource, GPU_NAMES};
-use tessera_coordinator::plan::{best, efficiency, evaluate, model, Capabilities, Evaluation, GpuKind, JobShape, ModelShape};
+use tessera_coordinator::plan::{
+    best, efficiency, evaluate, evaluate_forcing, model, Capabilities, Evaluation, ForcingEvaluation, ForcingJob, GpuKind, JobShape, ModelShape,
+};
 use tessera_proto::v1::Sampler;
 
 /// Arguments of `tessera plan`.
 #[derive(Args)]
 pub struct PlanArgs {
-    /// The model: a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b, hunyuanvideo) or a
-    /// diffusers Wan `transformer/config.json` (or the folder holding it).
+    /// The model: a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b, skyreels-v2-df-1.3b,
+    /// skyreels-v2-df-14b, hunyuanvideo) or a diffusers `transformer/config.json` (or its folder).
     #[arg(long, env = "TESSERA_PLAN_MODEL", default_value = "wan2.1-t2v-1.3b")]
     model: String,
     /// Frame width in pixels (generated at the next multiple of 16, center-cropped back).
@@ -67,6 +72,19 @@ pub struct PlanArgs {
     /// Print the published figures beside the predictions instead of planning a job.
     #[arg(long, env = "TESSERA_PLAN_CALIBRATION")]
     calibration: bool,
+    /// Diffusion forcing (a skyreels-v2-df model): make the video in chunks of this many frames,
+    /// and plan it chunk by chunk.
+    #[arg(long, env = "TESSERA_BASE_FRAMES")]
+    base_frames: Option<u32>,
+    /// Diffusion forcing: frames each chunk repeats from the video so far.
+    #[arg(long, env = "TESSERA_OVERLAP_FRAMES", default_value_t = 17)]
+    overlap_frames: u32,
+    /// Diffusion forcing: iterations each causal block lags the one before (0: synchronous).
+    #[arg(long, env = "TESSERA_AR_STEP", default_value_t = 0)]
+    ar_step: u32,
+    /// Diffusion forcing: latent frames per causal block.
+    #[arg(long, env = "TESSERA_CAUSAL_BLOCK", default_value_t = 1)]
+    causal_block: u32,
 }
 
 /// Plans the job, or prints the calibration; exit status 1 when a planned group cannot run it.
@@ -89,23 +107,12 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
     }
     let caps = if args.design { Capabilities::DESIGN } else { Capabilities::TESSERA };
+    if let Some(base) = args.base_frames {
+        return run_forcing(&args, &model, &gpu, eff, &job, base, caps);
+    }
     let mut plans = Vec::new();
     for &n in &args.gpus {
-        let e = match args.ulysses {
-            Some(u) => {
-                let halves = if args.cfg_parallel { 2 } else { 1 };
-                if u == 0 || !n.is_multiple_of(halves) || !(n / halves).is_multiple_of(u) {
-                    bail!(
-                        "--ulysses {u} must divide the {} ranks of each group (--gpus {n}{})",
-                        n / halves,
-                        if args.cfg_parallel { " --cfg-parallel" } else { "" }
-                    );
-                }
-                evaluate(&model, &job, &gpu, caps.layout(n, u, args.cfg_parallel), eff)
-            }
-            None => best(&model, &job, &gpu, n, eff, caps),
-        };
-        plans.push(e);
+        plans.push(plan_for(&args, &model, &job, &gpu, n, eff, caps)?);
     }
     if args.json {
         let out = json!({
@@ -121,6 +128,130 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         print_human(&args, &model, &gpu, eff, &spec, &job, &plans);
     }
     Ok(if plans.iter().all(|e| e.infeasible.is_none()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The plan of `job` on `n` devices: the one `--ulysses` (and `--cfg-parallel`) fix, or the best.
+fn plan_for(args: &PlanArgs, model: &ModelShape, job: &JobShape, gpu: &GpuKind, n: u32, eff: f64, caps: Capabilities) -> Result<Evaluation> {
+    Ok(match args.ulysses {
+        Some(u) => {
+            let halves = if args.cfg_parallel { 2 } else { 1 };
+            if u == 0 || !n.is_multiple_of(halves) || !(n / halves).is_multiple_of(u) {
+                bail!(
+                    "--ulysses {u} must divide the {} ranks of each group (--gpus {n}{})",
+                    n / halves,
+                    if args.cfg_parallel { " --cfg-parallel" } else { "" }
+                );
+            }
+            evaluate(model, job, gpu, caps.layout(n, u, args.cfg_parallel), eff)
+        }
+        None => best(model, job, gpu, n, eff, caps),
+    })
+}
+
+/// `--base-frames`: the long video in chunks, each on the layout chosen for the largest chunk.
+fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: &JobShape, base: u32, caps: Capabilities) -> Result<ExitCode> {
+    if !model.diffusion_forcing {
+        bail!("--base-frames: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name);
+    }
+    let flagged = |e: ClusterError| match e {
+        ClusterError::InvalidInput { field, detail } => anyhow!("{}: {detail}", flag_for_field(field).unwrap_or(field)),
+        other => anyhow!("{other}"),
+    };
+    let plan = ChunkPlan::new(args.frames as usize, base as usize, Some(args.overlap_frames as usize), args.causal_block as usize).map_err(flagged)?;
+    let [_, h, w] = job.latent_fhw;
+    let forcing = ForcingJob { plan, steps: job.steps, ar_step: args.ar_step.into(), latent_hw: [h, w], size: (job.height, job.width), guidance: job.guidance };
+    let mut plans = Vec::new();
+    for &n in &args.gpus {
+        let layout = plan_for(args, model, &forcing.largest(), gpu, n, eff, caps)?.layout;
+        plans.push(evaluate_forcing(model, &forcing, gpu, layout, eff));
+    }
+    let feasible = plans.iter().all(|e| e.infeasible.is_none());
+    if args.json {
+        let out = json!({
+            "model": model.name,
+            "diffusion_forcing": {
+                "frames": args.frames, "fps": args.fps, "base_frames": base, "overlap_frames": args.overlap_frames,
+                "ar_step": args.ar_step, "causal_block": args.causal_block, "steps": job.steps,
+                "latent_frames": forcing.plan.latent_frames, "chunks": forcing.plan.chunks.len(),
+            },
+            "gpu": gpu_json(gpu, eff),
+            "plans": plans.iter().map(forcing_json).collect::<Vec<_>>(),
+            "feasible": feasible,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_forcing(args, model, gpu, eff, &forcing, &plans);
+    }
+    Ok(if feasible { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn forcing_json(e: &ForcingEvaluation) -> Value {
+    json!({
+        "gpus": e.layout.gpus, "ulysses": e.layout.ulysses, "ring": e.layout.ring, "cfg_parallel": e.layout.cfg_parallel,
+        "feasible": e.infeasible.is_none(), "reason": e.infeasible,
+        "predicted_seconds": { "text": e.text, "first_chunk": e.first_chunk, "total": e.total },
+        "chunks": e.chunks.iter().map(|c| json!({
+            "latent_frames": c.chunk.frames, "prefix_frames": c.chunk.prefix, "iterations": c.iterations,
+            "tokens": c.evaluation.tokens, "seconds_per_iteration": c.evaluation.timing.step,
+            "denoise_seconds": c.denoise, "decode_seconds": c.decode, "per_rank_peak_bytes": c.evaluation.memory.peak,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: &ForcingJob, plans: &[ForcingEvaluation]) {
+    let p = &job.plan;
+    println!("model   {}: {:.2} B parameters, {} layers, {} heads (diffusion forcing)", model.name, model.params as f64 / 1e9, model.layers, model.heads);
+    println!(
+        "job     {}x{} x {} frames ({:.1} s at {} fps), {} steps per frame, guidance {}",
+        args.width,
+        args.height,
+        args.frames,
+        f64::from(args.frames) / f64::from(args.fps),
+        args.fps,
+        job.steps,
+        args.guidance
+    );
+    println!(
+        "chunks  {} of up to {} frames ({} latent), overlapping by {} ({} latent); causal blocks of {} latent frames, ar_step {} ({})",
+        p.chunks.len(),
+        args.base_frames.unwrap_or(0),
+        p.chunks.first().map_or(0, |c| c.frames),
+        args.overlap_frames,
+        p.chunks.get(1).map_or(0, |c| c.overlap),
+        p.block,
+        job.ar_step,
+        if job.ar_step == 0 { "synchronous" } else { "asynchronous" }
+    );
+    println!("device  {} ({}), efficiency {eff:.3} ({})", gpu.name, gpu.label, efficiency_source(gpu));
+    for e in plans {
+        println!();
+        let verdict = match &e.infeasible {
+            None => "feasible: true".to_string(),
+            Some(why) => format!("feasible: false ({why})"),
+        };
+        println!("{} GPU{}  {}  {verdict}", e.layout.gpus, if e.layout.gpus == 1 { "" } else { "s" }, e.layout.describe());
+        // Runs of chunks of the same shape, one line each.
+        let mut k = 0;
+        while k < e.chunks.len() {
+            let c = &e.chunks[k];
+            let same = e.chunks[k..].iter().take_while(|d| d.chunk == c.chunk && d.iterations == c.iterations).count();
+            let which = if same == 1 { format!("chunk {k}") } else { format!("chunks {k}-{}", k + same - 1) };
+            println!(
+                "  {which:<13} {} latent frames ({} prefix), {} tokens, {} iterations x {:.3} s + decode {} = {} each; peak/rank {}",
+                c.chunk.frames,
+                c.chunk.prefix,
+                c.evaluation.tokens,
+                c.iterations,
+                c.evaluation.timing.step,
+                human_seconds(c.decode),
+                human_seconds(c.denoise + c.decode),
+                bytes(c.evaluation.memory.peak as f64)
+            );
+            k += same;
+        }
+        println!("  first chunk   {} (text {} + chunk 0 and its frames)", human_seconds(e.first_chunk), human_seconds(e.text));
+        println!("  predicted     {}", human_seconds(e.total));
+    }
 }
 
 /// A preset, or a Wan `config.json` (the file or its folder).

@@ -95,6 +95,7 @@ impl Published {
             width: self.width,
             steps: self.steps,
             guidance: self.guidance,
+            causal_blocks: 1,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct JobShape {
     pub steps: u64,
     /// Whether classifier-free guidance is on.
     pub guidance: bool,
+    /// Blocks of the causal block mask over the frames (diffusion forcing); 1: full attention.
+    pub causal_blocks: u64,
 }
 
 impl JobShape {
@@ -44,7 +46,28 @@ impl JobShape {
             width: width.into(),
             steps: r.steps.into(),
             guidance: tessera_cluster::limits::guidance_enabled(r.guidance_scale),
+            causal_blocks: 1,
         }
+    }
+
+    /// The share of full self-attention's work the causal block mask leaves over the whole
+    /// sequence: block b of B sees b + 1 blocks, (B + 1)/(2B) on average.
+    pub fn mask_share(&self) -> f64 {
+        let b = self.causal_blocks.max(1) as f64;
+        (b + 1.0) / (2.0 * b)
+    }
+
+    /// The share the busiest rank of a ring of `ring` computes, of its full per-rank
+    /// self-attention. Ulysses splits heads, so every rank does the masked share; a ring splits
+    /// the sequence into contiguous ranges, and the last one sees nearly every key: about
+    /// 1 − 1/(2·ring), plus half a block for the block granularity (ranks with fewer visible keys
+    /// skip them, but wait for it).
+    pub fn busiest_share(&self, ring: u32) -> f64 {
+        if self.causal_blocks <= 1 || ring <= 1 {
+            return self.mask_share();
+        }
+        let r = f64::from(ring);
+        (1.0 - 1.0 / (2.0 * r) + 1.0 / (2.0 * self.causal_blocks as f64)).clamp(self.mask_share(), 1.0)
     }
 }
 
@@ -217,7 +240,11 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     // forwards each rank runs per step: CFG-parallel halves them
     let rank_forwards = if layout.cfg_parallel { 1 } else { forwards } as f64;
     let d = model.hidden();
-    let work = model.forward(job.tokens);
+    let full = model.forward(job.tokens);
+    // The causal block mask removes self-attention work: over the group, and on the busiest rank.
+    let masked = |share: f64| full.attention_flops - full.self_attention_flops * (1.0 - share);
+    let work = super::model::ForwardWork { attention_flops: masked(job.mask_share()), ..full };
+    let busiest_attention = masked(job.busiest_share(layout.ring));
     let flops =
         StepFlops { attention: work.attention_flops * forwards as f64, linear: work.linear_flops * forwards as f64, rest: work.rest_flops * forwards as f64 };
 
@@ -265,7 +292,7 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let mut t = Timing {
         // the encoder's weights come from host memory, then it encodes the prompt(s)
         text: (model.text_encoder_params * BF16) as f64 / gpu.host_bytes_per_s + model.text_encode_flops() * forwards as f64 / rate,
-        attention: rank_forwards * work.attention_flops / sp_f / rate,
+        attention: rank_forwards * busiest_attention / sp_f / rate,
         linear: rank_forwards * work.linear_flops / sp_f / rate,
         rest: rank_forwards * work.rest_bytes / sp_f / hbm,
         ..Timing::default()
@@ -318,7 +345,7 @@ mod tests {
     use super::*;
 
     fn minute_1080p() -> JobShape {
-        JobShape { tokens: 241 * 68 * 120, latent_fhw: [241, 136, 240], frames: 961, height: 1088, width: 1920, steps: 50, guidance: true }
+        JobShape { tokens: 241 * 68 * 120, latent_fhw: [241, 136, 240], frames: 961, height: 1088, width: 1920, steps: 50, guidance: true, causal_blocks: 1 }
     }
 
     fn layout(gpus: u32, ulysses: u32, cfg_parallel: bool) -> Layout {
@@ -383,5 +410,25 @@ mod tests {
         assert_eq!(cfg.traffic.ulysses, plain.traffic.ulysses);
         assert!(plain.traffic.ring > 0.0 && cfg.traffic.ring == 0.0);
         assert!(cfg.traffic.cfg > 0.0 && plain.traffic.cfg == 0.0);
+    }
+
+    #[test]
+    fn the_causal_mask_saves_attention_where_ranks_share_it_evenly() {
+        let m = preset("skyreels-v2-df-14b").unwrap();
+        let g = gpu_kind("h100-80gb").unwrap();
+        let full =
+            JobShape { tokens: 25 * 45 * 80, latent_fhw: [25, 90, 160], frames: 97, height: 720, width: 1280, steps: 50, guidance: true, causal_blocks: 1 };
+        let causal = JobShape { causal_blocks: 5, ..full };
+        assert_eq!((full.mask_share(), causal.mask_share()), (1.0, 0.6));
+        let work = m.forward(full.tokens);
+        let (a, b) = (evaluate(&m, &full, &g, layout(8, 8, false), 0.35), evaluate(&m, &causal, &g, layout(8, 8, false), 0.35));
+        // the group's FLOPs: 40 % of the self-attention removed, the cross-attention kept
+        let saved = a.flops.attention - b.flops.attention;
+        assert!((saved / (2.0 * 0.4 * work.self_attention_flops) - 1.0).abs() < 1e-9, "{saved:e}");
+        // Ulysses: every rank saves its share; a ring of 8: the last rank sees nearly every key
+        assert!((b.timing.attention / a.timing.attention - b.flops.attention / a.flops.attention).abs() < 1e-9);
+        let ring = (evaluate(&m, &full, &g, layout(8, 1, false), 0.35), evaluate(&m, &causal, &g, layout(8, 1, false), 0.35));
+        assert!(ring.1.timing.attention > 0.95 * ring.0.timing.attention);
+        assert!(causal.busiest_share(8) <= 1.0 && causal.busiest_share(1) == 0.6);
     }
 }

@@ -84,6 +84,8 @@ pub struct ModelShape {
     pub params: u64,
     /// Whether guidance is distilled into the model (one forward per step whatever the scale).
     pub guidance_distilled: bool,
+    /// Whether the model makes long videos by diffusion forcing (SkyReels-V2: chunk by chunk).
+    pub diffusion_forcing: bool,
     /// Parameters of the text encoder(s).
     pub text_encoder_params: u64,
     /// The VAE.
@@ -97,6 +99,8 @@ pub struct ModelShape {
 pub struct ForwardWork {
     /// Attention FLOPs (q·kᵀ and p·v, self and cross).
     pub attention_flops: f64,
+    /// Of those, the self-attention's (full attention: every query against every key).
+    pub self_attention_flops: f64,
     /// Linear-layer FLOPs (projections, feed-forward, embeddings).
     pub linear_flops: f64,
     /// FLOPs of the rest (norms, modulation, RoPE, activations, residual adds).
@@ -127,6 +131,7 @@ impl ModelShape {
             latent_channels: c.out_channels as u64,
             params: c.parameter_count() as u64,
             guidance_distilled: false,
+            diffusion_forcing: c.is_skyreels_v2(),
             text_encoder_params: 5_680_000_000,
             vae: VaeShape::WAN,
             factors: ModelFactors::WAN,
@@ -155,6 +160,7 @@ impl ModelShape {
             latent_channels: 16,
             params: 12_800_000_000,
             guidance_distilled: true,
+            diffusion_forcing: false,
             text_encoder_params: 8_150_000_000,
             vae: VaeShape::HUNYUAN,
             factors: ModelFactors::WAN,
@@ -185,14 +191,15 @@ impl ModelShape {
         let (n, d, l) = (tokens as f64, self.hidden() as f64, self.layers as f64);
         let s = self.attention_tokens(tokens) as f64;
         let context = if self.text_joint { 0.0 } else { self.text_len as f64 } + self.image_len as f64;
-        let attention = l * (4.0 * s * s * d + 4.0 * n * context * d);
+        let self_attention = l * 4.0 * s * s * d;
+        let attention = self_attention + l * 4.0 * n * context * d;
         let embed = 2.0 * n * (self.patch_in as f64) * d + 2.0 * n * d * (self.patch_out as f64);
         let linear = l * (2.0 * s * self.token_weights as f64 + 2.0 * context * self.context_weights as f64) + embed;
         let ffn = self.ffn as f64;
         // ~5 FLOPs per element of each norm, modulation and residual add, ~8 per GELU element.
         let rest_flops = l * s * (20.0 * d + 8.0 * ffn);
         let rest_bytes = l * s * (REST_PASSES_PER_BLOCK as f64 * d + 2.0 * ffn) * BF16 as f64;
-        ForwardWork { attention_flops: attention, linear_flops: linear, rest_flops, rest_bytes }
+        ForwardWork { attention_flops: attention, self_attention_flops: self_attention, linear_flops: linear, rest_flops, rest_bytes }
     }
 
     /// FLOPs of encoding one prompt with the text encoder (2 per parameter per token).
@@ -229,8 +236,15 @@ impl ModelShape {
     }
 }
 
-/// The models `tessera plan --model` knows by name.
-pub const PRESETS: [&str; 4] = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "hunyuanvideo"];
+/// The models `tessera plan --model` knows by name (SkyReels-V2 DF: the Wan shapes with the fps
+/// embedding on the 1.3B, as their `config.json` says; 540P and 720P share a transformer).
+pub const PRESETS: [&str; 6] = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b", "skyreels-v2-df-1.3b", "skyreels-v2-df-14b", "hunyuanvideo"];
+
+/// SkyReels-V2's diffusion-forcing transformer of the Wan shape `wan`.
+fn skyreels_df(wan: TransformerConfig, inject_sample_info: bool) -> TransformerConfig {
+    let class_name = Some(tessera_cluster::transformer_config::SKYREELS_V2_CLASS.to_string());
+    TransformerConfig { class_name, inject_sample_info, ..wan }
+}
 
 /// The preset named `name`, or `None`.
 pub fn preset(name: &str) -> Option<ModelShape> {
@@ -238,6 +252,8 @@ pub fn preset(name: &str) -> Option<ModelShape> {
         "wan2.1-t2v-1.3b" => Some(ModelShape::wan(name, &TransformerConfig::wan21_t2v_1_3b())),
         "wan2.1-t2v-14b" => Some(ModelShape::wan(name, &TransformerConfig::wan21_t2v_14b())),
         "wan2.1-i2v-14b" => Some(ModelShape::wan(name, &TransformerConfig::wan21_i2v_14b())),
+        "skyreels-v2-df-1.3b" => Some(ModelShape::wan(name, &skyreels_df(TransformerConfig::wan21_t2v_1_3b(), true))),
+        "skyreels-v2-df-14b" => Some(ModelShape::wan(name, &skyreels_df(TransformerConfig::wan21_t2v_14b(), false))),
         "hunyuanvideo" => Some(ModelShape::hunyuan_video()),
         _ => None,
     }

@@ -5,11 +5,10 @@
 //! forward is the caller's (one device, or a sequence-parallel group: every chunk is one sharded
 //! generation); the per-frame samplers run on the host in f32, as on every backend.
 
-mod chunks;
 mod step_matrix;
 
-pub use chunks::{Chunk, ChunkPlan};
 pub use step_matrix::StepMatrix;
+pub use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
 
 use super::{concat_time, noise_slice, TextConditions};
 use crate::model::{DitInputs, ForwardOptions};

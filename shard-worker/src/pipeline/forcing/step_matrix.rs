@@ -114,6 +114,11 @@ mod tests {
                 assert_eq!(m.iterations(), steps);
             }
         }
+        // The planner's closed form counts the rows, whatever the lag (shorter or longer than S).
+        for (steps, frames, prefix, block, ar) in [(3, 6, 0, 2, 2), (3, 6, 2, 2, 2), (50, 25, 5, 5, 5), (4, 12, 0, 1, 9), (7, 10, 4, 2, 3), (2, 8, 0, 4, 0)] {
+            let m = StepMatrix::new(steps, frames, prefix, block, ar).unwrap();
+            assert_eq!(m.iterations(), super::super::iterations(steps, frames, prefix, block, ar), "{steps} {frames} {prefix} {block} {ar}");
+        }
         assert!(StepMatrix::new(3, 5, 0, 2, 0).unwrap_err().to_string().contains("causal_block_size"));
     }
 }

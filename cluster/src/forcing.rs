@@ -1,9 +1,10 @@
-//! How a long video is cut into chunks (diffusers' `SkyReelsV2DiffusionForcingPipeline`, long-video
-//! mode): chunks of at most `base_num_frames` (latent: Bf), each after the first starting with the
-//! last `overlap_history` frames (latent: ov) of the video so far, of which the first `pf` (ov
-//! rounded down to whole causal blocks) are its clean prefix.
+//! How a diffusion-forcing long video is cut into chunks (diffusers'
+//! `SkyReelsV2DiffusionForcingPipeline`, long-video mode), and how many iterations each chunk
+//! runs: chunks of at most `base_num_frames` (latent: Bf), each after the first starting with the
+//! last `overlap_history` frames (latent: ov) of the video so far as its clean prefix. Pure
+//! arithmetic, shared by the workers that run the chunks and the planner that prices them.
 
-use crate::{Result, WorkerError};
+use crate::{ClusterError as WorkerError, Result};
 
 /// One chunk of a long video, in latent frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +85,18 @@ impl ChunkPlan {
     }
 }
 
+/// Iterations of a chunk of `frames` latent frames whose first `prefix` are done, in causal blocks
+/// of `block`, each frame stepped `steps` times, block b starting `ar_step` iterations after block
+/// b−1 (or when b−1 finishes, if sooner): `S + (blocks − 1)·min(ar_step, S)` over its new blocks.
+/// (The worker's step matrix has exactly this many rows; its tests check it.)
+pub fn iterations(steps: usize, frames: usize, prefix: usize, block: usize, ar_step: usize) -> usize {
+    let blocks = frames.saturating_sub(prefix) / block.max(1);
+    if blocks == 0 {
+        return 0;
+    }
+    steps + (blocks - 1) * ar_step.min(steps)
+}
+
 /// The chunks of `num_frames` (sizes only; [`ChunkPlan::new`] checks them).
 fn cut(num_frames: usize, base_num_frames: usize, overlap_history: Option<usize>) -> Vec<Chunk> {
     let n = latent(num_frames);
@@ -112,6 +125,8 @@ mod tests {
         let c = |frames, prefix| Chunk { frames, prefix, overlap: prefix };
         assert_eq!(p.chunks, vec![c(6, 0), c(6, 2), c(4, 2)]);
         assert_eq!(p.latent_frames, 12);
+        // README-df.md: 7, 5 and 3 iterations (3 steps, ar_step 2).
+        assert_eq!(p.chunks.iter().map(|c| iterations(3, c.frames, c.prefix, 2, 2)).collect::<Vec<_>>(), vec![7, 5, 3]);
         // No overlap, or a video no longer than a chunk: one chunk of every latent frame.
         assert_eq!(ChunkPlan::new(45, 21, None, 1).unwrap().chunks, vec![c(12, 0)]);
         assert_eq!(ChunkPlan::new(17, 21, Some(5), 1).unwrap().chunks, vec![c(5, 0)]);

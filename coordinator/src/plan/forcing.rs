@@ -1,0 +1,146 @@
+//! Planning a diffusion-forcing long video (SkyReels-V2): the video is made chunk by chunk
+//! ([`ChunkPlan`], the workers' own arithmetic), each chunk a sharded generation of its frames'
+//! tokens under the causal block mask, running [`iterations`] model evaluations. A chunk is
+//! priced by [`evaluate`] on the layout chosen for the largest chunk; the text is encoded once;
+//! each chunk's new frames are decoded after it, so the first chunk's frames are ready after the
+//! text, one chunk and its decode.
+
+use super::cost::{evaluate, Evaluation, JobShape, Layout};
+use super::gpu::GpuKind;
+use super::model::ModelShape;
+use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
+
+/// A diffusion-forcing job as the planner sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForcingJob {
+    /// The chunks.
+    pub plan: ChunkPlan,
+    /// Sampler steps of every frame.
+    pub steps: u64,
+    /// Iterations block b lags block b−1.
+    pub ar_step: u64,
+    /// Latent grid `[height, width]`.
+    pub latent_hw: [u64; 2],
+    /// Generated frame size `(height, width)`.
+    pub size: (u64, u64),
+    /// Whether classifier-free guidance is on.
+    pub guidance: bool,
+}
+
+/// One chunk's cost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkCost {
+    /// The chunk.
+    pub chunk: Chunk,
+    /// Model evaluations (iterations of its step matrix).
+    pub iterations: u64,
+    /// Its cost as one job of `iterations` steps over its tokens.
+    pub evaluation: Evaluation,
+    /// Seconds to denoise it.
+    pub denoise: f64,
+    /// Seconds to decode its new frames.
+    pub decode: f64,
+}
+
+/// A diffusion-forcing job's predicted cost on one layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForcingEvaluation {
+    /// The layout.
+    pub layout: Layout,
+    /// Every chunk.
+    pub chunks: Vec<ChunkCost>,
+    /// Encoding the prompts, once.
+    pub text: f64,
+    /// Until the first chunk's frames are decoded.
+    pub first_chunk: f64,
+    /// The whole job.
+    pub total: f64,
+    /// `None` when every chunk runs; else why not (the first chunk that does not).
+    pub infeasible: Option<String>,
+}
+
+impl ForcingJob {
+    /// The shape of chunk `c` as a job: its tokens (patches 1×2×2), its iterations as steps, its
+    /// new frames decoded, its causal blocks.
+    pub fn chunk_shape(&self, c: &Chunk, first: bool) -> JobShape {
+        let [h, w] = self.latent_hw;
+        let new = (c.frames - c.overlap) as u64;
+        JobShape {
+            tokens: c.frames as u64 * h.div_ceil(2) * w.div_ceil(2),
+            latent_fhw: [c.frames as u64, h, w],
+            // the VAE's causal first frame: 1 + 4(n − 1) for the first chunk, 4 per latent frame after
+            frames: if first { 4 * new - 3 } else { 4 * new },
+            height: self.size.0,
+            width: self.size.1,
+            steps: iterations(self.steps as usize, c.frames, c.prefix, self.plan.block, self.ar_step as usize) as u64,
+            guidance: self.guidance,
+            // blocks of one frame are no mask at all (SkyReels-V2: `num_frame_per_block` 1)
+            causal_blocks: if self.plan.block <= 1 { 1 } else { (c.frames / self.plan.block).max(1) as u64 },
+        }
+    }
+
+    /// The largest chunk's shape (the first): what a layout is chosen for.
+    pub fn largest(&self) -> JobShape {
+        self.chunk_shape(&self.plan.chunks[0], true)
+    }
+}
+
+/// The cost of `job` for `model` on `layout` over `gpu` at `efficiency`.
+pub fn evaluate_forcing(model: &ModelShape, job: &ForcingJob, gpu: &GpuKind, layout: Layout, efficiency: f64) -> ForcingEvaluation {
+    let chunks: Vec<ChunkCost> = job
+        .plan
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let shape = job.chunk_shape(c, k == 0);
+            let evaluation = evaluate(model, &shape, gpu, layout, efficiency);
+            let (denoise, decode) = (evaluation.timing.denoise, evaluation.timing.vae);
+            ChunkCost { chunk: *c, iterations: shape.steps, evaluation, denoise, decode }
+        })
+        .collect();
+    let text = chunks.first().map_or(0.0, |c| c.evaluation.timing.text);
+    let first_chunk = text + chunks.first().map_or(0.0, |c| c.denoise + c.decode);
+    let total = text + chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>();
+    let infeasible = chunks.iter().enumerate().find_map(|(k, c)| c.evaluation.infeasible.as_ref().map(|why| format!("chunk {k}: {why}")));
+    ForcingEvaluation { layout, chunks, text, first_chunk, total, infeasible }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::gpu::gpu_kind;
+    use super::super::model::preset;
+    use super::*;
+
+    fn minute_720p(ar_step: u64, block: usize) -> ForcingJob {
+        // 60 s at 24 fps (1441 frames, 361 latent), chunks of 121 frames (31 latent) overlapping by 17 (5)
+        let plan = ChunkPlan::new(1441, 121, Some(17), block).unwrap();
+        ForcingJob { plan, steps: 30, ar_step, latent_hw: [90, 160], size: (720, 1280), guidance: true }
+    }
+
+    #[test]
+    fn chunks_add_up_to_the_job() {
+        let (m, g) = (preset("skyreels-v2-df-14b").unwrap(), gpu_kind("h100-80gb").unwrap());
+        let job = minute_720p(0, 1);
+        let layout = Layout { gpus: 8, ulysses: 8, ring: 1, cfg_parallel: false, vae_ranks: 1 };
+        let e = evaluate_forcing(&m, &job, &g, layout, 0.35);
+        assert_eq!(e.chunks.len(), job.plan.chunks.len());
+        assert!(e.infeasible.is_none(), "{:?}", e.infeasible);
+        // synchronous: every chunk runs S iterations; the decoded frames add up to the video
+        assert!(e.chunks.iter().all(|c| c.iterations == 30 && c.evaluation.flops.attention > 0.0));
+        assert_eq!(job.largest().causal_blocks, 1, "blocks of one frame: full attention");
+        assert_eq!(e.chunks.iter().map(|c| c.evaluation.timing.vae).count(), e.chunks.len());
+        let frames: u64 = job.plan.chunks.iter().enumerate().map(|(k, c)| job.chunk_shape(c, k == 0).frames).sum();
+        assert_eq!(frames, 1441);
+        assert!(e.first_chunk < e.total / 5.0 && e.total > e.first_chunk);
+        let sum = e.text + e.chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>();
+        assert!((sum - e.total).abs() < 1e-9);
+        // asynchronous (blocks of 5 lagging 5 iterations): more iterations per chunk
+        let plan = ChunkPlan::new(1397, 117, Some(17), 5).unwrap();
+        let job = ForcingJob { plan, ar_step: 5, ..job };
+        let e = evaluate_forcing(&m, &job, &g, layout, 0.35);
+        assert_eq!(e.chunks[0].iterations, 30 + 5 * 5);
+        assert_eq!(e.chunks[1].iterations, 30 + 4 * 5);
+        assert_eq!(job.largest().causal_blocks, 6);
+    }
+}
