@@ -129,7 +129,7 @@ mod tests {
         // synchronous: every chunk runs S iterations; the decoded frames add up to the video
         assert!(e.chunks.iter().all(|c| c.iterations == 30 && c.evaluation.flops.attention > 0.0));
         assert_eq!(job.largest().causal_blocks, 1, "blocks of one frame: full attention");
-        assert_eq!(e.chunks.iter().map(|c| c.evaluation.timing.vae).count(), e.chunks.len());
+        assert!(e.chunks.iter().all(|c| c.decode > 0.0 && c.denoise > c.decode));
         let frames: u64 = job.plan.chunks.iter().enumerate().map(|(k, c)| job.chunk_shape(c, k == 0).frames).sum();
         assert_eq!(frames, 1441);
         assert!(e.first_chunk < e.total / 5.0 && e.total > e.first_chunk);
