@@ -31,7 +31,7 @@ fn golden_device_cuda_without_a_gpu_is_refused_and_auto_runs_the_cpu() {
         assert!(err.contains("--backend cuda") && err.contains("CUDA unavailable"), "{err}");
         let (code, out, err) = tessera(&["golden", "--backend", "auto", &cases]);
         assert_eq!(code, 0, "{out}\n{err}");
-        assert!(out.contains("4 passed, 0 failed") && out.contains("backend cpu: f32") && !out.contains("in bf16"), "{out}");
+        assert!(out.contains("5 passed, 0 failed") && out.contains("backend cpu: f32") && !out.contains("in bf16"), "{out}");
     }
     let (code, _, err) = tessera(&["golden", "--backend", "tpu", &cases]);
     assert_ne!(code, 0);
@@ -44,7 +44,7 @@ fn golden_backend_bf16_host_runs_every_dit_case_in_bf16() {
     let (code, out, err) = tessera(&["golden", "--backend", "bf16-host", "--kind", "dit", &dit_cases()]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("backend bf16-host: every model in bf16") && out.contains("transformer and text-encoder cases are held to rel_l2 <= 2e-2"), "{out}");
-    assert!(out.contains("4 passed, 0 failed"), "{out}");
+    assert!(out.contains("5 passed, 0 failed"), "{out}");
 }
 
 #[test]

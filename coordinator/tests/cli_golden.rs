@@ -38,8 +38,8 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize
 fn project_dit_cases_pass_with_one_line_each() {
     let (code, out, err) = tessera(&["golden", "--kind", "dit", golden().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("dit ") && l.trim_end().ends_with("PASS  ranks=1 moved=0")).count(), 4, "{out}");
-    assert!(out.contains("4 passed, 0 failed"));
+    assert_eq!(out.lines().filter(|l| l.starts_with("dit ") && l.trim_end().ends_with("PASS  ranks=1 moved=0")).count(), 5, "{out}");
+    assert!(out.contains("5 passed, 0 failed"));
 }
 
 /// Every result line says which ranks computed the case and the bytes they exchanged; a kind that
@@ -53,7 +53,7 @@ fn sharded_lines_say_the_ranks_and_bytes_and_unshardable_kinds_fail() {
         .filter(|l| l.starts_with("dit ") && l.contains("PASS  ranks=2 moved="))
         .map(|l| l.rsplit("moved=").next().unwrap().trim().parse().unwrap())
         .collect();
-    assert_eq!(moved.len(), 4, "{out}");
+    assert_eq!(moved.len(), 5, "{out}");
     assert!(moved.iter().all(|m| *m > 0), "{out}");
     let (code, out, _) = tessera(&["golden", "--kind", "vae", "--ranks", "4", golden().to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");

@@ -2,13 +2,14 @@
 //! loop matched stage by stage. Token ids, embeddings and the template schedule; per chunk the
 //! starting latents, the step matrix (exactly), the transformer's input, timesteps and outputs at
 //! the first iteration, the latents after every iteration; then the accumulated latents and the
-//! decoded frames. The random draws come from the case (`chunk{k}_noise`, `chunk{k}_addnoise`).
+//! frames, decoded chunk by chunk as the run streams them (against diffusers' one decode of the
+//! whole latent). The random draws come from the case (`chunk{k}_noise`, `chunk{k}_addnoise`).
 //! With `--ranks` every transformer forward is sharded over ranks of this process.
 
 use super::pipeline::{compare_ids, compare_ints, frames_major};
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::{run_local_group, ParallelPlan};
-use crate::pipeline::forcing::{Chunk, ChunkPlan, ForcingNoise, ForcingObserver, ForcingParams, ForcingRun, StepMatrix};
+use crate::pipeline::forcing::{Chunk, ChunkPlan, ForcingNoise, ForcingObserver, ForcingParams, ForcingRun, StepMatrix, StreamingDecode};
 use crate::pipeline::{FrameCollector, GenerationParams, WanPipeline};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
@@ -170,26 +171,32 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let latent = [pipe.vae().config().z_dim, s.height / factor, s.width / factor];
     let run = ForcingRun { plan: &plan, params: &forcing, schedule: &schedule, text: &text, guidance_scale: s.guidance_scale, latent };
     let model = pipe.transformer();
-    let (video, rec) = if opts.ranks <= 1 && opts.ulysses <= 1 {
-        let mut rec = Recorded::default();
-        let video = run.run(block, &mut StoredNoise(&io), &mut |x| model.forward(x), &mut rec)?;
-        (video, rec)
+    let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 {
+        let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
+        let video = run.run(block, &mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
+        (video, rec, frames)
     } else {
         let group = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
         };
         let mut outs = run_local_group(opts.transport, group, |ctx| {
-            let mut rec = Recorded::default();
-            let video = run.run(block, &mut StoredNoise(&io), &mut |x| ctx.forward(model, x), &mut rec)?;
-            Ok((video, rec, ctx.world().stats().sent()))
+            // Rank 0 streams the decode; every rank records its run.
+            let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
+            let mut forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
+            let video = if ctx.rank() == 0 {
+                run.run(block, &mut StoredNoise(&io), &mut forward, &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?
+            } else {
+                run.run(block, &mut StoredNoise(&io), &mut forward, &mut rec)?
+            };
+            Ok((video, rec, frames, ctx.world().stats().sent()))
         })?;
-        *ran = super::Ran { ranks: group.ranks(), moved: outs.iter().map(|o| o.2).sum() };
+        *ran = super::Ran { ranks: group.ranks(), moved: outs.iter().map(|o| o.3).sum() };
         if outs.windows(2).any(|w| w[0].0 != w[1].0) {
             return Err(WorkerError::Collective("the ranks ended with different videos".into()));
         }
-        let (video, rec, _) = outs.swap_remove(0);
-        (video, rec)
+        let (video, rec, frames, _) = outs.swap_remove(0);
+        (video, rec, frames)
     };
 
     for (k, matrix) in rec.matrices.iter().enumerate() {
@@ -226,8 +233,6 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     }
     let chunks = plan.chunks.len();
     comparisons.push(compare(&io, "latents", &video, &chained(opts, tol.clone(), chunks))?);
-    let mut frames = FrameCollector::default();
-    pipe.decode(&video, &mut frames)?;
     let frames_tol = chained(opts, opts.video_tolerance(&meta.tolerance), chunks);
     comparisons.push(compare(&io, "frames", &frames_major(&frames.frames()?)?, &frames_tol)?);
     Ok(outcome(comparisons))
@@ -264,6 +269,37 @@ mod tests {
         let iterations = |k: usize| names.iter().filter(|n| n.starts_with(&format!("chunk{k}_latents_after_step["))).count();
         assert_eq!([iterations(0), iterations(1), iterations(2)], [7, 5, 3]);
         assert_eq!(names[names.len() - 2..], ["latents", "frames"]);
+    }
+
+    /// The frames streamed chunk by chunk (4, then 6 and 3 new latent frames) are the decode of
+    /// the whole latent, bit for bit: the VAE's causal caches carry over between chunks.
+    #[test]
+    fn streamed_frames_are_the_decode_of_the_whole() {
+        let case = df_case();
+        let pipe = WanPipeline::load(&case.dir).unwrap();
+        let io = SafetensorsFile::open(&case.dir.join("io.safetensors")).unwrap();
+        let latents = read_tensor(&io, "latents").unwrap();
+        let mut once = FrameCollector::default();
+        pipe.decode(&latents, &mut once).unwrap();
+        let mut streamed = FrameCollector::default();
+        let mut stream = pipe.start_decode();
+        for (start, end) in [(0, 6), (6, 10), (10, 12)] {
+            let piece = Tensor::new(
+                [1, 4, end - start, 4, 4],
+                (0..4).flat_map(|c| latents.data()[(c * 12 + start) * 16..(c * 12 + end) * 16].to_vec()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            pipe.decode_more(&mut stream, &piece, &mut streamed).unwrap();
+        }
+        let (a, b) = (once.frames().unwrap(), streamed.frames().unwrap());
+        assert_eq!(a.shape(), &[1, 3, 45, 32, 32]);
+        assert!(a.data() == b.data(), "streamed frames differ from one decode");
+        // A fresh stream restarts the video: its first piece differs from the continuation's.
+        let mut fresh = FrameCollector::default();
+        let tail =
+            Tensor::new([1, 4, 2, 4, 4], (0..4).flat_map(|c| latents.data()[(c * 12 + 10) * 16..(c * 12 + 12) * 16].to_vec()).collect::<Vec<_>>()).unwrap();
+        pipe.decode_more(&mut pipe.start_decode(), &tail, &mut fresh).unwrap();
+        assert_eq!(fresh.frames().unwrap().dim(2), 5, "a fresh stream's first latent frame is one video frame");
     }
 
     /// The bf16 bound grows as the square root of the chunks a stage depends on.

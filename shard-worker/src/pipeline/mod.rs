@@ -266,8 +266,22 @@ impl WanPipeline {
     /// Stage 4: de-normalises the latent and decodes it frame-chunk by frame-chunk, handing frames
     /// `[1, 3, n, H, W]` in [0, 1] to the observer as they come.
     pub fn decode(&self, latents: &Tensor, observer: &mut dyn PipelineObserver) -> Result<()> {
+        let mut stream = FrameStream(self.vae.start_decode(latents.shape().first().copied().unwrap_or(0)));
+        self.decode_more(&mut stream, latents, observer)
+    }
+
+    /// Starts decoding a video whose latents come a few frames at a time (a long video, chunk by
+    /// chunk): see [`decode_more`](Self::decode_more).
+    pub fn start_decode(&self) -> FrameStream {
+        FrameStream(self.vae.start_decode(1))
+    }
+
+    /// Stage 4 for the next latent frames `[1, C, n, h, w]` of `stream`'s video: de-normalised
+    /// and decoded with the VAE's causal caches continued, frames in [0, 1] to the observer. The
+    /// frames of all calls are those of one [`decode`](Self::decode) of the whole latent.
+    pub fn decode_more(&self, stream: &mut FrameStream, latents: &Tensor, observer: &mut dyn PipelineObserver) -> Result<()> {
         let z = self.vae.denormalize_latent(latents)?;
-        self.vae.decode_with(&z, &mut |mut frames| {
+        self.vae.decode_more(&mut stream.0, &z, &mut |mut frames| {
             frames.data_mut().iter_mut().for_each(|v| *v = (*v + 1.0) * 0.5);
             observer.on_frames(&frames)
         })
@@ -286,6 +300,9 @@ impl WanPipeline {
         Ok(latents)
     }
 }
+
+/// A video being decoded piece by piece ([`WanPipeline::start_decode`]).
+pub struct FrameStream(crate::vae::VaeDecodeStream);
 
 /// Collects every decoded frame chunk into one `[1, 3, F, H, W]` tensor.
 #[derive(Default)]

@@ -1,7 +1,8 @@
 //! The Wan 2.1 VAE (diffusers `AutoencoderKLWan`), written once over the backend seam (`cpu`,
 //! `bf16-host`, `cuda`): decode latents to video chunk by chunk (one latent frame per step, with
-//! causal frame caches, so memory does not grow with the video's length) and encode video to the
-//! latent distribution, plus the latent normalisation the pipelines apply around them (on the
+//! causal frame caches, so memory does not grow with the video's length; a [`DecodeStream`] keeps
+//! those caches between calls, so a long video's latents can be decoded as they are made and the
+//! frames equal one decode of the whole) and encode video to the latent distribution, plus the latent normalisation the pipelines apply around them (on the
 //! host, in f32). Reference: `wan2.1.md` §4.
 
 mod blocks;
@@ -22,11 +23,27 @@ use encoder::Encoder;
 use layers::CausalConv3d;
 use rayon::prelude::*;
 use std::path::Path;
-use tessera_kernels::backend::{Backend, Ops};
+use tessera_kernels::backend::{Backend, CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::Tensor;
 
 /// Video frames per encoder chunk after the first, one-frame chunk (upstream's fixed 4).
 const ENCODE_CHUNK: usize = 4;
+
+/// A decode in progress on backend `O`: every sample's causal caches, kept between calls of
+/// [`WanVae::decode_more`].
+pub struct DecodeStream<O: Ops> {
+    states: Vec<decoder::DecoderState<O>>,
+}
+
+/// A decode in progress, on the backend of the VAE that started it ([`WanVae::start_decode`]).
+pub enum VaeDecodeStream {
+    /// On the CPU.
+    Cpu(DecodeStream<CpuOps>),
+    /// Under the host twin of the GPU path.
+    Bf16Host(DecodeStream<HostOps>),
+    /// On a CUDA GPU.
+    Cuda(DecodeStream<CudaOps>),
+}
 
 /// The Wan 2.1 VAE on backend `O`: written once, run by every backend.
 pub struct Vae<O: Ops> {
@@ -61,20 +78,34 @@ impl<O: Ops> Vae<O> {
         &self.ops
     }
 
+    /// A fresh decode of `batch` samples: the start of their videos.
+    fn new_stream(&self, batch: usize) -> DecodeStream<O> {
+        DecodeStream { states: (0..batch).map(|_| self.decoder.new_state()).collect() }
+    }
+
     /// Decodes `chunk` latent frames per step (1 is upstream's scheme; any size gives the same
     /// video), handing each piece of video, clamped to [−1, 1], to `on_frames`.
     fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let mut stream = self.new_stream(latent.shape().first().copied().unwrap_or(0));
+        self.decode_more(&mut stream, latent, chunk, on_frames)
+    }
+
+    /// Decodes the next latent frames of `stream`'s videos, `chunk` per step.
+    fn decode_more(&self, stream: &mut DecodeStream<O>, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
         let s = latent.shape();
-        if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) {
-            return Err(WorkerError::input("latent", format!("expected [B, {}, T, h, w] with no empty dimension, got {s:?}", self.cfg.z_dim)));
+        if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) || s[0] != stream.states.len() {
+            return Err(WorkerError::input(
+                "latent",
+                format!("expected [{}, {}, T, h, w] with no empty dimension, got {s:?}", stream.states.len(), self.cfg.z_dim),
+            ));
         }
         let ops = &self.ops;
-        let (batch, frames) = (s[0], s[2]);
-        let mut states: Vec<_> = (0..batch).map(|_| self.decoder.new_state()).collect();
+        let frames = s[2];
+        let states = &mut stream.states;
         let mut start = 0;
         while start < frames {
             let end = frames.min(start + chunk.max(1));
-            let (mut samples, mut shape) = (Vec::with_capacity(batch), [0; 4]);
+            let (mut samples, mut shape) = (Vec::with_capacity(states.len()), [0; 4]);
             for (b, state) in states.iter_mut().enumerate() {
                 let z = self.post_quant_conv.forward(ops, &Clip::from_batch(ops, latent, b, start, end)?)?;
                 let video = self.decoder.forward(ops, &z, state)?;
@@ -186,6 +217,28 @@ impl OnBackend<VaeFamily> {
 
     fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
         on_backend!(self, m => m.decode_chunks(latent, chunk, on_frames))
+    }
+
+    /// Starts decoding `batch` videos whose latents will come a few frames at a time
+    /// ([`decode_more`](Self::decode_more)).
+    pub fn start_decode(&self, batch: usize) -> VaeDecodeStream {
+        match self {
+            OnBackend::Cpu(m) => VaeDecodeStream::Cpu(m.new_stream(batch)),
+            OnBackend::Bf16Host(m) => VaeDecodeStream::Bf16Host(m.new_stream(batch)),
+            OnBackend::Cuda(m) => VaeDecodeStream::Cuda(m.new_stream(batch)),
+        }
+    }
+
+    /// Decodes the next latent frames `[B, z_dim, n, h, w]` (de-normalised) of `stream`'s videos,
+    /// continuing its causal caches, as [`decode_with`](Self::decode_with) does: the pieces of
+    /// all calls together are the decode of the whole latent, bit for bit.
+    pub fn decode_more(&self, stream: &mut VaeDecodeStream, latent: &Tensor, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        match (self, stream) {
+            (OnBackend::Cpu(m), VaeDecodeStream::Cpu(s)) => m.decode_more(s, latent, 1, on_frames),
+            (OnBackend::Bf16Host(m), VaeDecodeStream::Bf16Host(s)) => m.decode_more(s, latent, 1, on_frames),
+            (OnBackend::Cuda(m), VaeDecodeStream::Cuda(s)) => m.decode_more(s, latent, 1, on_frames),
+            _ => Err(WorkerError::input("decode", "a decode stream continues on the backend of the VAE that started it")),
+        }
     }
 
     /// Encodes `video` `[B, in_channels, F, H, W]` (values in [−1, 1], F = 1 + 4k, H and W

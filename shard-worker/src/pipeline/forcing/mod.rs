@@ -10,7 +10,7 @@ mod step_matrix;
 pub use step_matrix::StepMatrix;
 pub use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
 
-use super::{concat_time, noise_slice, TextConditions};
+use super::{concat_time, noise_slice, FrameStream, PipelineObserver, TextConditions, WanPipeline};
 use crate::model::{DitInputs, ForwardOptions};
 use crate::sampler::{apply_guidance, guidance_enabled, SamplerState, Schedule};
 use crate::{Result, WorkerError};
@@ -88,6 +88,39 @@ pub trait ForcingObserver {
 
 /// An observer that watches nothing.
 impl ForcingObserver for () {}
+
+/// Decodes each chunk's new frames as soon as the chunk is done (continuing the VAE's causal
+/// caches, so the streamed video is the decode of the whole latent) and hands them to `frames`;
+/// everything else goes on to `inner`.
+pub struct StreamingDecode<'a> {
+    pipe: &'a WanPipeline,
+    stream: FrameStream,
+    frames: &'a mut dyn PipelineObserver,
+    inner: &'a mut dyn ForcingObserver,
+}
+
+impl<'a> StreamingDecode<'a> {
+    /// Streams `pipe`'s decode of the video to `frames`, watching the run with `inner` too.
+    pub fn new(pipe: &'a WanPipeline, frames: &'a mut dyn PipelineObserver, inner: &'a mut dyn ForcingObserver) -> Self {
+        Self { pipe, stream: pipe.start_decode(), frames, inner }
+    }
+}
+
+impl ForcingObserver for StreamingDecode<'_> {
+    fn on_chunk_start(&mut self, k: usize, chunk: &Chunk, matrix: &StepMatrix, latents: &Tensor) -> Result<()> {
+        self.inner.on_chunk_start(k, chunk, matrix, latents)
+    }
+    fn on_forward(&mut self, k: usize, i: usize, input: &Tensor, timesteps: &[f32], cond: &[f32], uncond: Option<&[f32]>) -> Result<()> {
+        self.inner.on_forward(k, i, input, timesteps, cond, uncond)
+    }
+    fn on_iteration(&mut self, k: usize, i: usize, iterations: usize, latents: &Tensor) -> Result<()> {
+        self.inner.on_iteration(k, i, iterations, latents)
+    }
+    fn on_chunk_done(&mut self, k: usize, chunks: usize, frames: &Tensor) -> Result<()> {
+        self.inner.on_chunk_done(k, chunks, frames)?;
+        tracing::info_span!("decode", chunk = k).in_scope(|| self.pipe.decode_more(&mut self.stream, frames, self.frames))
+    }
+}
 
 /// What a diffusion-forcing run needs besides the model: the chunks, the settings, the sampler's
 /// template schedule, and the prompt.
