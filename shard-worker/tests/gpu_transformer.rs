@@ -107,7 +107,7 @@ fn golden_dit_cases_pass_on_cuda_in_bf16() {
                 timesteps: &timesteps,
                 encoder_hidden_states: &text,
                 encoder_hidden_states_image: image.as_ref(),
-                options: Default::default(),
+                options: tessera_worker::golden::forward_options(&io).unwrap(),
             };
             let cuda = CudaWanTransformer::load(ops.clone(), &case.dir).unwrap().forward(&x).unwrap();
             let emulated = EmulatedWanTransformer::load(HostOps, &case.dir).unwrap().forward(&x).unwrap();

@@ -40,6 +40,13 @@ pub const CUDA_BF16_TOLERANCE: Tolerance = Tolerance { rel_l2: 2e-2, max_abs: No
 /// order 1.
 pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: None, max_abs_over_max_ref: Some(8e-2) };
 
+/// A case's forward options. Diffusion-forcing cases (`df-*`) give `fps` (one fps index) and a
+/// `timestep` per frame; the causal block size is the config's `num_frame_per_block`.
+pub fn forward_options(io: &SafetensorsFile) -> Result<ForwardOptions> {
+    let fps_index = if io.contains("fps") { io.read_f32("fps")?.1.first().map(|&v| v as usize) } else { None };
+    Ok(ForwardOptions { fps_index, causal_block: None })
+}
+
 /// Loads the case's transformer from its folder (as a diffusers `transformer/` folder) onto
 /// `opts.backend` and runs it, on one device or sharded over `opts.ranks` ranks of this process,
 /// connected in-process or by TCP on loopback (every rank's output is compared; on CUDA the ranks
@@ -53,10 +60,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let (_, timesteps) = io.read_f32("timestep")?;
     let text = read_tensor(&io, "encoder_hidden_states")?;
     let image = if io.contains("encoder_hidden_states_image") { Some(read_tensor(&io, "encoder_hidden_states_image")?) } else { None };
-    // Diffusion-forcing cases (`df-*`): `timestep` is [B, F], `fps` one fps index; the causal
-    // block size is the config's `num_frame_per_block`.
-    let fps_index = if io.contains("fps") { io.read_f32("fps")?.1.first().map(|&v| v as usize) } else { None };
-    let options = ForwardOptions { fps_index, causal_block: None };
+    let options = forward_options(&io)?;
     let inputs =
         DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref(), options };
     let sharded = opts.ranks > 1 || opts.ulysses > 1;

@@ -12,7 +12,7 @@ mod umt5;
 mod vae;
 
 pub use compare::{Comparison, Tolerance};
-pub use dit::{BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
+pub use dit::{forward_options, BF16_VIDEO_TOLERANCE, CUDA_BF16_TOLERANCE};
 pub use vae::BF16_VAE_TOLERANCE;
 
 use crate::parallel::LocalTransport;

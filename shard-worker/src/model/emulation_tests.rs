@@ -37,7 +37,7 @@ fn every_dit_case_passes_in_emulated_bf16() {
             timesteps: &timesteps,
             encoder_hidden_states: &text,
             encoder_hidden_states_image: image.as_ref(),
-            options: Default::default(),
+            options: crate::golden::forward_options(&io).unwrap(),
         };
         let model = EmulatedWanTransformer::load(HostOps, &dir).unwrap();
         let out = model.forward(&x).unwrap();

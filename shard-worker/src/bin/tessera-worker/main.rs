@@ -98,7 +98,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
         timesteps: &timesteps,
         encoder_hidden_states: &text,
         encoder_hidden_states_image: image.as_ref(),
-        options: Default::default(),
+        // diffusion-forcing inputs (`fps`, a timestep per frame) as the golden cases give them
+        options: tessera_worker::golden::forward_options(&io).context("--inputs")?,
     };
 
     let start = Instant::now();
