@@ -9,7 +9,7 @@
 use super::pipeline::{compare_ids, compare_ints, frames_major};
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::{run_local_group, ParallelPlan};
-use crate::pipeline::forcing::{Chunk, ChunkPlan, ForcingNoise, ForcingObserver, ForcingParams, ForcingRun, StepMatrix, StreamingDecode};
+use crate::pipeline::forcing::{Chunk, ChunkPlan, ForcingNoise, ForcingObserver, ForcingParams, ForcingRun, ForcingSetup, StepMatrix, StreamingDecode};
 use crate::pipeline::{FrameCollector, GenerationParams, WanPipeline};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
@@ -169,11 +169,19 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let plan = ChunkPlan::new(s.num_frames, s.base_num_frames, s.overlap_history, block)?;
     let factor = pipe.factors().spatial as usize;
     let latent = [pipe.vae().config().z_dim, s.height / factor, s.width / factor];
-    let run = ForcingRun { plan: &plan, params: &forcing, schedule: &schedule, text: &text, guidance_scale: s.guidance_scale, latent };
+    let setup = || ForcingSetup {
+        plan: plan.clone(),
+        params: forcing.clone(),
+        schedule: schedule.clone(),
+        text: text.clone(),
+        guidance_scale: s.guidance_scale,
+        latent,
+        block,
+    };
     let model = pipe.transformer();
     let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 {
         let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
-        let video = run.run(block, &mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
+        let video = ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
         (video, rec, frames)
     } else {
         let group = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
@@ -185,9 +193,9 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
             let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
             let mut forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
             let video = if ctx.rank() == 0 {
-                run.run(block, &mut StoredNoise(&io), &mut forward, &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?
+                ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?
             } else {
-                run.run(block, &mut StoredNoise(&io), &mut forward, &mut rec)?
+                ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut rec)?
             };
             Ok((video, rec, frames, ctx.world().stats().sent()))
         })?;

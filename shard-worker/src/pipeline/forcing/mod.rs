@@ -1,9 +1,11 @@
 //! Diffusion forcing (SkyReels-V2, diffusers' `SkyReelsV2DiffusionForcingPipeline`): a long video
 //! made chunk by chunk. Each latent frame carries its own noise level and its own sampler; the
 //! [`StepMatrix`] says which frames each iteration steps, and each chunk after the first starts
-//! from the last frames of the video so far ([`ChunkPlan`]), carried as latents. The transformer
-//! forward is the caller's (one device, or a sequence-parallel group: every chunk is one sharded
-//! generation); the per-frame samplers run on the host in f32, as on every backend.
+//! from the last frames of the video so far ([`ChunkPlan`]), carried as latents. A
+//! [`ForcingRun`] advances one iteration per step (a job's step) and can resume between chunks
+//! from the video so far. The transformer forward is the caller's (one device, or a
+//! sequence-parallel group: every chunk is one sharded generation); the per-frame samplers run on
+//! the host in f32, as on every backend.
 
 mod step_matrix;
 
@@ -122,21 +124,218 @@ impl ForcingObserver for StreamingDecode<'_> {
     }
 }
 
-/// What a diffusion-forcing run needs besides the model: the chunks, the settings, the sampler's
-/// template schedule, and the prompt.
-pub struct ForcingRun<'a> {
+/// What a diffusion-forcing run is made of besides the model: the chunks, the settings, the
+/// sampler's template schedule, the prompt, the latent's size and the causal block size.
+pub struct ForcingSetup {
     /// The chunks.
-    pub plan: &'a ChunkPlan,
+    pub plan: ChunkPlan,
     /// The request's settings.
-    pub params: &'a ForcingParams,
+    pub params: ForcingParams,
     /// The schedule every frame's sampler runs (S steps).
-    pub schedule: &'a Schedule,
+    pub schedule: Schedule,
     /// The prompt (and negative prompt) embeddings.
-    pub text: &'a TextConditions,
+    pub text: TextConditions,
     /// Classifier-free guidance scale (> 1: on).
     pub guidance_scale: f32,
     /// Latent channels and grid `[C, h, w]`.
     pub latent: [usize; 3],
+    /// Latent frames per causal block (the chunk plan's).
+    pub block: usize,
+}
+
+/// The chunk being denoised: its latents, step matrix, per-frame samplers and next iteration.
+struct Current {
+    k: usize,
+    latents: Tensor,
+    matrix: StepMatrix,
+    states: Vec<SamplerState<CpuOps>>,
+    next: usize,
+}
+
+/// A diffusion-forcing run, one iteration per [`step`](Self::step) (what a job's `Step` is),
+/// resumable between chunks from the video so far ([`checkpoint`](Self::checkpoint),
+/// [`resume`](Self::resume)). The transformer forward is the caller's at every step: one
+/// device, or a sequence-parallel group.
+pub struct ForcingRun {
+    setup: ForcingSetup,
+    /// The guidance batch's text: `[B, L, D]` (prompt, then negative prompt with guidance).
+    context: Tensor,
+    /// The schedule's S model timesteps.
+    template: Vec<f32>,
+    /// Per chunk, the iterations of its step matrix.
+    iterations: Vec<usize>,
+    current: Option<Current>,
+    /// Chunks finished.
+    chunks_done: usize,
+    /// The video's latents so far (the finished chunks' new frames).
+    video: Option<Tensor>,
+}
+
+impl ForcingRun {
+    /// A run from its first chunk.
+    pub fn new(setup: ForcingSetup) -> Result<Self> {
+        let guided = guidance_enabled(setup.guidance_scale);
+        let context = match (&setup.text.negative_embeds, guided) {
+            (Some(neg), true) => {
+                let p = &setup.text.prompt_embeds;
+                Tensor::new([2, p.dim(1), p.dim(2)], [p.data(), neg.data()].concat())?
+            }
+            (None, true) => return Err(WorkerError::input("negative_prompt", "guidance is on but the negative prompt was not encoded")),
+            (_, false) => setup.text.prompt_embeds.clone(),
+        };
+        if setup.plan.chunks.is_empty() || setup.block != setup.plan.block {
+            return Err(WorkerError::input("causal_block_size", format!("{} frames per block for a plan cut in blocks of {}", setup.block, setup.plan.block)));
+        }
+        let steps = setup.schedule.num_steps();
+        let iterations = setup.plan.chunks.iter().map(|c| iterations(steps, c.frames, c.prefix, setup.block, setup.params.ar_step)).collect();
+        let template = setup.schedule.timesteps().to_f32();
+        Ok(Self { setup, context, template, iterations, current: None, chunks_done: 0, video: None })
+    }
+
+    /// A run resumed after `chunks_done` chunks, whose new frames are `video` `[1, C, n, h, w]`
+    /// (what [`checkpoint`](Self::checkpoint) gave, from any group).
+    pub fn resume(setup: ForcingSetup, chunks_done: usize, video: Tensor) -> Result<Self> {
+        let mut run = Self::new(setup)?;
+        let [c, h, w] = run.setup.latent;
+        let chunks = &run.setup.plan.chunks;
+        if chunks_done == 0 || chunks_done > chunks.len() {
+            return Err(WorkerError::input("checkpoint", format!("{chunks_done} chunks done of {}", chunks.len())));
+        }
+        let frames: usize = chunks[..chunks_done].iter().map(Chunk::new_frames).sum();
+        video.expect_shape("checkpoint latents", &[1, c, frames, h, w])?;
+        (run.chunks_done, run.video) = (chunks_done, Some(video));
+        Ok(run)
+    }
+
+    /// Iterations of the whole run (every chunk's).
+    pub fn total_iterations(&self) -> usize {
+        self.iterations.iter().sum()
+    }
+
+    /// Iterations run so far.
+    pub fn iterations_done(&self) -> usize {
+        self.iterations[..self.chunks_done].iter().sum::<usize>() + self.current.as_ref().map_or(0, |c| c.next)
+    }
+
+    /// Whether every chunk is done.
+    pub fn is_finished(&self) -> bool {
+        self.chunks_done == self.setup.plan.chunks.len()
+    }
+
+    /// Chunks finished.
+    pub fn chunks_done(&self) -> usize {
+        self.chunks_done
+    }
+
+    /// Between chunks: the chunks done and the video's latents so far, all a resume needs.
+    /// `None` in the middle of a chunk (its samplers' histories are not kept) or before the first
+    /// chunk is done.
+    pub fn checkpoint(&self) -> Option<(usize, &Tensor)> {
+        match (&self.current, &self.video) {
+            (None, Some(video)) => Some((self.chunks_done, video)),
+            _ => None,
+        }
+    }
+
+    /// The video's latents `[1, C, n, h, w]` (normalised, as the transformer sees them), once every
+    /// chunk is done.
+    pub fn video(&self) -> Option<&Tensor> {
+        self.video.as_ref().filter(|_| self.is_finished())
+    }
+
+    /// Runs the next iteration (starting its chunk first, finishing it after its last).
+    pub fn step(
+        &mut self,
+        noise: &mut dyn ForcingNoise,
+        forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>,
+        observer: &mut dyn ForcingObserver,
+    ) -> Result<()> {
+        if self.is_finished() {
+            return Err(WorkerError::input("step", format!("all {} iterations have run", self.total_iterations())));
+        }
+        let [c, h, w] = self.setup.latent;
+        let k = self.chunks_done;
+        let chunk = self.setup.plan.chunks[k];
+        let (f, pf) = (chunk.frames, chunk.prefix);
+        if self.current.is_none() {
+            let mut latents = noise.chunk(k, [1, c, f, h, w])?;
+            latents.expect_shape("chunk noise", &[1, c, f, h, w])?;
+            if let (Some(acc), true) = (&self.video, pf > 0) {
+                let end = acc.dim(2) - chunk.overlap;
+                put_frames(&mut latents, 0, &frames_of(acc, end..end + pf));
+            }
+            let matrix = StepMatrix::new(self.setup.schedule.num_steps(), f, pf, self.setup.block, self.setup.params.ar_step)?;
+            observer.on_chunk_start(k, &chunk, &matrix, &latents)?;
+            let states = (0..f).map(|_| SamplerState::new(&CpuOps, self.setup.schedule.kind(), c * h * w)).collect::<Result<Vec<_>>>()?;
+            self.current = Some(Current { k, latents, matrix, states, next: 0 });
+        }
+        let Some(cur) = self.current.as_mut() else { return Err(WorkerError::input("step", "no chunk is running")) };
+        let i = cur.next;
+        let (batch, guided) = (self.context.dim(0), guidance_enabled(self.setup.guidance_scale));
+        let options = ForwardOptions { fps_index: Some(self.setup.params.fps_index()), causal_block: Some(self.setup.block) };
+        let a = self.setup.params.addnoise_condition;
+        let (keep, mix) = ((1.0 - 0.001 * f64::from(a)) as f32, (0.001 * f64::from(a)) as f32);
+        let mut t = cur.matrix.timesteps(i, &self.template);
+        let mut input = cur.latents.clone();
+        if a > 0.0 && pf > 0 {
+            let extra = noise.prefix(k, i, [1, c, pf, h, w])?;
+            extra.expect_shape("prefix noise", &[1, c, pf, h, w])?;
+            let mixed: Vec<f32> = frames_of(&cur.latents, 0..pf).iter().zip(extra.data()).map(|(x, n)| x * keep + n * mix).collect();
+            put_frames(&mut input, 0, &mixed);
+            t[..pf].iter_mut().for_each(|v| *v = a);
+        }
+        let hidden = Tensor::new([batch, c, f, h, w], input.data().repeat(batch))?;
+        let timesteps = t.repeat(batch);
+        let x = DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &self.context, encoder_hidden_states_image: None, options };
+        let out = tracing::info_span!("forward", chunk = k, iteration = i).in_scope(|| forward(&x))?;
+        let n = cur.latents.len();
+        if out.len() != batch * n {
+            return Err(WorkerError::Collective(format!("the transformer gave {} values for a batch of {batch} × {n}", out.len())));
+        }
+        let (cond, uncond) = out.data().split_at(n);
+        observer.on_forward(k, i, &input, &t, cond, guided.then_some(uncond))?;
+        let mut v = Tensor::new(cur.latents.shape().to_vec(), cond.to_vec())?;
+        if guided {
+            apply_guidance(v.data_mut(), uncond, self.setup.guidance_scale)?;
+        }
+        for (fi, state) in cur.states.iter_mut().enumerate().filter(|(fi, _)| cur.matrix.update[i][*fi]) {
+            let step = cur.matrix.step_index[i][fi] - 1;
+            let mut xf = frames_of(&cur.latents, fi..fi + 1);
+            state.step(&CpuOps, &self.setup.schedule, step, &frames_of(&v, fi..fi + 1), &mut xf)?;
+            if step == 0 {
+                state.alias_last_sample(&CpuOps, &xf)?;
+            }
+            put_frames(&mut cur.latents, fi, &xf);
+        }
+        cur.next += 1;
+        observer.on_iteration(k, i, cur.matrix.iterations(), &cur.latents)?;
+        if cur.next < cur.matrix.iterations() {
+            return Ok(());
+        }
+        // The chunk is done: its new frames join the video.
+        let Some(done) = self.current.take() else { return Ok(()) };
+        let added = Tensor::new([1, c, f - chunk.overlap, h, w], frames_of(&done.latents, chunk.overlap..f))?;
+        debug_assert_eq!(done.k, k);
+        self.video = Some(match self.video.take() {
+            None => done.latents,
+            Some(acc) => concat_time(&[acc, added.clone()])?,
+        });
+        self.chunks_done += 1;
+        observer.on_chunk_done(k, self.setup.plan.chunks.len(), &added)
+    }
+
+    /// Runs every remaining iteration; returns the video's latents `[1, C, N, h, w]`.
+    pub fn run(
+        &mut self,
+        noise: &mut dyn ForcingNoise,
+        forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>,
+        observer: &mut dyn ForcingObserver,
+    ) -> Result<Tensor> {
+        while !self.is_finished() {
+            self.step(noise, forward, observer)?;
+        }
+        self.video().cloned().ok_or_else(|| WorkerError::input("num_frames", "no chunks"))
+    }
 }
 
 /// The values of frames `frames` of a `[1, C, F, h, w]` latent, channel by channel.
@@ -151,94 +350,6 @@ fn put_frames(t: &mut Tensor, first: usize, values: &[f32]) {
     let n = values.len() / c;
     for ch in 0..c {
         t.data_mut()[(ch * f + first) * hw..(ch * f + first) * hw + n].copy_from_slice(&values[ch * n..(ch + 1) * n]);
-    }
-}
-
-impl ForcingRun<'_> {
-    /// Runs every chunk; `forward` is the transformer (a batch of the conditional and, with
-    /// guidance, unconditional pass, a timestep per frame). Returns the video's latents
-    /// `[1, C, N, h, w]` (normalised, as the transformer sees them).
-    pub fn run(
-        &self,
-        block: usize,
-        noise: &mut dyn ForcingNoise,
-        forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>,
-        observer: &mut dyn ForcingObserver,
-    ) -> Result<Tensor> {
-        let [c, h, w] = self.latent;
-        let steps = self.schedule.num_steps();
-        let template = self.schedule.timesteps().to_f32();
-        let guided = guidance_enabled(self.guidance_scale);
-        let context = match (&self.text.negative_embeds, guided) {
-            (Some(neg), true) => {
-                let p = &self.text.prompt_embeds;
-                Tensor::new([2, p.dim(1), p.dim(2)], [p.data(), neg.data()].concat())?
-            }
-            (None, true) => return Err(WorkerError::input("negative_prompt", "guidance is on but the negative prompt was not encoded")),
-            (_, false) => self.text.prompt_embeds.clone(),
-        };
-        let batch = context.dim(0);
-        let options = ForwardOptions { fps_index: Some(self.params.fps_index()), causal_block: Some(block) };
-        let a = self.params.addnoise_condition;
-        let (keep, mix) = (1.0 - 0.001 * f64::from(a), 0.001 * f64::from(a));
-        let (keep, mix) = (keep as f32, mix as f32);
-        let count = self.plan.chunks.len();
-        let mut video: Option<Tensor> = None;
-        for (k, chunk) in self.plan.chunks.iter().enumerate() {
-            let (f, pf) = (chunk.frames, chunk.prefix);
-            let mut latents = noise.chunk(k, [1, c, f, h, w])?;
-            latents.expect_shape("chunk noise", &[1, c, f, h, w])?;
-            if let (Some(acc), true) = (&video, pf > 0) {
-                let end = acc.dim(2) - chunk.overlap;
-                put_frames(&mut latents, 0, &frames_of(acc, end..end + pf));
-            }
-            let matrix = StepMatrix::new(steps, f, pf, block, self.params.ar_step)?;
-            observer.on_chunk_start(k, chunk, &matrix, &latents)?;
-            let mut states = (0..f).map(|_| SamplerState::new(&CpuOps, self.schedule.kind(), c * h * w)).collect::<Result<Vec<_>>>()?;
-            for i in 0..matrix.iterations() {
-                let mut t = matrix.timesteps(i, &template);
-                let mut input = latents.clone();
-                if a > 0.0 && pf > 0 {
-                    let extra = noise.prefix(k, i, [1, c, pf, h, w])?;
-                    extra.expect_shape("prefix noise", &[1, c, pf, h, w])?;
-                    let mixed: Vec<f32> = frames_of(&latents, 0..pf).iter().zip(extra.data()).map(|(x, n)| x * keep + n * mix).collect();
-                    put_frames(&mut input, 0, &mixed);
-                    t[..pf].iter_mut().for_each(|v| *v = a);
-                }
-                let hidden = Tensor::new([batch, c, f, h, w], input.data().repeat(batch))?;
-                let timesteps = t.repeat(batch);
-                let x =
-                    DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &context, encoder_hidden_states_image: None, options };
-                let out = tracing::info_span!("forward", chunk = k, iteration = i).in_scope(|| forward(&x))?;
-                let n = latents.len();
-                if out.len() != batch * n {
-                    return Err(WorkerError::Collective(format!("the transformer gave {} values for a batch of {batch} × {n}", out.len())));
-                }
-                let (cond, uncond) = out.data().split_at(n);
-                observer.on_forward(k, i, &input, &t, cond, guided.then_some(uncond))?;
-                let mut v = Tensor::new(latents.shape().to_vec(), cond.to_vec())?;
-                if guided {
-                    apply_guidance(v.data_mut(), uncond, self.guidance_scale)?;
-                }
-                for (fi, state) in states.iter_mut().enumerate().filter(|(fi, _)| matrix.update[i][*fi]) {
-                    let step = matrix.step_index[i][fi] - 1;
-                    let mut x = frames_of(&latents, fi..fi + 1);
-                    state.step(&CpuOps, self.schedule, step, &frames_of(&v, fi..fi + 1), &mut x)?;
-                    if step == 0 {
-                        state.alias_last_sample(&CpuOps, &x)?;
-                    }
-                    put_frames(&mut latents, fi, &x);
-                }
-                observer.on_iteration(k, i, matrix.iterations(), &latents)?;
-            }
-            let added = Tensor::new([1, c, f - chunk.overlap, h, w], frames_of(&latents, chunk.overlap..f))?;
-            observer.on_chunk_done(k, count, &added)?;
-            video = Some(match video {
-                None => latents,
-                Some(acc) => concat_time(&[acc, added])?,
-            });
-        }
-        video.ok_or_else(|| WorkerError::input("num_frames", "no chunks"))
     }
 }
 
@@ -268,10 +379,11 @@ mod tests {
     }
 
     /// The golden case's snapshot (SkyReels-V2 structure, random weights), seeded: 4 chunks
-    /// (synchronous, blocks of 1) add up to the video, the same seed gives the same bits, and the
-    /// step-by-step Wan loop refuses the model.
+    /// (synchronous, blocks of 1) add up to the video, the same seed gives the same bits, a run
+    /// resumed after chunk 2 from its checkpoint ends with the same bits, and the step-by-step
+    /// Wan loop refuses the model.
     #[test]
-    fn seeded_runs_repeat_and_cover_the_video() {
+    fn seeded_runs_repeat_resume_and_cover_the_video() {
         let pipe = WanPipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/df-a")).unwrap();
         let gen = GenerationParams { num_inference_steps: 2, height: 16, width: 16, num_frames: 53, ..GenerationParams::new("a boat") };
         let text = pipe.encode_text(&gen.prompt, "", 3.0).unwrap();
@@ -279,15 +391,41 @@ mod tests {
         let params = ForcingParams { base_num_frames: 17, overlap_history: Some(5), ar_step: 0, causal_block_size: Some(1), addnoise_condition: 20.0, fps: 24 };
         let plan = ChunkPlan::new(gen.num_frames, params.base_num_frames, params.overlap_history, 1).unwrap();
         assert_eq!(plan.chunks.len(), 4);
-        let run = ForcingRun { plan: &plan, params: &params, schedule: &schedule, text: &text, guidance_scale: 3.0, latent: [4, 2, 2] };
-        let go = |seed: u64, counts: &mut Counts| run.run(1, &mut SeededNoise(seed), &mut |x| pipe.transformer().forward(x), counts).unwrap();
+        let setup = || ForcingSetup {
+            plan: plan.clone(),
+            params: params.clone(),
+            schedule: schedule.clone(),
+            text: text.clone(),
+            guidance_scale: 3.0,
+            latent: [4, 2, 2],
+            block: 1,
+        };
+        let mut forward = |x: &DitInputs<'_>| pipe.transformer().forward(x);
+        let go = |seed: u64, counts: &mut Counts, forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>| {
+            ForcingRun::new(setup()).unwrap().run(&mut SeededNoise(seed), forward, counts).unwrap()
+        };
         let (mut a, mut b) = (Counts::default(), Counts::default());
-        let (first, again) = (go(7, &mut a), go(7, &mut b));
+        let (first, again) = (go(7, &mut a, &mut forward), go(7, &mut b, &mut forward));
         assert_eq!(first.shape(), &[1, 4, 14, 2, 2]);
         assert!(first.data() == again.data() && first.data().iter().all(|v| v.is_finite()));
         assert_eq!(a.chunks, vec![(0, 5), (1, 3), (2, 3), (3, 3)]);
         assert_eq!(a.iterations, 4 * 2, "synchronous: one iteration per step");
-        assert!(go(8, &mut Counts::default()).data() != first.data());
+        assert!(go(8, &mut Counts::default(), &mut forward).data() != first.data());
+        // Step by step: a checkpoint exists only between chunks; resumed, the same video.
+        let mut run = ForcingRun::new(setup()).unwrap();
+        assert_eq!(run.total_iterations(), 8);
+        let mut noise = SeededNoise(7);
+        run.step(&mut noise, &mut forward, &mut ()).unwrap();
+        assert!(run.checkpoint().is_none() && run.iterations_done() == 1);
+        while run.chunks_done() < 2 {
+            run.step(&mut noise, &mut forward, &mut ()).unwrap();
+        }
+        let (done, video) = run.checkpoint().map(|(k, v)| (k, v.clone())).unwrap();
+        assert_eq!((done, video.dim(2), run.iterations_done()), (2, 8, 4));
+        let mut resumed = ForcingRun::resume(setup(), done, video.clone()).unwrap();
+        let end = resumed.run(&mut SeededNoise(7), &mut forward, &mut ()).unwrap();
+        assert!(end.data() == first.data(), "a resumed run ends with the uninterrupted run's video");
+        assert!(ForcingRun::resume(setup(), 3, video).is_err(), "3 chunks make 11 frames, not 8");
         let start = crate::pipeline::Start::Latents(&first);
         let err =
             crate::pipeline::Denoiser::new(&pipe, crate::pipeline::RankGroup::Alone, start, text.clone(), 3.0, schedule.clone()).err().unwrap().to_string();
