@@ -6,7 +6,7 @@
 //! whole latent). The random draws come from the case (`chunk{k}_noise`, `chunk{k}_addnoise`).
 //! With `--ranks` every transformer forward is sharded over ranks of this process.
 
-use super::pipeline::{compare_ids, compare_ints, frames_major};
+use super::pipeline::{compare_ints, frames_major, text_stage};
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::{run_local_group, ParallelPlan};
 use crate::pipeline::forcing::{Chunk, ChunkPlan, ForcingNoise, ForcingObserver, ForcingParams, ForcingRun, ForcingSetup, StepMatrix, StreamingDecode};
@@ -152,13 +152,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     };
 
     // Text and the template schedule.
-    let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
-    comparisons.push(compare_ids(&io, "prompt_ids", &text.prompt_ids)?);
-    comparisons.push(compare(&io, "prompt_embeds", &text.prompt_embeds, tol)?);
-    if let (Some(ids), Some(embeds)) = (&text.negative_ids, &text.negative_embeds) {
-        comparisons.push(compare_ids(&io, "negative_prompt_ids", ids)?);
-        comparisons.push(compare(&io, "negative_prompt_embeds", embeds, tol)?);
-    }
+    let text = text_stage(&pipe, &io, &params, tol, &mut comparisons)?;
     let schedule = pipe.schedule_for(&params)?;
     let template: Vec<i64> = schedule.timesteps().to_f32().iter().map(|&t| t as i64).collect();
     comparisons.push(compare_ints(&io, "timesteps", &template)?);

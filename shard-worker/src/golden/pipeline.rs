@@ -68,8 +68,27 @@ pub(super) fn compare_ints(io: &SafetensorsFile, name: &str, got: &[i64]) -> Res
 }
 
 /// Compares token ids exactly.
-pub(super) fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
+fn compare_ids(io: &SafetensorsFile, name: &str, got: &[u32]) -> Result<(String, Comparison)> {
     compare_ints(io, name, &got.iter().map(|&id| i64::from(id)).collect::<Vec<_>>())
+}
+
+/// Stage 1 of every pipeline case: encodes the prompt (and, with guidance, the negative prompt)
+/// and matches the token ids exactly and the embeddings at `tol`.
+pub(super) fn text_stage(
+    pipe: &WanPipeline,
+    io: &SafetensorsFile,
+    params: &GenerationParams,
+    tol: &Tolerance,
+    comparisons: &mut Vec<(String, Comparison)>,
+) -> Result<crate::pipeline::TextConditions> {
+    let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
+    comparisons.push(compare_ids(io, "prompt_ids", &text.prompt_ids)?);
+    comparisons.push(compare(io, "prompt_embeds", &text.prompt_embeds, tol)?);
+    if let (Some(ids), Some(embeds)) = (&text.negative_ids, &text.negative_embeds) {
+        comparisons.push(compare_ids(io, "negative_prompt_ids", ids)?);
+        comparisons.push(compare(io, "negative_prompt_embeds", embeds, tol)?);
+    }
+    Ok(text)
 }
 
 /// `[B, C, F, H, W]` → `[B, F, C, H, W]` (diffusers' `output_type="pt"` frame layout).
@@ -134,13 +153,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     params.validate(pipe.factors(), &crate::pipeline::limits::Limits::default())?;
 
     // Stage 1: tokens and embeddings.
-    let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
-    comparisons.push(compare_ids(&io, "prompt_ids", &text.prompt_ids)?);
-    comparisons.push(compare(&io, "prompt_embeds", &text.prompt_embeds, tol)?);
-    if let (Some(ids), Some(embeds)) = (&text.negative_ids, &text.negative_embeds) {
-        comparisons.push(compare_ids(&io, "negative_prompt_ids", ids)?);
-        comparisons.push(compare(&io, "negative_prompt_embeds", embeds, tol)?);
-    }
+    let text = text_stage(&pipe, &io, &params, tol, &mut comparisons)?;
 
     // Stage 2: the schedule and the starting latent (for video-to-video: the encoded video, then
     // that noised at the first kept step).
