@@ -85,20 +85,30 @@ impl<O: Ops> Workspace<O> {
     }
 }
 
-/// A block's modulation for a forward's token rows: runs of rows, each with the offset in `buf` of
-/// the `[6·D]` vectors (shift, scale, gate of attention, then of the FFN) its rows use.
+/// The modulation of a forward's token rows: runs of rows, each with its modulation row, whose
+/// vectors (`D` wide chunks: a block's shift, scale, gate of attention, then of the FFN; the head's
+/// shift, scale) start at `row · pitch + offset` in `buf`.
 pub(crate) struct Modulation<'a, B> {
-    /// The modulation rows (`Conditions::block_mods`).
+    /// The modulation table (`Conditions::block_mods` or `head_mods`).
     pub buf: &'a B,
-    /// (local rows, offset of their vectors), covering the rows in order.
-    pub runs: Vec<(Range<usize>, usize)>,
+    /// (local rows, modulation row), covering the rows in order.
+    pub runs: &'a [(Range<usize>, usize)],
+    /// Elements per modulation row of `buf`.
+    pub pitch: usize,
+    /// Where this layer's vectors start within a row.
+    pub offset: usize,
 }
 
 impl<B> Modulation<'_, B> {
+    /// The runs with the offset of their vectors.
+    fn offsets(&self) -> impl Iterator<Item = (&Range<usize>, usize)> + '_ {
+        self.runs.iter().map(|(rows, row)| (rows, row * self.pitch + self.offset))
+    }
+
     /// `y = LayerNorm(x)·(1 + scale) + shift` of every run, with chunks `scale` and `shift`.
-    fn norm<O: Ops<Buf<f32> = B>>(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, scale: usize, shift: usize) -> Result<()> {
+    pub(crate) fn norm<O: Ops<Buf<f32> = B>>(&self, ops: &O, dims: &Dims, ws: &mut Workspace<O>, scale: usize, shift: usize) -> Result<()> {
         let d = dims.d;
-        for (rows, off) in &self.runs {
+        for (rows, off) in self.offsets() {
             let args =
                 NormArgs { eps: dims.eps, weight: None, bias: None, scale: Some(at(self.buf, off + scale * d)), shift: Some(at(self.buf, off + shift * d)) };
             ops.layer_norm(at(&ws.x, rows.start * d), rows.len(), d, &args, at_mut(&mut ws.h, rows.start * d))?;
@@ -108,7 +118,7 @@ impl<B> Modulation<'_, B> {
 
     /// `x += out·gate` of every run, with chunk `gate`.
     fn gated_add<O: Ops<Buf<f32> = B>>(&self, ops: &O, d: usize, ws: &mut Workspace<O>, gate: usize) -> Result<()> {
-        for (rows, off) in &self.runs {
+        for (rows, off) in self.offsets() {
             ops.add::<O::Act>(at_mut(&mut ws.x, rows.start * d), at(&ws.out, rows.start * d), Some(at(self.buf, off + gate * d)), rows.len() * d, d)?;
         }
         Ok(())

@@ -147,41 +147,37 @@ impl<A: Elem> HostImageEmbedder<A> {
 
 /// SkyReels-V2's fps embedding (`inject_sample_info`), on the host: `fps_embedding.weight[index]`
 /// → Linear → SiLU → Linear, `[6·D]`, added to every row of `timestep_proj`. Its parameters and
-/// each layer's output are rounded to `A`, as a model of that type stores them.
+/// each layer's output are rounded to `A`, as a model of that type stores them. There are two
+/// indices, so both terms are computed once, at load.
 pub(crate) struct HostFpsProjection<A: Elem> {
-    table: Vec<f32>,
-    linear_1: Linear,
-    linear_2: Linear,
+    /// The `[6·D]` term of each fps index.
+    terms: [Vec<f32>; 2],
     elem: PhantomData<A>,
 }
 
 impl<A: Elem> HostFpsProjection<A> {
-    /// Loads `fps_embedding.weight` `[2, D]` and `fps_projection.net.{0.proj,2}`.
+    /// Loads `fps_embedding.weight` `[2, D]` and `fps_projection.net.{0.proj,2}`, and computes the
+    /// term of each index.
     pub(crate) fn load(src: &dyn WeightSource, d: usize) -> Result<Self> {
         let mut table = src.tensor("fps_embedding.weight", &[2, d])?;
         round_to::<A>(&mut table);
-        Ok(Self {
-            table,
-            linear_1: rounded_linear::<A>(src, "fps_projection.net.0.proj", d, d)?,
-            linear_2: rounded_linear::<A>(src, "fps_projection.net.2", d, 6 * d)?,
-            elem: PhantomData,
-        })
+        let linear_1 = rounded_linear::<A>(src, "fps_projection.net.0.proj", d, d)?;
+        let linear_2 = rounded_linear::<A>(src, "fps_projection.net.2", d, 6 * d)?;
+        let term = |e: &[f32]| -> Result<Vec<f32>> {
+            let mut h = linear_1.forward(e, 1, Activation::None)?;
+            round_to::<A>(&mut h);
+            cpu::apply_activation(&mut h, Activation::Silu);
+            round_to::<A>(&mut h);
+            let mut out = linear_2.forward(&h, 1, Activation::None)?;
+            round_to::<A>(&mut out);
+            Ok(out)
+        };
+        Ok(Self { terms: [term(&table[..d])?, term(&table[d..])?], elem: PhantomData })
     }
 
     /// The `[6·D]` term of fps index `index` (0: 16 fps, 1: any other rate).
-    pub(crate) fn forward(&self, index: usize) -> Result<Vec<f32>> {
-        let d = self.table.len() / 2;
-        let e = self
-            .table
-            .get(index * d..(index + 1) * d)
-            .ok_or_else(|| WorkerError::input("fps", format!("index {index}; the model has 2 (0: 16 fps, 1: other)")))?;
-        let mut h = self.linear_1.forward(e, 1, Activation::None)?;
-        round_to::<A>(&mut h);
-        cpu::apply_activation(&mut h, Activation::Silu);
-        round_to::<A>(&mut h);
-        let mut out = self.linear_2.forward(&h, 1, Activation::None)?;
-        round_to::<A>(&mut out);
-        Ok(out)
+    pub(crate) fn term(&self, index: usize) -> Result<&[f32]> {
+        self.terms.get(index).map(Vec::as_slice).ok_or_else(|| WorkerError::input("fps", format!("index {index}; the model has 2 (0: 16 fps, 1: other)")))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{Result, WorkerError};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tessera_kernels::backend::{at, at_mut, CpuOps, CudaOps, HostOps, NormArgs, Ops};
+use tessera_kernels::backend::{at, at_mut, CpuOps, CudaOps, HostOps, Ops};
 use tessera_kernels::cpu::{Activation, PatchGeometry, Rope3d};
 use tessera_kernels::Tensor;
 
@@ -200,7 +200,7 @@ impl<O: Ops> WanTransformer<O> {
         // SkyReels-V2: the fps term joins every row of timestep_proj (not the head's embedding).
         if let Some(fps) = &e.fps {
             let index = options.fps_index.ok_or_else(|| WorkerError::input("fps", "required by a model with inject_sample_info"))?;
-            let term = fps.forward(index)?;
+            let term = fps.term(index)?;
             let all: Vec<f32> = (0..rows).flat_map(|_| term.iter().copied()).collect();
             ops.add(at_mut(&mut tproj, 0), at(&ops.upload(&all)?, 0), None, rows * 6 * d, 6 * d)?;
         }
@@ -345,17 +345,13 @@ impl<O: Ops> WanTransformer<O> {
         let image = cond.image.as_ref().map(|(ctx, len)| (&ctx[b], *len));
         let per_row = self.blocks.len() * 6 * d;
         for (l, block) in self.blocks.iter().enumerate() {
-            let at_row = |row: usize| row * per_row + l * 6 * d;
-            let mods = Modulation { buf: &cond.block_mods, runs: runs.iter().map(|(rows, row)| (rows.clone(), at_row(*row))).collect() };
+            let mods = Modulation { buf: &cond.block_mods, runs: &runs, pitch: per_row, offset: l * 6 * d };
             block.forward(ops, dims, &mut ws, &mods, (&cond.text[b], cond.text_len), image, &rope, visibility, attn)?;
         }
 
-        // Output head: LayerNorm without affine, modulated by the raw time embedding; `Act` out.
-        for (rows, row) in &runs {
-            let head = |i: usize| Some(at(&cond.head_mods, row * 2 * d + i * d));
-            let args = NormArgs { eps: dims.eps, weight: None, bias: None, scale: head(1), shift: head(0) };
-            ops.layer_norm(at(&ws.x, rows.start * d), rows.len(), d, &args, at_mut(&mut ws.h, rows.start * d))?;
-        }
+        // Output head: LayerNorm without affine, modulated by the raw time embedding ([shift |
+        // scale] per row); `Act` out.
+        Modulation { buf: &cond.head_mods, runs: &runs, pitch: 2 * d, offset: 0 }.norm(ops, dims, &mut ws, 1, 0)?;
         let po = c.patch_out();
         self.proj_out.forward(ops, at(&ws.h, 0), n, Activation::None, at_mut(&mut ws.wide, 0))?;
         let mut rows = ops.zeros::<f32>(n * po)?;
