@@ -68,7 +68,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     if backend.is_bf16() {
         let bound = |t: Tolerance| format!("rel_l2 <= {:e}, max_abs <= {:e}·max|ref|", t.rel_l2, t.max_abs_over_max_ref.unwrap_or(f64::NAN));
         println!(
-            "backend {}: every model in bf16; instead of the cases' f32 tolerances, transformer and text-encoder cases are held to {}, VAE cases to {}, pipelines' decoded frames to {}",
+            "backend {}: every model in bf16; instead of the cases' f32 tolerances, transformer and text-encoder cases are held to {}, VAE cases to {}, pipelines' decoded frames to {}; diffusion-forcing stages to these × √(chunks they depend on)",
             backend.name(),
             bound(CUDA_BF16_TOLERANCE),
             bound(BF16_VAE_TOLERANCE),
