@@ -41,6 +41,12 @@ fn latent(frames: usize) -> usize {
 }
 
 impl ChunkPlan {
+    /// Iterations of every chunk, each frame stepped `steps` times, blocks lagging by `ar_step`:
+    /// the steps of the whole run.
+    pub fn total_iterations(&self, steps: usize, ar_step: usize) -> usize {
+        self.chunks.iter().map(|c| iterations(steps, c.frames, c.prefix, self.block, ar_step)).sum()
+    }
+
     /// The plan of `num_frames` video frames, chunks of `base_num_frames`, overlapping by
     /// `overlap_history` (`None`: one chunk), causal blocks of `block` latent frames. Refused
     /// (naming the field) where upstream would silently compute something else: a chunk or an
@@ -82,6 +88,110 @@ impl ChunkPlan {
         }
         debug_assert_eq!(chunks.iter().map(Chunk::new_frames).sum::<usize>(), n);
         Ok(Self { latent_frames: n, block, chunks })
+    }
+}
+
+/// What a diffusion-forcing model advertises (its workers' `ModelInfo`): its causal block, and the
+/// long-video settings a request gets when it leaves them out.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ForcingDefaults {
+    /// Video frames per chunk (97 for the 540P models, 121 for the 720P ones).
+    pub base_num_frames: u32,
+    /// Video frames each chunk repeats from the video so far (17 upstream).
+    pub overlap_history: u32,
+    /// Latent frames per causal block: the transformer's `num_frame_per_block`.
+    pub causal_block: u32,
+    /// Noise mixed into each chunk's prefix, in thousandths (20 upstream for long videos).
+    pub addnoise_condition: f32,
+}
+
+/// The diffusion-forcing settings of a job, every default applied (a request's
+/// `diffusion_forcing`); [`ForcingSettings::check`] is their one validation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ForcingSettings {
+    /// Video frames per chunk, 4k+1.
+    pub base_num_frames: u32,
+    /// Video frames each chunk after the first repeats from the video so far, 4k+1, fewer than
+    /// `base_num_frames`.
+    pub overlap_history: u32,
+    /// Iterations block b lags block b−1 (0: synchronous).
+    pub ar_step: u32,
+    /// Latent frames per causal block.
+    pub causal_block_size: u32,
+    /// Noise mixed into the prefix, in thousandths, in [0, 1000).
+    pub addnoise_condition: f32,
+    /// Frames per second of the video, 1 to 120: the model's fps embedding tells 16 from any
+    /// other rate.
+    pub fps: u32,
+}
+
+impl ForcingSettings {
+    /// `defaults` where the request leaves a setting out (`0` for the counts, `None` for the
+    /// overlap and the noise).
+    pub fn with_defaults(
+        defaults: ForcingDefaults,
+        base_num_frames: u32,
+        overlap_history: Option<u32>,
+        ar_step: u32,
+        causal_block_size: u32,
+        addnoise_condition: Option<f32>,
+        fps: u32,
+    ) -> Self {
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        Self {
+            base_num_frames: or(base_num_frames, defaults.base_num_frames),
+            overlap_history: overlap_history.unwrap_or(defaults.overlap_history),
+            ar_step,
+            causal_block_size: or(causal_block_size, defaults.causal_block),
+            addnoise_condition: addnoise_condition.unwrap_or(defaults.addnoise_condition),
+            fps,
+        }
+    }
+
+    /// Checks the settings for a video of `num_frames` frames and `steps` steps, at most
+    /// `max_frames` frames, naming the field at fault (`diffusion_forcing.FIELD`); returns the
+    /// chunks.
+    pub fn check(&self, num_frames: u32, steps: u32, max_frames: u64) -> Result<ChunkPlan> {
+        let four_k_plus_one = |field: &'static str, v: u32| -> Result<()> {
+            if v == 0 || v % 4 != 1 || u64::from(v) > max_frames {
+                return Err(WorkerError::input(field, format!("{v} must be 4k+1 (1, 5, 9, ... {max_frames})")));
+            }
+            Ok(())
+        };
+        four_k_plus_one("diffusion_forcing.base_num_frames", self.base_num_frames)?;
+        four_k_plus_one("diffusion_forcing.overlap_history", self.overlap_history)?;
+        if self.ar_step > steps {
+            return Err(WorkerError::input("diffusion_forcing.ar_step", format!("{} must be at most the {steps} steps", self.ar_step)));
+        }
+        let chunk = latent(self.base_num_frames as usize);
+        if self.causal_block_size == 0 || self.causal_block_size as usize > chunk {
+            return Err(WorkerError::input(
+                "diffusion_forcing.causal_block_size",
+                format!("{} must be from 1 to a chunk's {chunk} latent frames", self.causal_block_size),
+            ));
+        }
+        let a = self.addnoise_condition;
+        if !(a.is_finite() && (0.0..1000.0).contains(&a)) {
+            return Err(WorkerError::input("diffusion_forcing.addnoise_condition", format!("{a} must be at least 0 and below 1000")));
+        }
+        if !(1..=120).contains(&self.fps) {
+            return Err(WorkerError::input("fps", format!("{} must be between 1 and 120", self.fps)));
+        }
+        let plan = ChunkPlan::new(num_frames as usize, self.base_num_frames as usize, Some(self.overlap_history as usize), self.causal_block_size as usize);
+        plan.map_err(|e| match e {
+            WorkerError::InvalidInput { field, detail } => WorkerError::InvalidInput { field: public_field(field), detail },
+            other => other,
+        })
+    }
+}
+
+/// [`ChunkPlan::new`]'s field as the request names it.
+fn public_field(field: &'static str) -> &'static str {
+    match field {
+        "base_num_frames" => "diffusion_forcing.base_num_frames",
+        "overlap_history" => "diffusion_forcing.overlap_history",
+        "causal_block_size" => "diffusion_forcing.causal_block_size",
+        other => other,
     }
 }
 

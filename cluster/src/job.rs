@@ -3,7 +3,8 @@
 //! limits; it travels to every worker in PrepareJob, and each worker checks it again with the same
 //! constructor, against its own limits, before it allocates anything.
 
-use crate::limits::{check_settings, Limits, ModelFactors, Settings, MAX_FACTOR};
+use crate::forcing::{ChunkPlan, ForcingSettings};
+use crate::limits::{check_settings, grid_tokens, Limits, ModelFactors, Settings, MAX_FACTOR};
 use crate::{ClusterError, Result};
 use tessera_proto::v1::Sampler;
 use tessera_proto::worker::v1 as pb;
@@ -66,6 +67,9 @@ pub struct JobRequest {
     pub seed: u64,
     /// Video-to-video strength (set exactly when the job has an input video).
     pub strength: Option<f32>,
+    /// Diffusion forcing (set exactly when the model is a SkyReels-V2 DF model): the video is
+    /// made chunk by chunk.
+    pub forcing: Option<ForcingSettings>,
 }
 
 impl JobRequest {
@@ -99,13 +103,15 @@ pub struct JobSpec {
     factors: ModelFactors,
     latent_fhw: [usize; 3],
     tokens: usize,
+    chunks: Option<ChunkPlan>,
     plan: Option<JobPlan>,
 }
 
 impl JobSpec {
     /// Checks `request` for a model with `factors` against `limits`, naming the first field at
     /// fault: the prompts (present, bounded, no NUL), then every size and setting
-    /// ([`check_settings`]).
+    /// ([`check_settings`]), then the diffusion-forcing settings ([`ForcingSettings::check`]).
+    /// A diffusion-forcing job's token budget is per forward: its largest chunk's tokens.
     pub fn new(request: JobRequest, factors: ModelFactors, limits: &Limits) -> Result<Self> {
         if request.prompt.trim().is_empty() {
             return Err(ClusterError::input("prompt", "is required and must not be blank"));
@@ -132,8 +138,28 @@ impl JobSpec {
                 return Err(ClusterError::input(field, format!("{v} (rounded up to the model's multiple) does not fit 32 bits")));
             }
         }
-        let checked = check_settings(&generated, factors, limits)?;
-        Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens, plan: None })
+        let Some(forcing) = request.forcing else {
+            let checked = check_settings(&generated, factors, limits)?;
+            return Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: checked.tokens, chunks: None, plan: None });
+        };
+        // The whole video is checked for sizes; the budget applies to one chunk's forward.
+        let checked = check_settings(&generated, factors, &Limits { max_tokens: u64::MAX, ..limits.clone() })?;
+        if request.strength.is_some() {
+            return Err(ClusterError::input("input_video", "video extension by diffusion forcing is not served yet: text-to-video only"));
+        }
+        if factors != ModelFactors::WAN {
+            return Err(ClusterError::input("model_factors", format!("{factors:?}: diffusion forcing is defined for Wan's VAE (8, 4)")));
+        }
+        let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames)?;
+        let [_, h, w] = checked.latent_fhw;
+        let largest = chunks.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
+        let tokens = grid_tokens([largest as u64, h as u64, w as u64]).filter(|&t| t <= limits.max_tokens).ok_or_else(|| {
+            ClusterError::input(
+                "diffusion_forcing.base_num_frames",
+                format!("a chunk of {largest} latent frames of {h}x{w} is more than the {} tokens accepted per forward", limits.max_tokens),
+            )
+        })?;
+        Ok(Self { request, factors, latent_fhw: checked.latent_fhw, tokens: tokens as usize, chunks: Some(chunks), plan: None })
     }
 
     /// The frame size the model generates at, `(height, width)`: the asked size rounded up to
@@ -153,6 +179,9 @@ impl JobSpec {
                 "cfg_parallel",
                 format!("CFG-parallel needs an even group ({} ranks) and classifier-free guidance (scale {})", plan.ranks, self.request.guidance_scale),
             ));
+        }
+        if plan.cfg_parallel && self.chunks.is_some() {
+            return Err(ClusterError::input("cfg_parallel", "diffusion-forcing jobs run both guidance passes on every rank"));
         }
         if plan.ranks == 0 || plan.ranks > MAX_RANKS || plan.sequence_ranks() as usize > self.tokens {
             let most = MAX_RANKS.min(u32::try_from(self.tokens).unwrap_or(u32::MAX));
@@ -188,9 +217,25 @@ impl JobSpec {
         self.latent_fhw
     }
 
-    /// Video tokens per transformer forward.
+    /// Video tokens per transformer forward (a diffusion-forcing job's largest chunk's).
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// A diffusion-forcing job's chunks.
+    pub fn chunks(&self) -> Option<&ChunkPlan> {
+        self.chunks.as_ref()
+    }
+
+    /// Model evaluations of the run as planned: the steps, or a diffusion-forcing job's
+    /// iterations over every chunk (a video-to-video run's strength shortens it; the workers
+    /// report the exact count).
+    pub fn planned_steps(&self) -> u32 {
+        let r = &self.request;
+        match (&self.chunks, r.forcing) {
+            (Some(c), Some(f)) => c.total_iterations(r.steps as usize, f.ar_step as usize) as u32,
+            _ => r.steps,
+        }
     }
 
     /// Transformer forwards per denoising step: 2 with classifier-free guidance, else 1.
@@ -222,6 +267,14 @@ impl JobSpec {
             ranks: self.plan.map_or(0, |p| p.ranks),
             ulysses: self.plan.map_or(0, |p| p.ulysses),
             cfg_parallel: self.plan.is_some_and(|p| p.cfg_parallel),
+            forcing: r.forcing.map(|f| pb::ForcingSettings {
+                base_num_frames: f.base_num_frames,
+                overlap_history: f.overlap_history,
+                ar_step: f.ar_step,
+                causal_block_size: f.causal_block_size,
+                addnoise_condition: f.addnoise_condition,
+                fps: f.fps,
+            }),
         }
     }
 
@@ -245,6 +298,14 @@ impl JobSpec {
             sampler,
             seed: m.seed,
             strength: m.strength,
+            forcing: m.forcing.as_ref().map(|f| ForcingSettings {
+                base_num_frames: f.base_num_frames,
+                overlap_history: f.overlap_history,
+                ar_step: f.ar_step,
+                causal_block_size: f.causal_block_size,
+                addnoise_condition: f.addnoise_condition,
+                fps: f.fps,
+            }),
         };
         let spec = Self::new(request, factors, limits)?;
         match (m.ranks, m.ulysses) {
@@ -271,6 +332,7 @@ mod tests {
             sampler: Sampler::Unspecified,
             seed: 7,
             strength: None,
+            forcing: None,
         }
     }
 
@@ -323,6 +385,38 @@ mod tests {
         assert_eq!(field(JobSpec::new(JobRequest { negative_prompt: long, ..request() }, ModelFactors::WAN, &l)), "negative_prompt");
         assert_eq!(field(JobSpec::new(JobRequest { prompt: "a\0b".into(), ..request() }, ModelFactors::WAN, &l)), "prompt");
         assert_eq!(field(JobSpec::new(JobRequest { num_frames: 18, ..request() }, ModelFactors::WAN, &l)), "num_frames");
+    }
+
+    /// A diffusion-forcing job: the whole video is checked for sizes, its chunks for the token
+    /// budget (a minute of 540P passes a budget that one chunk fits), every setting names its
+    /// field, and the settings travel to the workers.
+    #[test]
+    fn diffusion_forcing_jobs_are_budgeted_per_chunk() {
+        let df = ForcingSettings { base_num_frames: 97, overlap_history: 17, ar_step: 0, causal_block_size: 1, addnoise_condition: 20.0, fps: 24 };
+        let minute = JobRequest { width: 960, height: 544, num_frames: 961, forcing: Some(df), ..request() };
+        let l = Limits { max_tokens: 25 * 34 * 60, ..Limits::default() };
+        let spec = JobSpec::new(minute.clone(), ModelFactors::WAN, &l).unwrap();
+        assert_eq!((spec.latent_fhw(), spec.tokens()), ([241, 68, 120], 25 * 34 * 60));
+        let chunks = spec.chunks().unwrap();
+        assert_eq!((chunks.chunks.len(), chunks.latent_frames, spec.planned_steps()), (12, 241, 12 * 50));
+        assert_eq!(JobSpec::from_message(&spec.to_message(), &l).unwrap(), spec);
+        assert_eq!(field(JobSpec::new(JobRequest { forcing: None, ..minute.clone() }, ModelFactors::WAN, &l)), "num_frames");
+        let with = |f: ForcingSettings| JobSpec::new(JobRequest { forcing: Some(f), ..minute.clone() }, ModelFactors::WAN, &l);
+        assert_eq!(field(with(ForcingSettings { base_num_frames: 121, ..df })), "diffusion_forcing.base_num_frames", "31 latent frames per chunk");
+        assert_eq!(field(with(ForcingSettings { base_num_frames: 96, ..df })), "diffusion_forcing.base_num_frames");
+        assert_eq!(field(with(ForcingSettings { overlap_history: 97, ..df })), "diffusion_forcing.overlap_history");
+        assert_eq!(field(with(ForcingSettings { overlap_history: 0, ..df })), "diffusion_forcing.overlap_history");
+        assert_eq!(field(with(ForcingSettings { ar_step: 51, ..df })), "diffusion_forcing.ar_step");
+        assert_eq!(field(with(ForcingSettings { causal_block_size: 0, ..df })), "diffusion_forcing.causal_block_size");
+        assert_eq!(field(with(ForcingSettings { causal_block_size: 26, ..df })), "diffusion_forcing.causal_block_size");
+        assert_eq!(field(with(ForcingSettings { causal_block_size: 5, ..df })), "num_frames", "961 frames leave a chunk that is not whole blocks of 5");
+        assert_eq!(field(with(ForcingSettings { addnoise_condition: f32::NAN, ..df })), "diffusion_forcing.addnoise_condition");
+        assert_eq!(field(with(ForcingSettings { addnoise_condition: 1000.0, ..df })), "diffusion_forcing.addnoise_condition");
+        assert_eq!(field(with(ForcingSettings { fps: 0, ..df })), "fps");
+        let v2v = JobRequest { strength: Some(0.8), ..minute.clone() };
+        assert_eq!(field(JobSpec::new(v2v, ModelFactors::WAN, &l)), "input_video");
+        assert_eq!(field(spec.clone().planned(JobPlan { ranks: 2, ulysses: 1, cfg_parallel: true })), "cfg_parallel");
+        assert!(spec.planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: false }).is_ok());
     }
 
     /// A worker given a hostile spec refuses it naming the field, before anything is allocated:

@@ -3,9 +3,10 @@
 //! an error naming the field (mapped to gRPC `INVALID_ARGUMENT`), before any work is queued.
 
 use crate::error::CoordinatorError;
+use tessera_cluster::forcing::{ForcingDefaults, ForcingSettings};
 use tessera_cluster::limits::ModelFactors;
 use tessera_cluster::{ClusterError, JobRequest, JobSpec};
-use tessera_proto::v1::{GenerateRequest, OutputFormat, Sampler};
+use tessera_proto::v1::{DiffusionForcing, GenerateRequest, OutputFormat, Sampler};
 
 /// Longest prompt or negative prompt accepted, in characters (checked with the job spec).
 pub use tessera_cluster::job::MAX_PROMPT_CHARS;
@@ -37,6 +38,8 @@ pub struct RequestDefaults {
     pub strength: f32,
     /// The served model's VAE factors, which every size is checked against.
     pub factors: ModelFactors,
+    /// A diffusion-forcing model's long-video defaults (`None`: the model is not one).
+    pub forcing: Option<ForcingDefaults>,
 }
 
 impl Default for RequestDefaults {
@@ -52,6 +55,7 @@ impl Default for RequestDefaults {
             guidance_scale: d::GUIDANCE_SCALE,
             strength: d::STRENGTH,
             factors: ModelFactors::WAN,
+            forcing: None,
         }
     }
 }
@@ -110,6 +114,23 @@ pub fn validate(
         req.strength = Some(req.strength.unwrap_or(defaults.strength));
     }
     req.seed = Some(req.seed.unwrap_or_else(draw_seed));
+    // Diffusion forcing: always for a DF model (its defaults), never for another.
+    let forcing = match (defaults.forcing, &req.diffusion_forcing) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(invalid("diffusion_forcing", "applies only to diffusion-forcing models (SkyReels-V2 DF); this model is not one")),
+        (Some(d), asked) => {
+            let a = asked.clone().unwrap_or_default();
+            let f = ForcingSettings::with_defaults(d, a.base_num_frames, a.overlap_history, a.ar_step, a.causal_block_size, a.addnoise_condition, req.fps);
+            req.diffusion_forcing = Some(DiffusionForcing {
+                base_num_frames: f.base_num_frames,
+                overlap_history: Some(f.overlap_history),
+                ar_step: f.ar_step,
+                causal_block_size: f.causal_block_size,
+                addnoise_condition: Some(f.addnoise_condition),
+            });
+            Some(f)
+        }
+    };
     // The job spec: prompts, sizes, steps, guidance, shift, strength and the token budget, for the
     // model's factors: the one check every path runs (the workers run it again).
     let job = JobRequest {
@@ -124,6 +145,7 @@ pub fn validate(
         sampler,
         seed: req.seed.unwrap_or_default(),
         strength: req.strength,
+        forcing,
     };
     let spec = JobSpec::new(job, defaults.factors, &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
         ClusterError::InvalidInput { field, detail } => invalid(field, detail),
@@ -201,6 +223,30 @@ mod tests {
         assert_eq!(field_of(GenerateRequest { client_label: "x".repeat(129), ..r() }), "client_label");
         // 4096 x 4096 x 1441 frames is far past the token budget.
         assert_eq!(field_of(GenerateRequest { width: 4096, height: 4096, num_frames: 1441, ..r() }), "num_frames");
+    }
+
+    /// A diffusion-forcing model's requests get its long-video defaults (echoed in the effective
+    /// request), may override each, and are budgeted per chunk; another model's may not ask for
+    /// diffusion forcing.
+    #[test]
+    fn diffusion_forcing_requests_get_the_models_defaults() {
+        let df = ForcingDefaults { base_num_frames: 97, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 };
+        let defaults = RequestDefaults { model: "df".into(), width: 960, height: 544, num_frames: 257, forcing: Some(df), ..Default::default() };
+        let check = |r: GenerateRequest| validate(r, &defaults, &["df".into()], 25 * 34 * 60, || 1);
+        let v = check(ok_request()).unwrap();
+        let f = v.request.diffusion_forcing.clone().unwrap();
+        assert_eq!((f.base_num_frames, f.overlap_history, f.ar_step, f.causal_block_size, f.addnoise_condition), (97, Some(17), 0, 1, Some(20.0)));
+        assert_eq!((v.spec.tokens(), v.spec.chunks().unwrap().chunks.len()), (25 * 34 * 60, 3));
+        let asked = DiffusionForcing { base_num_frames: 57, overlap_history: Some(9), ar_step: 5, causal_block_size: 0, addnoise_condition: None };
+        let v = check(GenerateRequest { num_frames: 961, diffusion_forcing: Some(asked), ..ok_request() }).unwrap();
+        let s = v.spec.request().forcing.unwrap();
+        assert_eq!((s.base_num_frames, s.overlap_history, s.ar_step, s.causal_block_size, s.addnoise_condition), (57, 9, 5, 1, 20.0));
+        let bad = DiffusionForcing { base_num_frames: 96, ..Default::default() };
+        match check(GenerateRequest { diffusion_forcing: Some(bad), ..ok_request() }) {
+            Err(CoordinatorError::InvalidArgument { field, .. }) => assert_eq!(field, "diffusion_forcing.base_num_frames"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(field_of(GenerateRequest { diffusion_forcing: Some(DiffusionForcing::default()), ..ok_request() }), "diffusion_forcing");
     }
 
     #[test]

@@ -37,12 +37,20 @@ pub enum TransformerPreset {
     Wan13b,
     /// Wan 2.1-14B width (hidden 5120, 40 heads, FFN 13824) with 2 of its 40 layers.
     Wan14bTwoLayers,
+    /// [`Self::Tiny`] as SkyReels-V2's diffusion-forcing transformer (fps embedding, causal
+    /// blocks of one frame).
+    TinyDf,
 }
 
 impl TransformerPreset {
     /// Every preset, with its name.
-    pub const ALL: [(&'static str, TransformerPreset); 4] =
-        [("tiny", Self::Tiny), ("wan-1.3b-2l", Self::Wan13bTwoLayers), ("wan-1.3b", Self::Wan13b), ("wan-14b-2l", Self::Wan14bTwoLayers)];
+    pub const ALL: [(&'static str, TransformerPreset); 5] = [
+        ("tiny", Self::Tiny),
+        ("wan-1.3b-2l", Self::Wan13bTwoLayers),
+        ("wan-1.3b", Self::Wan13b),
+        ("wan-14b-2l", Self::Wan14bTwoLayers),
+        ("tiny-df", Self::TinyDf),
+    ];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -62,6 +70,12 @@ impl TransformerPreset {
             Self::Wan13bTwoLayers => wan(12, 8960, 2),
             Self::Wan13b => TransformerConfig::wan21_t2v_1_3b(),
             Self::Wan14bTwoLayers => wan(40, 13824, 2),
+            Self::TinyDf => TransformerConfig {
+                class_name: Some(tessera_cluster::transformer_config::SKYREELS_V2_CLASS.into()),
+                inject_sample_info: true,
+                num_frame_per_block: 1,
+                ..Self::Tiny.config()
+            },
         }
     }
 }

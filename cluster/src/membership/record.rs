@@ -118,6 +118,10 @@ pub struct ModelInfo {
     /// Parameters of the VAE (0: not said; Wan's).
     #[serde(default)]
     pub vae_params: u64,
+    /// A diffusion-forcing model's causal block and long-video defaults (`None`: the model is
+    /// not one, and requests for it may not set `diffusion_forcing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forcing: Option<crate::forcing::ForcingDefaults>,
 }
 
 impl WorkerRecord {

@@ -4,7 +4,7 @@
 
 /// Request fields (`GenerateRequest` and the worker's generation parameters, which name some of
 /// them differently) and the flag that sets each.
-const FIELD_FLAGS: [(&str, &str); 20] = [
+const FIELD_FLAGS: [(&str, &str); 22] = [
     ("prompt", "--prompt"),
     ("negative_prompt", "--negative-prompt"),
     ("height", "--height"),
@@ -21,10 +21,12 @@ const FIELD_FLAGS: [(&str, &str); 20] = [
     ("strength", "--strength"),
     ("priority", "--priority"),
     ("model", "--model-name"),
-    ("base_num_frames", "--base-frames"),
-    ("overlap_history", "--overlap-frames"),
-    ("ar_step", "--ar-step"),
-    ("causal_block_size", "--causal-block"),
+    ("diffusion_forcing", "--base-frames"),
+    ("diffusion_forcing.base_num_frames", "--base-frames"),
+    ("diffusion_forcing.overlap_history", "--overlap-frames"),
+    ("diffusion_forcing.ar_step", "--ar-step"),
+    ("diffusion_forcing.causal_block_size", "--causal-block"),
+    ("diffusion_forcing.addnoise_condition", "--addnoise-condition"),
 ];
 
 /// The flag that sets request field `field` (a `request.` prefix, as the internal API names
@@ -44,5 +46,6 @@ mod tests {
         assert_eq!(flag_for_field("num_inference_steps"), flag_for_field("steps"));
         assert_eq!(flag_for_field("request.strength"), Some("--strength"));
         assert_eq!(flag_for_field("nccl_unique_id"), None);
+        assert_eq!(flag_for_field("diffusion_forcing.causal_block_size"), Some("--causal-block"));
     }
 }

@@ -105,6 +105,26 @@ pub struct GenerateArgs {
     /// The deadline of the whole generation (e.g. 90s, 10m); past it the coordinator stops the job.
     #[arg(long, env = "TESSERA_TIMEOUT")]
     timeout: Option<String>,
+    /// Diffusion forcing (a SkyReels-V2 DF model, e.g. `--preset tiny-df`): frames per chunk,
+    /// 4k+1 (default: the model's; 97 for the 540P models). Each chunk's frames are decoded and
+    /// sent as soon as it is done.
+    #[arg(long, env = "TESSERA_BASE_FRAMES")]
+    base_frames: Option<u32>,
+    /// Diffusion forcing: frames each chunk repeats from the video so far, 4k+1 (default: the
+    /// model's, 17).
+    #[arg(long, env = "TESSERA_OVERLAP_FRAMES")]
+    overlap_frames: Option<u32>,
+    /// Diffusion forcing: iterations each causal block lags the one before (default 0:
+    /// synchronous).
+    #[arg(long, env = "TESSERA_AR_STEP")]
+    ar_step: Option<u32>,
+    /// Diffusion forcing: latent frames per causal block (default: the model's).
+    #[arg(long, env = "TESSERA_CAUSAL_BLOCK")]
+    causal_block: Option<u32>,
+    /// Diffusion forcing: noise mixed into each chunk's repeated frames, in thousandths
+    /// (default: the model's, 20).
+    #[arg(long, env = "TESSERA_ADDNOISE_CONDITION")]
+    addnoise_condition: Option<f32>,
 }
 
 /// The public API request that the flags describe: the one thing a run is made from, with or
@@ -157,6 +177,19 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
             (bytes, frames)
         }
     };
+    // Diffusion forcing: what the flags set, the model's defaults for the rest (a model that is
+    // not a diffusion-forcing one refuses any of them, naming --base-frames).
+    let forcing = [args.base_frames, args.overlap_frames, args.ar_step, args.causal_block].iter().any(Option::is_some) || args.addnoise_condition.is_some();
+    if args.causal_block == Some(0) || args.base_frames == Some(0) {
+        bail!("--base-frames and --causal-block must be at least 1 (leave the flag out for the model's default)");
+    }
+    let diffusion_forcing = forcing.then(|| tessera_proto::v1::DiffusionForcing {
+        base_num_frames: args.base_frames.unwrap_or(0),
+        overlap_history: args.overlap_frames,
+        ar_step: args.ar_step.unwrap_or(0),
+        causal_block_size: args.causal_block.unwrap_or(0),
+        addnoise_condition: args.addnoise_condition,
+    });
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -174,6 +207,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         model: args.model_name.clone().unwrap_or_default(),
         input_video,
         strength: args.strength.map(|s| s as f32),
+        diffusion_forcing,
         ..Default::default()
     };
     Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet })

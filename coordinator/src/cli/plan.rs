@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
 use tessera_cluster::defaults;
-use tessera_cluster::forcing::ChunkPlan;
+use tessera_cluster::forcing::ForcingSettings;
 use tessera_cluster::limits::Limits;
 use tessera_cluster::transformer_config::TransformerConfig;
 use tessera_cluster::{ClusterError, JobRequest, JobSpec};
@@ -107,8 +107,8 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
     }
     let caps = if args.design { Capabilities::DESIGN } else { Capabilities::TESSERA };
-    if let Some(base) = args.base_frames {
-        return run_forcing(&args, &model, &gpu, eff, &job, base, caps);
+    if let Some(forcing) = ForcingJob::of(&spec) {
+        return run_forcing(&args, &model, &gpu, eff, forcing, caps);
     }
     let mut plans = Vec::new();
     for &n in &args.gpus {
@@ -149,17 +149,8 @@ fn plan_for(args: &PlanArgs, model: &ModelShape, job: &JobShape, gpu: &GpuKind, 
 }
 
 /// `--base-frames`: the long video in chunks, each on the layout chosen for the largest chunk.
-fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: &JobShape, base: u32, caps: Capabilities) -> Result<ExitCode> {
-    if !model.diffusion_forcing {
-        bail!("--base-frames: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name);
-    }
-    let flagged = |e: ClusterError| match e {
-        ClusterError::InvalidInput { field, detail } => anyhow!("{}: {detail}", flag_for_field(field).unwrap_or(field)),
-        other => anyhow!("{other}"),
-    };
-    let plan = ChunkPlan::new(args.frames as usize, base as usize, Some(args.overlap_frames as usize), args.causal_block as usize).map_err(flagged)?;
-    let [_, h, w] = job.latent_fhw;
-    let forcing = ForcingJob { plan, steps: job.steps, ar_step: args.ar_step.into(), latent_hw: [h, w], size: (job.height, job.width), guidance: job.guidance };
+fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, forcing: ForcingJob, caps: Capabilities) -> Result<ExitCode> {
+    let base = args.base_frames.unwrap_or(0);
     let mut plans = Vec::new();
     for &n in &args.gpus {
         let layout = plan_for(args, model, &forcing.largest(), gpu, n, eff, caps)?.layout;
@@ -171,7 +162,7 @@ fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job
             "model": model.name,
             "diffusion_forcing": {
                 "frames": args.frames, "fps": args.fps, "base_frames": base, "overlap_frames": args.overlap_frames,
-                "ar_step": args.ar_step, "causal_block": args.causal_block, "steps": job.steps,
+                "ar_step": args.ar_step, "causal_block": args.causal_block, "steps": forcing.steps,
                 "latent_frames": forcing.plan.latent_frames, "chunks": forcing.plan.chunks.len(),
             },
             "gpu": gpu_json(gpu, eff),
@@ -296,6 +287,20 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
         sampler: Sampler::Unspecified,
         seed: 0,
         strength: None,
+        forcing: match args.base_frames {
+            Some(_) if !model.diffusion_forcing => {
+                bail!("--base-frames: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name)
+            }
+            Some(base) => Some(ForcingSettings {
+                base_num_frames: base,
+                overlap_history: args.overlap_frames,
+                ar_step: args.ar_step,
+                causal_block_size: args.causal_block,
+                addnoise_condition: 0.0,
+                fps: args.fps,
+            }),
+            None => None,
+        },
     };
     if args.fps == 0 {
         bail!("--fps must be positive");

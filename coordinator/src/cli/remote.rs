@@ -186,8 +186,22 @@ pub(super) fn human_seconds(s: f64) -> String {
 /// The settings a job runs with, once the coordinator applied its defaults.
 fn effective_text(r: &GenerateRequest) -> String {
     let v2v = r.strength.map(|s| format!(", video-to-video at strength {s}")).unwrap_or_default();
+    let df = r
+        .diffusion_forcing
+        .as_ref()
+        .map(|f| {
+            format!(
+                ", diffusion forcing: chunks of {} frames overlapping by {}, causal blocks of {}, ar_step {}, addnoise_condition {}",
+                f.base_num_frames,
+                f.overlap_history.unwrap_or_default(),
+                f.causal_block_size,
+                f.ar_step,
+                f.addnoise_condition.unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "model {}: {}x{}, {} frames at {} fps, {} steps, guidance {}{v2v}",
+        "model {}: {}x{}, {} frames at {} fps, {} steps, guidance {}{v2v}{df}",
         r.model,
         r.width,
         r.height,
@@ -223,6 +237,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct ProgressLines {
     phase: i32,
+    /// Chunks done at the last line (a diffusion-forcing job prints a line per chunk).
+    chunks: u32,
     last: Option<std::time::Instant>,
     latest: Option<(Progress, std::time::Instant)>,
 }
@@ -231,7 +247,7 @@ impl ProgressLines {
     fn show(&mut self, p: &Progress) {
         self.latest = Some((*p, std::time::Instant::now()));
         let due = self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
-        if p.phase == self.phase && !due {
+        if p.phase == self.phase && p.chunks_done == self.chunks && !due {
             return;
         }
         self.print(p);
@@ -257,7 +273,7 @@ impl ProgressLines {
     }
 
     fn print(&mut self, p: &Progress) -> String {
-        self.phase = p.phase;
+        (self.phase, self.chunks) = (p.phase, p.chunks_done);
         self.last = Some(std::time::Instant::now());
         let line = progress_text(p);
         eprintln!("{line}");
@@ -265,9 +281,11 @@ impl ProgressLines {
     }
 }
 
-/// One progress line: the phase, the step, the time so far and the estimate.
+/// One progress line: the phase, the chunks (diffusion forcing), the step, the time so far and
+/// the estimate.
 fn progress_text(p: &Progress) -> String {
-    let steps = if p.total_steps > 0 { format!(" step {}/{}", p.step, p.total_steps) } else { String::new() };
+    let chunks = if p.total_chunks > 0 { format!(" chunk {}/{} done,", p.chunks_done, p.total_chunks) } else { String::new() };
+    let steps = if p.total_steps > 0 { format!("{chunks} step {}/{}", p.step, p.total_steps) } else { String::new() };
     let eta = p.estimated_remaining.as_ref().map(|d| format!(", eta {:.0}s", secs(&Some(*d)))).unwrap_or_default();
     format!("{}{steps}, {:.1}s elapsed{eta}", phase_name(p.phase), secs(&p.elapsed))
 }
@@ -364,7 +382,11 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                     if let Some(lines) = &mut lines {
                         lines.show(&p);
                     }
-                    bar.set_message(phase_name(p.phase));
+                    if p.total_chunks > 0 && p.phase == Phase::Denoising as i32 {
+                        bar.set_message(format!("chunk {}/{}", (p.chunks_done + 1).min(p.total_chunks), p.total_chunks));
+                    } else {
+                        bar.set_message(phase_name(p.phase));
+                    }
                     if p.total_steps > 0 {
                         bar.set_length(p.total_steps as u64);
                     }
@@ -432,7 +454,7 @@ mod tests {
     #[test]
     fn progress_lines_say_the_phase_step_and_eta() {
         let d = |s: i64| Some(prost_types::Duration { seconds: s, nanos: 0 });
-        let p = Progress { phase: Phase::Denoising as i32, step: 3, total_steps: 50, elapsed: d(12), estimated_remaining: d(188) };
+        let p = Progress { phase: Phase::Denoising as i32, step: 3, total_steps: 50, elapsed: d(12), estimated_remaining: d(188), ..Default::default() };
         assert_eq!(progress_text(&p), "denoising step 3/50, 12.0s elapsed, eta 188s");
         let decoding = Progress { phase: Phase::Decoding as i32, elapsed: d(200), ..Default::default() };
         assert_eq!(progress_text(&decoding), "decoding, 200.0s elapsed");
@@ -446,8 +468,16 @@ mod tests {
         assert_eq!(lines.phase, Phase::Decoding as i32, "a new phase prints at once");
         // With no message for PROGRESS_EVERY, a tick prints the latest progress moved on to now.
         let ago = std::time::Instant::now() - Duration::from_secs(11);
-        let mut lines = ProgressLines { phase: p.phase, last: Some(ago), latest: Some((p, ago)) };
+        let mut lines = ProgressLines { phase: p.phase, chunks: 0, last: Some(ago), latest: Some((p, ago)) };
         assert_eq!(lines.tick().as_deref(), Some("denoising step 3/50, 23.0s elapsed, eta 177s"));
         assert_eq!(lines.tick(), None, "then not again for another PROGRESS_EVERY");
+        // A diffusion-forcing job: the chunks done, and a line as each chunk finishes.
+        let df = Progress { step: 20, total_steps: 120, chunks_done: 1, total_chunks: 12, ..p };
+        assert_eq!(progress_text(&df), "denoising chunk 1/12 done, step 20/120, 12.0s elapsed, eta 188s");
+        let mut lines = ProgressLines::default();
+        lines.show(&Progress { chunks_done: 0, ..df });
+        let first = lines.last;
+        lines.show(&df);
+        assert!(first.is_some() && lines.chunks == 1, "a finished chunk prints at once");
     }
 }

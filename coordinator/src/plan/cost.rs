@@ -33,8 +33,12 @@ pub struct JobShape {
 }
 
 impl JobShape {
-    /// The shape of a checked job.
+    /// The shape of a checked job (of a diffusion-forcing job's largest chunk: what its layout
+    /// and memory are planned for).
     pub fn of(spec: &tessera_cluster::JobSpec) -> Self {
+        if let Some(forcing) = super::forcing::ForcingJob::of(spec) {
+            return forcing.largest();
+        }
         let (height, width) = spec.generated_size();
         let r = spec.request();
         let [f, h, w] = spec.latent_fhw();

@@ -60,6 +60,21 @@ pub struct ForcingEvaluation {
 }
 
 impl ForcingJob {
+    /// A checked diffusion-forcing job's chunks and settings (`None` for another job).
+    pub fn of(spec: &tessera_cluster::JobSpec) -> Option<Self> {
+        let (plan, r) = (spec.chunks()?.clone(), spec.request());
+        let [_, h, w] = spec.latent_fhw();
+        let (height, width) = spec.generated_size();
+        Some(Self {
+            plan,
+            steps: r.steps.into(),
+            ar_step: r.forcing?.ar_step.into(),
+            latent_hw: [h as u64, w as u64],
+            size: (height.into(), width.into()),
+            guidance: tessera_cluster::limits::guidance_enabled(r.guidance_scale),
+        })
+    }
+
     /// The shape of chunk `c` as a job: its tokens (patches 1×2×2), its iterations as steps, its
     /// new frames decoded, its causal blocks.
     pub fn chunk_shape(&self, c: &Chunk, first: bool) -> JobShape {

@@ -14,7 +14,7 @@ use tessera_kernels::Device;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::membership::{Heartbeat, Membership, MemoryMembership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
-use tessera_worker::pipeline::{PipelineDefaults, PipelinePreset, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::pipeline::{PipelineDefaults, PipelinePreset, WanPipeline};
 use tessera_worker::server::{device_name, WorkerIdentity, WorkerService};
 use tokio::sync::watch;
 
@@ -41,9 +41,12 @@ impl ModelSource {
     /// failed.
     pub fn load(&self, device: Device) -> Result<(WanPipeline, PipelineDefaults), String> {
         match self {
-            ModelSource::Snapshot(dir) => {
-                WanPipeline::load_on(dir, device).map(|p| (p, WAN_DEFAULTS)).map_err(|e| format!("loading {} on {device}: {e}", dir.display()))
-            }
+            ModelSource::Snapshot(dir) => WanPipeline::load_on(dir, device)
+                .map(|p| {
+                    let d = p.snapshot_defaults();
+                    (p, d)
+                })
+                .map_err(|e| format!("loading {} on {device}: {e}", dir.display())),
             ModelSource::Preset(p) => {
                 p.build_on(0, device).map(|pipe| (pipe, p.defaults())).map_err(|e| format!("building the `{}` preset on {device}: {e}", p.name()))
             }

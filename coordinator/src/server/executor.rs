@@ -44,6 +44,8 @@ pub enum ExecEvent {
         done: u32,
         /// Steps of the run.
         total: u32,
+        /// A diffusion-forcing job's chunks finished and chunks in all (0 and 0 for others).
+        chunks: (u32, u32),
     },
     /// The job's actual plan, once its workers are chosen (the record's plan is replaced).
     Plan(Plan),

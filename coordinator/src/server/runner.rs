@@ -64,6 +64,8 @@ struct Tracker {
     phase: Phase,
     done: u32,
     total: u32,
+    /// A diffusion-forcing job's chunks finished and in all.
+    chunks: (u32, u32),
     denoise_started: Option<Instant>,
     after_denoise: Duration,
     /// The planner's duration of the run and when the run started (its Plan event).
@@ -92,6 +94,8 @@ impl Tracker {
             total_steps: self.total,
             elapsed: Some(pb_duration(self.accepted.elapsed())),
             estimated_remaining: estimate,
+            chunks_done: self.chunks.0,
+            total_chunks: self.chunks.1,
         }
     }
 }
@@ -218,7 +222,8 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         accepted: d.accepted,
         phase: Phase::Preparing,
         done: 0,
-        total: req.steps,
+        total: d.job.request.spec.planned_steps(),
+        chunks: (0, d.job.request.spec.chunks().map_or(0, |c| c.chunks.len() as u32)),
         denoise_started: None,
         after_denoise: state.estimator.after_denoise(pixel_frames),
         predicted: None,
@@ -249,10 +254,10 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 }
                 Some(Event::Progress(tracker.progress()))
             }
-            ExecEvent::Step { done, total } => {
+            ExecEvent::Step { done, total, chunks } => {
                 state.metrics.step(last_step.elapsed());
                 last_step = Instant::now();
-                (tracker.done, tracker.total) = (done, total);
+                (tracker.done, tracker.total, tracker.chunks) = (done, total, chunks);
                 Some(Event::Progress(tracker.progress()))
             }
             ExecEvent::Plan(plan) => {
@@ -346,6 +351,7 @@ mod tests {
             phase: Phase::Denoising,
             done: 0,
             total: 10,
+            chunks: (0, 0),
             denoise_started: Some(Instant::now() - Duration::from_secs(2)),
             after_denoise: Duration::from_secs(1),
             predicted: None,

@@ -116,7 +116,25 @@ impl WanPipeline {
             text_encoder_params: self.text_encoder().encoder().config().encoder_parameter_count() as u64,
             vae_base_dim: self.vae.config().base_dim as u32,
             vae_params: self.vae.config().parameter_count() as u64,
+            forcing: defaults.forcing,
         }
+    }
+
+    /// Whether the pipeline makes videos by diffusion forcing (its transformer is SkyReels-V2's):
+    /// then every generation is a [`forcing::ForcingRun`], never the step-by-step Wan loop.
+    pub fn is_diffusion_forcing(&self) -> bool {
+        self.transformer.config().is_skyreels_v2()
+    }
+
+    /// The request defaults of a snapshot of this pipeline: Wan 2.1's, or SkyReels-V2 DF's with
+    /// the transformer's causal block.
+    pub fn snapshot_defaults(&self) -> PipelineDefaults {
+        if !self.is_diffusion_forcing() {
+            return WAN_DEFAULTS;
+        }
+        let block = self.transformer.config().num_frame_per_block as u32;
+        let forcing = preset::SKYREELS_DF_DEFAULTS.forcing.map(|f| tessera_cluster::forcing::ForcingDefaults { causal_block: block, ..f });
+        PipelineDefaults { forcing, ..preset::SKYREELS_DF_DEFAULTS }
     }
 
     /// How the loaded model turns video into tokens (its VAE's compression factors).

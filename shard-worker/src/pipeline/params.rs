@@ -42,6 +42,8 @@ pub struct GenerationParams {
     pub initial_noise: Option<Tensor>,
     /// Video-to-video input.
     pub video: Option<VideoInput>,
+    /// Diffusion forcing (SkyReels-V2 DF models): the long-video settings.
+    pub forcing: Option<super::forcing::ForcingParams>,
 }
 
 impl GenerationParams {
@@ -62,6 +64,7 @@ impl GenerationParams {
             seed: 0,
             initial_noise: None,
             video: None,
+            forcing: None,
         }
     }
 

@@ -11,6 +11,7 @@ use crate::transformer_config::TransformerPreset;
 use crate::vae::{VaeConfig, VaePreset, WanVae};
 use crate::weights::RandomWeights;
 use crate::Result;
+use tessera_cluster::forcing::ForcingDefaults;
 use tessera_kernels::Device;
 
 /// A small Unigram tokenizer of UMT5's kind (72 pieces), built into the binary.
@@ -24,10 +25,13 @@ pub enum PipelinePreset {
     /// Every component tiny (transformer 2×16 wide, UMT5 32 wide, VAE base 4 with Wan's 16 latent
     /// channels): a 17-frame 128×128 video takes seconds on a laptop.
     Tiny,
+    /// [`Self::Tiny`] with SkyReels-V2's diffusion-forcing transformer (fps embedding, per-frame
+    /// timesteps): long videos chunk by chunk, 37 frames per chunk overlapping by 17.
+    TinyDf,
 }
 
 /// Generation defaults that suit a pipeline (upstream's for real models; small ones for presets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PipelineDefaults {
     /// Frame height.
     pub height: usize,
@@ -37,17 +41,36 @@ pub struct PipelineDefaults {
     pub num_frames: usize,
     /// Denoising steps.
     pub num_inference_steps: usize,
+    /// A diffusion-forcing pipeline's long-video defaults (`None` for the others).
+    pub forcing: Option<ForcingDefaults>,
 }
 
 /// Upstream Wan 2.1 defaults (480×832, 81 frames, 50 steps).
 pub const WAN_DEFAULTS: PipelineDefaults = {
     use tessera_cluster::defaults as d;
-    PipelineDefaults { height: d::HEIGHT as usize, width: d::WIDTH as usize, num_frames: d::NUM_FRAMES as usize, num_inference_steps: d::STEPS as usize }
+    PipelineDefaults {
+        height: d::HEIGHT as usize,
+        width: d::WIDTH as usize,
+        num_frames: d::NUM_FRAMES as usize,
+        num_inference_steps: d::STEPS as usize,
+        forcing: None,
+    }
+};
+
+/// Upstream SkyReels-V2 diffusion-forcing defaults (the 540P models' example: 544×960, 30 steps,
+/// 257 frames in chunks of 97 overlapping by 17, `addnoise_condition` 20); the causal block is the
+/// transformer's (`num_frame_per_block`), filled in by [`WanPipeline::snapshot_defaults`].
+pub const SKYREELS_DF_DEFAULTS: PipelineDefaults = PipelineDefaults {
+    height: 544,
+    width: 960,
+    num_frames: 257,
+    num_inference_steps: 30,
+    forcing: Some(ForcingDefaults { base_num_frames: 97, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 }),
 };
 
 impl PipelinePreset {
     /// Every preset with its name.
-    pub const ALL: [(&'static str, PipelinePreset); 1] = [("tiny", Self::Tiny)];
+    pub const ALL: [(&'static str, PipelinePreset); 2] = [("tiny", Self::Tiny), ("tiny-df", Self::TinyDf)];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -62,7 +85,14 @@ impl PipelinePreset {
     /// Sizes and steps that suit the preset.
     pub fn defaults(self) -> PipelineDefaults {
         match self {
-            Self::Tiny => PipelineDefaults { height: 128, width: 128, num_frames: 17, num_inference_steps: 20 },
+            Self::Tiny => PipelineDefaults { height: 128, width: 128, num_frames: 17, num_inference_steps: 20, forcing: None },
+            Self::TinyDf => PipelineDefaults {
+                height: 128,
+                width: 128,
+                num_frames: 57,
+                num_inference_steps: 10,
+                forcing: Some(ForcingDefaults { base_num_frames: 37, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 }),
+            },
         }
     }
 
@@ -80,6 +110,7 @@ impl PipelinePreset {
     pub fn transformer_preset(self) -> TransformerPreset {
         match self {
             Self::Tiny => TransformerPreset::Tiny,
+            Self::TinyDf => TransformerPreset::TinyDf,
         }
     }
 
@@ -88,7 +119,7 @@ impl PipelinePreset {
     /// text encoder and the VAE on the transformer's backend.
     pub fn build_with(self, seed: u64, transformer: DitModel) -> Result<WanPipeline> {
         match self {
-            Self::Tiny => {
+            Self::Tiny | Self::TinyDf => {
                 let tokenizer = PromptTokenizer::from_json_bytes(TINY_TOKENIZER, Some("<pad>"), TEXT_LEN, "built-in tiny tokenizer")?;
                 let cfg = Umt5Config::from_json(TINY_TEXT_ENCODER)?;
                 let encoder = Umt5EncoderModel::from_source_on(cfg, &RandomWeights::new(seed ^ 0x7465_7874), transformer.backend())?;

@@ -2,8 +2,10 @@
 //! group, the pipeline run) and executes the coordinator's commands in order. Collectives block, so
 //! the state lives on a plain thread, not on the gRPC runtime; handlers talk to it by messages.
 
+use super::run::JobRun;
+pub use super::run::{JobCheckpoint, Resume};
 use crate::parallel::{ParallelPlan, ShardContext, TcpOptions, TcpTransport};
-use crate::pipeline::{Denoiser, GenerationParams, RankGroup, Start, TextConditions, WanPipeline, NOISE_STREAM};
+use crate::pipeline::{GenerationParams, RankGroup, TextConditions, WanPipeline};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
@@ -41,16 +43,6 @@ pub struct JobSetup {
     pub nccl_id: Option<tessera_kernels::cuda::nccl::NcclId>,
 }
 
-/// Where a resumed run starts: the latent after `steps_done` steps and the sampler history then.
-pub struct Resume {
-    /// Steps already run.
-    pub steps_done: usize,
-    /// The latent `[1, C, T, h, w]`.
-    pub latents: Tensor,
-    /// The sampler history (the checkpoint's JSON, parsed).
-    pub history: crate::sampler::SamplerHistory,
-}
-
 /// What one step cost this rank.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepReport {
@@ -60,15 +52,8 @@ pub struct StepReport {
     pub communication_seconds: f64,
     /// Bytes this rank sent during the step.
     pub bytes_sent: u64,
-}
-
-/// A checkpoint of the run, gathered to rank 0.
-pub struct JobCheckpoint {
-    /// Steps completed.
-    pub steps_done: usize,
-    /// The whole latent `[1, C, T, h, w]` and the whole sampler history (JSON) on rank 0; `None`
-    /// on the other ranks, which sent their shares.
-    pub state: Option<(Tensor, Vec<u8>)>,
+    /// Chunks a diffusion-forcing run has finished after the step (0 for other runs).
+    pub chunks_done: usize,
 }
 
 /// Commands to a job thread; each carries its reply channel.
@@ -79,9 +64,11 @@ pub enum Command {
     Checkpoint(mpsc::Sender<Result<JobCheckpoint>>),
     /// Gathers the latent now to rank 0 (`None` on the others; every rank is sent this).
     Latents(mpsc::Sender<Result<Option<Tensor>>>),
-    /// Gathers the final latent to rank 0, which decodes it, sending frame chunks `[1, 3, n, H, W]`
-    /// in [0, 1] as they come; the other ranks send nothing (every rank is sent this).
-    Decode(tokio::sync::mpsc::Sender<Result<Tensor>>),
+    /// Decodes the frames that are final and not decoded yet (the whole video once every step
+    /// has run; a diffusion-forcing run's finished chunks): rank 0 sends frame chunks
+    /// `[1, 3, n, H, W]` in [0, 1] with the index of their first frame as they come; the other
+    /// ranks send nothing (every rank is sent this).
+    Decode(tokio::sync::mpsc::Sender<Result<(usize, Tensor)>>),
 }
 
 /// The handle the service keeps for a running job.
@@ -168,7 +155,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended, aborts })
 }
 
-fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, Denoiser)> {
+fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, JobRun)> {
     let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, cancel: setup.cancel.clone(), ..TcpOptions::default() };
     let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
     let ctx = ShardContext::new(Arc::new(transport), plan)?;
@@ -179,25 +166,11 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // Rank 0 encodes the prompt once and sends the embeddings; every rank draws the same seeded
     // noise, so nothing else travels.
     let text = encode_once(pipe, &ctx, p)?;
-    let schedule = pipe.schedule_for(p)?;
     // One rank runs alone (the model's local attention); a group shards the sequence: each rank
-    // keeps its share of the latent on its device from here to the decode.
+    // keeps its share of the latent on its device from here to the decode (a diffusion-forcing
+    // run: every rank holds the chunk, each forward is sharded).
     let group = if plan.ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(&ctx) };
-    let run = match &setup.resume {
-        // Seeded text-to-video: each rank draws only its rows of the noise.
-        None if p.video.is_none() && p.initial_noise.is_none() => {
-            let [f, h, w] = p.latent_fhw(pipe.factors());
-            let shape = [1, pipe.vae().config().z_dim, f, h, w];
-            Denoiser::new(pipe, group, Start::Noise { seed: p.seed, stream: NOISE_STREAM, shape }, text, p.guidance_scale, schedule)?
-        }
-        None => Denoiser::new(pipe, group, Start::Latents(&pipe.initial_latents(p, &schedule)?), text, p.guidance_scale, schedule)?,
-        Some(r) => {
-            // The checkpoint's latent must be this run's shape.
-            let expected = pipe.noise_for(p)?;
-            r.latents.expect_shape("checkpoint latents", expected.shape())?;
-            Denoiser::resume(pipe, group, &r.latents, &r.history, r.steps_done, text, p.guidance_scale, schedule)?
-        }
-    };
+    let run = JobRun::new(pipe, group, p, text, setup.resume.as_ref())?;
     Ok((ctx, run))
 }
 
@@ -252,7 +225,7 @@ fn text_from_message(m: &[f32]) -> Result<TextConditions> {
     Ok(TextConditions { prompt_ids, negative_ids, prompt_embeds, negative_embeds })
 }
 
-fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
+fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
     let group = if ctx.plan().ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(ctx) };
     loop {
         let (span, command) = match commands.recv_timeout(idle_timeout) {
@@ -280,6 +253,7 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                         seconds: t.elapsed().as_secs_f64(),
                         communication_seconds: (timings.1 - timings0.1) + (timings.2 - timings0.2),
                         bytes_sent: ctx.world().stats().sent() - sent0,
+                        chunks_done: run.chunks_done(),
                     }
                 });
                 let failed = result.is_err();
@@ -291,15 +265,8 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                 true
             }
             Command::Checkpoint(reply) => {
-                let cp = run.checkpoint(pipe, group).and_then(|state| {
-                    let state = state
-                        .map(|(latents, history)| {
-                            Ok::<_, WorkerError>((latents, serde_json::to_vec(&history).map_err(|e| WorkerError::Collective(e.to_string()))?))
-                        })
-                        .transpose()?;
-                    Ok(JobCheckpoint { steps_done: run.steps_done(), state })
-                });
-                let ok = cp.is_ok();
+                let cp = run.checkpoint(pipe, group);
+                let ok = survives(&cp);
                 let _ = reply.send(cp);
                 ok
             }
@@ -310,36 +277,27 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: Denoiser, commands: mp
                 ok
             }
             Command::Decode(frames) => {
-                if !run.is_finished() {
-                    let _ = frames.blocking_send(Err(WorkerError::input("decode", format!("{} of {} steps have run", run.steps_done(), run.total_steps()))));
-                    continue;
+                let mut sink = |first: usize, t: &Tensor| {
+                    frames.blocking_send(Ok((first, t.clone()))).map_err(|_| WorkerError::Cancelled("the decode stream was closed".into()))
+                };
+                let decoded = run.decode(pipe, group, &mut sink);
+                let ok = survives(&decoded);
+                if let Err(e) = decoded {
+                    let _ = frames.blocking_send(Err(e));
                 }
-                struct Sink<'a>(&'a tokio::sync::mpsc::Sender<Result<Tensor>>);
-                impl crate::pipeline::PipelineObserver for Sink<'_> {
-                    fn on_frames(&mut self, frames: &Tensor) -> Result<()> {
-                        self.0.blocking_send(Ok(frames.clone())).map_err(|_| WorkerError::Cancelled("the decode stream was closed".into()))
-                    }
-                }
-                match run.latents(pipe, group) {
-                    Ok(Some(latents)) => {
-                        if let Err(e) = pipe.decode(&latents, &mut Sink(&frames)) {
-                            let _ = frames.blocking_send(Err(e));
-                        }
-                        true
-                    }
-                    // This rank's share went to rank 0, which decodes.
-                    Ok(None) => true,
-                    Err(e) => {
-                        let _ = frames.blocking_send(Err(e));
-                        false
-                    }
-                }
+                ok
             }
         };
         if !ok && ctx.plan().ranks() > 1 {
             return;
         }
     }
+}
+
+/// Whether the group is still usable after a command's `result`: a refused command (bad input,
+/// a closed stream) leaves it as it was; a failed collective or kernel does not.
+fn survives<T>(result: &Result<T>) -> bool {
+    !matches!(result, Err(WorkerError::Collective(_) | WorkerError::Kernel(_)))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod job;
 mod metrics;
 mod nccl_id;
 mod request;
+mod run;
 mod status;
 
 pub use job::{JobCheckpoint, JobSetup, StepReport};
@@ -316,7 +317,7 @@ impl WorkerService {
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,
             cancel: cancel.clone(),
-            resume: r.resume.as_ref().map(resume_from).transpose().map_err(Status::from)?,
+            resume: r.resume.as_ref().map(|cp| resume_from(cp, spec.request().forcing.is_some())).transpose().map_err(Status::from)?,
             nccl_id,
             params,
         };
@@ -407,6 +408,7 @@ impl ShardWorker for WorkerService {
             seconds: report.seconds,
             communication_seconds: report.communication_seconds,
             bytes_sent: report.bytes_sent,
+            chunks_done: report.chunks_done as u32,
         }))
     }
 
@@ -446,9 +448,8 @@ impl ShardWorker for WorkerService {
         span.in_scope(|| job.send(Command::Decode(frames_tx))).map_err(Status::from)?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
-            let mut first = 0u32;
             while let Some(chunk) = frames_rx.recv().await {
-                let msg = chunk.and_then(|t| Ok(codec::decoded_frames_message(&t, first)?)).map_err(Status::from).inspect(|m| first += m.count);
+                let msg = chunk.and_then(|(first, t)| Ok(codec::decoded_frames_message(&t, first as u32)?)).map_err(Status::from);
                 if out_tx.send(msg).await.is_err() {
                     break;
                 }
@@ -503,8 +504,7 @@ fn spec_refused(e: tessera_cluster::ClusterError) -> Status {
 }
 
 /// A checkpoint (another group's) as the place a run resumes from.
-fn resume_from(cp: &pb::CheckpointResponse) -> Result<job::Resume, WorkerError> {
-    let history: crate::sampler::SamplerHistory =
-        serde_json::from_slice(&cp.sampler_state).map_err(|e| WorkerError::input("resume.sampler_state", e.to_string()))?;
-    Ok(job::Resume { steps_done: cp.steps_done as usize, latents: codec::checkpoint_latents(cp)?, history })
+/// A checkpoint as the resumed run reads it (a diffusion-forcing job's when `forcing`).
+fn resume_from(cp: &pb::CheckpointResponse, forcing: bool) -> Result<job::Resume, WorkerError> {
+    job::Resume::parse(cp.steps_done as usize, codec::checkpoint_latents(cp)?, &cp.sampler_state, forcing)
 }

@@ -2,6 +2,7 @@
 //! parameters: no defaults are applied here, the spec carries every setting; the frame size is
 //! the generated one.
 
+use crate::pipeline::forcing::ForcingParams;
 use crate::pipeline::GenerationParams;
 use crate::sampler::SamplerKind;
 use tessera_cluster::JobSpec;
@@ -27,6 +28,14 @@ pub fn params_from_spec(spec: &JobSpec) -> GenerationParams {
         flow_shift: r.flow_shift.map(f64::from),
         sampler,
         seed: r.seed,
+        forcing: r.forcing.map(|f| ForcingParams {
+            base_num_frames: f.base_num_frames as usize,
+            overlap_history: Some(f.overlap_history as usize),
+            ar_step: f.ar_step as usize,
+            causal_block_size: Some(f.causal_block_size as usize),
+            addnoise_condition: f.addnoise_condition,
+            fps: f.fps,
+        }),
         ..GenerationParams::new(r.prompt.clone())
     }
 }
@@ -50,6 +59,7 @@ mod tests {
             sampler: Sampler::Euler,
             seed: 7,
             strength: None,
+            forcing: None,
         }
     }
 

@@ -83,7 +83,8 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
         return Ok(Admitted { ranks, ulysses: ulysses_degree(ranks, heads), cfg_parallel: false, evaluation: None });
     };
     let job = JobShape::of(spec);
-    let e = plan::best(&shape, &job, &gpu, ranks as u32, plan::efficiency(&gpu), Capabilities::TESSERA);
+    let e = plan::best(&shape, &job, &gpu, ranks as u32, plan::efficiency(&gpu), capabilities(spec));
+    let e = whole_job(&shape, spec, &gpu, e);
     if let Some(why) = &e.infeasible {
         return Err(CoordinatorError::DoesNotFit(format!(
             "{}x{} with {} frames is {} tokens; on all {ranks} worker(s) serving {model:?} ({}, {}) {why}",
@@ -103,8 +104,29 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
 pub fn evaluate_group(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], ulysses: usize, cfg_parallel: bool) -> Option<Evaluation> {
     let shape = model_shape(model, spec, workers.first()?)?;
     let gpu = device_kind(workers)?;
-    let layout = Capabilities::TESSERA.layout(workers.len() as u32, (ulysses as u32).max(1), cfg_parallel);
-    Some(plan::evaluate(&shape, &JobShape::of(spec), &gpu, layout, plan::efficiency(&gpu)))
+    let layout = capabilities(spec).layout(workers.len() as u32, (ulysses as u32).max(1), cfg_parallel);
+    Some(whole_job(&shape, spec, &gpu, plan::evaluate(&shape, &JobShape::of(spec), &gpu, layout, plan::efficiency(&gpu))))
+}
+
+/// What the cluster runs for `spec`: a diffusion-forcing job has no CFG-parallel layout (both
+/// guidance passes run on every rank).
+fn capabilities(spec: &JobSpec) -> Capabilities {
+    match spec.chunks() {
+        Some(_) => Capabilities { cfg_parallel: false, ..Capabilities::TESSERA },
+        None => Capabilities::TESSERA,
+    }
+}
+
+/// `e` (of a job's shape: a diffusion-forcing job's largest chunk) for the whole job: a
+/// diffusion-forcing job's duration is every chunk's on `e`'s layout, and a chunk that does not
+/// fit makes it infeasible.
+fn whole_job(shape: &ModelShape, spec: &JobSpec, gpu: &GpuKind, mut e: Evaluation) -> Evaluation {
+    if let Some(job) = plan::ForcingJob::of(spec) {
+        let f = plan::evaluate_forcing(shape, &job, gpu, e.layout, plan::efficiency(gpu));
+        e.timing.total = f.total;
+        e.infeasible = e.infeasible.or(f.infeasible);
+    }
+    e
 }
 
 /// The plan message's predicted fields from an evaluation: the duration and the busiest rank's
@@ -143,6 +165,7 @@ mod tests {
             sampler: Sampler::Unspecified,
             seed: 0,
             strength: None,
+            forcing: None,
         };
         JobSpec::new(r, ModelFactors::WAN, &Limits { max_tokens: u64::MAX, ..Limits::default() }).unwrap()
     }

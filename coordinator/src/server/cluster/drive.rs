@@ -325,18 +325,32 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     send(cx.events, ExecEvent::Phase(Phase::Denoising)).await?;
     let started = Instant::now();
     let first = cx.resume.as_ref().map_or(0, |c| c.steps_done).min(total);
+    // A diffusion-forcing job's frames are final chunk by chunk: each finished chunk is decoded
+    // and its frames encoded (PNG frames sent) before the next chunk starts.
+    let total_chunks = cx.job.request.spec.chunks().map_or(0, |c| c.chunks.len() as u32);
+    let streaming = total_chunks > 0 && format != OutputFormat::RawLatents;
+    let mut encoder = match format {
+        OutputFormat::RawLatents => None,
+        _ => Some(FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?),
+    };
+    let (mut chunks_done, mut decoding) = (0, Duration::ZERO);
     for step in first..total {
         let during = format!("step {}", step + 1);
         // The coordinator's step span is the parent of every rank's step span.
         let span = tracing::info_span!("step", step, total);
         let trace_context = span.in_scope(tessera_telemetry::current_context_map);
-        on_every_rank(ranks, &during, cx.limits.step, &mut live, |_, mut c| {
+        let answers = on_every_rank(ranks, &during, cx.limits.step, &mut live, |_, mut c| {
             let req = pb::StepRequest { job_id: cx.job.id.clone(), step, trace_context: trace_context.clone() };
             async move { c.step(req).await }
         })
         .instrument(span)
         .await?;
-        if cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 && step + 1 < total {
+        let chunk_finished = answers[0].chunks_done > chunks_done;
+        chunks_done = answers[0].chunks_done;
+        // A diffusion-forcing run is checkpointed at its chunk boundaries, another every
+        // `checkpoint_every` steps.
+        let due = if total_chunks > 0 { chunk_finished } else { cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 };
+        if cx.checkpoint_every > 0 && due && step + 1 < total {
             // Every rank takes part (the ranks' shares are gathered to rank 0, which answers with
             // the whole state).
             let during = format!("checkpoint after step {}", step + 1);
@@ -349,14 +363,24 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         }
         // Reported once the step is also in the checkpoint (when one is due): a recovery goes on
         // from at least the step a client last saw.
-        send(cx.events, ExecEvent::Step { done: step + 1, total }).await?;
+        send(cx.events, ExecEvent::Step { done: step + 1, total, chunks: (chunks_done, total_chunks) }).await?;
         check_stop(cx.stop)?;
+        if streaming && chunk_finished {
+            let started = Instant::now();
+            let enc = encoder.take().ok_or_else(|| CoordinatorError::Internal("no frame encoder".into()))?;
+            let busy = enc.busy();
+            let enc = decode_round(ranks, cx, enc, &format!("chunk {chunks_done}")).await?;
+            decoding += started.elapsed().saturating_sub(enc.busy().saturating_sub(busy));
+            encoder = Some(enc);
+            check_stop(cx.stop)?;
+        }
     }
-    let denoising = started.elapsed();
+    // (the chunks' decodes ran in between)
+    let denoising = started.elapsed().saturating_sub(decoding);
     let mut report = ExecReport { frames: r.num_frames, width: r.width, height: r.height, preparing, denoising, ..Default::default() };
 
     let rank0 = &ranks[0];
-    if format == OutputFormat::RawLatents {
+    let Some(encoder) = encoder else {
         send(cx.events, ExecEvent::Phase(Phase::Encoding)).await?;
         let started = Instant::now();
         // Every rank takes part: the shares are gathered to rank 0, which answers with the whole.
@@ -371,16 +395,15 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         report.encoding = started.elapsed();
         send(cx.events, ExecEvent::File(file)).await?;
         return Ok(report);
-    }
+    };
 
     send(cx.events, ExecEvent::Phase(Phase::Decoding)).await?;
     let started = Instant::now();
-    let decode_span = tracing::info_span!("decode", frames = r.num_frames);
-    let encoder = FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?;
-    // Every rank is sent Decode: the others give rank 0 their shares of the latent and end.
-    let (encoder, ()) =
-        tokio::try_join!(decode_on_rank0(rank0, cx, encoder, &decode_span).instrument(decode_span.clone()), hand_over_shares(&ranks[1..], cx, &decode_span))?;
-    report.decoding = started.elapsed().saturating_sub(encoder.busy());
+    // What is not decoded yet: the whole video, or what a diffusion-forcing run has left (nothing,
+    // unless it resumed after its last chunk).
+    let busy = encoder.busy();
+    let encoder = decode_round(ranks, cx, encoder, "decode").await?;
+    report.decoding = decoding + started.elapsed().saturating_sub(encoder.busy().saturating_sub(busy));
     report.frames = encoder.frames() as u32;
     if report.frames != r.num_frames {
         return Err(CoordinatorError::WorkerFailed {
@@ -401,6 +424,14 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
         send(cx.events, ExecEvent::File(f)).await?;
     }
     Ok(report)
+}
+
+/// One Decode on every rank: the frames that are final and not decoded yet go into `encoder`
+/// (the other ranks give rank 0 their shares of the latent and end).
+async fn decode_round(ranks: &[Rank], cx: &DriveContext<'_>, encoder: FrameEncoder, name: &str) -> Result<FrameEncoder, CoordinatorError> {
+    let span = tracing::info_span!("decode", round = name);
+    let (encoder, ()) = tokio::try_join!(decode_on_rank0(&ranks[0], cx, encoder, &span).instrument(span.clone()), hand_over_shares(&ranks[1..], cx, &span))?;
+    Ok(encoder)
 }
 
 /// Streams the decoded frames from rank 0 into `encoder` (PNG frames are handed out as they

@@ -195,7 +195,7 @@ impl JobExecutor for ClusterExecutor {
         let table = self.shared.table();
         match table.any_serving(&model).map(|w| w.model_info.clone()) {
             Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => {
-                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, factors: i.factors, ..base }
+                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, factors: i.factors, forcing: i.forcing, ..base }
             }
             _ => base,
         }

@@ -15,7 +15,7 @@ use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::duration::parse_duration;
 use tessera_worker::membership::{ComputeFigures, EtcdMembership, Heartbeat, Membership, ModelInfo, Presence, WorkerRecord, WorkerState};
 use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
-use tessera_worker::pipeline::{PipelinePreset, WanPipeline, WAN_DEFAULTS};
+use tessera_worker::pipeline::{PipelinePreset, WanPipeline};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
 use tonic_health::ServingStatus;
 
@@ -149,7 +149,11 @@ fn settings(a: &ServeArgs, model_name: String) -> Result<Settings> {
 /// The pipeline of `model` (a snapshot folder) or else of `preset`, and the facts planning needs.
 fn load(model: Option<PathBuf>, preset: &str, device: tessera_kernels::Device) -> Result<(WanPipeline, ModelInfo, Option<ComputeFigures>)> {
     let (pipe, defaults) = match &model {
-        Some(dir) => (WanPipeline::load_on(dir, device).with_context(|| format!("--model {}", dir.display()))?, WAN_DEFAULTS),
+        Some(dir) => {
+            let p = WanPipeline::load_on(dir, device).with_context(|| format!("--model {}", dir.display()))?;
+            let d = p.snapshot_defaults();
+            (p, d)
+        }
         None => {
             let p = PipelinePreset::from_name(preset).map_err(|e| anyhow!("--preset {preset}: {e}"))?;
             (p.build_on(0, device)?, p.defaults())

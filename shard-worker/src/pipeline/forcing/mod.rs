@@ -214,7 +214,7 @@ impl ForcingRun {
 
     /// Iterations run so far.
     pub fn iterations_done(&self) -> usize {
-        self.iterations[..self.chunks_done].iter().sum::<usize>() + self.current.as_ref().map_or(0, |c| c.next)
+        self.iterations_of(self.chunks_done) + self.current.as_ref().map_or(0, |c| c.next)
     }
 
     /// Whether every chunk is done.
@@ -227,14 +227,21 @@ impl ForcingRun {
         self.chunks_done
     }
 
-    /// Between chunks: the chunks done and the video's latents so far, all a resume needs.
-    /// `None` in the middle of a chunk (its samplers' histories are not kept) or before the first
-    /// chunk is done.
+    /// The last chunk boundary: the chunks done and the video's latents then, all a resume
+    /// needs (it starts the next chunk afresh; the iterations run of the current chunk, whose
+    /// samplers' histories are not kept, are run again). `None` before the first chunk is done.
     pub fn checkpoint(&self) -> Option<(usize, &Tensor)> {
-        match (&self.current, &self.video) {
-            (None, Some(video)) => Some((self.chunks_done, video)),
-            _ => None,
-        }
+        self.video.as_ref().map(|video| (self.chunks_done, video))
+    }
+
+    /// Iterations of the first `chunks` chunks (where a run resumed after them goes on).
+    pub fn iterations_of(&self, chunks: usize) -> usize {
+        self.iterations[..chunks.min(self.iterations.len())].iter().sum()
+    }
+
+    /// The video's latents so far `[1, C, n, h, w]`: the finished chunks' new frames.
+    pub fn video_so_far(&self) -> Option<&Tensor> {
+        self.video.as_ref()
     }
 
     /// The video's latents `[1, C, n, h, w]` (normalised, as the transformer sees them), once every
@@ -314,7 +321,7 @@ impl ForcingRun {
         }
         // The chunk is done: its new frames join the video.
         let Some(done) = self.current.take() else { return Ok(()) };
-        let added = Tensor::new([1, c, f - chunk.overlap, h, w], frames_of(&done.latents, chunk.overlap..f))?;
+        let added = latent_frames(&done.latents, chunk.overlap..f)?;
         debug_assert_eq!(done.k, k);
         self.video = Some(match self.video.take() {
             None => done.latents,
@@ -336,6 +343,14 @@ impl ForcingRun {
         }
         self.video().cloned().ok_or_else(|| WorkerError::input("num_frames", "no chunks"))
     }
+}
+
+/// Frames `frames` of a `[1, C, F, h, w]` latent, as a latent of their own.
+pub fn latent_frames(t: &Tensor, frames: std::ops::Range<usize>) -> Result<Tensor> {
+    if frames.start > frames.end || frames.end > t.dim(2) {
+        return Err(WorkerError::input("frames", format!("{frames:?} of a latent of {} frames", t.dim(2))));
+    }
+    Ok(Tensor::new([1, t.dim(1), frames.len(), t.dim(3), t.dim(4)], frames_of(t, frames))?)
 }
 
 /// The values of frames `frames` of a `[1, C, F, h, w]` latent, channel by channel.
@@ -411,7 +426,7 @@ mod tests {
         assert_eq!(a.chunks, vec![(0, 5), (1, 3), (2, 3), (3, 3)]);
         assert_eq!(a.iterations, 4 * 2, "synchronous: one iteration per step");
         assert!(go(8, &mut Counts::default(), &mut forward).data() != first.data());
-        // Step by step: a checkpoint exists only between chunks; resumed, the same video.
+        // Step by step: a checkpoint is the last chunk boundary; resumed, the same video.
         let mut run = ForcingRun::new(setup()).unwrap();
         assert_eq!(run.total_iterations(), 8);
         let mut noise = SeededNoise(7);
@@ -420,6 +435,9 @@ mod tests {
         while run.chunks_done() < 2 {
             run.step(&mut noise, &mut forward, &mut ()).unwrap();
         }
+        // Mid-chunk, the checkpoint is still the boundary before it.
+        run.step(&mut noise, &mut forward, &mut ()).unwrap();
+        assert_eq!((run.checkpoint().map(|(k, v)| (k, v.dim(2))), run.iterations_done(), run.iterations_of(2)), (Some((2, 8)), 5, 4));
         let (done, video) = run.checkpoint().map(|(k, v)| (k, v.clone())).unwrap();
         assert_eq!((done, video.dim(2), run.iterations_done()), (2, 8, 4));
         let mut resumed = ForcingRun::resume(setup(), done, video.clone()).unwrap();
