@@ -119,7 +119,7 @@ pub fn validate(
         (None, None) => None,
         (None, Some(_)) => return Err(invalid("diffusion_forcing", "applies only to diffusion-forcing models (SkyReels-V2 DF); this model is not one")),
         (Some(d), asked) => {
-            let a = asked.clone().unwrap_or_default();
+            let a = asked.unwrap_or_default();
             let f = ForcingSettings::with_defaults(d, a.base_num_frames, a.overlap_history, a.ar_step, a.causal_block_size, a.addnoise_condition, req.fps);
             req.diffusion_forcing = Some(DiffusionForcing {
                 base_num_frames: f.base_num_frames,
@@ -234,7 +234,7 @@ mod tests {
         let defaults = RequestDefaults { model: "df".into(), width: 960, height: 544, num_frames: 257, forcing: Some(df), ..Default::default() };
         let check = |r: GenerateRequest| validate(r, &defaults, &["df".into()], 25 * 34 * 60, || 1);
         let v = check(ok_request()).unwrap();
-        let f = v.request.diffusion_forcing.clone().unwrap();
+        let f = v.request.diffusion_forcing.unwrap();
         assert_eq!((f.base_num_frames, f.overlap_history, f.ar_step, f.causal_block_size, f.addnoise_condition), (97, Some(17), 0, 1, Some(20.0)));
         assert_eq!((v.spec.tokens(), v.spec.chunks().unwrap().chunks.len()), (25 * 34 * 60, 3));
         let asked = DiffusionForcing { base_num_frames: 57, overlap_history: Some(9), ar_step: 5, causal_block_size: 0, addnoise_condition: None };

@@ -48,7 +48,7 @@ async fn the_first_chunks_frames_reach_the_client_before_the_second_chunk_is_don
         events.push((started.elapsed(), e.event.unwrap()));
     }
     let Some((_, Event::Accepted(acc))) = events.first() else { panic!("{events:?}") };
-    let df = acc.effective_request.as_ref().unwrap().diffusion_forcing.clone().unwrap();
+    let df = acc.effective_request.as_ref().unwrap().diffusion_forcing.unwrap();
     assert_eq!((df.base_num_frames, df.overlap_history, df.causal_block_size, df.ar_step), (37, Some(17), 1, 0), "the preset's defaults, echoed");
     let second_done =
         events.iter().find_map(|(t, e)| matches!(e, Event::Progress(p) if p.chunks_done == 2).then_some(*t)).expect("a Progress says the second chunk is done");
@@ -77,12 +77,12 @@ async fn the_first_chunks_frames_reach_the_client_before_the_second_chunk_is_don
     // A Wan-only request field set for this model is fine; diffusion forcing for a model that is
     // not a DF model is refused (see the other server below), and bad settings name the field.
     let bad = GenerateRequest { diffusion_forcing: Some(DiffusionForcing { base_num_frames: 36, ..Default::default() }), ..long_request(OutputFormat::Mp4) };
-    let status = client.generate(bad).await.err().expect("refused");
+    let Err(status) = client.generate(bad).await else { panic!("a chunk size that is not 4k+1 is refused") };
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("diffusion_forcing.base_num_frames"), "{status:?}");
     let wan = serve(&["--preset", "tiny"]).await;
     let df_for_wan = GenerateRequest { diffusion_forcing: Some(DiffusionForcing::default()), ..long_request(OutputFormat::Mp4) };
-    let status = wan.client().await.generate(df_for_wan).await.err().expect("refused");
+    let Err(status) = wan.client().await.generate(df_for_wan).await else { panic!("diffusion forcing for a Wan model is refused") };
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("diffusion_forcing"), "{status:?}");
 }
