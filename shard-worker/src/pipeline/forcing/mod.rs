@@ -439,7 +439,7 @@ mod tests {
         run.step(&mut noise, &mut forward, &mut ()).unwrap();
         assert_eq!((run.checkpoint().map(|(k, v)| (k, v.dim(2))), run.iterations_done(), run.iterations_of(2)), (Some((2, 8)), 5, 4));
         let (done, video) = run.checkpoint().map(|(k, v)| (k, v.clone())).unwrap();
-        assert_eq!((done, video.dim(2), run.iterations_done()), (2, 8, 4));
+        assert_eq!((done, video.dim(2), run.iterations_of(done)), (2, 8, 4), "a resume restarts at the boundary's iteration");
         let mut resumed = ForcingRun::resume(setup(), done, video.clone()).unwrap();
         let end = resumed.run(&mut SeededNoise(7), &mut forward, &mut ()).unwrap();
         assert!(end.data() == first.data(), "a resumed run ends with the uninterrupted run's video");
