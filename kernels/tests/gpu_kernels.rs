@@ -316,6 +316,31 @@ fn gelu_tanh_matches_cpu() {
 }
 
 #[test]
+fn gelu_erf_matches_cpu() {
+    let Some(dev) = gpu("gelu_erf") else { return };
+    let mut r = rng("gelu_erf");
+    let x = uniform(&mut r, 100_003, -8.0, 8.0);
+    let mut want = x.clone();
+    cpu::apply_activation(&mut want, Activation::Gelu);
+    let mut xf = dev.upload(&x).unwrap();
+    cuda::elementwise::gelu_erf(&dev, &mut xf, x.len()).unwrap();
+    // erff is within 2 ulp of erf; the twin rounds the f64 result once.
+    assert_close("gelu_erf f32", &dev.download(&xf).unwrap(), &want, 1e-6, 1e-5);
+    // Through the linear layer (exact GELU is not fused): the product rounded to bf16, then GELU.
+    let (m, k, n) = (257, 1280, 5120);
+    let xs = to_bf16(&uniform(&mut r, m * k, -1.0, 1.0));
+    let w = to_bf16(&uniform(&mut r, n * k, -0.05, 0.05));
+    let bias = to_bf16(&uniform(&mut r, n, -0.5, 0.5));
+    let mut want = widen(&to_bf16(&cpu::linear(&widen(&xs), m, k, &widen(&w), n, Some(&widen(&bias)), Activation::None).unwrap()));
+    cpu::apply_activation(&mut want, Activation::Gelu);
+    let mut y = dev.zeros::<bf16>(m * n).unwrap();
+    let (xd, wd, bd) = (dev.upload(&xs).unwrap(), dev.upload(&w).unwrap(), dev.upload(&bias).unwrap());
+    cuda::gemm::linear(&dev, &xd, m, k, &wd, n, Some(&bd), Activation::Gelu, &mut y).unwrap();
+    // A product one bf16 step off before the GELU stays about one step off after it.
+    assert_close("linear + gelu_erf bf16", &widen(&dev.download(&y).unwrap()), &want, 2e-4, 8e-3);
+}
+
+#[test]
 fn conversions_round_like_half() {
     let Some(dev) = gpu("convert") else { return };
     let mut r = rng("convert");

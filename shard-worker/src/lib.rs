@@ -6,6 +6,7 @@
 pub use tessera_cluster::duration;
 mod error;
 pub mod golden;
+pub mod image;
 /// Worker membership and records (shared with the coordinator: `tessera_cluster::membership`).
 pub use tessera_cluster::membership;
 pub mod model;

@@ -96,6 +96,20 @@ impl SafetensorsFile {
         Ok((info.shape.clone(), out))
     }
 
+    /// Reads a uint8 tensor (an image), with its shape.
+    pub fn read_u8(&self, name: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+        let info = self.info(name)?;
+        let n: usize = info.shape.iter().product();
+        let b = self.bytes(info);
+        if info.dtype != Dtype::U8 || b.len() != n {
+            return Err(WorkerError::BadTensor {
+                name: name.into(),
+                detail: format!("{:?} of {} bytes for shape {:?}, expected uint8", info.dtype, b.len(), info.shape),
+            });
+        }
+        Ok((info.shape.clone(), b.to_vec()))
+    }
+
     /// Reads an integer tensor (i64 or i32), with its shape.
     pub fn read_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let info = self.info(name)?;

@@ -12,7 +12,7 @@ use tessera_worker::parallel::LocalTransport;
 /// Arguments of `tessera golden`.
 #[derive(Args)]
 pub struct GoldenArgs {
-    /// Kinds of case to run (dit, vae, umt5, scheduler, pipeline); all when not given.
+    /// Kinds of case to run (dit, vae, umt5, scheduler, clip, pipeline); all when not given.
     #[arg(long = "kind", env = "TESSERA_GOLDEN_KIND", value_delimiter = ',')]
     kinds: Vec<String>,
     /// Run transformer cases sharded over this many in-process ranks (sequence parallelism).
@@ -46,7 +46,7 @@ pub fn run(args: GoldenArgs) -> Result<ExitCode> {
     } else {
         args.kinds
             .iter()
-            .map(|k| CaseKind::from_name(k).ok_or_else(|| anyhow::anyhow!("--kind {k}: unknown kind (dit, vae, umt5, scheduler, pipeline)")))
+            .map(|k| CaseKind::from_name(k).ok_or_else(|| anyhow::anyhow!("--kind {k}: unknown kind ({})", CaseKind::names())))
             .collect::<Result<Vec<_>>>()?
     };
     let mut cases = Vec::new();

@@ -34,8 +34,8 @@ pub(crate) fn linear(
     y: (usize, usize),
 ) -> Result<(Range<usize>, Range<usize>)> {
     const OP: &str = "linear";
-    if !matches!(act, Activation::None | Activation::GeluTanh) {
-        return Err(super::invalid_err(OP, format!("activation {act:?} is not fused on the GPU (None and GeluTanh are)")));
+    if !matches!(act, Activation::None | Activation::GeluTanh | Activation::Gelu) {
+        return Err(super::invalid_err(OP, format!("activation {act:?} is not served by the GPU's linear (None, GeluTanh and Gelu are)")));
     }
     if k == 0 || n == 0 {
         return Err(super::invalid_err(OP, format!("k = {k}, n = {n}")));

@@ -52,7 +52,13 @@ impl Ops for HostOps {
             return Ok(());
         }
         let bias = bias.map(|b| widen(b));
-        let out = cpu::linear(&widen(&x.buf[xr]), m, k, &widen(w), n, bias.as_deref(), act)?;
+        // Exact GELU is not fused on the GPU: the product is stored (rounded), then activated.
+        let fused = if act == Activation::Gelu { Activation::None } else { act };
+        let mut out = cpu::linear(&widen(&x.buf[xr]), m, k, &widen(w), n, bias.as_deref(), fused)?;
+        if act == Activation::Gelu {
+            out.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+            cpu::apply_activation(&mut out, act);
+        }
         store(&mut y.buf[yr], &out);
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod measure;
 pub mod norm;
 pub mod patch;
 pub mod qk_norm;
+pub mod resample;
 pub mod rope;
 pub mod sampler;
 pub mod video;

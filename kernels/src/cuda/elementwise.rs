@@ -50,13 +50,25 @@ pub fn gated_residual_add<Y: OutputElem>(
 }
 
 /// GELU (tanh approximation) in place on the first `n` elements of `x` (bf16 or f32).
+/// Twin: [`crate::cpu::apply_activation`] with `GeluTanh`.
 pub fn gelu_tanh<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, n: usize) -> Result<()> {
-    const OP: &str = "cuda::gelu_tanh";
-    check_len(OP, "x", x.len(), n)?;
+    unary(dev, "cuda::gelu_tanh", ["gelu_tanh_bf16", "gelu_tanh_f32"], x, n)
+}
+
+/// Exact GELU, `x·Φ(x)` with the error function, in place on the first `n` elements of `x`
+/// (bf16 or f32; f32 arithmetic, one rounding). Twin: [`crate::cpu::apply_activation`] with `Gelu`.
+pub fn gelu_erf<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, n: usize) -> Result<()> {
+    unary(dev, "cuda::gelu_erf", ["gelu_erf_bf16", "gelu_erf_f32"], x, n)
+}
+
+/// Launches the in-place `gelu.cu` kernel of `kernels` (bf16 and f32 variants) on the first `n`
+/// elements of `x`.
+fn unary<T: OutputElem>(dev: &CudaDevice, op: &'static str, kernels: [&'static str; 2], x: &mut impl DevicePtrMut<T>, n: usize) -> Result<()> {
+    check_len(op, "x", x.len(), n)?;
     if n == 0 {
         return Ok(());
     }
-    let name = if T::NAME == "bf16" { "gelu_tanh_bf16" } else { "gelu_tanh_f32" };
+    let name = if T::NAME == "bf16" { kernels[0] } else { kernels[1] };
     let f = dev.function(KernelSource::Gelu, name)?;
     let cfg = launch::elementwise(dev, n)?;
     let s = dev.stream();
@@ -64,7 +76,7 @@ pub fn gelu_tanh<T: OutputElem>(dev: &CudaDevice, x: &mut impl DevicePtrMut<T>, 
     let n_i = n as i64;
     let mut b = s.launch_builder(&f);
     b.arg(&xp).arg(&n_i);
-    launch::launch(OP, b, cfg)
+    launch::launch(op, b, cfg)
 }
 
 /// `x[i] ← x[i]·y[i]` for the first `n` elements (bf16 or f32; f32 arithmetic, one rounding).

@@ -130,10 +130,32 @@ fn alignment(ptr: u64) -> u32 {
 }
 
 /// `nn.Linear`: `y[m, n] = act(x[m, k] · w[n, k]ᵀ + bias[n])`, row-major, bf16 `x` and `w`, f32
-/// accumulation, `y` (and `bias`) bf16 or f32. `act` is `None` or `GeluTanh` (fused in cuBLASLt's
-/// epilogue, which computes GELU with the tanh approximation).
+/// accumulation, `y` (and `bias`) bf16 or f32. `act` `None` and `GeluTanh` are fused in cuBLASLt's
+/// epilogue (which computes GELU with the tanh approximation); exact `Gelu` runs after the product
+/// on the stored `y` ([`super::elementwise::gelu_erf`]), so a bf16 `y` is rounded before and after
+/// it, as PyTorch's `nn.Linear` then `nn.GELU` on bf16 tensors.
 #[allow(clippy::too_many_arguments)]
 pub fn linear<O: OutputElem>(
+    dev: &CudaDevice,
+    x: &impl DevicePtr<bf16>,
+    m: usize,
+    k: usize,
+    w: &impl DevicePtr<bf16>,
+    n: usize,
+    bias: Option<&impl DevicePtr<O>>,
+    act: Activation,
+    y: &mut impl DevicePtrMut<O>,
+) -> Result<()> {
+    if act != Activation::Gelu {
+        return fused_linear(dev, x, m, k, w, n, bias, act, y);
+    }
+    fused_linear(dev, x, m, k, w, n, bias, Activation::None, y)?;
+    super::elementwise::gelu_erf(dev, y, m * n)
+}
+
+/// [`linear`] with `act` fused in the epilogue (`None` or `GeluTanh`).
+#[allow(clippy::too_many_arguments)]
+fn fused_linear<O: OutputElem>(
     dev: &CudaDevice,
     x: &impl DevicePtr<bf16>,
     m: usize,

@@ -104,7 +104,7 @@ impl KernelSource {
             Self::AdalnNorm => &["layer_norm_modulated_bf16"],
             Self::QkNormRope => &["qk_norm_rope_bf16"],
             Self::Residual => &["gated_residual_add_bf16", "gated_residual_add_f32"],
-            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "mul_bf16", "mul_f32", "add_bf16", "add_f32"],
+            Self::Gelu => &["gelu_tanh_bf16", "gelu_tanh_f32", "gelu_erf_bf16", "gelu_erf_f32", "mul_bf16", "mul_f32", "add_bf16", "add_f32"],
             Self::Convert => &["f32_to_bf16_kernel", "bf16_to_f32_kernel"],
             Self::Sampler => &["guide_f32", "euler_step_f32", "unipc_step_f32"],
             Self::Patch => &["patchify_bf16", "unpatchify_f32"],

@@ -3,6 +3,7 @@
 //! implementations. This module finds the cases under any number of roots, runs each through the
 //! same code users run, and compares with the stated tolerance.
 
+mod clip;
 mod compare;
 mod dit;
 mod forcing;
@@ -33,13 +34,15 @@ pub enum CaseKind {
     Umt5,
     /// Flow-matching samplers.
     Scheduler,
-    /// The whole text-to-video pipeline.
+    /// `CLIPVisionModel` with its `CLIPImageProcessor` (image-to-video's image encoder).
+    Clip,
+    /// Whole pipelines: text-, video- and image-to-video, diffusion forcing.
     Pipeline,
 }
 
 impl CaseKind {
     /// All kinds, in run order.
-    pub const ALL: [CaseKind; 5] = [Self::Dit, Self::Vae, Self::Umt5, Self::Scheduler, Self::Pipeline];
+    pub const ALL: [CaseKind; 6] = [Self::Dit, Self::Vae, Self::Umt5, Self::Scheduler, Self::Clip, Self::Pipeline];
 
     /// The folder name (and command-line name) of the kind.
     pub fn name(self) -> &'static str {
@@ -48,6 +51,7 @@ impl CaseKind {
             Self::Vae => "vae",
             Self::Umt5 => "umt5",
             Self::Scheduler => "scheduler",
+            Self::Clip => "clip",
             Self::Pipeline => "pipeline",
         }
     }
@@ -55,6 +59,11 @@ impl CaseKind {
     /// Parses a kind name.
     pub fn from_name(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Every kind's name, comma-separated (for messages).
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
     }
 }
 
@@ -70,13 +79,27 @@ pub struct Case {
 }
 
 /// Finds the cases of `kinds` under `root`, which is laid out like `shared/golden`
-/// (or is itself one `<kind>` folder of such a layout). Sorted by kind, then name.
+/// (or is itself one `<kind>` folder of such a layout). Sorted by kind, then name. A folder of
+/// cases whose kind this runner does not know is an error, never skipped.
 pub fn discover(root: &Path, kinds: &[CaseKind]) -> Result<Vec<Case>> {
     let io = |source| WorkerError::Io { path: root.into(), source };
     if !root.is_dir() {
         return Err(io(std::io::Error::new(std::io::ErrorKind::NotFound, "golden root is not a folder")));
     }
     let own_kind = root.file_name().and_then(|n| n.to_str()).and_then(CaseKind::from_name);
+    if own_kind.is_none() {
+        let holds_cases = |dir: &Path| std::fs::read_dir(dir).is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().join("case.json").is_file())));
+        for entry in std::fs::read_dir(root).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if path.is_dir() && CaseKind::from_name(&name).is_none() && holds_cases(&path) {
+                return Err(WorkerError::Config {
+                    path: path.display().to_string(),
+                    detail: format!("cases of kind `{name}`, which this runner does not know (known: {})", CaseKind::names()),
+                });
+            }
+        }
+    }
     let mut cases = Vec::new();
     for &kind in kinds {
         let kind_dir = match own_kind {
@@ -212,7 +235,7 @@ pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts, &mut ran),
         CaseKind::Pipeline => pipeline::run(case, opts, &mut ran),
-        CaseKind::Umt5 | CaseKind::Vae if sharded => {
+        CaseKind::Umt5 | CaseKind::Vae | CaseKind::Clip if sharded => {
             ran.ranks = 0;
             Ok(Outcome::Unsupported(format!(
                 "{} cases cannot run sharded yet (only the transformer's denoising and the sampler are sequence-parallel); --ranks {} would run them on one device",
@@ -227,6 +250,7 @@ pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
             scheduler::run(case, opts)
         }
         CaseKind::Umt5 => umt5::run(case, opts),
+        CaseKind::Clip => clip::run(case, opts),
         CaseKind::Vae => vae::run(case, opts),
     };
     let outcome = match result {
@@ -295,5 +319,38 @@ mod tests {
         let from_kind_dir = discover(&root.join("dit"), &[CaseKind::Dit, CaseKind::Vae]).unwrap();
         assert_eq!(from_kind_dir.len(), dit.len());
         assert!(discover(&root.join("nope"), &[CaseKind::Dit]).is_err());
+    }
+
+    #[test]
+    fn a_kind_the_runner_does_not_know_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("dit/a")).unwrap();
+        std::fs::write(tmp.path().join("dit/a/case.json"), "{}").unwrap();
+        assert_eq!(discover(tmp.path(), &CaseKind::ALL).unwrap().len(), 1);
+        // Files and folders without cases are not kinds; a folder of cases is.
+        std::fs::create_dir_all(tmp.path().join("notes")).unwrap();
+        assert_eq!(discover(tmp.path(), &CaseKind::ALL).unwrap().len(), 1);
+        std::fs::create_dir_all(tmp.path().join("siglip/x")).unwrap();
+        std::fs::write(tmp.path().join("siglip/x/case.json"), "{}").unwrap();
+        let err = discover(tmp.path(), &[CaseKind::Dit]).unwrap_err().to_string();
+        assert!(err.contains("siglip") && err.contains("clip"), "{err}");
+    }
+
+    /// Every case of the repository's copy runs and passes on the CPU: the runner's own check.
+    #[test]
+    fn clip_case_passes() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
+        let cases = discover(&root, &[CaseKind::Clip]).unwrap();
+        assert_eq!(cases.len(), 1);
+        for case in &cases {
+            let outcome = run_case(case, &RunOptions::default());
+            assert!(outcome.passed(), "{}: {outcome:?}", case.name);
+            // The resize is PIL's bit for bit: one 8-bit level anywhere would be 1/255/std ≈ 0.015.
+            let Outcome::Pass(comparisons) = &outcome else { unreachable!() };
+            let pixels = comparisons.iter().find(|(n, _)| n == "pixel_values").map(|(_, c)| c.max_abs);
+            assert!(pixels.is_some_and(|d| d < 1e-6), "pixel_values differ by {pixels:?}");
+            let bf16 = run_case(case, &RunOptions { backend: Backend::Bf16Host, ..Default::default() });
+            assert!(bf16.passed(), "{} on bf16-host: {bf16:?}", case.name);
+        }
     }
 }

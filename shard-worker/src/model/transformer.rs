@@ -139,7 +139,7 @@ impl<O: Ops> WanTransformer<O> {
         let pe_w = src.tensor("patch_embedding.weight", &[d, cfg.in_channels, pt, ph, pw])?;
         let pe_b = src.tensor("patch_embedding.bias", &[d])?;
         let model = Self {
-            patch_embedding: DeviceLinear::from_host(&ops, &pe_w, &pe_b, cfg.patch_in(), d)?,
+            patch_embedding: DeviceLinear::from_host(&ops, &pe_w, Some(&pe_b), cfg.patch_in(), d)?,
             embedders: Embedders::load(&ops, src, &cfg)?,
             blocks: (0..cfg.num_layers).map(|i| Block::load(&ops, src, &cfg, i)).collect::<Result<_>>()?,
             head_table: load_f32(&ops, src, "scale_shift_table", &[1, 2, d])?,
@@ -427,7 +427,7 @@ fn head_projection<O: Ops>(ops: &O, src: &dyn WeightSource, cfg: &TransformerCon
             b[new] = bias[old];
         }
     }
-    DeviceLinear::from_host(ops, &w, &b, d, po)
+    DeviceLinear::from_host(ops, &w, Some(&b), d, po)
 }
 
 /// A diffusers `transformer/` folder: its `config.json` and its weights (single or sharded).

@@ -53,9 +53,10 @@ impl<O: Ops> DeviceLinear<O> {
         Ok(Self { weight, bias: None, in_features, out_features: weights.len() * out_features })
     }
 
-    /// A layer from host parameters `[out, in]` and `[out]` (stored as `Act`).
-    pub(crate) fn from_host(ops: &O, weight: &[f32], bias: &[f32], in_features: usize, out_features: usize) -> Result<Self> {
-        Ok(Self { weight: ops.upload(&convert::<O::Act>(weight))?, bias: Some(ops.upload(&convert::<O::Act>(bias))?), in_features, out_features })
+    /// A layer from host parameters `[out, in]` and, if it has one, `[out]` (stored as `Act`).
+    pub(crate) fn from_host(ops: &O, weight: &[f32], bias: Option<&[f32]>, in_features: usize, out_features: usize) -> Result<Self> {
+        let bias = bias.map(|b| ops.upload(&convert::<O::Act>(b))).transpose()?;
+        Ok(Self { weight: ops.upload(&convert::<O::Act>(weight))?, bias, in_features, out_features })
     }
 
     /// Output width.
