@@ -40,16 +40,20 @@ pub enum TransformerPreset {
     /// [`Self::Tiny`] as SkyReels-V2's diffusion-forcing transformer (fps embedding, causal
     /// blocks of one frame).
     TinyDf,
+    /// [`Self::Tiny`] as Wan 2.1 I2V's transformer: 36 channels in (noise, mask, image latents)
+    /// and the image cross-attention over a 32-wide image encoder's tokens.
+    TinyI2v,
 }
 
 impl TransformerPreset {
     /// Every preset, with its name.
-    pub const ALL: [(&'static str, TransformerPreset); 5] = [
+    pub const ALL: [(&'static str, TransformerPreset); 6] = [
         ("tiny", Self::Tiny),
         ("wan-1.3b-2l", Self::Wan13bTwoLayers),
         ("wan-1.3b", Self::Wan13b),
         ("wan-14b-2l", Self::Wan14bTwoLayers),
         ("tiny-df", Self::TinyDf),
+        ("tiny-i2v", Self::TinyI2v),
     ];
 
     /// Looks a preset up by name.
@@ -76,6 +80,10 @@ impl TransformerPreset {
                 num_frame_per_block: 1,
                 ..Self::Tiny.config()
             },
+            Self::TinyI2v => {
+                let tiny = Self::Tiny.config();
+                TransformerConfig { in_channels: 2 * tiny.out_channels + 4, image_dim: Some(32), added_kv_proj_dim: Some(tiny.inner_dim()), ..tiny }
+            }
         }
     }
 }

@@ -9,6 +9,12 @@
 //! stages are matched before denoising: `init_latents` (the encoded, normalised video) and
 //! `latents` (that noised at the first kept step); `timesteps`, when present, must equal the kept
 //! model timesteps exactly. Otherwise the case is text-to-video and `latents` is its initial noise.
+//!
+//! An image-to-video snapshot (`WanImageToVideoPipeline`) adds the image stages after the text:
+//! the processor's `clip_pixel_values` (exact, since the resize is PIL's bit for bit), the
+//! encoder's `image_embeds`, `image_condition`, `condition_mask` and `condition_latents`, then the
+//! first step's two guidance branches (`noise_pred_cond[0]`, `noise_pred_uncond[0]`) from one
+//! whole-tensor forward, before the steps run as for text-to-video.
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::ParallelPlan;
@@ -80,7 +86,7 @@ pub(super) fn text_stage(
     params: &GenerationParams,
     tol: &Tolerance,
     comparisons: &mut Vec<(String, Comparison)>,
-) -> Result<crate::pipeline::TextConditions> {
+) -> Result<crate::pipeline::Conditioning> {
     let text = pipe.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
     comparisons.push(compare_ids(io, "prompt_ids", &text.prompt_ids)?);
     comparisons.push(compare(io, "prompt_embeds", &text.prompt_embeds, tol)?);
@@ -89,6 +95,88 @@ pub(super) fn text_stage(
         comparisons.push(compare(io, "negative_prompt_embeds", embeds, tol)?);
     }
     Ok(text)
+}
+
+/// Image-to-video's stage 1b: the processor's pixels (exactly), the image tokens, the image as the
+/// VAE sees it, the mask and the image's latents (the VAE's tolerance on a bf16 backend).
+fn image_stage(
+    pipe: &WanPipeline,
+    io: &SafetensorsFile,
+    params: &GenerationParams,
+    opts: &RunOptions,
+    case_tol: &Tolerance,
+    comparisons: &mut Vec<(String, Comparison)>,
+) -> Result<crate::pipeline::ImageConditioning> {
+    let (tol, vae_tol) = (opts.tolerance(case_tol), opts.vae_tolerance(case_tol));
+    let image = params.image.as_ref().ok_or_else(|| WorkerError::input("image", "an image-to-video case needs its image"))?;
+    let encoder = pipe.image_encoder().ok_or_else(|| WorkerError::input("image", "the snapshot has no image encoder"))?;
+    // The resize is integer arithmetic and the rest one rounding: equal up to f32 rounding.
+    let pixel_tol = Tolerance { rel_l2: 1e-6, max_abs: Some(1e-6), max_abs_over_max_ref: None };
+    comparisons.push(compare(io, "clip_pixel_values", &encoder.pixel_values(image)?, &pixel_tol)?);
+    if image.height != params.height || image.width != params.width {
+        return Err(WorkerError::BadTensor {
+            name: "image".into(),
+            detail: format!("{}×{}, the case's size is {}×{}", image.height, image.width, params.height, params.width),
+        });
+    }
+    comparisons.push(compare(io, "image_condition", &image.to_signed_unit()?, &EXACT_UP_TO_ROUNDING)?);
+    let conditioning = pipe.encode_image(image, params)?;
+    comparisons.push(compare(io, "image_embeds", &conditioning.embeds, &tol)?);
+    let (mask, latents) = split_channels(&conditioning.latents, crate::pipeline::I2V_MASK_CHANNELS)?;
+    comparisons.push(compare(io, "condition_mask", &mask, &EXACT)?);
+    comparisons.push(compare(io, "condition_latents", &latents, &vae_tol)?);
+    Ok(conditioning)
+}
+
+/// f32 values computed in another order than the reference's: one rounding apart.
+const EXACT_UP_TO_ROUNDING: Tolerance = Tolerance { rel_l2: 1e-6, max_abs: Some(1e-6), max_abs_over_max_ref: None };
+
+/// `[1, C, ...]` cut into channels `..at` and `at..`.
+fn split_channels(t: &Tensor, at: usize) -> Result<(Tensor, Tensor)> {
+    let s = t.shape();
+    if s.len() < 2 || s[0] != 1 || s[1] < at {
+        return Err(WorkerError::input("condition", format!("cannot split {s:?} at channel {at}")));
+    }
+    let per = t.len() / s[1];
+    let shape = |c: usize| [&[1, c][..], &s[2..]].concat();
+    Ok((Tensor::new(shape(at), t.data()[..at * per].to_vec())?, Tensor::new(shape(s[1] - at), t.data()[at * per..].to_vec())?))
+}
+
+/// Image-to-video: the transformer's first step on whole tensors (`[latents | mask | condition]`,
+/// the image tokens, each prompt), matched against `noise_pred_cond[0]` and `noise_pred_uncond[0]`:
+/// the input's channel order and the image branch, checked apart from the sharded step.
+#[allow(clippy::too_many_arguments)]
+fn first_forward_stage(
+    pipe: &WanPipeline,
+    io: &SafetensorsFile,
+    latents: &Tensor,
+    text: &crate::pipeline::Conditioning,
+    image: &crate::pipeline::ImageConditioning,
+    schedule: &crate::sampler::Schedule,
+    tol: &Tolerance,
+    comparisons: &mut Vec<(String, Comparison)>,
+) -> Result<()> {
+    let s = latents.shape();
+    let input = Tensor::new([1, s[1] + image.latents.dim(1), s[2], s[3], s[4]], [latents.data(), image.latents.data()].concat())?;
+    let t = schedule.timesteps().get(schedule.first_step()).ok_or_else(|| WorkerError::input("schedule", "no steps"))?;
+    let branches = [("noise_pred_cond", Some(&text.prompt_embeds)), ("noise_pred_uncond", text.negative_embeds.as_ref())];
+    for (name, embeds) in branches {
+        let (Some(embeds), true) = (embeds, io.contains(name)) else { continue };
+        let x = crate::model::DitInputs {
+            hidden_states: &input,
+            timesteps: &[t],
+            encoder_hidden_states: embeds,
+            encoder_hidden_states_image: Some(&image.embeds),
+            options: Default::default(),
+        };
+        let got = pipe.transformer().forward(&x)?;
+        let all = read_tensor(io, name)?;
+        if all.len() < got.len() {
+            return Err(WorkerError::BadTensor { name: name.into(), detail: format!("{} values, one step is {}", all.len(), got.len()) });
+        }
+        comparisons.push((format!("{name}[0]"), Comparison::new(got.data(), &all.data()[..got.len()], tol)));
+    }
+    Ok(())
 }
 
 /// `[B, C, F, H, W]` → `[B, F, C, H, W]` (diffusers' `output_type="pt"` frame layout).
@@ -152,8 +240,13 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     };
     params.validate(pipe.factors(), &crate::pipeline::limits::Limits::default())?;
 
-    // Stage 1: tokens and embeddings.
-    let text = text_stage(&pipe, &io, &params, tol, &mut comparisons)?;
+    // Stage 1: tokens and embeddings; for image-to-video, the image's conditioning.
+    let mut text = text_stage(&pipe, &io, &params, tol, &mut comparisons)?;
+    if pipe.is_image_to_video() {
+        let image = super::clip::read_image(&io, "image")?;
+        let params = GenerationParams { image: Some(image), ..params.clone() };
+        text.image = Some(image_stage(&pipe, &io, &params, opts, &meta.tolerance, &mut comparisons)?);
+    }
 
     // Stage 2: the schedule and the starting latent (for video-to-video: the encoded video, then
     // that noised at the first kept step).
@@ -169,6 +262,9 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     if let Some(input) = &params.video {
         comparisons.push(compare(&io, "init_latents", &pipe.encode_video(&input.video)?, tol)?);
         comparisons.push(compare(&io, "latents", &latents, tol)?);
+    }
+    if let Some(image) = &text.image {
+        first_forward_stage(&pipe, &io, &latents, &text, image, &schedule, tol, &mut comparisons)?;
     }
 
     // Stage 3: denoising, every step compared.
@@ -261,6 +357,42 @@ mod tests {
             "latents_after_step[0]",
             "latents_after_step[1]",
             "latents_after_step[2]",
+            "frames",
+        ];
+        assert_eq!(names, want);
+    }
+
+    #[test]
+    fn image_to_video_case_is_matched_stage_by_stage() {
+        let backend = match std::env::var("TESSERA_TEST_BACKEND").as_deref() {
+            Ok("bf16-host") => tessera_kernels::backend::Backend::Bf16Host,
+            _ => tessera_kernels::backend::Backend::Cpu,
+        };
+        let opts = RunOptions { backend, ..Default::default() };
+        let outcome = run(&project_case("i2v-a"), &opts, &mut crate::golden::Ran::default()).unwrap();
+        let (Outcome::Pass(stages) | Outcome::Fail(stages)) = &outcome else { panic!("{outcome:?}") };
+        for (name, c) in stages {
+            eprintln!("{name:<26} rel_l2 {:.3e} max_abs {:.3e} max_ref {:.3e} {}", c.rel_l2, c.max_abs, c.max_ref, c.passed);
+        }
+        assert!(outcome.passed());
+        let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+        let want = [
+            "prompt_ids",
+            "prompt_embeds",
+            "negative_prompt_ids",
+            "negative_prompt_embeds",
+            "clip_pixel_values",
+            "image_condition",
+            "image_embeds",
+            "condition_mask",
+            "condition_latents",
+            "timesteps",
+            "noise_pred_cond[0]",
+            "noise_pred_uncond[0]",
+            "latents_after_step[0]",
+            "latents_after_step[1]",
+            "latents_after_step[2]",
+            "latents_after_step[3]",
             "frames",
         ];
         assert_eq!(names, want);

@@ -36,6 +36,13 @@ impl RgbImage {
         Ok(Self { height, width, data })
     }
 
+    /// The image resized to `height` × `width` with PIL's `filter` (a copy when the size is the
+    /// same), as diffusers' `VideoProcessor.preprocess` resizes a conditioning image (Lanczos).
+    pub fn resized(&self, height: usize, width: usize, filter: tessera_kernels::cpu::resample::Filter) -> Self {
+        let data = tessera_kernels::cpu::resample::resize_u8(&self.data, [self.height, self.width], 3, [height, width], filter);
+        Self { height, width, data }
+    }
+
     /// The image as `[1, 3, H, W]` in [−1, 1] (`2·x/255 − 1`), as diffusers' `VideoProcessor`
     /// hands a same-size image to the VAE.
     pub fn to_signed_unit(&self) -> Result<Tensor> {

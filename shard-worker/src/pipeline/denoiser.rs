@@ -4,7 +4,7 @@
 //! decode gathers to rank 0.
 
 use super::shard_run::{RankGroup, ShardRun, Start};
-use super::{TextConditions, WanPipeline};
+use super::{Conditioning, WanPipeline};
 use crate::model::DitModel;
 use crate::sampler::{SamplerHistory, Schedule};
 use crate::{Result, WorkerError};
@@ -47,7 +47,7 @@ macro_rules! on_run {
 
 impl Denoiser {
     /// A run from `start` over every step of `schedule`; this rank of `group` keeps its share.
-    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, start: Start<'_>, text: TextConditions, guidance_scale: f32, schedule: Schedule) -> Result<Self> {
+    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, start: Start<'_>, text: Conditioning, guidance_scale: f32, schedule: Schedule) -> Result<Self> {
         Ok(match pipe.transformer() {
             DitModel::Cpu(m) => Self::Cpu(Box::new(ShardRun::new(m, group, start, text, guidance_scale, schedule)?)),
             DitModel::Bf16Host(m) => Self::Bf16Host(Box::new(ShardRun::new(m, group, start, text, guidance_scale, schedule)?)),
@@ -64,7 +64,7 @@ impl Denoiser {
         latents: &Tensor,
         history: &SamplerHistory,
         steps_done: usize,
-        text: TextConditions,
+        text: Conditioning,
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
@@ -127,7 +127,7 @@ mod tests {
         pipe: WanPipeline,
         p: GenerationParams,
         want: Tensor,
-        text: TextConditions,
+        text: Conditioning,
         schedule: Schedule,
         start: Tensor,
     }

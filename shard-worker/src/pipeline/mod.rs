@@ -25,18 +25,20 @@ pub use shard_run::{RankGroup, ShardRun, Start};
 pub use sharded::{denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
+use crate::image::{ImageEncoder, RgbImage};
 use crate::model::DitModel;
 use crate::sampler::{add_noise, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
 use crate::{Result, WorkerError};
 use std::path::Path;
+use tessera_kernels::cpu::resample::Filter;
 use tessera_kernels::{Device, Tensor};
 
-/// The prompt side of a generation: token ids and embeddings of the prompt and, with guidance, of
-/// the negative prompt.
+/// What a generation is conditioned on: the token ids and embeddings of the prompt and, with
+/// guidance, of the negative prompt; for image-to-video, the image's tokens and first-frame latents.
 #[derive(Clone, Debug)]
-pub struct TextConditions {
+pub struct Conditioning {
     /// Token ids of the prompt (up to and including `</s>`).
     pub prompt_ids: Vec<u32>,
     /// Token ids of the negative prompt (guidance only).
@@ -45,13 +47,26 @@ pub struct TextConditions {
     pub prompt_embeds: Tensor,
     /// `[1, 512, text_dim]`, zero past the negative prompt (guidance only).
     pub negative_embeds: Option<Tensor>,
+    /// Image-to-video: the image's conditioning (the same for both guidance branches).
+    pub image: Option<ImageConditioning>,
+}
+
+/// What Wan 2.1 I2V's transformer reads of the input image besides the noisy latent.
+#[derive(Clone, Debug)]
+pub struct ImageConditioning {
+    /// The image encoder's tokens `[1, tokens, image_dim]`, for the image cross-attention.
+    pub embeds: Tensor,
+    /// `[1, 4 + z_dim, F', h, w]`: the first-frame mask folded into 4 channels (1 on latent frame
+    /// 0), then the normalised VAE latents of the image followed by black frames. Concatenated
+    /// after the noisy latent's channels at every step; never denoised.
+    pub latents: Tensor,
 }
 
 /// Watches a generation stage by stage; every method may stop the run by returning an error
 /// (to cancel, for instance). All methods default to doing nothing.
 pub trait PipelineObserver {
     /// The prompts were tokenized and encoded.
-    fn on_text(&mut self, _text: &TextConditions) -> Result<()> {
+    fn on_text(&mut self, _text: &Conditioning) -> Result<()> {
         Ok(())
     }
     /// The starting latent (noise, or noised input video) is ready.
@@ -73,17 +88,24 @@ pub struct NoObserver;
 
 impl PipelineObserver for NoObserver {}
 
-/// A loaded pipeline: text encoder, transformer, VAE and sampler configuration.
+/// A loaded pipeline: text encoder, transformer, VAE and sampler configuration, and for
+/// image-to-video the image encoder.
 pub struct WanPipeline {
     text: TextEncoder,
     transformer: DitModel,
     vae: WanVae,
     sampler: SamplerConfig,
+    image: Option<ImageEncoder>,
 }
+
+/// Channels of the first-frame mask an image-to-video transformer reads (one per video frame of
+/// a latent frame's temporal stride).
+pub const I2V_MASK_CHANNELS: usize = 4;
 
 impl WanPipeline {
     /// Loads a diffusers snapshot folder (`model_index.json`, `transformer/`, `vae/`,
-    /// `text_encoder/`, `tokenizer/`, `scheduler/`).
+    /// `text_encoder/`, `tokenizer/`, `scheduler/`; for image-to-video also `image_encoder/` and
+    /// `image_processor/`).
     pub fn load(root: &Path) -> Result<Self> {
         Self::load_on(root, Device::Cpu)
     }
@@ -94,11 +116,16 @@ impl WanPipeline {
         let backend = backend.into();
         let snap = Snapshot::open(root)?;
         let sampler = SamplerConfig::from_path(&snap.component("scheduler").join("scheduler_config.json"))?;
+        let image = match snap.is_image_to_video() {
+            true => Some(ImageEncoder::load_on(&snap.component("image_encoder"), &snap.component("image_processor"), backend)?),
+            false => None,
+        };
         Self::from_parts(
             TextEncoder::load_on(root, backend)?,
             DitModel::load_backend(&snap.component("transformer"), backend)?,
             WanVae::load_on(&snap.component("vae"), backend)?,
             sampler,
+            image,
         )
     }
 
@@ -144,21 +171,45 @@ impl WanPipeline {
     }
 
     /// Assembles a pipeline from loaded components (the transformer on whatever backend it was
-    /// loaded on), checking that they fit together.
-    pub fn from_parts(text: TextEncoder, transformer: DitModel, vae: WanVae, sampler: SamplerConfig) -> Result<Self> {
+    /// loaded on), checking that they fit together: an image-to-video transformer comes with an
+    /// image encoder whose width is its `image_dim`, and reads the noisy latent, the mask and the
+    /// image's latents (`2·z_dim + 4` channels in).
+    pub fn from_parts(text: TextEncoder, transformer: DitModel, vae: WanVae, sampler: SamplerConfig, image: Option<ImageEncoder>) -> Result<Self> {
         let (tc, vc) = (transformer.config(), vae.config());
         let bad = |detail: String| WorkerError::Config { path: "pipeline".into(), detail };
-        if tc.is_i2v() {
-            return Err(bad("the transformer is an image-to-video model; this pipeline runs text- and video-to-video".into()));
-        }
-        if tc.in_channels != vc.z_dim || tc.out_channels != vc.z_dim {
-            return Err(bad(format!("transformer channels in/out {}/{} do not match the VAE's z_dim {}", tc.in_channels, tc.out_channels, vc.z_dim)));
+        let in_channels = match (&image, tc.is_i2v()) {
+            (None, false) => vc.z_dim,
+            (Some(enc), true) => {
+                let width = enc.model().config().hidden_size;
+                if tc.image_dim != Some(width) {
+                    return Err(bad(format!("transformer image_dim {:?} does not match the image encoder's hidden_size {width}", tc.image_dim)));
+                }
+                2 * vc.z_dim + I2V_MASK_CHANNELS
+            }
+            (None, true) => return Err(bad("the transformer is an image-to-video model and the snapshot has no image encoder".into())),
+            (Some(_), false) => return Err(bad("an image encoder was given for a text-to-video transformer (no image_dim)".into())),
+        };
+        if tc.in_channels != in_channels || tc.out_channels != vc.z_dim {
+            return Err(bad(format!(
+                "transformer channels in/out {}/{} do not match the VAE's z_dim {} (expected {in_channels}/{})",
+                tc.in_channels, tc.out_channels, vc.z_dim, vc.z_dim
+            )));
         }
         let d_model = text.encoder().config().d_model;
         if tc.text_dim != d_model {
             return Err(bad(format!("transformer text_dim {} does not match the text encoder's d_model {d_model}", tc.text_dim)));
         }
-        Ok(Self { text, transformer, vae, sampler })
+        Ok(Self { text, transformer, vae, sampler, image })
+    }
+
+    /// The image encoder of an image-to-video pipeline.
+    pub fn image_encoder(&self) -> Option<&ImageEncoder> {
+        self.image.as_ref()
+    }
+
+    /// Whether the pipeline makes videos from an image (Wan 2.1 I2V).
+    pub fn is_image_to_video(&self) -> bool {
+        self.image.is_some()
     }
 
     /// The transformer (on the device it was loaded on).
@@ -203,19 +254,55 @@ impl WanPipeline {
     }
 
     /// Stage 1: tokenizes and encodes the prompt, and the negative prompt when guidance is on.
-    pub fn encode_text(&self, prompt: &str, negative_prompt: &str, guidance_scale: f32) -> Result<TextConditions> {
+    pub fn encode_text(&self, prompt: &str, negative_prompt: &str, guidance_scale: f32) -> Result<Conditioning> {
         let cfg = guidance_enabled(guidance_scale);
         let prompts: Vec<&str> = if cfg { vec![prompt, negative_prompt] } else { vec![prompt] };
         let tokens = self.text.tokenize(&prompts)?;
         let embeds = self.text.encode_tokenized(&tokens)?;
         let (len, d) = (embeds.dim(1), embeds.dim(2));
         let row = |i: usize| Tensor::new([1, len, d], embeds.data()[i * len * d..(i + 1) * len * d].to_vec());
-        Ok(TextConditions {
+        Ok(Conditioning {
             prompt_ids: tokens.tokens(0).to_vec(),
             negative_ids: cfg.then(|| tokens.tokens(1).to_vec()),
             prompt_embeds: row(0)?,
             negative_embeds: if cfg { Some(row(1)?) } else { None },
+            image: None,
         })
+    }
+
+    /// Stage 1b (image-to-video): the image's conditioning for a video of `params`' size, as
+    /// `WanImageToVideoPipeline` makes it: the encoder's tokens of the image as given
+    /// ([`ImageEncoder::encode`]), and [`Self::image_latents`] of the image resized to the output.
+    pub fn encode_image(&self, image: &RgbImage, params: &GenerationParams) -> Result<ImageConditioning> {
+        let Some(encoder) = &self.image else {
+            return Err(WorkerError::input("image", "this pipeline is text-to-video; an input image needs an image-to-video model (Wan 2.1 I2V)"));
+        };
+        let embeds = encoder.encode(image)?;
+        let resized = image.resized(params.height, params.width, Filter::Lanczos);
+        Ok(ImageConditioning { embeds, latents: self.image_latents(&resized.to_signed_unit()?, params.num_frames)? })
+    }
+
+    /// The latent side of the image condition: `image` `[1, 3, H, W]` in [−1, 1] as frame 0 of a
+    /// `num_frames` video whose other frames are 0, VAE-encoded (the posterior mean) and
+    /// normalised, after the 4-channel first-frame mask: `[1, 4 + z_dim, F', h, w]`.
+    pub fn image_latents(&self, image: &Tensor, num_frames: usize) -> Result<Tensor> {
+        let s = image.shape();
+        if s.len() != 4 || s[0] != 1 || s[1] != 3 || num_frames == 0 {
+            return Err(WorkerError::input("image", format!("expected [1, 3, H, W] and frames > 0, got {s:?} and {num_frames} frames")));
+        }
+        let plane = s[2] * s[3];
+        let mut video = vec![0f32; 3 * num_frames * plane];
+        for c in 0..3 {
+            video[c * num_frames * plane..][..plane].copy_from_slice(&image.data()[c * plane..][..plane]);
+        }
+        let clean = self.encode_video(&Tensor::new([1, 3, num_frames, s[2], s[3]], video)?)?;
+        let (z, f, hw) = (clean.dim(1), clean.dim(2), clean.dim(3) * clean.dim(4));
+        let mut out = vec![0f32; (I2V_MASK_CHANNELS + z) * f * hw];
+        for c in 0..I2V_MASK_CHANNELS {
+            out[c * f * hw..][..hw].fill(1.0);
+        }
+        out[I2V_MASK_CHANNELS * f * hw..].copy_from_slice(clean.data());
+        Ok(Tensor::new([1, I2V_MASK_CHANNELS + z, f, clean.dim(3), clean.dim(4)], out)?)
     }
 
     /// Stage 2: the starting latent `[1, C, T, h, w]`: the given or seeded noise; for
@@ -265,7 +352,7 @@ impl WanPipeline {
     pub fn denoise(
         &self,
         latents: &mut Tensor,
-        text: &TextConditions,
+        text: &Conditioning,
         guidance_scale: f32,
         schedule: &Schedule,
         observer: &mut dyn PipelineObserver,
@@ -308,7 +395,8 @@ impl WanPipeline {
     /// The whole generation; returns the final latent (frames went to the observer).
     pub fn generate(&self, params: &GenerationParams, observer: &mut dyn PipelineObserver) -> Result<Tensor> {
         params.validate(self.factors(), &limits::Limits::none())?;
-        let text = self.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
+        let mut text = self.encode_text(&params.prompt, &params.negative_prompt, params.guidance_scale)?;
+        text.image = params.image.as_ref().map(|image| self.encode_image(image, params)).transpose()?;
         observer.on_text(&text)?;
         let schedule = self.schedule_for(params)?;
         let mut latents = self.initial_latents(params, &schedule)?;

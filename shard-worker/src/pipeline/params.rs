@@ -44,6 +44,9 @@ pub struct GenerationParams {
     pub video: Option<VideoInput>,
     /// Diffusion forcing (SkyReels-V2 DF models): the long-video settings.
     pub forcing: Option<super::forcing::ForcingParams>,
+    /// Image-to-video (Wan 2.1 I2V models): the image the video starts from, any size (resized
+    /// to the output size for the first frame, to the encoder's for its tokens).
+    pub image: Option<crate::image::RgbImage>,
 }
 
 impl GenerationParams {
@@ -65,6 +68,7 @@ impl GenerationParams {
             initial_noise: None,
             video: None,
             forcing: None,
+            image: None,
         }
     }
 
@@ -76,6 +80,9 @@ impl GenerationParams {
             let want = [1, 3, self.num_frames, self.height, self.width];
             if v.video.shape() != want {
                 return Err(WorkerError::input("video", format!("expected {want:?} (resized to the output size), got {:?}", v.video.shape())));
+            }
+            if self.image.is_some() {
+                return Err(WorkerError::input("image", "an input image and an input video exclude each other"));
             }
         }
         Ok(())

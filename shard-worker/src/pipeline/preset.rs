@@ -28,6 +28,38 @@ pub enum PipelinePreset {
     /// [`Self::Tiny`] with SkyReels-V2's diffusion-forcing transformer (fps embedding, per-frame
     /// timesteps): long videos chunk by chunk, 37 frames per chunk overlapping by 17.
     TinyDf,
+    /// [`Self::Tiny`] as Wan 2.1 I2V (the structure of Wan2.1-I2V-14B-480P): a CLIP image encoder
+    /// of ViT-H/14's shape at 32 wide (224 pixels, 257 tokens, exact GELU, the penultimate layer's
+    /// output), its processor, and a transformer reading the first-frame condition.
+    TinyI2v,
+}
+
+/// The tiny image encoder: ViT-H/14's geometry (224 pixels in 14-pixel patches, 257 tokens) at
+/// width 32, 4 heads, 4 layers.
+fn tiny_clip_config() -> crate::image::ClipVisionConfig {
+    crate::image::ClipVisionConfig {
+        hidden_size: 32,
+        intermediate_size: 128,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        image_size: 224,
+        patch_size: 14,
+        num_channels: 3,
+        layer_norm_eps: 1e-5,
+        hidden_act: "gelu".into(),
+    }
+}
+
+/// Wan 2.1 I2V's `CLIPImageProcessor`: short side to 224 (bicubic), center crop 224, CLIP's
+/// mean and std.
+fn clip_processor_224() -> crate::image::ClipProcessorConfig {
+    crate::image::ClipProcessorConfig {
+        shortest_edge: 224,
+        filter: tessera_kernels::cpu::resample::Filter::Bicubic,
+        crop: 224,
+        rescale_factor: Some(1.0 / 255.0),
+        normalize: Some(([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_58, 0.275_777_1])),
+    }
 }
 
 /// Generation defaults that suit a pipeline (upstream's for real models; small ones for presets).
@@ -70,7 +102,7 @@ pub const SKYREELS_DF_DEFAULTS: PipelineDefaults = PipelineDefaults {
 
 impl PipelinePreset {
     /// Every preset with its name.
-    pub const ALL: [(&'static str, PipelinePreset); 2] = [("tiny", Self::Tiny), ("tiny-df", Self::TinyDf)];
+    pub const ALL: [(&'static str, PipelinePreset); 3] = [("tiny", Self::Tiny), ("tiny-df", Self::TinyDf), ("tiny-i2v", Self::TinyI2v)];
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -85,7 +117,7 @@ impl PipelinePreset {
     /// Sizes and steps that suit the preset.
     pub fn defaults(self) -> PipelineDefaults {
         match self {
-            Self::Tiny => PipelineDefaults { height: 128, width: 128, num_frames: 17, num_inference_steps: 20, forcing: None },
+            Self::Tiny | Self::TinyI2v => PipelineDefaults { height: 128, width: 128, num_frames: 17, num_inference_steps: 20, forcing: None },
             Self::TinyDf => PipelineDefaults {
                 height: 128,
                 width: 128,
@@ -111,6 +143,7 @@ impl PipelinePreset {
         match self {
             Self::Tiny => TransformerPreset::Tiny,
             Self::TinyDf => TransformerPreset::TinyDf,
+            Self::TinyI2v => TransformerPreset::TinyI2v,
         }
     }
 
@@ -119,13 +152,21 @@ impl PipelinePreset {
     /// text encoder and the VAE on the transformer's backend.
     pub fn build_with(self, seed: u64, transformer: DitModel) -> Result<WanPipeline> {
         match self {
-            Self::Tiny | Self::TinyDf => {
+            Self::Tiny | Self::TinyDf | Self::TinyI2v => {
                 let tokenizer = PromptTokenizer::from_json_bytes(TINY_TOKENIZER, Some("<pad>"), TEXT_LEN, "built-in tiny tokenizer")?;
                 let cfg = Umt5Config::from_json(TINY_TEXT_ENCODER)?;
                 let encoder = Umt5EncoderModel::from_source_on(cfg, &RandomWeights::new(seed ^ 0x7465_7874), transformer.backend())?;
                 let vae_cfg = VaeConfig { base_dim: 4, ..VaePreset::Wan21.config() };
                 let vae = WanVae::from_source_on(vae_cfg, &RandomWeights::new(seed ^ 0x7661_6500), transformer.backend())?;
-                WanPipeline::from_parts(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0))
+                let image = match self {
+                    Self::TinyI2v => {
+                        let clip =
+                            crate::image::ClipVisionModel::from_source_on(tiny_clip_config(), &RandomWeights::new(seed ^ 0x636c_6970), transformer.backend())?;
+                        Some(crate::image::ImageEncoder::from_parts(clip_processor_224(), clip)?)
+                    }
+                    _ => None,
+                };
+                WanPipeline::from_parts(TextEncoder::new(tokenizer, encoder), transformer, vae, SamplerConfig::unipc(3.0), image)
             }
         }
     }
@@ -158,6 +199,42 @@ mod tests {
         eprintln!("tiny pipeline, 4 steps: emulated CUDA model vs CPU model, latents rel_l2 {rel_l2:.2e}");
         assert!(rel_l2 < crate::golden::CUDA_BF16_TOLERANCE.rel_l2, "rel_l2 {rel_l2}");
         assert!(rel_l2 > 0.0, "bf16 must differ from f32 somewhere");
+    }
+
+    #[test]
+    fn tiny_i2v_pipeline_starts_from_the_image() {
+        let pipe = PipelinePreset::TinyI2v.build(1).unwrap();
+        assert!(pipe.is_image_to_video());
+        // A 40×60 image with a bright square left of center, resized to 32×48 for the first frame.
+        let (h, w) = (40, 60);
+        let data: Vec<u8> =
+            (0..h * w).flat_map(|i| if (10..30).contains(&(i / w)) && (10..30).contains(&(i % w)) { [250, 240, 20] } else { [20, 30, 60] }).collect();
+        let image = crate::image::RgbImage::new(h, w, data).unwrap();
+        let params = GenerationParams {
+            height: 32,
+            width: 48,
+            num_frames: 5,
+            num_inference_steps: 3,
+            seed: 11,
+            image: Some(image.clone()),
+            ..GenerationParams::new("a yellow square")
+        };
+        let run = |p: &GenerationParams| {
+            let mut frames = FrameCollector::default();
+            pipe.generate(p, &mut frames).map(|_| frames.frames().unwrap())
+        };
+        let a = run(&params).unwrap();
+        assert_eq!(a.shape(), &[1, 3, 5, 32, 48]);
+        assert!(a.data().iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+        assert_eq!(run(&params).unwrap().data(), a.data(), "same seed and image, same video");
+        let other = crate::image::RgbImage::new(h, w, image.data.iter().map(|v| 255 - v).collect()).unwrap();
+        assert_ne!(run(&GenerationParams { image: Some(other), ..params.clone() }).unwrap().data(), a.data(), "the image conditions the video");
+        // An image-to-video model needs its image; a text-to-video one refuses it.
+        let err = run(&GenerationParams { image: None, ..params.clone() }).unwrap_err().to_string();
+        assert!(err.contains("image"), "{err}");
+        let t2v = PipelinePreset::Tiny.build(1).unwrap();
+        let err = t2v.generate(&params, &mut FrameCollector::default()).unwrap_err().to_string();
+        assert!(err.contains("image-to-video"), "{err}");
     }
 
     #[test]

@@ -8,12 +8,13 @@
 //! Every update is element-wise, so stepping rows gives the latent of stepping the whole tensor,
 //! bit for bit, whatever the sharding.
 
-use super::TextConditions;
+use super::Conditioning;
 use crate::model::{LocalAttention, PatchGrid, PatchInputs, WanTransformer};
 use crate::parallel::{shard_ranges, ShardContext, ShardOps};
 use crate::sampler::{guidance_enabled, history_from_parts, SamplerHistory, SamplerState, Schedule};
 use crate::{Result, WorkerError};
 use std::ops::Range;
+use tessera_kernels::backend::{at, at_mut};
 use tessera_kernels::cpu::{self, PatchGeometry};
 use tessera_kernels::Tensor;
 
@@ -101,21 +102,27 @@ pub struct ShardRun<O: ShardOps> {
     /// The text states of the batch: the prompt's, then with guidance the negative prompt's (with
     /// CFG-parallel, this half's branch alone).
     context: Tensor,
+    /// Image-to-video: what the transformer reads besides the noisy latent.
+    image: Option<ImageRows<O>>,
     guidance_scale: f32,
     done: usize,
+}
+
+/// An image-to-video run's fixed inputs on this rank's device.
+struct ImageRows<O: ShardOps> {
+    /// The condition's patch rows of this rank's tokens (mask and image latents, `[tokens, cf]`).
+    condition: O::Buf<f32>,
+    /// The transformer's input rows `[tokens, lf + cf]`: each step's latent rows, then the
+    /// condition's (channels concatenate, and a patch row is channel-major).
+    input: O::Buf<f32>,
+    /// The image tokens, once per sample of the batch `[B, tokens, image_dim]`.
+    context: Tensor,
 }
 
 impl<O: ShardOps> ShardRun<O> {
     /// A run from the starting latent `start` `[1, C, F, H, W]`, of which this rank of `group`
     /// keeps its tokens' rows.
-    pub fn new(
-        model: &WanTransformer<O>,
-        group: RankGroup<'_>,
-        start: Start<'_>,
-        text: TextConditions,
-        guidance_scale: f32,
-        schedule: Schedule,
-    ) -> Result<Self> {
+    pub fn new(model: &WanTransformer<O>, group: RankGroup<'_>, start: Start<'_>, text: Conditioning, guidance_scale: f32, schedule: Schedule) -> Result<Self> {
         let kind = schedule.config().kind;
         Self::build(model, group, start, &text, guidance_scale, schedule, 0, |ops, _, len| SamplerState::new(ops, kind, len))
     }
@@ -129,7 +136,7 @@ impl<O: ShardOps> ShardRun<O> {
         latents: &Tensor,
         history: &SamplerHistory,
         steps_done: usize,
-        text: TextConditions,
+        text: Conditioning,
         guidance_scale: f32,
         schedule: Schedule,
     ) -> Result<Self> {
@@ -162,7 +169,7 @@ impl<O: ShardOps> ShardRun<O> {
         model: &WanTransformer<O>,
         group: RankGroup<'_>,
         start: Start<'_>,
-        text: &TextConditions,
+        text: &Conditioning,
         guidance_scale: f32,
         schedule: Schedule,
         done: usize,
@@ -181,7 +188,8 @@ impl<O: ShardOps> ShardRun<O> {
         let rows = ops.upload_vec(start.rows(&geometry, tokens.clone())?)?;
         let state = state(ops, &cut, parts[position.rank].len())?;
         let context = batch_context(text, guidance_scale, position)?;
-        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, guidance_scale, done })
+        let image = image_rows(model, text, &geometry, tokens.clone(), context.dim(0))?;
+        Ok(Self { grid, geometry, parts, tokens, position, rows, state, schedule, context, image, guidance_scale, done })
     }
 
     /// Steps in the run.
@@ -211,13 +219,20 @@ impl<O: ShardOps> ShardRun<O> {
         let i = self.schedule.first_step() + self.done;
         let t = self.schedule.timesteps().get(i).ok_or_else(|| WorkerError::input("step", format!("{i} is past the schedule")))?;
         let timesteps = vec![t; self.context.dim(0)];
+        let ops = model.ops();
+        if let Some(image) = &mut self.image {
+            let (n, lf) = (self.tokens.len(), self.geometry.features());
+            let width = model.config().patch_in();
+            ops.copy_rows(at(&self.rows, 0), lf, at_mut(&mut image.input, 0), width, lf, n)?;
+            ops.copy_rows(at(&image.condition, 0), width - lf, at_mut(&mut image.input, lf), width, width - lf, n)?;
+        }
         let x = PatchInputs {
-            patches: &self.rows,
+            patches: self.image.as_ref().map_or(&self.rows, |i| &i.input),
             grid: self.grid,
             tokens: self.tokens.clone(),
             timesteps: &timesteps,
             encoder_hidden_states: &self.context,
-            encoder_hidden_states_image: None,
+            encoder_hidden_states_image: self.image.as_ref().map(|i| &i.context),
             options: Default::default(),
         };
         let batch = timesteps.len();
@@ -226,7 +241,6 @@ impl<O: ShardOps> ShardRun<O> {
             _ => tracing::info_span!("forward", rank = 0, ranks = 1, batch, tokens = self.tokens.len())
                 .in_scope(|| model.forward_patches(&x, &LocalAttention))?,
         };
-        let ops = model.ops();
         let mut v = out.swap_remove(0);
         if let Some(uncond) = out.first() {
             ops.guide(&mut v, uncond, self.guidance_scale)?;
@@ -298,18 +312,18 @@ struct RowLayout {
     tokens: Range<usize>,
 }
 
-/// The patch geometry of a latent of shape `s` `[1, C, F, H, W]` for `model`, every rank's element range of
-/// the row layout, and `rank`'s tokens.
+/// The patch geometry of a latent of shape `s` `[1, C, F, H, W]` (C: the model's output channels)
+/// for `model`, every rank's element range of the row layout, and `rank`'s tokens.
 fn layout<O: ShardOps>(model: &WanTransformer<O>, s: &[usize], rank: usize, ranks: usize) -> Result<RowLayout> {
     let c = model.config();
-    if s.len() != 5 || s[0] != 1 || s[1] != c.in_channels || c.in_channels != c.out_channels {
+    if s.len() != 5 || s[0] != 1 || s[1] != c.out_channels || c.in_channels < c.out_channels {
         return Err(WorkerError::input(
             "latents",
-            format!("expected [1, {}, F, H, W] for a model of {} in and {} out channels, got {s:?}", c.in_channels, c.in_channels, c.out_channels),
+            format!("expected [1, {}, F, H, W] for a model of {} in and {} out channels, got {s:?}", c.out_channels, c.in_channels, c.out_channels),
         ));
     }
     let grid = PatchGrid::new([s[2], s[3], s[4]], c.patch_size)?;
-    let geometry = PatchGeometry { channels: c.in_channels, grid: grid.dims, patch: grid.patch };
+    let geometry = PatchGeometry { channels: c.out_channels, grid: grid.dims, patch: grid.patch };
     if rank >= ranks {
         return Err(WorkerError::input("rank", format!("{rank} is outside a group of {ranks}")));
     }
@@ -319,10 +333,44 @@ fn layout<O: ShardOps>(model: &WanTransformer<O>, s: &[usize], rank: usize, rank
     Ok(RowLayout { grid, geometry, parts, tokens: tokens[rank].clone() })
 }
 
+/// An image-to-video run's condition rows for `tokens` and its image tokens for a batch of
+/// `batch`, or `None` for a model that reads only the latent; an image given to a model without
+/// room for it, or missing for one that has, is refused.
+fn image_rows<O: ShardOps>(
+    model: &WanTransformer<O>,
+    text: &Conditioning,
+    latent: &PatchGeometry,
+    tokens: Range<usize>,
+    batch: usize,
+) -> Result<Option<ImageRows<O>>> {
+    let c = model.config();
+    let extra = c.in_channels - c.out_channels;
+    let image = match (&text.image, extra) {
+        (None, 0) => return Ok(None),
+        (Some(image), n) if n > 0 => image,
+        (None, n) => return Err(WorkerError::input("image", format!("an image-to-video model reads {n} condition channels: the input image is required"))),
+        (Some(_), _) => return Err(WorkerError::input("image", "given to a text-to-video model")),
+    };
+    let [f, h, w] = latent.latent_fhw();
+    image.latents.expect_shape("image condition latents", &[1, extra, f, h, w])?;
+    let embeds = &image.embeds;
+    if embeds.shape().len() != 3 || embeds.dim(0) != 1 {
+        return Err(WorkerError::input("image", format!("image tokens must be [1, tokens, dim], got {:?}", embeds.shape())));
+    }
+    let geometry = PatchGeometry { channels: extra, ..*latent };
+    let ops = model.ops();
+    let condition = ops.upload_vec(cpu::patchify(image.latents.data(), &geometry, tokens.clone())?)?;
+    let input = ops.zeros::<f32>(tokens.len() * c.patch_in())?;
+    let mut shape = embeds.shape().to_vec();
+    shape[0] = batch;
+    let context = Tensor::new(shape, embeds.data().repeat(batch))?;
+    Ok(Some(ImageRows { condition, input, context }))
+}
+
 /// The text states of a step's batch: the prompt's `[1, L, D]`, and with guidance the negative
 /// prompt's after it (`[2, L, D]`: the conditional and unconditional passes in one batch). A
 /// CFG-parallel half runs its own branch alone: the prompt's (half 0) or the negative prompt's.
-fn batch_context(text: &TextConditions, guidance_scale: f32, position: Position) -> Result<Tensor> {
+fn batch_context(text: &Conditioning, guidance_scale: f32, position: Position) -> Result<Tensor> {
     let a = &text.prompt_embeds;
     let negative = text.negative_embeds.as_ref().filter(|_| guidance_enabled(guidance_scale));
     if position.cfg == 2 {

@@ -5,7 +5,7 @@
 //! reports it to the caller's observer; a stop requested by the observer is broadcast from rank 0
 //! at the step boundary, so every rank stops at the same step.
 
-use super::{Denoiser, GenerationParams, PipelineObserver, RankGroup, Start, TextConditions, WanPipeline};
+use super::{Conditioning, Denoiser, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline};
 use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
 use crate::sampler::Schedule;
 use crate::{Result, WorkerError};
@@ -45,7 +45,7 @@ impl RankObserver<'_> {
 pub fn denoise_sharded(
     pipe: &WanPipeline,
     latents: &mut Tensor,
-    text: &TextConditions,
+    text: &Conditioning,
     guidance_scale: f32,
     schedule: &Schedule,
     transport: LocalTransport,

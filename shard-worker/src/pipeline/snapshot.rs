@@ -6,8 +6,12 @@ use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
 
 /// Pipeline classes whose components this crate loads (text-to-video and video-to-video share
-/// them; SkyReels-V2's diffusion forcing has the same components, its own transformer class).
-pub const SUPPORTED_PIPELINES: [&str; 3] = ["WanPipeline", "WanVideoToVideoPipeline", DIFFUSION_FORCING_PIPELINE];
+/// them; SkyReels-V2's diffusion forcing has the same components, its own transformer class;
+/// image-to-video adds the image encoder and its processor).
+pub const SUPPORTED_PIPELINES: [&str; 4] = ["WanPipeline", "WanVideoToVideoPipeline", DIFFUSION_FORCING_PIPELINE, IMAGE_TO_VIDEO_PIPELINE];
+
+/// Wan 2.1's image-to-video pipeline.
+pub const IMAGE_TO_VIDEO_PIPELINE: &str = "WanImageToVideoPipeline";
 
 /// SkyReels-V2's long-video pipeline (diffusion forcing, chunk by chunk).
 pub const DIFFUSION_FORCING_PIPELINE: &str = "SkyReelsV2DiffusionForcingPipeline";
@@ -33,7 +37,11 @@ impl Snapshot {
             return Err(bad(format!("pipeline {class} is not supported (supported: {})", SUPPORTED_PIPELINES.join(", "))));
         }
         let transformer = if class == DIFFUSION_FORCING_PIPELINE { "SkyReelsV2Transformer3DModel" } else { "WanTransformer3DModel" };
-        let expect = [("transformer", transformer), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
+        let mut expect =
+            vec![("transformer", transformer), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
+        if class == IMAGE_TO_VIDEO_PIPELINE {
+            expect.extend([("image_encoder", "CLIPVisionModel"), ("image_processor", "CLIPImageProcessor")]);
+        }
         for (component, want_class) in expect {
             let entry = index.get(component).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("component `{component}` is missing")))?;
             let got = entry.get(1).and_then(|v| v.as_str()).unwrap_or_default();
@@ -49,6 +57,12 @@ impl Snapshot {
             return Err(bad("a second transformer (`transformer_2`, Wan 2.2) is not supported".into()));
         }
         Ok(Self { root: root.to_path_buf(), pipeline_class: class.to_string() })
+    }
+
+    /// Whether the snapshot is an image-to-video pipeline (with `image_encoder/` and
+    /// `image_processor/`).
+    pub fn is_image_to_video(&self) -> bool {
+        self.pipeline_class == IMAGE_TO_VIDEO_PIPELINE
     }
 
     /// Whether the snapshot is a diffusion-forcing (long-video) pipeline.
@@ -79,5 +93,15 @@ mod tests {
         assert!(err.contains("`transformer`"), "{err}");
         std::fs::write(tmp.path().join("model_index.json"), r#"{"_class_name": "FluxPipeline"}"#).unwrap();
         assert!(Snapshot::open(tmp.path()).unwrap_err().to_string().contains("FluxPipeline"));
+        // Image-to-video: the image encoder and its processor are checked component by component.
+        let i2v = Snapshot::open(&root.join("../i2v-a")).unwrap();
+        assert!(i2v.is_image_to_video());
+        let index = std::fs::read_to_string(root.join("../i2v-a/model_index.json")).unwrap();
+        std::fs::write(tmp.path().join("model_index.json"), index.replace("CLIPVisionModel", "SiglipVisionModel")).unwrap();
+        for c in ["transformer", "vae", "text_encoder", "scheduler", "tokenizer", "image_encoder", "image_processor"] {
+            std::fs::create_dir_all(tmp.path().join(c)).unwrap();
+        }
+        let err = Snapshot::open(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("`image_encoder`") && err.contains("SiglipVisionModel"), "{err}");
     }
 }

@@ -5,7 +5,7 @@
 use super::run::JobRun;
 pub use super::run::{JobCheckpoint, Resume};
 use crate::parallel::{ParallelPlan, ShardContext, TcpOptions, TcpTransport};
-use crate::pipeline::{GenerationParams, RankGroup, TextConditions, WanPipeline};
+use crate::pipeline::{Conditioning, GenerationParams, RankGroup, WanPipeline};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
@@ -178,7 +178,7 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
 /// broadcasts the token ids and embeddings (`[n_ids, n_negative_ids or -1, rows, width]`, the ids,
 /// then the embeddings); the others check the message's sizes and rebuild them. One rank encodes
 /// locally.
-pub(crate) fn encode_once(pipe: &WanPipeline, ctx: &ShardContext, p: &GenerationParams) -> Result<TextConditions> {
+pub(crate) fn encode_once(pipe: &WanPipeline, ctx: &ShardContext, p: &GenerationParams) -> Result<Conditioning> {
     let world = ctx.world();
     if world.size() <= 1 {
         return pipe.encode_text(&p.prompt, &p.negative_prompt, p.guidance_scale);
@@ -203,7 +203,7 @@ pub(crate) fn encode_once(pipe: &WanPipeline, ctx: &ShardContext, p: &Generation
 
 /// Rebuilds rank 0's text conditions from its broadcast, refusing a message whose sizes do not
 /// add up (ids are exact in f32: vocabularies are far below 2^24).
-fn text_from_message(m: &[f32]) -> Result<TextConditions> {
+fn text_from_message(m: &[f32]) -> Result<Conditioning> {
     let bad = |why: &str| WorkerError::Collective(format!("rank 0's text embeddings: {why}"));
     let [n_ids, n_negative, rows, width] = m.get(..4).and_then(|h| <[f32; 4]>::try_from(h).ok()).ok_or_else(|| bad("a header of fewer than 4 values"))?;
     let count = |v: f32| (v >= 0.0 && v.fract() == 0.0 && v < 16_777_216.0).then_some(v as usize);
@@ -222,7 +222,7 @@ fn text_from_message(m: &[f32]) -> Result<TextConditions> {
     let at = 4 + ids;
     let prompt_embeds = Tensor::new([1, rows, width], m[at..at + embeds].to_vec())?;
     let negative_embeds = n_negative.map(|_| Tensor::new([1, rows, width], m[at + embeds..at + 2 * embeds].to_vec())).transpose()?;
-    Ok(TextConditions { prompt_ids, negative_ids, prompt_embeds, negative_embeds })
+    Ok(Conditioning { prompt_ids, negative_ids, prompt_embeds, negative_embeds, image: None })
 }
 
 fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {

@@ -5,7 +5,7 @@
 
 use crate::model::DitInputs;
 use crate::pipeline::forcing::{latent_frames, ChunkPlan, ForcingRun, ForcingSetup, SeededNoise};
-use crate::pipeline::{Denoiser, FrameStream, GenerationParams, PipelineObserver, RankGroup, Start, TextConditions, WanPipeline, NOISE_STREAM};
+use crate::pipeline::{Conditioning, Denoiser, FrameStream, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline, NOISE_STREAM};
 use crate::sampler::SamplerHistory;
 use crate::{Result, WorkerError};
 use tessera_kernels::Tensor;
@@ -98,7 +98,7 @@ fn is_rank0(group: RankGroup<'_>) -> bool {
 impl JobRun {
     /// The run of `p` on `group` with the job's `text` (encoded once for the group), from the
     /// start or from `resume`.
-    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, p: &GenerationParams, text: TextConditions, resume: Option<&Resume>) -> Result<Self> {
+    pub fn new(pipe: &WanPipeline, group: RankGroup<'_>, p: &GenerationParams, text: Conditioning, resume: Option<&Resume>) -> Result<Self> {
         let schedule = pipe.schedule_for(p)?;
         if pipe.is_diffusion_forcing() != p.forcing.is_some() {
             let detail =

@@ -12,7 +12,7 @@ mod step_matrix;
 pub use step_matrix::StepMatrix;
 pub use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
 
-use super::{concat_time, noise_slice, FrameStream, PipelineObserver, TextConditions, WanPipeline};
+use super::{concat_time, noise_slice, Conditioning, FrameStream, PipelineObserver, WanPipeline};
 use crate::model::{DitInputs, ForwardOptions};
 use crate::sampler::{apply_guidance, guidance_enabled, SamplerState, Schedule};
 use crate::{Result, WorkerError};
@@ -134,7 +134,7 @@ pub struct ForcingSetup {
     /// The schedule every frame's sampler runs (S steps).
     pub schedule: Schedule,
     /// The prompt (and negative prompt) embeddings.
-    pub text: TextConditions,
+    pub text: Conditioning,
     /// Classifier-free guidance scale (> 1: on).
     pub guidance_scale: f32,
     /// Latent channels and grid `[C, h, w]`.
