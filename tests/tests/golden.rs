@@ -35,13 +35,13 @@ fn bf16_host() -> RunOptions {
     RunOptions { backend: Backend::Bf16Host, ..Default::default() }
 }
 
-/// The bf16 twin of the GPU path runs every transformer, text-encoder, VAE and pipeline case
+/// The bf16 twin of the GPU path runs every transformer, text-encoder, VAE, image-encoder and pipeline case
 /// within the bf16 tolerances (`golden::CUDA_BF16_TOLERANCE`, `BF16_VAE_TOLERANCE` and
 /// `BF16_VIDEO_TOLERANCE` say why), and really rounds: an f32-exact result (rel_l2 at f32 level,
 /// ~1e-7) would mean the bf16 data flow is gone.
 #[test]
 fn every_model_kind_passes_on_bf16_host() {
-    for kind in [CaseKind::Dit, CaseKind::Umt5, CaseKind::Vae, CaseKind::Pipeline] {
+    for kind in [CaseKind::Dit, CaseKind::Umt5, CaseKind::Vae, CaseKind::Clip, CaseKind::Pipeline] {
         let worst = run_kind_with(kind, &bf16_host());
         eprintln!("bf16-host {}: worst rel_l2 {worst:.3e}", kind.name());
         assert!(worst > 1e-4, "{}: worst rel_l2 {worst:.3e} is f32-level: nothing was rounded to bf16", kind.name());
@@ -108,7 +108,7 @@ fn pipeline_cases_pass_cfg_parallel() {
 #[test]
 fn kinds_without_sharding_refuse_more_than_one_rank() {
     for root in golden_roots() {
-        for case in discover(&root, &[CaseKind::Vae, CaseKind::Umt5]).unwrap() {
+        for case in discover(&root, &[CaseKind::Vae, CaseKind::Umt5, CaseKind::Clip]).unwrap() {
             let (outcome, measured) = run_case_measured(&case, &RunOptions { ranks: 2, ..RunOptions::default() });
             assert!(matches!(&outcome, Outcome::Unsupported(why) if why.contains("cannot run sharded")), "{}: {outcome:?}", case.name);
             assert!(!outcome.passed() && measured == Ran { ranks: 0, moved: 0 }, "{}", case.name);
@@ -124,6 +124,11 @@ fn dit_cases_pass() {
 #[test]
 fn umt5_cases_pass() {
     run_kind(CaseKind::Umt5);
+}
+
+#[test]
+fn clip_cases_pass() {
+    run_kind(CaseKind::Clip);
 }
 
 #[test]

@@ -35,10 +35,17 @@ pub const CUDA_BF16_TOLERANCE: Tolerance = Tolerance { rel_l2: 2e-2, max_abs: No
 /// pipeline cases, `bf16-host`), and the decoder adds its own (see
 /// [`super::vae::BF16_VAE_TOLERANCE`]): frames land at rel_l2 1.1e-2–1.3e-2, with single pixels
 /// off by up to 4.7e-2 of the largest (the VAE in f32 gave 6.8e-3–8.4e-3 and 3.2e-2). rel_l2 5e-2
-/// is the budget of 2–3 steps and a decoder; the largest pixel error is bounded as the bf16 VAE's
-/// own (8e-2, diffusers' bf16 decoder's error rounded up). A wrong step or layout gives rel_l2 of
-/// order 1.
-pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: None, max_abs_over_max_ref: Some(8e-2) };
+/// is the budget of 2–4 steps and a decoder.
+///
+/// The largest pixel error is bounded by upstream's own in bf16, which depends on the content:
+/// diffusers 0.42.1 / torch 2.15 with every component in bf16, from the f32 references
+/// (`tests/golden/measure_bf16.py`), gives on `pipeline/t2v-a` frames at rel_l2 1.5e-2 with a
+/// pixel off by 7.6e-2 of the largest, and on `pipeline/i2v-a` (a photo-like first frame with
+/// sharp edges) 2.9e-2 and 1.11e-1; its bf16 decoder alone, on the reference's own final
+/// latents, is already off by 8.3e-2 there. Tessera's `bf16-host` lands at 1.1e-2 / 4.7e-2 and
+/// 2.2e-2 / 1.06e-1. The bound is upstream's worst rounded up: 1.2e-1. A wrong step or layout
+/// gives rel_l2 of order 1.
+pub const BF16_VIDEO_TOLERANCE: Tolerance = Tolerance { rel_l2: 5e-2, max_abs: None, max_abs_over_max_ref: Some(1.2e-1) };
 
 /// A case's forward options. Diffusion-forcing cases (`df-*`) give `fps` (one fps index) and a
 /// `timestep` per frame; the causal block size is the config's `num_frame_per_block`.
