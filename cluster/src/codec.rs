@@ -122,6 +122,26 @@ pub fn input_frames_video(m: &pb::InputFrames) -> Result<Tensor> {
     rgb8_to_planar(&m.rgb, dims, |v| v as f32 / 127.5 - 1.0)
 }
 
+/// An image-to-video job's input image (interleaved 8-bit RGB rows, `size`) as `InputFrames` of
+/// one frame.
+pub fn input_image_message(size: crate::ImageSize, rgb: Vec<u8>) -> Result<pb::InputFrames> {
+    check_rgb("input_image", 1, size.width, size.height, &rgb)?;
+    Ok(pb::InputFrames { frames: 1, width: size.width, height: size.height, rgb })
+}
+
+/// The input image `InputFrames` carries, checked against the spec's `size`: one frame of
+/// exactly that size. Returns its interleaved 8-bit RGB rows.
+pub fn input_image(m: &pb::InputFrames, size: crate::ImageSize) -> Result<&[u8]> {
+    if m.frames != 1 || m.width != size.width || m.height != size.height {
+        return Err(ClusterError::input(
+            "input_image",
+            format!("{} frames of {}x{}, the spec says one of {}x{}", m.frames, m.width, m.height, size.width, size.height),
+        ));
+    }
+    check_rgb("input_image", 1, m.width, m.height, &m.rgb)?;
+    Ok(&m.rgb)
+}
+
 /// Decoded frames `[1, 3, n, H, W]` in [0, 1] as `DecodedFrames`, the first being frame
 /// `first_frame` of the video.
 pub fn decoded_frames_message(frames: &Tensor, first_frame: u32) -> Result<pb::DecodedFrames> {

@@ -42,6 +42,35 @@ impl JobPlan {
     }
 }
 
+/// Widest or tallest input image accepted (image-to-video), in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
+/// The size of an image-to-video job's input image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageSize {
+    /// Columns.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+}
+
+impl ImageSize {
+    /// Checks the sides (1 to [`MAX_IMAGE_SIDE`]), naming `field`.
+    pub fn check(self, field: &'static str) -> Result<Self> {
+        for v in [self.width, self.height] {
+            if v == 0 || v > MAX_IMAGE_SIDE {
+                return Err(ClusterError::input(field, format!("is {}x{}; each side must be between 1 and {MAX_IMAGE_SIDE}", self.width, self.height)));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Bytes of the image as 8-bit RGB.
+    pub fn rgb_bytes(self) -> usize {
+        self.width as usize * self.height as usize * 3
+    }
+}
+
 /// What a job asks for, every default applied; not yet checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobRequest {
@@ -70,6 +99,9 @@ pub struct JobRequest {
     /// Diffusion forcing (set exactly when the model is a SkyReels-V2 DF model): the video is
     /// made chunk by chunk.
     pub forcing: Option<ForcingSettings>,
+    /// Image-to-video: the input image's size (set exactly when the job has an input image, which
+    /// the model then requires).
+    pub image: Option<ImageSize>,
 }
 
 impl JobRequest {
@@ -136,6 +168,15 @@ impl JobSpec {
         for (field, v) in [("width", generated.width), ("height", generated.height)] {
             if u32::try_from(v).is_err() {
                 return Err(ClusterError::input(field, format!("{v} (rounded up to the model's multiple) does not fit 32 bits")));
+            }
+        }
+        if let Some(image) = request.image {
+            image.check("input_image")?;
+            if request.strength.is_some() {
+                return Err(ClusterError::input("input_image", "an input image and an input video exclude each other"));
+            }
+            if request.forcing.is_some() {
+                return Err(ClusterError::input("input_image", "image-to-video by diffusion forcing is not served yet"));
             }
         }
         let Some(forcing) = request.forcing else {
@@ -275,6 +316,7 @@ impl JobSpec {
                 addnoise_condition: f.addnoise_condition,
                 fps: f.fps,
             }),
+            image: r.image.map(|i| pb::ImageSize { width: i.width, height: i.height }),
         }
     }
 
@@ -306,6 +348,7 @@ impl JobSpec {
                 addnoise_condition: f.addnoise_condition,
                 fps: f.fps,
             }),
+            image: m.image.map(|i| ImageSize { width: i.width, height: i.height }),
         };
         let spec = Self::new(request, factors, limits)?;
         match (m.ranks, m.ulysses) {
@@ -333,6 +376,7 @@ mod tests {
             seed: 7,
             strength: None,
             forcing: None,
+            image: None,
         }
     }
 

@@ -18,7 +18,7 @@ pub mod threads;
 pub mod transformer_config;
 
 pub use error::{ClusterError, ShapeError};
-pub use job::{JobPlan, JobRequest, JobSpec};
+pub use job::{ImageSize, JobPlan, JobRequest, JobSpec};
 pub use tensor::{Device, Tensor};
 pub use transformer_config::TransformerConfig;
 

@@ -3,6 +3,7 @@
 //! the public gRPC server.
 
 pub mod error;
+pub mod input_image;
 pub mod plan;
 pub mod request;
 pub mod server;

@@ -40,6 +40,8 @@ pub struct RequestDefaults {
     pub factors: ModelFactors,
     /// A diffusion-forcing model's long-video defaults (`None`: the model is not one).
     pub forcing: Option<ForcingDefaults>,
+    /// Whether the model makes videos from an image: its requests need `input_image`.
+    pub image_to_video: bool,
 }
 
 impl Default for RequestDefaults {
@@ -56,6 +58,7 @@ impl Default for RequestDefaults {
             strength: d::STRENGTH,
             factors: ModelFactors::WAN,
             forcing: None,
+            image_to_video: false,
         }
     }
 }
@@ -68,6 +71,10 @@ pub struct ValidRequest {
     pub request: GenerateRequest,
     /// The job, made once: what the workers are sent and check again.
     pub spec: JobSpec,
+    /// Image-to-video: the input image, decoded once at admission
+    /// ([`crate::input_image::decode_blocking`]; `validate` reads only its header, and the
+    /// request keeps the bytes until then).
+    pub image: Option<std::sync::Arc<crate::input_image::DecodedImage>>,
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
@@ -113,6 +120,14 @@ pub fn validate(
         }
         req.strength = Some(req.strength.unwrap_or(defaults.strength));
     }
+    // Image-to-video: an image exactly for a model that makes videos from one; its header is
+    // read and checked here, its pixels decoded once before the job is accepted.
+    let image = match (req.input_image.is_empty(), defaults.image_to_video) {
+        (true, false) => None,
+        (false, true) => Some(crate::input_image::probe(&req.input_image)?),
+        (true, true) => return Err(invalid("input_image", "is required: this model makes videos from an image (image-to-video)")),
+        (false, false) => return Err(invalid("input_image", "applies only to image-to-video models (Wan 2.1 I2V); this model is not one")),
+    };
     req.seed = Some(req.seed.unwrap_or_else(draw_seed));
     // Diffusion forcing: always for a DF model (its defaults), never for another.
     let forcing = match (defaults.forcing, &req.diffusion_forcing) {
@@ -146,6 +161,7 @@ pub fn validate(
         seed: req.seed.unwrap_or_default(),
         strength: req.strength,
         forcing,
+        image,
     };
     let spec = JobSpec::new(job, defaults.factors, &Limits { max_tokens: max_tokens as u64, ..Limits::default() }).map_err(|e| match e {
         ClusterError::InvalidInput { field, detail } => invalid(field, detail),
@@ -164,7 +180,7 @@ pub fn validate(
     if n > MAX_LABEL_CHARS {
         return Err(invalid("client_label", format!("has {n} characters, at most {MAX_LABEL_CHARS} are accepted")));
     }
-    Ok(ValidRequest { request: req, spec })
+    Ok(ValidRequest { request: req, spec, image: None })
 }
 
 #[cfg(test)]

@@ -122,6 +122,13 @@ pub struct ModelInfo {
     /// not one, and requests for it may not set `diffusion_forcing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forcing: Option<crate::forcing::ForcingDefaults>,
+    /// Whether the model makes videos from an image (Wan 2.1 I2V): its requests must carry
+    /// `input_image`, and the others may not.
+    #[serde(default)]
+    pub image_to_video: bool,
+    /// Parameters of the image encoder (0: none, or not said).
+    #[serde(default)]
+    pub image_encoder_params: u64,
 }
 
 impl WorkerRecord {

@@ -4,7 +4,7 @@
 
 /// Request fields (`GenerateRequest` and the worker's generation parameters, which name some of
 /// them differently) and the flag that sets each.
-const FIELD_FLAGS: [(&str, &str); 22] = [
+const FIELD_FLAGS: [(&str, &str); 24] = [
     ("prompt", "--prompt"),
     ("negative_prompt", "--negative-prompt"),
     ("height", "--height"),
@@ -19,6 +19,8 @@ const FIELD_FLAGS: [(&str, &str); 22] = [
     ("input_video", "--input-video"),
     ("video", "--input-video"),
     ("strength", "--strength"),
+    ("input_image", "--image"),
+    ("image", "--image"),
     ("priority", "--priority"),
     ("model", "--model-name"),
     ("diffusion_forcing", "--base-frames"),

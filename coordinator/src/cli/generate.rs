@@ -53,6 +53,11 @@ pub struct GenerateArgs {
     /// order: the first --frames of them, or all of them cut to the largest 4k+1.
     #[arg(long, env = "TESSERA_INPUT_VIDEO")]
     input_video: Option<PathBuf>,
+    /// Image-to-video: the image the video starts from (PNG, JPEG or WebP, recognised by its
+    /// contents, up to 4096x4096). An image-to-video model (the tiny-i2v preset, a Wan 2.1 I2V
+    /// snapshot) requires it; the others refuse it.
+    #[arg(long, env = "TESSERA_IMAGE")]
+    image: Option<PathBuf>,
     /// Video-to-video: the share of the denoising schedule run from the noised input, in (0, 1];
     /// lower keeps more of the input (default: 0.8); only with --input-video.
     #[arg(long, env = "TESSERA_STRENGTH")]
@@ -177,6 +182,17 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
             (bytes, frames)
         }
     };
+    // The image's header is checked here, before anything starts: a corrupt file or a
+    // decompression bomb is refused at once, naming the flag.
+    let input_image = match &args.image {
+        None => Vec::new(),
+        Some(path) => {
+            let bytes = read_bounded(path, "--image", tessera_coordinator::input_image::MAX_INPUT_IMAGE_BYTES)?;
+            let size = tessera_coordinator::input_image::probe(&bytes).map_err(|e| anyhow!("--image {}: {}", path.display(), refusal_detail(e)))?;
+            eprintln!("input {}: {}x{}", path.display(), size.width, size.height);
+            bytes
+        }
+    };
     // Diffusion forcing: what the flags set, the model's defaults for the rest (a model that is
     // not a diffusion-forcing one refuses any of them, naming --base-frames).
     let forcing = [args.base_frames, args.overlap_frames, args.ar_step, args.causal_block].iter().any(Option::is_some) || args.addnoise_condition.is_some();
@@ -206,6 +222,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         priority: args.priority,
         model: args.model_name.clone().unwrap_or_default(),
         input_video,
+        input_image,
         strength: args.strength.map(|s| s as f32),
         diffusion_forcing,
         ..Default::default()
@@ -232,12 +249,25 @@ fn input_video_info(bytes: &[u8]) -> Result<(InputInfo, u32)> {
 
 /// Reads an input video file, refusing one larger than a request may carry.
 fn read_input_video(path: &Path) -> Result<Vec<u8>> {
-    let flag = || format!("--input-video {}", path.display());
+    read_bounded(path, "--input-video", MAX_INPUT_VIDEO_BYTES)
+}
+
+/// Reads the file `flag` names, refusing one larger than `max` bytes before reading it.
+fn read_bounded(path: &Path, flag: &str, max: usize) -> Result<Vec<u8>> {
+    let flag = || format!("{flag} {}", path.display());
     let len = std::fs::metadata(path).with_context(flag)?.len();
-    if len > MAX_INPUT_VIDEO_BYTES as u64 {
-        bail!("{}: {len} bytes; at most {MAX_INPUT_VIDEO_BYTES} are accepted", flag());
+    if len > max as u64 {
+        bail!("{}: {len} bytes; at most {max} are accepted", flag());
     }
     std::fs::read(path).with_context(flag)
+}
+
+/// A refused field's explanation, without the field's name (the flag replaces it).
+fn refusal_detail(e: tessera_coordinator::error::CoordinatorError) -> String {
+    match e {
+        tessera_coordinator::error::CoordinatorError::InvalidArgument { detail, .. } => detail,
+        other => other.to_string(),
+    }
 }
 
 /// Without `--server`: an embedded coordinator and its in-process workers on `--device`, then

@@ -301,6 +301,12 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
             }),
             None => None,
         },
+        // An image-to-video model plans with an image of the video's size (its cost is the
+        // encoders', whatever the image's).
+        image: (model.image_len > 0).then(|| {
+            let side = |v: u32| v.clamp(1, tessera_cluster::job::MAX_IMAGE_SIDE);
+            tessera_cluster::ImageSize { width: side(args.width), height: side(args.height) }
+        }),
     };
     if args.fps == 0 {
         bail!("--fps must be positive");

@@ -100,6 +100,12 @@ impl Tessera for TesseraService {
             exec.check(&valid)?;
             // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
             super::input::prepare_request_video_blocking(&valid).await?;
+            // An input image is decoded once, here; the job keeps its pixels, not its bytes.
+            let mut valid = valid;
+            if !valid.request.input_image.is_empty() {
+                let bytes = std::mem::take(&mut valid.request.input_image);
+                valid.image = Some(std::sync::Arc::new(crate::input_image::decode_blocking(bytes).await?));
+            }
             Ok::<_, CoordinatorError>(valid)
         };
         let mut valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;

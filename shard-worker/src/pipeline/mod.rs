@@ -144,6 +144,8 @@ impl WanPipeline {
             vae_base_dim: self.vae.config().base_dim as u32,
             vae_params: self.vae.config().parameter_count() as u64,
             forcing: defaults.forcing,
+            image_to_video: self.is_image_to_video(),
+            image_encoder_params: self.image.as_ref().map_or(0, |e| e.model().config().parameter_count() as u64),
         }
     }
 

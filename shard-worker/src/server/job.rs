@@ -165,7 +165,10 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     let p = &setup.params;
     // Rank 0 encodes the prompt once and sends the embeddings; every rank draws the same seeded
     // noise, so nothing else travels.
-    let text = encode_once(pipe, &ctx, p)?;
+    let mut text = encode_once(pipe, &ctx, p)?;
+    // Image-to-video: every rank encodes the image (the encoders are deterministic, so the ranks
+    // agree; the tokens and latents are small beside the transformer's work).
+    text.image = p.image.as_ref().map(|image| pipe.encode_image(image, p)).transpose()?;
     // One rank runs alone (the model's local attention); a group shards the sequence: each rank
     // keeps its share of the latent on its device from here to the decode (a diffusion-forcing
     // run: every rank holds the chunk, each forward is sharded).

@@ -288,6 +288,22 @@ impl WorkerService {
             (Some(_), None) => return Err(invalid_field("spec.strength", "spec.strength: required with input_frames")),
             (None, Some(_)) => return Err(invalid_field("input_frames", "input_frames: required with spec.strength")),
         }
+        match (&r.input_image, spec.request().image) {
+            (Some(m), Some(size)) => {
+                let rgb = codec::input_image(m, size).map_err(WorkerError::from).map_err(Status::from)?;
+                params.image = Some(crate::image::RgbImage::new(size.height as usize, size.width as usize, rgb.to_vec()).map_err(Status::from)?);
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(invalid_field("spec.image", "spec.image: required with input_image")),
+            (None, Some(_)) => return Err(invalid_field("input_image", "input_image: required with spec.image")),
+        }
+        if params.image.is_some() != self.inner.pipe.is_image_to_video() {
+            let detail = match params.image {
+                Some(_) => "input_image: this worker's model is not an image-to-video model",
+                None => "input_image: this worker's model is an image-to-video model and needs the input image",
+            };
+            return Err(invalid_field("input_image", detail));
+        }
         // The input video's shape against the spec's sizes (the sizes were checked above).
         params.validate(spec.factors(), &me.limits).map_err(Status::from)?;
         let nccl_id = nccl_id::parse_nccl_id(&r.nccl_unique_id)?;

@@ -60,6 +60,7 @@ mod tests {
             seed: 7,
             strength: None,
             forcing: None,
+            image: None,
         }
     }
 

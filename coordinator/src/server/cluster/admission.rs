@@ -166,6 +166,7 @@ mod tests {
             seed: 0,
             strength: None,
             forcing: None,
+            image: None,
         };
         JobSpec::new(r, ModelFactors::WAN, &Limits { max_tokens: u64::MAX, ..Limits::default() }).unwrap()
     }

@@ -269,6 +269,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session: u64 = rand_session();
     let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
+    // Image-to-video: the image as decoded at admission, sent to every rank.
+    let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
     let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
 
     let ranks_n = ranks.len() as u32;
@@ -309,6 +311,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             session,
             spec: Some(spec.clone()),
             input_frames: input_frames.clone(),
+            input_image: input_image.clone(),
             trace_context: trace_context.clone(),
             resume: cx.resume.clone(),
             nccl_unique_id: nccl_unique_id.clone(),

@@ -194,9 +194,16 @@ impl JobExecutor for ClusterExecutor {
         let base = RequestDefaults { model: model.clone(), ..RequestDefaults::default() };
         let table = self.shared.table();
         match table.any_serving(&model).map(|w| w.model_info.clone()) {
-            Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => {
-                RequestDefaults { width: i.width, height: i.height, num_frames: i.num_frames, steps: i.steps, factors: i.factors, forcing: i.forcing, ..base }
-            }
+            Some(i) if i.width > 0 && i.height > 0 && i.num_frames > 0 && i.steps > 0 => RequestDefaults {
+                width: i.width,
+                height: i.height,
+                num_frames: i.num_frames,
+                steps: i.steps,
+                factors: i.factors,
+                forcing: i.forcing,
+                image_to_video: i.image_to_video,
+                ..base
+            },
             _ => base,
         }
     }
