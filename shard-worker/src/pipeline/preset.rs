@@ -58,7 +58,7 @@ fn clip_processor_224() -> crate::image::ClipProcessorConfig {
         filter: tessera_kernels::cpu::resample::Filter::Bicubic,
         crop: 224,
         rescale_factor: Some(1.0 / 255.0),
-        normalize: Some(([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_58, 0.275_777_1])),
+        normalize: Some(([0.481_454_66, 0.457_827_5, 0.408_210_73], [0.268_629_54, 0.261_302_6, 0.275_777_1])),
     }
 }
 
