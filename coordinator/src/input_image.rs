@@ -58,24 +58,31 @@ fn limits() -> Limits {
     limits
 }
 
-fn reader(bytes: &[u8], format: ImageFormat) -> ImageReader<Cursor<&[u8]>> {
+fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Cursor<&[u8]>> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(limits());
+    reader.limits(limits);
     reader
 }
 
 /// The image's size from its header alone, checked (each side from 1 to [`MAX_IMAGE_SIDE`]).
+/// Reading a header allocates no pixels, so the sides are read unbounded and checked here, where
+/// the message can give them; the memory cap still holds.
 pub fn probe(bytes: &[u8]) -> Result<ImageSize, CoordinatorError> {
     let format = format_of(bytes)?;
-    let (width, height) = reader(bytes, format).into_dimensions().map_err(|e| invalid(format!("{}: {e}", format_name(format))))?;
-    ImageSize { width, height }.check("input_image").map_err(CoordinatorError::from)
+    let mut header = limits();
+    (header.max_image_width, header.max_image_height) = (None, None);
+    let (width, height) = reader(bytes, format, header).into_dimensions().map_err(|e| invalid(format!("{}: {e}", format_name(format))))?;
+    ImageSize { width, height }.check("input_image").map_err(|e| match e {
+        tessera_cluster::ClusterError::InvalidInput { detail, .. } => invalid(detail),
+        other => other.into(),
+    })
 }
 
 /// Decodes the image (after [`probe`]'s checks) into 8-bit RGB.
 pub fn decode(bytes: &[u8]) -> Result<DecodedImage, CoordinatorError> {
     let size = probe(bytes)?;
     let format = format_of(bytes)?;
-    let image = reader(bytes, format).decode().map_err(|e| invalid(format!("{}: {e}", format_name(format))))?;
+    let image = reader(bytes, format, limits()).decode().map_err(|e| invalid(format!("{}: {e}", format_name(format))))?;
     if (image.width(), image.height()) != (size.width, size.height) {
         return Err(invalid(format!("the header says {}x{}, the pixels are {}x{}", size.width, size.height, image.width(), image.height())));
     }

@@ -370,7 +370,7 @@ fn evaluation_json(e: &Evaluation) -> Value {
         "flops_per_step": { "attention": f.attention, "linear": f.linear, "rest": f.rest },
         "per_rank_peak_bytes": m.peak,
         "per_rank_memory_bytes": {
-            "weights": m.weights, "text_encoder": m.text_encoder, "activations": m.activations,
+            "weights": m.weights, "text_encoder": m.text_encoder, "image_encoder": m.image_encoder, "activations": m.activations,
             "attention_workspace": m.attention_workspace, "ring_buffers": m.ring_buffers,
             "text_states": m.text_states, "latent_shard": m.latent_shard,
             "vae_weights": m.vae_weights, "vae_tiles": m.vae_tiles,
@@ -381,7 +381,7 @@ fn evaluation_json(e: &Evaluation) -> Value {
         },
         "links": { "ulysses": e.links.0, "ring": e.links.1, "cfg": e.links.2 },
         "predicted_seconds": {
-            "text": t.text, "step": t.step, "denoise": t.denoise, "vae": t.vae, "total": t.total,
+            "text": t.text, "image": t.image, "step": t.step, "denoise": t.denoise, "vae": t.vae, "total": t.total,
             "step_terms": {
                 "attention": t.attention, "linear": t.linear, "rest": t.rest,
                 "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "ring_merge": t.ring_merge, "cfg": t.cfg,
@@ -461,10 +461,11 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
         println!("{} GPU{}  {}  vae_ranks={}  {verdict}", e.layout.gpus, if e.layout.gpus == 1 { "" } else { "s" }, e.layout.describe(), e.layout.vae_ranks);
         println!("  FLOPs/step      attention {:.3e}  linear {:.3e}  rest {:.3e}", fl.attention, fl.linear, fl.rest);
         println!(
-            "  peak/rank       {} = weights {} + max(encode: text encoder {}, denoise: activations {} + attention {} + ring {} + text states {} + latent {}, decode: VAE {} + tiles {})",
+            "  peak/rank       {} = weights {} + max(encode: text encoder {} | image encoder and VAE {}, denoise: activations {} + attention {} + ring {} + text states {} + latent {}, decode: VAE {} + tiles {})",
             bytes(m.peak as f64),
             bytes(m.weights as f64),
             bytes(m.text_encoder as f64),
+            bytes(m.image_encoder as f64),
             bytes(m.activations as f64),
             bytes(m.attention_workspace as f64),
             bytes(m.ring_buffers as f64),
@@ -490,9 +491,10 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
             t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.ring_merge, t.cfg
         );
         println!(
-            "  predicted       {} = text {} + {} steps x {:.3} s + VAE {}",
+            "  predicted       {} = text {} + image {} + {} steps x {:.3} s + VAE {}",
             human_seconds(t.total),
             human_seconds(t.text),
+            human_seconds(t.image),
             job.steps,
             t.step,
             human_seconds(t.vae)

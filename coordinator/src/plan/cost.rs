@@ -122,6 +122,9 @@ pub struct Memory {
     pub weights: u64,
     /// Text encoder weights, on the rank that encodes, while it encodes.
     pub text_encoder: u64,
+    /// Image-to-video: the image encoder's weights, the VAE's and its working set over one
+    /// full-size frame chunk, on every rank while it encodes the image (0 for other models).
+    pub image_encoder: u64,
     /// Live activations of one block over the rank's tokens: the f32 residual stream plus the
     /// larger of the attention part (q, k, v, out) and the feed-forward part (norm, hidden).
     pub activations: u64,
@@ -138,7 +141,8 @@ pub struct Memory {
     pub vae_weights: u64,
     /// The VAE decoder's working set for the rank's tile of one temporal chunk, and its latent.
     pub vae_tiles: u64,
-    /// The peak: the weights plus the largest of the encoding, denoising and decoding phases.
+    /// The peak: the weights plus the largest of the encoding (text, image), denoising and
+    /// decoding phases.
     pub peak: u64,
 }
 
@@ -169,6 +173,9 @@ impl Traffic {
 pub struct Timing {
     /// Loading the text encoder and encoding the prompt(s), once per job.
     pub text: f64,
+    /// Image-to-video: loading the image encoder, encoding the image and VAE-encoding the
+    /// condition video, once per job (0 for other models).
+    pub image: f64,
     /// Per step: attention compute on one rank.
     pub attention: f64,
     /// Per step: linear layers on one rank.
@@ -260,6 +267,11 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let mut m = Memory {
         weights: model.params * BF16,
         text_encoder: model.text_encoder_params * BF16,
+        image_encoder: if model.image_encoder_params > 0 {
+            (model.image_encoder_params + model.vae.params) * BF16 + model.vae_chunk_bytes(job.height * job.width)
+        } else {
+            0
+        },
         activations: rank_tokens * (4 * d + (4 * d).max(d + model.ffn) * BF16),
         attention_workspace: rank_tokens * model.heads * 4 + if u > 1 { 4 * rank_tokens * d * BF16 } else { 0 },
         ring_buffers: if r > 1 { 2 * 2 * rank_tokens * d * BF16 } else { 0 },
@@ -271,7 +283,7 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
         peak: 0,
     };
     let denoising = m.activations + m.attention_workspace + m.ring_buffers + m.text_states + m.latent_shard;
-    m.peak = m.weights + m.text_encoder.max(denoising).max(m.vae_weights + m.vae_tiles);
+    m.peak = m.weights + m.text_encoder.max(m.image_encoder).max(denoising).max(m.vae_weights + m.vae_tiles);
 
     // bytes per rank per step
     let shard_bytes = (rank_tokens * d * BF16) as f64;
@@ -296,6 +308,11 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let mut t = Timing {
         // the encoder's weights come from host memory, then it encodes the prompt(s)
         text: (model.text_encoder_params * BF16) as f64 / gpu.host_bytes_per_s + model.text_encode_flops() * forwards as f64 / rate,
+        image: if model.image_encoder_params > 0 {
+            (model.image_encoder_params * BF16) as f64 / gpu.host_bytes_per_s + model.image_encode_flops(job.frames, job.height, job.width) / rate
+        } else {
+            0.0
+        },
         attention: rank_forwards * busiest_attention / sp_f / rate,
         linear: rank_forwards * work.linear_flops / sp_f / rate,
         rest: rank_forwards * work.rest_bytes / sp_f / hbm,
@@ -319,7 +336,7 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let (vae_flops, vae_bytes) = model.vae_decode_work(job.frames, job.height, job.width);
     let vae_ranks = f64::from(layout.vae_ranks.max(1));
     t.vae = (vae_flops / rate).max(vae_bytes / hbm) / vae_ranks;
-    t.total = t.text + t.denoise + t.vae;
+    t.total = t.text + t.image + t.denoise + t.vae;
 
     let infeasible = structural_problem(model, job, layout).or_else(|| {
         (m.peak > gpu.usable_bytes())
@@ -386,6 +403,22 @@ mod tests {
             let ratio = one.vae_tiles as f64 / e.vae_tiles as f64;
             assert!((ratio / f64::from(n) - 1.0).abs() < 0.01, "vae x{ratio} on {n}");
         }
+    }
+
+    /// An image-to-video model pays for its image stage once per job: the image encoder's load
+    /// and tokens, and the VAE encoding the condition video; a text-to-video model pays nothing.
+    #[test]
+    fn image_to_video_adds_the_image_stage() {
+        let job =
+            JobShape { tokens: 21 * 30 * 52, latent_fhw: [21, 60, 104], frames: 81, height: 480, width: 832, steps: 40, guidance: true, causal_blocks: 1 };
+        let g = gpu_kind("h100-80gb").unwrap();
+        let i2v = evaluate(&preset("wan2.1-i2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
+        let t2v = evaluate(&preset("wan2.1-t2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
+        assert_eq!((t2v.memory.image_encoder, t2v.timing.image), (0, 0.0));
+        // ViT-H/14 in bf16 is 1.26 GB of the image stage's memory.
+        assert!(i2v.memory.image_encoder > 2 * super::super::model::VIT_H14_PARAMS);
+        assert!(i2v.timing.image > 0.0 && i2v.timing.total > t2v.timing.total);
+        assert!((i2v.timing.total - i2v.timing.text - i2v.timing.image - i2v.timing.denoise - i2v.timing.vae).abs() < 1e-9);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct ModelShape {
     pub diffusion_forcing: bool,
     /// Parameters of the text encoder(s).
     pub text_encoder_params: u64,
+    /// Parameters of the image encoder (image-to-video: Wan's CLIP ViT-H/14; 0 for the others).
+    pub image_encoder_params: u64,
     /// The VAE.
     pub vae: VaeShape,
     /// The VAE's factors (the token count of a job follows from them).
@@ -133,6 +135,7 @@ impl ModelShape {
             guidance_distilled: false,
             diffusion_forcing: c.is_skyreels_v2(),
             text_encoder_params: 5_680_000_000,
+            image_encoder_params: if c.is_i2v() { VIT_H14_PARAMS } else { 0 },
             vae: VaeShape::WAN,
             factors: ModelFactors::WAN,
         }
@@ -162,6 +165,7 @@ impl ModelShape {
             guidance_distilled: true,
             diffusion_forcing: false,
             text_encoder_params: 8_150_000_000,
+            image_encoder_params: 0,
             vae: VaeShape::HUNYUAN,
             factors: ModelFactors::WAN,
         }
@@ -202,6 +206,18 @@ impl ModelShape {
         ForwardWork { attention_flops: attention, self_attention_flops: self_attention, linear_flops: linear, rest_flops, rest_bytes }
     }
 
+    /// FLOPs of an image-to-video job's image stage: the image encoder over its tokens (2 per
+    /// parameter per token), and the VAE encoding the condition video (the image, then black
+    /// frames: `frames` of `height × width`), priced at two thirds of decoding it (the encoder's
+    /// stages have 2 residual blocks where the decoder's have 3, and no upsampling convolutions).
+    /// 0 for a model without an image encoder.
+    pub fn image_encode_flops(&self, frames: u64, height: u64, width: u64) -> f64 {
+        if self.image_encoder_params == 0 {
+            return 0.0;
+        }
+        2.0 * self.image_encoder_params as f64 * self.image_len as f64 + self.vae_decode_work(frames, height, width).0 * 2.0 / 3.0
+    }
+
     /// FLOPs of encoding one prompt with the text encoder (2 per parameter per token).
     pub fn text_encode_flops(&self) -> f64 {
         2.0 * self.text_encoder_params as f64 * self.text_len as f64
@@ -235,6 +251,10 @@ impl ModelShape {
         live + cache
     }
 }
+
+/// Parameters of CLIP ViT-H/14 at 224 pixels, Wan 2.1 I2V's image encoder (as
+/// `ClipVisionConfig::parameter_count` counts them: 32 layers of width 1280, 257 positions).
+pub const VIT_H14_PARAMS: u64 = 630_766_080;
 
 /// The models `tessera plan --model` knows by name (SkyReels-V2 DF: the Wan shapes with the fps
 /// embedding on the 1.3B, as their `config.json` says; 540P and 720P share a transformer).

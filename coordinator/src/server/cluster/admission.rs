@@ -48,6 +48,9 @@ pub fn device_kind(workers: &[&WorkerRecord]) -> Option<GpuKind> {
 fn model_shape(model: &str, spec: &JobSpec, w: &WorkerRecord) -> Option<ModelShape> {
     let info = &w.model_info;
     let mut shape = ModelShape { factors: spec.factors(), ..ModelShape::wan(model, info.transformer.as_ref()?) };
+    if info.image_encoder_params > 0 {
+        shape.image_encoder_params = info.image_encoder_params;
+    }
     if info.text_encoder_params > 0 {
         shape.text_encoder_params = info.text_encoder_params;
     }
