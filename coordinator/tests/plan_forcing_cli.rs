@@ -25,6 +25,8 @@ fn a_minute_of_720p_is_planned_chunk_by_chunk() {
     let secs = |p: &serde_json::Value, k: &str| p["predicted_seconds"][k].as_f64().unwrap();
     for p in plans {
         assert_eq!(p["chunks"].as_array().unwrap().len(), 14);
+        // The cluster runs no CFG-parallel layout for a diffusion-forcing job: nor does the plan.
+        assert_eq!(p["cfg_parallel"], false, "{p}");
         assert!(secs(p, "first_chunk") > 0.0 && secs(p, "first_chunk") < secs(p, "total") / 10.0, "{p}");
     }
     // 8 GPUs: the first chunk and the whole video come sooner than on one.

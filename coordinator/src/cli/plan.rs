@@ -106,7 +106,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     if args.gpus.is_empty() || args.gpus.contains(&0) {
         bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
     }
-    let caps = if args.design { Capabilities::DESIGN } else { Capabilities::TESSERA };
+    let caps = if args.design { Capabilities::DESIGN } else { Capabilities::for_job(&spec) };
     if let Some(forcing) = ForcingJob::of(&spec) {
         return run_forcing(&args, &model, &gpu, eff, forcing, caps);
     }

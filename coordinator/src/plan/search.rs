@@ -22,6 +22,16 @@ impl Capabilities {
     /// The design: CFG-parallel and the distributed decode as well.
     pub const DESIGN: Self = Self { cfg_parallel: true, distributed_vae: true };
 
+    /// What Tessera runs for `spec` today: [`Self::TESSERA`], but a diffusion-forcing job has no
+    /// CFG-parallel layout (both guidance passes run on every rank). The admission and
+    /// `tessera plan` both ask here, so the CLI never plans a layout the cluster refuses.
+    pub fn for_job(spec: &tessera_cluster::JobSpec) -> Self {
+        match spec.chunks() {
+            Some(_) => Self { cfg_parallel: false, ..Self::TESSERA },
+            None => Self::TESSERA,
+        }
+    }
+
     /// The layout of `gpus` devices with Ulysses degree `ulysses` in each sequence-parallel group
     /// (the rest forming rings), split into CFG halves when `cfg_parallel`, the VAE decoded as
     /// these capabilities allow: the one place a layout is made from a group size.
