@@ -12,6 +12,8 @@ use tessera_proto::v1::{DiffusionForcing, GenerateRequest, OutputFormat, Sampler
 pub use tessera_cluster::job::MAX_PROMPT_CHARS;
 /// Longest client label, in characters.
 pub const MAX_LABEL_CHARS: usize = 128;
+/// Longest model name, in characters.
+pub const MAX_MODEL_CHARS: usize = 256;
 /// Largest input video accepted for video-to-video, in bytes.
 pub const MAX_INPUT_VIDEO_BYTES: usize = 256 << 20;
 /// The size limits, checked by the one check every path runs (`tessera_cluster::limits`).
@@ -173,6 +175,10 @@ pub fn validate(
     if req.model.is_empty() {
         req.model = defaults.model.clone();
     }
+    let n = req.model.chars().count();
+    if n > MAX_MODEL_CHARS {
+        return Err(invalid("model", format!("has {n} characters, at most {MAX_MODEL_CHARS} are accepted")));
+    }
     if !known_models.is_empty() && !known_models.contains(&req.model) {
         return Err(invalid("model", format!("{:?} is not served here (served: {})", req.model, known_models.join(", "))));
     }
@@ -237,6 +243,18 @@ mod tests {
         assert_eq!(field_of(GenerateRequest { priority: 101, ..r() }), "priority");
         assert_eq!(field_of(GenerateRequest { model: "nope".into(), ..r() }), "model");
         assert_eq!(field_of(GenerateRequest { client_label: "x".repeat(129), ..r() }), "client_label");
+        // A long model name is refused by its length, never echoed whole.
+        let long = "m".repeat(1 << 20);
+        match check(GenerateRequest { model: long, ..r() }) {
+            Err(CoordinatorError::InvalidArgument { field: "model", detail }) => assert!(detail.len() < 100, "{detail}"),
+            other => panic!("{other:?}"),
+        }
+        // Image-to-video: an image only for a model that takes one, and refused garbage names the field.
+        assert_eq!(field_of(GenerateRequest { input_image: vec![0x89, b'P', b'N', b'G'], ..r() }), "input_image");
+        let i2v = RequestDefaults { model: "wan-tiny".into(), image_to_video: true, ..Default::default() };
+        let with = |image: Vec<u8>| validate(GenerateRequest { input_image: image, ..r() }, &i2v, &[], 100_000, || 1);
+        assert!(matches!(with(Vec::new()), Err(CoordinatorError::InvalidArgument { field: "input_image", .. })));
+        assert!(matches!(with(b"not an image".to_vec()), Err(CoordinatorError::InvalidArgument { field: "input_image", .. })));
         // 4096 x 4096 x 1441 frames is far past the token budget.
         assert_eq!(field_of(GenerateRequest { width: 4096, height: 4096, num_frames: 1441, ..r() }), "num_frames");
     }

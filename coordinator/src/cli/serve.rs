@@ -17,7 +17,7 @@ use tessera_cluster::duration::parse_duration;
 use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
-use tessera_coordinator::server::{serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, ServerConfig};
+use tessera_coordinator::server::{serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, RecordLimits, ServerConfig};
 
 /// Arguments of `tessera serve`.
 #[derive(Args)]
@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// How long finished jobs stay visible to GetJob (e.g. 90s, 10m, 1h).
     #[arg(long, env = "TESSERA_JOB_RETENTION", default_value = "1h")]
     job_retention: String,
+    /// Most finished job records kept (the oldest go first, whatever --job-retention says).
+    #[arg(long, env = "TESSERA_MAX_JOB_RECORDS", default_value_t = RecordLimits::default().max_records)]
+    max_job_records: usize,
+    /// Most bytes of finished job records kept (their encoded size; the oldest go first).
+    #[arg(long, env = "TESSERA_MAX_JOB_RECORD_BYTES", default_value_t = RecordLimits::default().max_bytes)]
+    max_job_record_bytes: usize,
     /// At shutdown, how long the running job may go on before it is stopped.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
@@ -180,7 +186,11 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if !(1024..=4 << 20).contains(&args.chunk_size) {
         bail!("--chunk-size {}: must be from 1024 to 4194304 bytes", args.chunk_size);
     }
-    let config = ServerConfig { max_queue: args.max_queue, job_retention, grace_period, chunk_size: args.chunk_size };
+    if args.max_job_records == 0 || args.max_job_record_bytes == 0 {
+        bail!("--max-job-records and --max-job-record-bytes must be positive");
+    }
+    let job_records = RecordLimits { max_records: args.max_job_records, max_bytes: args.max_job_record_bytes };
+    let config = ServerConfig { max_queue: args.max_queue, job_retention, job_records, grace_period, chunk_size: args.chunk_size };
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
     let _telemetry = tessera_telemetry::init("tessera-coordinator", &args.telemetry, &[("service.version", env!("CARGO_PKG_VERSION").to_string())])?;

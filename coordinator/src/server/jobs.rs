@@ -2,6 +2,7 @@
 //! of queued, running and finished jobs, finished ones kept for a configurable time.
 
 use crate::CoordinatorError;
+use prost::Message;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -134,23 +135,94 @@ struct Entry {
     job: Job,
     stop: StopSignal,
     created: u64,
-    finished_at: Option<Instant>,
+    /// Order of finishing (the counter's value then); `None` while the job runs or waits.
+    finished: Option<(Instant, u64)>,
 }
 
-/// Every job the coordinator knows; finished jobs are dropped `retention` after they end.
+/// How many finished records the table keeps, and in how many bytes (their encoded size): past
+/// either, the oldest finished records are evicted. Unfinished jobs are never evicted (the
+/// queue's capacity bounds them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLimits {
+    /// Most records.
+    pub max_records: usize,
+    /// Most bytes of records (each counted as its protobuf encoding).
+    pub max_bytes: usize,
+}
+
+impl Default for RecordLimits {
+    /// 10,000 records in 64 MiB (a record with two 2,000-character prompts is about 9 KB).
+    fn default() -> Self {
+        Self { max_records: 10_000, max_bytes: 64 << 20 }
+    }
+}
+
+/// The entries and their bytes, under one lock.
+#[derive(Default)]
+struct Table {
+    map: HashMap<String, Entry>,
+    bytes: usize,
+}
+
+impl Table {
+    fn put(&mut self, id: String, entry: Entry) {
+        self.bytes += entry.job.encoded_len();
+        if let Some(old) = self.map.insert(id, entry) {
+            self.bytes -= old.job.encoded_len();
+        }
+    }
+
+    fn take(&mut self, id: &str) -> Option<Entry> {
+        let e = self.map.remove(id)?;
+        self.bytes -= e.job.encoded_len();
+        Some(e)
+    }
+
+    /// Changes an entry, keeping the byte count.
+    fn change<T>(&mut self, id: &str, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        let e = self.map.get_mut(id)?;
+        let before = e.job.encoded_len();
+        let out = f(e);
+        self.bytes = self.bytes - before + e.job.encoded_len();
+        Some(out)
+    }
+
+    /// Evicts the oldest finished records until `limits` hold (or none is left to evict);
+    /// returns how many went.
+    fn enforce(&mut self, limits: RecordLimits) -> usize {
+        if self.map.len() <= limits.max_records && self.bytes <= limits.max_bytes {
+            return 0;
+        }
+        let mut finished: Vec<(u64, String)> = self.map.iter().filter_map(|(id, e)| e.finished.map(|(_, order)| (order, id.clone()))).collect();
+        finished.sort_unstable();
+        let mut gone = 0;
+        for (_, id) in finished {
+            if self.map.len() <= limits.max_records && self.bytes <= limits.max_bytes {
+                break;
+            }
+            self.take(&id);
+            gone += 1;
+        }
+        gone
+    }
+}
+
+/// Every job the coordinator knows; finished jobs are dropped `retention` after they end, or
+/// sooner, oldest first, when the records outgrow their [`RecordLimits`].
 pub struct JobTable {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Table>,
     retention: Duration,
+    limits: RecordLimits,
     counter: AtomicU64,
 }
 
 impl JobTable {
-    /// An empty table keeping finished records for `retention`.
-    pub fn new(retention: Duration) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), retention, counter: AtomicU64::new(0) }
+    /// An empty table keeping finished records for `retention`, within `limits`.
+    pub fn new(retention: Duration, limits: RecordLimits) -> Self {
+        Self { entries: Mutex::new(Table::default()), retention, limits, counter: AtomicU64::new(0) }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -163,66 +235,87 @@ impl JobTable {
         format!("j-{mixed:016x}")
     }
 
-    /// Adds a record (state QUEUED, `created` set by the caller) with its stop switch.
+    /// Adds a record (state QUEUED, `created` set by the caller) with its stop switch; the
+    /// oldest finished records make room if the limits require.
     pub fn insert(&self, job: Job, stop: StopSignal) {
         let created = self.counter.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(job.job_id.clone(), Entry { job, stop, created, finished_at: None });
+        let mut table = self.lock();
+        table.put(job.job_id.clone(), Entry { job, stop, created, finished: None });
+        table.enforce(self.limits);
     }
 
     /// Takes a record out (a job that never got queued).
     pub fn remove(&self, id: &str) {
-        self.lock().remove(id);
+        self.lock().take(id);
     }
 
     /// A copy of job `id`'s record.
     pub fn get(&self, id: &str) -> Option<Job> {
-        self.lock().get(id).map(|e| e.job.clone())
+        self.lock().map.get(id).map(|e| e.job.clone())
     }
 
     /// Job `id`'s stop switch.
     pub fn stop_signal(&self, id: &str) -> Option<StopSignal> {
-        self.lock().get(id).map(|e| e.stop.clone())
+        self.lock().map.get(id).map(|e| e.stop.clone())
     }
 
     /// Changes job `id`'s record (nothing if it is gone).
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
-        if let Some(e) = self.lock().get_mut(id) {
-            f(&mut e.job);
-        }
+        self.lock().change(id, |e| f(&mut e.job));
     }
 
     /// Marks job `id` finished: its final state, error and timings; it expires after the
-    /// retention time. The first call wins: a finished record is not changed again.
+    /// retention time (or sooner, when the limits evict it). The first call wins: a finished
+    /// record is not changed again.
     pub fn finish(&self, id: &str, state: JobState, error: Option<String>, timings: &Timings) {
-        if let Some(e) = self.lock().get_mut(id).filter(|e| e.finished_at.is_none()) {
+        let order = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.lock();
+        table.change(id, |e| {
+            if e.finished.is_some() {
+                return;
+            }
             e.job.state = state as i32;
             e.job.progress.get_or_insert_with(Default::default).phase = Phase::Done as i32;
             e.job.error = error.unwrap_or_default();
             e.job.timings = Some(timings.to_pb());
             e.job.finished = Some(pb_timestamp(SystemTime::now()));
-            e.finished_at = Some(Instant::now());
-        }
+            e.finished = Some((Instant::now(), order));
+        });
+        table.enforce(self.limits);
     }
 
     /// Records in one of `states` (all when empty), newest first, at most `limit`.
     pub fn list(&self, states: &[JobState], limit: usize) -> Vec<Job> {
-        let map = self.lock();
-        let mut picked: Vec<&Entry> = map.values().filter(|e| states.is_empty() || states.iter().any(|s| *s as i32 == e.job.state)).collect();
+        let table = self.lock();
+        let mut picked: Vec<&Entry> = table.map.values().filter(|e| states.is_empty() || states.iter().any(|s| *s as i32 == e.job.state)).collect();
         picked.sort_by_key(|e| std::cmp::Reverse(e.created));
         picked.into_iter().take(limit).map(|e| e.job.clone()).collect()
     }
 
     /// Drops finished records older than the retention time; returns how many went.
     pub fn sweep(&self, now: Instant) -> usize {
-        let mut map = self.lock();
-        let before = map.len();
-        map.retain(|_, e| e.finished_at.is_none_or(|t| now.saturating_duration_since(t) < self.retention));
-        before - map.len()
+        let mut table = self.lock();
+        let old: Vec<String> = table
+            .map
+            .iter()
+            .filter(|(_, e)| e.finished.is_some_and(|(t, _)| now.saturating_duration_since(t) >= self.retention))
+            .map(|(id, _)| id.clone())
+            .collect();
+        old.iter().for_each(|id| {
+            table.take(id);
+        });
+        old.len()
     }
 
     /// Ids of jobs that have not finished.
     pub fn unfinished(&self) -> Vec<String> {
-        self.lock().values().filter(|e| e.finished_at.is_none()).map(|e| e.job.job_id.clone()).collect()
+        self.lock().map.values().filter(|e| e.finished.is_none()).map(|e| e.job.job_id.clone()).collect()
+    }
+
+    /// Records held, and their bytes.
+    pub fn size(&self) -> (usize, usize) {
+        let table = self.lock();
+        (table.map.len(), table.bytes)
     }
 }
 
@@ -244,7 +337,7 @@ mod tests {
 
     #[test]
     fn records_are_listed_newest_first_filtered_and_expire_after_retention() {
-        let table = JobTable::new(Duration::from_millis(50));
+        let table = JobTable::new(Duration::from_millis(50), RecordLimits::default());
         let (a, b) = (table.new_id(), table.new_id());
         assert_ne!(a, b);
         assert!(a.starts_with("j-") && a.len() == 18, "{a}");
@@ -268,6 +361,46 @@ mod tests {
         assert_eq!(table.sweep(Instant::now() + Duration::from_millis(60)), 1);
         assert!(table.get(&a).is_none());
         assert!(table.get(&b).is_some(), "unfinished jobs never expire");
+    }
+
+    /// Past the record limits the oldest finished records go first, whatever their age; running
+    /// and queued jobs stay; the byte count follows every change.
+    #[test]
+    fn records_are_bounded_in_count_and_bytes_oldest_finished_first() {
+        let table = JobTable::new(Duration::from_secs(3600), RecordLimits { max_records: 3, max_bytes: usize::MAX });
+        let ids: Vec<String> = (0..5).map(|_| table.new_id()).collect();
+        for id in &ids[..3] {
+            table.insert(job(id), StopSignal::default());
+        }
+        // Finished in the order 1, 0; job 2 still runs.
+        table.finish(&ids[1], JobState::Succeeded, None, &Timings::default());
+        table.finish(&ids[0], JobState::Failed, Some("x".into()), &Timings::default());
+        table.insert(job(&ids[3]), StopSignal::default());
+        assert!(table.get(&ids[1]).is_none(), "the first to finish is evicted first");
+        assert!(table.get(&ids[0]).is_some() && table.get(&ids[2]).is_some() && table.get(&ids[3]).is_some());
+        table.insert(job(&ids[4]), StopSignal::default());
+        assert!(table.get(&ids[0]).is_none());
+        // Only unfinished records are left: the limit gives way rather than drop a live job.
+        table.insert(job(&table.new_id()), StopSignal::default());
+        assert_eq!(table.size().0, 4);
+        assert_eq!(table.unfinished().len(), 4);
+
+        // Bytes: a record with a long prompt counts its encoding.
+        let long = |id: &str| Job { request: Some(tessera_proto::v1::GenerateRequest { prompt: "p".repeat(2000), ..Default::default() }), ..job(id) };
+        let one = long("j-0000000000000000").encoded_len();
+        let table = JobTable::new(Duration::from_secs(3600), RecordLimits { max_records: 100, max_bytes: 2 * one + one / 2 });
+        let ids: Vec<String> = (0..3).map(|_| table.new_id()).collect();
+        for id in &ids {
+            table.insert(long(id), StopSignal::default());
+            table.finish(id, JobState::Succeeded, None, &Timings::default());
+        }
+        let (n, bytes) = table.size();
+        assert!(n == 2 && bytes <= 2 * one + one / 2, "{n} records, {bytes} bytes");
+        assert!(table.get(&ids[0]).is_none());
+        table.update(&ids[2], |j| j.error = "e".repeat(10));
+        assert_eq!(table.size().1, table.list(&[], 10).iter().map(|j| j.encoded_len()).sum::<usize>(), "bytes follow updates");
+        table.remove(&ids[2]);
+        assert_eq!(table.size().1, table.list(&[], 10).iter().map(|j| j.encoded_len()).sum::<usize>());
     }
 
     #[tokio::test]

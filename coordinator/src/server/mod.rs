@@ -23,7 +23,7 @@ pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveL
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
 pub use input::{prepare_request_video, prepare_request_video_blocking};
-pub use jobs::{JobTable, StopReason, StopSignal, Timings};
+pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use queue::JobQueue;
@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// How long finished jobs' records are kept.
     pub job_retention: Duration,
+    /// How many finished records are kept at most, in how many bytes (the oldest go first).
+    pub job_records: RecordLimits,
     /// How long a running job may go on once shutdown begins before it is stopped.
     pub grace_period: Duration,
     /// Bytes per Chunk message.
@@ -59,7 +61,13 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { max_queue: 64, job_retention: Duration::from_secs(3600), grace_period: Duration::from_secs(30), chunk_size: 1 << 20 }
+        Self {
+            max_queue: 64,
+            job_retention: Duration::from_secs(3600),
+            job_records: RecordLimits::default(),
+            grace_period: Duration::from_secs(30),
+            chunk_size: 1 << 20,
+        }
     }
 }
 
@@ -78,7 +86,7 @@ impl ServiceState {
     /// State for a service running jobs on `executor`.
     pub fn new(executor: Arc<dyn JobExecutor>, config: &ServerConfig) -> Arc<Self> {
         Arc::new(Self {
-            jobs: JobTable::new(config.job_retention),
+            jobs: JobTable::new(config.job_retention, config.job_records),
             scheduler: Scheduler::new(config.max_queue),
             executor,
             estimator: Estimator::default(),
