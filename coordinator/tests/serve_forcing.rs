@@ -6,7 +6,6 @@
 
 mod common;
 
-use common::decode_rgb24;
 use common::server::{generate, Server};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::generate_event::Event;
@@ -99,16 +98,7 @@ async fn a_sharded_diffusion_forcing_job_gives_the_frames_of_one_worker() {
     let Some(Event::Accepted(acc)) = &b.events[0].event else { panic!() };
     assert_eq!(acc.plan.as_ref().map(|p| p.ranks), Some(2));
     let dir = tempfile::tempdir().unwrap();
-    let rgb = |c: &common::server::Collected, which: &str| -> Vec<u8> {
-        (0..41)
-            .flat_map(|i| {
-                let path = dir.path().join(format!("{which}-{i}.png"));
-                std::fs::write(&path, c.file(i)).unwrap();
-                decode_rgb24(&path)
-            })
-            .collect()
-    };
-    let (fa, fb) = (rgb(&a, "one"), rgb(&b, "two"));
+    let (fa, fb) = (a.png_frames_rgb(41, dir.path(), "one"), b.png_frames_rgb(41, dir.path(), "two"));
     assert_eq!((fa.len(), fb.len()), (41 * 32 * 32 * 3, 41 * 32 * 32 * 3));
     let max = fa.iter().zip(&fb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
     let differing = fa.iter().zip(&fb).filter(|(x, y)| x != y).count();

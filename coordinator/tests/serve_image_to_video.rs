@@ -5,7 +5,6 @@
 
 mod common;
 
-use common::decode_rgb24;
 use common::server::{generate, Server};
 use std::time::Duration;
 use tessera_proto::v1::generate_event::Event;
@@ -52,16 +51,7 @@ async fn a_sharded_image_to_video_job_gives_the_frames_of_one_worker() {
     let echoed = acc.effective_request.as_ref().unwrap();
     assert!(echoed.input_image.is_empty(), "the image's bytes are not echoed");
     let dir = tempfile::tempdir().unwrap();
-    let rgb = |c: &common::server::Collected, which: &str| -> Vec<u8> {
-        (0..9)
-            .flat_map(|i| {
-                let path = dir.path().join(format!("{which}-{i}.png"));
-                std::fs::write(&path, c.file(i)).unwrap();
-                decode_rgb24(&path)
-            })
-            .collect()
-    };
-    let (fa, fb) = (rgb(&a, "one"), rgb(&b, "two"));
+    let (fa, fb) = (a.png_frames_rgb(9, dir.path(), "one"), b.png_frames_rgb(9, dir.path(), "two"));
     assert_eq!((fa.len(), fb.len()), (9 * 32 * 32 * 3, 9 * 32 * 32 * 3));
     let max = fa.iter().zip(&fb).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
     eprintln!("tiny-i2v, 9 frames: 1 worker vs 2 workers: max difference {max} levels");

@@ -188,6 +188,18 @@ pub struct Collected {
 }
 
 impl Collected {
+    /// Frames `0..count` of a PNG-frames job, each written under `dir` as `{tag}-{i}.png` and
+    /// decoded to RGB24 by ffmpeg, concatenated.
+    pub fn png_frames_rgb(&self, count: u32, dir: &std::path::Path, tag: &str) -> Vec<u8> {
+        (0..count)
+            .flat_map(|i| {
+                let path = dir.join(format!("{tag}-{i}.png"));
+                std::fs::write(&path, self.file(i)).unwrap();
+                super::decode_rgb24(&path)
+            })
+            .collect()
+    }
+
     /// The concatenated bytes of the chunks of frame `frame_index` (the whole file for MP4/GIF).
     pub fn file(&self, frame_index: u32) -> Vec<u8> {
         let mut out = Vec::new();

@@ -16,7 +16,7 @@ use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::path::Path;
-use tessera_kernels::backend::{at, at_mut, flash, stores_f32, ActBuf, Backend, Elem, NormArgs, Ops};
+use tessera_kernels::backend::{at, at_mut, flash, ActBuf, Backend, Elem, NormArgs, Ops};
 use tessera_kernels::cpu::{Activation, AttentionShape};
 use tessera_kernels::Tensor;
 
@@ -123,11 +123,7 @@ impl<O: Ops> Workspace<O> {
 
     /// Rounds the residual stream to `Act` (nothing for f32).
     fn round_stream(&mut self, ops: &O, n: usize) -> Result<()> {
-        if !stores_f32::<O>() {
-            ops.narrow(at(&self.x, 0), at_mut(&mut self.h, 0), n)?;
-            ops.widen(at(&self.h, 0), at_mut(&mut self.x, 0), n)?;
-        }
-        Ok(())
+        crate::model::round_stream(ops, &mut self.x, &mut self.h, n)
     }
 }
 

@@ -19,4 +19,4 @@ pub use embedding::Conditions;
 pub use layers::Linear;
 pub use patch::PatchGrid;
 pub use transformer::{CpuWanTransformer, CudaWanTransformer, DitInputs, EmulatedWanTransformer, ForwardOptions, PatchInputs, WanTransformer};
-pub(crate) use weights::{load_rounded, round_to, DeviceLinear};
+pub(crate) use weights::{load_rounded, round_stream, round_to, DeviceLinear};

@@ -5,7 +5,7 @@
 
 use crate::weights::WeightSource;
 use crate::Result;
-use tessera_kernels::backend::{at_mut, ActBuf, At, AtMut, Elem, Ops};
+use tessera_kernels::backend::{at, at_mut, ActBuf, At, AtMut, Elem, Ops};
 use tessera_kernels::cpu::Activation;
 
 /// Each value as `T` holds it (rounded to nearest even for bf16), returning the `T` values.
@@ -19,6 +19,16 @@ pub(crate) fn round_to<T: Elem>(x: &mut [f32]) {
     if T::BYTES != 4 {
         x.iter_mut().for_each(|v| *v = T::round(*v));
     }
+}
+
+/// Rounds the first `n` values of the f32 buffer `x` to what `Act` holds (through `scratch`), as
+/// a model run in bf16 stores its residual stream after every addition; nothing for f32.
+pub(crate) fn round_stream<O: Ops>(ops: &O, x: &mut O::Buf<f32>, scratch: &mut ActBuf<O>, n: usize) -> Result<()> {
+    if !tessera_kernels::backend::stores_f32::<O>() {
+        ops.narrow(at(x, 0), at_mut(scratch, 0), n)?;
+        ops.widen(at(scratch, 0), at_mut(x, 0), n)?;
+    }
+    Ok(())
 }
 
 /// `nn.Linear` on the device: weight `[out, in]` and bias `[out]` (if the layer has one), both `Act`.

@@ -11,7 +11,7 @@ use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{WeightSource, WeightStore};
 use crate::{Result, WorkerError};
 use std::path::Path;
-use tessera_kernels::backend::{at, at_mut, stores_f32, ActBuf, Backend, Elem, Ops};
+use tessera_kernels::backend::{at, at_mut, ActBuf, Backend, Elem, Ops};
 use tessera_kernels::cpu::{Activation, AttentionShape};
 use tessera_kernels::Tensor;
 
@@ -116,11 +116,7 @@ impl<O: Ops> Workspace<O> {
     /// `x ← Act(x + h)` over `n` values (transformers adds in the model's dtype).
     fn add_residual(&mut self, ops: &O, n: usize) -> Result<()> {
         ops.add(at_mut(&mut self.x, 0), at(&self.h, 0), None, n, n)?;
-        if !stores_f32::<O>() {
-            ops.narrow(at(&self.x, 0), at_mut(&mut self.h, 0), n)?;
-            ops.widen(at(&self.h, 0), at_mut(&mut self.x, 0), n)?;
-        }
-        Ok(())
+        crate::model::round_stream(ops, &mut self.x, &mut self.h, n)
     }
 }
 
