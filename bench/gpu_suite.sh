@@ -19,9 +19,14 @@
 #
 # With this workplace's device tool: build here, then
 #   run(command="bash bench/gpu_suite.sh run", carry=[".gpu-bin"], timeout_s=600)
-# Options for `run` (environment): SANITIZE=0 skips the memcheck, ITERS=n sets timed iterations,
-# TOKENS=n the benchmark sequence length, DIT_LATENT=C,F,H,W the transformer benchmark's latent
-# (default 16,21,60,104: 32,760 tokens). Exit status: non-zero if any step failed.
+# Options for `run` (environment): BUDGET_S=s the suite's whole time (default 540; each step has
+# its own limit too, and steps that no longer fit are skipped and listed), STEPS=regex the step
+# ids to run (kernels, nvrtc, transformer, golden, kbench, sdpa128, sdpa64, ditbench, diffusersdit,
+# goldenusp, textbench, vaebench, vaeref, generate, nccl, memcheck, racecheck), ITERS=n timed
+# iterations, TOKENS=n the kernel benchmark's sequence length, DIT_LATENT=C,F,H,W the transformer
+# benchmark's latent (default 16,21,60,104: 32,760 tokens). Output goes to $OUT/suite.log and
+# $OUT/summary.txt as well (OUT defaults to /tmp/gpu-suite-out). Exit status: non-zero if any
+# step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu-bin
@@ -52,25 +57,15 @@ for line in sys.stdin:
   cargo build -p tessera-coordinator --release --bin tessera
   cp target/release/tessera-gpu-bench target/release/tessera "$BIN/"
   strip "$BIN"/* 2>/dev/null || true
-  # diffusers and its dependencies as wheels (the GPU machine has PyTorch but no network; its
-  # Python version is unknown, so binary wheels for 3.10-3.13); `run` installs them offline when
-  # diffusers is missing there. Carried only if everything stays within the 64 MiB carry limit.
-  local wheels
-  wheels=$(mktemp -d)
-  for py in 3.10 3.11 3.12 3.13; do
-    python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps -d "$wheels" \
-      --python-version "$py" --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-      diffusers huggingface_hub safetensors regex filelock fsspec tqdm pyyaml packaging typing_extensions \
-      importlib_metadata zipp requests urllib3 idna certifi charset_normalizer hf_xet \
-      || echo "warning: could not download the diffusers wheels for Python $py"
-  done
-  if [ $(( $(du -sm "$BIN" | cut -f1) + $(du -sm "$wheels" | cut -f1) )) -le 64 ]; then
-    mv "$wheels" "$BIN/wheels"
-  else
-    echo "warning: the diffusers wheels would take $BIN over 64 MiB: not carried (the GPU machine needs diffusers installed)"
-  fi
+  # diffusers as a wheel: the GPU machine's image has PyTorch, transformers and every package
+  # diffusers needs, but not diffusers itself, and no network; `run` installs it offline.
+  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps -d "$BIN/wheels" diffusers \
+    || echo "warning: could not download the diffusers wheel (the diffusers steps will say SKIP)"
   du -sh "$BIN"
-  [ "$(du -sm "$BIN" | cut -f1)" -le 64 ] || { echo "$BIN is over the 64 MiB the device tool carries"; exit 1; }
+  # The device tool carries the working tree and $BIN together, 64 MiB in all.
+  local tree
+  tree=$(git ls-files -z | xargs -0 du -cm | tail -1 | cut -f1)
+  [ $(( $(du -sm "$BIN" | cut -f1) + tree )) -le 62 ] || { echo "$BIN + the working tree ($tree MiB) are over the 64 MiB the device tool carries"; exit 1; }
   ls -la "$BIN"
   echo "now run on the GPU machine: bash bench/gpu_suite.sh run (carry $BIN)"
 }
@@ -108,57 +103,84 @@ PY
 }
 
 declare -a SUMMARY=()
-step() {  # step NAME COMMAND...: runs, records pass/fail
-  local name=$1; shift
-  echo; echo "===== $name: $*"
-  local t0=$SECONDS
-  if "$@"; then SUMMARY+=("PASS  $name ($((SECONDS - t0)) s)"); else SUMMARY+=("FAIL  $name ($((SECONDS - t0)) s)"); fi
+# step ID LIMIT_S NAME COMMAND...: runs COMMAND under a time limit (the smaller of LIMIT_S and what
+# is left of the suite's budget), records PASS / FAIL / TIMEOUT / SKIP. STEPS (a regex over the
+# ids) picks which steps run; a step that no longer fits in the budget is skipped and says so.
+step() {
+  local id=$1 limit=$2 name=$3; shift 3
+  if ! [[ $id =~ ${STEPS:-.} ]]; then return; fi
+  local left=$((DEADLINE - SECONDS - 5))
+  if [ "$left" -lt 20 ]; then SUMMARY+=("SKIP  [$id] $name (budget spent)"); return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo; echo "===== [$id] $name (limit ${limit} s): $*"
+  local t0=$SECONDS rc
+  timeout -k 5 "$limit" "$@"; rc=$?
+  local took=$((SECONDS - t0))
+  case $rc in
+    0) SUMMARY+=("PASS  [$id] $name ($took s)") ;;
+    124 | 137) SUMMARY+=("TIMEOUT [$id] $name ($took s, limit $limit s)") ;;
+    *) SUMMARY+=("FAIL  [$id] $name ($took s, rc $rc)") ;;
+  esac
+  printf '%s\n' "${SUMMARY[-1]}" >> "$OUTDIR/summary.txt"
 }
 
 run() {
   for b in gpu_kernels nvrtc_compile tessera-gpu-bench gpu_transformer gpu_sequence_parallel tessera; do
     [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: run 'bench/gpu_suite.sh build' on the build machine and carry $BIN"; exit 2; }
   done
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  # Everything printed goes to $OUT/suite.log too (the device tool brings $OUT back), the summary
+  # to $OUT/summary.txt as each step ends, so a run cut short still reports what it did.
+  OUTDIR=${OUT:-/tmp/gpu-suite-out}
+  mkdir -p "$OUTDIR" && : > "$OUTDIR/summary.txt"
+  exec > >(tee -a "$OUTDIR/suite.log") 2>&1
+  DEADLINE=$((SECONDS + ${BUDGET_S:-540}))
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
   setup_libs
-  if ! python3 -c "import diffusers" 2>/dev/null && [ -d "$BIN/wheels" ]; then
-    python3 -m pip install --quiet --no-index --find-links "$BIN/wheels" diffusers || echo "warning: diffusers could not be installed offline"
+  if ! python3 -c "import diffusers" 2>/dev/null && ls "$BIN"/wheels/diffusers-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tessera-site "$BIN"/wheels/*.whl \
+      && export PYTHONPATH=/tmp/tessera-site${PYTHONPATH:+:$PYTHONPATH} || echo "warning: diffusers could not be installed offline"
   fi
   export TESSERA_REQUIRE_GPU=1 RUST_BACKTRACE=1
-  step "kernels vs CPU twins" "$BIN/gpu_kernels" --test-threads=1 --nocapture
-  step "NVRTC + ptxas compile check (this machine's CUDA)" "$BIN/nvrtc_compile" --nocapture
-  if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-    step "compute-sanitizer memcheck (kernel tests, GEMMs skipped)" compute-sanitizer --tool memcheck --error-exitcode 1 \
+  local it=${ITERS:-10} tok=${TOKENS:-32760} lat=${DIT_LATENT:-16,21,60,104}
+  # Correctness first (each kernel, then the models, then every golden kind), then the figures,
+  # then the sanitizers, which are the slowest.
+  step kernels 150 "kernels vs CPU twins" "$BIN/gpu_kernels" --test-threads=1 --nocapture
+  step nvrtc 90 "NVRTC + ptxas compile check (this machine's CUDA)" "$BIN/nvrtc_compile" --nocapture
+  step transformer 150 "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
+  # Every golden kind with its models on the GPU (dit, umt5, clip, vae and pipeline in bf16; the
+  # scheduler's arithmetic on the host), at the bf16 tolerances the CLI prints.
+  step golden 180 "tessera golden --backend cuda, every kind" "$BIN/tessera" golden --backend cuda tests/golden
+  step kbench 90 "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "$tok" --iters "$it"
+  step sdpa128 60 "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "$tok" --heads 12 --head-dim 128 --iters "$it"
+  step sdpa64 60 "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "$tok" --heads 24 --head-dim 64 --iters "$it"
+  step ditbench 120 "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
+    --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
+  step diffusersdit 120 "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
+    --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
+  step goldenusp 90 "tessera golden --backend cuda, dit over 4 ranks on this GPU (USP 2x2, staged collectives)" \
+    "$BIN/tessera" golden --backend cuda --kind dit --ranks 4 --ulysses 2 tests/golden
+  step textbench 60 "tessera bench text --backend cuda, UMT5-XXL width (2 layers)" "$BIN/tessera" bench text --backend cuda --layers 2 --tokens 25,512 --iters "$it"
+  step vaebench 90 "tessera bench vae --backend cuda, Wan 2.1 VAE, 480x832, 2 and 5 latent frames" "$BIN/tessera" bench vae --backend cuda \
+    --latent-frames 2,5 --height 480 --width 832
+  step vaeref 60 "diffusers AutoencoderKLWan bf16 vs f32 on the golden case (the bf16 VAE bound's yardstick)" python3 bench/vae_bf16_error.py tests/golden/vae/decode-a
+  step generate 150 "tessera generate, transformer on cuda vs cpu (tiny preset, 256x256, 33 frames, 20 steps)" bash -c \
+    "'$BIN/tessera' generate --device cuda --preset tiny --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cuda.mp4 \
+     && '$BIN/tessera' generate --device cpu --preset tiny --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cpu.mp4 \
+     && ls -la /tmp/gpu-suite-cuda.mp4 /tmp/gpu-suite-cpu.mp4 && cp /tmp/gpu-suite-cuda.mp4 '$OUTDIR/generate-cuda.mp4'"
+  # Skips (and says so) on a machine with one GPU: NCCL needs a GPU per rank.
+  step nccl 60 "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
+  if command -v compute-sanitizer >/dev/null; then
+    step memcheck 150 "compute-sanitizer memcheck (kernel tests, GEMMs skipped)" compute-sanitizer --tool memcheck --error-exitcode 1 \
       "$BIN/gpu_kernels" --test-threads=1 --skip linear
     # Shared-memory races: the kernels that share tiles or reduce through shared memory.
-    step "compute-sanitizer racecheck (attention, norms, biased attention)" compute-sanitizer --tool racecheck --error-exitcode 1 \
+    step racecheck 150 "compute-sanitizer racecheck (attention, norms, biased attention)" compute-sanitizer --tool racecheck --error-exitcode 1 \
       "$BIN/gpu_kernels" --test-threads=1 flash_attention biased_attention layer_norm qk_norm lse_merge
+  else
+    SUMMARY+=("SKIP  compute-sanitizer: not on this machine")
   fi
-  step "tessera-gpu-bench" "$BIN/tessera-gpu-bench" --tokens "${TOKENS:-32760}" --iters "${ITERS:-10}"
-  step "PyTorch SDPA, 12 heads of 128" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 12 --head-dim 128 --iters "${ITERS:-10}"
-  step "PyTorch SDPA, 24 heads of 64" python3 bench/sdpa_attention.py --tokens "${TOKENS:-32760}" --heads 24 --head-dim 64 --iters "${ITERS:-10}"
-  step "bf16 transformer: golden cases, CUDA vs CPU and vs host emulation" "$BIN/gpu_transformer" --test-threads=1 --nocapture
-  # Every golden kind with its models on the GPU (dit, umt5, vae and pipeline in bf16; the
-  # scheduler's arithmetic on the host), at the bf16 tolerances the CLI prints.
-  step "tessera golden --backend cuda, every kind" "$BIN/tessera" golden --backend cuda tests/golden
-  step "tessera golden --backend cuda, dit over 4 ranks on this GPU (USP 2x2, staged collectives)" \
-    "$BIN/tessera" golden --backend cuda --kind dit --ranks 4 --ulysses 2 tests/golden
-  # Skips (and says so) on a machine with one GPU: NCCL needs a GPU per rank.
-  step "sequence parallelism over NCCL (2+ GPUs): collectives, every plan vs one GPU" "$BIN/gpu_sequence_parallel" --test-threads=1 --nocapture
-  step "tessera bench dit --device cuda, Wan 2.1-1.3B width (2 blocks)" "$BIN/tessera" bench dit --device cuda \
-    --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
-  step "tessera bench text --backend cuda, UMT5-XXL width (2 layers)" "$BIN/tessera" bench text --backend cuda --layers 2 --tokens 25,512 --iters "${ITERS:-10}"
-  step "tessera bench vae --backend cuda, Wan 2.1 VAE, 480x832, 2 and 5 latent frames" "$BIN/tessera" bench vae --backend cuda \
-    --latent-frames 2,5 --height 480 --width 832
-  step "diffusers AutoencoderKLWan bf16 vs f32 on the golden case (the bf16 VAE bound's yardstick)" python3 bench/vae_bf16_error.py tests/golden/vae/decode-a
-  step "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
-    --preset wan-1.3b-2l --latent "${DIT_LATENT:-16,21,60,104}" --text-len 512 --warmup 2 --iters "${ITERS:-10}"
-  step "tessera generate, transformer on cuda vs cpu (tiny preset, 256x256, 33 frames, 20 steps)" bash -c \
-    "'$BIN/tessera' generate --device cuda --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cuda.mp4 \
-     && '$BIN/tessera' generate --device cpu --prompt 'a red ball' --width 256 --height 256 --frames 33 --steps 20 --seed 1 --quiet -o /tmp/gpu-suite-cpu.mp4"
   echo; echo "===== summary"
   printf '%s\n' "${SUMMARY[@]}"
-  ! printf '%s\n' "${SUMMARY[@]}" | grep -q '^FAIL'
+  ! printf '%s\n' "${SUMMARY[@]}" | grep -qE '^(FAIL|TIMEOUT)'
 }
 
 case "${1:-}" in
