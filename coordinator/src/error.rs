@@ -69,6 +69,10 @@ pub enum CoordinatorError {
         /// What was looked up, e.g. `job "j-12"`.
         what: String,
     },
+    /// The caller is not authenticated (no bearer token, or one the token file does not list).
+    /// The message never holds the token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
     /// The job was cancelled (by CancelJob, or because its client went away).
     #[error("cancelled: {0}")]
     Cancelled(String),
@@ -172,6 +176,7 @@ impl CoordinatorError {
             Self::QueueFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),
+            Self::Unauthenticated(_) => (Reason::Unauthenticated, None),
             Self::Cancelled(_) => (Reason::Cancelled, None),
             Self::DeadlineExceeded(_) => (Reason::DeadlineExceeded, None),
         }

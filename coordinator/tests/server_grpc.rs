@@ -359,6 +359,31 @@ async fn a_client_that_drops_its_stream_cancels_its_job() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_has_its_job_stopped_after_the_send_timeout() {
+    let server = Server::start_serving(&["--client-send-timeout", "1s", "--chunk-size", "1024"]).await;
+    // A client whose HTTP/2 windows are the protocol's smallest (64 KiB), and that reads nothing
+    // after Accepted: 9 PNG frames of 192x192 (about 1 MB of noise) cannot all be sent.
+    let small_window = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = tessera_proto::v1::tessera_client::TesseraClient::new(small_window);
+    let request = GenerateRequest { width: 192, height: 192, steps: 2, output_format: OutputFormat::PngFrames as i32, ..small_request(5) };
+    let mut stream = stalled.generate(request).await.unwrap().into_inner();
+    let Some(Event::Accepted(acc)) = stream.message().await.unwrap().unwrap().event else { panic!() };
+    let mut client = server.client().await;
+    let job = wait_job_state(&mut client, &acc.job_id, JobState::Cancelled, Duration::from_secs(60)).await;
+    assert!(job.error.contains("stopped reading") && job.error.contains("send timeout"), "{}", job.error);
+    // Its workers are free: the next job runs.
+    let got = generate(&mut client, small_request(6)).await;
+    assert!(got.status.is_none(), "the slot is free again: {:?}", got.status);
+    drop(stream);
+}
+
+#[tokio::test]
 async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::{
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest, ServerReflectionResponse,
@@ -466,8 +491,12 @@ fn serve_flags_are_checked_at_start_up() {
         (vec!["--preset", "tiny", "--job-retention", "5 parsecs"], "--job-retention"),
         (vec!["--preset", "tiny", "--grace-period", "soon"], "--grace-period"),
         (vec!["--preset", "tiny", "--chunk-size", "10"], "--chunk-size"),
+        (vec!["--preset", "tiny", "--client-send-timeout", "1ms"], "--client-send-timeout"),
         (vec!["--preset", "tiny", "--device", "tpu"], "--device"),
         (vec!["--preset", "tiny", "--listen", "nowhere"], "--listen"),
+        // Off loopback, authentication is needed (or waived by name).
+        (vec!["--preset", "tiny", "--listen", "0.0.0.0:0"], "--auth-token-file"),
+        (vec!["--preset", "tiny", "--auth-token-file", "/nonexistent/tokens.csv"], "--auth-token-file"),
         (vec!["--preset", "huge"], "--preset"),
         (vec![], "--model"),
         (vec!["--model", "/nonexistent/snapshot"], "--model"),

@@ -38,6 +38,8 @@ pub enum Reason {
     QueueFull,
     /// No such job: NOT_FOUND.
     NotFound,
+    /// The call carries no credentials, or ones the server does not accept: UNAUTHENTICATED.
+    Unauthenticated,
     /// The service cannot take the call now (no healthy worker serves the model, the membership
     /// store is unreachable, the server is shutting down): UNAVAILABLE.
     Unavailable,
@@ -54,7 +56,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Self::InvalidField,
         Self::Unimplemented,
         Self::WorkerBusy,
@@ -64,6 +66,7 @@ impl Reason {
         Self::DeadlineExceeded,
         Self::QueueFull,
         Self::NotFound,
+        Self::Unauthenticated,
         Self::Unavailable,
         Self::Precondition,
         Self::DoesNotFit,
@@ -82,6 +85,7 @@ impl Reason {
             Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Self::QueueFull => "QUEUE_FULL",
             Self::NotFound => "NOT_FOUND",
+            Self::Unauthenticated => "UNAUTHENTICATED",
             Self::Unavailable => "UNAVAILABLE",
             Self::Precondition => "PRECONDITION",
             Self::DoesNotFit => "DOES_NOT_FIT",
@@ -106,6 +110,7 @@ impl Reason {
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::QueueFull => Code::ResourceExhausted,
             Self::NotFound => Code::NotFound,
+            Self::Unauthenticated => Code::Unauthenticated,
             Self::Internal => Code::Internal,
         }
     }

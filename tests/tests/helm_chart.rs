@@ -300,6 +300,7 @@ fn check_common(r: &Rendered) {
     assert_grpc_probe(coord, "livenessProbe", &grpc);
     assert_grpc_probe(coord, "readinessProbe", &grpc);
     assert!(env.contains_key("TESSERA_ETCD_ENDPOINTS") && !env.contains_key("TESSERA_PRESET") && !env.contains_key("TESSERA_MODEL"), "coordinator env {env:?}");
+    check_public_auth(r, coord, &env);
 
     // Workers.
     let worker = r.one("StatefulSet", "worker");
@@ -381,6 +382,63 @@ fn check_common(r: &Rendered) {
 
     if r.find("NetworkPolicy", "worker").is_some() {
         check_network_policies(r, &wgrpc, &collective, &grpc, gpu_request(r).0.is_some());
+    }
+}
+
+/// The public API asks for bearer tokens: the coordinator reads its token file from a Secret
+/// volume (one the chart makes unless the values name one), and the `helm test` pod sends a
+/// token of that Secret. Without authentication, the waiver is explicit and no Secret is used.
+fn check_public_auth(r: &Rendered, coord: &FlatDoc, env: &BTreeMap<String, String>) {
+    let test = r.all("Pod").into_iter().find(|p| p.get("metadata.annotations.helm.sh/hook") == Some("test")).expect("helm test pod");
+    let test_env = |name: &str| (0..test.len("spec.containers[0].env")).find(|i| test.get(&format!("spec.containers[0].env[{i}].name")) == Some(name));
+    let Some(file) = env.get("TESSERA_AUTH_TOKEN_FILE") else {
+        assert_eq!(env.get("TESSERA_ALLOW_UNAUTHENTICATED").map(String::as_str), Some("true"), "{}: neither a token file nor the waiver", r.name);
+        assert!(r.all("Secret").is_empty() && test_env("TESSERA_TOKEN").is_none(), "{}: a token without authentication", r.name);
+        return;
+    };
+    assert!(!env.contains_key("TESSERA_ALLOW_UNAUTHENTICATED"), "{}", r.name);
+    let (dir, key) = file.rsplit_once('/').unwrap();
+    let mount = (0..coord.len(&format!("{C0}.volumeMounts")))
+        .find(|i| coord.get(&format!("{C0}.volumeMounts[{i}].mountPath")) == Some(dir))
+        .unwrap_or_else(|| panic!("{}: nothing mounted at {dir}", r.name));
+    assert_eq!(coord.get(&format!("{C0}.volumeMounts[{mount}].readOnly")), Some("true"));
+    let volume = coord.req(&format!("{C0}.volumeMounts[{mount}].name"));
+    let v = (0..coord.len(&format!("{POD}.volumes"))).find(|i| coord.get(&format!("{POD}.volumes[{i}].name")) == Some(volume)).expect("the auth volume");
+    let secret = coord.req(&format!("{POD}.volumes[{v}].secret.secretName"));
+    assert_eq!(coord.get(&format!("{POD}.volumes[{v}].secret.items[0].path")), Some(key));
+    let t = test_env("TESSERA_TOKEN").unwrap_or_else(|| panic!("{}: the helm test sends no token", r.name));
+    assert_eq!(test.get(&format!("spec.containers[0].env[{t}].valueFrom.secretKeyRef.name")), Some(secret));
+    if let Some(made) = r.all("Secret").into_iter().find(|s| s.get("metadata.name") == Some(secret)) {
+        // The chart's own: one admin client whose token is the one the test sends.
+        let data = |k: &str| made.req(&format!("data.{k}")).to_string();
+        let token = String::from_utf8(b64_decode(&data("admin-token"))).unwrap();
+        let csv = String::from_utf8(b64_decode(&data(coord.req(&format!("{POD}.volumes[{v}].secret.items[0].key"))))).unwrap();
+        assert!(token.len() >= 32 && token.chars().all(|c| c.is_ascii_alphanumeric()), "{}: a weak token", r.name);
+        assert_eq!(csv, format!("{token},admin,0,\"admin\"\n"));
+        assert_eq!(test.get(&format!("spec.containers[0].env[{t}].valueFrom.secretKeyRef.key")), Some("admin-token"));
+    }
+}
+
+/// Standard base64 (the Secret's `data`), decoded.
+fn b64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap_or_else(|e| panic!("not base64 ({e}): {s}"))
+}
+
+#[test]
+fn the_public_api_is_authenticated_unless_waived() {
+    let Some(t) = tools() else { return };
+    for (sets, secret) in [(&["coordinator.auth.existingSecret=my-tokens"][..], Some("my-tokens")), (&["coordinator.auth.allowUnauthenticated=true"][..], None)]
+    {
+        let r = Rendered { name: format!("{sets:?}"), docs: render(&t, None, sets) };
+        let coord = r.one("Deployment", "coordinator");
+        let env = r.container_env(coord, C0);
+        check_public_auth(&r, coord, &env);
+        assert!(r.all("Secret").is_empty(), "{sets:?}: the chart made a Secret");
+        assert_eq!(env.contains_key("TESSERA_AUTH_TOKEN_FILE"), secret.is_some(), "{sets:?}");
+        if let Some(name) = secret {
+            assert!(render_text(&t, None, sets).contains(&format!("secretName: {name}")), "{sets:?}");
+        }
     }
 }
 

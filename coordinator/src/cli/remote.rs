@@ -10,6 +10,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tessera_proto::v1::tessera_client::TesseraClient;
 use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan, Progress};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -70,13 +73,50 @@ pub fn endpoint(server: &str) -> String {
     }
 }
 
-/// Connects to the public API (`flag` names the option in errors).
-pub async fn connect(server: &str, flag: &str) -> Result<Channel> {
+/// The environment variable holding the client's bearer token for a server that asks for one
+/// (`tessera serve --auth-token-file`).
+pub const TOKEN_ENV: &str = "TESSERA_TOKEN";
+
+/// Adds `authorization: Bearer TOKEN` to every call when a token is set.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// The token of [`TOKEN_ENV`], if set and not empty. The error never shows the token.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(TOKEN_ENV) {
+            Ok(t) if !t.trim().is_empty() => {
+                let value = format!("Bearer {}", t.trim()).parse().map_err(|_| anyhow!("{TOKEN_ENV}: the token holds characters a header cannot carry"))?;
+                Ok(Self(Some(value)))
+            }
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(Self(None)),
+            Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV}: not text"),
+        }
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to the public API that sends the client's token.
+pub type ApiChannel = InterceptedService<Channel, Bearer>;
+
+/// Connects to the public API (`flag` names the option in errors), with the token of
+/// [`TOKEN_ENV`] on every call.
+pub async fn connect(server: &str, flag: &str) -> Result<ApiChannel> {
+    let bearer = Bearer::from_env()?;
     let ep = tonic::transport::Endpoint::from_shared(endpoint(server))
         .map_err(|e| anyhow!("{flag} {server}: {e}"))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
-    ep.connect().await.map_err(|e| anyhow!("{flag} {server}: cannot connect: {e}"))
+    let channel = ep.connect().await.map_err(|e| anyhow!("{flag} {server}: cannot connect: {e}"))?;
+    Ok(InterceptedService::new(channel, bearer))
 }
 
 /// The format a client-mode output path asks for by its extension.

@@ -17,14 +17,24 @@ use tessera_cluster::duration::parse_duration;
 use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
-use tessera_coordinator::server::{serve, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, RecordLimits, ServerConfig};
+use tessera_coordinator::server::{serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, RecordLimits, ServerConfig, TokenFile};
 
 /// Arguments of `tessera serve`.
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Address of the public gRPC API (port 0 picks a free port; the address is printed).
-    #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:50051")]
+    /// Address of the public gRPC API (port 0 picks a free port; the address is printed). An
+    /// address other than loopback needs --auth-token-file (or --allow-unauthenticated).
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
+    /// Clients' bearer tokens: Kubernetes' static token file, CSV `token,user,uid[,"groups"]`.
+    /// The user is the tenant: it sees and cancels only its own jobs, the group `admin` all.
+    /// Calls without a listed token get UNAUTHENTICATED. The file is read again when it changes.
+    #[arg(long, env = "TESSERA_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Serve a non-loopback --listen address without authentication: anyone who reaches it may
+    /// submit, see and cancel every job.
+    #[arg(long, env = "TESSERA_ALLOW_UNAUTHENTICATED", conflicts_with = "auth_token_file")]
+    allow_unauthenticated: bool,
     /// etcd endpoints (comma-separated URLs): run jobs on the workers registered there.
     #[arg(long, env = "TESSERA_ETCD_ENDPOINTS", value_delimiter = ',', conflicts_with_all = ["model", "preset"])]
     etcd: Vec<String>,
@@ -83,6 +93,10 @@ pub struct ServeArgs {
     /// At shutdown, how long the running job may go on before it is stopped.
     #[arg(long, env = "TESSERA_GRACE_PERIOD", default_value = "30s")]
     grace_period: String,
+    /// A Generate client that takes none of its stream's messages for this long (its HTTP/2
+    /// window stays shut) has its job stopped, so that it cannot pin the workers.
+    #[arg(long, env = "TESSERA_CLIENT_SEND_TIMEOUT", default_value = "60s")]
+    client_send_timeout: String,
     /// Bytes of output per Chunk message (1 KiB to 4 MiB).
     #[arg(long, env = "TESSERA_CHUNK_SIZE", default_value_t = 1 << 20)]
     chunk_size: usize,
@@ -174,6 +188,19 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
     }
 }
 
+/// How the public API authenticates: the token file, or nobody, which only loopback (or
+/// `--allow-unauthenticated`) allows.
+fn authentication(args: &ServeArgs, listen: SocketAddr) -> Result<Auth> {
+    match &args.auth_token_file {
+        Some(path) => Ok(Auth::Tokens(Arc::new(TokenFile::load(path).map_err(|e| anyhow!("--auth-token-file: {e}"))?))),
+        None if listen.ip().is_loopback() || args.allow_unauthenticated => Ok(Auth::Open),
+        None => bail!(
+            "--listen {listen}: a non-loopback address needs --auth-token-file FILE (clients' bearer tokens); \
+             --allow-unauthenticated serves it open to anyone who reaches it"
+        ),
+    }
+}
+
 /// Runs the server until it is told to stop.
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let listen: SocketAddr = args.listen.parse().map_err(|e| anyhow!("--listen {}: {e} (expected HOST:PORT, e.g. 0.0.0.0:50051)", args.listen))?;
@@ -190,7 +217,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         bail!("--max-job-records and --max-job-record-bytes must be positive");
     }
     let job_records = RecordLimits { max_records: args.max_job_records, max_bytes: args.max_job_record_bytes };
-    let config = ServerConfig { max_queue: args.max_queue, job_retention, job_records, grace_period, chunk_size: args.chunk_size };
+    let auth = authentication(&args, listen)?;
+    let client_send_timeout = parse_duration(&args.client_send_timeout).map_err(|e| anyhow!("--client-send-timeout: {e}"))?;
+    if client_send_timeout < Duration::from_millis(100) {
+        bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
+    }
+    let config = ServerConfig { max_queue: args.max_queue, job_retention, job_records, grace_period, chunk_size: args.chunk_size, auth, client_send_timeout };
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
     let _telemetry = tessera_telemetry::init("tessera-coordinator", &args.telemetry, &[("service.version", env!("CARGO_PKG_VERSION").to_string())])?;

@@ -53,8 +53,9 @@ fn job_line(j: &Job) -> String {
     });
     let total = j.timings.as_ref().and_then(|t| t.total).map_or(String::new(), |d| format!("  {:.1}s", d.seconds as f64 + d.nanos as f64 * 1e-9));
     let error = if j.error.is_empty() { String::new() } else { format!("  ({})", j.error) };
+    let by = if j.tenant.is_empty() { String::new() } else { format!("  by {}", j.tenant) };
     let on = j.plan.as_ref().filter(|p| !p.worker_ids.is_empty()).map_or(String::new(), |p| format!("  on {}", p.worker_ids.join(",")));
-    format!("  {}  {:<9} {:<22} {size:<12} {prompt:?}{total}{on}{error}", j.job_id, state_name(JobState::try_from(j.state)), progress)
+    format!("  {}  {:<9} {:<22} {size:<12} {prompt:?}{total}{by}{on}{error}", j.job_id, state_name(JobState::try_from(j.state)), progress)
 }
 
 /// Prints the coordinator's health, workers and jobs.

@@ -17,6 +17,9 @@ pub enum StopReason {
     Cancelled,
     /// The client dropped its Generate stream.
     ClientGone,
+    /// The client stopped reading its Generate stream (its flow-control window stayed shut) for
+    /// longer than the server's send timeout.
+    ClientStalled(Duration),
     /// The client's deadline passed.
     Deadline,
     /// The server is shutting down.
@@ -29,6 +32,9 @@ impl StopReason {
         match self {
             Self::Cancelled => CoordinatorError::Cancelled("the job was cancelled by CancelJob".into()),
             Self::ClientGone => CoordinatorError::Cancelled("the client closed its Generate call".into()),
+            Self::ClientStalled(after) => {
+                CoordinatorError::Cancelled(format!("the client stopped reading its Generate stream for {:.0?} (the server's send timeout)", after))
+            }
             Self::Deadline => CoordinatorError::DeadlineExceeded("the client's deadline passed before the job finished".into()),
             Self::Shutdown => CoordinatorError::Unavailable("the server shut down before the job finished; retry".into()),
         }
@@ -37,7 +43,7 @@ impl StopReason {
     /// The state the job's record ends in.
     pub fn final_state(self) -> JobState {
         match self {
-            Self::Cancelled | Self::ClientGone | Self::Shutdown => JobState::Cancelled,
+            Self::Cancelled | Self::ClientGone | Self::ClientStalled(_) | Self::Shutdown => JobState::Cancelled,
             Self::Deadline => JobState::Failed,
         }
     }
@@ -284,10 +290,16 @@ impl JobTable {
         table.enforce(self.limits);
     }
 
-    /// Records in one of `states` (all when empty), newest first, at most `limit`.
-    pub fn list(&self, states: &[JobState], limit: usize) -> Vec<Job> {
+    /// Records in one of `states` (all when empty) of `tenant` (every tenant's when None), newest
+    /// first, at most `limit`.
+    pub fn list(&self, states: &[JobState], tenant: Option<&str>, limit: usize) -> Vec<Job> {
         let table = self.lock();
-        let mut picked: Vec<&Entry> = table.map.values().filter(|e| states.is_empty() || states.iter().any(|s| *s as i32 == e.job.state)).collect();
+        let mut picked: Vec<&Entry> = table
+            .map
+            .values()
+            .filter(|e| states.is_empty() || states.iter().any(|s| *s as i32 == e.job.state))
+            .filter(|e| tenant.is_none_or(|t| e.job.tenant == t))
+            .collect();
         picked.sort_by_key(|e| std::cmp::Reverse(e.created));
         picked.into_iter().take(limit).map(|e| e.job.clone()).collect()
     }
@@ -345,9 +357,12 @@ mod tests {
         table.insert(job(&b), StopSignal::default());
         table.update(&b, |j| j.state = JobState::Running as i32);
         let ids = |v: Vec<Job>| v.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
-        assert_eq!(ids(table.list(&[], 10)), [b.clone(), a.clone()]);
-        assert_eq!(ids(table.list(&[JobState::Running], 10)), std::slice::from_ref(&b));
-        assert_eq!(ids(table.list(&[], 1)), std::slice::from_ref(&b));
+        assert_eq!(ids(table.list(&[], None, 10)), [b.clone(), a.clone()]);
+        assert_eq!(ids(table.list(&[JobState::Running], None, 10)), std::slice::from_ref(&b));
+        assert_eq!(ids(table.list(&[], None, 1)), std::slice::from_ref(&b));
+        table.update(&a, |j| j.tenant = "alice".into());
+        assert_eq!(ids(table.list(&[], Some("alice"), 10)), std::slice::from_ref(&a), "one tenant's jobs");
+        assert!(table.list(&[], Some("bob"), 10).is_empty());
         table.finish(&a, JobState::Succeeded, None, &Timings { total: Duration::from_secs(2), ..Default::default() });
         let rec = table.get(&a).unwrap();
         assert_eq!(rec.state, JobState::Succeeded as i32);
@@ -398,9 +413,9 @@ mod tests {
         assert!(n == 2 && bytes <= 2 * one + one / 2, "{n} records, {bytes} bytes");
         assert!(table.get(&ids[0]).is_none());
         table.update(&ids[2], |j| j.error = "e".repeat(10));
-        assert_eq!(table.size().1, table.list(&[], 10).iter().map(|j| j.encoded_len()).sum::<usize>(), "bytes follow updates");
+        assert_eq!(table.size().1, table.list(&[], None, 10).iter().map(|j| j.encoded_len()).sum::<usize>(), "bytes follow updates");
         table.remove(&ids[2]);
-        assert_eq!(table.size().1, table.list(&[], 10).iter().map(|j| j.encoded_len()).sum::<usize>());
+        assert_eq!(table.size().1, table.list(&[], None, 10).iter().map(|j| j.encoded_len()).sum::<usize>());
     }
 
     #[tokio::test]

@@ -224,6 +224,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::QueueFull { .. } => "queue_full",
         CoordinatorError::DoesNotFit(_) => "does_not_fit",
         CoordinatorError::NotFound { .. } => "not_found",
+        CoordinatorError::Unauthenticated(_) => "unauthenticated",
         CoordinatorError::Cancelled(_) => "cancelled",
         CoordinatorError::DeadlineExceeded(_) => "deadline_exceeded",
         CoordinatorError::Unavailable(_) => "unavailable",

@@ -5,6 +5,7 @@
 //! encoded video stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
 //! period and is then stopped at a step boundary.
 
+mod auth;
 mod cluster;
 #[cfg(feature = "embedded")]
 mod embedded;
@@ -18,6 +19,7 @@ mod runner;
 mod scheduler;
 mod service;
 
+pub use auth::{principal, Auth, Principal, TokenFile, ADMIN_GROUP};
 pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, Startup, WorkerTable};
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
@@ -57,6 +59,11 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Bytes per Chunk message.
     pub chunk_size: usize,
+    /// How callers of the public API are authenticated.
+    pub auth: Auth,
+    /// Longest a Generate stream's next message may wait for its client to read before the job
+    /// is stopped (its record says so).
+    pub client_send_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +74,8 @@ impl Default for ServerConfig {
             job_records: RecordLimits::default(),
             grace_period: Duration::from_secs(30),
             chunk_size: 1 << 20,
+            auth: Auth::Open,
+            client_send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -78,6 +87,7 @@ pub struct ServiceState {
     executor: Arc<dyn JobExecutor>,
     estimator: Estimator,
     chunk_size: usize,
+    send_timeout: Duration,
     draining: AtomicBool,
     metrics: CoordinatorMetrics,
 }
@@ -91,6 +101,7 @@ impl ServiceState {
             executor,
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),
+            send_timeout: config.client_send_timeout.max(Duration::from_millis(1)),
             draining: AtomicBool::new(false),
             metrics: CoordinatorMetrics::global(),
         })
@@ -125,8 +136,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Internal(format!("reflection: {e}")))?;
-    // Room for the largest input video the API accepts, so validation can name it.
+    // Room for the largest input video the API accepts, so validation can name it. Every call
+    // passes authentication first (health and reflection stay open, for probes).
     let tessera = TesseraServer::new(TesseraService::new(state.clone())).max_decoding_message_size(MAX_INPUT_VIDEO_BYTES + (1 << 20));
+    let tessera = tonic::service::interceptor::InterceptedService::new(tessera, config.auth.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -135,12 +148,13 @@ pub async fn serve(
     });
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(tessera).serve_with_incoming_shutdown(
-            incoming,
-            async {
+        http2_limits(tonic::transport::Server::builder())
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(tessera)
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = close_rx.await;
-            },
-        ),
+            }),
     );
 
     tokio::pin!(shutdown);
@@ -169,6 +183,26 @@ pub async fn serve(
     sweeper.abort();
     outcome
 }
+
+/// HTTP/2 limits of the public server: how many calls one connection may have open, how large
+/// its headers may be, and keepalive pings that drop a peer gone silent.
+fn http2_limits(builder: tonic::transport::Server) -> tonic::transport::Server {
+    builder
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(64))
+}
+
+/// Open calls per connection (each Generate holds one for its whole job).
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Bytes of request headers (a bearer token and a traceparent are well under 1 KiB).
+const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+/// A ping after this much silence on a connection...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...which must be answered within this, or the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Shutdown's first part: NOT_SERVING, no new jobs, queued jobs ended (UNAVAILABLE), the running
 /// ones given `grace` and then stopped.

@@ -56,6 +56,9 @@ pub struct DriverJob {
     pub stop: StopSignal,
     /// The client's deadline.
     pub deadline: Option<Instant>,
+    /// Longest one message may wait for the client to read (its HTTP/2 window to open) before
+    /// the job is stopped: a client that stops reading cannot pin a job and its workers.
+    pub send_timeout: Duration,
 }
 
 /// Progress bookkeeping of a running job.
@@ -297,13 +300,21 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     Outcome { result, timings, total_bytes, steps: tracker.done, predicted: tracker.predicted.map(|(_, d)| d) }
 }
 
-/// Sends one message unless the job is stopping; a client that is gone stops the job.
+/// Sends one message unless the job is stopping; a client that is gone, or that does not take
+/// the message within the send timeout, stops the job.
 async fn send(d: &DriverJob, message: GenerateEvent) {
     if d.stop.is_stopped() {
         return;
     }
     tokio::select! {
-        sent = d.client.send(Ok(message)) => if sent.is_err() { d.stop.stop(StopReason::ClientGone); },
+        sent = tokio::time::timeout(d.send_timeout, d.client.send(Ok(message))) => match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => { d.stop.stop(StopReason::ClientGone); }
+            Err(_) => {
+                tracing::warn!(job = %d.job.id, timeout_s = d.send_timeout.as_secs_f64(), "the client stopped reading its stream: stopping the job");
+                d.stop.stop(StopReason::ClientStalled(d.send_timeout));
+            }
+        },
         _ = d.stop.stopped() => {}
     }
 }

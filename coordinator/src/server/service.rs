@@ -1,6 +1,7 @@
 //! The `tessera.v1.Tessera` service: Generate (validate, queue, stream), GetJob, CancelJob,
 //! ListWorkers and ListJobs, over the shared [`ServiceState`].
 
+use super::auth::{principal, Principal};
 use super::jobs::{pb_timestamp, StopReason, StopSignal, Timings};
 use super::runner::{drive, DriverJob};
 use super::ServiceState;
@@ -37,6 +38,12 @@ impl TesseraService {
     /// A service over `state`.
     pub fn new(state: Arc<ServiceState>) -> Self {
         Self { state }
+    }
+
+    /// The record of job `id` if `caller` may see it. Another tenant's job is NOT_FOUND, as a
+    /// job that does not exist: its id tells the caller nothing.
+    fn visible_job(&self, caller: &Principal, id: &str) -> Result<Job, Status> {
+        self.state.jobs.get(id).filter(|j| caller.may_see(&j.tenant)).ok_or_else(|| not_found(id))
     }
 }
 
@@ -92,6 +99,7 @@ impl Tessera for TesseraService {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()).into());
         }
         let accepted = Instant::now();
+        let tenant = principal(&request).tenant;
         let deadline = grpc_timeout(request.metadata()).map(|d| accepted + d);
         let caller = request.metadata().clone();
         let exec = &state.executor;
@@ -126,6 +134,7 @@ impl Tessera for TesseraService {
             progress: Some(Progress { phase: Phase::Queued as i32, total_steps: valid.request.steps, ..Default::default() }),
             created: Some(pb_timestamp(SystemTime::now())),
             seed,
+            tenant,
             ..Default::default()
         };
         state.jobs.insert(record, stop.clone());
@@ -147,21 +156,26 @@ impl Tessera for TesseraService {
         tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) }))
             .map_err(|_| Status::internal("a new stream refused its first message"))?;
         let job = super::executor::ExecJob { id, request: valid };
-        tokio::spawn(drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline }, admission).instrument(span));
+        tokio::spawn(
+            drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline, send_timeout: state.send_timeout }, admission).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let caller = principal(&request);
         let req = request.into_inner();
         let id = job_id(&req.job_id)?;
-        self.state.jobs.get(id).map(Response::new).ok_or_else(|| not_found(id))
+        self.visible_job(&caller, id).map(Response::new)
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let caller = principal(&request);
         let req = request.into_inner();
         let id = job_id(&req.job_id)?;
         let jobs = &self.state.jobs;
-        let (Some(stop), Some(record)) = (jobs.stop_signal(id), jobs.get(id)) else { return Err(not_found(id)) };
+        let record = self.visible_job(&caller, id)?;
+        let Some(stop) = jobs.stop_signal(id) else { return Err(not_found(id)) };
         if is_final(record.state) {
             return Ok(Response::new(CancelJobResponse { state: record.state }));
         }
@@ -189,6 +203,7 @@ impl Tessera for TesseraService {
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = principal(&request);
         let req = request.into_inner();
         let states = req
             .states
@@ -199,7 +214,7 @@ impl Tessera for TesseraService {
             0 => LIST_DEFAULT,
             n => n.min(LIST_MAX),
         };
-        Ok(Response::new(ListJobsResponse { jobs: self.state.jobs.list(&states, limit) }))
+        Ok(Response::new(ListJobsResponse { jobs: self.state.jobs.list(&states, caller.listing_filter(), limit) }))
     }
 }
 

@@ -188,6 +188,17 @@ pub struct Collected {
 }
 
 impl Collected {
+    /// The job's id, from its Accepted message (panics if there was none).
+    pub fn job_id(&self) -> String {
+        self.events
+            .iter()
+            .find_map(|e| match &e.event {
+                Some(Event::Accepted(a)) => Some(a.job_id.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no Accepted message (status {:?})", self.status))
+    }
+
     /// Frames `0..count` of a PNG-frames job, each written under `dir` as `{tag}-{i}.png` and
     /// decoded to RGB24 by ffmpeg, concatenated.
     pub fn png_frames_rgb(&self, count: u32, dir: &std::path::Path, tag: &str) -> Vec<u8> {

@@ -57,6 +57,14 @@ app.kubernetes.io/part-of: tessera
 {{- printf "%s-etcd-headless" (include "tessera.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The Secret holding the public API's token file (key tokens.csv): the user's, or the one the
+     chart makes (coordinator-auth-secret.yaml); empty when authentication is off. */}}
+{{- define "tessera.authSecret" -}}
+{{- if not .Values.coordinator.auth.allowUnauthenticated -}}
+{{- default (printf "%s-tokens" (include "tessera.coordinator.fullname" .) | trunc 63 | trimSuffix "-") .Values.coordinator.auth.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The ServiceAccount the pods run as. */}}
 {{- define "tessera.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}

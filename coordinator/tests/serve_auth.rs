@@ -1,0 +1,85 @@
+//! `tessera serve --auth-token-file`: calls without a listed bearer token are UNAUTHENTICATED,
+//! each tenant sees and cancels only its own jobs (another tenant's is NOT_FOUND), the group
+//! `admin` sees all, the CLI clients send `TESSERA_TOKEN`, and no token reaches the log.
+
+mod common;
+
+use common::server::{generate, small_request, Server};
+use std::io::Write;
+use tessera_proto::v1::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest};
+use tonic::{Code, IntoRequest, Request};
+
+const ALICE: &str = "t0k-alice-5f2c9e41d7";
+const BOB: &str = "t0k-bob-8a13c6e0b2";
+const ROOT: &str = "t0k-root-77d04b19fe";
+
+/// `message` with `authorization: Bearer token`.
+fn as_caller<T>(token: &str, message: T) -> Request<T> {
+    let mut r = message.into_request();
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn tenants_see_and_cancel_only_their_own_jobs() {
+    let mut tokens = tempfile::NamedTempFile::new().unwrap();
+    writeln!(tokens, "# token,user,uid,groups\n{ALICE},alice,1001\n{BOB},bob,1002,\"dev\"\n{ROOT},root,0,\"dev,admin\"").unwrap();
+    let server = Server::start_serving(&["--auth-token-file", tokens.path().to_str().unwrap()]).await;
+    let mut client = server.client().await;
+
+    // No token, or one the file does not list: UNAUTHENTICATED, before anything else is looked at.
+    let none = client.list_jobs(ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
+    let forged = client.generate(as_caller("t0k-mallory-000000", small_request(1))).await.unwrap_err();
+    assert_eq!(forged.code(), Code::Unauthenticated, "{forged:?}");
+    assert!(!forged.message().contains("mallory"), "the status echoes the token: {}", forged.message());
+
+    // Alice's job is hers: recorded with her tenant, invisible to Bob.
+    let done = generate(&mut client, as_caller(ALICE, small_request(2))).await;
+    assert!(done.status.is_none(), "{:?}", done.status);
+    let id = done.job_id();
+    let job = client.get_job(as_caller(ALICE, GetJobRequest { job_id: id.clone() })).await.unwrap().into_inner();
+    assert_eq!((job.tenant.as_str(), job.state), ("alice", JobState::Succeeded as i32));
+    let hidden = client.get_job(as_caller(BOB, GetJobRequest { job_id: id.clone() })).await.unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    let unknown = client.get_job(as_caller(BOB, GetJobRequest { job_id: "j-0000000000000000".into() })).await.unwrap_err();
+    assert_eq!(hidden.message().replace(&id, "ID"), unknown.message().replace("j-0000000000000000", "ID"), "another tenant's job reads as no job");
+    let cancel = client.cancel_job(as_caller(BOB, CancelJobRequest { job_id: id.clone() })).await.unwrap_err();
+    assert_eq!(cancel.code(), Code::NotFound, "{cancel:?}");
+    let lister = client.clone();
+    let listed = |token: &'static str| {
+        let mut c = lister.clone();
+        async move { c.list_jobs(as_caller(token, ListJobsRequest::default())).await.unwrap().into_inner().jobs.into_iter().map(|j| j.job_id).collect::<Vec<_>>() }
+    };
+    assert_eq!(listed(ALICE).await, std::slice::from_ref(&id));
+    assert!(listed(BOB).await.is_empty(), "Bob lists Alice's job");
+    let bobs = generate(&mut client, as_caller(BOB, small_request(3))).await;
+    let bob_id = bobs.job_id();
+    assert_eq!(listed(BOB).await, std::slice::from_ref(&bob_id));
+    // The admin group sees everyone's.
+    assert_eq!(listed(ROOT).await, [bob_id.clone(), id.clone()]);
+    let seen = client.get_job(as_caller(ROOT, GetJobRequest { job_id: id.clone() })).await.unwrap().into_inner();
+    assert_eq!(seen.tenant, "alice");
+
+    // The CLI client sends TESSERA_TOKEN.
+    let status = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.args(["status", "--server", &server.addr]).env_remove("TESSERA_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TESSERA_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, out) = status(Some(ALICE));
+    assert!(ok && out.contains(&id) && out.contains("by alice") && !out.contains(&bob_id), "{out}");
+    let (ok, out) = status(None);
+    assert!(!ok && out.contains("UNAUTHENTICATED"), "{out}");
+    let (ok, out) = status(Some(ROOT));
+    assert!(ok && out.contains(&id) && out.contains(&bob_id), "{out}");
+
+    let log = server.log();
+    for token in [ALICE, BOB, ROOT, "mallory"] {
+        assert!(!log.contains(token), "the server log holds a token: {log}");
+    }
+}
