@@ -1,8 +1,10 @@
 //! Tessera's gRPC interfaces, generated from `proto/tessera/v1/*.proto`: the public API
 //! (`tessera.v1.Tessera`: Generate, GetJob, CancelJob, ListWorkers) served by the coordinator, and
 //! the internal API (`tessera.worker.v1.ShardWorker`) that the coordinator uses to drive workers,
-//! and the machine-readable reasons every error status of both carries ([`reason`]).
+//! the machine-readable reasons every error status of both carries ([`reason`]), and the per-job
+//! secrets of the internal API ([`capability`]).
 
+pub mod capability;
 pub mod reason;
 
 /// The public API, package `tessera.v1`.

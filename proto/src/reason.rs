@@ -40,6 +40,8 @@ pub enum Reason {
     NotFound,
     /// The call carries no credentials, or ones the server does not accept: UNAUTHENTICATED.
     Unauthenticated,
+    /// Internal API: the call about a job lacks that job's secret: PERMISSION_DENIED.
+    PermissionDenied,
     /// The service cannot take the call now (no healthy worker serves the model, the membership
     /// store is unreachable, the server is shutting down): UNAVAILABLE.
     Unavailable,
@@ -56,7 +58,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Self::InvalidField,
         Self::Unimplemented,
         Self::WorkerBusy,
@@ -67,6 +69,7 @@ impl Reason {
         Self::QueueFull,
         Self::NotFound,
         Self::Unauthenticated,
+        Self::PermissionDenied,
         Self::Unavailable,
         Self::Precondition,
         Self::DoesNotFit,
@@ -86,6 +89,7 @@ impl Reason {
             Self::QueueFull => "QUEUE_FULL",
             Self::NotFound => "NOT_FOUND",
             Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
             Self::Unavailable => "UNAVAILABLE",
             Self::Precondition => "PRECONDITION",
             Self::DoesNotFit => "DOES_NOT_FIT",
@@ -111,6 +115,7 @@ impl Reason {
             Self::QueueFull => Code::ResourceExhausted,
             Self::NotFound => Code::NotFound,
             Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
             Self::Internal => Code::Internal,
         }
     }

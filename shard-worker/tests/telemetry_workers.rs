@@ -5,15 +5,16 @@
 //! tagged with the worker's `service.name` and `tessera.worker_id`, and each rank's `forward`
 //! runs under its step on the job thread.
 
+mod common;
+
+use common::client::{connect, Client, SECRET};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tessera_proto::worker::v1 as pb;
-use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_telemetry::receiver::{TestReceiver, TraceTree};
 use tessera_telemetry::{current_context_map, TelemetryArgs};
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 fn free_addr() -> SocketAddr {
@@ -61,10 +62,10 @@ impl Worker {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
-    async fn client(&self) -> ShardWorkerClient<Channel> {
+    async fn client(&self) -> Client {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(c) = ShardWorkerClient::connect(format!("http://{}", self.addr)).await {
+            if let Ok(c) = connect(&self.addr.to_string()).await {
                 return c;
             }
             assert!(Instant::now() < until, "worker on {} never answered:\n{}", self.addr, self.log());
@@ -97,7 +98,7 @@ const STEPS: u32 = 3;
 
 /// PrepareJob on both ranks, every step on both, Decode on both, ReleaseJob; every request
 /// carries `trace_context` (the current span's, as the coordinator's cluster executor sends it).
-async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job: &str) {
+async fn drive(clients: &mut [Client], peers: &[String], job: &str) {
     let trace_context: HashMap<String, String> = current_context_map();
     assert!(trace_context.contains_key("traceparent"), "{trace_context:?}");
     let spec = pb::JobSpec {
@@ -121,6 +122,7 @@ async fn drive(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], job
             session: 9,
             spec: Some(pb::JobSpec { ranks: world, ulysses: 1, ..spec.clone() }),
             trace_context: trace_context.clone(),
+            job_secret: SECRET.to_vec(),
             ..Default::default()
         };
         let mut c = c.clone();

@@ -5,20 +5,21 @@
 //! emulation: the GPU model's data flow and device-side strategies) give the one-process frames of
 //! that model; a group mixing devices is refused.
 
+mod common;
+
+use common::client::{connect, connect_with, Client, SECRET};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::reason::Reason;
 use tessera_proto::worker::v1 as pb;
-use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tessera_proto::worker::v1::shard_worker_server::ShardWorkerServer;
 use tessera_worker::model::DitModel;
 use tessera_worker::pipeline::{FrameCollector, PipelinePreset, WanPipeline};
 use tessera_worker::server::{params_from_spec, WorkerIdentity, WorkerService};
 use tessera_worker::transformer_config::TransformerPreset;
-use tonic::transport::Channel;
 
 /// Starts `n` workers (each with the same built-in pipeline); returns clients and collective addresses.
-async fn start_workers(n: usize) -> (Vec<ShardWorkerClient<Channel>>, Vec<String>) {
+async fn start_workers(n: usize) -> (Vec<Client>, Vec<String>) {
     let pipe = Arc::new(PipelinePreset::Tiny.build(0).unwrap());
     start_workers_with(vec![pipe; n]).await
 }
@@ -29,7 +30,7 @@ fn emulated_pipeline() -> WanPipeline {
 }
 
 /// Starts a worker per pipeline; returns clients and collective addresses.
-async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerClient<Channel>>, Vec<String>) {
+async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<Client>, Vec<String>) {
     let (mut clients, mut collectives) = (Vec::new(), Vec::new());
     for (i, pipe) in pipes.into_iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -53,7 +54,7 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<ShardWorkerCli
                 .add_service(ShardWorkerServer::new(svc))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        clients.push(ShardWorkerClient::connect(format!("http://{addr}")).await.unwrap());
+        clients.push(connect(&addr.to_string()).await.unwrap());
         collectives.push(collective.to_string());
     }
     (clients, collectives)
@@ -75,12 +76,12 @@ fn request() -> pb::JobSpec {
     }
 }
 
-async fn run_job(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, job: &str) -> Vec<u8> {
+async fn run_job(clients: &mut [Client], peers: &[String], ulysses: u32, job: &str) -> Vec<u8> {
     run_job_with(clients, peers, ulysses, false, job).await
 }
 
 /// [`run_job`], the ranks split into CFG halves when `cfg_parallel`.
-async fn run_job_with(clients: &mut [ShardWorkerClient<Channel>], peers: &[String], ulysses: u32, cfg_parallel: bool, job: &str) -> Vec<u8> {
+async fn run_job_with(clients: &mut [Client], peers: &[String], ulysses: u32, cfg_parallel: bool, job: &str) -> Vec<u8> {
     let world = clients.len() as u32;
     let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
         let req = pb::PrepareJobRequest {
@@ -89,6 +90,7 @@ async fn run_job_with(clients: &mut [ShardWorkerClient<Channel>], peers: &[Strin
             peers: peers.to_vec(),
             session: 77,
             spec: Some(pb::JobSpec { ranks: world, ulysses, cfg_parallel, ..request() }),
+            job_secret: SECRET.to_vec(),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -198,6 +200,7 @@ async fn a_group_mixing_devices_is_refused_on_every_rank() {
             peers: peers.clone(),
             session: 78,
             spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
+            job_secret: SECRET.to_vec(),
             ..Default::default()
         };
         let mut c = c.clone();
@@ -225,6 +228,7 @@ async fn misuse_gets_clear_status_codes() {
         rank: 0,
         peers: peers.clone(),
         spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..spec }),
+        job_secret: SECRET.to_vec(),
         ..Default::default()
     };
     // Hostile sizes over the internal API are refused before anything is allocated, and the
@@ -247,7 +251,24 @@ async fn misuse_gets_clear_status_codes() {
     // The reason and the field travel in the status details, for programs to act on.
     let why = tessera_proto::reason::failure(&err).expect("an ErrorInfo");
     assert_eq!((why.reason, why.field.as_deref()), (Reason::InvalidField, Some("spec.num_frames")));
+    let err = c.prepare_job(pb::PrepareJobRequest { job_secret: Vec::new(), ..prepare("no-secret", request()) }).await.unwrap_err();
+    assert_eq!(tessera_proto::reason::failure(&err).and_then(|f| f.field).as_deref(), Some("job_secret"), "{err}");
     c.prepare_job(prepare("a", request())).await.unwrap();
+    // Whoever reaches the port without the job's secret can neither drive nor release the job.
+    let addr = c.describe(pb::DescribeRequest {}).await.unwrap().into_inner().worker.unwrap().address;
+    let mut impostor = connect_with(&addr, &[0xa5; 32]).await.unwrap();
+    let mut anonymous = tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient::connect(format!("http://{addr}")).await.unwrap();
+    for err in [
+        impostor.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap_err(),
+        impostor.release_job(pb::ReleaseJobRequest { job_id: "a".into() }).await.unwrap_err(),
+        impostor.checkpoint(pb::CheckpointRequest { job_id: "a".into() }).await.unwrap_err(),
+        impostor.fetch_latents(pb::FetchLatentsRequest { job_id: "a".into() }).await.unwrap_err(),
+        anonymous.release_job(pb::ReleaseJobRequest { job_id: "a".into() }).await.unwrap_err(),
+        anonymous.decode(pb::DecodeRequest { job_id: "a".into(), ..Default::default() }).await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(tessera_proto::reason::has_reason(&err, Reason::PermissionDenied), "{err:?}");
+    }
     let err = c.prepare_job(prepare("b", request())).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a busy worker refuses a second job: {err}");
     assert!(tessera_proto::reason::has_reason(&err, Reason::WorkerBusy), "{err:?}");
@@ -273,6 +294,7 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
             peers: peers.clone(),
             session: 9,
             spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
+            job_secret: SECRET.to_vec(),
             ..Default::default()
         };
         tokio::spawn(async move { c.prepare_job(req).await })
@@ -285,6 +307,7 @@ async fn releasing_a_job_that_is_still_joining_frees_the_worker_at_once() {
         peers: vec![peers[0].clone()],
         session: 10,
         spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..request() }),
+        job_secret: SECRET.to_vec(),
         ..Default::default()
     };
     let err = clients[0].prepare_job(second).await.unwrap_err();
@@ -310,6 +333,7 @@ async fn a_caller_hanging_up_during_prepare_frees_the_worker() {
         peers: peers.clone(),
         session: 11,
         spec: Some(pb::JobSpec { ranks: 2, ulysses: 1, ..request() }),
+        job_secret: SECRET.to_vec(),
         ..Default::default()
     };
     let mut call = tonic::Request::new(req);
@@ -363,6 +387,7 @@ async fn a_malformed_nccl_id_is_refused_and_leaves_the_worker_free() {
         session: 12,
         nccl_unique_id: vec![1, 2, 3, 4, 5],
         spec: Some(pb::JobSpec { ranks: 1, ulysses: 1, ..request() }),
+        job_secret: SECRET.to_vec(),
         ..Default::default()
     };
     let err = clients[0].prepare_job(bad).await.unwrap_err();

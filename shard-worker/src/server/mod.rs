@@ -68,6 +68,32 @@ enum Slot {
     Ready(Arc<JobHandle>),
 }
 
+/// A job on this worker: its capability and where it stands.
+struct Claimed {
+    secret: JobCapability,
+    slot: Slot,
+}
+
+/// A job's secret as PrepareJob gave it; later calls must present it.
+struct JobCapability(Vec<u8>);
+
+impl JobCapability {
+    /// Whether the call's metadata carries this secret (compared in constant time).
+    fn admits(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+        use subtle::ConstantTimeEq;
+        tessera_proto::capability::job_secret(metadata).is_some_and(|s| bool::from(s.as_slice().ct_eq(&self.0)))
+    }
+}
+
+/// PERMISSION_DENIED for a call about job `id` without its secret.
+fn not_the_jobs_holder(id: &str) -> Status {
+    status(
+        Reason::PermissionDenied,
+        None,
+        format!("job {id:?}: the call does not carry the job's secret (metadata {})", tessera_proto::capability::JOB_SECRET_KEY),
+    )
+}
+
 struct Inner {
     pipe: Arc<WanPipeline>,
     me: WorkerIdentity,
@@ -75,7 +101,7 @@ struct Inner {
     /// other process can take it between jobs.
     collective: std::net::TcpListener,
     /// At most one job; it claims the worker from the moment PrepareJob accepts it.
-    jobs: Mutex<HashMap<String, Slot>>,
+    jobs: Mutex<HashMap<String, Claimed>>,
     /// The job this worker runs now, published for membership.
     running: watch::Sender<Option<String>>,
     draining: AtomicBool,
@@ -83,12 +109,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Claimed>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Publishes the job now running (if any) after the table changed.
-    fn publish(&self, jobs: &HashMap<String, Slot>) {
+    fn publish(&self, jobs: &HashMap<String, Claimed>) {
         let now = jobs.keys().next().cloned();
         self.metrics.set_busy(&self.me.worker_id, now.is_some());
         self.running.send_if_modified(|v| {
@@ -101,7 +127,7 @@ impl Inner {
     /// Drops job `id` if it is still the handle `which` (not a later job of the same id).
     fn forget(&self, id: &str, which: &std::sync::Weak<JobHandle>) {
         let mut jobs = self.table();
-        if matches!(jobs.get(id), Some(Slot::Ready(h)) if std::ptr::eq(Arc::as_ptr(h), which.as_ptr())) {
+        if matches!(jobs.get(id).map(|c| &c.slot), Some(Slot::Ready(h)) if std::ptr::eq(Arc::as_ptr(h), which.as_ptr())) {
             jobs.remove(id);
             self.publish(&jobs);
         }
@@ -119,10 +145,12 @@ impl WorkerService {
         Self { inner: Arc::new(inner) }
     }
 
-    fn job(&self, id: &str) -> Result<Arc<JobHandle>, Status> {
+    /// Job `id`, for a call whose `metadata` carries the job's secret.
+    fn job(&self, id: &str, metadata: &tonic::metadata::MetadataMap) -> Result<Arc<JobHandle>, Status> {
         match self.inner.table().get(id) {
-            Some(Slot::Ready(h)) => Ok(h.clone()),
-            Some(Slot::Preparing(_)) => Err(status(Reason::Precondition, None, format!("job {id:?} is still joining its group"))),
+            Some(c) if !c.secret.admits(metadata) => Err(not_the_jobs_holder(id)),
+            Some(Claimed { slot: Slot::Ready(h), .. }) => Ok(h.clone()),
+            Some(Claimed { slot: Slot::Preparing(_), .. }) => Err(status(Reason::Precondition, None, format!("job {id:?} is still joining its group"))),
             None => Err(status(Reason::NotFound, None, format!("job {id:?} is not on this worker"))),
         }
     }
@@ -183,7 +211,7 @@ impl Drop for Claim {
         self.cancel.cancel();
         let mut jobs = self.inner.table();
         // Only this claim's slot: it is the one whose token was just cancelled.
-        if matches!(jobs.get(&self.job_id), Some(Slot::Preparing(c)) if c.is_cancelled()) {
+        if matches!(jobs.get(&self.job_id).map(|c| &c.slot), Some(Slot::Preparing(c)) if c.is_cancelled()) {
             jobs.remove(&self.job_id);
             self.inner.publish(&jobs);
         }
@@ -260,6 +288,10 @@ impl WorkerService {
         if r.job_id.is_empty() {
             return Err(invalid_field("job_id", "job_id: required"));
         }
+        if !tessera_proto::capability::JOB_SECRET_RANGE.contains(&r.job_secret.len()) {
+            let range = tessera_proto::capability::JOB_SECRET_RANGE;
+            return Err(invalid_field("job_secret", format!("job_secret: {} bytes (from {} to {})", r.job_secret.len(), range.start(), range.end())));
+        }
         if self.inner.draining.load(Ordering::SeqCst) {
             return Err(status(Reason::Unavailable, None, format!("worker {} is shutting down and takes no new job", me.worker_id)));
         }
@@ -319,7 +351,7 @@ impl WorkerService {
             if let Some(other) = jobs.keys().next() {
                 return Err(status(Reason::WorkerBusy, None, format!("worker {} is busy with job {other:?}", me.worker_id)));
             }
-            jobs.insert(r.job_id.clone(), Slot::Preparing(cancel.clone()));
+            jobs.insert(r.job_id.clone(), Claimed { secret: JobCapability(r.job_secret.clone()), slot: Slot::Preparing(cancel.clone()) });
             self.inner.publish(&jobs);
         }
         let mut claim = Claim { inner: self.inner.clone(), job_id: r.job_id.clone(), cancel: cancel.clone(), settled: false };
@@ -348,7 +380,7 @@ impl WorkerService {
         .await;
         claim.settled = true;
         let mut jobs = self.inner.table();
-        let claimed = matches!(jobs.get(&r.job_id), Some(Slot::Preparing(c)) if !c.is_cancelled());
+        let claimed = matches!(jobs.get(&r.job_id).map(|c| &c.slot), Some(Slot::Preparing(c)) if !c.is_cancelled());
         let handle = match handle {
             Ok(h) if claimed => h,
             Ok(_) => {
@@ -369,7 +401,7 @@ impl WorkerService {
         let (tokens, total_steps) = (handle.tokens.clone(), handle.total_steps);
         let mut ended = handle.ended();
         let handle = Arc::new(handle);
-        jobs.insert(r.job_id.clone(), Slot::Ready(handle.clone()));
+        jobs.insert(r.job_id.clone(), Claimed { secret: JobCapability(r.job_secret), slot: Slot::Ready(handle.clone()) });
         self.inner.publish(&jobs);
         drop(jobs);
         // The job leaves the table when its thread ends (failed peer, idle timeout) or at ReleaseJob.
@@ -402,8 +434,8 @@ impl ShardWorker for WorkerService {
     }
 
     async fn step(&self, request: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+        let job = self.job(&request.get_ref().job_id, request.metadata())?;
         let r = request.into_inner();
-        let job = self.job(&r.job_id)?;
         let index = r.step as usize;
         let span = traced(
             tracing::info_span!("step", job_id = %r.job_id, rank = job.rank, step = r.step, communication_s = tracing::field::Empty, bytes_sent = tracing::field::Empty),
@@ -429,8 +461,7 @@ impl ShardWorker for WorkerService {
     }
 
     async fn checkpoint(&self, request: Request<pb::CheckpointRequest>) -> Result<Response<pb::CheckpointResponse>, Status> {
-        let r = request.into_inner();
-        let job = self.job(&r.job_id)?;
+        let job = self.job(&request.get_ref().job_id, request.metadata())?;
         let (rank, tokens) = (job.rank, job.tokens.clone());
         let cp = blocking(move || {
             let (tx, rx) = mpsc::channel();
@@ -457,8 +488,8 @@ impl ShardWorker for WorkerService {
     type DecodeStream = ReceiverStream<Result<pb::DecodedFrames, Status>>;
 
     async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<Self::DecodeStream>, Status> {
+        let job = self.job(&request.get_ref().job_id, request.metadata())?;
         let r = request.into_inner();
-        let job = self.job(&r.job_id)?;
         let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel(2);
         let span = traced(tracing::info_span!("decode", job_id = %r.job_id, rank = job.rank), &r.trace_context);
         span.in_scope(|| job.send(Command::Decode(frames_tx))).map_err(Status::from)?;
@@ -475,8 +506,7 @@ impl ShardWorker for WorkerService {
     }
 
     async fn fetch_latents(&self, request: Request<pb::FetchLatentsRequest>) -> Result<Response<pb::JobLatents>, Status> {
-        let r = request.into_inner();
-        let job = self.job(&r.job_id)?;
+        let job = self.job(&request.get_ref().job_id, request.metadata())?;
         let latents = blocking(move || {
             let (tx, rx) = mpsc::channel();
             job.send(Command::Latents(tx))?;
@@ -493,7 +523,11 @@ impl ShardWorker for WorkerService {
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         // Dropping the handle closes the command channel; the job thread ends after its current command.
         let mut jobs = self.inner.table();
-        match jobs.remove(&request.into_inner().job_id) {
+        let id = &request.get_ref().job_id;
+        if jobs.get(id).is_some_and(|c| !c.secret.admits(request.metadata())) {
+            return Err(not_the_jobs_holder(id));
+        }
+        match jobs.remove(id).map(|c| c.slot) {
             Some(Slot::Preparing(cancel)) => cancel.cancel(),
             // A GPU rank may be blocked in NCCL on a peer that is gone: end that wait too.
             Some(Slot::Ready(handle)) => handle.abort_collectives(),

@@ -1,3 +1,5 @@
 //! Helpers shared by the worker's integration tests.
+#![allow(dead_code)]
 
+pub mod client;
 pub mod etcd;

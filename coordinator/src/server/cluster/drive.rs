@@ -3,7 +3,8 @@
 //! once (they meet on their collective addresses, or through NCCL), each Step on every rank at
 //! once, then Decode streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank
 //! however the job ends. The first failing call ends the job with the worker named; a worker leaving membership
-//! mid-step ends it too, without waiting for the step.
+//! mid-step ends it too, without waiting for the step. Each job has a random secret, given to the
+//! workers in PrepareJob and carried by every later call (`tessera_proto::capability`).
 
 use super::super::executor::{ExecEvent, ExecJob, ExecReport};
 use super::super::jobs::StopSignal;
@@ -16,11 +17,13 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 use tessera_cluster::membership::WorkerRecord;
 use tessera_cluster::{codec, Tensor};
+use tessera_proto::capability::{JobSecret, JOB_SECRET_BYTES};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tokio::sync::{mpsc, watch};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
@@ -65,10 +68,13 @@ pub struct DriveContext<'a> {
     pub last_checkpoint: &'a std::sync::Mutex<Option<pb::CheckpointResponse>>,
 }
 
+/// A client of one worker for one job: every call carries the job's secret.
+type WorkerClient = ShardWorkerClient<InterceptedService<Channel, JobSecret>>;
+
 /// A connected rank.
 struct Rank {
     record: WorkerRecord,
-    client: ShardWorkerClient<Channel>,
+    client: WorkerClient,
 }
 
 impl Rank {
@@ -89,7 +95,7 @@ fn refused_field(status: &tonic::Status) -> Option<String> {
     Some(field.strip_prefix("spec.").map(str::to_string).unwrap_or(field))
 }
 
-async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, CoordinatorError> {
+async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret) -> Result<Rank, CoordinatorError> {
     let fail = |detail: String| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", record.worker_id, record.address),
         during: "connect".into(),
@@ -102,7 +108,8 @@ async fn connect(record: &WorkerRecord, timeout: Duration) -> Result<Rank, Coord
         .await
         .map_err(|_| fail(format!("no connection within {timeout:?}")))?
         .map_err(|e| fail(e.to_string()))?;
-    let client = ShardWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let client =
+        ShardWorkerClient::new(InterceptedService::new(channel, secret.clone())).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     Ok(Rank { record: record.clone(), client })
 }
 
@@ -116,7 +123,7 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// before ranks that lost a peer).
 async fn on_every_rank<T, F, Fut>(ranks: &[Rank], during: &str, limit: Duration, live: &mut LiveWorkers, call: F) -> Result<Vec<T>, CoordinatorError>
 where
-    F: Fn(usize, ShardWorkerClient<Channel>) -> Fut,
+    F: Fn(usize, WorkerClient) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     use futures_util::StreamExt;
@@ -239,11 +246,14 @@ fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
 /// Runs the job on `group` (see the module docs). ReleaseJob is sent to every rank at the end,
 /// whatever the outcome.
 pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
+    // The job's capability on its workers: sent in PrepareJob, then with every call.
+    let secret = random_bytes::<JOB_SECRET_BYTES>()?;
+    let interceptor = JobSecret::new(&secret);
     let mut ranks = Vec::with_capacity(group.workers.len());
     for w in &group.workers {
-        ranks.push(connect(w, cx.limits.connect).await?);
+        ranks.push(connect(w, cx.limits.connect, &interceptor).await?);
     }
-    let result = stages(group, &ranks, &cx).await;
+    let result = stages(group, &ranks, &cx, &secret).await;
     // Release everywhere (best effort, briefly: a dead worker must not hold the job up).
     let releases = ranks.iter().map(|r| {
         let mut c = r.client.clone();
@@ -262,12 +272,12 @@ pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecRep
     }
 }
 
-async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
+async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[u8]) -> Result<ExecReport, CoordinatorError> {
     let r = &cx.job.request.request;
     let mut live = cx.live.clone();
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
-    let session: u64 = rand_session();
+    let session = u64::from_le_bytes(random_bytes::<8>()?);
     let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
     // Image-to-video: the image as decoded at admission, sent to every rank.
     let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
@@ -315,6 +325,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>) -> Result<
             trace_context: trace_context.clone(),
             resume: cx.resume.clone(),
             nccl_unique_id: nccl_unique_id.clone(),
+            job_secret: secret.to_vec(),
             ..Default::default()
         };
         async move { c.prepare_job(req).await }
@@ -491,12 +502,11 @@ async fn hand_over_shares(others: &[Rank], cx: &DriveContext<'_>, span: &tracing
     futures_util::future::try_join_all(calls).await.map(drop)
 }
 
-/// A fresh group session id (peers presenting another are refused on the collective wire).
-fn rand_session() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish()
+/// `N` bytes from the operating system's random source (job secrets, group sessions).
+fn random_bytes<const N: usize>() -> Result<[u8; N], CoordinatorError> {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).map_err(|e| CoordinatorError::Internal(format!("the system's random source failed: {e}")))?;
+    Ok(out)
 }
 
 #[cfg(test)]
