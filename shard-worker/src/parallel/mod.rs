@@ -6,6 +6,7 @@
 mod comm;
 pub mod device;
 mod forward;
+mod handshake;
 mod plan;
 mod tcp;
 mod timings;

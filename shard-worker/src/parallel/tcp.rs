@@ -1,32 +1,35 @@
 //! The TCP transport between worker processes: one connection per pair of ranks, a versioned
-//! handshake that checks every peer belongs to the same job group, and length-prefixed frames.
-//! Sends are queued to a per-peer writer task and return at once, so a transfer runs while the
-//! caller computes; a reader task per peer files incoming frames in the rank's mailbox.
+//! handshake in which every peer proves it belongs to the job's group ([`super::handshake`]),
+//! and length-prefixed frames. Handshakes with callers run concurrently, so idle or slow
+//! strangers on the port hold up nobody. Sends are queued to a per-peer writer task and return
+//! at once, so a transfer runs while the caller computes; a reader task per peer files incoming
+//! frames in the rank's mailbox.
 //!
-//! Wire format (all integers little-endian):
-//! - handshake, both ways, first on each connection: magic `TSRT`, version u16, reserved u16,
-//!   world u32, rank u32, session u64 (24 bytes);
-//! - frames: kind u8 (1 = data, 2 = goodbye), 7 reserved zero bytes, tag u64, length u64,
-//!   then `length` payload bytes (24-byte header).
+//! Wire format (all integers little-endian): the handshake first on each connection, then
+//! frames: kind u8 (1 = data, 2 = goodbye), 7 reserved zero bytes, tag u64, length u64, then
+//! `length` payload bytes (24-byte header). A frame's buffer grows as its bytes arrive, never
+//! to the length a header claims.
 
+use super::handshake::{self, Hello};
 use super::transport::{Mailbox, Transport};
 use crate::{Result, WorkerError};
 use bytes::{Buf, Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, FramedRead};
 
-/// Protocol magic: the first bytes every connection carries.
-const MAGIC: [u8; 4] = *b"TSRT";
-/// Protocol version; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
-const HANDSHAKE_LEN: usize = 24;
+pub use handshake::PROTOCOL_VERSION;
+
 const HEADER_LEN: usize = 24;
+/// Most bytes a frame's buffer grows by at once while its payload arrives.
+const RESERVE_STEP: usize = 4 << 20;
+/// Most handshakes with callers of the collective port under way at once.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 const KIND_DATA: u8 = 1;
 const KIND_GOODBYE: u8 = 2;
 
@@ -35,6 +38,9 @@ const KIND_GOODBYE: u8 = 2;
 pub struct TcpOptions {
     /// Identifies the job group: a peer presenting another session is refused.
     pub session: u64,
+    /// The job's secret: every peer proves it holds it in the handshake (PrepareJob gives 16 to
+    /// 64 random bytes; an empty secret proves nothing, for the `forward` tool on loopback).
+    pub secret: Vec<u8>,
     /// How long to keep trying to reach peers that have not started listening yet.
     pub connect_timeout: Duration,
     /// How long a receive waits for its message.
@@ -49,59 +55,12 @@ impl Default for TcpOptions {
     fn default() -> Self {
         Self {
             session: 0,
+            secret: Vec::new(),
             connect_timeout: Duration::from_secs(30),
             recv_timeout: Duration::from_secs(300),
             max_frame_bytes: 16 << 30,
             cancel: tokio_util::sync::CancellationToken::new(),
         }
-    }
-}
-
-/// Who a connection is with, as its handshake says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Hello {
-    version: u16,
-    world: u32,
-    rank: u32,
-    session: u64,
-}
-
-impl Hello {
-    fn encode(&self) -> [u8; HANDSHAKE_LEN] {
-        let mut b = [0u8; HANDSHAKE_LEN];
-        b[..4].copy_from_slice(&MAGIC);
-        b[4..6].copy_from_slice(&self.version.to_le_bytes());
-        b[8..12].copy_from_slice(&self.world.to_le_bytes());
-        b[12..16].copy_from_slice(&self.rank.to_le_bytes());
-        b[16..24].copy_from_slice(&self.session.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8; HANDSHAKE_LEN]) -> std::result::Result<Self, String> {
-        if b[..4] != MAGIC {
-            return Err(format!("not a Tessera collective peer (first bytes {:02x?})", &b[..4]));
-        }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let mut s = [0u8; 8];
-        s.copy_from_slice(&b[16..24]);
-        Ok(Self { version: u16::from_le_bytes([b[4], b[5]]), world: u32_at(8), rank: u32_at(12), session: u64::from_le_bytes(s) })
-    }
-
-    /// Checks that `peer` belongs to the same group as `self`.
-    fn check_peer(&self, peer: &Hello) -> std::result::Result<(), String> {
-        if peer.version != self.version {
-            return Err(format!("peer speaks protocol version {}, this rank {}", peer.version, self.version));
-        }
-        if peer.session != self.session {
-            return Err(format!("peer belongs to session {:#x}, this rank to {:#x}", peer.session, self.session));
-        }
-        if peer.world != self.world {
-            return Err(format!("peer thinks the group has {} ranks, this rank {}", peer.world, self.world));
-        }
-        if peer.rank >= self.world || peer.rank == self.rank {
-            return Err(format!("peer claims rank {} in a group of {} (this is rank {})", peer.rank, self.world, self.rank));
-        }
-        Ok(())
     }
 }
 
@@ -148,7 +107,9 @@ impl Decoder for FrameDecoder {
         }
         let len = len as usize;
         if src.len() < HEADER_LEN + len {
-            src.reserve(HEADER_LEN + len - src.len());
+            // Room for what comes next, not for the whole claimed length: the buffer grows with
+            // the bytes that actually arrive.
+            src.reserve((HEADER_LEN + len - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         src.advance(HEADER_LEN);
@@ -224,12 +185,12 @@ impl TcpTransport {
             .enable_all()
             .build()
             .map_err(|e| err(rank, format!("cannot start the network runtime: {e}")))?;
-        let me = Hello { version: PROTOCOL_VERSION, world: world as u32, rank: rank as u32, session: opts.session };
+        let me = Hello::new(world as u32, rank as u32, opts.session).map_err(|e| err(rank, format!("no random nonce: {e}")))?;
         listener.set_nonblocking(true).map_err(|e| err(rank, e))?;
         let streams = runtime.block_on(async {
             let listener = TcpListener::from_std(listener).map_err(|e| err(rank, e))?;
             tokio::select! {
-                connected = tokio::time::timeout(opts.connect_timeout, connect_all(me, addrs, listener)) => {
+                connected = tokio::time::timeout(opts.connect_timeout, connect_all(me, &opts.secret, addrs, listener)) => {
                     connected.map_err(|_| err(rank, format!("group of {world} not connected within {:?}", opts.connect_timeout)))?
                 }
                 _ = opts.cancel.cancelled() => Err(WorkerError::Cancelled(format!("rank {rank}: the group was abandoned while connecting"))),
@@ -252,44 +213,66 @@ impl TcpTransport {
     }
 }
 
-/// Dials lower ranks and accepts higher ranks; returns the stream to each peer by rank.
-async fn connect_all(me: Hello, addrs: &[SocketAddr], listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+/// Dials lower ranks while accepting higher ranks; returns the stream to each peer by rank.
+async fn connect_all(me: Hello, secret: &[u8], addrs: &[SocketAddr], listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+    let (mut higher, lower) = tokio::try_join!(accept_higher(me, secret, addrs.len(), listener), dial_lower(me, secret, addrs))?;
+    for (peer, stream) in lower.into_iter().enumerate() {
+        if stream.is_some() {
+            higher[peer] = stream;
+        }
+    }
+    Ok(higher)
+}
+
+/// Dials every lower rank in turn and shakes hands with it.
+async fn dial_lower(me: Hello, secret: &[u8], addrs: &[SocketAddr]) -> Result<Vec<Option<TcpStream>>> {
     let rank = me.rank as usize;
     let mut streams: Vec<Option<TcpStream>> = (0..addrs.len()).map(|_| None).collect();
     for (peer, addr) in addrs.iter().enumerate().take(rank) {
         let mut stream = dial(rank, *addr).await?;
-        stream.write_all(&me.encode()).await.map_err(|e| err(rank, format!("handshake to rank {peer} at {addr}: {e}")))?;
-        let theirs = read_hello(&mut stream).await.map_err(|e| err(rank, format!("handshake from rank {peer} at {addr}: {e}")))?;
-        me.check_peer(&theirs).map_err(|e| err(rank, format!("{addr}: {e}")))?;
+        let theirs = handshake::offer(&mut stream, &me, secret).await.map_err(|e| err(rank, format!("handshake with rank {peer} at {addr}: {e}")))?;
         if theirs.rank as usize != peer {
             return Err(err(rank, format!("{addr} answered as rank {}, expected rank {peer}", theirs.rank)));
         }
         streams[peer] = Some(stream);
     }
-    let mut waiting = addrs.len() - rank - 1;
+    Ok(streams)
+}
+
+/// Accepts callers until every higher rank has proven itself. Each caller's handshake runs as
+/// its own task (at most [`MAX_PENDING_HANDSHAKES`] at once), so strangers, idle sockets and
+/// impostors are refused without holding up the real peers.
+async fn accept_higher(me: Hello, secret: &[u8], world: usize, listener: TcpListener) -> Result<Vec<Option<TcpStream>>> {
+    let rank = me.rank as usize;
+    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    let mut waiting = world - rank - 1;
+    let secret: Arc<[u8]> = secret.into();
+    let mut pending = tokio::task::JoinSet::new();
     while waiting > 0 {
-        let (mut stream, from) = listener.accept().await.map_err(|e| err(rank, format!("accept: {e}")))?;
-        let theirs = match read_hello(&mut stream).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(rank, %from, "dropping a connection with a bad handshake: {e}");
-                continue;
+        tokio::select! {
+            accepted = listener.accept(), if pending.len() < MAX_PENDING_HANDSHAKES => {
+                let (mut stream, from) = accepted.map_err(|e| err(rank, format!("accept: {e}")))?;
+                let secret = secret.clone();
+                pending.spawn(async move {
+                    match handshake::answer(&mut stream, &me, &secret).await {
+                        Ok(theirs) => Ok((theirs.rank as usize, stream, from)),
+                        Err(e) => Err((from, e)),
+                    }
+                });
             }
-        };
-        if let Err(e) = me.check_peer(&theirs) {
-            // A stray or misconfigured process: refuse it and keep waiting for the real peer.
-            tracing::warn!(rank, %from, "refusing a peer: {e}");
-            continue;
+            Some(done) = pending.join_next() => match done {
+                Ok(Ok((peer, stream, _))) if peer > rank && streams[peer].is_none() => {
+                    streams[peer] = Some(stream);
+                    waiting -= 1;
+                }
+                Ok(Ok((peer, _, from))) => tracing::warn!(rank, %from, peer, "refusing an unexpected or duplicate connection"),
+                // A stray, misconfigured or hostile process: refused; the real peers go on.
+                Ok(Err((from, e))) => tracing::warn!(rank, %from, "refusing a caller of the collective port: {e}"),
+                Err(e) => tracing::warn!(rank, "a handshake task failed: {e}"),
+            }
         }
-        let peer = theirs.rank as usize;
-        if peer < rank || streams[peer].is_some() {
-            tracing::warn!(rank, %from, peer, "refusing an unexpected or duplicate connection");
-            continue;
-        }
-        stream.write_all(&me.encode()).await.map_err(|e| err(rank, format!("handshake to rank {peer}: {e}")))?;
-        streams[peer] = Some(stream);
-        waiting -= 1;
     }
+    pending.abort_all();
     Ok(streams)
 }
 
@@ -306,15 +289,6 @@ async fn dial(rank: usize, addr: SocketAddr) -> Result<TcpStream> {
             Err(e) => return Err(err(rank, format!("cannot connect to {addr}: {e}"))),
         }
     }
-}
-
-async fn read_hello(stream: &mut TcpStream) -> std::result::Result<Hello, String> {
-    let mut b = [0u8; HANDSHAKE_LEN];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut b))
-        .await
-        .map_err(|_| "no handshake within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    Hello::decode(&b)
 }
 
 /// Writes queued messages to one peer, then a goodbye once the queue is closed.
@@ -453,30 +427,76 @@ mod tests {
         assert!(e.contains("peer rank 1 is gone") && e.contains("closed"), "{e}");
     }
 
+    const SECRET: &[u8] = b"the job's secret, 32 bytes long!";
+
+    /// Shakes hands as rank `rank` of a group of `world` with the rank listening at `addr`, from
+    /// a plain blocking socket (a process that speaks the wire by hand).
+    fn raw_handshake(addr: SocketAddr, world: u32, rank: u32, session: u64, secret: &[u8]) -> std::net::TcpStream {
+        use std::io::{Read, Write};
+        let mut s = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let me = Hello::new(world, rank, session).unwrap();
+        s.write_all(&me.encode()).unwrap();
+        let mut theirs = [0u8; handshake::HELLO_LEN];
+        s.read_exact(&mut theirs).unwrap();
+        let theirs = Hello::decode(&theirs).unwrap();
+        let mut proof = [0u8; handshake::PROOF_LEN];
+        s.read_exact(&mut proof).unwrap();
+        s.write_all(&handshake::proof(secret, &me, &theirs)).unwrap();
+        s
+    }
+
     #[test]
-    fn garbage_and_strangers_are_refused() {
+    fn strangers_impostors_and_idle_sockets_are_refused_without_holding_up_the_group() {
+        let addrs = free_addrs(2);
+        let a = addrs.clone();
+        let opts = || TcpOptions { session: 5, secret: SECRET.to_vec(), connect_timeout: Duration::from_secs(20), ..Default::default() };
+        let rank0 = std::thread::spawn(move || TcpTransport::establish(0, &a, opts()));
+        std::thread::sleep(Duration::from_millis(100));
+        // Idle sockets that never say a word, a stray client speaking another protocol, a peer
+        // of another session, and an impostor that knows the session but not the secret.
+        let idle: Vec<_> = (0..4).map(|_| std::net::TcpStream::connect(addrs[0]).unwrap()).collect();
+        let mut stray = std::net::TcpStream::connect(addrs[0]).unwrap();
+        std::io::Write::write_all(&mut stray, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut wrong = std::net::TcpStream::connect(addrs[0]).unwrap();
+        std::io::Write::write_all(&mut wrong, &Hello::new(2, 1, 6).unwrap().encode()).unwrap();
+        let impostor = raw_handshake(addrs[0], 2, 1, 5, b"a guess at the secret");
+        // The real rank 1 gets in at once (the idle sockets' handshakes time out on their own).
+        let started = Instant::now();
+        let r1 = TcpTransport::establish(1, &addrs, opts()).unwrap();
+        let r0 = rank0.join().unwrap().unwrap();
+        assert!(started.elapsed() < handshake::HANDSHAKE_TIMEOUT, "the group formed only after {:?}", started.elapsed());
+        r1.send(0, 2, Bytes::from_static(b"ok")).unwrap();
+        assert_eq!(&r0.recv(1, 2).unwrap()[..], b"ok");
+        // The impostor's connection was closed, not admitted.
+        let mut impostor = impostor;
+        impostor.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        match std::io::Read::read(&mut impostor, &mut [0u8; 8]) {
+            Ok(0) => {}
+            other => panic!("the impostor's connection was not closed: {other:?}"),
+        }
+        drop(idle);
+    }
+
+    #[test]
+    fn a_rank_without_the_secret_cannot_join() {
         let addrs = free_addrs(2);
         let a = addrs.clone();
         let rank0 = std::thread::spawn(move || {
-            TcpTransport::establish(0, &a, TcpOptions { session: 5, connect_timeout: Duration::from_secs(10), ..Default::default() })
+            TcpTransport::establish(
+                0,
+                &a,
+                TcpOptions { session: 5, secret: SECRET.to_vec(), connect_timeout: Duration::from_millis(1500), ..Default::default() },
+            )
         });
-        // A stray client speaking another protocol, then a peer of another session: both are
-        // turned away, and the real rank 1 still gets in.
-        std::thread::sleep(Duration::from_millis(100));
-        let mut stray = std::net::TcpStream::connect(addrs[0]).unwrap();
-        std::io::Write::write_all(&mut stray, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let other = Hello { version: PROTOCOL_VERSION, world: 2, rank: 1, session: 6 };
-        let mut wrong = std::net::TcpStream::connect(addrs[0]).unwrap();
-        std::io::Write::write_all(&mut wrong, &other.encode()).unwrap();
-        let r1 = TcpTransport::establish(1, &addrs, TcpOptions { session: 5, ..Default::default() }).unwrap();
-        let r0 = rank0.join().unwrap().unwrap();
-        r1.send(0, 2, Bytes::from_static(b"ok")).unwrap();
-        assert_eq!(&r0.recv(1, 2).unwrap()[..], b"ok");
-
-        let me = Hello { version: 1, world: 4, rank: 0, session: 9 };
-        assert!(me.check_peer(&Hello { version: 2, ..me }).unwrap_err().contains("version 2"));
-        assert!(me.check_peer(&Hello { rank: 4, ..me }).unwrap_err().contains("rank 4"));
-        assert!(Hello::decode(&[0u8; HANDSHAKE_LEN]).is_err());
+        let other = TcpOptions { session: 5, secret: b"another job's secret".to_vec(), connect_timeout: Duration::from_millis(1500), ..Default::default() };
+        let e = TcpTransport::establish(1, &addrs, other).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("does not prove it holds the job's secret") || e.contains("handshake"), "{e}");
+        assert!(rank0.join().unwrap().map(|_| ()).unwrap_err().to_string().contains("not connected within"));
     }
 
     #[test]
@@ -491,6 +511,11 @@ mod tests {
         let mut reserved = header(KIND_DATA, 0, 0);
         reserved[3] = 1;
         assert!(d.decode(&mut BytesMut::from(&reserved[..])).is_err());
+        // A header claiming 1 GiB reserves a step, not the gigabyte.
+        let mut big = FrameDecoder { max_frame_bytes: 16 << 30 };
+        let mut buf = BytesMut::from(&header(KIND_DATA, 1, 1 << 30)[..]);
+        assert_eq!(big.decode(&mut buf).unwrap(), None);
+        assert!(buf.capacity() <= HEADER_LEN + RESERVE_STEP + 64, "reserved {} bytes up front", buf.capacity());
     }
 
     #[test]
@@ -500,15 +525,7 @@ mod tests {
         let rank0 =
             std::thread::spawn(move || TcpTransport::establish(0, &a, TcpOptions { session: 3, recv_timeout: Duration::from_secs(20), ..Default::default() }));
         // A rank 1 that shakes hands, sends half a frame and vanishes, as a killed process would.
-        let mut s = loop {
-            match std::net::TcpStream::connect(addrs[0]) {
-                Ok(s) => break s,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        std::io::Write::write_all(&mut s, &Hello { version: PROTOCOL_VERSION, world: 2, rank: 1, session: 3 }.encode()).unwrap();
-        let mut theirs = [0u8; HANDSHAKE_LEN];
-        std::io::Read::read_exact(&mut s, &mut theirs).unwrap();
+        let mut s = raw_handshake(addrs[0], 2, 1, 3, b"");
         std::io::Write::write_all(&mut s, &header(KIND_DATA, 1, 100)[..]).unwrap();
         drop(s);
         let r0 = rank0.join().unwrap().unwrap();

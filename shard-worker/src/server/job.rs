@@ -28,6 +28,8 @@ pub struct JobSetup {
     pub cfg: usize,
     /// Identifies the group on the wire.
     pub session: u64,
+    /// The job's secret: the ranks prove they hold it when they connect.
+    pub secret: Vec<u8>,
     /// How long to wait for the other ranks.
     pub connect_timeout: Duration,
     /// The job ends when no command comes for this long (its coordinator is gone).
@@ -155,8 +157,25 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended, aborts })
 }
 
+/// The largest collective frame a job may receive: room for every token's activations several
+/// times over (what an all-to-all or a gather of the whole sequence moves, in f32, K and V
+/// together) plus 64 MiB for the text, image and latent messages; at most the transport's
+/// default. A peer claiming more is broken or hostile.
+fn frame_limit(tokens: usize, cfg: &crate::transformer_config::TransformerConfig) -> u64 {
+    let inner = cfg.inner_dim().max(cfg.in_channels * 64) as u64;
+    let activations = (tokens as u64).saturating_mul(inner).saturating_mul(16);
+    activations.saturating_add(64 << 20).min(TcpOptions::default().max_frame_bytes)
+}
+
 fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: TcpListener) -> Result<(ShardContext, JobRun)> {
-    let opts = TcpOptions { session: setup.session, connect_timeout: setup.connect_timeout, cancel: setup.cancel.clone(), ..TcpOptions::default() };
+    let opts = TcpOptions {
+        session: setup.session,
+        secret: setup.secret.clone(),
+        connect_timeout: setup.connect_timeout,
+        cancel: setup.cancel.clone(),
+        max_frame_bytes: frame_limit(setup.params.tokens(pipe.factors()).unwrap_or(0), pipe.transformer().config()),
+        ..TcpOptions::default()
+    };
     let transport = TcpTransport::establish_with_listener(setup.rank, &setup.peers, listener, opts)?;
     let ctx = ShardContext::new(Arc::new(transport), plan)?;
     if plan.ranks() > 1 {

@@ -362,6 +362,7 @@ impl WorkerService {
             ulysses: plan.ulysses as usize,
             cfg: if plan.cfg_parallel { 2 } else { 1 },
             session: r.session,
+            secret: r.job_secret.clone(),
             connect_timeout: me.connect_timeout,
             idle_timeout: me.job_idle_timeout,
             cancel: cancel.clone(),

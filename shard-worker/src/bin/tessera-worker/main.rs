@@ -60,6 +60,10 @@ struct ForwardArgs {
     /// Identifier shared by the ranks of one group; peers with another are refused.
     #[arg(long, env = "TESSERA_SESSION", default_value_t = 0)]
     session: u64,
+    /// A secret shared by the ranks of one group: each proves it holds it when it connects
+    /// (without one, any process that knows the session may join: loopback only).
+    #[arg(long, env = "TESSERA_GROUP_SECRET", hide_env_values = true)]
+    group_secret: Option<String>,
     /// Seconds to wait for the other ranks to connect.
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT_S", default_value_t = 30)]
     connect_timeout_s: u64,
@@ -113,7 +117,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
             bail!("--rank {} is outside the {} addresses of --peers", a.rank, a.peers.len());
         }
         let plan = ParallelPlan::new(a.peers.len(), a.ulysses, model.config().num_attention_heads).context("--ulysses")?;
-        let opts = TcpOptions { session: a.session, connect_timeout: Duration::from_secs(a.connect_timeout_s), ..Default::default() };
+        let secret = a.group_secret.clone().unwrap_or_default().into_bytes();
+        let opts = TcpOptions { session: a.session, secret, connect_timeout: Duration::from_secs(a.connect_timeout_s), ..Default::default() };
         let transport = TcpTransport::establish(a.rank, &a.peers, opts)?;
         let ctx = ShardContext::new(Arc::new(transport), plan)?;
         let out = ctx.forward(&model, &inputs)?;
