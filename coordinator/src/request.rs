@@ -77,6 +77,10 @@ pub struct ValidRequest {
     /// ([`crate::input_image::decode_blocking`]; `validate` reads only its header, and the
     /// request keeps the bytes until then).
     pub image: Option<std::sync::Arc<crate::input_image::DecodedImage>>,
+    /// Video-to-video: the input video decoded once at admission, resized to the size the model
+    /// generates at, as the 8-bit frames the workers are sent
+    /// ([`crate::server::prepare_request_video_blocking`]; the request's bytes are dropped then).
+    pub video: Option<std::sync::Arc<tessera_proto::worker::v1::InputFrames>>,
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> CoordinatorError {
@@ -186,7 +190,7 @@ pub fn validate(
     if n > MAX_LABEL_CHARS {
         return Err(invalid("client_label", format!("has {n} characters, at most {MAX_LABEL_CHARS} are accepted")));
     }
-    Ok(ValidRequest { request: req, spec, image: None })
+    Ok(ValidRequest { request: req, spec, image: None, video: None })
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveL
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
-pub use input::{prepare_request_video, prepare_request_video_blocking};
+pub use input::{prepare_request_video, prepare_request_video_blocking, MAX_CONCURRENT_DECODES};
 pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
@@ -88,6 +88,8 @@ pub struct ServiceState {
     estimator: Estimator,
     chunk_size: usize,
     send_timeout: Duration,
+    /// Permits for decoding input media at admission.
+    media_decodes: tokio::sync::Semaphore,
     draining: AtomicBool,
     metrics: CoordinatorMetrics,
 }
@@ -102,6 +104,7 @@ impl ServiceState {
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),
             send_timeout: config.client_send_timeout.max(Duration::from_millis(1)),
+            media_decodes: tokio::sync::Semaphore::new(MAX_CONCURRENT_DECODES),
             draining: AtomicBool::new(false),
             metrics: CoordinatorMetrics::global(),
         })

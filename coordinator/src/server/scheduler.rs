@@ -54,6 +54,16 @@ impl Scheduler {
         Ok((ahead, rx))
     }
 
+    /// QUEUE_FULL when no job could be queued now (the queue checks again when a job is queued):
+    /// so that costly admission work is not done for a job that would be refused.
+    pub fn check_room(&self) -> Result<(), CoordinatorError> {
+        let queue = self.queue();
+        if queue.len() >= queue.limit() {
+            return Err(CoordinatorError::QueueFull { limit: queue.limit() });
+        }
+        Ok(())
+    }
+
     /// Takes job `id` out of the queue; false if it was not waiting there.
     pub fn remove(&self, id: &str) -> bool {
         self.queue().remove(id).is_some()
@@ -104,6 +114,16 @@ impl Scheduler {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn room_is_checked_before_costly_admission_work() {
+        let sched = Scheduler::new(1);
+        assert!(sched.check_room().is_ok());
+        let _queued = sched.enqueue("a", 0).unwrap();
+        assert!(matches!(sched.check_room(), Err(CoordinatorError::QueueFull { limit: 1 })));
+        assert!(sched.remove("a"));
+        assert!(sched.check_room().is_ok());
+    }
 
     #[tokio::test]
     async fn jobs_leave_the_queue_as_slots_free_best_first() {

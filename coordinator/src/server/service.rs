@@ -106,10 +106,14 @@ impl Tessera for TesseraService {
         let admitted = async {
             let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
             exec.check(&valid)?;
-            // Garbage input video is refused here, before the job is accepted (decoded again when it runs).
-            super::input::prepare_request_video_blocking(&valid).await?;
-            // An input image is decoded once, here; the job keeps its pixels, not its bytes.
             let mut valid = valid;
+            // Media is decoded once, here: not for a queue that is full anyway, and garbage is
+            // refused before the job is accepted. The job keeps the frames, not the bytes.
+            if !valid.request.input_video.is_empty() || !valid.request.input_image.is_empty() {
+                state.scheduler.check_room()?;
+            }
+            super::input::prepare_request_video_blocking(&mut valid, &state.media_decodes).await?;
+            // An input image likewise.
             if !valid.request.input_image.is_empty() {
                 let bytes = std::mem::take(&mut valid.request.input_image);
                 valid.image = Some(std::sync::Arc::new(crate::input_image::decode_blocking(bytes).await?));
@@ -123,8 +127,7 @@ impl Tessera for TesseraService {
         valid.spec = valid.spec.clone().planned(layout).map_err(CoordinatorError::from)?;
         let id = state.jobs.new_id();
         let stop = StopSignal::default();
-        let mut recorded = valid.request.clone();
-        recorded.input_video = Vec::new();
+        let recorded = valid.request.clone();
         let seed = valid.request.seed.unwrap_or_default();
         let record = Job {
             job_id: id.clone(),

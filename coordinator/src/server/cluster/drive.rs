@@ -15,8 +15,8 @@ use crate::CoordinatorError;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
+use tessera_cluster::codec;
 use tessera_cluster::membership::WorkerRecord;
-use tessera_cluster::{codec, Tensor};
 use tessera_proto::capability::{JobSecret, JOB_SECRET_BYTES};
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
@@ -50,8 +50,8 @@ pub type LiveWorkers = watch::Receiver<BTreeSet<String>>;
 pub struct DriveContext<'a> {
     /// The job.
     pub job: &'a ExecJob,
-    /// Video-to-video: the prepared input `[1, 3, F, H, W]` in [−1, 1].
-    pub input_frames: Option<Tensor>,
+    /// Video-to-video: the input frames as decoded at admission (8-bit, the generated size).
+    pub input_frames: Option<std::sync::Arc<pb::InputFrames>>,
     /// Where progress goes.
     pub events: &'a mpsc::Sender<ExecEvent>,
     /// The job's stop switch.
@@ -278,7 +278,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session = u64::from_le_bytes(random_bytes::<8>()?);
-    let input_frames = cx.input_frames.as_ref().map(codec::input_frames_message).transpose()?;
+    let input_frames = cx.input_frames.as_deref().cloned();
     // Image-to-video: the image as decoded at admission, sent to every rank.
     let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
     let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();

@@ -16,7 +16,6 @@ pub(crate) use drive::MAX_MESSAGE;
 pub use table::{group_limit, ulysses_degree, Group, WorkerTable};
 
 use super::executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor};
-use super::input::prepare_request_video_blocking;
 use super::jobs::StopSignal;
 use crate::request::{RequestDefaults, ValidRequest};
 use crate::CoordinatorError;
@@ -366,10 +365,9 @@ async fn run_reserved(
     stop: &StopSignal,
     limits: DriveLimits,
 ) -> Result<ExecReport, CoordinatorError> {
-    let input_frames = prepare_request_video_blocking(&job.request).await?;
     let cx = DriveContext {
         job,
-        input_frames,
+        input_frames: job.request.video.clone(),
         events: &events,
         stop,
         live: shared.live.subscribe(),

@@ -82,15 +82,26 @@ pub struct InputLimits {
     /// Most frames read: a longer video is read up to here and no further.
     pub max_frames: usize,
     /// Most pixels decoded in all (frames × width × height), a bound on decoding time;
-    /// [`prepare_video`] counts its resized frames against it too, a bound on memory.
+    /// [`prepare_video`] counts its resized frames against it too, a bound on memory, and refuses
+    /// before decoding anything when the frames it needs would exceed it.
     pub max_decoded_pixels: u64,
+    /// Longest the decoding of one video may take (checked before each frame and after the
+    /// headers): a bound on the CPU time one request can cost.
+    pub max_seconds: std::time::Duration,
 }
 
 impl Default for InputLimits {
-    /// 4096×4096 frames, the default limit's frames (`Limits::max_frames`), 2³² pixels in all (about 1,000
-    /// 1080p frames or 4,000 frames of 832×480).
+    /// 4096×4096 frames, the default limit's frames (`Limits::max_frames`), 2³⁰ pixels in all
+    /// (about 500 1080p frames or 2,600 frames of 832×480; about 4 GiB of frames in f32 at the
+    /// peak), and 10 seconds.
     fn default() -> Self {
-        Self { max_width: 4096, max_height: 4096, max_frames: crate::request::Limits::default().max_frames as usize, max_decoded_pixels: 1 << 32 }
+        Self {
+            max_width: 4096,
+            max_height: 4096,
+            max_frames: crate::request::Limits::default().max_frames as usize,
+            max_decoded_pixels: 1 << 30,
+            max_seconds: std::time::Duration::from_secs(10),
+        }
     }
 }
 
@@ -143,12 +154,14 @@ pub struct VideoReader<'a> {
     frames_read: usize,
     pixels_decoded: u64,
     stopped_at_limit: bool,
+    started: std::time::Instant,
 }
 
 impl<'a> VideoReader<'a> {
     /// Opens `bytes` (format sniffed): reads the headers and checks the frame size; decodes no
     /// frame yet.
     pub fn open(bytes: &'a [u8], limits: InputLimits) -> Result<Self> {
+        let started = std::time::Instant::now();
         let format = InputFormat::sniff(bytes)?;
         let (source, info) = match format {
             InputFormat::Mp4 => {
@@ -167,7 +180,21 @@ impl<'a> VideoReader<'a> {
                 (Source::Png(Box::new(s)), info)
             }
         };
-        Ok(Self { info, limits, source, frames_read: 0, pixels_decoded: 0, stopped_at_limit: false })
+        let reader = Self { info, limits, source, frames_read: 0, pixels_decoded: 0, stopped_at_limit: false, started };
+        reader.check_time()?;
+        Ok(reader)
+    }
+
+    /// Refuses to go on once decoding has taken [`InputLimits::max_seconds`].
+    fn check_time(&self) -> Result<()> {
+        let spent = self.started.elapsed();
+        if spent > self.limits.max_seconds {
+            return Err(CoordinatorError::input_video(
+                InputVideoProblem::TooLarge,
+                format!("decoding took {:.1} s after {} frames, over the budget of {:?}", spent.as_secs_f64(), self.frames_read, self.limits.max_seconds),
+            ));
+        }
+        Ok(())
     }
 
     /// What the video is.
@@ -192,6 +219,7 @@ impl<'a> VideoReader<'a> {
             self.stopped_at_limit = true;
             return Ok(None);
         }
+        self.check_time()?;
         let pixels = self.info.width as u64 * self.info.height as u64;
         if self.pixels_decoded + pixels > self.limits.max_decoded_pixels {
             return Err(CoordinatorError::input_video(

@@ -67,6 +67,17 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         }
         FrameSelection::Longest => limits.max_frames,
     };
+    // What the needed frames cost, known from the headers: a video whose decoding would blow the
+    // budget is refused before a single frame is decoded (a GIF of a few hundred bytes can
+    // declare hundreds of 4096x4096 frames).
+    let needed = source.declared_frames.map_or(wanted, |d| d.min(wanted)) as u64;
+    let decoded = needed.saturating_mul(source.width as u64 * source.height as u64);
+    if decoded > limits.max_decoded_pixels {
+        return Err(CoordinatorError::input_video(
+            InputVideoProblem::TooLarge,
+            format!("{needed} frames of {}x{} would decode {decoded} pixels, over the budget of {}", source.width, source.height, limits.max_decoded_pixels),
+        ));
+    }
     let resizer = Resizer::new(source.width as usize, source.height as usize, width, height)?;
     let mut frames = Vec::new();
     while frames.len() < wanted {

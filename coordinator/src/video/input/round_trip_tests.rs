@@ -286,3 +286,35 @@ fn prepared_video_follows_the_frame_rules() {
     assert_eq!(problem(&err), Some(InputVideoProblem::TooLarge), "{err}");
     assert!(prepare_video(&bytes, 16, 16, FrameSelection::First(0), &limits).is_err());
 }
+
+/// A GIF of a few hundred bytes declaring 4096x4096 frames: refused from its headers, before
+/// any frame is decoded (it used to cost seconds of CPU and hundreds of MB).
+#[test]
+fn a_tiny_gif_declaring_huge_frames_is_refused_before_decoding() {
+    let mut bytes = Vec::new();
+    {
+        let mut e = ::gif::Encoder::new(&mut bytes, 4096, 4096, &[0, 0, 0, 255, 255, 255]).unwrap();
+        for i in 0..200u16 {
+            let frame = ::gif::Frame { left: i % 4000, top: i % 4000, width: 1, height: 1, buffer: std::borrow::Cow::Borrowed(&[1u8]), ..Default::default() };
+            e.write_frame(&frame).unwrap();
+        }
+    }
+    assert!(bytes.len() < 8 << 10, "{} bytes", bytes.len());
+    let started = std::time::Instant::now();
+    let err = prepare_video(&bytes, 832, 480, FrameSelection::First(81), &InputLimits::default()).unwrap_err();
+    assert_eq!(problem(&err), Some(InputVideoProblem::TooLarge), "{err}");
+    assert!(err.to_string().contains("81 frames of 4096x4096 would decode"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "refused only after {:?}", started.elapsed());
+}
+
+/// Decoding stops at the time budget, with the reason.
+#[test]
+fn decoding_stops_at_its_time_budget() {
+    let spec = VideoSpec::new(64, 48, 16.0).unwrap();
+    let no_time = InputLimits { max_seconds: std::time::Duration::ZERO, ..Default::default() };
+    for bytes in [mp4(spec, 3, Mp4Options::default()), gif(spec, 3), png(spec, 0)] {
+        let err = prepare_video(&bytes, 64, 48, FrameSelection::First(1), &no_time).unwrap_err();
+        assert_eq!(problem(&err), Some(InputVideoProblem::TooLarge), "{err}");
+        assert!(err.to_string().contains("over the budget of 0ns"), "{err}");
+    }
+}
