@@ -15,6 +15,7 @@ pub mod limits;
 pub mod membership;
 mod tensor;
 pub mod threads;
+pub mod tls;
 pub mod transformer_config;
 
 pub use error::{ClusterError, ShapeError};

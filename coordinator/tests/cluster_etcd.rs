@@ -6,7 +6,8 @@
 //! the same frames from 1 and 3 workers; a worker that joins later is used by the next job; a
 //! worker killed (SIGKILL) mid-job ends that job promptly with UNAVAILABLE naming it and the next
 //! job runs on the workers left; a cancelled job frees its workers; video-to-video through the
-//! cluster; garbage input video refused with INVALID_ARGUMENT.
+//! cluster; garbage input video refused with INVALID_ARGUMENT; the internal API over mutual TLS
+//! (a throwaway CA from rcgen), closed to clients without one of its certificates.
 //!
 //! Needs `etcd` (Debian's `etcd-server`) and ffprobe; without them the tests skip, except under
 //! CI=true, where they fail.
@@ -589,4 +590,85 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
 
 fn j_running(j: &tessera_proto::v1::Job) -> bool {
     j.state == JobState::Running as i32
+}
+
+/// PEM files of a throwaway CA and certificates it signed for 127.0.0.1 (one per name), written
+/// under `dir` as `{name}.crt` / `{name}.key`, the CA as `ca.crt`.
+fn certificates(dir: &std::path::Path, names: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    for name in names {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca` for `name`'s certificate under `dir`.
+fn tls_flags(dir: &std::path::Path, name: &str, ca_dir: &std::path::Path) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    vec![
+        "--tls-cert".into(),
+        path(dir.join(format!("{name}.crt"))),
+        "--tls-key".into(),
+        path(dir.join(format!("{name}.key"))),
+        "--tls-ca".into(),
+        path(ca_dir.join("ca.crt")),
+    ]
+}
+
+/// With `--tls-*` on both sides, the coordinator drives its workers over mutual TLS; a client
+/// without a certificate, or with one another CA signed, cannot reach a worker's internal API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_api_runs_over_mutual_tls() {
+    let Some(etcd) = Etcd::start().await else { return };
+    let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    certificates(ours.path(), &["coordinator", "w0"]);
+    certificates(theirs.path(), &["stranger"]);
+    let coordinator_tls = tls_flags(ours.path(), "coordinator", ours.path());
+    let mut flags = vec!["--etcd", &etcd.endpoint(), "--cluster", "mtls", "--heartbeat", HEARTBEAT, "--step-timeout", "60s"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    flags.extend(coordinator_tls);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start_with(&flags);
+    server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    let worker_tls = tls_flags(ours.path(), "w0", ours.path());
+    let w0 = Worker::start_with(&etcd, "mtls", "w0", &worker_tls.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = server.client().await;
+    wait_idle(&mut client, &["w0"], &[&w0]).await;
+    let done = ok(&server, &mut client, request(OutputFormat::PngFrames), &[&w0]).await;
+    assert_eq!(png_frames(&done, 9).len(), 9);
+
+    // The worker's internal port, reached by others.
+    let address = client.list_workers(ListWorkersRequest::default()).await.unwrap().into_inner().workers[0].address.clone();
+    let describe = |tls: Option<tonic::transport::ClientTlsConfig>| {
+        let address = address.clone();
+        async move {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}")).unwrap().connect_timeout(Duration::from_secs(5));
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).unwrap();
+            }
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let mut c = tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient::new(channel);
+            c.describe(tessera_proto::worker::v1::DescribeRequest {}).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+    };
+    let pem = |dir: &tempfile::TempDir, file: &str| std::fs::read(dir.path().join(file)).unwrap();
+    let ca = tonic::transport::Certificate::from_pem(pem(&ours, "ca.crt"));
+    let with = |dir: &tempfile::TempDir, name: &str| {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .identity(tonic::transport::Identity::from_pem(pem(dir, &format!("{name}.crt")), pem(dir, &format!("{name}.key"))))
+    };
+    assert!(describe(Some(with(&ours, "coordinator"))).await.is_ok(), "a certificate of the cluster's CA is let in");
+    assert!(describe(None).await.is_err(), "plain HTTP/2 reached a mutual-TLS worker");
+    assert!(describe(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()))).await.is_err(), "no client certificate, let in");
+    assert!(describe(Some(with(&theirs, "stranger"))).await.is_err(), "another CA's certificate, let in");
 }

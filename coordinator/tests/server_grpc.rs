@@ -497,6 +497,10 @@ fn serve_flags_are_checked_at_start_up() {
         // Off loopback, authentication is needed (or waived by name).
         (vec!["--preset", "tiny", "--listen", "0.0.0.0:0"], "--auth-token-file"),
         (vec!["--preset", "tiny", "--auth-token-file", "/nonexistent/tokens.csv"], "--auth-token-file"),
+        // Mutual TLS is for the workers of --etcd; its files are checked before anything starts.
+        (vec!["--preset", "tiny", "--tls-cert", "/nonexistent/c.pem"], "--tls-cert"),
+        (vec!["--etcd", "http://127.0.0.1:1", "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/k", "--tls-ca", "/ca"], "--tls-cert"),
+        (vec!["--etcd", "http://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "--tls-cert, --tls-key and --tls-ca"),
         (vec!["--preset", "huge"], "--preset"),
         (vec![], "--model"),
         (vec!["--model", "/nonexistent/snapshot"], "--model"),

@@ -103,6 +103,9 @@ pub struct ServeArgs {
     /// Span export (OTLP) and sampling.
     #[command(flatten)]
     telemetry: tessera_telemetry::TelemetryArgs,
+    /// Mutual TLS to the workers of --etcd: their certificates must chain to --tls-ca.
+    #[command(flatten)]
+    tls: tessera_cluster::tls::TlsArgs,
     /// The Prometheus endpoint.
     #[command(flatten)]
     metrics: tessera_telemetry::MetricsArgs,
@@ -157,6 +160,7 @@ enum Mode {
     Cluster {
         heartbeat: Heartbeat,
         limits: DriveLimits,
+        tls: Option<tonic::transport::ClientTlsConfig>,
     },
 }
 
@@ -171,12 +175,16 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         if args.recover_attempts > 0 && args.checkpoint_every == 0 {
             bail!("--checkpoint-every 0: recovery (--recover-attempts {}) needs a checkpoint at least every step count N >= 1", args.recover_attempts);
         }
-        return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() } });
+        let tls = args.tls.load().map_err(|e| anyhow!(e))?.map(|t| t.client());
+        return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() }, tls });
     }
     #[cfg(not(feature = "embedded"))]
     bail!("--etcd: this build of tessera has no in-process workers (built without the `embedded` feature); give the etcd the workers register in");
     #[cfg(feature = "embedded")]
     {
+        if args.tls.given() {
+            bail!("--tls-cert/--tls-key/--tls-ca: mutual TLS is for the workers of --etcd (in-process workers talk over loopback)");
+        }
         let (source, source_flag) = model_source(args)?;
         let model_name = args.model_name.clone().unwrap_or_else(|| source.default_name());
         if model_name.trim().is_empty() {
@@ -250,7 +258,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }
-            Mode::Cluster { heartbeat, limits } => {
+            Mode::Cluster { heartbeat, limits, tls } => {
                 let endpoints = args.etcd.join(",");
                 let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                 let default_model = args.model_name.clone();
@@ -263,6 +271,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                     recover_attempts: args.recover_attempts,
                     checkpoint_every: args.checkpoint_every,
                     startup: None,
+                    tls,
                 })
                 .map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(%bound, etcd = %endpoints, cluster = %args.cluster, "following the workers in etcd");

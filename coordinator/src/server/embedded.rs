@@ -184,6 +184,7 @@ impl EmbeddedWorkers {
         let (shutdown, _) = watch::channel(false);
         let (startup, startup_rx) = watch::channel(Startup::Loading);
         let executor = ClusterExecutor::start(ClusterExecutorConfig {
+            tls: None,
             membership: membership.clone(),
             max_ranks,
             max_tokens,

@@ -24,7 +24,7 @@ use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tokio::sync::{mpsc, watch};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument;
 
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
@@ -50,6 +50,8 @@ pub type LiveWorkers = watch::Receiver<BTreeSet<String>>;
 pub struct DriveContext<'a> {
     /// The job.
     pub job: &'a ExecJob,
+    /// Mutual TLS to the workers, when the cluster runs it.
+    pub tls: Option<&'a tonic::transport::ClientTlsConfig>,
     /// Video-to-video: the input frames as decoded at admission (8-bit, the generated size).
     pub input_frames: Option<std::sync::Arc<pb::InputFrames>>,
     /// Where progress goes.
@@ -95,15 +97,21 @@ fn refused_field(status: &tonic::Status) -> Option<String> {
     Some(field.strip_prefix("spec.").map(str::to_string).unwrap_or(field))
 }
 
-async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret) -> Result<Rank, CoordinatorError> {
+async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret, tls: Option<&ClientTlsConfig>) -> Result<Rank, CoordinatorError> {
     let fail = |detail: String| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", record.worker_id, record.address),
         during: "connect".into(),
         refused_field: None,
         detail,
     };
-    let endpoint =
-        Endpoint::from_shared(format!("http://{}", record.address)).map_err(|e| fail(format!("bad address: {e}")))?.connect_timeout(timeout).tcp_nodelay(true);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", record.address))
+        .map_err(|e| fail(format!("bad address: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| fail(format!("TLS settings: {e}")))?;
+    }
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| fail(format!("no connection within {timeout:?}")))?
@@ -251,7 +259,7 @@ pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecRep
     let interceptor = JobSecret::new(&secret);
     let mut ranks = Vec::with_capacity(group.workers.len());
     for w in &group.workers {
-        ranks.push(connect(w, cx.limits.connect, &interceptor).await?);
+        ranks.push(connect(w, cx.limits.connect, &interceptor, cx.tls).await?);
     }
     let result = stages(group, &ranks, &cx, &secret).await;
     // Release everywhere (best effort, briefly: a dead worker must not hold the job up).

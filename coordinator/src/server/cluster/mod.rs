@@ -55,6 +55,9 @@ pub struct ClusterExecutorConfig {
     /// Something the executor waits for, beyond the membership's first listing, before it is
     /// ready: the in-process workers' model loading (`None` for workers found in etcd).
     pub startup: Option<watch::Receiver<Startup>>,
+    /// Mutual TLS to the workers (`--tls-*`): this coordinator's certificate, and the CA the
+    /// workers' certificates must chain to. `None`: plain HTTP/2 (in-process workers, tests).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// How the start of the executor's own workers goes (in-process workers load their model first).
@@ -80,6 +83,7 @@ struct Shared {
     ready: watch::Sender<bool>,
     draining: AtomicBool,
     max_ranks: usize,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Shared {
@@ -131,6 +135,7 @@ impl ClusterExecutor {
             ready: watch::channel(false).0,
             draining: AtomicBool::new(false),
             max_ranks: config.max_ranks,
+            tls: config.tls.clone(),
         });
         let follower = tokio::spawn(follow(config.membership.clone(), shared.clone()));
         Ok(Self { config, shared, follower })
@@ -367,6 +372,7 @@ async fn run_reserved(
 ) -> Result<ExecReport, CoordinatorError> {
     let cx = DriveContext {
         job,
+        tls: shared.tls.as_ref(),
         input_frames: job.request.video.clone(),
         events: &events,
         stop,

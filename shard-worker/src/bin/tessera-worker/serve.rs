@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Span export (OTLP) and sampling.
     #[command(flatten)]
     telemetry: tessera_telemetry::TelemetryArgs,
+    /// Mutual TLS on the internal API: the coordinator must present a certificate of the CA.
+    #[command(flatten)]
+    tls: tessera_cluster::tls::TlsArgs,
     /// The Prometheus endpoint.
     #[command(flatten)]
     metrics: tessera_telemetry::MetricsArgs,
@@ -199,6 +202,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 async fn run(a: ServeArgs) -> Result<()> {
+    let tls = a.tls.load().map_err(|e| anyhow!(e))?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| anyhow!("--tls-cert/--tls-key/--tls-ca: {e}"))?;
+    }
     // Bind first: a port in use is reported before minutes of model loading.
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
     let metrics = a.metrics.bind().await?;
@@ -248,7 +256,7 @@ async fn run(a: ServeArgs) -> Result<()> {
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(ShardWorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {

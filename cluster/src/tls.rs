@@ -1,0 +1,94 @@
+//! Mutual TLS on the internal API (coordinator ↔ workers): each end presents a certificate the
+//! cluster's CA signed and checks the other's against that CA, so only the cluster's own
+//! processes can drive a worker or pose as one. The files come from `--tls-cert`, `--tls-key`
+//! and `--tls-ca` (PEM; all three or none), the same flags on both binaries.
+
+use std::path::{Path, PathBuf};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The internal API's TLS files (flags of `tessera serve --etcd` and `tessera-worker serve`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// This process's certificate (PEM), signed by --tls-ca: turns on mutual TLS on the internal
+    /// API (with --tls-key and --tls-ca).
+    #[arg(long, env = "TESSERA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TESSERA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster's CA certificate (PEM): the other end must present a certificate it signed.
+    #[arg(long, env = "TESSERA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The loaded certificates of one process.
+#[derive(Clone, Debug)]
+pub struct InternalTls {
+    identity: Identity,
+    ca: Certificate,
+}
+
+/// A PEM file's bytes; errors name the flag.
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(format!("{flag} {}: not a PEM file (no -----BEGIN line)", path.display()));
+    }
+    Ok(bytes)
+}
+
+impl TlsArgs {
+    /// Whether any of the flags is given.
+    pub fn given(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some()
+    }
+
+    /// The certificates, or `None` when TLS is off. Errors name the flag at fault.
+    pub fn load(&self) -> Result<Option<InternalTls>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
+                Ok(Some(InternalTls { identity, ca: Certificate::from_pem(read_pem("--tls-ca", ca)?) }))
+            }
+            _ => Err("--tls-cert, --tls-key and --tls-ca: give all three (mutual TLS) or none".into()),
+        }
+    }
+}
+
+impl InternalTls {
+    /// A server's side: its certificate, and client certificates required and checked against
+    /// the CA.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
+    }
+
+    /// A client's side: its certificate, and the server's checked against the CA (and its name
+    /// against the address dialled).
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new().identity(self.identity.clone()).ca_certificate(self.ca.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_three_files_or_none_and_errors_name_the_flag() {
+        assert!(TlsArgs::default().load().unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("a.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "hello").unwrap();
+        let half = TlsArgs { tls_cert: Some(pem.clone()), ..Default::default() };
+        assert!(half.given() && half.load().unwrap_err().contains("all three"));
+        let bad = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(junk), tls_ca: Some(pem.clone()) };
+        assert!(bad.load().unwrap_err().starts_with("--tls-key"), "{:?}", bad.load());
+        let missing = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(dir.path().join("none.pem")) };
+        assert!(missing.load().unwrap_err().starts_with("--tls-ca"));
+        let full = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(pem) };
+        assert!(full.load().unwrap().is_some(), "PEM is parsed when the connection is configured");
+    }
+}
