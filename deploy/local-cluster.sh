@@ -15,8 +15,10 @@
 # 23790), TESSERA_MODEL / TESSERA_PRESET, TESSERA_THREADS (per worker), TESSERA_MAX_RANKS,
 # TESSERA_METRICS_BASE_PORT (default 9464: the coordinator's /metrics, worker i on BASE+1+i),
 # TESSERA_DEVICE (cpu, the default, or cuda: worker i on GPU i, the group talking through NCCL),
-# TESSERA_BIN_DIR (use the binaries there instead of building release ones).
-# Logs and etcd data go to a temporary folder, printed at start.
+# TESSERA_BIN_DIR (use the binaries there instead of building release ones), TESSERA_TLS (1, the
+# default: a throwaway CA made with openssl signs a certificate for each process, and the
+# coordinator and the workers talk mutual TLS; 0: plain HTTP/2).
+# Logs, certificates and etcd data go to a temporary folder, printed at start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +60,28 @@ stop() {
 trap "stop; exit 0" INT TERM
 trap stop EXIT
 
+# Mutual TLS inside: a throwaway CA (it lives and dies with this folder) and one certificate per
+# process, each for 127.0.0.1, where they all listen.
+coordinator_tls=()
+worker_tls() { :; }
+if [[ "${TESSERA_TLS:-1}" == 1 ]]; then
+  command -v openssl >/dev/null || { echo "openssl is needed for TESSERA_TLS=1 (or run with TESSERA_TLS=0)" >&2; exit 1; }
+  tls="$dir/tls"
+  mkdir -p "$tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=tessera-local-ca" \
+    -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+  issue() {  # issue NAME: $tls/NAME.crt and NAME.key, signed by the CA, for 127.0.0.1
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout "$tls/$1.key" -out "$tls/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$tls/$1.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial -days 2 \
+      -copy_extensions copy -out "$tls/$1.crt" 2>/dev/null
+  }
+  issue coordinator
+  coordinator_tls=(--tls-cert "$tls/coordinator.crt" --tls-key "$tls/coordinator.key" --tls-ca "$tls/ca.crt")
+  worker_tls() { issue "worker-$1"; echo --tls-cert "$tls/worker-$1.crt" --tls-key "$tls/worker-$1.key" --tls-ca "$tls/ca.crt"; }
+  echo "mutual TLS between the coordinator and the workers (CA in $tls)"
+fi
+
 etcd_url="http://127.0.0.1:$etcd_port"
 peer_url="http://127.0.0.1:$((etcd_port + 1))"
 etcd --name local --data-dir "$dir/etcd" \
@@ -76,7 +100,7 @@ if [[ -n "${TESSERA_MODEL:-}" ]]; then model_flags=(--model "$TESSERA_MODEL"); e
 
 "$bin/tessera" serve --listen "127.0.0.1:$port" --etcd "$etcd_url" --cluster local \
   --metrics-listen "127.0.0.1:$metrics" \
-  --max-ranks "${TESSERA_MAX_RANKS:-0}" >"$dir/coordinator.log" 2>&1 &
+  --max-ranks "${TESSERA_MAX_RANKS:-0}" "${coordinator_tls[@]}" >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 
 worker_pids=()
@@ -84,10 +108,11 @@ for ((i = 0; i < workers; i++)); do
   listen=$((base + 2 * i))
   worker_device="cpu"
   [[ "$device" == cuda ]] && worker_device="cuda:$i"
+  read -r -a tls_flags <<<"$(worker_tls "$i")"
   "$bin/tessera-worker" --threads "$threads" serve "${model_flags[@]}" --device "$worker_device" \
     --listen "127.0.0.1:$listen" --collective "127.0.0.1:$((listen + 1))" \
     --etcd "$etcd_url" --cluster local --worker-id "worker-$i" \
-    --metrics-listen "127.0.0.1:$((metrics + 1 + i))" >"$dir/worker-$i.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$((metrics + 1 + i))" "${tls_flags[@]}" >"$dir/worker-$i.log" 2>&1 &
   pids+=($!)
   worker_pids+=($!)
   echo "worker-$i on 127.0.0.1:$listen (collectives on $((listen + 1)), device $worker_device)"

@@ -467,7 +467,8 @@ async fn two_coordinators_share_a_worker_without_losing_a_job() {
 }
 
 /// `deploy/local-cluster.sh 2` (with this build's binaries) starts a working cluster: etcd, 2
-/// workers and a coordinator on loopback, each with its own metrics port; SIGTERM stops it all.
+/// workers and a coordinator on loopback, each with its own metrics port, talking mutual TLS
+/// under a throwaway CA; SIGTERM stops it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_cluster_script_starts_a_working_cluster() {
     use std::io::{BufRead, BufReader};
@@ -493,13 +494,16 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
         .spawn()
         .expect("bash runs the script");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut mutual_tls = false;
     loop {
         let line = lines.next().expect("the script printed its addresses").unwrap();
         eprintln!("{line}");
+        mutual_tls |= line.starts_with("mutual TLS between the coordinator and the workers");
         if line.starts_with("coordinator on") {
             break;
         }
     }
+    assert!(mutual_tls, "the script runs the internal API over mutual TLS by default");
     std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
     let addr = format!("http://127.0.0.1:{port}");
     let mut client = loop {
