@@ -63,6 +63,16 @@ pub enum CoordinatorError {
         /// The queue's capacity.
         limit: usize,
     },
+    /// Accepted jobs already hold as many decoded input frames as the server keeps.
+    #[error("the server holds {held} bytes of decoded input frames of accepted jobs, and this job's {wanted} would pass its {limit}; retry later")]
+    InputFramesFull {
+        /// Bytes held now.
+        held: u64,
+        /// This job's frames.
+        wanted: u64,
+        /// The bound (`--max-input-bytes-held`).
+        limit: u64,
+    },
     /// Something named by the caller does not exist (or no longer: finished jobs expire).
     #[error("{what} not found")]
     NotFound {
@@ -173,7 +183,7 @@ impl CoordinatorError {
             Self::WorkerFailed { refused_field: Some(field), .. } => (Reason::InvalidField, Some(field)),
             Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
             Self::WorkersBusy { .. } | Self::Unavailable(_) => (Reason::Unavailable, None),
-            Self::QueueFull { .. } => (Reason::QueueFull, None),
+            Self::QueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),
             Self::Unauthenticated(_) => (Reason::Unauthenticated, None),

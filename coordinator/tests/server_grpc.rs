@@ -383,6 +383,51 @@ async fn a_client_that_stops_reading_has_its_job_stopped_after_the_send_timeout(
     drop(stream);
 }
 
+/// A small MP4 (`frames` frames of a gradient, 48x32) as bytes.
+fn small_mp4(frames: usize) -> Vec<u8> {
+    use tessera_coordinator::video::{FrameSink, Mp4Options, Mp4Writer, VideoSpec};
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let spec = VideoSpec::new(48, 32, 16.0).unwrap();
+    let mut writer = Mp4Writer::new(std::fs::File::create(file.path()).unwrap(), spec, Mp4Options::default()).unwrap();
+    for t in 0..frames {
+        let frame: Vec<f32> = (0..3 * 48 * 32).map(|i| ((i + 7 * t) % 97) as f32 / 97.0).collect();
+        writer.push_frame(&frame).unwrap();
+    }
+    writer.finish().unwrap();
+    std::fs::read(file.path()).unwrap()
+}
+
+#[tokio::test]
+async fn decoded_input_frames_held_by_accepted_jobs_are_bounded() {
+    // Each job below holds 5 decoded frames of 32x32 RGB: 15,360 bytes; the server 20,000.
+    let server = Server::start_serving(&["--max-input-bytes-held", "20000"]).await;
+    let mut client = server.client().await;
+    let video = small_mp4(6);
+    let v2v = |steps: u32| GenerateRequest { input_video: video.clone(), strength: Some(0.6), width: 32, height: 32, num_frames: 5, steps, ..small_request(1) };
+    let mut first = client.generate(v2v(1000)).await.unwrap().into_inner();
+    let Some(Event::Accepted(acc)) = first.message().await.unwrap().unwrap().event else { panic!() };
+    let full = client.generate(v2v(2)).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    assert!(full.message().contains("decoded input frames") && full.message().contains("retry later"), "{}", full.message());
+    // A text-to-video job holds no frames and is accepted meanwhile.
+    let mut t2v = client.generate(small_request(2)).await.unwrap().into_inner();
+    assert!(matches!(t2v.message().await.unwrap().unwrap().event, Some(Event::Accepted(_))));
+    drop(t2v);
+    // Once the first job ends its frames are given back.
+    client.cancel_job(CancelJobRequest { job_id: acc.job_id.clone() }).await.unwrap();
+    wait_job_state(&mut client, &acc.job_id, JobState::Cancelled, Duration::from_secs(10)).await;
+    drop(first);
+    let until = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let got = generate(&mut client, v2v(2)).await;
+        match &got.status {
+            Some(s) if s.code() == Code::ResourceExhausted && Instant::now() < until => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => break got,
+        }
+    };
+    assert!(done.status.is_none(), "{:?}", done.status);
+}
+
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::{

@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// window stays shut) has its job stopped, so that it cannot pin the workers.
     #[arg(long, env = "TESSERA_CLIENT_SEND_TIMEOUT", default_value = "60s")]
     client_send_timeout: String,
+    /// Most bytes of decoded input video frames (8-bit, at the generated size) that accepted
+    /// jobs may hold at once; past it video jobs get RESOURCE_EXHAUSTED until some finish.
+    #[arg(long, env = "TESSERA_MAX_INPUT_BYTES_HELD", default_value_t = 1 << 30)]
+    max_input_bytes_held: u64,
     /// Bytes of output per Chunk message (1 KiB to 4 MiB).
     #[arg(long, env = "TESSERA_CHUNK_SIZE", default_value_t = 1 << 20)]
     chunk_size: usize,
@@ -230,7 +234,16 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if client_send_timeout < Duration::from_millis(100) {
         bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
     }
-    let config = ServerConfig { max_queue: args.max_queue, job_retention, job_records, grace_period, chunk_size: args.chunk_size, auth, client_send_timeout };
+    let config = ServerConfig {
+        max_queue: args.max_queue,
+        job_retention,
+        job_records,
+        grace_period,
+        chunk_size: args.chunk_size,
+        auth,
+        client_send_timeout,
+        max_input_bytes_held: args.max_input_bytes_held,
+    };
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
     let _telemetry = tessera_telemetry::init("tessera-coordinator", &args.telemetry, &[("service.version", env!("CARGO_PKG_VERSION").to_string())])?;

@@ -7,6 +7,7 @@
 use crate::request::ValidRequest;
 use crate::video::input::{prepare_video, FrameSelection, InputLimits};
 use crate::CoordinatorError;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tessera_cluster::{codec, Tensor};
 
@@ -45,4 +46,73 @@ pub async fn prepare_request_video_blocking(valid: &mut ValidRequest, permits: &
     valid.video = frames.map(Arc::new);
     valid.request.input_video = Vec::new();
     Ok(())
+}
+
+/// The decoded input frames that accepted jobs hold (queued or running), bounded in bytes: past
+/// the bound a new video job is refused with RESOURCE_EXHAUSTED (retry later) instead of
+/// growing the coordinator's memory with its queue.
+#[derive(Debug)]
+pub struct HeldInput {
+    bytes: AtomicU64,
+    limit: u64,
+}
+
+/// One job's share of [`HeldInput`], given back when dropped (when its driver ends).
+#[derive(Debug)]
+pub struct HeldShare {
+    pool: Arc<HeldInput>,
+    bytes: u64,
+}
+
+impl HeldInput {
+    /// A pool of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self { bytes: AtomicU64::new(0), limit })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Takes `bytes` for a job. A video larger than the whole pool can never run here: that is
+    /// the request's fault (INVALID_ARGUMENT naming `input_video`); a full pool is RESOURCE_EXHAUSTED.
+    pub fn take(self: &Arc<Self>, bytes: u64) -> Result<HeldShare, CoordinatorError> {
+        if bytes > self.limit {
+            return Err(CoordinatorError::input_video(
+                crate::error::InputVideoProblem::TooLarge,
+                format!("its frames take {bytes} bytes decoded; this server holds at most {} bytes of input frames", self.limit),
+            ));
+        }
+        self.bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| (held + bytes <= self.limit).then_some(held + bytes))
+            .map_err(|held| CoordinatorError::InputFramesFull { held, wanted: bytes, limit: self.limit })?;
+        Ok(HeldShare { pool: self.clone(), bytes })
+    }
+}
+
+impl Drop for HeldShare {
+    fn drop(&mut self) {
+        self.pool.bytes.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_frames_are_bounded_and_given_back() {
+        let pool = HeldInput::new(100);
+        let a = pool.take(60).unwrap();
+        let full = pool.take(50).unwrap_err();
+        assert!(matches!(full, CoordinatorError::InputFramesFull { held: 60, wanted: 50, limit: 100 }), "{full}");
+        assert_eq!(tonic::Status::from(full).code(), tonic::Code::ResourceExhausted);
+        let never = pool.take(101).unwrap_err();
+        assert_eq!(tonic::Status::from(never).code(), tonic::Code::InvalidArgument, "a video larger than the pool is the request's fault");
+        drop(a);
+        assert_eq!(pool.held(), 0);
+        let _b = pool.take(100).unwrap();
+        assert_eq!(pool.held(), 100);
+    }
 }

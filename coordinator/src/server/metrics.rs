@@ -222,6 +222,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
         CoordinatorError::WorkersBusy { .. } => "workers_busy",
         CoordinatorError::QueueFull { .. } => "queue_full",
+        CoordinatorError::InputFramesFull { .. } => "input_frames_full",
         CoordinatorError::DoesNotFit(_) => "does_not_fit",
         CoordinatorError::NotFound { .. } => "not_found",
         CoordinatorError::Unauthenticated(_) => "unauthenticated",

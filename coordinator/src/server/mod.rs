@@ -24,7 +24,7 @@ pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveL
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};
-pub use input::{prepare_request_video, prepare_request_video_blocking, MAX_CONCURRENT_DECODES};
+pub use input::{prepare_request_video, prepare_request_video_blocking, HeldInput, HeldShare, MAX_CONCURRENT_DECODES};
 pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// Longest a Generate stream's next message may wait for its client to read before the job
     /// is stopped (its record says so).
     pub client_send_timeout: Duration,
+    /// Most bytes of decoded input frames that accepted jobs hold at once.
+    pub max_input_bytes_held: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +78,7 @@ impl Default for ServerConfig {
             chunk_size: 1 << 20,
             auth: Auth::Open,
             client_send_timeout: Duration::from_secs(60),
+            max_input_bytes_held: 1 << 30,
         }
     }
 }
@@ -90,6 +93,8 @@ pub struct ServiceState {
     send_timeout: Duration,
     /// Permits for decoding input media at admission.
     media_decodes: tokio::sync::Semaphore,
+    /// The decoded input frames accepted jobs hold.
+    held_input: Arc<HeldInput>,
     draining: AtomicBool,
     metrics: CoordinatorMetrics,
 }
@@ -105,6 +110,7 @@ impl ServiceState {
             chunk_size: config.chunk_size.max(1),
             send_timeout: config.client_send_timeout.max(Duration::from_millis(1)),
             media_decodes: tokio::sync::Semaphore::new(MAX_CONCURRENT_DECODES),
+            held_input: HeldInput::new(config.max_input_bytes_held),
             draining: AtomicBool::new(false),
             metrics: CoordinatorMetrics::global(),
         })

@@ -59,6 +59,8 @@ pub struct DriverJob {
     /// Longest one message may wait for the client to read (its HTTP/2 window to open) before
     /// the job is stopped: a client that stops reading cannot pin a job and its workers.
     pub send_timeout: Duration,
+    /// The job's share of the held input frames, given back when the driver ends.
+    pub _held_input: Option<super::input::HeldShare>,
 }
 
 /// Progress bookkeeping of a running job.

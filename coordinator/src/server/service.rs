@@ -113,14 +113,16 @@ impl Tessera for TesseraService {
                 state.scheduler.check_room()?;
             }
             super::input::prepare_request_video_blocking(&mut valid, &state.media_decodes).await?;
+            // The frames count against what accepted jobs may hold, until this job's driver ends.
+            let held = valid.video.as_ref().map(|v| state.held_input.take(v.rgb.len() as u64)).transpose()?;
             // An input image likewise.
             if !valid.request.input_image.is_empty() {
                 let bytes = std::mem::take(&mut valid.request.input_image);
                 valid.image = Some(std::sync::Arc::new(crate::input_image::decode_blocking(bytes).await?));
             }
-            Ok::<_, CoordinatorError>(valid)
+            Ok::<_, CoordinatorError>((valid, held))
         };
-        let mut valid = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
+        let (mut valid, held_input) = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
         // The plan joins the job's spec: the group that runs it is the size it says.
         let plan = exec.plan(&valid).inspect_err(|e| state.metrics.rejected(e))?;
         let layout = JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel };
@@ -160,7 +162,8 @@ impl Tessera for TesseraService {
             .map_err(|_| Status::internal("a new stream refused its first message"))?;
         let job = super::executor::ExecJob { id, request: valid };
         tokio::spawn(
-            drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline, send_timeout: state.send_timeout }, admission).instrument(span),
+            drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline, send_timeout: state.send_timeout, _held_input: held_input }, admission)
+                .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
