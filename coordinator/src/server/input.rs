@@ -9,16 +9,16 @@ use crate::video::input::{prepare_video, FrameSelection, InputLimits};
 use crate::CoordinatorError;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tessera_cluster::{codec, Tensor};
+use tessera_proto::worker::v1::InputFrames;
 
 /// Input videos decoded at once (each on a blocking thread, its memory bounded by the budget):
 /// a burst of requests waits its turn instead of multiplying the coordinator's peak memory.
 pub const MAX_CONCURRENT_DECODES: usize = 2;
 
-/// The request's input video as `[1, 3, F, H, W]` in [−1, 1] (F = the request's frame count),
-/// or `None` for text-to-video. Errors name `input_video` (or `num_frames` when the video is
-/// shorter than the request).
-pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<Tensor>, CoordinatorError> {
+/// The request's input video as the frames the workers are sent (F = the request's frame count,
+/// at the generated size), or `None` for text-to-video. Errors name `input_video` (or
+/// `num_frames` when the video is shorter than the request).
+pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<InputFrames>, CoordinatorError> {
     let request = &valid.request;
     if request.input_video.is_empty() {
         return Ok(None);
@@ -27,7 +27,7 @@ pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<Tensor>, Coo
     let (height, width) = valid.spec.generated_size();
     let prepared =
         prepare_video(&request.input_video, width as usize, height as usize, FrameSelection::First(request.num_frames as usize), &InputLimits::default())?;
-    Ok(Some(prepared.video))
+    Ok(Some(InputFrames { frames: prepared.frames as u32, width, height, rgb: prepared.rgb }))
 }
 
 /// Decodes the request's input video (if any) into `valid.video`, on a blocking thread once one
@@ -38,11 +38,9 @@ pub async fn prepare_request_video_blocking(valid: &mut ValidRequest, permits: &
     }
     let _permit = permits.acquire().await.map_err(|_| CoordinatorError::Unavailable("the server is shutting down".into()))?;
     let job = valid.clone();
-    let frames = tokio::task::spawn_blocking(move || {
-        prepare_request_video(&job)?.map(|video| codec::input_frames_message(&video).map_err(CoordinatorError::from)).transpose()
-    })
-    .await
-    .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))??;
+    let frames = tokio::task::spawn_blocking(move || prepare_request_video(&job))
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))??;
     valid.video = frames.map(Arc::new);
     valid.request.input_video = Vec::new();
     Ok(())

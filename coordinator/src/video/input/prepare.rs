@@ -1,7 +1,8 @@
 //! An input video prepared for the Wan video-to-video pipeline, as diffusers'
 //! `WanVideoToVideoPipeline` preprocesses it: every frame resized to the output size (stretched,
-//! Lanczos-3 as PIL, see [`super::Resizer`]), mapped from [0, 1] to [−1, 1] (`2x − 1`), stacked
-//! as `[1, 3, F, H, W]`.
+//! Lanczos-3 as PIL, see [`super::Resizer`]) and rounded to 8 bits, as the resized PIL images
+//! are; the frames are kept as interleaved 8-bit RGB, the form they travel to the workers in
+//! (each frame is rounded as soon as it is resized, so the peak is the 8-bit video).
 //!
 //! Frame count: the VAE takes 4k+1 frames. Either the caller asks for exactly F frames (the first
 //! F of the input, which must have that many), or the longest 4k+1 prefix of the input is used
@@ -12,7 +13,6 @@ use super::{InputInfo, InputLimits, Resizer, VideoReader};
 use crate::error::InputVideoProblem;
 use crate::video::VideoSpec;
 use crate::{CoordinatorError, Result};
-use tessera_cluster::Tensor;
 
 /// Which frames of the input to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,11 +23,11 @@ pub enum FrameSelection {
     Longest,
 }
 
-/// An input video ready for `GenerationParams.video`.
+/// An input video ready to be sent to the workers (`InputFrames`).
 #[derive(Clone, Debug)]
 pub struct PreparedVideo {
-    /// `[1, 3, F, H, W]`, values in [−1, 1].
-    pub video: Tensor,
+    /// F frames of `height` rows of `width` RGB pixels, interleaved, 8 bits each.
+    pub rgb: Vec<u8>,
     /// F.
     pub frames: usize,
     /// What the input was.
@@ -46,7 +46,7 @@ fn too_few(detail: String) -> CoordinatorError {
 }
 
 /// Decodes `bytes` (format sniffed), takes the frames `selection` asks for, resizes each to
-/// `width`×`height`, rounds them to 8 bits and returns them as `[1, 3, F, H, W]` in [−1, 1].
+/// `width`×`height` and rounds it to 8-bit interleaved RGB.
 pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: FrameSelection, limits: &InputLimits) -> Result<PreparedVideo> {
     for (field, side) in [("width", width), ("height", height)] {
         if side == 0 || side > VideoSpec::MAX_SIDE as usize {
@@ -79,21 +79,29 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         ));
     }
     let resizer = Resizer::new(source.width as usize, source.height as usize, width, height)?;
-    let mut frames = Vec::new();
-    while frames.len() < wanted {
+    let plane = width * height;
+    let mut rgb = Vec::new();
+    let mut frames_read = 0;
+    while frames_read < wanted {
         // The resized frames count against the same pixel budget as the decoded ones.
-        if (frames.len() as u64 + 1) * (width * height) as u64 > limits.max_decoded_pixels {
+        if (frames_read as u64 + 1) * plane as u64 > limits.max_decoded_pixels {
             return Err(CoordinatorError::input_video(
                 InputVideoProblem::TooLarge,
-                format!("{} frames of {width}x{height} exceed the budget of {} pixels", frames.len() + 1, limits.max_decoded_pixels),
+                format!("{} frames of {width}x{height} exceed the budget of {} pixels", frames_read + 1, limits.max_decoded_pixels),
             ));
         }
-        match reader.next_frame()? {
-            Some(frame) => frames.push(resizer.resize(&frame)?),
-            None => break,
+        let Some(frame) = reader.next_frame()? else { break };
+        let resized = resizer.resize(&frame)?;
+        // Rounded to 8 bits, as the resized PIL images upstream's pipeline normalises (and as
+        // the frames travel to the workers): every path sees the same input.
+        rgb.reserve(3 * plane);
+        for p in 0..plane {
+            for c in 0..3 {
+                rgb.push((resized[c * plane + p].clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
         }
+        frames_read += 1;
     }
-    let frames_read = frames.len();
     let f = match selection {
         FrameSelection::First(n) if frames_read < n => {
             let why = if reader.stopped_at_limit() { format!(" (at most {} frames are read)", limits.max_frames) } else { String::new() };
@@ -102,21 +110,9 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         FrameSelection::First(n) => n,
         FrameSelection::Longest => frames_for(frames_read).ok_or_else(|| too_few("the video has no frame".into()))?,
     };
-    frames.truncate(f);
-    let plane = width * height;
-    // Zeroed memory is mapped lazily, and each frame is freed once copied: the peak is about one
-    // copy of the video.
-    let mut data = vec![0.0f32; 3 * f * plane];
-    for (t, frame) in frames.into_iter().enumerate() {
-        for c in 0..3 {
-            let dst = &mut data[(c * f + t) * plane..][..plane];
-            // Rounded to 8 bits, as the resized PIL images upstream's pipeline normalises (and
-            // as the frames travel to the workers): every path sees the same input.
-            dst.iter_mut().zip(&frame[c * plane..(c + 1) * plane]).for_each(|(d, &x)| *d = 2.0 * ((x.clamp(0.0, 1.0) * 255.0).round() / 255.0) - 1.0);
-        }
-    }
-    let video = Tensor::new([1, 3, f, height, width], data).map_err(|e| CoordinatorError::InvalidArgument { field: "input_video", detail: e.to_string() })?;
-    Ok(PreparedVideo { video, frames: f, source, frames_read })
+    rgb.truncate(3 * f * plane);
+    rgb.shrink_to_fit();
+    Ok(PreparedVideo { rgb, frames: f, source, frames_read })
 }
 
 #[cfg(test)]

@@ -253,16 +253,16 @@ fn prepared_video_follows_the_frame_rules() {
     let bytes = mp4(spec, 11, Mp4Options { rate_control: RateControl::ConstantQp(12), ..Default::default() });
     let limits = InputLimits::default();
     let p = prepare_video(&bytes, 32, 16, FrameSelection::Longest, &limits).unwrap();
-    assert_eq!((p.frames, p.frames_read, p.video.shape()), (9, 11, &[1, 3, 9, 16, 32][..]));
-    assert!(p.video.data().iter().all(|v| (-1.0..=1.0).contains(v)));
-    // Frame t of the tensor is 2·q(resize(decoded frame t)) − 1, q rounding to 8 bits; and close
-    // to the resized pattern.
+    assert_eq!((p.frames, p.frames_read, p.rgb.len()), (9, 11, 9 * 16 * 32 * 3));
+    // Frame t is q(resize(decoded frame t)), q rounding to 8 bits; and close to the resized
+    // pattern.
     let (_, decoded) = read_all(&bytes, limits).unwrap();
     let resizer = Resizer::new(64, 48, 32, 16).unwrap();
     let small = VideoSpec::new(32, 16, 16.0).unwrap();
     for t in [0, 4, 8] {
         let want: Vec<f32> = resizer.resize(&decoded[t]).unwrap().iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() / 255.0).collect();
-        let got: Vec<f32> = (0..3).flat_map(|c| p.video.data()[(c * 9 + t) * 512..][..512].iter().map(|v| (v + 1.0) / 2.0)).collect();
+        let rgb = &p.rgb;
+        let got: Vec<f32> = (0..3).flat_map(|c| (0..512).map(move |i| rgb[(t * 512 + i) * 3 + c] as f32 / 255.0)).collect();
         assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-6), "frame {t}");
         let pattern = resizer.resize(&moving_pattern(&spec, t)).unwrap();
         assert!(psnr(&small, &pattern, &got) > 35.0, "frame {t}");
@@ -276,7 +276,7 @@ fn prepared_video_follows_the_frame_rules() {
     assert!(err.to_string().contains("at most 6 frames are read"), "{err}");
     // A still PNG is one frame; GIF frames follow the same rule.
     let p = prepare_video(&png(spec, 0), 16, 16, FrameSelection::Longest, &limits).unwrap();
-    assert_eq!(p.video.shape(), &[1, 3, 1, 16, 16]);
+    assert_eq!((p.frames, p.rgb.len()), (1, 16 * 16 * 3));
     let p = prepare_video(&gif(spec, 7), 16, 16, FrameSelection::Longest, &limits).unwrap();
     assert_eq!(p.frames, 5);
     assert!(prepare_video(&bytes, 0, 16, FrameSelection::Longest, &limits).unwrap_err().to_string().contains("width"));
