@@ -19,15 +19,22 @@ pub const MAX_CONCURRENT_DECODES: usize = 2;
 /// at the generated size), or `None` for text-to-video. Errors name `input_video` (or
 /// `num_frames` when the video is shorter than the request).
 pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<InputFrames>, CoordinatorError> {
-    let request = &valid.request;
-    if request.input_video.is_empty() {
+    if valid.request.input_video.is_empty() {
         return Ok(None);
     }
-    // Resized to the size the model generates at (the output is cropped back to the request's).
+    decode(&valid.request.input_video, frame_size(valid)).map(Some)
+}
+
+/// The size the frames are resized to, (width, height, frames): the size the model generates
+/// at (the output is cropped back to the request's), the request's frame count.
+fn frame_size(valid: &ValidRequest) -> (u32, u32, u32) {
     let (height, width) = valid.spec.generated_size();
-    let prepared =
-        prepare_video(&request.input_video, width as usize, height as usize, FrameSelection::First(request.num_frames as usize), &InputLimits::default())?;
-    Ok(Some(InputFrames { frames: prepared.frames as u32, width, height, rgb: prepared.rgb }))
+    (width, height, valid.request.num_frames)
+}
+
+fn decode(bytes: &[u8], (width, height, frames): (u32, u32, u32)) -> Result<InputFrames, CoordinatorError> {
+    let prepared = prepare_video(bytes, width as usize, height as usize, FrameSelection::First(frames as usize), &InputLimits::default())?;
+    Ok(InputFrames { frames: prepared.frames as u32, width, height, rgb: prepared.rgb })
 }
 
 /// Decodes the request's input video (if any) into `valid.video`, on a blocking thread once one
@@ -37,12 +44,12 @@ pub async fn prepare_request_video_blocking(valid: &mut ValidRequest, permits: &
         return Ok(());
     }
     let _permit = permits.acquire().await.map_err(|_| CoordinatorError::Unavailable("the server is shutting down".into()))?;
-    let job = valid.clone();
-    let frames = tokio::task::spawn_blocking(move || prepare_request_video(&job))
+    // The bytes move to the decoding thread (no copy); the request keeps none of them.
+    let (bytes, size) = (std::mem::take(&mut valid.request.input_video), frame_size(valid));
+    let frames = tokio::task::spawn_blocking(move || decode(&bytes, size))
         .await
         .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))??;
-    valid.video = frames.map(Arc::new);
-    valid.request.input_video = Vec::new();
+    valid.video = Some(Arc::new(frames));
     Ok(())
 }
 

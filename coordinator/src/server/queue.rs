@@ -45,15 +45,21 @@ impl<T> JobQueue<T> {
         if self.keys.contains_key(id) {
             return Err(CoordinatorError::invalid_argument("job_id", format!("{id:?} is already queued")));
         }
-        if self.order.len() >= self.limit {
-            return Err(CoordinatorError::QueueFull { limit: self.limit });
-        }
+        self.check_room()?;
         let key = (Reverse(priority), self.next_seq);
         self.next_seq += 1;
         let ahead = self.order.range(..key).count();
         self.order.insert(key, (id.to_string(), item));
         self.keys.insert(id.to_string(), key);
         Ok(ahead)
+    }
+
+    /// [`CoordinatorError::QueueFull`] when the queue holds `limit` entries.
+    pub fn check_room(&self) -> Result<(), CoordinatorError> {
+        if self.order.len() >= self.limit {
+            return Err(CoordinatorError::QueueFull { limit: self.limit });
+        }
+        Ok(())
     }
 
     /// Takes the entry that runs next.

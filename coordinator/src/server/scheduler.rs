@@ -57,11 +57,7 @@ impl Scheduler {
     /// QUEUE_FULL when no job could be queued now (the queue checks again when a job is queued):
     /// so that costly admission work is not done for a job that would be refused.
     pub fn check_room(&self) -> Result<(), CoordinatorError> {
-        let queue = self.queue();
-        if queue.len() >= queue.limit() {
-            return Err(CoordinatorError::QueueFull { limit: queue.limit() });
-        }
-        Ok(())
+        self.queue().check_room()
     }
 
     /// Takes job `id` out of the queue; false if it was not waiting there.

@@ -286,7 +286,6 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
     let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
     let session = u64::from_le_bytes(random_bytes::<8>()?);
-    let input_frames = cx.input_frames.as_deref().cloned();
     // Image-to-video: the image as decoded at admission, sent to every rank.
     let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
     let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
@@ -328,7 +327,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
             peers: peers.clone(),
             session,
             spec: Some(spec.clone()),
-            input_frames: input_frames.clone(),
+            input_frames: cx.input_frames.as_deref().cloned(),
             input_image: input_image.clone(),
             trace_context: trace_context.clone(),
             resume: cx.resume.clone(),
