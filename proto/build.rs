@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tessera_descriptor.bin"))
-        .compile_protos(&["tessera/v1/generate.proto", "tessera/v1/worker.proto"], &["."])?;
+        .compile_protos(&["tessera/v1/generate.proto", "tessera/v1/worker.proto", "tessera/v1/state.proto"], &["."])?;
     println!("cargo:rerun-if-changed=tessera");
     Ok(())
 }

@@ -112,6 +112,17 @@ pub enum CoordinatorError {
     /// The service cannot take or finish the work now (starting, shutting down, no workers).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The state store (job records, checkpoints, outputs) failed or cannot be reached.
+    #[error("state store: {0}")]
+    Store(String),
+    /// A finished job whose output the server no longer keeps (or never kept: no state store).
+    #[error("the output of job {job} is not kept: {why}")]
+    OutputGone {
+        /// The job's id.
+        job: String,
+        /// Why.
+        why: String,
+    },
     /// A bug or broken invariant on the server side (a job thread panicked, ...).
     #[error("internal error: {0}")]
     Internal(String),
@@ -182,7 +193,8 @@ impl CoordinatorError {
             // cluster lost the job (a worker died or timed out): retrying may succeed.
             Self::WorkerFailed { refused_field: Some(field), .. } => (Reason::InvalidField, Some(field)),
             Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
-            Self::WorkersBusy { .. } | Self::Unavailable(_) => (Reason::Unavailable, None),
+            Self::WorkersBusy { .. } | Self::Unavailable(_) | Self::Store(_) => (Reason::Unavailable, None),
+            Self::OutputGone { .. } => (Reason::Precondition, None),
             Self::QueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),

@@ -1,7 +1,7 @@
 //! `tessera`: the command-line entry point: `generate` (a video on this machine, or through a
-//! coordinator), `serve` (the coordinator's public gRPC server), `status`, `plan`, golden checks and
-//! benchmarks. Built without the `embedded` feature (the coordinator image), it has no models:
-//! `serve --etcd`, `status`, `plan` and `generate --server` only.
+//! coordinator), `serve` (the coordinator's public gRPC server), `status`, `watch`, `plan`, golden
+//! checks and benchmarks. Built without the `embedded` feature (the coordinator image), it has no
+//! models: `serve --etcd`, `status`, `watch`, `plan` and `generate --server` only.
 
 mod cli;
 #[cfg(feature = "embedded")]
@@ -25,12 +25,14 @@ enum Command {
     /// Generate a video from a prompt on this machine (CPU or GPU, --device) or through a
     /// coordinator (--server), writing MP4, GIF or PNG frames.
     Generate(Box<cli::generate::GenerateArgs>),
-    /// Serve the public gRPC API (Generate, GetJob, CancelJob, ListWorkers, ListJobs; health,
+    /// Serve the public gRPC API (Generate, WatchJob, GetJob, CancelJob, ListWorkers, ListJobs; health,
     /// reflection), with jobs on in-process workers or, with --etcd, on `tessera-worker`
     /// services found through etcd.
     Serve(Box<cli::serve::ServeArgs>),
     /// Show a coordinator's health, workers and jobs.
     Status(cli::status::StatusArgs),
+    /// Reattach to a job on a coordinator: its progress from now on and its whole output.
+    Watch(cli::watch::WatchArgs),
     /// Whether a job fits a group of devices and how long it will take: tokens, FLOPs, per-rank
     /// memory, bytes moved, predicted seconds, the best plan; --calibration against published
     /// figures.
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cli::generate::run(*args),
         Command::Serve(args) => cli::serve::run(*args),
         Command::Status(args) => cli::status::run(args),
+        Command::Watch(args) => cli::watch::run(args),
         Command::Plan(args) => cli::plan::run(*args),
         #[cfg(feature = "embedded")]
         Command::Golden(args) => cli::golden::run(args),

@@ -20,6 +20,14 @@ pub mod worker {
     }
 }
 
+/// What a coordinator stores of each job (records and blobs for restarts), package `tessera.state.v1`.
+pub mod state {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tessera.state.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of both packages, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tessera_descriptor");
 

@@ -127,6 +127,11 @@ impl EtcdMembership {
         &self.keys.cluster
     }
 
+    /// The cluster's job records, over this connection (`/tessera/<cluster>/jobs/`).
+    pub fn job_records(&self) -> Result<crate::records::EtcdRecords> {
+        crate::records::EtcdRecords::new(self.client.clone(), &self.keys.cluster, &self.keys.endpoints, self.keys.timeout)
+    }
+
     /// Renews the lease every keep-alive period. Transport failures are retried (a restarted
     /// etcd keeps its leases); the task reports `lost` and ends only when etcd says the lease is
     /// gone.

@@ -21,3 +21,4 @@ pub mod plan;
 mod remote;
 pub mod serve;
 pub mod status;
+pub mod watch;

@@ -357,15 +357,28 @@ pub fn generate(job: RemoteGenerate) -> Result<ExitCode> {
 
 async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     let format = OutputFormat::try_from(job.request.output_format).unwrap_or(OutputFormat::Mp4);
-    let mut client = TesseraClient::new(connect(&job.server, "--server").await?).max_decoding_message_size(64 << 20).max_encoding_message_size(300 << 20);
+    let mut client = api_client(&job.server).await?;
     let mut request = tonic::Request::new(job.request.clone());
     if let Some(t) = job.timeout {
         request.set_timeout(t);
     }
     tessera_telemetry::inject_metadata(request.metadata_mut());
-    let mut stream = client.generate(request).await.map_err(status_error)?.into_inner();
-    let mut writer = ChunkWriter::new(&job.output, format)?;
-    let bar = if job.quiet { ProgressBar::hidden() } else { ProgressBar::new(job.request.steps.max(1) as u64) };
+    let stream = client.generate(request).await.map_err(status_error)?.into_inner();
+    receive(stream, &job.output, format, job.quiet, job.request.steps).await
+}
+
+/// A client of the public API on `server` (`--server`), with room for large chunks and inputs.
+pub async fn api_client(server: &str) -> Result<TesseraClient<ApiChannel>> {
+    Ok(TesseraClient::new(connect(server, "--server").await?).max_decoding_message_size(64 << 20).max_encoding_message_size(300 << 20))
+}
+
+/// Follows a Generate or WatchJob stream to its end: shows the job and its progress, writes the
+/// streamed file(s) to `output` (`format` unless the job's Accepted says another), and prints
+/// what was written.
+pub async fn receive(mut stream: tonic::Streaming<tessera_proto::v1::GenerateEvent>, output: &Path, format: OutputFormat, quiet: bool, steps: u32) -> Result<ExitCode> {
+    let mut format = format;
+    let mut writer: Option<ChunkWriter> = None;
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps.max(1) as u64) };
     bar.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:30}] step {pos}/{len}  {elapsed_precise} elapsed, eta {eta}")
             .expect("valid template")
@@ -374,7 +387,7 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     bar.set_message("queued");
     // Without a terminal the bar is hidden: a progress line instead, at each phase and at least
     // every PROGRESS_EVERY while denoising.
-    let mut lines = (!job.quiet && !std::io::stderr().is_terminal()).then(ProgressLines::default);
+    let mut lines = (!quiet && !std::io::stderr().is_terminal()).then(ProgressLines::default);
     let result: Result<_> = async {
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -416,6 +429,10 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                     });
                     if let Some(r) = &a.effective_request {
                         bar.set_length(r.steps as u64);
+                        format = OutputFormat::try_from(r.output_format).unwrap_or(format);
+                    }
+                    if writer.is_none() {
+                        writer = Some(ChunkWriter::new(output, format)?);
                     }
                 }
                 Some(Event::Progress(p)) => {
@@ -432,7 +449,10 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
                     }
                     bar.set_position(p.step as u64);
                 }
-                Some(Event::Chunk(c)) => writer.push(c)?,
+                Some(Event::Chunk(c)) => match &mut writer {
+                    Some(w) => w.push(c)?,
+                    None => bail!("the server sent output before the job's Accepted"),
+                },
                 Some(Event::Done(d)) => return Ok(d),
                 None => {}
             }
@@ -443,10 +463,11 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     let done = match result {
         Ok(d) => d,
         Err(e) => {
-            writer.abandon();
+            writer.iter_mut().for_each(ChunkWriter::abandon);
             return Err(e);
         }
     };
+    let Some(writer) = writer.as_mut() else { bail!("the server sent Done without the job's Accepted") };
     if writer.open.is_some() {
         writer.abandon();
         bail!("the server sent Done before the last chunk of a file");
@@ -457,7 +478,7 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
         OutputFormat::Gif => "gif".into(),
         _ => "mp4".into(),
     };
-    println!("wrote {} ({} frames, {}x{}, {what}, {} bytes)", job.output.display(), done.num_frames, done.width, done.height, writer.bytes);
+    println!("wrote {} ({} frames, {}x{}, {what}, {} bytes)", output.display(), done.num_frames, done.width, done.height, writer.bytes);
     println!("job {} done; {}", done.job_id, done.timings.as_ref().map(timings_text).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }

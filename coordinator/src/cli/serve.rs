@@ -17,7 +17,9 @@ use tessera_cluster::duration::parse_duration;
 use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
-use tessera_coordinator::server::{serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, RecordLimits, ServerConfig, TokenFile};
+use tessera_coordinator::server::{
+    serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, JobStore, RecordLimits, ServerConfig, TokenFile,
+};
 
 /// Arguments of `tessera serve`.
 #[derive(Args)]
@@ -49,11 +51,20 @@ pub struct ServeArgs {
     max_ranks: usize,
     /// How often a job whose group loses a worker goes on, on a new group of free workers, from
     /// its last checkpoint (0: a lost worker ends the job with UNAVAILABLE).
-    #[arg(long, env = "TESSERA_RECOVER_ATTEMPTS", default_value_t = 0)]
+    #[arg(long, env = "TESSERA_RECOVER_ATTEMPTS", default_value_t = 2)]
     recover_attempts: u32,
-    /// With recovery on, copy the run out of rank 0 every this many steps (at least 1).
-    #[arg(long, env = "TESSERA_CHECKPOINT_EVERY", default_value_t = 1)]
+    /// With recovery on, copy the run out of rank 0 every this many steps (at least 1; a
+    /// diffusion-forcing run is copied at each chunk's end instead). With --state the copy is
+    /// stored too, so a restarted coordinator resumes from it.
+    #[arg(long, env = "TESSERA_CHECKPOINT_EVERY", default_value_t = 5)]
     checkpoint_every: u32,
+    /// Where jobs are kept so that they outlive this process: a folder (a volume) or
+    /// s3://BUCKET[/PREFIX] (an S3-compatible store, set up by the standard AWS_* variables). With
+    /// --etcd the job records go to etcd (under /tessera/<cluster>/jobs/) and the checkpoints,
+    /// input media and outputs here. At start, unfinished jobs found there are resumed from their
+    /// last checkpoint; finished jobs' output is kept for --job-retention, for WatchJob.
+    #[arg(long, env = "TESSERA_STATE")]
+    state: Option<String>,
     /// Longest a denoising step may take on the workers before the job is failed.
     #[arg(long, env = "TESSERA_STEP_TIMEOUT", default_value = "10m")]
     step_timeout: String,
@@ -234,7 +245,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if client_send_timeout < Duration::from_millis(100) {
         bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
     }
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         max_queue: args.max_queue,
         job_retention,
         job_records,
@@ -243,6 +254,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         auth,
         client_send_timeout,
         max_input_bytes_held: args.max_input_bytes_held,
+        store: None,
     };
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
@@ -265,6 +277,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             #[cfg(feature = "embedded")]
             Mode::Embedded { source, device, model_name, source_flag, workers } => {
                 tracing::info!(%bound, model = %model_name, %device, workers, "loading the model for the in-process workers");
+                if let Some(location) = &args.state {
+                    config.store = Some(Arc::new(JobStore::open(location, None).map_err(|e| anyhow!("--state {location}: {e}"))?));
+                }
                 let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens)
                     .await
                     .map_err(|e| anyhow!("{source_flag}: {e}"))?;
@@ -274,6 +289,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             Mode::Cluster { heartbeat, limits, tls } => {
                 let endpoints = args.etcd.join(",");
                 let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
+                if let Some(location) = &args.state {
+                    let records = membership.job_records().map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
+                    let store = JobStore::open(location, Some(Arc::new(records))).map_err(|e| anyhow!("--state {location}: {e}"))?;
+                    tracing::info!(store = %store.describe(), "jobs are stored");
+                    config.store = Some(Arc::new(store));
+                }
                 let default_model = args.model_name.clone();
                 let executor = ClusterExecutor::start(ClusterExecutorConfig {
                     membership: Arc::new(membership),

@@ -9,7 +9,10 @@ use crate::request::{RequestDefaults, ValidRequest};
 use crate::CoordinatorError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+use tessera_proto::capability::JOB_SECRET_BYTES;
+use tessera_proto::worker::v1::CheckpointResponse;
 use tessera_proto::v1::{Phase, Plan, Worker};
 use tokio::sync::{mpsc, watch};
 
@@ -20,6 +23,11 @@ pub struct ExecJob {
     pub id: String,
     /// The validated request, defaults applied, seed set (with any input video bytes).
     pub request: ValidRequest,
+    /// The job's capability on its workers, drawn at acceptance and kept with its record: every
+    /// internal call of the job carries it (a restarted coordinator releases orphans with it).
+    pub secret: [u8; JOB_SECRET_BYTES],
+    /// Where to go on from: the job's last checkpoint, when a restarted coordinator resumes it.
+    pub resume: Option<Arc<CheckpointResponse>>,
 }
 
 /// One encoded output file (a whole MP4 or GIF, one PNG frame, the latents).
@@ -51,6 +59,8 @@ pub enum ExecEvent {
     Plan(Plan),
     /// An output file is complete (PNG frames come one by one as they are decoded).
     File(OutputFile),
+    /// The run was checkpointed (sent before the step it includes is reported).
+    Checkpoint(Arc<CheckpointResponse>),
 }
 
 /// How a finished job went, as the executor measured it.

@@ -38,19 +38,20 @@ fn decode(bytes: &[u8], (width, height, frames): (u32, u32, u32)) -> Result<Inpu
 }
 
 /// Decodes the request's input video (if any) into `valid.video`, on a blocking thread once one
-/// of the [`MAX_CONCURRENT_DECODES`] permits is free, and drops its bytes from the request.
-pub async fn prepare_request_video_blocking(valid: &mut ValidRequest, permits: &tokio::sync::Semaphore) -> Result<(), CoordinatorError> {
+/// of the [`MAX_CONCURRENT_DECODES`] permits is free, and takes its bytes out of the request:
+/// they are returned (empty without a video), for the state store to keep or for dropping.
+pub async fn prepare_request_video_blocking(valid: &mut ValidRequest, permits: &tokio::sync::Semaphore) -> Result<Vec<u8>, CoordinatorError> {
     if valid.request.input_video.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let _permit = permits.acquire().await.map_err(|_| CoordinatorError::Unavailable("the server is shutting down".into()))?;
     // The bytes move to the decoding thread (no copy); the request keeps none of them.
     let (bytes, size) = (std::mem::take(&mut valid.request.input_video), frame_size(valid));
-    let frames = tokio::task::spawn_blocking(move || decode(&bytes, size))
+    let (frames, bytes) = tokio::task::spawn_blocking(move || (decode(&bytes, size), bytes))
         .await
-        .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))??;
-    valid.video = Some(Arc::new(frames));
-    Ok(())
+        .map_err(|e| CoordinatorError::Internal(format!("the video decoding thread failed: {e}")))?;
+    valid.video = Some(Arc::new(frames?));
+    Ok(bytes)
 }
 
 /// The decoded input frames that accepted jobs hold (queued or running), bounded in bytes: past

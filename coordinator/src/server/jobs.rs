@@ -250,6 +250,14 @@ impl JobTable {
         table.enforce(self.limits);
     }
 
+    /// Adds a finished record read back from the state store (its retention starts now).
+    pub fn restore_finished(&self, job: Job) {
+        let order = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.lock();
+        table.put(job.job_id.clone(), Entry { job, stop: StopSignal::default(), created: order, finished: Some((Instant::now(), order)) });
+        table.enforce(self.limits);
+    }
+
     /// Takes a record out (a job that never got queued).
     pub fn remove(&self, id: &str) {
         self.lock().take(id);

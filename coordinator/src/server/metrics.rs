@@ -229,6 +229,8 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::Cancelled(_) => "cancelled",
         CoordinatorError::DeadlineExceeded(_) => "deadline_exceeded",
         CoordinatorError::Unavailable(_) => "unavailable",
+        CoordinatorError::Store(_) => "state_store",
+        CoordinatorError::OutputGone { .. } => "output_gone",
         CoordinatorError::Internal(_) => "internal",
     }
 }

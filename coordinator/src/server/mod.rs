@@ -7,19 +7,25 @@
 
 mod auth;
 mod cluster;
+mod durable;
 #[cfg(feature = "embedded")]
 mod embedded;
 mod executor;
+mod feed;
 mod input;
 mod jobs;
+mod launch;
 mod metrics;
 mod output;
+mod persist;
 mod queue;
+mod resume;
 mod runner;
 mod scheduler;
 mod service;
 
 pub use auth::{principal, Auth, Principal, TokenFile, ADMIN_GROUP};
+pub use durable::{Blob, JobStore};
 pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, Startup, WorkerTable};
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
@@ -66,6 +72,8 @@ pub struct ServerConfig {
     pub client_send_timeout: Duration,
     /// Most bytes of decoded input frames that accepted jobs hold at once.
     pub max_input_bytes_held: u64,
+    /// Where jobs are stored so that they outlive the server (`None`: in memory only).
+    pub store: Option<Arc<JobStore>>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +87,7 @@ impl Default for ServerConfig {
             auth: Auth::Open,
             client_send_timeout: Duration::from_secs(60),
             max_input_bytes_held: 1 << 30,
+            store: None,
         }
     }
 }
@@ -97,6 +106,12 @@ pub struct ServiceState {
     held_input: Arc<HeldInput>,
     draining: AtomicBool,
     metrics: CoordinatorMetrics,
+    /// The state store, if any.
+    store: Option<Arc<JobStore>>,
+    /// What WatchJob follows of the jobs running here.
+    feeds: feed::Feeds,
+    /// How long a finished job's record and output are kept.
+    output_retention: Duration,
 }
 
 impl ServiceState {
@@ -113,6 +128,9 @@ impl ServiceState {
             held_input: HeldInput::new(config.max_input_bytes_held),
             draining: AtomicBool::new(false),
             metrics: CoordinatorMetrics::global(),
+            store: config.store.clone(),
+            feeds: feed::Feeds::default(),
+            output_retention: config.job_retention,
         })
     }
 
@@ -170,6 +188,12 @@ pub async fn serve(
     let outcome = tokio::select! {
         ready = executor.wait_ready() => match ready {
             Ok(()) => {
+                // Jobs a previous run left unfinished go first.
+                match resume::resume_stored(&state).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "resumed the stored jobs"),
+                    Err(e) => tracing::error!(error = %e, "cannot read the state store: no stored job is resumed"),
+                }
                 health.set_service_status("", ServingStatus::Serving).await;
                 health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
                 tracing::info!("model loaded; serving");

@@ -21,6 +21,12 @@ pub fn content_type(format: OutputFormat) -> &'static str {
     }
 }
 
+/// The one static MIME type this server writes that equals `stored` (files read back from the
+/// state store); anything else is reported as `application/octet-stream`.
+pub fn static_content_type(stored: &str) -> &'static str {
+    ["video/mp4", "image/gif", "image/png", LATENTS_CONTENT_TYPE].into_iter().find(|t| *t == stored).unwrap_or("application/octet-stream")
+}
+
 /// Collects each pushed frame as PNG bytes.
 struct PngBytes {
     spec: VideoSpec,

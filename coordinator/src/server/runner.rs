@@ -1,16 +1,19 @@
-//! A job's driver: one task per accepted job, owning its Generate stream. It waits for a slot (or
-//! for a cancel, the client going away, the deadline), runs the job on the executor, turns the
-//! executor's events into Progress and Chunk messages and the record's updates, and ends the
-//! stream with Done or the job's error status.
+//! A job's driver: one task per accepted (or resumed) job, owning its Generate stream when it has
+//! one. It waits for a slot (or for a cancel, the client going away, the deadline), runs the job
+//! on the executor, turns the executor's events into Progress and Chunk messages, the record's
+//! updates, the job's feed (what WatchJob streams) and, with a state store, what is stored of it
+//! ([`Persisted`]); it ends the stream with Done or the job's error status.
 
 use super::executor::{ExecEvent, ExecJob, ExecReport, OutputFile};
+use super::feed::{chunks, event, FeedEnd, JobFeed};
 use super::jobs::{pb_duration, StopReason, StopSignal, Timings};
+use super::persist::Persisted;
 use super::scheduler::Admission;
 use super::ServiceState;
 use crate::CoordinatorError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessera_proto::v1::{generate_event::Event, Chunk, Done, GenerateEvent, JobState, Phase, Progress};
+use tessera_proto::v1::{generate_event::Event, Done, GenerateEvent, JobState, Phase, Progress};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
@@ -50,8 +53,12 @@ pub struct DriverJob {
     pub job: ExecJob,
     /// When it was accepted.
     pub accepted: Instant,
-    /// Its Generate stream.
-    pub client: ClientSender,
+    /// Its Generate stream (`None` for a job resumed after a restart: watchers follow its feed).
+    pub client: Option<ClientSender>,
+    /// What WatchJob streams of it.
+    pub feed: Arc<JobFeed>,
+    /// Its durable side, with a state store.
+    pub persisted: Option<Persisted>,
     /// Its stop switch.
     pub stop: StopSignal,
     /// The client's deadline.
@@ -109,14 +116,14 @@ impl Tracker {
 pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission) {
     let id = d.job.id.clone();
     // Watchers turn the client's disconnect and its deadline into stop reasons.
-    let watch_client = tokio::spawn({
-        let (client, stop, deadline) = (d.client.clone(), d.stop.clone(), d.deadline);
-        async move {
+    let watch_client = d.client.clone().map(|client| {
+        let (stop, deadline) = (d.stop.clone(), d.deadline);
+        tokio::spawn(async move {
             client.closed().await;
             // A caller whose deadline has passed goes away because of it: that is the reason.
             let expired = deadline.is_some_and(|at| Instant::now() >= at);
             stop.stop(if expired { StopReason::Deadline } else { StopReason::ClientGone });
-        }
+        })
     });
     let watch_deadline = d.deadline.map(|at| {
         let stop = d.stop.clone();
@@ -152,8 +159,7 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
             Outcome { result: Err(reason.error()), timings, total_bytes: 0, steps: 0, predicted: None }
         }
     };
-    watch_client.abort();
-    if let Some(w) = watch_deadline {
+    for w in watch_client.into_iter().chain(watch_deadline) {
         w.abort();
     }
     finish(&state, &d, outcome).await;
@@ -172,11 +178,11 @@ struct Outcome {
     predicted: Option<Duration>,
 }
 
-/// Records the end and tells the client (the record first, so a client that reads the stream's
-/// end and then calls GetJob sees the final state).
+/// Records the end and tells the client and the watchers (the record first, so a client that
+/// reads the stream's end and then calls GetJob sees the final state).
 async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
     let id = &d.job.id;
-    match o.result {
+    let end = match o.result {
         Ok(report) => {
             state.jobs.finish(id, JobState::Succeeded, None, &o.timings);
             let t = &o.timings;
@@ -195,7 +201,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
                 width: report.width,
                 height: report.height,
             };
-            let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Ok(event(Event::Done(done))))).await;
+            FeedEnd::Done(done)
         }
         Err(e) => {
             let job_state = match &e {
@@ -207,14 +213,31 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             state.metrics.ended_badly(o.timings.total, &e, job_state == JobState::Cancelled);
             tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
             tessera_telemetry::mark_error(&tracing::Span::current(), &e);
-            // The client may be gone: that is fine.
-            let _ = tokio::time::timeout(FINAL_SEND, d.client.send(Err(Status::from(e)))).await;
+            // With a state store, a job stopped by the shutdown is resumed by the next coordinator.
+            let handed_over = d.persisted.is_some() && d.stop.reason() == Some(StopReason::Shutdown);
+            let status = match handed_over {
+                true => Status::unavailable(format!(
+                    "the server shut down before the job finished; it goes on when a coordinator starts again on the same state store: WatchJob {id} reattaches"
+                )),
+                false => Status::from(e),
+            };
+            if !handed_over {
+                if let Some(p) = &d.persisted {
+                    p.finished(state.jobs.get(id)).await;
+                }
+            }
+            FeedEnd::Failed(status)
         }
+    };
+    if let (Some(p), FeedEnd::Done(_)) = (&d.persisted, &end) {
+        p.finished(state.jobs.get(id)).await;
     }
-}
-
-fn event(e: Event) -> GenerateEvent {
-    GenerateEvent { event: Some(e) }
+    d.feed.end(end.clone());
+    state.feeds.close(id);
+    if let Some(client) = &d.client {
+        // The client may be gone: that is fine.
+        let _ = tokio::time::timeout(FINAL_SEND, client.send(super::feed::end_message(end))).await;
+    }
 }
 
 /// Runs the job on the executor, forwarding its events.
@@ -238,6 +261,9 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
         j.state = JobState::Running as i32;
         j.progress = Some(tracker.progress());
     });
+    if let Some(p) = &d.persisted {
+        p.save(state.jobs.get(&d.job.id)).await;
+    }
     tracing::info!(job = %d.job.id, queued_s = queued.as_secs_f64(), "job started");
 
     let (tx, mut rx) = mpsc::channel(64);
@@ -269,17 +295,32 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
                 let predicted = plan.predicted_duration.and_then(|p| Duration::try_from(p).ok());
                 tracker.predicted = predicted.map(|p| (Instant::now(), p));
                 state.jobs.update(&d.job.id, |j| j.plan = Some(plan));
+                if let Some(p) = &d.persisted {
+                    p.save(state.jobs.get(&d.job.id)).await;
+                }
+                None
+            }
+            ExecEvent::Checkpoint(checkpoint) => {
+                if let Some(p) = &d.persisted {
+                    p.checkpoint(state.jobs.get(&d.job.id), &checkpoint).await;
+                }
                 None
             }
             ExecEvent::File(file) => {
                 total_bytes += file.bytes.len() as u64;
-                send_file(d, file, state.chunk_size).await;
+                if let Some(p) = &d.persisted {
+                    p.output(&file).await;
+                }
+                let file = Arc::new(file);
+                d.feed.file(file.clone());
+                send_file(d, &file, state.chunk_size).await;
                 None
             }
         };
         if let Some(Event::Progress(p)) = &message {
             let p = *p;
             state.jobs.update(&d.job.id, |j| j.progress = Some(p));
+            d.feed.progress(p);
         }
         if let Some(m) = message {
             send(d, event(m)).await;
@@ -302,14 +343,15 @@ async fn run(state: &ServiceState, d: &DriverJob) -> Outcome {
     Outcome { result, timings, total_bytes, steps: tracker.done, predicted: tracker.predicted.map(|(_, d)| d) }
 }
 
-/// Sends one message unless the job is stopping; a client that is gone, or that does not take
-/// the message within the send timeout, stops the job.
+/// Sends one message unless the job is stopping (or has no client); a client that is gone, or
+/// that does not take the message within the send timeout, stops the job.
 async fn send(d: &DriverJob, message: GenerateEvent) {
+    let Some(client) = &d.client else { return };
     if d.stop.is_stopped() {
         return;
     }
     tokio::select! {
-        sent = tokio::time::timeout(d.send_timeout, d.client.send(Ok(message))) => match sent {
+        sent = tokio::time::timeout(d.send_timeout, client.send(Ok(message))) => match sent {
             Ok(Ok(())) => {}
             Ok(Err(_)) => { d.stop.stop(StopReason::ClientGone); }
             Err(_) => {
@@ -321,24 +363,16 @@ async fn send(d: &DriverJob, message: GenerateEvent) {
     }
 }
 
-/// Sends a file as chunks of at most `chunk_size` bytes.
-async fn send_file(d: &DriverJob, file: OutputFile, chunk_size: usize) {
-    let n = file.bytes.len();
-    let mut offset = 0;
-    loop {
-        let end = (offset + chunk_size).min(n);
-        let chunk = Chunk {
-            offset: offset as u64,
-            data: file.bytes[offset..end].to_vec(),
-            content_type: file.content_type.to_string(),
-            frame_index: file.frame_index,
-            last: end == n,
-        };
+/// Sends a file to the client as chunks of at most `chunk_size` bytes.
+async fn send_file(d: &DriverJob, file: &OutputFile, chunk_size: usize) {
+    if d.client.is_none() {
+        return;
+    }
+    for chunk in chunks(file, chunk_size) {
         send(d, event(Event::Chunk(chunk))).await;
-        if end == n || d.stop.is_stopped() {
+        if d.stop.is_stopped() {
             return;
         }
-        offset = end;
     }
 }
 

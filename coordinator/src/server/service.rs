@@ -1,9 +1,11 @@
-//! The `tessera.v1.Tessera` service: Generate (validate, queue, stream), GetJob, CancelJob,
-//! ListWorkers and ListJobs, over the shared [`ServiceState`].
+//! The `tessera.v1.Tessera` service: Generate (validate, queue, stream), WatchJob (reattach),
+//! GetJob, CancelJob, ListWorkers and ListJobs, over the shared [`ServiceState`].
 
 use super::auth::{principal, Principal};
-use super::jobs::{pb_timestamp, StopReason, StopSignal, Timings};
-use super::runner::{drive, DriverJob};
+use super::jobs::{pb_timestamp, StopReason, Timings};
+use super::cluster::random_bytes;
+use super::feed::{follow, replay_finished};
+use super::launch::{decode_media, launch, Launch};
 use super::ServiceState;
 use crate::request::validate;
 use crate::CoordinatorError;
@@ -13,14 +15,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tessera_cluster::JobPlan;
 use tessera_proto::v1::tessera_server::Tessera;
 use tessera_proto::v1::{
-    generate_event::Event, Accepted, CancelJobRequest, CancelJobResponse, GenerateEvent, GenerateRequest, GetJobRequest, Job, JobState, ListJobsRequest,
-    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, Phase, Progress,
+    CancelJobRequest, CancelJobResponse, GenerateEvent, GenerateRequest, GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, ListWorkersRequest,
+    ListWorkersResponse, Phase, Progress, WatchJobRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 /// Messages buffered per Generate stream before the job waits for its client.
 const STREAM_BUFFER: usize = 16;
@@ -85,56 +86,43 @@ fn not_found(id: &str) -> Status {
     CoordinatorError::NotFound { what: format!("job {id:?} (finished jobs are kept for a limited time)") }.into()
 }
 
-fn is_final(state: i32) -> bool {
+/// Whether a job in `state` has ended.
+pub fn is_final(state: i32) -> bool {
     [JobState::Succeeded, JobState::Failed, JobState::Cancelled].iter().any(|s| *s as i32 == state)
 }
 
 #[tonic::async_trait]
 impl Tessera for TesseraService {
     type GenerateStream = ReceiverStream<Result<GenerateEvent, Status>>;
+    type WatchJobStream = ReceiverStream<Result<GenerateEvent, Status>>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let state = &self.state;
         if state.is_draining() {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()).into());
         }
-        let accepted = Instant::now();
+        let accepted_at = Instant::now();
         let tenant = principal(&request).tenant;
-        let deadline = grpc_timeout(request.metadata()).map(|d| accepted + d);
+        let deadline = grpc_timeout(request.metadata()).map(|d| accepted_at + d);
         let caller = request.metadata().clone();
         let exec = &state.executor;
         let admitted = async {
-            let valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
+            let mut valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
             exec.check(&valid)?;
-            let mut valid = valid;
-            // Media is decoded once, here: not for a queue that is full anyway, and garbage is
-            // refused before the job is accepted. The job keeps the frames, not the bytes.
-            if !valid.request.input_video.is_empty() || !valid.request.input_image.is_empty() {
-                state.scheduler.check_room()?;
-            }
-            super::input::prepare_request_video_blocking(&mut valid, &state.media_decodes).await?;
-            // The frames count against what accepted jobs may hold, until this job's driver ends.
-            let held = valid.video.as_ref().map(|v| state.held_input.take(v.rgb.len() as u64)).transpose()?;
-            // An input image likewise.
-            if !valid.request.input_image.is_empty() {
-                let bytes = std::mem::take(&mut valid.request.input_image);
-                valid.image = Some(std::sync::Arc::new(crate::input_image::decode_blocking(bytes).await?));
-            }
-            Ok::<_, CoordinatorError>((valid, held))
+            let (held, media) = decode_media(state, &mut valid).await?;
+            // The plan joins the job's spec: the group that runs it is the size it says.
+            let plan = exec.plan(&valid)?;
+            let layout = JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel };
+            valid.spec = valid.spec.clone().planned(layout)?;
+            Ok::<_, CoordinatorError>((valid, held, media, plan))
         };
-        let (mut valid, held_input) = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
-        // The plan joins the job's spec: the group that runs it is the size it says.
-        let plan = exec.plan(&valid).inspect_err(|e| state.metrics.rejected(e))?;
-        let layout = JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel };
-        valid.spec = valid.spec.clone().planned(layout).map_err(CoordinatorError::from)?;
+        let (valid, held, media, plan) = admitted.await.inspect_err(|e| state.metrics.rejected(e))?;
         let id = state.jobs.new_id();
-        let stop = StopSignal::default();
-        let recorded = valid.request.clone();
         let seed = valid.request.seed.unwrap_or_default();
         let record = Job {
             job_id: id.clone(),
             state: JobState::Queued as i32,
-            request: Some(recorded.clone()),
+            request: Some(valid.request.clone()),
             plan: Some(plan.clone()),
             progress: Some(Progress { phase: Phase::Queued as i32, total_steps: valid.request.steps, ..Default::default() }),
             created: Some(pb_timestamp(SystemTime::now())),
@@ -142,29 +130,35 @@ impl Tessera for TesseraService {
             tenant,
             ..Default::default()
         };
-        state.jobs.insert(record, stop.clone());
-        let (position, admission) = match state.scheduler.enqueue(&id, valid.request.priority) {
-            Ok(q) => q,
-            Err(e) => {
-                state.jobs.remove(&id);
-                state.metrics.rejected(&e);
-                return Err(e.into());
-            }
-        };
-        state.metrics.set_queue_depth(state.scheduler.queued());
         // The job's span (child of the caller's, from `traceparent`) covers its queueing and run.
         let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, tokens = valid.spec.tokens(), steps = valid.request.steps, ranks = plan.ranks, ulysses = plan.ulysses, ring = plan.ring);
         tessera_telemetry::set_parent_from_metadata(&span, &caller);
-        span.in_scope(|| tracing::info!(job = %id, position, tokens = valid.spec.tokens(), steps = valid.request.steps, "job accepted"));
+        let (tokens, steps) = (valid.spec.tokens(), valid.request.steps);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let accepted_msg = Accepted { job_id: id.clone(), plan: Some(plan), queue_position: position as u32, seed, effective_request: Some(recorded) };
-        tx.try_send(Ok(GenerateEvent { event: Some(Event::Accepted(accepted_msg)) }))
-            .map_err(|_| Status::internal("a new stream refused its first message"))?;
-        let job = super::executor::ExecJob { id, request: valid };
-        tokio::spawn(
-            drive(state.clone(), DriverJob { job, accepted, client: tx, stop, deadline, send_timeout: state.send_timeout, _held_input: held_input }, admission)
-                .instrument(span),
-        );
+        let secret = random_bytes()?;
+        let launch_job = Launch { record, valid, secret, resume: None, client: Some(tx), deadline, held, media, accepted_at, stored: false, span: span.clone() };
+        let accepted = launch(state, launch_job).await.inspect_err(|e| state.metrics.rejected(e))?;
+        span.in_scope(|| tracing::info!(job = %id, position = accepted.queue_position, tokens, steps, "job accepted"));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = principal(&request);
+        let req = request.into_inner();
+        let id = job_id(&req.job_id)?;
+        let record = self.visible_job(&caller, id)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let chunk_size = self.state.chunk_size;
+        if let Some(feed) = self.state.feeds.get(id) {
+            tokio::spawn(follow(feed, tx, chunk_size));
+        } else if is_final(record.state) {
+            let gone = |why: &str| CoordinatorError::OutputGone { job: id.to_string(), why: why.into() };
+            let store = self.state.store.clone().ok_or_else(|| gone("this server keeps no output (it runs without --state)"))?;
+            let stored = store.get(id).await?.ok_or_else(|| gone("its retention time is over"))?;
+            tokio::spawn(replay_finished(store, record, stored, tx, chunk_size));
+        } else {
+            return Err(CoordinatorError::Unavailable(format!("job {id} is not running here yet; retry")).into());
+        }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -14,10 +14,11 @@ use crate::video::VideoSpec;
 use crate::CoordinatorError;
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_cluster::codec;
 use tessera_cluster::membership::WorkerRecord;
-use tessera_proto::capability::{JobSecret, JOB_SECRET_BYTES};
+use tessera_proto::capability::JobSecret;
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
 use tessera_proto::worker::v1 as pb;
@@ -63,11 +64,11 @@ pub struct DriveContext<'a> {
     /// Time limits.
     pub limits: DriveLimits,
     /// Resume from this checkpoint (of an earlier group) instead of starting the run.
-    pub resume: Option<pb::CheckpointResponse>,
+    pub resume: Option<Arc<pb::CheckpointResponse>>,
     /// Copy the run out of rank 0 every this many steps (0: never).
     pub checkpoint_every: u32,
     /// Where the latest checkpoint goes.
-    pub last_checkpoint: &'a std::sync::Mutex<Option<pb::CheckpointResponse>>,
+    pub last_checkpoint: &'a std::sync::Mutex<Option<Arc<pb::CheckpointResponse>>>,
 }
 
 /// A client of one worker for one job: every call carries the job's secret.
@@ -255,29 +256,49 @@ fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
 /// whatever the outcome.
 pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
     // The job's capability on its workers: sent in PrepareJob, then with every call.
-    let secret = random_bytes::<JOB_SECRET_BYTES>()?;
+    let secret = cx.job.secret;
     let interceptor = JobSecret::new(&secret);
     let mut ranks = Vec::with_capacity(group.workers.len());
     for w in &group.workers {
         ranks.push(connect(w, cx.limits.connect, &interceptor, cx.tls).await?);
     }
     let result = stages(group, &ranks, &cx, &secret).await;
-    // Release everywhere (best effort, briefly: a dead worker must not hold the job up).
-    let releases = ranks.iter().map(|r| {
-        let mut c = r.client.clone();
-        let job_id = cx.job.id.clone();
-        async move { tokio::time::timeout(Duration::from_secs(5), c.release_job(pb::ReleaseJobRequest { job_id })).await }
-    });
-    for (r, outcome) in ranks.iter().zip(futures_util::future::join_all(releases).await) {
-        if !matches!(outcome, Ok(Ok(_))) {
-            tracing::debug!(worker = %r.record.worker_id, job = %cx.job.id, "ReleaseJob did not go through (the worker may be gone)");
-        }
-    }
+    release(&ranks, &cx.job.id).await;
     // A stop wins over the error it provoked.
     match (result, cx.stop.reason()) {
         (Err(_), Some(reason)) => Err(reason.error()),
         (r, _) => r,
     }
+}
+
+/// ReleaseJob on every rank (best effort, briefly: a dead worker must not hold the job up).
+async fn release(ranks: &[Rank], job_id: &str) {
+    let releases = ranks.iter().map(|r| {
+        let mut c = r.client.clone();
+        let job_id = job_id.to_string();
+        async move { tokio::time::timeout(RELEASE_LIMIT, c.release_job(pb::ReleaseJobRequest { job_id })).await }
+    });
+    for (r, outcome) in ranks.iter().zip(futures_util::future::join_all(releases).await) {
+        if !matches!(outcome, Ok(Ok(_))) {
+            tracing::debug!(worker = %r.record.worker_id, job = %job_id, "ReleaseJob did not go through (the worker may be gone)");
+        }
+    }
+}
+
+/// How long one ReleaseJob (and the connection before it) may take.
+const RELEASE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Releases `job` on `workers` that still hold it from an earlier coordinator (best effort).
+pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&ClientTlsConfig>) {
+    let interceptor = JobSecret::new(&job.secret);
+    let mut ranks = Vec::with_capacity(workers.len());
+    for w in workers {
+        match connect(w, RELEASE_LIMIT, &interceptor, tls).await {
+            Ok(rank) => ranks.push(rank),
+            Err(e) => tracing::debug!(worker = %w.worker_id, job = %job.id, error = %e, "cannot reach a worker to release the job"),
+        }
+    }
+    release(&ranks, &job.id).await;
 }
 
 async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[u8]) -> Result<ExecReport, CoordinatorError> {
@@ -330,7 +351,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
             input_frames: cx.input_frames.as_deref().cloned(),
             input_image: input_image.clone(),
             trace_context: trace_context.clone(),
-            resume: cx.resume.clone(),
+            resume: cx.resume.as_deref().cloned(),
             nccl_unique_id: nccl_unique_id.clone(),
             job_secret: secret.to_vec(),
             ..Default::default()
@@ -380,7 +401,9 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
                 async move { c.checkpoint(req).await }
             })
             .await?;
-            *cx.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(cps.swap_remove(0));
+            let checkpoint = Arc::new(cps.swap_remove(0));
+            *cx.last_checkpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkpoint.clone());
+            send(cx.events, ExecEvent::Checkpoint(checkpoint)).await?;
         }
         // Reported once the step is also in the checkpoint (when one is due): a recovery goes on
         // from at least the step a client last saw.
@@ -510,7 +533,7 @@ async fn hand_over_shares(others: &[Rank], cx: &DriveContext<'_>, span: &tracing
 }
 
 /// `N` bytes from the operating system's random source (job secrets, group sessions).
-fn random_bytes<const N: usize>() -> Result<[u8; N], CoordinatorError> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], CoordinatorError> {
     let mut out = [0u8; N];
     getrandom::fill(&mut out).map_err(|e| CoordinatorError::Internal(format!("the system's random source failed: {e}")))?;
     Ok(out)

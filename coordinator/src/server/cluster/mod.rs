@@ -11,6 +11,7 @@ mod table;
 
 pub use admission::{admit, evaluate_group, predicted_fields};
 pub use drive::DriveLimits;
+pub(crate) use drive::random_bytes;
 #[cfg(feature = "embedded")]
 pub(crate) use drive::MAX_MESSAGE;
 pub use table::{group_limit, ulysses_degree, Group, WorkerTable};
@@ -26,7 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tessera_cluster::membership::Membership;
+use tessera_cluster::membership::{Membership, WorkerRecord};
 use tessera_proto::v1::{Plan, Worker};
 use tokio::sync::{mpsc, watch};
 
@@ -287,8 +288,12 @@ impl JobExecutor for ClusterExecutor {
         let (recover_attempts, every) = (self.config.recover_attempts, if self.config.recover_attempts > 0 { self.config.checkpoint_every.max(1) } else { 0 });
         Box::pin(async move {
             let (mut busy_retries, mut recoveries) = (0, 0);
-            let last_checkpoint = std::sync::Mutex::new(None);
-            let mut resume = None;
+            // A job a restarted coordinator resumes: its workers may still hold it.
+            if job.resume.is_some() || shared.table().records().any(|w| w.job_id.as_deref() == Some(job.id.as_str())) {
+                release_orphans(&shared, &job).await;
+            }
+            let last_checkpoint = std::sync::Mutex::new(job.resume.clone());
+            let mut resume = job.resume.clone();
             loop {
                 let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
                 shared.running.fetch_add(1, Ordering::SeqCst);
@@ -317,7 +322,7 @@ impl JobExecutor for ClusterExecutor {
                     {
                         recoveries += 1;
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        let from = resume.as_ref().map_or(0, |c: &tessera_proto::worker::v1::CheckpointResponse| c.steps_done);
+                        let from = resume.as_ref().map_or(0, |c| c.steps_done);
                         tracing::warn!(job = %job.id, error = %e, recoveries, from_step = from, "the job's group failed; recovering on a new group");
                         // The ranks that lost their peer were released and come back idle within
                         // a heartbeat or so: give them that long, so the job goes on with all of them.
@@ -354,12 +359,37 @@ async fn wait_until_free(shared: &Shared, ids: &[&str], limit: Duration, stop: &
     }
 }
 
+/// How long a resumed job waits for the workers that still held it to report themselves free.
+const ORPHAN_WAIT: Duration = Duration::from_secs(10);
+
+/// Releases the job on the workers that still run it: a coordinator that died mid-job left them
+/// holding it (until their idle timeout). The job's secret is the capability to do so.
+async fn release_orphans(shared: &Shared, job: &ExecJob) {
+    let holders: Vec<WorkerRecord> = shared.table().records().filter(|w| w.job_id.as_deref() == Some(job.id.as_str())).cloned().collect();
+    if holders.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = holders.iter().map(|w| w.worker_id.as_str()).collect();
+    tracing::info!(job = %job.id, workers = ?ids, "releasing the job on the workers that still hold it");
+    drive::release_on(&holders, job, shared.tls.as_ref()).await;
+    // Their records turn idle within a heartbeat or so; the job then reserves a group as usual.
+    let until = Instant::now() + ORPHAN_WAIT;
+    while Instant::now() < until {
+        if !shared.table().records().any(|w| w.job_id.as_deref() == Some(job.id.as_str())) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type SharedCheckpoint = Arc<tessera_proto::worker::v1::CheckpointResponse>;
+
 /// One try of a job on one group.
 struct Attempt<'a> {
     group: &'a Group,
-    resume: Option<tessera_proto::worker::v1::CheckpointResponse>,
+    resume: Option<SharedCheckpoint>,
     checkpoint_every: u32,
-    last_checkpoint: &'a std::sync::Mutex<Option<tessera_proto::worker::v1::CheckpointResponse>>,
+    last_checkpoint: &'a std::sync::Mutex<Option<SharedCheckpoint>>,
 }
 
 async fn run_reserved(
