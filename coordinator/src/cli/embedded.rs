@@ -37,7 +37,7 @@ impl EmbeddedServer {
                 runtime.block_on(async move {
                     let started = async {
                         let (embedded, executor) =
-                            EmbeddedWorkers::with_executor(source, device, &model_name, workers, 0, max_tokens).await.map_err(|e| anyhow!("{e}"))?;
+                            EmbeddedWorkers::with_executor(source, device, &model_name, workers, 0, max_tokens, 0).await.map_err(|e| anyhow!("{e}"))?;
                         // The client connects once the model is loaded and the workers listed.
                         executor.wait_ready().await.map_err(|e| anyhow!("{e}"))?;
                         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the embedded coordinator to loopback")?;

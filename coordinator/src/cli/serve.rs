@@ -188,7 +188,10 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
             bail!("--step-timeout {}: must be at least 1s", args.step_timeout);
         }
         if args.recover_attempts > 0 && args.checkpoint_every == 0 {
-            bail!("--checkpoint-every 0: recovery (--recover-attempts {}) needs a checkpoint at least every step count N >= 1", args.recover_attempts);
+            bail!(
+                "--checkpoint-every 0: recovery (--recover-attempts {}, default 2) needs a checkpoint every N >= 1 steps; --recover-attempts 0 turns recovery off",
+                args.recover_attempts
+            );
         }
         let tls = args.tls.load().map_err(|e| anyhow!(e))?.map(|t| t.client());
         return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() }, tls });
@@ -208,6 +211,17 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
         let device = tessera_worker::pipeline::resolve_pipeline_device(&args.device).map_err(|e| anyhow!("--device {}: {e}", args.device))?;
         let workers = if args.workers == 0 { default_workers(device) } else { args.workers };
         Ok(Mode::Embedded { source, device, model_name, source_flag, workers })
+    }
+}
+
+/// How often jobs are checkpointed: for recovery on the workers of --etcd, and for --state
+/// (in-process workers cannot be lost on their own: only --state needs their checkpoints).
+fn checkpoint_every(args: &ServeArgs, cluster: bool) -> u32 {
+    let wanted = args.state.is_some() || (cluster && args.recover_attempts > 0);
+    if wanted {
+        args.checkpoint_every
+    } else {
+        0
     }
 }
 
@@ -280,7 +294,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 if let Some(location) = &args.state {
                     config.store = Some(Arc::new(JobStore::open(location, None).map_err(|e| anyhow!("--state {location}: {e}"))?));
                 }
-                let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens)
+                let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens, checkpoint_every(&args, false))
                     .await
                     .map_err(|e| anyhow!("{source_flag}: {e}"))?;
                 embedded_workers = Some(embedded);
@@ -303,7 +317,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                     default_model,
                     limits,
                     recover_attempts: args.recover_attempts,
-                    checkpoint_every: args.checkpoint_every,
+                    checkpoint_every: checkpoint_every(&args, true),
                     startup: None,
                     tls,
                 })

@@ -169,8 +169,9 @@ impl EmbeddedWorkers {
     /// `max_ranks` workers, 0 = all, and `max_tokens` tokens), and in the background loads
     /// `source` on `device` and registers `workers` in-process workers serving it as
     /// `model_name`. The executor is ready (`wait_ready`) once they are registered, and fails
-    /// with the reason if the model does not load. Keep the returned workers alive as long as
-    /// the executor.
+    /// with the reason if the model does not load. Jobs are checkpointed every `checkpoint_every`
+    /// steps (0: never; with a state store, a restarted server resumes from there). Keep the
+    /// returned workers alive as long as the executor.
     pub async fn with_executor(
         source: ModelSource,
         device: Device,
@@ -178,6 +179,7 @@ impl EmbeddedWorkers {
         workers: usize,
         max_ranks: usize,
         max_tokens: usize,
+        checkpoint_every: u32,
     ) -> Result<(Self, ClusterExecutor), CoordinatorError> {
         check_workers(device != Device::Cpu, workers).map_err(|detail| CoordinatorError::invalid_argument("workers", detail))?;
         let membership = Arc::new(MemoryMembership::new(Heartbeat::default()));
@@ -191,7 +193,7 @@ impl EmbeddedWorkers {
             default_model: Some(model_name.to_string()),
             limits: DriveLimits::default(),
             recover_attempts: 0,
-            checkpoint_every: 0,
+            checkpoint_every,
             startup: Some(startup_rx),
         })?;
         let embedded = Self { membership: membership.clone(), shutdown: shutdown.clone() };

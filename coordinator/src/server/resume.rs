@@ -38,10 +38,7 @@ pub async fn resume_stored(state: &Arc<ServiceState>) -> Result<usize, Coordinat
             continue;
         }
         match resume_one(state, &store, s).await {
-            Ok(()) => {
-                resumed += 1;
-                tracing::info!(job = %id, "resumed a stored job");
-            }
+            Ok(()) => resumed += 1,
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "a stored job cannot be resumed: it fails");
                 let mut failed = job;
@@ -96,7 +93,9 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     if let Some(p) = &mut record.progress {
         p.phase = Phase::Queued as i32;
     }
-    let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, resumed = true, from_step = resume.as_ref().map_or(0, |c| c.steps_done));
+    let from_step = resume.as_ref().map_or(0, |c| c.steps_done);
+    tracing::info!(job = %id, from_step, "resuming a stored job");
+    let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, resumed = true, from_step);
     let job = Launch { record, valid, secret, resume, client: None, deadline: None, held, media, accepted_at: Instant::now(), stored: true, span };
     launch(state, job).await.map(drop)
 }

@@ -130,6 +130,12 @@ impl Server {
         self.child.id()
     }
 
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM to the server.
     pub fn sigterm(&self) {
         let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill runs").success();
@@ -228,7 +234,16 @@ impl Collected {
 
 /// Runs a Generate call to its end.
 pub async fn generate(client: &mut TesseraClient<Channel>, req: impl tonic::IntoRequest<GenerateRequest>) -> Collected {
-    let mut stream = match client.generate(req).await {
+    collect(client.generate(req).await).await
+}
+
+/// Runs a WatchJob call to its end.
+pub async fn watch(client: &mut TesseraClient<Channel>, job_id: &str) -> Collected {
+    collect(client.watch_job(tessera_proto::v1::WatchJobRequest { job_id: job_id.into() }).await).await
+}
+
+async fn collect(call: Result<tonic::Response<tonic::Streaming<GenerateEvent>>, tonic::Status>) -> Collected {
+    let mut stream = match call {
         Ok(r) => r.into_inner(),
         Err(status) => return Collected { events: Vec::new(), status: Some(status) },
     };

@@ -51,7 +51,8 @@ pub struct ClusterExecutorConfig {
     /// How many times a job whose group lost a worker goes on, on a new group, from its last
     /// checkpoint (0: a lost worker ends the job).
     pub recover_attempts: u32,
-    /// With recovery on, how often (in steps) the run is checkpointed from rank 0.
+    /// How often (in steps) the run is checkpointed from rank 0, for recovery and the state store
+    /// (0: never; a diffusion-forcing run is checkpointed at its chunks' ends).
     pub checkpoint_every: u32,
     /// Something the executor waits for, beyond the membership's first listing, before it is
     /// ready: the in-process workers' model loading (`None` for workers found in etcd).
@@ -285,7 +286,7 @@ impl JobExecutor for ClusterExecutor {
     fn run(&self, job: ExecJob, events: mpsc::Sender<ExecEvent>, stop: StopSignal) -> ExecFuture {
         let shared = self.shared.clone();
         let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
-        let (recover_attempts, every) = (self.config.recover_attempts, if self.config.recover_attempts > 0 { self.config.checkpoint_every.max(1) } else { 0 });
+        let (recover_attempts, every) = (self.config.recover_attempts, self.config.checkpoint_every);
         Box::pin(async move {
             let (mut busy_retries, mut recoveries) = (0, 0);
             // A job a restarted coordinator resumes: its workers may still hold it.
