@@ -375,7 +375,13 @@ pub async fn api_client(server: &str) -> Result<TesseraClient<ApiChannel>> {
 /// Follows a Generate or WatchJob stream to its end: shows the job and its progress, writes the
 /// streamed file(s) to `output` (`format` unless the job's Accepted says another), and prints
 /// what was written.
-pub async fn receive(mut stream: tonic::Streaming<tessera_proto::v1::GenerateEvent>, output: &Path, format: OutputFormat, quiet: bool, steps: u32) -> Result<ExitCode> {
+pub async fn receive(
+    mut stream: tonic::Streaming<tessera_proto::v1::GenerateEvent>,
+    output: &Path,
+    format: OutputFormat,
+    quiet: bool,
+    steps: u32,
+) -> Result<ExitCode> {
     let mut format = format;
     let mut writer: Option<ChunkWriter> = None;
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps.max(1) as u64) };

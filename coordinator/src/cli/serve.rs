@@ -294,9 +294,10 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 if let Some(location) = &args.state {
                     config.store = Some(Arc::new(JobStore::open(location, None).map_err(|e| anyhow!("--state {location}: {e}"))?));
                 }
-                let (embedded, executor) = EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens, checkpoint_every(&args, false))
-                    .await
-                    .map_err(|e| anyhow!("{source_flag}: {e}"))?;
+                let (embedded, executor) =
+                    EmbeddedWorkers::with_executor(source, device, &model_name, workers, args.max_ranks, args.max_tokens, checkpoint_every(&args, false))
+                        .await
+                        .map_err(|e| anyhow!("{source_flag}: {e}"))?;
                 embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }

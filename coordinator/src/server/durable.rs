@@ -129,7 +129,10 @@ impl JobStore {
     pub async fn get(&self, id: &str) -> Result<Option<StoredJob>, CoordinatorError> {
         job_dir(id)?;
         let Some(bytes) = self.records.get(id).await.map_err(|e| store_error("reading a job record", e))? else { return Ok(None) };
-        Ok((bytes.len() <= MAX_RECORD_BYTES).then(|| StoredJob::decode(bytes.as_slice()).ok()).flatten().filter(|s| s.job.as_ref().is_some_and(|j| j.job_id == id)))
+        Ok((bytes.len() <= MAX_RECORD_BYTES)
+            .then(|| StoredJob::decode(bytes.as_slice()).ok())
+            .flatten()
+            .filter(|s| s.job.as_ref().is_some_and(|j| j.job_id == id)))
     }
 
     /// Stores one blob of job `id`.
@@ -151,8 +154,15 @@ impl JobStore {
     /// Deletes a job's record and every blob of it.
     pub async fn forget(&self, id: &str) -> Result<(), CoordinatorError> {
         let dir = BlobPath::from(job_dir(id)?);
-        let paths: Vec<BlobPath> =
-            self.blobs.list(Some(&dir)).map(|m| m.map(|m| m.location)).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>().map_err(|e| store_error("listing blobs", e))?;
+        let paths: Vec<BlobPath> = self
+            .blobs
+            .list(Some(&dir))
+            .map(|m| m.map(|m| m.location))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| store_error("listing blobs", e))?;
         for p in paths {
             match self.blobs.delete(&p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -206,7 +216,8 @@ impl RecordStore for BlobRecords {
     }
 
     async fn list(&self) -> tessera_cluster::Result<Vec<(String, Vec<u8>)>> {
-        let metas: Vec<_> = self.blobs.list(Some(&BlobPath::from("records"))).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>().map_err(blob_error)?;
+        let metas: Vec<_> =
+            self.blobs.list(Some(&BlobPath::from("records"))).collect::<Vec<_>>().await.into_iter().collect::<Result<_, _>>().map_err(blob_error)?;
         let mut out = Vec::with_capacity(metas.len());
         for meta in metas {
             let Some(id) = meta.location.filename().map(str::to_string) else { continue };

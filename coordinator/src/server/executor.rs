@@ -12,8 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::capability::JOB_SECRET_BYTES;
-use tessera_proto::worker::v1::CheckpointResponse;
 use tessera_proto::v1::{Phase, Plan, Worker};
+use tessera_proto::worker::v1::CheckpointResponse;
 use tokio::sync::{mpsc, watch};
 
 /// A job handed to an executor.
@@ -121,4 +121,8 @@ pub trait JobExecutor: Send + Sync + 'static {
 
     /// Takes no new jobs from now on (workers report DRAINING); running jobs go on.
     fn drain(&self);
+
+    /// Before a job a previous coordinator ran is resumed: frees whatever the workers still hold
+    /// of it (that coordinator died mid-job), so that it, and others, can be scheduled.
+    fn release_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }

@@ -6,11 +6,11 @@
 use super::durable::{Blob, JobStore};
 use super::executor::OutputFile;
 use crate::CoordinatorError;
-use tessera_proto::state::v1::StoredJob;
-use tessera_proto::v1::{Job, JobState};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tessera_proto::state::v1::StoredJob;
 use tessera_proto::v1::{generate_event::Event, Accepted, Chunk, Done, GenerateEvent, Progress};
+use tessera_proto::v1::{Job, JobState};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
@@ -171,7 +171,9 @@ pub async fn replay_finished(store: Arc<JobStore>, record: Job, stored: StoredJo
         let bytes = match store.get_blob(&id, Blob::Output(n)).await {
             Ok(Some(b)) if b.len() as u64 == o.size => b,
             Ok(_) => {
-                let _ = out.send(Err(Status::from(CoordinatorError::OutputGone { job: id.clone(), why: format!("output file {n} is missing from the state store") }))).await;
+                let _ = out
+                    .send(Err(Status::from(CoordinatorError::OutputGone { job: id.clone(), why: format!("output file {n} is missing from the state store") })))
+                    .await;
                 return;
             }
             Err(e) => {
@@ -216,7 +218,13 @@ pub fn chunks(file: &OutputFile, chunk_size: usize) -> impl Iterator<Item = Chun
     let size = chunk_size.max(1);
     (0..n.div_ceil(size).max(1)).map(move |i| {
         let (start, end) = (i * size, ((i + 1) * size).min(n));
-        Chunk { offset: start as u64, data: file.bytes[start..end].to_vec(), content_type: file.content_type.to_string(), frame_index: file.frame_index, last: end == n }
+        Chunk {
+            offset: start as u64,
+            data: file.bytes[start..end].to_vec(),
+            content_type: file.content_type.to_string(),
+            frame_index: file.frame_index,
+            last: end == n,
+        }
     })
 }
 

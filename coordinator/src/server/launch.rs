@@ -113,7 +113,9 @@ pub async fn launch(state: &Arc<ServiceState>, l: Launch) -> Result<Accepted, Co
         effective_request: l.record.request.clone(),
     };
     if let Some(client) = &l.client {
-        client.try_send(Ok(event(Event::Accepted(accepted.clone())))).map_err(|_| CoordinatorError::Internal("a new stream refused its first message".into()))?;
+        client
+            .try_send(Ok(event(Event::Accepted(accepted.clone()))))
+            .map_err(|_| CoordinatorError::Internal("a new stream refused its first message".into()))?;
     }
     let feed = state.feeds.open(&id, accepted.clone());
     let job = ExecJob { id, request: l.valid, secret: l.secret, resume: l.resume };

@@ -25,8 +25,8 @@ mod scheduler;
 mod service;
 
 pub use auth::{principal, Auth, Principal, TokenFile, ADMIN_GROUP};
-pub use durable::{Blob, JobStore};
 pub use cluster::{ulysses_degree, ClusterExecutor, ClusterExecutorConfig, DriveLimits, Group, Startup, WorkerTable};
+pub use durable::{Blob, JobStore};
 #[cfg(feature = "embedded")]
 pub use embedded::{check_workers, default_workers, EmbeddedWorkers, ModelSource};
 pub use executor::{ExecEvent, ExecFuture, ExecJob, ExecReport, JobExecutor, OutputFile};

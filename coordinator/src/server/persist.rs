@@ -31,15 +31,7 @@ pub struct Persisted {
 impl Persisted {
     /// The durable side of job `id`.
     pub fn new(store: Arc<JobStore>, id: &str, secret: [u8; JOB_SECRET_BYTES], media: (bool, bool), retention: Duration) -> Self {
-        Self {
-            store,
-            id: id.to_string(),
-            secret,
-            has_input_video: media.0,
-            has_input_image: media.1,
-            outputs: Mutex::new(Vec::new()),
-            retention,
-        }
+        Self { store, id: id.to_string(), secret, has_input_video: media.0, has_input_image: media.1, outputs: Mutex::new(Vec::new()), retention }
     }
 
     /// The store.

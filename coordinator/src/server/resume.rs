@@ -84,9 +84,9 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     // The plan it was accepted with: the same layout gives the same video.
     valid.spec = valid.spec.clone().planned(JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel })?;
     let resume = match store.get_blob(&id, Blob::Checkpoint).await? {
-        Some(bytes) => Some(Arc::new(
-            CheckpointResponse::decode(bytes).map_err(|e| CoordinatorError::Store(format!("job {id}: its checkpoint does not decode: {e}")))?,
-        )),
+        Some(bytes) => {
+            Some(Arc::new(CheckpointResponse::decode(bytes).map_err(|e| CoordinatorError::Store(format!("job {id}: its checkpoint does not decode: {e}")))?))
+        }
         None => None,
     };
     record.state = JobState::Queued as i32;
@@ -96,6 +96,10 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     let from_step = resume.as_ref().map_or(0, |c| c.steps_done);
     tracing::info!(job = %id, from_step, "resuming a stored job");
     let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, resumed = true, from_step);
+    // Its workers may still hold it (the coordinator before died mid-job): free them first, or
+    // they would wait for their idle timeout and the job for them.
+    let orphan = super::executor::ExecJob { id: id.clone(), request: valid.clone(), secret, resume: None };
+    state.executor.release_orphans(&orphan).await;
     let job = Launch { record, valid, secret, resume, client: None, deadline: None, held, media, accepted_at: Instant::now(), stored: true, span };
     launch(state, job).await.map(drop)
 }

@@ -2,9 +2,9 @@
 //! GetJob, CancelJob, ListWorkers and ListJobs, over the shared [`ServiceState`].
 
 use super::auth::{principal, Principal};
-use super::jobs::{pb_timestamp, StopReason, Timings};
 use super::cluster::random_bytes;
 use super::feed::{follow, replay_finished};
+use super::jobs::{pb_timestamp, StopReason, Timings};
 use super::launch::{decode_media, launch, Launch};
 use super::ServiceState;
 use crate::request::validate;
@@ -136,7 +136,8 @@ impl Tessera for TesseraService {
         let (tokens, steps) = (valid.spec.tokens(), valid.request.steps);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let secret = random_bytes()?;
-        let launch_job = Launch { record, valid, secret, resume: None, client: Some(tx), deadline, held, media, accepted_at, stored: false, span: span.clone() };
+        let launch_job =
+            Launch { record, valid, secret, resume: None, client: Some(tx), deadline, held, media, accepted_at, stored: false, span: span.clone() };
         let accepted = launch(state, launch_job).await.inspect_err(|e| state.metrics.rejected(e))?;
         span.in_scope(|| tracing::info!(job = %id, position = accepted.queue_position, tokens, steps, "job accepted"));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -10,8 +10,8 @@ mod drive;
 mod table;
 
 pub use admission::{admit, evaluate_group, predicted_fields};
-pub use drive::DriveLimits;
 pub(crate) use drive::random_bytes;
+pub use drive::DriveLimits;
 #[cfg(feature = "embedded")]
 pub(crate) use drive::MAX_MESSAGE;
 pub use table::{group_limit, ulysses_degree, Group, WorkerTable};
@@ -289,10 +289,6 @@ impl JobExecutor for ClusterExecutor {
         let (recover_attempts, every) = (self.config.recover_attempts, self.config.checkpoint_every);
         Box::pin(async move {
             let (mut busy_retries, mut recoveries) = (0, 0);
-            // A job a restarted coordinator resumes: its workers may still hold it.
-            if job.resume.is_some() || shared.table().records().any(|w| w.job_id.as_deref() == Some(job.id.as_str())) {
-                release_orphans(&shared, &job).await;
-            }
             let last_checkpoint = std::sync::Mutex::new(job.resume.clone());
             let mut resume = job.resume.clone();
             loop {
@@ -342,6 +338,11 @@ impl JobExecutor for ClusterExecutor {
     fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
         self.shared.publish();
+    }
+
+    fn release_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let job = job.clone();
+        Box::pin(async move { release_orphans(&self.shared, &job).await })
     }
 }
 

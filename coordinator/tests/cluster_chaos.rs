@@ -1,0 +1,126 @@
+//! Chaos on a local cluster: a real etcd, a `tessera serve --etcd --state DIR` coordinator and two
+//! `tessera-worker` processes on loopback. One undisturbed job gives the reference frames; then a
+//! job whose coordinator is SIGKILLed mid-run (a new coordinator on the same etcd and folder
+//! releases the workers the dead one left holding it, resumes the job from its last stored
+//! checkpoint with its plan, and WatchJob returns its frames), and a job during which etcd is
+//! killed and restarted. No job is lost, and every video equals the undisturbed one byte for byte.
+//! Needs `etcd`; without it the test skips, except under CI=true, where it fails.
+
+mod common;
+#[path = "../../shard-worker/tests/common/etcd.rs"]
+mod etcd;
+#[path = "common/workers.rs"]
+mod workers;
+
+use common::server::{generate, watch, Collected, Server};
+use etcd::Etcd;
+use std::time::{Duration, Instant};
+use tessera_proto::v1::generate_event::Event;
+use tessera_proto::v1::tessera_client::TesseraClient;
+use tessera_proto::v1::{GenerateRequest, GetJobRequest, JobState, ListJobsRequest, OutputFormat};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use workers::{wait_idle, Worker, HEARTBEAT};
+
+/// PNG frames, long enough (a few seconds on two tiny workers) to be disturbed mid-run.
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a red ball bouncing on a wooden floor".into(),
+        width: 128,
+        height: 128,
+        num_frames: 9,
+        steps: 120,
+        seed: Some(11),
+        output_format: OutputFormat::PngFrames as i32,
+        ..Default::default()
+    }
+}
+
+/// Each PNG frame's bytes, from a stream that must have ended with Done.
+fn frames(c: &Collected, what: &str) -> Vec<Vec<u8>> {
+    assert!(c.status.is_none(), "{what}: the stream failed: {:?}", c.status);
+    assert!(matches!(c.events.last().and_then(|e| e.event.as_ref()), Some(Event::Done(_))), "{what}: no Done at the end");
+    (0..9).map(|i| c.file(i)).collect()
+}
+
+/// Waits until the running job has done `step` steps; returns its id and the step seen.
+async fn running_past(client: &mut TesseraClient<Channel>, step: u32) -> (String, u32) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = client.list_jobs(ListJobsRequest { states: vec![JobState::Running as i32], limit: 1 }).await.unwrap().into_inner().jobs;
+        if let Some(j) = jobs.first().filter(|j| j.progress.as_ref().is_some_and(|p| p.step >= step)) {
+            return (j.job_id.clone(), j.progress.as_ref().unwrap().step);
+        }
+        assert!(Instant::now() < until, "no job reached step {step}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn coordinator(flags: &[&str]) -> Server {
+    let server = Server::start_with(flags);
+    server.wait_health(ServingStatus::Serving, Duration::from_secs(30)).await;
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinator_and_a_restarted_etcd_lose_no_job_and_change_no_byte() {
+    let Some(mut etcd) = Etcd::start().await else { return };
+    let state = tempfile::tempdir().unwrap();
+    let endpoint = etcd.endpoint();
+    let flags = ["--etcd", &endpoint, "--cluster", "chaos", "--heartbeat", HEARTBEAT, "--step-timeout", "60s", "--state", state.path().to_str().unwrap()];
+    let flags = [&flags[..], &["--checkpoint-every", "4"]].concat();
+    let mut server = coordinator(&flags).await;
+    let mut client = server.client().await;
+    let workers = [Worker::start(&etcd, "chaos", "c0"), Worker::start(&etcd, "chaos", "c1")];
+    let all: Vec<&Worker> = workers.iter().collect();
+    wait_idle(&mut client, &["c0", "c1"], &all).await;
+    let (mut started, mut completed, mut equal) = (0, 0, 0);
+
+    let undisturbed = generate(&mut client, request()).await;
+    started += 1;
+    let expected = frames(&undisturbed, "undisturbed");
+    completed += 1;
+    let plan = client.get_job(GetJobRequest { job_id: undisturbed.job_id() }).await.unwrap().into_inner().plan.unwrap();
+    assert_eq!(plan.ranks, 2, "the job runs on both workers");
+    wait_idle(&mut client, &["c0", "c1"], &all).await;
+
+    // 1. The coordinator is SIGKILLed mid-job; another starts on the same etcd and folder.
+    let mut call = client.clone();
+    let lost = tokio::spawn(async move { generate(&mut call, request()).await });
+    started += 1;
+    let (id, killed_at) = running_past(&mut client, 8).await;
+    server.kill();
+    assert!(lost.await.unwrap().status.is_some(), "the dead coordinator's stream ends in an error");
+    let server = coordinator(&flags).await;
+    let mut client = server.client().await;
+    let resumed = watch(&mut client, &id).await;
+    let logs = || format!("{}\n{}", server.log(), workers.iter().map(|w| format!("--- {}:\n{}", w.id, w.log())).collect::<Vec<_>>().join("\n"));
+    assert!(resumed.status.is_none(), "{:?}\n{}", resumed.status, logs());
+    completed += 1;
+    equal += (frames(&resumed, "resumed after the coordinator's death") == expected) as u32;
+    let log = server.log();
+    assert!(log.contains("releasing the job on the workers that still hold it"), "the orphaned workers were not released:\n{log}");
+    let line = log.lines().find(|l| l.contains("resuming a stored job")).expect("a resumed job");
+    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step");
+    let record = client.get_job(GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(record.state, JobState::Succeeded as i32);
+    assert_eq!(record.plan.as_ref().map(|p| (p.ranks, p.ulysses, p.ring)), Some((plan.ranks, plan.ulysses, plan.ring)), "the job kept its plan");
+    eprintln!("coordinator killed at step {killed_at}; the new one resumed from step {from}");
+    assert!(from >= 4 && from <= killed_at + 4, "resumed from a stored checkpoint: {line}");
+    wait_idle(&mut client, &["c0", "c1"], &all).await;
+
+    // 2. etcd is killed and restarted mid-job.
+    let mut call = client.clone();
+    let job = tokio::spawn(async move { generate(&mut call, request()).await });
+    started += 1;
+    let (_, restarted_at) = running_past(&mut client, 8).await;
+    etcd.restart().await;
+    let survived = job.await.unwrap();
+    assert!(survived.status.is_none(), "{:?}\n{}", survived.status, logs());
+    completed += 1;
+    equal += (frames(&survived, "through the etcd restart") == expected) as u32;
+    eprintln!("etcd restarted at step {restarted_at}");
+
+    eprintln!("chaos: {started} jobs started; killed: the coordinator (SIGKILL), etcd (SIGKILL and restart); {completed} jobs completed; {equal} of 2 disturbed videos equal to the undisturbed one byte for byte");
+    assert_eq!((completed, equal), (3, 2));
+}
