@@ -18,7 +18,8 @@
 # TESSERA_BIN_DIR (use the binaries there instead of building release ones), TESSERA_TLS (1, the
 # default: a throwaway CA made with openssl signs a certificate for each process, and the
 # coordinator and the workers talk mutual TLS; 0: plain HTTP/2).
-# Logs, certificates and etcd data go to a temporary folder, printed at start.
+# Logs, certificates, etcd data and the coordinator's state store (--state: checkpoints, outputs
+# kept for `tessera watch`) go to a temporary folder, printed at start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,7 +100,7 @@ model_flags=()
 if [[ -n "${TESSERA_MODEL:-}" ]]; then model_flags=(--model "$TESSERA_MODEL"); else model_flags=(--preset "${TESSERA_PRESET:-tiny}"); fi
 
 "$bin/tessera" serve --listen "127.0.0.1:$port" --etcd "$etcd_url" --cluster local \
-  --metrics-listen "127.0.0.1:$metrics" \
+  --metrics-listen "127.0.0.1:$metrics" --state "$dir/state" \
   --max-ranks "${TESSERA_MAX_RANKS:-0}" "${coordinator_tls[@]}" >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 

@@ -53,10 +53,11 @@ async fn failure(stream: &mut Events) -> tonic::Status {
     }
 }
 
-/// etcd and a coordinator following it; `None` when etcd is missing outside CI.
-async fn cluster(name: &str) -> Option<(Etcd, Server)> {
+/// etcd and a coordinator following it, with `extra` flags; `None` when etcd is missing outside CI.
+async fn cluster(name: &str, extra: &[&str]) -> Option<(Etcd, Server)> {
     let etcd = Etcd::start().await?;
-    let server = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", name, "--heartbeat", HEARTBEAT, "--step-timeout", "60s"]);
+    let endpoint = etcd.endpoint();
+    let server = Server::start_with(&[&["--etcd", &endpoint, "--cluster", name, "--heartbeat", HEARTBEAT, "--step-timeout", "60s"], extra].concat());
     server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
     Some((etcd, server))
 }
@@ -151,7 +152,7 @@ async fn three_workers_give_the_frames_of_one_and_a_late_joiner_is_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_ends_its_job_promptly_and_the_rest_go_on() {
-    let Some((etcd, server)) = cluster("kill").await else { return };
+    let Some((etcd, server)) = cluster("kill", &["--recover-attempts", "0"]).await else { return };
     let mut client = server.client().await;
     let mut workers = [Worker::start(&etcd, "kill", "k0"), Worker::start(&etcd, "kill", "k1"), Worker::start(&etcd, "kill", "k2")];
     wait_idle(&mut client, &["k0", "k1", "k2"], &workers.iter().collect::<Vec<_>>()).await;
@@ -179,7 +180,7 @@ async fn a_killed_worker_ends_its_job_promptly_and_the_rest_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_frees_the_workers_and_video_to_video_runs_on_the_cluster() {
-    let Some((etcd, server)) = cluster("cancel").await else { return };
+    let Some((etcd, server)) = cluster("cancel", &[]).await else { return };
     let mut client = server.client().await;
     let workers = [Worker::start(&etcd, "cancel", "c0"), Worker::start(&etcd, "cancel", "c1")];
     let refs: Vec<&Worker> = workers.iter().collect();
@@ -222,7 +223,7 @@ async fn registered(etcd: &Etcd, cluster: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
-    let Some((etcd, server)) = cluster("drain").await else { return };
+    let Some((etcd, server)) = cluster("drain", &[]).await else { return };
     let mut client = server.client().await;
     // A slow heartbeat (lease TTL 6 s): a record gone within a second of the exit was revoked,
     // not left to lapse.
@@ -336,7 +337,7 @@ async fn one_trace_holds_the_job_span_and_every_workers_step_spans() {
 /// idle, one wins it, the other is refused as busy, waits and runs after: both jobs succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_share_a_worker_without_losing_a_job() {
-    let Some((etcd, first)) = cluster("shared").await else { return };
+    let Some((etcd, first)) = cluster("shared", &[]).await else { return };
     let second = Server::start_with(&["--etcd", &etcd.endpoint(), "--cluster", "shared", "--heartbeat", HEARTBEAT]);
     second.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
     let (mut c1, mut c2) = (first.client().await, second.client().await);

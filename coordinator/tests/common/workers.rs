@@ -1,5 +1,6 @@
 //! `tessera-worker serve --etcd` child processes for the cluster tests (which declare the shared
 //! `etcd` helper module beside this one), and waiting for them to be listed idle.
+#![allow(dead_code)]
 
 use crate::etcd::{self, Etcd};
 use std::path::PathBuf;
