@@ -108,7 +108,7 @@ async fn ok(server: &Server, client: &mut TesseraClient<Channel>, req: GenerateR
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_give_the_frames_of_one_and_a_late_joiner_is_used() {
-    let Some((etcd, server)) = cluster("same-frames").await else { return };
+    let Some((etcd, server)) = cluster("same-frames", &[]).await else { return };
     let mut client = server.client().await;
     let w0 = Worker::start(&etcd, "same-frames", "w0");
     wait_idle(&mut client, &["w0"], &[&w0]).await;
