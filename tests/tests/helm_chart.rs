@@ -502,12 +502,43 @@ fn check_network_policies(r: &Rendered, wgrpc: &str, collective: &str, public: &
 }
 
 /// Renders every values set and checks it; returns the renders by name.
+/// The coordinator's state store (`coordinator.state`): on by default, on a claim mounted where
+/// TESSERA_STATE points (or an S3 URL and no claim), with the one-owner Recreate strategy; and
+/// the job records' etcd on a volume.
+fn check_state_store(r: &Rendered) {
+    let coord = r.one("Deployment", "coordinator");
+    let env = r.container_env(coord, C0);
+    let Some(state) = env.get("TESSERA_STATE") else {
+        assert!(r.find("PersistentVolumeClaim", "coordinator").is_none(), "{}: a state claim without a state store", r.name);
+        return;
+    };
+    assert_eq!(coord.get("spec.strategy.type"), Some("Recreate"), "{}: one coordinator owns the state store at a time", r.name);
+    assert_eq!(coord.get("spec.replicas"), Some("1"));
+    let volume = (0..coord.len(&format!("{POD}.volumes"))).find(|i| coord.get(&format!("{POD}.volumes[{i}].name")) == Some("state"));
+    if state.starts_with("s3://") {
+        assert!(volume.is_none() && r.find("PersistentVolumeClaim", "coordinator").is_none(), "{}: an S3 store needs no volume", r.name);
+        return;
+    }
+    let volume = volume.unwrap_or_else(|| panic!("{}: TESSERA_STATE={state} but no state volume", r.name));
+    let claim = coord.req(&format!("{POD}.volumes[{volume}].persistentVolumeClaim.claimName"));
+    let mount = (0..coord.len(&format!("{C0}.volumeMounts"))).find(|i| coord.get(&format!("{C0}.volumeMounts[{i}].name")) == Some("state")).expect("state mount");
+    assert_eq!(coord.get(&format!("{C0}.volumeMounts[{mount}].mountPath")), Some(state.as_str()), "TESSERA_STATE is the mounted volume");
+    if let Some(pvc) = r.find("PersistentVolumeClaim", "coordinator") {
+        assert_eq!(pvc.get("metadata.name"), Some(claim));
+        assert_eq!(pvc.get("metadata.annotations.helm.sh/resource-policy"), Some("keep"), "uninstalling keeps the jobs' state");
+    }
+    if let Some(etcd) = r.find("StatefulSet", "etcd") {
+        assert!(etcd.has("spec.volumeClaimTemplates[0].spec.resources.requests.storage"), "{}: the job records' etcd is on a volume", r.name);
+    }
+}
+
 fn rendered_sets(t: &Tools) -> BTreeMap<String, Rendered> {
     value_sets(t)
         .into_iter()
         .map(|(name, values)| {
             let r = Rendered { docs: render(t, values.as_deref(), &[]), name: name.clone() };
             check_common(&r);
+            check_state_store(&r);
             (name, r)
         })
         .collect()
@@ -526,6 +557,15 @@ fn rendered_manifests_hold_the_deployment_contract() {
 
     let d = &sets["default values"];
     assert_eq!(gpu_request(d), (None, None), "no GPU by default");
+    assert!(d.container_env(d.one("Deployment", "coordinator"), C0).contains_key("TESSERA_STATE"), "jobs are stored by default");
+    assert!(d.find("PersistentVolumeClaim", "coordinator").is_some());
+    let s3 = Rendered { docs: render(&t, None, &["coordinator.state.url=s3://jobs/tessera"]), name: "state on S3".into() };
+    check_state_store(&s3);
+    assert_eq!(s3.container_env(s3.one("Deployment", "coordinator"), C0)["TESSERA_STATE"], "s3://jobs/tessera");
+    let off = Rendered { docs: render(&t, None, &["coordinator.state.enabled=false"]), name: "no state store".into() };
+    check_state_store(&off);
+    let two = helm_template(&t, None, &["coordinator.replicaCount=2"]);
+    assert!(!two.status.success() && text(&two).contains("one coordinator per state store"), "two coordinators on one store:\n{}", text(&two));
     assert!(d.find("StatefulSet", "etcd").is_some(), "etcd bundled by default");
     assert_eq!(d.all("NetworkPolicy").len(), 3, "worker, coordinator and etcd policies");
     assert!(d.all("ServiceMonitor").is_empty());

@@ -65,6 +65,15 @@ app.kubernetes.io/part-of: tessera
 {{- end -}}
 {{- end -}}
 
+{{/* The claim holding the coordinator's state store: the existing one named, or the chart's;
+empty when the store is off or is an S3 bucket. */}}
+{{- define "tessera.stateClaim" -}}
+{{- $s := .Values.coordinator.state -}}
+{{- if and $s.enabled (not $s.url) -}}
+{{- default (printf "%s-state" (include "tessera.coordinator.fullname" .) | trunc 63 | trimSuffix "-") $s.persistence.existingClaim -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The ServiceAccount the pods run as. */}}
 {{- define "tessera.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
