@@ -521,7 +521,8 @@ fn check_state_store(r: &Rendered) {
     }
     let volume = volume.unwrap_or_else(|| panic!("{}: TESSERA_STATE={state} but no state volume", r.name));
     let claim = coord.req(&format!("{POD}.volumes[{volume}].persistentVolumeClaim.claimName"));
-    let mount = (0..coord.len(&format!("{C0}.volumeMounts"))).find(|i| coord.get(&format!("{C0}.volumeMounts[{i}].name")) == Some("state")).expect("state mount");
+    let mount =
+        (0..coord.len(&format!("{C0}.volumeMounts"))).find(|i| coord.get(&format!("{C0}.volumeMounts[{i}].name")) == Some("state")).expect("state mount");
     assert_eq!(coord.get(&format!("{C0}.volumeMounts[{mount}].mountPath")), Some(state.as_str()), "TESSERA_STATE is the mounted volume");
     if let Some(pvc) = r.find("PersistentVolumeClaim", "coordinator") {
         assert_eq!(pvc.get("metadata.name"), Some(claim));
