@@ -223,7 +223,7 @@ async fn registered(etcd: &Etcd, cluster: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
-    let Some((etcd, server)) = cluster("drain", &[]).await else { return };
+    let Some((etcd, server)) = cluster("drain", &["--recover-attempts", "0"]).await else { return };
     let mut client = server.client().await;
     // A slow heartbeat (lease TTL 6 s): a record gone within a second of the exit was revoked,
     // not left to lapse.
@@ -252,7 +252,8 @@ async fn sigterm_drains_a_worker_its_job_finishes_and_its_lease_is_revoked() {
     }
     wait_idle(&mut client, &["d1"], &[&d1]).await;
 
-    // A job longer than the grace period: the worker leaves at the end of it, the job fails.
+    // A job longer than the grace period: the worker leaves at the end of it, and the job (with
+    // recovery off on this coordinator) fails.
     let mut d2 = Worker::start_with(&etcd, "drain", "d2", &["--grace-period", "1s"]);
     wait_idle(&mut client, &["d1", "d2"], &[&d1, &d2]).await;
     let long = GenerateRequest { steps: 400, width: 128, height: 128, num_frames: 17, ..request(OutputFormat::Mp4) };
