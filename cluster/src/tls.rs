@@ -1,7 +1,9 @@
-//! Mutual TLS on the internal API (coordinator ↔ workers): each end presents a certificate the
-//! cluster's CA signed and checks the other's against that CA, so only the cluster's own
-//! processes can drive a worker or pose as one. The files come from `--tls-cert`, `--tls-key`
-//! and `--tls-ca` (PEM; all three or none), the same flags on both binaries.
+//! TLS inside the cluster. Mutual TLS on the internal API (coordinator ↔ workers): each end
+//! presents a certificate the cluster's CA signed and checks the other's against that CA, so only
+//! the cluster's own processes can drive a worker or pose as one; the files come from
+//! `--tls-cert`, `--tls-key` and `--tls-ca` (PEM; all three or none), the same flags on both
+//! binaries. TLS to etcd ([`EtcdTlsArgs`]): etcd's CA, and this process's client certificate when
+//! etcd requires one (`--client-cert-auth`).
 
 use std::path::{Path, PathBuf};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -56,6 +58,39 @@ impl TlsArgs {
     }
 }
 
+/// TLS to etcd (flags of `tessera serve --etcd` and `tessera-worker serve --etcd`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct EtcdTlsArgs {
+    /// The CA certificate (PEM) that signed etcd's: turns on TLS to etcd (https:// endpoints).
+    #[arg(long, env = "TESSERA_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This process's client certificate for etcd (PEM, with --etcd-key), for an etcd that
+    /// requires client certificates.
+    #[arg(long, env = "TESSERA_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long, env = "TESSERA_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The client's TLS settings, or `None` when TLS to etcd is off. Errors name the flag.
+    pub fn load(&self) -> Result<Option<ClientTlsConfig>, String> {
+        let Some(ca) = &self.etcd_ca else {
+            return match self.etcd_cert.is_some() || self.etcd_key.is_some() {
+                true => Err("--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into()),
+                false => Ok(None),
+            };
+        };
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("--etcd-ca", ca)?));
+        match (&self.etcd_cert, &self.etcd_key) {
+            (None, None) => Ok(Some(config)),
+            (Some(cert), Some(key)) => Ok(Some(config.identity(Identity::from_pem(read_pem("--etcd-cert", cert)?, read_pem("--etcd-key", key)?)))),
+            _ => Err("--etcd-cert and --etcd-key: give both or neither".into()),
+        }
+    }
+}
+
 impl InternalTls {
     /// A server's side: its certificate, and client certificates required and checked against
     /// the CA.
@@ -88,7 +123,16 @@ mod tests {
         assert!(bad.load().unwrap_err().starts_with("--tls-key"), "{:?}", bad.load());
         let missing = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(dir.path().join("none.pem")) };
         assert!(missing.load().unwrap_err().starts_with("--tls-ca"));
-        let full = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(pem) };
+        let full = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(pem.clone()) };
         assert!(full.load().unwrap().is_some(), "PEM is parsed when the connection is configured");
+
+        assert!(EtcdTlsArgs::default().load().unwrap().is_none());
+        let no_ca = EtcdTlsArgs { etcd_cert: Some(pem.clone()), etcd_key: Some(pem.clone()), ..Default::default() };
+        assert!(no_ca.load().unwrap_err().contains("--etcd-ca"));
+        let half = EtcdTlsArgs { etcd_ca: Some(pem.clone()), etcd_cert: Some(pem.clone()), ..Default::default() };
+        assert!(half.load().unwrap_err().contains("both or neither"));
+        assert!(EtcdTlsArgs { etcd_ca: Some(pem.clone()), ..Default::default() }.load().unwrap().is_some(), "server authentication only");
+        let junk = EtcdTlsArgs { etcd_ca: Some(dir.path().join("junk.pem")), ..Default::default() };
+        assert!(junk.load().unwrap_err().starts_with("--etcd-ca"));
     }
 }

@@ -566,3 +566,41 @@ async fn the_internal_api_runs_over_mutual_tls() {
     assert!(describe(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(ca.clone()))).await.is_err(), "no client certificate, let in");
     assert!(describe(Some(with(&theirs, "stranger"))).await.is_err(), "another CA's certificate, let in");
 }
+
+/// etcd over TLS that requires client certificates: the coordinator and a worker connect with
+/// certificates of the cluster's CA (`--etcd-ca --etcd-cert --etcd-key`) and a job runs; over
+/// plain HTTP, or without a client certificate, etcd is out of reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_runs_over_tls_with_client_certificates() {
+    use tessera_cluster::membership::{EtcdMembership, Heartbeat};
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let certs = tempfile::tempdir().unwrap();
+    certificates(certs.path(), &["etcd", "coordinator", "w0"]);
+    let pem = |f: &str| std::fs::read(certs.path().join(f)).unwrap();
+    let ca = Certificate::from_pem(pem("ca.crt"));
+    let probe = ClientTlsConfig::new().ca_certificate(ca.clone()).identity(Identity::from_pem(pem("coordinator.crt"), pem("coordinator.key")));
+    let Some(etcd) = Etcd::start_tls(certs.path(), probe).await else { return };
+    let path = |f: String| certs.path().join(f).display().to_string();
+    let etcd_flags = |name: &str| {
+        vec!["--etcd-ca".to_string(), path("ca.crt".into()), "--etcd-cert".into(), path(format!("{name}.crt")), "--etcd-key".into(), path(format!("{name}.key"))]
+    };
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let mut flags: Vec<String> = ["--etcd", &endpoint, "--cluster", "etcdtls", "--heartbeat", HEARTBEAT, "--step-timeout", "60s"].map(String::from).to_vec();
+    flags.extend(etcd_flags("coordinator"));
+    let server = Server::start_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
+    let w0_flags = etcd_flags("w0");
+    let w0 = Worker::start_with(&etcd, "etcdtls", "w0", &w0_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = server.client().await;
+    wait_idle(&mut client, &["w0"], &[&w0]).await;
+    let done = ok(&server, &mut client, request(OutputFormat::PngFrames), &[&w0]).await;
+    assert_eq!(png_frames(&done, 9).len(), 9);
+
+    let hb = Heartbeat::default();
+    let plain = [endpoint.replacen("https://", "http://", 1)];
+    assert!(EtcdMembership::connect(&plain, "etcdtls", hb).await.is_err(), "plain HTTP reached a TLS etcd");
+    let anonymous = ClientTlsConfig::new().ca_certificate(ca);
+    assert!(EtcdMembership::connect_tls(&etcd.endpoints(), "etcdtls", hb, Some(anonymous)).await.is_err(), "no client certificate, let in");
+    assert!(EtcdMembership::connect(&etcd.endpoints(), "etcdtls", hb).await.is_err(), "an https endpoint without --etcd-ca is refused");
+}

@@ -109,13 +109,26 @@ impl EtcdMembership {
     /// Connects to etcd at `endpoints` (`http://host:port`) for the workers of `cluster`, and
     /// checks the connection with one read. Every timing comes from `heartbeat`.
     pub async fn connect(endpoints: &[String], cluster: &str, heartbeat: Heartbeat) -> Result<Self> {
+        Self::connect_tls(endpoints, cluster, heartbeat, None).await
+    }
+
+    /// [`Self::connect`], over TLS when `tls` is given (`https://host:port` endpoints; etcd's CA,
+    /// and this process's certificate for an etcd that requires client certificates).
+    pub async fn connect_tls(endpoints: &[String], cluster: &str, heartbeat: Heartbeat, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Self> {
         validate_id("cluster", cluster)?;
         if endpoints.is_empty() {
             return Err(ClusterError::input("etcd_endpoints", "no etcd endpoint given"));
         }
+        let scheme = if tls.is_some() { "https://" } else { "http://" };
+        if let Some(e) = endpoints.iter().find(|e| e.contains("://") && !e.starts_with(scheme)) {
+            return Err(ClusterError::input("etcd_endpoints", format!("{e}: with TLS to etcd {} the endpoints are {scheme}...", if tls.is_some() { "on" } else { "off" })));
+        }
         let timeout = heartbeat.request_timeout();
         let keys = Arc::new(KeySpace { cluster: cluster.to_string(), prefix: workers_prefix(cluster), endpoints: endpoints.join(","), timeout });
-        let options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        let mut options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         let client = keys.call("connect", Client::connect(endpoints, Some(options))).await?;
         let membership = Self { client, keys, heartbeat };
         membership.list().await?;

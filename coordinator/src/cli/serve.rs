@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// Mutual TLS to the workers of --etcd: their certificates must chain to --tls-ca.
     #[command(flatten)]
     tls: tessera_cluster::tls::TlsArgs,
+    /// TLS to etcd (--etcd https://...).
+    #[command(flatten)]
+    etcd_tls: tessera_cluster::tls::EtcdTlsArgs,
     /// The Prometheus endpoint.
     #[command(flatten)]
     metrics: tessera_telemetry::MetricsArgs,
@@ -200,6 +203,9 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
     bail!("--etcd: this build of tessera has no in-process workers (built without the `embedded` feature); give the etcd the workers register in");
     #[cfg(feature = "embedded")]
     {
+        if args.etcd_tls.etcd_ca.is_some() || args.etcd_tls.etcd_cert.is_some() || args.etcd_tls.etcd_key.is_some() {
+            bail!("--etcd-ca/--etcd-cert/--etcd-key: TLS to etcd is for --etcd (in-process workers use no etcd)");
+        }
         if args.tls.given() {
             bail!("--tls-cert/--tls-key/--tls-ca: mutual TLS is for the workers of --etcd (in-process workers talk over loopback)");
         }
@@ -303,7 +309,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             }
             Mode::Cluster { heartbeat, limits, tls } => {
                 let endpoints = args.etcd.join(",");
-                let membership = EtcdMembership::connect(&args.etcd, &args.cluster, heartbeat).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
+                let etcd_tls = args.etcd_tls.load().map_err(|e| anyhow!(e))?;
+                let membership =
+                    EtcdMembership::connect_tls(&args.etcd, &args.cluster, heartbeat, etcd_tls).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                 if let Some(location) = &args.state {
                     let records = membership.job_records().map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                     let store = JobStore::open(location, Some(Arc::new(records))).map_err(|e| anyhow!("--state {location}: {e}"))?;

@@ -27,6 +27,9 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// With TLS: the folder holding `ca.crt`, `etcd.crt` and `etcd.key`, and how the start-up
+    /// probe connects (a client certificate of that CA).
+    tls: Option<(PathBuf, tonic::transport::ClientTlsConfig)>,
 }
 
 pub fn free_port() -> u16 {
@@ -69,13 +72,25 @@ impl Etcd {
         // Data on tmpfs where there is one: etcd fsyncs every write.
         let shm = std::path::Path::new("/dev/shm");
         let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
-        let mut etcd = Self { binary, child: None, dir, client_port: free_port(), peer_port: free_port() };
+        let mut etcd = Self { binary, child: None, dir, client_port: free_port(), peer_port: free_port(), tls: None };
+        etcd.spawn().await;
+        Some(etcd)
+    }
+
+    /// Starts etcd serving clients over TLS with its certificate from `certs` (`etcd.crt`,
+    /// `etcd.key`, for 127.0.0.1) and requiring client certificates of `certs/ca.crt`; `probe` is
+    /// how the start-up check connects. `None` when etcd is not installed (outside CI).
+    pub async fn start_tls(certs: &std::path::Path, probe: tonic::transport::ClientTlsConfig) -> Option<Self> {
+        let binary = etcd_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut etcd = Self { binary, child: None, dir, client_port: free_port(), peer_port: free_port(), tls: Some((certs.to_path_buf(), probe)) };
         etcd.spawn().await;
         Some(etcd)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -85,6 +100,13 @@ impl Etcd {
     async fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::options().create(true).append(true).open(self.dir.path().join("etcd.log")).unwrap();
+        let tls: Vec<String> = match &self.tls {
+            Some((certs, _)) => {
+                let file = |name: &str| certs.join(name).display().to_string();
+                vec!["--cert-file".into(), file("etcd.crt"), "--key-file".into(), file("etcd.key"), "--trusted-ca-file".into(), file("ca.crt"), "--client-cert-auth".into()]
+            }
+            None => Vec::new(),
+        };
         let child = Command::new(&self.binary)
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("data"))
@@ -93,6 +115,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("t={peer}")])
             // Short raft timings lower etcd's minimum lease TTL to 1 s.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(&tls)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -101,7 +124,8 @@ impl Etcd {
         self.child = Some(child);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
-            if EtcdMembership::connect(&self.endpoints(), "probe", heartbeat()).await.is_ok() {
+            let probe = self.tls.as_ref().map(|(_, c)| c.clone());
+            if EtcdMembership::connect_tls(&self.endpoints(), "probe", heartbeat(), probe).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// Mutual TLS on the internal API: the coordinator must present a certificate of the CA.
     #[command(flatten)]
     tls: tessera_cluster::tls::TlsArgs,
+    /// TLS to etcd.
+    #[command(flatten)]
+    etcd_tls: tessera_cluster::tls::EtcdTlsArgs,
     /// The Prometheus endpoint.
     #[command(flatten)]
     metrics: tessera_telemetry::MetricsArgs,
@@ -227,7 +230,8 @@ async fn run(a: ServeArgs) -> Result<()> {
         tracing::warn!("no --etcd: this worker is not registered anywhere (coordinators will not find it)");
         None
     } else {
-        let m = EtcdMembership::connect(&a.etcd, &a.cluster, s.heartbeat).await.map_err(|e| anyhow!("--etcd {}: {e}", a.etcd.join(",")))?;
+        let etcd_tls = a.etcd_tls.load().map_err(|e| anyhow!(e))?;
+        let m = EtcdMembership::connect_tls(&a.etcd, &a.cluster, s.heartbeat, etcd_tls).await.map_err(|e| anyhow!("--etcd {}: {e}", a.etcd.join(",")))?;
         Some(Arc::new(m))
     };
     let mut presence = Presence::register(membership, record).await.map_err(|e| anyhow!("registering in etcd: {e}"))?;
