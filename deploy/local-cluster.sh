@@ -62,9 +62,12 @@ trap "stop; exit 0" INT TERM
 trap stop EXIT
 
 # Mutual TLS inside: a throwaway CA (it lives and dies with this folder) and one certificate per
-# process, each for 127.0.0.1, where they all listen.
+# process, each for 127.0.0.1, where they all listen; etcd serves TLS too and requires client
+# certificates of the same CA.
 coordinator_tls=()
 worker_tls() { :; }
+etcd_tls=()
+scheme=http
 if [[ "${TESSERA_TLS:-1}" == 1 ]]; then
   command -v openssl >/dev/null || { echo "openssl is needed for TESSERA_TLS=1 (or run with TESSERA_TLS=0)" >&2; exit 1; }
   tls="$dir/tls"
@@ -78,17 +81,25 @@ if [[ "${TESSERA_TLS:-1}" == 1 ]]; then
       -copy_extensions copy -out "$tls/$1.crt" 2>/dev/null
   }
   issue coordinator
-  coordinator_tls=(--tls-cert "$tls/coordinator.crt" --tls-key "$tls/coordinator.key" --tls-ca "$tls/ca.crt")
-  worker_tls() { issue "worker-$1"; echo --tls-cert "$tls/worker-$1.crt" --tls-key "$tls/worker-$1.key" --tls-ca "$tls/ca.crt"; }
-  echo "mutual TLS between the coordinator and the workers (CA in $tls)"
+  issue etcd
+  coordinator_tls=(--tls-cert "$tls/coordinator.crt" --tls-key "$tls/coordinator.key" --tls-ca "$tls/ca.crt"
+    --etcd-ca "$tls/ca.crt" --etcd-cert "$tls/coordinator.crt" --etcd-key "$tls/coordinator.key")
+  worker_tls() {
+    issue "worker-$1"
+    echo --tls-cert "$tls/worker-$1.crt" --tls-key "$tls/worker-$1.key" --tls-ca "$tls/ca.crt" \
+      --etcd-ca "$tls/ca.crt" --etcd-cert "$tls/worker-$1.crt" --etcd-key "$tls/worker-$1.key"
+  }
+  etcd_tls=(--cert-file "$tls/etcd.crt" --key-file "$tls/etcd.key" --trusted-ca-file "$tls/ca.crt" --client-cert-auth)
+  scheme=https
+  echo "mutual TLS between the coordinator, the workers and etcd (CA in $tls)"
 fi
 
-etcd_url="http://127.0.0.1:$etcd_port"
+etcd_url="$scheme://127.0.0.1:$etcd_port"
 peer_url="http://127.0.0.1:$((etcd_port + 1))"
 etcd --name local --data-dir "$dir/etcd" \
   --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
   --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
-  --initial-cluster "local=$peer_url" >"$dir/etcd.log" 2>&1 &
+  --initial-cluster "local=$peer_url" "${etcd_tls[@]}" >"$dir/etcd.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$etcd_port") 2>/dev/null; then break; fi

@@ -388,12 +388,12 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
     loop {
         let line = lines.next().expect("the script printed its addresses").unwrap();
         eprintln!("{line}");
-        mutual_tls |= line.starts_with("mutual TLS between the coordinator and the workers");
+        mutual_tls |= line.starts_with("mutual TLS between the coordinator, the workers and etcd");
         if line.starts_with("coordinator on") {
             break;
         }
     }
-    assert!(mutual_tls, "the script runs the internal API over mutual TLS by default");
+    assert!(mutual_tls, "the script runs the internal API and etcd over mutual TLS by default");
     std::thread::spawn(move || lines.for_each(|l| eprintln!("{}", l.unwrap_or_default())));
     let addr = format!("http://127.0.0.1:{port}");
     let mut client = loop {
@@ -582,7 +582,14 @@ async fn etcd_runs_over_tls_with_client_certificates() {
     let Some(etcd) = Etcd::start_tls(certs.path(), probe).await else { return };
     let path = |f: String| certs.path().join(f).display().to_string();
     let etcd_flags = |name: &str| {
-        vec!["--etcd-ca".to_string(), path("ca.crt".into()), "--etcd-cert".into(), path(format!("{name}.crt")), "--etcd-key".into(), path(format!("{name}.key"))]
+        vec![
+            "--etcd-ca".to_string(),
+            path("ca.crt".into()),
+            "--etcd-cert".into(),
+            path(format!("{name}.crt")),
+            "--etcd-key".into(),
+            path(format!("{name}.key")),
+        ]
     };
     let endpoint = etcd.endpoint();
     assert!(endpoint.starts_with("https://"));

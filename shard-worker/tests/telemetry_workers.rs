@@ -174,9 +174,12 @@ async fn each_workers_spans_join_the_coordinators_trace() {
     let peers: Vec<String> = workers.iter().map(|w| w.collective.to_string()).collect();
 
     // This test stands in for the coordinator: its job span is exported to the same receiver.
-    let guard =
-        tessera_telemetry::init("telemetry-test-coordinator", &TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0 }, &[])
-            .unwrap();
+    let guard = tessera_telemetry::init(
+        "telemetry-test-coordinator",
+        &TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0, ..Default::default() },
+        &[],
+    )
+    .unwrap();
     let span = tracing::info_span!("job", job_id = "tj-1");
     let trace = tessera_telemetry::trace_id(&span).unwrap();
     drive(&mut clients, &peers, "tj-1").instrument(span).await;

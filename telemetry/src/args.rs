@@ -13,11 +13,21 @@ pub struct TelemetryArgs {
     /// Fraction of new traces recorded, 0 to 1; a trace begun by the caller follows its choice.
     #[arg(long = "trace-sample-ratio", env = "TESSERA_TRACE_SAMPLE_RATIO", value_name = "RATIO", default_value_t = 1.0, value_parser = parse_sample_ratio)]
     pub trace_sample_ratio: f64,
+    /// With an https:// collector: the CA certificate (PEM) that signed the collector's (default:
+    /// the system's roots).
+    #[arg(long = "otlp-certificate", env = "OTEL_EXPORTER_OTLP_CERTIFICATE", value_name = "PEM")]
+    pub otlp_certificate: Option<std::path::PathBuf>,
+    /// With an https:// collector that requires one: this process's client certificate (PEM).
+    #[arg(long = "otlp-client-certificate", env = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", value_name = "PEM")]
+    pub otlp_client_certificate: Option<std::path::PathBuf>,
+    /// The private key of --otlp-client-certificate (PEM).
+    #[arg(long = "otlp-client-key", env = "OTEL_EXPORTER_OTLP_CLIENT_KEY", value_name = "PEM")]
+    pub otlp_client_key: Option<std::path::PathBuf>,
 }
 
 impl Default for TelemetryArgs {
     fn default() -> Self {
-        Self { otlp_endpoint: None, trace_sample_ratio: 1.0 }
+        Self { otlp_endpoint: None, trace_sample_ratio: 1.0, otlp_certificate: None, otlp_client_certificate: None, otlp_client_key: None }
     }
 }
 
@@ -30,7 +40,14 @@ impl TelemetryArgs {
             Ok(v) => parse_sample_ratio(&v).map_err(|_| TelemetryError::InvalidSampleRatio { value: v.trim().parse().unwrap_or(f64::NAN) })?,
             Err(_) => 1.0,
         };
-        Ok(Self { otlp_endpoint, trace_sample_ratio })
+        let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        Ok(Self {
+            otlp_endpoint,
+            trace_sample_ratio,
+            otlp_certificate: path("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+            otlp_client_certificate: path("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+            otlp_client_key: path("OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+        })
     }
 
     /// The endpoint, if one is set (an empty value counts as unset, as OpenTelemetry's own
@@ -76,7 +93,7 @@ mod tests {
             assert!(parse_sample_ratio(bad).is_err(), "{bad:?} accepted");
         }
         let cli = Cli::try_parse_from(["x", "--trace-sample-ratio", "0.5", "--otlp-endpoint", "http://c:4317"]).unwrap();
-        assert_eq!(cli.t, TelemetryArgs { otlp_endpoint: Some("http://c:4317".into()), trace_sample_ratio: 0.5 });
+        assert_eq!(cli.t, TelemetryArgs { otlp_endpoint: Some("http://c:4317".into()), trace_sample_ratio: 0.5, ..Default::default() });
         let err = Cli::try_parse_from(["x", "--trace-sample-ratio", "2"]).err().unwrap().to_string();
         assert!(err.contains("--trace-sample-ratio") && err.contains("from 0 to 1"), "{err}");
         let err = TelemetryArgs { trace_sample_ratio: 1.01, ..Default::default() }.validate().unwrap_err().to_string();

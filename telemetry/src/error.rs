@@ -19,6 +19,15 @@ pub enum TelemetryError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A TLS file of the exporter is missing, unreadable, not PEM, or given without its pair or
+    /// without an https:// endpoint.
+    #[error("{flag}: {reason}")]
+    Tls {
+        /// The flag (and its variable) at fault.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// The OTLP exporter could not be built.
     #[error("--otlp-endpoint {endpoint:?}: cannot set up the OTLP exporter: {reason}")]
     Exporter {

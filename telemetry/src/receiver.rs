@@ -110,6 +110,7 @@ impl TraceService for Collector {
 /// A running receiver; stops when dropped.
 pub struct TestReceiver {
     addr: SocketAddr,
+    tls: bool,
     collector: Collector,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -118,6 +119,20 @@ pub struct TestReceiver {
 impl TestReceiver {
     /// Starts a receiver on `127.0.0.1` on a free port.
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a receiver serving TLS with `identity` (a certificate for 127.0.0.1).
+    pub fn start_tls(identity: tonic::transport::Identity) -> std::io::Result<Self> {
+        Self::start_with(Some(tonic::transport::ServerTlsConfig::new().identity(identity)))
+    }
+
+    fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> std::io::Result<Self> {
+        let secure = tls.is_some();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).map_err(std::io::Error::other)?;
+        }
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -132,7 +147,7 @@ impl TestReceiver {
                     Err(e) => return eprintln!("otlp receiver: {e}"),
                 };
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let served = tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(incoming, async {
+                let served = builder.add_service(service).serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 });
                 if let Err(e) = served.await {
@@ -140,12 +155,12 @@ impl TestReceiver {
                 }
             })
         })?;
-        Ok(Self { addr, collector, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { addr, tls: secure, collector, stop: Some(stop), thread: Some(thread) })
     }
 
-    /// The URL exporters are given: `http://127.0.0.1:PORT`.
+    /// The URL exporters are given: `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Every span received so far.

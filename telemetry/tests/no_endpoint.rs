@@ -12,7 +12,7 @@ fn without_an_endpoint_nothing_is_recorded_or_passed_on() {
     assert!(matches!(err, TelemetryError::InvalidLogFilter { .. }) && err.to_string().starts_with("RUST_LOG"), "{err}");
     std::env::set_var("RUST_LOG", "info");
 
-    let guard = init("t", &TelemetryArgs { otlp_endpoint: Some(" ".into()), trace_sample_ratio: 1.0 }, &[]).unwrap();
+    let guard = init("t", &TelemetryArgs { otlp_endpoint: Some(" ".into()), trace_sample_ratio: 1.0, ..Default::default() }, &[]).unwrap();
     assert!(!guard.is_exporting());
     let span = tracing::info_span!("job");
     let map = HashMap::from([(TRACEPARENT.to_string(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string())]);

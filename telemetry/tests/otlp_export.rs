@@ -9,7 +9,7 @@ use tessera_telemetry::{current_context_map, init, set_parent_from_map, Telemetr
 #[test]
 fn spans_reach_the_collector_with_resource_and_parents() {
     let receiver = TestReceiver::start().unwrap();
-    let args = TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0 };
+    let args = TelemetryArgs { otlp_endpoint: Some(receiver.endpoint()), trace_sample_ratio: 1.0, ..Default::default() };
     let guard = init("telemetry-test", &args, &[("tessera.worker_id", "w-7".to_string())]).unwrap();
     assert!(guard.is_exporting());
     assert!(init("again", &args, &[]).is_err(), "a second init is refused");

@@ -121,7 +121,10 @@ impl EtcdMembership {
         }
         let scheme = if tls.is_some() { "https://" } else { "http://" };
         if let Some(e) = endpoints.iter().find(|e| e.contains("://") && !e.starts_with(scheme)) {
-            return Err(ClusterError::input("etcd_endpoints", format!("{e}: with TLS to etcd {} the endpoints are {scheme}...", if tls.is_some() { "on" } else { "off" })));
+            return Err(ClusterError::input(
+                "etcd_endpoints",
+                format!("{e}: with TLS to etcd {} the endpoints are {scheme}...", if tls.is_some() { "on" } else { "off" }),
+            ));
         }
         let timeout = heartbeat.request_timeout();
         let keys = Arc::new(KeySpace { cluster: cluster.to_string(), prefix: workers_prefix(cluster), endpoints: endpoints.join(","), timeout });

@@ -103,7 +103,15 @@ impl Etcd {
         let tls: Vec<String> = match &self.tls {
             Some((certs, _)) => {
                 let file = |name: &str| certs.join(name).display().to_string();
-                vec!["--cert-file".into(), file("etcd.crt"), "--key-file".into(), file("etcd.key"), "--trusted-ca-file".into(), file("ca.crt"), "--client-cert-auth".into()]
+                vec![
+                    "--cert-file".into(),
+                    file("etcd.crt"),
+                    "--key-file".into(),
+                    file("etcd.key"),
+                    "--trusted-ca-file".into(),
+                    file("ca.crt"),
+                    "--client-cert-auth".into(),
+                ]
             }
             None => Vec::new(),
         };
