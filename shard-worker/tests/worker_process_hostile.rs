@@ -1,0 +1,161 @@
+//! A `tessera-worker serve` process checked from outside, as an attacker on the internal network
+//! would reach it: absurd sizes, overflowing products, lying input frames, a group that does not
+//! hold the rank, calls without the job's secret or with another's. Every call is refused with
+//! its status (and the field, for bad requests), and after each one the process is still running
+//! and its gRPC health still says SERVING; a well-formed job then runs on it.
+
+mod common;
+
+use common::client::{connect, connect_with, SECRET};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tessera_proto::worker::v1 as pb;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// The worker's health status (the whole server, "").
+async fn health(addr: SocketAddr) -> Result<i32, String> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.map_err(|e| e.to_string())?;
+    let answer = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
+    Ok(answer.into_inner().status)
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// The worker process (killed when dropped).
+struct Worker {
+    child: Child,
+    addr: SocketAddr,
+    collective: SocketAddr,
+    log: tempfile::NamedTempFile,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Alive, and its health (the whole server, "") SERVING.
+    async fn assert_serving(&mut self, after: &str) {
+        assert!(self.child.try_wait().unwrap().is_none(), "the worker exited after {after}:\n{}", self.log());
+        let status = health(self.addr).await.unwrap_or_else(|e| panic!("health after {after}: {e}\n{}", self.log()));
+        assert_eq!(status, ServingStatus::Serving as i32, "health after {after}");
+    }
+}
+
+fn spec() -> pb::JobSpec {
+    pb::JobSpec {
+        prompt: "a red ball".into(),
+        width: 48,
+        height: 32,
+        num_frames: 9,
+        steps: 2,
+        guidance_scale: 5.0,
+        seed: 5,
+        spatial_factor: 8,
+        temporal_factor: 4,
+        ranks: 1,
+        ulysses: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
+    let (addr, collective) = (free_addr(), free_addr());
+    let log = tempfile::Builder::new().prefix("tessera-worker-hostile-").suffix(".log").tempfile().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
+        .args(["serve", "--preset", "tiny", "--metrics-listen", "off", "--listen", &addr.to_string(), "--collective", &collective.to_string()])
+        .env("TESSERA_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut w = Worker { child, addr, collective, log };
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut c = loop {
+        if let Ok(c) = connect(&w.addr.to_string()).await {
+            break c;
+        }
+        assert!(Instant::now() < until, "the worker never answered:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // SERVING once the model is loaded.
+    while health(w.addr).await != Ok(ServingStatus::Serving as i32) {
+        assert!(Instant::now() < until, "never SERVING:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peers = vec![w.collective.to_string()];
+    let prepare = |job: &str, spec: pb::JobSpec| pb::PrepareJobRequest {
+        job_id: job.into(),
+        rank: 0,
+        peers: peers.clone(),
+        spec: Some(spec),
+        job_secret: SECRET.to_vec(),
+        ..Default::default()
+    };
+    let frames = |frames: u32, width: u32, height: u32, bytes: usize| pb::InputFrames { frames, width, height, rgb: vec![0; bytes] };
+    let cases: Vec<(&str, pb::PrepareJobRequest, &str)> = vec![
+        ("a 1,048,576 × 1,048,576 latent", prepare("h1", pb::JobSpec { width: 8 << 20, height: 8 << 20, ..spec() }), "spec.width"),
+        ("frames whose token count passes the budget", prepare("h2", pb::JobSpec { width: 4096, height: 4096, num_frames: 1441, ..spec() }), "spec.num_frames"),
+        ("u32::MAX steps", prepare("h3", pb::JobSpec { steps: u32::MAX, ..spec() }), "spec.steps"),
+        ("a zero factor (a division by zero)", prepare("h4", pb::JobSpec { spatial_factor: 0, ..spec() }), "spec.model_factors"),
+        ("a NaN guidance", prepare("h5", pb::JobSpec { guidance_scale: f32::NAN, ..spec() }), "spec.guidance_scale"),
+        (
+            "input frames of 4 × 2³¹ × 2³¹ over 12 bytes",
+            pb::PrepareJobRequest { input_frames: Some(frames(4, 1 << 31, 1 << 31, 12)), ..prepare("h6", pb::JobSpec { strength: Some(0.5), ..spec() }) },
+            "input_frames",
+        ),
+        ("a rank past the group", pb::PrepareJobRequest { rank: 7, ..prepare("h7", spec()) }, "rank"),
+        ("no job secret", pb::PrepareJobRequest { job_secret: Vec::new(), ..prepare("h8", spec()) }, "job_secret"),
+        ("an empty job id", prepare("", spec()), "job_id"),
+    ];
+    for (what, request, field) in cases {
+        let err = c.prepare_job(request).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
+        let named = tessera_proto::reason::failure(&err).and_then(|f| f.field).unwrap_or_default();
+        assert!(named.starts_with(field) || named == field, "{what}: the field is {named:?}, not {field}: {err}");
+        w.assert_serving(what).await;
+    }
+
+    // A real job; strangers cannot touch it.
+    c.prepare_job(prepare("job", spec())).await.unwrap();
+    let mut impostor = connect_with(&w.addr.to_string(), &[0xa5; 32]).await.unwrap();
+    for (what, err) in [
+        ("a step with another secret", impostor.step(pb::StepRequest { job_id: "job".into(), step: 0, ..Default::default() }).await.unwrap_err()),
+        ("a release with another secret", impostor.release_job(pb::ReleaseJobRequest { job_id: "job".into() }).await.unwrap_err()),
+        ("a checkpoint with another secret", impostor.checkpoint(pb::CheckpointRequest { job_id: "job".into() }).await.unwrap_err()),
+    ] {
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err}");
+        w.assert_serving(what).await;
+    }
+    let err = c.prepare_job(prepare("second", spec())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a busy worker refuses a second job: {err}");
+    let err = c.step(pb::StepRequest { job_id: "job".into(), step: 5, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "a step out of order: {err}");
+    w.assert_serving("the busy and out-of-order calls").await;
+
+    // The job runs to its end.
+    for step in 0..2 {
+        c.step(pb::StepRequest { job_id: "job".into(), step, ..Default::default() }).await.unwrap();
+    }
+    let mut decoded = c.decode(pb::DecodeRequest { job_id: "job".into(), ..Default::default() }).await.unwrap().into_inner();
+    let mut frames_in = 0;
+    while let Some(chunk) = decoded.message().await.unwrap() {
+        frames_in += chunk.count;
+    }
+    assert_eq!(frames_in, 9);
+    c.release_job(pb::ReleaseJobRequest { job_id: "job".into() }).await.unwrap();
+    w.assert_serving("the job").await;
+}
