@@ -369,8 +369,9 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_tessera")).parent().unwrap().to_path_buf();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster.sh");
     // Worker i takes base+2i and base+2i+1, metrics on metrics+1+i, etcd its port and the next:
-    // whole runs must be free.
-    let (port, base, etcd_port, metrics) = (etcd::free_port(), etcd::free_ports_in_a_row(4), etcd::free_ports_in_a_row(2), etcd::free_ports_in_a_row(3));
+    // one run of 10 free ports holds them all, so that no two of them can be the same port.
+    let base = etcd::free_ports_in_a_row(10);
+    let (port, etcd_port, metrics) = (base + 4, base + 5, base + 7);
     let mut child = Command::new("bash")
         .arg(&script)
         .arg("2")
