@@ -7,91 +7,30 @@
 
 mod common;
 
-use common::client::{connect, Client, SECRET};
+use common::client::{Client, SECRET};
+use common::process::WorkerProcess;
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tessera_proto::worker::v1 as pb;
 use tessera_telemetry::receiver::{TestReceiver, TraceTree};
 use tessera_telemetry::{current_context_map, TelemetryArgs};
 use tracing::Instrument;
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+/// A worker exporting its spans to `endpoint`.
+fn start(id: &str, endpoint: &str) -> WorkerProcess {
+    WorkerProcess::start(&["--worker-id", id, "--otlp-endpoint", endpoint])
 }
 
-/// A `tessera-worker serve` child (killed when dropped if still running).
-struct Worker {
-    child: Child,
-    addr: SocketAddr,
-    collective: SocketAddr,
-    log: tempfile::NamedTempFile,
-}
-
-impl Worker {
-    fn start(id: &str, endpoint: &str) -> Self {
-        let (addr, collective) = (free_addr(), free_addr());
-        let log = tempfile::Builder::new().prefix("tessera-worker-").suffix(".log").tempfile().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
-            .args([
-                "serve",
-                "--preset",
-                "tiny",
-                "--metrics-listen",
-                "off",
-                "--listen",
-                &addr.to_string(),
-                "--collective",
-                &collective.to_string(),
-                "--worker-id",
-                id,
-                "--otlp-endpoint",
-                endpoint,
-            ])
-            .env("TESSERA_THREADS", "1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, addr, collective, log }
+/// SIGTERM, so the worker flushes its spans, then waits for it to exit.
+async fn stop(mut w: WorkerProcess) {
+    assert!(Command::new("kill").args(["-TERM", &w.child.id().to_string()]).status().unwrap().success());
+    let until = Instant::now() + Duration::from_secs(30);
+    while w.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "no exit after SIGTERM:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    async fn client(&self) -> Client {
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(c) = connect(&self.addr.to_string()).await {
-                return c;
-            }
-            assert!(Instant::now() < until, "worker on {} never answered:\n{}", self.addr, self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, so the worker flushes its spans, then waits for it to exit.
-    async fn stop(mut self) {
-        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
-        let until = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < until, "no exit after SIGTERM:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(self.child.wait().unwrap().success(), "{}", self.log());
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    assert!(w.child.wait().unwrap().success(), "{}", w.log());
 }
 
 const STEPS: u32 = 3;
@@ -166,7 +105,7 @@ async fn drive(clients: &mut [Client], peers: &[String], job: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_workers_spans_join_the_coordinators_trace() {
     let receiver = TestReceiver::start().unwrap();
-    let workers = [Worker::start("w0", &receiver.endpoint()), Worker::start("w1", &receiver.endpoint())];
+    let workers = [start("w0", &receiver.endpoint()), start("w1", &receiver.endpoint())];
     let mut clients = Vec::new();
     for w in &workers {
         clients.push(w.client().await);
@@ -185,7 +124,7 @@ async fn each_workers_spans_join_the_coordinators_trace() {
     drive(&mut clients, &peers, "tj-1").instrument(span).await;
     drop(guard);
     for w in workers {
-        w.stop().await;
+        stop(w).await;
     }
 
     let spans = receiver.spans();

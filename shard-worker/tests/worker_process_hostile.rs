@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::client::{connect, connect_with, SECRET};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use common::client::{connect_with, SECRET};
+use common::process::WorkerProcess;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tessera_proto::worker::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -22,36 +22,11 @@ async fn health(addr: SocketAddr) -> Result<i32, String> {
     Ok(answer.into_inner().status)
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// The worker process (killed when dropped).
-struct Worker {
-    child: Child,
-    addr: SocketAddr,
-    collective: SocketAddr,
-    log: tempfile::NamedTempFile,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Worker {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    /// Alive, and its health (the whole server, "") SERVING.
-    async fn assert_serving(&mut self, after: &str) {
-        assert!(self.child.try_wait().unwrap().is_none(), "the worker exited after {after}:\n{}", self.log());
-        let status = health(self.addr).await.unwrap_or_else(|e| panic!("health after {after}: {e}\n{}", self.log()));
-        assert_eq!(status, ServingStatus::Serving as i32, "health after {after}");
-    }
+/// Alive, and its health SERVING.
+async fn assert_serving(w: &mut WorkerProcess, after: &str) {
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker exited after {after}:\n{}", w.log());
+    let status = health(w.addr).await.unwrap_or_else(|e| panic!("health after {after}: {e}\n{}", w.log()));
+    assert_eq!(status, ServingStatus::Serving as i32, "health after {after}");
 }
 
 fn spec() -> pb::JobSpec {
@@ -73,24 +48,9 @@ fn spec() -> pb::JobSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
-    let (addr, collective) = (free_addr(), free_addr());
-    let log = tempfile::Builder::new().prefix("tessera-worker-hostile-").suffix(".log").tempfile().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
-        .args(["serve", "--preset", "tiny", "--metrics-listen", "off", "--listen", &addr.to_string(), "--collective", &collective.to_string()])
-        .env("TESSERA_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let mut w = Worker { child, addr, collective, log };
+    let mut w = WorkerProcess::start(&[]);
+    let mut c = w.client().await;
     let until = Instant::now() + Duration::from_secs(60);
-    let mut c = loop {
-        if let Ok(c) = connect(&w.addr.to_string()).await {
-            break c;
-        }
-        assert!(Instant::now() < until, "the worker never answered:\n{}", w.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     // SERVING once the model is loaded.
     while health(w.addr).await != Ok(ServingStatus::Serving as i32) {
         assert!(Instant::now() < until, "never SERVING:\n{}", w.log());
@@ -126,7 +86,7 @@ async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
         let named = tessera_proto::reason::failure(&err).and_then(|f| f.field).unwrap_or_default();
         assert!(named.starts_with(field) || named == field, "{what}: the field is {named:?}, not {field}: {err}");
-        w.assert_serving(what).await;
+        assert_serving(&mut w, what).await;
     }
 
     // A real job; strangers cannot touch it.
@@ -138,13 +98,13 @@ async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
         ("a checkpoint with another secret", impostor.checkpoint(pb::CheckpointRequest { job_id: "job".into() }).await.unwrap_err()),
     ] {
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err}");
-        w.assert_serving(what).await;
+        assert_serving(&mut w, what).await;
     }
     let err = c.prepare_job(prepare("second", spec())).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "a busy worker refuses a second job: {err}");
     let err = c.step(pb::StepRequest { job_id: "job".into(), step: 5, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "a step out of order: {err}");
-    w.assert_serving("the busy and out-of-order calls").await;
+    assert_serving(&mut w, "the busy and out-of-order calls").await;
 
     // The job runs to its end.
     for step in 0..2 {
@@ -157,5 +117,5 @@ async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
     }
     assert_eq!(frames_in, 9);
     c.release_job(pb::ReleaseJobRequest { job_id: "job".into() }).await.unwrap();
-    w.assert_serving("the job").await;
+    assert_serving(&mut w, "the job").await;
 }

@@ -3,3 +3,4 @@
 
 pub mod client;
 pub mod etcd;
+pub mod process;
