@@ -67,6 +67,7 @@ pub fn measure(model: &DitModel, inputs: &DitInputs<'_>, plan: ParallelPlan, tra
             all_to_all: per(counts.all_to_all),
             ring: per(counts.ring),
             broadcast: per(counts.broadcast),
+            halo: per(counts.halo),
             received: per(counts.received),
         },
         exposed_comm_s: results.iter().map(|r| r.2).sum::<f64>() / results.len() as f64 / iters,

@@ -17,6 +17,7 @@ pub struct CommStats {
     all_to_all: AtomicU64,
     ring: AtomicU64,
     broadcast: AtomicU64,
+    halo: AtomicU64,
     received: AtomicU64,
 }
 
@@ -35,6 +36,8 @@ pub struct CommCounts {
     pub ring: u64,
     /// Bytes sent by broadcasts.
     pub broadcast: u64,
+    /// Bytes sent to neighbouring bands of a frame split by rows (the split VAE decode's halos).
+    pub halo: u64,
     /// Bytes received, all operations.
     pub received: u64,
 }
@@ -42,7 +45,7 @@ pub struct CommCounts {
 impl CommCounts {
     /// Everything sent.
     pub fn sent(&self) -> u64 {
-        self.all_gather + self.gather + self.cfg + self.all_to_all + self.ring + self.broadcast
+        self.all_gather + self.gather + self.cfg + self.all_to_all + self.ring + self.broadcast + self.halo
     }
 }
 
@@ -56,6 +59,7 @@ impl std::ops::Sub for CommCounts {
             all_to_all: self.all_to_all - o.all_to_all,
             ring: self.ring - o.ring,
             broadcast: self.broadcast - o.broadcast,
+            halo: self.halo - o.halo,
             received: self.received - o.received,
         }
     }
@@ -76,6 +80,8 @@ pub enum Traffic {
     Ring,
     /// Broadcasts.
     Broadcast,
+    /// Rows sent to a neighbouring band of a frame split by rows.
+    Halo,
 }
 
 impl CommStats {
@@ -87,6 +93,7 @@ impl CommStats {
             Traffic::AllToAll => &self.all_to_all,
             Traffic::Ring => &self.ring,
             Traffic::Broadcast => &self.broadcast,
+            Traffic::Halo => &self.halo,
         }
     }
 
@@ -106,6 +113,7 @@ impl CommStats {
             all_to_all: self.all_to_all.load(Ordering::Relaxed),
             ring: self.ring.load(Ordering::Relaxed),
             broadcast: self.broadcast.load(Ordering::Relaxed),
+            halo: self.halo.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
         }
     }

@@ -15,6 +15,7 @@ mod preset;
 mod shard_run;
 mod sharded;
 mod snapshot;
+mod split_decode;
 
 pub use denoiser::Denoiser;
 pub use device::resolve_pipeline_device;

@@ -208,26 +208,36 @@ impl JobRun {
 
     /// Decodes the frames that are final and not decoded yet, handing rank 0's to `sink` with the
     /// index of their first frame; every rank calls it. A Wan run's frames are final once every
-    /// step has run (its shares are gathered to rank 0, which decodes them all); a
-    /// diffusion-forcing run's chunk by chunk (every rank holds them: only rank 0 works).
+    /// step has run, a diffusion-forcing run's chunk by chunk. In a group, rank 0 cuts the latent
+    /// into bands of rows, every rank decodes its band and rank 0 joins them
+    /// ([`WanPipeline::decode_split`]): the frames of a one-device decode.
     pub fn decode(&mut self, pipe: &WanPipeline, group: RankGroup<'_>, sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         match self {
             Self::Wan(d) => {
                 if !d.is_finished() {
                     return Err(WorkerError::input("decode", format!("{} of {} steps have run", d.steps_done(), d.total_steps())));
                 }
-                let Some(latents) = d.latents(pipe, group)? else { return Ok(()) };
-                pipe.decode(&latents, &mut Sink { sink, next: 0 })
+                let latents = d.latents(pipe, group)?;
+                let mut out = Sink { sink, next: 0 };
+                match (group, latents) {
+                    (RankGroup::Sharded(ctx), latents) => pipe.decode_split(latents.as_ref(), ctx.world(), &mut out),
+                    (RankGroup::Alone, Some(latents)) => pipe.decode(&latents, &mut out),
+                    (RankGroup::Alone, None) => Ok(()),
+                }
             }
             Self::Forcing(f) => {
-                let Some(video) = f.run.video_so_far().filter(|_| is_rank0(group)) else { return Ok(()) };
+                // Every rank holds the chunks' latents, and agrees how many are decoded.
+                let Some(video) = f.run.video_so_far() else { return Ok(()) };
                 let n = video.dim(2);
                 if n == f.decoded {
                     return Ok(());
                 }
                 let new = latent_frames(video, f.decoded..n)?;
                 let mut out = Sink { sink, next: f.frames_out };
-                pipe.decode_more(&mut f.stream, &new, &mut out)?;
+                match group {
+                    RankGroup::Sharded(ctx) => pipe.decode_more_split(&mut f.stream, (ctx.rank() == 0).then_some(&new), ctx.world(), &mut out)?,
+                    RankGroup::Alone => pipe.decode_more(&mut f.stream, &new, &mut out)?,
+                }
                 (f.decoded, f.frames_out) = (n, out.next);
                 Ok(())
             }

@@ -1,7 +1,9 @@
 //! The VAE's blocks on any backend: residual block, per-frame attention block, the middle block,
 //! and the resampling layers (spatial ×2 up/down, and their temporal variants with causal state).
-//! Each stateful block has a state type holding what it must remember between chunks.
+//! Each stateful block has a state type holding what it must remember between chunks. Every block
+//! runs on whole frames or on a band of rows ([`Tile`]).
 
+use super::band::Tile;
 use super::clip::{Clip, FrameCache};
 use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
 use crate::weights::WeightSource;
@@ -44,11 +46,11 @@ impl<O: Ops> ResidualBlock<O> {
     }
 
     /// Runs on the next chunk of frames.
-    pub fn forward(&self, ops: &O, x: Clip<O>, state: &mut ResidualState<O>) -> Result<Clip<O>> {
-        let h = norm_silu_conv(ops, &self.norm1, &self.conv1, x.duplicate(ops)?, &mut state.conv1)?;
-        let h = norm_silu_conv(ops, &self.norm2, &self.conv2, h, &mut state.conv2)?;
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, x: Clip<O>, state: &mut ResidualState<O>) -> Result<Clip<O>> {
+        let h = norm_silu_conv(ops, tile, &self.norm1, &self.conv1, x.duplicate(ops)?, &mut state.conv1)?;
+        let h = norm_silu_conv(ops, tile, &self.norm2, &self.conv2, h, &mut state.conv2)?;
         let mut out = match &self.shortcut {
-            Some(s) => s.forward(ops, &x)?,
+            Some(s) => s.forward(ops, tile, &x)?,
             None => x,
         };
         ops.accumulate(at_mut(&mut out.buf, 0), at(&h.buf, 0), h.len())?;
@@ -81,8 +83,13 @@ impl<O: Ops> AttentionBlock<O> {
         })
     }
 
-    /// Runs on every frame of `x` (frames are independent: no state).
-    pub fn forward(&self, ops: &O, mut x: Clip<O>) -> Result<Clip<O>> {
+    /// Runs on every frame of `x` (frames are independent: no state). On a band, on the whole
+    /// frames gathered from every band (see `band`), keeping this band's rows.
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, mut x: Clip<O>) -> Result<Clip<O>> {
+        if let Tile::Band(bands) = tile {
+            let (whole, mine) = bands.whole(ops, &x)?;
+            return self.forward(ops, Tile::Whole, whole)?.rows(ops, mine.start, mine.end);
+        }
         if x.t == 1 {
             self.attend(ops, &mut x)?;
             return Ok(x);
@@ -150,10 +157,10 @@ impl<O: Ops> MidBlock<O> {
     }
 
     /// Runs on the next chunk of frames.
-    pub fn forward(&self, ops: &O, x: Clip<O>, state: &mut MidState<O>) -> Result<Clip<O>> {
-        let x = self.res0.forward(ops, x, &mut state.res0)?;
-        let x = self.attn.forward(ops, x)?;
-        self.res1.forward(ops, x, &mut state.res1)
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, x: Clip<O>, state: &mut MidState<O>) -> Result<Clip<O>> {
+        let x = self.res0.forward(ops, tile, x, &mut state.res0)?;
+        let x = self.attn.forward(ops, tile, x)?;
+        self.res1.forward(ops, tile, x, &mut state.res1)
     }
 }
 
@@ -220,17 +227,17 @@ impl<O: Ops> Resample<O> {
         self.time_conv.is_some()
     }
 
-    /// Runs on the next chunk of frames.
-    pub fn forward(&self, ops: &O, x: Clip<O>, state: &mut ResampleState<O>) -> Result<Clip<O>> {
+    /// Runs on the next chunk of frames (downsampling on whole frames only).
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, x: Clip<O>, state: &mut ResampleState<O>) -> Result<Clip<O>> {
         match (self.mode, &self.time_conv) {
-            (ResampleMode::Upsample2d, _) => self.upsample_spatial(ops, &x),
+            (ResampleMode::Upsample2d, _) => self.upsample_spatial(ops, tile, &x),
             (ResampleMode::Upsample3d, Some(tc)) => {
-                let x = self.upsample_time(ops, tc, x, state)?;
-                self.upsample_spatial(ops, &x)
+                let x = self.upsample_time(ops, tile, tc, x, state)?;
+                self.upsample_spatial(ops, tile, &x)
             }
-            (ResampleMode::Downsample2d, _) => self.conv.forward(ops, &x),
+            (ResampleMode::Downsample2d, _) => self.conv.forward(ops, tile, &x),
             (ResampleMode::Downsample3d, Some(tc)) => {
-                let x = self.conv.forward(ops, &x)?;
+                let x = self.conv.forward(ops, tile, &x)?;
                 self.downsample_time(ops, tc, x, state)
             }
             _ => unreachable!("3-D modes always load a time conv"),
@@ -239,7 +246,7 @@ impl<O: Ops> Resample<O> {
 
     /// Frame 0 of the sequence passes through; every later frame becomes two: the time conv
     /// (causal over the frames after the first) gives 2C channels, split and interleaved in time.
-    fn upsample_time(&self, ops: &O, tc: &CausalConv3d<O>, x: Clip<O>, state: &mut ResampleState<O>) -> Result<Clip<O>> {
+    fn upsample_time(&self, ops: &O, tile: Tile<'_>, tc: &CausalConv3d<O>, x: Clip<O>, state: &mut ResampleState<O>) -> Result<Clip<O>> {
         let (first, rest) = if state.started {
             (None, x)
         } else {
@@ -249,7 +256,7 @@ impl<O: Ops> Resample<O> {
         let mut parts = Vec::with_capacity(2);
         parts.extend(first);
         if rest.t > 0 {
-            let y = tc.forward_cached(ops, &rest, &mut state.cache)?;
+            let y = tc.forward_cached(ops, tile, &rest, &mut state.cache)?;
             parts.push(interleave_halves(ops, &y, self.dim)?);
         }
         match parts.len() {
@@ -259,12 +266,12 @@ impl<O: Ops> Resample<O> {
     }
 
     /// Nearest ×2 of every frame, then the 3×3 conv.
-    fn upsample_spatial(&self, ops: &O, x: &Clip<O>) -> Result<Clip<O>> {
+    fn upsample_spatial(&self, ops: &O, tile: Tile<'_>, x: &Clip<O>) -> Result<Clip<O>> {
         let mut up = Clip::zeros(ops, [x.c, x.t, 2 * x.h, 2 * x.w])?;
         if x.len() > 0 {
             ops.upsample_nearest2x(&x.buf, x.c * x.t, x.h, x.w, &mut up.buf)?;
         }
-        self.conv.forward(ops, &up)
+        self.conv.forward(ops, tile, &up)
     }
 
     /// Frame 0 of the sequence passes through; output frame j ≥ 1 is the time conv over input
@@ -288,7 +295,7 @@ impl<O: Ops> Resample<O> {
                 if x.t == 1 {
                     x
                 } else {
-                    let y = tc.forward(ops, &x)?;
+                    let y = tc.forward(ops, Tile::Whole, &x)?;
                     Clip::concat_time(ops, &[&x.frames(ops, 0, 1)?, &y])?
                 }
             }
@@ -351,26 +358,26 @@ mod tests {
         let res = ResidualBlock::load(&OPS, &src, "r", 4, 6).unwrap();
         let x = clip([4, 5, 3, 2], 1);
         let f = |a, b| x.frames(&OPS, a, b).unwrap();
-        let whole = res.forward(&OPS, x.duplicate(&OPS).unwrap(), &mut ResidualState::default()).unwrap();
+        let whole = res.forward(&OPS, Tile::Whole, x.duplicate(&OPS).unwrap(), &mut ResidualState::default()).unwrap();
         let mut st = ResidualState::default();
-        let parts = [(0, 1), (1, 3), (3, 4), (4, 5)].iter().map(|&(a, b)| res.forward(&OPS, f(a, b), &mut st).unwrap()).collect();
+        let parts = [(0, 1), (1, 3), (3, 4), (4, 5)].iter().map(|&(a, b)| res.forward(&OPS, Tile::Whole, f(a, b), &mut st).unwrap()).collect();
         close(&join(parts), &whole);
 
         let up = Resample::load(&OPS, &src, "u", 4, ResampleMode::Upsample3d).unwrap();
-        let whole = up.forward(&OPS, x.duplicate(&OPS).unwrap(), &mut ResampleState::default()).unwrap();
+        let whole = up.forward(&OPS, Tile::Whole, x.duplicate(&OPS).unwrap(), &mut ResampleState::default()).unwrap();
         assert_eq!(whole.shape(), [2, 9, 6, 4]);
         let mut st = ResampleState::default();
-        let parts = (0..5).map(|i| up.forward(&OPS, f(i, i + 1), &mut st).unwrap()).collect();
+        let parts = (0..5).map(|i| up.forward(&OPS, Tile::Whole, f(i, i + 1), &mut st).unwrap()).collect();
         close(&join(parts), &whole);
 
         let down = Resample::load(&OPS, &src, "d", 4, ResampleMode::Downsample3d).unwrap();
-        let whole = down.forward(&OPS, x.duplicate(&OPS).unwrap(), &mut ResampleState::default()).unwrap();
+        let whole = down.forward(&OPS, Tile::Whole, x.duplicate(&OPS).unwrap(), &mut ResampleState::default()).unwrap();
         assert_eq!(whole.shape(), [4, 3, 1, 1]);
         let mut st = ResampleState::default();
-        let parts = [(0, 1), (1, 3), (3, 5)].iter().map(|&(a, b)| down.forward(&OPS, f(a, b), &mut st).unwrap()).collect();
+        let parts = [(0, 1), (1, 3), (3, 5)].iter().map(|&(a, b)| down.forward(&OPS, Tile::Whole, f(a, b), &mut st).unwrap()).collect();
         close(&join(parts), &whole);
         // a chunk of odd length after the first cannot be downsampled
-        assert!(down.forward(&OPS, f(0, 1), &mut st).is_err());
+        assert!(down.forward(&OPS, Tile::Whole, f(0, 1), &mut st).is_err());
     }
 
     #[test]
@@ -378,8 +385,8 @@ mod tests {
         let src = RandomWeights::new(2);
         let attn = AttentionBlock::load(&OPS, &src, "a", 8).unwrap();
         let x = clip([8, 3, 2, 3], 5);
-        let second = attn.forward(&OPS, x.frames(&OPS, 1, 2).unwrap()).unwrap();
-        let whole = attn.forward(&OPS, x).unwrap();
+        let second = attn.forward(&OPS, Tile::Whole, x.frames(&OPS, 1, 2).unwrap()).unwrap();
+        let whole = attn.forward(&OPS, Tile::Whole, x).unwrap();
         close(&whole.frames(&OPS, 1, 2).unwrap(), &second);
     }
 }

@@ -109,6 +109,38 @@ impl<O: Ops> Clip<O> {
         Ok(out)
     }
 
+    /// Rows `start .. end` of every frame (copied): `[C, T, end − start, W]`.
+    pub fn rows(&self, ops: &O, start: usize, end: usize) -> Result<Self> {
+        if start > end || end > self.h {
+            return Err(layout_err(format!("rows {start}..{end} of frames {} high", self.h)));
+        }
+        let n = (end - start) * self.w;
+        let mut out = Self::zeros(ops, [self.c, self.t, end - start, self.w])?;
+        if n * self.c * self.t > 0 {
+            ops.copy_rows(at(&self.buf, start * self.w), self.plane(), at_mut(&mut out.buf, 0), n, n, self.c * self.t)?;
+        }
+        Ok(out)
+    }
+
+    /// The clips one above the other in every frame (same channels, frames and width).
+    pub fn concat_rows(ops: &O, parts: &[&Self]) -> Result<Self> {
+        let first = parts.first().ok_or_else(|| layout_err("no rows to join".into()))?;
+        let (c, t, w) = (first.c, first.t, first.w);
+        if let Some(p) = parts.iter().find(|p| (p.c, p.t, p.w) != (c, t, w)) {
+            return Err(layout_err(format!("joining rows of {:?} to rows of {:?}", p.shape(), first.shape())));
+        }
+        let h: usize = parts.iter().map(|p| p.h).sum();
+        let mut out = Self::zeros(ops, [c, t, h, w])?;
+        let mut top = 0;
+        for p in parts {
+            if p.len() > 0 {
+                ops.copy_rows(at(&p.buf, 0), p.plane(), at_mut(&mut out.buf, top * w), h * w, p.plane(), c * t)?;
+            }
+            top += p.h;
+        }
+        Ok(out)
+    }
+
     /// Sample `b` of a host `[B, C, T, H, W]` tensor, frames `start .. end`, on the backend.
     pub fn from_batch(ops: &O, x: &Tensor, b: usize, start: usize, end: usize) -> Result<Self> {
         let s = x.shape();
@@ -200,6 +232,18 @@ mod tests {
         assert_eq!(b.shape(), [3, 3, 2, 2]);
         assert_eq!(b.buf[..4], [4.0, 5.0, 6.0, 7.0]);
         assert_eq!(Clip::concat_time(&ops, &[&a, &b, &c]).unwrap().buf, x.buf);
+    }
+
+    #[test]
+    fn rows_and_concat_rows_are_inverse() {
+        let ops = CpuOps;
+        let x = ramp([2, 3, 5, 4]);
+        let (a, b, c) = (x.rows(&ops, 0, 2).unwrap(), x.rows(&ops, 2, 3).unwrap(), x.rows(&ops, 3, 5).unwrap());
+        assert_eq!(b.shape(), [2, 3, 1, 4]);
+        // row 2 of channel 0, frame 1: elements 20 + 8 .. 20 + 12
+        assert_eq!(b.buf[4..8], [28.0, 29.0, 30.0, 31.0]);
+        assert_eq!(Clip::concat_rows(&ops, &[&a, &b, &c]).unwrap().buf, x.buf);
+        assert!(x.rows(&ops, 4, 6).is_err());
     }
 
     #[test]

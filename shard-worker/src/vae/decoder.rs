@@ -1,6 +1,8 @@
 //! `WanDecoder3d`: latent frames to video frames, one chunk at a time with causal state, so that
-//! decoding chunk by chunk equals one pass over the whole sequence.
+//! decoding chunk by chunk equals one pass over the whole sequence; on whole frames or on one band
+//! of rows of frames split across ranks ([`Tile`]).
 
+use super::band::Tile;
 use super::blocks::{MidBlock, MidState, Resample, ResampleMode, ResampleState, ResidualBlock, ResidualState};
 use super::clip::{Clip, FrameCache};
 use super::config::VaeConfig;
@@ -84,20 +86,21 @@ impl<O: Ops> Decoder<O> {
     }
 
     /// Decodes the next chunk of latent frames `[z_dim, n, h, w]` (after `post_quant_conv`) into
-    /// video frames `[out_channels, n', 8h, 8w]` (not clamped).
-    pub fn forward(&self, ops: &O, z: &Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
-        let x = self.conv_in.forward_cached(ops, z, &mut state.conv_in)?;
-        let mut x = self.mid.forward(ops, x, &mut state.mid)?;
+    /// video frames `[out_channels, n', 8h, 8w]` (not clamped). On a band, `z` is the band's rows
+    /// and so is the video (8 rows each).
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, z: &Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
+        let x = self.conv_in.forward_cached(ops, tile, z, &mut state.conv_in)?;
+        let mut x = self.mid.forward(ops, tile, x, &mut state.mid)?;
         for i in 0..self.per_frame_from {
-            x = self.up_block(ops, i, x, state)?;
+            x = self.up_block(ops, tile, i, x, state)?;
         }
         let inputs = if x.t == 1 { vec![x] } else { (0..x.t).map(|f| x.frames(ops, f, f + 1)).collect::<Result<Vec<_>>>()? };
         let mut frames = Vec::with_capacity(inputs.len());
         for mut y in inputs {
             for i in self.per_frame_from..self.up_blocks.len() {
-                y = self.up_block(ops, i, y, state)?;
+                y = self.up_block(ops, tile, i, y, state)?;
             }
-            frames.push(norm_silu_conv(ops, &self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
+            frames.push(norm_silu_conv(ops, tile, &self.norm_out, &self.conv_out, y, &mut state.conv_out)?);
         }
         match frames.len() {
             1 => Ok(frames.pop().expect("one frame")),
@@ -106,13 +109,13 @@ impl<O: Ops> Decoder<O> {
     }
 
     /// Runs stage `i` on the next frames.
-    fn up_block(&self, ops: &O, i: usize, mut x: Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
+    fn up_block(&self, ops: &O, tile: Tile<'_>, i: usize, mut x: Clip<O>, state: &mut DecoderState<O>) -> Result<Clip<O>> {
         let (block, (res_states, up_state)) = (&self.up_blocks[i], &mut state.up_blocks[i]);
         for (res, st) in block.resnets.iter().zip(res_states.iter_mut()) {
-            x = res.forward(ops, x, st)?;
+            x = res.forward(ops, tile, x, st)?;
         }
         match &block.upsampler {
-            Some(up) => up.forward(ops, x, up_state),
+            Some(up) => up.forward(ops, tile, x, up_state),
             None => Ok(x),
         }
     }

@@ -1,6 +1,8 @@
 //! `WanEncoder3d`: video frames to the latent distribution's parameters, one chunk at a time with
-//! causal state, so that encoding chunk by chunk equals one pass over the whole sequence.
+//! causal state, so that encoding chunk by chunk equals one pass over the whole sequence. It runs
+//! on whole frames (its stride-2 downsamplers take no band of rows).
 
+use super::band::Tile;
 use super::blocks::{MidBlock, MidState, Resample, ResampleMode, ResampleState, ResidualBlock, ResidualState};
 use super::clip::{Clip, FrameCache};
 use super::config::VaeConfig;
@@ -8,6 +10,9 @@ use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
 use crate::weights::WeightSource;
 use crate::Result;
 use tessera_kernels::backend::Ops;
+
+/// The encoder's frames: always whole.
+const WHOLE: Tile<'static> = Tile::Whole;
 
 /// An entry of the encoder's flat `down_blocks` list.
 enum DownLayer<O: Ops> {
@@ -98,7 +103,7 @@ impl<O: Ops> Encoder<O> {
         let split = self.per_frame_until;
         let mut frames = Vec::with_capacity(video.t);
         for f in 0..video.t {
-            let mut x = self.conv_in.forward_cached(ops, &video.frames(ops, f, f + 1)?, &mut state.conv_in)?;
+            let mut x = self.conv_in.forward_cached(ops, WHOLE, &video.frames(ops, f, f + 1)?, &mut state.conv_in)?;
             for i in 0..split {
                 x = self.down_layer(ops, i, x, state)?;
             }
@@ -109,15 +114,15 @@ impl<O: Ops> Encoder<O> {
         for i in split..self.down_blocks.len() {
             x = self.down_layer(ops, i, x, state)?;
         }
-        let x = self.mid.forward(ops, x, &mut state.mid)?;
-        norm_silu_conv(ops, &self.norm_out, &self.conv_out, x, &mut state.conv_out)
+        let x = self.mid.forward(ops, WHOLE, x, &mut state.mid)?;
+        norm_silu_conv(ops, WHOLE, &self.norm_out, &self.conv_out, x, &mut state.conv_out)
     }
 
     /// Runs entry `i` of `down_blocks` on the next frames.
     fn down_layer(&self, ops: &O, i: usize, x: Clip<O>, state: &mut EncoderState<O>) -> Result<Clip<O>> {
         match (&self.down_blocks[i], &mut state.down_blocks[i]) {
-            (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(ops, x, s),
-            (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(ops, x, s),
+            (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(ops, WHOLE, x, s),
+            (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(ops, WHOLE, x, s),
             _ => unreachable!("states are built from the layers"),
         }
     }

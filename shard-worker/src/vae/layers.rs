@@ -1,10 +1,12 @@
 //! The VAE's parameterised layers on any backend: RMS norm over channels (`WanRMS_norm`), the
 //! causal 3-D convolution with its frame cache (`WanCausalConv3d`), and 2-D convolutions applied
-//! frame by frame.
+//! frame by frame; on whole frames or on a band of rows ([`Tile`]), whose convolutions first
+//! borrow the rows they reach from the neighbouring bands.
 
+use super::band::Tile;
 use super::clip::{Clip, FrameCache};
 use crate::weights::WeightSource;
-use crate::Result;
+use crate::{Result, WorkerError};
 use tessera_kernels::backend::{ConvShape, Ops};
 use tessera_kernels::cpu::{Conv2dParams, Conv3dParams};
 
@@ -93,39 +95,75 @@ impl<O: Ops> CausalConv3d<O> {
 
     /// Runs on `x` preceded by the frames `before` (earlier chunks' frames, oldest first, read in
     /// place); zero frames make up the rest of the causal context. With stride 1 the output has
-    /// one frame per frame of `x`.
+    /// one frame per frame of `x`. Whole frames only.
     pub fn forward_after(&self, ops: &O, before: &[Clip<O>], x: &Clip<O>) -> Result<Clip<O>> {
+        self.run(ops, before, x, self.padding[1])
+    }
+
+    /// [`forward_after`](Self::forward_after) with `rows` zero rows above and below the frames.
+    fn run(&self, ops: &O, before: &[Clip<O>], x: &Clip<O>, rows: [usize; 2]) -> Result<Clip<O>> {
         let cached: usize = before.iter().map(|b| b.t).sum();
         let mut padding = self.padding;
         padding[0][0] = self.causal_frames().saturating_sub(cached);
+        padding[1] = rows;
         let params = Conv3dParams::new(self.shape.kernel).with_stride(self.stride).with_padding(padding);
         let pieces: Vec<_> = before.iter().map(Clip::piece).chain([x.piece()]).collect();
         let (y, shape) = ops.conv3d(&pieces, [x.c, x.h, x.w], &self.weight, &params)?;
         Clip::new(ops, shape, y)
     }
 
-    /// Runs on `x` alone (no earlier frames).
-    pub fn forward(&self, ops: &O, x: &Clip<O>) -> Result<Clip<O>> {
-        self.forward_after(ops, &[], x)
+    /// The input the convolution reads on `tile`, and its zero rows above and below: `x` itself
+    /// on whole frames or with a kernel one row high; on a band, `x` with the neighbouring bands'
+    /// rows the kernel reaches (`None` stands for `x` itself).
+    fn tile_input(&self, ops: &O, tile: Tile<'_>, x: &Clip<O>) -> Result<(Option<Clip<O>>, [usize; 2])> {
+        let bands = match tile {
+            Tile::Band(bands) if self.shape.kernel[1] > 1 => bands,
+            _ => return Ok((None, self.padding[1])),
+        };
+        let [above, below] = self.padding[1];
+        if self.stride[1] != 1 || above != below || self.shape.kernel[1] != 2 * above + 1 {
+            return Err(WorkerError::input(
+                "decode",
+                format!("a band of rows takes stride-1 convolutions padded to keep the height, not kernel {:?} stride {:?} padding {:?}", self.shape.kernel, self.stride, self.padding),
+            ));
+        }
+        let (ext, rows) = bands.with_halo(ops, x, above)?;
+        Ok((Some(ext), rows))
     }
 
-    /// Runs on `x` preceded by the frames in `cache`, and updates the cache. A convolution without
-    /// time padding ignores the cache, as upstream's does.
-    pub fn forward_cached(&self, ops: &O, x: &Clip<O>, cache: &mut FrameCache<O>) -> Result<Clip<O>> {
+    /// Runs on `x` alone (no earlier frames), on `tile`.
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, x: &Clip<O>) -> Result<Clip<O>> {
+        let (ext, rows) = self.tile_input(ops, tile, x)?;
+        self.run(ops, &[], ext.as_ref().unwrap_or(x), rows)
+    }
+
+    /// Runs on `x` preceded by the frames in `cache`, on `tile`, and updates the cache (on a band,
+    /// it keeps the frames with their borrowed rows, which the next chunk reads again). A
+    /// convolution without time padding ignores the cache, as upstream's does.
+    pub fn forward_cached(&self, ops: &O, tile: Tile<'_>, x: &Clip<O>, cache: &mut FrameCache<O>) -> Result<Clip<O>> {
         if self.causal_frames() == 0 {
-            return self.forward(ops, x);
+            return self.forward(ops, tile, x);
         }
-        let y = self.forward_after(ops, cache.frames(), x)?;
-        cache.push(ops, x)?;
+        let (ext, rows) = self.tile_input(ops, tile, x)?;
+        let input = ext.as_ref().unwrap_or(x);
+        let y = self.run(ops, cache.frames(), input, rows)?;
+        cache.push(ops, input)?;
         Ok(y)
     }
 }
 
 /// `RMS → SiLU → CausalConv3d` with the convolution's cache: the residual blocks' two halves and the
 /// encoder and decoder heads. The cache holds the convolution's inputs (after norm and SiLU).
-pub(crate) fn norm_silu_conv<O: Ops>(ops: &O, norm: &ChannelRmsNorm<O>, conv: &CausalConv3d<O>, mut x: Clip<O>, cache: &mut FrameCache<O>) -> Result<Clip<O>> {
+pub(crate) fn norm_silu_conv<O: Ops>(
+    ops: &O,
+    tile: Tile<'_>,
+    norm: &ChannelRmsNorm<O>,
+    conv: &CausalConv3d<O>,
+    mut x: Clip<O>,
+    cache: &mut FrameCache<O>,
+) -> Result<Clip<O>> {
     norm.apply(ops, &mut x, true)?;
-    conv.forward_cached(ops, &x, cache)
+    conv.forward_cached(ops, tile, &x, cache)
 }
 
 #[cfg(test)]
@@ -156,10 +194,12 @@ mod tests {
         let (ops, src) = (CpuOps, RandomWeights::new(5));
         let conv = CausalConv3d::load3(&ops, &src, "c", 2, 3).unwrap();
         let x = Clip::upload(&ops, [2, 5, 3, 4], (0..120).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect()).unwrap();
-        let whole = conv.forward(&ops, &x).unwrap();
+        let whole = conv.forward(&ops, Tile::Whole, &x).unwrap();
         let mut cache = FrameCache::default();
-        let parts: Vec<_> =
-            [(0, 1), (1, 2), (2, 5)].iter().map(|&(a, b)| conv.forward_cached(&ops, &x.frames(&ops, a, b).unwrap(), &mut cache).unwrap()).collect();
+        let parts: Vec<_> = [(0, 1), (1, 2), (2, 5)]
+            .iter()
+            .map(|&(a, b)| conv.forward_cached(&ops, Tile::Whole, &x.frames(&ops, a, b).unwrap(), &mut cache).unwrap())
+            .collect();
         let joined = Clip::concat_time(&ops, &parts.iter().collect::<Vec<_>>()).unwrap();
         assert_eq!(joined.shape(), whole.shape());
         for (a, b) in joined.buf.iter().zip(&whole.buf) {

@@ -2,9 +2,12 @@
 //! `bf16-host`, `cuda`): decode latents to video chunk by chunk (one latent frame per step, with
 //! causal frame caches, so memory does not grow with the video's length; a [`DecodeStream`] keeps
 //! those caches between calls, so a long video's latents can be decoded as they are made and the
-//! frames equal one decode of the whole) and encode video to the latent distribution, plus the latent normalisation the pipelines apply around them (on the
-//! host, in f32). Reference: `wan2.1.md` §4.
+//! frames equal one decode of the whole; a decode can also be split by rows across ranks,
+//! [`Bands`], each rank decoding its band) and encode video to the latent distribution, plus the
+//! latent normalisation the pipelines apply around them (on the host, in f32). Reference:
+//! `wan2.1.md` §4.
 
+mod band;
 mod blocks;
 mod clip;
 mod config;
@@ -12,11 +15,13 @@ mod decoder;
 mod encoder;
 mod layers;
 
+pub use band::{Bands, BANDS_GROUP};
 pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
 
 use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{RandomWeights, WeightSource, WeightStore};
 use crate::{Result, WorkerError};
+use band::Tile;
 use clip::Clip;
 use decoder::Decoder;
 use encoder::Encoder;
@@ -87,11 +92,12 @@ impl<O: Ops> Vae<O> {
     /// video), handing each piece of video, clamped to [−1, 1], to `on_frames`.
     fn decode_chunks(&self, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
         let mut stream = self.new_stream(latent.shape().first().copied().unwrap_or(0));
-        self.decode_more(&mut stream, latent, chunk, on_frames)
+        self.decode_more(&mut stream, latent, chunk, Tile::Whole, on_frames)
     }
 
-    /// Decodes the next latent frames of `stream`'s videos, `chunk` per step.
-    fn decode_more(&self, stream: &mut DecodeStream<O>, latent: &Tensor, chunk: usize, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+    /// Decodes the next latent frames of `stream`'s videos, `chunk` per step, on `tile` (a band:
+    /// `latent` and the frames are the band's rows).
+    fn decode_more(&self, stream: &mut DecodeStream<O>, latent: &Tensor, chunk: usize, tile: Tile<'_>, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
         let s = latent.shape();
         if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) || s[0] != stream.states.len() {
             return Err(WorkerError::input(
@@ -107,8 +113,8 @@ impl<O: Ops> Vae<O> {
             let end = frames.min(start + chunk.max(1));
             let (mut samples, mut shape) = (Vec::with_capacity(states.len()), [0; 4]);
             for (b, state) in states.iter_mut().enumerate() {
-                let z = self.post_quant_conv.forward(ops, &Clip::from_batch(ops, latent, b, start, end)?)?;
-                let video = self.decoder.forward(ops, &z, state)?;
+                let z = self.post_quant_conv.forward(ops, tile, &Clip::from_batch(ops, latent, b, start, end)?)?;
+                let video = self.decoder.forward(ops, tile, &z, state)?;
                 shape = video.shape();
                 let mut host = video.download(ops)?;
                 host.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(-1.0, 1.0)));
@@ -146,7 +152,7 @@ impl<O: Ops> Vae<O> {
                 outs.push(self.encoder.forward(ops, &Clip::from_batch(ops, video, b, start, end)?, &mut state)?);
                 start = end;
             }
-            let enc = self.quant_conv.forward(ops, &Clip::concat_time(ops, &outs.iter().collect::<Vec<_>>())?)?;
+            let enc = self.quant_conv.forward(ops, Tile::Whole, &Clip::concat_time(ops, &outs.iter().collect::<Vec<_>>())?)?;
             shape = [z, enc.t, enc.h, enc.w];
             let per_channel = enc.positions();
             let mut host = enc.download(ops)?;
@@ -233,10 +239,22 @@ impl OnBackend<VaeFamily> {
     /// continuing its causal caches, as [`decode_with`](Self::decode_with) does: the pieces of
     /// all calls together are the decode of the whole latent, bit for bit.
     pub fn decode_more(&self, stream: &mut VaeDecodeStream, latent: &Tensor, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        self.decode_tile(stream, latent, Tile::Whole, on_frames)
+    }
+
+    /// [`decode_more`](Self::decode_more) of this rank's band of rows of frames split by `bands`:
+    /// `latent` is the band's latent rows `[B, z_dim, n, rows, w]` (de-normalised), the pieces
+    /// are the band's video rows `[B, out_channels, n', 8·rows, 8w]`, which are the rows of the
+    /// whole decode. Every band calls it with the same frames; a stream keeps to one band.
+    pub fn decode_band(&self, stream: &mut VaeDecodeStream, latent: &Tensor, bands: &Bands, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        self.decode_tile(stream, latent, Tile::Band(bands), on_frames)
+    }
+
+    fn decode_tile(&self, stream: &mut VaeDecodeStream, latent: &Tensor, tile: Tile<'_>, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
         match (self, stream) {
-            (OnBackend::Cpu(m), VaeDecodeStream::Cpu(s)) => m.decode_more(s, latent, 1, on_frames),
-            (OnBackend::Bf16Host(m), VaeDecodeStream::Bf16Host(s)) => m.decode_more(s, latent, 1, on_frames),
-            (OnBackend::Cuda(m), VaeDecodeStream::Cuda(s)) => m.decode_more(s, latent, 1, on_frames),
+            (OnBackend::Cpu(m), VaeDecodeStream::Cpu(s)) => m.decode_more(s, latent, 1, tile, on_frames),
+            (OnBackend::Bf16Host(m), VaeDecodeStream::Bf16Host(s)) => m.decode_more(s, latent, 1, tile, on_frames),
+            (OnBackend::Cuda(m), VaeDecodeStream::Cuda(s)) => m.decode_more(s, latent, 1, tile, on_frames),
             _ => Err(WorkerError::input("decode", "a decode stream continues on the backend of the VAE that started it")),
         }
     }

@@ -178,8 +178,8 @@ fn real_width_preset_keeps_activations_finite_and_of_order_one() {
     let WanVae::Cpu(m) = &vae else { panic!("presets load on the CPU") };
     let ops = m.ops();
     let latent = normal(&[1, 16, 2, 2, 3], 5);
-    let z = m.post_quant_conv.forward(ops, &Clip::from_batch(ops, &latent, 0, 0, 2).unwrap()).unwrap();
-    let raw = m.decoder.forward(ops, &z, &mut m.decoder.new_state()).unwrap();
+    let z = m.post_quant_conv.forward(ops, band::Tile::Whole, &Clip::from_batch(ops, &latent, 0, 0, 2).unwrap()).unwrap();
+    let raw = m.decoder.forward(ops, band::Tile::Whole, &z, &mut m.decoder.new_state()).unwrap();
     assert_eq!(raw.shape(), [3, 5, 16, 24]);
     let n = raw.buf.len() as f64;
     let rms = (raw.buf.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();

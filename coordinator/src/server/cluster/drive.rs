@@ -471,10 +471,10 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
 }
 
 /// One Decode on every rank: the frames that are final and not decoded yet go into `encoder`
-/// (the other ranks give rank 0 their shares of the latent and end).
+/// (every rank decodes a band of rows of them; rank 0 joins the bands and streams the frames).
 async fn decode_round(ranks: &[Rank], cx: &DriveContext<'_>, encoder: FrameEncoder, name: &str) -> Result<FrameEncoder, CoordinatorError> {
     let span = tracing::info_span!("decode", round = name);
-    let (encoder, ()) = tokio::try_join!(decode_on_rank0(&ranks[0], cx, encoder, &span).instrument(span.clone()), hand_over_shares(&ranks[1..], cx, &span))?;
+    let (encoder, ()) = tokio::try_join!(decode_on_rank0(&ranks[0], cx, encoder, &span).instrument(span.clone()), decode_on_other_ranks(&ranks[1..], cx, &span))?;
     Ok(encoder)
 }
 
@@ -513,9 +513,9 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
     }
 }
 
-/// Sends Decode to the ranks other than 0, which gather their shares of the latent to rank 0 and
+/// Sends Decode to the ranks other than 0, which decode their bands, hand them to rank 0 and
 /// answer with an empty stream (frames from them would be a protocol error).
-async fn hand_over_shares(others: &[Rank], cx: &DriveContext<'_>, span: &tracing::Span) -> Result<(), CoordinatorError> {
+async fn decode_on_other_ranks(others: &[Rank], cx: &DriveContext<'_>, span: &tracing::Span) -> Result<(), CoordinatorError> {
     let trace_context = span.in_scope(tessera_telemetry::current_context_map);
     let calls = others.iter().map(|rank| {
         let req = pb::DecodeRequest { job_id: cx.job.id.clone(), trace_context: trace_context.clone() };
