@@ -86,7 +86,8 @@ pub struct Layout {
     pub ring: u32,
     /// Whether the devices split into a conditional and an unconditional half.
     pub cfg_parallel: bool,
-    /// Ranks that decode the VAE (1: rank 0 decodes alone, as today; `gpus`: spatial tiles).
+    /// Ranks that decode the VAE (1: one rank decodes alone; `gpus`: each rank decodes a band of
+    /// rows, as jobs do: `WanPipeline::decode_split`).
     pub vae_ranks: u32,
 }
 

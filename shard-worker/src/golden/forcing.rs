@@ -183,14 +183,12 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
             Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
         };
         let mut outs = run_local_group(opts.transport, group, |ctx| {
-            // Rank 0 streams the decode; every rank records its run.
+            // Every rank records its run and decodes a band of each chunk's frames; rank 0's
+            // collector gets the frames.
             let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
             let mut forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
-            let video = if ctx.rank() == 0 {
-                ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?
-            } else {
-                ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut rec)?
-            };
+            let mut decode = StreamingDecode::split(&pipe, ctx.world(), &mut frames, &mut rec);
+            let video = ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut decode)?;
             Ok((video, rec, frames, ctx.world().stats().sent()))
         })?;
         *ran = super::Ran { ranks: group.ranks(), moved: outs.iter().map(|o| o.3).sum() };

@@ -18,7 +18,7 @@
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
 use crate::parallel::ParallelPlan;
-use crate::pipeline::{denoise_sharded, FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
+use crate::pipeline::{decode_sharded, denoise_sharded, FrameCollector, GenerationParams, PipelineObserver, VideoInput, WanPipeline};
 use crate::sampler::Timesteps;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
@@ -269,8 +269,9 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
 
     // Stage 3: denoising, every step compared.
     let mut rec = StepRecorder::default();
-    if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {
+    let sharded = if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {
         pipe.denoise(&mut latents, &text, params.guidance_scale, &schedule, &mut rec)?;
+        None
     } else {
         let cfg = if opts.cfg_parallel { 2 } else { 1 };
         let plan = match ParallelPlan::with_cfg(opts.ranks, opts.ulysses, cfg, pipe.transformer().config().num_attention_heads) {
@@ -279,7 +280,8 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         };
         let moved = denoise_sharded(&pipe, &mut latents, &text, params.guidance_scale, &schedule, opts.transport, plan, &mut rec)?;
         *ran = super::Ran { ranks: plan.ranks(), moved };
-    }
+        Some(plan)
+    };
     let after = read_tensor(&io, "latents_after_step")?;
     let per_step = after.len() / after.dim(0).max(1);
     if after.dim(0) != rec.steps.len() {
@@ -296,8 +298,11 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         comparisons.push((format!("latents_after_step[{i}]"), Comparison::new(got.data(), want, tol)));
     }
 
-    // Stage 4: decode.
-    pipe.decode(&latents, &mut rec)?;
+    // Stage 4: decode, split into bands of rows over the same ranks when sharded.
+    match sharded {
+        Some(plan) => ran.moved += decode_sharded(&pipe, &latents, opts.transport, plan, &mut rec)?,
+        None => pipe.decode(&latents, &mut rec)?,
+    }
     comparisons.push(compare(&io, "frames", &frames_major(&rec.frames.frames()?)?, &opts.video_tolerance(&meta.tolerance))?);
     Ok(outcome(comparisons))
 }

@@ -23,7 +23,7 @@ pub use noise::{initial_noise, noise_rows, noise_slice, NOISE_STREAM};
 pub use params::{GenerationParams, VideoInput};
 pub use preset::{PipelineDefaults, PipelinePreset, WAN_DEFAULTS};
 pub use shard_run::{RankGroup, ShardRun, Start};
-pub use sharded::{denoise_sharded, generate_sharded};
+pub use sharded::{decode_sharded, denoise_sharded, generate_sharded};
 pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
 use crate::image::{ImageEncoder, RgbImage};

@@ -3,7 +3,8 @@
 //! share of the latent and steps it, the transformer's attention joining the shares (ring, Ulysses
 //! or USP; in-process or TCP transport). After each step the latent is gathered to rank 0, which
 //! reports it to the caller's observer; a stop requested by the observer is broadcast from rank 0
-//! at the step boundary, so every rank stops at the same step.
+//! at the step boundary, so every rank stops at the same step. The decode splits the frames into
+//! bands of rows over the same ranks ([`decode_sharded`]).
 
 use super::{Conditioning, Denoiser, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline};
 use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
@@ -99,8 +100,50 @@ pub fn denoise_sharded(
     Ok(moved)
 }
 
-/// [`WanPipeline::generate`] with the denoising sequence-parallel over ranks of this process
-/// (text encoding and VAE decode run once, here).
+/// [`WanPipeline::decode_split`] over `plan.ranks()` ranks of this process, `transport` between
+/// them: each rank decodes a band of rows of `latents`; the frames go to `observer` (on this
+/// thread) as rank 0 joins them. Returns the bytes the ranks sent one another.
+pub fn decode_sharded(pipe: &WanPipeline, latents: &Tensor, transport: LocalTransport, plan: ParallelPlan, observer: &mut dyn PipelineObserver) -> Result<u64> {
+    /// Rank 0's observer: hands each piece of frames to the caller's thread.
+    struct Forward(Option<mpsc::Sender<Tensor>>);
+    impl PipelineObserver for Forward {
+        fn on_frames(&mut self, frames: &Tensor) -> Result<()> {
+            match &self.0 {
+                Some(tx) => tx.send(frames.clone()).map_err(|_| WorkerError::Cancelled("the caller stopped taking frames".into())),
+                None => Ok(()),
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    let span = tracing::Span::current();
+    std::thread::scope(|s| {
+        let ranks = s.spawn(|| {
+            let tx = tx;
+            let _in = span.enter();
+            run_local_group(transport, plan, |ctx| {
+                let lead = ctx.rank() == 0;
+                pipe.decode_split(lead.then_some(latents), ctx.world(), &mut Forward(lead.then(|| tx.clone())))?;
+                Ok(ctx.world().stats().sent())
+            })
+        });
+        // Every sender is dropped when the ranks finish, which ends this loop; a failing observer
+        // stops rank 0 at its next piece, and its error is the one returned.
+        let mut observer_error = None;
+        for frames in rx {
+            if observer_error.is_none() {
+                observer_error = observer.on_frames(&frames).err();
+            }
+        }
+        let sent = ranks.join().map_err(|_| WorkerError::Collective("the rank group panicked".into()))?;
+        match observer_error {
+            Some(e) => Err(e),
+            None => Ok(sent?.iter().sum()),
+        }
+    })
+}
+
+/// [`WanPipeline::generate`] with the denoising sequence-parallel over ranks of this process and
+/// the decode split over them (text encoding runs once, here).
 pub fn generate_sharded(
     pipe: &WanPipeline,
     params: &GenerationParams,
@@ -115,7 +158,7 @@ pub fn generate_sharded(
     let mut latents = pipe.initial_latents(params, &schedule)?;
     observer.on_initial_latents(&latents)?;
     denoise_sharded(pipe, &mut latents, &text, params.guidance_scale, &schedule, transport, plan, observer)?;
-    pipe.decode(&latents, observer)?;
+    decode_sharded(pipe, &latents, transport, plan, observer)?;
     Ok(latents)
 }
 

@@ -30,12 +30,25 @@ impl WanPipeline {
     /// [`decode_split`](Self::decode_split) is: the next latent frames of `stream`'s video from
     /// member 0. Every member keeps its own stream (its band's causal caches), started with
     /// [`start_decode`](Self::start_decode) and continued by this call alone, in the same world.
-    pub fn decode_more_split(&self, stream: &mut FrameStream, latents: Option<&Tensor>, world: &Communicator, observer: &mut dyn PipelineObserver) -> Result<()> {
+    pub fn decode_more_split(
+        &self,
+        stream: &mut FrameStream,
+        latents: Option<&Tensor>,
+        world: &Communicator,
+        observer: &mut dyn PipelineObserver,
+    ) -> Result<()> {
         let shape = shared_shape(latents, world)?;
         self.decode_bands(stream, latents, shape, world, observer)
     }
 
-    fn decode_bands(&self, stream: &mut FrameStream, latents: Option<&Tensor>, shape: [usize; 5], world: &Communicator, observer: &mut dyn PipelineObserver) -> Result<()> {
+    fn decode_bands(
+        &self,
+        stream: &mut FrameStream,
+        latents: Option<&Tensor>,
+        shape: [usize; 5],
+        world: &Communicator,
+        observer: &mut dyn PipelineObserver,
+    ) -> Result<()> {
         let [batch, channels, frames, height, width] = shape;
         let (me, count) = (world.rank(), world.size().min(height));
         let band = |i: usize| if i < count { Bands::rows(height, count, i) } else { 0..0 };
@@ -155,7 +168,12 @@ mod tests {
                     let piece = latent_frames(&latents, part);
                     pipe.decode_more_split(&mut stream, lead.then_some(&piece), ctx.world(), &mut chunked)?;
                 }
-                Ok(if lead { Some((whole.frames()?, chunked.frames()?)) } else { assert!(whole.frames().is_err() && chunked.frames().is_err()); None })
+                Ok(if lead {
+                    Some((whole.frames()?, chunked.frames()?))
+                } else {
+                    assert!(whole.frames().is_err() && chunked.frames().is_err());
+                    None
+                })
             })
             .unwrap();
             let (whole, chunked) = got[0].as_ref().unwrap();
@@ -171,8 +189,10 @@ mod tests {
     #[test]
     fn no_latent_on_member_0_is_an_error_everywhere() {
         let pipe = PipelinePreset::Tiny.build(1).unwrap();
-        let got = run_in_process(ParallelPlan::new(2, 1, 1).unwrap(), |ctx| Ok(pipe.decode_split(None, ctx.world(), &mut FrameCollector::default()).unwrap_err().to_string()))
-            .unwrap();
+        let got = run_in_process(ParallelPlan::new(2, 1, 1).unwrap(), |ctx| {
+            Ok(pipe.decode_split(None, ctx.world(), &mut FrameCollector::default()).unwrap_err().to_string())
+        })
+        .unwrap();
         assert!(got.iter().all(|e| e.contains("no [B, C, T, h, w] latent")), "{got:?}");
     }
 }

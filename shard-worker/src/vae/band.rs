@@ -62,7 +62,10 @@ impl Bands {
     pub(crate) fn with_halo<O: Ops>(&self, ops: &O, x: &Clip<O>, rows: usize) -> Result<(Clip<O>, [usize; 2])> {
         let (index, count) = (self.index(), self.count());
         if x.h < rows {
-            return Err(WorkerError::input("decode", format!("a band of {} rows cannot lend its neighbours {rows}: too many ranks for the frame's height", x.h)));
+            return Err(WorkerError::input(
+                "decode",
+                format!("a band of {} rows cannot lend its neighbours {rows}: too many ranks for the frame's height", x.h),
+            ));
         }
         let (above, below) = (index > 0, index + 1 < count);
         let mut parts = vec![Bytes::new(); count];

@@ -124,7 +124,10 @@ impl<O: Ops> CausalConv3d<O> {
         if self.stride[1] != 1 || above != below || self.shape.kernel[1] != 2 * above + 1 {
             return Err(WorkerError::input(
                 "decode",
-                format!("a band of rows takes stride-1 convolutions padded to keep the height, not kernel {:?} stride {:?} padding {:?}", self.shape.kernel, self.stride, self.padding),
+                format!(
+                    "a band of rows takes stride-1 convolutions padded to keep the height, not kernel {:?} stride {:?} padding {:?}",
+                    self.shape.kernel, self.stride, self.padding
+                ),
             ));
         }
         let (ext, rows) = bands.with_halo(ops, x, above)?;

@@ -97,7 +97,14 @@ impl<O: Ops> Vae<O> {
 
     /// Decodes the next latent frames of `stream`'s videos, `chunk` per step, on `tile` (a band:
     /// `latent` and the frames are the band's rows).
-    fn decode_more(&self, stream: &mut DecodeStream<O>, latent: &Tensor, chunk: usize, tile: Tile<'_>, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+    fn decode_more(
+        &self,
+        stream: &mut DecodeStream<O>,
+        latent: &Tensor,
+        chunk: usize,
+        tile: Tile<'_>,
+        on_frames: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
         let s = latent.shape();
         if s.len() != 5 || s[1] != self.cfg.z_dim || s.contains(&0) || s[0] != stream.states.len() {
             return Err(WorkerError::input(

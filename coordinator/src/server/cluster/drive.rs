@@ -474,7 +474,8 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
 /// (every rank decodes a band of rows of them; rank 0 joins the bands and streams the frames).
 async fn decode_round(ranks: &[Rank], cx: &DriveContext<'_>, encoder: FrameEncoder, name: &str) -> Result<FrameEncoder, CoordinatorError> {
     let span = tracing::info_span!("decode", round = name);
-    let (encoder, ()) = tokio::try_join!(decode_on_rank0(&ranks[0], cx, encoder, &span).instrument(span.clone()), decode_on_other_ranks(&ranks[1..], cx, &span))?;
+    let (encoder, ()) =
+        tokio::try_join!(decode_on_rank0(&ranks[0], cx, encoder, &span).instrument(span.clone()), decode_on_other_ranks(&ranks[1..], cx, &span))?;
     Ok(encoder)
 }
 

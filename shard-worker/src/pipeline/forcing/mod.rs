@@ -14,6 +14,7 @@ pub use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
 
 use super::{concat_time, noise_slice, Conditioning, FrameStream, PipelineObserver, WanPipeline};
 use crate::model::{DitInputs, ForwardOptions};
+use crate::parallel::Communicator;
 use crate::sampler::{apply_guidance, guidance_enabled, SamplerState, Schedule};
 use crate::{Result, WorkerError};
 use tessera_kernels::backend::CpuOps;
@@ -93,10 +94,12 @@ impl ForcingObserver for () {}
 
 /// Decodes each chunk's new frames as soon as the chunk is done (continuing the VAE's causal
 /// caches, so the streamed video is the decode of the whole latent) and hands them to `frames`;
-/// everything else goes on to `inner`.
+/// everything else goes on to `inner`. In a group, every rank decodes a band of rows and member 0's
+/// `frames` get the joined frames ([`WanPipeline::decode_more_split`]).
 pub struct StreamingDecode<'a> {
     pipe: &'a WanPipeline,
     stream: FrameStream,
+    world: Option<&'a Communicator>,
     frames: &'a mut dyn PipelineObserver,
     inner: &'a mut dyn ForcingObserver,
 }
@@ -104,7 +107,12 @@ pub struct StreamingDecode<'a> {
 impl<'a> StreamingDecode<'a> {
     /// Streams `pipe`'s decode of the video to `frames`, watching the run with `inner` too.
     pub fn new(pipe: &'a WanPipeline, frames: &'a mut dyn PipelineObserver, inner: &'a mut dyn ForcingObserver) -> Self {
-        Self { pipe, stream: pipe.start_decode(), frames, inner }
+        Self { pipe, stream: pipe.start_decode(), world: None, frames, inner }
+    }
+
+    /// [`new`](Self::new) on every member of `world`, the decode split across them.
+    pub fn split(pipe: &'a WanPipeline, world: &'a Communicator, frames: &'a mut dyn PipelineObserver, inner: &'a mut dyn ForcingObserver) -> Self {
+        Self { world: Some(world), ..Self::new(pipe, frames, inner) }
     }
 }
 
@@ -120,7 +128,10 @@ impl ForcingObserver for StreamingDecode<'_> {
     }
     fn on_chunk_done(&mut self, k: usize, chunks: usize, frames: &Tensor) -> Result<()> {
         self.inner.on_chunk_done(k, chunks, frames)?;
-        tracing::info_span!("decode", chunk = k).in_scope(|| self.pipe.decode_more(&mut self.stream, frames, self.frames))
+        tracing::info_span!("decode", chunk = k).in_scope(|| match self.world {
+            Some(world) => self.pipe.decode_more_split(&mut self.stream, (world.rank() == 0).then_some(frames), world, self.frames),
+            None => self.pipe.decode_more(&mut self.stream, frames, self.frames),
+        })
     }
 }
 
