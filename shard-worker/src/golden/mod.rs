@@ -235,10 +235,10 @@ pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
     let result = match case.kind {
         CaseKind::Dit => dit::run(case, opts, &mut ran),
         CaseKind::Pipeline => pipeline::run(case, opts, &mut ran),
-        CaseKind::Umt5 | CaseKind::Vae | CaseKind::Clip if sharded => {
+        CaseKind::Umt5 | CaseKind::Clip if sharded => {
             ran.ranks = 0;
             Ok(Outcome::Unsupported(format!(
-                "{} cases cannot run sharded yet (only the transformer's denoising and the sampler are sequence-parallel); --ranks {} would run them on one device",
+                "{} cases cannot run sharded yet (only the transformer, the sampler and the VAE split across ranks); --ranks {} would run them on one device",
                 case.kind.name(),
                 opts.ranks
             )))
@@ -251,7 +251,7 @@ pub fn run_case_measured(case: &Case, opts: &RunOptions) -> (Outcome, Ran) {
         }
         CaseKind::Umt5 => umt5::run(case, opts),
         CaseKind::Clip => clip::run(case, opts),
-        CaseKind::Vae => vae::run(case, opts),
+        CaseKind::Vae => vae::run(case, opts, &mut ran),
     };
     let outcome = match result {
         Ok(outcome) => outcome,

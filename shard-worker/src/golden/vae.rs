@@ -1,7 +1,10 @@
 //! VAE cases (`vae/*`): decode `latent` → `video` (clamped to [−1, 1]) and encode `video_in` →
-//! `latent_mean`, `latent_logvar`; a case may hold either direction or both.
+//! `latent_mean`, `latent_logvar`; a case may hold either direction or both. With `--ranks`, both
+//! run split by rows over that many ranks of this process (`WanVae::decode_split`,
+//! `encode_split`).
 
-use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, RunOptions, Tolerance};
+use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, Ran, RunOptions, Tolerance};
+use crate::parallel::{run_local_group, ParallelPlan};
 use crate::vae::WanVae;
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
@@ -23,19 +26,42 @@ pub const BF16_VAE_TOLERANCE: Tolerance = Tolerance { rel_l2: 3e-2, max_abs: Non
 
 /// Loads the case's VAE from its folder (as a diffusers `vae/` folder) onto `opts.backend` and
 /// runs every direction whose inputs the case holds, comparing every output (bf16 backends at
-/// [`BF16_VAE_TOLERANCE`]).
-pub(super) fn run(case: &Case, opts: &RunOptions) -> Result<Outcome> {
+/// [`BF16_VAE_TOLERANCE`]); split over `opts.ranks` ranks when that is more than one.
+pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut Ran) -> Result<Outcome> {
     let meta = CaseMeta::read(&case.dir)?;
     let tolerance = opts.vae_tolerance(&meta.tolerance);
     let vae = WanVae::load_on(&case.dir, opts.backend)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
+    let latent = io.contains("latent").then(|| read_tensor(&io, "latent")).transpose()?;
+    let video_in = io.contains("video_in").then(|| read_tensor(&io, "video_in")).transpose()?;
+    let (video, encoded) = if opts.ranks > 1 {
+        let plan = ParallelPlan::new(opts.ranks, 1, 1)?;
+        let mut outs = run_local_group(opts.transport, plan, |ctx| {
+            let lead = ctx.rank() == 0;
+            let mut pieces = Vec::new();
+            if let Some(latent) = &latent {
+                vae.decode_split(lead.then_some(latent), ctx.world(), &mut |p| {
+                    pieces.push(p);
+                    Ok(())
+                })?;
+            }
+            let encoded = match &video_in {
+                Some(v) => vae.encode_split(lead.then_some(v), ctx.world())?,
+                None => None,
+            };
+            Ok((pieces, encoded, ctx.world().stats().sent()))
+        })?;
+        *ran = Ran { ranks: plan.ranks(), moved: outs.iter().map(|o| o.2).sum() };
+        let (pieces, encoded, _) = outs.swap_remove(0);
+        (latent.is_some().then(|| crate::pipeline::concat_time(&pieces)).transpose()?, encoded)
+    } else {
+        (latent.as_ref().map(|l| vae.decode(l)).transpose()?, video_in.as_ref().map(|v| vae.encode(v)).transpose()?)
+    };
     let mut comparisons = Vec::new();
-    if io.contains("latent") {
-        let video = vae.decode(&read_tensor(&io, "latent")?)?;
+    if let Some(video) = video {
         comparisons.push(compare(&io, "video", &video, &tolerance)?);
     }
-    if io.contains("video_in") {
-        let (mean, logvar) = vae.encode(&read_tensor(&io, "video_in")?)?;
+    if let Some((mean, logvar)) = encoded {
         comparisons.push(compare(&io, "latent_mean", &mean, &tolerance)?);
         comparisons.push(compare(&io, "latent_logvar", &logvar, &tolerance)?);
     }

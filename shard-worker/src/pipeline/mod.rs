@@ -389,10 +389,7 @@ impl WanPipeline {
     /// frames of all calls are those of one [`decode`](Self::decode) of the whole latent.
     pub fn decode_more(&self, stream: &mut FrameStream, latents: &Tensor, observer: &mut dyn PipelineObserver) -> Result<()> {
         let z = self.vae.denormalize_latent(latents)?;
-        self.vae.decode_more(&mut stream.0, &z, &mut |mut frames| {
-            frames.data_mut().iter_mut().for_each(|v| *v = (*v + 1.0) * 0.5);
-            observer.on_frames(&frames)
-        })
+        self.vae.decode_more(&mut stream.0, &z, &mut |frames| observer.on_frames(&to_unit(frames)))
     }
 
     /// The whole generation; returns the final latent (frames went to the observer).
@@ -408,6 +405,12 @@ impl WanPipeline {
         self.decode(&latents, observer)?;
         Ok(latents)
     }
+}
+
+/// Decoded video in [−1, 1] mapped to [0, 1]: `(v + 1)·0.5`.
+fn to_unit(mut frames: Tensor) -> Tensor {
+    frames.data_mut().iter_mut().for_each(|v| *v = (*v + 1.0) * 0.5);
+    frames
 }
 
 /// A video being decoded piece by piece ([`WanPipeline::start_decode`]).

@@ -1,10 +1,11 @@
-//! A frame split into bands of rows across ranks, for the split decode: each rank computes its
-//! band of every frame. Its 3×3 convolutions borrow the rows they reach across the band's edges
-//! from the neighbouring bands (a halo exchange before each), and the middle block's attention,
+//! A frame split into bands of rows across ranks, for the split decode and encode: each rank
+//! computes its band of every frame. Its 3×3 convolutions (stride 1, or the encoder's stride-2
+//! downsamplers) borrow the rows they reach across the band's edges from the neighbouring bands
+//! (a halo exchange before each), and the middle block's attention,
 //! which sees the whole frame, gathers the frame at the lowest resolution and runs on all of it
 //! (a small part of the decode's work: every rank repeats it rather than attend for its own
 //! queries, whose kernel tiles would then differ from the one-device run's and round apart).
-//! Everything else in the decoder works per position or per column (norms over channels, 1×1
+//! Everything else in the VAE works per position or per column (norms over channels, 1×1
 //! and time convolutions, nearest upsampling, the causal frame caches), so a band's rows are the
 //! one-device decode's rows, computed by the same kernels from the same inputs: bit for bit on
 //! the CPU backends.
@@ -56,39 +57,42 @@ impl Bands {
         self.comm.size()
     }
 
-    /// `x` (this band's rows of every frame) with `rows` rows of the band above on top and of the
-    /// band below underneath, and the zero padding still owed at the top and bottom: `rows` on a
-    /// side with no neighbour (the frame's own edge), 0 where a neighbour's rows stand in for it.
-    pub(crate) fn with_halo<O: Ops>(&self, ops: &O, x: &Clip<O>, rows: usize) -> Result<(Clip<O>, [usize; 2])> {
+    /// `x` (this band's rows of every frame) with the last `above` rows of the band above on top
+    /// and the first `below` rows of the band below underneath, and whether each neighbour exists
+    /// (at the frame's own edges there is none, and the rows are the layer's zero padding). Every
+    /// band lends its first `below` rows up and its last `above` rows down.
+    pub(crate) fn with_halo<O: Ops>(&self, ops: &O, x: &Clip<O>, above: usize, below: usize) -> Result<(Clip<O>, [bool; 2])> {
         let (index, count) = (self.index(), self.count());
-        if x.h < rows {
+        if x.h < above.max(below) {
             return Err(WorkerError::input(
-                "decode",
-                format!("a band of {} rows cannot lend its neighbours {rows}: too many ranks for the frame's height", x.h),
+                "video",
+                format!("a band of {} rows cannot lend its neighbours {}: too many ranks for the frame's height", x.h, above.max(below)),
             ));
         }
-        let (above, below) = (index > 0, index + 1 < count);
+        let (has_above, has_below) = (index > 0, index + 1 < count);
         let mut parts = vec![Bytes::new(); count];
-        if above {
-            parts[index - 1] = f32_to_bytes(&x.rows(ops, 0, rows)?.download(ops)?);
+        if has_above && below > 0 {
+            parts[index - 1] = f32_to_bytes(&x.rows(ops, 0, below)?.download(ops)?);
         }
-        if below {
-            parts[index + 1] = f32_to_bytes(&x.rows(ops, x.h - rows, x.h)?.download(ops)?);
+        if has_below && above > 0 {
+            parts[index + 1] = f32_to_bytes(&x.rows(ops, x.h - above, x.h)?.download(ops)?);
         }
         let got = self.comm.exchange_bytes(parts, Traffic::Halo)?;
-        let shape = [x.c, x.t, rows, x.w];
-        let lent = |from: usize| -> Result<Clip<O>> {
+        let lent = |from: usize, rows: usize| -> Result<Option<Clip<O>>> {
+            if rows == 0 {
+                return Ok(None);
+            }
+            let shape = [x.c, x.t, rows, x.w];
             let v = bytes_to_f32(&got[from])?;
             if v.len() != shape.iter().product::<usize>() {
                 return Err(WorkerError::Collective(format!("band {from} lent {} values for halo rows of shape {shape:?}", v.len())));
             }
-            Clip::upload(ops, shape, v)
+            Clip::upload(ops, shape, v).map(Some)
         };
-        let top = above.then(|| lent(index - 1)).transpose()?;
-        let bottom = below.then(|| lent(index + 1)).transpose()?;
+        let top = if has_above { lent(index - 1, above)? } else { None };
+        let bottom = if has_below { lent(index + 1, below)? } else { None };
         let parts: Vec<&Clip<O>> = top.iter().chain([x]).chain(bottom.iter()).collect();
-        let padding = [if above { 0 } else { rows }, if below { 0 } else { rows }];
-        Ok((Clip::concat_rows(ops, &parts)?, padding))
+        Ok((Clip::concat_rows(ops, &parts)?, [has_above, has_below]))
     }
 
     /// The whole frames of which `x` is this band's rows (every band's rows, top band first), and
@@ -127,7 +131,8 @@ mod tests {
         assert_eq!(Bands::rows(8, 3, 3), 0..0);
     }
 
-    /// Each band gets its neighbours' edge rows, and zero padding only at the frame's edges.
+    /// Each band gets its neighbours' edge rows, as many as asked on each side, and none at the
+    /// frame's edges.
     #[test]
     fn halos_are_the_neighbours_edge_rows() {
         let (h, w) = (7, 2);
@@ -136,14 +141,17 @@ mod tests {
         let got = run_in_process(ParallelPlan::new(3, 1, 1).unwrap(), |ctx| {
             let bands = Bands::new(ctx.world().subgroup((0..3).collect(), BANDS_GROUP)?);
             let r = Bands::rows(h, 3, bands.index());
-            let (ext, pad) = bands.with_halo(&CpuOps, &whole.rows(&CpuOps, r.start, r.end)?, 1)?;
-            Ok((r, ext.buf, pad))
+            let band = whole.rows(&CpuOps, r.start, r.end)?;
+            let (one, sides) = bands.with_halo(&CpuOps, &band, 1, 1)?;
+            let (below, _) = bands.with_halo(&CpuOps, &band, 0, 1)?;
+            Ok((r, one.buf, sides, below.buf))
         })
         .unwrap();
-        for (r, ext, pad) in got {
+        for (r, one, sides, below) in got {
             let (top, bottom) = (r.start.saturating_sub(1), (r.end + 1).min(h));
-            assert_eq!(ext, whole.rows(&CpuOps, top, bottom).unwrap().buf, "band {r:?}");
-            assert_eq!(pad, [usize::from(r.start == 0), usize::from(r.end == h)]);
+            assert_eq!(one, whole.rows(&CpuOps, top, bottom).unwrap().buf, "band {r:?}");
+            assert_eq!(sides, [r.start > 0, r.end < h]);
+            assert_eq!(below, whole.rows(&CpuOps, r.start, bottom).unwrap().buf, "band {r:?}, the rows below only");
         }
     }
 }

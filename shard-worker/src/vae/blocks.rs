@@ -227,7 +227,7 @@ impl<O: Ops> Resample<O> {
         self.time_conv.is_some()
     }
 
-    /// Runs on the next chunk of frames (downsampling on whole frames only).
+    /// Runs on the next chunk of frames.
     pub fn forward(&self, ops: &O, tile: Tile<'_>, x: Clip<O>, state: &mut ResampleState<O>) -> Result<Clip<O>> {
         match (self.mode, &self.time_conv) {
             (ResampleMode::Upsample2d, _) => self.upsample_spatial(ops, tile, &x),

@@ -1,6 +1,6 @@
 //! `WanEncoder3d`: video frames to the latent distribution's parameters, one chunk at a time with
-//! causal state, so that encoding chunk by chunk equals one pass over the whole sequence. It runs
-//! on whole frames (its stride-2 downsamplers take no band of rows).
+//! causal state, so that encoding chunk by chunk equals one pass over the whole sequence; on whole
+//! frames or on one band of rows of frames split across ranks ([`Tile`]).
 
 use super::band::Tile;
 use super::blocks::{MidBlock, MidState, Resample, ResampleMode, ResampleState, ResidualBlock, ResidualState};
@@ -10,9 +10,6 @@ use super::layers::{norm_silu_conv, CausalConv3d, ChannelRmsNorm};
 use crate::weights::WeightSource;
 use crate::Result;
 use tessera_kernels::backend::Ops;
-
-/// The encoder's frames: always whole.
-const WHOLE: Tile<'static> = Tile::Whole;
 
 /// An entry of the encoder's flat `down_blocks` list.
 enum DownLayer<O: Ops> {
@@ -99,30 +96,30 @@ impl<O: Ops> Encoder<O> {
 
     /// Encodes the next chunk of video frames `[in_channels, n, H, W]` into `[2·z_dim, n', H/8, W/8]`
     /// (before `quant_conv`).
-    pub fn forward(&self, ops: &O, video: &Clip<O>, state: &mut EncoderState<O>) -> Result<Clip<O>> {
+    pub fn forward(&self, ops: &O, tile: Tile<'_>, video: &Clip<O>, state: &mut EncoderState<O>) -> Result<Clip<O>> {
         let split = self.per_frame_until;
         let mut frames = Vec::with_capacity(video.t);
         for f in 0..video.t {
-            let mut x = self.conv_in.forward_cached(ops, WHOLE, &video.frames(ops, f, f + 1)?, &mut state.conv_in)?;
+            let mut x = self.conv_in.forward_cached(ops, tile, &video.frames(ops, f, f + 1)?, &mut state.conv_in)?;
             for i in 0..split {
-                x = self.down_layer(ops, i, x, state)?;
+                x = self.down_layer(ops, tile, i, x, state)?;
             }
             frames.push(x);
         }
         let mut x = Clip::concat_time(ops, &frames.iter().collect::<Vec<_>>())?;
         drop(frames);
         for i in split..self.down_blocks.len() {
-            x = self.down_layer(ops, i, x, state)?;
+            x = self.down_layer(ops, tile, i, x, state)?;
         }
-        let x = self.mid.forward(ops, WHOLE, x, &mut state.mid)?;
-        norm_silu_conv(ops, WHOLE, &self.norm_out, &self.conv_out, x, &mut state.conv_out)
+        let x = self.mid.forward(ops, tile, x, &mut state.mid)?;
+        norm_silu_conv(ops, tile, &self.norm_out, &self.conv_out, x, &mut state.conv_out)
     }
 
     /// Runs entry `i` of `down_blocks` on the next frames.
-    fn down_layer(&self, ops: &O, i: usize, x: Clip<O>, state: &mut EncoderState<O>) -> Result<Clip<O>> {
+    fn down_layer(&self, ops: &O, tile: Tile<'_>, i: usize, x: Clip<O>, state: &mut EncoderState<O>) -> Result<Clip<O>> {
         match (&self.down_blocks[i], &mut state.down_blocks[i]) {
-            (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(ops, WHOLE, x, s),
-            (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(ops, WHOLE, x, s),
+            (DownLayer::Residual(r), DownState::Residual(s)) => r.forward(ops, tile, x, s),
+            (DownLayer::Resample(r), DownState::Resample(s)) => r.forward(ops, tile, x, s),
             _ => unreachable!("states are built from the layers"),
         }
     }

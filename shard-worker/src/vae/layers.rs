@@ -114,24 +114,21 @@ impl<O: Ops> CausalConv3d<O> {
 
     /// The input the convolution reads on `tile`, and its zero rows above and below: `x` itself
     /// on whole frames or with a kernel one row high; on a band, `x` with the neighbouring bands'
-    /// rows the kernel reaches (`None` stands for `x` itself).
+    /// rows the kernel reaches (`None` stands for `x` itself). Output row j reads input rows
+    /// `s·j − pt` to `s·j − pt + kh − 1` (stride `s`, kernel `kh`, padding `pt` above), so a band
+    /// starting at a multiple of `s` needs `pt` rows from above and `kh − s − pt` from below; the
+    /// padding stays only on the sides with no neighbour.
     fn tile_input(&self, ops: &O, tile: Tile<'_>, x: &Clip<O>) -> Result<(Option<Clip<O>>, [usize; 2])> {
+        let (kh, s, [pt, pb]) = (self.shape.kernel[1], self.stride[1], self.padding[1]);
         let bands = match tile {
-            Tile::Band(bands) if self.shape.kernel[1] > 1 => bands,
+            Tile::Band(bands) if kh > 1 => bands,
             _ => return Ok((None, self.padding[1])),
         };
-        let [above, below] = self.padding[1];
-        if self.stride[1] != 1 || above != below || self.shape.kernel[1] != 2 * above + 1 {
-            return Err(WorkerError::input(
-                "decode",
-                format!(
-                    "a band of rows takes stride-1 convolutions padded to keep the height, not kernel {:?} stride {:?} padding {:?}",
-                    self.shape.kernel, self.stride, self.padding
-                ),
-            ));
-        }
-        let (ext, rows) = bands.with_halo(ops, x, above)?;
-        Ok((Some(ext), rows))
+        let Some(below) = kh.checked_sub(s + pt).filter(|_| x.h.is_multiple_of(s)) else {
+            return Err(WorkerError::input("video", format!("a band of {} rows cannot run a convolution of kernel {kh}, stride {s}, padding {pt} above", x.h)));
+        };
+        let (ext, [has_above, has_below]) = bands.with_halo(ops, x, pt, below)?;
+        Ok((Some(ext), [if has_above { 0 } else { pt }, if has_below { 0 } else { pb }]))
     }
 
     /// Runs on `x` alone (no earlier frames), on `tile`.

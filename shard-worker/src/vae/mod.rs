@@ -2,10 +2,10 @@
 //! `bf16-host`, `cuda`): decode latents to video chunk by chunk (one latent frame per step, with
 //! causal frame caches, so memory does not grow with the video's length; a [`DecodeStream`] keeps
 //! those caches between calls, so a long video's latents can be decoded as they are made and the
-//! frames equal one decode of the whole; a decode can also be split by rows across ranks,
-//! [`Bands`], each rank decoding its band) and encode video to the latent distribution, plus the
-//! latent normalisation the pipelines apply around them (on the host, in f32). Reference:
-//! `wan2.1.md` §4.
+//! frames equal one decode of the whole) and encode video to the latent distribution, plus the
+//! latent normalisation the pipelines apply around them (on the host, in f32). Either can be split
+//! by rows across ranks (`decode_split`, `encode_split`: [`Bands`], each rank running its band).
+//! Reference: `wan2.1.md` §4.
 
 mod band;
 mod blocks;
@@ -14,6 +14,7 @@ mod config;
 mod decoder;
 mod encoder;
 mod layers;
+mod split;
 
 pub use band::{Bands, BANDS_GROUP};
 pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
@@ -133,8 +134,9 @@ impl<O: Ops> Vae<O> {
         Ok(())
     }
 
-    /// Encodes with a first chunk of `first` frames and then chunks of `rest` (upstream: 1 and 4).
-    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize) -> Result<(Tensor, Tensor)> {
+    /// Encodes with a first chunk of `first` frames and then chunks of `rest` (upstream: 1 and 4),
+    /// on `tile` (a band: `video` and the latents are the band's rows).
+    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize, tile: Tile<'_>) -> Result<(Tensor, Tensor)> {
         let s = video.shape();
         let c = &self.cfg;
         let sf = c.spatial_factor();
@@ -156,10 +158,10 @@ impl<O: Ops> Vae<O> {
             let mut start = 0;
             while start < frames {
                 let end = frames.min(start + if start == 0 { first } else { rest });
-                outs.push(self.encoder.forward(ops, &Clip::from_batch(ops, video, b, start, end)?, &mut state)?);
+                outs.push(self.encoder.forward(ops, tile, &Clip::from_batch(ops, video, b, start, end)?, &mut state)?);
                 start = end;
             }
-            let enc = self.quant_conv.forward(ops, Tile::Whole, &Clip::concat_time(ops, &outs.iter().collect::<Vec<_>>())?)?;
+            let enc = self.quant_conv.forward(ops, tile, &Clip::concat_time(ops, &outs.iter().collect::<Vec<_>>())?)?;
             shape = [z, enc.t, enc.h, enc.w];
             let per_channel = enc.positions();
             let mut host = enc.download(ops)?;
@@ -271,11 +273,16 @@ impl OnBackend<VaeFamily> {
     /// each `[B, z_dim, 1 + k, H/8, W/8]`. Pipelines use the mean, normalised with
     /// [`normalize_latent`](Self::normalize_latent). Frames go through in chunks of 1, 4, 4, ….
     pub fn encode(&self, video: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.encode_chunks(video, 1, ENCODE_CHUNK)
+        self.encode_tile(video, Tile::Whole)
     }
 
-    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize) -> Result<(Tensor, Tensor)> {
-        on_backend!(self, m => m.encode_chunks(video, first, rest))
+    /// [`encode`](Self::encode) on `tile`.
+    fn encode_tile(&self, video: &Tensor, tile: Tile<'_>) -> Result<(Tensor, Tensor)> {
+        self.encode_chunks(video, 1, ENCODE_CHUNK, tile)
+    }
+
+    fn encode_chunks(&self, video: &Tensor, first: usize, rest: usize, tile: Tile<'_>) -> Result<(Tensor, Tensor)> {
+        on_backend!(self, m => m.encode_chunks(video, first, rest, tile))
     }
 
     /// `(μ − mean) / std` per channel, as the pipelines compute it (`(μ − mean)·(1/std)` in f32).

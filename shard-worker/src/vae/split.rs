@@ -1,0 +1,213 @@
+//! The VAE split across ranks by rows: member 0 holds the input and cuts it into bands, one per
+//! member (at most one per latent row), every member runs its band ([`Bands`]), and member 0
+//! joins the bands' outputs. Decode and encode give member 0 what one device gives; the other
+//! members get nothing back.
+
+use super::band::{Bands, Tile, BANDS_GROUP};
+use super::{VaeDecodeStream, VaeFamily, ENCODE_CHUNK};
+use crate::on_backend::OnBackend;
+use crate::parallel::{bytes_to_f32, f32_to_bytes, Communicator, Traffic};
+use crate::{Result, WorkerError};
+use bytes::Bytes;
+use std::ops::Range;
+use tessera_kernels::Tensor;
+
+/// The largest dimension a shape may have on the wire (shapes travel as f32 values, exact up to
+/// 2²⁴).
+const MAX_DIM: f32 = 16_777_216.0;
+
+impl OnBackend<VaeFamily> {
+    /// [`decode_with`](Self::decode_with) split across `world`'s members: member 0 passes the
+    /// de-normalised latents `[B, z_dim, T, h, w]`, the others `None`; every member calls it.
+    /// Member 0's `on_frames` gets the pieces of video, clamped to [−1, 1], as they are joined;
+    /// the others' get none.
+    pub fn decode_split(&self, latents: Option<&Tensor>, world: &Communicator, on_frames: &mut dyn FnMut(Tensor) -> Result<()>) -> Result<()> {
+        let shape = shared_shape(latents, world, "latent")?;
+        let mut stream = self.start_decode(shape[0]);
+        self.decode_bands(&mut stream, latents, shape, world, on_frames)
+    }
+
+    /// [`decode_more`](Self::decode_more) split across `world`'s members as
+    /// [`decode_split`](Self::decode_split) is. Every member keeps its own stream (its band's
+    /// causal caches), continued by this call alone, in the same world.
+    pub fn decode_more_split(
+        &self,
+        stream: &mut VaeDecodeStream,
+        latents: Option<&Tensor>,
+        world: &Communicator,
+        on_frames: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let shape = shared_shape(latents, world, "latent")?;
+        self.decode_bands(stream, latents, shape, world, on_frames)
+    }
+
+    fn decode_bands(
+        &self,
+        stream: &mut VaeDecodeStream,
+        latents: Option<&Tensor>,
+        shape: [usize; 5],
+        world: &Communicator,
+        on_frames: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let [batch, channels, frames, height, width] = shape;
+        let bands = bands(world, height);
+        let sf = self.config().spatial_factor();
+        let heights: Vec<usize> = bands.iter().filter(|r| !r.is_empty()).map(|r| r.len() * sf).collect();
+        let mine = scatter_rows(latents, world, &bands)?;
+        let mut join = |piece: Option<&Tensor>| -> Result<()> {
+            match join_rows(world, &heights, piece)? {
+                Some(frames) => on_frames(frames),
+                None => Ok(()),
+            }
+        };
+        let rows = &bands[world.rank()];
+        if rows.is_empty() {
+            // One piece of frames per latent frame, as the bands decode them.
+            return (0..frames).try_for_each(|_| join(None));
+        }
+        let z = Tensor::new([batch, channels, frames, rows.len(), width], mine)?;
+        let group = Bands::new(world.subgroup((0..heights.len()).collect(), BANDS_GROUP)?);
+        self.decode_band(stream, &z, &group, &mut |piece| join(Some(&piece)))
+    }
+
+    /// [`encode`](Self::encode) split across `world`'s members: member 0 passes the video
+    /// `[B, in_channels, F, H, W]`, the others `None`; every member calls it. Member 0 gets the
+    /// mean and log-variance, the others `None`.
+    pub fn encode_split(&self, video: Option<&Tensor>, world: &Communicator) -> Result<Option<(Tensor, Tensor)>> {
+        let [batch, channels, frames, height, width] = shared_shape(video, world, "video")?;
+        let sf = self.config().spatial_factor();
+        // Checked on every member before any band runs, so that none waits on a refused one.
+        if !(frames - 1).is_multiple_of(ENCODE_CHUNK) || !height.is_multiple_of(sf) || !width.is_multiple_of(sf) {
+            return Err(WorkerError::input(
+                "video",
+                format!("{frames} frames of {height}x{width}: the encoder takes 1 + {ENCODE_CHUNK}k frames, sides multiples of {sf}"),
+            ));
+        }
+        let latent_bands = bands(world, height / sf);
+        let pixel_bands: Vec<Range<usize>> = latent_bands.iter().map(|r| r.start * sf..r.end * sf).collect();
+        let heights: Vec<usize> = latent_bands.iter().filter(|r| !r.is_empty()).map(Range::len).collect();
+        let mine = scatter_rows(video, world, &pixel_bands)?;
+        let rows = &pixel_bands[world.rank()];
+        let encoded = if rows.is_empty() {
+            None
+        } else {
+            let group = Bands::new(world.subgroup((0..heights.len()).collect(), BANDS_GROUP)?);
+            let band = Tensor::new([batch, channels, frames, rows.len(), width], mine)?;
+            Some(self.encode_tile(&band, Tile::Band(&group))?)
+        };
+        let mean = join_rows(world, &heights, encoded.as_ref().map(|e| &e.0))?;
+        let logvar = join_rows(world, &heights, encoded.as_ref().map(|e| &e.1))?;
+        Ok(mean.zip(logvar))
+    }
+}
+
+/// Each member's rows of a frame `height` rows high: one band per member, at most one per row
+/// (members past that get none).
+fn bands(world: &Communicator, height: usize) -> Vec<Range<usize>> {
+    let count = world.size().min(height);
+    (0..world.size()).map(|i| if i < count { Bands::rows(height, count, i) } else { 0..0 }).collect()
+}
+
+/// Member 0's `[B, C, T, H, W]` shape on every member (an error on all if member 0 has none).
+fn shared_shape(x: Option<&Tensor>, world: &Communicator, what: &'static str) -> Result<[usize; 5]> {
+    let mine: Vec<f32> = match x {
+        Some(t) if t.shape().len() == 5 && t.shape().iter().all(|&d| (d as f32) < MAX_DIM) => t.shape().iter().map(|&d| d as f32).collect(),
+        _ => vec![0.0; 5],
+    };
+    let got = world.broadcast(0, if world.rank() == 0 { &mine } else { &[] })?;
+    match got[..] {
+        [b, c, t, h, w] if got.iter().all(|&d| (1.0..MAX_DIM).contains(&d) && d.fract() == 0.0) => Ok([b, c, t, h, w].map(|d| d as usize)),
+        _ => Err(WorkerError::input(what, format!("member 0 has no [B, C, T, H, W] {what} to split (shape {got:?})"))),
+    }
+}
+
+/// Member 0 sends each member its `bands` rows of every plane of `x`; returns this member's.
+fn scatter_rows(x: Option<&Tensor>, world: &Communicator, bands: &[Range<usize>]) -> Result<Vec<f32>> {
+    let parts = match x {
+        Some(x) if world.rank() == 0 => bands.iter().map(|r| rows_of(x, r.clone())).collect(),
+        _ => vec![Vec::new(); world.size()],
+    };
+    Ok(world.all_to_all(parts)?.swap_remove(0))
+}
+
+/// Every member's `piece` `[B, C, n, heights[i], W]` (`None` from members without a band) to
+/// member 0, which returns them joined top to bottom; the others get `None`.
+fn join_rows(world: &Communicator, heights: &[usize], piece: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let mut parts = vec![Bytes::new(); world.size()];
+    parts[0] = piece.map(|p| f32_to_bytes(p.data())).unwrap_or_default();
+    let got = world.exchange_bytes(parts, Traffic::Gather)?;
+    if world.rank() != 0 {
+        return Ok(None);
+    }
+    let own = piece.ok_or_else(|| WorkerError::Collective("member 0 has no band".into()))?;
+    let s = own.shape();
+    let (planes, width) = (s[0] * s[1] * s[2], s[4]);
+    let bands = got.iter().take(heights.len()).map(|b| bytes_to_f32(b)).collect::<Result<Vec<_>>>()?;
+    for (i, (b, h)) in bands.iter().zip(heights).enumerate() {
+        if b.len() != planes * h * width {
+            return Err(WorkerError::Collective(format!("band {i} sent {} values for {planes} planes of {h}x{width}", b.len())));
+        }
+    }
+    let height: usize = heights.iter().sum();
+    let mut data = Vec::with_capacity(planes * height * width);
+    for p in 0..planes {
+        for (b, h) in bands.iter().zip(heights) {
+            data.extend_from_slice(&b[p * h * width..(p + 1) * h * width]);
+        }
+    }
+    Ok(Some(Tensor::new([s[0], s[1], s[2], height, width], data)?))
+}
+
+/// Rows `rows` of every plane of a `[B, C, T, H, W]` tensor, plane after plane.
+fn rows_of(t: &Tensor, rows: Range<usize>) -> Vec<f32> {
+    let s = t.shape();
+    let (h, w) = (s[3], s[4]);
+    let mut out = Vec::with_capacity(t.data().len() / h.max(1) * rows.len());
+    for plane in t.data().chunks_exact((h * w).max(1)) {
+        out.extend_from_slice(&plane[rows.start * w..rows.end * w]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::{run_in_process, ParallelPlan};
+    use crate::vae::{VaePreset, WanVae};
+
+    fn ramp(shape: [usize; 5], seed: usize) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor::new(shape, (0..n).map(|i| (((i + seed) * 7919 % 211) as f32 / 105.0) - 1.0).collect()).unwrap()
+    }
+
+    /// Over 2, 3 and 5 ranks (5 is more than the latent's 4 rows: one only joins the exchanges),
+    /// the split encode gives member 0 the one-device mean and log-variance bit for bit, and the
+    /// split decode of them the one-device video.
+    #[test]
+    fn split_encode_and_decode_give_the_one_device_results_bit_for_bit() {
+        let vae = WanVae::preset(VaePreset::Tiny, 3).unwrap();
+        let video = ramp([1, 3, 5, 32, 24], 1);
+        let (mean, logvar) = vae.encode(&video).unwrap();
+        let decoded = vae.decode(&mean).unwrap();
+        for ranks in [2, 3, 5] {
+            let got = run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| {
+                let lead = ctx.rank() == 0;
+                let encoded = vae.encode_split(lead.then_some(&video), ctx.world())?;
+                let mut pieces = Vec::new();
+                vae.decode_split(encoded.as_ref().map(|e| &e.0), ctx.world(), &mut |p| {
+                    pieces.push(p);
+                    Ok(())
+                })?;
+                assert_eq!(encoded.is_some(), lead);
+                Ok(encoded.map(|e| (e, pieces)))
+            })
+            .unwrap();
+            let ((m, l), pieces) = got.into_iter().next().flatten().unwrap();
+            assert!(m.shape() == mean.shape() && m.data() == mean.data(), "{ranks} ranks: mean");
+            assert!(l.data() == logvar.data(), "{ranks} ranks: log-variance");
+            assert_eq!(pieces.len(), mean.dim(2), "one piece per latent frame");
+            let joined = crate::pipeline::concat_time(&pieces).unwrap();
+            assert!(joined.shape() == decoded.shape() && joined.data() == decoded.data(), "{ranks} ranks: decoded video");
+        }
+    }
+}
