@@ -231,7 +231,7 @@ fn the_pipeline_runs_its_transformer_on_cuda() {
     assert!(ran > 0, "no golden pipeline case found");
 }
 
-/// The VAE decode split into bands of rows over ranks of this process sharing the GPU (halos and
+/// The VAE decode and encode split into bands of rows over ranks of this process sharing the GPU (halos and
 /// the middle block's frame through host collectives) against the one-device decode on the same
 /// GPU. On the CPU the two are equal bit for bit; here cuBLASLt may pick other GEMM kernels for a
 /// band's fewer positions (another f32 summation order before each bf16 rounding), so the split
@@ -264,5 +264,22 @@ fn split_decode_on_cuda_matches_the_one_device_decode() {
             if c.passed { "PASS" } else { "FAIL" }
         );
         assert!(c.passed, "{ranks} ranks: {c:?}");
+    }
+    // The encoder split the same way (every rank holding the video, as a job's ranks do).
+    let video = random(&[1, 3, 5, 96, 128], 6);
+    let (mean, _) = pipe.vae().encode(&video).unwrap();
+    for ranks in [2, 4] {
+        let got =
+            tessera_worker::parallel::run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| pipe.vae().encode_split_held(&video, ctx.world())).unwrap();
+        let c = Comparison::new(got[0].0.data(), mean.data(), &BF16_VAE_TOLERANCE);
+        let equal = got[0].0.data().iter().zip(mean.data()).filter(|(a, b)| a == b).count();
+        println!(
+            "split encode over {ranks} ranks on cuda vs one device: rel_l2 {:.3e}  max_abs {:.3e}  {equal} of {} values equal  {}",
+            c.rel_l2,
+            c.max_abs,
+            mean.data().len(),
+            if c.passed { "PASS" } else { "FAIL" }
+        );
+        assert!(c.passed, "encode over {ranks} ranks: {c:?}");
     }
 }

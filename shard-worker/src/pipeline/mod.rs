@@ -28,6 +28,7 @@ pub use snapshot::{Snapshot, SUPPORTED_PIPELINES};
 
 use crate::image::{ImageEncoder, RgbImage};
 use crate::model::DitModel;
+use crate::parallel::Communicator;
 use crate::sampler::{add_noise, guidance_enabled, SamplerConfig, Schedule};
 use crate::text::TextEncoder;
 use crate::vae::WanVae;
@@ -277,18 +278,29 @@ impl WanPipeline {
     /// `WanImageToVideoPipeline` makes it: the encoder's tokens of the image as given
     /// ([`ImageEncoder::encode`]), and [`Self::image_latents`] of the image resized to the output.
     pub fn encode_image(&self, image: &RgbImage, params: &GenerationParams) -> Result<ImageConditioning> {
+        self.encode_image_in(image, params, None)
+    }
+
+    /// [`encode_image`](Self::encode_image) with the VAE's encode split across `world`'s members
+    /// when given (every member passes the same image; see [`encode_video_in`](Self::encode_video_in)).
+    pub fn encode_image_in(&self, image: &RgbImage, params: &GenerationParams, world: Option<&Communicator>) -> Result<ImageConditioning> {
         let Some(encoder) = &self.image else {
             return Err(WorkerError::input("image", "this pipeline is text-to-video; an input image needs an image-to-video model (Wan 2.1 I2V)"));
         };
         let embeds = encoder.encode(image)?;
         let resized = image.resized(params.height, params.width, Filter::Lanczos);
-        Ok(ImageConditioning { embeds, latents: self.image_latents(&resized.to_signed_unit()?, params.num_frames)? })
+        Ok(ImageConditioning { embeds, latents: self.image_latents_in(&resized.to_signed_unit()?, params.num_frames, world)? })
     }
 
     /// The latent side of the image condition: `image` `[1, 3, H, W]` in [−1, 1] as frame 0 of a
     /// `num_frames` video whose other frames are 0, VAE-encoded (the posterior mean) and
     /// normalised, after the 4-channel first-frame mask: `[1, 4 + z_dim, F', h, w]`.
     pub fn image_latents(&self, image: &Tensor, num_frames: usize) -> Result<Tensor> {
+        self.image_latents_in(image, num_frames, None)
+    }
+
+    /// [`image_latents`](Self::image_latents), the encode split across `world` when given.
+    fn image_latents_in(&self, image: &Tensor, num_frames: usize, world: Option<&Communicator>) -> Result<Tensor> {
         let s = image.shape();
         if s.len() != 4 || s[0] != 1 || s[1] != 3 || num_frames == 0 {
             return Err(WorkerError::input("image", format!("expected [1, 3, H, W] and frames > 0, got {s:?} and {num_frames} frames")));
@@ -298,7 +310,7 @@ impl WanPipeline {
         for c in 0..3 {
             video[c * num_frames * plane..][..plane].copy_from_slice(&image.data()[c * plane..][..plane]);
         }
-        let clean = self.encode_video(&Tensor::new([1, 3, num_frames, s[2], s[3]], video)?)?;
+        let clean = self.encode_video_in(&Tensor::new([1, 3, num_frames, s[2], s[3]], video)?, world)?;
         let (z, f, hw) = (clean.dim(1), clean.dim(2), clean.dim(3) * clean.dim(4));
         let mut out = vec![0f32; (I2V_MASK_CHANNELS + z) * f * hw];
         for c in 0..I2V_MASK_CHANNELS {
@@ -312,9 +324,16 @@ impl WanPipeline {
     /// video-to-video, the encoded, normalised input video noised to the schedule's first σ
     /// ([`Self::encode_video`] then [`Self::noise_latents`]).
     pub fn initial_latents(&self, params: &GenerationParams, schedule: &Schedule) -> Result<Tensor> {
+        self.initial_latents_in(params, schedule, None)
+    }
+
+    /// [`initial_latents`](Self::initial_latents) with the input video's encode split across
+    /// `world`'s members when given (every member passes the same parameters and gets the whole
+    /// latent).
+    pub fn initial_latents_in(&self, params: &GenerationParams, schedule: &Schedule, world: Option<&Communicator>) -> Result<Tensor> {
         let noise = self.noise_for(params)?;
         let Some(input) = &params.video else { return Ok(noise) };
-        let clean = self.encode_video(&input.video)?;
+        let clean = self.encode_video_in(&input.video, world)?;
         self.noise_latents(clean, &noise, schedule)
     }
 
@@ -335,7 +354,17 @@ impl WanPipeline {
     /// posterior mean, diffusers' `sample_mode="argmax"`) and normalised with the VAE's
     /// `latents_mean`/`latents_std`: the clean latents `[1, C, T, h, w]`.
     pub fn encode_video(&self, video: &Tensor) -> Result<Tensor> {
-        let (mean, _logvar) = self.vae.encode(video)?;
+        self.encode_video_in(video, None)
+    }
+
+    /// [`encode_video`](Self::encode_video), split by rows across `world`'s members when given:
+    /// every member holds the same `video`, encodes its band and gets the whole latent
+    /// (`WanVae::encode_split_held`: the one-device values).
+    pub fn encode_video_in(&self, video: &Tensor, world: Option<&Communicator>) -> Result<Tensor> {
+        let (mean, _logvar) = match world {
+            Some(world) => self.vae.encode_split_held(video, world)?,
+            None => self.vae.encode(video)?,
+        };
         self.vae.normalize_latent(&mean)
     }
 

@@ -28,6 +28,16 @@ pub enum RankGroup<'a> {
     Sharded(&'a ShardContext),
 }
 
+impl<'a> RankGroup<'a> {
+    /// The group's communicator (`None` alone): what stages split across the ranks run over.
+    pub fn world(self) -> Option<&'a crate::parallel::Communicator> {
+        match self {
+            Self::Alone => None,
+            Self::Sharded(ctx) => Some(ctx.world()),
+        }
+    }
+}
+
 /// A rank's place: its share of the tokens among the ranks of its sequence-parallel group, and
 /// its CFG half.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

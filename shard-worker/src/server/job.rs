@@ -185,13 +185,14 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // Rank 0 encodes the prompt once and sends the embeddings; every rank draws the same seeded
     // noise, so nothing else travels.
     let mut text = encode_once(pipe, &ctx, p)?;
-    // Image-to-video: every rank encodes the image (the encoders are deterministic, so the ranks
-    // agree; the tokens and latents are small beside the transformer's work).
-    text.image = p.image.as_ref().map(|image| pipe.encode_image(image, p)).transpose()?;
     // One rank runs alone (the model's local attention); a group shards the sequence: each rank
     // keeps its share of the latent on its device from here to the decode (a diffusion-forcing
     // run: every rank holds the chunk, each forward is sharded).
     let group = if plan.ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(&ctx) };
+    // Image-to-video: every rank runs the image encoder (deterministic, so the ranks agree; its
+    // tokens are small beside the transformer's work), and the VAE encodes the condition video
+    // split by rows across the group, every rank getting the whole latent.
+    text.image = p.image.as_ref().map(|image| pipe.encode_image_in(image, p, group.world())).transpose()?;
     let run = JobRun::new(pipe, group, p, text, setup.resume.as_ref())?;
     Ok((ctx, run))
 }

@@ -128,7 +128,8 @@ impl JobRun {
                 let shape = [1, pipe.vae().config().z_dim, f, h, w];
                 Denoiser::new(pipe, group, Start::Noise { seed: p.seed, stream: NOISE_STREAM, shape }, text, p.guidance_scale, schedule)?
             }
-            None => Denoiser::new(pipe, group, Start::Latents(&pipe.initial_latents(p, &schedule)?), text, p.guidance_scale, schedule)?,
+            // Video-to-video: the input video encoded split by rows across the group.
+            None => Denoiser::new(pipe, group, Start::Latents(&pipe.initial_latents_in(p, &schedule, group.world())?), text, p.guidance_scale, schedule)?,
             Some(Resume { state: ResumeState::Sampler(history), latents, steps_done }) => {
                 // The checkpoint's latent must be this run's shape.
                 latents.expect_shape("checkpoint latents", pipe.noise_for(p)?.shape())?;

@@ -74,31 +74,69 @@ impl OnBackend<VaeFamily> {
     /// `[B, in_channels, F, H, W]`, the others `None`; every member calls it. Member 0 gets the
     /// mean and log-variance, the others `None`.
     pub fn encode_split(&self, video: Option<&Tensor>, world: &Communicator) -> Result<Option<(Tensor, Tensor)>> {
-        let [batch, channels, frames, height, width] = shared_shape(video, world, "video")?;
+        let shape = shared_shape(video, world, "video")?;
+        let plan = self.encode_plan(shape, world)?;
+        let mine = scatter_rows(video, world, &plan.pixels)?;
+        let encoded = self.encode_mine(mine, shape, &plan, world)?;
+        let mean = join_rows(world, &plan.heights, encoded.as_ref().map(|e| &e.0))?;
+        let logvar = join_rows(world, &plan.heights, encoded.as_ref().map(|e| &e.1))?;
+        Ok(mean.zip(logvar))
+    }
+
+    /// [`encode`](Self::encode) split across `world`'s members when every member holds the same
+    /// `video` (a job's input, sent to every rank): each encodes its band's rows, nothing is
+    /// scattered, and every member gets the whole mean and log-variance.
+    pub fn encode_split_held(&self, video: &Tensor, world: &Communicator) -> Result<(Tensor, Tensor)> {
+        let shape: [usize; 5] =
+            video.shape().try_into().map_err(|_| WorkerError::input("video", format!("expected [B, C, F, H, W], got {:?}", video.shape())))?;
+        let plan = self.encode_plan(shape, world)?;
+        let mine = rows_of(video, plan.pixels[world.rank()].clone());
+        let encoded = self.encode_mine(mine, shape, &plan, world)?;
+        let [batch, _, frames, _, width] = shape;
+        let lead = [batch, self.config().z_dim, (frames - 1) / ENCODE_CHUNK + 1];
+        let width = width / self.config().spatial_factor();
+        let mean = join_everywhere(world, &plan.heights, encoded.as_ref().map(|e| &e.0), lead, width)?;
+        let logvar = join_everywhere(world, &plan.heights, encoded.as_ref().map(|e| &e.1), lead, width)?;
+        Ok((mean, logvar))
+    }
+
+    /// The bands of a split encode of a video of `shape` (checked on every member before any band
+    /// runs, so that none waits on a refused one).
+    fn encode_plan(&self, shape: [usize; 5], world: &Communicator) -> Result<EncodePlan> {
+        let [_, _, frames, height, width] = shape;
         let sf = self.config().spatial_factor();
-        // Checked on every member before any band runs, so that none waits on a refused one.
-        if !(frames - 1).is_multiple_of(ENCODE_CHUNK) || !height.is_multiple_of(sf) || !width.is_multiple_of(sf) {
+        if frames == 0 || !(frames - 1).is_multiple_of(ENCODE_CHUNK) || height == 0 || width == 0 || !height.is_multiple_of(sf) || !width.is_multiple_of(sf) {
             return Err(WorkerError::input(
                 "video",
                 format!("{frames} frames of {height}x{width}: the encoder takes 1 + {ENCODE_CHUNK}k frames, sides multiples of {sf}"),
             ));
         }
-        let latent_bands = bands(world, height / sf);
-        let pixel_bands: Vec<Range<usize>> = latent_bands.iter().map(|r| r.start * sf..r.end * sf).collect();
-        let heights: Vec<usize> = latent_bands.iter().filter(|r| !r.is_empty()).map(Range::len).collect();
-        let mine = scatter_rows(video, world, &pixel_bands)?;
-        let rows = &pixel_bands[world.rank()];
-        let encoded = if rows.is_empty() {
-            None
-        } else {
-            let group = Bands::new(world.subgroup((0..heights.len()).collect(), BANDS_GROUP)?);
-            let band = Tensor::new([batch, channels, frames, rows.len(), width], mine)?;
-            Some(self.encode_tile(&band, Tile::Band(&group))?)
-        };
-        let mean = join_rows(world, &heights, encoded.as_ref().map(|e| &e.0))?;
-        let logvar = join_rows(world, &heights, encoded.as_ref().map(|e| &e.1))?;
-        Ok(mean.zip(logvar))
+        let latent = bands(world, height / sf);
+        Ok(EncodePlan {
+            pixels: latent.iter().map(|r| r.start * sf..r.end * sf).collect(),
+            heights: latent.iter().filter(|r| !r.is_empty()).map(Range::len).collect(),
+        })
     }
+
+    /// This member's band `mine` (its rows of every plane of a video of `shape`) encoded, or
+    /// `None` without a band.
+    fn encode_mine(&self, mine: Vec<f32>, shape: [usize; 5], plan: &EncodePlan, world: &Communicator) -> Result<Option<(Tensor, Tensor)>> {
+        let rows = &plan.pixels[world.rank()];
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let [batch, channels, frames, _, width] = shape;
+        let group = Bands::new(world.subgroup((0..plan.heights.len()).collect(), BANDS_GROUP)?);
+        let band = Tensor::new([batch, channels, frames, rows.len(), width], mine)?;
+        Ok(Some(self.encode_tile(&band, Tile::Band(&group))?))
+    }
+}
+
+/// The bands of a split encode: each member's pixel rows, and the latent rows of each band that
+/// has any.
+struct EncodePlan {
+    pixels: Vec<Range<usize>>,
+    heights: Vec<usize>,
 }
 
 /// Each member's rows of a frame `height` rows high: one band per member, at most one per row
@@ -141,9 +179,21 @@ fn join_rows(world: &Communicator, heights: &[usize], piece: Option<&Tensor>) ->
     }
     let own = piece.ok_or_else(|| WorkerError::Collective("member 0 has no band".into()))?;
     let s = own.shape();
-    let (planes, width) = (s[0] * s[1] * s[2], s[4]);
-    let bands = got.iter().take(heights.len()).map(|b| bytes_to_f32(b)).collect::<Result<Vec<_>>>()?;
-    for (i, (b, h)) in bands.iter().zip(heights).enumerate() {
+    let parts = got.iter().take(heights.len()).map(|b| bytes_to_f32(b)).collect::<Result<Vec<_>>>()?;
+    join_parts(&parts, [s[0], s[1], s[2]], heights, s[4]).map(Some)
+}
+
+/// Every member's `piece` `[lead…, heights[i], width]` (`None` from members without a band) on
+/// every member, joined top to bottom. Counted as an all-gather.
+fn join_everywhere(world: &Communicator, heights: &[usize], piece: Option<&Tensor>, lead: [usize; 3], width: usize) -> Result<Tensor> {
+    let parts = world.all_gather(piece.map_or(&[][..], |p| p.data()))?;
+    join_parts(&parts[..heights.len().min(parts.len())], lead, heights, width)
+}
+
+/// The bands' `parts`, each `[lead…, heights[i], width]`, joined top to bottom.
+fn join_parts(parts: &[Vec<f32>], lead: [usize; 3], heights: &[usize], width: usize) -> Result<Tensor> {
+    let planes = lead.iter().product::<usize>();
+    for (i, (b, h)) in parts.iter().zip(heights).enumerate() {
         if b.len() != planes * h * width {
             return Err(WorkerError::Collective(format!("band {i} sent {} values for {planes} planes of {h}x{width}", b.len())));
         }
@@ -151,11 +201,11 @@ fn join_rows(world: &Communicator, heights: &[usize], piece: Option<&Tensor>) ->
     let height: usize = heights.iter().sum();
     let mut data = Vec::with_capacity(planes * height * width);
     for p in 0..planes {
-        for (b, h) in bands.iter().zip(heights) {
+        for (b, h) in parts.iter().zip(heights) {
             data.extend_from_slice(&b[p * h * width..(p + 1) * h * width]);
         }
     }
-    Ok(Some(Tensor::new([s[0], s[1], s[2], height, width], data)?))
+    Ok(Tensor::new([lead[0], lead[1], lead[2], height, width], data)?)
 }
 
 /// Rows `rows` of every plane of a `[B, C, T, H, W]` tensor, plane after plane.
@@ -181,8 +231,8 @@ mod tests {
     }
 
     /// Over 2, 3 and 5 ranks (5 is more than the latent's 4 rows: one only joins the exchanges),
-    /// the split encode gives member 0 the one-device mean and log-variance bit for bit, and the
-    /// split decode of them the one-device video.
+    /// the split encode gives member 0 the one-device mean and log-variance bit for bit (every
+    /// member too when each holds the video), and the split decode of them the one-device video.
     #[test]
     fn split_encode_and_decode_give_the_one_device_results_bit_for_bit() {
         let vae = WanVae::preset(VaePreset::Tiny, 3).unwrap();
@@ -193,6 +243,8 @@ mod tests {
             let got = run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| {
                 let lead = ctx.rank() == 0;
                 let encoded = vae.encode_split(lead.then_some(&video), ctx.world())?;
+                let (held_mean, held_logvar) = vae.encode_split_held(&video, ctx.world())?;
+                assert!(held_mean.data() == mean.data() && held_logvar.data() == logvar.data(), "{ranks} ranks: encoded where every member holds the video");
                 let mut pieces = Vec::new();
                 vae.decode_split(encoded.as_ref().map(|e| &e.0), ctx.world(), &mut |p| {
                     pieces.push(p);
