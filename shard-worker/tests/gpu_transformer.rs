@@ -231,16 +231,15 @@ fn the_pipeline_runs_its_transformer_on_cuda() {
     assert!(ran > 0, "no golden pipeline case found");
 }
 
-/// The VAE decode and encode split into bands of rows over ranks of this process sharing the GPU (halos and
-/// the middle block's frame through host collectives) against the one-device decode on the same
-/// GPU. On the CPU the two are equal bit for bit; here cuBLASLt may pick other GEMM kernels for a
-/// band's fewer positions (another f32 summation order before each bf16 rounding), so the split
-/// is held to the bf16 VAE bound ([`BF16_VAE_TOLERANCE`], bf16 against f32), and the figures are
-/// printed.
+/// The VAE decode and encode split into bands of rows over ranks of this process sharing the GPU
+/// (halos and the middle block's frame through host collectives) against the one-device results
+/// on the same GPU. On the CPU the two are equal bit for bit; here cuBLASLt may pick other GEMM
+/// kernels for a band's fewer positions (another f32 summation order before each bf16 rounding),
+/// so the split is held to the bf16 VAE bound (`BF16_VAE_TOLERANCE`, bf16 against f32), and the
+/// figures are printed.
 #[test]
 fn split_decode_on_cuda_matches_the_one_device_decode() {
-    use tessera_worker::golden::BF16_VAE_TOLERANCE;
-    use tessera_worker::parallel::{LocalTransport, ParallelPlan};
+    use tessera_worker::parallel::{run_in_process, LocalTransport, ParallelPlan};
     use tessera_worker::pipeline::{decode_sharded, FrameCollector, PipelinePreset};
     let Some(_ops) = gpu("split_decode_on_cuda_matches_the_one_device_decode") else { return };
     let pipe = PipelinePreset::Tiny.build_on(3, Device::Cuda(0)).unwrap();
@@ -252,34 +251,23 @@ fn split_decode_on_cuda_matches_the_one_device_decode() {
     for ranks in [2, 3, 4] {
         let mut got = FrameCollector::default();
         decode_sharded(&pipe, &latents, LocalTransport::InProcess, ParallelPlan::new(ranks, 1, 1).unwrap(), &mut got).unwrap();
-        let got = got.frames().unwrap();
-        assert_eq!(got.shape(), one.shape());
-        let c = Comparison::new(got.data(), one.data(), &BF16_VAE_TOLERANCE);
-        let equal = got.data().iter().zip(one.data()).filter(|(a, b)| a == b).count();
-        println!(
-            "split decode over {ranks} ranks on cuda vs one device: rel_l2 {:.3e}  max_abs {:.3e}  {equal} of {} values equal  {}",
-            c.rel_l2,
-            c.max_abs,
-            one.data().len(),
-            if c.passed { "PASS" } else { "FAIL" }
-        );
-        assert!(c.passed, "{ranks} ranks: {c:?}");
+        check_split(&format!("split decode over {ranks} ranks"), &got.frames().unwrap(), &one);
     }
     // The encoder split the same way (every rank holding the video, as a job's ranks do).
     let video = random(&[1, 3, 5, 96, 128], 6);
     let (mean, _) = pipe.vae().encode(&video).unwrap();
     for ranks in [2, 4] {
-        let got =
-            tessera_worker::parallel::run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| pipe.vae().encode_split_held(&video, ctx.world())).unwrap();
-        let c = Comparison::new(got[0].0.data(), mean.data(), &BF16_VAE_TOLERANCE);
-        let equal = got[0].0.data().iter().zip(mean.data()).filter(|(a, b)| a == b).count();
-        println!(
-            "split encode over {ranks} ranks on cuda vs one device: rel_l2 {:.3e}  max_abs {:.3e}  {equal} of {} values equal  {}",
-            c.rel_l2,
-            c.max_abs,
-            mean.data().len(),
-            if c.passed { "PASS" } else { "FAIL" }
-        );
-        assert!(c.passed, "encode over {ranks} ranks: {c:?}");
+        let got = run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| pipe.vae().encode_split_held(&video, ctx.world())).unwrap();
+        check_split(&format!("split encode over {ranks} ranks"), &got[0].0, &mean);
     }
+}
+
+/// A split VAE result against the one-device one on the GPU, at the bf16 VAE bound, printed.
+fn check_split(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes");
+    let c = Comparison::new(got.data(), want.data(), &tessera_worker::golden::BF16_VAE_TOLERANCE);
+    let equal = got.data().iter().zip(want.data()).filter(|(a, b)| a == b).count();
+    let verdict = if c.passed { "PASS" } else { "FAIL" };
+    println!("{what} on cuda vs one device: rel_l2 {:.3e}  max_abs {:.3e}  {equal} of {} values equal  {verdict}", c.rel_l2, c.max_abs, want.data().len());
+    assert!(c.passed, "{what}: {c:?}");
 }
