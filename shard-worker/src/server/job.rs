@@ -183,7 +183,7 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     }
     let p = &setup.params;
     // Rank 0 encodes the prompt once and sends the embeddings; every rank draws the same seeded
-    // noise, so nothing else travels.
+    // noise (an input video or image is VAE-encoded in bands by the group, below and in the run).
     let mut text = encode_once(pipe, &ctx, p)?;
     // One rank runs alone (the model's local attention); a group shards the sequence: each rank
     // keeps its share of the latent on its device from here to the decode (a diffusion-forcing
