@@ -51,6 +51,11 @@ pub struct TcpOptions {
     pub cancel: tokio_util::sync::CancellationToken,
 }
 
+/// How many of the largest frames one peer may have waiting, received but not yet asked for: the
+/// collectives keep at most a frame or two in flight per peer (a ring hop ahead, one part of an
+/// exchange); past this the peer is failed as broken or hostile instead of filling the memory.
+const WAITING_FRAMES: u64 = 4;
+
 impl Default for TcpOptions {
     fn default() -> Self {
         Self {
@@ -196,7 +201,7 @@ impl TcpTransport {
                 _ = opts.cancel.cancelled() => Err(WorkerError::Cancelled(format!("rank {rank}: the group was abandoned while connecting"))),
             }
         })?;
-        let mailbox = Arc::new(Mailbox::new(opts.recv_timeout));
+        let mailbox = Arc::new(Mailbox::bounded(opts.recv_timeout, opts.max_frame_bytes.saturating_mul(WAITING_FRAMES)));
         let mut peers: Vec<Option<PeerLink>> = (0..world).map(|_| None).collect();
         for (peer, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else { continue };
@@ -324,7 +329,11 @@ async fn read_loop(read: OwnedReadHalf, mailbox: Arc<Mailbox>, broken: Arc<Mutex
     let mut frames = FramedRead::new(read, FrameDecoder { max_frame_bytes });
     let why = loop {
         match frames.next().await {
-            Some(Ok(Frame::Data { tag, payload })) => mailbox.put(peer, tag, payload),
+            Some(Ok(Frame::Data { tag, payload })) => {
+                if let Err(why) = mailbox.put(peer, tag, payload) {
+                    break why;
+                }
+            }
             Some(Ok(Frame::Goodbye)) => break "it closed its end of the group".to_string(),
             Some(Err(e)) => break format!("it sent garbage or the connection broke: {e}"),
             None => break "the connection closed without a goodbye (process died?)".to_string(),
@@ -347,7 +356,7 @@ impl Transport for TcpTransport {
 
     fn send(&self, dst: usize, tag: u64, data: Bytes) -> Result<()> {
         if dst == self.rank {
-            self.mailbox.put(self.rank, tag, data);
+            self.mailbox.put(self.rank, tag, data).map_err(|why| WorkerError::Collective(format!("rank {}: a message to itself refused: {why}", self.rank)))?;
             return Ok(());
         }
         let link = self.peers.get(dst).and_then(Option::as_ref).ok_or_else(|| err(self.rank, format!("send to rank {dst} of {}", self.world)))?;
@@ -393,16 +402,37 @@ mod tests {
     }
 
     fn group(n: usize, session: u64) -> Vec<TcpTransport> {
+        group_with(n, TcpOptions { session, recv_timeout: Duration::from_secs(5), ..Default::default() })
+    }
+
+    fn group_with(n: usize, opts: TcpOptions) -> Vec<TcpTransport> {
         let addrs = free_addrs(n);
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..n)
                 .map(|r| {
-                    let addrs = addrs.clone();
-                    s.spawn(move || TcpTransport::establish(r, &addrs, TcpOptions { session, recv_timeout: Duration::from_secs(5), ..Default::default() }))
+                    let (addrs, opts) = (addrs.clone(), opts.clone());
+                    s.spawn(move || TcpTransport::establish(r, &addrs, opts))
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
         })
+    }
+
+    /// A peer that sends more than `WAITING_FRAMES` of the largest frames ahead of what is asked
+    /// for is failed, naming why; what it sent within the bound was delivered first.
+    #[test]
+    fn a_peer_that_floods_frames_ahead_is_failed() {
+        let g = group_with(2, TcpOptions { session: 3, recv_timeout: Duration::from_secs(5), max_frame_bytes: 1000, ..Default::default() });
+        for tag in 0..WAITING_FRAMES + 1 {
+            g[1].send(0, tag, Bytes::from(vec![1u8; 1000])).unwrap();
+        }
+        // Nothing is received meanwhile, so the last frame is the one past the bound.
+        let e = g[0].recv(1, 99).unwrap_err().to_string();
+        assert!(e.contains("peer rank 1 is gone") && e.contains("ahead of what was asked for") && e.contains("at most 4000"), "{e}");
+        for tag in 0..WAITING_FRAMES {
+            assert_eq!(g[0].recv(1, tag).unwrap().len(), 1000, "frame {tag}, within the bound");
+        }
+        assert!(g[0].recv(1, WAITING_FRAMES).is_err(), "the frame past the bound was not filed");
     }
 
     #[test]

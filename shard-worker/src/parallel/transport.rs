@@ -21,28 +21,47 @@ pub trait Transport: Send + Sync {
 }
 
 /// Received messages waiting for their `recv`, keyed by (source, tag); plus per-source failures.
+/// The bytes waiting from one source are bounded: a peer that sends far ahead of what is asked
+/// for is broken or hostile, and is failed rather than allowed to fill the memory.
 pub(crate) struct Mailbox {
     state: Mutex<MailboxState>,
     arrived: Condvar,
     timeout: Duration,
+    /// The most bytes one source may have waiting, not yet received.
+    max_waiting: u64,
 }
 
 #[derive(Default)]
 struct MailboxState {
     messages: HashMap<(usize, u64), VecDeque<Bytes>>,
+    waiting: HashMap<usize, u64>,
     failed: HashMap<usize, String>,
 }
 
 impl Mailbox {
+    /// A mailbox whose receives wait up to `timeout`, with no bound on what waits.
     pub(crate) fn new(timeout: Duration) -> Self {
-        Self { state: Mutex::new(MailboxState::default()), arrived: Condvar::new(), timeout }
+        Self::bounded(timeout, u64::MAX)
     }
 
-    /// Delivers a message.
-    pub(crate) fn put(&self, src: usize, tag: u64, data: Bytes) {
+    /// A mailbox holding at most `max_waiting` bytes from each source.
+    pub(crate) fn bounded(timeout: Duration, max_waiting: u64) -> Self {
+        Self { state: Mutex::new(MailboxState::default()), arrived: Condvar::new(), timeout, max_waiting }
+    }
+
+    /// Delivers a message; refused, with the reason, when `src` would have more than the bound
+    /// waiting (the caller then fails the source).
+    pub(crate) fn put(&self, src: usize, tag: u64, data: Bytes) -> std::result::Result<(), String> {
         let mut s = self.state.lock().expect("mailbox lock");
+        let waiting = s.waiting.entry(src).or_default();
+        let after = waiting.saturating_add(data.len() as u64);
+        if after > self.max_waiting {
+            return Err(format!("it sent {after} bytes ahead of what was asked for (at most {} may wait)", self.max_waiting));
+        }
+        *waiting = after;
         s.messages.entry((src, tag)).or_default().push_back(data);
         self.arrived.notify_all();
+        Ok(())
     }
 
     /// Marks `src` as gone: pending and future receives from it fail with `why`.
@@ -61,6 +80,9 @@ impl Mailbox {
                 if let Some(m) = q.pop_front() {
                     if q.is_empty() {
                         s.messages.remove(&(src, tag));
+                    }
+                    if let Some(w) = s.waiting.get_mut(&src) {
+                        *w = w.saturating_sub(m.len() as u64);
                     }
                     return Ok(m);
                 }
@@ -111,7 +133,8 @@ impl Transport for InProcessTransport {
     }
     fn send(&self, dst: usize, tag: u64, data: Bytes) -> Result<()> {
         let b = self.boxes.get(dst).ok_or_else(|| WorkerError::Collective(format!("rank {}: send to rank {dst} of {}", self.rank, self.boxes.len())))?;
-        b.put(self.rank, tag, data);
+        // In-process mailboxes are unbounded: the ranks are this process's own threads.
+        let _ = b.put(self.rank, tag, data);
         Ok(())
     }
     fn recv(&self, src: usize, tag: u64) -> Result<Bytes> {
@@ -125,6 +148,18 @@ impl Transport for InProcessTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes waiting from one source are bounded; a receive frees its bytes.
+    #[test]
+    fn a_bounded_mailbox_refuses_what_would_wait_past_its_bound() {
+        let m = Mailbox::bounded(Duration::from_secs(1), 10);
+        m.put(1, 0, Bytes::from(vec![0u8; 6])).unwrap();
+        m.put(2, 0, Bytes::from(vec![0u8; 6])).unwrap();
+        let e = m.put(1, 1, Bytes::from(vec![0u8; 6])).unwrap_err();
+        assert!(e.contains("12 bytes") && e.contains("at most 10"), "{e}");
+        assert_eq!(m.take(0, 1, 0).unwrap().len(), 6);
+        m.put(1, 1, Bytes::from(vec![0u8; 6])).unwrap();
+    }
 
     #[test]
     fn messages_match_by_source_and_tag_in_any_order() {
