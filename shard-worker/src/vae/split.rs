@@ -1,7 +1,8 @@
-//! The VAE split across ranks by rows: member 0 holds the input and cuts it into bands, one per
-//! member (at most one per latent row), every member runs its band ([`Bands`]), and member 0
-//! joins the bands' outputs. Decode and encode give member 0 what one device gives; the other
-//! members get nothing back.
+//! The VAE split across ranks by rows: the input is cut into bands, one per member (at most one
+//! per latent row), every member runs its band ([`Bands`]), and the bands' outputs are joined.
+//! Decode and encode give member 0, which holds the input and scatters the bands, what one device
+//! gives; the other members get nothing back. When every member already holds the input (a job's
+//! input video), each cuts its own band and every member gets the whole result.
 
 use super::band::{Bands, Tile, BANDS_GROUP};
 use super::{VaeDecodeStream, VaeFamily, ENCODE_CHUNK};
