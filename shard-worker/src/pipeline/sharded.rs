@@ -126,8 +126,9 @@ pub fn decode_sharded(pipe: &WanPipeline, latents: &Tensor, transport: LocalTran
                 Ok(ctx.world().stats().sent())
             })
         });
-        // Every sender is dropped when the ranks finish, which ends this loop; a failing observer
-        // stops rank 0 at its next piece, and its error is the one returned.
+        // Every sender is dropped when the ranks finish, which ends this loop. After an observer
+        // error the frames are still taken (so that rank 0 is not stopped half way while the
+        // other ranks wait on it in an exchange) and the error is returned once the ranks end.
         let mut observer_error = None;
         for frames in rx {
             if observer_error.is_none() {
