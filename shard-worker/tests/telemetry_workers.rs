@@ -83,7 +83,7 @@ async fn drive(clients: &mut [Client], peers: &[String], job: &str) {
             r.unwrap();
         }
     }
-    // Every rank is sent Decode (the others hand rank 0 their shares); rank 0 sends the frames.
+    // Every rank is sent Decode (each decodes a band of rows); rank 0 joins them and sends the frames.
     let decodes = clients.iter().map(|c| {
         let mut c = c.clone();
         let trace_context = trace_context.clone();

@@ -112,8 +112,8 @@ async fn run_job_with(clients: &mut [Client], peers: &[String], ulysses: u32, cf
             }
         }
     }
-    // Every rank is sent Decode: the others hand rank 0 their shares of the latent and end with
-    // no frames; rank 0 decodes.
+    // Every rank is sent Decode: the latent gathers to rank 0, every rank decodes a band of rows,
+    // and rank 0 joins the bands and alone sends frames.
     let decodes = clients.iter().map(|c| {
         let mut c = c.clone();
         async move {

@@ -62,8 +62,8 @@ pub struct PlanArgs {
     /// Split the devices into conditional and unconditional halves (CFG-parallel).
     #[arg(long, env = "TESSERA_PLAN_CFG_PARALLEL")]
     cfg_parallel: bool,
-    /// Plan with the design's capabilities (the VAE decoded over every rank as well), not only
-    /// what Tessera runs today (sequence parallelism and CFG-parallel; rank 0 decodes alone).
+    /// Plan with the design's capabilities (CFG-parallel for diffusion forcing as well), not only
+    /// what Tessera runs today (sequence parallelism and CFG-parallel, the VAE over every rank).
     #[arg(long, env = "TESSERA_PLAN_DESIGN")]
     design: bool,
     /// Print JSON instead of a table.
@@ -445,9 +445,9 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
     println!(
         "plans   {}",
         if args.design {
-            "the design's (sequence parallelism, CFG-parallel, the VAE over every rank)"
+            "the design's (sequence parallelism, CFG-parallel for diffusion forcing too, the VAE over every rank)"
         } else {
-            "what Tessera runs today (sequence parallelism, CFG-parallel; rank 0 decodes the VAE); --design for the rest"
+            "what Tessera runs today (sequence parallelism, CFG-parallel, the VAE split by rows over every rank); --design for the rest"
         }
     );
     println!("        every stage on the device, the text encoder loaded from host memory per job");

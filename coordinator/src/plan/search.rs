@@ -10,35 +10,32 @@ use super::model::ModelShape;
 pub struct Capabilities {
     /// Whether the devices may split into conditional and unconditional halves.
     pub cfg_parallel: bool,
-    /// Whether the VAE decodes over every rank (spatial tiles with halos) rather than on rank 0.
-    pub distributed_vae: bool,
 }
 
 impl Capabilities {
-    /// What Tessera runs today: sequence parallelism (ring, Ulysses, USP) and CFG-parallel (two
-    /// halves, one guidance pass each); rank 0 decodes the VAE alone. The distributed decode is
-    /// planned (issue 15) and switches on here when it lands.
-    pub const TESSERA: Self = Self { cfg_parallel: true, distributed_vae: false };
-    /// The design: CFG-parallel and the distributed decode as well.
-    pub const DESIGN: Self = Self { cfg_parallel: true, distributed_vae: true };
+    /// What Tessera runs: sequence parallelism (ring, Ulysses, USP) and CFG-parallel (two halves,
+    /// one guidance pass each). The VAE always decodes (and encodes) split by rows over every rank
+    /// of the group, so every layout has `vae_ranks` = its devices.
+    pub const TESSERA: Self = Self { cfg_parallel: true };
+    /// The design: CFG-parallel for diffusion forcing as well (not yet run, issue 16).
+    pub const DESIGN: Self = Self { cfg_parallel: true };
 
     /// What Tessera runs for `spec` today: [`Self::TESSERA`], but a diffusion-forcing job has no
     /// CFG-parallel layout (both guidance passes run on every rank). The admission and
     /// `tessera plan` both ask here, so the CLI never plans a layout the cluster refuses.
     pub fn for_job(spec: &tessera_cluster::JobSpec) -> Self {
         match spec.chunks() {
-            Some(_) => Self { cfg_parallel: false, ..Self::TESSERA },
+            Some(_) => Self { cfg_parallel: false },
             None => Self::TESSERA,
         }
     }
 
     /// The layout of `gpus` devices with Ulysses degree `ulysses` in each sequence-parallel group
-    /// (the rest forming rings), split into CFG halves when `cfg_parallel`, the VAE decoded as
-    /// these capabilities allow: the one place a layout is made from a group size.
+    /// (the rest forming rings), split into CFG halves when `cfg_parallel`, the VAE decoded over
+    /// every rank: the one place a layout is made from a group size.
     pub fn layout(self, gpus: u32, ulysses: u32, cfg_parallel: bool) -> Layout {
         let sp = gpus / if cfg_parallel { 2 } else { 1 };
-        let vae_ranks = if self.distributed_vae { gpus } else { 1 };
-        Layout { gpus, ulysses, ring: sp / ulysses.max(1), cfg_parallel, vae_ranks }
+        Layout { gpus, ulysses, ring: sp / ulysses.max(1), cfg_parallel, vae_ranks: gpus.max(1) }
     }
 }
 
@@ -115,9 +112,9 @@ mod tests {
         let tied = all.iter().filter(|e| e.infeasible.is_none() && e.timing.total <= all[0].timing.total * (1.0 + TIE));
         assert!(tied.clone().count() >= 1);
         assert!(tied.into_iter().all(|e| e.traffic.network > b.traffic.network || (e.traffic.network == b.traffic.network && e.memory.peak >= b.memory.peak)));
-        // today's capabilities offer CFG-parallel, never what cannot run (the distributed decode)
+        // what Tessera runs offers CFG-parallel, and decodes over every rank of every layout
         let today = candidates(&m, &job, &g, 8, 0.35, Capabilities::TESSERA);
-        assert!(today.iter().all(|e| e.layout.vae_ranks == 1) && today.iter().any(|e| e.layout.cfg_parallel));
+        assert!(today.iter().all(|e| e.layout.vae_ranks == 8) && today.iter().any(|e| e.layout.cfg_parallel));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The shard worker's internal gRPC service (`tessera.worker.v1.ShardWorker`): the coordinator
 //! prepares a job on every rank, sends each denoising step to all of them, checkpoints, and has
-//! rank 0 decode and stream the frames. The ranks of a job talk to each other directly over the TCP
+//! every rank decode a band of rows of the frames, rank 0 joining and streaming them. The ranks of a job talk to each other directly over the TCP
 //! collective transport, on the collective address each worker advertises, or, on GPUs, through
 //! NCCL with the unique id that rank 0's worker made (CreateNcclId).
 

@@ -1,7 +1,8 @@
 //! What a job thread runs behind its commands: Wan's step-by-step denoising of the whole latent
 //! ([`Denoiser`], each rank holding its share), or a diffusion-forcing run, chunk by chunk
 //! ([`ForcingRun`], every rank holding the chunk, each forward sharded over the group), whose
-//! finished chunks rank 0 decodes as they come, continuing the VAE's causal caches.
+//! finished chunks the group decodes as they come (a band of rows per rank, rank 0 joining them),
+//! continuing the VAE's causal caches.
 
 use crate::model::DitInputs;
 use crate::pipeline::forcing::{latent_frames, ChunkPlan, ForcingRun, ForcingSetup, SeededNoise};
