@@ -4,6 +4,7 @@
 //! Each stage is a public method, so that a caller (the golden runner, a shard worker) can run,
 //! observe or replace any of them; [`WanPipeline::generate`] chains them.
 
+pub mod demo;
 mod denoiser;
 mod device;
 pub mod forcing;

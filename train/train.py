@@ -1,0 +1,459 @@
+"""Trains the `demo` model: Wan 2.1's structure (UMT5 text encoder with its Unigram tokenizer, the
+causal 3D VAE, the diffusion transformer) at a small size, on the clips of `clips.py`, and exports
+a diffusers snapshot folder that Tessera loads like any downloaded Wan 2.1 model.
+
+    python train/train.py --export models/demo
+
+Stages, each saved under --work so that a rerun continues where the last one stopped:
+1. tokenizer: a Unigram tokenizer of UMT5's kind over the captions' words;
+2. text encoder: UMT5, randomly initialised and frozen (the transformer learns to read it);
+3. vae: AutoencoderKLWan trained as an autoencoder (L1, and a small penalty on the latent's
+   square) on short clips;
+4. latents: every training clip encoded once (the posterior mean), and the per-channel mean and
+   standard deviation written into the VAE's config, as Wan 2.1's `latents_mean`/`latents_std`;
+5. transformer: WanTransformer3DModel trained by flow matching (Wan's velocity target, shifted
+   sigmas), with 10 % of captions dropped to the empty prompt for classifier-free guidance;
+6. export: model_index.json and one folder per component.
+
+Deterministic for a seed on a given machine and thread count: every random draw comes from a
+seeded generator, and torch runs with deterministic algorithms.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+# deterministic cuBLAS, for torch.use_deterministic_algorithms on a GPU (must precede CUDA's start)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import clips  # noqa: E402
+
+TEXT_LEN = 512  # the pipeline's max_sequence_length: the transformer always sees 512 text rows
+Z_DIM = 8
+
+VAE_CONFIG = dict(
+    base_dim=16,
+    z_dim=Z_DIM,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+)
+TEXT_CONFIG = dict(
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=True,
+)
+DIT_CONFIG = dict(
+    patch_size=[1, 2, 2],
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=Z_DIM,
+    out_channels=Z_DIM,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+FLOW_SHIFT = 3.0
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def build_tokenizer(d):
+    """A Unigram tokenizer (Metaspace pre-tokenizer, `</s>` appended) over the captions, saved as a
+    diffusers `tokenizer/` folder. The trainer's order of equal-scored pieces is not stable from
+    run to run, so the vocabulary is rounded and sorted before it is saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [clips.caption(*p) for p in clips.all_prompts()] * 4
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    assert [p for p, _ in vocab[:3]] == ["<pad>", "</s>", "<unk>"]
+    low = min(s for _, s in vocab[3:])
+    rest = [(p, round(low if len(p) == 1 and s < low + 0.01 else s, 6)) for p, s in vocab[3:]]
+    tok.model = models.Unigram([tuple(v) for v in vocab[:3]] + sorted(rest, key=lambda v: (-v[1], v[0])), unk_id=2, byte_fallback=False)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(d)
+    return fast
+
+
+# ------------------------------------------------------------------------------------------ text encoder
+def build_text_encoder(d, tok, seed):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = dict(TEXT_CONFIG, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0)
+    te = UMT5EncoderModel(UMT5Config(**cfg)).eval()
+    te.save_pretrained(d)
+    return te
+
+
+@torch.no_grad()
+def encode_text(tok, te, prompts):
+    """Each prompt as WanPipeline encodes it: the encoder's output over the real tokens, zero rows
+    to TEXT_LEN. Returns [len(prompts), TEXT_LEN, d_model] and each prompt's token count."""
+    out = torch.zeros(len(prompts), TEXT_LEN, te.config.d_model)
+    lengths = torch.zeros(len(prompts), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt").input_ids[:, :TEXT_LEN]
+        h = te(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        out[i, : ids.shape[1]] = h[0]
+        lengths[i] = ids.shape[1]
+    return out, lengths
+
+
+class CompactText:
+    """The text rows of a batch without the zero rows that pad each prompt to TEXT_LEN.
+
+    WanPipeline pads every prompt's encoding with zero rows to 512. In cross-attention those rows
+    are identical (the same key and value), so the 512-row softmax equals one over the real rows
+    plus ONE zero row whose logit is raised by log(its multiplicity). Training on that is exact
+    and ~50x cheaper in the cross-attention. `rows` [B, K, D] holds each prompt's rows, then a zero
+    row, then zero rows masked out; `bias` [B, 1, 1, K] is 0, log(512 − n), then −inf."""
+
+    def __init__(self, table, lengths):
+        self.table, self.lengths = table, lengths  # [P, TEXT_LEN, D], [P]
+        self.width = int(lengths.max()) + 1
+
+    def batch(self, rows):
+        ctx = self.table[rows, : self.width].clone()
+        n = self.lengths[rows]
+        slot = torch.arange(self.width).view(1, -1)
+        bias = torch.where(slot < n.view(-1, 1), 0.0, float("-inf"))
+        bias = torch.where(slot == n.view(-1, 1), torch.log((TEXT_LEN - n).float()).view(-1, 1), bias)
+        return ctx, bias.view(len(rows), 1, 1, self.width)
+
+
+def compact_cross_attention(dit, holder):
+    """Gives every block's cross-attention the additive bias in `holder["bias"]`."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    class Biased(WanAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, holder.get("bias"), rotary_emb)
+
+    for block in dit.blocks:
+        block.attn2.set_processor(Biased())
+
+
+@torch.no_grad()
+def check_compact_text(dit, holder, text, device):
+    """The compact text rows give the transformer's output on the full 512 rows (to float
+    rounding), or training stops: what is trained must be what the pipeline runs."""
+    rows = torch.arange(text.table.shape[0])[:4]
+    x = torch.randn(len(rows), Z_DIM, 5, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([100.0, 400.0, 700.0, 999.0])
+    holder["bias"] = None
+    full = dit(hidden_states=x.to(device), timestep=t.to(device), encoder_hidden_states=text.table[rows].to(device), return_dict=False)[0]
+    ctx, bias = text.batch(rows)
+    holder["bias"] = bias.to(device)
+    compact = dit(hidden_states=x.to(device), timestep=t.to(device), encoder_hidden_states=ctx.to(device), return_dict=False)[0]
+    err = ((compact - full).norm() / full.norm()).item()
+    assert err < 1e-5, f"compact text rows differ from the full 512: rel_l2 {err}"
+    log(f"compact text rows: rel_l2 {err:.1e} against the full 512 rows")
+
+
+# ------------------------------------------------------------------------------------------ data
+def clip_tensor(seed, frames):
+    """Clip `seed` as [3, frames, H, W] floats in [-1, 1], and its caption."""
+    video, text = clips.clip(seed, frames=frames)
+    x = torch.from_numpy(video).float().div(127.5).sub(1.0).permute(3, 0, 1, 2).contiguous()
+    return x, text
+
+
+def train_seeds(n, base):
+    """Training clips use seeds base, base+1, ...; the evaluation's held-out seeds are >= 10**9."""
+    return range(base, base + n)
+
+
+# ------------------------------------------------------------------------------------------ VAE
+def pooled(x):
+    """The 8×8 averages of each latent frame's pixels: frame 0 alone, then groups of 4."""
+    first = torch.nn.functional.avg_pool3d(x[:, :, :1], (1, 8, 8))
+    if x.shape[2] == 1:
+        return first
+    return torch.cat([first, torch.nn.functional.avg_pool3d(x[:, :, 1:], (4, 8, 8))], 2)
+
+
+def decode_unclamped(vae, z):
+    """`vae.decode` without its final clamp to [-1, 1], which would stop the gradient of every
+    pixel decoded past it (diffusers' `AutoencoderKLWan._decode`, untiled: one latent frame at a
+    time through the causal caches)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    out = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        out.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(out, 2)
+
+
+def train_vae(args, device):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM).to(device)
+    # A training aid, dropped afterwards: a 1×1 probe reading the frames' 8×8 averages off the
+    # latent. Without it the encoder collapses to one latent for every clip while the decoder
+    # learns the mean clip (seen at this size: every clip encoded alike within 2e-4).
+    probe = torch.nn.Conv3d(Z_DIM, 3, 1).to(device)
+    opt = torch.optim.AdamW(list(vae.parameters()) + list(probe.parameters()), lr=args.vae_lr, weight_decay=0.0)
+    gen = np.random.Generator(np.random.PCG64(args.seed + 1))
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        seeds = gen.integers(0, 10**8, size=args.vae_batch)
+        # windows of 1 + 4k consecutive frames of the 17-frame clips: single frames (the first
+        # chunk's path), then the causal cache across chunks; most steps on 32-pixel crops (the
+        # VAE is convolutional but for its mid-block attention, so a quarter of the steps see
+        # whole 64-pixel frames)
+        frames = int(gen.choice([1, 5, 9]))
+        crop = int(gen.choice([32, 32, 32, clips.SIZE]))
+        xs = []
+        for s in seeds:
+            y0, x0 = (int(v) for v in gen.integers(0, clips.SIZE - crop + 1, size=2))
+            f0 = int(gen.integers(0, clips.FRAMES - frames + 1))
+            xs.append(clip_tensor(int(s), clips.FRAMES)[0][:, f0 : f0 + frames, y0 : y0 + crop, x0 : x0 + crop])
+        x = torch.stack(xs).to(device)
+        # an autoencoder: the decoder reads the posterior mean, which is what the pipeline's
+        # encodes and the transformer's training latents are; a small penalty on its square keeps
+        # the latent's scale in bounds (the scale itself is normalised away by latents_std)
+        z = vae.encode(x).latent_dist.mode()
+        y = decode_unclamped(vae, z)
+        rec = (y - x).abs().mean()
+        kl = z.pow(2).mean()
+        aux = (probe(z) - pooled(x)).pow(2).mean()
+        loss = rec + args.vae_kl * kl + (1.0 - 0.9 * step / args.vae_steps) * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step}/{args.vae_steps} l1 {rec.item():.4f} probe {aux.item():.4f} z² {kl.item():.3f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        x = torch.stack([clip_tensor(10**9 + i, clips.FRAMES)[0] for i in range(4)]).to(device)
+        z = vae.encode(x).latent_dist.mode()
+        err = (vae.decode(z).sample - x).abs().mean().item()
+    log(f"vae held-out 17-frame clips: l1 {err:.4f} (of 2), latent std {z.std().item():.3f}")
+    return vae
+
+
+@torch.no_grad()
+def encode_clips(vae, seeds, device, batch=8):
+    """The posterior means of the 17-frame clips of `seeds`: [N, Z, 5, 8, 8], and their captions."""
+    zs, texts = [], []
+    seeds = list(seeds)
+    for i in range(0, len(seeds), batch):
+        xs = [clip_tensor(s, clips.FRAMES) for s in seeds[i : i + batch]]
+        x = torch.stack([v for v, _ in xs]).to(device)
+        zs.append(vae.encode(x).latent_dist.mode().cpu())
+        texts += [t for _, t in xs]
+    return torch.cat(zs), texts
+
+
+# ------------------------------------------------------------------------------------------ transformer
+def shifted_sigma(u, shift):
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def train_dit(args, latents, text_index, text, device):
+    """Flow matching: x_t = (1 − σ) x0 + σ ε, target ε − x0, timestep 1000 σ."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(args.seed + 2)
+    dit = WanTransformer3DModel(**DIT_CONFIG).to(device)
+    holder = {}
+    compact_cross_attention(dit, holder)
+    check_compact_text(dit, holder, text, device)
+    opt = torch.optim.AdamW(dit.parameters(), lr=args.dit_lr, weight_decay=0.01)
+    ema = [p.detach().clone() for p in dit.parameters()]
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    n = latents.shape[0]
+    empty = text.table.shape[0] - 1  # the last row is the empty prompt
+    t0 = time.time()
+    for step in range(args.dit_steps):
+        lr = args.dit_lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.dit_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, n, (args.dit_batch,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(args.dit_batch, generator=gen) < args.caption_dropout
+        rows = torch.where(drop, torch.full_like(idx, empty), text_index[idx])
+        ctx, bias = text.batch(rows)
+        holder["bias"] = bias.to(device)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = shifted_sigma(torch.rand(args.dit_batch, generator=gen), FLOW_SHIFT)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        pred = dit(hidden_states=xt.to(device), timestep=(sigma * 1000).to(device), encoder_hidden_states=ctx.to(device), return_dict=False)[0]
+        loss = (pred.float() - (noise - x0).to(device)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema, dit.parameters()):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if step % 50 == 0 or step == args.dit_steps - 1:
+            log(f"dit step {step}/{args.dit_steps} loss {loss.item():.4f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
+    with torch.no_grad():
+        for e, p in zip(ema, dit.parameters()):
+            p.copy_(e)
+    holder.clear()
+    return dit.eval()
+
+
+# ------------------------------------------------------------------------------------------ export
+def export(dst, work):
+    """The snapshot folder: model_index.json naming each component, and the components."""
+    from diffusers import UniPCMultistepScheduler
+
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.makedirs(dst)
+    for c in ("tokenizer", "text_encoder", "vae", "transformer"):
+        shutil.copytree(os.path.join(work, c), os.path.join(dst, c))
+    sch = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
+    sch.save_pretrained(os.path.join(dst, "scheduler"))
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    with open(os.path.join(dst, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    # the trainer's own record rides along: steps, losses, seconds
+    shutil.copy(os.path.join(work, "training.json"), os.path.join(dst, "training.json"))
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(dst) for f in fs)
+    log(f"exported {dst}: {size / 2**20:.1f} MiB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="train/work", help="where stages are saved (a rerun reuses finished stages)")
+    p.add_argument("--export", default="models/demo", help="the snapshot folder to write")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=8)
+    # 1e-3 and 3e-3 collapse this VAE to the mean clip; 1e-4 learns
+    p.add_argument("--vae-lr", type=float, default=1.5e-4)
+    p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the latent's mean square")
+    p.add_argument("--clips", type=int, default=2000, help="training clips for the transformer")
+    p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--dit-batch", type=int, default=32)
+    p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--redo", default="", help="comma-separated stages to run again (vae, latents, transformer)")
+    args = p.parse_args()
+
+    torch.use_deterministic_algorithms(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    redo = set(filter(None, args.redo.split(",")))
+    os.makedirs(args.work, exist_ok=True)
+    record_path = os.path.join(args.work, "training.json")
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    record.update(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__, seed=args.seed)
+    log(f"device {device}, {torch.get_num_threads()} threads")
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tok_dir, te_dir, vae_dir, dit_dir = (os.path.join(args.work, c) for c in ("tokenizer", "text_encoder", "vae", "transformer"))
+    if not os.path.isdir(tok_dir):
+        build_tokenizer(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if not os.path.isdir(te_dir):
+        build_text_encoder(te_dir, tok, args.seed)
+    te = UMT5EncoderModel.from_pretrained(te_dir).eval()
+
+    t = time.time()
+    if not os.path.isdir(vae_dir) or "vae" in redo:
+        vae = train_vae(args, device)
+        vae.save_pretrained(vae_dir)
+        record["vae"] = dict(steps=args.vae_steps, batch=args.vae_batch, seconds=round(time.time() - t))
+        redo.add("latents")
+    vae = AutoencoderKLWan.from_pretrained(vae_dir).to(device).eval()
+
+    lat_path = os.path.join(args.work, "latents.pt")
+    if not os.path.exists(lat_path) or "latents" in redo:
+        t = time.time()
+        z, texts = encode_clips(vae, train_seeds(args.clips, 10**8), device)
+        mean = z.transpose(0, 1).reshape(Z_DIM, -1).mean(1)
+        std = z.transpose(0, 1).reshape(Z_DIM, -1).std(1)
+        torch.save(dict(z=z, texts=texts), lat_path)
+        cfg = json.load(open(os.path.join(vae_dir, "config.json")))
+        cfg.update(latents_mean=[round(float(v), 6) for v in mean], latents_std=[round(float(v), 6) for v in std])
+        json.dump(cfg, open(os.path.join(vae_dir, "config.json"), "w"), indent=2)
+        record["latents"] = dict(clips=args.clips, seconds=round(time.time() - t))
+        redo.add("transformer")
+    saved = torch.load(lat_path)
+    cfg = json.load(open(os.path.join(vae_dir, "config.json")))
+    mean = torch.tensor(cfg["latents_mean"]).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg["latents_std"]).view(1, -1, 1, 1, 1)
+    latents = (saved["z"] - mean) / std  # what the pipeline's noise becomes, and back at decode
+
+    prompts = sorted(set(saved["texts"])) + [""]
+    table, lengths = encode_text(tok, te, prompts)
+    text = CompactText(table, lengths)
+    index = torch.tensor([prompts.index(t) for t in saved["texts"]])
+
+    if not os.path.isdir(dit_dir) or "transformer" in redo:
+        t = time.time()
+        dit = train_dit(args, latents, index, text, device)
+        dit.save_pretrained(dit_dir)
+        record["transformer"] = dict(steps=args.dit_steps, batch=args.dit_batch, seconds=round(time.time() - t))
+    json.dump(record, open(record_path, "w"), indent=2)
+    export(args.export, args.work)
+
+
+if __name__ == "__main__":
+    main()
