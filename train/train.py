@@ -5,7 +5,7 @@ a diffusers snapshot folder that Tessera loads like any downloaded Wan 2.1 model
     python train/train.py --export models/demo
 
 Stages, each saved under --work so that a rerun continues where the last one stopped:
-1. tokenizer: a Unigram tokenizer of UMT5's kind over the captions' words;
+1. tokenizer: a Unigram tokenizer of UMT5's kind whose pieces are the captions' words;
 2. text encoder: UMT5, randomly initialised and frozen (the transformer learns to read it);
 3. vae: AutoencoderKLWan trained as an autoencoder (L1, and a small penalty on the latent's
    square) on short clips;
@@ -86,24 +86,21 @@ def log(*a):
 
 # ------------------------------------------------------------------------------------------ tokenizer
 def build_tokenizer(d):
-    """A Unigram tokenizer (Metaspace pre-tokenizer, `</s>` appended) over the captions, saved as a
-    diffusers `tokenizer/` folder. The trainer's order of equal-scored pieces is not stable from
-    run to run, so the vocabulary is rounded and sorted before it is saved."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A Unigram tokenizer of UMT5's kind (Metaspace pre-tokenizer, `</s>` appended), saved as a
+    diffusers `tokenizer/` folder. Its vocabulary is written out, not trained: every caption word
+    is one piece (`▁red`), and every character of them a piece of its own, so any prompt
+    tokenizes, an unknown word into its letters. Scores are log-frequencies: words before letters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [clips.caption(*p) for p in clips.all_prompts()] * 4
-    tok = Tokenizer(models.Unigram())
+    words = sorted({w for p in clips.all_prompts() for w in clips.caption(*p).split()})
+    letters = sorted({c for w in words for c in w} | {"\u2581"})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -2.0) for w in words] + [(c, -6.0) for c in letters]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(corpus, trainer)
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    assert [p for p, _ in vocab[:3]] == ["<pad>", "</s>", "<unk>"]
-    low = min(s for _, s in vocab[3:])
-    rest = [(p, round(low if len(p) == 1 and s < low + 0.01 else s, 6)) for p, s in vocab[3:]]
-    tok.model = models.Unigram([tuple(v) for v in vocab[:3]] + sorted(rest, key=lambda v: (-v[1], v[0])), unk_id=2, byte_fallback=False)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(d)
     return fast
