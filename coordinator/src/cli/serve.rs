@@ -74,7 +74,7 @@ pub struct ServeArgs {
     /// A built-in model with random weights to serve instead (tiny).
     #[arg(long, env = "TESSERA_PRESET")]
     preset: Option<String>,
-    /// The model name requests use (default: wan2.1-t2v-1.3b for a snapshot, the preset's name).
+    /// The model name requests use (default: the snapshot folder's name, or the preset's).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
     model_name: Option<String>,
     /// In-process workers (internal gRPC and TCP collectives on loopback, in-memory membership:

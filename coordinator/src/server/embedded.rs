@@ -28,11 +28,11 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// The model name requests use when none is configured: Wan 2.1 T2V 1.3B for a snapshot (the
-    /// only architecture a snapshot loads as today), the preset's own name otherwise.
+    /// The model name requests use when none is configured: a snapshot's folder name (as a
+    /// worker serving it says), the preset's own name otherwise.
     pub fn default_name(&self) -> String {
         match self {
-            ModelSource::Snapshot(_) => "wan2.1-t2v-1.3b".into(),
+            ModelSource::Snapshot(dir) => tessera_worker::pipeline::Snapshot::default_model_name(dir),
             ModelSource::Preset(p) => p.name().into(),
         }
     }

@@ -74,11 +74,24 @@ impl Snapshot {
     pub fn component(&self, component: &str) -> PathBuf {
         self.root.join(component)
     }
+
+    /// The name a snapshot at `root` is served under when none is configured: its folder's name
+    /// (`model` for a path without one). Workers and the embedded coordinator both ask here.
+    pub fn default_model_name(root: &Path) -> String {
+        root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_is_served_under_its_folders_name() {
+        assert_eq!(Snapshot::default_model_name(Path::new("/models/Wan2.1-T2V-1.3B-Diffusers")), "Wan2.1-T2V-1.3B-Diffusers");
+        assert_eq!(Snapshot::default_model_name(Path::new("models/demo/")), "demo");
+        assert_eq!(Snapshot::default_model_name(Path::new("/")), "model");
+    }
 
     #[test]
     fn golden_snapshot_opens_and_bad_ones_are_named() {

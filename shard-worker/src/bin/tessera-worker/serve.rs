@@ -219,7 +219,7 @@ async fn run(a: ServeArgs) -> Result<()> {
     // Held for the worker's life: no other process can take the port between jobs.
     let collective = std::net::TcpListener::bind(a.collective).with_context(|| format!("--collective {}", a.collective))?;
     let default_name = match &a.model {
-        Some(dir) => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+        Some(dir) => tessera_worker::pipeline::Snapshot::default_model_name(dir),
         None => PipelinePreset::from_name(&a.preset).map_err(|e| anyhow!("--preset {}: {e}", a.preset))?.name().to_string(),
     };
     let s = settings(&a, a.model_name.clone().unwrap_or(default_name))?;
