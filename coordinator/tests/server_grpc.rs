@@ -437,6 +437,8 @@ async fn health_and_reflection_are_served() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     let r = health.check(tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Tessera".into() }).await.unwrap().into_inner();
     assert_eq!(r.status, ServingStatus::Serving as i32);
+    // the same state over plain HTTP on the metrics port, for probes that cannot speak TLS
+    assert_eq!((server.probe("/healthz").await, server.probe("/readyz").await), (200, 200));
 
     let mut grpc = tonic::client::Grpc::new(server.channel().await);
     grpc.ready().await.unwrap();
@@ -511,6 +513,7 @@ async fn sigterm_drains_and_exits_within_the_grace_period() {
     let signalled = Instant::now();
     server.sigterm();
     server.wait_health(ServingStatus::NotServing, Duration::from_secs(1)).await;
+    assert_eq!((server.probe("/readyz").await, server.probe("/healthz").await), (503, 200), "draining: alive, not ready");
     let refused = client.generate(small_request(1)).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     let end = loop {

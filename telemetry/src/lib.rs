@@ -14,6 +14,7 @@
 mod args;
 mod error;
 mod export;
+mod health;
 mod install;
 mod metrics;
 mod propagation;
@@ -22,6 +23,7 @@ pub mod receiver;
 
 pub use args::{parse_sample_ratio, TelemetryArgs};
 pub use error::TelemetryError;
+pub use health::Serving;
 pub use install::{init, init_client, TelemetryGuard, TRACER_NAME};
 pub use metrics::{metrics_text, serve_metrics, MetricsArgs, STEP_BUCKETS};
 pub use propagation::{

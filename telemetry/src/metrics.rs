@@ -1,7 +1,8 @@
 //! Prometheus metrics over HTTP: [`MetricsArgs`] (`--metrics-listen`) and [`serve_metrics`],
 //! which answers `GET /metrics` with the text exposition of Prometheus' default registry (where
 //! every Tessera metric of the process is registered), after running a refresh hook that brings
-//! state-mirroring gauges up to date.
+//! state-mirroring gauges up to date; and the plain HTTP probes `GET /healthz` (the process
+//! answers) and `GET /readyz` (it serves, as its gRPC health says).
 
 use crate::TelemetryError;
 use clap::Args;
@@ -51,20 +52,36 @@ pub fn metrics_text() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Serves `GET /metrics` on `listener` until the task is aborted; `refresh` runs before each
-/// scrape.
-pub fn serve_metrics(listener: tokio::net::TcpListener, refresh: Arc<dyn Fn() + Send + Sync>) -> tokio::task::JoinHandle<()> {
+/// Serves `GET /metrics` on `listener` until the task is aborted (`refresh` runs before each
+/// scrape), and the probes: `GET /healthz` is 200 while the process answers, `GET /readyz` 200
+/// while `serving` says it serves and 503 otherwise.
+pub fn serve_metrics(listener: tokio::net::TcpListener, refresh: Arc<dyn Fn() + Send + Sync>, serving: crate::Serving) -> tokio::task::JoinHandle<()> {
     use axum::http::header::CONTENT_TYPE;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let refresh = refresh.clone();
-            async move {
-                refresh();
-                ([(CONTENT_TYPE, prometheus::TEXT_FORMAT)], metrics_text())
-            }
-        }),
-    );
+    use axum::http::StatusCode;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let refresh = refresh.clone();
+                async move {
+                    refresh();
+                    ([(CONTENT_TYPE, prometheus::TEXT_FORMAT)], metrics_text())
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = serving.is_ready();
+                async move {
+                    match ready {
+                        true => (StatusCode::OK, "serving\n"),
+                        false => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n"),
+                    }
+                }
+            }),
+        );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!(error = %e, "the metrics endpoint stopped");
@@ -92,20 +109,50 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let g = gauge.clone();
-        let server = serve_metrics(listener, Arc::new(move || g.inc()));
-        let scrape = || async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-            let mut body = String::new();
-            s.read_to_string(&mut body).await.unwrap();
-            body
-        };
-        let first = scrape().await;
+        let server = serve_metrics(listener, Arc::new(move || g.inc()), crate::Serving::new("test.v1.Test"));
+        let first = get(addr, "/metrics").await;
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         assert!(first.contains("text/plain; version=0.0.4"), "{first}");
         assert!(first.contains("tessera_test_refreshes 1"), "{first}");
-        assert!(scrape().await.contains("tessera_test_refreshes 2"));
+        assert!(get(addr, "/metrics").await.contains("tessera_test_refreshes 2"));
+        server.abort();
+    }
+
+    /// The answer to `GET path` on `addr`, status line first.
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    /// The HTTP probes follow the serving state that gRPC health checks report.
+    #[tokio::test]
+    async fn the_http_probes_follow_the_serving_state_of_the_grpc_health_service() {
+        use tonic_health::pb::health_server::Health;
+        use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+        let serving = crate::Serving::new("test.v1.Test");
+        let grpc = serving.health_service();
+        let grpc_status = |service: &str| {
+            let req = tonic::Request::new(HealthCheckRequest { service: service.into() });
+            let grpc = &grpc;
+            async move { Health::check(grpc, req).await.map(|r| r.into_inner().status) }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = serve_metrics(listener, Arc::new(|| {}), serving.clone());
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"), "not serving before set(true)");
+        serving.set(true).await;
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert_eq!(grpc_status("").await.unwrap(), ServingStatus::Serving as i32);
+        assert_eq!(grpc_status("test.v1.Test").await.unwrap(), ServingStatus::Serving as i32);
+        serving.set(false).await;
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        assert_eq!(grpc_status("test.v1.Test").await.unwrap(), ServingStatus::NotServing as i32);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"), "alive while draining");
         server.abort();
     }
 }

@@ -275,6 +275,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         client_send_timeout,
         max_input_bytes_held: args.max_input_bytes_held,
         store: None,
+        serving: tessera_telemetry::Serving::new(tessera_coordinator::server::SERVICE_NAME),
     };
 
     // Dropped last (after the runtime): flushes the spans of the jobs to the collector.
@@ -337,7 +338,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         };
         let exporter = metrics.map(|m| {
             let (executor, metrics) = (executor.clone(), tessera_coordinator::server::CoordinatorMetrics::global());
-            tessera_telemetry::serve_metrics(m, Arc::new(move || metrics.refresh_workers(&executor.workers())))
+            tessera_telemetry::serve_metrics(m, Arc::new(move || metrics.refresh_workers(&executor.workers())), config.serving.clone())
         });
         let served = serve(listener, executor, config, shutdown).await.map_err(|e| anyhow!("{what}: {e}"));
         if let Some(e) = exporter {

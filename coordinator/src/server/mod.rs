@@ -47,7 +47,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_proto::v1::tessera_server::TesseraServer;
 use tokio_stream::StreamExt;
-use tonic_health::ServingStatus;
 
 /// The service's name in the health service.
 pub const SERVICE_NAME: &str = "tessera.v1.Tessera";
@@ -74,6 +73,9 @@ pub struct ServerConfig {
     pub max_input_bytes_held: u64,
     /// Where jobs are stored so that they outlive the server (`None`: in memory only).
     pub store: Option<Arc<JobStore>>,
+    /// Whether the server serves: what its gRPC health service reports, and the metrics port's
+    /// `/readyz` with it (hand a clone to `tessera_telemetry::serve_metrics`).
+    pub serving: tessera_telemetry::Serving,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
             client_send_timeout: Duration::from_secs(60),
             max_input_bytes_held: 1 << 30,
             store: None,
+            serving: tessera_telemetry::Serving::new(SERVICE_NAME),
         }
     }
 }
@@ -152,9 +155,8 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CoordinatorError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    let health = config.serving.clone();
+    health.set(false).await;
     let state = ServiceState::new(executor.clone(), &config);
     let dispatcher = tokio::spawn(state.scheduler.clone().dispatch(executor.slots()));
     let sweeper = tokio::spawn(sweep(state.clone(), config.job_retention));
@@ -176,7 +178,7 @@ pub async fn serve(
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         http2_limits(tonic::transport::Server::builder())
-            .add_service(health_service)
+            .add_service(health.grpc_service())
             .add_service(reflection)
             .add_service(tessera)
             .serve_with_incoming_shutdown(incoming, async {
@@ -194,8 +196,7 @@ pub async fn serve(
                     Ok(n) => tracing::info!(jobs = n, "resumed the stored jobs"),
                     Err(e) => tracing::error!(error = %e, "cannot read the state store: no stored job is resumed"),
                 }
-                health.set_service_status("", ServingStatus::Serving).await;
-                health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+                health.set(true).await;
                 tracing::info!("model loaded; serving");
                 (&mut shutdown).await;
                 Ok(())
@@ -239,9 +240,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Shutdown's first part: NOT_SERVING, no new jobs, queued jobs ended (UNAVAILABLE), the running
 /// ones given `grace` and then stopped.
-async fn drain(state: &ServiceState, health: &tonic_health::server::HealthReporter, grace: Duration) {
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+async fn drain(state: &ServiceState, health: &tessera_telemetry::Serving, grace: Duration) {
+    health.set(false).await;
     state.draining.store(true, Ordering::SeqCst);
     state.executor.drain();
     for id in state.scheduler.close() {

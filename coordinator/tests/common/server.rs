@@ -73,15 +73,27 @@ impl Server {
 
     /// Scrapes the metrics endpoint (plain HTTP/1.1) and returns the exposition text.
     pub async fn scrape(&self) -> String {
+        let answer = self.metrics_port_get("/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    }
+
+    /// The HTTP status code of `GET path` on the metrics port (the probes `/healthz`, `/readyz`).
+    pub async fn probe(&self, path: &str) -> u16 {
+        let answer = self.metrics_port_get(path).await;
+        answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("no status line: {answer}"))
+    }
+
+    /// The whole answer to `GET path` on the metrics port.
+    async fn metrics_port_get(&self, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let url = self.metrics.as_deref().expect("metrics are on");
         let hostport = url.trim_start_matches("http://").trim_end_matches("/metrics");
         let mut s = tokio::net::TcpStream::connect(hostport).await.expect("metrics endpoint");
-        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+        answer
     }
 
     /// The server's log so far (stderr).

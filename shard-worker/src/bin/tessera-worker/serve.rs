@@ -17,7 +17,6 @@ use tessera_worker::membership::{ComputeFigures, EtcdMembership, Heartbeat, Memb
 use tessera_worker::pipeline::limits::{Limits, DEFAULT_WORKER_MAX_TOKENS};
 use tessera_worker::pipeline::{PipelinePreset, WanPipeline};
 use tessera_worker::server::{WorkerIdentity, WorkerService};
-use tonic_health::ServingStatus;
 
 /// The health service name of the internal API.
 const SERVICE_NAME: &str = "tessera.worker.v1.ShardWorker";
@@ -236,9 +235,11 @@ async fn run(a: ServeArgs) -> Result<()> {
     };
     let mut presence = Presence::register(membership, record).await.map_err(|e| anyhow!("registering in etcd: {e}"))?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    // gRPC health and the HTTP probes of the metrics port answer from the start: alive, not
+    // ready until the model has loaded.
+    let serving = tessera_telemetry::Serving::new(SERVICE_NAME);
+    serving.set(false).await;
+    let exporter = metrics.map(|m| tessera_telemetry::serve_metrics(m, Arc::new(|| {}), serving.clone()));
     tracing::info!(worker_id = %me.worker_id, model = %me.model, "loading the model");
     let (model, preset) = (a.model.clone(), a.preset.clone());
     let device = s.device;
@@ -253,15 +254,13 @@ async fn run(a: ServeArgs) -> Result<()> {
             r.state = WorkerState::Idle;
         })
         .await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    serving.set(true).await;
     eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, me.address, s.collective_address);
-    let exporter = metrics.map(|m| tessera_telemetry::serve_metrics(m, Arc::new(|| {})));
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         builder
-            .add_service(health_service)
+            .add_service(serving.grpc_service())
             .add_service(ShardWorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
                 let _ = close_rx.await;
@@ -272,8 +271,7 @@ async fn run(a: ServeArgs) -> Result<()> {
 
     // Drain: not ready, no new job, the running one gets the grace period, then leave etcd.
     tracing::info!(grace_s = s.grace_period.as_secs_f64(), "shutting down: draining");
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    serving.set(false).await;
     service.drain();
     let job = running.borrow().clone();
     presence.set_state(WorkerState::Draining, job).await;
