@@ -7,7 +7,7 @@
 mod common;
 
 use common::client::{connect_with, SECRET};
-use common::process::WorkerProcess;
+use common::process::{free_addr, WorkerProcess};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tessera_proto::worker::v1 as pb;
@@ -118,4 +118,30 @@ async fn hostile_internal_calls_are_refused_and_the_process_stays_serving() {
     assert_eq!(frames_in, 9);
     c.release_job(pb::ReleaseJobRequest { job_id: "job".into() }).await.unwrap();
     assert_serving(&mut w, "the job").await;
+}
+
+/// The status code of `GET path` on `addr` (plain HTTP/1.1), or the connection error.
+async fn http_status(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.map_err(|e| e.to_string())?;
+    answer.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or(answer)
+}
+
+/// The plain HTTP probes of the metrics port say what the gRPC health says: alive, and ready
+/// once the model serves.
+#[tokio::test]
+async fn the_metrics_port_answers_the_http_probes_as_grpc_health_does() {
+    let metrics = free_addr();
+    let mut w = WorkerProcess::start_with_metrics(&metrics.to_string(), &[]);
+    let until = Instant::now() + Duration::from_secs(60);
+    while health(w.addr).await != Ok(ServingStatus::Serving as i32) {
+        assert!(Instant::now() < until && w.child.try_wait().unwrap().is_none(), "never served:\n{}", w.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_status(metrics, "/readyz").await, Ok(200), "{}", w.log());
+    assert_eq!(http_status(metrics, "/healthz").await, Ok(200));
+    assert_eq!(http_status(metrics, "/nothing").await, Ok(404));
 }

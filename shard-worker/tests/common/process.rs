@@ -25,10 +25,15 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `tessera-worker serve --preset tiny` with one thread, metrics off and `extra` flags.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_metrics("off", extra)
+    }
+
+    /// [`Self::start`] with the metrics port (and its HTTP probes) on `metrics` (`HOST:PORT`).
+    pub fn start_with_metrics(metrics: &str, extra: &[&str]) -> Self {
         let (addr, collective) = (free_addr(), free_addr());
         let log = tempfile::Builder::new().prefix("tessera-worker-").suffix(".log").tempfile().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tessera-worker"))
-            .args(["serve", "--preset", "tiny", "--metrics-listen", "off", "--listen", &addr.to_string(), "--collective", &collective.to_string()])
+            .args(["serve", "--preset", "tiny", "--metrics-listen", metrics, "--listen", &addr.to_string(), "--collective", &collective.to_string()])
             .args(extra)
             .env("TESSERA_THREADS", "1")
             .env("RUST_LOG", "info")
