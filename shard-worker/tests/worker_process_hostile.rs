@@ -2,7 +2,8 @@
 //! would reach it: absurd sizes, overflowing products, lying input frames, a group that does not
 //! hold the rank, calls without the job's secret or with another's. Every call is refused with
 //! its status (and the field, for bad requests), and after each one the process is still running
-//! and its gRPC health still says SERVING; a well-formed job then runs on it.
+//! and its gRPC health still says SERVING; a well-formed job then runs on it. Its metrics port's
+//! plain HTTP probes (`/healthz`, `/readyz`) answer as its gRPC health does.
 
 mod common;
 
