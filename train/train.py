@@ -253,15 +253,15 @@ def train_vae(args, device):
         z = vae.encode(x).latent_dist.mode()
         y = decode_unclamped(vae, z)
         rec = (y - x).abs().mean()
-        kl = z.pow(2).mean()
+        z2 = z.pow(2).mean()
         aux = (probe(z) - pooled(x)).pow(2).mean()
-        loss = rec + args.vae_kl * kl + (1.0 - 0.9 * step / args.vae_steps) * aux
+        loss = rec + args.vae_z2 * z2 + (1.0 - 0.9 * step / args.vae_steps) * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 25 == 0 or step == args.vae_steps - 1:
-            log(f"vae step {step}/{args.vae_steps} l1 {rec.item():.4f} probe {aux.item():.4f} z² {kl.item():.3f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
+            log(f"vae step {step}/{args.vae_steps} l1 {rec.item():.4f} probe {aux.item():.4f} z² {z2.item():.3f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
     vae.eval()
     with torch.no_grad():
         x = torch.stack([clip_tensor(10**9 + i, clips.FRAMES)[0] for i in range(4)]).to(device)
@@ -380,7 +380,7 @@ def main():
     p.add_argument("--vae-batch", type=int, default=8)
     # 1e-3 and 3e-3 collapse this VAE to the mean clip; 1e-4 learns
     p.add_argument("--vae-lr", type=float, default=1.5e-4)
-    p.add_argument("--vae-kl", type=float, default=1e-4, help="weight of the latent's mean square")
+    p.add_argument("--vae-z2", type=float, default=1e-4, help="weight of the latent's mean square")
     p.add_argument("--clips", type=int, default=2000, help="training clips for the transformer")
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--dit-batch", type=int, default=32)

@@ -106,8 +106,8 @@ pub struct Motion {
 }
 
 impl Motion {
-    /// Whether the shape is there from start to end and travelled at least [`MIN_TRAVEL`] of the
-    /// frame in the prompt's direction.
+    /// Whether the shape was seen and travelled, from the first frame showing it to the last, at
+    /// least [`MIN_TRAVEL`] of the frame in the prompt's direction.
     pub fn passes(&self) -> bool {
         self.frames_seen > 0 && self.along >= MIN_TRAVEL
     }
