@@ -5,7 +5,8 @@
 //! stable DNS names, Service and PDB selectors matching the pods, NetworkPolicy rules keeping the
 //! internal ports internal, GPU requests, the ServiceMonitor's shape, the `helm test` Generate);
 //! the `checksum/config` annotation following the config; every `ci-bad/*.yaml` rejected by the
-//! values schema with an error naming the bad field (its `# expect:` line).
+//! values schema with an error naming the bad field (its `# expect:` line); TLS inside the release
+//! (`helm_chart/tls.rs`: the certificates, and that they work with the processes and etcd).
 //!
 //! Tools: helm from `TESSERA_HELM` (else `helm` on PATH), `kubernetes-validate` from
 //! `TESSERA_KUBERNETES_VALIDATE` (else on PATH); `.ci/run` installs both. Without them the tests
@@ -14,6 +15,8 @@
 
 #[path = "helm_chart/flat_yaml.rs"]
 mod flat_yaml;
+#[path = "helm_chart/tls.rs"]
+mod tls;
 
 use flat_yaml::{parse_stream, FlatDoc};
 use std::collections::BTreeMap;
@@ -94,7 +97,9 @@ fn name_of(path: &Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
 }
 
-/// `helm template` with the values file (None = the defaults) and `--set` pairs; the result.
+/// `helm template` with the values file (None = the defaults) and `--set` pairs (an
+/// `api-versions=GROUP/VERSION` pair instead tells helm that the cluster serves that API); the
+/// result.
 fn helm_template(t: &Tools, values: Option<&Path>, sets: &[&str]) -> Output {
     let mut cmd = Command::new(&t.helm);
     cmd.args(["template", RELEASE]).arg(&t.chart).args(["--namespace", NAMESPACE, "--kube-version", KUBE_VERSIONS[0]]);
@@ -102,7 +107,10 @@ fn helm_template(t: &Tools, values: Option<&Path>, sets: &[&str]) -> Output {
         cmd.arg("--values").arg(v);
     }
     for s in sets {
-        cmd.args(["--set", s]);
+        match s.strip_prefix("api-versions=") {
+            Some(api) => cmd.args(["--api-versions", api]),
+            None => cmd.args(["--set", s]),
+        };
     }
     run(&mut cmd)
 }
@@ -144,7 +152,7 @@ fn chart_lints_strictly_for_every_values_file() {
 
 /// Kinds that are CustomResourceDefinitions, unknown to kubernetes-validate's bundled schemas
 /// (their shape is checked by `service_monitor_scrapes_both_components`).
-const CRD_KINDS: [&str; 1] = ["ServiceMonitor"];
+const CRD_KINDS: [&str; 3] = ["ServiceMonitor", "Certificate", "Issuer"];
 
 /// Runs kubernetes-validate --strict on `file` for every version; (success, output).
 fn validate(t: &Tools, file: &Path) -> (bool, String) {
@@ -310,8 +318,13 @@ fn check_common(r: &Rendered) {
     assert_eq!(container_port(worker, "grpc"), wgrpc);
     assert_eq!(container_port(worker, "collective"), collective);
     assert_eq!(container_port(worker, "metrics"), metrics_port);
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        assert_grpc_probe(worker, probe, &wgrpc);
+    // The kubelet cannot present a client certificate: with mutual TLS on the internal port the
+    // probes are the metrics port's plain HTTP ones.
+    for (probe, path) in [("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        match tls::issuer(r) {
+            tls::Issuer::Off => assert_grpc_probe(worker, probe, &wgrpc),
+            _ => tls::assert_http_probe(worker, probe, path, "metrics"),
+        }
     }
     assert_eq!(worker.get("spec.podManagementPolicy"), Some("Parallel"));
     let headless = r.named("Service", worker.req("spec.serviceName"));
@@ -357,7 +370,8 @@ fn check_common(r: &Rendered) {
             .into_iter()
             .find(|s| s.get("metadata.labels.app.kubernetes.io/component") == Some("etcd") && s.get("spec.clusterIP") != Some("None"))
             .expect("etcd client Service");
-        let url = format!("http://{}.{NAMESPACE}.svc.cluster.local:{}", client.req("metadata.name"), client.req("spec.ports[0].port"));
+        let scheme = if tls::issuer(r) == tls::Issuer::Off { "http" } else { "https" };
+        let url = format!("{scheme}://{}.{NAMESPACE}.svc.cluster.local:{}", client.req("metadata.name"), client.req("spec.ports[0].port"));
         assert_eq!(endpoints, &url);
         let members = r.one("StatefulSet", "etcd").req("spec.replicas").parse::<usize>().unwrap();
         let initial = etcd_env(etcd, "ETCD_INITIAL_CLUSTER");
@@ -393,7 +407,7 @@ fn check_public_auth(r: &Rendered, coord: &FlatDoc, env: &BTreeMap<String, Strin
     let test_env = |name: &str| (0..test.len("spec.containers[0].env")).find(|i| test.get(&format!("spec.containers[0].env[{i}].name")) == Some(name));
     let Some(file) = env.get("TESSERA_AUTH_TOKEN_FILE") else {
         assert_eq!(env.get("TESSERA_ALLOW_UNAUTHENTICATED").map(String::as_str), Some("true"), "{}: neither a token file nor the waiver", r.name);
-        assert!(r.all("Secret").is_empty() && test_env("TESSERA_TOKEN").is_none(), "{}: a token without authentication", r.name);
+        assert!(auth_secrets(r).is_empty() && test_env("TESSERA_TOKEN").is_none(), "{}: a token without authentication", r.name);
         return;
     };
     assert!(!env.contains_key("TESSERA_ALLOW_UNAUTHENTICATED"), "{}", r.name);
@@ -419,6 +433,11 @@ fn check_public_auth(r: &Rendered, coord: &FlatDoc, env: &BTreeMap<String, Strin
     }
 }
 
+/// The Secrets of the public API's tokens (all but the TLS ones).
+fn auth_secrets(r: &Rendered) -> Vec<&FlatDoc> {
+    r.all("Secret").into_iter().filter(|s| s.get("metadata.labels.app.kubernetes.io/component") != Some("tls")).collect()
+}
+
 /// Standard base64 (the Secret's `data`), decoded.
 fn b64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
@@ -434,7 +453,7 @@ fn the_public_api_is_authenticated_unless_waived() {
         let coord = r.one("Deployment", "coordinator");
         let env = r.container_env(coord, C0);
         check_public_auth(&r, coord, &env);
-        assert!(r.all("Secret").is_empty(), "{sets:?}: the chart made a Secret");
+        assert!(auth_secrets(&r).is_empty(), "{sets:?}: the chart made a token Secret");
         assert_eq!(env.contains_key("TESSERA_AUTH_TOKEN_FILE"), secret.is_some(), "{sets:?}");
         if let Some(name) = secret {
             assert!(render_text(&t, None, sets).contains(&format!("secretName: {name}")), "{sets:?}");
@@ -540,6 +559,7 @@ fn rendered_sets(t: &Tools) -> BTreeMap<String, Rendered> {
             let r = Rendered { docs: render(t, values.as_deref(), &[]), name: name.clone() };
             check_common(&r);
             check_state_store(&r);
+            tls::check_tls(&r);
             (name, r)
         })
         .collect()

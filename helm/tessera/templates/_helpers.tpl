@@ -88,10 +88,11 @@ empty when the store is off or is an S3 bucket. */}}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
 {{- end -}}
 
-{{/* TESSERA_ETCD_ENDPOINTS: the bundled etcd's client Service, or the external endpoints. */}}
+{{/* TESSERA_ETCD_ENDPOINTS: the bundled etcd's client Service (https with tls on), or the
+     external endpoints. */}}
 {{- define "tessera.etcdEndpoints" -}}
 {{- if .Values.etcd.enabled -}}
-{{- printf "http://%s.%s.svc.%s:%d" (include "tessera.etcd.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.etcd.clientPort) -}}
+{{- printf "%s://%s.%s.svc.%s:%d" (include "tessera.etcdScheme" .) (include "tessera.etcd.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.etcd.clientPort) -}}
 {{- else -}}
 {{- if not .Values.etcd.external.endpoints -}}
 {{- fail "etcd.external.endpoints: give at least one etcd URL when etcd.enabled is false" -}}
@@ -130,5 +131,123 @@ grpc:
 minAvailable: {{ .minAvailable }}
 {{- else -}}
 maxUnavailable: {{ .maxUnavailable }}
+{{- end -}}
+{{- end -}}
+
+{{/* Who issues the release's TLS certificates: "helm" or "certManager"; empty when tls is off.
+     issuer auto takes cert-manager when its API is installed. */}}
+{{- define "tessera.tlsIssuer" -}}
+{{- $t := .Values.tls -}}
+{{- if $t.enabled -}}
+{{- if ne $t.issuer "auto" -}}
+{{- $t.issuer -}}
+{{- else if .Capabilities.APIVersions.Has "cert-manager.io/v1" -}}
+certManager
+{{- else -}}
+helm
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The bundled etcd's URL scheme: https when the release runs TLS. */}}
+{{- define "tessera.etcdScheme" -}}
+{{- if include "tessera.tlsIssuer" . -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* The components that get a TLS certificate: the coordinator, the workers, and the bundled etcd. */}}
+{{- define "tessera.tlsComponents" -}}
+{{- if .Values.etcd.enabled -}}coordinator,worker,etcd{{- else -}}coordinator,worker{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding one component's certificate (ca.crt, tls.crt, tls.key): call with
+     (dict "root" $ "component" "worker"). */}}
+{{- define "tessera.tlsSecret" -}}
+{{- printf "%s-%s-tls" (include "tessera.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The Secret holding the CA the chart made (issuer helm: its key signs certificates on upgrades). */}}
+{{- define "tessera.tlsCaSecret" -}}
+{{- printf "%s-tls-ca" (include "tessera.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The DNS names one component's certificate is for, comma-separated: call with (dict "root" $
+     "component" "worker"). Workers: every pod's name under the headless Service (what the
+     coordinator and the other ranks dial); etcd: its client Service and every member's peer
+     name, and localhost; the coordinator: its Service. */}}
+{{- define "tessera.tlsDnsNames" -}}
+{{- $r := .root -}}
+{{- $svc := printf "%s.svc" $r.Release.Namespace -}}
+{{- $fqdn := printf "%s.svc.%s" $r.Release.Namespace $r.Values.clusterDomain -}}
+{{- if eq .component "worker" -}}
+{{- $h := include "tessera.worker.headless" $r -}}
+{{- printf "*.%s.%s,*.%s.%s" $h $fqdn $h $svc -}}
+{{- else if eq .component "etcd" -}}
+{{- $n := include "tessera.etcd.fullname" $r -}}
+{{- $h := include "tessera.etcd.headless" $r -}}
+{{- printf "%s,%s.%s,%s.%s,%s.%s,*.%s.%s,*.%s.%s,localhost" $n $n $r.Release.Namespace $n $svc $n $fqdn $h $fqdn $h $svc -}}
+{{- else -}}
+{{- $n := include "tessera.coordinator.fullname" $r -}}
+{{- printf "%s,%s.%s,%s.%s,%s.%s" $n $n $r.Release.Namespace $n $svc $n $fqdn -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a component's certificate is mounted. */}}
+{{- define "tessera.tlsDir" -}}/etc/tessera/tls{{- end -}}
+
+{{/* A container's TLS env entries (call with (dict "root" $ "component" "worker")): its
+     certificate for the internal API and, with the bundled etcd, as etcd's client. Empty when
+     tls is off. */}}
+{{- define "tessera.tlsEnv" -}}
+{{- if include "tessera.tlsIssuer" .root -}}
+{{- $d := include "tessera.tlsDir" . -}}
+- name: TESSERA_TLS_CERT
+  value: {{ $d }}/tls.crt
+- name: TESSERA_TLS_KEY
+  value: {{ $d }}/tls.key
+- name: TESSERA_TLS_CA
+  value: {{ $d }}/ca.crt
+{{- if .root.Values.etcd.enabled }}
+- name: TESSERA_ETCD_CA
+  value: {{ $d }}/ca.crt
+- name: TESSERA_ETCD_CERT
+  value: {{ $d }}/tls.crt
+- name: TESSERA_ETCD_KEY
+  value: {{ $d }}/tls.key
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/* A container's mount of its certificate; empty when tls is off. */}}
+{{- define "tessera.tlsMount" -}}
+{{- if include "tessera.tlsIssuer" .root -}}
+- name: tls
+  mountPath: {{ include "tessera.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* A pod's volume of its component's certificate Secret; empty when tls is off. */}}
+{{- define "tessera.tlsVolume" -}}
+{{- if include "tessera.tlsIssuer" .root -}}
+- name: tls
+  secret:
+    secretName: {{ include "tessera.tlsSecret" . }}
+    defaultMode: 0440
+{{- end -}}
+{{- end -}}
+
+{{/* A worker probe: gRPC health on the internal port, or, with tls on (that port then asks for
+     a client certificate), an HTTP GET of `path` on the metrics port. Call with (dict "root" $
+     "path" "/readyz" "probe" .Values.worker.probes.startup). */}}
+{{- define "tessera.workerProbe" -}}
+{{- if include "tessera.tlsIssuer" .root -}}
+httpGet:
+  path: {{ .path }}
+  port: metrics
+{{- with .probe }}
+{{ toYaml . }}
+{{- end }}
+{{- else -}}
+{{- include "tessera.grpcProbe" (dict "port" .root.Values.worker.ports.grpc "probe" .probe) -}}
 {{- end -}}
 {{- end -}}
