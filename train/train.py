@@ -37,17 +37,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import clips  # noqa: E402
 
 TEXT_LEN = 512  # the pipeline's max_sequence_length: the transformer always sees 512 text rows
-Z_DIM = 8
+Z_DIM = 16
 
+# Wan's VAE with one stage fewer: 4x in time as Wan, 4x (not 8x) in space. At 8x a 64-pixel clip
+# is an 8x8 latent, and this VAE, trained on two cores, kept brightness but lost the shapes' color
+# (held-out L1 0.11, 27 % of shape pixels decoded within 60 RGB of their color, after 3,000
+# steps); the transformer cannot draw what the VAE does not keep.
 VAE_CONFIG = dict(
     base_dim=16,
     z_dim=Z_DIM,
-    dim_mult=[1, 2, 4, 4],
+    dim_mult=[1, 2, 4],
     num_res_blocks=1,
     attn_scales=[],
-    temperal_downsample=[False, True, True],
+    temperal_downsample=[True, True],
     dropout=0.0,
+    # what pipelines size latents by (diffusers' WanPipeline reads these, and its default, 8, is
+    # Wan's); Tessera checks them against dim_mult and temperal_downsample
+    scale_factor_spatial=4,
+    scale_factor_temporal=4,
 )
+SPATIAL = 2 ** (len(VAE_CONFIG["dim_mult"]) - 1)  # pixels per latent pixel, each way
+assert SPATIAL == VAE_CONFIG["scale_factor_spatial"]
+LATENT = clips.SIZE // SPATIAL  # a clip's latent height and width
+LATENT_FRAMES = 1 + (clips.FRAMES - 1) // 4
 TEXT_CONFIG = dict(
     d_model=64,
     d_kv=16,
@@ -62,8 +74,10 @@ TEXT_CONFIG = dict(
     layer_norm_epsilon=1e-6,
     tie_word_embeddings=True,
 )
+# Patches of 1x4x4 latent pixels: 4x4 tokens per latent frame, 80 per clip. (1x2x2, Wan's, is
+# 320 tokens and ~5x the cost per step on a CPU; the shapes move about two of these tokens.)
 DIT_CONFIG = dict(
-    patch_size=[1, 2, 2],
+    patch_size=[1, 4, 4],
     num_attention_heads=4,
     attention_head_dim=32,
     in_channels=Z_DIM,
@@ -170,7 +184,7 @@ def check_compact_text(dit, holder, text, device):
     """The compact text rows give the transformer's output on the full 512 rows (to float
     rounding), or training stops: what is trained must be what the pipeline runs."""
     rows = torch.arange(text.table.shape[0])[:4]
-    x = torch.randn(len(rows), Z_DIM, 5, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(len(rows), Z_DIM, LATENT_FRAMES, LATENT, LATENT, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([100.0, 400.0, 700.0, 999.0])
     holder["bias"] = None
     full = dit(hidden_states=x.to(device), timestep=t.to(device), encoder_hidden_states=text.table[rows].to(device), return_dict=False)[0]
@@ -190,6 +204,14 @@ def clip_tensor(seed, frames):
     return x, text
 
 
+def shape_mask(x, text, within=60.0):
+    """[frames, H, W]: the pixels of `x` (one clip, [3, F, H, W] in [-1, 1]) within `within` RGB of
+    the caption's color. Backgrounds stay >= 100 away from every shape color (clips.py), so these
+    are the shape's pixels, edges blended over half and more."""
+    rgb = torch.tensor(clips.COLORS[text.split()[1]], dtype=torch.float32).view(3, 1, 1, 1)
+    return ((x + 1) * 127.5 - rgb).norm(dim=0) < within
+
+
 def train_seeds(n, base):
     """Training clips use seeds base, base+1, ...; the evaluation's held-out seeds are >= 10**9."""
     return range(base, base + n)
@@ -197,11 +219,30 @@ def train_seeds(n, base):
 
 # ------------------------------------------------------------------------------------------ VAE
 def pooled(x):
-    """The 8×8 averages of each latent frame's pixels: frame 0 alone, then groups of 4."""
-    first = torch.nn.functional.avg_pool3d(x[:, :, :1], (1, 8, 8))
+    """The averages over each latent pixel's footprint: frame 0 alone, then groups of 4 frames,
+    SPATIAL × SPATIAL pixels."""
+    first = torch.nn.functional.avg_pool3d(x[:, :, :1], (1, SPATIAL, SPATIAL))
     if x.shape[2] == 1:
         return first
-    return torch.cat([first, torch.nn.functional.avg_pool3d(x[:, :, 1:], (4, 8, 8))], 2)
+    return torch.cat([first, torch.nn.functional.avg_pool3d(x[:, :, 1:], (4, SPATIAL, SPATIAL))], 2)
+
+
+@torch.no_grad()
+def vae_report(vae, device, n=8):
+    """Held-out 17-frame clips through encode (posterior mean) and decode: the mean L1 (of 2),
+    and the share of shape pixels decoded within 60 RGB of their color, which the transformer
+    can only be as good as."""
+    l1, kept, total = 0.0, 0, 0
+    for i in range(n):
+        x, text = clip_tensor(10**9 + i, clips.FRAMES)
+        y = vae.decode(vae.encode(x[None].to(device)).latent_dist.mode()).sample[0].cpu()
+        l1 += (y - x).abs().mean().item() / n
+        m = shape_mask(x, text)
+        rgb = torch.tensor(clips.COLORS[text.split()[1]], dtype=torch.float32).view(3, 1, 1, 1)
+        near = ((y + 1) * 127.5 - rgb).norm(dim=0) < 60.0
+        kept += int((near & m).sum())
+        total += int(m.sum())
+    return l1, kept / max(total, 1)
 
 
 def decode_unclamped(vae, z):
@@ -218,62 +259,95 @@ def decode_unclamped(vae, z):
     return torch.cat(out, 2)
 
 
-def train_vae(args, device):
+# The VAE's two phases. The first learns to reconstruct at all: windows of 1 + 4k frames (single
+# frames are the first chunk's path; longer windows the causal cache across chunks), half on
+# 32-pixel crops, the probe on. The second is about what the prompt names, the shape's color over
+# the whole clip: after the first, held-out shapes kept their color in frame 0 but lost it over
+# the later chunks (RGB distance 17 in frame 0, ~100 by frame 16), and blue and green shapes
+# everywhere, so it trains on longer windows of whole frames with the shape weighted 10x.
+VAE_PHASES = (
+    dict(name="vae", frames=[1, 5, 9, 17], crops=[32, clips.SIZE], shape_weight=4.0, probe=True),
+    dict(name="vae-tune", frames=[5, 9, 17, 17], crops=[32, clips.SIZE, clips.SIZE], shape_weight=10.0, probe=False),
+)
+
+
+def train_vae(args, device, vae=None):
+    """The VAE through both phases, or only the second when `vae` (a trained first phase) is
+    given."""
     from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM).to(device)
-    # A training aid, dropped afterwards: a 1×1 probe reading the frames' 8×8 averages off the
-    # latent. Without it the encoder collapses to one latent for every clip while the decoder
-    # learns the mean clip (seen at this size: every clip encoded alike within 2e-4).
+    if vae is None:
+        torch.manual_seed(args.seed)
+        vae = AutoencoderKLWan(**VAE_CONFIG, latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM).to(device)
+        vae_phase(vae, args, device, VAE_PHASES[0], args.vae_steps, args.vae_lr, seed=args.seed + 1)
+    vae_phase(vae, args, device, VAE_PHASES[1], args.vae_tune_steps, args.vae_tune_lr, seed=args.seed + 4)
+    return vae.eval()
+
+
+def vae_phase(vae, args, device, phase, steps, peak_lr, seed):
+    """`steps` steps of `phase` (VAE_PHASES) at a warmed-up, cosine-decayed `peak_lr`."""
+    vae.train()
+    # A training aid, dropped afterwards: a 1×1 probe reading the averages over each latent
+    # pixel's footprint off the latent. Without it the encoder collapses to one latent for every
+    # clip while the decoder learns the mean clip (seen at this size: every clip encoded alike
+    # within 2e-4). Once the encoder is past that, the second phase goes without.
     probe = torch.nn.Conv3d(Z_DIM, 3, 1).to(device)
-    opt = torch.optim.AdamW(list(vae.parameters()) + list(probe.parameters()), lr=args.vae_lr, weight_decay=0.0)
-    gen = np.random.Generator(np.random.PCG64(args.seed + 1))
+    params = list(vae.parameters()) + (list(probe.parameters()) if phase["probe"] else [])
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
+    gen = np.random.Generator(np.random.PCG64(seed))
     t0 = time.time()
-    for step in range(args.vae_steps):
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+    name = phase["name"]
+    for step in range(steps):
+        lr = peak_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
         seeds = gen.integers(0, 10**8, size=args.vae_batch)
-        # windows of 1 + 4k consecutive frames of the 17-frame clips: single frames (the first
-        # chunk's path), then the causal cache across chunks; most steps on 32-pixel crops (the
-        # VAE is convolutional but for its mid-block attention, so a quarter of the steps see
-        # whole 64-pixel frames)
-        frames = int(gen.choice([1, 5, 9]))
-        crop = int(gen.choice([32, 32, 32, clips.SIZE]))
-        xs = []
+        # windows of consecutive frames (1 + 4k of the 17), on crops or whole frames (the VAE is
+        # convolutional but for its mid-block attention)
+        frames = int(gen.choice(phase["frames"]))
+        crop = int(gen.choice(phase["crops"]))
+        xs, ws = [], []
         for s in seeds:
             y0, x0 = (int(v) for v in gen.integers(0, clips.SIZE - crop + 1, size=2))
             f0 = int(gen.integers(0, clips.FRAMES - frames + 1))
-            xs.append(clip_tensor(int(s), clips.FRAMES)[0][:, f0 : f0 + frames, y0 : y0 + crop, x0 : x0 + crop])
+            full, text = clip_tensor(int(s), clips.FRAMES)
+            window = (slice(f0, f0 + frames), slice(y0, y0 + crop), slice(x0, x0 + crop))
+            xs.append(full[(slice(None),) + window])
+            # the shape is a few percent of the pixels but all the prompt is about: weighted
+            ws.append(1.0 + (phase["shape_weight"] - 1.0) * shape_mask(full, text)[window].float())
         x = torch.stack(xs).to(device)
+        w = torch.stack(ws)[:, None].to(device)
         # an autoencoder: the decoder reads the posterior mean, which is what the pipeline's
         # encodes and the transformer's training latents are; a small penalty on its square keeps
         # the latent's scale in bounds (the scale itself is normalised away by latents_std)
         z = vae.encode(x).latent_dist.mode()
         y = decode_unclamped(vae, z)
-        rec = (y - x).abs().mean()
+        # L1 for sharp edges, plus MSE, which weighs a whole wrong-colored shape more than L1 does
+        rec = (w * (y - x).abs()).mean() / w.mean()
+        mse = (w * (y - x).pow(2)).mean() / w.mean()
         z2 = z.pow(2).mean()
-        aux = (probe(z) - pooled(x)).pow(2).mean()
-        loss = rec + args.vae_z2 * z2 + (1.0 - 0.9 * step / args.vae_steps) * aux
+        loss = rec + mse + args.vae_z2 * z2
+        aux = torch.zeros(())
+        if phase["probe"]:
+            aux = (probe(z) - pooled(x)).pow(2).mean()
+            loss = loss + (1.0 - 0.9 * step / steps) * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 25 == 0 or step == args.vae_steps - 1:
-            log(f"vae step {step}/{args.vae_steps} l1 {rec.item():.4f} probe {aux.item():.4f} z² {z2.item():.3f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
-    vae.eval()
-    with torch.no_grad():
-        x = torch.stack([clip_tensor(10**9 + i, clips.FRAMES)[0] for i in range(4)]).to(device)
-        z = vae.encode(x).latent_dist.mode()
-        err = (vae.decode(z).sample - x).abs().mean().item()
-    log(f"vae held-out 17-frame clips: l1 {err:.4f} (of 2), latent std {z.std().item():.3f}")
-    return vae
+        if step % 25 == 0 or step == steps - 1:
+            log(f"{name} step {step}/{steps} l1 {rec.item():.4f} probe {aux.item():.4f} z² {z2.item():.3f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
+        if (step + 1) % 250 == 0 or step == steps - 1:
+            vae.eval()
+            l1, kept = vae_report(vae, device)
+            vae.train()
+            log(f"{name} held-out 17-frame clips after {step + 1} steps: l1 {l1:.4f} (of 2), shape pixels kept {100 * kept:.1f} %")
 
 
 @torch.no_grad()
 def encode_clips(vae, seeds, device, batch=8):
-    """The posterior means of the 17-frame clips of `seeds`: [N, Z, 5, 8, 8], and their captions."""
+    """The posterior means of the 17-frame clips of `seeds`: [N, Z, LATENT_FRAMES, LATENT, LATENT],
+    and their captions."""
     zs, texts = [], []
     seeds = list(seeds)
     for i in range(0, len(seeds), batch):
@@ -381,8 +455,13 @@ def main():
     # 1e-3 and 3e-3 collapse this VAE to the mean clip; 1e-4 learns
     p.add_argument("--vae-lr", type=float, default=1.5e-4)
     p.add_argument("--vae-z2", type=float, default=1e-4, help="weight of the latent's mean square")
+    p.add_argument("--vae-tune-steps", type=int, default=1000, help="steps of the VAE's second phase (whole clips, the shape weighted)")
+    p.add_argument("--vae-tune-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--vae-tune-only", action="store_true", help="with --redo vae: run only the second phase, on the VAE saved under --work (its first phase)"
+    )
     p.add_argument("--clips", type=int, default=2000, help="training clips for the transformer")
-    p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
@@ -414,9 +493,17 @@ def main():
 
     t = time.time()
     if not os.path.isdir(vae_dir) or "vae" in redo:
-        vae = train_vae(args, device)
+        first = None
+        if args.vae_tune_only:
+            first = AutoencoderKLWan.from_pretrained(vae_dir).to(device)
+            shutil.copytree(vae_dir, vae_dir + "-phase1", dirs_exist_ok=True)
+        vae = train_vae(args, device, first)
         vae.save_pretrained(vae_dir)
-        record["vae"] = dict(steps=args.vae_steps, batch=args.vae_batch, seconds=round(time.time() - t))
+        phases = dict(tune_steps=args.vae_tune_steps, tune_seconds=round(time.time() - t))
+        if first is None:
+            record["vae"] = dict(steps=args.vae_steps, batch=args.vae_batch, seconds=round(time.time() - t), **phases)
+        else:
+            record.setdefault("vae", {}).update(phases)
         redo.add("latents")
     vae = AutoencoderKLWan.from_pretrained(vae_dir).to(device).eval()
 
