@@ -368,7 +368,13 @@ def train_dit(args, latents, text_index, text, device):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(args.seed + 2)
-    dit = WanTransformer3DModel(**DIT_CONFIG).to(device)
+    dit = WanTransformer3DModel(**DIT_CONFIG)
+    if args.dit_init:
+        # a warm start: another run's transformer (e.g. train/checkpoints/demo/transformer)
+        from safetensors.torch import load_file
+
+        dit.load_state_dict(load_file(os.path.join(args.dit_init, "diffusion_pytorch_model.safetensors")))
+    dit = dit.to(device)
     holder = {}
     compact_cross_attention(dit, holder)
     check_compact_text(dit, holder, text, device)
@@ -464,6 +470,7 @@ def main():
     p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--dit-lr", type=float, default=5e-4)
+    p.add_argument("--dit-init", default="", help="a transformer folder to start from (a warm start) instead of random weights")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--redo", default="", help="comma-separated stages to run again (vae, latents, transformer)")
