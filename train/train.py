@@ -208,8 +208,12 @@ def shape_mask(x, text, within=60.0):
     """[frames, H, W]: the pixels of `x` (one clip, [3, F, H, W] in [-1, 1]) within `within` RGB of
     the caption's color. Backgrounds stay >= 100 away from every shape color (clips.py), so these
     are the shape's pixels, edges blended over half and more."""
-    rgb = torch.tensor(clips.COLORS[text.split()[1]], dtype=torch.float32).view(3, 1, 1, 1)
-    return ((x + 1) * 127.5 - rgb).norm(dim=0) < within
+    return ((x + 1) * 127.5 - caption_rgb(text)).norm(dim=0) < within
+
+
+def caption_rgb(text):
+    """The caption's shape color (RGB 0..255), shaped [3, 1, 1, 1] to compare with a clip."""
+    return torch.tensor(clips.COLORS[text.split()[1]], dtype=torch.float32).view(3, 1, 1, 1)
 
 
 def train_seeds(n, base):
@@ -238,8 +242,7 @@ def vae_report(vae, device, n=8):
         y = vae.decode(vae.encode(x[None].to(device)).latent_dist.mode()).sample[0].cpu()
         l1 += (y - x).abs().mean().item() / n
         m = shape_mask(x, text)
-        rgb = torch.tensor(clips.COLORS[text.split()[1]], dtype=torch.float32).view(3, 1, 1, 1)
-        near = ((y + 1) * 127.5 - rgb).norm(dim=0) < 60.0
+        near = ((y + 1) * 127.5 - caption_rgb(text)).norm(dim=0) < 60.0
         kept += int((near & m).sum())
         total += int(m.sum())
     return l1, kept / max(total, 1)
