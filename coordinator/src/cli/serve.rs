@@ -178,7 +178,7 @@ enum Mode {
     Cluster {
         heartbeat: Heartbeat,
         limits: DriveLimits,
-        tls: Option<tonic::transport::ClientTlsConfig>,
+        tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
     },
 }
 
@@ -196,7 +196,7 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
                 args.recover_attempts
             );
         }
-        let tls = args.tls.load().map_err(|e| anyhow!(e))?.map(|t| t.client());
+        let tls = args.tls.load().map_err(|e| anyhow!(e))?;
         return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() }, tls });
     }
     #[cfg(not(feature = "embedded"))]

@@ -177,7 +177,7 @@ pub async fn serve(
     });
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
-        http2_limits(tonic::transport::Server::builder())
+        tessera_cluster::http2::limited(tonic::transport::Server::builder())
             .add_service(health.grpc_service())
             .add_service(reflection)
             .add_service(tessera)
@@ -217,26 +217,6 @@ pub async fn serve(
     sweeper.abort();
     outcome
 }
-
-/// HTTP/2 limits of the public server: how many calls one connection may have open, how large
-/// its headers may be, and keepalive pings that drop a peer gone silent.
-fn http2_limits(builder: tonic::transport::Server) -> tonic::transport::Server {
-    builder
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .http2_max_pending_accept_reset_streams(Some(64))
-}
-
-/// Open calls per connection (each Generate holds one for its whole job).
-const MAX_CONCURRENT_STREAMS: u32 = 128;
-/// Bytes of request headers (a bearer token and a traceparent are well under 1 KiB).
-const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
-/// A ping after this much silence on a connection...
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// ...which must be answered within this, or the connection is closed.
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Shutdown's first part: NOT_SERVING, no new jobs, queued jobs ended (UNAVAILABLE), the running
 /// ones given `grace` and then stopped.

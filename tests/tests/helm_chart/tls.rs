@@ -240,8 +240,8 @@ fn generated_certificates_let_the_coordinator_reach_a_worker_by_its_name_and_nob
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (_reporter, health) = tonic_health::server::health_reporter();
-        let server = Server::builder().tls_config(worker.args().load().unwrap().unwrap().server()).unwrap().add_service(health);
-        tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+        let incoming = worker.args().load().unwrap().unwrap().incoming(listener);
+        tokio::spawn(Server::builder().add_service(health).serve_with_incoming(incoming));
 
         // The coordinator dials the worker's advertised name and gets through.
         health_over_tls(port, &advertise, client.clone()).await.unwrap_or_else(|e| panic!("the coordinator cannot reach {advertise}: {e}"));

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_cluster::codec;
 use tessera_cluster::membership::WorkerRecord;
+use tessera_cluster::tls::InternalTls;
 use tessera_proto::capability::JobSecret;
 use tessera_proto::reason::{failure, has_reason, Reason};
 use tessera_proto::v1::{OutputFormat, Phase};
@@ -25,7 +26,7 @@ use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::shard_worker_client::ShardWorkerClient;
 use tokio::sync::{mpsc, watch};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 /// Largest internal message (decoded frames, latents, video-to-video inputs).
@@ -52,7 +53,7 @@ pub struct DriveContext<'a> {
     /// The job.
     pub job: &'a ExecJob,
     /// Mutual TLS to the workers, when the cluster runs it.
-    pub tls: Option<&'a tonic::transport::ClientTlsConfig>,
+    pub tls: Option<&'a InternalTls>,
     /// Video-to-video: the input frames as decoded at admission (8-bit, the generated size).
     pub input_frames: Option<std::sync::Arc<pb::InputFrames>>,
     /// Where progress goes.
@@ -98,7 +99,7 @@ fn refused_field(status: &tonic::Status) -> Option<String> {
     Some(field.strip_prefix("spec.").map(str::to_string).unwrap_or(field))
 }
 
-async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret, tls: Option<&ClientTlsConfig>) -> Result<Rank, CoordinatorError> {
+async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret, tls: Option<&InternalTls>) -> Result<Rank, CoordinatorError> {
     let fail = |detail: String| CoordinatorError::WorkerFailed {
         worker: format!("{} ({})", record.worker_id, record.address),
         during: "connect".into(),
@@ -111,7 +112,8 @@ async fn connect(record: &WorkerRecord, timeout: Duration, secret: &JobSecret, t
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| fail(format!("TLS settings: {e}")))?;
+        // The certificates as they are now: a renewal on disk applies from the next connection.
+        endpoint = endpoint.tls_config(tls.client()).map_err(|e| fail(format!("TLS settings: {e}")))?;
     }
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
@@ -289,7 +291,7 @@ async fn release(ranks: &[Rank], job_id: &str) {
 const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Releases `job` on `workers` that still hold it from an earlier coordinator (best effort).
-pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&ClientTlsConfig>) {
+pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&InternalTls>) {
     let interceptor = JobSecret::new(&job.secret);
     let mut ranks = Vec::with_capacity(workers.len());
     for w in workers {

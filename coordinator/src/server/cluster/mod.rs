@@ -58,8 +58,9 @@ pub struct ClusterExecutorConfig {
     /// ready: the in-process workers' model loading (`None` for workers found in etcd).
     pub startup: Option<watch::Receiver<Startup>>,
     /// Mutual TLS to the workers (`--tls-*`): this coordinator's certificate, and the CA the
-    /// workers' certificates must chain to. `None`: plain HTTP/2 (in-process workers, tests).
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// workers' certificates must chain to, followed as they are renewed. `None`: plain HTTP/2
+    /// (in-process workers, tests).
+    pub tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
 }
 
 /// How the start of the executor's own workers goes (in-process workers load their model first).
@@ -85,7 +86,7 @@ struct Shared {
     ready: watch::Sender<bool>,
     draining: AtomicBool,
     max_ranks: usize,
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
 }
 
 impl Shared {
@@ -373,7 +374,7 @@ async fn release_orphans(shared: &Shared, job: &ExecJob) {
     }
     let ids: Vec<&str> = holders.iter().map(|w| w.worker_id.as_str()).collect();
     tracing::info!(job = %job.id, workers = ?ids, "releasing the job on the workers that still hold it");
-    drive::release_on(&holders, job, shared.tls.as_ref()).await;
+    drive::release_on(&holders, job, shared.tls.as_deref()).await;
     // Their records turn idle within a heartbeat or so; the job then reserves a group as usual.
     let until = Instant::now() + ORPHAN_WAIT;
     while Instant::now() < until {
@@ -404,7 +405,7 @@ async fn run_reserved(
 ) -> Result<ExecReport, CoordinatorError> {
     let cx = DriveContext {
         job,
-        tls: shared.tls.as_ref(),
+        tls: shared.tls.as_deref(),
         input_frames: job.request.video.clone(),
         events: &events,
         stop,

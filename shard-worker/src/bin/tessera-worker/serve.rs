@@ -204,11 +204,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 async fn run(a: ServeArgs) -> Result<()> {
+    // Checked now (the key goes with the certificate); renewed files are picked up as they change.
     let tls = a.tls.load().map_err(|e| anyhow!(e))?;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.server()).map_err(|e| anyhow!("--tls-cert/--tls-key/--tls-ca: {e}"))?;
-    }
     // Bind first: a port in use is reported before minutes of model loading.
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("--listen {}", a.listen))?;
     let metrics = a.metrics.bind().await?;
@@ -258,14 +255,16 @@ async fn run(a: ServeArgs) -> Result<()> {
     eprintln!("tessera-worker {} serving model {:?} on {} (collectives on {})", me.worker_id, me.model, me.address, s.collective_address);
 
     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        builder
-            .add_service(serving.grpc_service())
-            .add_service(ShardWorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = close_rx.await;
-            }),
-    );
+    let router = tessera_cluster::http2::limited(tonic::transport::Server::builder())
+        .add_service(serving.grpc_service())
+        .add_service(ShardWorkerServer::new(service.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
+    let closed = async {
+        let _ = close_rx.await;
+    };
+    let server = match &tls {
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), closed)),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), closed)),
+    };
 
     presence.follow(&mut running, shutdown_signal()).await;
 

@@ -2,11 +2,17 @@
 //! presents a certificate the cluster's CA signed and checks the other's against that CA, so only
 //! the cluster's own processes can drive a worker or pose as one; the files come from
 //! `--tls-cert`, `--tls-key` and `--tls-ca` (PEM; all three or none), the same flags on both
-//! binaries. TLS to etcd ([`EtcdTlsArgs`]): etcd's CA, and this process's client certificate when
+//! binaries, and are followed as they are renewed ([`reload`]); servers accept through
+//! [`InternalTls::incoming`] ([`accept`]). TLS to etcd ([`EtcdTlsArgs`]): etcd's CA, and this process's client certificate when
 //! etcd requires one (`--client-cert-auth`).
 
+pub mod accept;
+pub mod reload;
+
+pub use reload::InternalTls;
 use std::path::{Path, PathBuf};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::sync::Arc;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The internal API's TLS files (flags of `tessera serve --etcd` and `tessera-worker serve`).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -21,13 +27,6 @@ pub struct TlsArgs {
     /// The cluster's CA certificate (PEM): the other end must present a certificate it signed.
     #[arg(long, env = "TESSERA_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-}
-
-/// The loaded certificates of one process.
-#[derive(Clone, Debug)]
-pub struct InternalTls {
-    identity: Identity,
-    ca: Certificate,
 }
 
 /// A PEM file's bytes; errors name the flag.
@@ -45,14 +44,12 @@ impl TlsArgs {
         self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_ca.is_some()
     }
 
-    /// The certificates, or `None` when TLS is off. Errors name the flag at fault.
-    pub fn load(&self) -> Result<Option<InternalTls>, String> {
+    /// The certificates, parsed and checked (the key goes with the certificate), or `None` when
+    /// TLS is off. Errors name the flag at fault.
+    pub fn load(&self) -> Result<Option<Arc<InternalTls>>, String> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (None, None, None) => Ok(None),
-            (Some(cert), Some(key), Some(ca)) => {
-                let identity = Identity::from_pem(read_pem("--tls-cert", cert)?, read_pem("--tls-key", key)?);
-                Ok(Some(InternalTls { identity, ca: Certificate::from_pem(read_pem("--tls-ca", ca)?) }))
-            }
+            (Some(cert), Some(key), Some(ca)) => InternalTls::open(cert, key, ca).map(Some),
             _ => Err("--tls-cert, --tls-key and --tls-ca: give all three (mutual TLS) or none".into()),
         }
     }
@@ -91,20 +88,6 @@ impl EtcdTlsArgs {
     }
 }
 
-impl InternalTls {
-    /// A server's side: its certificate, and client certificates required and checked against
-    /// the CA.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new().identity(self.identity.clone()).client_ca_root(self.ca.clone())
-    }
-
-    /// A client's side: its certificate, and the server's checked against the CA (and its name
-    /// against the address dialled).
-    pub fn client(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new().identity(self.identity.clone()).ca_certificate(self.ca.clone())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,7 +107,7 @@ mod tests {
         let missing = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(dir.path().join("none.pem")) };
         assert!(missing.load().unwrap_err().starts_with("--tls-ca"));
         let full = TlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), tls_ca: Some(pem.clone()) };
-        assert!(full.load().unwrap().is_some(), "PEM is parsed when the connection is configured");
+        assert!(full.load().unwrap_err().starts_with("--tls-key"), "PEM is parsed at start: a certificate is no private key");
 
         assert!(EtcdTlsArgs::default().load().unwrap().is_none());
         let no_ca = EtcdTlsArgs { etcd_cert: Some(pem.clone()), etcd_key: Some(pem.clone()), ..Default::default() };
