@@ -1,13 +1,14 @@
 //! Certificates renewed on disk take effect without a restart: a serving process presents the
 //! renewed certificate and checks clients against a rotated CA, a dialling process presents its
-//! renewed certificate, and a rotation that does not load leaves the last good one in use.
+//! renewed certificate (to a worker, and to etcd), and a rotation that does not load leaves the
+//! last good one in use.
 //! Files are replaced the way the kubelet updates a mounted Secret: new files renamed over the old.
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_cluster::tls::{InternalTls, TlsArgs};
+use tessera_cluster::tls::{EtcdTls, EtcdTlsArgs, InternalTls, TlsArgs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -182,4 +183,35 @@ async fn a_client_dials_with_its_renewed_certificate() {
     client.write(&ca2.issue(), &ca2);
     settle().await;
     health(port, &client_tls).await.expect("the renewed client certificate");
+}
+
+/// One connection as the etcd client makes it (`EtcdTls::config`), accepted once the server's
+/// first byte arrives.
+async fn etcd_handshake(port: u16, tls: &EtcdTls) -> Result<(), String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.config());
+    let mut conn = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte).await.map_err(|e| format!("refused after the handshake: {e}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_etcd_client_connects_with_its_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, ca2) = (Ca::new(), Ca::new());
+    let (server, client) = (Files::new(dir.path(), "etcd"), Files::new(dir.path(), "worker"));
+    server.write(&ca1.issue(), &ca1);
+    client.write(&ca1.issue(), &ca1);
+    let port = serve(&server.open()).await;
+    let args = EtcdTlsArgs { etcd_ca: Some(client.ca.clone()), etcd_cert: Some(client.cert.clone()), etcd_key: Some(client.key.clone()) };
+    let etcd = args.load().unwrap().unwrap();
+    etcd_handshake(port, &etcd).await.expect("the client certificate of the server's CA");
+
+    server.write(&ca2.issue(), &ca2);
+    settle().await;
+    assert!(etcd_handshake(port, &etcd).await.is_err(), "a client of the retired CA got through");
+    client.write(&ca2.issue(), &ca2);
+    settle().await;
+    etcd_handshake(port, &etcd).await.expect("the renewed client certificate and CA");
 }

@@ -574,12 +574,11 @@ async fn the_internal_api_runs_over_mutual_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_runs_over_tls_with_client_certificates() {
     use tessera_cluster::membership::{EtcdMembership, Heartbeat};
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    use tessera_cluster::tls::EtcdTlsArgs;
     let certs = tempfile::tempdir().unwrap();
     certificates(certs.path(), &["etcd", "coordinator", "w0"]);
-    let pem = |f: &str| std::fs::read(certs.path().join(f)).unwrap();
-    let ca = Certificate::from_pem(pem("ca.crt"));
-    let probe = ClientTlsConfig::new().ca_certificate(ca.clone()).identity(Identity::from_pem(pem("coordinator.crt"), pem("coordinator.key")));
+    let file = |f: &str| Some(certs.path().join(f));
+    let probe = EtcdTlsArgs { etcd_ca: file("ca.crt"), etcd_cert: file("coordinator.crt"), etcd_key: file("coordinator.key") }.load().unwrap().unwrap();
     let Some(etcd) = Etcd::start_tls(certs.path(), probe).await else { return };
     let path = |f: String| certs.path().join(f).display().to_string();
     let etcd_flags = |name: &str| {
@@ -608,7 +607,7 @@ async fn etcd_runs_over_tls_with_client_certificates() {
     let hb = Heartbeat::default();
     let plain = [endpoint.replacen("https://", "http://", 1)];
     assert!(EtcdMembership::connect(&plain, "etcdtls", hb).await.is_err(), "plain HTTP reached a TLS etcd");
-    let anonymous = ClientTlsConfig::new().ca_certificate(ca);
-    assert!(EtcdMembership::connect_tls(&etcd.endpoints(), "etcdtls", hb, Some(anonymous)).await.is_err(), "no client certificate, let in");
+    let anonymous = EtcdTlsArgs { etcd_ca: file("ca.crt"), ..Default::default() }.load().unwrap();
+    assert!(EtcdMembership::connect_tls(&etcd.endpoints(), "etcdtls", hb, anonymous).await.is_err(), "no client certificate, let in");
     assert!(EtcdMembership::connect(&etcd.endpoints(), "etcdtls", hb).await.is_err(), "an https endpoint without --etcd-ca is refused");
 }

@@ -113,8 +113,10 @@ impl EtcdMembership {
     }
 
     /// [`Self::connect`], over TLS when `tls` is given (`https://host:port` endpoints; etcd's CA,
-    /// and this process's certificate for an etcd that requires client certificates).
-    pub async fn connect_tls(endpoints: &[String], cluster: &str, heartbeat: Heartbeat, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Self> {
+    /// and this process's certificate for an etcd that requires client certificates, each
+    /// connection with the files as they are then). Connections go to the first endpoint that
+    /// answers ([`super::dial`]).
+    pub async fn connect_tls(endpoints: &[String], cluster: &str, heartbeat: Heartbeat, tls: Option<Arc<crate::tls::EtcdTls>>) -> Result<Self> {
         validate_id("cluster", cluster)?;
         if endpoints.is_empty() {
             return Err(ClusterError::input("etcd_endpoints", "no etcd endpoint given"));
@@ -128,11 +130,12 @@ impl EtcdMembership {
         }
         let timeout = heartbeat.request_timeout();
         let keys = Arc::new(KeySpace { cluster: cluster.to_string(), prefix: workers_prefix(cluster), endpoints: endpoints.join(","), timeout });
-        let mut options = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
-        if let Some(tls) = tls {
-            options = options.with_tls(tls);
-        }
-        let client = keys.call("connect", Client::connect(endpoints, Some(options))).await?;
+        let dialer = super::dial::Dialer::new(endpoints, tls, timeout)?;
+        let channel = tonic::transport::Endpoint::from_shared(dialer.first_url())
+            .map_err(|e| ClusterError::input("etcd_endpoints", e.to_string()))?
+            .timeout(timeout)
+            .connect_with_connector_lazy(dialer);
+        let client = keys.call("connect", Client::from_channel(etcd_client::Channel::Tonic(channel), Some(ConnectOptions::new()))).await?;
         let membership = Self { client, keys, heartbeat };
         membership.list().await?;
         Ok(membership)

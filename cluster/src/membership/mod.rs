@@ -6,6 +6,7 @@
 //! Two implementations of the [`Membership`] trait: [`EtcdMembership`] for clusters and
 //! [`MemoryMembership`] for the embedded mode and tests.
 
+mod dial;
 mod etcd;
 mod memory;
 mod presence;

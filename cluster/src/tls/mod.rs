@@ -7,12 +7,13 @@
 //! etcd requires one (`--client-cert-auth`).
 
 pub mod accept;
+pub mod etcd;
 pub mod reload;
 
+pub use etcd::EtcdTls;
 pub use reload::InternalTls;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// The internal API's TLS files (flags of `tessera serve --etcd` and `tessera-worker serve`).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -71,18 +72,18 @@ pub struct EtcdTlsArgs {
 }
 
 impl EtcdTlsArgs {
-    /// The client's TLS settings, or `None` when TLS to etcd is off. Errors name the flag.
-    pub fn load(&self) -> Result<Option<ClientTlsConfig>, String> {
+    /// The client's TLS, parsed and checked, or `None` when TLS to etcd is off. Errors name the
+    /// flag.
+    pub fn load(&self) -> Result<Option<Arc<EtcdTls>>, String> {
         let Some(ca) = &self.etcd_ca else {
             return match self.etcd_cert.is_some() || self.etcd_key.is_some() {
                 true => Err("--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into()),
                 false => Ok(None),
             };
         };
-        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("--etcd-ca", ca)?));
         match (&self.etcd_cert, &self.etcd_key) {
-            (None, None) => Ok(Some(config)),
-            (Some(cert), Some(key)) => Ok(Some(config.identity(Identity::from_pem(read_pem("--etcd-cert", cert)?, read_pem("--etcd-key", key)?)))),
+            (None, None) => EtcdTls::open(ca, None).map(Some),
+            (Some(cert), Some(key)) => EtcdTls::open(ca, Some((cert, key))).map(Some),
             _ => Err("--etcd-cert and --etcd-key: give both or neither".into()),
         }
     }
@@ -114,7 +115,15 @@ mod tests {
         assert!(no_ca.load().unwrap_err().contains("--etcd-ca"));
         let half = EtcdTlsArgs { etcd_ca: Some(pem.clone()), etcd_cert: Some(pem.clone()), ..Default::default() };
         assert!(half.load().unwrap_err().contains("both or neither"));
-        assert!(EtcdTlsArgs { etcd_ca: Some(pem.clone()), ..Default::default() }.load().unwrap().is_some(), "server authentication only");
+        assert!(EtcdTlsArgs { etcd_ca: Some(pem.clone()), ..Default::default() }.load().unwrap_err().starts_with("--etcd-ca"), "the CA is parsed at start");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, params.self_signed(&ca_key).unwrap().pem()).unwrap();
+        assert!(EtcdTlsArgs { etcd_ca: Some(ca.clone()), ..Default::default() }.load().unwrap().is_some(), "server authentication only");
+        let wrong_key = EtcdTlsArgs { etcd_ca: Some(ca.clone()), etcd_cert: Some(ca.clone()), etcd_key: Some(pem.clone()) };
+        assert!(wrong_key.load().unwrap_err().starts_with("--etcd-key"));
         let junk = EtcdTlsArgs { etcd_ca: Some(dir.path().join("junk.pem")), ..Default::default() };
         assert!(junk.load().unwrap_err().starts_with("--etcd-ca"));
     }

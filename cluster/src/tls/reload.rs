@@ -1,10 +1,11 @@
 //! Certificates that follow their files. cert-manager renews a certificate weeks before it
 //! expires and the kubelet swaps the mounted Secret's files in place; a process that read them
-//! once at start would present the old certificate until it expired. [`InternalTls`] looks at
-//! the three files again (at most once a second, when a connection needs them) and, when they
-//! changed and load cleanly, every later handshake uses the new ones: the certificate this
-//! process presents, and the CA it checks the other end against. Connections already open keep
-//! the certificates they were made with.
+//! once at start would present the old certificate until it expired. [`Watched`] looks at the
+//! files again (at most once a second, when a connection needs them) and, when they changed and
+//! load cleanly, every later handshake uses the new ones: the certificate this process
+//! presents, and the CA it checks the other end against. Connections already open keep the
+//! certificates they were made with. [`InternalTls`] (the internal API, both ends) and
+//! [`super::EtcdTls`] (the etcd client) are both made of it.
 //!
 //! A change that does not load (a half-written file, a key that is not the certificate's) is
 //! logged once and the last good certificates stay in use, so a botched rotation never turns a
@@ -48,13 +49,78 @@ impl Stamp {
     }
 }
 
-/// The stamps of (certificate, key, CA).
-type Stamps = [Option<Stamp>; 3];
+/// The stamps of the files, in their order.
+type Stamps = Vec<Option<Stamp>>;
 
-/// One generation of certificates, parsed and checked.
+/// Turns the files' bytes into what a connection uses; errors name the flag at fault.
+type Loader<T> = Box<dyn Fn(&[PathBuf]) -> Result<T, String> + Send + Sync>;
+
+/// Files followed on disk, and what was last made of them.
+pub struct Watched<T> {
+    paths: Vec<PathBuf>,
+    load: Loader<T>,
+    state: Mutex<State<T>>,
+}
+
+/// The mutable part: the generation in use and the files' stamps when it was loaded, when the
+/// files were last looked at, and the stamps of a change that failed to load (logged once).
+struct State<T> {
+    loaded: Arc<T>,
+    stamps: Stamps,
+    checked: Instant,
+    failed: Option<Stamps>,
+}
+
+impl<T> std::fmt::Debug for Watched<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched").field("paths", &self.paths).finish_non_exhaustive()
+    }
+}
+
+fn stamps(paths: &[PathBuf]) -> Stamps {
+    paths.iter().map(|p| Stamp::of(p)).collect()
+}
+
+impl<T> Watched<T> {
+    /// Loads the files once; the error is the loader's.
+    pub fn open(paths: Vec<PathBuf>, load: Loader<T>) -> Result<Self, String> {
+        // Stamps first: a change that lands while reading shows as a change at the next look.
+        let stamps = stamps(&paths);
+        let loaded = Arc::new(load(&paths)?);
+        Ok(Self { paths, load, state: Mutex::new(State { loaded, stamps, checked: Instant::now(), failed: None }) })
+    }
+
+    /// The generation to use now: the files are looked at again when the last look is older
+    /// than [`RECHECK`], and reloaded when they changed.
+    pub fn current(&self) -> Arc<T> {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.checked.elapsed() < RECHECK {
+            return state.loaded.clone();
+        }
+        state.checked = Instant::now();
+        let now = stamps(&self.paths);
+        if now == state.stamps || state.failed.as_ref() == Some(&now) {
+            return state.loaded.clone();
+        }
+        match (self.load)(&self.paths) {
+            Ok(loaded) => {
+                tracing::info!(files = ?self.paths, "TLS files changed on disk: new connections use them");
+                state.loaded = Arc::new(loaded);
+                state.stamps = now;
+                state.failed = None;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed on disk but do not load; keeping the previous ones");
+                state.failed = Some(now);
+            }
+        }
+        state.loaded.clone()
+    }
+}
+
+/// One generation of the internal API's certificates, parsed and checked.
 #[derive(Debug)]
 struct Loaded {
-    stamps: Stamps,
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
     ca_pem: Vec<u8>,
@@ -64,23 +130,13 @@ struct Loaded {
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
-/// The mutable part: the generation in use, when the files were last looked at, and the stamps
-/// of a change that failed to load (logged once).
-#[derive(Debug)]
-struct State {
-    loaded: Arc<Loaded>,
-    checked: Instant,
-    failed: Option<Stamps>,
-}
-
 /// Mutual TLS on the internal API, from `--tls-cert`, `--tls-key` and `--tls-ca`, following
 /// the files as they are renewed. A server takes its side with [`InternalTls::incoming`]; a
 /// client asks [`InternalTls::client`] for each new connection.
 #[derive(Debug)]
 pub struct InternalTls {
-    paths: [PathBuf; 3],
     provider: Arc<CryptoProvider>,
-    state: Mutex<State>,
+    files: Watched<Loaded>,
 }
 
 /// The flags the three files come from, in [`Stamps`] order; errors name them.
@@ -89,36 +145,14 @@ const FLAGS: [&str; 3] = ["--tls-cert", "--tls-key", "--tls-ca"];
 impl InternalTls {
     /// Loads the files once; errors name the flag at fault.
     pub(super) fn open(cert: &Path, key: &Path, ca: &Path) -> Result<Arc<Self>, String> {
-        let paths = [cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()];
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let loaded = load(&paths, &provider)?;
-        Ok(Arc::new(Self { paths, provider, state: Mutex::new(State { loaded: Arc::new(loaded), checked: Instant::now(), failed: None }) }))
+        let for_load = provider.clone();
+        let files = Watched::open(vec![cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()], Box::new(move |paths| load(paths, &for_load)))?;
+        Ok(Arc::new(Self { provider, files }))
     }
 
-    /// The generation to use now: the files are looked at again when the last look is older
-    /// than [`RECHECK`], and reloaded when they changed.
     fn current(&self) -> Arc<Loaded> {
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if state.checked.elapsed() < RECHECK {
-            return state.loaded.clone();
-        }
-        state.checked = Instant::now();
-        let stamps = self.paths.each_ref().map(|p| Stamp::of(p));
-        if stamps == state.loaded.stamps || state.failed == Some(stamps) {
-            return state.loaded.clone();
-        }
-        match load(&self.paths, &self.provider) {
-            Ok(loaded) => {
-                tracing::info!(cert = %self.paths[0].display(), ca = %self.paths[2].display(), "TLS certificates changed on disk: new connections use them");
-                state.loaded = Arc::new(loaded);
-                state.failed = None;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "TLS certificates changed on disk but do not load; keeping the previous ones");
-                state.failed = Some(stamps);
-            }
-        }
-        state.loaded.clone()
+        self.files.current()
     }
 
     /// A client's side, for one new connection: this process's certificate, and the server's
@@ -129,40 +163,68 @@ impl InternalTls {
     }
 
     /// A server's side: it presents the current certificate, requires a client certificate
-    /// that chains to the current CA, and speaks HTTP/2 (gRPC) only.
+    /// that chains to the current CA, and speaks HTTP/2 (gRPC) only. No session resumption: a
+    /// resumed session skips the certificate check, so a client of a retired CA could come back
+    /// on its old session (connections here live long, so a full handshake each costs nothing).
     pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
         let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .expect("ring supports rustls' default protocol versions");
         let mut config = builder.with_client_cert_verifier(Arc::new(Verifier(self.clone()))).with_cert_resolver(Arc::new(Resolver(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Arc::new(config)
     }
 }
 
 /// Reads, parses and cross-checks the three files: the key must be the certificate's, and the
 /// CA must make a client verifier.
-fn load(paths: &[PathBuf; 3], provider: &Arc<CryptoProvider>) -> Result<Loaded, String> {
-    // Stamps first: a change that lands while reading shows as a change at the next look.
-    let stamps = paths.each_ref().map(|p| Stamp::of(p));
-    let [cert_pem, key_pem, ca_pem] = [0, 1, 2].map(|i| read_pem(FLAGS[i], &paths[i]));
-    let (cert_pem, key_pem, ca_pem) = (cert_pem?, key_pem?, ca_pem?);
-    let named = |i: usize, e: &dyn std::fmt::Display| format!("{} {}: {e}", FLAGS[i], paths[i].display());
-    let chain = CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| named(0, &e))?;
-    if chain.is_empty() {
-        return Err(named(0, &"no CERTIFICATE block"));
+fn load(paths: &[PathBuf], provider: &Arc<CryptoProvider>) -> Result<Loaded, String> {
+    let (cert, key, ca) = (Pem::read(FLAGS[0], &paths[0])?, Pem::read(FLAGS[1], &paths[1])?, Pem::read(FLAGS[2], &paths[2])?);
+    let certified = CertifiedKey::from_der(cert.chain()?, key.key()?, provider).map_err(|e| key.error(&format!("does not go with --tls-cert: {e}")))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()?), provider.clone()).build().map_err(|e| ca.error(&e))?;
+    Ok(Loaded { cert_pem: cert.bytes, key_pem: key.bytes, ca_pem: ca.bytes, certified: Arc::new(certified), verifier })
+}
+
+/// One PEM file as read, with the flag it came from (which every error names).
+pub(super) struct Pem<'a> {
+    flag: &'a str,
+    path: &'a Path,
+    pub(super) bytes: Vec<u8>,
+}
+
+impl<'a> Pem<'a> {
+    pub(super) fn read(flag: &'a str, path: &'a Path) -> Result<Self, String> {
+        Ok(Self { flag, path, bytes: read_pem(flag, path)? })
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| named(1, &e))?;
-    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| named(1, &format!("does not go with --tls-cert: {e}")))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(&ca_pem) {
-        roots.add(ca.map_err(|e| named(2, &e))?).map_err(|e| named(2, &e))?;
+
+    pub(super) fn error(&self, e: &dyn std::fmt::Display) -> String {
+        format!("{} {}: {e}", self.flag, self.path.display())
     }
-    if roots.is_empty() {
-        return Err(named(2, &"no CERTIFICATE block"));
+
+    /// The certificates in the file, leaf first; at least one.
+    pub(super) fn chain(&self) -> Result<Vec<CertificateDer<'static>>, String> {
+        let chain = CertificateDer::pem_slice_iter(&self.bytes).collect::<Result<Vec<_>, _>>().map_err(|e| self.error(&e))?;
+        match chain.is_empty() {
+            true => Err(self.error(&"no CERTIFICATE block")),
+            false => Ok(chain),
+        }
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build().map_err(|e| named(2, &e))?;
-    Ok(Loaded { stamps, cert_pem, key_pem, ca_pem, certified: Arc::new(certified), verifier })
+
+    /// The file's private key.
+    pub(super) fn key(&self) -> Result<PrivateKeyDer<'static>, String> {
+        PrivateKeyDer::from_pem_slice(&self.bytes).map_err(|e| self.error(&e))
+    }
+
+    /// The file's certificates as trust anchors.
+    pub(super) fn roots(&self) -> Result<RootCertStore, String> {
+        let mut roots = RootCertStore::empty();
+        for ca in self.chain()? {
+            roots.add(ca).map_err(|e| self.error(&e))?;
+        }
+        Ok(roots)
+    }
 }
 
 /// The server's certificate, looked up per handshake.

@@ -29,7 +29,7 @@ pub struct Etcd {
     peer_port: u16,
     /// With TLS: the folder holding `ca.crt`, `etcd.crt` and `etcd.key`, and how the start-up
     /// probe connects (a client certificate of that CA).
-    tls: Option<(PathBuf, tonic::transport::ClientTlsConfig)>,
+    tls: Option<(PathBuf, std::sync::Arc<tessera_cluster::tls::EtcdTls>)>,
 }
 
 pub fn free_port() -> u16 {
@@ -80,7 +80,7 @@ impl Etcd {
     /// Starts etcd serving clients over TLS with its certificate from `certs` (`etcd.crt`,
     /// `etcd.key`, for 127.0.0.1) and requiring client certificates of `certs/ca.crt`; `probe` is
     /// how the start-up check connects. `None` when etcd is not installed (outside CI).
-    pub async fn start_tls(certs: &std::path::Path, probe: tonic::transport::ClientTlsConfig) -> Option<Self> {
+    pub async fn start_tls(certs: &std::path::Path, probe: std::sync::Arc<tessera_cluster::tls::EtcdTls>) -> Option<Self> {
         let binary = etcd_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let mut etcd = Self { binary, child: None, dir, client_port: free_port(), peer_port: free_port(), tls: Some((certs.to_path_buf(), probe)) };
@@ -131,15 +131,17 @@ impl Etcd {
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
         self.child = Some(child);
         let started = Instant::now();
+        let mut last = String::new();
         while started.elapsed() < Duration::from_secs(20) {
             let probe = self.tls.as_ref().map(|(_, c)| c.clone());
-            if EtcdMembership::connect_tls(&self.endpoints(), "probe", heartbeat(), probe).await.is_ok() {
-                return;
+            match EtcdMembership::connect_tls(&self.endpoints(), "probe", heartbeat(), probe).await {
+                Ok(_) => return,
+                Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-        panic!("etcd at {} not ready after 20 s; its log:\n{log}", self.endpoint());
+        panic!("etcd at {} not ready after 20 s (last: {last}); its log:\n{log}", self.endpoint());
     }
 
     /// Kills etcd (SIGKILL) and reaps it.
