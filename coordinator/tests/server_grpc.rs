@@ -550,7 +550,6 @@ fn serve_flags_are_checked_at_start_up() {
         (vec!["--etcd", "http://127.0.0.1:1", "--tls-cert", "/nonexistent/c.pem", "--tls-key", "/k", "--tls-ca", "/ca"], "--tls-cert"),
         (vec!["--etcd", "http://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"], "--tls-cert, --tls-key and --tls-ca"),
         (vec!["--preset", "huge"], "--preset"),
-        (vec![], "--model"),
         (vec!["--model", "/nonexistent/snapshot"], "--model"),
         // A folder that is not a snapshot fails while loading, after the port is bound.
         (vec!["--model", &empty], "--model"),

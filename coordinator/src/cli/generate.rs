@@ -26,8 +26,10 @@ pub struct GenerateArgs {
     /// tokenizer/, scheduler/). Without it, the built-in model of --preset runs. Not with --server.
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
-    /// Built-in model with random weights, used when --model is not given.
-    #[arg(long, env = "TESSERA_PRESET", default_value = "tiny")]
+    /// Built-in model, used when --model is not given: demo (a small trained model: "a {red,
+    /// green, blue, yellow, white} {ball, square, triangle} moving {left, right, up, down}"), or
+    /// one with random weights (tiny, tiny-df, tiny-i2v).
+    #[arg(long, env = "TESSERA_PRESET", default_value = "demo")]
     preset: String,
     /// Output file: `.mp4`, `.gif`, `.safetensors` (the raw latents), or a folder for PNG frames.
     #[arg(short, long, env = "TESSERA_OUTPUT", default_value = "tessera.mp4")]
@@ -281,7 +283,8 @@ fn generate_embedded(args: &GenerateArgs, mut job: super::remote::RemoteGenerate
         Some(dir) => (ModelSource::Snapshot(dir.clone()), dir.display().to_string()),
         None => {
             let preset = PipelinePreset::from_name(&args.preset).map_err(|e| anyhow!("--preset {}: {e}", args.preset))?;
-            (ModelSource::Preset(preset), format!("built-in `{}` (random weights)", preset.name()))
+            let weights = if preset.transformer_preset().is_some() { "random weights" } else { "trained" };
+            (ModelSource::Preset(preset), format!("built-in `{}` ({weights})", preset.name()))
         }
     };
     let choice: DeviceChoice = args.device.parse().map_err(|e| anyhow!("--device {}: {e}", args.device))?;

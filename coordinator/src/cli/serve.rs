@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// A diffusers snapshot folder to serve.
     #[arg(long, env = "TESSERA_MODEL", conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// A built-in model with random weights to serve instead (tiny).
+    /// A built-in model to serve instead: demo (a small trained model, the default when neither
+    /// flag is given) or one with random weights (tiny, tiny-df, tiny-i2v).
     #[arg(long, env = "TESSERA_PRESET")]
     preset: Option<String>,
     /// The model name requests use (default: the snapshot folder's name, or the preset's).
@@ -132,7 +133,6 @@ pub struct ServeArgs {
 /// What `--model`/`--preset` asked for, and the flag that named it.
 #[cfg(feature = "embedded")]
 fn model_source(args: &ServeArgs) -> Result<(ModelSource, String)> {
-    let hint = " (or --etcd URLS to run jobs on registered workers)";
     match (&args.model, &args.preset) {
         (Some(dir), None) => {
             if !dir.is_dir() {
@@ -144,7 +144,10 @@ fn model_source(args: &ServeArgs) -> Result<(ModelSource, String)> {
             let preset = tessera_worker::pipeline::PipelinePreset::from_name(name).map_err(|e| anyhow!("--preset {name}: {e}"))?;
             Ok((ModelSource::Preset(preset), format!("--preset {name}")))
         }
-        (None, None) => bail!("give the model to serve: --model DIR (a diffusers snapshot) or --preset tiny{hint}"),
+        (None, None) => {
+            let preset = tessera_worker::pipeline::PipelinePreset::DEFAULT;
+            Ok((ModelSource::Preset(preset), format!("--preset {} (the default)", preset.name())))
+        }
         (Some(_), Some(_)) => bail!("--model and --preset: give one of them"),
     }
 }

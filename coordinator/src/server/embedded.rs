@@ -23,7 +23,7 @@ use tokio::sync::watch;
 pub enum ModelSource {
     /// A diffusers snapshot folder.
     Snapshot(PathBuf),
-    /// A built-in pipeline with random weights (seed 0).
+    /// A built-in pipeline: the trained `demo`, or one with random weights (seed 0).
     Preset(PipelinePreset),
 }
 

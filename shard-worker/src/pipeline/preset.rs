@@ -1,7 +1,8 @@
-//! Built-in pipelines with deterministic random weights: what `tessera generate` runs when no
-//! model folder is given, and what tests and load benchmarks use, the way serving engines offer
-//! dummy weights. The video they make is structured noise, but every stage (tokenizer, UMT5,
-//! transformer, sampler, VAE, encoder) runs the real code at a small size.
+//! Built-in pipelines: `demo`, a small trained model (what `tessera generate` and `serve` run when
+//! no model folder is given), and the `tiny` family with deterministic random weights, what tests
+//! and load benchmarks use, the way serving engines offer dummy weights. The tiny video is
+//! structured noise, but every stage (tokenizer, UMT5, transformer, sampler, VAE, encoder) runs
+//! the real code at a small size.
 
 use super::WanPipeline;
 use crate::model::DitModel;
@@ -10,9 +11,16 @@ use crate::text::{PromptTokenizer, TextEncoder, Umt5Config, Umt5EncoderModel, TE
 use crate::transformer_config::TransformerPreset;
 use crate::vae::{VaeConfig, VaePreset, WanVae};
 use crate::weights::RandomWeights;
-use crate::Result;
+use crate::{Result, WorkerError};
+use std::path::PathBuf;
 use tessera_cluster::forcing::ForcingDefaults;
 use tessera_kernels::Device;
+
+/// The `demo` model's snapshot folder in the repository this binary was built from.
+const DEMO_SNAPSHOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/demo");
+/// The environment variable naming the `demo` snapshot folder elsewhere (an installed binary, a
+/// container image).
+pub const DEMO_MODEL_ENV: &str = "TESSERA_DEMO_MODEL";
 
 /// A small Unigram tokenizer of UMT5's kind (72 pieces), built into the binary.
 const TINY_TOKENIZER: &[u8] = include_bytes!("../../assets/tiny-pipeline/tokenizer.json");
@@ -22,6 +30,10 @@ const TINY_TEXT_ENCODER: &str = include_str!("../../assets/tiny-pipeline/text_en
 /// The built-in pipelines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PipelinePreset {
+    /// A small Wan 2.1 trained on drawn clips (`train/`): `a {color} {shape} moving {direction}`
+    /// makes that shape move that way, 17 frames of 64×64. A diffusers snapshot (`models/demo`),
+    /// loaded by the same code as a downloaded model; [`demo_snapshot`] says where it is.
+    Demo,
     /// Every component tiny (transformer 2×16 wide, UMT5 32 wide, VAE base 4 with Wan's 16 latent
     /// channels): a 17-frame 128×128 video takes seconds on a laptop.
     Tiny,
@@ -102,7 +114,10 @@ pub const SKYREELS_DF_DEFAULTS: PipelineDefaults = PipelineDefaults {
 
 impl PipelinePreset {
     /// Every preset with its name.
-    pub const ALL: [(&'static str, PipelinePreset); 3] = [("tiny", Self::Tiny), ("tiny-df", Self::TinyDf), ("tiny-i2v", Self::TinyI2v)];
+    pub const ALL: [(&'static str, PipelinePreset); 4] = [("demo", Self::Demo), ("tiny", Self::Tiny), ("tiny-df", Self::TinyDf), ("tiny-i2v", Self::TinyI2v)];
+
+    /// The preset `generate` and `serve` run when neither a model folder nor a preset is named.
+    pub const DEFAULT: Self = Self::Demo;
 
     /// Looks a preset up by name.
     pub fn from_name(name: &str) -> Result<Self> {
@@ -117,6 +132,8 @@ impl PipelinePreset {
     /// Sizes and steps that suit the preset.
     pub fn defaults(self) -> PipelineDefaults {
         match self {
+            // what it was trained on: 17 frames (1 s at 16 fps) of 64×64
+            Self::Demo => PipelineDefaults { height: 64, width: 64, num_frames: 17, num_inference_steps: 30, forcing: None },
             Self::Tiny | Self::TinyI2v => PipelineDefaults { height: 128, width: 128, num_frames: 17, num_inference_steps: 20, forcing: None },
             Self::TinyDf => PipelineDefaults {
                 height: 128,
@@ -128,22 +145,28 @@ impl PipelinePreset {
         }
     }
 
-    /// Builds the pipeline; weights depend only on `seed` and the tensor names.
+    /// Builds the pipeline; a random preset's weights depend only on `seed` and the tensor names
+    /// (the trained `demo` loads its own).
     pub fn build(self, seed: u64) -> Result<WanPipeline> {
         self.build_on(seed, Device::Cpu)
     }
 
     /// [`Self::build`] with the transformer on `device` (the same weights on every device).
     pub fn build_on(self, seed: u64, device: Device) -> Result<WanPipeline> {
-        self.build_with(seed, DitModel::preset(self.transformer_preset(), seed, device)?)
+        match self.transformer_preset() {
+            Some(preset) => self.build_with(seed, DitModel::preset(preset, seed, device)?),
+            None => WanPipeline::load_on(&demo_snapshot()?, device),
+        }
     }
 
-    /// The transformer configuration of the preset.
-    pub fn transformer_preset(self) -> TransformerPreset {
+    /// The transformer configuration of a random preset (`None` for the trained `demo`, whose
+    /// configuration is its snapshot's).
+    pub fn transformer_preset(self) -> Option<TransformerPreset> {
         match self {
-            Self::Tiny => TransformerPreset::Tiny,
-            Self::TinyDf => TransformerPreset::TinyDf,
-            Self::TinyI2v => TransformerPreset::TinyI2v,
+            Self::Demo => None,
+            Self::Tiny => Some(TransformerPreset::Tiny),
+            Self::TinyDf => Some(TransformerPreset::TinyDf),
+            Self::TinyI2v => Some(TransformerPreset::TinyI2v),
         }
     }
 
@@ -152,6 +175,9 @@ impl PipelinePreset {
     /// text encoder and the VAE on the transformer's backend.
     pub fn build_with(self, seed: u64, transformer: DitModel) -> Result<WanPipeline> {
         match self {
+            Self::Demo => {
+                Err(WorkerError::Config { path: "demo".into(), detail: "the demo model is trained: it loads its own transformer from its snapshot".into() })
+            }
             Self::Tiny | Self::TinyDf | Self::TinyI2v => {
                 let tokenizer = PromptTokenizer::from_json_bytes(TINY_TOKENIZER, Some("<pad>"), TEXT_LEN, "built-in tiny tokenizer")?;
                 let cfg = Umt5Config::from_json(TINY_TEXT_ENCODER)?;
@@ -170,6 +196,21 @@ impl PipelinePreset {
             }
         }
     }
+}
+
+/// The `demo` model's snapshot folder: `TESSERA_DEMO_MODEL` when set, else the repository's
+/// `models/demo` (where `train/train.py` exports it). Missing, the error names both.
+pub fn demo_snapshot() -> Result<PathBuf> {
+    let dir = std::env::var_os(DEMO_MODEL_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEMO_SNAPSHOT));
+    if dir.join("model_index.json").is_file() {
+        return Ok(dir);
+    }
+    Err(WorkerError::Config {
+        path: dir.display().to_string(),
+        detail: format!(
+            "the demo model's snapshot is not here; set {DEMO_MODEL_ENV} to a copy of the repository's models/demo, or name a model (--model DIR) or a random preset (--preset tiny)"
+        ),
+    })
 }
 
 #[cfg(test)]

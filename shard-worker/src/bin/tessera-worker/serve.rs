@@ -46,8 +46,9 @@ pub struct ServeArgs {
     /// A diffusers snapshot folder; without it the built-in model of --preset is served.
     #[arg(long, env = "TESSERA_MODEL")]
     model: Option<PathBuf>,
-    /// Built-in model with random weights, used when --model is not given.
-    #[arg(long, env = "TESSERA_PRESET", default_value = "tiny")]
+    /// Built-in model, used when --model is not given: demo (a small trained model) or one with
+    /// random weights (tiny, tiny-df, tiny-i2v).
+    #[arg(long, env = "TESSERA_PRESET", default_value = "demo")]
     preset: String,
     /// The model name requests use (default: the preset's name, or the snapshot folder's name).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
