@@ -120,9 +120,10 @@ fn local_runs_get_the_servers_limits_and_messages() {
         (vec!["--guidance", "80"], "--guidance: INVALID_ARGUMENT: invalid guidance_scale: 80 must be between 0 and 50"),
         (vec!["--height", "18446744073709551600"], "'--height <HEIGHT>': number too large to fit in target type"),
         (vec!["--steps", "0"], "--steps 0: must be at least 1"),
-        // an operator's token budget still refuses before anything is planned
+        // an operator's token budget still refuses before anything is planned (Wan's factors: the
+        // tiny preset's VAE ÷8 and 1×2×2 patches)
         (
-            vec!["--height", "4096", "--width", "4096", "--frames", "1441", "--max-tokens", "75600"],
+            vec!["--preset", "tiny", "--height", "4096", "--width", "4096", "--frames", "1441", "--max-tokens", "75600"],
             "--frames: INVALID_ARGUMENT: invalid num_frames: 4096x4096 with 1441 frames is 23658496 tokens; at most 75600 are accepted",
         ),
     ] {
@@ -158,13 +159,13 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
     assert_eq!(code, 0, "{stderr}");
 }
 
-/// Sizes as users ask for them: 72x40 is not a multiple of 16, so the model generates 80x48 and
-/// the frames are center-cropped back; they are exactly the middle of an 80x48 run with the same
-/// seed (same latent grid), and the run says what it did.
+/// Sizes as users ask for them: 72x40 is not a multiple of 16 (Wan's factor: the tiny preset), so
+/// the model generates 80x48 and the frames are center-cropped back; they are exactly the middle
+/// of an 80x48 run with the same seed (same latent grid), and the run says what it did.
 #[test]
 fn sizes_that_are_not_multiples_of_16_are_generated_larger_and_cropped_back() {
     let dir = tempfile::tempdir().unwrap();
-    let base = ["generate", "--prompt", "a red ball", "--frames", "5", "--steps", "2", "--seed", "3", "--format", "png", "--quiet"];
+    let base = ["generate", "--preset", "tiny", "--prompt", "a red ball", "--frames", "5", "--steps", "2", "--seed", "3", "--format", "png", "--quiet"];
     let (asked, full) = (dir.path().join("asked"), dir.path().join("full"));
     let (code, stdout, stderr) = tessera(&[&base[..], &["--width", "72", "--height", "40", "-o", asked.to_str().unwrap()]].concat());
     assert_eq!(code, 0, "{stdout}{stderr}");
