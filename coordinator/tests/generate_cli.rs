@@ -135,8 +135,9 @@ fn local_runs_get_the_servers_limits_and_messages() {
     assert!(!dir.path().join("x.mp4").exists());
     // With no budget the job is planned: past what the worker's memory holds it is refused with
     // the numbers (FAILED_PRECONDITION); past the worker's own budget (2^21 tokens) the worker
-    // checks the spec again with the same code before allocating, and the flag is still named.
-    let args = ["generate", "--prompt", "x", "--quiet", "-o", &out, "--height", "4096", "--width", "4096", "--frames", "129"];
+    // checks the spec again with the same code before allocating, and the flag is still named
+    // (the tiny preset: a small model, so the job passes the memory check and meets the budget).
+    let args = ["generate", "--preset", "tiny", "--prompt", "x", "--quiet", "-o", &out, "--height", "4096", "--width", "4096", "--frames", "129"];
     let (code, _, stderr) = tessera(&args);
     assert_ne!(code, 0);
     assert!(stderr.contains("--frames: INVALID_ARGUMENT") && stderr.contains("spec.num_frames") && stderr.contains("at most 2097152 are accepted"), "{stderr}");
