@@ -469,7 +469,8 @@ async fn the_cli_client_writes_what_the_local_mode_writes_and_status_lists_the_j
     );
     let s = probe(&dir.path().join("remote.mp4"), &[]);
     assert_eq!(s["nb_read_frames"].as_str(), Some("9"), "{s}");
-    let (code, _, stderr) = tessera(&[&flags[..], &["-o", &path("local.mp4")]].concat());
+    // The local run names the server's model (the harness serves tiny; demo is the local default).
+    let (code, _, stderr) = tessera(&[&flags[..], &["--preset", "tiny", "-o", &path("local.mp4")]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         std::fs::read(dir.path().join("remote.mp4")).unwrap(),
