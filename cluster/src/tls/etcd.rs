@@ -10,7 +10,7 @@ use std::sync::Arc;
 /// The etcd client's TLS, from `--etcd-ca` and optionally `--etcd-cert`/`--etcd-key`.
 #[derive(Debug)]
 pub struct EtcdTls {
-    files: Watched<Arc<rustls::ClientConfig>>,
+    files: Watched<rustls::ClientConfig>,
 }
 
 impl EtcdTls {
@@ -27,12 +27,12 @@ impl EtcdTls {
     /// The client configuration for one new connection: etcd's certificate checked against the
     /// CA (and its name against the endpoint's host), this process's certificate presented.
     pub fn config(&self) -> Arc<rustls::ClientConfig> {
-        self.files.current().as_ref().clone()
+        self.files.current()
     }
 }
 
 /// A client configuration from the CA and, when given, the client certificate and key.
-fn load(paths: &[PathBuf], provider: &Arc<CryptoProvider>) -> Result<Arc<rustls::ClientConfig>, String> {
+fn load(paths: &[PathBuf], provider: &Arc<CryptoProvider>) -> Result<rustls::ClientConfig, String> {
     let ca = Pem::read("--etcd-ca", &paths[0])?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
@@ -47,5 +47,5 @@ fn load(paths: &[PathBuf], provider: &Arc<CryptoProvider>) -> Result<Arc<rustls:
     };
     // etcd serves gRPC on HTTP/2, which TLS must negotiate.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
