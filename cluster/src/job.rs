@@ -4,7 +4,7 @@
 //! constructor, against its own limits, before it allocates anything.
 
 use crate::forcing::{ChunkPlan, ForcingSettings};
-use crate::limits::{check_settings, grid_tokens, Limits, ModelFactors, Settings, MAX_FACTOR};
+use crate::limits::{check_settings, grid_tokens, Limits, ModelFactors, Settings};
 use crate::{ClusterError, Result};
 use tessera_proto::v1::Sampler;
 use tessera_proto::worker::v1 as pb;
@@ -108,9 +108,9 @@ impl JobRequest {
     /// The sizes and settings as the one check reads them, at the size the model generates: the
     /// asked sides rounded up to multiples of the model's side factor.
     pub fn generated_settings(&self, factors: ModelFactors) -> Settings {
-        let side = factors.side_multiple().max(1);
-        let up = |v: u32| u64::from(v).div_ceil(side) * side;
-        Settings { width: up(self.width), height: up(self.height), ..self.settings() }
+        let [high, wide] = factors.side_multiples().map(|m| m.max(1));
+        let up = |v: u32, side: u64| u64::from(v).div_ceil(side) * side;
+        Settings { width: up(self.width, wide), height: up(self.height, high), ..self.settings() }
     }
 
     /// The sizes and settings as asked.
@@ -157,6 +157,7 @@ impl JobSpec {
                 return Err(ClusterError::input(field, "contains a NUL character"));
             }
         }
+        let factors = factors.check()?;
         // Sides as asked: any size up to the limit. The model generates at the next multiple of its
         // side factor, and the frames are center-cropped back (`generated_size`).
         for (field, v) in [("width", request.width), ("height", request.height)] {
@@ -189,12 +190,12 @@ impl JobSpec {
             return Err(ClusterError::input("input_video", "video extension by diffusion forcing is not served yet: text-to-video only"));
         }
         if factors != ModelFactors::WAN {
-            return Err(ClusterError::input("model_factors", format!("{factors:?}: diffusion forcing is defined for Wan's VAE (8, 4)")));
+            return Err(ClusterError::input("model_factors", format!("{factors:?}: diffusion forcing is defined for Wan's VAE (8, 4) and patches (1×2×2)")));
         }
         let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames)?;
         let [_, h, w] = checked.latent_fhw;
         let largest = chunks.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
-        let tokens = grid_tokens([largest as u64, h as u64, w as u64]).filter(|&t| t <= limits.max_tokens).ok_or_else(|| {
+        let tokens = grid_tokens([largest as u64, h as u64, w as u64], factors).filter(|&t| t <= limits.max_tokens).ok_or_else(|| {
             ClusterError::input(
                 "diffusion_forcing.base_num_frames",
                 format!("a chunk of {largest} latent frames of {h}x{w} is more than the {} tokens accepted per forward", limits.max_tokens),
@@ -305,6 +306,7 @@ impl JobSpec {
             strength: r.strength,
             spatial_factor: self.factors.spatial as u32,
             temporal_factor: self.factors.temporal as u32,
+            patch_size: self.factors.patch.map(|p| p as u32).to_vec(),
             ranks: self.plan.map_or(0, |p| p.ranks),
             ulysses: self.plan.map_or(0, |p| p.ulysses),
             cfg_parallel: self.plan.is_some_and(|p| p.cfg_parallel),
@@ -324,10 +326,12 @@ impl JobSpec {
     /// worker's own): hostile sizes, settings, prompts or factors are refused naming the field.
     pub fn from_message(m: &pb::JobSpec, limits: &Limits) -> Result<Self> {
         let sampler = Sampler::try_from(m.sampler).map_err(|_| ClusterError::input("sampler", format!("{} is not a known sampler", m.sampler)))?;
-        let factors = ModelFactors { spatial: m.spatial_factor.into(), temporal: m.temporal_factor.into() };
-        if factors.spatial > MAX_FACTOR || factors.temporal > MAX_FACTOR {
-            return Err(ClusterError::input("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
-        }
+        let patch = match *m.patch_size {
+            [] => ModelFactors::WAN.patch,
+            [f, h, w] => [f, h, w].map(u64::from),
+            _ => return Err(ClusterError::input("model_factors", format!("patch_size has {} sides; it has 3 or none (Wan's)", m.patch_size.len()))),
+        };
+        let factors = ModelFactors { spatial: m.spatial_factor.into(), temporal: m.temporal_factor.into(), patch }.check()?;
         let request = JobRequest {
             prompt: m.prompt.clone(),
             negative_prompt: m.negative_prompt.clone(),
@@ -395,6 +399,13 @@ mod tests {
         let planned = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: false }).unwrap();
         assert_eq!(planned.plan().map(JobPlan::ring), Some(2));
         assert_eq!(JobSpec::from_message(&planned.to_message(), &Limits::default()).unwrap(), planned);
+        // The patch travels with the VAE factors; a spec without one (an older coordinator's) is Wan's.
+        let demo = ModelFactors { patch: [1, 4, 4], ..ModelFactors::WAN };
+        let quarter = JobSpec::new(JobRequest { width: 100, height: 50, ..request() }, demo, &Limits::default()).unwrap();
+        assert_eq!((quarter.generated_size(), quarter.latent_fhw(), quarter.tokens()), ((64, 128), [21, 8, 16], 21 * 2 * 4));
+        assert_eq!(JobSpec::from_message(&quarter.to_message(), &Limits::default()).unwrap(), quarter);
+        let older = pb::JobSpec { patch_size: vec![], ..spec.to_message() };
+        assert_eq!(JobSpec::from_message(&older, &Limits::default()).unwrap(), spec);
         // CFG-parallel: two halves of 2 Ulysses ranks; only on an even group of a guided job
         let halves = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: true }).unwrap();
         assert_eq!(halves.plan().map(|p| (p.sequence_ranks(), p.ring())), Some((2, 1)));
@@ -465,12 +476,12 @@ mod tests {
 
     /// A worker given a hostile spec refuses it naming the field, before anything is allocated:
     /// a 1,048,576 × 1,048,576 latent, sizes whose products overflow, an unknown sampler, factors
-    /// that would divide by zero or that do not fit.
+    /// or patches that would divide by zero or that do not fit.
     #[test]
     fn hostile_specs_are_refused_by_the_same_check() {
         let worker = Limits { max_tokens: 1 << 21, ..Limits::default() };
         let ok = JobSpec::new(request(), ModelFactors::WAN, &worker).unwrap().to_message();
-        let cases: [(pb::JobSpec, &str); 10] = [
+        let cases: [(pb::JobSpec, &str); 13] = [
             (pb::JobSpec { ranks: 3, ulysses: 2, ..ok.clone() }, "ulysses"),
             (pb::JobSpec { ranks: 2, ulysses: 0, ..ok.clone() }, "ulysses"),
             (pb::JobSpec { ranks: u32::MAX, ulysses: 1, ..ok.clone() }, "ranks"),
@@ -480,6 +491,9 @@ mod tests {
             (pb::JobSpec { sampler: 99, ..ok.clone() }, "sampler"),
             (pb::JobSpec { spatial_factor: 0, ..ok.clone() }, "model_factors"),
             (pb::JobSpec { temporal_factor: u32::MAX, ..ok.clone() }, "model_factors"),
+            (pb::JobSpec { patch_size: vec![1, 0, 2], ..ok.clone() }, "model_factors"),
+            (pb::JobSpec { patch_size: vec![1, 2, 2, 2], ..ok.clone() }, "model_factors"),
+            (pb::JobSpec { patch_size: vec![1, 1 << 20, 2], ..ok.clone() }, "model_factors"),
             (pb::JobSpec { width: 4096, height: 4096, num_frames: 1441, ..ok.clone() }, "num_frames"),
         ];
         for (m, want) in cases {

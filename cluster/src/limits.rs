@@ -7,26 +7,50 @@
 use crate::{ClusterError, Result};
 
 /// How a model turns video into tokens: its VAE compresses each side `spatial`× and time
-/// `temporal`× after the first frame, and its transformer cuts the latent into 1×2×2 patches. A
-/// worker advertises them in its `ModelInfo`; every size check and formula takes them from there.
+/// `temporal`× after the first frame, and its transformer cuts the latent into `patch` cells
+/// (`[frames, height, width]`; Wan's 1×2×2). A worker advertises them in its `ModelInfo`; every
+/// size check and formula takes them from there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelFactors {
     /// VAE compression of each frame side.
     pub spatial: u64,
     /// VAE compression in time (after the first frame).
     pub temporal: u64,
+    /// The transformer's patch `[frames, height, width]` in latent cells (records written before
+    /// the field name none: theirs is Wan's).
+    #[serde(default = "wan_patch")]
+    pub patch: [u64; 3],
 }
 
 /// Largest VAE factor a model may advertise.
 pub const MAX_FACTOR: u64 = 64;
 
-impl ModelFactors {
-    /// Wan 2.1's (and SkyReels-V2's) VAE: ÷8 in space, ÷4 in time.
-    pub const WAN: Self = Self { spatial: 8, temporal: 4 };
+/// Largest patch side a model may advertise (in latent cells).
+pub const MAX_PATCH: u64 = 16;
 
-    /// Frame sides must be multiples of this (the VAE's stride times the patch's 2).
-    pub fn side_multiple(self) -> u64 {
-        self.spatial * 2
+fn wan_patch() -> [u64; 3] {
+    ModelFactors::WAN.patch
+}
+
+impl ModelFactors {
+    /// Wan 2.1's (and SkyReels-V2's): a VAE of ÷8 in space and ÷4 in time, patches of 1×2×2.
+    pub const WAN: Self = Self { spatial: 8, temporal: 4, patch: [1, 2, 2] };
+
+    /// Frame sides must be multiples of these, `[height, width]`: the VAE's stride times the
+    /// patch's side.
+    pub fn side_multiples(self) -> [u64; 2] {
+        [self.spatial.saturating_mul(self.patch[1]), self.spatial.saturating_mul(self.patch[2])]
+    }
+
+    /// Refuses factors from a hostile record (zero, which would be divided by, or absurd) naming
+    /// `model_factors`.
+    pub fn check(self) -> Result<Self> {
+        let vae = [self.spatial, self.temporal].iter().all(|f| (1..=MAX_FACTOR).contains(f));
+        if !vae || !self.patch.iter().all(|p| (1..=MAX_PATCH).contains(p)) {
+            let detail = format!("{self:?}: each VAE factor must be from 1 to {MAX_FACTOR}, each patch side from 1 to {MAX_PATCH}");
+            return Err(invalid("model_factors", detail));
+        }
+        Ok(self)
     }
 }
 
@@ -48,10 +72,11 @@ pub fn latent_grid(num_frames: u64, height: u64, width: u64, factors: ModelFacto
     [num_frames.saturating_sub(1) / factors.temporal + 1, height / factors.spatial, width / factors.spatial]
 }
 
-/// Video tokens of a latent grid in Wan's 1×2×2 patches (None past 2⁶⁴): the one formula of the
-/// token count.
-pub fn grid_tokens([f, h, w]: [u64; 3]) -> Option<u64> {
-    f.checked_mul(h / 2)?.checked_mul(w / 2)
+/// Video tokens of a latent grid cut into the model's patches (None past 2⁶⁴): the one formula of
+/// the token count.
+pub fn grid_tokens([f, h, w]: [u64; 3], factors: ModelFactors) -> Option<u64> {
+    let [pf, ph, pw] = factors.patch.map(|p| p.max(1));
+    (f / pf).checked_mul(h / ph)?.checked_mul(w / pw)
 }
 
 /// What a deployment accepts; the defaults are the documented limits of
@@ -68,7 +93,7 @@ pub struct Limits {
     pub max_guidance: f32,
     /// Largest σ shift.
     pub max_flow_shift: f32,
-    /// Most video tokens per forward (patch 1×2×2 of the latent grid).
+    /// Most video tokens per forward (patches of the latent grid; Wan's are 1×2×2).
     pub max_tokens: u64,
 }
 
@@ -118,7 +143,7 @@ pub struct Settings {
 pub struct Checked {
     /// Latent grid `[frames, height, width]` after the VAE (the model's factors).
     pub latent_fhw: [usize; 3],
-    /// Video tokens per forward (patch 1×2×2).
+    /// Video tokens per forward (patches of the latent grid).
     pub tokens: usize,
 }
 
@@ -131,11 +156,9 @@ fn invalid(field: &'static str, detail: String) -> ClusterError {
 /// `limits.max_tokens`).
 pub fn check_settings(s: &Settings, factors: ModelFactors, limits: &Limits) -> Result<Checked> {
     // Factors come from a worker's record: a zero or absurd one is refused, never divided by.
-    if !(1..=MAX_FACTOR).contains(&factors.spatial) || !(1..=MAX_FACTOR).contains(&factors.temporal) {
-        return Err(invalid("model_factors", format!("{factors:?}: each factor must be from 1 to {MAX_FACTOR}")));
-    }
-    let side = factors.side_multiple();
-    for (field, v) in [("width", s.width), ("height", s.height)] {
+    factors.check()?;
+    let [high, wide] = factors.side_multiples();
+    for (field, v, side) in [("width", s.width, wide), ("height", s.height, high)] {
         if v == 0 || v % side != 0 || v > limits.max_side {
             return Err(invalid(field, format!("{v} must be a multiple of {side} between {side} and {}", limits.max_side)));
         }
@@ -143,6 +166,10 @@ pub fn check_settings(s: &Settings, factors: ModelFactors, limits: &Limits) -> R
     let t = factors.temporal;
     if s.num_frames % t != 1 % t || s.num_frames == 0 || s.num_frames > limits.max_frames {
         return Err(invalid("num_frames", format!("{} must be {t}k+1 (1, {}, {}, ... {})", s.num_frames, t + 1, 2 * t + 1, limits.max_frames)));
+    }
+    let pf = factors.patch[0];
+    if !(s.num_frames.saturating_sub(1) / t + 1).is_multiple_of(pf) {
+        return Err(invalid("num_frames", format!("{} must be {t}k+1 with k+1 a multiple of the patch's {pf} frames", s.num_frames)));
     }
     if s.steps == 0 || s.steps > limits.max_steps {
         return Err(invalid("steps", format!("{} must be between 1 and {}", s.steps, limits.max_steps)));
@@ -163,7 +190,7 @@ pub fn check_settings(s: &Settings, factors: ModelFactors, limits: &Limits) -> R
     }
     // Every size is bounded above, but a configured limit may be huge: the products are checked.
     let fhw = latent_grid(s.num_frames, s.height, s.width, factors);
-    let tokens = grid_tokens(fhw);
+    let tokens = grid_tokens(fhw, factors);
     let too_many = |n: String| {
         invalid("num_frames", format!("{}x{} with {} frames is {n} tokens; at most {} are accepted", s.width, s.height, s.num_frames, limits.max_tokens))
     };
@@ -217,7 +244,7 @@ mod tests {
     #[test]
     fn the_models_factors_set_the_multiples_and_the_grid() {
         let l = Limits::default();
-        let other = ModelFactors { spatial: 16, temporal: 8 };
+        let other = ModelFactors { spatial: 16, temporal: 8, ..ModelFactors::WAN };
         assert!(check_settings(&Settings { width: 848, ..ok() }, ModelFactors::WAN, &l).is_ok());
         let err = check_settings(&Settings { width: 848, ..ok() }, other, &l).unwrap_err();
         assert!(matches!(err, ClusterError::InvalidInput { field: "width", .. }), "848 is a multiple of 16, not of 32: {err}");
@@ -225,9 +252,48 @@ mod tests {
         assert_eq!(check_settings(&s, other, &l).unwrap().latent_fhw, [11, 30, 52]);
         let err = check_settings(&Settings { num_frames: 85, ..s }, other, &l).unwrap_err().to_string();
         assert!(err.contains("must be 8k+1"), "{err}");
-        for bad in [ModelFactors { spatial: 0, temporal: 4 }, ModelFactors { spatial: 8, temporal: 0 }, ModelFactors { spatial: 1 << 40, temporal: 4 }] {
+        let w = ModelFactors::WAN;
+        let bad = [
+            ModelFactors { spatial: 0, ..w },
+            ModelFactors { temporal: 0, ..w },
+            ModelFactors { spatial: 1 << 40, ..w },
+            ModelFactors { patch: [1, 0, 2], ..w },
+            ModelFactors { patch: [1, 2, 1 << 40], ..w },
+        ];
+        for bad in bad {
             assert!(matches!(check_settings(&ok(), bad, &l), Err(ClusterError::InvalidInput { field: "model_factors", .. })), "{bad:?}");
         }
+    }
+
+    /// The transformer's patch sets the side multiples and the token count: a 1×4×4 patch over Wan's
+    /// VAE wants sides of 32 and has a quarter of Wan's tokens; a 2-frame patch wants an even
+    /// number of latent frames.
+    #[test]
+    fn the_patch_sets_the_multiples_and_the_tokens() {
+        let l = Limits::default();
+        let demo = ModelFactors { patch: [1, 4, 4], ..ModelFactors::WAN };
+        assert_eq!(demo.side_multiples(), [32, 32]);
+        let stride_4 = ModelFactors { spatial: 4, ..demo };
+        assert_eq!(stride_4.side_multiples(), [16, 16], "the demo model's");
+        let s = Settings { width: 64, height: 64, num_frames: 17, ..ok() };
+        assert_eq!(check_settings(&s, demo, &l).unwrap(), Checked { latent_fhw: [5, 8, 8], tokens: 20 });
+        assert_eq!(check_settings(&s, ModelFactors::WAN, &l).unwrap().tokens, 80);
+        let err = check_settings(&Settings { width: 80, ..s }, demo, &l).unwrap_err().to_string();
+        assert!(err.contains("width") && err.contains("multiple of 32"), "{err}");
+        let wide = ModelFactors { patch: [1, 2, 4], ..ModelFactors::WAN };
+        assert_eq!(wide.side_multiples(), [16, 32]);
+        assert!(check_settings(&Settings { height: 48, ..s }, wide, &l).is_ok());
+        let pairs = ModelFactors { patch: [2, 2, 2], ..ModelFactors::WAN };
+        assert_eq!(check_settings(&Settings { num_frames: 13, ..s }, pairs, &l).unwrap(), Checked { latent_fhw: [4, 8, 8], tokens: 32 });
+        let err = check_settings(&s, pairs, &l).unwrap_err().to_string();
+        assert!(err.contains("num_frames") && err.contains("multiple of the patch's 2 frames"), "{err}");
+    }
+
+    /// Membership records written before the patch was advertised read as Wan's.
+    #[test]
+    fn records_without_a_patch_read_as_wans() {
+        let old: ModelFactors = serde_json::from_str(r#"{"spatial":8,"temporal":4}"#).unwrap();
+        assert_eq!(old, ModelFactors::WAN);
     }
 
     /// A configured limit far past any real size cannot let a product wrap around.

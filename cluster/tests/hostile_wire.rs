@@ -40,6 +40,7 @@ prop_compose! {
         (guidance, shift, strength) in (float(), proptest::option::of(float()), proptest::option::of(float())),
         sampler in prop_oneof![Just(0i32), Just(1), Just(2), Just(-1), any::<i32>()],
         (spatial, temporal) in (prop_oneof![Just(0u32), 1u32..20, any::<u32>()], prop_oneof![Just(0u32), 1u32..8, any::<u32>()]),
+        patch_size in prop_oneof![Just(vec![]), Just(vec![1u32, 2, 2]), proptest::collection::vec(0u32..20, 0..5), proptest::collection::vec(any::<u32>(), 3)],
         (ranks, ulysses, cfg_parallel) in (prop_oneof![Just(0u32), 1u32..9, any::<u32>()], prop_oneof![Just(0u32), 1u32..9, any::<u32>()], any::<bool>()),
         forcing in proptest::option::of((size(), size(), size(), size(), float(), size())),
         image in proptest::option::of((size(), size())),
@@ -48,7 +49,7 @@ prop_compose! {
         pb::JobSpec {
             prompt, negative_prompt: negative, width, height, num_frames, steps,
             guidance_scale: guidance, flow_shift: shift, sampler, seed, strength,
-            spatial_factor: spatial, temporal_factor: temporal, ranks, ulysses, cfg_parallel,
+            spatial_factor: spatial, temporal_factor: temporal, patch_size, ranks, ulysses, cfg_parallel,
             forcing: forcing.map(|(b, o, a, c, n, f)| pb::ForcingSettings {
                 base_num_frames: b, overlap_history: o, ar_step: a, causal_block_size: c, addnoise_condition: n, fps: f,
             }),
@@ -82,6 +83,7 @@ prop_compose! {
             7 => m.ranks = n,
             8 => m.ulysses = n,
             9 => m.strength = Some(x),
+            10 => m.patch_size = vec![1, n, n],
             _ => {} // none
         }
         m
@@ -149,6 +151,9 @@ fn the_audits_cases_are_refused() {
         ("a NaN guidance", pb::JobSpec { guidance_scale: f32::NAN, ..base.clone() }),
         ("an infinite shift", pb::JobSpec { flow_shift: Some(f32::INFINITY), ..base.clone() }),
         ("a zero factor", pb::JobSpec { spatial_factor: 0, ..base.clone() }),
+        ("a zero patch side", pb::JobSpec { patch_size: vec![1, 0, 2], ..base.clone() }),
+        ("a patch of two sides", pb::JobSpec { patch_size: vec![2, 2], ..base.clone() }),
+        ("a patch past 2^32 tokens of pixels", pb::JobSpec { patch_size: vec![1, u32::MAX, u32::MAX], ..base.clone() }),
         ("ranks that overflow the plan", pb::JobSpec { ranks: u32::MAX, ulysses: u32::MAX, ..base.clone() }),
         ("an unknown sampler", pb::JobSpec { sampler: 99, ..base.clone() }),
     ] {

@@ -162,7 +162,8 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
 
 /// Sizes as users ask for them: 72x40 is not a multiple of 16 (Wan's factor: the tiny preset), so
 /// the model generates 80x48 and the frames are center-cropped back; they are exactly the middle
-/// of an 80x48 run with the same seed (same latent grid), and the run says what it did.
+/// of an 80x48 run with the same seed (same latent grid), and the run says what it did. The demo
+/// model's multiple is its VAE's stride 4 times its patch's 4.
 #[test]
 fn sizes_that_are_not_multiples_of_16_are_generated_larger_and_cropped_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,4 +183,13 @@ fn sizes_that_are_not_multiples_of_16_are_generated_larger_and_cropped_back() {
         let middle: Vec<u8> = (4..44).flat_map(|row| whole[(row * 80 + 4) * 3..(row * 80 + 76) * 3].to_vec()).collect();
         assert!(got == &middle, "the 72x40 frame is the middle of the 80x48 one");
     }
+    // The default demo model: a VAE of stride 4 and 1×4×4 patches, so a multiple of 16 too, but
+    // not Wan's 8 × 2 (sides of 8 more than a multiple were refused when rounding assumed patch 2).
+    let demo = dir.path().join("demo");
+    let args = ["generate", "--prompt", "a red ball moving right", "--frames", "5", "--steps", "2", "--format", "png", "--quiet"];
+    let (code, stdout, stderr) = tessera(&[&args[..], &["--width", "56", "--height", "40", "-o", demo.to_str().unwrap()]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("generated at 64x48 (the model's multiple), center-cropped to 56x40"), "{stderr}");
+    assert!(stderr.contains(" 24 tokens"), "2 latent frames of 12 × 16 cells in 4 × 4 patches: {stderr}");
+    assert!(common::png_frames(&demo).iter().all(|(w, h, _)| (*w, *h) == (56, 40)));
 }

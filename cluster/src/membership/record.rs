@@ -85,7 +85,7 @@ const MAX_HIDDEN: usize = 1 << 16;
 const MAX_FFN: usize = 1 << 20;
 const MAX_LAYERS: usize = 1024;
 const MAX_CHANNELS: usize = 1024;
-const MAX_PATCH: usize = 16;
+const MAX_PATCH: usize = crate::limits::MAX_PATCH as usize;
 
 /// The served model's facts that planning and validation need (sizes zero when a worker did not
 /// say; the factors then Wan's).
@@ -166,8 +166,13 @@ impl WorkerRecord {
             }
         }
         check_state_and_job(self.state, self.job_id.as_deref())?;
+        let factors = self.model_info.factors.check().map_err(|e| ClusterError::input("model_info.factors", e.to_string()))?;
         if let Some(t) = &self.model_info.transformer {
             t.validate().map_err(|e| ClusterError::input("model_info.transformer", e))?;
+            if t.patch_size.map(|p| p as u64) != factors.patch {
+                let detail = format!("patch_size {:?} disagrees with the factors' patch {:?}", t.patch_size, factors.patch);
+                return Err(ClusterError::input("model_info.transformer", detail));
+            }
             let sizes = [
                 ("hidden width", t.inner_dim(), MAX_HIDDEN),
                 ("ffn_dim", t.ffn_dim, MAX_FFN),
@@ -359,6 +364,14 @@ mod tests {
         huge.model_info.transformer.as_mut().unwrap().ffn_dim = usize::MAX / 4;
         let err = WorkerRecord::from_json(&huge.to_json().unwrap()).unwrap_err().to_string();
         assert!(err.contains("model_info.transformer") && err.contains("ffn_dim"), "{err}");
+        let mut other = r.clone();
+        other.model_info.factors.patch = [1, 4, 4];
+        let err = other.validate().unwrap_err().to_string();
+        assert!(err.contains("model_info.transformer") && err.contains("disagrees"), "{err}");
+        other.model_info.transformer.as_mut().unwrap().patch_size = [1, 4, 4];
+        other.validate().unwrap();
+        other.model_info.factors.spatial = 0;
+        assert!(other.validate().unwrap_err().to_string().contains("model_info.factors"));
         let mut nan = r.clone();
         nan.compute = Some(ComputeFigures { flops: -1.0, bytes_per_s: 1e10 });
         assert!(nan.validate().unwrap_err().to_string().contains("compute"));

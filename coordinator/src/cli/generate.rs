@@ -38,8 +38,8 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_FORMAT")]
     format: Option<String>,
     /// Frame height in pixels, up to 4096 (default: the model's, 480 for Wan 2.1). Not a multiple
-    /// of 16: generated at the next multiple and center-cropped back (`--height 1080` gives 1080
-    /// rows).
+    /// of the model's factor (16 for Wan and for the demo): generated at the next multiple and
+    /// center-cropped back (`--height 1080` gives 1080 rows).
     #[arg(long, env = "TESSERA_HEIGHT")]
     height: Option<u32>,
     /// Frame width in pixels, up to 4096 (default: the model's, 832 for Wan 2.1); cropped back as

@@ -32,7 +32,7 @@ pub struct PlanArgs {
     /// skyreels-v2-df-14b, hunyuanvideo) or a diffusers `transformer/config.json` (or its folder).
     #[arg(long, env = "TESSERA_PLAN_MODEL", default_value = "wan2.1-t2v-1.3b")]
     model: String,
-    /// Frame width in pixels (generated at the next multiple of 16, center-cropped back).
+    /// Frame width in pixels (generated at the next multiple of the model's, 16 for Wan, center-cropped back).
     #[arg(long, env = "TESSERA_WIDTH", default_value_t = defaults::WIDTH)]
     width: u32,
     /// Frame height in pixels.

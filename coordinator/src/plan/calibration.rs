@@ -88,7 +88,7 @@ impl Published {
     pub fn job(&self, model: &ModelShape) -> JobShape {
         let grid = latent_grid(self.frames, self.height, self.width, model.factors);
         JobShape {
-            tokens: grid_tokens(grid).unwrap_or(0),
+            tokens: grid_tokens(grid, model.factors).unwrap_or(0),
             latent_fhw: grid,
             frames: self.frames,
             height: self.height,

@@ -169,10 +169,12 @@ impl WanPipeline {
         PipelineDefaults { forcing, ..preset::SKYREELS_DF_DEFAULTS }
     }
 
-    /// How the loaded model turns video into tokens (its VAE's compression factors).
+    /// How the loaded model turns video into tokens: its VAE's compression factors and its
+    /// transformer's patch.
     pub fn factors(&self) -> tessera_cluster::limits::ModelFactors {
         let vc = self.vae.config();
-        tessera_cluster::limits::ModelFactors { spatial: vc.spatial_factor() as u64, temporal: vc.temporal_factor() as u64 }
+        let patch = self.transformer.config().patch_size.map(|p| p as u64);
+        tessera_cluster::limits::ModelFactors { spatial: vc.spatial_factor() as u64, temporal: vc.temporal_factor() as u64, patch }
     }
 
     /// Assembles a pipeline from loaded components (the transformer on whatever backend it was

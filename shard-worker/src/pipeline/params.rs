@@ -22,9 +22,9 @@ pub struct GenerationParams {
     pub prompt: String,
     /// What it should not show (the unconditional branch of guidance); "" as upstream's default.
     pub negative_prompt: String,
-    /// Frame height in pixels (multiple of 16).
+    /// Frame height in pixels (a multiple of the VAE's stride times the patch: 16 for Wan).
     pub height: usize,
-    /// Frame width in pixels (multiple of 16).
+    /// Frame width in pixels (the same multiple).
     pub width: usize,
     /// Frames, 4k + 1.
     pub num_frames: usize,
@@ -108,7 +108,7 @@ impl GenerationParams {
 
     /// Video tokens per forward for these sizes ([`grid_tokens`]; None past 2⁶⁴).
     pub fn tokens(&self, factors: ModelFactors) -> Option<usize> {
-        grid_tokens(self.latent_fhw(factors).map(|d| d as u64)).and_then(|t| usize::try_from(t).ok())
+        grid_tokens(self.latent_fhw(factors).map(|d| d as u64), factors).and_then(|t| usize::try_from(t).ok())
     }
 }
 
