@@ -222,9 +222,6 @@ impl JobSpec {
                 format!("CFG-parallel needs an even group ({} ranks) and classifier-free guidance (scale {})", plan.ranks, self.request.guidance_scale),
             ));
         }
-        if plan.cfg_parallel && self.chunks.is_some() {
-            return Err(ClusterError::input("cfg_parallel", "diffusion-forcing jobs run both guidance passes on every rank"));
-        }
         if plan.ranks == 0 || plan.ranks > MAX_RANKS || plan.sequence_ranks() as usize > self.tokens {
             let most = MAX_RANKS.min(u32::try_from(self.tokens).unwrap_or(u32::MAX));
             return Err(ClusterError::input("ranks", format!("{} must be between 1 and {most} (the job has {} tokens)", plan.ranks, self.tokens)));
@@ -470,7 +467,9 @@ mod tests {
         assert_eq!(field(with(ForcingSettings { fps: 0, ..df })), "fps");
         let v2v = JobRequest { strength: Some(0.8), ..minute.clone() };
         assert_eq!(field(JobSpec::new(v2v, ModelFactors::WAN, &l)), "input_video");
-        assert_eq!(field(spec.clone().planned(JobPlan { ranks: 2, ulysses: 1, cfg_parallel: true })), "cfg_parallel");
+        // Both guidance passes, or one per CFG half: diffusion forcing splits its batch like any job.
+        let halves = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: true }).unwrap();
+        assert_eq!(JobSpec::from_message(&halves.to_message(), &l).unwrap(), halves);
         assert!(spec.planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: false }).is_ok());
     }
 

@@ -25,13 +25,20 @@ fn a_minute_of_720p_is_planned_chunk_by_chunk() {
     let secs = |p: &serde_json::Value, k: &str| p["predicted_seconds"][k].as_f64().unwrap();
     for p in plans {
         assert_eq!(p["chunks"].as_array().unwrap().len(), 14);
-        // The cluster runs no CFG-parallel layout for a diffusion-forcing job: nor does the plan.
-        assert_eq!(p["cfg_parallel"], false, "{p}");
         assert!(secs(p, "first_chunk") > 0.0 && secs(p, "first_chunk") < secs(p, "total") / 10.0, "{p}");
     }
     // 8 GPUs: the first chunk and the whole video come sooner than on one.
     assert!(secs(&plans[1], "total") < secs(&plans[0], "total") / 4.0);
     assert!(secs(&plans[1], "first_chunk") < secs(&plans[0], "first_chunk") / 4.0);
+    // CFG halves run diffusion forcing too: the plan takes them when asked.
+    let mut args = MINUTE_720P.to_vec();
+    args.extend(["8", "--base-frames", "121", "--ulysses", "4", "--cfg-parallel", "--json"]);
+    let (code, out, err) = tessera(&args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let halves = &v["plans"][0];
+    assert!(halves["cfg_parallel"] == true && halves["ulysses"] == 4 && halves["ring"] == 1, "{halves}");
+    assert!(secs(halves, "total") < secs(&plans[0], "total") / 4.0, "{halves}");
     // The table says the same for people.
     let mut args = MINUTE_720P.to_vec();
     args.extend(["8", "--base-frames", "121"]);

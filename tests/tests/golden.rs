@@ -74,8 +74,9 @@ fn dit_and_pipeline_cases_pass_sharded_on_bf16_host() {
 }
 
 /// The pipeline cases with CFG-parallel: two halves of one rank (f32), and two halves of two
-/// ring ranks over TCP; each at the case's own tolerance, with bytes moved. Transformer cases
-/// (one forward of a batch) say they cannot.
+/// ring ranks over TCP; each at the case's own tolerance, with bytes moved. Diffusion forcing
+/// splits each whole-batch forward into the halves. Transformer cases run their batch split in
+/// halves where it has two samples, and say they cannot where it has one.
 #[test]
 fn pipeline_cases_pass_cfg_parallel() {
     use tessera_worker::parallel::LocalTransport;
@@ -84,9 +85,6 @@ fn pipeline_cases_pass_cfg_parallel() {
         let mut ran = 0;
         for root in golden_roots() {
             for case in discover(&root, &[CaseKind::Pipeline]).unwrap() {
-                if case.name.contains("df-") || case.name.contains("i2v-") {
-                    continue; // diffusion forcing runs its guidance as one batch (issue 16); i2v: issue 17
-                }
                 let (outcome, measured) = run_case_measured(&case, &opts);
                 eprintln!("cfg-parallel {} over {ranks}: {} {:?} {measured:?}", case.name, outcome.label(), outcome.worst());
                 assert!(outcome.passed(), "{} cfg-parallel over {ranks}: {outcome:?}", case.name);
@@ -94,14 +92,23 @@ fn pipeline_cases_pass_cfg_parallel() {
                 ran += 1;
             }
         }
-        assert!(ran >= 2, "only {ran} pipeline cases ran");
+        assert!(ran >= 4, "only {ran} pipeline cases ran");
     }
+    let mut split = 0;
     for root in golden_roots() {
         for case in discover(&root, &[CaseKind::Dit]).unwrap() {
-            let (outcome, _) = run_case_measured(&case, &RunOptions { ranks: 2, cfg_parallel: true, ..RunOptions::default() });
-            assert!(matches!(&outcome, Outcome::Unsupported(why) if why.contains("CFG-parallel")), "{}: {outcome:?}", case.name);
+            let (outcome, measured) = run_case_measured(&case, &RunOptions { ranks: 2, cfg_parallel: true, ..RunOptions::default() });
+            eprintln!("cfg-parallel {}: {} {:?} {measured:?}", case.name, outcome.label(), outcome.worst());
+            match &outcome {
+                Outcome::Unsupported(why) => assert!(why.contains("CFG-parallel splits a batch"), "{}: {outcome:?}", case.name),
+                _ => {
+                    assert!(outcome.passed() && measured.ranks == 2 && measured.moved > 0, "{}: {outcome:?} {measured:?}", case.name);
+                    split += 1;
+                }
+            }
         }
     }
+    assert!(split >= 1, "no transformer case has a batch of two");
 }
 
 /// Kinds that cannot run sharded say so and fail, rather than pass on one device; the VAE runs

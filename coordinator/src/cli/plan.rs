@@ -62,10 +62,6 @@ pub struct PlanArgs {
     /// Split the devices into conditional and unconditional halves (CFG-parallel).
     #[arg(long, env = "TESSERA_PLAN_CFG_PARALLEL")]
     cfg_parallel: bool,
-    /// Plan with the design's capabilities (CFG-parallel for diffusion forcing as well), not only
-    /// what Tessera runs today (sequence parallelism and CFG-parallel, the VAE over every rank).
-    #[arg(long, env = "TESSERA_PLAN_DESIGN")]
-    design: bool,
     /// Print JSON instead of a table.
     #[arg(long, env = "TESSERA_PLAN_JSON")]
     json: bool,
@@ -106,7 +102,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     if args.gpus.is_empty() || args.gpus.contains(&0) {
         bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
     }
-    let caps = if args.design { Capabilities::DESIGN } else { Capabilities::for_job(&spec) };
+    let caps = Capabilities::TESSERA;
     if let Some(forcing) = ForcingJob::of(&spec) {
         return run_forcing(&args, &model, &gpu, eff, forcing, caps);
     }
@@ -119,7 +115,6 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             "model": model.name,
             "job": job_json(&args, &spec, &job),
             "gpu": gpu_json(&gpu, eff),
-            "capabilities": if args.design { "design" } else { "tessera" },
             "plans": plans.iter().map(evaluation_json).collect::<Vec<_>>(),
             "feasible": plans.iter().all(|e| e.infeasible.is_none()),
         });
@@ -442,14 +437,7 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
         gib(gpu.usable_bytes()),
         efficiency_source(gpu)
     );
-    println!(
-        "plans   {}",
-        if args.design {
-            "the design's (sequence parallelism, CFG-parallel for diffusion forcing too, the VAE over every rank)"
-        } else {
-            "what Tessera runs today (sequence parallelism, CFG-parallel, the VAE split by rows over every rank); --design for the rest"
-        }
-    );
+    println!("plans   what Tessera runs (sequence parallelism, CFG-parallel, the VAE split by rows over every rank)");
     println!("        every stage on the device, the text encoder loaded from host memory per job");
     for e in plans {
         let (m, t, b, fl) = (&e.memory, &e.timing, &e.traffic, &e.flops);

@@ -14,21 +14,11 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// What Tessera runs: sequence parallelism (ring, Ulysses, USP) and CFG-parallel (two halves,
-    /// one guidance pass each). The VAE always decodes (and encodes) split by rows over every rank
-    /// of the group, so every layout has `vae_ranks` = its devices.
+    /// one guidance pass each; for diffusion forcing too). The VAE always decodes (and encodes)
+    /// split by rows over every rank of the group, so every layout has `vae_ranks` = its devices.
+    /// The admission and `tessera plan` both plan with it, so the CLI never plans a layout the
+    /// cluster refuses.
     pub const TESSERA: Self = Self { cfg_parallel: true };
-    /// The design: CFG-parallel for diffusion forcing as well (not yet run, issue 16).
-    pub const DESIGN: Self = Self { cfg_parallel: true };
-
-    /// What Tessera runs for `spec` today: [`Self::TESSERA`], but a diffusion-forcing job has no
-    /// CFG-parallel layout (both guidance passes run on every rank). The admission and
-    /// `tessera plan` both ask here, so the CLI never plans a layout the cluster refuses.
-    pub fn for_job(spec: &tessera_cluster::JobSpec) -> Self {
-        match spec.chunks() {
-            Some(_) => Self { cfg_parallel: false },
-            None => Self::TESSERA,
-        }
-    }
 
     /// The layout of `gpus` devices with Ulysses degree `ulysses` in each sequence-parallel group
     /// (the rest forming rings), split into CFG halves when `cfg_parallel`, the VAE decoded over
@@ -100,11 +90,11 @@ mod tests {
         let job =
             JobShape { tokens: 21 * 30 * 52, latent_fhw: [21, 60, 104], frames: 81, height: 480, width: 832, steps: 50, guidance: true, causal_blocks: 1 };
         let g = gpu_kind("h100-80gb").unwrap();
-        let all = candidates(&m, &job, &g, 8, 0.35, Capabilities::DESIGN);
+        let all = candidates(&m, &job, &g, 8, 0.35, Capabilities::TESSERA);
         // 12 heads: Ulysses 1, 2, 4 for 8 ranks; 1, 2, 4 for the halves of 4
         assert_eq!(all.len(), 6);
         assert!(all.iter().all(|e| 12 % e.layout.ulysses == 0));
-        let b = best(&m, &job, &g, 8, 0.35, Capabilities::DESIGN);
+        let b = best(&m, &job, &g, 8, 0.35, Capabilities::TESSERA);
         assert!(b.infeasible.is_none());
         assert!(all.iter().all(|e| e.timing.total * (1.0 + TIE) >= b.timing.total), "within a tie of the fastest");
         // of the layouts tied with it, the best sends the least over the network, then spares the

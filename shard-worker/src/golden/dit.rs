@@ -70,11 +70,9 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let options = forward_options(&io)?;
     let inputs =
         DitInputs { hidden_states: &hidden, timesteps: &timesteps, encoder_hidden_states: &text, encoder_hidden_states_image: image.as_ref(), options };
-    let sharded = opts.ranks > 1 || opts.ulysses > 1;
-    if opts.cfg_parallel {
-        return Ok(Outcome::Unsupported(
-            "a transformer case is one forward of its batch; CFG-parallel splits the guidance passes of a denoising loop (pipeline cases)".into(),
-        ));
+    let sharded = opts.ranks > 1 || opts.ulysses > 1 || opts.cfg_parallel;
+    if opts.cfg_parallel && !hidden.dim(0).is_multiple_of(2) {
+        return Ok(Outcome::Unsupported(format!("CFG-parallel splits a batch into halves; this case's batch is {}", hidden.dim(0))));
     }
     let tolerance = opts.tolerance(&meta.tolerance);
     let model = DitModel::load_backend(&case.dir, opts.backend)?;
@@ -82,7 +80,8 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         let out = model.forward(&inputs)?;
         return Ok(outcome(vec![compare(&io, "output", &out, &tolerance)?]));
     }
-    let plan = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
+    let cfg = if opts.cfg_parallel { 2 } else { 1 };
+    let plan = match ParallelPlan::with_cfg(opts.ranks, opts.ulysses, cfg, model.config().num_attention_heads) {
         Ok(p) => p,
         Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
     };

@@ -124,9 +124,6 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let path = case.dir.join("case.json");
     let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io { path: path.clone(), source })?;
     let s: ForcingSettings = serde_json::from_str(&text).map_err(|e| WorkerError::Config { path: path.display().to_string(), detail: e.to_string() })?;
-    if opts.cfg_parallel {
-        return Ok(Outcome::Unsupported("diffusion forcing runs its guidance passes as one batch; CFG-parallel halves are not wired into it yet".into()));
-    }
     let pipe = WanPipeline::load_on(&case.dir, opts.backend)?;
     let io = SafetensorsFile::open(&case.dir.join("io.safetensors"))?;
     let tol = &opts.tolerance(&meta.tolerance);
@@ -173,12 +170,13 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         block,
     };
     let model = pipe.transformer();
-    let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 {
+    let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {
         let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
         let video = ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
         (video, rec, frames)
     } else {
-        let group = match ParallelPlan::new(opts.ranks, opts.ulysses, model.config().num_attention_heads) {
+        let cfg = if opts.cfg_parallel { 2 } else { 1 };
+        let group = match ParallelPlan::with_cfg(opts.ranks, opts.ulysses, cfg, model.config().num_attention_heads) {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Unsupported(e.to_string())),
         };

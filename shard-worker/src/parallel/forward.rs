@@ -4,7 +4,7 @@
 //! joins the other ranks), and the output head's rows are all-gathered and unpatchified so every
 //! rank holds the whole velocity ([`DeviceShard`], one code for every backend).
 
-use super::comm::Communicator;
+use super::comm::{bytes_to_f32, f32_to_bytes, Communicator, Traffic};
 use super::device::{gather_rows, swap_with_partner, DeviceShard, HostDeviceComm, NcclGroup};
 use super::plan::ParallelPlan;
 use super::tcp::{TcpOptions, TcpTransport};
@@ -131,25 +131,66 @@ impl ShardContext {
     /// one process ([`run_local_group`]), stages it through this context's transport; host
     /// backends (the f32 CPU model, the bf16 twin) talk through the transport in place.
     ///
+    /// With CFG-parallel halves, each half runs its share of the batch (guidance's batch of 2:
+    /// the conditional pass on the first half, the unconditional on the second) over its own
+    /// sequence-parallel group, and each rank swaps its share with its partner in the other half,
+    /// so every rank still ends with the whole batch's output. A diffusion-forcing run, whose
+    /// step is one whole-batch forward, gets CFG-parallel this way.
+    ///
     /// Traced as a `forward` span (INFO) with what its collectives cost in attributes
     /// (`bytes_sent`, `ring_wait_s`, `all_to_all_s`) and an `all_gather` span for the output; the
     /// per-layer collectives are DEBUG spans (`ring_attention`, `all_to_all`), thousands a job.
     pub fn forward(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
         self.check_model(model)?;
-        if self.plan.cfg > 1 {
+        let (batch, cfg) = (x.hidden_states.shape().first().copied().unwrap_or(0), self.plan.cfg);
+        if cfg == 1 {
+            return self.traced(batch, || self.forward_group(model, x));
+        }
+        if batch == 0 || !batch.is_multiple_of(cfg) || !x.timesteps.len().is_multiple_of(batch) {
             return Err(WorkerError::input(
                 "parallel plan",
-                "a whole-batch forward runs on one sequence-parallel group; CFG-parallel halves run in the denoising loop",
+                format!("CFG-parallel splits a forward's batch into {cfg} halves; a batch of {batch} with {} timesteps does not split", x.timesteps.len()),
             ));
         }
+        let share = batch / cfg;
+        let samples = share * self.plan.half(self.rank())..share * (self.plan.half(self.rank()) + 1);
+        let per_sample = x.timesteps.len() / batch;
+        let rows = |name: &str, t: &Tensor| batch_rows(name, t, batch, samples.clone());
+        let (hidden, context) = (rows("hidden_states", x.hidden_states)?, rows("encoder_hidden_states", x.encoder_hidden_states)?);
+        let image = x.encoder_hidden_states_image.map(|t| rows("encoder_hidden_states_image", t)).transpose()?;
+        let mine = DitInputs {
+            hidden_states: &hidden,
+            timesteps: &x.timesteps[samples.start * per_sample..samples.end * per_sample],
+            encoder_hidden_states: &context,
+            encoder_hidden_states_image: image.as_ref(),
+            options: x.options,
+        };
+        let out = self.traced(share, || self.forward_group(model, &mine))?;
+        // Every half's share, in the halves' order (a rank's partners are its CFG group).
+        let parts = self.cfg.exchange_bytes(vec![f32_to_bytes(out.data()); cfg], Traffic::Cfg)?;
+        let mut data = Vec::with_capacity(out.len() * cfg);
+        for part in parts {
+            let values = bytes_to_f32(&part)?;
+            if values.len() != out.len() {
+                return Err(WorkerError::Collective(format!("a CFG partner sent {} values for a share of {}", values.len(), out.len())));
+            }
+            data.extend_from_slice(&values);
+        }
+        let mut shape = out.shape().to_vec();
+        shape[0] = batch;
+        Ok(Tensor::new(shape, data)?)
+    }
+
+    /// The forward of `x` over this rank's sequence-parallel group (the world without CFG halves).
+    fn forward_group(&self, model: &DitModel, x: &DitInputs<'_>) -> Result<Tensor> {
         let (plan, timings) = (self.plan, &self.timings);
-        self.traced(x.hidden_states.dim(0), || match (model, self.nccl.get()) {
+        match (model, self.nccl.get()) {
             (DitModel::Cpu(m), _) => self.forward_host(m, x),
             (DitModel::Bf16Host(m), _) => self.forward_host(m, x),
             (DitModel::Cuda(m), Some(g)) => DeviceShard { world: &g.sequence, ulysses: &g.ulysses, ring: &g.ring, plan, timings }.forward(m, x),
-            (DitModel::Cuda(m), None) if plan.ranks() > 1 => self.forward_host(m, x),
+            (DitModel::Cuda(m), None) if plan.sequence_ranks() > 1 => self.forward_host(m, x),
             (DitModel::Cuda(m), None) => m.forward(x),
-        })
+        }
     }
 
     /// The sharded forward over this context's transport (device buffers staged through the host).
@@ -189,6 +230,17 @@ impl ShardContext {
         span.record("all_to_all_s", now.2 - all_to_all);
         out
     }
+}
+
+/// Samples `samples` of `name`, a batch-major tensor `[batch, ...]`, as a tensor of their own.
+fn batch_rows(name: &str, t: &Tensor, batch: usize, samples: std::ops::Range<usize>) -> Result<Tensor> {
+    if t.shape().first() != Some(&batch) || samples.end > batch {
+        return Err(WorkerError::input("parallel plan", format!("{name} is {:?}, not a batch of {batch}", t.shape())));
+    }
+    let per = t.len() / batch;
+    let mut shape = t.shape().to_vec();
+    shape[0] = samples.len();
+    Ok(Tensor::new(shape, t.data()[samples.start * per..samples.end * per].to_vec())?)
 }
 
 /// A backend that a sequence-parallel group can run the denoising loop on: the rank's forward on

@@ -86,7 +86,7 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
         return Ok(Admitted { ranks, ulysses: ulysses_degree(ranks, heads), cfg_parallel: false, evaluation: None });
     };
     let job = JobShape::of(spec);
-    let e = plan::best(&shape, &job, &gpu, ranks as u32, plan::efficiency(&gpu), Capabilities::for_job(spec));
+    let e = plan::best(&shape, &job, &gpu, ranks as u32, plan::efficiency(&gpu), Capabilities::TESSERA);
     let e = whole_job(&shape, spec, &gpu, e);
     if let Some(why) = &e.infeasible {
         return Err(CoordinatorError::DoesNotFit(format!(
@@ -107,7 +107,7 @@ pub fn admit(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], max_ranks: 
 pub fn evaluate_group(model: &str, spec: &JobSpec, workers: &[&WorkerRecord], ulysses: usize, cfg_parallel: bool) -> Option<Evaluation> {
     let shape = model_shape(model, spec, workers.first()?)?;
     let gpu = device_kind(workers)?;
-    let layout = Capabilities::for_job(spec).layout(workers.len() as u32, (ulysses as u32).max(1), cfg_parallel);
+    let layout = Capabilities::TESSERA.layout(workers.len() as u32, (ulysses as u32).max(1), cfg_parallel);
     Some(whole_job(&shape, spec, &gpu, plan::evaluate(&shape, &JobShape::of(spec), &gpu, layout, plan::efficiency(&gpu))))
 }
 

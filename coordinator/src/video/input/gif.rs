@@ -57,16 +57,20 @@ fn options(limits: &InputLimits) -> ::gif::DecodeOptions {
     options
 }
 
-/// Walks the frames (up to `max_frames`) without decoding pixels: (frames, total delay in
-/// centiseconds, whether the end was reached).
+/// Walks the frames (up to `max_frames`) without decoding pixels, checking each frame's size:
+/// (frames, total delay in centiseconds, whether the end was reached). Only the frames' headers
+/// are read, their data skipped unread: `read_next_frame` would copy it into a buffer reserved
+/// from the frame's claimed size, past the memory limit (a 1.6 KB file claiming a 65535 × 65535
+/// frame reserved 1 GiB; `coordinator/tests/fuzz_media.rs` found it).
 fn scan(bytes: &[u8], limits: &InputLimits) -> Result<(usize, u64, bool)> {
     let mut options = options(limits);
     options.skip_frame_decoding(true);
     let mut decoder = options.read_info(bytes).map_err(gif_error)?;
     let (mut frames, mut delay) = (0usize, 0u64);
     while frames < limits.max_frames {
-        match decoder.read_next_frame().map_err(gif_error)? {
+        match decoder.next_frame_info().map_err(gif_error)? {
             Some(f) => {
+                check_frame(f.width, f.height, limits)?;
                 frames += 1;
                 delay += f.delay as u64;
             }
@@ -74,6 +78,14 @@ fn scan(bytes: &[u8], limits: &InputLimits) -> Result<(usize, u64, bool)> {
         }
     }
     Ok((frames, delay, false))
+}
+
+/// A frame may overhang the screen; its own size is bounded like a screen's (in pixels).
+fn check_frame(w: u16, h: u16, limits: &InputLimits) -> Result<()> {
+    if w as u64 * h as u64 > limits.max_width as u64 * limits.max_height as u64 {
+        return Err(CoordinatorError::input_video(InputVideoProblem::TooLarge, format!("gif: a {w}x{h} frame exceeds the size limit")));
+    }
+    Ok(())
 }
 
 impl<'a> GifSource<'a> {
@@ -112,10 +124,7 @@ impl<'a> GifSource<'a> {
             },
         };
         let Rect { w, h, .. } = header.rect;
-        // A frame may overhang the screen; its own size is bounded like a screen's.
-        if w as u64 * h as u64 > self.limits.max_width as u64 * self.limits.max_height as u64 {
-            return Err(CoordinatorError::input_video(InputVideoProblem::TooLarge, format!("gif: a {w}x{h} frame exceeds the size limit")));
-        }
+        check_frame(w as u16, h as u16, &self.limits)?;
         self.pixels.clear();
         self.pixels.resize(4 * w as usize * h as usize, 0);
         self.decoder.read_into_buffer(&mut self.pixels).map_err(gif_error)?;
@@ -210,11 +219,12 @@ mod tests {
             assert!(matches!(err, CoordinatorError::InvalidInputVideo { problem: InputVideoProblem::Corrupt, .. }), "{err}");
             empty.push(b';');
         }
-        // A frame far larger than the screen and the limits.
+        // A frame far larger than the screen and the limits is refused by the walk at open, before
+        // any of its data is read.
         let huge = gif(4, 4, &[(0, 0, 10, 10, vec![1; 100], None, Keep, 5)]);
-        let mut s = GifSource::open(&huge, &InputLimits { max_width: 8, max_height: 8, ..Default::default() }).unwrap();
-        let err = s.next_frame().unwrap_err();
+        let err = GifSource::open(&huge, &InputLimits { max_width: 8, max_height: 8, ..Default::default() }).err().unwrap();
         assert!(matches!(err, CoordinatorError::InvalidInputVideo { problem: InputVideoProblem::TooLarge, .. }), "{err}");
+        assert!(err.to_string().contains("a 10x10 frame"), "{err}");
         // Truncated in the pixel data.
         let cut = GifSource::open(&bytes[..bytes.len() - 6], &InputLimits::default());
         assert!(cut.is_err_and(|e| e.to_string().contains("gif: ")), "the frame walk at open finds the cut");

@@ -199,3 +199,47 @@ fn diffusion_forcing_plans_give_the_one_device_forward() {
         assert!(model.forward(&bad).unwrap_err().to_string().contains("causal_block_size"));
     }
 }
+
+/// CFG-parallel whole-batch forwards (what a diffusion-forcing step runs): the guidance batch of 2
+/// splits into halves, each half runs its sample over its own sequence-parallel group, and each
+/// rank swaps its half's output with its partner, so every rank holds the one-device output of
+/// the batch. The bounds are the plans' own above (a half is a sequence-parallel group of a
+/// batch of 1). Each rank's CFG traffic is its half's output, once; a batch that does not split
+/// is refused.
+#[test]
+fn cfg_parallel_halves_give_the_one_device_batch() {
+    use crate::model::ForwardOptions;
+    for model in both_backends(17) {
+        let cfg = model.config().clone();
+        let f32_model = matches!(model, DitModel::Cpu(_));
+        let hidden = random(&[2, cfg.in_channels, 4, 4, 6], 10);
+        let text = random(&[2, 5, cfg.text_dim], 11);
+        let per_frame = [999.0, 733.0, 412.0, 17.0, 999.0, 733.0, 412.0, 17.0];
+        let options = ForwardOptions { fps_index: None, causal_block: Some(2) };
+        let x = DitInputs { hidden_states: &hidden, timesteps: &per_frame, encoder_hidden_states: &text, encoder_hidden_states_image: None, options };
+        let want = model.forward(&x).unwrap();
+        for (ranks, ulysses) in [(2, 1), (4, 1), (4, 2), (6, 1)] {
+            let plan = ParallelPlan::with_cfg(ranks, ulysses, 2, cfg.num_attention_heads).unwrap();
+            let outs = run_in_process(plan, |ctx| Ok(device_forward(ctx, &model, &x))).unwrap();
+            for (rank, (got, moved)) in outs.iter().enumerate() {
+                assert_eq!(got.shape(), want.shape());
+                let c = Comparison::new(got.data(), want.data(), &RING);
+                eprintln!("{} CFG halves: P={ranks} U={ulysses}, rank {rank}: rel-L2 {:.2e}", model.describe(), c.rel_l2);
+                if f32_model {
+                    assert!(c.rel_l2 < 1e-5, "P={ranks} U={ulysses} rank {rank}: {c:?}");
+                } else if plan.ring == 1 {
+                    assert!(got.data() == want.data(), "halves of Ulysses only must be bit-identical in bf16 (P={ranks})");
+                } else {
+                    assert!(c.passed, "P={ranks} U={ulysses} rank {rank}: {c:?}");
+                }
+                assert_eq!(moved.cfg, (want.len() / 2 * 4) as u64, "P={ranks} rank {rank}: its half's output, once");
+            }
+            assert!(outs.windows(2).all(|p| p[0].0 == p[1].0), "every rank holds the same batch");
+        }
+        let plan = ParallelPlan::with_cfg(2, 1, 2, cfg.num_attention_heads).unwrap();
+        let one = random(&[1, cfg.in_channels, 4, 4, 6], 12);
+        let single = DitInputs { hidden_states: &one, timesteps: &per_frame[..4], encoder_hidden_states: &text, ..x };
+        let errs = run_in_process(plan, |ctx| Ok(ctx.forward(&model, &single).unwrap_err().to_string())).unwrap();
+        assert!(errs.iter().all(|e| e.contains("does not split")), "{errs:?}");
+    }
+}
