@@ -89,6 +89,30 @@ impl ChunkPlan {
         debug_assert_eq!(chunks.iter().map(Chunk::new_frames).sum::<usize>(), n);
         Ok(Self { latent_frames: n, block, chunks })
     }
+
+    /// The plan of an image-to-video run (diffusers' `SkyReelsV2DiffusionForcingImageToVideoPipeline`):
+    /// the image's latent frame is the first chunk's clean prefix, never stepped, and stays in the
+    /// video as its first frame. The image is one latent frame, so the causal blocks must be one
+    /// frame too (upstream counts a one-frame prefix in larger blocks as no block, and denoises the
+    /// image's frame as noise).
+    pub fn with_image(mut self) -> Result<Self> {
+        if self.block != 1 {
+            return Err(WorkerError::input(
+                "causal_block_size",
+                format!("{} latent frames per block; image-to-video needs blocks of 1 (the image is one latent frame)", self.block),
+            ));
+        }
+        match self.chunks.first_mut() {
+            Some(first) if first.frames > 1 => first.prefix = first.prefix.max(1),
+            _ => return Err(WorkerError::input("num_frames", "image-to-video makes frames after the image: at least 5 frames (2 latent)")),
+        }
+        Ok(self)
+    }
+
+    /// Whether the first chunk starts from an image (its prefix without an overlap).
+    pub fn starts_from_image(&self) -> bool {
+        self.chunks.first().is_some_and(|c| c.prefix > c.overlap)
+    }
 }
 
 /// What a diffusion-forcing model advertises (its workers' `ModelInfo`): its causal block, and the
@@ -149,9 +173,9 @@ impl ForcingSettings {
     }
 
     /// Checks the settings for a video of `num_frames` frames and `steps` steps, at most
-    /// `max_frames` frames, naming the field at fault (`diffusion_forcing.FIELD`); returns the
-    /// chunks.
-    pub fn check(&self, num_frames: u32, steps: u32, max_frames: u64) -> Result<ChunkPlan> {
+    /// `max_frames` frames, starting from an input image when `image`, naming the field at fault
+    /// (`diffusion_forcing.FIELD`); returns the chunks.
+    pub fn check(&self, num_frames: u32, steps: u32, max_frames: u64, image: bool) -> Result<ChunkPlan> {
         let four_k_plus_one = |field: &'static str, v: u32| -> Result<()> {
             if v == 0 || v % 4 != 1 || u64::from(v) > max_frames {
                 return Err(WorkerError::input(field, format!("{v} must be 4k+1 (1, 5, 9, ... {max_frames})")));
@@ -178,6 +202,7 @@ impl ForcingSettings {
             return Err(WorkerError::input("fps", format!("{} must be between 1 and 120", self.fps)));
         }
         let plan = ChunkPlan::new(num_frames as usize, self.base_num_frames as usize, Some(self.overlap_history as usize), self.causal_block_size as usize);
+        let plan = if image { plan.and_then(ChunkPlan::with_image) } else { plan };
         plan.map_err(|e| match e {
             WorkerError::InvalidInput { field, detail } => WorkerError::InvalidInput { field: public_field(field), detail },
             other => other,
@@ -257,5 +282,24 @@ mod tests {
         let err = ChunkPlan::new(961, 97, Some(17), 5).unwrap_err().to_string();
         assert!(err.contains("num_frames") && err.contains("21 latent frames") && err.contains("977 frames fit"), "{err}");
         assert!(ChunkPlan::new(977, 97, Some(17), 5).is_ok());
+    }
+
+    /// Image-to-video: the first chunk's first latent frame is the image's, a prefix that stays
+    /// in the video (no overlap), so the first chunk runs the iterations of one frame fewer; the
+    /// later chunks are unchanged. Blocks of more than one frame are refused.
+    #[test]
+    fn an_image_is_the_first_chunks_prefix() {
+        let plain = ChunkPlan::new(257, 97, Some(17), 1).unwrap();
+        let image = plain.clone().with_image().unwrap();
+        assert!(image.starts_from_image() && !plain.starts_from_image());
+        assert_eq!(image.chunks[0], Chunk { frames: 25, prefix: 1, overlap: 0 });
+        assert_eq!(image.chunks[1..], plain.chunks[1..]);
+        assert_eq!(image.chunks.iter().map(Chunk::new_frames).sum::<usize>(), image.latent_frames, "the image's frame is a frame of the video");
+        assert_eq!(iterations(30, 25, 1, 1, 5), 30 + 23 * 5);
+        assert_eq!(image.total_iterations(30, 5) + 5, plain.total_iterations(30, 5));
+        let err = ChunkPlan::new(257, 97, Some(17), 5).unwrap().with_image().unwrap_err().to_string();
+        assert!(err.contains("causal_block_size") && err.contains("blocks of 1"), "{err}");
+        assert!(ChunkPlan::new(1, 97, Some(17), 1).unwrap().with_image().unwrap_err().to_string().contains("num_frames"));
+        assert_eq!(ChunkPlan::new(5, 97, Some(17), 1).unwrap().with_image().unwrap().chunks, vec![Chunk { frames: 2, prefix: 1, overlap: 0 }]);
     }
 }

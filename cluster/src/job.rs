@@ -99,8 +99,8 @@ pub struct JobRequest {
     /// Diffusion forcing (set exactly when the model is a SkyReels-V2 DF model): the video is
     /// made chunk by chunk.
     pub forcing: Option<ForcingSettings>,
-    /// Image-to-video: the input image's size (set exactly when the job has an input image, which
-    /// the model then requires).
+    /// Image-to-video: the input image's size (set exactly when the job has an input image: a Wan
+    /// 2.1 I2V model requires one; a diffusion-forcing model starts its first chunk from it).
     pub image: Option<ImageSize>,
 }
 
@@ -176,9 +176,6 @@ impl JobSpec {
             if request.strength.is_some() {
                 return Err(ClusterError::input("input_image", "an input image and an input video exclude each other"));
             }
-            if request.forcing.is_some() {
-                return Err(ClusterError::input("input_image", "image-to-video by diffusion forcing is not served yet"));
-            }
         }
         let Some(forcing) = request.forcing else {
             let checked = check_settings(&generated, factors, limits)?;
@@ -192,7 +189,7 @@ impl JobSpec {
         if factors != ModelFactors::WAN {
             return Err(ClusterError::input("model_factors", format!("{factors:?}: diffusion forcing is defined for Wan's VAE (8, 4) and patches (1×2×2)")));
         }
-        let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames)?;
+        let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames, request.image.is_some())?;
         let [_, h, w] = checked.latent_fhw;
         let largest = chunks.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
         let tokens = grid_tokens([largest as u64, h as u64, w as u64], factors).filter(|&t| t <= limits.max_tokens).ok_or_else(|| {
@@ -452,6 +449,17 @@ mod tests {
         let chunks = spec.chunks().unwrap();
         assert_eq!((chunks.chunks.len(), chunks.latent_frames, spec.planned_steps()), (12, 241, 12 * 50));
         assert_eq!(JobSpec::from_message(&spec.to_message(), &l).unwrap(), spec);
+        // From an image: the first chunk's first frame is the image's, never stepped (synchronous,
+        // the chunk still runs 50 iterations); blocks of 5 cannot hold a one-frame image.
+        let image = Some(ImageSize { width: 640, height: 360 });
+        let from_image = JobSpec::new(JobRequest { image, ..minute.clone() }, ModelFactors::WAN, &l).unwrap();
+        let first = from_image.chunks().unwrap().chunks[0];
+        assert_eq!((first.prefix, first.overlap, from_image.planned_steps()), (1, 0, 12 * 50));
+        assert_eq!(JobSpec::from_message(&from_image.to_message(), &l).unwrap(), from_image);
+        let blocks = ForcingSettings { causal_block_size: 5, ..df };
+        let err = JobSpec::new(JobRequest { image, num_frames: 977, forcing: Some(blocks), ..minute.clone() }, ModelFactors::WAN, &l);
+        assert!(JobSpec::new(JobRequest { num_frames: 977, forcing: Some(blocks), ..minute.clone() }, ModelFactors::WAN, &l).is_ok());
+        assert_eq!(field(err), "diffusion_forcing.causal_block_size");
         assert_eq!(field(JobSpec::new(JobRequest { forcing: None, ..minute.clone() }, ModelFactors::WAN, &l)), "num_frames");
         let with = |f: ForcingSettings| JobSpec::new(JobRequest { forcing: Some(f), ..minute.clone() }, ModelFactors::WAN, &l);
         assert_eq!(field(with(ForcingSettings { base_num_frames: 121, ..df })), "diffusion_forcing.base_num_frames", "31 latent frames per chunk");

@@ -126,13 +126,20 @@ pub fn validate(
         }
         req.strength = Some(req.strength.unwrap_or(defaults.strength));
     }
-    // Image-to-video: an image exactly for a model that makes videos from one; its header is
+    // Image-to-video: an image exactly for a model that makes videos from one (Wan 2.1 I2V), or
+    // optionally for a diffusion-forcing model (its first chunk starts from it); its header is
     // read and checked here, its pixels decoded once before the job is accepted.
-    let image = match (req.input_image.is_empty(), defaults.image_to_video) {
-        (true, false) => None,
-        (false, true) => Some(crate::input_image::probe(&req.input_image)?),
-        (true, true) => return Err(invalid("input_image", "is required: this model makes videos from an image (image-to-video)")),
-        (false, false) => return Err(invalid("input_image", "applies only to image-to-video models (Wan 2.1 I2V); this model is not one")),
+    let takes_image = defaults.image_to_video || defaults.forcing.is_some();
+    let image = match (req.input_image.is_empty(), defaults.image_to_video, takes_image) {
+        (true, false, _) => None,
+        (false, _, true) => Some(crate::input_image::probe(&req.input_image)?),
+        (true, true, _) => return Err(invalid("input_image", "is required: this model makes videos from an image (image-to-video)")),
+        (false, _, false) => {
+            return Err(invalid(
+                "input_image",
+                "applies only to image-to-video models (Wan 2.1 I2V) and diffusion-forcing models (SkyReels-V2 DF); this model is neither",
+            ))
+        }
     };
     req.seed = Some(req.seed.unwrap_or_else(draw_seed));
     // Diffusion forcing: always for a DF model (its defaults), never for another.

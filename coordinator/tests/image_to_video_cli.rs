@@ -147,3 +147,43 @@ fn bad_images_are_refused_naming_the_flag() {
     assert!(refuse("tiny", Some(&png)).0.contains("image-to-video"));
     assert!(refuse("tiny-i2v", None).0.contains("required"));
 }
+
+/// Diffusion forcing from an image (`tiny-df`: SkyReels-V2's structure, random weights): the image
+/// is the first chunk's first latent frame, so the video's first frame follows the image (another
+/// image, another first frame; none, another again) while the run still goes chunk by chunk to
+/// every frame. Two workers (the image encoded in bands, each forward sharded or split in CFG
+/// halves, as the planner lays it out) give one worker's frames to within one 8-bit level. Blocks
+/// of more than one latent frame cannot hold the one-frame image: refused naming the flag's field.
+#[test]
+fn tiny_df_starts_a_long_video_from_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["generate", "--preset", "tiny-df", "--prompt", "a boat", "--frames", "57", "--height", "48", "--width", "64", "--steps", "2", "--seed", "3"];
+    let run = |image: Option<&Path>, name: &str, workers: &str| {
+        let out = dir.path().join(name);
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend(["--format", "png", "--workers", workers, "-o"].map(String::from));
+        a.push(out.display().to_string());
+        if let Some(p) = image {
+            a.extend(["--image".into(), p.display().to_string()]);
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = tessera(&a);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        common::png_frames(&out)
+    };
+    let disc = picture(dir.path(), "disc.png", image::ImageFormat::Png, false);
+    let inverted = picture(dir.path(), "inverted.png", image::ImageFormat::Png, true);
+    let (a, b, none) = (run(Some(&disc), "a", "1"), run(Some(&inverted), "b", "1"), run(None, "none", "1"));
+    assert!(a.len() == 57 && b.len() == 57 && none.len() == 57);
+    assert!(a.iter().all(|(w, h, _)| (*w, *h) == (64, 48)));
+    assert_ne!(a[0].2, b[0].2, "the first frame follows the image");
+    assert_ne!(a[0].2, none[0].2, "and differs from the text-only run's");
+    let two = run(Some(&disc), "two", "2");
+    let max = a.iter().zip(&two).flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| p.abs_diff(*q))).max().unwrap();
+    assert!(two.len() == 57 && max <= 1, "2 workers: frames differ by up to {max} levels");
+    let mut blocks: Vec<&str> = args.to_vec();
+    blocks.extend(["--causal-block", "5", "--image", disc.to_str().unwrap(), "-o", "unused.mp4"]);
+    let (code, _, stderr) = tessera(&blocks);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("causal") && stderr.contains("blocks of 1"), "{stderr}");
+}

@@ -57,7 +57,8 @@ pub struct GenerateArgs {
     input_video: Option<PathBuf>,
     /// Image-to-video: the image the video starts from (PNG, JPEG or WebP, recognised by its
     /// contents, up to 4096x4096). An image-to-video model (the tiny-i2v preset, a Wan 2.1 I2V
-    /// snapshot) requires it; the others refuse it.
+    /// snapshot) requires it; a diffusion-forcing model (tiny-df, SkyReels-V2 DF) takes it as the
+    /// video's first frame (with causal blocks of 1 frame); the others refuse it.
     #[arg(long, env = "TESSERA_IMAGE")]
     image: Option<PathBuf>,
     /// Video-to-video: the share of the denoising schedule run from the noised input, in (0, 1];

@@ -168,6 +168,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         guidance_scale: s.guidance_scale,
         latent,
         block,
+        image: None,
     };
     let model = pipe.transformer();
     let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {

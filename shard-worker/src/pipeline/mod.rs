@@ -295,6 +295,17 @@ impl WanPipeline {
         Ok(ImageConditioning { embeds, latents: self.image_latents_in(&resized.to_signed_unit()?, params.num_frames, world)? })
     }
 
+    /// A diffusion-forcing run's image prefix, as `SkyReelsV2DiffusionForcingImageToVideoPipeline`
+    /// makes it: the image resized to the video's size, VAE-encoded alone as a one-frame video
+    /// (the posterior mean) and normalised: `[1, z_dim, 1, h, w]`, the first chunk's first latent
+    /// frame. The encode is split across `world`'s members when given.
+    pub fn image_prefix_in(&self, image: &RgbImage, params: &GenerationParams, world: Option<&Communicator>) -> Result<Tensor> {
+        let unit = image.resized(params.height, params.width, Filter::Lanczos).to_signed_unit()?;
+        let s = unit.shape().to_vec();
+        let frame = Tensor::new([1, 3, 1, s[2], s[3]], unit.data().to_vec())?;
+        self.encode_video_in(&frame, world)
+    }
+
     /// The latent side of the image condition: `image` `[1, 3, H, W]` in [−1, 1] as frame 0 of a
     /// `num_frames` video whose other frames are 0, VAE-encoded (the posterior mean) and
     /// normalised, after the 4-channel first-frame mask: `[1, 4 + z_dim, F', h, w]`.

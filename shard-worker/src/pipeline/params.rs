@@ -44,8 +44,9 @@ pub struct GenerationParams {
     pub video: Option<VideoInput>,
     /// Diffusion forcing (SkyReels-V2 DF models): the long-video settings.
     pub forcing: Option<super::forcing::ForcingParams>,
-    /// Image-to-video (Wan 2.1 I2V models): the image the video starts from, any size (resized
-    /// to the output size for the first frame, to the encoder's for its tokens).
+    /// Image-to-video: the image the video starts from, any size. Wan 2.1 I2V models resize it to
+    /// the output size for the first frame and to the encoder's for its tokens; diffusion-forcing
+    /// models resize it to the output size as the first chunk's first frame.
     pub image: Option<crate::image::RgbImage>,
 }
 

@@ -189,10 +189,13 @@ fn prepare(pipe: &WanPipeline, setup: &JobSetup, plan: ParallelPlan, listener: T
     // keeps its share of the latent on its device from here to the decode (a diffusion-forcing
     // run: every rank holds the chunk, each forward is sharded).
     let group = if plan.ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(&ctx) };
-    // Image-to-video: every rank runs the image encoder (deterministic, so the ranks agree; its
-    // tokens are small beside the transformer's work), and the VAE encodes the condition video
-    // split by rows across the group, every rank getting the whole latent.
-    text.image = p.image.as_ref().map(|image| pipe.encode_image_in(image, p, group.world())).transpose()?;
+    // Image-to-video (Wan 2.1 I2V): every rank runs the image encoder (deterministic, so the ranks
+    // agree; its tokens are small beside the transformer's work), and the VAE encodes the
+    // condition video split by rows across the group, every rank getting the whole latent. A
+    // diffusion-forcing run encodes its image as the first chunk's prefix instead (`JobRun::new`).
+    if pipe.is_image_to_video() {
+        text.image = p.image.as_ref().map(|image| pipe.encode_image_in(image, p, group.world())).transpose()?;
+    }
     let run = JobRun::new(pipe, group, p, text, setup.resume.as_ref())?;
     Ok((ctx, run))
 }

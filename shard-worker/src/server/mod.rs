@@ -329,12 +329,15 @@ impl WorkerService {
             (Some(_), None) => return Err(invalid_field("spec.image", "spec.image: required with input_image")),
             (None, Some(_)) => return Err(invalid_field("input_image", "input_image: required with spec.image")),
         }
-        if params.image.is_some() != self.inner.pipe.is_image_to_video() {
-            let detail = match params.image {
-                Some(_) => "input_image: this worker's model is not an image-to-video model",
-                None => "input_image: this worker's model is an image-to-video model and needs the input image",
-            };
-            return Err(invalid_field("input_image", detail));
+        let pipe = &self.inner.pipe;
+        match (&params.image, pipe.is_image_to_video(), pipe.is_image_to_video() || pipe.is_diffusion_forcing()) {
+            (Some(_), _, false) => {
+                return Err(invalid_field("input_image", "input_image: this worker's model is neither an image-to-video nor a diffusion-forcing model"))
+            }
+            (None, true, _) => {
+                return Err(invalid_field("input_image", "input_image: this worker's model is an image-to-video model and needs the input image"))
+            }
+            _ => {}
         }
         // The input video's shape against the spec's sizes (the sizes were checked above).
         params.validate(spec.factors(), &me.limits).map_err(Status::from)?;

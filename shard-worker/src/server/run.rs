@@ -9,6 +9,7 @@ use crate::pipeline::forcing::{latent_frames, ChunkPlan, ForcingRun, ForcingSetu
 use crate::pipeline::{Conditioning, Denoiser, FrameStream, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline, NOISE_STREAM};
 use crate::sampler::SamplerHistory;
 use crate::{Result, WorkerError};
+use tessera_cluster::limits::grid_tokens;
 use tessera_kernels::Tensor;
 
 /// Where a resumed run starts: a checkpoint of an earlier group's run.
@@ -109,10 +110,17 @@ impl JobRun {
         if let Some(f) = &p.forcing {
             let block = f.causal_block_size.unwrap_or(pipe.transformer().config().num_frame_per_block);
             let plan = ChunkPlan::new(p.num_frames, f.base_num_frames, f.overlap_history, block)?;
+            // Image-to-video: the image's latent frame starts the first chunk (encoded split by
+            // rows across the group, as every VAE stage).
+            let (plan, image) = match &p.image {
+                Some(image) => (plan.with_image()?, Some(pipe.image_prefix_in(image, p, group.world())?)),
+                None => (plan, None),
+            };
             let [_, h, w] = p.latent_fhw(pipe.factors());
             let latent = [pipe.vae().config().z_dim, h, w];
-            let tokens = plan.chunks.iter().map(|c| c.frames).max().unwrap_or(0) * (h / 2) * (w / 2);
-            let setup = ForcingSetup { plan, params: f.clone(), schedule, text, guidance_scale: p.guidance_scale, latent, block };
+            let largest = plan.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
+            let tokens = grid_tokens([largest as u64, h as u64, w as u64], pipe.factors()).and_then(|t| usize::try_from(t).ok()).unwrap_or(0);
+            let setup = ForcingSetup { plan, params: f.clone(), schedule, text, guidance_scale: p.guidance_scale, latent, block, image };
             let run = match resume {
                 None => ForcingRun::new(setup)?,
                 Some(Resume { state: ResumeState::Forcing(cp), latents, .. }) => ForcingRun::resume(setup, cp.chunks_done, latents.clone())?,

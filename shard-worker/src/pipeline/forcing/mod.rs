@@ -152,6 +152,9 @@ pub struct ForcingSetup {
     pub latent: [usize; 3],
     /// Latent frames per causal block (the chunk plan's).
     pub block: usize,
+    /// Image-to-video: the image's latent frame `[1, C, 1, h, w]` ([`WanPipeline::image_prefix_in`]),
+    /// the first chunk's prefix (a plan [`ChunkPlan::with_image`]).
+    pub image: Option<Tensor>,
 }
 
 /// The chunk being denoised: its latents, step matrix, per-frame samplers and next iteration.
@@ -196,6 +199,13 @@ impl ForcingRun {
         };
         if setup.plan.chunks.is_empty() || setup.block != setup.plan.block {
             return Err(WorkerError::input("causal_block_size", format!("{} frames per block for a plan cut in blocks of {}", setup.block, setup.plan.block)));
+        }
+        if setup.plan.starts_from_image() != setup.image.is_some() {
+            return Err(WorkerError::input("image", "an image-to-video run needs both the image and a plan that starts from it"));
+        }
+        if let Some(image) = &setup.image {
+            let [c, h, w] = setup.latent;
+            image.expect_shape("image latent", &[1, c, 1, h, w])?;
         }
         let steps = setup.schedule.num_steps();
         let iterations = setup.plan.chunks.iter().map(|c| iterations(steps, c.frames, c.prefix, setup.block, setup.params.ar_step)).collect();
@@ -278,9 +288,14 @@ impl ForcingRun {
         if self.current.is_none() {
             let mut latents = noise.chunk(k, [1, c, f, h, w])?;
             latents.expect_shape("chunk noise", &[1, c, f, h, w])?;
-            if let (Some(acc), true) = (&self.video, pf > 0) {
-                let end = acc.dim(2) - chunk.overlap;
-                put_frames(&mut latents, 0, &frames_of(acc, end..end + pf));
+            match (&self.video, &self.setup.image) {
+                (Some(acc), _) if pf > 0 => {
+                    let end = acc.dim(2) - chunk.overlap;
+                    put_frames(&mut latents, 0, &frames_of(acc, end..end + pf));
+                }
+                // The first chunk of an image-to-video run starts from the image's frame.
+                (None, Some(image)) => put_frames(&mut latents, 0, image.data()),
+                _ => {}
             }
             let matrix = StepMatrix::new(self.setup.schedule.num_steps(), f, pf, self.setup.block, self.setup.params.ar_step)?;
             observer.on_chunk_start(k, &chunk, &matrix, &latents)?;
@@ -425,6 +440,7 @@ mod tests {
             guidance_scale: 3.0,
             latent: [4, 2, 2],
             block: 1,
+            image: None,
         };
         let mut forward = |x: &DitInputs<'_>| pipe.transformer().forward(x);
         let go = |seed: u64, counts: &mut Counts, forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>| {
@@ -459,5 +475,52 @@ mod tests {
         let err =
             crate::pipeline::Denoiser::new(&pipe, crate::pipeline::RankGroup::Alone, start, text.clone(), 3.0, schedule.clone()).err().unwrap().to_string();
         assert!(err.contains("SkyReels-V2"), "{err}");
+    }
+
+    /// Image-to-video: the image's latent frame starts the first chunk and is never stepped, so
+    /// the video's first latent frame is the image's, bit for bit, and its first decoded frame is
+    /// the image's VAE round trip (the decode is causal: frame 0 depends on latent frame 0 alone).
+    /// The video goes on from the image: its next frames differ from a run without it. A run
+    /// given the image without a plan that starts from it, or the reverse, is refused.
+    #[test]
+    fn an_image_starts_the_first_chunk_and_stays_the_first_frame() {
+        let pipe = WanPipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/df-a")).unwrap();
+        let gen = GenerationParams { num_inference_steps: 2, height: 16, width: 16, num_frames: 53, ..GenerationParams::new("a boat") };
+        let text = pipe.encode_text(&gen.prompt, "", 3.0).unwrap();
+        let schedule = pipe.schedule_for(&gen).unwrap();
+        let params = ForcingParams { base_num_frames: 17, overlap_history: Some(5), ar_step: 1, causal_block_size: Some(1), addnoise_condition: 20.0, fps: 24 };
+        let plan = ChunkPlan::new(gen.num_frames, params.base_num_frames, params.overlap_history, 1).unwrap();
+        let pixels = (0..20 * 24 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let image = crate::image::RgbImage::new(20, 24, pixels).unwrap();
+        let latent = pipe.image_prefix_in(&image, &gen, None).unwrap();
+        assert_eq!(latent.shape(), &[1, 4, 1, 2, 2]);
+        let setup = |plan: ChunkPlan, image: Option<Tensor>| ForcingSetup {
+            plan,
+            params: params.clone(),
+            schedule: schedule.clone(),
+            text: text.clone(),
+            guidance_scale: 3.0,
+            latent: [4, 2, 2],
+            block: 1,
+            image,
+        };
+        let mut forward = |x: &DitInputs<'_>| pipe.transformer().forward(x);
+        let from_image = plan.clone().with_image().unwrap();
+        let mut run = ForcingRun::new(setup(from_image.clone(), Some(latent.clone()))).unwrap();
+        assert_eq!(run.total_iterations(), from_image.total_iterations(2, 1));
+        let video = run.run(&mut SeededNoise(7), &mut forward, &mut ()).unwrap();
+        let plain = ForcingRun::new(setup(plan.clone(), None)).unwrap().run(&mut SeededNoise(7), &mut forward, &mut ()).unwrap();
+        assert_eq!(video.shape(), plain.shape());
+        assert!(latent_frames(&video, 0..1).unwrap().data() == latent.data(), "the image's frame is never stepped");
+        assert!(latent_frames(&video, 1..5).unwrap().data() != latent_frames(&plain, 1..5).unwrap().data());
+        let decoded = |latents: &Tensor| {
+            let mut frames = crate::pipeline::FrameCollector::default();
+            pipe.decode(latents, &mut frames).unwrap();
+            frames.frames().unwrap()
+        };
+        let first = latent_frames(&decoded(&video), 0..1).unwrap();
+        assert!(first.data() == decoded(&latent).data(), "the first frame is the image's VAE round trip");
+        assert!(ForcingRun::new(setup(from_image, None)).is_err());
+        assert!(ForcingRun::new(setup(plan, Some(latent))).is_err());
     }
 }
