@@ -149,6 +149,19 @@ impl TransformerConfig {
         self.num_attention_heads * self.attention_head_dim
     }
 
+    /// Multiply-adds per video token per block in the linear layers: self-attention q, k, v and
+    /// out, cross-attention q and out (4D² + 2D²), the feed-forward in and out (2·D·F).
+    pub fn token_weights(&self) -> u64 {
+        let d = self.inner_dim() as u64;
+        6 * d * d + 2 * d * self.ffn_dim as u64
+    }
+
+    /// Multiply-adds per query per visible key per block in self-attention: q·k and the weighted
+    /// sum of v over every head (2·D).
+    pub fn key_weights(&self) -> u64 {
+        2 * self.inner_dim() as u64
+    }
+
     /// Inputs per patch: `in_channels · p_t · p_h · p_w`.
     pub fn patch_in(&self) -> usize {
         self.in_channels * self.patch_size.iter().product::<usize>()

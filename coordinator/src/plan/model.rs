@@ -122,8 +122,7 @@ impl ModelShape {
             heads: c.num_attention_heads as u64,
             head_dim: c.attention_head_dim as u64,
             ffn: c.ffn_dim as u64,
-            // self-attention q, k, v, out; cross-attention q, out; feed-forward in and out
-            token_weights: 6 * d * d + 2 * d * c.ffn_dim as u64,
+            token_weights: c.token_weights(),
             text_len: 512,
             text_joint: false,
             context_weights: 2 * d * d,

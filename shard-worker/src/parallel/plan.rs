@@ -1,6 +1,8 @@
 //! How a job's token sequence is split over ranks: contiguous ranges of the flattened
-//! (frame, row, column) sequence, and the Ulysses × ring layout of the ranks.
+//! (frame, row, column) sequence (even, or balanced for the work a causal mask leaves each ring
+//! member), and the Ulysses × ring layout of the ranks.
 
+use crate::model::Visibility;
 use crate::{Result, WorkerError};
 use std::ops::Range;
 
@@ -111,6 +113,50 @@ impl ParallelPlan {
     }
 }
 
+/// What one query token costs: `token` multiply-adds whatever it sees (the linear layers) and
+/// `key` per key it sees (attention).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenCost {
+    /// Per token (the linear layers: [`TransformerConfig::token_weights`](tessera_cluster::TransformerConfig::token_weights)).
+    pub token: f64,
+    /// Per visible key ([`TransformerConfig::key_weights`](tessera_cluster::TransformerConfig::key_weights)).
+    pub key: f64,
+}
+
+/// The cut of `total` tokens over the ranks of the sequence-parallel `plan` when queries see
+/// `visibility`'s keys. With full attention, or one ring member, the even cut ([`shard_ranges`]).
+/// Under a causal mask a ring member's attention grows with where its queries sit (its first
+/// queries see a short prefix, the last member's see everything), so contiguous spans of equal
+/// `cost` go to the ring members — longer spans early, shorter late — and each span is split
+/// evenly among its Ulysses group, whose all-to-all shares the span's attention by heads. Every
+/// rank computes the same cut; spans are never empty while there are tokens enough.
+pub fn balanced_ranges(total: usize, plan: ParallelPlan, visibility: Visibility, cost: TokenCost) -> Vec<Range<usize>> {
+    let (ranks, ring, u) = (plan.sequence_ranks(), plan.ring, plan.ulysses.max(1));
+    if matches!(visibility, Visibility::Full) || ring <= 1 || total < ranks {
+        return shard_ranges(total, ranks);
+    }
+    let work = |q: usize| cost.token + cost.key * visibility.visible_end(q).min(total) as f64;
+    let whole: f64 = (0..total).map(work).sum();
+    // Cut after the token where the running work first reaches each member's share.
+    let mut cuts = Vec::with_capacity(ring + 1);
+    cuts.push(0);
+    let (mut done, mut next) = (0.0, 1);
+    for q in 0..total {
+        done += work(q);
+        if next < ring && done >= whole * next as f64 / ring as f64 {
+            cuts.push(q + 1);
+            next += 1;
+        }
+    }
+    cuts.resize(ring, total);
+    cuts.push(total);
+    // Every member keeps at least its Ulysses group's tokens (one each).
+    for k in 1..ring {
+        cuts[k] = cuts[k].max(cuts[k - 1] + u).min(total - (ring - k) * u);
+    }
+    cuts.windows(2).flat_map(|span| shard_ranges(span[1] - span[0], u).into_iter().map(move |r| span[0] + r.start..span[0] + r.end)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +174,48 @@ mod tests {
                 assert!(max - min <= 1);
             }
         }
+    }
+
+    /// Each ring member's work (linear layers per token, attention per visible key) under `cut`.
+    fn member_work(cut: &[Range<usize>], plan: ParallelPlan, visibility: Visibility, cost: TokenCost, total: usize) -> Vec<f64> {
+        cut.chunks(plan.ulysses)
+            .map(|group| (group[0].start..group[group.len() - 1].end).map(|q| cost.token + cost.key * visibility.visible_end(q).min(total) as f64).sum())
+            .collect()
+    }
+
+    /// A SkyReels-V2-DF-14B chunk at 720p in its asynchronous setting: 25 latent frames of 45 × 80
+    /// tokens in causal blocks of 5 frames. Cut evenly over a ring of 8, the last member does
+    /// most of the attention; the balanced cut gives every ring member the same work to within
+    /// a token's, with USP's Ulysses groups split evenly inside. Full attention keeps the even cut.
+    #[test]
+    fn a_causal_mask_is_balanced_over_the_ring() {
+        let (d, ffn) = (5120.0, 13824.0);
+        let cost = TokenCost { token: 6.0 * d * d + 2.0 * d * ffn, key: 2.0 * d };
+        let (frame, total) = (45 * 80, 25 * 45 * 80);
+        let causal = Visibility::BlockCausal { block: 5 * frame };
+        for (ranks, ulysses) in [(8, 1), (8, 2), (4, 1), (3, 1)] {
+            let plan = ParallelPlan::new(ranks, ulysses, 40).unwrap();
+            let cut = balanced_ranges(total, plan, causal, cost);
+            assert_eq!((cut.len(), cut[0].start, cut[ranks - 1].end), (ranks, 0, total));
+            assert!(cut.windows(2).all(|w| w[0].end == w[1].start && !w[0].is_empty()));
+            for group in cut.chunks(ulysses) {
+                let (min, max) = (group.iter().map(|r| r.len()).min().unwrap(), group.iter().map(|r| r.len()).max().unwrap());
+                assert!(max - min <= 1, "a Ulysses group splits its span evenly: {group:?}");
+            }
+            let ratio = |w: Vec<f64>| w.iter().cloned().fold(0.0, f64::max) / (w.iter().sum::<f64>() / w.len() as f64);
+            let (even, balanced) =
+                (ratio(member_work(&shard_ranges(total, ranks), plan, causal, cost, total)), ratio(member_work(&cut, plan, causal, cost, total)));
+            eprintln!("{ranks} ranks (ulysses {ulysses}): busiest ring member / mean: even cut {even:.3}, balanced {balanced:.4}");
+            assert!(balanced < 1.001, "{balanced}");
+            assert!(even > 1.1, "the even cut is unbalanced under the mask: {even}");
+        }
+        let plan = ParallelPlan::new(8, 1, 40).unwrap();
+        assert_eq!(balanced_ranges(total, plan, Visibility::Full, cost), shard_ranges(total, 8));
+        // Fewer tokens than ranks: the even cut (some ranks hold none).
+        assert_eq!(balanced_ranges(5, plan, causal, cost), shard_ranges(5, 8));
+        // Tiny and lopsided: still every member holds a token.
+        let cut = balanced_ranges(9, ParallelPlan::new(4, 1, 40).unwrap(), Visibility::BlockCausal { block: 3 }, cost);
+        assert!(cut.iter().all(|r| !r.is_empty()) && cut[3].end == 9, "{cut:?}");
     }
 
     #[test]

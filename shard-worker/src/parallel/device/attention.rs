@@ -9,7 +9,7 @@
 use super::comm::DeviceComm;
 use crate::model::{visible_flash, QkvRows, SelfAttention, Visibility};
 use crate::parallel::comm::Traffic;
-use crate::parallel::plan::{shard_ranges, ParallelPlan};
+use crate::parallel::plan::ParallelPlan;
 use crate::parallel::timings::{AttentionTimings, Phase};
 use crate::{Result, WorkerError};
 use std::marker::PhantomData;
@@ -115,10 +115,15 @@ fn ranges(sizes: &[usize], unit: usize, base: usize) -> Vec<Range<usize>> {
 }
 
 impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
-    /// Attention for global rank `rank` of `plan` over a sequence of `tokens` tokens, sharded as
-    /// [`shard_ranges`] shards it; `ulysses` and `ring` are this rank's groups; time spent is
-    /// added to `timings`.
-    pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, tokens: usize, timings: &'a AttentionTimings) -> Result<Self> {
+    /// Attention for global rank `rank` of `plan` over a sequence cut into `shards` (every rank's
+    /// contiguous range, in rank order: [`shard_ranges`](crate::parallel::shard_ranges) or
+    /// [`balanced_ranges`](crate::parallel::plan::balanced_ranges)); `ulysses` and `ring` are
+    /// this rank's groups; time spent is added to `timings`.
+    pub fn new(ulysses: &'a C, ring: &'a C, plan: ParallelPlan, rank: usize, shards: &[Range<usize>], timings: &'a AttentionTimings) -> Result<Self> {
+        let contiguous = shards.first().is_none_or(|r| r.start == 0) && shards.windows(2).all(|w| w[0].end == w[1].start);
+        if shards.len() != plan.ranks() || !contiguous {
+            return Err(WorkerError::Collective(format!("a sequence cut {shards:?} for a plan of {} ranks", plan.ranks())));
+        }
         if ulysses.size() != plan.ulysses || ring.size() != plan.ring || rank >= plan.ranks() {
             return Err(WorkerError::Collective(format!(
                 "rank {rank} of a {}x{} plan with groups of {} and {}",
@@ -128,7 +133,6 @@ impl<'a, O: Ops, C: DeviceComm<O>> ShardedDeviceAttention<'a, O, C> {
                 ring.size()
             )));
         }
-        let shards = shard_ranges(tokens, plan.ranks());
         let sizes: Vec<usize> = shards.iter().map(|r| r.len()).collect();
         let group_rows = |r: usize| plan.ulysses_group(r).iter().map(|&g| sizes[g]).sum::<usize>();
         let group_start = |r: usize| plan.ulysses_group(r).first().map_or(0, |&g| shards[g].start);

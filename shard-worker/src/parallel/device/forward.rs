@@ -9,7 +9,7 @@ use super::attention::ShardedDeviceAttention;
 use super::comm::DeviceComm;
 use crate::model::{DitInputs, PatchInputs, WanTransformer};
 use crate::parallel::comm::Traffic;
-use crate::parallel::plan::{shard_ranges, ParallelPlan};
+use crate::parallel::plan::{balanced_ranges, shard_ranges, ParallelPlan, TokenCost};
 use crate::parallel::timings::AttentionTimings;
 use crate::{Result, WorkerError};
 use std::ops::Range;
@@ -52,12 +52,14 @@ impl<C> DeviceShard<'_, C> {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", plan.ulysses)));
         }
         tracing::Span::current().record("tokens", mine.len());
-        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, x.grid.tokens(), self.timings)?;
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, &shard_ranges(x.grid.tokens(), p), self.timings)?;
         model.forward_patches(x, &attention)
     }
 
     /// The velocity `[B, C_out, F, H, W]` (f32, on the host) of `model` for the whole batch; every
-    /// rank computes its token range and ends with the full output.
+    /// rank computes its token range and ends with the full output. Under a causal block mask
+    /// (diffusion forcing) the ranges are cut for equal work per ring member
+    /// ([`balanced_ranges`]), not equal tokens.
     pub fn forward<O: Ops>(&self, model: &WanTransformer<O>, x: &DitInputs<'_>) -> Result<Tensor>
     where
         C: DeviceComm<O>,
@@ -70,14 +72,15 @@ impl<C> DeviceShard<'_, C> {
         }
         let (b, grid) = model.check_inputs(x)?;
         let cond = model.embed_conditions(x)?;
-        let ranges = shard_ranges(grid.tokens(), p);
+        let cost = TokenCost { token: cfg.token_weights() as f64, key: cfg.key_weights() as f64 };
+        let ranges = balanced_ranges(grid.tokens(), plan, model.visibility(&grid, x.options)?, cost);
         let mine = ranges[rank].clone();
         tracing::Span::current().record("tokens", mine.len());
         let heads = cfg.num_attention_heads;
         if !heads.is_multiple_of(plan.ulysses) {
             return Err(WorkerError::input("parallel plan", format!("ulysses degree {} does not divide the model's {heads} heads", plan.ulysses)));
         }
-        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, grid.tokens(), self.timings)?;
+        let attention = ShardedDeviceAttention::new(self.ulysses, self.ring, plan, rank, &ranges, self.timings)?;
         let po = cfg.patch_out();
         let geometry = PatchGeometry { channels: cfg.out_channels, grid: grid.dims, patch: grid.patch };
         let mut all = ops.zeros::<f32>(grid.tokens() * po)?;
