@@ -11,6 +11,8 @@
 //! A fixed seed and a fixed number of cases: CI runs the same inputs every time, and proptest
 //! reports a failing input's mutation list, shrunk.
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -131,39 +133,24 @@ fn bounded(bytes: &[u8]) -> Result<Result<usize, String>, TestCaseError> {
 
 // ---- Seeds ----
 
-fn pattern(spec: &VideoSpec, t: usize) -> Vec<f32> {
-    let (w, h) = (spec.width as usize, spec.height as usize);
-    let mut f = vec![0.0f32; 3 * w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * w + x;
-            let moving = x >= 4 + 3 * t && x < 16 + 3 * t && y >= h / 3 && y < h / 3 + 12;
-            f[i] = if moving { 0.95 } else { 0.2 + 0.6 * x as f32 / w as f32 };
-            f[w * h + i] = 0.2 + 0.6 * y as f32 / h as f32;
-            f[2 * w * h + i] = 0.5 + 0.3 * ((x + y) as f32 * 0.3 + t as f32).sin();
-        }
-    }
-    f
-}
-
 fn mp4_seed(width: u32, height: u32, frames: usize, options: Mp4Options) -> Vec<u8> {
     let spec = VideoSpec::new(width, height, 16.0).unwrap();
     let mut w = Mp4Writer::new(Vec::new(), spec, options).unwrap();
-    (0..frames).for_each(|t| w.push_frame(&pattern(&spec, t)).unwrap());
+    (0..frames).for_each(|t| w.push_frame(&common::moving_pattern(&spec, t)).unwrap());
     w.finish().unwrap().1
 }
 
 fn gif_seed(frames: usize) -> Vec<u8> {
     let spec = VideoSpec::new(40, 24, 10.0).unwrap();
     let mut w = GifWriter::new(Vec::new(), spec, GifOptions::default()).unwrap();
-    (0..frames).for_each(|t| w.push_frame(&pattern(&spec, t)).unwrap());
+    (0..frames).for_each(|t| w.push_frame(&common::moving_pattern(&spec, t)).unwrap());
     w.finish().unwrap()
 }
 
 fn png_seed() -> Vec<u8> {
     let spec = VideoSpec::new(40, 24, 16.0).unwrap();
     let mut out = Vec::new();
-    write_png(&mut out, &spec, &pattern(&spec, 2)).unwrap();
+    write_png(&mut out, &spec, &common::moving_pattern(&spec, 2)).unwrap();
     out
 }
 
@@ -175,7 +162,7 @@ fn apng_seed(frames: usize) -> Vec<u8> {
     let mut sequence = 0u32;
     for t in 0..frames {
         let mut one = Vec::new();
-        write_png(&mut one, &spec, &pattern(&spec, t)).unwrap();
+        write_png(&mut one, &spec, &common::moving_pattern(&spec, t)).unwrap();
         for (kind, data) in png_chunks(&one) {
             match &kind {
                 b"IHDR" if t == 0 => {

@@ -10,25 +10,6 @@ use tessera_coordinator::video::{planar_to_rgb8, FrameSink, GifOptions, GifWrite
 
 const FRAMES: usize = 9;
 
-/// A synthetic moving pattern, frame `t` as planar RGB `[3, H, W]` in [0, 1]: colour gradients,
-/// a drifting sine in blue, and a yellow square moving right 4 pixels per frame.
-fn pattern(spec: &VideoSpec, t: usize) -> Vec<f32> {
-    let (w, h) = (spec.width as usize, spec.height as usize);
-    let mut f = vec![0.0f32; 3 * w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * w + x;
-            let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
-            let in_square = (4 + 4 * t..16 + 4 * t).contains(&x) && (h / 3..h / 3 + 12).contains(&y);
-            let (r, g, b) = if in_square { (0.95, 0.9, 0.1) } else { (0.2 + 0.6 * u, 0.2 + 0.6 * v, 0.5 + 0.3 * ((u + v) * 6.0 + t as f32 * 0.5).sin()) };
-            f[i] = r;
-            f[w * h + i] = g;
-            f[2 * w * h + i] = b;
-        }
-    }
-    f
-}
-
 /// Decodes `input` with ffmpeg to 8-bit RGB (extra filter arguments before the output).
 fn decode_rgb(input: &Path, filter: &[&str]) -> Vec<u8> {
     let mut args = vec!["-v", "error", "-i", input.to_str().unwrap()];
@@ -44,7 +25,7 @@ fn psnr(want: &[u8], got: &[u8]) -> f64 {
 }
 
 fn frames(spec: &VideoSpec) -> Vec<Vec<f32>> {
-    (0..FRAMES).map(|t| pattern(spec, t)).collect()
+    (0..FRAMES).map(|t| common::moving_pattern(spec, t)).collect()
 }
 
 /// Per-frame PSNR of decoded RGB against the frames written.

@@ -51,3 +51,22 @@ pub fn png_frames(dir: &Path) -> Vec<(u32, u32, Vec<u8>)> {
         })
         .collect()
 }
+
+/// A synthetic moving pattern, frame `t` as planar RGB `[3, H, W]` in [0, 1]: colour gradients,
+/// a drifting sine in blue, and a yellow square moving right 4 pixels per frame.
+pub fn moving_pattern(spec: &tessera_coordinator::video::VideoSpec, t: usize) -> Vec<f32> {
+    let (w, h) = (spec.width as usize, spec.height as usize);
+    let mut f = vec![0.0f32; 3 * w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
+            let in_square = (4 + 4 * t..16 + 4 * t).contains(&x) && (h / 3..h / 3 + 12).contains(&y);
+            let (r, g, b) = if in_square { (0.95, 0.9, 0.1) } else { (0.2 + 0.6 * u, 0.2 + 0.6 * v, 0.5 + 0.3 * ((u + v) * 6.0 + t as f32 * 0.5).sin()) };
+            f[i] = r;
+            f[w * h + i] = g;
+            f[2 * w * h + i] = b;
+        }
+    }
+    f
+}

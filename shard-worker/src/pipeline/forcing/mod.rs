@@ -407,6 +407,41 @@ mod tests {
         iterations: usize,
     }
 
+    /// A 53-frame run of the golden case's snapshot (SkyReels-V2 structure, random weights), 2
+    /// steps at 16 × 16: 4 chunks of 17 frames overlapping by 5, blocks of 1, `ar_step` as given.
+    struct Case {
+        pipe: WanPipeline,
+        gen: GenerationParams,
+        setup: ForcingSetup,
+    }
+
+    impl Case {
+        fn new(ar_step: usize) -> Self {
+            let pipe = WanPipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/df-a")).unwrap();
+            let gen = GenerationParams { num_inference_steps: 2, height: 16, width: 16, num_frames: 53, ..GenerationParams::new("a boat") };
+            let params =
+                ForcingParams { base_num_frames: 17, overlap_history: Some(5), ar_step, causal_block_size: Some(1), addnoise_condition: 20.0, fps: 24 };
+            let setup = ForcingSetup {
+                plan: ChunkPlan::new(gen.num_frames, params.base_num_frames, params.overlap_history, 1).unwrap(),
+                params,
+                schedule: pipe.schedule_for(&gen).unwrap(),
+                text: pipe.encode_text(&gen.prompt, "", 3.0).unwrap(),
+                guidance_scale: 3.0,
+                latent: [4, 2, 2],
+                block: 1,
+                image: None,
+            };
+            Self { pipe, gen, setup }
+        }
+
+        /// The run's setup with `plan` and `image`.
+        fn setup(&self, plan: &ChunkPlan, image: Option<&Tensor>) -> ForcingSetup {
+            let s = &self.setup;
+            let (params, schedule, text) = (s.params.clone(), s.schedule.clone(), s.text.clone());
+            ForcingSetup { plan: plan.clone(), params, schedule, text, image: image.cloned(), ..*s }
+        }
+    }
+
     impl ForcingObserver for Counts {
         fn on_iteration(&mut self, _k: usize, _i: usize, _n: usize, _latents: &Tensor) -> Result<()> {
             self.iterations += 1;
@@ -425,23 +460,11 @@ mod tests {
     /// Wan loop refuses the model.
     #[test]
     fn seeded_runs_repeat_resume_and_cover_the_video() {
-        let pipe = WanPipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/df-a")).unwrap();
-        let gen = GenerationParams { num_inference_steps: 2, height: 16, width: 16, num_frames: 53, ..GenerationParams::new("a boat") };
-        let text = pipe.encode_text(&gen.prompt, "", 3.0).unwrap();
-        let schedule = pipe.schedule_for(&gen).unwrap();
-        let params = ForcingParams { base_num_frames: 17, overlap_history: Some(5), ar_step: 0, causal_block_size: Some(1), addnoise_condition: 20.0, fps: 24 };
-        let plan = ChunkPlan::new(gen.num_frames, params.base_num_frames, params.overlap_history, 1).unwrap();
+        let case = Case::new(0);
+        let (pipe, plan) = (&case.pipe, &case.setup.plan);
+        let (text, schedule) = (&case.setup.text, &case.setup.schedule);
         assert_eq!(plan.chunks.len(), 4);
-        let setup = || ForcingSetup {
-            plan: plan.clone(),
-            params: params.clone(),
-            schedule: schedule.clone(),
-            text: text.clone(),
-            guidance_scale: 3.0,
-            latent: [4, 2, 2],
-            block: 1,
-            image: None,
-        };
+        let setup = || case.setup(plan, None);
         let mut forward = |x: &DitInputs<'_>| pipe.transformer().forward(x);
         let go = |seed: u64, counts: &mut Counts, forward: &mut dyn FnMut(&DitInputs<'_>) -> Result<Tensor>| {
             ForcingRun::new(setup()).unwrap().run(&mut SeededNoise(seed), forward, counts).unwrap()
@@ -473,7 +496,7 @@ mod tests {
         assert!(ForcingRun::resume(setup(), 3, video).is_err(), "3 chunks make 11 frames, not 8");
         let start = crate::pipeline::Start::Latents(&first);
         let err =
-            crate::pipeline::Denoiser::new(&pipe, crate::pipeline::RankGroup::Alone, start, text.clone(), 3.0, schedule.clone()).err().unwrap().to_string();
+            crate::pipeline::Denoiser::new(pipe, crate::pipeline::RankGroup::Alone, start, text.clone(), 3.0, schedule.clone()).err().unwrap().to_string();
         assert!(err.contains("SkyReels-V2"), "{err}");
     }
 
@@ -484,26 +507,13 @@ mod tests {
     /// given the image without a plan that starts from it, or the reverse, is refused.
     #[test]
     fn an_image_starts_the_first_chunk_and_stays_the_first_frame() {
-        let pipe = WanPipeline::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/pipeline/df-a")).unwrap();
-        let gen = GenerationParams { num_inference_steps: 2, height: 16, width: 16, num_frames: 53, ..GenerationParams::new("a boat") };
-        let text = pipe.encode_text(&gen.prompt, "", 3.0).unwrap();
-        let schedule = pipe.schedule_for(&gen).unwrap();
-        let params = ForcingParams { base_num_frames: 17, overlap_history: Some(5), ar_step: 1, causal_block_size: Some(1), addnoise_condition: 20.0, fps: 24 };
-        let plan = ChunkPlan::new(gen.num_frames, params.base_num_frames, params.overlap_history, 1).unwrap();
+        let case = Case::new(1);
+        let (pipe, gen, plan) = (&case.pipe, &case.gen, case.setup.plan.clone());
         let pixels = (0..20 * 24 * 3).map(|i| (i * 37 % 251) as u8).collect();
         let image = crate::image::RgbImage::new(20, 24, pixels).unwrap();
-        let latent = pipe.image_prefix_in(&image, &gen, None).unwrap();
+        let latent = pipe.image_prefix_in(&image, gen, None).unwrap();
         assert_eq!(latent.shape(), &[1, 4, 1, 2, 2]);
-        let setup = |plan: ChunkPlan, image: Option<Tensor>| ForcingSetup {
-            plan,
-            params: params.clone(),
-            schedule: schedule.clone(),
-            text: text.clone(),
-            guidance_scale: 3.0,
-            latent: [4, 2, 2],
-            block: 1,
-            image,
-        };
+        let setup = |plan: ChunkPlan, image: Option<Tensor>| case.setup(&plan, image.as_ref());
         let mut forward = |x: &DitInputs<'_>| pipe.transformer().forward(x);
         let from_image = plan.clone().with_image().unwrap();
         let mut run = ForcingRun::new(setup(from_image.clone(), Some(latent.clone()))).unwrap();
