@@ -96,6 +96,7 @@ impl Published {
             steps: self.steps,
             guidance: self.guidance,
             causal_blocks: 1,
+            whole_output: false,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct JobShape {
     pub guidance: bool,
     /// Blocks of the causal block mask over the frames (diffusion forcing); 1: full attention.
     pub causal_blocks: u64,
+    /// Every forward's output comes whole to every rank (diffusion forcing's whole-batch
+    /// forward), so a CFG pair swaps its half's whole output, not a rank's rows.
+    pub whole_output: bool,
 }
 
 impl JobShape {
@@ -51,6 +54,7 @@ impl JobShape {
             steps: r.steps.into(),
             guidance: tessera_cluster::limits::guidance_enabled(r.guidance_scale),
             causal_blocks: 1,
+            whole_output: false,
         }
     }
 
@@ -280,7 +284,8 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let layers = model.layers as f64;
     let ulysses_bytes = rank_forwards * layers * 4.0 * shard_bytes * (u - 1) as f64 / u as f64;
     let ring_bytes = rank_forwards * layers * (r - 1) as f64 * 2.0 * shard_bytes;
-    let cfg_bytes = if layout.cfg_parallel { (job.tokens.div_ceil(sp) * model.patch_out * 4) as f64 } else { 0.0 };
+    let swapped = if job.whole_output { job.tokens } else { job.tokens.div_ceil(sp) };
+    let cfg_bytes = if layout.cfg_parallel { (swapped * model.patch_out * 4) as f64 } else { 0.0 };
     let (u_link, r_link, c_link) = (gpu.link_bytes_per_s(layout.ulysses), gpu.link_bytes_per_s(layout.sp()), gpu.link_bytes_per_s(layout.gpus));
     let mut traffic = Traffic { ulysses: ulysses_bytes, ring: ring_bytes, cfg: cfg_bytes, ..Traffic::default() };
     for (bytes, ranks) in [(ulysses_bytes, layout.ulysses), (ring_bytes, layout.sp()), (cfg_bytes, layout.gpus)] {
@@ -356,7 +361,17 @@ mod tests {
     use super::*;
 
     fn minute_1080p() -> JobShape {
-        JobShape { tokens: 241 * 68 * 120, latent_fhw: [241, 136, 240], frames: 961, height: 1088, width: 1920, steps: 50, guidance: true, causal_blocks: 1 }
+        JobShape {
+            tokens: 241 * 68 * 120,
+            latent_fhw: [241, 136, 240],
+            frames: 961,
+            height: 1088,
+            width: 1920,
+            steps: 50,
+            guidance: true,
+            causal_blocks: 1,
+            whole_output: false,
+        }
     }
 
     fn layout(gpus: u32, ulysses: u32, cfg_parallel: bool) -> Layout {
@@ -399,8 +414,17 @@ mod tests {
     /// and tokens, and the VAE encoding the condition video; a text-to-video model pays nothing.
     #[test]
     fn image_to_video_adds_the_image_stage() {
-        let job =
-            JobShape { tokens: 21 * 30 * 52, latent_fhw: [21, 60, 104], frames: 81, height: 480, width: 832, steps: 40, guidance: true, causal_blocks: 1 };
+        let job = JobShape {
+            tokens: 21 * 30 * 52,
+            latent_fhw: [21, 60, 104],
+            frames: 81,
+            height: 480,
+            width: 832,
+            steps: 40,
+            guidance: true,
+            causal_blocks: 1,
+            whole_output: false,
+        };
         let g = gpu_kind("h100-80gb").unwrap();
         let i2v = evaluate(&preset("wan2.1-i2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
         let t2v = evaluate(&preset("wan2.1-t2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
@@ -443,8 +467,17 @@ mod tests {
     fn the_causal_mask_saves_attention_on_every_rank() {
         let m = preset("skyreels-v2-df-14b").unwrap();
         let g = gpu_kind("h100-80gb").unwrap();
-        let full =
-            JobShape { tokens: 25 * 45 * 80, latent_fhw: [25, 90, 160], frames: 97, height: 720, width: 1280, steps: 50, guidance: true, causal_blocks: 1 };
+        let full = JobShape {
+            tokens: 25 * 45 * 80,
+            latent_fhw: [25, 90, 160],
+            frames: 97,
+            height: 720,
+            width: 1280,
+            steps: 50,
+            guidance: true,
+            causal_blocks: 1,
+            whole_output: false,
+        };
         let causal = JobShape { causal_blocks: 5, ..full };
         assert_eq!((full.mask_share(), causal.mask_share()), (1.0, 0.6));
         let work = m.forward(full.tokens);

@@ -9,6 +9,7 @@ use super::cost::{evaluate, Evaluation, JobShape, Layout};
 use super::gpu::GpuKind;
 use super::model::ModelShape;
 use tessera_cluster::forcing::{iterations, Chunk, ChunkPlan};
+use tessera_cluster::limits::{grid_tokens, ModelFactors};
 
 /// A diffusion-forcing job as the planner sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +26,8 @@ pub struct ForcingJob {
     pub size: (u64, u64),
     /// Whether classifier-free guidance is on.
     pub guidance: bool,
+    /// How the model turns video into tokens (its VAE's factors and patch).
+    pub factors: ModelFactors,
 }
 
 /// One chunk's cost.
@@ -72,16 +75,17 @@ impl ForcingJob {
             latent_hw: [h as u64, w as u64],
             size: (height.into(), width.into()),
             guidance: tessera_cluster::limits::guidance_enabled(r.guidance_scale),
+            factors: spec.factors(),
         })
     }
 
-    /// The shape of chunk `c` as a job: its tokens (patches 1×2×2), its iterations as steps, its
-    /// new frames decoded, its causal blocks.
+    /// The shape of chunk `c` as a job: its tokens (the model's patches), its iterations as
+    /// steps, its new frames decoded, its causal blocks.
     pub fn chunk_shape(&self, c: &Chunk, first: bool) -> JobShape {
         let [h, w] = self.latent_hw;
         let new = (c.frames - c.overlap) as u64;
         JobShape {
-            tokens: c.frames as u64 * h.div_ceil(2) * w.div_ceil(2),
+            tokens: grid_tokens([c.frames as u64, h, w], self.factors).unwrap_or(u64::MAX),
             latent_fhw: [c.frames as u64, h, w],
             // the VAE's causal first frame: 1 + 4(n − 1) for the first chunk, 4 per latent frame after
             frames: if first { 4 * new - 3 } else { 4 * new },
@@ -91,6 +95,7 @@ impl ForcingJob {
             guidance: self.guidance,
             // blocks of one frame are no mask at all (SkyReels-V2: `num_frame_per_block` 1)
             causal_blocks: if self.plan.block <= 1 { 1 } else { (c.frames / self.plan.block).max(1) as u64 },
+            whole_output: true,
         }
     }
 
@@ -130,7 +135,7 @@ mod tests {
     fn minute_720p(ar_step: u64, block: usize) -> ForcingJob {
         // 60 s at 24 fps (1441 frames, 361 latent), chunks of 121 frames (31 latent) overlapping by 17 (5)
         let plan = ChunkPlan::new(1441, 121, Some(17), block).unwrap();
-        ForcingJob { plan, steps: 30, ar_step, latent_hw: [90, 160], size: (720, 1280), guidance: true }
+        ForcingJob { plan, steps: 30, ar_step, latent_hw: [90, 160], size: (720, 1280), guidance: true, factors: ModelFactors::WAN }
     }
 
     #[test]
@@ -157,5 +162,21 @@ mod tests {
         assert_eq!(e.chunks[0].iterations, 30 + 5 * 5);
         assert_eq!(e.chunks[1].iterations, 30 + 4 * 5);
         assert_eq!(job.largest().causal_blocks, 6);
+    }
+
+    /// A chunk's tokens are its latent in the model's patches; with CFG halves each rank swaps
+    /// its half's whole output every iteration (the whole-batch forward gives every rank all of
+    /// it), not a rank's rows.
+    #[test]
+    fn a_chunk_is_priced_in_the_models_patches_and_swaps_its_whole_output() {
+        let (m, g) = (preset("skyreels-v2-df-14b").unwrap(), gpu_kind("h100-80gb").unwrap());
+        let job = minute_720p(0, 1);
+        let largest = job.largest();
+        assert_eq!((largest.tokens, largest.whole_output), (31 * 45 * 80, true));
+        let halves = Layout { gpus: 8, ulysses: 4, ring: 1, cfg_parallel: true, vae_ranks: 8 };
+        let e = evaluate(&m, &largest, &g, halves, 0.35);
+        assert_eq!(e.traffic.cfg, (31 * 45 * 80 * m.patch_out * 4) as f64);
+        let rows = evaluate(&m, &JobShape { whole_output: false, ..largest }, &g, halves, 0.35);
+        assert_eq!(rows.traffic.cfg * 4.0, e.traffic.cfg, "a Wan job's rank swaps its quarter of the tokens");
     }
 }
