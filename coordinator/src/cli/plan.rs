@@ -371,7 +371,7 @@ fn evaluation_json(e: &Evaluation) -> Value {
             "vae_weights": m.vae_weights, "vae_tiles": m.vae_tiles,
         },
         "bytes_per_step_per_rank": {
-            "ulysses": b.ulysses, "ring": b.ring, "cfg": b.cfg, "total": b.total(),
+            "ulysses": b.ulysses, "ring": b.ring, "cfg": b.cfg, "gather": b.gather, "total": b.total(),
             "intra_node": b.intra_node, "network": b.network,
         },
         "links": { "ulysses": e.links.0, "ring": e.links.1, "cfg": e.links.2 },
@@ -379,7 +379,7 @@ fn evaluation_json(e: &Evaluation) -> Value {
             "text": t.text, "image": t.image, "step": t.step, "denoise": t.denoise, "vae": t.vae, "total": t.total,
             "step_terms": {
                 "attention": t.attention, "linear": t.linear, "rest": t.rest,
-                "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "ring_merge": t.ring_merge, "cfg": t.cfg,
+                "ulysses": t.ulysses, "ring_exposed": t.ring_exposed, "ring_merge": t.ring_merge, "cfg": t.cfg, "gather": t.gather,
             },
         },
     })
@@ -463,7 +463,7 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
             bytes(m.vae_tiles as f64)
         );
         println!(
-            "  bytes/step/rank {} (ulysses {} over {}, ring {} over {}, cfg {} over {}); inside nodes {}, network {}",
+            "  bytes/step/rank {} (ulysses {} over {}, ring {} over {}, cfg {} over {}, output gather {}); inside nodes {}, network {}",
             bytes(b.total()),
             bytes(b.ulysses),
             e.links.0,
@@ -471,12 +471,13 @@ fn print_human(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, spe
             e.links.1,
             bytes(b.cfg),
             e.links.2,
+            bytes(b.gather),
             bytes(b.intra_node),
             bytes(b.network)
         );
         println!(
-            "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + ring merge {:.3} + cfg {:.3}",
-            t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.ring_merge, t.cfg
+            "  seconds/step    {:.3} = attention {:.3} + linear {:.3} + rest {:.3} + ulysses {:.3} + ring exposed {:.3} + ring merge {:.3} + cfg {:.3} + gather {:.3}",
+            t.step, t.attention, t.linear, t.rest, t.ulysses, t.ring_exposed, t.ring_merge, t.cfg, t.gather
         );
         println!(
             "  predicted       {} = text {} + image {} + {} steps x {:.3} s + VAE {}",

@@ -2,7 +2,8 @@
 //! bytes moved per step per rank and link, and the predicted seconds with their terms. Compute
 //! runs at `peak × efficiency`, memory-bound work at `HBM bandwidth × efficiency`; Ulysses'
 //! all-to-alls sit on the critical path, a ring hop hides behind the attention of the block
-//! before it, CFG-parallel exchanges only the noise predictions.
+//! before it, CFG-parallel exchanges only the noise predictions, and diffusion forcing's
+//! whole-batch forwards all-gather their output to every rank.
 
 use super::gpu::GpuKind;
 use super::model::{ModelShape, BF16};
@@ -147,6 +148,9 @@ pub struct Traffic {
     pub ring: f64,
     /// CFG-parallel exchange of noise predictions.
     pub cfg: f64,
+    /// Diffusion forcing: every forward's output all-gathered to every rank of the sequence group
+    /// ([`JobShape::whole_output`]).
+    pub gather: f64,
     /// Of the above, bytes inside a node (NVLink, PCIe or memory).
     pub intra_node: f64,
     /// Of the above, bytes over the network.
@@ -156,7 +160,7 @@ pub struct Traffic {
 impl Traffic {
     /// All bytes one rank sends per step.
     pub fn total(&self) -> f64 {
-        self.ulysses + self.ring + self.cfg
+        self.ulysses + self.ring + self.cfg + self.gather
     }
 }
 
@@ -183,6 +187,8 @@ pub struct Timing {
     pub ring_merge: f64,
     /// Per step: the CFG-parallel exchange.
     pub cfg: f64,
+    /// Per step: the output all-gathers of diffusion forcing's whole-batch forwards.
+    pub gather: f64,
     /// One step.
     pub step: f64,
     /// All steps.
@@ -286,9 +292,11 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     let ring_bytes = rank_forwards * layers * (r - 1) as f64 * 2.0 * shard_bytes;
     let swapped = if job.whole_output { job.tokens } else { job.tokens.div_ceil(sp) };
     let cfg_bytes = if layout.cfg_parallel { (swapped * model.patch_out * 4) as f64 } else { 0.0 };
+    // a whole-output forward sends the rank's rows to each other rank of its sequence group
+    let gather_bytes = if job.whole_output { rank_forwards * ((sp - 1) * job.tokens.div_ceil(sp) * model.patch_out * 4) as f64 } else { 0.0 };
     let (u_link, r_link, c_link) = (gpu.link_bytes_per_s(layout.ulysses), gpu.link_bytes_per_s(layout.sp()), gpu.link_bytes_per_s(layout.gpus));
-    let mut traffic = Traffic { ulysses: ulysses_bytes, ring: ring_bytes, cfg: cfg_bytes, ..Traffic::default() };
-    for (bytes, ranks) in [(ulysses_bytes, layout.ulysses), (ring_bytes, layout.sp()), (cfg_bytes, layout.gpus)] {
+    let mut traffic = Traffic { ulysses: ulysses_bytes, ring: ring_bytes, cfg: cfg_bytes, gather: gather_bytes, ..Traffic::default() };
+    for (bytes, ranks) in [(ulysses_bytes, layout.ulysses), (ring_bytes, layout.sp()), (cfg_bytes, layout.gpus), (gather_bytes, layout.sp())] {
         if ranks <= gpu.per_node {
             traffic.intra_node += bytes;
         } else {
@@ -326,7 +334,10 @@ pub fn evaluate(model: &ModelShape, job: &JobShape, gpu: &GpuKind, layout: Layou
     if layout.cfg_parallel {
         t.cfg = cfg_bytes / c_link + COLLECTIVE_LATENCY_S;
     }
-    t.step = t.attention + t.linear + t.rest + t.ulysses + t.ring_exposed + t.ring_merge + t.cfg;
+    if gather_bytes > 0.0 {
+        t.gather = gather_bytes / r_link + rank_forwards * COLLECTIVE_LATENCY_S;
+    }
+    t.step = t.attention + t.linear + t.rest + t.ulysses + t.ring_exposed + t.ring_merge + t.cfg + t.gather;
     t.denoise = t.step * job.steps as f64;
     let (vae_flops, vae_bytes) = model.vae_decode_work(job.frames, job.height, job.width);
     let vae_ranks = f64::from(layout.vae_ranks.max(1));

@@ -166,7 +166,7 @@ mod tests {
 
     /// A chunk's tokens are its latent in the model's patches; with CFG halves each rank swaps
     /// its half's whole output every iteration (the whole-batch forward gives every rank all of
-    /// it), not a rank's rows.
+    /// it), not a rank's rows, and every forward's output is all-gathered in its sequence group.
     #[test]
     fn a_chunk_is_priced_in_the_models_patches_and_swaps_its_whole_output() {
         let (m, g) = (preset("skyreels-v2-df-14b").unwrap(), gpu_kind("h100-80gb").unwrap());
@@ -178,5 +178,9 @@ mod tests {
         assert_eq!(e.traffic.cfg, (31 * 45 * 80 * m.patch_out * 4) as f64);
         let rows = evaluate(&m, &JobShape { whole_output: false, ..largest }, &g, halves, 0.35);
         assert_eq!(rows.traffic.cfg * 4.0, e.traffic.cfg, "a Wan job's rank swaps its quarter of the tokens");
+        // Each forward's output all-gathered over the half's 4 ranks: 3 other ranks get this
+        // rank's quarter, once per step (one forward per rank with CFG halves).
+        assert_eq!((e.traffic.gather, rows.traffic.gather), ((3 * 31 * 45 * 80 / 4 * m.patch_out * 4) as f64, 0.0));
+        assert!(e.timing.gather > 0.0 && rows.timing.gather == 0.0 && e.timing.step > rows.timing.step);
     }
 }
