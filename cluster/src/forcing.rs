@@ -1,8 +1,10 @@
 //! How a diffusion-forcing long video is cut into chunks (diffusers'
 //! `SkyReelsV2DiffusionForcingPipeline`, long-video mode), and how many iterations each chunk
 //! runs: chunks of at most `base_num_frames` (latent: Bf), each after the first starting with the
-//! last `overlap_history` frames (latent: ov) of the video so far as its clean prefix. Pure
-//! arithmetic, shared by the workers that run the chunks and the planner that prices them.
+//! last `overlap_history` frames (latent: ov) of the video so far as its clean prefix. The first
+//! chunk starts from noise, from an image's latent frame (image-to-video), or from an input
+//! video's last `overlap_history` frames re-encoded (video extension). Pure arithmetic, shared by
+//! the workers that run the chunks and the planner that prices them.
 
 use crate::{ClusterError as WorkerError, Result};
 
@@ -24,15 +26,31 @@ impl Chunk {
     }
 }
 
+/// What a diffusion-forcing run's first chunk starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Noise (text-to-video).
+    Noise,
+    /// An image's latent frame, the first chunk's clean prefix, which stays in the video as its
+    /// first frame (diffusers' `SkyReelsV2DiffusionForcingImageToVideoPipeline`).
+    Image,
+    /// The last `overlap_history` frames of an input video, re-encoded: the first chunk's clean
+    /// prefix (diffusers' `SkyReelsV2DiffusionForcingVideoToVideoPipeline`). Their decode repeats
+    /// frames the input already has ([`ChunkPlan::repeated_frames`]).
+    Video,
+}
+
 /// The chunks of a video of `latent_frames` latent frames.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkPlan {
-    /// Latent frames of the whole video (N).
+    /// Latent frames of the whole video (N), a prefix from an input included.
     pub latent_frames: usize,
     /// Latent frames per causal block (c).
     pub block: usize,
     /// The chunks in order.
     pub chunks: Vec<Chunk>,
+    /// What the first chunk starts from.
+    pub start: Start,
 }
 
 /// Latent frames of `frames` video frames (the VAE's temporal factor 4: `(frames − 1)/4 + 1`).
@@ -87,7 +105,7 @@ impl ChunkPlan {
             ));
         }
         debug_assert_eq!(chunks.iter().map(Chunk::new_frames).sum::<usize>(), n);
-        Ok(Self { latent_frames: n, block, chunks })
+        Ok(Self { latent_frames: n, block, chunks, start: Start::Noise })
     }
 
     /// The plan of an image-to-video run (diffusers' `SkyReelsV2DiffusionForcingImageToVideoPipeline`):
@@ -103,15 +121,53 @@ impl ChunkPlan {
             ));
         }
         match self.chunks.first_mut() {
-            Some(first) if first.frames > 1 => first.prefix = first.prefix.max(1),
+            Some(first) if first.frames > 1 => first.prefix = 1,
             _ => return Err(WorkerError::input("num_frames", "image-to-video makes frames after the image: at least 5 frames (2 latent)")),
         }
+        self.start = Start::Image;
         Ok(self)
     }
 
-    /// Whether the first chunk starts from an image (its prefix without an overlap).
-    pub fn starts_from_image(&self) -> bool {
-        self.chunks.first().is_some_and(|c| c.prefix > c.overlap)
+    /// The plan of a video extension (diffusers' `SkyReelsV2DiffusionForcingVideoToVideoPipeline`)
+    /// continuing an input video from its last `overlap_history` frames: their latent frames (ov,
+    /// whole causal blocks) are the first chunk's clean prefix, never stepped, and stay in the video
+    /// (the chunks are those of text-to-video: the video's `num_frames` count the history). The
+    /// first chunk must make frames after them: `num_frames` > `overlap_history`.
+    pub fn extending(mut self, overlap_history: usize) -> Result<Self> {
+        let ov = latent(overlap_history);
+        if !ov.is_multiple_of(self.block) {
+            return Err(WorkerError::input("overlap_history", format!("{ov} latent frames are not whole causal blocks of {}", self.block)));
+        }
+        match self.chunks.first_mut() {
+            Some(first) if first.frames > ov => first.prefix = ov,
+            _ => {
+                return Err(WorkerError::input(
+                    "num_frames",
+                    format!("extending a video makes frames after its last {overlap_history} ({ov} latent): at least {} frames", 4 * ov + 1),
+                ))
+            }
+        }
+        self.start = Start::Video;
+        Ok(self)
+    }
+
+    /// Latent frames the first chunk starts from (an image's or an input video's), 0 from noise.
+    pub fn input_prefix(&self) -> usize {
+        match self.start {
+            Start::Noise => 0,
+            _ => self.chunks.first().map_or(0, |c| c.prefix),
+        }
+    }
+
+    /// Video frames at the start of the decoded video that repeat the input: a video extension's
+    /// re-encoded history decodes to `4·ov − 3` frames (the causal VAE's first latent frame is one
+    /// frame, every other four), which the input video already has; 0 otherwise. Diffusers returns
+    /// them twice (the input, then their decode); Tessera serves the input, then the new frames.
+    pub fn repeated_frames(&self) -> usize {
+        match self.start {
+            Start::Video => (4 * self.input_prefix()).saturating_sub(3),
+            _ => 0,
+        }
     }
 }
 
@@ -173,9 +229,9 @@ impl ForcingSettings {
     }
 
     /// Checks the settings for a video of `num_frames` frames and `steps` steps, at most
-    /// `max_frames` frames, starting from an input image when `image`, naming the field at fault
+    /// `max_frames` frames, whose first chunk starts from `start`, naming the field at fault
     /// (`diffusion_forcing.FIELD`); returns the chunks.
-    pub fn check(&self, num_frames: u32, steps: u32, max_frames: u64, image: bool) -> Result<ChunkPlan> {
+    pub fn check(&self, num_frames: u32, steps: u32, max_frames: u64, start: Start) -> Result<ChunkPlan> {
         let four_k_plus_one = |field: &'static str, v: u32| -> Result<()> {
             if v == 0 || v % 4 != 1 || u64::from(v) > max_frames {
                 return Err(WorkerError::input(field, format!("{v} must be 4k+1 (1, 5, 9, ... {max_frames})")));
@@ -202,7 +258,11 @@ impl ForcingSettings {
             return Err(WorkerError::input("fps", format!("{} must be between 1 and 120", self.fps)));
         }
         let plan = ChunkPlan::new(num_frames as usize, self.base_num_frames as usize, Some(self.overlap_history as usize), self.causal_block_size as usize);
-        let plan = if image { plan.and_then(ChunkPlan::with_image) } else { plan };
+        let plan = match start {
+            Start::Noise => plan,
+            Start::Image => plan.and_then(ChunkPlan::with_image),
+            Start::Video => plan.and_then(|p| p.extending(self.overlap_history as usize)),
+        };
         plan.map_err(|e| match e {
             WorkerError::InvalidInput { field, detail } => WorkerError::InvalidInput { field: public_field(field), detail },
             other => other,
@@ -291,7 +351,8 @@ mod tests {
     fn an_image_is_the_first_chunks_prefix() {
         let plain = ChunkPlan::new(257, 97, Some(17), 1).unwrap();
         let image = plain.clone().with_image().unwrap();
-        assert!(image.starts_from_image() && !plain.starts_from_image());
+        assert_eq!((image.start, plain.start, image.input_prefix(), plain.input_prefix()), (Start::Image, Start::Noise, 1, 0));
+        assert_eq!(image.repeated_frames(), 0, "the image's frame is the video's first");
         assert_eq!(image.chunks[0], Chunk { frames: 25, prefix: 1, overlap: 0 });
         assert_eq!(image.chunks[1..], plain.chunks[1..]);
         assert_eq!(image.chunks.iter().map(Chunk::new_frames).sum::<usize>(), image.latent_frames, "the image's frame is a frame of the video");
@@ -301,5 +362,31 @@ mod tests {
         assert!(err.contains("causal_block_size") && err.contains("blocks of 1"), "{err}");
         assert!(ChunkPlan::new(1, 97, Some(17), 1).unwrap().with_image().unwrap_err().to_string().contains("num_frames"));
         assert_eq!(ChunkPlan::new(5, 97, Some(17), 1).unwrap().with_image().unwrap().chunks, vec![Chunk { frames: 2, prefix: 1, overlap: 0 }]);
+    }
+
+    /// Video extension, as diffusers' video-to-video pipeline cuts it (pipeline/df-v2v-a: 37
+    /// frames, chunks of 21 overlapping by 5, blocks of 2): the chunks of text-to-video, the first
+    /// starting from the history's 2 latent frames, which stay in the video; its decode's first
+    /// 5 frames repeat the input's last 5.
+    #[test]
+    fn an_input_videos_history_is_the_first_chunks_prefix() {
+        let plain = ChunkPlan::new(37, 21, Some(5), 2).unwrap();
+        let ext = plain.clone().extending(5).unwrap();
+        assert_eq!(ext.chunks, vec![Chunk { frames: 6, prefix: 2, overlap: 0 }, Chunk { frames: 6, prefix: 2, overlap: 2 }]);
+        assert_eq!((ext.start, ext.input_prefix(), ext.repeated_frames(), ext.latent_frames), (Start::Video, 2, 5, 10));
+        assert_eq!(ext.chunks.iter().map(Chunk::new_frames).sum::<usize>(), ext.latent_frames, "the history's latent frames stay in the video");
+        assert_eq!(ext.total_iterations(3, 2), 5 + 5, "README-df.md: 2 new blocks, 3 + 2 iterations each chunk");
+        // SkyReels' own settings: a minute continued from 17 frames (5 latent), one frame per block.
+        let minute = ChunkPlan::new(961, 97, Some(17), 1).unwrap().extending(17).unwrap();
+        assert_eq!((minute.chunks[0].prefix, minute.repeated_frames()), (5, 17));
+        // The first chunk must make frames after the history; the history must be whole blocks.
+        let short = ChunkPlan::new(17, 97, Some(17), 1).unwrap().extending(17).unwrap_err().to_string();
+        assert!(short.contains("num_frames") && short.contains("at least 21 frames"), "{short}");
+        assert!(ChunkPlan::new(21, 97, Some(17), 1).unwrap().extending(17).is_ok());
+        assert!(ChunkPlan::new(37, 21, Some(5), 2).unwrap().extending(9).unwrap_err().to_string().contains("overlap_history"));
+        let settings = ForcingSettings { base_num_frames: 21, overlap_history: 5, ar_step: 2, causal_block_size: 2, addnoise_condition: 20.0, fps: 24 };
+        assert_eq!(settings.check(37, 3, 1000, Start::Video).unwrap(), ext);
+        let err = settings.check(5, 3, 1000, Start::Video).unwrap_err().to_string();
+        assert!(err.contains("num_frames"), "{err}");
     }
 }

@@ -3,7 +3,7 @@
 //! limits; it travels to every worker in PrepareJob, and each worker checks it again with the same
 //! constructor, against its own limits, before it allocates anything.
 
-use crate::forcing::{ChunkPlan, ForcingSettings};
+use crate::forcing::{ChunkPlan, ForcingSettings, Start};
 use crate::limits::{check_settings, grid_tokens, Limits, ModelFactors, Settings};
 use crate::{ClusterError, Result};
 use tessera_proto::v1::Sampler;
@@ -94,8 +94,11 @@ pub struct JobRequest {
     pub sampler: Sampler,
     /// Seed of the initial noise.
     pub seed: u64,
-    /// Video-to-video strength (set exactly when the job has an input video).
+    /// Video-to-video strength (set exactly when a Wan job has an input video).
     pub strength: Option<f32>,
+    /// Video extension (set exactly when a diffusion-forcing job has an input video): the video
+    /// continues the input from its last `overlap_history` frames; `num_frames` counts them.
+    pub extend: bool,
     /// Diffusion forcing (set exactly when the model is a SkyReels-V2 DF model): the video is
     /// made chunk by chunk.
     pub forcing: Option<ForcingSettings>,
@@ -173,9 +176,12 @@ impl JobSpec {
         }
         if let Some(image) = request.image {
             image.check("input_image")?;
-            if request.strength.is_some() {
+            if request.strength.is_some() || request.extend {
                 return Err(ClusterError::input("input_image", "an input image and an input video exclude each other"));
             }
+        }
+        if request.extend && request.forcing.is_none() {
+            return Err(ClusterError::input("input_video", "extending a video is diffusion forcing's (SkyReels-V2 DF); a Wan model takes a strength"));
         }
         let Some(forcing) = request.forcing else {
             let checked = check_settings(&generated, factors, limits)?;
@@ -184,12 +190,20 @@ impl JobSpec {
         // The whole video is checked for sizes; the budget applies to one chunk's forward.
         let checked = check_settings(&generated, factors, &Limits { max_tokens: u64::MAX, ..limits.clone() })?;
         if request.strength.is_some() {
-            return Err(ClusterError::input("input_video", "video extension by diffusion forcing is not served yet: text-to-video only"));
+            return Err(ClusterError::input(
+                "strength",
+                "applies to Wan's video-to-video; a diffusion-forcing model extends an input video from its last overlap_history frames",
+            ));
         }
         if factors != ModelFactors::WAN {
             return Err(ClusterError::input("model_factors", format!("{factors:?}: diffusion forcing is defined for Wan's VAE (8, 4) and patches (1×2×2)")));
         }
-        let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames, request.image.is_some())?;
+        let start = match (request.image, request.extend) {
+            (Some(_), _) => Start::Image,
+            (None, true) => Start::Video,
+            (None, false) => Start::Noise,
+        };
+        let chunks = forcing.check(request.num_frames, request.steps, limits.max_frames, start)?;
         let [_, h, w] = checked.latent_fhw;
         let largest = chunks.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
         let tokens = grid_tokens([largest as u64, h as u64, w as u64], factors).filter(|&t| t <= limits.max_tokens).ok_or_else(|| {
@@ -263,6 +277,17 @@ impl JobSpec {
         self.chunks.as_ref()
     }
 
+    /// Frames of the served video when the job's input video has `input_frames` frames: a video
+    /// extension serves the input, then the frames after the history ([`ChunkPlan::repeated_frames`]
+    /// of its decode repeat the input's last ones); any other job its `num_frames`.
+    pub fn served_frames(&self, input_frames: u32) -> u64 {
+        let n = u64::from(self.request.num_frames);
+        match &self.chunks {
+            Some(c) if self.request.extend => u64::from(input_frames) + n - c.repeated_frames() as u64,
+            _ => n,
+        }
+    }
+
     /// Model evaluations of the run as planned: the steps, or a diffusion-forcing job's
     /// iterations over every chunk (a video-to-video run's strength shortens it; the workers
     /// report the exact count).
@@ -298,6 +323,7 @@ impl JobSpec {
             sampler: r.sampler as i32,
             seed: r.seed,
             strength: r.strength,
+            extend_video: r.extend,
             spatial_factor: self.factors.spatial as u32,
             temporal_factor: self.factors.temporal as u32,
             patch_size: self.factors.patch.map(|p| p as u32).to_vec(),
@@ -338,6 +364,7 @@ impl JobSpec {
             sampler,
             seed: m.seed,
             strength: m.strength,
+            extend: m.extend_video,
             forcing: m.forcing.as_ref().map(|f| ForcingSettings {
                 base_num_frames: f.base_num_frames,
                 overlap_history: f.overlap_history,
@@ -373,6 +400,7 @@ mod tests {
             sampler: Sampler::Unspecified,
             seed: 7,
             strength: None,
+            extend: false,
             forcing: None,
             image: None,
         }
@@ -473,8 +501,18 @@ mod tests {
         assert_eq!(field(with(ForcingSettings { addnoise_condition: f32::NAN, ..df })), "diffusion_forcing.addnoise_condition");
         assert_eq!(field(with(ForcingSettings { addnoise_condition: 1000.0, ..df })), "diffusion_forcing.addnoise_condition");
         assert_eq!(field(with(ForcingSettings { fps: 0, ..df })), "fps");
-        let v2v = JobRequest { strength: Some(0.8), ..minute.clone() };
-        assert_eq!(field(JobSpec::new(v2v, ModelFactors::WAN, &l)), "input_video");
+        // An input video is extended, not transformed at a strength: the minute continues the
+        // input's last 17 frames (5 latent, the first chunk's prefix; their decode repeats them).
+        assert_eq!(field(JobSpec::new(JobRequest { strength: Some(0.8), ..minute.clone() }, ModelFactors::WAN, &l)), "strength");
+        let extend = JobSpec::new(JobRequest { extend: true, ..minute.clone() }, ModelFactors::WAN, &l).unwrap();
+        let first = extend.chunks().unwrap().chunks[0];
+        assert_eq!((first.prefix, first.overlap, extend.chunks().unwrap().repeated_frames()), (5, 0, 17));
+        assert_eq!((extend.served_frames(100), spec.served_frames(100)), (100 + 961 - 17, 961));
+        assert_eq!(JobSpec::from_message(&extend.to_message(), &l).unwrap(), extend);
+        let short = JobSpec::new(JobRequest { extend: true, num_frames: 17, ..minute.clone() }, ModelFactors::WAN, &l);
+        assert_eq!(field(short), "num_frames", "17 frames are all history");
+        assert_eq!(field(JobSpec::new(JobRequest { extend: true, image, ..minute.clone() }, ModelFactors::WAN, &l)), "input_image");
+        assert_eq!(field(JobSpec::new(JobRequest { extend: true, forcing: None, num_frames: 81, ..minute.clone() }, ModelFactors::WAN, &l)), "input_video");
         // Both guidance passes, or one per CFG half: diffusion forcing splits its batch like any job.
         let halves = spec.clone().planned(JobPlan { ranks: 4, ulysses: 2, cfg_parallel: true }).unwrap();
         assert_eq!(JobSpec::from_message(&halves.to_message(), &l).unwrap(), halves);

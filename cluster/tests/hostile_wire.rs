@@ -44,11 +44,11 @@ prop_compose! {
         (ranks, ulysses, cfg_parallel) in (prop_oneof![Just(0u32), 1u32..9, any::<u32>()], prop_oneof![Just(0u32), 1u32..9, any::<u32>()], any::<bool>()),
         forcing in proptest::option::of((size(), size(), size(), size(), float(), size())),
         image in proptest::option::of((size(), size())),
-        seed in any::<u64>(),
+        (seed, extend_video) in (any::<u64>(), any::<bool>()),
     ) -> pb::JobSpec {
         pb::JobSpec {
             prompt, negative_prompt: negative, width, height, num_frames, steps,
-            guidance_scale: guidance, flow_shift: shift, sampler, seed, strength,
+            guidance_scale: guidance, flow_shift: shift, sampler, seed, strength, extend_video,
             spatial_factor: spatial, temporal_factor: temporal, patch_size, ranks, ulysses, cfg_parallel,
             forcing: forcing.map(|(b, o, a, c, n, f)| pb::ForcingSettings {
                 base_num_frames: b, overlap_history: o, ar_step: a, causal_block_size: c, addnoise_condition: n, fps: f,

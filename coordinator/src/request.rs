@@ -124,8 +124,13 @@ pub fn validate(
         if req.input_video.len() > MAX_INPUT_VIDEO_BYTES {
             return Err(invalid("input_video", format!("is {} bytes, at most {MAX_INPUT_VIDEO_BYTES} are accepted", req.input_video.len())));
         }
-        req.strength = Some(req.strength.unwrap_or(defaults.strength));
+        // A Wan model transforms the input at a strength; a diffusion-forcing model extends it
+        // (the spec refuses a strength for it, naming the field).
+        if defaults.forcing.is_none() {
+            req.strength = Some(req.strength.unwrap_or(defaults.strength));
+        }
     }
+    let extend = defaults.forcing.is_some() && !req.input_video.is_empty();
     // Image-to-video: an image exactly for a model that makes videos from one (Wan 2.1 I2V), or
     // optionally for a diffusion-forcing model (its first chunk starts from it); its header is
     // read and checked here, its pixels decoded once before the job is accepted.
@@ -173,6 +178,7 @@ pub fn validate(
         sampler,
         seed: req.seed.unwrap_or_default(),
         strength: req.strength,
+        extend,
         forcing,
         image,
     };
@@ -282,6 +288,14 @@ mod tests {
         let f = v.request.diffusion_forcing.unwrap();
         assert_eq!((f.base_num_frames, f.overlap_history, f.ar_step, f.causal_block_size, f.addnoise_condition), (97, Some(17), 0, 1, Some(20.0)));
         assert_eq!((v.spec.tokens(), v.spec.chunks().unwrap().chunks.len()), (25 * 34 * 60, 3));
+        assert!(!v.spec.request().extend);
+        // An input video is extended: no strength is given it, and one asked for is refused.
+        let ext = check(GenerateRequest { input_video: vec![0; 16], ..ok_request() }).unwrap();
+        assert_eq!((ext.request.strength, ext.spec.request().extend, ext.spec.chunks().unwrap().chunks[0].prefix), (None, true, 5));
+        match check(GenerateRequest { input_video: vec![0; 16], strength: Some(0.5), ..ok_request() }) {
+            Err(CoordinatorError::InvalidArgument { field, .. }) => assert_eq!(field, "strength"),
+            other => panic!("{other:?}"),
+        }
         let asked = DiffusionForcing { base_num_frames: 57, overlap_history: Some(9), ar_step: 5, causal_block_size: 0, addnoise_condition: None };
         let v = check(GenerateRequest { num_frames: 961, diffusion_forcing: Some(asked), ..ok_request() }).unwrap();
         let s = v.spec.request().forcing.unwrap();

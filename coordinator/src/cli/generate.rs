@@ -51,8 +51,11 @@ pub struct GenerateArgs {
     #[arg(long, env = "TESSERA_FRAMES")]
     frames: Option<u32>,
     /// Video-to-video: the input video (MP4 with H.264, GIF, PNG or APNG, recognised by its
-    /// contents). Its frames are resized to --width x --height (Lanczos, stretched) and taken in
-    /// order: the first --frames of them, or all of them cut to the largest 4k+1.
+    /// contents). Its frames are resized to --width x --height (Lanczos, stretched). A Wan model
+    /// transforms it (--strength): the first --frames of them, or all of them cut to the largest
+    /// 4k+1. A diffusion-forcing model (tiny-df, SkyReels-V2 DF) extends it: the output is the
+    /// whole input, then the frames that continue it from its last --overlap-frames; --frames
+    /// counts the frames generated from those on (default: the input's largest 4k+1).
     #[arg(long, env = "TESSERA_INPUT_VIDEO")]
     input_video: Option<PathBuf>,
     /// Image-to-video: the image the video starts from (PNG, JPEG or WebP, recognised by its
@@ -180,8 +183,8 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
             // Without --frames, the longest 4k+1 prefix of the input.
             let frames = args.frames.unwrap_or(usable);
             let fps = info.fps.map(|f| format!(" at {f:.2} fps")).unwrap_or_default();
-            let total = info.declared_frames.map(|n| format!("of its {n} ")).unwrap_or_default();
-            eprintln!("input {}: {} {}x{}{fps}, the first {frames} {total}frames", path.display(), info.format.name(), info.width, info.height);
+            let total = info.declared_frames.map(|n| format!(", {n} frames")).unwrap_or_default();
+            eprintln!("input {}: {} {}x{}{fps}{total}; --frames {frames}", path.display(), info.format.name(), info.width, info.height);
             (bytes, frames)
         }
     };

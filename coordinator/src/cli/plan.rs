@@ -282,6 +282,7 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
         sampler: Sampler::Unspecified,
         seed: 0,
         strength: None,
+        extend: false,
         forcing: match args.base_frames {
             Some(_) if !model.diffusion_forcing => {
                 bail!("--base-frames: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name)

@@ -59,6 +59,16 @@ impl JobShape {
         }
     }
 
+    /// A Wan-factored job of `frames` × `height` × `width` with guidance and full attention:
+    /// the fixture the planner's tests share.
+    #[cfg(test)]
+    pub(crate) fn wan(frames: u64, height: u64, width: u64, steps: u64) -> Self {
+        use tessera_cluster::limits::{grid_tokens, latent_grid, ModelFactors};
+        let latent_fhw = latent_grid(frames, height, width, ModelFactors::WAN);
+        let tokens = grid_tokens(latent_fhw, ModelFactors::WAN).expect("a Wan-sized grid");
+        Self { tokens, latent_fhw, frames, height, width, steps, guidance: true, causal_blocks: 1, whole_output: false }
+    }
+
     /// The share of full self-attention's work the causal block mask leaves over the whole
     /// sequence: block b of B sees b + 1 blocks, (B + 1)/(2B) on average.
     pub fn mask_share(&self) -> f64 {
@@ -372,17 +382,9 @@ mod tests {
     use super::*;
 
     fn minute_1080p() -> JobShape {
-        JobShape {
-            tokens: 241 * 68 * 120,
-            latent_fhw: [241, 136, 240],
-            frames: 961,
-            height: 1088,
-            width: 1920,
-            steps: 50,
-            guidance: true,
-            causal_blocks: 1,
-            whole_output: false,
-        }
+        let job = JobShape::wan(961, 1088, 1920, 50);
+        assert_eq!((job.tokens, job.latent_fhw), (241 * 68 * 120, [241, 136, 240]));
+        job
     }
 
     fn layout(gpus: u32, ulysses: u32, cfg_parallel: bool) -> Layout {
@@ -425,17 +427,7 @@ mod tests {
     /// and tokens, and the VAE encoding the condition video; a text-to-video model pays nothing.
     #[test]
     fn image_to_video_adds_the_image_stage() {
-        let job = JobShape {
-            tokens: 21 * 30 * 52,
-            latent_fhw: [21, 60, 104],
-            frames: 81,
-            height: 480,
-            width: 832,
-            steps: 40,
-            guidance: true,
-            causal_blocks: 1,
-            whole_output: false,
-        };
+        let job = JobShape::wan(81, 480, 832, 40);
         let g = gpu_kind("h100-80gb").unwrap();
         let i2v = evaluate(&preset("wan2.1-i2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
         let t2v = evaluate(&preset("wan2.1-t2v-14b").unwrap(), &job, &g, layout(1, 1, false), 0.4);
@@ -478,17 +470,8 @@ mod tests {
     fn the_causal_mask_saves_attention_on_every_rank() {
         let m = preset("skyreels-v2-df-14b").unwrap();
         let g = gpu_kind("h100-80gb").unwrap();
-        let full = JobShape {
-            tokens: 25 * 45 * 80,
-            latent_fhw: [25, 90, 160],
-            frames: 97,
-            height: 720,
-            width: 1280,
-            steps: 50,
-            guidance: true,
-            causal_blocks: 1,
-            whole_output: false,
-        };
+        let full = JobShape::wan(97, 720, 1280, 50);
+        assert_eq!(full.tokens, 25 * 45 * 80);
         let causal = JobShape { causal_blocks: 5, ..full };
         assert_eq!((full.mask_share(), causal.mask_share()), (1.0, 0.6));
         let work = m.forward(full.tokens);

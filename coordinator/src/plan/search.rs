@@ -87,17 +87,7 @@ mod tests {
     #[test]
     fn the_best_layout_is_the_fastest_that_fits_and_respects_the_heads() {
         let m = preset("wan2.1-t2v-1.3b").unwrap();
-        let job = JobShape {
-            tokens: 21 * 30 * 52,
-            latent_fhw: [21, 60, 104],
-            frames: 81,
-            height: 480,
-            width: 832,
-            steps: 50,
-            guidance: true,
-            causal_blocks: 1,
-            whole_output: false,
-        };
+        let job = JobShape::wan(81, 480, 832, 50);
         let g = gpu_kind("h100-80gb").unwrap();
         let all = candidates(&m, &job, &g, 8, 0.35, Capabilities::TESSERA);
         // 12 heads: Ulysses 1, 2, 4 for 8 ranks; 1, 2, 4 for the halves of 4
@@ -119,17 +109,7 @@ mod tests {
     #[test]
     fn a_job_too_large_for_the_group_says_why() {
         let m = preset("wan2.1-t2v-14b").unwrap();
-        let job = JobShape {
-            tokens: 241 * 68 * 120,
-            latent_fhw: [241, 136, 240],
-            frames: 961,
-            height: 1088,
-            width: 1920,
-            steps: 50,
-            guidance: true,
-            causal_blocks: 1,
-            whole_output: false,
-        };
+        let job = JobShape::wan(961, 1088, 1920, 50);
         let why = best(&m, &job, &gpu_kind("h100-80gb").unwrap(), 1, 0.35, Capabilities::TESSERA);
         assert!(why.infeasible.unwrap().contains("GiB"));
     }

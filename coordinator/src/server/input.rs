@@ -1,5 +1,7 @@
-//! A request's input video (video-to-video): decoded and resized to the size the model generates
-//! at (the request's, rounded up to the model's multiple) by the coordinator, once, at admission:
+//! A request's input video (Wan's video-to-video: its first `num_frames` frames; a
+//! diffusion-forcing extension: every frame, served before the continuation, whose last
+//! `overlap_history` go to the workers): decoded and resized to the size the model generates at
+//! (the request's, rounded up to the model's multiple) by the coordinator, once, at admission:
 //! after the queue-full check and before the job is queued, within the decoding budgets of
 //! [`InputLimits`] and with at most [`MAX_CONCURRENT_DECODES`] videos decoding at once. The job
 //! keeps the 8-bit frames it sends the workers, not the compressed bytes.
@@ -15,9 +17,9 @@ use tessera_proto::worker::v1::InputFrames;
 /// a burst of requests waits its turn instead of multiplying the coordinator's peak memory.
 pub const MAX_CONCURRENT_DECODES: usize = 2;
 
-/// The request's input video as the frames the workers are sent (F = the request's frame count,
-/// at the generated size), or `None` for text-to-video. Errors name `input_video` (or
-/// `num_frames` when the video is shorter than the request).
+/// The request's input video as the job keeps it (at the generated size: for Wan's
+/// video-to-video the request's frame count, for an extension every frame), or `None` without
+/// one. Errors name `input_video` (or `num_frames` when the video is shorter than the request).
 pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<InputFrames>, CoordinatorError> {
     if valid.request.input_video.is_empty() {
         return Ok(None);
@@ -25,16 +27,49 @@ pub fn prepare_request_video(valid: &ValidRequest) -> Result<Option<InputFrames>
     decode(&valid.request.input_video, frame_size(valid)).map(Some)
 }
 
-/// The size the frames are resized to, (width, height, frames): the size the model generates
-/// at (the output is cropped back to the request's), the request's frame count.
-fn frame_size(valid: &ValidRequest) -> (u32, u32, u32) {
-    let (height, width) = valid.spec.generated_size();
-    (width, height, valid.request.num_frames)
+/// What the frames are decoded to: the size the model generates at (the output is cropped back
+/// to the request's), the frames wanted, and the fewest an extension needs (its history).
+#[derive(Clone, Copy)]
+struct FrameSize {
+    width: u32,
+    height: u32,
+    selection: FrameSelection,
+    history: u32,
 }
 
-fn decode(bytes: &[u8], (width, height, frames): (u32, u32, u32)) -> Result<InputFrames, CoordinatorError> {
-    let prepared = prepare_video(bytes, width as usize, height as usize, FrameSelection::First(frames as usize), &InputLimits::default())?;
-    Ok(InputFrames { frames: prepared.frames as u32, width, height, rgb: prepared.rgb })
+fn frame_size(valid: &ValidRequest) -> FrameSize {
+    let (height, width) = valid.spec.generated_size();
+    let r = valid.spec.request();
+    match r.forcing.filter(|_| r.extend) {
+        Some(f) => FrameSize { width, height, selection: FrameSelection::All, history: f.overlap_history },
+        None => FrameSize { width, height, selection: FrameSelection::First(r.num_frames as usize), history: 0 },
+    }
+}
+
+fn decode(bytes: &[u8], size: FrameSize) -> Result<InputFrames, CoordinatorError> {
+    let prepared = prepare_video(bytes, size.width as usize, size.height as usize, size.selection, &InputLimits::default())?;
+    if prepared.frames < size.history as usize {
+        return Err(CoordinatorError::input_video(
+            crate::error::InputVideoProblem::TooFewFrames,
+            format!("has {} frames; it is extended from its last overlap_history = {} frames", prepared.frames, size.history),
+        ));
+    }
+    Ok(InputFrames { frames: prepared.frames as u32, width: size.width, height: size.height, rgb: prepared.rgb })
+}
+
+/// What the workers are sent of the job's input `frames`: all of them (Wan's video-to-video), or
+/// an extension's history, its last `overlap_history` frames.
+pub fn frames_for_workers(spec: &tessera_cluster::JobSpec, frames: &InputFrames) -> InputFrames {
+    let r = spec.request();
+    match r.forcing.filter(|_| r.extend) {
+        Some(f) => {
+            let keep = f.overlap_history.min(frames.frames);
+            let frame = 3 * frames.width as usize * frames.height as usize;
+            let rgb = frames.rgb[(frames.frames - keep) as usize * frame..].to_vec();
+            InputFrames { frames: keep, width: frames.width, height: frames.height, rgb }
+        }
+        None => frames.clone(),
+    }
 }
 
 /// Decodes the request's input video (if any) into `valid.video`, on a blocking thread once one

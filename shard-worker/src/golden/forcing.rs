@@ -4,7 +4,10 @@
 //! the first iteration, the latents after every iteration; then the accumulated latents and the
 //! frames, decoded chunk by chunk as the run streams them (against diffusers' one decode of the
 //! whole latent). The random draws come from the case (`chunk{k}_noise`, `chunk{k}_addnoise`).
-//! With `--ranks` every transformer forward is sharded over ranks of this process.
+//! With `--ranks` every transformer forward is sharded over ranks of this process. A video
+//! extension case (`input_frames`, diffusers' video-to-video class) starts its first chunk from
+//! the case's `video`'s last `overlap_history` frames, encoded (split over the ranks with
+//! `--ranks`); its reference frames are the input's, then the decode matched here.
 
 use super::pipeline::{compare_ints, frames_major, text_stage};
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Comparison, Outcome, RunOptions, Tolerance};
@@ -33,6 +36,9 @@ struct ForcingSettings {
     causal_block_size: Option<usize>,
     addnoise_condition: f32,
     fps: u32,
+    /// Frames of the input video a video extension continues (absent: text-to-video).
+    #[serde(default)]
+    input_frames: Option<usize>,
 }
 
 /// The case's stored draws.
@@ -158,9 +164,24 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     // The chunks, each denoised on one device or sharded.
     let block = forcing.causal_block_size.unwrap_or(pipe.transformer().config().num_frame_per_block);
     let plan = ChunkPlan::new(s.num_frames, s.base_num_frames, s.overlap_history, block)?;
+    // A video extension: the input's last overlap_history frames, encoded by every rank.
+    let history = match (s.input_frames, s.overlap_history) {
+        (Some(n), Some(overlap)) => {
+            let video = read_tensor(&io, "video")?;
+            video.expect_shape("video", &[1, 3, n, s.height, s.width])?;
+            Some(crate::pipeline::forcing::latent_frames(&video, n.saturating_sub(overlap)..n)?)
+        }
+        (Some(_), None) => return Err(WorkerError::input("overlap_history", "a video extension case needs one")),
+        (None, _) => None,
+    };
+    let plan = match (&history, s.overlap_history) {
+        (Some(_), Some(overlap)) => plan.extending(overlap)?,
+        _ => plan,
+    };
+    let encode = |world: Option<&crate::parallel::Communicator>| history.as_ref().map(|h| pipe.encode_video_in(h, world)).transpose();
     let factor = pipe.factors().spatial as usize;
     let latent = [pipe.vae().config().z_dim, s.height / factor, s.width / factor];
-    let setup = || ForcingSetup {
+    let setup = |prefix| ForcingSetup {
         plan: plan.clone(),
         params: forcing.clone(),
         schedule: schedule.clone(),
@@ -168,12 +189,13 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
         guidance_scale: s.guidance_scale,
         latent,
         block,
-        image: None,
+        prefix,
     };
     let model = pipe.transformer();
     let (video, rec, frames) = if opts.ranks <= 1 && opts.ulysses <= 1 && !opts.cfg_parallel {
         let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
-        let video = ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
+        let mut run = ForcingRun::new(setup(encode(None)?))?;
+        let video = run.run(&mut StoredNoise(&io), &mut |x| model.forward(x), &mut StreamingDecode::new(&pipe, &mut frames, &mut rec))?;
         (video, rec, frames)
     } else {
         let cfg = if opts.cfg_parallel { 2 } else { 1 };
@@ -187,7 +209,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
             let (mut rec, mut frames) = (Recorded::default(), FrameCollector::default());
             let mut forward = |x: &crate::DitInputs<'_>| ctx.forward(model, x);
             let mut decode = StreamingDecode::split(&pipe, ctx.world(), &mut frames, &mut rec);
-            let video = ForcingRun::new(setup())?.run(&mut StoredNoise(&io), &mut forward, &mut decode)?;
+            let video = ForcingRun::new(setup(encode(Some(ctx.world()))?))?.run(&mut StoredNoise(&io), &mut forward, &mut decode)?;
             Ok((video, rec, frames, ctx.world().stats().sent()))
         })?;
         *ran = super::Ran { ranks: group.ranks(), moved: outs.iter().map(|o| o.3).sum() };
@@ -233,7 +255,20 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let chunks = plan.chunks.len();
     comparisons.push(compare(&io, "latents", &video, &chained(opts, tol.clone(), chunks))?);
     let frames_tol = chained(opts, opts.video_tolerance(&meta.tolerance), chunks);
-    comparisons.push(compare(&io, "frames", &frames_major(&frames.frames()?)?, &frames_tol)?);
+    let decoded = frames_major(&frames.frames()?)?;
+    match s.input_frames {
+        // Upstream's output is the input video, then the decode of the latents.
+        Some(n) => {
+            let reference = read_tensor(&io, "frames")?;
+            let skip = n * decoded.len() / decoded.dim(1).max(1);
+            let tail = reference.data().get(skip..).filter(|t| t.len() == decoded.len()).ok_or_else(|| WorkerError::BadTensor {
+                name: "frames".into(),
+                detail: format!("{:?} is not the {n} input frames then {:?}", reference.shape(), decoded.shape()),
+            })?;
+            comparisons.push((format!("frames[{n}..]"), Comparison::new(decoded.data(), tail, &frames_tol)));
+        }
+        None => comparisons.push(compare(&io, "frames", &decoded, &frames_tol)?),
+    }
     Ok(outcome(comparisons))
 }
 

@@ -42,6 +42,10 @@ pub struct GenerationParams {
     pub initial_noise: Option<Tensor>,
     /// Video-to-video input.
     pub video: Option<VideoInput>,
+    /// Video extension (diffusion forcing): the input video's last `overlap_history` frames
+    /// `[1, 3, overlap_history, H, W]` in [−1, 1], resized to the output size; the video
+    /// continues from them.
+    pub history: Option<Tensor>,
     /// Diffusion forcing (SkyReels-V2 DF models): the long-video settings.
     pub forcing: Option<super::forcing::ForcingParams>,
     /// Image-to-video: the image the video starts from, any size. Wan 2.1 I2V models resize it to
@@ -68,6 +72,7 @@ impl GenerationParams {
             seed: 0,
             initial_noise: None,
             video: None,
+            history: None,
             forcing: None,
             image: None,
         }
@@ -84,6 +89,18 @@ impl GenerationParams {
             }
             if self.image.is_some() {
                 return Err(WorkerError::input("image", "an input image and an input video exclude each other"));
+            }
+        }
+        if let Some(history) = &self.history {
+            let Some(overlap) = self.forcing.as_ref().and_then(|f| f.overlap_history) else {
+                return Err(WorkerError::input("video", "extending a video is diffusion forcing's, with an overlap_history"));
+            };
+            let want = [1, 3, overlap, self.height, self.width];
+            if history.shape() != want {
+                return Err(WorkerError::input("video", format!("expected its last {overlap} frames {want:?}, got {:?}", history.shape())));
+            }
+            if self.image.is_some() || self.video.is_some() {
+                return Err(WorkerError::input("video", "a video to extend excludes an input image and a video-to-video input"));
             }
         }
         Ok(())
@@ -138,6 +155,19 @@ mod tests {
         let video = Tensor::zeros([1, 3, 81, 480, 832]);
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: video.clone(), strength: 0.0 }), ..ok.clone() }), "strength");
         assert_eq!(field(&GenerationParams { video: Some(VideoInput { video: Tensor::zeros([1, 3, 5, 480, 832]), strength: 0.5 }), ..ok.clone() }), "video");
-        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok }.validate(ModelFactors::WAN, &Limits::default()).unwrap();
+        GenerationParams { video: Some(VideoInput { video, strength: 0.5 }), ..ok.clone() }.validate(ModelFactors::WAN, &Limits::default()).unwrap();
+        // A video to extend: its last overlap_history frames, for a diffusion-forcing run only.
+        let forcing = super::super::forcing::ForcingParams {
+            base_num_frames: 37,
+            overlap_history: Some(17),
+            ar_step: 0,
+            causal_block_size: Some(1),
+            addnoise_condition: 20.0,
+            fps: 16,
+        };
+        let extend = GenerationParams { history: Some(Tensor::zeros([1, 3, 17, 480, 832])), forcing: Some(forcing.clone()), ..ok.clone() };
+        extend.validate(ModelFactors::WAN, &Limits::default()).unwrap();
+        assert_eq!(field(&GenerationParams { history: Some(Tensor::zeros([1, 3, 13, 480, 832])), ..extend.clone() }), "video");
+        assert_eq!(field(&GenerationParams { forcing: None, ..extend }), "video");
     }
 }

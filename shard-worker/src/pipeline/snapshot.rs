@@ -6,9 +6,21 @@ use crate::{Result, WorkerError};
 use std::path::{Path, PathBuf};
 
 /// Pipeline classes whose components this crate loads (text-to-video and video-to-video share
-/// them; SkyReels-V2's diffusion forcing has the same components, its own transformer class;
-/// image-to-video adds the image encoder and its processor).
-pub const SUPPORTED_PIPELINES: [&str; 4] = ["WanPipeline", "WanVideoToVideoPipeline", DIFFUSION_FORCING_PIPELINE, IMAGE_TO_VIDEO_PIPELINE];
+/// them; SkyReels-V2's diffusion forcing has the same components, its own transformer class, in
+/// each of its three classes; image-to-video adds the image encoder and its processor).
+pub const SUPPORTED_PIPELINES: [&str; 6] = [
+    "WanPipeline",
+    "WanVideoToVideoPipeline",
+    DIFFUSION_FORCING_PIPELINES[0],
+    DIFFUSION_FORCING_PIPELINES[1],
+    DIFFUSION_FORCING_PIPELINES[2],
+    IMAGE_TO_VIDEO_PIPELINE,
+];
+
+/// SkyReels-V2's diffusion-forcing classes (from text, an image, a video): one snapshot layout,
+/// one run (what it starts from is the request's).
+pub const DIFFUSION_FORCING_PIPELINES: [&str; 3] =
+    [DIFFUSION_FORCING_PIPELINE, "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline"];
 
 /// Wan 2.1's image-to-video pipeline.
 pub const IMAGE_TO_VIDEO_PIPELINE: &str = "WanImageToVideoPipeline";
@@ -36,7 +48,7 @@ impl Snapshot {
         if !SUPPORTED_PIPELINES.contains(&class) {
             return Err(bad(format!("pipeline {class} is not supported (supported: {})", SUPPORTED_PIPELINES.join(", "))));
         }
-        let transformer = if class == DIFFUSION_FORCING_PIPELINE { "SkyReelsV2Transformer3DModel" } else { "WanTransformer3DModel" };
+        let transformer = if DIFFUSION_FORCING_PIPELINES.contains(&class) { "SkyReelsV2Transformer3DModel" } else { "WanTransformer3DModel" };
         let mut expect =
             vec![("transformer", transformer), ("vae", "AutoencoderKLWan"), ("text_encoder", "UMT5EncoderModel"), ("scheduler", ""), ("tokenizer", "")];
         if class == IMAGE_TO_VIDEO_PIPELINE {
@@ -67,7 +79,7 @@ impl Snapshot {
 
     /// Whether the snapshot is a diffusion-forcing (long-video) pipeline.
     pub fn is_diffusion_forcing(&self) -> bool {
-        self.pipeline_class == DIFFUSION_FORCING_PIPELINE
+        DIFFUSION_FORCING_PIPELINES.contains(&self.pipeline_class.as_str())
     }
 
     /// The folder of `component`.

@@ -311,14 +311,17 @@ impl WorkerService {
             return Err(invalid_field("rank", format!("rank: {} in a group of {}", r.rank, plan.ranks)));
         }
         let mut params = params_from_spec(&spec);
-        match (&r.input_frames, spec.request().strength) {
-            (Some(frames), Some(strength)) => {
-                let video = codec::input_frames_video(frames).map_err(WorkerError::from).map_err(Status::from)?;
-                params.video = Some(VideoInput { video, strength: strength.into() });
-            }
-            (None, None) => {}
-            (Some(_), None) => return Err(invalid_field("spec.strength", "spec.strength: required with input_frames")),
-            (None, Some(_)) => return Err(invalid_field("input_frames", "input_frames: required with spec.strength")),
+        // Input frames: Wan's video-to-video input (with a strength), or the history of a video a
+        // diffusion-forcing job extends (its shape is checked with the parameters).
+        let frames = r.input_frames.as_ref().map(|f| codec::input_frames_video(f).map_err(WorkerError::from).map_err(Status::from)).transpose()?;
+        match (frames, spec.request().strength, spec.request().extend) {
+            (Some(video), Some(strength), false) => params.video = Some(VideoInput { video, strength: strength.into() }),
+            (Some(video), None, true) => params.history = Some(video),
+            (None, None, false) => {}
+            (Some(_), None, false) => return Err(invalid_field("spec.strength", "spec.strength: required with input_frames")),
+            (None, Some(_), _) => return Err(invalid_field("input_frames", "input_frames: required with spec.strength")),
+            (None, None, true) => return Err(invalid_field("input_frames", "input_frames: required with spec.extend_video")),
+            (Some(_), Some(_), true) => return Err(invalid_field("spec.strength", "spec.strength: a video extension takes none")),
         }
         match (&r.input_image, spec.request().image) {
             (Some(m), Some(size)) => {

@@ -59,6 +59,7 @@ mod tests {
             sampler: Sampler::Euler,
             seed: 7,
             strength: None,
+            extend: false,
             forcing: None,
             image: None,
         }

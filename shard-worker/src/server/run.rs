@@ -67,8 +67,10 @@ pub struct ForcingJob {
     /// Latent frames decoded so far, and the VAE's causal caches after them.
     decoded: usize,
     stream: FrameStream,
-    /// Video frames sent so far.
+    /// Video frames decoded so far.
     frames_out: usize,
+    /// Leading decoded frames not sent (a video extension's re-decoded history).
+    repeated: usize,
     /// Tokens of the largest chunk (every rank holds them all).
     tokens: usize,
 }
@@ -110,17 +112,22 @@ impl JobRun {
         if let Some(f) = &p.forcing {
             let block = f.causal_block_size.unwrap_or(pipe.transformer().config().num_frame_per_block);
             let plan = ChunkPlan::new(p.num_frames, f.base_num_frames, f.overlap_history, block)?;
-            // Image-to-video: the image's latent frame starts the first chunk (encoded split by
-            // rows across the group, as every VAE stage).
-            let (plan, image) = match &p.image {
-                Some(image) => (plan.with_image()?, Some(pipe.image_prefix_in(image, p, group.world())?)),
-                None => (plan, None),
+            // Image-to-video: the image's latent frame starts the first chunk; a video extension:
+            // the input's last frames re-encoded (each encoded split by rows across the group, as
+            // every VAE stage).
+            let (plan, prefix) = match (&p.image, &p.history, f.overlap_history) {
+                (Some(image), None, _) => (plan.with_image()?, Some(pipe.image_prefix_in(image, p, group.world())?)),
+                (None, Some(history), Some(overlap)) => (plan.extending(overlap)?, Some(pipe.encode_video_in(history, group.world())?)),
+                (None, None, _) => (plan, None),
+                _ => return Err(WorkerError::input("video", "one input at most: an image, or a video to extend with an overlap_history")),
             };
             let [_, h, w] = p.latent_fhw(pipe.factors());
             let latent = [pipe.vae().config().z_dim, h, w];
             let largest = plan.chunks.iter().map(|c| c.frames).max().unwrap_or(0);
             let tokens = grid_tokens([largest as u64, h as u64, w as u64], pipe.factors()).and_then(|t| usize::try_from(t).ok()).unwrap_or(0);
-            let setup = ForcingSetup { plan, params: f.clone(), schedule, text, guidance_scale: p.guidance_scale, latent, block, image };
+            // The decode of a video extension's history repeats the input's last frames: not sent.
+            let repeated = plan.repeated_frames();
+            let setup = ForcingSetup { plan, params: f.clone(), schedule, text, guidance_scale: p.guidance_scale, latent, block, prefix };
             let run = match resume {
                 None => ForcingRun::new(setup)?,
                 Some(Resume { state: ResumeState::Forcing(cp), latents, .. }) => ForcingRun::resume(setup, cp.chunks_done, latents.clone())?,
@@ -128,7 +135,7 @@ impl JobRun {
             };
             // A resumed run decodes the video so far again at its next decode, rebuilding the
             // VAE's caches (the frames are sent again).
-            return Ok(Self::Forcing(Box::new(ForcingJob { run, seed: p.seed, decoded: 0, stream: pipe.start_decode(), frames_out: 0, tokens })));
+            return Ok(Self::Forcing(Box::new(ForcingJob { run, seed: p.seed, decoded: 0, stream: pipe.start_decode(), frames_out: 0, repeated, tokens })));
         }
         Ok(Self::Wan(match resume {
             // Seeded text-to-video: each rank draws only its rows of the noise.
@@ -228,7 +235,7 @@ impl JobRun {
                     return Err(WorkerError::input("decode", format!("{} of {} steps have run", d.steps_done(), d.total_steps())));
                 }
                 let latents = d.latents(pipe, group)?;
-                let mut out = Sink { sink, next: 0 };
+                let mut out = Sink { sink, next: 0, skip: 0 };
                 match (group, latents) {
                     (RankGroup::Sharded(ctx), latents) => pipe.decode_split(latents.as_ref(), ctx.world(), &mut out),
                     (RankGroup::Alone, Some(latents)) => pipe.decode(&latents, &mut out),
@@ -243,7 +250,7 @@ impl JobRun {
                     return Ok(());
                 }
                 let new = latent_frames(video, f.decoded..n)?;
-                let mut out = Sink { sink, next: f.frames_out };
+                let mut out = Sink { sink, next: f.frames_out, skip: f.repeated };
                 match group {
                     RankGroup::Sharded(ctx) => pipe.decode_more_split(&mut f.stream, (ctx.rank() == 0).then_some(&new), ctx.world(), &mut out)?,
                     RankGroup::Alone => pipe.decode_more(&mut f.stream, &new, &mut out)?,
@@ -259,17 +266,24 @@ fn unfinished(run: &ForcingRun) -> WorkerError {
     WorkerError::input("latents", format!("{} of {} iterations have run", run.iterations_done(), run.total_iterations()))
 }
 
-/// Numbers decoded frames as they go to a sink.
+/// Numbers decoded frames as they go to a sink, the first `skip` of the video left out (and the
+/// rest numbered from 0).
 struct Sink<'a> {
     sink: &'a mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    /// Frames decoded before these.
     next: usize,
+    skip: usize,
 }
 
 impl PipelineObserver for Sink<'_> {
     fn on_frames(&mut self, frames: &Tensor) -> Result<()> {
-        (self.sink)(self.next, frames)?;
-        self.next += frames.dim(2);
-        Ok(())
+        let (start, n) = (self.next, frames.dim(2));
+        self.next += n;
+        match self.skip.saturating_sub(start) {
+            0 => (self.sink)(start - self.skip, frames),
+            from if from < n => (self.sink)(0, &latent_frames(frames, from..n)?),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -159,6 +159,7 @@ mod tests {
             sampler: Sampler::Unspecified,
             seed: 0,
             strength: None,
+            extend: false,
             forcing: None,
             image: None,
         };

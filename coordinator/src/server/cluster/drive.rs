@@ -54,7 +54,8 @@ pub struct DriveContext<'a> {
     pub job: &'a ExecJob,
     /// Mutual TLS to the workers, when the cluster runs it.
     pub tls: Option<&'a InternalTls>,
-    /// Video-to-video: the input frames as decoded at admission (8-bit, the generated size).
+    /// The input video as decoded at admission (8-bit, the generated size): Wan's video-to-video
+    /// input, or the video a diffusion-forcing job extends (served before its continuation).
     pub input_frames: Option<std::sync::Arc<pb::InputFrames>>,
     /// Where progress goes.
     pub events: &'a mpsc::Sender<ExecEvent>,
@@ -312,6 +313,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     // Image-to-video: the image as decoded at admission, sent to every rank.
     let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
     let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
+    let worker_frames = cx.input_frames.as_deref().map(|f| super::super::input::frames_for_workers(&cx.job.request.spec, f));
 
     let ranks_n = ranks.len() as u32;
     let records: Vec<&WorkerRecord> = group.workers.iter().collect();
@@ -350,7 +352,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
             peers: peers.clone(),
             session,
             spec: Some(spec.clone()),
-            input_frames: cx.input_frames.as_deref().cloned(),
+            input_frames: worker_frames.clone(),
             input_image: input_image.clone(),
             trace_context: trace_context.clone(),
             resume: cx.resume.as_deref().cloned(),
@@ -377,6 +379,12 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         OutputFormat::RawLatents => None,
         _ => Some(FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?),
     };
+    // A video extension serves the input first, then what continues it.
+    let extended = cx.input_frames.as_deref().filter(|_| cx.job.request.spec.request().extend);
+    if let (Some(input), Some(enc)) = (extended, encoder.take()) {
+        encoder = Some(serve_input(cx, enc, input).await?);
+    }
+    let served_frames = cx.job.request.spec.served_frames(extended.map_or(0, |f| f.frames));
     let (mut chunks_done, mut decoding) = (0, Duration::ZERO);
     for step in first..total {
         let during = format!("step {}", step + 1);
@@ -451,12 +459,12 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     let encoder = decode_round(ranks, cx, encoder, "decode").await?;
     report.decoding = decoding + started.elapsed().saturating_sub(encoder.busy().saturating_sub(busy));
     report.frames = encoder.frames() as u32;
-    if report.frames != r.num_frames {
+    if u64::from(report.frames) != served_frames {
         return Err(CoordinatorError::WorkerFailed {
             worker: rank0.record.worker_id.clone(),
             during: "decode".into(),
             refused_field: None,
-            detail: format!("{} of {} frames arrived", report.frames, r.num_frames),
+            detail: format!("{} of {served_frames} frames arrived", report.frames),
         });
     }
 
@@ -500,20 +508,43 @@ async fn decode_on_rank0(rank0: &Rank, cx: &DriveContext<'_>, mut encoder: Frame
         };
         let Some(chunk) = next.map_err(|s| rank0.failed("decode", s))? else { return Ok(encoder) };
         let frames = codec::decoded_frames(&chunk).map_err(|e| CoordinatorError::Internal(format!("frames from rank 0: {e}")))?;
-        // Generated at the model's multiple, cropped back to the size asked.
-        let asked = &cx.job.request.request;
-        let frames = crate::video::crop_center(frames, asked.height, asked.width)?;
-        let (back, files) = tokio::task::spawn_blocking(move || {
-            let files = encoder.push_chunk(&frames);
-            (encoder, files)
-        })
-        .await
-        .map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))?;
-        encoder = back;
-        for f in files? {
-            send(cx.events, ExecEvent::File(f)).await?;
-        }
+        encoder = encode(cx, encoder, frames).await?;
     }
+}
+
+/// Frames at the generated size `[1, 3, n, H, W]` in [0, 1] into `encoder`, cropped back to the
+/// size asked (on a blocking thread); the files they complete (PNG frames) go out at once.
+async fn encode(cx: &DriveContext<'_>, mut encoder: FrameEncoder, frames: tessera_cluster::Tensor) -> Result<FrameEncoder, CoordinatorError> {
+    let asked = &cx.job.request.request;
+    let frames = crate::video::crop_center(frames, asked.height, asked.width)?;
+    let (back, files) = tokio::task::spawn_blocking(move || {
+        let files = encoder.push_chunk(&frames);
+        (encoder, files)
+    })
+    .await
+    .map_err(|e| CoordinatorError::Internal(format!("the encoder thread failed: {e}")))?;
+    for f in files? {
+        send(cx.events, ExecEvent::File(f)).await?;
+    }
+    Ok(back)
+}
+
+/// Frames of an extended input converted at a time (a bound on the f32 copy's size).
+const INPUT_FRAMES_PER_PIECE: u32 = 16;
+
+/// A video extension's input video, served before its continuation: its frames go into
+/// `encoder` a few at a time, as decoded at admission.
+async fn serve_input(cx: &DriveContext<'_>, mut encoder: FrameEncoder, input: &pb::InputFrames) -> Result<FrameEncoder, CoordinatorError> {
+    let frame = 3 * input.width as usize * input.height as usize;
+    for first in (0..input.frames).step_by(INPUT_FRAMES_PER_PIECE as usize) {
+        let count = INPUT_FRAMES_PER_PIECE.min(input.frames - first);
+        let rgb = input.rgb.get(first as usize * frame..(first + count) as usize * frame).unwrap_or_default().to_vec();
+        let piece = pb::DecodedFrames { first_frame: first, count, width: input.width, height: input.height, rgb };
+        let frames = codec::decoded_frames(&piece).map_err(|e| CoordinatorError::Internal(format!("the input video: {e}")))?;
+        encoder = encode(cx, encoder, frames).await?;
+        check_stop(cx.stop)?;
+    }
+    Ok(encoder)
 }
 
 /// Sends Decode to the ranks other than 0, which decode their bands, hand them to rank 0 and

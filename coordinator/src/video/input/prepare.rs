@@ -6,8 +6,9 @@
 //!
 //! Frame count: the VAE takes 4k+1 frames. Either the caller asks for exactly F frames (the first
 //! F of the input, which must have that many), or the longest 4k+1 prefix of the input is used
-//! (the largest 4k+1 not above the frames available; the rest are dropped). Frames are taken in
-//! order at the input's own rate: there is no temporal resampling.
+//! (the largest 4k+1 not above the frames available; the rest are dropped), or every frame (a
+//! video to extend, which is served whole before its continuation). Frames are taken in order at
+//! the input's own rate: there is no temporal resampling.
 
 use super::{InputInfo, InputLimits, Resizer, VideoReader};
 use crate::error::InputVideoProblem;
@@ -21,6 +22,8 @@ pub enum FrameSelection {
     First(usize),
     /// The longest prefix of 4k+1 frames (at most [`InputLimits::max_frames`] are read).
     Longest,
+    /// Every frame; a video longer than [`InputLimits::max_frames`] is refused.
+    All,
 }
 
 /// An input video ready to be sent to the workers (`InputFrames`).
@@ -65,7 +68,7 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
             }
             n
         }
-        FrameSelection::Longest => limits.max_frames,
+        FrameSelection::Longest | FrameSelection::All => limits.max_frames,
     };
     // What the needed frames cost, known from the headers: a video whose decoding would blow the
     // budget is refused before a single frame is decoded (a GIF of a few hundred bytes can
@@ -109,6 +112,14 @@ pub fn prepare_video(bytes: &[u8], width: usize, height: usize, selection: Frame
         }
         FrameSelection::First(n) => n,
         FrameSelection::Longest => frames_for(frames_read).ok_or_else(|| too_few("the video has no frame".into()))?,
+        FrameSelection::All if reader.stopped_at_limit() && source.declared_frames.is_none_or(|d| d > frames_read) => {
+            return Err(CoordinatorError::input_video(
+                InputVideoProblem::TooLarge,
+                format!("has more than {frames_read} frames, the most read; it is used whole, so it must not be longer"),
+            ));
+        }
+        FrameSelection::All if frames_read == 0 => return Err(too_few("the video has no frame".into())),
+        FrameSelection::All => frames_read,
     };
     rgb.truncate(3 * f * plane);
     rgb.shrink_to_fit();

@@ -152,9 +152,11 @@ pub struct ForcingSetup {
     pub latent: [usize; 3],
     /// Latent frames per causal block (the chunk plan's).
     pub block: usize,
-    /// Image-to-video: the image's latent frame `[1, C, 1, h, w]` ([`WanPipeline::image_prefix_in`]),
-    /// the first chunk's prefix (a plan [`ChunkPlan::with_image`]).
-    pub image: Option<Tensor>,
+    /// The first chunk's prefix from an input `[1, C, p, h, w]`: an image's latent frame
+    /// ([`WanPipeline::image_prefix_in`], a plan [`ChunkPlan::with_image`]) or a video
+    /// extension's re-encoded history ([`WanPipeline::encode_video_in`], a plan
+    /// [`ChunkPlan::extending`]).
+    pub prefix: Option<Tensor>,
 }
 
 /// The chunk being denoised: its latents, step matrix, per-frame samplers and next iteration.
@@ -200,12 +202,13 @@ impl ForcingRun {
         if setup.plan.chunks.is_empty() || setup.block != setup.plan.block {
             return Err(WorkerError::input("causal_block_size", format!("{} frames per block for a plan cut in blocks of {}", setup.block, setup.plan.block)));
         }
-        if setup.plan.starts_from_image() != setup.image.is_some() {
-            return Err(WorkerError::input("image", "an image-to-video run needs both the image and a plan that starts from it"));
+        let p = setup.plan.input_prefix();
+        if (p > 0) != setup.prefix.is_some() {
+            return Err(WorkerError::input("prefix", "a run from an input needs both its latent frames and a plan that starts from them"));
         }
-        if let Some(image) = &setup.image {
+        if let Some(prefix) = &setup.prefix {
             let [c, h, w] = setup.latent;
-            image.expect_shape("image latent", &[1, c, 1, h, w])?;
+            prefix.expect_shape("prefix latent", &[1, c, p, h, w])?;
         }
         let steps = setup.schedule.num_steps();
         let iterations = setup.plan.chunks.iter().map(|c| iterations(steps, c.frames, c.prefix, setup.block, setup.params.ar_step)).collect();
@@ -288,13 +291,13 @@ impl ForcingRun {
         if self.current.is_none() {
             let mut latents = noise.chunk(k, [1, c, f, h, w])?;
             latents.expect_shape("chunk noise", &[1, c, f, h, w])?;
-            match (&self.video, &self.setup.image) {
+            match (&self.video, &self.setup.prefix) {
                 (Some(acc), _) if pf > 0 => {
                     let end = acc.dim(2) - chunk.overlap;
                     put_frames(&mut latents, 0, &frames_of(acc, end..end + pf));
                 }
-                // The first chunk of an image-to-video run starts from the image's frame.
-                (None, Some(image)) => put_frames(&mut latents, 0, image.data()),
+                // The first chunk of a run from an input starts from its latent frames.
+                (None, Some(prefix)) => put_frames(&mut latents, 0, prefix.data()),
                 _ => {}
             }
             let matrix = StepMatrix::new(self.setup.schedule.num_steps(), f, pf, self.setup.block, self.setup.params.ar_step)?;
@@ -429,16 +432,16 @@ mod tests {
                 guidance_scale: 3.0,
                 latent: [4, 2, 2],
                 block: 1,
-                image: None,
+                prefix: None,
             };
             Self { pipe, gen, setup }
         }
 
-        /// The run's setup with `plan` and `image`.
-        fn setup(&self, plan: &ChunkPlan, image: Option<&Tensor>) -> ForcingSetup {
+        /// The run's setup with `plan` and the first chunk's `prefix`.
+        fn setup(&self, plan: &ChunkPlan, prefix: Option<&Tensor>) -> ForcingSetup {
             let s = &self.setup;
             let (params, schedule, text) = (s.params.clone(), s.schedule.clone(), s.text.clone());
-            ForcingSetup { plan: plan.clone(), params, schedule, text, image: image.cloned(), ..*s }
+            ForcingSetup { plan: plan.clone(), params, schedule, text, prefix: prefix.cloned(), ..*s }
         }
     }
 
