@@ -381,7 +381,9 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     };
     // A video extension serves the input first, then what continues it.
     let extended = cx.input_frames.as_deref().filter(|_| cx.job.request.spec.request().extend);
-    if let (Some(input), Some(enc)) = (extended, encoder.take()) {
+    // (Raw latents are the run's alone.)
+    if let (Some(input), true) = (extended, encoder.is_some()) {
+        let enc = encoder.take().ok_or_else(|| CoordinatorError::Internal("no frame encoder".into()))?;
         encoder = Some(serve_input(cx, enc, input).await?);
     }
     let served_frames = cx.job.request.spec.served_frames(extended.map_or(0, |f| f.frames));
