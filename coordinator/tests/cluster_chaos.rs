@@ -1,9 +1,9 @@
 //! Chaos on a local cluster: a real etcd, a `tessera serve --etcd --state DIR` coordinator and two
 //! `tessera-worker` processes on loopback. One undisturbed job gives the reference frames; then a
 //! job whose coordinator is SIGKILLed mid-run (a new coordinator on the same etcd and folder
-//! releases the workers the dead one left holding it, resumes the job from its last stored
-//! checkpoint with its plan, and WatchJob returns its frames), and a job during which etcd is
-//! killed and restarted. No job is lost, and every video equals the undisturbed one byte for byte.
+//! adopts the run the dead one left on the workers, with its plan, going on from the step they
+//! stand at, and WatchJob returns its frames), and a job during which etcd is killed and
+//! restarted. No job is lost, and every video equals the undisturbed one byte for byte.
 //! Needs `etcd`; without it the test skips, except under CI=true, where it fails.
 
 mod common;
@@ -99,14 +99,15 @@ async fn a_killed_coordinator_and_a_restarted_etcd_lose_no_job_and_change_no_byt
     completed += 1;
     equal += (frames(&resumed, "resumed after the coordinator's death") == expected) as u32;
     let log = server.log();
-    assert!(log.contains("releasing the job on the workers that still hold it"), "the orphaned workers were not released:\n{log}");
+    assert!(log.contains("adopting the job from the workers that still run it"), "the workers' run was not adopted:\n{log}");
     let line = log.lines().find(|l| l.contains("resuming a stored job")).expect("a resumed job");
     let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step");
     let record = client.get_job(GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(record.state, JobState::Succeeded as i32);
     assert_eq!(record.plan.as_ref().map(|p| (p.ranks, p.ulysses, p.ring)), Some((plan.ranks, plan.ulysses, plan.ring)), "the job kept its plan");
-    eprintln!("coordinator killed at step {killed_at}; the new one resumed from step {from}");
-    assert!(from >= 4 && from <= killed_at + 4, "resumed from a stored checkpoint: {line}");
+    eprintln!("coordinator killed at step {killed_at}; the new one adopted the run at step {from}");
+    // (Steps may have run between the last one seen and the SIGKILL; none is lost.)
+    assert!(from >= killed_at && from <= killed_at + 10, "the run went on where the workers stood, no step lost: {line}");
     wait_idle(&mut client, &["c0", "c1"], &all).await;
 
     // 2. etcd is killed and restarted mid-job.

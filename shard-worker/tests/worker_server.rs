@@ -265,6 +265,7 @@ async fn misuse_gets_clear_status_codes() {
         impostor.fetch_latents(pb::FetchLatentsRequest { job_id: "a".into() }).await.unwrap_err(),
         anonymous.release_job(pb::ReleaseJobRequest { job_id: "a".into() }).await.unwrap_err(),
         anonymous.decode(pb::DecodeRequest { job_id: "a".into(), ..Default::default() }).await.unwrap_err(),
+        impostor.adopt_job(pb::AdoptJobRequest { job_id: "a".into() }).await.unwrap_err(),
     ] {
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         assert!(tessera_proto::reason::has_reason(&err, Reason::PermissionDenied), "{err:?}");
@@ -275,6 +276,12 @@ async fn misuse_gets_clear_status_codes() {
     let err = c.step(pb::StepRequest { job_id: "a".into(), step: 2, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("step 0 is next"), "{err}");
+    // The secret's holder (a coordinator taking the job over) learns where the run stands.
+    c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap();
+    let adopted = c.adopt_job(pb::AdoptJobRequest { job_id: "a".into() }).await.unwrap().into_inner();
+    assert_eq!((adopted.rank, adopted.ranks, adopted.steps_done, adopted.total_steps, adopted.chunks_done), (0, 1, 1, 3, 0));
+    let err = c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap_err();
+    assert!(err.message().contains("step 1 is next"), "{err}");
     let err = c.decode(pb::DecodeRequest { job_id: "a".into(), ..Default::default() }).await.unwrap().into_inner().message().await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "decode before the last step: {err}");
     let d = c.describe(pb::DescribeRequest {}).await.unwrap().into_inner();

@@ -122,7 +122,18 @@ pub trait JobExecutor: Send + Sync + 'static {
     /// Takes no new jobs from now on (workers report DRAINING); running jobs go on.
     fn drain(&self);
 
-    /// Before a job a previous coordinator ran is resumed: frees whatever the workers still hold
-    /// of it (that coordinator died mid-job), so that it, and others, can be scheduled.
-    fn release_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Before a job a previous coordinator ran is resumed (that coordinator died mid-job): takes
+    /// over what the workers still hold of it. Either they go on with it where their run stands
+    /// (the step returned: the job's next run starts there, on them), or they are freed, so that
+    /// it (from its checkpoint) and other jobs can be scheduled (`None`).
+    fn take_over_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = Option<u32>> + Send + '_>>;
+
+    /// A job leaves without running (stopped while queued, or not queued at all): frees what was
+    /// kept for it (an adopted run's workers, which are released).
+    fn abandon(&self, job: &ExecJob);
 }
+
+/// The queue priority of a job whose run was adopted from its workers: above every request's
+/// (−100 to 100), so that it leaves the queue first. Its workers run it already, and no other job
+/// could use them meanwhile.
+pub const ADOPTED_PRIORITY: i32 = i32::MAX;

@@ -73,6 +73,9 @@ pub struct Launch {
     pub accepted_at: Instant,
     /// Whether it is stored already (a resumed job): its media is not stored again.
     pub stored: bool,
+    /// Whether its run was adopted from the workers that still run it: it leaves the queue
+    /// first ([`super::executor::ADOPTED_PRIORITY`]).
+    pub adopted: bool,
     /// Its span (the job's trace).
     pub span: tracing::Span,
 }
@@ -94,7 +97,8 @@ pub async fn launch(state: &Arc<ServiceState>, l: Launch) -> Result<Accepted, Co
     }
     let stop = StopSignal::default();
     state.jobs.insert(l.record.clone(), stop.clone());
-    let (position, admission) = match state.scheduler.enqueue(&id, l.valid.request.priority) {
+    let priority = if l.adopted { super::executor::ADOPTED_PRIORITY } else { l.valid.request.priority };
+    let (position, admission) = match state.scheduler.enqueue(&id, priority) {
         Ok(q) => q,
         Err(e) => {
             state.jobs.remove(&id);

@@ -2,7 +2,8 @@
 //! stopped or died with jobs unfinished): finished jobs' records come back, so GetJob and WatchJob
 //! serve them until they expire; every unfinished job joins the queue again, oldest first, with
 //! its plan, its seed and its last checkpoint, so its video is the one an undisturbed run makes.
-//! Its workers may still hold it: the executor releases them with the job's secret first.
+//! Its workers may still run it: the executor adopts their run with the job's secret (the job
+//! goes on with them from the step they stand at), or releases them.
 
 use super::durable::{Blob, JobStore};
 use super::launch::{decode_media, launch, Launch};
@@ -93,13 +94,31 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     if let Some(p) = &mut record.progress {
         p.phase = Phase::Queued as i32;
     }
-    let from_step = resume.as_ref().map_or(0, |c| c.steps_done);
-    tracing::info!(job = %id, from_step, "resuming a stored job");
-    let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, resumed = true, from_step);
-    // Its workers may still hold it (the coordinator before died mid-job): free them first, or
-    // they would wait for their idle timeout and the job for them.
+    // Its workers may still run it (the coordinator before died mid-job): it goes on with them
+    // where they stand, or they are freed (else they would wait for their idle timeout, and the
+    // job for them) and it resumes from its checkpoint.
     let orphan = super::executor::ExecJob { id: id.clone(), request: valid.clone(), secret, resume: None };
-    state.executor.release_orphans(&orphan).await;
-    let job = Launch { record, valid, secret, resume, client: None, deadline: None, held, media, accepted_at: Instant::now(), stored: true, span };
-    launch(state, job).await.map(drop)
+    let adopted = state.executor.take_over_orphans(&orphan).await;
+    let from_step = adopted.unwrap_or_else(|| resume.as_ref().map_or(0, |c| c.steps_done));
+    tracing::info!(job = %id, from_step, adopted = adopted.is_some(), "resuming a stored job");
+    let span = tracing::info_span!("job", job_id = %id, model = %valid.request.model, resumed = true, from_step);
+    let job = Launch {
+        record,
+        valid,
+        secret,
+        resume,
+        client: None,
+        deadline: None,
+        held,
+        media,
+        accepted_at: Instant::now(),
+        stored: true,
+        adopted: adopted.is_some(),
+        span,
+    };
+    let launched = launch(state, job).await.map(drop);
+    if launched.is_err() {
+        state.executor.abandon(&orphan);
+    }
+    launched
 }

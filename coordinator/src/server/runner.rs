@@ -153,6 +153,7 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         }
         _ => {
             state.scheduler.remove(&id);
+            state.executor.abandon(&d.job);
             state.metrics.set_queue_depth(state.scheduler.queued());
             let reason = d.stop.reason().unwrap_or(StopReason::Shutdown);
             let timings = Timings { queued: d.accepted.elapsed(), total: d.accepted.elapsed(), ..Default::default() };

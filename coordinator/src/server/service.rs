@@ -136,8 +136,20 @@ impl Tessera for TesseraService {
         let (tokens, steps) = (valid.spec.tokens(), valid.request.steps);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let secret = random_bytes()?;
-        let launch_job =
-            Launch { record, valid, secret, resume: None, client: Some(tx), deadline, held, media, accepted_at, stored: false, span: span.clone() };
+        let launch_job = Launch {
+            record,
+            valid,
+            secret,
+            resume: None,
+            client: Some(tx),
+            deadline,
+            held,
+            media,
+            accepted_at,
+            stored: false,
+            adopted: false,
+            span: span.clone(),
+        };
         let accepted = launch(state, launch_job).await.inspect_err(|e| state.metrics.rejected(e))?;
         span.in_scope(|| tracing::info!(job = %id, position = accepted.queue_position, tokens, steps, "job accepted"));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -71,6 +71,18 @@ pub enum Command {
     /// `[1, 3, n, H, W]` in [0, 1] with the index of their first frame as they come; the other
     /// ranks send nothing (every rank is sent this).
     Decode(tokio::sync::mpsc::Sender<Result<(usize, Tensor)>>),
+    /// A new coordinator takes the job over: where the run stands, and the decode restarted so
+    /// that the next Decode sends every final frame again (rank-local; no collective).
+    Adopt(mpsc::Sender<Result<Progress>>),
+}
+
+/// Where a run stands (between commands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Steps run (the next Step is this one).
+    pub steps_done: usize,
+    /// Chunks a diffusion-forcing run has finished (0 for other runs).
+    pub chunks_done: usize,
 }
 
 /// The handle the service keeps for a running job.
@@ -79,6 +91,8 @@ pub struct JobHandle {
     pub tokens: std::ops::Range<usize>,
     /// The rank.
     pub rank: usize,
+    /// Ranks of the job's group.
+    pub ranks: usize,
     /// Denoising steps of the run.
     pub total_steps: usize,
     commands: mpsc::Sender<(tracing::Span, Command)>,
@@ -154,7 +168,7 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;
     let (tokens, total_steps, aborts) = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
-    Ok(JobHandle { tokens, rank, total_steps, commands: tx, ended, aborts })
+    Ok(JobHandle { tokens, rank, ranks: world, total_steps, commands: tx, ended, aborts })
 }
 
 /// The largest collective frame a job may receive: room for every token's activations several
@@ -301,6 +315,11 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc
                 let ok = latents.is_ok();
                 let _ = reply.send(latents);
                 ok
+            }
+            Command::Adopt(reply) => {
+                run.restart_decode(pipe);
+                let _ = reply.send(Ok(Progress { steps_done: run.steps_done(), chunks_done: run.chunks_done() }));
+                true
             }
             Command::Decode(frames) => {
                 let mut sink = |first: usize, t: &Tensor| {

@@ -544,6 +544,19 @@ impl ShardWorker for WorkerService {
         Ok(Response::new(pb::ReleaseJobResponse {}))
     }
 
+    async fn adopt_job(&self, request: Request<pb::AdoptJobRequest>) -> Result<Response<pb::AdoptJobResponse>, Status> {
+        let job = self.job(&request.get_ref().job_id, request.metadata())?;
+        let (rank, ranks, total_steps) = (job.rank as u32, job.ranks as u32, job.total_steps as u32);
+        tracing::info!(job_id = %request.get_ref().job_id, rank, "a new coordinator adopts the job");
+        let progress = blocking(move || {
+            let (tx, rx) = mpsc::channel();
+            job.send(Command::Adopt(tx))?;
+            rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
+        })
+        .await?;
+        Ok(Response::new(pb::AdoptJobResponse { rank, ranks, steps_done: progress.steps_done as u32, total_steps, chunks_done: progress.chunks_done as u32 }))
+    }
+
     async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
         Ok(Response::new(pb::DescribeResponse { worker: Some(self.describe()), collective_address: self.inner.me.collective.to_string() }))
     }

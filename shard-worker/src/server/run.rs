@@ -187,6 +187,15 @@ impl JobRun {
         }
     }
 
+    /// Restarts the decode: the next [`decode`](Self::decode) sends every final frame again, from
+    /// the video's first (a diffusion-forcing run rebuilds its VAE caches from the video so far;
+    /// a Wan run decodes its whole latent at every decode anyway).
+    pub fn restart_decode(&mut self, pipe: &WanPipeline) {
+        if let Self::Forcing(f) = self {
+            (f.decoded, f.frames_out, f.stream) = (0, 0, pipe.start_decode());
+        }
+    }
+
     /// Runs the next step on every rank of `group`.
     pub fn step(&mut self, pipe: &WanPipeline, group: RankGroup<'_>) -> Result<()> {
         match self {

@@ -67,6 +67,9 @@ pub struct DriveContext<'a> {
     pub limits: DriveLimits,
     /// Resume from this checkpoint (of an earlier group) instead of starting the run.
     pub resume: Option<Arc<pb::CheckpointResponse>>,
+    /// Go on with the run the group's workers still hold (adopted from a coordinator that died)
+    /// instead of preparing one: no PrepareJob, the next step is where it stands.
+    pub adopted: Option<Adopted>,
     /// Copy the run out of rank 0 every this many steps (0: never).
     pub checkpoint_every: u32,
     /// Where the latest checkpoint goes.
@@ -291,6 +294,64 @@ async fn release(ranks: &[Rank], job_id: &str) {
 /// How long one ReleaseJob (and the connection before it) may take.
 const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long taking a job over may take (connecting, and each rank's answer). A rank that does not
+/// answer in time (it may be blocked in a step its peers never got) makes the job resume from its
+/// checkpoint instead.
+const ADOPT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Where an adopted run stands, as every rank of its group reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adopted {
+    /// Steps run: the next Step is this one.
+    pub steps_done: u32,
+    /// Steps of the run.
+    pub total_steps: u32,
+}
+
+/// Takes `job` over from `holders`, the workers that still run it for a coordinator that died:
+/// each answers AdoptJob (the job's secret proves the right) with its rank and where its run
+/// stands. Returns the workers in rank order and where the run stands when they are exactly the
+/// `plan`'s ranks, every rank once, agreeing on the step; `None` otherwise (the caller releases
+/// them and resumes from the checkpoint).
+pub async fn adopt_on(
+    holders: &[WorkerRecord],
+    job: &ExecJob,
+    plan: tessera_cluster::JobPlan,
+    tls: Option<&InternalTls>,
+) -> Option<(Vec<WorkerRecord>, Adopted)> {
+    if holders.len() != plan.ranks as usize {
+        tracing::info!(job = %job.id, holders = holders.len(), ranks = plan.ranks, "not every rank of the job is still held: it cannot be adopted");
+        return None;
+    }
+    let interceptor = JobSecret::new(&job.secret);
+    let calls = holders.iter().map(|w| {
+        let interceptor = &interceptor;
+        async move {
+            let mut rank = connect(w, ADOPT_LIMIT, interceptor, tls).await.ok()?;
+            let call = rank.client.adopt_job(pb::AdoptJobRequest { job_id: job.id.clone() });
+            match tokio::time::timeout(ADOPT_LIMIT, call).await {
+                Ok(Ok(answer)) => Some((rank.record, answer.into_inner())),
+                outcome => {
+                    tracing::info!(worker = %w.worker_id, job = %job.id, ?outcome, "a rank of the job does not answer AdoptJob");
+                    None
+                }
+            }
+        }
+    });
+    let mut answers: Vec<(WorkerRecord, pb::AdoptJobResponse)> = futures_util::future::join_all(calls).await.into_iter().collect::<Option<_>>()?;
+    answers.sort_by_key(|(_, a)| a.rank);
+    let first = answers[0].1.clone();
+    let agree = answers.iter().enumerate().all(|(i, (_, a))| {
+        a.rank == i as u32 && a.ranks == plan.ranks && (a.steps_done, a.total_steps, a.chunks_done) == (first.steps_done, first.total_steps, first.chunks_done)
+    });
+    if !agree || first.steps_done > first.total_steps {
+        tracing::info!(job = %job.id, answers = ?answers.iter().map(|(_, a)| a).collect::<Vec<_>>(), "the ranks of the job disagree: it cannot be adopted");
+        return None;
+    }
+    let adopted = Adopted { steps_done: first.steps_done, total_steps: first.total_steps };
+    Some((answers.into_iter().map(|(w, _)| w).collect(), adopted))
+}
+
 /// Releases `job` on `workers` that still hold it from an earlier coordinator (best effort).
 pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&InternalTls>) {
     let interceptor = JobSecret::new(&job.secret);
@@ -308,13 +369,6 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
     let r = &cx.job.request.request;
     let mut live = cx.live.clone();
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
-    let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
-    let session = u64::from_le_bytes(random_bytes::<8>()?);
-    // Image-to-video: the image as decoded at admission, sent to every rank.
-    let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
-    let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
-    let worker_frames = cx.input_frames.as_deref().map(|f| super::super::input::frames_for_workers(&cx.job.request.spec, f));
-
     let ranks_n = ranks.len() as u32;
     let records: Vec<&WorkerRecord> = group.workers.iter().collect();
     let (predicted_duration, predicted_peak_bytes_per_rank) =
@@ -336,41 +390,20 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         }),
     )
     .await?;
-    send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
-    let started = Instant::now();
-    let span = tracing::info_span!("prepare", ranks = ranks.len(), ulysses = group.ulysses);
-    let trace_context = span.in_scope(tessera_telemetry::current_context_map);
-    let nccl_unique_id = if group_needs_nccl(&group.workers) {
-        nccl_id_from_rank0(&ranks[0], &cx.job.id, cx.limits.connect).instrument(span.clone()).await?
-    } else {
-        Vec::new()
+    // An adopted run goes on where it stands; another is prepared on every rank first.
+    let (total, first, preparing) = match cx.adopted {
+        Some(a) => (a.total_steps, a.steps_done.min(a.total_steps), Duration::ZERO),
+        None => {
+            send(cx.events, ExecEvent::Phase(Phase::Preparing)).await?;
+            let started = Instant::now();
+            let total = prepare(group, ranks, cx, secret, &mut live).await?;
+            (total, cx.resume.as_ref().map_or(0, |c| c.steps_done).min(total), started.elapsed())
+        }
     };
-    let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, &mut live, |rank, mut c| {
-        let req = pb::PrepareJobRequest {
-            job_id: cx.job.id.clone(),
-            rank: rank as u32,
-            peers: peers.clone(),
-            session,
-            spec: Some(spec.clone()),
-            input_frames: worker_frames.clone(),
-            input_image: input_image.clone(),
-            trace_context: trace_context.clone(),
-            resume: cx.resume.as_deref().cloned(),
-            nccl_unique_id: nccl_unique_id.clone(),
-            job_secret: secret.to_vec(),
-            ..Default::default()
-        };
-        async move { c.prepare_job(req).await }
-    })
-    .instrument(span)
-    .await?;
-    let total = prepared.first().map_or(0, |p| p.total_steps);
     check_stop(cx.stop)?;
-    let preparing = started.elapsed();
 
     send(cx.events, ExecEvent::Phase(Phase::Denoising)).await?;
     let started = Instant::now();
-    let first = cx.resume.as_ref().map_or(0, |c| c.steps_done).min(total);
     // A diffusion-forcing job's frames are final chunk by chunk: each finished chunk is decoded
     // and its frames encoded (PNG frames sent) before the next chunk starts.
     let total_chunks = cx.job.request.spec.chunks().map_or(0, |c| c.chunks.len() as u32);
@@ -480,6 +513,44 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         send(cx.events, ExecEvent::File(f)).await?;
     }
     Ok(report)
+}
+
+/// PrepareJob on every rank (for a GPU group, after rank 0 made the NCCL id): the ranks meet, and
+/// each prepares the run, from the start or from the job's checkpoint. Returns the run's steps.
+async fn prepare(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[u8], live: &mut LiveWorkers) -> Result<u32, CoordinatorError> {
+    let peers: Vec<String> = group.workers.iter().map(|w| w.collective_address.clone()).collect();
+    let session = u64::from_le_bytes(random_bytes::<8>()?);
+    // Image-to-video: the image as decoded at admission, sent to every rank.
+    let input_image = cx.job.request.image.as_ref().map(|i| codec::input_image_message(i.size, i.rgb.clone())).transpose()?;
+    let spec = cx.job.request.spec.clone().planned(group.plan())?.to_message();
+    let worker_frames = cx.input_frames.as_deref().map(|f| super::super::input::frames_for_workers(&cx.job.request.spec, f));
+    let span = tracing::info_span!("prepare", ranks = ranks.len(), ulysses = group.ulysses);
+    let trace_context = span.in_scope(tessera_telemetry::current_context_map);
+    let nccl_unique_id = if group_needs_nccl(&group.workers) {
+        nccl_id_from_rank0(&ranks[0], &cx.job.id, cx.limits.connect).instrument(span.clone()).await?
+    } else {
+        Vec::new()
+    };
+    let prepared = on_every_rank(ranks, "prepare", cx.limits.prepare, live, |rank, mut c| {
+        let req = pb::PrepareJobRequest {
+            job_id: cx.job.id.clone(),
+            rank: rank as u32,
+            peers: peers.clone(),
+            session,
+            spec: Some(spec.clone()),
+            input_frames: worker_frames.clone(),
+            input_image: input_image.clone(),
+            trace_context: trace_context.clone(),
+            resume: cx.resume.as_deref().cloned(),
+            nccl_unique_id: nccl_unique_id.clone(),
+            job_secret: secret.to_vec(),
+            ..Default::default()
+        };
+        async move { c.prepare_job(req).await }
+    })
+    .instrument(span)
+    .await?;
+    Ok(prepared.first().map_or(0, |p| p.total_steps))
 }
 
 /// One Decode on every rank: the frames that are final and not decoded yet go into `encoder`

@@ -21,7 +21,7 @@ use super::jobs::StopSignal;
 use crate::request::{RequestDefaults, ValidRequest};
 use crate::CoordinatorError;
 use drive::{run_on_group, DriveContext};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -87,6 +87,9 @@ struct Shared {
     draining: AtomicBool,
     max_ranks: usize,
     tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
+    /// Jobs taken over from workers that still run them (a coordinator died), with their groups
+    /// (reserved): each goes on there when it runs.
+    adopted: Mutex<HashMap<String, (Group, drive::Adopted)>>,
 }
 
 impl Shared {
@@ -105,7 +108,9 @@ impl Shared {
             *l = live;
             changed
         });
-        let slots = if self.draining.load(Ordering::SeqCst) { 0 } else { self.running.load(Ordering::SeqCst) + formable };
+        // Adopted jobs not started yet hold their groups: a slot each.
+        let adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let slots = if self.draining.load(Ordering::SeqCst) { 0 } else { self.running.load(Ordering::SeqCst) + formable + adopted };
         self.slots.send_if_modified(|s| {
             let changed = *s != slots;
             *s = slots;
@@ -139,6 +144,7 @@ impl ClusterExecutor {
             draining: AtomicBool::new(false),
             max_ranks: config.max_ranks,
             tls: config.tls.clone(),
+            adopted: Mutex::new(HashMap::new()),
         });
         let follower = tokio::spawn(follow(config.membership.clone(), shared.clone()));
         Ok(Self { config, shared, follower })
@@ -292,13 +298,20 @@ impl JobExecutor for ClusterExecutor {
             let (mut busy_retries, mut recoveries) = (0, 0);
             let last_checkpoint = std::sync::Mutex::new(job.resume.clone());
             let mut resume = job.resume.clone();
+            // A job taken over from its workers goes on with them first.
+            let mut taken_over = shared.adopted.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
             loop {
-                let group = wait_for_group(&shared, &job, max_ranks, &stop).await?;
+                let (group, adopted) = match taken_over.take() {
+                    Some((group, progress)) => (group, Some(progress)),
+                    None => (wait_for_group(&shared, &job, max_ranks, &stop).await?, None),
+                };
                 shared.running.fetch_add(1, Ordering::SeqCst);
                 shared.publish();
                 let ids: Vec<&str> = group.workers.iter().map(|w| w.worker_id.as_str()).collect();
                 tracing::info!(job = %job.id, workers = ?ids, ulysses = group.ulysses, "job starts on its group");
-                let attempt = Attempt { group: &group, resume: resume.take(), checkpoint_every: every, last_checkpoint: &last_checkpoint };
+                // (An adopted run needs no checkpoint to start from; a later recovery takes the last.)
+                let from = resume.take().filter(|_| adopted.is_none());
+                let attempt = Attempt { group: &group, resume: from, adopted, checkpoint_every: every, last_checkpoint: &last_checkpoint };
                 let result = run_reserved(&shared, &job, attempt, events.clone(), &stop, limits).await;
                 shared.table().release(&job.id);
                 shared.running.fetch_sub(1, Ordering::SeqCst);
@@ -341,9 +354,18 @@ impl JobExecutor for ClusterExecutor {
         self.shared.publish();
     }
 
-    fn release_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn take_over_orphans(&self, job: &ExecJob) -> Pin<Box<dyn Future<Output = Option<u32>> + Send + '_>> {
         let job = job.clone();
-        Box::pin(async move { release_orphans(&self.shared, &job).await })
+        Box::pin(async move { take_over_orphans(&self.shared, &job).await })
+    }
+
+    fn abandon(&self, job: &ExecJob) {
+        let Some((group, _)) = self.shared.adopted.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id) else { return };
+        tracing::info!(job = %job.id, "the adopted job left without running: releasing its workers");
+        self.shared.table().release(&job.id);
+        self.shared.publish();
+        let (job, tls) = (job.clone(), self.shared.tls.clone());
+        tokio::spawn(async move { drive::release_on(&group.workers, &job, tls.as_deref()).await });
     }
 }
 
@@ -365,24 +387,39 @@ async fn wait_until_free(shared: &Shared, ids: &[&str], limit: Duration, stop: &
 /// How long a resumed job waits for the workers that still held it to report themselves free.
 const ORPHAN_WAIT: Duration = Duration::from_secs(10);
 
-/// Releases the job on the workers that still run it: a coordinator that died mid-job left them
-/// holding it (until their idle timeout). The job's secret is the capability to do so.
-async fn release_orphans(shared: &Shared, job: &ExecJob) {
+/// A coordinator that died mid-job left its workers running it (until their idle timeout). When
+/// they are the whole group of the job's plan and agree where the run stands, the job is adopted:
+/// its group is reserved and it goes on there from that step (returned), losing nothing. Else
+/// they are released, and the job resumes from its checkpoint on a group of its own. The job's
+/// secret is the capability to do either.
+async fn take_over_orphans(shared: &Shared, job: &ExecJob) -> Option<u32> {
     let holders: Vec<WorkerRecord> = shared.table().records().filter(|w| w.job_id.as_deref() == Some(job.id.as_str())).cloned().collect();
     if holders.is_empty() {
-        return;
+        return None;
     }
     let ids: Vec<&str> = holders.iter().map(|w| w.worker_id.as_str()).collect();
+    if let Some(plan) = job.request.spec.plan() {
+        if let Some((workers, progress)) = drive::adopt_on(&holders, job, plan, shared.tls.as_deref()).await {
+            let order: Vec<&str> = workers.iter().map(|w| w.worker_id.as_str()).collect();
+            tracing::info!(job = %job.id, workers = ?order, from_step = progress.steps_done, "adopting the job from the workers that still run it");
+            shared.table().adopt(&job.id, &workers);
+            let group = Group { workers, ulysses: plan.ulysses as usize, cfg_parallel: plan.cfg_parallel };
+            shared.adopted.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id.clone(), (group, progress));
+            shared.publish();
+            return Some(progress.steps_done);
+        }
+    }
     tracing::info!(job = %job.id, workers = ?ids, "releasing the job on the workers that still hold it");
     drive::release_on(&holders, job, shared.tls.as_deref()).await;
     // Their records turn idle within a heartbeat or so; the job then reserves a group as usual.
     let until = Instant::now() + ORPHAN_WAIT;
     while Instant::now() < until {
         if !shared.table().records().any(|w| w.job_id.as_deref() == Some(job.id.as_str())) {
-            return;
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    None
 }
 
 type SharedCheckpoint = Arc<tessera_proto::worker::v1::CheckpointResponse>;
@@ -391,6 +428,7 @@ type SharedCheckpoint = Arc<tessera_proto::worker::v1::CheckpointResponse>;
 struct Attempt<'a> {
     group: &'a Group,
     resume: Option<SharedCheckpoint>,
+    adopted: Option<drive::Adopted>,
     checkpoint_every: u32,
     last_checkpoint: &'a std::sync::Mutex<Option<SharedCheckpoint>>,
 }
@@ -412,6 +450,7 @@ async fn run_reserved(
         live: shared.live.subscribe(),
         limits,
         resume: attempt.resume,
+        adopted: attempt.adopted,
         checkpoint_every: attempt.checkpoint_every,
         last_checkpoint: attempt.last_checkpoint,
     };

@@ -156,6 +156,14 @@ impl WorkerTable {
         Some(Group { workers, ulysses, cfg_parallel })
     }
 
+    /// Reserves `workers` for `job` as they are (busy with it: a job taken over from a coordinator
+    /// that died, see `take_over_orphans`).
+    pub fn adopt(&mut self, job: &str, workers: &[WorkerRecord]) {
+        for w in workers {
+            self.reserved.insert(w.worker_id.clone(), job.to_string());
+        }
+    }
+
     /// Frees the workers reserved for `job`.
     pub fn release(&mut self, job: &str) {
         self.reserved.retain(|_, j| j != job);
