@@ -340,7 +340,7 @@ pub async fn adopt_on(
     });
     let mut answers: Vec<(WorkerRecord, pb::AdoptJobResponse)> = futures_util::future::join_all(calls).await.into_iter().collect::<Option<_>>()?;
     answers.sort_by_key(|(_, a)| a.rank);
-    let first = answers[0].1.clone();
+    let first = answers[0].1;
     let agree = answers.iter().enumerate().all(|(i, (_, a))| {
         a.rank == i as u32 && a.ranks == plan.ranks && (a.steps_done, a.total_steps, a.chunks_done) == (first.steps_done, first.total_steps, first.chunks_done)
     });
