@@ -54,6 +54,9 @@ pub struct ForcingEvaluation {
     pub chunks: Vec<ChunkCost>,
     /// Encoding the prompts, once.
     pub text: f64,
+    /// A video extension: VAE-encoding the input's last `overlap_history` frames, once, before
+    /// the first chunk (0 otherwise).
+    pub history: f64,
     /// Until the first chunk's frames are decoded.
     pub first_chunk: f64,
     /// The whole job.
@@ -120,10 +123,16 @@ pub fn evaluate_forcing(model: &ModelShape, job: &ForcingJob, gpu: &GpuKind, lay
         })
         .collect();
     let text = chunks.first().map_or(0.0, |c| c.evaluation.timing.text);
-    let first_chunk = text + chunks.first().map_or(0.0, |c| c.denoise + c.decode);
-    let total = text + chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>();
+    // Encoding the history is priced as two thirds of decoding as many frames (the encoder's share
+    // of the VAE's work, as the image-to-video stage is): the first chunk's decode, per frame.
+    let history = match (job.plan.repeated_frames(), chunks.first()) {
+        (0, _) | (_, None) => 0.0,
+        (n, Some(c)) => c.decode * 2.0 / 3.0 * n as f64 / job.chunk_shape(&c.chunk, true).frames.max(1) as f64,
+    };
+    let first_chunk = text + history + chunks.first().map_or(0.0, |c| c.denoise + c.decode);
+    let total = text + history + chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>();
     let infeasible = chunks.iter().enumerate().find_map(|(k, c)| c.evaluation.infeasible.as_ref().map(|why| format!("chunk {k}: {why}")));
-    ForcingEvaluation { layout, chunks, text, first_chunk, total, infeasible }
+    ForcingEvaluation { layout, chunks, text, history, first_chunk, total, infeasible }
 }
 
 #[cfg(test)]
@@ -154,7 +163,16 @@ mod tests {
         assert_eq!(frames, 1441);
         assert!(e.first_chunk < e.total / 5.0 && e.total > e.first_chunk);
         let sum = e.text + e.chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>();
-        assert!((sum - e.total).abs() < 1e-9);
+        assert!((sum - e.total).abs() < 1e-9 && e.history == 0.0);
+        // Extending a video: its last 17 frames are encoded once, before the first chunk, which
+        // starts from their 5 latent frames (synchronous: in the forward all the same, and every
+        // chunk runs S iterations, so the chunks cost what text-to-video's do).
+        let ext = ForcingJob { plan: job.plan.clone().extending(17).unwrap(), ..job.clone() };
+        let x = evaluate_forcing(&m, &ext, &g, layout, 0.35);
+        let per_frame = e.chunks[0].decode / 121.0;
+        assert!((x.history / (per_frame * 17.0 * 2.0 / 3.0) - 1.0).abs() < 1e-9, "{} s", x.history);
+        assert!(x.chunks.iter().zip(&e.chunks).all(|(a, b)| (a.denoise, a.decode) == (b.denoise, b.decode)));
+        assert!((x.total - x.text - x.history - x.chunks.iter().map(|c| c.denoise + c.decode).sum::<f64>()).abs() < 1e-9);
         // asynchronous (blocks of 5 lagging 5 iterations): more iterations per chunk
         let plan = ChunkPlan::new(1397, 117, Some(17), 5).unwrap();
         let job = ForcingJob { plan, ar_step: 5, ..job };
