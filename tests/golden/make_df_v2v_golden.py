@@ -22,11 +22,8 @@ __call__, the seams wrapped by make_golden_df.Recorder (every random draw, every
 chunk); the input is passed at the output size, so `preprocess_video` only maps [0, 1] to [-1, 1].
 """
 import json
-import math
 import os
-import shutil
 import sys
-import tempfile
 import types
 
 import torch
@@ -39,13 +36,13 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_golden_df import Recorder, load_snapshot_part  # noqa: E402
+from make_v2v_golden import copy_components, synthetic_video  # noqa: E402
 
 torch.set_grad_enabled(False)
 
 ROOT = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(ROOT, "pipeline", "df-a")
 DST = os.path.join(ROOT, "pipeline", "df-v2v-a")
-COMPONENTS = ["scheduler", "text_encoder", "tokenizer", "transformer", "vae"]
 
 PROMPT = "a paper boat drifting down a stream"
 NEGATIVE = "low quality, blurry, static, distorted"
@@ -55,19 +52,6 @@ INPUT_FRAMES = 11
 # 37 frames = 10 latent: chunks of 21 frames (6 latent) overlapping by 5 (2 latent), blocks of 2:
 # chunk 0 = 2 re-encoded + 4 new, chunk 1 = 2 + 4.
 FRAMES, BASE, OVERLAP, AR_STEP, BLOCK, ADDNOISE, FPS = 37, 21, 5, 2, 2, 20, 24
-
-
-def synthetic_video():
-    """A smooth moving pattern [1, 3, F, H, W] strictly inside [0, 1], different per channel."""
-    c = torch.arange(3, dtype=torch.float64).view(3, 1, 1, 1)
-    f = torch.arange(INPUT_FRAMES, dtype=torch.float64).view(1, INPUT_FRAMES, 1, 1)
-    y = torch.arange(HEIGHT, dtype=torch.float64).view(1, 1, HEIGHT, 1) / HEIGHT
-    x = torch.arange(WIDTH, dtype=torch.float64).view(1, 1, 1, WIDTH) / WIDTH
-    wave = torch.sin(2 * math.pi * ((c + 1) * x + 0.5 * y) + 0.3 * f + c)
-    blob = torch.exp(-(((x - 0.25 - 0.04 * f) ** 2 + (y - 0.55 + 0.02 * f) ** 2) / 0.02))
-    v = 0.5 + 0.3 * wave + 0.17 * blob - 0.05 * c
-    assert 0.0 < v.min() and v.max() < 1.0
-    return v.to(torch.float32).unsqueeze(0)
 
 
 def load_pipeline(root):
@@ -80,32 +64,16 @@ def load_pipeline(root):
     )
 
 
-def copy_components():
-    os.makedirs(DST, exist_ok=True)
-    for comp in COMPONENTS:
-        dst = os.path.join(DST, comp)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        shutil.copytree(os.path.join(SRC, comp), dst, symlinks=False)
-    pipe = load_pipeline(SRC)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, "model_index.json")) as f:
-            index = json.load(f)
-    assert index["_class_name"] == "SkyReelsV2DiffusionForcingVideoToVideoPipeline", index
-    with open(os.path.join(DST, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-
-
 def main():
     import diffusers.pipelines.skyreels_v2.pipeline_skyreels_v2_diffusion_forcing_v2v as v2vmod
     if not v2vmod.is_ftfy_available():
         # as make_golden_df.py: ftfy.fix_text is the identity on these plain-ASCII prompts
         v2vmod.ftfy = types.SimpleNamespace(fix_text=lambda s: s)
-    copy_components()
+    copy_components(SRC, DST, load_pipeline)
     pipe = load_pipeline(DST)
-    video01 = synthetic_video()
+    with open(os.path.join(DST, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "SkyReelsV2DiffusionForcingVideoToVideoPipeline"
+    video01 = synthetic_video(INPUT_FRAMES, HEIGHT, WIDTH)
     captured = {}
     preprocess = pipe.video_processor.preprocess_video
 

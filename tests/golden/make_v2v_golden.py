@@ -47,12 +47,12 @@ STEPS, STRENGTH, GUIDANCE, SEED = 5, 0.7, 5.0, 12
 HEIGHT, WIDTH, FRAMES = 32, 32, 9
 
 
-def synthetic_video():
+def synthetic_video(frames=FRAMES, height=HEIGHT, width=WIDTH):
     """A smooth moving pattern [1, 3, F, H, W] strictly inside [0, 1], different per channel."""
     c = torch.arange(3, dtype=torch.float64).view(3, 1, 1, 1)
-    f = torch.arange(FRAMES, dtype=torch.float64).view(1, FRAMES, 1, 1)
-    y = torch.arange(HEIGHT, dtype=torch.float64).view(1, 1, HEIGHT, 1) / HEIGHT
-    x = torch.arange(WIDTH, dtype=torch.float64).view(1, 1, 1, WIDTH) / WIDTH
+    f = torch.arange(frames, dtype=torch.float64).view(1, frames, 1, 1)
+    y = torch.arange(height, dtype=torch.float64).view(1, 1, height, 1) / height
+    x = torch.arange(width, dtype=torch.float64).view(1, 1, 1, width) / width
     wave = torch.sin(2 * math.pi * ((c + 1) * x + 0.5 * y) + 0.35 * f + c)
     blob = torch.exp(-(((x - 0.3 - 0.05 * f) ** 2 + (y - 0.6 + 0.03 * f) ** 2) / 0.02))
     v = 0.5 + 0.3 * wave + 0.17 * blob - 0.05 * c
@@ -81,21 +81,23 @@ def load_pipeline(root):
     )
 
 
-def copy_components():
-    os.makedirs(DST, exist_ok=True)
+def copy_components(src=SRC, dst=DST, load=load_pipeline):
+    """The component folders of case `src` copied into `dst`, with the model_index.json diffusers
+    writes for the pipeline `load` makes of them."""
+    os.makedirs(dst, exist_ok=True)
     for comp in COMPONENTS:
-        dst = os.path.join(DST, comp)
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        shutil.copytree(os.path.join(SRC, comp), dst, symlinks=False)
+        to = os.path.join(dst, comp)
+        if os.path.exists(to):
+            shutil.rmtree(to)
+        shutil.copytree(os.path.join(src, comp), to, symlinks=False)
     # model_index.json as diffusers writes it for this pipeline class
-    pipe = load_pipeline(SRC)
+    pipe = load(src)
     with tempfile.TemporaryDirectory() as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "model_index.json")) as f:
             index = json.load(f)
-    assert index["_class_name"] == "WanVideoToVideoPipeline", index
-    with open(os.path.join(DST, "model_index.json"), "w") as f:
+    assert index["_class_name"] == type(pipe).__name__, index
+    with open(os.path.join(dst, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
 
