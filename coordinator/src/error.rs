@@ -109,6 +109,13 @@ pub enum CoordinatorError {
         /// Their ids.
         workers: Vec<String>,
     },
+    /// Workers of the job's group drain (a rolling update replaces them): the job moves to another
+    /// group from the checkpoint taken at this step boundary.
+    #[error("workers {} are draining", workers.join(", "))]
+    WorkersDraining {
+        /// Their ids.
+        workers: Vec<String>,
+    },
     /// The service cannot take or finish the work now (starting, shutting down, no workers).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -193,7 +200,7 @@ impl CoordinatorError {
             // cluster lost the job (a worker died or timed out): retrying may succeed.
             Self::WorkerFailed { refused_field: Some(field), .. } => (Reason::InvalidField, Some(field)),
             Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
-            Self::WorkersBusy { .. } | Self::Unavailable(_) | Self::Store(_) => (Reason::Unavailable, None),
+            Self::WorkersBusy { .. } | Self::WorkersDraining { .. } | Self::Unavailable(_) | Self::Store(_) => (Reason::Unavailable, None),
             Self::OutputGone { .. } => (Reason::Precondition, None),
             Self::QueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),

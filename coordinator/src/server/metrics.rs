@@ -221,6 +221,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::InvalidVideo { .. } | CoordinatorError::Encode { .. } | CoordinatorError::Io { .. } => "output",
         CoordinatorError::WorkerFailed { .. } => "worker_failed",
         CoordinatorError::WorkersBusy { .. } => "workers_busy",
+        CoordinatorError::WorkersDraining { .. } => "workers_draining",
         CoordinatorError::QueueFull { .. } => "queue_full",
         CoordinatorError::InputFramesFull { .. } => "input_frames_full",
         CoordinatorError::DoesNotFit(_) => "does_not_fit",

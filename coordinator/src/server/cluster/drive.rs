@@ -63,6 +63,8 @@ pub struct DriveContext<'a> {
     pub stop: &'a StopSignal,
     /// Membership's live workers.
     pub live: LiveWorkers,
+    /// The workers that drain (their records say so): a group with one moves at a checkpoint.
+    pub draining: LiveWorkers,
     /// Time limits.
     pub limits: DriveLimits,
     /// Resume from this checkpoint (of an earlier group) instead of starting the run.
@@ -437,7 +439,15 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         // A diffusion-forcing run is checkpointed at its chunk boundaries, another every
         // `checkpoint_every` steps.
         let due = if total_chunks > 0 { chunk_finished } else { cx.checkpoint_every > 0 && (step + 1) % cx.checkpoint_every == 0 };
-        if cx.checkpoint_every > 0 && due && step + 1 < total {
+        // A worker of the group drains (a rolling update replaces it): with checkpoints on, the
+        // job moves to another group from a checkpoint of this boundary (a diffusion-forcing
+        // job's, at its chunk's end) instead of holding the worker until the job's end.
+        let draining: Vec<String> = {
+            let d = cx.draining.borrow();
+            ranks.iter().map(|r| r.record.worker_id.clone()).filter(|id| d.contains(id)).collect()
+        };
+        let moving = !draining.is_empty() && cx.checkpoint_every > 0 && (total_chunks == 0 || chunk_finished) && step + 1 < total;
+        if cx.checkpoint_every > 0 && (due || moving) && step + 1 < total {
             // Every rank takes part (the ranks' shares are gathered to rank 0, which answers with
             // the whole state).
             let during = format!("checkpoint after step {}", step + 1);
@@ -454,6 +464,9 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         // from at least the step a client last saw.
         send(cx.events, ExecEvent::Step { done: step + 1, total, chunks: (chunks_done, total_chunks) }).await?;
         check_stop(cx.stop)?;
+        if moving {
+            return Err(CoordinatorError::WorkersDraining { workers: draining });
+        }
         if streaming && chunk_finished {
             let started = Instant::now();
             let enc = encoder.take().ok_or_else(|| CoordinatorError::Internal("no frame encoder".into()))?;

@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tessera_cluster::membership::{Membership, WorkerRecord};
+use tessera_cluster::membership::{Membership, WorkerRecord, WorkerState};
 use tessera_proto::v1::{Plan, Worker};
 use tokio::sync::{mpsc, watch};
 
@@ -79,6 +79,8 @@ struct Shared {
     /// Bumped at every table change (jobs waiting for workers watch it).
     version: watch::Sender<u64>,
     live: watch::Sender<BTreeSet<String>>,
+    /// The workers whose records say they drain.
+    draining_workers: watch::Sender<BTreeSet<String>>,
     slots: watch::Sender<usize>,
     /// Jobs holding a group.
     running: AtomicUsize,
@@ -99,10 +101,16 @@ impl Shared {
 
     /// Publishes the table's consequences: live ids, slots, the change counter.
     fn publish(&self) {
-        let (live, formable) = {
+        let (live, draining, formable) = {
             let t = self.table();
-            (t.records().map(|w| w.worker_id.clone()).collect::<BTreeSet<_>>(), t.formable_groups(self.max_ranks))
+            let draining = t.records().filter(|w| w.state == WorkerState::Draining).map(|w| w.worker_id.clone()).collect::<BTreeSet<_>>();
+            (t.records().map(|w| w.worker_id.clone()).collect::<BTreeSet<_>>(), draining, t.formable_groups(self.max_ranks))
         };
+        self.draining_workers.send_if_modified(|d| {
+            let changed = *d != draining;
+            *d = draining;
+            changed
+        });
         self.live.send_if_modified(|l| {
             let changed = *l != live;
             *l = live;
@@ -138,6 +146,7 @@ impl ClusterExecutor {
             table: Mutex::new(WorkerTable::default()),
             version: watch::channel(0).0,
             live: watch::channel(BTreeSet::new()).0,
+            draining_workers: watch::channel(BTreeSet::new()).0,
             slots: watch::channel(0).0,
             running: AtomicUsize::new(0),
             ready: watch::channel(false).0,
@@ -295,7 +304,7 @@ impl JobExecutor for ClusterExecutor {
         let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
         let (recover_attempts, every) = (self.config.recover_attempts, self.config.checkpoint_every);
         Box::pin(async move {
-            let (mut busy_retries, mut recoveries) = (0, 0);
+            let (mut busy_retries, mut recoveries, mut migrations) = (0, 0, 0);
             let last_checkpoint = std::sync::Mutex::new(job.resume.clone());
             let mut resume = job.resume.clone();
             // A job taken over from its workers goes on with them first.
@@ -324,6 +333,14 @@ impl JobExecutor for ClusterExecutor {
                         tracing::info!(job = %job.id, ?workers, busy_retries, "workers busy with another job; choosing again");
                         shared.table().hold(&workers);
                         shared.publish();
+                    }
+                    // A worker of the group drains: go on from the checkpoint just taken, on a group
+                    // without it (its plan's, when enough workers are free).
+                    Err(CoordinatorError::WorkersDraining { workers }) if migrations < MAX_MIGRATIONS && !stop.is_stopped() => {
+                        migrations += 1;
+                        resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let from = resume.as_ref().map_or(0, |c| c.steps_done);
+                        tracing::info!(job = %job.id, ?workers, migrations, from_step = from, "workers of the job's group drain: moving it to another group");
                     }
                     // The group lost a worker: go on from the last checkpoint on a new group.
                     Err(e @ CoordinatorError::WorkerFailed { .. })
@@ -368,6 +385,10 @@ impl JobExecutor for ClusterExecutor {
         tokio::spawn(async move { drive::release_on(&group.workers, &job, tls.as_deref()).await });
     }
 }
+
+/// How often a job moves off draining workers (a bound: every move is from a checkpoint, and
+/// draining workers are left out of the next group).
+const MAX_MIGRATIONS: u32 = 8;
 
 /// How long a recovering job waits for the surviving ranks of its failed group to be free again.
 const SURVIVOR_WAIT: Duration = Duration::from_secs(3);
@@ -448,6 +469,7 @@ async fn run_reserved(
         events: &events,
         stop,
         live: shared.live.subscribe(),
+        draining: shared.draining_workers.subscribe(),
         limits,
         resume: attempt.resume,
         adopted: attempt.adopted,
