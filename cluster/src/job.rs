@@ -277,6 +277,12 @@ impl JobSpec {
         self.chunks.as_ref()
     }
 
+    /// A video extension's history: the input's last frames its first chunk starts from
+    /// (`overlap_history`); `None` for any other job.
+    pub fn extension_history(&self) -> Option<u32> {
+        self.request.forcing.filter(|_| self.request.extend).map(|f| f.overlap_history)
+    }
+
     /// Frames of the served video when the job's input video has `input_frames` frames: a video
     /// extension serves the input, then the frames after the history ([`ChunkPlan::repeated_frames`]
     /// of its decode repeat the input's last ones); any other job its `num_frames`.
@@ -507,6 +513,7 @@ mod tests {
         let extend = JobSpec::new(JobRequest { extend: true, ..minute.clone() }, ModelFactors::WAN, &l).unwrap();
         let first = extend.chunks().unwrap().chunks[0];
         assert_eq!((first.prefix, first.overlap, extend.chunks().unwrap().repeated_frames()), (5, 0, 17));
+        assert_eq!((extend.extension_history(), spec.extension_history()), (Some(17), None));
         assert_eq!((extend.served_frames(100), spec.served_frames(100)), (100 + 961 - 17, 961));
         assert_eq!(JobSpec::from_message(&extend.to_message(), &l).unwrap(), extend);
         let short = JobSpec::new(JobRequest { extend: true, num_frames: 17, ..minute.clone() }, ModelFactors::WAN, &l);

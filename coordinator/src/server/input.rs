@@ -39,10 +39,9 @@ struct FrameSize {
 
 fn frame_size(valid: &ValidRequest) -> FrameSize {
     let (height, width) = valid.spec.generated_size();
-    let r = valid.spec.request();
-    match r.forcing.filter(|_| r.extend) {
-        Some(f) => FrameSize { width, height, selection: FrameSelection::All, history: f.overlap_history },
-        None => FrameSize { width, height, selection: FrameSelection::First(r.num_frames as usize), history: 0 },
+    match valid.spec.extension_history() {
+        Some(history) => FrameSize { width, height, selection: FrameSelection::All, history },
+        None => FrameSize { width, height, selection: FrameSelection::First(valid.spec.request().num_frames as usize), history: 0 },
     }
 }
 
@@ -60,10 +59,9 @@ fn decode(bytes: &[u8], size: FrameSize) -> Result<InputFrames, CoordinatorError
 /// What the workers are sent of the job's input `frames`: all of them (Wan's video-to-video), or
 /// an extension's history, its last `overlap_history` frames.
 pub fn frames_for_workers(spec: &tessera_cluster::JobSpec, frames: &InputFrames) -> InputFrames {
-    let r = spec.request();
-    match r.forcing.filter(|_| r.extend) {
-        Some(f) => {
-            let keep = f.overlap_history.min(frames.frames);
+    match spec.extension_history() {
+        Some(history) => {
+            let keep = history.min(frames.frames);
             let frame = 3 * frames.width as usize * frames.height as usize;
             let rgb = frames.rgb[(frames.frames - keep) as usize * frame..].to_vec();
             InputFrames { frames: keep, width: frames.width, height: frames.height, rgb }

@@ -165,18 +165,14 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut super::Ran) -> Resul
     let block = forcing.causal_block_size.unwrap_or(pipe.transformer().config().num_frame_per_block);
     let plan = ChunkPlan::new(s.num_frames, s.base_num_frames, s.overlap_history, block)?;
     // A video extension: the input's last overlap_history frames, encoded by every rank.
-    let history = match (s.input_frames, s.overlap_history) {
+    let (plan, history) = match (s.input_frames, s.overlap_history) {
         (Some(n), Some(overlap)) => {
             let video = read_tensor(&io, "video")?;
             video.expect_shape("video", &[1, 3, n, s.height, s.width])?;
-            Some(crate::pipeline::forcing::latent_frames(&video, n.saturating_sub(overlap)..n)?)
+            (plan.extending(overlap)?, Some(crate::pipeline::forcing::latent_frames(&video, n.saturating_sub(overlap)..n)?))
         }
         (Some(_), None) => return Err(WorkerError::input("overlap_history", "a video extension case needs one")),
-        (None, _) => None,
-    };
-    let plan = match (&history, s.overlap_history) {
-        (Some(_), Some(overlap)) => plan.extending(overlap)?,
-        _ => plan,
+        (None, _) => (plan, None),
     };
     let encode = |world: Option<&crate::parallel::Communicator>| history.as_ref().map(|h| pipe.encode_video_in(h, world)).transpose();
     let factor = pipe.factors().spatial as usize;

@@ -415,11 +415,13 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         _ => Some(FrameEncoder::new(format, VideoSpec::new(r.width, r.height, r.fps as f64)?)?),
     };
     // A video extension serves the input first, then what continues it.
-    let extended = cx.input_frames.as_deref().filter(|_| cx.job.request.spec.request().extend);
-    // (Raw latents are the run's alone.)
-    if let (Some(input), true) = (extended, encoder.is_some()) {
-        let enc = encoder.take().ok_or_else(|| CoordinatorError::Internal("no frame encoder".into()))?;
-        encoder = Some(serve_input(cx, enc, input).await?);
+    let extended = cx.input_frames.as_deref().filter(|_| cx.job.request.spec.extension_history().is_some());
+    if let Some(input) = extended {
+        // (Raw latents are the run's alone.)
+        encoder = match encoder {
+            Some(enc) => Some(serve_input(cx, enc, input).await?),
+            None => None,
+        };
     }
     let served_frames = cx.job.request.spec.served_frames(extended.map_or(0, |f| f.frames));
     let (mut chunks_done, mut decoding) = (0, Duration::ZERO);
