@@ -185,6 +185,13 @@ pub struct ForcingDefaults {
     pub addnoise_condition: f32,
 }
 
+impl ForcingDefaults {
+    /// Upstream SkyReels-V2's settings (its 540P models' examples): chunks of 97 frames overlapping
+    /// by 17, `addnoise_condition` 20, causal blocks of one latent frame (a transformer's own
+    /// `num_frame_per_block` replaces it). The 720P models' examples use chunks of 121 frames.
+    pub const SKYREELS_V2: Self = Self { base_num_frames: 97, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 };
+}
+
 /// The diffusion-forcing settings of a job, every default applied (a request's
 /// `diffusion_forcing`); [`ForcingSettings::check`] is their one validation.
 #[derive(Clone, Copy, Debug, PartialEq)]

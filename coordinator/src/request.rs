@@ -281,7 +281,7 @@ mod tests {
     /// diffusion forcing.
     #[test]
     fn diffusion_forcing_requests_get_the_models_defaults() {
-        let df = ForcingDefaults { base_num_frames: 97, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 };
+        let df = ForcingDefaults::SKYREELS_V2;
         let defaults = RequestDefaults { model: "df".into(), width: 960, height: 544, num_frames: 257, forcing: Some(df), ..Default::default() };
         let check = |r: GenerateRequest| validate(r, &defaults, &["df".into()], 25 * 34 * 60, || 1);
         let v = check(ok_request()).unwrap();

@@ -1,6 +1,7 @@
-//! `tessera plan --base-frames` as a user runs it: a minute of 720p with SkyReels-V2-DF-14B on 8
-//! H100s, planned chunk by chunk (time to the first chunk, total), and clear errors naming the
-//! flag for a chunking that does not fit or a model that does not chunk.
+//! `tessera plan` of a diffusion-forcing model as a user runs it: a minute of 720p with
+//! SkyReels-V2-DF-14B on 8 H100s, planned chunk by chunk (time to the first chunk, total), with
+//! upstream's chunking when no flag names one, and clear errors naming the flag for a chunking
+//! that does not fit or a model that does not chunk.
 
 use std::process::Command;
 
@@ -47,6 +48,21 @@ fn a_minute_of_720p_is_planned_chunk_by_chunk() {
     assert!(out.contains("chunks  14 of up to 121 frames") && out.contains("first chunk") && out.contains("predicted"), "{out}");
 }
 
+/// Without `--base-frames` the minute is still made in chunks, as a served model makes it:
+/// upstream's 97 frames overlapping by 17, so 1441 frames take (1441 − 17) / 80 rounded up = 18.
+#[test]
+fn a_diffusion_forcing_model_is_planned_in_upstreams_chunks_by_default() {
+    let mut args = MINUTE_720P.to_vec();
+    args.extend(["8", "--json"]);
+    let (code, out, err) = tessera(&args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f = &v["diffusion_forcing"];
+    assert_eq!((f["base_frames"].as_u64(), f["overlap_frames"].as_u64(), f["causal_block"].as_u64()), (Some(97), Some(17), Some(1)), "{f}");
+    assert_eq!(f["chunks"], 18);
+    assert_eq!(v["plans"][0]["chunks"].as_array().unwrap().len(), 18);
+}
+
 #[test]
 fn a_chunking_that_does_not_fit_names_the_flag() {
     let mut args = MINUTE_720P.to_vec();
@@ -57,6 +73,9 @@ fn a_chunking_that_does_not_fit_names_the_flag() {
     let (code, _, err) = tessera(&["plan", "--model", "wan2.1-t2v-14b", "--base-frames", "97"]);
     assert_ne!(code, 0);
     assert!(err.contains("--base-frames") && err.contains("not a diffusion-forcing model"), "{err}");
+    let (code, _, err) = tessera(&["plan", "--model", "wan2.1-t2v-14b", "--ar-step", "5"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--ar-step") && err.contains("not a diffusion-forcing model"), "{err}");
     let (code, _, err) = tessera(&["plan", "--model", "skyreels-v2-df-1.3b", "--frames", "81", "--base-frames", "41", "--overlap-frames", "41"]);
     assert_ne!(code, 0);
     assert!(err.contains("--overlap-frames"), "{err}");

@@ -1,9 +1,9 @@
 //! `tessera plan`: whether a job fits a group of devices, and how long it will take: tokens,
 //! FLOPs per step by part, per-rank peak memory by part, bytes moved, predicted seconds with the
 //! terms, the best layout for each group size; `--calibration` puts the predictions beside the
-//! published figures. A table for people, `--json` for machines. With `--base-frames`, a
-//! diffusion-forcing model's long video is planned chunk by chunk: time to the first chunk and
-//! in total.
+//! published figures. A table for people, `--json` for machines. A diffusion-forcing model's
+//! long video is planned chunk by chunk, as it runs (upstream's chunking unless `--base-frames`
+//! and the other forcing flags say otherwise): time to the first chunk and in total.
 
 use super::flags::flag_for_field;
 use super::remote::human_seconds;
@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
 use tessera_cluster::defaults;
-use tessera_cluster::forcing::ForcingSettings;
+use tessera_cluster::forcing::{ForcingDefaults, ForcingSettings};
 use tessera_cluster::limits::Limits;
 use tessera_cluster::transformer_config::TransformerConfig;
 use tessera_cluster::{ClusterError, JobRequest, JobSpec};
@@ -68,19 +68,19 @@ pub struct PlanArgs {
     /// Print the published figures beside the predictions instead of planning a job.
     #[arg(long, env = "TESSERA_PLAN_CALIBRATION")]
     calibration: bool,
-    /// Diffusion forcing (a skyreels-v2-df model): make the video in chunks of this many frames,
-    /// and plan it chunk by chunk.
+    /// Diffusion forcing (a skyreels-v2-df model): video frames per chunk [default: upstream's
+    /// 97; its 720P models' examples use 121].
     #[arg(long, env = "TESSERA_BASE_FRAMES")]
     base_frames: Option<u32>,
-    /// Diffusion forcing: frames each chunk repeats from the video so far.
-    #[arg(long, env = "TESSERA_OVERLAP_FRAMES", default_value_t = 17)]
-    overlap_frames: u32,
+    /// Diffusion forcing: frames each chunk repeats from the video so far [default: upstream's 17].
+    #[arg(long, env = "TESSERA_OVERLAP_FRAMES")]
+    overlap_frames: Option<u32>,
     /// Diffusion forcing: iterations each causal block lags the one before (0: synchronous).
     #[arg(long, env = "TESSERA_AR_STEP", default_value_t = 0)]
     ar_step: u32,
-    /// Diffusion forcing: latent frames per causal block.
-    #[arg(long, env = "TESSERA_CAUSAL_BLOCK", default_value_t = 1)]
-    causal_block: u32,
+    /// Diffusion forcing: latent frames per causal block [default: 1, upstream's].
+    #[arg(long, env = "TESSERA_CAUSAL_BLOCK")]
+    causal_block: Option<u32>,
 }
 
 /// Plans the job, or prints the calibration; exit status 1 when a planned group cannot run it.
@@ -103,8 +103,8 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         bail!("--gpus {:?}: every group size must be at least 1", args.gpus);
     }
     let caps = Capabilities::TESSERA;
-    if let Some(forcing) = ForcingJob::of(&spec) {
-        return run_forcing(&args, &model, &gpu, eff, forcing, caps);
+    if let (Some(forcing), Some(settings)) = (ForcingJob::of(&spec), spec.request().forcing) {
+        return run_forcing(&args, &model, &gpu, eff, (forcing, settings), caps);
     }
     let mut plans = Vec::new();
     for &n in &args.gpus {
@@ -143,9 +143,9 @@ fn plan_for(args: &PlanArgs, model: &ModelShape, job: &JobShape, gpu: &GpuKind, 
     })
 }
 
-/// `--base-frames`: the long video in chunks, each on the layout chosen for the largest chunk.
-fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, forcing: ForcingJob, caps: Capabilities) -> Result<ExitCode> {
-    let base = args.base_frames.unwrap_or(0);
+/// A diffusion-forcing model's video in chunks, each on the layout chosen for the largest chunk.
+fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: (ForcingJob, ForcingSettings), caps: Capabilities) -> Result<ExitCode> {
+    let (forcing, s) = job;
     let mut plans = Vec::new();
     for &n in &args.gpus {
         let layout = plan_for(args, model, &forcing.largest(), gpu, n, eff, caps)?.layout;
@@ -156,8 +156,8 @@ fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, for
         let out = json!({
             "model": model.name,
             "diffusion_forcing": {
-                "frames": args.frames, "fps": args.fps, "base_frames": base, "overlap_frames": args.overlap_frames,
-                "ar_step": args.ar_step, "causal_block": args.causal_block, "steps": forcing.steps,
+                "frames": args.frames, "fps": args.fps, "base_frames": s.base_num_frames, "overlap_frames": s.overlap_history,
+                "ar_step": s.ar_step, "causal_block": s.causal_block_size, "steps": forcing.steps,
                 "latent_frames": forcing.plan.latent_frames, "chunks": forcing.plan.chunks.len(),
             },
             "gpu": gpu_json(gpu, eff),
@@ -166,7 +166,7 @@ fn run_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, for
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_forcing(args, model, gpu, eff, &forcing, &plans);
+        print_forcing(args, model, gpu, eff, (&forcing, &s), &plans);
     }
     Ok(if feasible { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -184,7 +184,8 @@ fn forcing_json(e: &ForcingEvaluation) -> Value {
     })
 }
 
-fn print_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: &ForcingJob, plans: &[ForcingEvaluation]) {
+fn print_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, job: (&ForcingJob, &ForcingSettings), plans: &[ForcingEvaluation]) {
+    let (job, settings) = job;
     let p = &job.plan;
     println!("model   {}: {:.2} B parameters, {} layers, {} heads (diffusion forcing)", model.name, model.params as f64 / 1e9, model.layers, model.heads);
     println!(
@@ -200,9 +201,9 @@ fn print_forcing(args: &PlanArgs, model: &ModelShape, gpu: &GpuKind, eff: f64, j
     println!(
         "chunks  {} of up to {} frames ({} latent), overlapping by {} ({} latent); causal blocks of {} latent frames, ar_step {} ({})",
         p.chunks.len(),
-        args.base_frames.unwrap_or(0),
+        settings.base_num_frames,
         p.chunks.first().map_or(0, |c| c.frames),
-        args.overlap_frames,
+        settings.overlap_history,
         p.chunks.get(1).map_or(0, |c| c.overlap),
         p.block,
         job.ar_step,
@@ -283,20 +284,7 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
         seed: 0,
         strength: None,
         extend: false,
-        forcing: match args.base_frames {
-            Some(_) if !model.diffusion_forcing => {
-                bail!("--base-frames: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name)
-            }
-            Some(base) => Some(ForcingSettings {
-                base_num_frames: base,
-                overlap_history: args.overlap_frames,
-                ar_step: args.ar_step,
-                causal_block_size: args.causal_block,
-                addnoise_condition: 0.0,
-                fps: args.fps,
-            }),
-            None => None,
-        },
+        forcing: forcing_settings(args, model)?,
         // An image-to-video model plans with an image of the video's size (its cost is the
         // encoders', whatever the image's).
         image: (model.image_len > 0).then(|| {
@@ -311,6 +299,32 @@ fn job_spec(args: &PlanArgs, model: &ModelShape) -> Result<JobSpec> {
         ClusterError::InvalidInput { field, detail } => anyhow!("{}: {detail}", flag_for_field(field).unwrap_or(field)),
         other => anyhow!("{other}"),
     })
+}
+
+/// A diffusion-forcing model's chunking: upstream's settings where the flags leave them out, as a
+/// served model's requests get them. Another model refuses the forcing flags, naming the first.
+fn forcing_settings(args: &PlanArgs, model: &ModelShape) -> Result<Option<ForcingSettings>> {
+    if !model.diffusion_forcing {
+        let given = [
+            ("--base-frames", args.base_frames.is_some()),
+            ("--overlap-frames", args.overlap_frames.is_some()),
+            ("--ar-step", args.ar_step != 0),
+            ("--causal-block", args.causal_block.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, given)| *given) {
+            bail!("{flag}: {} is not a diffusion-forcing model (skyreels-v2-df-1.3b, skyreels-v2-df-14b, or a SkyReels-V2 config.json)", model.name)
+        }
+        return Ok(None);
+    }
+    Ok(Some(ForcingSettings::with_defaults(
+        ForcingDefaults::SKYREELS_V2,
+        args.base_frames.unwrap_or(0),
+        args.overlap_frames,
+        args.ar_step,
+        args.causal_block.unwrap_or(0),
+        Some(0.0),
+        args.fps,
+    )))
 }
 
 #[cfg(feature = "embedded")]

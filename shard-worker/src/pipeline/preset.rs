@@ -104,13 +104,8 @@ pub const WAN_DEFAULTS: PipelineDefaults = {
 /// Upstream SkyReels-V2 diffusion-forcing defaults (the 540P models' example: 544×960, 30 steps,
 /// 257 frames in chunks of 97 overlapping by 17, `addnoise_condition` 20); the causal block is the
 /// transformer's (`num_frame_per_block`), filled in by [`WanPipeline::snapshot_defaults`].
-pub const SKYREELS_DF_DEFAULTS: PipelineDefaults = PipelineDefaults {
-    height: 544,
-    width: 960,
-    num_frames: 257,
-    num_inference_steps: 30,
-    forcing: Some(ForcingDefaults { base_num_frames: 97, overlap_history: 17, causal_block: 1, addnoise_condition: 20.0 }),
-};
+pub const SKYREELS_DF_DEFAULTS: PipelineDefaults =
+    PipelineDefaults { height: 544, width: 960, num_frames: 257, num_inference_steps: 30, forcing: Some(ForcingDefaults::SKYREELS_V2) };
 
 impl PipelinePreset {
     /// Every preset with its name.
