@@ -421,7 +421,8 @@ async fn the_local_cluster_script_starts_a_working_cluster() {
 }
 
 /// With `--recover-attempts 1`, a job whose worker is killed mid-run goes on from its last
-/// checkpoint on the workers left, and its frames are those of an undisturbed run.
+/// checkpoint on the workers left, once no replacement came within `--recover-wait`, and its
+/// frames are those of an undisturbed run (within a level: another plan).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
     let Some(etcd) = Etcd::start().await else { return };
@@ -436,6 +437,8 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
         "1",
         "--checkpoint-every",
         "1",
+        "--recover-wait",
+        "1s",
     ]);
     server.wait_health(tonic_health::pb::health_check_response::ServingStatus::Serving, Duration::from_secs(30)).await;
     let mut client = server.client().await;
@@ -476,6 +479,7 @@ async fn a_job_recovers_from_a_killed_worker_on_the_workers_left() {
         line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step in the recovery line");
     eprintln!("resumed from the checkpoint after step {from}");
     assert!(from >= 3, "the job restarted instead of resuming: {line}");
+    assert!(log.contains("no group of the job's plan came in time"), "the job did not wait for its plan's group first:\n{log}");
     let (a, b) = (png_frames(&undisturbed, 9), png_frames(&recovered, 9));
     let worst = a.iter().zip(&b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap()).max().unwrap();
     eprintln!("recovered run vs undisturbed run: largest difference {worst} levels");

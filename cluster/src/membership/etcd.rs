@@ -1,6 +1,7 @@
 //! Membership in etcd: each worker's record under `/tessera/<cluster>/workers/<id>`, attached to
 //! a lease that a background task keeps alive; a prefix get for the list and a prefix watch from
-//! the list's revision for the changes. Every call is bounded by the heartbeat's request timeout,
+//! the list's revision for the changes. [`EtcdClaim`]s, under `/tessera/<cluster>/owners/<what>`,
+//! name the one process that does something for the cluster, leased the same way. Every call is bounded by the heartbeat's request timeout,
 //! and a watch that stays quiet for a heartbeat asks etcd for a progress report, so a dead or
 //! unreachable etcd surfaces as an error within a lease TTL rather than a hang. (No HTTP/2 pings:
 //! etcd closes connections that ping more often than its `--grpc-keepalive-min-time`, 5 s.)
@@ -151,9 +152,50 @@ impl EtcdMembership {
         crate::records::EtcdRecords::new(self.client.clone(), &self.keys.cluster, &self.keys.endpoints, self.keys.timeout)
     }
 
+    /// Puts `value` at `key` under a new lease, kept alive from then on, if no live lease holds
+    /// the key (`None` then: nothing is written). `holder` names the lease's owner in logs.
+    async fn create_leased(&self, key: &str, value: Vec<u8>, holder: &str) -> Result<Option<Leased>> {
+        let hb = self.heartbeat;
+        let mut leases = self.client.lease_client();
+        let grant = self.keys.call("grant lease", leases.grant(etcd_ttl_secs(hb.lease_ttl()), None)).await?;
+        let lease = grant.id();
+        let handle = EtcdLease { client: self.client.clone(), keys: self.keys.clone(), key: key.to_string(), lease };
+        // Create the key only if no live lease holds it.
+        let txn =
+            Txn::new().when([Compare::create_revision(key, CompareOp::Equal, 0)]).and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let mut kv = self.client.kv_client();
+        let created = self.keys.call(&format!("create {key}"), kv.txn(txn)).await;
+        if !matches!(&created, Ok(r) if r.succeeded()) {
+            // Best effort: an unrevoked lease holds nothing and lapses on its own.
+            let _ = handle.revoke().await;
+            return created.map(|_| None);
+        }
+        let (lost_tx, lost) = watch::channel(None);
+        let keep_alive = tokio::spawn(Self::keep_alive(self.client.lease_client(), lease, holder.to_string(), hb, lost_tx));
+        let ttl = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
+        Ok(Some(Leased { handle, ttl, keep_alive, lost }))
+    }
+
+    /// Claims `/tessera/<cluster>/owners/<what>` for `holder` when no live process holds it:
+    /// the claim, or (`Err`) who holds it now. A holder that dies without releasing its claim
+    /// loses it when its lease lapses, within a lease TTL.
+    pub async fn try_claim(&self, what: &str, holder: &str) -> Result<std::result::Result<EtcdClaim, String>> {
+        validate_id("what", what)?;
+        let key = format!("/tessera/{}/owners/{what}", self.keys.cluster);
+        if let Some(leased) = self.create_leased(&key, holder.as_bytes().to_vec(), holder).await? {
+            tracing::info!(key, holder, lease = leased.handle.lease, "claimed");
+            return Ok(Ok(EtcdClaim { leased, holder: holder.to_string() }));
+        }
+        let mut kv = self.client.kv_client();
+        let now = self.keys.call(&format!("read {key}"), kv.get(key.as_str(), None)).await?;
+        // (Released since: the next try takes it.)
+        let held_by = now.kvs().first().map_or_else(|| "nobody (released just now)".to_string(), |kv| String::from_utf8_lossy(kv.value()).into_owned());
+        Ok(Err(held_by))
+    }
+
     /// Renews the lease every keep-alive period. Transport failures are retried (a restarted
     /// etcd keeps its leases); the task reports `lost` and ends only when etcd says the lease is
-    /// gone.
+    /// gone. `worker_id` names the lease's holder in logs.
     async fn keep_alive(mut leases: LeaseClient, lease: i64, worker_id: String, heartbeat: Heartbeat, lost: LostSignal) {
         let mut ticks = tokio::time::interval(heartbeat.keep_alive_period());
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -172,7 +214,7 @@ impl EtcdMembership {
                     }
                 }
                 Err(Beat::Gone) => {
-                    tracing::warn!(worker_id, lease, "membership lease expired in etcd; the worker is out of the cluster");
+                    tracing::warn!(worker_id, lease, "lease expired in etcd: what it held is gone (a worker is out of the cluster)");
                     lost.send_replace(Some(format!("lease {lease:x} expired in etcd")));
                     return;
                 }
@@ -274,6 +316,49 @@ async fn beat(leases: &mut LeaseClient, lease: i64, stream: &mut Option<(LeaseKe
     }
 }
 
+/// A key created under a lease that a task keeps alive.
+struct Leased {
+    handle: EtcdLease,
+    /// The TTL etcd granted.
+    ttl: Duration,
+    keep_alive: tokio::task::JoinHandle<()>,
+    lost: watch::Receiver<Option<String>>,
+}
+
+/// A claim of [`EtcdMembership::try_claim`]: this process is the one that does `what` until it
+/// releases the claim, or its lease is lost. Dropping it stops the keep-alive (the lease then
+/// lapses within its TTL); [`EtcdClaim::release`] frees it at once.
+pub struct EtcdClaim {
+    leased: Leased,
+    holder: String,
+}
+
+impl EtcdClaim {
+    /// Waits until the claim is lost (etcd says its lease expired: this process was cut off from
+    /// etcd for longer than the TTL) and says why.
+    pub async fn lost(&mut self) -> String {
+        let reason = self.leased.lost.wait_for(Option::is_some).await.map(|r| r.clone().unwrap_or_default());
+        format!("the claim of {} on {}: {}", self.holder, self.leased.handle.key, reason.unwrap_or_else(|_| "keep-alive task ended".into()))
+    }
+
+    /// The lease's time to live as granted.
+    pub fn ttl(&self) -> Duration {
+        self.leased.ttl
+    }
+
+    /// Frees the claim at once (revokes its lease).
+    pub async fn release(self) -> Result<()> {
+        self.leased.keep_alive.abort();
+        self.leased.handle.revoke().await
+    }
+}
+
+impl Drop for EtcdClaim {
+    fn drop(&mut self) {
+        self.leased.keep_alive.abort();
+    }
+}
+
 /// The etcd handle on one worker's lease.
 struct EtcdLease {
     client: Client,
@@ -314,40 +399,13 @@ impl Membership for EtcdMembership {
     async fn register(&self, record: WorkerRecord) -> Result<Registration> {
         record.validate()?;
         let key = worker_key(&self.keys.cluster, &record.worker_id);
-        let value = record.to_json()?;
-        let hb = self.heartbeat;
-        let mut leases = self.client.lease_client();
-        let grant = self.keys.call("grant lease", leases.grant(etcd_ttl_secs(hb.lease_ttl()), None)).await?;
-        let lease = grant.id();
-        let handle = EtcdLease { client: self.client.clone(), keys: self.keys.clone(), key: key.clone(), lease };
-        // Create the key only if no live worker holds it.
-        let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
-            key.as_str(),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-        let mut kv = self.client.kv_client();
-        let what = format!("register worker `{}`", record.worker_id);
-        let created = self.keys.call(&what, kv.txn(txn)).await;
-        let refused =
-            match created {
-                Ok(r) if r.succeeded() => None,
-                Ok(_) => Some(self.keys.error(
-                    &what,
-                    format!("already registered (its lease is alive; a restarted worker can register once it lapses, within {:?})", hb.lease_ttl()),
-                )),
-                Err(e) => Some(e),
-            };
-        if let Some(e) = refused {
-            // Best effort: an unrevoked lease holds nothing and lapses on its own.
-            let _ = handle.revoke().await;
-            return Err(e);
-        }
-        let (lost_tx, lost_rx) = watch::channel(None);
-        let keep_alive = tokio::spawn(Self::keep_alive(self.client.lease_client(), lease, record.worker_id.clone(), hb, lost_tx));
-        let granted = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0));
-        tracing::info!(worker_id = record.worker_id, lease, ttl = ?granted, "registered in etcd");
-        Ok(Registration::new(record, granted, Box::new(handle), keep_alive, lost_rx))
+        let Some(leased) = self.create_leased(&key, record.to_json()?, &record.worker_id).await? else {
+            let detail =
+                format!("already registered (its lease is alive; a restarted worker can register once it lapses, within {:?})", self.heartbeat.lease_ttl());
+            return Err(self.keys.error(&format!("register worker `{}`", record.worker_id), detail));
+        };
+        tracing::info!(worker_id = record.worker_id, lease = leased.handle.lease, ttl = ?leased.ttl, "registered in etcd");
+        Ok(Registration::new(record, leased.ttl, Box::new(leased.handle), leased.keep_alive, leased.lost))
     }
 
     async fn list(&self) -> Result<MembershipSnapshot> {

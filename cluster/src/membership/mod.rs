@@ -12,7 +12,7 @@ mod memory;
 mod presence;
 mod record;
 
-pub use etcd::EtcdMembership;
+pub use etcd::{EtcdClaim, EtcdMembership};
 pub use memory::MemoryMembership;
 pub use presence::Presence;
 pub use record::{check_state_and_job, validate_id, worker_key, workers_prefix, ComputeFigures, ModelInfo, WorkerRecord, WorkerState, MAX_ID_LEN};

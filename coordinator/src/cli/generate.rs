@@ -116,6 +116,11 @@ pub struct GenerateArgs {
     /// The deadline of the whole generation (e.g. 90s, 10m); past it the coordinator stops the job.
     #[arg(long, env = "TESSERA_TIMEOUT")]
     timeout: Option<String>,
+    /// With --server: when the stream breaks (the coordinator restarted, a rolling update) while
+    /// the job goes on, how long to wait for the coordinator to serve again and reattach
+    /// (WatchJob); 0 never reattaches.
+    #[arg(long, env = "TESSERA_REATTACH_FOR", default_value = super::remote::REATTACH_FOR)]
+    reattach_for: String,
     /// Diffusion forcing (a SkyReels-V2 DF model, e.g. `--preset tiny-df`): frames per chunk,
     /// 4k+1 (default: the model's; 97 for the 540P models). Each chunk's frames are decoded and
     /// sent as soon as it is done.
@@ -167,6 +172,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         Some(t) => Some(tessera_cluster::duration::parse_duration(t).map_err(|e| anyhow!("--timeout: {e}"))?),
         None => None,
     };
+    let reattach_for = tessera_cluster::duration::parse_duration(&args.reattach_for).map_err(|e| anyhow!("--reattach-for: {e}"))?;
     if args.server.is_some() {
         if args.model.is_some() {
             bail!("--model is a local snapshot folder; with --server, name the server's model with --model-name");
@@ -233,7 +239,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         diffusion_forcing,
         ..Default::default()
     };
-    Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet })
+    Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet, reattach_for })
 }
 
 /// What an input video is, and the longest 4k+1 prefix of its frames (decoding it to count when
@@ -312,6 +318,8 @@ fn generate_embedded(args: &GenerateArgs, mut job: super::remote::RemoteGenerate
         eprintln!("loaded in {:.2}s; embedded coordinator on {}", started.elapsed().as_secs_f64(), server.addr);
     }
     job.server = server.addr.to_string();
+    // (The embedded coordinator lives as long as this command: nothing to reattach to.)
+    job.reattach_for = std::time::Duration::ZERO;
     let code = super::remote::generate(job);
     drop(server);
     code

@@ -1,5 +1,6 @@
-//! The client side of the public API, for `tessera generate --server` and `tessera status`:
-//! connecting, naming status codes, and writing a Generate stream's chunks to files.
+//! The client side of the public API, for `tessera generate --server`, `tessera watch` and
+//! `tessera status`: connecting, naming status codes, writing a Generate stream's chunks to files,
+//! and following a job across a restart of its coordinator ([`Reattach`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -7,13 +8,18 @@ use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tessera_proto::v1::{generate_event::Event, Chunk, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan, Progress};
+use tessera_proto::v1::{
+    generate_event::Event, Chunk, GenerateEvent, GenerateRequest, GetJobRequest, JobState, OutputFormat, Phase, PhaseTimings, Plan, Progress, WatchJobRequest,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use tracing::Instrument;
 
 /// A client mode generation.
@@ -28,6 +34,96 @@ pub struct RemoteGenerate {
     pub timeout: Option<Duration>,
     /// No progress bar.
     pub quiet: bool,
+    /// How long to try to reattach when the stream breaks (zero: never).
+    pub reattach_for: Duration,
+}
+
+/// How a client follows its job when its stream breaks (its coordinator restarted, as a rolling
+/// update does, and the job outlived it in a state store): for up to `within`, it waits for the
+/// coordinator at `server` to serve again, asks for the job, and reattaches with WatchJob, which
+/// sends the job's whole output again (the output is written afresh). A job that the coordinator
+/// does not know, or that ended in failure, ends the wait at once.
+#[derive(Clone, Debug)]
+pub struct Reattach {
+    /// The coordinator's address.
+    pub server: String,
+    /// How long to keep trying (zero: never).
+    pub within: Duration,
+}
+
+/// The default of `--reattach-for`: longer than a coordinator's restart (its grace period and
+/// start), so that a rolling update goes unnoticed.
+pub const REATTACH_FOR: &str = "5m";
+
+/// What one try of reattaching found.
+enum Found {
+    /// The job's stream again.
+    Stream(Box<tonic::Streaming<GenerateEvent>>),
+    /// No use waiting: why.
+    Final(anyhow::Error),
+    /// Not yet (the coordinator is down or still starting): why.
+    Retry(String),
+}
+
+impl Reattach {
+    /// Whether a stream that ended with `status` may have broken without the job ending: the
+    /// coordinator went away (UNAVAILABLE, or the connection lost mid-stream). The job's record
+    /// then decides.
+    fn may_outlive(&self, status: &tonic::Status) -> bool {
+        !self.within.is_zero() && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal)
+    }
+
+    /// The job's stream again, once a coordinator at the address serves it; `lost` is how the
+    /// last stream ended (the error when the job cannot be reattached).
+    async fn watch(&self, job_id: &str, lost: tonic::Status) -> Result<tonic::Streaming<GenerateEvent>> {
+        let until = Instant::now() + self.within;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.try_watch(job_id).await {
+                Found::Stream(s) => return Ok(*s),
+                Found::Final(e) => return Err(e.context(status_error(lost))),
+                Found::Retry(why) if Instant::now() + pause < until => {
+                    tracing::debug!(job = job_id, why, "cannot reattach yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Found::Retry(why) => {
+                    return Err(status_error(lost)
+                        .context(format!("could not reattach to job {job_id} within {:?} ({why}); `tessera watch {job_id}` reattaches later", self.within)))
+                }
+            }
+        }
+    }
+
+    async fn try_watch(&self, job_id: &str) -> Found {
+        let channel = match connect(&self.server, "--server").await {
+            Ok(c) => c,
+            Err(e) => return Found::Retry(format!("{e:#}")),
+        };
+        // SERVING once the coordinator has taken over its stored jobs: before that it does not
+        // know the job yet.
+        match HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await {
+            Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {}
+            Ok(_) => return Found::Retry("the coordinator is not serving yet".into()),
+            Err(s) => return Found::Retry(s.message().to_string()),
+        }
+        let mut client = TesseraClient::new(channel).max_decoding_message_size(64 << 20);
+        let retry_or_final = |s: tonic::Status| match s.code() {
+            tonic::Code::Unavailable => Found::Retry(s.message().to_string()),
+            _ => Found::Final(status_error(s)),
+        };
+        let job = match client.get_job(GetJobRequest { job_id: job_id.to_string() }).await {
+            Ok(j) => j.into_inner(),
+            Err(s) => return retry_or_final(s),
+        };
+        if matches!(JobState::try_from(job.state), Ok(JobState::Failed | JobState::Cancelled)) {
+            return Found::Final(anyhow!("job {job_id} ended: {}", job.error));
+        }
+        match client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await {
+            Ok(s) => Found::Stream(Box::new(s.into_inner())),
+            Err(s) => retry_or_final(s),
+        }
+    }
 }
 
 /// The gRPC name of a status code (`INVALID_ARGUMENT`, ...).
@@ -364,7 +460,8 @@ async fn generate_async(job: RemoteGenerate) -> Result<ExitCode> {
     }
     tessera_telemetry::inject_metadata(request.metadata_mut());
     let stream = client.generate(request).await.map_err(status_error)?.into_inner();
-    receive(stream, &job.output, format, job.quiet, job.request.steps).await
+    let reattach = Reattach { server: job.server.clone(), within: job.reattach_for };
+    receive(stream, &job.output, format, job.quiet, job.request.steps, &reattach).await
 }
 
 /// A client of the public API on `server` (`--server`), with room for large chunks and inputs.
@@ -374,13 +471,15 @@ pub async fn api_client(server: &str) -> Result<TesseraClient<ApiChannel>> {
 
 /// Follows a Generate or WatchJob stream to its end: shows the job and its progress, writes the
 /// streamed file(s) to `output` (`format` unless the job's Accepted says another), and prints
-/// what was written.
+/// what was written. A stream that breaks while the job goes on is followed again as `reattach`
+/// says.
 pub async fn receive(
-    mut stream: tonic::Streaming<tessera_proto::v1::GenerateEvent>,
+    mut stream: tonic::Streaming<GenerateEvent>,
     output: &Path,
     format: OutputFormat,
     quiet: bool,
     steps: u32,
+    reattach: &Reattach,
 ) -> Result<ExitCode> {
     let mut format = format;
     let mut writer: Option<ChunkWriter> = None;
@@ -394,6 +493,7 @@ pub async fn receive(
     // Without a terminal the bar is hidden: a progress line instead, at each phase and at least
     // every PROGRESS_EVERY while denoising.
     let mut lines = (!quiet && !std::io::stderr().is_terminal()).then(ProgressLines::default);
+    let mut job_id = None;
     let result: Result<_> = async {
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -409,12 +509,32 @@ pub async fn receive(
             let event = match message {
                 Ok(Some(e)) => e,
                 Ok(None) => bail!("the server ended the stream without Done"),
-                Err(s) => return Err(status_error(s)),
+                Err(s) => match job_id.as_deref() {
+                    Some(id) if reattach.may_outlive(&s) => {
+                        bar.suspend(|| eprintln!("lost the stream of job {id} ({}: {}); reattaching to {}", code_name(s.code()), s.message(), reattach.server));
+                        stream = reattach.watch(id, s).await?;
+                        // The whole output comes again: it is written afresh.
+                        if let Some(mut w) = writer.take() {
+                            w.abandon();
+                        }
+                        bar.suspend(|| eprintln!("reattached to job {id}"));
+                        continue;
+                    }
+                    _ => return Err(status_error(s)),
+                },
             };
             match event.event {
                 Some(Event::Accepted(a)) => {
                     // What the job is, and how it will run, goes with the progress to stderr:
                     // stdout keeps the results (the file written, the timings).
+                    if job_id.is_some() {
+                        // (A reattached stream: the job was shown already.)
+                        if writer.is_none() {
+                            writer = Some(ChunkWriter::new(output, format)?);
+                        }
+                        continue;
+                    }
+                    job_id = Some(a.job_id.clone());
                     bar.suspend(|| {
                         eprintln!("job {} accepted (queue position {}, seed {})", a.job_id, a.queue_position, a.seed);
                         if let Some(trace) = tessera_telemetry::current_trace_id() {

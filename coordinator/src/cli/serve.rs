@@ -3,7 +3,8 @@
 //! snapshot or a built-in model) driven through the same cluster code. Prints `listening on ADDR`
 //! once bound; health turns SERVING once the workers are listed (in process: once the model is
 //! loaded). SIGTERM or Ctrl-C drain it: NOT_SERVING, no new jobs, the
-//! running job gets `--grace-period` to finish and is then stopped between steps.
+//! running job gets `--grace-period` to finish and is then stopped between steps (with `--state`,
+//! checkpointed there and its run left on its workers for the next coordinator to adopt).
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -18,7 +19,7 @@ use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
 use tessera_coordinator::server::{
-    serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, JobStore, RecordLimits, ServerConfig, TokenFile,
+    holder_name, serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, JobStore, RecordLimits, ServerConfig, StoreOwnership, TokenFile,
 };
 
 /// Arguments of `tessera serve`.
@@ -53,6 +54,12 @@ pub struct ServeArgs {
     /// its last checkpoint (0: a lost worker ends the job with UNAVAILABLE).
     #[arg(long, env = "TESSERA_RECOVER_ATTEMPTS", default_value_t = 2)]
     recover_attempts: u32,
+    /// How long a job going on from a checkpoint (after a lost or draining worker, or resumed by
+    /// this coordinator) waits for a group of its plan's size, such as a replacement worker,
+    /// before it goes on with another plan on fewer workers (with its plan, its video is the
+    /// undisturbed run's byte for byte).
+    #[arg(long, env = "TESSERA_RECOVER_WAIT", default_value = "2m")]
+    recover_wait: String,
     /// With recovery on, copy the run out of rank 0 every this many steps (at least 1; a
     /// diffusion-forcing run is copied at each chunk's end instead). With --state the copy is
     /// stored too, so a restarted coordinator resumes from it.
@@ -62,7 +69,9 @@ pub struct ServeArgs {
     /// s3://BUCKET[/PREFIX] (an S3-compatible store, set up by the standard AWS_* variables). With
     /// --etcd the job records go to etcd (under /tessera/<cluster>/jobs/) and the checkpoints,
     /// input media and outputs here. At start, unfinished jobs found there are resumed from their
-    /// last checkpoint; finished jobs' output is kept for --job-retention, for WatchJob.
+    /// last checkpoint; finished jobs' output is kept for --job-retention, for WatchJob. One
+    /// coordinator owns a store at a time (with --etcd an etcd claim, else a lock on the folder's
+    /// owner.lock); another stands by, NOT_SERVING, until the owner lets go or dies.
     #[arg(long, env = "TESSERA_STATE")]
     state: Option<String>,
     /// Longest a denoising step may take on the workers before the job is failed.
@@ -181,6 +190,7 @@ enum Mode {
     Cluster {
         heartbeat: Heartbeat,
         limits: DriveLimits,
+        recover_wait: Duration,
         tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
     },
 }
@@ -199,8 +209,9 @@ fn mode(args: &ServeArgs) -> Result<Mode> {
                 args.recover_attempts
             );
         }
+        let recover_wait = parse_duration(&args.recover_wait).map_err(|e| anyhow!("--recover-wait: {e}"))?;
         let tls = args.tls.load().map_err(|e| anyhow!(e))?;
-        return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() }, tls });
+        return Ok(Mode::Cluster { heartbeat, limits: DriveLimits { step, ..DriveLimits::default() }, recover_wait, tls });
     }
     #[cfg(not(feature = "embedded"))]
     bail!("--etcd: this build of tessera has no in-process workers (built without the `embedded` feature); give the etcd the workers register in");
@@ -311,14 +322,16 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 embedded_workers = Some(embedded);
                 (Arc::new(executor), source_flag)
             }
-            Mode::Cluster { heartbeat, limits, tls } => {
+            Mode::Cluster { heartbeat, limits, recover_wait, tls } => {
                 let endpoints = args.etcd.join(",");
                 let etcd_tls = args.etcd_tls.load().map_err(|e| anyhow!(e))?;
                 let membership =
                     EtcdMembership::connect_tls(&args.etcd, &args.cluster, heartbeat, etcd_tls).await.map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
                 if let Some(location) = &args.state {
                     let records = membership.job_records().map_err(|e| anyhow!("--etcd {endpoints}: {e}"))?;
-                    let store = JobStore::open(location, Some(Arc::new(records))).map_err(|e| anyhow!("--state {location}: {e}"))?;
+                    // One coordinator of the cluster owns its store at a time: an etcd claim.
+                    let owner = StoreOwnership::Etcd { membership: Box::new(membership.clone()), holder: holder_name() };
+                    let store = JobStore::open(location, Some(Arc::new(records))).map_err(|e| anyhow!("--state {location}: {e}"))?.owned_by(owner);
                     tracing::info!(store = %store.describe(), "jobs are stored");
                     config.store = Some(Arc::new(store));
                 }
@@ -330,6 +343,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                     default_model,
                     limits,
                     recover_attempts: args.recover_attempts,
+                    recover_wait,
                     checkpoint_every: checkpoint_every(&args, true),
                     startup: None,
                     tls,

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use tessera_cluster::records::RecordStore;
 use tessera_proto::state::v1::StoredJob;
 
+use super::ownership::StoreOwnership;
+
 /// The layout version this code writes (`StoredJob.version`).
 pub const STORE_VERSION: u32 = 1;
 
@@ -50,6 +52,8 @@ pub struct JobStore {
     blobs: Arc<dyn ObjectStore>,
     /// Where the blobs are, for messages.
     location: String,
+    /// How one coordinator at a time owns it.
+    ownership: StoreOwnership,
 }
 
 fn store_error(what: &str, e: impl std::fmt::Display) -> CoordinatorError {
@@ -65,8 +69,10 @@ impl JobStore {
     /// Opens the blob store at `location`: a folder (created if missing), or `s3://BUCKET[/PREFIX]`
     /// with the S3 settings from the standard `AWS_*` variables (`AWS_ENDPOINT` for an
     /// S3-compatible service, `AWS_ALLOW_HTTP=true` for plain HTTP). Records go to `records`, or
-    /// into the blob store when `None`.
+    /// into the blob store when `None`. A folder is owned through its lock file, an S3 store not
+    /// at all, unless [`Self::owned_by`] says otherwise.
     pub fn open(location: &str, records: Option<Arc<dyn RecordStore>>) -> Result<Self, CoordinatorError> {
+        let mut ownership = StoreOwnership::Unguarded;
         let blobs: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -81,9 +87,20 @@ impl JobStore {
             return Err(CoordinatorError::invalid_argument("state", format!("{location}: a folder or s3://BUCKET[/PREFIX] (no other scheme)")));
         } else {
             std::fs::create_dir_all(location).map_err(|e| store_error(location, e))?;
+            ownership = StoreOwnership::Folder(location.into());
             Arc::new(object_store::local::LocalFileSystem::new_with_prefix(location).map_err(|e| store_error(location, e))?)
         };
-        Ok(Self::with(blobs, records, location.to_string()))
+        Ok(Self { ownership, ..Self::with(blobs, records, location.to_string()) })
+    }
+
+    /// The store, owned as `ownership` says (an etcd claim, for a coordinator that follows etcd).
+    pub fn owned_by(self, ownership: StoreOwnership) -> Self {
+        Self { ownership, ..self }
+    }
+
+    /// How the store is owned.
+    pub fn ownership(&self) -> &StoreOwnership {
+        &self.ownership
     }
 
     /// A store in memory (tests; nothing outlives the process).
@@ -93,12 +110,12 @@ impl JobStore {
 
     fn with(blobs: Arc<dyn ObjectStore>, records: Option<Arc<dyn RecordStore>>, location: String) -> Self {
         let records = records.unwrap_or_else(|| Arc::new(BlobRecords { blobs: blobs.clone(), location: location.clone() }));
-        Self { records, blobs, location }
+        Self { records, blobs, location, ownership: StoreOwnership::Unguarded }
     }
 
     /// Where the records and the blobs are, for logs.
     pub fn describe(&self) -> String {
-        format!("records in {}, blobs in {}", self.records.describe(), self.location)
+        format!("records in {}, blobs in {}, owner lock: {:?}", self.records.describe(), self.location, self.ownership)
     }
 
     /// Stores (replaces) a job's record.

@@ -193,6 +193,8 @@ impl EmbeddedWorkers {
             default_model: Some(model_name.to_string()),
             limits: DriveLimits::default(),
             recover_attempts: 0,
+            // (In-process workers are never replaced: a job waits for none.)
+            recover_wait: Duration::ZERO,
             checkpoint_every,
             startup: Some(startup_rx),
         })?;

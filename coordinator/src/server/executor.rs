@@ -28,6 +28,9 @@ pub struct ExecJob {
     pub secret: [u8; JOB_SECRET_BYTES],
     /// Where to go on from: the job's last checkpoint, when a restarted coordinator resumes it.
     pub resume: Option<Arc<CheckpointResponse>>,
+    /// Whether the job's record is in a state store, so that the next coordinator on the store
+    /// takes it over: stopped by this one's shutdown, its run is left to its workers.
+    pub stored: bool,
 }
 
 /// One encoded output file (a whole MP4 or GIF, one PNG frame, the latents).

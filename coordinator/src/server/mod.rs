@@ -3,7 +3,8 @@
 //! by a [`JobExecutor`] ([`ClusterExecutor`]: shard workers found through a membership, either
 //! `tessera-worker` processes in etcd or the in-process [`EmbeddedWorkers`]); progress and the
 //! encoded video stream back. Shutdown drains: health NOT_SERVING, no new jobs, the running job gets a grace
-//! period and is then stopped at a step boundary.
+//! period and is then stopped at a step boundary (a stored job's run is left to the next
+//! coordinator there: see `cluster::drive`).
 
 mod auth;
 mod cluster;
@@ -17,6 +18,7 @@ mod jobs;
 mod launch;
 mod metrics;
 mod output;
+mod ownership;
 mod persist;
 mod queue;
 mod resume;
@@ -34,6 +36,7 @@ pub use input::{prepare_request_video, prepare_request_video_blocking, HeldInput
 pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
+pub use ownership::{holder_name, Owned, StoreOwnership};
 pub use queue::JobQueue;
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
@@ -187,26 +190,22 @@ pub async fn serve(
     );
 
     tokio::pin!(shutdown);
+    let mut owned = None;
     let outcome = tokio::select! {
         ready = executor.wait_ready() => match ready {
-            Ok(()) => {
-                // Jobs a previous run left unfinished go first.
-                match resume::resume_stored(&state).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(jobs = n, "resumed the stored jobs"),
-                    Err(e) => tracing::error!(error = %e, "cannot read the state store: no stored job is resumed"),
-                }
-                health.set(true).await;
-                tracing::info!("model loaded; serving");
-                (&mut shutdown).await;
-                Ok(())
-            }
+            Ok(()) => serve_jobs(&state, &health, &mut owned, shutdown.as_mut()).await,
             Err(e) => Err(e),
         },
         _ = &mut shutdown => Ok(()),
     };
     tracing::info!("shutting down: draining");
-    drain(&state, &health, config.grace_period).await;
+    // A coordinator that lost its store stops its jobs at once: another may own them now.
+    let grace = if outcome.is_err() && owned.is_some() { Duration::ZERO } else { config.grace_period };
+    drain(&state, &health, grace).await;
+    // Only now may the next coordinator take the store over: the runs are left to it.
+    if let Some(owned) = owned {
+        owned.release().await;
+    }
     let _ = close_tx.send(());
     match tokio::time::timeout(STOP_WAIT, server).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the gRPC server ended with an error"),
@@ -216,6 +215,43 @@ pub async fn serve(
     dispatcher.abort();
     sweeper.abort();
     outcome
+}
+
+/// Owns the state store (standing by while another coordinator does), resumes the jobs it holds,
+/// then serves until `shutdown`; fails when the store is lost (an etcd claim that lapsed).
+async fn serve_jobs(
+    state: &Arc<ServiceState>,
+    health: &tessera_telemetry::Serving,
+    owned: &mut Option<Owned>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), CoordinatorError> {
+    if let Some(store) = &state.store {
+        tokio::select! {
+            o = store.ownership().acquire() => *owned = Some(o?),
+            _ = shutdown.as_mut() => return Ok(()),
+        }
+    }
+    // Jobs a previous run left unfinished go first.
+    match resume::resume_stored(state).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "resumed the stored jobs"),
+        Err(e) => tracing::error!(error = %e, "cannot read the state store: no stored job is resumed"),
+    }
+    health.set(true).await;
+    tracing::info!("model loaded; serving");
+    let lost = async {
+        match owned {
+            Some(o) => o.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown => Ok(()),
+        why = lost => {
+            tracing::error!(why, "lost the state store: stopping, so that one coordinator alone runs its jobs");
+            Err(CoordinatorError::Store(format!("lost the state store ({why})")))
+        }
+    }
 }
 
 /// Shutdown's first part: NOT_SERVING, no new jobs, queued jobs ended (UNAVAILABLE), the running

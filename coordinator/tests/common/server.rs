@@ -29,12 +29,13 @@ impl Server {
         Self::start_with(&args)
     }
 
-    /// Starts `tessera serve --listen 127.0.0.1:0` with `extra` flags (no model flag added) and
-    /// waits until it prints its address.
+    /// Starts `tessera serve --listen 127.0.0.1:0` (unless `extra` names the address) with
+    /// `extra` flags (no model flag added) and waits until it prints its address.
     pub fn start_with(extra: &[&str]) -> Self {
         let log = tempfile::Builder::new().prefix("tessera-serve-").suffix(".log").tempfile().expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("serve")
+            .args(if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
             .args(if extra.contains(&"--metrics-listen") { &[][..] } else { &["--metrics-listen", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RUST_LOG", "info")

@@ -2,12 +2,14 @@
 //! CreateNcclId on rank 0 first (the NCCL unique id every rank gets); PrepareJob on every rank at
 //! once (they meet on their collective addresses, or through NCCL), each Step on every rank at
 //! once, then Decode streamed from rank 0 (or its latents fetched), and ReleaseJob on every rank
-//! however the job ends. The first failing call ends the job with the worker named; a worker leaving membership
+//! however the job ends, except one that this coordinator's shutdown stops when a state store
+//! keeps the job: its run is checkpointed at the step boundary and left on its workers, for the
+//! next coordinator to adopt. The first failing call ends the job with the worker named; a worker leaving membership
 //! mid-step ends it too, without waiting for the step. Each job has a random secret, given to the
 //! workers in PrepareJob and carried by every later call (`tessera_proto::capability`).
 
 use super::super::executor::{ExecEvent, ExecJob, ExecReport};
-use super::super::jobs::StopSignal;
+use super::super::jobs::{StopReason, StopSignal};
 use super::super::output::{latents_file, FrameEncoder};
 use super::table::Group;
 use crate::video::VideoSpec;
@@ -261,7 +263,7 @@ fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
 }
 
 /// Runs the job on `group` (see the module docs). ReleaseJob is sent to every rank at the end,
-/// whatever the outcome.
+/// whatever the outcome, unless the run is handed over to the next coordinator.
 pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
     // The job's capability on its workers: sent in PrepareJob, then with every call.
     let secret = cx.job.secret;
@@ -270,13 +272,27 @@ pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecRep
     for w in &group.workers {
         ranks.push(connect(w, cx.limits.connect, &interceptor, cx.tls).await?);
     }
-    let result = stages(group, &ranks, &cx, &secret).await;
-    release(&ranks, &cx.job.id).await;
+    let mut run = None;
+    let result = stages(group, &ranks, &cx, &secret, &mut run).await;
+    if let (Some(steps_done), true) = (run, hands_over(&cx)) {
+        let ids: Vec<&str> = ranks.iter().map(|r| r.record.worker_id.as_str()).collect();
+        tracing::info!(job = %cx.job.id, workers = ?ids, steps_done, "shutting down: the job's run is left on its workers for the next coordinator");
+    } else {
+        release(&ranks, &cx.job.id).await;
+    }
     // A stop wins over the error it provoked.
     match (result, cx.stop.reason()) {
         (Err(_), Some(reason)) => Err(reason.error()),
         (r, _) => r,
     }
+}
+
+/// Whether the job's run goes to the next coordinator instead of being released: this one shuts
+/// down, and the job's record is in a state store, from which the next one adopts the run its
+/// workers hold (they keep it for their `--job-idle-timeout`) or else resumes it from the
+/// checkpoint taken at the step boundary where it stopped.
+fn hands_over(cx: &DriveContext<'_>) -> bool {
+    cx.job.stored && cx.stop.reason() == Some(StopReason::Shutdown)
 }
 
 /// ReleaseJob on every rank (best effort, briefly: a dead worker must not hold the job up).
@@ -367,7 +383,9 @@ pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&In
     release(&ranks, &job.id).await;
 }
 
-async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[u8]) -> Result<ExecReport, CoordinatorError> {
+/// The job's stages on `ranks`; `run` holds the steps done once every rank holds the run
+/// (prepared or adopted).
+async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[u8], run: &mut Option<u32>) -> Result<ExecReport, CoordinatorError> {
     let r = &cx.job.request.request;
     let mut live = cx.live.clone();
     let format = OutputFormat::try_from(r.output_format).unwrap_or(OutputFormat::Mp4);
@@ -402,6 +420,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
             (total, cx.resume.as_ref().map_or(0, |c| c.steps_done).min(total), started.elapsed())
         }
     };
+    *run = Some(first);
     check_stop(cx.stop)?;
 
     send(cx.events, ExecEvent::Phase(Phase::Denoising)).await?;
@@ -436,6 +455,7 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
         })
         .instrument(span)
         .await?;
+        *run = Some(step + 1);
         let chunk_finished = answers[0].chunks_done > chunks_done;
         chunks_done = answers[0].chunks_done;
         // A diffusion-forcing run is checkpointed at its chunk boundaries, another every
@@ -449,7 +469,11 @@ async fn stages(group: &Group, ranks: &[Rank], cx: &DriveContext<'_>, secret: &[
             ranks.iter().map(|r| r.record.worker_id.clone()).filter(|id| d.contains(id)).collect()
         };
         let moving = !draining.is_empty() && cx.checkpoint_every > 0 && (total_chunks == 0 || chunk_finished) && step + 1 < total;
-        if cx.checkpoint_every > 0 && (due || moving) && step + 1 < total {
+        // Handed over at shutdown: checkpointed here too (a diffusion-forcing run only at its
+        // chunks' ends, as always), so that the next coordinator loses no step even if it cannot
+        // adopt the run.
+        let handing_over = hands_over(cx) && total_chunks == 0;
+        if cx.checkpoint_every > 0 && (due || moving || handing_over) && step + 1 < total {
             // Every rank takes part (the ranks' shares are gathered to rank 0, which answers with
             // the whole state).
             let during = format!("checkpoint after step {}", step + 1);

@@ -51,6 +51,11 @@ pub struct ClusterExecutorConfig {
     /// How many times a job whose group lost a worker goes on, on a new group, from its last
     /// checkpoint (0: a lost worker ends the job).
     pub recover_attempts: u32,
+    /// How long a job going on from a checkpoint (recovering, moving off a draining worker, or
+    /// resumed by a new coordinator) waits for a group of its plan's size, such as the lost
+    /// worker's replacement, before it goes on with another plan on the workers there are. With
+    /// its plan, its video is the undisturbed run's byte for byte.
+    pub recover_wait: Duration,
     /// How often (in steps) the run is checkpointed from rank 0, for recovery and the state store
     /// (0: never; a diffusion-forcing run is checkpointed at its chunks' ends).
     pub checkpoint_every: u32,
@@ -302,9 +307,12 @@ impl JobExecutor for ClusterExecutor {
     fn run(&self, job: ExecJob, events: mpsc::Sender<ExecEvent>, stop: StopSignal) -> ExecFuture {
         let shared = self.shared.clone();
         let (max_ranks, limits) = (self.config.max_ranks, self.config.limits);
-        let (recover_attempts, every) = (self.config.recover_attempts, self.config.checkpoint_every);
+        let (recover_attempts, every, recover_wait) = (self.config.recover_attempts, self.config.checkpoint_every, self.config.recover_wait);
         Box::pin(async move {
             let (mut busy_retries, mut recoveries, mut migrations) = (0, 0, 0);
+            // Until then the job waits for a group of its plan's size: it goes on from a
+            // checkpoint, whose run it must continue as it was.
+            let mut keep_plan_until = job.resume.as_ref().map(|_| Instant::now() + recover_wait);
             let last_checkpoint = std::sync::Mutex::new(job.resume.clone());
             let mut resume = job.resume.clone();
             // A job taken over from its workers goes on with them first.
@@ -312,7 +320,7 @@ impl JobExecutor for ClusterExecutor {
             loop {
                 let (group, adopted) = match taken_over.take() {
                     Some((group, progress)) => (group, Some(progress)),
-                    None => (wait_for_group(&shared, &job, max_ranks, &stop).await?, None),
+                    None => (wait_for_group(&shared, &job, max_ranks, keep_plan_until, &stop).await?, None),
                 };
                 shared.running.fetch_add(1, Ordering::SeqCst);
                 shared.publish();
@@ -339,6 +347,7 @@ impl JobExecutor for ClusterExecutor {
                     Err(CoordinatorError::WorkersDraining { workers }) if migrations < MAX_MIGRATIONS && !stop.is_stopped() => {
                         migrations += 1;
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        keep_plan_until = Some(Instant::now() + recover_wait);
                         let from = resume.as_ref().map_or(0, |c| c.steps_done);
                         tracing::info!(job = %job.id, ?workers, migrations, from_step = from, "workers of the job's group drain: moving it to another group");
                     }
@@ -350,6 +359,7 @@ impl JobExecutor for ClusterExecutor {
                     {
                         recoveries += 1;
                         resume = last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        keep_plan_until = Some(Instant::now() + recover_wait);
                         let from = resume.as_ref().map_or(0, |c| c.steps_done);
                         tracing::warn!(job = %job.id, error = %e, recoveries, from_step = from, "the job's group failed; recovering on a new group");
                         // The ranks that lost their peer were released and come back idle within
@@ -480,8 +490,15 @@ async fn run_reserved(
 }
 
 /// Waits until a group of free workers serving the job's model can be reserved (or the job is
-/// stopped); fails at once when no live worker serves the model at all.
-async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: &StopSignal) -> Result<Group, CoordinatorError> {
+/// stopped); fails at once when no live worker serves the model at all. Until `keep_plan_until`,
+/// only a group of the plan's size will do, even when fewer workers are live.
+async fn wait_for_group(
+    shared: &Shared,
+    job: &ExecJob,
+    max_ranks: usize,
+    keep_plan_until: Option<Instant>,
+    stop: &StopSignal,
+) -> Result<Group, CoordinatorError> {
     let model = &job.request.request.model;
     let mut version = shared.version.subscribe();
     loop {
@@ -490,20 +507,26 @@ async fn wait_for_group(shared: &Shared, job: &ExecJob, max_ranks: usize, stop: 
             if !table.models().iter().any(|m| m == model) {
                 return Err(CoordinatorError::Unavailable(format!("no live worker serves model {model:?}")));
             }
-            // The group the plan said, unless workers left since (then the largest there is; the
-            // job's record gets the plan that runs).
+            // The group the plan said, unless workers left since (then, once the job need not keep
+            // its plan, the largest there is; the job's record gets the plan that runs).
             let plan = job.request.spec.plan();
             let planned = plan.map_or_else(|| group_limit(max_ranks, job.request.spec.tokens()), |p| p.ranks as usize);
-            let ranks = planned.min(table.capacity(model)).max(1);
+            let keep_plan = plan.is_some() && keep_plan_until.is_some_and(|until| Instant::now() < until);
+            let ranks = if keep_plan { planned } else { planned.min(table.capacity(model)).max(1) };
             // the plan's layout when the group is the size it said
             if let Some(group) = table.reserve(&job.id, model, ranks, plan) {
                 return Ok(group);
             }
         }
+        // (Past `keep_plan_until` the job chooses again, whatever the table.)
+        let plan_wait = keep_plan_until.filter(|until| Instant::now() < *until);
         tokio::select! {
             changed = version.changed() => if changed.is_err() {
                 return Err(CoordinatorError::Internal("the worker table went away".into()));
             },
+            _ = tokio::time::sleep_until(plan_wait.unwrap_or_else(Instant::now).into()), if plan_wait.is_some() => {
+                tracing::info!(job = %job.id, "no group of the job's plan came in time: it goes on with the workers there are");
+            }
             reason = stop.stopped() => return Err(reason.error()),
         }
     }
