@@ -40,6 +40,8 @@ async fn a_store_has_one_coordinator_and_a_standby_takes_over() {
     until_logged(&second, "another coordinator owns the state store").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(second.health().await, ServingStatus::NotServing, "two coordinators serve one store");
+    assert!(first.scrape().await.contains("tessera_store_owner 1"), "the owner says so");
+    assert!(second.scrape().await.contains("tessera_store_owner 0"), "the standby says so");
 
     // The first shuts down: it lets go of the store at once, and the second takes over.
     first.sigterm();
@@ -47,6 +49,7 @@ async fn a_store_has_one_coordinator_and_a_standby_takes_over() {
     let stopped = Instant::now();
     second.wait_health(ServingStatus::Serving, Duration::from_secs(10)).await;
     let handover = stopped.elapsed();
+    assert!(second.scrape().await.contains("tessera_store_owner 1"), "the new owner says so");
 
     // A third stands by; the second dies without letting go: its claim lapses with its lease.
     let mut second = second;

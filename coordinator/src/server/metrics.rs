@@ -30,6 +30,7 @@ pub struct CoordinatorMetrics {
     run_duration: Histogram,
     prediction_ratio: Histogram,
     prediction_error: Gauge,
+    store_owner: IntGauge,
 }
 
 /// Buckets of actual over predicted run time: within 10 % in the middle, factors out to 100.
@@ -45,6 +46,11 @@ impl CoordinatorMetrics {
         let m = Self {
             queue_depth: IntGauge::new("tessera_queue_depth", "Jobs waiting in the queue (jobs).").map_err(metric_error)?,
             jobs_running: IntGauge::new("tessera_jobs_running", "Jobs running now (jobs).").map_err(metric_error)?,
+            store_owner: IntGauge::new(
+                "tessera_store_owner",
+                "Whether this coordinator owns its state store: 1, or 0 while it stands by for it or has none (boolean).",
+            )
+            .map_err(metric_error)?,
             jobs: IntCounterVec::new(Opts::new("tessera_jobs_total", "Jobs ended, by outcome (succeeded, failed, cancelled) (jobs)."), &["outcome"])
                 .map_err(metric_error)?,
             job_duration: HistogramVec::new(
@@ -110,6 +116,7 @@ impl CoordinatorMetrics {
         registry.register(Box::new(m.prediction_ratio.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.prediction_error.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.jobs_running.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.store_owner.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.jobs.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.job_duration.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.phase_duration.clone())).map_err(metric_error)?;
@@ -143,6 +150,11 @@ impl CoordinatorMetrics {
     /// Jobs waiting now.
     pub fn set_queue_depth(&self, queued: usize) {
         self.queue_depth.set(queued as i64);
+    }
+
+    /// Whether this coordinator owns its state store now.
+    pub fn set_store_owner(&self, owner: bool) {
+        self.store_owner.set(i64::from(owner));
     }
 
     /// A job took its slot.
@@ -271,8 +283,10 @@ mod tests {
         m.ended_badly(Duration::from_secs(1), &CoordinatorError::Cancelled("x".into()), true);
         m.rejected(&CoordinatorError::invalid_argument("width", "bad"));
         m.prediction(Duration::from_secs(2), Duration::from_millis(2500));
+        m.set_store_owner(true);
         let after = text(&r);
         for line in [
+            "tessera_store_owner 1",
             "tessera_queue_depth 3",
             "tessera_jobs_running 1",
             "tessera_workers{state=\"idle\"} 1",
@@ -296,7 +310,7 @@ mod tests {
         }
         // One HELP line per metric, each naming its unit.
         let helps: Vec<&str> = after.lines().filter(|l| l.starts_with("# HELP ")).collect();
-        assert_eq!(helps.len(), 15, "{helps:#?}");
+        assert_eq!(helps.len(), 16, "{helps:#?}");
         for h in helps {
             assert!(h.ends_with(").") && h.contains('('), "no unit in {h}");
         }

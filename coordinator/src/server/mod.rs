@@ -205,6 +205,7 @@ pub async fn serve(
     // Only now may the next coordinator take the store over: the runs are left to it.
     if let Some(owned) = owned {
         owned.release().await;
+        state.metrics.set_store_owner(false);
     }
     let _ = close_tx.send(());
     match tokio::time::timeout(STOP_WAIT, server).await {
@@ -230,6 +231,7 @@ async fn serve_jobs(
             o = store.ownership().acquire() => *owned = Some(o?),
             _ = shutdown.as_mut() => return Ok(()),
         }
+        state.metrics.set_store_owner(true);
     }
     // Jobs a previous run left unfinished go first.
     match resume::resume_stored(state).await {
@@ -248,6 +250,7 @@ async fn serve_jobs(
     tokio::select! {
         _ = shutdown => Ok(()),
         why = lost => {
+            state.metrics.set_store_owner(false);
             tracing::error!(why, "lost the state store: stopping, so that one coordinator alone runs its jobs");
             Err(CoordinatorError::Store(format!("lost the state store ({why})")))
         }
