@@ -63,7 +63,8 @@ pub fn holder_name() -> String {
 
 impl StoreOwnership {
     /// Waits until this coordinator owns the store, saying once (and when it changes) who owns it
-    /// meanwhile.
+    /// meanwhile. An etcd that does not answer is asked again a heartbeat later; a folder that
+    /// cannot be locked is an error.
     pub async fn acquire(&self) -> Result<Owned, CoordinatorError> {
         let mut said: Option<String> = None;
         loop {
@@ -72,12 +73,12 @@ impl StoreOwnership {
                     tracing::warn!("the state store has no owner lock (S3 without etcd): run one coordinator on it");
                     return Ok(Owned::Unguarded);
                 }
-                Self::Etcd { membership, holder } => {
-                    match membership.try_claim(CLAIM, holder).await.map_err(|e| CoordinatorError::Store(format!("claiming the state store: {e}")))? {
-                        Ok(claim) => return Ok(Owned::Etcd(Box::new(claim))),
-                        Err(other) => (other, membership.heartbeat().period()),
-                    }
-                }
+                Self::Etcd { membership, holder } => match membership.try_claim(CLAIM, holder).await {
+                    Ok(Ok(claim)) => return Ok(Owned::Etcd(Box::new(claim))),
+                    Ok(Err(other)) => (other, membership.heartbeat().period()),
+                    // etcd unreachable for a moment (restarting, say): try again.
+                    Err(e) => (format!("unknown (etcd: {e})"), membership.heartbeat().period()),
+                },
                 Self::Folder(dir) => {
                     let path = dir.join(LOCK_FILE);
                     let file = std::fs::OpenOptions::new()
