@@ -18,6 +18,7 @@ pub mod generate;
 #[cfg(feature = "embedded")]
 pub mod golden;
 pub mod plan;
+mod reattach;
 mod remote;
 pub mod serve;
 pub mod status;

@@ -1,25 +1,21 @@
 //! The client side of the public API, for `tessera generate --server`, `tessera watch` and
-//! `tessera status`: connecting, naming status codes, writing a Generate stream's chunks to files,
-//! and following a job across a restart of its coordinator ([`Reattach`]).
+//! `tessera status`: connecting, naming status codes, writing a Generate stream's chunks to files
+//! (following a job across a restart of its coordinator: [`Reattach`]).
 
+pub use super::reattach::{Reattach, REATTACH_FOR};
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tessera_proto::v1::{
-    generate_event::Event, Chunk, GenerateEvent, GenerateRequest, GetJobRequest, JobState, OutputFormat, Phase, PhaseTimings, Plan, Progress, WatchJobRequest,
-};
+use tessera_proto::v1::{generate_event::Event, Chunk, GenerateEvent, GenerateRequest, OutputFormat, Phase, PhaseTimings, Plan, Progress};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tracing::Instrument;
 
 /// A client mode generation.
@@ -36,94 +32,6 @@ pub struct RemoteGenerate {
     pub quiet: bool,
     /// How long to try to reattach when the stream breaks (zero: never).
     pub reattach_for: Duration,
-}
-
-/// How a client follows its job when its stream breaks (its coordinator restarted, as a rolling
-/// update does, and the job outlived it in a state store): for up to `within`, it waits for the
-/// coordinator at `server` to serve again, asks for the job, and reattaches with WatchJob, which
-/// sends the job's whole output again (the output is written afresh). A job that the coordinator
-/// does not know, or that ended in failure, ends the wait at once.
-#[derive(Clone, Debug)]
-pub struct Reattach {
-    /// The coordinator's address.
-    pub server: String,
-    /// How long to keep trying (zero: never).
-    pub within: Duration,
-}
-
-/// The default of `--reattach-for`: longer than a coordinator's restart (its grace period and
-/// start), so that a rolling update goes unnoticed.
-pub const REATTACH_FOR: &str = "5m";
-
-/// What one try of reattaching found.
-enum Found {
-    /// The job's stream again.
-    Stream(Box<tonic::Streaming<GenerateEvent>>),
-    /// No use waiting: why.
-    Final(anyhow::Error),
-    /// Not yet (the coordinator is down or still starting): why.
-    Retry(String),
-}
-
-impl Reattach {
-    /// Whether a stream that ended with `status` may have broken without the job ending: the
-    /// coordinator went away (UNAVAILABLE, or the connection lost mid-stream). The job's record
-    /// then decides.
-    fn may_outlive(&self, status: &tonic::Status) -> bool {
-        !self.within.is_zero() && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal)
-    }
-
-    /// The job's stream again, once a coordinator at the address serves it; `lost` is how the
-    /// last stream ended (the error when the job cannot be reattached).
-    async fn watch(&self, job_id: &str, lost: tonic::Status) -> Result<tonic::Streaming<GenerateEvent>> {
-        let until = Instant::now() + self.within;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            match self.try_watch(job_id).await {
-                Found::Stream(s) => return Ok(*s),
-                Found::Final(e) => return Err(e.context(status_error(lost))),
-                Found::Retry(why) if Instant::now() + pause < until => {
-                    tracing::debug!(job = job_id, why, "cannot reattach yet");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Found::Retry(why) => {
-                    return Err(status_error(lost)
-                        .context(format!("could not reattach to job {job_id} within {:?} ({why}); `tessera watch {job_id}` reattaches later", self.within)))
-                }
-            }
-        }
-    }
-
-    async fn try_watch(&self, job_id: &str) -> Found {
-        let channel = match connect(&self.server, "--server").await {
-            Ok(c) => c,
-            Err(e) => return Found::Retry(format!("{e:#}")),
-        };
-        // SERVING once the coordinator has taken over its stored jobs: before that it does not
-        // know the job yet.
-        match HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await {
-            Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {}
-            Ok(_) => return Found::Retry("the coordinator is not serving yet".into()),
-            Err(s) => return Found::Retry(s.message().to_string()),
-        }
-        let mut client = TesseraClient::new(channel).max_decoding_message_size(64 << 20);
-        let retry_or_final = |s: tonic::Status| match s.code() {
-            tonic::Code::Unavailable => Found::Retry(s.message().to_string()),
-            _ => Found::Final(status_error(s)),
-        };
-        let job = match client.get_job(GetJobRequest { job_id: job_id.to_string() }).await {
-            Ok(j) => j.into_inner(),
-            Err(s) => return retry_or_final(s),
-        };
-        if matches!(JobState::try_from(job.state), Ok(JobState::Failed | JobState::Cancelled)) {
-            return Found::Final(anyhow!("job {job_id} ended: {}", job.error));
-        }
-        match client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await {
-            Ok(s) => Found::Stream(Box::new(s.into_inner())),
-            Err(s) => retry_or_final(s),
-        }
-    }
 }
 
 /// The gRPC name of a status code (`INVALID_ARGUMENT`, ...).
