@@ -82,6 +82,24 @@ async fn run_job(clients: &mut [Client], peers: &[String], ulysses: u32, job: &s
 
 /// [`run_job`], the ranks split into CFG halves when `cfg_parallel`.
 async fn run_job_with(clients: &mut [Client], peers: &[String], ulysses: u32, cfg_parallel: bool, job: &str) -> Vec<u8> {
+    prepare_all(clients, peers, ulysses, cfg_parallel, job).await;
+    for step in 0..3 {
+        for r in step_all(clients, job, step).await {
+            assert_eq!(r.step, step);
+            if clients.len() > 1 {
+                assert!(r.bytes_sent > 0, "a sharded step moves bytes");
+            }
+        }
+    }
+    let rgb = decode_all(clients, job).await;
+    for c in clients.iter_mut() {
+        c.release_job(pb::ReleaseJobRequest { job_id: job.into() }).await.unwrap();
+    }
+    rgb
+}
+
+/// PrepareJob of [`request`] on every rank at once.
+async fn prepare_all(clients: &mut [Client], peers: &[String], ulysses: u32, cfg_parallel: bool, job: &str) {
     let world = clients.len() as u32;
     let prepares = clients.iter_mut().enumerate().map(|(rank, c)| {
         let req = pb::PrepareJobRequest {
@@ -99,19 +117,19 @@ async fn run_job_with(clients: &mut [Client], peers: &[String], ulysses: u32, cf
     let ranges: Vec<_> = futures_util::future::join_all(prepares).await.into_iter().map(|r| r.unwrap().into_inner()).collect();
     assert_eq!(ranges.first().unwrap().token_start, 0);
     assert_eq!(ranges.last().unwrap().token_end, 3 * 2 * 3, "ranks cover every token (3 latent frames of 2x3 patches)");
-    for step in 0..3 {
-        let steps = clients.iter().map(|c| {
-            let mut c = c.clone();
-            async move { c.step(pb::StepRequest { job_id: job.into(), step, ..Default::default() }).await }
-        });
-        for r in futures_util::future::join_all(steps).await {
-            let r = r.unwrap().into_inner();
-            assert_eq!(r.step, step);
-            if world > 1 {
-                assert!(r.bytes_sent > 0, "a sharded step moves bytes");
-            }
-        }
-    }
+}
+
+/// Step `step` on every rank at once; their answers.
+async fn step_all(clients: &[Client], job: &str, step: u32) -> Vec<pb::StepResponse> {
+    let steps = clients.iter().map(|c| {
+        let mut c = c.clone();
+        async move { c.step(pb::StepRequest { job_id: job.into(), step, ..Default::default() }).await }
+    });
+    futures_util::future::join_all(steps).await.into_iter().map(|r| r.unwrap().into_inner()).collect()
+}
+
+/// Decode on every rank at once; rank 0's frames as interleaved RGB8.
+async fn decode_all(clients: &[Client], job: &str) -> Vec<u8> {
     // Every rank is sent Decode: the latent gathers to rank 0, every rank decodes a band of rows,
     // and rank 0 joins the bands and alone sends frames.
     let decodes = clients.iter().map(|c| {
@@ -132,10 +150,37 @@ async fn run_job_with(clients: &mut [Client], peers: &[String], ulysses: u32, cf
     assert!(decoded[1..].iter().all(|(n, _)| *n == 0), "only rank 0 sends frames");
     let (next, rgb) = decoded.swap_remove(0);
     assert_eq!(next, 9, "every frame decoded");
-    for c in clients.iter_mut() {
-        c.release_job(pb::ReleaseJobRequest { job_id: job.into() }).await.unwrap();
-    }
     rgb
+}
+
+/// A coordinator died having sent step 0 to rank 0 only, which waits in it for rank 1. A new
+/// one learns at once where each rank stands (AdoptJob does not wait for the step), sends step 0
+/// to both (rank 0 answers with the report of the step it ran), and goes on: the frames of an
+/// undisturbed run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_with_a_step_in_flight_is_adopted_where_it_stands() {
+    let (mut clients, peers) = start_workers(2).await;
+    let undisturbed = run_job(&mut clients, &peers, 1, "undisturbed").await;
+    prepare_all(&mut clients, &peers, 1, false, "left").await;
+    let mut rank0 = clients[0].clone();
+    let orphan = tokio::spawn(async move { rank0.step(pb::StepRequest { job_id: "left".into(), step: 0, ..Default::default() }).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!orphan.is_finished(), "rank 0 waits for rank 1 in step 0");
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    for c in clients.iter_mut() {
+        let a = c.adopt_job(pb::AdoptJobRequest { job_id: "left".into() }).await.unwrap().into_inner();
+        answers.push((a.rank, a.steps_done, a.busy));
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "AdoptJob answered without waiting for the step: {:?}", started.elapsed());
+    assert_eq!(answers, [(0, 0, 1), (1, 0, 0)], "rank 0 runs step 0, rank 1 is idle before it");
+    let first = step_all(&clients, "left", 0).await;
+    let orphan = orphan.await.unwrap().unwrap().into_inner();
+    assert_eq!((first[0].seconds, first[0].bytes_sent), (orphan.seconds, orphan.bytes_sent), "rank 0 answers with the step it ran");
+    for step in 1..3 {
+        step_all(&clients, "left", step).await;
+    }
+    assert_eq!(decode_all(&clients, "left").await, undisturbed, "the adopted run's frames are the undisturbed run's");
 }
 
 /// The one-process pipeline's frames as interleaved RGB8.
@@ -277,10 +322,14 @@ async fn misuse_gets_clear_status_codes() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().contains("step 0 is next"), "{err}");
     // The secret's holder (a coordinator taking the job over) learns where the run stands.
-    c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap();
+    let ran = c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap().into_inner();
     let adopted = c.adopt_job(pb::AdoptJobRequest { job_id: "a".into() }).await.unwrap().into_inner();
-    assert_eq!((adopted.rank, adopted.ranks, adopted.steps_done, adopted.total_steps, adopted.chunks_done), (0, 1, 1, 3, 0));
-    let err = c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap_err();
+    assert_eq!((adopted.rank, adopted.ranks, adopted.steps_done, adopted.total_steps, adopted.chunks_done, adopted.busy), (0, 1, 1, 3, 0, 0));
+    // The step just run, asked again (a retry, or a new coordinator's first step after one its
+    // predecessor sent), is answered with its report; an older one is refused.
+    let again = c.step(pb::StepRequest { job_id: "a".into(), step: 0, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!((again.seconds, again.bytes_sent), (ran.seconds, ran.bytes_sent), "the same step's report");
+    let err = c.step(pb::StepRequest { job_id: "a".into(), step: 2, ..Default::default() }).await.unwrap_err();
     assert!(err.message().contains("step 1 is next"), "{err}");
     let err = c.decode(pb::DecodeRequest { job_id: "a".into(), ..Default::default() }).await.unwrap().into_inner().message().await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "decode before the last step: {err}");

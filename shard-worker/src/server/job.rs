@@ -8,6 +8,7 @@ use crate::parallel::{ParallelPlan, ShardContext, TcpOptions, TcpTransport};
 use crate::pipeline::{Conditioning, GenerationParams, RankGroup, WanPipeline};
 use crate::{Result, WorkerError};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +61,8 @@ pub struct StepReport {
 
 /// Commands to a job thread; each carries its reply channel.
 pub enum Command {
-    /// Runs step `index` (must be the next one).
+    /// Runs step `index` (must be the next one; the step just run is answered again with its
+    /// report: a retry, or a new coordinator's first step after one that its predecessor sent).
     Step(usize, mpsc::Sender<Result<StepReport>>),
     /// Gathers the state to rank 0 and copies it out (every rank is sent this).
     Checkpoint(mpsc::Sender<Result<JobCheckpoint>>),
@@ -71,9 +73,10 @@ pub enum Command {
     /// `[1, 3, n, H, W]` in [0, 1] with the index of their first frame as they come; the other
     /// ranks send nothing (every rank is sent this).
     Decode(tokio::sync::mpsc::Sender<Result<(usize, Tensor)>>),
-    /// A new coordinator takes the job over: where the run stands, and the decode restarted so
-    /// that the next Decode sends every final frame again (rank-local; no collective).
-    Adopt(mpsc::Sender<Result<Progress>>),
+    /// A new coordinator takes the job over (it read where the run stands from [`RunState`]):
+    /// the decode restarts, so that the next Decode sends every final frame again (rank-local; no
+    /// collective).
+    Adopt,
 }
 
 /// Where a run stands (between commands).
@@ -83,6 +86,44 @@ pub struct Progress {
     pub steps_done: usize,
     /// Chunks a diffusion-forcing run has finished (0 for other runs).
     pub chunks_done: usize,
+}
+
+/// What the job thread is doing now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// Waiting for a command.
+    Idle,
+    /// Running a step: the one after the steps done.
+    Step,
+    /// Running another command (a checkpoint, a decode, the latents).
+    Other,
+}
+
+/// Where a run stands, as its thread publishes it, read without waiting for the thread: a new
+/// coordinator learns it while a step its predecessor sent still runs.
+#[derive(Debug, Default)]
+pub struct RunState {
+    steps_done: AtomicUsize,
+    chunks_done: AtomicUsize,
+    busy: AtomicU8,
+}
+
+impl RunState {
+    fn publish(&self, run: &JobRun, busy: Busy) {
+        self.steps_done.store(run.steps_done(), Ordering::SeqCst);
+        self.chunks_done.store(run.chunks_done(), Ordering::SeqCst);
+        self.busy.store(busy as u8, Ordering::SeqCst);
+    }
+
+    /// Steps and chunks done, and what the thread is doing.
+    pub fn now(&self) -> (Progress, Busy) {
+        let busy = match self.busy.load(Ordering::SeqCst) {
+            0 => Busy::Idle,
+            1 => Busy::Step,
+            _ => Busy::Other,
+        };
+        (Progress { steps_done: self.steps_done.load(Ordering::SeqCst), chunks_done: self.chunks_done.load(Ordering::SeqCst) }, busy)
+    }
 }
 
 /// The handle the service keeps for a running job.
@@ -95,6 +136,8 @@ pub struct JobHandle {
     pub ranks: usize,
     /// Denoising steps of the run.
     pub total_steps: usize,
+    /// Where the run stands now.
+    pub state: Arc<RunState>,
     commands: mpsc::Sender<(tracing::Span, Command)>,
     ended: tokio::sync::watch::Receiver<bool>,
     /// Aborts the job's NCCL communicators (GPU groups only).
@@ -148,6 +191,8 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
     let (tx, rx) = mpsc::channel::<(tracing::Span, Command)>();
     let (ended_tx, ended) = tokio::sync::watch::channel(false);
     let rank = setup.rank;
+    let state = Arc::new(RunState::default());
+    let published = state.clone();
     let span = tracing::Span::current();
     std::thread::Builder::new()
         .name(format!("job-{}-r{rank}", setup.job_id))
@@ -162,13 +207,14 @@ pub fn start(pipe: Arc<WanPipeline>, setup: JobSetup, listener: TcpListener) -> 
                     return;
                 }
             };
+            published.publish(&run, Busy::Idle);
             // The run's own share of the tokens (one formula: `ShardRun`'s layout).
             let _ = ready_tx.send(Ok((run.tokens(), run.total_steps(), ctx.collective_aborts())));
-            serve(&pipe, &ctx, run, rx, setup.idle_timeout, &setup.job_id);
+            serve(&pipe, &ctx, run, rx, &published, setup.idle_timeout, &setup.job_id);
         })
         .map_err(|e| WorkerError::Collective(format!("cannot start the job thread: {e}")))?;
     let (tokens, total_steps, aborts) = ready_rx.recv().map_err(|_| WorkerError::Collective("the job thread ended while preparing".into()))??;
-    Ok(JobHandle { tokens, rank, ranks: world, total_steps, commands: tx, ended, aborts })
+    Ok(JobHandle { tokens, rank, ranks: world, total_steps, state, commands: tx, ended, aborts })
 }
 
 /// The largest collective frame a job may receive: room for every token's activations several
@@ -265,9 +311,20 @@ fn text_from_message(m: &[f32]) -> Result<Conditioning> {
     Ok(Conditioning { prompt_ids, negative_ids, prompt_embeds, negative_embeds, image: None })
 }
 
-fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc::Receiver<(tracing::Span, Command)>, idle_timeout: Duration, job_id: &str) {
+fn serve(
+    pipe: &WanPipeline,
+    ctx: &ShardContext,
+    mut run: JobRun,
+    commands: mpsc::Receiver<(tracing::Span, Command)>,
+    state: &RunState,
+    idle_timeout: Duration,
+    job_id: &str,
+) {
     let group = if ctx.plan().ranks() == 1 { RankGroup::Alone } else { RankGroup::Sharded(ctx) };
+    // The last step run and its report, answered again when that step is asked for again.
+    let mut last: Option<(usize, StepReport)> = None;
     loop {
+        state.publish(&run, Busy::Idle);
         let (span, command) = match commands.recv_timeout(idle_timeout) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -277,10 +334,15 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc
             }
         };
         let _in = span.enter();
+        state.publish(&run, if matches!(command, Command::Step(..)) { Busy::Step } else { Busy::Other });
         // A failed collective leaves the group unusable: a group's job ends with the command that
         // hit it.
         let ok = match command {
             Command::Step(index, reply) => {
+                if let Some((_, report)) = last.filter(|(done, _)| *done == index && index + 1 == run.steps_done()) {
+                    let _ = reply.send(Ok(report));
+                    continue;
+                }
                 if index != run.steps_done() {
                     let _ = reply.send(Err(WorkerError::input("step", format!("step {index} asked, step {} is next", run.steps_done()))));
                     continue;
@@ -297,6 +359,7 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc
                     }
                 });
                 let failed = result.is_err();
+                last = result.as_ref().ok().map(|r| (index, *r));
                 let _ = reply.send(result);
                 if failed {
                     // The step may have stopped half way (a collective or a kernel failed).
@@ -316,9 +379,8 @@ fn serve(pipe: &WanPipeline, ctx: &ShardContext, mut run: JobRun, commands: mpsc
                 let _ = reply.send(latents);
                 ok
             }
-            Command::Adopt(reply) => {
+            Command::Adopt => {
                 run.restart_decode(pipe);
-                let _ = reply.send(Ok(Progress { steps_done: run.steps_done(), chunks_done: run.chunks_done() }));
                 true
             }
             Command::Decode(frames) => {

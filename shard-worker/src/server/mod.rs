@@ -548,13 +548,23 @@ impl ShardWorker for WorkerService {
         let job = self.job(&request.get_ref().job_id, request.metadata())?;
         let (rank, ranks, total_steps) = (job.rank as u32, job.ranks as u32, job.total_steps as u32);
         tracing::info!(job_id = %request.get_ref().job_id, rank, "a new coordinator adopts the job");
-        let progress = blocking(move || {
-            let (tx, rx) = mpsc::channel();
-            job.send(Command::Adopt(tx))?;
-            rx.recv().map_err(|_| WorkerError::Collective("the job has ended".into()))?
-        })
-        .await?;
-        Ok(Response::new(pb::AdoptJobResponse { rank, ranks, steps_done: progress.steps_done as u32, total_steps, chunks_done: progress.chunks_done as u32 }))
+        // Where the run stands now, without waiting for a command in flight (a step may run for
+        // minutes); the decode restarts after it, in the commands' order.
+        let (progress, busy) = job.state.now();
+        job.send(Command::Adopt).map_err(Status::from)?;
+        let busy = match busy {
+            job::Busy::Idle => 0,
+            job::Busy::Step => 1,
+            job::Busy::Other => 2,
+        };
+        Ok(Response::new(pb::AdoptJobResponse {
+            rank,
+            ranks,
+            steps_done: progress.steps_done as u32,
+            total_steps,
+            chunks_done: progress.chunks_done as u32,
+            busy,
+        }))
     }
 
     async fn describe(&self, _request: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {

@@ -312,8 +312,8 @@ async fn release(ranks: &[Rank], job_id: &str) {
 /// How long one ReleaseJob (and the connection before it) may take.
 const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
-/// How long taking a job over may take (connecting, and each rank's answer). A rank that does not
-/// answer in time (it may be blocked in a step its peers never got) makes the job resume from its
+/// How long taking a job over may take (connecting, and each rank's answer, which does not wait
+/// for a step in flight). A rank that does not answer in time makes the job resume from its
 /// checkpoint instead.
 const ADOPT_LIMIT: Duration = Duration::from_secs(5);
 
@@ -358,16 +358,54 @@ pub async fn adopt_on(
     });
     let mut answers: Vec<(WorkerRecord, pb::AdoptJobResponse)> = futures_util::future::join_all(calls).await.into_iter().collect::<Option<_>>()?;
     answers.sort_by_key(|(_, a)| a.rank);
-    let first = answers[0].1;
-    let agree = answers.iter().enumerate().all(|(i, (_, a))| {
-        a.rank == i as u32 && a.ranks == plan.ranks && (a.steps_done, a.total_steps, a.chunks_done) == (first.steps_done, first.total_steps, first.chunks_done)
-    });
-    if !agree || first.steps_done > first.total_steps {
+    let steps: Vec<AdoptAnswer> = answers.iter().map(|(_, a)| AdoptAnswer::from(a)).collect();
+    let Some(steps_done) = adoptable(&steps, plan.ranks) else {
         tracing::info!(job = %job.id, answers = ?answers.iter().map(|(_, a)| a).collect::<Vec<_>>(), "the ranks of the job disagree: it cannot be adopted");
         return None;
-    }
-    let adopted = Adopted { steps_done: first.steps_done, total_steps: first.total_steps };
+    };
+    let adopted = Adopted { steps_done, total_steps: answers[0].1.total_steps };
     Some((answers.into_iter().map(|(w, _)| w).collect(), adopted))
+}
+
+/// One rank's AdoptJob answer, as [`adoptable`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AdoptAnswer {
+    rank: u32,
+    ranks: u32,
+    steps_done: u32,
+    total_steps: u32,
+    chunks_done: u32,
+    /// 0 idle, 1 running step `steps_done`, 2 running another command.
+    busy: u32,
+}
+
+impl From<&pb::AdoptJobResponse> for AdoptAnswer {
+    fn from(a: &pb::AdoptJobResponse) -> Self {
+        Self { rank: a.rank, ranks: a.ranks, steps_done: a.steps_done, total_steps: a.total_steps, chunks_done: a.chunks_done, busy: a.busy }
+    }
+}
+
+/// The step an adopted run goes on from, when the answers (in rank order) make one run of a
+/// group of `ranks`: every rank once, the same total, no rank in a command other than a step.
+/// The run stands at the most steps any rank has done, `m`. A rank with fewer has done `m − 1`
+/// and is running step `m − 1`: its peers finished that step with it. A rank may also be running
+/// step `m`, which the dead coordinator sent it; it answers the first Step (`m`) with that step's
+/// report once it is done, and its peers run step `m` with it. Ranks at `m` agree on the chunks
+/// done.
+fn adoptable(answers: &[AdoptAnswer], ranks: u32) -> Option<u32> {
+    let first = answers.first()?;
+    let m = answers.iter().map(|a| a.steps_done).max()?;
+    let at_m: Vec<&AdoptAnswer> = answers.iter().filter(|a| a.steps_done == m).collect();
+    let agree = answers.len() == ranks as usize
+        && answers.iter().enumerate().all(|(i, a)| {
+            a.rank == i as u32
+                && a.ranks == ranks
+                && a.total_steps == first.total_steps
+                && a.busy != 2
+                && (a.steps_done == m || (a.steps_done + 1 == m && a.busy == 1))
+        })
+        && at_m.iter().all(|a| a.chunks_done == at_m[0].chunks_done);
+    (agree && m <= first.total_steps).then_some(m)
 }
 
 /// Releases `job` on `workers` that still hold it from an earlier coordinator (best effort).
@@ -707,5 +745,33 @@ mod tests {
         assert!(group_needs_nccl(&[gpu.clone(), worker("c", "cuda:1")]));
         assert!(group_needs_nccl(&[cpu, gpu]), "any rank on a GPU");
         assert!(!group_needs_nccl(&[]));
+    }
+
+    /// A run is adopted where it stands, even with a step of its dead coordinator still running on
+    /// some ranks; what cannot be one run is not.
+    #[test]
+    fn a_run_is_adopted_where_its_ranks_stand() {
+        let at = |rank: u32, steps_done: u32, busy: u32| AdoptAnswer { rank, ranks: 3, steps_done, total_steps: 10, chunks_done: 0, busy };
+        // Idle at a step boundary (a coordinator's shutdown): go on from there.
+        assert_eq!(adoptable(&[at(0, 4, 0), at(1, 4, 0), at(2, 4, 0)], 3), Some(4));
+        // Step 4 sent to every rank (or to some) and still running: Step 4 first; a rank that ran
+        // it answers with its report.
+        assert_eq!(adoptable(&[at(0, 4, 1), at(1, 4, 1), at(2, 4, 1)], 3), Some(4));
+        assert_eq!(adoptable(&[at(0, 4, 1), at(1, 4, 0), at(2, 4, 0)], 3), Some(4));
+        // One rank finished step 4, the others are finishing it.
+        assert_eq!(adoptable(&[at(0, 5, 0), at(1, 4, 1), at(2, 4, 1)], 3), Some(5));
+        // A rank behind and idle, two steps apart, a checkpoint or decode running, a rank
+        // missing or twice, another total: not one run.
+        assert_eq!(adoptable(&[at(0, 5, 0), at(1, 4, 0), at(2, 5, 0)], 3), None);
+        assert_eq!(adoptable(&[at(0, 6, 0), at(1, 4, 1), at(2, 6, 0)], 3), None);
+        assert_eq!(adoptable(&[at(0, 4, 2), at(1, 4, 0), at(2, 4, 0)], 3), None);
+        assert_eq!(adoptable(&[at(0, 4, 0), at(1, 4, 0)], 3), None);
+        assert_eq!(adoptable(&[at(0, 4, 0), at(0, 4, 0), at(2, 4, 0)], 3), None);
+        assert_eq!(adoptable(&[at(0, 4, 0), at(1, 4, 0), AdoptAnswer { total_steps: 9, ..at(2, 4, 0) }], 3), None);
+        // Diffusion forcing: the ranks at the step reached agree on the chunks done.
+        let chunks = |rank: u32, steps_done: u32, busy: u32, chunks_done: u32| AdoptAnswer { chunks_done, ..at(rank, steps_done, busy) };
+        assert_eq!(adoptable(&[chunks(0, 5, 0, 1), chunks(1, 4, 1, 0), chunks(2, 5, 0, 1)], 3), Some(5));
+        assert_eq!(adoptable(&[chunks(0, 5, 0, 1), chunks(1, 5, 0, 0), chunks(2, 5, 0, 1)], 3), None);
+        assert_eq!(adoptable(&[at(0, 11, 0), at(1, 11, 0), at(2, 11, 0)], 3), None, "past the total");
     }
 }
