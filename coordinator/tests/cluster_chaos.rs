@@ -78,6 +78,22 @@ async fn coordinator(flags: &[&str]) -> Server {
     server
 }
 
+/// The number logged after `key=` in `line`.
+fn logged(line: &str, key: &str) -> u32 {
+    line.split(&format!("{key}=")).nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// Starts the chaos job on `client`'s coordinator; its whole stream comes back.
+fn start_job(client: &TesseraClient<Channel>) -> tokio::task::JoinHandle<Collected> {
+    let mut call = client.clone();
+    tokio::spawn(async move { generate(&mut call, request()).await })
+}
+
+/// The workers a job's record says it runs on, rank 0 first.
+fn planned_workers(record: &tessera_proto::v1::Job) -> Vec<String> {
+    record.plan.as_ref().map(|p| p.worker_ids.clone()).unwrap_or_default()
+}
+
 /// The workers the running job `id` runs on, rank 0 first.
 async fn workers_of(client: &mut TesseraClient<Channel>, id: &str) -> Vec<String> {
     client.get_job(GetJobRequest { job_id: id.to_string() }).await.unwrap().into_inner().plan.map(|p| p.worker_ids).unwrap_or_default()
@@ -123,8 +139,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
 
     // 1. The coordinator is SIGKILLed mid-job; another starts on the same etcd and folder and
     // adopts the run its workers still hold.
-    let mut call = client.clone();
-    let lost = tokio::spawn(async move { generate(&mut call, request()).await });
+    let lost = start_job(&client);
     started += 1;
     let (id, killed_at) = running_past(&mut client, 8).await;
     server.kill();
@@ -141,7 +156,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     let log = server.log();
     assert!(log.contains("adopting the job from the workers that still run it"), "the workers' run was not adopted:\n{log}");
     let line = log.lines().find(|l| l.contains("resuming a stored job")).expect("a resumed job");
-    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step");
+    let from = logged(line, "from_step");
     let record = client.get_job(GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(record.state, JobState::Succeeded as i32);
     assert!(same_plan(record.plan.as_ref()), "the job kept its plan: {:?}", record.plan);
@@ -175,7 +190,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     let old_log = server.log();
     let left =
         old_log.lines().find(|l| l.contains("left on its workers for the next coordinator")).unwrap_or_else(|| panic!("the run was not left:\n{old_log}"));
-    let left_at: u32 = left.split("steps_done=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("steps_done");
+    let left_at = logged(left, "steps_done");
     let mut server = coordinator(&[&flags[..], &["--listen", &addr]].concat()).await;
     let mut client = server.client().await;
     let until = Instant::now() + Duration::from_secs(60);
@@ -195,7 +210,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     let log = server.log();
     assert!(log.contains("adopting the job from the workers that still run it"), "the run left was not adopted:\n{log}");
     let line = log.lines().find(|l| l.contains("resuming a stored job")).expect("a resumed job");
-    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step");
+    let from = logged(line, "from_step");
     let record = client.get_job(GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
     assert!(same_plan(record.plan.as_ref()), "the job kept its plan: {:?}", record.plan);
     eprintln!("coordinator stopped (SIGTERM) at step {stopped_at}; it left the run at step {left_at}; the next one adopted it at step {from}");
@@ -203,8 +218,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     wait_idle(&mut client, &ids, &alive(&workers, &ids)).await;
 
     // 3. etcd is killed and restarted mid-job.
-    let mut call = client.clone();
-    let job = tokio::spawn(async move { generate(&mut call, request()).await });
+    let job = start_job(&client);
     started += 1;
     let (_, restarted_at) = running_past(&mut client, 8).await;
     etcd.restart().await;
@@ -218,8 +232,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     // 4. A worker of the job drains (SIGTERM, a grace period of 60 s): the job moves from a
     // checkpoint of the next step to a group without it, with its plan, and the draining worker,
     // its job gone, exits at once.
-    let mut call = client.clone();
-    let job = tokio::spawn(async move { generate(&mut call, request()).await });
+    let job = start_job(&client);
     started += 1;
     let (id, drained_at) = running_past(&mut client, 8).await;
     let victim = workers_of(&mut client, &id).await[1].clone();
@@ -233,9 +246,9 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     equal += (frames(&moved, "moved off a draining worker") == expected) as u32;
     let log = server.log();
     let line = log.lines().find(|l| l.contains("moving it to another group")).unwrap_or_else(|| panic!("the job did not move:\n{log}"));
-    let from: u32 = line.split("from_step=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("from_step");
+    let from = logged(line, "from_step");
     let record = client.get_job(GetJobRequest { job_id: id }).await.unwrap().into_inner();
-    let now = record.plan.as_ref().map(|p| p.worker_ids.clone()).unwrap_or_default();
+    let now = planned_workers(&record);
     assert!(!now.contains(&victim), "the job moved off the draining worker: {now:?}");
     assert!(same_plan(record.plan.as_ref()), "the job kept its plan: {:?}", record.plan);
     eprintln!("worker {victim} drained at step {drained_at}; the job moved to {now:?} from step {from}; {victim} exited {exited:?} after SIGTERM");
@@ -245,8 +258,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
 
     // 5. A worker of the job is SIGKILLed: the job goes on from its last checkpoint with its plan,
     // on the worker left and the last spare.
-    let mut call = client.clone();
-    let job = tokio::spawn(async move { generate(&mut call, request()).await });
+    let job = start_job(&client);
     started += 1;
     let (id, worker_at) = running_past(&mut client, 8).await;
     let victim = workers_of(&mut client, &id).await[1].clone();
@@ -258,7 +270,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     completed += 1;
     equal += (frames(&recovered, "recovered from a lost worker") == expected) as u32;
     let record = client.get_job(GetJobRequest { job_id: id }).await.unwrap().into_inner();
-    let now = record.plan.as_ref().map(|p| p.worker_ids.clone()).unwrap_or_default();
+    let now = planned_workers(&record);
     assert!(!now.contains(&victim), "the job went on without the dead worker: {now:?}");
     assert!(same_plan(record.plan.as_ref()), "the job kept its plan: {:?}", record.plan);
     eprintln!("worker {victim} killed at step {worker_at}; the job went on with its plan on {now:?}");
@@ -268,8 +280,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     // the run is gone, so it cannot be adopted (the survivor is released, if it still holds it).
     // The job waits for a group of its plan's size rather than go on alone with another plan, and a
     // replacement worker (as a Deployment would start) gives it one.
-    let mut call = client.clone();
-    let job = tokio::spawn(async move { generate(&mut call, request()).await });
+    let job = start_job(&client);
     started += 1;
     let (id, both_at) = running_past(&mut client, 8).await;
     let group = workers_of(&mut client, &id).await;
@@ -294,7 +305,7 @@ async fn killed_processes_and_a_restarted_etcd_lose_no_job() {
     let line = log.lines().find(|l| l.contains("resuming a stored job")).expect("a resumed job");
     assert!(line.contains("adopted=false"), "a run without one of its ranks cannot be adopted: {line}");
     let record = client.get_job(GetJobRequest { job_id: id }).await.unwrap().into_inner();
-    let now = record.plan.as_ref().map(|p| p.worker_ids.clone()).unwrap_or_default();
+    let now = planned_workers(&record);
     assert!(same_plan(record.plan.as_ref()) && now.contains(&"c4".to_string()), "the job kept its plan, on the replacement: {:?}", record.plan);
     eprintln!("coordinator and worker {} killed at step {both_at}; resumed from the checkpoint with its plan on {now:?}", group[1]);
 
