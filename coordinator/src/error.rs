@@ -122,6 +122,11 @@ pub enum CoordinatorError {
     /// The state store (job records, checkpoints, outputs) failed or cannot be reached.
     #[error("state store: {0}")]
     Store(String),
+    /// A worker answered that a coordinator which took the state store after this one drives it
+    /// now: this coordinator lost its store (cut off from etcd longer than its lease) and stops,
+    /// leaving the job's record to the store's new owner.
+    #[error("another coordinator owns the state store now: {0}")]
+    Superseded(String),
     /// A finished job whose output the server no longer keeps (or never kept: no state store).
     #[error("the output of job {job} is not kept: {why}")]
     OutputGone {
@@ -200,7 +205,10 @@ impl CoordinatorError {
             // cluster lost the job (a worker died or timed out): retrying may succeed.
             Self::WorkerFailed { refused_field: Some(field), .. } => (Reason::InvalidField, Some(field)),
             Self::WorkerFailed { .. } => (Reason::WorkerLost, None),
-            Self::WorkersBusy { .. } | Self::WorkersDraining { .. } | Self::Unavailable(_) | Self::Store(_) => (Reason::Unavailable, None),
+            // The client reattaches to the store's new owner.
+            Self::WorkersBusy { .. } | Self::WorkersDraining { .. } | Self::Unavailable(_) | Self::Store(_) | Self::Superseded(_) => {
+                (Reason::Unavailable, None)
+            }
             Self::OutputGone { .. } => (Reason::Precondition, None),
             Self::QueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
@@ -246,5 +254,6 @@ mod tests {
         assert_eq!(why(membership).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
         assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);
+        assert_eq!(why(CoordinatorError::Superseded("epoch 2 > 1".into())).0, tonic::Code::Unavailable);
     }
 }

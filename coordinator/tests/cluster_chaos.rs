@@ -28,12 +28,12 @@ mod etcd;
 #[path = "common/workers.rs"]
 mod workers;
 
-use common::server::{generate, watch, Collected, Server};
+use common::server::{generate, running_past, watch, Collected, Server};
 use etcd::Etcd;
 use std::time::{Duration, Instant};
 use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tessera_proto::v1::{GenerateRequest, GetJobRequest, JobState, ListJobsRequest, OutputFormat};
+use tessera_proto::v1::{GenerateRequest, GetJobRequest, JobState, OutputFormat};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use workers::{wait_idle, Worker, HEARTBEAT};
@@ -57,19 +57,6 @@ fn frames(c: &Collected, what: &str) -> Vec<Vec<u8>> {
     assert!(c.status.is_none(), "{what}: the stream failed: {:?}", c.status);
     assert!(matches!(c.events.last().and_then(|e| e.event.as_ref()), Some(Event::Done(_))), "{what}: no Done at the end");
     (0..9).map(|i| c.file(i)).collect()
-}
-
-/// Waits until the running job has done `step` steps; returns its id and the step seen.
-async fn running_past(client: &mut TesseraClient<Channel>, step: u32) -> (String, u32) {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let jobs = client.list_jobs(ListJobsRequest { states: vec![JobState::Running as i32], limit: 1 }).await.unwrap().into_inner().jobs;
-        if let Some(j) = jobs.first().filter(|j| j.progress.as_ref().is_some_and(|p| p.step >= step)) {
-            return (j.job_id.clone(), j.progress.as_ref().unwrap().step);
-        }
-        assert!(Instant::now() < until, "no job reached step {step}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 async fn coordinator(flags: &[&str]) -> Server {

@@ -52,13 +52,17 @@ pub enum Reason {
     /// every worker that serves the model): FAILED_PRECONDITION. Submitting it again fails the
     /// same way until larger or more devices join.
     DoesNotFit,
+    /// Internal API: a coordinator that owned the state store after the caller did (its epoch is
+    /// higher: `capability::COORDINATOR_EPOCH_KEY`) drives this worker now: FAILED_PRECONDITION.
+    /// The caller lost its store without knowing it yet (cut off from etcd) and stops.
+    Superseded,
     /// A fault of the server: INTERNAL.
     Internal,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Self::InvalidField,
         Self::Unimplemented,
         Self::WorkerBusy,
@@ -73,6 +77,7 @@ impl Reason {
         Self::Unavailable,
         Self::Precondition,
         Self::DoesNotFit,
+        Self::Superseded,
         Self::Internal,
     ];
 
@@ -93,6 +98,7 @@ impl Reason {
             Self::Unavailable => "UNAVAILABLE",
             Self::Precondition => "PRECONDITION",
             Self::DoesNotFit => "DOES_NOT_FIT",
+            Self::Superseded => "SUPERSEDED",
             Self::Internal => "INTERNAL",
         }
     }
@@ -107,7 +113,7 @@ impl Reason {
         match self {
             Self::InvalidField => Code::InvalidArgument,
             Self::Unimplemented => Code::Unimplemented,
-            Self::WorkerBusy | Self::Precondition | Self::DoesNotFit => Code::FailedPrecondition,
+            Self::WorkerBusy | Self::Precondition | Self::DoesNotFit | Self::Superseded => Code::FailedPrecondition,
             Self::WorkerLost | Self::Unavailable => Code::Unavailable,
             Self::PeerLost => Code::Aborted,
             Self::Cancelled => Code::Cancelled,

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::client::{connect, connect_with, Client, SECRET};
+use common::client::{connect, connect_as, connect_with, Client, SECRET};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_proto::reason::Reason;
@@ -31,7 +31,17 @@ fn emulated_pipeline() -> WanPipeline {
 
 /// Starts a worker per pipeline; returns clients and collective addresses.
 async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<Client>, Vec<String>) {
-    let (mut clients, mut collectives) = (Vec::new(), Vec::new());
+    let (addrs, collectives) = start_workers_at(pipes).await;
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        clients.push(connect(addr).await.unwrap());
+    }
+    (clients, collectives)
+}
+
+/// Starts a worker per pipeline; returns their gRPC and collective addresses.
+async fn start_workers_at(pipes: Vec<Arc<WanPipeline>>) -> (Vec<String>, Vec<String>) {
+    let (mut addrs, mut collectives) = (Vec::new(), Vec::new());
     for (i, pipe) in pipes.into_iter().enumerate() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -54,10 +64,19 @@ async fn start_workers_with(pipes: Vec<Arc<WanPipeline>>) -> (Vec<Client>, Vec<S
                 .add_service(ShardWorkerServer::new(svc))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        clients.push(connect(&addr.to_string()).await.unwrap());
+        addrs.push(addr.to_string());
         collectives.push(collective.to_string());
     }
-    (clients, collectives)
+    (addrs, collectives)
+}
+
+/// Clients of every worker at `addrs` as the coordinator of `epoch`.
+async fn clients_as(addrs: &[String], epoch: u64) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for addr in addrs {
+        clients.push(connect_as(addr, &SECRET, epoch).await.unwrap());
+    }
+    clients
 }
 
 /// The job every test runs, as the coordinator sends it (seed 5, Wan's factors).
@@ -181,6 +200,47 @@ async fn a_run_with_a_step_in_flight_is_adopted_where_it_stands() {
         step_all(&clients, "left", step).await;
     }
     assert_eq!(decode_all(&clients, "left").await, undisturbed, "the adopted run's frames are the undisturbed run's");
+}
+
+/// A coordinator cut off from etcd lost the state store to a later one (a higher epoch), which
+/// adopted its run. From then on every worker the later one has called refuses the earlier one
+/// (SUPERSEDED), whatever it asks, before anything else is looked at; the run goes on
+/// undisturbed under its new coordinator. A coordinator without a store (epoch 0) is not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_earlier_owner_of_the_store_is_fenced_out_by_a_later_one() {
+    let pipe = Arc::new(PipelinePreset::Tiny.build(0).unwrap());
+    let (addrs, peers) = start_workers_at(vec![pipe.clone(), pipe]).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (mut earlier, mut later) = (clients_as(&addrs, now - 60_000).await, clients_as(&addrs, now).await);
+    let undisturbed = run_job(&mut earlier, &peers, 1, "undisturbed").await;
+    prepare_all(&mut earlier, &peers, 1, false, "taken").await;
+    step_all(&earlier, "taken", 0).await;
+    for c in later.iter_mut() {
+        assert_eq!(c.adopt_job(pb::AdoptJobRequest { job_id: "taken".into() }).await.unwrap().into_inner().steps_done, 1);
+    }
+    for c in earlier.iter_mut() {
+        let refused = [
+            c.step(pb::StepRequest { job_id: "taken".into(), step: 1, ..Default::default() }).await.unwrap_err(),
+            c.checkpoint(pb::CheckpointRequest { job_id: "taken".into() }).await.unwrap_err(),
+            c.release_job(pb::ReleaseJobRequest { job_id: "taken".into() }).await.unwrap_err(),
+            c.adopt_job(pb::AdoptJobRequest { job_id: "taken".into() }).await.unwrap_err(),
+            c.step(pb::StepRequest { job_id: "gone long ago".into(), step: 0, ..Default::default() }).await.unwrap_err(),
+            c.prepare_job(pb::PrepareJobRequest { job_id: "another".into(), ..Default::default() }).await.unwrap_err(),
+        ];
+        for status in refused {
+            assert!(tessera_proto::reason::has_reason(&status, Reason::Superseded), "{status:?}");
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        }
+    }
+    for step in 1..3 {
+        step_all(&later, "taken", step).await;
+    }
+    assert_eq!(decode_all(&later, "taken").await, undisturbed, "the run goes on undisturbed under the later coordinator");
+    for c in later.iter_mut() {
+        c.release_job(pb::ReleaseJobRequest { job_id: "taken".into() }).await.unwrap();
+    }
+    let mut storeless = clients_as(&addrs, 0).await;
+    assert_eq!(run_job(&mut storeless, &peers, 1, "no store").await, undisturbed, "epoch 0 is never fenced");
 }
 
 /// The one-process pipeline's frames as interleaved RGB8.

@@ -31,6 +31,10 @@ pub struct ExecJob {
     /// Whether the job's record is in a state store, so that the next coordinator on the store
     /// takes it over: stopped by this one's shutdown, its run is left to its workers.
     pub stored: bool,
+    /// This coordinator's epoch as owner of the state store (0 without a store): every internal
+    /// call of the job carries it, and workers refuse the calls of an earlier owner
+    /// ([`super::Fence`]).
+    pub epoch: u64,
 }
 
 /// One encoded output file (a whole MP4 or GIF, one PNG frame, the latents).

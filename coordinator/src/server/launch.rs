@@ -122,7 +122,7 @@ pub async fn launch(state: &Arc<ServiceState>, l: Launch) -> Result<Accepted, Co
             .map_err(|_| CoordinatorError::Internal("a new stream refused its first message".into()))?;
     }
     let feed = state.feeds.open(&id, accepted.clone());
-    let job = ExecJob { id, request: l.valid, secret: l.secret, resume: l.resume, stored: persisted.is_some() };
+    let job = ExecJob { id, request: l.valid, secret: l.secret, resume: l.resume, stored: persisted.is_some(), epoch: state.fence.epoch() };
     let driver = DriverJob {
         job,
         accepted: l.accepted_at,

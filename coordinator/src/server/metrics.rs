@@ -243,6 +243,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::DeadlineExceeded(_) => "deadline_exceeded",
         CoordinatorError::Unavailable(_) => "unavailable",
         CoordinatorError::Store(_) => "state_store",
+        CoordinatorError::Superseded(_) => "superseded",
         CoordinatorError::OutputGone { .. } => "output_gone",
         CoordinatorError::Internal(_) => "internal",
     }

@@ -36,7 +36,7 @@ pub use input::{prepare_request_video, prepare_request_video_blocking, HeldInput
 pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
-pub use ownership::{holder_name, Owned, StoreOwnership};
+pub use ownership::{holder_name, Fence, Owned, StoreOwnership};
 pub use queue::JobQueue;
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
@@ -118,6 +118,8 @@ pub struct ServiceState {
     feeds: feed::Feeds,
     /// How long a finished job's record and output are kept.
     output_retention: Duration,
+    /// The epoch of this coordinator's ownership of the store, which its job calls carry.
+    fence: Fence,
 }
 
 impl ServiceState {
@@ -137,6 +139,7 @@ impl ServiceState {
             store: config.store.clone(),
             feeds: feed::Feeds::default(),
             output_retention: config.job_retention,
+            fence: Fence::default(),
         })
     }
 
@@ -231,6 +234,8 @@ async fn serve_jobs(
             o = store.ownership().acquire() => *owned = Some(o?),
             _ = shutdown.as_mut() => return Ok(()),
         }
+        let epoch = state.fence.owned_now();
+        tracing::info!(epoch, "own the state store");
         state.metrics.set_store_owner(true);
     }
     // Jobs a previous run left unfinished go first.
@@ -243,7 +248,10 @@ async fn serve_jobs(
     tracing::info!("model loaded; serving");
     let lost = async {
         match owned {
-            Some(o) => o.lost().await,
+            Some(o) => tokio::select! {
+                why = o.lost() => why,
+                why = state.fence.superseded() => format!("a worker says so: {why}"),
+            },
             None => std::future::pending().await,
         }
     };

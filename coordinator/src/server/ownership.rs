@@ -5,11 +5,20 @@
 //! its shutdown, or dies (its lease lapses, or the kernel drops its lock). Two coordinators never
 //! adopt, resume or finish the same job. An S3 store without etcd has no lock: the chart runs
 //! one coordinator there.
+//!
+//! A lease is not a fencing token: a coordinator cut off from etcd drives its jobs until it
+//! learns that its claim lapsed, and by then the next owner may have adopted them. So the owner
+//! has an epoch ([`Fence`]): when it took the store, in milliseconds. Every internal call carries
+//! it (`tessera_proto::capability`), each worker remembers the highest it has seen, and a worker
+//! answers an earlier owner's calls SUPERSEDED; that owner then stops at once, as when it learns
+//! of the lapse itself, and writes nothing more to the store.
 
 use crate::CoordinatorError;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tessera_cluster::membership::{EtcdClaim, EtcdMembership, Membership};
+use tokio::sync::watch;
 
 /// The name of the etcd claim on a cluster's state store.
 const CLAIM: &str = "state-store";
@@ -130,9 +139,89 @@ impl Owned {
     }
 }
 
+/// This coordinator's epoch as owner of its state store, which its workers fence by, and whether
+/// a worker said that a later owner has called it.
+#[derive(Debug)]
+pub struct Fence {
+    epoch: AtomicU64,
+    superseded: watch::Sender<Option<String>>,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Self { epoch: AtomicU64::new(0), superseded: watch::channel(None).0 }
+    }
+}
+
+impl Fence {
+    /// The epoch the job calls carry: 0 until the store is owned (and without a store: such a
+    /// coordinator is never fenced).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Takes the store's ownership as of now (called once the store is owned): the epoch is the
+    /// wall clock in milliseconds, past any earlier owner's, since this owner could claim the
+    /// store only after that one's lease lapsed, or its process died.
+    pub fn owned_now(&self) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        // Never 0 (no epoch), never lower than one this process took before.
+        let epoch = now.max(self.epoch() + 1);
+        self.epoch.store(epoch, Ordering::SeqCst);
+        epoch
+    }
+
+    /// A worker answered SUPERSEDED: `why` (the first one told is kept).
+    pub fn supersede(&self, why: String) {
+        self.superseded.send_if_modified(|s| {
+            let first = s.is_none();
+            if first {
+                *s = Some(why);
+            }
+            first
+        });
+    }
+
+    /// Waits until a worker has answered SUPERSEDED, and says what it said.
+    pub async fn superseded(&self) -> String {
+        let mut rx = self.superseded.subscribe();
+        let why = rx.wait_for(Option::is_some).await.map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Whether a worker has answered SUPERSEDED.
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.borrow().is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_fence_rises_with_each_ownership_and_tells_of_the_first_supersession() {
+        let fence = Fence::default();
+        assert_eq!(fence.epoch(), 0);
+        let first = fence.owned_now();
+        assert!(first > 1_700_000_000_000, "milliseconds since 1970: {first}");
+        assert!(fence.owned_now() > first, "a second ownership in the same millisecond still rises");
+        assert!(!fence.is_superseded());
+        let fence = std::sync::Arc::new(fence);
+        let waiting = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.superseded().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        fence.supersede("epoch 9 > 5".into());
+        fence.supersede("a later one".into());
+        assert!(fence.is_superseded());
+        assert_eq!(waiting.await.unwrap(), "epoch 9 > 5", "the first one told is kept");
+    }
 
     /// A folder has one owner at a time: a second coordinator stands by until the first lets go.
     #[tokio::test]

@@ -97,7 +97,7 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     // Its workers may still run it (the coordinator before died mid-job): it goes on with them
     // where they stand, or they are freed (else they would wait for their idle timeout, and the
     // job for them) and it resumes from its checkpoint.
-    let orphan = super::executor::ExecJob { id: id.clone(), request: valid.clone(), secret, resume: None, stored: true };
+    let orphan = super::executor::ExecJob { id: id.clone(), request: valid.clone(), secret, resume: None, stored: true, epoch: state.fence.epoch() };
     let adopted = state.executor.take_over_orphans(&orphan).await;
     let from_step = adopted.unwrap_or_else(|| resume.as_ref().map_or(0, |c| c.steps_done));
     tracing::info!(job = %id, from_step, adopted = adopted.is_some(), "resuming a stored job");

@@ -206,7 +206,7 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
         }
         Err(e) => {
             let job_state = match &e {
-                CoordinatorError::Cancelled(_) | CoordinatorError::Unavailable(_) => JobState::Cancelled,
+                CoordinatorError::Cancelled(_) | CoordinatorError::Unavailable(_) | CoordinatorError::Superseded(_) => JobState::Cancelled,
                 _ => JobState::Failed,
             };
             let job_state = d.stop.reason().map_or(job_state, StopReason::final_state);
@@ -215,7 +215,13 @@ async fn finish(state: &ServiceState, d: &DriverJob, o: Outcome) {
             tracing::info!(job = %id, state = ?job_state, error = %e, "job ended");
             tessera_telemetry::mark_error(&tracing::Span::current(), &e);
             // With a state store, a job stopped by the shutdown is resumed by the next coordinator.
-            let handed_over = d.persisted.is_some() && d.stop.reason() == Some(StopReason::Shutdown);
+            // One whose workers a later owner of the store drives is that owner's: this coordinator
+            // writes nothing more of it, and stops.
+            let superseded = matches!(e, CoordinatorError::Superseded(_));
+            if superseded {
+                state.fence.supersede(e.to_string());
+            }
+            let handed_over = d.persisted.is_some() && (d.stop.reason() == Some(StopReason::Shutdown) || superseded);
             let status = match handed_over {
                 true => Status::unavailable(format!(
                     "the server shut down before the job finished; it goes on when a coordinator starts again on the same state store: WatchJob {id} reattaches"

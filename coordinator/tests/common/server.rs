@@ -282,3 +282,17 @@ pub async fn wait_job_state(client: &mut TesseraClient<Channel>, id: &str, state
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until the running job has done `step` steps; returns its id and the step seen.
+pub async fn running_past(client: &mut TesseraClient<Channel>, step: u32) -> (String, u32) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = tessera_proto::v1::ListJobsRequest { states: vec![JobState::Running as i32], limit: 1 };
+        let jobs = client.list_jobs(running).await.unwrap().into_inner().jobs;
+        if let Some(j) = jobs.first().filter(|j| j.progress.as_ref().is_some_and(|p| p.step >= step)) {
+            return (j.job_id.clone(), j.progress.as_ref().unwrap().step);
+        }
+        assert!(Instant::now() < until, "no job reached step {step}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

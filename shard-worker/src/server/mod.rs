@@ -2,8 +2,10 @@
 //! prepares a job on every rank, sends each denoising step to all of them, checkpoints, and has
 //! every rank decode a band of rows of the frames, rank 0 joining and streaming them. The ranks of a job talk to each other directly over the TCP
 //! collective transport, on the collective address each worker advertises, or, on GPUs, through
-//! NCCL with the unique id that rank 0's worker made (CreateNcclId).
+//! NCCL with the unique id that rank 0's worker made (CreateNcclId). Every job-scoped call
+//! passes the coordinator-epoch fence first (`fence`).
 
+mod fence;
 mod job;
 mod metrics;
 mod nccl_id;
@@ -17,6 +19,7 @@ pub use request::params_from_spec;
 
 use crate::pipeline::{VideoInput, WanPipeline};
 use crate::WorkerError;
+use fence::EpochFence;
 use job::{Command, JobHandle};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -106,6 +109,8 @@ struct Inner {
     running: watch::Sender<Option<String>>,
     draining: AtomicBool,
     metrics: WorkerMetrics,
+    /// The coordinator epochs of the calls so far: an earlier coordinator's calls are refused.
+    fence: EpochFence,
 }
 
 impl Inner {
@@ -140,19 +145,31 @@ impl WorkerService {
     pub fn new(pipe: Arc<WanPipeline>, me: WorkerIdentity, collective: std::net::TcpListener) -> Self {
         let metrics = WorkerMetrics::global();
         metrics.introduce(&me.worker_id);
-        let inner =
-            Inner { pipe, me, collective, jobs: Mutex::new(HashMap::new()), running: watch::channel(None).0, draining: AtomicBool::new(false), metrics };
+        let inner = Inner {
+            pipe,
+            me,
+            collective,
+            jobs: Mutex::new(HashMap::new()),
+            running: watch::channel(None).0,
+            draining: AtomicBool::new(false),
+            metrics,
+            fence: EpochFence::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
-    /// Job `id`, for a call whose `metadata` carries the job's secret.
+    /// Job `id`, for a call whose `metadata` carries the job's secret and no earlier coordinator's
+    /// epoch (whose epoch then fences out the earlier ones).
     fn job(&self, id: &str, metadata: &tonic::metadata::MetadataMap) -> Result<Arc<JobHandle>, Status> {
-        match self.inner.table().get(id) {
+        let epoch = self.inner.fence.check(metadata)?;
+        let job = match self.inner.table().get(id) {
             Some(c) if !c.secret.admits(metadata) => Err(not_the_jobs_holder(id)),
             Some(Claimed { slot: Slot::Ready(h), .. }) => Ok(h.clone()),
             Some(Claimed { slot: Slot::Preparing(_), .. }) => Err(status(Reason::Precondition, None, format!("job {id:?} is still joining its group"))),
             None => Err(status(Reason::NotFound, None, format!("job {id:?} is not on this worker"))),
-        }
+        }?;
+        self.inner.fence.raise(epoch);
+        Ok(job)
     }
 
     /// The job running now (`None` when idle), updated as jobs start and end.
@@ -283,6 +300,7 @@ fn traced(span: tracing::Span, trace_context: &HashMap<String, String>) -> traci
 impl WorkerService {
     /// PrepareJob's work (see the trait method, which counts the outcome).
     async fn prepare(&self, request: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
+        let epoch = self.inner.fence.check(request.metadata())?;
         let r = request.into_inner();
         let me = &self.inner.me;
         if r.job_id.is_empty() {
@@ -360,6 +378,7 @@ impl WorkerService {
             jobs.insert(r.job_id.clone(), Claimed { secret: JobCapability(r.job_secret.clone()), slot: Slot::Preparing(cancel.clone()) });
             self.inner.publish(&jobs);
         }
+        self.inner.fence.raise(epoch);
         let mut claim = Claim { inner: self.inner.clone(), job_id: r.job_id.clone(), cancel: cancel.clone(), settled: false };
         let setup = JobSetup {
             job_id: r.job_id.clone(),
@@ -529,10 +548,13 @@ impl ShardWorker for WorkerService {
 
     async fn release_job(&self, request: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         // Dropping the handle closes the command channel; the job thread ends after its current command.
+        let epoch = self.inner.fence.check(request.metadata())?;
         let mut jobs = self.inner.table();
         let id = &request.get_ref().job_id;
-        if jobs.get(id).is_some_and(|c| !c.secret.admits(request.metadata())) {
-            return Err(not_the_jobs_holder(id));
+        match jobs.get(id) {
+            Some(c) if !c.secret.admits(request.metadata()) => return Err(not_the_jobs_holder(id)),
+            Some(_) => self.inner.fence.raise(epoch),
+            None => {}
         }
         match jobs.remove(id).map(|c| c.slot) {
             Some(Slot::Preparing(cancel)) => cancel.cancel(),

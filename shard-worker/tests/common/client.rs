@@ -18,6 +18,13 @@ pub async fn connect_with(addr: &str, secret: &[u8]) -> Result<Client, tonic::tr
     Ok(ShardWorkerClient::new(InterceptedService::new(channel, JobSecret::new(secret))))
 }
 
+/// Connects to `addr` as a coordinator of `epoch` (its ownership of a state store), sending
+/// `secret` and the epoch with every call.
+pub async fn connect_as(addr: &str, secret: &[u8], epoch: u64) -> Result<Client, tonic::transport::Error> {
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("a worker address").connect().await?;
+    Ok(ShardWorkerClient::new(InterceptedService::new(channel, JobSecret::new(secret).with_epoch(epoch))))
+}
+
 /// Connects to `addr`, sending [`SECRET`].
 pub async fn connect(addr: &str) -> Result<Client, tonic::transport::Error> {
     connect_with(addr, &SECRET).await

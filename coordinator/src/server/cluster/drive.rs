@@ -6,7 +6,9 @@
 //! keeps the job: its run is checkpointed at the step boundary and left on its workers, for the
 //! next coordinator to adopt. The first failing call ends the job with the worker named; a worker leaving membership
 //! mid-step ends it too, without waiting for the step. Each job has a random secret, given to the
-//! workers in PrepareJob and carried by every later call (`tessera_proto::capability`).
+//! workers in PrepareJob and carried by every later call (`tessera_proto::capability`), with this
+//! coordinator's epoch: a worker that answers SUPERSEDED ends the job with
+//! [`CoordinatorError::Superseded`], and its workers are left to the store's new owner.
 
 use super::super::executor::{ExecEvent, ExecJob, ExecReport};
 use super::super::jobs::{StopReason, StopSignal};
@@ -91,6 +93,9 @@ struct Rank {
 
 impl Rank {
     fn failed(&self, during: impl Into<String>, status: tonic::Status) -> CoordinatorError {
+        if has_reason(&status, Reason::Superseded) {
+            return CoordinatorError::Superseded(format!("worker {} during {}: {}", self.record.worker_id, during.into(), status.message()));
+        }
         CoordinatorError::WorkerFailed {
             worker: format!("{} ({})", self.record.worker_id, self.record.address),
             during: during.into(),
@@ -202,6 +207,10 @@ where
     if failures.is_empty() {
         return Ok(answers.into_iter().map(|a| a.expect("every rank answered")).collect());
     }
+    // A later owner of the state store drives these workers: nothing else matters.
+    if let Some((i, status)) = failures.iter().find(|(_, s)| has_reason(s, Reason::Superseded)) {
+        return Err(ranks[*i].failed(during, status.clone()));
+    }
     // Refusals because a worker already runs a job (another coordinator's): the caller may try
     // another group.
     let busy: Vec<String> = failures.iter().filter(|(_, s)| has_reason(s, Reason::WorkerBusy)).map(|(i, _)| ranks[*i].record.worker_id.clone()).collect();
@@ -267,7 +276,7 @@ fn check_stop(stop: &StopSignal) -> Result<(), CoordinatorError> {
 pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecReport, CoordinatorError> {
     // The job's capability on its workers: sent in PrepareJob, then with every call.
     let secret = cx.job.secret;
-    let interceptor = JobSecret::new(&secret);
+    let interceptor = JobSecret::new(&secret).with_epoch(cx.job.epoch);
     let mut ranks = Vec::with_capacity(group.workers.len());
     for w in &group.workers {
         ranks.push(connect(w, cx.limits.connect, &interceptor, cx.tls).await?);
@@ -277,6 +286,8 @@ pub async fn run_on_group(group: &Group, cx: DriveContext<'_>) -> Result<ExecRep
     if let (Some(steps_done), true) = (run, hands_over(&cx)) {
         let ids: Vec<&str> = ranks.iter().map(|r| r.record.worker_id.as_str()).collect();
         tracing::info!(job = %cx.job.id, workers = ?ids, steps_done, "shutting down: the job's run is left on its workers for the next coordinator");
+    } else if let Err(CoordinatorError::Superseded(why)) = &result {
+        tracing::warn!(job = %cx.job.id, why, "a later coordinator drives the job's workers: left to it");
     } else {
         release(&ranks, &cx.job.id).await;
     }
@@ -341,7 +352,7 @@ pub async fn adopt_on(
         tracing::info!(job = %job.id, holders = holders.len(), ranks = plan.ranks, "not every rank of the job is still held: it cannot be adopted");
         return None;
     }
-    let interceptor = JobSecret::new(&job.secret);
+    let interceptor = JobSecret::new(&job.secret).with_epoch(job.epoch);
     let calls = holders.iter().map(|w| {
         let interceptor = &interceptor;
         async move {
@@ -410,7 +421,7 @@ fn adoptable(answers: &[AdoptAnswer], ranks: u32) -> Option<u32> {
 
 /// Releases `job` on `workers` that still hold it from an earlier coordinator (best effort).
 pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&InternalTls>) {
-    let interceptor = JobSecret::new(&job.secret);
+    let interceptor = JobSecret::new(&job.secret).with_epoch(job.epoch);
     let mut ranks = Vec::with_capacity(workers.len());
     for w in workers {
         match connect(w, RELEASE_LIMIT, &interceptor, tls).await {
