@@ -17,7 +17,6 @@ mod workers;
 use common::server::{generate, running_past, watch, Collected, Server};
 use etcd::Etcd;
 use std::time::Duration;
-use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::{GenerateRequest, GetJobRequest, JobState, OutputFormat};
 use tokio::sync::watch as signal;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -77,9 +76,7 @@ fn request() -> GenerateRequest {
 
 /// Each PNG frame's bytes, from a stream that must have ended with Done.
 fn frames(c: &Collected, what: &str) -> Vec<Vec<u8>> {
-    assert!(c.status.is_none(), "{what}: the stream failed: {:?}", c.status);
-    assert!(matches!(c.events.last().and_then(|e| e.event.as_ref()), Some(Event::Done(_))), "{what}: no Done at the end");
-    (0..9).map(|i| c.file(i)).collect()
+    c.finished_frames(request().num_frames, what)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

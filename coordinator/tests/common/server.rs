@@ -218,6 +218,14 @@ impl Collected {
             .unwrap_or_else(|| panic!("no Accepted message (status {:?})", self.status))
     }
 
+    /// The files of frames `0..count` (each PNG frame's bytes) of a stream that must have ended
+    /// with Done; `what` names the job in a failure.
+    pub fn finished_frames(&self, count: u32, what: &str) -> Vec<Vec<u8>> {
+        assert!(self.status.is_none(), "{what}: the stream failed: {:?}", self.status);
+        assert!(matches!(self.events.last().and_then(|e| e.event.as_ref()), Some(Event::Done(_))), "{what}: no Done at the end");
+        (0..count).map(|i| self.file(i)).collect()
+    }
+
     /// Frames `0..count` of a PNG-frames job, each written under `dir` as `{tag}-{i}.png` and
     /// decoded to RGB24 by ffmpeg, concatenated.
     pub fn png_frames_rgb(&self, count: u32, dir: &std::path::Path, tag: &str) -> Vec<u8> {
