@@ -10,9 +10,12 @@ use tessera_proto::reason::{invalid_field, status, Reason};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-/// How far past this worker's clock an epoch may be: a call claiming a later one is refused, so
-/// that no caller can fence every coordinator out until the worker restarts (`u64::MAX`).
-pub const EPOCH_AHEAD_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// How far past this worker's clock an epoch may be (the clock skew allowed between hosts, as
+/// Kerberos allows 5 minutes): a call claiming a later one is refused. Whoever can call the
+/// internal API can fence the coordinators out, as it can occupy the workers (mutual TLS keeps
+/// strangers off the port); this bounds a forged epoch's effect to this long, where `u64::MAX`
+/// would last until the worker restarts.
+pub const EPOCH_AHEAD_LIMIT: Duration = Duration::from_secs(5 * 60);
 
 /// The highest coordinator epoch of the worker's admitted calls.
 #[derive(Debug, Default)]
