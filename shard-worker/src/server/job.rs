@@ -360,6 +360,10 @@ fn serve(
                 });
                 let failed = result.is_err();
                 last = result.as_ref().ok().map(|r| (index, *r));
+                if !failed {
+                    // Done before it is answered: AdoptJob right after the answer reads the step done.
+                    state.publish(&run, Busy::Idle);
+                }
                 let _ = reply.send(result);
                 if failed {
                     // The step may have stopped half way (a collective or a kernel failed).
