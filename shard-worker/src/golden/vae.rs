@@ -5,7 +5,7 @@
 
 use super::{compare, outcome, read_tensor, Case, CaseMeta, Outcome, Ran, RunOptions, Tolerance};
 use crate::parallel::{run_local_group, ParallelPlan};
-use crate::vae::WanVae;
+use crate::vae::{SplitLatent, WanVae};
 use crate::weights::SafetensorsFile;
 use crate::{Result, WorkerError};
 
@@ -40,7 +40,7 @@ pub(super) fn run(case: &Case, opts: &RunOptions, ran: &mut Ran) -> Result<Outco
             let lead = ctx.rank() == 0;
             let mut pieces = Vec::new();
             if let Some(latent) = &latent {
-                vae.decode_split(lead.then_some(latent), ctx.world(), &mut |p| {
+                vae.decode_split(SplitLatent::Lead(lead.then_some(latent)), ctx.world(), &Ok, &mut |p| {
                     pieces.push(p);
                     Ok(())
                 })?;

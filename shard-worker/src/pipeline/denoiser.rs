@@ -1,12 +1,13 @@
 //! A denoising run that advances one step at a time on the backend the pipeline's transformer was
 //! loaded on: what a rank keeps between two of the coordinator's step commands (its share of the
-//! latent and the sampler's history, on its device: [`ShardRun`]), and what a checkpoint or the
-//! decode gathers to rank 0.
+//! latent and the sampler's history, on its device: [`ShardRun`]), what a checkpoint gathers to
+//! rank 0, and what the split decode takes from each rank.
 
 use super::shard_run::{RankGroup, ShardRun, Start};
 use super::{Conditioning, WanPipeline};
 use crate::model::DitModel;
 use crate::sampler::{SamplerHistory, Schedule};
+use crate::vae::PatchShard;
 use crate::{Result, WorkerError};
 use tessera_kernels::backend::{CpuOps, CudaOps, HostOps};
 use tessera_kernels::Tensor;
@@ -106,6 +107,12 @@ impl Denoiser {
         with_model!(self, pipe, (r, m) => r.gather(m, group))
     }
 
+    /// This rank's share of the latent now, as patch rows on the host, and where every rank's
+    /// lies: what the split decode takes ([`ShardRun::patch_shard`]).
+    pub fn patch_shard(&self, pipe: &WanPipeline, group: RankGroup<'_>) -> Result<PatchShard> {
+        with_model!(self, pipe, (r, m) => r.patch_shard(m, group))
+    }
+
     /// The whole latent and sampler history now, on rank 0 (`None` on the others): every rank
     /// of `group` calls it.
     pub fn checkpoint(&self, pipe: &WanPipeline, group: RankGroup<'_>) -> Result<Option<(Tensor, SamplerHistory)>> {
@@ -118,8 +125,9 @@ mod tests {
     use super::*;
     use crate::model::DitInputs;
     use crate::parallel::{run_in_process, ParallelPlan};
-    use crate::pipeline::{GenerationParams, PipelinePreset};
+    use crate::pipeline::{FrameCollector, GenerationParams, PipelinePreset};
     use crate::sampler::{apply_guidance, SamplerState};
+    use crate::vae::SplitLatent;
 
     /// The tiny pipeline, the run's settings, its one-device latent ([`whole_latent_loop`]), text
     /// conditions, schedule and starting latent.
@@ -241,6 +249,41 @@ mod tests {
             })
             .unwrap();
             close(resumed[0].as_ref().unwrap(), &format!("resumed on {ranks} ranks"));
+        }
+    }
+
+    /// The split decode of a run's shares, where they are (one all-to-all into bands), gives
+    /// the frames of gathering the latent to rank 0 and splitting it from there, bit for bit:
+    /// over a ring, and over CFG halves whose second half holds copies of the first's shares.
+    /// It moves less: what one rank holds of another's band, not the whole latent twice through
+    /// rank 0.
+    #[test]
+    fn decoding_the_shares_in_place_gives_the_frames_of_the_gathered_latent() {
+        let Fixture { pipe, p, text, schedule, start, .. } = fixture();
+        let heads = pipe.transformer().config().num_attention_heads;
+        for plan in [ParallelPlan::new(3, 1, heads).unwrap(), ParallelPlan::with_cfg(4, 2, 2, heads).unwrap()] {
+            let got = run_in_process(plan, |ctx| {
+                let g = RankGroup::Sharded(ctx);
+                let mut d = Denoiser::new(&pipe, g, Start::Latents(&start), text.clone(), p.guidance_scale, schedule.clone())?;
+                d.step(&pipe, g)?;
+                let (mut gathered, mut in_place) = (FrameCollector::default(), FrameCollector::default());
+                let before = ctx.world().stats().sent();
+                let whole = d.latents(&pipe, g)?;
+                pipe.decode_split(SplitLatent::Lead(whole.as_ref()), ctx.world(), &mut gathered)?;
+                let middle = ctx.world().stats().sent();
+                pipe.decode_split(SplitLatent::Patches(&d.patch_shard(&pipe, g)?), ctx.world(), &mut in_place)?;
+                let after = ctx.world().stats().sent();
+                let frames = (ctx.rank() == 0).then(|| (gathered.frames(), in_place.frames()));
+                Ok((frames, middle - before, after - middle))
+            })
+            .unwrap();
+            let (gathered, in_place) = got[0].0.as_ref().unwrap();
+            let (gathered, in_place) = (gathered.as_ref().unwrap(), in_place.as_ref().unwrap());
+            assert_eq!(gathered.shape(), in_place.shape(), "{plan:?}");
+            assert!(gathered.data() == in_place.data(), "{plan:?}: the frames differ");
+            let (through_rank0, direct): (u64, u64) = (got.iter().map(|r| r.1).sum(), got.iter().map(|r| r.2).sum());
+            eprintln!("{plan:?}: gathered and split {through_rank0} bytes, in place {direct}");
+            assert!(direct < through_rank0, "{plan:?}: {direct} bytes in place, {through_rank0} through rank 0");
         }
     }
 

@@ -3,7 +3,8 @@
 //! stay on the rank's device from the first step to the last. A step runs the transformer on the
 //! rows (sharded attention joins the other ranks), combines guidance and applies the sampler there;
 //! nothing of the latent crosses to the host or to another rank. The whole latent exists only
-//! when asked for ([`ShardRun::gather`]: decode, raw output, a checkpoint), gathered to rank 0.
+//! when asked for ([`ShardRun::gather`]: raw output, a checkpoint), gathered to rank 0; the split
+//! decode takes each rank's rows as they are ([`ShardRun::patch_shard`]).
 //!
 //! Every update is element-wise, so stepping rows gives the latent of stepping the whole tensor,
 //! bit for bit, whatever the sharding.
@@ -12,6 +13,7 @@ use super::Conditioning;
 use crate::model::{LocalAttention, PatchGrid, PatchInputs, WanTransformer};
 use crate::parallel::{shard_ranges, ShardContext, ShardOps};
 use crate::sampler::{guidance_enabled, history_from_parts, SamplerHistory, SamplerState, Schedule};
+use crate::vae::PatchShard;
 use crate::{Result, WorkerError};
 use std::ops::Range;
 use tessera_kernels::backend::{at, at_mut};
@@ -277,6 +279,23 @@ impl<O: ShardOps> ShardRun<O> {
     /// shares and take no part).
     pub fn gather(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<Option<Tensor>> {
         self.gather_buf(model, group, &self.rows)
+    }
+
+    /// This rank's share of the latent on the host, as patch rows, with every member of the
+    /// group's tokens (a member of a second CFG half, which holds a copy of a first-half rank's
+    /// rows, is given none): what a split decode reads in place of the whole latent. Local: no
+    /// rank waits on another.
+    pub fn patch_shard(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<PatchShard> {
+        let tokens = match group {
+            RankGroup::Sharded(ctx) => {
+                let plan = ctx.plan();
+                let sequence = shard_ranges(self.geometry.tokens(), plan.sequence_ranks());
+                (0..plan.ranks()).map(|r| if plan.half(r) == 0 { sequence[plan.sequence_rank(r)].clone() } else { 0..0 }).collect()
+            }
+            RankGroup::Alone => std::iter::once(0..self.geometry.tokens()).collect(),
+        };
+        let rows = if self.position.half == 0 { model.ops().download(&self.rows)? } else { Vec::new() };
+        Ok(PatchShard { geometry: self.geometry, tokens, rows })
     }
 
     /// The whole latent and the whole sampler history (in the latent's layout) on rank 0 (`None`

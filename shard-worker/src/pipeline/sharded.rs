@@ -9,6 +9,7 @@
 use super::{Conditioning, Denoiser, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline};
 use crate::parallel::{run_local_group, LocalTransport, ParallelPlan, ShardContext};
 use crate::sampler::Schedule;
+use crate::vae::SplitLatent;
 use crate::{Result, WorkerError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -122,7 +123,7 @@ pub fn decode_sharded(pipe: &WanPipeline, latents: &Tensor, transport: LocalTran
             let _in = span.enter();
             run_local_group(transport, plan, |ctx| {
                 let lead = ctx.rank() == 0;
-                pipe.decode_split(lead.then_some(latents), ctx.world(), &mut Forward(lead.then(|| tx.clone())))?;
+                pipe.decode_split(SplitLatent::Lead(lead.then_some(latents)), ctx.world(), &mut Forward(lead.then(|| tx.clone())))?;
                 Ok(ctx.world().stats().sent())
             })
         });

@@ -1,36 +1,35 @@
-//! Stage 4 split across ranks: the latent de-normalised on member 0 and decoded in bands of rows,
-//! one per rank (`WanVae::decode_split`); member 0's observer gets the frames in [0, 1]. The
-//! frames are the one-device decode's; each rank's memory and work are its band's, not the
-//! video's.
+//! Stage 4 split across ranks: the latent decoded in bands of rows, one per rank
+//! (`WanVae::decode_split`), each band de-normalised by its rank; member 0's observer gets the
+//! frames in [0, 1]. The frames are the one-device decode's; each rank's memory and work are its
+//! band's, not the video's.
 
 use super::{to_unit, FrameStream, PipelineObserver, WanPipeline};
 use crate::parallel::Communicator;
+use crate::vae::SplitLatent;
 use crate::Result;
-use tessera_kernels::Tensor;
 
 impl WanPipeline {
-    /// [`decode`](Self::decode) split across `world`'s members: member 0 passes the latents
-    /// `[B, C, T, h, w]`, the others `None`; every member calls it. The frames, `[B, 3, n, H, W]` in
+    /// [`decode`](Self::decode) split across `world`'s members: every member calls it with its
+    /// part of the latents `[B, C, T, h, w]` ([`SplitLatent`]). The frames, `[B, 3, n, H, W]` in
     /// [0, 1], go to member 0's observer as they are joined; the others' observers see none. Up to
     /// `h` members decode a band each; the rest only take part in the exchanges.
-    pub fn decode_split(&self, latents: Option<&Tensor>, world: &Communicator, observer: &mut dyn PipelineObserver) -> Result<()> {
-        let z = latents.map(|l| self.vae.denormalize_latent(l)).transpose()?;
-        self.vae.decode_split(z.as_ref(), world, &mut |frames| observer.on_frames(&to_unit(frames)))
+    pub fn decode_split(&self, latents: SplitLatent<'_>, world: &Communicator, observer: &mut dyn PipelineObserver) -> Result<()> {
+        self.vae.decode_split(latents, world, &|z| self.vae.denormalize_latent(&z), &mut |frames| observer.on_frames(&to_unit(frames)))
     }
 
     /// [`decode_more`](Self::decode_more) split across `world`'s members, as
-    /// [`decode_split`](Self::decode_split) is: the next latent frames of `stream`'s video from
-    /// member 0. Every member keeps its own stream (its band's causal caches), started with
+    /// [`decode_split`](Self::decode_split) is: the next latent frames of `stream`'s video. Every
+    /// member keeps its own stream (its band's causal caches), started with
     /// [`start_decode`](Self::start_decode) and continued by this call alone, in the same world.
     pub fn decode_more_split(
         &self,
         stream: &mut FrameStream,
-        latents: Option<&Tensor>,
+        latents: SplitLatent<'_>,
         world: &Communicator,
         observer: &mut dyn PipelineObserver,
     ) -> Result<()> {
-        let z = latents.map(|l| self.vae.denormalize_latent(l)).transpose()?;
-        self.vae.decode_more_split(&mut stream.0, z.as_ref(), world, &mut |frames| observer.on_frames(&to_unit(frames)))
+        let denormalize = |z| self.vae.denormalize_latent(&z);
+        self.vae.decode_more_split(&mut stream.0, latents, world, &denormalize, &mut |frames| observer.on_frames(&to_unit(frames)))
     }
 }
 
@@ -40,6 +39,7 @@ mod tests {
     use crate::parallel::{run_in_process, ParallelPlan};
     use crate::pipeline::{FrameCollector, PipelinePreset};
     use std::ops::Range;
+    use tessera_kernels::Tensor;
 
     /// Latent frames `frames` of a `[B, C, T, h, w]` tensor.
     fn latent_frames(x: &Tensor, frames: Range<usize>) -> Tensor {
@@ -65,11 +65,11 @@ mod tests {
             let got = run_in_process(ParallelPlan::new(ranks, 1, 1).unwrap(), |ctx| {
                 let lead = ctx.rank() == 0;
                 let (mut whole, mut chunked) = (FrameCollector::default(), FrameCollector::default());
-                pipe.decode_split(lead.then_some(&latents), ctx.world(), &mut whole)?;
+                pipe.decode_split(SplitLatent::Lead(lead.then_some(&latents)), ctx.world(), &mut whole)?;
                 let mut stream = pipe.start_decode();
                 for part in [0..1, 1..3] {
                     let piece = latent_frames(&latents, part);
-                    pipe.decode_more_split(&mut stream, lead.then_some(&piece), ctx.world(), &mut chunked)?;
+                    pipe.decode_more_split(&mut stream, SplitLatent::Lead(lead.then_some(&piece)), ctx.world(), &mut chunked)?;
                 }
                 Ok(if lead {
                     Some((whole.frames()?, chunked.frames()?))
@@ -93,7 +93,7 @@ mod tests {
     fn no_latent_on_member_0_is_an_error_everywhere() {
         let pipe = PipelinePreset::Tiny.build(1).unwrap();
         let got = run_in_process(ParallelPlan::new(2, 1, 1).unwrap(), |ctx| {
-            Ok(pipe.decode_split(None, ctx.world(), &mut FrameCollector::default()).unwrap_err().to_string())
+            Ok(pipe.decode_split(SplitLatent::Lead(None), ctx.world(), &mut FrameCollector::default()).unwrap_err().to_string())
         })
         .unwrap();
         assert!(got.iter().all(|e| e.contains("no [B, C, T, H, W] latent")), "{got:?}");

@@ -8,6 +8,7 @@ use crate::model::DitInputs;
 use crate::pipeline::forcing::{latent_frames, ChunkPlan, ForcingRun, ForcingSetup, SeededNoise};
 use crate::pipeline::{Conditioning, Denoiser, FrameStream, GenerationParams, PipelineObserver, RankGroup, Start, WanPipeline, NOISE_STREAM};
 use crate::sampler::SamplerHistory;
+use crate::vae::SplitLatent;
 use crate::{Result, WorkerError};
 use tessera_cluster::limits::grid_tokens;
 use tessera_kernels::Tensor;
@@ -234,21 +235,24 @@ impl JobRun {
 
     /// Decodes the frames that are final and not decoded yet, handing rank 0's to `sink` with the
     /// index of their first frame; every rank calls it. A Wan run's frames are final once every
-    /// step has run, a diffusion-forcing run's chunk by chunk. In a group, rank 0 cuts the latent
-    /// into bands of rows, every rank decodes its band and rank 0 joins them
-    /// ([`WanPipeline::decode_split`]): the frames of a one-device decode.
+    /// step has run, a diffusion-forcing run's chunk by chunk. In a group, every rank decodes a
+    /// band of rows and rank 0 joins them ([`WanPipeline::decode_split`]): the frames of a
+    /// one-device decode. A Wan run's bands come from the ranks' shares of the latent in one
+    /// all-to-all (no rank gathers the latent); every rank of a diffusion-forcing run holds the
+    /// chunks' latents and cuts its own band.
     pub fn decode(&mut self, pipe: &WanPipeline, group: RankGroup<'_>, sink: &mut dyn FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         match self {
             Self::Wan(d) => {
                 if !d.is_finished() {
                     return Err(WorkerError::input("decode", format!("{} of {} steps have run", d.steps_done(), d.total_steps())));
                 }
-                let latents = d.latents(pipe, group)?;
                 let mut out = Sink { sink, next: 0, skip: 0 };
-                match (group, latents) {
-                    (RankGroup::Sharded(ctx), latents) => pipe.decode_split(latents.as_ref(), ctx.world(), &mut out),
-                    (RankGroup::Alone, Some(latents)) => pipe.decode(&latents, &mut out),
-                    (RankGroup::Alone, None) => Ok(()),
+                match group {
+                    RankGroup::Sharded(ctx) => pipe.decode_split(SplitLatent::Patches(&d.patch_shard(pipe, group)?), ctx.world(), &mut out),
+                    RankGroup::Alone => match d.latents(pipe, group)? {
+                        Some(latents) => pipe.decode(&latents, &mut out),
+                        None => Ok(()),
+                    },
                 }
             }
             Self::Forcing(f) => {
@@ -261,7 +265,7 @@ impl JobRun {
                 let new = latent_frames(video, f.decoded..n)?;
                 let mut out = Sink { sink, next: f.frames_out, skip: f.repeated };
                 match group {
-                    RankGroup::Sharded(ctx) => pipe.decode_more_split(&mut f.stream, (ctx.rank() == 0).then_some(&new), ctx.world(), &mut out)?,
+                    RankGroup::Sharded(ctx) => pipe.decode_more_split(&mut f.stream, SplitLatent::Held(&new), ctx.world(), &mut out)?,
                     RankGroup::Alone => pipe.decode_more(&mut f.stream, &new, &mut out)?,
                 }
                 (f.decoded, f.frames_out) = (n, out.next);

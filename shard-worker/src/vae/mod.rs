@@ -18,6 +18,7 @@ mod split;
 
 pub use band::{Bands, BANDS_GROUP};
 pub use config::{VaeConfig, VaePreset, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD};
+pub use split::{PatchShard, SplitLatent};
 
 use crate::on_backend::{model_family, on_backend, OnBackend};
 use crate::weights::{RandomWeights, WeightSource, WeightStore};

@@ -16,6 +16,7 @@ use super::{concat_time, noise_slice, Conditioning, FrameStream, PipelineObserve
 use crate::model::{DitInputs, ForwardOptions};
 use crate::parallel::Communicator;
 use crate::sampler::{apply_guidance, guidance_enabled, SamplerState, Schedule};
+use crate::vae::SplitLatent;
 use crate::{Result, WorkerError};
 use tessera_kernels::backend::CpuOps;
 use tessera_kernels::Tensor;
@@ -129,7 +130,7 @@ impl ForcingObserver for StreamingDecode<'_> {
     fn on_chunk_done(&mut self, k: usize, chunks: usize, frames: &Tensor) -> Result<()> {
         self.inner.on_chunk_done(k, chunks, frames)?;
         tracing::info_span!("decode", chunk = k).in_scope(|| match self.world {
-            Some(world) => self.pipe.decode_more_split(&mut self.stream, (world.rank() == 0).then_some(frames), world, self.frames),
+            Some(world) => self.pipe.decode_more_split(&mut self.stream, SplitLatent::Held(frames), world, self.frames),
             None => self.pipe.decode_more(&mut self.stream, frames, self.frames),
         })
     }
