@@ -37,11 +37,23 @@ pub fn free_port() -> u16 {
 }
 
 /// The first of `n` consecutive loopback ports that are all free now (for programs that take a
-/// base port and count up from it).
+/// base port and count up from it). They lie below the range the kernel hands out for port 0
+/// and for the source ports of outgoing connections (`ip_local_port_range`): the other tests
+/// running meanwhile cannot take one of them between this check and the program's bind (a
+/// worker of the local cluster script once found its port taken so).
 #[allow(dead_code)] // not every test binary that includes this module uses it
 pub fn free_ports_in_a_row(n: u16) -> u16 {
+    let automatic = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    let (low, high) = (10_000u16, automatic.unwrap_or(32_768).saturating_sub(n));
+    let mut state = u64::from(std::process::id()) ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
     loop {
-        let first = free_port();
+        let first = if high > low {
+            // A multiplicative congruential step: where to look next, not a secret.
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            low + ((state >> 33) % u64::from(high - low)) as u16
+        } else {
+            free_port()
+        };
         if first.checked_add(n).is_none() {
             continue;
         }
