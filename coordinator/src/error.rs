@@ -63,6 +63,14 @@ pub enum CoordinatorError {
         /// The queue's capacity.
         limit: usize,
     },
+    /// The caller's tenant already has as many jobs waiting as one tenant may.
+    #[error("tenant {tenant:?} has {limit} jobs waiting, as many as one tenant may; retry once one of them has started")]
+    TenantQueueFull {
+        /// The tenant (the caller's own).
+        tenant: String,
+        /// Most jobs of one tenant waiting.
+        limit: usize,
+    },
     /// Accepted jobs already hold as many decoded input frames as the server keeps.
     #[error("the server holds {held} bytes of decoded input frames of accepted jobs, and this job's {wanted} would pass its {limit}; retry later")]
     InputFramesFull {
@@ -210,7 +218,7 @@ impl CoordinatorError {
                 (Reason::Unavailable, None)
             }
             Self::OutputGone { .. } => (Reason::Precondition, None),
-            Self::QueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
+            Self::QueueFull { .. } | Self::TenantQueueFull { .. } | Self::InputFramesFull { .. } => (Reason::QueueFull, None),
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),
             Self::Unauthenticated(_) => (Reason::Unauthenticated, None),
@@ -253,6 +261,8 @@ mod tests {
         let membership = CoordinatorError::Cluster(tessera_cluster::ClusterError::Membership("etcd timed out".into()));
         assert_eq!(why(membership).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
+        let tenant_full = why(CoordinatorError::TenantQueueFull { tenant: "alice".into(), limit: 2 });
+        assert_eq!((tenant_full.0, tenant_full.1.unwrap().reason), (tonic::Code::ResourceExhausted, Reason::QueueFull));
         assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::Superseded("epoch 2 > 1".into())).0, tonic::Code::Unavailable);
     }

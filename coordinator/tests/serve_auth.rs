@@ -1,12 +1,14 @@
 //! `tessera serve --auth-token-file`: calls without a listed bearer token are UNAUTHENTICATED,
 //! each tenant sees and cancels only its own jobs (another tenant's is NOT_FOUND), the group
-//! `admin` sees all, the CLI clients send `TESSERA_TOKEN`, and no token reaches the log.
+//! `admin` sees all, the CLI clients send `TESSERA_TOKEN`, and no token reaches the log; tenants
+//! share the queue fairly.
 
 mod common;
 
-use common::server::{generate, small_request, Server};
+use common::server::{generate, long_request, small_request, Server};
 use std::io::Write;
-use tessera_proto::v1::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest};
+use tessera_proto::v1::generate_event::Event;
+use tessera_proto::v1::{CancelJobRequest, GenerateRequest, GetJobRequest, JobState, ListJobsRequest};
 use tonic::{Code, IntoRequest, Request};
 
 const ALICE: &str = "t0k-alice-5f2c9e41d7";
@@ -81,5 +83,50 @@ async fn tenants_see_and_cancel_only_their_own_jobs() {
     let log = server.log();
     for token in [ALICE, BOB, ROOT, "mallory"] {
         assert!(!log.contains(token), "the server log holds a token: {log}");
+    }
+}
+
+/// A tenant holds at most `--max-queued-per-tenant` jobs waiting (the next is RESOURCE_EXHAUSTED
+/// naming it and the limit, counted under its own cause), while another tenant still queues; and
+/// a tenant that runs nothing goes ahead of one that runs a job, though it came later.
+#[tokio::test]
+async fn a_tenant_holds_its_share_of_the_queue_and_tenants_take_turns() {
+    let mut tokens = tempfile::NamedTempFile::new().unwrap();
+    writeln!(tokens, "{ALICE},alice,1001\n{BOB},bob,1002").unwrap();
+    let server = Server::start_serving(&["--auth-token-file", tokens.path().to_str().unwrap(), "--max-queued-per-tenant", "2"]).await;
+    let mut client = server.client().await;
+    let caller = client.clone();
+    let accept = |token: &'static str, seed: u64| {
+        let mut c = caller.clone();
+        async move {
+            let mut s = c.generate(as_caller(token, GenerateRequest { seed: Some(seed), ..long_request() })).await.unwrap().into_inner();
+            let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
+            (acc, s)
+        }
+    };
+    // Alice's first job runs; her next two wait.
+    let (running, mut first) = accept(ALICE, 1).await;
+    loop {
+        if let Some(Event::Progress(p)) = first.message().await.unwrap().unwrap().event {
+            if p.step >= 1 {
+                break;
+            }
+        }
+    }
+    let (a1, _s1) = accept(ALICE, 2).await;
+    let (a2, _s2) = accept(ALICE, 3).await;
+    assert_eq!((a1.queue_position, a2.queue_position), (0, 1));
+    let refused = client.generate(as_caller(ALICE, small_request(4))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("\"alice\"") && refused.message().contains("2 jobs waiting"), "{}", refused.message());
+    // Bob still queues, ahead of Alice's waiting jobs: he runs nothing, she runs one.
+    let (b0, _b) = accept(BOB, 5).await;
+    assert_eq!(b0.queue_position, 0, "Bob's first job waits behind none of Alice's");
+    let job = client.get_job(as_caller(ALICE, GetJobRequest { job_id: a1.job_id.clone() })).await.unwrap().into_inner();
+    assert_eq!(job.state, JobState::Queued as i32);
+    let metrics = server.scrape().await;
+    assert!(metrics.lines().any(|l| l.starts_with("tessera_requests_rejected_total{cause=\"tenant_queue_full\"} 1")), "{metrics}");
+    for (token, id) in [(ALICE, running.job_id), (ALICE, a1.job_id), (ALICE, a2.job_id), (BOB, b0.job_id)] {
+        client.cancel_job(as_caller(token, CancelJobRequest { job_id: id })).await.unwrap();
     }
 }

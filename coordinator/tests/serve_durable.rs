@@ -2,15 +2,16 @@
 //! checkpoints and output in a folder. Checked: WatchJob reattaches to a finished job and gets its
 //! output byte for byte from the folder; a server SIGKILLed mid-job and started again on the same
 //! folder resumes the job from its last stored checkpoint, and WatchJob returns the frames of an
-//! undisturbed run, byte for byte; without a state store, a finished job's output is
+//! undisturbed run, byte for byte; a restart queues again every unfinished job, more than its
+//! queue takes from new requests too; without a state store, a finished job's output is
 //! FAILED_PRECONDITION and an unknown job NOT_FOUND.
 
 mod common;
 
-use common::server::{generate, wait_job_state, watch, Collected, Server};
+use common::server::{generate, long_request, wait_job_state, watch, Collected, Server};
 use std::time::{Duration, Instant};
 use tessera_proto::v1::generate_event::Event;
-use tessera_proto::v1::{GenerateRequest, GetJobRequest, JobState, OutputFormat};
+use tessera_proto::v1::{CancelJobRequest, GenerateRequest, GetJobRequest, JobState, OutputFormat};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -83,6 +84,44 @@ async fn a_killed_server_resumes_its_job_from_the_state_folder_and_watch_job_ret
     let first = client.get_job(GetJobRequest { job_id: undisturbed.job_id() }).await.unwrap().into_inner();
     assert_eq!(first.state, JobState::Succeeded as i32);
     assert_eq!(frames(&watch(&mut client, &undisturbed.job_id()).await), expected);
+}
+
+/// Jobs accepted before a restart are queued again whatever `--max-queue` says: one running and
+/// two waiting in a queue of two come back, to a coordinator started with a queue of one, as
+/// three jobs, none failed (before, the full queue refused the last and it failed).
+#[tokio::test]
+async fn a_restart_queues_every_accepted_job_past_the_queue_limit() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap().to_string();
+    let flags = ["--preset", "tiny", "--state", dir.as_str(), "--max-queue", "2"];
+    let mut server = Server::start_with(&flags);
+    server.wait_health(ServingStatus::Serving, Duration::from_secs(60)).await;
+    let mut client = server.client().await;
+    let mut ids = Vec::new();
+    let mut streams = Vec::new();
+    for seed in 1..=3 {
+        let mut s = client.generate(GenerateRequest { seed: Some(seed), ..long_request() }).await.unwrap().into_inner();
+        let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
+        ids.push(acc.job_id);
+        streams.push(s);
+    }
+    let full = client.generate(long_request()).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted, "one running and two waiting fill a queue of two: {full:?}");
+    wait_job_state(&mut client, &ids[0], JobState::Running, Duration::from_secs(30)).await;
+    server.kill();
+    drop(streams);
+
+    let server = Server::start_with(&["--preset", "tiny", "--state", dir.as_str(), "--max-queue", "1"]);
+    server.wait_health(ServingStatus::Serving, Duration::from_secs(60)).await;
+    let mut client = server.client().await;
+    for id in &ids {
+        let job = client.get_job(GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+        assert!([JobState::Queued as i32, JobState::Running as i32].contains(&job.state), "job {id} after the restart: {job:?}\n{}", server.log());
+    }
+    assert!(!server.log().contains("cannot be resumed"), "{}", server.log());
+    for id in &ids {
+        client.cancel_job(CancelJobRequest { job_id: id.clone() }).await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -19,7 +19,8 @@ use tessera_cluster::membership::{EtcdMembership, Heartbeat};
 #[cfg(feature = "embedded")]
 use tessera_coordinator::server::{default_workers, EmbeddedWorkers, ModelSource};
 use tessera_coordinator::server::{
-    holder_name, serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, JobStore, RecordLimits, ServerConfig, StoreOwnership, TokenFile,
+    holder_name, serve, Auth, ClusterExecutor, ClusterExecutorConfig, DriveLimits, JobExecutor, JobStore, QueueLimits, RecordLimits, ServerConfig,
+    StoreOwnership, TokenFile,
 };
 
 /// Arguments of `tessera serve`.
@@ -95,8 +96,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto", conflicts_with = "etcd")]
     device: String,
     /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
+    #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = QueueLimits::default().max_queued)]
     max_queue: usize,
+    /// Most jobs of one tenant waiting in the queue (0: only --max-queue bounds them); more are
+    /// refused with RESOURCE_EXHAUSTED naming the tenant. Among equal priorities tenants take
+    /// turns whatever this is.
+    #[arg(long, env = "TESSERA_MAX_QUEUED_PER_TENANT", default_value_t = QueueLimits::default().max_queued_per_tenant)]
+    max_queued_per_tenant: usize,
     /// Largest job in video tokens (latent frames x patch rows x patch columns); 0 = no budget:
     /// every job is planned by memory and refused when it fits no group of the workers (workers
     /// that do not describe their model and device keep 75,600, 1280x720 with 81 frames).
@@ -280,7 +286,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
     }
     let mut config = ServerConfig {
-        max_queue: args.max_queue,
+        queue: QueueLimits { max_queued: args.max_queue, max_queued_per_tenant: args.max_queued_per_tenant },
         job_retention,
         job_records,
         grace_period,

@@ -6,6 +6,7 @@
 //! [`InputLimits`] and with at most [`MAX_CONCURRENT_DECODES`] videos decoding at once. The job
 //! keeps the 8-bit frames it sends the workers, not the compressed bytes.
 
+use super::queue::Admit;
 use crate::request::ValidRequest;
 use crate::video::input::{prepare_video, FrameSelection, InputLimits};
 use crate::CoordinatorError;
@@ -116,7 +117,13 @@ impl HeldInput {
 
     /// Takes `bytes` for a job. A video larger than the whole pool can never run here: that is
     /// the request's fault (INVALID_ARGUMENT naming `input_video`); a full pool is RESOURCE_EXHAUSTED.
-    pub fn take(self: &Arc<Self>, bytes: u64) -> Result<HeldShare, CoordinatorError> {
+    /// A job accepted before (resumed after a restart) takes its bytes whatever the pool holds:
+    /// it held them before the restart, and nothing accepted is lost.
+    pub fn take(self: &Arc<Self>, bytes: u64, admit: Admit) -> Result<HeldShare, CoordinatorError> {
+        if admit == Admit::Accepted {
+            self.bytes.fetch_add(bytes, Ordering::SeqCst);
+            return Ok(HeldShare { pool: self.clone(), bytes });
+        }
         if bytes > self.limit {
             return Err(CoordinatorError::input_video(
                 crate::error::InputVideoProblem::TooLarge,
@@ -143,15 +150,22 @@ mod tests {
     #[test]
     fn held_frames_are_bounded_and_given_back() {
         let pool = HeldInput::new(100);
-        let a = pool.take(60).unwrap();
-        let full = pool.take(50).unwrap_err();
+        let a = pool.take(60, Admit::New).unwrap();
+        let full = pool.take(50, Admit::New).unwrap_err();
         assert!(matches!(full, CoordinatorError::InputFramesFull { held: 60, wanted: 50, limit: 100 }), "{full}");
         assert_eq!(tonic::Status::from(full).code(), tonic::Code::ResourceExhausted);
-        let never = pool.take(101).unwrap_err();
+        let never = pool.take(101, Admit::New).unwrap_err();
         assert_eq!(tonic::Status::from(never).code(), tonic::Code::InvalidArgument, "a video larger than the pool is the request's fault");
         drop(a);
         assert_eq!(pool.held(), 0);
-        let _b = pool.take(100).unwrap();
+        let b = pool.take(100, Admit::New).unwrap();
         assert_eq!(pool.held(), 100);
+        // A job accepted before a restart takes its frames past the bound; they count, and are
+        // given back.
+        let resumed = pool.take(150, Admit::Accepted).unwrap();
+        assert_eq!(pool.held(), 250);
+        assert!(pool.take(1, Admit::New).is_err(), "new jobs still wait for room");
+        drop((b, resumed));
+        assert_eq!(pool.held(), 0);
     }
 }

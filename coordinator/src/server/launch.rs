@@ -8,6 +8,7 @@ use super::feed::event;
 use super::input::HeldShare;
 use super::jobs::StopSignal;
 use super::persist::Persisted;
+use super::queue::Admit;
 use super::runner::{drive, ClientSender, DriverJob};
 use super::ServiceState;
 use crate::request::ValidRequest;
@@ -29,16 +30,17 @@ pub struct Media {
     pub image: Vec<u8>,
 }
 
-/// Decodes the request's media once: after the queue-full check (not for a queue that is full
-/// anyway), before the job is accepted (garbage is refused). The frames count against what
-/// accepted jobs may hold, until the job's driver ends; the job keeps the frames, and the bytes
-/// are handed back.
-pub async fn decode_media(state: &ServiceState, valid: &mut ValidRequest) -> Result<(Option<HeldShare>, Media), CoordinatorError> {
-    if !valid.request.input_video.is_empty() || !valid.request.input_image.is_empty() {
-        state.scheduler.check_room()?;
+/// Decodes the request's media once: after the queue-full check (not for a queue, or a tenant's
+/// share of it, that is full anyway), before the job is accepted (garbage is refused). The frames
+/// count against what accepted jobs may hold, until the job's driver ends; the job keeps the
+/// frames, and the bytes are handed back. A job accepted before (`Admit::Accepted`) is held to
+/// neither limit.
+pub async fn decode_media(state: &ServiceState, valid: &mut ValidRequest, tenant: &str, admit: Admit) -> Result<(Option<HeldShare>, Media), CoordinatorError> {
+    if admit == Admit::New && (!valid.request.input_video.is_empty() || !valid.request.input_image.is_empty()) {
+        state.scheduler.check_room(tenant)?;
     }
     let video = super::input::prepare_request_video_blocking(valid, &state.media_decodes).await?;
-    let held = valid.video.as_ref().map(|v| state.held_input.take(v.rgb.len() as u64)).transpose()?;
+    let held = valid.video.as_ref().map(|v| state.held_input.take(v.rgb.len() as u64, admit)).transpose()?;
     let mut image = Vec::new();
     if !valid.request.input_image.is_empty() {
         let bytes = std::mem::take(&mut valid.request.input_image);
@@ -98,7 +100,9 @@ pub async fn launch(state: &Arc<ServiceState>, l: Launch) -> Result<Accepted, Co
     let stop = StopSignal::default();
     state.jobs.insert(l.record.clone(), stop.clone());
     let priority = if l.adopted { super::executor::ADOPTED_PRIORITY } else { l.valid.request.priority };
-    let (position, admission) = match state.scheduler.enqueue(&id, priority) {
+    // A stored job was accepted before (by this coordinator or the one before it).
+    let admit = if l.stored { Admit::Accepted } else { Admit::New };
+    let (position, admission) = match state.scheduler.enqueue(&id, &l.record.tenant, priority, admit) {
         Ok(q) => q,
         Err(e) => {
             state.jobs.remove(&id);

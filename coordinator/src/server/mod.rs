@@ -37,7 +37,7 @@ pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use ownership::{holder_name, Fence, Owned, StoreOwnership};
-pub use queue::JobQueue;
+pub use queue::{Admit, JobQueue, QueueLimits};
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
 
@@ -57,8 +57,8 @@ pub const SERVICE_NAME: &str = "tessera.v1.Tessera";
 /// Settings of the server.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Most jobs waiting in the queue.
-    pub max_queue: usize,
+    /// How many new jobs may wait, in all and per tenant.
+    pub queue: QueueLimits,
     /// How long finished jobs' records are kept.
     pub job_retention: Duration,
     /// How many finished records are kept at most, in how many bytes (the oldest go first).
@@ -84,7 +84,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            max_queue: 64,
+            queue: QueueLimits::default(),
             job_retention: Duration::from_secs(3600),
             job_records: RecordLimits::default(),
             grace_period: Duration::from_secs(30),
@@ -127,7 +127,7 @@ impl ServiceState {
     pub fn new(executor: Arc<dyn JobExecutor>, config: &ServerConfig) -> Arc<Self> {
         Arc::new(Self {
             jobs: JobTable::new(config.job_retention, config.job_records),
-            scheduler: Scheduler::new(config.max_queue),
+            scheduler: Scheduler::new(config.queue),
             executor,
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),

@@ -1,90 +1,210 @@
-//! The bounded job queue: higher priority first, arrival order among equal priorities; entries can
-//! be removed by id at any time (cancellation, a client that went away, a passed deadline).
+//! The bounded job queue, fair between tenants. Higher priority goes first. Among equal
+//! priorities tenants take turns: the next job is the first waiting job of the tenant that runs
+//! the fewest jobs, of those the tenant whose last job started longest ago (or never), and a
+//! tenant's own jobs go in arrival order. So a tenant that queues fifty jobs holds up another
+//! tenant's one job by at most one of them, and not at all while it already runs more jobs than
+//! the other. Limits bound what
+//! new jobs may take: the whole queue, and each tenant's share of it. Jobs already accepted (a
+//! coordinator's restart queues its unfinished jobs again) are queued whatever the limits say.
+//! Entries can be removed by id at any time (cancellation, a client that went away, a passed
+//! deadline).
 
 use crate::CoordinatorError;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BinaryHeap, HashMap};
 
-/// Order key: priority descending, then arrival ascending.
-type Key = (Reverse<i32>, u64);
+/// How many jobs may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Most jobs waiting in the queue.
+    pub max_queued: usize,
+    /// Most jobs of one tenant waiting in the queue (0: only `max_queued` bounds them).
+    pub max_queued_per_tenant: usize,
+}
 
-/// A bounded priority queue of `T` keyed by job id.
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self { max_queued: 64, max_queued_per_tenant: 16 }
+    }
+}
+
+/// Whether a job joining the queue is held to its limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// A new job: refused when the queue, or its tenant's share of it, is full.
+    New,
+    /// A job accepted before (resumed from the state store, or adopted from its workers): it
+    /// is queued whatever the limits say, so that nothing accepted is lost.
+    Accepted,
+}
+
+/// A waiting job.
+#[derive(Debug)]
+struct Entry<T> {
+    tenant: String,
+    priority: i32,
+    seq: u64,
+    item: T,
+}
+
+/// What a tenant has been given: its jobs running now (taken from the queue and not yet
+/// [`finished`](JobQueue::finished)) and when its last job was taken (a count of the jobs taken
+/// before it; 0: none was).
+#[derive(Clone, Copy, Debug, Default)]
+struct Served {
+    running: usize,
+    last: u64,
+}
+
+/// Which waiting job goes first: priority (higher first), then its tenant's [`Served`] (fewer
+/// running, then served longer ago), then arrival.
+type Key = (Reverse<i32>, usize, u64, u64);
+
+/// A bounded queue of `T` keyed by job id, fair between tenants (see the module docs).
 #[derive(Debug)]
 pub struct JobQueue<T> {
-    limit: usize,
+    limits: QueueLimits,
     next_seq: u64,
-    order: BTreeMap<Key, (String, T)>,
-    keys: HashMap<String, Key>,
+    entries: HashMap<String, Entry<T>>,
+    /// Tenants with jobs running or served before, kept while they run or wait.
+    served: HashMap<String, Served>,
+    /// Jobs taken so far.
+    taken: u64,
 }
 
 impl<T> JobQueue<T> {
-    /// An empty queue holding at most `limit` entries.
-    pub fn new(limit: usize) -> Self {
-        Self { limit, next_seq: 0, order: BTreeMap::new(), keys: HashMap::new() }
+    /// An empty queue held to `limits`.
+    pub fn new(limits: QueueLimits) -> Self {
+        Self { limits, next_seq: 0, entries: HashMap::new(), served: HashMap::new(), taken: 0 }
     }
 
-    /// The most entries it holds.
-    pub fn limit(&self) -> usize {
-        self.limit
+    /// The limits new jobs are held to.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
     }
 
     /// Entries waiting.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.entries.len()
     }
 
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.entries.is_empty()
     }
 
-    /// Adds `item` for job `id` at `priority`; returns how many entries will leave before it.
-    /// A full queue refuses with [`CoordinatorError::QueueFull`]; an id already queued is a bug of
-    /// the caller and refused as invalid.
-    pub fn push(&mut self, id: &str, priority: i32, item: T) -> Result<usize, CoordinatorError> {
-        if self.keys.contains_key(id) {
+    /// Adds `item` for job `id` of `tenant` at `priority`; returns how many entries will leave
+    /// before it. A new job finding the queue, or its tenant's share, full is refused
+    /// ([`CoordinatorError::QueueFull`], [`CoordinatorError::TenantQueueFull`]); an id already
+    /// queued is a bug of the caller and refused as invalid.
+    pub fn push(&mut self, id: &str, tenant: &str, priority: i32, admit: Admit, item: T) -> Result<usize, CoordinatorError> {
+        if self.entries.contains_key(id) {
             return Err(CoordinatorError::invalid_argument("job_id", format!("{id:?} is already queued")));
         }
-        self.check_room()?;
-        let key = (Reverse(priority), self.next_seq);
+        if admit == Admit::New {
+            self.check_room(tenant)?;
+        }
+        let seq = self.next_seq;
         self.next_seq += 1;
-        let ahead = self.order.range(..key).count();
-        self.order.insert(key, (id.to_string(), item));
-        self.keys.insert(id.to_string(), key);
-        Ok(ahead)
+        self.entries.insert(id.to_string(), Entry { tenant: tenant.to_string(), priority, seq, item });
+        self.position(id).ok_or_else(|| CoordinatorError::Internal(format!("job {id} left the queue as it joined")))
     }
 
-    /// [`CoordinatorError::QueueFull`] when the queue holds `limit` entries.
-    pub fn check_room(&self) -> Result<(), CoordinatorError> {
-        if self.order.len() >= self.limit {
-            return Err(CoordinatorError::QueueFull { limit: self.limit });
+    /// [`CoordinatorError::QueueFull`] when the queue holds its most jobs,
+    /// [`CoordinatorError::TenantQueueFull`] when `tenant` holds its most.
+    pub fn check_room(&self, tenant: &str) -> Result<(), CoordinatorError> {
+        let QueueLimits { max_queued, max_queued_per_tenant } = self.limits;
+        if self.entries.len() >= max_queued {
+            return Err(CoordinatorError::QueueFull { limit: max_queued });
+        }
+        if max_queued_per_tenant > 0 && self.entries.values().filter(|e| e.tenant == tenant).count() >= max_queued_per_tenant {
+            return Err(CoordinatorError::TenantQueueFull { tenant: tenant.to_string(), limit: max_queued_per_tenant });
         }
         Ok(())
     }
 
-    /// Takes the entry that runs next.
+    /// Takes the entry that runs next and counts it as running for its tenant until
+    /// [`finished`](Self::finished).
     pub fn pop(&mut self) -> Option<(String, T)> {
-        let (_, (id, item)) = self.order.pop_first()?;
-        self.keys.remove(&id);
-        Some((id, item))
+        let id = self.entries.iter().min_by_key(|(_, e)| self.key(e, self.served_of(&e.tenant))).map(|(id, _)| id.clone())?;
+        let entry = self.entries.remove(&id)?;
+        self.taken += 1;
+        let served = self.served.entry(entry.tenant).or_default();
+        served.running += 1;
+        served.last = self.taken;
+        Some((id, entry.item))
+    }
+
+    /// A job of `tenant` taken from the queue stopped running.
+    pub fn finished(&mut self, tenant: &str) {
+        if let Some(s) = self.served.get_mut(tenant) {
+            s.running = s.running.saturating_sub(1);
+        }
+        self.forget_idle(tenant);
     }
 
     /// Takes job `id` out of the queue, if it is there.
     pub fn remove(&mut self, id: &str) -> Option<T> {
-        let key = self.keys.remove(id)?;
-        self.order.remove(&key).map(|(_, item)| item)
+        let entry = self.entries.remove(id)?;
+        self.forget_idle(&entry.tenant);
+        Some(entry.item)
     }
 
-    /// Entries that leave before job `id` (None when it is not queued).
+    /// Forgets what `tenant` was served once it neither runs nor waits (it then counts as
+    /// served longest ago, as a tenant never served does).
+    fn forget_idle(&mut self, tenant: &str) {
+        if self.served.get(tenant).is_some_and(|s| s.running == 0) && !self.entries.values().any(|e| e.tenant == tenant) {
+            self.served.remove(tenant);
+        }
+    }
+
+    fn served_of(&self, tenant: &str) -> Served {
+        self.served.get(tenant).copied().unwrap_or_default()
+    }
+
+    fn key(&self, e: &Entry<T>, served: Served) -> Key {
+        (Reverse(e.priority), served.running, served.last, e.seq)
+    }
+
+    /// Entries that leave before job `id` (None when it is not queued), if no job starts or
+    /// ends meanwhile.
     pub fn position(&self, id: &str) -> Option<usize> {
-        let key = self.keys.get(id)?;
-        Some(self.order.range(..*key).count())
+        self.order().iter().position(|queued| queued == id)
     }
 
     /// Takes every entry, in the order they would have run.
     pub fn drain(&mut self) -> Vec<(String, T)> {
-        self.keys.clear();
-        std::mem::take(&mut self.order).into_values().collect()
+        let order = self.order();
+        order.into_iter().filter_map(|id| self.entries.remove(&id).map(|e| (id, e.item))).collect()
+    }
+
+    /// The ids in the order they leave if no job arrives or ends meanwhile: [`pop`](Self::pop)
+    /// played out, each tenant's next job on a heap.
+    fn order(&self) -> Vec<String> {
+        let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (id, e) in &self.entries {
+            by_tenant.entry(&e.tenant).or_default().push(id);
+        }
+        let mut tenants: Vec<(Served, Vec<&str>)> = by_tenant
+            .into_iter()
+            .map(|(tenant, mut ids)| {
+                // A tenant's own jobs leave best first: its served state is the same for all.
+                ids.sort_unstable_by_key(|id| self.key(&self.entries[*id], Served::default()));
+                ids.reverse();
+                (self.served_of(tenant), ids)
+            })
+            .collect();
+        let next = |tenants: &[(Served, Vec<&str>)], t: usize| tenants[t].1.last().map(|id| Reverse((self.key(&self.entries[*id], tenants[t].0), t)));
+        let mut heap: BinaryHeap<_> = (0..tenants.len()).filter_map(|t| next(&tenants, t)).collect();
+        let (mut order, mut taken) = (Vec::with_capacity(self.entries.len()), self.taken);
+        while let Some(Reverse((_, t))) = heap.pop() {
+            let Some(id) = tenants[t].1.pop() else { continue };
+            order.push(id.to_string());
+            taken += 1;
+            tenants[t].0 = Served { running: tenants[t].0.running + 1, last: taken };
+            heap.extend(next(&tenants, t));
+        }
+        order
     }
 }
 
@@ -92,35 +212,122 @@ impl<T> JobQueue<T> {
 mod tests {
     use super::*;
 
+    fn limits(max_queued: usize, max_queued_per_tenant: usize) -> QueueLimits {
+        QueueLimits { max_queued, max_queued_per_tenant }
+    }
+
     #[test]
     fn higher_priority_first_then_arrival_order() {
-        let mut q = JobQueue::new(10);
-        assert_eq!(q.push("a", 0, ()).unwrap(), 0);
-        assert_eq!(q.push("b", 0, ()).unwrap(), 1);
-        assert_eq!(q.push("c", 5, ()).unwrap(), 0, "a higher priority goes ahead of everything");
-        assert_eq!(q.push("d", -3, ()).unwrap(), 3);
-        assert_eq!(q.push("e", 5, ()).unwrap(), 1, "after the earlier job of the same priority");
+        let mut q = JobQueue::new(limits(10, 0));
+        assert_eq!(q.push("a", "t", 0, Admit::New, ()).unwrap(), 0);
+        assert_eq!(q.push("b", "t", 0, Admit::New, ()).unwrap(), 1);
+        assert_eq!(q.push("c", "t", 5, Admit::New, ()).unwrap(), 0, "a higher priority goes ahead of everything");
+        assert_eq!(q.push("d", "t", -3, Admit::New, ()).unwrap(), 3);
+        assert_eq!(q.push("e", "t", 5, Admit::New, ()).unwrap(), 1, "after the earlier job of the same priority");
         assert_eq!(q.position("b"), Some(3));
         let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
         assert_eq!(order, ["c", "e", "a", "b", "d"]);
         assert!(q.is_empty());
     }
 
+    /// Tenants take turns at equal priority; a tenant with jobs running waits behind one with
+    /// none; priority still comes first; positions foretell the order jobs leave in.
+    #[test]
+    fn tenants_take_turns_at_equal_priority() {
+        let mut q = JobQueue::new(limits(100, 0));
+        for i in 0..5 {
+            q.push(&format!("a{i}"), "alice", 0, Admit::New, ()).unwrap();
+        }
+        assert_eq!(q.push("b0", "bob", 0, Admit::New, ()).unwrap(), 1, "after alice's first, not her five");
+        assert_eq!(q.push("b1", "bob", 0, Admit::New, ()).unwrap(), 3);
+        assert_eq!(q.push("c0", "carol", 0, Admit::New, ()).unwrap(), 2, "carol's first goes before everyone's second");
+        // A higher priority goes first, whoever's; it is one of alice's turns, so her others
+        // each wait one turn more.
+        assert_eq!(q.push("h", "alice", 1, Admit::New, ()).unwrap(), 0);
+        let foretold: Vec<usize> = ["h", "b0", "c0", "a0", "b1", "a1", "a2"].iter().map(|id| q.position(id).unwrap()).collect();
+        assert_eq!(foretold, [0, 1, 2, 3, 4, 5, 6]);
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).take(4).collect();
+        assert_eq!(order, ["h", "b0", "c0", "a0"], "the order foretold");
+        // alice runs h and a0 now; bob b0, carol c0.
+        q.push("d0", "dave", 0, Admit::New, ()).unwrap();
+        assert_eq!(q.position("d0"), Some(0), "dave runs nothing: he goes before tenants that do");
+        assert_eq!(q.pop().unwrap().0, "d0");
+        q.finished("alice");
+        q.finished("alice");
+        // alice runs none now, bob one: alice's next goes first; then both run one, and bob was
+        // served longer ago.
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+        assert_eq!(order, ["a1", "b1", "a2", "a3", "a4"]);
+    }
+
     #[test]
     fn full_queue_refuses_naming_the_limit_and_removal_frees_a_place() {
-        let mut q = JobQueue::new(2);
-        q.push("a", 0, 1).unwrap();
-        q.push("b", 0, 2).unwrap();
-        let err = q.push("c", 0, 3).unwrap_err();
+        let mut q = JobQueue::new(limits(2, 0));
+        q.push("a", "t", 0, Admit::New, 1).unwrap();
+        q.push("b", "u", 0, Admit::New, 2).unwrap();
+        let err = q.push("c", "v", 0, Admit::New, 3).unwrap_err();
         assert!(matches!(err, CoordinatorError::QueueFull { limit: 2 }), "{err:?}");
         assert!(err.to_string().contains('2'), "{err}");
         assert_eq!(q.remove("a"), Some(1));
         assert_eq!(q.remove("a"), None);
         assert_eq!(q.position("b"), Some(0));
-        q.push("c", 0, 3).unwrap();
-        assert!(matches!(q.push("b", 1, 4), Err(CoordinatorError::InvalidArgument { field: "job_id", .. })), "an id queued twice is refused");
+        q.push("c", "t", 0, Admit::New, 3).unwrap();
+        assert!(matches!(q.push("b", "t", 1, Admit::New, 4), Err(CoordinatorError::InvalidArgument { field: "job_id", .. })), "an id queued twice is refused");
         assert_eq!(q.drain(), [("b".to_string(), 2), ("c".to_string(), 3)]);
         assert_eq!(q.len(), 0);
         assert_eq!(q.position("b"), None);
+    }
+
+    /// A tenant holding its share is refused naming itself and the limit; others still queue;
+    /// accepted jobs join past every limit.
+    #[test]
+    fn a_tenant_holds_at_most_its_share_and_accepted_jobs_are_never_refused() {
+        let mut q = JobQueue::new(limits(4, 2));
+        q.push("a0", "alice", 0, Admit::New, ()).unwrap();
+        q.push("a1", "alice", 0, Admit::New, ()).unwrap();
+        let err = q.push("a2", "alice", 0, Admit::New, ()).unwrap_err();
+        assert!(matches!(&err, CoordinatorError::TenantQueueFull { tenant, limit: 2 } if tenant == "alice"), "{err:?}");
+        assert!(err.to_string().contains("alice") && err.to_string().contains('2'), "{err}");
+        q.push("b0", "bob", 0, Admit::New, ()).unwrap();
+        q.push("a2", "alice", 0, Admit::Accepted, ()).unwrap();
+        assert!(matches!(q.push("c0", "carol", 0, Admit::New, ()), Err(CoordinatorError::QueueFull { limit: 4 })));
+        q.push("c0", "carol", 0, Admit::Accepted, ()).unwrap();
+        assert_eq!(q.len(), 5, "accepted jobs are queued past both limits");
+        assert_eq!(q.remove("a0"), Some(()));
+        assert!(matches!(q.check_room("alice"), Err(CoordinatorError::QueueFull { .. })), "the whole queue is still over its limit");
+    }
+
+    /// Whatever the tenants, priorities, jobs running and jobs served before, the order that
+    /// positions foretell is the order in which the jobs leave.
+    #[test]
+    fn positions_foretell_the_order_jobs_leave_in() {
+        let mut state = 7u64;
+        let mut draw = |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        for round in 0..50 {
+            let mut q = JobQueue::new(limits(1000, 0));
+            let mut running = Vec::new();
+            for i in 0..40 {
+                let tenant = format!("t{}", draw(5));
+                q.push(&format!("j{i}"), &tenant, draw(3) as i32 - 1, Admit::New, tenant.clone()).unwrap();
+                match draw(4) {
+                    0 => running.extend(q.pop().map(|(_, t)| t)),
+                    1 if !running.is_empty() => {
+                        let t: String = running.swap_remove(draw(running.len() as u64) as usize);
+                        q.finished(&t);
+                    }
+                    2 => {
+                        q.remove(&format!("j{}", draw(i + 1)));
+                    }
+                    _ => {}
+                }
+            }
+            let mut foretold: Vec<(usize, String)> = q.entries.keys().map(|id| (q.position(id).unwrap(), id.clone())).collect();
+            foretold.sort();
+            let left: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+            assert_eq!(foretold.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), left, "round {round}");
+        }
     }
 }

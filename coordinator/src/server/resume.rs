@@ -8,6 +8,7 @@
 use super::durable::{Blob, JobStore};
 use super::launch::{decode_media, launch, Launch};
 use super::persist::forget_later;
+use super::queue::Admit;
 use super::service::is_final;
 use super::ServiceState;
 use crate::request::validate;
@@ -81,7 +82,7 @@ async fn resume_one(state: &Arc<ServiceState>, store: &JobStore, s: StoredJob) -
     let seed = record.seed;
     let mut valid = validate(request, &exec.defaults(), &exec.models(), exec.max_tokens(), move || seed)?;
     exec.check(&valid)?;
-    let (held, media) = decode_media(state, &mut valid).await?;
+    let (held, media) = decode_media(state, &mut valid, &record.tenant, Admit::Accepted).await?;
     // The plan it was accepted with: the same layout gives the same video.
     valid.spec = valid.spec.clone().planned(JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel })?;
     let resume = match store.get_blob(&id, Blob::Checkpoint).await? {

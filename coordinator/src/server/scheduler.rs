@@ -1,7 +1,8 @@
-//! Admission: jobs wait in the bounded priority queue and leave it when the executor has a free
-//! slot. A slot is a [`SlotGuard`] handed to the job's driver; dropping it frees the slot.
+//! Admission: jobs wait in the bounded queue (by priority, tenants taking turns) and leave it when
+//! the executor has a free slot. A slot is a [`SlotGuard`] handed to the job's driver; dropping it
+//! frees the slot, and the job stops counting as its tenant's.
 
-use super::queue::JobQueue;
+use super::queue::{Admit, JobQueue, QueueLimits};
 use crate::CoordinatorError;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,10 +12,12 @@ use tokio::sync::{oneshot, watch, Notify};
 #[derive(Debug)]
 pub struct SlotGuard {
     scheduler: Arc<Scheduler>,
+    tenant: String,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        self.scheduler.queue().finished(&self.tenant);
         self.scheduler.running.fetch_sub(1, Ordering::SeqCst);
         self.scheduler.wake.notify_one();
     }
@@ -27,37 +30,39 @@ pub type Admission = oneshot::Receiver<SlotGuard>;
 /// The queue and the count of running jobs.
 #[derive(Debug)]
 pub struct Scheduler {
-    queue: Mutex<JobQueue<oneshot::Sender<SlotGuard>>>,
+    /// Each waiting job's tenant and where its slot goes.
+    queue: Mutex<JobQueue<(String, oneshot::Sender<SlotGuard>)>>,
     running: AtomicUsize,
     wake: Notify,
     closed: AtomicBool,
 }
 
 impl Scheduler {
-    /// A scheduler whose queue holds at most `max_queue` jobs.
-    pub fn new(max_queue: usize) -> Arc<Self> {
-        Arc::new(Self { queue: Mutex::new(JobQueue::new(max_queue)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false) })
+    /// A scheduler whose queue holds new jobs to `limits`.
+    pub fn new(limits: QueueLimits) -> Arc<Self> {
+        Arc::new(Self { queue: Mutex::new(JobQueue::new(limits)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false) })
     }
 
-    fn queue(&self) -> MutexGuard<'_, JobQueue<oneshot::Sender<SlotGuard>>> {
+    fn queue(&self) -> MutexGuard<'_, JobQueue<(String, oneshot::Sender<SlotGuard>)>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues job `id`; returns how many queued jobs go before it and where its slot will arrive.
-    pub fn enqueue(&self, id: &str, priority: i32) -> Result<(usize, Admission), CoordinatorError> {
+    /// Queues job `id` of `tenant`; returns how many queued jobs go before it and where its slot
+    /// will arrive. A new job is held to the queue's limits, an accepted one is not.
+    pub fn enqueue(&self, id: &str, tenant: &str, priority: i32, admit: Admit) -> Result<(usize, Admission), CoordinatorError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()));
         }
         let (tx, rx) = oneshot::channel();
-        let ahead = self.queue().push(id, priority, tx)?;
+        let ahead = self.queue().push(id, tenant, priority, admit, (tenant.to_string(), tx))?;
         self.wake.notify_one();
         Ok((ahead, rx))
     }
 
-    /// QUEUE_FULL when no job could be queued now (the queue checks again when a job is queued):
-    /// so that costly admission work is not done for a job that would be refused.
-    pub fn check_room(&self) -> Result<(), CoordinatorError> {
-        self.queue().check_room()
+    /// QUEUE_FULL when no new job of `tenant` could be queued now (the queue checks again when a
+    /// job is queued): so that costly admission work is not done for a job that would be refused.
+    pub fn check_room(&self, tenant: &str) -> Result<(), CoordinatorError> {
+        self.queue().check_room(tenant)
     }
 
     /// Takes job `id` out of the queue; false if it was not waiting there.
@@ -93,10 +98,10 @@ impl Scheduler {
         loop {
             let limit = *slots.borrow_and_update();
             while self.running.load(Ordering::SeqCst) < limit {
-                let Some((_, admission)) = self.queue().pop() else { break };
+                let Some((_, (tenant, admission))) = self.queue().pop() else { break };
                 self.running.fetch_add(1, Ordering::SeqCst);
                 // A job whose driver is gone drops the guard here, which frees the slot again.
-                let _ = admission.send(SlotGuard { scheduler: self.clone() });
+                let _ = admission.send(SlotGuard { scheduler: self.clone(), tenant });
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -113,21 +118,21 @@ mod tests {
 
     #[test]
     fn room_is_checked_before_costly_admission_work() {
-        let sched = Scheduler::new(1);
-        assert!(sched.check_room().is_ok());
-        let _queued = sched.enqueue("a", 0).unwrap();
-        assert!(matches!(sched.check_room(), Err(CoordinatorError::QueueFull { limit: 1 })));
+        let sched = Scheduler::new(QueueLimits { max_queued: 1, max_queued_per_tenant: 0 });
+        assert!(sched.check_room("t").is_ok());
+        let _queued = sched.enqueue("a", "t", 0, Admit::New).unwrap();
+        assert!(matches!(sched.check_room("u"), Err(CoordinatorError::QueueFull { limit: 1 })));
         assert!(sched.remove("a"));
-        assert!(sched.check_room().is_ok());
+        assert!(sched.check_room("t").is_ok());
     }
 
     #[tokio::test]
     async fn jobs_leave_the_queue_as_slots_free_best_first() {
-        let sched = Scheduler::new(4);
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0 });
         let (slots_tx, slots_rx) = watch::channel(0usize);
-        let (_, mut low) = sched.enqueue("low", -1).unwrap();
-        let (_, mut high) = sched.enqueue("high", 10).unwrap();
-        let (_, mut gone) = sched.enqueue("gone", 0).unwrap();
+        let (_, mut low) = sched.enqueue("low", "t", -1, Admit::New).unwrap();
+        let (_, mut high) = sched.enqueue("high", "t", 10, Admit::New).unwrap();
+        let (_, mut gone) = sched.enqueue("gone", "t", 0, Admit::New).unwrap();
         assert_eq!(sched.position("low"), Some(2));
         tokio::spawn(sched.clone().dispatch(slots_rx));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -148,18 +153,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_waiter_frees_its_slot_and_closing_refuses_new_jobs() {
-        let sched = Scheduler::new(4);
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0 });
         let (slots_tx, slots_rx) = watch::channel(1usize);
-        let (_, dropped) = sched.enqueue("a", 0).unwrap();
+        let (_, dropped) = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         drop(dropped);
-        let (_, mut next) = sched.enqueue("b", 0).unwrap();
+        let (_, mut next) = sched.enqueue("b", "t", 0, Admit::New).unwrap();
         tokio::spawn(sched.clone().dispatch(slots_rx));
         let _guard = tokio::time::timeout(Duration::from_secs(1), &mut next).await.unwrap().unwrap();
-        let (_, mut waiting) = sched.enqueue("c", 0).unwrap();
+        let (_, mut waiting) = sched.enqueue("c", "t", 0, Admit::New).unwrap();
         assert_eq!(sched.close(), ["c"]);
         assert!(waiting.try_recv().is_err());
-        let err = sched.enqueue("d", 0).unwrap_err();
+        let err = sched.enqueue("d", "t", 0, Admit::Accepted).unwrap_err();
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
         drop(slots_tx);
+    }
+
+    /// With one slot, the slot goes to the tenant that runs nothing: a tenant's running job
+    /// counts against its queued ones until its guard is dropped.
+    #[tokio::test]
+    async fn a_free_slot_goes_to_the_tenant_that_runs_nothing() {
+        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0 });
+        let (_slots_tx, slots_rx) = watch::channel(1usize);
+        let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
+        let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();
+        tokio::spawn(sched.clone().dispatch(slots_rx));
+        let guard = tokio::time::timeout(Duration::from_secs(1), &mut a0).await.unwrap().unwrap();
+        let (ahead, mut b0) = sched.enqueue("b0", "bob", 0, Admit::New).unwrap();
+        assert_eq!(ahead, 0, "bob runs nothing, alice one job: bob goes first though he came later");
+        drop(guard);
+        let guard = tokio::time::timeout(Duration::from_secs(1), &mut b0).await.unwrap().unwrap();
+        assert!(a1.try_recv().is_err(), "alice's second waits for the slot bob took");
+        drop(guard);
+        let _guard = tokio::time::timeout(Duration::from_secs(1), &mut a1).await.unwrap().unwrap();
     }
 }

@@ -6,6 +6,7 @@ use super::cluster::random_bytes;
 use super::feed::{follow, replay_finished};
 use super::jobs::{pb_timestamp, StopReason, Timings};
 use super::launch::{decode_media, launch, Launch};
+use super::queue::Admit;
 use super::ServiceState;
 use crate::request::validate;
 use crate::CoordinatorError;
@@ -109,7 +110,7 @@ impl Tessera for TesseraService {
         let admitted = async {
             let mut valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
             exec.check(&valid)?;
-            let (held, media) = decode_media(state, &mut valid).await?;
+            let (held, media) = decode_media(state, &mut valid, &tenant, Admit::New).await?;
             // The plan joins the job's spec: the group that runs it is the size it says.
             let plan = exec.plan(&valid)?;
             let layout = JobPlan { ranks: plan.ranks, ulysses: plan.ulysses, cfg_parallel: plan.cfg_parallel };
