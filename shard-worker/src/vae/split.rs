@@ -359,6 +359,16 @@ mod tests {
     use crate::vae::{VaePreset, WanVae};
     use tessera_kernels::cpu;
 
+    /// The pieces of video a split decode of `latents` gives this member.
+    fn decoded_pieces(vae: &WanVae, latents: SplitLatent<'_>, world: &Communicator) -> Result<Vec<Tensor>> {
+        let mut pieces = Vec::new();
+        vae.decode_split(latents, world, &Ok, &mut |p| {
+            pieces.push(p);
+            Ok(())
+        })?;
+        Ok(pieces)
+    }
+
     fn ramp(shape: [usize; 5], seed: usize) -> Tensor {
         let n = shape.iter().product::<usize>();
         Tensor::new(shape, (0..n).map(|i| (((i + seed) * 7919 % 211) as f32 / 105.0) - 1.0).collect()).unwrap()
@@ -379,11 +389,7 @@ mod tests {
                 let encoded = vae.encode_split(lead.then_some(&video), ctx.world())?;
                 let (held_mean, held_logvar) = vae.encode_split_held(&video, ctx.world())?;
                 assert!(held_mean.data() == mean.data() && held_logvar.data() == logvar.data(), "{ranks} ranks: encoded where every member holds the video");
-                let mut pieces = Vec::new();
-                vae.decode_split(SplitLatent::Lead(encoded.as_ref().map(|e| &e.0)), ctx.world(), &Ok, &mut |p| {
-                    pieces.push(p);
-                    Ok(())
-                })?;
+                let pieces = decoded_pieces(&vae, SplitLatent::Lead(encoded.as_ref().map(|e| &e.0)), ctx.world())?;
                 assert_eq!(encoded.is_some(), lead);
                 Ok(encoded.map(|e| (e, pieces)))
             })
@@ -430,18 +436,10 @@ mod tests {
                 let own = tokens[ctx.rank()].clone();
                 let rows = all_rows[own.start * g.features()..own.end * g.features()].to_vec();
                 let shard = PatchShard { geometry: g, tokens: tokens.clone(), rows };
-                let mut frames = Vec::new();
                 let before = ctx.world().stats().all_to_all;
-                vae.decode_split(SplitLatent::Patches(&shard), ctx.world(), &Ok, &mut |p| {
-                    frames.push(p);
-                    Ok(())
-                })?;
+                let frames = decoded_pieces(&vae, SplitLatent::Patches(&shard), ctx.world())?;
                 let moved = ctx.world().stats().all_to_all - before;
-                let mut held = Vec::new();
-                vae.decode_split(SplitLatent::Held(&latent), ctx.world(), &Ok, &mut |p| {
-                    held.push(p);
-                    Ok(())
-                })?;
+                let held = decoded_pieces(&vae, SplitLatent::Held(&latent), ctx.world())?;
                 Ok((frames, held, moved))
             })
             .unwrap();
