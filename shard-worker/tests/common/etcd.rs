@@ -32,17 +32,19 @@ pub struct Etcd {
     tls: Option<(PathBuf, std::sync::Arc<tessera_cluster::tls::EtcdTls>)>,
 }
 
+/// A loopback port free now, for a program to bind: [`free_ports_in_a_row`] of one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_ports_in_a_row(1)
 }
 
 /// The first of `n` consecutive loopback ports that are all free now (for programs that take a
 /// base port and count up from it). They lie below the range the kernel hands out for port 0
 /// and for the source ports of outgoing connections (`ip_local_port_range`): the other tests
 /// running meanwhile cannot take one of them between this check and the program's bind (a
-/// worker of the local cluster script once found its port taken so).
-#[allow(dead_code)] // not every test binary that includes this module uses it
+/// worker of the local cluster script once found its port taken so). This process never hands
+/// out a port twice.
 pub fn free_ports_in_a_row(n: u16) -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let automatic = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
     let (low, high) = (10_000u16, automatic.unwrap_or(32_768).saturating_sub(n));
     let mut state = u64::from(std::process::id()) ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
@@ -52,13 +54,16 @@ pub fn free_ports_in_a_row(n: u16) -> u16 {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             low + ((state >> 33) % u64::from(high - low)) as u16
         } else {
-            free_port()
+            TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
         };
-        if first.checked_add(n).is_none() {
+        let Some(end) = first.checked_add(n) else { continue };
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.range(first..end).next().is_some() {
             continue;
         }
-        let held: Vec<_> = (first..first + n).map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok()).collect();
+        let held: Vec<_> = (first..end).map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok()).collect();
         if held.len() == n as usize {
+            given.extend(first..end);
             return first;
         }
     }
