@@ -63,6 +63,14 @@ pub enum CoordinatorError {
         /// The queue's capacity.
         limit: usize,
     },
+    /// The caller asked for a queue priority above what its groups allow.
+    #[error("priority {asked}: a caller outside the token file's groups `priority` and `admin` may ask for at most {max}")]
+    PriorityNotAllowed {
+        /// The priority asked for.
+        asked: i32,
+        /// The highest it may ask for.
+        max: i32,
+    },
     /// The caller's tenant already has as many jobs waiting as one tenant may.
     #[error("tenant {tenant:?} has {limit} jobs waiting, as many as one tenant may; retry once one of them has started")]
     TenantQueueFull {
@@ -222,6 +230,7 @@ impl CoordinatorError {
             Self::DoesNotFit(_) => (Reason::DoesNotFit, None),
             Self::NotFound { .. } => (Reason::NotFound, None),
             Self::Unauthenticated(_) => (Reason::Unauthenticated, None),
+            Self::PriorityNotAllowed { .. } => (Reason::PermissionDenied, Some("priority")),
             Self::Cancelled(_) => (Reason::Cancelled, None),
             Self::DeadlineExceeded(_) => (Reason::DeadlineExceeded, None),
         }
@@ -261,6 +270,9 @@ mod tests {
         let membership = CoordinatorError::Cluster(tessera_cluster::ClusterError::Membership("etcd timed out".into()));
         assert_eq!(why(membership).1.unwrap().reason, Reason::Unavailable);
         assert_eq!(why(CoordinatorError::QueueFull { limit: 3 }).0, tonic::Code::ResourceExhausted);
+        let raised = why(CoordinatorError::PriorityNotAllowed { asked: 5, max: 0 });
+        assert_eq!((raised.0, raised.1.as_ref().unwrap().reason), (tonic::Code::PermissionDenied, Reason::PermissionDenied));
+        assert_eq!(raised.1.unwrap().field.as_deref(), Some("priority"));
         let tenant_full = why(CoordinatorError::TenantQueueFull { tenant: "alice".into(), limit: 2 });
         assert_eq!((tenant_full.0, tenant_full.1.unwrap().reason), (tonic::Code::ResourceExhausted, Reason::QueueFull));
         assert_eq!(why(CoordinatorError::WorkersBusy { workers: vec!["a".into()] }).1.unwrap().reason, Reason::Unavailable);

@@ -87,12 +87,13 @@ async fn tenants_see_and_cancel_only_their_own_jobs() {
 }
 
 /// A tenant holds at most `--max-queued-per-tenant` jobs waiting (the next is RESOURCE_EXHAUSTED
-/// naming it and the limit, counted under its own cause), while another tenant still queues; and
-/// a tenant that runs nothing goes ahead of one that runs a job, though it came later.
+/// naming it and the limit, counted under its own cause), while another tenant still queues; a
+/// tenant that runs nothing goes ahead of one that runs a job, though it came later; and only
+/// the group `priority` jumps the turns with a priority above `--max-tenant-priority` (0).
 #[tokio::test]
 async fn a_tenant_holds_its_share_of_the_queue_and_tenants_take_turns() {
     let mut tokens = tempfile::NamedTempFile::new().unwrap();
-    writeln!(tokens, "{ALICE},alice,1001\n{BOB},bob,1002").unwrap();
+    writeln!(tokens, "{ALICE},alice,1001\n{BOB},bob,1002\n{ROOT},ops,1003,\"priority\"").unwrap();
     let server = Server::start_serving(&["--auth-token-file", tokens.path().to_str().unwrap(), "--max-queued-per-tenant", "2"]).await;
     let mut client = server.client().await;
     let caller = client.clone();
@@ -124,9 +125,23 @@ async fn a_tenant_holds_its_share_of_the_queue_and_tenants_take_turns() {
     assert_eq!(b0.queue_position, 0, "Bob's first job waits behind none of Alice's");
     let job = client.get_job(as_caller(ALICE, GetJobRequest { job_id: a1.job_id.clone() })).await.unwrap().into_inner();
     assert_eq!(job.state, JobState::Queued as i32);
+    // Bob may not jump the turns; ops, in the group `priority`, may.
+    let raised = client.generate(as_caller(BOB, GenerateRequest { priority: 1, ..small_request(6) })).await.unwrap_err();
+    assert_eq!(raised.code(), Code::PermissionDenied, "{raised:?}");
+    assert!(raised.message().contains("priority 1") && raised.message().contains("at most 0"), "{}", raised.message());
+    let why = tessera_proto::reason::failure(&raised).expect("a reason");
+    assert_eq!((why.reason, why.field.as_deref()), (tessera_proto::reason::Reason::PermissionDenied, Some("priority")));
+    let (ops, _o) = {
+        let mut c = caller.clone();
+        let mut s = c.generate(as_caller(ROOT, GenerateRequest { priority: 50, ..long_request() })).await.unwrap().into_inner();
+        let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
+        (acc, s)
+    };
+    assert_eq!(ops.queue_position, 0, "a priority of 50 goes before every waiting job");
     let metrics = server.scrape().await;
     assert!(metrics.lines().any(|l| l.starts_with("tessera_requests_rejected_total{cause=\"tenant_queue_full\"} 1")), "{metrics}");
-    for (token, id) in [(ALICE, running.job_id), (ALICE, a1.job_id), (ALICE, a2.job_id), (BOB, b0.job_id)] {
+    assert!(metrics.lines().any(|l| l.starts_with("tessera_requests_rejected_total{cause=\"priority_not_allowed\"} 1")), "{metrics}");
+    for (token, id) in [(ALICE, running.job_id), (ALICE, a1.job_id), (ALICE, a2.job_id), (BOB, b0.job_id), (ROOT, ops.job_id)] {
         client.cancel_job(as_caller(token, CancelJobRequest { job_id: id })).await.unwrap();
     }
 }

@@ -537,6 +537,8 @@ fn serve_flags_are_checked_at_start_up() {
     let empty = empty.path().to_str().unwrap().to_string();
     for (flags, named) in [
         (vec!["--preset", "tiny", "--max-queue", "0"], "--max-queue"),
+        (vec!["--preset", "tiny", "--max-tenant-priority", "101"], "--max-tenant-priority"),
+        (vec!["--preset", "tiny", "--max-tenant-priority", "-101"], "--max-tenant-priority"),
         (vec!["--preset", "tiny", "--job-retention", "5 parsecs"], "--job-retention"),
         (vec!["--preset", "tiny", "--grace-period", "soon"], "--grace-period"),
         (vec!["--preset", "tiny", "--chunk-size", "10"], "--chunk-size"),

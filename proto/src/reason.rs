@@ -40,7 +40,9 @@ pub enum Reason {
     NotFound,
     /// The call carries no credentials, or ones the server does not accept: UNAUTHENTICATED.
     Unauthenticated,
-    /// Internal API: the call about a job lacks that job's secret: PERMISSION_DENIED.
+    /// The caller may not do what it asked: PERMISSION_DENIED. Internal API: the call about a job
+    /// lacks that job's secret. Public API: a priority above what the caller's groups allow (the
+    /// field `priority`).
     PermissionDenied,
     /// The service cannot take the call now (no healthy worker serves the model, the membership
     /// store is unreachable, the server is shutting down): UNAVAILABLE.
@@ -137,7 +139,8 @@ pub fn invalid_field(field: &str, message: impl Into<String>) -> tonic::Status {
 pub struct Failure {
     /// The reason.
     pub reason: Reason,
-    /// The offending request field, for [`Reason::InvalidField`].
+    /// The offending request field: for [`Reason::InvalidField`], and for
+    /// [`Reason::PermissionDenied`] of a field's value the caller may not ask for.
     pub field: Option<String>,
 }
 

@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// turns whatever this is.
     #[arg(long, env = "TESSERA_MAX_QUEUED_PER_TENANT", default_value_t = QueueLimits::default().max_queued_per_tenant)]
     max_queued_per_tenant: usize,
+    /// Highest queue priority a caller may ask for (-100 to 100) unless the token file puts it in
+    /// the group `priority` or `admin`; higher is refused with PERMISSION_DENIED naming
+    /// `priority`. Without authentication every caller may ask for any.
+    #[arg(long, env = "TESSERA_MAX_TENANT_PRIORITY", default_value_t = QueueLimits::default().max_priority, allow_negative_numbers = true)]
+    max_tenant_priority: i32,
     /// Largest job in video tokens (latent frames x patch rows x patch columns); 0 = no budget:
     /// every job is planned by memory and refused when it fits no group of the workers (workers
     /// that do not describe their model and device keep 75,600, 1280x720 with 81 frames).
@@ -271,6 +276,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     if args.max_queue == 0 {
         bail!("--max-queue 0: the queue must hold at least one job");
     }
+    if !(-100..=100).contains(&args.max_tenant_priority) {
+        bail!("--max-tenant-priority {}: priorities run from -100 to 100", args.max_tenant_priority);
+    }
     let job_retention = parse_duration(&args.job_retention).map_err(|e| anyhow!("--job-retention: {e}"))?;
     let grace_period = parse_duration(&args.grace_period).map_err(|e| anyhow!("--grace-period: {e}"))?;
     if !(1024..=4 << 20).contains(&args.chunk_size) {
@@ -286,7 +294,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
     }
     let mut config = ServerConfig {
-        queue: QueueLimits { max_queued: args.max_queue, max_queued_per_tenant: args.max_queued_per_tenant },
+        queue: QueueLimits { max_queued: args.max_queue, max_queued_per_tenant: args.max_queued_per_tenant, max_priority: args.max_tenant_priority },
         job_retention,
         job_records,
         grace_period,

@@ -3,7 +3,9 @@
 //! [`Principal`] (its tenant). Health and reflection stay open.
 //!
 //! The token file is CSV, one client per line: `token,user,uid[,"group1,group2"]`. The user is the
-//! tenant; the group [`ADMIN_GROUP`] sees and cancels every tenant's jobs. Blank lines and lines
+//! tenant; the group [`ADMIN_GROUP`] sees and cancels every tenant's jobs, and it and the group
+//! [`PRIORITY_GROUP`] may ask for any queue priority (other tenants for at most
+//! `QueueLimits::max_priority`). Blank lines and lines
 //! starting with `#` are skipped. Only SHA-256 digests of the tokens are kept in memory; a
 //! presented token is hashed and compared with every digest in constant time. Tokens are never
 //! logged or echoed. The file is read again when it changes (checked at most once a second); a
@@ -18,8 +20,10 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-/// The group whose members see and cancel every tenant's jobs.
+/// The group whose members see and cancel every tenant's jobs (and ask for any priority).
 pub const ADMIN_GROUP: &str = "admin";
+/// The group whose members may ask for any queue priority.
+pub const PRIORITY_GROUP: &str = "priority";
 /// The tenant of every caller when the server runs without authentication.
 pub const ANONYMOUS: &str = "";
 /// Largest token file read (a file this large is a mistake, not a client list).
@@ -34,12 +38,14 @@ pub struct Principal {
     pub tenant: String,
     /// Sees and cancels every tenant's jobs (the group `admin`, or no authentication at all).
     pub admin: bool,
+    /// May ask for any queue priority (the groups `priority` and `admin`, or no authentication).
+    pub any_priority: bool,
 }
 
 impl Principal {
     /// The caller of a server without authentication: one tenant that sees everything.
     pub fn anonymous() -> Self {
-        Self { tenant: ANONYMOUS.to_string(), admin: true }
+        Self { tenant: ANONYMOUS.to_string(), admin: true, any_priority: true }
     }
 
     /// Whether this caller may see (and cancel) a job submitted by `tenant`.
@@ -85,8 +91,10 @@ fn parse(text: &str) -> Result<Vec<Client>, String> {
         if clients.iter().any(|c| bool::from(c.digest.ct_eq(&digest))) {
             return Err(at("this token is already given on an earlier line"));
         }
-        let admin = groups.split(',').any(|g| g.trim() == ADMIN_GROUP);
-        clients.push(Client { digest, principal: Principal { tenant: user.to_string(), admin } });
+        let in_group = |name: &str| groups.split(',').any(|g| g.trim() == name);
+        let admin = in_group(ADMIN_GROUP);
+        let any_priority = admin || in_group(PRIORITY_GROUP);
+        clients.push(Client { digest, principal: Principal { tenant: user.to_string(), admin, any_priority } });
     }
     if clients.is_empty() {
         return Err("no client in the file (every client refused)".into());
@@ -230,12 +238,12 @@ mod tests {
     }
 
     #[test]
-    fn the_token_file_names_tenants_and_admins() {
-        let text = "# clients\n\nt-alice-0123456789,alice,1\nt-bob-0123456789,bob,2,\"dev,admin\"\n t-carol ,\"carol\",3,\"dev\"\n";
+    fn the_token_file_names_tenants_admins_and_who_may_raise_priority() {
+        let text = "# clients\n\nt-alice-0123456789,alice,1\nt-bob-0123456789,bob,2,\"dev,admin\"\n t-carol ,\"carol\",3,\"dev\"\nt-dave-012345,dave,4,\"dev, priority\"\n";
         let clients = parse(text).unwrap();
-        let who: Vec<(&str, bool)> = clients.iter().map(|c| (c.principal.tenant.as_str(), c.principal.admin)).collect();
-        assert_eq!(who, [("alice", false), ("bob", true), ("carol", false)]);
-        let p = Principal { tenant: "alice".into(), admin: false };
+        let who: Vec<(&str, bool, bool)> = clients.iter().map(|c| (c.principal.tenant.as_str(), c.principal.admin, c.principal.any_priority)).collect();
+        assert_eq!(who, [("alice", false, false), ("bob", true, true), ("carol", false, false), ("dave", false, true)]);
+        let p = Principal { tenant: "alice".into(), admin: false, any_priority: false };
         assert!(p.may_see("alice") && !p.may_see("bob"));
         assert_eq!(p.listing_filter(), Some("alice"));
         assert_eq!(Principal::anonymous().listing_filter(), None);
@@ -262,8 +270,8 @@ mod tests {
         writeln!(f, "tok-alice,alice,1\ntok-root,root,0,\"admin\"").unwrap();
         let file = Arc::new(TokenFile::load(f.path()).unwrap());
         let mut auth = Auth::Tokens(file.clone());
-        assert_eq!(with_token(&mut auth, Some("Bearer tok-alice")).unwrap(), Principal { tenant: "alice".into(), admin: false });
-        assert_eq!(with_token(&mut auth, Some("bearer tok-root")).unwrap(), Principal { tenant: "root".into(), admin: true });
+        assert_eq!(with_token(&mut auth, Some("Bearer tok-alice")).unwrap(), Principal { tenant: "alice".into(), admin: false, any_priority: false });
+        assert_eq!(with_token(&mut auth, Some("bearer tok-root")).unwrap(), Principal { tenant: "root".into(), admin: true, any_priority: true });
         for header in [None, Some("Bearer nope"), Some("Basic tok-alice"), Some("tok-alice"), Some("Bearer ")] {
             let s = with_token(&mut auth, header).unwrap_err();
             assert_eq!(s.code(), tonic::Code::Unauthenticated, "{header:?}");

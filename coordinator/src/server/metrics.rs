@@ -236,6 +236,7 @@ pub fn cause(e: &CoordinatorError) -> &'static str {
         CoordinatorError::WorkersDraining { .. } => "workers_draining",
         CoordinatorError::QueueFull { .. } => "queue_full",
         CoordinatorError::TenantQueueFull { .. } => "tenant_queue_full",
+        CoordinatorError::PriorityNotAllowed { .. } => "priority_not_allowed",
         CoordinatorError::InputFramesFull { .. } => "input_frames_full",
         CoordinatorError::DoesNotFit(_) => "does_not_fit",
         CoordinatorError::NotFound { .. } => "not_found",

@@ -13,18 +13,32 @@ use crate::CoordinatorError;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
-/// How many jobs may wait.
+/// How many jobs may wait, and how far a tenant may raise its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueLimits {
     /// Most jobs waiting in the queue.
     pub max_queued: usize,
     /// Most jobs of one tenant waiting in the queue (0: only `max_queued` bounds them).
     pub max_queued_per_tenant: usize,
+    /// Highest priority a caller may ask for unless its groups allow any (`auth::PRIORITY_GROUP`,
+    /// `auth::ADMIN_GROUP`): without it, priority would let any tenant jump the turns.
+    pub max_priority: i32,
 }
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_queued: 64, max_queued_per_tenant: 16 }
+        Self { max_queued: 64, max_queued_per_tenant: 16, max_priority: 0 }
+    }
+}
+
+impl QueueLimits {
+    /// PERMISSION_DENIED naming `priority` when a caller that may not ask for any priority
+    /// asks for more than [`max_priority`](Self::max_priority).
+    pub fn check_priority(&self, priority: i32, any_priority: bool) -> Result<(), CoordinatorError> {
+        if !any_priority && priority > self.max_priority {
+            return Err(CoordinatorError::PriorityNotAllowed { asked: priority, max: self.max_priority });
+        }
+        Ok(())
     }
 }
 
@@ -113,7 +127,7 @@ impl<T> JobQueue<T> {
     /// [`CoordinatorError::QueueFull`] when the queue holds its most jobs,
     /// [`CoordinatorError::TenantQueueFull`] when `tenant` holds its most.
     pub fn check_room(&self, tenant: &str) -> Result<(), CoordinatorError> {
-        let QueueLimits { max_queued, max_queued_per_tenant } = self.limits;
+        let QueueLimits { max_queued, max_queued_per_tenant, .. } = self.limits;
         if self.entries.len() >= max_queued {
             return Err(CoordinatorError::QueueFull { limit: max_queued });
         }
@@ -213,7 +227,17 @@ mod tests {
     use super::*;
 
     fn limits(max_queued: usize, max_queued_per_tenant: usize) -> QueueLimits {
-        QueueLimits { max_queued, max_queued_per_tenant }
+        QueueLimits { max_queued, max_queued_per_tenant, ..QueueLimits::default() }
+    }
+
+    #[test]
+    fn priorities_above_the_bound_need_a_group_that_allows_them() {
+        let l = QueueLimits { max_priority: 10, ..QueueLimits::default() };
+        assert!(l.check_priority(10, false).is_ok() && l.check_priority(-100, false).is_ok());
+        let err = l.check_priority(11, false).unwrap_err();
+        assert!(matches!(err, CoordinatorError::PriorityNotAllowed { asked: 11, max: 10 }), "{err:?}");
+        assert!(err.to_string().contains("11") && err.to_string().contains("10"), "{err}");
+        assert!(l.check_priority(100, true).is_ok());
     }
 
     #[test]

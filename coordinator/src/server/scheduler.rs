@@ -59,6 +59,11 @@ impl Scheduler {
         Ok((ahead, rx))
     }
 
+    /// The limits new jobs are held to.
+    pub fn limits(&self) -> QueueLimits {
+        self.queue().limits()
+    }
+
     /// QUEUE_FULL when no new job of `tenant` could be queued now (the queue checks again when a
     /// job is queued): so that costly admission work is not done for a job that would be refused.
     pub fn check_room(&self, tenant: &str) -> Result<(), CoordinatorError> {
@@ -118,7 +123,7 @@ mod tests {
 
     #[test]
     fn room_is_checked_before_costly_admission_work() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 1, max_queued_per_tenant: 0 });
+        let sched = Scheduler::new(QueueLimits { max_queued: 1, max_queued_per_tenant: 0, ..QueueLimits::default() });
         assert!(sched.check_room("t").is_ok());
         let _queued = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         assert!(matches!(sched.check_room("u"), Err(CoordinatorError::QueueFull { limit: 1 })));
@@ -128,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_leave_the_queue_as_slots_free_best_first() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0 });
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() });
         let (slots_tx, slots_rx) = watch::channel(0usize);
         let (_, mut low) = sched.enqueue("low", "t", -1, Admit::New).unwrap();
         let (_, mut high) = sched.enqueue("high", "t", 10, Admit::New).unwrap();
@@ -153,7 +158,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_waiter_frees_its_slot_and_closing_refuses_new_jobs() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0 });
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() });
         let (slots_tx, slots_rx) = watch::channel(1usize);
         let (_, dropped) = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         drop(dropped);
@@ -172,7 +177,7 @@ mod tests {
     /// counts against its queued ones until its guard is dropped.
     #[tokio::test]
     async fn a_free_slot_goes_to_the_tenant_that_runs_nothing() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0 });
+        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, ..QueueLimits::default() });
         let (_slots_tx, slots_rx) = watch::channel(1usize);
         let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
         let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();

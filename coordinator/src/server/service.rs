@@ -103,12 +103,14 @@ impl Tessera for TesseraService {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()).into());
         }
         let accepted_at = Instant::now();
-        let tenant = principal(&request).tenant;
+        let who = principal(&request);
+        let tenant = who.tenant;
         let deadline = grpc_timeout(request.metadata()).map(|d| accepted_at + d);
         let caller = request.metadata().clone();
         let exec = &state.executor;
         let admitted = async {
             let mut valid = validate(request.into_inner(), &exec.defaults(), &exec.models(), exec.max_tokens(), draw_seed)?;
+            state.scheduler.limits().check_priority(valid.request.priority, who.any_priority)?;
             exec.check(&valid)?;
             let (held, media) = decode_media(state, &mut valid, &tenant, Admit::New).await?;
             // The plan joins the job's spec: the group that runs it is the size it says.
