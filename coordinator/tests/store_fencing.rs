@@ -119,8 +119,9 @@ async fn a_coordinator_cut_off_from_etcd_is_fenced_out_by_the_stores_next_owner(
     // A wrote nothing of the job after B took it (a failed record would not have been resumed).
     let b_log = b.log();
     let resumed_line = b_log.lines().find(|l| l.contains("resuming a stored job")).unwrap_or_else(|| panic!("B did not resume the stored job:\n{b_log}"));
-    // B adopts the run where it stands, unless A was checkpointing it then (a rank busy with
-    // another command cannot be adopted): B resumes from that checkpoint instead. Either way the
+    // B adopts the run where it stands, waiting for a checkpoint A sent every rank to finish;
+    // unless A was fenced out in the middle of sending one (the ranks that got it wait for the
+    // others): B then resumes from the stored checkpoint instead. Either way the
     // frames are the undisturbed ones (above).
     let adopted = b_log.contains("adopting the job from the workers that still run it");
     assert!(adopted || b_log.contains("cannot be adopted"), "B neither adopted A's run nor said why not:\n{b_log}");

@@ -110,7 +110,8 @@ pub struct GenerateArgs {
     /// name the embedded coordinator gives --model or --preset).
     #[arg(long, env = "TESSERA_MODEL_NAME")]
     model_name: Option<String>,
-    /// Queue priority, -100 to 100 (higher runs first).
+    /// Queue priority, -100 to 100 (higher runs first; a server with tenants lets only its groups
+    /// `priority` and `admin` go above its --max-tenant-priority).
     #[arg(long, env = "TESSERA_PRIORITY", default_value_t = 0, allow_negative_numbers = true)]
     priority: i32,
     /// The deadline of the whole generation (e.g. 90s, 10m); past it the coordinator stops the job.
