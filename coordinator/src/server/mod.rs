@@ -37,7 +37,7 @@ pub use jobs::{JobTable, RecordLimits, StopReason, StopSignal, Timings};
 pub use metrics::{cause, CoordinatorMetrics};
 pub use output::{content_type, latents_file, FrameEncoder, LATENTS_CONTENT_TYPE};
 pub use ownership::{holder_name, Fence, Owned, StoreOwnership};
-pub use queue::{Admit, JobQueue, QueueLimits};
+pub use queue::{Admit, JobQueue, QueueLimits, Taken};
 pub use scheduler::{Scheduler, SlotGuard};
 pub use service::{grpc_timeout, TesseraService};
 

@@ -52,6 +52,17 @@ pub enum Admit {
     Accepted,
 }
 
+/// A job taken from the queue to run.
+#[derive(Debug)]
+pub struct Taken<T> {
+    /// Its id.
+    pub id: String,
+    /// Its tenant, which counts it as running until [`JobQueue::finished`].
+    pub tenant: String,
+    /// What was queued with it.
+    pub item: T,
+}
+
 /// A waiting job.
 #[derive(Debug)]
 struct Entry<T> {
@@ -139,14 +150,14 @@ impl<T> JobQueue<T> {
 
     /// Takes the entry that runs next and counts it as running for its tenant until
     /// [`finished`](Self::finished).
-    pub fn pop(&mut self) -> Option<(String, T)> {
+    pub fn pop(&mut self) -> Option<Taken<T>> {
         let id = self.entries.iter().min_by_key(|(_, e)| self.key(e, self.served_of(&e.tenant))).map(|(id, _)| id.clone())?;
         let entry = self.entries.remove(&id)?;
         self.taken += 1;
-        let served = self.served.entry(entry.tenant).or_default();
+        let served = self.served.entry(entry.tenant.clone()).or_default();
         served.running += 1;
         served.last = self.taken;
-        Some((id, entry.item))
+        Some(Taken { id, tenant: entry.tenant, item: entry.item })
     }
 
     /// A job of `tenant` taken from the queue stopped running.
@@ -249,7 +260,7 @@ mod tests {
         assert_eq!(q.push("d", "t", -3, Admit::New, ()).unwrap(), 3);
         assert_eq!(q.push("e", "t", 5, Admit::New, ()).unwrap(), 1, "after the earlier job of the same priority");
         assert_eq!(q.position("b"), Some(3));
-        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).collect();
         assert_eq!(order, ["c", "e", "a", "b", "d"]);
         assert!(q.is_empty());
     }
@@ -270,17 +281,17 @@ mod tests {
         assert_eq!(q.push("h", "alice", 1, Admit::New, ()).unwrap(), 0);
         let foretold: Vec<usize> = ["h", "b0", "c0", "a0", "b1", "a1", "a2"].iter().map(|id| q.position(id).unwrap()).collect();
         assert_eq!(foretold, [0, 1, 2, 3, 4, 5, 6]);
-        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).take(4).collect();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).take(4).collect();
         assert_eq!(order, ["h", "b0", "c0", "a0"], "the order foretold");
         // alice runs h and a0 now; bob b0, carol c0.
         q.push("d0", "dave", 0, Admit::New, ()).unwrap();
         assert_eq!(q.position("d0"), Some(0), "dave runs nothing: he goes before tenants that do");
-        assert_eq!(q.pop().unwrap().0, "d0");
+        assert_eq!(q.pop().unwrap().id, "d0");
         q.finished("alice");
         q.finished("alice");
         // alice runs none now, bob one: alice's next goes first; then both run one, and bob was
         // served longer ago.
-        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).collect();
         assert_eq!(order, ["a1", "b1", "a2", "a3", "a4"]);
     }
 
@@ -335,9 +346,9 @@ mod tests {
             let mut running = Vec::new();
             for i in 0..40 {
                 let tenant = format!("t{}", draw(5));
-                q.push(&format!("j{i}"), &tenant, draw(3) as i32 - 1, Admit::New, tenant.clone()).unwrap();
+                q.push(&format!("j{i}"), &tenant, draw(3) as i32 - 1, Admit::New, ()).unwrap();
                 match draw(4) {
-                    0 => running.extend(q.pop().map(|(_, t)| t)),
+                    0 => running.extend(q.pop().map(|t| t.tenant)),
                     1 if !running.is_empty() => {
                         let t: String = running.swap_remove(draw(running.len() as u64) as usize);
                         q.finished(&t);
@@ -350,7 +361,7 @@ mod tests {
             }
             let mut foretold: Vec<(usize, String)> = q.entries.keys().map(|id| (q.position(id).unwrap(), id.clone())).collect();
             foretold.sort();
-            let left: Vec<String> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+            let left: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).collect();
             assert_eq!(foretold.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), left, "round {round}");
         }
     }

@@ -30,8 +30,8 @@ pub type Admission = oneshot::Receiver<SlotGuard>;
 /// The queue and the count of running jobs.
 #[derive(Debug)]
 pub struct Scheduler {
-    /// Each waiting job's tenant and where its slot goes.
-    queue: Mutex<JobQueue<(String, oneshot::Sender<SlotGuard>)>>,
+    /// Where each waiting job's slot goes.
+    queue: Mutex<JobQueue<oneshot::Sender<SlotGuard>>>,
     running: AtomicUsize,
     wake: Notify,
     closed: AtomicBool,
@@ -43,7 +43,7 @@ impl Scheduler {
         Arc::new(Self { queue: Mutex::new(JobQueue::new(limits)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false) })
     }
 
-    fn queue(&self) -> MutexGuard<'_, JobQueue<(String, oneshot::Sender<SlotGuard>)>> {
+    fn queue(&self) -> MutexGuard<'_, JobQueue<oneshot::Sender<SlotGuard>>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -54,7 +54,7 @@ impl Scheduler {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()));
         }
         let (tx, rx) = oneshot::channel();
-        let ahead = self.queue().push(id, tenant, priority, admit, (tenant.to_string(), tx))?;
+        let ahead = self.queue().push(id, tenant, priority, admit, tx)?;
         self.wake.notify_one();
         Ok((ahead, rx))
     }
@@ -103,10 +103,10 @@ impl Scheduler {
         loop {
             let limit = *slots.borrow_and_update();
             while self.running.load(Ordering::SeqCst) < limit {
-                let Some((_, (tenant, admission))) = self.queue().pop() else { break };
+                let Some(taken) = self.queue().pop() else { break };
                 self.running.fetch_add(1, Ordering::SeqCst);
                 // A job whose driver is gone drops the guard here, which frees the slot again.
-                let _ = admission.send(SlotGuard { scheduler: self.clone(), tenant });
+                let _ = taken.item.send(SlotGuard { scheduler: self.clone(), tenant: taken.tenant });
             }
             tokio::select! {
                 _ = self.wake.notified() => {}

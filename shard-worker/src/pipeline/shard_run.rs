@@ -286,13 +286,15 @@ impl<O: ShardOps> ShardRun<O> {
     /// rows, is given none): what a split decode reads in place of the whole latent. Local: no
     /// rank waits on another.
     pub fn patch_shard(&self, model: &WanTransformer<O>, group: RankGroup<'_>) -> Result<PatchShard> {
+        // Each sequence rank's tokens, from its elements of the row layout.
+        let features = self.geometry.features();
+        let shares: Vec<Range<usize>> = self.parts.iter().map(|p| p.start / features..p.end / features).collect();
         let tokens = match group {
             RankGroup::Sharded(ctx) => {
                 let plan = ctx.plan();
-                let sequence = shard_ranges(self.geometry.tokens(), plan.sequence_ranks());
-                (0..plan.ranks()).map(|r| if plan.half(r) == 0 { sequence[plan.sequence_rank(r)].clone() } else { 0..0 }).collect()
+                (0..plan.ranks()).map(|r| if plan.half(r) == 0 { shares[plan.sequence_rank(r)].clone() } else { 0..0 }).collect()
             }
-            RankGroup::Alone => std::iter::once(0..self.geometry.tokens()).collect(),
+            RankGroup::Alone => shares,
         };
         let rows = if self.position.half == 0 { model.ops().download(&self.rows)? } else { Vec::new() };
         Ok(PatchShard { geometry: self.geometry, tokens, rows })
