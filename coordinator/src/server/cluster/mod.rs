@@ -6,6 +6,7 @@
 //! the next job, one that leaves ends the job it was in.
 
 mod admission;
+mod adopt;
 mod drive;
 mod table;
 
@@ -96,7 +97,7 @@ struct Shared {
     tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>,
     /// Jobs taken over from workers that still run them (a coordinator died), with their groups
     /// (reserved): each goes on there when it runs.
-    adopted: Mutex<HashMap<String, (Group, drive::Adopted)>>,
+    adopted: Mutex<HashMap<String, (Group, adopt::Adopted)>>,
 }
 
 impl Shared {
@@ -392,7 +393,7 @@ impl JobExecutor for ClusterExecutor {
         self.shared.table().release(&job.id);
         self.shared.publish();
         let (job, tls) = (job.clone(), self.shared.tls.clone());
-        tokio::spawn(async move { drive::release_on(&group.workers, &job, tls.as_deref()).await });
+        tokio::spawn(async move { adopt::release_on(&group.workers, &job, tls.as_deref()).await });
     }
 }
 
@@ -430,7 +431,7 @@ async fn take_over_orphans(shared: &Shared, job: &ExecJob) -> Option<u32> {
     }
     let ids: Vec<&str> = holders.iter().map(|w| w.worker_id.as_str()).collect();
     if let Some(plan) = job.request.spec.plan() {
-        if let Some((workers, progress)) = drive::adopt_on(&holders, job, plan, shared.tls.as_deref()).await {
+        if let Some((workers, progress)) = adopt::adopt_on(&holders, job, plan, shared.tls.as_deref()).await {
             let order: Vec<&str> = workers.iter().map(|w| w.worker_id.as_str()).collect();
             tracing::info!(job = %job.id, workers = ?order, from_step = progress.steps_done, "adopting the job from the workers that still run it");
             shared.table().adopt(&job.id, &workers);
@@ -441,7 +442,7 @@ async fn take_over_orphans(shared: &Shared, job: &ExecJob) -> Option<u32> {
         }
     }
     tracing::info!(job = %job.id, workers = ?ids, "releasing the job on the workers that still hold it");
-    drive::release_on(&holders, job, shared.tls.as_deref()).await;
+    adopt::release_on(&holders, job, shared.tls.as_deref()).await;
     // Their records turn idle within a heartbeat or so; the job then reserves a group as usual.
     let until = Instant::now() + ORPHAN_WAIT;
     while Instant::now() < until {
@@ -459,7 +460,7 @@ type SharedCheckpoint = Arc<tessera_proto::worker::v1::CheckpointResponse>;
 struct Attempt<'a> {
     group: &'a Group,
     resume: Option<SharedCheckpoint>,
-    adopted: Option<drive::Adopted>,
+    adopted: Option<adopt::Adopted>,
     checkpoint_every: u32,
     last_checkpoint: &'a std::sync::Mutex<Option<SharedCheckpoint>>,
 }
