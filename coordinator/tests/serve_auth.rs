@@ -145,3 +145,55 @@ async fn a_tenant_holds_its_share_of_the_queue_and_tenants_take_turns() {
         client.cancel_job(as_caller(token, CancelJobRequest { job_id: id })).await.unwrap();
     }
 }
+
+/// With `--max-running-per-tenant 1` and two workers in groups of one: a tenant's second job
+/// waits though a worker is free, another tenant's later job takes that worker, and the waiting
+/// job starts once the tenant's running one ends.
+#[tokio::test]
+async fn a_tenant_at_its_running_cap_leaves_the_free_worker_to_another() {
+    let mut tokens = tempfile::NamedTempFile::new().unwrap();
+    writeln!(tokens, "{ALICE},alice,1001\n{BOB},bob,1002").unwrap();
+    let flags = ["--auth-token-file", tokens.path().to_str().unwrap(), "--workers", "2", "--max-ranks", "1", "--max-running-per-tenant", "1"];
+    let server = Server::start_serving(&flags).await;
+    let mut client = server.client().await;
+    let caller = client.clone();
+    let accept = |token: &'static str, seed: u64| {
+        let mut c = caller.clone();
+        async move {
+            let mut s = c.generate(as_caller(token, GenerateRequest { seed: Some(seed), ..long_request() })).await.unwrap().into_inner();
+            let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
+            (acc, s)
+        }
+    };
+    let first_step = |mut s: tonic::Streaming<tessera_proto::v1::GenerateEvent>| async move {
+        let wait = async {
+            loop {
+                if let Some(Event::Progress(p)) = s.message().await.unwrap().unwrap().event {
+                    if p.step >= 1 {
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), wait).await.expect("the job starts");
+        s
+    };
+    let (a0, s0) = accept(ALICE, 1).await;
+    let _s0 = first_step(s0).await;
+    let (a1, s1) = accept(ALICE, 2).await;
+    assert_eq!(a1.queue_position, 0);
+    let (b0, sb) = accept(BOB, 3).await;
+    assert_eq!(b0.queue_position, 0, "Bob goes before Alice's waiting job: she runs her most");
+    let _sb = first_step(sb).await;
+    let state = |id: String| {
+        let mut c = caller.clone();
+        async move { c.get_job(as_caller(ALICE, GetJobRequest { job_id: id })).await.unwrap().into_inner().state }
+    };
+    assert_eq!(state(a1.job_id.clone()).await, JobState::Queued as i32, "Alice's second job waits while Bob's runs on the other worker");
+    client.cancel_job(as_caller(ALICE, CancelJobRequest { job_id: a0.job_id.clone() })).await.unwrap();
+    let _s1 = first_step(s1).await;
+    assert_eq!(state(a1.job_id.clone()).await, JobState::Running as i32);
+    for (token, id) in [(ALICE, a1.job_id), (BOB, b0.job_id)] {
+        client.cancel_job(as_caller(token, CancelJobRequest { job_id: id })).await.unwrap();
+    }
+}

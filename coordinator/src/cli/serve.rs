@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// turns whatever this is.
     #[arg(long, env = "TESSERA_MAX_QUEUED_PER_TENANT", default_value_t = QueueLimits::default().max_queued_per_tenant)]
     max_queued_per_tenant: usize,
+    /// Most jobs of one tenant running at once (0: no cap). A tenant at its cap waits, even
+    /// with workers free, while other tenants' jobs start: so that one tenant's hours-long jobs
+    /// cannot hold every group.
+    #[arg(long, env = "TESSERA_MAX_RUNNING_PER_TENANT", default_value_t = QueueLimits::default().max_running_per_tenant)]
+    max_running_per_tenant: usize,
     /// Highest queue priority a caller may ask for (-100 to 100) unless the token file puts it in
     /// the group `priority` or `admin`; higher is refused with PERMISSION_DENIED naming
     /// `priority`. Without authentication every caller may ask for any.
@@ -294,7 +299,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         bail!("--client-send-timeout {}: must be at least 100ms", args.client_send_timeout);
     }
     let mut config = ServerConfig {
-        queue: QueueLimits { max_queued: args.max_queue, max_queued_per_tenant: args.max_queued_per_tenant, max_priority: args.max_tenant_priority },
+        queue: QueueLimits {
+            max_queued: args.max_queue,
+            max_queued_per_tenant: args.max_queued_per_tenant,
+            max_running_per_tenant: args.max_running_per_tenant,
+            max_priority: args.max_tenant_priority,
+        },
         job_retention,
         job_records,
         grace_period,

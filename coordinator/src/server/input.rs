@@ -120,7 +120,7 @@ impl HeldInput {
     /// A job accepted before (resumed after a restart) takes its bytes whatever the pool holds:
     /// it held them before the restart, and nothing accepted is lost.
     pub fn take(self: &Arc<Self>, bytes: u64, admit: Admit) -> Result<HeldShare, CoordinatorError> {
-        if admit == Admit::Accepted {
+        if admit != Admit::New {
             self.bytes.fetch_add(bytes, Ordering::SeqCst);
             return Ok(HeldShare { pool: self.clone(), bytes });
         }

@@ -6,6 +6,9 @@
 //! the other. Limits bound what
 //! new jobs may take: the whole queue, and each tenant's share of it. Jobs already accepted (a
 //! coordinator's restart queues its unfinished jobs again) are queued whatever the limits say.
+//! An operator may also cap the jobs one tenant runs at once: a tenant at its cap is passed over,
+//! and its jobs wait, while others' jobs take the free groups; a run adopted from its workers
+//! goes on whatever the cap.
 //! Entries can be removed by id at any time (cancellation, a client that went away, a passed
 //! deadline).
 
@@ -20,6 +23,10 @@ pub struct QueueLimits {
     pub max_queued: usize,
     /// Most jobs of one tenant waiting in the queue (0: only `max_queued` bounds them).
     pub max_queued_per_tenant: usize,
+    /// Most jobs of one tenant running at once (0: no cap). A tenant at its cap waits even
+    /// when a group is free, so that one tenant's hours-long jobs cannot hold every group.
+    /// Accepted jobs are held to it too (they wait; none is refused); adopted runs are not.
+    pub max_running_per_tenant: usize,
     /// Highest priority a caller may ask for unless its groups allow any (`auth::PRIORITY_GROUP`,
     /// `auth::ADMIN_GROUP`): without it, priority would let any tenant jump the turns.
     pub max_priority: i32,
@@ -27,7 +34,7 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        Self { max_queued: 64, max_queued_per_tenant: 16, max_priority: 0 }
+        Self { max_queued: 64, max_queued_per_tenant: 16, max_running_per_tenant: 0, max_priority: 0 }
     }
 }
 
@@ -47,9 +54,13 @@ impl QueueLimits {
 pub enum Admit {
     /// A new job: refused when the queue, or its tenant's share of it, is full.
     New,
-    /// A job accepted before (resumed from the state store, or adopted from its workers): it
-    /// is queued whatever the limits say, so that nothing accepted is lost.
+    /// A job accepted before (resumed from the state store): it is queued whatever the limits
+    /// say, so that nothing accepted is lost, and waits for its tenant's running cap.
     Accepted,
+    /// A job whose run its workers still hold (adopted from a coordinator that died): queued
+    /// whatever the limits say, and started whatever its tenant's running cap, since its
+    /// workers run it already and no other job could use them meanwhile.
+    Adopted,
 }
 
 /// A job taken from the queue to run.
@@ -69,6 +80,8 @@ struct Entry<T> {
     tenant: String,
     priority: i32,
     seq: u64,
+    /// Whether its tenant's running cap holds it (all but adopted runs).
+    capped: bool,
     item: T,
 }
 
@@ -131,7 +144,8 @@ impl<T> JobQueue<T> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(id.to_string(), Entry { tenant: tenant.to_string(), priority, seq, item });
+        let capped = admit != Admit::Adopted;
+        self.entries.insert(id.to_string(), Entry { tenant: tenant.to_string(), priority, seq, capped, item });
         self.position(id).ok_or_else(|| CoordinatorError::Internal(format!("job {id} left the queue as it joined")))
     }
 
@@ -149,9 +163,15 @@ impl<T> JobQueue<T> {
     }
 
     /// Takes the entry that runs next and counts it as running for its tenant until
-    /// [`finished`](Self::finished).
+    /// [`finished`](Self::finished). None when nothing waits, or when every tenant that waits
+    /// runs its most jobs already.
     pub fn pop(&mut self) -> Option<Taken<T>> {
-        let id = self.entries.iter().min_by_key(|(_, e)| self.key(e, self.served_of(&e.tenant))).map(|(id, _)| id.clone())?;
+        let id = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.capped || self.may_start(self.served_of(&e.tenant)))
+            .min_by_key(|(_, e)| self.key(e, self.served_of(&e.tenant)))
+            .map(|(id, _)| id.clone())?;
         let entry = self.entries.remove(&id)?;
         self.taken += 1;
         let served = self.served.entry(entry.tenant.clone()).or_default();
@@ -183,6 +203,11 @@ impl<T> JobQueue<T> {
         }
     }
 
+    /// Whether a tenant that was `served` so may start one more job.
+    fn may_start(&self, served: Served) -> bool {
+        self.limits.max_running_per_tenant == 0 || served.running < self.limits.max_running_per_tenant
+    }
+
     fn served_of(&self, tenant: &str) -> Served {
         self.served.get(tenant).copied().unwrap_or_default()
     }
@@ -191,8 +216,9 @@ impl<T> JobQueue<T> {
         (Reverse(e.priority), served.running, served.last, e.seq)
     }
 
-    /// Entries that leave before job `id` (None when it is not queued), if no job starts or
-    /// ends meanwhile.
+    /// Entries that leave before job `id` (None when it is not queued), if no job arrives or
+    /// ends meanwhile. The jobs of tenants at their running cap count after every other, in the
+    /// turns they would take without the cap: when they leave depends on which jobs end first.
     pub fn position(&self, id: &str) -> Option<usize> {
         self.order().iter().position(|queued| queued == id)
     }
@@ -204,7 +230,10 @@ impl<T> JobQueue<T> {
     }
 
     /// The ids in the order they leave if no job arrives or ends meanwhile: [`pop`](Self::pop)
-    /// played out, each tenant's next job on a heap.
+    /// played out, each tenant's next job on a heap. Tenants that reach their running cap are
+    /// set aside until no other job is left; their jobs then follow as if there were no cap.
+    /// Adopted runs, which the cap does not hold, have the highest priority (above any
+    /// request's), so a tenant's next job is one the cap holds only once its adopted ones left.
     fn order(&self) -> Vec<String> {
         let mut by_tenant: HashMap<&str, Vec<&str>> = HashMap::new();
         for (id, e) in &self.entries {
@@ -222,7 +251,21 @@ impl<T> JobQueue<T> {
         let next = |tenants: &[(Served, Vec<&str>)], t: usize| tenants[t].1.last().map(|id| Reverse((self.key(&self.entries[*id], tenants[t].0), t)));
         let mut heap: BinaryHeap<_> = (0..tenants.len()).filter_map(|t| next(&tenants, t)).collect();
         let (mut order, mut taken) = (Vec::with_capacity(self.entries.len()), self.taken);
-        while let Some(Reverse((_, t))) = heap.pop() {
+        let (mut capped, mut uncapped) = (Vec::new(), false);
+        loop {
+            let Some(Reverse((key, t))) = heap.pop() else {
+                if capped.is_empty() {
+                    break;
+                }
+                uncapped = true;
+                heap.extend(capped.drain(..));
+                continue;
+            };
+            let held = tenants[t].1.last().is_some_and(|id| self.entries[*id].capped);
+            if !uncapped && held && !self.may_start(tenants[t].0) {
+                capped.push(Reverse((key, t)));
+                continue;
+            }
             let Some(id) = tenants[t].1.pop() else { continue };
             order.push(id.to_string());
             taken += 1;
@@ -332,8 +375,43 @@ mod tests {
         assert!(matches!(q.check_room("alice"), Err(CoordinatorError::QueueFull { .. })), "the whole queue is still over its limit");
     }
 
-    /// Whatever the tenants, priorities, jobs running and jobs served before, the order that
-    /// positions foretell is the order in which the jobs leave.
+    /// A tenant at its running cap is passed over though it came first: its jobs wait (none
+    /// leaves while only they wait), whatever their priority, accepted ones too, and start as
+    /// its jobs end; positions put them after every other tenant's. A run adopted from its
+    /// workers starts whatever the cap.
+    #[test]
+    fn a_tenant_at_its_running_cap_waits_while_others_start() {
+        let mut q = JobQueue::new(QueueLimits { max_running_per_tenant: 2, ..limits(100, 0) });
+        for i in 0..4 {
+            q.push(&format!("a{i}"), "alice", 0, Admit::New, ()).unwrap();
+        }
+        assert_eq!(q.pop().unwrap().id, "a0");
+        assert_eq!(q.pop().unwrap().id, "a1");
+        assert!(q.pop().is_none(), "alice runs her most: her jobs wait though a group is free");
+        assert_eq!((q.position("a2"), q.position("a3")), (Some(0), Some(1)));
+        assert_eq!(q.push("b0", "bob", -5, Admit::New, ()).unwrap(), 0, "bob goes first, at a lower priority, while alice is at her cap");
+        q.push("a4", "alice", 9, Admit::Accepted, ()).unwrap();
+        assert_eq!(q.position("a4"), Some(1), "an accepted job of hers waits too; the first of hers by priority");
+        let adopted = crate::server::executor::ADOPTED_PRIORITY;
+        assert_eq!(q.push("r", "alice", adopted, Admit::Adopted, ()).unwrap(), 0, "her adopted run goes on whatever her cap");
+        assert_eq!(q.pop().unwrap().id, "r");
+        assert_eq!(q.pop().unwrap().id, "b0");
+        assert!(q.pop().is_none());
+        q.finished("alice");
+        assert!(q.pop().is_none(), "she still runs two");
+        q.finished("alice");
+        assert_eq!(q.pop().unwrap().id, "a4", "one of her jobs ended: one more starts");
+        assert!(q.pop().is_none());
+        q.finished("alice");
+        q.finished("alice");
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).collect();
+        assert_eq!(order, ["a2", "a3"]);
+        assert!(q.is_empty());
+    }
+
+    /// Whatever the tenants, priorities, jobs running, jobs served before and running caps, the
+    /// order that positions foretell is the order in which the jobs leave; the jobs left waiting
+    /// for their tenants' jobs to end are the last foretold.
     #[test]
     fn positions_foretell_the_order_jobs_leave_in() {
         let mut state = 7u64;
@@ -341,12 +419,18 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 33) % n
         };
-        for round in 0..50 {
-            let mut q = JobQueue::new(limits(1000, 0));
+        for round in 0..60 {
+            let cap = draw(3) as usize;
+            let mut q = JobQueue::new(QueueLimits { max_running_per_tenant: cap, ..limits(1000, 0) });
             let mut running = Vec::new();
             for i in 0..40 {
                 let tenant = format!("t{}", draw(5));
-                q.push(&format!("j{i}"), &tenant, draw(3) as i32 - 1, Admit::New, ()).unwrap();
+                let (priority, admit) = match draw(8) {
+                    0 => (crate::server::executor::ADOPTED_PRIORITY, Admit::Adopted),
+                    1 => (draw(3) as i32 - 1, Admit::Accepted),
+                    _ => (draw(3) as i32 - 1, Admit::New),
+                };
+                q.push(&format!("j{i}"), &tenant, priority, admit, ()).unwrap();
                 match draw(4) {
                     0 => running.extend(q.pop().map(|t| t.tenant)),
                     1 if !running.is_empty() => {
@@ -361,8 +445,13 @@ mod tests {
             }
             let mut foretold: Vec<(usize, String)> = q.entries.keys().map(|id| (q.position(id).unwrap(), id.clone())).collect();
             foretold.sort();
+            let foretold: Vec<String> = foretold.into_iter().map(|(_, id)| id).collect();
             let left: Vec<String> = std::iter::from_fn(|| q.pop().map(|t| t.id)).collect();
-            assert_eq!(foretold.into_iter().map(|(_, id)| id).collect::<Vec<_>>(), left, "round {round}");
+            assert_eq!(foretold[..left.len()], left, "round {round}, cap {cap}");
+            for id in &foretold[left.len()..] {
+                let running = q.served_of(&q.entries[id].tenant).running;
+                assert!(q.entries[id].capped && cap > 0 && running >= cap, "round {round}: {id} waits, its tenant running {running} of {cap}");
+            }
         }
     }
 }

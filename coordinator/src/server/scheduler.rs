@@ -191,4 +191,25 @@ mod tests {
         drop(guard);
         let _guard = tokio::time::timeout(Duration::from_secs(1), &mut a1).await.unwrap().unwrap();
     }
+
+    /// A tenant at its running cap leaves a free slot to another tenant's job, and its next job
+    /// starts when its running one ends.
+    #[tokio::test]
+    async fn a_tenant_at_its_cap_leaves_a_free_slot_to_others() {
+        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, max_running_per_tenant: 1, ..QueueLimits::default() });
+        let (_slots_tx, slots_rx) = watch::channel(2usize);
+        let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
+        let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();
+        tokio::spawn(sched.clone().dispatch(slots_rx));
+        let guard = tokio::time::timeout(Duration::from_secs(1), &mut a0).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(a1.try_recv().is_err(), "alice runs her one job: her next waits though a slot is free");
+        assert_eq!((sched.running(), sched.queued()), (1, 1));
+        let (ahead, mut b0) = sched.enqueue("b0", "bob", 0, Admit::New).unwrap();
+        assert_eq!(ahead, 0);
+        let _bob = tokio::time::timeout(Duration::from_secs(1), &mut b0).await.unwrap().unwrap();
+        drop(guard);
+        let _alice = tokio::time::timeout(Duration::from_secs(1), &mut a1).await.unwrap().unwrap();
+        assert_eq!((sched.running(), sched.queued()), (2, 0));
+    }
 }
