@@ -98,15 +98,40 @@ struct Shared {
     /// Jobs taken over from workers that still run them (a coordinator died), with their groups
     /// (reserved): each goes on there when it runs.
     adopted: Mutex<HashMap<String, (Group, adopt::Adopted)>>,
+    /// Held through each [`Shared::publish`], so that publishes run one at a time.
+    publishing: Mutex<()>,
 }
 
 impl Shared {
+    fn new(max_ranks: usize, tls: Option<std::sync::Arc<tessera_cluster::tls::InternalTls>>) -> Self {
+        Self {
+            table: Mutex::new(WorkerTable::default()),
+            version: watch::channel(0).0,
+            live: watch::channel(BTreeSet::new()).0,
+            draining_workers: watch::channel(BTreeSet::new()).0,
+            slots: watch::channel(0).0,
+            running: AtomicUsize::new(0),
+            ready: watch::channel(false).0,
+            draining: AtomicBool::new(false),
+            max_ranks,
+            tls,
+            adopted: Mutex::new(HashMap::new()),
+            publishing: Mutex::new(()),
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, WorkerTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Publishes the table's consequences: live ids, slots, the change counter.
+    /// Publishes the table's consequences: live ids, slots, the change counter. Every change of
+    /// the table, the running jobs or the adopted ones is followed by a publish; they run one at
+    /// a time, so the last one reads every change before it. (Run side by side, a publish that
+    /// read the table before a change could send after the publish of that change, and leave
+    /// the slots stale: the job task's end and the membership follower's update of its workers
+    /// race so, and a job accepted next waited for a slot that never came.)
     fn publish(&self) {
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let (live, draining, formable) = {
             let t = self.table();
             let draining = t.records().filter(|w| w.state == WorkerState::Draining).map(|w| w.worker_id.clone()).collect::<BTreeSet<_>>();
@@ -125,6 +150,9 @@ impl Shared {
         // Adopted jobs not started yet hold their groups: a slot each.
         let adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner()).len();
         let slots = if self.draining.load(Ordering::SeqCst) { 0 } else { self.running.load(Ordering::SeqCst) + formable + adopted };
+        // Tests widen the window between reading and sending, where publishes side by side race.
+        #[cfg(test)]
+        std::thread::sleep(Duration::from_micros(50));
         self.slots.send_if_modified(|s| {
             let changed = *s != slots;
             *s = slots;
@@ -148,19 +176,7 @@ impl ClusterExecutor {
         if config.default_model.as_deref().is_some_and(|m| m.trim().is_empty()) {
             return Err(CoordinatorError::invalid_argument("model", "the default model name must not be empty"));
         }
-        let shared = Arc::new(Shared {
-            table: Mutex::new(WorkerTable::default()),
-            version: watch::channel(0).0,
-            live: watch::channel(BTreeSet::new()).0,
-            draining_workers: watch::channel(BTreeSet::new()).0,
-            slots: watch::channel(0).0,
-            running: AtomicUsize::new(0),
-            ready: watch::channel(false).0,
-            draining: AtomicBool::new(false),
-            max_ranks: config.max_ranks,
-            tls: config.tls.clone(),
-            adopted: Mutex::new(HashMap::new()),
-        });
+        let shared = Arc::new(Shared::new(config.max_ranks, config.tls.clone()));
         let follower = tokio::spawn(follow(config.membership.clone(), shared.clone()));
         Ok(Self { config, shared, follower })
     }
@@ -537,5 +553,53 @@ async fn wait_for_group(
 impl Default for DriveLimits {
     fn default() -> Self {
         Self { connect: Duration::from_secs(10), prepare: Duration::from_secs(600), step: Duration::from_secs(600), decode: Duration::from_secs(1800) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
+    use tessera_cluster::membership::MembershipEvent;
+
+    /// Publishes from two threads, each after its own change (a job starting and ending, its
+    /// worker's record going busy and idle), leave the slots as the final state says: however
+    /// they interleave, no publish sends a count it read before the other thread's last change
+    /// after that change's own publish.
+    #[test]
+    fn the_last_publish_reads_every_change_before_it() {
+        let record = |state| WorkerRecord { state, ..WorkerRecord::starting("w", "h:1", "h:2", "m", vec!["cpu".into()], 0) };
+        for trial in 0..100 {
+            let shared = Arc::new(Shared::new(1, None));
+            shared.table().apply(&MembershipEvent::Joined(record(WorkerState::Idle)));
+            shared.publish();
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let job = {
+                let (shared, start) = (shared.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for _ in 0..20 {
+                        shared.running.fetch_add(1, SeqCst);
+                        shared.publish();
+                        shared.running.fetch_sub(1, SeqCst);
+                        shared.publish();
+                    }
+                })
+            };
+            let follower = {
+                let (shared, start) = (shared.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for state in [WorkerState::Busy, WorkerState::Idle].repeat(20) {
+                        shared.table().apply(&MembershipEvent::Updated(record(state)));
+                        shared.publish();
+                    }
+                })
+            };
+            job.join().unwrap();
+            follower.join().unwrap();
+            // No job runs, and the one worker is idle: one job could start.
+            assert_eq!(*shared.slots.borrow(), 1, "trial {trial}: the slots were left stale");
+        }
     }
 }
