@@ -11,19 +11,23 @@ use tessera_cluster::tls::InternalTls;
 use tessera_proto::capability::JobSecret;
 use tessera_proto::worker::v1 as pb;
 
-/// How long taking a job over may take (connecting, and each rank's answer, which does not wait
-/// for a step in flight). A rank that does not answer in time makes the job resume from its
-/// checkpoint instead.
-const ADOPT_LIMIT: Duration = Duration::from_secs(5);
+/// How long taking a job over may take.
+#[derive(Clone, Copy, Debug)]
+struct AdoptTiming {
+    /// Connecting, and each rank's answer (which does not wait for a step in flight). A rank
+    /// that does not answer in time makes the job resume from its checkpoint instead.
+    limit: Duration,
+    /// How long to wait for a command other than a step (a checkpoint or a decode the earlier
+    /// coordinator sent every rank) to finish, asking the ranks again every `poll`, before the
+    /// job resumes from its checkpoint instead (which costs up to `--checkpoint-every` steps).
+    settle: Duration,
+    /// How often the ranks are asked again meanwhile.
+    poll: Duration,
+}
 
-/// How long taking a job over waits for a command other than a step (a checkpoint or a decode
-/// the earlier coordinator sent every rank) to finish, asking the ranks again every
-/// [`ADOPT_POLL`], before it resumes the job from its checkpoint instead (which costs up to
-/// `--checkpoint-every` steps). A coordinator resumes its stored jobs one after another as it
-/// starts, so the wait is short: a checkpoint's gather takes seconds.
-const ADOPT_SETTLE: Duration = Duration::from_secs(10);
-/// How often the ranks are asked again while a checkpoint or decode in flight finishes.
-const ADOPT_POLL: Duration = Duration::from_millis(200);
+/// A coordinator resumes its stored jobs one after another as it starts, so the wait for a
+/// command in flight is short: a checkpoint's gather takes seconds.
+const ADOPT: AdoptTiming = AdoptTiming { limit: Duration::from_secs(5), settle: Duration::from_secs(10), poll: Duration::from_millis(200) };
 
 /// Where an adopted run stands, as every rank of its group reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,33 +43,45 @@ pub struct Adopted {
 /// stands. Returns the workers in rank order and where the run stands when they are exactly the
 /// `plan`'s ranks, every rank once, agreeing on the step; `None` otherwise (the caller releases
 /// them and resumes from the checkpoint). Ranks that would agree once a checkpoint or decode in
-/// flight finishes ([`settles`]) are asked again, for up to [`ADOPT_SETTLE`].
+/// flight finishes ([`settles`]) are asked again, for up to [`ADOPT`]'s `settle`.
 pub async fn adopt_on(
     holders: &[WorkerRecord],
     job: &ExecJob,
     plan: tessera_cluster::JobPlan,
     tls: Option<&InternalTls>,
 ) -> Option<(Vec<WorkerRecord>, Adopted)> {
-    if holders.len() != plan.ranks as usize {
-        tracing::info!(job = %job.id, holders = holders.len(), ranks = plan.ranks, "not every rank of the job is still held: it cannot be adopted");
+    let caller = JobSecret::new(&job.secret).with_epoch(job.epoch);
+    adopt_within(holders, &job.id, &caller, plan.ranks, tls, ADOPT).await
+}
+
+/// [`adopt_on`] for job `id` on a group of `size` ranks, calling as `caller`, within `timing`.
+async fn adopt_within(
+    holders: &[WorkerRecord],
+    id: &str,
+    caller: &JobSecret,
+    size: u32,
+    tls: Option<&InternalTls>,
+    timing: AdoptTiming,
+) -> Option<(Vec<WorkerRecord>, Adopted)> {
+    if holders.len() != size as usize {
+        tracing::info!(job = %id, holders = holders.len(), ranks = size, "not every rank of the job is still held: it cannot be adopted");
         return None;
     }
-    let interceptor = JobSecret::new(&job.secret).with_epoch(job.epoch);
-    let connects = holders.iter().map(|w| connect(w, ADOPT_LIMIT, &interceptor, tls));
+    let connects = holders.iter().map(|w| connect(w, timing.limit, caller, tls));
     let mut ranks: Vec<Rank> = futures_util::future::join_all(connects)
         .await
         .into_iter()
         .collect::<Result<_, _>>()
-        .inspect_err(|e| tracing::info!(job = %job.id, error = %e, "a rank of the job cannot be reached"))
+        .inspect_err(|e| tracing::info!(job = %id, error = %e, "a rank of the job cannot be reached"))
         .ok()?;
-    let until = Instant::now() + ADOPT_SETTLE;
+    let until = Instant::now() + timing.settle;
     loop {
         let calls = ranks.iter_mut().map(|rank| async move {
-            let call = rank.client.adopt_job(pb::AdoptJobRequest { job_id: job.id.clone() });
-            match tokio::time::timeout(ADOPT_LIMIT, call).await {
+            let call = rank.client.adopt_job(pb::AdoptJobRequest { job_id: id.to_string() });
+            match tokio::time::timeout(timing.limit, call).await {
                 Ok(Ok(answer)) => Some((rank.record.clone(), answer.into_inner())),
                 outcome => {
-                    tracing::info!(worker = %rank.record.worker_id, job = %job.id, ?outcome, "a rank of the job does not answer AdoptJob");
+                    tracing::info!(worker = %rank.record.worker_id, job = %id, ?outcome, "a rank of the job does not answer AdoptJob");
                     None
                 }
             }
@@ -73,16 +89,16 @@ pub async fn adopt_on(
         let mut answers: Vec<(WorkerRecord, pb::AdoptJobResponse)> = futures_util::future::join_all(calls).await.into_iter().collect::<Option<_>>()?;
         answers.sort_by_key(|(_, a)| a.rank);
         let steps: Vec<AdoptAnswer> = answers.iter().map(|(_, a)| AdoptAnswer::from(a)).collect();
-        if let Some(steps_done) = adoptable(&steps, plan.ranks) {
+        if let Some(steps_done) = adoptable(&steps, size) {
             let adopted = Adopted { steps_done, total_steps: answers[0].1.total_steps };
             return Some((answers.into_iter().map(|(w, _)| w).collect(), adopted));
         }
-        if !settles(&steps, plan.ranks) || Instant::now() >= until {
-            tracing::info!(job = %job.id, answers = ?answers.iter().map(|(_, a)| a).collect::<Vec<_>>(), "the ranks of the job disagree: it cannot be adopted");
+        if !settles(&steps, size) || Instant::now() >= until {
+            tracing::info!(job = %id, answers = ?answers.iter().map(|(_, a)| a).collect::<Vec<_>>(), "the ranks of the job disagree: it cannot be adopted");
             return None;
         }
-        tracing::debug!(job = %job.id, "a rank of the job still runs a checkpoint or decode: asking again");
-        tokio::time::sleep(ADOPT_POLL).await;
+        tracing::debug!(job = %id, "a rank of the job still runs a checkpoint or decode: asking again");
+        tokio::time::sleep(timing.poll).await;
     }
 }
 
@@ -158,6 +174,109 @@ pub async fn release_on(workers: &[WorkerRecord], job: &ExecJob, tls: Option<&In
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tessera_proto::worker::v1::shard_worker_server::{ShardWorker, ShardWorkerServer};
+    use tonic::{Request, Response, Status};
+
+    /// A worker that answers AdoptJob from a script, one answer per call and the last one from
+    /// then on, counting the calls; it refuses every other call.
+    struct ScriptedWorker {
+        answers: Mutex<VecDeque<pb::AdoptJobResponse>>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn refused<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("a scripted worker answers AdoptJob only"))
+    }
+
+    #[tonic::async_trait]
+    impl ShardWorker for ScriptedWorker {
+        type DecodeStream = futures_util::stream::Empty<Result<pb::DecodedFrames, Status>>;
+        async fn create_nccl_id(&self, _: Request<pb::CreateNcclIdRequest>) -> Result<Response<pb::CreateNcclIdResponse>, Status> {
+            refused()
+        }
+        async fn prepare_job(&self, _: Request<pb::PrepareJobRequest>) -> Result<Response<pb::PrepareJobResponse>, Status> {
+            refused()
+        }
+        async fn step(&self, _: Request<pb::StepRequest>) -> Result<Response<pb::StepResponse>, Status> {
+            refused()
+        }
+        async fn checkpoint(&self, _: Request<pb::CheckpointRequest>) -> Result<Response<pb::CheckpointResponse>, Status> {
+            refused()
+        }
+        async fn decode(&self, _: Request<pb::DecodeRequest>) -> Result<Response<Self::DecodeStream>, Status> {
+            refused()
+        }
+        async fn fetch_latents(&self, _: Request<pb::FetchLatentsRequest>) -> Result<Response<pb::JobLatents>, Status> {
+            refused()
+        }
+        async fn release_job(&self, _: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
+            refused()
+        }
+        async fn adopt_job(&self, _: Request<pb::AdoptJobRequest>) -> Result<Response<pb::AdoptJobResponse>, Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut answers = self.answers.lock().unwrap();
+            let answer = if answers.len() > 1 { answers.pop_front() } else { answers.front().cloned() };
+            answer.map(Response::new).ok_or_else(|| Status::not_found("no run"))
+        }
+        async fn describe(&self, _: Request<pb::DescribeRequest>) -> Result<Response<pb::DescribeResponse>, Status> {
+            refused()
+        }
+    }
+
+    /// A scripted worker serving on loopback: its record and its count of AdoptJob calls.
+    async fn scripted(id: &str, answers: Vec<pb::AdoptJobResponse>) -> (WorkerRecord, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let worker = ScriptedWorker { answers: Mutex::new(answers.into()), calls: calls.clone() };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(ShardWorkerServer::new(worker)).serve_with_incoming(incoming));
+        (WorkerRecord::starting(id, address, "127.0.0.1:1", "m", vec!["cpu".into()], 0), calls)
+    }
+
+    /// Over gRPC: ranks busy with a checkpoint their dead coordinator sent every rank are asked
+    /// again until it ends, and the run is adopted where it stands; a rank that stays busy (the
+    /// command reached it alone) is given up on after the settle time; ranks that disagree
+    /// otherwise are given up on at once.
+    #[tokio::test]
+    async fn ranks_finishing_a_checkpoint_are_waited_for_and_adopted() {
+        let at = |rank: u32, steps_done: u32, busy: u32| pb::AdoptJobResponse { rank, ranks: 2, steps_done, total_steps: 10, chunks_done: 0, busy };
+        let timing = AdoptTiming { limit: Duration::from_secs(5), settle: Duration::from_secs(2), poll: Duration::from_millis(20) };
+        let caller = JobSecret::new(&[7u8; 32]);
+
+        // The checkpoint ends on both ranks after a few answers: adopted at step 4.
+        let (w0, c0) = scripted("w0", vec![at(0, 4, 2), at(0, 4, 2), at(0, 4, 2), at(0, 4, 0)]).await;
+        let (w1, c1) = scripted("w1", vec![at(1, 4, 2), at(1, 4, 0)]).await;
+        // Holders in any order: the answers put them in rank order.
+        let (workers, adopted) = adopt_within(&[w1.clone(), w0.clone()], "job", &caller, 2, None, timing).await.expect("adopted once the checkpoint ended");
+        assert_eq!(adopted, Adopted { steps_done: 4, total_steps: 10 });
+        assert_eq!(workers.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(), ["w0", "w1"]);
+        assert_eq!((c0.load(Ordering::SeqCst), c1.load(Ordering::SeqCst)), (4, 4), "asked until every rank was idle");
+
+        // Rank 0 stays in a checkpoint its peer never got: given up on after the settle time.
+        let (w0, c0) = scripted("w0", vec![at(0, 4, 2)]).await;
+        let (w1, _) = scripted("w1", vec![at(1, 4, 0)]).await;
+        let started = Instant::now();
+        assert_eq!(adopt_within(&[w0, w1], "job", &caller, 2, None, timing).await.map(|(_, a)| a), None);
+        let waited = started.elapsed();
+        assert!(waited >= timing.settle && waited < timing.settle * 3, "gave up after {waited:?}");
+        assert!(c0.load(Ordering::SeqCst) > 10, "asked again meanwhile");
+
+        // Ranks two steps apart: not one run, given up on at the first answers.
+        let (w0, c0) = scripted("w0", vec![at(0, 6, 0)]).await;
+        let (w1, _) = scripted("w1", vec![at(1, 4, 2)]).await;
+        assert_eq!(adopt_within(&[w0, w1], "job", &caller, 2, None, timing).await.map(|(_, a)| a), None);
+        assert_eq!(c0.load(Ordering::SeqCst), 1);
+
+        // A rank that holds no run (NOT_FOUND), or holders short of the plan's ranks: none.
+        let (w0, _) = scripted("w0", vec![at(0, 4, 0)]).await;
+        let (w1, _) = scripted("w1", vec![]).await;
+        assert_eq!(adopt_within(&[w0.clone(), w1], "job", &caller, 2, None, timing).await.map(|(_, a)| a), None);
+        assert_eq!(adopt_within(&[w0], "job", &caller, 2, None, timing).await.map(|(_, a)| a), None);
+    }
 
     /// A run is adopted where it stands, even with a step of its dead coordinator still running on
     /// some ranks; what cannot be one run is not.
