@@ -8,12 +8,38 @@ mod common;
 use common::server::{generate, long_request, small_request, Server};
 use std::io::Write;
 use tessera_proto::v1::generate_event::Event;
-use tessera_proto::v1::{CancelJobRequest, GenerateRequest, GetJobRequest, JobState, ListJobsRequest};
-use tonic::{Code, IntoRequest, Request};
+use tessera_proto::v1::tessera_client::TesseraClient;
+use tessera_proto::v1::{Accepted, CancelJobRequest, GenerateEvent, GenerateRequest, GetJobRequest, JobState, ListJobsRequest};
+use tonic::transport::Channel;
+use tonic::{Code, IntoRequest, Request, Streaming};
+
+type Client = TesseraClient<Channel>;
 
 const ALICE: &str = "t0k-alice-5f2c9e41d7";
 const BOB: &str = "t0k-bob-8a13c6e0b2";
 const ROOT: &str = "t0k-root-77d04b19fe";
+
+/// A long request sent as `token` with `seed`: its Accepted and the stream of its events.
+async fn accept_long(mut client: Client, token: &str, seed: u64) -> (Accepted, Streaming<GenerateEvent>) {
+    let mut s = client.generate(as_caller(token, GenerateRequest { seed: Some(seed), ..long_request() })).await.unwrap().into_inner();
+    let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
+    (acc, s)
+}
+
+/// `events` once its job ran its first step (within a minute).
+async fn first_step(mut events: Streaming<GenerateEvent>) -> Streaming<GenerateEvent> {
+    let wait = async {
+        loop {
+            if let Some(Event::Progress(p)) = events.message().await.unwrap().unwrap().event {
+                if p.step >= 1 {
+                    break;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), wait).await.expect("the job starts");
+    events
+}
 
 /// `message` with `authorization: Bearer token`.
 fn as_caller<T>(token: &str, message: T) -> Request<T> {
@@ -97,23 +123,10 @@ async fn a_tenant_holds_its_share_of_the_queue_and_tenants_take_turns() {
     let server = Server::start_serving(&["--auth-token-file", tokens.path().to_str().unwrap(), "--max-queued-per-tenant", "2"]).await;
     let mut client = server.client().await;
     let caller = client.clone();
-    let accept = |token: &'static str, seed: u64| {
-        let mut c = caller.clone();
-        async move {
-            let mut s = c.generate(as_caller(token, GenerateRequest { seed: Some(seed), ..long_request() })).await.unwrap().into_inner();
-            let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
-            (acc, s)
-        }
-    };
+    let accept = |token: &'static str, seed: u64| accept_long(caller.clone(), token, seed);
     // Alice's first job runs; her next two wait.
-    let (running, mut first) = accept(ALICE, 1).await;
-    loop {
-        if let Some(Event::Progress(p)) = first.message().await.unwrap().unwrap().event {
-            if p.step >= 1 {
-                break;
-            }
-        }
-    }
+    let (running, first) = accept(ALICE, 1).await;
+    let _first = first_step(first).await;
     let (a1, _s1) = accept(ALICE, 2).await;
     let (a2, _s2) = accept(ALICE, 3).await;
     assert_eq!((a1.queue_position, a2.queue_position), (0, 1));
@@ -157,27 +170,7 @@ async fn a_tenant_at_its_running_cap_leaves_the_free_worker_to_another() {
     let server = Server::start_serving(&flags).await;
     let mut client = server.client().await;
     let caller = client.clone();
-    let accept = |token: &'static str, seed: u64| {
-        let mut c = caller.clone();
-        async move {
-            let mut s = c.generate(as_caller(token, GenerateRequest { seed: Some(seed), ..long_request() })).await.unwrap().into_inner();
-            let Some(Event::Accepted(acc)) = s.message().await.unwrap().unwrap().event else { panic!("no Accepted") };
-            (acc, s)
-        }
-    };
-    let first_step = |mut s: tonic::Streaming<tessera_proto::v1::GenerateEvent>| async move {
-        let wait = async {
-            loop {
-                if let Some(Event::Progress(p)) = s.message().await.unwrap().unwrap().event {
-                    if p.step >= 1 {
-                        break;
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(60), wait).await.expect("the job starts");
-        s
-    };
+    let accept = |token: &'static str, seed: u64| accept_long(caller.clone(), token, seed);
     let (a0, s0) = accept(ALICE, 1).await;
     let _s0 = first_step(s0).await;
     let (a1, s1) = accept(ALICE, 2).await;

@@ -263,6 +263,11 @@ pub async fn watch(client: &mut TesseraClient<Channel>, job_id: &str) -> Collect
     collect(client.watch_job(tessera_proto::v1::WatchJobRequest { job_id: job_id.into() }).await).await
 }
 
+/// Longest a test waits for the next event of a call: a job that hangs fails its test, naming
+/// where it stopped, instead of holding CI up to its time limit. The tests' jobs send progress
+/// every step, and none of their steps takes a minute.
+const SILENCE_LIMIT: Duration = Duration::from_secs(300);
+
 async fn collect(call: Result<tonic::Response<tonic::Streaming<GenerateEvent>>, tonic::Status>) -> Collected {
     let mut stream = match call {
         Ok(r) => r.into_inner(),
@@ -270,7 +275,9 @@ async fn collect(call: Result<tonic::Response<tonic::Streaming<GenerateEvent>>, 
     };
     let mut events = Vec::new();
     loop {
-        match stream.message().await {
+        let next = tokio::time::timeout(SILENCE_LIMIT, stream.message()).await;
+        let next = next.unwrap_or_else(|_| panic!("no event for {SILENCE_LIMIT:?} (a hung job?); the last of {}: {:?}", events.len(), events.last()));
+        match next {
             Ok(Some(e)) => events.push(e),
             Ok(None) => return Collected { events, status: None },
             Err(s) => return Collected { events, status: Some(s) },
