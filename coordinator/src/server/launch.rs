@@ -117,7 +117,6 @@ pub async fn launch(state: &Arc<ServiceState>, l: Launch) -> Result<Accepted, Co
             return Err(e);
         }
     };
-    state.metrics.set_queue_depth(state.scheduler.queued());
     let accepted = Accepted {
         job_id: id.clone(),
         plan: l.record.plan.clone(),

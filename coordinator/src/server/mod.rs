@@ -125,9 +125,11 @@ pub struct ServiceState {
 impl ServiceState {
     /// State for a service running jobs on `executor`.
     pub fn new(executor: Arc<dyn JobExecutor>, config: &ServerConfig) -> Arc<Self> {
+        let metrics = CoordinatorMetrics::global();
+        let gauge = metrics.clone();
         Arc::new(Self {
             jobs: JobTable::new(config.job_retention, config.job_records),
-            scheduler: Scheduler::new(config.queue),
+            scheduler: Scheduler::new(config.queue, Box::new(move |depth| gauge.set_queue_depth(depth))),
             executor,
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),
@@ -135,7 +137,7 @@ impl ServiceState {
             media_decodes: tokio::sync::Semaphore::new(MAX_CONCURRENT_DECODES),
             held_input: HeldInput::new(config.max_input_bytes_held),
             draining: AtomicBool::new(false),
-            metrics: CoordinatorMetrics::global(),
+            metrics,
             store: config.store.clone(),
             feeds: feed::Feeds::default(),
             output_retention: config.job_retention,

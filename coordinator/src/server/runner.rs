@@ -141,7 +141,6 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
     }
     .instrument(tracing::info_span!("queued"))
     .await;
-    state.metrics.set_queue_depth(state.scheduler.queued());
     let outcome = match slot {
         // A job stopped just as its slot came does not start.
         Some(slot) if !d.stop.is_stopped() => {
@@ -154,7 +153,6 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         _ => {
             state.scheduler.remove(&id);
             state.executor.abandon(&d.job);
-            state.metrics.set_queue_depth(state.scheduler.queued());
             let reason = d.stop.reason().unwrap_or(StopReason::Shutdown);
             let timings = Timings { queued: d.accepted.elapsed(), total: d.accepted.elapsed(), ..Default::default() };
             Outcome { result: Err(reason.error()), timings, total_bytes: 0, steps: 0, predicted: None }

@@ -1,6 +1,7 @@
 //! Admission: jobs wait in the bounded queue (by priority, tenants taking turns) and leave it when
 //! the executor has a free slot. A slot is a [`SlotGuard`] handed to the job's driver; dropping it
-//! frees the slot, and the job stops counting as its tenant's.
+//! frees the slot, and the job stops counting as its tenant's. The queue's depth is reported as it
+//! changes, under the queue's lock, so that reports from tasks side by side arrive in order.
 
 use super::queue::{Admit, JobQueue, QueueLimits};
 use crate::CoordinatorError;
@@ -27,24 +28,42 @@ impl Drop for SlotGuard {
 /// (cancelled, or the server is shutting down).
 pub type Admission = oneshot::Receiver<SlotGuard>;
 
+/// Where the queue's depth goes each time it changes (the `tessera_queue_depth` gauge).
+pub type DepthReport = Box<dyn Fn(usize) + Send + Sync>;
+
 /// The queue and the count of running jobs.
-#[derive(Debug)]
 pub struct Scheduler {
     /// Where each waiting job's slot goes.
     queue: Mutex<JobQueue<oneshot::Sender<SlotGuard>>>,
     running: AtomicUsize,
     wake: Notify,
     closed: AtomicBool,
+    depth: DepthReport,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler").field("queue", &self.queue).field("running", &self.running).field("closed", &self.closed).finish_non_exhaustive()
+    }
 }
 
 impl Scheduler {
-    /// A scheduler whose queue holds new jobs to `limits`.
-    pub fn new(limits: QueueLimits) -> Arc<Self> {
-        Arc::new(Self { queue: Mutex::new(JobQueue::new(limits)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false) })
+    /// A scheduler whose queue holds new jobs to `limits`, reporting its depth to `depth` as it
+    /// changes.
+    pub fn new(limits: QueueLimits, depth: DepthReport) -> Arc<Self> {
+        Arc::new(Self { queue: Mutex::new(JobQueue::new(limits)), running: AtomicUsize::new(0), wake: Notify::new(), closed: AtomicBool::new(false), depth })
     }
 
     fn queue(&self) -> MutexGuard<'_, JobQueue<oneshot::Sender<SlotGuard>>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `change` on the queue and reports the depth it leaves, both under the queue's lock.
+    fn change<R>(&self, change: impl FnOnce(&mut JobQueue<oneshot::Sender<SlotGuard>>) -> R) -> R {
+        let mut queue = self.queue();
+        let r = change(&mut queue);
+        (self.depth)(queue.len());
+        r
     }
 
     /// Queues job `id` of `tenant`; returns how many queued jobs go before it and where its slot
@@ -54,7 +73,7 @@ impl Scheduler {
             return Err(CoordinatorError::Unavailable("the server is shutting down and takes no new jobs".into()));
         }
         let (tx, rx) = oneshot::channel();
-        let ahead = self.queue().push(id, tenant, priority, admit, tx)?;
+        let ahead = self.change(|q| q.push(id, tenant, priority, admit, tx))?;
         self.wake.notify_one();
         Ok((ahead, rx))
     }
@@ -72,7 +91,7 @@ impl Scheduler {
 
     /// Takes job `id` out of the queue; false if it was not waiting there.
     pub fn remove(&self, id: &str) -> bool {
-        self.queue().remove(id).is_some()
+        self.change(|q| q.remove(id)).is_some()
     }
 
     /// Queued jobs that go before job `id`.
@@ -94,7 +113,7 @@ impl Scheduler {
     /// admissions fail).
     pub fn close(&self) -> Vec<String> {
         self.closed.store(true, Ordering::SeqCst);
-        self.queue().drain().into_iter().map(|(id, _)| id).collect()
+        self.change(|q| q.drain()).into_iter().map(|(id, _)| id).collect()
     }
 
     /// Hands slots to queued jobs, best first, while fewer than `slots` jobs run; returns when
@@ -103,7 +122,7 @@ impl Scheduler {
         loop {
             let limit = *slots.borrow_and_update();
             while self.running.load(Ordering::SeqCst) < limit {
-                let Some(taken) = self.queue().pop() else { break };
+                let Some(taken) = self.change(|q| q.pop()) else { break };
                 self.running.fetch_add(1, Ordering::SeqCst);
                 // A job whose driver is gone drops the guard here, which frees the slot again.
                 let _ = taken.item.send(SlotGuard { scheduler: self.clone(), tenant: taken.tenant });
@@ -121,9 +140,54 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn no_report() -> DepthReport {
+        Box::new(|_| {})
+    }
+
+    /// The depth is reported at every change, in the order of the changes, from tasks side by
+    /// side too: the last report is the queue's depth.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_depth_is_reported_as_the_queue_changes() {
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let sink = reports.clone();
+        let sched = Scheduler::new(
+            QueueLimits { max_queued: 1000, max_queued_per_tenant: 0, ..QueueLimits::default() },
+            Box::new(move |d| sink.lock().unwrap().push(d)),
+        );
+        let _a = sched.enqueue("a", "t", 0, Admit::New).unwrap();
+        let _b = sched.enqueue("b", "t", 0, Admit::New).unwrap();
+        assert!(sched.remove("a"));
+        assert_eq!(*reports.lock().unwrap(), [1, 2, 1]);
+        let (slots_tx, slots_rx) = watch::channel(1usize);
+        tokio::spawn(sched.clone().dispatch(slots_rx));
+        let _b = tokio::time::timeout(Duration::from_secs(1), _b.1).await.unwrap().unwrap();
+        assert_eq!(reports.lock().unwrap().last(), Some(&0), "the job that left is reported");
+        drop(slots_tx);
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let sched = sched.clone();
+                tokio::spawn(async move {
+                    for i in 0..200 {
+                        let id = format!("{t}-{i}");
+                        let _queued = sched.enqueue(&id, "t", 0, Admit::New).unwrap();
+                        if i % 3 != 0 {
+                            sched.remove(&id);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(reports.lock().unwrap().last().copied(), Some(sched.queued()));
+        assert_eq!(sched.close().len(), 4 * 67);
+        assert_eq!(reports.lock().unwrap().last(), Some(&0));
+    }
+
     #[test]
     fn room_is_checked_before_costly_admission_work() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 1, max_queued_per_tenant: 0, ..QueueLimits::default() });
+        let sched = Scheduler::new(QueueLimits { max_queued: 1, max_queued_per_tenant: 0, ..QueueLimits::default() }, no_report());
         assert!(sched.check_room("t").is_ok());
         let _queued = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         assert!(matches!(sched.check_room("u"), Err(CoordinatorError::QueueFull { limit: 1 })));
@@ -133,7 +197,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_leave_the_queue_as_slots_free_best_first() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() });
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() }, no_report());
         let (slots_tx, slots_rx) = watch::channel(0usize);
         let (_, mut low) = sched.enqueue("low", "t", -1, Admit::New).unwrap();
         let (_, mut high) = sched.enqueue("high", "t", 10, Admit::New).unwrap();
@@ -158,7 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_waiter_frees_its_slot_and_closing_refuses_new_jobs() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() });
+        let sched = Scheduler::new(QueueLimits { max_queued: 4, max_queued_per_tenant: 0, ..QueueLimits::default() }, no_report());
         let (slots_tx, slots_rx) = watch::channel(1usize);
         let (_, dropped) = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         drop(dropped);
@@ -177,7 +241,7 @@ mod tests {
     /// counts against its queued ones until its guard is dropped.
     #[tokio::test]
     async fn a_free_slot_goes_to_the_tenant_that_runs_nothing() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, ..QueueLimits::default() });
+        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, ..QueueLimits::default() }, no_report());
         let (_slots_tx, slots_rx) = watch::channel(1usize);
         let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
         let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();
@@ -196,7 +260,7 @@ mod tests {
     /// starts when its running one ends.
     #[tokio::test]
     async fn a_tenant_at_its_cap_leaves_a_free_slot_to_others() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, max_running_per_tenant: 1, ..QueueLimits::default() });
+        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, max_running_per_tenant: 1, ..QueueLimits::default() }, no_report());
         let (_slots_tx, slots_rx) = watch::channel(2usize);
         let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
         let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();
