@@ -183,6 +183,8 @@ async fn a_tenant_at_its_running_cap_leaves_the_free_worker_to_another() {
         async move { c.get_job(as_caller(ALICE, GetJobRequest { job_id: id })).await.unwrap().into_inner().state }
     };
     assert_eq!(state(a1.job_id.clone()).await, JobState::Queued as i32, "Alice's second job waits while Bob's runs on the other worker");
+    let metrics = server.scrape().await;
+    assert!(metrics.lines().any(|l| l == "tessera_queue_held 1"), "the metric tells the cap from a shortage: {metrics}");
     client.cancel_job(as_caller(ALICE, CancelJobRequest { job_id: a0.job_id.clone() })).await.unwrap();
     let _s1 = first_step(s1).await;
     assert_eq!(state(a1.job_id.clone()).await, JobState::Running as i32);

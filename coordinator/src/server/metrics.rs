@@ -16,6 +16,7 @@ const JOB_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 #[derive(Clone)]
 pub struct CoordinatorMetrics {
     queue_depth: IntGauge,
+    queue_held: IntGauge,
     jobs_running: IntGauge,
     jobs: IntCounterVec,
     job_duration: HistogramVec,
@@ -45,6 +46,8 @@ impl CoordinatorMetrics {
     pub fn new(registry: &Registry) -> Result<Self, CoordinatorError> {
         let m = Self {
             queue_depth: IntGauge::new("tessera_queue_depth", "Jobs waiting in the queue (jobs).").map_err(metric_error)?,
+            queue_held: IntGauge::new("tessera_queue_held", "Jobs waiting in the queue only because their tenant runs its --max-running-per-tenant (jobs).")
+                .map_err(metric_error)?,
             jobs_running: IntGauge::new("tessera_jobs_running", "Jobs running now (jobs).").map_err(metric_error)?,
             store_owner: IntGauge::new(
                 "tessera_store_owner",
@@ -111,6 +114,7 @@ impl CoordinatorMetrics {
                 .map_err(metric_error)?,
         };
         registry.register(Box::new(m.queue_depth.clone())).map_err(metric_error)?;
+        registry.register(Box::new(m.queue_held.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.predicted_duration.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.run_duration.clone())).map_err(metric_error)?;
         registry.register(Box::new(m.prediction_ratio.clone())).map_err(metric_error)?;
@@ -147,9 +151,10 @@ impl CoordinatorMetrics {
         GLOBAL.get_or_init(|| Self::new(prometheus::default_registry()).unwrap_or_else(|_| Self::unregistered())).clone()
     }
 
-    /// Jobs waiting now.
-    pub fn set_queue_depth(&self, queued: usize) {
+    /// Jobs waiting now, and of them those held by their tenant's running cap.
+    pub fn set_queue_depth(&self, queued: usize, held: usize) {
         self.queue_depth.set(queued as i64);
+        self.queue_held.set(held as i64);
     }
 
     /// Whether this coordinator owns its state store now.
@@ -268,7 +273,7 @@ mod tests {
         let m = CoordinatorMetrics::new(&r).unwrap();
         let before = text(&r);
         assert!(before.contains("tessera_jobs_total{outcome=\"succeeded\"} 0"), "{before}");
-        m.set_queue_depth(3);
+        m.set_queue_depth(3, 1);
         m.job_started();
         m.refresh_workers(&[
             Worker { state: WorkerState::Idle as i32, ..Default::default() },
@@ -291,6 +296,7 @@ mod tests {
         for line in [
             "tessera_store_owner 1",
             "tessera_queue_depth 3",
+            "tessera_queue_held 1",
             "tessera_jobs_running 1",
             "tessera_workers{state=\"idle\"} 1",
             "tessera_workers{state=\"busy\"} 1",
@@ -313,7 +319,7 @@ mod tests {
         }
         // One HELP line per metric, each naming its unit.
         let helps: Vec<&str> = after.lines().filter(|l| l.starts_with("# HELP ")).collect();
-        assert_eq!(helps.len(), 16, "{helps:#?}");
+        assert_eq!(helps.len(), 17, "{helps:#?}");
         for h in helps {
             assert!(h.ends_with(").") && h.contains('('), "no unit in {h}");
         }

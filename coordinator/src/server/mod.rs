@@ -129,7 +129,7 @@ impl ServiceState {
         let gauge = metrics.clone();
         Arc::new(Self {
             jobs: JobTable::new(config.job_retention, config.job_records),
-            scheduler: Scheduler::new(config.queue, Box::new(move |depth| gauge.set_queue_depth(depth))),
+            scheduler: Scheduler::new(config.queue, Box::new(move |depth, held| gauge.set_queue_depth(depth, held))),
             executor,
             estimator: Estimator::default(),
             chunk_size: config.chunk_size.max(1),

@@ -131,6 +131,11 @@ impl<T> JobQueue<T> {
         self.entries.is_empty()
     }
 
+    /// Entries that wait only for their tenant's running cap: their tenant runs its most jobs.
+    pub fn held(&self) -> usize {
+        self.entries.values().filter(|e| e.capped && !self.may_start(self.served_of(&e.tenant))).count()
+    }
+
     /// Adds `item` for job `id` of `tenant` at `priority`; returns how many entries will leave
     /// before it. A new job finding the queue, or its tenant's share, full is refused
     /// ([`CoordinatorError::QueueFull`], [`CoordinatorError::TenantQueueFull`]); an id already

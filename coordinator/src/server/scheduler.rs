@@ -18,7 +18,8 @@ pub struct SlotGuard {
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.scheduler.queue().finished(&self.tenant);
+        // A job of the tenant ending may free its waiting jobs from its running cap.
+        self.scheduler.change(|q| q.finished(&self.tenant));
         self.scheduler.running.fetch_sub(1, Ordering::SeqCst);
         self.scheduler.wake.notify_one();
     }
@@ -28,8 +29,9 @@ impl Drop for SlotGuard {
 /// (cancelled, or the server is shutting down).
 pub type Admission = oneshot::Receiver<SlotGuard>;
 
-/// Where the queue's depth goes each time it changes (the `tessera_queue_depth` gauge).
-pub type DepthReport = Box<dyn Fn(usize) + Send + Sync>;
+/// Where the queue's depth goes each time it changes: the jobs waiting, and of them those held
+/// by their tenant's running cap (the `tessera_queue_depth` and `tessera_queue_held` gauges).
+pub type DepthReport = Box<dyn Fn(usize, usize) + Send + Sync>;
 
 /// The queue and the count of running jobs.
 pub struct Scheduler {
@@ -62,7 +64,7 @@ impl Scheduler {
     fn change<R>(&self, change: impl FnOnce(&mut JobQueue<oneshot::Sender<SlotGuard>>) -> R) -> R {
         let mut queue = self.queue();
         let r = change(&mut queue);
-        (self.depth)(queue.len());
+        (self.depth)(queue.len(), queue.held());
         r
     }
 
@@ -141,7 +143,7 @@ mod tests {
     use std::time::Duration;
 
     fn no_report() -> DepthReport {
-        Box::new(|_| {})
+        Box::new(|_, _| {})
     }
 
     /// The depth is reported at every change, in the order of the changes, from tasks side by
@@ -152,16 +154,16 @@ mod tests {
         let sink = reports.clone();
         let sched = Scheduler::new(
             QueueLimits { max_queued: 1000, max_queued_per_tenant: 0, ..QueueLimits::default() },
-            Box::new(move |d| sink.lock().unwrap().push(d)),
+            Box::new(move |d, held| sink.lock().unwrap().push((d, held))),
         );
         let _a = sched.enqueue("a", "t", 0, Admit::New).unwrap();
         let _b = sched.enqueue("b", "t", 0, Admit::New).unwrap();
         assert!(sched.remove("a"));
-        assert_eq!(*reports.lock().unwrap(), [1, 2, 1]);
+        assert_eq!(*reports.lock().unwrap(), [(1, 0), (2, 0), (1, 0)]);
         let (slots_tx, slots_rx) = watch::channel(1usize);
         tokio::spawn(sched.clone().dispatch(slots_rx));
         let _b = tokio::time::timeout(Duration::from_secs(1), _b.1).await.unwrap().unwrap();
-        assert_eq!(reports.lock().unwrap().last(), Some(&0), "the job that left is reported");
+        assert_eq!(reports.lock().unwrap().last(), Some(&(0, 0)), "the job that left is reported");
         drop(slots_tx);
         let tasks: Vec<_> = (0..4)
             .map(|t| {
@@ -180,9 +182,9 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(reports.lock().unwrap().last().copied(), Some(sched.queued()));
+        assert_eq!(reports.lock().unwrap().last().copied(), Some((sched.queued(), 0)));
         assert_eq!(sched.close().len(), 4 * 67);
-        assert_eq!(reports.lock().unwrap().last(), Some(&0));
+        assert_eq!(reports.lock().unwrap().last(), Some(&(0, 0)));
     }
 
     #[test]
@@ -260,7 +262,10 @@ mod tests {
     /// starts when its running one ends.
     #[tokio::test]
     async fn a_tenant_at_its_cap_leaves_a_free_slot_to_others() {
-        let sched = Scheduler::new(QueueLimits { max_queued: 8, max_queued_per_tenant: 0, max_running_per_tenant: 1, ..QueueLimits::default() }, no_report());
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let sink = reports.clone();
+        let limits = QueueLimits { max_queued: 8, max_queued_per_tenant: 0, max_running_per_tenant: 1, ..QueueLimits::default() };
+        let sched = Scheduler::new(limits, Box::new(move |d, held| sink.lock().unwrap().push((d, held))));
         let (_slots_tx, slots_rx) = watch::channel(2usize);
         let (_, mut a0) = sched.enqueue("a0", "alice", 0, Admit::New).unwrap();
         let (_, mut a1) = sched.enqueue("a1", "alice", 0, Admit::New).unwrap();
@@ -269,11 +274,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(a1.try_recv().is_err(), "alice runs her one job: her next waits though a slot is free");
         assert_eq!((sched.running(), sched.queued()), (1, 1));
+        assert_eq!(reports.lock().unwrap().last(), Some(&(1, 1)), "her waiting job is reported as held by her cap");
         let (ahead, mut b0) = sched.enqueue("b0", "bob", 0, Admit::New).unwrap();
         assert_eq!(ahead, 0);
         let _bob = tokio::time::timeout(Duration::from_secs(1), &mut b0).await.unwrap().unwrap();
         drop(guard);
         let _alice = tokio::time::timeout(Duration::from_secs(1), &mut a1).await.unwrap().unwrap();
         assert_eq!((sched.running(), sched.queued()), (2, 0));
+        assert_eq!(reports.lock().unwrap().last(), Some(&(0, 0)));
     }
 }
