@@ -33,8 +33,8 @@ pub struct Media {
 /// Decodes the request's media once: after the queue-full check (not for a queue, or a tenant's
 /// share of it, that is full anyway), before the job is accepted (garbage is refused). The frames
 /// count against what accepted jobs may hold, until the job's driver ends; the job keeps the
-/// frames, and the bytes are handed back. A job accepted before (`Admit::Accepted`, `Admit::Adopted`) is
-/// held to neither limit.
+/// frames, and the bytes are handed back. A job accepted before (`Admit::Accepted`,
+/// `Admit::Adopted`) is held to neither limit.
 pub async fn decode_media(state: &ServiceState, valid: &mut ValidRequest, tenant: &str, admit: Admit) -> Result<(Option<HeldShare>, Media), CoordinatorError> {
     if admit == Admit::New && (!valid.request.input_video.is_empty() || !valid.request.input_image.is_empty()) {
         state.scheduler.check_room(tenant)?;

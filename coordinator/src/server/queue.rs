@@ -133,7 +133,7 @@ impl<T> JobQueue<T> {
 
     /// Entries that wait only for their tenant's running cap: their tenant runs its most jobs.
     pub fn held(&self) -> usize {
-        self.entries.values().filter(|e| e.capped && !self.may_start(self.served_of(&e.tenant))).count()
+        self.entries.values().filter(|e| self.held_by_cap(e, self.served_of(&e.tenant))).count()
     }
 
     /// Adds `item` for job `id` of `tenant` at `priority`; returns how many entries will leave
@@ -174,7 +174,7 @@ impl<T> JobQueue<T> {
         let id = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.capped || self.may_start(self.served_of(&e.tenant)))
+            .filter(|(_, e)| !self.held_by_cap(e, self.served_of(&e.tenant)))
             .min_by_key(|(_, e)| self.key(e, self.served_of(&e.tenant)))
             .map(|(id, _)| id.clone())?;
         let entry = self.entries.remove(&id)?;
@@ -208,9 +208,11 @@ impl<T> JobQueue<T> {
         }
     }
 
-    /// Whether a tenant that was `served` so may start one more job.
-    fn may_start(&self, served: Served) -> bool {
-        self.limits.max_running_per_tenant == 0 || served.running < self.limits.max_running_per_tenant
+    /// Whether entry `e`, of a tenant that was `served` so, waits for its tenant's running cap:
+    /// the cap holds it (all but adopted runs) and the tenant runs its most jobs.
+    fn held_by_cap(&self, e: &Entry<T>, served: Served) -> bool {
+        let cap = self.limits.max_running_per_tenant;
+        e.capped && cap > 0 && served.running >= cap
     }
 
     fn served_of(&self, tenant: &str) -> Served {
@@ -266,8 +268,8 @@ impl<T> JobQueue<T> {
                 heap.extend(capped.drain(..));
                 continue;
             };
-            let held = tenants[t].1.last().is_some_and(|id| self.entries[*id].capped);
-            if !uncapped && held && !self.may_start(tenants[t].0) {
+            let held = tenants[t].1.last().is_some_and(|id| self.held_by_cap(&self.entries[*id], tenants[t].0));
+            if !uncapped && held {
                 capped.push(Reverse((key, t)));
                 continue;
             }
