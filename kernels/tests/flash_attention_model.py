@@ -49,7 +49,7 @@ def mma(c, a, b0, b1):
 def shfl_xor(v, m):
     return v[LANES ^ m]
 
-def block(q, k, v, q0, D, MT, BN, scale, q_len, kv_len):
+def block(q, k, v, q0, D, MT, BN, Q_SMEM, scale, q_len, kv_len):
     WARPS = 4; BM = WARPS*16*MT; LD = D + 8
     def load(src, row0, rows, valid):
         s = np.zeros((rows, LD), np.float32)
@@ -59,7 +59,9 @@ def block(q, k, v, q0, D, MT, BN, scale, q_len, kv_len):
     sQ = load(q, q0, BM, q_len - q0)
     out = np.zeros((q_len, D), np.float32); lse = np.zeros(q_len, np.float32)
     for w in range(WARPS):
-        qf = [[ldmatrix_x4(sQ, LD, w*16*MT + mt*16 + MR + (MI & 1)*8, kk*16 + (MI >> 1)*8) for kk in range(D//16)] for mt in range(MT)]
+        q_frag = lambda mt, kk: ldmatrix_x4(sQ, LD, w*16*MT + mt*16 + MR + (MI & 1)*8, kk*16 + (MI >> 1)*8)
+        # Without Q_SMEM the fragments are read once, before the key tiles overwrite sQ.
+        qf = None if Q_SMEM else [[q_frag(mt, kk) for kk in range(D//16)] for mt in range(MT)]
         o = np.zeros((MT, D//8, 32, 4), np.float32)
         m = np.full((MT, 2, 32), -np.inf, np.float32); l = np.zeros((MT, 2, 32), np.float32)
         n_tiles = (kv_len + BN - 1)//BN
@@ -69,11 +71,12 @@ def block(q, k, v, q0, D, MT, BN, scale, q_len, kv_len):
             sK = load(k, k0, BN, kv_len - k0); sV = load(v, k0, BN, kv_len - k0)
             s = np.zeros((MT, BN//8, 32, 4), np.float32)
             for kk in range(D//16):
+                qk = [q_frag(mt, kk) if Q_SMEM else qf[mt][kk] for mt in range(MT)]
                 for n2 in range(BN//16):
                     b = ldmatrix_x4(sK, LD, n2*16 + (MI >> 1)*8 + MR, kk*16 + (MI & 1)*8)
                     for mt in range(MT):
-                        s[mt, 2*n2] = mma(s[mt, 2*n2], qf[mt][kk], b[:, 0], b[:, 1])
-                        s[mt, 2*n2+1] = mma(s[mt, 2*n2+1], qf[mt][kk], b[:, 2], b[:, 3])
+                        s[mt, 2*n2] = mma(s[mt, 2*n2], qk[mt], b[:, 0], b[:, 1])
+                        s[mt, 2*n2+1] = mma(s[mt, 2*n2+1], qk[mt], b[:, 2], b[:, 3])
             for mt in range(MT):
                 for n in range(BN//8):
                     for e in range(4):
@@ -121,13 +124,15 @@ def block(q, k, v, q0, D, MT, BN, scale, q_len, kv_len):
     return out, lse
 
 rng = np.random.default_rng(0)
-for D, MT, ql, kl in [(64, 2, 130, 100), (128, 1, 70, 130), (64, 2, 5, 0), (128, 1, 1, 1)]:
+# The kernel's entry points: (64, MT 2, key tiles of 64, Q in registers) and (128, MT 2, key tiles
+# of 32, Q in shared memory).
+for D, MT, BN, Q_SMEM, ql, kl in [(64, 2, 64, False, 130, 100), (128, 2, 32, True, 200, 130), (64, 2, 64, False, 5, 0), (128, 2, 32, True, 1, 1), (128, 2, 32, True, 5, 0)]:
     BM = 4*16*MT
     q = bf16(rng.uniform(-2, 2, (ql, D))); k = bf16(rng.uniform(-2, 2, (max(kl,1), D))); v = bf16(rng.uniform(-1, 1, (max(kl,1), D)))
     scale = 1/np.sqrt(D)
     out = np.zeros((ql, D)); lse = np.zeros(ql)
     for qb in range((ql + BM - 1)//BM):
-        o, l = block(q, k, v, qb*BM, D, MT, 64, scale, ql, kl)
+        o, l = block(q, k, v, qb*BM, D, MT, BN, Q_SMEM, scale, ql, kl)
         rows = slice(qb*BM, min(ql, qb*BM + BM)); out[rows] = o[rows]; lse[rows] = l[rows]
     if kl == 0:
         print(D, ql, kl, "no keys: out zero", np.all(out == 0), "lse -inf", np.all(lse == -np.inf)); continue

@@ -84,6 +84,7 @@ fn flash_attention_matches_cpu_attention() {
         (2, 128, 65, 300, false),
         (1, 128, 64, 1000, true),
         (2, 128, 200, 77, false),
+        (1, 128, 300, 129, true),
         (1, 128, 5, 0, false),
     ];
     for (heads, d, ql, kl, fused) in cases {

@@ -9,6 +9,7 @@ use super::source::KernelSource;
 use super::CudaDevice;
 use crate::cpu::AttentionShape;
 use crate::{KernelError, Result};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -27,14 +28,35 @@ pub fn serves_head_dim(head_dim: usize) -> bool {
     HEAD_DIMS.contains(&head_dim) || (head_dim > 128 && head_dim <= WIDE_HEAD_MAX && head_dim.is_multiple_of(8))
 }
 
-/// Query rows per block of the kernel for `head_dim` (4 warps of 16 rows, two row tiles each at 64).
-fn block_rows(head_dim: usize) -> usize {
+/// Query rows per block of the flash kernel, both head widths (4 warps of two 16-row tiles).
+const FLASH_BLOCK_ROWS: usize = 128;
+
+/// Key and value rows per tile of the flash kernel: 64 at head dim 64, 32 at 128 (where 64 would
+/// spill registers).
+fn flash_key_rows(head_dim: usize) -> usize {
     if head_dim == 64 {
-        128
-    } else {
         64
+    } else {
+        32
     }
 }
+
+/// Dynamic shared memory of the flash kernel for `head_dim`, in bytes: `FaTile::SMEM_BYTES` of
+/// `flash_attention.cu`, which traps when given less. Rows are padded by 8 elements; a K and a V
+/// tile, and the Q tile beside them at 128 (it stays there) or over them at 64 (read into
+/// registers first).
+pub fn flash_smem_bytes(head_dim: usize) -> usize {
+    let row = (head_dim + 8) * 2;
+    let (kv, q) = (2 * flash_key_rows(head_dim) * row, FLASH_BLOCK_ROWS * row);
+    if head_dim == 64 {
+        kv.max(q)
+    } else {
+        kv + q
+    }
+}
+
+/// Shared memory a kernel gets without asking for more (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
 fn kernel_name<O: OutputElem>(head_dim: usize) -> &'static str {
     match (head_dim, O::NAME) {
@@ -100,8 +122,15 @@ pub fn flash_attention<O: OutputElem>(
         let name = if O::NAME == "bf16" { "wide_attention_bf16" } else { "wide_attention_f32" };
         (dev.function(KernelSource::WideAttention, name)?, WIDE_BLOCK_ROWS, 256)
     } else {
-        (dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?, block_rows(head_dim), 128)
+        (dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?, FLASH_BLOCK_ROWS, 128)
     };
+    let smem = if wide { 0 } else { flash_smem_bytes(head_dim) };
+    if smem > DEFAULT_SMEM_LIMIT {
+        // Above 48 KiB a kernel must ask for its dynamic shared memory (every GPU the bf16 kernels
+        // run on, sm_80 and later, offers at least 99 KiB to a block).
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| KernelError::cuda(OP, format!("{smem} bytes of shared memory for head_dim {head_dim}: {e}")))?;
+    }
     let hd_i = as_i32(OP, "head_dim", head_dim)?;
     let s = dev.stream();
     let (qp, _gq) = ptr(q, s);
@@ -114,7 +143,7 @@ pub fn flash_attention<O: OutputElem>(
     }
     check_aligned(OP, "out", op, 2 * O::BYTES)?;
     let (qs, kvs, os) = (q_stride as i64, kv_stride as i64, out_stride as i64);
-    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(rows) as u32, heads_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (q_len.div_ceil(rows) as u32, heads_u, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let mut b = s.launch_builder(&f);
     b.arg(&qp).arg(&kp).arg(&vp).arg(&op).arg(&lp).arg(&q_len_i).arg(&kv_len_i).arg(&qs).arg(&kvs).arg(&os);
     if wide {
