@@ -22,7 +22,7 @@
 # Options for `run` (environment): BUDGET_S=s the suite's whole time (default 540; each step has
 # its own limit too, and steps that no longer fit are skipped and listed), STEPS=regex the step
 # ids to run (kernels, nvrtc, transformer, golden, kbench, sdpa128, sdpa64, ditbench, diffusersdit,
-# goldenusp, textbench, vaebench, vaeref, generate, nccl, memcheck, racecheck), ITERS=n timed
+# goldenusp, goldensplit, textbench, vaebench, vaeref, generate, nccl, memcheck, racecheck), ITERS=n timed
 # iterations, TOKENS=n the kernel benchmark's sequence length, DIT_LATENT=C,F,H,W the transformer
 # benchmark's latent (default 16,21,60,104: 32,760 tokens). Output goes to $OUT/suite.log and
 # $OUT/summary.txt as well (OUT defaults to /tmp/gpu-suite-out). Exit status: non-zero if any
@@ -170,6 +170,14 @@ run() {
     "'$BIN/tessera' golden --backend cuda --kind dit --ranks 4 --ulysses 2 tests/golden | tee /tmp/gpu-suite-usp.txt; \
      ! grep -Ev '^dit/t2v-b|^dit +dit/t2v-b' /tmp/gpu-suite-usp.txt | grep -Eq ' (FAIL|ERROR|UNSUPPORTED)' && grep -Eq 'dit/t2v-b .*UNSUPPORTED .*does not divide' /tmp/gpu-suite-usp.txt \
      && grep -q '^4 passed' /tmp/gpu-suite-usp.txt"
+  # The stages split across ranks, on this GPU (ranks as threads, staged collectives): the VAE
+  # decoded in bands of rows with halo exchanges, and each pipeline with its CFG halves on
+  # separate ranks, the latent sharded; every line must say ranks=2 and pass.
+  step goldensplit 90 "tessera golden --backend cuda: VAE over 2 ranks, pipelines CFG-parallel over 2 ranks" bash -c \
+    "set -o pipefail; '$BIN/tessera' golden --backend cuda --kind vae --ranks 2 tests/golden | tee /tmp/gpu-suite-split.txt \
+     && '$BIN/tessera' golden --backend cuda --kind pipeline --ranks 2 --cfg-parallel tests/golden | tee -a /tmp/gpu-suite-split.txt \
+     && ! grep -Eq ' (FAIL|ERROR|UNSUPPORTED)' /tmp/gpu-suite-split.txt \
+     && ! grep -E ' PASS ' /tmp/gpu-suite-split.txt | grep -qv ' ranks=2 '"
   step textbench 60 "tessera bench text --backend cuda, UMT5-XXL width (2 layers)" "$BIN/tessera" bench text --backend cuda --layers 2 --tokens 25,512 --iters "$it"
   step vaebench 90 "tessera bench vae --backend cuda, Wan 2.1 VAE, 480x832, 2 and 5 latent frames" "$BIN/tessera" bench vae --backend cuda \
     --latent-frames 2,5 --height 480 --width 832
