@@ -11,7 +11,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::{Arc, OnceLock};
 use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, Rope3d};
+use tessera_kernels::cuda::attention::AttentionKernel;
 use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
+use tessera_kernels::cuda::source::KernelSource;
 use tessera_kernels::cuda::{self, CudaDevice};
 
 /// The device shared by all tests, or `None` (skip) with the reason printed.
@@ -77,6 +79,14 @@ fn flash_attention_matches_cpu_attention() {
     let mut r = rng("flash_attention");
     // (heads, head_dim, q_len, kv_len, interleaved qkv): tails in both lengths, single rows,
     // several key tiles, no keys at all, and q/k/v strided inside one fused projection.
+    // Both tensor-core kernels where the GPU has both (the warpgroup-MMA one: compute capability
+    // 9.0), each held to the same bounds.
+    let mut kernels = vec![AttentionKernel::Mma];
+    if KernelSource::FlashAttentionSm90.target(dev.arch()).is_some() {
+        kernels.push(AttentionKernel::Wgmma);
+    } else {
+        eprintln!("flash_attention: {} has no warpgroup MMAs; the wgmma kernel is not tested here", dev.arch());
+    }
     let cases = [
         (2, 64, 1, 1, false),
         (3, 64, 130, 513, false),
@@ -105,22 +115,24 @@ fn flash_attention_matches_cpu_attention() {
         let (q_dev, k_dev, v_dev) = (dev.upload(&q_buf).unwrap(), dev.upload(&k_buf).unwrap(), dev.upload(&v_buf).unwrap());
         let k_view = k_dev.slice(k_off..);
         let v_view = v_dev.slice(v_off..);
-        let mut out32 = dev.zeros::<f32>(ql * hd).unwrap();
-        let mut out16 = dev.zeros::<bf16>(ql * hd).unwrap();
-        let mut lse = dev.zeros::<f32>(heads * ql).unwrap();
-        cuda::attention::flash_attention(&dev, &q_dev, &k_view, &v_view, shape, scale, &mut out32, hd, &mut lse).unwrap();
-        let got32 = dev.download(&out32).unwrap();
-        let got_lse = dev.download(&lse).unwrap();
-        cuda::attention::flash_attention(&dev, &q_dev, &k_view, &v_view, shape, scale, &mut out16, hd, &mut lse).unwrap();
-        let got16 = widen(&dev.download(&out16).unwrap());
-        let what = format!("attention {heads}x{d} q {ql} kv {kl}{}", if fused { " fused" } else { "" });
-        // P is rounded to bf16 before P·V: a relative error of 2⁻⁹ per probability.
-        assert_close(&format!("{what} f32 out"), &got32, &want.out, 4e-3, 1e-2);
-        assert_close(&format!("{what} bf16 out"), &got16, &want.out, 6e-3, 1.5e-2);
-        if kl == 0 {
-            assert!(got_lse.iter().all(|&x| x == f32::NEG_INFINITY), "{what}: lse of no keys is −∞");
-        } else {
-            assert_close(&format!("{what} lse"), &got_lse, &want.lse, 1e-4, 1e-4);
+        for &kernel in &kernels {
+            let mut out32 = dev.zeros::<f32>(ql * hd).unwrap();
+            let mut out16 = dev.zeros::<bf16>(ql * hd).unwrap();
+            let mut lse = dev.zeros::<f32>(heads * ql).unwrap();
+            cuda::attention::flash_attention_with(&dev, kernel, &q_dev, &k_view, &v_view, shape, scale, &mut out32, hd, &mut lse).unwrap();
+            let got32 = dev.download(&out32).unwrap();
+            let got_lse = dev.download(&lse).unwrap();
+            cuda::attention::flash_attention_with(&dev, kernel, &q_dev, &k_view, &v_view, shape, scale, &mut out16, hd, &mut lse).unwrap();
+            let got16 = widen(&dev.download(&out16).unwrap());
+            let what = format!("{kernel:?} attention {heads}x{d} q {ql} kv {kl}{}", if fused { " fused" } else { "" });
+            // P is rounded to bf16 before P·V: a relative error of 2⁻⁹ per probability.
+            assert_close(&format!("{what} f32 out"), &got32, &want.out, 4e-3, 1e-2);
+            assert_close(&format!("{what} bf16 out"), &got16, &want.out, 6e-3, 1.5e-2);
+            if kl == 0 {
+                assert!(got_lse.iter().all(|&x| x == f32::NEG_INFINITY), "{what}: lse of no keys is −∞");
+            } else {
+                assert_close(&format!("{what} lse"), &got_lse, &want.lse, 1e-4, 1e-4);
+            }
         }
     }
 }

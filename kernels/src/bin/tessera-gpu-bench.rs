@@ -1,7 +1,8 @@
 //! GPU benchmark of the CUDA kernels at Wan 2.1 1.3B's 480p shape (32,760 tokens, hidden 1536):
 //! flash attention TFLOP/s (12 heads of 128, and 24 heads of 64) with a check of a slice of query
-//! rows against the CPU twin, cuBLASLt GEMM TFLOP/s for the block's projections, and the
-//! bandwidth of the fused norm and element-wise kernels. `bench/sdpa_attention.py` measures
+//! rows against the CPU twin, cuBLASLt GEMM TFLOP/s for the block's projections, the bandwidth of
+//! the fused norm and element-wise kernels, and last, on compute capability 9.0, the warpgroup-MMA
+//! attention (`TESSERA_CUDA_ATTENTION=wgmma`) at the same shapes. `bench/sdpa_attention.py` measures
 //! PyTorch SDPA the same way; `bench/gpu_suite.sh` runs both.
 //!
 //! Usage: `tessera-gpu-bench [--tokens N] [--iters N] [--device N]`
@@ -10,7 +11,9 @@ use half::bf16;
 use std::error::Error;
 use std::sync::Arc;
 use tessera_kernels::cpu::{self, Activation, AttentionShape, Rope3d};
+use tessera_kernels::cuda::attention::AttentionKernel;
 use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
+use tessera_kernels::cuda::source::KernelSource;
 use tessera_kernels::cuda::{self, CudaDevice, CudaSlice};
 use tessera_kernels::random::fill_uniform;
 
@@ -67,7 +70,7 @@ fn random_bf16(dev: &CudaDevice, n: usize, stream: u64, amp: f32) -> Res<(Vec<f3
     Ok((host.iter().map(|x| x.to_f32()).collect(), dev.upload(&host)?))
 }
 
-fn bench_attention(dev: &CudaDevice, tokens: usize, heads: usize, head_dim: usize, iters: usize) -> Res<()> {
+fn bench_attention(dev: &CudaDevice, kernel: AttentionKernel, tokens: usize, heads: usize, head_dim: usize, iters: usize) -> Res<()> {
     let hd = heads * head_dim;
     let (qh, q) = random_bf16(dev, tokens * hd, 1, 2.0)?;
     let (kh, k) = random_bf16(dev, tokens * hd, 2, 2.0)?;
@@ -76,9 +79,9 @@ fn bench_attention(dev: &CudaDevice, tokens: usize, heads: usize, head_dim: usiz
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut out = dev.zeros::<bf16>(tokens * hd)?;
     let mut lse = dev.zeros::<f32>(heads * tokens)?;
-    let ms = time_ms(dev, iters, || Ok(cuda::attention::flash_attention(dev, &q, &k, &v, shape, scale, &mut out, hd, &mut lse)?))?;
+    let ms = time_ms(dev, iters, || Ok(cuda::attention::flash_attention_with(dev, kernel, &q, &k, &v, shape, scale, &mut out, hd, &mut lse)?))?;
     let tflops = cuda::attention::attention_flops(&shape) / (ms * 1e-3) / 1e12;
-    println!("attention d={head_dim} heads={heads} tokens={tokens}: {ms:.3} ms, {tflops:.1} TFLOP/s (bf16 in, f32 accumulate, bf16 out + lse)");
+    println!("attention ({kernel:?}) d={head_dim} heads={heads} tokens={tokens}: {ms:.3} ms, {tflops:.1} TFLOP/s (bf16 in, f32 accumulate, bf16 out + lse)");
 
     // Check the first and last 64 query rows against the CPU twin over all keys.
     let rows = 64.min(tokens);
@@ -101,7 +104,7 @@ fn bench_attention(dev: &CudaDevice, tokens: usize, heads: usize, head_dim: usiz
     }
     println!("  check vs CPU on {} rows: max(|diff| - 1.5e-2|ref|) = {worst:.2e} (out, tolerance 6e-3), {worst_lse:.2e} (lse, tolerance 1e-4)", 2 * rows);
     if worst > 6e-3 || worst_lse > 1e-4 {
-        return Err(format!("attention d={head_dim} differs from the CPU twin").into());
+        return Err(format!("attention ({kernel:?}) d={head_dim} differs from the CPU twin").into());
     }
     Ok(())
 }
@@ -148,12 +151,20 @@ fn main() -> Res<()> {
     let t0 = std::time::Instant::now();
     dev.warm_up()?;
     println!("NVRTC compile + load of all kernels: {:.0} ms", t0.elapsed().as_secs_f64() * 1e3);
-    bench_attention(&dev, a.tokens, 12, 128, a.iters)?;
-    bench_attention(&dev, a.tokens, 24, 64, a.iters)?;
+    bench_attention(&dev, AttentionKernel::Mma, a.tokens, 12, 128, a.iters)?;
+    bench_attention(&dev, AttentionKernel::Mma, a.tokens, 24, 64, a.iters)?;
     let (m, d, ffn) = (a.tokens, 1536, 8960);
     bench_linear(&dev, m, d, d, Activation::None, a.iters, "q/k/v/out projection")?;
     bench_linear(&dev, m, d, ffn, Activation::GeluTanh, a.iters, "ffn up")?;
     bench_linear(&dev, m, ffn, d, Activation::None, a.iters, "ffn down")?;
     bench_elementwise(&dev, a.tokens, a.iters)?;
+    // Last, so that the figures above are printed whatever it does: the warpgroup-MMA attention,
+    // on the GPUs that have it.
+    if KernelSource::FlashAttentionSm90.target(dev.arch()).is_some() {
+        bench_attention(&dev, AttentionKernel::Wgmma, a.tokens, 12, 128, a.iters)?;
+        bench_attention(&dev, AttentionKernel::Wgmma, a.tokens, 24, 64, a.iters)?;
+    } else {
+        println!("attention (Wgmma): {} has no warpgroup MMAs", dev.arch());
+    }
     Ok(())
 }

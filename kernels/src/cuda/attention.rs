@@ -3,6 +3,7 @@
 //! Twins: [`crate::cpu::attention`] (both attentions) and [`crate::cpu::merge_partials`], same
 //! layouts.
 
+use super::arch::Arch;
 use super::elem::OutputElem;
 use super::launch::{self, as_i32, check_aligned, check_len, ptr, ptr_mut};
 use super::source::KernelSource;
@@ -28,7 +29,8 @@ pub fn serves_head_dim(head_dim: usize) -> bool {
     HEAD_DIMS.contains(&head_dim) || (head_dim > 128 && head_dim <= WIDE_HEAD_MAX && head_dim.is_multiple_of(8))
 }
 
-/// Query rows per block of the flash kernel, both head widths (4 warps of two 16-row tiles).
+/// Query rows per block of both flash kernels, both head widths (mma.sync: 4 warps of two 16-row
+/// tiles; wgmma: 2 warpgroups of 64 rows).
 const FLASH_BLOCK_ROWS: usize = 128;
 
 /// Key and value rows per tile of the flash kernel: 64 at head dim 64, 32 at 128 (where 64 would
@@ -58,12 +60,64 @@ pub fn flash_smem_bytes(head_dim: usize) -> usize {
 /// Shared memory a kernel gets without asking for more (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
 const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
-fn kernel_name<O: OutputElem>(head_dim: usize) -> &'static str {
-    match (head_dim, O::NAME) {
-        (64, "bf16") => "flash_attention_d64_bf16",
-        (64, _) => "flash_attention_d64_f32",
-        (_, "bf16") => "flash_attention_d128_bf16",
-        _ => "flash_attention_d128_f32",
+/// The tensor-core kernel that runs attention for heads of 64 and 128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `flash_attention.cu`: `mma.sync`, every GPU the kernels support (sm_80 on).
+    Mma,
+    /// `flash_attention_sm90.cu`: Hopper's warpgroup MMAs, compute capability 9.0 only. Chosen
+    /// with `TESSERA_CUDA_ATTENTION=wgmma` until the GPU suite has run it: it has not yet.
+    Wgmma,
+}
+
+impl AttentionKernel {
+    /// The environment variable that picks the kernel: `mma` (the default) or `wgmma`.
+    pub const ENV: &'static str = "TESSERA_CUDA_ATTENTION";
+
+    /// The kernel `value` names on a device of `arch` (`None`: the default); an unknown name, or
+    /// `wgmma` on a GPU other than compute capability 9.0, is an error naming the variable.
+    pub fn choose(value: Option<&str>, arch: Arch) -> Result<Self> {
+        match value.map(str::trim).filter(|v| !v.is_empty()) {
+            None | Some("mma") => Ok(Self::Mma),
+            Some("wgmma") if KernelSource::FlashAttentionSm90.target(arch).is_some() => Ok(Self::Wgmma),
+            Some("wgmma") => {
+                Err(KernelError::invalid("cuda::attention", format!("{}=wgmma: warpgroup MMAs need compute capability 9.0; this GPU is {arch}", Self::ENV)))
+            }
+            Some(other) => Err(KernelError::invalid("cuda::attention", format!("{}={other}: expected mma or wgmma", Self::ENV))),
+        }
+    }
+
+    /// The kernel [`Self::ENV`] names on a device of `arch`.
+    pub fn from_env(arch: Arch) -> Result<Self> {
+        Self::choose(std::env::var(Self::ENV).ok().as_deref(), arch)
+    }
+
+    /// The source, the entry point for `head_dim` and output `O`, threads per block, and dynamic
+    /// shared memory in bytes.
+    fn launch<O: OutputElem>(self, head_dim: usize) -> (KernelSource, &'static str, u32, usize) {
+        let bf16_out = O::NAME == "bf16";
+        match self {
+            Self::Mma => {
+                let name = match (head_dim, bf16_out) {
+                    (64, true) => "flash_attention_d64_bf16",
+                    (64, false) => "flash_attention_d64_f32",
+                    (_, true) => "flash_attention_d128_bf16",
+                    (_, false) => "flash_attention_d128_f32",
+                };
+                (KernelSource::FlashAttention, name, 128, flash_smem_bytes(head_dim))
+            }
+            Self::Wgmma => {
+                let name = match (head_dim, bf16_out) {
+                    (64, true) => "flash_attention_sm90_d64_bf16",
+                    (64, false) => "flash_attention_sm90_d64_f32",
+                    (_, true) => "flash_attention_sm90_d128_bf16",
+                    (_, false) => "flash_attention_sm90_d128_f32",
+                };
+                // `Fa90Tile::SMEM_BYTES`: the Q tile (128 rows) and two stages of a K and a V tile
+                // (64 rows each), unpadded (the kernel traps when given less).
+                (KernelSource::FlashAttentionSm90, name, 256, (FLASH_BLOCK_ROWS + 4 * 64) * head_dim * 2)
+            }
+        }
     }
 }
 
@@ -77,6 +131,24 @@ fn kernel_name<O: OutputElem>(head_dim: usize) -> &'static str {
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention<O: OutputElem>(
     dev: &CudaDevice,
+    q: &impl DevicePtr<bf16>,
+    k: &impl DevicePtr<bf16>,
+    v: &impl DevicePtr<bf16>,
+    shape: AttentionShape,
+    scale: f32,
+    out: &mut impl DevicePtrMut<O>,
+    out_stride: usize,
+    lse: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    flash_attention_with(dev, dev.attention_kernel(), q, k, v, shape, scale, out, out_stride, lse)
+}
+
+/// [`flash_attention`] with the tensor-core kernel named (the device's choice aside): what the GPU
+/// tests and the benchmark use to run both.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_with<O: OutputElem>(
+    dev: &CudaDevice,
+    kernel: AttentionKernel,
     q: &impl DevicePtr<bf16>,
     k: &impl DevicePtr<bf16>,
     v: &impl DevicePtr<bf16>,
@@ -118,13 +190,13 @@ pub fn flash_attention<O: OutputElem>(
     // Heads of 64 and 128: the tensor-core flash kernel; wider heads: the wide kernel (one warp
     // per query row, f32 probabilities), which also takes the head width.
     let wide = !HEAD_DIMS.contains(&head_dim);
-    let (f, rows, threads) = if wide {
+    let (f, rows, threads, smem) = if wide {
         let name = if O::NAME == "bf16" { "wide_attention_bf16" } else { "wide_attention_f32" };
-        (dev.function(KernelSource::WideAttention, name)?, WIDE_BLOCK_ROWS, 256)
+        (dev.function(KernelSource::WideAttention, name)?, WIDE_BLOCK_ROWS, 256, 0)
     } else {
-        (dev.function(KernelSource::FlashAttention, kernel_name::<O>(head_dim))?, FLASH_BLOCK_ROWS, 128)
+        let (source, name, threads, smem) = kernel.launch::<O>(head_dim);
+        (dev.function(source, name)?, FLASH_BLOCK_ROWS, threads, smem)
     };
-    let smem = if wide { 0 } else { flash_smem_bytes(head_dim) };
     if smem > DEFAULT_SMEM_LIMIT {
         // Above 48 KiB a kernel must ask for its dynamic shared memory (every GPU the bf16 kernels
         // run on, sm_80 and later, offers at least 99 KiB to a block).
@@ -199,4 +271,33 @@ pub fn merge_partials(
 /// the figure attention benchmarks divide by time.
 pub fn attention_flops(shape: &AttentionShape) -> f64 {
     4.0 * shape.heads as f64 * shape.q_len as f64 * shape.kv_len as f64 * shape.head_dim as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attention_kernel_is_chosen_by_name_and_device() {
+        let (hopper, ampere) = (Arch { major: 9, minor: 0 }, Arch { major: 8, minor: 0 });
+        for unset in [None, Some(""), Some("mma"), Some(" mma ")] {
+            assert_eq!(AttentionKernel::choose(unset, hopper).unwrap(), AttentionKernel::Mma, "{unset:?}");
+        }
+        assert_eq!(AttentionKernel::choose(Some("wgmma"), hopper).unwrap(), AttentionKernel::Wgmma);
+        let err = AttentionKernel::choose(Some("wgmma"), ampere).unwrap_err().to_string();
+        assert!(err.contains("TESSERA_CUDA_ATTENTION=wgmma") && err.contains("sm_80"), "{err}");
+        let err = AttentionKernel::choose(Some("fast"), hopper).unwrap_err().to_string();
+        assert!(err.contains("TESSERA_CUDA_ATTENTION=fast") && err.contains("mma or wgmma"), "{err}");
+    }
+
+    #[test]
+    fn shared_memory_sizes_are_the_kernels_tiles() {
+        // flash_attention.cu: padded rows of D + 8; Q over K+V at 64, beside them at 128.
+        assert_eq!(flash_smem_bytes(64), 128 * 72 * 2);
+        assert_eq!(flash_smem_bytes(128), (128 + 2 * 32) * 136 * 2);
+        // flash_attention_sm90.cu: Q (128 rows) and two stages of K and V (64 rows), unpadded.
+        assert_eq!(AttentionKernel::Wgmma.launch::<f32>(64).3, 49_152);
+        assert_eq!(AttentionKernel::Wgmma.launch::<half::bf16>(128).3, 98_304);
+        assert_eq!(AttentionKernel::Mma.launch::<f32>(128).3, 52_224);
+    }
 }

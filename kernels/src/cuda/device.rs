@@ -2,6 +2,7 @@
 //! architecture, the compiled-module cache and the cuBLASLt handle.
 
 use super::arch::{Arch, CudaMissing, MIN_ARCH};
+use super::attention::AttentionKernel;
 use super::gemm::BlasLt;
 use super::source::{cached_image, nvrtc_available, KernelSource};
 use crate::{Device, KernelError, Result};
@@ -121,6 +122,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<KernelSource, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: OnceLock<Mutex<BlasLt>>,
+    attention: AttentionKernel,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -134,6 +136,7 @@ impl CudaDevice {
     /// ([`cuda_status`]); never panics when CUDA is missing.
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
         let arch = cuda_status(ordinal).map_err(KernelError::CudaUnavailable)?;
+        let attention = AttentionKernel::from_env(arch)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| KernelError::cuda("CudaContext::new", e))?;
         // SAFETY: every buffer and kernel of this device is used on its one stream, so stream
         // order already orders all reads and writes; per-buffer events would only add overhead.
@@ -152,6 +155,7 @@ impl CudaDevice {
             modules: Default::default(),
             functions: Default::default(),
             blas: OnceLock::new(),
+            attention,
         }))
     }
 
@@ -163,6 +167,11 @@ impl CudaDevice {
     /// The architecture kernels are compiled for.
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+
+    /// The tensor-core attention kernel this device runs ([`AttentionKernel::ENV`] at open).
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
     }
 
     /// The device's name as the driver reports it.
@@ -235,9 +244,10 @@ impl CudaDevice {
         Ok(module)
     }
 
-    /// Compiles and loads every kernel source now (start-up), instead of on first use.
+    /// Compiles and loads every kernel source this device runs now (start-up), instead of on
+    /// first use.
     pub fn warm_up(&self) -> Result<()> {
-        KernelSource::ALL.iter().try_for_each(|&s| self.module(s).map(drop))
+        KernelSource::ALL.iter().filter(|s| s.target(self.arch).is_some()).try_for_each(|&s| self.module(s).map(drop))
     }
 
     /// This device's cuBLASLt handle (created on first use).

@@ -18,6 +18,8 @@ const COMMON: &str = include_str!("../../cuda/common.cuh");
 pub enum KernelSource {
     /// `flash_attention.cu`: attention forward with log-sum-exp.
     FlashAttention,
+    /// `flash_attention_sm90.cu`: the same attention on Hopper's warpgroup MMAs (sm_90a only).
+    FlashAttentionSm90,
     /// `lse_merge.cu`: merging two partial attention results.
     LseMerge,
     /// `adaln_norm.cu`: LayerNorm with affine and adaLN modulation.
@@ -45,8 +47,9 @@ pub enum KernelSource {
 
 impl KernelSource {
     /// Every source, in a fixed order.
-    pub const ALL: [KernelSource; 12] = [
+    pub const ALL: [KernelSource; 13] = [
         Self::FlashAttention,
+        Self::FlashAttentionSm90,
         Self::LseMerge,
         Self::AdalnNorm,
         Self::QkNormRope,
@@ -64,6 +67,7 @@ impl KernelSource {
     pub fn file_name(self) -> &'static str {
         match self {
             Self::FlashAttention => "flash_attention.cu",
+            Self::FlashAttentionSm90 => "flash_attention_sm90.cu",
             Self::LseMerge => "lse_merge.cu",
             Self::AdalnNorm => "adaln_norm.cu",
             Self::QkNormRope => "qk_norm_rope.cu",
@@ -82,6 +86,7 @@ impl KernelSource {
     pub fn body(self) -> &'static str {
         match self {
             Self::FlashAttention => include_str!("../../cuda/flash_attention.cu"),
+            Self::FlashAttentionSm90 => include_str!("../../cuda/flash_attention_sm90.cu"),
             Self::LseMerge => include_str!("../../cuda/lse_merge.cu"),
             Self::AdalnNorm => include_str!("../../cuda/adaln_norm.cu"),
             Self::QkNormRope => include_str!("../../cuda/qk_norm_rope.cu"),
@@ -100,6 +105,9 @@ impl KernelSource {
     pub fn entry_points(self) -> &'static [&'static str] {
         match self {
             Self::FlashAttention => &["flash_attention_d64_bf16", "flash_attention_d64_f32", "flash_attention_d128_bf16", "flash_attention_d128_f32"],
+            Self::FlashAttentionSm90 => {
+                &["flash_attention_sm90_d64_bf16", "flash_attention_sm90_d64_f32", "flash_attention_sm90_d128_bf16", "flash_attention_sm90_d128_f32"]
+            }
             Self::LseMerge => &["lse_merge_f32"],
             Self::AdalnNorm => &["layer_norm_modulated_bf16"],
             Self::QkNormRope => &["qk_norm_rope_bf16"],
@@ -114,6 +122,25 @@ impl KernelSource {
         }
     }
 
+    /// The architecture NVRTC compiles this source for on a device of `arch` (its
+    /// `--gpu-architecture`), or `None` when the source does not run there: the warpgroup-MMA
+    /// attention is built for `sm_90a`, whose instructions only compute capability 9.0 has.
+    pub fn target(self, arch: Arch) -> Option<String> {
+        match self {
+            Self::FlashAttentionSm90 => (arch == Arch { major: 9, minor: 0 }).then(|| "sm_90a".to_string()),
+            _ => Some(arch.to_string()),
+        }
+    }
+
+    /// The target for `arch`, or the error saying this source does not run there.
+    fn target_or_err(self, arch: Arch) -> Result<String> {
+        self.target(arch).ok_or_else(|| KernelError::KernelCompile {
+            kernel: self.file_name(),
+            arch: arch.to_string(),
+            log: "built for sm_90a only (compute capability 9.0)".into(),
+        })
+    }
+
     /// What NVRTC compiles: the common helpers, then the file (with `#line` so that compiler
     /// messages name the file and its own line numbers).
     pub fn full_source(self) -> String {
@@ -121,11 +148,12 @@ impl KernelSource {
     }
 }
 
-/// NVRTC options for `arch`. The sources include no header, so no include path is needed; one given
-/// in `TESSERA_CUDA_INCLUDE` (the CUDA headers) is passed on for kernels that may want one.
-pub fn compile_options(arch: Arch) -> CompileOptions {
+/// NVRTC options for the target `target` (`sm_90`, `sm_90a`, ...; see [`KernelSource::target`]).
+/// The sources include no header, so no include path is needed; one given in
+/// `TESSERA_CUDA_INCLUDE` (the CUDA headers) is passed on for kernels that may want one.
+pub fn compile_options(target: &str) -> CompileOptions {
     let include_paths = std::env::var("TESSERA_CUDA_INCLUDE").ok().filter(|p| !p.is_empty()).into_iter().collect();
-    CompileOptions { include_paths, options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()], ..Default::default() }
+    CompileOptions { include_paths, options: vec![format!("--gpu-architecture={target}"), "--std=c++17".into()], ..Default::default() }
 }
 
 /// True when the NVRTC library can be loaded (from the library path).
@@ -140,7 +168,8 @@ pub fn compile_ptx(source: KernelSource, arch: Arch) -> Result<Ptx> {
     if !nvrtc_available() {
         return Err(KernelError::CudaUnavailable(CudaMissing::Nvrtc));
     }
-    cudarc::nvrtc::compile_ptx_with_opts(source.full_source(), compile_options(arch)).map_err(|e| {
+    let target = source.target_or_err(arch)?;
+    cudarc::nvrtc::compile_ptx_with_opts(source.full_source(), compile_options(&target)).map_err(|e| {
         let log = match &e {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
             other => other.to_string(),
@@ -169,7 +198,7 @@ pub fn compile_cubin(source: KernelSource, arch: Arch) -> Result<Vec<u8>> {
     let text = CString::new(source.full_source()).map_err(|e| fail(&e))?;
     let name = CString::new(source.file_name()).map_err(|e| fail(&e))?;
     let prog = Program(nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(&format!("{e:?}")))?);
-    let o = compile_options(arch);
+    let o = compile_options(&source.target_or_err(arch)?);
     let opts: Vec<String> = o.include_paths.iter().map(|p| format!("--include-path={p}")).chain(o.options).collect();
     // SAFETY: `prog` is a live program (destroyed only when the guard drops, after these calls);
     // the size query precedes the copy into a buffer of that size.
@@ -231,8 +260,20 @@ mod tests {
     }
 
     #[test]
+    fn the_warpgroup_attention_targets_compute_capability_9_0_alone() {
+        let arch = |major, minor| Arch { major, minor };
+        assert_eq!(KernelSource::FlashAttentionSm90.target(arch(9, 0)).as_deref(), Some("sm_90a"));
+        for other in [arch(8, 0), arch(8, 9), arch(10, 0), arch(12, 0)] {
+            assert_eq!(KernelSource::FlashAttentionSm90.target(other), None, "{other}");
+            assert_eq!(KernelSource::FlashAttention.target(other), Some(other.to_string()));
+        }
+        let err = compile_ptx(KernelSource::FlashAttentionSm90, arch(8, 0)).unwrap_err().to_string();
+        assert!(err.contains("flash_attention_sm90.cu") && (err.contains("sm_90a only") || err.contains("libnvrtc")), "{err}");
+    }
+
+    #[test]
     fn options_name_the_architecture() {
-        let o = compile_options(Arch { major: 9, minor: 0 });
+        let o = compile_options("sm_90");
         assert!(o.options.iter().any(|s| s == "--gpu-architecture=sm_90"));
     }
 }
