@@ -59,6 +59,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(t);
 }
 
+// ---- shared memory and asynchronous copies -----------------------------------------------------
+
+// The shared-memory address (bytes) of a generic pointer into shared memory.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16-byte asynchronous copy global -> shared address `dst`; `valid == false` writes zeros
+// (src-size 0) and reads nothing.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// The dynamic shared memory this block was launched with, in bytes.
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 n;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
+    return n;
+}
+
 // ---- fast exp2 ----------------------------------------------------------------------------------
 
 __device__ __forceinline__ float fast_exp2(float x) {

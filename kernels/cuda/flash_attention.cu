@@ -38,22 +38,6 @@ struct FaTile {
 
 extern __shared__ __align__(128) bf16 fa_smem[];
 
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 n;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
-    return n;
-}
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// 16-byte async copy global -> shared; `valid == false` writes zeros (src-size 0).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // ldmatrix at the shared-memory address `a` (bytes, from smem_addr): every lane's address is one
 // base per operand plus a constant, which keeps the address registers to one per operand.
 __device__ __forceinline__ void ldmatrix_x4(u32* r, u32 a) {
@@ -86,7 +70,7 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* base, i64 stride,
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         const bool valid = r < rows_valid;
         const bf16* src = base + (valid ? (i64)(row0 + r) * stride : 0) + col;
-        cp_async16(s + r * LD + col, src, valid);
+        cp_async16(smem_addr(s + r * LD + col), src, valid);
     }
 }
 

@@ -25,16 +25,6 @@
 #define FA90_BM (64 * FA90_WARPGROUPS)  // query rows per block
 #define FA90_BN 64                      // key rows per tile
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// 16-byte async copy global -> shared; `valid == false` writes zeros (src-size 0).
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 // Makes this thread's shared-memory writes (generic proxy: cp.async, st.shared) visible to the
 // async proxy wgmma reads through.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -126,12 +116,6 @@ struct Fa90Tile {
 };
 
 extern __shared__ __align__(128) unsigned char fa90_smem[];
-
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 n;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(n));
-    return n;
-}
 
 template <int D>
 __device__ __forceinline__ void wgmma_pv(float* o, const u32* a, u64 desc_v);
