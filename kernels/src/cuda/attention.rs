@@ -1,5 +1,7 @@
-//! Flash attention (forward, with log-sum-exp) for heads of 64 and 128, the wide attention for
-//! heads above 128 (`attention_wide.cu`), and the merge of partial results, on the GPU.
+//! Flash attention (forward, with log-sum-exp) for heads of 64 and 128 (`flash_attention.cu` on
+//! mma.sync, or on compute capability 9.0 `flash_attention_sm90.cu` on warpgroup MMAs: see
+//! [`AttentionKernel`]), the wide attention for heads above 128 (`attention_wide.cu`), and the
+//! merge of partial results, on the GPU.
 //! Twins: [`crate::cpu::attention`] (both attentions) and [`crate::cpu::merge_partials`], same
 //! layouts.
 
@@ -33,8 +35,8 @@ pub fn serves_head_dim(head_dim: usize) -> bool {
 /// tiles; wgmma: 2 warpgroups of 64 rows).
 const FLASH_BLOCK_ROWS: usize = 128;
 
-/// Key and value rows per tile of the flash kernel: 64 at head dim 64, 32 at 128 (where 64 would
-/// spill registers).
+/// Key and value rows per tile of the mma.sync flash kernel: 64 at head dim 64, 32 at 128 (where
+/// 64 would spill registers).
 fn flash_key_rows(head_dim: usize) -> usize {
     if head_dim == 64 {
         64
@@ -43,7 +45,7 @@ fn flash_key_rows(head_dim: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the flash kernel for `head_dim`, in bytes: `FaTile::SMEM_BYTES` of
+/// Dynamic shared memory of the mma.sync flash kernel for `head_dim`, in bytes: `FaTile::SMEM_BYTES` of
 /// `flash_attention.cu`, which traps when given less. Rows are padded by 8 elements; a K and a V
 /// tile, and the Q tile beside them at 128 (it stays there) or over them at 64 (read into
 /// registers first).
