@@ -53,6 +53,27 @@ fn built_in_model_writes_a_playable_mp4_and_is_reproducible() {
 }
 
 #[test]
+fn a_built_in_model_without_a_prompt_runs_its_example_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let common = ["generate", "--frames", "5", "--steps", "2", "--seed", "4", "--quiet"];
+    let (code, _, stderr) = tessera(&[&common[..], &["-o", &out("default.mp4")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(r#"no --prompt: the built-in model's example prompt, "a red ball moving right""#), "{stderr}");
+    // The same video as asking for that prompt.
+    let (code, _, stderr) = tessera(&[&common[..], &["--prompt", "a red ball moving right", "-o", &out("asked.mp4")]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("no --prompt"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("default.mp4")).unwrap(), std::fs::read(dir.path().join("asked.mp4")).unwrap());
+    // A model of one's own, or a server's, has no example: the prompt is required, by name.
+    for (flag, value) in [("--model", snapshot()), ("--server", "127.0.0.1:9".to_string())] {
+        let (code, _, stderr) = tessera(&[&common[..], &[flag, &value, "-o", &out("x.mp4")]].concat());
+        assert_ne!(code, 0, "{flag}: {stderr}");
+        assert!(stderr.contains(&format!("--prompt is required with {flag}")), "{flag}: {stderr}");
+    }
+}
+
+#[test]
 fn a_diffusers_snapshot_folder_runs() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("snap.mp4");

@@ -16,9 +16,10 @@ use tessera_coordinator::video::input::{InputInfo, InputLimits};
 /// Arguments of `tessera generate`.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// What the video shows.
+    /// What the video shows. Required with --model or --server; without them (a built-in model)
+    /// it defaults to the demo's example, "a red ball moving right", and says so.
     #[arg(long, env = "TESSERA_PROMPT")]
-    prompt: String,
+    prompt: Option<String>,
     /// What it should not show (guidance's unconditional branch).
     #[arg(long, env = "TESSERA_NEGATIVE_PROMPT", default_value = "")]
     negative_prompt: String,
@@ -220,7 +221,7 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         addnoise_condition: args.addnoise_condition,
     });
     let request = GenerateRequest {
-        prompt: args.prompt.clone(),
+        prompt: prompt(args)?,
         negative_prompt: args.negative_prompt.clone(),
         width: args.width.unwrap_or(0),
         height: args.height.unwrap_or(0),
@@ -241,6 +242,31 @@ fn request(args: &GenerateArgs) -> Result<super::remote::RemoteGenerate> {
         ..Default::default()
     };
     Ok(RemoteGenerate { server: args.server.clone().unwrap_or_default(), request, output: args.output.clone(), timeout, quiet: args.quiet, reattach_for })
+}
+
+/// The prompt: `--prompt`, or for a built-in model (no `--model`, no `--server`) its example.
+fn prompt(args: &GenerateArgs) -> Result<String> {
+    if let Some(p) = &args.prompt {
+        return Ok(p.clone());
+    }
+    if let Some(flag) = [(args.server.is_some(), "--server"), (args.model.is_some(), "--model")].iter().find_map(|&(set, flag)| set.then_some(flag)) {
+        bail!("--prompt is required with {flag}: what the video shows");
+    }
+    built_in_example_prompt()
+}
+
+/// The built-in models' example prompt, announced.
+#[cfg(feature = "embedded")]
+fn built_in_example_prompt() -> Result<String> {
+    let p = tessera_worker::pipeline::demo::EXAMPLE_PROMPT;
+    eprintln!("no --prompt: the built-in model's example prompt, \"{p}\"");
+    Ok(p.to_string())
+}
+
+/// Without in-process workers there is no built-in model to default for.
+#[cfg(not(feature = "embedded"))]
+fn built_in_example_prompt() -> Result<String> {
+    bail!("--prompt is required: what the video shows")
 }
 
 /// What an input video is, and the longest 4k+1 prefix of its frames (decoding it to count when

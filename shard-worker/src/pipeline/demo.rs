@@ -27,6 +27,10 @@ pub const MIN_PIXELS: usize = 6;
 /// the frame's extent along it (the bar; the training clips travel 40–60 %).
 pub const MIN_TRAVEL: f64 = 0.25;
 
+/// The prompt `tessera generate` runs a built-in model with when it is given none: one the demo
+/// model was trained on (and what README's first command asks for).
+pub const EXAMPLE_PROMPT: &str = "a red ball moving right";
+
 /// One demo prompt.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DemoPrompt {
@@ -129,6 +133,11 @@ pub fn motion(video: &Tensor, prompt: &DemoPrompt) -> Option<Motion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_example_prompt_is_one_the_demo_was_trained_on() {
+        assert!(prompts().iter().any(|p| p.text() == EXAMPLE_PROMPT), "{EXAMPLE_PROMPT}");
+    }
 
     /// A 64×64 video of `frames` frames on a gray background, a square of `rgb` moving by
     /// `(vx, vy)` pixels a frame from `(x0, y0)`.
