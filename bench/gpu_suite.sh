@@ -207,6 +207,10 @@ run() {
   else
     SUMMARY+=("SKIP  compute-sanitizer: not on this machine")
   fi
+  # The figures at a glance, each with its step: attention TFLOP/s (both Tessera kernels, PyTorch
+  # SDPA's backends) and the DiT forward medians (mma, wgmma, diffusers).
+  echo; echo "===== figures"
+  awk '/^===== \[/ { id = $2 } /^attention \(|^sdpa\[|median/ { print id, $0 }' "$OUTDIR/suite.log"
   echo; echo "===== summary"
   printf '%s\n' "${SUMMARY[@]}"
   ! printf '%s\n' "${SUMMARY[@]}" | grep -qE '^(FAIL|TIMEOUT)'
