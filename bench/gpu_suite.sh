@@ -25,9 +25,9 @@
 # goldenwgmma, ditwgmma, goldenusp, goldensplit, textbench, vaebench, vaeref, generate, nccl,
 # memcheck, racecheck), ITERS=n timed iterations, TOKENS=n the kernel benchmark's sequence
 # length, DIT_LATENT=C,F,H,W the transformer benchmark's latent (default 16,21,60,104: 32,760
-# tokens). Output goes to $OUT/suite.log and
-# $OUT/summary.txt as well (OUT defaults to /tmp/gpu-suite-out). Exit status: non-zero if any
-# step failed or ran out of time.
+# tokens). Output goes to $OUT/suite.log and $OUT/summary.txt as well (OUT defaults to
+# /tmp/gpu-suite-out); it ends with the figures (attention TFLOP/s, DiT medians) and the summary.
+# Exit status: non-zero if any step failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu-bin
@@ -219,5 +219,5 @@ run() {
 case "${1:-}" in
   build) build ;;
   run) run ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac
