@@ -112,6 +112,18 @@ impl Tracker {
     }
 }
 
+/// Why a job stops when its client has gone away (its call closed, or a send to it failed) at
+/// `now`: a caller whose deadline has passed goes away because of it, and that is the reason;
+/// otherwise it left of its own accord. Both ways of noticing use this one rule: the deadline's own
+/// watcher may not have run yet when a send finds the call closed.
+fn client_gone(deadline: Option<Instant>, now: Instant) -> StopReason {
+    if deadline.is_some_and(|at| now >= at) {
+        StopReason::Deadline
+    } else {
+        StopReason::ClientGone
+    }
+}
+
 /// Drives one job from the queue (its slot arrives on `admission`) to its end.
 pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission) {
     let id = d.job.id.clone();
@@ -120,9 +132,7 @@ pub async fn drive(state: Arc<ServiceState>, d: DriverJob, admission: Admission)
         let (stop, deadline) = (d.stop.clone(), d.deadline);
         tokio::spawn(async move {
             client.closed().await;
-            // A caller whose deadline has passed goes away because of it: that is the reason.
-            let expired = deadline.is_some_and(|at| Instant::now() >= at);
-            stop.stop(if expired { StopReason::Deadline } else { StopReason::ClientGone });
+            stop.stop(client_gone(deadline, Instant::now()));
         })
     });
     let watch_deadline = d.deadline.map(|at| {
@@ -358,7 +368,7 @@ async fn send(d: &DriverJob, message: GenerateEvent) {
     tokio::select! {
         sent = tokio::time::timeout(d.send_timeout, client.send(Ok(message))) => match sent {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => { d.stop.stop(StopReason::ClientGone); }
+            Ok(Err(_)) => { d.stop.stop(client_gone(d.deadline, Instant::now())); }
             Err(_) => {
                 tracing::warn!(job = %d.job.id, timeout_s = d.send_timeout.as_secs_f64(), "the client stopped reading its stream: stopping the job");
                 d.stop.stop(StopReason::ClientStalled(d.send_timeout));
@@ -384,6 +394,16 @@ async fn send_file(d: &DriverJob, file: &OutputFile, chunk_size: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_gone_after_its_deadline_stops_the_job_for_the_deadline() {
+        let now = Instant::now();
+        let (past, ahead) = (now - Duration::from_millis(40), now + Duration::from_secs(1));
+        assert_eq!(client_gone(Some(past), now), StopReason::Deadline);
+        assert_eq!(client_gone(Some(now), now), StopReason::Deadline);
+        assert_eq!(client_gone(Some(ahead), now), StopReason::ClientGone);
+        assert_eq!(client_gone(None, now), StopReason::ClientGone);
+    }
 
     #[test]
     fn the_estimator_learns_the_time_after_the_last_step() {
