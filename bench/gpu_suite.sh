@@ -22,7 +22,7 @@
 # Options for `run` (environment): BUDGET_S=s the suite's whole time (default 540; each step has
 # its own limit too, and steps that no longer fit are skipped and listed), STEPS=regex the step
 # ids to run (kernels, nvrtc, transformer, golden, kbench, sdpa128, sdpa64, ditbench, diffusersdit,
-# goldenwgmma, ditwgmma, goldenusp, goldensplit, textbench, vaebench, vaeref, generate, nccl,
+# goldenwgmma, ditwgmma, ditoverlap, goldenusp, goldensplit, textbench, vaebench, vaeref, generate, nccl,
 # memcheck, racecheck), ITERS=n timed iterations, TOKENS=n the kernel benchmark's sequence
 # length, DIT_LATENT=C,F,H,W the transformer benchmark's latent (default 16,21,60,104: 32,760
 # tokens). Output goes to $OUT/suite.log and $OUT/summary.txt as well (OUT defaults to
@@ -165,12 +165,17 @@ run() {
     --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
   step diffusersdit 120 "diffusers WanTransformer3DModel bf16, same config and shapes" python3 bench/diffusers_dit_gpu.py \
     --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
-  # The warpgroup-MMA attention (sm_90a; kernels/cuda/flash_attention_sm90.cu) in the whole model:
-  # the golden transformer cases, then the forward benchmark beside the two above. The kernel
-  # tests (step kernels) and tessera-gpu-bench (step kbench) run it against its CPU twin first.
-  step goldenwgmma 60 "tessera golden --backend cuda --kind dit, TESSERA_CUDA_ATTENTION=wgmma" \
-    env TESSERA_CUDA_ATTENTION=wgmma "$BIN/tessera" golden --backend cuda --kind dit tests/golden
+  # The warpgroup-MMA attention (sm_90a; kernels/cuda/flash_attention_sm90.cu), both schedules
+  # (wgmma: one after the other; wgmma-overlap: the softmax beside the previous tile's P·V), in the
+  # whole model: the golden transformer cases, then the forward benchmark beside the two above.
+  # The kernel tests (step kernels) and tessera-gpu-bench (step kbench) run both against the CPU
+  # twin first.
+  step goldenwgmma 90 "tessera golden --backend cuda --kind dit, TESSERA_CUDA_ATTENTION=wgmma and wgmma-overlap" bash -c \
+    "TESSERA_CUDA_ATTENTION=wgmma '$BIN/tessera' golden --backend cuda --kind dit tests/golden \
+     && TESSERA_CUDA_ATTENTION=wgmma-overlap '$BIN/tessera' golden --backend cuda --kind dit tests/golden"
   step ditwgmma 120 "tessera bench dit --device cuda, TESSERA_CUDA_ATTENTION=wgmma" env TESSERA_CUDA_ATTENTION=wgmma \
+    "$BIN/tessera" bench dit --device cuda --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
+  step ditoverlap 120 "tessera bench dit --device cuda, TESSERA_CUDA_ATTENTION=wgmma-overlap" env TESSERA_CUDA_ATTENTION=wgmma-overlap \
     "$BIN/tessera" bench dit --device cuda --preset wan-1.3b-2l --latent "$lat" --text-len 512 --warmup 2 --iters "$it"
   # t2v-b has 3 heads, which Ulysses 2 cannot split: it must say UNSUPPORTED (the transformer step
   # runs it over a ring of 3), every other case must pass.
@@ -208,7 +213,7 @@ run() {
     SUMMARY+=("SKIP  compute-sanitizer: not on this machine")
   fi
   # The figures at a glance, each with its step: attention TFLOP/s (both Tessera kernels, PyTorch
-  # SDPA's backends) and the DiT forward medians (mma, wgmma, diffusers).
+  # SDPA's backends) and the DiT forward medians (mma, wgmma, wgmma-overlap, diffusers).
   echo; echo "===== figures"
   awk '/^===== \[/ { id = $2 } /^attention \(|^sdpa\[|median/ { print id, $0 }' "$OUTDIR/suite.log"
   echo; echo "===== summary"

@@ -34,6 +34,20 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 
+// wgmma.wait_group N, at the start of a basic block of its own. ptxas moves a warpgroup wait to
+// the start of its basic block, which would put the wait for P·V before the softmax meant to run
+// beside it (seen in the SASS of the overlapped schedule). A branch ptxas cannot resolve ends the
+// block first: on `nonzero`, nonzero whenever this runs (kv_len inside the key loop); were it
+// zero, the fall-through path sleeps for no time and waits all the same.
+template <int N>
+__device__ __forceinline__ void wgmma_wait_after_block(int nonzero) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.s32 p, %0, 0;\n@p bra.uni WAIT;\nnanosleep.u32 0;\nWAIT:\n"
+        "wgmma.wait_group.sync.aligned %1;\n}\n" ::"r"(nonzero),
+        "n"(N)
+        : "memory");
+}
+
 // Pins an accumulator register at this point of the program: the compiler may not move its reads
 // or writes across (wgmma writes it asynchronously, behind the compiler's back, until the wait).
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
@@ -124,7 +138,115 @@ __device__ __forceinline__ void wgmma_pv<64>(float* o, const u32* a, u64 desc_v)
 template <>
 __device__ __forceinline__ void wgmma_pv<128>(float* o, const u32* a, u64 desc_v) { wgmma_m64n128k16_rs(o, a, desc_v, 1); }
 
-template <int D, typename OutT>
+// ---- one warpgroup's part of a key tile -------------------------------------------------------
+
+// Issues S = Q·K_tileᵀ for this warpgroup's 64 rows (D/16 k-slices) and commits it as one wgmma
+// group; the caller waits for it before it reads `s`.
+template <int D>
+__device__ __forceinline__ void issue_qk(float* s, u32 q_wg, u32 k_tile) {
+#pragma unroll
+    for (int i = 0; i < FA90_BN / 2; ++i) s[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < FA90_BN / 2; ++i) pin(s[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_m64n64k16_ss(s, smem_desc(q_wg + kk * 256, 128, 16 * D), smem_desc(k_tile + kk * 256, 128, 16 * D), 1);
+    wgmma_commit();
+}
+
+// Issues O += P·V_tile (FA90_BN/16 k-slices of 16 keys: two row groups, 32·D bytes each) and
+// commits it as one wgmma group; `o` and `pa` are the MMA's until the caller waits for it.
+template <int D>
+__device__ __forceinline__ void issue_pv(float* o, u32 (*pa)[4], u32 v_tile) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) pin(o[i]);
+#pragma unroll
+    for (int ks = 0; ks < FA90_BN / 16; ++ks)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pin(pa[ks][e]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < FA90_BN / 16; ++ks) wgmma_pv<D>(o, pa[ks], smem_desc(v_tile + ks * 32 * D, 16 * D, 128));
+    wgmma_commit();
+}
+
+// Keys past the end do not exist. s[4n + e]: row g + 8·(e / 2), key k0 + 8n + 2t + e % 2.
+__device__ __forceinline__ void mask_tail(float* s, int k0, int kv_len, int t) {
+    if (k0 + FA90_BN > kv_len) {
+#pragma unroll
+        for (int n = 0; n < FA90_BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (k0 + n * 8 + 2 * t + (e & 1) >= kv_len) s[4 * n + e] = NEG_INF;
+    }
+}
+
+// Online softmax of one tile's scores per row (hh = 0: row g, hh = 1: row g + 8 of the warp's 16):
+// `s` becomes P = exp(scale·(S − m)) with m the new running maximum, `l` this thread's share of
+// the row sums (rescaled), and corr[hh] the factor the row's output accumulator is to be scaled by.
+__device__ __forceinline__ void online_softmax(float* s, float* m, float* l, float* corr, float scale_log2) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        float mx = m[hh];
+#pragma unroll
+        for (int n = 0; n < FA90_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hh], s[4 * n + 2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = (mx == NEG_INF) ? 0.0f : mx * scale_log2;
+        corr[hh] = fast_exp2(m[hh] * scale_log2 - base);  // 0 when m was −∞
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < FA90_BN / 8; ++n) {
+            const float p0 = fast_exp2(fmaf(s[4 * n + 2 * hh], scale_log2, -base));
+            const float p1 = fast_exp2(fmaf(s[4 * n + 2 * hh + 1], scale_log2, -base));
+            s[4 * n + 2 * hh] = p0;
+            s[4 * n + 2 * hh + 1] = p1;
+            sum += p0 + p1;
+        }
+        l[hh] = l[hh] * corr[hh] + sum;
+        m[hh] = mx;
+    }
+}
+
+// O's rows scaled by corr. o[4d + e]: row g + 8·(e / 2), channel 8d + 2t + e % 2.
+template <int D>
+__device__ __forceinline__ void rescale_o(float* o, const float* corr) {
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) {
+        o[4 * d + 0] *= corr[0];
+        o[4 * d + 1] *= corr[0];
+        o[4 * d + 2] *= corr[1];
+        o[4 * d + 3] *= corr[1];
+    }
+}
+
+// P as bf16 A fragments: k-slice ks covers keys 16·ks .. 16·ks + 15, the accumulator's n8 blocks
+// 2·ks and 2·ks + 1 (the accumulator layout is the register-A layout).
+__device__ __forceinline__ void pack_p(u32 (*pa)[4], const float* s) {
+#pragma unroll
+    for (int ks = 0; ks < FA90_BN / 16; ++ks) {
+        pa[ks][0] = pack_bf16x2(s[8 * ks + 0], s[8 * ks + 1]);
+        pa[ks][1] = pack_bf16x2(s[8 * ks + 2], s[8 * ks + 3]);
+        pa[ks][2] = pack_bf16x2(s[8 * ks + 4], s[8 * ks + 5]);
+        pa[ks][3] = pack_bf16x2(s[8 * ks + 6], s[8 * ks + 7]);
+    }
+}
+
+// ---- the kernel --------------------------------------------------------------------------------
+//
+// Two schedules of the same arithmetic (OVERLAP):
+// - false: per key tile j, S_j = Q·K_jᵀ, wait, softmax, O += P_j·V_j, wait. K_j and V_j share a
+//   stage; tile j + 1 streams in while tile j is computed.
+// - true (FlashAttention-3's intra-warpgroup overlap): per tile j, S_j and then O += P_{j−1}·V_{j−1}
+//   are issued together; the softmax of S_j runs while the tensor cores compute P_{j−1}·V_{j−1}, and
+//   O is rescaled once that product is in. The last P·V follows the loop. V lags K by one tile:
+//   iteration j reads K_j (K stage j % 2) and V_{j−1} (V stage (j − 1) % 2), and loads K_{j+1} and
+//   V_j into the stages iteration j − 1 read, so two stages of each still suffice.
+// O accumulates P_i·V_i scaled to the running maximum either way: in the overlapped schedule O
+// holds the tiles before j − 1, scaled to m_{j−1}, when P_{j−1}·V_{j−1} (also relative to m_{j−1})
+// is added, and the sum is then rescaled to m_j.
+template <int D, bool OVERLAP, typename OutT>
 __device__ __forceinline__ void flash_attention_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                      const bf16* __restrict__ v, OutT* __restrict__ out,
                                                      float* __restrict__ lse, int q_len, int kv_len, i64 q_stride,
@@ -147,122 +269,92 @@ __device__ __forceinline__ void flash_attention_sm90(const bf16* __restrict__ q,
     const float scale_log2 = scale * LOG2E;
     const int n_tiles = (kv_len + FA90_BN - 1) / FA90_BN;
 
-    // Q and the first key/value tile.
+    // Q and the first key tile, and the first value tile unless overlapped (there V lags K).
     load_tile_cm<FA90_BM, D>(s_q, qh, q_stride, q0, q_len - q0);
     if (n_tiles > 0) {
         load_tile_cm<FA90_BN, D>(s_k(0), kh, kv_stride, 0, kv_len);
-        load_tile_cm<FA90_BN, D>(s_v(0), vh, kv_stride, 0, kv_len);
+        if (!OVERLAP) load_tile_cm<FA90_BN, D>(s_v(0), vh, kv_stride, 0, kv_len);
     }
     cp_async_commit();
 
-    // Descriptors (K-major: LBO 128, SBO 16·D; V MN-major: LBO 16·D, SBO 128). This warpgroup's
-    // Q rows start at row group 8·wg; a k16 slice is two chunks (256 bytes) on.
+    // This warpgroup's Q rows start at row group 8·wg; a k16 slice is two chunks (256 bytes) on.
     const u32 q_wg = s_q + wg * 8 * (D / 8) * 128;
 
     float o[D / 2];  // O[64 x D] accumulator: this thread's D/2 values
-    float m[2], l[2];
+    float m[2], l[2], corr[2];
+    float s[FA90_BN / 2];
+    // P of a tile as A fragments. Overlapped, two sets alternate by tile: the softmax of tile j
+    // writes one while the P·V of tile j − 1 still reads the other, so packing P need not wait for
+    // that product (the compiler would otherwise move the wait before the packing, and the softmax
+    // with it).
+    u32 pa0[FA90_BN / 16][4], pa1[FA90_BN / 16][4];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     m[0] = m[1] = NEG_INF;
     l[0] = l[1] = 0.0f;
 
-    for (int j = 0; j < n_tiles; ++j) {
-        const int stage = j & 1;
+    // Key tile j; P_{j−1} in `pa_prev` (overlapped), P_j into `pa_next`. One barrier a tile: once
+    // every thread has seen its loads land, and both warpgroups are done with the previous tile's
+    // stages, the next loads go into those stages and land while this tile is computed.
+    auto key_tile = [&](int j, u32(*pa_prev)[4], u32(*pa_next)[4]) {
         const int k0 = j * FA90_BN;
-        // The next tile streams in while this one is computed (its stage was released by the
-        // barrier that ended iteration j − 1).
-        if (j + 1 < n_tiles) {
-            load_tile_cm<FA90_BN, D>(s_k(stage ^ 1), kh, kv_stride, k0 + FA90_BN, kv_len - k0 - FA90_BN);
-            load_tile_cm<FA90_BN, D>(s_v(stage ^ 1), vh, kv_stride, k0 + FA90_BN, kv_len - k0 - FA90_BN);
-        }
-        cp_async_commit();
-        cp_async_wait<1>();  // every group but the newest has landed: Q and tile j
+        cp_async_wait<0>();  // Q, K_j, and V_j (overlapped: V_{j−1})
         fence_proxy_async();
         __syncthreads();
+        if (OVERLAP) {
+            if (j + 1 < n_tiles) load_tile_cm<FA90_BN, D>(s_k((j + 1) & 1), kh, kv_stride, k0 + FA90_BN, kv_len - k0 - FA90_BN);
+            load_tile_cm<FA90_BN, D>(s_v(j & 1), vh, kv_stride, k0, kv_len - k0);
+        } else if (j + 1 < n_tiles) {
+            load_tile_cm<FA90_BN, D>(s_k((j + 1) & 1), kh, kv_stride, k0 + FA90_BN, kv_len - k0 - FA90_BN);
+            load_tile_cm<FA90_BN, D>(s_v((j + 1) & 1), vh, kv_stride, k0 + FA90_BN, kv_len - k0 - FA90_BN);
+        }
+        cp_async_commit();
 
-        // S = Q·K_jᵀ: D/16 k-slices.
-        float s[FA90_BN / 2];
-#pragma unroll
-        for (int i = 0; i < FA90_BN / 2; ++i) s[i] = 0.0f;
+        issue_qk<D>(s, q_wg, s_k(j & 1));
+        if (OVERLAP && j > 0) {
+            issue_pv<D>(o, pa_prev, s_v((j - 1) & 1));
+            wgmma_wait<1>();  // S_j is in; P_{j−1}·V_{j−1} may still run
+        } else {
+            wgmma_wait<0>();
+        }
 #pragma unroll
         for (int i = 0; i < FA90_BN / 2; ++i) pin(s[i]);
-        wgmma_fence();
+        mask_tail(s, k0, kv_len, t);
+        online_softmax(s, m, l, corr, scale_log2);
+        pack_p(pa_next, s);
+        if (OVERLAP) {
+            wgmma_wait_after_block<0>(kv_len);  // P_{j−1}·V_{j−1} is in: O is free
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u64 da = smem_desc(q_wg + kk * 256, 128, 16 * D);
-            const u64 db = smem_desc(s_k(stage) + kk * 256, 128, 16 * D);
-            wgmma_m64n64k16_ss(s, da, db, 1);
+            for (int i = 0; i < D / 2; ++i) pin(o[i]);
+            rescale_o<D>(o, corr);
+        } else {
+            rescale_o<D>(o, corr);
+            issue_pv<D>(o, pa_next, s_v(j & 1));
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) pin(o[i]);
         }
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < FA90_BN / 2; ++i) pin(s[i]);
-
-        // Keys past the end do not exist. s[4n + e]: row g + 8·(e / 2), key k0 + 8n + 2t + e % 2.
-        if (k0 + FA90_BN > kv_len) {
-#pragma unroll
-            for (int n = 0; n < FA90_BN / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (k0 + n * 8 + 2 * t + (e & 1) >= kv_len) s[4 * n + e] = NEG_INF;
-        }
-
-        // Online softmax per row (hh = 0: row g, hh = 1: row g + 8 of this warp's 16).
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float mx = m[hh];
-#pragma unroll
-            for (int n = 0; n < FA90_BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * hh], s[4 * n + 2 * hh + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float base = (mx == NEG_INF) ? 0.0f : mx * scale_log2;
-            const float corr = fast_exp2(m[hh] * scale_log2 - base);  // 0 when m was −∞
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < FA90_BN / 8; ++n) {
-                const float p0 = fast_exp2(fmaf(s[4 * n + 2 * hh], scale_log2, -base));
-                const float p1 = fast_exp2(fmaf(s[4 * n + 2 * hh + 1], scale_log2, -base));
-                s[4 * n + 2 * hh] = p0;
-                s[4 * n + 2 * hh + 1] = p1;
-                sum += p0 + p1;
-            }
-            l[hh] = l[hh] * corr + sum;  // this thread's share of the row sum
-            m[hh] = mx;
-#pragma unroll
-            for (int d = 0; d < D / 8; ++d) {
-                o[4 * d + 2 * hh] *= corr;
-                o[4 * d + 2 * hh + 1] *= corr;
-            }
-        }
-
-        // P as bf16 A fragments: k-slice ks covers keys 16·ks .. 16·ks + 15, the accumulator's
-        // n8 blocks 2·ks and 2·ks + 1.
-        u32 pa[FA90_BN / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < FA90_BN / 16; ++ks) {
-            pa[ks][0] = pack_bf16x2(s[8 * ks + 0], s[8 * ks + 1]);
-            pa[ks][1] = pack_bf16x2(s[8 * ks + 2], s[8 * ks + 3]);
-            pa[ks][2] = pack_bf16x2(s[8 * ks + 4], s[8 * ks + 5]);
-            pa[ks][3] = pack_bf16x2(s[8 * ks + 6], s[8 * ks + 7]);
-        }
-
-        // O += P·V_j: FA90_BN/16 k-slices of 16 keys (two row groups, 32·D bytes each).
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) pin(o[i]);
-#pragma unroll
-        for (int ks = 0; ks < FA90_BN / 16; ++ks)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pin(pa[ks][e]);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < FA90_BN / 16; ++ks) wgmma_pv<D>(o, pa[ks], smem_desc(s_v(stage) + ks * 32 * D, 16 * D, 128));
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) pin(o[i]);
-        __syncthreads();  // both warpgroups are done with this stage before it is loaded again
+    };
+    // Two tiles an iteration, so that which set of P fragments a tile reads and writes is known
+    // at compile time (register arrays indexed at run time would live in local memory).
+    for (int j = 0; j < n_tiles; j += 2) {
+        key_tile(j, pa1, pa0);
+        if (j + 1 < n_tiles) key_tile(j + 1, pa0, pa1);
     }
-    cp_async_wait<0>();
+    if (OVERLAP && n_tiles > 0) {
+        // The last tile's P·V (V_{n−1} came with the last group; P_{n−1} in pa0 when n is odd).
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (n_tiles & 1)
+            issue_pv<D>(o, pa0, s_v((n_tiles - 1) & 1));
+        else
+            issue_pv<D>(o, pa1, s_v((n_tiles - 1) & 1));
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) pin(o[i]);
+    }
+    cp_async_wait<0>();  // nothing may be in flight at exit (no tiles: the Q group)
 
     // Normalise, store the output rows and the log-sum-exp. o[4d + e]: row g + 8·(e / 2), channel
     // 8d + 2t + e % 2.
@@ -282,18 +374,23 @@ __device__ __forceinline__ void flash_attention_sm90(const bf16* __restrict__ q,
     }
 }
 
-// Entry points, bf16 or f32 output. Grid (ceil(q_len / 128), heads), block 256 threads, dynamic
-// shared memory of Fa90Tile::SMEM_BYTES (49,152 bytes at head dim 64, 98,304 at 128). Two blocks
-// per multiprocessor at head dim 64 (102 registers); one at 128, where holding to 128 registers
-// for two would spill (149 without).
-#define FA90_ENTRY(NAME, D, MIN_BLOCKS, OUT_T)                                                                   \
-    extern "C" __global__ void __launch_bounds__(FA90_THREADS, MIN_BLOCKS) NAME(                                \
-        const bf16* q, const bf16* k, const bf16* v, OUT_T* out, float* lse, int q_len, int kv_len, i64 q_stride, \
-        i64 kv_stride, i64 out_stride, float scale) {                                                            \
-        flash_attention_sm90<D, OUT_T>(q, k, v, out, lse, q_len, kv_len, q_stride, kv_stride, out_stride, scale); \
+// Entry points, bf16 or f32 output, each schedule. Grid (ceil(q_len / 128), heads), block 256
+// threads, dynamic shared memory of Fa90Tile::SMEM_BYTES (49,152 bytes at head dim 64, 98,304 at
+// 128). Two blocks per multiprocessor at head dim 64; one at 128, where holding to 128 registers
+// for two would spill.
+#define FA90_ENTRY(NAME, D, OVERLAP, MIN_BLOCKS, OUT_T)                                                             \
+    extern "C" __global__ void __launch_bounds__(FA90_THREADS, MIN_BLOCKS) NAME(                                   \
+        const bf16* q, const bf16* k, const bf16* v, OUT_T* out, float* lse, int q_len, int kv_len, i64 q_stride,    \
+        i64 kv_stride, i64 out_stride, float scale) {                                                               \
+        flash_attention_sm90<D, OVERLAP, OUT_T>(q, k, v, out, lse, q_len, kv_len, q_stride, kv_stride, out_stride, \
+                                                scale);                                                             \
     }
 
-FA90_ENTRY(flash_attention_sm90_d64_bf16, 64, 2, bf16)
-FA90_ENTRY(flash_attention_sm90_d64_f32, 64, 2, float)
-FA90_ENTRY(flash_attention_sm90_d128_bf16, 128, 1, bf16)
-FA90_ENTRY(flash_attention_sm90_d128_f32, 128, 1, float)
+FA90_ENTRY(flash_attention_sm90_d64_bf16, 64, false, 2, bf16)
+FA90_ENTRY(flash_attention_sm90_d64_f32, 64, false, 2, float)
+FA90_ENTRY(flash_attention_sm90_d128_bf16, 128, false, 1, bf16)
+FA90_ENTRY(flash_attention_sm90_d128_f32, 128, false, 1, float)
+FA90_ENTRY(flash_attention_sm90_overlap_d64_bf16, 64, true, 2, bf16)
+FA90_ENTRY(flash_attention_sm90_overlap_d64_f32, 64, true, 2, float)
+FA90_ENTRY(flash_attention_sm90_overlap_d128_bf16, 128, true, 1, bf16)
+FA90_ENTRY(flash_attention_sm90_overlap_d128_f32, 128, true, 1, float)

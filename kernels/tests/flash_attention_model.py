@@ -2,11 +2,9 @@
 ldmatrix (plain and .trans), mma.m16n8k16 (bf16, f32 accumulate) and shfl.xor acting per lane as the
 PTX ISA documents them, and the kernel's own index formulas. Checks, without a GPU, that the fragment
 mappings, tail masking, online softmax and log-sum-exp compose to attention (errors ~5e-4 from the
-bf16 probabilities). Then the same for kernels/cuda/flash_attention_sm90.cu: its core-matrix tiled
-shared memory written chunk by chunk as the kernel's threads write it, wgmma reading its operands
-through the kernel's descriptors as the PTX ISA's canonical layouts place them (no swizzle; K-major
-and MN-major), and its accumulator and register-A fragments. A change to either kernel's indexing
-should be mirrored here and rerun (`.ci/run` runs it; it fails past the GPU test's bounds):
+bf16 probabilities). `flash_attention_sm90_model.py` is the same for the warpgroup-MMA kernel. A
+change to the kernel's indexing should be mirrored here and rerun (`.ci/run` runs it; it fails past
+the GPU test's bounds):
 
     python3 kernels/tests/flash_attention_model.py     # needs numpy
 """
@@ -140,171 +138,25 @@ def block(q, k, v, q0, D, MT, BN, Q_SMEM, scale, q_len, kv_len):
                             lse[row] = m[mt, hh, L]*scale + np.log(sm[L]) if sm[L] > 0 else -np.inf
     return out, lse
 
-rng = np.random.default_rng(0)
-# The kernel's entry points: (64, MT 2, key tiles of 64, Q in registers) and (128, MT 2, key tiles
-# of 32, Q in shared memory).
-for D, MT, BN, Q_SMEM, ql, kl in [(64, 2, 64, False, 130, 100), (128, 2, 32, True, 200, 130), (64, 2, 64, False, 5, 0), (128, 2, 32, True, 1, 1), (128, 2, 32, True, 5, 0)]:
-    BM = 4*16*MT
-    q = bf16(rng.uniform(-2, 2, (ql, D))); k = bf16(rng.uniform(-2, 2, (max(kl,1), D))); v = bf16(rng.uniform(-1, 1, (max(kl,1), D)))
-    scale = 1/np.sqrt(D)
-    out = np.zeros((ql, D)); lse = np.zeros(ql)
-    for qb in range((ql + BM - 1)//BM):
-        o, l = block(q, k, v, qb*BM, D, MT, BN, Q_SMEM, scale, ql, kl)
-        rows = slice(qb*BM, min(ql, qb*BM + BM)); out[rows] = o[rows]; lse[rows] = l[rows]
-    if kl == 0:
-        check(f"mma d={D} q={ql} kv={kl}", out, lse); continue
-    logits = (q.astype(np.float64) @ k[:kl].T.astype(np.float64))*scale
-    mref = logits.max(1, keepdims=True); pr = np.exp(logits - mref); z = pr.sum(1, keepdims=True)
-    ref = (pr/z) @ v[:kl].astype(np.float64); lref = (mref + np.log(z))[:, 0]
-    check(f"mma d={D} q={ql} kv={kl}", out, lse, ref, lref)
+def main():
+    rng = np.random.default_rng(0)
+    # The kernel's entry points: (64, MT 2, key tiles of 64, Q in registers) and (128, MT 2, key tiles
+    # of 32, Q in shared memory).
+    for D, MT, BN, Q_SMEM, ql, kl in [(64, 2, 64, False, 130, 100), (128, 2, 32, True, 200, 130), (64, 2, 64, False, 5, 0), (128, 2, 32, True, 1, 1), (128, 2, 32, True, 5, 0)]:
+        BM = 4*16*MT
+        q = bf16(rng.uniform(-2, 2, (ql, D))); k = bf16(rng.uniform(-2, 2, (max(kl,1), D))); v = bf16(rng.uniform(-1, 1, (max(kl,1), D)))
+        scale = 1/np.sqrt(D)
+        out = np.zeros((ql, D)); lse = np.zeros(ql)
+        for qb in range((ql + BM - 1)//BM):
+            o, l = block(q, k, v, qb*BM, D, MT, BN, Q_SMEM, scale, ql, kl)
+            rows = slice(qb*BM, min(ql, qb*BM + BM)); out[rows] = o[rows]; lse[rows] = l[rows]
+        if kl == 0:
+            check(f"mma d={D} q={ql} kv={kl}", out, lse); continue
+        logits = (q.astype(np.float64) @ k[:kl].T.astype(np.float64))*scale
+        mref = logits.max(1, keepdims=True); pr = np.exp(logits - mref); z = pr.sum(1, keepdims=True)
+        ref = (pr/z) @ v[:kl].astype(np.float64); lref = (mref + np.log(z))[:, 0]
+        check(f"mma d={D} q={ql} kv={kl}", out, lse, ref, lref)
 
 
-# ---- flash_attention_sm90.cu ----------------------------------------------------------------------
-# Shared memory as a flat byte array of bf16 values (index = byte offset / 2).
-
-def load_tile_cm(smem, dst, src, row0, rows, valid, D, threads=256):
-    # the kernel's load_tile_cm: chunk i -> bytes [dst + 16 i, dst + 16 i + 16)
-    for i in range(rows * D // 8):
-        r8, c, rg = i & 7, (i >> 3) % (D // 8), (i >> 3) // (D // 8)
-        r = rg * 8 + r8
-        vals = src[row0 + r, c*8:c*8 + 8] if r < valid else np.zeros(8, np.float32)
-        smem[(dst + 16*i)//2:(dst + 16*i)//2 + 8] = vals
-
-def desc_fields(start, lbo, sbo):
-    # smem_desc's packing, unpacked again (checks the 14-bit fields hold the values)
-    d = ((start & 0x3FFFF) >> 4) | (((lbo & 0x3FFFF) >> 4) << 16) | (((sbo & 0x3FFFF) >> 4) << 32)
-    return (d & 0x3FFF) << 4, ((d >> 16) & 0x3FFF) << 4, ((d >> 32) & 0x3FFF) << 4
-
-def read_kmajor(smem, desc, rows):
-    # K-major, no swizzle: element (r, k) of a rows x 16 operand at
-    # start + (r % 8)·16 + (r / 8)·SBO + (k % 8)·2 + (k / 8)·LBO
-    start, lbo, sbo = desc
-    M = np.zeros((rows, 16), np.float32)
-    for r in range(rows):
-        for k in range(16):
-            M[r, k] = smem[(start + (r % 8)*16 + (r // 8)*sbo + (k % 8)*2 + (k // 8)*lbo)//2]
-    return M
-
-def read_mnmajor(smem, desc, n):
-    # MN-major, no swizzle: element (k, n) of a 16 x n operand at
-    # start + (n % 8)·2 + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO
-    start, lbo, sbo = desc
-    M = np.zeros((16, n), np.float32)
-    for k in range(16):
-        for c in range(n):
-            M[k, c] = smem[(start + (c % 8)*2 + (c // 8)*sbo + (k % 8)*16 + (k // 8)*lbo)//2]
-    return M
-
-def acc_coords(N):
-    # accumulator d[i] of warp wi, lane L of a m64nN wgmma: (row, col)
-    out = np.zeros((4, 32, N//2, 2), np.int64)
-    for wi in range(4):
-        for L in range(32):
-            g, t = L >> 2, L & 3
-            for i in range(N//2):
-                n, e = i // 4, i % 4
-                out[wi, L, i] = (16*wi + g + 8*(e // 2), 8*n + 2*t + (e % 2))
-    return out
-
-def wgmma(acc, A, B, N):
-    # acc[4, 32, N/2] += A[64 x 16] · B[16 x N], scattered by the accumulator layout
-    C = A.astype(np.float64) @ B.astype(np.float64)
-    co = acc_coords(N)
-    return acc + C[co[..., 0], co[..., 1]]
-
-def regs_a(pa):
-    # register A fragments (per warp as mma.m16n8k16's) -> the 64 x 16 matrix
-    A = np.zeros((64, 16), np.float32)
-    for wi in range(4):
-        for L in range(32):
-            g, t = L >> 2, L & 3
-            r = 16*wi
-            A[r + g, 2*t:2*t+2] = pa[wi, L, 0]; A[r + g + 8, 2*t:2*t+2] = pa[wi, L, 1]
-            A[r + g, 2*t+8:2*t+10] = pa[wi, L, 2]; A[r + g + 8, 2*t+8:2*t+10] = pa[wi, L, 3]
-    return A
-
-def block_sm90(q, k, v, q0, D, scale, q_len, kv_len):
-    BM, BN = 128, 64
-    Q_BYTES, KV_BYTES = BM*D*2, BN*D*2
-    smem = np.full((Q_BYTES + 4*KV_BYTES)//2, np.nan, np.float32)  # unwritten bytes poison the result
-    s_q = 0
-    s_k = lambda st: Q_BYTES + st*2*KV_BYTES
-    s_v = lambda st: Q_BYTES + st*2*KV_BYTES + KV_BYTES
-    load_tile_cm(smem, s_q, q, q0, BM, q_len - q0, D)
-    n_tiles = (kv_len + BN - 1)//BN
-    if n_tiles > 0:
-        load_tile_cm(smem, s_k(0), k, 0, BN, kv_len, D); load_tile_cm(smem, s_v(0), v, 0, BN, kv_len, D)
-    out = np.zeros((q_len, D), np.float32); lse = np.zeros(q_len, np.float32)
-    sl2 = np.float32(scale * 1.4426950408889634)
-    G, T = LANES >> 2, LANES & 3
-    o = np.zeros((2, 4, 32, D//2), np.float64)
-    m = np.full((2, 4, 2, 32), -np.inf, np.float32); l = np.zeros((2, 4, 2, 32), np.float32)
-    for j in range(n_tiles):
-        st = j & 1; k0 = j*BN
-        if j + 1 < n_tiles:
-            load_tile_cm(smem, s_k(st ^ 1), k, k0 + BN, BN, kv_len - k0 - BN, D)
-            load_tile_cm(smem, s_v(st ^ 1), v, k0 + BN, BN, kv_len - k0 - BN, D)
-        for wg in range(2):
-            q_wg = s_q + wg*8*(D//8)*128
-            s = np.zeros((4, 32, BN//2), np.float64)
-            for kk in range(D//16):
-                A = read_kmajor(smem, desc_fields(q_wg + kk*256, 128, 16*D), 64)
-                Bk = read_kmajor(smem, desc_fields(s_k(st) + kk*256, 128, 16*D), BN)  # N x 16
-                s = wgmma(s, A, Bk.T, BN)
-            s = s.astype(np.float32)
-            for n in range(BN//8):
-                for e in range(4):
-                    mask = k0 + n*8 + 2*T + (e & 1) >= kv_len
-                    s[:, mask, 4*n + e] = -np.inf
-            for wi in range(4):
-                for hh in range(2):
-                    mx = m[wg, wi, hh].copy()
-                    for n in range(BN//8):
-                        mx = np.maximum(mx, np.maximum(s[wi, :, 4*n + 2*hh], s[wi, :, 4*n + 2*hh + 1]))
-                    mx = np.maximum(mx, shfl_xor(mx, 1)); mx = np.maximum(mx, shfl_xor(mx, 2))
-                    base = np.where(mx == -np.inf, 0, mx*sl2).astype(np.float32)
-                    with np.errstate(invalid='ignore'):
-                        corr = np.exp2(m[wg, wi, hh]*sl2 - base)
-                    sm = np.zeros(32, np.float32)
-                    for n in range(BN//8):
-                        for e in (2*hh, 2*hh + 1):
-                            p_ = np.exp2(s[wi, :, 4*n + e]*sl2 - base).astype(np.float32)
-                            s[wi, :, 4*n + e] = p_; sm += p_
-                    l[wg, wi, hh] = l[wg, wi, hh]*corr + sm; m[wg, wi, hh] = mx
-                    for d in range(D//8):
-                        o[wg, wi, :, 4*d + 2*hh] *= corr; o[wg, wi, :, 4*d + 2*hh + 1] *= corr
-            for ks in range(BN//16):
-                pa = np.zeros((4, 32, 4, 2), np.float32)
-                for e in range(4):
-                    pa[:, :, e] = bf16(s[:, :, 8*ks + 2*e:8*ks + 2*e + 2])
-                Bv = read_mnmajor(smem, desc_fields(s_v(st) + ks*32*D, 16*D, 128), D)  # 16 x D
-                o[wg] = wgmma(o[wg], regs_a(pa), Bv, D)
-    for wg in range(2):
-        for wi in range(4):
-            for hh in range(2):
-                sm = l[wg, wi, hh]; sm = sm + shfl_xor(sm, 1); sm = sm + shfl_xor(sm, 2)
-                inv = np.where(sm > 0, 1/np.where(sm > 0, sm, 1), 0)
-                for L in range(32):
-                    row = q0 + wg*64 + wi*16 + G[L] + hh*8
-                    if row < q_len:
-                        for d in range(D//8):
-                            out[row, d*8 + 2*T[L]] = o[wg, wi, L, 4*d + 2*hh]*inv[L]
-                            out[row, d*8 + 2*T[L] + 1] = o[wg, wi, L, 4*d + 2*hh + 1]*inv[L]
-                        if T[L] == 0:
-                            lse[row] = m[wg, wi, hh, L]*scale + np.log(sm[L]) if sm[L] > 0 else -np.inf
-    return out, lse
-
-for D, ql, kl in [(64, 150, 100), (128, 130, 70), (64, 5, 0), (128, 1, 1)]:
-    q = bf16(rng.uniform(-2, 2, (ql, D))); k = bf16(rng.uniform(-2, 2, (max(kl, 1) + 64, D))); v = bf16(rng.uniform(-1, 1, (max(kl, 1) + 64, D)))
-    q = np.vstack([q, np.zeros((128, D), np.float32)])  # rows past q_len are never read (zero-filled)
-    scale = 1/np.sqrt(D)
-    out = np.zeros((ql, D)); lse = np.zeros(ql)
-    for qb in range((ql + 127)//128):
-        o_, l_ = block_sm90(q, k, v, qb*128, D, scale, ql, kl)
-        rows = slice(qb*128, min(ql, qb*128 + 128)); out[rows] = o_[rows]; lse[rows] = l_[rows]
-    if kl == 0:
-        check(f"wgmma d={D} q={ql} kv={kl}", out, lse); continue
-    logits = (q[:ql].astype(np.float64) @ k[:kl].T.astype(np.float64))*scale
-    mref = logits.max(1, keepdims=True); pr = np.exp(logits - mref); z = pr.sum(1, keepdims=True)
-    ref = (pr/z) @ v[:kl].astype(np.float64); lref = (mref + np.log(z))[:, 0]
-    check(f"wgmma d={D} q={ql} kv={kl}", out, lse, ref, lref)
+if __name__ == "__main__":
+    main()

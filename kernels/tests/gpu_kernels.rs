@@ -13,7 +13,6 @@ use std::sync::{Arc, OnceLock};
 use tessera_kernels::cpu::{self, Activation, AttentionShape, LayerNormParams, PatchGeometry, Rope3d};
 use tessera_kernels::cuda::attention::AttentionKernel;
 use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
-use tessera_kernels::cuda::source::KernelSource;
 use tessera_kernels::cuda::{self, CudaDevice};
 
 /// The device shared by all tests, or `None` (skip) with the reason printed.
@@ -79,13 +78,11 @@ fn flash_attention_matches_cpu_attention() {
     let mut r = rng("flash_attention");
     // (heads, head_dim, q_len, kv_len, interleaved qkv): tails in both lengths, single rows,
     // several key tiles, no keys at all, and q/k/v strided inside one fused projection.
-    // Both tensor-core kernels where the GPU has both (the warpgroup-MMA one: compute capability
-    // 9.0), each held to the same bounds.
-    let mut kernels = vec![AttentionKernel::Mma];
-    if KernelSource::FlashAttentionSm90.target(dev.arch()).is_some() {
-        kernels.push(AttentionKernel::Wgmma);
-    } else {
-        eprintln!("flash_attention: {} has no warpgroup MMAs; the wgmma kernel is not tested here", dev.arch());
+    // Every tensor-core kernel the GPU has (the warpgroup-MMA ones, both schedules: compute
+    // capability 9.0), each held to the same bounds.
+    let kernels = AttentionKernel::available(dev.arch());
+    if kernels.len() < AttentionKernel::ALL.len() {
+        eprintln!("flash_attention: {} has no warpgroup MMAs; only {:?} is tested here", dev.arch(), kernels);
     }
     let cases = [
         (2, 64, 1, 1, false),

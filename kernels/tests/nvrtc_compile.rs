@@ -1,6 +1,8 @@
 //! Compiles every CUDA kernel source with NVRTC for sm_80 and sm_90, to machine code (what the
 //! device cache loads) and to PTX, and assembles the PTX with `ptxas -v`, with no GPU: fails on any compile or assembly error, on an entry point missing from
-//! the PTX, and when an attention kernel (flash or wide) spills registers; prints registers and spills per kernel.
+//! the PTX, when an attention kernel (flash or wide) spills registers, and when ptxas notes that it
+//! serialised a warpgroup-MMA pipeline or injected waits into it (its C75xx notes); prints
+//! registers and spills per kernel.
 //!
 //! Needs `libnvrtc.so` on `LD_LIBRARY_PATH` and `ptxas` on `PATH` (or in `TESSERA_PTXAS`), of the
 //! same CUDA version (12.9: pip `nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`; `.ci/run` sets
@@ -119,6 +121,13 @@ fn every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
             if log.contains("warning") {
                 eprintln!("ptxas warnings for {} at {arch}:\n{log}", src.file_name());
             }
+            // ptxas's C75xx notes: it serialised the warpgroup MMAs, or injected a wait or an
+            // arrive because registers a wgmma owns were touched in flight. Either undoes the
+            // overlap the kernel is written for, silently, so it fails here.
+            let wgmma_notes: Vec<&str> = log.lines().filter(|l| l.contains("(C75")).collect();
+            if !wgmma_notes.is_empty() {
+                failures.push(format!("{arch} {}: ptxas rewrote the wgmma pipeline:\n{}", src.file_name(), wgmma_notes.join("\n")));
+            }
             let usage = parse_ptxas(&log);
             for &entry in src.entry_points() {
                 match usage.get(entry) {
@@ -135,9 +144,9 @@ fn every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
             }
         }
     }
-    println!("{:<7} {:<32} {:>5} {:>6} {:>7} {:>7} {:>6}", "arch", "kernel", "regs", "stack", "spill-s", "spill-l", "smem");
+    println!("{:<7} {:<40} {:>5} {:>6} {:>7} {:>7} {:>6}", "arch", "kernel", "regs", "stack", "spill-s", "spill-l", "smem");
     for (arch, entry, u) in &table {
-        println!("{:<7} {:<32} {:>5} {:>6} {:>7} {:>7} {:>6}", arch.to_string(), entry, u.registers, u.stack, u.spill_stores, u.spill_loads, u.smem);
+        println!("{:<7} {:<40} {:>5} {:>6} {:>7} {:>7} {:>6}", arch.to_string(), entry, u.registers, u.stack, u.spill_stores, u.spill_loads, u.smem);
     }
     println!("PTX and cubins in {}", dir.display());
     assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));

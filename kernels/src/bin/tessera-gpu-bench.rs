@@ -13,7 +13,6 @@ use std::sync::Arc;
 use tessera_kernels::cpu::{self, Activation, AttentionShape, Rope3d};
 use tessera_kernels::cuda::attention::AttentionKernel;
 use tessera_kernels::cuda::norm::{DeviceRopeTable, LayerNormDevParams};
-use tessera_kernels::cuda::source::KernelSource;
 use tessera_kernels::cuda::{self, CudaDevice, CudaSlice};
 use tessera_kernels::random::fill_uniform;
 
@@ -158,13 +157,15 @@ fn main() -> Res<()> {
     bench_linear(&dev, m, d, ffn, Activation::GeluTanh, a.iters, "ffn up")?;
     bench_linear(&dev, m, ffn, d, Activation::None, a.iters, "ffn down")?;
     bench_elementwise(&dev, a.tokens, a.iters)?;
-    // Last, so that the figures above are printed whatever it does: the warpgroup-MMA attention,
-    // on the GPUs that have it.
-    if KernelSource::FlashAttentionSm90.target(dev.arch()).is_some() {
-        bench_attention(&dev, AttentionKernel::Wgmma, a.tokens, 12, 128, a.iters)?;
-        bench_attention(&dev, AttentionKernel::Wgmma, a.tokens, 24, 64, a.iters)?;
-    } else {
-        println!("attention (Wgmma): {} has no warpgroup MMAs", dev.arch());
+    // Last, so that the figures above are printed whatever they do: the warpgroup-MMA attention,
+    // both schedules, on the GPUs that have it.
+    let hopper: Vec<AttentionKernel> = AttentionKernel::available(dev.arch()).into_iter().filter(|&k| k != AttentionKernel::Mma).collect();
+    if hopper.is_empty() {
+        println!("attention (wgmma): {} has no warpgroup MMAs", dev.arch());
+    }
+    for kernel in hopper {
+        bench_attention(&dev, kernel, a.tokens, 12, 128, a.iters)?;
+        bench_attention(&dev, kernel, a.tokens, 24, 64, a.iters)?;
     }
     Ok(())
 }

@@ -67,26 +67,64 @@ const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 pub enum AttentionKernel {
     /// `flash_attention.cu`: `mma.sync`, every GPU the kernels support (sm_80 on).
     Mma,
-    /// `flash_attention_sm90.cu`: Hopper's warpgroup MMAs, compute capability 9.0 only. Chosen
-    /// with `TESSERA_CUDA_ATTENTION=wgmma` until the GPU suite has run it: it has not yet.
+    /// `flash_attention_sm90.cu`: Hopper's warpgroup MMAs, compute capability 9.0 only; per key
+    /// tile the scores, their softmax, then P·V, one after the other. Chosen with
+    /// `TESSERA_CUDA_ATTENTION=wgmma` until the GPU suite has run it: it has not yet.
     Wgmma,
+    /// The same kernel with FlashAttention-3's intra-warpgroup overlap: the softmax of key tile j
+    /// runs while the tensor cores compute P·V of tile j − 1 (`OVERLAP` in the source).
+    /// `TESSERA_CUDA_ATTENTION=wgmma-overlap`; not run on a GPU yet either.
+    WgmmaOverlap,
 }
 
 impl AttentionKernel {
-    /// The environment variable that picks the kernel: `mma` (the default) or `wgmma`.
+    /// The environment variable that picks the kernel: [`Self::name`] of one (`mma`, the default).
     pub const ENV: &'static str = "TESSERA_CUDA_ATTENTION";
 
-    /// The kernel `value` names on a device of `arch` (`None`: the default); an unknown name, or
-    /// `wgmma` on a GPU other than compute capability 9.0, is an error naming the variable.
-    pub fn choose(value: Option<&str>, arch: Arch) -> Result<Self> {
-        match value.map(str::trim).filter(|v| !v.is_empty()) {
-            None | Some("mma") => Ok(Self::Mma),
-            Some("wgmma") if KernelSource::FlashAttentionSm90.target(arch).is_some() => Ok(Self::Wgmma),
-            Some("wgmma") => {
-                Err(KernelError::invalid("cuda::attention", format!("{}=wgmma: warpgroup MMAs need compute capability 9.0; this GPU is {arch}", Self::ENV)))
-            }
-            Some(other) => Err(KernelError::invalid("cuda::attention", format!("{}={other}: expected mma or wgmma", Self::ENV))),
+    /// Every kernel, the default first.
+    pub const ALL: [Self; 3] = [Self::Mma, Self::Wgmma, Self::WgmmaOverlap];
+
+    /// The name [`Self::ENV`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mma => "mma",
+            Self::Wgmma => "wgmma",
+            Self::WgmmaOverlap => "wgmma-overlap",
         }
+    }
+
+    /// Whether the kernel runs on a device of `arch`.
+    pub fn runs_on(self, arch: Arch) -> bool {
+        self.source().target(arch).is_some()
+    }
+
+    /// The kernels a device of `arch` runs (what the GPU tests and benchmarks go through).
+    pub fn available(arch: Arch) -> Vec<Self> {
+        Self::ALL.into_iter().filter(|k| k.runs_on(arch)).collect()
+    }
+
+    fn source(self) -> KernelSource {
+        match self {
+            Self::Mma => KernelSource::FlashAttention,
+            Self::Wgmma | Self::WgmmaOverlap => KernelSource::FlashAttentionSm90,
+        }
+    }
+
+    /// The kernel `value` names on a device of `arch` (`None`: the default); an unknown name, or
+    /// a kernel this GPU cannot run, is an error naming the variable.
+    pub fn choose(value: Option<&str>, arch: Arch) -> Result<Self> {
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(Self::Mma) };
+        let Some(kernel) = Self::ALL.into_iter().find(|k| k.name() == value) else {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            return Err(KernelError::invalid("cuda::attention", format!("{}={value}: expected one of {}", Self::ENV, names.join(", "))));
+        };
+        if !kernel.runs_on(arch) {
+            return Err(KernelError::invalid(
+                "cuda::attention",
+                format!("{}={value}: warpgroup MMAs need compute capability 9.0; this GPU is {arch}", Self::ENV),
+            ));
+        }
+        Ok(kernel)
     }
 
     /// The kernel [`Self::ENV`] names on a device of `arch`.
@@ -108,15 +146,19 @@ impl AttentionKernel {
                 };
                 (KernelSource::FlashAttention, name, 128, flash_smem_bytes(head_dim))
             }
-            Self::Wgmma => {
-                let name = match (head_dim, bf16_out) {
-                    (64, true) => "flash_attention_sm90_d64_bf16",
-                    (64, false) => "flash_attention_sm90_d64_f32",
-                    (_, true) => "flash_attention_sm90_d128_bf16",
-                    (_, false) => "flash_attention_sm90_d128_f32",
+            Self::Wgmma | Self::WgmmaOverlap => {
+                let name = match (self, head_dim, bf16_out) {
+                    (Self::Wgmma, 64, true) => "flash_attention_sm90_d64_bf16",
+                    (Self::Wgmma, 64, false) => "flash_attention_sm90_d64_f32",
+                    (Self::Wgmma, _, true) => "flash_attention_sm90_d128_bf16",
+                    (Self::Wgmma, _, false) => "flash_attention_sm90_d128_f32",
+                    (_, 64, true) => "flash_attention_sm90_overlap_d64_bf16",
+                    (_, 64, false) => "flash_attention_sm90_overlap_d64_f32",
+                    (_, _, true) => "flash_attention_sm90_overlap_d128_bf16",
+                    (_, _, false) => "flash_attention_sm90_overlap_d128_f32",
                 };
-                // `Fa90Tile::SMEM_BYTES`: the Q tile (128 rows) and two stages of a K and a V tile
-                // (64 rows each), unpadded (the kernel traps when given less).
+                // `Fa90Tile::SMEM_BYTES`, both schedules: the Q tile (128 rows) and two stages of
+                // a K and a V tile (64 rows each), unpadded (the kernel traps when given less).
                 (KernelSource::FlashAttentionSm90, name, 256, (FLASH_BLOCK_ROWS + 4 * 64) * head_dim * 2)
             }
         }
@@ -286,10 +328,18 @@ mod tests {
             assert_eq!(AttentionKernel::choose(unset, hopper).unwrap(), AttentionKernel::Mma, "{unset:?}");
         }
         assert_eq!(AttentionKernel::choose(Some("wgmma"), hopper).unwrap(), AttentionKernel::Wgmma);
-        let err = AttentionKernel::choose(Some("wgmma"), ampere).unwrap_err().to_string();
-        assert!(err.contains("TESSERA_CUDA_ATTENTION=wgmma") && err.contains("sm_80"), "{err}");
+        assert_eq!(AttentionKernel::choose(Some("wgmma-overlap"), hopper).unwrap(), AttentionKernel::WgmmaOverlap);
+        for name in ["wgmma", "wgmma-overlap"] {
+            let err = AttentionKernel::choose(Some(name), ampere).unwrap_err().to_string();
+            assert!(err.contains(&format!("TESSERA_CUDA_ATTENTION={name}:")) && err.contains("sm_80"), "{err}");
+        }
         let err = AttentionKernel::choose(Some("fast"), hopper).unwrap_err().to_string();
-        assert!(err.contains("TESSERA_CUDA_ATTENTION=fast") && err.contains("mma or wgmma"), "{err}");
+        assert!(err.contains("TESSERA_CUDA_ATTENTION=fast") && err.contains("mma, wgmma, wgmma-overlap"), "{err}");
+        assert_eq!(AttentionKernel::available(hopper), AttentionKernel::ALL);
+        assert_eq!(AttentionKernel::available(ampere), [AttentionKernel::Mma]);
+        for k in AttentionKernel::ALL {
+            assert_eq!(AttentionKernel::choose(Some(k.name()), hopper).unwrap(), k);
+        }
     }
 
     #[test]
@@ -300,6 +350,7 @@ mod tests {
         // flash_attention_sm90.cu: Q (128 rows) and two stages of K and V (64 rows), unpadded.
         assert_eq!(AttentionKernel::Wgmma.launch::<f32>(64).3, 49_152);
         assert_eq!(AttentionKernel::Wgmma.launch::<half::bf16>(128).3, 98_304);
+        assert_eq!(AttentionKernel::WgmmaOverlap.launch::<half::bf16>(128).3, 98_304);
         assert_eq!(AttentionKernel::Mma.launch::<f32>(128).3, 52_224);
     }
 }
