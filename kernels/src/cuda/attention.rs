@@ -12,7 +12,6 @@ use super::source::KernelSource;
 use super::CudaDevice;
 use crate::cpu::AttentionShape;
 use crate::{KernelError, Result};
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -58,9 +57,6 @@ pub fn flash_smem_bytes(head_dim: usize) -> usize {
         kv + q
     }
 }
-
-/// Shared memory a kernel gets without asking for more (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
-const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 
 /// The tensor-core kernel that runs attention for heads of 64 and 128.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,14 +235,8 @@ pub fn flash_attention_with<O: OutputElem>(
         (dev.function(KernelSource::WideAttention, name)?, WIDE_BLOCK_ROWS, 256, 0)
     } else {
         let (source, name, threads, smem) = kernel.launch::<O>(head_dim);
-        (dev.function(source, name)?, FLASH_BLOCK_ROWS, threads, smem)
+        (dev.function_with_shared_memory(source, name, smem)?, FLASH_BLOCK_ROWS, threads, smem)
     };
-    if smem > DEFAULT_SMEM_LIMIT {
-        // Above 48 KiB a kernel must ask for its dynamic shared memory (every GPU the bf16 kernels
-        // run on, sm_80 and later, offers at least 99 KiB to a block).
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| KernelError::cuda(OP, format!("{smem} bytes of shared memory for head_dim {head_dim}: {e}")))?;
-    }
     let hd_i = as_i32(OP, "head_dim", head_dim)?;
     let s = dev.stream();
     let (qp, _gq) = ptr(q, s);

@@ -6,7 +6,7 @@ use super::attention::AttentionKernel;
 use super::gemm::BlasLt;
 use super::source::{cached_image, nvrtc_available, KernelSource};
 use crate::{Device, KernelError, Result};
-use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -109,6 +109,10 @@ impl DeviceChoice {
         }
     }
 }
+
+/// Dynamic shared memory a kernel gets without asking for more
+/// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 
 /// An open CUDA device: one context, one stream every kernel of this device runs on (so work is
 /// ordered by the stream), compiled modules, and a cuBLASLt handle.
@@ -224,11 +228,25 @@ impl CudaDevice {
 
     /// The kernel `name` of `source`, compiling and loading the module on first use.
     pub(crate) fn function(&self, source: KernelSource, name: &'static str) -> Result<CudaFunction> {
+        self.function_with_shared_memory(source, name, 0)
+    }
+
+    /// [`Self::function`] for a kernel launched with `dynamic_smem` bytes of dynamic shared memory
+    /// (its own size, the same at every launch): above the 48 KiB a kernel gets without asking, the
+    /// function is allowed that much once, when it is loaded.
+    pub(crate) fn function_with_shared_memory(&self, source: KernelSource, name: &'static str, dynamic_smem: usize) -> Result<CudaFunction> {
         if let Some(f) = self.functions.lock().expect("function cache lock").get(name) {
             return Ok(f.clone());
         }
         let module = self.module(source)?;
         let f = module.load_function(name).map_err(|e| KernelError::cuda("load_function", format!("{name}: {e}")))?;
+        if dynamic_smem > DEFAULT_DYNAMIC_SMEM {
+            // Every GPU the kernels run on (sm_80 and later) offers at least 99 KiB to a block.
+            let bytes =
+                i32::try_from(dynamic_smem).map_err(|_| KernelError::invalid("load_function", format!("{name}: {dynamic_smem} bytes of shared memory")))?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+                .map_err(|e| KernelError::cuda("load_function", format!("{name}: {dynamic_smem} bytes of dynamic shared memory: {e}")))?;
+        }
         self.functions.lock().expect("function cache lock").insert(name, f.clone());
         Ok(f)
     }
