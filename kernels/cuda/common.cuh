@@ -74,6 +74,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Ends ptxas's basic block here. ptxas schedules a wait (cp.async.wait_group, wgmma.wait_group) or
+// a barrier as early as its basic block allows, ahead of independent work written before it: a
+// wait meant to follow a softmax, so that the softmax runs beside the asynchronous MMA it waits
+// for, would then precede it (seen in the wgmma attention's SASS). A branch ptxas cannot resolve,
+// on `nonzero`, ends the block, and nothing after it moves above. `nonzero` is nonzero whenever
+// this runs; were it zero, the other path sleeps for no time and joins.
+__device__ __forceinline__ void end_basic_block(int nonzero) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.s32 p, %0, 0;\n@p bra.uni END;\nnanosleep.u32 0;\nEND:\n}\n" ::"r"(nonzero) : "memory");
+}
+
 // The dynamic shared memory this block was launched with, in bytes.
 __device__ __forceinline__ u32 dynamic_smem_bytes() {
     u32 n;

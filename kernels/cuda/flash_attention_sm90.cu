@@ -34,20 +34,6 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 
-// wgmma.wait_group N, at the start of a basic block of its own. ptxas moves a warpgroup wait to
-// the start of its basic block, which would put the wait for P·V before the softmax meant to run
-// beside it (seen in the SASS of the overlapped schedule). A branch ptxas cannot resolve ends the
-// block first: on `nonzero`, nonzero whenever this runs (kv_len inside the key loop); were it
-// zero, the fall-through path sleeps for no time and waits all the same.
-template <int N>
-__device__ __forceinline__ void wgmma_wait_after_block(int nonzero) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.s32 p, %0, 0;\n@p bra.uni WAIT;\nnanosleep.u32 0;\nWAIT:\n"
-        "wgmma.wait_group.sync.aligned %1;\n}\n" ::"r"(nonzero),
-        "n"(N)
-        : "memory");
-}
-
 // Pins an accumulator register at this point of the program: the compiler may not move its reads
 // or writes across (wgmma writes it asynchronously, behind the compiler's back, until the wait).
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
@@ -323,7 +309,8 @@ __device__ __forceinline__ void flash_attention_sm90(const bf16* __restrict__ q,
         online_softmax(s, m, l, corr, scale_log2);
         pack_p(pa_next, s);
         if (OVERLAP) {
-            wgmma_wait_after_block<0>(kv_len);  // P_{j−1}·V_{j−1} is in: O is free
+            end_basic_block(kv_len);  // or ptxas moves the wait above the softmax
+            wgmma_wait<0>();          // P_{j−1}·V_{j−1} is in: O is free
 #pragma unroll
             for (int i = 0; i < D / 2; ++i) pin(o[i]);
             rescale_o<D>(o, corr);

@@ -1,12 +1,15 @@
 //! Compiles every CUDA kernel source with NVRTC for sm_80 and sm_90, to machine code (what the
 //! device cache loads) and to PTX, and assembles the PTX with `ptxas -v`, with no GPU: fails on any compile or assembly error, on an entry point missing from
 //! the PTX, when an attention kernel (flash or wide) spills registers, and when ptxas notes that it
-//! serialised a warpgroup-MMA pipeline or injected waits into it (its C75xx notes); prints
-//! registers and spills per kernel.
+//! serialised a warpgroup-MMA pipeline or injected waits into it (its C75xx notes), and when the
+//! attention kernels' machine code (`nvdisasm`) lost the order their overlap depends on
+//! ([`SCHEDULES`]); prints registers and spills per kernel.
 //!
 //! Needs `libnvrtc.so` on `LD_LIBRARY_PATH` and `ptxas` on `PATH` (or in `TESSERA_PTXAS`), of the
-//! same CUDA version (12.9: pip `nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`; `.ci/run` sets
-//! them up). Without them the test skips with the reason, except under `CI=true`, where it fails.
+//! same CUDA version (12.9: pip `nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`), and `nvdisasm`
+//! on `PATH` (or in `TESSERA_NVDISASM`; pip `nvidia-cuda-nvdisasm`) for the schedules; `.ci/run`
+//! sets them up. Without them the test skips with the reason, except under `CI=true`, where it
+//! fails.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,15 @@ fn ptxas_command() -> Option<PathBuf> {
     Command::new(&p).arg("--version").output().ok().filter(|o| o.status.success()).map(|_| p)
 }
 
+fn nvdisasm_command() -> Option<PathBuf> {
+    let p = std::env::var_os("TESSERA_NVDISASM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("nvdisasm"));
+    Command::new(&p).arg("--version").output().ok().filter(|o| o.status.success()).map(|_| p)
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Missing tools: a skip locally, a failure in CI.
 fn tools_or_skip() -> Option<PathBuf> {
     let nvrtc = nvrtc_available();
@@ -43,7 +55,7 @@ fn tools_or_skip() -> Option<PathBuf> {
         if nvrtc { "found" } else { "missing" },
         if ptxas.is_some() { "found" } else { "missing" }
     );
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+    if in_ci() {
         panic!("CI=true and the CUDA compile tools are missing: {why}");
     }
     eprintln!("SKIPPED nvrtc_compile: {why}");
@@ -79,6 +91,65 @@ fn parse_ptxas(out: &str) -> BTreeMap<String, Usage> {
     usage
 }
 
+/// The order an attention kernel's overlap depends on, as it must survive ptxas: the machine code
+/// of each entry, reduced to one letter per instruction that matters (runs of one letter
+/// collapsed), must contain `pattern`. E: an exp2 of the softmax (MUFU.EX2); H: a tensor-core MMA (HMMA,
+/// HGMMA); V: a wait for all but the newest cp.async group (DEPBAR.LE SB0, 0x1); 1 and 0: waits for
+/// all but one or for every wgmma group (WARPGROUP.DEPBAR.LE gsb0, 0x1 / 0x0).
+struct Schedule {
+    source: KernelSource,
+    entries: &'static [&'static str],
+    pattern: &'static str,
+    why: &'static str,
+}
+
+// (None for the mma.sync kernel: ptxas moves its wait for V_j above the softmax and then
+// interleaves the exponentials with the P·V MMAs, which suits a synchronous MMA; the head-64
+// kernel reached PyTorch flash's rate on an H200 so.)
+const SCHEDULES: [Schedule; 1] = [Schedule {
+    source: KernelSource::FlashAttentionSm90,
+    entries: &[
+        "flash_attention_sm90_overlap_d64_bf16",
+        "flash_attention_sm90_overlap_d64_f32",
+        "flash_attention_sm90_overlap_d128_bf16",
+        "flash_attention_sm90_overlap_d128_f32",
+    ],
+    pattern: "1E0",
+    why: "the softmax of S_j runs between the wait for S_j and the wait for P_{j-1}·V_{j-1}",
+}];
+
+/// Each function's instructions, reduced to [`Schedule`]'s letters, from `nvdisasm` of `cubin`.
+fn schedule_letters(nvdisasm: &Path, cubin: &Path) -> BTreeMap<String, String> {
+    let out = Command::new(nvdisasm).arg(cubin).output().expect("run nvdisasm");
+    assert!(out.status.success(), "nvdisasm {}: {}", cubin.display(), String::from_utf8_lossy(&out.stderr));
+    let mut letters: BTreeMap<String, String> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix(".text.").and_then(|n| n.strip_suffix(':')) {
+            current = Some(name.to_string());
+            continue;
+        }
+        let Some(name) = &current else { continue };
+        let letter = if t.contains("MUFU.EX2") {
+            'E'
+        } else if t.contains("HMMA") || t.contains("HGMMA") {
+            'H'
+        } else if t.contains("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+            '1'
+        } else if t.contains("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
+            '0'
+        } else {
+            continue;
+        };
+        let seq = letters.entry(name.clone()).or_default();
+        if !seq.ends_with(letter) {
+            seq.push(letter);
+        }
+    }
+    letters
+}
+
 fn assemble(ptxas: &Path, ptx: &Path, target: &str) -> (bool, String) {
     let cubin = ptx.with_extension("cubin");
     let out = Command::new(ptxas).arg(format!("-arch={target}")).arg("-v").arg(ptx).arg("-o").arg(&cubin).output().expect("run ptxas");
@@ -89,6 +160,13 @@ fn assemble(ptxas: &Path, ptx: &Path, target: &str) -> (bool, String) {
 #[test]
 fn every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
     let Some(ptxas) = tools_or_skip() else { return };
+    // The machine-code schedule checks need nvdisasm (pip `nvidia-cuda-nvdisasm`); CI has it.
+    let nvdisasm = nvdisasm_command();
+    match &nvdisasm {
+        None if in_ci() => panic!("CI=true and nvdisasm is missing (PATH or TESSERA_NVDISASM): the schedule checks need it"),
+        None => eprintln!("nvdisasm missing (PATH or TESSERA_NVDISASM): the attention kernels' schedules are not checked"),
+        Some(_) => {}
+    }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nvrtc-ptx");
     std::fs::create_dir_all(&dir).expect("ptx dir");
     let mut failures = Vec::new();
@@ -127,6 +205,17 @@ fn every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
             let wgmma_notes: Vec<&str> = log.lines().filter(|l| l.contains("(C75")).collect();
             if !wgmma_notes.is_empty() {
                 failures.push(format!("{arch} {}: ptxas rewrote the wgmma pipeline:\n{}", src.file_name(), wgmma_notes.join("\n")));
+            }
+            if let Some(nvdisasm) = &nvdisasm {
+                for sched in SCHEDULES.iter().filter(|sc| sc.source == src) {
+                    let letters = schedule_letters(nvdisasm, &path.with_extension("cubin"));
+                    for &entry in sched.entries {
+                        let seq = letters.get(entry).map(String::as_str).unwrap_or_default();
+                        if !seq.contains(sched.pattern) {
+                            failures.push(format!("{arch} {entry}: ptxas reordered the schedule ({}): no '{}' in {seq}", sched.why, sched.pattern));
+                        }
+                    }
+                }
             }
             let usage = parse_ptxas(&log);
             for &entry in src.entry_points() {
