@@ -99,6 +99,7 @@ impl AttentionKernel {
         Self::ALL.into_iter().filter(|k| k.runs_on(arch)).collect()
     }
 
+    /// The source that defines the kernel.
     fn source(self) -> KernelSource {
         match self {
             Self::Mma => KernelSource::FlashAttention,
@@ -140,7 +141,7 @@ impl AttentionKernel {
                     (_, true) => "flash_attention_d128_bf16",
                     (_, false) => "flash_attention_d128_f32",
                 };
-                (KernelSource::FlashAttention, name, 128, flash_smem_bytes(head_dim))
+                (self.source(), name, 128, flash_smem_bytes(head_dim))
             }
             Self::Wgmma | Self::WgmmaOverlap => {
                 let name = match (self, head_dim, bf16_out) {
@@ -155,7 +156,7 @@ impl AttentionKernel {
                 };
                 // `Fa90Tile::SMEM_BYTES`, both schedules: the Q tile (128 rows) and two stages of
                 // a K and a V tile (64 rows each), unpadded (the kernel traps when given less).
-                (KernelSource::FlashAttentionSm90, name, 256, (FLASH_BLOCK_ROWS + 4 * 64) * head_dim * 2)
+                (self.source(), name, 256, (FLASH_BLOCK_ROWS + 4 * 64) * head_dim * 2)
             }
         }
     }
