@@ -112,12 +112,19 @@ impl Tracker {
     }
 }
 
+/// How much earlier than this server's reckoning of a deadline (arrival + `grpc-timeout`) the
+/// client's own can fall: the client's timer starts before the call crosses the network (and, on a
+/// first call, before its connection is made), so it may give up and close while this server
+/// still counts a few milliseconds to go. Seen in CI: a 1 ms deadline closed before it was due here.
+const CLIENT_DEADLINE_LEAD: Duration = Duration::from_millis(100);
+
 /// Why a job stops when its client has gone away (its call closed, or a send to it failed) at
-/// `now`: a caller whose deadline has passed goes away because of it, and that is the reason;
-/// otherwise it left of its own accord. Both ways of noticing use this one rule: the deadline's own
-/// watcher may not have run yet when a send finds the call closed.
+/// `now`: a caller whose deadline has passed, or is due within [`CLIENT_DEADLINE_LEAD`], goes
+/// away because of it, and that is the reason; otherwise it left of its own accord. Both ways of
+/// noticing use this one rule: the deadline's own watcher may not have run yet when a send finds
+/// the call closed.
 fn client_gone(deadline: Option<Instant>, now: Instant) -> StopReason {
-    if deadline.is_some_and(|at| now >= at) {
+    if deadline.is_some_and(|at| now + CLIENT_DEADLINE_LEAD >= at) {
         StopReason::Deadline
     } else {
         StopReason::ClientGone
@@ -401,6 +408,10 @@ mod tests {
         let (past, ahead) = (now - Duration::from_millis(40), now + Duration::from_secs(1));
         assert_eq!(client_gone(Some(past), now), StopReason::Deadline);
         assert_eq!(client_gone(Some(now), now), StopReason::Deadline);
+        // the client's clock ran ahead of ours: its deadline, due here within the lead
+        assert_eq!(client_gone(Some(now + Duration::from_micros(500)), now), StopReason::Deadline);
+        assert_eq!(client_gone(Some(now + CLIENT_DEADLINE_LEAD), now), StopReason::Deadline);
+        assert_eq!(client_gone(Some(now + CLIENT_DEADLINE_LEAD + Duration::from_millis(1)), now), StopReason::ClientGone);
         assert_eq!(client_gone(Some(ahead), now), StopReason::ClientGone);
         assert_eq!(client_gone(None, now), StopReason::ClientGone);
     }
