@@ -93,9 +93,8 @@ fn parse_ptxas(out: &str) -> BTreeMap<String, Usage> {
 
 /// The order an attention kernel's overlap depends on, as it must survive ptxas: the machine code
 /// of each entry, reduced to one letter per instruction that matters (runs of one letter
-/// collapsed), must contain `pattern`. E: an exp2 of the softmax (MUFU.EX2); H: a tensor-core MMA (HMMA,
-/// HGMMA); V: a wait for all but the newest cp.async group (DEPBAR.LE SB0, 0x1); 1 and 0: waits for
-/// all but one or for every wgmma group (WARPGROUP.DEPBAR.LE gsb0, 0x1 / 0x0).
+/// collapsed), must contain `pattern`. E: an exp2 of the softmax; H: a tensor-core MMA; 1 and 0:
+/// waits for all but the newest or for every wgmma group ([`LETTERS`]).
 struct Schedule {
     source: KernelSource,
     entries: &'static [&'static str],
@@ -118,6 +117,10 @@ const SCHEDULES: [Schedule; 1] = [Schedule {
     why: "the softmax of S_j runs between the wait for S_j and the wait for P_{j-1}·V_{j-1}",
 }];
 
+/// [`Schedule`]'s letters: the instruction (a substring of its SASS line; `HMMA` also matches
+/// `HGMMA`) and its letter.
+const LETTERS: [(&str, char); 4] = [("MUFU.EX2", 'E'), ("HMMA", 'H'), ("WARPGROUP.DEPBAR.LE gsb0, 0x1", '1'), ("WARPGROUP.DEPBAR.LE gsb0, 0x0", '0')];
+
 /// Each function's instructions, reduced to [`Schedule`]'s letters, from `nvdisasm` of `cubin`.
 fn schedule_letters(nvdisasm: &Path, cubin: &Path) -> BTreeMap<String, String> {
     let out = Command::new(nvdisasm).arg(cubin).output().expect("run nvdisasm");
@@ -131,17 +134,7 @@ fn schedule_letters(nvdisasm: &Path, cubin: &Path) -> BTreeMap<String, String> {
             continue;
         }
         let Some(name) = &current else { continue };
-        let letter = if t.contains("MUFU.EX2") {
-            'E'
-        } else if t.contains("HMMA") || t.contains("HGMMA") {
-            'H'
-        } else if t.contains("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
-            '1'
-        } else if t.contains("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
-            '0'
-        } else {
-            continue;
-        };
+        let Some(&(_, letter)) = LETTERS.iter().find(|(op, _)| t.contains(op)) else { continue };
         let seq = letters.entry(name.clone()).or_default();
         if !seq.ends_with(letter) {
             seq.push(letter);
