@@ -117,9 +117,10 @@ const SCHEDULES: [Schedule; 1] = [Schedule {
     why: "the softmax of S_j runs between the wait for S_j and the wait for P_{j-1}·V_{j-1}",
 }];
 
-/// [`Schedule`]'s letters: the instruction (a substring of its SASS line; `HMMA` also matches
-/// `HGMMA`) and its letter.
-const LETTERS: [(&str, char); 4] = [("MUFU.EX2", 'E'), ("HMMA", 'H'), ("WARPGROUP.DEPBAR.LE gsb0, 0x1", '1'), ("WARPGROUP.DEPBAR.LE gsb0, 0x0", '0')];
+/// [`Schedule`]'s letters: the instruction (a substring of its SASS line) and its letter. Both
+/// tensor-core MMAs, the warp's `HMMA` and the warpgroup's `HGMMA`, are `H`.
+const LETTERS: [(&str, char); 5] =
+    [("MUFU.EX2", 'E'), ("HMMA", 'H'), ("HGMMA", 'H'), ("WARPGROUP.DEPBAR.LE gsb0, 0x1", '1'), ("WARPGROUP.DEPBAR.LE gsb0, 0x0", '0')];
 
 /// Each function's instructions, reduced to [`Schedule`]'s letters, from `nvdisasm` of `cubin`.
 fn schedule_letters(nvdisasm: &Path, cubin: &Path) -> BTreeMap<String, String> {
